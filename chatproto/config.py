@@ -1,0 +1,198 @@
+"""The realm's configuration: defaults, the TOML file, and checks.
+
+Everything has a default, so ``twistd -n chatrealm`` runs with no file at all.  A TOML
+file (``--config``) overrides the defaults and command-line options override the file.
+``config/realm.example.toml`` documents every key; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import attrs
+
+from chatproto.address import normalise_realm
+from chatproto.errors import ChatError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PORT = 7420
+DEFAULT_TLS_PORT = 7421
+DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+@attrs.define
+class Limits:
+    max_frame: int = 65536
+    max_body: int = 16384
+    send_rate: float = 50.0
+    send_burst: int = 100
+    login_timeout: float = 30.0
+    keepalive_interval: float = 60.0
+    max_output_buffer: int = 4 * 1024 * 1024
+    history_page: int = 200
+    max_sessions_per_user: int = 32
+
+
+@attrs.define
+class Auth:
+    allow_registration: bool = True
+    free_failures_per_account: int = 3
+    free_failures_per_address: int = 10
+    failure_delay: float = 1.0
+    max_failure_delay: float = 60.0
+    failure_window: float = 900.0
+    argon2_time_cost: int = 3
+    argon2_memory_cost: int = 65536
+    argon2_parallelism: int = 2
+
+
+@attrs.define
+class Storage:
+    backend: str = "sqlite"
+    synchronous: str = "FULL"
+
+
+@attrs.define
+class TLS:
+    certificate: str = ""
+    private_key: str = ""
+    port: int = DEFAULT_TLS_PORT
+    interface: str = "127.0.0.1"
+
+
+@attrs.define
+class Config:
+    realm: str = "localhost"
+    data_dir: str = "chatrealm-data"
+    listen: list[str] = attrs.field(factory=lambda: [DEFAULT_LISTEN])
+    limits: Limits = attrs.field(factory=Limits)
+    auth: Auth = attrs.field(factory=Auth)
+    storage: Storage = attrs.field(factory=Storage)
+    tls: TLS = attrs.field(factory=TLS)
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.data_dir, "realm.sqlite3")
+
+    def listen_descriptions(self) -> list[str]:
+        """The endpoint descriptions to listen on, TLS included when certs are given."""
+        out = list(self.listen)
+        if self.tls.certificate:
+            out.append(
+                f"ssl:{self.tls.port}:interface={self.tls.interface}"
+                f":certKey={_escape(self.tls.certificate)}"
+                f":privateKey={_escape(self.tls.private_key or self.tls.certificate)}"
+            )
+        return out
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for values that cannot work."""
+        try:
+            self.realm = normalise_realm(self.realm)
+        except ChatError as e:
+            raise ConfigError(f"realm.name: {e.message}") from None
+        lim = self.limits
+        if not 1024 <= lim.max_frame <= 64 * 1024 * 1024:
+            raise ConfigError("limits.max_frame must be between 1024 and 67108864")
+        if not 1 <= lim.max_body <= lim.max_frame - 512:
+            raise ConfigError("limits.max_body must be at least 1 and below max_frame - 512")
+        for key in (
+            "send_rate",
+            "send_burst",
+            "login_timeout",
+            "keepalive_interval",
+            "max_output_buffer",
+            "history_page",
+            "max_sessions_per_user",
+        ):
+            if getattr(lim, key) <= 0:
+                raise ConfigError(f"limits.{key} must be positive")
+        if self.storage.backend != "sqlite":
+            raise ConfigError(f"storage.backend {self.storage.backend!r}: only 'sqlite' exists")
+        if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError("storage.synchronous must be FULL, NORMAL or EXTRA")
+        self.storage.synchronous = self.storage.synchronous.upper()
+        for path in (self.tls.certificate, self.tls.private_key):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"tls: file {path!r} does not exist")
+        if not self.listen_descriptions():
+            raise ConfigError("nothing to listen on: give realm.listen or tls.certificate")
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+#: Table name in the TOML file -> attribute of :class:`Config` holding that section.
+_SECTIONS = {"limits": Limits, "auth": Auth, "storage": Storage, "tls": TLS}
+_REALM_KEYS = {"name": "realm", "data_dir": "data_dir", "listen": "listen"}
+
+
+def known_keys() -> set[str]:
+    """Every dotted key the loader accepts (used to check the documentation)."""
+    keys = {f"realm.{k}" for k in _REALM_KEYS}
+    for section, cls in _SECTIONS.items():
+        keys |= {f"{section}.{a.name}" for a in attrs.fields(cls)}
+    return keys
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a parsed TOML document to ``base`` (defaults if None); unknown keys fail."""
+    config = base if base is not None else Config()
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section!r} must be a table ([{section}])")
+        if section == "realm":
+            for key, value in values.items():
+                if key not in _REALM_KEYS:
+                    raise ConfigError(f"unknown key realm.{key}")
+                if key == "listen":
+                    if isinstance(value, str):
+                        value = [value]
+                    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                        raise ConfigError("realm.listen must be a list of endpoint strings")
+                elif not isinstance(value, str):
+                    raise ConfigError(f"realm.{key} must be a string")
+                setattr(config, _REALM_KEYS[key], value)
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}]")
+        target = getattr(config, section)
+        types = {a.name: a.type for a in attrs.fields(type(target))}
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"unknown key {section}.{key}")
+            want = types[key]
+            want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)  # type: ignore[arg-type]
+            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise ConfigError(f"{section}.{key} must be {getattr(want, '__name__', want)}")
+            setattr(target, key, value)
+    return config
+
+
+def load(path: str | None) -> Config:
+    """Load a config file (or the defaults for ``None``) and check it."""
+    config = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        from_dict(data, config)
+    return config

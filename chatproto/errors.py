@@ -1,0 +1,54 @@
+"""Domain errors of the realm, each carrying the stable machine code the wire uses.
+
+The realm service raises these; protocols turn them into ``error`` frames with the same
+``code`` (see PROTOCOL.md, "Errors").  Codes are part of the protocol and never change
+meaning once published.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Every code the server may send, with a one-line meaning (documented in PROTOCOL.md).
+CODES: dict[str, str] = {
+    "bad_frame": "the frame is not a UTF-8 JSON object (the connection is closed)",
+    "bad_request": "a field is missing, has the wrong type or an invalid value",
+    "unknown_type": "the request type is not known to this server",
+    "unsupported_version": "the protocol version asked for in hello is not spoken here",
+    "hello_required": "the first request must be hello",
+    "not_authenticated": "the request needs a logged-in session",
+    "already_authenticated": "this connection is already logged in",
+    "auth_failed": "unknown user or wrong password",
+    "registration_closed": "in-band registration is disabled on this realm",
+    "user_exists": "an account with that name already exists",
+    "bad_address": "the address is not a valid name or name@realm",
+    "no_such_user": "no such user on this realm",
+    "remote_realm": "the address belongs to another realm and federation is not enabled",
+    "too_many_sessions": "this user has as many sessions open as the realm allows",
+    "too_large": "the frame or message body is larger than the announced limit",
+    "rate_limited": "too many requests; retry after retry_after seconds",
+    "timeout": "the connection did not log in or answer pings in time (closed)",
+    "slow_reader": "the connection did not read its output fast enough (closed)",
+    "shutting_down": "the realm is stopping (closed)",
+    "internal_error": "the server failed to handle the request; it was logged",
+}
+
+
+class ChatError(Exception):
+    """An error with a stable wire ``code`` and a human ``message``.
+
+    ``extra`` holds additional fields put on the error frame (``retry_after`` for
+    ``rate_limited``, for instance).
+    """
+
+    def __init__(self, code: str, message: str | None = None, **extra: Any) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        self.code = code
+        self.message = message or CODES[code]
+        self.extra = extra
+        super().__init__(f"{code}: {self.message}")
+
+
+class FatalProtocolError(ChatError):
+    """A :class:`ChatError` after which the connection is closed."""

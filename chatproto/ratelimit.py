@@ -1,0 +1,76 @@
+"""Rate limiting with injected time: a token bucket and a failure throttle.
+
+Neither reads a clock: callers pass ``now`` (from the realm's injected clock), so tests
+drive them with :class:`twisted.internet.task.Clock`.
+"""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """``rate`` tokens per second, holding at most ``burst``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens; return 0 on success, else seconds until it would work."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate
+
+
+class FailureThrottle:
+    """Slows down repeated failures per key (an account, an address).
+
+    After ``free`` failures inside ``window`` seconds, each further attempt must wait
+    ``delay * 2 ** (extra failures - 1)`` seconds (capped at ``max_delay``) after the
+    last failure.  Success clears the key.  Old entries are dropped by :meth:`prune`.
+    """
+
+    def __init__(self, free: int, delay: float, max_delay: float, window: float) -> None:
+        self.free = free
+        self.delay = delay
+        self.max_delay = max_delay
+        self.window = window
+        self._entries: dict[str, tuple[int, float]] = {}
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds ``key`` must still wait before its next attempt (0 if none)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        count, last = entry
+        if now - last > self.window:
+            del self._entries[key]
+            return 0.0
+        extra = count - self.free
+        if extra <= 0:
+            return 0.0
+        pause = min(self.max_delay, self.delay * 2 ** (extra - 1))
+        return max(0.0, last + pause - now)
+
+    def failed(self, key: str, now: float) -> None:
+        count, last = self._entries.get(key, (0, now))
+        if now - last > self.window:
+            count = 0
+        self._entries[key] = (count + 1, now)
+
+    def succeeded(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def prune(self, now: float) -> None:
+        stale = [k for k, (_, last) in self._entries.items() if now - last > self.window]
+        for k in stale:
+            del self._entries[k]
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,484 @@
+"""The realm service: the only place with chat state and rules.
+
+:class:`RealmService` owns the store, the cred portal, the online sessions and the
+routing.  Protocols (the native client protocol, later gateways and federation) never
+hold chat state: they call a :class:`Session` (the cred avatar) and are called back
+through :class:`ISessionMind` (the cred *mind*), in the shape of ``twisted.words.service``.
+
+Delivery model: every stored item has a realm-wide stream position ``pos``.  A user's
+feed is the items addressed to or sent by them; a session resumes "after position P".
+A logging-in session is registered for live delivery *before* its backlog is read, and
+buffers live items until the backlog is out; positions make the overlap harmless, so
+nothing is lost and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import argon2
+from twisted.application.service import Service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+from chatproto import address
+from chatproto.address import Address
+from chatproto.config import Config
+from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.errors import ChatError
+from chatproto.ratelimit import FailureThrottle, TokenBucket
+from chatproto.store import IStore
+
+#: Backlog is read and sent in pages of this many items, pausing for slow readers.
+SYNC_PAGE = 500
+#: Live items buffered while a backlog is read; past this the backlog pass re-reads.
+SYNC_BUFFER = 2000
+#: Maximum length of a device name.
+MAX_DEVICE = 64
+
+
+class ISession(Interface):
+    """The avatar interface a connection gets from the portal (see :class:`Session`)."""
+
+
+class ISessionMind(Interface):
+    """What the realm calls on a connection (the cred *mind*)."""
+
+    def deliver(envelope):  # type: ignore[misc]
+        """Send one stream item (an :class:`~chatproto.envelope.Envelope`)."""
+
+    def synced(pos):  # type: ignore[misc]
+        """The backlog is out: everything up to ``pos`` has been delivered."""
+
+    def wait_writable():  # type: ignore[misc]
+        """A Deferred firing when the connection can take more output."""
+
+    def disconnect(code, message):  # type: ignore[misc]
+        """Close the connection, telling the peer why (an error ``code``)."""
+
+
+class PasswordHasher:
+    """argon2id hashing and verification, always off the reactor thread."""
+
+    def __init__(self, reactor: IReactorThreads, pool: ThreadPool, config: Config) -> None:
+        a = config.auth
+        self._ph = argon2.PasswordHasher(
+            time_cost=a.argon2_time_cost,
+            memory_cost=a.argon2_memory_cost,
+            parallelism=a.argon2_parallelism,
+            type=argon2.Type.ID,
+        )
+        self._reactor = reactor
+        self._pool = pool
+        # Verified against when the user does not exist, so that an unknown user costs
+        # the same time as a wrong password.
+        self._dummy = self._ph.hash("chatproto: no such user")
+
+    def hash_sync(self, password: str) -> str:
+        return self._ph.hash(password)
+
+    def hash(self, password: str) -> Deferred[str]:
+        return deferToThreadPool(self._reactor, self._pool, self._ph.hash, password)  # type: ignore[arg-type]
+
+    def _verify(self, pwhash: str | None, password: str) -> bool:
+        try:
+            return self._ph.verify(pwhash or self._dummy, password) and pwhash is not None
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            return False
+
+    def verify(self, pwhash: str | None, password: str) -> Deferred[bool]:
+        return deferToThreadPool(self._reactor, self._pool, self._verify, pwhash, password)  # type: ignore[arg-type]
+
+
+@implementer(ICredentialsChecker)
+class StoreChecker:
+    """A cred checker for username/password against the store's argon2id hashes."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
+        self._store = store
+        self._hasher = hasher
+
+    @inlineCallbacks
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Any:
+        raw = credentials.username
+        name_text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        pw = credentials.password
+        password = pw.decode("utf-8", "replace") if isinstance(pw, bytes) else pw
+        try:
+            name = address.normalise_name(name_text)
+        except ChatError:
+            name = None
+        pwhash = (yield self._store.password_hash(name)) if name else None
+        ok = yield self._hasher.verify(pwhash, password)
+        if not ok:
+            raise UnauthorizedLogin()
+        return name
+
+
+@implementer(IRealm)
+class _CredRealm:
+    def __init__(self, service: RealmService) -> None:
+        self._service = service
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        if ISession not in interfaces:
+            raise NotImplementedError("only ISession avatars are provided")
+        session = self._service._attach(avatarId, mind)
+        return ISession, session, session.logout
+
+
+@implementer(ISession)
+class Session:
+    """One logged-in connection of a user: what the protocol calls after login.
+
+    ``device`` names the client installation; its acknowledged position is kept per
+    device so each device resumes where it left off.
+    """
+
+    def __init__(self, realm: RealmService, user: Address, device: str, mind: Any) -> None:
+        self.realm = realm
+        self.user = user
+        self.user_id = str(user)
+        self.device = device
+        self.mind = mind
+        lim = realm.config.limits
+        self._bucket = TokenBucket(lim.send_rate, lim.send_burst, realm.clock.seconds())
+        self._syncing = True
+        self._buffer: list[Envelope] | None = []
+        self._last = 0  # highest position delivered to this session
+        self._high = 0  # highest position this session may acknowledge
+        self.closed = False
+
+    # delivery -----------------------------------------------------------------------
+
+    def _deliver(self, env: Envelope) -> None:
+        if self.closed:
+            return
+        if self._syncing:
+            if self._buffer is not None:
+                self._buffer.append(env)
+                if len(self._buffer) > SYNC_BUFFER:
+                    self._buffer = None  # re-read from the store instead
+            return
+        self._emit(env)
+
+    def _emit(self, env: Envelope) -> None:
+        if env.pos > self._last:
+            self._last = env.pos
+            if env.pos > self._high:
+                self._high = env.pos
+            self.mind.deliver(env)
+
+    @inlineCallbacks
+    def start(self, since: int | None = None) -> Any:
+        """Send the backlog after ``since`` (default: this device's ack), then go live.
+
+        Fires with the position the session is synced to.
+        """
+        store = self.realm.store
+        after = since if since is not None else (yield store.get_ack(self.user_id, self.device))
+        self._last = self._high = after
+        while not self.closed:
+            page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE)
+            if self.closed:
+                break
+            for env in page:
+                self._emit(env)
+            if len(page) == SYNC_PAGE:
+                yield self.mind.wait_writable()
+                continue
+            if self._buffer is None:  # live items overflowed: read them from the store
+                self._buffer = []
+                continue
+            break
+        buffered, self._buffer = self._buffer or [], None
+        self._syncing = False
+        for env in buffered:
+            self._emit(env)
+        if not self.closed:
+            self.mind.synced(self._last)
+        return self._last
+
+    # requests -----------------------------------------------------------------------
+
+    def send(self, to: str, body: str) -> Deferred[Envelope]:
+        """Store a private message durably, then deliver it; fires with the envelope."""
+        return self.realm.send_private(self, to, body)
+
+    def history(
+        self, peer: str, before: int | None, after: int | None, limit: int | None
+    ) -> Deferred[list[Envelope]]:
+        return self.realm.history(self, peer, before, after, limit)
+
+    def who(self) -> list[dict[str, Any]]:
+        return self.realm.who()
+
+    def ack(self, pos: int) -> None:
+        """Record that the client processed everything up to ``pos``."""
+        pos = min(pos, self._high)
+        if pos > 0:
+            self.realm.store.set_ack(self.user_id, self.device, pos)
+
+    def saw(self, pos: int) -> None:
+        """The session has been told about ``pos`` other than by delivery (own send)."""
+        if pos > self._high:
+            self._high = pos
+
+    def logout(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.realm._detach(self)
+
+
+class RealmService(Service):
+    """A realm: accounts, sessions, routing and rules, over an :class:`IStore`.
+
+    ``clock`` provides time for every rule (rate limits, throttles, timestamps).
+    """
+
+    name = "realm"
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        store: IStore,
+        reactor: Any,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.config = config
+        self.realm = config.realm
+        self.store = store
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self._hash_pool = ThreadPool(1, max(1, config.auth.argon2_parallelism), "chatproto-argon2")
+        self.hasher = PasswordHasher(reactor, self._hash_pool, config)
+        self.portal = Portal(_CredRealm(self), [StoreChecker(store, self.hasher)])
+        a = config.auth
+        self._account_throttle = FailureThrottle(
+            a.free_failures_per_account, a.failure_delay, a.max_failure_delay, a.failure_window
+        )
+        self._address_throttle = FailureThrottle(
+            a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
+        )
+        self._online: dict[str, list[Session]] = {}
+        self._known_users: set[str] = set()
+        self._prune = LoopingCall(self._prune_throttles)
+        self._prune.clock = self.clock
+        #: Hooks called with every committed envelope (extension point; see docs).
+        self.observers: list[Callable[[Envelope], None]] = []
+
+    # service lifecycle --------------------------------------------------------------
+
+    @inlineCallbacks
+    def startService(self) -> Any:
+        Service.startService(self)
+        self._hash_pool.start()
+        yield self.store.open()
+        self._known_users = set((yield self.store.list_users()))
+        self._prune.start(self.config.auth.failure_window / 4, now=False)
+        self.log.info(
+            "realm {realm} started: {users} users, store {path}",
+            realm=self.realm,
+            users=len(self._known_users),
+            path=getattr(self.store, "path", "?"),
+        )
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self._prune.running:
+            self._prune.stop()
+        for sessions in list(self._online.values()):
+            for s in list(sessions):
+                s.mind.disconnect("shutting_down", "the realm is stopping")
+                s.logout()
+        yield self.store.close()
+        self._hash_pool.stop()
+        self.log.info("realm {realm} stopped", realm=self.realm)
+
+    def _prune_throttles(self) -> None:
+        now = self.clock.seconds()
+        self._account_throttle.prune(now)
+        self._address_throttle.prune(now)
+
+    # accounts -----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def create_user(self, name: str, password: str) -> Any:
+        """Create a local account (used by in-band register and embedding apps)."""
+        name = address.normalise_name(name)
+        _check_password(password)
+        pwhash = yield self.hasher.hash(password)
+        yield self.store.create_user(name, pwhash, self.clock.seconds())
+        self._known_users.add(name)
+        self.log.info("account {user} created", user=f"{name}@{self.realm}")
+        return Address(name, self.realm)
+
+    def register(self, name: str, password: str) -> Deferred[Address]:
+        if not self.config.auth.allow_registration:
+            raise ChatError("registration_closed")
+        return self.create_user(name, password)
+
+    @inlineCallbacks
+    def login(
+        self,
+        username: str,
+        password: str,
+        mind: Any,
+        device: str = "default",
+        peer: str = "?",
+    ) -> Any:
+        """Authenticate and attach ``mind``; fires with a :class:`Session`.
+
+        Unknown users and wrong passwords both fail with ``auth_failed``; repeated
+        failures per account and per peer address get ``rate_limited``.
+        """
+        if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
+            raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
+        now = self.clock.seconds()
+        key = username.casefold()[:64]
+        wait = max(self._account_throttle.wait(key, now), self._address_throttle.wait(peer, now))
+        if wait > 0:
+            self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
+            raise ChatError("rate_limited", "too many failed logins", retry_after=round(wait, 3))
+        creds = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+        try:
+            _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
+        except UnauthorizedLogin:
+            now = self.clock.seconds()
+            self._account_throttle.failed(key, now)
+            self._address_throttle.failed(peer, now)
+            self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
+            raise ChatError("auth_failed") from None
+        self._account_throttle.succeeded(key)
+        session.device = device
+        self.log.info(
+            "login {user} device {device} from {peer}",
+            user=session.user_id,
+            device=device,
+            peer=peer,
+        )
+        return session
+
+    def _attach(self, name: str, mind: Any) -> Session:
+        user = Address(name, self.realm)
+        sessions = self._online.setdefault(str(user), [])
+        if len(sessions) >= self.config.limits.max_sessions_per_user:
+            raise ChatError("too_many_sessions")
+        session = Session(self, user, "default", mind)
+        sessions.append(session)
+        self._known_users.add(name)
+        return session
+
+    def _detach(self, session: Session) -> None:
+        sessions = self._online.get(session.user_id)
+        if sessions and session in sessions:
+            sessions.remove(session)
+            if not sessions:
+                del self._online[session.user_id]
+
+    def sessions_of(self, user: str) -> Sequence[Session]:
+        return self._online.get(user, ())
+
+    def who(self) -> list[dict[str, Any]]:
+        return [{"user": u, "sessions": len(s)} for u, s in sorted(self._online.items()) if s]
+
+    # messages -----------------------------------------------------------------------
+
+    def _local_user(self, text: str) -> Deferred[Address]:
+        addr = address.user(text, self.realm)
+        if not addr.is_local(self.realm):
+            raise ChatError("remote_realm", f"{addr} is on another realm; federation is off")
+        if addr.name in self._known_users:
+            return succeed(addr)
+
+        def check(exists: bool) -> Address:
+            if not exists:
+                raise ChatError("no_such_user", f"no user {addr} on this realm")
+            self._known_users.add(addr.name)
+            return addr
+
+        return self.store.user_exists(addr.name).addCallback(check)
+
+    def _check_body(self, body: Any) -> str:
+        if not isinstance(body, str):
+            raise ChatError("bad_request", "field 'body' must be a string")
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > self.config.limits.max_body:
+            raise ChatError(
+                "too_large", f"body is {size} bytes; the limit is {self.config.limits.max_body}"
+            )
+        return body
+
+    @inlineCallbacks
+    def send_private(self, session: Session, to: str, body: str) -> Any:
+        body = self._check_body(body)
+        wait = session._bucket.take(self.clock.seconds())
+        if wait:
+            raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+        recipient = yield self._local_user(to)
+        env = Envelope(
+            id=new_message_id(),
+            kind="text",
+            sender=session.user_id,  # set by the realm, never by the client
+            recipient=str(recipient),
+            ts=self.clock.seconds(),
+            body=body,
+        )
+        yield self.store.append([env])  # durable before anyone hears of it
+        session.saw(env.pos)
+        self._route(env, origin=session)
+        return env
+
+    def _route(self, env: Envelope, origin: Session | None = None) -> None:
+        for s in self._online.get(env.recipient, ()):
+            if s is not origin:
+                s._deliver(env)
+        if env.sender != env.recipient:
+            for s in self._online.get(env.sender, ()):
+                if s is not origin:
+                    s._deliver(env)
+        for observer in self.observers:
+            try:
+                observer(env)
+            except Exception:
+                self.log.failure("message observer {o!r} failed", o=observer)
+
+    @inlineCallbacks
+    def history(
+        self,
+        session: Session,
+        peer: str,
+        before: int | None,
+        after: int | None,
+        limit: int | None,
+    ) -> Any:
+        other = address.user(peer, self.realm)
+        page = self.config.limits.history_page
+        limit = page if limit is None else limit
+        if not 1 <= limit <= page:
+            raise ChatError("bad_request", f"limit must be between 1 and {page}")
+        items = yield self.store.history(
+            conversation_key(session.user_id, str(other)), before, after, limit
+        )
+        return items
+
+
+def _check_password(password: Any) -> None:
+    if not isinstance(password, str) or not 8 <= len(password) <= 1024:
+        raise ChatError("bad_request", "a password must be 8 to 1024 characters")

@@ -1,0 +1,82 @@
+"""Storage behind one interface, shaped around the realm's operations (not its tables).
+
+:class:`IStore` is what the realm service calls; every method returns a Deferred and
+never blocks the reactor.  :class:`chatproto.store.sqlite.SQLiteStore` is the embedded
+default; other backends (PostgreSQL for scale-out) implement the same interface.
+
+Contract shared by every backend:
+
+- :meth:`IStore.append` commits a batch durably and assigns each item a realm-wide
+  stream position, strictly greater than every position committed before; the Deferred
+  fires only after the commit.  Concurrent calls are batched into one transaction
+  (group commit), so durability does not cost one fsync per message.
+- positions are never reused, even after deletions.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+from chatproto.errors import ChatError
+
+
+class UserExists(ChatError):
+    def __init__(self, name: str) -> None:
+        super().__init__("user_exists", f"user {name!r} already exists")
+
+
+class IStore(Interface):
+    def open():  # type: ignore[misc]
+        """Open (creating or migrating the schema).  Returns a Deferred."""
+
+    def close():  # type: ignore[misc]
+        """Flush pending writes and close.  Returns a Deferred."""
+
+    def create_user(name, pwhash, ts):  # type: ignore[misc]
+        """Create an account; errback with :class:`UserExists` if taken."""
+
+    def password_hash(name):  # type: ignore[misc]
+        """The stored hash for ``name``, or ``None``."""
+
+    def set_password(name, pwhash):  # type: ignore[misc]
+        """Replace a hash; fires with True if the user exists."""
+
+    def delete_user(name, address):  # type: ignore[misc]
+        """Delete account ``name`` (``address`` is its canonical address) and its read
+        markers; fires with True if it existed."""
+
+    def user_exists(name):  # type: ignore[misc]
+        """Fires with a bool."""
+
+    def list_users():  # type: ignore[misc]
+        """Fires with the sorted list of local user names."""
+
+    def append(items):  # type: ignore[misc]
+        """Commit a list of :class:`~chatproto.envelope.Envelope` and assign ``pos``.
+
+        Fires with the same envelopes, ``pos`` set, after the commit.
+        """
+
+    def read_feed(user, after, limit):  # type: ignore[misc]
+        """Items for ``user`` (canonical address) with ``pos > after``, oldest first."""
+
+    def history(conversation, before, after, limit):  # type: ignore[misc]
+        """A page of one conversation, oldest first.
+
+        With ``after`` the ``limit`` oldest items after it; otherwise the ``limit``
+        newest items before ``before`` (or the newest overall).
+        """
+
+    def set_ack(user, device, pos):  # type: ignore[misc]
+        """Record that ``device`` of ``user`` processed everything up to ``pos``.
+
+        Monotonic (a lower ``pos`` is ignored).  Acks may be written lazily with the
+        next batch: losing one only means a client sees an item again and drops it by
+        its position.
+        """
+
+    def get_ack(user, device):  # type: ignore[misc]
+        """The device's ack; for a device never seen, the user's highest ack; else 0."""
+
+    def max_pos():  # type: ignore[misc]
+        """The highest committed position (0 when empty)."""

@@ -1,0 +1,434 @@
+"""SQLite implementation of :class:`chatproto.store.IStore`: the embedded default.
+
+Layout: :class:`SQLiteDB` is the synchronous core (one connection, plain methods),
+used directly by ``chatrealmctl`` and run in threads by :class:`SQLiteStore`.
+
+Threads: one writer thread owns the only writing connection; reads run on a small
+reader pool with their own connections (WAL lets them read while the writer commits).
+Group commit: appends arriving while a write is in flight are queued on the reactor
+thread and committed together in the next transaction -- no timer, so a lone message
+is committed at once and a busy realm pays one fsync per batch, not per message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from chatproto.envelope import Envelope
+from chatproto.store import IStore, UserExists
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+#: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        pwhash TEXT NOT NULL,
+        created REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE items (
+        pos INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        ts REAL NOT NULL,
+        body TEXT NOT NULL,
+        meta TEXT
+    );
+    CREATE INDEX items_recipient ON items (recipient, pos);
+    CREATE INDEX items_sender ON items (sender, pos);
+    CREATE INDEX items_conv ON items (conv, pos);
+    CREATE TABLE acks (
+        user TEXT NOT NULL,
+        device TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        PRIMARY KEY (user, device)
+    ) WITHOUT ROWID;
+    """,
+]
+
+_COLS = "pos, id, kind, sender, recipient, ts, body, meta"
+
+
+def _row(r: tuple[Any, ...]) -> Envelope:
+    pos, id_, kind, sender, recipient, ts, body, meta = r
+    return Envelope(
+        id=id_,
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        ts=ts,
+        body=body,
+        meta=json.loads(meta) if meta is not None else None,
+        pos=pos,
+    )
+
+
+class SQLiteDB:
+    """Synchronous access to one SQLite database file (one connection per instance)."""
+
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        self.path = path
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.execute("PRAGMA busy_timeout=10000")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # schema -------------------------------------------------------------------------
+
+    def version(self) -> int:
+        c = self.conn
+        c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = c.execute("SELECT version FROM schema_version").fetchone()
+        return row[0] if row else 0
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION`; return the version found."""
+        found = self.version()
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {found}, newer than this chatproto "
+                f"({SCHEMA_VERSION}); upgrade chatproto"
+            )
+        c = self.conn
+        for v in range(found, SCHEMA_VERSION):
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute("DELETE FROM schema_version")
+                c.execute("INSERT INTO schema_version VALUES (?)", (v + 1,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return found
+
+    # accounts -----------------------------------------------------------------------
+
+    def create_user(self, name: str, pwhash: str, ts: float) -> None:
+        try:
+            self.conn.execute("INSERT INTO users VALUES (?, ?, ?)", (name, pwhash, ts))
+        except sqlite3.IntegrityError:
+            raise UserExists(name) from None
+
+    def password_hash(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT pwhash FROM users WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_password(self, name: str, pwhash: str) -> bool:
+        cur = self.conn.execute("UPDATE users SET pwhash = ? WHERE name = ?", (pwhash, name))
+        return cur.rowcount > 0
+
+    def delete_user(self, name: str, address: str) -> bool:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            cur = c.execute("DELETE FROM users WHERE name = ?", (name,))
+            c.execute("DELETE FROM acks WHERE user = ?", (address,))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return cur.rowcount > 0
+
+    def list_users(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
+
+    # streams ------------------------------------------------------------------------
+
+    def append_batch(
+        self, batches: Sequence[Sequence[Envelope]], acks: dict[tuple[str, str], int]
+    ) -> list[list[int] | Exception]:
+        """Commit every batch in one transaction; return positions per batch.
+
+        A batch that violates a constraint is rolled back alone (savepoint) and its
+        slot holds the exception, so one bad batch never fails the others.
+        """
+        c = self.conn
+        out: list[list[int] | Exception] = []
+        sql = (
+            "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING pos"
+        )
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for batch in batches:
+                c.execute("SAVEPOINT b")
+                try:
+                    positions = []
+                    for e in batch:
+                        meta = json.dumps(e.meta) if e.meta is not None else None
+                        positions.append(
+                            c.execute(
+                                sql,
+                                (
+                                    e.id,
+                                    e.kind,
+                                    e.sender,
+                                    e.recipient,
+                                    e.conversation,
+                                    e.ts,
+                                    e.body,
+                                    meta,
+                                ),
+                            ).fetchone()[0]
+                        )
+                    c.execute("RELEASE b")
+                    out.append(positions)
+                except sqlite3.Error as err:
+                    c.execute("ROLLBACK TO b")
+                    c.execute("RELEASE b")
+                    out.append(err)
+            if acks:
+                c.executemany(
+                    "INSERT INTO acks VALUES (?, ?, ?) ON CONFLICT (user, device) "
+                    "DO UPDATE SET pos = max(pos, excluded.pos)",
+                    [(u, d, p) for (u, d), p in acks.items()],
+                )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return out
+
+    def read_feed(self, user: str, after: int, limit: int) -> list[Envelope]:
+        rows = self.conn.execute(
+            f"SELECT {_COLS} FROM items WHERE recipient = ?1 AND pos > ?2 "
+            f"UNION ALL SELECT {_COLS} FROM items WHERE sender = ?1 AND pos > ?2 "
+            "AND recipient != ?1 ORDER BY pos LIMIT ?3",
+            (user, after, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def history(
+        self, conversation: str, before: int | None, after: int | None, limit: int
+    ) -> list[Envelope]:
+        c = self.conn
+        if after is not None:
+            rows = c.execute(
+                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos > ? ORDER BY pos LIMIT ?",
+                (conversation, after, limit),
+            ).fetchall()
+        else:
+            bound = before if before is not None else 2**62
+            rows = c.execute(
+                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos < ? ORDER BY pos DESC LIMIT ?",
+                (conversation, bound, limit),
+            ).fetchall()
+            rows.reverse()
+        return [_row(r) for r in rows]
+
+    def get_ack(self, user: str, device: str) -> int:
+        c = self.conn
+        row = c.execute(
+            "SELECT pos FROM acks WHERE user = ? AND device = ?", (user, device)
+        ).fetchone()
+        if row:
+            return int(row[0])
+        row = c.execute("SELECT max(pos) FROM acks WHERE user = ?", (user,)).fetchone()
+        return int(row[0] or 0)
+
+    def max_pos(self) -> int:
+        row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
+        return int(row[0] or 0)
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """The asynchronous, group-committing store used by the realm service."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reactor: IReactorThreads,
+        synchronous: str = "FULL",
+        readers: int = 2,
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self._writer_pool = ThreadPool(1, 1, name="chatproto-sqlite-writer")
+        self._reader_pool = ThreadPool(1, readers, name="chatproto-sqlite-reader")
+        self._writer: SQLiteDB | None = None
+        self._local = threading.local()
+        self._readers: list[SQLiteDB] = []
+        self._readers_lock = threading.Lock()
+        self._pending: list[tuple[Sequence[Envelope], Deferred[list[Envelope]]]] = []
+        self._pending_acks: dict[tuple[str, str], int] = {}
+        self._writing = False
+        self._idle: list[Deferred[None]] = []
+        #: Statistics for benchmarks and logs: transactions and items committed.
+        self.commits = 0
+        self.committed_items = 0
+
+    # lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        """Open and migrate the database, then start the threads.
+
+        Opening is done synchronously, once, at start-up, before anything is served:
+        a realm must not accept logins on a store whose schema is not there yet.
+        """
+        self._writer = SQLiteDB(self.path, self._synchronous)
+        self._writer.migrate()
+        self._writer_pool.start()
+        self._reader_pool.start()
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        d = self._when_idle()
+
+        def _shut(_: object) -> None:
+            if self._writer is not None:
+                self._writer_pool.callInThread(self._writer.close)
+            with self._readers_lock:
+                for r in self._readers:
+                    self._reader_pool.callInThread(r.close)
+            self._writer_pool.stop()
+            self._reader_pool.stop()
+
+        d.addCallback(_shut)
+        return d
+
+    def _when_idle(self) -> Deferred[None]:
+        if not self._writing and not self._pending and not self._pending_acks:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    # thread helpers -----------------------------------------------------------------
+
+    def _write(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._writer_pool, fn, *args)  # type: ignore[arg-type]
+
+    def _db(self) -> SQLiteDB:
+        assert self._writer is not None, "store is not open"
+        return self._writer
+
+    def _reader(self) -> SQLiteDB:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = SQLiteDB(self.path, self._synchronous)
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
+    def _read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        def run() -> T:
+            return fn(self._reader(), *args)
+
+        return deferToThreadPool(self._reactor, self._reader_pool, run)  # type: ignore[arg-type]
+
+    # accounts -----------------------------------------------------------------------
+
+    def create_user(self, name: str, pwhash: str, ts: float) -> Deferred[None]:
+        return self._write(lambda: self._db().create_user(name, pwhash, ts))
+
+    def password_hash(self, name: str) -> Deferred[str | None]:
+        return self._read(SQLiteDB.password_hash, name)
+
+    def set_password(self, name: str, pwhash: str) -> Deferred[bool]:
+        return self._write(lambda: self._db().set_password(name, pwhash))
+
+    def delete_user(self, name: str, address: str) -> Deferred[bool]:
+        return self._write(lambda: self._db().delete_user(name, address))
+
+    def user_exists(self, name: str) -> Deferred[bool]:
+        return self.password_hash(name).addCallback(lambda h: h is not None)
+
+    def list_users(self) -> Deferred[list[str]]:
+        return self._read(SQLiteDB.list_users)
+
+    # streams ------------------------------------------------------------------------
+
+    def append(self, items: Sequence[Envelope]) -> Deferred[list[Envelope]]:
+        d: Deferred[list[Envelope]] = Deferred()
+        self._pending.append((items, d))
+        self._flush()
+        return d
+
+    def set_ack(self, user: str, device: str, pos: int) -> None:
+        key = (user, device)
+        if pos > self._pending_acks.get(key, 0):
+            self._pending_acks[key] = pos
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._writing or not (self._pending or self._pending_acks):
+            if not self._writing:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+            return
+        batch, self._pending = self._pending, []
+        acks, self._pending_acks = self._pending_acks, {}
+        self._writing = True
+        d = self._write(self._db().append_batch, [items for items, _ in batch], acks)
+
+        def done(results: list[list[int] | Exception]) -> None:
+            self.commits += 1
+            for (items, waiter), res in zip(batch, results, strict=True):
+                if isinstance(res, Exception):
+                    waiter.errback(Failure(res))
+                    continue
+                for env, pos in zip(items, res, strict=True):
+                    env.pos = pos
+                self.committed_items += len(items)
+                waiter.callback(list(items))
+
+        def failed(f: Failure) -> None:
+            self.log.failure("group commit of {n} batches failed", f, n=len(batch))
+            for _, waiter in batch:
+                waiter.errback(f)
+
+        def next_(_: object) -> None:
+            self._writing = False
+            self._flush()
+
+        d.addCallbacks(done, failed).addBoth(next_)
+
+    def read_feed(self, user: str, after: int, limit: int) -> Deferred[list[Envelope]]:
+        return self._read(SQLiteDB.read_feed, user, after, limit)
+
+    def history(
+        self, conversation: str, before: int | None, after: int | None, limit: int
+    ) -> Deferred[list[Envelope]]:
+        return self._read(SQLiteDB.history, conversation, before, after, limit)
+
+    def get_ack(self, user: str, device: str) -> Deferred[int]:
+        pending = self._pending_acks.get((user, device), 0)
+        return self._read(SQLiteDB.get_ack, user, device).addCallback(
+            lambda stored: max(stored, pending)
+        )
+
+    def max_pos(self) -> Deferred[int]:
+        return self._read(SQLiteDB.max_pos)

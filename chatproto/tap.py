@@ -1,0 +1,139 @@
+"""``twistd chatrealm``: command-line options and the wiring of a realm process.
+
+:func:`makeService` builds, under one ``MultiService``: the :class:`RealmService`
+(store, portal, sessions) and one listener per endpoint description (``--listen``,
+repeatable; ``ssl:...`` descriptions give TLS).  The realm starts before the
+listeners and stops after them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from chatproto import config as configmod
+from chatproto.protocol import ClientFactory
+from chatproto.realm import RealmService
+from chatproto.store.sqlite import SQLiteStore
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT ...] [--realm NAME] [--data-dir DIR]"
+    longdesc = (
+        "Run a chatproto realm.  With no options: realm 'localhost', SQLite in "
+        f"./chatrealm-data, plain TCP on 127.0.0.1:{configmod.DEFAULT_PORT}.  "
+        "Options override the config file."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see config/realm.example.toml)."],
+        ["realm", "r", None, "The realm's name (a DNS name), e.g. example.org."],
+        ["data-dir", "d", None, "Directory for the database and files."],
+    ]
+    optFlags = [
+        ["no-register", None, "Disable in-band registration."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a Twisted endpoint description (repeatable), e.g. tcp:7420 or
+        ssl:7421:privateKey=key.pem:certKey=cert.pem.  Replaces the config's list."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        try:
+            cfg = configmod.load(self["config"])
+            if self["realm"]:
+                cfg.realm = self["realm"]
+            if self["data-dir"]:
+                cfg.data_dir = self["data-dir"]
+            if self["listen"]:
+                cfg.listen = list(self["listen"])
+            if self["no-register"]:
+                cfg.auth.allow_registration = False
+            cfg.check()
+        except configmod.ConfigError as e:
+            raise usage.UsageError(f"configuration: {e}") from None
+        self.realm_config = cfg
+
+
+class ListenerService(Service):
+    """Listens on one endpoint description for as long as the service runs.
+
+    Binding happens in ``privilegedStartService`` (before the reactor runs under
+    twistd), so a port that cannot be bound stops start-up with a readable message.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: ClientFactory) -> None:
+        self.description = description
+        self.endpoint = serverFromString(reactor, description)
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        if self.port is not None:
+            return
+        result: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(result.append)
+        if not result:  # an endpoint that listens asynchronously
+            raise RuntimeError(f"endpoint {self.description!r} did not listen at once")
+        outcome = result[0]
+        if not IListeningPort.providedBy(outcome):
+            raise SystemExit(f"chatrealm: cannot listen on {self.description}: {outcome.value}")
+        self.port = outcome
+        host: Any = outcome.getHost()
+        self.log.info(
+            "chatrealm {realm} listening on {host}:{port} ({description})",
+            realm=self.factory.realm.realm,
+            host=host.host,
+            port=host.port,
+            description=self.description,
+        )
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        Service.startService(self)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def build(cfg: configmod.Config, reactor: Any) -> tuple[MultiService, RealmService]:
+    """Wire a realm process from a checked config; returns (top service, realm)."""
+    top = MultiService()
+    store = SQLiteStore(cfg.database_path, reactor, synchronous=cfg.storage.synchronous)
+    realm = RealmService(cfg, store, reactor)
+    realm.setServiceParent(top)
+    factory = ClientFactory(realm)
+    for description in cfg.listen_descriptions():
+        ListenerService(reactor, description, factory).setServiceParent(top)
+    return top, realm
+
+
+def makeService(options: Options) -> IServiceCollection:
+    from twisted.internet import reactor
+
+    top, _realm = build(options.realm_config, reactor)
+    return top
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run with: twistd -n chatrealm")

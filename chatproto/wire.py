@@ -1,0 +1,99 @@
+"""Wire format v1: how frames are told apart, decoded, validated and encoded.
+
+Framing is :class:`twisted.protocols.basic.Int32StringReceiver` (a 4-byte big-endian
+length, then the payload).  The first payload byte is the *frame kind*:
+
+- ``{`` (0x7B): a control frame, a UTF-8 JSON object with a ``type``;
+- 0x00: a binary data frame (reserved for file transfer; a v1 server that has not
+  negotiated it answers ``bad_frame``).
+
+This module has no state and no I/O: it only converts between bytes and dicts, so the
+client protocol, the client library and tests share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chatproto.errors import ChatError, FatalProtocolError
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+FRAME_JSON = 0x7B
+FRAME_BINARY = 0x00
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_decoder = json.JSONDecoder()
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """Encode a control frame payload (without the length prefix)."""
+    return _encoder.encode(obj).encode("utf-8")
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """Decode a control frame payload.
+
+    Raises :class:`FatalProtocolError` (``bad_frame``) when the payload is not a UTF-8
+    JSON object: such a peer cannot be trusted to be framing correctly any more.
+    A JSON object whose ``type`` is missing or not a string raises ``bad_request``.
+    """
+    if not payload or payload[0] != FRAME_JSON:
+        kind = payload[0] if payload else None
+        raise FatalProtocolError("bad_frame", f"unsupported frame kind {kind!r}")
+    try:
+        text = payload.decode("utf-8")
+        obj = _decoder.decode(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FatalProtocolError("bad_frame", f"malformed JSON: {str(e)[:80]}") from None
+    if not isinstance(obj, dict):
+        raise FatalProtocolError("bad_frame", "a frame must be a JSON object")
+    if not isinstance(obj.get("type"), str):
+        raise ChatError("bad_request", "a frame needs a string field 'type'")
+    rid = obj.get("id")
+    if rid is not None and not (isinstance(rid, (str, int)) and not isinstance(rid, bool)):
+        raise ChatError("bad_request", "'id' must be a string or an integer")
+    if isinstance(rid, str) and len(rid) > 64:
+        raise ChatError("bad_request", "'id' is longer than 64 characters")
+    return obj
+
+
+def field(
+    obj: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    *,
+    required: bool = True,
+    default: Any = None,
+) -> Any:
+    """Return ``obj[name]`` checked against ``kind``; raise ``bad_request`` otherwise.
+
+    ``bool`` is never accepted where ``int`` is asked for (JSON ``true`` is not 1).
+    """
+    if name not in obj or obj[name] is None:
+        if required:
+            raise ChatError("bad_request", f"missing field {name!r}")
+        return default
+    value = obj[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ChatError("bad_request", f"field {name!r} must be {names}")
+    return value
+
+
+def error_frame(code: str, message: str, rid: Any = None, **extra: Any) -> bytes:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if rid is not None:
+        frame["id"] = rid
+    frame.update(extra)
+    return encode(frame)
+
+
+def result_frame(rid: Any, **fields: Any) -> bytes:
+    frame: dict[str, Any] = {"type": "result"}
+    if rid is not None:
+        frame["id"] = rid
+    frame.update(fields)
+    return encode(frame)
