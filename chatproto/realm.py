@@ -160,7 +160,6 @@ class Session:
         self._syncing = True
         self._buffer: list[Envelope] | None = []
         self._last = 0  # highest position delivered to this session
-        self._high = 0  # highest position this session may acknowledge
         self.closed = False
 
     # delivery -----------------------------------------------------------------------
@@ -179,8 +178,6 @@ class Session:
     def _emit(self, env: Envelope) -> None:
         if env.pos > self._last:
             self._last = env.pos
-            if env.pos > self._high:
-                self._high = env.pos
             self.mind.deliver(env)
 
     @inlineCallbacks
@@ -191,7 +188,7 @@ class Session:
         """
         store = self.realm.store
         after = since if since is not None else (yield store.get_ack(self.user_id, self.device))
-        self._last = self._high = after
+        self._last = after
         while not self.closed:
             page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE)
             if self.closed:
@@ -229,14 +226,9 @@ class Session:
 
     def ack(self, pos: int) -> None:
         """Record that the client processed everything up to ``pos``."""
-        pos = min(pos, self._high)
+        pos = min(pos, self._last)  # nobody acknowledges what they were not sent
         if pos > 0:
             self.realm.store.set_ack(self.user_id, self.device, pos)
-
-    def saw(self, pos: int) -> None:
-        """The session has been told about ``pos`` other than by delivery (own send)."""
-        if pos > self._high:
-            self._high = pos
 
     def logout(self) -> None:
         if not self.closed:
@@ -441,18 +433,20 @@ class RealmService(Service):
             body=body,
         )
         yield self.store.append([env])  # durable before anyone hears of it
-        session.saw(env.pos)
-        self._route(env, origin=session)
+        self._route(env)
         return env
 
-    def _route(self, env: Envelope, origin: Session | None = None) -> None:
+    def _route(self, env: Envelope) -> None:
+        """Deliver a committed item to every online session in its audience.
+
+        The sending session gets it too: each session's stream is then the one ordered
+        record of its conversations, which is what acks and resume are defined on.
+        """
         for s in self._online.get(env.recipient, ()):
-            if s is not origin:
-                s._deliver(env)
+            s._deliver(env)
         if env.sender != env.recipient:
             for s in self._online.get(env.sender, ()):
-                if s is not origin:
-                    s._deliver(env)
+                s._deliver(env)
         for observer in self.observers:
             try:
                 observer(env)

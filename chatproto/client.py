@@ -1,0 +1,358 @@
+"""A Deferred-based client library for the chatproto wire protocol.
+
+Embed it in any Twisted application::
+
+    conn = yield connect(reactor, "tcp:127.0.0.1:7420", "alice", password,
+                         on_message=lambda m: print(m["from"], m["body"]))
+    yield conn.send("bob", "hi")
+
+:func:`connect` gives one :class:`Connection` (one TCP/TLS connection, logged in).
+:class:`ChatClientService` keeps a connection up with reconnect and backoff
+(``ClientService``) and resumes after the last processed position, so the caller's
+``on_message`` sees every message once, in order, whatever the network does.
+
+Acks are handled here: after ``on_message`` returns for an item, its position is
+acknowledged (coalesced, one ack per reactor turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from chatproto import wire
+
+__all__ = [
+    "ChatClientService",
+    "ClientProtocol",
+    "Connection",
+    "RemoteError",
+    "connect",
+    "endpoint_for",
+]
+
+MessageCallback = Callable[[dict[str, Any]], Any]
+
+
+class RemoteError(Exception):
+    """The realm answered a request with an ``error`` frame."""
+
+    def __init__(self, code: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.extra = extra or {}
+
+
+class ConnectionDone(Exception):
+    """The connection closed before the request was answered."""
+
+
+def endpoint_for(
+    reactor: Any, server: str, realm: str | None = None, ca: str | None = None
+) -> IStreamClientEndpoint:
+    """Make a client endpoint from ``server``.
+
+    ``tls:HOST:PORT`` connects with TLS and verifies the certificate names ``realm``
+    (default: HOST) using service_identity, against ``ca`` (a PEM file) or the
+    system's trust store.  Anything else is a Twisted client endpoint description
+    (``tcp:HOST:PORT``, ``unix:PATH``...).
+    """
+    if server.startswith("tls:"):
+        host, _, port = server[4:].rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected tls:HOST:PORT, got {server!r}")
+        host = host.strip("[]")
+        trust = None
+        if ca:
+            with open(ca, "rb") as f:
+                trust = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS(realm or host, trustRoot=trust)
+        return wrapClientTLS(options, HostnameEndpoint(reactor, host, int(port)))
+    return clientFromString(reactor, server)
+
+
+class ClientProtocol(Int32StringReceiver):
+    """The client side of the wire protocol: requests with ids, and pushed frames."""
+
+    log = Logger()
+    transport: Any
+    MAX_LENGTH = 64 * 1024 * 1024
+
+    def __init__(self, reactor: Any, on_message: MessageCallback | None = None) -> None:
+        self.reactor = reactor
+        self.on_message = on_message
+        self.on_close: Callable[[Failure], Any] | None = None
+        self.on_synced: Callable[[int], Any] | None = None
+        self.last_pos = 0
+        self.hello: dict[str, Any] = {}
+        self._next_id = 0
+        self._pending: dict[int, Deferred[dict[str, Any]]] = {}
+        self._ack_pos = 0
+        self._ack_call: Any = None
+        self.connected_d: Deferred[ClientProtocol] = Deferred()
+        self.closed_d: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_d.callback(self)
+
+    def request(self, type_: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        """Send a request; fires with the ``result`` frame or fails with RemoteError."""
+        self._next_id += 1
+        rid = self._next_id
+        d: Deferred[dict[str, Any]] = Deferred()
+        self._pending[rid] = d
+        self.sendString(wire.encode({"type": type_, "id": rid, **fields}))
+        return d
+
+    def notify(self, type_: str, **fields: Any) -> None:
+        """Send a frame that gets no answer (``ack``, ``pong``)."""
+        self.sendString(wire.encode({"type": type_, **fields}))
+
+    def stringReceived(self, payload: bytes) -> None:
+        try:
+            frame = wire.decode(payload)
+        except Exception:
+            self.log.failure("undecodable frame from the realm")
+            self.transport.loseConnection()
+            return
+        kind = frame["type"]
+        if kind == "msg":
+            self._message(frame)
+        elif kind in ("result", "error"):
+            d = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
+            if kind == "result":
+                if d is not None:
+                    d.callback(frame)
+            else:
+                err = RemoteError(
+                    frame.get("code", "?"),
+                    frame.get("message", ""),
+                    {k: v for k, v in frame.items() if k not in ("type", "id", "code", "message")},
+                )
+                if d is not None:
+                    d.errback(err)
+                else:
+                    self.log.info("realm: {code}: {message}", code=err.code, message=err.message)
+                    self.last_error = err
+        elif kind == "ping":
+            self.notify("pong")
+        elif kind == "synced":
+            if self.on_synced is not None:
+                self.on_synced(frame["pos"])
+
+    last_error: RemoteError | None = None
+
+    def _message(self, frame: dict[str, Any]) -> None:
+        pos = frame.get("pos", 0)
+        if pos <= self.last_pos:
+            return  # already processed (resume overlap)
+        if self.on_message is not None:
+            try:
+                self.on_message(frame)
+            except Exception:
+                self.log.failure("on_message callback failed for pos {pos}", pos=pos)
+        self.last_pos = pos
+        self._ack_pos = pos
+        if self._ack_call is None:
+            self._ack_call = self.reactor.callLater(0, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_call = None
+        if self.transport is not None and self.connected:
+            self.notify("ack", pos=self._ack_pos)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
+        pending, self._pending = self._pending, {}
+        err = self.last_error or ConnectionDone("connection closed")
+        for d in pending.values():
+            d.errback(err)
+        if self.on_close is not None and reason is not None:
+            self.on_close(reason)
+        self.closed_d.callback(None)
+
+
+class Connection:
+    """A logged-in connection: the caller's handle for requests."""
+
+    def __init__(self, proto: ClientProtocol, user: str, realm: str) -> None:
+        self.protocol = proto
+        self.user = user
+        self.realm = realm
+        self.synced: Deferred[int] = Deferred()
+
+    @property
+    def last_pos(self) -> int:
+        """The highest stream position processed (and acknowledged) so far."""
+        return self.protocol.last_pos
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        return dict(self.protocol.hello.get("limits", {}))
+
+    def send(self, to: str, body: str) -> Deferred[dict[str, Any]]:
+        """Send a private message; fires with ``{"pos", "msg_id", "ts"}`` once stored."""
+        return self.protocol.request("send", to=to, body=body)
+
+    def history(
+        self,
+        peer: str,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """A page of the conversation with ``peer``, oldest first (see PROTOCOL.md)."""
+        fields: dict[str, Any] = {"with": peer}
+        for k, v in (("before", before), ("after", after), ("limit", limit)):
+            if v is not None:
+                fields[k] = v
+        return self.protocol.request("history", **fields).addCallback(lambda r: r["messages"])
+
+    def who(self) -> Deferred[list[dict[str, Any]]]:
+        return self.protocol.request("who").addCallback(lambda r: r["users"])
+
+    def close(self) -> Deferred[None]:
+        """Close the connection; fires when it is closed."""
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+        return self.protocol.closed_d
+
+
+@inlineCallbacks
+def _handshake(
+    proto: ClientProtocol,
+    user: str | None,
+    password: str | None,
+    device: str,
+    since: int | None,
+    register: bool,
+) -> Any:
+    hello = yield proto.request("hello", version=wire.PROTOCOL_VERSION)
+    proto.hello = hello
+    realm = hello["realm"]
+    if user is None or password is None:
+        return Connection(proto, "", realm)
+    if register:
+        yield proto.request("register", user=user, password=password)
+    synced: Deferred[int] = Deferred()
+    proto.on_synced = lambda pos: synced.callback(pos) if not synced.called else None
+    if since is not None:
+        proto.last_pos = since
+    fields: dict[str, Any] = {"user": user, "password": password, "device": device}
+    if since is not None:
+        fields["since"] = since
+    result = yield proto.request("login", **fields)
+    conn = Connection(proto, result["user"], realm)
+    conn.synced = synced
+    return conn
+
+
+@inlineCallbacks
+def connect(
+    reactor: Any,
+    server: str | IStreamClientEndpoint,
+    user: str | None = None,
+    password: str | None = None,
+    *,
+    device: str = "default",
+    on_message: MessageCallback | None = None,
+    since: int | None = None,
+    register: bool = False,
+    realm: str | None = None,
+    ca: str | None = None,
+) -> Any:
+    """Connect, say hello and (with ``user``/``password``) log in.
+
+    Fires with a :class:`Connection`; fails with :class:`RemoteError` (``auth_failed``,
+    ``unsupported_version``...) or a connection error.  ``since`` resumes after a
+    stream position (default: the realm's record of this device's last ack).
+    ``register=True`` creates the account first (if the realm allows it).
+    ``conn.synced`` fires once the backlog has been delivered to ``on_message``.
+    """
+    endpoint = endpoint_for(reactor, server, realm, ca) if isinstance(server, str) else server
+    factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message))  # type: ignore[arg-type]
+    proto = yield endpoint.connect(factory)
+    try:
+        conn = yield _handshake(proto, user, password, device, since, register)
+    except BaseException:
+        proto.transport.loseConnection()
+        raise
+    return conn
+
+
+class ChatClientService(ClientService):
+    """Keeps one logged-in connection up, reconnecting with backoff and resuming.
+
+    ``on_message`` is called once per item, in position order, across reconnects.
+    ``whenReady()`` fires with the current :class:`Connection` once logged in and
+    synced.  Authentication failures stop the service (retrying would not help).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: IStreamClientEndpoint,
+        user: str,
+        password: str,
+        *,
+        device: str = "default",
+        on_message: MessageCallback | None = None,
+        since: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.reactor = reactor
+        self.user = user
+        self._password = password
+        self.device = device
+        self.on_message = on_message
+        self.last_pos = since
+        self.connection: Connection | None = None
+        self._ready: list[Deferred[Connection]] = []
+        factory = Factory.forProtocol(lambda: ClientProtocol(reactor, self._message))  # type: ignore[arg-type]
+        super().__init__(endpoint, factory, reactor, prepareConnection=self._prepare, **kwargs)
+
+    def _message(self, frame: dict[str, Any]) -> None:
+        self.last_pos = frame["pos"]
+        if self.on_message is not None:
+            self.on_message(frame)
+
+    @inlineCallbacks
+    def _prepare(self, proto: Any) -> Any:
+        try:
+            conn = yield _handshake(
+                proto, self.user, self._password, self.device, self.last_pos, False
+            )
+        except RemoteError as e:
+            if e.code in ("auth_failed", "unsupported_version", "bad_request"):
+                self.log.error("giving up: {err}", err=e)
+                self.reactor.callLater(0, self.stopService)
+            raise
+        yield conn.synced
+        self.connection = conn
+        proto.closed_d.addCallback(lambda _: setattr(self, "connection", None))
+        waiters, self._ready = self._ready, []
+        for d in waiters:
+            d.callback(conn)
+
+    def whenReady(self) -> Deferred[Connection]:
+        if self.connection is not None and self.connection.protocol.connected:
+            return defer.succeed(self.connection)
+        d: Deferred[Connection] = Deferred()
+        self._ready.append(d)
+        return d
