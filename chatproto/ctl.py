@@ -1,0 +1,368 @@
+"""``chatrealmctl``: administer a realm from the shell.
+
+The command works on the realm's files, not through the network: accounts go straight
+into the SQLite database through :class:`chatproto.store.sqlite.SQLiteDB` (synchronous,
+one short transaction per change; WAL makes that safe while the realm runs), hashed
+with argon2id and the realm's own ``[auth]`` parameters so the realm verifies them as
+its own.  ``gen-certs`` writes development TLS certificates with :mod:`chatproto.tls`,
+and ``check-config`` loads a configuration the way ``twistd chatrealm`` does.
+
+Every failure is one line on stderr and a non-zero exit status, never a traceback:
+1 for an operation that failed, 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import getpass
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NoReturn, TextIO
+
+import argon2
+
+from chatproto import config as configmod
+from chatproto import tls
+from chatproto.address import normalise_name, normalise_realm
+from chatproto.errors import ChatError
+from chatproto.store import UserExists
+from chatproto.store.sqlite import SQLiteDB
+
+PROG = "chatrealmctl"
+#: Password length rule; the same as the realm's check on in-band registration.
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CtlError(Exception):
+    """A failure to report as one line: ``chatrealmctl: <message>``."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`CtlError` (``main`` returns, not exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise CtlError(message, EXIT_USAGE)
+
+
+# helpers ----------------------------------------------------------------------------
+
+
+def password_hasher(auth: configmod.Auth) -> argon2.PasswordHasher:
+    """The argon2id hasher with the realm's parameters (as :class:`realm.PasswordHasher`)."""
+    return argon2.PasswordHasher(
+        time_cost=auth.argon2_time_cost,
+        memory_cost=auth.argon2_memory_cost,
+        parallelism=auth.argon2_parallelism,
+        type=argon2.Type.ID,
+    )
+
+
+def check_password(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise CtlError(f"a password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+
+
+def _one_line(text: str, source: str) -> str:
+    """The password in ``text``: one line, its line ending removed."""
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if "\n" in text or "\r" in text:
+        raise CtlError(f"{source}: the password must be a single line")
+    if not text:
+        raise CtlError(f"{source}: no password given")
+    return text
+
+
+def read_password(
+    password_file: str | None,
+    prompt_for: str,
+    stdin: TextIO | None = None,
+    ask: Callable[[str], str] | None = None,
+) -> str:
+    """Read a new password from ``password_file`` (``-``: stdin) or ask twice for it."""
+    if password_file == "-":
+        source = stdin if stdin is not None else sys.stdin
+        try:
+            text = source.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CtlError(f"cannot read the password from stdin: {e}") from None
+        password = _one_line(text, "stdin")
+    elif password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CtlError(f"cannot read password file {password_file}: {reason}") from None
+        password = _one_line(text, password_file)
+    else:
+        ask = ask if ask is not None else getpass.getpass
+        try:
+            password = ask(f"New password for {prompt_for}: ")
+            again = ask("Repeat the password: ")
+        except EOFError:
+            raise CtlError("no password given") from None
+        if password != again:
+            raise CtlError("the passwords do not match")
+    check_password(password)
+    return password
+
+
+def load_config(args: argparse.Namespace) -> configmod.Config:
+    """The checked configuration named by ``--config``, with ``--data-dir`` applied."""
+    try:
+        cfg = configmod.load(args.config)
+        if args.data_dir:
+            cfg.data_dir = args.data_dir
+        cfg.check()
+    except configmod.ConfigError as e:
+        raise CtlError(f"configuration: {e}", EXIT_USAGE) from None
+    return cfg
+
+
+@contextmanager
+def open_db(cfg: configmod.Config, create: bool = False) -> Iterator[SQLiteDB]:
+    """Open (and migrate) the realm's database; without ``create`` it must exist.
+
+    Refusing to create it for read/modify commands turns a wrong ``--data-dir`` into a
+    clear error instead of an empty database somewhere unexpected.
+    """
+    path = cfg.database_path
+    if not create and not os.path.exists(path):
+        raise CtlError(
+            f"no database at {os.path.abspath(path)} (wrong --config or --data-dir? "
+            "the realm creates it on first start, and so does adduser)"
+        )
+    try:
+        db = SQLiteDB(path, cfg.storage.synchronous)
+    except (OSError, sqlite3.Error) as e:
+        raise CtlError(f"cannot open database {path}: {e}") from None
+    try:
+        db.migrate()
+        yield db
+    except sqlite3.Error as e:
+        raise CtlError(f"database {path}: {e}") from None
+    except RuntimeError as e:  # schema newer than this chatproto
+        raise CtlError(str(e)) from None
+    finally:
+        db.close()
+
+
+def _name(text: str) -> str:
+    try:
+        return normalise_name(text)
+    except ChatError as e:
+        raise CtlError(e.message) from None
+
+
+# commands ---------------------------------------------------------------------------
+
+
+def cmd_adduser(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    user = f"{name}@{cfg.realm}"
+    if os.path.exists(cfg.database_path):  # fail before asking for a password
+        with open_db(cfg) as db:
+            if db.password_hash(name) is not None:
+                raise CtlError(f"user {user} already exists")
+    password = read_password(args.password_file, user)
+    pwhash = password_hasher(cfg.auth).hash(password)
+    # The database is created only now, so a failed adduser leaves nothing behind.
+    with open_db(cfg, create=True) as db:
+        try:
+            db.create_user(name, pwhash, time.time())
+        except UserExists:
+            raise CtlError(f"user {user} already exists") from None
+    print(f"created {user}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    user = f"{name}@{cfg.realm}"
+    with open_db(cfg) as db:
+        if db.password_hash(name) is None:
+            raise CtlError(f"no user {user}")
+        password = read_password(args.password_file, user)
+        if not db.set_password(name, password_hasher(cfg.auth).hash(password)):
+            raise CtlError(f"no user {user}")
+    print(f"password changed for {user}")
+    return 0
+
+
+def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    user = f"{name}@{cfg.realm}"
+    with open_db(cfg) as db:
+        if not db.delete_user(name, user):
+            raise CtlError(f"no user {user}")
+    print(f"deleted {user}")
+    return 0
+
+
+def cmd_list_users(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    with open_db(cfg) as db:
+        names = db.list_users()
+    for name in names:
+        print(f"{name}@{cfg.realm}")
+    return 0
+
+
+def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    realm = cfg.realm
+    if args.realm:
+        try:
+            realm = normalise_realm(args.realm)
+        except ChatError as e:
+            raise CtlError(e.message) from None
+    directory = args.dir or os.path.join(cfg.data_dir, "tls")
+    ca_existed = os.path.exists(os.path.join(directory, tls.CA_CERT_FILE))
+    try:
+        paths = tls.write_dev_certs(directory, realm, args.name, new_ca=args.new_ca)
+    except (ValueError, tls.TLSFileError) as e:
+        raise CtlError(str(e)) from None
+    except OSError as e:
+        raise CtlError(f"cannot write certificates in {directory}: {e.strerror or e}") from None
+    port = cfg.tls.port
+    ca_note = "reused" if ca_existed and not args.new_ca else "new"
+    print(f"CA certificate ({ca_note}): {paths['ca']}")
+    print(f"CA key:                {paths['ca_key']}")
+    print(f"realm certificate:     {paths['cert']}")
+    print(f"realm key:             {paths['key']}")
+    print()
+    print("Serve TLS with:")
+    listen = tls.server_description(paths["cert"], paths["key"], port)
+    print(f"  twistd -n chatrealm --listen '{listen}'")
+    print("or in the config file:")
+    print("  [tls]")
+    print(f"  certificate = {_toml_string(paths['cert'])}")
+    print(f"  private_key = {_toml_string(paths['key'])}")
+    print(f"  port = {port}")
+    print("Clients connect with:")
+    print(
+        f'  chatproto.client.connect(reactor, "tls:127.0.0.1:{port}", user, password, '
+        f'realm="{realm}", ca={_toml_string(paths["ca"])})'
+    )
+    return 0
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_check_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    print(f"configuration OK: {args.config or '(defaults)'}")
+    print(f"realm:     {cfg.realm}")
+    print(f"data dir:  {os.path.abspath(cfg.data_dir)}")
+    print(f"database:  {os.path.abspath(cfg.database_path)}")
+    print(f"registration: {'open' if cfg.auth.allow_registration else 'closed'}")
+    for description in cfg.listen_descriptions():
+        print(f"listen:    {description}")
+    return 0
+
+
+# command line -----------------------------------------------------------------------
+
+
+def _password_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the password (a single line) from FILE ('-' for stdin) "
+        "instead of prompting; passwords are never taken as arguments",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--password" must not pass for "--password-file".
+    parser = _Parser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Administer a chatproto realm: accounts, TLS certificates, config.",
+    )
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="TOML configuration file (as for twistd)"
+    )
+    parser.add_argument(
+        "-d", "--data-dir", metavar="DIR", help="the realm's data directory (overrides config)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    add = functools.partial(sub.add_parser, allow_abbrev=False)
+    sub.required = True
+
+    p = add("adduser", help="create an account")
+    p.add_argument("name", help="user name (without @realm)")
+    _password_option(p)
+    p.set_defaults(func=cmd_adduser)
+
+    p = add("passwd", help="set a user's password")
+    p.add_argument("name")
+    _password_option(p)
+    p.set_defaults(func=cmd_passwd)
+
+    p = add("deluser", help="delete an account")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_deluser)
+
+    p = add("list-users", help="list the accounts")
+    p.set_defaults(func=cmd_list_users)
+
+    p = add(
+        "gen-certs",
+        help="write a development CA and a realm certificate",
+        description="Write a development CA (reused if present) and a certificate for "
+        "the realm signed by it, then print how to use them.",
+    )
+    p.add_argument("--dir", metavar="DIR", help="output directory (default: DATA_DIR/tls)")
+    p.add_argument("--realm", metavar="NAME", help="realm name (default: the config's)")
+    p.add_argument(
+        "--name",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="another DNS name or IP address for the certificate (repeatable)",
+    )
+    p.add_argument("--new-ca", action="store_true", help="replace an existing CA in DIR")
+    p.set_defaults(func=cmd_gen_certs)
+
+    p = add("check-config", help="load and check the configuration")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``chatrealmctl`` with ``argv`` (default: ``sys.argv[1:]``); returns the status."""
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = load_config(args)
+        status: int = args.func(args, cfg)
+        return status
+    except CtlError as e:
+        print(f"{PROG}: {e.message}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
