@@ -1,0 +1,433 @@
+"""Load generator for the chatproto realm benchmark (run by bench/run.py).
+
+Raw asyncio sockets with hand-rolled framing (4-byte big-endian length + UTF-8 JSON),
+so the generator costs as little CPU as possible next to the realm under test.
+
+Sub-commands (each prints one JSON object as the last line of stdout):
+
+    dm    --port P --pairs N --duration S [--window W]   DM throughput and latency
+    idle  --port P --counts 1000,5000 [--tls]            RSS per idle logged-in connection
+
+Both take ``--pid`` (the realm's pid) to read its RSS / CPU time from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+_hdr = struct.Struct("!I")
+_unpack_from = _hdr.unpack_from
+_pack = _hdr.pack
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.loads
+
+PASSWORD = "bench-password-123"
+TIMEOUT = 30.0  # any single request / login step
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all threads) or of one thread, in seconds."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ProtoError(Exception):
+    pass
+
+
+class Conn(asyncio.Protocol):
+    """One client connection: framing, request ids, coalesced acks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: Any = None
+        self.buf = bytearray()
+        self.next_id = 1
+        self.waiting: dict[int, Callable[[dict[str, Any]], None]] = {}
+        self.on_msg: Callable[[dict[str, Any]], None] | None = None
+        self.synced: asyncio.Future[int] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.ack_pos = 0
+        self.acked = 0
+        self.auto_ack = True
+
+    # asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        err = {"type": "error", "code": "connection_lost", "message": str(exc)}
+        waiting, self.waiting = self.waiting, {}
+        for cb in waiting.values():
+            cb(err)
+        if not self.synced.done():
+            self.synced.set_exception(ProtoError("connection lost before synced"))
+            self.synced.exception()  # mark retrieved: nobody may be waiting (register)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        n = len(buf)
+        off = 0
+        frames = []
+        while n - off >= 4:
+            (ln,) = _unpack_from(buf, off)
+            end = off + 4 + ln
+            if end > n:
+                break
+            frames.append(bytes(buf[off + 4 : end]))
+            off = end
+        if off:
+            del buf[:off]
+        for payload in frames:
+            self.handle(_loads(payload))
+        if self.auto_ack and self.ack_pos > self.acked:
+            self.acked = self.ack_pos
+            self.write({"type": "ack", "pos": self.ack_pos})
+
+    def handle(self, obj: dict[str, Any]) -> None:
+        t = obj["type"]
+        if t == "msg":
+            pos = obj["pos"]
+            if pos > self.ack_pos:
+                self.ack_pos = pos
+            if self.on_msg is not None:
+                self.on_msg(obj)
+        elif t == "result" or t == "error":
+            cb = self.waiting.pop(obj.get("id"), None)  # type: ignore[arg-type]
+            if cb is not None:
+                cb(obj)
+            elif t == "error":
+                print(f"loadgen: unsolicited error {obj}", file=sys.stderr)
+        elif t == "synced":
+            if not self.synced.done():
+                self.synced.set_result(obj.get("pos", 0))
+        elif t == "ping":
+            self.write({"type": "pong"})
+
+    # output
+    def write(self, obj: dict[str, Any]) -> None:
+        payload = _dumps(obj).encode()
+        self.transport.write(_pack(len(payload)) + payload)
+
+    def call(self, obj: dict[str, Any], cb: Callable[[dict[str, Any]], None]) -> None:
+        rid = self.next_id
+        self.next_id += 1
+        obj["id"] = rid
+        self.waiting[rid] = cb
+        self.write(obj)
+
+    async def request(self, obj: dict[str, Any]) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.call(obj, lambda r: fut.done() or fut.set_result(r))
+        reply = await asyncio.wait_for(fut, TIMEOUT)
+        if reply["type"] == "error":
+            raise ProtoError(f"{obj['type']}: {reply.get('code')}: {reply.get('message')}")
+        return reply
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(port: int, tls: ssl.SSLContext | None) -> Conn:
+    loop = asyncio.get_running_loop()
+    _t, proto = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: Conn(loop),
+            "127.0.0.1",
+            port,
+            ssl=tls,
+            server_hostname="localhost" if tls else None,
+        ),
+        TIMEOUT,
+    )
+    await proto.request({"type": "hello", "version": 1})
+    return proto
+
+
+async def login(
+    port: int, user: str, tls: ssl.SSLContext | None = None, device: str = "bench"
+) -> Conn:
+    c = await connect(port, tls)
+    await c.request({"type": "login", "user": user, "password": PASSWORD, "device": device})
+    await asyncio.wait_for(c.synced, TIMEOUT)
+    return c
+
+
+async def register_all(
+    port: int, users: list[str], concurrency: int = 8, tls: ssl.SSLContext | None = None
+) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(u: str) -> None:
+        async with sem:
+            c = await connect(port, tls)
+            try:
+                await c.request({"type": "register", "user": u, "password": PASSWORD})
+            finally:
+                c.close()
+
+    await asyncio.gather(*(one(u) for u in users))
+
+
+async def gather_bounded(factories: list[Callable[[], Any]], concurrency: int) -> list[Any]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def run(f: Callable[[], Any]) -> Any:
+        async with sem:
+            return await f()
+
+    return await asyncio.gather(*(run(f) for f in factories))
+
+
+def percentile(sorted_vals: list[float], q: float) -> float | None:
+    if not sorted_vals:
+        return None
+    k = min(len(sorted_vals) - 1, max(0, round(q / 100 * (len(sorted_vals) - 1))))
+    return sorted_vals[k]
+
+
+# ------------------------------------------------------------------------------------
+# DM throughput
+
+
+async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.pairs
+    prefix = f"b{os.getpid() % 100000}n{n}w{args.window}"
+    senders = [f"{prefix}s{i}" for i in range(n)]
+    receivers = [f"{prefix}r{i}" for i in range(n)]
+    t0 = time.perf_counter()
+    if not args.no_register:
+        await register_all(args.port, senders + receivers)
+    t_reg = time.perf_counter() - t0
+    s_conns = await gather_bounded([lambda u=u: login(args.port, u) for u in senders], 32)
+    r_conns = await gather_bounded([lambda u=u: login(args.port, u) for u in receivers], 32)
+    t_setup = time.perf_counter() - t0
+
+    pad = "x" * max(0, args.body - 20)
+    st = {"measuring": False, "running": True, "delivered": 0, "acks": 0, "errors": 0, "echo": 0}
+    lat: list[int] = []
+    inflight = [0]
+    perf_ns = time.perf_counter_ns
+
+    def make_sender(c: Conn, to: str) -> None:
+        msg_to = to
+
+        def on_result(r: dict[str, Any]) -> None:
+            inflight[0] -= 1
+            if r["type"] == "error":
+                st["errors"] += 1
+                if st["errors"] <= 5:
+                    print(f"loadgen: send error {r}", file=sys.stderr)
+                if r.get("code") == "connection_lost":
+                    return
+            elif st["measuring"]:
+                st["acks"] += 1
+            if st["running"]:
+                send()
+
+        def send() -> None:
+            inflight[0] += 1
+            c.call({"type": "send", "to": msg_to, "body": f"{perf_ns()} {pad}"}, on_result)
+
+        def on_echo(m: dict[str, Any]) -> None:
+            st["echo"] += 1
+
+        c.on_msg = on_echo
+        for _ in range(args.window):
+            send()
+
+    def make_receiver(c: Conn, frm_prefix: str) -> None:
+        def on_msg(m: dict[str, Any]) -> None:
+            if st["measuring"] and m["from"].startswith(frm_prefix):
+                now = perf_ns()
+                st["delivered"] += 1
+                lat.append(now - int(m["body"].split(" ", 1)[0]))
+
+        c.on_msg = on_msg
+
+    for i in range(n):
+        make_receiver(r_conns[i], senders[i] + "@")
+    for i in range(n):
+        make_sender(s_conns[i], receivers[i])
+
+    await asyncio.sleep(args.warmup)
+    cpu0 = cpu_seconds(args.pid) if args.pid else 0.0
+    main0 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
+    my0 = time.process_time()
+    w0 = time.perf_counter()
+    st["measuring"] = True
+    await asyncio.sleep(args.duration)
+    st["measuring"] = False
+    elapsed = time.perf_counter() - w0
+    cpu1 = cpu_seconds(args.pid) if args.pid else 0.0
+    main1 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
+    my1 = time.process_time()
+    st["running"] = False
+    deadline = time.perf_counter() + 15
+    while inflight[0] > 0 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    drained = inflight[0] <= 0
+    for c in s_conns + r_conns:
+        c.close()
+    await asyncio.sleep(0.2)
+
+    lat.sort()
+    ms = [x / 1e6 for x in lat]
+    return {
+        "pairs": n,
+        "window": args.window,
+        "body_bytes": len(f"{perf_ns()} {pad}"),
+        "duration_s": round(elapsed, 3),
+        "delivered": st["delivered"],
+        "delivered_per_s": round(st["delivered"] / elapsed, 1),
+        "send_acks_per_s": round(st["acks"] / elapsed, 1),
+        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
+        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
+        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
+        "latency_ms_max": round(ms[-1], 2) if ms else 0,
+        "send_errors": st["errors"],
+        "realm_cpu_pct": round(100 * (cpu1 - cpu0) / elapsed, 1) if args.pid else None,
+        "realm_main_thread_cpu_pct": round(100 * (main1 - main0) / elapsed, 1)
+        if args.pid
+        else None,
+        "loadgen_cpu_pct": round(100 * (my1 - my0) / elapsed, 1),
+        "drained": drained,
+        "setup_s": round(t_setup, 2),
+        "register_s": round(t_reg, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------
+# Idle connections: memory
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
+    tls = client_tls() if args.tls else None
+    counts = sorted(int(x) for x in args.counts.split(","))
+    nusers = args.users
+    prefix = f"i{os.getpid() % 100000}{'t' if args.tls else 'p'}"
+    users = [f"{prefix}u{i}" for i in range(nusers)]
+    await register_all(args.port, users, tls=tls)
+
+    conns: list[Conn] = []
+
+    async def open_to(total: int) -> float:
+        t0 = time.perf_counter()
+        start = len(conns)
+        new = await gather_bounded(
+            [lambda i=i: login(args.port, users[i % nusers], tls) for i in range(start, total)],
+            args.concurrency,
+        )
+        conns.extend(new)
+        return time.perf_counter() - t0
+
+    # Warm up: first TLS context use, first sessions, interned strings, etc.
+    await open_to(min(args.warm, counts[0]))
+    for c in conns:
+        c.close()
+    await asyncio.gather(*(asyncio.wait_for(c.lost, TIMEOUT) for c in conns))
+    conns.clear()
+    await asyncio.sleep(args.settle)
+    base = rss_kib(args.pid)
+    points = []
+    for total in counts:
+        took = await open_to(total)
+        await asyncio.sleep(args.settle)
+        rss = rss_kib(args.pid)
+        points.append(
+            {
+                "conns": total,
+                "rss_kib": rss,
+                "delta_kib": rss - base,
+                "kib_per_conn": round((rss - base) / total, 2),
+                "logins_per_s": round((total - (points[-1]["conns"] if points else 0)) / took, 1),
+            }
+        )
+    alive = sum(1 for c in conns if not c.lost.done())
+    for c in conns:
+        c.close()
+    await asyncio.sleep(0.5)
+    return {
+        "tls": bool(args.tls),
+        "users": nusers,
+        "baseline_rss_kib": base,
+        "points": points,
+        "alive_at_end": alive,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dm")
+    d.add_argument("--port", type=int, required=True)
+    d.add_argument("--pid", type=int, default=0)
+    d.add_argument("--pairs", type=int, default=10)
+    d.add_argument("--window", type=int, default=64)
+    d.add_argument("--duration", type=float, default=10.0)
+    d.add_argument("--warmup", type=float, default=1.0)
+    d.add_argument("--body", type=int, default=100)
+    d.add_argument("--no-register", action="store_true")
+    i = sub.add_parser("idle")
+    i.add_argument("--port", type=int, required=True)
+    i.add_argument("--pid", type=int, required=True)
+    i.add_argument("--counts", default="1000,5000")
+    i.add_argument("--users", type=int, default=50)
+    i.add_argument("--tls", action="store_true")
+    i.add_argument("--concurrency", type=int, default=48)
+    i.add_argument("--settle", type=float, default=1.5)
+    i.add_argument(
+        "--warm", type=int, default=20, help="connections opened and closed before the baseline"
+    )
+    args = p.parse_args()
+    raise_fd_limit()
+    fn = run_dm if args.cmd == "dm" else run_idle
+    result = asyncio.run(fn(args))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+# ruff: noqa: E501
+"""Benchmark a chatproto realm over loopback: one command, figures at the end.
+
+    python bench/run.py [--quick] [--profile] [--skip-memory] [--skip-ref]
+
+Starts ``twistd -n chatrealm`` as a subprocess on a temporary data dir (cheap argon2,
+no send throttling), drives it with bench/loadgen.py in a separate process, and prints:
+
+- DM throughput with N pipelined sender->receiver pairs (delivered DMs/s, send
+  results/s, send->deliver latency p50/p99, realm CPU%);
+- unloaded latency (1 pair, 1 message in flight);
+- RSS per idle logged-in connection at 1k and 5k connections, plain TCP and TLS;
+- a reference point: the same load against bench/refserver.py, a minimal Twisted relay
+  with the same wire format but no store, auth or realm logic;
+- with --profile, a cProfile of the realm's reactor thread during a throughput run.
+
+Figures go to bench/results/latest.json.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+LOADGEN = HERE / "loadgen.py"
+REFSERVER = HERE / "refserver.py"
+PY = sys.executable
+
+_children: list[subprocess.Popen[Any]] = []
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def twistd_path() -> str:
+    cand = Path(PY).parent / "twistd"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("twistd")
+    if not found:
+        sys.exit("bench: cannot find the twistd script (is Twisted installed in this Python?)")
+    return found
+
+
+def kill_children() -> None:
+    for p in list(_children):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _children.remove(p)
+
+
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for CN=localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    kpath, cpath = directory / "key.pem", directory / "cert.pem"
+    kpath.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cpath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return kpath, cpath
+
+
+CONFIG = """\
+[realm]
+name = "localhost"
+data_dir = "{data_dir}"
+
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+free_failures_per_address = 1000000
+
+[limits]
+send_rate = 1000000000.0
+send_burst = 1000000000
+max_sessions_per_user = 1000000
+keepalive_interval = 3600.0
+login_timeout = 120.0
+
+[storage]
+synchronous = "{synchronous}"
+"""
+
+
+class Server:
+    """A realm (or the reference relay) subprocess; always killed on exit."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        profile: Path | None = None,
+        ref: bool = False,
+        synchronous: str = "FULL",
+        switchinterval: float | None = None,
+    ) -> None:
+        self.switchinterval = switchinterval
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True)
+        self.logfile = self.dir / "twistd.log"
+        self.tls = tls
+        self.profile = profile
+        self.ref = ref
+        self.synchronous = synchronous
+        self.proc: subprocess.Popen[Any] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.ref:
+            cmd = [PY, str(REFSERVER), "--logfile", str(self.logfile)]
+        else:
+            cfg = self.dir / "realm.toml"
+            cfg.write_text(CONFIG.format(data_dir=self.dir / "data", synchronous=self.synchronous))
+            listen = ["--listen", "tcp:0:interface=127.0.0.1"]
+            if self.tls:
+                k, c = self.tls
+                listen += ["--listen", f"ssl:0:interface=127.0.0.1:privateKey={k}:certKey={c}"]
+            if self.profile or self.switchinterval:
+                prefix = [PY, str(HERE / "twistd_wrapper.py")]
+                if self.profile:
+                    prefix += ["--profile", str(self.profile)]
+                if self.switchinterval:
+                    prefix += ["--switchinterval", str(self.switchinterval)]
+                prefix.append("--")
+            else:
+                prefix = [PY, twistd_path()]
+            cmd = [
+                *prefix,
+                "-n",
+                "--pidfile=",
+                f"--logfile={self.logfile}",
+                "chatrealm",
+                "--config",
+                str(cfg),
+                *listen,
+            ]
+        out = open(self.dir / "stdout.log", "wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.dir,
+        )
+        _children.append(self.proc)
+        want = 2 if self.tls else 1
+        deadline = time.monotonic() + timeout
+        pat = re.compile(r"listening on [\d.]+:(\d+) \((\w+):")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.fail(f"exited with status {self.proc.returncode} during start-up")
+            text = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+            self.ports = {kind: int(port) for port, kind in pat.findall(text)}
+            if len(self.ports) >= want:
+                return
+            time.sleep(0.05)
+        self.fail(f"did not listen within {timeout:.0f}s")
+
+    def fail(self, why: str) -> None:
+        self.stop()
+        msg = [
+            f"bench: {'reference relay' if self.ref else 'realm'} {why}. Command: {self.proc.args if self.proc else '?'}"
+        ]
+        for f in (self.logfile, self.dir / "stdout.log"):
+            if f.exists() and f.stat().st_size:
+                msg.append(f"---- {f} ----\n{f.read_text(errors='replace')[-6000:]}")
+        raise SystemExit("\n".join(msg))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 20.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"server {p.pid} did not stop in {timeout}s; killing it")
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+        if p in _children:
+            _children.remove(p)
+
+
+def loadgen(*args: Any, timeout: float) -> dict[str, Any]:
+    cmd = [PY, str(LOADGEN), *map(str, args)]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _children.append(p)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise SystemExit(
+            f"bench: load generator timed out after {timeout}s: {cmd}\n{err[-4000:]}"
+        ) from None
+    finally:
+        if p in _children:
+            _children.remove(p)
+    if err.strip():
+        sys.stderr.write("".join(f"  loadgen: {line}\n" for line in err.strip().splitlines()[-20:]))
+    if p.returncode != 0:
+        raise SystemExit(f"bench: load generator failed ({p.returncode}): {cmd}\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def dm(
+    server: Server, pairs: int, duration: float, window: int = 64, warmup: float = 1.0
+) -> dict[str, Any]:
+    r = loadgen(
+        "dm",
+        "--port",
+        server.ports["tcp"],
+        "--pid",
+        server.pid,
+        "--pairs",
+        pairs,
+        "--window",
+        window,
+        "--duration",
+        duration,
+        "--warmup",
+        warmup,
+        timeout=duration + warmup + 180,
+    )
+    log(
+        f"  pairs={pairs} window={window}: {r['delivered_per_s']:.0f} DMs/s, "
+        f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, realm CPU {r['realm_cpu_pct']}% "
+        f"(reactor thread {r['realm_main_thread_cpu_pct']}%), "
+        f"loadgen CPU {r['loadgen_cpu_pct']}%, errors {r['send_errors']}"
+    )
+    return r
+
+
+def profile_report(path: Path, top: int = 25) -> str:
+    import pstats
+
+    buf = io.StringIO()
+    st = pstats.Stats(str(path), stream=buf)
+    st.strip_dirs()
+    for key in ("cumulative", "tottime"):
+        buf.write(f"\n===== top {top} by {key} =====\n")
+        st.sort_stats(key).print_stats(top)
+    return buf.getvalue()
+
+
+def fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    lines.append(
+        "DM throughput (loopback, one load generator process, window = sends in flight per sender)"
+    )
+    lines.append(
+        f"  {'test':<24}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}"
+    )
+    for key, r in results["dm"].items():
+        lines.append(
+            f"  {key:<24}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
+            f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
+            f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}"
+        )
+    if results.get("memory"):
+        lines.append("")
+        lines.append(
+            "Idle logged-in connections: realm RSS growth (VmRSS) over a warmed-up baseline"
+        )
+        lines.append(
+            f"  {'transport':<10}{'conns':>8}{'RSS MiB':>10}{'delta MiB':>11}{'KiB/conn':>10}{'logins/s':>10}"
+        )
+        for kind, m in results["memory"].items():
+            for pt in m["points"]:
+                lines.append(
+                    f"  {kind:<10}{pt['conns']:>8,}{pt['rss_kib'] / 1024:>10.1f}{pt['delta_kib'] / 1024:>11.1f}"
+                    f"{pt['kib_per_conn']:>10.1f}{pt['logins_per_s']:>10.0f}"
+                )
+            lines.append(
+                f"  {'':<10}{'(baseline ' + format(m['baseline_rss_kib'] / 1024, '.1f') + ' MiB)':>30}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="3 s runs, 1k/2k idle conns (smoke test)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile the realm during a throughput run"
+    )
+    ap.add_argument(
+        "--duration", type=float, help="seconds per throughput run (default 10, 3 with --quick)"
+    )
+    ap.add_argument("--pairs", default="10,50", help="comma-separated pair counts (default 10,50)")
+    ap.add_argument(
+        "--window", type=int, default=64, help="sends in flight per sender (default 64)"
+    )
+    ap.add_argument("--conns", help="idle connection counts (default 1000,5000; --quick 1000,2000)")
+    ap.add_argument(
+        "--synchronous",
+        default="FULL",
+        help="storage.synchronous (default FULL, the realm default)",
+    )
+    ap.add_argument(
+        "--switchinterval",
+        type=float,
+        help="run the realms with sys.setswitchinterval(S) (experiment; default: Python's 0.005)",
+    )
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-tls", action="store_true")
+    ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, db)")
+    args = ap.parse_args()
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    warmup = 0.5 if args.quick else 1.0
+    pairs = [int(x) for x in args.pairs.split(",") if x]
+    conns = args.conns or ("1000,2000" if args.quick else "1000,5000")
+    fdlim = raise_fd_limit()
+    if fdlim < max(int(c) for c in conns.split(",")) * 2 + 100:
+        log(f"warning: fd limit {fdlim} may be too low for {conns} connections")
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    work = Path(tempfile.mkdtemp(prefix="chatbench-"))
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "settings": {
+            "switchinterval": args.switchinterval,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "window": args.window,
+            "synchronous": args.synchronous,
+            "quick": args.quick,
+        },
+        "dm": {},
+        "memory": {},
+        "reference": {},
+    }
+    try:
+        log(f"work dir {work}")
+        # 1. throughput on one realm
+        realm = Server(
+            work, "realm-dm", synchronous=args.synchronous, switchinterval=args.switchinterval
+        )
+        realm.start()
+        log(
+            f"realm pid {realm.pid} on tcp port {realm.ports['tcp']}; throughput runs of {duration:.0f}s"
+        )
+        for n in pairs:
+            results["dm"][f"dm pairs={n}"] = dm(realm, n, duration, args.window, warmup)
+        results["dm"]["latency 1 pair, 1 in flight"] = dm(realm, 1, min(duration, 3.0), 1, warmup)
+        realm.stop()
+
+        # 2. reference relay
+        if not args.skip_ref:
+            ref = Server(work, "refserver", ref=True)
+            ref.start()
+            log(f"reference relay pid {ref.pid} (no store/auth): pairs={max(pairs)}")
+            results["reference"][f"pairs={max(pairs)}"] = r = dm(
+                ref, max(pairs), duration, args.window, warmup
+            )
+            results["dm"][f"ref relay pairs={max(pairs)}"] = r
+            ref.stop()
+
+        # 3. memory per idle connection, fresh realm per transport
+        if not args.skip_memory:
+            kp = make_cert(work)
+            kinds = ["tcp"] + ([] if args.skip_tls else ["ssl"])
+            for kind in kinds:
+                srv = Server(
+                    work,
+                    f"realm-idle-{kind}",
+                    tls=kp if kind != "tcp" else None,
+                    synchronous=args.synchronous,
+                    switchinterval=args.switchinterval,
+                )
+                srv.start()
+                log(f"idle {kind}: realm pid {srv.pid}, opening {conns} connections")
+                m = loadgen(
+                    "idle",
+                    "--port",
+                    srv.ports[kind[:3]],
+                    "--pid",
+                    srv.pid,
+                    "--counts",
+                    conns,
+                    *(["--tls"] if kind != "tcp" else []),
+                    timeout=900,
+                )
+                label = {"tcp": "TCP", "ssl": "TLS"}[kind]
+                results["memory"][label] = m
+                for pt in m["points"]:
+                    log(
+                        f"  {label} {pt['conns']} conns: +{pt['delta_kib'] / 1024:.1f} MiB, "
+                        f"{pt['kib_per_conn']:.1f} KiB/conn, {pt['logins_per_s']:.0f} logins/s"
+                    )
+                srv.stop()
+
+        # 4. profile
+        if args.profile:
+            prof = work / "realm.prof"
+            n = max(pairs)
+            srv = Server(
+                work,
+                "realm-profile",
+                profile=prof,
+                synchronous=args.synchronous,
+                switchinterval=args.switchinterval,
+            )
+            srv.start(timeout=60)
+            log(f"profiling realm pid {srv.pid} under cProfile: pairs={n}")
+            results["dm"][f"dm pairs={n} (cProfile)"] = dm(srv, n, duration, args.window, warmup)
+            srv.stop(timeout=60)
+            if not prof.exists():
+                log("warning: no profile written")
+            else:
+                report = profile_report(prof)
+                RESULTS.mkdir(exist_ok=True)
+                shutil.copy(prof, RESULTS / "realm.prof")
+                (RESULTS / "profile.txt").write_text(report)
+                print(report)
+                results["profile"] = str(RESULTS / "profile.txt")
+    except KeyboardInterrupt as e:
+        kill_children()
+        sys.exit(f"bench: interrupted ({str(e) or 'Ctrl-C'}); realm killed")
+    finally:
+        kill_children()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"kept {work}")
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "latest.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Run twistd with bench instrumentation:
+
+    python bench/twistd_wrapper.py [--profile OUT.prof] [--switchinterval S] -- TWISTD-ARGS
+
+``--profile``: cProfile the reactor (main) thread and dump it on reactor shutdown.
+(``python -m cProfile -o OUT $(which twistd) ...`` writes nothing when the realm is
+stopped by a signal: after a signal-initiated shutdown twistd re-raises that signal on
+itself, ``ApplicationRunner._exitSignal``, so cProfile's ``finally`` never runs.)
+The SQLite writer/reader and argon2 threads are not profiled.
+
+``--switchinterval``: ``sys.setswitchinterval(S)`` before starting, to measure how much
+GIL hand-off between the reactor and the SQLite writer thread costs (default 0.005).
+
+"""
+
+import sys
+
+args = sys.argv[1:]
+split = args.index("--")
+opts, twistd_args = args[:split], args[split + 1 :]
+profile_out = None
+while opts:
+    opt = opts.pop(0)
+    if opt == "--profile":
+        profile_out = opts.pop(0)
+    elif opt == "--switchinterval":
+        sys.setswitchinterval(float(opts.pop(0)))
+    else:
+        sys.exit(f"twistd_wrapper: unknown option {opt}")
+sys.argv = ["twistd", *twistd_args]
+
+from twisted.internet import reactor  # noqa: E402  (the default reactor, as twistd picks)
+
+if profile_out is not None:
+    import cProfile
+
+    prof = cProfile.Profile()
+
+    def _dump() -> None:
+        prof.disable()
+        prof.dump_stats(profile_out)
+
+    reactor.addSystemEventTrigger("after", "shutdown", _dump)
+    prof.enable()
+
+from twisted.scripts.twistd import run  # noqa: E402
+
+run()
