@@ -1,0 +1,258 @@
+"""The documentation must match the code: PROTOCOL.md and config/realm.example.toml.
+
+These tests keep the hand-written documents and the implementation from drifting apart:
+
+- ``config/realm.example.toml`` loads, passes ``check()``, holds exactly the keys of
+  :func:`chatproto.config.known_keys` and shows the defaults;
+- every error code of :data:`chatproto.errors.CODES` has a row in PROTOCOL.md's error
+  table, and the table names no code the server does not have;
+- every request type the server handles (``chatproto.protocol._HANDLERS``) is documented;
+- the hex dumps in PROTOCOL.md are the exact bytes :func:`chatproto.wire.encode` gives,
+  with the 4-byte length prefix; the ``hello`` result example is what the server sends
+  with the default configuration;
+- the ports and the address examples in PROTOCOL.md are the code's.
+
+Run ``python tests/test_docs.py`` to print the hex dump blocks for PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from chatproto import address, config, wire
+from chatproto.config import tomllib
+from chatproto.errors import CODES, ChatError
+from chatproto.protocol import _HANDLERS, ClientProtocol
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_MD = ROOT / "PROTOCOL.md"
+EXAMPLE_TOML = ROOT / "config" / "realm.example.toml"
+
+#: The example frames of PROTOCOL.md ("Byte-level examples"), in document order.
+EXAMPLE_FRAMES: list[dict[str, Any]] = [
+    {"type": "hello", "version": 1, "id": 1},
+    {"type": "login", "id": 2, "user": "alice", "password": "correct horse", "device": "laptop"},
+    {"type": "send", "id": 3, "to": "bob", "body": "héllo ✓"},
+    {"type": "ack", "pos": 42},
+    {"type": "ping"},
+    {"type": "pong"},
+]
+
+
+def frame_bytes(obj: dict[str, Any]) -> bytes:
+    """The bytes on the wire for a control frame: length prefix + payload."""
+    payload = wire.encode(obj)
+    return struct.pack("!I", len(payload)) + payload
+
+
+def hexdump(data: bytes) -> str:
+    """``hexdump -C`` style: offset, 16 bytes in two groups of 8, ASCII column."""
+    lines = []
+    for off in range(0, len(data), 16):
+        chunk = data[off : off + 16]
+        left = " ".join(f"{b:02x}" for b in chunk[:8])
+        right = " ".join(f"{b:02x}" for b in chunk[8:])
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{off:08x}  {left:<23}  {right:<23}  |{text}|")
+    return "\n".join(lines)
+
+
+def example_block(obj: dict[str, Any]) -> str:
+    """One example block as it appears in PROTOCOL.md."""
+    return f"frame: {wire.encode(obj).decode('utf-8')}\n{hexdump(frame_bytes(obj))}"
+
+
+def _doc() -> str:
+    return PROTOCOL_MD.read_text(encoding="utf-8")
+
+
+def _section(doc: str, title: str) -> str:
+    """The text of the ``## title`` section (up to the next ``## `` heading)."""
+    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", doc, re.M | re.S)
+    assert m, f"PROTOCOL.md has no '## {title}' section"
+    return m.group(1)
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in table.items():
+        if isinstance(v, dict):
+            keys |= _dotted(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+# (a) the example configuration ------------------------------------------------------
+
+
+def test_example_config_loads_and_checks() -> None:
+    cfg = config.load(str(EXAMPLE_TOML))
+    cfg.check()
+    assert cfg.listen_descriptions() == [config.DEFAULT_LISTEN]
+
+
+def test_example_config_has_every_known_key() -> None:
+    with open(EXAMPLE_TOML, "rb") as f:
+        data = tomllib.load(f)
+    assert _dotted(data) == config.known_keys()
+
+
+def test_example_config_shows_the_defaults() -> None:
+    cfg = config.load(str(EXAMPLE_TOML))
+    cfg.check()
+    defaults = config.Config()
+    defaults.check()
+    assert cfg == defaults
+
+
+# (b) error codes --------------------------------------------------------------------
+
+
+def _error_table_codes() -> list[str]:
+    section = _section(_doc(), "Errors")
+    return re.findall(r"^\|\s*`([a-z_]+)`\s*\|", section, re.M)
+
+
+def test_every_error_code_is_documented() -> None:
+    documented = _error_table_codes()
+    missing = set(CODES) - set(documented)
+    assert not missing, f"error codes missing from PROTOCOL.md's table: {sorted(missing)}"
+    assert len(documented) == len(set(documented)), "an error code is listed twice"
+
+
+def test_error_table_names_only_real_codes() -> None:
+    unknown = set(_error_table_codes()) - set(CODES)
+    assert not unknown, f"PROTOCOL.md documents codes the server does not have: {unknown}"
+    # and every code mentioned in backticks anywhere that looks like one of ours exists
+    for code in _error_table_codes():
+        ChatError(code)
+
+
+# (c) request types ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(_HANDLERS))
+def test_every_request_type_is_documented(kind: str) -> None:
+    doc = _doc()
+    heading = re.compile(rf"^#{{2,4}} .*`{re.escape(kind)}`", re.M)
+    assert heading.search(doc), f"PROTOCOL.md has no heading for request type {kind!r}"
+
+
+def test_documented_requests_are_handled() -> None:
+    requests = _section(_doc(), "Requests")
+    documented = set(re.findall(r"^### `([a-z_]+)`", requests, re.M))
+    assert documented == set(_HANDLERS)
+
+
+@pytest.mark.parametrize("kind", ["msg", "synced", "ping", "result", "error"])
+def test_server_frames_are_documented(kind: str) -> None:
+    assert f'"type":"{kind}"' in _doc() or f"`{kind}`" in _doc()
+
+
+# (d) byte-level examples ------------------------------------------------------------
+
+
+def _documented_examples() -> list[tuple[str, bytes]]:
+    """(json text, bytes) for each ``frame:`` block of PROTOCOL.md."""
+    out = []
+    for m in re.finditer(r"^frame: (.*)\n((?:[0-9a-f]{8}  .*\n)+)", _doc(), re.M):
+        data = bytearray()
+        for line in m.group(2).splitlines():
+            hexpart = line[10:].split("|", 1)[0]
+            data += bytes.fromhex(hexpart)
+        out.append((m.group(1), bytes(data)))
+    return out
+
+
+def test_hex_examples_match_the_encoder() -> None:
+    examples = _documented_examples()
+    assert len(examples) == len(EXAMPLE_FRAMES)
+    for (text, data), obj in zip(examples, EXAMPLE_FRAMES, strict=True):
+        assert json.loads(text) == obj
+        assert text.encode("utf-8") == wire.encode(obj), text
+        assert data == frame_bytes(json.loads(text)), f"hex dump of {text} is wrong"
+        assert wire.decode(data[4:]) == obj
+
+
+def test_hex_examples_are_printed_exactly() -> None:
+    doc = _doc()
+    for obj in EXAMPLE_FRAMES:
+        assert example_block(obj) in doc, f"regenerate the example for {obj}"
+
+
+def test_hello_result_example_is_what_the_server_sends() -> None:
+    cfg = config.Config()
+    cfg.check()
+    proto = ClientProtocol()
+    proto.factory = SimpleNamespace(realm=SimpleNamespace(realm=cfg.realm, config=cfg))  # type: ignore[assignment]
+    result = proto.handle_hello({"type": "hello", "version": 1, "id": 1})
+    expected = wire.result_frame(1, **result).decode("utf-8")
+    assert f"S: {expected}" in _doc()
+
+
+def test_transcript_lines_are_json_frames() -> None:
+    lines = re.findall(r"^([CS]): (\{.*\})\s*$", _doc(), re.M)
+    assert len(lines) > 20
+    for who, text in lines:
+        obj = json.loads(text)
+        assert isinstance(obj.get("type"), str), text
+        if who == "C":
+            # the one unknown type in the transcript shows the unknown_type error
+            assert obj["type"] in {*_HANDLERS, "frobnicate"}, text
+        else:
+            assert obj["type"] in ("result", "error", "msg", "synced", "ping"), text
+            if obj["type"] == "error":
+                assert obj["code"] in CODES, text
+
+
+# (e) ports and addresses ------------------------------------------------------------
+
+
+def test_default_ports() -> None:
+    doc = _doc()
+    m = re.search(r"DEFAULT_PORT`?\D{0,40}?(\d{2,5})", doc)
+    assert m and int(m.group(1)) == config.DEFAULT_PORT
+    m = re.search(r"DEFAULT_TLS_PORT`?\D{0,40}?(\d{2,5})", doc)
+    assert m and int(m.group(1)) == config.DEFAULT_TLS_PORT
+    for port in re.findall(r"(?<![\d.])74\d\d(?![\d.])", doc):
+        assert int(port) in (config.DEFAULT_PORT, config.DEFAULT_TLS_PORT), port
+
+
+def test_address_examples() -> None:
+    section = _section(_doc(), "Addresses")
+    rows = re.findall(r"^\|\s*`([^`]*)`\s*\|\s*(?:`([^`]*)`|(error[^|]*))\s*\|", section, re.M)
+    assert len(rows) >= 8
+    for text, canonical, error in rows:
+        if canonical:
+            assert str(address.parse(text, "example.org", group=None)) == canonical, text
+        else:
+            assert "bad_address" in error, text
+            with pytest.raises(ChatError) as info:
+                address.parse(text, "example.org", group=None)
+            assert info.value.code == "bad_address"
+
+
+def test_limits_in_doc_match_code() -> None:
+    doc = _doc()
+    assert f"1 to {address.MAX_NAME} characters" in doc
+    assert f"at most {address.MAX_REALM} characters" in doc
+    from chatproto.realm import MAX_DEVICE
+
+    assert f"1 to {MAX_DEVICE} characters" in doc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for obj in EXAMPLE_FRAMES:
+        print("```text")
+        print(example_block(obj))
+        print("```\n")
+    sys.exit(0)
