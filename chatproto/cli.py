@@ -1,0 +1,646 @@
+"""The ``chatproto`` command: a terminal client built only on :mod:`chatproto.client`.
+
+It sits beside the realm's own ``twistd`` plugin as the smallest useful client: argparse
+in :func:`main`, then one coroutine per subcommand run on the reactor with
+:func:`twisted.internet.task.react`.  Anything that could block (password prompts,
+reading a message body from stdin) happens before the reactor starts.
+
+Acknowledgements are kept per device.  ``listen`` logs in as ``--device`` (default
+``cli``) and resumes after that device's last ack, so it sees every message once.  The
+one-shot commands (``register``, ``send``, ``history``, ``who``) log in as
+``<device>-oneshot`` resuming after :data:`ONESHOT_SINCE`, beyond any real position: the
+realm streams them nothing, so they acknowledge nothing.  That matters because the
+realm starts a device it has not seen at its user's furthest ack: a one-shot login that
+acknowledged the backlog would hide it from the first ``listen``.
+
+Exit status: 0 on success, 1 for errors from the realm (printed as
+``chatproto: <code>: <message>``) or the network, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from automat import NoTransition
+from twisted.application.internet import backoffPolicy
+from twisted.internet import error as netError
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import react
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproto.client import (
+    ChatClientService,
+    Connection,
+    ConnectionDone,
+    RemoteError,
+    connect,
+    endpoint_for,
+)
+
+DEFAULT_SERVER = "tcp:127.0.0.1:7420"
+PASSWORD_ENV = "CHATPROTO_PASSWORD"
+USER_ENV = "CHATPROTO_USER"
+#: One-shot logins resume "after" this position, so the realm streams them nothing and
+#: they acknowledge nothing (a new device starts at its user's furthest ack).
+ONESHOT_SINCE = 2**53 - 1
+#: Realm errors after which reconnecting cannot help (as in ChatClientService).
+_FATAL_CODES = ("auth_failed", "unsupported_version", "bad_request")
+
+
+class CommandError(Exception):
+    """A failure already worded for the user; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# argument parsing ------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a stream position") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Add the connection options; with ``suppress`` they get no defaults.
+
+    The options are accepted both before and after the subcommand: the subcommand
+    parsers carry suppressed copies so that they only override what was given.
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--server",
+        metavar="ENDPOINT",
+        default=default(DEFAULT_SERVER),
+        help="tcp:HOST:PORT, tls:HOST:PORT or any Twisted client endpoint "
+        f"(default: {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        default=default(os.environ.get(USER_ENV)),
+        help=f"account name (default: ${USER_ENV})",
+    )
+    parser.add_argument(
+        "--realm",
+        metavar="NAME",
+        default=default(None),
+        help="name the TLS certificate must carry (default: the host of --server)",
+    )
+    parser.add_argument(
+        "--ca", metavar="FILE", default=default(None), help="PEM certificate to trust for TLS"
+    )
+    parser.add_argument(
+        "--device",
+        metavar="NAME",
+        default=default("cli"),
+        help="device name whose position 'listen' resumes from (default: cli); "
+        "one-shot commands use NAME-oneshot",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="log protocol and connection events to stderr",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatproto",
+        description="Talk to a chatproto realm.  The password is read from "
+        f"${PASSWORD_ENV} or prompted for; it is never a command-line option.",
+        epilog="One-shot commands (register, send, history, who) log in as device "
+        "'<device>-oneshot' and take no messages from the stream, so they never move "
+        "the position that 'listen' (device '<device>') resumes from.",
+    )
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "register",
+        parents=[common],
+        help="create the account (asks for the password twice)",
+        description="Create the account --user with in-band registration.",
+    )
+
+    p = sub.add_parser(
+        "send",
+        parents=[common],
+        help="send a private message",
+        description="Send TEXT (words joined by spaces; '-' reads the body from stdin) "
+        "to PEER and print the message id and stream position.",
+    )
+    p.add_argument("peer", metavar="PEER")
+    p.add_argument("text", metavar="TEXT", nargs="+")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "history",
+        parents=[common],
+        help="show the conversation with a peer",
+        description="Print a page of the conversation with PEER, oldest first.",
+    )
+    p.add_argument("peer", metavar="PEER")
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N messages")
+    page = p.add_mutually_exclusive_group()
+    page.add_argument("--before", type=_position, metavar="POS", help="messages before POS")
+    page.add_argument("--after", type=_position, metavar="POS", help="messages after POS")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
+        "listen",
+        parents=[common],
+        help="print the backlog, then new messages as they arrive",
+        description="Print messages not yet acknowledged by --device, then live ones, "
+        "reconnecting and resuming as needed, until Ctrl-C, SIGTERM or --count.",
+    )
+    p.add_argument("--count", type=_positive, metavar="N", help="exit after N messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("who", parents=[common], help="list the users online")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (exits 2 with a usage message on errors, like argparse)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not args.user:
+        parser.error(f"--user is required (or set ${USER_ENV})")
+    if args.command == "send":
+        args.body = None if args.text == ["-"] else " ".join(args.text)
+    return args
+
+
+# input before the reactor runs -------------------------------------------------------
+
+
+def read_password(user: str, confirm: bool, environ: Any = os.environ) -> str:
+    """The password from ``$CHATPROTO_PASSWORD``, else prompted (twice if ``confirm``)."""
+    password = environ.get(PASSWORD_ENV)
+    if password:
+        return str(password)
+    try:
+        password = getpass.getpass(f"Password for {user}: ")
+        if confirm and getpass.getpass("Repeat the password: ") != password:
+            raise CommandError("the passwords do not match")
+    except EOFError:
+        raise CommandError(f"no password: set ${PASSWORD_ENV} or run in a terminal") from None
+    if not password:
+        raise CommandError("empty password")
+    return password
+
+
+def read_body(stdin: Any) -> str:
+    """The message body from stdin, without the final newline ``echo`` adds."""
+    body = str(stdin.read())
+    return body[:-1] if body.endswith("\n") else body
+
+
+# output ---------------------------------------------------------------------------
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) -> str:
+    """One output line for a stream item (``me``: show the recipient of own messages)."""
+    if as_json:
+        return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
+    sender = msg.get("from", "?")
+    if me is not None and sender == me:
+        sender = f"{sender} -> {msg.get('to', '?')}"
+    return f"[{_when(msg.get('ts', 0))}] {sender}: {msg.get('body', '')}"
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _note(line: str) -> None:
+    sys.stderr.write(f"chatproto: {line}\n")
+    sys.stderr.flush()
+
+
+# connections ----------------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """An endpoint that remembers why its last connection closed.
+
+    The client library fails pending requests with a bare ``ConnectionDone`` whatever
+    the cause; the reason (a TLS verification failure, say) is what the user needs.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self.inner = inner
+        self.reason: Failure | None = None
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        watcher = self
+
+        class _Factory:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(factory, name)
+
+            def buildProtocol(self, addr: Any) -> Any:
+                proto = factory.buildProtocol(addr)
+                if proto is not None:
+                    lost = proto.connectionLost
+
+                    def connectionLost(reason: Failure | None = None) -> None:
+                        watcher.reason = reason
+                        try:
+                            lost(reason)
+                        except NoTransition:
+                            # ClientService has no transition for a connection lost
+                            # after prepareConnection failed; the failure already
+                            # told it the attempt is over.
+                            pass
+
+                    proto.connectionLost = connectionLost
+                return proto
+
+        self.reason = None
+        return self.inner.connect(_Factory())  # type: ignore[arg-type]
+
+
+def _make_endpoint(reactor: Any, args: argparse.Namespace) -> _WatchedEndpoint:
+    try:
+        inner = endpoint_for(reactor, args.server, args.realm, args.ca)
+    except OSError as e:
+        raise CommandError(f"--ca {args.ca}: {e.strerror or e}") from None
+    except Exception as e:
+        raise CommandError(f"bad --server {args.server!r}: {e}", status=2) from None
+    return _WatchedEndpoint(inner)
+
+
+def _describe_reason(reason: Failure | None) -> str:
+    if reason is None:
+        return "the connection closed"
+    value = reason.value
+    if reason.check(netError.ConnectionDone, netError.ConnectionLost) is None:
+        # pyOpenSSL errors carry [(library, function, reason), ...]
+        args = getattr(value, "args", ())
+        if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
+            return "TLS error: " + "; ".join(str(e[-1]) for e in args[0])
+    return reason.getErrorMessage().rstrip(".")
+
+
+def explain(exc: BaseException, server: str, reason: Failure | None = None) -> CommandError:
+    """Word any failure of a command as one line for stderr."""
+    if isinstance(exc, CommandError):
+        return exc
+    if isinstance(exc, RemoteError):
+        return CommandError(f"{exc.code}: {exc.message}")
+    if isinstance(exc, netError.ConnectError):
+        return CommandError(f"cannot connect to {server}: {str(exc).strip().rstrip('.')}")
+    if isinstance(exc, (ConnectionDone, netError.ConnectionDone, netError.ConnectionLost)):
+        return CommandError(f"connection to {server} failed: {_describe_reason(reason)}")
+    if type(exc).__module__.startswith("OpenSSL"):
+        return CommandError(f"connection to {server} failed: {_describe_reason(Failure(exc))}")
+    if isinstance(exc, OSError):
+        return CommandError(f"{server}: {exc.strerror or exc}")
+    return CommandError(f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+# commands -------------------------------------------------------------------------
+
+
+async def _oneshot(
+    reactor: Any,
+    args: argparse.Namespace,
+    password: str,
+    action: Callable[[Connection, argparse.Namespace], Awaitable[None]],
+) -> None:
+    endpoint = _make_endpoint(reactor, args)
+    try:
+        conn = await connect(
+            reactor,
+            endpoint,
+            args.user,
+            password,
+            device=f"{args.device}-oneshot",
+            since=ONESHOT_SINCE,
+            register=args.command == "register",
+        )
+    except Exception as e:
+        raise explain(e, args.server, endpoint.reason) from None
+    try:
+        await action(conn, args)
+    except Exception as e:
+        raise explain(e, args.server, endpoint.reason) from None
+    finally:
+        await conn.close()
+
+
+async def _register(conn: Connection, args: argparse.Namespace) -> None:
+    _say(f"registered {conn.user}")
+
+
+async def _send(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.send(args.peer, args.body)
+    if args.json:
+        _say(json.dumps(result))
+    else:
+        _say(f"id={result['msg_id']} pos={result['pos']}")
+
+
+async def _history(conn: Connection, args: argparse.Namespace) -> None:
+    for msg in await conn.history(args.peer, args.before, args.after, args.limit):
+        _say(format_message(msg, args.json))
+
+
+async def _who(conn: Connection, args: argparse.Namespace) -> None:
+    for entry in await conn.who():
+        if args.json:
+            _say(json.dumps(entry, ensure_ascii=False))
+        else:
+            n = entry.get("sessions", 0)
+            _say(f"{entry['user']} ({n} session{'' if n == 1 else 's'})")
+
+
+_ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]] = {
+    "register": _register,
+    "send": _send,
+    "history": _history,
+    "who": _who,
+}
+
+
+async def _closed(closed_d: Deferred[None]) -> None:
+    # A new Deferred: the protocol's own must keep its result for other callbacks.
+    waiter: Deferred[None] = Deferred()
+
+    def closed(result: Any) -> Any:
+        waiter.callback(None)
+        return result
+
+    closed_d.addBoth(closed)
+    await waiter
+    raise ConnectionDone("connection closed")
+
+
+class _ClockAndPolicy:
+    """The reactor, also callable as a ClientService retry policy.
+
+    ChatClientService passes its ``reactor`` positionally into ClientService's
+    ``retryPolicy`` slot; this makes that work (and is harmless once it is fixed).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._policy = backoffPolicy()
+
+    def __call__(self, attempt: int) -> float:
+        return self._policy(attempt)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+class _ListenService(ChatClientService):
+    """A :class:`ChatClientService` that reports to the ``listen`` command.
+
+    ``done`` fails with a :class:`RemoteError` when the realm refuses the login for
+    good.  A refused connection is closed here (the base class leaves it open).
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.done: Deferred[None] = Deferred()
+        self.current: Any = None
+        self.stopping = False
+
+    async def _run_prepare(self, proxy: Any) -> None:
+        # ClientService hands prepareConnection a proxy of the protocol; attributes the
+        # base class sets on it (on_synced, hello, last_pos) must reach the protocol.
+        proto = getattr(proxy, "_protocol", proxy)
+        self.current = proto
+        try:
+            # The base class waits for `synced` even when the connection drops first.
+            closed = Deferred.fromCoroutine(_closed(proto.closed_d))
+            prepared = super()._prepare(proto)
+            try:
+                await _first_of(prepared, closed)
+            finally:
+                closed.addErrback(lambda _: None)
+                prepared.addErrback(lambda _: None)
+        except BaseException as e:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            if isinstance(e, RemoteError) and e.code in _FATAL_CODES and not self.done.called:
+                self.done.errback(e)
+            raise
+        proto.closed_d.addCallback(self._lost)
+
+    def _prepare(self, proto: Any) -> Any:
+        return Deferred.fromCoroutine(self._run_prepare(proto))
+
+    def _lost(self, _: object) -> None:
+        if not self.stopping and self.running:
+            _note("connection lost; reconnecting")
+
+    def pause(self) -> None:
+        """Stop reading: no further message is delivered, hence none acknowledged."""
+        if self.current is not None and self.current.transport is not None:
+            self.current.pauseProducing()
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _next_turn(reactor: Any, d: Deferred[Any]) -> Deferred[Any]:
+    """A new Deferred with ``d``'s result, fired on a later reactor turn (consumes ``d``)."""
+    out: Deferred[Any] = Deferred()
+
+    def deliver(result: Any) -> None:
+        fire = out.errback if isinstance(result, Failure) else out.callback
+        reactor.callLater(0, fire, result)
+
+    d.addBoth(deliver)
+    return out
+
+
+def _first_of(*ds: Deferred[Any]) -> Deferred[Any]:
+    """The first result (or failure) of ``ds``, which keep theirs."""
+    out: Deferred[Any] = Deferred()
+
+    def fire(result: Any) -> Any:
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        return result
+
+    for d in ds:
+        d.addBoth(fire)
+    return out
+
+
+async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None:
+    endpoint = _make_endpoint(reactor, args)
+    received = 0
+    service: _ListenService
+
+    def finish() -> None:
+        if not service.done.called:
+            service.done.callback(None)
+
+    def on_message(msg: dict[str, Any]) -> None:
+        nonlocal received
+        if args.count is not None and received >= args.count:
+            return
+        received += 1
+        _say(format_message(msg, args.json, me=me))
+        if args.count is not None and received >= args.count:
+            # Read nothing more, so only what was printed gets acknowledged; stop two
+            # turns later, after the client library has sent the ack for this one.
+            service.pause()
+            reactor.callLater(0, reactor.callLater, 0, finish)
+
+    me: str | None = None
+    service = _ListenService(
+        _ClockAndPolicy(reactor),
+        endpoint,
+        args.user,
+        password,
+        device=args.device,
+        on_message=on_message,
+        clock=reactor,
+    )
+    # Both fire from inside ClientService's state machine: act on them a turn later.
+    first = _next_turn(reactor, service.whenConnected(failAfterFailures=1))
+    done = _next_turn(reactor, service.done)
+    service.startService()
+
+    def stop() -> Deferred[None]:
+        service.stopping = True
+        if not service.running:
+            return Deferred.fromCoroutine(_nothing())
+        return service.stopService()  # type: ignore[no-any-return]
+
+    shutting_down = False
+
+    def on_shutdown() -> Deferred[None]:
+        # Ctrl-C or SIGTERM: close the connection (flushing acks), then end normally.
+        nonlocal shutting_down
+        shutting_down = True
+        finish()
+        return stop()
+
+    shutdown = reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    try:
+        try:
+            # --count may be reached in the backlog, before the first login is complete.
+            await _first_of(first, done)
+        except Exception as e:
+            raise explain(e, args.server, endpoint.reason) from None
+        finally:
+            first.addErrback(lambda _: None)  # reported above, or superseded by `done`
+        conn = service.connection
+        me = conn.user if conn is not None else None
+        if not done.called:
+            _note(f"listening as {me} (device {args.device}); Ctrl-C to stop")
+        try:
+            await done
+        except Exception as e:
+            raise explain(e, args.server, endpoint.reason) from None
+    finally:
+        if not shutting_down:
+            reactor.removeSystemEventTrigger(shutdown)
+        done.addErrback(lambda _: None)  # a login refusal was reported through `first`
+        await stop()
+
+
+async def run(reactor: Any, args: argparse.Namespace, password: str) -> None:
+    """Run the parsed command on ``reactor``; raises :class:`CommandError`."""
+    if args.command == "listen":
+        await _listen(reactor, args, password)
+        return
+    await _oneshot(reactor, args, password, _ONESHOT[args.command])
+
+
+def _react_main(reactor: Any, args: argparse.Namespace, password: str) -> Deferred[None]:
+    async def guarded() -> None:
+        try:
+            await run(reactor, args, password)
+        except CommandError as e:
+            _note(str(e))
+            raise SystemExit(e.status) from None
+        except Exception as e:
+            _note(str(explain(e, args.server)))
+            raise SystemExit(1) from None
+
+    return Deferred.fromCoroutine(guarded())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``chatproto`` command; returns the exit status."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        password = read_password(args.user, confirm=args.command == "register")
+        if args.command == "send" and args.body is None:
+            args.body = read_body(sys.stdin)
+    except CommandError as e:
+        _note(str(e))
+        return e.status
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    # Twisted would print logged failures (TLS verification, unhandled Deferreds) as
+    # tracebacks; the user gets one line per problem instead, unless --verbose.
+    observer: Any = textFileLogObserver(sys.stderr) if args.verbose else lambda event: None
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        react(_react_main, (args, password))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0  # pragma: no cover (react always exits)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

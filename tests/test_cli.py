@@ -1,0 +1,303 @@
+"""The ``chatproto`` command against a real realm on a loopback socket.
+
+The realm runs in the test process; the command runs as a subprocess driven by a
+ProcessProtocol, so the reactor keeps serving the realm meanwhile.  Every process gets a
+bounded lifetime (killed on timeout).  Argument parsing is tested in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+
+from chatproto import cli, client
+from chatproto.protocol import ClientFactory
+
+PASSWORD = "correct horse"
+TIMEOUT = 30.0
+
+
+class _Process(protocol.ProcessProtocol):
+    """Collects a subprocess' output; ``ended`` fires with (stdout, stderr, status)."""
+
+    def __init__(self, stdin: bytes | None, on_err: Any = None) -> None:
+        self.stdin = stdin
+        self.out = b""
+        self.err = b""
+        self.on_err = on_err
+        self.ended: defer.Deferred[tuple[str, str, int]] = defer.Deferred()
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        if self.stdin is not None:
+            self.transport.write(self.stdin)
+        self.transport.closeStdin()
+        self._timeout = _reactor.callLater(TIMEOUT, self.transport.signalProcess, "KILL")
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        if self.on_err is not None:
+            self.on_err(self.err.decode())
+
+    def processEnded(self, reason: Any) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        code = reason.value.exitCode
+        if code is None:  # killed by a signal
+            code = -(reason.value.signal or 1)
+        self.ended.callback((self.out.decode(), self.err.decode(), code))
+
+
+def _env(password: str = PASSWORD) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")}
+    env["CHATPROTO_PASSWORD"] = password
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn(
+    server: str, user: str, *args: str, password: str = PASSWORD, stdin: bytes | None = None
+) -> _Process:
+    proc = _Process(stdin)
+    argv = [sys.executable, "-m", "chatproto.cli", "--server", server, "--user", user, *args]
+    _reactor.spawnProcess(proc, sys.executable, argv, env=_env(password))
+    return proc
+
+
+def run_cli(server: str, user: str, *args: str, **kw: Any) -> defer.Deferred[Any]:
+    return spawn(server, user, *args, **kw).ended
+
+
+@pytest.fixture
+def server(realm: Any) -> Any:
+    port = _reactor.listenTCP(0, ClientFactory(realm), interface="127.0.0.1")
+    yield f"tcp:127.0.0.1:{port.getHost().port}"
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@defer.inlineCallbacks
+def _register(server: str, *users: str) -> Any:
+    for user in users:
+        out, err, code = yield run_cli(server, user, "register")
+        assert code == 0, err
+        assert out.strip() == f"registered {user}@localhost"
+
+
+# end to end ---------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_send_history(server: str) -> Any:
+    yield _register(server, "alice", "bob")
+
+    out, err, code = yield run_cli(server, "alice", "send", "bob", "hello", "there")
+    assert code == 0, err
+    fields = dict(part.split("=", 1) for part in out.split())
+    assert fields["pos"].isdigit() and fields["id"]
+
+    out, err, code = yield run_cli(server, "alice", "send", "bob", "-", stdin=b"line 1\nline 2\n")
+    assert code == 0, err
+
+    out, err, code = yield run_cli(server, "bob", "history", "alice", "--json")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [m["body"] for m in lines] == ["hello there", "line 1\nline 2"]
+    assert {m["from"] for m in lines} == {"alice@localhost"}
+    assert lines[0]["msg_id"] == fields["id"] and lines[0]["pos"] == int(fields["pos"])
+
+    out, err, code = yield run_cli(server, "bob", "history", "alice", "--limit", "1")
+    assert code == 0, err
+    assert out.endswith("] alice@localhost: line 1\nline 2\n")
+    assert out.startswith("[")
+
+
+@pytest_twisted.inlineCallbacks
+def test_listen_backlog_then_live(server: str, realm: Any) -> Any:
+    yield _register(server, "alice", "carol")
+    # A one-shot command before the first listen must not hide the backlog from it.
+    out, err, code = yield run_cli(server, "alice", "send", "carol", "backlog")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "carol", "who")
+    assert code == 0, err
+
+    listening: defer.Deferred[None] = defer.Deferred()
+
+    def on_err(text: str) -> None:
+        if "listening as" in text and not listening.called:
+            listening.callback(None)
+
+    proc = _Process(None, on_err)
+    argv = [sys.executable, "-m", "chatproto.cli", "--server", server, "--user", "carol"]
+    argv += ["listen", "--count", "2", "--json"]
+    _reactor.spawnProcess(proc, sys.executable, argv, env=_env())
+    yield defer.DeferredList([listening, proc.ended], fireOnOneCallback=True)
+    assert listening.called, proc.err
+
+    conn = yield client.connect(_reactor, server, "alice", PASSWORD, device="test")
+    try:
+        yield conn.send("carol", "live one")
+    finally:
+        yield conn.close()
+    out, err, code = yield proc.ended
+    assert code == 0, err
+    msgs = [json.loads(line) for line in out.splitlines()]
+    assert [m["body"] for m in msgs] == ["backlog", "live one"]
+    assert msgs[1]["from"] == "alice@localhost" and msgs[1]["to"] == "carol@localhost"
+    assert "Traceback" not in err
+
+    # Both were acknowledged for device "cli": the next listen sees only newer ones.
+    out, err, code = yield run_cli(server, "alice", "send", "carol", "after")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "carol", "listen", "--count", "1")
+    assert code == 0, err
+    assert out.endswith("] alice@localhost: after\n"), out
+
+
+@pytest_twisted.inlineCallbacks
+def test_listen_count_acks_only_what_was_printed(server: str) -> Any:
+    yield _register(server, "alice", "dave")
+    for body in ("m1", "m2", "m3"):
+        out, err, code = yield run_cli(server, "alice", "send", "dave", body)
+        assert code == 0, err
+    seen = []
+    for _ in range(3):
+        out, err, code = yield run_cli(server, "dave", "listen", "--count", "1", "--json")
+        assert code == 0, err
+        seen += [json.loads(line)["body"] for line in out.splitlines()]
+    assert seen == ["m1", "m2", "m3"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_who(server: str) -> Any:
+    yield _register(server, "alice")
+    out, err, code = yield run_cli(server, "alice", "who", "--json")
+    assert code == 0, err
+    users = [json.loads(line) for line in out.splitlines()]
+    assert {"user": "alice@localhost", "sessions": 1} in users
+    out, err, code = yield run_cli(server, "alice", "who")
+    assert code == 0, err
+    assert "alice@localhost (1 session)" in out
+
+
+@pytest_twisted.inlineCallbacks
+def test_errors(server: str) -> Any:
+    yield _register(server, "alice")
+
+    _out, err, code = yield run_cli(server, "alice", "who", password="wrong password")
+    assert code == 1
+    assert err.strip() == "chatproto: auth_failed: unknown user or wrong password"
+
+    _out, err, code = yield run_cli(server, "alice", "listen", password="wrong password")
+    assert code == 1
+    assert "chatproto: auth_failed" in err and "Traceback" not in err
+
+    _out, err, code = yield run_cli(server, "alice", "send", "nobody", "hi")
+    assert code == 1
+    assert err.startswith("chatproto: no_such_user: ")
+
+    _out, err, code = yield run_cli(server, "alice", "register")
+    assert code == 1
+    assert err.startswith("chatproto: user_exists")
+
+    _out, err, code = yield run_cli(server, "alice", "history", "alice", "--before", "x")
+    assert code == 2
+    assert "usage:" in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_refused(server: str) -> Any:
+    port = _reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+    number = port.getHost().port
+    yield port.stopListening()
+    refused = f"tcp:127.0.0.1:{number}"
+    for command in ("who", "listen"):
+        _out, err, code = yield run_cli(refused, "alice", command)
+        assert code == 1
+        assert err.startswith(f"chatproto: cannot connect to {refused}: ")
+        assert "refused" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+# in-process -------------------------------------------------------------------------
+
+
+def test_parse_defaults() -> None:
+    args = cli.parse_args(["--user", "alice", "send", "bob", "hello", "world"])
+    assert args.server == cli.DEFAULT_SERVER
+    assert args.device == "cli" and args.realm is None and args.ca is None
+    assert args.command == "send" and args.peer == "bob" and args.body == "hello world"
+
+
+def test_parse_options_after_the_command() -> None:
+    args = cli.parse_args(["history", "bob", "--user", "al", "--server", "tls:h:1", "--limit", "5"])
+    assert (args.user, args.server, args.limit) == ("al", "tls:h:1", 5)
+    assert args.before is None and args.after is None and not args.json
+
+
+def test_parse_stdin_body() -> None:
+    assert cli.parse_args(["--user", "a", "send", "b", "-"]).body is None
+    assert cli.parse_args(["--user", "a", "send", "b", "-", "x"]).body == "- x"
+
+
+def test_parse_listen() -> None:
+    args = cli.parse_args(["--user", "a", "--device", "laptop", "listen", "--count", "3"])
+    assert (args.command, args.count, args.device, args.json) == ("listen", 3, "laptop", False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--user", "a"],
+        ["--user", "a", "send", "b"],
+        ["--user", "a", "history", "b", "--before", "1", "--after", "2"],
+        ["--user", "a", "history", "b", "--limit", "0"],
+        ["--user", "a", "listen", "--count", "-1"],
+        ["--user", "a", "frobnicate"],
+        ["--user", "a", "who", "--password", "x"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: Any) -> None:
+    assert cli.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_user_is_required(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.delenv(cli.USER_ENV, raising=False)
+    assert cli.main(["who"]) == 2
+    assert "--user is required" in capsys.readouterr().err
+
+
+def test_password_from_env_or_prompt(monkeypatch: Any) -> None:
+    assert cli.read_password("a", True, {cli.PASSWORD_ENV: "s3cret!!"}) == "s3cret!!"
+    answers = iter(["one", "two"])
+    monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: next(answers))
+    with pytest.raises(cli.CommandError, match="do not match"):
+        cli.read_password("a", True, {})
+    monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: "same")
+    assert cli.read_password("a", True, {}) == "same"
+
+
+def test_format_message() -> None:
+    msg = {"type": "msg", "pos": 3, "from": "a@x", "to": "b@x", "ts": 0.0, "body": "hi"}
+    assert cli.format_message(msg, False).endswith("] a@x: hi")
+    assert cli.format_message(msg, False, me="a@x").endswith("] a@x -> b@x: hi")
+    assert json.loads(cli.format_message(msg, True)) == {
+        k: v for k, v in msg.items() if k != "type"
+    }
+
+
+def test_explain() -> None:
+    err = cli.explain(client.RemoteError("no_such_user", "no user x"), "tcp:h:1")
+    assert (str(err), err.status) == ("no_such_user: no user x", 1)
+    assert str(cli.explain(ValueError("boom"), "s")) == "unexpected error: ValueError: boom"
