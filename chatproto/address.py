@@ -7,7 +7,8 @@ Rules (documented in PROTOCOL.md, "Addresses"):
 
 - names are NFKC-normalised then case-folded; 1 to 32 characters from ``a-z``, ``0-9``,
   ``.``, ``_`` and ``-``; they start with a letter or a digit;
-- realm names are DNS names: case-folded, labels of ``a-z0-9-`` (1-63 chars, not
+- realm names are ASCII DNS names (IDNA names in their ``xn--`` form): lower-cased,
+  one trailing dot dropped, labels of ``a-z0-9-`` (1-63 chars, not
   starting or ending with ``-``), at most 253 characters; ``localhost`` is allowed;
 - whether an address is local is decided only by comparing its realm with the local
   realm's name, so every code path already works for remote addresses.
@@ -59,9 +60,11 @@ def normalise_name(name: str) -> str:
 
 def normalise_realm(realm: str) -> str:
     """Return the canonical form of a realm (DNS) name, or raise ``bad_address``."""
-    if not isinstance(realm, str):
-        raise ChatError("bad_address", "a realm must be a string")
-    folded = realm.casefold().rstrip(".")
+    if not isinstance(realm, str) or not realm.isascii():
+        raise ChatError("bad_address", "a realm must be an ASCII DNS name (use IDNA/punycode)")
+    folded = realm.lower()
+    if folded.endswith("."):
+        folded = folded[:-1]
     if (
         not folded
         or len(folded) > MAX_REALM

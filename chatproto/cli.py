@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from automat import NoTransition
-from twisted.application.internet import backoffPolicy
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -360,6 +359,7 @@ async def _oneshot(
             password,
             device=f"{args.device}-oneshot",
             since=ONESHOT_SINCE,
+            ack=False,
             register=args.command == "register",
         )
     except Exception as e:
@@ -419,70 +419,24 @@ async def _closed(closed_d: Deferred[None]) -> None:
     raise ConnectionDone("connection closed")
 
 
-class _ClockAndPolicy:
-    """The reactor, also callable as a ClientService retry policy.
-
-    ChatClientService passes its ``reactor`` positionally into ClientService's
-    ``retryPolicy`` slot; this makes that work (and is harmless once it is fixed).
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._policy = backoffPolicy()
-
-    def __call__(self, attempt: int) -> float:
-        return self._policy(attempt)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
-
-
 class _ListenService(ChatClientService):
-    """A :class:`ChatClientService` that reports to the ``listen`` command.
-
-    ``done`` fails with a :class:`RemoteError` when the realm refuses the login for
-    good.  A refused connection is closed here (the base class leaves it open).
-    """
+    """A :class:`ChatClientService` that notes reconnects on stderr."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self.done: Deferred[None] = Deferred()
-        self.current: Any = None
         self.stopping = False
 
-    async def _run_prepare(self, proxy: Any) -> None:
-        # ClientService hands prepareConnection a proxy of the protocol; attributes the
-        # base class sets on it (on_synced, hello, last_pos) must reach the protocol.
-        proto = getattr(proxy, "_protocol", proxy)
-        self.current = proto
-        try:
-            # The base class waits for `synced` even when the connection drops first.
-            closed = Deferred.fromCoroutine(_closed(proto.closed_d))
-            prepared = super()._prepare(proto)
-            try:
-                await _first_of(prepared, closed)
-            finally:
-                closed.addErrback(lambda _: None)
-                prepared.addErrback(lambda _: None)
-        except BaseException as e:
-            if proto.transport is not None:
-                proto.transport.loseConnection()
-            if isinstance(e, RemoteError) and e.code in _FATAL_CODES and not self.done.called:
-                self.done.errback(e)
-            raise
-        proto.closed_d.addCallback(self._lost)
+    def _prepare(self, proxy: Any) -> Any:
+        def prepared(result: Any) -> Any:
+            if self._built is not None:
+                self._built.closed_d.addCallback(self._lost)
+            return result
 
-    def _prepare(self, proto: Any) -> Any:
-        return Deferred.fromCoroutine(self._run_prepare(proto))
+        return super()._prepare(proxy).addCallback(prepared)
 
     def _lost(self, _: object) -> None:
         if not self.stopping and self.running:
             _note("connection lost; reconnecting")
-
-    def pause(self) -> None:
-        """Stop reading: no further message is delivered, hence none acknowledged."""
-        if self.current is not None and self.current.transport is not None:
-            self.current.pauseProducing()
 
 
 async def _nothing() -> None:
@@ -541,13 +495,12 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
 
     me: str | None = None
     service = _ListenService(
-        _ClockAndPolicy(reactor),
+        reactor,
         endpoint,
         args.user,
         password,
         device=args.device,
         on_message=on_message,
-        clock=reactor,
     )
     # Both fire from inside ClientService's state machine: act on them a turn later.
     first = _next_turn(reactor, service.whenConnected(failAfterFailures=1))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -90,9 +90,14 @@ class ClientProtocol(Int32StringReceiver):
     transport: Any
     MAX_LENGTH = 64 * 1024 * 1024
 
-    def __init__(self, reactor: Any, on_message: MessageCallback | None = None) -> None:
+    def __init__(
+        self, reactor: Any, on_message: MessageCallback | None = None, ack: bool = True
+    ) -> None:
         self.reactor = reactor
         self.on_message = on_message
+        self.ack = ack
+        self.paused = False
+        self._held: list[dict[str, Any]] = []
         self.on_close: Callable[[Failure], Any] | None = None
         self.on_synced: Callable[[int], Any] | None = None
         self.last_pos = 0
@@ -154,7 +159,24 @@ class ClientProtocol(Int32StringReceiver):
 
     last_error: RemoteError | None = None
 
+    def pause(self) -> None:
+        """Deliver (and acknowledge) nothing more until :meth:`resume`."""
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.paused = False
+        held, self._held = self._held, []
+        for frame in held:
+            self._message(frame)
+        if self.transport is not None and not self.paused:
+            self.transport.resumeProducing()
+
     def _message(self, frame: dict[str, Any]) -> None:
+        if self.paused:
+            self._held.append(frame)  # frames already read when the pause came
+            return
         pos = frame.get("pos", 0)
         if pos <= self.last_pos:
             return  # already processed (resume overlap)
@@ -165,7 +187,7 @@ class ClientProtocol(Int32StringReceiver):
                 self.log.failure("on_message callback failed for pos {pos}", pos=pos)
         self.last_pos = pos
         self._ack_pos = pos
-        if self._ack_call is None:
+        if self.ack and self._ack_call is None:
             self._ack_call = self.reactor.callLater(0, self._send_ack)
 
     def _send_ack(self) -> None:
@@ -178,7 +200,15 @@ class ClientProtocol(Int32StringReceiver):
             self._ack_call.cancel()
         self._ack_call = None
         pending, self._pending = self._pending, {}
-        err = self.last_error or ConnectionDone("connection closed")
+        err: BaseException
+        if self.last_error is not None:
+            err = self.last_error
+        elif reason is not None and not reason.check(error.ConnectionDone):
+            err = reason.value or ConnectionDone(
+                "connection lost"
+            )  # e.g. a TLS verification failure: the caller needs it
+        else:
+            err = ConnectionDone("connection closed")
         for d in pending.values():
             d.errback(err)
         if self.on_close is not None and reason is not None:
@@ -250,6 +280,14 @@ def _handshake(
         yield proto.request("register", user=user, password=password)
     synced: Deferred[int] = Deferred()
     proto.on_synced = lambda pos: synced.callback(pos) if not synced.called else None
+
+    def lost(_: object) -> None:
+        if not synced.called:
+            # Waiters already attached get the failure; nobody waiting is no error.
+            synced.errback(ConnectionDone("connection closed before the backlog was out"))
+            synced.addErrback(lambda _: None)
+
+    proto.closed_d.addCallback(lost)
     if since is not None:
         proto.last_pos = since
     fields: dict[str, Any] = {"user": user, "password": password, "device": device}
@@ -274,6 +312,7 @@ def connect(
     register: bool = False,
     realm: str | None = None,
     ca: str | None = None,
+    ack: bool = True,
 ) -> Any:
     """Connect, say hello and (with ``user``/``password``) log in.
 
@@ -282,9 +321,11 @@ def connect(
     stream position (default: the realm's record of this device's last ack).
     ``register=True`` creates the account first (if the realm allows it).
     ``conn.synced`` fires once the backlog has been delivered to ``on_message``.
+    ``ack=False`` makes a passive connection that acknowledges nothing (one-shot tools
+    that must not move the read position of the user's devices).
     """
     endpoint = endpoint_for(reactor, server, realm, ca) if isinstance(server, str) else server
-    factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message))  # type: ignore[arg-type]
+    factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message, ack))  # type: ignore[arg-type]
     proto = yield endpoint.connect(factory)
     try:
         conn = yield _handshake(proto, user, password, device, since, register)
@@ -299,10 +340,12 @@ class ChatClientService(ClientService):
 
     ``on_message`` is called once per item, in position order, across reconnects.
     ``whenReady()`` fires with the current :class:`Connection` once logged in and
-    synced.  Authentication failures stop the service (retrying would not help).
+    synced.  Errors reconnecting cannot cure (``auth_failed``, ``unsupported_version``,
+    ``bad_request``) stop the service and fail ``done``.
     """
 
     log = Logger()
+    FATAL = ("auth_failed", "unsupported_version", "bad_request")
 
     def __init__(
         self,
@@ -323,9 +366,18 @@ class ChatClientService(ClientService):
         self.on_message = on_message
         self.last_pos = since
         self.connection: Connection | None = None
+        #: Fails with the RemoteError that made the service give up.
+        self.done: Deferred[None] = Deferred()
         self._ready: list[Deferred[Connection]] = []
-        factory = Factory.forProtocol(lambda: ClientProtocol(reactor, self._message))  # type: ignore[arg-type]
-        super().__init__(endpoint, factory, reactor, prepareConnection=self._prepare, **kwargs)
+        self._built: ClientProtocol | None = None
+        factory = Factory.forProtocol(self._build)  # type: ignore[arg-type]
+        super().__init__(
+            endpoint, factory, clock=reactor, prepareConnection=self._prepare, **kwargs
+        )
+
+    def _build(self) -> ClientProtocol:
+        self._built = ClientProtocol(self.reactor, self._message)
+        return self._built
 
     def _message(self, frame: dict[str, Any]) -> None:
         self.last_pos = frame["pos"]
@@ -333,17 +385,22 @@ class ChatClientService(ClientService):
             self.on_message(frame)
 
     @inlineCallbacks
-    def _prepare(self, proto: Any) -> Any:
+    def _prepare(self, _proxy: Any) -> Any:
+        proto = self._built  # the protocol itself, not ClientService's proxy of it
+        assert proto is not None
         try:
             conn = yield _handshake(
                 proto, self.user, self._password, self.device, self.last_pos, False
             )
-        except RemoteError as e:
-            if e.code in ("auth_failed", "unsupported_version", "bad_request"):
+            yield conn.synced
+        except BaseException as e:
+            proto.transport.loseConnection()
+            if isinstance(e, RemoteError) and e.code in self.FATAL:
                 self.log.error("giving up: {err}", err=e)
+                if not self.done.called:
+                    self.done.errback(e)
                 self.reactor.callLater(0, self.stopService)
             raise
-        yield conn.synced
         self.connection = conn
         proto.closed_d.addCallback(lambda _: setattr(self, "connection", None))
         waiters, self._ready = self._ready, []
@@ -356,3 +413,13 @@ class ChatClientService(ClientService):
         d: Deferred[Connection] = Deferred()
         self._ready.append(d)
         return d
+
+    def pause(self) -> None:
+        """Stop reading: no further item is delivered to ``on_message`` (nor acked)."""
+        if self._built is not None:
+            self._built.pause()
+
+    def stopService(self) -> Deferred[None]:
+        if not self.done.called:
+            self.done.callback(None)
+        return super().stopService()

@@ -86,12 +86,17 @@ class Config:
 
     def listen_descriptions(self) -> list[str]:
         """The endpoint descriptions to listen on, TLS included when certs are given."""
+        from chatproto.tls import server_description
+
         out = list(self.listen)
         if self.tls.certificate:
             out.append(
-                f"ssl:{self.tls.port}:interface={self.tls.interface}"
-                f":certKey={_escape(self.tls.certificate)}"
-                f":privateKey={_escape(self.tls.private_key or self.tls.certificate)}"
+                server_description(
+                    self.tls.certificate,
+                    self.tls.private_key or self.tls.certificate,
+                    self.tls.port,
+                    self.tls.interface,
+                )
             )
         return out
 
@@ -122,15 +127,23 @@ class Config:
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("storage.synchronous must be FULL, NORMAL or EXTRA")
         self.storage.synchronous = self.storage.synchronous.upper()
+        if not 0 <= self.tls.port <= 65535:
+            raise ConfigError("tls.port must be between 0 and 65535")
+        a = self.auth
+        if a.argon2_time_cost < 1 or a.argon2_parallelism < 1:
+            raise ConfigError("auth.argon2_time_cost and argon2_parallelism must be >= 1")
+        if a.argon2_memory_cost < 8 * a.argon2_parallelism:
+            raise ConfigError("auth.argon2_memory_cost must be >= 8 * argon2_parallelism (KiB)")
+        for key in ("failure_delay", "max_failure_delay", "failure_window"):
+            if getattr(a, key) <= 0:
+                raise ConfigError(f"auth.{key} must be positive")
+        if a.free_failures_per_account < 0 or a.free_failures_per_address < 0:
+            raise ConfigError("auth.free_failures_* must be >= 0")
         for path in (self.tls.certificate, self.tls.private_key):
             if path and not os.path.exists(path):
                 raise ConfigError(f"tls: file {path!r} does not exist")
         if not self.listen_descriptions():
             raise ConfigError("nothing to listen on: give realm.listen or tls.certificate")
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
 #: Table name in the TOML file -> attribute of :class:`Config` holding that section.
@@ -184,7 +197,8 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
 
 
 def load(path: str | None) -> Config:
-    """Load a config file (or the defaults for ``None``) and check it."""
+    """Load a config file (or the defaults for ``None``); call ``check()`` after any
+    overrides (command-line options) have been applied."""
     config = Config()
     if path is not None:
         try:

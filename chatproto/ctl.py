@@ -30,13 +30,12 @@ from chatproto import config as configmod
 from chatproto import tls
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
+from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
 from chatproto.store.sqlite import SQLiteDB
 
 PROG = "chatrealmctl"
 #: Password length rule; the same as the realm's check on in-band registration.
-MIN_PASSWORD = 8
-MAX_PASSWORD = 1024
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -73,8 +72,11 @@ def password_hasher(auth: configmod.Auth) -> argon2.PasswordHasher:
 
 
 def check_password(password: str) -> None:
-    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        raise CtlError(f"a password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    """The realm's own password rule (:func:`chatproto.realm.check_password`)."""
+    try:
+        realm_check_password(password)
+    except ChatError as e:
+        raise CtlError(e.message) from None
 
 
 def _one_line(text: str, source: str) -> str:

@@ -65,6 +65,7 @@ class ClientProtocol(Int32StringReceiver):
         self._paused_bytes = 0
         self._writable: list[Deferred[None]] = []
         self.connected_at = 0.0
+        self.closed_at = 0.0
         self.last_rx = 0.0
         self.pinged = False
 
@@ -131,6 +132,7 @@ class ClientProtocol(Int32StringReceiver):
             return
         self.send_frame(wire.error_frame(code, message))
         self.state = "closed"
+        self.closed_at = self.factory.clock.seconds()
         self.transport.loseConnection()
 
     # ISessionMind -------------------------------------------------------------------
@@ -205,6 +207,7 @@ class ClientProtocol(Int32StringReceiver):
                 message=err.message,
             )
             self.state = "closed"
+            self.closed_at = self.factory.clock.seconds()
             self.transport.loseConnection()
 
     def _crash(self, failure: Failure, rid: Any) -> None:
@@ -284,7 +287,13 @@ class ClientProtocol(Int32StringReceiver):
         return d.addCallbacks(ok, failed)
 
     def _start_session(self, session: Session, since: int | None) -> None:
-        session.start(since).addErrback(self._crash, None)
+        def failed(f: Failure) -> None:
+            # A session whose backlog failed would silently never go live: close it,
+            # the client reconnects and resumes from its last ack.
+            self.log.failure("backlog for {user} failed", f, user=session.user_id)
+            self.close_with("internal_error", "could not send the backlog; reconnect")
+
+        session.start(since).addErrback(failed)
 
     def handle_send(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
@@ -360,6 +369,12 @@ class ClientFactory(Factory):
         lim = self.realm.config.limits
         ping = wire.encode({"type": "ping"})
         for proto in list(self.connections):
+            if proto.state == "closed":
+                # Closed politely on an earlier sweep but the peer never took the
+                # close (half-open, or not reading): abort it now.
+                if now - proto.closed_at >= lim.keepalive_interval:
+                    proto.transport.abortConnection()
+                continue
             if proto.state != "ready":
                 if now - proto.connected_at >= lim.login_timeout:
                     proto.close_with("timeout", "did not log in in time")
@@ -371,7 +386,6 @@ class ClientFactory(Factory):
                     user=proto.session and proto.session.user_id,
                 )
                 proto.close_with("timeout", "no answer to keepalive pings")
-                proto.transport.abortConnection()
             elif idle >= lim.keepalive_interval and not proto.pinged:
                 proto.pinged = True
                 proto.send_frame(ping)

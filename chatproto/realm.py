@@ -184,19 +184,25 @@ class Session:
     def start(self, since: int | None = None) -> Any:
         """Send the backlog after ``since`` (default: this device's ack), then go live.
 
-        Fires with the position the session is synced to.
+        ``since`` is clamped to the newest committed position, so a client cannot
+        acknowledge (and so skip) items that do not exist yet.  Fires with the position
+        the session is synced to.
         """
         store = self.realm.store
-        after = since if since is not None else (yield store.get_ack(self.user_id, self.device))
-        self._last = after
+        newest = yield store.max_pos()
+        if since is None:
+            since = yield store.get_ack(self.user_id, self.device)
+        self._last = min(since, newest)
         while not self.closed:
             page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE)
-            if self.closed:
-                break
             for env in page:
+                if self.closed:
+                    break
                 self._emit(env)
-            if len(page) == SYNC_PAGE:
+                # Never write past a paused reader: wait item by item, so a slow
+                # client resuming a large backlog is paced rather than dropped.
                 yield self.mind.wait_writable()
+            if len(page) == SYNC_PAGE:
                 continue
             if self._buffer is None:  # live items overflowed: read them from the store
                 self._buffer = []
@@ -251,14 +257,22 @@ class RealmService(Service):
         store: IStore,
         reactor: Any,
         clock: IReactorTime | None = None,
+        hasher: PasswordHasher | None = None,
     ) -> None:
         self.config = config
         self.realm = config.realm
         self.store = store
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
-        self._hash_pool = ThreadPool(1, max(1, config.auth.argon2_parallelism), "chatproto-argon2")
-        self.hasher = PasswordHasher(reactor, self._hash_pool, config)
+        self._hash_pool: ThreadPool | None = None
+        if hasher is None:
+            # Hashing gets its own small pool: argon2 is memory-hard (tens of MiB per
+            # hash), so it must not run as wide as the reactor's general pool.
+            self._hash_pool = ThreadPool(
+                1, max(1, config.auth.argon2_parallelism), "chatproto-argon2"
+            )
+            hasher = PasswordHasher(reactor, self._hash_pool, config)
+        self.hasher = hasher
         self.portal = Portal(_CredRealm(self), [StoreChecker(store, self.hasher)])
         a = config.auth
         self._account_throttle = FailureThrottle(
@@ -279,7 +293,8 @@ class RealmService(Service):
     @inlineCallbacks
     def startService(self) -> Any:
         Service.startService(self)
-        self._hash_pool.start()
+        if self._hash_pool is not None:
+            self._hash_pool.start()
         yield self.store.open()
         self._known_users = set((yield self.store.list_users()))
         self._prune.start(self.config.auth.failure_window / 4, now=False)
@@ -300,7 +315,8 @@ class RealmService(Service):
                 s.mind.disconnect("shutting_down", "the realm is stopping")
                 s.logout()
         yield self.store.close()
-        self._hash_pool.stop()
+        if self._hash_pool is not None:
+            self._hash_pool.stop()
         self.log.info("realm {realm} stopped", realm=self.realm)
 
     def _prune_throttles(self) -> None:
@@ -314,7 +330,7 @@ class RealmService(Service):
     def create_user(self, name: str, password: str) -> Any:
         """Create a local account (used by in-band register and embedding apps)."""
         name = address.normalise_name(name)
-        _check_password(password)
+        check_password(password)
         pwhash = yield self.hasher.hash(password)
         yield self.store.create_user(name, pwhash, self.clock.seconds())
         self._known_users.add(name)
@@ -343,7 +359,8 @@ class RealmService(Service):
         if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
             raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
         now = self.clock.seconds()
-        key = username.casefold()[:64]
+        username = self._login_name(username)
+        key = username[:64]
         wait = max(self._account_throttle.wait(key, now), self._address_throttle.wait(peer, now))
         if wait > 0:
             self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
@@ -366,6 +383,18 @@ class RealmService(Service):
             peer=peer,
         )
         return session
+
+    def _login_name(self, username: str) -> str:
+        """``name`` or ``name@<this realm>`` -> the normalised name (else as given).
+
+        The throttle key is the normalised name, so spelling variants of one account
+        (``ALICE``, fullwidth letters) share its failure count.
+        """
+        try:
+            addr = address.user(username, self.realm)
+        except ChatError:
+            return username.casefold()
+        return addr.name if addr.is_local(self.realm) else username.casefold()
 
     def _attach(self, name: str, mind: Any) -> Session:
         user = Address(name, self.realm)
@@ -473,6 +502,7 @@ class RealmService(Service):
         return items
 
 
-def _check_password(password: Any) -> None:
+def check_password(password: Any) -> None:
+    """The password rule for every account (in-band and ``chatrealmctl``)."""
     if not isinstance(password, str) or not 8 <= len(password) <= 1024:
         raise ChatError("bad_request", "a password must be 8 to 1024 characters")

@@ -14,6 +14,7 @@ client protocol, the client library and tests share one definition.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from chatproto.errors import ChatError, FatalProtocolError
@@ -23,8 +24,28 @@ SUPPORTED_VERSIONS = (1,)
 FRAME_JSON = 0x7B
 FRAME_BINARY = 0x00
 
+#: Integers on the wire stay within what every JSON implementation represents exactly.
+MAX_INT = 2**53 - 1
+
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _decoder = json.JSONDecoder()
+# A \uD800-\uDFFF escape is the only way a lone surrogate (not valid Unicode, and not
+# storable as UTF-8) can get into a decoded string; only then is the object walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v) for v in obj)
+    return False
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -49,6 +70,8 @@ def decode(payload: bytes) -> dict[str, Any]:
         raise FatalProtocolError("bad_frame", f"malformed JSON: {str(e)[:80]}") from None
     if not isinstance(obj, dict):
         raise FatalProtocolError("bad_frame", "a frame must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        raise ChatError("bad_request", "strings must be valid Unicode (no lone surrogates)")
     if not isinstance(obj.get("type"), str):
         raise ChatError("bad_request", "a frame needs a string field 'type'")
     rid = obj.get("id")
@@ -80,6 +103,8 @@ def field(
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise ChatError("bad_request", f"field {name!r} must be {names}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ChatError("bad_request", f"field {name!r} is out of range (|n| <= 2**53 - 1)")
     return value
 
 

@@ -23,8 +23,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor as _reactor
 
 from chatproto import ctl
-from chatproto.errors import ChatError
-from chatproto.realm import RealmService, StoreChecker, _check_password
+from chatproto.realm import RealmService, StoreChecker
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
 
 PASSWORD = "s3cret-password"
@@ -149,22 +148,6 @@ def test_bad_passwords(capsys: Any, conf: str, tmp_path: Path, content: str, mes
     assert status == 1
     assert err.startswith("chatrealmctl: ") and message in err and err.count("\n") == 1
     assert not os.path.exists(ctl.load_config(_ns(conf)).database_path)
-
-
-def test_password_rule_matches_the_realm() -> None:
-    for n in (0, 7, 8, 1024, 1025):
-        password = "p" * n
-        try:
-            _check_password(password)
-            realm_ok = True
-        except ChatError:
-            realm_ok = False
-        try:
-            ctl.check_password(password)
-            ctl_ok = True
-        except ctl.CtlError:
-            ctl_ok = False
-        assert realm_ok == ctl_ok, n
 
 
 def test_bad_name_and_unreadable_file(capsys: Any, conf: str, tmp_path: Path) -> None:

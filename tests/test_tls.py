@@ -233,7 +233,7 @@ def test_untrusted_ca_and_wrong_name_are_refused(
             [reason] = yield probe.lost.addTimeout(10, _reactor)
             assert reason.check(error), reason
 
-            with pytest.raises(Exception):  # noqa: B017 - see the xfail test below
+            with pytest.raises(Exception):  # noqa: B017 - the precise error is checked below
                 yield client.connect(
                     _reactor, server, "mallory", PASSWORD, register=True, realm=name, ca=ca
                 )
@@ -244,11 +244,6 @@ def test_untrusted_ca_and_wrong_name_are_refused(
         yield _drain(factory)
 
 
-@pytest.mark.xfail(
-    reason="chatproto.client.ClientProtocol.connectionLost fails pending requests with "
-    "ConnectionDone instead of the TLS failure",
-    strict=False,
-)
 @pytest_twisted.inlineCallbacks
 def test_client_connect_reports_the_tls_error(
     realm: Any, certs: dict[str, str], tmp_path: Path

@@ -201,7 +201,7 @@ class SQLiteDB:
                         )
                     c.execute("RELEASE b")
                     out.append(positions)
-                except sqlite3.Error as err:
+                except Exception as err:  # one bad batch must not fail the others
                     c.execute("ROLLBACK TO b")
                     c.execute("RELEASE b")
                     out.append(err)

@@ -1,0 +1,101 @@
+"""An in-memory :class:`~chatproto.store.IStore`: for tests and embedding experiments.
+
+Same contract as the SQLite store (positions assigned at append, never reused), but
+nothing survives the process and every Deferred has already fired, so tests built on
+it need no threads and no reactor (use ``successResultOf``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from chatproto.envelope import Envelope
+from chatproto.store import IStore, UserExists
+
+
+@implementer(IStore)
+class MemoryStore:
+    path = ":memory:"
+
+    def __init__(self) -> None:
+        self.users: dict[str, str] = {}
+        self.items: list[Envelope] = []
+        self.acks: dict[tuple[str, str], int] = {}
+        self._pos = 0
+
+    def open(self) -> Deferred[None]:
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+    def create_user(self, name: str, pwhash: str, ts: float) -> Deferred[None]:
+        if name in self.users:
+            return fail(UserExists(name))
+        self.users[name] = pwhash
+        return succeed(None)
+
+    def password_hash(self, name: str) -> Deferred[str | None]:
+        return succeed(self.users.get(name))
+
+    def set_password(self, name: str, pwhash: str) -> Deferred[bool]:
+        if name not in self.users:
+            return succeed(False)
+        self.users[name] = pwhash
+        return succeed(True)
+
+    def delete_user(self, name: str, address: str) -> Deferred[bool]:
+        for key in [k for k in self.acks if k[0] == address]:
+            del self.acks[key]
+        return succeed(self.users.pop(name, None) is not None)
+
+    def user_exists(self, name: str) -> Deferred[bool]:
+        return succeed(name in self.users)
+
+    def list_users(self) -> Deferred[list[str]]:
+        return succeed(sorted(self.users))
+
+    def append(self, items: Sequence[Envelope]) -> Deferred[list[Envelope]]:
+        for env in items:
+            self._pos += 1
+            env.pos = self._pos
+            self.items.append(env)
+        return succeed(list(items))
+
+    def _after(self, pos: int) -> int:
+        return bisect.bisect_right([e.pos for e in self.items], pos)
+
+    def read_feed(self, user: str, after: int, limit: int) -> Deferred[list[Envelope]]:
+        out = [e for e in self.items[self._after(after) :] if user in (e.recipient, e.sender)]
+        return succeed(out[:limit])
+
+    def history(
+        self, conversation: str, before: int | None, after: int | None, limit: int
+    ) -> Deferred[list[Envelope]]:
+        conv = [e for e in self.items if e.conversation == conversation]
+        if after is not None:
+            return succeed([e for e in conv if e.pos > after][:limit])
+        bound = before if before is not None else 2**62
+        page = [e for e in conv if e.pos < bound]
+        return succeed(page[-limit:] if limit else [])
+
+    def set_ack(self, user: str, device: str, pos: int) -> None:
+        key = (user, device)
+        if pos > self.acks.get(key, 0):
+            self.acks[key] = pos
+
+    def get_ack(self, user: str, device: str) -> Deferred[int]:
+        if (user, device) in self.acks:
+            return succeed(self.acks[(user, device)])
+        mine = [p for (u, _), p in self.acks.items() if u == user]
+        return succeed(max(mine, default=0))
+
+    def max_pos(self) -> Deferred[int]:
+        return succeed(self._pos)
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore {len(self.users)} users, {len(self.items)} items>"

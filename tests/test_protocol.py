@@ -1,0 +1,525 @@
+"""Protocol logic over StringTransport: a real realm on a MemoryStore, a Clock, no sockets."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from chatproto import wire
+from chatproto.config import Config
+from chatproto.protocol import ClientFactory
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> Any:
+    r = make_test_realm(clock)
+    yield r
+    r.stopService()
+
+
+def hello(proto: Any, transport: Any) -> dict[str, Any]:
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
+    [reply] = frames(transport)
+    return reply
+
+
+def logged_in(realm: Any, clock: Clock, user: str, password: str = "password1", **kw: Any):
+    proto, transport = connect_string_transport(realm)
+    hello(proto, transport)
+    if user not in realm.store.users:
+        realm.create_user(user, password)
+    proto.dataReceived(frame({"type": "login", "user": user, "password": password, "id": 1, **kw}))
+    clock.advance(0)  # the backlog starts on the next turn
+    return proto, transport
+
+
+def test_hello_announces_realm_and_limits(realm: Any) -> None:
+    proto, transport = connect_string_transport(realm)
+    reply = hello(proto, transport)
+    assert reply["type"] == "result" and reply["id"] == "h"
+    assert reply["version"] == 1 and reply["realm"] == "localhost"
+    assert reply["limits"]["max_frame"] == realm.config.limits.max_frame
+    assert reply["limits"]["max_body"] == realm.config.limits.max_body
+    assert "register" in reply["features"]
+
+
+def test_unsupported_version_is_refused_and_closed(realm: Any) -> None:
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 99, "id": 7}))
+    [err] = frames(transport)
+    assert err["code"] == "unsupported_version" and err["supported"] == [1] and err["id"] == 7
+    assert transport.disconnecting
+
+
+def test_requests_before_hello_and_before_login(realm: Any) -> None:
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "send", "to": "bob", "body": "x", "id": 1}))
+    assert frames(transport)[0]["code"] == "hello_required"
+    hello(proto, transport)
+    proto.dataReceived(frame({"type": "send", "to": "bob", "body": "x", "id": 2}))
+    [err] = frames(transport)
+    assert err == {**err, "code": "not_authenticated", "id": 2}
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "payload, code, closes",
+    [
+        (b"{not json", "bad_frame", True),
+        (b"[1, 2]", "bad_frame", True),
+        (b"\xff\xfe", "bad_frame", True),
+        (b"\x00binary", "bad_frame", True),
+        (b"", "bad_frame", True),
+        (b'{"no": "type"}', "bad_request", False),
+        (b'{"type": 5}', "bad_request", False),
+        (b'{"type": "frobnicate", "id": 3}', "unknown_type", False),
+        (b'{"type": "hello", "version": "1"}', "bad_request", False),
+        (b'{"type": "hello", "version": true}', "bad_request", False),
+        (b'{"type": "hello", "id": [1]}', "bad_request", False),
+    ],
+)
+def test_bad_input_gets_an_error_code(realm: Any, payload: bytes, code: str, closes: bool) -> None:
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(struct.pack("!I", len(payload)) + payload)
+    [err] = frames(transport)
+    assert err["type"] == "error" and err["code"] == code and err["message"]
+    assert transport.disconnecting is closes
+
+
+def test_oversized_frame_is_refused_and_closed(clock: Clock) -> None:
+    cfg = Config()
+    cfg.limits.max_frame = 2048
+    realm = make_test_realm(clock, cfg)
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(struct.pack("!I", 4096) + b"{")
+    [err] = frames(transport)
+    assert err["code"] == "too_large" and transport.disconnecting
+
+
+def _login_session() -> bytes:
+    return b"".join(
+        frame(f)
+        for f in (
+            {"type": "hello", "version": 1, "id": 1},
+            {"type": "login", "user": "alice", "password": "password1", "id": 2},
+            {"type": "send", "to": "alice", "body": "note to self", "id": 3},
+            {"type": "who", "id": 4},
+        )
+    )
+
+
+def _run_chunks(chunks: list[bytes]) -> list[dict[str, Any]]:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", "password1")
+    proto, transport = connect_string_transport(realm)
+    for c in chunks:
+        proto.dataReceived(c)
+        clock.advance(0)
+    clock.advance(0)
+    out = frames(transport)
+    proto.connectionLost(None)
+    realm.stopService()
+    return out
+
+
+def _shape(fs: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    return sorted((f["type"], f.get("id")) for f in fs)
+
+
+def test_frames_split_at_every_boundary_and_joined() -> None:
+    data = _login_session()
+    whole = _run_chunks([data])
+    assert _shape(whole) == _shape(
+        [{"type": "result", "id": i} for i in (1, 2, 3, 4)] + [{"type": "msg"}, {"type": "synced"}]
+    )
+    one_by_one = _run_chunks([data[i : i + 1] for i in range(len(data))])
+    assert _shape(one_by_one) == _shape(whole)
+    for cut in range(1, len(data)):
+        assert _shape(_run_chunks([data[:cut], data[cut:]])) == _shape(whole)
+
+
+def test_login_wrong_password_and_unknown_user_look_the_same(realm: Any, clock: Clock) -> None:
+    realm.create_user("alice", "password1")
+    replies = []
+    for user, pw in (("alice", "wrong-password"), ("nobody", "wrong-password"), ("B@D", "x")):
+        proto, transport = connect_string_transport(realm, host=f"10.0.0.{len(replies)}")
+        hello(proto, transport)
+        proto.dataReceived(frame({"type": "login", "user": user, "password": pw, "id": 1}))
+        [err] = frames(transport)
+        replies.append({k: v for k, v in err.items()})
+    assert replies[0] == replies[1] == replies[2]
+    assert replies[0]["code"] == "auth_failed"
+
+
+def test_repeated_failures_are_slowed_per_account_and_address(realm: Any, clock: Clock) -> None:
+    realm.create_user("alice", "password1")
+
+    def attempt(pw: str, host: str = "10.1.1.1", user: str = "alice") -> str:
+        proto, transport = connect_string_transport(realm, host=host)
+        hello(proto, transport)
+        proto.dataReceived(frame({"type": "login", "user": user, "password": pw, "id": 1}))
+        [reply] = frames(transport)
+        return reply.get("code", "ok")
+
+    free = realm.config.auth.free_failures_per_account
+    assert [attempt("bad-pass") for _ in range(free + 1)] == ["auth_failed"] * (free + 1)
+    # Even the right password waits now: the account is throttled, from any address.
+    assert attempt("password1", host="10.9.9.9") == "rate_limited"
+    clock.advance(realm.config.auth.failure_delay + 0.01)
+    assert attempt("password1", host="10.9.9.9") == "ok"
+    # Success cleared the account; an address spraying many accounts is slowed too.
+    codes = [attempt("x-bad-pass", "10.2.2.2", f"user{i}") for i in range(12)]
+    assert codes[-1] == "rate_limited" and "auth_failed" in codes
+
+
+def test_send_sets_sender_and_delivers_to_all_sessions(realm: Any, clock: Clock) -> None:
+    a1, ta1 = logged_in(realm, clock, "alice")
+    _a2, ta2 = logged_in(realm, clock, "alice", device="phone")
+    _b1, tb1 = logged_in(realm, clock, "bob")
+    for t in (ta1, ta2, tb1):
+        frames(t)
+    # A forged "from" is ignored: the realm sets the sender.
+    a1.dataReceived(frame({"type": "send", "to": "BOB", "body": "hi", "from": "bob", "id": 9}))
+    [echo, result] = sorted(frames(ta1), key=lambda f: f["type"])
+    assert echo["type"] == "msg" and result["type"] == "result" and result["id"] == 9
+    [m2] = frames(ta2)
+    [mb] = frames(tb1)
+    assert m2 == echo == mb
+    assert mb["from"] == "alice@localhost" and mb["to"] == "bob@localhost"
+    assert mb["pos"] == result["pos"] and mb["msg_id"] == result["msg_id"]
+
+
+def test_send_errors(realm: Any, clock: Clock) -> None:
+    a, t = logged_in(realm, clock, "alice")
+    frames(t)
+    cases = [
+        ({"to": "nobody", "body": "x"}, "no_such_user"),
+        ({"to": "bad name!", "body": "x"}, "bad_address"),
+        ({"to": "bob@other.example", "body": "x"}, "remote_realm"),
+        ({"to": "#group", "body": "x"}, "bad_address"),
+        ({"to": "alice", "body": 5}, "bad_request"),
+        ({"to": "alice"}, "bad_request"),
+        ({"to": "alice", "body": "é" * realm.config.limits.max_body}, "too_large"),
+    ]
+    for i, (fields, code) in enumerate(cases):
+        a.dataReceived(frame({"type": "send", "id": i, **fields}))
+        [err] = frames(t)
+        assert (err["id"], err["code"]) == (i, code)
+    assert not t.disconnecting
+
+
+def test_send_rate_limit(clock: Clock) -> None:
+    cfg = Config()
+    cfg.limits.send_rate = 1.0
+    cfg.limits.send_burst = 3
+    realm = make_test_realm(clock, cfg)
+    a, t = logged_in(realm, clock, "alice")
+    frames(t)
+    for i in range(4):
+        a.dataReceived(frame({"type": "send", "to": "alice", "body": "x", "id": i}))
+    results = [f for f in frames(t) if f["type"] != "msg"]
+    assert [f.get("code") for f in results] == [None, None, None, "rate_limited"]
+    assert results[-1]["retry_after"] == pytest.approx(1.0, abs=0.01)
+    clock.advance(1.0)
+    a.dataReceived(frame({"type": "send", "to": "alice", "body": "x", "id": 5}))
+    assert [f["type"] for f in frames(t) if f["type"] != "msg"] == ["result"]
+
+
+def test_backlog_then_synced_then_live_and_ack_resume(realm: Any, clock: Clock) -> None:
+    realm.create_user("bob", "password1")
+    a, _ta = logged_in(realm, clock, "alice")
+    for i in range(3):
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": f"m{i}", "id": i}))
+    b, tb = logged_in(realm, clock, "bob")
+    got = frames(tb)
+    assert [f["type"] for f in got] == ["result", "msg", "msg", "msg", "synced"]
+    assert [f["body"] for f in got[1:4]] == ["m0", "m1", "m2"]
+    assert got[-1]["pos"] == got[3]["pos"]
+    b.dataReceived(frame({"type": "ack", "pos": got[2]["pos"]}))  # processed m0, m1
+    assert frames(tb) == []  # acks are not answered
+    b.connectionLost(None)
+    _b2, tb2 = logged_in(realm, clock, "bob")
+    again = frames(tb2)
+    assert [f.get("body") for f in again if f["type"] == "msg"] == ["m2"]
+    # A device never seen starts at the user's newest ack.
+    _b3, tb3 = logged_in(realm, clock, "bob", device="tablet")
+    assert [f.get("body") for f in frames(tb3) if f["type"] == "msg"] == ["m2"]
+    # since= overrides the stored ack.
+    _b4, tb4 = logged_in(realm, clock, "bob", device="tablet", since=0)
+    assert [f.get("body") for f in frames(tb4) if f["type"] == "msg"] == ["m0", "m1", "m2"]
+
+
+def test_ack_cannot_skip_ahead(realm: Any, clock: Clock) -> None:
+    realm.create_user("bob", "password1")
+    b, _tb = logged_in(realm, clock, "bob")
+    b.dataReceived(frame({"type": "ack", "pos": 10**9}))
+    a, _ta = logged_in(realm, clock, "alice")
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "later", "id": 1}))
+    b.connectionLost(None)
+    _b2, tb2 = logged_in(realm, clock, "bob")
+    assert [f.get("body") for f in frames(tb2) if f["type"] == "msg"] == ["later"]
+
+
+def test_live_items_during_backlog_are_neither_lost_nor_doubled(realm: Any, clock: Clock) -> None:
+    realm.create_user("bob", "password1")
+    a, _ta = logged_in(realm, clock, "alice")
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "before", "id": 1}))
+    proto, tb = connect_string_transport(realm)
+    hello(proto, tb)
+    proto.dataReceived(frame({"type": "login", "user": "bob", "password": "password1", "id": 2}))
+    # Logged in, backlog not started yet: a live message arrives now.
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "during", "id": 3}))
+    clock.advance(0)
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "after", "id": 4}))
+    bodies = [f["body"] for f in frames(tb) if f["type"] == "msg"]
+    assert bodies == ["before", "during", "after"]
+
+
+def test_history_pages(realm: Any, clock: Clock) -> None:
+    realm.create_user("bob", "password1")
+    a, ta = logged_in(realm, clock, "alice")
+    for i in range(5):
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": f"m{i}", "id": i}))
+    frames(ta)
+
+    def page(**kw: Any) -> list[str]:
+        a.dataReceived(frame({"type": "history", "with": "bob", "id": "h", **kw}))
+        [r] = frames(ta)
+        assert r["type"] == "result", r
+        return [m["body"] for m in r["messages"]]
+
+    assert page() == ["m0", "m1", "m2", "m3", "m4"]
+    assert page(limit=2) == ["m3", "m4"]
+    newest = realm.store.items[-1].pos
+    assert page(limit=2, before=newest - 1) == ["m1", "m2"]
+    assert page(limit=2, after=realm.store.items[0].pos) == ["m1", "m2"]
+    a.dataReceived(frame({"type": "history", "with": "bob", "limit": 0, "id": 1}))
+    assert frames(ta)[0]["code"] == "bad_request"
+    a.dataReceived(frame({"type": "history", "with": "bob", "before": 1, "after": 1, "id": 1}))
+    assert frames(ta)[0]["code"] == "bad_request"
+
+
+def test_who_lists_online_users(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    b, _tb = logged_in(realm, clock, "bob")
+    frames(ta)
+    a.dataReceived(frame({"type": "who", "id": 1}))
+    [r] = frames(ta)
+    assert r["users"] == [
+        {"user": "alice@localhost", "sessions": 1},
+        {"user": "bob@localhost", "sessions": 1},
+    ]
+    b.connectionLost(None)
+    a.dataReceived(frame({"type": "who", "id": 2}))
+    assert frames(ta)[0]["users"] == [{"user": "alice@localhost", "sessions": 1}]
+
+
+def test_register_rules(clock: Clock) -> None:
+    cfg = Config()
+    realm = make_test_realm(clock, cfg)
+    proto, t = connect_string_transport(realm)
+    hello(proto, t)
+    # NFKC + case-folding: fullwidth capitals are the same name as plain lower case.
+    proto.dataReceived(
+        frame({"type": "register", "user": "ＺOE", "password": "password1", "id": 1})
+    )
+    assert frames(t)[0] == {"type": "result", "id": 1, "user": "zoe@localhost"}
+    proto.dataReceived(frame({"type": "register", "user": "Zoe", "password": "password1", "id": 2}))
+    assert frames(t)[0]["code"] == "user_exists"
+    proto.dataReceived(frame({"type": "register", "user": "carol", "password": "short", "id": 3}))
+    assert frames(t)[0]["code"] == "bad_request"
+    cfg.auth.allow_registration = False
+    proto.dataReceived(
+        frame({"type": "register", "user": "dave", "password": "password1", "id": 4})
+    )
+    assert frames(t)[0]["code"] == "registration_closed"
+
+
+def test_double_login_refused(realm: Any, clock: Clock) -> None:
+    a, t = logged_in(realm, clock, "alice")
+    frames(t)
+    a.dataReceived(frame({"type": "login", "user": "alice", "password": "password1", "id": 5}))
+    assert frames(t)[0]["code"] == "already_authenticated"
+
+
+def test_login_timeout_and_keepalive(realm: Any, clock: Clock) -> None:
+    factory = ClientFactory(realm, clock=clock)
+    factory.startFactory()
+    lim = realm.config.limits
+    idle, ti = connect_string_transport(realm, factory)
+    a, ta = connect_string_transport(realm, factory)
+    hello(a, ta)
+    realm.create_user("alice", "password1")
+    a.dataReceived(frame({"type": "login", "user": "alice", "password": "password1", "id": 1}))
+    clock.advance(0)
+    frames(ta)
+    clock.advance(lim.login_timeout)
+    assert ti.disconnecting and frames(ti)[-1]["code"] == "timeout"
+    idle.connectionLost(None)
+    assert not ta.disconnecting
+    clock.advance(lim.keepalive_interval - lim.login_timeout + 1)
+    assert frames(ta) == [{"type": "ping"}]
+    a.dataReceived(frame({"type": "pong"}))  # alive: no reply, no close
+    clock.advance(lim.keepalive_interval * 1.5)
+    assert frames(ta) == [{"type": "ping"}] and not ta.disconnecting
+    clock.advance(lim.keepalive_interval)
+    assert ta.disconnecting and frames(ta)[-1]["code"] == "timeout"
+    a.connectionLost(None)
+    factory.stopFactory()
+    assert realm.who() == []
+
+
+def test_slow_reader_is_dropped_and_resumes_without_loss(clock: Clock) -> None:
+    cfg = Config()
+    cfg.limits.max_output_buffer = 10_000
+    cfg.limits.send_burst = 1000
+    realm = make_test_realm(clock, cfg)
+    realm.create_user("bob", "password1")
+    b, tb = logged_in(realm, clock, "bob")
+    frames(tb)
+    b.pauseProducing()  # what the transport does when the peer stops reading
+    a, _ta = logged_in(realm, clock, "alice")
+    sent = 0
+    while not tb.disconnecting and sent < 1000:
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": "x" * 200, "id": sent}))
+        sent += 1
+    assert tb.disconnecting and sent < 100
+    delivered = [f for f in frames(tb) if f["type"] == "msg"]
+    b.connectionLost(None)
+    _b2, tb2 = logged_in(realm, clock, "bob", since=0)
+    again = [f for f in frames(tb2) if f["type"] == "msg"]
+    assert len(again) == sent and [f["body"] for f in again] == ["x" * 200] * sent
+    assert len(delivered) < sent
+
+
+def test_backlog_waits_for_a_paused_reader(clock: Clock) -> None:
+    from chatproto import realm as realm_mod
+
+    cfg = Config()
+    cfg.limits.send_burst = 10**6
+    realm = make_test_realm(clock, cfg)
+    realm.create_user("bob", "password1")
+    a, _ta = logged_in(realm, clock, "alice")
+    n = realm_mod.SYNC_PAGE + 10
+    for i in range(n):
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": str(i), "id": i}))
+    proto, tb = connect_string_transport(realm)
+    hello(proto, tb)
+    proto.pauseProducing()
+    proto.dataReceived(frame({"type": "login", "user": "bob", "password": "password1", "id": 2}))
+    clock.advance(0)
+    # Paused: one item goes out, then the backlog waits for the reader.
+    first = [f for f in frames(tb) if f["type"] == "msg"]
+    assert len(first) == 1
+    clock.advance(1)
+    assert frames(tb) == []
+    proto.resumeProducing()
+    rest = frames(tb)
+    assert [f["body"] for f in first + rest if f["type"] == "msg"] == [str(i) for i in range(n)]
+    assert rest[-1]["type"] == "synced"
+
+
+def test_no_delayed_calls_left_after_disconnect(realm: Any, clock: Clock) -> None:
+    a, _ta = logged_in(realm, clock, "alice")
+    a.connectionLost(None)
+    realm.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_arbitrary_bytes_never_raise(realm: Any, chunks: list[bytes]) -> None:
+    proto, transport = connect_string_transport(realm)
+    for c in chunks:
+        proto.dataReceived(c)
+    for f in frames(transport):
+        assert f["type"] == "error" and f["code"] in (
+            "bad_frame",
+            "bad_request",
+            "unknown_type",
+            "hello_required",
+            "too_large",
+            "unsupported_version",
+        )
+    proto.connectionLost(None)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(
+    max_examples=200,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.sampled_from(
+        ["hello", "login", "register", "send", "history", "who", "ack", "ping", "pong", "x"]
+    ),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "id",
+                "version",
+                "user",
+                "password",
+                "to",
+                "body",
+                "with",
+                "before",
+                "after",
+                "limit",
+                "pos",
+                "since",
+                "device",
+            ]
+        ),
+        json_values,
+        max_size=6,
+    ),
+)
+def test_arbitrary_requests_get_answers_not_crashes(
+    realm: Any, clock: Clock, kind: str, fields: dict[str, Any]
+) -> None:
+    proto, transport = connect_string_transport(realm)
+    hello(proto, transport)
+    if "alice" not in realm.store.users:
+        realm.create_user("alice", "password1")
+    proto.dataReceived(frame({"type": "login", "user": "alice", "password": "password1"}))
+    clock.advance(0)
+    frames(transport)
+    proto.dataReceived(frame({**fields, "type": kind}))
+    clock.advance(0)
+    for f in frames(transport):
+        assert f["type"] in ("result", "error", "msg", "synced"), f
+        if f["type"] == "error":
+            assert f["code"] != "internal_error", f
+    proto.connectionLost(None)
+
+
+def test_wire_decode_rejects_deep_nesting() -> None:
+    deep = b"{" + b'"a":[' * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(wire.ChatError) as e:
+        wire.decode(deep)
+    assert e.value.code == "bad_frame"
