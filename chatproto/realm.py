@@ -23,7 +23,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -283,6 +283,7 @@ class RealmService(Service):
         )
         self._online: dict[str, list[Session]] = {}
         self._known_users: set[str] = set()
+        self._addresses: dict[str, Address] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -421,12 +422,22 @@ class RealmService(Service):
 
     # messages -----------------------------------------------------------------------
 
-    def _local_user(self, text: str) -> Deferred[Address]:
-        addr = address.user(text, self.realm)
+    def _local_user(self, text: str) -> Address | Deferred[Address]:
+        """The local user ``text`` names: an Address when known, else a Deferred.
+
+        Parsed addresses are cached by their spelling (bounded), so the hot path does
+        not normalise the same recipient for every message.
+        """
+        addr = self._addresses.get(text)
+        if addr is None:
+            addr = address.user(text, self.realm)
+            if len(self._addresses) >= 65536:
+                self._addresses.clear()
+            self._addresses[text] = addr
         if not addr.is_local(self.realm):
             raise ChatError("remote_realm", f"{addr} is on another realm; federation is off")
         if addr.name in self._known_users:
-            return succeed(addr)
+            return addr
 
         def check(exists: bool) -> Address:
             if not exists:
@@ -446,13 +457,24 @@ class RealmService(Service):
             )
         return body
 
-    @inlineCallbacks
-    def send_private(self, session: Session, to: str, body: str) -> Any:
-        body = self._check_body(body)
-        wait = session._bucket.take(self.clock.seconds())
-        if wait:
-            raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
-        recipient = yield self._local_user(to)
+    def send_private(self, session: Session, to: str, body: str) -> Deferred[Envelope]:
+        """Store a private message, then route it; fires with the committed envelope.
+
+        The hot path of the realm: no generator, one Deferred from the store.
+        """
+        try:
+            body = self._check_body(body)
+            wait = session._bucket.take(self.clock.seconds())
+            if wait:
+                raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+            recipient = self._local_user(to)
+        except ChatError as e:
+            return fail(e)
+        if isinstance(recipient, Deferred):
+            return recipient.addCallback(lambda r: self._store_private(session, r, body))
+        return self._store_private(session, recipient, body)
+
+    def _store_private(self, session: Session, recipient: Address, body: str) -> Deferred[Envelope]:
         env = Envelope(
             id=new_message_id(),
             kind="text",
@@ -461,7 +483,10 @@ class RealmService(Service):
             ts=self.clock.seconds(),
             body=body,
         )
-        yield self.store.append([env])  # durable before anyone hears of it
+        # Durable before anyone hears of it: routing happens after the commit.
+        return self.store.append([env]).addCallback(self._committed, env)
+
+    def _committed(self, _: object, env: Envelope) -> Envelope:
         self._route(env)
         return env
 

@@ -162,49 +162,47 @@ class SQLiteDB:
 
     # streams ------------------------------------------------------------------------
 
+    _INSERT = (
+        "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+
+    @staticmethod
+    def _params(batch: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+        return [
+            (
+                e.id,
+                e.kind,
+                e.sender,
+                e.recipient,
+                e.conversation,
+                e.ts,
+                e.body,
+                json.dumps(e.meta) if e.meta is not None else None,
+            )
+            for e in batch
+        ]
+
     def append_batch(
         self, batches: Sequence[Sequence[Envelope]], acks: dict[tuple[str, str], int]
     ) -> list[list[int] | Exception]:
         """Commit every batch in one transaction; return positions per batch.
 
-        A batch that violates a constraint is rolled back alone (savepoint) and its
-        slot holds the exception, so one bad batch never fails the others.
+        Fast path: all items in one ``executemany``.  This connection is the only
+        writer of ``items`` and positions are AUTOINCREMENT, so the rows get the
+        consecutive positions ending at ``last_insert_rowid()``.  If any item violates a
+        constraint, the transaction is redone batch by batch under savepoints, so one
+        bad batch fails alone and never takes the others with it.
         """
         c = self.conn
-        out: list[list[int] | Exception] = []
-        sql = (
-            "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING pos"
-        )
         c.execute("BEGIN IMMEDIATE")
         try:
-            for batch in batches:
-                c.execute("SAVEPOINT b")
-                try:
-                    positions = []
-                    for e in batch:
-                        meta = json.dumps(e.meta) if e.meta is not None else None
-                        positions.append(
-                            c.execute(
-                                sql,
-                                (
-                                    e.id,
-                                    e.kind,
-                                    e.sender,
-                                    e.recipient,
-                                    e.conversation,
-                                    e.ts,
-                                    e.body,
-                                    meta,
-                                ),
-                            ).fetchone()[0]
-                        )
-                    c.execute("RELEASE b")
-                    out.append(positions)
-                except Exception as err:  # one bad batch must not fail the others
-                    c.execute("ROLLBACK TO b")
-                    c.execute("RELEASE b")
-                    out.append(err)
+            try:
+                out = self._append_all(batches)
+            except Exception:
+                c.execute("ROLLBACK")
+                c.execute("BEGIN IMMEDIATE")
+                out = self._append_each(batches)
             if acks:
                 c.executemany(
                     "INSERT INTO acks VALUES (?, ?, ?) ON CONFLICT (user, device) "
@@ -215,6 +213,38 @@ class SQLiteDB:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        return out
+
+    def _append_all(self, batches: Sequence[Sequence[Envelope]]) -> list[list[int] | Exception]:
+        params = [p for batch in batches for p in self._params(batch)]
+        if not params:
+            return [[] for _ in batches]
+        c = self.conn
+        c.executemany(self._INSERT, params)
+        last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+        pos = last - len(params) + 1
+        out: list[list[int] | Exception] = []
+        for batch in batches:
+            out.append(list(range(pos, pos + len(batch))))
+            pos += len(batch)
+        return out
+
+    def _append_each(self, batches: Sequence[Sequence[Envelope]]) -> list[list[int] | Exception]:
+        c = self.conn
+        out: list[list[int] | Exception] = []
+        for batch in batches:
+            c.execute("SAVEPOINT b")
+            try:
+                positions = [
+                    c.execute(self._INSERT + " RETURNING pos", p).fetchone()[0]
+                    for p in self._params(batch)
+                ]
+                c.execute("RELEASE b")
+                out.append(positions)
+            except Exception as err:  # one bad batch must not fail the others
+                c.execute("ROLLBACK TO b")
+                c.execute("RELEASE b")
+                out.append(err)
         return out
 
     def read_feed(self, user: str, after: int, limit: int) -> list[Envelope]:
