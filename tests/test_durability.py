@@ -1,0 +1,270 @@
+"""Durability of a real ``twistd chatrealm`` process: acknowledged means stored.
+
+Each test runs the realm as a subprocess (``twistd -n chatrealm``) on a temp data dir,
+listening on port 0 of 127.0.0.1; the port is read from the "listening on" log line.
+Messages are sent with the client library and the realm is killed with SIGKILL right
+after the last acknowledgement, then restarted on the same data dir: every
+acknowledged message must be there, in order, once.  Every process has a bounded
+lifetime and is killed at teardown whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error, protocol
+from twisted.internet import reactor as _reactor
+
+from chatproto import client
+
+PASSWORD = "correct horse"
+#: Upper bound for a realm to start, and for any subprocess to live.
+TIMEOUT = 30.0
+CONFIG = """\
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+
+[limits]
+send_rate = 100000.0
+send_burst = 100000
+"""
+
+_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) ")
+_STARTED = "realm localhost started"
+
+
+def _twistd_argv() -> list[str]:
+    """Run the twistd of this interpreter's environment (the plugin is installed there)."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class RealmProcess(protocol.ProcessProtocol):
+    """A ``twistd chatrealm`` subprocess.
+
+    ``started`` fires with the listening port once the realm logged that it listens and
+    has started; ``ended`` fires with the exit code (``-signal`` when killed).  The
+    process is killed after :data:`TIMEOUT` seconds whatever happens.
+    """
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.port: int | None = None
+        self.started: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.running = False
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        self.running = True
+        self.transport.closeStdin()
+        self._deadline = _reactor.callLater(TIMEOUT, self.kill)
+
+    def _received(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+        if self.port is None:
+            m = _LISTENING.search(self.output)
+            if m:
+                self.port = int(m.group(1))
+        if self.port is not None and _STARTED in self.output and not self.started.called:
+            self.started.callback(self.port)
+
+    outReceived = errReceived = _received
+
+    def kill(self, sig: str = "KILL") -> None:
+        if self.running:
+            try:
+                self.transport.signalProcess(sig)
+            except error.ProcessExitedAlready:
+                pass
+
+    def processEnded(self, reason: Any) -> None:
+        self.running = False
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        code = reason.value.exitCode
+        if code is None:
+            code = -(reason.value.signal or 1)
+        if not self.started.called:
+            self.started.errback(RuntimeError(f"realm exited ({code}) before starting"))
+            self.started.addErrback(lambda _: None)
+        self.ended.callback(code)
+
+
+@pytest.fixture
+def spawn(tmp_path: Any) -> Any:
+    """``spawn(*args)`` starts ``twistd -n chatrealm *args`` in tmp_path; all are killed at
+    teardown."""
+    config = tmp_path / "realm.toml"
+    config.write_text(CONFIG)
+    procs: list[RealmProcess] = []
+
+    def spawn(*args: str, config_file: str | None = str(config)) -> RealmProcess:
+        proc = RealmProcess()
+        argv = [*_twistd_argv(), "-n", "--pidfile=", "chatrealm"]
+        if config_file is not None:
+            argv += ["--config", config_file]
+        argv += args
+        _reactor.spawnProcess(proc, argv[0], argv, env=_env(), path=str(tmp_path))
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        pytest_twisted.blockon(proc.ended)
+
+
+@pytest.fixture
+def start_realm(spawn: Any, tmp_path: Any) -> Any:
+    """``start_realm()`` spawns a realm on tmp_path/data and fires with (process, server)."""
+
+    @defer.inlineCallbacks
+    def start() -> Any:
+        proc = spawn("--data-dir", str(tmp_path / "data"), "--listen", "tcp:0:interface=127.0.0.1")
+        try:
+            port = yield proc.started.addTimeout(TIMEOUT, _reactor)
+        except Exception:
+            raise AssertionError(f"realm did not start:\n{proc.output}") from None
+        return proc, f"tcp:127.0.0.1:{port}"
+
+    return start
+
+
+@defer.inlineCallbacks
+def _register(server: str, *users: str) -> Any:
+    for user in users:
+        conn = yield client.connect(_reactor, server, user, PASSWORD, register=True)
+        yield conn.close()
+
+
+@defer.inlineCallbacks
+def _kill(proc: RealmProcess, sig: str = "KILL") -> Any:
+    proc.kill(sig)
+    code = yield proc.ended
+    return code
+
+
+@defer.inlineCallbacks
+def _backlog(server: str, user: str) -> Any:
+    """Log in as ``user`` and collect the backlog until the realm says it is synced."""
+    received: list[dict[str, Any]] = []
+    conn = yield client.connect(_reactor, server, user, PASSWORD, on_message=received.append)
+    yield conn.synced
+    return conn, received
+
+
+@defer.inlineCallbacks
+def _check_survived(server: str, sent: list[str], acks: list[dict[str, Any]]) -> Any:
+    """bob's backlog and history hold exactly the acknowledged messages, in order."""
+    conn, received = yield _backlog(server, "bob")
+    try:
+        assert [m["body"] for m in received] == sent
+        assert [m["pos"] for m in received] == [a["pos"] for a in acks]
+        assert [m["msg_id"] for m in received] == [a["msg_id"] for a in acks]
+        assert {m["from"] for m in received} == {"alice@localhost"}
+        history = yield conn.history("alice", limit=200)  # the realm's largest page
+        assert [m["body"] for m in history] == sent[-200:]
+    finally:
+        yield conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_acknowledged_messages_survive_sigkill(start_realm: Any) -> Any:
+    proc, server = yield start_realm()
+    yield _register(server, "bob")  # bob is offline: nothing is delivered or acked
+    alice = yield client.connect(_reactor, server, "alice", PASSWORD, register=True)
+    sent = [f"message {i} \N{SNOWMAN}" for i in range(10)]
+    acks = []
+    for body in sent:
+        acks.append((yield alice.send("bob", body)))
+    assert [a["pos"] for a in acks] == sorted({a["pos"] for a in acks})
+
+    code = yield _kill(proc)
+    assert code == -signal.SIGKILL
+    yield alice.protocol.closed_d
+
+    _proc2, server2 = yield start_realm()
+    yield _check_survived(server2, sent, acks)
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_sends_survive_sigkill_after_last_ack(start_realm: Any) -> Any:
+    """200 sends in flight at once are group-committed; every acked one is durable."""
+    proc, server = yield start_realm()
+    yield _register(server, "bob")
+    alice = yield client.connect(_reactor, server, "alice", PASSWORD, register=True)
+    sent = [f"pipelined {i}" for i in range(200)]
+    acks = yield defer.gatherResults([alice.send("bob", body) for body in sent])
+    proc.kill()  # at once: no reactor turn between the last ack and the kill
+    assert (yield proc.ended) == -signal.SIGKILL
+    positions = [a["pos"] for a in acks]
+    assert positions == sorted(set(positions)), "positions follow the order of the sends"
+    yield alice.protocol.closed_d
+
+    _proc2, server2 = yield start_realm()
+    yield _check_survived(server2, sent, acks)
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigterm_shuts_down_cleanly_and_keeps_data(start_realm: Any) -> Any:
+    proc, server = yield start_realm()
+    yield _register(server, "bob")
+    alice = yield client.connect(_reactor, server, "alice", PASSWORD, register=True)
+    sent = [f"before shutdown {i}" for i in range(5)]
+    acks = []
+    for body in sent:
+        acks.append((yield alice.send("bob", body)))
+
+    code = yield _kill(proc, "TERM")
+    # twistd shuts down cleanly, then re-raises SIGTERM on itself so that the exit
+    # status tells a supervisor which signal stopped it (Twisted >= 19.7).
+    assert code in (0, -signal.SIGTERM), proc.output
+    assert "realm localhost stopped" in proc.output
+    assert "Server Shut Down." in proc.output
+    assert "Traceback" not in proc.output, proc.output
+    yield alice.protocol.closed_d
+
+    proc2, server2 = yield start_realm()
+    assert "2 users" in proc2.output
+    yield _check_survived(server2, sent, acks)
+
+
+@pytest_twisted.inlineCallbacks
+def test_missing_config_file_is_a_usage_error(spawn: Any) -> Any:
+    proc = spawn(config_file="/nonexistent.toml")
+    code = yield proc.ended
+    assert code != 0
+    assert "config file '/nonexistent.toml' not found" in proc.output
+    assert "Traceback" not in proc.output, proc.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_port_in_use_exits_with_a_message(spawn: Any, tmp_path: Any) -> Any:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        description = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        proc = spawn("--data-dir", str(tmp_path / "data"), "--listen", description)
+        code = yield proc.ended
+    assert code != 0, proc.output
+    assert f"cannot listen on {description}" in proc.output, proc.output
+    assert "in use" in proc.output
