@@ -334,6 +334,11 @@ def explain(exc: BaseException, server: str, reason: Failure | None = None) -> C
         return CommandError(f"cannot connect to {server}: {str(exc).strip().rstrip('.')}")
     if isinstance(exc, (ConnectionDone, netError.ConnectionDone, netError.ConnectionLost)):
         return CommandError(f"connection to {server} failed: {_describe_reason(reason)}")
+    if type(exc).__module__.startswith("service_identity"):
+        return CommandError(
+            f"connection to {server} failed: the realm's certificate does not match the "
+            f"expected name (--realm): {exc}"
+        )
     if type(exc).__module__.startswith("OpenSSL"):
         return CommandError(f"connection to {server} failed: {_describe_reason(Failure(exc))}")
     if isinstance(exc, OSError):

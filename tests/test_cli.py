@@ -301,3 +301,14 @@ def test_explain() -> None:
     err = cli.explain(client.RemoteError("no_such_user", "no user x"), "tcp:h:1")
     assert (str(err), err.status) == ("no_such_user: no user x", 1)
     assert str(cli.explain(ValueError("boom"), "s")) == "unexpected error: ValueError: boom"
+
+
+def test_explain_words_tls_failures() -> None:
+    from service_identity import VerificationError
+    from service_identity.hazmat import DNS_ID, DNSMismatch
+
+    from chatproto.cli import explain
+
+    err = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("other.example"))])
+    text = str(explain(err, "tls:127.0.0.1:7421"))
+    assert "does not match the expected name" in text and "tls:127.0.0.1:7421" in text

@@ -1,0 +1,370 @@
+"""The IStore contract, run against every backend, plus SQLite specifics.
+
+Behavioural tests are parametrised over a store factory (SQLite with its real threads
+and the real reactor; the in-memory store), so both honour the same contract.  SQLite
+alone is checked for schema migration, group commit, constraint isolation between
+batches of one commit, AUTOINCREMENT positions and flushing acks on close.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from zope.interface.verify import verifyObject
+
+from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.store import IStore, UserExists
+from chatproto.store.memory import MemoryStore
+from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
+
+ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
+
+
+def env(sender: str, recipient: str, body: str = "hi", id_: str | None = None) -> Envelope:
+    return Envelope(
+        id=id_ or new_message_id(),
+        kind="text",
+        sender=sender,
+        recipient=recipient,
+        ts=1700000000.0,
+        body=body,
+    )
+
+
+def _sqlite(tmp_path: Any) -> SQLiteStore:
+    return SQLiteStore(str(tmp_path / "store" / "realm.sqlite3"), _reactor, synchronous="NORMAL")
+
+
+def _memory(tmp_path: Any) -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def open_store(tmp_path: Any) -> Any:
+    """``open_store(factory)`` opens a store; every store opened is closed at teardown."""
+    stores: list[Any] = []
+
+    def make(factory: Callable[[Any], Any]) -> Any:
+        store = factory(tmp_path)
+        pytest_twisted.blockon(defer.maybeDeferred(store.open))
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        pytest_twisted.blockon(store.close())
+
+
+@pytest.fixture(params=[_sqlite, _memory], ids=["sqlite", "memory"])
+def store(request: Any, open_store: Any) -> Any:
+    return open_store(request.param)
+
+
+@pytest.fixture
+def sqlite_store(open_store: Any) -> SQLiteStore:
+    return open_store(_sqlite)
+
+
+def settle(store: Any) -> defer.Deferred[Any]:
+    """Fires once writes queued so far (acks included) are committed: an append is
+    committed after everything queued before it."""
+    return store.append([env(CAROL, CAROL, "barrier")])
+
+
+# contract, every backend ----------------------------------------------------------------
+
+
+def test_provides_istore(store: Any) -> None:
+    assert verifyObject(IStore, store)
+
+
+@pytest_twisted.inlineCallbacks
+def test_accounts(store: Any) -> Any:
+    yield store.create_user("bob", "hash-b", 1.0)
+    yield store.create_user("alice", "hash-a", 2.0)
+    with pytest.raises(UserExists):
+        yield store.create_user("alice", "other", 3.0)
+    assert (yield store.list_users()) == ["alice", "bob"]
+    assert (yield store.password_hash("alice")) == "hash-a"
+    assert (yield store.password_hash("nobody")) is None
+    assert (yield store.user_exists("bob")) is True
+    assert (yield store.user_exists("nobody")) is False
+    assert (yield store.set_password("alice", "new")) is True
+    assert (yield store.set_password("nobody", "new")) is False
+    assert (yield store.password_hash("alice")) == "new"
+    store.set_ack(ALICE, "phone", 5)
+    yield settle(store)
+    assert (yield store.delete_user("alice", ALICE)) is True
+    assert (yield store.delete_user("alice", ALICE)) is False
+    assert (yield store.list_users()) == ["bob"]
+    assert (yield store.get_ack(ALICE, "phone")) == 0  # read markers went with the account
+
+
+@pytest_twisted.inlineCallbacks
+def test_positions_strictly_increase(store: Any) -> Any:
+    assert (yield store.max_pos()) == 0
+    seen: list[int] = []
+    for size in (1, 3, 1, 5):
+        batch = [env(ALICE, BOB, f"m{i}") for i in range(size)]
+        result = yield store.append(batch)
+        assert result == batch and all(a is b for a, b in zip(result, batch, strict=True))
+        seen += [e.pos for e in batch]
+    assert all(0 < a < b for a, b in zip(seen, seen[1:], strict=False))
+    assert (yield store.max_pos()) == seen[-1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_appends_keep_call_order(store: Any) -> Any:
+    batches = [[env(ALICE, BOB, f"m{i}")] for i in range(500)]
+    results = yield defer.gatherResults([store.append(b) for b in batches])
+    positions = [r[0].pos for r in results]
+    assert positions == sorted(set(positions))
+    feed = yield store.read_feed(BOB, 0, 1000)
+    assert [e.body for e in feed] == [f"m{i}" for i in range(500)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_read_feed(store: Any) -> Any:
+    items = [
+        env(ALICE, BOB, "1 a->b"),
+        env(CAROL, BOB, "2 c->b"),
+        env(BOB, ALICE, "3 b->a"),
+        env(ALICE, CAROL, "4 a->c"),
+        env(BOB, BOB, "5 b->b"),
+        env(CAROL, ALICE, "6 c->a"),
+        env(ALICE, BOB, "7 a->b"),
+    ]
+    for item in items:
+        yield store.append([item])
+    pos = {e.body[0]: e.pos for e in items}
+
+    def bodies(feed: list[Envelope]) -> list[str]:
+        return [e.body[0] for e in feed]
+
+    assert bodies((yield store.read_feed(BOB, 0, 100))) == list("12357")
+    assert bodies((yield store.read_feed(ALICE, 0, 100))) == list("13467")
+    assert bodies((yield store.read_feed(CAROL, 0, 100))) == list("246")
+    assert bodies((yield store.read_feed(BOB, pos["2"], 100))) == list("357")
+    assert bodies((yield store.read_feed(BOB, 0, 2))) == list("12")
+    assert bodies((yield store.read_feed(BOB, pos["3"], 2))) == list("57")
+    assert bodies((yield store.read_feed(BOB, pos["7"], 100))) == []
+    assert (yield store.read_feed("nobody@localhost", 0, 100)) == []
+    [first] = yield store.read_feed(ALICE, 0, 1)
+    assert (first.id, first.sender, first.recipient, first.kind, first.ts) == (
+        items[0].id,
+        ALICE,
+        BOB,
+        "text",
+        1700000000.0,
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_meta_round_trips(store: Any) -> Any:
+    item = env(ALICE, BOB, "file")
+    item.meta = {"name": "x.png", "size": 3, "nested": [1, "\N{SNOWMAN}"]}
+    yield store.append([item, env(ALICE, BOB, "plain")])
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.meta for e in feed] == [item.meta, None]
+
+
+@pytest_twisted.inlineCallbacks
+def test_history_pages(store: Any) -> Any:
+    conv = conversation_key(ALICE, BOB)
+    mine = []
+    for i in range(10):
+        a = env(ALICE, BOB, f"ab{i}") if i % 2 else env(BOB, ALICE, f"ab{i}")
+        mine.append(a)
+        yield store.append([a, env(ALICE, CAROL, f"noise{i}"), env(BOB, "#g@localhost", f"g{i}")])
+    p = [e.pos for e in mine]
+
+    def bodies(page: list[Envelope]) -> list[str]:
+        return [e.body for e in page]
+
+    assert bodies((yield store.history(conv, None, None, 3))) == ["ab7", "ab8", "ab9"]
+    assert bodies((yield store.history(conv, None, None, 100))) == [f"ab{i}" for i in range(10)]
+    assert bodies((yield store.history(conv, p[5], None, 3))) == ["ab2", "ab3", "ab4"]
+    assert bodies((yield store.history(conv, p[1], None, 3))) == ["ab0"]
+    assert bodies((yield store.history(conv, p[0], None, 3))) == []
+    assert bodies((yield store.history(conv, None, p[2], 3))) == ["ab3", "ab4", "ab5"]
+    assert bodies((yield store.history(conv, None, p[7], 100))) == ["ab8", "ab9"]
+    assert bodies((yield store.history(conv, None, 0, 2))) == ["ab0", "ab1"]
+    assert bodies((yield store.history(conv, None, p[9], 3))) == []
+    group = yield store.history("#g@localhost", None, None, 2)
+    assert bodies(group) == ["g8", "g9"]
+    assert (yield store.history(conversation_key(BOB, CAROL), None, None, 5)) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_are_monotonic_and_default_to_the_users_highest(store: Any) -> Any:
+    assert (yield store.get_ack(ALICE, "phone")) == 0
+    store.set_ack(ALICE, "phone", 5)
+    yield settle(store)
+    store.set_ack(ALICE, "phone", 3)  # lower: ignored
+    yield settle(store)
+    assert (yield store.get_ack(ALICE, "phone")) == 5
+    store.set_ack(ALICE, "laptop", 2)
+    store.set_ack(ALICE, "laptop", 4)
+    yield settle(store)
+    assert (yield store.get_ack(ALICE, "laptop")) == 4
+    assert (yield store.get_ack(ALICE, "new-device")) == 5  # the user's highest
+    assert (yield store.get_ack(BOB, "phone")) == 0
+    store.set_ack(ALICE, "laptop", 9)
+    yield settle(store)
+    assert (yield store.get_ack(ALICE, "new-device")) == 9
+    assert (yield store.get_ack(ALICE, "phone")) == 5
+
+
+# SQLite specifics ---------------------------------------------------------------------
+
+
+def test_migrate_fresh_database_and_idempotent(tmp_path: Any) -> None:
+    path = str(tmp_path / "sub" / "dir" / "realm.sqlite3")  # parents are created
+    db = SQLiteDB(path)
+    try:
+        assert db.migrate() == 0
+        assert db.version() == SCHEMA_VERSION == 1
+        assert db.migrate() == 1
+        assert db.version() == 1
+        tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master")}
+        assert {"users", "items", "acks", "schema_version"} <= tables
+        assert db.conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+    db = SQLiteDB(path)
+    try:
+        assert db.migrate() == 1
+    finally:
+        db.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Any) -> None:
+    path = str(tmp_path / "realm.sqlite3")
+    db = SQLiteDB(path)
+    db.migrate()
+    db.conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.close()
+    db = SQLiteDB(path)
+    try:
+        with pytest.raises(RuntimeError, match=r"schema version 2, newer .* upgrade chatproto"):
+            db.migrate()
+        assert db.version() == SCHEMA_VERSION + 1  # left untouched
+    finally:
+        db.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_with_newer_schema_does_not_open(tmp_path: Any) -> Any:
+    path = str(tmp_path / "realm.sqlite3")
+    db = SQLiteDB(path)
+    db.migrate()
+    db.conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.close()
+    store = SQLiteStore(path, _reactor)
+    with pytest.raises(RuntimeError, match="newer"):
+        yield defer.maybeDeferred(store.open)
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit(sqlite_store: SQLiteStore) -> Any:
+    before = sqlite_store.commits
+    results = yield defer.gatherResults([sqlite_store.append([env(ALICE, BOB)]) for _ in range(500)])
+    assert len(results) == 500
+    commits = sqlite_store.commits - before
+    assert 1 <= commits < 500
+    assert sqlite_store.committed_items == 500
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_batch_fails_alone_within_one_commit(sqlite_store: SQLiteStore) -> Any:
+    store = sqlite_store
+    first = env(ALICE, BOB, "in flight")
+    d0 = store.append([first])  # the writer is busy with this one...
+    before = store.commits
+    ok1 = env(ALICE, BOB, "ok1")
+    bad = [env(ALICE, BOB, "rolled back"), env(ALICE, BOB, "dup", id_=first.id)]
+    ok2 = env(ALICE, BOB, "ok2")
+    # ... so these three queue up and are committed together, in one transaction.
+    d1, d2, d3 = store.append([ok1]), store.append(bad), store.append([ok2])
+    yield d0
+    r1 = yield d1
+    with pytest.raises(sqlite3.IntegrityError):
+        yield d2
+    r3 = yield d3
+    assert store.commits - before == 2
+    assert r1[0].pos < r3[0].pos
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.body for e in feed] == ["in flight", "ok1", "ok2"]
+    assert [e.pos for e in bad] == [0, 0]
+    # the store keeps working after the failure
+    [later] = yield store.append([env(ALICE, BOB, "later")])
+    assert later.pos > r3[0].pos
+
+
+@pytest_twisted.inlineCallbacks
+def test_positions_are_not_reused_after_deletion(sqlite_store: SQLiteStore) -> Any:
+    store = sqlite_store
+    items = yield store.append([env(ALICE, BOB, f"m{i}") for i in range(3)])
+    top = items[-1].pos
+    db = SQLiteDB(store.path)
+    try:
+        db.conn.execute("DELETE FROM items WHERE pos = ?", (top,))
+    finally:
+        db.close()
+    assert (yield store.max_pos()) == top - 1
+    [again] = yield store.append([env(ALICE, BOB, "again")])
+    assert again.pos > top
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_flushes_pending_acks(tmp_path: Any) -> Any:
+    store = _sqlite(tmp_path)
+    yield store.open()
+    d = store.append([env(ALICE, BOB)])
+    store.set_ack(BOB, "phone", 1)  # queued behind the append in flight
+    store.set_ack(BOB, "phone", 7)
+    store.set_ack(ALICE, "laptop", 3)
+    yield store.close()
+    assert d.called
+    db = SQLiteDB(store.path)
+    try:
+        assert db.get_ack(BOB, "phone") == 7
+        assert db.get_ack(ALICE, "laptop") == 3
+        assert db.get_ack(BOB, "other") == 7
+    finally:
+        db.close()
+    reopened = _sqlite(tmp_path)
+    yield reopened.open()
+    try:
+        assert (yield reopened.get_ack(BOB, "phone")) == 7
+        assert (yield reopened.max_pos()) == 1
+    finally:
+        yield reopened.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SQLiteStore.get_ack misses acks whose write is in flight: _flush moves them "
+    "out of _pending_acks before the commit, so a read in that window returns the old value",
+)
+@pytest_twisted.inlineCallbacks
+def test_get_ack_sees_an_ack_whose_write_is_in_flight(sqlite_store: SQLiteStore) -> Any:
+    store = sqlite_store
+    release = threading.Event()
+    # Hold the writer thread, so the ack write below stays in flight while we read.
+    store._writer_pool.callInThread(release.wait, 10)
+    try:
+        store.set_ack(ALICE, "phone", 5)
+        seen = yield store.get_ack(ALICE, "phone")
+    finally:
+        release.set()
+    yield settle(store)
+    assert seen == 5
