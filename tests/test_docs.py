@@ -10,7 +10,8 @@ These tests keep the hand-written documents and the implementation from drifting
 - the hex dumps in PROTOCOL.md are the exact bytes :func:`chatproto.wire.encode` gives,
   with the 4-byte length prefix; the ``hello`` result example is what the server sends
   with the default configuration;
-- the ports and the address examples in PROTOCOL.md are the code's.
+- the ports and the address examples in PROTOCOL.md are the code's;
+- the documented integer range and the lone-surrogate rule are what ``wire`` enforces.
 
 Run ``python tests/test_docs.py`` to print the hex dump blocks for PROTOCOL.md.
 """
@@ -248,6 +249,24 @@ def test_limits_in_doc_match_code() -> None:
     from chatproto.realm import MAX_DEVICE
 
     assert f"1 to {MAX_DEVICE} characters" in doc
+    assert f"`{wire.MAX_INT}`" in doc and f"`-{wire.MAX_INT}`" in doc
+
+
+def test_integer_range_and_lone_surrogates_are_as_documented() -> None:
+    # Integer fields: |n| <= 2**53 - 1, else bad_request.
+    assert wire.field({"n": wire.MAX_INT}, "n", int) == wire.MAX_INT
+    assert wire.field({"n": -wire.MAX_INT}, "n", int) == -wire.MAX_INT
+    for bad in (wire.MAX_INT + 1, -wire.MAX_INT - 1):
+        with pytest.raises(ChatError) as info:
+            wire.field({"n": bad}, "n", int)
+        assert info.value.code == "bad_request"
+    # A lone surrogate escape (value or key) is bad_request; a proper pair is fine.
+    for text in ('{"type":"ping","x":"\\ud800"}', '{"type":"ping","\\udc00":1}'):
+        with pytest.raises(ChatError) as info:
+            wire.decode(text.encode())
+        assert info.value.code == "bad_request"
+    assert wire.decode(b'{"type":"ping","x":"\\ud83d\\ude00"}')["x"] == "\U0001f600"
+    assert "\\ud83d\\ude00" in _doc() and "lone surrogate" in _doc()
 
 
 if __name__ == "__main__":  # pragma: no cover
