@@ -82,6 +82,13 @@ class ClientProtocol(Int32StringReceiver):
         self.state = "closed"
         self.factory.connections.discard(self)
         if self.session is not None:
+            self.log.info(
+                "session of {user} ({device}) from {peer} ended: {reason}",
+                user=self.session.user_id,
+                device=self.session.device,
+                peer=self._peer(),
+                reason=reason.getErrorMessage() if reason is not None else "closed",
+            )
             self.session.logout()
             self.session = None
         waiters, self._writable = self._writable, []
