@@ -160,6 +160,8 @@ class Session:
         self._syncing = True
         self._buffer: list[Envelope] | None = []
         self._last = 0  # highest position delivered to this session
+        #: The account sees only items after this position (when it was created).
+        self.floor = 0
         self.closed = False
 
     # delivery -----------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Session:
         newest = yield store.max_pos()
         if since is None:
             since = yield store.get_ack(self.user_id, self.device)
-        self._last = min(since, newest)
+        self._last = max(min(since, newest), self.floor)
         while not self.closed:
             page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE)
             for env in page:
@@ -338,6 +340,23 @@ class RealmService(Service):
         self.log.info("account {user} created", user=f"{name}@{self.realm}")
         return Address(name, self.realm)
 
+    @inlineCallbacks
+    def delete_user(self, name: str) -> Any:
+        """Delete a local account: its sessions are closed and its read markers go.
+
+        Messages stay (the other party keeps the conversation); an account created
+        later under the same name starts after them (see ``IStore.user_floor``).
+        """
+        addr = Address(address.normalise_name(name), self.realm)
+        existed = yield self.store.delete_user(addr.name, str(addr))
+        self._known_users.discard(addr.name)
+        for s in list(self._online.get(str(addr), ())):
+            s.mind.disconnect("auth_failed", "this account was deleted")
+            s.logout()
+        if existed:
+            self.log.info("account {user} deleted", user=str(addr))
+        return bool(existed)
+
     def register(self, name: str, password: str) -> Deferred[Address]:
         if not self.config.auth.allow_registration:
             raise ChatError("registration_closed")
@@ -377,6 +396,8 @@ class RealmService(Service):
             raise ChatError("auth_failed") from None
         self._account_throttle.succeeded(key)
         session.device = device
+        floor = yield self.store.user_floor(session.user.name)
+        session.floor = floor or 0
         self.log.info(
             "login {user} device {device} from {peer}",
             user=session.user_id,
@@ -522,7 +543,7 @@ class RealmService(Service):
         if not 1 <= limit <= page:
             raise ChatError("bad_request", f"limit must be between 1 and {page}")
         items = yield self.store.history(
-            conversation_key(session.user_id, str(other)), before, after, limit
+            conversation_key(session.user_id, str(other)), before, after, limit, session.floor
         )
         return items
 

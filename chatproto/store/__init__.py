@@ -45,6 +45,10 @@ class IStore(Interface):
         """Delete account ``name`` (``address`` is its canonical address) and its read
         markers; fires with True if it existed."""
 
+    def user_floor(name):  # type: ignore[misc]
+        """The stream position at which account ``name`` was created (it sees only
+        later items), or ``None`` if there is no such account."""
+
     def user_exists(name):  # type: ignore[misc]
         """Fires with a bool."""
 
@@ -60,8 +64,8 @@ class IStore(Interface):
     def read_feed(user, after, limit):  # type: ignore[misc]
         """Items for ``user`` (canonical address) with ``pos > after``, oldest first."""
 
-    def history(conversation, before, after, limit):  # type: ignore[misc]
-        """A page of one conversation, oldest first.
+    def history(conversation, before, after, limit, floor=0):  # type: ignore[misc]
+        """A page of one conversation, oldest first, of items with ``pos > floor``.
 
         With ``after`` the ``limit`` oldest items after it; otherwise the ``limit``
         newest items before ``before`` (or the newest overall).

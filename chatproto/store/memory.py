@@ -23,6 +23,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.users: dict[str, str] = {}
+        self.floors: dict[str, int] = {}
         self.items: list[Envelope] = []
         self.acks: dict[tuple[str, str], int] = {}
         self._pos = 0
@@ -37,7 +38,11 @@ class MemoryStore:
         if name in self.users:
             return fail(UserExists(name))
         self.users[name] = pwhash
+        self.floors[name] = self._pos
         return succeed(None)
+
+    def user_floor(self, name: str) -> Deferred[int | None]:
+        return succeed(self.floors.get(name) if name in self.users else None)
 
     def password_hash(self, name: str) -> Deferred[str | None]:
         return succeed(self.users.get(name))
@@ -74,9 +79,14 @@ class MemoryStore:
         return succeed(out[:limit])
 
     def history(
-        self, conversation: str, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
     ) -> Deferred[list[Envelope]]:
-        conv = [e for e in self.items if e.conversation == conversation]
+        conv = [e for e in self.items if e.conversation == conversation and e.pos > floor]
         if after is not None:
             return succeed([e for e in conv if e.pos > after][:limit])
         bound = before if before is not None else 2**62

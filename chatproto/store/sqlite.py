@@ -32,7 +32,7 @@ from chatproto.store import IStore, UserExists
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -62,6 +62,11 @@ MIGRATIONS: list[str] = [
         pos INTEGER NOT NULL,
         PRIMARY KEY (user, device)
     ) WITHOUT ROWID;
+    """,
+    # v2: an account sees only items after the position at which it was created, so a
+    # name deleted and registered again does not inherit its predecessor's messages.
+    """
+    ALTER TABLE users ADD COLUMN floor INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -133,9 +138,17 @@ class SQLiteDB:
 
     def create_user(self, name: str, pwhash: str, ts: float) -> None:
         try:
-            self.conn.execute("INSERT INTO users VALUES (?, ?, ?)", (name, pwhash, ts))
+            self.conn.execute(
+                "INSERT INTO users (name, pwhash, created, floor) VALUES (?, ?, ?, "
+                "(SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'items'))",
+                (name, pwhash, ts),
+            )
         except sqlite3.IntegrityError:
             raise UserExists(name) from None
+
+    def user_floor(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT floor FROM users WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else None
 
     def password_hash(self, name: str) -> str | None:
         row = self.conn.execute("SELECT pwhash FROM users WHERE name = ?", (name,)).fetchone()
@@ -257,19 +270,25 @@ class SQLiteDB:
         return [_row(r) for r in rows]
 
     def history(
-        self, conversation: str, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
     ) -> list[Envelope]:
         c = self.conn
         if after is not None:
             rows = c.execute(
                 f"SELECT {_COLS} FROM items WHERE conv = ? AND pos > ? ORDER BY pos LIMIT ?",
-                (conversation, after, limit),
+                (conversation, max(after, floor), limit),
             ).fetchall()
         else:
             bound = before if before is not None else 2**62
             rows = c.execute(
-                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos < ? ORDER BY pos DESC LIMIT ?",
-                (conversation, bound, limit),
+                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos < ? AND pos > ? "
+                "ORDER BY pos DESC LIMIT ?",
+                (conversation, bound, floor, limit),
             ).fetchall()
             rows.reverse()
         return [_row(r) for r in rows]
@@ -450,9 +469,17 @@ class SQLiteStore:
         return self._read(SQLiteDB.read_feed, user, after, limit)
 
     def history(
-        self, conversation: str, before: int | None, after: int | None, limit: int
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
     ) -> Deferred[list[Envelope]]:
-        return self._read(SQLiteDB.history, conversation, before, after, limit)
+        return self._read(SQLiteDB.history, conversation, before, after, limit, floor)
+
+    def user_floor(self, name: str) -> Deferred[int | None]:
+        return self._read(SQLiteDB.user_floor, name)
 
     def get_ack(self, user: str, device: str) -> Deferred[int]:
         pending = self._pending_acks.get((user, device), 0)
