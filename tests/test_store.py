@@ -8,6 +8,7 @@ batches of one commit, AUTOINCREMENT positions and flushing acks on close.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def test_positions_strictly_increase(store: Any) -> Any:
         result = yield store.append(batch)
         assert result == batch and all(a is b for a, b in zip(result, batch, strict=True))
         seen += [e.pos for e in batch]
-    assert all(0 < a < b for a, b in zip(seen, seen[1:], strict=False))
+    assert all(0 < a < b for a, b in itertools.pairwise(seen))
     assert (yield store.max_pos()) == seen[-1]
 
 
@@ -230,9 +231,9 @@ def test_migrate_fresh_database_and_idempotent(tmp_path: Any) -> None:
     db = SQLiteDB(path)
     try:
         assert db.migrate() == 0
-        assert db.version() == SCHEMA_VERSION == 1
-        assert db.migrate() == 1
-        assert db.version() == 1
+        assert db.version() == SCHEMA_VERSION >= 1
+        assert db.migrate() == SCHEMA_VERSION  # idempotent: nothing left to do
+        assert db.version() == SCHEMA_VERSION
         tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master")}
         assert {"users", "items", "acks", "schema_version"} <= tables
         assert db.conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
@@ -241,7 +242,7 @@ def test_migrate_fresh_database_and_idempotent(tmp_path: Any) -> None:
         db.close()
     db = SQLiteDB(path)
     try:
-        assert db.migrate() == 1
+        assert db.migrate() == SCHEMA_VERSION
     finally:
         db.close()
 
@@ -254,7 +255,8 @@ def test_newer_schema_is_refused(tmp_path: Any) -> None:
     db.close()
     db = SQLiteDB(path)
     try:
-        with pytest.raises(RuntimeError, match=r"schema version 2, newer .* upgrade chatproto"):
+        newer = rf"schema version {SCHEMA_VERSION + 1}, newer .*\({SCHEMA_VERSION}\); upgrade"
+        with pytest.raises(RuntimeError, match=newer):
             db.migrate()
         assert db.version() == SCHEMA_VERSION + 1  # left untouched
     finally:
@@ -276,7 +278,9 @@ def test_store_with_newer_schema_does_not_open(tmp_path: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_group_commit(sqlite_store: SQLiteStore) -> Any:
     before = sqlite_store.commits
-    results = yield defer.gatherResults([sqlite_store.append([env(ALICE, BOB)]) for _ in range(500)])
+    results = yield defer.gatherResults(
+        [sqlite_store.append([env(ALICE, BOB)]) for _ in range(500)]
+    )
     assert len(results) == 500
     commits = sqlite_store.commits - before
     assert 1 <= commits < 500
@@ -350,13 +354,10 @@ def test_close_flushes_pending_acks(tmp_path: Any) -> Any:
         yield reopened.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLiteStore.get_ack misses acks whose write is in flight: _flush moves them "
-    "out of _pending_acks before the commit, so a read in that window returns the old value",
-)
 @pytest_twisted.inlineCallbacks
 def test_get_ack_sees_an_ack_whose_write_is_in_flight(sqlite_store: SQLiteStore) -> Any:
+    """Read-your-writes for acks: one being committed still counts (white-box: the
+    writer thread is held so the window is certain, not a race)."""
     store = sqlite_store
     release = threading.Event()
     # Hold the writer thread, so the ack write below stays in flight while we read.

@@ -108,7 +108,7 @@ def test_bad_config_is_a_usage_error_naming_the_key(tmp_path: Any, text: str, na
 
 
 def test_bad_command_line_values_are_usage_errors(tmp_path: Any) -> None:
-    with pytest.raises(usage.UsageError, match="realm.name"):
+    with pytest.raises(usage.UsageError, match=r"realm\.name"):
         options("--realm", "not a realm")
     with pytest.raises(usage.UsageError, match="not found"):
         options("--config", str(tmp_path / "missing.toml"))
@@ -138,11 +138,6 @@ def test_make_service_realm_first_then_one_listener_per_description(tmp_path: An
     assert not top.running  # nothing bound or opened until the service starts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tap.Options.postOptions does not parse --listen descriptions: a bad one "
-    "only fails in makeService, as a TypeError/ValueError traceback from twistd",
-)
 @pytest.mark.parametrize("description", ["tcp:0:interface=::1", "nosuchtype:1"])
 def test_bad_listen_description_is_a_usage_error(description: str) -> None:
     with pytest.raises(usage.UsageError) as info:
@@ -163,6 +158,7 @@ def test_built_service_serves_and_stops(tmp_path: Any) -> Any:
         "tcp:0:interface=127.0.0.1",
     )
     top, realm = tap.build(opts.realm_config, _reactor)
+    assert realm.realm == "test.example"
     top.privilegedStartService()
     top.startService()
     try:
