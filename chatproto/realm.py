@@ -286,6 +286,7 @@ class RealmService(Service):
         self._online: dict[str, list[Session]] = {}
         self._known_users: set[str] = set()
         self._addresses: dict[str, Address] = {}
+        self._opening: Deferred[None] | None = None
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -293,12 +294,31 @@ class RealmService(Service):
 
     # service lifecycle --------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """Open the store before the reactor runs (under twistd).
+
+        A store that cannot be opened (unreadable file, schema from a newer chatproto)
+        stops start-up with a readable message and a non-zero exit, rather than a
+        realm that listens but cannot serve.
+        """
+        Service.privilegedStartService(self)
+        self._open_store()
+
+    def _open_store(self) -> Deferred[None]:
+        if self._opening is None:
+            self._opening = self.store.open()
+            failures: list[Any] = []
+            self._opening.addErrback(failures.append)
+            if failures:
+                raise SystemExit(f"chatrealm: cannot open the store: {failures[0].value}")
+        return self._opening
+
     @inlineCallbacks
     def startService(self) -> Any:
         Service.startService(self)
         if self._hash_pool is not None:
             self._hash_pool.start()
-        yield self.store.open()
+        yield self._open_store()
         self._known_users = set((yield self.store.list_users()))
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         self.log.info(

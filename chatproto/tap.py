@@ -64,6 +64,16 @@ class Options(usage.Options):
             cfg.check()
         except configmod.ConfigError as e:
             raise usage.UsageError(f"configuration: {e}") from None
+        from twisted.internet import reactor
+
+        for description in cfg.listen_descriptions():
+            try:
+                serverFromString(reactor, description)  # parses; does not listen
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(
+                    f"bad endpoint description {description!r}: {e} "
+                    "(escape ':' in values as '\\:', e.g. interface=\\:\\:1)"
+                ) from None
         self.realm_config = cfg
 
 

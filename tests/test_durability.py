@@ -268,3 +268,21 @@ def test_port_in_use_exits_with_a_message(spawn: Any, tmp_path: Any) -> Any:
     assert code != 0, proc.output
     assert f"cannot listen on {description}" in proc.output, proc.output
     assert "in use" in proc.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_from_a_newer_chatproto_stops_start_up(spawn: Any, tmp_path: Any) -> Any:
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(str(data / "realm.sqlite3"))
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (999)")
+    db.commit()
+    db.close()
+    proc = spawn("--data-dir", str(data), "--listen", "tcp:0:interface=127.0.0.1")
+    code = yield proc.ended
+    assert code != 0, proc.output
+    assert "cannot open the store" in proc.output and "999" in proc.output, proc.output
+    assert "listening on" not in proc.output

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -332,6 +332,8 @@ class SQLiteStore:
         self._readers_lock = threading.Lock()
         self._pending: list[tuple[Sequence[Envelope], Deferred[list[Envelope]]]] = []
         self._pending_acks: dict[tuple[str, str], int] = {}
+        self._inflight_acks: dict[tuple[str, str], int] = {}
+        self._threads_started = False
         self._writing = False
         self._idle: list[Deferred[None]] = []
         #: Statistics for benchmarks and logs: transactions and items committed.
@@ -346,16 +348,35 @@ class SQLiteStore:
         Opening is done synchronously, once, at start-up, before anything is served:
         a realm must not accept logins on a store whose schema is not there yet.
         """
-        self._writer = SQLiteDB(self.path, self._synchronous)
-        self._writer.migrate()
-        self._writer_pool.start()
-        self._reader_pool.start()
+        try:
+            writer = SQLiteDB(self.path, self._synchronous)
+        except sqlite3.Error as e:
+            return fail(RuntimeError(f"cannot open {self.path}: {e}"))
+        try:
+            writer.migrate()
+        except Exception as e:
+            writer.close()
+            return fail(e)
+        self._writer = writer
         return succeed(None)
+
+    def _start_threads(self) -> None:
+        # Started on first use, not in open(): open() runs before the reactor under
+        # twistd, and threads started then would keep a process that fails to start
+        # (a port in use) from exiting.
+        if not self._threads_started:
+            self._threads_started = True
+            self._writer_pool.start()
+            self._reader_pool.start()
 
     def close(self) -> Deferred[None]:
         d = self._when_idle()
 
         def _shut(_: object) -> None:
+            if not self._threads_started:
+                if self._writer is not None:
+                    self._writer.close()
+                return
             if self._writer is not None:
                 self._writer_pool.callInThread(self._writer.close)
             with self._readers_lock:
@@ -377,6 +398,7 @@ class SQLiteStore:
     # thread helpers -----------------------------------------------------------------
 
     def _write(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        self._start_threads()
         return deferToThreadPool(self._reactor, self._writer_pool, fn, *args)  # type: ignore[arg-type]
 
     def _db(self) -> SQLiteDB:
@@ -395,6 +417,7 @@ class SQLiteStore:
         def run() -> T:
             return fn(self._reader(), *args)
 
+        self._start_threads()
         return deferToThreadPool(self._reactor, self._reader_pool, run)  # type: ignore[arg-type]
 
     # accounts -----------------------------------------------------------------------
@@ -440,6 +463,7 @@ class SQLiteStore:
             return
         batch, self._pending = self._pending, []
         acks, self._pending_acks = self._pending_acks, {}
+        self._inflight_acks = acks
         self._writing = True
         d = self._write(self._db().append_batch, [items for items, _ in batch], acks)
 
@@ -461,6 +485,7 @@ class SQLiteStore:
 
         def next_(_: object) -> None:
             self._writing = False
+            self._inflight_acks = {}
             self._flush()
 
         d.addCallbacks(done, failed).addBoth(next_)
@@ -482,7 +507,8 @@ class SQLiteStore:
         return self._read(SQLiteDB.user_floor, name)
 
     def get_ack(self, user: str, device: str) -> Deferred[int]:
-        pending = self._pending_acks.get((user, device), 0)
+        key = (user, device)
+        pending = max(self._pending_acks.get(key, 0), self._inflight_acks.get(key, 0))
         return self._read(SQLiteDB.get_ack, user, device).addCallback(
             lambda stored: max(stored, pending)
         )
