@@ -50,15 +50,7 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+from loadgen import raise_fd_limit  # noqa: E402  (bench/ is on sys.path when run)
 
 
 def twistd_path() -> str:
@@ -82,36 +74,11 @@ def kill_children() -> None:
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate for CN=localhost."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """A development CA and a certificate for localhost (chatproto.tls); (key, cert)."""
+    from chatproto.tls import write_dev_certs
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    kpath, cpath = directory / "key.pem", directory / "cert.pem"
-    kpath.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cpath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return kpath, cpath
+    paths = write_dev_certs(str(directory / "tls"), "localhost")
+    return Path(paths["key"]), Path(paths["cert"])
 
 
 CONFIG = """\
