@@ -41,6 +41,8 @@ class Limits:
     max_output_buffer: int = 4 * 1024 * 1024
     history_page: int = 200
     max_sessions_per_user: int = 32
+    max_members_per_group: int = 10000
+    max_groups_per_user: int = 200
 
 
 @attrs.define
@@ -119,6 +121,8 @@ class Config:
             "max_output_buffer",
             "history_page",
             "max_sessions_per_user",
+            "max_members_per_group",
+            "max_groups_per_user",
         ):
             if getattr(lim, key) <= 0:
                 raise ConfigError(f"limits.{key} must be positive")

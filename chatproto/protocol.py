@@ -30,12 +30,33 @@ from zope.interface import implementer
 from chatproto import wire
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
-from chatproto.realm import ISessionMind, RealmService, Session
+from chatproto.realm import ISessionMind, Notice, RealmService, Session
 
 _pack = struct.Struct("!I").pack
 
 #: Requests that need a logged-in session.
-_AUTHED = frozenset({"send", "history", "who", "ack"})
+_AUTHED = frozenset(
+    {
+        "send",
+        "history",
+        "who",
+        "ack",
+        "create_group",
+        "join",
+        "leave",
+        "invite",
+        "kick",
+        "ban",
+        "unban",
+        "set_topic",
+        "set_role",
+        "delete_group",
+        "list_groups",
+        "members",
+        "group_info",
+        "set_status",
+    }
+)
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 
@@ -146,6 +167,13 @@ class ClientProtocol(Int32StringReceiver):
 
     def deliver(self, envelope: Envelope) -> None:
         self._write(delivery_frame(envelope))
+
+    def notify(self, notice: Notice) -> None:
+        frame = notice.frame
+        if frame is None:
+            payload = wire.encode(notice.data)
+            frame = notice.frame = _pack(len(payload)) + payload
+        self._write(frame)
 
     def synced(self, pos: int) -> None:
         self.send_frame(wire.encode({"type": "synced", "pos": pos}))
@@ -322,7 +350,75 @@ class ClientProtocol(Int32StringReceiver):
 
     def handle_who(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None
-        return {"users": self.session.who()}
+        group = wire.field(req, "group", str, required=False)
+        return {"users": self.session.who(group)}
+
+    # groups -------------------------------------------------------------------------
+
+    def _event(self, event: str, req: dict[str, Any], **args: Any) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        group = wire.field(req, "group", str)
+        d = self.session.group_event(event, group, **args)
+        return d.addCallback(lambda e: {"group": e.recipient, "pos": e.pos, "msg_id": e.id})
+
+    def handle_create_group(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event(
+            "created",
+            req,
+            visibility=wire.field(req, "visibility", str, required=False),
+            history=wire.field(req, "history", str, required=False),
+            topic=wire.field(req, "topic", str, required=False, default=""),
+        )
+
+    def handle_join(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("joined", req)
+
+    def handle_leave(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("left", req)
+
+    def handle_delete_group(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("deleted", req)
+
+    def handle_invite(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("invited", req, user=wire.field(req, "user", str))
+
+    def handle_unban(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("unbanned", req, user=wire.field(req, "user", str))
+
+    def handle_kick(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        user = wire.field(req, "user", str)
+        reason = wire.field(req, "reason", str, required=False, default="")
+        return self._event("kicked", req, user=user, reason=reason)
+
+    def handle_ban(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        user = wire.field(req, "user", str)
+        reason = wire.field(req, "reason", str, required=False, default="")
+        return self._event("banned", req, user=user, reason=reason)
+
+    def handle_set_topic(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        return self._event("topic", req, topic=wire.field(req, "topic", str))
+
+    def handle_set_role(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        user = wire.field(req, "user", str)
+        return self._event("role", req, user=user, role=wire.field(req, "role", str))
+
+    def handle_list_groups(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": self.factory.realm.list_groups()}
+
+    def handle_members(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        group = wire.field(req, "group", str)
+        return {"members": self.factory.realm.members(self.session, group)}
+
+    def handle_group_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        return self.factory.realm.group_info(self.session, wire.field(req, "group", str))
+
+    def handle_set_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        status = wire.field(req, "status", str)
+        self.session.set_status(status, wire.field(req, "text", str, required=False, default=""))
+        return {}
 
     def handle_ack(self, req: dict[str, Any]) -> None:
         assert self.session is not None

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import argon2
+import attrs
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -36,6 +37,7 @@ from chatproto.address import Address
 from chatproto.config import Config
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
+from chatproto.groups import Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import IStore
 
@@ -60,11 +62,26 @@ class ISessionMind(Interface):
     def synced(pos):  # type: ignore[misc]
         """The backlog is out: everything up to ``pos`` has been delivered."""
 
+    def notify(notice):  # type: ignore[misc]
+        """Send an ephemeral :class:`Notice` (presence); not stored, not acked."""
+
     def wait_writable():  # type: ignore[misc]
         """A Deferred firing when the connection can take more output."""
 
     def disconnect(code, message):  # type: ignore[misc]
         """Close the connection, telling the peer why (an error ``code``)."""
+
+
+@attrs.define(slots=True, eq=False)
+class Notice:
+    """An ephemeral push (presence): a frame body and its cached encoding."""
+
+    data: dict[str, Any]
+    frame: bytes | None = None
+
+
+PRESENCE_STATES = ("online", "away", "busy", "offline")
+MAX_STATUS_TEXT = 256
 
 
 class PasswordHasher:
@@ -196,7 +213,8 @@ class Session:
             since = yield store.get_ack(self.user_id, self.device)
         self._last = max(min(since, newest), self.floor)
         while not self.closed:
-            page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE)
+            ranges = self.realm.groups.feed_ranges(self.user_id)
+            page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE, ranges)
             for env in page:
                 if self.closed:
                     break
@@ -216,6 +234,7 @@ class Session:
             self._emit(env)
         if not self.closed:
             self.mind.synced(self._last)
+            self.realm.presence_snapshot(self)
         return self._last
 
     # requests -----------------------------------------------------------------------
@@ -229,8 +248,15 @@ class Session:
     ) -> Deferred[list[Envelope]]:
         return self.realm.history(self, peer, before, after, limit)
 
-    def who(self) -> list[dict[str, Any]]:
-        return self.realm.who()
+    def who(self, group: str | None = None) -> list[dict[str, Any]]:
+        return self.realm.who(self, group)
+
+    def group_event(self, event: str, group: str, **args: Any) -> Deferred[Envelope]:
+        """Create/join/leave/invite/kick/ban/unban/topic/role/delete (see groups.py)."""
+        return self.realm.group_event(self, event, group, **args)
+
+    def set_status(self, status: str, text: str = "") -> None:
+        self.realm.set_status(self, status, text)
 
     def ack(self, pos: int) -> None:
         """Record that the client processed everything up to ``pos``."""
@@ -287,6 +313,12 @@ class RealmService(Service):
         self._known_users: set[str] = set()
         self._addresses: dict[str, Address] = {}
         self._opening: Deferred[None] | None = None
+        lim = config.limits
+        self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user)
+        #: user -> (status, text) for users with a status other than plain online
+        self._status: dict[str, tuple[str, str]] = {}
+        #: user -> users they have a private conversation with (presence audience)
+        self._partners: dict[str, set[str]] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -320,11 +352,20 @@ class RealmService(Service):
             self._hash_pool.start()
         yield self._open_store()
         self._known_users = set((yield self.store.list_users()))
+        after = 0
+        while True:  # groups are the replay of their committed events
+            events = yield self.store.read_events(after, 1000)
+            for env in events:
+                self.groups.apply(env)
+            if len(events) < 1000:
+                break
+            after = events[-1].pos
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         self.log.info(
-            "realm {realm} started: {users} users, store {path}",
+            "realm {realm} started: {users} users, {groups} groups, store {path}",
             realm=self.realm,
             users=len(self._known_users),
+            groups=len(self.groups.groups),
             path=getattr(self.store, "path", "?"),
         )
 
@@ -418,6 +459,9 @@ class RealmService(Service):
         session.device = device
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
+        self._came_online(session).addErrback(
+            lambda f: self.log.failure("presence for {user}", f, user=session.user_id)
+        )
         self.log.info(
             "login {user} device {device} from {peer}",
             user=session.user_id,
@@ -454,12 +498,192 @@ class RealmService(Service):
             sessions.remove(session)
             if not sessions:
                 del self._online[session.user_id]
+                self._status.pop(session.user_id, None)
+                self._broadcast_presence(session.user_id, "offline", "")
+                self._partners.pop(session.user_id, None)
 
     def sessions_of(self, user: str) -> Sequence[Session]:
         return self._online.get(user, ())
 
-    def who(self) -> list[dict[str, Any]]:
-        return [{"user": u, "sessions": len(s)} for u, s in sorted(self._online.items()) if s]
+    def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
+        """Online users of the realm, or online members of ``group`` (members only)."""
+        if group is None:
+            users: Any = self._online
+        else:
+            addr = self._group_address(group)
+            self.groups.readable_from(addr, session.user_id if session else "")
+            users = self.groups.get(addr).members
+        out = []
+        for u in sorted(users):
+            sessions = self._online.get(u)
+            if sessions:
+                entry: dict[str, Any] = {"user": u, "sessions": len(sessions)}
+                status = self._status.get(u)
+                if status:
+                    entry["status"], entry["text"] = status
+                out.append(entry)
+        return out
+
+    # presence -----------------------------------------------------------------------
+
+    def _contacts(self, user: str) -> set[str]:
+        """Who hears ``user``'s presence: fellow group members and DM partners."""
+        contacts = set(self._partners.get(user, ()))
+        for addr in self.groups.of_user.get(user, ()):
+            contacts.update(self.groups.groups[addr].members)
+        contacts.discard(user)
+        return contacts
+
+    def _presence_notice(self, user: str, status: str, text: str) -> Notice:
+        data: dict[str, Any] = {"type": "presence", "user": user, "status": status}
+        if text:
+            data["text"] = text
+        return Notice(data)
+
+    def _broadcast_presence(self, user: str, status: str, text: str) -> None:
+        notice = self._presence_notice(user, status, text)  # encoded once for everyone
+        for contact in self._contacts(user):
+            for s in self._online.get(contact, ()):
+                if not s._syncing:
+                    s.mind.notify(notice)
+
+    @inlineCallbacks
+    def _came_online(self, session: Session) -> Any:
+        partners = yield self.store.conversation_partners(session.user_id)
+        self._partners.setdefault(session.user_id, set()).update(partners)
+        if len(self._online.get(session.user_id, ())) == 1 and not session.closed:
+            self._broadcast_presence(session.user_id, "online", "")
+
+    def presence_snapshot(self, session: Session) -> None:
+        """Tell a session that has just synced which of its contacts are online."""
+        for contact in sorted(self._contacts(session.user_id)):
+            if contact in self._online:
+                status, text = self._status.get(contact, ("online", ""))
+                session.mind.notify(self._presence_notice(contact, status, text))
+
+    def set_status(self, session: Session, status: str, text: str = "") -> None:
+        if status not in PRESENCE_STATES or status == "offline":
+            raise ChatError("bad_request", "status must be online, away or busy")
+        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
+            raise ChatError("bad_request", f"status text: a string of at most {MAX_STATUS_TEXT}")
+        if status == "online" and not text:
+            self._status.pop(session.user_id, None)
+        else:
+            self._status[session.user_id] = (status, text)
+        self._broadcast_presence(session.user_id, status, text)
+
+    # groups -------------------------------------------------------------------------
+
+    def _group_address(self, text: Any) -> str:
+        if not isinstance(text, str):
+            raise ChatError("bad_request", "field 'group' must be a string")
+        addr = address.parse(text if text.startswith("#") else "#" + text, self.realm, group=True)
+        if not addr.is_local(self.realm):
+            raise ChatError("remote_realm", f"{addr} is on another realm; federation is off")
+        return str(addr)
+
+    def group_event(self, session: Session, event: str, group: str, **args: Any) -> Any:
+        """Check, commit, apply and route one group change; fires with its envelope."""
+        try:
+            addr = self._group_address(group)
+            target = args.get("user")
+            if target is not None:
+                resolved = self._local_user(target)
+                if isinstance(resolved, Deferred):
+                    return resolved.addCallback(
+                        lambda a: self._commit_event(session, event, addr, {**args, "user": str(a)})
+                    )
+                args = {**args, "user": str(resolved)}
+            return self._commit_event(session, event, addr, args)
+        except ChatError as e:
+            return fail(e)
+
+    def _commit_event(
+        self, session: Session, event: str, addr: str, args: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        meta = self.groups.check(event, addr, session.user_id, **args)
+        env = Envelope(
+            id=new_message_id(),
+            kind="event",
+            sender=session.user_id,
+            recipient=addr,
+            ts=self.clock.seconds(),
+            body="",
+            meta=meta,
+        )
+
+        def committed(_: object) -> Envelope:
+            before = self.groups.audience(env)
+            self.groups.apply(env)
+            self._route_group(env, before | self.groups.audience(env))
+            self.log.info(
+                "group {group}: {event} by {actor}",
+                group=addr,
+                event=event,
+                actor=session.user_id,
+            )
+            return env
+
+        return self.store.append([env]).addCallback(committed)
+
+    def list_groups(self) -> list[dict[str, Any]]:
+        return [
+            g.summary() for _, g in sorted(self.groups.groups.items()) if g.visibility == "public"
+        ]
+
+    def members(self, session: Session, group: str) -> list[dict[str, Any]]:
+        addr = self._group_address(group)
+        self.groups.readable_from(addr, session.user_id)  # members only
+        g = self.groups.get(addr)
+        return [
+            {"user": u, "role": m.role, "online": u in self._online}
+            for u, m in sorted(g.members.items())
+        ]
+
+    def group_info(self, session: Session, group: str) -> dict[str, Any]:
+        addr = self._group_address(group)
+        g = self.groups.get(addr)
+        if g.visibility != "public":
+            self.groups.readable_from(addr, session.user_id)
+        info = g.summary()
+        info["role"] = g.role_of(session.user_id)
+        return info
+
+    def _send_group(self, session: Session, to: str, body: str) -> Deferred[Envelope]:
+        addr = self._group_address(to)
+        group = self.groups.get(addr)
+        if session.user_id not in group.members:
+            raise ChatError("not_member", f"you are not a member of {addr}")
+        env = Envelope(
+            id=new_message_id(),
+            kind="text",
+            sender=session.user_id,
+            recipient=addr,
+            ts=self.clock.seconds(),
+            body=body,
+        )
+        return self.store.append([env]).addCallback(self._committed_group, env)
+
+    def _committed_group(self, _: object, env: Envelope) -> Envelope:
+        group = self.groups.groups.get(env.recipient)
+        if group is not None:
+            self._route_group(env, group.members)
+        return env
+
+    def _route_group(self, env: Envelope, users: Any) -> None:
+        """Fan a committed group item out: the frame is encoded once (Envelope.frame)
+        and written to every online session of every member; no storage round trip."""
+        online = self._online
+        for user in users:
+            sessions = online.get(user)
+            if sessions:
+                for s in sessions:
+                    s._deliver(env)
+        for observer in self.observers:
+            try:
+                observer(env)
+            except Exception:
+                self.log.failure("message observer {o!r} failed", o=observer)
 
     # messages -----------------------------------------------------------------------
 
@@ -508,6 +732,8 @@ class RealmService(Service):
             wait = session._bucket.take(self.clock.seconds())
             if wait:
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+            if to.startswith("#"):
+                return self._send_group(session, to, body)
             recipient = self._local_user(to)
         except ChatError as e:
             return fail(e)
@@ -528,6 +754,12 @@ class RealmService(Service):
         return self.store.append([env]).addCallback(self._committed, env)
 
     def _committed(self, _: object, env: Envelope) -> Envelope:
+        if env.sender != env.recipient:
+            partners = self._partners.get(env.sender)
+            if partners is not None and env.recipient not in partners:
+                partners.add(env.recipient)
+                if env.recipient in self._online:
+                    self._partners.setdefault(env.recipient, set()).add(env.sender)
         self._route(env)
         return env
 
@@ -557,14 +789,18 @@ class RealmService(Service):
         after: int | None,
         limit: int | None,
     ) -> Any:
-        other = address.user(peer, self.realm)
         page = self.config.limits.history_page
         limit = page if limit is None else limit
         if not 1 <= limit <= page:
             raise ChatError("bad_request", f"limit must be between 1 and {page}")
-        items = yield self.store.history(
-            conversation_key(session.user_id, str(other)), before, after, limit, session.floor
-        )
+        if peer.startswith("#"):
+            conversation = self._group_address(peer)
+            floor = max(session.floor, self.groups.readable_from(conversation, session.user_id))
+        else:
+            other = address.user(peer, self.realm)
+            conversation = conversation_key(session.user_id, str(other))
+            floor = session.floor
+        items = yield self.store.history(conversation, before, after, limit, floor)
         return items
 
 

@@ -61,8 +61,18 @@ class IStore(Interface):
         Fires with the same envelopes, ``pos`` set, after the commit.
         """
 
-    def read_feed(user, after, limit):  # type: ignore[misc]
-        """Items for ``user`` (canonical address) with ``pos > after``, oldest first."""
+    def read_feed(user, after, limit, groups=()):  # type: ignore[misc]
+        """Items for ``user`` (canonical address) with ``pos > after``, oldest first.
+
+        Private items to or from the user, plus the items of each ``(group, lo, hi)``
+        in ``groups`` with ``lo < pos <= hi`` (``hi`` None: no upper bound).
+        """
+
+    def read_events(after, limit):  # type: ignore[misc]
+        """Items of kind ``event`` (group changes) after ``after``, oldest first."""
+
+    def conversation_partners(user):  # type: ignore[misc]
+        """Users with whom ``user`` has a private conversation (for presence)."""
 
     def history(conversation, before, after, limit, floor=0):  # type: ignore[misc]
         """A page of one conversation, oldest first, of items with ``pos > floor``.

@@ -74,9 +74,41 @@ class MemoryStore:
     def _after(self, pos: int) -> int:
         return bisect.bisect_right([e.pos for e in self.items], pos)
 
-    def read_feed(self, user: str, after: int, limit: int) -> Deferred[list[Envelope]]:
-        out = [e for e in self.items[self._after(after) :] if user in (e.recipient, e.sender)]
-        return succeed(out[:limit])
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+    ) -> Deferred[list[Envelope]]:
+        ranges = {g: (lo, hi) for g, lo, hi in groups}
+        out = []
+        for e in self.items[self._after(after) :]:
+            if e.recipient.startswith("#"):
+                r = ranges.get(e.recipient)
+                if r is None or e.pos <= r[0] or (r[1] is not None and e.pos > r[1]):
+                    continue
+            elif user not in (e.recipient, e.sender):
+                continue
+            out.append(e)
+            if len(out) == limit:
+                break
+        return succeed(out)
+
+    def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
+        events = [e for e in self.items[self._after(after) :] if e.kind == "event"]
+        return succeed(events[:limit])
+
+    def conversation_partners(self, user: str) -> Deferred[list[str]]:
+        partners = set()
+        for e in self.items:
+            if e.recipient.startswith("#") or e.sender == e.recipient:
+                continue
+            if e.sender == user:
+                partners.add(e.recipient)
+            elif e.recipient == user:
+                partners.add(e.sender)
+        return succeed(sorted(partners))
 
     def history(
         self,

@@ -32,7 +32,7 @@ from chatproto.store import IStore, UserExists
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -67,6 +67,10 @@ MIGRATIONS: list[str] = [
     # name deleted and registered again does not inherit its predecessor's messages.
     """
     ALTER TABLE users ADD COLUMN floor INTEGER NOT NULL DEFAULT 0;
+    """,
+    # v3: group events are replayed at start-up; keep them findable without a scan.
+    """
+    CREATE INDEX items_events ON items (pos) WHERE kind = 'event';
     """,
 ]
 
@@ -260,14 +264,51 @@ class SQLiteDB:
                 out.append(err)
         return out
 
-    def read_feed(self, user: str, after: int, limit: int) -> list[Envelope]:
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+    ) -> list[Envelope]:
+        """Private items to or from ``user``, and items of ``groups`` within their
+        ``(lo, hi]`` ranges, after ``after``; oldest first."""
+        parts = [
+            f"SELECT {_COLS} FROM items WHERE recipient = ? AND pos > ?",
+            f"SELECT {_COLS} FROM items WHERE sender = ? AND pos > ? "
+            "AND recipient != sender AND substr(recipient, 1, 1) != '#'",
+        ]
+        params: list[Any] = [user, after, user, after]
+        for group, lo, hi in groups:
+            if hi is not None and hi <= after:
+                continue
+            part = f"SELECT {_COLS} FROM items WHERE recipient = ? AND pos > ?"
+            params += [group, max(after, lo)]
+            if hi is not None:
+                part += " AND pos <= ?"
+                params.append(hi)
+            parts.append(part)
+        sql = " UNION ALL ".join(parts) + " ORDER BY pos LIMIT ?"
+        params.append(limit)
+        return [_row(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    def read_events(self, after: int, limit: int) -> list[Envelope]:
+        """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
         rows = self.conn.execute(
-            f"SELECT {_COLS} FROM items WHERE recipient = ?1 AND pos > ?2 "
-            f"UNION ALL SELECT {_COLS} FROM items WHERE sender = ?1 AND pos > ?2 "
-            "AND recipient != ?1 ORDER BY pos LIMIT ?3",
-            (user, after, limit),
+            f"SELECT {_COLS} FROM items WHERE kind = 'event' AND pos > ? ORDER BY pos LIMIT ?",
+            (after, limit),
         ).fetchall()
         return [_row(r) for r in rows]
+
+    def conversation_partners(self, user: str) -> list[str]:
+        """The users ``user`` has a private conversation with."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT sender FROM items WHERE recipient = ?1 AND sender != ?1 "
+            "UNION SELECT DISTINCT recipient FROM items WHERE sender = ?1 "
+            "AND recipient != ?1 AND substr(recipient, 1, 1) != '#'",
+            (user,),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def history(
         self,
@@ -490,8 +531,20 @@ class SQLiteStore:
 
         d.addCallbacks(done, failed).addBoth(next_)
 
-    def read_feed(self, user: str, after: int, limit: int) -> Deferred[list[Envelope]]:
-        return self._read(SQLiteDB.read_feed, user, after, limit)
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+    ) -> Deferred[list[Envelope]]:
+        return self._read(SQLiteDB.read_feed, user, after, limit, list(groups))
+
+    def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
+        return self._read(SQLiteDB.read_events, after, limit)
+
+    def conversation_partners(self, user: str) -> Deferred[list[str]]:
+        return self._read(SQLiteDB.conversation_partners, user)
 
     def history(
         self,

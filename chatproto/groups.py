@@ -1,0 +1,308 @@
+"""Groups: their state, the permission rules, and how events change them.
+
+A group lives on its home realm as ``#name@realm``.  Its state (topic, visibility,
+history rule, members with roles, bans, invites) is a pure function of the group's
+*events*: every change is an :class:`~chatproto.envelope.Envelope` of kind ``event``
+committed to the group's stream like a message, then applied here with
+:meth:`Groups.apply`.  At start-up the realm replays the stored events, so there is no
+second source of truth to keep in step, and history reads naturally ("bob joined").
+
+:meth:`Groups.check` holds every permission rule; it raises
+:class:`~chatproto.errors.ChatError` and never touches storage or sessions.  The realm
+service calls it, commits the event, then applies it and routes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+
+ROLES = ("member", "admin", "owner")
+RANK = {role: i for i, role in enumerate(ROLES)}
+VISIBILITIES = ("public", "invite")
+HISTORY_RULES = ("joined", "all")
+MAX_TOPIC = 512
+
+#: Event names (``meta["event"]``) and what they do to the state.
+EVENTS = (
+    "created",
+    "joined",
+    "left",
+    "invited",
+    "kicked",
+    "banned",
+    "unbanned",
+    "topic",
+    "role",
+    "deleted",
+)
+
+
+@attrs.define
+class Membership:
+    role: str
+    #: The member sees items with ``lo < pos`` (``lo`` = position of their join event,
+    #: minus one, so their own join is included; 0 for history rule ``all``).
+    lo: int
+
+
+@attrs.define
+class Group:
+    address: str
+    topic: str = ""
+    visibility: str = "public"
+    history: str = "joined"
+    created_pos: int = 0
+    members: dict[str, Membership] = attrs.field(factory=dict)
+    bans: set[str] = attrs.field(factory=set)
+    invites: set[str] = attrs.field(factory=set)
+    #: Members who left or were removed: user -> (lo, hi] they may still read in their
+    #: backlog (so an offline member learns they were kicked).
+    former: dict[str, tuple[int, int]] = attrs.field(factory=dict)
+
+    def role_of(self, user: str) -> str | None:
+        m = self.members.get(user)
+        return m.role if m else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "group": self.address,
+            "topic": self.topic,
+            "visibility": self.visibility,
+            "history": self.history,
+            "members": len(self.members),
+        }
+
+
+class Groups:
+    """All groups of one realm (in memory), with the rules and the event application."""
+
+    def __init__(self, max_members: int, max_groups_per_user: int) -> None:
+        self.max_members = max_members
+        self.max_groups_per_user = max_groups_per_user
+        self.groups: dict[str, Group] = {}
+        #: user -> addresses of the groups they are a member of
+        self.of_user: dict[str, set[str]] = {}
+        #: user -> addresses of groups they left or were removed from
+        self.former_of: dict[str, set[str]] = {}
+
+    def get(self, address: str) -> Group:
+        group = self.groups.get(address)
+        if group is None:
+            raise ChatError("no_such_group", f"no group {address}")
+        return group
+
+    # rules --------------------------------------------------------------------------
+
+    def _need_role(self, group: Group, actor: str, least: str) -> str:
+        role = group.role_of(actor)
+        if role is None:
+            raise ChatError("not_member", f"you are not a member of {group.address}")
+        if RANK[role] < RANK[least]:
+            raise ChatError("forbidden", f"this needs the {least} role in {group.address}")
+        return role
+
+    def _outranks(self, group: Group, actor: str, target: str) -> None:
+        actor_role = group.role_of(actor) or "member"
+        target_role = group.role_of(target)
+        if target_role is not None and RANK[target_role] >= RANK[actor_role]:
+            raise ChatError(
+                "forbidden", f"{target} is {target_role}; you can only act on lower roles"
+            )
+
+    def _room_for(self, user: str) -> None:
+        if len(self.of_user.get(user, ())) >= self.max_groups_per_user:
+            raise ChatError(
+                "limit_reached", f"a user may be in at most {self.max_groups_per_user} groups"
+            )
+
+    def check(self, event: str, group_addr: str, actor: str, **args: Any) -> dict[str, Any]:
+        """Check that ``actor`` may cause ``event``; return the event's ``meta``.
+
+        Raises ChatError with a stable code: ``no_such_group``, ``group_exists``,
+        ``not_member``, ``forbidden``, ``already_member``, ``banned``, ``not_invited``,
+        ``group_full``, ``limit_reached``, ``bad_request``.
+        """
+        meta: dict[str, Any] = {"event": event}
+        if event == "created":
+            if group_addr in self.groups:
+                raise ChatError("group_exists", f"{group_addr} already exists")
+            self._room_for(actor)
+            visibility = args.get("visibility") or "public"
+            history = args.get("history") or "joined"
+            if visibility not in VISIBILITIES:
+                raise ChatError("bad_request", "visibility must be 'public' or 'invite'")
+            if history not in HISTORY_RULES:
+                raise ChatError("bad_request", "history must be 'joined' or 'all'")
+            topic = _topic(args.get("topic", ""))
+            meta.update(visibility=visibility, history=history, topic=topic)
+            return meta
+        group = self.get(group_addr)
+        target: str = args.get("user") or ""
+        if event == "joined":
+            if actor in group.members:
+                raise ChatError("already_member", f"you are already in {group_addr}")
+            if actor in group.bans:
+                raise ChatError("banned", f"you are banned from {group_addr}")
+            if group.visibility == "invite" and actor not in group.invites:
+                raise ChatError("not_invited", f"{group_addr} is invite-only")
+            if len(group.members) >= self.max_members:
+                raise ChatError("group_full", f"{group_addr} has {self.max_members} members")
+            self._room_for(actor)
+            meta["user"] = actor
+        elif event == "left":
+            role = self._need_role(group, actor, "member")
+            owners = [u for u, m in group.members.items() if m.role == "owner"]
+            if role == "owner" and owners == [actor] and len(group.members) > 1:
+                raise ChatError(
+                    "forbidden", "you are the only owner: make someone owner or delete the group"
+                )
+            meta["user"] = actor
+        elif event == "invited":
+            self._need_role(group, actor, "admin")
+            if target in group.members:
+                raise ChatError("already_member", f"{target} is already in {group_addr}")
+            if target in group.bans:
+                raise ChatError("banned", f"{target} is banned from {group_addr}")
+            meta["user"] = target
+        elif event in ("kicked", "banned"):
+            self._need_role(group, actor, "admin")
+            if target == actor:
+                raise ChatError("bad_request", "use leave to leave a group")
+            if event == "kicked" and target not in group.members:
+                raise ChatError("not_member", f"{target} is not in {group_addr}")
+            if event == "banned" and target in group.bans:
+                raise ChatError("banned", f"{target} is already banned")
+            self._outranks(group, actor, target)
+            meta["user"] = target
+            if args.get("reason"):
+                meta["reason"] = _topic(args["reason"])
+        elif event == "unbanned":
+            self._need_role(group, actor, "admin")
+            if target not in group.bans:
+                raise ChatError("bad_request", f"{target} is not banned")
+            meta["user"] = target
+        elif event == "topic":
+            self._need_role(group, actor, "admin")
+            meta["topic"] = _topic(args.get("topic", ""))
+        elif event == "role":
+            self._need_role(group, actor, "owner")
+            new_role = args.get("role")
+            if new_role not in ROLES:
+                raise ChatError("bad_request", "role must be member, admin or owner")
+            if target not in group.members:
+                raise ChatError("not_member", f"{target} is not in {group_addr}")
+            owners = [u for u, m in group.members.items() if m.role == "owner"]
+            if target == actor and new_role != "owner" and owners == [actor]:
+                raise ChatError("forbidden", "a group needs at least one owner")
+            meta.update(user=target, role=new_role)
+        elif event == "deleted":
+            self._need_role(group, actor, "owner")
+        else:  # pragma: no cover - callers pass known events
+            raise ChatError("bad_request", f"unknown event {event!r}")
+        return meta
+
+    # state --------------------------------------------------------------------------
+
+    def audience(self, env: Envelope) -> set[str]:
+        """The users who get ``env`` live: current members, plus whoever it removes."""
+        group = self.groups.get(env.recipient)
+        users = set(group.members) if group else set()
+        meta = env.meta or {}
+        if meta.get("event") in ("kicked", "banned", "left", "invited") and meta.get("user"):
+            users.add(meta["user"])
+        return users
+
+    def apply(self, env: Envelope) -> None:
+        """Apply a committed event to the state (also used to replay at start-up)."""
+        meta = env.meta or {}
+        event = meta.get("event")
+        addr = env.recipient
+        if event == "created":
+            created = Group(
+                addr,
+                topic=meta.get("topic", ""),
+                visibility=meta.get("visibility", "public"),
+                history=meta.get("history", "joined"),
+                created_pos=env.pos,
+            )
+            self.groups[addr] = created
+            self._add(created, env.sender, "owner", env.pos)
+            return
+        group = self.groups.get(addr)
+        if group is None:
+            return
+        user = meta.get("user", "")
+        if event == "joined":
+            group.invites.discard(user)
+            self._add(group, user, "member", env.pos)
+        elif event in ("left", "kicked"):
+            self._remove(group, user, env.pos)
+        elif event == "banned":
+            group.bans.add(user)
+            group.invites.discard(user)
+            self._remove(group, user, env.pos)
+        elif event == "unbanned":
+            group.bans.discard(user)
+        elif event == "invited":
+            group.invites.add(user)
+        elif event == "topic":
+            group.topic = meta.get("topic", "")
+        elif event == "role" and user in group.members:
+            group.members[user].role = meta.get("role", "member")
+        elif event == "deleted":
+            for member in list(group.members):
+                self._remove(group, member, env.pos)
+            del self.groups[addr]
+
+    def _add(self, group: Group, user: str, role: str, pos: int) -> None:
+        lo = 0 if group.history == "all" else pos - 1
+        group.members[user] = Membership(role, lo)
+        if group.former.pop(user, None) is not None:
+            self.former_of[user].discard(group.address)
+        self.of_user.setdefault(user, set()).add(group.address)
+
+    def _remove(self, group: Group, user: str, pos: int) -> None:
+        m = group.members.pop(user, None)
+        if m is not None:
+            group.former[user] = (m.lo, pos)
+            self.former_of.setdefault(user, set()).add(group.address)
+        mine = self.of_user.get(user)
+        if mine is not None:
+            mine.discard(group.address)
+            if not mine:
+                del self.of_user[user]
+
+    # reading ------------------------------------------------------------------------
+
+    def feed_ranges(self, user: str) -> list[tuple[str, int, int | None]]:
+        """(group, lo, hi) ranges of group items in ``user``'s feed (hi None = open)."""
+        out: list[tuple[str, int, int | None]] = []
+        for addr in self.of_user.get(user, ()):
+            out.append((addr, self.groups[addr].members[user].lo, None))
+        for addr in self.former_of.get(user, ()):
+            group = self.groups.get(addr)
+            former = group.former.get(user) if group is not None else None
+            if former is not None:
+                out.append((addr, former[0], former[1]))
+        return out
+
+    def readable_from(self, group_addr: str, user: str) -> int:
+        """The lowest position (exclusive) of the group's history ``user`` may read."""
+        group = self.get(group_addr)
+        m = group.members.get(user)
+        if m is None:
+            raise ChatError("not_member", f"you are not a member of {group_addr}")
+        return m.lo
+
+
+def _topic(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ChatError("bad_request", "topic/reason must be a string")
+    if len(text) > MAX_TOPIC:
+        raise ChatError("too_large", f"topic/reason longer than {MAX_TOPIC} characters")
+    return text
