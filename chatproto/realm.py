@@ -795,7 +795,9 @@ class RealmService(Service):
             raise ChatError("bad_request", f"limit must be between 1 and {page}")
         if peer.startswith("#"):
             conversation = self._group_address(peer)
-            floor = max(session.floor, self.groups.readable_from(conversation, session.user_id))
+            # The group's rule decides (not the account's age): under "all" a member
+            # reads what was said before they, or their account, existed.
+            floor = self.groups.readable_from(conversation, session.user_id)
         else:
             other = address.user(peer, self.realm)
             conversation = conversation_key(session.user_id, str(other))

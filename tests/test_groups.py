@@ -1,0 +1,277 @@
+"""Groups over StringTransport: permissions, events, fan-out, history rule, presence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from chatproto.config import Config
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from tests.conftest import fast_config, make_realm
+
+
+class User:
+    """One logged-in StringTransport session with a request helper."""
+
+    def __init__(self, realm: Any, clock: Clock, name: str, device: str = "default") -> None:
+        if name not in realm.store.users:
+            realm.create_user(name, "password1")
+        self.clock = clock
+        self.proto, self.t = connect_string_transport(realm)
+        self.proto.dataReceived(frame({"type": "hello", "version": 1}))
+        self.proto.dataReceived(
+            frame({"type": "login", "user": name, "password": "password1", "device": device})
+        )
+        clock.advance(0)
+        self.inbox: list[dict[str, Any]] = []
+        self.drain()  # login result, backlog, synced, presence snapshot
+
+    def drain(self) -> list[dict[str, Any]]:
+        new = frames(self.t)
+        self.inbox += new
+        return new
+
+    def req(self, type_: str, **fields: Any) -> dict[str, Any]:
+        self.proto.dataReceived(frame({"type": type_, "id": "r", **fields}))
+        self.clock.advance(0)
+        replies = [f for f in self.drain() if f.get("id") == "r"]
+        assert len(replies) == 1, replies
+        return replies[0]
+
+    def ok(self, type_: str, **fields: Any) -> dict[str, Any]:
+        r = self.req(type_, **fields)
+        assert r["type"] == "result", r
+        return r
+
+    def code(self, type_: str, **fields: Any) -> str:
+        r = self.req(type_, **fields)
+        assert r["type"] == "error", r
+        return r["code"]
+
+    def msgs(self) -> list[dict[str, Any]]:
+        self.drain()
+        out = [f for f in self.inbox if f["type"] == "msg"]
+        self.inbox = [f for f in self.inbox if f["type"] != "msg"]
+        return out
+
+    def events(self) -> list[tuple[str, str | None]]:
+        return [
+            (m["meta"]["event"], m["meta"].get("user")) for m in self.msgs() if m["kind"] == "event"
+        ]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> Any:
+    cfg = Config()
+    cfg.limits.send_burst = 10_000
+    r = make_test_realm(clock, cfg)
+    yield r
+    r.stopService()
+
+
+def test_create_join_talk_fan_out(realm: Any, clock: Clock) -> None:
+    alice, bob, carol = (User(realm, clock, n) for n in ("alice", "bob", "carol"))
+    alice_phone = User(realm, clock, "alice", device="phone")
+    r = alice.ok("create_group", group="#Lobby", topic="hi all")
+    assert r["group"] == "#lobby@localhost"
+    assert alice.events() == [("created", None)]
+    bob.ok("join", group="#lobby")
+    carol.ok("join", group="#lobby@localhost")
+    sent = alice.ok("send", to="#lobby", body="hello group")
+    got = {
+        name: u.msgs()
+        for name, u in (("alice", alice), ("phone", alice_phone), ("bob", bob), ("carol", carol))
+    }
+    for name, msgs in got.items():
+        texts = [m for m in msgs if m["kind"] == "text"]
+        assert len(texts) == 1, name
+        assert texts[0]["pos"] == sent["pos"] and texts[0]["from"] == "alice@localhost"
+        assert texts[0]["to"] == "#lobby@localhost"
+    # One frame object, encoded once, written to every session.
+    env = realm.store.items[-1]
+    assert env.frame is not None and bob.t is not alice.t
+
+
+def test_permissions(realm: Any, clock: Clock) -> None:
+    alice, bob, carol = (User(realm, clock, n) for n in ("alice", "bob", "carol"))
+    alice.ok("create_group", group="#g")
+    assert alice.code("create_group", group="#g") == "group_exists"
+    assert bob.code("send", to="#g", body="x") == "not_member"
+    assert bob.code("join", group="#nope") == "no_such_group"
+    assert bob.code("members", group="#g") == "not_member"
+    assert bob.code("history", **{"with": "#g"}) == "not_member"
+    bob.ok("join", group="#g")
+    assert bob.code("join", group="#g") == "already_member"
+    carol.ok("join", group="#g")
+    assert bob.code("kick", group="#g", user="carol") == "forbidden"
+    assert bob.code("set_topic", group="#g", topic="x") == "forbidden"
+    assert bob.code("set_role", group="#g", user="carol", role="admin") == "forbidden"
+    assert bob.code("delete_group", group="#g") == "forbidden"
+    alice.ok("set_role", group="#g", user="bob", role="admin")
+    bob.ok("set_topic", group="#g", topic="bob's topic")
+    assert bob.code("kick", group="#g", user="alice") == "forbidden"  # owner outranks admin
+    bob.ok("kick", group="#g", user="carol", reason="spam")
+    assert bob.code("kick", group="#g", user="carol") == "not_member"
+    assert bob.code("kick", group="#g", user="nobody") == "no_such_user"
+    assert bob.code("kick", group="#g", user="bob") == "bad_request"
+    assert alice.code("leave", group="#g") == "forbidden"  # the only owner
+    assert alice.code("set_role", group="#g", user="alice", role="member") == "forbidden"
+    assert alice.code("set_role", group="#g", user="bob", role="king") == "bad_request"
+    members = alice.ok("members", group="#g")["members"]
+    assert members == [
+        {"user": "alice@localhost", "role": "owner", "online": True},
+        {"user": "bob@localhost", "role": "admin", "online": True},
+    ]
+    info = bob.ok("group_info", group="#g")
+    assert info["topic"] == "bob's topic" and info["role"] == "admin" and info["members"] == 2
+
+
+def test_ban_invite_and_events(realm: Any, clock: Clock) -> None:
+    alice, bob, carol = (User(realm, clock, n) for n in ("alice", "bob", "carol"))
+    alice.ok("create_group", group="#club", visibility="invite")
+    assert bob.code("join", group="#club") == "not_invited"
+    alice.ok("invite", group="#club", user="bob")
+    assert bob.events() == [("invited", "bob@localhost")]  # the invitee hears of it
+    bob.ok("join", group="#club")
+    assert bob.code("join", group="#club") == "already_member"
+    alice.ok("ban", group="#club", user="bob", reason="rude")
+    assert ("banned", "bob@localhost") in bob.events()  # the banned member hears of it
+    assert bob.code("join", group="#club") == "banned"
+    assert alice.code("invite", group="#club", user="bob") == "banned"
+    alice.ok("unban", group="#club", user="bob")
+    assert bob.code("join", group="#club") == "not_invited"  # the invite was used up
+    alice.ok("invite", group="#club", user="bob")
+    bob.ok("join", group="#club")
+    alice.ok("set_topic", group="#club", topic="new")
+    alice.events()
+    assert [e for e, _ in bob.events()] == ["invited", "joined", "topic"]
+    assert carol.code("group_info", group="#club") == "not_member"  # invite-only: private
+    assert realm.list_groups() == []  # not listed
+    alice.ok("delete_group", group="#club")
+    assert bob.events() == [("deleted", None)]
+    assert bob.code("send", to="#club", body="x") == "no_such_group"
+
+
+def test_history_rule_and_offline_backlog(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("create_group", group="#joined")
+    alice.ok("create_group", group="#all", history="all")
+    for g in ("#joined", "#all"):
+        alice.ok("send", to=g, body=f"early {g}")
+    bob = User(realm, clock, "bob")
+    for g in ("#joined", "#all"):
+        bob.ok("join", group=g)
+    hist = {
+        g: [m["body"] for m in bob.ok("history", **{"with": g})["messages"] if m["kind"] == "text"]
+        for g in ("#joined", "#all")
+    }
+    assert hist == {"#joined": [], "#all": ["early #all"]}
+    # bob goes offline; the group moves on; bob is kicked; he learns it all at login.
+    bob.proto.connectionLost(None)
+    alice.ok("send", to="#joined", body="while away")
+    alice.ok("kick", group="#joined", user="bob")
+    alice.ok("send", to="#joined", body="after the kick")
+    again = User(realm, clock, "bob")
+    backlog = [
+        (m["kind"], m["body"] or m["meta"]["event"]) for m in again.inbox if m["type"] == "msg"
+    ]
+    assert ("text", "while away") in backlog and ("event", "kicked") in backlog
+    assert ("text", "after the kick") not in backlog
+    positions = [f["pos"] for f in again.inbox if f["type"] == "msg"]
+    assert positions == sorted(positions) and len(positions) == len(set(positions))
+
+
+def test_limits(clock: Clock) -> None:
+    cfg = Config()
+    cfg.limits.max_members_per_group = 2
+    cfg.limits.max_groups_per_user = 1
+    realm = make_test_realm(clock, cfg)
+    alice, bob, carol = (User(realm, clock, n) for n in ("alice", "bob", "carol"))
+    alice.ok("create_group", group="#a")
+    assert alice.code("create_group", group="#b") == "limit_reached"
+    bob.ok("join", group="#a")
+    assert carol.code("join", group="#a") == "group_full"
+    assert alice.code("set_topic", group="#a", topic="x" * 600) == "too_large"
+    assert carol.code("create_group", group="#c", visibility="secret") == "bad_request"
+    assert carol.code("create_group", group="#c", history="never") == "bad_request"
+        "bad_request",
+        "limit_reached",
+    )
+
+
+def test_presence_to_group_members_and_dm_partners(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("create_group", group="#p")
+    bob = User(realm, clock, "bob")
+    bob.ok("join", group="#p")
+    carol = User(realm, clock, "carol")  # shares nothing with bob
+    bob.proto.connectionLost(None)
+    presence = [f for f in alice.drain() + alice.inbox if f["type"] == "presence"]
+    assert {"type": "presence", "user": "bob@localhost", "status": "offline"} in presence
+    assert [f for f in carol.drain() if f["type"] == "presence"] == []
+    bob = User(realm, clock, "bob")
+    assert {"type": "presence", "user": "bob@localhost", "status": "online"} in alice.drain()
+    # bob's snapshot after sync names his online contacts (alice), not strangers (carol)
+    snapshot = [f["user"] for f in bob.inbox if f["type"] == "presence"]
+    assert snapshot == ["alice@localhost"]
+    alice.inbox.clear()
+    bob.ok("set_status", status="away", text="lunch")
+    assert {"type": "presence", "user": "bob@localhost", "status": "away", "text": "lunch"} in (
+        alice.drain()
+    )
+    assert bob.code("set_status", status="asleep") == "bad_request"
+    who = alice.ok("who", group="#p")["users"]
+    assert {"user": "bob@localhost", "sessions": 1, "status": "away", "text": "lunch"} in who
+    assert carol.code("who", group="#p") == "not_member"
+    # DM partners hear presence too
+    carol.ok("send", to="alice", body="hi")
+    carol.proto.connectionLost(None)
+    assert {"type": "presence", "user": "carol@localhost", "status": "offline"} in alice.drain()
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_state_survives_restart(tmp_path: Any) -> Any:
+    """Group state is the replay of stored events: a restarted realm has the same groups."""
+    from chatproto.address import Address
+    from chatproto.realm import Session
+
+    cfg = fast_config(tmp_path)
+    realm = make_realm(cfg)
+    yield realm.startService()
+    try:
+        yield realm.create_user("alice", "password1")
+        yield realm.create_user("bob", "password1")
+        yield realm.create_user("carol", "password1")
+        alice = Session(realm, Address("alice", "localhost"), "d", None)
+        bob = Session(realm, Address("bob", "localhost"), "d", None)
+        yield realm.group_event(alice, "created", "#kept", topic="t", visibility="invite")
+        yield realm.group_event(alice, "invited", "#kept", user="bob")
+        yield realm.group_event(bob, "joined", "#kept")
+        yield realm.group_event(alice, "role", "#kept", user="bob", role="admin")
+        yield realm.group_event(bob, "banned", "#kept", user="carol")
+        yield realm.group_event(alice, "created", "#gone")
+        yield realm.group_event(alice, "deleted", "#gone")
+        before = realm.groups.get("#kept@localhost")
+    finally:
+        yield realm.stopService()
+    again = make_realm(cfg)
+    yield again.startService()
+    try:
+        g = again.groups.get("#kept@localhost")
+        assert g == before
+        assert g.topic == "t" and g.visibility == "invite" and g.bans == {"carol@localhost"}
+        assert {u: m.role for u, m in g.members.items()} == {
+            "alice@localhost": "owner",
+            "bob@localhost": "admin",
+        }
+        assert "#gone@localhost" not in again.groups.groups
+    finally:
+        yield again.stopService()
