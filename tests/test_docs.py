@@ -7,6 +7,9 @@ These tests keep the hand-written documents and the implementation from drifting
 - every error code of :data:`chatproto.errors.CODES` has a row in PROTOCOL.md's error
   table, and the table names no code the server does not have;
 - every request type the server handles (``chatproto.protocol._HANDLERS``) is documented;
+- the group event names, roles, settings, presence states and group limits in
+  PROTOCOL.md are the code's, and the group example transcript is what the server
+  sends (replayed on a test realm, ignoring ``msg_id`` and ``ts``);
 - the hex dumps in PROTOCOL.md are the exact bytes :func:`chatproto.wire.encode` gives,
   with the 4-byte length prefix; the ``hello`` result example is what the server sends
   with the default configuration;
@@ -28,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from chatproto import address, config, wire
+from chatproto import address, config, groups, realm, wire
 from chatproto.config import tomllib
 from chatproto.errors import CODES, ChatError
 from chatproto.protocol import _HANDLERS, ClientProtocol
@@ -154,9 +157,88 @@ def test_documented_requests_are_handled() -> None:
     assert documented == set(_HANDLERS)
 
 
-@pytest.mark.parametrize("kind", ["msg", "synced", "ping", "result", "error"])
+@pytest.mark.parametrize("kind", ["msg", "synced", "presence", "ping", "result", "error"])
 def test_server_frames_are_documented(kind: str) -> None:
     assert f'"type":"{kind}"' in _doc() or f"`{kind}`" in _doc()
+
+
+# (c') groups and presence ----------------------------------------------------------
+
+
+def test_group_events_are_documented() -> None:
+    section = _section(_doc(), "Groups")
+    table = re.findall(r"^\|\s*`([a-z_]+)`\s*\|", section.split("### Group events", 1)[1], re.M)
+    assert table == list(groups.EVENTS)
+
+
+def test_roles_settings_and_presence_states_are_the_codes() -> None:
+    doc = _doc()
+    assert " > ".join(f"`{r}`" for r in reversed(groups.ROLES)) in doc
+    for value in (*groups.VISIBILITIES, *groups.HISTORY_RULES):
+        assert f'`"{value}"`' in doc, value
+    presence = _section(doc, "Presence")
+    states = ", ".join(f'`"{s}"`' for s in realm.PRESENCE_STATES[:-1])
+    assert f'{states} or `"{realm.PRESENCE_STATES[-1]}"`' in presence
+    assert f"at most {groups.MAX_TOPIC} characters" in doc
+    assert f"at most {realm.MAX_STATUS_TEXT} characters" in doc
+
+
+def test_group_limits_in_doc_match_config() -> None:
+    limits = _section(_doc(), "Limits and flow control")
+    defaults = config.Config().limits
+    for key in ("max_members_per_group", "max_groups_per_user", "max_sessions_per_user"):
+        m = re.search(rf"^\| `{key}` \| (\d+) \|", limits, re.M)
+        assert m and int(m.group(1)) == getattr(defaults, key), key
+
+
+def _strip(obj: Any) -> Any:
+    """A frame without the values that differ between runs (ids, timestamps)."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in ("msg_id", "ts")}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def test_group_example_is_what_the_server_sends() -> None:
+    """Replay the C: lines of "Example: a group"; compare each connection's S: lines.
+
+    The connection a line belongs to is the first user named in the latest ``#`` line.
+    """
+    from twisted.internet.task import Clock
+
+    from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+
+    section = _section(_doc(), "Example: a group")
+    block = section.split("```text\n", 1)[1].split("```", 1)[0]
+    clock = Clock()
+    service = make_test_realm(clock)
+    passwords = {"alice": "correct horse", "bob": "battery staple"}
+    conns = {}
+    for name, password in passwords.items():
+        service.create_user(name, password)
+        proto, transport = connect_string_transport(service)
+        proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+        proto.dataReceived(frame({"type": "login", "id": 2, "user": name, "password": password}))
+        clock.advance(0)
+        assert [f["type"] for f in frames(transport)] == ["result", "result", "synced"]
+        conns[name] = (proto, transport)
+    expected: dict[str, list[Any]] = {name: [] for name in conns}
+    current = ""
+    try:
+        for line in block.splitlines():
+            if line.startswith("#"):
+                named = re.findall(r"\b(alice|bob)\b", line)
+                current = named[0] if named else current
+            elif line.startswith("C: "):
+                conns[current][0].dataReceived(frame(json.loads(line[3:])))
+                clock.advance(0)
+            elif line.startswith("S: "):
+                expected[current].append(_strip(json.loads(line[3:])))
+        for name, (_proto, transport) in conns.items():
+            assert [_strip(f) for f in frames(transport)] == expected[name], name
+    finally:
+        service.stopService()
 
 
 # (d) byte-level examples ------------------------------------------------------------
@@ -210,7 +292,7 @@ def test_transcript_lines_are_json_frames() -> None:
             # the one unknown type in the transcript shows the unknown_type error
             assert obj["type"] in {*_HANDLERS, "frobnicate"}, text
         else:
-            assert obj["type"] in ("result", "error", "msg", "synced", "ping"), text
+            assert obj["type"] in ("result", "error", "msg", "synced", "presence", "ping"), text
             if obj["type"] == "error":
                 assert obj["code"] in CODES, text
 
