@@ -26,6 +26,8 @@ RANK = {role: i for i, role in enumerate(ROLES)}
 VISIBILITIES = ("public", "invite")
 HISTORY_RULES = ("joined", "all")
 MAX_TOPIC = 512
+#: Closed feed ranges kept per user (oldest dropped first).
+MAX_PAST_RANGES = 64
 
 #: Event names (``meta["event"]``) and what they do to the state.
 EVENTS = (
@@ -60,9 +62,6 @@ class Group:
     members: dict[str, Membership] = attrs.field(factory=dict)
     bans: set[str] = attrs.field(factory=set)
     invites: set[str] = attrs.field(factory=set)
-    #: Members who left or were removed: user -> (lo, hi] they may still read in their
-    #: backlog (so an offline member learns they were kicked).
-    former: dict[str, tuple[int, int]] = attrs.field(factory=dict)
 
     def role_of(self, user: str) -> str | None:
         m = self.members.get(user)
@@ -87,8 +86,9 @@ class Groups:
         self.groups: dict[str, Group] = {}
         #: user -> addresses of the groups they are a member of
         self.of_user: dict[str, set[str]] = {}
-        #: user -> addresses of groups they left or were removed from
-        self.former_of: dict[str, set[str]] = {}
+        #: user -> closed (group, lo, hi] ranges still in their feed: past memberships
+        #: (so an offline member learns they were kicked), invites, bans.
+        self.past: dict[str, list[tuple[str, int, int]]] = {}
 
     def get(self, address: str) -> Group:
         group = self.groups.get(address)
@@ -218,11 +218,17 @@ class Groups:
         return users
 
     def apply(self, env: Envelope) -> None:
-        """Apply a committed event to the state (also used to replay at start-up)."""
+        """Apply a committed event to the state (also used to replay at start-up).
+
+        Defensive: an event that no longer makes sense (a second ``created`` for a live
+        group, a join by a member) changes nothing, so replay always converges.
+        """
         meta = env.meta or {}
         event = meta.get("event")
         addr = env.recipient
         if event == "created":
+            if addr in self.groups:
+                return
             created = Group(
                 addr,
                 topic=meta.get("topic", ""),
@@ -238,18 +244,23 @@ class Groups:
             return
         user = meta.get("user", "")
         if event == "joined":
-            group.invites.discard(user)
-            self._add(group, user, "member", env.pos)
+            if user not in group.members:
+                group.invites.discard(user)
+                self._add(group, user, "member", env.pos)
         elif event in ("left", "kicked"):
             self._remove(group, user, env.pos)
         elif event == "banned":
             group.bans.add(user)
             group.invites.discard(user)
-            self._remove(group, user, env.pos)
+            if user in group.members:
+                self._remove(group, user, env.pos)
+            else:
+                self._note(user, addr, env.pos)  # a non-member learns of the ban
         elif event == "unbanned":
             group.bans.discard(user)
         elif event == "invited":
             group.invites.add(user)
+            self._note(user, addr, env.pos)  # the invitee gets it, even when offline
         elif event == "topic":
             group.topic = meta.get("topic", "")
         elif event == "role" and user in group.members:
@@ -257,38 +268,45 @@ class Groups:
         elif event == "deleted":
             for member in list(group.members):
                 self._remove(group, member, env.pos)
+        if not group.members:
+            # Deleted, or its last member left: the name is free again.  Former
+            # members' ranges end at this event, so they still read up to it.
             del self.groups[addr]
 
     def _add(self, group: Group, user: str, role: str, pos: int) -> None:
-        lo = 0 if group.history == "all" else pos - 1
+        # "all": everything since the group (this incarnation of the name) was created.
+        lo = group.created_pos - 1 if group.history == "all" else pos - 1
         group.members[user] = Membership(role, lo)
-        if group.former.pop(user, None) is not None:
-            self.former_of[user].discard(group.address)
         self.of_user.setdefault(user, set()).add(group.address)
 
     def _remove(self, group: Group, user: str, pos: int) -> None:
         m = group.members.pop(user, None)
         if m is not None:
-            group.former[user] = (m.lo, pos)
-            self.former_of.setdefault(user, set()).add(group.address)
+            self._closed_range(user, group.address, m.lo, pos)
         mine = self.of_user.get(user)
         if mine is not None:
             mine.discard(group.address)
             if not mine:
                 del self.of_user[user]
 
+    def _note(self, user: str, addr: str, pos: int) -> None:
+        self._closed_range(user, addr, pos - 1, pos)
+
+    def _closed_range(self, user: str, addr: str, lo: int, hi: int) -> None:
+        ranges = self.past.setdefault(user, [])
+        ranges.append((addr, lo, hi))
+        if len(ranges) > MAX_PAST_RANGES:
+            del ranges[0]
+
     # reading ------------------------------------------------------------------------
 
     def feed_ranges(self, user: str) -> list[tuple[str, int, int | None]]:
-        """(group, lo, hi) ranges of group items in ``user``'s feed (hi None = open)."""
-        out: list[tuple[str, int, int | None]] = []
-        for addr in self.of_user.get(user, ()):
-            out.append((addr, self.groups[addr].members[user].lo, None))
-        for addr in self.former_of.get(user, ()):
-            group = self.groups.get(addr)
-            former = group.former.get(user) if group is not None else None
-            if former is not None:
-                out.append((addr, former[0], former[1]))
+        """(group, lo, hi) ranges of group items in ``user``'s feed (hi None = open):
+        current memberships, then closed ones (past memberships, invites, bans)."""
+        out: list[tuple[str, int, int | None]] = [
+            (addr, self.groups[addr].members[user].lo, None) for addr in self.of_user.get(user, ())
+        ]
+        out.extend(self.past.get(user, ()))
         return out
 
     def readable_from(self, group_addr: str, user: str) -> int:

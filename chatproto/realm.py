@@ -24,7 +24,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -319,6 +319,7 @@ class RealmService(Service):
         self._status: dict[str, tuple[str, str]] = {}
         #: user -> users they have a private conversation with (presence audience)
         self._partners: dict[str, set[str]] = {}
+        self._group_locks: dict[str, DeferredLock] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -459,9 +460,10 @@ class RealmService(Service):
         session.device = device
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
-        self._came_online(session).addErrback(
-            lambda f: self.log.failure("presence for {user}", f, user=session.user_id)
-        )
+        try:
+            yield self._came_online(session)
+        except Exception:
+            self.log.failure("presence for {user}", user=session.user_id)
         self.log.info(
             "login {user} device {device} from {peer}",
             user=session.user_id,
@@ -520,7 +522,9 @@ class RealmService(Service):
                 entry: dict[str, Any] = {"user": u, "sessions": len(sessions)}
                 status = self._status.get(u)
                 if status:
-                    entry["status"], entry["text"] = status
+                    entry["status"] = status[0]
+                    if status[1]:
+                        entry["text"] = status[1]
                 out.append(entry)
         return out
 
@@ -599,6 +603,24 @@ class RealmService(Service):
             return fail(e)
 
     def _commit_event(
+        self, session: Session, event: str, addr: str, args: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        """Changes to one group are checked and committed one at a time, so two
+        concurrent requests (two creates of one name, two joins past the member limit)
+        cannot both pass a check made against the same state."""
+        lock = self._group_locks.get(addr)
+        if lock is None:
+            lock = self._group_locks[addr] = DeferredLock()
+
+        def release(result: Any) -> Any:
+            if not lock.locked and not lock.waiting:
+                self._group_locks.pop(addr, None)
+            return result
+
+        d = lock.run(self._check_and_commit, session, event, addr, args)
+        return d.addBoth(release)
+
+    def _check_and_commit(
         self, session: Session, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
         meta = self.groups.check(event, addr, session.user_id, **args)

@@ -272,3 +272,90 @@ def test_group_state_survives_restart(tmp_path: Any) -> Any:
         assert "#gone@localhost" not in again.groups.groups
     finally:
         yield again.stopService()
+
+
+def test_offline_invitee_gets_the_invite_and_deletion_reaches_former_members(
+    realm: Any, clock: Clock
+) -> None:
+    alice = User(realm, clock, "alice")
+    bob = User(realm, clock, "bob")
+    carol = User(realm, clock, "carol")
+    alice.ok("create_group", group="#club", visibility="invite")
+    alice.ok("invite", group="#club", user="carol")
+    carol.ok("join", group="#club")
+    bob.proto.connectionLost(None)
+    carol.proto.connectionLost(None)
+    alice.ok("invite", group="#club", user="bob")  # bob is offline
+    alice.ok("send", to="#club", body="last words")
+    alice.ok("delete_group", group="#club")  # carol is offline
+    bob = User(realm, clock, "bob")
+    assert [m["meta"]["event"] for m in bob.msgs()] == ["invited"]
+    carol = User(realm, clock, "carol")
+    got = [(m["kind"], m["body"] or m["meta"]["event"]) for m in carol.msgs()]
+    assert got[-2:] == [("text", "last words"), ("event", "deleted")]
+
+
+def test_recreated_name_does_not_expose_the_old_group(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("create_group", group="#reuse")
+    alice.ok("send", to="#reuse", body="old secret")
+    alice.ok("delete_group", group="#reuse")
+    bob = User(realm, clock, "bob")
+    bob.ok("create_group", group="#reuse", history="all")
+    alice.ok("join", group="#reuse")
+    bodies = [m["body"] for m in alice.ok("history", **{"with": "#reuse"})["messages"]]
+    assert "old secret" not in bodies
+
+
+def test_last_member_leaving_frees_the_name(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("create_group", group="#solo")
+    alice.ok("leave", group="#solo")
+    assert alice.code("join", group="#solo") == "no_such_group"
+    alice.ok("create_group", group="#solo")
+
+
+def test_rejoin_keeps_unread_items_of_the_earlier_membership(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("create_group", group="#g")
+    bob = User(realm, clock, "bob")
+    bob.ok("join", group="#g")
+    alice.ok("send", to="#g", body="first membership")
+    bob.ok("leave", group="#g")
+    bob.ok("join", group="#g")
+    alice.ok("send", to="#g", body="second membership")
+    # A device that never synced gets both memberships' messages, not just the current.
+    tablet = User(realm, clock, "bob", device="tablet2")
+    bodies = [m["body"] for m in tablet.msgs() if m["kind"] == "text"]
+    assert bodies == ["first membership", "second membership"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_creates_and_joins_are_serialised(tmp_path: Any) -> Any:
+    from twisted.internet import defer
+
+    from chatproto.address import Address
+    from chatproto.realm import Session
+
+    cfg = fast_config(tmp_path)
+    cfg.limits.max_members_per_group = 3
+    realm = make_realm(cfg)
+    yield realm.startService()
+    try:
+        sessions = []
+        for name in ("alice", "bob", "carol", "dave", "erin"):
+            yield realm.create_user(name, "password1")
+            sessions.append(Session(realm, Address(name, "localhost"), "d", None))
+        results = yield defer.DeferredList(
+            [realm.group_event(s, "created", "#race") for s in sessions[:2]], consumeErrors=True
+        )
+        outcomes = sorted(ok for ok, _ in results)
+        assert outcomes == [False, True]
+        joins = yield defer.DeferredList(
+            [realm.group_event(s, "joined", "#race") for s in sessions[1:]], consumeErrors=True
+        )
+        assert len(realm.groups.get("#race@localhost").members) == 3
+        codes = sorted(r.value.code for ok, r in joins if not ok)
+        assert codes == ["already_member", "group_full"] or codes == ["group_full", "group_full"]
+    finally:
+        yield realm.stopService()

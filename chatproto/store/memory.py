@@ -81,12 +81,16 @@ class MemoryStore:
         limit: int,
         groups: Sequence[tuple[str, int, int | None]] = (),
     ) -> Deferred[list[Envelope]]:
-        ranges = {g: (lo, hi) for g, lo, hi in groups}
+        ranges: dict[str, list[tuple[int, int | None]]] = {}
+        for g, lo, hi in groups:
+            ranges.setdefault(g, []).append((lo, hi))
         out = []
         for e in self.items[self._after(after) :]:
             if e.recipient.startswith("#"):
-                r = ranges.get(e.recipient)
-                if r is None or e.pos <= r[0] or (r[1] is not None and e.pos > r[1]):
+                if not any(
+                    lo < e.pos and (hi is None or e.pos <= hi)
+                    for lo, hi in ranges.get(e.recipient, ())
+                ):
                     continue
             elif user not in (e.recipient, e.sender):
                 continue
