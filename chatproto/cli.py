@@ -5,9 +5,15 @@ in :func:`main`, then one coroutine per subcommand run on the reactor with
 :func:`twisted.internet.task.react`.  Anything that could block (password prompts,
 reading a message body from stdin) happens before the reactor starts.
 
+Groups are addressed as ``#name`` (or ``#name@realm``) wherever a peer is expected
+(``send``, ``history``); the group commands (``groups``, ``create``, ``join``,
+``leave``, ``invite``, ``kick``, ``ban``, ``unban``, ``topic``, ``role``, ``members``,
+``info``, ``delete``) take the group with or without its ``#``.  ``listen`` prints
+group events ("bob joined") and presence ("* bob is online") as well as messages.
+
 Acknowledgements are kept per device.  ``listen`` logs in as ``--device`` (default
 ``cli``) and resumes after that device's last ack, so it sees every message once.  The
-one-shot commands (``register``, ``send``, ``history``, ``who``) log in as
+one-shot commands (every command but ``listen``) log in as
 ``<device>-oneshot`` resuming after :data:`ONESHOT_SINCE`, beyond any real position: the
 realm streams them nothing, so they acknowledge nothing.  That matters because the
 realm starts a device it has not seen at its user's furthest ack: a one-shot login that
@@ -54,6 +60,9 @@ USER_ENV = "CHATPROTO_USER"
 ONESHOT_SINCE = 2**53 - 1
 #: Realm errors after which reconnecting cannot help (as in ChatClientService).
 _FATAL_CODES = ("auth_failed", "unsupported_version", "bad_request")
+_GROUP_HELP = "the group: name, #name or #name@realm"
+#: The statuses a user may set (``offline`` is the realm's to say).
+_STATUSES = ("online", "away", "busy")
 
 
 class CommandError(Exception):
@@ -140,7 +149,8 @@ def make_parser() -> argparse.ArgumentParser:
         prog="chatproto",
         description="Talk to a chatproto realm.  The password is read from "
         f"${PASSWORD_ENV} or prompted for; it is never a command-line option.",
-        epilog="One-shot commands (register, send, history, who) log in as device "
+        epilog="Groups: GROUP is 'name', '#name' or '#name@realm'; send and history take "
+        "'#name' as PEER.  One-shot commands (all but listen) log in as device "
         "'<device>-oneshot' and take no messages from the stream, so they never move "
         "the position that 'listen' (device '<device>') resumes from.",
     )
@@ -159,9 +169,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "send",
         parents=[common],
-        help="send a private message",
+        help="send a message to a user or a #group",
         description="Send TEXT (words joined by spaces; '-' reads the body from stdin) "
-        "to PEER and print the message id and stream position.",
+        "to PEER (a user, or a group as '#name') and print the message id and stream "
+        "position.",
     )
     p.add_argument("peer", metavar="PEER")
     p.add_argument("text", metavar="TEXT", nargs="+")
@@ -170,8 +181,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "history",
         parents=[common],
-        help="show the conversation with a peer",
-        description="Print a page of the conversation with PEER, oldest first.",
+        help="show the conversation with a user or a #group",
+        description="Print a page of the conversation with PEER (a user, or a group as "
+        "'#name'), oldest first.  Group events (joins, kicks, topics) are included.",
     )
     p.add_argument("peer", metavar="PEER")
     p.add_argument("--limit", type=_positive, metavar="N", help="at most N messages")
@@ -184,14 +196,146 @@ def make_parser() -> argparse.ArgumentParser:
         "listen",
         parents=[common],
         help="print the backlog, then new messages as they arrive",
-        description="Print messages not yet acknowledged by --device, then live ones, "
+        description="Print messages and group events not yet acknowledged by --device, "
+        "then live ones, and presence changes of your contacts ('* bob is online'), "
         "reconnecting and resuming as needed, until Ctrl-C, SIGTERM or --count.",
     )
-    p.add_argument("--count", type=_positive, metavar="N", help="exit after N messages")
+    p.add_argument("--count", type=_positive, metavar="N", help="exit after N messages or events")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line (presence frames keep their "type": "presence")',
+    )
+    p.add_argument("--no-presence", action="store_true", help="do not print presence changes")
+    p.add_argument(
+        "--status",
+        choices=_STATUSES,
+        help="show this status to your contacts while listening (default: online)",
+    )
+    p.add_argument("--status-text", metavar="TEXT", default="", help="a note with --status")
+
+    p = sub.add_parser(
+        "who",
+        parents=[common],
+        help="list the users online (or the online members of a group)",
+        description="List the users online on the realm, or with GROUP the online "
+        "members of that group (members only), with their status.",
+    )
+    p.add_argument(
+        "group", metavar="GROUP", nargs="?", help="only the online members of this group"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = sub.add_parser("who", parents=[common], help="list the users online")
+    # groups --------------------------------------------------------------------------
+
+    p = sub.add_parser(
+        "groups",
+        parents=[common],
+        help="list the public groups",
+        description="List the public groups of the realm with their topic and size.",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
+        "create",
+        parents=[common],
+        help="create a group (you become its owner)",
+        description="Create GROUP.  Anyone may join a public group; an --invite-only "
+        "group needs an invitation from an admin.",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("--invite-only", action="store_true", help="only invited users may join")
+    p.add_argument(
+        "--history",
+        choices=("joined", "all"),
+        help="what members may read: what came after they joined (joined, the default) "
+        "or everything since the group was created (all)",
+    )
+    p.add_argument("--topic", metavar="TEXT", default="", help="the group's topic")
+
+    for name, help_ in (
+        ("join", "join a group (public, or invite-only with an invitation)"),
+        ("leave", "leave a group"),
+        ("delete", "delete a group and remove every member (owners only)"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_ + ".")
+        p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+
+    p = sub.add_parser(
+        "invite",
+        parents=[common],
+        help="invite a user to a group (admins)",
+        description="Allow USER to join GROUP (needed for invite-only groups).",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("member", metavar="USER", help="a user: name or name@realm")
+
+    for name, help_ in (
+        ("kick", "remove a member from a group (admins); they may join again"),
+        ("ban", "remove a user from a group and refuse their joins (admins)"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_ + ".")
+        p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+        p.add_argument("member", metavar="USER", help="a user: name or name@realm")
+        p.add_argument("--reason", metavar="TEXT", help="shown to the group with the event")
+
+    p = sub.add_parser(
+        "unban",
+        parents=[common],
+        help="lift a ban (admins)",
+        description="Let USER join GROUP again.",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("member", metavar="USER", help="a user: name or name@realm")
+
+    p = sub.add_parser(
+        "topic",
+        parents=[common],
+        help="set a group's topic (admins)",
+        description="Set the topic of GROUP to TEXT (words joined by spaces; '' clears).",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("text", metavar="TEXT", nargs="+")
+
+    p = sub.add_parser(
+        "role",
+        parents=[common],
+        help="change a member's role (owners)",
+        description="Give USER the role ROLE in GROUP.  Admins may invite, kick, ban and "
+        "set the topic; owners may also change roles and delete the group.",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("member", metavar="USER", help="a user: name or name@realm")
+    p.add_argument("role", metavar="ROLE", choices=("member", "admin", "owner"))
+
+    p = sub.add_parser(
+        "members",
+        parents=[common],
+        help="list the members of a group with their roles",
+        description="List the members of GROUP (members only): role and whether online.",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="show a group's topic, settings and your role",
+        description="Show the summary of GROUP and your role in it.",
+    )
+    p.add_argument("group", metavar="GROUP", help=_GROUP_HELP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="set your presence status (lasts while connected: see listen --status)",
+        description="Set your status (online, away or busy, with an optional TEXT) and "
+        "show it to your contacts.  A status lasts only while its connection is open, so "
+        "for a one-shot command it is gone at once; 'listen --status STATUS' keeps it.",
+    )
+    p.add_argument("status", metavar="STATUS", choices=_STATUSES)
+    p.add_argument("text", metavar="TEXT", nargs="*")
     return parser
 
 
@@ -203,6 +347,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--user is required (or set ${USER_ENV})")
     if args.command == "send":
         args.body = None if args.text == ["-"] else " ".join(args.text)
+    elif args.command in ("topic", "status"):
+        args.text = " ".join(args.text)
     return args
 
 
@@ -238,14 +384,74 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _short(addr: Any, realm: str) -> str:
+    """``addr`` without ``@realm`` when it is on ``realm``."""
+    text = str(addr)
+    suffix = "@" + realm
+    return text[: -len(suffix)] if realm and text.endswith(suffix) else text
+
+
+def describe_event(msg: dict[str, Any]) -> str:
+    """A group event in words: ``bob joined``, ``alice kicked bob (spam)``."""
+    meta = msg.get("meta") or {}
+    group = str(msg.get("to", ""))
+    realm = group.rpartition("@")[2]
+    actor = _short(msg.get("from", "?"), realm)
+    user = _short(meta.get("user", "?"), realm)
+    event = meta.get("event", "?")
+    reason = f" ({meta['reason']})" if meta.get("reason") else ""
+    if event == "created":
+        text = f"{actor} created the group"
+        if meta.get("visibility") == "invite":
+            text += " (invite-only)"
+        return text + (f"; topic: {meta['topic']}" if meta.get("topic") else "")
+    if event == "joined":
+        return f"{user} joined"
+    if event == "left":
+        return f"{user} left"
+    if event == "invited":
+        return f"{actor} invited {user}"
+    if event in ("kicked", "banned"):
+        return f"{actor} {event} {user}{reason}"
+    if event == "unbanned":
+        return f"{actor} unbanned {user}"
+    if event == "topic":
+        topic = meta.get("topic", "")
+        return f"{actor} set the topic: {topic}" if topic else f"{actor} cleared the topic"
+    if event == "role":
+        return f"{actor} made {user} {meta.get('role', '?')}"
+    if event == "deleted":
+        return f"{actor} deleted the group"
+    return f"{actor}: {event}"
+
+
 def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) -> str:
-    """One output line for a stream item (``me``: show the recipient of own messages)."""
+    """One output line for a stream item (``me``: show the recipient of own messages).
+
+    Private: ``[time] alice@x: hi``; group: ``[time] #g@x alice@x: hi``; group event:
+    ``[time] #g@x: bob joined``.
+    """
     if as_json:
         return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
+    when = f"[{_when(msg.get('ts', 0))}]"
     sender = msg.get("from", "?")
+    to = str(msg.get("to", "?"))
+    if to.startswith("#"):
+        if msg.get("kind") == "event":
+            return f"{when} {to}: {describe_event(msg)}"
+        return f"{when} {to} {sender}: {msg.get('body', '')}"
     if me is not None and sender == me:
-        sender = f"{sender} -> {msg.get('to', '?')}"
-    return f"[{_when(msg.get('ts', 0))}] {sender}: {msg.get('body', '')}"
+        sender = f"{sender} -> {to}"
+    return f"{when} {sender}: {msg.get('body', '')}"
+
+
+def format_presence(frame: dict[str, Any], as_json: bool, realm: str = "") -> str:
+    """One output line for a presence frame: ``* bob is away: lunch``."""
+    if as_json:
+        return json.dumps(frame, ensure_ascii=False)
+    user = _short(frame.get("user", "?"), realm)
+    text = f": {frame['text']}" if frame.get("text") else ""
+    return f"* {user} is {frame.get('status', '?')}{text}"
 
 
 def _say(line: str) -> None:
@@ -395,12 +601,105 @@ async def _history(conn: Connection, args: argparse.Namespace) -> None:
 
 
 async def _who(conn: Connection, args: argparse.Namespace) -> None:
-    for entry in await conn.who():
+    for entry in await conn.who(args.group):
         if args.json:
             _say(json.dumps(entry, ensure_ascii=False))
         else:
             n = entry.get("sessions", 0)
-            _say(f"{entry['user']} ({n} session{'' if n == 1 else 's'})")
+            line = f"{entry['user']} ({n} session{'' if n == 1 else 's'})"
+            if entry.get("status"):
+                line += f" {entry['status']}"
+                if entry.get("text"):
+                    line += f": {entry['text']}"
+            _say(line)
+
+
+def _summary(info: dict[str, Any]) -> str:
+    n = info.get("members", 0)
+    line = (
+        f"{info['group']} ({n} member{'' if n == 1 else 's'}, {info.get('visibility', '?')}, "
+        f"history {info.get('history', '?')})"
+    )
+    return line + (f": {info['topic']}" if info.get("topic") else "")
+
+
+async def _groups(conn: Connection, args: argparse.Namespace) -> None:
+    for info in await conn.list_groups():
+        _say(json.dumps(info, ensure_ascii=False) if args.json else _summary(info))
+
+
+async def _create(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.create_group(
+        args.group,
+        visibility="invite" if args.invite_only else None,
+        history=args.history,
+        topic=args.topic,
+    )
+    _say(f"created {result['group']}")
+
+
+async def _join(conn: Connection, args: argparse.Namespace) -> None:
+    _say(f"joined {(await conn.join(args.group))['group']}")
+
+
+async def _leave(conn: Connection, args: argparse.Namespace) -> None:
+    _say(f"left {(await conn.leave(args.group))['group']}")
+
+
+async def _delete(conn: Connection, args: argparse.Namespace) -> None:
+    _say(f"deleted {(await conn.delete_group(args.group))['group']}")
+
+
+async def _invite(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.invite(args.group, args.member)
+    _say(f"invited {args.member} to {result['group']}")
+
+
+async def _kick(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.kick(args.group, args.member, args.reason)
+    _say(f"kicked {args.member} from {result['group']}")
+
+
+async def _ban(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.ban(args.group, args.member, args.reason)
+    _say(f"banned {args.member} from {result['group']}")
+
+
+async def _unban(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.unban(args.group, args.member)
+    _say(f"unbanned {args.member} from {result['group']}")
+
+
+async def _topic(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.set_topic(args.group, args.text)
+    _say(f"topic of {result['group']} set")
+
+
+async def _role(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.set_role(args.group, args.member, args.role)
+    _say(f"{args.member} is now {args.role} in {result['group']}")
+
+
+async def _members(conn: Connection, args: argparse.Namespace) -> None:
+    for m in await conn.members(args.group):
+        if args.json:
+            _say(json.dumps(m, ensure_ascii=False))
+        else:
+            _say(f"{m['user']} {m['role']}{' (online)' if m.get('online') else ''}")
+
+
+async def _info(conn: Connection, args: argparse.Namespace) -> None:
+    info = await conn.group_info(args.group)
+    if args.json:
+        _say(json.dumps(info, ensure_ascii=False))
+    else:
+        _say(_summary(info))
+        _say(f"your role: {info.get('role') or 'not a member'}")
+
+
+async def _status(conn: Connection, args: argparse.Namespace) -> None:
+    await conn.set_status(args.status, args.text)
+    _say(f"status {args.status} shown until this command exits (use 'listen --status')")
 
 
 _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]] = {
@@ -408,6 +707,20 @@ _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]]
     "send": _send,
     "history": _history,
     "who": _who,
+    "groups": _groups,
+    "create": _create,
+    "join": _join,
+    "leave": _leave,
+    "delete": _delete,
+    "invite": _invite,
+    "kick": _kick,
+    "ban": _ban,
+    "unban": _unban,
+    "topic": _topic,
+    "role": _role,
+    "members": _members,
+    "info": _info,
+    "status": _status,
 }
 
 
@@ -427,17 +740,24 @@ async def _closed(closed_d: Deferred[None]) -> None:
 class _ListenService(ChatClientService):
     """A :class:`ChatClientService` that notes reconnects on stderr."""
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
+    def __init__(self, *a: Any, status: tuple[str, str] | None = None, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.stopping = False
+        #: (status, text) to set on every connection (a status lasts one connection).
+        self.status = status
 
     def _prepare(self, proxy: Any) -> Any:
         def prepared(result: Any) -> Any:
             if self._built is not None:
                 self._built.closed_d.addCallback(self._lost)
+            if self.status is not None and self.connection is not None:
+                self.connection.set_status(*self.status).addErrback(self._status_failed)
             return result
 
         return super()._prepare(proxy).addCallback(prepared)
+
+    def _status_failed(self, failure: Failure) -> None:
+        _note(f"cannot set the status: {explain(failure.value or Exception(), '')}")
 
     def _lost(self, _: object) -> None:
         if not self.stopping and self.running:
@@ -498,6 +818,12 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
             service.pause()
             reactor.callLater(0, reactor.callLater, 0, finish)
 
+    def on_presence(frame: dict[str, Any]) -> None:
+        if args.no_presence:
+            return
+        conn = service.connection
+        _say(format_presence(frame, args.json, conn.realm if conn is not None else ""))
+
     me: str | None = None
     service = _ListenService(
         reactor,
@@ -506,6 +832,10 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
         password,
         device=args.device,
         on_message=on_message,
+        on_presence=on_presence,
+        status=(args.status or "online", args.status_text)
+        if args.status or args.status_text
+        else None,
     )
     # Both fire from inside ClientService's state machine: act on them a turn later.
     first = _next_turn(reactor, service.whenConnected(failAfterFailures=1))

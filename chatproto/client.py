@@ -11,6 +11,12 @@ Embed it in any Twisted application::
 (``ClientService``) and resumes after the last processed position, so the caller's
 ``on_message`` sees every message once, in order, whatever the network does.
 
+Groups (``#name`` or ``#name@realm``) are addressed like users in ``send`` and
+``history``; their membership changes arrive through ``on_message`` as items of kind
+``event`` (``meta["event"]``: ``joined``, ``kicked``...).  Presence is ephemeral: each
+``{"type": "presence", "user", "status", "text"?}`` frame goes to ``on_presence``; it
+is neither stored nor acknowledged, and missed presence is not replayed.
+
 Acks are handled here: after ``on_message`` returns for an item, its position is
 acknowledged (coalesced, one ack per reactor turn).
 """
@@ -43,6 +49,7 @@ __all__ = [
 ]
 
 MessageCallback = Callable[[dict[str, Any]], Any]
+PresenceCallback = Callable[[dict[str, Any]], Any]
 
 
 class RemoteError(Exception):
@@ -91,10 +98,15 @@ class ClientProtocol(Int32StringReceiver):
     MAX_LENGTH = 64 * 1024 * 1024
 
     def __init__(
-        self, reactor: Any, on_message: MessageCallback | None = None, ack: bool = True
+        self,
+        reactor: Any,
+        on_message: MessageCallback | None = None,
+        ack: bool = True,
+        on_presence: PresenceCallback | None = None,
     ) -> None:
         self.reactor = reactor
         self.on_message = on_message
+        self.on_presence = on_presence
         self.ack = ack
         self.paused = False
         self._held: list[dict[str, Any]] = []
@@ -151,6 +163,12 @@ class ClientProtocol(Int32StringReceiver):
                 else:
                     self.log.info("realm: {code}: {message}", code=err.code, message=err.message)
                     self.last_error = err
+        elif kind == "presence":
+            if self.on_presence is not None:
+                try:
+                    self.on_presence(frame)
+                except Exception:
+                    self.log.failure("on_presence callback failed")
         elif kind == "ping":
             self.notify("pong")
         elif kind == "synced":
@@ -235,7 +253,8 @@ class Connection:
         return dict(self.protocol.hello.get("limits", {}))
 
     def send(self, to: str, body: str) -> Deferred[dict[str, Any]]:
-        """Send a private message; fires with ``{"pos", "msg_id", "ts"}`` once stored."""
+        """Send a message to a user or a ``#group``; fires with ``{"pos", "msg_id", "ts"}``
+        once stored."""
         return self.protocol.request("send", to=to, body=body)
 
     def history(
@@ -252,8 +271,88 @@ class Connection:
                 fields[k] = v
         return self.protocol.request("history", **fields).addCallback(lambda r: r["messages"])
 
-    def who(self) -> Deferred[list[dict[str, Any]]]:
-        return self.protocol.request("who").addCallback(lambda r: r["users"])
+    def who(self, group: str | None = None) -> Deferred[list[dict[str, Any]]]:
+        """Online users of the realm, or the online members of ``group`` (members only):
+        ``[{"user", "sessions", "status"?, "text"?}]``."""
+        fields = {} if group is None else {"group": group}
+        return self.protocol.request("who", **fields).addCallback(lambda r: r["users"])
+
+    # groups: each change fires with {"group", "pos", "msg_id"} once committed ---------
+
+    def create_group(
+        self,
+        group: str,
+        visibility: str | None = None,
+        history: str | None = None,
+        topic: str = "",
+    ) -> Deferred[dict[str, Any]]:
+        """Create ``group`` (you become its owner).  ``visibility``: ``public`` (anyone
+        may join, the default) or ``invite``; ``history``: ``joined`` (members see what
+        came after they joined, the default) or ``all``."""
+        fields: dict[str, Any] = {"group": group}
+        if visibility is not None:
+            fields["visibility"] = visibility
+        if history is not None:
+            fields["history"] = history
+        if topic:
+            fields["topic"] = topic
+        return self.protocol.request("create_group", **fields)
+
+    def join(self, group: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("join", group=group)
+
+    def leave(self, group: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("leave", group=group)
+
+    def invite(self, group: str, user: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("invite", group=group, user=user)
+
+    def kick(self, group: str, user: str, reason: str | None = None) -> Deferred[dict[str, Any]]:
+        fields: dict[str, Any] = {"group": group, "user": user}
+        if reason:
+            fields["reason"] = reason
+        return self.protocol.request("kick", **fields)
+
+    def ban(self, group: str, user: str, reason: str | None = None) -> Deferred[dict[str, Any]]:
+        fields: dict[str, Any] = {"group": group, "user": user}
+        if reason:
+            fields["reason"] = reason
+        return self.protocol.request("ban", **fields)
+
+    def unban(self, group: str, user: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("unban", group=group, user=user)
+
+    def set_topic(self, group: str, topic: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("set_topic", group=group, topic=topic)
+
+    def set_role(self, group: str, user: str, role: str) -> Deferred[dict[str, Any]]:
+        """Give ``user`` the role ``member``, ``admin`` or ``owner`` (owners only)."""
+        return self.protocol.request("set_role", group=group, user=user, role=role)
+
+    def delete_group(self, group: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("delete_group", group=group)
+
+    def list_groups(self) -> Deferred[list[dict[str, Any]]]:
+        """The public groups: ``[{"group", "topic", "visibility", "history", "members"}]``."""
+        return self.protocol.request("list_groups").addCallback(lambda r: r["groups"])
+
+    def members(self, group: str) -> Deferred[list[dict[str, Any]]]:
+        """The members of ``group`` (members only): ``[{"user", "role", "online"}]``."""
+        return self.protocol.request("members", group=group).addCallback(lambda r: r["members"])
+
+    def group_info(self, group: str) -> Deferred[dict[str, Any]]:
+        """The summary of ``group`` and your ``role`` in it (``None``: not a member)."""
+        return self.protocol.request("group_info", group=group).addCallback(
+            lambda r: {k: v for k, v in r.items() if k not in ("type", "id")}
+        )
+
+    def set_status(self, status: str, text: str = "") -> Deferred[dict[str, Any]]:
+        """Set your presence (``online``, ``away``, ``busy``) for as long as you are
+        connected; your contacts get a presence frame."""
+        fields: dict[str, Any] = {"status": status}
+        if text:
+            fields["text"] = text
+        return self.protocol.request("set_status", **fields)
 
     def close(self) -> Deferred[None]:
         """Close the connection; fires when it is closed."""
@@ -313,6 +412,7 @@ def connect(
     realm: str | None = None,
     ca: str | None = None,
     ack: bool = True,
+    on_presence: PresenceCallback | None = None,
 ) -> Any:
     """Connect, say hello and (with ``user``/``password``) log in.
 
@@ -323,9 +423,10 @@ def connect(
     ``conn.synced`` fires once the backlog has been delivered to ``on_message``.
     ``ack=False`` makes a passive connection that acknowledges nothing (one-shot tools
     that must not move the read position of the user's devices).
+    ``on_presence`` is called with each presence frame (a dict).
     """
     endpoint = endpoint_for(reactor, server, realm, ca) if isinstance(server, str) else server
-    factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message, ack))  # type: ignore[arg-type]
+    factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message, ack, on_presence))  # type: ignore[arg-type]
     proto = yield endpoint.connect(factory)
     try:
         conn = yield _handshake(proto, user, password, device, since, register)
@@ -338,7 +439,9 @@ def connect(
 class ChatClientService(ClientService):
     """Keeps one logged-in connection up, reconnecting with backoff and resuming.
 
-    ``on_message`` is called once per item, in position order, across reconnects.
+    ``on_message`` is called once per item, in position order, across reconnects;
+    ``on_presence`` with each presence frame (ephemeral: not replayed after a reconnect,
+    but the realm sends a snapshot of online contacts after each login).
     ``whenReady()`` fires with the current :class:`Connection` once logged in and
     synced.  Errors reconnecting cannot cure (``auth_failed``, ``unsupported_version``,
     ``bad_request``) stop the service and fail ``done``.
@@ -357,6 +460,7 @@ class ChatClientService(ClientService):
         device: str = "default",
         on_message: MessageCallback | None = None,
         since: int | None = None,
+        on_presence: PresenceCallback | None = None,
         **kwargs: Any,
     ) -> None:
         self.reactor = reactor
@@ -364,6 +468,7 @@ class ChatClientService(ClientService):
         self._password = password
         self.device = device
         self.on_message = on_message
+        self.on_presence = on_presence
         self.last_pos = since
         self.connection: Connection | None = None
         #: Fails with the RemoteError that made the service give up.
@@ -376,13 +481,17 @@ class ChatClientService(ClientService):
         )
 
     def _build(self) -> ClientProtocol:
-        self._built = ClientProtocol(self.reactor, self._message)
+        self._built = ClientProtocol(self.reactor, self._message, on_presence=self._presence)
         return self._built
 
     def _message(self, frame: dict[str, Any]) -> None:
         self.last_pos = frame["pos"]
         if self.on_message is not None:
             self.on_message(frame)
+
+    def _presence(self, frame: dict[str, Any]) -> None:
+        if self.on_presence is not None:
+            self.on_presence(frame)
 
     @inlineCallbacks
     def _prepare(self, _proxy: Any) -> Any:

@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
 
 from chatproto import cli, client
 from chatproto.protocol import ClientFactory
@@ -150,8 +151,11 @@ def test_listen_backlog_then_live(server: str, realm: Any) -> Any:
         yield conn.close()
     out, err, code = yield proc.ended
     assert code == 0, err
-    msgs = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in out.splitlines()]
+    # Presence frames (alice is carol's conversation partner) keep their "type".
+    msgs = [m for m in lines if m.get("type") != "presence"]
     assert [m["body"] for m in msgs] == ["backlog", "live one"]
+    assert all(p["user"] == "alice@localhost" for p in lines if p.get("type") == "presence")
     assert msgs[1]["from"] == "alice@localhost" and msgs[1]["to"] == "carol@localhost"
     assert "Traceback" not in err
 
@@ -228,6 +232,175 @@ def test_connection_refused(server: str) -> Any:
         assert len(err.strip().splitlines()) == 1
 
 
+@pytest_twisted.inlineCallbacks
+def test_groups_create_join_send_history_members_kick(server: str) -> Any:
+    yield _register(server, "alice", "bob", "carol")
+
+    out, err, code = yield run_cli(
+        server, "alice", "create", "Lounge", "--topic", "tea and talk", "--history", "all"
+    )
+    assert code == 0, err
+    assert out.strip() == "created #lounge@localhost"
+    for user, group in (("bob", "lounge"), ("carol", "#lounge@localhost")):
+        out, err, code = yield run_cli(server, user, "join", group)
+        assert code == 0, err
+        assert out.strip() == "joined #lounge@localhost"
+
+    out, err, code = yield run_cli(server, "alice", "groups")
+    assert code == 0, err
+    assert out.strip() == "#lounge@localhost (3 members, public, history all): tea and talk"
+
+    out, err, code = yield run_cli(server, "bob", "send", "#lounge", "hi", "all")
+    assert code == 0, err
+    fields = dict(part.split("=", 1) for part in out.split())
+    out, err, code = yield run_cli(server, "alice", "send", "#lounge", "-", stdin=b"welcome\n")
+    assert code == 0, err
+
+    out, err, code = yield run_cli(server, "carol", "history", "#lounge", "--json")
+    assert code == 0, err
+    items = [json.loads(line) for line in out.splitlines()]
+    assert [m["body"] for m in items if m["kind"] == "text"] == ["hi all", "welcome"]
+    assert [m["meta"]["event"] for m in items if m["kind"] == "event"] == [
+        "created",
+        "joined",
+        "joined",
+    ]
+    [hi] = [m for m in items if m["body"] == "hi all"]
+    assert hi["pos"] == int(fields["pos"]) and hi["to"] == "#lounge@localhost"
+
+    out, err, code = yield run_cli(server, "carol", "history", "#lounge")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].endswith("] #lounge@localhost: alice created the group; topic: tea and talk")
+    assert lines[1].endswith("] #lounge@localhost: bob joined")
+    assert lines[3].endswith("] #lounge@localhost bob@localhost: hi all")
+
+    out, err, code = yield run_cli(server, "alice", "role", "lounge", "bob", "admin")
+    assert code == 0, err
+    assert out.strip() == "bob is now admin in #lounge@localhost"
+    out, err, code = yield run_cli(server, "carol", "members", "#lounge", "--json")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"user": "alice@localhost", "role": "owner", "online": False},
+        {"user": "bob@localhost", "role": "admin", "online": False},
+        {"user": "carol@localhost", "role": "member", "online": True},
+    ]
+    out, err, code = yield run_cli(server, "carol", "members", "lounge")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "alice@localhost owner",
+        "bob@localhost admin",
+        "carol@localhost member (online)",
+    ]
+
+    _out, err, code = yield run_cli(server, "carol", "kick", "lounge", "bob")
+    assert code == 1
+    assert err.startswith("chatproto: forbidden: ")
+    out, err, code = yield run_cli(server, "bob", "kick", "lounge", "carol", "--reason", "noise")
+    assert code == 0, err
+    assert out.strip() == "kicked carol from #lounge@localhost"
+    _out, err, code = yield run_cli(server, "carol", "send", "#lounge", "hello?")
+    assert code == 1
+    assert err.startswith("chatproto: not_member: ")
+    out, err, code = yield run_cli(server, "alice", "history", "#lounge", "--limit", "1")
+    assert code == 0, err
+    assert out.strip().endswith("] #lounge@localhost: bob kicked carol (noise)")
+
+    _out, err, code = yield run_cli(server, "alice", "join", "nowhere")
+    assert code == 1
+    assert err.strip() == "chatproto: no_such_group: no group #nowhere@localhost"
+    _out, err, code = yield run_cli(server, "alice", "create", "not a name")
+    assert code == 1
+    assert err.startswith("chatproto: bad_address: ") and "Traceback" not in err
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_admin_commands(server: str) -> Any:
+    yield _register(server, "alice", "bob")
+    out, err, code = yield run_cli(server, "alice", "create", "club", "--invite-only")
+    assert code == 0, err
+    _out, err, code = yield run_cli(server, "bob", "join", "club")
+    assert (code, err.split(":")[1].strip()) == (1, "not_invited")
+    out, err, code = yield run_cli(server, "alice", "groups")
+    assert (code, out) == (0, "")  # invite-only groups are not listed
+    for argv, expected in (
+        (("invite", "club", "bob"), "invited bob to #club@localhost"),
+        (("topic", "club", "members", "only"), "topic of #club@localhost set"),
+        (("ban", "club", "bob", "--reason", "rude"), "banned bob from #club@localhost"),
+        (("unban", "club", "bob"), "unbanned bob from #club@localhost"),
+        (("invite", "club", "bob"), "invited bob to #club@localhost"),
+    ):
+        out, err, code = yield run_cli(server, "alice", *argv)
+        assert code == 0, err
+        assert out.strip() == expected
+    out, err, code = yield run_cli(server, "bob", "join", "club")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "bob", "info", "club", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["topic"] == "members only" and info["role"] == "member"
+    assert info["visibility"] == "invite" and info["members"] == 2
+    out, err, code = yield run_cli(server, "bob", "leave", "#club")
+    assert (code, out.strip()) == (0, "left #club@localhost"), err
+    out, err, code = yield run_cli(server, "alice", "status", "away", "back", "soon")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "alice", "delete", "club")
+    assert (code, out.strip()) == (0, "deleted #club@localhost"), err
+
+
+@pytest_twisted.inlineCallbacks
+def test_listen_prints_group_events_and_presence(server: str) -> Any:
+    yield _register(server, "alice", "carol")
+    out, err, code = yield run_cli(server, "alice", "create", "lounge")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "carol", "join", "lounge")
+    assert code == 0, err
+
+    listening: defer.Deferred[None] = defer.Deferred()
+
+    def on_err(text: str) -> None:
+        if "listening as" in text and not listening.called:
+            listening.callback(None)
+
+    proc = _Process(None, on_err)
+    argv = [sys.executable, "-m", "chatproto.cli", "--server", server, "--user", "carol"]
+    argv += ["listen", "--count", "3", "--status", "busy", "--status-text", "reading"]
+    _reactor.spawnProcess(proc, sys.executable, argv, env=_env())
+    yield defer.DeferredList([listening, proc.ended], fireOnOneCallback=True)
+    assert listening.called, proc.err
+
+    seen: list[dict[str, Any]] = []
+    conn = yield client.connect(
+        _reactor, server, "alice", PASSWORD, device="test", on_presence=seen.append
+    )
+    try:
+        yield conn.synced
+        for _ in range(500):  # carol's status reaches alice in the login snapshot
+            if seen:
+                break
+            yield deferLater(_reactor, 0.01, lambda: None)
+        assert seen[0] == {
+            "type": "presence",
+            "user": "carol@localhost",
+            "status": "busy",
+            "text": "reading",
+        }
+        yield conn.send("#lounge", "hi carol")
+        yield conn.kick("lounge", "carol", reason="bye")
+    finally:
+        yield conn.close()
+    out, err, code = yield proc.ended
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "* alice is online" in lines
+    events = [line for line in lines if not line.startswith("* ")]
+    assert len(events) == 3, out
+    assert events[0].endswith("] #lounge@localhost: carol joined")
+    assert events[1].endswith("] #lounge@localhost alice@localhost: hi carol")
+    assert events[2].endswith("] #lounge@localhost: alice kicked carol (bye)")
+    assert "Traceback" not in err
+
+
 # in-process -------------------------------------------------------------------------
 
 
@@ -295,6 +468,80 @@ def test_format_message() -> None:
     assert json.loads(cli.format_message(msg, True)) == {
         k: v for k, v in msg.items() if k != "type"
     }
+
+
+def test_parse_group_commands() -> None:
+    args = cli.parse_args(["--user", "a", "create", "g", "--invite-only", "--history", "all"])
+    assert (args.group, args.invite_only, args.history, args.topic) == ("g", True, "all", "")
+    args = cli.parse_args(["--user", "a", "kick", "#g", "bob", "--reason", "spam"])
+    assert (args.command, args.group, args.member, args.reason) == ("kick", "#g", "bob", "spam")
+    args = cli.parse_args(["--user", "a", "topic", "g", "new", "topic"])
+    assert args.text == "new topic"
+    args = cli.parse_args(["--user", "a", "status", "away", "at", "lunch"])
+    assert (args.status, args.text) == ("away", "at lunch")
+    args = cli.parse_args(["--user", "a", "who", "g"])
+    assert args.group == "g"
+    assert cli.parse_args(["--user", "a", "who"]).group is None
+    args = cli.parse_args(["--user", "a", "listen", "--status", "away"])
+    assert (args.status, args.status_text, args.no_presence) == ("away", "", False)
+    assert cli.parse_args(["--user", "a", "listen", "--no-presence"]).no_presence
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--user", "a", "create"],
+        ["--user", "a", "create", "g", "--history", "some"],
+        ["--user", "a", "role", "g", "bob", "king"],
+        ["--user", "a", "status", "offline"],
+        ["--user", "a", "listen", "--status", "invisible"],
+        ["--user", "a", "kick", "g"],
+        ["--user", "a", "topic", "g"],
+    ],
+)
+def test_group_usage_errors_exit_2(argv: list[str], capsys: Any) -> None:
+    assert cli.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "meta, sender, expected",
+    [
+        ({"event": "joined", "user": "bob@x"}, "bob@x", "bob joined"),
+        ({"event": "left", "user": "bob@x"}, "bob@x", "bob left"),
+        ({"event": "kicked", "user": "bob@x", "reason": "spam"}, "al@x", "al kicked bob (spam)"),
+        ({"event": "banned", "user": "bob@y"}, "al@x", "al banned bob@y"),
+        ({"event": "unbanned", "user": "bob@x"}, "al@x", "al unbanned bob"),
+        ({"event": "invited", "user": "bob@x"}, "al@x", "al invited bob"),
+        ({"event": "topic", "topic": "tea"}, "al@x", "al set the topic: tea"),
+        ({"event": "topic", "topic": ""}, "al@x", "al cleared the topic"),
+        ({"event": "role", "user": "bob@x", "role": "admin"}, "al@x", "al made bob admin"),
+        (
+            {"event": "created", "visibility": "invite"},
+            "al@x",
+            "al created the group (invite-only)",
+        ),
+        ({"event": "deleted"}, "al@x", "al deleted the group"),
+        ({"event": "renamed"}, "al@x", "al: renamed"),
+    ],
+)
+def test_format_group_event(meta: dict[str, Any], sender: str, expected: str) -> None:
+    msg = {"type": "msg", "pos": 9, "kind": "event", "from": sender, "to": "#g@x", "ts": 0.0}
+    msg["body"], msg["meta"] = "", meta
+    assert cli.format_message(msg, False).endswith(f"] #g@x: {expected}")
+    assert json.loads(cli.format_message(msg, True))["meta"] == meta
+
+
+def test_format_group_message_and_presence() -> None:
+    msg = {"type": "msg", "pos": 3, "kind": "text", "from": "a@x", "to": "#g@x", "ts": 0.0}
+    msg["body"] = "hi"
+    assert cli.format_message(msg, False, me="a@x").endswith("] #g@x a@x: hi")
+    frame = {"type": "presence", "user": "bob@x", "status": "away", "text": "lunch"}
+    assert cli.format_presence(frame, False, "x") == "* bob is away: lunch"
+    assert cli.format_presence(frame, False) == "* bob@x is away: lunch"
+    assert json.loads(cli.format_presence(frame, True)) == frame
+    online = {"type": "presence", "user": "bob@x", "status": "online"}
+    assert cli.format_presence(online, False, "x") == "* bob is online"
 
 
 def test_explain() -> None:
