@@ -126,6 +126,9 @@ class Config:
         ):
             if getattr(lim, key) <= 0:
                 raise ConfigError(f"limits.{key} must be positive")
+        if lim.max_groups_per_user > 400:
+            # one sub-query per group in the backlog query; SQLite caps compound selects
+            raise ConfigError("limits.max_groups_per_user must be at most 400")
         if self.storage.backend != "sqlite":
             raise ConfigError(f"storage.backend {self.storage.backend!r}: only 'sqlite' exists")
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

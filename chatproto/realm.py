@@ -558,6 +558,23 @@ class RealmService(Service):
         if len(self._online.get(session.user_id, ())) == 1 and not session.closed:
             self._broadcast_presence(session.user_id, "online", "")
 
+    def _presence_on_join(self, user: str, addr: str) -> None:
+        """A joiner and the group's online members learn of each other at once."""
+        group = self.groups.groups.get(addr)
+        if group is None:
+            return
+        status, text = self._status.get(user, ("online", ""))
+        mine = self._presence_notice(user, status, text)
+        for member in group.members:
+            if member == user or member not in self._online:
+                continue
+            m_status, m_text = self._status.get(member, ("online", ""))
+            theirs = self._presence_notice(member, m_status, m_text)
+            for s in self._online.get(user, ()):
+                s.mind.notify(theirs)
+            for s in self._online[member]:
+                s.mind.notify(mine)
+
     def presence_snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
         for contact in sorted(self._contacts(session.user_id)):
@@ -638,6 +655,8 @@ class RealmService(Service):
             before = self.groups.audience(env)
             self.groups.apply(env)
             self._route_group(env, before | self.groups.audience(env))
+            if event == "joined":
+                self._presence_on_join(session.user_id, addr)
             self.log.info(
                 "group {group}: {event} by {actor}",
                 group=addr,

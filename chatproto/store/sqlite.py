@@ -288,7 +288,9 @@ class SQLiteDB:
                 part += " AND pos <= ?"
                 params.append(hi)
             parts.append(part)
-        sql = " UNION ALL ".join(parts) + " ORDER BY pos LIMIT ?"
+        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
+        # history rule "all"), and a duplicate row would waste the page.
+        sql = " UNION ".join(parts) + " ORDER BY pos LIMIT ?"
         params.append(limit)
         return [_row(r) for r in self.conn.execute(sql, params).fetchall()]
 
