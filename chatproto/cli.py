@@ -34,20 +34,18 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from automat import NoTransition
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from chatproto.client import (
     ChatClientService,
     Connection,
     ConnectionDone,
     RemoteError,
+    WatchedEndpoint,
     connect,
     endpoint_for,
 )
@@ -467,55 +465,14 @@ def _note(line: str) -> None:
 # connections ----------------------------------------------------------------------
 
 
-@implementer(IStreamClientEndpoint)
-class _WatchedEndpoint:
-    """An endpoint that remembers why its last connection closed.
-
-    The client library fails pending requests with a bare ``ConnectionDone`` whatever
-    the cause; the reason (a TLS verification failure, say) is what the user needs.
-    """
-
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
-        self.inner = inner
-        self.reason: Failure | None = None
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        watcher = self
-
-        class _Factory:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(factory, name)
-
-            def buildProtocol(self, addr: Any) -> Any:
-                proto = factory.buildProtocol(addr)
-                if proto is not None:
-                    lost = proto.connectionLost
-
-                    def connectionLost(reason: Failure | None = None) -> None:
-                        watcher.reason = reason
-                        try:
-                            lost(reason)
-                        except NoTransition:
-                            # ClientService has no transition for a connection lost
-                            # after prepareConnection failed; the failure already
-                            # told it the attempt is over.
-                            pass
-
-                    proto.connectionLost = connectionLost
-                return proto
-
-        self.reason = None
-        return self.inner.connect(_Factory())  # type: ignore[arg-type]
-
-
-def _make_endpoint(reactor: Any, args: argparse.Namespace) -> _WatchedEndpoint:
+def _make_endpoint(reactor: Any, args: argparse.Namespace) -> WatchedEndpoint:
     try:
         inner = endpoint_for(reactor, args.server, args.realm, args.ca)
     except OSError as e:
         raise CommandError(f"--ca {args.ca}: {e.strerror or e}") from None
     except Exception as e:
         raise CommandError(f"bad --server {args.server!r}: {e}", status=2) from None
-    return _WatchedEndpoint(inner)
+    return WatchedEndpoint(inner)
 
 
 def _describe_reason(reason: Failure | None) -> str:

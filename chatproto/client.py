@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from automat import NoTransition
 from twisted.application.internet import ClientService
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -36,6 +37,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from chatproto import wire
 
@@ -44,6 +46,7 @@ __all__ = [
     "ClientProtocol",
     "Connection",
     "RemoteError",
+    "WatchedEndpoint",
     "connect",
     "endpoint_for",
 ]
@@ -88,6 +91,49 @@ def endpoint_for(
         options = optionsForClientTLS(realm or host, trustRoot=trust)
         return wrapClientTLS(options, HostnameEndpoint(reactor, host, int(port)))
     return clientFromString(reactor, server)
+
+
+@implementer(IStreamClientEndpoint)
+class WatchedEndpoint:
+    """An endpoint that remembers why its last connection closed (``reason``).
+
+    It also absorbs a gap in Twisted's ``ClientService``: a connection lost after
+    ``prepareConnection`` failed (a refused login) has no transition in its state
+    machine and would be logged as an unhandled ``NoTransition`` error.
+    :class:`ChatClientService` wraps its endpoint in one.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self.inner = inner
+        self.reason: Failure | None = None
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        watcher = self
+
+        class _Factory:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(factory, name)
+
+            def buildProtocol(self, addr: Any) -> Any:
+                proto = factory.buildProtocol(addr)
+                if proto is not None:
+                    lost = proto.connectionLost
+
+                    def connectionLost(reason: Failure | None = None) -> None:
+                        watcher.reason = reason
+                        try:
+                            lost(reason)
+                        except NoTransition:
+                            # ClientService has no transition for a connection lost
+                            # after prepareConnection failed; the failure already
+                            # told it the attempt is over.
+                            pass
+
+                    proto.connectionLost = connectionLost
+                return proto
+
+        self.reason = None
+        return self.inner.connect(_Factory())  # type: ignore[arg-type]
 
 
 class ClientProtocol(Int32StringReceiver):
@@ -476,6 +522,8 @@ class ChatClientService(ClientService):
         self._ready: list[Deferred[Connection]] = []
         self._built: ClientProtocol | None = None
         factory = Factory.forProtocol(self._build)  # type: ignore[arg-type]
+        if not isinstance(endpoint, WatchedEndpoint):
+            endpoint = WatchedEndpoint(endpoint)
         super().__init__(
             endpoint, factory, clock=reactor, prepareConnection=self._prepare, **kwargs
         )
