@@ -5,7 +5,8 @@ so the generator costs as little CPU as possible next to the realm under test.
 
 Sub-commands (each prints one JSON object as the last line of stdout):
 
-    dm    --port P --pairs N --duration S [--window W]   DM throughput and latency
+    dm     --port P --pairs N --duration S [--window W]    DM throughput and latency
+    fanout --port P --members N --duration S [--window W]  group fan-out throughput/latency
     idle  --port P --counts 1000,5000 [--tls]            RSS per idle logged-in connection
 
 Both take ``--pid`` (the realm's pid) to read its RSS / CPU time from /proc.
@@ -18,6 +19,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import ssl
 import struct
 import sys
@@ -62,6 +64,14 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all processes spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    total = sum(v[:8])  # user nice system idle iowait irq softirq steal
+    return (total - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class ProtoError(Exception):
     pass
 
@@ -81,6 +91,9 @@ class Conn(asyncio.Protocol):
         self.ack_pos = 0
         self.acked = 0
         self.auto_ack = True
+        #: Shared {payload: decoded frame} cache (fan-out: every member gets the same
+        #: bytes for a group item, so it is decoded once per item, not once per member).
+        self.cache: dict[bytes, dict[str, Any]] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
@@ -112,8 +125,20 @@ class Conn(asyncio.Protocol):
             off = end
         if off:
             del buf[:off]
-        for payload in frames:
-            self.handle(_loads(payload))
+        cache = self.cache
+        if cache is None:
+            for payload in frames:
+                self.handle(_loads(payload))
+        else:
+            for payload in frames:
+                obj = cache.get(payload)
+                if obj is None:
+                    obj = _loads(payload)
+                    if obj["type"] == "msg":
+                        if len(cache) >= 8192:
+                            cache.clear()
+                        cache[payload] = obj
+                self.handle(obj)
         if self.auto_ack and self.ack_pos > self.acked:
             self.acked = self.ack_pos
             self.write({"type": "ack", "pos": self.ack_pos})
@@ -289,14 +314,20 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     cpu0 = cpu_seconds(args.pid) if args.pid else 0.0
     main0 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
     my0 = time.process_time()
+    sys0 = system_busy_seconds()
     w0 = time.perf_counter()
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR1)  # twistd_wrapper: start profiling
     st["measuring"] = True
     await asyncio.sleep(args.duration)
     st["measuring"] = False
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR2)  # stop profiling
     elapsed = time.perf_counter() - w0
     cpu1 = cpu_seconds(args.pid) if args.pid else 0.0
     main1 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
     my1 = time.process_time()
+    sys1 = system_busy_seconds()
     st["running"] = False
     deadline = time.perf_counter() + 15
     while inflight[0] > 0 and time.perf_counter() < deadline:
@@ -326,9 +357,166 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
         if args.pid
         else None,
         "loadgen_cpu_pct": round(100 * (my1 - my0) / elapsed, 1),
+        # Everything else on the machine (other processes, kernel softirq): should be ~0.
+        "other_cpu_pct": round(100 * ((sys1 - sys0) - (cpu1 - cpu0) - (my1 - my0)) / elapsed, 1)
+        if args.pid
+        else None,
         "drained": drained,
         "setup_s": round(t_setup, 2),
         "register_s": round(t_reg, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------
+# Group fan-out
+
+
+async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
+    """One sender pipelining ``window`` sends into a group of ``members`` receivers.
+
+    The group has members + 1 users (the sender created it and is its owner); each
+    receiver is its own user with one connection.  Every connection acks the highest
+    ``pos`` once per read.
+    """
+    n = args.members
+    prefix = f"f{os.getpid() % 100000}n{n}w{args.window}"
+    sender = f"{prefix}s"
+    members = [f"{prefix}m{i}" for i in range(n)]
+    group = f"#{prefix}"
+    t0 = time.perf_counter()
+    await register_all(args.port, [sender, *members], concurrency=args.concurrency)
+    t_reg = time.perf_counter() - t0
+    s_conn = await login(args.port, sender)
+    m_conns = await gather_bounded(
+        [lambda u=u: login(args.port, u) for u in members], args.concurrency
+    )
+    t_login = time.perf_counter() - t0 - t_reg
+    cache: dict[bytes, dict[str, Any]] = {}
+    for c in m_conns:
+        c.cache = cache
+    created = await s_conn.request({"type": "create_group", "group": group})
+    gaddr = created["group"]
+    joins = await gather_bounded(
+        [lambda c=c: c.request({"type": "join", "group": gaddr}) for c in m_conns],
+        args.concurrency,
+    )
+    last_join = max(j["pos"] for j in joins)
+    # Wait until every member has seen every join event (the set-up traffic is out).
+    deadline = time.perf_counter() + 120
+    while any(c.ack_pos < last_join for c in m_conns) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    t_setup = time.perf_counter() - t0
+    sender_id = f"{sender}@"
+
+    pad = "x" * max(0, args.body - 20)
+    st = {"measuring": False, "running": True, "delivered": 0, "acks": 0, "errors": 0, "echo": 0}
+    lat: list[int] = []
+    lat_append = lat.append
+    inflight = [0]
+    last_pos = [0]
+    perf_ns = time.perf_counter_ns
+
+    def on_result(r: dict[str, Any]) -> None:
+        inflight[0] -= 1
+        if r["type"] == "error":
+            st["errors"] += 1
+            if st["errors"] <= 5:
+                print(f"loadgen: send error {r}", file=sys.stderr)
+            if r.get("code") == "connection_lost":
+                return
+        else:
+            if r["pos"] > last_pos[0]:
+                last_pos[0] = r["pos"]
+            if st["measuring"]:
+                st["acks"] += 1
+        if st["running"]:
+            send()
+
+    def send() -> None:
+        inflight[0] += 1
+        s_conn.call({"type": "send", "to": gaddr, "body": f"{perf_ns()} {pad}"}, on_result)
+
+    def on_echo(m: dict[str, Any]) -> None:
+        st["echo"] += 1
+
+    def on_msg(m: dict[str, Any]) -> None:
+        if st["measuring"] and m["kind"] == "text" and m["from"].startswith(sender_id):
+            t = m.get("_t")
+            if t is None:  # decoded once per item (shared cache), so parse once too
+                t = m["_t"] = int(m["body"].split(" ", 1)[0])
+            st["delivered"] += 1
+            lat_append(perf_ns() - t)
+
+    s_conn.on_msg = on_echo
+    for c in m_conns:
+        c.on_msg = on_msg
+    for _ in range(args.window):
+        send()
+
+    await asyncio.sleep(args.warmup)
+    cpu0 = cpu_seconds(args.pid) if args.pid else 0.0
+    main0 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
+    my0 = time.process_time()
+    sys0 = system_busy_seconds()
+    w0 = time.perf_counter()
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR1)  # twistd_wrapper: start profiling
+    st["measuring"] = True
+    await asyncio.sleep(args.duration)
+    st["measuring"] = False
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR2)  # stop profiling
+    elapsed = time.perf_counter() - w0
+    cpu1 = cpu_seconds(args.pid) if args.pid else 0.0
+    main1 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
+    my1 = time.process_time()
+    sys1 = system_busy_seconds()
+    st["running"] = False
+    # Drain: sends in flight, then every member caught up with the last committed item.
+    t_stop = time.perf_counter()
+    deadline = t_stop + 60
+    while inflight[0] > 0 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.02)
+    while any(c.ack_pos < last_pos[0] for c in m_conns) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.02)
+    drain_s = time.perf_counter() - t_stop
+    drained = inflight[0] <= 0 and all(c.ack_pos >= last_pos[0] for c in m_conns)
+    alive = sum(1 for c in m_conns if not c.lost.done())
+    for c in [s_conn, *m_conns]:
+        c.close()
+    await asyncio.sleep(0.2)
+
+    lat.sort()
+    ms = [x / 1e6 for x in lat]
+    sends = st["acks"] / elapsed
+    return {
+        "members": n,
+        "window": args.window,
+        "body_bytes": len(f"{perf_ns()} {pad}"),
+        "duration_s": round(elapsed, 3),
+        "delivered": st["delivered"],
+        "delivered_per_s": round(st["delivered"] / elapsed, 1),
+        "send_acks_per_s": round(sends, 1),
+        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
+        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
+        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
+        "latency_ms_max": round(ms[-1], 2) if ms else 0,
+        "send_errors": st["errors"],
+        "realm_cpu_pct": round(100 * (cpu1 - cpu0) / elapsed, 1) if args.pid else None,
+        "realm_main_thread_cpu_pct": round(100 * (main1 - main0) / elapsed, 1)
+        if args.pid
+        else None,
+        "loadgen_cpu_pct": round(100 * (my1 - my0) / elapsed, 1),
+        # Everything else on the machine (other processes, kernel softirq): should be ~0.
+        "other_cpu_pct": round(100 * ((sys1 - sys0) - (cpu1 - cpu0) - (my1 - my0)) / elapsed, 1)
+        if args.pid
+        else None,
+        "drained": drained,
+        "drain_s": round(drain_s, 2),
+        "members_alive_at_end": alive,
+        "register_s": round(t_reg, 2),
+        "login_s": round(t_login, 2),
+        "setup_s": round(t_setup, 2),
     }
 
 
@@ -409,7 +597,26 @@ def main() -> None:
     d.add_argument("--duration", type=float, default=10.0)
     d.add_argument("--warmup", type=float, default=1.0)
     d.add_argument("--body", type=int, default=100)
+    d.add_argument(
+        "--profile-signals",
+        action="store_true",
+        help="SIGUSR1/SIGUSR2 the realm (--pid) around the measurement window",
+    )
     d.add_argument("--no-register", action="store_true")
+    f = sub.add_parser("fanout")
+    f.add_argument("--port", type=int, required=True)
+    f.add_argument("--pid", type=int, default=0)
+    f.add_argument("--members", type=int, default=10)
+    f.add_argument("--window", type=int, default=32)
+    f.add_argument("--duration", type=float, default=10.0)
+    f.add_argument("--warmup", type=float, default=1.0)
+    f.add_argument("--body", type=int, default=100)
+    f.add_argument(
+        "--profile-signals",
+        action="store_true",
+        help="SIGUSR1/SIGUSR2 the realm (--pid) around the measurement window",
+    )
+    f.add_argument("--concurrency", type=int, default=64, help="concurrent registers/logins")
     i = sub.add_parser("idle")
     i.add_argument("--port", type=int, required=True)
     i.add_argument("--pid", type=int, required=True)
@@ -423,7 +630,7 @@ def main() -> None:
     )
     args = p.parse_args()
     raise_fd_limit()
-    fn = run_dm if args.cmd == "dm" else run_idle
+    fn = {"dm": run_dm, "fanout": run_fanout, "idle": run_idle}[args.cmd]
     result = asyncio.run(fn(args))
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -2,7 +2,8 @@
 # ruff: noqa: E501
 """Benchmark a chatproto realm over loopback: one command, figures at the end.
 
-    python bench/run.py [--quick] [--profile] [--skip-memory] [--skip-ref]
+    python bench/run.py [--quick] [--profile [dm|fanout|both]] [--fanout 10,100,1000]
+                        [--skip-memory] [--skip-tls] [--skip-ref]
 
 Starts ``twistd -n chatrealm`` as a subprocess on a temporary data dir (cheap argon2,
 no send throttling), drives it with bench/loadgen.py in a separate process, and prints:
@@ -10,10 +11,13 @@ no send throttling), drives it with bench/loadgen.py in a separate process, and 
 - DM throughput with N pipelined sender->receiver pairs (delivered DMs/s, send
   results/s, send->deliver latency p50/p99, realm CPU%);
 - unloaded latency (1 pair, 1 message in flight);
+- group fan-out: one sender pipelining sends into a group of 10, 100, 1000 connected
+  members (delivered msgs/s, sends/s, send->deliver latency p50/p99);
 - RSS per idle logged-in connection at 1k and 5k connections, plain TCP and TLS;
 - a reference point: the same load against bench/refserver.py, a minimal Twisted relay
   with the same wire format but no store, auth or realm logic;
-- with --profile, a cProfile of the realm's reactor thread during a throughput run.
+- with --profile, a cProfile of the realm's reactor thread during a DM throughput run
+  and/or a fan-out run at the largest group size.
 
 Figures go to bench/results/latest.json.  See bench/README.md.
 """
@@ -27,7 +31,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -96,6 +99,7 @@ free_failures_per_address = 1000000
 send_rate = 1000000000.0
 send_burst = 1000000000
 max_sessions_per_user = 1000000
+max_members_per_group = 1000000  # fan-out groups; each bench user is in one group
 keepalive_interval = 3600.0
 login_timeout = 120.0
 
@@ -142,7 +146,7 @@ class Server:
             if self.profile or self.switchinterval:
                 prefix = [PY, str(HERE / "twistd_wrapper.py")]
                 if self.profile:
-                    prefix += ["--profile", str(self.profile)]
+                    prefix += ["--profile", str(self.profile), "--profile-signals"]
                 if self.switchinterval:
                     prefix += ["--switchinterval", str(self.switchinterval)]
                 prefix.append("--")
@@ -232,7 +236,14 @@ def loadgen(*args: Any, timeout: float) -> dict[str, Any]:
         sys.stderr.write("".join(f"  loadgen: {line}\n" for line in err.strip().splitlines()[-20:]))
     if p.returncode != 0:
         raise SystemExit(f"bench: load generator failed ({p.returncode}): {cmd}\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    other = result.get("other_cpu_pct")
+    if other is not None and other > 15:
+        log(
+            f"WARNING: {other}% CPU used by other processes during this measurement: "
+            "the machine is not quiet, figures are low"
+        )
+    return result
 
 
 def dm(
@@ -252,13 +263,44 @@ def dm(
         duration,
         "--warmup",
         warmup,
+        *(["--profile-signals"] if server.profile else []),
         timeout=duration + warmup + 180,
     )
     log(
         f"  pairs={pairs} window={window}: {r['delivered_per_s']:.0f} DMs/s, "
         f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, realm CPU {r['realm_cpu_pct']}% "
         f"(reactor thread {r['realm_main_thread_cpu_pct']}%), "
-        f"loadgen CPU {r['loadgen_cpu_pct']}%, errors {r['send_errors']}"
+        f"loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}"
+    )
+    return r
+
+
+def fanout(
+    server: Server, members: int, duration: float, window: int = 32, warmup: float = 1.0
+) -> dict[str, Any]:
+    r = loadgen(
+        "fanout",
+        "--port",
+        server.ports["tcp"],
+        "--pid",
+        server.pid,
+        "--members",
+        members,
+        "--window",
+        window,
+        "--duration",
+        duration,
+        "--warmup",
+        warmup,
+        *(["--profile-signals"] if server.profile else []),
+        timeout=duration + warmup + 600,
+    )
+    log(
+        f"  members={members} window={window}: {r['delivered_per_s']:.0f} msgs/s delivered, "
+        f"{r['send_acks_per_s']:.0f} sends/s, p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, "
+        f"realm CPU {r['realm_cpu_pct']}% (reactor thread {r['realm_main_thread_cpu_pct']}%), "
+        f"loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}, drain {r['drain_s']} s, "
+        f"set-up {r['setup_s']} s (register {r['register_s']} s, login {r['login_s']} s)"
     )
     return r
 
@@ -275,6 +317,33 @@ def profile_report(path: Path, top: int = 25) -> str:
     return buf.getvalue()
 
 
+def profiled_realm(work: Path, name: str, args: argparse.Namespace) -> tuple[Server, Path]:
+    prof = work / f"{name}.prof"
+    srv = Server(
+        work,
+        name,
+        profile=prof,
+        synchronous=args.synchronous,
+        switchinterval=args.switchinterval,
+    )
+    srv.start(timeout=60)
+    return srv, prof
+
+
+def save_profile(prof: Path, stem: str) -> str | None:
+    """Copy the dump to bench/results/STEM.prof, write and print STEM.txt."""
+    if not prof.exists():
+        log(f"warning: no profile written ({prof})")
+        return None
+    report = profile_report(prof)
+    RESULTS.mkdir(exist_ok=True)
+    shutil.copy(prof, RESULTS / f"{stem}.prof")
+    out = RESULTS / f"{stem}.txt"
+    out.write_text(report)
+    print(report)
+    return str(out)
+
+
 def fmt(v: Any, nd: int = 1) -> str:
     if v is None:
         return "-"
@@ -289,14 +358,28 @@ def table(results: dict[str, Any]) -> str:
         "DM throughput (loopback, one load generator process, window = sends in flight per sender)"
     )
     lines.append(
-        f"  {'test':<24}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}"
+        f"  {'test':<31}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
     )
     for key, r in results["dm"].items():
         lines.append(
-            f"  {key:<24}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
+            f"  {key:<31}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
             f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
-            f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}"
+            f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
         )
+    if results.get("fanout"):
+        lines.append("")
+        lines.append(
+            "Group fan-out (one sender, window = sends in flight; msgs/s = msg frames received by members, sender's echo excluded)"
+        )
+        lines.append(
+            f"  {'test':<31}{'msgs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
+        )
+        for key, r in results["fanout"].items():
+            lines.append(
+                f"  {key:<31}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
+                f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
+                f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
+            )
     if results.get("memory"):
         lines.append("")
         lines.append(
@@ -323,7 +406,27 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="3 s runs, 1k/2k idle conns (smoke test)")
     ap.add_argument(
-        "--profile", action="store_true", help="also profile the realm during a throughput run"
+        "--profile",
+        nargs="?",
+        const="both",
+        choices=("dm", "fanout", "both"),
+        help="also profile the realm during a DM run (pairs=max), a fan-out run (largest group), or both (default)",
+    )
+    ap.add_argument(
+        "--fanout",
+        default="10,100,1000",
+        help="comma-separated group sizes (receiving members) for the fan-out test; '' skips it (default 10,100,1000)",
+    )
+    ap.add_argument(
+        "--fanout-window",
+        type=int,
+        default=32,
+        help="sends in flight for the fan-out sender (default 32)",
+    )
+    ap.add_argument(
+        "--fanout-duration",
+        type=float,
+        help="seconds per fan-out run (default: --duration)",
     )
     ap.add_argument(
         "--duration", type=float, help="seconds per throughput run (default 10, 3 with --quick)"
@@ -351,6 +454,8 @@ def main() -> None:
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = 0.5 if args.quick else 1.0
     pairs = [int(x) for x in args.pairs.split(",") if x]
+    fan_sizes = [int(x) for x in args.fanout.split(",") if x.strip()]
+    fan_duration = args.fanout_duration or duration
     conns = args.conns or ("1000,2000" if args.quick else "1000,5000")
     fdlim = raise_fd_limit()
     if fdlim < max(int(c) for c in conns.split(",")) * 2 + 100:
@@ -375,8 +480,11 @@ def main() -> None:
             "window": args.window,
             "synchronous": args.synchronous,
             "quick": args.quick,
+            "fanout_window": args.fanout_window,
+            "fanout_duration_s": fan_duration,
         },
         "dm": {},
+        "fanout": {},
         "memory": {},
         "reference": {},
     }
@@ -406,7 +514,26 @@ def main() -> None:
             results["dm"][f"ref relay pairs={max(pairs)}"] = r
             ref.stop()
 
-        # 3. memory per idle connection, fresh realm per transport
+        # 3. group fan-out, on a fresh realm (its big groups and presence traffic would
+        # otherwise sit in the DM realm)
+        if fan_sizes:
+            srv = Server(
+                work,
+                "realm-fanout",
+                synchronous=args.synchronous,
+                switchinterval=args.switchinterval,
+            )
+            srv.start()
+            log(
+                f"fan-out: realm pid {srv.pid}, groups of {fan_sizes} members, {fan_duration:.0f}s runs"
+            )
+            for n in fan_sizes:
+                results["fanout"][f"fanout members={n}"] = fanout(
+                    srv, n, fan_duration, args.fanout_window, warmup
+                )
+            srv.stop()
+
+        # 4. memory per idle connection, fresh realm per transport
         if not args.skip_memory:
             kp = make_cert(work)
             kinds = ["tcp"] + ([] if args.skip_tls else ["ssl"])
@@ -440,30 +567,23 @@ def main() -> None:
                     )
                 srv.stop()
 
-        # 4. profile
-        if args.profile:
-            prof = work / "realm.prof"
+        # 5. profile
+        if args.profile in ("dm", "both"):
             n = max(pairs)
-            srv = Server(
-                work,
-                "realm-profile",
-                profile=prof,
-                synchronous=args.synchronous,
-                switchinterval=args.switchinterval,
-            )
-            srv.start(timeout=60)
+            srv, prof = profiled_realm(work, "realm-profile", args)
             log(f"profiling realm pid {srv.pid} under cProfile: pairs={n}")
             results["dm"][f"dm pairs={n} (cProfile)"] = dm(srv, n, duration, args.window, warmup)
             srv.stop(timeout=60)
-            if not prof.exists():
-                log("warning: no profile written")
-            else:
-                report = profile_report(prof)
-                RESULTS.mkdir(exist_ok=True)
-                shutil.copy(prof, RESULTS / "realm.prof")
-                (RESULTS / "profile.txt").write_text(report)
-                print(report)
-                results["profile"] = str(RESULTS / "profile.txt")
+            results["profile"] = save_profile(prof, "profile")
+        if args.profile in ("fanout", "both") and fan_sizes:
+            n = max(fan_sizes)
+            srv, prof = profiled_realm(work, "realm-profile-fanout", args)
+            log(f"profiling realm pid {srv.pid} under cProfile: fan-out members={n}")
+            results["fanout"][f"fanout members={n} (cProfile)"] = fanout(
+                srv, n, fan_duration, args.fanout_window, warmup
+            )
+            srv.stop(timeout=60)
+            results["profile_fanout"] = save_profile(prof, "profile-fanout")
     except KeyboardInterrupt as e:
         kill_children()
         sys.exit(f"bench: interrupted ({str(e) or 'Ctrl-C'}); realm killed")

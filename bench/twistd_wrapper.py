@@ -1,8 +1,12 @@
 """Run twistd with bench instrumentation:
 
-    python bench/twistd_wrapper.py [--profile OUT.prof] [--switchinterval S] -- TWISTD-ARGS
+    python bench/twistd_wrapper.py [--profile OUT.prof [--profile-signals]]
+                                   [--switchinterval S] -- TWISTD-ARGS
 
 ``--profile``: cProfile the reactor (main) thread and dump it on reactor shutdown.
+With ``--profile-signals`` the profiler starts disabled: SIGUSR1 enables it and SIGUSR2
+disables it (the load generator sends them around its measurement window, so set-up,
+logins, group joins and teardown are not in the profile).
 (``python -m cProfile -o OUT $(which twistd) ...`` writes nothing when the realm is
 stopped by a signal: after a signal-initiated shutdown twistd re-raises that signal on
 itself, ``ApplicationRunner._exitSignal``, so cProfile's ``finally`` never runs.)
@@ -19,10 +23,13 @@ args = sys.argv[1:]
 split = args.index("--")
 opts, twistd_args = args[:split], args[split + 1 :]
 profile_out = None
+profile_signals = False
 while opts:
     opt = opts.pop(0)
     if opt == "--profile":
         profile_out = opts.pop(0)
+    elif opt == "--profile-signals":
+        profile_signals = True
     elif opt == "--switchinterval":
         sys.setswitchinterval(float(opts.pop(0)))
     else:
@@ -41,7 +48,13 @@ if profile_out is not None:
         prof.dump_stats(profile_out)
 
     reactor.addSystemEventTrigger("after", "shutdown", _dump)
-    prof.enable()
+    if profile_signals:
+        import signal
+
+        signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+        signal.signal(signal.SIGUSR2, lambda *_: prof.disable())
+    else:
+        prof.enable()
 
 from twisted.scripts.twistd import run  # noqa: E402
 
