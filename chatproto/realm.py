@@ -641,15 +641,7 @@ class RealmService(Service):
         self, session: Session, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
         meta = self.groups.check(event, addr, session.user_id, **args)
-        env = Envelope(
-            id=new_message_id(),
-            kind="event",
-            sender=session.user_id,
-            recipient=addr,
-            ts=self.clock.seconds(),
-            body="",
-            meta=meta,
-        )
+        env = self._envelope(session, addr, "event", "", meta)
 
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
@@ -695,14 +687,7 @@ class RealmService(Service):
         group = self.groups.get(addr)
         if session.user_id not in group.members:
             raise ChatError("not_member", f"you are not a member of {addr}")
-        env = Envelope(
-            id=new_message_id(),
-            kind="text",
-            sender=session.user_id,
-            recipient=addr,
-            ts=self.clock.seconds(),
-            body=body,
-        )
+        env = self._envelope(session, addr, "text", body)
         return self.store.append([env]).addCallback(self._committed_group, env)
 
     def _committed_group(self, _: object, env: Envelope) -> Envelope:
@@ -783,16 +768,28 @@ class RealmService(Service):
         return self._store_private(session, recipient, body)
 
     def _store_private(self, session: Session, recipient: Address, body: str) -> Deferred[Envelope]:
-        env = Envelope(
-            id=new_message_id(),
-            kind="text",
-            sender=session.user_id,  # set by the realm, never by the client
-            recipient=str(recipient),
-            ts=self.clock.seconds(),
-            body=body,
-        )
+        env = self._envelope(session, str(recipient), "text", body)
         # Durable before anyone hears of it: routing happens after the commit.
         return self.store.append([env]).addCallback(self._committed, env)
+
+    def _envelope(
+        self,
+        session: Session,
+        recipient: str,
+        kind: str,
+        body: str,
+        meta: dict[str, Any] | None = None,
+    ) -> Envelope:
+        """A new stream item; the sender is the session's user, never client input."""
+        return Envelope(
+            id=new_message_id(),
+            kind=kind,
+            sender=session.user_id,
+            recipient=recipient,
+            ts=self.clock.seconds(),
+            body=body,
+            meta=meta,
+        )
 
     def _committed(self, _: object, env: Envelope) -> Envelope:
         if env.sender != env.recipient:
