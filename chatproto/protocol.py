@@ -166,7 +166,11 @@ class ClientProtocol(Int32StringReceiver):
     # ISessionMind -------------------------------------------------------------------
 
     def deliver(self, envelope: Envelope) -> None:
-        self._write(delivery_frame(envelope))
+        frame = envelope.frame or delivery_frame(envelope)
+        if self._paused or self.state == "closed":
+            self._write(frame)  # slow-reader accounting
+        else:
+            self.transport.write(frame)
 
     def notify(self, notice: Notice) -> None:
         frame = notice.frame
