@@ -528,6 +528,7 @@ async def _oneshot(
             device=f"{args.device}-oneshot",
             since=ONESHOT_SINCE,
             ack=False,
+            quiet=True,
             register=args.command == "register",
         )
     except Exception as e:

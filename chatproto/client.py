@@ -415,6 +415,7 @@ def _handshake(
     device: str,
     since: int | None,
     register: bool,
+    quiet: bool = False,
 ) -> Any:
     hello = yield proto.request("hello", version=wire.PROTOCOL_VERSION)
     proto.hello = hello
@@ -438,6 +439,8 @@ def _handshake(
     fields: dict[str, Any] = {"user": user, "password": password, "device": device}
     if since is not None:
         fields["since"] = since
+    if quiet:
+        fields["quiet"] = True
     result = yield proto.request("login", **fields)
     conn = Connection(proto, result["user"], realm)
     conn.synced = synced
@@ -458,6 +461,7 @@ def connect(
     realm: str | None = None,
     ca: str | None = None,
     ack: bool = True,
+    quiet: bool = False,
     on_presence: PresenceCallback | None = None,
 ) -> Any:
     """Connect, say hello and (with ``user``/``password``) log in.
@@ -468,14 +472,15 @@ def connect(
     ``register=True`` creates the account first (if the realm allows it).
     ``conn.synced`` fires once the backlog has been delivered to ``on_message``.
     ``ack=False`` makes a passive connection that acknowledges nothing (one-shot tools
-    that must not move the read position of the user's devices).
+    that must not move the read position of the user's devices).  ``quiet=True``
+    logs in without making the user appear online to contacts (nor offline after).
     ``on_presence`` is called with each presence frame (a dict).
     """
     endpoint = endpoint_for(reactor, server, realm, ca) if isinstance(server, str) else server
     factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message, ack, on_presence))  # type: ignore[arg-type]
     proto = yield endpoint.connect(factory)
     try:
-        conn = yield _handshake(proto, user, password, device, since, register)
+        conn = yield _handshake(proto, user, password, device, since, register, quiet)
     except BaseException:
         proto.transport.loseConnection()
         raise

@@ -305,8 +305,9 @@ class ClientProtocol(Int32StringReceiver):
         since = wire.field(req, "since", int, required=False)
         if since is not None and since < 0:
             raise ChatError("bad_request", "since must be >= 0")
+        quiet = wire.field(req, "quiet", bool, required=False, default=False)
         self.state = "authenticating"
-        d = self.factory.realm.login(user, password, self, device, self._peer())
+        d = self.factory.realm.login(user, password, self, device, self._peer(), quiet)
 
         def ok(session: Session) -> dict[str, Any]:
             if self.state == "closed":

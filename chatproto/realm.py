@@ -179,6 +179,9 @@ class Session:
         self._last = 0  # highest position delivered to this session
         #: The account sees only items after this position (when it was created).
         self.floor = 0
+        #: A quiet session does not show its user as online (see RealmService.login).
+        self.quiet = False
+        self.counted = False  # counted in RealmService._visible
         self.closed = False
 
     # delivery -----------------------------------------------------------------------
@@ -319,6 +322,8 @@ class RealmService(Service):
         self._status: dict[str, tuple[str, str]] = {}
         #: user -> users they have a private conversation with (presence audience)
         self._partners: dict[str, set[str]] = {}
+        #: user -> number of their non-quiet sessions (presence "online" when > 0)
+        self._visible: dict[str, int] = {}
         self._group_locks: dict[str, DeferredLock] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
@@ -432,8 +437,12 @@ class RealmService(Service):
         mind: Any,
         device: str = "default",
         peer: str = "?",
+        quiet: bool = False,
     ) -> Any:
         """Authenticate and attach ``mind``; fires with a :class:`Session`.
+
+        A ``quiet`` session (a one-shot tool, a bot's side channel) does not make its
+        user appear online to contacts, nor offline when it ends.
 
         Unknown users and wrong passwords both fail with ``auth_failed``; repeated
         failures per account and per peer address get ``rate_limited``.
@@ -458,6 +467,7 @@ class RealmService(Service):
             raise ChatError("auth_failed") from None
         self._account_throttle.succeeded(key)
         session.device = device
+        session.quiet = quiet
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
         try:
@@ -500,9 +510,17 @@ class RealmService(Service):
             sessions.remove(session)
             if not sessions:
                 del self._online[session.user_id]
+        if session.counted:
+            session.counted = False
+            visible = self._visible[session.user_id] - 1
+            if visible:
+                self._visible[session.user_id] = visible
+            else:
+                del self._visible[session.user_id]
                 self._status.pop(session.user_id, None)
                 self._broadcast_presence(session.user_id, "offline", "")
-                self._partners.pop(session.user_id, None)
+        if session.user_id not in self._online:
+            self._partners.pop(session.user_id, None)
 
     def sessions_of(self, user: str) -> Sequence[Session]:
         return self._online.get(user, ())
@@ -510,16 +528,16 @@ class RealmService(Service):
     def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
         """Online users of the realm, or online members of ``group`` (members only)."""
         if group is None:
-            users: Any = self._online
+            users: Any = self._visible
         else:
             addr = self._group_address(group)
             self.groups.readable_from(addr, session.user_id if session else "")
             users = self.groups.get(addr).members
         out = []
         for u in sorted(users):
-            sessions = self._online.get(u)
+            sessions = self._visible.get(u)
             if sessions:
-                entry: dict[str, Any] = {"user": u, "sessions": len(sessions)}
+                entry: dict[str, Any] = {"user": u, "sessions": sessions}
                 status = self._status.get(u)
                 if status:
                     entry["status"] = status[0]
@@ -555,7 +573,12 @@ class RealmService(Service):
     def _came_online(self, session: Session) -> Any:
         partners = yield self.store.conversation_partners(session.user_id)
         self._partners.setdefault(session.user_id, set()).update(partners)
-        if len(self._online.get(session.user_id, ())) == 1 and not session.closed:
+        if session.quiet or session.closed:
+            return
+        session.counted = True
+        visible = self._visible.get(session.user_id, 0) + 1
+        self._visible[session.user_id] = visible
+        if visible == 1:
             self._broadcast_presence(session.user_id, "online", "")
 
     def _presence_on_join(self, user: str, addr: str) -> None:
@@ -564,21 +587,22 @@ class RealmService(Service):
         if group is None:
             return
         status, text = self._status.get(user, ("online", ""))
-        mine = self._presence_notice(user, status, text)
+        mine = self._presence_notice(user, status, text) if user in self._visible else None
         for member in group.members:
-            if member == user or member not in self._online:
+            if member == user or member not in self._visible:
                 continue
             m_status, m_text = self._status.get(member, ("online", ""))
             theirs = self._presence_notice(member, m_status, m_text)
             for s in self._online.get(user, ()):
                 s.mind.notify(theirs)
-            for s in self._online[member]:
-                s.mind.notify(mine)
+            if mine is not None:
+                for s in self._online[member]:
+                    s.mind.notify(mine)
 
     def presence_snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
         for contact in sorted(self._contacts(session.user_id)):
-            if contact in self._online:
+            if contact in self._visible:
                 status, text = self._status.get(contact, ("online", ""))
                 session.mind.notify(self._presence_notice(contact, status, text))
 
@@ -669,7 +693,7 @@ class RealmService(Service):
         self.groups.readable_from(addr, session.user_id)  # members only
         g = self.groups.get(addr)
         return [
-            {"user": u, "role": m.role, "online": u in self._online}
+            {"user": u, "role": m.role, "online": u in self._visible}
             for u, m in sorted(g.members.items())
         ]
 

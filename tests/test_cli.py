@@ -183,14 +183,17 @@ def test_listen_count_acks_only_what_was_printed(server: str) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_who(server: str) -> Any:
-    yield _register(server, "alice")
+    yield _register(server, "alice", "bob")
+    bob = yield client.connect(_reactor, server, "bob", PASSWORD)
     out, err, code = yield run_cli(server, "alice", "who", "--json")
     assert code == 0, err
     users = [json.loads(line) for line in out.splitlines()]
-    assert {"user": "alice@localhost", "sessions": 1} in users
+    # alice's one-shot command is a quiet session: it does not show her as online
+    assert users == [{"user": "bob@localhost", "sessions": 1}]
     out, err, code = yield run_cli(server, "alice", "who")
     assert code == 0, err
-    assert "alice@localhost (1 session)" in out
+    assert out.strip() == "bob@localhost (1 session)"
+    yield bob.close()
 
 
 @pytest_twisted.inlineCallbacks
@@ -278,20 +281,23 @@ def test_groups_create_join_send_history_members_kick(server: str) -> Any:
     out, err, code = yield run_cli(server, "alice", "role", "lounge", "bob", "admin")
     assert code == 0, err
     assert out.strip() == "bob is now admin in #lounge@localhost"
+    # bob is online through a client; carol's one-shot command is a quiet session.
+    bob = yield client.connect(_reactor, server, "bob", PASSWORD)
     out, err, code = yield run_cli(server, "carol", "members", "#lounge", "--json")
     assert code == 0, err
     assert [json.loads(line) for line in out.splitlines()] == [
         {"user": "alice@localhost", "role": "owner", "online": False},
-        {"user": "bob@localhost", "role": "admin", "online": False},
-        {"user": "carol@localhost", "role": "member", "online": True},
+        {"user": "bob@localhost", "role": "admin", "online": True},
+        {"user": "carol@localhost", "role": "member", "online": False},
     ]
     out, err, code = yield run_cli(server, "carol", "members", "lounge")
     assert code == 0, err
     assert out.splitlines() == [
         "alice@localhost owner",
-        "bob@localhost admin",
-        "carol@localhost member (online)",
+        "bob@localhost admin (online)",
+        "carol@localhost member",
     ]
+    yield bob.close()
 
     _out, err, code = yield run_cli(server, "carol", "kick", "lounge", "bob")
     assert code == 1

@@ -16,14 +16,18 @@ from tests.conftest import fast_config, make_realm
 class User:
     """One logged-in StringTransport session with a request helper."""
 
-    def __init__(self, realm: Any, clock: Clock, name: str, device: str = "default") -> None:
+    def __init__(
+        self, realm: Any, clock: Clock, name: str, device: str = "default", **login: Any
+    ) -> None:
         if name not in realm.store.users:
             realm.create_user(name, "password1")
         self.clock = clock
         self.proto, self.t = connect_string_transport(realm)
         self.proto.dataReceived(frame({"type": "hello", "version": 1}))
         self.proto.dataReceived(
-            frame({"type": "login", "user": name, "password": "password1", "device": device})
+            frame(
+                {"type": "login", "user": name, "password": "password1", "device": device, **login}
+            )
         )
         clock.advance(0)
         self.inbox: list[dict[str, Any]] = []
@@ -359,3 +363,18 @@ def test_concurrent_creates_and_joins_are_serialised(tmp_path: Any) -> Any:
         assert codes == ["already_member", "group_full"] or codes == ["group_full", "group_full"]
     finally:
         yield realm.stopService()
+
+
+def test_quiet_sessions_do_not_show_presence(realm: Any, clock: Clock) -> None:
+    alice = User(realm, clock, "alice")
+    alice.ok("send", to="alice", body="x")
+    realm.create_user("bob", "password1")
+    bob = User(realm, clock, "bob", quiet=True)
+    bob.ok("send", to="alice", body="hi")  # DM partners now
+    assert [f for f in alice.drain() if f["type"] == "presence"] == []
+    assert alice.ok("who")["users"] == [{"user": "alice@localhost", "sessions": 1}]
+    bob.proto.connectionLost(None)
+    assert [f for f in alice.drain() if f["type"] == "presence"] == []
+    # A visible session of bob's is announced as usual.
+    User(realm, clock, "bob")
+    assert {"type": "presence", "user": "bob@localhost", "status": "online"} in alice.drain()
