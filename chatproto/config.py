@@ -77,6 +77,8 @@ class Config:
     realm: str = "localhost"
     data_dir: str = "chatrealm-data"
     listen: list[str] = attrs.field(factory=lambda: [DEFAULT_LISTEN])
+    #: "module:callable" names, each called with the RealmService at start-up.
+    plugins: list[str] = attrs.field(factory=list)
     limits: Limits = attrs.field(factory=Limits)
     auth: Auth = attrs.field(factory=Auth)
     storage: Storage = attrs.field(factory=Storage)
@@ -155,7 +157,12 @@ class Config:
 
 #: Table name in the TOML file -> attribute of :class:`Config` holding that section.
 _SECTIONS = {"limits": Limits, "auth": Auth, "storage": Storage, "tls": TLS}
-_REALM_KEYS = {"name": "realm", "data_dir": "data_dir", "listen": "listen"}
+_REALM_KEYS = {
+    "name": "realm",
+    "data_dir": "data_dir",
+    "listen": "listen",
+    "plugins": "plugins",
+}
 
 
 def known_keys() -> set[str]:
@@ -176,11 +183,11 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
             for key, value in values.items():
                 if key not in _REALM_KEYS:
                     raise ConfigError(f"unknown key realm.{key}")
-                if key == "listen":
+                if key in ("listen", "plugins"):
                     if isinstance(value, str):
                         value = [value]
                     if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                        raise ConfigError("realm.listen must be a list of endpoint strings")
+                        raise ConfigError(f"realm.{key} must be a list of strings")
                 elif not isinstance(value, str):
                     raise ConfigError(f"realm.{key} must be a string")
                 setattr(config, _REALM_KEYS[key], value)

@@ -665,7 +665,7 @@ class RealmService(Service):
         self, session: Session, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
         meta = self.groups.check(event, addr, session.user_id, **args)
-        env = self._envelope(session, addr, "event", "", meta)
+        env = self._envelope(session.user_id, addr, "event", "", meta)
 
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
@@ -706,12 +706,12 @@ class RealmService(Service):
         info["role"] = g.role_of(session.user_id)
         return info
 
-    def _send_group(self, session: Session, to: str, body: str) -> Deferred[Envelope]:
+    def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         addr = self._group_address(to)
         group = self.groups.get(addr)
-        if session.user_id not in group.members:
+        if sender not in group.members:
             raise ChatError("not_member", f"you are not a member of {addr}")
-        env = self._envelope(session, addr, "text", body)
+        env = self._envelope(sender, addr, "text", body)
         return self.store.append([env]).addCallback(self._committed_group, env)
 
     def _committed_group(self, _: object, env: Envelope) -> Envelope:
@@ -787,33 +787,56 @@ class RealmService(Service):
             wait = session._bucket.take(self.clock.seconds())
             if wait:
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+        except ChatError as e:
+            return fail(e)
+        return self._send_as(session.user_id, to, body)
+
+    def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.
+
+        For extensions running inside the realm (bots, bridges, hooks; see
+        ``realm.plugins`` in the config): the same rules as a client's ``send`` except
+        the rate limit, durable before the Deferred fires.
+        """
+        try:
+            addr = address.user(sender, self.realm)
+            if not addr.is_local(self.realm) or addr.name not in self._known_users:
+                raise ChatError("no_such_user", f"no local user {addr}")
+            body = self._check_body(body)
+        except ChatError as e:
+            return fail(e)
+        return self._send_as(str(addr), to, body)
+
+    def _send_as(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        try:
             if to.startswith("#"):
-                return self._send_group(session, to, body)
+                return self._send_group(sender, to, body)
             recipient = self._local_user(to)
         except ChatError as e:
             return fail(e)
         if isinstance(recipient, Deferred):
-            return recipient.addCallback(lambda r: self._store_private(session, r, body))
-        return self._store_private(session, recipient, body)
+            return recipient.addCallback(lambda r: self._store_private(sender, r, body))
+        return self._store_private(sender, recipient, body)
 
-    def _store_private(self, session: Session, recipient: Address, body: str) -> Deferred[Envelope]:
-        env = self._envelope(session, str(recipient), "text", body)
+    def _store_private(self, sender: str, recipient: Address, body: str) -> Deferred[Envelope]:
+        env = self._envelope(sender, str(recipient), "text", body)
         # Durable before anyone hears of it: routing happens after the commit.
         return self.store.append([env]).addCallback(self._committed, env)
 
     def _envelope(
         self,
-        session: Session,
+        sender: str,
         recipient: str,
         kind: str,
         body: str,
         meta: dict[str, Any] | None = None,
     ) -> Envelope:
-        """A new stream item; the sender is the session's user, never client input."""
+        """A new stream item.  ``sender`` is always the realm's own idea of who sends
+        (a session's user, or a local user named by an extension), never client input."""
         return Envelope(
             id=new_message_id(),
             kind=kind,
-            sender=session.user_id,
+            sender=sender,
             recipient=recipient,
             ts=self.clock.seconds(),
             body=body,

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from chatproto import config as configmod
+from chatproto import extensions
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.sqlite import SQLiteStore
@@ -62,6 +63,7 @@ class Options(usage.Options):
             if self["no-register"]:
                 cfg.auth.allow_registration = False
             cfg.check()
+            self.plugins = extensions.load_all(cfg.plugins)
         except configmod.ConfigError as e:
             raise usage.UsageError(f"configuration: {e}") from None
         from twisted.internet import reactor
@@ -127,11 +129,17 @@ class ListenerService(Service):
 
 
 def build(cfg: configmod.Config, reactor: Any) -> tuple[MultiService, RealmService]:
-    """Wire a realm process from a checked config; returns (top service, realm)."""
+    """Wire a realm process from a checked config; returns (top service, realm).
+
+    Extensions named in ``realm.plugins`` are called with the realm before any
+    listener starts (see :mod:`chatproto.extensions`).
+    """
     top = MultiService()
     store = SQLiteStore(cfg.database_path, reactor, synchronous=cfg.storage.synchronous)
     realm = RealmService(cfg, store, reactor)
     realm.setServiceParent(top)
+    for setup in extensions.load_all(cfg.plugins):
+        setup(realm)
     factory = ClientFactory(realm)
     for description in cfg.listen_descriptions():
         ListenerService(reactor, description, factory).setServiceParent(top)

@@ -1,0 +1,73 @@
+"""Extensions named in realm.plugins: loading, observing, posting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from chatproto import extensions, tap
+from chatproto.config import ConfigError
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from tests import plugin_for_tests
+
+
+def test_load_errors_are_readable() -> None:
+    for spec, text in [
+        ("nocolon", "not 'module:callable'"),
+        ("no_such_module_xyz:setup", "cannot import"),
+        ("tests.plugin_for_tests:missing", "has no"),
+        ("tests.plugin_for_tests:not_callable", "not callable"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            extensions.load(spec)
+        assert text in str(e.value)
+
+
+def test_bad_plugin_is_a_usage_error(tmp_path: Any) -> None:
+    conf = tmp_path / "realm.toml"
+    conf.write_text('[realm]\nplugins = ["no_such_module_xyz:setup"]\n')
+    with pytest.raises(usage.UsageError) as e:
+        tap.Options().parseOptions(["--config", str(conf)])
+    assert "cannot import" in str(e.value)
+
+
+def test_observer_and_post_over_string_transport() -> None:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    extensions.load("tests.plugin_for_tests:setup")(realm)
+    realm.create_user("pingbot", "password1")
+    realm.create_user("alice", "password1")
+    proto, t = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1}))
+    proto.dataReceived(frame({"type": "login", "user": "alice", "password": "password1"}))
+    clock.advance(0)
+    frames(t)
+    proto.dataReceived(frame({"type": "send", "to": "pingbot", "body": "!ping", "id": 1}))
+    clock.advance(0)
+    msgs = [f for f in frames(t) if f["type"] == "msg"]
+    assert [(m["from"], m["body"]) for m in msgs] == [
+        ("alice@localhost", "!ping"),
+        ("pingbot@localhost", "pong"),
+    ]
+    assert [e.body for e in plugin_for_tests.seen[-2:]] == ["!ping", "pong"]
+    # post() checks its sender like any send
+    failure = realm.post("nobody", "alice", "x")
+    assert failure.result.value.code == "no_such_user"
+    failure.addErrback(lambda _: None)
+    realm.stopService()
+
+
+def test_build_calls_plugins(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    conf = tmp_path / "realm.toml"
+    conf.write_text(
+        f'[realm]\ndata_dir = "{tmp_path / "data"}"\nplugins = ["tests.plugin_for_tests:setup"]\n'
+    )
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(conf)])
+    _top, realm = tap.build(opts.realm_config, reactor)
+    assert len(realm.observers) == 1
