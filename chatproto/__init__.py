@@ -2,7 +2,7 @@
 
 The public, stable entry points are:
 
-- :mod:`chatproto.realm` -- :class:`~chatproto.realm.RealmService`, the state and rules;
+- :mod:`chatproto.realm` -- :class:`chatproto.realm.RealmService`, the state and rules;
 - :mod:`chatproto.protocol` -- the client protocol and its factory (bytes <-> realm calls);
 - :mod:`chatproto.client` -- a Deferred-based client library;
 - :mod:`chatproto.address` -- parsing and normalising ``name@realm`` addresses;

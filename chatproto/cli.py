@@ -2,7 +2,7 @@
 
 It sits beside the realm's own ``twistd`` plugin as the smallest useful client: argparse
 in :func:`main`, then one coroutine per subcommand run on the reactor with
-:func:`twisted.internet.task.react`.  Anything that could block (password prompts,
+``twisted.internet.task.react``.  Anything that could block (password prompts,
 reading a message body from stdin) happens before the reactor starts.
 
 Groups are addressed as ``#name`` (or ``#name@realm``) wherever a peer is expected

@@ -2,14 +2,14 @@
 
 An extension is a callable named in the config as ``"module:callable"``
 (``[realm] plugins = ["mybot.hooks:setup"]``).  At start-up the realm process imports
-it and calls it once with the :class:`~chatproto.realm.RealmService`, before anything
+it and calls it once with the :class:`chatproto.realm.RealmService`, before anything
 is served.  From there it can:
 
 - observe every committed stream item: ``realm.observers.append(fn)``, where
   ``fn(envelope)`` is called after the item is durable and delivered (exceptions are
   logged, never propagated to the sender);
 - post messages as a local user: ``realm.post("helpdesk", "#support", "hi")``
-  (a Deferred firing with the stored :class:`~chatproto.envelope.Envelope`);
+  (a Deferred firing with the stored :class:`chatproto.envelope.Envelope`);
 - read the realm's state (``realm.groups``, ``realm.who()``) and add Twisted services
   of its own (``service.setServiceParent(realm.parent)`` once the realm is running).
 

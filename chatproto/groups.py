@@ -2,13 +2,13 @@
 
 A group lives on its home realm as ``#name@realm``.  Its state (topic, visibility,
 history rule, members with roles, bans, invites) is a pure function of the group's
-*events*: every change is an :class:`~chatproto.envelope.Envelope` of kind ``event``
+*events*: every change is an :class:`chatproto.envelope.Envelope` of kind ``event``
 committed to the group's stream like a message, then applied here with
 :meth:`Groups.apply`.  At start-up the realm replays the stored events, so there is no
 second source of truth to keep in step, and history reads naturally ("bob joined").
 
 :meth:`Groups.check` holds every permission rule; it raises
-:class:`~chatproto.errors.ChatError` and never touches storage or sessions.  The realm
+:class:`chatproto.errors.ChatError` and never touches storage or sessions.  The realm
 service calls it, commits the event, then applies it and routes it.
 """
 

@@ -3,8 +3,8 @@
 :class:`ClientProtocol` is a translator (see ``twisted.words.service`` and the wormhole
 mailbox server): it decodes a frame (:mod:`chatproto.wire`), dispatches it to a
 ``handle_<type>`` method that calls the realm service or the logged-in
-:class:`~chatproto.realm.Session`, encodes the answer and turns
-:class:`~chatproto.errors.ChatError` into ``error`` frames.  It decides nothing: every
+:class:`chatproto.realm.Session`, encodes the answer and turns
+:class:`chatproto.errors.ChatError` into ``error`` frames.  It decides nothing: every
 rule lives in the realm.
 
 It is also the session's *mind*: the realm calls :meth:`ClientProtocol.deliver` for each

@@ -1,7 +1,7 @@
 """Rate limiting with injected time: a token bucket and a failure throttle.
 
 Neither reads a clock: callers pass ``now`` (from the realm's injected clock), so tests
-drive them with :class:`twisted.internet.task.Clock`.
+drive them with ``twisted.internet.task.Clock``.
 """
 
 from __future__ import annotations

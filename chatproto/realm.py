@@ -57,7 +57,7 @@ class ISessionMind(Interface):
     """What the realm calls on a connection (the cred *mind*)."""
 
     def deliver(envelope):  # type: ignore[misc]
-        """Send one stream item (an :class:`~chatproto.envelope.Envelope`)."""
+        """Send one stream item (an :class:`chatproto.envelope.Envelope`)."""
 
     def synced(pos):  # type: ignore[misc]
         """The backlog is out: everything up to ``pos`` has been delivered."""

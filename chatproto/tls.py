@@ -143,7 +143,7 @@ def generate_cert(
     The subjectAltName holds the realm name, then ``extra_names`` (DNS names or IP
     addresses); a ``localhost`` realm also gets 127.0.0.1 and ::1 so clients that
     connect by address verify too.  Returns ``(cert_pem, key_pem)``; raises
-    :class:`ValueError` for a bad name and :class:`TLSFileError` for an unusable CA.
+    ``ValueError`` for a bad name and :class:`TLSFileError` for an unusable CA.
     """
     realm = normalise_realm(realm_name) if realm_name else ""
     if not realm:
@@ -236,8 +236,8 @@ def write_dev_certs(
     -- unless ``new_ca`` is true.  Existing realm files are replaced.
 
     Returns absolute paths under the keys ``ca``, ``ca_key``, ``cert`` and ``key``.
-    Raises :class:`ValueError` for bad names, :class:`TLSFileError` for an unusable
-    existing CA and :class:`OSError` for I/O.
+    Raises ``ValueError`` for bad names, :class:`TLSFileError` for an unusable
+    existing CA and ``OSError`` for I/O.
     """
     realm = normalise_realm(realm)
     directory = os.path.abspath(directory)

@@ -1,6 +1,6 @@
 """Wire format v1: how frames are told apart, decoded, validated and encoded.
 
-Framing is :class:`twisted.protocols.basic.Int32StringReceiver` (a 4-byte big-endian
+Framing is ``twisted.protocols.basic.Int32StringReceiver`` (a 4-byte big-endian
 length, then the payload).  The first payload byte is the *frame kind*:
 
 - ``{`` (0x7B): a control frame, a UTF-8 JSON object with a ``type``;

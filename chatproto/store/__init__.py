@@ -56,7 +56,7 @@ class IStore(Interface):
         """Fires with the sorted list of local user names."""
 
     def append(items):  # type: ignore[misc]
-        """Commit a list of :class:`~chatproto.envelope.Envelope` and assign ``pos``.
+        """Commit a list of :class:`chatproto.envelope.Envelope` and assign ``pos``.
 
         Fires with the same envelopes, ``pos`` set, after the commit.
         """

@@ -1,4 +1,4 @@
-"""An in-memory :class:`~chatproto.store.IStore`: for tests and embedding experiments.
+"""An in-memory :class:`chatproto.store.IStore`: for tests and embedding experiments.
 
 Same contract as the SQLite store (positions assigned at append, never reused), but
 nothing survives the process and every Deferred has already fired, so tests built on
