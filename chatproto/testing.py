@@ -1,6 +1,6 @@
 """Helpers for testing chatproto and code built on it without sockets or threads.
 
-The pattern (see docs/testing later, and tests/test_protocol.py)::
+The pattern (see docs/testing-guide.md, and tests/test_protocol.py)::
 
     clock = Clock()
     realm = make_test_realm(clock)          # MemoryStore, inline hashing, no threads
