@@ -629,6 +629,9 @@ class RealmService(Service):
 
     def group_event(self, session: Session, event: str, group: str, **args: Any) -> Any:
         """Check, commit, apply and route one group change; fires with its envelope."""
+        return self._group_event_by(session.user_id, event, group, args)
+
+    def _group_event_by(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
         try:
             addr = self._group_address(group)
             target = args.get("user")
@@ -636,15 +639,15 @@ class RealmService(Service):
                 resolved = self._local_user(target)
                 if isinstance(resolved, Deferred):
                     return resolved.addCallback(
-                        lambda a: self._commit_event(session, event, addr, {**args, "user": str(a)})
+                        lambda a: self._commit_event(actor, event, addr, {**args, "user": str(a)})
                     )
                 args = {**args, "user": str(resolved)}
-            return self._commit_event(session, event, addr, args)
+            return self._commit_event(actor, event, addr, args)
         except ChatError as e:
             return fail(e)
 
     def _commit_event(
-        self, session: Session, event: str, addr: str, args: dict[str, Any]
+        self, actor: str, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
         """Changes to one group are checked and committed one at a time, so two
         concurrent requests (two creates of one name, two joins past the member limit)
@@ -658,26 +661,26 @@ class RealmService(Service):
                 self._group_locks.pop(addr, None)
             return result
 
-        d = lock.run(self._check_and_commit, session, event, addr, args)
+        d = lock.run(self._check_and_commit, actor, event, addr, args)
         return d.addBoth(release)
 
     def _check_and_commit(
-        self, session: Session, event: str, addr: str, args: dict[str, Any]
+        self, actor: str, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
-        meta = self.groups.check(event, addr, session.user_id, **args)
-        env = self._envelope(session.user_id, addr, "event", "", meta)
+        meta = self.groups.check(event, addr, actor, **args)
+        env = self._envelope(actor, addr, "event", "", meta)
 
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
             self.groups.apply(env)
             self._route_group(env, before | self.groups.audience(env))
             if event == "joined":
-                self._presence_on_join(session.user_id, addr)
+                self._presence_on_join(actor, addr)
             self.log.info(
                 "group {group}: {event} by {actor}",
                 group=addr,
                 event=event,
-                actor=session.user_id,
+                actor=actor,
             )
             return env
 
@@ -799,13 +802,24 @@ class RealmService(Service):
         the rate limit, durable before the Deferred fires.
         """
         try:
-            addr = address.user(sender, self.realm)
-            if not addr.is_local(self.realm) or addr.name not in self._known_users:
-                raise ChatError("no_such_user", f"no local user {addr}")
             body = self._check_body(body)
+            addr = self._local_user(sender)
         except ChatError as e:
             return fail(e)
+        if isinstance(addr, Deferred):
+            return addr.addCallback(lambda a: self._send_as(str(a), to, body))
         return self._send_as(str(addr), to, body)
+
+    def group_event_as(self, sender: str, event: str, group: str, **args: Any) -> Any:
+        """:meth:`group_event` on behalf of local user ``sender`` (for extensions: a bot
+        joining or creating its group).  Same permission rules as for a client."""
+        try:
+            addr = self._local_user(sender)
+        except ChatError as e:
+            return fail(e)
+        if isinstance(addr, Deferred):
+            return addr.addCallback(lambda a: self._group_event_by(str(a), event, group, args))
+        return self._group_event_by(str(addr), event, group, args)
 
     def _send_as(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         try:

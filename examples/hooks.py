@@ -95,7 +95,7 @@ class MessageStats:
         def retry(failure: Any) -> Any:
             if getattr(failure.value, "code", None) != "no_such_user":
                 return failure
-            if failure.value.message.startswith(f"no local user {self.bot_address}"):
+            if self.bot_address in failure.value.message:  # the bot itself is missing
                 d = self.realm.create_user(self.bot, secrets.token_urlsafe(24))
                 return d.addCallback(lambda _: self.realm.post(self.bot, to, body))
             return failure

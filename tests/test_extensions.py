@@ -71,3 +71,17 @@ def test_build_calls_plugins(tmp_path: Any) -> None:
     opts.parseOptions(["--config", str(conf)])
     _top, realm = tap.build(opts.realm_config, reactor)
     assert len(realm.observers) == 1
+
+
+def test_extensions_can_act_in_groups() -> None:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("helpbot", "password1")
+    created = realm.group_event_as("helpbot", "created", "#help")
+    assert created.result.recipient == "#help@localhost"
+    posted = realm.post("helpbot", "#help", "ask me anything")
+    assert posted.result.sender == "helpbot@localhost"
+    refused = realm.group_event_as("helpbot", "joined", "#help")
+    assert refused.result.value.code == "already_member"
+    refused.addErrback(lambda _: None)
+    realm.stopService()
