@@ -23,6 +23,14 @@ import attrs
 
 from chatproto.errors import ChatError
 
+__all__ = [
+    "Address",
+    "normalise_name",
+    "normalise_realm",
+    "parse",
+    "user",
+]
+
 MAX_NAME = 32
 MAX_REALM = 253
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")

@@ -16,6 +16,21 @@ import attrs
 from chatproto.address import normalise_realm
 from chatproto.errors import ChatError
 
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_PORT",
+    "DEFAULT_TLS_PORT",
+    "TLS",
+    "Auth",
+    "Config",
+    "ConfigError",
+    "Limits",
+    "Storage",
+    "from_dict",
+    "known_keys",
+    "load",
+]
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

@@ -15,6 +15,12 @@ from typing import Any
 
 import attrs
 
+__all__ = [
+    "Envelope",
+    "conversation_key",
+    "new_message_id",
+]
+
 # 96 random bits per process, then a counter: unique across restarts and realms with
 # overwhelming probability, and far cheaper than asking the OS for randomness per id.
 _PREFIX = ""

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "CODES",
+    "ChatError",
+    "FatalProtocolError",
+]
+
 #: Every code the server may send, with a one-line meaning (documented in PROTOCOL.md).
 CODES: dict[str, str] = {
     "bad_frame": "the frame is not a UTF-8 JSON object (the connection is closed)",

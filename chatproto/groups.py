@@ -21,6 +21,16 @@ import attrs
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 
+__all__ = [
+    "EVENTS",
+    "HISTORY_RULES",
+    "ROLES",
+    "VISIBILITIES",
+    "Group",
+    "Groups",
+    "Membership",
+]
+
 ROLES = ("member", "admin", "owner")
 RANK = {role: i for i, role in enumerate(ROLES)}
 VISIBILITIES = ("public", "invite")

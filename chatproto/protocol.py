@@ -32,6 +32,12 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 
+__all__ = [
+    "ClientFactory",
+    "ClientProtocol",
+    "delivery_frame",
+]
+
 _pack = struct.Struct("!I").pack
 
 #: Requests that need a logged-in session.

@@ -6,6 +6,11 @@ drive them with ``twisted.internet.task.Clock``.
 
 from __future__ import annotations
 
+__all__ = [
+    "FailureThrottle",
+    "TokenBucket",
+]
+
 
 class TokenBucket:
     """``rate`` tokens per second, holding at most ``burst``."""

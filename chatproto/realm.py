@@ -41,6 +41,18 @@ from chatproto.groups import Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import IStore
 
+__all__ = [
+    "PRESENCE_STATES",
+    "ISession",
+    "ISessionMind",
+    "Notice",
+    "PasswordHasher",
+    "RealmService",
+    "Session",
+    "StoreChecker",
+    "check_password",
+]
+
 #: Backlog is read and sent in pages of this many items, pausing for slow readers.
 SYNC_PAGE = 500
 #: Live items buffered while a backlog is read; past this the backlog pass re-reads.

@@ -23,6 +23,13 @@ from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.sqlite import SQLiteStore
 
+__all__ = [
+    "ListenerService",
+    "Options",
+    "build",
+    "makeService",
+]
+
 
 class Options(usage.Options):
     synopsis = "[--config FILE] [--listen ENDPOINT ...] [--realm NAME] [--data-dir DIR]"

@@ -19,6 +19,16 @@ from typing import Any
 
 from chatproto.errors import ChatError, FatalProtocolError
 
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "decode",
+    "encode",
+    "error_frame",
+    "field",
+    "result_frame",
+]
+
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 FRAME_JSON = 0x7B

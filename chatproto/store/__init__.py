@@ -19,6 +19,11 @@ from zope.interface import Interface
 
 from chatproto.errors import ChatError
 
+__all__ = [
+    "IStore",
+    "UserExists",
+]
+
 
 class UserExists(ChatError):
     def __init__(self, name: str) -> None:

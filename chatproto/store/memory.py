@@ -16,6 +16,10 @@ from zope.interface import implementer
 from chatproto.envelope import Envelope
 from chatproto.store import IStore, UserExists
 
+__all__ = [
+    "MemoryStore",
+]
+
 
 @implementer(IStore)
 class MemoryStore:

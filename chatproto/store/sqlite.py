@@ -30,6 +30,12 @@ from zope.interface import implementer
 from chatproto.envelope import Envelope
 from chatproto.store import IStore, UserExists
 
+__all__ = [
+    "SCHEMA_VERSION",
+    "SQLiteDB",
+    "SQLiteStore",
+]
+
 T = TypeVar("T")
 
 SCHEMA_VERSION = 3
