@@ -23,6 +23,7 @@ acknowledged (coalesced, one ack per reactor turn).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,8 @@ class ClientProtocol(Int32StringReceiver):
         self._ack_pos = 0
         self._ack_call: Any = None
         self.connected_d: Deferred[ClientProtocol] = Deferred()
+        #: True from the moment the connection is lost
+        self.lost = False
         self.closed_d: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -172,6 +175,8 @@ class ClientProtocol(Int32StringReceiver):
 
     def request(self, type_: str, **fields: Any) -> Deferred[dict[str, Any]]:
         """Send a request; fires with the ``result`` frame or fails with RemoteError."""
+        if self.lost:
+            return defer.fail(ConnectionDone("the connection is closed"))
         self._next_id += 1
         rid = self._next_id
         d: Deferred[dict[str, Any]] = Deferred()
@@ -260,6 +265,7 @@ class ClientProtocol(Int32StringReceiver):
             self.notify("ack", pos=self._ack_pos)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = True  # before any callback below runs and might use this connection
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
         self._ack_call = None
@@ -298,10 +304,14 @@ class Connection:
     def limits(self) -> dict[str, Any]:
         return dict(self.protocol.hello.get("limits", {}))
 
-    def send(self, to: str, body: str) -> Deferred[dict[str, Any]]:
+    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[dict[str, Any]]:
         """Send a message to a user or a ``#group``; fires with ``{"pos", "msg_id", "ts"}``
-        once stored."""
-        return self.protocol.request("send", to=to, body=body)
+        once stored.  Repeating a send with the same ``nonce`` (after a dropped
+        connection) never stores it twice: the realm answers with the first result."""
+        fields: dict[str, Any] = {"to": to, "body": body}
+        if nonce is not None:
+            fields["nonce"] = nonce
+        return self.protocol.request("send", **fields)
 
     def history(
         self,
@@ -570,11 +580,32 @@ class ChatClientService(ClientService):
             d.callback(conn)
 
     def whenReady(self) -> Deferred[Connection]:
-        if self.connection is not None and self.connection.protocol.connected:
+        if self.connection is not None and not self.connection.protocol.lost:
             return defer.succeed(self.connection)
         d: Deferred[Connection] = Deferred()
         self._ready.append(d)
         return d
+
+    @inlineCallbacks
+    def send(self, to: str, body: str, attempts: int = 5) -> Any:
+        """Send through whatever connection is up, retrying across reconnects.
+
+        Each attempt carries the same random nonce, so a send whose result was lost
+        with the connection is stored once, not once per attempt.  Fires with the
+        result; fails with :class:`RemoteError` (not retried) or, after ``attempts``
+        lost connections, :class:`ConnectionDone`.
+        """
+        nonce = secrets.token_urlsafe(16)
+        for _ in range(attempts):
+            conn = yield self.whenReady()
+            try:
+                result = yield conn.send(to, body, nonce)
+            except RemoteError:
+                raise
+            except Exception:  # the connection went away: wait for the next one
+                continue
+            return result
+        raise ConnectionDone(f"send to {to} not confirmed after {attempts} connections")
 
     def pause(self) -> None:
         """Stop reading: no further item is delivered to ``on_message`` (nor acked)."""

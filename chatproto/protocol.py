@@ -345,7 +345,10 @@ class ClientProtocol(Int32StringReceiver):
         assert self.session is not None
         to = wire.field(req, "to", str)
         body = wire.field(req, "body", str)
-        d = self.session.send(to, body)
+        nonce = wire.field(req, "nonce", str, required=False)
+        if nonce is not None and not 0 < len(nonce) <= 64:
+            raise ChatError("bad_request", "nonce must be 1-64 characters")
+        d = self.session.send(to, body, nonce)
         return d.addCallback(lambda e: {"pos": e.pos, "msg_id": e.id, "ts": e.ts})
 
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:

@@ -14,6 +14,7 @@ nothing is lost and nothing is sent twice.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,11 +25,12 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
@@ -57,6 +59,8 @@ __all__ = [
 SYNC_PAGE = 500
 #: Live items buffered while a backlog is read; past this the backlog pass re-reads.
 SYNC_BUFFER = 2000
+#: Send nonces remembered per user for idempotent retries.
+NONCES_PER_USER = 1024
 #: Maximum length of a device name.
 MAX_DEVICE = 64
 
@@ -254,9 +258,12 @@ class Session:
 
     # requests -----------------------------------------------------------------------
 
-    def send(self, to: str, body: str) -> Deferred[Envelope]:
-        """Store a private message durably, then deliver it; fires with the envelope."""
-        return self.realm.send_private(self, to, body)
+    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[Envelope]:
+        """Store a message durably, then deliver it; fires with the envelope.
+
+        A client-chosen ``nonce`` makes a retried send idempotent (see send_private).
+        """
+        return self.realm.send_private(self, to, body, nonce)
 
     def history(
         self, peer: str, before: int | None, after: int | None, limit: int | None
@@ -337,6 +344,8 @@ class RealmService(Service):
         #: user -> number of their non-quiet sessions (presence "online" when > 0)
         self._visible: dict[str, int] = {}
         self._group_locks: dict[str, DeferredLock] = {}
+        #: user -> recent send nonces -> the envelope (or the pending Deferred)
+        self._nonces: dict[str, OrderedDict[str, Any]] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -792,11 +801,26 @@ class RealmService(Service):
             )
         return body
 
-    def send_private(self, session: Session, to: str, body: str) -> Deferred[Envelope]:
-        """Store a private message, then route it; fires with the committed envelope.
+    def send_private(
+        self, session: Session, to: str, body: str, nonce: str | None = None
+    ) -> Deferred[Envelope]:
+        """Store a message (to a user or a group), then route it; fires with the
+        committed envelope.  The hot path of the realm: no generator, one Deferred.
 
-        The hot path of the realm: no generator, one Deferred from the store.
+        With a ``nonce``, a send repeated by the same user with the same nonce (a client
+        retrying after its connection dropped before the result came) is not stored
+        again: it gets the first send's envelope.  The realm remembers the last
+        :data:`NONCES_PER_USER` nonces of each user, in memory.
         """
+        if nonce is not None:
+            seen = self._nonces.get(session.user_id)
+            if seen is not None and nonce in seen:
+                first = seen[nonce]
+                if isinstance(first, Envelope):
+                    return succeed(first)
+                waiter: Deferred[Envelope] = Deferred()  # the first is being stored
+                first.append(waiter)
+                return waiter
         try:
             body = self._check_body(body)
             wait = session._bucket.take(self.clock.seconds())
@@ -804,7 +828,33 @@ class RealmService(Service):
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
         except ChatError as e:
             return fail(e)
-        return self._send_as(session.user_id, to, body)
+        d = self._send_as(session.user_id, to, body)
+        if nonce is not None:
+            self._remember_nonce(session.user_id, nonce, d)
+        return d
+
+    def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
+        seen = self._nonces.setdefault(user, OrderedDict())
+        waiters: list[Deferred[Envelope]] = []
+        seen[nonce] = waiters
+        if len(seen) > NONCES_PER_USER:
+            seen.popitem(last=False)
+
+        def stored(env: Envelope) -> Envelope:
+            if seen.get(nonce) is waiters:
+                seen[nonce] = env
+            for w in waiters:
+                w.callback(env)
+            return env
+
+        def failed(f: Failure) -> Failure:
+            if seen.get(nonce) is waiters:
+                del seen[nonce]  # nothing was stored: a retry may try again
+            for w in waiters:
+                w.errback(f)
+            return f
+
+        d.addCallbacks(stored, failed)
 
     def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.

@@ -184,3 +184,43 @@ def test_unsupported_version_over_tcp(server: Any) -> Any:
         yield proto.request("hello", version=2)
     assert e.value.code == "unsupported_version" and e.value.extra["supported"] == [1]
     yield proto.closed_d  # the server closes the connection
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_send_survives_a_lost_result_without_duplicates(server: Any) -> Any:
+    """The connection drops after the send is stored but before its result arrives; the
+    retry (same nonce) on the next connection gets the first result, stored once."""
+    realm, factory, addr = server
+    yield connect(_reactor, addr, "bob", "password-b", register=True).addCallback(
+        lambda c: c.close()
+    )
+    host, port = addr.split(":")[1:]
+    svc = ChatClientService(
+        _reactor,
+        TCP4ClientEndpoint(_reactor, host, int(port)),
+        "alice",
+        "password-a",
+        retryPolicy=lambda attempt: 0.05,
+    )
+    yield connect(_reactor, addr, "alice", "password-a", register=True).addCallback(
+        lambda c: c.close()
+    )
+    dropped: list[int] = []
+
+    def drop_alice(env: Any) -> None:
+        if env.body == "exactly once" and not dropped:
+            dropped.append(env.pos)
+            for proto in list(factory.connections):
+                if proto.session is not None and proto.session.user_id == "alice@localhost":
+                    proto.transport.abortConnection()
+
+    realm.observers.append(drop_alice)
+    svc.startService()
+    try:
+        result = yield svc.send("bob", "exactly once").addTimeout(20, _reactor)
+        assert dropped == [result["pos"]]
+        stored = yield realm.store.history("alice@localhost bob@localhost", None, None, 10)
+        assert [e.body for e in stored] == ["exactly once"]
+    finally:
+        realm.observers.remove(drop_alice)
+        yield svc.stopService()

@@ -524,3 +524,26 @@ def test_wire_decode_rejects_deep_nesting() -> None:
     with pytest.raises(wire.ChatError) as e:
         wire.decode(deep)
     assert e.value.code == "bad_frame"
+
+
+def test_send_with_nonce_is_idempotent(realm: Any, clock: Clock) -> None:
+    realm.create_user("bob", "password1")
+    a, ta = logged_in(realm, clock, "alice")
+    a2, ta2 = logged_in(realm, clock, "alice", device="phone")
+    frames(ta)
+    frames(ta2)
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "once", "nonce": "n1", "id": 1}))
+    [first] = [f for f in frames(ta) if f["type"] == "result"]
+    # the same nonce again, from another of alice's connections (a retry after a drop)
+    a2.dataReceived(frame({"type": "send", "to": "bob", "body": "once", "nonce": "n1", "id": 2}))
+    [again] = [f for f in frames(ta2) if f["type"] == "result"]
+    assert (again["pos"], again["msg_id"]) == (first["pos"], first["msg_id"])
+    assert [e.body for e in realm.store.items] == ["once"]
+    # a failed send is not remembered: the retry may succeed
+    a.dataReceived(frame({"type": "send", "to": "carol", "body": "x", "nonce": "n2", "id": 3}))
+    assert frames(ta)[0]["code"] == "no_such_user"
+    realm.create_user("carol", "password1")
+    a.dataReceived(frame({"type": "send", "to": "carol", "body": "x", "nonce": "n2", "id": 4}))
+    assert [f["type"] for f in frames(ta)] == ["msg", "result"]
+    a.dataReceived(frame({"type": "send", "to": "bob", "body": "x", "nonce": "", "id": 5}))
+    assert frames(ta)[0]["code"] == "bad_request"
