@@ -40,29 +40,8 @@ __all__ = [
 
 _pack = struct.Struct("!I").pack
 
-#: Requests that need a logged-in session.
-_AUTHED = frozenset(
-    {
-        "send",
-        "history",
-        "who",
-        "ack",
-        "create_group",
-        "join",
-        "leave",
-        "invite",
-        "kick",
-        "ban",
-        "unban",
-        "set_topic",
-        "set_role",
-        "delete_group",
-        "list_groups",
-        "members",
-        "group_info",
-        "set_status",
-    }
-)
+#: Requests allowed before login; every other request needs a logged-in session.
+_PUBLIC = frozenset({"hello", "register", "login", "ping", "pong"})
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 
@@ -87,7 +66,6 @@ class ClientProtocol(Int32StringReceiver):
     def __init__(self) -> None:
         self.state = "hello"
         self.session: Session | None = None
-        self._logout: Any = None
         self._paused = False
         self._paused_bytes = 0
         self._writable: list[Deferred[None]] = []
@@ -219,7 +197,7 @@ class ClientProtocol(Int32StringReceiver):
                 raise ChatError("unknown_type", f"unknown request type {kind[:40]!r}")
             if self.state == "hello" and kind != "hello":
                 raise ChatError("hello_required")
-            if kind in _AUTHED and self.state != "ready":
+            if kind not in _PUBLIC and self.state != "ready":
                 raise ChatError("not_authenticated")
             d = maybeDeferred(handler, self, obj)
         except ChatError as e:
