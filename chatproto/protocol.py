@@ -42,6 +42,8 @@ _pack = struct.Struct("!I").pack
 
 #: Requests allowed before login; every other request needs a logged-in session.
 _PUBLIC = frozenset({"hello", "register", "login", "ping", "pong"})
+#: An ack frame as clients encode it (compact JSON, "type" first): {"type":"ack","pos":N}
+_ACK_PREFIX = b'{"type":"ack","pos":'
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 
@@ -187,6 +189,13 @@ class ClientProtocol(Int32StringReceiver):
             return
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
+        if payload.startswith(_ACK_PREFIX) and self.session is not None:
+            # Fast path for the most frequent frame, exactly as the client library and
+            # PROTOCOL.md spell it; anything else takes the general path below.
+            digits = payload[len(_ACK_PREFIX) : -1]
+            if payload[-1:] == b"}" and digits.isdigit() and len(digits) <= 15:
+                self.session.ack(int(digits))
+                return
         rid = None
         try:
             obj = wire.decode(payload)

@@ -547,3 +547,35 @@ def test_send_with_nonce_is_idempotent(realm: Any, clock: Clock) -> None:
     assert [f["type"] for f in frames(ta)] == ["msg", "result"]
     a.dataReceived(frame({"type": "send", "to": "bob", "body": "x", "nonce": "", "id": 5}))
     assert frames(ta)[0]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type":"ack","pos":2}',  # the fast path
+        b'{"type": "ack", "pos": 2}',  # the general path
+        b'{"pos":2,"type":"ack"}',
+    ],
+)
+def test_ack_spellings_are_equivalent(realm: Any, clock: Clock, payload: bytes) -> None:
+    realm.create_user("bob", "password1")
+    a, ta = logged_in(realm, clock, "alice")
+    for i in range(3):
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": f"m{i}", "id": i}))
+    b, tb = logged_in(realm, clock, "bob")
+    positions = [f["pos"] for f in frames(tb) if f["type"] == "msg"]
+    payload = payload.replace(b"2", str(positions[1]).encode())
+    b.dataReceived(struct.pack("!I", len(payload)) + payload)
+    assert frames(tb) == []
+    assert realm.store.acks[("bob@localhost", "default")] == positions[1]
+
+
+def test_malformed_fast_path_ack_falls_back(realm: Any, clock: Clock) -> None:
+    b, tb = logged_in(realm, clock, "bob")
+    frames(tb)
+    for bad in (b'{"type":"ack","pos":-1}', b'{"type":"ack","pos":1x}', b'{"type":"ack","pos":'):
+        b.dataReceived(struct.pack("!I", len(bad)) + bad)
+    # -1 is valid JSON (ignored: nothing below 1 is acknowledged); "1x" is not JSON
+    assert [f["code"] for f in frames(tb)] == ["bad_frame"]
+    assert tb.disconnecting
+    assert ("bob@localhost", "default") not in realm.store.acks
