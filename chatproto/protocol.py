@@ -70,6 +70,7 @@ class ClientProtocol(Int32StringReceiver):
         self.session: Session | None = None
         self._paused = False
         self._paused_bytes = 0
+        self._held: list[bytes] | None = None
         self._writable: list[Deferred[None]] = []
         self.connected_at = 0.0
         self.closed_at = 0.0
@@ -122,6 +123,9 @@ class ClientProtocol(Int32StringReceiver):
     def _write(self, data: bytes) -> None:
         if self.state == "closed":
             return
+        if self._held is not None:  # keep order: held frames go out first
+            held, self._held = self._held, None
+            data = b"".join(held) + data
         if self._paused:
             self._paused_bytes += len(data)
             if self._paused_bytes > self.factory.realm.config.limits.max_output_buffer:
@@ -153,10 +157,22 @@ class ClientProtocol(Int32StringReceiver):
 
     def deliver(self, envelope: Envelope) -> None:
         frame = envelope.frame or delivery_frame(envelope)
-        if self._paused or self.state == "closed":
+        if self._held is not None:
+            self._held.append(frame)
+        elif self._paused or self.state == "closed":
             self._write(frame)  # slow-reader accounting
+        elif self.factory.realm.bursting:
+            # Hold this burst's frames and write them in one go when it ends.
+            self._held = [frame]
+            self.factory.realm.hold(self)
         else:
             self.transport.write(frame)
+
+    def flush(self) -> None:
+        """Write the frames held during a delivery burst."""
+        held, self._held = self._held, None
+        if held:
+            self._write(b"".join(held))
 
     def notify(self, notice: Notice) -> None:
         frame = notice.frame

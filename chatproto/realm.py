@@ -348,6 +348,11 @@ class RealmService(Service):
         self._nonces: dict[str, OrderedDict[str, Any]] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
+        #: Connections with frames held during the current delivery burst.
+        self._burst_depth = 0
+        self._held: list[Any] = []
+        if hasattr(store, "burst_listener"):
+            store.burst_listener = self
         #: Hooks called with every committed envelope (extension point; see docs).
         self.observers: list[Callable[[Envelope], None]] = []
 
@@ -747,6 +752,13 @@ class RealmService(Service):
     def _route_group(self, env: Envelope, users: Any) -> None:
         """Fan a committed group item out: the frame is encoded once (Envelope.frame)
         and written to every online session of every member; no storage round trip."""
+        self.begin_burst()
+        try:
+            self._route_group_to(env, users)
+        finally:
+            self.end_burst()
+
+    def _route_group_to(self, env: Envelope, users: Any) -> None:
         online = self._online
         pos = env.pos
         for user in users:
@@ -929,12 +941,43 @@ class RealmService(Service):
         self._route(env)
         return env
 
+    # delivery bursts --------------------------------------------------------------
+
+    @property
+    def bursting(self) -> bool:
+        """True while committed items are being handed out (see :meth:`begin_burst`)."""
+        return self._burst_depth > 0
+
+    def begin_burst(self) -> None:
+        """Items delivered until the matching :meth:`end_burst` may be held by each
+        connection and written at once (one write per connection per group commit
+        instead of one per item).  Nests."""
+        self._burst_depth += 1
+
+    def hold(self, mind: Any) -> None:
+        """``mind`` holds frames until the burst ends (it calls this once per burst)."""
+        self._held.append(mind)
+
+    def end_burst(self) -> None:
+        self._burst_depth -= 1
+        if self._burst_depth == 0 and self._held:
+            held, self._held = self._held, []
+            for mind in held:
+                mind.flush()
+
     def _route(self, env: Envelope) -> None:
         """Deliver a committed item to every online session in its audience.
 
         The sending session gets it too: each session's stream is then the one ordered
         record of its conversations, which is what acks and resume are defined on.
         """
+        self.begin_burst()
+        try:
+            self._route_to(env)
+        finally:
+            self.end_burst()
+
+    def _route_to(self, env: Envelope) -> None:
         for s in self._online.get(env.recipient, ()):
             s._deliver(env)
         if env.sender != env.recipient:

@@ -378,3 +378,26 @@ def test_quiet_sessions_do_not_show_presence(realm: Any, clock: Clock) -> None:
     # A visible session of bob's is announced as usual.
     User(realm, clock, "bob")
     assert {"type": "presence", "user": "bob@localhost", "status": "online"} in alice.drain()
+
+
+def test_a_delivery_burst_writes_each_connection_once_in_order(realm: Any, clock: Clock) -> None:
+    """Frames delivered during a burst (one group commit) are held per connection and
+    written together when it ends; any other write flushes them first, keeping order."""
+    alice = User(realm, clock, "alice")
+    bob = User(realm, clock, "bob")
+    alice.ok("create_group", group="#b")
+    bob.ok("join", group="#b")
+    alice.drain()
+    bob.drain()
+    writes: list[bytes] = []
+    original = bob.t.write
+    bob.t.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+    realm.begin_burst()
+    for i in range(3):
+        alice.proto.dataReceived(frame({"type": "send", "to": "#b", "body": f"m{i}", "id": i}))
+    assert writes == []  # held by bob's connection
+    # alice's own results were written at once, each after her held echo (order kept)
+    assert [f["type"] for f in frames(alice.t)] == ["msg", "result"] * 3
+    realm.end_burst()
+    assert len(writes) == 1
+    assert [f["body"] for f in frames(bob.t)] == ["m0", "m1", "m2"]

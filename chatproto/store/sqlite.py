@@ -383,6 +383,9 @@ class SQLiteStore:
         self._pending_acks: dict[tuple[str, str], int] = {}
         self._inflight_acks: dict[tuple[str, str], int] = {}
         self._threads_started = False
+        #: Told when a group commit's results start and finish being handed out, so
+        #: the realm can write each connection's frames of the whole batch at once.
+        self.burst_listener: Any = None
         self._writing = False
         self._idle: list[Deferred[None]] = []
         #: Statistics for benchmarks and logs: transactions and items committed.
@@ -518,14 +521,21 @@ class SQLiteStore:
 
         def done(results: list[list[int] | Exception]) -> None:
             self.commits += 1
-            for (items, waiter), res in zip(batch, results, strict=True):
-                if isinstance(res, Exception):
-                    waiter.errback(Failure(res))
-                    continue
-                for env, pos in zip(items, res, strict=True):
-                    env.pos = pos
-                self.committed_items += len(items)
-                waiter.callback(list(items))
+            listener = self.burst_listener
+            if listener is not None:
+                listener.begin_burst()
+            try:
+                for (items, waiter), res in zip(batch, results, strict=True):
+                    if isinstance(res, Exception):
+                        waiter.errback(Failure(res))
+                        continue
+                    for env, pos in zip(items, res, strict=True):
+                        env.pos = pos
+                    self.committed_items += len(items)
+                    waiter.callback(list(items))
+            finally:
+                if listener is not None:
+                    listener.end_burst()
 
         def failed(f: Failure) -> None:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
