@@ -425,17 +425,18 @@ class SQLiteStore:
         d = self._when_idle()
 
         def _shut(_: object) -> None:
-            if not self._threads_started:
-                if self._writer is not None:
-                    self._writer.close()
-                return
+            # Stop the pools first (each waits for the work it has in hand), then close
+            # the connections here: a connection must never be closed by one thread
+            # while another still uses it (SQLite would crash the process).
+            if self._threads_started:
+                self._writer_pool.stop()
+                self._reader_pool.stop()
             if self._writer is not None:
-                self._writer_pool.callInThread(self._writer.close)
+                self._writer.close()
             with self._readers_lock:
                 for r in self._readers:
-                    self._reader_pool.callInThread(r.close)
-            self._writer_pool.stop()
-            self._reader_pool.stop()
+                    r.close()
+                self._readers.clear()
 
         d.addCallback(_shut)
         return d
