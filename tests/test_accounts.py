@@ -87,5 +87,3 @@ def test_migration_from_v1_keeps_accounts(tmp_path: Any) -> None:
     assert db.user_floor("alice") == 0
     assert db.migrate() == SCHEMA_VERSION  # idempotent
     db.close()
-
-

@@ -10,23 +10,21 @@ lifetime and is killed at teardown whatever happens.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
-import sys
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
 from chatproto import client
+from tests.processes import Proc, twistd_argv
+from tests.processes import env as child_env
 
 PASSWORD = "correct horse"
-#: Upper bound for a realm to start, and for any subprocess to live.
-TIMEOUT = 30.0
 CONFIG = """\
 [auth]
 argon2_time_cost = 1
@@ -42,87 +40,21 @@ _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) ")
 _STARTED = "realm localhost started"
 
 
-def _twistd_argv() -> list[str]:
-    """Run the twistd of this interpreter's environment (the plugin is installed there)."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class RealmProcess(protocol.ProcessProtocol):
-    """A ``twistd chatrealm`` subprocess.
-
-    ``started`` fires with the listening port once the realm logged that it listens and
-    has started; ``ended`` fires with the exit code (``-signal`` when killed).  The
-    process is killed after :data:`TIMEOUT` seconds whatever happens.
-    """
-
-    def __init__(self) -> None:
-        self.output = ""
-        self.port: int | None = None
-        self.started: defer.Deferred[int] = defer.Deferred()
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.running = False
-        self._deadline: Any = None
-
-    def connectionMade(self) -> None:
-        self.running = True
-        self.transport.closeStdin()
-        self._deadline = _reactor.callLater(TIMEOUT, self.kill)
-
-    def _received(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-        if self.port is None:
-            m = _LISTENING.search(self.output)
-            if m:
-                self.port = int(m.group(1))
-        if self.port is not None and _STARTED in self.output and not self.started.called:
-            self.started.callback(self.port)
-
-    outReceived = errReceived = _received
-
-    def kill(self, sig: str = "KILL") -> None:
-        if self.running:
-            try:
-                self.transport.signalProcess(sig)
-            except error.ProcessExitedAlready:
-                pass
-
-    def processEnded(self, reason: Any) -> None:
-        self.running = False
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        code = reason.value.exitCode
-        if code is None:
-            code = -(reason.value.signal or 1)
-        if not self.started.called:
-            self.started.errback(RuntimeError(f"realm exited ({code}) before starting"))
-            self.started.addErrback(lambda _: None)
-        self.ended.callback(code)
-
-
 @pytest.fixture
 def spawn(tmp_path: Any) -> Any:
     """``spawn(*args)`` starts ``twistd -n chatrealm *args`` in tmp_path; all are killed at
     teardown."""
     config = tmp_path / "realm.toml"
     config.write_text(CONFIG)
-    procs: list[RealmProcess] = []
+    procs: list[Proc] = []
 
-    def spawn(*args: str, config_file: str | None = str(config)) -> RealmProcess:
-        proc = RealmProcess()
-        argv = [*_twistd_argv(), "-n", "--pidfile=", "chatrealm"]
+    def spawn(*args: str, config_file: str | None = str(config)) -> Proc:
+        proc = Proc()
+        argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm"]
         if config_file is not None:
             argv += ["--config", config_file]
         argv += args
-        _reactor.spawnProcess(proc, argv[0], argv, env=_env(), path=str(tmp_path))
+        _reactor.spawnProcess(proc, argv[0], argv, env=child_env(), path=str(tmp_path))
         procs.append(proc)
         return proc
 
@@ -140,11 +72,9 @@ def start_realm(spawn: Any, tmp_path: Any) -> Any:
     @defer.inlineCallbacks
     def start() -> Any:
         proc = spawn("--data-dir", str(tmp_path / "data"), "--listen", "tcp:0:interface=127.0.0.1")
-        try:
-            port = yield proc.started.addTimeout(TIMEOUT, _reactor)
-        except Exception:
-            raise AssertionError(f"realm did not start:\n{proc.output}") from None
-        return proc, f"tcp:127.0.0.1:{port}"
+        listening = yield proc.wait_for(_LISTENING.pattern)
+        yield proc.wait_for(re.escape(_STARTED))
+        return proc, f"tcp:127.0.0.1:{listening.group(1)}"
 
     return start
 
@@ -157,7 +87,7 @@ def _register(server: str, *users: str) -> Any:
 
 
 @defer.inlineCallbacks
-def _kill(proc: RealmProcess, sig: str = "KILL") -> Any:
+def _kill(proc: Proc, sig: str = "KILL") -> Any:
     proc.kill(sig)
     code = yield proc.ended
     return code

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,88 +23,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.web.client import Agent, readBody
 
 from chatproto import client
 from chatproto.protocol import ClientFactory
+from tests.processes import TIMEOUT, Proc, twistd_argv
+from tests.processes import env as child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-TIMEOUT = 30.0
 PASSWORD = "correct horse"
-
-
-def _twistd_argv() -> list[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class Proc(protocol.ProcessProtocol):
-    """A subprocess whose output can be waited on; killed after TIMEOUT whatever happens."""
-
-    def __init__(self) -> None:
-        self.output = ""
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.running = False
-        self._waiters: list[tuple[re.Pattern[str], defer.Deferred[re.Match[str]]]] = []
-        self._deadline: Any = None
-
-    def connectionMade(self) -> None:
-        self.running = True
-        self.transport.closeStdin()
-        self._deadline = _reactor.callLater(TIMEOUT, self.kill)
-
-    def _received(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-        self._check()
-
-    outReceived = errReceived = _received
-
-    def _check(self) -> None:
-        for item in list(self._waiters):
-            m = item[0].search(self.output)
-            if m:
-                self._waiters.remove(item)
-                item[1].callback(m)
-
-    def wait_for(self, pattern: str) -> defer.Deferred[re.Match[str]]:
-        """Fires with the first match of ``pattern`` in the output (within TIMEOUT)."""
-        d: defer.Deferred[re.Match[str]] = defer.Deferred()
-        self._waiters.append((re.compile(pattern), d))
-        self._check()
-
-        def failed(f: Any) -> Any:
-            raise AssertionError(f"no {pattern!r} in the output:\n{self.output}")
-
-        return d.addTimeout(TIMEOUT, _reactor).addErrback(failed)
-
-    def kill(self, sig: str = "KILL") -> None:
-        if self.running:
-            try:
-                self.transport.signalProcess(sig)
-            except error.ProcessExitedAlready:
-                pass
-
-    def processEnded(self, reason: Any) -> None:
-        self.running = False
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        for _, d in self._waiters:
-            d.errback(RuntimeError("process ended"))
-        self._waiters = []
-        code = reason.value.exitCode
-        self.ended.callback(code if code is not None else -(reason.value.signal or 1))
 
 
 @pytest.fixture
@@ -116,7 +44,7 @@ def spawn(tmp_path: Any) -> Any:
 
     def spawn(argv: list[str], **env: str) -> Proc:
         proc = Proc()
-        _reactor.spawnProcess(proc, argv[0], argv, env=_env(**env), path=str(tmp_path))
+        _reactor.spawnProcess(proc, argv[0], argv, env=child_env(**env), path=str(tmp_path))
         procs.append(proc)
         return proc
 
@@ -168,7 +96,7 @@ def test_hooks_example_tests_pass() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=child_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
@@ -192,7 +120,7 @@ def test_hooks_toml_names_the_hook() -> None:
 @pytest_twisted.inlineCallbacks
 def test_embedded_tac(spawn: Any, tmp_path: Any) -> Any:
     proc = spawn(
-        [*_twistd_argv(), "-ny", str(EXAMPLES / "embedded.tac"), "--pidfile="],
+        [*twistd_argv(), "-ny", str(EXAMPLES / "embedded.tac"), "--pidfile="],
         CHATPROTO_PORT="0",
         CHATPROTO_WEB_PORT="0",
         CHATPROTO_DATA=str(tmp_path / "data"),

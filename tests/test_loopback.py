@@ -153,8 +153,15 @@ def test_impersonation_impossible(server: Any) -> Any:
     yield bob.synced
     # Raw frames: forge every sender-like field the seed protocol trusted.
     forged = wire.encode(
-        {"type": "send", "id": "f", "to": "bob", "body": "I am alice",
-         "from": "alice@localhost", "sender": "alice", "user": "alice"}
+        {
+            "type": "send",
+            "id": "f",
+            "to": "bob",
+            "body": "I am alice",
+            "from": "alice@localhost",
+            "sender": "alice",
+            "user": "alice",
+        }
     )
     result = defer.Deferred()
     mallory.protocol._pending["f"] = result  # type: ignore[index]
