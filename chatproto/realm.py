@@ -963,7 +963,10 @@ class RealmService(Service):
         if self._burst_depth == 0 and self._held:
             held, self._held = self._held, []
             for mind in held:
-                mind.flush()
+                try:
+                    mind.flush()
+                except Exception:  # one broken connection must not hold back the rest
+                    self.log.failure("flushing held frames failed")
 
     def _route(self, env: Envelope) -> None:
         """Deliver a committed item to every online session in its audience.
