@@ -250,6 +250,66 @@ def percentile(sorted_vals: list[float], q: float) -> float | None:
 # DM throughput
 
 
+async def measured_window(args: argparse.Namespace, st: dict[str, Any]) -> tuple[float, dict]:
+    """Warm up, then measure for ``args.duration`` (``st["measuring"]`` is True meanwhile).
+
+    Returns the window's length and the CPU seconds used in it by the realm (all
+    threads and its main thread), by this process and by the whole machine.
+    """
+    await asyncio.sleep(args.warmup)
+
+    def sample() -> dict[str, float]:
+        return {
+            "realm": cpu_seconds(args.pid) if args.pid else 0.0,
+            "main": cpu_seconds(args.pid, args.pid) if args.pid else 0.0,
+            "mine": time.process_time(),
+            "system": system_busy_seconds(),
+        }
+
+    before = sample()
+    w0 = time.perf_counter()
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR1)  # twistd_wrapper: start profiling
+    st["measuring"] = True
+    await asyncio.sleep(args.duration)
+    st["measuring"] = False
+    if args.profile_signals:
+        os.kill(args.pid, signal.SIGUSR2)  # stop profiling
+    elapsed = time.perf_counter() - w0
+    after = sample()
+    st["running"] = False
+    used = {k: after[k] - before[k] for k in before}
+    used["pid"] = bool(args.pid)
+    return elapsed, used
+
+
+def window_stats(
+    st: dict[str, Any], lat: list[int], elapsed: float, cpu: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures every measurement reports: rates, latency percentiles, CPU shares."""
+    lat.sort()
+    ms = [x / 1e6 for x in lat]
+    pid = cpu["pid"]
+    return {
+        "duration_s": round(elapsed, 3),
+        "delivered": st["delivered"],
+        "delivered_per_s": round(st["delivered"] / elapsed, 1),
+        "send_acks_per_s": round(st["acks"] / elapsed, 1),
+        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
+        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
+        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
+        "latency_ms_max": round(ms[-1], 2) if ms else 0,
+        "send_errors": st["errors"],
+        "realm_cpu_pct": round(100 * cpu["realm"] / elapsed, 1) if pid else None,
+        "realm_main_thread_cpu_pct": round(100 * cpu["main"] / elapsed, 1) if pid else None,
+        "loadgen_cpu_pct": round(100 * cpu["mine"] / elapsed, 1),
+        # Everything else on the machine (other processes, kernel softirq): should be ~0.
+        "other_cpu_pct": round(100 * (cpu["system"] - cpu["realm"] - cpu["mine"]) / elapsed, 1)
+        if pid
+        else None,
+    }
+
+
 async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     n = args.pairs
     prefix = f"b{os.getpid() % 100000}n{n}w{args.window}"
@@ -310,25 +370,7 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(n):
         make_sender(s_conns[i], receivers[i])
 
-    await asyncio.sleep(args.warmup)
-    cpu0 = cpu_seconds(args.pid) if args.pid else 0.0
-    main0 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
-    my0 = time.process_time()
-    sys0 = system_busy_seconds()
-    w0 = time.perf_counter()
-    if args.profile_signals:
-        os.kill(args.pid, signal.SIGUSR1)  # twistd_wrapper: start profiling
-    st["measuring"] = True
-    await asyncio.sleep(args.duration)
-    st["measuring"] = False
-    if args.profile_signals:
-        os.kill(args.pid, signal.SIGUSR2)  # stop profiling
-    elapsed = time.perf_counter() - w0
-    cpu1 = cpu_seconds(args.pid) if args.pid else 0.0
-    main1 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
-    my1 = time.process_time()
-    sys1 = system_busy_seconds()
-    st["running"] = False
+    elapsed, cpu = await measured_window(args, st)
     deadline = time.perf_counter() + 15
     while inflight[0] > 0 and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
@@ -337,30 +379,11 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
         c.close()
     await asyncio.sleep(0.2)
 
-    lat.sort()
-    ms = [x / 1e6 for x in lat]
     return {
         "pairs": n,
         "window": args.window,
         "body_bytes": len(f"{perf_ns()} {pad}"),
-        "duration_s": round(elapsed, 3),
-        "delivered": st["delivered"],
-        "delivered_per_s": round(st["delivered"] / elapsed, 1),
-        "send_acks_per_s": round(st["acks"] / elapsed, 1),
-        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
-        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
-        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
-        "latency_ms_max": round(ms[-1], 2) if ms else 0,
-        "send_errors": st["errors"],
-        "realm_cpu_pct": round(100 * (cpu1 - cpu0) / elapsed, 1) if args.pid else None,
-        "realm_main_thread_cpu_pct": round(100 * (main1 - main0) / elapsed, 1)
-        if args.pid
-        else None,
-        "loadgen_cpu_pct": round(100 * (my1 - my0) / elapsed, 1),
-        # Everything else on the machine (other processes, kernel softirq): should be ~0.
-        "other_cpu_pct": round(100 * ((sys1 - sys0) - (cpu1 - cpu0) - (my1 - my0)) / elapsed, 1)
-        if args.pid
-        else None,
+        **window_stats(st, lat, elapsed, cpu),
         "drained": drained,
         "setup_s": round(t_setup, 2),
         "register_s": round(t_reg, 2),
@@ -453,25 +476,7 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.window):
         send()
 
-    await asyncio.sleep(args.warmup)
-    cpu0 = cpu_seconds(args.pid) if args.pid else 0.0
-    main0 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
-    my0 = time.process_time()
-    sys0 = system_busy_seconds()
-    w0 = time.perf_counter()
-    if args.profile_signals:
-        os.kill(args.pid, signal.SIGUSR1)  # twistd_wrapper: start profiling
-    st["measuring"] = True
-    await asyncio.sleep(args.duration)
-    st["measuring"] = False
-    if args.profile_signals:
-        os.kill(args.pid, signal.SIGUSR2)  # stop profiling
-    elapsed = time.perf_counter() - w0
-    cpu1 = cpu_seconds(args.pid) if args.pid else 0.0
-    main1 = cpu_seconds(args.pid, args.pid) if args.pid else 0.0
-    my1 = time.process_time()
-    sys1 = system_busy_seconds()
-    st["running"] = False
+    elapsed, cpu = await measured_window(args, st)
     # Drain: sends in flight, then every member caught up with the last committed item.
     t_stop = time.perf_counter()
     deadline = t_stop + 60
@@ -486,31 +491,11 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         c.close()
     await asyncio.sleep(0.2)
 
-    lat.sort()
-    ms = [x / 1e6 for x in lat]
-    sends = st["acks"] / elapsed
     return {
         "members": n,
         "window": args.window,
         "body_bytes": len(f"{perf_ns()} {pad}"),
-        "duration_s": round(elapsed, 3),
-        "delivered": st["delivered"],
-        "delivered_per_s": round(st["delivered"] / elapsed, 1),
-        "send_acks_per_s": round(sends, 1),
-        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
-        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
-        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
-        "latency_ms_max": round(ms[-1], 2) if ms else 0,
-        "send_errors": st["errors"],
-        "realm_cpu_pct": round(100 * (cpu1 - cpu0) / elapsed, 1) if args.pid else None,
-        "realm_main_thread_cpu_pct": round(100 * (main1 - main0) / elapsed, 1)
-        if args.pid
-        else None,
-        "loadgen_cpu_pct": round(100 * (my1 - my0) / elapsed, 1),
-        # Everything else on the machine (other processes, kernel softirq): should be ~0.
-        "other_cpu_pct": round(100 * ((sys1 - sys0) - (cpu1 - cpu0) - (my1 - my0)) / elapsed, 1)
-        if args.pid
-        else None,
+        **window_stats(st, lat, elapsed, cpu),
         "drained": drained,
         "drain_s": round(drain_s, 2),
         "members_alive_at_end": alive,
