@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from chatproto.client import ChatClientService
 from chatproto.config import Config
+from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.sqlite import SQLiteStore
 
@@ -54,3 +58,47 @@ def service_available(host: str, port: int) -> bool:
             return True
     except OSError:
         return bool(os.environ.get("CI"))
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Any:
+    """A realm on SQLite listening on 127.0.0.1 port 0: (realm, factory, "tcp:...")."""
+    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    factory = ClientFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
+    for proto in list(factory.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+def until(predicate: Any, timeout: float = 10.0) -> defer.Deferred[None]:
+    """Poll ``predicate`` every 10 ms; fail after ``timeout`` seconds."""
+
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        for _ in range(int(timeout / 0.01)):
+            if predicate():
+                return
+            yield task.deferLater(_reactor, 0.01, lambda: None)
+        raise AssertionError("condition not met in time")
+
+    return poll()
+
+
+def drop_sessions(factory: ClientFactory, user: str) -> None:
+    """Abort every connection of ``user`` from the server side (a network failure)."""
+    for proto in list(factory.connections):
+        if proto.session is not None and proto.session.user_id == user:
+            proto.transport.abortConnection()
+
+
+def resuming_service(addr: str, user: str, password: str, **kw: Any) -> ChatClientService:
+    """A ChatClientService for ``user`` on ``addr`` ("tcp:HOST:PORT") retrying quickly."""
+    host, port = addr.split(":")[1:]
+    kw.setdefault("retryPolicy", lambda attempt: 0.05)
+    endpoint = TCP4ClientEndpoint(_reactor, host, int(port))
+    return ChatClientService(_reactor, endpoint, user, password, **kw)

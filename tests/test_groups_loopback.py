@@ -13,31 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 
-from chatproto.client import ChatClientService, RemoteError, connect
+from chatproto.client import RemoteError, connect
 from chatproto.config import Config
-from chatproto.protocol import ClientFactory
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
-from tests.conftest import fast_config, make_realm
-from tests.test_loopback import until
+from tests.conftest import drop_sessions, resuming_service, until
 
 G = "#lounge@localhost"
-
-
-@pytest.fixture
-def server(tmp_path: Any) -> Any:
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
 
 
 class User:
@@ -378,16 +361,7 @@ def test_resume_group_conversation_across_dropped_connections(server: Any) -> An
     yield bob.join("lounge")
     yield bob.close()
     got: list[dict[str, Any]] = []
-    host, port = addr.split(":")[1:]
-    svc = ChatClientService(
-        _reactor,
-        TCP4ClientEndpoint(_reactor, host, int(port)),
-        "bob",
-        "password-bob",
-        device="laptop",
-        on_message=got.append,
-        retryPolicy=lambda attempt: 0.05,
-    )
+    svc = resuming_service(addr, "bob", "password-bob", device="laptop", on_message=got.append)
     svc.startService()
     try:
         yield svc.whenReady()
@@ -396,9 +370,7 @@ def test_resume_group_conversation_across_dropped_connections(server: Any) -> An
             d = (alice if i % 2 else carol).send("#lounge", f"m{i}")
             if i % 60 == 30:
                 yield d
-                for proto in list(factory.connections):
-                    if proto.session is not None and proto.session.user_id == "bob@localhost":
-                        proto.transport.abortConnection()
+                drop_sessions(factory, "bob@localhost")
         yield d
         yield until(lambda: len([m for m in got if m["kind"] == "text"]) >= total, timeout=20)
         texts = [m["body"] for m in got if m["kind"] == "text"]
@@ -565,15 +537,7 @@ def test_presence_callback_on_client_service(server: Any) -> Any:
     yield alice.create_group("lounge")
     yield bob.join("lounge")
     seen: list[dict[str, Any]] = []
-    host, port = addr.split(":")[1:]
-    svc = ChatClientService(
-        _reactor,
-        TCP4ClientEndpoint(_reactor, host, int(port)),
-        "bob",
-        "password-bob",
-        device="svc",
-        on_presence=seen.append,
-    )
+    svc = resuming_service(addr, "bob", "password-bob", device="svc", on_presence=seen.append)
     svc.startService()
     try:
         yield svc.whenReady()

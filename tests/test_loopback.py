@@ -7,42 +7,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from chatproto import wire
-from chatproto.client import ChatClientService, RemoteError, connect
-from chatproto.protocol import ClientFactory
-from tests.conftest import fast_config, make_realm
-
-
-@pytest.fixture
-def server(tmp_path: Any) -> Any:
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
-
-
-def until(predicate: Any, timeout: float = 10.0) -> defer.Deferred[None]:
-    """Poll ``predicate`` every 10 ms; fail after ``timeout`` seconds."""
-
-    @defer.inlineCallbacks
-    def poll() -> Any:
-        for _ in range(int(timeout / 0.01)):
-            if predicate():
-                return
-            yield task.deferLater(_reactor, 0.01, lambda: None)
-        raise AssertionError("condition not met in time")
-
-    return poll()
+from chatproto.client import RemoteError, connect
+from tests.conftest import drop_sessions, resuming_service, until
 
 
 @pytest_twisted.inlineCallbacks
@@ -99,16 +69,7 @@ def test_resume_after_dropped_connections_no_loss_no_duplicates(server: Any) -> 
         lambda c: c.close()
     )
     got: list[dict[str, Any]] = []
-    host, port = addr.split(":")[1:]
-    svc = ChatClientService(
-        _reactor,
-        TCP4ClientEndpoint(_reactor, host, int(port)),
-        "bob",
-        "password-b",
-        device="laptop",
-        on_message=got.append,
-        retryPolicy=lambda attempt: 0.05,
-    )
+    svc = resuming_service(addr, "bob", "password-b", device="laptop", on_message=got.append)
     svc.startService()
     try:
         yield svc.whenReady()
@@ -118,9 +79,7 @@ def test_resume_after_dropped_connections_no_loss_no_duplicates(server: Any) -> 
             if i % 60 == 30:
                 # Drop bob's connection mid-stream, from the server side.
                 yield d
-                for proto in list(factory.connections):
-                    if proto.session is not None and proto.session.user_id == "bob@localhost":
-                        proto.transport.abortConnection()
+                drop_sessions(factory, "bob@localhost")
         yield d
         yield until(lambda: len(got) >= total, timeout=20)
         bodies = [m["body"] for m in got]
@@ -179,10 +138,10 @@ def test_impersonation_impossible(server: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_unsupported_version_over_tcp(server: Any) -> Any:
     _, _, addr = server
-    from chatproto.client import ClientProtocol
-
     from twisted.internet.endpoints import clientFromString
     from twisted.internet.protocol import Factory
+
+    from chatproto.client import ClientProtocol
 
     proto = yield clientFromString(_reactor, addr).connect(
         Factory.forProtocol(lambda: ClientProtocol(_reactor))
@@ -201,14 +160,7 @@ def test_service_send_survives_a_lost_result_without_duplicates(server: Any) -> 
     yield connect(_reactor, addr, "bob", "password-b", register=True).addCallback(
         lambda c: c.close()
     )
-    host, port = addr.split(":")[1:]
-    svc = ChatClientService(
-        _reactor,
-        TCP4ClientEndpoint(_reactor, host, int(port)),
-        "alice",
-        "password-a",
-        retryPolicy=lambda attempt: 0.05,
-    )
+    svc = resuming_service(addr, "alice", "password-a")
     yield connect(_reactor, addr, "alice", "password-a", register=True).addCallback(
         lambda c: c.close()
     )
@@ -217,9 +169,7 @@ def test_service_send_survives_a_lost_result_without_duplicates(server: Any) -> 
     def drop_alice(env: Any) -> None:
         if env.body == "exactly once" and not dropped:
             dropped.append(env.pos)
-            for proto in list(factory.connections):
-                if proto.session is not None and proto.session.user_id == "alice@localhost":
-                    proto.transport.abortConnection()
+            drop_sessions(factory, "alice@localhost")
 
     realm.observers.append(drop_alice)
     svc.startService()
