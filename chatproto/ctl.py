@@ -24,12 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn, TextIO
 
-import argon2
-
 from chatproto import config as configmod
 from chatproto import tls
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
+from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
 from chatproto.store.sqlite import SQLiteDB
@@ -59,16 +58,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # helpers ----------------------------------------------------------------------------
-
-
-def password_hasher(auth: configmod.Auth) -> argon2.PasswordHasher:
-    """The argon2id hasher with the realm's parameters (as :class:`realm.PasswordHasher`)."""
-    return argon2.PasswordHasher(
-        time_cost=auth.argon2_time_cost,
-        memory_cost=auth.argon2_memory_cost,
-        parallelism=auth.argon2_parallelism,
-        type=argon2.Type.ID,
-    )
 
 
 def check_password(password: str) -> None:
@@ -185,7 +174,7 @@ def cmd_adduser(args: argparse.Namespace, cfg: configmod.Config) -> int:
             if db.password_hash(name) is not None:
                 raise CtlError(f"user {user} already exists")
     password = read_password(args.password_file, user)
-    pwhash = password_hasher(cfg.auth).hash(password)
+    pwhash = argon2_hasher(cfg.auth).hash(password)
     # The database is created only now, so a failed adduser leaves nothing behind.
     with open_db(cfg, create=True) as db:
         try:
@@ -203,7 +192,7 @@ def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
         if db.password_hash(name) is None:
             raise CtlError(f"no user {user}")
         password = read_password(args.password_file, user)
-        if not db.set_password(name, password_hasher(cfg.auth).hash(password)):
+        if not db.set_password(name, argon2_hasher(cfg.auth).hash(password)):
             raise CtlError(f"no user {user}")
     print(f"password changed for {user}")
     return 0

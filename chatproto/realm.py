@@ -52,6 +52,7 @@ __all__ = [
     "RealmService",
     "Session",
     "StoreChecker",
+    "argon2_hasher",
     "check_password",
 ]
 
@@ -100,25 +101,27 @@ PRESENCE_STATES = ("online", "away", "busy", "offline")
 MAX_STATUS_TEXT = 256
 
 
+def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
+    """argon2id with the realm's parameters (``config.auth``); shared by the realm and
+    ``chatrealmctl`` so both write hashes the other verifies."""
+    return argon2.PasswordHasher(
+        time_cost=auth.argon2_time_cost,
+        memory_cost=auth.argon2_memory_cost,
+        parallelism=auth.argon2_parallelism,
+        type=argon2.Type.ID,
+    )
+
+
 class PasswordHasher:
     """argon2id hashing and verification, always off the reactor thread."""
 
     def __init__(self, reactor: IReactorThreads, pool: ThreadPool, config: Config) -> None:
-        a = config.auth
-        self._ph = argon2.PasswordHasher(
-            time_cost=a.argon2_time_cost,
-            memory_cost=a.argon2_memory_cost,
-            parallelism=a.argon2_parallelism,
-            type=argon2.Type.ID,
-        )
+        self._ph = argon2_hasher(config.auth)
         self._reactor = reactor
         self._pool = pool
         # Verified against when the user does not exist, so that an unknown user costs
         # the same time as a wrong password.
         self._dummy = self._ph.hash("chatproto: no such user")
-
-    def hash_sync(self, password: str) -> str:
-        return self._ph.hash(password)
 
     def hash(self, password: str) -> Deferred[str]:
         return deferToThreadPool(self._reactor, self._pool, self._ph.hash, password)  # type: ignore[arg-type]
