@@ -702,7 +702,7 @@ class RealmService(Service):
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
             self.groups.apply(env)
-            self._route_group(env, before | self.groups.audience(env))
+            self._route(env, before | self.groups.audience(env))
             if event == "joined":
                 self._presence_on_join(actor, addr)
             self.log.info(
@@ -749,35 +749,8 @@ class RealmService(Service):
     def _committed_group(self, _: object, env: Envelope) -> Envelope:
         group = self.groups.groups.get(env.recipient)
         if group is not None:
-            self._route_group(env, group.members)
+            self._route(env, group.members)
         return env
-
-    def _route_group(self, env: Envelope, users: Any) -> None:
-        """Fan a committed group item out: the frame is encoded once (Envelope.frame)
-        and written to every online session of every member; no storage round trip."""
-        self.begin_burst()
-        try:
-            self._route_group_to(env, users)
-        finally:
-            self.end_burst()
-
-    def _route_group_to(self, env: Envelope, users: Any) -> None:
-        online = self._online
-        pos = env.pos
-        for user in users:
-            sessions = online.get(user)
-            if sessions:
-                for s in sessions:
-                    if s._syncing or s.closed or pos <= s._last:
-                        s._deliver(env)  # buffering while syncing, de-duplication
-                    else:  # the hot path of fan-out, inlined (Session._emit)
-                        s._last = pos
-                        s.mind.deliver(env)
-        for observer in self.observers:
-            try:
-                observer(env)
-            except Exception:
-                self.log.failure("message observer {o!r} failed", o=observer)
 
     # messages -----------------------------------------------------------------------
 
@@ -971,24 +944,31 @@ class RealmService(Service):
                 except Exception:  # one broken connection must not hold back the rest
                     self.log.failure("flushing held frames failed")
 
-    def _route(self, env: Envelope) -> None:
-        """Deliver a committed item to every online session in its audience.
+    def _route(self, env: Envelope, users: Any = None) -> None:
+        """Deliver a committed item to every online session of its audience: ``users``
+        (a group's members), or for a private message its recipient and its sender.
 
         The sending session gets it too: each session's stream is then the one ordered
-        record of its conversations, which is what acks and resume are defined on.
+        record of its conversations, which is what acks and resume are defined on.  The
+        frame is encoded once (``Envelope.frame``) and no storage is touched here.
         """
+        if users is None:
+            users = (env.recipient,) if env.sender == env.recipient else (env.recipient, env.sender)
+        online = self._online
+        pos = env.pos
         self.begin_burst()
         try:
-            self._route_to(env)
+            for user in users:
+                sessions = online.get(user)
+                if sessions:
+                    for s in sessions:
+                        if s._syncing or s.closed or pos <= s._last:
+                            s._deliver(env)  # buffering while syncing, de-duplication
+                        else:  # the hot path of fan-out, inlined (Session._emit)
+                            s._last = pos
+                            s.mind.deliver(env)
         finally:
             self.end_burst()
-
-    def _route_to(self, env: Envelope) -> None:
-        for s in self._online.get(env.recipient, ()):
-            s._deliver(env)
-        if env.sender != env.recipient:
-            for s in self._online.get(env.sender, ()):
-                s._deliver(env)
         for observer in self.observers:
             try:
                 observer(env)
