@@ -135,17 +135,20 @@ class ListenerService(Service):
         return None
 
 
-def build(cfg: configmod.Config, reactor: Any) -> tuple[MultiService, RealmService]:
+def build(
+    cfg: configmod.Config, reactor: Any, plugins: list[Any] | None = None
+) -> tuple[MultiService, RealmService]:
     """Wire a realm process from a checked config; returns (top service, realm).
 
     Extensions named in ``realm.plugins`` are called with the realm before any
-    listener starts (see :mod:`chatproto.extensions`).
+    listener starts (see :mod:`chatproto.extensions`); ``plugins`` passes them already
+    loaded (``Options`` loads them to report a bad name as a usage error).
     """
     top = MultiService()
     store = SQLiteStore(cfg.database_path, reactor, synchronous=cfg.storage.synchronous)
     realm = RealmService(cfg, store, reactor)
     realm.setServiceParent(top)
-    for setup in extensions.load_all(cfg.plugins):
+    for setup in plugins if plugins is not None else extensions.load_all(cfg.plugins):
         setup(realm)
     factory = ClientFactory(realm)
     for description in cfg.listen_descriptions():
@@ -156,7 +159,7 @@ def build(cfg: configmod.Config, reactor: Any) -> tuple[MultiService, RealmServi
 def makeService(options: Options) -> IServiceCollection:
     from twisted.internet import reactor
 
-    top, _realm = build(options.realm_config, reactor)
+    top, _realm = build(options.realm_config, reactor, options.plugins)  # loaded once
     return top
 
 
