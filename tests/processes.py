@@ -85,3 +85,23 @@ class Proc(protocol.ProcessProtocol):
         self._waiters = []
         code = reason.value.exitCode
         self.ended.callback(code if code is not None else -(reason.value.signal or 1))
+
+
+class Spawner:
+    """Starts subprocesses in ``cwd`` and kills them all at :meth:`close` (a fixture's
+    teardown), waiting for each to end."""
+
+    def __init__(self, cwd: str) -> None:
+        self.cwd = cwd
+        self.procs: list[Proc] = []
+
+    def __call__(self, argv: list[str], **extra_env: str) -> Proc:
+        proc = Proc()
+        _reactor.spawnProcess(proc, argv[0], argv, env=env(**extra_env), path=self.cwd)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> defer.Deferred[Any]:
+        for proc in self.procs:
+            proc.kill()
+        return defer.gatherResults([proc.ended for proc in self.procs])

@@ -21,8 +21,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
 from chatproto import client
-from tests.processes import Proc, twistd_argv
-from tests.processes import env as child_env
+from tests.processes import Proc, Spawner, twistd_argv
 
 PASSWORD = "correct horse"
 CONFIG = """\
@@ -46,23 +45,16 @@ def spawn(tmp_path: Any) -> Any:
     teardown."""
     config = tmp_path / "realm.toml"
     config.write_text(CONFIG)
-    procs: list[Proc] = []
+    spawner = Spawner(str(tmp_path))
 
     def spawn(*args: str, config_file: str | None = str(config)) -> Proc:
-        proc = Proc()
         argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm"]
         if config_file is not None:
             argv += ["--config", config_file]
-        argv += args
-        _reactor.spawnProcess(proc, argv[0], argv, env=child_env(), path=str(tmp_path))
-        procs.append(proc)
-        return proc
+        return spawner([*argv, *args])
 
     yield spawn
-    for proc in procs:
-        proc.kill()
-    for proc in procs:
-        pytest_twisted.blockon(proc.ended)
+    pytest_twisted.blockon(spawner.close())
 
 
 @pytest.fixture

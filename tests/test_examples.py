@@ -29,7 +29,7 @@ from twisted.web.client import Agent, readBody
 
 from chatproto import client
 from chatproto.protocol import ClientFactory
-from tests.processes import TIMEOUT, Proc, twistd_argv
+from tests.processes import TIMEOUT, Spawner, twistd_argv
 from tests.processes import env as child_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,19 +40,9 @@ PASSWORD = "correct horse"
 @pytest.fixture
 def spawn(tmp_path: Any) -> Any:
     """``spawn(argv, **env)`` starts a subprocess in tmp_path; all are killed at teardown."""
-    procs: list[Proc] = []
-
-    def spawn(argv: list[str], **env: str) -> Proc:
-        proc = Proc()
-        _reactor.spawnProcess(proc, argv[0], argv, env=child_env(**env), path=str(tmp_path))
-        procs.append(proc)
-        return proc
-
-    yield spawn
-    for proc in procs:
-        proc.kill()
-    for proc in procs:
-        pytest_twisted.blockon(proc.ended)
+    spawner = Spawner(str(tmp_path))
+    yield spawner
+    pytest_twisted.blockon(spawner.close())
 
 
 @defer.inlineCallbacks
