@@ -574,33 +574,25 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dm")
-    d.add_argument("--port", type=int, required=True)
-    d.add_argument("--pid", type=int, default=0)
+    # options of every throughput measurement
+    measured = argparse.ArgumentParser(add_help=False)
+    measured.add_argument("--port", type=int, required=True)
+    measured.add_argument("--pid", type=int, default=0)
+    measured.add_argument("--duration", type=float, default=10.0)
+    measured.add_argument("--warmup", type=float, default=1.0)
+    measured.add_argument("--body", type=int, default=100)
+    measured.add_argument(
+        "--profile-signals",
+        action="store_true",
+        help="SIGUSR1/SIGUSR2 the realm (--pid) around the measurement window",
+    )
+    d = sub.add_parser("dm", parents=[measured])
     d.add_argument("--pairs", type=int, default=10)
     d.add_argument("--window", type=int, default=64)
-    d.add_argument("--duration", type=float, default=10.0)
-    d.add_argument("--warmup", type=float, default=1.0)
-    d.add_argument("--body", type=int, default=100)
-    d.add_argument(
-        "--profile-signals",
-        action="store_true",
-        help="SIGUSR1/SIGUSR2 the realm (--pid) around the measurement window",
-    )
     d.add_argument("--no-register", action="store_true")
-    f = sub.add_parser("fanout")
-    f.add_argument("--port", type=int, required=True)
-    f.add_argument("--pid", type=int, default=0)
+    f = sub.add_parser("fanout", parents=[measured])
     f.add_argument("--members", type=int, default=10)
     f.add_argument("--window", type=int, default=32)
-    f.add_argument("--duration", type=float, default=10.0)
-    f.add_argument("--warmup", type=float, default=1.0)
-    f.add_argument("--body", type=int, default=100)
-    f.add_argument(
-        "--profile-signals",
-        action="store_true",
-        help="SIGUSR1/SIGUSR2 the realm (--pid) around the measurement window",
-    )
     f.add_argument("--concurrency", type=int, default=64, help="concurrent registers/logins")
     i = sub.add_parser("idle")
     i.add_argument("--port", type=int, required=True)
