@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.python import usage
 
@@ -85,3 +86,41 @@ def test_extensions_can_act_in_groups() -> None:
     assert refused.result.value.code == "already_member"
     refused.addErrback(lambda _: None)
     realm.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_plugin_answers_over_a_real_connection(tmp_path: Any) -> Any:
+    """A plugin named in the config, wired by tap.build, answers a client over TCP."""
+    from twisted.internet import reactor
+
+    from chatproto.client import connect
+    from tests.conftest import until
+
+    conf = tmp_path / "realm.toml"
+    conf.write_text(
+        f'[realm]\ndata_dir = "{tmp_path / "data"}"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        'plugins = ["tests.plugin_for_tests:setup"]\n'
+        "[auth]\nargon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+    )
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(conf)])
+    top, realm = tap.build(opts.realm_config, reactor, opts.plugins)
+    top.privilegedStartService()
+    top.startService()
+    listener = next(s for s in top if isinstance(s, tap.ListenerService))
+    addr = f"tcp:127.0.0.1:{listener.port.getHost().port}"
+    try:
+        yield realm.create_user("pingbot", "password1")
+        got: list[dict[str, Any]] = []
+        alice = yield connect(
+            reactor, addr, "alice", "password1", register=True, on_message=got.append
+        )
+        yield alice.send("pingbot", "!ping")
+        yield until(lambda: any(m["body"] == "pong" for m in got))
+        assert [(m["from"], m["body"]) for m in got] == [
+            ("alice@localhost", "!ping"),
+            ("pingbot@localhost", "pong"),
+        ]
+        yield alice.close()
+    finally:
+        yield top.stopService()
