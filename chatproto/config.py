@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "Limits",
     "Storage",
+    "Web",
     "from_dict",
     "known_keys",
     "load",
@@ -88,6 +89,20 @@ class TLS:
 
 
 @attrs.define
+class Web:
+    """The optional web listener: a browser client and its WebSocket gateway."""
+
+    #: Endpoint descriptions for the web listener (plain HTTP); empty: no web listener.
+    listen: list[str] = attrs.field(factory=list)
+    #: Port of an HTTPS listener using the [tls] certificate (on [tls] interface); 0: none.
+    tls_port: int = 0
+    #: Allowed Origin values (e.g. "https://chat.example.org"); empty: same origin only.
+    origins: list[str] = attrs.field(factory=list)
+    #: Seconds a browser session (its cookie's token) lives after its last use.
+    session_ttl: float = 1209600.0
+
+
+@attrs.define
 class Config:
     realm: str = "localhost"
     data_dir: str = "chatrealm-data"
@@ -98,6 +113,7 @@ class Config:
     auth: Auth = attrs.field(factory=Auth)
     storage: Storage = attrs.field(factory=Storage)
     tls: TLS = attrs.field(factory=TLS)
+    web: Web = attrs.field(factory=Web)
 
     @property
     def database_path(self) -> str:
@@ -114,6 +130,22 @@ class Config:
                     self.tls.certificate,
                     self.tls.private_key or self.tls.certificate,
                     self.tls.port,
+                    self.tls.interface,
+                )
+            )
+        return out
+
+    def web_descriptions(self) -> list[str]:
+        """The web listener's endpoint descriptions, HTTPS included when configured."""
+        from chatproto.tls import server_description
+
+        out = list(self.web.listen)
+        if self.web.tls_port and self.tls.certificate:
+            out.append(
+                server_description(
+                    self.tls.certificate,
+                    self.tls.private_key or self.tls.certificate,
+                    self.web.tls_port,
                     self.tls.interface,
                 )
             )
@@ -166,12 +198,26 @@ class Config:
         for path in (self.tls.certificate, self.tls.private_key):
             if path and not os.path.exists(path):
                 raise ConfigError(f"tls: file {path!r} does not exist")
+        w = self.web
+        if not 0 <= w.tls_port <= 65535:
+            raise ConfigError("web.tls_port must be between 0 and 65535")
+        if w.tls_port and not self.tls.certificate:
+            raise ConfigError("web.tls_port needs tls.certificate (and tls.private_key)")
+        if w.tls_port and w.tls_port == self.tls.port:
+            raise ConfigError("web.tls_port must differ from tls.port")
+        if w.session_ttl <= 0:
+            raise ConfigError("web.session_ttl must be positive")
+        for origin in w.origins:
+            if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise ConfigError(
+                    f"web.origins: {origin!r} is not an origin like https://chat.example.org"
+                )
         if not self.listen_descriptions():
             raise ConfigError("nothing to listen on: give realm.listen or tls.certificate")
 
 
 #: Table name in the TOML file -> attribute of :class:`Config` holding that section.
-_SECTIONS = {"limits": Limits, "auth": Auth, "storage": Storage, "tls": TLS}
+_SECTIONS = {"limits": Limits, "auth": Auth, "storage": Storage, "tls": TLS, "web": Web}
 _REALM_KEYS = {
     "name": "realm",
     "data_dir": "data_dir",
@@ -215,6 +261,13 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
             if key not in types:
                 raise ConfigError(f"unknown key {section}.{key}")
             want = types[key]
+            if want == "list[str]":
+                if isinstance(value, str):
+                    value = [value]
+                if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise ConfigError(f"{section}.{key} must be a list of strings")
+                setattr(target, key, value)
+                continue
             want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)  # type: ignore[arg-type]
             ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
             if want is float and isinstance(value, int) and not isinstance(value, bool):

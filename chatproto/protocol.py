@@ -65,6 +65,13 @@ class ClientProtocol(Int32StringReceiver):
     factory: ClientFactory
     transport: Any
 
+    #: request type -> handler (filled in below the class and for each subclass)
+    handlers: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handlers = _handlers(cls)
+
     def __init__(self) -> None:
         self.state = "hello"
         self.session: Session | None = None
@@ -217,7 +224,7 @@ class ClientProtocol(Int32StringReceiver):
             obj = wire.decode(payload)
             rid = obj.get("id")
             kind = obj["type"]
-            handler = _HANDLERS.get(kind)
+            handler = self.handlers.get(kind)
             if handler is None:
                 raise ChatError("unknown_type", f"unknown request type {kind[:40]!r}")
             if self.state == "hello" and kind != "hello":
@@ -317,6 +324,11 @@ class ClientProtocol(Int32StringReceiver):
         quiet = wire.field(req, "quiet", bool, required=False, default=False)
         self.state = "authenticating"
         d = self.factory.realm.login(user, password, self, device, self._peer(), quiet)
+        return self._logging_in(d, since)
+
+    def _logging_in(self, d: Deferred[Session], since: int | None) -> Deferred[dict[str, Any]]:
+        """Finish a login whose credentials ``d`` is checking (state "authenticating"):
+        the result frame, then the backlog after ``since``."""
 
         def ok(session: Session) -> dict[str, Any]:
             if self.state == "closed":
@@ -448,11 +460,17 @@ class ClientProtocol(Int32StringReceiver):
         return None
 
 
-_HANDLERS = {
-    name[len("handle_") :]: fn
-    for name, fn in vars(ClientProtocol).items()
-    if name.startswith("handle_")
-}
+def _handlers(cls: type) -> dict[str, Any]:
+    """``type`` -> ``handle_<type>`` of ``cls`` (subclasses, such as the web gateway's
+    session protocol, may override handlers; see ``__init_subclass__``)."""
+    return {
+        name[len("handle_") :]: getattr(cls, name)
+        for name in dir(cls)
+        if name.startswith("handle_")
+    }
+
+
+_HANDLERS = ClientProtocol.handlers = _handlers(ClientProtocol)
 
 
 class ClientFactory(Factory):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import argon2
 import attrs
@@ -42,6 +42,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import IStore
+from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
 __all__ = [
     "PRESENCE_STATES",
@@ -326,7 +327,12 @@ class RealmService(Service):
             )
             hasher = PasswordHasher(reactor, self._hash_pool, config)
         self.hasher = hasher
-        self.portal = Portal(_CredRealm(self), [StoreChecker(store, self.hasher)])
+        self._password_checker = StoreChecker(store, self.hasher)
+        #: Session tokens of browser logins (see chatproto.tokens and chatproto.web).
+        self.tokens = Tokens(self.clock, config.web.session_ttl)
+        self.portal = Portal(
+            _CredRealm(self), [self._password_checker, TokenChecker(self.tokens)]
+        )
         a = config.auth
         self._account_throttle = FailureThrottle(
             a.free_failures_per_account, a.failure_delay, a.max_failure_delay, a.failure_window
@@ -422,6 +428,7 @@ class RealmService(Service):
         now = self.clock.seconds()
         self._account_throttle.prune(now)
         self._address_throttle.prune(now)
+        self.tokens.prune()
 
     # accounts -----------------------------------------------------------------------
 
@@ -446,6 +453,7 @@ class RealmService(Service):
         addr = Address(address.normalise_name(name), self.realm)
         existed = yield self.store.delete_user(addr.name, str(addr))
         self._known_users.discard(addr.name)
+        self.tokens.revoke_user(addr.name)
         for s in list(self._online.get(str(addr), ())):
             s.mind.disconnect("auth_failed", "this account was deleted")
             s.logout()
@@ -476,8 +484,73 @@ class RealmService(Service):
         Unknown users and wrong passwords both fail with ``auth_failed``; repeated
         failures per account and per peer address get ``rate_limited``.
         """
-        if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
-            raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
+        _check_device(device)
+        creds, key = self._throttled_credentials(username, password, peer)
+        try:
+            _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
+        except UnauthorizedLogin:
+            self._login_failed(key, peer)
+        self._account_throttle.succeeded(key)
+        yield self._session_opened(session, device, quiet, peer)
+        return session
+
+    @inlineCallbacks
+    def login_token(
+        self,
+        token: str | None,
+        mind: Any,
+        device: str | None = None,
+        peer: str = "?",
+        quiet: bool = False,
+    ) -> Any:
+        """:meth:`login` with a session token (a browser's cookie) instead of a
+        password; ``device`` defaults to the one the token was issued for.  An unknown
+        or expired token fails with ``auth_failed``."""
+        record = self.tokens.check(token)
+        if record is None:
+            raise ChatError("auth_failed", "not logged in (no valid session token)")
+        device = record.device if device is None else device
+        _check_device(device)
+        try:
+            _iface, session, _logout = yield self.portal.login(
+                SessionToken(token or ""), mind, ISession
+            )
+        except UnauthorizedLogin:
+            raise ChatError("auth_failed", "not logged in (no valid session token)") from None
+        yield self._session_opened(session, device, quiet, peer)
+        return session
+
+    @inlineCallbacks
+    def issue_token(
+        self, username: str, password: str, device: str = "web", peer: str = "?"
+    ) -> Any:
+        """Check a password (throttled exactly like :meth:`login`) and issue a session
+        token for ``device``; fires with ``(token, Address)``.  No session is opened:
+        the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
+        _check_device(device)
+        creds, key = self._throttled_credentials(username, password, peer)
+        try:
+            name = yield self._password_checker.requestAvatarId(creds)
+        except UnauthorizedLogin:
+            self._login_failed(key, peer)
+        self._account_throttle.succeeded(key)
+        self.log.info("session token for {user} ({device}) from {peer}",
+                      user=f"{name}@{self.realm}", device=device, peer=peer)
+        return self.tokens.issue(name, device), Address(name, self.realm)
+
+    def token_user(self, token: str | None) -> Address | None:
+        """The local user a live session token stands for (marking it used), or None."""
+        record = self.tokens.check(token)
+        return None if record is None else Address(record.user, self.realm)
+
+    def revoke_token(self, token: str | None) -> None:
+        """Log a browser out: the token stops working (open sessions are the
+        gateway's to close)."""
+        self.tokens.revoke(token)
+
+    def _throttled_credentials(
+        self, username: str, password: str, peer: str
+    ) -> tuple[UsernamePassword, str]:
         now = self.clock.seconds()
         username = self._login_name(username)
         key = username[:64]
@@ -485,16 +558,17 @@ class RealmService(Service):
         if wait > 0:
             self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
             raise ChatError("rate_limited", "too many failed logins", retry_after=round(wait, 3))
-        creds = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
-        try:
-            _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
-        except UnauthorizedLogin:
-            now = self.clock.seconds()
-            self._account_throttle.failed(key, now)
-            self._address_throttle.failed(peer, now)
-            self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
-            raise ChatError("auth_failed") from None
-        self._account_throttle.succeeded(key)
+        return UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), key
+
+    def _login_failed(self, key: str, peer: str) -> NoReturn:
+        now = self.clock.seconds()
+        self._account_throttle.failed(key, now)
+        self._address_throttle.failed(peer, now)
+        self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
+        raise ChatError("auth_failed") from None
+
+    @inlineCallbacks
+    def _session_opened(self, session: Session, device: str, quiet: bool, peer: str) -> Any:
         session.device = device
         session.quiet = quiet
         floor = yield self.store.user_floor(session.user.name)
@@ -509,7 +583,6 @@ class RealmService(Service):
             device=device,
             peer=peer,
         )
-        return session
 
     def _login_name(self, username: str) -> str:
         """``name`` or ``name@<this realm>`` -> the normalised name (else as given).
@@ -999,6 +1072,11 @@ class RealmService(Service):
             floor = session.floor
         items = yield self.store.history(conversation, before, after, limit, floor)
         return items
+
+
+def _check_device(device: Any) -> None:
+    if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
+        raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
 
 
 def check_password(password: Any) -> None:

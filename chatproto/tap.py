@@ -1,8 +1,9 @@
 """``twistd chatrealm``: command-line options and the wiring of a realm process.
 
 :func:`makeService` builds, under one ``MultiService``: the :class:`RealmService`
-(store, portal, sessions) and one listener per endpoint description (``--listen``,
-repeatable; ``ssl:...`` descriptions give TLS).  The realm starts before the
+(store, portal, sessions), one listener per endpoint description (``--listen``,
+repeatable; ``ssl:...`` descriptions give TLS) and, when ``[web]`` asks for it
+(``--web``), the web listener (:mod:`chatproto.web`).  The realm starts before the
 listeners and stops after them.
 """
 
@@ -32,7 +33,10 @@ __all__ = [
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT ...] [--realm NAME] [--data-dir DIR]"
+    synopsis = (
+        "[--config FILE] [--listen ENDPOINT ...] [--web ENDPOINT ...] [--realm NAME] "
+        "[--data-dir DIR]"
+    )
     longdesc = (
         "Run a chatproto realm.  With no options: realm 'localhost', SQLite in "
         f"./chatrealm-data, plain TCP on 127.0.0.1:{configmod.DEFAULT_PORT}.  "
@@ -50,6 +54,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["web"] = []
 
     def opt_listen(self, description: str) -> None:
         """Listen on a Twisted endpoint description (repeatable), e.g. tcp:7420 or
@@ -57,6 +62,12 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_web(self, description: str) -> None:
+        """Serve the web client and its WebSocket gateway on a Twisted endpoint
+        description (repeatable), e.g. tcp:8080:interface=127.0.0.1.  Replaces the
+        config's [web] listen."""
+        self["web"].append(description)
 
     def postOptions(self) -> None:
         try:
@@ -67,6 +78,8 @@ class Options(usage.Options):
                 cfg.data_dir = self["data-dir"]
             if self["listen"]:
                 cfg.listen = list(self["listen"])
+            if self["web"]:
+                cfg.web.listen = list(self["web"])
             if self["no-register"]:
                 cfg.auth.allow_registration = False
             cfg.check()
@@ -75,7 +88,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"configuration: {e}") from None
         from twisted.internet import reactor
 
-        for description in cfg.listen_descriptions():
+        for description in cfg.listen_descriptions() + cfg.web_descriptions():
             try:
                 serverFromString(reactor, description)  # parses; does not listen
             except (ValueError, TypeError, KeyError) as e:
@@ -95,7 +108,7 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: ClientFactory) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
         self.description = description
         self.endpoint = serverFromString(reactor, description)
         self.factory = factory
@@ -153,6 +166,13 @@ def build(
     factory = ClientFactory(realm)
     for description in cfg.listen_descriptions():
         ListenerService(reactor, description, factory).setServiceParent(top)
+    web = cfg.web_descriptions()
+    if web:
+        from chatproto.web import WebSite  # twisted.web and autobahn only when used
+
+        site = WebSite(realm)
+        for description in web:
+            ListenerService(reactor, description, site).setServiceParent(top)
     return top, realm
 
 

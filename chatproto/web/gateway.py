@@ -1,0 +1,246 @@
+"""The WebSocket gateway: the native protocol, one JSON frame per WebSocket message.
+
+A browser cannot open a raw TCP connection, so the web listener carries the native
+protocol over WebSocket (autobahn's Twisted integration) instead of over
+length-prefixed frames.  Nothing else changes: each WebSocket connection gets a
+:class:`WebSessionProtocol`, which *is* the native :class:`ClientProtocol` (same
+handlers, same states, same keepalive sweep, same slow-reader rule), connected to a
+:class:`FrameTransport` that turns each length-prefixed frame the protocol writes into
+one WebSocket text message, and each text message received into one frame.  So the
+gateway is a translator, not a second rule set; PROTOCOL.md ("WebSocket transport")
+lists the only differences:
+
+- ``login`` may omit ``user`` and ``password``: the session then belongs to the
+  browser's session cookie (a token the realm issued at ``POST /api/login``, see
+  :mod:`chatproto.web.site`), and ``device`` defaults to the token's device;
+- the handshake is refused (HTTP 403) unless ``Origin`` is allowed (see
+  :func:`chatproto.web.site.origin_allowed`);
+- binary messages are reserved (``bad_frame``, as a native ``0x00`` frame).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatproto import wire
+from chatproto.errors import ChatError, FatalProtocolError
+from chatproto.protocol import ClientFactory, ClientProtocol
+from chatproto.realm import RealmService
+
+__all__ = [
+    "SESSION_COOKIE",
+    "ChatWebSocket",
+    "FrameTransport",
+    "GatewayResource",
+    "WebSessionFactory",
+    "WebSessionProtocol",
+    "cookie_value",
+]
+
+#: Name of the session cookie (HttpOnly, SameSite=Strict; set by POST /api/login).
+SESSION_COOKIE = "chatproto_session"
+
+_unpack = struct.Struct("!I").unpack_from
+
+
+def cookie_value(header: str | bytes | None, name: str = SESSION_COOKIE) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` request header, or None."""
+    if not header:
+        return None
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"') or None
+    return None
+
+
+class WebSessionProtocol(ClientProtocol):
+    """The native client protocol, with ``login`` by session cookie.
+
+    ``token`` is the browser's session token, read from the WebSocket handshake.
+    """
+
+    token: str | None = None
+
+    def handle_login(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        if req.get("user") is not None or req.get("password") is not None:
+            return super().handle_login(req)  # a password login, exactly as native
+        if self.state != "auth":
+            raise ChatError("already_authenticated")
+        device = wire.field(req, "device", str, required=False)
+        since = wire.field(req, "since", int, required=False)
+        if since is not None and since < 0:
+            raise ChatError("bad_request", "since must be >= 0")
+        quiet = wire.field(req, "quiet", bool, required=False, default=False)
+        self.state = "authenticating"
+        d = self.factory.realm.login_token(self.token, self, device, self._peer(), quiet)
+        return self._logging_in(d, since)
+
+
+class WebSessionFactory(ClientFactory):
+    """The web listener's :class:`ClientFactory`: its own keepalive sweep over the
+    WebSocket sessions, which are otherwise native sessions."""
+
+    protocol = WebSessionProtocol  # type: ignore[assignment]
+
+
+class FrameTransport:
+    """What a :class:`WebSessionProtocol` writes to: length-prefixed frames in, one
+    WebSocket text message per frame out.  Flow control is the TCP (or TLS)
+    connection's, so a browser that stops reading pauses the session exactly as a
+    native client does."""
+
+    def __init__(self, ws: ChatWebSocket) -> None:
+        self._ws = ws
+        self._buffer = b""
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting:
+            return
+        buf = self._buffer + data if self._buffer else data
+        offset = 0
+        while len(buf) - offset >= 4:
+            (n,) = _unpack(buf, offset)
+            if len(buf) - offset - 4 < n:
+                break
+            self._ws.sendMessage(buf[offset + 4 : offset + 4 + n], isBinary=False)
+            offset += 4 + n
+        self._buffer = buf[offset:]
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """A polite close: the error frame already sent, then a WebSocket close."""
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._ws.sendClose(1000)
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self._ws.dropConnection(abort=True)
+
+    def getPeer(self) -> Any:
+        t = self._ws.transport
+        return t.getPeer() if t is not None else IPv4Address("TCP", "0.0.0.0", 0)
+
+    def getHost(self) -> Any:
+        t = self._ws.transport
+        return t.getHost() if t is not None else IPv4Address("TCP", "0.0.0.0", 0)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        t: Any = self._ws.transport
+        if t is None:
+            return
+        # twisted.web's HTTP channel is still registered on the connection it handed
+        # over to the WebSocket; the session takes its place.
+        if getattr(t, "producer", None) is not None:
+            t.unregisterProducer()
+        t.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        t: Any = self._ws.transport
+        if t is not None:
+            t.unregisterProducer()
+
+
+class ChatWebSocket(WebSocketServerProtocol):
+    """One browser connection: checks Origin, then relays text messages to a
+    :class:`WebSessionProtocol` and its frames back."""
+
+    log = Logger()
+    factory: ChatWebSocketFactory
+    session: WebSessionProtocol | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        secure = ISSLTransport.providedBy(self.transport)
+        if not self.factory.origin_ok(request.origin, request.headers.get("host"), secure):
+            self.log.info(
+                "websocket from {peer}: origin {origin!r} refused",
+                peer=request.peer,
+                origin=request.origin,
+            )
+            raise ConnectionDeny(403, "origin not allowed")
+        self._token = cookie_value(request.headers.get("cookie"))
+        return None
+
+    def onOpen(self) -> None:
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        session: Any = self.factory.sessions.buildProtocol(peer)
+        session.token = self._token
+        self.session = session
+        session.makeConnection(FrameTransport(self))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        if isBinary:
+            session._fail(
+                FatalProtocolError("bad_frame", "binary WebSocket messages are not used"), None
+            )
+            return
+        if len(payload) > session.MAX_LENGTH:
+            session.lengthLimitExceeded(len(payload))
+            return
+        session.stringReceived(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            why = ConnectionDone if wasClean else ConnectionLost
+            session.connectionLost(Failure(why(f"websocket closed ({code}: {reason})")))
+
+
+class ChatWebSocketFactory(WebSocketServerFactory):
+    """Builds :class:`ChatWebSocket` for one realm; ``sessions`` builds their
+    sessions (and sweeps them), ``origin_ok`` decides the Origin check."""
+
+    protocol = ChatWebSocket  # type: ignore[assignment]
+
+    def __init__(self, realm: RealmService, origin_ok: Any, clock: Any = None) -> None:
+        super().__init__()
+        self.realm = realm
+        self.origin_ok = origin_ok
+        self.sessions = WebSessionFactory(realm, clock)
+        max_frame = realm.config.limits.max_frame
+        # A message over max_frame gets the native too_large error; autobahn itself
+        # only stops a peer that sends far more than that (memory bound).
+        self.setProtocolOptions(
+            maxMessagePayloadSize=2 * max_frame,
+            maxFramePayloadSize=2 * max_frame,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+        )
+
+    def close_token(self, token: str) -> None:
+        """Close the open sessions that logged in with ``token`` (logout)."""
+        for proto in list(self.sessions.connections):
+            if getattr(proto, "token", None) == token:
+                proto.close_with("auth_failed", "logged out")
+
+
+class GatewayResource(WebSocketResource):
+    """autobahn's WebSocket resource, minus the HTTP channel's idle timer (the
+    connection now belongs to the WebSocket, which has its own keepalive)."""
+
+    def render(self, request: Any) -> Any:
+        channel = request.channel
+        if hasattr(channel, "setTimeout"):
+            channel.setTimeout(None)
+        return super().render(request)

@@ -1,0 +1,613 @@
+// chatproto browser client: the native protocol (PROTOCOL.md) over a WebSocket.
+//
+// One JSON frame per WebSocket text message.  The session cookie (HttpOnly, set by
+// POST /api/login) authenticates the WebSocket, so this script never keeps a password.
+// Every piece of user data is put in the page with textContent / DOM properties, never
+// as HTML.  Reconnects resume with `since` = the last processed stream position and
+// drop anything at or below it, so nothing is lost or shown twice; sends carry a nonce
+// and are retried with it after a reconnect (the realm answers a repeated nonce with
+// the first send's result instead of storing it again).
+
+const $ = (id) => document.getElementById(id);
+const HISTORY_PAGE = 50;
+
+const state = {
+  me: null,            // "alice@realm"
+  realm: null,
+  ws: null,
+  live: false,         // logged in and synced
+  lastPos: 0,          // highest stream position processed (de-duplication, resume)
+  ackedPos: 0,
+  ackTimer: null,
+  nextId: 1,
+  pending: new Map(),  // request id -> {resolve, reject}
+  outbox: [],          // sends not yet answered: {to, body, nonce}
+  conversations: new Map(), // address -> conversation
+  active: null,        // address of the open conversation
+  presence: new Map(), // user -> status
+  retry: 0,
+  retryTimer: null,
+  stopped: true,
+  limits: {},
+};
+
+// ---- small DOM helpers ---------------------------------------------------------------
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k === "dataset") Object.assign(node.dataset, v);
+    else if (k.includes("-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) if (c != null) node.append(c);
+  return node;
+}
+
+function showError(id, text) { $(id).textContent = text || ""; }
+
+function fmtTime(ts) {
+  const d = new Date(ts * 1000);
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : d.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+}
+
+function fmtSize(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+function randomId() {
+  const a = new Uint8Array(12);
+  crypto.getRandomValues(a);
+  return Array.from(a, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function deviceName() {
+  let d = localStorage.getItem("chatproto.device");
+  if (!d) { d = "web-" + randomId().slice(0, 10); localStorage.setItem("chatproto.device", d); }
+  return d;
+}
+
+function shortName(addr) {
+  if (!state.realm) return addr;
+  const suffix = "@" + state.realm;
+  return addr.endsWith(suffix) ? addr.slice(0, -suffix.length) : addr;
+}
+
+// ---- HTTP API (session cookie) -------------------------------------------------------
+
+async function api(path, body) {
+  const init = body === undefined ? { method: "GET" } : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  init.credentials = "same-origin";
+  const res = await fetch(path, init);
+  let data = {};
+  try { data = await res.json(); } catch { /* empty body */ }
+  if (!res.ok) {
+    const err = new Error(data.message || res.statusText);
+    err.code = data.code || String(res.status);
+    throw err;
+  }
+  return data;
+}
+
+// ---- conversations -------------------------------------------------------------------
+
+function conversationOf(env) {
+  if (env.to.startsWith("#")) return env.to;
+  return env.from === state.me ? env.to : env.from;
+}
+
+function getConversation(addr) {
+  let c = state.conversations.get(addr);
+  if (!c) {
+    c = { addr, group: addr.startsWith("#"), items: new Map(), unread: 0,
+          historyLoaded: false, hasOlder: true, lastTs: 0 };
+    state.conversations.set(addr, c);
+    saveConversations();
+  }
+  return c;
+}
+
+function storageKey() { return `chatproto.conversations.${state.me}`; }
+
+function saveConversations() {
+  if (!state.me) return;
+  const list = [...state.conversations.values()].map((c) => [c.addr, c.lastTs]);
+  localStorage.setItem(storageKey(), JSON.stringify(list));
+}
+
+function loadConversations() {
+  try {
+    const list = JSON.parse(localStorage.getItem(storageKey()) || "[]");
+    for (const [addr, lastTs] of list) if (typeof addr === "string") getConversation(addr).lastTs = lastTs || 0;
+  } catch { /* ignore a damaged entry */ }
+}
+
+function addItem(conv, env) {
+  if (conv.items.has(env.pos)) return false;
+  conv.items.set(env.pos, env);
+  if (env.ts > conv.lastTs) conv.lastTs = env.ts;
+  return true;
+}
+
+// ---- WebSocket session ---------------------------------------------------------------
+
+function request(type, fields = {}) {
+  return new Promise((resolve, reject) => {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      const err = new Error("not connected"); err.code = "disconnected"; reject(err); return;
+    }
+    const id = state.nextId++;
+    state.pending.set(id, { resolve, reject });
+    ws.send(JSON.stringify({ type, id, ...fields }));
+  });
+}
+
+function sendFrame(obj) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(obj));
+}
+
+function setConn(text, down = false) {
+  const c = $("conn-state");
+  c.textContent = text;
+  c.classList.toggle("down", down);
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  state.stopped = false;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  state.ws = ws;
+  state.live = false;
+  setConn(state.retry ? "reconnecting…" : "connecting…");
+  ws.onopen = () => startSession(ws);
+  ws.onmessage = (ev) => { if (ws === state.ws) onFrame(JSON.parse(ev.data)); };
+  ws.onclose = () => { if (ws === state.ws) onClosed(); };
+}
+
+async function startSession(ws) {
+  try {
+    const hello = await request("hello", { version: 1 });
+    state.realm = hello.realm;
+    state.limits = hello.limits || {};
+    const login = { device: deviceName() };
+    if (state.lastPos > 0) login.since = state.lastPos;
+    const res = await request("login", login);
+    state.me = res.user;
+    $("me").textContent = shortName(res.user);
+    $("me").title = res.user;
+  } catch (err) {
+    if (ws !== state.ws) return;
+    if (err.code === "auth_failed") { stop(); showLogin("Please log in."); return; }
+    setConn(`error: ${err.message}`, true);
+  }
+}
+
+function onFrame(f) {
+  switch (f.type) {
+    case "result":
+    case "error": {
+      const p = f.id != null ? state.pending.get(f.id) : null;
+      if (p) {
+        state.pending.delete(f.id);
+        if (f.type === "result") p.resolve(f);
+        else { const e = new Error(f.message); e.code = f.code; e.frame = f; p.reject(e); }
+      } else if (f.type === "error") {
+        setConn(`closed: ${f.message}`, true);
+        if (f.code === "auth_failed") { stop(); showLogin(f.message); }
+      }
+      break;
+    }
+    case "msg": onMsg(f); break;
+    case "synced": onSynced(f.pos); break;
+    case "presence": onPresence(f); break;
+    case "ping": sendFrame({ type: "pong" }); break;
+    default: break; // unknown frames are ignored (PROTOCOL.md)
+  }
+}
+
+function onMsg(env) {
+  if (env.pos <= state.lastPos) return; // already processed (resume overlap)
+  state.lastPos = env.pos;
+  scheduleAck();
+  const addr = conversationOf(env);
+  const conv = getConversation(addr);
+  if (env.kind === "event" && env.meta && env.meta.event === "deleted") conv.deleted = true;
+  if (!addItem(conv, env)) return;
+  const visible = addr === state.active && document.visibilityState === "visible";
+  if (!visible && env.from !== state.me) conv.unread++;
+  renderConversations();
+  if (addr === state.active) renderMessages({ stick: true });
+}
+
+function onSynced(pos) {
+  if (pos > state.lastPos) state.lastPos = pos;
+  state.live = true;
+  state.retry = 0;
+  setConn("connected");
+  saveConversations();
+  renderConversations();
+  flushOutbox();
+  if (state.active) openConversation(state.active);
+}
+
+function onPresence(f) {
+  state.presence.set(f.user, f.status);
+  renderConversations();
+  renderHeader();
+}
+
+function scheduleAck() {
+  if (state.ackTimer) return;
+  state.ackTimer = setTimeout(() => {
+    state.ackTimer = null;
+    if (state.lastPos > state.ackedPos) {
+      sendFrame({ type: "ack", pos: state.lastPos });
+      state.ackedPos = state.lastPos;
+    }
+  }, 250);
+}
+
+function onClosed() {
+  state.ws = null;
+  state.live = false;
+  for (const p of state.pending.values()) {
+    const e = new Error("connection lost"); e.code = "disconnected"; p.reject(e);
+  }
+  state.pending.clear();
+  if (state.stopped) return;
+  state.retry++;
+  const delay = Math.min(15000, 500 * 2 ** Math.min(state.retry, 5));
+  setConn(`disconnected; retrying in ${Math.round(delay / 1000)} s`, true);
+  state.retryTimer = setTimeout(connect, delay);
+}
+
+function stop() {
+  state.stopped = true;
+  clearTimeout(state.retryTimer);
+  if (state.ws) { const ws = state.ws; state.ws = null; ws.close(); }
+}
+
+// ---- sending -------------------------------------------------------------------------
+
+async function flushOutbox() {
+  for (const item of [...state.outbox]) {
+    if (item.inFlight) continue;
+    item.inFlight = true;
+    try {
+      await request("send", { to: item.to, body: item.body, nonce: item.nonce });
+      state.outbox = state.outbox.filter((x) => x !== item);
+      showError("send-error", "");
+    } catch (err) {
+      item.inFlight = false;
+      if (err.code === "disconnected") return; // resent with the same nonce later
+      state.outbox = state.outbox.filter((x) => x !== item);
+      if (err.code === "rate_limited") {
+        state.outbox.unshift(item);
+        setTimeout(flushOutbox, 1000 * (err.frame.retry_after || 1));
+        return;
+      }
+      showError("send-error", `Not sent: ${err.message}`);
+    }
+    renderMessages({ stick: true });
+  }
+}
+
+function queueSend(to, body) {
+  state.outbox.push({ to, body, nonce: randomId(), inFlight: false });
+  renderMessages({ stick: true });
+  if (state.live) flushOutbox();
+}
+
+// ---- history -------------------------------------------------------------------------
+
+async function loadHistory(conv, older) {
+  const fields = { with: conv.addr, limit: HISTORY_PAGE };
+  if (older) {
+    const first = Math.min(...conv.items.keys());
+    if (Number.isFinite(first)) fields.before = first;
+  }
+  try {
+    const res = await request("history", fields);
+    for (const env of res.messages) addItem(conv, env);
+    if (res.messages.length < HISTORY_PAGE) conv.hasOlder = false;
+    conv.historyLoaded = true;
+    if (conv.addr === state.active) renderMessages({ stick: !older, keepTop: older });
+  } catch (err) {
+    if (err.code === "disconnected") return;
+    if (err.code === "not_member" || err.code === "no_such_group") conv.hasOlder = false;
+    if (conv.addr === state.active) showError("send-error", err.message);
+  }
+}
+
+// ---- rendering -----------------------------------------------------------------------
+
+function renderConversations() {
+  const list = $("conversations");
+  const convs = [...state.conversations.values()].sort((a, b) => b.lastTs - a.lastTs || a.addr.localeCompare(b.addr));
+  const items = convs.map((c) => {
+    const status = c.group ? "group" : (state.presence.get(c.addr) || "offline");
+    const li = el("li", { class: c.addr === state.active ? "active" : "", title: c.addr,
+      dataset: { addr: c.addr } },
+      el("span", { class: `dot ${status}`, title: c.group ? "group" : status }),
+      el("span", { class: "name", text: shortName(c.addr) }),
+      c.unread ? el("span", { class: "badge", text: String(c.unread), "aria-label": "unread" }) : null);
+    li.addEventListener("click", () => openConversation(c.addr));
+    return li;
+  });
+  list.replaceChildren(...items);
+}
+
+function renderHeader() {
+  const addr = state.active;
+  $("conv-title").textContent = addr ? shortName(addr) : "No conversation";
+  $("conv-title").title = addr || "";
+  let info = "";
+  if (addr && !addr.startsWith("#")) info = state.presence.get(addr) || "offline";
+  else if (addr) info = "group";
+  $("conv-info").textContent = info;
+}
+
+function describeEvent(env) {
+  const m = env.meta || {};
+  const who = shortName(env.from);
+  const user = m.user ? shortName(m.user) : "";
+  switch (m.event) {
+    case "created": return `${who} created the group`;
+    case "joined": return `${who} joined`;
+    case "left": return `${who} left`;
+    case "invited": return `${who} invited ${user}`;
+    case "kicked": return `${who} removed ${user}${m.reason ? ` (${m.reason})` : ""}`;
+    case "banned": return `${who} banned ${user}${m.reason ? ` (${m.reason})` : ""}`;
+    case "unbanned": return `${who} unbanned ${user}`;
+    case "topic": return `${who} set the topic: ${m.topic || "(none)"}`;
+    case "role": return `${who} made ${user} ${m.role}`;
+    case "deleted": return `${who} deleted the group`;
+    default: return `${who}: ${m.event || env.kind}`;
+  }
+}
+
+function renderFile(env) {
+  const f = env.meta || {};
+  const name = f.name || "file";
+  const box = el("div", { class: "file" });
+  const href = fileUrl(env);
+  if (href) {
+    const a = el("a", { href, text: name, download: name, rel: "noopener" });
+    box.append(a);
+  } else {
+    box.append(el("span", { text: name }));
+  }
+  if (typeof f.size === "number") box.append(el("span", { class: "size", text: ` (${fmtSize(f.size)})` }));
+  if (env.body) box.append(el("div", { class: "body", text: env.body }));
+  return box;
+}
+
+function messageNode(env) {
+  if (env.kind === "event") {
+    return el("li", { class: "event", dataset: { pos: String(env.pos) }, text: describeEvent(env) });
+  }
+  const mine = env.from === state.me;
+  const li = el("li", { class: `msg${mine ? " mine" : ""}`, dataset: { pos: String(env.pos) } },
+    el("div", { class: "meta" },
+      el("span", { class: "from", text: shortName(env.from) }),
+      el("time", { text: fmtTime(env.ts) })));
+  if (env.kind === "file") li.append(renderFile(env));
+  else if (env.kind === "text") li.append(el("div", { class: "body", text: env.body }));
+  else li.append(el("div", { class: "body", text: `[${env.kind}] ${env.body || ""}` }));
+  return li;
+}
+
+function renderMessages({ stick = false, keepTop = false } = {}) {
+  const addr = state.active;
+  const scroller = $("scroller");
+  const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40;
+  const oldHeight = scroller.scrollHeight;
+  const list = $("messages");
+  if (!addr) { list.replaceChildren(); $("older").hidden = true; return; }
+  const conv = getConversation(addr);
+  const items = [...conv.items.values()].sort((a, b) => a.pos - b.pos).map(messageNode);
+  for (const o of state.outbox.filter((x) => x.to === addr)) {
+    items.push(el("li", { class: "msg mine pending" },
+      el("div", { class: "meta" }, el("span", { text: "sending…" })),
+      el("div", { class: "body", text: o.body })));
+  }
+  list.replaceChildren(...items);
+  $("older").hidden = !conv.hasOlder || !conv.historyLoaded;
+  if (keepTop) scroller.scrollTop = scroller.scrollHeight - oldHeight;
+  else if (stick && atBottom) scroller.scrollTop = scroller.scrollHeight;
+  else if (!stick) scroller.scrollTop = scroller.scrollHeight;
+}
+
+function openConversation(addr) {
+  state.active = addr;
+  const conv = getConversation(addr);
+  conv.unread = 0;
+  $("composer").hidden = false;
+  showError("send-error", "");
+  renderConversations();
+  renderHeader();
+  renderMessages();
+  if (!conv.historyLoaded && state.live) loadHistory(conv, false);
+  $("text").focus();
+}
+
+// ---- files ---------------------------------------------------------------------------
+
+function fileUrl(env) {
+  const f = env.meta || {};
+  if (!f.file_id) return null;
+  return `/files/${encodeURIComponent(f.file_id)}`;
+}
+
+function uploadFile(file) {
+  const to = state.active;
+  if (!to) return;
+  const row = el("div", { class: "upload" }, el("span", { text: file.name }),
+    el("progress", { max: 100, value: 0 }), el("span", { class: "pct", text: "0%" }));
+  $("uploads").append(row);
+  const bar = row.querySelector("progress");
+  const pct = row.querySelector(".pct");
+  const xhr = new XMLHttpRequest();
+  const params = new URLSearchParams({ to, name: file.name });
+  xhr.open("POST", `/files?${params}`);
+  xhr.setRequestHeader("Content-Type", "application/octet-stream");
+  xhr.upload.onprogress = (ev) => {
+    if (ev.lengthComputable) {
+      const p = Math.round((100 * ev.loaded) / ev.total);
+      bar.value = p; pct.textContent = `${p}%`;
+    }
+  };
+  xhr.onload = () => {
+    let data = {};
+    try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+    if (xhr.status >= 200 && xhr.status < 300) { row.remove(); return; }
+    pct.textContent = `failed: ${data.message || xhr.statusText}`;
+    row.classList.add("error");
+    setTimeout(() => row.remove(), 8000);
+  };
+  xhr.onerror = () => { pct.textContent = "failed: network error"; row.classList.add("error"); };
+  xhr.send(file);
+}
+
+// ---- login view ----------------------------------------------------------------------
+
+function showLogin(message) {
+  $("chat-view").hidden = true;
+  $("login-view").hidden = false;
+  showError("login-error", message || "");
+  $("login-user").focus();
+}
+
+function showChat() {
+  $("login-view").hidden = true;
+  $("chat-view").hidden = false;
+}
+
+function resetSession(user) {
+  state.me = user;
+  state.lastPos = 0;
+  state.ackedPos = 0;
+  state.conversations = new Map();
+  state.outbox = [];
+  state.active = null;
+  state.presence = new Map();
+  state.retry = 0;
+  $("me").textContent = user;
+  loadConversations();
+  renderConversations();
+  renderHeader();
+  renderMessages();
+  $("composer").hidden = true;
+}
+
+async function loggedIn(user) {
+  resetSession(user);
+  const at = user.lastIndexOf("@");
+  state.realm = at >= 0 ? user.slice(at + 1) : null;
+  $("me").textContent = shortName(user);
+  showChat();
+  connect();
+}
+
+async function doLogin(register) {
+  const user = $("login-user").value.trim();
+  const password = $("login-password").value;
+  showError("login-error", "");
+  $("login-button").disabled = $("register-button").disabled = true;
+  try {
+    if (register) await api("/api/register", { user, password });
+    const res = await api("/api/login", { user, password, device: deviceName() });
+    $("login-password").value = "";
+    await loggedIn(res.user);
+  } catch (err) {
+    showError("login-error", err.message);
+  } finally {
+    $("login-button").disabled = $("register-button").disabled = false;
+  }
+}
+
+// ---- wiring --------------------------------------------------------------------------
+
+async function openByName(text) {
+  text = text.trim();
+  if (!text) return;
+  showError("open-error", "");
+  if (!text.startsWith("#")) {
+    const addr = text.includes("@") ? text : `${text}@${state.realm}`;
+    openConversation(addr.toLowerCase());
+    return;
+  }
+  let group = text.includes("@") ? text : `${text}@${state.realm}`;
+  try {
+    const res = await request("join", { group });
+    group = res.group;
+  } catch (err) {
+    if (err.code === "no_such_group") {
+      try { group = (await request("create_group", { group })).group; }
+      catch (e2) { showError("open-error", e2.message); return; }
+    } else if (err.code !== "already_member") { showError("open-error", err.message); return; }
+  }
+  openConversation(group.toLowerCase());
+}
+
+function init() {
+  $("login-form").addEventListener("submit", (ev) => { ev.preventDefault(); doLogin(false); });
+  $("register-button").addEventListener("click", () => {
+    if ($("login-form").reportValidity()) doLogin(true);
+  });
+  $("logout").addEventListener("click", async () => {
+    stop();
+    try { await api("/api/logout", {}); } catch { /* the cookie is gone either way */ }
+    resetSession(null);
+    showLogin("Logged out.");
+  });
+  $("open-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    openByName($("open-input").value);
+    $("open-input").value = "";
+  });
+  $("composer").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("text").value;
+    if (!text.trim() || !state.active) return;
+    const max = state.limits.max_body;
+    if (max && new TextEncoder().encode(text).length > max) {
+      showError("send-error", `Too long: at most ${max} bytes.`);
+      return;
+    }
+    $("text").value = "";
+    queueSend(state.active, text);
+  });
+  $("text").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+  });
+  $("file-input").addEventListener("change", () => {
+    for (const f of $("file-input").files) uploadFile(f);
+    $("file-input").value = "";
+  });
+  $("older").addEventListener("click", () => {
+    if (state.active) loadHistory(getConversation(state.active), true);
+  });
+  $("status").addEventListener("change", () => {
+    request("set_status", { status: $("status").value }).catch((e) => setConn(e.message, true));
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && state.active) {
+      getConversation(state.active).unread = 0;
+      renderConversations();
+    }
+  });
+  api("/api/session").then((s) => loggedIn(s.user), () => showLogin(""));
+}
+
+init();

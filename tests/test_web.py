@@ -1,0 +1,468 @@
+"""The web listener: session API, security headers, and the WebSocket gateway.
+
+Protocol logic (login by session cookie, frame relaying) is tested without sockets
+(StringTransport, task.Clock); the HTTP side and the gateway on a real ``twisted.web``
+site bound to 127.0.0.1 port 0, driven by Twisted's HTTP client and autobahn's
+WebSocket client.  The browser end-to-end test is tests/test_web_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from chatproto import config as configmod
+from chatproto import tap, wire
+from chatproto.testing import frame, frames, make_test_realm
+from chatproto.web import SESSION_COOKIE, WebSite
+from chatproto.web.gateway import FrameTransport, WebSessionFactory, cookie_value
+from chatproto.web.site import CSP, origin_allowed
+
+PASSWORD = "correct horse battery"
+
+
+# protocol logic without sockets -------------------------------------------------------
+
+
+def _session(realm: Any, token: str | None) -> tuple[Any, Any]:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    factory = WebSessionFactory(realm)
+    proto: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    proto.token = token
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_login_by_session_token_is_a_native_session() -> None:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", PASSWORD)
+    token, addr = [], []
+    realm.issue_token("alice", PASSWORD, "web-1", "127.0.0.1").addCallback(
+        lambda r: (token.append(r[0]), addr.append(r[1]))
+    )
+    assert str(addr[0]) == "alice@localhost"
+    proto, transport = _session(realm, token[0])
+    data = frame({"type": "hello", "version": 1, "id": 1}) + frame({"type": "login", "id": 2})
+    for i in range(len(data)):  # one byte at a time: the same framing rules
+        proto.dataReceived(data[i : i + 1])
+    clock.advance(0)
+    out = frames(transport)
+    assert out[1] == {"type": "result", "id": 2, "user": "alice@localhost", "device": "web-1"}
+    assert out[2] == {"type": "synced", "pos": 0}
+    # a send goes through the realm's rules like any other session
+    proto.dataReceived(frame({"type": "send", "id": 3, "to": "nobody", "body": "x"}))
+    assert frames(transport)[-1]["code"] == "no_such_user"
+    proto.dataReceived(frame({"type": "send", "id": 4, "to": "alice", "body": "note"}))
+    kinds = [f["type"] for f in frames(transport)]
+    assert kinds == ["msg", "result"]
+    proto.connectionLost(None)
+    assert not realm.sessions_of("alice@localhost")
+
+
+def test_login_without_valid_token_fails_and_password_login_still_works() -> None:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("bob", PASSWORD)
+    proto, transport = _session(realm, "not-a-token")
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    proto.dataReceived(frame({"type": "login", "id": 2, "since": 0}))
+    err = frames(transport)[-1]
+    assert (err["type"], err["code"], err["id"]) == ("error", "auth_failed", 2)
+    assert proto.state == "auth"  # may try again
+    proto.dataReceived(frame({"type": "login", "id": 3, "user": "bob", "password": PASSWORD}))
+    clock.advance(0)
+    assert frames(transport)[0] == {
+        "type": "result",
+        "id": 3,
+        "user": "bob@localhost",
+        "device": "default",
+    }
+    proto.connectionLost(None)
+
+
+def test_tokens_expire_after_ttl_and_die_with_the_account() -> None:
+    clock = Clock()
+    cfg = configmod.Config()
+    cfg.web.session_ttl = 100.0
+    realm = make_test_realm(clock, cfg)
+    realm.create_user("carol", PASSWORD)
+    tokens: list[str] = []
+    for _ in range(2):
+        realm.issue_token("carol", PASSWORD).addCallback(lambda r: tokens.append(r[0]))
+    clock.advance(60)
+    assert realm.token_user(tokens[0]) is not None  # used: lives another 100 s
+    clock.advance(60)
+    assert realm.token_user(tokens[1]) is None  # idle for 120 s
+    assert realm.token_user(tokens[0]) is not None
+    realm.delete_user("carol")
+    assert realm.token_user(tokens[0]) is None
+    failures: list[Any] = []
+    realm.issue_token("carol", "wrong password!").addErrback(failures.append)
+    assert failures[0].value.code == "auth_failed"
+
+
+def test_frame_transport_sends_one_message_per_frame() -> None:
+    class FakeWS:
+        transport = None
+
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+            assert not isBinary
+            self.sent.append(payload)
+
+    ws: Any = FakeWS()
+    t = FrameTransport(ws)
+    a, b = wire.encode({"type": "ping"}), wire.encode({"type": "msg", "body": "é" * 300})
+    data = frame({"type": "ping"}) + frame({"type": "msg", "body": "é" * 300})
+    t.write(data)
+    assert ws.sent == [a, b]
+    ws.sent.clear()
+    for i in range(len(data)):
+        t.write(data[i : i + 1])
+    assert ws.sent == [a, b]
+
+
+def test_origin_rules_and_cookie_parsing() -> None:
+    assert origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8080", False, [])
+    assert origin_allowed(b"https://chat.example.org", b"chat.example.org", True, [])
+    assert not origin_allowed("http://chat.example.org", "chat.example.org", True, [])
+    assert not origin_allowed("http://evil.example", "127.0.0.1:8080", False, [])
+    assert not origin_allowed(None, "127.0.0.1:8080", False, [])
+    assert not origin_allowed("null", "127.0.0.1:8080", False, [])
+    allowed = ["https://chat.example.org"]
+    assert origin_allowed("https://chat.example.org", "internal:8080", False, allowed)
+    assert not origin_allowed("http://internal:8080", "internal:8080", False, allowed)
+    assert cookie_value(f"a=b; {SESSION_COOKIE}=tok123; c=d") == "tok123"
+    assert cookie_value(b"other=1") is None
+    assert cookie_value(None) is None
+
+
+def test_web_config_section_and_tap_option(tmp_path: Any) -> None:
+    cfg = configmod.from_dict(
+        {"web": {"listen": "tcp:0:interface=127.0.0.1", "origins": ["https://a.example"]}}
+    )
+    assert cfg.web.listen == ["tcp:0:interface=127.0.0.1"]
+    assert cfg.web_descriptions() == ["tcp:0:interface=127.0.0.1"]
+    with pytest.raises(configmod.ConfigError, match="list of strings"):
+        configmod.from_dict({"web": {"origins": [1]}})
+    bad = configmod.Config()
+    bad.web.origins = ["a.example"]
+    with pytest.raises(configmod.ConfigError, match="web.origins"):
+        bad.check()
+    bad = configmod.Config()
+    bad.web.tls_port = 8443
+    with pytest.raises(configmod.ConfigError, match="tls.certificate"):
+        bad.check()
+    opts = tap.Options()
+    opts.parseOptions(
+        ["--data-dir", str(tmp_path), "--web", "tcp:0:interface=127.0.0.1", "--web", "tcp:0"]
+    )
+    assert opts.realm_config.web.listen == ["tcp:0:interface=127.0.0.1", "tcp:0"]
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError, match="bad endpoint"):
+        tap.Options().parseOptions(["--data-dir", str(tmp_path), "--web", "nonsense:1"])
+
+
+# the real site on 127.0.0.1 -------------------------------------------------------------
+
+
+class Web:
+    """A WebSite on 127.0.0.1:0 with an HTTP agent and WebSocket clients."""
+
+    def __init__(self, realm: Any, site: WebSite, port: Any) -> None:
+        self.realm = realm
+        self.site = site
+        self.port = port
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.origin = self.base
+        self.agent = Agent(_reactor)
+        self.sockets: list[Any] = []
+
+    @defer.inlineCallbacks
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        cookie: str | None = None,
+        origin: str | None = "same",
+        ctype: str = "application/json",
+    ) -> Any:
+        headers = Headers()
+        if origin is not None:
+            headers.addRawHeader("origin", self.origin if origin == "same" else origin)
+        if cookie:
+            headers.addRawHeader("cookie", f"{SESSION_COOKIE}={cookie}")
+        producer = None
+        if body is not None:
+            from twisted.web.client import FileBodyProducer
+            import io
+
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            producer = FileBodyProducer(io.BytesIO(raw))
+            headers.addRawHeader("content-type", ctype)
+        response = yield self.agent.request(
+            method.encode(), (self.base + path).encode(), headers, producer
+        )
+        data = yield readBody(response)
+        return response, data
+
+    @defer.inlineCallbacks
+    def login(self, user: str) -> Any:
+        yield self.realm.create_user(user, PASSWORD)
+        response, _ = yield self.request(
+            "POST", "/api/login", {"user": user, "password": PASSWORD, "device": "web-" + user}
+        )
+        assert response.code == 200
+        return _cookie(response)
+
+    @defer.inlineCallbacks
+    def websocket(self, cookie: str | None = None, origin: str | None = "same") -> Any:
+        url = self.base.replace("http:", "ws:") + "/ws"
+        headers = {"Cookie": f"{SESSION_COOKIE}={cookie}"} if cookie else {}
+        factory = WebSocketClientFactory(
+            url, origin=self.origin if origin == "same" else origin, headers=headers
+        )
+        factory.protocol = WSClient
+        factory.opened = defer.Deferred()
+        endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", self.port.getHost().port)
+        proto = yield endpoint.connect(factory)
+        self.sockets.append(proto)
+        yield factory.opened
+        return proto
+
+
+def _cookie(response: Any) -> str:
+    header = response.headers.getRawHeaders("set-cookie")[0]
+    return header.split(";")[0].split("=", 1)[1]
+
+
+class WSClient(WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        self.closed: defer.Deferred[Any] = defer.Deferred()
+        self.next_id = 1
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.inbox.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"refused: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback(code)
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self.sendMessage(json.dumps(obj).encode())
+
+    @defer.inlineCallbacks
+    def call(self, type_: str, **fields: Any) -> Any:
+        rid = self.next_id
+        self.next_id += 1
+        self.send_json({"type": type_, "id": rid, **fields})
+        reply = yield self.until(lambda f: f.get("id") == rid)
+        return reply
+
+    @defer.inlineCallbacks
+    def until(self, pred: Any) -> Any:
+        for _ in range(200):
+            f = yield self.inbox.get()
+            if pred(f):
+                return f
+        raise AssertionError("no matching frame")
+
+
+@pytest.fixture
+def web(realm: Any) -> Any:
+    site = WebSite(realm)
+    port = _reactor.listenTCP(0, site, interface="127.0.0.1")
+    w = Web(realm, site, port)
+    yield w
+    for s in w.sockets:
+        if s.transport is not None:
+            s.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.inlineCallbacks
+def test_page_assets_and_security_headers(web: Web) -> Any:
+    response, body = yield web.request("GET", "/")
+    assert response.code == 200
+    h = response.headers
+    assert h.getRawHeaders("content-security-policy") == [CSP]
+    assert "script-src 'self'" in CSP and "'unsafe-inline'" not in CSP
+    assert "frame-ancestors 'none'" in CSP
+    assert h.getRawHeaders("x-content-type-options") == ["nosniff"]
+    assert h.getRawHeaders("content-type")[0].startswith("text/html")
+    assert b'<script type="module" src="/static/app.js">' in body
+    response, body = yield web.request("GET", "/static/app.js")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/javascript")
+    assert b"innerHTML" not in body  # user data goes in as text only
+    response, _ = yield web.request("GET", "/static/")
+    assert response.code == 404  # no directory listing
+    response, _ = yield web.request("GET", "/nothing-here")
+    assert response.code == 404
+    assert response.headers.getRawHeaders("content-security-policy") == [CSP]
+
+
+@pytest_twisted.inlineCallbacks
+def test_login_sets_an_httponly_samesite_cookie(web: Web) -> Any:
+    yield web.realm.create_user("alice", PASSWORD)
+    response, body = yield web.request(
+        "POST", "/api/login", {"user": "alice", "password": "wrong password"}
+    )
+    assert response.code == 401
+    assert json.loads(body)["code"] == "auth_failed"
+    assert response.headers.getRawHeaders("set-cookie") is None
+    response, body = yield web.request(
+        "POST", "/api/login", {"user": "Alice", "password": PASSWORD, "device": "web-x"}
+    )
+    assert response.code == 200
+    assert json.loads(body) == {"type": "result", "user": "alice@localhost", "device": "web-x"}
+    cookie = response.headers.getRawHeaders("set-cookie")[0]
+    attrs = [a.strip().lower() for a in cookie.split(";")]
+    assert attrs[0].startswith(SESSION_COOKIE + "=") and len(attrs[0]) > 40
+    assert "httponly" in attrs and "samesite=strict" in attrs and "path=/" in attrs
+    assert "secure" not in attrs  # plain http: the browser would drop a Secure cookie
+    assert response.headers.getRawHeaders("cache-control") == ["no-store"]
+    token = _cookie(response)
+    response, body = yield web.request("GET", "/api/session", cookie=token)
+    assert response.code == 200 and json.loads(body)["user"] == "alice@localhost"
+    response, body = yield web.request("GET", "/api/session")
+    assert response.code == 401
+    # log out: the token dies
+    response, _ = yield web.request("POST", "/api/logout", {}, cookie=token)
+    assert response.code == 200
+    assert "max-age=0" in response.headers.getRawHeaders("set-cookie")[0].lower()
+    response, _ = yield web.request("GET", "/api/session", cookie=token)
+    assert response.code == 401
+
+
+@pytest_twisted.inlineCallbacks
+def test_api_refuses_foreign_origins_and_form_posts(web: Web) -> Any:
+    yield web.realm.create_user("alice", PASSWORD)
+    creds = {"user": "alice", "password": PASSWORD}
+    response, body = yield web.request("POST", "/api/login", creds, origin="http://evil.example")
+    assert response.code == 403 and json.loads(body)["code"] == "forbidden"
+    form = b"user=alice&password=correct+horse+battery"
+    response, _ = yield web.request(
+        "POST", "/api/login", form, ctype="application/x-www-form-urlencoded"
+    )
+    assert response.code == 415
+    response, body = yield web.request("POST", "/api/login", b"{not json")
+    assert response.code == 400 and json.loads(body)["code"] == "bad_request"
+    response, body = yield web.request("POST", "/api/register", {"user": "dave", "password": "x"})
+    assert response.code == 400
+    response, body = yield web.request("POST", "/api/register", creds)
+    assert response.code == 409 and json.loads(body)["code"] == "user_exists"
+
+
+@pytest_twisted.inlineCallbacks
+def test_websocket_refuses_foreign_origin(web: Web) -> Any:
+    cookie = yield web.login("alice")
+    with pytest.raises(ConnectionError):
+        yield web.websocket(cookie, origin="http://evil.example")
+    with pytest.raises(ConnectionError):
+        yield web.websocket(cookie, origin=None)
+    ws = yield web.websocket(cookie)  # same origin: accepted
+    hello = yield ws.call("hello", version=1)
+    assert hello["realm"] == "localhost"
+
+
+@pytest_twisted.inlineCallbacks
+def test_dm_and_group_over_websockets_and_markup_stays_text(web: Web) -> Any:
+    ca = yield web.login("alice")
+    cb = yield web.login("bob")
+    alice = yield web.websocket(ca)
+    bob = yield web.websocket(cb)
+    for ws, name in ((alice, "alice"), (bob, "bob")):
+        yield ws.call("hello", version=1)
+        res = yield ws.call("login")
+        assert res["user"] == f"{name}@localhost" and res["device"] == f"web-{name}"
+        yield ws.until(lambda f: f["type"] == "synced")
+    xss = '<img src=x onerror=alert(1)> & "quotes"'
+    res = yield alice.call("send", to="bob", body=xss, nonce="n1")
+    got = yield bob.until(lambda f: f["type"] == "msg")
+    assert got["body"] == xss and got["from"] == "alice@localhost" and got["pos"] == res["pos"]
+    # the same nonce again (a retry after a reconnect): no second message
+    again = yield alice.call("send", to="bob", body=xss, nonce="n1")
+    assert again["msg_id"] == res["msg_id"]
+    yield alice.call("create_group", group="#dev")
+    yield bob.call("join", group="#dev")
+    yield alice.call("send", to="#dev", body="hello group")
+    got = yield bob.until(lambda f: f["type"] == "msg" and f["kind"] == "text")
+    assert (got["to"], got["body"]) == ("#dev@localhost", "hello group")
+    page = yield bob.call("history", **{"with": "#dev", "limit": 10})
+    assert [m["body"] for m in page["messages"] if m["kind"] == "text"] == ["hello group"]
+    bob.send_json({"type": "ack", "pos": got["pos"]})
+    # bob reconnects with since: nothing lost, nothing repeated
+    yield alice.call("send", to="bob", body="while you were away")
+    yield bob.until(lambda f: f["type"] == "msg" and f["body"] == "while you were away")
+    bob.sendClose()
+    yield bob.closed
+    yield alice.call("send", to="bob", body="after the drop")
+    bob2 = yield web.websocket(cb)
+    yield bob2.call("hello", version=1)
+    yield bob2.call("login", since=got["pos"])
+    frames_seen = []
+    while True:
+        f = yield bob2.inbox.get()
+        if f["type"] == "synced":
+            break
+        frames_seen.append(f)
+    assert [f["body"] for f in frames_seen if f["type"] == "msg"] == [
+        "while you were away",
+        "after the drop",
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_websocket_limits_and_bad_frames(web: Web) -> Any:
+    cookie = yield web.login("alice")
+    ws = yield web.websocket(cookie)
+    ws.send_json({"type": "login"})
+    err = yield ws.inbox.get()
+    assert err["code"] == "hello_required"
+    yield ws.call("hello", version=1)
+    big = "x" * (web.realm.config.limits.max_frame + 10)
+    ws.send_json({"type": "ping", "pad": big})
+    err = yield ws.inbox.get()
+    assert err["code"] == "too_large"
+    yield ws.closed
+    ws = yield web.websocket(cookie)
+    ws.sendMessage(b"\x00\x01", isBinary=True)
+    err = yield ws.inbox.get()
+    assert err["code"] == "bad_frame"
+    yield ws.closed
+    # logout closes the open session of that cookie
+    ws = yield web.websocket(cookie)
+    yield ws.call("hello", version=1)
+    yield ws.call("login")
+    yield ws.until(lambda f: f["type"] == "synced")
+    yield web.request("POST", "/api/logout", {}, cookie=cookie)
+    err = yield ws.until(lambda f: f["type"] == "error")
+    assert err["code"] == "auth_failed"
+    yield ws.closed
