@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_PORT",
     "DEFAULT_TLS_PORT",
+    "IRC",
     "TLS",
     "Auth",
     "Config",
@@ -40,6 +41,7 @@ else:  # pragma: no cover
 DEFAULT_PORT = 7420
 DEFAULT_TLS_PORT = 7421
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
+DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
 
 
 class ConfigError(Exception):
@@ -103,6 +105,20 @@ class Web:
 
 
 @attrs.define
+class IRC:
+    """The IRC gateway (chatproto.irc): off unless ``enabled``."""
+
+    enabled: bool = False
+    listen: list[str] = attrs.field(factory=lambda: [DEFAULT_IRC_LISTEN])
+    tls_port: int = 6697
+    tls_interface: str = "127.0.0.1"
+    server_name: str = ""
+    motd: str = ""
+    flood_rate: float = 2.0
+    flood_burst: int = 20
+
+
+@attrs.define
 class Config:
     realm: str = "localhost"
     data_dir: str = "chatrealm-data"
@@ -114,6 +130,7 @@ class Config:
     storage: Storage = attrs.field(factory=Storage)
     tls: TLS = attrs.field(factory=TLS)
     web: Web = attrs.field(factory=Web)
+    irc: IRC = attrs.field(factory=IRC)
 
     @property
     def database_path(self) -> str:
@@ -147,6 +164,25 @@ class Config:
                     self.tls.private_key or self.tls.certificate,
                     self.web.tls_port,
                     self.tls.interface,
+                )
+            )
+        return out
+
+    def irc_descriptions(self) -> list[str]:
+        """The IRC gateway's endpoint descriptions (none when it is disabled): its
+        ``listen`` list, plus TLS on ``tls_port`` with the realm's certificate."""
+        from chatproto.tls import server_description
+
+        if not self.irc.enabled:
+            return []
+        out = list(self.irc.listen)
+        if self.tls.certificate and self.irc.tls_port:
+            out.append(
+                server_description(
+                    self.tls.certificate,
+                    self.tls.private_key or self.tls.certificate,
+                    self.irc.tls_port,
+                    self.irc.tls_interface,
                 )
             )
         return out
@@ -195,6 +231,15 @@ class Config:
                 raise ConfigError(f"auth.{key} must be positive")
         if a.free_failures_per_account < 0 or a.free_failures_per_address < 0:
             raise ConfigError("auth.free_failures_* must be >= 0")
+        irc = self.irc
+        if not 0 <= irc.tls_port <= 65535:
+            raise ConfigError("irc.tls_port must be between 0 and 65535 (0: no TLS listener)")
+        if irc.flood_rate < 0 or irc.flood_burst < 1:
+            raise ConfigError("irc.flood_rate must be >= 0 (0: no limit), flood_burst >= 1")
+        if any(c in irc.server_name for c in " !@*?,:") or len(irc.server_name) > 63:
+            raise ConfigError("irc.server_name must be a host-like name (no spaces, ! @ * ? , :)")
+        if irc.enabled and not self.irc_descriptions():
+            raise ConfigError("irc.enabled but nothing to listen on: give irc.listen")
         for path in (self.tls.certificate, self.tls.private_key):
             if path and not os.path.exists(path):
                 raise ConfigError(f"tls: file {path!r} does not exist")
@@ -217,7 +262,14 @@ class Config:
 
 
 #: Table name in the TOML file -> attribute of :class:`Config` holding that section.
-_SECTIONS = {"limits": Limits, "auth": Auth, "storage": Storage, "tls": TLS, "web": Web}
+_SECTIONS = {
+    "limits": Limits,
+    "auth": Auth,
+    "storage": Storage,
+    "tls": TLS,
+    "web": Web,
+    "irc": IRC,
+}
 _REALM_KEYS = {
     "name": "realm",
     "data_dir": "data_dir",

@@ -627,6 +627,22 @@ class RealmService(Service):
     def sessions_of(self, user: str) -> Sequence[Session]:
         return self._online.get(user, ())
 
+    def online_count(self) -> int:
+        """How many users are online (have a non-quiet session)."""
+        return len(self._visible)
+
+    def presence_of(self, user: str) -> tuple[str, str]:
+        """(status, text) of canonical user address ``user``: ``offline`` when no
+        non-quiet session is open, else ``online``/``away``/``busy`` (for gateways)."""
+        if user not in self._visible:
+            return ("offline", "")
+        return self._status.get(user, ("online", ""))
+
+    def is_user(self, user: str) -> bool:
+        """Whether canonical address ``user`` is a known local account."""
+        name, _, where = user.partition("@")
+        return where == self.realm and name in self._known_users
+
     def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
         """Online users of the realm, or online members of ``group`` (members only)."""
         if group is None:

@@ -88,7 +88,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"configuration: {e}") from None
         from twisted.internet import reactor
 
-        for description in cfg.listen_descriptions() + cfg.web_descriptions():
+        described = cfg.listen_descriptions() + cfg.web_descriptions() + cfg.irc_descriptions()
+        for description in described:
             try:
                 serverFromString(reactor, description)  # parses; does not listen
             except (ValueError, TypeError, KeyError) as e:
@@ -173,6 +174,12 @@ def build(
         site = WebSite(realm)
         for description in web:
             ListenerService(reactor, description, site).setServiceParent(top)
+    if cfg.irc.enabled:
+        from chatproto.irc import IRCFactory
+
+        irc_factory = IRCFactory(realm)
+        for description in cfg.irc_descriptions():
+            ListenerService(reactor, description, irc_factory).setServiceParent(top)
     return top, realm
 
 

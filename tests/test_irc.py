@@ -1,0 +1,563 @@
+"""The IRC gateway's protocol logic over StringTransport: registration, CAP/SASL, every
+command and its numerics, the IRCv3 capabilities, flood limits and bad input.
+
+Everything runs on a MemoryStore realm with a task.Clock (chatproto.testing)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from chatproto import irc
+from chatproto.config import Config
+from chatproto.irc import IRCFactory, IRCProtocol
+from chatproto.realm import RealmService
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+
+PW = "correct-horse"
+
+
+class Conn:
+    """One IRC client connection on a StringTransport."""
+
+    def __init__(self, factory: IRCFactory, host: str = "127.0.0.1") -> None:
+        self.proto: IRCProtocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))  # type: ignore[assignment]
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.proto.makeConnection(self.transport)
+
+    def send(self, *lines: str, bytewise: bool = False) -> None:
+        data = "".join(line + "\r\n" for line in lines).encode()
+        if bytewise:
+            for i in range(len(data)):
+                self.proto.dataReceived(data[i : i + 1])
+        else:
+            self.proto.dataReceived(data)
+
+    def lines(self) -> list[str]:
+        data = self.transport.value().decode()
+        self.transport.clear()
+        assert data == "" or data.endswith("\r\n"), data
+        return data.split("\r\n")[:-1]
+
+    def commands(self) -> list[tuple[str, list[str]]]:
+        """(command, params) of every line written, tags and source dropped."""
+        out = []
+        for line in self.lines():
+            _tags, command, params = irc.parse_line(line)
+            out.append((command, params))
+        return out
+
+    def numerics(self) -> list[str]:
+        return [c for c, _ in self.commands()]
+
+
+def make_realm(clock: Clock, **irc_opts: Any) -> RealmService:
+    cfg = Config()
+    cfg.irc.enabled = True
+    cfg.irc.motd = "hello\nsecond line"
+    cfg.irc.flood_rate = 0.0
+    cfg.limits.send_rate = 1000.0
+    cfg.limits.send_burst = 1000
+    for k, v in irc_opts.items():
+        setattr(cfg.irc, k, v)
+    cfg.check()
+    realm = make_test_realm(clock, cfg)
+    for name in ("alice", "bob", "carol"):
+        realm.create_user(name, PW)
+    return realm
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> RealmService:
+    return make_realm(clock)
+
+
+@pytest.fixture
+def factory(realm: RealmService, clock: Clock) -> IRCFactory:
+    return IRCFactory(realm, clock)
+
+
+def login(factory: IRCFactory, nick: str, caps: str = "", bytewise: bool = False) -> Conn:
+    c = Conn(factory)
+    if caps:
+        c.send("CAP LS 302", f"CAP REQ :{caps}")
+    c.send(f"PASS {PW}", f"NICK {nick}", "USER u 0 * :Real Name", bytewise=bytewise)
+    if caps:
+        c.send("CAP END")
+    lines = c.lines()
+    assert any(f" 001 {nick} " in line for line in lines), lines
+    return c
+
+
+# registration ------------------------------------------------------------------------
+
+
+def test_pass_registration_welcome_burst(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send(f"PASS {PW}", "NICK alice", "USER alice 0 * :Alice")
+    cmds = c.commands()
+    names = [n for n, _ in cmds]
+    for code in ("001", "002", "003", "004", "005", "251", "254", "255", "375", "372", "376"):
+        assert code in names, (code, names)
+    assert names.index("001") < names.index("005") < names.index("375")
+    welcome = dict(cmds)["001"]
+    assert welcome[0] == "alice"
+    isupport = [t for n, p in cmds if n == "005" for t in p[1:-1]]
+    assert "CASEMAPPING=ascii" in isupport
+    assert "CHANTYPES=#" in isupport
+    assert "PREFIX=(qo)~@" in isupport
+    assert "NETWORK=localhost" in isupport
+    assert all(len(p) <= 15 for n, p in cmds if n == "005")  # nick + 13 tokens + text
+    motd = [p[-1] for n, p in cmds if n == "372"]
+    assert motd == ["- hello", "- second line"]
+    assert c.proto.state == "ready"
+    assert c.proto.session is not None and c.proto.session.device == irc.DEVICE
+
+
+def test_registration_bytewise_and_case_folded_nick(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send(f"PASS {PW}", "NICK Alice", "USER a 0 * :A", bytewise=True)
+    cmds = c.commands()
+    assert ("NICK", ["alice"]) in cmds  # the client's spelling becomes the account's
+    assert dict(cmds)["001"][0] == "alice"
+
+
+def test_pass_with_account_prefix(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send(f"PASS bob:{PW}", "NICK whoever", "USER a 0 * :A")
+    assert dict(c.commands())["001"][0] == "bob"
+
+
+def test_wrong_password_464_and_disconnect(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("PASS wrong-password", "NICK alice", "USER a 0 * :A")
+    cmds = c.commands()
+    assert [n for n, _ in cmds] == ["464", "ERROR"]
+    assert c.transport.disconnecting
+    assert c.proto.session is None
+
+
+def test_no_password_is_refused(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("NICK alice", "USER a 0 * :A")
+    assert [n for n, _ in c.commands()] == ["464", "ERROR"]
+    assert c.transport.disconnecting
+
+
+def test_failed_logins_share_the_realm_throttle(factory: IRCFactory, realm: RealmService) -> None:
+    """IRC failures count toward the same per-account slowdown as the native protocol."""
+    for _ in range(realm.config.auth.free_failures_per_account + 1):
+        c = Conn(factory)
+        c.send("PASS nope-nope", "NICK alice", "USER a 0 * :A")
+        assert c.numerics()[0] == "464"
+    # The native protocol now sees the account throttled ...
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    proto.dataReceived(frame({"type": "login", "id": 2, "user": "alice", "password": PW}))
+    out = frames(transport)
+    assert out[-1]["code"] == "rate_limited"
+    # ... and so does IRC, even with the right password.
+    c = Conn(factory)
+    c.send(f"PASS {PW}", "NICK alice", "USER a 0 * :A")
+    lines = c.lines()
+    assert " 464 " in lines[0] and "retry after" in lines[0]
+
+
+def test_commands_before_registration_451(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("JOIN #x", "PRIVMSG bob :hi", "FOO")
+    assert c.numerics() == ["451", "451", "451"]
+    c.send("PING :abc")
+    assert c.commands() == [("PONG", ["localhost", "abc"])]
+
+
+def test_user_needs_params_and_rereg_462(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("USER a b")
+    assert c.numerics() == ["461"]
+    c = login(factory, "alice")
+    c.send("USER a 0 * :x", "PASS again")
+    assert c.numerics() == ["462", "462"]
+
+
+def test_nick_change_to_other_account_refused(factory: IRCFactory) -> None:
+    c = login(factory, "alice")
+    c.send("NICK bob", "NICK ALICE", "NICK bad!nick")
+    assert c.numerics() == ["433", "432"]
+
+
+# CAP and SASL ----------------------------------------------------------------------------
+
+
+def sasl_plain(user: str, password: str, authz: str = "") -> str:
+    return base64.b64encode(f"{authz}\0{user}\0{password}".encode()).decode()
+
+
+def test_cap_ls_302_and_sasl_plain(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("CAP LS 302", "NICK guest", "USER u 0 * :R")
+    ls = c.commands()
+    assert ls[0][0] == "CAP" and ls[0][1][1] == "LS"
+    offered = ls[0][1][2].split()
+    assert "sasl=PLAIN" in offered and "server-time" in offered
+    assert len(ls) == 1  # registration waits for CAP END
+    c.send("CAP REQ :sasl server-time")
+    assert c.commands() == [("CAP", ["guest", "ACK", "sasl server-time"])]
+    c.send("AUTHENTICATE PLAIN")
+    assert c.lines() == ["AUTHENTICATE +"]
+    c.send("AUTHENTICATE " + sasl_plain("carol", PW))
+    assert c.numerics() == ["900", "903"]
+    c.send("CAP END")
+    cmds = c.commands()
+    assert cmds[0] == ("NICK", ["carol"])
+    assert dict(cmds)["001"][0] == "carol"
+    c.send("CAP LIST")
+    assert c.commands() == [("CAP", ["carol", "LIST", "sasl server-time"])]
+
+
+def test_cap_req_unknown_is_nak(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("CAP LS", "CAP REQ :server-time no-such-cap", "CAP FOO")
+    cmds = c.commands()
+    assert cmds[1] == ("CAP", ["*", "NAK", "server-time no-such-cap"])
+    assert cmds[2][0] == "410"
+    assert "sasl" in cmds[0][1][2].split()  # no mechanism list before 302
+
+
+def test_sasl_failure_then_cap_end_disconnects(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("CAP LS 302", "CAP REQ sasl", "NICK alice", "USER u 0 * :R")
+    c.lines()
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE " + sasl_plain("alice", "wrong-pass"))
+    assert c.numerics() == ["AUTHENTICATE", "904"]
+    c.send("CAP END")
+    assert c.numerics() == ["464", "ERROR"]
+    assert c.transport.disconnecting
+
+
+def test_sasl_edge_cases(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("CAP LS 302", "CAP REQ sasl")
+    c.lines()
+    c.send("AUTHENTICATE SCRAM-SHA-256")
+    assert c.numerics() == ["908", "904"]
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE *")
+    assert c.numerics() == ["AUTHENTICATE", "906"]
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE !!notbase64!!")
+    assert c.numerics() == ["AUTHENTICATE", "904"]
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE " + sasl_plain("alice", PW, authz="bob"))
+    assert c.numerics() == ["AUTHENTICATE", "904"]
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE " + "A" * 401)
+    assert c.numerics() == ["AUTHENTICATE", "905"]
+    # A PLAIN message of exactly 400 bytes is followed by "+".
+    pw = "p" * (300 - len("alice") - 2)
+    factory.realm.create_user("dave", pw)
+    blob = sasl_plain("dave", pw)
+    assert len(blob) == 400
+    c.send("AUTHENTICATE PLAIN", "AUTHENTICATE " + blob)
+    assert c.numerics() == ["AUTHENTICATE"]
+    c.send("AUTHENTICATE +")
+    assert c.numerics() == ["900", "903"]
+    c.send("AUTHENTICATE PLAIN")
+    assert c.numerics() == ["907"]
+
+
+# messages ----------------------------------------------------------------------------------
+
+
+def test_dm_between_irc_users_and_split_of_long_bodies(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("PRIVMSG bob :hello bob")
+    assert b.lines() == [":alice!alice@localhost PRIVMSG bob :hello bob"]
+    assert a.lines() == []  # no echo-message: nothing back
+    a.send("NOTICE BOB :a notice")
+    assert b.commands() == [("PRIVMSG", ["bob", "a notice"])]
+    # A native user's long multi-line body becomes several IRC lines of <= 512 bytes.
+    factory.realm.post("carol", "bob", "first\n" + "é" * 600)
+    lines = b.lines()
+    assert lines[0] == ":carol!carol@localhost PRIVMSG bob :first"
+    assert len(lines) == 4
+    assert all(len(line.encode()) + 2 <= 512 for line in lines)
+    assert "".join(line.split(" :", 1)[1] for line in lines[1:]) == "é" * 600
+
+
+def test_privmsg_errors(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    a.send(
+        "PRIVMSG nobody :x", "PRIVMSG #nochan :x", "PRIVMSG bob", "PRIVMSG", "PRIVMSG a,b,c,d,e :x"
+    )
+    assert a.numerics() == ["401", "403", "412", "461", "407"]
+    a.send("PRIVMSG bob/other.example :x")
+    assert a.numerics() == ["401"]
+    a.send("NOTICE nobody :x")  # NOTICE never gets automatic replies
+    assert a.lines() == []
+
+
+def test_rate_limit_263(clock: Clock) -> None:
+    realm = make_realm(clock)
+    realm.config.limits.send_burst = 2
+    f = IRCFactory(realm, clock)
+    a = login(f, "alice")
+    a.send("PRIVMSG bob :1", "PRIVMSG bob :2", "PRIVMSG bob :3")
+    assert a.numerics() == ["263"]
+
+
+def test_echo_message_server_time_message_tags(factory: IRCFactory, clock: Clock) -> None:
+    clock.advance(1_700_000_000.25)
+    a = login(factory, "alice", caps="echo-message server-time message-tags")
+    b = login(factory, "bob")
+    a.send("PRIVMSG bob :tagged")
+    (line,) = a.lines()
+    assert line.startswith("@time=2023-11-14T22:13:20.250Z;msgid=")
+    assert line.endswith(" :alice!alice@localhost PRIVMSG bob :tagged")
+    assert b.lines() == [":alice!alice@localhost PRIVMSG bob :tagged"]
+
+
+def test_labeled_response(factory: IRCFactory) -> None:
+    a = login(factory, "alice", caps="echo-message labeled-response batch")
+    login(factory, "bob")
+    a.send("@label=one PRIVMSG bob :hi")
+    assert a.lines() == ["@label=one :alice!alice@localhost PRIVMSG bob :hi"]
+    a.send("@label=two PONG x")
+    assert a.lines() == ["@label=two :localhost ACK"]
+    a.send("@label=three LUSERS")
+    lines = a.lines()
+    assert lines[0].startswith("@label=three :localhost BATCH +")
+    ref = lines[0].split("+")[1].split()[0]
+    assert all(line.startswith(f"@batch={ref} ") for line in lines[1:-1])
+    assert lines[-1] == f":localhost BATCH -{ref}"
+    a.send("@label=four JOIN #lab")
+    lines = a.lines()
+    assert "labeled-response" in lines[0]
+    assert any("JOIN #lab" in line for line in lines)
+
+
+# groups ------------------------------------------------------------------------------------
+
+
+def test_join_creates_then_others_join_and_talk(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #dev")
+    cmds = a.commands()
+    assert cmds[0] == ("JOIN", ["#dev"])
+    assert ("353", ["alice", "=", "#dev", "~alice"]) in cmds
+    assert cmds[-1] == ("366", ["alice", "#dev", "End of /NAMES list"])
+    b.send("JOIN #dev")
+    assert b.commands()[:1] == [("JOIN", ["#dev"])]
+    assert a.lines() == [":bob!bob@localhost JOIN #dev"]
+    b.send("PRIVMSG #dev :hi all")
+    assert a.lines() == [":bob!bob@localhost PRIVMSG #dev :hi all"]
+    assert b.lines() == []
+    a.send("JOIN #dev")  # already in: nothing
+    assert a.lines() == []
+    b.send("PART #dev")
+    assert a.lines() == [":bob!bob@localhost PART #dev :left"]
+    b.send("PRIVMSG #dev :gone")
+    assert b.numerics() == ["PART", "404"]
+
+
+def test_login_joins_member_channels_and_replays_backlog(factory: IRCFactory, clock: Clock) -> None:
+    a = login(factory, "alice")
+    a.send("JOIN #dev")
+    b = login(factory, "bob")
+    b.send("JOIN #dev", "QUIT :bye")
+    assert b.transport.disconnecting
+    b.proto.connectionLost(None)
+    a.send("PRIVMSG #dev :while you were out", "PRIVMSG bob :a dm")
+    clock.advance(2)
+    b2 = Conn(factory)
+    b2.send("CAP LS 302", "CAP REQ :server-time")
+    b2.send(f"PASS {PW}", "NICK bob", "USER u 0 * :R", "CAP END")
+    lines = b2.lines()
+    joins = [line for line in lines if " JOIN " in line]
+    assert joins == [":bob!bob@localhost JOIN #dev"]
+    replay = [line for line in lines if " PRIVMSG " in line]
+    assert len(replay) == 2 and all(line.startswith("@time=") for line in replay)
+    assert replay[0].endswith("PRIVMSG #dev :while you were out")
+    assert replay[1].endswith("PRIVMSG bob :a dm")
+    # Acked after the delay: a third login replays nothing.
+    clock.advance(irc.ACK_DELAY + 0.1)
+    b2.proto.connectionLost(None)
+    b3 = login(factory, "bob")
+    assert b3.lines() == []
+
+
+def test_topic_names_list_who_whois(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #dev", "TOPIC #dev :the topic")
+    a.lines()
+    b.send("JOIN #dev")
+    a.lines()
+    cmds = b.commands()
+    assert ("332", ["bob", "#dev", "the topic"]) in cmds
+    assert ("353", ["bob", "=", "#dev", "~alice bob"]) in cmds
+    b.send("TOPIC #dev", "TOPIC #dev :mine now", "NAMES #dev", "LIST")
+    cmds = b.commands()
+    assert cmds[0] == ("332", ["bob", "#dev", "the topic"])
+    assert cmds[1] == ("482", ["bob", "#dev", "You're not channel operator"])
+    assert cmds[2] == ("353", ["bob", "=", "#dev", "~alice bob"])
+    assert cmds[4] == ("321", ["bob", "Channel", "Users  Name"])
+    assert cmds[5] == ("322", ["bob", "#dev", "2", "the topic"])
+    assert cmds[6][0] == "323"
+    b.send("WHO #dev")
+    cmds = b.commands()
+    assert cmds[0] == (
+        "352",
+        ["bob", "#dev", "alice", "localhost", "localhost", "alice", "H~", "0 alice"],
+    )
+    assert cmds[-1][0] == "315"
+    a.send("AWAY :lunch")
+    assert a.numerics() == ["306"]
+    b.send("WHOIS alice", "WHOIS nobody")
+    cmds = b.commands()
+    assert [n for n, _ in cmds] == ["311", "319", "312", "301", "330", "318", "401", "318"]
+    assert cmds[1][1][-1] == "~#dev"
+    assert cmds[3][1][-1] == "lunch"
+    a.send("AWAY")
+    assert a.numerics() == ["305"]
+
+
+def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmService) -> None:
+    a = login(factory, "alice", caps="away-notify")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    a.lines()
+    # An invite-only group (created natively by alice) maps to +i.
+    session = realm._online["alice@localhost"][0]
+    session.group_event("created", "#priv", visibility="invite")
+    assert a.commands()[0] == ("JOIN", ["#priv"])
+    a.send("MODE #priv")
+    assert a.commands() == [("324", ["alice", "#priv", "+int"])]
+    b.send("JOIN #priv")
+    assert b.numerics() == ["473"]
+    a.send("INVITE bob #priv")
+    assert a.commands() == [("341", ["alice", "bob", "#priv"])]
+    assert b.lines() == [":alice!alice@localhost INVITE bob #priv"]
+    b.send("JOIN #priv")
+    b.lines()
+    a.lines()
+    # Op roles: +o makes bob admin, who may then kick carol but not alice.
+    a.send("MODE #priv +o bob")
+    assert b.lines() == [":alice!alice@localhost MODE #priv -q+o bob bob"]
+    a.lines()
+    a.send("INVITE carol #priv")
+    c.send("JOIN #priv")
+    c.lines()
+    b.lines()
+    a.lines()
+    b.send("KICK #priv carol :out", "KICK #priv alice")
+    assert c.lines() == [":bob!bob@localhost KICK #priv carol :out"]
+    assert b.commands() == [
+        ("KICK", ["#priv", "carol", "out"]),
+        ("482", ["bob", "#priv", "You're not channel operator"]),
+    ]
+    a.lines()
+    b.send("KICK #priv carol")
+    assert b.commands() == [("441", ["bob", "carol", "#priv", "They aren't on that channel"])]
+    # Bans, and the ban list.
+    a.send("MODE #priv +b carol!*@*", "MODE #priv b")
+    cmds = a.commands()
+    assert ("MODE", ["#priv", "+b", "carol!*@*"]) in cmds
+    assert ("367", ["alice", "#priv", "carol!*@*"]) in cmds
+    assert cmds[-1][0] == "368"
+    a.send("MODE #priv -b carol", "MODE #priv +x", "MODE #priv -i", "MODE alice", "MODE bob +i")
+    cmds = a.commands()
+    assert ("MODE", ["#priv", "-b", "carol!*@*"]) in cmds
+    assert [n for n, _ in cmds if n.isdigit()] == ["472", "472", "221", "502"]
+    b.lines()
+    b.send("INVITE alice #priv")
+    assert b.numerics() == ["443"]
+    # away-notify
+    b.send("AWAY :gone")
+    assert ":bob!bob@localhost AWAY :gone" in a.lines()
+
+
+def test_deleted_and_bad_channels(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    a.send("JOIN nochan", "PART #nope", "TOPIC #nope", "JOIN #bad!name")
+    assert a.numerics() == ["403", "403", "403", "403"]
+
+
+def test_ping_quit_motd_unknown(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    a.send("PING tok", "MOTD", "WHATEVER x", "TAGMSG bob")
+    cmds = a.commands()
+    assert cmds[0] == ("PONG", ["localhost", "tok"])
+    assert [n for n, _ in cmds[1:]] == ["375", "372", "372", "376", "421"]
+    a.send("QUIT :bye")
+    assert a.commands() == [("ERROR", ["Closing link: alice (Quit: bye)"])]
+    assert a.transport.disconnecting
+
+
+def test_keepalive_and_login_timeout(factory: IRCFactory, clock: Clock) -> None:
+    factory.startFactory()
+    lim = factory.realm.config.limits
+    idle = Conn(factory)
+    a = login(factory, "alice")
+    clock.advance(lim.login_timeout + 1)
+    assert idle.numerics() == ["ERROR"] and idle.transport.disconnecting
+    clock.advance(lim.keepalive_interval)
+    assert a.commands() == [("PING", ["localhost"])]
+    clock.advance(lim.keepalive_interval)
+    assert a.numerics() == ["ERROR"] and a.transport.disconnecting
+    factory.stopFactory()
+
+
+def test_flood_limit_delays_then_disconnects(clock: Clock) -> None:
+    realm = make_realm(clock, flood_rate=1.0, flood_burst=3)
+    f = IRCFactory(realm, clock)
+    c = Conn(f)
+    c.send("PING 1", "PING 2", "PING 3", "PING 4", "PING 5")
+    assert [p[-1] for _, p in c.commands()] == ["1", "2", "3"]
+    assert c.transport.producerState == "paused"
+    clock.advance(1.0)
+    assert [p[-1] for _, p in c.commands()] == ["4"]
+    clock.advance(1.0)
+    assert [p[-1] for _, p in c.commands()] == ["5"]
+    assert c.transport.producerState == "producing"
+    c.send(*["PING x"] * (irc.MAX_QUEUED + 10))
+    assert c.transport.disconnecting
+    assert c.lines()[-1] == "ERROR :Excess Flood"
+    c.proto.connectionLost(None)
+    assert [d for d in clock.getDelayedCalls() if "IRC" in repr(d.func)] == []
+
+
+def test_long_and_bad_lines(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    a.send("PRIVMSG bob :" + "x" * 600)
+    assert a.numerics() == ["417"]
+    a.proto.dataReceived(b"PRIVMSG bob :\xff\xfe\r\n")
+    assert a.commands() == [("FAIL", ["*", "INVALID_UTF8", "Lines must be UTF-8"])]
+    a.send("", ":onlyprefix", "   ")
+    assert a.lines() == []
+    a.proto.dataReceived(b"x" * (irc.MAX_TAGS + irc.MAX_LINE + 10))
+    assert a.lines() == ["ERROR :Input line was too long"]
+    assert a.transport.disconnecting
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_input_never_crashes(data: bytes) -> None:
+    clock = Clock()
+    realm = make_realm(clock)
+    f = IRCFactory(realm, clock)
+    c = Conn(f)
+    c.send(f"PASS {PW}", "NICK alice", "USER u 0 * :R")
+    c.proto.dataReceived(data + b"\r\n")
+    out = c.transport.value()
+    assert b" 400 " not in out  # never an internal error

@@ -1,0 +1,228 @@
+"""The IRC gateway over real loopback TCP (and TLS), with Twisted's own
+``twisted.words.protocols.irc.IRCClient`` as the client, and an IRC user talking to a
+native-protocol user in a DM and in a group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.words.protocols import irc as twirc
+
+from chatproto.client import connect
+from chatproto.irc import IRCFactory
+from tests.conftest import fast_config, make_realm, until
+
+PW = "password-irc"
+
+
+class Client(twirc.IRCClient):
+    """An IRCClient that records what it is told."""
+
+    def __init__(self, nick: str, password: str | None) -> None:
+        self.nickname = nick
+        self.password = password
+        self.events: list[tuple[Any, ...]] = []
+        self.signed_on: defer.Deferred[None] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.raw: list[str] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.raw.append(line.decode("utf-8", "replace"))
+        super().lineReceived(line)
+
+    def signedOn(self) -> None:
+        self.signed_on.callback(None)
+
+    def privmsg(self, user: str, channel: str, message: str) -> None:
+        self.events.append(("privmsg", user.split("!")[0], channel, message))
+
+    def joined(self, channel: str) -> None:
+        self.events.append(("joined", channel))
+
+    def userJoined(self, user: str, channel: str) -> None:
+        self.events.append(("userJoined", user.split("!")[0], channel))
+
+    def topicUpdated(self, user: str, channel: str, newTopic: str) -> None:
+        self.events.append(("topic", channel, newTopic))
+
+    def kickedFrom(self, channel: str, kicker: str, message: str) -> None:
+        self.events.append(("kickedFrom", channel, kicker.split("!")[0], message))
+
+    def irc_ERR_PASSWDMISMATCH(self, prefix: str, params: list[str]) -> None:
+        self.events.append(("464",))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+@pytest.fixture
+def gateway(tmp_path: Any) -> Any:
+    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
+    cfg.irc.enabled = True
+    cfg.irc.flood_rate = 0.0
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    for name in ("alice", "bob"):
+        pytest_twisted.blockon(realm.create_user(name, PW))
+    factory = IRCFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    from chatproto.protocol import ClientFactory
+
+    native = ClientFactory(realm)
+    nport = _reactor.listenTCP(0, native, interface="127.0.0.1")
+    yield realm, port.getHost().port, f"tcp:127.0.0.1:{nport.getHost().port}"
+    for proto in list(factory.connections) + list(native.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(nport.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+@defer.inlineCallbacks
+def irc_client(port: int, nick: str, password: str | None = PW) -> Any:
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    client = yield endpoint.connect(protocol.Factory.forProtocol(lambda: Client(nick, password)))
+    return client
+
+
+@pytest_twisted.inlineCallbacks
+def test_irc_clients_dm_and_channel(gateway: Any) -> None:
+    realm, port, _ = gateway
+    alice = yield irc_client(port, "alice")
+    bob = yield irc_client(port, "bob")
+    yield alice.signed_on
+    yield bob.signed_on
+    alice.msg("bob", "hello over tcp")
+    yield until(lambda: ("privmsg", "alice", "bob", "hello over tcp") in bob.events)
+    alice.join("#room")
+    yield until(lambda: ("joined", "#room") in alice.events)
+    bob.join("#room")
+    yield until(lambda: ("userJoined", "bob", "#room") in alice.events)
+    bob.msg("#room", "hi room")
+    yield until(lambda: ("privmsg", "bob", "#room", "hi room") in alice.events)
+    alice.topic("#room", "new topic")
+    yield until(lambda: ("topic", "#room", "new topic") in bob.events)
+    alice.kick("#room", "bob", "bye")
+    yield until(lambda: ("kickedFrom", "#room", "alice", "bye") in bob.events)
+    # Stored durably: the realm's history has both messages.
+    items = yield realm.store.history("#room@localhost", None, None, 10, 0)
+    assert [e.body for e in items if e.kind == "text"] == ["hi room"]
+    alice.quit("done")
+    bob.quit("done")
+    yield alice.lost
+    yield bob.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_password_over_tcp(gateway: Any) -> None:
+    _realm, port, _ = gateway
+    client = yield irc_client(port, "alice", "not-the-password")
+    yield client.lost
+    assert ("464",) in client.events
+    assert any(line.startswith("ERROR ") for line in client.raw)
+
+
+@pytest_twisted.inlineCallbacks
+def test_irc_user_and_native_user_dm_and_group(gateway: Any) -> None:
+    """An IRC user and a native-protocol user see each other's messages."""
+    realm, port, native_addr = gateway
+    got: list[dict[str, Any]] = []
+    carol = yield connect(
+        _reactor, native_addr, "carol", "password-carol", register=True, on_message=got.append
+    )
+    yield carol.synced
+    alice = yield irc_client(port, "alice")
+    yield alice.signed_on
+    # DM both ways.
+    alice.msg("carol", "from irc")
+    yield until(lambda: any(m.get("body") == "from irc" for m in got))
+    yield carol.send("alice", "from native")
+    yield until(lambda: ("privmsg", "carol", "alice", "from native") in alice.events)
+    # A group created natively, joined from IRC.
+    yield carol.create_group("#mixed")
+    alice.join("#mixed")
+    yield until(lambda: ("joined", "#mixed") in alice.events)
+    yield carol.send("#mixed@localhost", "native to group")
+    yield until(lambda: ("privmsg", "carol", "#mixed", "native to group") in alice.events)
+    alice.msg("#mixed", "irc to group")
+    yield until(
+        lambda: any(m.get("body") == "irc to group" and m["to"] == "#mixed@localhost" for m in got)
+    )
+    sender = [m for m in got if m.get("body") == "irc to group"][0]["from"]
+    assert sender == "alice@localhost"
+    alice.quit()
+    yield alice.lost
+    yield carol.close()
+
+
+FAST_AUTH = """
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+"""
+
+
+def test_irc_config_section_and_descriptions(tmp_path: Any) -> None:
+    from twisted.python import usage
+
+    from chatproto import tap
+
+    path = tmp_path / "realm.toml"
+    path.write_text('[irc]\nenabled = true\nlisten = "tcp:6668"\nmotd = "hi"\n')
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(path)])
+    cfg = opts.realm_config
+    assert cfg.irc.enabled and cfg.irc.listen == ["tcp:6668"] and cfg.irc.motd == "hi"
+    assert cfg.irc_descriptions() == ["tcp:6668"]
+    cfg.tls.certificate = "/tmp/c.pem"
+    assert cfg.irc_descriptions()[1].startswith("ssl:6697:interface=127.0.0.1:")
+    cfg.irc.enabled = False
+    assert cfg.irc_descriptions() == []
+    for text, named in [
+        ("[irc]\nlisten = [1]\n", "irc.listen"),
+        ("[irc]\nflood_rate = -1\n", "irc.flood_rate"),
+        ("[irc]\nserver_name = 'a b'\n", "irc.server_name"),
+        ("[irc]\ntls_port = 70000\n", "irc.tls_port"),
+        ("[irc]\nenabled = true\nlisten = []\n", "irc.enabled"),
+        ("[irc]\nbogus = 1\n", "irc.bogus"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(usage.UsageError, match=named.replace(".", r"\.")):
+            tap.Options().parseOptions(["--config", str(path)])
+    path.write_text("[irc]\nenabled = true\nlisten = 'nosuchtype:1'\n")
+    with pytest.raises(usage.UsageError, match="nosuchtype"):
+        tap.Options().parseOptions(["--config", str(path)])
+
+
+@pytest_twisted.inlineCallbacks
+def test_twistd_wiring_serves_irc(tmp_path: Any) -> Any:
+    """tap.build with [irc] enabled listens for IRC; an IRCClient signs on through it."""
+    from chatproto import tap
+
+    path = tmp_path / "realm.toml"
+    path.write_text(FAST_AUTH + '[irc]\nenabled = true\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    opts = tap.Options()
+    opts.parseOptions(
+        ["--config", str(path), "--data-dir", str(tmp_path / "d"), "-l", "tcp:0:interface=127.0.0.1"]
+    )
+    top, realm = tap.build(opts.realm_config, _reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        listeners = [s for s in top if isinstance(s, tap.ListenerService)]
+        assert [type(s.factory).__name__ for s in listeners] == ["ClientFactory", "IRCFactory"]
+        yield realm.create_user("alice", PW)
+        client = yield irc_client(listeners[1].port.getHost().port, "alice")
+        yield client.signed_on
+        client.quit()
+        yield client.lost
+    finally:
+        yield top.stopService()
