@@ -8,6 +8,7 @@ WebSocket client.  The browser end-to-end test is tests/test_web_e2e.py.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from chatproto import config as configmod
@@ -164,11 +165,11 @@ def test_web_config_section_and_tap_option(tmp_path: Any) -> None:
         configmod.from_dict({"web": {"origins": [1]}})
     bad = configmod.Config()
     bad.web.origins = ["a.example"]
-    with pytest.raises(configmod.ConfigError, match="web.origins"):
+    with pytest.raises(configmod.ConfigError, match=r"web\.origins"):
         bad.check()
     bad = configmod.Config()
     bad.web.tls_port = 8443
-    with pytest.raises(configmod.ConfigError, match="tls.certificate"):
+    with pytest.raises(configmod.ConfigError, match=r"tls\.certificate"):
         bad.check()
     opts = tap.Options()
     opts.parseOptions(
@@ -213,9 +214,6 @@ class Web:
             headers.addRawHeader("cookie", f"{SESSION_COOKIE}={cookie}")
         producer = None
         if body is not None:
-            from twisted.web.client import FileBodyProducer
-            import io
-
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
             producer = FileBodyProducer(io.BytesIO(raw))
             headers.addRawHeader("content-type", ctype)

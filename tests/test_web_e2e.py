@@ -1,0 +1,158 @@
+"""The web client end to end: two headless Chromium sessions on a real web listener.
+
+The realm and its web listener run in this process (127.0.0.1, port 0); node runs
+``tests/e2e/web_e2e.mjs``, which drives Debian's ``chromium`` with Playwright's
+``playwright-core`` (``executablePath`` set: no browser is downloaded).  Alice and bob
+log in through the page, exchange a DM (whose text is markup: it must show as text) and
+group messages, bob's connection is cut and resumes without loss or duplicates, a
+reload pages the conversation back from history, and a file alice sends is downloaded
+by bob byte for byte (when the realm has files).  Screenshots go to
+``tmp/artifacts/web-e2e/`` (not committed).
+
+``playwright-core`` is installed with npm into ``.cache/e2e-node`` (or
+``$CHATPROTO_E2E_NODE``) when missing; ``.ci/run`` installs it and chromium up front.
+Without node, npm or chromium the test is skipped, except under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+
+from chatproto.web import WebSite
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "e2e" / "web_e2e.mjs"
+ARTIFACTS = ROOT / "tmp" / "artifacts" / "web-e2e"
+PLAYWRIGHT_VERSION = "1.65.1"
+CHROMIUM = os.environ.get("CHATPROTO_CHROMIUM", "/usr/bin/chromium")
+PASSWORD = "correct horse battery"
+#: Bound for the whole browser run (it takes ~15 s on two busy cores).
+DEADLINE = 120.0
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI (.ci/run installs it)")
+    pytest.skip(f"{what} not available")
+
+
+def playwright_core() -> Path:
+    """The playwright-core package directory, installed with npm if missing."""
+    prefix = Path(os.environ.get("CHATPROTO_E2E_NODE", ROOT / ".cache" / "e2e-node"))
+    package = prefix / "node_modules" / "playwright-core"
+    if not (package / "package.json").exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            _missing("npm")
+        prefix.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent",
+             f"playwright-core@{PLAYWRIGHT_VERSION}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            _missing(f"playwright-core (npm install failed: {proc.stderr.strip()[-500:]})")
+    return package
+
+
+class Driver(protocol.ProcessProtocol):
+    """The node process: its output, its exit code, and its "DROP <user>" requests."""
+
+    def __init__(self, on_drop: Any) -> None:
+        self.output = ""
+        self._line = ""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self._on_drop = on_drop
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+        self._deadline = _reactor.callLater(DEADLINE, self._kill)
+
+    def outReceived(self, data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        self.output += text
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if line.startswith("DROP "):
+                self._on_drop(line[5:].strip())
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    def _kill(self) -> None:
+        self.output += f"\n[killed after {DEADLINE} s]"
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:
+            pass
+
+    def processEnded(self, reason: Any) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self.ended.callback(reason.value.exitCode)
+
+
+@pytest.fixture
+def tools() -> tuple[str, Path]:
+    node = shutil.which("node")
+    if node is None:
+        _missing("node")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(CHROMIUM)
+    return node, playwright_core()  # type: ignore[return-value]
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_browsers_chat_resume_and_files(realm: Any, tools: Any, tmp_path: Path) -> Any:
+    node, package = tools
+    site = WebSite(realm)
+    port = _reactor.listenTCP(0, site, interface="127.0.0.1")
+    for name in ("alice", "bob", "carol"):
+        yield realm.create_user(name, PASSWORD)
+    for i in range(1, 61):  # for history paging (the page asks 50 at a time)
+        yield realm.post("carol", "bob", f"note {i}")
+
+    def drop(user: str) -> None:  # a network failure, from the server side
+        for proto in list(site.ws.sessions.connections):
+            if proto.session is not None and proto.session.user_id == user:
+                proto.transport.abortConnection()
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "BASE_URL": f"http://127.0.0.1:{port.getHost().port}",
+        "ARTIFACTS": str(ARTIFACTS),
+        "PLAYWRIGHT": str(package),
+        "CHROMIUM": CHROMIUM,
+        "PASSWORD": PASSWORD,
+    }
+    upload = getattr(realm, "files", None)
+    if upload is not None:
+        data = os.urandom(3 * 1024 * 1024 + 12345)
+        (tmp_path / "holiday photo.bin").write_bytes(data)
+        env["UPLOAD"] = str(tmp_path / "holiday photo.bin")
+    driver = Driver(drop)
+    _reactor.spawnProcess(driver, node, [node, str(SCRIPT)], env=env, path=str(ROOT))
+    try:
+        code = yield driver.ended
+    finally:
+        for proto in list(site.ws.sessions.connections):
+            proto.transport.abortConnection()
+        yield port.stopListening()
+    print(driver.output)
+    assert code == 0, driver.output
+    assert "e2e finished" in driver.output
+    assert (ARTIFACTS / "04-bob-resumed.png").exists()
