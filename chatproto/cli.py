@@ -334,6 +334,22 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("status", metavar="STATUS", choices=_STATUSES)
     p.add_argument("text", metavar="TEXT", nargs="*")
+
+    p = sub.add_parser(
+        "tui",
+        parents=[common],
+        help="the full-screen terminal client",
+        description="Open the full-screen client (needs chatproto[tui]): a login form "
+        "prefilled from the remembered login and these options, then conversations, "
+        "groups, presence and commands (/help).  Logs in as device 'tui' unless "
+        "--device is given.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the remembered login (default: $XDG_CONFIG_HOME/chatproto/tui.toml)",
+    )
+    p.add_argument("--log", metavar="FILE", help="append the client's log to FILE")
     return parser
 
 
@@ -341,7 +357,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (exits 2 with a usage message on errors, like argparse)."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    if not args.user:
+    if not args.user and args.command != "tui":
         parser.error(f"--user is required (or set ${USER_ENV})")
     if args.command == "send":
         args.body = None if args.text == ["-"] else " ".join(args.text)
@@ -867,6 +883,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    if args.command == "tui":
+        try:
+            from chatproto.tui import app
+        except ImportError as e:
+            _note(f"the terminal client needs urwid: pip install 'chatproto[tui]' ({e})")
+            return 1
+        return app.run(args)
     try:
         password = read_password(args.user, confirm=args.command == "register")
         if args.command == "send" and args.body is None:

@@ -1,0 +1,527 @@
+"""The terminal client's controller: the client library on one side, the model on the other.
+
+:class:`ChatController` logs in with a :class:`chatproto.client.ChatClientService`
+(Twisted's ``ClientService``: reconnect with backoff; the library resumes after the last
+processed position, so items are neither lost nor repeated), feeds stream items and
+presence frames to the :class:`chatproto.tui.model.ChatModel`, pages history from
+the realm, and runs the ``/commands`` parsed by :mod:`chatproto.tui.commands`.
+
+Every failure ends up as a readable notice in the model (``code: message`` for realm
+errors, one line for network and TLS errors), never as a traceback: the view has no
+stderr to print one to.  Nothing here imports urwid; tests drive it against a real
+realm on loopback and read the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+
+from chatproto import address
+from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain
+from chatproto.client import (
+    ChatClientService,
+    Connection,
+    WatchedEndpoint,
+    connect,
+    endpoint_for,
+)
+from chatproto.errors import ChatError
+from chatproto.tui import commands
+from chatproto.tui.model import PAGE, STATUS, ChatModel, short
+
+__all__ = ["ChatController", "LoginError"]
+
+
+class LoginError(Exception):
+    """The first login failed; the message is worded for the login screen."""
+
+
+class _Service(ChatClientService):
+    """A :class:`ChatClientService` that reports its connection state to the controller."""
+
+    def __init__(self, controller: ChatController, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.controller = controller
+
+    def _prepare(self, proxy: Any) -> Any:
+        def prepared(result: Any) -> Any:
+            if self._built is not None:
+                self._built.closed_d.addCallback(self.controller._lost)
+            if self.connection is not None:
+                self.controller._online(self.connection)
+            return result
+
+        return super()._prepare(proxy).addCallback(prepared)
+
+
+class ChatController:
+    """Runs the chat session behind the screen.
+
+    ``reactor`` runs everything (and gives time to the retry policy); ``retry_policy``
+    maps the number of failed attempts to the delay before the next (default: Twisted's
+    ``backoffPolicy()``, 1 s growing to 60 s with jitter).  ``on_quit`` is called once
+    ``/quit`` has closed the connection.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        model: ChatModel,
+        *,
+        retry_policy: Callable[[int], float] | None = None,
+        on_quit: Callable[[], Any] | None = None,
+        page: int = PAGE,
+    ) -> None:
+        self.reactor = reactor
+        self.model = model
+        self.service: _Service | None = None
+        self.server = ""
+        self.endpoint: WatchedEndpoint | None = None
+        self.on_quit = on_quit
+        self.page = page
+        self._retry = retry_policy or backoffPolicy()
+        #: (status, text) set by /status, applied again after each reconnect
+        self.status: tuple[str, str] | None = None
+        #: the realm's public groups (for completing /join), as of the last login
+        self.public_groups: list[str] = []
+        self.completer = commands.Completer(self.names)
+
+    # login and connection state ---------------------------------------------------
+
+    def _policy(self, attempt: int) -> float:
+        delay = float(self._retry(attempt))
+        why = ""
+        if self.endpoint is not None and self.endpoint.reason is not None:
+            why = explain(self.endpoint.reason.value or Exception(), self.server).args[0]
+            why = why.replace(f"connection to {self.server} failed: ", "") + "; "
+        self.model.set_connection(
+            "reconnecting", f"{why}retrying in {delay:.1f}s (attempt {attempt + 1})"
+        )
+        return delay
+
+    def _online(self, conn: Connection) -> None:
+        self.model.me = conn.user
+        self.model.realm = conn.realm
+        self.model.set_connection("online", f"{conn.user} on {self.server}")
+        if self.status is not None:
+            conn.set_status(*self.status).addErrback(self._failed, None)
+        # The conversation on screen may have missed its first page while offline.
+        self._load_history(self.model.active)
+
+    def _lost(self, _: object) -> None:
+        if self.service is not None and self.service.running:
+            self.model.set_connection("reconnecting", "connection lost")
+
+    def _describe(self, exc: BaseException) -> str:
+        reason = self.endpoint.reason if self.endpoint is not None else None
+        return str(explain(exc, self.server, reason))
+
+    @inlineCallbacks
+    def login(
+        self,
+        server: str,
+        user: str,
+        password: str,
+        *,
+        realm: str = "",
+        ca: str = "",
+        device: str = "tui",
+        register: bool = False,
+    ) -> Any:
+        """Connect and log in; fires with the :class:`Connection` once the backlog is in.
+
+        Fails with :class:`LoginError` (worded for the user) when the server description
+        is bad, the realm cannot be reached, TLS verification fails or the login is
+        refused; the service is then stopped.  After a success the service keeps the
+        session up by itself.  ``register=True`` creates the account first.
+        """
+        if not user or not password:
+            raise LoginError("a user name and a password are needed")
+        try:
+            inner = endpoint_for(self.reactor, server, realm or None, ca or None)
+        except OSError as e:
+            raise LoginError(f"CA file {ca}: {e.strerror or e}") from None
+        except Exception as e:
+            raise LoginError(f"bad server {server!r}: {e}") from None
+        self.server = server
+        self.endpoint = endpoint = WatchedEndpoint(inner)
+        self.model.set_connection("connecting", f"connecting to {server}")
+        if register:
+            try:
+                conn = yield connect(
+                    self.reactor,
+                    endpoint,
+                    user,
+                    password,
+                    device=f"{device}-register",
+                    since=ONESHOT_SINCE,
+                    ack=False,
+                    quiet=True,
+                    register=True,
+                )
+            except Exception as e:
+                self.model.set_connection("offline", "")
+                raise LoginError(self._describe(e)) from None
+            yield conn.close()
+        service = self.service = _Service(
+            self,
+            self.reactor,
+            endpoint,
+            user,
+            password,
+            device=device,
+            on_message=self._message,
+            on_presence=self._presence,
+            retryPolicy=self._policy,
+        )
+        first = _next_turn(self.reactor, service.whenConnected(failAfterFailures=1))
+        done = _next_turn(self.reactor, service.done)
+        outcome = _first_of(first, done)
+        done.addErrback(self._gave_up)  # after _first_of has seen the result
+        service.startService()
+        try:
+            yield outcome
+        except Exception as e:
+            first.addErrback(lambda _: None)
+            message = self._describe(e)
+            self.service = None
+            yield service.stopService()
+            self.model.set_connection("offline", message)
+            raise LoginError(message) from None
+        conn = service.connection
+        self.reactor.callLater(0, self.discover_groups)
+        return conn
+
+    def _gave_up(self, failure: Failure) -> None:
+        # Reconnecting cannot cure this (the password changed, the account was deleted).
+        if self.model.connection in ("online", "reconnecting"):
+            message = self._describe(failure.value or Exception())
+            self.model.set_connection("failed", message)
+            self.model.notice(f"disconnected for good: {message}", STATUS, error=True)
+
+    def stop(self) -> Deferred[None]:
+        """Close the connection (acks flushed) and stop reconnecting."""
+        service, self.service = self.service, None
+        self.model.set_connection("offline", "")
+        if service is None or not service.running:
+            return Deferred.fromCoroutine(_nothing())
+        return service.stopService()  # type: ignore[no-any-return]
+
+    @inlineCallbacks
+    def discover_groups(self) -> Any:
+        """Put the public groups the user is a member of in the sidebar.
+
+        (Invite-only groups and private conversations appear as their items arrive or
+        with ``/join`` and ``/msg``: the protocol has no "my conversations" request.)
+        """
+        if self.service is None:
+            return
+        try:
+            conn = yield self.service.whenReady()
+            groups = yield conn.list_groups()
+            self.public_groups = [str(info["group"]) for info in groups]
+            for info in groups:
+                details = yield conn.group_info(info["group"])
+                if details.get("role"):
+                    conv = self.model.conversation(info["group"])
+                    conv.topic = str(info.get("topic", ""))
+            self.model.changed()
+        except Exception as e:
+            self.model.notice(f"cannot list your groups: {self._describe(e)}", STATUS, True)
+
+    # stream and presence ------------------------------------------------------------
+
+    def _message(self, item: dict[str, Any]) -> None:
+        self.model.receive(item)
+
+    def _presence(self, frame: dict[str, Any]) -> None:
+        user = str(frame.get("user", ""))
+        status = str(frame.get("status", "offline"))
+        self.model.set_presence(user, status, str(frame.get("text", "")))
+
+    # conversations and history ------------------------------------------------------
+
+    def open(self, addr: str) -> None:
+        """Show the conversation with ``addr`` (canonical), loading its newest page."""
+        self.model.select(addr)
+        self._load_history(addr)
+        if addr and not addr.startswith("#") and addr not in self.model.presence:
+            # Presence frames only come for contacts: ask once about a new partner.
+            self._ask_presence(addr)
+
+    @inlineCallbacks
+    def _ask_presence(self, user: str) -> Any:
+        if self.service is None or self.model.connection != "online":
+            return
+        try:
+            conn = yield self.service.whenReady()
+            online = yield conn.who()
+        except Exception:
+            return  # only a nicety: the sidebar shows the user as offline meanwhile
+        for entry in online:
+            if entry.get("user") == user and user not in self.model.presence:
+                status = str(entry.get("status", "online"))
+                self.model.set_presence(user, status, str(entry.get("text", "")))
+
+    def cycle(self, step: int) -> None:
+        self.open(self.model.cycle(step).address)
+
+    def next_unread(self) -> None:
+        conv = self.model.next_unread()
+        if conv is not None:
+            self._load_history(conv.address)
+
+    def _load_history(self, addr: str) -> None:
+        conv = self.model.conversations.get(addr)
+        if addr == STATUS or conv is None or conv.history != "unloaded":
+            return
+        if conv.is_group and not conv.joined:
+            return
+        self._page(addr, None)
+
+    def older(self) -> Deferred[int] | None:
+        """Fetch the page before the oldest item shown (None when there is nothing more
+        to fetch or a page is already on its way); fires with the number of new items."""
+        addr = self.model.active
+        conv = self.model.conversations.get(addr)
+        if addr == STATUS or conv is None or conv.history not in ("partial", "unloaded"):
+            return None
+        if conv.is_group and not conv.joined:
+            return None
+        return self._page(addr, conv.oldest if conv.history == "partial" else None)
+
+    @inlineCallbacks
+    def _page(self, addr: str, before: int | None) -> Any:
+        conv = self.model.conversation(addr)
+        previous, conv.history = conv.history, "loading"
+        self.model.changed()
+        try:
+            if self.service is None or self.model.connection != "online":
+                raise _NotNow()
+            conn = yield self.service.whenReady()
+            page = yield conn.history(addr, before=before, limit=self.page)
+        except _NotNow:
+            conv.history = previous
+            self.model.changed()
+            return 0
+        except Exception as e:
+            conv.history = previous
+            self.model.notice(f"cannot load the history: {self._describe(e)}", addr, True)
+            return 0
+        return self.model.add_history(addr, page, self.page)
+
+    # input --------------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        """Completion sources: ``user``, ``group`` (as typed: short local names) and
+        ``file`` (ids of the files in the conversation on screen)."""
+        realm = self.model.realm
+        if kind == "group":
+            groups = [a for a in self.model.conversations if a.startswith("#")]
+            groups += [g for g in self.public_groups if g not in groups]
+            return [short(a, realm) for a in groups]
+        if kind == "user":
+            users = {a for a in self.model.conversations if a and not a.startswith("#")}
+            users.update(self.model.presence)
+            for item in self.model.current.items.values():
+                users.add(str(item.get("from", "")))
+            users.discard("")
+            return sorted(short(u, realm) for u in users)
+        if kind == "file":
+            return [fid for fid, _ in self.files()]
+        return []
+
+    def files(self, addr: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """``(file id, item)`` of the file items of a conversation, oldest first."""
+        conv = self.model.conversation(self.model.active if addr is None else addr)
+        out = []
+        for pos in sorted(conv.items):
+            item = conv.items[pos]
+            fid = (item.get("meta") or {}).get("file_id")
+            if item.get("kind") == "file" and fid:
+                out.append((str(fid), item))
+        return out
+
+    def run(self, line: str) -> Deferred[None]:
+        """Run one input line (a message or a command); never fails: problems become
+        notices in the conversation on screen."""
+        return Deferred.fromCoroutine(self._run(line))
+
+    async def _run(self, line: str) -> None:
+        where = self.model.active
+        try:
+            parsed = commands.parse(line)
+            if parsed is None:
+                return
+            if isinstance(parsed, commands.Say):
+                await self._say(where, parsed.text)
+                return
+            handler = getattr(self, f"_cmd_{parsed.name}")
+            await handler(parsed)
+        # Errors are shown where the user is looking by the time they come back.
+        except commands.UsageError as e:
+            self.model.notice(str(e), error=True)
+        except ChatError as e:
+            self.model.notice(str(e), error=True)
+        except Exception as e:
+            self.model.notice(self._describe(e), error=True)
+
+    def _ready(self) -> Deferred[Connection]:
+        if self.service is None:
+            raise commands.UsageError("not connected")
+        return self.service.whenReady()
+
+    async def _say(self, where: str, text: str) -> None:
+        if where == STATUS:
+            raise commands.UsageError(
+                "this is the status view: open a conversation with /msg USER or /join #GROUP"
+            )
+        if self.service is None:
+            raise commands.UsageError("not connected")
+        # Shown when its msg frame arrives (once, whatever the retries).
+        await self.service.send(where, text)
+
+    def _address(self, text: str, group: bool | None) -> str:
+        realm = self.model.realm
+        return str(address.parse(text, realm, group=group))
+
+    def _group(self, text: str) -> str:
+        if text:
+            return self._address(text if text.startswith("#") else "#" + text, True)
+        if not self.model.current.is_group:
+            raise commands.UsageError("not in a group: name one (#GROUP)")
+        return self.model.active
+
+    def _current_group(self, what: str) -> str:
+        if not self.model.current.is_group:
+            raise commands.UsageError(f"{what} works in a group: open one first")
+        return self.model.active
+
+    async def _cmd_msg(self, cmd: commands.Command) -> None:
+        target = self._address(cmd.get("USER"), None)
+        self.open(target)
+        if cmd.get("TEXT"):
+            await self._say(target, cmd.get("TEXT"))
+
+    async def _cmd_join(self, cmd: commands.Command) -> None:
+        group = self._group(cmd.get("#GROUP"))
+        conn = await self._ready()
+        try:
+            await conn.join(group)
+        except Exception as e:
+            if getattr(e, "code", None) != "already_member":
+                raise
+        conv = self.model.conversation(group)
+        conv.joined = True
+        if conv.history == "complete" and not conv.items:
+            conv.history = "unloaded"
+        self.open(group)
+
+    async def _cmd_create(self, cmd: commands.Command) -> None:
+        group = self._group(cmd.get("#GROUP"))
+        conn = await self._ready()
+        await conn.create_group(group, topic=cmd.get("TOPIC"))
+        self.model.conversation(group).joined = True
+        self.open(group)
+
+    async def _cmd_leave(self, cmd: commands.Command) -> None:
+        group = self._group(cmd.get("#GROUP"))
+        conn = await self._ready()
+        await conn.leave(group)
+        self.model.conversation(group).joined = False
+        self.model.changed()
+
+    async def _cmd_topic(self, cmd: commands.Command) -> None:
+        group = self._current_group("/topic")
+        conn = await self._ready()
+        if cmd.get("TEXT"):
+            await conn.set_topic(group, cmd.get("TEXT"))
+            return
+        info = await conn.group_info(group)
+        topic = info.get("topic") or ""
+        self.model.conversation(group).topic = topic
+        self.model.notice(f"topic: {topic}" if topic else "no topic set", group)
+
+    async def _cmd_who(self, cmd: commands.Command) -> None:
+        where = self.model.active
+        conn = await self._ready()
+        realm = self.model.realm
+        if cmd.get("#GROUP") or self.model.current.is_group:
+            group = self._group(cmd.get("#GROUP"))
+            members = await conn.members(group)
+            online = sum(1 for m in members if m.get("online"))
+            parts = []
+            for m in members:
+                role = "" if m.get("role") == "member" else f" ({m.get('role')})"
+                mark = "+" if m.get("online") else "-"
+                parts.append(f"{mark}{short(str(m['user']), realm)}{role}")
+            self.model.notice(
+                f"{short(group, realm)}: {len(members)} members, {online} online: "
+                + ", ".join(parts),
+                where,
+            )
+            return
+        users = await conn.who()
+        parts = []
+        for u in users:
+            status = "" if u.get("status", "online") == "online" else f" ({u['status']})"
+            parts.append(short(str(u["user"]), realm) + status)
+        self.model.notice(f"{len(users)} online: " + ", ".join(parts), where)
+
+    async def _cmd_invite(self, cmd: commands.Command) -> None:
+        group = self._group(cmd.get("#GROUP"))
+        user = self._address(cmd.get("USER"), False)
+        conn = await self._ready()
+        await conn.invite(group, user)
+
+    async def _cmd_kick(self, cmd: commands.Command) -> None:
+        group = self._current_group("/kick")
+        user = self._address(cmd.get("USER"), False)
+        conn = await self._ready()
+        await conn.kick(group, user, cmd.get("REASON") or None)
+
+    async def _cmd_status(self, cmd: commands.Command) -> None:
+        status = cmd.get("STATUS").lower()
+        if status not in commands.STATUSES:
+            raise commands.UsageError(f"status is one of {', '.join(commands.STATUSES)}")
+        conn = await self._ready()
+        await conn.set_status(status, cmd.get("TEXT"))
+        self.status = (status, cmd.get("TEXT"))
+        text = f": {cmd.get('TEXT')}" if cmd.get("TEXT") else ""
+        self.model.notice(f"you are {status}{text}", self.model.active)
+
+    async def _cmd_send(self, cmd: commands.Command) -> None:
+        raise commands.UsageError("file transfer is not available with this realm yet")
+
+    async def _cmd_download(self, cmd: commands.Command) -> None:
+        raise commands.UsageError("file transfer is not available with this realm yet")
+
+    async def _cmd_close(self, cmd: commands.Command) -> None:
+        if self.model.active == STATUS:
+            raise commands.UsageError("the status view cannot be closed")
+        self.model.forget(self.model.active)
+
+    async def _cmd_help(self, cmd: commands.Command) -> None:
+        for line in commands.help_text(cmd.get("COMMAND") or None):
+            self.model.notice(line, self.model.active)
+
+    async def _cmd_quit(self, cmd: commands.Command) -> None:
+        await self.stop()
+        if self.on_quit is not None:
+            self.on_quit()
+
+    def _failed(self, failure: Failure, where: str | None) -> None:
+        self.model.notice(self._describe(failure.value or Exception()), where, error=True)
+
+
+class _NotNow(Exception):
+    """Offline: the page will be asked for after the next login."""
+
+
+async def _nothing() -> None:
+    return None

@@ -1,0 +1,385 @@
+"""What the terminal client shows, as plain data: no urwid, no network.
+
+The controller (:mod:`chatproto.tui.controller`) feeds this model with stream items,
+history pages, presence frames and notices; the view (:mod:`chatproto.tui.view`)
+renders it and is told to redraw through :meth:`ChatModel.subscribe`.  Keeping the
+rules here (which conversation an item belongs to, what counts as unread, where a day
+separator goes, what is a duplicate) makes them testable without a terminal.
+
+A conversation's items are keyed by stream position and also remembered by
+``msg_id``: an item seen twice (the stream and a history page overlap, or a resume
+overlaps) is shown once.  Items are always a contiguous suffix of the conversation
+(the live stream plus pages of history fetched backwards from the newest), so paging
+back means asking for the items before the oldest loaded position.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "STATUS",
+    "ChatModel",
+    "Conversation",
+    "DaySeparator",
+    "InputHistory",
+    "MessageLine",
+    "NoticeLine",
+    "Transfer",
+    "short",
+]
+
+#: The address of the status conversation (notices not about one conversation).
+STATUS = ""
+#: How many items a history page asks for.
+PAGE = 50
+
+
+def short(address: str, realm: str) -> str:
+    """``address`` without ``@realm`` when it is on ``realm`` (how names are shown)."""
+    suffix = "@" + realm
+    return address[: -len(suffix)] if realm and address.endswith(suffix) else address
+
+
+@attrs.define
+class DaySeparator:
+    """``--- Wednesday 25 November 2026 ---`` before the first line of each day."""
+
+    day: datetime.date
+
+    def text(self) -> str:
+        return f"{self.day:%A %d %B %Y}"
+
+
+@attrs.define
+class MessageLine:
+    """One stored item (text, event, file) of a conversation."""
+
+    item: dict[str, Any]
+
+    @property
+    def pos(self) -> int:
+        return int(self.item.get("pos", 0))
+
+    @property
+    def ts(self) -> float:
+        return float(self.item.get("ts", 0.0))
+
+
+@attrs.define
+class NoticeLine:
+    """A local line (command output, an error) shown after position ``after``."""
+
+    text: str
+    ts: float
+    after: int
+    seq: int
+    error: bool = False
+
+
+Line = DaySeparator | MessageLine | NoticeLine
+
+
+@attrs.define
+class Transfer:
+    """A file upload or download in progress (or finished), shown with a progress bar."""
+
+    key: str
+    name: str
+    direction: str  # "up" or "down"
+    total: int
+    done: int = 0
+    state: str = "running"  # running, done, failed
+    error: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.total <= 0 else min(1.0, self.done / self.total)
+
+
+@attrs.define(eq=False)
+class Conversation:
+    """A private conversation (``address`` is the other user) or a group."""
+
+    address: str
+    unread: int = 0
+    topic: str = ""
+    #: "unloaded", "loading", "partial" (older pages exist) or "complete"
+    history: str = "unloaded"
+    #: Still a member / still worth listing (False after leaving a group).
+    joined: bool = True
+    items: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    ids: set[str] = attrs.Factory(set)
+    notices: list[NoticeLine] = attrs.Factory(list)
+
+    @property
+    def is_group(self) -> bool:
+        return self.address.startswith("#")
+
+    @property
+    def oldest(self) -> int | None:
+        return min(self.items) if self.items else None
+
+    @property
+    def newest(self) -> int:
+        return max(self.items) if self.items else 0
+
+    def add(self, item: dict[str, Any]) -> bool:
+        """Store ``item``; False when it is already here (same position or id)."""
+        pos = item.get("pos")
+        msg_id = item.get("msg_id")
+        if not isinstance(pos, int) or pos in self.items or msg_id in self.ids:
+            return False
+        self.items[pos] = item
+        if msg_id:
+            self.ids.add(msg_id)
+        return True
+
+    def lines(self, tz: datetime.tzinfo | None = None) -> list[Line]:
+        """Items and notices in order, with a :class:`DaySeparator` at each new day."""
+        keyed: list[tuple[tuple[int, int, int], MessageLine | NoticeLine]] = [
+            ((pos, 0, 0), MessageLine(item)) for pos, item in self.items.items()
+        ]
+        keyed += [((n.after, 1, n.seq), n) for n in self.notices]
+        keyed.sort(key=lambda kv: kv[0])
+        out: list[Line] = []
+        day: datetime.date | None = None
+        for _, line in keyed:
+            d = datetime.datetime.fromtimestamp(line.ts, tz).date()
+            if d != day:
+                out.append(DaySeparator(d))
+                day = d
+            out.append(line)
+        return out
+
+
+class ChatModel:
+    """Everything the chat screen shows; listeners are called after each change.
+
+    ``me`` and ``realm`` are set at login (canonical address of the user, realm name).
+    ``clock`` gives the time for notices (a ``time.time``-like callable).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.me = ""
+        self.realm = ""
+        self.conversations: dict[str, Conversation] = {STATUS: Conversation(STATUS)}
+        self.active = STATUS
+        #: user address -> (status, text); absent means offline
+        self.presence: dict[str, tuple[str, str]] = {}
+        #: "offline", "connecting", "online", "reconnecting", "failed"
+        self.connection = "offline"
+        self.connection_detail = ""
+        self.transfers: dict[str, Transfer] = {}
+        #: the last completion candidates offered (shown above the input line)
+        self.hint = ""
+        self._seq = itertools.count()
+        self._listeners: list[Callable[[], None]] = []
+
+    # change notification ----------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # conversations ------------------------------------------------------------------
+
+    def conversation(self, address: str) -> Conversation:
+        """The conversation with ``address`` (a canonical address), created if new."""
+        conv = self.conversations.get(address)
+        if conv is None:
+            conv = self.conversations[address] = Conversation(address)
+        return conv
+
+    def sidebar(self) -> list[Conversation]:
+        """Status first, then groups, then people, each alphabetical."""
+        convs = [c for a, c in self.conversations.items() if a != STATUS]
+        groups = sorted((c for c in convs if c.is_group), key=lambda c: c.address)
+        people = sorted((c for c in convs if not c.is_group), key=lambda c: c.address)
+        return [self.conversations[STATUS], *groups, *people]
+
+    def select(self, address: str) -> Conversation:
+        conv = self.conversation(address)
+        self.active = address
+        conv.unread = 0
+        self.changed()
+        return conv
+
+    def cycle(self, step: int) -> Conversation:
+        """Select the conversation ``step`` places down (or up) the sidebar."""
+        order = [c.address for c in self.sidebar()]
+        i = order.index(self.active) if self.active in order else 0
+        return self.select(order[(i + step) % len(order)])
+
+    def next_unread(self) -> Conversation | None:
+        """Select the first conversation with unread items (None when there is none)."""
+        for conv in self.sidebar():
+            if conv.unread:
+                return self.select(conv.address)
+        return None
+
+    def forget(self, address: str) -> None:
+        """Remove a conversation from the sidebar (back to the status view if shown)."""
+        if address == STATUS:
+            return
+        self.conversations.pop(address, None)
+        if self.active == address:
+            self.active = STATUS
+        self.changed()
+
+    @property
+    def current(self) -> Conversation:
+        return self.conversation(self.active)
+
+    def peer_of(self, item: dict[str, Any]) -> str:
+        """The conversation an item belongs to: the group, or the other user."""
+        to = str(item.get("to", ""))
+        if to.startswith("#"):
+            return to
+        sender = str(item.get("from", ""))
+        return to if sender == self.me else sender
+
+    # feeding ------------------------------------------------------------------------
+
+    def receive(self, item: dict[str, Any]) -> bool:
+        """A stream item (backlog or live); False when it was a duplicate.
+
+        Counts as unread unless it is ours or its conversation is on screen.
+        """
+        address = self.peer_of(item)
+        conv = self.conversation(address)
+        if not conv.add(item):
+            return False
+        meta = item.get("meta") or {}
+        if item.get("kind") == "event":
+            event = meta.get("event")
+            if event == "topic" or (event == "created" and "topic" in meta):
+                conv.topic = str(meta.get("topic", ""))
+            if meta.get("user") == self.me or (event == "created" and item.get("from") == self.me):
+                if event in ("joined", "created"):
+                    conv.joined = True
+                elif event in ("left", "kicked", "banned"):
+                    conv.joined = False
+            if event == "deleted":
+                conv.joined = False
+        if item.get("from") != self.me and address != self.active:
+            conv.unread += 1
+        self.changed()
+        return True
+
+    def add_history(self, address: str, page: list[dict[str, Any]], limit: int) -> int:
+        """A history page (oldest first) for ``address``; returns how many were new.
+
+        A page shorter than ``limit`` was the oldest one.
+        """
+        conv = self.conversation(address)
+        added = sum(conv.add(item) for item in page)
+        conv.history = "complete" if len(page) < limit else "partial"
+        for item in page:
+            meta = item.get("meta") or {}
+            if item.get("kind") == "event" and "topic" in meta and not conv.topic:
+                conv.topic = str(meta["topic"])
+        self.changed()
+        return added
+
+    def notice(self, text: str, address: str | None = None, error: bool = False) -> None:
+        """A local line in ``address`` (default: the conversation on screen)."""
+        conv = self.conversation(self.active if address is None else address)
+        conv.notices.append(NoticeLine(text, self.clock(), conv.newest, next(self._seq), error))
+        self.changed()
+
+    def set_presence(self, user: str, status: str, text: str = "") -> None:
+        if status == "offline":
+            self.presence.pop(user, None)
+        else:
+            self.presence[user] = (status, text)
+        self.changed()
+
+    def set_connection(self, state: str, detail: str = "") -> None:
+        self.connection = state
+        self.connection_detail = detail
+        if state != "online":
+            # Presence is a snapshot re-sent after each login: stale while disconnected.
+            self.presence.clear()
+        self.changed()
+
+    def unread_total(self) -> int:
+        return sum(c.unread for c in self.conversations.values())
+
+    # transfers ----------------------------------------------------------------------
+
+    def transfer(self, key: str, name: str, direction: str, total: int) -> Transfer:
+        t = self.transfers[key] = Transfer(key, name, direction, total)
+        self.changed()
+        return t
+
+    def progress(self, key: str, done: int, total: int | None = None) -> None:
+        t = self.transfers.get(key)
+        if t is not None:
+            t.done = done
+            if total is not None:
+                t.total = total
+            self.changed()
+
+    def finish_transfer(self, key: str, error: str = "") -> None:
+        t = self.transfers.get(key)
+        if t is not None:
+            t.state = "failed" if error else "done"
+            t.error = error
+            if not error:
+                t.done = max(t.done, t.total)
+            self.changed()
+
+    def active_transfers(self) -> Iterator[Transfer]:
+        return (t for t in self.transfers.values() if t.state == "running")
+
+
+class InputHistory:
+    """Lines sent from the input line, browsed with up/down like a shell's history.
+
+    The line being edited when browsing starts is kept and comes back at the end.
+    """
+
+    def __init__(self, limit: int = 500) -> None:
+        self.limit = limit
+        self.entries: list[str] = []
+        self._index: int | None = None
+        self._draft = ""
+
+    def add(self, line: str) -> None:
+        if line and (not self.entries or self.entries[-1] != line):
+            self.entries.append(line)
+            del self.entries[: -self.limit]
+        self._index = None
+
+    def previous(self, current: str) -> str | None:
+        """The entry before the one shown (None at the oldest, or with no history)."""
+        if not self.entries:
+            return None
+        if self._index is None:
+            self._draft = current
+            self._index = len(self.entries)
+        if self._index == 0:
+            return None
+        self._index -= 1
+        return self.entries[self._index]
+
+    def next(self) -> str | None:
+        """The entry after the one shown; the draft after the newest; None if not browsing."""
+        if self._index is None:
+            return None
+        self._index += 1
+        if self._index >= len(self.entries):
+            self._index = None
+            return self._draft
+        return self.entries[self._index]

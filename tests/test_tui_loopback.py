@@ -1,0 +1,215 @@
+"""The terminal client's controller against a real realm on loopback TCP.
+
+Two controllers (alice and bob) log in with the client library's ChatClientService and
+their models are read as the screen would show them: messages once each across a
+dropped connection, unread counts, history paging, group commands, and realm errors as
+readable notices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+
+from chatproto import client
+from chatproto.tui.controller import ChatController, LoginError
+from chatproto.tui.model import STATUS, ChatModel, MessageLine, NoticeLine
+from tests.conftest import drop_sessions, until
+
+PASSWORD = "correct horse"
+
+
+@defer.inlineCallbacks
+def register(addr: str, *users: str) -> Any:
+    for user in users:
+        conn = yield client.connect(_reactor, addr, user, PASSWORD, register=True)
+        yield conn.close()
+
+
+@defer.inlineCallbacks
+def logged_in(addr: str, user: str, **kw: Any) -> Any:
+    ctl = ChatController(_reactor, ChatModel(), retry_policy=lambda attempt: 0.05, **kw)
+    yield ctl.login(addr, user, PASSWORD)
+    return ctl
+
+
+def bodies(ctl: ChatController, address: str) -> list[str]:
+    conv = ctl.model.conversations.get(address)
+    if conv is None:
+        return []
+    lines = [line for line in conv.lines() if isinstance(line, MessageLine)]
+    return [line.item["body"] for line in lines if line.item["kind"] == "text"]
+
+
+def notices(ctl: ChatController, address: str) -> list[str]:
+    conv = ctl.model.conversations[address]
+    return [n.text for n in conv.notices if isinstance(n, NoticeLine)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_login_failures_are_worded_for_the_login_screen(server: Any) -> Any:
+    _, _, addr = server
+    yield register(addr, "alice")
+    ctl = ChatController(_reactor, ChatModel())
+    cases = [
+        (("alice", "wrong password"), {}, "auth_failed"),
+        (("alice", PASSWORD), {"server": "tls:nohost"}, "bad server 'tls:nohost'"),
+        (("alice", PASSWORD), {"server": "tcp:127.0.0.1:1"}, "cannot connect to tcp:127.0.0.1:1"),
+        (("alice", PASSWORD), {"ca": "/nonexistent.pem", "server": "tls:h:1"}, "CA file"),
+        (("", ""), {}, "a user name and a password are needed"),
+    ]
+    for (user, password), kw, expected in cases:
+        server_ = kw.pop("server", addr)
+        try:
+            yield ctl.login(server_, user, password, **kw)
+        except LoginError as e:
+            assert expected in str(e), str(e)
+        else:
+            raise AssertionError(f"{kw} logged in")
+        assert ctl.service is None
+    assert ctl.model.connection == "offline"
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_then_chat_once_each_across_a_dropped_connection(server: Any) -> Any:
+    _, factory, addr = server
+    alice = ChatController(_reactor, ChatModel(), retry_policy=lambda attempt: 0.05)
+    yield alice.login(addr, "alice", PASSWORD, register=True)
+    assert alice.model.me == "alice@localhost" and alice.model.connection == "online"
+    yield register(addr, "bob")
+    bob = yield logged_in(addr, "bob")
+    try:
+        yield alice.run("/msg bob hello bob")
+        assert alice.model.active == "bob@localhost"
+        yield until(lambda: bodies(bob, "alice@localhost") == ["hello bob"])
+        assert bob.model.conversations["alice@localhost"].unread == 1
+        # bob's connection drops; alice goes on writing; bob reconnects and resumes
+        drop_sessions(factory, "bob@localhost")
+        yield until(lambda: bob.model.connection == "reconnecting")
+        for i in range(5):
+            yield alice.run(f"/msg bob while away {i}")
+        yield until(lambda: bob.model.connection == "online")
+        expected = ["hello bob"] + [f"while away {i}" for i in range(5)]
+        yield until(lambda: bodies(bob, "alice@localhost") == expected)
+        assert bob.model.conversations["alice@localhost"].unread == 6
+        # opening the conversation loads its history: nothing shown twice
+        bob.open("alice@localhost")
+        yield until(lambda: bob.model.conversations["alice@localhost"].history == "complete")
+        assert bodies(bob, "alice@localhost") == expected
+        assert bob.model.conversations["alice@localhost"].unread == 0
+        yield bob.run("hi alice")
+        yield until(lambda: bodies(alice, "bob@localhost")[-1:] == ["hi alice"])
+        assert bodies(alice, "bob@localhost").count("hi alice") == 1
+    finally:
+        yield alice.stop()
+        yield bob.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_history_is_paged_back_from_the_realm(server: Any) -> Any:
+    _, _, addr = server
+    yield register(addr, "alice", "bob")
+    sender = yield client.connect(_reactor, addr, "alice", PASSWORD)
+    for i in range(25):
+        yield sender.send("bob", f"m{i}")
+    yield sender.close()
+    bob = ChatController(_reactor, ChatModel(), page=10)
+    # bob's device saw the backlog before: this device starts at his last ack
+    first = yield client.connect(_reactor, addr, "bob", PASSWORD, device="tui")
+    yield first.synced
+    yield first.close()
+    yield bob.login(addr, "bob", PASSWORD)
+    try:
+        assert bodies(bob, "alice@localhost") == []
+        bob.open("alice@localhost")
+        yield until(lambda: bob.model.conversations["alice@localhost"].history == "partial")
+        assert bodies(bob, "alice@localhost") == [f"m{i}" for i in range(15, 25)]
+        added = yield bob.older()
+        assert added == 10
+        added = yield bob.older()
+        assert added == 5
+        assert bob.model.conversations["alice@localhost"].history == "complete"
+        assert bob.older() is None
+        assert bodies(bob, "alice@localhost") == [f"m{i}" for i in range(25)]
+    finally:
+        yield bob.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commands_and_readable_realm_errors(server: Any) -> Any:
+    _, _, addr = server
+    yield register(addr, "alice", "bob", "carol")
+    alice = yield logged_in(addr, "alice")
+    bob = yield logged_in(addr, "bob")
+    try:
+        yield alice.run("/create #dev the dev room")
+        assert alice.model.active == "#dev@localhost"
+        yield until(lambda: alice.model.current.topic == "the dev room")
+        yield bob.run("/join #dev")
+        assert bob.model.active == "#dev@localhost"
+        yield until(lambda: "bob joined" in alice_events(alice))
+        yield bob.run("hello devs")
+        yield until(lambda: bodies(alice, "#dev@localhost") == ["hello devs"])
+        yield alice.run("/topic new topic")
+        yield until(lambda: bob.model.conversations["#dev@localhost"].topic == "new topic")
+        yield bob.run("/topic")
+        assert notices(bob, "#dev@localhost")[-1] == "topic: new topic"
+        yield bob.run("/who")
+        assert (
+            notices(bob, "#dev@localhost")[-1] == "#dev: 2 members, 2 online: +alice (owner), +bob"
+        )
+        yield bob.run("/kick alice")
+        assert notices(bob, "#dev@localhost")[-1].startswith("forbidden: ")
+        yield alice.run("/invite carol")
+        yield alice.run("/msg nosuchuser hi")
+        assert notices(alice, "nosuchuser@localhost")[-1].startswith("no_such_user: ")
+        yield alice.run("/bogus")
+        assert "unknown command /bogus" in notices(alice, "nosuchuser@localhost")[-1]
+        alice.open("#dev@localhost")
+        yield alice.run("/kick bob spam")
+        yield until(lambda: not bob.model.conversations["#dev@localhost"].joined)
+        assert "alice kicked bob (spam)" in alice_events(bob)
+        yield bob.run("/leave #dev")
+        assert notices(bob, "#dev@localhost")[-1].startswith("not_member: ")
+        yield alice.run("/status away lunch")
+        assert alice.status == ("away", "lunch")
+        yield alice.run("/help who")
+        assert notices(alice, "#dev@localhost")[-1].startswith("/who [#GROUP]: ")
+        yield alice.run("/close")
+        assert alice.model.active == STATUS and "#dev@localhost" not in alice.model.conversations
+        yield alice.run("a message to nobody")
+        assert "this is the status view" in notices(alice, STATUS)[-1]
+    finally:
+        yield alice.stop()
+        yield bob.stop()
+
+
+def alice_events(ctl: ChatController) -> list[str]:
+    from chatproto.cli import describe_event
+
+    conv = ctl.model.conversations["#dev@localhost"]
+    return [describe_event(i) for i in conv.items.values() if i.get("kind") == "event"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_reaches_the_sidebar_and_quit_closes(server: Any) -> Any:
+    _, factory, addr = server
+    yield register(addr, "alice", "bob")
+    alice = yield logged_in(addr, "alice")
+    quits: list[bool] = []
+    bob = yield logged_in(addr, "bob", on_quit=lambda: quits.append(True))
+    try:
+        yield alice.run("/msg bob hi")  # now contacts: presence flows
+        yield until(lambda: alice.model.presence.get("bob@localhost") == ("online", ""))
+        yield bob.run("/status busy focus")
+        yield until(lambda: alice.model.presence.get("bob@localhost") == ("busy", "focus"))
+        yield bob.run("/quit")
+        assert quits == [True] and bob.model.connection == "offline"
+        yield until(lambda: "bob@localhost" not in alice.model.presence)
+        assert not [p for p in factory.connections if p.session and "bob" in p.session.user_id]
+    finally:
+        yield alice.stop()
+        yield bob.stop()
