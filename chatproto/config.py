@@ -17,6 +17,7 @@ from chatproto.address import normalise_realm
 from chatproto.errors import ChatError
 
 __all__ = [
+    "DEFAULT_FEDERATION_PORT",
     "DEFAULT_LISTEN",
     "DEFAULT_PORT",
     "DEFAULT_TLS_PORT",
@@ -25,7 +26,9 @@ __all__ = [
     "Auth",
     "Config",
     "ConfigError",
+    "Federation",
     "Limits",
+    "Peer",
     "Storage",
     "Web",
     "from_dict",
@@ -40,6 +43,7 @@ else:  # pragma: no cover
 
 DEFAULT_PORT = 7420
 DEFAULT_TLS_PORT = 7421
+DEFAULT_FEDERATION_PORT = 7422
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
 
@@ -116,6 +120,44 @@ class IRC:
     motd: str = ""
     flood_rate: float = 2.0
     flood_burst: int = 20
+class Peer:
+    """One entry of ``[[federation.peers]]``: how to reach and trust a peer realm."""
+
+    realm: str
+    #: "HOST:PORT" to connect to; "" = discover (DNS SRV, else realm name + 7422).
+    endpoint: str = ""
+    #: "sha256:<hex>" of the peer's certificate (colons allowed); "" = CA trust only.
+    fingerprint: str = ""
+
+
+@attrs.define
+class Federation:
+    enabled: bool = False
+    port: int = DEFAULT_FEDERATION_PORT
+    interface: str = "127.0.0.1"
+    certificate: str = ""
+    private_key: str = ""
+    ca: str = ""
+    allow: list[str] = attrs.field(factory=list)
+    deny: list[str] = attrs.field(factory=list)
+    peers: list[Peer] = attrs.field(factory=list)
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+    batch_size: int = 500
+    window: int = 4
+    max_frame: int = 4 * 1024 * 1024
+
+    def peer(self, realm: str) -> Peer | None:
+        for p in self.peers:
+            if p.realm == realm:
+                return p
+        return None
+
+    def allows(self, realm: str) -> bool:
+        """Whether this realm federates with ``realm`` (deny wins; empty allow = all)."""
+        if realm in self.deny:
+            return False
+        return not self.allow or realm in self.allow
 
 
 @attrs.define
@@ -131,6 +173,7 @@ class Config:
     tls: TLS = attrs.field(factory=TLS)
     web: Web = attrs.field(factory=Web)
     irc: IRC = attrs.field(factory=IRC)
+    federation: Federation = attrs.field(factory=Federation)
 
     @property
     def database_path(self) -> str:
@@ -259,6 +302,72 @@ class Config:
                 )
         if not self.listen_descriptions():
             raise ConfigError("nothing to listen on: give realm.listen or tls.certificate")
+        self._check_federation()
+
+    def _check_federation(self) -> None:
+        f = self.federation
+        try:
+            f.allow = [normalise_realm(r) for r in f.allow]
+            f.deny = [normalise_realm(r) for r in f.deny]
+            for peer in f.peers:
+                peer.realm = normalise_realm(peer.realm)
+        except ChatError as e:
+            raise ConfigError(f"federation: {e.message}") from None
+        if not 0 <= f.port <= 65535:
+            raise ConfigError("federation.port must be between 0 and 65535")
+        if f.retry_initial <= 0 or f.retry_max < f.retry_initial:
+            raise ConfigError("federation: need 0 < retry_initial <= retry_max")
+        if f.batch_size < 1 or f.window < 1:
+            raise ConfigError("federation.batch_size and federation.window must be >= 1")
+        if not 65536 <= f.max_frame <= 64 * 1024 * 1024:
+            raise ConfigError("federation.max_frame must be between 65536 and 67108864")
+        seen = set()
+        for peer in f.peers:
+            if peer.realm in seen:
+                raise ConfigError(f"federation.peers: {peer.realm} is listed twice")
+            seen.add(peer.realm)
+            if peer.realm == self.realm:
+                raise ConfigError("federation.peers: a realm is not its own peer")
+            if peer.endpoint:
+                host, _, port = peer.endpoint.rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ConfigError(
+                        f"federation.peers {peer.realm}: endpoint must be HOST:PORT, "
+                        f"not {peer.endpoint!r}"
+                    )
+            if peer.fingerprint:
+                from chatproto.tls import normalise_fingerprint
+
+                try:
+                    peer.fingerprint = normalise_fingerprint(peer.fingerprint)
+                except ValueError as e:
+                    raise ConfigError(f"federation.peers {peer.realm}: {e}") from None
+        if not f.enabled:
+            return
+        if not f.certificate:
+            raise ConfigError(
+                "federation.certificate is required when federation is enabled "
+                "(chatrealmctl gen-certs makes one)"
+            )
+        for path in (f.certificate, f.private_key, f.ca):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"federation: file {path!r} does not exist")
+        if not f.ca and not any(p.fingerprint for p in f.peers):
+            raise ConfigError(
+                "federation: no trust configured: set federation.ca (a CA bundle) "
+                "or a fingerprint for each peer"
+            )
+        from chatproto.tls import certificate_names
+
+        try:
+            names = certificate_names(f.certificate)
+        except ValueError as e:
+            raise ConfigError(f"federation.certificate: {e}") from None
+        if self.realm not in names:
+            raise ConfigError(
+                f"federation.certificate names {', '.join(names) or 'nothing'}, "
+                f"not this realm ({self.realm})"
+            )
 
 
 #: Table name in the TOML file -> attribute of :class:`Config` holding that section.
@@ -269,6 +378,7 @@ _SECTIONS = {
     "tls": TLS,
     "web": Web,
     "irc": IRC,
+    "federation": Federation,
 }
 _REALM_KEYS = {
     "name": "realm",
@@ -279,11 +389,45 @@ _REALM_KEYS = {
 
 
 def known_keys() -> set[str]:
-    """Every dotted key the loader accepts (used to check the documentation)."""
+    """Every dotted key the loader accepts (used to check the documentation).
+
+    ``federation.peers`` is an array of tables, each with the keys of :class:`Peer`.
+    """
     keys = {f"realm.{k}" for k in _REALM_KEYS}
     for section, cls in _SECTIONS.items():
         keys |= {f"{section}.{a.name}" for a in attrs.fields(cls)}
     return keys
+
+
+_LIST_KEYS = {"allow", "deny"}
+
+
+def _federation_from_dict(values: dict[str, Any], target: Federation) -> dict[str, Any]:
+    """Apply the list-valued federation keys; return the scalar ones for the generic
+    loader."""
+    rest = {}
+    for key, value in values.items():
+        if key in _LIST_KEYS:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"federation.{key} must be a list of realm names")
+            setattr(target, key, list(value))
+        elif key == "peers":
+            if not isinstance(value, list):
+                raise ConfigError("federation.peers must be an array of tables ([[...]])")
+            peers = []
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("realm"), str):
+                    raise ConfigError('each [[federation.peers]] needs realm = "NAME"')
+                for k, v in entry.items():
+                    if k not in ("realm", "endpoint", "fingerprint"):
+                        raise ConfigError(f"unknown key federation.peers.{k}")
+                    if not isinstance(v, str):
+                        raise ConfigError(f"federation.peers.{k} must be a string")
+                peers.append(Peer(**entry))
+            target.peers = peers
+        else:
+            rest[key] = value
+    return rest
 
 
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
@@ -308,6 +452,8 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
         if section not in _SECTIONS:
             raise ConfigError(f"unknown section [{section}]")
         target = getattr(config, section)
+        if section == "federation":
+            values = _federation_from_dict(values, target)
         types = {a.name: a.type for a in attrs.fields(type(target))}
         for key, value in values.items():
             if key not in types:

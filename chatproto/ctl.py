@@ -251,6 +251,68 @@ def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
         f'  chatproto.client.connect(reactor, "tls:127.0.0.1:{port}", user, password, '
         f'realm="{realm}", ca={_toml_string(paths["ca"])})'
     )
+    with open(paths["cert"], "rb") as f:
+        fingerprint = tls.fingerprint(f.read())
+    print()
+    print(f"Certificate fingerprint: {fingerprint}")
+    print(f"Federation (realm.name must be {realm}):")
+    print("  [federation]")
+    print("  enabled = true")
+    print(f"  certificate = {_toml_string(paths['cert'])}")
+    print(f"  private_key = {_toml_string(paths['key'])}")
+    print(f"  ca = {_toml_string(paths['ca'])}")
+    print(f"Peer realms trusting {realm} by pin (instead of, or as well as, the CA):")
+    print("  [[federation.peers]]")
+    print(f'  realm = "{realm}"')
+    print(f'  endpoint = "127.0.0.1:{configmod.DEFAULT_FEDERATION_PORT}"')
+    print(f'  fingerprint = "{fingerprint}"')
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    """Outbox length per peer realm (from the database) and link state (from the status
+    file the running realm writes)."""
+    from chatproto.federation import STATUS_FILE, read_status
+
+    counts: dict[str, int] = {}
+    if os.path.exists(cfg.database_path):
+        with open_db(cfg) as db:
+            counts = db.outbox_counts()
+    status = read_status(os.path.join(cfg.data_dir, STATUS_FILE))
+    links = {link["realm"]: link for link in (status or {}).get("links", [])}
+    inbound = set((status or {}).get("inbound", []))
+    realms = sorted(set(counts) | set(links) | {p.realm for p in cfg.federation.peers})
+    if not cfg.federation.enabled:
+        print("federation is disabled in this configuration ([federation] enabled)")
+    if status is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.get("time", 0)))
+        print(f"link state as of {when} (realm process {status.get('pid')})")
+    else:
+        print("no link state: the realm is not running with federation (or never ran)")
+    if not realms:
+        print("no peers")
+        return 0
+    now = status.get("time", 0) if status else 0
+    rows = [("REALM", "QUEUED", "LINK", "IN", "FAILURES", "NEXT RETRY", "LAST ERROR")]
+    for realm in realms:
+        link = links.get(realm, {})
+        retry = ""
+        if link.get("state") == "backoff" and link.get("retry_at") is not None:
+            retry = f"in {max(0.0, link['retry_at'] - now):.1f}s"
+        rows.append(
+            (
+                realm,
+                str(counts.get(realm, 0)),
+                link.get("state", "-"),
+                "up" if realm in inbound else "-",
+                str(link.get("failures", 0)),
+                retry or "-",
+                (link.get("last_error") or "-")[:80],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
 
 
@@ -332,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--new-ca", action="store_true", help="replace an existing CA in DIR")
     p.set_defaults(func=cmd_gen_certs)
+
+    p = add(
+        "peers",
+        help="show federation peers: queued items, link state, retries",
+        description="Per peer realm: items waiting in the outbox, the link state, "
+        "failures, next retry and last error (as the running realm last wrote them).",
+    )
+    p.set_defaults(func=cmd_peers)
 
     p = add("check-config", help="load and check the configuration")
     p.set_defaults(func=cmd_check_config)

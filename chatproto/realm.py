@@ -352,6 +352,8 @@ class RealmService(Service):
         self._partners: dict[str, set[str]] = {}
         #: user -> number of their non-quiet sessions (presence "online" when > 0)
         self._visible: dict[str, int] = {}
+        #: remote user -> (status, text), as their realm last told us
+        self._remote_status: dict[str, tuple[str, str]] = {}
         self._group_locks: dict[str, DeferredLock] = {}
         #: user -> recent send nonces -> the envelope (or the pending Deferred)
         self._nonces: dict[str, OrderedDict[str, Any]] = {}
@@ -364,6 +366,9 @@ class RealmService(Service):
             store.burst_listener = self
         #: Hooks called with every committed envelope (extension point; see docs).
         self.observers: list[Callable[[Envelope], None]] = []
+        #: The :class:`chatproto.federation.FederationService` when federation is on:
+        #: told (``wake``) after items for another realm are committed to the outbox.
+        self.federation: Any = None
 
     # service lifecycle --------------------------------------------------------------
 
@@ -682,10 +687,16 @@ class RealmService(Service):
 
     def _broadcast_presence(self, user: str, status: str, text: str) -> None:
         notice = self._presence_notice(user, status, text)  # encoded once for everyone
+        remote: set[str] = set()
         for contact in self._contacts(user):
             for s in self._online.get(contact, ()):
                 if not s._syncing:
                     s.mind.notify(notice)
+            realm = contact.rpartition("@")[2]
+            if realm != self.realm:
+                remote.add(realm)
+        if remote and self.federation is not None:
+            self.federation.presence(remote, notice.data)
 
     @inlineCallbacks
     def _came_online(self, session: Session) -> Any:
@@ -722,6 +733,9 @@ class RealmService(Service):
         for contact in sorted(self._contacts(session.user_id)):
             if contact in self._visible:
                 status, text = self._status.get(contact, ("online", ""))
+                session.mind.notify(self._presence_notice(contact, status, text))
+            elif contact in self._remote_status:
+                status, text = self._remote_status[contact]
                 session.mind.notify(self._presence_notice(contact, status, text))
 
     def set_status(self, session: Session, status: str, text: str = "") -> None:
@@ -843,9 +857,11 @@ class RealmService(Service):
 
     # messages -----------------------------------------------------------------------
 
-    def _local_user(self, text: str) -> Address | Deferred[Address]:
+    def _local_user(self, text: str, remote_ok: bool = False) -> Address | Deferred[Address]:
         """The local user ``text`` names: an Address when known, else a Deferred.
 
+        With ``remote_ok`` (a message's recipient), a user of another realm is returned
+        as it is when federation with that realm is allowed (its realm checks it).
         Parsed addresses are cached by their spelling (bounded), so the hot path does
         not normalise the same recipient for every message.
         """
@@ -855,8 +871,11 @@ class RealmService(Service):
             if len(self._addresses) >= 65536:
                 self._addresses.clear()
             self._addresses[text] = addr
-        if not addr.is_local(self.realm):
-            raise ChatError("remote_realm", f"{addr} is on another realm; federation is off")
+        if addr.realm != self.realm:
+            if not remote_ok:
+                raise ChatError("remote_realm", f"{addr} is on another realm")
+            self._check_remote(addr.realm)
+            return addr
         if addr.name in self._known_users:
             return addr
 
@@ -964,7 +983,7 @@ class RealmService(Service):
         try:
             if to.startswith("#"):
                 return self._send_group(sender, to, body)
-            recipient = self._local_user(to)
+            recipient = self._local_user(to, remote_ok=True)
         except ChatError as e:
             return fail(e)
         if isinstance(recipient, Deferred):
@@ -974,7 +993,140 @@ class RealmService(Service):
     def _store_private(self, sender: str, recipient: Address, body: str) -> Deferred[Envelope]:
         env = self._envelope(sender, str(recipient), "text", body)
         # Durable before anyone hears of it: routing happens after the commit.
-        return self.store.append([env]).addCallback(self._committed, env)
+        if recipient.realm == self.realm:
+            return self.store.append([env]).addCallback(self._committed, env)
+        # For another realm: the outbox row is committed with the item, so the item is
+        # delivered there whatever happens to this process after the commit.
+        d = self.store.append([env], [(recipient.realm, env)])
+        return d.addCallback(self._committed, env).addCallback(self._wake, recipient.realm)
+
+    def _wake(self, env: Envelope, realm: str) -> Envelope:
+        if self.federation is not None:
+            self.federation.wake(realm)
+        return env
+
+    # federation -----------------------------------------------------------------------
+
+    def _check_remote(self, realm: str) -> None:
+        """Raise unless items may go to ``realm`` (federation on, realm allowed)."""
+        fed = self.config.federation
+        if not fed.enabled or self.federation is None:
+            raise ChatError("remote_realm", f"{realm} is another realm; federation is off")
+        if not fed.allows(realm):
+            raise ChatError("peer_denied", f"this realm does not federate with {realm}")
+
+    def _remote_item(self, origin: str, raw: Any) -> Envelope:
+        """Check one item a peer realm sent; the Envelope to store, or ChatError.
+
+        The anti-forgery rule: ``origin`` (authenticated by its certificate) may only
+        carry messages from its own users, and only to users of this realm.
+        """
+        if not isinstance(raw, dict):
+            raise ChatError("bad_request", "an item must be an object")
+        mid, kind, ts, body = raw.get("id"), raw.get("kind"), raw.get("ts"), raw.get("body")
+        if not isinstance(mid, str) or not 0 < len(mid) <= 64:
+            raise ChatError("bad_request", "item id must be a string of 1-64 characters")
+        if kind != "text":
+            raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
+        if not isinstance(ts, int | float) or isinstance(ts, bool):
+            raise ChatError("bad_request", "item ts must be a number")
+        if raw.get("meta") is not None:
+            raise ChatError("bad_request", "a text item has no meta")
+        body = self._check_body(body)
+        sender = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
+        if sender.realm != origin:
+            raise ChatError(
+                "forged_sender", f"{origin} may not carry messages from {sender} (its realm)"
+            )
+        to = raw.get("to")
+        if isinstance(to, str) and to.startswith("#"):
+            raise ChatError("bad_request", "group items across realms are not accepted yet")
+        recipient = address.user(to, self.realm)  # type: ignore[arg-type]
+        if recipient.realm != self.realm:
+            raise ChatError("bad_address", f"{recipient} is not on this realm")
+        return Envelope(
+            id=mid,
+            kind="text",
+            sender=str(sender),
+            recipient=str(recipient),
+            ts=float(ts),
+            body=body,
+        )
+
+    def receive_remote(self, origin: str, items: Sequence[Any]) -> Deferred[list[dict[str, Any]]]:
+        """Store the items of one transaction from peer realm ``origin``, then route
+        them like local items (feeds, positions, offline delivery).
+
+        Items already stored (same id: a retried transaction) are skipped.  Items that
+        break a rule are not stored: fires, after the commit, with one
+        ``{"id", "code", "message"}`` per rejected item (the peer logs them).
+        """
+        accepted: list[Envelope] = []
+        rejected: list[dict[str, Any]] = []
+        for raw in items:
+            try:
+                env = self._remote_item(origin, raw)
+                if env.recipient.partition("@")[0] not in self._known_users:
+                    raise ChatError("no_such_user", f"no user {env.recipient} on this realm")
+                accepted.append(env)
+            except ChatError as e:
+                mid = raw.get("id") if isinstance(raw, dict) else None
+                rejected.append(
+                    {
+                        "id": mid if isinstance(mid, str) else None,
+                        "code": e.code,
+                        "message": e.message,
+                    }
+                )
+                log = self.log.warn if e.code == "forged_sender" else self.log.info
+                log(
+                    "federation: rejected item {id} from {origin}: {code}: {message}",
+                    id=str(mid)[:64],
+                    origin=origin,
+                    code=e.code,
+                    message=e.message,
+                )
+        if not accepted:
+            return succeed(rejected)
+
+        def stored(envs: list[Envelope]) -> list[dict[str, Any]]:
+            self.begin_burst()
+            try:
+                for env in envs:
+                    self._committed(None, env)
+            finally:
+                self.end_burst()
+            return rejected
+
+        return self.store.append_remote(accepted).addCallback(stored)
+
+    def remote_presence(self, origin: str, user: Any, status: Any, text: Any) -> None:
+        """A presence change of a user of peer realm ``origin``: told to the local
+        users who have a conversation with them.  Anything malformed is ignored."""
+        try:
+            addr = address.user(user, origin)
+        except ChatError:
+            return
+        if addr.realm != origin or status not in PRESENCE_STATES:
+            self.log.info(
+                "federation: ignored presence {user} from {origin}",
+                user=str(user)[:80],
+                origin=origin,
+            )
+            return
+        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
+            text = ""
+        who = str(addr)
+        if status == "offline":
+            self._remote_status.pop(who, None)
+        else:
+            self._remote_status[who] = (status, text)
+        notice = self._presence_notice(who, status, text)
+        for local, partners in list(self._partners.items()):
+            if who in partners:
+                for s in self._online.get(local, ()):
+                    if not s._syncing:
+                        s.mind.notify(notice)
 
     def _envelope(
         self,

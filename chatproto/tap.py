@@ -2,9 +2,10 @@
 
 :func:`makeService` builds, under one ``MultiService``: the :class:`RealmService`
 (store, portal, sessions), one listener per endpoint description (``--listen``,
-repeatable; ``ssl:...`` descriptions give TLS) and, when ``[web]`` asks for it
-(``--web``), the web listener (:mod:`chatproto.web`).  The realm starts before the
-listeners and stops after them.
+repeatable; ``ssl:...`` descriptions give TLS), when ``[web]`` asks for it
+(``--web``), the web listener (:mod:`chatproto.web`), and with ``[federation]
+enabled`` the :class:`chatproto.federation.FederationService`.  The realm starts
+before the listeners and stops after them.
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def build(
         irc_factory = IRCFactory(realm)
         for description in cfg.irc_descriptions():
             ListenerService(reactor, description, irc_factory).setServiceParent(top)
+    if cfg.federation.enabled:
+        from chatproto.federation import FederationService
+
+        FederationService(realm, reactor).setServiceParent(top)
     return top, realm
 
 

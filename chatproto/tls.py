@@ -32,8 +32,11 @@ __all__ = [
     "CA_KEY_FILE",
     "VALIDITY_DAYS",
     "TLSFileError",
+    "certificate_names",
+    "fingerprint",
     "generate_ca",
     "generate_cert",
+    "normalise_fingerprint",
     "server_description",
     "write_dev_certs",
 ]
@@ -285,3 +288,40 @@ def server_description(cert: str, key: str, port: int, interface: str = "127.0.0
         f"ssl:{port}:interface={_escape(interface)}"
         f":privateKey={_escape(key)}:certKey={_escape(cert)}"
     )
+
+
+def fingerprint(cert: x509.Certificate | bytes) -> str:
+    """The SHA-256 fingerprint of a certificate (object or PEM) as ``sha256:<hex>``:
+    the form ``[[federation.peers]] fingerprint`` pins."""
+    if isinstance(cert, bytes):
+        cert = x509.load_pem_x509_certificate(cert)
+    return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
+
+
+def normalise_fingerprint(text: str) -> str:
+    """``sha256:AB:CD...`` (any case, colons optional) -> ``sha256:abcd...``; raises
+    ``ValueError`` for anything else."""
+    algo, sep, digest = text.strip().partition(":")
+    if not sep or algo.lower() != "sha256":
+        raise ValueError(f"fingerprint {text[:80]!r} must start with 'sha256:'")
+    digest = digest.replace(":", "").lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"fingerprint {text[:80]!r}: expected 32 bytes of hex after sha256:")
+    return "sha256:" + digest
+
+
+def certificate_names(path: str) -> list[str]:
+    """The DNS names in the subjectAltName of the (first) certificate in ``path``;
+    raises ``ValueError`` when the file holds no readable certificate."""
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path} holds no PEM certificate ({e})") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]

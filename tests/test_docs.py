@@ -306,8 +306,11 @@ def test_default_ports() -> None:
     assert m and int(m.group(1)) == config.DEFAULT_PORT
     m = re.search(r"DEFAULT_TLS_PORT`?\D{0,40}?(\d{2,5})", doc)
     assert m and int(m.group(1)) == config.DEFAULT_TLS_PORT
+    m = re.search(r"DEFAULT_FEDERATION_PORT`?\D{0,40}?(\d{2,5})", doc)
+    assert m and int(m.group(1)) == config.DEFAULT_FEDERATION_PORT
+    known = (config.DEFAULT_PORT, config.DEFAULT_TLS_PORT, config.DEFAULT_FEDERATION_PORT)
     for port in re.findall(r"(?<![\d.])74\d\d(?![\d.])", doc):
-        assert int(port) in (config.DEFAULT_PORT, config.DEFAULT_TLS_PORT), port
+        assert int(port) in known, port
 
 
 def test_address_examples() -> None:

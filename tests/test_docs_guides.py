@@ -60,7 +60,14 @@ def _default(key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "list of strings": list}
+_TYPES = {
+    "string": str,
+    "integer": int,
+    "float": float,
+    "boolean": bool,
+    "list of strings": list,
+    "array of tables": list,
+}
 
 
 def test_config_reference_documents_exactly_the_known_keys() -> None:

@@ -60,11 +60,32 @@ class IStore(Interface):
     def list_users():  # type: ignore[misc]
         """Fires with the sorted list of local user names."""
 
-    def append(items):  # type: ignore[misc]
+    def append(items, outbox=()):  # type: ignore[misc]
         """Commit a list of :class:`chatproto.envelope.Envelope` and assign ``pos``.
 
+        ``outbox`` lists ``(realm, envelope)`` pairs (envelopes of ``items``) to queue
+        for delivery to other realms, committed in the same transaction as the items,
+        so an item is never stored without its federation delivery or the reverse.
         Fires with the same envelopes, ``pos`` set, after the commit.
         """
+
+    def append_remote(items, outbox=()):  # type: ignore[misc]
+        """Commit items received from another realm, skipping any whose ``id`` is
+        already stored (a transaction retried by the peer): de-duplication by id.
+
+        Group-committed with :meth:`append` and in call order.  Fires, after the commit,
+        with the envelopes newly stored (``pos`` set), oldest first.
+        """
+
+    def outbox_read(realm, after, limit):  # type: ignore[misc]
+        """Queued items for ``realm`` with outbox sequence ``> after``, oldest first:
+        a list of ``(seq, envelope)``.  Sequences are never reused (across restarts)."""
+
+    def outbox_ack(realm, seq):  # type: ignore[misc]
+        """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them)."""
+
+    def outbox_counts():  # type: ignore[misc]
+        """``{realm: number of queued items}`` for every realm with a non-empty queue."""
 
     def read_feed(user, after, limit, groups=()):  # type: ignore[misc]
         """Items for ``user`` (canonical address) with ``pos > after``, oldest first.

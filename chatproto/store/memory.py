@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -31,6 +32,10 @@ class MemoryStore:
         self.items: list[Envelope] = []
         self.acks: dict[tuple[str, str], int] = {}
         self._pos = 0
+        self._ids: set[str] = set()
+        #: Federation outbox: (seq, realm, envelope), oldest first.
+        self.outbox: list[tuple[int, str, Envelope]] = []
+        self._seq = 0
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -68,12 +73,52 @@ class MemoryStore:
     def list_users(self) -> Deferred[list[str]]:
         return succeed(sorted(self.users))
 
-    def append(self, items: Sequence[Envelope]) -> Deferred[list[Envelope]]:
+    def append(
+        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
+    ) -> Deferred[list[Envelope]]:
+        if any(env.id in self._ids for env in items):
+            return fail(ValueError("UNIQUE constraint failed: items.id"))
         for env in items:
-            self._pos += 1
-            env.pos = self._pos
-            self.items.append(env)
+            self._store(env)
+        self._queue(outbox)
         return succeed(list(items))
+
+    def _store(self, env: Envelope) -> None:
+        self._pos += 1
+        env.pos = self._pos
+        self.items.append(env)
+        self._ids.add(env.id)
+
+    def _queue(self, outbox: Sequence[tuple[str, Envelope]]) -> None:
+        for realm, env in outbox:
+            if env.pos:
+                self._seq += 1
+                self.outbox.append((self._seq, realm, env))
+
+    def append_remote(
+        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
+    ) -> Deferred[list[Envelope]]:
+        stored = []
+        for env in items:
+            if env.id not in self._ids:
+                self._store(env)
+                stored.append(env)
+        self._queue([(r, e) for r, e in outbox if e in stored])
+        return succeed(stored)
+
+    def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
+        out = [(seq, env) for seq, r, env in self.outbox if r == realm and seq > after]
+        return succeed(out[:limit])
+
+    def outbox_ack(self, realm: str, seq: int) -> Deferred[None]:
+        self.outbox = [q for q in self.outbox if not (q[1] == realm and q[0] <= seq)]
+        return succeed(None)
+
+    def outbox_counts(self) -> Deferred[dict[str, int]]:
+        counts: dict[str, int] = {}
+        for _, realm, _env in self.outbox:
+            counts[realm] = counts.get(realm, 0) + 1
+        return succeed(counts)
 
     def _after(self, pos: int) -> int:
         return bisect.bisect_right([e.pos for e in self.items], pos)

@@ -38,7 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -77,6 +77,16 @@ MIGRATIONS: list[str] = [
     # v3: group events are replayed at start-up; keep them findable without a scan.
     """
     CREATE INDEX items_events ON items (pos) WHERE kind = 'event';
+    """,
+    # v4: federation outbox -- items queued per destination realm, by reference to the
+    # stored item (no copy of the body); seq orders the queue and is never reused.
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        realm TEXT NOT NULL,
+        pos INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_realm ON outbox (realm, seq);
     """,
 ]
 
@@ -206,26 +216,50 @@ class SQLiteDB:
             for e in batch
         ]
 
+    _INSERT_REMOTE = _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING pos"
+
     def append_batch(
-        self, batches: Sequence[Sequence[Envelope]], acks: dict[tuple[str, str], int]
-    ) -> list[list[int] | Exception]:
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope]]] | None = None,
+        remote: Sequence[bool] | None = None,
+    ) -> list[list[int | None] | Exception]:
         """Commit every batch in one transaction; return positions per batch.
 
-        Fast path: all items in one ``executemany``.  This connection is the only
-        writer of ``items`` and positions are AUTOINCREMENT, so the rows get the
-        consecutive positions ending at ``last_insert_rowid()``.  If any item violates a
-        constraint, the transaction is redone batch by batch under savepoints, so one
-        bad batch fails alone and never takes the others with it.
+        Fast path: the items of consecutive local batches in one ``executemany``.  This
+        connection is the only writer of ``items`` and positions are AUTOINCREMENT, so
+        the rows get the consecutive positions ending at ``last_insert_rowid()``.  If
+        any item violates a constraint, the transaction is redone batch by batch under
+        savepoints, so one bad batch fails alone and never takes the others with it.
+
+        ``remote[i]`` marks batch ``i`` as received from another realm: its items are
+        inserted one by one, an item whose id is stored already being skipped (its
+        position is ``None``).  ``outbox[i]`` lists ``(realm, envelope)`` pairs of batch
+        ``i`` to queue for other realms in the same transaction.
         """
         c = self.conn
+        flags = list(remote) if remote is not None else [False] * len(batches)
         c.execute("BEGIN IMMEDIATE")
         try:
             try:
-                out = self._append_all(batches)
+                out = self._append_all(batches, flags)
             except Exception:
                 c.execute("ROLLBACK")
                 c.execute("BEGIN IMMEDIATE")
-                out = self._append_each(batches)
+                out = self._append_each(batches, flags)
+            if outbox:
+                rows = []
+                for batch, queued, res in zip(batches, outbox, out, strict=True):
+                    if not queued or isinstance(res, Exception):
+                        continue
+                    where = {id(e): p for e, p in zip(batch, res, strict=True)}
+                    for realm, env in queued:
+                        pos = where.get(id(env))
+                        if pos is not None:
+                            rows.append((realm, pos))
+                if rows:
+                    c.executemany("INSERT INTO outbox (realm, pos) VALUES (?, ?)", rows)
             if acks:
                 c.executemany(
                     "INSERT INTO acks VALUES (?, ?, ?) ON CONFLICT (user, device) "
@@ -238,30 +272,58 @@ class SQLiteDB:
             raise
         return out
 
-    def _append_all(self, batches: Sequence[Sequence[Envelope]]) -> list[list[int] | Exception]:
-        params = [p for batch in batches for p in self._params(batch)]
-        if not params:
-            return [[] for _ in batches]
+    def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
         c = self.conn
-        c.executemany(self._INSERT, params)
-        last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
-        pos = last - len(params) + 1
-        out: list[list[int] | Exception] = []
-        for batch in batches:
-            out.append(list(range(pos, pos + len(batch))))
-            pos += len(batch)
+        out: list[int | None] = []
+        for p in self._params(batch):
+            row = c.execute(self._INSERT_REMOTE, p).fetchone()
+            out.append(row[0] if row else None)
         return out
 
-    def _append_each(self, batches: Sequence[Sequence[Envelope]]) -> list[list[int] | Exception]:
+    def _append_all(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
         c = self.conn
-        out: list[list[int] | Exception] = []
-        for batch in batches:
+        out: list[list[int | None] | Exception] = []
+        i = 0
+        while i < len(batches):
+            if remote[i]:
+                out.append(self._insert_remote(batches[i]))
+                i += 1
+                continue
+            j = i
+            while j < len(batches) and not remote[j]:
+                j += 1
+            run = batches[i:j]
+            params = [p for batch in run for p in self._params(batch)]
+            pos = 0
+            if params:
+                c.executemany(self._INSERT, params)
+                last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+                pos = last - len(params) + 1
+            for batch in run:
+                out.append(list(range(pos, pos + len(batch))) if batch else [])
+                if batch:
+                    pos += len(batch)
+            i = j
+        return out
+
+    def _append_each(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
+        c = self.conn
+        out: list[list[int | None] | Exception] = []
+        for batch, is_remote in zip(batches, remote, strict=True):
             c.execute("SAVEPOINT b")
             try:
-                positions = [
-                    c.execute(self._INSERT + " RETURNING pos", p).fetchone()[0]
-                    for p in self._params(batch)
-                ]
+                positions: list[int | None]
+                if is_remote:
+                    positions = self._insert_remote(batch)
+                else:
+                    positions = [
+                        c.execute(self._INSERT + " RETURNING pos", p).fetchone()[0]
+                        for p in self._params(batch)
+                    ]
                 c.execute("RELEASE b")
                 out.append(positions)
             except Exception as err:  # one bad batch must not fail the others
@@ -269,6 +331,24 @@ class SQLiteDB:
                 c.execute("RELEASE b")
                 out.append(err)
         return out
+
+    # federation outbox ----------------------------------------------------------------
+
+    def outbox_read(self, realm: str, after: int, limit: int) -> list[tuple[int, Envelope]]:
+        rows = self.conn.execute(
+            f"SELECT o.seq, {', '.join('i.' + c for c in _COLS.split(', '))} "
+            "FROM outbox o JOIN items i ON i.pos = o.pos "
+            "WHERE o.realm = ? AND o.seq > ? ORDER BY o.seq LIMIT ?",
+            (realm, after, limit),
+        ).fetchall()
+        return [(r[0], _row(r[1:])) for r in rows]
+
+    def outbox_ack(self, realm: str, seq: int) -> None:
+        self.conn.execute("DELETE FROM outbox WHERE realm = ? AND seq <= ?", (realm, seq))
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def read_feed(
         self,
@@ -379,7 +459,15 @@ class SQLiteStore:
         self._local = threading.local()
         self._readers: list[SQLiteDB] = []
         self._readers_lock = threading.Lock()
-        self._pending: list[tuple[Sequence[Envelope], Deferred[list[Envelope]]]] = []
+        #: Queued appends: (items, waiter, outbox pairs, received from another realm).
+        self._pending: list[
+            tuple[
+                Sequence[Envelope],
+                Deferred[list[Envelope]],
+                Sequence[tuple[str, Envelope]],
+                bool,
+            ]
+        ] = []
         self._pending_acks: dict[tuple[str, str], int] = {}
         self._inflight_acks: dict[tuple[str, str], int] = {}
         self._threads_started = False
@@ -495,11 +583,30 @@ class SQLiteStore:
 
     # streams ------------------------------------------------------------------------
 
-    def append(self, items: Sequence[Envelope]) -> Deferred[list[Envelope]]:
+    def append(
+        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
+    ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d))
+        self._pending.append((items, d, outbox, False))
         self._flush()
         return d
+
+    def append_remote(
+        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
+    ) -> Deferred[list[Envelope]]:
+        d: Deferred[list[Envelope]] = Deferred()
+        self._pending.append((items, d, outbox, True))
+        self._flush()
+        return d
+
+    def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
+        return self._read(SQLiteDB.outbox_read, realm, after, limit)
+
+    def outbox_ack(self, realm: str, seq: int) -> Deferred[None]:
+        return self._write(lambda: self._db().outbox_ack(realm, seq))
+
+    def outbox_counts(self) -> Deferred[dict[str, int]]:
+        return self._read(SQLiteDB.outbox_counts)
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)
@@ -518,7 +625,13 @@ class SQLiteStore:
         acks, self._pending_acks = self._pending_acks, {}
         self._inflight_acks = acks
         self._writing = True
-        d = self._write(self._db().append_batch, [items for items, _ in batch], acks)
+        d = self._write(
+            self._db().append_batch,
+            [b[0] for b in batch],
+            acks,
+            [b[2] for b in batch],
+            [b[3] for b in batch],
+        )
 
         def done(results: list[list[int] | Exception]) -> None:
             self.commits += 1
@@ -526,22 +639,25 @@ class SQLiteStore:
             if listener is not None:
                 listener.begin_burst()
             try:
-                for (items, waiter), res in zip(batch, results, strict=True):
+                for (items, waiter, _, is_remote), res in zip(batch, results, strict=True):
                     if isinstance(res, Exception):
                         waiter.errback(Failure(res))
                         continue
+                    stored = []
                     for env, pos in zip(items, res, strict=True):
-                        env.pos = pos
-                    self.committed_items += len(items)
-                    waiter.callback(list(items))
+                        if pos is not None:
+                            env.pos = pos
+                            stored.append(env)
+                    self.committed_items += len(stored)
+                    waiter.callback(stored if is_remote else list(items))
             finally:
                 if listener is not None:
                     listener.end_burst()
 
         def failed(f: Failure) -> None:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
-            for _, waiter in batch:
-                waiter.errback(f)
+            for b in batch:
+                b[1].errback(f)
 
         def next_(_: object) -> None:
             self._writing = False

@@ -1,0 +1,1049 @@
+"""Federation: realm-to-realm links with mutual TLS and a durable outbox.
+
+Where it sits: :class:`FederationService` runs beside the
+:class:`chatproto.realm.RealmService` in ``twistd chatrealm`` when
+``[federation] enabled`` is set.  It owns a listener (inbound links,
+:class:`InboundProtocol`) and one :class:`PeerLink` per destination realm (outbound,
+:class:`OutboundProtocol` under a ``ClientService`` that backs off).  Like every
+protocol here it only translates: which items are accepted from a peer, and who may
+send what, is decided by the realm (``RealmService.receive_remote``,
+``RealmService.send_private``).
+
+Delivery: an item for another realm is committed together with its outbox row
+(:meth:`chatproto.store.IStore.append`); the link to that realm reads the outbox in
+order and sends it in numbered transactions (``txn``), at most ``window`` unacknowledged
+at a time; the receiver stores a transaction durably, then answers ``ack``; only then
+is the outbox row deleted.  A connection lost before an ack means the transaction is
+sent again; the receiver drops items whose id it has stored (de-duplication), so every
+item is stored exactly once and in order.  The outbox lives in the store, so a realm
+killed at any moment resumes where it was.
+
+Each direction has its own connection: a realm sends only on the links it opened and
+receives only on links opened to it.  A peer that connects to us has its outbound link
+kicked: backoff reset and queue flushed at once.
+
+Identity: both ends present their realm certificate (DNS name = realm name).  TLS
+accepts any certificate; right after the handshake the application checks it
+(:func:`peer_refusal`): the name with ``service_identity``, then a pinned fingerprint
+or the chain against the CA bundle.  Doing the check in the application rather than in
+OpenSSL gives one log line naming the reason for every refusal.  The wire format is
+documented in PROTOCOL.md, "Federation".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+from typing import Any
+
+import service_identity
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproto import address, wire
+from chatproto.config import DEFAULT_FEDERATION_PORT, Federation
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError, FatalProtocolError
+from chatproto.tls import fingerprint
+
+__all__ = [
+    "FEDERATION_VERSION",
+    "MAX_TXN_ITEMS",
+    "SRV_SERVICE",
+    "FederationService",
+    "FederationTLS",
+    "InboundProtocol",
+    "OutboundProtocol",
+    "PeerEndpoint",
+    "PeerLink",
+    "envelope_to_wire",
+    "peer_refusal",
+]
+
+FEDERATION_VERSION = 1
+#: DNS SRV service looked up for a realm without a static endpoint:
+#: ``_chatproto-fed._tcp.<realm>``.
+SRV_SERVICE = "_chatproto-fed._tcp"
+#: Items one transaction may hold; more is a protocol violation (``too_large``).
+MAX_TXN_ITEMS = 1000
+#: Transactions a peer may have unacknowledged on one inbound connection.
+MAX_INFLIGHT = 16
+#: Seconds a new inbound connection has to complete its hello.
+HELLO_TIMEOUT = 30.0
+#: The status file ``chatrealmctl peers`` reads, in the data directory.
+STATUS_FILE = "federation-status.json"
+
+_VERIFY_ERRORS = {
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate not in the trusted CA bundle",
+    19: "self-signed CA certificate not in the trusted CA bundle",
+    20: "issuer not in the trusted CA bundle (untrusted CA)",
+    21: "unable to verify the first certificate",
+}
+
+
+def envelope_to_wire(env: Envelope) -> dict[str, Any]:
+    """An item as a transaction carries it (no position: positions are per realm)."""
+    d: dict[str, Any] = {
+        "id": env.id,
+        "kind": env.kind,
+        "from": env.sender,
+        "to": env.recipient,
+        "ts": env.ts,
+        "body": env.body,
+    }
+    if env.meta is not None:
+        d["meta"] = env.meta
+    return d
+
+
+# TLS ---------------------------------------------------------------------------------
+
+
+def _record_verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    """OpenSSL verify callback: accept, but remember the first chain error on the TLS
+    transport so :func:`peer_refusal` can name it."""
+    if not ok:
+        transport = conn.get_app_data()
+        if transport is not None and getattr(transport, "chain_error", None) is None:
+            transport.chain_error = _VERIFY_ERRORS.get(errno, f"verify error {errno}")
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class _Creator:
+    def __init__(self, ctx: SSL.Context, server_name: str | None) -> None:
+        self._ctx = ctx
+        self._server_name = server_name
+
+    def _connection(self, tls_protocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tls_protocol)
+        tls_protocol.chain_error = None
+        return conn
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = self._connection(tlsProtocol)
+        if self._server_name:
+            conn.set_tlsext_host_name(self._server_name.encode("ascii"))
+        conn.set_connect_state()
+        return conn
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = self._connection(tlsProtocol)
+        conn.set_accept_state()
+        return conn
+
+
+class FederationTLS:
+    """One OpenSSL context with the realm's certificate, for both directions.
+
+    Both sides ask for the other's certificate (``VERIFY_PEER``) and record chain
+    errors instead of failing the handshake; :func:`peer_refusal` decides.
+    """
+
+    def __init__(self, cfg: Federation) -> None:
+        with open(cfg.certificate, "rb") as f:
+            cert_pem = f.read()
+        key_path = cfg.private_key or cfg.certificate
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
+        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
+        ctx.check_privatekey()
+        if cfg.ca:
+            ctx.load_verify_locations(cfg.ca.encode())
+        ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
+        ctx.set_session_id(b"chatproto-federation")
+        self.context = ctx
+
+    def client(self, realm: str) -> _Creator:
+        return _Creator(self.context, realm)
+
+    def server(self) -> _Creator:
+        return _Creator(self.context, None)
+
+
+def peer_refusal(transport: Any, realm: str, cfg: Federation) -> str | None:
+    """Why the TLS peer on ``transport`` may not speak for ``realm``, or None.
+
+    Checks, in order: a certificate was presented; it names ``realm``
+    (``service_identity``); it matches the fingerprint pinned for ``realm``, else it
+    chains to the CA bundle.  A realm with neither a pin nor a CA bundle is refused.
+    """
+    peer_cert = transport.getPeerCertificate() if transport is not None else None
+    if peer_cert is None:
+        return "presented no certificate"
+    cert: x509.Certificate = peer_cert.to_cryptography()
+    try:
+        verify_certificate_hostname(cert, realm)
+    except service_identity.VerificationError:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = san.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        return f"certificate is for {', '.join(names) or 'no DNS name'}, not {realm}"
+    except service_identity.CertificateError as e:
+        return f"certificate unusable: {e}"
+    peer = cfg.peer(realm)
+    if peer is not None and peer.fingerprint:
+        got = fingerprint(cert)
+        if got != peer.fingerprint:
+            return f"certificate fingerprint {got} is not the pinned {peer.fingerprint}"
+        return None
+    if not cfg.ca:
+        return "no trust for this realm (no CA bundle and no pinned fingerprint)"
+    error = getattr(transport, "chain_error", None)
+    if error:
+        return f"certificate not trusted: {error}"
+    return None
+
+
+# discovery ---------------------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class PeerEndpoint:
+    """Where a peer realm listens, found at each attempt: the static ``endpoint`` of
+    its ``[[federation.peers]]`` entry, else the DNS SRV record
+    ``_chatproto-fed._tcp.<realm>`` (lowest priority, then highest weight), else the
+    realm name itself on port 7422.  Connects with TLS expecting ``realm``'s name."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        realm: str,
+        static: str,
+        creator: Any,
+        resolver: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.realm = realm
+        self.static = static
+        self.creator = creator
+        self.resolver = resolver
+        #: (host, port) of the last attempt, for logs and status.
+        self.target: tuple[str, int] | None = None
+
+    def resolve(self) -> Deferred[tuple[str, int]]:
+        if self.static:
+            host, _, port = self.static.rpartition(":")
+            return succeed((host.strip("[]"), int(port)))
+        resolver = self.resolver
+        if resolver is None:
+            from twisted.names import client as dns_client
+
+            resolver = dns_client
+        default = (self.realm, DEFAULT_FEDERATION_PORT)
+
+        def found(result: Any) -> tuple[str, int]:
+            answers = result[0]
+            records = [a.payload for a in answers if getattr(a.payload, "port", None)]
+            records = [r for r in records if str(r.target) not in ("", ".")]
+            if not records:
+                return default
+            best = sorted(records, key=lambda r: (r.priority, -r.weight))[0]
+            return (str(best.target).rstrip("."), int(best.port))
+
+        def none(f: Failure) -> tuple[str, int]:
+            return default
+
+        d = resolver.lookupService(f"{SRV_SERVICE}.{self.realm}")
+        return d.addCallbacks(found, none)
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        """Resolve, then connect; cancelling the result cancels whichever step is under
+        way (ClientService cancels an attempt when it is stopped)."""
+        steps: list[Deferred[Any]] = []
+
+        def cancel(_: Deferred[Any]) -> None:
+            steps[-1].cancel()
+
+        result: Deferred[Any] = Deferred(cancel)
+
+        def settle(outcome: Any) -> None:
+            if not result.called:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            elif not isinstance(outcome, Failure) and hasattr(outcome, "transport"):
+                outcome.transport.abortConnection()  # connected after all: not wanted
+
+        def go(target: tuple[str, int]) -> None:
+            self.target = target
+            inner = HostnameEndpoint(self.reactor, target[0], target[1], timeout=10)
+            connecting = wrapClientTLS(self.creator, inner).connect(factory)
+            steps.append(connecting)
+            connecting.addBoth(settle)
+
+        resolving = self.resolve()
+        steps.append(resolving)
+        resolving.addCallbacks(go, settle)
+        return result
+
+
+# protocols ---------------------------------------------------------------------------
+
+
+class _Link(Int32StringReceiver):
+    """Framing, decoding and errors shared by both directions."""
+
+    log = Logger()
+    transport: Any
+    MAX_LENGTH = 4 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.peer_realm: str | None = None
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if not self.closed:
+            self.sendString(wire.encode(obj))
+
+    def fail(self, code: str, message: str) -> None:
+        """Send an error, close, and tell the owner (backoff for the peer)."""
+        if self.closed:
+            return
+        self.log.warn(
+            "federation: closing link with {peer}: {code}: {message}",
+            peer=self.peer_realm or self._addr(),
+            code=code,
+            message=message,
+        )
+        self.send({"type": "error", "code": code, "message": message})
+        self.closed = True
+        self.misbehaved(f"{code}: {message}")
+        self.transport.loseConnection()
+
+    def misbehaved(self, reason: str) -> None:
+        """Hook: the peer broke the protocol (subclasses apply backoff)."""
+
+    def _addr(self) -> str:
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.fail("too_large", f"frame of {length} bytes; the limit is {self.MAX_LENGTH}")
+
+    def stringReceived(self, payload: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            req = wire.decode(payload)
+            kind = req["type"]
+            handler = getattr(self, f"handle_{kind}", None)
+            if handler is None:
+                raise FatalProtocolError("unknown_type", f"unknown frame type {kind[:40]!r}")
+            handler(req)
+        except ChatError as e:
+            self.fail(e.code, e.message)
+        except Exception:
+            self.log.failure("federation: handling a frame from {peer}", peer=self.peer_realm)
+            self.fail("internal_error", "the frame could not be handled")
+
+    def handle_error(self, req: dict[str, Any]) -> None:
+        self.log.warn(
+            "federation: {peer} closed the link: {code}: {message}",
+            peer=self.peer_realm or self._addr(),
+            code=str(req.get("code"))[:40],
+            message=str(req.get("message"))[:200],
+        )
+        self.closed = True
+        self.refused(str(req.get("code")), str(req.get("message"))[:200])
+        self.transport.loseConnection()
+
+    def refused(self, code: str, message: str) -> None:
+        """Hook: the peer sent an error frame."""
+
+
+@implementer(IHandshakeListener)
+class InboundProtocol(_Link):
+    """A link opened to us by a peer realm: ``hello`` -> ``welcome``, then ``txn``
+    frames, each answered by ``ack`` once its items are durable.  Transactions are
+    handled one after the other, so acks and stored order follow the peer's order."""
+
+    factory: InboundFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = "hello"
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._busy = False
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        fed = self.factory.fed
+        self.MAX_LENGTH = fed.cfg.max_frame
+        fed.inbound.add(self)
+        self._timeout = fed.clock.callLater(HELLO_TIMEOUT, self._hello_timeout)
+
+    def _hello_timeout(self) -> None:
+        self._timeout = None
+        if self.state == "hello":
+            self.fail("timeout", f"no hello within {HELLO_TIMEOUT:g} seconds")
+
+    def handshakeCompleted(self) -> None:
+        pass  # the certificate is checked against the realm the hello claims
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        self.state = "closed"
+        fed = self.factory.fed
+        fed.inbound.discard(self)
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        if self.peer_realm is not None:
+            self.log.info(
+                "federation: inbound link from {peer} closed: {reason}",
+                peer=self.peer_realm,
+                reason=reason.getErrorMessage() if reason is not None else "closed",
+            )
+            fed.status_changed()
+
+    def misbehaved(self, reason: str) -> None:
+        if self.peer_realm is not None:
+            self.factory.fed.penalise(self.peer_realm, reason)
+
+    def handle_hello(self, req: dict[str, Any]) -> None:
+        fed = self.factory.fed
+        if self.state != "hello":
+            raise FatalProtocolError("bad_request", "hello was already received")
+        if req.get("version") != FEDERATION_VERSION:
+            raise FatalProtocolError(
+                "unsupported_version", f"federation version {FEDERATION_VERSION} only"
+            )
+        try:
+            claimed = address.normalise_realm(req.get("realm"))  # type: ignore[arg-type]
+        except ChatError as e:
+            raise FatalProtocolError("bad_request", f"hello realm: {e.message}") from None
+        code, reason = fed.inbound_refusal(claimed, self.transport)
+        if reason is not None:
+            self.log.warn(
+                "federation: refused inbound link from {addr} claiming {realm}: {reason}",
+                addr=self._addr(),
+                realm=claimed,
+                reason=reason,
+            )
+            self.send({"type": "error", "code": code, "message": reason})
+            self.closed = True
+            self.transport.loseConnection()
+            return
+        self.peer_realm = claimed
+        self.state = "ready"
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        self.send({"type": "welcome", "version": FEDERATION_VERSION, "realm": fed.realm.realm})
+        self.log.info(
+            "federation: inbound link from {peer} ({addr})", peer=claimed, addr=self._addr()
+        )
+        fed.peer_connected(claimed)
+
+    def handle_txn(self, req: dict[str, Any]) -> None:
+        if self.state != "ready":
+            raise FatalProtocolError("bad_request", "txn before hello")
+        txn = req.get("id")
+        items = req.get("items")
+        if not isinstance(txn, str) or not 0 < len(txn) <= 64:
+            raise FatalProtocolError("bad_request", "txn id must be a string of 1-64 chars")
+        if not isinstance(items, list):
+            raise FatalProtocolError("bad_request", "txn items must be a list")
+        if len(items) > MAX_TXN_ITEMS:
+            raise FatalProtocolError(
+                "too_large", f"{len(items)} items in a txn; the limit is {MAX_TXN_ITEMS}"
+            )
+        if len(self._queue) >= MAX_INFLIGHT:
+            raise FatalProtocolError(
+                "rate_limited", f"more than {MAX_INFLIGHT} transactions awaiting ack"
+            )
+        self._queue.append(req)
+        self._next()
+
+    def _next(self) -> None:
+        if self._busy or not self._queue or self.closed:
+            return
+        req = self._queue[0]
+        self._busy = True
+        fed = self.factory.fed
+        assert self.peer_realm is not None
+        d = fed.realm.receive_remote(self.peer_realm, req["items"])
+
+        def done(rejected: list[dict[str, Any]]) -> None:
+            self._busy = False
+            self._queue.popleft()
+            ack: dict[str, Any] = {"type": "ack", "id": req["id"]}
+            if rejected:
+                ack["rejected"] = rejected
+            self.send(ack)
+            fed.clean(self.peer_realm or "")
+            self._next()
+
+        def failed(f: Failure) -> None:
+            self._busy = False
+            self.log.failure("federation: storing a txn from {peer}", f, peer=self.peer_realm)
+            if not self.closed:
+                self.closed = True
+                self.send({"type": "error", "code": "internal_error", "message": "not stored"})
+                self.transport.loseConnection()
+
+        d.addCallbacks(done, failed)
+
+    def handle_presence(self, req: dict[str, Any]) -> None:
+        if self.state != "ready":
+            raise FatalProtocolError("bad_request", "presence before hello")
+        assert self.peer_realm is not None
+        self.factory.fed.realm.remote_presence(
+            self.peer_realm, req.get("user"), req.get("status"), req.get("text", "")
+        )
+
+
+class InboundFactory(Factory):
+    protocol = InboundProtocol  # type: ignore[assignment]
+
+    def __init__(self, fed: FederationService) -> None:
+        self.fed = fed
+
+
+@implementer(IHandshakeListener)
+class OutboundProtocol(_Link):
+    """A link we opened to a peer to send our outbox: check the peer's certificate,
+    ``hello``, wait for ``welcome``, then ``txn`` out and ``ack`` in."""
+
+    factory: OutboundFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Fires when the peer welcomed us (cancelled when ClientService gives up).
+        self.welcomed: Deferred[OutboundProtocol] = Deferred()
+        self._welcome_seen = False
+
+    def connectionMade(self) -> None:
+        link = self.factory.link
+        self.peer_realm = link.realm
+        self.MAX_LENGTH = link.fed.cfg.max_frame
+
+    def handshakeCompleted(self) -> None:
+        link = self.factory.link
+        reason = peer_refusal(self.transport, link.realm, link.fed.cfg)
+        if reason is not None:
+            self.log.warn(
+                "federation: refused to send to {realm} at {addr}: {reason}",
+                realm=link.realm,
+                addr=self._addr(),
+                reason=reason,
+            )
+            link.last_error = f"refused: {reason}"
+            self.closed = True
+            self.transport.abortConnection()
+            return
+        self.send({"type": "hello", "version": FEDERATION_VERSION, "realm": link.fed.realm.realm})
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        if not self.welcomed.called:
+            self.welcomed.errback(reason or Failure(ConnectionError("closed")))
+        self.factory.link.lost(self, reason)
+
+    def misbehaved(self, reason: str) -> None:
+        self.factory.link.misbehaved(reason)
+
+    def refused(self, code: str, message: str) -> None:
+        self.factory.link.last_error = f"{code}: {message}"
+
+    def handle_welcome(self, req: dict[str, Any]) -> None:
+        link = self.factory.link
+        if self._welcome_seen:
+            raise FatalProtocolError("bad_request", "welcome was already received")
+        self._welcome_seen = True
+        if req.get("realm") != link.realm:
+            raise FatalProtocolError("bad_request", f"welcome from {req.get('realm')!r}")
+        if self.welcomed.called:  # the attempt was abandoned (link stopped or kicked)
+            self.closed = True
+            self.transport.loseConnection()
+            return
+        self.welcomed.callback(self)
+
+    def handle_ack(self, req: dict[str, Any]) -> None:
+        if not self._welcome_seen:
+            raise FatalProtocolError("bad_request", "ack before welcome")
+        self.factory.link.acked(self, req.get("id"), req.get("rejected") or [])
+
+
+class OutboundFactory(Factory):
+    protocol = OutboundProtocol  # type: ignore[assignment]
+
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+
+
+# links ---------------------------------------------------------------------------------
+
+
+class PeerLink:
+    """The outbound side of one peer realm: its ``ClientService``, its outbox cursor and
+    its state for logs and ``chatrealmctl peers``.
+
+    States: ``connecting`` (an attempt under way), ``ready`` (welcomed, sending),
+    ``backoff`` (waiting ``retry_in`` seconds before the next attempt).
+    """
+
+    log = Logger()
+
+    def __init__(self, fed: FederationService, realm: str) -> None:
+        self.fed = fed
+        self.realm = realm
+        cfg = fed.cfg
+        peer = cfg.peer(realm)
+        self.endpoint = PeerEndpoint(
+            fed.reactor, realm, peer.endpoint if peer else "", fed.tls.client(realm), fed.resolver
+        )
+        self.state = "connecting"
+        self.proto: OutboundProtocol | None = None
+        self.acked_seq = 0  # highest outbox seq the peer acknowledged
+        self.sent_seq = 0  # highest outbox seq sent on the current connection
+        self.inflight: collections.deque[tuple[str, int]] = collections.deque()
+        self.failures = 0
+        self.retry_in: float | None = None
+        self.retry_at: float | None = None
+        self.last_error = ""
+        self.sent_items = 0
+        self.rejected_items = 0
+        self._reading = False
+        self._dirty = False
+        self._kicking = False
+        self._penalty: Any = None
+        self._penalty_level = 0
+        from chatproto.client import WatchedEndpoint
+
+        self.service = ClientService(
+            WatchedEndpoint(self.endpoint),
+            OutboundFactory(self),
+            retryPolicy=self._retry,
+            clock=fed.clock,
+            prepareConnection=self._prepare,  # type: ignore[arg-type]
+        )
+
+    # connection -----------------------------------------------------------------------
+
+    def _retry(self, attempt: int) -> float:
+        cfg = self.fed.cfg
+        delay = min(cfg.retry_max, cfg.retry_initial * 2 ** max(0, attempt - 1))
+        delay *= random.uniform(0.9, 1.1)  # peers do not retry in lock-step
+        self.failures = attempt
+        self.state = "backoff"
+        self.retry_in = delay
+        self.retry_at = self.fed.clock.seconds() + delay
+        self.log.info(
+            "federation: link to {realm} failed ({error}); retry {n} in {delay}s",
+            realm=self.realm,
+            error=self.last_error or "connection failed",
+            n=attempt,
+            delay=round(delay, 1),
+        )
+        self.fed.status_changed()
+        return delay
+
+    def _prepare(self, proxy: Any) -> Deferred[None]:
+        # ClientService hands us a proxy of the protocol; ``welcomed`` fires with the
+        # protocol itself, which is what later callbacks identify themselves by.
+        self.state = "connecting"
+
+        def ready(proto: OutboundProtocol) -> None:
+            self.proto = proto
+            self.state = "ready"
+            self.failures = 0
+            self.retry_in = self.retry_at = None
+            self.last_error = ""
+            self.sent_seq = self.acked_seq
+            self.inflight.clear()
+            self.log.info("federation: link to {realm} ready", realm=self.realm)
+            self.fed.status_changed()
+            self.pump()
+
+        return proxy.welcomed.addCallback(ready)  # type: ignore[no-any-return]
+
+    def start(self) -> None:
+        if not self.service.running:
+            self.service.startService()
+
+    def stop(self) -> Deferred[None]:
+        if self._penalty is not None and self._penalty.active():
+            self._penalty.cancel()
+        self._penalty = None
+        if self.service.running:
+            return self.service.stopService()  # type: ignore[no-any-return]
+        return succeed(None)
+
+    def kick(self) -> None:
+        """Connect now: the peer is reachable (it connected to us).  Resets the backoff
+        (a restarted ClientService starts from attempt 1) and flushes the queue."""
+        if self.proto is not None or self._kicking or self._penalty is not None:
+            return
+        if not self.service.running:
+            return
+        self._kicking = True
+        self.log.info("federation: {realm} reached us; reconnecting now", realm=self.realm)
+
+        def restart(_: object) -> None:
+            self._kicking = False
+            if self.fed.running:
+                self.failures = 0
+                self.state = "connecting"
+                self.service.startService()
+
+        self.service.stopService().addBoth(restart)
+
+    def lost(self, proto: OutboundProtocol, reason: Failure | None) -> None:
+        if proto is not self.proto:
+            if reason is not None and not self.last_error:
+                self.last_error = reason.getErrorMessage()
+            return
+        self.proto = None
+        self.inflight.clear()
+        self.sent_seq = self.acked_seq
+        self.state = "connecting"
+        self.last_error = reason.getErrorMessage() if reason is not None else "closed"
+        self.log.info(
+            "federation: link to {realm} lost: {reason}", realm=self.realm, reason=self.last_error
+        )
+        self.fed.status_changed()
+
+    def misbehaved(self, reason: str) -> None:
+        """The peer broke the protocol: stop for a while (doubling, up to retry_max)."""
+        self.last_error = f"peer misbehaved: {reason}"
+        if self._penalty is not None or not self.service.running:
+            return
+        cfg = self.fed.cfg
+        self._penalty_level += 1
+        delay = min(cfg.retry_max, cfg.retry_initial * 2**self._penalty_level)
+        self.state = "backoff"
+        self.retry_in = delay
+        self.retry_at = self.fed.clock.seconds() + delay
+
+        def resume() -> None:
+            self._penalty = None
+            if self.fed.running:
+                self.service.startService()
+
+        def stopped(_: object) -> None:
+            self._penalty = self.fed.clock.callLater(delay, resume)
+
+        self.service.stopService().addBoth(stopped)
+        self.fed.status_changed()
+
+    # sending ----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New items were queued for this realm."""
+        self._dirty = True
+        self.pump()
+
+    def pump(self) -> None:
+        """Send queued items while the window has room (one outbox read at a time)."""
+        proto = self.proto
+        if proto is None or self._reading or len(self.inflight) >= self.fed.cfg.window:
+            return
+        self._reading = True
+        self._dirty = False
+        d = self.fed.realm.store.outbox_read(self.realm, self.sent_seq, self.fed.cfg.batch_size)
+
+        def got(rows: list[tuple[int, Envelope]]) -> None:
+            self._reading = False
+            if proto is not self.proto:  # the connection changed while reading
+                self.pump()
+                return
+            if rows:
+                first, last = rows[0][0], rows[-1][0]
+                txn = f"{first}-{last}"
+                proto.send(
+                    {"type": "txn", "id": txn, "items": [envelope_to_wire(e) for _, e in rows]}
+                )
+                self.inflight.append((txn, last))
+                self.sent_seq = last
+                self.sent_items += len(rows)
+            if rows or self._dirty:
+                self.pump()
+
+        def failed(f: Failure) -> None:
+            self._reading = False
+            self.log.failure("federation: reading the outbox for {realm}", f, realm=self.realm)
+
+        d.addCallbacks(got, failed)
+
+    def acked(self, proto: OutboundProtocol, txn: Any, rejected: list[Any]) -> None:
+        if proto is not self.proto:
+            return
+        if not self.inflight or self.inflight[0][0] != txn:
+            proto.fail("bad_request", f"ack for {str(txn)[:40]!r}, which is not the oldest txn")
+            return
+        _, last = self.inflight.popleft()
+        self.acked_seq = last
+        self._penalty_level = 0
+        for r in rejected[:100] if isinstance(rejected, list) else ():
+            self.rejected_items += 1
+            if isinstance(r, dict):
+                self.log.warn(
+                    "federation: {realm} rejected item {id}: {code}: {message}",
+                    realm=self.realm,
+                    id=str(r.get("id"))[:64],
+                    code=str(r.get("code"))[:40],
+                    message=str(r.get("message"))[:200],
+                )
+        self.fed.realm.store.outbox_ack(self.realm, last).addErrback(
+            lambda f: self.log.failure("federation: outbox ack for {realm}", f, realm=self.realm)
+        )
+        self.pump()
+
+    def presence(self, frame: dict[str, Any]) -> None:
+        """Ephemeral: sent only when the link is up (presence is not stored)."""
+        if self.proto is not None:
+            self.proto.send(frame)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "realm": self.realm,
+            "state": self.state,
+            "failures": self.failures,
+            "retry_in": round(self.retry_in, 3) if self.retry_in is not None else None,
+            "retry_at": self.retry_at,
+            "last_error": self.last_error,
+            "inflight": len(self.inflight),
+            "sent_items": self.sent_items,
+            "rejected_items": self.rejected_items,
+            "target": ":".join(map(str, self.endpoint.target)) if self.endpoint.target else "",
+        }
+
+
+# the service -----------------------------------------------------------------------------
+
+
+class FederationService(MultiService):
+    """Federation for one realm: the listener, the links, and the status file.
+
+    ``reactor`` listens and connects; ``clock`` times backoff (a ``task.Clock`` in
+    tests); ``resolver`` answers ``lookupService`` (default: ``twisted.names``).
+    Sets ``realm.federation`` to itself: the realm calls :meth:`wake` after committing
+    items for another realm, and :meth:`presence` for presence changes.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        realm: Any,
+        reactor: Any,
+        clock: Any = None,
+        resolver: Any = None,
+        status_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.setName("federation")
+        self.realm = realm
+        self.cfg: Federation = realm.config.federation
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.resolver = resolver
+        self.tls = FederationTLS(self.cfg)
+        self.links: dict[str, PeerLink] = {}
+        self.inbound: set[InboundProtocol] = set()
+        self.factory = InboundFactory(self)
+        self.port: Any = None
+        #: realm -> (refuse hellos until, level): backoff for misbehaving peers
+        self._penalties: dict[str, tuple[float, int]] = {}
+        self.status_path = (
+            status_path
+            if status_path is not None
+            else os.path.join(realm.config.data_dir, STATUS_FILE)
+        )
+        self._status_call: Any = None
+        realm.federation = self
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        if self.port is not None:
+            return
+        wrapped = TLSMemoryBIOFactory(self.tls.server(), False, self.factory)
+        try:
+            self.port = self.reactor.listenTCP(self.cfg.port, wrapped, interface=self.cfg.interface)
+        except CannotListenError as e:
+            raise SystemExit(
+                f"chatrealm: cannot listen for federation on "
+                f"{self.cfg.interface}:{self.cfg.port}: {e.socketError}"
+            ) from None
+        host = self.port.getHost()
+        self.log.info(
+            "federation for {realm} listening on {host}:{port}",
+            realm=self.realm.realm,
+            host=host.host,
+            port=host.port,
+        )
+
+    def privilegedStartService(self) -> None:
+        MultiService.privilegedStartService(self)
+        self.listen()
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        self.listen()
+        for peer in self.cfg.peers:
+            if self.cfg.allows(peer.realm):
+                self.link(peer.realm)
+        # Resume every queue left by the last run (even one killed with SIGKILL).
+        self.realm.store.outbox_counts().addCallback(self._resume).addErrback(
+            lambda f: self.log.failure("federation: reading the outbox", f)
+        )
+
+    def _resume(self, counts: dict[str, int]) -> None:
+        for realm, n in sorted(counts.items()):
+            if self.running and self.cfg.allows(realm):
+                self.log.info("federation: {n} items queued for {realm}", n=n, realm=realm)
+                self.link(realm).wake()
+
+    def stopService(self) -> Deferred[Any]:
+        MultiService.stopService(self)
+        waits = [link.stop() for link in self.links.values()]
+        for proto in list(self.inbound):
+            proto.transport.abortConnection()
+        if self.port is not None:
+            port, self.port = self.port, None
+            waits.append(port.stopListening())
+        if self._status_call is not None and self._status_call.active():
+            self._status_call.cancel()
+        self._status_call = None
+        return gatherResults(waits)
+
+    # what the realm calls -------------------------------------------------------------------
+
+    def link(self, realm: str) -> PeerLink:
+        link = self.links.get(realm)
+        if link is None:
+            link = self.links[realm] = PeerLink(self, realm)
+            if self.running:
+                link.start()
+        return link
+
+    def wake(self, realm: str) -> None:
+        """Items for ``realm`` were committed to the outbox."""
+        if self.running:
+            self.link(realm).wake()
+
+    def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
+        for realm in realms:
+            link = self.links.get(realm)
+            if link is not None:
+                link.presence(frame)
+
+    # inbound policy ---------------------------------------------------------------------------
+
+    def inbound_refusal(self, realm: str, transport: Any) -> tuple[str, str | None]:
+        """(error code, reason) for refusing an inbound link claiming ``realm``."""
+        if realm == self.realm.realm:
+            return "untrusted_peer", f"{realm} is this realm's own name"
+        if not self.cfg.allows(realm):
+            return "peer_denied", f"federation with {realm} is not allowed here"
+        until = self._penalties.get(realm, (0.0, 0))[0]
+        now = self.clock.seconds()
+        if until > now:
+            return "rate_limited", f"misbehaved recently; retry after {until - now:.0f}s"
+        return "untrusted_peer", peer_refusal(transport, realm, self.cfg)
+
+    def penalise(self, realm: str, reason: str) -> None:
+        _, level = self._penalties.get(realm, (0.0, 0))
+        delay = min(self.cfg.retry_max, self.cfg.retry_initial * 2**level)
+        self._penalties[realm] = (self.clock.seconds() + delay, level + 1)
+        self.log.warn(
+            "federation: {realm} misbehaved ({reason}); refused for {delay}s",
+            realm=realm,
+            reason=reason,
+            delay=round(delay, 1),
+        )
+
+    def clean(self, realm: str) -> None:
+        """A transaction from ``realm`` went through: forget its past misbehaviour."""
+        self._penalties.pop(realm, None)
+
+    def peer_connected(self, realm: str) -> None:
+        self.link(realm).kick()
+        self.status_changed()
+
+    # status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        inbound = sorted({p.peer_realm for p in self.inbound if p.peer_realm})
+        return {
+            "realm": self.realm.realm,
+            "time": self.clock.seconds(),
+            "pid": os.getpid(),
+            "links": [self.links[r].status() for r in sorted(self.links)],
+            "inbound": inbound,
+        }
+
+    def status_changed(self) -> None:
+        """Write the status file soon (at most twice a second), off the reactor thread."""
+        if not self.status_path or (self._status_call is not None and self._status_call.active()):
+            return
+
+        def write() -> None:
+            self._status_call = None
+            data = json.dumps(self.status(), indent=1)
+            path = self.status_path
+            pool = getattr(self.reactor, "getThreadPool", None)
+            if pool is None:  # a test clock standing in for the reactor
+                _write_atomic(path, data)
+                return
+            deferToThreadPool(self.reactor, pool(), _write_atomic, path, data).addErrback(
+                lambda f: self.log.failure("federation: writing {path}", f, path=path)
+            )
+
+        self._status_call = self.clock.callLater(0.5, write)
+
+
+def _write_atomic(path: str, data: str) -> None:
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_status(path: str) -> dict[str, Any] | None:
+    """The status a running realm last wrote (for ``chatrealmctl peers``), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return None

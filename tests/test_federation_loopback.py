@@ -1,0 +1,301 @@
+"""Federation over real mutual TLS on loopback: in-process realms (SQLite), clients on
+real TCP, links between the realms' federation listeners."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, ssl
+from twisted.internet import reactor as _reactor
+from twisted.protocols.basic import Int32StringReceiver
+
+from chatproto import tls, wire
+from chatproto.client import RemoteError, connect
+from chatproto.config import Federation
+from chatproto.federation import FederationTLS
+from tests.conftest import until
+from tests.fedharness import LogCapture, drained, federation, stop_all
+
+PW = "password-1"
+
+
+@pytest.fixture
+def two(tmp_path: Any) -> Any:
+    nodes = pytest_twisted.blockon(federation(tmp_path, ["a.example", "b.example"]))
+    yield nodes
+    stop_all(nodes)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dms_both_ways(two: Any) -> Any:
+    a, b = two
+    got_alice: list[dict[str, Any]] = []
+    got_bob: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
+    yield defer.gatherResults([alice.synced, bob.synced])
+    r1 = yield alice.send("bob@b.example", "hi bob")
+    assert r1["pos"] > 0
+    yield until(lambda: len(got_bob) == 1)
+    r2 = yield bob.send("alice@a.example", "hi alice ✓")
+    yield until(lambda: len(got_alice) == 2 and len(got_bob) == 2)
+    assert [m["body"] for m in got_bob] == ["hi bob", "hi alice ✓"]
+    assert [m["body"] for m in got_alice] == ["hi bob", "hi alice ✓"]
+    assert got_bob[0]["from"] == "alice@a.example" and got_bob[0]["to"] == "bob@b.example"
+    assert got_alice[1]["from"] == "bob@b.example"
+    # the same message id on both realms (de-duplication key); positions are per realm
+    assert got_bob[0]["msg_id"] == got_alice[0]["msg_id"] == r1["msg_id"]
+    assert got_alice[1]["msg_id"] == r2["msg_id"]
+    history = yield bob.history("alice@a.example")
+    assert [m["body"] for m in history] == ["hi bob", "hi alice ✓"]
+    # delivered: the outboxes are empty again
+    yield drained(a)
+    yield alice.close()
+    yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_offline_recipient_gets_remote_messages_at_login(two: Any) -> Any:
+    a, b = two
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield bob.close()
+    for i in range(50):
+        yield alice.send("bob@b.example", f"m{i}")
+    yield drained(a)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, on_message=got.append)
+    yield bob.synced
+    assert [m["body"] for m in got] == [f"m{i}" for i in range(50)]
+    yield alice.close()
+    yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_remote_user_and_policy_errors(two: Any) -> Any:
+    a, b = two
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    a.cfg.federation.deny = ["c.example"]
+    with pytest.raises(RemoteError) as e:
+        yield alice.send("carol@c.example", "x")
+    assert e.value.code == "peer_denied"
+    # an unknown user on b: accepted by a (it cannot know), rejected by b, not stored
+    yield alice.send("nobody@b.example", "x")
+    yield until(lambda: a.fed.links["b.example"].rejected_items == 1)
+    items = yield b.realm.store.read_feed("nobody@b.example", 0, 10)
+    assert items == []
+    yield alice.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
+    two: Any,
+) -> Any:
+    a, b = two
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    port = b.fed_port
+    yield b.stop_federation()  # b's federation listener is down
+    for i in range(20):
+        yield alice.send("bob@b.example", f"queued {i}")
+    counts = yield a.realm.store.outbox_counts()
+    assert counts == {"b.example": 20}
+    link = a.fed.links["b.example"]
+    yield until(lambda: link.failures >= 2)  # a retries with backoff meanwhile
+    got: list[dict[str, Any]] = []
+    bob2 = yield connect(_reactor, b.addr, "bob", PW, on_message=got.append)
+    yield bob2.synced
+    # b comes back on the same port; nobody sends anything
+    b.cfg.federation.port = port
+    b.fed.startService()
+    yield until(lambda: len(got) == 20)
+    assert [m["body"] for m in got] == [f"queued {i}" for i in range(20)]
+    yield drained(a)
+    yield alice.close()
+    yield bob.close()
+    yield bob2.close()
+
+
+# identity and refusals ------------------------------------------------------------------
+
+
+@pytest.fixture
+def logs() -> Any:
+    capture = LogCapture()
+    yield capture
+    capture.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_trust_by_pinned_fingerprints_only(tmp_path: Any) -> Any:
+    nodes = yield federation(tmp_path, ["a.example", "b.example"], pins=True)
+    a, b = nodes
+    try:
+        got: list[dict[str, Any]] = []
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+        bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+        yield alice.send("bob@b.example", "pinned")
+        yield until(lambda: len(got) == 1)
+        yield alice.close()
+        yield bob.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
+@defer.inlineCallbacks
+def _refused(tmp_path: Any, logs: Any, expect: str, **kw: Any) -> Any:
+    """a.example and b.example where b is not what it claims: a message from alice to
+    bob stays queued, and both sides log ``expect``."""
+    nodes = yield federation(tmp_path, ["a.example", "b.example"], **kw)
+    a, b = nodes
+    try:
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+        yield connect(_reactor, b.addr, "bob", PW, register=True).addCallback(lambda c: c.close())
+        yield alice.send("bob@b.example", "must not arrive")
+        link = a.fed.links["b.example"]
+        yield until(lambda: link.failures >= 2)
+        yield until(lambda: logs.has(expect))
+        assert link.state != "ready"
+        assert expect in link.last_error
+        counts = yield a.realm.store.outbox_counts()
+        assert counts == {"b.example": 1}
+        items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
+        assert items == []
+        yield alice.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_for_another_realm_name_is_refused(tmp_path: Any, logs: Any) -> Any:
+    other = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
+    yield _refused(
+        tmp_path, logs, "certificate is for c.example, not b.example", certs={"b.example": other}
+    )
+    # b's own link to a: refused by a's listener, with the reason in a's log
+    assert logs.has("refused inbound link from")
+    assert logs.has("claiming b.example: certificate is for c.example, not b.example")
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_from_an_untrusted_ca_is_refused(tmp_path: Any, logs: Any) -> Any:
+    rogue = tls.write_dev_certs(str(tmp_path / "rogue-ca"), "b.example")
+    yield _refused(tmp_path, logs, "untrusted CA", certs={"b.example": rogue})
+    assert logs.has("claiming b.example: certificate not trusted")
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_certificate_for_a_pinned_peer_is_refused(tmp_path: Any, logs: Any) -> Any:
+    # b presents a valid certificate for its name from the shared CA, but not the one
+    # a pinned: the pin wins.
+    other = tls.write_dev_certs(str(tmp_path / "elsewhere"), "b.example")
+    with open(other["cert"], "rb") as f:
+        wrong_pin = tls.fingerprint(f.read())
+
+    def pin(nodes: Any) -> None:
+        nodes[0].cfg.federation.peer("b.example").fingerprint = wrong_pin
+
+    nodes = yield federation(tmp_path, ["a.example", "b.example"], before_start=pin)
+    a = nodes[0]
+    try:
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+        yield alice.send("bob@b.example", "x")
+        link = a.fed.links["b.example"]
+        yield until(lambda: logs.has("is not the pinned " + wrong_pin))
+        assert link.state != "ready"
+        yield alice.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
+class RawPeer(Int32StringReceiver):
+    """A hand-driven federation client (for misbehaving and forging peers)."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def stringReceived(self, payload: bytes) -> None:
+        self.frames.append(wire.decode(payload))
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sendString(wire.encode(obj))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@defer.inlineCallbacks
+def raw_peer(target: Any, as_realm: str, cert: dict[str, str] | None, ca: str) -> Any:
+    """Connect to ``target``'s federation listener presenting ``cert`` (None: none)."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+    from twisted.internet.protocol import Factory
+
+    if cert is not None:
+        cfg = Federation(certificate=cert["cert"], private_key=cert["key"], ca=ca)
+        creator: Any = FederationTLS(cfg).client(target.name)
+    else:
+        creator = ssl.CertificateOptions(verify=False)
+    endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(_reactor, "127.0.0.1", target.fed_port))
+    proto = yield endpoint.connect(Factory.forProtocol(RawPeer))
+    return proto
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_client_certificate_is_refused(two: Any, logs: Any) -> Any:
+    a, b = two
+    peer = yield raw_peer(b, "a.example", None, a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+    yield peer.lost
+    assert peer.frames[0]["type"] == "error" and peer.frames[0]["code"] == "untrusted_peer"
+    assert logs.has("claiming a.example: presented no certificate")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) -> Any:
+    a, b = two
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield bob.synced
+    # a.example's genuine certificate: the link is accepted, the forgery is not
+    cert = {"cert": a.cfg.federation.certificate, "key": a.cfg.federation.private_key}
+    peer = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+    item = {"kind": "text", "to": "bob@b.example", "ts": 1.0}
+    peer.send(
+        {
+            "type": "txn",
+            "id": "1-2",
+            "items": [
+                {**item, "id": "forged-1", "from": "mallory@c.example", "body": "forged"},
+                {**item, "id": "genuine-1", "from": "alice@a.example", "body": "genuine"},
+            ],
+        }
+    )
+    yield until(lambda: len(peer.frames) == 2)
+    welcome, ack = peer.frames
+    assert welcome == {"type": "welcome", "version": 1, "realm": "b.example"}
+    assert ack["type"] == "ack" and ack["id"] == "1-2"
+    assert [(r["id"], r["code"]) for r in ack["rejected"]] == [("forged-1", "forged_sender")]
+    yield until(lambda: len(got) == 1)
+    assert got[0]["body"] == "genuine" and got[0]["from"] == "alice@a.example"
+    assert logs.has("rejected item forged-1 from a.example: forged_sender")
+    # the same transaction again (a retry): nothing is stored twice
+    peer.send(
+        {
+            "type": "txn",
+            "id": "1-2",
+            "items": [{**item, "id": "genuine-1", "from": "alice@a.example", "body": "genuine"}],
+        }
+    )
+    yield until(lambda: len(peer.frames) == 3)
+    assert peer.frames[2] == {"type": "ack", "id": "1-2"}
+    items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
+    assert [e.body for e in items] == ["genuine"]
+    peer.transport.loseConnection()
+    yield bob.close()
