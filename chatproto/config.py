@@ -120,6 +120,9 @@ class IRC:
     motd: str = ""
     flood_rate: float = 2.0
     flood_burst: int = 20
+
+
+@attrs.define
 class Peer:
     """One entry of ``[[federation.peers]]``: how to reach and trust a peer realm."""
 
