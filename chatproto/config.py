@@ -27,6 +27,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Federation",
+    "Files",
     "Limits",
     "Peer",
     "Storage",
@@ -78,6 +79,19 @@ class Auth:
     argon2_time_cost: int = 3
     argon2_memory_cost: int = 65536
     argon2_parallelism: int = 2
+
+
+@attrs.define
+class Files:
+    """File transfer limits and retention (see chatproto/files.py)."""
+
+    max_file_size: int = 256 * 1024 * 1024
+    quota_per_user: int = 1024 * 1024 * 1024
+    chunk_size: int = 32768
+    max_uploads_per_user: int = 8
+    upload_expiry: float = 86400.0
+    retention_days: float = 30.0
+    cleanup_interval: float = 3600.0
 
 
 @attrs.define
@@ -177,10 +191,16 @@ class Config:
     web: Web = attrs.field(factory=Web)
     irc: IRC = attrs.field(factory=IRC)
     federation: Federation = attrs.field(factory=Federation)
+    files: Files = attrs.field(factory=Files)
 
     @property
     def database_path(self) -> str:
         return os.path.join(self.data_dir, "realm.sqlite3")
+
+    @property
+    def files_path(self) -> str:
+        """Where file blobs and partial uploads live (created on first upload)."""
+        return os.path.join(self.data_dir, "files")
 
     def listen_descriptions(self) -> list[str]:
         """The endpoint descriptions to listen on, TLS included when certs are given."""
@@ -260,6 +280,20 @@ class Config:
         if lim.max_groups_per_user > 400:
             # one sub-query per group in the backlog query; SQLite caps compound selects
             raise ConfigError("limits.max_groups_per_user must be at most 400")
+        f = self.files
+        for key in (
+            "max_file_size",
+            "quota_per_user",
+            "chunk_size",
+            "max_uploads_per_user",
+            "upload_expiry",
+            "retention_days",
+            "cleanup_interval",
+        ):
+            if getattr(f, key) <= 0:
+                raise ConfigError(f"files.{key} must be positive")
+        if not 1024 <= f.chunk_size <= lim.max_frame - 64:
+            raise ConfigError("files.chunk_size must be between 1024 and limits.max_frame - 64")
         if self.storage.backend != "sqlite":
             raise ConfigError(f"storage.backend {self.storage.backend!r}: only 'sqlite' exists")
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
@@ -382,6 +416,7 @@ _SECTIONS = {
     "web": Web,
     "irc": IRC,
     "federation": Federation,
+    "files": Files,
 }
 _REALM_KEYS = {
     "name": "realm",

@@ -39,6 +39,7 @@ from chatproto.address import Address
 from chatproto.config import Config
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
+from chatproto.files import FileService
 from chatproto.groups import Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import IStore
@@ -369,6 +370,8 @@ class RealmService(Service):
         #: The :class:`chatproto.federation.FederationService` when federation is on:
         #: told (``wake``) after items for another realm are committed to the outbox.
         self.federation: Any = None
+        #: Files: offers, uploads, downloads and their rules (see chatproto/files.py).
+        self.files = FileService(self, config.files_path)
 
     # service lifecycle --------------------------------------------------------------
 
@@ -406,6 +409,7 @@ class RealmService(Service):
             if len(events) < 1000:
                 break
             after = events[-1].pos
+        yield self.files.start()
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         self.log.info(
             "realm {realm} started: {users} users, {groups} groups, store {path}",
@@ -424,6 +428,7 @@ class RealmService(Service):
             for s in list(sessions):
                 s.mind.disconnect("shutting_down", "the realm is stopping")
                 s.logout()
+        yield self.files.stop()
         yield self.store.close()
         if self._hash_pool is not None:
             self._hash_pool.stop()
@@ -1147,6 +1152,13 @@ class RealmService(Service):
             body=body,
             meta=meta,
         )
+
+    def commit_item(self, env: Envelope) -> Deferred[Envelope]:
+        """Store an item the realm's rules have already allowed (a file message, say),
+        then route it like a message; fires with it once committed."""
+        if env.recipient.startswith("#"):
+            return self.store.append([env]).addCallback(self._committed_group, env)
+        return self.store.append([env]).addCallback(self._committed, env)
 
     def _committed(self, _: object, env: Envelope) -> Envelope:
         if env.sender != env.recipient:

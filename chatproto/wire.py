@@ -4,8 +4,8 @@ Framing is ``twisted.protocols.basic.Int32StringReceiver`` (a 4-byte big-endian
 length, then the payload).  The first payload byte is the *frame kind*:
 
 - ``{`` (0x7B): a control frame, a UTF-8 JSON object with a ``type``;
-- 0x00: a binary data frame (reserved for file transfer; a v1 server that has not
-  negotiated it answers ``bad_frame``).
+- 0x00: a binary data frame carrying file bytes (see :func:`encode_data`): a 14-byte
+  header ``00 | op | stream (u32) | offset (u64)`` (big-endian), then the data.
 
 This module has no state and no I/O: it only converts between bytes and dicts, so the
 client protocol, the client library and tests share one definition.
@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from typing import Any
 
 from chatproto.errors import ChatError, FatalProtocolError
 
 __all__ = [
+    "DATA_HEADER",
+    "OP_DOWNLOAD",
+    "OP_UPLOAD",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "decode",
+    "decode_data",
     "encode",
+    "encode_data",
     "error_frame",
     "field",
     "result_frame",
@@ -33,6 +39,14 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 FRAME_JSON = 0x7B
 FRAME_BINARY = 0x00
+
+#: Binary data frame header: kind byte 0x00, op, stream number, absolute file offset.
+DATA_HEADER = struct.Struct("!BBIQ")
+#: Op of a data frame from client to realm: bytes of an upload.
+OP_UPLOAD = 0x01
+#: Op of a data frame from realm to client: bytes of a download.
+OP_DOWNLOAD = 0x02
+_DATA_OPS = (OP_UPLOAD, OP_DOWNLOAD)
 
 #: Integers on the wire stay within what every JSON implementation represents exactly.
 MAX_INT = 2**53 - 1
@@ -132,3 +146,29 @@ def result_frame(rid: Any, **fields: Any) -> bytes:
         frame["id"] = rid
     frame.update(fields)
     return encode(frame)
+
+
+def encode_data(op: int, stream: int, offset: int, data: bytes) -> bytes:
+    """A binary data frame payload (without the length prefix).
+
+    ``stream`` is the transfer's number on this connection (from the ``file_offer``,
+    ``file_resume`` or ``download`` result) and ``offset`` the absolute position of the
+    first data byte in the file, so every frame says exactly where its bytes belong.
+    """
+    return DATA_HEADER.pack(FRAME_BINARY, op, stream, offset) + data
+
+
+def decode_data(payload: bytes) -> tuple[int, int, int, bytes]:
+    """``(op, stream, offset, data)`` of a binary data frame payload.
+
+    Raises :class:`FatalProtocolError` (``bad_frame``) for a short header or an unknown
+    op: the peer's framing cannot be trusted after that.
+    """
+    if len(payload) < DATA_HEADER.size or payload[0] != FRAME_BINARY:
+        raise FatalProtocolError("bad_frame", "a data frame needs a 14-byte header")
+    _, op, stream, offset = DATA_HEADER.unpack_from(payload)
+    if op not in _DATA_OPS:
+        raise FatalProtocolError("bad_frame", f"unknown data frame op {op}")
+    if offset > MAX_INT:
+        raise FatalProtocolError("bad_frame", "data frame offset out of range")
+    return op, stream, offset, payload[DATA_HEADER.size :]

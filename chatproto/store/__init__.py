@@ -11,9 +11,14 @@ Contract shared by every backend:
   fires only after the commit.  Concurrent calls are batched into one transaction
   (group commit), so durability does not cost one fsync per message.
 - positions are never reused, even after deletions.
+- an appended item of kind ``file`` (``meta`` holding ``file_id``, ``sha256``, ``size``,
+  ``name``, ``media_type``) also records its file, in the same transaction: the
+  message and the file's metadata exist together or not at all.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from zope.interface import Interface
 
@@ -22,6 +27,7 @@ from chatproto.errors import ChatError
 __all__ = [
     "IStore",
     "UserExists",
+    "file_record",
 ]
 
 
@@ -120,3 +126,42 @@ class IStore(Interface):
 
     def max_pos():  # type: ignore[misc]
         """The highest committed position (0 when empty)."""
+
+    # files (see chatproto/files.py) --------------------------------------------------
+
+    def file_info(file_id):  # type: ignore[misc]
+        """The file recorded by a ``file`` item, or ``None``: a dict with ``file_id``,
+        ``sha256``, ``size``, ``name``, ``media_type``, ``sender``, ``recipient``,
+        ``ts`` and ``pos`` (the position of its message)."""
+
+    def file_usage(sender):  # type: ignore[misc]
+        """Total ``size`` of the recorded files sent by ``sender`` (for quotas)."""
+
+    def expire_files(before):  # type: ignore[misc]
+        """Forget every file recorded with ``ts < before`` (their messages stay); fires
+        with the sorted sha256 digests no remaining file refers to (whose bytes may go)."""
+
+    def blob_referenced(sha256):  # type: ignore[misc]
+        """Fires with True when some recorded file has this content."""
+
+    def put_upload(record):  # type: ignore[misc]
+        """Record (insert or replace) an unfinished upload: a JSON-able dict with at
+        least ``upload_id`` and ``user``."""
+
+    def delete_upload(upload_id):  # type: ignore[misc]
+        """Forget an unfinished upload (finished, cancelled or expired)."""
+
+    def list_uploads():  # type: ignore[misc]
+        """Fires with every recorded unfinished upload (the dicts given to put_upload)."""
+
+
+#: The metadata keys a ``file`` item's ``meta`` carries (and a file record repeats).
+FILE_META = ("file_id", "sha256", "size", "name", "media_type")
+
+
+def file_record(env: Any) -> dict[str, Any]:
+    """The file record of a committed ``file`` item (for :meth:`IStore.file_info`)."""
+    meta = env.meta
+    rec = {k: meta[k] for k in FILE_META}
+    rec.update(sender=env.sender, recipient=env.recipient, ts=env.ts, pos=env.pos)
+    return rec

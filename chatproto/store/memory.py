@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope
-from chatproto.store import IStore, UserExists
+from chatproto.store import IStore, UserExists, file_record
 
 __all__ = [
     "MemoryStore",
@@ -31,6 +31,8 @@ class MemoryStore:
         self.floors: dict[str, int] = {}
         self.items: list[Envelope] = []
         self.acks: dict[tuple[str, str], int] = {}
+        self.files: dict[str, dict[str, Any]] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}
         self._pos = 0
         self._ids: set[str] = set()
         #: Federation outbox: (seq, realm, envelope), oldest first.
@@ -80,6 +82,8 @@ class MemoryStore:
             return fail(ValueError("UNIQUE constraint failed: items.id"))
         for env in items:
             self._store(env)
+            if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
+                self.files[env.meta["file_id"]] = file_record(env)
         self._queue(outbox)
         return succeed(list(items))
 
@@ -191,6 +195,33 @@ class MemoryStore:
 
     def max_pos(self) -> Deferred[int]:
         return succeed(self._pos)
+
+    def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
+        rec = self.files.get(file_id)
+        return succeed(dict(rec) if rec is not None else None)
+
+    def file_usage(self, sender: str) -> Deferred[int]:
+        return succeed(sum(f["size"] for f in self.files.values() if f["sender"] == sender))
+
+    def expire_files(self, before: float) -> Deferred[list[str]]:
+        gone = [k for k, f in self.files.items() if f["ts"] < before]
+        digests = {self.files.pop(k)["sha256"] for k in gone}
+        left = {f["sha256"] for f in self.files.values()}
+        return succeed(sorted(digests - left))
+
+    def blob_referenced(self, sha256: str) -> Deferred[bool]:
+        return succeed(any(f["sha256"] == sha256 for f in self.files.values()))
+
+    def put_upload(self, record: dict[str, Any]) -> Deferred[None]:
+        self.uploads[record["upload_id"]] = dict(record)
+        return succeed(None)
+
+    def delete_upload(self, upload_id: str) -> Deferred[None]:
+        self.uploads.pop(upload_id, None)
+        return succeed(None)
+
+    def list_uploads(self) -> Deferred[list[dict[str, Any]]]:
+        return succeed([dict(r) for r in self.uploads.values()])
 
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self.users)} users, {len(self.items)} items>"

@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope
-from chatproto.store import IStore, UserExists
+from chatproto.store import FILE_META, IStore, UserExists
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -38,7 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -87,6 +87,30 @@ MIGRATIONS: list[str] = [
         pos INTEGER NOT NULL
     );
     CREATE INDEX outbox_realm ON outbox (realm, seq);
+    """,
+    # v5: files.  A file row is written with its message (same transaction) and
+    # names its content by sha256 (blobs on disk are stored once per content); an
+    # unfinished upload is kept as a JSON record so it can be resumed after a restart.
+    """
+    CREATE TABLE files (
+        file_id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        ts REAL NOT NULL,
+        pos INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX files_sha256 ON files (sha256);
+    CREATE INDEX files_sender ON files (sender);
+    CREATE INDEX files_ts ON files (ts);
+    CREATE TABLE uploads (
+        upload_id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        record TEXT NOT NULL
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -280,6 +304,22 @@ class SQLiteDB:
             out.append(row[0] if row else None)
         return out
 
+    _INSERT_FILE = (
+        "INSERT INTO files (file_id, sha256, size, name, media_type, sender, recipient, "
+        "ts, pos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+
+    def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
+        """Record the file of each local ``file`` item (with its message's position);
+        items from other realms name files stored there, not here."""
+        rows = []
+        for env, pos in zip(batch, positions, strict=True):
+            if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
+                m = env.meta
+                rows.append((*(m[k] for k in FILE_META), env.sender, env.recipient, env.ts, pos))
+        if rows:
+            self.conn.executemany(self._INSERT_FILE, rows)
+
     def _append_all(
         self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
     ) -> list[list[int | None] | Exception]:
@@ -302,7 +342,9 @@ class SQLiteDB:
                 last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
                 pos = last - len(params) + 1
             for batch in run:
-                out.append(list(range(pos, pos + len(batch))) if batch else [])
+                positions = list(range(pos, pos + len(batch))) if batch else []
+                self._index_files(batch, positions)
+                out.append(list[int | None](positions))
                 if batch:
                     pos += len(batch)
             i = j
@@ -320,10 +362,12 @@ class SQLiteDB:
                 if is_remote:
                     positions = self._insert_remote(batch)
                 else:
-                    positions = [
+                    local = [
                         c.execute(self._INSERT + " RETURNING pos", p).fetchone()[0]
                         for p in self._params(batch)
                     ]
+                    self._index_files(batch, local)
+                    positions = list(local)
                 c.execute("RELEASE b")
                 out.append(positions)
             except Exception as err:  # one bad batch must not fail the others
@@ -435,6 +479,65 @@ class SQLiteDB:
     def max_pos(self) -> int:
         row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
         return int(row[0] or 0)
+
+    # files --------------------------------------------------------------------------
+
+    _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
+
+    def file_info(self, file_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = ?", (file_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
+
+    def file_usage(self, sender: str) -> int:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = ?", (sender,)
+        ).fetchone()
+        return int(row[0])
+
+    def expire_files(self, before: float) -> list[str]:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            digests = [
+                r[0]
+                for r in c.execute(
+                    "DELETE FROM files WHERE ts < ? RETURNING sha256", (before,)
+                ).fetchall()
+            ]
+            gone = sorted(
+                d
+                for d in set(digests)
+                if c.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (d,)).fetchone()
+                is None
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return gone
+
+    def blob_referenced(self, sha256: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha256,)
+        ).fetchone()
+        return row is not None
+
+    def put_upload(self, record: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO uploads (upload_id, user, record) VALUES (?, ?, ?)",
+            (record["upload_id"], record["user"], json.dumps(record)),
+        )
+
+    def delete_upload(self, upload_id: str) -> None:
+        self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+
+    def list_uploads(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
 
 @implementer(IStore)
@@ -703,3 +806,27 @@ class SQLiteStore:
 
     def max_pos(self) -> Deferred[int]:
         return self._read(SQLiteDB.max_pos)
+
+    # files: reads on the WAL readers (they see every commit completed before they
+    # start, as for items); writes on the one writer thread ----------------------------
+
+    def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
+        return self._read(SQLiteDB.file_info, file_id)
+
+    def file_usage(self, sender: str) -> Deferred[int]:
+        return self._read(SQLiteDB.file_usage, sender)
+
+    def expire_files(self, before: float) -> Deferred[list[str]]:
+        return self._write(lambda: self._db().expire_files(before))
+
+    def blob_referenced(self, sha256: str) -> Deferred[bool]:
+        return self._read(SQLiteDB.blob_referenced, sha256)
+
+    def put_upload(self, record: dict[str, Any]) -> Deferred[None]:
+        return self._write(lambda: self._db().put_upload(record))
+
+    def delete_upload(self, upload_id: str) -> Deferred[None]:
+        return self._write(lambda: self._db().delete_upload(upload_id))
+
+    def list_uploads(self) -> Deferred[list[dict[str, Any]]]:
+        return self._read(SQLiteDB.list_uploads)

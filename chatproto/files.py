@@ -1,0 +1,693 @@
+"""Files: the realm's file service (the rules) and its content-addressed blob store.
+
+:class:`FileService` is ``realm.files``, the file part of the realm service and the
+only place with rules about files: size limits and quotas are checked when a file is
+*offered*, before any byte moves; the sha256 is verified before anything is stored;
+only a conversation's parties (a group's members) may download; files expire after
+the configured retention.  It speaks no protocol: the native protocol
+(:mod:`chatproto.protocol`), the web gateway and federation call the same methods with
+the canonical address of a user they have authenticated.
+
+Bytes live in a :class:`FileStore` on disk under ``<data_dir>/files``: one blob per
+content (``blobs/<sha[:2]>/<sha256>``, so the same content is stored once) and one
+partial file per unfinished upload (``uploads/<upload_id>.part``).  Metadata lives in
+the :class:`chatproto.store.IStore`: a finished file is a stream item of kind ``file``
+whose ``meta`` describes it (the store records the file with its message, atomically),
+and unfinished uploads are recorded so they survive a restart.  Disk I/O and hashing
+run in threads (:mod:`chatproto.transfer`), never on the reactor thread.
+
+An upload: :meth:`FileService.offer` -> :meth:`FileService.write` (at the current
+offset, repeatedly; after a dropped connection :meth:`FileService.status` says where
+to continue) -> :meth:`FileService.finish` (verify, store, post the message), or
+:meth:`FileService.cancel`.  A download: :meth:`FileService.open_download` gives a
+:class:`Download` whose :meth:`Download.start` feeds a byte range to any consumer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
+from twisted.internet.interfaces import IConsumer, IReactorThreads
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from chatproto.config import Files as FilesConfig
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.transfer import RangeProducer, Runner, SerialWriter, ThreadRunner, inline
+
+if TYPE_CHECKING:
+    from chatproto.realm import RealmService
+
+__all__ = [
+    "Download",
+    "FileInfo",
+    "FileService",
+    "FileStore",
+    "Upload",
+]
+
+MAX_NAME = 255
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}"
+_MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
+_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def _new_id() -> str:
+    """An unguessable id (file and upload ids also appear in web links)."""
+    return secrets.token_urlsafe(18)
+
+
+@attrs.define(frozen=True)
+class FileInfo:
+    """A stored file as recipients see it (its ``file`` message's ``meta`` plus
+    who sent it where, and the message's position)."""
+
+    file_id: str
+    sha256: str
+    size: int
+    name: str
+    media_type: str
+    sender: str
+    recipient: str
+    ts: float
+    pos: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "file": self.file_id,
+            "name": self.name,
+            "size": self.size,
+            "media_type": self.media_type,
+            "sha256": self.sha256,
+            "from": self.sender,
+            "to": self.recipient,
+            "ts": self.ts,
+            "pos": self.pos,
+        }
+
+
+@attrs.define(eq=False)
+class Upload:
+    """An unfinished upload (see :meth:`FileService.offer`).
+
+    ``offset`` is how many bytes the realm has on disk; ``accepted`` counts bytes
+    accepted by :meth:`FileService.write` (``accepted - offset`` are being written).
+    """
+
+    upload_id: str
+    user: str
+    to: str
+    name: str
+    size: int
+    media_type: str
+    sha256: str
+    created: float
+    writer: SerialWriter
+    accepted: int = 0
+    touched: float = 0.0
+    finishing: bool = False
+
+    @property
+    def offset(self) -> int:
+        return self.writer.offset
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "upload_id": self.upload_id,
+            "user": self.user,
+            "to": self.to,
+            "name": self.name,
+            "size": self.size,
+            "media_type": self.media_type,
+            "sha256": self.sha256,
+            "created": self.created,
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "upload": self.upload_id,
+            "to": self.to,
+            "name": self.name,
+            "size": self.size,
+            "media_type": self.media_type,
+            "sha256": self.sha256,
+            "offset": self.offset,
+        }
+
+
+class FileStore:
+    """Content-addressed blobs and partial uploads in one directory.
+
+    Every method that touches the disk returns a Deferred and runs through ``run``.
+    Directories are created on first use, so a realm that never sees a file has none.
+    """
+
+    def __init__(self, root: str, run: Runner) -> None:
+        self.root = root
+        self.run = run
+
+    def blob_path(self, sha256: str) -> str:
+        return os.path.join(self.root, "blobs", sha256[:2], sha256)
+
+    def part_path(self, upload_id: str) -> str:
+        return os.path.join(self.root, "uploads", upload_id + ".part")
+
+    def part_size(self, upload_id: str) -> Deferred[int]:
+        def size() -> int:
+            try:
+                return os.stat(self.part_path(upload_id)).st_size
+            except FileNotFoundError:
+                return 0
+
+        return self.run(size)
+
+    def discard(self, upload_id: str) -> Deferred[None]:
+        def remove() -> None:
+            try:
+                os.unlink(self.part_path(upload_id))
+            except FileNotFoundError:
+                pass
+
+        return self.run(remove)
+
+    def commit(self, upload_id: str, sha256: str) -> Deferred[bool]:
+        """Make a verified upload the blob of its content: fsync it and rename it into
+        place, or drop it when that content is stored already.  Fires with True when a
+        new blob was created."""
+
+        def commit() -> bool:
+            part = self.part_path(upload_id)
+            blob = self.blob_path(sha256)
+            if not os.path.exists(part):  # an empty file never had a write
+                os.makedirs(os.path.dirname(part), exist_ok=True)
+                open(part, "wb").close()
+            if os.path.exists(blob):
+                os.unlink(part)
+                return False
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(blob)
+            os.makedirs(parent, exist_ok=True)
+            os.replace(part, blob)
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return True
+
+        return self.run(commit)
+
+    def has_blob(self, sha256: str) -> Deferred[bool]:
+        return self.run(os.path.exists, self.blob_path(sha256))
+
+    def remove_blobs(self, digests: list[str]) -> Deferred[int]:
+        def remove() -> int:
+            n = 0
+            for sha in digests:
+                try:
+                    os.unlink(self.blob_path(sha))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+            return n
+
+        return self.run(remove)
+
+    def list_blobs(self) -> Deferred[list[str]]:
+        def walk() -> list[str]:
+            out = []
+            base = os.path.join(self.root, "blobs")
+            for d in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+                for name in sorted(os.listdir(os.path.join(base, d))):
+                    if _SHA256.fullmatch(name):
+                        out.append(name)
+            return out
+
+        return self.run(walk)
+
+
+class Download:
+    """A permitted byte range of a stored file, ready to be streamed.
+
+    :meth:`start` feeds ``[offset, offset + length)`` to an ``IConsumer`` (a transport,
+    a ``twisted.web`` request, a :class:`chatproto.transfer.DataSink`) as a streaming
+    producer reading one block at a time in a thread, so memory stays bounded however
+    slowly the consumer reads.  It fires with the byte count once all are written.
+    """
+
+    def __init__(self, store: FileStore, info: FileInfo, offset: int, length: int) -> None:
+        self.info = info
+        self.offset = offset
+        self.length = length
+        self._store = store
+
+    def start(self, consumer: IConsumer) -> Deferred[int]:
+        path = self._store.blob_path(self.info.sha256)
+        producer = RangeProducer(self._store.run, path, self.offset, self.length)
+        return producer.start(consumer)
+
+
+class FileService:
+    """The realm's files: ``realm.files`` (see the module docstring).
+
+    Every method takes ``user``, the canonical address (``alice@realm``) of the local
+    user the caller has authenticated, and checks that user's rights.  Methods return
+    Deferreds that fail with :class:`chatproto.errors.ChatError` (codes in
+    PROTOCOL.md).  Nothing here blocks the reactor.
+    """
+
+    log = Logger()
+
+    def __init__(self, realm: RealmService, root: str, run: Runner | None = None) -> None:
+        self.realm = realm
+        self.config: FilesConfig = realm.config.files
+        self._runner: ThreadRunner | None = None
+        if run is None:
+            if IReactorThreads.providedBy(realm.reactor):
+                run = self._runner = ThreadRunner(realm.reactor)
+            else:  # a task.Clock in tests: no threads
+                run = inline
+        self.store = FileStore(root, run)
+        self.uploads: dict[str, Upload] = {}
+        #: Offers are checked one at a time, so two cannot both pass one quota check.
+        self._offer_lock = DeferredLock()
+        #: Blob creation (with its message) and blob removal never interleave.
+        self._blob_lock = DeferredLock()
+        self._cleanup = LoopingCall(self.cleanup)
+        self._cleanup.clock = realm.clock
+
+    # lifecycle ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Reload unfinished uploads (their offsets from the partial files) and start
+        the periodic clean-up."""
+        now = self.realm.clock.seconds()
+        for rec in (yield self.realm.store.list_uploads()):
+            up = self._upload(rec)
+            up.writer.offset = up.accepted = yield self.store.part_size(up.upload_id)
+            up.touched = now
+            self.uploads[up.upload_id] = up
+        self._cleanup.start(self.config.cleanup_interval, now=False)
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        if self._cleanup.running:
+            self._cleanup.stop()
+        for up in list(self.uploads.values()):
+            yield up.writer.drained()
+        if self._runner is not None:
+            self._runner.stop()
+
+    def limits(self) -> dict[str, int]:
+        """The limits announced in ``hello``."""
+        c = self.config
+        return {
+            "max_file_size": c.max_file_size,
+            "file_quota": c.quota_per_user,
+            "file_chunk": c.chunk_size,
+        }
+
+    # uploads ------------------------------------------------------------------------
+
+    def offer(
+        self,
+        user: str,
+        to: str,
+        name: str,
+        size: int,
+        sha256: str,
+        media_type: str | None = None,
+    ) -> Deferred[Upload]:
+        """Start an upload of ``size`` bytes named ``name`` from ``user`` to ``to`` (a
+        user or ``#group``).  Fires with the :class:`Upload` (``upload_id``, ``offset``
+        0) once recorded.
+
+        Checked here, before any byte moves: the fields (``bad_request``), the size
+        (``too_large`` with ``limit``), the recipient (``no_such_user``,
+        ``not_member``...), the number of unfinished uploads (``limit_reached``) and
+        the quota: stored files plus unfinished uploads plus this one
+        (``quota_exceeded`` with ``quota`` and ``used``).
+        """
+        try:
+            name, sha256, media_type = self._check_offer(name, size, sha256, media_type)
+            recipient = self._recipient(user, to)
+        except ChatError as e:
+            return fail(e)
+
+        @inlineCallbacks
+        def check(to_addr: str) -> Any:
+            mine = [u for u in self.uploads.values() if u.user == user]
+            if len(mine) >= self.config.max_uploads_per_user:
+                raise ChatError(
+                    "limit_reached",
+                    f"at most {self.config.max_uploads_per_user} unfinished uploads",
+                )
+            stored = yield self.realm.store.file_usage(user)
+            used = stored + sum(u.size for u in mine)
+            quota = self.config.quota_per_user
+            if used + size > quota:
+                raise ChatError(
+                    "quota_exceeded",
+                    f"{size} more bytes would exceed your quota ({used} of {quota} used)",
+                    quota=quota,
+                    used=used,
+                )
+            now = self.realm.clock.seconds()
+            upload_id = _new_id()
+            up = self._upload(
+                {
+                    "upload_id": upload_id,
+                    "user": user,
+                    "to": to_addr,
+                    "name": name,
+                    "size": size,
+                    "media_type": media_type,
+                    "sha256": sha256,
+                    "created": now,
+                }
+            )
+            up.touched = now
+            yield self.realm.store.put_upload(up.record())
+            self.uploads[upload_id] = up
+            self.log.info(
+                "upload {id} of {size} bytes from {user} to {to}",
+                id=upload_id,
+                size=size,
+                user=user,
+                to=to_addr,
+            )
+            return up
+
+        d = recipient if isinstance(recipient, Deferred) else succeed(recipient)
+        return d.addCallback(lambda addr: self._offer_lock.run(check, addr))
+
+    def _upload(self, rec: dict[str, Any]) -> Upload:
+        writer = SerialWriter(self.store.run, self.store.part_path(rec["upload_id"]))
+        return Upload(
+            upload_id=rec["upload_id"],
+            user=rec["user"],
+            to=rec["to"],
+            name=rec["name"],
+            size=rec["size"],
+            media_type=rec["media_type"],
+            sha256=rec["sha256"],
+            created=rec["created"],
+            writer=writer,
+        )
+
+    def _check_offer(
+        self, name: Any, size: Any, sha256: Any, media_type: Any
+    ) -> tuple[str, str, str]:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            raise ChatError("bad_request", f"a file name must be 1-{MAX_NAME} characters")
+        if any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ChatError("bad_request", "a file name has no '/', '\\' or control characters")
+        if name in (".", ".."):
+            raise ChatError("bad_request", "a file name cannot be '.' or '..'")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ChatError("bad_request", "size must be an integer >= 0")
+        limit = self.config.max_file_size
+        if size > limit:
+            raise ChatError(
+                "too_large", f"the file is {size} bytes; the limit is {limit}", limit=limit
+            )
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+            raise ChatError("bad_request", "sha256 must be 64 hexadecimal digits")
+        if media_type is None:
+            media_type = DEFAULT_MEDIA_TYPE
+        if not isinstance(media_type, str) or not _MEDIA_TYPE.fullmatch(media_type):
+            raise ChatError("bad_request", "media_type must look like type/subtype")
+        return name, sha256.lower(), media_type.lower()
+
+    def _recipient(self, user: str, to: Any) -> str | Deferred[str]:
+        """The canonical address ``user`` may send a file to (a user, or a group
+        ``user`` is a member of)."""
+        if not isinstance(to, str):
+            raise ChatError("bad_request", "field 'to' must be a string")
+        realm = self.realm
+        if to.startswith("#"):
+            addr = realm._group_address(to)
+            if user not in realm.groups.get(addr).members:
+                raise ChatError("not_member", f"you are not a member of {addr}")
+            return addr
+        resolved = realm._local_user(to)
+        if isinstance(resolved, Deferred):
+            return resolved.addCallback(str)
+        return str(resolved)
+
+    def _own(self, user: str, upload_id: Any) -> Upload:
+        up = self.uploads.get(upload_id) if isinstance(upload_id, str) else None
+        if up is None or up.user != user:
+            raise ChatError("no_such_upload", f"no unfinished upload {str(upload_id)[:64]!r}")
+        return up
+
+    def status(self, user: str, upload_id: str) -> Deferred[Upload]:
+        """The upload, once every accepted byte is on disk: its ``offset`` is where the
+        uploader continues (after a dropped connection, say).  ``no_such_upload``."""
+        try:
+            up = self._own(user, upload_id)
+        except ChatError as e:
+            return fail(e)
+
+        def settled(_: object) -> Upload:
+            up.accepted = up.writer.offset  # bytes whose write failed must come again
+            up.writer.failed = None
+            return up
+
+        return up.writer.drained().addCallback(settled)
+
+    def write(self, user: str, upload_id: str, offset: int, data: bytes) -> Deferred[int]:
+        """Append ``data`` at ``offset``, which must be the upload's current end
+        (``bad_offset`` with the expected ``offset`` otherwise; ``too_large`` past the
+        announced size).  Fires with the bytes on disk once ``data`` is written.
+        Writes are accepted at once and queued, so a caller may pipeline them; it
+        should stop reading its source while many bytes are pending (flow control)."""
+        try:
+            up = self._own(user, upload_id)
+            if up.finishing:
+                raise ChatError("bad_request", "the upload is being finished")
+            if offset != up.accepted:
+                raise ChatError(
+                    "bad_offset",
+                    f"upload {upload_id} continues at offset {up.accepted}",
+                    offset=up.accepted,
+                    upload=upload_id,
+                )
+            if up.accepted + len(data) > up.size:
+                raise ChatError(
+                    "too_large",
+                    f"upload {upload_id} was announced with {up.size} bytes",
+                    limit=up.size,
+                    upload=upload_id,
+                )
+        except ChatError as e:
+            return fail(e)
+        up.accepted += len(data)
+        up.touched = self.realm.clock.seconds()
+        d = up.writer.write(data)
+        d.addErrback(self._write_failed, up)
+        return d
+
+    def _write_failed(self, f: Any, up: Upload) -> Any:
+        self.log.failure("writing upload {id} failed", f, id=up.upload_id)
+        up.accepted = up.writer.offset
+        raise ChatError("internal_error", "the realm could not store the bytes; resume")
+
+    def pending(self, user: str, upload_id: str) -> int:
+        """Bytes accepted for the upload and not yet on disk (for flow control)."""
+        up = self.uploads.get(upload_id)
+        return up.writer.pending if up is not None and up.user == user else 0
+
+    @inlineCallbacks
+    def finish(self, user: str, upload_id: str) -> Any:
+        """Verify and store the upload, then post its ``file`` message.
+
+        Fires with ``(FileInfo, Envelope)`` once the file and its message are committed
+        (the message is delivered like any other; recipients download later).  Fails
+        with ``incomplete`` (with ``offset``) if bytes are missing, or
+        ``checksum_mismatch``: the bytes do not match the announced sha256, so the
+        upload is discarded and nothing is stored.  The recipient is checked again
+        (``not_member`` if the sender left the group meanwhile).
+        """
+        up = self._own(user, upload_id)
+        if up.finishing:
+            raise ChatError("bad_request", "the upload is being finished already")
+        up.finishing = True
+        try:
+            yield up.writer.drained()
+            if up.offset != up.size:
+                raise ChatError(
+                    "incomplete",
+                    f"the realm has {up.offset} of {up.size} bytes",
+                    offset=up.offset,
+                    upload=upload_id,
+                )
+            digest = yield up.writer.digest()
+            if digest != up.sha256:
+                yield self._drop(up)
+                self.log.info("upload {id}: sha256 mismatch, discarded", id=upload_id)
+                raise ChatError(
+                    "checksum_mismatch",
+                    f"the bytes have sha256 {digest}, not {up.sha256}; upload discarded",
+                )
+            to = self._recipient(user, up.to)
+            if isinstance(to, Deferred):
+                to = yield to
+            yield self._blob_lock.acquire()
+            try:
+                created = yield self.store.commit(upload_id, up.sha256)
+                meta = {
+                    "file_id": _new_id(),
+                    "sha256": up.sha256,
+                    "size": up.size,
+                    "name": up.name,
+                    "media_type": up.media_type,
+                }
+                env = self.realm._envelope(user, to, "file", up.name, meta)
+                try:
+                    env = yield self.realm.commit_item(env)
+                except BaseException:
+                    referenced = yield self.realm.store.blob_referenced(up.sha256)
+                    if created and not referenced:
+                        yield self.store.remove_blobs([up.sha256])
+                    raise
+            finally:
+                self._blob_lock.release()
+        finally:
+            up.finishing = False
+        self.uploads.pop(upload_id, None)
+        yield self.realm.store.delete_upload(upload_id)
+        info = _info(env)
+        self.log.info(
+            "file {file} ({size} bytes) from {user} to {to} at {pos}",
+            file=info.file_id,
+            size=info.size,
+            user=user,
+            to=to,
+            pos=env.pos,
+        )
+        return info, env
+
+    def cancel(self, user: str, upload_id: str) -> Deferred[None]:
+        """Discard an unfinished upload and its bytes (``no_such_upload``)."""
+        try:
+            up = self._own(user, upload_id)
+            if up.finishing:
+                raise ChatError("bad_request", "the upload is being finished")
+        except ChatError as e:
+            return fail(e)
+        self.log.info("upload {id} cancelled by {user}", id=upload_id, user=user)
+        return self._drop(up)
+
+    @inlineCallbacks
+    def _drop(self, up: Upload) -> Any:
+        self.uploads.pop(up.upload_id, None)
+        yield up.writer.drained()
+        yield self.store.discard(up.upload_id)
+        yield self.realm.store.delete_upload(up.upload_id)
+
+    # downloads ----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def info(self, user: str, file_id: str) -> Any:
+        """The :class:`FileInfo` of a file ``user`` may download: they sent it or it
+        was sent to them, or to a group they are a member of and whose history they
+        can read at the file's position.  Otherwise ``no_such_file`` (the same answer
+        as for a file that does not exist or has expired) or ``not_member``."""
+        if not isinstance(file_id, str) or not _ID.fullmatch(file_id):
+            raise ChatError("no_such_file", "no such file")
+        rec = yield self.realm.store.file_info(file_id)
+        if rec is None:
+            raise ChatError("no_such_file", f"no file {file_id} (or it expired)")
+        info = FileInfo(**rec)
+        if info.recipient.startswith("#"):
+            floor = self.realm.groups.readable_from(info.recipient, user)
+            if info.pos <= floor:
+                raise ChatError("no_such_file", f"no file {file_id} in your history")
+        elif user not in (info.sender, info.recipient):
+            raise ChatError("no_such_file", f"no file {file_id}")
+        return info
+
+    @inlineCallbacks
+    def open_download(
+        self, user: str, file_id: str, offset: int = 0, length: int | None = None
+    ) -> Any:
+        """A :class:`Download` of ``length`` bytes (default: to the end) from
+        ``offset`` of a file ``user`` may read (see :meth:`info`); a range outside the
+        file is ``bad_request``.  Nothing is read until ``Download.start(consumer)``."""
+        info = yield self.info(user, file_id)
+        if not isinstance(offset, int) or not 0 <= offset <= info.size:
+            raise ChatError("bad_request", f"offset must be between 0 and {info.size}")
+        if length is None:
+            length = info.size - offset
+        if not isinstance(length, int) or length < 0 or offset + length > info.size:
+            raise ChatError("bad_request", f"the range ends past the file's {info.size} bytes")
+        if not (yield self.store.has_blob(info.sha256)):
+            self.log.error("file {file}: blob {sha} is missing", file=file_id, sha=info.sha256)
+            raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
+        return Download(self.store, info, offset, length)
+
+    # clean-up -----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def cleanup(self) -> Any:
+        """Discard uploads idle for ``upload_expiry`` seconds, forget files older than
+        ``retention_days`` and delete blobs no file refers to any more (including
+        blobs orphaned by a crash between storing the bytes and the message).
+        Fires with counts: ``{"uploads", "blobs"}``."""
+        now = self.realm.clock.seconds()
+        idle = [
+            up
+            for up in list(self.uploads.values())
+            if not up.finishing and now - up.touched >= self.config.upload_expiry
+        ]
+        for up in idle:
+            self.log.info("upload {id} expired", id=up.upload_id)
+            yield self._drop(up)
+        yield self._blob_lock.acquire()
+        try:
+            digests = yield self.realm.store.expire_files(
+                now - self.config.retention_days * 86400.0
+            )
+            orphans = []
+            for sha in (yield self.store.list_blobs()):
+                if sha not in digests and not (yield self.realm.store.blob_referenced(sha)):
+                    orphans.append(sha)
+            removed = yield self.store.remove_blobs(sorted(set(digests) | set(orphans)))
+        finally:
+            self._blob_lock.release()
+        if idle or removed:
+            self.log.info(
+                "file clean-up: {uploads} uploads, {blobs} blobs removed",
+                uploads=len(idle),
+                blobs=removed,
+            )
+        return {"uploads": len(idle), "blobs": removed}
+
+
+def _info(env: Envelope) -> FileInfo:
+    m = env.meta or {}
+    return FileInfo(
+        file_id=m["file_id"],
+        sha256=m["sha256"],
+        size=m["size"],
+        name=m["name"],
+        media_type=m["media_type"],
+        sender=env.sender,
+        recipient=env.recipient,
+        ts=env.ts,
+        pos=env.pos,
+    )
