@@ -33,7 +33,7 @@ from chatproto.federation import (
     PeerEndpoint,
 )
 from chatproto.store.memory import MemoryStore
-from chatproto.store.sqlite import SQLiteDB, SQLiteStore
+from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
 from chatproto.testing import make_test_realm
 
 # configuration ---------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_sqlite_outbox_same_transaction_dedup_and_order(tmp_path: Path) -> None:
     # a second run of the migrations changes nothing; the outbox survives reopening
     db.close()
     db = SQLiteDB(str(tmp_path / "r.sqlite3"))
-    assert db.migrate() == 4
+    assert db.migrate() == SCHEMA_VERSION
     assert [e.body for _, e in db.outbox_read("c.example", 0, 10)] == ["to c"]
 
 
