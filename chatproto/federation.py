@@ -251,6 +251,8 @@ class PeerEndpoint:
         self.resolver = resolver
         #: (host, port) of the last attempt, for logs and status.
         self.target: tuple[str, int] | None = None
+        #: Called at the start of each attempt (the link's state becomes "connecting").
+        self.on_attempt: Any = None
 
     def resolve(self) -> Deferred[tuple[str, int]]:
         if self.static:
@@ -287,6 +289,8 @@ class PeerEndpoint:
             steps[-1].cancel()
 
         result: Deferred[Any] = Deferred(cancel)
+        if self.on_attempt is not None:
+            self.on_attempt()
 
         def settle(outcome: Any) -> None:
             if not result.called:
@@ -629,6 +633,7 @@ class PeerLink:
         self.endpoint = PeerEndpoint(
             fed.reactor, realm, peer.endpoint if peer else "", fed.tls.client(realm), fed.resolver
         )
+        self.endpoint.on_attempt = self._attempt
         self.state = "connecting"
         self.proto: OutboundProtocol | None = None
         self.acked_seq = 0  # highest outbox seq the peer acknowledged
@@ -675,6 +680,11 @@ class PeerLink:
         self.fed.status_changed()
         return delay
 
+    def _attempt(self) -> None:
+        if self.state != "connecting":
+            self.state = "connecting"
+            self.fed.status_changed()
+
     def _prepare(self, proxy: Any) -> Deferred[None]:
         # ClientService hands us a proxy of the protocol; ``welcomed`` fires with the
         # protocol itself, which is what later callbacks identify themselves by.
@@ -708,8 +718,12 @@ class PeerLink:
 
     def kick(self) -> None:
         """Connect now: the peer is reachable (it connected to us).  Resets the backoff
-        (a restarted ClientService starts from attempt 1) and flushes the queue."""
-        if self.proto is not None or self._kicking or self._penalty is not None:
+        (a restarted ClientService starts from attempt 1) and flushes the queue.
+
+        Only a link waiting out a backoff delay is restarted: one connected or with an
+        attempt under way needs nothing, and stopping an attempt half-way would race
+        with it."""
+        if self.state != "backoff" or self._kicking or self._penalty is not None:
             return
         if not self.service.running:
             return
@@ -918,6 +932,8 @@ class FederationService(MultiService):
     def startService(self) -> None:
         MultiService.startService(self)
         self.listen()
+        for link in self.links.values():  # started again after a stop
+            link.start()
         for peer in self.cfg.peers:
             if self.cfg.allows(peer.realm):
                 self.link(peer.realm)

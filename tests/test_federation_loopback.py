@@ -38,9 +38,9 @@ def test_dms_both_ways(two: Any) -> Any:
     yield defer.gatherResults([alice.synced, bob.synced])
     r1 = yield alice.send("bob@b.example", "hi bob")
     assert r1["pos"] > 0
-    yield until(lambda: len(got_bob) == 1)
+    yield until(lambda: len(got_bob) == 1, timeout=30)
     r2 = yield bob.send("alice@a.example", "hi alice ✓")
-    yield until(lambda: len(got_alice) == 2 and len(got_bob) == 2)
+    yield until(lambda: len(got_alice) == 2 and len(got_bob) == 2, timeout=30)
     assert [m["body"] for m in got_bob] == ["hi bob", "hi alice ✓"]
     assert [m["body"] for m in got_alice] == ["hi bob", "hi alice ✓"]
     assert got_bob[0]["from"] == "alice@a.example" and got_bob[0]["to"] == "bob@b.example"
@@ -83,7 +83,7 @@ def test_unknown_remote_user_and_policy_errors(two: Any) -> Any:
     assert e.value.code == "peer_denied"
     # an unknown user on b: accepted by a (it cannot know), rejected by b, not stored
     yield alice.send("nobody@b.example", "x")
-    yield until(lambda: a.fed.links["b.example"].rejected_items == 1)
+    yield until(lambda: a.fed.links["b.example"].rejected_items == 1, timeout=30)
     items = yield b.realm.store.read_feed("nobody@b.example", 0, 10)
     assert items == []
     yield alice.close()
@@ -110,7 +110,7 @@ def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
     # b comes back on the same port; nobody sends anything
     b.cfg.federation.port = port
     b.fed.startService()
-    yield until(lambda: len(got) == 20)
+    yield until(lambda: len(got) == 20, timeout=30)
     assert [m["body"] for m in got] == [f"queued {i}" for i in range(20)]
     yield drained(a)
     yield alice.close()
@@ -137,7 +137,7 @@ def test_trust_by_pinned_fingerprints_only(tmp_path: Any) -> Any:
         alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
         bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
         yield alice.send("bob@b.example", "pinned")
-        yield until(lambda: len(got) == 1)
+        yield until(lambda: len(got) == 1, timeout=30)
         yield alice.close()
         yield bob.close()
     finally:
@@ -156,8 +156,8 @@ def _refused(tmp_path: Any, logs: Any, expect: str, **kw: Any) -> Any:
         yield connect(_reactor, b.addr, "bob", PW, register=True).addCallback(lambda c: c.close())
         yield alice.send("bob@b.example", "must not arrive")
         link = a.fed.links["b.example"]
-        yield until(lambda: link.failures >= 2)
-        yield until(lambda: logs.has(expect))
+        yield until(lambda: link.failures >= 2, timeout=30)
+        yield until(lambda: logs.has(expect), timeout=30)
         assert link.state != "ready"
         assert expect in link.last_error
         counts = yield a.realm.store.outbox_counts()
@@ -205,7 +205,7 @@ def test_wrong_certificate_for_a_pinned_peer_is_refused(tmp_path: Any, logs: Any
         alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
         yield alice.send("bob@b.example", "x")
         link = a.fed.links["b.example"]
-        yield until(lambda: logs.has("is not the pinned " + wrong_pin))
+        yield until(lambda: logs.has("is not the pinned " + wrong_pin), timeout=30)
         assert link.state != "ready"
         yield alice.close()
     finally:
@@ -277,12 +277,12 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
             ],
         }
     )
-    yield until(lambda: len(peer.frames) == 2)
+    yield until(lambda: len(peer.frames) == 2, timeout=30)
     welcome, ack = peer.frames
     assert welcome == {"type": "welcome", "version": 1, "realm": "b.example"}
     assert ack["type"] == "ack" and ack["id"] == "1-2"
     assert [(r["id"], r["code"]) for r in ack["rejected"]] == [("forged-1", "forged_sender")]
-    yield until(lambda: len(got) == 1)
+    yield until(lambda: len(got) == 1, timeout=30)
     assert got[0]["body"] == "genuine" and got[0]["from"] == "alice@a.example"
     assert logs.has("rejected item forged-1 from a.example: forged_sender")
     # the same transaction again (a retry): nothing is stored twice
@@ -293,9 +293,43 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
             "items": [{**item, "id": "genuine-1", "from": "alice@a.example", "body": "genuine"}],
         }
     )
-    yield until(lambda: len(peer.frames) == 3)
+    yield until(lambda: len(peer.frames) == 3, timeout=30)
     assert peer.frames[2] == {"type": "ack", "id": "1-2"}
     items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
     assert [e.body for e in items] == ["genuine"]
     peer.transport.loseConnection()
     yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_reaching_us_resets_our_backoff(tmp_path: Any) -> Any:
+    """a waits 30 s before retrying b; b coming back connects to a, and that alone makes
+    a deliver its queue at once."""
+
+    def slow_retries(nodes: Any) -> None:
+        nodes[0].cfg.federation.retry_initial = 30.0
+        nodes[0].cfg.federation.retry_max = 60.0
+
+    nodes = yield federation(tmp_path, ["a.example", "b.example"], before_start=slow_retries)
+    a, b = nodes
+    try:
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+        got: list[dict[str, Any]] = []
+        bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+        link = a.fed.links["b.example"]
+        yield until(lambda: link.state == "ready", timeout=30)
+        port = b.fed_port
+        yield b.stop_federation()
+        yield alice.send("bob@b.example", "after the outage")
+        yield until(lambda: link.state == "backoff", timeout=30)
+        assert link.retry_in is not None and link.retry_in >= 27
+        b.cfg.federation.port = port
+        b.fed.startService()
+        yield until(lambda: len(got) == 1, timeout=10)  # well before a's 27+ s retry
+        assert got[0]["body"] == "after the outage"
+        assert link.state == "ready" and link.failures == 0
+        yield alice.close()
+        yield bob.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
