@@ -333,3 +333,31 @@ def test_a_peer_reaching_us_resets_our_backoff(tmp_path: Any) -> Any:
     finally:
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_three_realms_each_writes_to_the_next(tmp_path: Any) -> Any:
+    names = ["a.example", "b.example", "c.example"]
+    nodes = yield federation(tmp_path, names)
+    try:
+        got: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        conns = []
+        for node in nodes:
+            conn = yield connect(
+                _reactor, node.addr, "user", PW, register=True, on_message=got[node.name].append
+            )
+            yield conn.synced
+            conns.append(conn)
+        for i, conn in enumerate(conns):
+            target = names[(i + 1) % 3]
+            yield conn.send(f"user@{target}", f"from {names[i]} to {target}")
+        yield until(lambda: all(len(m) == 2 for m in got.values()), timeout=30)
+        for i, name in enumerate(names):
+            bodies = sorted(m["body"] for m in got[name])
+            before, after = names[i - 1], names[(i + 1) % 3]
+            assert bodies == sorted([f"from {before} to {name}", f"from {name} to {after}"])
+        for conn in conns:
+            yield conn.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
