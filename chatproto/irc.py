@@ -795,7 +795,7 @@ class IRCProtocol(LineOnlyReceiver):
         except ChatError:
             ctx.num("432", _param(wanted), "Erroneous nickname")
             return
-        if self.state == "ready" or self.session is not None:
+        if self.state == "ready":
             if name != address.normalise_name(self.user_id.partition("@")[0]):
                 ctx.num("433", _param(wanted), "Your nick is your account name; it cannot change")
             return

@@ -227,6 +227,16 @@ def test_cap_ls_302_and_sasl_plain(factory: IRCFactory) -> None:
     assert c.commands() == [("CAP", ["carol", "LIST", "sasl server-time"])]
 
 
+def test_sasl_before_nick_and_user_like_irssi(factory: IRCFactory) -> None:
+    """irssi authenticates and ends CAP before it sends NICK and USER."""
+    c = Conn(factory)
+    c.send("CAP LS 302", "JOIN :", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    c.send("AUTHENTICATE " + sasl_plain("alice", PW), "CAP END", "NICK Someone", "USER a a h :A")
+    cmds = c.commands()
+    assert [n for n, _ in cmds][:6] == ["CAP", "451", "CAP", "AUTHENTICATE", "900", "903"]
+    assert ("NICK", ["alice"]) in cmds and dict(cmds)["001"][0] == "alice"
+
+
 def test_cap_req_unknown_is_nak(factory: IRCFactory) -> None:
     c = Conn(factory)
     c.send("CAP LS", "CAP REQ :server-time no-such-cap", "CAP FOO")

@@ -132,7 +132,7 @@ def test_wrong_password_over_tcp(gateway: Any) -> None:
 @pytest_twisted.inlineCallbacks
 def test_irc_user_and_native_user_dm_and_group(gateway: Any) -> None:
     """An IRC user and a native-protocol user see each other's messages."""
-    realm, port, native_addr = gateway
+    _realm, port, native_addr = gateway
     got: list[dict[str, Any]] = []
     carol = yield connect(
         _reactor, native_addr, "carol", "password-carol", register=True, on_message=got.append
@@ -155,7 +155,7 @@ def test_irc_user_and_native_user_dm_and_group(gateway: Any) -> None:
     yield until(
         lambda: any(m.get("body") == "irc to group" and m["to"] == "#mixed@localhost" for m in got)
     )
-    sender = [m for m in got if m.get("body") == "irc to group"][0]["from"]
+    sender = next(m for m in got if m.get("body") == "irc to group")["from"]
     assert sender == "alice@localhost"
     alice.quit()
     yield alice.lost
@@ -211,7 +211,14 @@ def test_twistd_wiring_serves_irc(tmp_path: Any) -> Any:
     path.write_text(FAST_AUTH + '[irc]\nenabled = true\nlisten = "tcp:0:interface=127.0.0.1"\n')
     opts = tap.Options()
     opts.parseOptions(
-        ["--config", str(path), "--data-dir", str(tmp_path / "d"), "-l", "tcp:0:interface=127.0.0.1"]
+        [
+            "--config",
+            str(path),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "-l",
+            "tcp:0:interface=127.0.0.1",
+        ]
     )
     top, realm = tap.build(opts.realm_config, _reactor)
     top.privilegedStartService()
