@@ -280,6 +280,20 @@ def test_settings_round_trip_and_private_file(tmp_path: Any) -> None:
     assert "password" not in open(path).read().replace("never the password", "")
 
 
+def test_conversation_list_state(tmp_path: Any) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path), "HOME": "/h"}
+    path = settings.state_path("alice@x", env)
+    assert path == str(tmp_path / "chatproto" / "tui" / "alice@x.json")
+    assert settings.state_path("a@x", {"HOME": "/h"}) == "/h/.local/state/chatproto/tui/a@x.json"
+    assert settings.load_conversations(path) == []
+    settings.save_conversations(path, ["bob@x", "#dev@x"])
+    assert settings.load_conversations(path) == ["#dev@x", "bob@x"]
+    for garbage in ("not json", '{"conversations": 5}', "[1]", '{"conversations": [1, "a@x"]}'):
+        with open(path, "w") as f:
+            f.write(garbage)
+        assert settings.load_conversations(path) in ([], ["a@x"])
+
+
 def test_bad_settings_file_is_a_readable_error(tmp_path: Any) -> None:
     path = tmp_path / "tui.toml"
     path.write_text("server = [unclosed\n")
@@ -300,6 +314,10 @@ def test_message_markup() -> None:
     model = make_model()
     text = MessageLine(msg(1, "bob@x", "alice@x", body="hello", ts=DAY2))
     assert _flat(message_markup(text, model.me, model.realm, UTC)) == "00:01 <bob> hello"
+    multi = MessageLine(msg(1, "bob@x", "alice@x", body="one\ntwo", ts=DAY2))
+    assert _flat(message_markup(multi, model.me, model.realm, UTC)) == (
+        "00:01 <bob> one\n            two"
+    )
     own = MessageLine(msg(2, "alice@x", "bob@x", body="yo", ts=DAY2))
     assert message_markup(own, model.me, model.realm, UTC)[1] == ("me", "<alice>")
     event = msg(3, "alice@x", "#dev@x", body="", kind="event", ts=DAY2)

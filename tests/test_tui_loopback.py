@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import serverFromString
 
-from chatproto import client
+from chatproto import client, tls
+from chatproto.protocol import ClientFactory
 from chatproto.tui.controller import ChatController, LoginError
 from chatproto.tui.model import STATUS, ChatModel, MessageLine, NoticeLine
 from tests.conftest import drop_sessions, until
@@ -164,10 +167,10 @@ def test_group_commands_and_readable_realm_errors(server: Any) -> Any:
         yield bob.run("/kick alice")
         assert notices(bob, "#dev@localhost")[-1].startswith("forbidden: ")
         yield alice.run("/invite carol")
-        yield alice.run("/msg nosuchuser hi")
-        assert notices(alice, "nosuchuser@localhost")[-1].startswith("no_such_user: ")
+        yield alice.run("/msg nosuchuser hi")  # shown where alice was
+        assert notices(alice, "#dev@localhost")[-1].startswith("no_such_user: ")
         yield alice.run("/bogus")
-        assert "unknown command /bogus" in notices(alice, "nosuchuser@localhost")[-1]
+        assert "unknown command /bogus" in notices(alice, "#dev@localhost")[-1]
         alice.open("#dev@localhost")
         yield alice.run("/kick bob spam")
         yield until(lambda: not bob.model.conversations["#dev@localhost"].joined)
@@ -213,3 +216,55 @@ def test_presence_reaches_the_sidebar_and_quit_closes(server: Any) -> Any:
     finally:
         yield alice.stop()
         yield bob.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_login_verifies_the_certificate(realm: Any, tmp_path: Any) -> Any:
+    certs = tls.write_dev_certs(str(tmp_path / "tls"), "localhost")
+    desc = tls.server_description(certs["cert"], certs["key"], 0)
+    port = yield serverFromString(_reactor, desc).listen(ClientFactory(realm))
+    addr = f"tls:127.0.0.1:{port.getHost().port}"
+    ctl = ChatController(_reactor, ChatModel())
+    try:
+        # the system's trust store does not know the development CA
+        with pytest.raises(LoginError) as untrusted:
+            yield ctl.login(addr, "alice", PASSWORD, register=True)
+        assert "failed: TLS error: certificate verify failed" in str(untrusted.value)
+        # the right CA, but the certificate does not name "elsewhere"
+        with pytest.raises(LoginError) as misnamed:
+            yield ctl.login(addr, "alice", PASSWORD, realm="elsewhere", ca=certs["ca"])
+        assert "certificate does not match the expected name (TLS name)" in str(misnamed.value)
+        yield ctl.login(addr, "alice", PASSWORD, realm="localhost", ca=certs["ca"], register=True)
+        assert ctl.model.connection == "online" and ctl.model.me == "alice@localhost"
+        transport = ctl.service.connection.protocol.transport  # type: ignore[union-attr]
+        assert transport.getPeerCertificate() is not None
+    finally:
+        yield ctl.stop()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_conversations_are_remembered_per_account(server: Any, tmp_path: Any) -> Any:
+    _, _, addr = server
+    yield register(addr, "alice", "bob")
+    path = lambda account: str(tmp_path / "state" / f"{account}.json")  # noqa: E731
+    alice = yield logged_in(addr, "alice", conversations_path=path)
+    try:
+        yield alice.run("/msg bob hi")
+        yield alice.run("/create #dev")
+        yield alice.run("/msg nobody typo")  # refused: not remembered, not listed
+        assert "nobody@localhost" not in alice.model.conversations
+        assert alice.model.active == "#dev@localhost"
+    finally:
+        yield alice.stop()
+    again = yield logged_in(addr, "alice", conversations_path=path)
+    try:
+        assert set(again.model.conversations) == {STATUS, "bob@localhost", "#dev@localhost"}
+        # another account on the same model: nothing of alice's stays
+        yield again.stop()
+        yield again.login(addr, "bob", PASSWORD)
+        assert again.model.me == "bob@localhost"
+        yield until(lambda: "alice@localhost" in again.model.conversations)  # the backlog
+        assert "#dev@localhost" not in again.model.conversations
+    finally:
+        yield again.stop()

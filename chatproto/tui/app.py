@@ -43,12 +43,18 @@ class App:
         *,
         password: str = "",
         screen: Any = None,
+        remember: bool = True,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.settings_path = settings_path
         self.model = ChatModel()
-        self.controller = ChatController(reactor, self.model, on_quit=self.quit)
+        self.controller = ChatController(
+            reactor,
+            self.model,
+            on_quit=self.quit,
+            conversations_path=settings_mod.state_path if remember else None,
+        )
         values = {
             "server": settings.server,
             "user": settings.user,
@@ -83,6 +89,10 @@ class App:
 
     def _draw(self) -> None:
         self._redraw = None
+        if self.loop.widget is self.chat and self.model.connection == "failed":
+            # The realm refused a reconnect for good (password changed, account gone).
+            self.login.set_message(self.model.connection_detail, error=True)
+            self.loop.widget = self.login
         if self.loop.widget is self.chat:
             self.chat.refresh()
         if self.loop.screen.started:

@@ -26,12 +26,13 @@ from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain
 from chatproto.client import (
     ChatClientService,
     Connection,
+    RemoteError,
     WatchedEndpoint,
     connect,
     endpoint_for,
 )
 from chatproto.errors import ChatError
-from chatproto.tui import commands
+from chatproto.tui import commands, settings
 from chatproto.tui.model import PAGE, STATUS, ChatModel, short
 
 __all__ = ["ChatController", "LoginError"]
@@ -76,6 +77,7 @@ class ChatController:
         retry_policy: Callable[[int], float] | None = None,
         on_quit: Callable[[], Any] | None = None,
         page: int = PAGE,
+        conversations_path: Callable[[str], str] | None = None,
     ) -> None:
         self.reactor = reactor
         self.model = model
@@ -90,6 +92,10 @@ class ChatController:
         #: the realm's public groups (for completing /join), as of the last login
         self.public_groups: list[str] = []
         self.completer = commands.Completer(self.names)
+        #: account -> the file remembering its conversations (None: remember nothing)
+        self.conversations_path = conversations_path
+        self._remembered: tuple[str, set[str]] | None = None  # (file, addresses saved)
+        model.subscribe(self._remember)
 
     # login and connection state ---------------------------------------------------
 
@@ -119,7 +125,8 @@ class ChatController:
 
     def _describe(self, exc: BaseException) -> str:
         reason = self.endpoint.reason if self.endpoint is not None else None
-        return str(explain(exc, self.server, reason))
+        # (explain() words errors for the command line: name the login form's field)
+        return str(explain(exc, self.server, reason)).replace("(--realm)", "(TLS name)")
 
     @inlineCallbacks
     def login(
@@ -148,6 +155,9 @@ class ChatController:
             raise LoginError(f"CA file {ca}: {e.strerror or e}") from None
         except Exception as e:
             raise LoginError(f"bad server {server!r}: {e}") from None
+        if self.model.me and not self._same_account(server, user):
+            self.model.reset()  # another account: nothing of the last one stays
+            self.model.me = ""
         self.server = server
         self.endpoint = endpoint = WatchedEndpoint(inner)
         self.model.set_connection("connecting", f"connecting to {server}")
@@ -194,8 +204,43 @@ class ChatController:
             self.model.set_connection("offline", message)
             raise LoginError(message) from None
         conn = service.connection
+        assert conn is not None  # set before whenConnected fires
+        self._recall(conn.user)
         self.reactor.callLater(0, self.discover_groups)
         return conn
+
+    def _recall(self, account: str) -> None:
+        """List the conversations remembered for ``account`` in the sidebar."""
+        if self.conversations_path is None:
+            return
+        path = self.conversations_path(account)
+        addresses = set(settings.load_conversations(path))
+        for addr in addresses:
+            self.model.conversation(addr)
+        self._remembered = (path, addresses)
+        self.model.changed()
+
+    def _remember(self) -> None:
+        if self._remembered is None:
+            return
+        path, saved = self._remembered
+        current = {a for a, c in self.model.conversations.items() if a != STATUS and c.joined}
+        if current != saved:
+            self._remembered = (path, current)
+            try:
+                settings.save_conversations(path, sorted(current))
+            except OSError as e:
+                self.model.notice(f"cannot save {path}: {e.strerror or e}", STATUS, True)
+
+    def _same_account(self, server: str, user: str) -> bool:
+        """Whether ``user`` on ``server`` is the account the model shows (before the
+        login says the canonical name: compare the server and the normalised name)."""
+        name, _, realm = user.partition("@")
+        try:
+            same_name = address.normalise_name(name) == self.model.me.partition("@")[0]
+        except ChatError:
+            return False
+        return server == self.server and same_name and realm in ("", self.model.realm)
 
     def _gave_up(self, failure: Failure) -> None:
         # Reconnecting cannot cure this (the password changed, the account was deleted).
@@ -311,8 +356,11 @@ class ChatController:
             return 0
         except Exception as e:
             conv.history = previous
-            self.model.notice(f"cannot load the history: {self._describe(e)}", addr, True)
+            if addr in self.model.conversations:
+                self.model.notice(f"cannot load the history: {self._describe(e)}", addr, True)
             return 0
+        if self.model.conversations.get(addr) is not conv:
+            return 0  # closed (or closed and opened again) meanwhile
         return self.model.add_history(addr, page, self.page)
 
     # input --------------------------------------------------------------------------
@@ -404,9 +452,18 @@ class ChatController:
 
     async def _cmd_msg(self, cmd: commands.Command) -> None:
         target = self._address(cmd.get("USER"), None)
+        previous = self.model.active
+        known = target in self.model.conversations
         self.open(target)
         if cmd.get("TEXT"):
-            await self._say(target, cmd.get("TEXT"))
+            try:
+                await self._say(target, cmd.get("TEXT"))
+            except RemoteError as e:
+                if e.code in ("no_such_user", "no_such_group") and not known:
+                    # A typo should not leave a conversation in the sidebar.
+                    self.model.forget(target)
+                    self.open(previous)
+                raise
 
     async def _cmd_join(self, cmd: commands.Command) -> None:
         group = self._group(cmd.get("#GROUP"))

@@ -183,6 +183,14 @@ class ChatModel:
         self._seq = itertools.count()
         self._listeners: list[Callable[[], None]] = []
 
+    def reset(self) -> None:
+        """Forget everything shown (another account logged in)."""
+        self.conversations = {STATUS: Conversation(STATUS)}
+        self.active = STATUS
+        self.presence.clear()
+        self.transfers.clear()
+        self.changed()
+
     # change notification ----------------------------------------------------------
 
     def subscribe(self, listener: Callable[[], None]) -> None:

@@ -120,9 +120,12 @@ def message_markup(
         if body and body != name:
             out.append(" " + body)
         return out
+    # Lines after the first of a multi-line body start under the first one.
+    indent = "\n" + " " * (len(when[1]) + len(nick[1]) + 1)
+    body = str(item.get("body", "")).replace("\n", indent)
     if kind not in (None, "text"):
-        return [when, nick, " ", ("hint", f"[{kind}] "), str(item.get("body", ""))]
-    return [when, nick, " ", str(item.get("body", ""))]
+        return [when, nick, " ", ("hint", f"[{kind}] "), body]
+    return [when, nick, " ", body]
 
 
 def sidebar_markup(conv: Conversation, model: ChatModel, width: int = 22) -> list[Any]:
