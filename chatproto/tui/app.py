@@ -154,7 +154,24 @@ class App:
             return self.controller.stop()
 
         self.reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+        self.reactor.callWhenRunning(_no_flow_control)
         self.loop.run()
+
+
+def _no_flow_control() -> None:
+    """Let Ctrl-S and Ctrl-Q through as keys instead of freezing the terminal (XON/XOFF).
+
+    urwid has saved the terminal's settings when it started the screen and restores
+    them on exit, this change included.
+    """
+    try:
+        import termios
+
+        attrs = termios.tcgetattr(sys.stdin.fileno())
+        attrs[0] &= ~termios.IXON
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, attrs)
+    except (ImportError, OSError, ValueError):
+        pass  # not a POSIX terminal: flow control stays as it was
 
 
 def run(args: argparse.Namespace) -> int:

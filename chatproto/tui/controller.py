@@ -101,7 +101,7 @@ class ChatController:
 
     def _policy(self, attempt: int) -> float:
         delay = float(self._retry(attempt))
-        why = ""
+        why = "no connection; "
         if self.endpoint is not None and self.endpoint.reason is not None:
             why = explain(self.endpoint.reason.value or Exception(), self.server).args[0]
             why = why.replace(f"connection to {self.server} failed: ", "") + "; "
