@@ -487,3 +487,13 @@ def test_tui_command_needs_a_terminal_and_a_readable_config(tmp_path: Any, capsy
     assert "not valid TOML" in capsys.readouterr().err
     assert cli.main(["tui", "--config", str(tmp_path / "none.toml")]) == 2  # stdin: no tty
     assert "tui needs a terminal" in capsys.readouterr().err
+
+
+def test_sidebar_scrolls_to_the_conversation_on_screen() -> None:
+    model = make_model()
+    for i in range(30):
+        model.conversation(f"user{i:02}@x")
+    model.select("user29@x")
+    view = ChatView(model, FakeController(), tz=UTC)
+    screen = text_of(view, (80, 10))
+    assert "user29" in screen and "user00" not in screen

@@ -347,9 +347,13 @@ class ChatView(urwid.WidgetWrap):
     def refresh(self) -> None:
         model = self.model
         width = self.SIDEBAR
+        convs = model.sidebar()
         self.sidebar[:] = [
-            urwid.Text(sidebar_markup(c, model, width), wrap="ellipsis") for c in model.sidebar()
+            urwid.Text(sidebar_markup(c, model, width), wrap="ellipsis") for c in convs
         ]
+        active = [i for i, c in enumerate(convs) if c.address == model.active]
+        if active:
+            self.sidebar.set_focus(active[0])  # a long list scrolls to the one on screen
         self.title.set_text(title_markup(model))
         attr, text = status_markup(model)
         self.status.set_text(text)
