@@ -104,8 +104,11 @@ _VERIFY_ERRORS = {
 }
 
 
-def envelope_to_wire(env: Envelope) -> dict[str, Any]:
-    """An item as a transaction carries it (no position: positions are per realm)."""
+def envelope_to_wire(env: Envelope | dict[str, Any]) -> dict[str, Any]:
+    """An item as a transaction carries it (no position: positions are per realm).
+    A queued request (a dict) goes as it is."""
+    if isinstance(env, dict):
+        return env
     d: dict[str, Any] = {
         "id": env.id,
         "kind": env.kind,
@@ -793,7 +796,7 @@ class PeerLink:
         self._dirty = False
         d = self.fed.realm.store.outbox_read(self.realm, self.sent_seq, self.fed.cfg.batch_size)
 
-        def got(rows: list[tuple[int, Envelope]]) -> None:
+        def got(rows: list[tuple[int, Any]]) -> None:
             self._reading = False
             if proto is not self.proto:  # the connection changed while reading
                 self.pump()
@@ -814,7 +817,7 @@ class PeerLink:
             self._reading = False
             self.log.failure("federation: reading the outbox for {realm}", f, realm=self.realm)
 
-        d.addCallbacks(got, failed)
+        d.addCallback(got).addErrback(failed)
 
     def acked(self, proto: OutboundProtocol, txn: Any, rejected: list[Any]) -> None:
         if proto is not self.proto:

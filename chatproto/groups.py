@@ -227,11 +227,17 @@ class Groups:
             users.add(meta["user"])
         return users
 
-    def apply(self, env: Envelope) -> None:
+    def apply(self, env: Envelope, mirror: bool = False) -> None:
         """Apply a committed event to the state (also used to replay at start-up).
 
         Defensive: an event that no longer makes sense (a second ``created`` for a live
         group, a join by a member) changes nothing, so replay always converges.
+
+        ``mirror``: the group lives on another realm, which sent the event (federation).
+        Its state here is a mirror built from the events this realm received -- from
+        the first one that concerned one of its users -- and serves only to route the
+        group's items to local members and to bound their feeds; the home realm alone
+        checks the rules.
         """
         meta = env.meta or {}
         event = meta.get("event")
@@ -251,7 +257,9 @@ class Groups:
             return
         group = self.groups.get(addr)
         if group is None:
-            return
+            if not mirror or event == "deleted":
+                return
+            group = self.groups[addr] = Group(addr, created_pos=env.pos)
         user = meta.get("user", "")
         if event == "joined":
             if user not in group.members:

@@ -40,7 +40,7 @@ from chatproto.config import Config
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.files import FileService
-from chatproto.groups import Groups
+from chatproto.groups import EVENTS, Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
@@ -64,6 +64,8 @@ SYNC_PAGE = 500
 SYNC_BUFFER = 2000
 #: Send nonces remembered per user for idempotent retries.
 NONCES_PER_USER = 1024
+#: Arguments a group change may carry (forwarded with a request to a group's realm).
+_EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
 #: Maximum length of a device name.
 MAX_DEVICE = 64
 
@@ -316,6 +318,7 @@ class RealmService(Service):
     ) -> None:
         self.config = config
         self.realm = config.realm
+        self._suffix = "@" + config.realm
         self.store = store
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
@@ -405,7 +408,7 @@ class RealmService(Service):
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)
             for env in events:
-                self.groups.apply(env)
+                self.groups.apply(env, mirror=not env.recipient.endswith(self._suffix))
             if len(events) < 1000:
                 break
             after = events[-1].pos
@@ -756,12 +759,16 @@ class RealmService(Service):
 
     # groups -------------------------------------------------------------------------
 
-    def _group_address(self, text: Any) -> str:
+    def _group_address(self, text: Any, remote_ok: bool = False) -> str:
+        """The canonical address of a group; one on another realm only with
+        ``remote_ok`` (sending, changes, history) and federation with that realm."""
         if not isinstance(text, str):
             raise ChatError("bad_request", "field 'group' must be a string")
         addr = address.parse(text if text.startswith("#") else "#" + text, self.realm, group=True)
         if not addr.is_local(self.realm):
-            raise ChatError("remote_realm", f"{addr} is on another realm; federation is off")
+            if not remote_ok:
+                raise ChatError("remote_realm", f"{addr} is on another realm")
+            self._check_remote(addr.realm)
         return str(addr)
 
     def group_event(self, session: Session, event: str, group: str, **args: Any) -> Any:
@@ -770,16 +777,17 @@ class RealmService(Service):
 
     def _group_event_by(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
         try:
-            addr = self._group_address(group)
+            addr = self._group_address(group, remote_ok=True)
+            commit = self._commit_event if addr.endswith(self._suffix) else self._forward_event
             target = args.get("user")
             if target is not None:
-                resolved = self._local_user(target)
+                resolved = self._local_user(target, remote_ok=True)
                 if isinstance(resolved, Deferred):
                     return resolved.addCallback(
-                        lambda a: self._commit_event(actor, event, addr, {**args, "user": str(a)})
+                        lambda a: commit(actor, event, addr, {**args, "user": str(a)})
                     )
                 args = {**args, "user": str(resolved)}
-            return self._commit_event(actor, event, addr, args)
+            return commit(actor, event, addr, args)
         except ChatError as e:
             return fail(e)
 
@@ -806,6 +814,13 @@ class RealmService(Service):
     ) -> Deferred[Envelope]:
         meta = self.groups.check(event, addr, actor, **args)
         env = self._envelope(actor, addr, "event", "", meta)
+        group = self.groups.groups.get(addr)
+        # Every realm with a member, the actor or the target gets the event (once).
+        users = set(group.members) if group is not None else set()
+        users.add(actor)
+        if meta.get("user"):
+            users.add(meta["user"])
+        realms = sorted(self._realms_of(users))
 
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
@@ -819,9 +834,11 @@ class RealmService(Service):
                 event=event,
                 actor=actor,
             )
+            for realm in realms:
+                self._wake(env, realm)
             return env
 
-        return self.store.append([env]).addCallback(committed)
+        return self.store.append([env], [(r, env) for r in realms]).addCallback(committed)
 
     def list_groups(self) -> list[dict[str, Any]]:
         return [
@@ -847,12 +864,26 @@ class RealmService(Service):
         return info
 
     def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        addr = self._group_address(to)
-        group = self.groups.get(addr)
-        if sender not in group.members:
-            raise ChatError("not_member", f"you are not a member of {addr}")
+        addr = self._group_address(to, remote_ok=True)
+        home = addr.rpartition("@")[2]
+        if home == self.realm:
+            group = self.groups.get(addr)
+            if sender not in group.members:
+                raise ChatError("not_member", f"you are not a member of {addr}")
+            realms = sorted(self._realms_of(group.members))  # once per realm, not member
+        else:
+            # A group on another realm: stored here (our members see it at once) and
+            # queued for its home realm, which checks membership and forwards it.
+            mirror = self.groups.groups.get(addr)
+            if mirror is None or sender not in mirror.members:
+                raise ChatError("not_member", f"you are not a member of {addr}")
+            realms = [home]
         env = self._envelope(sender, addr, "text", body)
-        return self.store.append([env]).addCallback(self._committed_group, env)
+        d = self.store.append([env], [(r, env) for r in realms])
+        d.addCallback(self._committed_group, env)
+        for realm in realms:
+            d.addCallback(self._wake, realm)
+        return d
 
     def _committed_group(self, _: object, env: Envelope) -> Envelope:
         group = self.groups.groups.get(env.recipient)
@@ -1020,69 +1051,159 @@ class RealmService(Service):
         if not fed.allows(realm):
             raise ChatError("peer_denied", f"this realm does not federate with {realm}")
 
-    def _remote_item(self, origin: str, raw: Any) -> Envelope:
-        """Check one item a peer realm sent; the Envelope to store, or ChatError.
+    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str]]:
+        """Check one item a peer realm sent: the Envelope to store and the realms to
+        forward it to (as the home realm of its group), or ChatError.
 
-        The anti-forgery rule: ``origin`` (authenticated by its certificate) may only
-        carry messages from its own users, and only to users of this realm.
+        The anti-forgery rules: ``origin`` (authenticated by its certificate) may carry
+        messages from its own users to users of this realm or to groups whose home is
+        this realm (if the sender is a member); and, as the home realm of a group, the
+        group's messages and events whoever sent them.  Nothing else.
         """
         if not isinstance(raw, dict):
             raise ChatError("bad_request", "an item must be an object")
         mid, kind, ts, body = raw.get("id"), raw.get("kind"), raw.get("ts"), raw.get("body")
         if not isinstance(mid, str) or not 0 < len(mid) <= 64:
             raise ChatError("bad_request", "item id must be a string of 1-64 characters")
-        if kind != "text":
+        if kind not in ("text", "event"):
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
         if not isinstance(ts, int | float) or isinstance(ts, bool):
             raise ChatError("bad_request", "item ts must be a number")
-        if raw.get("meta") is not None:
-            raise ChatError("bad_request", "a text item has no meta")
         body = self._check_body(body)
         sender = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
-        if sender.realm != origin:
-            raise ChatError(
-                "forged_sender", f"{origin} may not carry messages from {sender} (its realm)"
-            )
         to = raw.get("to")
+        meta = raw.get("meta")
+        fan: set[str] = set()
         if isinstance(to, str) and to.startswith("#"):
-            raise ChatError("bad_request", "group items across realms are not accepted yet")
-        recipient = address.user(to, self.realm)  # type: ignore[arg-type]
-        if recipient.realm != self.realm:
-            raise ChatError("bad_address", f"{recipient} is not on this realm")
-        return Envelope(
+            group = address.parse(to, self.realm, group=True)
+            recipient = str(group)
+            if group.realm == origin:  # the group's home realm: authoritative for it
+                if kind == "event":
+                    if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
+                        raise ChatError("bad_request", "an event item needs meta.event")
+                    if not isinstance(meta.get("user", ""), str):
+                        raise ChatError("bad_request", "meta.user must be a string")
+                elif meta is not None:
+                    raise ChatError("bad_request", "a text item has no meta")
+            elif group.realm == self.realm:  # a member on the peer writes to our group
+                if sender.realm != origin:
+                    raise ChatError(
+                        "forged_sender", f"{origin} may not carry messages from {sender}"
+                    )
+                if kind != "text" or meta is not None:
+                    raise ChatError("bad_request", "only text items go to a group's home realm")
+                members = self.groups.get(recipient).members
+                if str(sender) not in members:
+                    raise ChatError("not_member", f"{sender} is not a member of {recipient}")
+                fan = self._realms_of(members) - {origin}
+            else:
+                raise ChatError(
+                    "forged_sender", f"{origin} may not carry items of {group}, a third realm's"
+                )
+        else:
+            if sender.realm != origin:
+                raise ChatError(
+                    "forged_sender", f"{origin} may not carry messages from {sender} (its realm)"
+                )
+            if kind != "text" or meta is not None:
+                raise ChatError("bad_request", "a private item is plain text")
+            user = address.user(to, self.realm)  # type: ignore[arg-type]
+            if user.realm != self.realm:
+                raise ChatError("bad_address", f"{user} is not on this realm")
+            if user.name not in self._known_users:
+                raise ChatError("no_such_user", f"no user {user} on this realm")
+            recipient = str(user)
+        env = Envelope(
             id=mid,
-            kind="text",
+            kind=kind,
             sender=str(sender),
-            recipient=str(recipient),
+            recipient=recipient,
             ts=float(ts),
             body=body,
+            meta=dict(meta) if isinstance(meta, dict) else None,
         )
+        return env, fan
 
-    def receive_remote(self, origin: str, items: Sequence[Any]) -> Deferred[list[dict[str, Any]]]:
+    def _realms_of(self, users: Any) -> set[str]:
+        """The other realms among ``users`` that this realm federates with."""
+        if self.federation is None:
+            return set()
+        fed = self.config.federation
+        realms = {u.rpartition("@")[2] for u in users} - {self.realm}
+        return {r for r in realms if fed.allows(r)}
+
+    def _remote_request(self, origin: str, raw: dict[str, Any]) -> Deferred[Envelope]:
+        """A user of ``origin`` asks for a change to one of our groups (join, leave,
+        kick...): the same rules as for a local user, with the requester as actor."""
+        actor = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
+        if actor.realm != origin:
+            raise ChatError("forged_sender", f"{origin} may not act for {actor}")
+        group = address.parse(raw.get("to"), self.realm, group=True)  # type: ignore[arg-type]
+        if group.realm != self.realm:
+            raise ChatError("bad_address", f"{group} is not a group of this realm")
+        event, args = raw.get("event"), raw.get("args") or {}
+        if event not in EVENTS or event == "created":
+            raise ChatError("bad_request", f"event {str(event)[:20]!r} cannot be requested")
+        if not isinstance(args, dict) or not set(args) <= _EVENT_ARGS:
+            raise ChatError("bad_request", "request args: user, reason, topic or role")
+        if not all(isinstance(v, str) for v in args.values()):
+            raise ChatError("bad_request", "request args must be strings")
+        return self._group_event_by(str(actor), event, str(group), dict(args))  # type: ignore[no-any-return]
+
+    def _forward_event(
+        self, actor: str, event: str, addr: str, args: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        """A local user's change to a group on another realm: queued durably as a
+        request to the group's home realm, which decides.  Fires with a pending
+        envelope (position 0); the event itself arrives from the home realm."""
+        if event == "created":
+            return fail(ChatError("remote_realm", f"{addr} can only be created on its realm"))
+        home = addr.rpartition("@")[2]
+        request: dict[str, Any] = {
+            "id": new_message_id(),
+            "kind": "request",
+            "from": actor,
+            "to": addr,
+            "event": event,
+            "args": {k: v for k, v in args.items() if k in _EVENT_ARGS and v is not None},
+        }
+        env = self._envelope(actor, addr, "event", "", {"event": event, "pending": True})
+        env.id = request["id"]
+
+        def queued(_: object) -> Envelope:
+            self._wake(env, home)
+            return env
+
+        return self.store.outbox_enqueue(home, [request]).addCallback(queued)
+
+    @inlineCallbacks
+    def receive_remote(self, origin: str, items: Sequence[Any]) -> Any:
         """Store the items of one transaction from peer realm ``origin``, then route
-        them like local items (feeds, positions, offline delivery).
+        them like local items (feeds, positions, offline delivery); apply requests
+        (a remote user joining one of our groups...) in order with them.
 
         Items already stored (same id: a retried transaction) are skipped.  Items that
         break a rule are not stored: fires, after the commit, with one
         ``{"id", "code", "message"}`` per rejected item (the peer logs them).
         """
-        accepted: list[Envelope] = []
         rejected: list[dict[str, Any]] = []
+        batch: list[Envelope] = []
+        outbox: list[tuple[str, Envelope]] = []
         for raw in items:
             try:
-                env = self._remote_item(origin, raw)
-                if env.recipient.partition("@")[0] not in self._known_users:
-                    raise ChatError("no_such_user", f"no user {env.recipient} on this realm")
-                accepted.append(env)
+                if isinstance(raw, dict) and raw.get("kind") == "request":
+                    if batch:
+                        yield self._store_remote(batch, outbox)
+                        batch, outbox = [], []
+                    yield self._remote_request(origin, raw)
+                    continue
+                env, fan = self._remote_item(origin, raw)
+                batch.append(env)
+                outbox.extend((realm, env) for realm in sorted(fan))
             except ChatError as e:
                 mid = raw.get("id") if isinstance(raw, dict) else None
-                rejected.append(
-                    {
-                        "id": mid if isinstance(mid, str) else None,
-                        "code": e.code,
-                        "message": e.message,
-                    }
-                )
+                mid = mid if isinstance(mid, str) else None
+                rejected.append({"id": mid, "code": e.code, "message": e.message})
                 log = self.log.warn if e.code == "forged_sender" else self.log.info
                 log(
                     "federation: rejected item {id} from {origin}: {code}: {message}",
@@ -1091,19 +1212,31 @@ class RealmService(Service):
                     code=e.code,
                     message=e.message,
                 )
-        if not accepted:
-            return succeed(rejected)
+        if batch:
+            yield self._store_remote(batch, outbox)
+        return rejected
 
-        def stored(envs: list[Envelope]) -> list[dict[str, Any]]:
+    def _store_remote(
+        self, batch: list[Envelope], outbox: list[tuple[str, Envelope]]
+    ) -> Deferred[None]:
+        def stored(envs: list[Envelope]) -> None:
             self.begin_burst()
             try:
                 for env in envs:
-                    self._committed(None, env)
+                    if not env.recipient.startswith("#"):
+                        self._committed(None, env)
+                    elif env.kind == "event":
+                        before = self.groups.audience(env)
+                        self.groups.apply(env, mirror=not env.recipient.endswith(self._suffix))
+                        self._route(env, before | self.groups.audience(env))
+                    else:
+                        self._committed_group(None, env)
             finally:
                 self.end_burst()
-            return rejected
+            for realm in sorted({r for r, e in outbox if e.pos}):
+                self._wake(batch[0], realm)
 
-        return self.store.append_remote(accepted).addCallback(stored)
+        return self.store.append_remote(batch, outbox).addCallback(stored)
 
     def remote_presence(self, origin: str, user: Any, status: Any, text: Any) -> None:
         """A presence change of a user of peer realm ``origin``: told to the local
@@ -1242,7 +1375,7 @@ class RealmService(Service):
         if not 1 <= limit <= page:
             raise ChatError("bad_request", f"limit must be between 1 and {page}")
         if peer.startswith("#"):
-            conversation = self._group_address(peer)
+            conversation = self._group_address(peer, remote_ok=True)
             # The group's rule decides (not the account's age): under "all" a member
             # reads what was said before they, or their account, existed.
             floor = self.groups.readable_from(conversation, session.user_id)

@@ -315,7 +315,7 @@ def test_items_breaking_rules_are_rejected_one_by_one(node: Any, certs: Any) -> 
         ("id-5", "bad_request"),
         ("id-6", "bad_request"),
         (None, "bad_request"),
-        ("id-7", "bad_request"),
+        ("id-7", "no_such_group"),
         ("", "bad_request"),
     ]
     assert [e.body for e in realm.store.read_feed("bob@b.example", 0, 10).result] == ["m9"]

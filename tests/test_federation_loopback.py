@@ -361,3 +361,91 @@ def test_three_realms_each_writes_to_the_next(tmp_path: Any) -> Any:
     finally:
         for n in nodes:
             yield n.stop()
+
+
+# groups across realms ---------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_spanning_three_realms(tmp_path: Any) -> Any:
+    """#dev lives on h.example; members on a.example and b.example join through their
+    own realms, write through them, are sent each message once per realm, and obey
+    h.example's permissions (joins, kicks)."""
+    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    h, a, b = nodes
+    try:
+        got: dict[str, list[dict[str, Any]]] = {}
+
+        @defer.inlineCallbacks
+        def user(node: Any, name: str) -> Any:
+            inbox = got.setdefault(f"{name}@{node.name}", [])
+            conn = yield connect(
+                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
+            )
+            yield conn.synced
+            return conn
+
+        owner = yield user(h, "owner")
+        alice = yield user(a, "alice")
+        bob = yield user(b, "bob")
+        bob2 = yield user(b, "bob2")
+        yield owner.create_group("#dev")
+        yield owner.create_group("#secret", visibility="invite")
+        group = "#dev@h.example"
+        for conn in (alice, bob, bob2):
+            pending = yield conn.join(group)
+            assert pending["pos"] == 0  # decided by h.example; the event comes from there
+        # everyone hears every join (the owner on h, each member through their realm)
+        yield until(
+            lambda: (
+                sum(m.get("meta", {}).get("event") == "joined" for m in got["owner@h.example"]) == 3
+            ),
+            timeout=30,
+        )
+        yield until(
+            lambda: any(
+                m.get("meta", {}).get("user") == "bob2@b.example" for m in got["alice@a.example"]
+            ),
+            timeout=30,
+        )
+        sent_to_b = h.fed.links["b.example"].sent_items
+        yield owner.send(group, "hello all")
+        yield alice.send(group, "hi from a")
+        yield bob.send(group, "hi from b")
+
+        def texts(who: str) -> list[str]:
+            return [m["body"] for m in got[who] if m.get("kind") == "text"]
+
+        everyone = ["owner@h.example", "alice@a.example", "bob@b.example", "bob2@b.example"]
+        yield until(lambda: all(len(texts(u)) == 3 for u in everyone), timeout=30)
+        for u in everyone:
+            assert sorted(texts(u)) == sorted(["hello all", "hi from a", "hi from b"])
+        # two members on b.example, one copy per message: "hello all" and "hi from a"
+        # (b.example's own "hi from b" is not sent back to it)
+        assert h.fed.links["b.example"].sent_items - sent_to_b == 2
+        # h.example's rules: an invite-only group refuses a remote join...
+        yield alice.join("#secret@h.example")
+        yield until(lambda: a.fed.links["h.example"].rejected_items == 1, timeout=30)
+        assert "alice@a.example" not in h.realm.groups.get("#secret@h.example").members
+        # ...a plain member may not kick; the owner may (a member on another realm)
+        yield alice.kick(group, "bob@b.example")
+        yield until(lambda: a.fed.links["h.example"].rejected_items == 2, timeout=30)
+        yield owner.kick(group, "bob@b.example")
+        yield until(
+            lambda: any(m.get("meta", {}).get("event") == "kicked" for m in got["bob@b.example"]),
+            timeout=30,
+        )
+        yield owner.send(group, "after the kick")
+        yield until(lambda: "after the kick" in texts("bob2@b.example"), timeout=30)
+        assert "after the kick" not in texts("bob@b.example")
+        with pytest.raises(RemoteError) as e:
+            yield bob.send(group, "still here?")
+        assert e.value.code == "not_member"
+        # history of the group on a member's own realm
+        history = yield alice.history(group)
+        assert [m["body"] for m in history if m["kind"] == "text"][-1] == "after the kick"
+        for conn in (owner, alice, bob, bob2):
+            yield conn.close()
+    finally:
+        for n in nodes:
+            yield n.stop()

@@ -84,8 +84,12 @@ class IStore(Interface):
         """
 
     def outbox_read(realm, after, limit):  # type: ignore[misc]
-        """Queued items for ``realm`` with outbox sequence ``> after``, oldest first:
-        a list of ``(seq, envelope)``.  Sequences are never reused (across restarts)."""
+        """Queued entries for ``realm`` with outbox sequence ``> after``, oldest first:
+        a list of ``(seq, envelope)``, or ``(seq, dict)`` for a request queued with
+        :meth:`outbox_enqueue`.  Sequences are never reused (across restarts)."""
+
+    def outbox_enqueue(realm, payloads):  # type: ignore[misc]
+        """Durably queue requests (JSON objects, not stored items) for ``realm``."""
 
     def outbox_ack(realm, seq):  # type: ignore[misc]
         """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them)."""

@@ -35,8 +35,8 @@ class MemoryStore:
         self.uploads: dict[str, dict[str, Any]] = {}
         self._pos = 0
         self._ids: set[str] = set()
-        #: Federation outbox: (seq, realm, envelope), oldest first.
-        self.outbox: list[tuple[int, str, Envelope]] = []
+        #: Federation outbox: (seq, realm, envelope or request), oldest first.
+        self.outbox: list[tuple[int, str, Any]] = []
         self._seq = 0
 
     def open(self) -> Deferred[None]:
@@ -109,6 +109,12 @@ class MemoryStore:
                 stored.append(env)
         self._queue([(r, e) for r, e in outbox if e in stored])
         return succeed(stored)
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
+        for payload in payloads:
+            self._seq += 1
+            self.outbox.append((self._seq, realm, dict(payload)))
+        return succeed(None)
 
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
         out = [(seq, env) for seq, r, env in self.outbox if r == realm and seq > after]

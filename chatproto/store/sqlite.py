@@ -38,7 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -111,6 +111,11 @@ MIGRATIONS: list[str] = [
         user TEXT NOT NULL,
         record TEXT NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # v6: federation requests (a remote user's join/leave... for a group on another
+    # realm) queue in the outbox as JSON, with no item behind them (pos 0).
+    """
+    ALTER TABLE outbox ADD COLUMN payload TEXT;
     """,
 ]
 
@@ -378,14 +383,30 @@ class SQLiteDB:
 
     # federation outbox ----------------------------------------------------------------
 
-    def outbox_read(self, realm: str, after: int, limit: int) -> list[tuple[int, Envelope]]:
+    def outbox_read(
+        self, realm: str, after: int, limit: int
+    ) -> list[tuple[int, Envelope | dict[str, Any]]]:
+        """Queued entries: stored items (Envelopes) and requests (dicts), in order."""
         rows = self.conn.execute(
-            f"SELECT o.seq, {', '.join('i.' + c for c in _COLS.split(', '))} "
-            "FROM outbox o JOIN items i ON i.pos = o.pos "
+            f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in _COLS.split(', '))} "
+            "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
             "WHERE o.realm = ? AND o.seq > ? ORDER BY o.seq LIMIT ?",
             (realm, after, limit),
         ).fetchall()
-        return [(r[0], _row(r[1:])) for r in rows]
+        return [(r[0], json.loads(r[1]) if r[1] is not None else _row(r[2:])) for r in rows]
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(
+                "INSERT INTO outbox (realm, pos, payload) VALUES (?, 0, ?)",
+                [(realm, json.dumps(p)) for p in payloads],
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     def outbox_ack(self, realm: str, seq: int) -> None:
         self.conn.execute("DELETE FROM outbox WHERE realm = ? AND seq <= ?", (realm, seq))
@@ -710,6 +731,9 @@ class SQLiteStore:
 
     def outbox_counts(self) -> Deferred[dict[str, int]]:
         return self._read(SQLiteDB.outbox_counts)
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
+        return self._write(lambda: self._db().outbox_enqueue(realm, payloads))
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)
