@@ -337,8 +337,10 @@ class Config:
                 raise ConfigError(
                     f"web.origins: {origin!r} is not an origin like https://chat.example.org"
                 )
-        if not self.listen_descriptions():
-            raise ConfigError("nothing to listen on: give realm.listen or tls.certificate")
+        if not self.listen_descriptions() and not self.web_descriptions():
+            raise ConfigError(
+                "nothing to listen on: give realm.listen, tls.certificate or web.listen"
+            )
         self._check_federation()
 
     def _check_federation(self) -> None:

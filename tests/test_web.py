@@ -120,6 +120,7 @@ def test_tokens_expire_after_ttl_and_die_with_the_account() -> None:
 def test_frame_transport_sends_one_message_per_frame() -> None:
     class FakeWS:
         transport = None
+        STATE_OPEN = state = 1
 
         def __init__(self) -> None:
             self.sent: list[bytes] = []
@@ -464,3 +465,84 @@ def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     err = yield ws.until(lambda f: f["type"] == "error")
     assert err["code"] == "auth_failed"
     yield ws.closed
+
+
+# HTTPS, wired by tap from the config ------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_tap_serves_the_web_client_over_https_with_secure_cookie(tmp_path: Any) -> Any:
+    from twisted.internet.endpoints import wrapClientTLS
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    from chatproto import tls
+
+    certs = tls.write_dev_certs(str(tmp_path / "tls"), "localhost")
+    cfg = configmod.Config(data_dir=str(tmp_path / "data"))
+    cfg.auth.argon2_time_cost, cfg.auth.argon2_memory_cost = 1, 1024
+    cfg.auth.argon2_parallelism = 1
+    cfg.listen = []
+    cfg.web.listen = [tls.server_description(certs["cert"], certs["key"], 0)]
+    cfg.check()
+    top, realm = tap.build(cfg, _reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        yield realm.create_user("alice", PASSWORD)
+        listener = next(s for s in top if isinstance(getattr(s, "factory", None), WebSite))
+        port = listener.port.getHost().port
+        with open(certs["ca"], "rb") as f:
+            ca = Certificate.loadPEM(f.read())
+        agent = Agent(_reactor, BrowserLikePolicyForHTTPS(trustRoot=ca))
+        base = f"https://localhost:{port}"
+        headers = Headers({"content-type": ["application/json"], "origin": [base]})
+        body = json.dumps({"user": "alice", "password": PASSWORD}).encode()
+        response = yield agent.request(
+            b"POST", f"{base}/api/login".encode(), headers, FileBodyProducer(io.BytesIO(body))
+        )
+        yield readBody(response)
+        assert response.code == 200
+        cookie = response.headers.getRawHeaders("set-cookie")[0]
+        assert "secure" in [a.strip().lower() for a in cookie.split(";")]
+        token = _cookie(response)
+        # the WebSocket over TLS (wss), through the same listener
+        factory = WebSocketClientFactory(
+            f"wss://localhost:{port}/ws",
+            origin=base,
+            headers={"Cookie": f"{SESSION_COOKIE}={token}"},
+        )
+        factory.protocol = WSClient
+        factory.opened = defer.Deferred()
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=ca),
+            TCP4ClientEndpoint(_reactor, "127.0.0.1", port),
+        )
+        ws = yield endpoint.connect(factory)
+        yield factory.opened
+        yield ws.call("hello", version=1)
+        res = yield ws.call("login")
+        assert res["user"] == "alice@localhost"
+        yield ws.until(lambda f: f["type"] == "synced")
+        sent = yield ws.call("send", to="alice", body="over wss")
+        assert sent["type"] == "result"
+        ws.sendClose()
+        yield ws.closed
+    finally:
+        yield top.stopService()
+
+
+def test_web_tls_port_uses_the_tls_certificate(tmp_path: Any) -> None:
+    from chatproto import tls
+
+    certs = tls.write_dev_certs(str(tmp_path / "tls"), "localhost")
+    cfg = configmod.Config()
+    cfg.tls.certificate, cfg.tls.private_key = certs["cert"], certs["key"]
+    cfg.web.tls_port = 8443
+    cfg.check()
+    assert cfg.web_descriptions() == [
+        tls.server_description(certs["cert"], certs["key"], 8443, "127.0.0.1")
+    ]
+    cfg.web.tls_port = cfg.tls.port
+    with pytest.raises(configmod.ConfigError, match="differ"):
+        cfg.check()

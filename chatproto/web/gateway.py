@@ -109,8 +109,8 @@ class FrameTransport:
         self.disconnecting = False
 
     def write(self, data: bytes) -> None:
-        if self.disconnecting:
-            return
+        if self.disconnecting or self._ws.state != self._ws.STATE_OPEN:
+            return  # closing: like a TCP transport, writes after the close go nowhere
         buf = self._buffer + data if self._buffer else data
         offset = 0
         while len(buf) - offset >= 4:
@@ -128,7 +128,8 @@ class FrameTransport:
         """A polite close: the error frame already sent, then a WebSocket close."""
         if not self.disconnecting:
             self.disconnecting = True
-            self._ws.sendClose(1000)
+            if self._ws.state == self._ws.STATE_OPEN:
+                self._ws.sendClose(1000)
 
     def abortConnection(self) -> None:
         self.disconnecting = True
@@ -147,9 +148,8 @@ class FrameTransport:
         if t is None:
             return
         # twisted.web's HTTP channel is still registered on the connection it handed
-        # over to the WebSocket; the session takes its place.
-        if getattr(t, "producer", None) is not None:
-            t.unregisterProducer()
+        # over to the WebSocket; the session takes its place (a no-op when none is).
+        t.unregisterProducer()
         t.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
