@@ -310,6 +310,18 @@ class _Reply:
             p._write(start + body + f":{p.server} BATCH -{ref}\r\n".encode())
 
 
+class _Send:
+    """A PRIVMSG/NOTICE on its way through the realm, until its echo is recognised."""
+
+    __slots__ = ("body", "ctx", "matched", "to")
+
+    def __init__(self, to: str, body: str, ctx: _Reply) -> None:
+        self.to = to
+        self.body = body
+        self.ctx = ctx
+        self.matched = False
+
+
 #: The reply object for unlabeled commands: writes straight through.
 class _Direct(_Reply):
     __slots__ = ()
@@ -348,7 +360,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.pinged = False
         self._direct = _Direct(self, None)
         self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
-        self._pending: deque[list[Any]] = deque()  # sends awaiting their echo
+        self._pending: deque[_Send] = deque()  # sends awaiting their echo
+        self._targets: dict[str, str] = {}  # IRC target -> canonical address
         self._awaiting: dict[tuple[str, str], _Reply] = {}  # (event, group) -> labeled reply
         self._paused = False
         self._paused_bytes = 0
@@ -459,34 +472,51 @@ class IRCProtocol(LineOnlyReceiver):
     # ISessionMind -------------------------------------------------------------------
 
     def deliver(self, envelope: Envelope) -> None:
-        """The realm hands over one committed item: render and write (or hold) it."""
+        """The realm hands over one committed item: render and write (or hold) it.
+
+        The hot path of fan-out: a text item from someone else, whose line the factory
+        has already encoded for the previous receiver; written in one go per burst."""
+        if envelope.kind != "text" or envelope.sender == self.user_id:
+            self._deliver_other(envelope)
+            return
+        f = self.factory
+        data = f._cache[self._tagmode] if envelope is f._cache_env else None
+        if data is None:
+            data = f.lines(envelope, self._tagmode)
+        held = self._held
+        if held is not None:
+            held.append(data)
+        elif self._paused or self.state == "closed":
+            self._write(data)
+        elif f.realm._burst_depth:
+            self._held = [data]
+            f.realm.hold(self)
+        else:
+            self.transport.write(data)
+        if self._ack_call is None:
+            self._written()
+
+    def _deliver_other(self, envelope: Envelope) -> None:
+        """Events, other kinds, and our own messages (echo-message)."""
         if envelope.kind == "event":
             self._deliver_event(envelope)
             return
         if envelope.sender == self.user_id:
-            if self._pending:
-                head = self._pending[0]
-                if head[0] == envelope.recipient and head[1] == envelope.body:
-                    self._pending.popleft()
+            pending = self._pending
+            if pending:
+                head = pending[0]
+                if head.to == envelope.recipient and head.body == envelope.body:
+                    pending.popleft()
+                    head.matched = True
                     if "echo-message" in self.caps:
-                        head[2].send(self.factory.lines(envelope, self._tagmode))
+                        head.ctx.send(self.factory.lines(envelope, self._tagmode))
                     self._written()
                     return
             if "echo-message" not in self.caps:
                 self._written()  # our own message from elsewhere: the client cannot show it
                 return
-        data = self.factory.lines(envelope, self._tagmode)
-        if self._held is not None:
-            self._held.append(data)
-        elif self._paused or self.state == "closed":
-            self._write(data)
-        elif self.factory.realm.bursting:
-            self._held = [data]
-            self.factory.realm.hold(self)
-        else:
-            self.transport.write(data)
-        if self._ack_call is None:
-            self._written()
+        self._write(self.factory.lines(envelope, self._tagmode))
+        self._written()
 
     def _written(self) -> None:
         """Acknowledge what was written, a little later (one ack per ACK_DELAY)."""
@@ -673,11 +703,15 @@ class IRCProtocol(LineOnlyReceiver):
         self.pinged = False
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        size = len(raw)
+        if raw.startswith(b"@"):  # the 512-byte limit is for the line without its tags
+            size -= len(raw) - len(raw.partition(b" ")[2].lstrip(b" "))
+        if size > MAX_LINE - 2:
+            self._direct.num("417", "Input line was too long")
+            return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            text = None
-        if text is None:
             self._direct.send(
                 _line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8")
             )
@@ -686,12 +720,6 @@ class IRCProtocol(LineOnlyReceiver):
             tags, command, params = parse_line(text)
         except IRCBadLine:
             return  # silently ignored, like every IRC server
-        body = text.encode("utf-8")
-        if body.startswith(b"@"):
-            body = body.partition(b" ")[2].lstrip(b" ")
-        if len(body) > MAX_LINE - 2:
-            self._direct.num("417", "Input line was too long")
-            return
         label = tags.get("label") if "labeled-response" in self.caps else None
         ctx = _Reply(self, label) if label is not None else self._direct
         handler = _HANDLERS.get(command)
@@ -1029,10 +1057,20 @@ class IRCProtocol(LineOnlyReceiver):
     # messages -------------------------------------------------------------------------
 
     def _resolve(self, target: str) -> str:
-        """A message target as the realm's canonical address (raises ChatError)."""
+        """A message target as the realm's canonical address (raises ChatError).
+
+        Remembered per connection (a client talks to few targets, many times)."""
+        known = self._targets.get(target)
+        if known is not None:
+            return known
         if target.startswith("#"):
-            return str(address.parse(group_of(target), self.realm.realm, group=True))
-        return str(address.user(user_of(target), self.realm.realm))
+            found = str(address.parse(group_of(target), self.realm.realm, group=True))
+        else:
+            found = str(address.user(user_of(target), self.realm.realm))
+        if len(self._targets) >= 256:
+            self._targets.clear()
+        self._targets[target] = found
+        return found
 
     def irc_PRIVMSG(
         self, ctx: _Reply, params: list[str], tags: dict[str, str], notice: bool = False
@@ -1057,7 +1095,7 @@ class IRCProtocol(LineOnlyReceiver):
                 if not notice:
                     self._error(ctx, command, e, target)
                 continue
-            entry = [to, text, ctx]
+            entry = _Send(to, text, ctx)
             self._pending.append(entry)
             d = self.session.send(to, text)
             waits.append(
@@ -1076,22 +1114,24 @@ class IRCProtocol(LineOnlyReceiver):
 
         return gatherResults(waits)
 
-    def _sent(self, env: Envelope, entry: list[Any]) -> None:
-        try:
-            self._pending.remove(entry)  # not echoed yet (still syncing): no label then
-        except ValueError:
-            pass
+    def _sent(self, env: Envelope, entry: _Send) -> None:
+        if not entry.matched:  # not echoed yet (still syncing): no label then
+            try:
+                self._pending.remove(entry)
+            except ValueError:
+                pass
 
     def _send_failed(
-        self, f: Failure, entry: list[Any], command: str, target: str, notice: bool
+        self, f: Failure, entry: _Send, command: str, target: str, notice: bool
     ) -> None:
-        try:
-            self._pending.remove(entry)
-        except ValueError:
-            pass
+        if not entry.matched:
+            try:
+                self._pending.remove(entry)
+            except ValueError:
+                pass
         f.trap(ChatError)
         if not notice:
-            self._error(entry[2], command, f.value, target)  # type: ignore[arg-type]
+            self._error(entry.ctx, command, f.value, target)  # type: ignore[arg-type]
 
     def irc_NOTICE(self, ctx: _Reply, params: list[str], tags: dict[str, str]) -> Any:
         return self.irc_PRIVMSG(ctx, params, tags, notice=True)

@@ -1,0 +1,409 @@
+"""IRC fan-out: the chatproto IRC gateway and ngircd side by side, same workload.
+
+    python bench/irc_fanout.py                       # R=100 members, M=20000 messages
+    python bench/irc_fanout.py --members 10,100,500 --messages 20000 --window 2000
+    python bench/irc_fanout.py --skip-ngircd --profile /tmp/irc.prof
+
+Workload (identical for both servers): R receiver connections and one sender join one
+channel; the sender sends M ``PRIVMSG #bench :<seq> <send-time-ns>`` lines, keeping at
+most ``--window`` messages in flight (sent but not yet seen by the first receiver); every
+receiver counts the PRIVMSG lines it gets.  Printed per server:
+
+- deliveries/s: R * M / (time of the last delivery - time of the first send);
+- p50/p99 latency (ms): for each read of each receiver, the age of the newest message in
+  that read (send time to receipt);
+- server CPU seconds used during the run (``/proc/PID/stat``), and the ratio
+  chatproto/ngircd of deliveries/s.
+
+chatproto runs as ``twistd -n chatrealm`` with ``[irc] enabled`` (flood limit off,
+``limits.send_rate`` 1e9, ``storage.synchronous = NORMAL``: every message is still
+committed to SQLite before it is delivered).  Users register over the native protocol
+(cheap argon2) and log in over IRC with PASS.  ngircd (Debian's ``/usr/sbin/ngircd``)
+runs from a temporary config with ``MaxPenaltyTime = 0`` (no penalty, i.e. no flood
+limit), ``MaxConnectionsIP = 0``, no PAM/ident/DNS.  The load generator is this process
+(non-blocking sockets and ``selectors``; counting with ``bytes.count``).  Both servers
+and the load generator share the machine's cores: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "bench-password"
+CHANNEL = b"#bench"
+PATTERN = b" PRIVMSG #bench :"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited ({proc.returncode}); log:\n{log.read_text()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"server did not listen on {port} in {timeout} s; log:\n{log.read_text()[-3000:]}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# servers ------------------------------------------------------------------------------
+
+
+class Server:
+    name = ""
+    proc: subprocess.Popen[Any]
+    port = 0
+    password: str | None = None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+class ChatprotoServer(Server):
+    name = "chatproto"
+    password = PASSWORD
+
+    def __init__(self, tmp: Path, users: int, profile: str | None) -> None:
+        self.port = free_port()
+        self.native = free_port()
+        conf = tmp / "realm.toml"
+        conf.write_text(
+            f"""
+[realm]
+data_dir = "{tmp / "data"}"
+listen = ["tcp:{self.native}:interface=127.0.0.1"]
+[limits]
+send_rate = 1e9
+send_burst = 1000000000
+max_sessions_per_user = 1000000
+max_members_per_group = 1000000
+keepalive_interval = 3600.0
+login_timeout = 3600.0
+max_output_buffer = 1073741824
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+free_failures_per_address = 1000000
+[storage]
+synchronous = "NORMAL"
+[irc]
+enabled = true
+listen = ["tcp:{self.port}:interface=127.0.0.1"]
+flood_rate = 0.0
+"""
+        )
+        self.log = tmp / "realm.log"
+        wrapper = [sys.executable, str(ROOT / "bench" / "twistd_wrapper.py")]
+        if profile:
+            wrapper += ["--profile", profile, "--profile-signals"]
+        twistd = [*wrapper, "--", "-n", "--pidfile=", f"--logfile={self.log}", "chatrealm"]
+        self.proc = subprocess.Popen(
+            [*twistd, "--config", str(conf)], cwd=tmp, start_new_session=True
+        )
+        wait_port(self.port, self.proc, self.log)
+        wait_port(self.native, self.proc, self.log)
+        self.register(users)
+
+    def register(self, users: int) -> None:
+        """Accounts u0..u<users-1> through the native protocol's register request."""
+        s = socket.create_connection(("127.0.0.1", self.native))
+        buf = b""
+
+        def request(obj: dict[str, Any]) -> dict[str, Any]:
+            nonlocal buf
+            payload = json.dumps(obj).encode()
+            s.sendall(struct.pack("!I", len(payload)) + payload)
+            while True:
+                if len(buf) >= 4:
+                    (n,) = struct.unpack("!I", buf[:4])
+                    if len(buf) >= 4 + n:
+                        frame, buf = json.loads(buf[4 : 4 + n]), buf[4 + n :]
+                        if frame.get("id") == obj["id"]:
+                            return frame
+                        continue
+                chunk = s.recv(65536)
+                if not chunk:
+                    sys.exit("realm closed the registration connection")
+                buf += chunk
+
+        request({"type": "hello", "version": 1, "id": 0})
+        for i in range(users):
+            r = request({"type": "register", "id": i + 1, "user": f"u{i}", "password": PASSWORD})
+            if r.get("type") != "result" and r.get("code") != "user_exists":
+                sys.exit(f"register u{i}: {r}")
+        s.close()
+
+    def profile(self, on: bool) -> None:
+        os.kill(self.proc.pid, signal.SIGUSR1 if on else signal.SIGUSR2)
+
+
+class NgircdServer(Server):
+    name = "ngircd"
+
+    def __init__(self, tmp: Path, binary: str) -> None:
+        self.port = free_port()
+        conf = tmp / "ngircd.conf"
+        (tmp / "motd").write_text("bench\n")
+        conf.write_text(
+            f"""
+[Global]
+Name = bench.ngircd
+Info = bench
+Ports = {self.port}
+Listen = 127.0.0.1
+MotdFile = {tmp / "motd"}
+PidFile = {tmp / "ngircd.pid"}
+[Limits]
+MaxConnections = 0
+MaxConnectionsIP = 0
+MaxJoins = 0
+MaxNickLength = 32
+MaxPenaltyTime = 0
+PingTimeout = 3600
+PongTimeout = 3600
+[Options]
+DNS = no
+Ident = no
+PAM = no
+"""
+        )
+        self.log = tmp / "ngircd.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [binary, "-n", "-f", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_port(self.port, self.proc, self.log)
+
+    def profile(self, on: bool) -> None:
+        pass
+
+
+# load -----------------------------------------------------------------------------------
+
+
+class Conn:
+    def __init__(self, port: int, nick: str, password: str | None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.nick = nick
+        self.tail = b""
+        self.count = 0
+        login = b"PASS %s\r\n" % password.encode() if password else b""
+        self.sock.sendall(login + f"NICK {nick}\r\nUSER {nick} 0 * :bench\r\n".encode())
+
+    def expect(self, needle: bytes, timeout: float = 30) -> None:
+        """Read (blocking) until ``needle`` has been seen."""
+        self.sock.settimeout(timeout)
+        data = self.tail
+        while needle not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                sys.exit(f"{self.nick}: connection closed while waiting for {needle!r}: {data[-500:]!r}")
+            data = data[-4096:] + chunk
+            if b"PING " in chunk:
+                for line in chunk.split(b"\r\n"):
+                    if line.startswith(b"PING "):
+                        self.sock.sendall(b"PONG " + line[5:] + b"\r\n")
+        self.tail = b""
+
+    def drain(self) -> None:
+        self.sock.setblocking(False)
+        try:
+            while self.sock.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def run_workload(server: Server, members: int, messages: int, window: int) -> dict[str, Any]:
+    sender = Conn(server.port, "u0", server.password)
+    sender.expect(b" 001 ")
+    sender.sock.sendall(b"JOIN #bench\r\n")
+    sender.expect(b" 366 ")
+    receivers = []
+    for i in range(1, members + 1):
+        c = Conn(server.port, f"u{i}", server.password)
+        receivers.append(c)
+    for c in receivers:
+        c.expect(b" 001 ")
+        c.sock.sendall(b"JOIN #bench\r\n")
+    for c in receivers:
+        c.expect(b" 366 ")
+    time.sleep(0.5)
+    for c in [sender, *receivers]:
+        c.drain()
+    sel = selectors.DefaultSelector()
+    for c in receivers:
+        c.sock.setblocking(False)
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    sender.sock.setblocking(False)
+    probe = receivers[0]
+    lat: list[float] = []
+    sent = 0
+    pending = b""
+    done = 0
+    cpu0 = cpu_seconds(server.proc.pid)
+    me0 = sum(os.times()[:2])
+    server.profile(True)
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + 120
+    last = t0
+    while done < len(receivers):
+        if time.monotonic() > deadline:
+            break
+        if pending:
+            try:
+                n = sender.sock.send(pending)
+                pending = pending[n:]
+            except BlockingIOError:
+                pass
+        elif sent < messages and sent - probe.count < window:
+            k = min(window - (sent - probe.count), messages - sent, 200)
+            now = time.perf_counter_ns()
+            pending = b"".join(
+                b"PRIVMSG #bench :%d %d\r\n" % (sent + j, now) for j in range(k)
+            )
+            sent += k
+            continue
+        for key, _ in sel.select(0.005):
+            c = key.data
+            try:
+                data = c.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                sys.exit(f"{server.name}: {c.nick} was disconnected after {c.count} messages")
+            now_ns = time.perf_counter_ns()
+            data = c.tail + data
+            end = data.rfind(b"\n") + 1
+            c.tail = data[end:]
+            got = data.count(PATTERN, 0, end)
+            if got:
+                before = c.count
+                c.count += got
+                start = data.rfind(PATTERN, 0, end)
+                fields = data[start + len(PATTERN) : data.index(b"\r", start)].split()
+                lat.append((now_ns - int(fields[1])) / 1e6)
+                if before < messages <= c.count:
+                    done += 1
+                    last = time.perf_counter()
+        # keep the sender's input drained (numerics, pings)
+        try:
+            while sender.sock.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+    server.profile(False)
+    elapsed = last - t0
+    cpu = cpu_seconds(server.proc.pid) - cpu0
+    me = sum(os.times()[:2]) - me0
+    total = sum(min(c.count, messages) for c in receivers)
+    for c in [sender, *receivers]:
+        c.sock.close()
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {
+        "server": server.name,
+        "members": members,
+        "messages": messages,
+        "window": window,
+        "complete": done == len(receivers),
+        "deliveries": total,
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(total / elapsed) if elapsed > 0 else 0,
+        "p50_ms": round(pct(0.50), 2),
+        "p99_ms": round(pct(0.99), 2),
+        "server_cpu_s": round(cpu, 2),
+        "loadgen_cpu_s": round(me, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--members", default="100", help="comma-separated R values (default 100)")
+    ap.add_argument("--messages", type=int, default=20000, help="M (default 20000)")
+    ap.add_argument("--window", type=int, default=1000, help="messages in flight (default 1000)")
+    ap.add_argument("--skip-ngircd", action="store_true")
+    ap.add_argument("--skip-chatproto", action="store_true")
+    ap.add_argument("--ngircd", default=shutil.which("ngircd") or "/usr/sbin/ngircd")
+    ap.add_argument("--profile", help="cProfile the realm's reactor thread during the runs")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.members.split(",") if x]
+    results: list[dict[str, Any]] = []
+    have_ngircd = os.path.exists(args.ngircd) and not args.skip_ngircd
+    if not have_ngircd and not args.skip_ngircd:
+        print(f"ngircd not found at {args.ngircd}: measuring chatproto only")
+    for members in sizes:
+        row: dict[str, dict[str, Any]] = {}
+        if not args.skip_chatproto:
+            with tempfile.TemporaryDirectory(prefix="irc-bench-") as tmp:
+                server: Server = ChatprotoServer(Path(tmp), members + 1, args.profile)
+                try:
+                    row["chatproto"] = run_workload(server, members, args.messages, args.window)
+                finally:
+                    server.stop()
+        if have_ngircd:
+            with tempfile.TemporaryDirectory(prefix="irc-bench-") as tmp:
+                server = NgircdServer(Path(tmp), args.ngircd)
+                try:
+                    row["ngircd"] = run_workload(server, members, args.messages, args.window)
+                finally:
+                    server.stop()
+        results.extend(row.values())
+        print(f"\nIRC fan-out: R={members} members, M={args.messages} messages, "
+              f"window {args.window}")
+        print(f"  {'server':<10} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'seconds':>8} {'server CPU s':>13} {'loadgen CPU s':>14}  complete")
+        for r in row.values():
+            print(f"  {r['server']:<10} {r['deliveries_per_s']:>13,} {r['p50_ms']:>8} "
+                  f"{r['p99_ms']:>8} {r['seconds']:>8} {r['server_cpu_s']:>13} "
+                  f"{r['loadgen_cpu_s']:>14}  {r['complete']}")
+        if "chatproto" in row and "ngircd" in row and row["ngircd"]["deliveries_per_s"]:
+            ratio = row["chatproto"]["deliveries_per_s"] / row["ngircd"]["deliveries_per_s"]
+            print(f"  ratio chatproto/ngircd: {ratio:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
