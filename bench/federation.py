@@ -189,10 +189,11 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
     n = args.pairs
     senders = [f"s{i}" for i in range(n)]
     receivers = [f"r{i}" for i in range(n)]
+    dest = a if args.local else b  # --local: the same load without federation
     await register_all(a.port, senders)
-    await register_all(b.port, receivers)
+    await register_all(dest.port, receivers)
     s_conns = await gather_bounded([lambda u=u: login(a.port, u) for u in senders], 16)
-    r_conns = await gather_bounded([lambda u=u: login(b.port, u) for u in receivers], 16)
+    r_conns = await gather_bounded([lambda u=u: login(dest.port, u) for u in receivers], 16)
     pad = "x" * max(0, args.body - 20)
     perf_ns = time.perf_counter_ns
     st: dict[str, Any] = {"measuring": False, "running": True, "delivered": 0, "acks": 0}
@@ -200,7 +201,7 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
     lat: list[int] = []
 
     def on_msg(m: dict[str, Any]) -> None:
-        if st["measuring"] and m["from"].endswith("@a.example"):
+        if st["measuring"] and m["from"].startswith("s"):
             st["delivered"] += 1
             lat.append(perf_ns() - int(m["body"].split(" ", 1)[0]))
 
@@ -232,7 +233,7 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
                 owed += per_tick
                 while owed >= 1:
                     owed -= 1
-                    send(s_conns[i % n], f"r{i % n}@b.example", False)
+                    send(s_conns[i % n], f"r{i % n}@{dest.name}", False)
                     i += 1
                 await asyncio.sleep(interval)
 
@@ -240,16 +241,18 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
     else:
         for i, c in enumerate(s_conns):
             for _ in range(args.window):
-                send(c, f"r{i}@b.example", True)
+                send(c, f"r{i}@{dest.name}", True)
 
     await asyncio.sleep(args.warmup)
     cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in (a, b) if r.proc}
+    cpu0["bench (load generator)"] = time.process_time()
     t0 = time.perf_counter()
     st["measuring"] = True
     await asyncio.sleep(args.duration)
     st["measuring"] = False
     elapsed = time.perf_counter() - t0
     cpu1 = {r.name: cpu_seconds(r.proc.pid) for r in (a, b) if r.proc}
+    cpu1["bench (load generator)"] = time.process_time()
     st["running"] = False
     if pacer is not None:
         await pacer
@@ -261,6 +264,7 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
     ms = [x / 1e6 for x in lat]
     return {
         "pairs": n,
+        "federated": not args.local,
         "window": None if args.rate else args.window,
         "offered_rate": args.rate or None,
         "synchronous": args.synchronous,
@@ -291,6 +295,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500, help="[federation] batch_size")
     p.add_argument("--fed-window", type=int, default=4, help="[federation] window")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
+    p.add_argument(
+        "--local", action="store_true", help="receivers on realm A too: the baseline"
+    )
     args = p.parse_args()
     raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="chatproto-bench-fed-"))

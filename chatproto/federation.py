@@ -649,7 +649,7 @@ class PeerLink:
         self.sent_items = 0
         self.rejected_items = 0
         self._reading = False
-        self._dirty = False
+        self._waiting = 0
         self._kicking = False
         self._penalty: Any = None
         self._penalty_level = 0
@@ -701,6 +701,7 @@ class PeerLink:
             self.last_error = ""
             self.sent_seq = self.acked_seq
             self.inflight.clear()
+            self._waiting = max(self._waiting, self.fed.cfg.batch_size)  # read what is queued
             self.log.info("federation: link to {realm} ready", realm=self.realm)
             self.fed.status_changed()
             self.pump()
@@ -784,34 +785,45 @@ class PeerLink:
 
     def wake(self) -> None:
         """New items were queued for this realm."""
-        self._dirty = True
+        self._waiting += 1
         self.pump()
 
     def pump(self) -> None:
-        """Send queued items while the window has room (one outbox read at a time)."""
+        """Send queued items while the window has room (one outbox read at a time).
+
+        While a transaction is unacknowledged, the next is sent only once a full batch
+        is waiting: under load items accumulate into large transactions (the peer
+        commits each in one go) instead of a stream of small ones, and an idle link
+        still sends a lone item at once.  ``_waiting`` counts items queued since the
+        last read (an estimate: wakes, or a full batch when the queue is unknown).
+        """
         proto = self.proto
-        if proto is None or self._reading or len(self.inflight) >= self.fed.cfg.window:
+        cfg = self.fed.cfg
+        if proto is None or self._reading or len(self.inflight) >= cfg.window:
+            return
+        if self._waiting <= 0 or (self.inflight and self._waiting < cfg.batch_size):
             return
         self._reading = True
-        self._dirty = False
-        d = self.fed.realm.store.outbox_read(self.realm, self.sent_seq, self.fed.cfg.batch_size)
+        counted = self._waiting
+        d = self.fed.realm.store.outbox_read(self.realm, self.sent_seq, cfg.batch_size)
 
         def got(rows: list[tuple[int, Any]]) -> None:
             self._reading = False
             if proto is not self.proto:  # the connection changed while reading
                 self.pump()
                 return
+            self._waiting -= counted  # what was queued during the read still counts
+            if len(rows) == cfg.batch_size:
+                self._waiting = max(self._waiting, cfg.batch_size)  # there may be more
             if rows:
                 first, last = rows[0][0], rows[-1][0]
                 txn = f"{first}-{last}"
-                proto.send(
-                    {"type": "txn", "id": txn, "items": [envelope_to_wire(e) for _, e in rows]}
-                )
+                items = [envelope_to_wire(e) for _, e in rows]
+                proto.send({"type": "txn", "id": txn, "items": items})
                 self.inflight.append((txn, last))
                 self.sent_seq = last
                 self.sent_items += len(rows)
-            if rows or self._dirty:
-                self.pump()
+            self.pump()
 
         def failed(f: Failure) -> None:
             self._reading = False

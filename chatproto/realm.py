@@ -347,6 +347,7 @@ class RealmService(Service):
         self._online: dict[str, list[Session]] = {}
         self._known_users: set[str] = set()
         self._addresses: dict[str, Address] = {}
+        self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
         self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user)
@@ -1070,12 +1071,12 @@ class RealmService(Service):
         if not isinstance(ts, int | float) or isinstance(ts, bool):
             raise ChatError("bad_request", "item ts must be a number")
         body = self._check_body(body)
-        sender = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
+        sender = self._parse(raw.get("from"), origin, False)
         to = raw.get("to")
         meta = raw.get("meta")
         fan: set[str] = set()
         if isinstance(to, str) and to.startswith("#"):
-            group = address.parse(to, self.realm, group=True)
+            group = self._parse(to, self.realm, True)
             recipient = str(group)
             if group.realm == origin:  # the group's home realm: authoritative for it
                 if kind == "event":
@@ -1107,7 +1108,7 @@ class RealmService(Service):
                 )
             if kind != "text" or meta is not None:
                 raise ChatError("bad_request", "a private item is plain text")
-            user = address.user(to, self.realm)  # type: ignore[arg-type]
+            user = self._parse(to, self.realm, False)
             if user.realm != self.realm:
                 raise ChatError("bad_address", f"{user} is not on this realm")
             if user.name not in self._known_users:
@@ -1123,6 +1124,18 @@ class RealmService(Service):
             meta=dict(meta) if isinstance(meta, dict) else None,
         )
         return env, fan
+
+    def _parse(self, text: Any, default_realm: str, group: bool) -> Address:
+        """:func:`address.parse`, cached by spelling (bounded): a peer's transactions
+        repeat the same few senders and recipients."""
+        key = (text, default_realm, group)
+        addr = self._parsed.get(key) if isinstance(text, str) else None
+        if addr is None:
+            addr = address.parse(text, default_realm, group=group)
+            if len(self._parsed) >= 65536:
+                self._parsed.clear()
+            self._parsed[key] = addr
+        return addr
 
     def _realms_of(self, users: Any) -> set[str]:
         """The other realms among ``users`` that this realm federates with."""

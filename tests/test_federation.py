@@ -492,6 +492,7 @@ def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
 
     out = Out()
     link.proto = out  # type: ignore[assignment]
+    link._waiting = 5  # five items queued (the realm's wakes while not connected)
     link.pump()
     assert [t["id"] for t in out.sent] == ["1-2", "3-4"]  # window of 2
     link.acked(out, "1-2", [])  # type: ignore[arg-type]
@@ -505,6 +506,7 @@ def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
     again = Out()
     link.proto = again  # type: ignore[assignment]
     link.sent_seq = link.acked_seq
+    link._waiting = fed.cfg.batch_size  # as when a connection becomes ready
     link.pump()
     assert [t["id"] for t in again.sent] == ["3-4", "5-5"]
 
