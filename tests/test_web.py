@@ -546,3 +546,137 @@ def test_web_tls_port_uses_the_tls_certificate(tmp_path: Any) -> None:
     cfg.web.tls_port = cfg.tls.port
     with pytest.raises(configmod.ConfigError, match="differ"):
         cfg.check()
+
+
+# files over HTTP --------------------------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def _upload(web: Web, cookie: str, to: str, data: bytes, name: str = "a b.bin", **kw: Any) -> Any:
+    import hashlib
+    from urllib.parse import urlencode
+
+    query = {"to": to, "name": name, "sha256": kw.pop("sha256", hashlib.sha256(data).hexdigest())}
+    response, body = yield web.request(
+        "POST",
+        "/files?" + urlencode(query),
+        data,
+        cookie=cookie,
+        ctype=kw.pop("ctype", "application/octet-stream"),
+        **kw,
+    )
+    return response, json.loads(body)
+
+
+@pytest_twisted.inlineCallbacks
+def test_upload_and_ranged_download_over_http(web: Web) -> Any:
+    ca = yield web.login("alice")
+    cb = yield web.login("bob")
+    yield web.login("eve")
+    ce = yield web.realm.issue_token("eve", PASSWORD)
+    data = bytes(range(256)) * 4000 + b"tail"  # 1 MB: several blocks, a temp-file body
+    response, res = yield _upload(
+        web, ca, "bob", data, name="report é.pdf", ctype="application/pdf"
+    )
+    assert response.code == 200, res
+    info = res["file"]
+    assert (info["size"], info["name"], info["to"]) == (len(data), "report é.pdf", "bob@localhost")
+    file_url = f"/files/{info['file']}"
+    # bob: the whole file, as an attachment that cannot run in the page's origin
+    response, body = yield web.request("GET", file_url, cookie=cb)
+    assert response.code == 200 and body == data
+    h = response.headers
+    assert h.getRawHeaders("content-type") == ["application/pdf"]
+    assert response.length == len(data)  # Content-Length (a connection header for Agent)
+    assert h.getRawHeaders("accept-ranges") == ["bytes"]
+    disposition = h.getRawHeaders("content-disposition")[0]
+    assert (
+        disposition.startswith("attachment;")
+        and "filename*=UTF-8''report%20%C3%A9.pdf" in disposition
+    )
+    assert h.getRawHeaders("content-security-policy") == ["sandbox; default-src 'none'"]
+    assert h.getRawHeaders("x-content-type-options") == ["nosniff"]
+    # ranges: a middle, an open end, a suffix; outside the file: 416
+    for header, want in (
+        ("bytes=10-19", data[10:20]),
+        (f"bytes={len(data) - 4}-", b"tail"),
+        ("bytes=-6", data[-6:]),
+    ):
+        web.agent = Agent(_reactor)
+        response, body = yield _get_range(web, file_url, cb, header)
+        assert response.code == 206 and body == want, header
+        first = len(data) - len(want) if header != "bytes=10-19" else 10
+        assert response.headers.getRawHeaders("content-range") == [
+            f"bytes {first}-{first + len(want) - 1}/{len(data)}"
+        ]
+    response, _ = yield _get_range(web, file_url, cb, f"bytes={len(data)}-")
+    assert response.code == 416
+    assert response.headers.getRawHeaders("content-range") == [f"bytes */{len(data)}"]
+    # the same permission checks as the native protocol: eve may not read it
+    response, body = yield web.request("GET", file_url, cookie=ce[0])
+    assert response.code == 404 and json.loads(body)["code"] == "no_such_file"
+    response, _ = yield web.request("GET", file_url)
+    assert response.code == 401
+    # the file message reached bob's WebSocket session like any other item
+    ws = yield web.websocket(cb)
+    yield ws.call("hello", version=1)
+    yield ws.call("login", since=0)
+    msg = yield ws.until(lambda f: f["type"] == "msg")
+    assert msg["kind"] == "file" and msg["meta"]["file_id"] == info["file"]
+
+
+@defer.inlineCallbacks
+def _get_range(web: Web, path: str, cookie: str, rng: str) -> Any:
+    headers = Headers({"cookie": [f"{SESSION_COOKIE}={cookie}"], "range": [rng]})
+    response = yield web.agent.request(b"GET", (web.base + path).encode(), headers)
+    body = yield readBody(response)
+    return response, body
+
+
+@pytest_twisted.inlineCallbacks
+def test_uploads_are_checked_like_native_ones(web: Web) -> Any:
+    ca = yield web.login("alice")
+    yield web.login("bob")
+    files = web.realm.files
+    files.config.max_file_size = 1000
+    # too large by Content-Length: refused before the body is read, nothing offered
+    response, res = yield _upload(web, ca, "bob", b"x" * 1001)
+    assert response.code == 413 and res["code"] == "too_large"
+    assert not files.uploads
+    # wrong digest: nothing stored
+    response, res = yield _upload(web, ca, "bob", b"hello", sha256="0" * 64)
+    assert response.code == 422 and res["code"] == "checksum_mismatch"
+    assert not files.uploads
+    # not logged in, foreign origin, unknown recipient, a group one is not in
+    response, res = yield _upload(web, "bogus", "bob", b"hello")
+    assert response.code == 401
+    response, res = yield _upload(web, ca, "bob", b"hello", origin="http://evil.example")
+    assert response.code == 403
+    response, res = yield _upload(web, ca, "nobody", b"hello")
+    assert response.code == 404 and res["code"] == "no_such_user"
+    yield web.realm.group_event_as("bob", "created", "#ops")
+    response, res = yield _upload(web, ca, "#ops", b"hello")
+    assert response.code == 403 and res["code"] == "not_member"
+    response, res = yield _upload(web, ca, "bob", b"hello", name="../etc/passwd")
+    assert response.code == 400 and res["code"] == "bad_request"
+    # quota: stored files count
+    files.config.quota_per_user = 8
+    response, res = yield _upload(web, ca, "bob", b"123456")
+    assert response.code == 200
+    response, res = yield _upload(web, ca, "bob", b"abcdef")
+    assert response.code == 413 and res["code"] == "quota_exceeded"
+    assert not files.uploads
+
+
+def test_parse_range() -> None:
+    from chatproto.web.site import RangeNotSatisfiable, parse_range
+
+    assert parse_range(None, 100) is None
+    assert parse_range(b"bytes=0-0", 100) == (0, 1)
+    assert parse_range(b"bytes=90-200", 100) == (90, 10)
+    assert parse_range(b"bytes=-200", 100) == (0, 100)
+    assert parse_range(b"bytes=1-2,5-6", 100) is None  # several ranges: the whole file
+    assert parse_range(b"items=1-2", 100) is None
+    for bad in (b"bytes=100-", b"bytes=5-4", b"bytes=-0"):
+        with pytest.raises(RangeNotSatisfiable):
+            parse_range(bad, 100)

@@ -9,7 +9,14 @@
   ``GET /api/session``: the browser's session, as JSON.  Login checks the password in
   the realm (same throttling as a native login) and puts the realm's session token in
   an ``HttpOnly``, ``SameSite=Strict`` cookie, so page scripts never hold a credential;
-- ``/ws``: the WebSocket gateway (:mod:`chatproto.web.gateway`).
+- ``/ws``: the WebSocket gateway (:mod:`chatproto.web.gateway`);
+- ``POST /files?to=...&name=...&sha256=...`` (the body is the file's bytes) and
+  ``GET /files/<file_id>`` (with ``Range``): file transfer over plain HTTP, through the
+  realm's file service (``realm.files``: its limits, quotas and permission checks).
+  An upload's size is checked from ``Content-Length`` before the body is read (a
+  refused body is discarded as it arrives, never stored); twisted.web keeps an accepted
+  body in a temporary file, from which it is copied to the realm block by block in a
+  thread.  A download streams the requested range from disk as the client reads it.
 
 Every response carries a strict Content-Security-Policy (scripts and styles from this
 origin only, no inline code, no framing) and ``nosniff``.  State-changing requests and
@@ -20,15 +27,17 @@ or ``[web] origins``).  The site translates; the realm decides.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from chatproto.config import Web
 from chatproto.errors import ChatError
@@ -73,6 +82,11 @@ _STATUS = {
     "not_member": 403,
     "no_such_user": 404,
     "no_such_group": 404,
+    "no_such_file": 404,
+    "no_such_upload": 404,
+    "quota_exceeded": 413,
+    "checksum_mismatch": 422,
+    "limit_reached": 429,
     "user_exists": 409,
     "too_large": 413,
     "rate_limited": 429,
@@ -278,6 +292,214 @@ class _Session(_Api):
         return {"user": f"{record.user}@{self.site.realm.realm}", "device": record.device}
 
 
+#: Bytes of an upload's body copied to the realm per step (read in a thread).
+UPLOAD_BLOCK = 256 * 1024
+
+#: Media types a download keeps; anything else is served as application/octet-stream.
+#: Every download is an attachment with a sandboxing CSP whatever its type.
+_SAFE_MEDIA = re.compile(
+    r"(image/(png|jpeg|gif|webp|avif)|audio/[a-z0-9.+-]+|video/[a-z0-9.+-]+"
+    r"|application/(pdf|zip|gzip|octet-stream)|text/plain)"
+)
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class RangeNotSatisfiable(Exception):
+    """A ``Range`` outside the file (HTTP 416)."""
+
+
+def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """The ``(offset, length)`` a ``Range`` header asks of ``size`` bytes.
+
+    ``None``: no usable range (absent, malformed, or several ranges: serve it all).
+    Raises :class:`RangeNotSatisfiable` (416).  Only single byte ranges are honoured.
+    """
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.decode("latin-1").strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable()
+        return max(0, size - n), min(n, size)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise RangeNotSatisfiable()
+    return start, end - start + 1
+
+
+def _disposition(name: str) -> bytes:
+    ascii_name = re.sub(r"[^A-Za-z0-9._ -]", "_", name) or "file"
+    return (
+        f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
+    ).encode("latin-1")
+
+
+def _content_length(request: Any) -> int | None:
+    raw = request.getHeader(b"content-length")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+class _Discard:
+    """The body of a refused upload: read from the network, thrown away."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class WebRequest(Request):
+    """A request whose upload limits are checked before its body is read."""
+
+    refused: tuple[int, str, str] | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        channel: Any = self.channel
+        site = getattr(channel, "site", None)
+        path = (getattr(channel, "_path", b"") or b"").split(b"?")[0]
+        method = getattr(channel, "_command", b"")
+        if isinstance(site, WebSite) and method == b"POST" and path.rstrip(b"/") == b"/files":
+            self.refused = site.upload_refusal(self, length)
+            if self.refused is not None:
+                self.content = _Discard()
+                return
+        super().gotLength(length)
+
+
+class _Files(_Api):
+    """``POST /files`` (upload) and ``GET /files/<file_id>`` (download, ranges)."""
+
+    def render_POST(self, request: Any) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        if request.postpath not in ([], [b""]):
+            return self._error(request, 404, "bad_request", "POST to /files")
+        refused = getattr(request, "refused", None)
+        if refused is None:  # not seen before the body (another request class)
+            refused = self.site.upload_refusal(request, _content_length(request))
+        if refused is not None:
+            return self._error(request, *refused)
+        return self._run(request, {})
+
+    def handle(self, request: Any, body: dict[str, Any] | None) -> Any:
+        user = self.site.user_of(request)
+        if user is None:
+            raise ChatError("auth_failed", "not logged in")
+        return self._upload(request, user)
+
+    @inlineCallbacks
+    def _upload(self, request: Any, user: str) -> Any:
+        files = self.site.realm.files
+
+        def arg(name: str) -> Any:
+            values = request.args.get(name.encode())
+            return values[0].decode("utf-8", "replace") if values else None
+
+        media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        size = _content_length(request)
+        if size is None:
+            raise ChatError("bad_request", "send Content-Length")
+        up = yield files.offer(
+            user,
+            arg("to"),
+            arg("name"),
+            size,
+            arg("sha256"),
+            media.decode("latin-1").lower() or None,
+        )
+        try:
+            offset = 0
+            content = request.content
+            content.seek(0)
+            while True:
+                data = yield files.store.run(content.read, UPLOAD_BLOCK)
+                if not data:
+                    break
+                yield files.write(user, up.upload_id, offset, data)
+                offset += len(data)
+            info, env = yield files.finish(user, up.upload_id)
+        except BaseException:
+            if up.upload_id in files.uploads:
+                files.cancel(user, up.upload_id).addErrback(lambda _: None)
+            raise
+        return {"file": info.to_wire(), "pos": env.pos, "msg_id": env.id}
+
+    def render_GET(self, request: Any) -> Any:
+        user = self.site.user_of(request)
+        if user is None:
+            return self._error(request, 401, "auth_failed", "not logged in")
+        if len(request.postpath) < 1 or not request.postpath[0]:
+            return self._error(request, 404, "no_such_file", "GET /files/<file id>")
+        file_id = request.postpath[0].decode("latin-1")
+        d = self._download(request, user, file_id)
+        d.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    @inlineCallbacks
+    def _download(self, request: Any, user: str, file_id: str) -> Any:
+        files = self.site.realm.files
+        info = yield files.info(user, file_id)
+        try:
+            wanted = parse_range(request.getHeader(b"range"), info.size)
+        except RangeNotSatisfiable:
+            request.setHeader(b"content-range", f"bytes */{info.size}".encode())
+            raise
+        offset, length = wanted if wanted is not None else (0, info.size)
+        download = yield files.open_download(user, file_id, offset, length)
+        media = info.media_type
+        if not _SAFE_MEDIA.fullmatch(media):
+            media = "application/octet-stream"
+        request.setHeader(b"content-type", media.encode())
+        request.setHeader(b"content-disposition", _disposition(info.name))
+        request.setHeader(b"content-security-policy", b"sandbox; default-src 'none'")
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"etag", f'"{info.sha256}"'.encode())
+        request.setHeader(b"cache-control", b"private, no-cache")
+        request.setHeader(b"content-length", str(length).encode())
+        if wanted is not None:
+            request.setResponseCode(206)
+            end = offset + length - 1
+            request.setHeader(b"content-range", f"bytes {offset}-{end}/{info.size}".encode())
+        if request.method == b"HEAD" or length == 0:
+            request.finish()
+            return
+        try:
+            yield download.start(request)
+        except Exception:
+            return  # the client went away: nothing to answer
+        if not request._disconnected and not request.finished:
+            request.finish()
+
+    def _failed(self, failure: Failure, request: Any) -> None:
+        if failure.check(RangeNotSatisfiable):
+            self._finish(
+                request,
+                416,
+                {"type": "error", "code": "bad_request", "message": "range not satisfiable"},
+            )
+            return
+        super()._failed(failure, request)
+
+    render_HEAD = render_GET
+
+
 class WebSite(Site):
     """The web listener of one realm (see the module docstring)."""
 
@@ -300,12 +522,35 @@ class WebSite(Site):
         api.putChild(b"session", _Session(self))
         root.putChild(b"api", api)
         root.putChild(b"ws", GatewayResource(self.ws))
+        root.putChild(b"files", _Files(self))
         self.root = root
-        super().__init__(root)
+        super().__init__(root, requestFactory=WebRequest)
         self.displayTracebacks = False
 
     def origin_ok(self, origin: Any, host: Any, secure: bool) -> bool:
         return origin_allowed(origin, host, secure, self.web.origins)
+
+    def user_of(self, request: Any) -> str | None:
+        """The canonical address the request's session cookie logs in, or None."""
+        addr = self.realm.token_user(self.token_of(request))
+        return None if addr is None else str(addr)
+
+    def upload_refusal(self, request: Any, length: int | None) -> tuple[int, str, str] | None:
+        """Why an upload is refused before its body is read (status, code, message),
+        from its headers alone: origin, session, Content-Length against the realm's
+        file size limit.  The quota and the recipient are the realm's to check."""
+        if not self.origin_ok(
+            request.getHeader(b"origin"), request.getHeader(b"host"), request.isSecure()
+        ):
+            return 403, "forbidden", "origin not allowed"
+        if self.user_of(request) is None:
+            return 401, "auth_failed", "not logged in"
+        if length is None:
+            return 411, "bad_request", "send Content-Length"
+        limit = self.realm.config.files.max_file_size
+        if length > limit:
+            return 413, "too_large", f"the file is {length} bytes; the limit is {limit}"
+        return None
 
     def token_of(self, request: Any) -> str | None:
         value = request.getCookie(SESSION_COOKIE.encode())

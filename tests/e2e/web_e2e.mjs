@@ -169,11 +169,23 @@ async function main() {
       const original = readFileSync(env.UPLOAD);
       const digest = createHash("sha256").update(original).digest("hex");
       await alice.page.click('#conversations li[data-addr="bob@localhost"]');
+      // the upload row (progress bar) comes and goes: record what it showed
+      await alice.page.evaluate(() => {
+        window.__progress = -1;
+        new MutationObserver(() => {
+          for (const p of document.querySelectorAll("#uploads progress")) {
+            window.__progress = Math.max(window.__progress, Number(p.value));
+          }
+        }).observe(document.querySelector("#uploads"), { subtree: true, childList: true, attributes: true });
+      });
       await alice.page.setInputFiles("#file-input", env.UPLOAD);
-      await alice.page.waitForSelector("#uploads progress");
-      await shot(alice, "05-alice-uploading");
       const link = '#messages li.msg .file a';
       await alice.page.waitForSelector(link);
+      check(await alice.page.evaluate(() => window.__progress) >= 0, "the upload showed a progress bar");
+      check(await alice.page.evaluate(() => document.querySelectorAll("#uploads .error").length === 0), "the upload succeeded");
+      await shot(alice, "05-alice-file-sent");
+      await bob.page.waitForSelector('#conversations li[data-addr="alice@localhost"] .badge');
+      await bob.page.click('#conversations li[data-addr="alice@localhost"]');
       await bob.page.waitForSelector(link);
       await shot(bob, "06-bob-file");
       const [download] = await Promise.all([bob.page.waitForEvent("download"), bob.page.click(link)]);

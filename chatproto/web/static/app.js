@@ -8,6 +8,8 @@
 // and are retried with it after a reconnect (the realm answers a repeated nonce with
 // the first send's result instead of storing it again).
 
+import { hashBlob } from "./sha256.js";
+
 const $ = (id) => document.getElementById(id);
 const HISTORY_PAGE = 50;
 
@@ -388,7 +390,7 @@ function renderFile(env) {
     box.append(el("span", { text: name }));
   }
   if (typeof f.size === "number") box.append(el("span", { class: "size", text: ` (${fmtSize(f.size)})` }));
-  if (env.body) box.append(el("div", { class: "body", text: env.body }));
+  if (env.body && env.body !== name) box.append(el("div", { class: "body", text: env.body }));
   return box;
 }
 
@@ -449,21 +451,31 @@ function fileUrl(env) {
   return `/files/${encodeURIComponent(f.file_id)}`;
 }
 
-function uploadFile(file) {
+async function uploadFile(file) {
   const to = state.active;
   if (!to) return;
-  const row = el("div", { class: "upload" }, el("span", { text: file.name }),
-    el("progress", { max: 100, value: 0 }), el("span", { class: "pct", text: "0%" }));
+  const bar = el("progress", { max: 100, value: 0 });
+  const pct = el("span", { class: "pct", text: "hashing…" });
+  const row = el("div", { class: "upload" }, el("span", { text: file.name }), bar, pct);
   $("uploads").append(row);
-  const bar = row.querySelector("progress");
-  const pct = row.querySelector(".pct");
+  const failed = (why) => {
+    pct.textContent = `failed: ${why}`;
+    row.classList.add("error");
+    setTimeout(() => row.remove(), 8000);
+  };
+  let sha256;
+  try {
+    // the realm checks the bytes against this digest before storing anything
+    sha256 = await hashBlob(file, (done) => { pct.textContent = `hashing ${Math.round((100 * done) / (file.size || 1))}%`; });
+  } catch (err) { failed(err.message); return; }
+  const type = /^[\w!#$&^.+-]+\/[\w!#$&^.+-]+$/.test(file.type) ? file.type : "application/octet-stream";
   const xhr = new XMLHttpRequest();
-  const params = new URLSearchParams({ to, name: file.name });
+  const params = new URLSearchParams({ to, name: file.name, sha256 });
   xhr.open("POST", `/files?${params}`);
-  xhr.setRequestHeader("Content-Type", "application/octet-stream");
+  xhr.setRequestHeader("Content-Type", type);
   xhr.upload.onprogress = (ev) => {
     if (ev.lengthComputable) {
-      const p = Math.round((100 * ev.loaded) / ev.total);
+      const p = Math.round((100 * ev.loaded) / (ev.total || 1));
       bar.value = p; pct.textContent = `${p}%`;
     }
   };
@@ -471,11 +483,10 @@ function uploadFile(file) {
     let data = {};
     try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
     if (xhr.status >= 200 && xhr.status < 300) { row.remove(); return; }
-    pct.textContent = `failed: ${data.message || xhr.statusText}`;
-    row.classList.add("error");
-    setTimeout(() => row.remove(), 8000);
+    failed(data.message || xhr.statusText);
   };
-  xhr.onerror = () => { pct.textContent = "failed: network error"; row.classList.add("error"); };
+  xhr.onerror = () => failed("network error");
+  pct.textContent = "0%";
   xhr.send(file);
 }
 
