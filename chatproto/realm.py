@@ -1111,9 +1111,7 @@ class RealmService(Service):
             user = self._parse(to, self.realm, False)
             if user.realm != self.realm:
                 raise ChatError("bad_address", f"{user} is not on this realm")
-            if user.name not in self._known_users:
-                raise ChatError("no_such_user", f"no user {user} on this realm")
-            recipient = str(user)
+            recipient = str(user)  # that the account exists is checked by the caller
         env = Envelope(
             id=mid,
             kind=kind,
@@ -1211,6 +1209,12 @@ class RealmService(Service):
                     yield self._remote_request(origin, raw)
                     continue
                 env, fan = self._remote_item(origin, raw)
+                if not env.recipient.startswith("#"):
+                    name = env.recipient.rpartition("@")[0]
+                    if name not in self._known_users:  # e.g. added by chatrealmctl
+                        if not (yield self.store.user_exists(name)):
+                            raise ChatError("no_such_user", f"no user {env.recipient} here")
+                        self._known_users.add(name)
                 batch.append(env)
                 outbox.extend((realm, env) for realm in sorted(fan))
             except ChatError as e:
@@ -1237,6 +1241,8 @@ class RealmService(Service):
             try:
                 for env in envs:
                     if not env.recipient.startswith("#"):
+                        if env.recipient in self._online:  # presence: a new partner
+                            self._partners.setdefault(env.recipient, set()).add(env.sender)
                         self._committed(None, env)
                     elif env.kind == "event":
                         before = self.groups.audience(env)

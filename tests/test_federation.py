@@ -623,3 +623,16 @@ realm = "c.example"
     assert "in 4.0s" in b_line and "Connection refused" in b_line
     c_line = next(line for line in lines if line.startswith("c.example"))
     assert c_line.split()[:4] == ["c.example", "0", "-", "up"]
+
+
+def test_recipient_created_behind_the_realms_back_is_found_in_the_store(
+    node: Any, certs: Any
+) -> None:
+    realm, fed, _ = node
+    realm.store.users["carol"] = "hash"  # as chatrealmctl adduser does, on the database
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(
+        hello() + frame({"type": "txn", "id": "1", "items": [item(1, to="carol@b.example")]})
+    )
+    assert frames(transport)[-1] == {"type": "ack", "id": "1"}
+    assert [e.body for e in realm.store.read_feed("carol@b.example", 0, 10).result] == ["m1"]

@@ -110,3 +110,70 @@ endpoint = "127.0.0.1:{a.fed_port}"
         yield alice.close()
     finally:
         yield a.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigkill_of_the_sending_realm_with_a_queue_then_restart(tmp_path: Any, spawner: Any) -> Any:
+    """a.example (a twistd process) accepts messages for b.example while b is down,
+    is killed with SIGKILL, then restarted: its outbox resumes on its own."""
+    certs = str(tmp_path / "certs")
+    a_paths = tls.write_dev_certs(certs, "a.example")
+    a_fed_port, b_fed_port = free_port(), free_port()
+    conf = tmp_path / "a.toml"
+    conf.write_text(
+        f"""[realm]
+name = "a.example"
+data_dir = {json.dumps(str(tmp_path / "a-data"))}
+listen = ["tcp:0:interface=127.0.0.1"]
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+[federation]
+enabled = true
+port = {a_fed_port}
+certificate = {json.dumps(a_paths["cert"])}
+private_key = {json.dumps(a_paths["key"])}
+ca = {json.dumps(a_paths["ca"])}
+retry_initial = 0.05
+retry_max = 0.5
+[[federation.peers]]
+realm = "b.example"
+endpoint = "127.0.0.1:{b_fed_port}"
+"""
+    )
+    listening = re.compile(r"chatrealm a\.example listening on 127\.0\.0\.1:(\d+) ")
+
+    @defer.inlineCallbacks
+    def start_a() -> Any:
+        proc = spawner([*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", str(conf)])
+        m = yield proc.wait_for(listening.pattern)
+        yield proc.wait_for(re.escape("realm a.example started"))
+        return proc, f"tcp:127.0.0.1:{m.group(1)}"
+
+    proc, server = yield start_a()
+    alice = yield client.connect(_reactor, server, "alice", PASSWORD, register=True)
+    sent = [f"queued {i}" for i in range(50)]
+    acks = []
+    for body in sent:  # b.example is down: each is acknowledged once in a's outbox
+        acks.append((yield alice.send("bob@b.example", body)))
+    proc.kill()
+    assert (yield proc.ended) == -signal.SIGKILL
+
+    b = Node(tmp_path, "b.example", certs)
+    b.cfg.federation.port = b_fed_port
+    b.build()
+    b.cfg.federation.peers.append(Peer("a.example", endpoint=f"127.0.0.1:{a_fed_port}"))
+    yield b.start()
+    try:
+        received: list[dict[str, Any]] = []
+        bob = yield client.connect(
+            _reactor, b.addr, "bob", PASSWORD, register=True, on_message=received.append
+        )
+        _proc2, _server2 = yield start_a()  # resumes its outbox; nobody sends anything
+        yield until(lambda: len(received) == 50, timeout=30)
+        assert [m["body"] for m in received] == sent
+        assert [m["msg_id"] for m in received] == [ack["msg_id"] for ack in acks]
+        yield bob.close()
+    finally:
+        yield b.stop()

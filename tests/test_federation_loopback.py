@@ -449,3 +449,48 @@ def test_a_group_spanning_three_realms(tmp_path: Any) -> Any:
     finally:
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_of_a_dm_partner_on_another_realm(two: Any) -> Any:
+    a, b = two
+    seen: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_presence=seen.append)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield alice.send("bob@b.example", "hi")
+    yield until(lambda: len(got) == 1, timeout=30)
+    yield bob.set_status("away", "lunch")
+    yield until(lambda: any(p.get("status") == "away" for p in seen), timeout=30)
+    assert {"type": "presence", "user": "bob@b.example", "status": "away", "text": "lunch"} in seen
+    yield bob.close()
+    yield until(lambda: seen[-1].get("status") == "offline", timeout=30)
+    assert seen[-1]["user"] == "bob@b.example"
+    yield alice.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_running_realm_writes_link_state_for_chatrealmctl_peers(
+    two: Any, tmp_path: Any, capsys: Any
+) -> Any:
+    import os
+
+    from chatproto import ctl
+    from chatproto.federation import STATUS_FILE
+
+    a, _b = two
+    path = os.path.join(a.cfg.data_dir, STATUS_FILE)
+
+    def ready() -> bool:
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            return '"state": "ready"' in f.read()
+
+    yield until(ready, timeout=30)
+    conf = tmp_path / "ctl.toml"
+    conf.write_text('[realm]\nname = "a.example"\n')
+    assert ctl.main(["--config", str(conf), "--data-dir", a.cfg.data_dir, "peers"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("b.example"))
+    assert line.split()[:5] == ["b.example", "0", "ready", "up", "0"]
