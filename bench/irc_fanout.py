@@ -234,7 +234,9 @@ class Conn:
         while needle not in data:
             chunk = self.sock.recv(65536)
             if not chunk:
-                sys.exit(f"{self.nick}: connection closed while waiting for {needle!r}: {data[-500:]!r}")
+                sys.exit(
+                    f"{self.nick}: connection closed while waiting for {needle!r}: {data[-500:]!r}"
+                )
             data = data[-4096:] + chunk
             if b"PING " in chunk:
                 for line in chunk.split(b"\r\n"):
@@ -296,9 +298,7 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
         elif sent < messages and sent - probe.count < window:
             k = min(window - (sent - probe.count), messages - sent, 200)
             now = time.perf_counter_ns()
-            pending = b"".join(
-                b"PRIVMSG #bench :%d %d\r\n" % (sent + j, now) for j in range(k)
-            )
+            pending = b"".join(b"PRIVMSG #bench :%d %d\r\n" % (sent + j, now) for j in range(k))
             sent += k
             continue
         for key, _ in sel.select(0.005):
@@ -390,14 +390,19 @@ def main() -> None:
                 finally:
                     server.stop()
         results.extend(row.values())
-        print(f"\nIRC fan-out: R={members} members, M={args.messages} messages, "
-              f"window {args.window}")
-        print(f"  {'server':<10} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'seconds':>8} {'server CPU s':>13} {'loadgen CPU s':>14}  complete")
+        print(
+            f"\nIRC fan-out: R={members} members, M={args.messages} messages, window {args.window}"
+        )
+        print(
+            f"  {'server':<10} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'seconds':>8} {'server CPU s':>13} {'loadgen CPU s':>14}  complete"
+        )
         for r in row.values():
-            print(f"  {r['server']:<10} {r['deliveries_per_s']:>13,} {r['p50_ms']:>8} "
-                  f"{r['p99_ms']:>8} {r['seconds']:>8} {r['server_cpu_s']:>13} "
-                  f"{r['loadgen_cpu_s']:>14}  {r['complete']}")
+            print(
+                f"  {r['server']:<10} {r['deliveries_per_s']:>13,} {r['p50_ms']:>8} "
+                f"{r['p99_ms']:>8} {r['seconds']:>8} {r['server_cpu_s']:>13} "
+                f"{r['loadgen_cpu_s']:>14}  {r['complete']}"
+            )
         if "chatproto" in row and "ngircd" in row and row["ngircd"]["deliveries_per_s"]:
             ratio = row["chatproto"]["deliveries_per_s"] / row["ngircd"]["deliveries_per_s"]
             print(f"  ratio chatproto/ngircd: {ratio:.2f}")

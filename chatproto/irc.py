@@ -467,6 +467,8 @@ class IRCProtocol(LineOnlyReceiver):
         self._write(_line(None, "ERROR", message))
         self.state = "closed"
         self.closed_at = self.factory.clock.seconds()
+        # A TLS transport shuts down only once no producer is registered.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # ISessionMind -------------------------------------------------------------------
@@ -1704,7 +1706,15 @@ class IRCFactory(Factory):
         if env.kind == "text":
             head = f"{source}PRIVMSG {target} :"
             body = env.body
-        else:  # files and kinds to come: a notice naming what it is
+        elif env.kind == "file":  # IRC cannot carry it: a notice saying how to fetch it
+            head = f"{source}NOTICE {target} :"
+            meta = env.meta or {}
+            body = (
+                f"[file] {meta.get('name', env.body)} ({meta.get('size', '?')} bytes, "
+                f"{meta.get('media_type', 'application/octet-stream')}): fetch it with a "
+                f"chatproto client, file id {meta.get('file_id', '?')}"
+            )
+        else:  # kinds to come: a notice naming what it is
             head = f"{source}NOTICE {target} :"
             body = f"[{env.kind}] {env.body}".strip()
         hb = head.encode("utf-8")

@@ -571,3 +571,60 @@ def test_any_input_never_crashes(data: bytes) -> None:
     c.proto.dataReceived(data + b"\r\n")
     out = c.transport.value()
     assert b" 400 " not in out  # never an internal error
+
+
+def test_file_items_become_notices(factory: IRCFactory, realm: RealmService) -> None:
+    from chatproto.envelope import Envelope, new_message_id
+
+    b = login(factory, "bob")
+    meta = {
+        "file_id": "F1",
+        "sha256": "00",
+        "size": 12,
+        "name": "a.txt",
+        "media_type": "text/plain",
+    }
+    env = Envelope(new_message_id(), "file", "carol@localhost", "bob@localhost", 0.0, "a.txt", meta)
+    realm.commit_item(env)
+    assert b.lines() == [
+        ":carol!carol@localhost NOTICE bob :[file] a.txt (12 bytes, text/plain): "
+        "fetch it with a chatproto client, file id F1"
+    ]
+
+
+def test_chathistory(factory: IRCFactory) -> None:
+    a = login(factory, "alice", caps="batch server-time message-tags draft/chathistory")
+    b = login(factory, "bob")
+    for i in range(5):
+        b.send(f"PRIVMSG alice :m{i}")
+    a.lines()
+    a.send("CHATHISTORY LATEST bob * 3")
+    lines = a.lines()
+    assert lines[0].startswith(":localhost BATCH +") and lines[0].endswith(" chathistory bob")
+    ref = lines[0].split("+")[1].split()[0]
+    body = lines[1:-1]
+    assert [line.rsplit(":", 1)[1] for line in body] == ["m2", "m3", "m4"]
+    assert all(line.startswith(f"@batch={ref};time=") and ";msgid=" in line for line in body)
+    assert lines[-1] == f":localhost BATCH -{ref}"
+    first = body[0].split("msgid=")[1].split()[0]
+    a.send(f"CHATHISTORY BEFORE bob msgid={first} 10")
+    assert [line.rsplit(":", 1)[1] for line in a.lines()[1:-1]] == ["m0", "m1"]
+    a.send(f"CHATHISTORY AFTER bob msgid={first} 1")
+    assert [line.rsplit(":", 1)[1] for line in a.lines()[1:-1]] == ["m3"]
+    a.send(
+        "CHATHISTORY AROUND bob * 3",
+        "CHATHISTORY LATEST bob timestamp=2020-01-01T00:00:00.000Z 3",
+        "CHATHISTORY LATEST bob * 0",
+        "CHATHISTORY BEFORE bob * 3",
+        "CHATHISTORY LATEST nobody@x@y * 3",
+        "CHATHISTORY LATEST #nochan * 3",
+    )
+    codes = [p[1] for c, p in a.commands()]
+    assert codes == [
+        "INVALID_PARAMS",
+        "INVALID_MSGREFTYPE",
+        "INVALID_PARAMS",
+        "INVALID_PARAMS",
+        "INVALID_TARGET",
+        "INVALID_TARGET",
+    ]

@@ -233,3 +233,52 @@ def test_twistd_wiring_serves_irc(tmp_path: Any) -> Any:
         yield client.lost
     finally:
         yield top.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_irc_over_tls_with_the_realm_certificate(tmp_path: Any) -> Any:
+    """IRC over TLS (an ssl: description in irc.listen; irc.tls_port adds the same
+    description for the realm's certificate), verified against the dev CA."""
+    import json
+
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import wrapClientTLS
+
+    from chatproto import tap
+    from chatproto.tls import server_description, write_dev_certs
+
+    certs = write_dev_certs(str(tmp_path / "tls"), "localhost")
+    path = tmp_path / "realm.toml"
+    path.write_text(
+        FAST_AUTH
+        + f"[realm]\ndata_dir = {json.dumps(str(tmp_path / 'd'))}\n"
+        + 'listen = ["tcp:0:interface=127.0.0.1"]\n'
+        + f"[tls]\ncertificate = {json.dumps(certs['cert'])}\n"
+        + f"private_key = {json.dumps(certs['key'])}\nport = 0\n"
+        + "[irc]\nenabled = true\ntls_port = 0\n"
+        + f"listen = {json.dumps([server_description(certs['cert'], certs['key'], 0)])}\n"
+    )
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(path)])
+    assert opts.realm_config.irc_descriptions()[0].startswith("ssl:0:")
+    top, realm = tap.build(opts.realm_config, _reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        [irc_listener] = [
+            s
+            for s in top
+            if isinstance(s, tap.ListenerService) and isinstance(s.factory, IRCFactory)
+        ]
+        yield realm.create_user("alice", PW)
+        with open(certs["ca"], "rb") as f:
+            ca = ssl.Certificate.loadPEM(f.read())
+        options = ssl.optionsForClientTLS("localhost", trustRoot=ca)
+        port = irc_listener.port.getHost().port
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(_reactor, "127.0.0.1", port))
+        client = yield endpoint.connect(protocol.Factory.forProtocol(lambda: Client("alice", PW)))
+        yield client.signed_on
+        client.quit()
+        yield client.lost
+    finally:
+        yield top.stopService()
