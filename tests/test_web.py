@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
@@ -680,3 +682,41 @@ def test_parse_range() -> None:
     for bad in (b"bytes=100-", b"bytes=5-4", b"bytes=-0"):
         with pytest.raises(RangeNotSatisfiable):
             parse_range(bad, 100)
+
+
+# decoders of untrusted input: a value or a clean refusal, never a crash ---------------
+
+
+@given(st.binary(max_size=40), st.integers(min_value=0, max_value=10**6))
+def test_parse_range_never_crashes(header: bytes, size: int) -> None:
+    from chatproto.web.site import RangeNotSatisfiable, parse_range
+
+    try:
+        got = parse_range(header, size)
+    except RangeNotSatisfiable:
+        return
+    if got is not None:
+        offset, length = got
+        assert 0 <= offset and 1 <= length and offset + length <= size
+
+
+@given(st.one_of(st.none(), st.binary(max_size=80), st.text(max_size=80)))
+def test_cookie_value_never_crashes(header: Any) -> None:
+    value = cookie_value(header)
+    assert value is None or (isinstance(value, str) and value)
+
+
+@given(st.binary(max_size=200))
+def test_websocket_text_of_any_bytes_is_answered_cleanly(payload: bytes) -> None:
+    """What a browser may send as one text message goes through the native decoder:
+    an answer or a clean close, never an unhandled exception."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    realm = make_test_realm(Clock())
+    proto: Any = WebSessionFactory(realm).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.stringReceived(payload)
+    out = frames(transport)
+    assert out and all(f["type"] in ("result", "error") for f in out)

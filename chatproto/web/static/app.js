@@ -228,7 +228,10 @@ function onMsg(env) {
   const visible = addr === state.active && document.visibilityState === "visible";
   if (!visible && env.from !== state.me) conv.unread++;
   renderConversations();
-  if (addr === state.active) renderMessages({ stick: true });
+  if (addr === state.active) {
+    renderMessages({ stick: true });
+    if (env.kind === "event" && state.live) loadGroupInfo(conv);
+  }
 }
 
 function onSynced(pos) {
@@ -239,6 +242,8 @@ function onSynced(pos) {
   saveConversations();
   renderConversations();
   flushOutbox();
+  // a status lasts while the user has a session: after a reconnect, set it again
+  if ($("status").value !== "online") request("set_status", { status: $("status").value }).catch(() => {});
   if (state.active) openConversation(state.active);
 }
 
@@ -355,8 +360,18 @@ function renderHeader() {
   $("conv-title").title = addr || "";
   let info = "";
   if (addr && !addr.startsWith("#")) info = state.presence.get(addr) || "offline";
-  else if (addr) info = "group";
+  else if (addr) {
+    const g = getConversation(addr).info;
+    info = g ? `${g.members} member${g.members === 1 ? "" : "s"}${g.topic ? ` · ${g.topic}` : ""}` : "group";
+  }
   $("conv-info").textContent = info;
+}
+
+async function loadGroupInfo(conv) {
+  try {
+    conv.info = await request("group_info", { group: conv.addr });
+    if (conv.addr === state.active) renderHeader();
+  } catch { /* not a member (any more), or offline: keep the plain header */ }
 }
 
 function describeEvent(env) {
@@ -440,6 +455,7 @@ function openConversation(addr) {
   renderHeader();
   renderMessages();
   if (!conv.historyLoaded && state.live) loadHistory(conv, false);
+  if (conv.group && state.live) loadGroupInfo(conv);
   $("text").focus();
 }
 
