@@ -48,6 +48,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IConsumer,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -64,8 +65,9 @@ from zope.interface import implementer
 from chatproto import address, wire
 from chatproto.config import DEFAULT_FEDERATION_PORT, Federation
 from chatproto.envelope import Envelope
-from chatproto.errors import ChatError, FatalProtocolError
+from chatproto.errors import CODES, ChatError, FatalProtocolError
 from chatproto.tls import fingerprint
+from chatproto.transfer import BLOCK
 
 __all__ = [
     "FEDERATION_VERSION",
@@ -408,6 +410,10 @@ class InboundProtocol(_Link):
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._busy = False
         self._timeout: Any = None
+        #: The file being fetched from the peer: (request id, blob, Deferred).
+        self._fetching: tuple[int, Any, Deferred[None]] | None = None
+        self._fetches = 0
+        self._reading_paused = False
 
     def connectionMade(self) -> None:
         fed = self.factory.fed
@@ -431,6 +437,9 @@ class InboundProtocol(_Link):
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+        fetching, self._fetching = self._fetching, None
+        if fetching is not None:
+            fetching[2].errback(ConnectionError("the link closed during a file fetch"))
         if self.peer_realm is not None:
             self.log.info(
                 "federation: inbound link from {peer} closed: {reason}",
@@ -505,7 +514,7 @@ class InboundProtocol(_Link):
         self._busy = True
         fed = self.factory.fed
         assert self.peer_realm is not None
-        d = fed.realm.receive_remote(self.peer_realm, req["items"])
+        d = fed.realm.receive_remote(self.peer_realm, req["items"], fetch=self.fetch)
 
         def done(rejected: list[dict[str, Any]]) -> None:
             self._busy = False
@@ -526,6 +535,60 @@ class InboundProtocol(_Link):
                 self.transport.loseConnection()
 
         d.addCallbacks(done, failed)
+
+    # fetching a file's bytes from the peer (see RealmService.receive_remote) ----------
+
+    def fetch(self, file_id: str, blob: Any) -> Deferred[None]:
+        """Ask the peer for the bytes of ``file_id`` (a file item of the transaction
+        being stored) and write them to ``blob``; fires when all have arrived."""
+        self._fetches += 1
+        d: Deferred[None] = Deferred()
+        self._fetching = (self._fetches, blob, d)
+        self.send({"type": "fetch", "id": self._fetches, "file": file_id})
+        return d
+
+    def stringReceived(self, payload: bytes) -> None:
+        if payload[:1] != b"\x00":
+            _Link.stringReceived(self, payload)
+            return
+        if self.closed:
+            return
+        fetching = self._fetching
+        if fetching is None:
+            self.fail("bad_frame", "a data frame with no fetch in progress")
+            return
+        try:
+            written = fetching[1].write(payload[1:])
+        except ChatError as e:
+            self.fail(e.code, e.message)
+            return
+        if fetching[1].writer.pending > 4 * BLOCK and not self._reading_paused:
+            self._reading_paused = True  # the disk is behind: stop reading the peer
+            self.transport.pauseProducing()
+            written.addBoth(self._resume_reading)
+
+    def _resume_reading(self, result: Any) -> Any:
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        return result
+
+    def _fetch_reply(self, req: dict[str, Any]) -> tuple[Any, Deferred[None]]:
+        fetching = self._fetching
+        if fetching is None or req.get("id") != fetching[0]:
+            raise FatalProtocolError("bad_request", "a reply to no fetch in progress")
+        self._fetching = None
+        return fetching[1], fetching[2]
+
+    def handle_fetched(self, req: dict[str, Any]) -> None:
+        _blob, d = self._fetch_reply(req)
+        d.callback(None)
+
+    def handle_fetch_error(self, req: dict[str, Any]) -> None:
+        _blob, d = self._fetch_reply(req)
+        code = req.get("code")
+        code = code if code in CODES else "internal_error"
+        d.errback(ChatError(code, str(req.get("message"))[:200]))
 
     def handle_presence(self, req: dict[str, Any]) -> None:
         if self.state != "ready":
@@ -555,6 +618,7 @@ class OutboundProtocol(_Link):
         #: Fires when the peer welcomed us (cancelled when ClientService gives up).
         self.welcomed: Deferred[OutboundProtocol] = Deferred()
         self._welcome_seen = False
+        self._serving = False
 
     def connectionMade(self) -> None:
         link = self.factory.link
@@ -602,10 +666,68 @@ class OutboundProtocol(_Link):
             return
         self.welcomed.callback(self)
 
+    def handle_fetch(self, req: dict[str, Any]) -> None:
+        """The peer stores a file item we sent and wants its bytes: stream them as
+        data frames, then ``fetched`` (or ``fetch_error``).  The realm's file service
+        decides what the peer may read."""
+        if not self._welcome_seen:
+            raise FatalProtocolError("bad_request", "fetch before welcome")
+        rid = req.get("id")
+        if self._serving or not isinstance(rid, int) or isinstance(rid, bool):
+            raise FatalProtocolError("bad_request", "one fetch at a time, with an integer id")
+        self._serving = True
+        files = self.factory.link.fed.realm.files
+        d = files.serve_remote(self.factory.link.realm, req.get("file"))
+        d.addCallback(lambda download: download.start(_DataFrames(self)))
+
+        def done(_: object) -> None:
+            self._serving = False
+            self.send({"type": "fetched", "id": rid})
+
+        def failed(f: Failure) -> None:
+            self._serving = False
+            if f.check(ChatError):
+                err = f.value
+                assert isinstance(err, ChatError)
+                self.send(
+                    {"type": "fetch_error", "id": rid, "code": err.code, "message": err.message}
+                )
+            elif not self.closed:
+                self.log.failure("federation: serving a file to {peer}", f, peer=self.peer_realm)
+                self.send(
+                    {
+                        "type": "fetch_error",
+                        "id": rid,
+                        "code": "internal_error",
+                        "message": "not read",
+                    }
+                )
+
+        d.addCallbacks(done, failed)
+
     def handle_ack(self, req: dict[str, Any]) -> None:
         if not self._welcome_seen:
             raise FatalProtocolError("bad_request", "ack before welcome")
         self.factory.link.acked(self, req.get("id"), req.get("rejected") or [])
+
+
+@implementer(IConsumer)
+class _DataFrames:
+    """An IConsumer writing what it is given as binary frames (``0x00`` + bytes) on a
+    link; the producer is registered on the link's transport (flow control)."""
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.link.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.link.transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if not self.link.closed:
+            self.link.sendString(b"\x00" + data)
 
 
 class OutboundFactory(Factory):

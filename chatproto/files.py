@@ -49,6 +49,7 @@ __all__ = [
     "FileInfo",
     "FileService",
     "FileStore",
+    "RemoteBlob",
     "Upload",
 ]
 
@@ -443,7 +444,8 @@ class FileService:
             if user not in realm.groups.get(addr).members:
                 raise ChatError("not_member", f"you are not a member of {addr}")
             return addr
-        resolved = realm._local_user(to)
+        # A user on another realm (federation): that realm fetches the bytes from here.
+        resolved = realm._local_user(to, remote_ok=True)
         if isinstance(resolved, Deferred):
             return resolved.addCallback(str)
         return str(resolved)
@@ -640,6 +642,35 @@ class FileService:
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
         return Download(self.store, info, offset, length)
 
+    # federation ---------------------------------------------------------------------
+
+    @inlineCallbacks
+    def serve_remote(self, realm: str, file_id: Any) -> Any:
+        """A :class:`Download` of a whole file for peer ``realm``, which fetches the
+        bytes of a ``file`` message this realm sent to one of its users.  Any other
+        file is ``no_such_file``: a peer reads only what was sent to it."""
+        if not isinstance(file_id, str) or not _ID.fullmatch(file_id):
+            raise ChatError("no_such_file", "no such file")
+        rec = yield self.realm.store.file_info(file_id)
+        if rec is None:
+            raise ChatError("no_such_file", f"no file {file_id} (or it expired)")
+        info = FileInfo(**rec)
+        if info.recipient.startswith("#") or info.recipient.rpartition("@")[2] != realm:
+            raise ChatError("no_such_file", f"no file {file_id} for {realm}")
+        if not (yield self.store.has_blob(info.sha256)):
+            raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
+        return Download(self.store, info, 0, info.size)
+
+    def receive_blob(self, sha256: str, size: int) -> RemoteBlob:
+        """Somewhere to write the bytes of a file another realm sends (federation);
+        ``too_large`` past this realm's ``max_file_size``."""
+        if size > self.config.max_file_size:
+            raise ChatError(
+                "too_large",
+                f"{size} bytes; this realm takes files up to {self.config.max_file_size}",
+            )
+        return RemoteBlob(self, sha256, size)
+
     # clean-up -----------------------------------------------------------------------
 
     @inlineCallbacks
@@ -676,6 +707,61 @@ class FileService:
                 blobs=removed,
             )
         return {"uploads": len(idle), "blobs": removed}
+
+
+class RemoteBlob:
+    """The bytes of a file fetched from another realm: written to a partial file,
+    then verified and stored as a blob like an upload's (:meth:`finish`).
+
+    :meth:`finish` leaves the blob lock held, so that the clean-up cannot remove the
+    new blob before its message is committed: call :meth:`release` after that.
+    """
+
+    def __init__(self, files: FileService, sha256: str, size: int) -> None:
+        self.files = files
+        self.sha256 = sha256
+        self.size = size
+        self.upload_id = "fed-" + _new_id()
+        self.writer = SerialWriter(files.store.run, files.store.part_path(self.upload_id))
+        self.received = 0
+        self._locked = False
+
+    def write(self, data: bytes) -> Deferred[int]:
+        self.received += len(data)
+        if self.received > self.size:
+            raise ChatError("too_large", f"more than the announced {self.size} bytes")
+        return self.writer.write(data)
+
+    @inlineCallbacks
+    def finish(self) -> Any:
+        """Verify (``incomplete``, ``checksum_mismatch``) and store the bytes."""
+        try:
+            yield self.writer.drained()
+            if self.writer.failed is not None:
+                raise ChatError("internal_error", "the bytes could not be written")
+            if self.writer.offset != self.size:
+                raise ChatError(
+                    "incomplete", f"{self.writer.offset} of {self.size} bytes", offset=0
+                )
+            digest = yield self.writer.digest()
+            if digest != self.sha256:
+                raise ChatError("checksum_mismatch", f"the bytes have sha256 {digest}")
+        except BaseException:
+            yield self.abort()
+            raise
+        yield self.files._blob_lock.acquire()
+        self._locked = True
+        yield self.files.store.commit(self.upload_id, self.sha256)
+
+    def abort(self) -> Deferred[None]:
+        d = self.writer.drained()
+        d.addCallback(lambda _: self.files.store.discard(self.upload_id))
+        return d
+
+    def release(self) -> None:
+        if self._locked:
+            self._locked = False
+            self.files._blob_lock.release()
 
 
 def _info(env: Envelope) -> FileInfo:

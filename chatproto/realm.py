@@ -14,6 +14,7 @@ nothing is lost and nothing is sent twice.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -42,7 +43,7 @@ from chatproto.errors import ChatError
 from chatproto.files import FileService
 from chatproto.groups import EVENTS, Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
-from chatproto.store import IStore
+from chatproto.store import FILE_META, IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
 __all__ = [
@@ -334,9 +335,7 @@ class RealmService(Service):
         self._password_checker = StoreChecker(store, self.hasher)
         #: Session tokens of browser logins (see chatproto.tokens and chatproto.web).
         self.tokens = Tokens(self.clock, config.web.session_ttl)
-        self.portal = Portal(
-            _CredRealm(self), [self._password_checker, TokenChecker(self.tokens)]
-        )
+        self.portal = Portal(_CredRealm(self), [self._password_checker, TokenChecker(self.tokens)])
         a = config.auth
         self._account_throttle = FailureThrottle(
             a.free_failures_per_account, a.failure_delay, a.max_failure_delay, a.failure_window
@@ -548,8 +547,12 @@ class RealmService(Service):
         except UnauthorizedLogin:
             self._login_failed(key, peer)
         self._account_throttle.succeeded(key)
-        self.log.info("session token for {user} ({device}) from {peer}",
-                      user=f"{name}@{self.realm}", device=device, peer=peer)
+        self.log.info(
+            "session token for {user} ({device}) from {peer}",
+            user=f"{name}@{self.realm}",
+            device=device,
+            peer=peer,
+        )
         return self.tokens.issue(name, device), Address(name, self.realm)
 
     def token_user(self, token: str | None) -> Address | None:
@@ -1066,7 +1069,7 @@ class RealmService(Service):
         mid, kind, ts, body = raw.get("id"), raw.get("kind"), raw.get("ts"), raw.get("body")
         if not isinstance(mid, str) or not 0 < len(mid) <= 64:
             raise ChatError("bad_request", "item id must be a string of 1-64 characters")
-        if kind not in ("text", "event"):
+        if kind not in ("text", "event", "file"):
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
         if not isinstance(ts, int | float) or isinstance(ts, bool):
             raise ChatError("bad_request", "item ts must be a number")
@@ -1078,6 +1081,8 @@ class RealmService(Service):
         if isinstance(to, str) and to.startswith("#"):
             group = self._parse(to, self.realm, True)
             recipient = str(group)
+            if kind == "file":
+                raise ChatError("bad_request", "files in groups are not federated")
             if group.realm == origin:  # the group's home realm: authoritative for it
                 if kind == "event":
                     if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
@@ -1106,8 +1111,12 @@ class RealmService(Service):
                 raise ChatError(
                     "forged_sender", f"{origin} may not carry messages from {sender} (its realm)"
                 )
-            if kind != "text" or meta is not None:
-                raise ChatError("bad_request", "a private item is plain text")
+            if kind == "file":
+                meta = _file_meta(meta)
+                if body != meta["name"]:
+                    raise ChatError("bad_request", "a file item's body is its name")
+            elif kind != "text" or meta is not None:
+                raise ChatError("bad_request", "a private item is text or a file")
             user = self._parse(to, self.realm, False)
             if user.realm != self.realm:
                 raise ChatError("bad_address", f"{user} is not on this realm")
@@ -1188,7 +1197,7 @@ class RealmService(Service):
         return self.store.outbox_enqueue(home, [request]).addCallback(queued)
 
     @inlineCallbacks
-    def receive_remote(self, origin: str, items: Sequence[Any]) -> Any:
+    def receive_remote(self, origin: str, items: Sequence[Any], fetch: Any = None) -> Any:
         """Store the items of one transaction from peer realm ``origin``, then route
         them like local items (feeds, positions, offline delivery); apply requests
         (a remote user joining one of our groups...) in order with them.
@@ -1196,6 +1205,11 @@ class RealmService(Service):
         Items already stored (same id: a retried transaction) are skipped.  Items that
         break a rule are not stored: fires, after the commit, with one
         ``{"id", "code", "message"}`` per rejected item (the peer logs them).
+
+        A ``file`` item is stored once its bytes are here: ``fetch(file_id, blob)``
+        (from the link the item came on) streams them from ``origin`` into a
+        :class:`chatproto.files.RemoteBlob` and fires when they are all written, so
+        recipients always download from their own realm.
         """
         rejected: list[dict[str, Any]] = []
         batch: list[Envelope] = []
@@ -1215,6 +1229,12 @@ class RealmService(Service):
                         if not (yield self.store.user_exists(name)):
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
                         self._known_users.add(name)
+                if env.kind == "file":
+                    if batch:
+                        yield self._store_remote(batch, outbox)
+                        batch, outbox = [], []
+                    yield self._store_remote_file(origin, env, fetch)
+                    continue
                 batch.append(env)
                 outbox.extend((realm, env) for realm in sorted(fan))
             except ChatError as e:
@@ -1232,6 +1252,33 @@ class RealmService(Service):
         if batch:
             yield self._store_remote(batch, outbox)
         return rejected
+
+    @inlineCallbacks
+    def _store_remote_file(self, origin: str, env: Envelope, fetch: Any) -> Any:
+        meta = env.meta or {}
+        if (yield self.store.file_info(meta["file_id"])) is not None:
+            return  # stored already (a retried transaction)
+        if fetch is None:
+            raise ChatError("bad_request", "files cannot be fetched over this link")
+        blob = self.files.receive_blob(meta["sha256"], meta["size"])
+        try:
+            try:
+                yield fetch(meta["file_id"], blob)
+            except BaseException:
+                yield blob.abort()
+                raise
+            yield blob.finish()
+            yield self._store_remote([env], [])
+        finally:
+            blob.release()
+        self.log.info(
+            "file {file} ({size} bytes) from {origin} for {to} at {pos}",
+            file=meta["file_id"],
+            size=meta["size"],
+            origin=origin,
+            to=env.recipient,
+            pos=env.pos,
+        )
 
     def _store_remote(
         self, batch: list[Envelope], outbox: list[tuple[str, Envelope]]
@@ -1310,6 +1357,10 @@ class RealmService(Service):
         then route it like a message; fires with it once committed."""
         if env.recipient.startswith("#"):
             return self.store.append([env]).addCallback(self._committed_group, env)
+        home = env.recipient.rpartition("@")[2]
+        if home != self.realm:  # a file for a user on another realm, which fetches it
+            d = self.store.append([env], [(home, env)]).addCallback(self._committed, env)
+            return d.addCallback(self._wake, home)
         return self.store.append([env]).addCallback(self._committed, env)
 
     def _committed(self, _: object, env: Envelope) -> Envelope:
@@ -1409,6 +1460,26 @@ class RealmService(Service):
 def _check_device(device: Any) -> None:
     if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
         raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_meta(meta: Any) -> dict[str, Any]:
+    """The ``meta`` of a ``file`` item from another realm, checked (``bad_request``)."""
+    if not isinstance(meta, dict) or set(meta) != set(FILE_META):
+        raise ChatError("bad_request", f"a file item's meta has exactly {', '.join(FILE_META)}")
+    fid, sha, size = meta["file_id"], meta["sha256"], meta["size"]
+    if not isinstance(fid, str) or not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", fid):
+        raise ChatError("bad_request", "bad file_id")
+    if not isinstance(sha, str) or not _SHA256_HEX.fullmatch(sha):
+        raise ChatError("bad_request", "sha256 must be 64 lower-case hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ChatError("bad_request", "size must be a non-negative integer")
+    texts = (meta["name"], meta["media_type"])
+    if not all(isinstance(t, str) and 0 < len(t) <= 255 for t in texts):
+        raise ChatError("bad_request", "name and media_type must be strings")
+    return dict(meta)
 
 
 def check_password(password: Any) -> None:

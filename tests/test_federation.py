@@ -367,7 +367,7 @@ def test_misbehaving_peer_is_refused_for_a_while(node: Any, certs: Any) -> None:
 def test_flood_of_unacknowledged_transactions(node: Any, certs: Any) -> None:
     realm, fed, _ = node
     pending: Deferred[list[Any]] = Deferred()
-    realm.receive_remote = lambda origin, items: pending  # storage is slow
+    realm.receive_remote = lambda origin, items, fetch=None: pending  # storage is slow
     proto, transport = connect(fed, certs["a.example"]["cert"])
     proto.dataReceived(hello())
     for i in range(MAX_INFLIGHT):
@@ -636,3 +636,55 @@ def test_recipient_created_behind_the_realms_back_is_found_in_the_store(
     )
     assert frames(transport)[-1] == {"type": "ack", "id": "1"}
     assert [e.body for e in realm.store.read_feed("carol@b.example", 0, 10).result] == ["m1"]
+
+
+def test_bytes_fetched_from_a_peer_are_verified(node: Any) -> None:
+    import hashlib
+
+    from chatproto.errors import ChatError
+
+    realm, _, _ = node
+    files = realm.files
+    data = b"the real bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ChatError) as e:
+        files.receive_blob(sha, files.config.max_file_size + 1)
+    assert e.value.code == "too_large"
+    blob = files.receive_blob(sha, len(data))
+    with pytest.raises(ChatError) as e:
+        blob.write(data + b"!")  # more than announced
+    assert e.value.code == "too_large"
+    blob = files.receive_blob(sha, len(data))
+    blob.write(b"other bytes!!!")
+    failure = blob.finish()
+    assert failure.result.value.code == "checksum_mismatch"  # type: ignore[attr-defined]
+    failure.addErrback(lambda f: None)
+    blob = files.receive_blob(sha, len(data))
+    blob.write(data[:5])
+    failure = blob.finish()
+    assert failure.result.value.code == "incomplete"  # type: ignore[attr-defined]
+    failure.addErrback(lambda f: None)
+    blob = files.receive_blob(sha, len(data))
+    blob.write(data)
+    blob.finish()
+    blob.release()
+    assert files.store.has_blob(sha).result  # type: ignore[attr-defined]
+
+
+def test_file_items_from_a_peer_are_checked(node: Any, certs: Any) -> None:
+    _, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    meta = {"file_id": "f" * 20, "sha256": "a" * 64, "size": 3, "name": "x", "media_type": "a/b"}
+    bad = [
+        {**item(1), "kind": "file", "body": "x", "meta": {**meta, "sha256": "nothex"}},
+        {**item(2), "kind": "file", "body": "y", "meta": meta},  # body is not the name
+        {**item(3), "kind": "file", "body": "x", "meta": {**meta, "extra": 1}},
+        {**item(4), "kind": "file", "body": "x", "meta": meta, "to": "#g@b.example"},
+    ]
+    proto.dataReceived(hello() + frame({"type": "txn", "id": "t", "items": bad}))
+    ack = frames(transport)[-1]
+    assert [r["code"] for r in ack["rejected"]] == ["bad_request"] * 4
+    # a data frame with no fetch in progress is a protocol error
+    proto.dataReceived(struct.pack("!I", 4) + b"\x00abc")
+    assert frames(transport)[-1]["code"] == "bad_frame"
+    assert transport.disconnecting

@@ -494,3 +494,64 @@ def test_running_realm_writes_link_state_for_chatrealmctl_peers(
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("b.example"))
     assert line.split()[:5] == ["b.example", "0", "ready", "up", "0"]
+
+
+# files across realms ----------------------------------------------------------------------
+
+
+class Collect:
+    """An IConsumer collecting a download."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+@defer.inlineCallbacks
+def upload(node: Any, sender: str, to: str, data: bytes) -> Any:
+    import hashlib
+
+    files = node.realm.files
+    up = yield files.offer(sender, to, "photo.jpg", len(data), hashlib.sha256(data).hexdigest())
+    for i in range(0, len(data), 65536):
+        yield files.write(sender, up.upload_id, i, data[i : i + 65536])
+    result = yield files.finish(sender, up.upload_id)
+    return result
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_file_across_realms_is_downloaded_from_the_recipients_realm(two: Any) -> Any:
+    import os
+
+    a, b = two
+    got: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    data = os.urandom(700_000)  # several data frames
+    info, _ = yield upload(a, "alice@a.example", "bob@b.example", data)
+    yield until(lambda: len(got) == 1, timeout=30)
+    msg = got[0]
+    assert msg["kind"] == "file" and msg["from"] == "alice@a.example"
+    assert msg["meta"]["file_id"] == info.file_id and msg["meta"]["size"] == len(data)
+    # bob downloads from his own realm, which fetched and verified the bytes
+    download = yield b.realm.files.open_download("bob@b.example", info.file_id)
+    sink = Collect()
+    yield download.start(sink)
+    assert sink.data == data
+    # a peer may fetch only files sent to its users
+    from chatproto.errors import ChatError
+
+    with pytest.raises(ChatError) as refused:
+        yield a.realm.files.serve_remote("c.example", info.file_id)
+    assert refused.value.code == "no_such_file"
+    yield drained(a)
+    yield alice.close()
+    yield bob.close()

@@ -107,6 +107,8 @@ class MemoryStore:
             if env.id not in self._ids:
                 self._store(env)
                 stored.append(env)
+                if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
+                    self.files[env.meta["file_id"]] = file_record(env)  # bytes fetched
         self._queue([(r, e) for r, e in outbox if e in stored])
         return succeed(stored)
 

@@ -302,11 +302,17 @@ class SQLiteDB:
         return out
 
     def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
+        """Insert items from another realm, skipping ids stored already.  A ``file``
+        item among them is recorded too: federation stores it only once its bytes
+        have been fetched to this realm."""
         c = self.conn
         out: list[int | None] = []
         for p in self._params(batch):
             row = c.execute(self._INSERT_REMOTE, p).fetchone()
             out.append(row[0] if row else None)
+        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind == "file" and pos]
+        if files:
+            self._index_files([e for e, _ in files], [pos for _, pos in files if pos])
         return out
 
     _INSERT_FILE = (
@@ -315,8 +321,7 @@ class SQLiteDB:
     )
 
     def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
-        """Record the file of each local ``file`` item (with its message's position);
-        items from other realms name files stored there, not here."""
+        """Record the file of each ``file`` item (with its message's position)."""
         rows = []
         for env, pos in zip(batch, positions, strict=True):
             if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
