@@ -900,8 +900,10 @@ class IRCProtocol(LineOnlyReceiver):
                     f"SASL authentication failed: {err.message}, "
                     f"retry after {err.extra.get('retry_after', 1)} s",
                 )
-            else:
+            elif err.code == "auth_failed":
                 ctx.num("904", "SASL authentication failed")
+            else:  # too_many_sessions, a bad device...: say what the realm said
+                ctx.num("904", f"SASL authentication failed: {err.message}")
 
         return self._login(authcid, password, ok, failed)
 
@@ -965,8 +967,11 @@ class IRCProtocol(LineOnlyReceiver):
                     f"Password incorrect ({err.message}, retry after "
                     f"{err.extra.get('retry_after', 1)} s)",
                 )
-            else:
+            elif err.code == "auth_failed":
                 self._direct.num("464", "Password incorrect")
+            else:  # the password was right, the login still refused (too_many_sessions)
+                self.close_with(f"Access denied: {err.message}")
+                return
             self.close_with("Access denied: bad password")
 
         self._login(account, password, lambda s: self._welcome(), failed)
@@ -1653,7 +1658,6 @@ class IRCFactory(Factory):
                 f"CHANNELLEN={1 + address.MAX_NAME + 1 + address.MAX_REALM}",
                 "CHANTYPES=#",
                 f"CHATHISTORY={lim.history_page}",
-                "ELIST=",
                 f"KICKLEN={MAX_TOPIC}",
                 "MODES=4",
                 "MSGREFTYPES=msgid",

@@ -628,3 +628,54 @@ def test_chathistory(factory: IRCFactory) -> None:
         "INVALID_TARGET",
         "INVALID_TARGET",
     ]
+
+
+def test_too_many_sessions_is_not_a_bad_password(clock: Clock) -> None:
+    realm = make_realm(clock)
+    realm.config.limits.max_sessions_per_user = 1
+    f = IRCFactory(realm, clock)
+    login(f, "alice")
+    c = Conn(f)
+    c.send(f"PASS {PW}", "NICK alice", "USER u 0 * :R")
+    (line,) = c.lines()
+    assert line.startswith("ERROR :Access denied: ") and "sessions" in line
+    c = Conn(f)
+    c.send("CAP LS 302", "CAP REQ sasl", "AUTHENTICATE PLAIN")
+    c.lines()
+    c.send("AUTHENTICATE " + sasl_plain("alice", PW))
+    (line,) = c.lines()
+    assert " 904 " in line and "sessions" in line
+
+
+def test_roles_join_zero_delete_and_events_in_backlog(
+    factory: IRCFactory, realm: RealmService, clock: Clock
+) -> None:
+    a = login(factory, "alice", caps="server-time")
+    b = login(factory, "bob")
+    a.send("JOIN #r")
+    b.send("JOIN #r")
+    a.lines()
+    b.lines()
+    a.send("MODE #r +q bob")
+    assert b.lines() == [":alice!alice@localhost MODE #r +q bob"]
+    assert a.lines()[0].endswith(":alice!alice@localhost MODE #r +q bob")  # server-time tag
+    a.send("MODE #r -o bob")  # owners may change any role: back to member
+    assert b.lines() == [":alice!alice@localhost MODE #r -qo bob bob"]
+    a.lines()
+    # bob leaves while alice is away; alice sees it in her backlog, with its time.
+    a.send("QUIT")
+    a.proto.connectionLost(None)
+    clock.advance(5)
+    b.send("TOPIC #r :set while away", "JOIN 0")
+    assert [n for n, _ in b.commands()] == ["482", "PART"]  # a member may not set the topic
+    a2 = Conn(factory)
+    a2.send("CAP LS 302", "CAP REQ server-time", f"PASS {PW}", "NICK alice", "USER u 0 * :R")
+    a2.send("CAP END")
+    cmds = [irc.parse_line(line) for line in a2.lines()]
+    assert (cmds[-1][1], cmds[-1][2]) == ("PART", ["#r", "left"])
+    assert cmds[-1][0]["time"].startswith("1970-01-01T00:00:05")
+    # deleting the group (natively) kicks the IRC owner out of the channel
+    realm._online["alice@localhost"][0].group_event("deleted", "#r")
+    assert a2.commands() == [("KICK", ["#r", "alice", "the channel was deleted"])]
+    a2.send("PRIVMSG #r :x")
+    assert a2.numerics() == ["403"]
