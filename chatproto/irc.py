@@ -212,7 +212,13 @@ def _line(source: str | None, command: str, *params: str) -> bytes:
         ):
             last = ":" + last
         parts.append(last)
-    return (" ".join(parts)).encode("utf-8", "replace") + _CRLF
+    data = " ".join(parts).encode("utf-8", "replace")
+    if len(data) > MAX_LINE - 2:  # RFC 1459 limit: truncate (a long topic, a long reason)
+        cut = MAX_LINE - 2
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a character
+            cut -= 1
+        data = data[:cut]
+    return data + _CRLF
 
 
 def _with_tag(line: bytes, tag: bytes) -> bytes:

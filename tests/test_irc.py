@@ -497,6 +497,20 @@ def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmServ
     assert ":bob!bob@localhost AWAY :gone" in a.lines()
 
 
+def test_outgoing_lines_stay_within_512_bytes(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    a.send("JOIN #t")
+    a.lines()
+    topic = "ü" * 400  # 800 bytes of UTF-8: the realm allows it, IRC lines cannot hold it
+    factory.realm._online["alice@localhost"][0].group_event("topic", "#t", topic=topic)
+    (line,) = a.lines()
+    assert len(line.encode()) + 2 <= 512
+    assert line.startswith(":alice!alice@localhost TOPIC #t :üü")
+    a.send("TOPIC #t")
+    (line,) = a.lines()
+    assert len(line.encode()) + 2 <= 512 and line.endswith("ü")
+
+
 def test_deleted_and_bad_channels(factory: IRCFactory) -> None:
     a = login(factory, "alice")
     a.send("JOIN nochan", "PART #nope", "TOPIC #nope", "JOIN #bad!name")
@@ -679,3 +693,27 @@ def test_roles_join_zero_delete_and_events_in_backlog(
     assert a2.commands() == [("KICK", ["#r", "alice", "the channel was deleted"])]
     a2.send("PRIVMSG #r :x")
     assert a2.numerics() == ["403"]
+
+
+COMMANDS = sorted(irc._HANDLERS) + ["FOO"]
+WORDS = st.sampled_from(
+    ["#dev", "#nope", "alice", "bob", "*", "+o", "-b", "+b", "+q", "-i", "b", "0", "",
+     "msgid=1", "LATEST", "BEFORE", "PLAIN", "+", "LS", "REQ", "END", "x" * 40, ":", "a/b.c"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(COMMANDS), st.lists(WORDS, max_size=4), WORDS),
+                max_size=8))  # fmt: skip
+def test_any_command_sequence_never_crashes(script: list[tuple[str, list[str], str]]) -> None:
+    """Structured fuzzing: every handler with odd parameters answers, never fails."""
+    clock = Clock()
+    realm = make_realm(clock)
+    f = IRCFactory(realm, clock)
+    other = login(f, "bob")
+    other.send("JOIN #dev")
+    c = login(f, "alice", caps="labeled-response batch echo-message message-tags")
+    for command, middle, trailing in script:
+        c.send(" ".join(["@label=L", command, *[w for w in middle if w]]) + " :" + trailing)
+    out = c.transport.value() + other.transport.value()
+    assert b" 400 " not in out, out  # never an internal error

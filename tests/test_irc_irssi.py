@@ -114,6 +114,8 @@ def test_irssi_in_tmux(tmp_path: Any) -> Any:
         # A channel: irssi creates it, bob joins natively, both talk.
         tmux.keys("/join #e2e")
         yield until(lambda: "#e2e@localhost" in realm.groups.groups, timeout=20)
+        # irssi's channel sync (MODE, WHO, ban list) gets every reply it waits for.
+        yield until(lambda: "Join to #e2e was synced" in tmux.screen(), timeout=20)
         yield bob.join("#e2e@localhost")
         yield until(lambda: "bob" in tmux.screen() and "has joined" in tmux.screen(), timeout=20)
         tmux.keys("hello from irssi")
