@@ -533,8 +533,12 @@ class IRCProtocol(LineOnlyReceiver):
 
     def _ack(self) -> None:
         self._ack_call = None
-        if self.session is not None and not self.session.closed:
-            self.session.ack(self.session._last)
+        if self.session is None or self.session.closed:
+            return
+        if self._paused:  # still queued on our side: acknowledge once the client reads
+            self._written()
+            return
+        self.session.ack(self.session._last)
 
     def flush(self) -> None:
         """Write the lines held during a delivery burst."""

@@ -399,6 +399,11 @@ def test_login_joins_member_channels_and_replays_backlog(factory: IRCFactory, cl
     assert len(replay) == 2 and all(line.startswith("@time=") for line in replay)
     assert replay[0].endswith("PRIVMSG #dev :while you were out")
     assert replay[1].endswith("PRIVMSG bob :a dm")
+    # Not acknowledged while the client is not reading what was written.
+    b2.proto.pauseProducing()
+    clock.advance(irc.ACK_DELAY * 3)
+    assert factory.realm.store.acks.get(("bob@localhost", irc.DEVICE), 0) < b2.proto.session._last
+    b2.proto.resumeProducing()
     # Acked after the delay: a third login replays nothing.
     clock.advance(irc.ACK_DELAY + 0.1)
     b2.proto.connectionLost(None)
@@ -625,6 +630,12 @@ def test_chathistory(factory: IRCFactory) -> None:
     assert [line.rsplit(":", 1)[1] for line in a.lines()[1:-1]] == ["m0", "m1"]
     a.send(f"CHATHISTORY AFTER bob msgid={first} 1")
     assert [line.rsplit(":", 1)[1] for line in a.lines()[1:-1]] == ["m3"]
+    b.send("JOIN #h")
+    a.send("JOIN #h")
+    b.send("PRIVMSG #h :in the group")
+    a.lines()
+    a.send("CHATHISTORY LATEST #h * 10")
+    assert [line.rsplit(" :", 1)[1] for line in a.lines()[1:-1]] == ["in the group"]
     a.send(
         "CHATHISTORY AROUND bob * 3",
         "CHATHISTORY LATEST bob timestamp=2020-01-01T00:00:00.000Z 3",
@@ -695,7 +706,7 @@ def test_roles_join_zero_delete_and_events_in_backlog(
     assert a2.numerics() == ["403"]
 
 
-COMMANDS = sorted(irc._HANDLERS) + ["FOO"]
+COMMANDS = [*sorted(irc._HANDLERS), "FOO"]
 WORDS = st.sampled_from(
     ["#dev", "#nope", "alice", "bob", "*", "+o", "-b", "+b", "+q", "-i", "b", "0", "",
      "msgid=1", "LATEST", "BEFORE", "PLAIN", "+", "LS", "REQ", "END", "x" * 40, ":", "a/b.c"]
