@@ -720,3 +720,14 @@ def test_websocket_text_of_any_bytes_is_answered_cleanly(payload: bytes) -> None
     proto.stringReceived(payload)
     out = frames(transport)
     assert out and all(f["type"] in ("result", "error") for f in out)
+
+
+def test_autobahn_keeps_its_own_quiet_logger() -> None:
+    """autobahn logs every frame at debug level through ``self.log``; that must stay
+    txaio's logger (a no-op below its level), not a twisted Logger that formats and
+    writes each call to the realm's log."""
+    from chatproto.web.gateway import ChatWebSocket
+
+    proto = ChatWebSocket()
+    assert type(proto.log).__module__.startswith("txaio")
+    assert proto.log.debug.__name__ == "_no_op"

@@ -162,14 +162,16 @@ class ChatWebSocket(WebSocketServerProtocol):
     """One browser connection: checks Origin, then relays text messages to a
     :class:`WebSessionProtocol` and its frames back."""
 
-    log = Logger()
+    #: Not ``log``: that is autobahn's txaio logger, whose per-frame debug calls are
+    #: no-ops below its level (a twisted Logger there would format every one of them).
+    _log = Logger()
     factory: ChatWebSocketFactory
     session: WebSessionProtocol | None = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         secure = ISSLTransport.providedBy(self.transport)
         if not self.factory.origin_ok(request.origin, request.headers.get("host"), secure):
-            self.log.info(
+            self._log.info(
                 "websocket from {peer}: origin {origin!r} refused",
                 peer=request.peer,
                 origin=request.origin,
@@ -224,6 +226,9 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxMessagePayloadSize=2 * max_frame,
             maxFramePayloadSize=2 * max_frame,
+            # the native decoder checks UTF-8 (bad_frame) as it parses the JSON, so
+            # autobahn's own incremental check would only do the work twice
+            utf8validateIncoming=False,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
         )
