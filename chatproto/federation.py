@@ -63,7 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto import address, wire
-from chatproto.config import DEFAULT_FEDERATION_PORT, Federation
+from chatproto.config import DEFAULT_FEDERATION_PORT, ConfigError, Federation
 from chatproto.envelope import Envelope
 from chatproto.errors import CODES, ChatError, FatalProtocolError
 from chatproto.tls import fingerprint
@@ -170,18 +170,28 @@ class FederationTLS:
     """
 
     def __init__(self, cfg: Federation) -> None:
-        with open(cfg.certificate, "rb") as f:
-            cert_pem = f.read()
+        """Raises :class:`chatproto.config.ConfigError` for files that cannot be used
+        (unreadable, not PEM, a key that is not the certificate's, a bad CA bundle)."""
         key_path = cfg.private_key or cfg.certificate
-        with open(key_path, "rb") as f:
-            key_pem = f.read()
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
-        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
-        ctx.check_privatekey()
+        try:
+            with open(cfg.certificate, "rb") as f:
+                cert_pem = f.read()
+            with open(key_path, "rb") as f:
+                key_pem = f.read()
+            ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
+            ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
+            ctx.check_privatekey()
+        except (OSError, crypto.Error, SSL.Error) as e:
+            raise ConfigError(
+                f"federation: cannot use certificate {cfg.certificate} with key {key_path}: {e}"
+            ) from None
         if cfg.ca:
-            ctx.load_verify_locations(cfg.ca.encode())
+            try:
+                ctx.load_verify_locations(cfg.ca.encode())
+            except (OSError, SSL.Error) as e:
+                raise ConfigError(f"federation.ca {cfg.ca}: not a PEM CA bundle ({e})") from None
         ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
         ctx.set_session_id(b"chatproto-federation")
         self.context = ctx

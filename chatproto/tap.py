@@ -84,6 +84,10 @@ class Options(usage.Options):
             if self["no-register"]:
                 cfg.auth.allow_registration = False
             cfg.check()
+            if cfg.federation.enabled:  # a key that does not fit is reported here
+                from chatproto.federation import FederationTLS
+
+                FederationTLS(cfg.federation)
             self.plugins = extensions.load_all(cfg.plugins)
         except configmod.ConfigError as e:
             raise usage.UsageError(f"configuration: {e}") from None

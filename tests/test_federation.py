@@ -688,3 +688,32 @@ def test_file_items_from_a_peer_are_checked(node: Any, certs: Any) -> None:
     proto.dataReceived(struct.pack("!I", 4) + b"\x00abc")
     assert frames(transport)[-1]["code"] == "bad_frame"
     assert transport.disconnecting
+
+
+def test_twistd_options_report_a_key_that_does_not_fit(certs: Any, tmp_path: Path) -> None:
+    from twisted.python import usage
+
+    from chatproto import tap
+
+    a, b = certs["a.example"], certs["b.example"]
+    conf = tmp_path / "realm.toml"
+    conf.write_text(
+        f"""[realm]
+name = "a.example"
+data_dir = {json.dumps(str(tmp_path / "d"))}
+[federation]
+enabled = true
+certificate = {json.dumps(a["cert"])}
+private_key = {json.dumps(b["key"])}
+ca = {json.dumps(a["ca"])}
+"""
+    )
+    with pytest.raises(usage.UsageError, match="cannot use certificate"):
+        tap.Options().parseOptions(["--config", str(conf)])
+    conf.write_text(conf.read_text().replace(b["key"], a["key"]))
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(conf)])
+    from twisted.internet import reactor
+
+    top, realm = tap.build(opts.realm_config, reactor)
+    assert top.getServiceNamed("federation").realm is realm
