@@ -12,8 +12,9 @@ receiver counts the PRIVMSG lines it gets.  Printed per server:
 - deliveries/s: R * M / (time of the last delivery - time of the first send);
 - p50/p99 latency (ms): for each read of each receiver, the age of the newest message in
   that read (send time to receipt);
-- server CPU seconds used during the run (``/proc/PID/stat``), and the ratio
-  chatproto/ngircd of deliveries/s.
+- server CPU seconds used during the run (``/proc/PID/stat``) and deliveries per server
+  CPU second (less sensitive to other load on the machine than deliveries/s), and the
+  ratios chatproto/ngircd of both.
 
 chatproto runs as ``twistd -n chatrealm`` with ``[irc] enabled`` (flood limit off,
 ``limits.send_rate`` 1e9, ``storage.synchronous = NORMAL``: every message is still
@@ -353,6 +354,7 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
         "p50_ms": round(pct(0.50), 2),
         "p99_ms": round(pct(0.99), 2),
         "server_cpu_s": round(cpu, 2),
+        "deliveries_per_cpu_s": round(total / cpu) if cpu > 0 else 0,
         "loadgen_cpu_s": round(me, 2),
     }
 
@@ -395,17 +397,22 @@ def main() -> None:
         )
         print(
             f"  {'server':<10} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'seconds':>8} {'server CPU s':>13} {'loadgen CPU s':>14}  complete"
+            f"{'seconds':>8} {'server CPU s':>13} {'per CPU s':>10} {'loadgen CPU s':>14}  complete"
         )
         for r in row.values():
             print(
                 f"  {r['server']:<10} {r['deliveries_per_s']:>13,} {r['p50_ms']:>8} "
                 f"{r['p99_ms']:>8} {r['seconds']:>8} {r['server_cpu_s']:>13} "
+                f"{r['deliveries_per_cpu_s']:>10,} "
                 f"{r['loadgen_cpu_s']:>14}  {r['complete']}"
             )
         if "chatproto" in row and "ngircd" in row and row["ngircd"]["deliveries_per_s"]:
             ratio = row["chatproto"]["deliveries_per_s"] / row["ngircd"]["deliveries_per_s"]
-            print(f"  ratio chatproto/ngircd: {ratio:.2f}")
+            c, n = row["chatproto"]["deliveries_per_cpu_s"], row["ngircd"]["deliveries_per_cpu_s"]
+            print(
+                f"  ratio chatproto/ngircd: {ratio:.2f} (deliveries/s), "
+                f"{c / n if n else 0:.2f} (deliveries per server CPU second)"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
