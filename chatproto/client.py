@@ -23,6 +23,8 @@ acknowledged (coalesced, one ack per reactor turn).
 
 from __future__ import annotations
 
+import mimetypes
+import os
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -32,27 +34,32 @@ from twisted.application.internet import ClientService
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproto import wire
+from chatproto import transfer, wire
 
 __all__ = [
     "ChatClientService",
+    "ChecksumMismatch",
     "ClientProtocol",
     "Connection",
     "RemoteError",
+    "TransferInterrupted",
     "WatchedEndpoint",
     "connect",
     "endpoint_for",
 ]
 
 MessageCallback = Callable[[dict[str, Any]], Any]
+#: ``progress(done, total)``: bytes of a transfer done so far, and its size.
+ProgressCallback = Callable[[int, int], Any]
 PresenceCallback = Callable[[dict[str, Any]], Any]
 
 
@@ -68,6 +75,81 @@ class RemoteError(Exception):
 
 class ConnectionDone(Exception):
     """The connection closed before the request was answered."""
+
+
+class TransferInterrupted(ConnectionDone):
+    """A file transfer stopped with its connection.
+
+    For an upload, ``upload`` is the id to pass as ``resume=`` to
+    :meth:`Connection.send_file` on a new connection; a download resumes by calling
+    :meth:`Connection.download` again with the same path (its ``.part`` file is kept).
+    ``done`` is how many bytes had been sent or received.
+    """
+
+    def __init__(self, message: str, upload: str | None = None, done: int = 0) -> None:
+        super().__init__(message)
+        self.upload = upload
+        self.done = done
+
+
+class ChecksumMismatch(Exception):
+    """A downloaded file's sha256 is not the one the realm announced (the partial
+    file was removed)."""
+
+
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file (blocking: run it in a thread)."""
+    return str(transfer.hash_file(path).hexdigest())
+
+
+class _Receiver:
+    """One download on a connection: data frames -> a ``.part`` file, in order."""
+
+    def __init__(
+        self,
+        proto: ClientProtocol,
+        stream: int,
+        path: str,
+        offset: int,
+        length: int,
+        progress: ProgressCallback | None,
+        total: int,
+    ) -> None:
+        self.proto = proto
+        self.stream = stream
+        self.writer = transfer.SerialWriter(proto.run, path, offset)
+        self.expected = offset
+        self.end = offset + length
+        self.progress = progress
+        self.total = total
+        self.done: Deferred[None] = Deferred()
+        if length == 0:
+            self.done.callback(None)
+
+    def data(self, offset: int, data: bytes) -> None:
+        if self.done.called:
+            return
+        if offset != self.expected or offset + len(data) > self.end:
+            self.fail(RemoteError("bad_offset", f"data at {offset}, expected {self.expected}"))
+            return
+        self.expected += len(data)
+        d = self.writer.write(data)
+        self.proto._reading_backlog(len(data))
+        d.addBoth(self._written, len(data))
+
+    def _written(self, result: Any, n: int) -> None:
+        self.proto._reading_backlog(-n)
+        if isinstance(result, Failure):
+            self.fail(result)
+            return
+        if self.progress is not None:
+            self.progress(result, self.total)
+        if result >= self.end and not self.done.called:
+            self.done.callback(None)
+
+    def fail(self, reason: Any) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
 
 
 def endpoint_for(
@@ -137,6 +219,7 @@ class WatchedEndpoint:
         return self.inner.connect(_Factory())  # type: ignore[arg-type]
 
 
+@implementer(IPushProducer)
 class ClientProtocol(Int32StringReceiver):
     """The client side of the wire protocol: requests with ids, and pushed frames."""
 
@@ -169,9 +252,88 @@ class ClientProtocol(Int32StringReceiver):
         #: True from the moment the connection is lost
         self.lost = False
         self.closed_d: Deferred[None] = Deferred()
+        #: File transfers: upload sinks and download receivers by stream number.
+        self._sinks: dict[int, transfer.DataSink] = {}
+        self._receivers: dict[int, _Receiver] = {}
+        self._upload_errors: dict[int, RemoteError] = {}
+        self._out_paused = False
+        self._backlog = 0
+        self._backlog_paused = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run blocking file work in the reactor's thread pool."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def connectionMade(self) -> None:
         self.connected_d.callback(self)
+
+    # IPushProducer (for uploads) --------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._out_paused = True
+        for sink in list(self._sinks.values()):
+            sink.pause()
+
+    def resumeProducing(self) -> None:
+        self._out_paused = False
+        for sink in list(self._sinks.values()):
+            if not self._out_paused:
+                sink.resume()
+
+    def stopProducing(self) -> None:
+        for sink in list(self._sinks.values()):
+            sink.stop()
+
+    def _reading_backlog(self, n: int) -> None:
+        """Download bytes waiting for the disk: stop reading the socket past 4 MiB."""
+        self._backlog += n
+        if self._backlog > 4 * 1024 * 1024 and not self._backlog_paused:
+            self._backlog_paused = True
+            self.transport.pauseProducing()
+        elif self._backlog_paused and self._backlog <= 1024 * 1024:
+            self._backlog_paused = False
+            if not self.lost and not self.paused:
+                self.transport.resumeProducing()
+
+    def upload(
+        self,
+        stream: int,
+        path: str,
+        offset: int,
+        length: int,
+        chunk: int,
+        progress: ProgressCallback | None = None,
+        total: int = 0,
+    ) -> Deferred[int]:
+        """Send ``length`` bytes of ``path`` from ``offset`` as data frames of stream
+        ``stream``, paced by the transport; fires with the bytes sent."""
+        if not self._sinks:
+            # This connection is the streaming producer of its output while uploads
+            # run (they stop reading their files while the transport's buffer is
+            # full); only then, since a TLS transport with a producer registered
+            # does not close until it is unregistered.
+            self._out_paused = False
+            self.transport.registerProducer(self, True)
+        sink = transfer.DataSink(self.transport.write, wire.OP_UPLOAD, stream, offset, chunk)
+        sink.paused = self._out_paused
+        if progress is not None:
+            inner = sink.write
+
+            def write(data: bytes) -> None:
+                inner(data)
+                progress(sink.offset, total)
+
+            sink.write = write  # type: ignore[method-assign]
+        self._sinks[stream] = sink
+        producer = transfer.RangeProducer(self.run, path, offset, length)
+
+        def done(result: Any) -> Any:
+            self._sinks.pop(stream, None)
+            if not self._sinks and not self.lost:
+                self.transport.unregisterProducer()
+            return result
+
+        return producer.start(sink).addBoth(done)
 
     def request(self, type_: str, **fields: Any) -> Deferred[dict[str, Any]]:
         """Send a request; fires with the ``result`` frame or fails with RemoteError."""
@@ -189,6 +351,17 @@ class ClientProtocol(Int32StringReceiver):
         self.sendString(wire.encode({"type": type_, **fields}))
 
     def stringReceived(self, payload: bytes) -> None:
+        if payload[:1] == b"\x00":
+            try:
+                op, stream, offset, data = wire.decode_data(payload)
+            except Exception:
+                self.log.failure("bad data frame from the realm")
+                self.transport.loseConnection()
+                return
+            receiver = self._receivers.get(stream)
+            if op == wire.OP_DOWNLOAD and receiver is not None:
+                receiver.data(offset, data)
+            return
         try:
             frame = wire.decode(payload)
         except Exception:
@@ -209,8 +382,11 @@ class ClientProtocol(Int32StringReceiver):
                     frame.get("message", ""),
                     {k: v for k, v in frame.items() if k not in ("type", "id", "code", "message")},
                 )
+                on = frame.get("stream")
                 if d is not None:
                     d.errback(err)
+                elif isinstance(on, int) and (on in self._receivers or on in self._sinks):
+                    self._transfer_error(on, err)
                 else:
                     self.log.info("realm: {code}: {message}", code=err.code, message=err.message)
                     self.last_error = err
@@ -227,6 +403,17 @@ class ClientProtocol(Int32StringReceiver):
                 self.on_synced(frame["pos"])
 
     last_error: RemoteError | None = None
+
+    def _transfer_error(self, stream: int, err: RemoteError) -> None:
+        """The realm reported an error for one transfer (an upload's data frames, a
+        download that failed while streaming)."""
+        receiver = self._receivers.get(stream)
+        if receiver is not None:
+            receiver.fail(err)
+        sink = self._sinks.get(stream)
+        if sink is not None:
+            self._upload_errors[stream] = err
+            sink.stop()
 
     def pause(self) -> None:
         """Deliver (and acknowledge) nothing more until :meth:`resume`."""
@@ -281,6 +468,10 @@ class ClientProtocol(Int32StringReceiver):
             err = ConnectionDone("connection closed")
         for d in pending.values():
             d.errback(err)
+        for receiver in list(self._receivers.values()):
+            receiver.fail(TransferInterrupted("connection lost during the download"))
+        for sink in list(self._sinks.values()):
+            sink.stop()
         if self.on_close is not None and reason is not None:
             self.on_close(reason)
         self.closed_d.callback(None)
@@ -409,6 +600,125 @@ class Connection:
         if text:
             fields["text"] = text
         return self.protocol.request("set_status", **fields)
+
+    # files --------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def send_file(
+        self,
+        to: str,
+        path: str,
+        *,
+        name: str | None = None,
+        media_type: str | None = None,
+        progress: ProgressCallback | None = None,
+        resume: str | None = None,
+    ) -> Any:
+        """Upload the file at ``path`` to a user or ``#group``.
+
+        Fires with ``{"file", "pos", "msg_id", "ts", "upload"}`` once the realm has
+        verified and stored it and committed its ``file`` message.  ``progress(sent,
+        size)`` is called as bytes go out.  Fails with :class:`RemoteError` (codes
+        ``too_large``, ``quota_exceeded``, ``checksum_mismatch``...; the limits are
+        checked before any byte is sent) or, when the connection drops,
+        :class:`TransferInterrupted`: pass its ``upload`` as ``resume=`` on a new
+        connection to continue where the realm's bytes end.
+        """
+        proto = self.protocol
+        size = os.path.getsize(path)
+        sha = yield proto.run(sha256_file, path)
+        if resume is not None:
+            r = yield proto.request("file_resume", upload=resume)
+            if r["size"] != size or r["sha256"] != sha:
+                raise ValueError(f"upload {resume} is of another file than {path}")
+        else:
+            fields: dict[str, Any] = {
+                "to": to,
+                "name": name or os.path.basename(path),
+                "size": size,
+                "sha256": sha,
+            }
+            kind = media_type or mimetypes.guess_type(path)[0]
+            if kind:
+                fields["media_type"] = kind
+            r = yield proto.request("file_offer", **fields)
+        upload, offset, stream = r["upload"], r["offset"], r["stream"]
+        if progress is not None:
+            progress(offset, size)
+        try:
+            yield proto.upload(stream, path, offset, size - offset, r["chunk"], progress, size)
+        except transfer.ConnectionDone:
+            err = proto._upload_errors.pop(stream, None)
+            if err is not None:
+                raise err from None
+            raise TransferInterrupted(
+                f"connection lost while uploading {path}", upload, offset
+            ) from None
+        try:
+            result = yield proto.request("file_finish", upload=upload)
+        except ConnectionDone:
+            raise TransferInterrupted(
+                f"connection lost while finishing {path}", upload, size
+            ) from None
+        out = {k: v for k, v in result.items() if k not in ("type", "id")}
+        out["upload"] = upload
+        return out
+
+    def cancel_upload(self, upload: str) -> Deferred[dict[str, Any]]:
+        """Discard an unfinished upload (after :class:`TransferInterrupted`)."""
+        return self.protocol.request("file_cancel", upload=upload)
+
+    @inlineCallbacks
+    def download(
+        self,
+        file_id: str,
+        path: str,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> Any:
+        """Download file ``file_id`` (from a ``file`` message's ``meta``) to ``path``.
+
+        Bytes go to ``path + ".part"`` first; if that exists (an interrupted earlier
+        download) only the rest is asked for (a ranged download).  The sha256 is
+        checked before the file is renamed to ``path``.  ``progress(received, size)``
+        is called as bytes are written.  Fires with the file's description (``file``,
+        ``name``, ``size``, ``media_type``, ``sha256``, ``from``, ``to``...); fails
+        with :class:`RemoteError` (``no_such_file``, ``not_member``),
+        :class:`ChecksumMismatch`, or :class:`TransferInterrupted` (call again to
+        resume).
+        """
+        proto = self.protocol
+        part = path + ".part"
+        offset = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            r = yield proto.request("download", file=file_id, offset=offset)
+        except RemoteError as e:
+            if e.code != "bad_request" or not offset:
+                raise
+            offset = 0  # the partial file is longer than the file: start again
+            yield proto.run(os.truncate, part, 0)
+            r = yield proto.request("download", file=file_id, offset=0)
+        stream = r["stream"]
+        receiver = _Receiver(proto, stream, part, offset, r["length"], progress, r["size"])
+        proto._receivers[stream] = receiver
+        if progress is not None:
+            progress(offset, r["size"])
+        try:
+            yield receiver.done
+        except BaseException:
+            proto._receivers.pop(stream, None)
+            yield receiver.writer.drained()  # the .part file holds what arrived
+            raise
+        proto._receivers.pop(stream, None)
+        yield receiver.writer.drained()
+        if r["size"] == 0 and not os.path.exists(part):
+            yield proto.run(lambda: open(part, "wb").close())
+        digest = yield receiver.writer.digest()
+        if digest != r["sha256"]:
+            yield proto.run(os.unlink, part)
+            raise ChecksumMismatch(f"{path}: sha256 {digest}, expected {r['sha256']}")
+        yield proto.run(os.replace, part, path)
+        return {k: v for k, v in r.items() if k not in ("type", "id", "stream")}
 
     def close(self) -> Deferred[None]:
         """Close the connection; fires when it is closed."""

@@ -51,6 +51,7 @@ __all__ = [
     "FileStore",
     "RemoteBlob",
     "Upload",
+    "announced_limits",
 ]
 
 MAX_NAME = 255
@@ -314,12 +315,7 @@ class FileService:
 
     def limits(self) -> dict[str, int]:
         """The limits announced in ``hello``."""
-        c = self.config
-        return {
-            "max_file_size": c.max_file_size,
-            "file_quota": c.quota_per_user,
-            "file_chunk": c.chunk_size,
-        }
+        return announced_limits(self.config)
 
     # uploads ------------------------------------------------------------------------
 
@@ -762,6 +758,15 @@ class RemoteBlob:
         if self._locked:
             self._locked = False
             self.files._blob_lock.release()
+
+
+def announced_limits(config: FilesConfig) -> dict[str, int]:
+    """The file limits a realm with this ``[files]`` configuration announces in hello."""
+    return {
+        "max_file_size": config.max_file_size,
+        "file_quota": config.quota_per_user,
+        "file_chunk": config.chunk_size,
+    }
 
 
 def _info(env: Envelope) -> FileInfo:

@@ -30,7 +30,9 @@ from zope.interface import implementer
 from chatproto import wire
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
+from chatproto.files import Download, Upload, announced_limits
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
+from chatproto.transfer import ConnectionDone, DataSink
 
 __all__ = [
     "ClientFactory",
@@ -44,6 +46,10 @@ _pack = struct.Struct("!I").pack
 _PUBLIC = frozenset({"hello", "register", "login", "ping", "pong"})
 #: An ack frame as clients encode it (compact JSON, "type" first): {"type":"ack","pos":N}
 _ACK_PREFIX = b'{"type":"ack","pos":'
+#: Upload bytes waiting for the disk above which a connection stops reading, and below
+#: which it reads again (flow control of uploads: the client's sends then stall).
+UPLOAD_HIGH = 4 * 1024 * 1024
+UPLOAD_LOW = 1024 * 1024
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 
@@ -83,6 +89,14 @@ class ClientProtocol(Int32StringReceiver):
         self.closed_at = 0.0
         self.last_rx = 0.0
         self.pinged = False
+        #: File transfers on this connection: stream number -> upload id (None: the
+        #: stream failed; its frames still in flight are dropped until file_resume).
+        self._upload_streams: dict[int, str | None] = {}
+        self._download_sinks: dict[int, DataSink] = {}
+        self._last_stream = 0
+        #: Upload bytes accepted and not yet on disk; past UPLOAD_HIGH, stop reading.
+        self._upload_pending = 0
+        self._reading_paused = False
 
     # connection lifecycle -----------------------------------------------------------
 
@@ -109,21 +123,31 @@ class ClientProtocol(Int32StringReceiver):
         waiters, self._writable = self._writable, []
         for d in waiters:
             d.callback(None)
+        for sink in list(self._download_sinks.values()):
+            sink.stop()
 
     # IPushProducer: the transport tells us when the peer stops reading --------------
+    # (and we tell the producers of downloads on this connection)
 
     def pauseProducing(self) -> None:
         self._paused = True
         self._paused_bytes = 0
+        for sink in list(self._download_sinks.values()):
+            sink.pause()
 
     def resumeProducing(self) -> None:
         self._paused = False
         waiters, self._writable = self._writable, []
         for d in waiters:
             d.callback(None)
+        for sink in list(self._download_sinks.values()):
+            if not self._paused:
+                sink.resume()
 
     def stopProducing(self) -> None:
         self._paused = True
+        for sink in list(self._download_sinks.values()):
+            sink.stop()
 
     # output -------------------------------------------------------------------------
 
@@ -212,6 +236,9 @@ class ClientProtocol(Int32StringReceiver):
             return
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
+        if payload[:1] == b"\x00":
+            self._data_frame(payload)
+            return
         if payload.startswith(_ACK_PREFIX) and self.session is not None:
             # Fast path for the most frequent frame, exactly as the client library and
             # PROTOCOL.md spell it; anything else takes the general path below.
@@ -289,7 +316,7 @@ class ClientProtocol(Int32StringReceiver):
         self.state = "auth"
         realm = self.factory.realm
         lim = realm.config.limits
-        features = ["resume", "multi-device"]
+        features = ["resume", "multi-device", "files"]
         if realm.config.auth.allow_registration:
             features.append("register")
         return {
@@ -302,6 +329,7 @@ class ClientProtocol(Int32StringReceiver):
                 "send_burst": lim.send_burst,
                 "history_page": lim.history_page,
                 "keepalive_interval": lim.keepalive_interval,
+                **announced_limits(realm.config.files),
             },
             "features": features,
         }
@@ -452,6 +480,160 @@ class ClientProtocol(Int32StringReceiver):
     def handle_ack(self, req: dict[str, Any]) -> None:
         assert self.session is not None
         self.session.ack(wire.field(req, "pos", int))
+
+    # files ------------------------------------------------------------------------
+    # The realm's file service decides; these translate requests and data frames.
+
+    def _new_stream(self) -> int:
+        self._last_stream = (self._last_stream + 1) % 2**32 or 1
+        return self._last_stream
+
+    def _upload_opened(self, up: Upload) -> dict[str, Any]:
+        for stream, upload_id in self._upload_streams.items():
+            if upload_id == up.upload_id:  # resumed: frames of the old stream are dropped
+                self._upload_streams[stream] = None
+        stream = self._new_stream()
+        self._upload_streams[stream] = up.upload_id
+        return {
+            **up.to_wire(),
+            "stream": stream,
+            "chunk": self.factory.realm.config.files.chunk_size,
+        }
+
+    def _upload_closed(self, upload_id: str) -> None:
+        for stream in [s for s, u in self._upload_streams.items() if u == upload_id]:
+            del self._upload_streams[stream]
+
+    def handle_file_offer(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        d = self.factory.realm.files.offer(
+            self.session.user_id,
+            wire.field(req, "to", str),
+            wire.field(req, "name", str),
+            wire.field(req, "size", int),
+            wire.field(req, "sha256", str),
+            wire.field(req, "media_type", str, required=False),
+        )
+        return d.addCallback(self._upload_opened)
+
+    def handle_file_resume(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        upload_id = wire.field(req, "upload", str)
+        d = self.factory.realm.files.status(self.session.user_id, upload_id)
+        return d.addCallback(self._upload_opened)
+
+    def handle_file_finish(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        upload_id = wire.field(req, "upload", str)
+        d = self.factory.realm.files.finish(self.session.user_id, upload_id)
+
+        def done(result: Any) -> dict[str, Any]:
+            info, env = result
+            self._upload_closed(upload_id)
+            return {"file": info.file_id, "pos": env.pos, "msg_id": env.id, "ts": env.ts}
+
+        return d.addCallback(done)
+
+    def handle_file_cancel(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        upload_id = wire.field(req, "upload", str)
+        d = self.factory.realm.files.cancel(self.session.user_id, upload_id)
+
+        def cancelled(_: object) -> dict[str, Any]:
+            self._upload_closed(upload_id)
+            return {}
+
+        return d.addCallback(cancelled)
+
+    def _data_frame(self, payload: bytes) -> None:
+        if self.session is None:
+            self._fail(
+                FatalProtocolError("bad_frame", "data frames need a logged-in session"), None
+            )
+            return
+        try:
+            op, stream, offset, data = wire.decode_data(payload)
+            if op != wire.OP_UPLOAD:
+                raise FatalProtocolError("bad_frame", "clients send upload data frames only")
+        except ChatError as e:
+            self._fail(e, None)
+            return
+        if stream not in self._upload_streams:
+            self.send_error(
+                ChatError("no_such_upload", f"no upload stream {stream}", stream=stream)
+            )
+            return
+        upload_id = self._upload_streams[stream]
+        if upload_id is None:
+            return  # the stream failed; the client resumes on a new one
+        d = self.factory.realm.files.write(self.session.user_id, upload_id, offset, data)
+        self._upload_pending += len(data)
+        if self._upload_pending > UPLOAD_HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        d.addBoth(self._upload_written, stream, upload_id, len(data))
+
+    def _upload_written(self, result: Any, stream: int, upload_id: str, n: int) -> None:
+        self._upload_pending -= n
+        if self._reading_paused and self._upload_pending <= UPLOAD_LOW:
+            self._reading_paused = False
+            if self.state != "closed":
+                self.transport.resumeProducing()
+        if not isinstance(result, Failure):
+            return
+        if self._upload_streams.get(stream) == upload_id:
+            self._upload_streams[stream] = None
+            err = result.value if isinstance(result.value, ChatError) else None
+            if err is None:
+                self.log.failure("upload {id} failed", result, id=upload_id)
+                err = ChatError("internal_error")
+            extra = {**err.extra, "stream": stream, "upload": upload_id}
+            self.send_frame(wire.error_frame(err.code, err.message, None, **extra))
+
+    def handle_download(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        d = self.factory.realm.files.open_download(
+            self.session.user_id,
+            wire.field(req, "file", str),
+            wire.field(req, "offset", int, required=False, default=0),
+            wire.field(req, "length", int, required=False),
+        )
+
+        def opened(dl: Download) -> dict[str, Any]:
+            stream = self._new_stream()
+            chunk = self.factory.realm.config.files.chunk_size
+            sink = DataSink(self._write, wire.OP_DOWNLOAD, stream, dl.offset, chunk)
+            sink.paused = self._paused
+            self._download_sinks[stream] = sink
+            # The result goes out first, then the data frames.
+            self.factory.clock.callLater(0, self._start_download, dl, sink)
+            return {**dl.info.to_wire(), "offset": dl.offset, "length": dl.length, "stream": stream}
+
+        return d.addCallback(opened)
+
+    def _start_download(self, dl: Download, sink: DataSink) -> None:
+        if self.state == "closed" or self._download_sinks.get(sink.stream) is not sink:
+            return
+
+        def done(result: Any) -> None:
+            self._download_sinks.pop(sink.stream, None)
+            if isinstance(result, Failure) and self.state != "closed":
+                if not result.check(ConnectionDone):  # not a download_cancel
+                    self.log.failure("download of {file} failed", result, file=dl.info.file_id)
+                    self.send_frame(
+                        wire.error_frame(
+                            "internal_error", "the download failed", None, stream=sink.stream
+                        )
+                    )
+
+        dl.start(sink).addBoth(done)
+
+    def handle_download_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
+        stream = wire.field(req, "stream", int)
+        sink = self._download_sinks.pop(stream, None)
+        if sink is not None:
+            sink.stop()
+        return {}
 
     def handle_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {}
