@@ -731,3 +731,78 @@ def test_autobahn_keeps_its_own_quiet_logger() -> None:
     proto = ChatWebSocket()
     assert type(proto.log).__module__.startswith("txaio")
     assert proto.log.debug.__name__ == "_no_op"
+
+
+# the gateway on a StringTransport: handshake, frames, flow control -----------------------
+
+
+def _ws_frame(text: bytes) -> bytes:
+    """A client text frame, masked with a zero key (so the payload reads as is)."""
+    n = len(text)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + b"\0\0\0\0" + text
+
+
+def _ws_messages(data: bytes) -> list[dict[str, Any]]:
+    """The server's (unmasked) text frames in ``data``, after the handshake."""
+    out = []
+    while data:
+        n, off = data[1] & 0x7F, 2
+        if n == 126:
+            n, off = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, off = int.from_bytes(data[2:10], "big"), 10
+        assert data[0] == 0x81, data[:2]
+        out.append(json.loads(data[off : off + n]))
+        data = data[off + n :]
+    return out
+
+
+def test_gateway_over_string_transport_pauses_and_drops_a_slow_reader() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from chatproto.web.gateway import ChatWebSocketFactory
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.config.limits.max_output_buffer = 20000
+    realm.create_user("alice", PASSWORD)
+    realm.create_user("bob", PASSWORD)
+    token: list[str] = []
+    realm.issue_token("bob", PASSWORD, "web-b").addCallback(lambda r: token.append(r[0]))
+    factory = ChatWebSocketFactory(realm, lambda o, h, s: o == "http://chat.test", clock)
+    ws: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    ws.makeConnection(transport)
+    handshake = (
+        "GET /ws HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: http://chat.test\r\nCookie: {SESSION_COOKIE}={token[0]}\r\n\r\n"
+    ).encode()
+    for i in range(len(handshake)):  # the handshake one byte at a time
+        ws.dataReceived(handshake[i : i + 1])
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    transport.clear()
+    session = ws.session
+    assert transport.producer is session  # flow control is the connection's
+    ws.dataReceived(_ws_frame(b'{"type":"hello","version":1,"id":1}'))
+    ws.dataReceived(_ws_frame(b'{"type":"login","id":2}'))
+    clock.advance(0)
+    got = _ws_messages(transport.value())
+    transport.clear()
+    assert [f["type"] for f in got] == ["result", "result", "synced"]
+    assert got[1]["user"] == "bob@localhost" and got[1]["device"] == "web-b"
+    # bob's browser stops reading: the transport pauses the session; live messages are
+    # still written (and counted) until max_output_buffer, then the connection is dropped
+    transport.producer.pauseProducing()
+    for i in range(10):
+        realm.post("alice", "bob", f"{i:04d}" + "x" * 4000)
+        if transport.disconnected:
+            break
+    assert transport.disconnected and 4 <= i <= 6
+    assert session.state == "closed"
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    ws.connectionLost(Failure(ConnectionLost()))
+    assert not realm.sessions_of("bob@localhost")  # resumes from its ack next time

@@ -148,8 +148,11 @@ class FrameTransport:
         if t is None:
             return
         # twisted.web's HTTP channel is still registered on the connection it handed
-        # over to the WebSocket; the session takes its place (a no-op when none is).
-        t.unregisterProducer()
+        # over to the WebSocket; the session takes its place.
+        try:
+            t.unregisterProducer()
+        except RuntimeError:  # none registered (a transport that says so)
+            pass
         t.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
