@@ -173,6 +173,13 @@ class ClientProtocol(Int32StringReceiver):
     def send_frame(self, payload: bytes) -> None:
         self._write(_pack(len(payload)) + payload)
 
+    def _lose_connection(self) -> None:
+        """Close after what is written.  A TLS transport shuts down only once no
+        producer is registered, so the connection's own registration goes first (or
+        the close would wait for the keepalive sweep to abort it)."""
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def send_error(self, err: ChatError, rid: Any = None) -> None:
         self.send_frame(wire.error_frame(err.code, err.message, rid, **err.extra))
 
@@ -182,7 +189,7 @@ class ClientProtocol(Int32StringReceiver):
         self.send_frame(wire.error_frame(code, message))
         self.state = "closed"
         self.closed_at = self.factory.clock.seconds()
-        self.transport.loseConnection()
+        self._lose_connection()
 
     # ISessionMind -------------------------------------------------------------------
 
@@ -290,7 +297,7 @@ class ClientProtocol(Int32StringReceiver):
             )
             self.state = "closed"
             self.closed_at = self.factory.clock.seconds()
-            self.transport.loseConnection()
+            self._lose_connection()
 
     def _crash(self, failure: Failure, rid: Any) -> None:
         self.log.failure("request from {peer} failed", failure, peer=self._peer())

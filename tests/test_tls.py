@@ -291,3 +291,28 @@ def test_tap_serves_tls_from_config(tmp_path: Path, certs: dict[str, str]) -> An
     finally:
         yield top.stopService()
     assert not realm.running
+
+
+@pytest_twisted.inlineCallbacks
+def test_server_close_over_tls_completes_without_waiting_for_the_sweep(
+    realm: Any, certs: dict[str, str]
+) -> Any:
+    """A TLS transport shuts down only once no producer is registered: the realm's
+    close (error frame, then close) must not leave the connection open until the
+    keepalive sweep aborts it."""
+    factory, port = yield _listen_tls(realm, certs)
+    server = f"tls:127.0.0.1:{port.getHost().port}"
+    try:
+        alice = yield client.connect(
+            _reactor, server, "alice", PASSWORD, register=True, realm="localhost",
+            ca=certs["ca"],
+        )
+        assert realm.config.limits.keepalive_interval >= 10
+        (proto,) = factory.connections
+        proto.close_with("shutdown", "closing for the test")
+        yield _drain(factory)
+        assert not factory.connections
+        assert alice.protocol.transport is None or alice.protocol.lost
+    finally:
+        yield port.stopListening()
+        yield _drain(factory)
