@@ -83,7 +83,8 @@ def test_register_then_chat_once_each_across_a_dropped_connection(server: Any) -
     yield alice.login(addr, "alice", PASSWORD, register=True)
     assert alice.model.me == "alice@localhost" and alice.model.connection == "online"
     yield register(addr, "bob")
-    bob = yield logged_in(addr, "bob")
+    bob = ChatController(_reactor, ChatModel(), retry_policy=lambda attempt: 0.1)
+    yield bob.login(addr, "bob", PASSWORD)
     try:
         yield alice.run("/msg bob hello bob")
         assert alice.model.active == "bob@localhost"
@@ -92,6 +93,7 @@ def test_register_then_chat_once_each_across_a_dropped_connection(server: Any) -
         # bob's connection drops; alice goes on writing; bob reconnects and resumes
         drop_sessions(factory, "bob@localhost")
         yield until(lambda: bob.model.connection == "reconnecting")
+        assert bob.model.connection_detail == "the connection closed; retrying in 0.1s"
         for i in range(5):
             yield alice.run(f"/msg bob while away {i}")
         yield until(lambda: bob.model.connection == "online")

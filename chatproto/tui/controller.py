@@ -105,9 +105,7 @@ class ChatController:
         if self.endpoint is not None and self.endpoint.reason is not None:
             why = explain(self.endpoint.reason.value or Exception(), self.server).args[0]
             why = why.replace(f"connection to {self.server} failed: ", "") + "; "
-        self.model.set_connection(
-            "reconnecting", f"{why}retrying in {delay:.1f}s (attempt {attempt + 1})"
-        )
+        self.model.set_connection("reconnecting", f"{why}retrying in {delay:.1f}s")
         return delay
 
     def _online(self, conn: Connection) -> None:
