@@ -21,6 +21,7 @@ from chatproto.tui.model import (
     DaySeparator,
     InputHistory,
     MessageLine,
+    NewMarker,
     NoticeLine,
 )
 from chatproto.tui.view import ChatView, InputLine, LoginView, message_markup, sidebar_markup
@@ -98,8 +99,8 @@ def test_history_pages_merge_with_the_stream() -> None:
 
 def test_lines_have_day_separators_and_notices_in_order() -> None:
     model = make_model()
-    model.receive(msg(1, "bob@x", "alice@x", ts=DAY1))
     model.select("bob@x")
+    model.receive(msg(1, "bob@x", "alice@x", ts=DAY1))
     model.notice("a local note")  # after pos 1, stamped DAY2 by the clock
     model.receive(msg(2, "bob@x", "alice@x", ts=DAY2))
     lines = model.conversations["bob@x"].lines(UTC)
@@ -320,6 +321,10 @@ def test_message_markup() -> None:
     )
     own = MessageLine(msg(2, "alice@x", "bob@x", body="yo", ts=DAY2))
     assert message_markup(own, model.me, model.realm, UTC)[1] == ("me", "<alice>")
+    colours = {
+        message_markup(MessageLine(msg(3, f"u{i}@x", "alice@x")), "", "x")[1][0] for i in range(40)
+    }
+    assert colours == {f"nick{i}" for i in range(6)}  # senders get different colours
     event = msg(3, "alice@x", "#dev@x", body="", kind="event", ts=DAY2)
     event["meta"] = {"event": "kicked", "user": "bob@x", "reason": "spam"}
     line = _flat(message_markup(MessageLine(event), model.me, model.realm, UTC))
@@ -497,3 +502,22 @@ def test_sidebar_scrolls_to_the_conversation_on_screen() -> None:
     view = ChatView(model, FakeController(), tz=UTC)
     screen = text_of(view, (80, 10))
     assert "user29" in screen and "user00" not in screen
+
+
+def test_new_marker_sits_before_the_first_unread_item() -> None:
+    model = make_model()
+    model.receive(msg(1, "bob@x", "alice@x"))
+    model.select("bob@x")
+    model.select(STATUS)
+    model.receive(msg(2, "alice@x", "bob@x"))  # own: not unread
+    model.receive(msg(3, "bob@x", "alice@x"))
+    model.receive(msg(4, "alice@x", "bob@x"))
+    model.receive(msg(5, "bob@x", "alice@x"))
+    conv = model.select("bob@x")
+    lines = conv.lines(UTC)
+    at = [i for i, line in enumerate(lines) if isinstance(line, NewMarker)]
+    assert len(at) == 1 and lines[at[0] + 1].pos == 3  # type: ignore[union-attr]
+    view = ChatView(model, FakeController(), tz=UTC)
+    assert "--- new ---" in text_of(view, (80, 14))
+    model.select(STATUS)
+    assert not any(isinstance(line, NewMarker) for line in conv.lines(UTC))

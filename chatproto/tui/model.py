@@ -30,6 +30,7 @@ __all__ = [
     "DaySeparator",
     "InputHistory",
     "MessageLine",
+    "NewMarker",
     "NoticeLine",
     "Transfer",
     "short",
@@ -58,6 +59,12 @@ class DaySeparator:
 
 
 @attrs.define
+class NewMarker:
+    """``--- new ---`` before the first item that was unread when the conversation
+    was opened."""
+
+
+@attrs.define
 class MessageLine:
     """One stored item (text, event, file) of a conversation."""
 
@@ -83,7 +90,7 @@ class NoticeLine:
     error: bool = False
 
 
-Line = DaySeparator | MessageLine | NoticeLine
+Line = DaySeparator | NewMarker | MessageLine | NoticeLine
 
 
 @attrs.define
@@ -116,6 +123,8 @@ class Conversation:
     joined: bool = True
     items: dict[int, dict[str, Any]] = attrs.Factory(dict)
     ids: set[str] = attrs.Factory(set)
+    #: the position of the first item that was unread when the conversation was opened
+    marker: int | None = None
     notices: list[NoticeLine] = attrs.Factory(list)
 
     @property
@@ -155,8 +164,22 @@ class Conversation:
             if d != day:
                 out.append(DaySeparator(d))
                 day = d
+            if isinstance(line, MessageLine) and line.pos == self.marker:
+                out.append(NewMarker())
             out.append(line)
         return out
+
+    def mark_unread(self, me: str) -> None:
+        """Put the "new" marker before the oldest of the ``unread`` newest items from
+        others (or remove it when nothing is unread)."""
+        self.marker = None
+        left = self.unread
+        for pos in sorted(self.items, reverse=True):
+            if left <= 0:
+                break
+            if self.items[pos].get("from") != me:
+                self.marker = pos
+                left -= 1
 
 
 class ChatModel:
@@ -217,7 +240,12 @@ class ChatModel:
         return [self.conversations[STATUS], *groups, *people]
 
     def select(self, address: str) -> Conversation:
+        previous = self.conversations.get(self.active)
         conv = self.conversation(address)
+        if previous is not None and previous is not conv:
+            previous.marker = None  # read by now
+        if previous is not conv:
+            conv.mark_unread(self.me)
         self.active = address
         conv.unread = 0
         self.changed()

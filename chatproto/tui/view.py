@@ -22,6 +22,7 @@ Layout of the chat screen::
 from __future__ import annotations
 
 import datetime
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from chatproto.tui.model import (
     DaySeparator,
     InputHistory,
     MessageLine,
+    NewMarker,
     NoticeLine,
     Transfer,
     short,
@@ -49,6 +51,9 @@ __all__ = [
     "sidebar_markup",
 ]
 
+#: Senders get one of these colours (by a hash of their address).
+_NICK_COLOURS = ("light cyan", "light magenta", "yellow", "light blue", "brown", "dark cyan")
+
 PALETTE = [
     ("header", "white,bold", "dark blue"),
     ("sidebar", "light gray", "black"),
@@ -59,7 +64,7 @@ PALETTE = [
     ("busy", "light red", "black"),
     ("left", "dark gray", "black"),
     ("time", "dark cyan", ""),
-    ("nick", "light cyan,bold", ""),
+    *((f"nick{i}", f"{colour},bold", "") for i, colour in enumerate(_NICK_COLOURS)),
     ("me", "light green,bold", ""),
     ("event", "dark gray", ""),
     ("file", "light magenta", ""),
@@ -92,6 +97,11 @@ def _clock(ts: float, tz: datetime.tzinfo | None) -> str:
     return datetime.datetime.fromtimestamp(ts, tz).strftime("%H:%M")
 
 
+def nick_attr(sender: str) -> str:
+    """The palette entry of a sender: one of a few colours, the same in every session."""
+    return f"nick{zlib.crc32(sender.encode('utf-8')) % len(_NICK_COLOURS)}"
+
+
 def message_markup(
     line: MessageLine | NoticeLine, me: str, realm: str, tz: datetime.tzinfo | None = None
 ) -> list[Any]:
@@ -108,7 +118,7 @@ def message_markup(
     kind = item.get("kind")
     if kind == "event":
         return [when, ("event", "-!- " + describe_event(item))]
-    nick = ("me" if sender == me else "nick", f"<{short(sender, realm)}>")
+    nick = ("me" if sender == me else nick_attr(sender), f"<{short(sender, realm)}>")
     if kind == "file":
         meta = item.get("meta") or {}
         name = meta.get("name", "?")
@@ -381,6 +391,8 @@ class ChatView(urwid.WidgetWrap):
         return urwid.Columns([urwid.Text(label, wrap="ellipsis"), (24, bar)], dividechars=1)
 
     def _line_widget(self, line: Any, conv: Conversation) -> urwid.Widget:
+        if isinstance(line, NewMarker):
+            return urwid.Text(("error", "--- new ---"), align="center")
         if isinstance(line, DaySeparator):
             key: tuple[Any, ...] = ("day", line.day)
         elif isinstance(line, MessageLine):
@@ -431,6 +443,8 @@ class ChatView(urwid.WidgetWrap):
 
 
 def _line_key(line: Any) -> tuple[Any, ...]:
+    if isinstance(line, NewMarker):
+        return ("new",)
     if isinstance(line, DaySeparator):
         return ("day", line.day)
     if isinstance(line, MessageLine):
