@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import stat
 from typing import Any
 
@@ -521,3 +522,30 @@ def test_new_marker_sits_before_the_first_unread_item() -> None:
     assert "--- new ---" in text_of(view, (80, 14))
     model.select(STATUS)
     assert not any(isinstance(line, NewMarker) for line in conv.lines(UTC))
+
+
+def test_transfers_show_as_progress_bars_while_running() -> None:
+    model = make_model()
+    view = ChatView(model, FakeController(), tz=UTC)
+    model.transfer("up:1", "photo.jpg", "up", 4096)
+    model.progress("up:1", 1024)
+    view.refresh()
+    screen = text_of(view, (100, 12))
+    assert re.search(r"up photo\.jpg 1\.0 KB/4\.0 KB +.*25 %", screen), screen
+    model.finish_transfer("up:1")
+    view.refresh()
+    assert "photo.jpg" not in text_of(view, (100, 12))
+
+
+def test_downloaded_names_stay_in_the_download_directory(tmp_path: Any) -> None:
+    from chatproto.tui.controller import _free_path, _safe_name
+
+    assert _safe_name("../../etc/passwd") == "passwd"
+    assert _safe_name("..\\..\\boot.ini") == "boot.ini"
+    assert _safe_name("..") == "download" and _safe_name("") == "download"
+    assert _safe_name("bad\x1b[2Jname.txt") == "bad[2Jname.txt"
+    target = tmp_path / "a.txt"
+    assert _free_path(str(target)) == str(target)
+    target.write_text("x")
+    (tmp_path / "a (1).txt").write_text("x")
+    assert _free_path(str(target)) == str(tmp_path / "a (2).txt")

@@ -8,6 +8,7 @@ readable notices.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -270,3 +271,87 @@ def test_conversations_are_remembered_per_account(server: Any, tmp_path: Any) ->
         assert "#dev@localhost" not in again.model.conversations
     finally:
         yield again.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_and_download_a_file_with_progress(server: Any, tmp_path: Any) -> Any:
+    _, _, addr = server
+    yield register(addr, "alice", "bob")
+    alice = yield logged_in(addr, "alice")
+    bob = yield logged_in(addr, "bob", downloads=str(tmp_path))
+    data = bytes(range(256)) * 1000
+    (tmp_path / "out").mkdir()
+    src = tmp_path / "out" / "notes.bin"
+    src.write_bytes(data)
+    seen: list[tuple[int, int]] = []
+    alice.model.subscribe(
+        lambda: seen.extend((t.done, t.total) for t in alice.model.active_transfers())
+    )
+    try:
+        yield alice.run("/send nothing-here")
+        assert notices(alice, STATUS)[-1] == "open the conversation to send the file to first"
+        yield alice.run("/msg bob here it comes")
+        yield alice.run("/send nothing-here")
+        assert notices(alice, "bob@localhost")[-1] == "not a file: nothing-here"
+        yield alice.run(f"/send {src}")
+        (upload,) = alice.model.transfers.values()
+        assert upload.state == "done" and upload.done == upload.total == len(data)
+        assert seen and seen[-1][1] == len(data)  # progress went through the model
+        conv = "alice@localhost"
+        yield until(lambda: len(bob.files(conv)) == 1)
+        file_id, item = bob.files(conv)[0]
+        assert item["meta"]["name"] == "notes.bin" and item["meta"]["size"] == len(data)
+        bob.open(conv)
+        yield bob.run("/download")
+        assert (tmp_path / "notes.bin").read_bytes() == data
+        assert notices(bob, conv)[-1] == f"saved notes.bin to {tmp_path / 'notes.bin'}"
+        yield bob.run(f"/download {file_id}")  # again: a new name, the first is kept
+        assert (tmp_path / "notes (1).bin").read_bytes() == data
+        yield bob.run("/download nosuchfileid0000000")
+        assert notices(bob, conv)[-1].startswith("no_such_file: ")
+        failed = [t for t in bob.model.transfers.values() if t.state == "failed"]
+        assert len(failed) == 1 and failed[0].error.startswith("no_such_file: ")
+    finally:
+        yield alice.stop()
+        yield bob.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_transfers_resume_after_a_dropped_connection(server: Any, tmp_path: Any) -> Any:
+    _, factory, addr = server
+    yield register(addr, "alice", "bob")
+    alice = yield logged_in(addr, "alice")
+    bob = yield logged_in(addr, "bob", downloads=str(tmp_path))
+    data = os.urandom(2_000_000)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    dropped: list[str] = []
+
+    def drop_midway(ctl: ChatController, user: str) -> None:
+        # The first time a transfer is part-way, the realm aborts the connection.
+        for t in ctl.model.active_transfers():
+            if 0 < t.done < t.total and user not in dropped:
+                dropped.append(user)
+                _reactor.callLater(0, drop_sessions, factory, user)
+
+    alice.model.subscribe(lambda: drop_midway(alice, "alice@localhost"))
+    bob.model.subscribe(lambda: drop_midway(bob, "bob@localhost"))
+    try:
+        alice.open("bob@localhost")
+        yield alice.run(f"/send {src}")
+        assert dropped == ["alice@localhost"]
+        (upload,) = alice.model.transfers.values()
+        assert upload.state == "done", upload
+        yield until(lambda: len(bob.files("alice@localhost")) == 1)
+        bob.open("alice@localhost")
+        yield bob.run("/download")
+        assert dropped == ["alice@localhost", "bob@localhost"]
+        (download,) = bob.model.transfers.values()
+        assert download.state == "done", download
+        assert (tmp_path / "Downloads").exists() is False
+        assert (tmp_path / "big (1).bin").read_bytes() == data  # big.bin is the source
+        # the file message was shown once, whatever the reconnects
+        assert len(alice.files("bob@localhost")) == 1 and len(bob.files("alice@localhost")) == 1
+    finally:
+        yield alice.stop()
+        yield bob.stop()

@@ -122,7 +122,7 @@ def tmux(tmp_path: Path) -> Any:
 
 def _client_env(tmp_path: Path, user: str) -> dict[str, str]:
     home = tmp_path / user
-    home.mkdir()
+    (home / "Downloads").mkdir(parents=True)
     return {
         "HOME": str(home),
         "XDG_CONFIG_HOME": str(home / "config"),
@@ -177,6 +177,14 @@ def test_two_users_chat_in_the_real_tui(realm: str, tmux: Tmux, tmp_path: Path) 
     yield tmux.wait("bob", r"> /msg alice$")  # (capture-pane drops trailing spaces)
     tmux.type("bob", "completed")
     yield tmux.wait("alice", r"<bob> completed")
+    # alice sends a file; bob sees it in the conversation and downloads it
+    data = os.urandom(300_000)
+    (tmp_path / "report.bin").write_bytes(data)
+    tmux.type("alice", f"/send {tmp_path / 'report.bin'}")
+    yield tmux.wait("bob", r"<alice> \[file\] report\.bin \(293\.0 KB\)\s+/download")
+    tmux.type("bob", "/download")
+    yield tmux.wait("bob", r"-- saved report\.bin to ")
+    assert (tmp_path / "bob" / "Downloads" / "report.bin").read_bytes() == data
     # /quit closes the connection and ends the program
     tmux.type("alice", "/quit")
     screen = yield tmux.wait("alice", r"exit status \d+")

@@ -54,6 +54,7 @@ class App:
             self.model,
             on_quit=self.quit,
             conversations_path=settings_mod.state_path if remember else None,
+            downloads=settings.downloads or settings_mod.download_dir(),
         )
         values = {
             "server": settings.server,

@@ -14,14 +14,17 @@ realm on loopback and read the model.
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
+from twisted.internet import error
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
-from chatproto import address
+from chatproto import address, client
 from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain
 from chatproto.client import (
     ChatClientService,
@@ -78,6 +81,7 @@ class ChatController:
         on_quit: Callable[[], Any] | None = None,
         page: int = PAGE,
         conversations_path: Callable[[str], str] | None = None,
+        downloads: str = ".",
     ) -> None:
         self.reactor = reactor
         self.model = model
@@ -92,6 +96,9 @@ class ChatController:
         #: the realm's public groups (for completing /join), as of the last login
         self.public_groups: list[str] = []
         self.completer = commands.Completer(self.names)
+        #: the directory /download saves to (unless given a path)
+        self.downloads = downloads
+        self._transfer_ids = itertools.count(1)
         #: account -> the file remembering its conversations (None: remember nothing)
         self.conversations_path = conversations_path
         self._remembered: tuple[str, set[str]] | None = None  # (file, addresses saved)
@@ -122,6 +129,8 @@ class ChatController:
             self.model.set_connection("reconnecting", "connection lost")
 
     def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, client.ChecksumMismatch):
+            return f"the file arrived damaged and was not kept: {exc}"
         reason = self.endpoint.reason if self.endpoint is not None else None
         # (explain() words errors for the command line: name the login form's field)
         return str(explain(exc, self.server, reason)).replace("(--realm)", "(TLS name)")
@@ -550,11 +559,86 @@ class ChatController:
         text = f": {cmd.get('TEXT')}" if cmd.get("TEXT") else ""
         self.model.notice(f"you are {status}{text}", self.model.active)
 
+    #: How many lost connections a transfer survives (each time it resumes where the
+    #: realm's bytes end) before it gives up.
+    TRANSFER_ATTEMPTS = 5
+
+    async def _transfer(
+        self, key: str, name: str, start: Callable[[Connection], Deferred[Any]]
+    ) -> Any:
+        """Run ``start(conn)`` (an upload or a download reporting to the transfer
+        ``key``), resuming it on the next connection when one drops."""
+        try:
+            for _ in range(self.TRANSFER_ATTEMPTS):
+                conn = await self._ready()
+                try:
+                    result = await start(conn)
+                except _LOST:
+                    continue  # resumed (or started again) on the next connection
+                self.model.finish_transfer(key)
+                return result
+            raise commands.UsageError(
+                f"{name}: the connection was lost {self.TRANSFER_ATTEMPTS} times; try again"
+            )
+        except commands.UsageError as e:
+            self.model.finish_transfer(key, str(e))
+            raise
+        except Exception as e:
+            self.model.finish_transfer(key, self._describe(e))
+            raise
+
+    def _progress(self, key: str) -> Callable[[int, int], None]:
+        return lambda done, total: self.model.progress(key, done, total)
+
     async def _cmd_send(self, cmd: commands.Command) -> None:
-        raise commands.UsageError("file transfer is not available with this realm yet")
+        where = self.model.active
+        if where == STATUS:
+            raise commands.UsageError("open the conversation to send the file to first")
+        path = os.path.expanduser(cmd.get("PATH"))
+        if not os.path.isfile(path):
+            raise commands.UsageError(f"not a file: {path}")
+        name = os.path.basename(path)
+        key = f"up:{next(self._transfer_ids)}"
+        self.model.transfer(key, name, "up", os.path.getsize(path))
+        resume: list[str] = []  # the upload to continue after a lost connection
+
+        def start(conn: Connection) -> Deferred[Any]:
+            d = conn.send_file(
+                where, path, progress=self._progress(key), resume=resume[-1] if resume else None
+            )
+
+            def interrupted(failure: Failure) -> Failure:
+                if failure.check(client.TransferInterrupted):
+                    resume.append(failure.value.upload)  # type: ignore[union-attr]
+                return failure
+
+            return d.addErrback(interrupted)
+
+        # The file's message shows up in the conversation like any other item.
+        await self._transfer(key, name, start)
 
     async def _cmd_download(self, cmd: commands.Command) -> None:
-        raise commands.UsageError("file transfer is not available with this realm yet")
+        files = self.files()
+        file_id = cmd.get("FILE")
+        if not file_id:
+            if not files:
+                raise commands.UsageError("no file in this conversation")
+            file_id = files[-1][0]
+        meta = next(((i.get("meta") or {}) for f, i in files if f == file_id), {})
+        name = _safe_name(str(meta.get("name") or file_id))
+        dest = os.path.expanduser(cmd.get("PATH") or self.downloads)
+        if os.path.isdir(dest):
+            dest = _free_path(os.path.join(dest, name))
+        key = f"down:{next(self._transfer_ids)}"
+        size = meta.get("size")
+        self.model.transfer(key, name, "down", size if isinstance(size, int) else 0)
+        where = self.model.active
+
+        def start(conn: Connection) -> Deferred[Any]:
+            return conn.download(file_id, dest, progress=self._progress(key))  # type: ignore[no-any-return]
+
+        await self._transfer(key, name, start)
+        self.model.notice(f"saved {name} to {dest}", where)
 
     async def _cmd_close(self, cmd: commands.Command) -> None:
         if self.model.active == STATUS:
@@ -572,6 +656,28 @@ class ChatController:
 
     def _failed(self, failure: Failure, where: str | None) -> None:
         self.model.notice(self._describe(failure.value or Exception()), where, error=True)
+
+
+#: A transfer stopped by its connection (TransferInterrupted is a ConnectionDone).
+_LOST = (client.ConnectionDone, error.ConnectionLost, error.ConnectionDone)
+
+
+def _safe_name(name: str) -> str:
+    """A file name from a sender that cannot leave the download directory."""
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    base = "".join(c for c in base if c.isprintable())
+    return base if base and base not in (".", "..") else "download"
+
+
+def _free_path(path: str) -> str:
+    """``path``, or ``name (1).ext``, ``name (2).ext``... whichever does not exist yet
+    (a leftover ``.part`` of an interrupted download is resumed, so it counts as free)."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{stem} ({n}){ext}"
+    return candidate
 
 
 class _NotNow(Exception):

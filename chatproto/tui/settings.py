@@ -32,6 +32,7 @@ else:  # pragma: no cover
 __all__ = [
     "Settings",
     "config_path",
+    "download_dir",
     "load",
     "load_conversations",
     "save",
@@ -103,6 +104,16 @@ def _write(path: str, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def download_dir(environ: Mapping[str, str] = os.environ) -> str:
+    """Where ``/download`` saves: ``$XDG_DOWNLOAD_DIR``, else ``~/Downloads`` if it
+    exists, else the current directory."""
+    if environ.get("XDG_DOWNLOAD_DIR"):
+        return environ["XDG_DOWNLOAD_DIR"]
+    home = environ.get("HOME") or os.path.expanduser("~")
+    downloads = os.path.join(home, "Downloads")
+    return downloads if os.path.isdir(downloads) else os.getcwd()
 
 
 def state_path(account: str, environ: Mapping[str, str] = os.environ) -> str:

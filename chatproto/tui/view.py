@@ -372,8 +372,8 @@ class ChatView(urwid.WidgetWrap):
         self._refresh_messages(model)
 
     def _refresh_transfers(self, model: ChatModel) -> None:
-        shown = [t for t in model.transfers.values() if t.state != "done" or t.done]
-        shown = shown[-3:]
+        # Running ones only: how a transfer ended is a line in its conversation.
+        shown = list(model.active_transfers())[-3:]
         self.transfers.contents[:] = [
             (self._transfer_widget(t), self.transfers.options()) for t in shown
         ]
@@ -381,10 +381,6 @@ class ChatView(urwid.WidgetWrap):
     def _transfer_widget(self, t: Transfer) -> urwid.Widget:
         arrow = "up" if t.direction == "up" else "down"
         label = f" {arrow} {t.name} {_size(t.done)}/{_size(t.total)}"
-        if t.state == "failed":
-            return urwid.Text(("error", f"{label}: failed: {t.error}"))
-        if t.state == "done":
-            return urwid.Text(("notice", f"{label}: done"))
         bar = urwid.ProgressBar(
             "pbar normal", "pbar complete", current=t.done, done=max(t.total, 1)
         )
