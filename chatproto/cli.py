@@ -19,6 +19,11 @@ realm streams them nothing, so they acknowledge nothing.  That matters because t
 realm starts a device it has not seen at its user's furthest ack: a one-shot login that
 acknowledged the backlog would hide it from the first ``listen``.
 
+``send-file PEER PATH`` and ``download FILE_ID [PATH]`` move files with a progress bar
+on stderr (when it is a terminal); both resume after an interruption (``--resume
+UPLOAD``; ``PATH.part``), and ``listen`` shows a file message with the command that
+downloads it.
+
 Exit status: 0 on success, 1 for errors from the realm (printed as
 ``chatproto: <code>: <message>``) or the network, 2 for usage errors.
 """
@@ -42,9 +47,11 @@ from twisted.python.failure import Failure
 
 from chatproto.client import (
     ChatClientService,
+    ChecksumMismatch,
     Connection,
     ConnectionDone,
     RemoteError,
+    TransferInterrupted,
     WatchedEndpoint,
     connect,
     endpoint_for,
@@ -336,6 +343,35 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", nargs="*")
 
     p = sub.add_parser(
+        "send-file",
+        parents=[common],
+        help="send a file to a user or a #group, with a progress bar",
+        description="Send the file PATH to PEER (a user, or a group as '#name').  The "
+        "realm checks its size and your quota before any byte is sent.  A progress bar "
+        "is drawn on stderr when it is a terminal.  If the connection drops, the "
+        "command prints how to resume (--resume UPLOAD): only the rest is sent.",
+    )
+    p.add_argument("peer", metavar="PEER")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--name", metavar="NAME", help="the file name shown (default: PATH's)")
+    p.add_argument("--type", metavar="TYPE", help="media type (default: guessed from PATH)")
+    p.add_argument("--resume", metavar="UPLOAD", help="continue an interrupted upload")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "download",
+        parents=[common],
+        help="download a file (its id is in the file message), with a progress bar",
+        description="Download file FILE_ID to PATH (default: the file's name in the "
+        "current directory; a directory: the file's name in it).  Bytes go to "
+        "PATH.part first: after an interruption the same command fetches only the "
+        "rest.  The sha256 is checked before PATH appears.",
+    )
+    p.add_argument("file_id", metavar="FILE_ID")
+    p.add_argument("path", metavar="PATH", nargs="?", default=".")
+    p.add_argument("--json", action="store_true", help="print the file's description as JSON")
+
+    p = sub.add_parser(
         "tui",
         parents=[common],
         help="the full-screen terminal client",
@@ -447,6 +483,13 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     """
     if as_json:
         return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
+    if msg.get("kind") == "file" and isinstance(msg.get("meta"), dict):
+        meta = msg["meta"]
+        msg = {
+            **msg,
+            "body": f"[file {meta.get('name')} ({human_size(meta.get('size', 0))}), "
+            f"chatproto download {meta.get('file_id')}]",
+        }
     when = f"[{_when(msg.get('ts', 0))}]"
     sender = msg.get("from", "?")
     to = str(msg.get("to", "?"))
@@ -555,6 +598,109 @@ async def _oneshot(
         raise explain(e, args.server, endpoint.reason) from None
     finally:
         await conn.close()
+
+
+def human_size(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (``stream``), redrawn at most 10 times a
+    second: the name, a bar, the percentage, bytes done of the total and the rate.
+    Draws nothing when ``stream`` is not a terminal (scripts get only the final line
+    on stdout)."""
+
+    def __init__(self, label: str, stream: Any = None, clock: Any = time.monotonic) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.clock = clock
+        self.started = clock()
+        self.first: int | None = None
+        self._drawn = float("-inf")
+
+    def render(self, done: int, total: int, width: int = 30) -> str:
+        if self.first is None:
+            self.first = done
+        frac = done / total if total else 1.0
+        filled = int(frac * width)
+        elapsed = max(self.clock() - self.started, 1e-6)
+        rate = (done - self.first) / elapsed
+        return (
+            f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%  "
+            f"{human_size(done)}/{human_size(total)}  {human_size(rate)}/s"
+        )
+
+    def __call__(self, done: int, total: int) -> None:
+        line = self.render(done, total)
+        now = self.clock()
+        if self.enabled and (now - self._drawn >= 0.1 or done >= total):
+            self._drawn = now
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def _send_file(conn: Connection, args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.path):
+        raise CommandError(f"{args.path}: not a file")
+    bar = ProgressBar(args.name or os.path.basename(args.path))
+    try:
+        result = await conn.send_file(
+            args.peer,
+            args.path,
+            name=args.name,
+            media_type=args.type,
+            progress=bar,
+            resume=args.resume,
+        )
+    except TransferInterrupted as e:
+        bar.finish()
+        raise CommandError(
+            f"upload interrupted after {human_size(e.done)}; resume with: chatproto "
+            f"send-file {args.peer} {args.path} --resume {e.upload}"
+        ) from None
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    bar.finish()
+    if args.json:
+        _say(json.dumps(result))
+    else:
+        _say(f"file={result['file']} id={result['msg_id']} pos={result['pos']}")
+
+
+async def _download(conn: Connection, args: argparse.Namespace) -> None:
+    path = args.path
+    if os.path.isdir(path):
+        # ask for nothing but the description, to learn the file's name
+        info = await conn.protocol.request("download", file=args.file_id, length=0)
+        name = os.path.basename(info["name"]) or args.file_id
+        path = os.path.join(path, name)
+    bar = ProgressBar(os.path.basename(path))
+    try:
+        info = await conn.download(args.file_id, path, progress=bar)
+    except TransferInterrupted:
+        bar.finish()
+        raise CommandError(
+            f"download interrupted ({path}.part kept); run the same command to resume"
+        ) from None
+    except ChecksumMismatch as e:
+        bar.finish()
+        raise CommandError(f"{e} (the partial file was removed)") from None
+    bar.finish()
+    if args.json:
+        _say(json.dumps(info, ensure_ascii=False))
+    else:
+        _say(f"{path}: {human_size(info['size'])}, sha256 {info['sha256']}")
 
 
 async def _register(conn: Connection, args: argparse.Namespace) -> None:
@@ -679,6 +825,8 @@ async def _status(conn: Connection, args: argparse.Namespace) -> None:
 _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]] = {
     "register": _register,
     "send": _send,
+    "send-file": _send_file,
+    "download": _download,
     "history": _history,
     "who": _who,
     "groups": _groups,
