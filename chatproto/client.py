@@ -917,6 +917,42 @@ class ChatClientService(ClientService):
             return result
         raise ConnectionDone(f"send to {to} not confirmed after {attempts} connections")
 
+    @inlineCallbacks
+    def send_file(self, to: str, path: str, attempts: int = 5, **kwargs: Any) -> Any:
+        """:meth:`Connection.send_file` through whatever connection is up; when the
+        connection drops, the upload resumes on the next one (only the bytes the
+        realm does not have are sent again).  Fails with :class:`RemoteError` (not
+        retried) or, after ``attempts`` lost connections, :class:`ConnectionDone`."""
+        resume = kwargs.pop("resume", None)
+        for _ in range(attempts):
+            conn = yield self.whenReady()
+            try:
+                result = yield conn.send_file(to, path, resume=resume, **kwargs)
+            except TransferInterrupted as e:
+                resume = e.upload or resume
+                continue
+            except RemoteError:
+                raise
+            except ConnectionDone:
+                continue
+            return result
+        raise ConnectionDone(f"upload of {path} not finished after {attempts} connections")
+
+    @inlineCallbacks
+    def download(self, file_id: str, path: str, attempts: int = 5, **kwargs: Any) -> Any:
+        """:meth:`Connection.download` through whatever connection is up, resuming
+        from ``path.part`` on the next connection when one drops."""
+        for _ in range(attempts):
+            conn = yield self.whenReady()
+            try:
+                info = yield conn.download(file_id, path, **kwargs)
+            except RemoteError:
+                raise
+            except ConnectionDone:
+                continue
+            return info
+        raise ConnectionDone(f"download of {file_id} not finished after {attempts} connections")
+
     def pause(self) -> None:
         """Stop reading: no further item is delivered to ``on_message`` (nor acked)."""
         if self._built is not None:

@@ -176,7 +176,10 @@ class ClientProtocol(Int32StringReceiver):
     def _lose_connection(self) -> None:
         """Close after what is written.  A TLS transport shuts down only once no
         producer is registered, so the connection's own registration goes first (or
-        the close would wait for the keepalive sweep to abort it)."""
+        the close would wait for the keepalive sweep to abort it).  Downloads stop:
+        nothing would pause them any more."""
+        for sink in list(self._download_sinks.values()):
+            sink.stop()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 

@@ -77,7 +77,7 @@ def test_files_of_every_size_reach_the_recipient(server: Any, tmp_path: Path) ->
 
 @pytest_twisted.inlineCallbacks
 def test_limits_checksum_and_permissions(server: Any, tmp_path: Path) -> Any:
-    realm, factory, addr = server
+    realm, _factory, addr = server
     realm.config.files.max_file_size = 2 * MiB
     realm.config.files.quota_per_user = 3 * MiB
     alice, bob, carol = yield _users(addr, "alice", "bob", "carol")
@@ -192,7 +192,7 @@ def test_cancel_over_the_wire(server: Any, tmp_path: Path) -> Any:
 def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
     server: Any, tmp_path: Path
 ) -> Any:
-    realm, factory, addr = server
+    _realm, factory, addr = server
     alice, bob = yield _users(addr, "alice", "bob")
     size = 48 * MiB
     src = _file(tmp_path, "large", size)
@@ -268,3 +268,71 @@ def test_files_over_tls(realm: Any, certs: dict[str, str], tmp_path: Path) -> An
         for proto in list(factory.connections):
             proto.transport.abortConnection()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_unfinished_upload_survives_a_realm_restart(tmp_path: Path) -> Any:
+    from twisted.internet.testing import StringTransport
+
+    from tests.conftest import fast_config, make_realm
+
+    cfg = fast_config(tmp_path)
+    realm = make_realm(cfg)
+    yield realm.startService()
+    yield realm.create_user("alice", PASSWORD)
+    yield realm.create_user("bob", PASSWORD)
+    data = os.urandom(300_000)
+    up = yield realm.files.offer(
+        "alice@localhost", "bob", "x.bin", len(data), hashlib.sha256(data).hexdigest()
+    )
+    yield realm.files.write("alice@localhost", up.upload_id, 0, data[:200_000])
+    yield realm.stopService()
+
+    realm = make_realm(cfg)  # a new process, as far as the realm can tell
+    yield realm.startService()
+    try:
+        again = yield realm.files.status("alice@localhost", up.upload_id)
+        assert again.offset == 200_000 and again.size == len(data)
+        yield realm.files.write("alice@localhost", up.upload_id, 200_000, data[200_000:])
+        info, env = yield realm.files.finish("alice@localhost", up.upload_id)
+        assert env.kind == "file" and info.size == len(data)
+        dl = yield realm.files.open_download("bob@localhost", info.file_id)
+        consumer = StringTransport()
+        yield dl.start(consumer)
+        assert consumer.value() == data
+    finally:
+        yield realm.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_service_resumes_transfers_across_reconnects(server: Any, tmp_path: Path) -> Any:
+    from tests.conftest import drop_sessions, resuming_service
+
+    realm, factory, addr = server
+    yield realm.create_user("alice", PASSWORD)
+    yield realm.create_user("bob", PASSWORD)
+    alice = resuming_service(addr, "alice", PASSWORD)
+    bob = resuming_service(addr, "bob", PASSWORD)
+    alice.startService()
+    bob.startService()
+    try:
+        src = _file(tmp_path, "f", 5 * MiB)
+        cuts: list[int] = []
+
+        def cut(user: str) -> Any:
+            def progress(done: int, total: int) -> None:
+                if done >= MiB * (len(cuts) + 1) and len(cuts) < 2:
+                    cuts.append(done)
+                    drop_sessions(factory, f"{user}@localhost")
+
+            return progress
+
+        r = yield alice.send_file("bob", str(src), progress=cut("alice"))
+        assert len(cuts) == 2
+        cuts.clear()
+        dst = tmp_path / "f.down"
+        yield bob.download(r["file"], str(dst), progress=cut("bob"))
+        assert len(cuts) == 2 and dst.read_bytes() == src.read_bytes()
+    finally:
+        yield alice.stopService()
+        yield bob.stopService()
