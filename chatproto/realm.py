@@ -429,7 +429,11 @@ class RealmService(Service):
             self._prune.stop()
         for sessions in list(self._online.values()):
             for s in list(sessions):
-                s.mind.disconnect("shutting_down", "the realm is stopping")
+                # One connection that fails to close must not keep the store open.
+                try:
+                    s.mind.disconnect("shutting_down", "the realm is stopping")
+                except Exception:
+                    self.log.failure("closing {user} at shutdown failed", user=s.user_id)
                 s.logout()
         yield self.files.stop()
         yield self.store.close()

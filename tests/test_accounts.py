@@ -87,3 +87,42 @@ def test_migration_from_v1_keeps_accounts(tmp_path: Any) -> None:
     assert db.user_floor("alice") == 0
     assert db.migrate() == SCHEMA_VERSION  # idempotent
     db.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_shutdown_closes_the_store_even_if_a_connection_fails_to_close(tmp_path: Any) -> Any:
+    """A mind whose disconnect raises is logged and skipped: every other session is
+    still logged out and the store still closed (or the process would hang at exit)."""
+    realm = make_realm(fast_config(tmp_path))
+    yield realm.startService()
+    yield realm.create_user("alice", "password1")
+    yield realm.create_user("bob", "password1")
+
+    class Mind:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.closed = fail, False
+
+        def deliver(self, envelope: Any) -> None:
+            pass
+
+        def synced(self, pos: int) -> None:
+            pass
+
+        def notify(self, notice: Any) -> None:
+            pass
+
+        def wait_writable(self) -> None:
+            return None
+
+        def disconnect(self, code: str, message: str) -> None:
+            if self.fail:
+                raise RuntimeError("transport already gone")
+            self.closed = True
+
+    broken, fine = Mind(True), Mind(False)
+    yield realm.login("alice", "password1", broken, "d1")
+    yield realm.login("bob", "password1", fine, "d1")
+    yield realm.stopService()
+    assert fine.closed
+    assert not realm.sessions_of("alice@localhost")
+    assert not realm.sessions_of("bob@localhost")
