@@ -63,8 +63,9 @@ _ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 def _new_id() -> str:
-    """An unguessable id (file and upload ids also appear in web links)."""
-    return secrets.token_urlsafe(18)
+    """An unguessable id (file and upload ids also appear in web links and on command
+    lines, so hex: never starting with ``-``, which a shell command takes for an option)."""
+    return secrets.token_hex(16)
 
 
 @attrs.define(frozen=True)

@@ -263,3 +263,11 @@ def test_file_records_survive_in_sqlite(tmp_path: Any) -> None:
     assert db.expire_files(4.0) == []
     assert db.expire_files(6.0) == ["a" * 64]
     assert db.file_info("f" * 24) is None and db.file_usage(ALICE) == 0
+
+
+def test_new_ids_are_hex_and_never_look_like_a_command_line_option() -> None:
+    from chatproto.files import _ID, _new_id
+
+    ids = {_new_id() for _ in range(500)}
+    assert len(ids) == 500
+    assert all(len(i) == 32 and int(i, 16) >= 0 and _ID.fullmatch(i) for i in ids)
