@@ -36,8 +36,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -49,6 +47,7 @@ from chatproto import address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import MAX_TOPIC
+from chatproto.protocol import ClientFactory
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
 
@@ -465,6 +464,17 @@ class IRCProtocol(LineOnlyReceiver):
 
     def send_line(self, source: str | None, command: str, *params: str) -> None:
         self._write(_line(source, command, *params))
+
+    # keepalive (called by the factory's sweep, shared with the native protocol) -------
+
+    def login_timed_out(self) -> None:
+        self.close_with("Registration timed out")
+
+    def keepalive_expired(self) -> None:
+        self.close_with("Ping timeout")
+
+    def send_ping(self) -> None:
+        self._write(f"PING :{self.factory.server_name}\r\n".encode())
 
     def close_with(self, message: str) -> None:
         """``ERROR :message``, then close (the IRC way of ending a connection)."""
@@ -1599,7 +1609,7 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
 }
 
 
-class IRCFactory(Factory):
+class IRCFactory(ClientFactory):
     """Builds :class:`IRCProtocol` for one realm.
 
     Holds the realm, a ``clock`` tests may replace, the live connections (one keepalive
@@ -1612,48 +1622,14 @@ class IRCFactory(Factory):
     log = Logger()
 
     def __init__(self, realm: RealmService, clock: Any = None) -> None:
-        self.realm = realm
-        self.clock = clock if clock is not None else realm.clock
-        self.connections: set[IRCProtocol] = set()
+        super().__init__(realm, clock)
         cfg = realm.config.irc
         self.server_name = cfg.server_name or realm.realm
         self.version = f"chatproto-{chatproto.__version__}"
         self.created = _server_time(self.clock.seconds())
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = self.clock
         self._cache_env: Envelope | None = None
         self._cache: list[bytes | None] = [None, None, None, None]
         self._isupport: list[list[str]] | None = None
-
-    def startFactory(self) -> None:
-        lim = self.realm.config.limits
-        interval = max(0.5, min(lim.login_timeout, lim.keepalive_interval) / 4)
-        self._sweeper.start(interval, now=False)
-
-    def stopFactory(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
-
-    def sweep(self) -> None:
-        """Reap connections that did not register in time, ping idle ones, and drop
-        those that stay silent (``limits.login_timeout``, ``keepalive_interval``)."""
-        now = self.clock.seconds()
-        lim = self.realm.config.limits
-        for proto in list(self.connections):
-            if proto.state == "closed":
-                if now - proto.closed_at >= lim.keepalive_interval:
-                    proto.transport.abortConnection()
-                continue
-            if proto.state != "ready":
-                if now - proto.connected_at >= lim.login_timeout:
-                    proto.close_with("Registration timed out")
-                continue
-            idle = now - proto.last_rx
-            if idle >= 2 * lim.keepalive_interval:
-                proto.close_with("Ping timeout")
-            elif idle >= lim.keepalive_interval and not proto.pinged:
-                proto.pinged = True
-                proto._write(f"PING :{self.server_name}\r\n".encode())
 
     def isupport_lines(self) -> list[list[str]]:
         """RPL_ISUPPORT tokens, at most 13 per line."""

@@ -183,6 +183,21 @@ class ClientProtocol(Int32StringReceiver):
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    # keepalive (called by ClientFactory.sweep) ---------------------------------------
+
+    def login_timed_out(self) -> None:
+        self.close_with("timeout", "did not log in in time")
+
+    def keepalive_expired(self) -> None:
+        self.factory.log.info(
+            "reaping silent connection of {user}",
+            user=self.session and self.session.user_id,
+        )
+        self.close_with("timeout", "no answer to keepalive pings")
+
+    def send_ping(self) -> None:
+        self.send_frame(_PING)
+
     def send_error(self, err: ChatError, rid: Any = None) -> None:
         self.send_frame(wire.error_frame(err.code, err.message, rid, **err.extra))
 
@@ -663,6 +678,7 @@ def _handlers(cls: type) -> dict[str, Any]:
 
 
 _HANDLERS = ClientProtocol.handlers = _handlers(ClientProtocol)
+_PING = wire.encode({"type": "ping"})
 
 
 class ClientFactory(Factory):
@@ -681,7 +697,7 @@ class ClientFactory(Factory):
     def __init__(self, realm: RealmService, clock: Any = None) -> None:
         self.realm = realm
         self.clock = clock if clock is not None else realm.clock
-        self.connections: set[ClientProtocol] = set()
+        self.connections: set[Any] = set()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
 
@@ -695,9 +711,12 @@ class ClientFactory(Factory):
             self._sweeper.stop()
 
     def sweep(self) -> None:
+        """One pass of the keepalive timer.  Protocols (this one, and gateways such as
+        IRC that subclass the factory) keep ``state``, ``connected_at``, ``last_rx``,
+        ``pinged`` and ``closed_at`` and say in their own words what happens:
+        ``login_timed_out()``, ``keepalive_expired()`` and ``send_ping()``."""
         now = self.clock.seconds()
         lim = self.realm.config.limits
-        ping = wire.encode({"type": "ping"})
         for proto in list(self.connections):
             if proto.state == "closed":
                 # Closed politely on an earlier sweep but the peer never took the
@@ -707,15 +726,11 @@ class ClientFactory(Factory):
                 continue
             if proto.state != "ready":
                 if now - proto.connected_at >= lim.login_timeout:
-                    proto.close_with("timeout", "did not log in in time")
+                    proto.login_timed_out()
                 continue
             idle = now - proto.last_rx
             if idle >= 2 * lim.keepalive_interval:
-                self.log.info(
-                    "reaping silent connection of {user}",
-                    user=proto.session and proto.session.user_id,
-                )
-                proto.close_with("timeout", "no answer to keepalive pings")
+                proto.keepalive_expired()
             elif idle >= lim.keepalive_interval and not proto.pinged:
                 proto.pinged = True
-                proto.send_frame(ping)
+                proto.send_ping()
