@@ -1454,19 +1454,14 @@ class IRCProtocol(LineOnlyReceiver):
     def irc_CHATHISTORY(self, ctx: _Reply, params: list[str], tags: dict[str, str]) -> Any:
         """``CHATHISTORY LATEST|BEFORE|AFTER <target> <*|msgid=ID> <limit>`` (msgids are
         realm stream positions)."""
+
+        def fail(code: str, *args: str) -> None:
+            ctx.send(_line(self.server, "FAIL", "CHATHISTORY", code, *args))
+
         assert self.session is not None
         sub = params[0].upper()
         if sub not in ("LATEST", "BEFORE", "AFTER") or len(params) < 4:
-            ctx.send(
-                _line(
-                    self.server,
-                    "FAIL",
-                    "CHATHISTORY",
-                    "INVALID_PARAMS",
-                    sub[:20],
-                    "Supported: LATEST, BEFORE, AFTER with * or msgid=",
-                )
-            )
+            fail("INVALID_PARAMS", sub[:20], "Supported: LATEST, BEFORE, AFTER with * or msgid=")
             return None
         target, ref, count = params[1], params[2], params[3]
         page = self.realm.config.limits.history_page
@@ -1474,57 +1469,19 @@ class IRCProtocol(LineOnlyReceiver):
         if ref != "*":
             key, _, value = ref.partition("=")
             if key != "msgid" or not value.isdigit():
-                ctx.send(
-                    _line(
-                        self.server,
-                        "FAIL",
-                        "CHATHISTORY",
-                        "INVALID_MSGREFTYPE",
-                        sub,
-                        _param(ref),
-                        "Only msgid references are supported",
-                    )
-                )
+                fail("INVALID_MSGREFTYPE", sub, _param(ref), "Only msgid references are supported")
                 return None
             pos = int(value)
         if not count.isdigit() or not 1 <= int(count) <= page:
-            ctx.send(
-                _line(
-                    self.server,
-                    "FAIL",
-                    "CHATHISTORY",
-                    "INVALID_PARAMS",
-                    sub,
-                    f"limit must be 1 to {page}",
-                )
-            )
+            fail("INVALID_PARAMS", sub, f"limit must be 1 to {page}")
             return None
         if ref == "*" and sub != "LATEST":
-            ctx.send(
-                _line(
-                    self.server,
-                    "FAIL",
-                    "CHATHISTORY",
-                    "INVALID_PARAMS",
-                    sub,
-                    "BEFORE and AFTER need a msgid",
-                )
-            )
+            fail("INVALID_PARAMS", sub, "BEFORE and AFTER need a msgid")
             return None
         try:
             peer = self._resolve(target)
         except ChatError:
-            ctx.send(
-                _line(
-                    self.server,
-                    "FAIL",
-                    "CHATHISTORY",
-                    "INVALID_TARGET",
-                    sub,
-                    _param(target),
-                    "No such target",
-                )
-            )
+            fail("INVALID_TARGET", sub, _param(target), "No such target")
             return None
         before = pos if sub == "BEFORE" else None
         after = pos if sub == "AFTER" else None
@@ -1553,17 +1510,7 @@ class IRCProtocol(LineOnlyReceiver):
         def failed(f: Failure) -> None:
             f.trap(ChatError)
             message = getattr(f.value, "message", "no history")
-            ctx.send(
-                _line(
-                    self.server,
-                    "FAIL",
-                    "CHATHISTORY",
-                    "INVALID_TARGET",
-                    sub,
-                    _param(target),
-                    message,
-                )
-            )
+            fail("INVALID_TARGET", sub, _param(target), message)
 
         return d.addCallbacks(got, failed)
 
