@@ -34,6 +34,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def write_realm_config(
+    tmp_path: Any, realm: str, paths: dict[str, str], fed_port: int, peer: str, peer_port: int
+) -> Any:
+    """The TOML file of a twistd realm federating with ``peer`` (fast hashing, fast retry)."""
+    conf = tmp_path / f"{realm.split('.')[0]}.toml"
+    conf.write_text(
+        f"""[realm]
+name = "{realm}"
+data_dir = {json.dumps(str(tmp_path / (realm.split('.')[0] + "-data")))}
+listen = ["tcp:0:interface=127.0.0.1"]
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+[federation]
+enabled = true
+port = {fed_port}
+certificate = {json.dumps(paths["cert"])}
+private_key = {json.dumps(paths["key"])}
+ca = {json.dumps(paths["ca"])}
+retry_initial = 0.05
+retry_max = 0.5
+[[federation.peers]]
+realm = "{peer}"
+endpoint = "127.0.0.1:{peer_port}"
+"""
+    )
+    return conf
+
+
 @pytest.fixture
 def spawner(tmp_path: Any) -> Any:
     s = Spawner(str(tmp_path))
@@ -52,28 +82,8 @@ def test_sigkill_of_the_receiving_realm_mid_stream(tmp_path: Any, spawner: Any) 
     a.cfg.federation.peers.append(Peer("b.example", endpoint=f"127.0.0.1:{b_fed_port}"))
     yield a.start()
 
-    conf = tmp_path / "b.toml"
-    conf.write_text(
-        f"""[realm]
-name = "b.example"
-data_dir = {json.dumps(str(tmp_path / "b-data"))}
-listen = ["tcp:0:interface=127.0.0.1"]
-[auth]
-argon2_time_cost = 1
-argon2_memory_cost = 1024
-argon2_parallelism = 1
-[federation]
-enabled = true
-port = {b_fed_port}
-certificate = {json.dumps(b_paths["cert"])}
-private_key = {json.dumps(b_paths["key"])}
-ca = {json.dumps(b_paths["ca"])}
-retry_initial = 0.05
-retry_max = 0.5
-[[federation.peers]]
-realm = "a.example"
-endpoint = "127.0.0.1:{a.fed_port}"
-"""
+    conf = write_realm_config(
+        tmp_path, "b.example", b_paths, b_fed_port, "a.example", a.fed_port
     )
 
     @defer.inlineCallbacks
@@ -119,28 +129,8 @@ def test_sigkill_of_the_sending_realm_with_a_queue_then_restart(tmp_path: Any, s
     certs = str(tmp_path / "certs")
     a_paths = tls.write_dev_certs(certs, "a.example")
     a_fed_port, b_fed_port = free_port(), free_port()
-    conf = tmp_path / "a.toml"
-    conf.write_text(
-        f"""[realm]
-name = "a.example"
-data_dir = {json.dumps(str(tmp_path / "a-data"))}
-listen = ["tcp:0:interface=127.0.0.1"]
-[auth]
-argon2_time_cost = 1
-argon2_memory_cost = 1024
-argon2_parallelism = 1
-[federation]
-enabled = true
-port = {a_fed_port}
-certificate = {json.dumps(a_paths["cert"])}
-private_key = {json.dumps(a_paths["key"])}
-ca = {json.dumps(a_paths["ca"])}
-retry_initial = 0.05
-retry_max = 0.5
-[[federation.peers]]
-realm = "b.example"
-endpoint = "127.0.0.1:{b_fed_port}"
-"""
+    conf = write_realm_config(
+        tmp_path, "a.example", a_paths, a_fed_port, "b.example", b_fed_port
     )
     listening = re.compile(r"chatrealm a\.example listening on 127\.0\.0\.1:(\d+) ")
 
