@@ -333,7 +333,7 @@ def test_message_markup() -> None:
     f = msg(4, "bob@x", "alice@x", body="", kind="file", ts=DAY2)
     f["meta"] = {"file_id": "F1", "name": "a.pdf", "size": 2048}
     line = _flat(message_markup(MessageLine(f), model.me, model.realm, UTC))
-    assert line == "00:01 <bob> [file] a.pdf (2.0 KB)  /download F1"
+    assert line == "00:01 <bob> [file] a.pdf (2.0 KiB)  /download F1"
     err = NoticeLine("no_such_user: no user x", DAY2, 0, 0, error=True)
     assert _flat(message_markup(err, model.me, model.realm, UTC)) == (
         "00:01 !! no_such_user: no user x"
@@ -531,7 +531,7 @@ def test_transfers_show_as_progress_bars_while_running() -> None:
     model.progress("up:1", 1024)
     view.refresh()
     screen = text_of(view, (100, 12))
-    assert re.search(r"up photo\.jpg 1\.0 KB/4\.0 KB +.*25 %", screen), screen
+    assert re.search(r"up photo\.jpg 1\.0 KiB/4\.0 KiB +.*25 %", screen), screen
     model.finish_transfer("up:1")
     view.refresh()
     assert "photo.jpg" not in text_of(view, (100, 12))

@@ -181,7 +181,7 @@ def test_two_users_chat_in_the_real_tui(realm: str, tmux: Tmux, tmp_path: Path) 
     data = os.urandom(300_000)
     (tmp_path / "report.bin").write_bytes(data)
     tmux.type("alice", f"/send {tmp_path / 'report.bin'}")
-    yield tmux.wait("bob", r"<alice> \[file\] report\.bin \(293\.0 KB\)\s+/download")
+    yield tmux.wait("bob", r"<alice> \[file\] report\.bin \(293\.0 KiB\)\s+/download")
     tmux.type("bob", "/download")
     yield tmux.wait("bob", r"-- saved report\.bin to ")
     assert (tmp_path / "bob" / "Downloads" / "report.bin").read_bytes() == data

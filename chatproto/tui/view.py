@@ -28,7 +28,7 @@ from typing import Any
 
 import urwid
 
-from chatproto.cli import describe_event
+from chatproto.cli import describe_event, human_size
 from chatproto.tui.model import (
     STATUS,
     ChatModel,
@@ -85,14 +85,6 @@ PALETTE = [
 _PRESENCE_MARK = {"online": "*", "away": "~", "busy": "!"}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover
-
-
 def _clock(ts: float, tz: datetime.tzinfo | None) -> str:
     return datetime.datetime.fromtimestamp(ts, tz).strftime("%H:%M")
 
@@ -124,7 +116,7 @@ def message_markup(
         name = meta.get("name", "?")
         size = meta.get("size")
         fid = meta.get("file_id", "?")
-        text = f"[file] {name}" + (f" ({_size(size)})" if isinstance(size, int) else "")
+        text = f"[file] {name}" + (f" ({human_size(size)})" if isinstance(size, int) else "")
         body = str(item.get("body") or "")
         out: list[Any] = [when, nick, " ", ("file", text), ("hint", f"  /download {fid}")]
         if body and body != name:
@@ -380,7 +372,7 @@ class ChatView(urwid.WidgetWrap):
 
     def _transfer_widget(self, t: Transfer) -> urwid.Widget:
         arrow = "up" if t.direction == "up" else "down"
-        label = f" {arrow} {t.name} {_size(t.done)}/{_size(t.total)}"
+        label = f" {arrow} {t.name} {human_size(t.done)}/{human_size(t.total)}"
         bar = urwid.ProgressBar(
             "pbar normal", "pbar complete", current=t.done, done=max(t.total, 1)
         )
