@@ -13,7 +13,9 @@ Embed it in any Twisted application::
 
 Groups (``#name`` or ``#name@realm``) are addressed like users in ``send`` and
 ``history``; their membership changes arrive through ``on_message`` as items of kind
-``event`` (``meta["event"]``: ``joined``, ``kicked``...).  Presence is ephemeral: each
+``event`` (``meta["event"]``: ``joined``, ``kicked``...).  With federation, a message
+another realm refused comes back as an item of kind ``bounce`` (``meta["id"]`` is the
+refused ``msg_id``, ``meta["code"]`` the reason).  Presence is ephemeral: each
 ``{"type": "presence", "user", "status", "text"?}`` frame goes to ``on_presence``; it
 is neither stored nor acknowledged, and missed presence is not replayed.
 

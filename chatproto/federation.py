@@ -773,7 +773,8 @@ class PeerLink:
         self.proto: OutboundProtocol | None = None
         self.acked_seq = 0  # highest outbox seq the peer acknowledged
         self.sent_seq = 0  # highest outbox seq sent on the current connection
-        self.inflight: collections.deque[tuple[str, int]] = collections.deque()
+        #: unacknowledged transactions: (txn id, last outbox seq, the items sent)
+        self.inflight: collections.deque[tuple[str, int, list[Any]]] = collections.deque()
         self.failures = 0
         self.retry_in: float | None = None
         self.retry_at: float | None = None
@@ -785,6 +786,9 @@ class PeerLink:
         self._kicking = False
         self._penalty: Any = None
         self._penalty_level = 0
+        #: outbox deletes waiting for bounces to commit (see _settle)
+        self._settling: Deferred[Any] | None = None
+        self._settle_waiting = 0
         from chatproto.client import WatchedEndpoint
 
         self.service = ClientService(
@@ -950,9 +954,10 @@ class PeerLink:
             if rows:
                 first, last = rows[0][0], rows[-1][0]
                 txn = f"{first}-{last}"
-                items = [envelope_to_wire(e) for _, e in rows]
+                sent = [e for _, e in rows]
+                items = [envelope_to_wire(e) for e in sent]
                 proto.send({"type": "txn", "id": txn, "items": items})
-                self.inflight.append((txn, last))
+                self.inflight.append((txn, last, sent))
                 self.sent_seq = last
                 self.sent_items += len(rows)
             self.pump()
@@ -969,23 +974,66 @@ class PeerLink:
         if not self.inflight or self.inflight[0][0] != txn:
             proto.fail("bad_request", f"ack for {str(txn)[:40]!r}, which is not the oldest txn")
             return
-        _, last = self.inflight.popleft()
+        _, last, sent = self.inflight.popleft()
         self.acked_seq = last
         self._penalty_level = 0
-        for r in rejected[:100] if isinstance(rejected, list) else ():
-            self.rejected_items += 1
-            if isinstance(r, dict):
+        bounces = []
+        if rejected and isinstance(rejected, list):
+            by_id = {
+                (e.id if isinstance(e, Envelope) else e.get("id")): e
+                for e in sent
+                if isinstance(e, Envelope | dict)
+            }
+            for r in rejected[:MAX_TXN_ITEMS]:
+                if not isinstance(r, dict):
+                    continue
+                self.rejected_items += 1
+                code, message = str(r.get("code"))[:40], str(r.get("message"))[:200]
                 self.log.warn(
                     "federation: {realm} rejected item {id}: {code}: {message}",
                     realm=self.realm,
                     id=str(r.get("id"))[:64],
-                    code=str(r.get("code"))[:40],
-                    message=str(r.get("message"))[:200],
+                    code=code,
+                    message=message,
                 )
-        self.fed.realm.store.outbox_ack(self.realm, last).addErrback(
-            lambda f: self.log.failure("federation: outbox ack for {realm}", f, realm=self.realm)
-        )
+                item = by_id.get(r.get("id")) if isinstance(r.get("id"), str) else None
+                if item is not None:
+                    bounces.append((item, code, message))
+        self._settle(last, bounces)
         self.pump()
+
+    def _settle(self, last: int, bounces: list[tuple[Any, str, str]]) -> None:
+        """Delete the outbox rows up to ``last`` (acknowledged), after committing the
+        bounces of the transaction's rejected items: a realm killed in between sends
+        the transaction again and bounces it then (once: bounce ids derive from the
+        item ids).  Settlements run in ack order: a later delete never overtakes an
+        earlier transaction's bounces."""
+        realm, store = self.fed.realm, self.fed.realm.store
+
+        def logged(f: Failure, what: str) -> None:
+            self.log.failure("federation: {what} for {peer}", f, what=what, peer=self.realm)
+
+        def delete(_: object = None) -> Deferred[Any]:
+            return store.outbox_ack(self.realm, last).addErrback(logged, "outbox ack")
+
+        if self._settling is None and not bounces:
+            delete()
+            return
+
+        def step(_: object) -> Deferred[Any]:
+            d = realm.bounce(self.realm, bounces) if bounces else succeed(None)
+            return d.addErrback(logged, "bouncing rejected items").addCallback(delete)
+
+        def done(result: object) -> object:
+            self._settle_waiting -= 1
+            if self._settle_waiting == 0:
+                self._settling = None
+            return result
+
+        if self._settling is None:
+            self._settling = succeed(None)
+        self._settle_waiting += 1
+        self._settling.addCallback(step).addBoth(done)
 
     def presence(self, frame: dict[str, Any]) -> None:
         """Ephemeral: sent only when the link is up (presence is not stored)."""

@@ -1643,6 +1643,9 @@ class IRCFactory(ClientFactory):
         if env.kind == "text":
             head = f"{source}PRIVMSG {target} :"
             body = env.body
+        elif env.kind == "bounce":  # another realm refused what we sent: from the server
+            head = f":{self.server_name} NOTICE {target} :"
+            body = f"[not delivered] {env.body}"
         elif env.kind == "file":  # IRC cannot carry it: a notice saying how to fetch it
             head = f"{source}NOTICE {target} :"
             meta = env.meta or {}

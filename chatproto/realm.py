@@ -67,6 +67,18 @@ SYNC_BUFFER = 2000
 NONCES_PER_USER = 1024
 #: Arguments a group change may carry (forwarded with a request to a group's realm).
 _EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
+#: The client request that asks for each group event (for bounce texts).
+_REQUEST_OF = {
+    "joined": "join",
+    "left": "leave",
+    "invited": "invite",
+    "kicked": "kick",
+    "banned": "ban",
+    "unbanned": "unban",
+    "topic": "set_topic",
+    "role": "set_role",
+    "deleted": "delete_group",
+}
 #: Maximum length of a device name.
 MAX_DEVICE = 64
 
@@ -717,7 +729,10 @@ class RealmService(Service):
     @inlineCallbacks
     def _came_online(self, session: Session) -> Any:
         partners = yield self.store.conversation_partners(session.user_id)
-        self._partners.setdefault(session.user_id, set()).update(partners)
+        # (a bounce from a group lists the group as a partner: not a presence contact)
+        self._partners.setdefault(session.user_id, set()).update(
+            p for p in partners if not p.startswith("#")
+        )
         if session.quiet or session.closed:
             return
         session.counted = True
@@ -1335,6 +1350,66 @@ class RealmService(Service):
                 for s in self._online.get(local, ()):
                     if not s._syncing:
                         s.mind.notify(notice)
+
+    def bounce(self, peer: str, rejected: Sequence[tuple[Any, str, str]]) -> Deferred[None]:
+        """Tell local senders that peer realm ``peer`` refused their items.
+
+        ``rejected`` lists ``(item, code, message)``: ``item`` is what the outbox sent
+        (an :class:`Envelope`, or the dict of a queued group request).  Each item of a
+        local user becomes one durable stream item of kind ``bounce`` in that user's
+        feed: ``from`` the address the item was for (so clients show it in that
+        conversation), ``to`` the user, ``meta`` ``{"id", "code", "realm"}`` (plus
+        ``event`` for a refused request).  Its id derives from the refused item's, so
+        a transaction refused twice (sent again after a crash) bounces once.  Items
+        forwarded for users of other realms are only logged (their realm is told by
+        its own link, if at all).  Fires once the bounces are committed and routed.
+        """
+        batch: list[Envelope] = []
+        for item, code, message in rejected:
+            mid: Any
+            sender: Any
+            target: Any
+            if isinstance(item, Envelope):
+                mid, sender, target, event = item.id, item.sender, item.recipient, None
+            elif isinstance(item, dict):
+                mid, sender, target = item.get("id"), item.get("from"), item.get("to")
+                event = item.get("event")
+            else:
+                continue
+            if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(target, str)):
+                continue
+            if not sender.endswith(self._suffix) or sender.startswith("#"):
+                continue  # not one of our users: nobody here to tell
+            if event:
+                what = f"your {_REQUEST_OF.get(event, event)} request for {target}"
+            else:
+                what = f"your message to {target}"
+            meta: dict[str, Any] = {"id": mid, "code": code, "realm": peer}
+            if event:
+                meta["event"] = event
+            batch.append(
+                Envelope(
+                    id=f"{mid}~bounce"[:64],
+                    kind="bounce",
+                    sender=target,
+                    recipient=sender,
+                    ts=self.clock.seconds(),
+                    body=f"{what} was refused by {peer}: {code}: {message}"[:4000],
+                    meta=meta,
+                )
+            )
+        if not batch:
+            return succeed(None)
+
+        def stored(envs: list[Envelope]) -> None:
+            self.begin_burst()
+            try:
+                for env in envs:
+                    self._route(env)
+            finally:
+                self.end_burst()
+
+        return self.store.append_remote(batch, []).addCallback(stored)
 
     def _envelope(
         self,

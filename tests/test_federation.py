@@ -511,6 +511,86 @@ def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
     assert [t["id"] for t in again.sent] == ["3-4", "5-5"]
 
 
+class _Out:
+    """Stands in for an OutboundProtocol: records the frames a PeerLink sends."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sent.append(obj)
+
+    def fail(self, code: str, message: str) -> None:
+        self.closed = True
+
+
+def test_rejected_items_bounce_to_their_sender_once_before_the_outbox_forgets_them(
+    node: Any,
+) -> None:
+    realm, fed, _ = node
+    realm.create_user("carol", "password-1")
+    link = fed.link("a.example")  # not started: the test plays the connection
+    sent = [realm.post("bob", "nobody@a.example", "m0").result]
+    sent.append(realm.post("carol", "alice@a.example", "m1").result)
+    out = _Out()
+    link.proto = out  # type: ignore[assignment]
+    link._waiting = 2
+    link.pump()
+    assert [t["id"] for t in out.sent] == ["1-2"]
+    # the bounce is committed before the outbox rows go: hold its commit
+    held: list[Deferred[None]] = []
+    real_bounce = realm.bounce
+
+    def slow_bounce(peer: str, rejected: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        held.append(d)
+        return d.addCallback(lambda _: real_bounce(peer, rejected))
+
+    realm.bounce = slow_bounce
+    rejected = [{"id": sent[0].id, "code": "no_such_user", "message": "no user nobody"}]
+    link.acked(out, "1-2", rejected)  # type: ignore[arg-type]
+    realm.post("carol", "alice@a.example", "m2")
+    link._waiting = 1  # (the service is not running: wakes do not reach the link)
+    link.pump()
+    assert [t["id"] for t in out.sent] == ["1-2", "3-3"]
+    link.acked(out, "3-3", [])  # type: ignore[arg-type]  # a later ack waits its turn
+    assert realm.store.outbox_counts().result == {"a.example": 3}
+    assert [e.kind for e in realm.store.read_feed("bob@b.example", 0, 10).result] == ["text"]
+    held[0].callback(None)
+    assert realm.store.outbox_counts().result == {}
+    assert link._settling is None
+    feed = realm.store.read_feed("bob@b.example", 0, 10).result
+    assert [e.kind for e in feed] == ["text", "bounce"]
+    bounce = feed[1]
+    assert (bounce.sender, bounce.recipient) == ("nobody@a.example", "bob@b.example")
+    assert bounce.meta == {"id": sent[0].id, "code": "no_such_user", "realm": "a.example"}
+    assert [e.kind for e in realm.store.read_feed("carol@b.example", 0, 10).result] == [
+        "text",
+        "text",
+    ]
+    # the same refusal again (the transaction was sent again after a crash): one bounce
+    realm.bounce = real_bounce
+    realm.bounce("a.example", [(sent[0], "no_such_user", "no user nobody")])
+    feed = realm.store.read_feed("bob@b.example", 0, 10).result
+    assert [e.kind for e in feed] == ["text", "bounce"]
+    # only our own users are told; rejections naming no item sent bounce nothing
+    forwarded = Envelope("x1", "text", "zed@c.example", "#g@b.example", 1.0, "hi")
+    assert realm.bounce("a.example", [(forwarded, "not_member", "no")]).result is None
+    link.proto = out  # type: ignore[assignment]
+    realm.post("bob", "alice@a.example", "m3")
+    link._waiting = 1
+    link.pump()
+    link.acked(out, out.sent[-1]["id"], ["junk", {"id": 5}, {"id": "unknown"}])  # type: ignore[arg-type]
+    assert link.rejected_items == 3  # the two objects; "junk" is ignored
+    assert [e.kind for e in realm.store.read_feed("bob@b.example", 0, 10).result] == [
+        "text",
+        "bounce",
+        "text",
+    ]
+
+
 class FakeResolver:
     def __init__(self, records: list[tuple[int, int, int, str]] | Exception) -> None:
         self.records = records

@@ -76,16 +76,29 @@ def test_offline_recipient_gets_remote_messages_at_login(two: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_unknown_remote_user_and_policy_errors(two: Any) -> Any:
     a, b = two
-    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    got: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
     a.cfg.federation.deny = ["c.example"]
     with pytest.raises(RemoteError) as e:
         yield alice.send("carol@c.example", "x")
     assert e.value.code == "peer_denied"
     # an unknown user on b: accepted by a (it cannot know), rejected by b, not stored
-    yield alice.send("nobody@b.example", "x")
+    sent = yield alice.send("nobody@b.example", "x")
     yield until(lambda: a.fed.links["b.example"].rejected_items == 1, timeout=30)
     items = yield b.realm.store.read_feed("nobody@b.example", 0, 10)
     assert items == []
+    # ...and alice is told, durably, in her conversation with nobody@b.example
+    yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
+    bounce = got[-1]
+    assert bounce["kind"] == "bounce" and bounce["to"] == "alice@a.example"
+    assert bounce["from"] == "nobody@b.example"
+    assert bounce["meta"] == {"id": sent["msg_id"], "code": "no_such_user", "realm": "b.example"}
+    assert "refused by b.example: no_such_user" in bounce["body"]
+    feed = yield a.realm.store.read_feed("alice@a.example", 0, 10)
+    assert [m.kind for m in feed] == ["text", "bounce"]  # stored in her stream
+    history = yield alice.history("nobody@b.example")
+    assert [m["kind"] for m in history] == ["text", "bounce"]
+    yield drained(a)
     yield alice.close()
 
 
@@ -424,12 +437,23 @@ def test_a_group_spanning_three_realms(tmp_path: Any) -> Any:
         # (b.example's own "hi from b" is not sent back to it)
         assert h.fed.links["b.example"].sent_items - sent_to_b == 2
         # h.example's rules: an invite-only group refuses a remote join...
-        yield alice.join("#secret@h.example")
+        pending = yield alice.join("#secret@h.example")
         yield until(lambda: a.fed.links["h.example"].rejected_items == 1, timeout=30)
         assert "alice@a.example" not in h.realm.groups.get("#secret@h.example").members
         # ...a plain member may not kick; the owner may (a member on another realm)
         yield alice.kick(group, "bob@b.example")
         yield until(lambda: a.fed.links["h.example"].rejected_items == 2, timeout=30)
+        # alice hears of both refusals, in the conversations they concern
+        yield until(
+            lambda: sum(m["kind"] == "bounce" for m in got["alice@a.example"]) == 2, timeout=30
+        )
+        refused = [m for m in got["alice@a.example"] if m["kind"] == "bounce"]
+        assert [(m["from"], m["meta"]["code"], m["meta"]["event"]) for m in refused] == [
+            ("#secret@h.example", "not_invited", "joined"),
+            (group, "forbidden", "kicked"),
+        ]
+        assert refused[0]["meta"]["id"] == pending["msg_id"]
+        assert "your join request for #secret@h.example was refused" in refused[0]["body"]
         yield owner.kick(group, "bob@b.example")
         yield until(
             lambda: any(m.get("meta", {}).get("event") == "kicked" for m in got["bob@b.example"]),

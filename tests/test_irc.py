@@ -611,6 +611,26 @@ def test_file_items_become_notices(factory: IRCFactory, realm: RealmService) -> 
     ]
 
 
+def test_bounces_are_server_notices(factory: IRCFactory, realm: RealmService) -> None:
+    """Another realm refused something bob sent: a notice from the server (the item's
+    ``from`` may be a group, which is no IRC source)."""
+    b = login(factory, "bob")
+    meta = {"id": "m1", "code": "not_invited", "realm": "h.example", "event": "joined"}
+    body = "your join request for #s@h.example was refused by h.example: not_invited: no"
+    realm.bounce(
+        "h.example",
+        [
+            (
+                {"id": "m1", "from": "bob@localhost", "to": "#s@h.example", "event": "joined"},
+                "not_invited",
+                "no",
+            )
+        ],
+    )
+    assert b.lines() == [f":localhost NOTICE bob :[not delivered] {body}"]
+    assert meta == realm.store.read_feed("bob@localhost", 0, 5).result[-1].meta
+
+
 def test_chathistory(factory: IRCFactory) -> None:
     a = login(factory, "alice", caps="batch server-time message-tags draft/chathistory")
     b = login(factory, "bob")

@@ -334,6 +334,11 @@ def test_message_markup() -> None:
     f["meta"] = {"file_id": "F1", "name": "a.pdf", "size": 2048}
     line = _flat(message_markup(MessageLine(f), model.me, model.realm, UTC))
     assert line == "00:01 <bob> [file] a.pdf (2.0 KiB)  /download F1"
+    bounce = msg(5, "nobody@y", "alice@x", body="your message to nobody@y was refused", ts=DAY2)
+    bounce["kind"] = "bounce"
+    line = _flat(message_markup(MessageLine(bounce), model.me, model.realm, UTC))
+    assert line == "00:01 !! your message to nobody@y was refused"
+    assert model.peer_of(bounce) == "nobody@y"  # shown in the conversation it concerns
     err = NoticeLine("no_such_user: no user x", DAY2, 0, 0, error=True)
     assert _flat(message_markup(err, model.me, model.realm, UTC)) == (
         "00:01 !! no_such_user: no user x"

@@ -110,6 +110,8 @@ def message_markup(
     kind = item.get("kind")
     if kind == "event":
         return [when, ("event", "-!- " + describe_event(item))]
+    if kind == "bounce":  # another realm refused something we sent (PROTOCOL.md)
+        return [when, ("error", "!! " + str(item.get("body", "")))]
     nick = ("me" if sender == me else nick_attr(sender), f"<{short(sender, realm)}>")
     if kind == "file":
         meta = item.get("meta") or {}

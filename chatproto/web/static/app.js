@@ -413,6 +413,9 @@ function messageNode(env) {
   if (env.kind === "event") {
     return el("li", { class: "event", dataset: { pos: String(env.pos) }, text: describeEvent(env) });
   }
+  if (env.kind === "bounce") { // another realm refused something we sent
+    return el("li", { class: "event bounce", dataset: { pos: String(env.pos) }, text: `⚠ ${env.body}` });
+  }
   const mine = env.from === state.me;
   const li = el("li", { class: `msg${mine ? " mine" : ""}`, dataset: { pos: String(env.pos) } },
     el("div", { class: "meta" },
