@@ -479,7 +479,7 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     """One output line for a stream item (``me``: show the recipient of own messages).
 
     Private: ``[time] alice@x: hi``; group: ``[time] #g@x alice@x: hi``; group event:
-    ``[time] #g@x: bob joined``.
+    ``[time] #g@x: bob joined``; bounce: ``[time] ! not delivered: <why>``.
     """
     if as_json:
         return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
@@ -493,6 +493,8 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     when = f"[{_when(msg.get('ts', 0))}]"
     sender = msg.get("from", "?")
     to = str(msg.get("to", "?"))
+    if msg.get("kind") == "bounce":  # another realm refused what we sent
+        return f"{when} ! not delivered: {msg.get('body', '')}"
     if to.startswith("#"):
         if msg.get("kind") == "event":
             return f"{when} {to}: {describe_event(msg)}"

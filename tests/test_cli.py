@@ -471,6 +471,8 @@ def test_format_message() -> None:
     msg = {"type": "msg", "pos": 3, "from": "a@x", "to": "b@x", "ts": 0.0, "body": "hi"}
     assert cli.format_message(msg, False).endswith("] a@x: hi")
     assert cli.format_message(msg, False, me="a@x").endswith("] a@x -> b@x: hi")
+    bounce = {**msg, "kind": "bounce", "from": "b@y", "to": "a@x", "body": "refused by y"}
+    assert cli.format_message(bounce, False).endswith("] ! not delivered: refused by y")
     assert json.loads(cli.format_message(msg, True)) == {
         k: v for k, v in msg.items() if k != "type"
     }
