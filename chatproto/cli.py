@@ -760,46 +760,59 @@ async def _create(conn: Connection, args: argparse.Namespace) -> None:
     _say(f"created {result['group']}")
 
 
+def _group_done(result: dict[str, Any], done: str) -> None:
+    """Report a group change; one on another realm's group is only pending (pos 0):
+    that realm decides, and a refusal comes back as a bounce."""
+    if result.get("pos") == 0:
+        home = str(result.get("group", "")).rpartition("@")[2]
+        _say(f"asked {home}: {done} once it agrees (a refusal comes back as a bounce)")
+    else:
+        _say(done)
+
+
 async def _join(conn: Connection, args: argparse.Namespace) -> None:
-    _say(f"joined {(await conn.join(args.group))['group']}")
+    result = await conn.join(args.group)
+    _group_done(result, f"joined {result['group']}")
 
 
 async def _leave(conn: Connection, args: argparse.Namespace) -> None:
-    _say(f"left {(await conn.leave(args.group))['group']}")
+    result = await conn.leave(args.group)
+    _group_done(result, f"left {result['group']}")
 
 
 async def _delete(conn: Connection, args: argparse.Namespace) -> None:
-    _say(f"deleted {(await conn.delete_group(args.group))['group']}")
+    result = await conn.delete_group(args.group)
+    _group_done(result, f"deleted {result['group']}")
 
 
 async def _invite(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.invite(args.group, args.member)
-    _say(f"invited {args.member} to {result['group']}")
+    _group_done(result, f"invited {args.member} to {result['group']}")
 
 
 async def _kick(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.kick(args.group, args.member, args.reason)
-    _say(f"kicked {args.member} from {result['group']}")
+    _group_done(result, f"kicked {args.member} from {result['group']}")
 
 
 async def _ban(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.ban(args.group, args.member, args.reason)
-    _say(f"banned {args.member} from {result['group']}")
+    _group_done(result, f"banned {args.member} from {result['group']}")
 
 
 async def _unban(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.unban(args.group, args.member)
-    _say(f"unbanned {args.member} from {result['group']}")
+    _group_done(result, f"unbanned {args.member} from {result['group']}")
 
 
 async def _topic(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.set_topic(args.group, args.text)
-    _say(f"topic of {result['group']} set")
+    _group_done(result, f"topic of {result['group']} set")
 
 
 async def _role(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.set_role(args.group, args.member, args.role)
-    _say(f"{args.member} is now {args.role} in {result['group']}")
+    _group_done(result, f"{args.member} is now {args.role} in {result['group']}")
 
 
 async def _members(conn: Connection, args: argparse.Namespace) -> None:

@@ -567,3 +567,12 @@ def test_explain_words_tls_failures() -> None:
     err = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("other.example"))])
     text = str(explain(err, "tls:127.0.0.1:7421"))
     assert "does not match the expected name" in text and "tls:127.0.0.1:7421" in text
+
+
+def test_group_changes_on_another_realm_are_reported_as_pending(capsys: Any) -> None:
+    cli._group_done({"group": "#dev@x", "pos": 12}, "joined #dev@x")
+    cli._group_done({"group": "#dev@h.example", "pos": 0}, "joined #dev@h.example")
+    assert capsys.readouterr().out.splitlines() == [
+        "joined #dev@x",
+        "asked h.example: joined #dev@h.example once it agrees (a refusal comes back as a bounce)",
+    ]
