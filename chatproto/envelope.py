@@ -8,38 +8,63 @@ assigned when it is committed, and a realm-unique ``id`` usable for de-duplicati
 
 from __future__ import annotations
 
-import base64
-import itertools
+import hashlib
 import os
+import threading
 from typing import Any
 
 import attrs
 
 __all__ = [
     "Envelope",
+    "alternate_id",
     "conversation_key",
     "new_message_id",
 ]
 
-# 96 random bits per process, then a counter: unique across restarts and realms with
-# overwhelming probability, and far cheaper than asking the OS for randomness per id.
-_PREFIX = ""
-_COUNTER = itertools.count(1)
+# 96 random bits per id, from the OS, drawn in blocks (one system call per 4096 ids):
+# unique across processes, restarts and realms with overwhelming probability, and --
+# unlike a random prefix plus a counter -- unpredictable, so a peer realm that has seen
+# some of our ids cannot take the next ones first (see alternate_id).
+_ID_BYTES = 12
+_BLOCK = _ID_BYTES * 4096
+_pool = b""
+_offset = 0
+_lock = threading.Lock()
 
 
 def _reseed() -> None:
-    global _PREFIX, _COUNTER
-    _PREFIX = base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
-    _COUNTER = itertools.count(1)
+    global _pool, _offset
+    _pool, _offset = b"", 0
 
 
-_reseed()
-os.register_at_fork(after_in_child=_reseed)  # forked workers must not share a prefix
+os.register_at_fork(after_in_child=_reseed)  # forked workers must not share the pool
 
 
 def new_message_id() -> str:
-    """A fresh, globally unique message id (usable for de-duplication across realms)."""
-    return f"{_PREFIX}{next(_COUNTER):x}"
+    """A fresh, globally unique, unpredictable message id (24 hex digits; usable for
+    de-duplication across realms)."""
+    global _pool, _offset
+    with _lock:
+        offset = _offset
+        if offset >= len(_pool):
+            _pool, offset = os.urandom(_BLOCK), 0
+        _offset = offset + _ID_BYTES
+        return _pool[offset : offset + _ID_BYTES].hex()
+
+
+def alternate_id(env: Envelope, key: bytes) -> str:
+    """The id an item from another realm is stored under when its own id is taken by
+    an item of another conversation (a peer that saw the id and sent it first).
+
+    Keyed with a secret of the receiving store (``key``), so a peer cannot take this
+    one too; deterministic, so the same item sent again is recognised."""
+    digest = hashlib.blake2b(
+        f"{env.id} {env.sender} {env.recipient}".encode("utf-8", "surrogatepass"),
+        key=key,
+        digest_size=8,
+    ).hexdigest()
+    return f"{env.id[:40]}~{digest}"
 
 
 def conversation_key(a: str, b: str) -> str:

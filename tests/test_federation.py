@@ -194,7 +194,7 @@ def test_memory_outbox() -> None:
     rows = store.outbox_read("b.example", 0, 10).result  # type: ignore[attr-defined]
     assert rows == [(1, e)]
     assert store.outbox_counts().result == {"b.example": 1}  # type: ignore[attr-defined]
-    dup = env("bob@b.example", "alice@a.example", "y", mid=e.id)
+    dup = env("alice@a.example", "bob@b.example", "x", mid=e.id)
     assert store.append_remote([dup]).result == []  # type: ignore[attr-defined]
     store.outbox_ack("b.example", 1)
     assert store.outbox_counts().result == {}  # type: ignore[attr-defined]

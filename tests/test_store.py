@@ -87,6 +87,42 @@ def test_provides_istore(store: Any) -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_remote_items_cannot_take_each_others_ids(store: Any) -> Any:
+    """A peer that saw an id (one sent to every member realm of a group, say) and sent
+    an item of its own with it first does not make the real item a "duplicate": the
+    real one is stored under an alternate id, keyed with a secret of the store, and is
+    still recognised when it is sent again."""
+    squatter = Envelope("shared-id", "text", "mallory@b.example", CAROL, 1.0, "first!")
+    yield store.append_remote([squatter])
+    real = Envelope("shared-id", "text", "alice@c.example", CAROL, 2.0, "the real one")
+    stored = yield store.append_remote([real])
+    assert [e.body for e in stored] == ["the real one"]
+    assert real.id.startswith("shared-id~") and real.pos > squatter.pos
+    again = Envelope("shared-id", "text", "alice@c.example", CAROL, 2.0, "the real one")
+    assert (yield store.append_remote([again])) == []  # a retried transaction
+    assert again.id == real.id
+    feed = yield store.read_feed(CAROL, 0, 10)
+    assert [(e.id, e.body) for e in feed] == [
+        ("shared-id", "first!"),
+        (real.id, "the real one"),
+    ]
+    # the same id in another store gets another alternate: a peer cannot predict it
+    other = MemoryStore()
+    other.append_remote([Envelope("shared-id", "text", "x@b.example", CAROL, 1.0, "")])
+    twin = Envelope("shared-id", "text", "alice@c.example", CAROL, 2.0, "the real one")
+    other.append_remote([twin])
+    assert twin.id.startswith("shared-id~") and twin.id != real.id
+
+
+def test_message_ids_are_unpredictable_and_distinct() -> None:
+    ids = [new_message_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 24 and int(i, 16) >= 0 for i in ids)
+    # no shared prefix between consecutive ids (a counter would show one)
+    assert sum(a[:8] == b[:8] for a, b in zip(ids, ids[1:])) == 0
+
+
+@pytest_twisted.inlineCallbacks
 def test_accounts(store: Any) -> Any:
     yield store.create_user("bob", "hash-b", 1.0)
     yield store.create_user("alice", "hash-a", 2.0)

@@ -77,7 +77,11 @@ class IStore(Interface):
 
     def append_remote(items, outbox=()):  # type: ignore[misc]
         """Commit items received from another realm, skipping any whose ``id`` is
-        already stored (a transaction retried by the peer): de-duplication by id.
+        already stored with the same sender and recipient (a transaction retried by
+        the peer): de-duplication by id.  An item whose id is taken by an item of
+        another conversation (a peer saw the id and sent it first) is stored under
+        :func:`chatproto.envelope.alternate_id` instead, keyed with a secret of the
+        store (``env.id`` is updated), and de-duplicated the same way.
 
         Group-committed with :meth:`append` and in call order.  Fires, after the commit,
         with the envelopes newly stored (``pos`` set), oldest first.

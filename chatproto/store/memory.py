@@ -8,13 +8,14 @@ it need no threads and no reactor (use ``successResultOf``).
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from chatproto.envelope import Envelope
+from chatproto.envelope import Envelope, alternate_id
 from chatproto.store import IStore, UserExists, file_record
 
 __all__ = [
@@ -34,7 +35,9 @@ class MemoryStore:
         self.files: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
         self._pos = 0
-        self._ids: set[str] = set()
+        #: id -> (sender, recipient) of every stored item
+        self._ids: dict[str, tuple[str, str]] = {}
+        self._id_key = os.urandom(16)
         #: Federation outbox: (seq, realm, envelope or request), oldest first.
         self.outbox: list[tuple[int, str, Any]] = []
         self._seq = 0
@@ -91,7 +94,7 @@ class MemoryStore:
         self._pos += 1
         env.pos = self._pos
         self.items.append(env)
-        self._ids.add(env.id)
+        self._ids[env.id] = (env.sender, env.recipient)
 
     def _queue(self, outbox: Sequence[tuple[str, Envelope]]) -> None:
         for realm, env in outbox:
@@ -104,7 +107,11 @@ class MemoryStore:
     ) -> Deferred[list[Envelope]]:
         stored = []
         for env in items:
-            if env.id not in self._ids:
+            had = self._ids.get(env.id)
+            if had is not None and had != (env.sender, env.recipient):
+                env.id = alternate_id(env, self._id_key)  # its id was taken first
+                had = self._ids.get(env.id)
+            if had is None:
                 self._store(env)
                 stored.append(env)
                 if env.kind == "file" and env.meta is not None and "file_id" in env.meta:

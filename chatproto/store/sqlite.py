@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from chatproto.envelope import Envelope
+from chatproto.envelope import Envelope, alternate_id
 from chatproto.store import FILE_META, IStore, UserExists
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -116,6 +116,15 @@ MIGRATIONS: list[str] = [
     # realm) queue in the outbox as JSON, with no item behind them (pos 0).
     """
     ALTER TABLE outbox ADD COLUMN payload TEXT;
+    """,
+    # v7: realm secrets.  id_key keys alternate ids (chatproto.envelope.alternate_id):
+    # random, made by SQLite itself, never leaves the database.
+    """
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO settings VALUES ('id_key', lower(hex(randomblob(16))));
     """,
 ]
 
@@ -301,14 +310,28 @@ class SQLiteDB:
             raise
         return out
 
+    def _id_key(self) -> bytes:
+        key = getattr(self, "_key", None)
+        if key is None:
+            row = self.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()
+            key = self._key = bytes.fromhex(row[0])
+        return key
+
     def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
         """Insert items from another realm, skipping ids stored already.  A ``file``
         item among them is recorded too: federation stores it only once its bytes
         have been fetched to this realm."""
         c = self.conn
         out: list[int | None] = []
-        for p in self._params(batch):
+        for env, p in zip(batch, self._params(batch), strict=True):
             row = c.execute(self._INSERT_REMOTE, p).fetchone()
+            if row is None:  # stored already -- or the id is taken by another item
+                had = c.execute(
+                    "SELECT sender, recipient FROM items WHERE id = ?", (env.id,)
+                ).fetchone()
+                if had is not None and tuple(had) != (env.sender, env.recipient):
+                    env.id = alternate_id(env, self._id_key())
+                    row = c.execute(self._INSERT_REMOTE, (env.id, *p[1:])).fetchone()
             out.append(row[0] if row else None)
         files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind == "file" and pos]
         if files:
