@@ -66,6 +66,7 @@ from chatproto import address, wire
 from chatproto.config import DEFAULT_FEDERATION_PORT, ConfigError, Federation
 from chatproto.envelope import Envelope
 from chatproto.errors import CODES, ChatError, FatalProtocolError
+from chatproto.ratelimit import TokenBucket
 from chatproto.tls import fingerprint
 from chatproto.transfer import BLOCK
 
@@ -91,6 +92,10 @@ SRV_SERVICE = "_chatproto-fed._tcp"
 MAX_TXN_ITEMS = 1000
 #: Transactions a peer may have unacknowledged on one inbound connection.
 MAX_INFLIGHT = 16
+#: Presence frames a peer may send per second on one link (burst: PRESENCE_BURST);
+#: each costs this realm a look-up of who to tell, so more is a flood (rate_limited).
+PRESENCE_RATE = 200.0
+PRESENCE_BURST = 2000.0
 #: Seconds a new inbound connection has to complete its hello.
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
@@ -424,6 +429,7 @@ class InboundProtocol(_Link):
         self._fetching: tuple[int, Any, Deferred[None]] | None = None
         self._fetches = 0
         self._reading_paused = False
+        self._presence_bucket: TokenBucket | None = None
 
     def connectionMade(self) -> None:
         fed = self.factory.fed
@@ -604,6 +610,13 @@ class InboundProtocol(_Link):
         if self.state != "ready":
             raise FatalProtocolError("bad_request", "presence before hello")
         assert self.peer_realm is not None
+        now = self.factory.fed.clock.seconds()
+        if self._presence_bucket is None:
+            self._presence_bucket = TokenBucket(PRESENCE_RATE, PRESENCE_BURST, now)
+        if self._presence_bucket.take(now):
+            raise FatalProtocolError(
+                "rate_limited", f"more than {PRESENCE_RATE:g} presence frames a second"
+            )
         self.factory.fed.realm.remote_presence(
             self.peer_realm, req.get("user"), req.get("status"), req.get("text", "")
         )

@@ -28,6 +28,8 @@ from chatproto.envelope import Envelope, new_message_id
 from chatproto.federation import (
     MAX_INFLIGHT,
     MAX_TXN_ITEMS,
+    PRESENCE_BURST,
+    PRESENCE_RATE,
     STATUS_FILE,
     FederationService,
     PeerEndpoint,
@@ -440,6 +442,21 @@ def test_remote_presence_reaches_local_partners(node: Any, certs: Any) -> None:
     proto.dataReceived(frame({"type": "presence", "user": "alice@a.example", "status": "away"}))
     proto.dataReceived(frame({"type": "presence", "user": "eve@c.example", "status": "away"}))
     assert mind.notices == [{"type": "presence", "user": "alice@a.example", "status": "away"}]
+
+
+def test_a_flood_of_presence_is_refused(node: Any, certs: Any) -> None:
+    _, fed, clock = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    one = frame({"type": "presence", "user": "alice@a.example", "status": "away"})
+    proto.dataReceived(one * int(PRESENCE_BURST))  # a burst is fine
+    clock.advance(1.0)
+    proto.dataReceived(one * int(PRESENCE_RATE))  # so is the rate, a second later
+    assert not transport.disconnecting
+    proto.dataReceived(one * 2)  # past it: a flood
+    errors = [f for f in frames(transport) if f["type"] == "error"]
+    assert [e["code"] for e in errors] == ["rate_limited"]
+    assert transport.disconnecting
 
 
 @functools.cache
