@@ -432,14 +432,13 @@ class FileService:
 
     def _recipient(self, user: str, to: Any) -> str | Deferred[str]:
         """The canonical address ``user`` may send a file to (a user, or a group
-        ``user`` is a member of)."""
+        ``user`` is a member of, here or -- federation -- on another realm)."""
         if not isinstance(to, str):
             raise ChatError("bad_request", "field 'to' must be a string")
         realm = self.realm
         if to.startswith("#"):
-            addr = realm._group_address(to)
-            if user not in realm.groups.get(addr).members:
-                raise ChatError("not_member", f"you are not a member of {addr}")
+            addr = realm._group_address(to, remote_ok=True)
+            realm._group_realms(user, addr)  # not_member
             return addr
         # A user on another realm (federation): that realm fetches the bytes from here.
         resolved = realm._local_user(to, remote_ok=True)
@@ -643,16 +642,23 @@ class FileService:
 
     @inlineCallbacks
     def serve_remote(self, realm: str, file_id: Any) -> Any:
-        """A :class:`Download` of a whole file for peer ``realm``, which fetches the
-        bytes of a ``file`` message this realm sent to one of its users.  Any other
-        file is ``no_such_file``: a peer reads only what was sent to it."""
+        """A :class:`Download` of a whole file for peer ``realm``, which is storing a
+        ``file`` item this realm sent it and fetches the item's bytes.
+
+        A peer reads only what was sent to it: the file's item must be queued for
+        ``realm`` in the outbox (sent, not yet acknowledged -- the peer acknowledges
+        only after it has the bytes).  The item was queued by the realm's rules: a
+        file to a user of ``realm``; to a group of this realm that has members on
+        ``realm`` (whoever sent it: this realm may have fetched it from a member's
+        realm); to a group whose home is ``realm``, from a user of this realm.  Any
+        other file, or one whose item was acknowledged, is ``no_such_file``."""
         if not isinstance(file_id, str) or not _ID.fullmatch(file_id):
             raise ChatError("no_such_file", "no such file")
         rec = yield self.realm.store.file_info(file_id)
         if rec is None:
             raise ChatError("no_such_file", f"no file {file_id} (or it expired)")
         info = FileInfo(**rec)
-        if info.recipient.startswith("#") or info.recipient.rpartition("@")[2] != realm:
+        if not (yield self.realm.store.outbox_holds(realm, info.pos)):
             raise ChatError("no_such_file", f"no file {file_id} for {realm}")
         if not (yield self.store.has_blob(info.sha256)):
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")

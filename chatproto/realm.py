@@ -886,21 +886,28 @@ class RealmService(Service):
         info["role"] = g.role_of(session.user_id)
         return info
 
-    def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        addr = self._group_address(to, remote_ok=True)
+    def _group_realms(self, sender: str, addr: str) -> list[str]:
+        """The realms an item from ``sender`` to group ``addr`` (canonical) is queued
+        for, once ``sender`` is checked to be a member (``not_member``).
+
+        Our own group: every other realm with a member, once per realm (not member).
+        A group on another realm: its home realm only -- the item is stored here (our
+        members see it at once) and the home realm checks membership and forwards it.
+        """
         home = addr.rpartition("@")[2]
         if home == self.realm:
             group = self.groups.get(addr)
             if sender not in group.members:
                 raise ChatError("not_member", f"you are not a member of {addr}")
-            realms = sorted(self._realms_of(group.members))  # once per realm, not member
-        else:
-            # A group on another realm: stored here (our members see it at once) and
-            # queued for its home realm, which checks membership and forwards it.
-            mirror = self.groups.groups.get(addr)
-            if mirror is None or sender not in mirror.members:
-                raise ChatError("not_member", f"you are not a member of {addr}")
-            realms = [home]
+            return sorted(self._realms_of(group.members))
+        mirror = self.groups.groups.get(addr)
+        if mirror is None or sender not in mirror.members:
+            raise ChatError("not_member", f"you are not a member of {addr}")
+        return [home]
+
+    def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        addr = self._group_address(to, remote_ok=True)
+        realms = self._group_realms(sender, addr)
         env = self._envelope(sender, addr, "text", body)
         d = self.store.append([env], [(r, env) for r in realms])
         d.addCallback(self._committed_group, env)
@@ -1079,9 +1086,10 @@ class RealmService(Service):
         forward it to (as the home realm of its group), or ChatError.
 
         The anti-forgery rules: ``origin`` (authenticated by its certificate) may carry
-        messages from its own users to users of this realm or to groups whose home is
-        this realm (if the sender is a member); and, as the home realm of a group, the
-        group's messages and events whoever sent them.  Nothing else.
+        messages and files from its own users to users of this realm or to groups whose
+        home is this realm (if the sender is a member); and, as the home realm of a
+        group, the group's messages, files and events whoever sent them.  Nothing else:
+        a member realm never carries a group's items to another member realm.
         """
         if not isinstance(raw, dict):
             raise ChatError("bad_request", "an item must be an object")
@@ -1100,14 +1108,14 @@ class RealmService(Service):
         if isinstance(to, str) and to.startswith("#"):
             group = self._parse(to, self.realm, True)
             recipient = str(group)
-            if kind == "file":
-                raise ChatError("bad_request", "files in groups are not federated")
             if group.realm == origin:  # the group's home realm: authoritative for it
                 if kind == "event":
                     if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
                         raise ChatError("bad_request", "an event item needs meta.event")
                     if not isinstance(meta.get("user", ""), str):
                         raise ChatError("bad_request", "meta.user must be a string")
+                elif kind == "file":
+                    meta = _file_meta(meta, body)
                 elif meta is not None:
                     raise ChatError("bad_request", "a text item has no meta")
             elif group.realm == self.realm:  # a member on the peer writes to our group
@@ -1115,8 +1123,12 @@ class RealmService(Service):
                     raise ChatError(
                         "forged_sender", f"{origin} may not carry messages from {sender}"
                     )
-                if kind != "text" or meta is not None:
-                    raise ChatError("bad_request", "only text items go to a group's home realm")
+                if kind == "file":
+                    meta = _file_meta(meta, body)
+                elif kind != "text" or meta is not None:
+                    raise ChatError(
+                        "bad_request", "only text and file items go to a group's home realm"
+                    )
                 members = self.groups.get(recipient).members
                 if str(sender) not in members:
                     raise ChatError("not_member", f"{sender} is not a member of {recipient}")
@@ -1131,9 +1143,7 @@ class RealmService(Service):
                     "forged_sender", f"{origin} may not carry messages from {sender} (its realm)"
                 )
             if kind == "file":
-                meta = _file_meta(meta)
-                if body != meta["name"]:
-                    raise ChatError("bad_request", "a file item's body is its name")
+                meta = _file_meta(meta, body)
             elif kind != "text" or meta is not None:
                 raise ChatError("bad_request", "a private item is text or a file")
             user = self._parse(to, self.realm, False)
@@ -1252,7 +1262,7 @@ class RealmService(Service):
                     if batch:
                         yield self._store_remote(batch, outbox)
                         batch, outbox = [], []
-                    yield self._store_remote_file(origin, env, fetch)
+                    yield self._store_remote_file(origin, env, fetch, fan)
                     continue
                 batch.append(env)
                 outbox.extend((realm, env) for realm in sorted(fan))
@@ -1273,7 +1283,10 @@ class RealmService(Service):
         return rejected
 
     @inlineCallbacks
-    def _store_remote_file(self, origin: str, env: Envelope, fetch: Any) -> Any:
+    def _store_remote_file(self, origin: str, env: Envelope, fetch: Any, fan: set[str]) -> Any:
+        """Fetch the bytes of a ``file`` item from ``origin``, then store the item with
+        outbox rows for ``fan`` (as a group's home realm: the other member realms,
+        which fetch the bytes from here in turn)."""
         meta = env.meta or {}
         if (yield self.store.file_info(meta["file_id"])) is not None:
             return  # stored already (a retried transaction)
@@ -1287,7 +1300,7 @@ class RealmService(Service):
                 yield blob.abort()
                 raise
             yield blob.finish()
-            yield self._store_remote([env], [])
+            yield self._store_remote([env], [(realm, env) for realm in sorted(fan)])
         finally:
             blob.release()
         self.log.info(
@@ -1433,9 +1446,22 @@ class RealmService(Service):
 
     def commit_item(self, env: Envelope) -> Deferred[Envelope]:
         """Store an item the realm's rules have already allowed (a file message, say),
-        then route it like a message; fires with it once committed."""
+        then route it like a message; fires with it once committed.
+
+        An item for another realm (a user there, or a group with members there) is
+        committed with its outbox rows, like a message; a ``file`` item's bytes are
+        then fetched from here by each of those realms (see ``receive_remote``).  To a
+        group, the sender must still be a member (``not_member``)."""
         if env.recipient.startswith("#"):
-            return self.store.append([env]).addCallback(self._committed_group, env)
+            try:
+                realms = self._group_realms(env.sender, env.recipient)
+            except ChatError as e:
+                return fail(e)
+            d = self.store.append([env], [(r, env) for r in realms])
+            d.addCallback(self._committed_group, env)
+            for realm in realms:
+                d.addCallback(self._wake, realm)
+            return d
         home = env.recipient.rpartition("@")[2]
         if home != self.realm:  # a file for a user on another realm, which fetches it
             d = self.store.append([env], [(home, env)]).addCallback(self._committed, env)
@@ -1544,8 +1570,9 @@ def _check_device(device: Any) -> None:
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _file_meta(meta: Any) -> dict[str, Any]:
-    """The ``meta`` of a ``file`` item from another realm, checked (``bad_request``)."""
+def _file_meta(meta: Any, body: str) -> dict[str, Any]:
+    """The ``meta`` of a ``file`` item from another realm (whose ``body`` is the
+    file's name), checked (``bad_request``)."""
     if not isinstance(meta, dict) or set(meta) != set(FILE_META):
         raise ChatError("bad_request", f"a file item's meta has exactly {', '.join(FILE_META)}")
     fid, sha, size = meta["file_id"], meta["sha256"], meta["size"]
@@ -1558,6 +1585,8 @@ def _file_meta(meta: Any) -> dict[str, Any]:
     texts = (meta["name"], meta["media_type"])
     if not all(isinstance(t, str) and 0 < len(t) <= 255 for t in texts):
         raise ChatError("bad_request", "name and media_type must be strings")
+    if body != meta["name"]:
+        raise ChatError("bad_request", "a file item's body is its name")
     return dict(meta)
 
 

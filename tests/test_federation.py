@@ -162,8 +162,10 @@ def test_sqlite_outbox_same_transaction_dedup_and_order(tmp_path: Path) -> None:
     assert db.outbox_counts() == {"b.example": 1, "c.example": 1}
     rows = db.outbox_read("b.example", 0, 10)
     assert [(e.body, e.pos) for _, e in rows] == [("to b 1", 2)]
+    assert db.outbox_holds("b.example", 2) and not db.outbox_holds("c.example", 2)
     db.outbox_ack("b.example", rows[-1][0])
     assert db.outbox_counts() == {"c.example": 1}
+    assert not db.outbox_holds("b.example", 2)  # acknowledged: no longer queued
     # a second run of the migrations changes nothing; the outbox survives reopening
     db.close()
     db = SQLiteDB(str(tmp_path / "r.sqlite3"))
@@ -196,10 +198,13 @@ def test_memory_outbox() -> None:
     rows = store.outbox_read("b.example", 0, 10).result  # type: ignore[attr-defined]
     assert rows == [(1, e)]
     assert store.outbox_counts().result == {"b.example": 1}  # type: ignore[attr-defined]
+    assert store.outbox_holds("b.example", e.pos).result  # type: ignore[attr-defined]
+    assert not store.outbox_holds("c.example", e.pos).result  # type: ignore[attr-defined]
     dup = env("alice@a.example", "bob@b.example", "x", mid=e.id)
     assert store.append_remote([dup]).result == []  # type: ignore[attr-defined]
     store.outbox_ack("b.example", 1)
     assert store.outbox_counts().result == {}  # type: ignore[attr-defined]
+    assert not store.outbox_holds("b.example", e.pos).result  # type: ignore[attr-defined]
 
 
 # the inbound protocol over StringTransport ------------------------------------------------
@@ -777,10 +782,12 @@ def test_file_items_from_a_peer_are_checked(node: Any, certs: Any) -> None:
         {**item(2), "kind": "file", "body": "y", "meta": meta},  # body is not the name
         {**item(3), "kind": "file", "body": "x", "meta": {**meta, "extra": 1}},
         {**item(4), "kind": "file", "body": "x", "meta": meta, "to": "#g@b.example"},
+        {**item(5), "kind": "file", "body": "x", "meta": meta, "to": "#g@c.example"},
     ]
     proto.dataReceived(hello() + frame({"type": "txn", "id": "t", "items": bad}))
     ack = frames(transport)[-1]
-    assert [r["code"] for r in ack["rejected"]] == ["bad_request"] * 4
+    codes = [r["code"] for r in ack["rejected"]]
+    assert codes == ["bad_request"] * 3 + ["no_such_group", "forged_sender"]
     # a data frame with no fetch in progress is a protocol error
     proto.dataReceived(struct.pack("!I", 4) + b"\x00abc")
     assert frames(transport)[-1]["code"] == "bad_frame"
@@ -814,3 +821,253 @@ ca = {json.dumps(a["ca"])}
 
     top, realm = tap.build(opts.realm_config, reactor)
     assert top.getServiceNamed("federation").realm is realm
+
+
+# files in groups across realms (realm to realm without sockets) ---------------------------
+
+
+class _BlobSink:
+    """An IConsumer writing a served file into a RemoteBlob (what the data frames do)."""
+
+    def __init__(self, blob: Any) -> None:
+        self.blob = blob
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.blob.write(data)
+
+
+def _done(d: Any) -> Any:
+    """The result of a Deferred that has fired (MemoryStore, inline file I/O)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+class Realms:
+    """h.example, a.example and b.example on MemoryStores, federating (not listening):
+    :meth:`relay` carries one realm's outbox to another the way a link does --
+    ``receive_remote`` with a ``fetch`` that reads ``serve_remote`` of the sender --
+    and acknowledges it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        certdir = str(tmp_path / "certs")
+        self.clock = Clock()
+        self.realms: dict[str, Any] = {}
+        self.fetches: list[tuple[str, str, str]] = []  # (from realm, to realm, file)
+        for name in ("h.example", "a.example", "b.example"):
+            paths = tls.write_dev_certs(certdir, name)
+            cfg = config.Config(realm=name, data_dir=str(tmp_path / name))
+            f = cfg.federation
+            f.enabled, f.certificate, f.private_key, f.ca = (
+                True,
+                paths["cert"],
+                paths["key"],
+                paths["ca"],
+            )
+            cfg.check()
+            realm = make_test_realm(self.clock, cfg)
+            FederationService(realm, self.clock, clock=self.clock, status_path="")
+            self.realms[name] = realm
+
+    def __getitem__(self, name: str) -> Any:
+        return self.realms[name]
+
+    def relay(self, src: str, dst: str) -> list[dict[str, Any]]:
+        from chatproto.federation import envelope_to_wire
+
+        source, dest = self.realms[src], self.realms[dst]
+        rows = _done(source.store.outbox_read(dst, 0, 1000))
+        if not rows:
+            return []
+
+        def fetch(file_id: str, blob: Any) -> Any:
+            self.fetches.append((src, dst, file_id))
+            d = source.files.serve_remote(dst, file_id)
+            return d.addCallback(lambda download: download.start(_BlobSink(blob)))
+
+        items = [envelope_to_wire(e) for _, e in rows]
+        rejected = _done(dest.receive_remote(src, items, fetch=fetch))
+        _done(source.store.outbox_ack(dst, rows[-1][0]))
+        return rejected  # type: ignore[no-any-return]
+
+    def settle(self) -> None:
+        """Relay between every pair until no outbox holds anything."""
+        for _ in range(10):
+            moved = False
+            for src in self.realms:
+                for dst in self.realms:
+                    if src != dst and _done(self.realms[src].store.outbox_counts()).get(dst):
+                        assert self.relay(src, dst) == []
+                        moved = True
+            if not moved:
+                return
+        raise AssertionError("the outboxes do not drain")
+
+
+def _upload(realm: Any, sender: str, to: str, data: bytes) -> Any:
+    import hashlib
+
+    files = realm.files
+    up = _done(files.offer(sender, to, "notes.txt", len(data), hashlib.sha256(data).hexdigest()))
+    _done(files.write(sender, up.upload_id, 0, data))
+    return _done(files.finish(sender, up.upload_id))
+
+
+def _read(realm: Any, user: str, file_id: str) -> bytes:
+    download = _done(realm.files.open_download(user, file_id))
+    transport = StringTransport()
+    _done(download.start(transport))
+    return bytes(transport.value())
+
+
+@pytest.fixture
+def spanning(tmp_path: Path) -> Realms:
+    """#dev@h.example with owner@h.example, alice@a.example, bob@b.example, bob2@b.example."""
+    r = Realms(tmp_path)
+    for realm, names in (
+        ("h.example", ["owner"]),
+        ("a.example", ["alice"]),
+        ("b.example", ["bob", "bob2"]),
+    ):
+        for name in names:
+            _done(r[realm].create_user(name, "password-1"))
+    _done(r["h.example"].group_event_as("owner@h.example", "created", "#dev"))
+    for user in ("alice@a.example", "bob@b.example", "bob2@b.example"):
+        realm = r[user.partition("@")[2]]
+        _done(realm.group_event_as(user, "joined", "#dev@h.example"))
+    r.settle()
+    members = set(r["h.example"].groups.get("#dev@h.example").members)
+    assert members == {"owner@h.example", "alice@a.example", "bob@b.example", "bob2@b.example"}
+    return r
+
+
+def test_a_members_file_reaches_every_realm_of_the_group_through_its_home(
+    spanning: Realms,
+) -> None:
+    r = spanning
+    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    data = os.urandom(200_000)
+    info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
+    # stored on a.example at once (its members see it), queued for the home realm only
+    assert env.pos > 0 and env.recipient == "#dev@h.example"
+    assert _done(a.store.outbox_counts()) == {"h.example": 1}
+    assert r.relay("a.example", "h.example") == []
+    # h.example fetched the bytes from a.example, and queued the item once for b.example
+    # (two members there), not back to a.example
+    assert r.fetches == [("a.example", "h.example", info.file_id)]
+    assert _done(h.store.outbox_counts()) == {"b.example": 1}
+    assert r.relay("h.example", "b.example") == []
+    assert r.fetches[-1] == ("h.example", "b.example", info.file_id)
+    # everyone downloads identical bytes from their own realm
+    assert _read(h, "owner@h.example", info.file_id) == data
+    assert _read(b, "bob@b.example", info.file_id) == data
+    assert _read(b, "bob2@b.example", info.file_id) == data
+    assert _read(a, "alice@a.example", info.file_id) == data
+    for realm, user in ((h, "owner@h.example"), (b, "bob2@b.example")):
+        feed = _done(realm.store.read_feed(user, 0, 100, realm.groups.feed_ranges(user)))
+        files = [e for e in feed if e.kind == "file"]
+        assert [(e.id, e.sender, e.meta["sha256"]) for e in files] == [
+            (env.id, "alice@a.example", info.sha256)
+        ]
+    # acknowledged: nobody may fetch it any more; and a.example never served b.example
+    for realm, peer in ((a, "h.example"), (a, "b.example"), (h, "b.example"), (h, "a.example")):
+        failure = realm.files.serve_remote(peer, info.file_id)
+        assert _done(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
+
+
+def test_a_file_from_the_home_realm_reaches_each_member_realm_once(spanning: Realms) -> None:
+    r = spanning
+    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    data = b"minutes of the meeting\n" * 1000
+    info, env = _upload(h, "owner@h.example", "#dev", data)
+    assert _done(h.store.outbox_counts()) == {"a.example": 1, "b.example": 1}
+    # while queued, a realm that is not its destination may not read it
+    assert _done(h.store.outbox_holds("c.example", env.pos)) is False
+    failure = h.files.serve_remote("c.example", info.file_id)
+    assert _done(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
+    r.settle()
+    assert sorted(r.fetches) == [
+        ("h.example", "a.example", info.file_id),
+        ("h.example", "b.example", info.file_id),
+    ]
+    assert _read(a, "alice@a.example", info.file_id) == data
+    assert _read(b, "bob@b.example", info.file_id) == data
+    # a.example and b.example forward nothing: only the home realm fans out
+    assert _done(a.store.outbox_counts()) == {} and _done(b.store.outbox_counts()) == {}
+
+
+def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
+    spanning: Realms,
+) -> None:
+    r = spanning
+    h, a = r["h.example"], r["a.example"]
+    _done(a.create_user("eve", "password-1"))
+    data = b"forged"
+    import hashlib
+
+    meta = {
+        "file_id": "f" * 32,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "name": "x.bin",
+        "media_type": "application/octet-stream",
+    }
+
+    def file_item(n: int, sender: str, to: str) -> dict[str, Any]:
+        return {
+            "id": f"forged-{n}",
+            "kind": "file",
+            "from": sender,
+            "to": to,
+            "ts": 1.0,
+            "body": "x.bin",
+            "meta": meta,
+        }
+
+    fetched: list[str] = []
+
+    def fetch(file_id: str, blob: Any) -> Any:
+        fetched.append(file_id)
+        blob.write(data)
+        return succeed(None)
+
+    items = [
+        file_item(1, "bob@b.example", "#dev@h.example"),  # a.example carrying b's user
+        file_item(2, "eve@a.example", "#dev@h.example"),  # not a member
+        file_item(3, "alice@a.example", "#other@b.example"),  # a third realm's group
+    ]
+    rejected = _done(h.receive_remote("a.example", items, fetch=fetch))
+    assert [(x["id"], x["code"]) for x in rejected] == [
+        ("forged-1", "forged_sender"),
+        ("forged-2", "not_member"),
+        ("forged-3", "forged_sender"),
+    ]
+    # a member realm accepts a group's files only from the group's home realm
+    b = r["b.example"]
+    rejected = _done(
+        b.receive_remote(
+            "a.example", [file_item(4, "alice@a.example", "#dev@h.example")], fetch=fetch
+        )
+    )
+    assert [x["code"] for x in rejected] == ["forged_sender"]
+    assert fetched == [] and _done(h.store.file_info("f" * 32)) is None
+    # a non-member cannot even offer a file to the group through their own realm
+    failure = a.files.offer("eve@a.example", "#dev@h.example", "x.bin", 1, "0" * 64)
+    assert _done(failure.addErrback(lambda f: f.value.code)) == "not_member"
+    # a file whose bytes do not match is rejected by the home realm, and not forwarded
+    bad = {
+        **file_item(5, "alice@a.example", "#dev@h.example"),
+        "meta": {**meta, "sha256": "0" * 64},
+    }
+    rejected = _done(h.receive_remote("a.example", [bad], fetch=fetch))
+    assert [x["code"] for x in rejected] == ["checksum_mismatch"]
+    assert _done(h.store.outbox_counts()) == {}

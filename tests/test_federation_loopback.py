@@ -579,3 +579,144 @@ def test_a_file_across_realms_is_downloaded_from_the_recipients_realm(two: Any) 
     yield drained(a)
     yield alice.close()
     yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_files_in_a_group_spanning_three_realms(tmp_path: Any) -> Any:
+    """#dev lives on h.example, with members on a.example and b.example.  A file sent
+    by alice through a.example is fetched by h.example from a.example, then by
+    b.example from h.example; one sent by the owner on h.example is fetched by a.example
+    and b.example from h.example.  Every member downloads identical bytes from their
+    own realm, over the client protocol."""
+    import hashlib
+    import os
+
+    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    h, a, b = nodes
+    try:
+        got: dict[str, list[dict[str, Any]]] = {}
+        conns: dict[str, Any] = {}
+        for node, name in ((h, "owner"), (a, "alice"), (b, "bob"), (b, "bob2")):
+            who = f"{name}@{node.name}"
+            inbox = got.setdefault(who, [])
+            conns[who] = yield connect(
+                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
+            )
+            yield conns[who].synced
+        group = "#dev@h.example"
+        yield conns["owner@h.example"].create_group("#dev")
+        for who in ("alice@a.example", "bob@b.example", "bob2@b.example"):
+            yield conns[who].join(group)
+        yield until(lambda: len(h.realm.groups.get(group).members) == 4, timeout=30)
+        yield drained(h)  # the member realms' mirrors know their own members
+
+        def files_of(who: str) -> list[dict[str, Any]]:
+            return [m for m in got[who] if m.get("kind") == "file"]
+
+        everyone = list(conns)
+        home_of = {"owner@h.example": h, "alice@a.example": a, "bob@b.example": b}
+        home_of["bob2@b.example"] = b
+        sources = [
+            ("alice@a.example", os.urandom(700_000)),
+            ("owner@h.example", os.urandom(300_001)),
+        ]
+        for n, (sender, data) in enumerate(sources, 1):
+            path = tmp_path / f"upload-{n}.bin"
+            path.write_bytes(data)
+            sent = yield conns[sender].send_file(group, str(path))
+            yield until(lambda n=n: all(len(files_of(u)) == n for u in everyone), timeout=30)
+            for who in everyone:
+                msg = files_of(who)[-1]
+                assert msg["msg_id"] == sent["msg_id"] and msg["from"] == sender
+                assert msg["to"] == group and msg["meta"]["file_id"] == sent["file"]
+                assert msg["meta"]["sha256"] == hashlib.sha256(data).hexdigest()
+                target = tmp_path / f"{who}-{n}.bin"
+                yield conns[who].download(sent["file"], str(target))
+                assert target.read_bytes() == data
+                # from their own realm: the bytes are in its file store
+                blob = home_of[who].realm.files.store.blob_path(msg["meta"]["sha256"])
+                assert os.path.exists(blob)
+        for node in nodes:
+            yield drained(node)
+        # a.example sent its file to h.example only; h.example forwarded it once to
+        # b.example (two members there), never back to a.example
+        assert a.fed.links["h.example"].sent_items >= 1
+        assert "b.example" not in a.fed.links or a.fed.links["b.example"].sent_items == 0
+        # acknowledged everywhere: no peer may fetch either file any more
+        from chatproto.errors import ChatError
+
+        first = files_of("bob@b.example")[0]["meta"]["file_id"]
+        for node, peer in ((a, "h.example"), (h, "b.example"), (h, "a.example")):
+            with pytest.raises(ChatError) as refused:
+                yield node.realm.files.serve_remote(peer, first)
+            assert refused.value.code == "no_such_file"
+        for conn in conns.values():
+            yield conn.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_file_forged_by_a_member_realm_is_rejected(tmp_path: Any, logs: Any) -> Any:
+    """a.example may carry its own users' files to h.example's group, not those of
+    b.example's users, and never to b.example directly (only the home realm fans out)."""
+    import hashlib
+
+    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    h, a, b = nodes
+    try:
+        conns = {}
+        for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
+            conns[name] = yield connect(_reactor, node.addr, name, PW, register=True)
+        group = "#dev@h.example"
+        yield conns["owner"].create_group("#dev")
+        for name in ("alice", "bob"):
+            yield conns[name].join(group)
+        yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
+        yield drained(h)
+        data = b"not really bob's"
+        meta = {
+            "file_id": "0123456789abcdef0123456789abcdef",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "name": "x.bin",
+            "media_type": "application/octet-stream",
+        }
+        from chatproto.envelope import Envelope, new_message_id
+
+        forged = [
+            Envelope(new_message_id(), "file", "bob@b.example", group, 1.0, "x.bin", dict(meta)),
+            Envelope(
+                new_message_id(),
+                "file",
+                "alice@a.example",
+                group,
+                1.0,
+                "x.bin",
+                {**meta, "file_id": "fedcba9876543210fedcba9876543210"},
+            ),
+        ]
+        # queued by a.example as if it had sent them (the bytes are not even there)
+        yield a.realm.store.append([forged[0]], [("h.example", forged[0])])
+        yield a.realm.store.append([forged[1]], [("b.example", forged[1])])
+        a.fed.wake("h.example")
+        a.fed.wake("b.example")
+        yield until(
+            lambda: (
+                a.fed.links["h.example"].rejected_items == 1
+                and a.fed.links["b.example"].rejected_items == 1
+            ),
+            timeout=30,
+        )
+        for env in forged:  # logged by the receiving realm with the reason
+            assert logs.has(f"rejected item {env.id} from a.example: forged_sender")
+        for node in (h, b):
+            for env in forged:
+                info = yield node.realm.store.file_info(env.meta["file_id"])
+                assert info is None
+        for conn in conns.values():
+            yield conn.close()
+    finally:
+        for n in nodes:
+            yield n.stop()

@@ -101,6 +101,11 @@ class IStore(Interface):
     def outbox_counts():  # type: ignore[misc]
         """``{realm: number of queued items}`` for every realm with a non-empty queue."""
 
+    def outbox_holds(realm, pos):  # type: ignore[misc]
+        """Whether the stored item at ``pos`` is queued for ``realm`` (sent or to be
+        sent, not yet acknowledged): fires with a bool.  A peer fetches a file's bytes
+        only while its item is queued for it (see ``FileService.serve_remote``)."""
+
     def read_feed(user, after, limit, groups=()):  # type: ignore[misc]
         """Items for ``user`` (canonical address) with ``pos > after``, oldest first.
 

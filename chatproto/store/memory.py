@@ -139,6 +139,11 @@ class MemoryStore:
             counts[realm] = counts.get(realm, 0) + 1
         return succeed(counts)
 
+    def outbox_holds(self, realm: str, pos: int) -> Deferred[bool]:
+        return succeed(
+            any(r == realm and isinstance(e, Envelope) and e.pos == pos for _, r, e in self.outbox)
+        )
+
     def _after(self, pos: int) -> int:
         return bisect.bisect_right([e.pos for e in self.items], pos)
 

@@ -443,6 +443,12 @@ class SQLiteDB:
         rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
+    def outbox_holds(self, realm: str, pos: int) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM outbox WHERE realm = ? AND pos = ? LIMIT 1", (realm, pos)
+        ).fetchone()
+        return row is not None
+
     def read_feed(
         self,
         user: str,
@@ -759,6 +765,9 @@ class SQLiteStore:
 
     def outbox_counts(self) -> Deferred[dict[str, int]]:
         return self._read(SQLiteDB.outbox_counts)
+
+    def outbox_holds(self, realm: str, pos: int) -> Deferred[bool]:
+        return self._read(SQLiteDB.outbox_holds, realm, pos)
 
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
         return self._write(lambda: self._db().outbox_enqueue(realm, payloads))
