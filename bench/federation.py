@@ -2,7 +2,7 @@
 """Benchmark federation: DMs from users on realm A to users on realm B, durable on both.
 
     python bench/federation.py [--pairs 10] [--window 64] [--duration 10] [--rate 0]
-                               [--synchronous FULL] [--keep]
+                               [--synchronous FULL] [--keep] [--profile]
 
 Starts two ``twistd -n chatrealm`` subprocesses, ``a.example`` and ``b.example``, with
 federation on (mutual TLS on loopback, certificates from ``chatproto.tls``, each a
@@ -17,12 +17,15 @@ After a 2 s warm-up it counts, for ``duration`` seconds:
 - latency p50/p90/p99/max: from the send (timestamp in the body) to its delivery to
   the recipient's connection on B -- through A's commit, A's outbox read, the
   federation transaction, B's commit, and B's routing;
-- CPU% of each realm process, and the outbox backlog on A at the end.
+- CPU% of each realm process (and of its reactor thread alone), of this process and
+  of everything else on the machine (``other``: should be ~0), each process's CPU
+  microseconds per delivered message, and the outbox backlog on A at the end.
 
 Saturated runs (no ``--rate``) measure throughput: the backlog grows when A accepts
 faster than the link delivers, and latency then measures queueing.  ``--rate`` below
 the saturated figure measures latency at that load.  Figures are printed and written
-to bench/results/federation.json.
+to bench/results/federation.json.  ``--profile`` runs both realms under
+bench/twistd_wrapper.py and cProfiles their reactor threads during the window.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from loadgen import (  # noqa: E402
     percentile,
     raise_fd_limit,
     register_all,
+    system_busy_seconds,
 )
 
 from chatproto import tls  # noqa: E402
@@ -114,6 +118,7 @@ class Realm:
         self.fed_port = free_port()
         self.port = 0
         self.proc: subprocess.Popen[Any] | None = None
+        self.prof: Path | None = None
 
     def start(self, args: argparse.Namespace, peer: Realm, certs: Path) -> None:
         paths = tls.write_dev_certs(str(certs), self.name)
@@ -135,6 +140,10 @@ class Realm:
         )
         logfile = self.dir / "twistd.log"
         cmd = [PY, twistd(), "-n", "--pidfile=", f"--logfile={logfile}", "chatrealm"]
+        if args.profile:  # cProfile the reactor thread, on between SIGUSR1 and SIGUSR2
+            self.prof = self.dir / "realm.prof"
+            wrapper = [PY, str(HERE / "twistd_wrapper.py"), "--profile", str(self.prof)]
+            cmd = [*wrapper, "--profile-signals", "--", *cmd[2:]]
         self.proc = subprocess.Popen(
             [*cmd, "--config", str(conf)],
             stdout=subprocess.DEVNULL,
@@ -246,15 +255,18 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
                 send(c, f"r{i}@{dest.name}", True)
 
     await asyncio.sleep(args.warmup)
-    cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in (a, b) if r.proc}
-    cpu0["bench (load generator)"] = time.process_time()
+    cpu0 = cpu_sample(a, b)
+    profiled = [r.proc.pid for r in (a, b) if r.prof is not None and r.proc is not None]
+    for pid in profiled:
+        os.kill(pid, signal.SIGUSR1)
     t0 = time.perf_counter()
     st["measuring"] = True
     await asyncio.sleep(args.duration)
     st["measuring"] = False
     elapsed = time.perf_counter() - t0
-    cpu1 = {r.name: cpu_seconds(r.proc.pid) for r in (a, b) if r.proc}
-    cpu1["bench (load generator)"] = time.process_time()
+    for pid in profiled:
+        os.kill(pid, signal.SIGUSR2)
+    cpu1 = cpu_sample(a, b)
     st["running"] = False
     if pacer is not None:
         await pacer
@@ -281,8 +293,76 @@ async def run(args: argparse.Namespace, a: Realm, b: Realm) -> dict[str, Any]:
         "latency_ms_max": round(ms[-1], 2) if ms else 0,
         "send_errors": st["errors"],
         "outbox_backlog_at_end": backlog,
-        "cpu_pct": {k: round(100 * (cpu1[k] - cpu0[k]) / elapsed, 1) for k in cpu0},
+        **cpu_figures(cpu0, cpu1, elapsed, st["delivered"]),
     }
+
+
+LG = "bench (load generator)"
+
+
+def save_profile(prof: Path, stem: str, top: int = 30) -> None:
+    """Copy a realm's profile to bench/results/STEM.prof and write its top functions
+    (by cumulative and by own time) to STEM.txt."""
+    import io
+    import pstats
+
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    shutil.copy(prof, out / f"{stem}.prof")
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf).strip_dirs()
+    for key in ("cumulative", "tottime"):
+        buf.write(f"\n===== top {top} by {key} =====\n")
+        stats.sort_stats(key).print_stats(top)
+    (out / f"{stem}.txt").write_text(buf.getvalue())
+    log(f"profile: {out / stem}.txt")
+
+
+def cpu_sample(a: Realm, b: Realm) -> dict[str, float]:
+    """CPU seconds so far: each realm (all threads, and its reactor thread alone), this
+    process, and the whole machine."""
+    out: dict[str, float] = {}
+    for r in (a, b):
+        if r.proc is not None:
+            out[r.name] = cpu_seconds(r.proc.pid)
+            out[f"{r.name} reactor"] = cpu_seconds(r.proc.pid, r.proc.pid)
+    out[LG] = time.process_time()
+    out["system"] = system_busy_seconds()
+    return out
+
+
+def cpu_figures(
+    cpu0: dict[str, float], cpu1: dict[str, float], elapsed: float, delivered: int
+) -> dict[str, Any]:
+    """CPU% of each process over the window (the realms' reactor threads apart), the
+    CPU% of everything else on the machine (should be ~0: other load skews every
+    figure), and each process's CPU microseconds per delivered message (steadier
+    than msgs/s on a shared machine)."""
+    used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    procs = [k for k in used if k != "system" and not k.endswith(" reactor")]
+    return {
+        "cpu_pct": {k: round(100 * used[k] / elapsed, 1) for k in used if k != "system"},
+        "other_cpu_pct": round(100 * (used["system"] - sum(used[k] for k in procs)) / elapsed, 1),
+        "cpu_us_per_msg": {
+            k: round(1e6 * used[k] / delivered, 1) if delivered else None for k in procs
+        },
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    cpu = r["cpu_pct"]
+    per = r["cpu_us_per_msg"]
+    realms = ", ".join(
+        f"{k} {cpu[k]}% (reactor {cpu.get(k + ' reactor', '-')}%, {per[k]} us/msg)"
+        for k in per
+        if k != LG
+    )
+    return (
+        f"delivered {r['delivered_per_s']:,.0f} msgs/s, sends {r['sends_per_s']:,.0f}/s, "
+        f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms; CPU: {realms}; "
+        f"load generator {cpu[LG]}% ({per[LG]} us/msg); other {r['other_cpu_pct']}%; "
+        f"outbox backlog {r['outbox_backlog_at_end']}"
+    )
 
 
 def main() -> None:
@@ -297,6 +377,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500, help="[federation] batch_size")
     p.add_argument("--fed-window", type=int, default=4, help="[federation] window")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile both realms' reactor threads during the window (halves throughput); "
+        "bench/results/federation-{a,b}.prof and .txt",
+    )
     p.add_argument(
         "--local", action="store_true", help="receivers on realm A too: the baseline"
     )
@@ -313,6 +399,9 @@ def main() -> None:
         a.stop()
         b.stop()
         kill_children()
+        for r in (a, b):
+            if r.prof is not None and r.prof.exists():
+                save_profile(r.prof, f"federation-{r.name.split('.')[0]}")
         if args.keep:
             log(f"kept {work}")
         else:
@@ -320,6 +409,12 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "federation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    log(summary(result))
+    if result["other_cpu_pct"] > 15:
+        log(
+            f"WARNING: {result['other_cpu_pct']}% CPU used by other processes during the "
+            "measurement: the figures are low; re-run on a quiet machine"
+        )
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ class IStore(Interface):
         """Durably queue requests (JSON objects, not stored items) for ``realm``."""
 
     def outbox_ack(realm, seq):  # type: ignore[misc]
-        """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them)."""
+        """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them);
+        fires once they are deleted.  A backend may delete them with its next group
+        commit instead of in a commit of their own: a crash first means they are sent
+        again, and the peer drops them by id."""
 
     def outbox_counts():  # type: ignore[misc]
         """``{realm: number of queued items}`` for every realm with a non-empty queue."""

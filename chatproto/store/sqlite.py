@@ -8,10 +8,15 @@ reader pool with their own connections (WAL lets them read while the writer comm
 Group commit: appends arriving while a write is in flight are queued on the reactor
 thread and committed together in the next transaction -- no timer, so a lone message
 is committed at once and a busy realm pays one fsync per batch, not per message.
+Federation rides on it: outbox rows are committed with their items, outbox
+acknowledgements (deletes) with the next batch, and the rows this process committed
+are kept in memory until acknowledged, so a link reads its queue without SQLite.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
 import sqlite3
@@ -37,6 +42,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Outbox rows per realm kept in memory for the link (beyond it, a link that is behind
+#: reads SQLite until it has caught up).
+OUTBOX_CACHE = 50_000
 
 SCHEMA_VERSION = 7
 
@@ -260,10 +269,24 @@ class SQLiteDB:
         self,
         batches: Sequence[Sequence[Envelope]],
         acks: dict[tuple[str, str], int],
-        outbox: Sequence[Sequence[tuple[str, Envelope]]] | None = None,
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
         remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
     ) -> list[list[int | None] | Exception]:
         """Commit every batch in one transaction; return positions per batch.
+        (:meth:`commit_batch` also returns the outbox rows queued.)"""
+        return self.commit_batch(batches, acks, outbox, remote, outbox_acks)[0]
+
+    def commit_batch(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
+        remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
+    ) -> tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]:
+        """Commit every batch in one transaction: positions per batch, and the outbox
+        rows queued as ``(realm, seq, envelope or request)`` in sequence order.
 
         Fast path: the items of consecutive local batches in one ``executemany``.  This
         connection is the only writer of ``items`` and positions are AUTOINCREMENT, so
@@ -271,13 +294,18 @@ class SQLiteDB:
         any item violates a constraint, the transaction is redone batch by batch under
         savepoints, so one bad batch fails alone and never takes the others with it.
 
-        ``remote[i]`` marks batch ``i`` as received from another realm: its items are
-        inserted one by one, an item whose id is stored already being skipped (its
-        position is ``None``).  ``outbox[i]`` lists ``(realm, envelope)`` pairs of batch
-        ``i`` to queue for other realms in the same transaction.
+        ``remote[i]`` marks batch ``i`` as received from another realm: an item whose
+        id is stored already is skipped (its position is ``None``).  ``outbox[i]``
+        lists ``(realm, envelope)`` pairs of batch ``i`` to queue for other realms in
+        the same transaction, or ``(realm, dict)`` for a request (no stored item).
+        ``outbox_acks`` maps realms to the outbox sequence up to which their rows are
+        acknowledged (deleted in the same transaction: an ack costs no commit of its
+        own).  The sequences of the rows are consecutive, in batch order (the outbox is
+        AUTOINCREMENT and written only here).
         """
         c = self.conn
         flags = list(remote) if remote is not None else [False] * len(batches)
+        queued_rows: list[tuple[str, int, Any]] = []
         c.execute("BEGIN IMMEDIATE")
         try:
             try:
@@ -287,17 +315,29 @@ class SQLiteDB:
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
             if outbox:
-                rows = []
+                rows: list[tuple[str, int, str | None]] = []
                 for batch, queued, res in zip(batches, outbox, out, strict=True):
                     if not queued or isinstance(res, Exception):
                         continue
                     where = {id(e): p for e, p in zip(batch, res, strict=True)}
                     for realm, env in queued:
+                        if isinstance(env, dict):
+                            rows.append((realm, 0, json.dumps(env)))
+                            queued_rows.append((realm, 0, dict(env)))
+                            continue
                         pos = where.get(id(env))
                         if pos is not None:
-                            rows.append((realm, pos))
+                            rows.append((realm, pos, None))
+                            queued_rows.append((realm, 0, env))
                 if rows:
-                    c.executemany("INSERT INTO outbox (realm, pos) VALUES (?, ?)", rows)
+                    c.executemany("INSERT INTO outbox (realm, pos, payload) VALUES (?, ?, ?)", rows)
+                    seq = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows)
+                    for k, (realm, _, env) in enumerate(queued_rows):
+                        queued_rows[k] = (realm, seq + k + 1, env)
+            if outbox_acks:
+                c.executemany(
+                    "DELETE FROM outbox WHERE realm = ? AND seq <= ?", list(outbox_acks.items())
+                )
             if acks:
                 c.executemany(
                     "INSERT INTO acks VALUES (?, ?, ?) ON CONFLICT (user, device) "
@@ -308,7 +348,7 @@ class SQLiteDB:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return out
+        return out, queued_rows
 
     def _id_key(self) -> bytes:
         key = getattr(self, "_key", None)
@@ -353,34 +393,86 @@ class SQLiteDB:
         if rows:
             self.conn.executemany(self._INSERT_FILE, rows)
 
+    def _stored_ids(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Which of ``ids`` are stored already, with their (sender, recipient): one
+        indexed query per 500 ids."""
+        found: dict[str, tuple[str, str]] = {}
+        for k in range(0, len(ids), 500):
+            chunk = ids[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT id, sender, recipient FROM items WHERE id IN ({marks})", chunk
+            )
+            found.update((r[0], (r[1], r[2])) for r in rows)
+        return found
+
     def _append_all(
         self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
     ) -> list[list[int | None] | Exception]:
-        c = self.conn
-        out: list[list[int | None] | Exception] = []
-        i = 0
-        while i < len(batches):
-            if remote[i]:
-                out.append(self._insert_remote(batches[i]))
-                i += 1
+        """Every item of every batch in one ``executemany``, in batch order.
+
+        The items of remote batches are first looked up by id with one query: one
+        stored (or earlier in this commit) with the same sender and recipient is left
+        out (a retried transaction); one whose id is held by another conversation's
+        item goes under its :func:`alternate_id`, as in :meth:`_insert_remote`."""
+        remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
+        seen = self._stored_ids(remote_ids) if remote_ids else {}
+        renamed: list[tuple[Envelope, str]] = []
+        params: list[tuple[Any, ...]] = []
+        plan: list[list[bool] | None] = []  # per batch: which items are inserted
+        for batch, is_remote in zip(batches, remote, strict=True):
+            if not is_remote:
+                params.extend(self._params(batch))
+                plan.append(None)
+                if remote_ids:  # a remote item later in this commit may reuse an id
+                    seen.update((e.id, (e.sender, e.recipient)) for e in batch)
                 continue
-            j = i
-            while j < len(batches) and not remote[j]:
-                j += 1
-            run = batches[i:j]
-            params = [p for batch in run for p in self._params(batch)]
-            pos = 0
-            if params:
-                c.executemany(self._INSERT, params)
-                last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
-                pos = last - len(params) + 1
-            for batch in run:
-                positions = list(range(pos, pos + len(batch))) if batch else []
-                self._index_files(batch, positions)
-                out.append(list[int | None](positions))
-                if batch:
-                    pos += len(batch)
-            i = j
+            mask = []
+            for e in batch:
+                who = (e.sender, e.recipient)
+                had = seen.get(e.id)
+                if had is not None and had != who:  # the id is taken by another item
+                    renamed.append((e, e.id))
+                    e.id = alternate_id(e, self._id_key())
+                    had = seen.get(e.id) or self._stored_ids([e.id]).get(e.id)
+                if had is None:
+                    seen[e.id] = who
+                mask.append(had is None)
+            params.extend(self._params([e for e, m in zip(batch, mask, strict=True) if m]))
+            plan.append(mask)
+        try:
+            return self._insert_planned(batches, params, plan)
+        except Exception:
+            for e, original in renamed:  # redone item by item (_append_each)
+                e.id = original
+            raise
+
+    def _insert_planned(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        params: list[tuple[Any, ...]],
+        plan: list[list[bool] | None],
+    ) -> list[list[int | None] | Exception]:
+        c = self.conn
+        pos = 0
+        if params:
+            c.executemany(self._INSERT, params)
+            pos = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(params) + 1
+        out: list[list[int | None] | Exception] = []
+        for batch, inserted in zip(batches, plan, strict=True):
+            positions: list[int | None] = []
+            files: list[tuple[Envelope, int]] = []
+            for k, e in enumerate(batch):
+                if inserted is None or inserted[k]:
+                    positions.append(pos)
+                    if e.kind == "file":
+                        files.append((e, pos))
+                    pos += 1
+                else:
+                    positions.append(None)
+            if files:
+                self._index_files([e for e, _ in files], [p for _, p in files])
+            out.append(positions)
         return out
 
     def _append_each(
@@ -618,15 +710,25 @@ class SQLiteStore:
         self._readers: list[SQLiteDB] = []
         self._readers_lock = threading.Lock()
         #: Queued appends: (items, waiter, outbox pairs, received from another realm).
+        #: An outbox request (:meth:`outbox_enqueue`) is an append with no items.
         self._pending: list[
             tuple[
                 Sequence[Envelope],
                 Deferred[list[Envelope]],
-                Sequence[tuple[str, Envelope]],
+                Sequence[tuple[str, Envelope | dict[str, Any]]],
                 bool,
             ]
         ] = []
         self._pending_acks: dict[tuple[str, str], int] = {}
+        #: Outbox acknowledgements waiting for the next group commit: realm -> seq.
+        self._pending_outbox_acks: dict[str, int] = {}
+        self._outbox_ack_waiters: list[Deferred[None]] = []
+        #: The outbox rows committed by this process and not yet acknowledged, per
+        #: realm, oldest first: ``(seq, envelope or request)``.  ``_outq_floor[realm]``:
+        #: every row of ``realm`` with a greater seq is in ``_outq[realm]``, so the link
+        #: reads what was just committed from here instead of from SQLite.
+        self._outq: dict[str, collections.deque[tuple[int, Any]]] = {}
+        self._outq_floor: dict[str, int] = {}
         self._inflight_acks: dict[tuple[str, str], int] = {}
         self._threads_started = False
         #: Told when a group commit's results start and finish being handed out, so
@@ -688,7 +790,7 @@ class SQLiteStore:
         return d
 
     def _when_idle(self) -> Deferred[None]:
-        if not self._writing and not self._pending and not self._pending_acks:
+        if not self._writing and not self._has_pending():
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
@@ -758,10 +860,35 @@ class SQLiteStore:
         return d
 
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
-        return self._read(SQLiteDB.outbox_read, realm, after, limit)
+        """From memory when every row after ``after`` was committed by this process
+        (the common case: a link keeping up); else from SQLite."""
+        floor = self._outq_floor.get(realm)
+        if floor is None or after < floor:
+            return self._read(SQLiteDB.outbox_read, realm, after, limit)
+        q = self._outq.get(realm)
+        if not q:
+            return succeed([])
+        lo, hi = 0, len(q)  # the first row with seq > after (seqs increase)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if q[mid][0] <= after:
+                lo = mid + 1
+            else:
+                hi = mid
+        return succeed(list(itertools.islice(q, lo, lo + limit)))
 
     def outbox_ack(self, realm: str, seq: int) -> Deferred[None]:
-        return self._write(lambda: self._db().outbox_ack(realm, seq))
+        """Delete ``realm``'s rows up to ``seq`` in the next group commit (with the
+        items being appended: no commit of its own under load); fires once deleted."""
+        q = self._outq.get(realm)
+        while q and q[0][0] <= seq:  # the link never reads acknowledged rows again
+            q.popleft()
+        if seq > self._pending_outbox_acks.get(realm, 0):
+            self._pending_outbox_acks[realm] = seq
+        d: Deferred[None] = Deferred()
+        self._outbox_ack_waiters.append(d)
+        self._flush()
+        return d
 
     def outbox_counts(self) -> Deferred[dict[str, int]]:
         return self._read(SQLiteDB.outbox_counts)
@@ -770,7 +897,26 @@ class SQLiteStore:
         return self._read(SQLiteDB.outbox_holds, realm, pos)
 
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
-        return self._write(lambda: self._db().outbox_enqueue(realm, payloads))
+        """Queued with the appends, in call order (one group commit)."""
+        d: Deferred[list[Envelope]] = Deferred()
+        self._pending.append(([], d, [(realm, p) for p in payloads], False))
+        self._flush()
+        return d.addCallback(lambda _: None)
+
+    def _cache_outbox(self, rows: list[tuple[str, int, Any]]) -> None:
+        """Remember committed outbox rows for :meth:`outbox_read` (bounded per realm:
+        past :data:`OUTBOX_CACHE` the oldest go and the floor rises above them)."""
+        for realm, seq, obj in rows:
+            q = self._outq.get(realm)
+            if q is None:
+                q = self._outq[realm] = collections.deque()
+                self._outq_floor.setdefault(realm, seq - 1)
+            q.append((seq, obj))
+            if len(q) > OUTBOX_CACHE:
+                self._outq_floor[realm] = q.popleft()[0]
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending or self._pending_acks or self._pending_outbox_acks)
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)
@@ -779,7 +925,7 @@ class SQLiteStore:
             self._flush()
 
     def _flush(self) -> None:
-        if self._writing or not (self._pending or self._pending_acks):
+        if self._writing or not self._has_pending():
             if not self._writing:
                 idle, self._idle = self._idle, []
                 for d in idle:
@@ -787,33 +933,49 @@ class SQLiteStore:
             return
         batch, self._pending = self._pending, []
         acks, self._pending_acks = self._pending_acks, {}
+        outbox_acks, self._pending_outbox_acks = self._pending_outbox_acks, {}
+        ack_waiters, self._outbox_ack_waiters = self._outbox_ack_waiters, []
         self._inflight_acks = acks
         self._writing = True
         d = self._write(
-            self._db().append_batch,
+            self._db().commit_batch,
             [b[0] for b in batch],
             acks,
             [b[2] for b in batch],
             [b[3] for b in batch],
+            outbox_acks,
         )
 
-        def done(results: list[list[int] | Exception]) -> None:
+        def done(
+            result: tuple[list[list[int] | Exception], list[tuple[str, int, Any]]],
+        ) -> None:
+            results, queued = result
             self.commits += 1
+            outcomes: list[list[Envelope] | Exception] = []
+            for (items, _, _, is_remote), res in zip(batch, results, strict=True):
+                if isinstance(res, Exception):
+                    outcomes.append(res)
+                    continue
+                stored = []
+                for env, pos in zip(items, res, strict=True):
+                    if pos is not None:
+                        env.pos = pos
+                        stored.append(env)
+                self.committed_items += len(stored)
+                outcomes.append(stored if is_remote else list(items))
+            if queued:  # before the waiters run: they wake the links, which read these
+                self._cache_outbox(queued)
+            for w in ack_waiters:
+                w.callback(None)
             listener = self.burst_listener
             if listener is not None:
                 listener.begin_burst()
             try:
-                for (items, waiter, _, is_remote), res in zip(batch, results, strict=True):
-                    if isinstance(res, Exception):
-                        waiter.errback(Failure(res))
-                        continue
-                    stored = []
-                    for env, pos in zip(items, res, strict=True):
-                        if pos is not None:
-                            env.pos = pos
-                            stored.append(env)
-                    self.committed_items += len(stored)
-                    waiter.callback(stored if is_remote else list(items))
+                for b, outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        b[1].errback(Failure(outcome))
+                    else:
+                        b[1].callback(outcome)
             finally:
                 if listener is not None:
                     listener.end_burst()
@@ -822,6 +984,8 @@ class SQLiteStore:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
             for b in batch:
                 b[1].errback(f)
+            for w in ack_waiters:
+                w.errback(f)
 
         def next_(_: object) -> None:
             self._writing = False
