@@ -160,6 +160,9 @@ class Federation:
     peers: list[Peer] = attrs.field(factory=list)
     retry_initial: float = 1.0
     retry_max: float = 300.0
+    #: Seconds a peer may stay unreachable before queued items older than this are
+    #: given up on and bounced to their senders (0: never give up).
+    give_up_after: float = 7 * 86400.0
     batch_size: int = 500
     window: int = 4
     max_frame: int = 4 * 1024 * 1024
@@ -356,6 +359,8 @@ class Config:
             raise ConfigError("federation.port must be between 0 and 65535")
         if f.retry_initial <= 0 or f.retry_max < f.retry_initial:
             raise ConfigError("federation: need 0 < retry_initial <= retry_max")
+        if f.give_up_after < 0:
+            raise ConfigError("federation.give_up_after must be >= 0 (0: never give up)")
         if f.batch_size < 1 or f.window < 1:
             raise ConfigError("federation.batch_size and federation.window must be >= 1")
         if not 65536 <= f.max_frame <= 64 * 1024 * 1024:

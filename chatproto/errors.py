@@ -31,6 +31,8 @@ CODES: dict[str, str] = {
     "no_such_user": "no such user on this realm",
     "remote_realm": "the address belongs to another realm and federation is not enabled",
     "peer_denied": "this realm does not federate with that realm (allow/deny lists)",
+    "peer_unreachable": "the peer realm could not be reached for federation.give_up_after "
+    "seconds (only in bounce items)",
     "untrusted_peer": "federation: the peer's certificate does not prove the realm it claims",
     "forged_sender": "federation: a realm carried a message from a user of another realm",
     "no_such_group": "no such group on this realm",

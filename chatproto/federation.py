@@ -44,7 +44,7 @@ from OpenSSL import SSL, crypto
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -55,6 +55,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
@@ -783,6 +784,9 @@ class PeerLink:
         )
         self.endpoint.on_attempt = self._attempt
         self.state = "connecting"
+        #: when the link was last up (or created), None while it is up: for giving up
+        self.down_since: float | None = fed.clock.seconds()
+        self.given_up = 0
         self.proto: OutboundProtocol | None = None
         self.acked_seq = 0  # highest outbox seq the peer acknowledged
         self.sent_seq = 0  # highest outbox seq sent on the current connection
@@ -845,6 +849,7 @@ class PeerLink:
         def ready(proto: OutboundProtocol) -> None:
             self.proto = proto
             self.state = "ready"
+            self.down_since = None
             self.failures = 0
             self.retry_in = self.retry_at = None
             self.last_error = ""
@@ -901,6 +906,7 @@ class PeerLink:
         self.inflight.clear()
         self.sent_seq = self.acked_seq
         self.state = "connecting"
+        self.down_since = self.fed.clock.seconds()
         self.last_error = reason.getErrorMessage() if reason is not None else "closed"
         self.log.info(
             "federation: link to {realm} lost: {reason}", realm=self.realm, reason=self.last_error
@@ -1048,6 +1054,53 @@ class PeerLink:
         self._settle_waiting += 1
         self._settling.addCallback(step).addBoth(done)
 
+    @inlineCallbacks
+    def give_up(self, before: float | None, code: str, why: str) -> Any:
+        """Drop the queued items committed before ``before`` (all of them: None),
+        oldest first, after bouncing each to its sender (``code``, ``why``).
+
+        Only while the link is down: nothing is in flight then, and the outbox read is
+        held (``_reading``) so no transaction can start meanwhile.  Bounces are
+        committed before the rows go (a crash in between bounces again, once).  Fires
+        with the number of items given up on."""
+        if self.proto is not None or self.inflight or self._reading:
+            return 0
+        cfg, store = self.fed.cfg, self.fed.realm.store
+        dropped = 0
+        self._reading = True
+        try:
+            while self.proto is None:
+                rows = yield store.outbox_read(self.realm, self.acked_seq, cfg.batch_size)
+                old = []
+                for seq, item in rows:
+                    ts = item.ts if isinstance(item, Envelope) else item.get("ts", 0)
+                    if before is not None and not (isinstance(ts, int | float) and ts < before):
+                        break
+                    old.append((seq, item))
+                if not old:
+                    break
+                yield self.fed.realm.bounce(self.realm, [(item, code, why) for _, item in old])
+                last = old[-1][0]
+                yield store.outbox_ack(self.realm, last)
+                self.acked_seq = self.sent_seq = max(self.acked_seq, last)
+                dropped += len(old)
+                if len(old) < len(rows) or len(rows) < cfg.batch_size:
+                    break
+        finally:
+            self._reading = False
+        if dropped:
+            self.given_up += dropped
+            self.log.warn(
+                "federation: gave up on {n} items for {realm}: {code}: {why}",
+                n=dropped,
+                realm=self.realm,
+                code=code,
+                why=why,
+            )
+            self.fed.status_changed()
+        self.pump()
+        return dropped
+
     def presence(self, frame: dict[str, Any]) -> None:
         """Ephemeral: sent only when the link is up (presence is not stored)."""
         if self.proto is not None:
@@ -1064,6 +1117,7 @@ class PeerLink:
             "inflight": len(self.inflight),
             "sent_items": self.sent_items,
             "rejected_items": self.rejected_items,
+            "given_up": self.given_up,
             "target": ":".join(map(str, self.endpoint.target)) if self.endpoint.target else "",
         }
 
@@ -1110,6 +1164,7 @@ class FederationService(MultiService):
             else os.path.join(realm.config.data_dir, STATUS_FILE)
         )
         self._status_call: Any = None
+        self._sweep: LoopingCall | None = None
         realm.federation = self
 
     # lifecycle ----------------------------------------------------------------------------
@@ -1149,6 +1204,49 @@ class FederationService(MultiService):
         self.realm.store.outbox_counts().addCallback(self._resume).addErrback(
             lambda f: self.log.failure("federation: reading the outbox", f)
         )
+        if self._sweep is None:
+            # every hour (more often for short give_up_after), never at start: links
+            # get their first attempts before anything is given up on
+            every = min(3600.0, max(1.0, (self.cfg.give_up_after or 3600.0) / 4))
+            self._sweep = LoopingCall(self.give_up)
+            self._sweep.clock = self.clock
+            self._sweep.start(every, now=False).addErrback(
+                lambda f: self.log.failure("federation: giving up on old items", f)
+            )
+
+    @inlineCallbacks
+    def give_up(self) -> Any:
+        """Bounce what cannot be delivered: everything queued for a realm no longer
+        allowed (``peer_denied``), and items older than ``give_up_after`` for a realm
+        whose link has been down that long (``peer_unreachable``).  Runs periodically;
+        a failure is logged and the next run tries again."""
+        cfg = self.cfg
+        now = self.clock.seconds()
+        try:
+            counts = yield self.realm.store.outbox_counts()
+            for realm in sorted(counts):
+                if not self.running:
+                    return
+                if not cfg.allows(realm):
+                    link = self.links.get(realm) or PeerLink(self, realm)
+                    yield link.give_up(
+                        None, "peer_denied", f"this realm no longer federates with {realm}"
+                    )
+                    continue
+                link = self.link(realm)
+                down = link.down_since
+                if not cfg.give_up_after or down is None or now - down < cfg.give_up_after:
+                    continue
+                days = cfg.give_up_after / 86400
+                span = f"{days:g} days" if days >= 1 else f"{cfg.give_up_after:g} seconds"
+                last = f" (last error: {link.last_error})" if link.last_error else ""
+                yield link.give_up(
+                    now - cfg.give_up_after,
+                    "peer_unreachable",
+                    f"{realm} could not be reached for {span}{last}",
+                )
+        except Exception:
+            self.log.failure("federation: giving up on old items")
 
     def _resume(self, counts: dict[str, int]) -> None:
         for realm, n in sorted(counts.items()):
@@ -1158,6 +1256,9 @@ class FederationService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         MultiService.stopService(self)
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
         waits = [link.stop() for link in self.links.values()]
         for proto in list(self.inbound):
             proto.transport.abortConnection()

@@ -1215,6 +1215,7 @@ class RealmService(Service):
             "to": addr,
             "event": event,
             "args": {k: v for k, v in args.items() if k in _EVENT_ARGS and v is not None},
+            "ts": self.clock.seconds(),  # for giving up on an unreachable home realm
         }
         env = self._envelope(actor, addr, "event", "", {"event": event, "pending": True})
         env.id = request["id"]

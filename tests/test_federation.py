@@ -613,6 +613,50 @@ def test_rejected_items_bounce_to_their_sender_once_before_the_outbox_forgets_th
     ]
 
 
+def test_items_for_a_peer_down_too_long_or_no_longer_allowed_bounce(node: Any) -> None:
+    realm, fed, clock = node
+    fed.cfg.give_up_after = 100.0
+    link = fed.link("a.example")  # not started; down since it was made, at time 0
+    fed.running = True  # as if started (the test plays the links: nothing listens)
+    old = [realm.post("bob", "alice@a.example", f"old {i}").result for i in range(2)]
+    pending = realm.group_event_as("bob", "joined", "#dev@a.example").result
+    assert pending.pos == 0  # a request queued for the group's home realm
+    clock.advance(60)
+    young = realm.post("bob", "alice@a.example", "young").result
+    clock.advance(50)  # 110 s down: the old three are given up on, "young" waits on
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {"a.example": 1}
+    feed = realm.store.read_feed("bob@b.example", 0, 10).result
+    bounces = [e for e in feed if e.kind == "bounce"]
+    assert [(b.meta["id"], b.meta["code"], b.sender) for b in bounces] == [
+        (old[0].id, "peer_unreachable", "alice@a.example"),
+        (old[1].id, "peer_unreachable", "alice@a.example"),
+        (pending.id, "peer_unreachable", "#dev@a.example"),
+    ]
+    assert bounces[2].meta["event"] == "joined"
+    assert "a.example could not be reached for 100 seconds" in bounces[0].body
+    assert link.given_up == 3 and link.status()["given_up"] == 3
+    # a link that is up gives up on nothing, however old its queue
+    link.down_since = None
+    clock.advance(1000)
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {"a.example": 1}
+    # a realm no longer allowed: everything queued bounces at once
+    fed.cfg.deny = ["a.example"]
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {}
+    last = realm.store.read_feed("bob@b.example", 0, 10).result[-1]
+    assert (last.kind, last.meta["id"], last.meta["code"]) == ("bounce", young.id, "peer_denied")
+    # 0: never give up
+    fed.cfg.deny = []
+    fed.cfg.give_up_after = 0.0
+    link.down_since = 0.0
+    realm.post("bob", "alice@a.example", "patient")
+    clock.advance(10**7)
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {"a.example": 1}
+
+
 class FakeResolver:
     def __init__(self, records: list[tuple[int, int, int, str]] | Exception) -> None:
         self.records = records

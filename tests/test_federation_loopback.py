@@ -131,6 +131,28 @@ def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
     yield bob2.close()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_peer_that_never_comes_back_bounces_after_give_up_after(tmp_path: Any) -> Any:
+    nodes = yield federation(tmp_path, ["a.example", "b.example"], give_up_after=1.0)
+    a, b = nodes
+    try:
+        yield b.stop_federation()  # b is gone for good
+        got: list[dict[str, Any]] = []
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
+        sent = yield alice.send("bob@b.example", "are you there?")
+        # a's periodic sweep (every second here) gives up once the link has been down
+        # a second, and alice is told
+        yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
+        bounce = got[-1]
+        assert bounce["meta"]["id"] == sent["msg_id"]
+        assert bounce["meta"]["code"] == "peer_unreachable"
+        assert (yield a.realm.store.outbox_counts()) == {}
+        yield alice.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
 # identity and refusals ------------------------------------------------------------------
 
 
