@@ -52,6 +52,7 @@ __all__ = [
     "RemoteBlob",
     "Upload",
     "announced_limits",
+    "new_file_id",
 ]
 
 MAX_NAME = 255
@@ -66,6 +67,12 @@ def _new_id() -> str:
     """An unguessable id (file and upload ids also appear in web links and on command
     lines, so hex: never starting with ``-``, which a shell command takes for an option)."""
     return secrets.token_hex(16)
+
+
+def new_file_id() -> str:
+    """A fresh file id (federation: for a file from another realm whose own id is held
+    here by another file)."""
+    return _new_id()
 
 
 @attrs.define(frozen=True)

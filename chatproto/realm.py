@@ -40,7 +40,7 @@ from chatproto.address import Address
 from chatproto.config import Config
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
-from chatproto.files import FileService
+from chatproto.files import FileService, new_file_id
 from chatproto.groups import EVENTS, Groups
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import FILE_META, IStore
@@ -1289,14 +1289,25 @@ class RealmService(Service):
         outbox rows for ``fan`` (as a group's home realm: the other member realms,
         which fetch the bytes from here in turn)."""
         meta = env.meta or {}
-        if (yield self.store.file_info(meta["file_id"])) is not None:
-            return  # stored already (a retried transaction)
+        file_id = meta["file_id"]  # what ``origin`` knows the file by
+        held = yield self.store.file_info(file_id)
+        if held is not None:
+            if (held["sender"], held["recipient"], held["sha256"]) == (
+                env.sender,
+                env.recipient,
+                meta["sha256"],
+            ):
+                return  # stored already (a retried transaction)
+            # The id is held by another conversation's file: a peer that saw it (a
+            # group's file goes to every member realm) sent it here first.  This file
+            # is stored, and served to our users and peers, under an id of our own.
+            env.meta = meta = {**meta, "file_id": new_file_id()}
         if fetch is None:
             raise ChatError("bad_request", "files cannot be fetched over this link")
         blob = self.files.receive_blob(meta["sha256"], meta["size"])
         try:
             try:
-                yield fetch(meta["file_id"], blob)
+                yield fetch(file_id, blob)
             except BaseException:
                 yield blob.abort()
                 raise
@@ -1304,6 +1315,8 @@ class RealmService(Service):
             yield self._store_remote([env], [(realm, env) for realm in sorted(fan)])
         finally:
             blob.release()
+        if not env.pos:
+            return  # stored already after all (a retry of an item stored under a new id)
         self.log.info(
             "file {file} ({size} bytes) from {origin} for {to} at {pos}",
             file=meta["file_id"],

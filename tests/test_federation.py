@@ -925,7 +925,7 @@ class Realms:
     def __getitem__(self, name: str) -> Any:
         return self.realms[name]
 
-    def relay(self, src: str, dst: str) -> list[dict[str, Any]]:
+    def relay(self, src: str, dst: str, ack: bool = True) -> list[dict[str, Any]]:
         from chatproto.federation import envelope_to_wire
 
         source, dest = self.realms[src], self.realms[dst]
@@ -940,7 +940,8 @@ class Realms:
 
         items = [envelope_to_wire(e) for _, e in rows]
         rejected = _done(dest.receive_remote(src, items, fetch=fetch))
-        _done(source.store.outbox_ack(dst, rows[-1][0]))
+        if ack:
+            _done(source.store.outbox_ack(dst, rows[-1][0]))
         return rejected  # type: ignore[no-any-return]
 
     def settle(self) -> None:
@@ -1115,3 +1116,52 @@ def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
     rejected = _done(h.receive_remote("a.example", [bad], fetch=fetch))
     assert [x["code"] for x in rejected] == ["checksum_mismatch"]
     assert _done(h.store.outbox_counts()) == {}
+
+
+def test_a_file_id_taken_first_by_a_member_realm_does_not_hide_a_group_file(
+    spanning: Realms,
+) -> None:
+    """A group's file id is seen by every member realm: one of them (a.example) races
+    the home realm to b.example with a file of its own under that id.  b.example stores
+    the group's file under an id of its own, so its members still get it."""
+    import hashlib
+
+    r = spanning
+    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    data = os.urandom(50_000)
+    info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
+    assert r.relay("a.example", "h.example") == []
+    bogus = b"not the group's file"
+    race = {
+        "id": "race-1",
+        "kind": "file",
+        "from": "alice@a.example",
+        "to": "bob@b.example",
+        "ts": 1.0,
+        "body": "notes.txt",
+        "meta": {
+            "file_id": info.file_id,
+            "sha256": hashlib.sha256(bogus).hexdigest(),
+            "size": len(bogus),
+            "name": "notes.txt",
+            "media_type": "text/plain",
+        },
+    }
+
+    def fetch(file_id: str, blob: Any) -> Any:
+        blob.write(bogus)
+        return succeed(None)
+
+    assert _done(b.receive_remote("a.example", [race], fetch=fetch)) == []
+    assert r.relay("h.example", "b.example", ack=False) == []
+    assert r.relay("h.example", "b.example") == []  # sent again before the ack: once
+    feed = _done(
+        b.store.read_feed("bob2@b.example", 0, 100, b.groups.feed_ranges("bob2@b.example"))
+    )
+    files = [e for e in feed if e.kind == "file"]
+    assert [e.id for e in files] == [env.id]
+    local_id = files[0].meta["file_id"]
+    assert local_id != info.file_id
+    assert _read(b, "bob2@b.example", local_id) == data
+    assert _read(b, "bob@b.example", local_id) == data
+    assert _read(b, "bob@b.example", info.file_id) == bogus  # a.example's own file to bob
