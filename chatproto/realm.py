@@ -1409,6 +1409,8 @@ class RealmService(Service):
                 continue  # not one of our users: nobody here to tell
             if event:
                 what = f"your {_REQUEST_OF.get(event, event)} request for {target}"
+            elif isinstance(item, Envelope) and item.kind == "file":
+                what = f"your file {item.body} to {target}"
             else:
                 what = f"your message to {target}"
             meta: dict[str, Any] = {"id": mid, "code": code, "realm": peer}

@@ -742,3 +742,52 @@ def test_a_group_file_forged_by_a_member_realm_is_rejected(tmp_path: Any, logs: 
     finally:
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_file_too_large_for_the_home_realm_bounces_and_goes_nowhere(
+    tmp_path: Any,
+) -> Any:
+    """h.example takes files up to 1000 bytes; a.example more.  alice's larger file to
+    h.example's group stays with a.example's members: h.example refuses it
+    (too_large, before any byte is fetched), forwards it nowhere, and alice is told."""
+
+    def small_home(nodes: list[Any]) -> None:
+        nodes[0].realm.files.config.max_file_size = 1000
+
+    nodes = yield federation(
+        tmp_path, ["h.example", "a.example", "b.example"], before_start=small_home
+    )
+    h, a, b = nodes
+    try:
+        got: dict[str, list[dict[str, Any]]] = {}
+        conns = {}
+        for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
+            inbox = got.setdefault(name, [])
+            conns[name] = yield connect(
+                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
+            )
+        group = "#dev@h.example"
+        yield conns["owner"].create_group("#dev")
+        for name in ("alice", "bob"):
+            yield conns[name].join(group)
+        yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
+        yield drained(h)
+        path = tmp_path / "big.bin"
+        path.write_bytes(b"x" * 5000)
+        sent = yield conns["alice"].send_file(group, str(path))
+        yield until(lambda: any(m.get("kind") == "bounce" for m in got["alice"]), timeout=30)
+        bounce = next(m for m in got["alice"] if m.get("kind") == "bounce")
+        assert bounce["from"] == group and bounce["meta"]["code"] == "too_large"
+        assert bounce["meta"]["id"] == sent["msg_id"]
+        assert bounce["body"].startswith(f"your file big.bin to {group} was refused")
+        yield conns["owner"].send(group, "after the file")  # the link goes on
+        yield until(lambda: any(m.get("body") == "after the file" for m in got["bob"]), timeout=30)
+        assert not [m for m in got["owner"] + got["bob"] if m.get("kind") == "file"]
+        assert (yield h.realm.store.file_info(sent["file"])) is None
+        assert (yield b.realm.store.file_info(sent["file"])) is None
+        for conn in conns.values():
+            yield conn.close()
+    finally:
+        for n in nodes:
+            yield n.stop()
