@@ -1165,3 +1165,31 @@ def test_a_file_id_taken_first_by_a_member_realm_does_not_hide_a_group_file(
     assert _read(b, "bob2@b.example", local_id) == data
     assert _read(b, "bob@b.example", local_id) == data
     assert _read(b, "bob@b.example", info.file_id) == bogus  # a.example's own file to bob
+
+
+def test_a_group_file_fetch_cut_off_half_way_is_stored_and_forwarded_once_when_sent_again(
+    spanning: Realms,
+) -> None:
+    from chatproto.federation import envelope_to_wire
+
+    r = spanning
+    h, a = r["h.example"], r["a.example"]
+    data = os.urandom(100_000)
+    info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
+    rows = _done(a.store.outbox_read("h.example", 0, 10))
+
+    def cut(file_id: str, blob: Any) -> Any:
+        blob.write(data[:30_000])
+        raise ConnectionError("the link closed during a file fetch")
+
+    failed = h.receive_remote("a.example", [envelope_to_wire(e) for _, e in rows], fetch=cut)
+    with pytest.raises(ConnectionError):
+        _done(failed)  # the transaction is not acknowledged: a.example sends it again
+    assert _done(h.store.file_info(info.file_id)) is None
+    assert _done(h.store.outbox_counts()) == {}  # nothing forwarded
+    parts = os.path.join(h.files.store.root, "uploads")
+    assert not os.path.isdir(parts) or os.listdir(parts) == []  # the partial bytes are gone
+    assert r.relay("a.example", "h.example") == []
+    assert r.relay("h.example", "b.example") == []
+    assert _read(r["b.example"], "bob@b.example", info.file_id) == data
+    assert _done(h.store.outbox_counts()) == {}
