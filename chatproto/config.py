@@ -160,6 +160,9 @@ class Federation:
     peers: list[Peer] = attrs.field(factory=list)
     retry_initial: float = 1.0
     retry_max: float = 300.0
+    #: Seconds without a byte from a peer before a link pings it; three times that
+    #: and the connection is aborted (then retried with backoff).  0: off.
+    keepalive: float = 30.0
     #: Seconds a peer may stay unreachable before queued items older than this are
     #: given up on and bounced to their senders (0: never give up).
     give_up_after: float = 7 * 86400.0
@@ -359,6 +362,8 @@ class Config:
             raise ConfigError("federation.port must be between 0 and 65535")
         if f.retry_initial <= 0 or f.retry_max < f.retry_initial:
             raise ConfigError("federation: need 0 < retry_initial <= retry_max")
+        if f.keepalive < 0:
+            raise ConfigError("federation.keepalive must be >= 0 (0: off)")
         if f.give_up_after < 0:
             raise ConfigError("federation.give_up_after must be >= 0 (0: never give up)")
         if f.batch_size < 1 or f.window < 1:

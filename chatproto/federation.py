@@ -348,10 +348,72 @@ class _Link(Int32StringReceiver):
     def __init__(self) -> None:
         self.closed = False
         self.peer_realm: str | None = None
+        self._clock: Any = None
+        self._interval = 0.0
+        self._last_rx = 0.0
+        self._keepalive_call: Any = None
 
     def send(self, obj: dict[str, Any]) -> None:
         if not self.closed:
             self.sendString(wire.encode(obj))
+
+    # keepalive: a peer that vanished without closing (a half-open connection, a
+    # frozen host) would otherwise hold a link "up" forever with nothing acknowledged.
+
+    def start_keepalive(self, clock: Any, interval: float) -> None:
+        """Ping the peer after ``interval`` seconds without a byte from it (once the
+        link is up), and abort the connection after three intervals: the link then
+        reconnects with backoff.  0: off."""
+        self._clock = clock
+        self._interval = interval
+        self._last_rx = clock.seconds()
+        if interval > 0:
+            self._keepalive_call = clock.callLater(interval, self._keepalive)
+
+    def stop_keepalive(self) -> None:
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._clock is not None:
+            self._last_rx = self._clock.seconds()
+        Int32StringReceiver.dataReceived(self, data)
+
+    def _keepalive(self) -> None:
+        self._keepalive_call = None
+        if self.closed:
+            return
+        idle = self._clock.seconds() - self._last_rx
+        if idle >= 3 * self._interval:
+            reason = f"no frame for {idle:.0f} seconds"
+            self.log.warn(
+                "federation: {peer} is silent ({reason}); closing the link",
+                peer=self.peer_realm or self._addr(),
+                reason=reason,
+            )
+            self.closed = True
+            self.silent(reason)
+            self.transport.abortConnection()
+            return
+        if idle >= self._interval and self.is_up():
+            self.send({"type": "ping"})
+        self._keepalive_call = self._clock.callLater(self._interval, self._keepalive)
+
+    def is_up(self) -> bool:
+        """Whether the link is past its hello/welcome (pings are sent only then)."""
+        return False
+
+    def silent(self, reason: str) -> None:
+        """Hook: the peer went silent and the connection is being aborted."""
+
+    def handle_ping(self, req: dict[str, Any]) -> None:
+        if not self.is_up():
+            raise FatalProtocolError("bad_request", "ping before the link is up")
+        self.send({"type": "pong"})
+
+    def handle_pong(self, req: dict[str, Any]) -> None:
+        pass  # being received is all a pong is for
 
     def fail(self, code: str, message: str) -> None:
         """Send an error, close, and tell the owner (backoff for the peer)."""
@@ -437,6 +499,10 @@ class InboundProtocol(_Link):
         self.MAX_LENGTH = fed.cfg.max_frame
         fed.inbound.add(self)
         self._timeout = fed.clock.callLater(HELLO_TIMEOUT, self._hello_timeout)
+        self.start_keepalive(fed.clock, fed.cfg.keepalive)
+
+    def is_up(self) -> bool:
+        return self.state == "ready"
 
     def _hello_timeout(self) -> None:
         self._timeout = None
@@ -449,6 +515,7 @@ class InboundProtocol(_Link):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
         self.state = "closed"
+        self.stop_keepalive()
         fed = self.factory.fed
         fed.inbound.discard(self)
         if self._timeout is not None and self._timeout.active():
@@ -648,6 +715,13 @@ class OutboundProtocol(_Link):
         link = self.factory.link
         self.peer_realm = link.realm
         self.MAX_LENGTH = link.fed.cfg.max_frame
+        self.start_keepalive(link.fed.clock, link.fed.cfg.keepalive)
+
+    def is_up(self) -> bool:
+        return self._welcome_seen
+
+    def silent(self, reason: str) -> None:
+        self.factory.link.last_error = reason
 
     def handshakeCompleted(self) -> None:
         link = self.factory.link
@@ -667,6 +741,7 @@ class OutboundProtocol(_Link):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
+        self.stop_keepalive()
         if not self.welcomed.called:
             self.welcomed.errback(reason or Failure(ConnectionError("closed")))
         self.factory.link.lost(self, reason)

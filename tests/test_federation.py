@@ -449,6 +449,29 @@ def test_remote_presence_reaches_local_partners(node: Any, certs: Any) -> None:
     assert mind.notices == [{"type": "presence", "user": "alice@a.example", "status": "away"}]
 
 
+def test_keepalive_pings_an_idle_peer_and_drops_a_silent_one(node: Any, certs: Any) -> None:
+    _, fed, clock = node
+    fed.cfg.keepalive = 30.0
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    clock.advance(29)
+    assert [f["type"] for f in frames(transport)] == ["welcome"]
+    clock.advance(1)  # 30 s without a byte from the peer: ping
+    assert [f["type"] for f in frames(transport)] == ["ping"]
+    proto.dataReceived(frame({"type": "pong"}))  # the peer is there
+    proto.dataReceived(frame({"type": "ping"}))  # and may ask the same
+    assert frames(transport)[-1] == {"type": "pong"}
+    clock.advance(60)
+    assert not transport.disconnecting
+    clock.advance(30)  # 90 s of silence: the connection is dropped (no penalty)
+    assert transport.disconnecting
+    assert fed.inbound_refusal("a.example", CertTransport(certs["a.example"]["cert"]))[1] is None
+    # a ping before hello is a protocol error
+    proto2, transport2 = connect(fed, certs["a.example"]["cert"])
+    proto2.dataReceived(frame({"type": "ping"}))
+    assert frames(transport2)[-1]["code"] == "bad_request"
+
+
 def test_a_flood_of_presence_is_refused(node: Any, certs: Any) -> None:
     _, fed, clock = node
     proto, transport = connect(fed, certs["a.example"]["cert"])

@@ -153,6 +153,36 @@ def test_a_peer_that_never_comes_back_bounces_after_give_up_after(tmp_path: Any)
             yield n.stop()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_peer_that_goes_silent_is_dropped_and_retried(tmp_path: Any, logs: Any) -> Any:
+    """b.example accepts the connection and the TLS handshake, then says nothing (a
+    hung process, a half-open connection): a.example's link does not wait forever --
+    it closes the connection after three keepalive intervals and tries again."""
+    from chatproto.federation import InboundProtocol
+
+    class Hung(InboundProtocol):
+        def handle_hello(self, req: dict[str, Any]) -> None:
+            pass  # never welcomes
+
+        def start_keepalive(self, clock: Any, interval: float) -> None:
+            pass
+
+    def hang(nodes: Any) -> None:
+        nodes[1].fed.factory.protocol = Hung
+
+    nodes = yield federation(
+        tmp_path, ["a.example", "b.example"], before_start=hang, keepalive=0.2
+    )
+    try:
+        link = nodes[0].fed.links["b.example"]
+        yield until(lambda: logs.has("federation: b.example is silent"), timeout=30)
+        yield until(lambda: link.failures >= 1 and "no frame" in link.last_error, timeout=30)
+        assert link.state != "ready"
+    finally:
+        for n in nodes:
+            yield n.stop()
+
+
 # identity and refusals ------------------------------------------------------------------
 
 
