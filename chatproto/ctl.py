@@ -271,7 +271,8 @@ def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
     """Outbox length per peer realm (from the database) and link state (from the status
-    file the running realm writes)."""
+    file the running realm writes): failures in a row, items sent since the realm
+    started, refused by the peer (bounced), and given up on (bounced)."""
     from chatproto.federation import STATUS_FILE, read_status
 
     counts: dict[str, int] = {}
@@ -293,7 +294,20 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
         print("no peers")
         return 0
     now = status.get("time", 0) if status else 0
-    rows = [("REALM", "QUEUED", "LINK", "IN", "FAILURES", "NEXT RETRY", "LAST ERROR")]
+    rows = [
+        (
+            "REALM",
+            "QUEUED",
+            "LINK",
+            "IN",
+            "FAILURES",
+            "SENT",
+            "REFUSED",
+            "GAVE UP",
+            "NEXT RETRY",
+            "LAST ERROR",
+        )
+    ]
     for realm in realms:
         link = links.get(realm, {})
         retry = ""
@@ -306,6 +320,9 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 link.get("state", "-"),
                 "up" if realm in inbound else "-",
                 str(link.get("failures", 0)),
+                str(link.get("sent_items", 0)),
+                str(link.get("rejected_items", 0)),
+                str(link.get("given_up", 0)),
                 retry or "-",
                 (link.get("last_error") or "-")[:80],
             )

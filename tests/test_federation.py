@@ -777,6 +777,9 @@ realm = "c.example"
                         "realm": "b.example",
                         "state": "backoff",
                         "failures": 3,
+                        "sent_items": 120,
+                        "rejected_items": 2,
+                        "given_up": 7,
                         "retry_at": 1004.0,
                         "last_error": "Connection refused",
                     }
@@ -788,7 +791,8 @@ realm = "c.example"
     assert status == 0
     lines = out.splitlines()
     b_line = next(line for line in lines if line.startswith("b.example"))
-    assert b_line.split()[:5] == ["b.example", "1", "backoff", "-", "3"]
+    assert b_line.split()[:8] == ["b.example", "1", "backoff", "-", "3", "120", "2", "7"]
+    assert lines[1].split()[:5] == ["REALM", "QUEUED", "LINK", "IN", "FAILURES"]
     assert "in 4.0s" in b_line and "Connection refused" in b_line
     c_line = next(line for line in lines if line.startswith("c.example"))
     assert c_line.split()[:4] == ["c.example", "0", "-", "up"]
