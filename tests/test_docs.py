@@ -104,6 +104,33 @@ def test_example_config_loads_and_checks() -> None:
     assert cfg.listen_descriptions() == [config.DEFAULT_LISTEN]
 
 
+def test_two_realm_federation_configs_work_as_the_readme_says(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """config/federation-{a,b}.toml, run from a directory where ``chatrealmctl
+    gen-certs --dir certs`` made both realms' certificates, check and point at each
+    other; the README shows the same commands."""
+    from chatproto import tls
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.example", "b.example"):
+        tls.write_dev_certs("certs", name)
+    a = config.load(str(ROOT / "config" / "federation-a.toml"))
+    b = config.load(str(ROOT / "config" / "federation-b.toml"))
+    for cfg in (a, b):
+        cfg.check()
+    assert (a.realm, b.realm) == ("a.example", "b.example")
+    peer_of_a, peer_of_b = a.federation.peer("b.example"), b.federation.peer("a.example")
+    assert peer_of_a is not None and peer_of_b is not None
+    assert peer_of_a.endpoint == f"127.0.0.1:{b.federation.port}"
+    assert peer_of_b.endpoint == f"127.0.0.1:{a.federation.port}"
+    readme = (ROOT / "README.md").read_text()
+    for cfg, name in ((a, "a"), (b, "b")):
+        client_port = cfg.listen[0].split(":")[1]
+        assert f"--config config/federation-{name}.toml" in readme
+        assert f"tcp:127.0.0.1:{client_port} --realm {cfg.realm}" in readme
+
+
 def test_example_config_has_every_known_key() -> None:
     with open(EXAMPLE_TOML, "rb") as f:
         data = tomllib.load(f)
