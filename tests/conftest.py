@@ -102,3 +102,14 @@ def resuming_service(addr: str, user: str, password: str, **kw: Any) -> ChatClie
     kw.setdefault("retryPolicy", lambda attempt: 0.05)
     endpoint = TCP4ClientEndpoint(_reactor, host, int(port))
     return ChatClientService(_reactor, endpoint, user, password, **kw)
+
+
+def fired(d: Any) -> Any:
+    """The result of a Deferred that has already fired (MemoryStore, inline file I/O,
+    a test Clock); raises what it failed with."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]

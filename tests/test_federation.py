@@ -37,6 +37,7 @@ from chatproto.federation import (
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
 from chatproto.testing import make_test_realm
+from tests.conftest import fired
 
 # configuration ---------------------------------------------------------------------------
 
@@ -515,47 +516,6 @@ def test_any_bytes_give_a_value_or_a_clean_error(data: bytes) -> None:
 # outbound bookkeeping and discovery ---------------------------------------------------------
 
 
-def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
-    realm, fed, _ = node
-    fed.cfg.batch_size = 2
-    fed.cfg.window = 2
-    link = fed.link("a.example")  # not started: the test plays the connection
-    for i in range(5):
-        realm.post("bob", "alice@a.example", f"m{i}")
-
-    class Out:
-        closed = False
-
-        def __init__(self) -> None:
-            self.sent: list[dict[str, Any]] = []
-
-        def send(self, obj: dict[str, Any]) -> None:
-            self.sent.append(obj)
-
-        def fail(self, code: str, message: str) -> None:
-            self.closed = True
-
-    out = Out()
-    link.proto = out  # type: ignore[assignment]
-    link._waiting = 5  # five items queued (the realm's wakes while not connected)
-    link.pump()
-    assert [t["id"] for t in out.sent] == ["1-2", "3-4"]  # window of 2
-    link.acked(out, "1-2", [])  # type: ignore[arg-type]
-    assert [t["id"] for t in out.sent] == ["1-2", "3-4", "5-5"]
-    assert [i["body"] for t in out.sent for i in t["items"]] == [f"m{i}" for i in range(5)]
-    assert realm.store.outbox_counts().result == {"a.example": 3}
-    link.acked(out, "5-5", [])  # type: ignore[arg-type]  # not the oldest: misbehaviour
-    assert out.closed
-    # connection lost: the unacknowledged transactions go again on the next one
-    link.lost(out, None)  # type: ignore[arg-type]
-    again = Out()
-    link.proto = again  # type: ignore[assignment]
-    link.sent_seq = link.acked_seq
-    link._waiting = fed.cfg.batch_size  # as when a connection becomes ready
-    link.pump()
-    assert [t["id"] for t in again.sent] == ["3-4", "5-5"]
-
-
 class _Out:
     """Stands in for an OutboundProtocol: records the frames a PeerLink sends."""
 
@@ -569,6 +529,35 @@ class _Out:
 
     def fail(self, code: str, message: str) -> None:
         self.closed = True
+
+
+def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
+    realm, fed, _ = node
+    fed.cfg.batch_size = 2
+    fed.cfg.window = 2
+    link = fed.link("a.example")  # not started: the test plays the connection
+    for i in range(5):
+        realm.post("bob", "alice@a.example", f"m{i}")
+
+    out = _Out()
+    link.proto = out  # type: ignore[assignment]
+    link._waiting = 5  # five items queued (the realm's wakes while not connected)
+    link.pump()
+    assert [t["id"] for t in out.sent] == ["1-2", "3-4"]  # window of 2
+    link.acked(out, "1-2", [])  # type: ignore[arg-type]
+    assert [t["id"] for t in out.sent] == ["1-2", "3-4", "5-5"]
+    assert [i["body"] for t in out.sent for i in t["items"]] == [f"m{i}" for i in range(5)]
+    assert realm.store.outbox_counts().result == {"a.example": 3}
+    link.acked(out, "5-5", [])  # type: ignore[arg-type]  # not the oldest: misbehaviour
+    assert out.closed
+    # connection lost: the unacknowledged transactions go again on the next one
+    link.lost(out, None)  # type: ignore[arg-type]
+    again = _Out()
+    link.proto = again  # type: ignore[assignment]
+    link.sent_seq = link.acked_seq
+    link._waiting = fed.cfg.batch_size  # as when a connection becomes ready
+    link.pump()
+    assert [t["id"] for t in again.sent] == ["3-4", "5-5"]
 
 
 def test_rejected_items_bounce_to_their_sender_once_before_the_outbox_forgets_them(
@@ -913,16 +902,6 @@ class _BlobSink:
         self.blob.write(data)
 
 
-def _done(d: Any) -> Any:
-    """The result of a Deferred that has fired (MemoryStore, inline file I/O)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
 class Realms:
     """h.example, a.example and b.example on MemoryStores, federating (not listening):
     :meth:`relay` carries one realm's outbox to another the way a link does --
@@ -956,7 +935,7 @@ class Realms:
         from chatproto.federation import envelope_to_wire
 
         source, dest = self.realms[src], self.realms[dst]
-        rows = _done(source.store.outbox_read(dst, 0, 1000))
+        rows = fired(source.store.outbox_read(dst, 0, 1000))
         if not rows:
             return []
 
@@ -966,9 +945,9 @@ class Realms:
             return d.addCallback(lambda download: download.start(_BlobSink(blob)))
 
         items = [envelope_to_wire(e) for _, e in rows]
-        rejected = _done(dest.receive_remote(src, items, fetch=fetch))
+        rejected = fired(dest.receive_remote(src, items, fetch=fetch))
         if ack:
-            _done(source.store.outbox_ack(dst, rows[-1][0]))
+            fired(source.store.outbox_ack(dst, rows[-1][0]))
         return rejected  # type: ignore[no-any-return]
 
     def settle(self) -> None:
@@ -977,7 +956,7 @@ class Realms:
             moved = False
             for src in self.realms:
                 for dst in self.realms:
-                    if src != dst and _done(self.realms[src].store.outbox_counts()).get(dst):
+                    if src != dst and fired(self.realms[src].store.outbox_counts()).get(dst):
                         assert self.relay(src, dst) == []
                         moved = True
             if not moved:
@@ -989,15 +968,15 @@ def _upload(realm: Any, sender: str, to: str, data: bytes) -> Any:
     import hashlib
 
     files = realm.files
-    up = _done(files.offer(sender, to, "notes.txt", len(data), hashlib.sha256(data).hexdigest()))
-    _done(files.write(sender, up.upload_id, 0, data))
-    return _done(files.finish(sender, up.upload_id))
+    up = fired(files.offer(sender, to, "notes.txt", len(data), hashlib.sha256(data).hexdigest()))
+    fired(files.write(sender, up.upload_id, 0, data))
+    return fired(files.finish(sender, up.upload_id))
 
 
 def _read(realm: Any, user: str, file_id: str) -> bytes:
-    download = _done(realm.files.open_download(user, file_id))
+    download = fired(realm.files.open_download(user, file_id))
     transport = StringTransport()
-    _done(download.start(transport))
+    fired(download.start(transport))
     return bytes(transport.value())
 
 
@@ -1011,11 +990,11 @@ def spanning(tmp_path: Path) -> Realms:
         ("b.example", ["bob", "bob2"]),
     ):
         for name in names:
-            _done(r[realm].create_user(name, "password-1"))
-    _done(r["h.example"].group_event_as("owner@h.example", "created", "#dev"))
+            fired(r[realm].create_user(name, "password-1"))
+    fired(r["h.example"].group_event_as("owner@h.example", "created", "#dev"))
     for user in ("alice@a.example", "bob@b.example", "bob2@b.example"):
         realm = r[user.partition("@")[2]]
-        _done(realm.group_event_as(user, "joined", "#dev@h.example"))
+        fired(realm.group_event_as(user, "joined", "#dev@h.example"))
     r.settle()
     members = set(r["h.example"].groups.get("#dev@h.example").members)
     assert members == {"owner@h.example", "alice@a.example", "bob@b.example", "bob2@b.example"}
@@ -1031,12 +1010,12 @@ def test_a_members_file_reaches_every_realm_of_the_group_through_its_home(
     info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
     # stored on a.example at once (its members see it), queued for the home realm only
     assert env.pos > 0 and env.recipient == "#dev@h.example"
-    assert _done(a.store.outbox_counts()) == {"h.example": 1}
+    assert fired(a.store.outbox_counts()) == {"h.example": 1}
     assert r.relay("a.example", "h.example") == []
     # h.example fetched the bytes from a.example, and queued the item once for b.example
     # (two members there), not back to a.example
     assert r.fetches == [("a.example", "h.example", info.file_id)]
-    assert _done(h.store.outbox_counts()) == {"b.example": 1}
+    assert fired(h.store.outbox_counts()) == {"b.example": 1}
     assert r.relay("h.example", "b.example") == []
     assert r.fetches[-1] == ("h.example", "b.example", info.file_id)
     # everyone downloads identical bytes from their own realm
@@ -1045,7 +1024,7 @@ def test_a_members_file_reaches_every_realm_of_the_group_through_its_home(
     assert _read(b, "bob2@b.example", info.file_id) == data
     assert _read(a, "alice@a.example", info.file_id) == data
     for realm, user in ((h, "owner@h.example"), (b, "bob2@b.example")):
-        feed = _done(realm.store.read_feed(user, 0, 100, realm.groups.feed_ranges(user)))
+        feed = fired(realm.store.read_feed(user, 0, 100, realm.groups.feed_ranges(user)))
         files = [e for e in feed if e.kind == "file"]
         assert [(e.id, e.sender, e.meta["sha256"]) for e in files] == [
             (env.id, "alice@a.example", info.sha256)
@@ -1053,7 +1032,7 @@ def test_a_members_file_reaches_every_realm_of_the_group_through_its_home(
     # acknowledged: nobody may fetch it any more; and a.example never served b.example
     for realm, peer in ((a, "h.example"), (a, "b.example"), (h, "b.example"), (h, "a.example")):
         failure = realm.files.serve_remote(peer, info.file_id)
-        assert _done(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
+        assert fired(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
 
 
 def test_a_file_from_the_home_realm_reaches_each_member_realm_once(spanning: Realms) -> None:
@@ -1061,11 +1040,11 @@ def test_a_file_from_the_home_realm_reaches_each_member_realm_once(spanning: Rea
     h, a, b = r["h.example"], r["a.example"], r["b.example"]
     data = b"minutes of the meeting\n" * 1000
     info, env = _upload(h, "owner@h.example", "#dev", data)
-    assert _done(h.store.outbox_counts()) == {"a.example": 1, "b.example": 1}
+    assert fired(h.store.outbox_counts()) == {"a.example": 1, "b.example": 1}
     # while queued, a realm that is not its destination may not read it
-    assert _done(h.store.outbox_holds("c.example", env.pos)) is False
+    assert fired(h.store.outbox_holds("c.example", env.pos)) is False
     failure = h.files.serve_remote("c.example", info.file_id)
-    assert _done(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
+    assert fired(failure.addErrback(lambda f: f.value.code)) == "no_such_file"
     r.settle()
     assert sorted(r.fetches) == [
         ("h.example", "a.example", info.file_id),
@@ -1074,7 +1053,7 @@ def test_a_file_from_the_home_realm_reaches_each_member_realm_once(spanning: Rea
     assert _read(a, "alice@a.example", info.file_id) == data
     assert _read(b, "bob@b.example", info.file_id) == data
     # a.example and b.example forward nothing: only the home realm fans out
-    assert _done(a.store.outbox_counts()) == {} and _done(b.store.outbox_counts()) == {}
+    assert fired(a.store.outbox_counts()) == {} and fired(b.store.outbox_counts()) == {}
 
 
 def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
@@ -1082,7 +1061,7 @@ def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
 ) -> None:
     r = spanning
     h, a = r["h.example"], r["a.example"]
-    _done(a.create_user("eve", "password-1"))
+    fired(a.create_user("eve", "password-1"))
     data = b"forged"
     import hashlib
 
@@ -1117,7 +1096,7 @@ def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
         file_item(2, "eve@a.example", "#dev@h.example"),  # not a member
         file_item(3, "alice@a.example", "#other@b.example"),  # a third realm's group
     ]
-    rejected = _done(h.receive_remote("a.example", items, fetch=fetch))
+    rejected = fired(h.receive_remote("a.example", items, fetch=fetch))
     assert [(x["id"], x["code"]) for x in rejected] == [
         ("forged-1", "forged_sender"),
         ("forged-2", "not_member"),
@@ -1125,24 +1104,24 @@ def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
     ]
     # a member realm accepts a group's files only from the group's home realm
     b = r["b.example"]
-    rejected = _done(
+    rejected = fired(
         b.receive_remote(
             "a.example", [file_item(4, "alice@a.example", "#dev@h.example")], fetch=fetch
         )
     )
     assert [x["code"] for x in rejected] == ["forged_sender"]
-    assert fetched == [] and _done(h.store.file_info("f" * 32)) is None
+    assert fetched == [] and fired(h.store.file_info("f" * 32)) is None
     # a non-member cannot even offer a file to the group through their own realm
     failure = a.files.offer("eve@a.example", "#dev@h.example", "x.bin", 1, "0" * 64)
-    assert _done(failure.addErrback(lambda f: f.value.code)) == "not_member"
+    assert fired(failure.addErrback(lambda f: f.value.code)) == "not_member"
     # a file whose bytes do not match is rejected by the home realm, and not forwarded
     bad = {
         **file_item(5, "alice@a.example", "#dev@h.example"),
         "meta": {**meta, "sha256": "0" * 64},
     }
-    rejected = _done(h.receive_remote("a.example", [bad], fetch=fetch))
+    rejected = fired(h.receive_remote("a.example", [bad], fetch=fetch))
     assert [x["code"] for x in rejected] == ["checksum_mismatch"]
-    assert _done(h.store.outbox_counts()) == {}
+    assert fired(h.store.outbox_counts()) == {}
 
 
 def test_a_file_id_taken_first_by_a_member_realm_does_not_hide_a_group_file(
@@ -1179,10 +1158,10 @@ def test_a_file_id_taken_first_by_a_member_realm_does_not_hide_a_group_file(
         blob.write(bogus)
         return succeed(None)
 
-    assert _done(b.receive_remote("a.example", [race], fetch=fetch)) == []
+    assert fired(b.receive_remote("a.example", [race], fetch=fetch)) == []
     assert r.relay("h.example", "b.example", ack=False) == []
     assert r.relay("h.example", "b.example") == []  # sent again before the ack: once
-    feed = _done(
+    feed = fired(
         b.store.read_feed("bob2@b.example", 0, 100, b.groups.feed_ranges("bob2@b.example"))
     )
     files = [e for e in feed if e.kind == "file"]
@@ -1203,7 +1182,7 @@ def test_a_group_file_fetch_cut_off_half_way_is_stored_and_forwarded_once_when_s
     h, a = r["h.example"], r["a.example"]
     data = os.urandom(100_000)
     info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
-    rows = _done(a.store.outbox_read("h.example", 0, 10))
+    rows = fired(a.store.outbox_read("h.example", 0, 10))
 
     def cut(file_id: str, blob: Any) -> Any:
         blob.write(data[:30_000])
@@ -1211,12 +1190,12 @@ def test_a_group_file_fetch_cut_off_half_way_is_stored_and_forwarded_once_when_s
 
     failed = h.receive_remote("a.example", [envelope_to_wire(e) for _, e in rows], fetch=cut)
     with pytest.raises(ConnectionError):
-        _done(failed)  # the transaction is not acknowledged: a.example sends it again
-    assert _done(h.store.file_info(info.file_id)) is None
-    assert _done(h.store.outbox_counts()) == {}  # nothing forwarded
+        fired(failed)  # the transaction is not acknowledged: a.example sends it again
+    assert fired(h.store.file_info(info.file_id)) is None
+    assert fired(h.store.outbox_counts()) == {}  # nothing forwarded
     parts = os.path.join(h.files.store.root, "uploads")
     assert not os.path.isdir(parts) or os.listdir(parts) == []  # the partial bytes are gone
     assert r.relay("a.example", "h.example") == []
     assert r.relay("h.example", "b.example") == []
     assert _read(r["b.example"], "bob@b.example", info.file_id) == data
-    assert _done(h.store.outbox_counts()) == {}
+    assert fired(h.store.outbox_counts()) == {}

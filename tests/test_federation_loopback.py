@@ -22,10 +22,25 @@ PW = "password-1"
 
 
 @pytest.fixture
-def two(tmp_path: Any) -> Any:
-    nodes = pytest_twisted.blockon(federation(tmp_path, ["a.example", "b.example"]))
-    yield nodes
-    stop_all(nodes)
+def two(realms: Any) -> Any:
+    return pytest_twisted.blockon(realms(["a.example", "b.example"]))
+
+
+@pytest.fixture
+def realms(tmp_path: Any) -> Any:
+    """``realms(names, **options)``: a Deferred of started federated nodes
+    (:func:`tests.fedharness.federation`); every node made is stopped at teardown."""
+    made: list[Any] = []
+
+    def started(nodes: list[Any]) -> list[Any]:
+        made.extend(nodes)
+        return nodes
+
+    def make(names: list[str], **kw: Any) -> Any:
+        return federation(tmp_path, names, **kw).addCallback(started)
+
+    yield make
+    stop_all(made)
 
 
 @pytest_twisted.inlineCallbacks
@@ -132,29 +147,25 @@ def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_peer_that_never_comes_back_bounces_after_give_up_after(tmp_path: Any) -> Any:
-    nodes = yield federation(tmp_path, ["a.example", "b.example"], give_up_after=1.0)
+def test_a_peer_that_never_comes_back_bounces_after_give_up_after(realms: Any) -> Any:
+    nodes = yield realms(["a.example", "b.example"], give_up_after=1.0)
     a, b = nodes
-    try:
-        yield b.stop_federation()  # b is gone for good
-        got: list[dict[str, Any]] = []
-        alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
-        sent = yield alice.send("bob@b.example", "are you there?")
-        # a's periodic sweep (every second here) gives up once the link has been down
-        # a second, and alice is told
-        yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
-        bounce = got[-1]
-        assert bounce["meta"]["id"] == sent["msg_id"]
-        assert bounce["meta"]["code"] == "peer_unreachable"
-        assert (yield a.realm.store.outbox_counts()) == {}
-        yield alice.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    yield b.stop_federation()  # b is gone for good
+    got: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
+    sent = yield alice.send("bob@b.example", "are you there?")
+    # a's periodic sweep (every second here) gives up once the link has been down
+    # a second, and alice is told
+    yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
+    bounce = got[-1]
+    assert bounce["meta"]["id"] == sent["msg_id"]
+    assert bounce["meta"]["code"] == "peer_unreachable"
+    assert (yield a.realm.store.outbox_counts()) == {}
+    yield alice.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_peer_that_goes_silent_is_dropped_and_retried(tmp_path: Any, logs: Any) -> Any:
+def test_a_peer_that_goes_silent_is_dropped_and_retried(realms: Any, logs: Any) -> Any:
     """b.example accepts the connection and the TLS handshake, then says nothing (a
     hung process, a half-open connection): a.example's link does not wait forever --
     it closes the connection after three keepalive intervals and tries again."""
@@ -170,17 +181,11 @@ def test_a_peer_that_goes_silent_is_dropped_and_retried(tmp_path: Any, logs: Any
     def hang(nodes: Any) -> None:
         nodes[1].fed.factory.protocol = Hung
 
-    nodes = yield federation(
-        tmp_path, ["a.example", "b.example"], before_start=hang, keepalive=0.2
-    )
-    try:
-        link = nodes[0].fed.links["b.example"]
-        yield until(lambda: logs.has("federation: b.example is silent"), timeout=30)
-        yield until(lambda: link.failures >= 1 and "no frame" in link.last_error, timeout=30)
-        assert link.state != "ready"
-    finally:
-        for n in nodes:
-            yield n.stop()
+    nodes = yield realms(["a.example", "b.example"], before_start=hang, keepalive=0.2)
+    link = nodes[0].fed.links["b.example"]
+    yield until(lambda: logs.has("federation: b.example is silent"), timeout=30)
+    yield until(lambda: link.failures >= 1 and "no frame" in link.last_error, timeout=30)
+    assert link.state != "ready"
 
 
 # identity and refusals ------------------------------------------------------------------
@@ -194,52 +199,46 @@ def logs() -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_trust_by_pinned_fingerprints_only(tmp_path: Any) -> Any:
-    nodes = yield federation(tmp_path, ["a.example", "b.example"], pins=True)
+def test_trust_by_pinned_fingerprints_only(realms: Any) -> Any:
+    nodes = yield realms(["a.example", "b.example"], pins=True)
     a, b = nodes
-    try:
-        got: list[dict[str, Any]] = []
-        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
-        bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
-        yield alice.send("bob@b.example", "pinned")
-        yield until(lambda: len(got) == 1, timeout=30)
-        yield alice.close()
-        yield bob.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    got: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield alice.send("bob@b.example", "pinned")
+    yield until(lambda: len(got) == 1, timeout=30)
+    yield alice.close()
+    yield bob.close()
 
 
 @defer.inlineCallbacks
-def _refused(tmp_path: Any, logs: Any, expect: str, **kw: Any) -> Any:
+def _refused(realms: Any, logs: Any, expect: str, **kw: Any) -> Any:
     """a.example and b.example where b is not what it claims: a message from alice to
     bob stays queued, and both sides log ``expect``."""
-    nodes = yield federation(tmp_path, ["a.example", "b.example"], **kw)
+    nodes = yield realms(["a.example", "b.example"], **kw)
     a, b = nodes
-    try:
-        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
-        yield connect(_reactor, b.addr, "bob", PW, register=True).addCallback(lambda c: c.close())
-        yield alice.send("bob@b.example", "must not arrive")
-        link = a.fed.links["b.example"]
-        yield until(lambda: link.failures >= 2, timeout=30)
-        yield until(lambda: logs.has(expect), timeout=30)
-        assert link.state != "ready"
-        assert expect in link.last_error
-        counts = yield a.realm.store.outbox_counts()
-        assert counts == {"b.example": 1}
-        items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
-        assert items == []
-        yield alice.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    yield connect(_reactor, b.addr, "bob", PW, register=True).addCallback(lambda c: c.close())
+    yield alice.send("bob@b.example", "must not arrive")
+    link = a.fed.links["b.example"]
+    yield until(lambda: link.failures >= 2, timeout=30)
+    yield until(lambda: logs.has(expect), timeout=30)
+    assert link.state != "ready"
+    assert expect in link.last_error
+    counts = yield a.realm.store.outbox_counts()
+    assert counts == {"b.example": 1}
+    items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
+    assert items == []
+    yield alice.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_certificate_for_another_realm_name_is_refused(tmp_path: Any, logs: Any) -> Any:
+def test_certificate_for_another_realm_name_is_refused(
+    realms: Any, tmp_path: Any, logs: Any
+) -> Any:
     other = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
     yield _refused(
-        tmp_path, logs, "certificate is for c.example, not b.example", certs={"b.example": other}
+        realms, logs, "certificate is for c.example, not b.example", certs={"b.example": other}
     )
     # b's own link to a: refused by a's listener, with the reason in a's log
     assert logs.has("refused inbound link from")
@@ -247,14 +246,16 @@ def test_certificate_for_another_realm_name_is_refused(tmp_path: Any, logs: Any)
 
 
 @pytest_twisted.inlineCallbacks
-def test_certificate_from_an_untrusted_ca_is_refused(tmp_path: Any, logs: Any) -> Any:
+def test_certificate_from_an_untrusted_ca_is_refused(realms: Any, tmp_path: Any, logs: Any) -> Any:
     rogue = tls.write_dev_certs(str(tmp_path / "rogue-ca"), "b.example")
-    yield _refused(tmp_path, logs, "untrusted CA", certs={"b.example": rogue})
+    yield _refused(realms, logs, "untrusted CA", certs={"b.example": rogue})
     assert logs.has("claiming b.example: certificate not trusted")
 
 
 @pytest_twisted.inlineCallbacks
-def test_wrong_certificate_for_a_pinned_peer_is_refused(tmp_path: Any, logs: Any) -> Any:
+def test_wrong_certificate_for_a_pinned_peer_is_refused(
+    realms: Any, tmp_path: Any, logs: Any
+) -> Any:
     # b presents a valid certificate for its name from the shared CA, but not the one
     # a pinned: the pin wins.
     other = tls.write_dev_certs(str(tmp_path / "elsewhere"), "b.example")
@@ -264,18 +265,14 @@ def test_wrong_certificate_for_a_pinned_peer_is_refused(tmp_path: Any, logs: Any
     def pin(nodes: Any) -> None:
         nodes[0].cfg.federation.peer("b.example").fingerprint = wrong_pin
 
-    nodes = yield federation(tmp_path, ["a.example", "b.example"], before_start=pin)
+    nodes = yield realms(["a.example", "b.example"], before_start=pin)
     a = nodes[0]
-    try:
-        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
-        yield alice.send("bob@b.example", "x")
-        link = a.fed.links["b.example"]
-        yield until(lambda: logs.has("is not the pinned " + wrong_pin), timeout=30)
-        assert link.state != "ready"
-        yield alice.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    yield alice.send("bob@b.example", "x")
+    link = a.fed.links["b.example"]
+    yield until(lambda: logs.has("is not the pinned " + wrong_pin), timeout=30)
+    assert link.state != "ready"
+    yield alice.close()
 
 
 class RawPeer(Int32StringReceiver):
@@ -367,7 +364,7 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_peer_reaching_us_resets_our_backoff(tmp_path: Any) -> Any:
+def test_a_peer_reaching_us_resets_our_backoff(realms: Any) -> Any:
     """a waits 30 s before retrying b; b coming back connects to a, and that alone makes
     a deliver its queue at once."""
 
@@ -375,156 +372,140 @@ def test_a_peer_reaching_us_resets_our_backoff(tmp_path: Any) -> Any:
         nodes[0].cfg.federation.retry_initial = 30.0
         nodes[0].cfg.federation.retry_max = 60.0
 
-    nodes = yield federation(tmp_path, ["a.example", "b.example"], before_start=slow_retries)
+    nodes = yield realms(["a.example", "b.example"], before_start=slow_retries)
     a, b = nodes
-    try:
-        alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
-        got: list[dict[str, Any]] = []
-        bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
-        link = a.fed.links["b.example"]
-        yield until(lambda: link.state == "ready", timeout=30)
-        port = b.fed_port
-        yield b.stop_federation()
-        yield alice.send("bob@b.example", "after the outage")
-        yield until(lambda: link.state == "backoff", timeout=30)
-        assert link.retry_in is not None and link.retry_in >= 27
-        b.cfg.federation.port = port
-        b.fed.startService()
-        yield until(lambda: len(got) == 1, timeout=10)  # well before a's 27+ s retry
-        assert got[0]["body"] == "after the outage"
-        assert link.state == "ready" and link.failures == 0
-        yield alice.close()
-        yield bob.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    link = a.fed.links["b.example"]
+    yield until(lambda: link.state == "ready", timeout=30)
+    port = b.fed_port
+    yield b.stop_federation()
+    yield alice.send("bob@b.example", "after the outage")
+    yield until(lambda: link.state == "backoff", timeout=30)
+    assert link.retry_in is not None and link.retry_in >= 27
+    b.cfg.federation.port = port
+    b.fed.startService()
+    yield until(lambda: len(got) == 1, timeout=10)  # well before a's 27+ s retry
+    assert got[0]["body"] == "after the outage"
+    assert link.state == "ready" and link.failures == 0
+    yield alice.close()
+    yield bob.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_three_realms_each_writes_to_the_next(tmp_path: Any) -> Any:
+def test_three_realms_each_writes_to_the_next(realms: Any) -> Any:
     names = ["a.example", "b.example", "c.example"]
-    nodes = yield federation(tmp_path, names)
-    try:
-        got: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        conns = []
-        for node in nodes:
-            conn = yield connect(
-                _reactor, node.addr, "user", PW, register=True, on_message=got[node.name].append
-            )
-            yield conn.synced
-            conns.append(conn)
-        for i, conn in enumerate(conns):
-            target = names[(i + 1) % 3]
-            yield conn.send(f"user@{target}", f"from {names[i]} to {target}")
-        yield until(lambda: all(len(m) == 2 for m in got.values()), timeout=30)
-        for i, name in enumerate(names):
-            bodies = sorted(m["body"] for m in got[name])
-            before, after = names[i - 1], names[(i + 1) % 3]
-            assert bodies == sorted([f"from {before} to {name}", f"from {name} to {after}"])
-        for conn in conns:
-            yield conn.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    nodes = yield realms(names)
+    got: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    conns = []
+    for node in nodes:
+        conn = yield connect(
+            _reactor, node.addr, "user", PW, register=True, on_message=got[node.name].append
+        )
+        yield conn.synced
+        conns.append(conn)
+    for i, conn in enumerate(conns):
+        target = names[(i + 1) % 3]
+        yield conn.send(f"user@{target}", f"from {names[i]} to {target}")
+    yield until(lambda: all(len(m) == 2 for m in got.values()), timeout=30)
+    for i, name in enumerate(names):
+        bodies = sorted(m["body"] for m in got[name])
+        before, after = names[i - 1], names[(i + 1) % 3]
+        assert bodies == sorted([f"from {before} to {name}", f"from {name} to {after}"])
+    for conn in conns:
+        yield conn.close()
 
 
 # groups across realms ---------------------------------------------------------------------
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_group_spanning_three_realms(tmp_path: Any) -> Any:
+def test_a_group_spanning_three_realms(realms: Any) -> Any:
     """#dev lives on h.example; members on a.example and b.example join through their
     own realms, write through them, are sent each message once per realm, and obey
     h.example's permissions (joins, kicks)."""
-    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    nodes = yield realms(["h.example", "a.example", "b.example"])
     h, a, b = nodes
-    try:
-        got: dict[str, list[dict[str, Any]]] = {}
+    got: dict[str, list[dict[str, Any]]] = {}
 
-        @defer.inlineCallbacks
-        def user(node: Any, name: str) -> Any:
-            inbox = got.setdefault(f"{name}@{node.name}", [])
-            conn = yield connect(
-                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
-            )
-            yield conn.synced
-            return conn
+    @defer.inlineCallbacks
+    def user(node: Any, name: str) -> Any:
+        inbox = got.setdefault(f"{name}@{node.name}", [])
+        conn = yield connect(_reactor, node.addr, name, PW, register=True, on_message=inbox.append)
+        yield conn.synced
+        return conn
 
-        owner = yield user(h, "owner")
-        alice = yield user(a, "alice")
-        bob = yield user(b, "bob")
-        bob2 = yield user(b, "bob2")
-        yield owner.create_group("#dev")
-        yield owner.create_group("#secret", visibility="invite")
-        group = "#dev@h.example"
-        for conn in (alice, bob, bob2):
-            pending = yield conn.join(group)
-            assert pending["pos"] == 0  # decided by h.example; the event comes from there
-        # everyone hears every join (the owner on h, each member through their realm)
-        yield until(
-            lambda: (
-                sum(m.get("meta", {}).get("event") == "joined" for m in got["owner@h.example"]) == 3
-            ),
-            timeout=30,
-        )
-        yield until(
-            lambda: any(
-                m.get("meta", {}).get("user") == "bob2@b.example" for m in got["alice@a.example"]
-            ),
-            timeout=30,
-        )
-        sent_to_b = h.fed.links["b.example"].sent_items
-        yield owner.send(group, "hello all")
-        yield alice.send(group, "hi from a")
-        yield bob.send(group, "hi from b")
+    owner = yield user(h, "owner")
+    alice = yield user(a, "alice")
+    bob = yield user(b, "bob")
+    bob2 = yield user(b, "bob2")
+    yield owner.create_group("#dev")
+    yield owner.create_group("#secret", visibility="invite")
+    group = "#dev@h.example"
+    for conn in (alice, bob, bob2):
+        pending = yield conn.join(group)
+        assert pending["pos"] == 0  # decided by h.example; the event comes from there
+    # everyone hears every join (the owner on h, each member through their realm)
+    yield until(
+        lambda: (
+            sum(m.get("meta", {}).get("event") == "joined" for m in got["owner@h.example"]) == 3
+        ),
+        timeout=30,
+    )
+    yield until(
+        lambda: any(
+            m.get("meta", {}).get("user") == "bob2@b.example" for m in got["alice@a.example"]
+        ),
+        timeout=30,
+    )
+    sent_to_b = h.fed.links["b.example"].sent_items
+    yield owner.send(group, "hello all")
+    yield alice.send(group, "hi from a")
+    yield bob.send(group, "hi from b")
 
-        def texts(who: str) -> list[str]:
-            return [m["body"] for m in got[who] if m.get("kind") == "text"]
+    def texts(who: str) -> list[str]:
+        return [m["body"] for m in got[who] if m.get("kind") == "text"]
 
-        everyone = ["owner@h.example", "alice@a.example", "bob@b.example", "bob2@b.example"]
-        yield until(lambda: all(len(texts(u)) == 3 for u in everyone), timeout=30)
-        for u in everyone:
-            assert sorted(texts(u)) == sorted(["hello all", "hi from a", "hi from b"])
-        # two members on b.example, one copy per message: "hello all" and "hi from a"
-        # (b.example's own "hi from b" is not sent back to it)
-        assert h.fed.links["b.example"].sent_items - sent_to_b == 2
-        # h.example's rules: an invite-only group refuses a remote join...
-        pending = yield alice.join("#secret@h.example")
-        yield until(lambda: a.fed.links["h.example"].rejected_items == 1, timeout=30)
-        assert "alice@a.example" not in h.realm.groups.get("#secret@h.example").members
-        # ...a plain member may not kick; the owner may (a member on another realm)
-        yield alice.kick(group, "bob@b.example")
-        yield until(lambda: a.fed.links["h.example"].rejected_items == 2, timeout=30)
-        # alice hears of both refusals, in the conversations they concern
-        yield until(
-            lambda: sum(m["kind"] == "bounce" for m in got["alice@a.example"]) == 2, timeout=30
-        )
-        refused = [m for m in got["alice@a.example"] if m["kind"] == "bounce"]
-        assert [(m["from"], m["meta"]["code"], m["meta"]["event"]) for m in refused] == [
-            ("#secret@h.example", "not_invited", "joined"),
-            (group, "forbidden", "kicked"),
-        ]
-        assert refused[0]["meta"]["id"] == pending["msg_id"]
-        assert "your join request for #secret@h.example was refused" in refused[0]["body"]
-        yield owner.kick(group, "bob@b.example")
-        yield until(
-            lambda: any(m.get("meta", {}).get("event") == "kicked" for m in got["bob@b.example"]),
-            timeout=30,
-        )
-        yield owner.send(group, "after the kick")
-        yield until(lambda: "after the kick" in texts("bob2@b.example"), timeout=30)
-        assert "after the kick" not in texts("bob@b.example")
-        with pytest.raises(RemoteError) as e:
-            yield bob.send(group, "still here?")
-        assert e.value.code == "not_member"
-        # history of the group on a member's own realm
-        history = yield alice.history(group)
-        assert [m["body"] for m in history if m["kind"] == "text"][-1] == "after the kick"
-        for conn in (owner, alice, bob, bob2):
-            yield conn.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    everyone = ["owner@h.example", "alice@a.example", "bob@b.example", "bob2@b.example"]
+    yield until(lambda: all(len(texts(u)) == 3 for u in everyone), timeout=30)
+    for u in everyone:
+        assert sorted(texts(u)) == sorted(["hello all", "hi from a", "hi from b"])
+    # two members on b.example, one copy per message: "hello all" and "hi from a"
+    # (b.example's own "hi from b" is not sent back to it)
+    assert h.fed.links["b.example"].sent_items - sent_to_b == 2
+    # h.example's rules: an invite-only group refuses a remote join...
+    pending = yield alice.join("#secret@h.example")
+    yield until(lambda: a.fed.links["h.example"].rejected_items == 1, timeout=30)
+    assert "alice@a.example" not in h.realm.groups.get("#secret@h.example").members
+    # ...a plain member may not kick; the owner may (a member on another realm)
+    yield alice.kick(group, "bob@b.example")
+    yield until(lambda: a.fed.links["h.example"].rejected_items == 2, timeout=30)
+    # alice hears of both refusals, in the conversations they concern
+    yield until(lambda: sum(m["kind"] == "bounce" for m in got["alice@a.example"]) == 2, timeout=30)
+    refused = [m for m in got["alice@a.example"] if m["kind"] == "bounce"]
+    assert [(m["from"], m["meta"]["code"], m["meta"]["event"]) for m in refused] == [
+        ("#secret@h.example", "not_invited", "joined"),
+        (group, "forbidden", "kicked"),
+    ]
+    assert refused[0]["meta"]["id"] == pending["msg_id"]
+    assert "your join request for #secret@h.example was refused" in refused[0]["body"]
+    yield owner.kick(group, "bob@b.example")
+    yield until(
+        lambda: any(m.get("meta", {}).get("event") == "kicked" for m in got["bob@b.example"]),
+        timeout=30,
+    )
+    yield owner.send(group, "after the kick")
+    yield until(lambda: "after the kick" in texts("bob2@b.example"), timeout=30)
+    assert "after the kick" not in texts("bob@b.example")
+    with pytest.raises(RemoteError) as e:
+        yield bob.send(group, "still here?")
+    assert e.value.code == "not_member"
+    # history of the group on a member's own realm
+    history = yield alice.history(group)
+    assert [m["body"] for m in history if m["kind"] == "text"][-1] == "after the kick"
+    for conn in (owner, alice, bob, bob2):
+        yield conn.close()
 
 
 @pytest_twisted.inlineCallbacks
@@ -634,7 +615,7 @@ def test_a_file_across_realms_is_downloaded_from_the_recipients_realm(two: Any) 
 
 
 @pytest_twisted.inlineCallbacks
-def test_files_in_a_group_spanning_three_realms(tmp_path: Any) -> Any:
+def test_files_in_a_group_spanning_three_realms(realms: Any, tmp_path: Any) -> Any:
     """#dev lives on h.example, with members on a.example and b.example.  A file sent
     by alice through a.example is fetched by h.example from a.example, then by
     b.example from h.example; one sent by the owner on h.example is fetched by a.example
@@ -643,140 +624,132 @@ def test_files_in_a_group_spanning_three_realms(tmp_path: Any) -> Any:
     import hashlib
     import os
 
-    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    nodes = yield realms(["h.example", "a.example", "b.example"])
     h, a, b = nodes
-    try:
-        got: dict[str, list[dict[str, Any]]] = {}
-        conns: dict[str, Any] = {}
-        for node, name in ((h, "owner"), (a, "alice"), (b, "bob"), (b, "bob2")):
-            who = f"{name}@{node.name}"
-            inbox = got.setdefault(who, [])
-            conns[who] = yield connect(
-                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
-            )
-            yield conns[who].synced
-        group = "#dev@h.example"
-        yield conns["owner@h.example"].create_group("#dev")
-        for who in ("alice@a.example", "bob@b.example", "bob2@b.example"):
-            yield conns[who].join(group)
-        yield until(lambda: len(h.realm.groups.get(group).members) == 4, timeout=30)
-        yield drained(h)  # the member realms' mirrors know their own members
+    got: dict[str, list[dict[str, Any]]] = {}
+    conns: dict[str, Any] = {}
+    for node, name in ((h, "owner"), (a, "alice"), (b, "bob"), (b, "bob2")):
+        who = f"{name}@{node.name}"
+        inbox = got.setdefault(who, [])
+        conns[who] = yield connect(
+            _reactor, node.addr, name, PW, register=True, on_message=inbox.append
+        )
+        yield conns[who].synced
+    group = "#dev@h.example"
+    yield conns["owner@h.example"].create_group("#dev")
+    for who in ("alice@a.example", "bob@b.example", "bob2@b.example"):
+        yield conns[who].join(group)
+    yield until(lambda: len(h.realm.groups.get(group).members) == 4, timeout=30)
+    yield drained(h)  # the member realms' mirrors know their own members
 
-        def files_of(who: str) -> list[dict[str, Any]]:
-            return [m for m in got[who] if m.get("kind") == "file"]
+    def files_of(who: str) -> list[dict[str, Any]]:
+        return [m for m in got[who] if m.get("kind") == "file"]
 
-        everyone = list(conns)
-        home_of = {"owner@h.example": h, "alice@a.example": a, "bob@b.example": b}
-        home_of["bob2@b.example"] = b
-        sources = [
-            ("alice@a.example", os.urandom(700_000)),
-            ("owner@h.example", os.urandom(300_001)),
-        ]
-        for n, (sender, data) in enumerate(sources, 1):
-            path = tmp_path / f"upload-{n}.bin"
-            path.write_bytes(data)
-            sent = yield conns[sender].send_file(group, str(path))
-            yield until(lambda n=n: all(len(files_of(u)) == n for u in everyone), timeout=30)
-            for who in everyone:
-                msg = files_of(who)[-1]
-                assert msg["msg_id"] == sent["msg_id"] and msg["from"] == sender
-                assert msg["to"] == group and msg["meta"]["file_id"] == sent["file"]
-                assert msg["meta"]["sha256"] == hashlib.sha256(data).hexdigest()
-                target = tmp_path / f"{who}-{n}.bin"
-                yield conns[who].download(sent["file"], str(target))
-                assert target.read_bytes() == data
-                # from their own realm: the bytes are in its file store
-                blob = home_of[who].realm.files.store.blob_path(msg["meta"]["sha256"])
-                assert os.path.exists(blob)
-        for node in nodes:
-            yield drained(node)
-        # a.example sent its file to h.example only; h.example forwarded it once to
-        # b.example (two members there), never back to a.example
-        assert a.fed.links["h.example"].sent_items >= 1
-        assert "b.example" not in a.fed.links or a.fed.links["b.example"].sent_items == 0
-        # acknowledged everywhere: no peer may fetch either file any more
-        from chatproto.errors import ChatError
+    everyone = list(conns)
+    home_of = {"owner@h.example": h, "alice@a.example": a, "bob@b.example": b}
+    home_of["bob2@b.example"] = b
+    sources = [
+        ("alice@a.example", os.urandom(700_000)),
+        ("owner@h.example", os.urandom(300_001)),
+    ]
+    for n, (sender, data) in enumerate(sources, 1):
+        path = tmp_path / f"upload-{n}.bin"
+        path.write_bytes(data)
+        sent = yield conns[sender].send_file(group, str(path))
+        yield until(lambda n=n: all(len(files_of(u)) == n for u in everyone), timeout=30)
+        for who in everyone:
+            msg = files_of(who)[-1]
+            assert msg["msg_id"] == sent["msg_id"] and msg["from"] == sender
+            assert msg["to"] == group and msg["meta"]["file_id"] == sent["file"]
+            assert msg["meta"]["sha256"] == hashlib.sha256(data).hexdigest()
+            target = tmp_path / f"{who}-{n}.bin"
+            yield conns[who].download(sent["file"], str(target))
+            assert target.read_bytes() == data
+            # from their own realm: the bytes are in its file store
+            blob = home_of[who].realm.files.store.blob_path(msg["meta"]["sha256"])
+            assert os.path.exists(blob)
+    for node in nodes:
+        yield drained(node)
+    # a.example sent its file to h.example only; h.example forwarded it once to
+    # b.example (two members there), never back to a.example
+    assert a.fed.links["h.example"].sent_items >= 1
+    assert "b.example" not in a.fed.links or a.fed.links["b.example"].sent_items == 0
+    # acknowledged everywhere: no peer may fetch either file any more
+    from chatproto.errors import ChatError
 
-        first = files_of("bob@b.example")[0]["meta"]["file_id"]
-        for node, peer in ((a, "h.example"), (h, "b.example"), (h, "a.example")):
-            with pytest.raises(ChatError) as refused:
-                yield node.realm.files.serve_remote(peer, first)
-            assert refused.value.code == "no_such_file"
-        for conn in conns.values():
-            yield conn.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    first = files_of("bob@b.example")[0]["meta"]["file_id"]
+    for node, peer in ((a, "h.example"), (h, "b.example"), (h, "a.example")):
+        with pytest.raises(ChatError) as refused:
+            yield node.realm.files.serve_remote(peer, first)
+        assert refused.value.code == "no_such_file"
+    for conn in conns.values():
+        yield conn.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_group_file_forged_by_a_member_realm_is_rejected(tmp_path: Any, logs: Any) -> Any:
+def test_a_group_file_forged_by_a_member_realm_is_rejected(realms: Any, logs: Any) -> Any:
     """a.example may carry its own users' files to h.example's group, not those of
     b.example's users, and never to b.example directly (only the home realm fans out)."""
     import hashlib
 
-    nodes = yield federation(tmp_path, ["h.example", "a.example", "b.example"])
+    nodes = yield realms(["h.example", "a.example", "b.example"])
     h, a, b = nodes
-    try:
-        conns = {}
-        for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
-            conns[name] = yield connect(_reactor, node.addr, name, PW, register=True)
-        group = "#dev@h.example"
-        yield conns["owner"].create_group("#dev")
-        for name in ("alice", "bob"):
-            yield conns[name].join(group)
-        yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
-        yield drained(h)
-        data = b"not really bob's"
-        meta = {
-            "file_id": "0123456789abcdef0123456789abcdef",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size": len(data),
-            "name": "x.bin",
-            "media_type": "application/octet-stream",
-        }
-        from chatproto.envelope import Envelope, new_message_id
+    conns = {}
+    for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
+        conns[name] = yield connect(_reactor, node.addr, name, PW, register=True)
+    group = "#dev@h.example"
+    yield conns["owner"].create_group("#dev")
+    for name in ("alice", "bob"):
+        yield conns[name].join(group)
+    yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
+    yield drained(h)
+    data = b"not really bob's"
+    meta = {
+        "file_id": "0123456789abcdef0123456789abcdef",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "name": "x.bin",
+        "media_type": "application/octet-stream",
+    }
+    from chatproto.envelope import Envelope, new_message_id
 
-        forged = [
-            Envelope(new_message_id(), "file", "bob@b.example", group, 1.0, "x.bin", dict(meta)),
-            Envelope(
-                new_message_id(),
-                "file",
-                "alice@a.example",
-                group,
-                1.0,
-                "x.bin",
-                {**meta, "file_id": "fedcba9876543210fedcba9876543210"},
-            ),
-        ]
-        # queued by a.example as if it had sent them (the bytes are not even there)
-        yield a.realm.store.append([forged[0]], [("h.example", forged[0])])
-        yield a.realm.store.append([forged[1]], [("b.example", forged[1])])
-        a.fed.wake("h.example")
-        a.fed.wake("b.example")
-        yield until(
-            lambda: (
-                a.fed.links["h.example"].rejected_items == 1
-                and a.fed.links["b.example"].rejected_items == 1
-            ),
-            timeout=30,
-        )
-        for env in forged:  # logged by the receiving realm with the reason
-            assert logs.has(f"rejected item {env.id} from a.example: forged_sender")
-        for node in (h, b):
-            for env in forged:
-                info = yield node.realm.store.file_info(env.meta["file_id"])
-                assert info is None
-        for conn in conns.values():
-            yield conn.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    forged = [
+        Envelope(new_message_id(), "file", "bob@b.example", group, 1.0, "x.bin", dict(meta)),
+        Envelope(
+            new_message_id(),
+            "file",
+            "alice@a.example",
+            group,
+            1.0,
+            "x.bin",
+            {**meta, "file_id": "fedcba9876543210fedcba9876543210"},
+        ),
+    ]
+    # queued by a.example as if it had sent them (the bytes are not even there)
+    yield a.realm.store.append([forged[0]], [("h.example", forged[0])])
+    yield a.realm.store.append([forged[1]], [("b.example", forged[1])])
+    a.fed.wake("h.example")
+    a.fed.wake("b.example")
+    yield until(
+        lambda: (
+            a.fed.links["h.example"].rejected_items == 1
+            and a.fed.links["b.example"].rejected_items == 1
+        ),
+        timeout=30,
+    )
+    for env in forged:  # logged by the receiving realm with the reason
+        assert logs.has(f"rejected item {env.id} from a.example: forged_sender")
+    for node in (h, b):
+        for env in forged:
+            info = yield node.realm.store.file_info(env.meta["file_id"])
+            assert info is None
+    for conn in conns.values():
+        yield conn.close()
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_group_file_too_large_for_the_home_realm_bounces_and_goes_nowhere(
-    tmp_path: Any,
+    realms: Any, tmp_path: Any
 ) -> Any:
     """h.example takes files up to 1000 bytes; a.example more.  alice's larger file to
     h.example's group stays with a.example's members: h.example refuses it
@@ -785,39 +758,33 @@ def test_a_group_file_too_large_for_the_home_realm_bounces_and_goes_nowhere(
     def small_home(nodes: list[Any]) -> None:
         nodes[0].realm.files.config.max_file_size = 1000
 
-    nodes = yield federation(
-        tmp_path, ["h.example", "a.example", "b.example"], before_start=small_home
-    )
+    nodes = yield realms(["h.example", "a.example", "b.example"], before_start=small_home)
     h, a, b = nodes
-    try:
-        got: dict[str, list[dict[str, Any]]] = {}
-        conns = {}
-        for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
-            inbox = got.setdefault(name, [])
-            conns[name] = yield connect(
-                _reactor, node.addr, name, PW, register=True, on_message=inbox.append
-            )
-        group = "#dev@h.example"
-        yield conns["owner"].create_group("#dev")
-        for name in ("alice", "bob"):
-            yield conns[name].join(group)
-        yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
-        yield drained(h)
-        path = tmp_path / "big.bin"
-        path.write_bytes(b"x" * 5000)
-        sent = yield conns["alice"].send_file(group, str(path))
-        yield until(lambda: any(m.get("kind") == "bounce" for m in got["alice"]), timeout=30)
-        bounce = next(m for m in got["alice"] if m.get("kind") == "bounce")
-        assert bounce["from"] == group and bounce["meta"]["code"] == "too_large"
-        assert bounce["meta"]["id"] == sent["msg_id"]
-        assert bounce["body"].startswith(f"your file big.bin to {group} was refused")
-        yield conns["owner"].send(group, "after the file")  # the link goes on
-        yield until(lambda: any(m.get("body") == "after the file" for m in got["bob"]), timeout=30)
-        assert not [m for m in got["owner"] + got["bob"] if m.get("kind") == "file"]
-        assert (yield h.realm.store.file_info(sent["file"])) is None
-        assert (yield b.realm.store.file_info(sent["file"])) is None
-        for conn in conns.values():
-            yield conn.close()
-    finally:
-        for n in nodes:
-            yield n.stop()
+    got: dict[str, list[dict[str, Any]]] = {}
+    conns = {}
+    for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
+        inbox = got.setdefault(name, [])
+        conns[name] = yield connect(
+            _reactor, node.addr, name, PW, register=True, on_message=inbox.append
+        )
+    group = "#dev@h.example"
+    yield conns["owner"].create_group("#dev")
+    for name in ("alice", "bob"):
+        yield conns[name].join(group)
+    yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
+    yield drained(h)
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"x" * 5000)
+    sent = yield conns["alice"].send_file(group, str(path))
+    yield until(lambda: any(m.get("kind") == "bounce" for m in got["alice"]), timeout=30)
+    bounce = next(m for m in got["alice"] if m.get("kind") == "bounce")
+    assert bounce["from"] == group and bounce["meta"]["code"] == "too_large"
+    assert bounce["meta"]["id"] == sent["msg_id"]
+    assert bounce["body"].startswith(f"your file big.bin to {group} was refused")
+    yield conns["owner"].send(group, "after the file")  # the link goes on
+    yield until(lambda: any(m.get("body") == "after the file" for m in got["bob"]), timeout=30)
+    assert not [m for m in got["owner"] + got["bob"] if m.get("kind") == "file"]
+    assert (yield h.realm.store.file_info(sent["file"])) is None
+    assert (yield b.realm.store.file_info(sent["file"])) is None
+    for conn in conns.values():
+        yield conn.close()

@@ -19,6 +19,7 @@ from chatproto.realm import RealmService
 from chatproto.testing import make_test_realm
 from chatproto.transfer import RangeProducer, inline
 from tests.conftest import fast_config
+from tests.conftest import fired as ok
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
 
@@ -39,16 +40,6 @@ def realm(tmp_path: Any, clock: Clock) -> RealmService:
     return r
 
 
-def ok(d: Any) -> Any:
-    """The result of an already-fired Deferred (inline I/O, MemoryStore)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
-
-
 def code(d: Any) -> str:
     with pytest.raises(ChatError) as e:
         ok(d)
@@ -63,7 +54,9 @@ def upload(realm: RealmService, sender: str, to: str, data: bytes, name: str = "
     return ok(files.finish(sender, up.upload_id))
 
 
-def fetch(realm: RealmService, user: str, file_id: str, offset: int = 0, length: Any = None) -> bytes:
+def fetch(
+    realm: RealmService, user: str, file_id: str, offset: int = 0, length: Any = None
+) -> bytes:
     dl = ok(realm.files.open_download(user, file_id, offset, length))
     t = StringTransport()
     n = ok(dl.start(t))
