@@ -396,6 +396,10 @@ class _Link(Int32StringReceiver):
             self.silent(reason)
             self.transport.abortConnection()
             return
+        stalled = self.stalled(3 * self._interval)
+        if stalled is not None:
+            self.fail("timeout", stalled)
+            return
         if idle >= self._interval and self.is_up():
             self.send({"type": "ping"})
         self._keepalive_call = self._clock.callLater(self._interval, self._keepalive)
@@ -403,6 +407,11 @@ class _Link(Int32StringReceiver):
     def is_up(self) -> bool:
         """Whether the link is past its hello/welcome (pings are sent only then)."""
         return False
+
+    def stalled(self, limit: float) -> str | None:
+        """Hook, at each keepalive tick: why the peer, though not silent, has made no
+        progress for ``limit`` seconds on something it owes (then: error, close)."""
+        return None
 
     def silent(self, reason: str) -> None:
         """Hook: the peer went silent and the connection is being aborted."""
@@ -493,6 +502,7 @@ class InboundProtocol(_Link):
         self._fetches = 0
         self._reading_paused = False
         self._presence_bucket: TokenBucket | None = None
+        self._fetch_progress = 0.0
 
     def connectionMade(self) -> None:
         fed = self.factory.fed
@@ -503,6 +513,17 @@ class InboundProtocol(_Link):
 
     def is_up(self) -> bool:
         return self.state == "ready"
+
+    def stalled(self, limit: float) -> str | None:
+        """A file fetch with no byte for ``limit`` seconds while the peer answers pings
+        (a peer holding the transaction, and its link, hostage).  Not while we have
+        paused reading ourselves (our disk is behind)."""
+        if self._fetching is None or self._reading_paused:
+            return None
+        waited = self.factory.fed.clock.seconds() - self._fetch_progress
+        if waited < limit:
+            return None
+        return f"the file fetch made no progress for {waited:.0f} seconds"
 
     def _hello_timeout(self) -> None:
         self._timeout = None
@@ -628,6 +649,7 @@ class InboundProtocol(_Link):
         self._fetches += 1
         d: Deferred[None] = Deferred()
         self._fetching = (self._fetches, blob, d)
+        self._fetch_progress = self.factory.fed.clock.seconds()
         self.send({"type": "fetch", "id": self._fetches, "file": file_id})
         return d
 
@@ -641,6 +663,7 @@ class InboundProtocol(_Link):
         if fetching is None:
             self.fail("bad_frame", "a data frame with no fetch in progress")
             return
+        self._fetch_progress = self._last_rx
         try:
             written = fetching[1].write(payload[1:])
         except ChatError as e:

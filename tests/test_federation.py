@@ -5,6 +5,7 @@ protocol over StringTransport (byte by byte too), link bookkeeping, discovery, a
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -471,6 +472,37 @@ def test_keepalive_pings_an_idle_peer_and_drops_a_silent_one(node: Any, certs: A
     proto2, transport2 = connect(fed, certs["a.example"]["cert"])
     proto2.dataReceived(frame({"type": "ping"}))
     assert frames(transport2)[-1]["code"] == "bad_request"
+
+
+def test_a_file_fetch_that_makes_no_progress_is_dropped(node: Any, certs: Any) -> None:
+    """A peer that answers pings but never sends the bytes of a file it sent would
+    hold its transaction (and its link) for ever: after three keepalive intervals
+    without a byte of the file, the link is closed with ``timeout``."""
+    _, fed, clock = node
+    fed.cfg.keepalive = 30.0
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    data = b"never sent"
+    meta = {
+        "file_id": "f" * 32,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "name": "n.txt",
+        "media_type": "text/plain",
+    }
+    file_item = {**item(1), "kind": "file", "body": "n.txt", "meta": meta}
+    proto.dataReceived(hello() + frame({"type": "txn", "id": "t1", "items": [file_item]}))
+    assert [f["type"] for f in frames(transport)] == ["welcome", "fetch"]
+    for _ in range(2):  # the peer is there (pongs)...
+        clock.advance(30)
+        proto.dataReceived(frame({"type": "pong"}))
+        assert not transport.disconnecting
+    clock.advance(29.9)
+    proto.dataReceived(frame({"type": "ping"}))
+    clock.advance(0.1)  # ...but 90 s without a byte of the file
+    errors = [f for f in frames(transport) if f["type"] == "error"]
+    assert [e["code"] for e in errors] == ["timeout"]
+    assert "no progress" in errors[0]["message"]
+    assert transport.disconnecting
 
 
 def test_a_flood_of_presence_is_refused(node: Any, certs: Any) -> None:
