@@ -487,15 +487,20 @@ class _Link(Int32StringReceiver):
 class InboundProtocol(_Link):
     """A link opened to us by a peer realm: ``hello`` -> ``welcome``, then ``txn``
     frames, each answered by ``ack`` once its items are durable.  Transactions are
-    handled one after the other, so acks and stored order follow the peer's order."""
+    handled in order (the next is checked while the last is committed: see
+    :meth:`_next`), so acks and stored order follow the peer's order."""
 
     factory: InboundFactory
 
     def __init__(self) -> None:
         super().__init__()
         self.state = "hello"
+        #: Transactions received and not started, then started and not acknowledged.
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
-        self._busy = False
+        self._started: collections.deque[dict[str, Any]] = collections.deque()
+        #: The transaction whose items are being checked (at most one at a time).
+        self._feeding: dict[str, Any] | None = None
+        self._starting = False
         self._timeout: Any = None
         #: The file being fetched from the peer: (request id, blob, Deferred).
         self._fetching: tuple[int, Any, Deferred[None]] | None = None
@@ -605,7 +610,7 @@ class InboundProtocol(_Link):
             raise FatalProtocolError(
                 "too_large", f"{len(items)} items in a txn; the limit is {MAX_TXN_ITEMS}"
             )
-        if len(self._queue) >= MAX_INFLIGHT:
+        if len(self._queue) + len(self._started) >= MAX_INFLIGHT:
             raise FatalProtocolError(
                 "rate_limited", f"more than {MAX_INFLIGHT} transactions awaiting ack"
             )
@@ -613,32 +618,52 @@ class InboundProtocol(_Link):
         self._next()
 
     def _next(self) -> None:
-        if self._busy or not self._queue or self.closed:
+        """Start the next transaction once the one before has handed all its items to
+        the store (``queued``), not only once it is committed: the store commits in
+        call order, so both may share a group commit (one fsync) and acks still go
+        out in order; an item is still acked only after its commit.  Requests, files
+        and lookups inside a transaction are awaited before it counts as queued, so
+        the next one is checked against their effects."""
+        if self._starting:  # called back from a transaction started below
             return
-        req = self._queue[0]
-        self._busy = True
+        self._starting = True
+        try:
+            while self._feeding is None and self._queue and not self.closed:
+                self._start(self._queue.popleft())
+        finally:
+            self._starting = False
+
+    def _start(self, req: dict[str, Any]) -> None:
         fed = self.factory.fed
         assert self.peer_realm is not None
-        d = fed.realm.receive_remote(self.peer_realm, req["items"], fetch=self.fetch)
+        self._feeding = req
+        self._started.append(req)
+
+        def queued() -> None:
+            if self._feeding is req:
+                self._feeding = None
+                self._next()
 
         def done(rejected: list[dict[str, Any]]) -> None:
-            self._busy = False
-            self._queue.popleft()
+            if self.closed:
+                return
+            assert self._started and self._started[0] is req, "acks out of order"
+            self._started.popleft()
             ack: dict[str, Any] = {"type": "ack", "id": req["id"]}
             if rejected:
                 ack["rejected"] = rejected
             self.send(ack)
             fed.clean(self.peer_realm or "")
-            self._next()
+            queued()
 
         def failed(f: Failure) -> None:
-            self._busy = False
             self.log.failure("federation: storing a txn from {peer}", f, peer=self.peer_realm)
             if not self.closed:
-                self.closed = True
                 self.send({"type": "error", "code": "internal_error", "message": "not stored"})
+                self.closed = True
                 self.transport.loseConnection()
 
+        d = fed.realm.receive_remote(self.peer_realm, req["items"], fetch=self.fetch, queued=queued)
         d.addCallbacks(done, failed)
 
     # fetching a file's bytes from the peer (see RealmService.receive_remote) ----------

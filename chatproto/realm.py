@@ -1227,7 +1227,9 @@ class RealmService(Service):
         return self.store.outbox_enqueue(home, [request]).addCallback(queued)
 
     @inlineCallbacks
-    def receive_remote(self, origin: str, items: Sequence[Any], fetch: Any = None) -> Any:
+    def receive_remote(
+        self, origin: str, items: Sequence[Any], fetch: Any = None, queued: Any = None
+    ) -> Any:
         """Store the items of one transaction from peer realm ``origin``, then route
         them like local items (feeds, positions, offline delivery); apply requests
         (a remote user joining one of our groups...) in order with them.
@@ -1240,6 +1242,10 @@ class RealmService(Service):
         (from the link the item came on) streams them from ``origin`` into a
         :class:`chatproto.files.RemoteBlob` and fires when they are all written, so
         recipients always download from their own realm.
+
+        ``queued()``, if given, is called once every item is checked and handed to the
+        store, before the last commit: items the caller hands to the store after that
+        are committed after these (the link starts on its next transaction then).
         """
         rejected: list[dict[str, Any]] = []
         batch: list[Envelope] = []
@@ -1280,7 +1286,10 @@ class RealmService(Service):
                     message=e.message,
                 )
         if batch:
-            yield self._store_remote(batch, outbox)
+            last = self._store_remote(batch, outbox)
+            if queued is not None:
+                queued()
+            yield last
         return rejected
 
     @inlineCallbacks

@@ -376,7 +376,7 @@ def test_misbehaving_peer_is_refused_for_a_while(node: Any, certs: Any) -> None:
 def test_flood_of_unacknowledged_transactions(node: Any, certs: Any) -> None:
     realm, fed, _ = node
     pending: Deferred[list[Any]] = Deferred()
-    realm.receive_remote = lambda origin, items, fetch=None: pending  # storage is slow
+    realm.receive_remote = lambda origin, items, fetch=None, queued=None: pending  # slow
     proto, transport = connect(fed, certs["a.example"]["cert"])
     proto.dataReceived(hello())
     for i in range(MAX_INFLIGHT):

@@ -1,0 +1,125 @@
+"""The inbound link starts a transaction once the one before has handed its items to
+the store (not once it is committed), acks in order, and only after each commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from test_federation import certs, connect, frame, frames, hello, item, node  # noqa: F401
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from chatproto import config
+from chatproto.federation import FederationService
+
+
+class Calls:
+    """A stand-in for ``RealmService.receive_remote`` that records each call; the test
+    says when a transaction is queued and when it is committed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Any], Deferred[list[Any]], Any]] = []
+
+    def __call__(self, origin: str, items: list[Any], fetch: Any = None, queued: Any = None) -> Any:
+        d: Deferred[list[Any]] = Deferred()
+        self.calls.append((items, d, queued))
+        return d
+
+
+def acks(transport: Any) -> list[str]:
+    return [f["id"] for f in frames(transport) if f["type"] == "ack"]
+
+
+def test_next_transaction_starts_when_the_last_is_queued_and_acks_keep_order(
+    node: Any,  # noqa: F811
+    certs: Any,  # noqa: F811
+) -> None:
+    realm, fed, _ = node
+    realm.receive_remote = calls = Calls()
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    frames(transport)
+    for n in (1, 2, 3):
+        proto.dataReceived(frame({"type": "txn", "id": f"t{n}", "items": [item(n)]}))
+    assert len(calls.calls) == 1  # t2 waits until t1's items are with the store
+    calls.calls[0][2]()  # t1 queued
+    assert len(calls.calls) == 2
+    assert acks(transport) == []  # nothing is acked before its commit
+    calls.calls[0][1].callback([])  # t1 committed
+    assert acks(transport) == ["t1"]
+    assert len(calls.calls) == 2  # t2 is still being checked
+    calls.calls[1][1].callback([])  # t2 committed without a last batch (never "queued")
+    assert acks(transport) == ["t2"]
+    assert len(calls.calls) == 3
+    calls.calls[2][2]()
+    calls.calls[2][2]()  # said twice: harmless
+    calls.calls[2][1].callback([{"id": "id-3", "code": "no_such_user", "message": "x"}])
+    [ack] = frames(transport)
+    assert ack == {"type": "ack", "id": "t3", "rejected": [ack["rejected"][0]]}
+    assert not transport.disconnecting
+
+
+def test_a_failed_commit_closes_the_link_and_acks_nothing_after_it(
+    node: Any,  # noqa: F811
+    certs: Any,  # noqa: F811
+) -> None:
+    realm, fed, _ = node
+    realm.receive_remote = calls = Calls()
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    frames(transport)
+    proto.dataReceived(frame({"type": "txn", "id": "t1", "items": [item(1)]}))
+    proto.dataReceived(frame({"type": "txn", "id": "t2", "items": [item(2)]}))
+    calls.calls[0][2]()
+    calls.calls[0][1].errback(RuntimeError("disk full"))
+    calls.calls[1][1].callback([])  # t2 was committed after all: not acked (resent, de-duplicated)
+    assert [f.get("code") for f in frames(transport)] == ["internal_error"]
+    assert transport.disconnecting
+
+
+@pytest_twisted.inlineCallbacks
+def test_transactions_received_together_share_a_commit_on_sqlite(
+    certs: Any,  # noqa: F811
+    tmp_path: Path,
+) -> Any:
+    from conftest import fast_config, make_realm, until
+
+    cfg = fast_config(tmp_path)
+    cfg.realm = "b.example"
+    f = cfg.federation
+    f.enabled = True
+    f.certificate = certs["b.example"]["cert"]
+    f.private_key = certs["b.example"]["key"]
+    f.ca = certs["b.example"]["ca"]
+    cfg.check()
+    realm = make_realm(cfg)
+    yield realm.startService()
+    try:
+        yield realm.create_user("bob", "password-1")
+        clock = Clock()
+        fed = FederationService(realm, clock, clock=clock, status_path="")
+        proto, transport = connect(fed, certs["a.example"]["cert"])
+        proto.dataReceived(hello())
+        frames(transport)
+        store = realm.store
+        busy = store.append([realm._envelope("bob@b.example", "bob@b.example", "text", "x")])
+        commits = store.commits
+        data = b"".join(
+            frame({"type": "txn", "id": f"t{n}", "items": [item(2 * n), item(2 * n + 1)]})
+            for n in range(3)
+        )
+        proto.dataReceived(data)  # all three arrive while a commit is under way
+        yield busy
+        got: list[str] = []
+        yield until(lambda: got.extend(acks(transport)) or len(got) == 3)
+        assert got == ["t0", "t1", "t2"]
+        # the one under way, then all three transactions together
+        assert store.commits - commits == 2
+        feed = yield store.read_feed("bob@b.example", 0, 20)
+        assert [e.body for e in feed if e.sender == "alice@a.example"] == [
+            f"m{n}" for n in range(6)
+        ]
+    finally:
+        yield realm.stopService()
