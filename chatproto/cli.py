@@ -727,8 +727,11 @@ async def _who(conn: Connection, args: argparse.Namespace) -> None:
         if args.json:
             _say(json.dumps(entry, ensure_ascii=False))
         else:
-            n = entry.get("sessions", 0)
-            line = f"{entry['user']} ({n} session{'' if n == 1 else 's'})"
+            n = entry.get("sessions")
+            if n is None:  # a group member on another realm: its realm does not say
+                line = f"{entry['user']} (another realm)"
+            else:
+                line = f"{entry['user']} ({n} session{'' if n == 1 else 's'})"
             if entry.get("status"):
                 line += f" {entry['status']}"
                 if entry.get("text"):

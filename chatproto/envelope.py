@@ -107,6 +107,28 @@ class Envelope:
             "ts": self.ts,
             "body": self.body,
         }
+        meta = self.meta
+        if meta is not None:
+            # A group snapshot from a home realm is for the realm's mirror, not for
+            # clients (it can hold thousands of members).
+            d["meta"] = meta if "snapshot" not in meta else _without_snapshot(meta)
+        return d
+
+    def to_item(self) -> dict[str, Any]:
+        """The item as a federation transaction carries it (no position: positions are
+        per realm)."""
+        d: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "from": self.sender,
+            "to": self.recipient,
+            "ts": self.ts,
+            "body": self.body,
+        }
         if self.meta is not None:
             d["meta"] = self.meta
         return d
+
+
+def _without_snapshot(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "snapshot"}

@@ -117,17 +117,7 @@ def envelope_to_wire(env: Envelope | dict[str, Any]) -> dict[str, Any]:
     A queued request (a dict) goes as it is."""
     if isinstance(env, dict):
         return env
-    d: dict[str, Any] = {
-        "id": env.id,
-        "kind": env.kind,
-        "from": env.sender,
-        "to": env.recipient,
-        "ts": env.ts,
-        "body": env.body,
-    }
-    if env.meta is not None:
-        d["meta"] = env.meta
-    return d
+    return env.to_item()
 
 
 # TLS ---------------------------------------------------------------------------------
@@ -982,6 +972,10 @@ class PeerLink:
             self.log.info("federation: link to {realm} ready", realm=self.realm)
             self.fed.status_changed()
             self.pump()
+            # Presence is not queued: the peer heard nothing while it was unreachable,
+            # so it gets who is online now among its users' contacts.
+            for frame in self.fed.realm.presence_for(self.realm):
+                proto.send(frame)
 
         return proxy.welcomed.addCallback(ready)  # type: ignore[no-any-return]
 
@@ -1409,10 +1403,13 @@ class FederationService(MultiService):
             self.link(realm).wake()
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
+        """A presence frame for ``realms`` (allowed peers).  A realm we had nothing
+        queued for gets a link now: the frame is lost if it is not up yet, but a link
+        that becomes ready sends who is online (``RealmService.presence_for``)."""
+        if not self.running:
+            return
         for realm in realms:
-            link = self.links.get(realm)
-            if link is not None:
-                link.presence(frame)
+            self.link(realm).presence(frame)
 
     # inbound policy ---------------------------------------------------------------------------
 

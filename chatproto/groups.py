@@ -29,6 +29,7 @@ __all__ = [
     "Group",
     "Groups",
     "Membership",
+    "check_snapshot",
 ]
 
 ROLES = ("member", "admin", "owner")
@@ -90,8 +91,11 @@ class Group:
 class Groups:
     """All groups of one realm (in memory), with the rules and the event application."""
 
-    def __init__(self, max_members: int, max_groups_per_user: int) -> None:
+    def __init__(self, max_members: int, max_groups_per_user: int, realm: str = "") -> None:
         self.max_members = max_members
+        #: This realm's suffix (``@realm``): a mirror with no member ending in it is
+        #: dropped (see :meth:`apply`).  Empty: mirrors are kept while they have members.
+        self._suffix = "@" + realm if realm else ""
         self.max_groups_per_user = max_groups_per_user
         self.groups: dict[str, Group] = {}
         #: user -> addresses of the groups they are a member of
@@ -99,6 +103,17 @@ class Groups:
         #: user -> closed (group, lo, hi] ranges still in their feed: past memberships
         #: (so an offline member learns they were kicked), invites, bans.
         self.past: dict[str, list[tuple[str, int, int]]] = {}
+
+    def snapshot(self, address: str) -> dict[str, Any]:
+        """The state a member realm needs to mirror the group (see :meth:`apply`):
+        settings and members with roles.  Bans and invites stay on the home realm."""
+        group = self.get(address)
+        return {
+            "topic": group.topic,
+            "visibility": group.visibility,
+            "history": group.history,
+            "members": {u: m.role for u, m in sorted(group.members.items())},
+        }
 
     def get(self, address: str) -> Group:
         group = self.groups.get(address)
@@ -234,10 +249,13 @@ class Groups:
         group, a join by a member) changes nothing, so replay always converges.
 
         ``mirror``: the group lives on another realm, which sent the event (federation).
-        Its state here is a mirror built from the events this realm received -- from
-        the first one that concerned one of its users -- and serves only to route the
-        group's items to local members and to bound their feeds; the home realm alone
-        checks the rules.
+        Its state here is a mirror: the home realm sends a ``joined`` event to the
+        joiner's realm with ``meta["snapshot"]`` (:meth:`snapshot` taken just before the
+        event), which replaces the mirrored settings and members; later events keep it
+        in step.  The mirror routes the group's items to local members, bounds their
+        feeds and answers their ``members``/``group_info``/``who``; the home realm alone
+        checks the rules.  A mirror left with no local member is dropped (no more
+        events come for it).
         """
         meta = env.meta or {}
         event = meta.get("event")
@@ -260,6 +278,8 @@ class Groups:
             if not mirror or event == "deleted":
                 return
             group = self.groups[addr] = Group(addr, created_pos=env.pos)
+        if mirror and isinstance(meta.get("snapshot"), dict):
+            self._restore(group, meta["snapshot"], env.pos)
         user = meta.get("user", "")
         if event == "joined":
             if user not in group.members:
@@ -290,6 +310,34 @@ class Groups:
             # Deleted, or its last member left: the name is free again.  Former
             # members' ranges end at this event, so they still read up to it.
             del self.groups[addr]
+        elif mirror and self._suffix and not any(u.endswith(self._suffix) for u in group.members):
+            self._drop(group)
+
+    def _restore(self, group: Group, snap: dict[str, Any], pos: int) -> None:
+        """Set a mirror's state from the home realm's snapshot (checked on receipt)."""
+        group.topic = snap.get("topic", group.topic)
+        group.visibility = snap.get("visibility", group.visibility)
+        group.history = snap.get("history", group.history)
+        roles = snap.get("members") or {}
+        for user in [u for u in group.members if u not in roles]:
+            self._remove(group, user, pos)
+        for user, role in roles.items():
+            if user in group.members:
+                group.members[user].role = role
+            else:
+                self._add(group, user, role, pos)
+
+    def _drop(self, group: Group) -> None:
+        """Forget a mirror whose local members are all gone: the members left are
+        users of other realms, who have no feed here (so no closed ranges)."""
+        for user in group.members:
+            mine = self.of_user.get(user)
+            if mine is not None:
+                mine.discard(group.address)
+                if not mine:
+                    del self.of_user[user]
+        group.members.clear()
+        del self.groups[group.address]
 
     def _add(self, group: Group, user: str, role: str, pos: int) -> None:
         # "all": everything since the group (this incarnation of the name) was created.
@@ -334,6 +382,26 @@ class Groups:
         if m is None:
             raise ChatError("not_member", f"you are not a member of {group_addr}")
         return m.lo
+
+
+def check_snapshot(raw: Any) -> dict[str, Any]:
+    """A group snapshot from a home realm (``meta["snapshot"]`` of a ``joined``
+    event), checked: raises ChatError ``bad_request`` unless it has exactly a topic,
+    a visibility, a history rule and members (user address -> role, at least one).
+    The addresses themselves are the caller's to check.  Its size is not bounded by
+    this realm's member limit (the home realm's may be higher), only by the link's
+    frame size."""
+    if not isinstance(raw, dict) or set(raw) != {"topic", "visibility", "history", "members"}:
+        raise ChatError("bad_request", "a snapshot has topic, visibility, history and members")
+    _topic(raw["topic"])
+    if raw["visibility"] not in VISIBILITIES or raw["history"] not in HISTORY_RULES:
+        raise ChatError("bad_request", "bad snapshot visibility or history")
+    members = raw["members"]
+    if not isinstance(members, dict) or not members:
+        raise ChatError("bad_request", "snapshot members: a non-empty object")
+    if not all(isinstance(u, str) and r in ROLES for u, r in members.items()):
+        raise ChatError("bad_request", "snapshot members map users to roles")
+    return raw
 
 
 def _topic(text: Any) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 import argon2
@@ -41,7 +41,7 @@ from chatproto.config import Config
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
-from chatproto.groups import EVENTS, Groups
+from chatproto.groups import EVENTS, Group, Groups, check_snapshot
 from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.store import FILE_META, IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
@@ -361,11 +361,15 @@ class RealmService(Service):
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
-        self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user)
+        self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user, config.realm)
         #: user -> (status, text) for users with a status other than plain online
         self._status: dict[str, tuple[str, str]] = {}
-        #: user -> users they have a private conversation with (presence audience)
+        #: online user -> users they have a private conversation with (presence
+        #: audience); change it only through _add_partners/_drop_partners
         self._partners: dict[str, set[str]] = {}
+        #: remote user -> online local users with them in ``_partners`` (the reverse
+        #: index, so a remote presence frame finds its audience without a scan)
+        self._partner_of: dict[str, set[str]] = {}
         #: user -> number of their non-quiet sessions (presence "online" when > 0)
         self._visible: dict[str, int] = {}
         #: remote user -> (status, text), as their realm last told us
@@ -655,7 +659,7 @@ class RealmService(Service):
                 self._status.pop(session.user_id, None)
                 self._broadcast_presence(session.user_id, "offline", "")
         if session.user_id not in self._online:
-            self._partners.pop(session.user_id, None)
+            self._drop_partners(session.user_id)
 
     def sessions_of(self, user: str) -> Sequence[Session]:
         return self._online.get(user, ())
@@ -677,24 +681,29 @@ class RealmService(Service):
         return where == self.realm and name in self._known_users
 
     def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
-        """Online users of the realm, or online members of ``group`` (members only)."""
-        if group is None:
-            users: Any = self._visible
-        else:
-            addr = self._group_address(group)
-            self.groups.readable_from(addr, session.user_id if session else "")
-            users = self.groups.get(addr).members
+        """Online users of the realm, or online members of ``group`` (members only;
+        members on other realms as their realm last told us, without ``sessions``)."""
+        users: Any = self._visible
+        if group is not None:
+            users = self._group_for(session.user_id if session else "", group).members
         out = []
         for u in sorted(users):
             sessions = self._visible.get(u)
             if sessions:
                 entry: dict[str, Any] = {"user": u, "sessions": sessions}
                 status = self._status.get(u)
-                if status:
-                    entry["status"] = status[0]
-                    if status[1]:
-                        entry["text"] = status[1]
-                out.append(entry)
+            elif u in self._remote_status:
+                entry = {"user": u}
+                status = self._remote_status[u]
+                if status == ("online", ""):
+                    status = None
+            else:
+                continue
+            if status:
+                entry["status"] = status[0]
+                if status[1]:
+                    entry["text"] = status[1]
+            out.append(entry)
         return out
 
     # presence -----------------------------------------------------------------------
@@ -726,13 +735,32 @@ class RealmService(Service):
         if remote and self.federation is not None:
             self.federation.presence(remote, notice.data)
 
+    def _add_partners(self, user: str, others: Iterable[str]) -> None:
+        """``others`` have a private conversation with online local ``user``."""
+        mine = self._partners.setdefault(user, set())
+        for other in others:
+            if other not in mine:
+                mine.add(other)
+                if not other.endswith(self._suffix):
+                    self._partner_of.setdefault(other, set()).add(user)
+
+    def _drop_partners(self, user: str) -> None:
+        """``user``'s last session closed: forget their partners (and the reverse)."""
+        for other in self._partners.pop(user, ()):
+            if not other.endswith(self._suffix):
+                locals_ = self._partner_of.get(other)
+                if locals_ is not None:
+                    locals_.discard(user)
+                    if not locals_:
+                        del self._partner_of[other]
+
     @inlineCallbacks
     def _came_online(self, session: Session) -> Any:
         partners = yield self.store.conversation_partners(session.user_id)
+        if session.closed and session.user_id not in self._online:
+            return  # gone while the store was read: nothing to keep for them
         # (a bounce from a group lists the group as a partner: not a presence contact)
-        self._partners.setdefault(session.user_id, set()).update(
-            p for p in partners if not p.startswith("#")
-        )
+        self._add_partners(session.user_id, (p for p in partners if not p.startswith("#")))
         if session.quiet or session.closed:
             return
         session.counted = True
@@ -741,33 +769,80 @@ class RealmService(Service):
         if visible == 1:
             self._broadcast_presence(session.user_id, "online", "")
 
+    def _known_presence(self, user: str) -> Notice | None:
+        """A presence frame for ``user`` if they are online: a local user with a
+        non-quiet session, or a remote user as their realm last told us."""
+        if user in self._visible:
+            status, text = self._status.get(user, ("online", ""))
+        elif user in self._remote_status:
+            status, text = self._remote_status[user]
+        else:
+            return None
+        return self._presence_notice(user, status, text)
+
     def _presence_on_join(self, user: str, addr: str) -> None:
-        """A joiner and the group's online members learn of each other at once."""
+        """A joiner and the group's online members learn of each other at once.
+
+        Every realm with members calls this when it applies a ``joined`` event (the
+        home realm at commit, member realms on receipt), so across realms: a realm
+        tells the joiner's realm which of its own members are online, and the
+        joiner's realm tells the others that the joiner is.
+        """
         group = self.groups.groups.get(addr)
         if group is None:
             return
-        status, text = self._status.get(user, ("online", ""))
-        mine = self._presence_notice(user, status, text) if user in self._visible else None
+        local = user.endswith(self._suffix)
+        mine = self._known_presence(user)
         for member in group.members:
-            if member == user or member not in self._visible:
+            if member == user:
                 continue
-            m_status, m_text = self._status.get(member, ("online", ""))
-            theirs = self._presence_notice(member, m_status, m_text)
-            for s in self._online.get(user, ()):
-                s.mind.notify(theirs)
+            if local:
+                theirs = self._known_presence(member)
+                if theirs is not None:
+                    for s in self._online.get(user, ()):
+                        s.mind.notify(theirs)
             if mine is not None:
-                for s in self._online[member]:
+                for s in self._online.get(member, ()):
                     s.mind.notify(mine)
+        if self.federation is None:
+            return
+        if not local:
+            realms = self._realms_of((user,))
+            for member in group.members if realms else ():
+                notice = self._known_presence(member) if member in self._visible else None
+                if notice is not None:
+                    self.federation.presence(realms, notice.data)
+        elif mine is not None and user in self._visible:
+            realms = self._realms_of(group.members)
+            if realms:
+                self.federation.presence(realms, mine.data)
+
+    def presence_for(self, realm: str) -> list[dict[str, Any]]:
+        """Presence frames of the local users who are online and have a contact on
+        ``realm`` (a fellow group member or a DM partner): what a link to ``realm``
+        sends when it becomes ready, since that realm heard nothing while it was
+        unreachable."""
+        suffix = "@" + realm
+        users: set[str] = set()
+        for remote, locals_ in self._partner_of.items():
+            if remote.endswith(suffix):
+                users.update(locals_)
+        for group in self.groups.groups.values():
+            if any(m.endswith(suffix) for m in group.members):
+                users.update(m for m in group.members if m in self._visible)
+        frames = []
+        for u in sorted(users):
+            notice = self._known_presence(u) if u in self._visible else None
+            if notice is not None:
+                frames.append(notice.data)
+        return frames
 
     def presence_snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
         for contact in sorted(self._contacts(session.user_id)):
-            if contact in self._visible:
-                status, text = self._status.get(contact, ("online", ""))
-                session.mind.notify(self._presence_notice(contact, status, text))
-            elif contact in self._remote_status:
-                status, text = self._remote_status[contact]
-                session.mind.notify(self._presence_notice(contact, status, text))
+            notice = self._known_presence(contact)
+            if notice is not None:
+                session.mind.notify(notice)
 
     def set_status(self, session: Session, status: str, text: str = "") -> None:
         if status not in PRESENCE_STATES or status == "offline":
@@ -844,6 +919,15 @@ class RealmService(Service):
         if meta.get("user"):
             users.add(meta["user"])
         realms = sorted(self._realms_of(users))
+        queued: list[tuple[str, Any]] = [(r, env) for r in realms]
+        joiner_realm = actor.rpartition("@")[2]
+        if event == "joined" and group is not None and joiner_realm in realms:
+            if not any(u.endswith("@" + joiner_realm) for u in group.members):
+                # The joiner's realm has no member yet, so no mirror: its copy of the
+                # event carries the group's state (before the join) to build one from.
+                item = env.to_item()
+                item["meta"] = {**meta, "snapshot": self.groups.snapshot(addr)}
+                queued = [(r, item if r == joiner_realm else env) for r in realms]
 
         def committed(_: object) -> Envelope:
             before = self.groups.audience(env)
@@ -861,27 +945,45 @@ class RealmService(Service):
                 self._wake(env, realm)
             return env
 
-        return self.store.append([env], [(r, env) for r in realms]).addCallback(committed)
+        return self.store.append([env], queued).addCallback(committed)
 
     def list_groups(self) -> list[dict[str, Any]]:
+        """The public groups of this realm (not the mirrors of other realms' groups)."""
         return [
-            g.summary() for _, g in sorted(self.groups.groups.items()) if g.visibility == "public"
+            g.summary()
+            for addr, g in sorted(self.groups.groups.items())
+            if g.visibility == "public" and addr.endswith(self._suffix)
         ]
 
+    def _group_for(self, user: str, text: Any, public: bool = False) -> Group:
+        """The group ``text`` names, for ``user`` to read: a group of this realm for
+        its members (anyone, for a public one, with ``public``); a group on another
+        realm, from its mirror, for its local members only.  This realm knows the
+        groups of other realms that its own users are in, nothing else, so anyone
+        else gets ``remote_realm`` (the home realm could answer; we do not ask it)."""
+        addr = self._group_address(text, remote_ok=True)
+        if addr.endswith(self._suffix):
+            g = self.groups.get(addr)
+            if not (public and g.visibility == "public"):
+                self.groups.readable_from(addr, user)  # members only
+            return g
+        mirror = self.groups.groups.get(addr)
+        if mirror is None or user not in mirror.members:
+            raise ChatError(
+                "remote_realm", f"{addr} is on another realm; its members here may ask about it"
+            )
+        return mirror
+
     def members(self, session: Session, group: str) -> list[dict[str, Any]]:
-        addr = self._group_address(group)
-        self.groups.readable_from(addr, session.user_id)  # members only
-        g = self.groups.get(addr)
+        g = self._group_for(session.user_id, group)
+        visible, remote = self._visible, self._remote_status
         return [
-            {"user": u, "role": m.role, "online": u in self._visible}
+            {"user": u, "role": m.role, "online": u in visible or u in remote}
             for u, m in sorted(g.members.items())
         ]
 
     def group_info(self, session: Session, group: str) -> dict[str, Any]:
-        addr = self._group_address(group)
-        g = self.groups.get(addr)
-        if g.visibility != "public":
-            self.groups.readable_from(addr, session.user_id)
+        g = self._group_for(session.user_id, group, public=True)
         info = g.summary()
         info["role"] = g.role_of(session.user_id)
         return info
@@ -1114,6 +1216,10 @@ class RealmService(Service):
                         raise ChatError("bad_request", "an event item needs meta.event")
                     if not isinstance(meta.get("user", ""), str):
                         raise ChatError("bad_request", "meta.user must be a string")
+                    if "snapshot" in meta:
+                        if meta["event"] != "joined":
+                            raise ChatError("bad_request", "only a joined event has a snapshot")
+                        _snapshot(meta["snapshot"])
                 elif kind == "file":
                     meta = _file_meta(meta, body)
                 elif meta is not None:
@@ -1344,12 +1450,15 @@ class RealmService(Service):
                 for env in envs:
                     if not env.recipient.startswith("#"):
                         if env.recipient in self._online:  # presence: a new partner
-                            self._partners.setdefault(env.recipient, set()).add(env.sender)
+                            self._add_partners(env.recipient, (env.sender,))
                         self._committed(None, env)
                     elif env.kind == "event":
                         before = self.groups.audience(env)
                         self.groups.apply(env, mirror=not env.recipient.endswith(self._suffix))
                         self._route(env, before | self.groups.audience(env))
+                        meta = env.meta or {}
+                        if meta.get("event") == "joined":
+                            self._presence_on_join(meta.get("user", ""), env.recipient)
                     else:
                         self._committed_group(None, env)
             finally:
@@ -1361,7 +1470,9 @@ class RealmService(Service):
 
     def remote_presence(self, origin: str, user: Any, status: Any, text: Any) -> None:
         """A presence change of a user of peer realm ``origin``: told to the local
-        users who have a conversation with them.  Anything malformed is ignored."""
+        users who have a conversation with them or share a group with them.  A frame
+        that changes nothing we knew (a link coming back repeats what is online) is
+        not passed on.  Anything malformed is ignored."""
         try:
             addr = address.user(user, origin)
         except ChatError:
@@ -1376,16 +1487,24 @@ class RealmService(Service):
         if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
             text = ""
         who = str(addr)
+        known = self._remote_status.get(who)
         if status == "offline":
-            self._remote_status.pop(who, None)
+            if known is None:
+                return
+            del self._remote_status[who]
         else:
+            if known == (status, text):
+                return
             self._remote_status[who] = (status, text)
+        audience = set(self._partner_of.get(who, ()))
+        groups = self.groups
+        for group in groups.of_user.get(who, ()):
+            audience.update(groups.groups[group].members)
         notice = self._presence_notice(who, status, text)
-        for local, partners in list(self._partners.items()):
-            if who in partners:
-                for s in self._online.get(local, ()):
-                    if not s._syncing:
-                        s.mind.notify(notice)
+        for local in audience:
+            for s in self._online.get(local, ()):
+                if not s._syncing:
+                    s.mind.notify(notice)
 
     def bounce(self, peer: str, rejected: Sequence[tuple[Any, str, str]]) -> Deferred[None]:
         """Tell local senders that peer realm ``peer`` refused their items.
@@ -1497,9 +1616,9 @@ class RealmService(Service):
         if env.sender != env.recipient:
             partners = self._partners.get(env.sender)
             if partners is not None and env.recipient not in partners:
-                partners.add(env.recipient)
+                self._add_partners(env.sender, (env.recipient,))
                 if env.recipient in self._online:
-                    self._partners.setdefault(env.recipient, set()).add(env.sender)
+                    self._add_partners(env.recipient, (env.sender,))
         self._route(env)
         return env
 
@@ -1613,6 +1732,17 @@ def _file_meta(meta: Any, body: str) -> dict[str, Any]:
     if body != meta["name"]:
         raise ChatError("bad_request", "a file item's body is its name")
     return dict(meta)
+
+
+def _snapshot(raw: Any) -> None:
+    """Check a group snapshot from its home realm (``bad_request``), addresses too."""
+    for user in check_snapshot(raw)["members"]:
+        try:
+            canonical = str(address.user(user, ""))
+        except ChatError:
+            canonical = ""
+        if canonical != user:
+            raise ChatError("bad_request", "snapshot members are canonical user addresses")
 
 
 def check_password(password: Any) -> None:

@@ -72,6 +72,9 @@ class IStore(Interface):
         ``outbox`` lists ``(realm, envelope)`` pairs (envelopes of ``items``) to queue
         for delivery to other realms, committed in the same transaction as the items,
         so an item is never stored without its federation delivery or the reverse.
+        A pair may instead hold a dict: a wire item queued as it is (the copy of an
+        item one realm gets with more in it, such as a group snapshot), read back by
+        :meth:`outbox_read` like a request.
         Fires with the same envelopes, ``pos`` set, after the commit.
         """
 

@@ -79,7 +79,9 @@ class MemoryStore:
         return succeed(sorted(self.users))
 
     def append(
-        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
+        self,
+        items: Sequence[Envelope],
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
     ) -> Deferred[list[Envelope]]:
         if any(env.id in self._ids for env in items):
             return fail(ValueError("UNIQUE constraint failed: items.id"))
@@ -96,9 +98,9 @@ class MemoryStore:
         self.items.append(env)
         self._ids[env.id] = (env.sender, env.recipient)
 
-    def _queue(self, outbox: Sequence[tuple[str, Envelope]]) -> None:
+    def _queue(self, outbox: Sequence[tuple[str, Envelope | dict[str, Any]]]) -> None:
         for realm, env in outbox:
-            if env.pos:
+            if isinstance(env, dict) or env.pos:
                 self._seq += 1
                 self.outbox.append((self._seq, realm, env))
 

@@ -1,0 +1,442 @@
+"""Groups spanning realms without sockets: three realms on MemoryStores and one Clock,
+clients over StringTransport, and a stand-in for the federation links that carries
+outbox items (through the wire encoding) and presence frames between the realms.
+
+What is checked: a member realm's mirror of a group is complete (members who joined
+before anyone of that realm, roles, topic, visibility, history) and durable (rebuilt
+from the stored events on restart, SQLite), ``members``/``group_info``/``who`` of a
+remote group answer from it for its members only, a mirror is dropped with its last
+local member, and presence crosses realms between users who share only a group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from chatproto import config, tls, wire
+from chatproto.federation import FederationService, envelope_to_wire
+from chatproto.realm import RealmService
+from chatproto.testing import make_test_realm
+from tests.conftest import fast_config, make_realm
+from tests.test_groups import User
+
+
+def result(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (MemoryStore: everything is synchronous)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def over_the_wire(rows: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+    """Outbox rows as the peer decodes them from a ``txn`` frame."""
+    txn = {"type": "txn", "id": "t", "items": [envelope_to_wire(e) for _, e in rows]}
+    items: list[dict[str, Any]] = wire.decode(wire.encode(txn))["items"]
+    return items
+
+
+class Links:
+    """Stands in for the FederationService of every realm of a test: ``wake`` and
+    ``presence`` as the realm calls them; :meth:`pump` moves every queued item to its
+    realm (JSON round trip, as on the wire) until the outboxes are empty.  A realm
+    in ``down`` neither sends nor receives."""
+
+    def __init__(self) -> None:
+        self.realms: dict[str, RealmService] = {}
+        self.down: set[str] = set()
+        self.rejected: list[dict[str, Any]] = []
+        self.presence_frames: list[tuple[str, str, dict[str, Any]]] = []
+
+    def add(self, realm: RealmService) -> RealmService:
+        self.realms[realm.realm] = realm
+        realm.federation = _Fed(self, realm.realm)
+        return realm
+
+    def up(self, a: str, b: str) -> bool:
+        return a not in self.down and b not in self.down and b in self.realms
+
+    def pump(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for name, realm in self.realms.items():
+                for dest in sorted(result(realm.store.outbox_counts())):
+                    if not self.up(name, dest):
+                        continue
+                    rows = result(realm.store.outbox_read(dest, 0, 1000))
+                    items = over_the_wire(rows)
+                    self.rejected += result(self.realms[dest].receive_remote(name, items))
+                    result(realm.store.outbox_ack(dest, rows[-1][0]))
+                    moved = True
+
+
+class _Fed:
+    def __init__(self, links: Links, name: str) -> None:
+        self.links = links
+        self.name = name
+
+    def wake(self, realm: str) -> None:
+        pass  # the test pumps
+
+    def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
+        for dest in sorted(realms):
+            if self.links.up(self.name, dest):
+                self.links.presence_frames.append((self.name, dest, frame))
+                self.links.realms[dest].remote_presence(
+                    self.name, frame["user"], frame["status"], frame.get("text")
+                )
+
+
+def fed_realm(clock: Clock, name: str) -> RealmService:
+    cfg = config.Config(realm=name)
+    cfg.federation.enabled = True  # links are the test's stand-in: no certificates
+    return make_test_realm(clock, cfg)
+
+
+@pytest.fixture
+def net() -> Any:
+    clock = Clock()
+    links = Links()
+    h, a, b = (links.add(fed_realm(clock, n)) for n in ("h.example", "a.example", "b.example"))
+    return links, clock, h, a, b
+
+
+def presences(user: User) -> list[tuple[str, str]]:
+    return [(f["user"], f["status"]) for f in user.drain() if f["type"] == "presence"]
+
+
+GROUP = "#dev@h.example"
+
+
+def test_member_realm_sees_the_whole_group(net: Any) -> None:
+    links, clock, h, a, b = net
+    owner = User(h, clock, "owner")
+    carol = User(h, clock, "carol")
+    owner.ok("create_group", group="#dev", topic="the dev room", history="all")
+    carol.ok("join", group="#dev")
+    alice = User(a, clock, "alice")
+    assert alice.ok("join", group=GROUP)["pos"] == 0  # pending: h.example decides
+    links.pump()
+    owner.ok("set_role", group="#dev", user="alice@a.example", role="admin")
+    links.pump()
+    # bob is the first of b.example: members who joined before him are in its mirror
+    bob = User(b, clock, "bob")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    assert links.rejected == []
+    roles = {
+        "alice@a.example": "admin",
+        "bob@b.example": "member",
+        "carol@h.example": "member",
+        "owner@h.example": "owner",
+    }
+    for user in (bob, alice, owner):
+        members = user.ok("members", group=GROUP)["members"]
+        assert {m["user"]: m["role"] for m in members} == roles
+    info = bob.ok("group_info", group=GROUP)
+    assert {k: info[k] for k in ("topic", "visibility", "history", "members", "role")} == {
+        "topic": "the dev room",
+        "visibility": "public",
+        "history": "all",
+        "members": 4,
+        "role": "member",
+    }
+    # the snapshot is for the realm, not for clients
+    joined = [m for m in bob.msgs() if m.get("meta", {}).get("event") == "joined"]
+    assert joined and all("snapshot" not in m["meta"] for m in joined)
+    # later changes keep the mirror in step
+    owner.ok("set_topic", group="#dev", topic="new topic")
+    carol.ok("leave", group="#dev")
+    links.pump()
+    assert bob.ok("group_info", group=GROUP)["topic"] == "new topic"
+    assert "carol@h.example" not in {m["user"] for m in bob.ok("members", group=GROUP)["members"]}
+    # who: online members wherever they are (remote ones as their realm told us)
+    owner.ok("set_status", status="away", text="lunch")
+    links.pump()
+    assert bob.ok("who", group=GROUP)["users"] == [
+        {"user": "alice@a.example"},
+        {"user": "bob@b.example", "sessions": 1},
+        {"user": "owner@h.example", "status": "away", "text": "lunch"},
+    ]
+    # a mirror is not a group of this realm
+    assert bob.ok("list_groups")["groups"] == []
+
+
+def test_non_members_of_a_remote_group_get_remote_realm(net: Any) -> None:
+    links, clock, h, _, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    owner.ok("create_group", group="#quiet")
+    bob = User(b, clock, "bob")
+    bob2 = User(b, clock, "bob2")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    for req in ("members", "group_info", "who"):
+        assert bob2.code(req, group=GROUP) == "remote_realm"  # b knows; bob2 is not in it
+        assert bob.code(req, group="#quiet@h.example") == "remote_realm"  # b knows nothing
+    assert bob.code("create_group", group="#new@h.example") == "remote_realm"
+
+
+def test_mirror_is_dropped_with_its_last_local_member(net: Any) -> None:
+    links, clock, h, a, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    alice = User(a, clock, "alice")
+    bob = User(b, clock, "bob")
+    alice.ok("join", group=GROUP)
+    links.pump()
+    bob.ok("join", group=GROUP)
+    links.pump()
+    assert set(b.groups.get(GROUP).members) == {
+        "owner@h.example",
+        "alice@a.example",
+        "bob@b.example",
+    }
+    bob.ok("leave", group=GROUP)
+    links.pump()
+    assert GROUP not in b.groups.groups
+    assert b.groups.of_user == {}  # remote members went with the mirror
+    assert bob.code("members", group=GROUP) == "remote_realm"
+    # joining again brings a fresh, complete mirror (the items kept flowing to a, not b)
+    owner.ok("set_topic", group="#dev", topic="while bob was away")
+    links.pump()
+    bob.ok("join", group=GROUP)
+    links.pump()
+    assert b.groups.get(GROUP).topic == "while bob was away"
+    assert len(bob.ok("members", group=GROUP)["members"]) == 3
+    # kicked: dropped too
+    owner.ok("kick", group="#dev", user="bob@b.example")
+    links.pump()
+    assert GROUP not in b.groups.groups and b.groups.of_user == {}
+
+
+def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:
+    links, clock, h, a, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    alice = User(a, clock, "alice")
+    alice.ok("join", group=GROUP)
+    links.pump()
+    presences(alice)
+    bob = User(b, clock, "bob")  # online before he joins
+    bob.ok("join", group=GROUP)
+    links.pump()
+    # on the join, each side learns who is online on the others
+    assert ("alice@a.example", "online") in presences(bob)
+    assert ("bob@b.example", "online") in presences(alice)
+    assert bob.ok("members", group=GROUP)["members"][0] == {
+        "user": "alice@a.example",
+        "role": "member",
+        "online": True,
+    }
+    # changes reach the other member realm directly (no DM between them)
+    alice.ok("set_status", status="busy", text="deploying")
+    assert [f for f in bob.drain() if f["type"] == "presence"] == [
+        {"type": "presence", "user": "alice@a.example", "status": "busy", "text": "deploying"}
+    ]
+    alice.proto.connectionLost(None)
+    assert presences(bob) == [("alice@a.example", "offline")]
+    assert {"user": "alice@a.example", "role": "member", "online": False} in bob.ok(
+        "members", group=GROUP
+    )["members"]
+    # a frame that changes nothing (a link coming back repeats who is online) is not
+    # passed on
+    b.remote_presence("a.example", "alice@a.example", "offline", "")
+    b.remote_presence("h.example", "owner@h.example", "online", "")
+    b.remote_presence("h.example", "owner@h.example", "away", "")
+    b.remote_presence("h.example", "owner@h.example", "away", "")
+    assert presences(bob) == [("owner@h.example", "away")]
+
+
+def test_remote_dm_partners_through_the_reverse_index(net: Any) -> None:
+    links, clock, _, a, b = net
+    bob = User(b, clock, "bob")
+    bob2 = User(b, clock, "bob2")
+    alice = User(a, clock, "alice")
+    alice.ok("send", to="bob@b.example", body="hi")
+    links.pump()
+    assert b._partner_of == {"alice@a.example": {"bob@b.example"}}
+    presences(bob)
+    b.remote_presence("a.example", "alice@a.example", "away", "")
+    assert presences(bob) == [("alice@a.example", "away")]
+    assert presences(bob2) == []  # no conversation, no group
+    bob.proto.connectionLost(None)
+    assert b._partner_of == {}
+    # back online: the partners come from the store
+    bob = User(b, clock, "bob")
+    assert b._partner_of == {"alice@a.example": {"bob@b.example"}}
+
+
+def test_a_link_coming_up_sends_who_is_online(net: Any, tmp_path: Path) -> None:
+    links, clock, h, _, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    bob = User(b, clock, "bob")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    User(h, clock, "loner")  # no contact on b.example
+    dave = User(h, clock, "dave")
+    dave.ok("send", to="bob@b.example", body="hello")
+    User(h, clock, "quiet", quiet=True).ok("join", group="#dev")  # quiet: never online
+    owner.ok("set_status", status="away")
+    assert h.presence_for("b.example") == [
+        {"type": "presence", "user": "dave@h.example", "status": "online"},
+        {"type": "presence", "user": "owner@h.example", "status": "away"},
+    ]
+    assert h.presence_for("a.example") == []
+    # PeerLink sends them when the link is welcomed
+    certs = tls.write_dev_certs(str(tmp_path), "h.example")
+    f = h.config.federation
+    f.certificate, f.private_key, f.ca = certs["cert"], certs["key"], certs["ca"]
+    fed = FederationService(h, clock, clock=clock, status_path="")
+    link = fed.link("b.example")
+
+    class Proto:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+
+        def send(self, obj: dict[str, Any]) -> None:
+            self.sent.append(obj)
+
+    proto = Proto()
+
+    class Proxy:
+        welcomed = succeed(proto)
+
+    link._prepare(Proxy())
+    assert [f for f in proto.sent if f["type"] == "presence"] == h.presence_for("b.example")
+
+
+@pytest_twisted.inlineCallbacks
+def test_mirror_survives_a_restart(tmp_path: Path) -> Any:
+    """b.example on SQLite: its mirror is the replay of the stored events, the
+    snapshot included."""
+    clock = Clock()
+    h = fed_realm(clock, "h.example")
+    h.federation = _Fed(Links(), "h.example")
+    owner = User(h, clock, "owner")
+    carol = User(h, clock, "carol")
+    owner.ok("create_group", group="#dev", topic="kept", visibility="invite")
+    carol.code("join", group="#dev")  # invite-only
+    owner.ok("invite", group="#dev", user="carol")
+    carol.ok("join", group="#dev")
+    owner.ok("invite", group="#dev", user="bob@b.example")
+    cfg = fast_config(tmp_path)
+    cfg.realm = "b.example"
+    cfg.federation.enabled = True
+    b = make_realm(cfg)
+    yield b.startService()
+    yield b.create_user("bob", "password1")
+    b.federation = _Fed(Links(), "b.example")  # queues moved by hand below
+
+    @pytest_twisted.inlineCallbacks
+    def deliver() -> Any:
+        rows = result(h.store.outbox_read("b.example", 0, 1000))
+        items = over_the_wire(rows)
+        rejected = yield b.receive_remote("h.example", items)
+        assert rejected == []
+        result(h.store.outbox_ack("b.example", rows[-1][0]))
+
+    yield deliver()  # the invite: no member on b, no mirror
+    assert "#dev@h.example" not in b.groups.groups
+    yield b.group_event_as("bob", "joined", GROUP)
+    request = yield b.store.outbox_read("h.example", 0, 10)
+    assert result(h.receive_remote("b.example", [request[0][1]])) == []
+    owner.ok("set_role", group="#dev", user="carol", role="admin")
+    yield deliver()
+    before = b.groups.get(GROUP)
+    yield b.stopService()
+    again = make_realm(cfg)
+    yield again.startService()
+    try:
+        g = again.groups.get(GROUP)
+        assert g == before
+        assert (g.topic, g.visibility) == ("kept", "invite")
+        assert {u: m.role for u, m in g.members.items()} == {
+            "owner@h.example": "owner",
+            "carol@h.example": "admin",
+            "bob@b.example": "member",
+        }
+    finally:
+        yield again.stopService()
+
+
+def test_snapshots_from_a_peer_are_checked(net: Any) -> None:
+    _, clock, _, _, b = net
+    User(b, clock, "bob")
+    good = {"topic": "", "visibility": "public", "history": "joined", "members": {}}
+    base = {"id": "e1", "kind": "event", "from": "owner@h.example", "to": GROUP, "ts": 1.0}
+    cases = [
+        ({"event": "topic", "topic": "x", "snapshot": good}, "only a joined event"),
+        ({"event": "joined", "user": "bob@b.example", "snapshot": good}, "non-empty"),
+        ({"event": "joined", "user": "bob@b.example", "snapshot": []}, "a snapshot has"),
+        (
+            {
+                "event": "joined",
+                "user": "bob@b.example",
+                "snapshot": {**good, "members": {"Bob": "owner"}},
+            },
+            "canonical",
+        ),
+        (
+            {
+                "event": "joined",
+                "user": "bob@b.example",
+                "snapshot": {**good, "members": {"o@h.example": "king"}},
+            },
+            "roles",
+        ),
+        (
+            {
+                "event": "joined",
+                "user": "bob@b.example",
+                "snapshot": {**good, "visibility": "secret", "members": {"o@h.example": "owner"}},
+            },
+            "visibility",
+        ),
+    ]
+    for i, (meta, message) in enumerate(cases):
+        rejected = result(
+            b.receive_remote("h.example", [{**base, "id": f"e{i}", "body": "", "meta": meta}])
+        )
+        assert [r["code"] for r in rejected] == ["bad_request"], meta
+        assert message in rejected[0]["message"]
+    assert GROUP not in b.groups.groups
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_copy_of_its_own_is_queued_in_the_items_transaction(backend: str, tmp_path: Path) -> None:
+    """``IStore.append`` with a ``(realm, dict)`` pair: the dict is queued as it is, in
+    order with the other entries of that realm, in the same transaction."""
+    from chatproto.envelope import Envelope
+    from chatproto.store.memory import MemoryStore
+    from chatproto.store.sqlite import SQLiteDB
+
+    e1 = Envelope("i1", "event", "o@h.example", GROUP, 1.0, "", {"event": "topic"})
+    e2 = Envelope("i2", "event", "b@b.example", GROUP, 2.0, "", {"event": "joined"})
+    copy = {**e2.to_item(), "meta": {"event": "joined", "snapshot": {"members": {}}}}
+    outbox: list[tuple[str, Any]] = [
+        ("b.example", e1),
+        ("a.example", e2),
+        ("b.example", copy),
+    ]
+    if backend == "memory":
+        store = MemoryStore()
+        result(store.append([e1, e2], outbox))
+        read = lambda realm: result(store.outbox_read(realm, 0, 10))  # noqa: E731
+    else:
+        db = SQLiteDB(str(tmp_path / "r.sqlite3"))
+        db.migrate()
+        assert db.append_batch([[e1, e2]], {}, [outbox], [False]) == [[1, 2]]
+        read = lambda realm: db.outbox_read(realm, 0, 10)  # noqa: E731
+    to_b = read("b.example")
+    assert [envelope_to_wire(e) for _, e in to_b] == [e1.to_item(), copy]
+    assert [e.pos for _, e in read("a.example")] == [2]

@@ -1,0 +1,104 @@
+"""A group spanning three realms over real mutual TLS on loopback (tests/fedharness.py):
+a member realm's complete mirror (members, topic, ``who``) and presence between users
+of two member realms who share only the group, across a peer outage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+
+from chatproto.client import RemoteError, connect
+from tests.conftest import until
+from tests.fedharness import federation
+
+PW = "password-1"
+GROUP = "#dev@h.example"
+
+
+@defer.inlineCallbacks
+def members_when(conn: Any, n: int, timeout: float = 30.0) -> Any:
+    """``members`` of GROUP once the caller's realm lists ``n`` (a join is pending until
+    the home realm's event arrives: ``remote_realm`` meanwhile)."""
+    for _ in range(int(timeout / 0.02)):
+        try:
+            members = yield conn.members(GROUP)
+        except RemoteError as e:
+            assert e.code == "remote_realm"
+            members = []
+        if len(members) == n:
+            return members
+        yield task.deferLater(_reactor, 0.02, lambda: None)
+    raise AssertionError(f"{GROUP} never had {n} members")
+
+
+@pytest_twisted.inlineCallbacks
+def test_member_realms_see_the_whole_group_and_each_others_presence(tmp_path: Any) -> Any:
+    nodes = yield federation(tmp_path, ["h.example", "b.example", "c.example"])
+    h, b, c = nodes
+    conns: list[Any] = []
+    try:
+        seen: dict[str, list[dict[str, Any]]] = {}
+
+        @defer.inlineCallbacks
+        def user(node: Any, name: str) -> Any:
+            inbox = seen.setdefault(f"{name}@{node.name}", [])
+            conn = yield connect(
+                _reactor, node.addr, name, PW, register=True, on_presence=inbox.append
+            )
+            yield conn.synced
+            conns.append(conn)
+            return conn
+
+        owner = yield user(h, "owner")
+        yield owner.create_group("#dev", topic="across realms")
+        carol = yield user(h, "carol")
+        yield carol.join(GROUP)
+        cathy = yield user(c, "cathy")
+        yield cathy.join(GROUP)
+        yield members_when(cathy, 3)
+        # bob is the first of b.example: the members who joined before him, roles,
+        # topic, all come with his join
+        bob = yield user(b, "bob")
+        yield bob.join(GROUP)
+        members = yield members_when(bob, 4)
+        assert [(m["user"], m["role"], m["online"]) for m in members] == [
+            ("bob@b.example", "member", True),
+            ("carol@h.example", "member", True),
+            ("cathy@c.example", "member", True),
+            ("owner@h.example", "owner", True),
+        ]
+        info = yield bob.group_info(GROUP)
+        assert (info["topic"], info["members"], info["role"]) == ("across realms", 4, "member")
+        who = yield bob.who(GROUP)
+        assert [w["user"] for w in who] == [m["user"] for m in members]
+        yield members_when(cathy, 4)
+        # bob and cathy share only the group: presence goes b <-> c directly
+        yield cathy.set_status("away", "meeting")
+        want = {"type": "presence", "user": "cathy@c.example", "status": "away", "text": "meeting"}
+        yield until(lambda: want in seen["bob@b.example"], timeout=30)
+        # b.example goes away; what cathy does meanwhile is not queued (presence is
+        # ephemeral), but c.example's link coming back tells b who is online
+        port = b.fed_port
+        yield b.stop_federation()
+        link = c.fed.links["b.example"]
+        yield until(lambda: link.state != "ready", timeout=30)
+        yield cathy.set_status("busy")
+        b.cfg.federation.port = port
+        b.fed.startService()
+        busy = {"type": "presence", "user": "cathy@c.example", "status": "busy"}
+        yield until(lambda: busy in seen["bob@b.example"], timeout=30)
+        yield until(lambda: link.state == "ready", timeout=30)
+        yield cathy.close()
+        conns.remove(cathy)
+        gone = {"type": "presence", "user": "cathy@c.example", "status": "offline"}
+        yield until(lambda: gone in seen["bob@b.example"], timeout=30)
+        members = yield bob.members(GROUP)
+        assert {m["user"]: m["online"] for m in members}["cathy@c.example"] is False
+    finally:
+        for conn in conns:
+            yield conn.close()
+        for n in nodes:
+            yield n.stop()
