@@ -919,6 +919,10 @@ class PeerLink:
         #: outbox deletes waiting for bounces to commit (see _settle)
         self._settling: Deferred[Any] | None = None
         self._settle_waiting = 0
+        #: presence frames waiting for the pace (latest per user), see presence()
+        self._presence_out: dict[Any, dict[str, Any]] = {}
+        self._presence_bucket: TokenBucket | None = None
+        self._presence_call: Any = None
         from chatproto.client import WatchedEndpoint
 
         self.service = ClientService(
@@ -974,8 +978,9 @@ class PeerLink:
             self.pump()
             # Presence is not queued: the peer heard nothing while it was unreachable,
             # so it gets who is online now among its users' contacts.
+            self._presence_bucket = None  # the peer counts afresh per connection
             for frame in self.fed.realm.presence_for(self.realm):
-                proto.send(frame)
+                self.presence(frame)
 
         return proxy.welcomed.addCallback(ready)  # type: ignore[no-any-return]
 
@@ -984,6 +989,7 @@ class PeerLink:
             self.service.startService()
 
     def stop(self) -> Deferred[None]:
+        self._drop_presence()
         if self._penalty is not None and self._penalty.active():
             self._penalty.cancel()
         self._penalty = None
@@ -1021,6 +1027,7 @@ class PeerLink:
             return
         self.proto = None
         self.inflight.clear()
+        self._drop_presence()  # the next connection sends the state of then
         self.sent_seq = self.acked_seq
         self.state = "connecting"
         self.down_since = self.fed.clock.seconds()
@@ -1219,9 +1226,44 @@ class PeerLink:
         return dropped
 
     def presence(self, frame: dict[str, Any]) -> None:
-        """Ephemeral: sent only when the link is up (presence is not stored)."""
-        if self.proto is not None:
-            self.proto.send(frame)
+        """Ephemeral: sent only when the link is up (presence is not stored).
+
+        Paced at half the rate the peer accepts (PRESENCE_RATE, PRESENCE_BURST): past
+        that, frames wait, the latest per user replacing an older one, so a burst (a
+        link coming up, a join to a large group) reaches the peer a little later
+        instead of being refused as a flood."""
+        if self.proto is None:
+            return
+        self._presence_out.pop(frame.get("user"), None)  # re-inserted last
+        self._presence_out[frame.get("user")] = frame
+        if self._presence_call is None:
+            self._send_presence()
+
+    def _send_presence(self) -> None:
+        self._presence_call = None
+        proto = self.proto
+        if proto is None:
+            self._presence_out.clear()
+            return
+        clock = self.fed.clock
+        now = clock.seconds()
+        if self._presence_bucket is None:
+            self._presence_bucket = TokenBucket(PRESENCE_RATE / 2, PRESENCE_BURST / 2, now)
+        while self._presence_out:
+            wait = self._presence_bucket.take(now)
+            if wait:
+                # At least 10 ms: a wait below the clock's resolution would come back
+                # at the same instant, with the same shortfall, for ever.
+                self._presence_call = clock.callLater(max(wait, 0.01), self._send_presence)
+                return
+            user = next(iter(self._presence_out))
+            proto.send(self._presence_out.pop(user))
+
+    def _drop_presence(self) -> None:
+        self._presence_out.clear()
+        if self._presence_call is not None and self._presence_call.active():
+            self._presence_call.cancel()
+        self._presence_call = None
 
     def status(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from chatproto import config, tls, wire
-from chatproto.federation import FederationService, envelope_to_wire
+from chatproto.federation import (
+    PRESENCE_BURST,
+    PRESENCE_RATE,
+    FederationService,
+    envelope_to_wire,
+)
+from chatproto.ratelimit import TokenBucket
 from chatproto.realm import RealmService
 from chatproto.testing import make_test_realm
 from tests.conftest import fast_config, make_realm
@@ -275,6 +281,57 @@ def test_remote_dm_partners_through_the_reverse_index(net: Any) -> None:
     assert b._partner_of == {"alice@a.example": {"bob@b.example"}}
 
 
+class Proto:
+    """Stands in for an OutboundProtocol: records what the link sends."""
+
+    def __init__(self, check: Any = None) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.check = check
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.check is not None:
+            self.check(obj)
+        self.sent.append(obj)
+
+
+def real_link(realm: RealmService, clock: Clock, tmp_path: Path) -> Any:
+    """A PeerLink to b.example of a real FederationService (not started: the test
+    plays the connection)."""
+    certs = tls.write_dev_certs(str(tmp_path), realm.realm)
+    f = realm.config.federation
+    f.certificate, f.private_key, f.ca = certs["cert"], certs["key"], certs["ca"]
+    fed = FederationService(realm, clock, clock=clock, status_path="")
+    return fed.link("b.example")
+
+
+def test_presence_to_a_peer_is_paced_below_its_flood_limit(tmp_path: Path) -> None:
+    clock = Clock()
+    link = real_link(fed_realm(clock, "h.example"), clock, tmp_path)
+    peer = TokenBucket(PRESENCE_RATE, PRESENCE_BURST, clock.seconds())  # as the peer counts
+
+    def received(frame: dict[str, Any]) -> None:
+        assert peer.take(clock.seconds()) == 0, "the peer would call this a flood"
+
+    proto = Proto(received)
+    link.proto = proto
+    n = int(PRESENCE_BURST * 1.5)
+    for i in range(n):
+        link.presence({"type": "presence", "user": f"u{i}@h.example", "status": "online"})
+    assert len(proto.sent) == PRESENCE_BURST / 2  # the rest waits
+    last = {"type": "presence", "user": f"u{n - 1}@h.example", "status": "away"}
+    link.presence(last)  # replaces the frame still waiting for that user
+    for _ in range(1000):
+        clock.advance(0.1)
+    assert len(proto.sent) == n and proto.sent[-1] == last
+    assert link._presence_call is None
+    # a lost connection drops what waits: the next one sends the state of then
+    for i in range(n):
+        link.presence({"type": "presence", "user": f"u{i}@h.example", "status": "busy"})
+    assert link._presence_call is not None
+    link.lost(proto, None)
+    assert link._presence_call is None and not link._presence_out
+
+
 def test_a_link_coming_up_sends_who_is_online(net: Any, tmp_path: Path) -> None:
     links, clock, h, _, b = net
     owner = User(h, clock, "owner")
@@ -293,19 +350,7 @@ def test_a_link_coming_up_sends_who_is_online(net: Any, tmp_path: Path) -> None:
     ]
     assert h.presence_for("a.example") == []
     # PeerLink sends them when the link is welcomed
-    certs = tls.write_dev_certs(str(tmp_path), "h.example")
-    f = h.config.federation
-    f.certificate, f.private_key, f.ca = certs["cert"], certs["key"], certs["ca"]
-    fed = FederationService(h, clock, clock=clock, status_path="")
-    link = fed.link("b.example")
-
-    class Proto:
-        def __init__(self) -> None:
-            self.sent: list[dict[str, Any]] = []
-
-        def send(self, obj: dict[str, Any]) -> None:
-            self.sent.append(obj)
-
+    link = real_link(h, clock, tmp_path)
     proto = Proto()
 
     class Proxy:

@@ -459,6 +459,8 @@ def test_a_group_spanning_three_realms(realms: Any) -> Any:
         ),
         timeout=30,
     )
+    # ...and every realm has them (alice's view says nothing of b.example's)
+    yield drained(h)
     sent_to_b = h.fed.links["b.example"].sent_items
     yield owner.send(group, "hello all")
     yield alice.send(group, "hi from a")
