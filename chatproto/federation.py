@@ -1095,6 +1095,7 @@ class PeerLink:
             if len(rows) == cfg.batch_size:
                 self._waiting = max(self._waiting, cfg.batch_size)  # there may be more
             if rows:
+                rows = self._fit(rows)
                 first, last = rows[0][0], rows[-1][0]
                 txn = f"{first}-{last}"
                 sent = [e for _, e in rows]
@@ -1110,6 +1111,33 @@ class PeerLink:
             self.log.failure("federation: reading the outbox for {realm}", f, realm=self.realm)
 
         d.addCallback(got).addErrback(failed)
+
+    def _fit(self, rows: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """The first of ``rows`` that make a ``txn`` frame within ``max_frame`` (the
+        peer would close the link on a longer one, and the same transaction would be
+        sent again for ever).  The rest stays queued for the next transaction.
+
+        A cheap upper bound first (a body character is at most 6 bytes of JSON);
+        only a batch that might be too long is encoded, and halved until it fits.  A
+        single item longer than the limit goes alone (the peer decides)."""
+        limit = self.fed.cfg.max_frame - 1024
+        bound = 0
+        for _, e in rows:
+            if isinstance(e, Envelope):
+                bound += 6 * len(e.body) + (4096 if e.meta else 1024)
+            else:  # a request, or a copy of an item of its own (a group snapshot)
+                bound += len(wire.encode(e)) + 64
+        if bound <= limit:
+            return rows
+
+        def size(part: list[tuple[int, Any]]) -> int:
+            items = [envelope_to_wire(e) for _, e in part]
+            return len(wire.encode({"type": "txn", "id": "0-0", "items": items})) + 48
+
+        while len(rows) > 1 and size(rows) > limit:
+            rows = rows[: len(rows) // 2]
+            self._waiting = max(self._waiting, self.fed.cfg.batch_size)  # the rest waits
+        return rows
 
     def acked(self, proto: OutboundProtocol, txn: Any, rejected: list[Any]) -> None:
         if proto is not self.proto:

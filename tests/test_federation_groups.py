@@ -485,3 +485,29 @@ def test_a_copy_of_its_own_is_queued_in_the_items_transaction(backend: str, tmp_
     to_b = read("b.example")
     assert [envelope_to_wire(e) for _, e in to_b] == [e1.to_item(), copy]
     assert [e.pos for _, e in read("a.example")] == [2]
+
+
+def test_a_transaction_stays_within_max_frame(tmp_path: Path) -> None:
+    """Large items (a group snapshot can be hundreds of KiB) are split over several
+    transactions rather than making a frame the peer would refuse for ever."""
+    clock = Clock()
+    h = fed_realm(clock, "h.example")
+    link = real_link(h, clock, tmp_path)
+    link.fed.cfg.max_frame = 20_000
+    h.create_user("owner", "password1")
+    bodies = [f"{i}" * 6000 for i in range(10)]
+    for body in bodies:
+        h.post("owner", "bob@b.example", body)
+    big = {"id": "x", "kind": "event", "from": "o@h.example", "to": GROUP, "ts": 1.0}
+    big["body"], big["meta"] = "", {"event": "joined", "snapshot": {"m": "y" * 30_000}}
+    result(h.store.append([], [("b.example", big)]))
+    proto = Proto()
+    link.proto = proto
+    link._waiting = 11
+    link.pump()
+    while link.inflight:
+        link.acked(proto, link.inflight[0][0], [])
+    sizes = [len(wire.encode(t)) for t in proto.sent]
+    assert all(size <= 20_000 for size in sizes[:-1]) and len(proto.sent) > 3
+    assert [i["body"] for t in proto.sent for i in t["items"]] == [*bodies, ""]
+    assert proto.sent[-1]["items"] == [big]  # too long alone: sent alone, the peer decides
