@@ -97,6 +97,9 @@ MAX_INFLIGHT = 16
 #: each costs this realm a look-up of who to tell, so more is a flood (rate_limited).
 PRESENCE_RATE = 200.0
 PRESENCE_BURST = 2000.0
+#: Seconds without an inbound link from a realm after which the presence we heard of
+#: its users is forgotten (they are shown offline until the link is back).
+PRESENCE_SILENCE = 60.0
 #: Seconds a new inbound connection has to complete its hello.
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
@@ -547,6 +550,7 @@ class InboundProtocol(_Link):
                 reason=reason.getErrorMessage() if reason is not None else "closed",
             )
             fed.status_changed()
+            fed.inbound_closed(self.peer_realm)
 
     def misbehaved(self, reason: str) -> None:
         if self.peer_realm is not None:
@@ -1345,6 +1349,9 @@ class FederationService(MultiService):
         self.port: Any = None
         #: realm -> (refuse hellos until, level): backoff for misbehaving peers
         self._penalties: dict[str, tuple[float, int]] = {}
+        #: realm -> the call that forgets its users' presence (see inbound_closed)
+        self._silence: dict[str, Any] = {}
+        self._stopped = False
         self.status_path = (
             status_path
             if status_path is not None
@@ -1381,6 +1388,7 @@ class FederationService(MultiService):
 
     def startService(self) -> None:
         MultiService.startService(self)
+        self._stopped = False
         self.listen()
         for link in self.links.values():  # started again after a stop
             link.start()
@@ -1443,6 +1451,7 @@ class FederationService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         MultiService.stopService(self)
+        self._stopped = True  # links closing now start no presence timers
         if self._sweep is not None and self._sweep.running:
             self._sweep.stop()
         self._sweep = None
@@ -1455,6 +1464,10 @@ class FederationService(MultiService):
         if self._status_call is not None and self._status_call.active():
             self._status_call.cancel()
         self._status_call = None
+        for call in self._silence.values():
+            if call.active():
+                call.cancel()
+        self._silence.clear()
         return gatherResults(waits)
 
     # what the realm calls -------------------------------------------------------------------
@@ -1512,7 +1525,28 @@ class FederationService(MultiService):
 
     def peer_connected(self, realm: str) -> None:
         self.link(realm).kick()
+        call = self._silence.pop(realm, None)
+        if call is not None and call.active():
+            call.cancel()
         self.status_changed()
+
+    def inbound_closed(self, realm: str) -> None:
+        """An inbound link from ``realm`` closed.  Its users' presence comes only on
+        such a link: if none is back within PRESENCE_SILENCE seconds (a restart, a
+        blip), the realm's users whose presence we heard are told offline to the local
+        users (the link's return sends who is online again)."""
+        if (
+            self._stopped
+            or realm in self._silence
+            or any(p.peer_realm == realm and p.is_up() for p in self.inbound)
+        ):
+            return
+        self._silence[realm] = self.clock.callLater(PRESENCE_SILENCE, self._silent, realm)
+
+    def _silent(self, realm: str) -> None:
+        self._silence.pop(realm, None)
+        if not any(p.peer_realm == realm and p.is_up() for p in self.inbound):
+            self.realm.remote_realm_silent(realm)
 
     # status --------------------------------------------------------------------------------
 

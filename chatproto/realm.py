@@ -1568,6 +1568,14 @@ class RealmService(Service):
 
         return self.store.append_remote(batch, []).addCallback(stored)
 
+    def remote_realm_silent(self, origin: str) -> None:
+        """Peer realm ``origin`` has not been connected to us for a while: the
+        presence we heard of its users is stale, so they go offline here (their realm
+        sends who is online when its link is back)."""
+        suffix = "@" + origin
+        for who in [u for u in self._remote_status if u.endswith(suffix)]:
+            self.remote_presence(origin, who, "offline", "")
+
     def _envelope(
         self,
         sender: str,

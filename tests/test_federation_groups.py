@@ -22,6 +22,7 @@ from chatproto import config, tls, wire
 from chatproto.federation import (
     PRESENCE_BURST,
     PRESENCE_RATE,
+    PRESENCE_SILENCE,
     FederationService,
     envelope_to_wire,
 )
@@ -511,3 +512,36 @@ def test_a_transaction_stays_within_max_frame(tmp_path: Path) -> None:
     assert all(size <= 20_000 for size in sizes[:-1]) and len(proto.sent) > 3
     assert [i["body"] for t in proto.sent for i in t["items"]] == [*bodies, ""]
     assert proto.sent[-1]["items"] == [big]  # too long alone: sent alone, the peer decides
+
+
+def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> None:
+    """Presence comes only on a realm's link to us: when no link from it is back
+    within PRESENCE_SILENCE, its users go offline here (a quick return: nothing)."""
+    from tests.test_federation import connect, frame, hello
+
+    d = str(tmp_path / "certs")
+    a_cert = tls.write_dev_certs(d, "a.example")["cert"]
+    clock = Clock()
+    b = fed_realm(clock, "b.example")
+    paths = tls.write_dev_certs(d, "b.example")
+    f = b.config.federation
+    f.certificate, f.private_key, f.ca = paths["cert"], paths["key"], paths["ca"]
+    fed = FederationService(b, clock, clock=clock, status_path="")
+    bob = User(b, clock, "bob")
+    b._add_partners("bob@b.example", ["alice@a.example"])  # a conversation, as from the store
+    online = frame({"type": "presence", "user": "alice@a.example", "status": "online"})
+    proto, _ = connect(fed, a_cert)
+    proto.dataReceived(hello() + online)
+    assert presences(bob) == [("alice@a.example", "online")]
+    proto.connectionLost(None)
+    clock.advance(PRESENCE_SILENCE / 2)
+    again, _ = connect(fed, a_cert)  # back in time: nothing happens
+    again.dataReceived(hello() + online)
+    clock.advance(PRESENCE_SILENCE)
+    assert presences(bob) == []
+    again.connectionLost(None)
+    clock.advance(PRESENCE_SILENCE - 1)
+    assert presences(bob) == []
+    clock.advance(1)
+    assert presences(bob) == [("alice@a.example", "offline")]
+    assert b._remote_status == {}
