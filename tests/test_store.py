@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -117,9 +118,14 @@ def test_remote_items_cannot_take_each_others_ids(store: Any) -> Any:
 def test_message_ids_are_unpredictable_and_distinct() -> None:
     ids = [new_message_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)
-    assert all(len(i) == 24 and int(i, 16) >= 0 for i in ids)
-    # no shared prefix between consecutive ids (a counter would show one)
-    assert sum(a[:8] == b[:8] for a, b in zip(ids, ids[1:])) == 0
+    assert all(len(i) == 35 and int(i, 16) >= 0 for i in ids)
+    # a time prefix (milliseconds), so ids sort by time (the id index grows at its end)
+    assert [i[:11] for i in ids] == sorted(i[:11] for i in ids)
+    assert abs(int(ids[-1][:11], 16) / 1000 - time.time()) < 60
+    # then 96 random bits: no shared prefix between consecutive ones (a counter would
+    # show one)
+    rand = [i[11:] for i in ids]
+    assert sum(a[:8] == b[:8] for a, b in itertools.pairwise(rand)) == 0
 
 
 @pytest_twisted.inlineCallbacks
