@@ -1175,6 +1175,7 @@ class PeerLink:
                 if item is not None:
                     bounces.append((item, code, message))
         self._settle(last, bounces)
+        self.fed.status_changed()  # counts for chatrealmctl peers (written twice a second)
         self.pump()
 
     def _settle(self, last: int, bounces: list[tuple[Any, str, str]]) -> None:

@@ -3,6 +3,7 @@ real TCP, links between the realms' federation listeners."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -553,6 +554,24 @@ def test_running_realm_writes_link_state_for_chatrealmctl_peers(
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("b.example"))
     assert line.split()[:5] == ["b.example", "0", "ready", "up", "0"]
+    # traffic shows in the counts: sent, refused (bounced)
+    bob = yield connect(_reactor, _b.addr, "bob", PW, register=True)
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    for body in ("one", "two", "three"):
+        yield alice.send("bob@b.example", body)
+    yield alice.send("nobody@b.example", "four")
+
+    def counted() -> bool:
+        with open(path) as f:
+            link = json.load(f)["links"][0]
+        return bool(link["sent_items"] == 4 and link["rejected_items"] == 1)
+
+    yield until(counted, timeout=30)
+    assert ctl.main(["--config", str(conf), "--data-dir", a.cfg.data_dir, "peers"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("b.example"))
+    assert line.split()[5:8] == ["4", "1", "0"]
+    yield alice.close()
+    yield bob.close()
 
 
 # files across realms ----------------------------------------------------------------------
