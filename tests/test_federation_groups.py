@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from chatproto import config, tls, wire
@@ -30,17 +30,8 @@ from chatproto.ratelimit import TokenBucket
 from chatproto.realm import RealmService
 from chatproto.testing import make_test_realm
 from tests.conftest import fast_config, make_realm
+from tests.conftest import fired as result
 from tests.test_groups import User
-
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that has fired (MemoryStore: everything is synchronous)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def over_the_wire(rows: list[tuple[int, Any]]) -> list[dict[str, Any]]:
