@@ -1066,9 +1066,9 @@ class PeerLink:
 
     # sending ----------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        """New items were queued for this realm."""
-        self._waiting += 1
+    def wake(self, n: int = 1) -> None:
+        """``n`` new items were queued for this realm."""
+        self._waiting += n
         self.pump()
 
     def pump(self) -> None:
@@ -1481,10 +1481,10 @@ class FederationService(MultiService):
                 link.start()
         return link
 
-    def wake(self, realm: str) -> None:
-        """Items for ``realm`` were committed to the outbox."""
+    def wake(self, realm: str, n: int = 1) -> None:
+        """``n`` items for ``realm`` were committed to the outbox."""
         if self.running:
-            self.link(realm).wake()
+            self.link(realm).wake(n)
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
         """A presence frame for ``realms`` (allowed peers).  A realm we had nothing

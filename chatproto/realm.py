@@ -382,6 +382,8 @@ class RealmService(Service):
         #: Connections with frames held during the current delivery burst.
         self._burst_depth = 0
         self._held: list[Any] = []
+        #: realm -> items committed for it during the current burst (one wake each).
+        self._wakes: dict[str, int] = {}
         if hasattr(store, "burst_listener"):
             store.burst_listener = self
         #: Hooks called with every committed envelope (extension point; see docs).
@@ -1166,7 +1168,17 @@ class RealmService(Service):
         # For another realm: the outbox row is committed with the item, so the item is
         # delivered there whatever happens to this process after the commit.
         d = self.store.append([env], [(recipient.realm, env)])
-        return d.addCallback(self._committed, env).addCallback(self._wake, recipient.realm)
+        return d.addCallback(self._committed_remote, env, recipient.realm)
+
+    def _committed_remote(self, _: object, env: Envelope, realm: str) -> Envelope:
+        """Committed with its outbox row: route it, and wake the link to ``realm``
+        once per group commit (at the end of the burst), not once per item."""
+        self._committed(None, env)
+        if self._burst_depth:
+            self._wakes[realm] = self._wakes.get(realm, 0) + 1
+        else:
+            self._wake(env, realm)
+        return env
 
     def _wake(self, env: Envelope, realm: str) -> Envelope:
         if self.federation is not None:
@@ -1649,6 +1661,14 @@ class RealmService(Service):
 
     def end_burst(self) -> None:
         self._burst_depth -= 1
+        if self._burst_depth == 0 and self._wakes:
+            wakes, self._wakes = self._wakes, {}
+            for realm, n in wakes.items():
+                try:
+                    if self.federation is not None:
+                        self.federation.wake(realm, n)
+                except Exception:  # the frames held below must still go out
+                    self.log.failure("waking the link to {realm} failed", realm=realm)
         if self._burst_depth == 0 and self._held:
             held, self._held = self._held, []
             for mind in held:

@@ -123,3 +123,25 @@ def test_transactions_received_together_share_a_commit_on_sqlite(
         ]
     finally:
         yield realm.stopService()
+
+
+def test_items_for_a_realm_committed_together_wake_its_link_once() -> None:
+    from chatproto.testing import make_test_realm
+
+    realm = make_test_realm(Clock())
+    realm.config.federation.enabled = True
+    wakes: list[tuple[str, int]] = []
+
+    class Fed:
+        def wake(self, peer: str, n: int = 1) -> None:
+            wakes.append((peer, n))
+
+    realm.federation = Fed()
+    realm.create_user("alice", "password-1")
+    realm.begin_burst()  # as the store does while it hands out a group commit
+    sent = [realm.post("alice", to, "hi") for to in ("bob@b.example",) * 3 + ("c@c.example",)]
+    assert all(d.called for d in sent) and wakes == []
+    realm.end_burst()
+    assert sorted(wakes) == [("b.example", 3), ("c.example", 1)]
+    realm.post("alice", "bob@b.example", "alone")  # outside a burst: at once
+    assert wakes[-1] == ("b.example", 1)
