@@ -1435,7 +1435,7 @@ class RealmService(Service):
         try:
             try:
                 yield fetch(file_id, blob)
-            except BaseException:
+            except Exception:  # not GeneratorExit: a generator closed may not yield
                 yield blob.abort()
                 raise
             yield blob.finish()

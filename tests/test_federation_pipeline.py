@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from test_federation import certs, connect, frame, frames, hello, item, node  # noqa: F401
+from test_federation import (  # noqa: F401
+    certs,
+    connect,
+    federate,
+    frame,
+    frames,
+    hello,
+    item,
+    node,
+)
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from chatproto import config
 from chatproto.federation import FederationService
 
 
@@ -32,15 +40,22 @@ def acks(transport: Any) -> list[str]:
     return [f["id"] for f in frames(transport) if f["type"] == "ack"]
 
 
-def test_next_transaction_starts_when_the_last_is_queued_and_acks_keep_order(
-    node: Any,  # noqa: F811
-    certs: Any,  # noqa: F811
-) -> None:
+def linked(node: Any, certs: Any) -> tuple[Calls, Any, Any]:  # noqa: F811
+    """An inbound link from a.example, past its hello, to ``node``'s realm, whose
+    receive_remote records its calls instead of storing."""
     realm, fed, _ = node
     realm.receive_remote = calls = Calls()
     proto, transport = connect(fed, certs["a.example"]["cert"])
     proto.dataReceived(hello())
     frames(transport)
+    return calls, proto, transport
+
+
+def test_next_transaction_starts_when_the_last_is_queued_and_acks_keep_order(
+    node: Any,  # noqa: F811
+    certs: Any,  # noqa: F811
+) -> None:
+    calls, proto, transport = linked(node, certs)
     for n in (1, 2, 3):
         proto.dataReceived(frame({"type": "txn", "id": f"t{n}", "items": [item(n)]}))
     assert len(calls.calls) == 1  # t2 waits until t1's items are with the store
@@ -65,11 +80,7 @@ def test_a_failed_commit_closes_the_link_and_acks_nothing_after_it(
     node: Any,  # noqa: F811
     certs: Any,  # noqa: F811
 ) -> None:
-    realm, fed, _ = node
-    realm.receive_remote = calls = Calls()
-    proto, transport = connect(fed, certs["a.example"]["cert"])
-    proto.dataReceived(hello())
-    frames(transport)
+    calls, proto, transport = linked(node, certs)
     proto.dataReceived(frame({"type": "txn", "id": "t1", "items": [item(1)]}))
     proto.dataReceived(frame({"type": "txn", "id": "t2", "items": [item(2)]}))
     calls.calls[0][2]()
@@ -88,11 +99,7 @@ def test_transactions_received_together_share_a_commit_on_sqlite(
 
     cfg = fast_config(tmp_path)
     cfg.realm = "b.example"
-    f = cfg.federation
-    f.enabled = True
-    f.certificate = certs["b.example"]["cert"]
-    f.private_key = certs["b.example"]["key"]
-    f.ca = certs["b.example"]["ca"]
+    federate(cfg, certs["b.example"])
     cfg.check()
     realm = make_realm(cfg)
     yield realm.startService()
