@@ -15,7 +15,9 @@ while paused, the connection is dropped (the client resumes later from its last 
 
 from __future__ import annotations
 
+import json
 import struct
+from math import isfinite
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -55,12 +57,36 @@ _SILENT = frozenset({"ack", "pong"})
 
 
 def delivery_frame(env: Envelope) -> bytes:
-    """The length-prefixed ``msg`` frame for ``env``, encoded once and cached."""
+    """The length-prefixed ``msg`` frame for ``env``, encoded once and cached.
+
+    An item without ``meta`` (a text message: the hot path) is formatted directly,
+    byte for byte what :func:`chatproto.wire.encode` makes of ``Envelope.to_wire``
+    (tested with arbitrary envelopes), in a third of the time."""
     frame = env.frame
     if frame is None:
-        payload = wire.encode({"type": "msg", **env.to_wire()})
+        ts = env.ts
+        if env.meta is None and type(env.pos) is int and type(ts) is float and isfinite(ts):
+            payload = (
+                _MSG
+                % (
+                    env.pos,
+                    _str(env.id),
+                    _str(env.kind),
+                    _str(env.sender),
+                    _str(env.recipient),
+                    float.__repr__(ts),
+                    _str(env.body),
+                )
+            ).encode("utf-8")
+        else:
+            payload = wire.encode({"type": "msg", **env.to_wire()})
         frame = env.frame = _pack(len(payload)) + payload
     return frame
+
+
+_MSG = '{"type":"msg","pos":%d,"msg_id":%s,"kind":%s,"from":%s,"to":%s,"ts":%s,"body":%s}'
+#: A JSON string literal, as the wire encoder writes it (not ASCII-only)
+_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 @implementer(ISessionMind, IPushProducer)

@@ -579,3 +579,30 @@ def test_malformed_fast_path_ack_falls_back(realm: Any, clock: Clock) -> None:
     assert [f["code"] for f in frames(tb)] == ["bad_frame"]
     assert tb.disconnecting
     assert ("bob@localhost", "default") not in realm.store.acks
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pos=st.integers(min_value=0, max_value=2**62),
+    mid=_text,
+    sender=_text,
+    recipient=_text,
+    ts=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**40), 2**40),
+    body=_text,
+    meta=st.none() | st.just({"event": "joined", "user": "x@y"}),
+)
+def test_delivery_frames_are_the_generic_encoding_byte_for_byte(
+    pos: int, mid: str, sender: str, recipient: str, ts: float, body: str, meta: Any
+) -> None:
+    """The formatted fast path of text items says exactly what the JSON encoder would."""
+    from chatproto.envelope import Envelope
+    from chatproto.protocol import delivery_frame
+
+    env = Envelope(mid, "text", sender, recipient, ts, body, meta, pos)
+    frame = delivery_frame(env)
+    payload = wire.encode({"type": "msg", **env.to_wire()})
+    assert frame == struct.pack("!I", len(payload)) + payload
+    assert wire.decode(frame[4:])["body"] == body
