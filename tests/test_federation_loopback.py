@@ -707,6 +707,27 @@ def test_files_in_a_group_spanning_three_realms(realms: Any, tmp_path: Any) -> A
         yield conn.close()
 
 
+DEV = "#dev@h.example"
+
+
+@defer.inlineCallbacks
+def dev_group(nodes: list[Any], got: dict[str, list[dict[str, Any]]] | None = None) -> Any:
+    """On nodes h, a, b: owner@h creates #dev@h.example, alice@a and bob@b join; fires
+    with the three connections (by name) once h has all three members and its outbox
+    is drained.  ``got``: each user's items are collected under their name."""
+    h, a, b = nodes
+    conns = {}
+    for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
+        kw = {"on_message": got.setdefault(name, []).append} if got is not None else {}
+        conns[name] = yield connect(_reactor, node.addr, name, PW, register=True, **kw)
+    yield conns["owner"].create_group("#dev")
+    for name in ("alice", "bob"):
+        yield conns[name].join(DEV)
+    yield until(lambda: len(h.realm.groups.get(DEV).members) == 3, timeout=30)
+    yield drained(h)
+    return conns
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_group_file_forged_by_a_member_realm_is_rejected(realms: Any, logs: Any) -> Any:
     """a.example may carry its own users' files to h.example's group, not those of
@@ -715,15 +736,8 @@ def test_a_group_file_forged_by_a_member_realm_is_rejected(realms: Any, logs: An
 
     nodes = yield realms(["h.example", "a.example", "b.example"])
     h, a, b = nodes
-    conns = {}
-    for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
-        conns[name] = yield connect(_reactor, node.addr, name, PW, register=True)
-    group = "#dev@h.example"
-    yield conns["owner"].create_group("#dev")
-    for name in ("alice", "bob"):
-        yield conns[name].join(group)
-    yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
-    yield drained(h)
+    conns = yield dev_group(nodes)
+    group = DEV
     data = b"not really bob's"
     meta = {
         "file_id": "0123456789abcdef0123456789abcdef",
@@ -780,20 +794,10 @@ def test_a_group_file_too_large_for_the_home_realm_bounces_and_goes_nowhere(
         nodes[0].realm.files.config.max_file_size = 1000
 
     nodes = yield realms(["h.example", "a.example", "b.example"], before_start=small_home)
-    h, a, b = nodes
+    h, _a, b = nodes
     got: dict[str, list[dict[str, Any]]] = {}
-    conns = {}
-    for node, name in ((h, "owner"), (a, "alice"), (b, "bob")):
-        inbox = got.setdefault(name, [])
-        conns[name] = yield connect(
-            _reactor, node.addr, name, PW, register=True, on_message=inbox.append
-        )
-    group = "#dev@h.example"
-    yield conns["owner"].create_group("#dev")
-    for name in ("alice", "bob"):
-        yield conns[name].join(group)
-    yield until(lambda: len(h.realm.groups.get(group).members) == 3, timeout=30)
-    yield drained(h)
+    conns = yield dev_group(nodes, got)
+    group = DEV
     path = tmp_path / "big.bin"
     path.write_bytes(b"x" * 5000)
     sent = yield conns["alice"].send_file(group, str(path))
