@@ -1100,6 +1100,9 @@ class PeerLink:
                 self._waiting = max(self._waiting, cfg.batch_size)  # there may be more
             if rows:
                 rows = self._fit(rows)
+                if len(rows) == 1 and self._oversized(rows[0][1]):
+                    self._drop_oversized(rows[0])
+                    return
                 first, last = rows[0][0], rows[-1][0]
                 txn = f"{first}-{last}"
                 sent = [e for _, e in rows]
@@ -1123,7 +1126,7 @@ class PeerLink:
 
         A cheap upper bound first (a body character is at most 6 bytes of JSON);
         only a batch that might be too long is encoded, and halved until it fits.  A
-        single item longer than the limit goes alone (the peer decides)."""
+        single item longer than the limit is left alone (see _drop_oversized)."""
         limit = self.fed.cfg.max_frame - 1024
         bound = 0
         for _, e in rows:
@@ -1142,6 +1145,37 @@ class PeerLink:
             rows = rows[: len(rows) // 2]
             self._waiting = max(self._waiting, self.fed.cfg.batch_size)  # the rest waits
         return rows
+
+    def _oversized(self, item: Any) -> int:
+        """The frame size of a transaction of ``item`` alone when it is over
+        ``max_frame`` (no peer with our limit would take it), else 0.  Computed only
+        when the cheap bound says it might be."""
+        limit = self.fed.cfg.max_frame - 1024
+        if isinstance(item, Envelope) and 6 * len(item.body) + 4096 <= limit:
+            return 0
+        size = len(wire.encode({"type": "txn", "id": "0-0", "items": [envelope_to_wire(item)]}))
+        return size + 48 if size + 48 > limit else 0
+
+    def _drop_oversized(self, row: tuple[int, Any]) -> None:
+        """An item too large for any transaction would close the link each time it is
+        sent, for ever: bounce it to its sender (``too_large``) and drop it from the
+        outbox instead -- once the transactions before it are acknowledged, so the
+        delete takes nothing that is still in flight."""
+        if self.inflight:
+            self._waiting = max(self._waiting, 1)  # read it again after the next ack
+            return
+        seq, item = row
+        size = self._oversized(item)
+        why = f"{size} bytes in a federation frame; the limit is {self.fed.cfg.max_frame}"
+        self.log.warn(
+            "federation: item too large for {realm} dropped: {why}", realm=self.realm, why=why
+        )
+        self.rejected_items += 1
+        self.acked_seq = self.sent_seq = seq
+        self._settle(seq, [(item, "too_large", why)])
+        self.fed.status_changed()
+        self._waiting = max(self._waiting, 1)
+        self.pump()
 
     def acked(self, proto: OutboundProtocol, txn: Any, rejected: list[Any]) -> None:
         if proto is not self.proto:

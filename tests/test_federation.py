@@ -595,6 +595,38 @@ def test_link_sends_in_order_within_the_window_and_acks(node: Any) -> None:
     assert [t["id"] for t in again.sent] == ["3-4", "5-5"]
 
 
+def test_an_item_too_large_for_any_transaction_bounces_instead_of_blocking_the_link(
+    node: Any,
+) -> None:
+    realm, fed, _ = node
+    realm.config.limits.max_body = 200_000
+    fed.cfg.max_frame = 65536
+    link = fed.link("a.example")  # not started: the test plays the connection
+    out = _Out()
+    link.proto = out  # type: ignore[assignment]
+    small = realm.post("bob", "alice@a.example", "before").result
+    link._waiting = 1
+    link.pump()
+    assert [t["id"] for t in out.sent] == ["1-1"]
+    big = realm.post("bob", "alice@a.example", "\x01" * 20_000).result  # 120 KB of JSON
+    after = realm.post("bob", "alice@a.example", "after").result
+    link._waiting = 2
+    link.pump()  # "before" is unacknowledged: the big one waits, is not sent
+    assert [t["id"] for t in out.sent] == ["1-1"]
+    assert realm.store.outbox_counts().result == {"a.example": 3}
+    link.acked(out, "1-1", [])  # type: ignore[arg-type]
+    # then it is bounced and dropped, and what follows goes on
+    assert [t["id"] for t in out.sent] == ["1-1", "3-3"]
+    assert [i["id"] for i in out.sent[-1]["items"]] == [after.id]
+    feed = fired(realm.store.read_feed("bob@b.example", 0, 10))
+    bounce = feed[-1]
+    assert (bounce.kind, bounce.meta["id"], bounce.meta["code"]) == ("bounce", big.id, "too_large")
+    assert link.rejected_items == 1
+    link.acked(out, "3-3", [])  # type: ignore[arg-type]
+    assert realm.store.outbox_counts().result == {}
+    assert small.id != big.id
+
+
 def test_rejected_items_bounce_to_their_sender_once_before_the_outbox_forgets_them(
     node: Any,
 ) -> None:
