@@ -500,9 +500,13 @@ def test_a_transaction_stays_within_max_frame(tmp_path: Path) -> None:
     while link.inflight:
         link.acked(proto, link.inflight[0][0], [])
     sizes = [len(wire.encode(t)) for t in proto.sent]
-    assert all(size <= 20_000 for size in sizes[:-1]) and len(proto.sent) > 3
-    assert [i["body"] for t in proto.sent for i in t["items"]] == [*bodies, ""]
-    assert proto.sent[-1]["items"] == [big]  # too long alone: sent alone, the peer decides
+    assert all(size <= 20_000 for size in sizes) and len(proto.sent) > 3
+    assert [i["body"] for t in proto.sent for i in t["items"]] == bodies
+    # too long alone: not sent (the peer would close the link on it every time), but
+    # bounced to its sender and dropped
+    assert result(h.store.outbox_counts()) == {}
+    bounce = result(h.store.read_feed("o@h.example", 0, 10))[-1]
+    assert (bounce.kind, bounce.meta["id"], bounce.meta["code"]) == ("bounce", "x", "too_large")
 
 
 def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> None:
