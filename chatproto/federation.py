@@ -585,7 +585,14 @@ class InboundProtocol(_Link):
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
-        self.send({"type": "welcome", "version": FEDERATION_VERSION, "realm": fed.realm.realm})
+        self.send(
+            {
+                "type": "welcome",
+                "version": FEDERATION_VERSION,
+                "realm": fed.realm.realm,
+                "max_frame": fed.cfg.max_frame,
+            }
+        )
         self.log.info(
             "federation: inbound link from {peer} ({addr})", peer=claimed, addr=self._addr()
         )
@@ -801,6 +808,9 @@ class OutboundProtocol(_Link):
         self._welcome_seen = True
         if req.get("realm") != link.realm:
             raise FatalProtocolError("bad_request", f"welcome from {req.get('realm')!r}")
+        peer_max = req.get("max_frame")
+        if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max >= 65536:
+            link.peer_max_frame = peer_max
         if self.welcomed.called:  # the attempt was abandoned (link stopped or kicked)
             self.closed = True
             self.transport.loseConnection()
@@ -915,6 +925,8 @@ class PeerLink:
         self.last_error = ""
         self.sent_items = 0
         self.rejected_items = 0
+        #: the peer's max_frame, from its welcome (0: not told)
+        self.peer_max_frame = 0
         self._reading = False
         self._waiting = 0
         self._kicking = False
@@ -1127,7 +1139,7 @@ class PeerLink:
         A cheap upper bound first (a body character is at most 6 bytes of JSON);
         only a batch that might be too long is encoded, and halved until it fits.  A
         single item longer than the limit is left alone (see _drop_oversized)."""
-        limit = self.fed.cfg.max_frame - 1024
+        limit = self.max_frame() - 1024
         bound = 0
         for _, e in rows:
             if isinstance(e, Envelope):
@@ -1146,11 +1158,18 @@ class PeerLink:
             self._waiting = max(self._waiting, self.fed.cfg.batch_size)  # the rest waits
         return rows
 
+    def max_frame(self) -> int:
+        """The longest frame both ends accept: ours, or the peer's (from its welcome)
+        when smaller."""
+        peer = self.peer_max_frame
+        mine: int = self.fed.cfg.max_frame
+        return min(mine, peer) if peer else mine
+
     def _oversized(self, item: Any) -> int:
         """The frame size of a transaction of ``item`` alone when it is over
         ``max_frame`` (no peer with our limit would take it), else 0.  Computed only
         when the cheap bound says it might be."""
-        limit = self.fed.cfg.max_frame - 1024
+        limit = self.max_frame() - 1024
         if isinstance(item, Envelope) and 6 * len(item.body) + 4096 <= limit:
             return 0
         size = len(wire.encode({"type": "txn", "id": "0-0", "items": [envelope_to_wire(item)]}))
@@ -1166,7 +1185,7 @@ class PeerLink:
             return
         seq, item = row
         size = self._oversized(item)
-        why = f"{size} bytes in a federation frame; the limit is {self.fed.cfg.max_frame}"
+        why = f"{size} bytes in a federation frame; the limit is {self.max_frame()}"
         self.log.warn(
             "federation: item too large for {realm} dropped: {why}", realm=self.realm, why=why
         )

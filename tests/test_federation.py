@@ -284,7 +284,7 @@ def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:
     for i in range(len(data)):
         proto.dataReceived(data[i : i + 1])
     assert frames(transport) == [
-        {"type": "welcome", "version": 1, "realm": "b.example"},
+        {"type": "welcome", "version": 1, "realm": "b.example", "max_frame": 4194304},
         {"type": "ack", "id": "1-2"},
     ]
     feed = realm.store.read_feed("bob@b.example", 0, 10).result
@@ -600,8 +600,8 @@ def test_an_item_too_large_for_any_transaction_bounces_instead_of_blocking_the_l
 ) -> None:
     realm, fed, _ = node
     realm.config.limits.max_body = 200_000
-    fed.cfg.max_frame = 65536
     link = fed.link("a.example")  # not started: the test plays the connection
+    link.peer_max_frame = 65536  # the peer's limit (from its welcome) is below ours
     out = _Out()
     link.proto = out  # type: ignore[assignment]
     small = realm.post("bob", "alice@a.example", "before").result

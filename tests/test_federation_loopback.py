@@ -68,6 +68,8 @@ def test_dms_both_ways(two: Any) -> Any:
     assert [m["body"] for m in history] == ["hi bob", "hi alice ✓"]
     # delivered: the outboxes are empty again
     yield drained(a)
+    # each link knows the longest frame its peer takes (from its welcome)
+    assert a.fed.links["b.example"].peer_max_frame == b.cfg.federation.max_frame
     yield alice.close()
     yield bob.close()
 
@@ -342,7 +344,12 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
     )
     yield until(lambda: len(peer.frames) == 2, timeout=30)
     welcome, ack = peer.frames
-    assert welcome == {"type": "welcome", "version": 1, "realm": "b.example"}
+    assert welcome == {
+        "type": "welcome",
+        "version": 1,
+        "realm": "b.example",
+        "max_frame": 4194304,
+    }
     assert ack["type"] == "ack" and ack["id"] == "1-2"
     assert [(r["id"], r["code"]) for r in ack["rejected"]] == [("forged-1", "forged_sender")]
     yield until(lambda: len(got) == 1, timeout=30)
