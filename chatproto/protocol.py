@@ -40,6 +40,7 @@ __all__ = [
     "ClientFactory",
     "ClientProtocol",
     "delivery_frame",
+    "send_result",
 ]
 
 _pack = struct.Struct("!I").pack
@@ -84,6 +85,36 @@ def delivery_frame(env: Envelope) -> bytes:
     return frame
 
 
+def _send_result_fields(env: Envelope) -> dict[str, Any]:
+    return {"pos": env.pos, "msg_id": env.id, "ts": env.ts}
+
+
+def send_result(env: Envelope, rid: Any) -> bytes:
+    """The length-prefixed ``result`` frame of a ``send`` whose item is ``env``.
+
+    Formatted directly when the fields allow it (the hot path), byte for byte what
+    :func:`chatproto.wire.result_frame` makes of the same fields (tested with
+    arbitrary envelopes and request ids); else by that generic encoder."""
+    ts = env.ts
+    if type(env.pos) is int and type(ts) is float and isfinite(ts) and type(env.id) is str:
+        tail = _RESULT_TAIL % (env.pos, _str(env.id), float.__repr__(ts))
+        if rid is None:
+            payload = (_RESULT + tail).encode("utf-8")
+        elif type(rid) is int:
+            payload = (_RESULT_ID % rid + tail).encode("utf-8")
+        elif type(rid) is str:
+            payload = (_RESULT_ID_STR % _str(rid) + tail).encode("utf-8")
+        else:
+            payload = wire.result_frame(rid, **_send_result_fields(env))
+    else:
+        payload = wire.result_frame(rid, **_send_result_fields(env))
+    return _pack(len(payload)) + payload
+
+
+_RESULT = '{"type":"result",'
+_RESULT_ID = '{"type":"result","id":%d,'
+_RESULT_ID_STR = '{"type":"result","id":%s,'
+_RESULT_TAIL = '"pos":%d,"msg_id":%s,"ts":%s}'
 _MSG = '{"type":"msg","pos":%d,"msg_id":%s,"kind":%s,"from":%s,"to":%s,"ts":%s,"body":%s}'
 #: A JSON string literal, as the wire encoder writes it (not ASCII-only)
 _str = json.encoder.encode_basestring  # type: ignore[attr-defined]
@@ -309,6 +340,12 @@ class ClientProtocol(Int32StringReceiver):
                 raise ChatError("hello_required")
             if kind not in _PUBLIC and self.state != "ready":
                 raise ChatError("not_authenticated")
+            if handler is _HANDLE_SEND:
+                # The hot path: no maybeDeferred, no result dict; the result frame is
+                # formatted straight from the committed envelope (see send_result).
+                d = self._send(obj)
+                d.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
+                return
             d = maybeDeferred(handler, self, obj)
         except ChatError as e:
             self._fail(e, rid)
@@ -323,6 +360,9 @@ class ClientProtocol(Int32StringReceiver):
 
     def _reply(self, result: dict[str, Any] | None, rid: Any) -> None:
         self.send_frame(wire.result_frame(rid, **(result or {})))
+
+    def _sent(self, env: Envelope, rid: Any) -> None:
+        self._write(send_result(env, rid))
 
     def _errback(self, failure: Failure, rid: Any) -> None:
         if failure.check(ChatError):
@@ -436,14 +476,26 @@ class ClientProtocol(Int32StringReceiver):
         session.start(since).addErrback(failed)
 
     def handle_send(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        # stringReceived calls _send and _sent directly; this is the same request for
+        # callers that go through the handler table.
+        return self._send(req).addCallback(_send_result_fields)
+
+    def _send(self, req: dict[str, Any]) -> Deferred[Envelope]:
         assert self.session is not None
-        to = wire.field(req, "to", str)
-        body = wire.field(req, "body", str)
-        nonce = wire.field(req, "nonce", str, required=False)
-        if nonce is not None and not 0 < len(nonce) <= 64:
-            raise ChatError("bad_request", "nonce must be 1-64 characters")
-        d = self.session.send(to, body, nonce)
-        return d.addCallback(lambda e: {"pos": e.pos, "msg_id": e.id, "ts": e.ts})
+        # The common case (strings present) checked inline; anything else goes through
+        # wire.field for its checks and error messages.
+        to = req.get("to")
+        if type(to) is not str:
+            to = wire.field(req, "to", str)
+        body = req.get("body")
+        if type(body) is not str:
+            body = wire.field(req, "body", str)
+        nonce = req.get("nonce")
+        if nonce is not None:
+            nonce = wire.field(req, "nonce", str)
+            if not 0 < len(nonce) <= 64:
+                raise ChatError("bad_request", "nonce must be 1-64 characters")
+        return self.session.send(to, body, nonce)
 
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
@@ -704,6 +756,7 @@ def _handlers(cls: type) -> dict[str, Any]:
 
 
 _HANDLERS = ClientProtocol.handlers = _handlers(ClientProtocol)
+_HANDLE_SEND = ClientProtocol.handle_send
 _PING = wire.encode({"type": "ping"})
 
 

@@ -606,3 +606,64 @@ def test_delivery_frames_are_the_generic_encoding_byte_for_byte(
     payload = wire.encode({"type": "msg", **env.to_wire()})
     assert frame == struct.pack("!I", len(payload)) + payload
     assert wire.decode(frame[4:])["body"] == body
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pos=st.integers(min_value=0, max_value=2**62),
+    mid=_text,
+    ts=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**40), 2**40),
+    rid=st.none() | st.integers(-(2**63), 2**63) | _text,
+)
+def test_send_results_are_the_generic_encoding_byte_for_byte(
+    pos: int, mid: str, ts: float, rid: Any
+) -> None:
+    """The formatted result of a send says exactly what wire.result_frame would."""
+    from chatproto.envelope import Envelope
+    from chatproto.protocol import send_result
+
+    env = Envelope(mid, "text", "a@x", "b@x", ts, "hi", None, pos)
+    frame = send_result(env, rid)
+    payload = wire.result_frame(rid, pos=pos, msg_id=mid, ts=ts)
+    assert frame == struct.pack("!I", len(payload)) + payload
+
+
+def test_send_request_errors_are_unchanged(realm: Any, clock: Clock) -> None:
+    """The send fast path checks its fields as wire.field does, with the same errors."""
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    frames(ta)
+    bad: list[dict[str, Any]] = [
+        {"type": "send", "id": 1, "body": "x"},
+        {"type": "send", "id": 2, "to": None, "body": "x"},
+        {"type": "send", "id": 3, "to": 5, "body": "x"},
+        {"type": "send", "id": 4, "to": "bob", "body": True},
+        {"type": "send", "id": 5, "to": "bob"},
+        {"type": "send", "id": 6, "to": "bob", "body": "x", "nonce": 7},
+        {"type": "send", "id": 7, "to": "bob", "body": "x", "nonce": ""},
+        {"type": "send", "id": 8, "to": "nobody", "body": "x"},
+    ]
+    for req in bad:
+        payload = wire.encode(req)
+        a.dataReceived(struct.pack("!I", len(payload)) + payload)
+    got = [(f["id"], f["code"], f["message"]) for f in frames(ta)]
+    assert got == [
+        (1, "bad_request", "missing field 'to'"),
+        (2, "bad_request", "missing field 'to'"),
+        (3, "bad_request", "field 'to' must be str"),
+        (4, "bad_request", "field 'body' must be str"),
+        (5, "bad_request", "missing field 'body'"),
+        (6, "bad_request", "field 'nonce' must be str"),
+        (7, "bad_request", "nonce must be 1-64 characters"),
+        (8, "no_such_user", "no user nobody@localhost on this realm"),
+    ]
+    payload = b'{"type":"send","id":"r1","to":"bob","body":"hi"}'
+    a.dataReceived(struct.pack("!I", len(payload)) + payload)
+    result = [f for f in frames(ta) if f["type"] == "result"]
+    assert [r["id"] for r in result] == ["r1"] and list(result[0]) == [
+        "type",
+        "id",
+        "pos",
+        "msg_id",
+        "ts",
+    ]
