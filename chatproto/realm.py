@@ -1060,6 +1060,8 @@ class RealmService(Service):
     def _check_body(self, body: Any) -> str:
         if not isinstance(body, str):
             raise ChatError("bad_request", "field 'body' must be a string")
+        if len(body) * 4 <= self.config.limits.max_body:
+            return body  # no character takes more than 4 bytes: no need to encode it
         size = len(body.encode("utf-8", "surrogatepass"))
         if size > self.config.limits.max_body:
             raise ChatError(

@@ -856,7 +856,8 @@ class SQLiteStore:
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
         self._pending.append((items, d, outbox, False))
-        self._flush()
+        if not self._writing:  # else the commit in progress flushes it when done
+            self._flush()
         return d
 
     def append_remote(
@@ -964,13 +965,19 @@ class SQLiteStore:
                 if isinstance(res, Exception):
                     outcomes.append(res)
                     continue
+                if not is_remote:  # every local item is stored
+                    for env, pos in zip(items, res, strict=True):
+                        env.pos = pos  # type: ignore[assignment]
+                    self.committed_items += len(items)
+                    outcomes.append(list(items))
+                    continue
                 stored = []
                 for env, pos in zip(items, res, strict=True):
                     if pos is not None:
                         env.pos = pos
                         stored.append(env)
                 self.committed_items += len(stored)
-                outcomes.append(stored if is_remote else list(items))
+                outcomes.append(stored)
             if queued:  # before the waiters run: they wake the links, which read these
                 self._cache_outbox(queued)
             for w in ack_waiters:
