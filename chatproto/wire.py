@@ -53,6 +53,7 @@ MAX_INT = 2**53 - 1
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _decoder = json.JSONDecoder()
+_scan_once = _decoder.scan_once  # type: ignore[attr-defined]
 # A \uD800-\uDFFF escape is the only way a lone surrogate (not valid Unicode, and not
 # storable as UTF-8) can get into a decoded string; only then is the object walked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -89,7 +90,15 @@ def decode(payload: bytes) -> dict[str, Any]:
         raise FatalProtocolError("bad_frame", f"unsupported frame kind {kind!r}")
     try:
         text = payload.decode("utf-8")
-        obj = _decoder.decode(text)
+        # The common case, a well-formed object with nothing after it, straight from
+        # the C scanner (what JSONDecoder.decode runs, without its Python wrappers and
+        # whitespace matching); anything else takes decode() for its checks and errors.
+        try:
+            obj, end = _scan_once(text, 0)
+        except (StopIteration, ValueError):
+            end = -1
+        if end != len(text):
+            obj = _decoder.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FatalProtocolError("bad_frame", f"malformed JSON: {str(e)[:80]}") from None
     if not isinstance(obj, dict):

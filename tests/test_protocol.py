@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Any
 
@@ -12,6 +13,7 @@ from twisted.internet.task import Clock
 
 from chatproto import wire
 from chatproto.config import Config
+from chatproto.errors import ChatError
 from chatproto.protocol import ClientFactory
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 
@@ -667,3 +669,50 @@ def test_send_request_errors_are_unchanged(realm: Any, clock: Clock) -> None:
         "msg_id",
         "ts",
     ]
+
+
+def _decode_reference(payload: bytes) -> Any:
+    """wire.decode's JSON step as it was before the scanner fast path."""
+    try:
+        return wire._decoder.decode(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        return ("bad_frame", f"malformed JSON: {str(e)[:80]}")
+
+
+def _decode_outcome(payload: bytes) -> Any:
+    try:
+        return wire.decode(payload)
+    except ChatError as e:
+        return (e.code, e.message)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    obj=st.dictionaries(_text, _json_values, max_size=4),
+    typ=st.none() | _text,
+    tail=st.sampled_from(["", " ", "\n", " x", "}", ",", "{}", "\x00"]),
+    cut=st.integers(min_value=0, max_value=200),
+)
+def test_decode_fast_path_agrees_with_the_json_decoder(
+    obj: dict[str, Any], typ: str | None, tail: str, cut: int
+) -> None:
+    """Whole, cut short or followed by something: the same object or the same error."""
+    if typ is not None:
+        obj = {"type": typ, **obj}
+    text = json.dumps(obj, ensure_ascii=bool(cut % 2), separators=(",", ":")) + tail
+    for payload in (text.encode(), text[: max(1, len(text) - cut)].encode()):
+        got = _decode_outcome(payload)
+        ref = _decode_reference(payload)
+        if isinstance(ref, tuple):
+            assert got == ref
+        elif isinstance(got, dict):
+            assert got == ref
+        else:  # the object decoded, and a later check (type, id) refused it
+            assert got[0] == "bad_request"
