@@ -1225,7 +1225,11 @@ class IRCProtocol(LineOnlyReceiver):
                 ctx.num("403", _param(chan), "No such channel")
                 continue
             g = self.realm.groups.groups.get(group)
-            if g is None:
+            if g is None and not group.endswith("@" + self.realm.realm):
+                # another realm's group we have no member of yet: ask its home realm
+                # (the JOIN comes when the home realm's joined event does)
+                waits.append(self._event(ctx, "JOIN", chan, "joined"))
+            elif g is None:
                 waits.append(self._event(ctx, "JOIN", chan, "created"))
             elif self.user_id in g.members:
                 if group not in self.joined:  # a member whose client had closed it

@@ -820,3 +820,47 @@ def test_a_group_file_too_large_for_the_home_realm_bounces_and_goes_nowhere(
     assert (yield b.realm.store.file_info(sent["file"])) is None
     for conn in conns.values():
         yield conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_irc_user_talks_across_realms(realms: Any) -> Any:
+    """bob uses irssi-style IRC on b.example: he joins a.example's #dev as
+    ``#dev/a.example``, reads alice's messages there and writes back, and DMs her as
+    ``alice/a.example``; she (native client on a.example) gets both."""
+    from chatproto.irc import IRCFactory
+    from tests.test_irc_loopback import irc_client
+
+    a, b = yield realms(["a.example", "b.example"])
+    b.cfg.irc.enabled = True
+    b.cfg.irc.flood_rate = 0.0
+    factory = IRCFactory(b.realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        yield b.realm.create_user("bob", PW)
+        got: list[dict[str, Any]] = []
+        alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
+        yield alice.synced
+        yield alice.create_group("#dev")
+        bob = yield irc_client(port.getHost().port, "bob", PW)
+        yield bob.signed_on
+        bob.join("#dev/a.example")  # no such group on b.example: a.example decides
+        yield until(lambda: ("joined", "#dev/a.example") in bob.events, timeout=30)
+        assert any(" 353 bob = #dev/a.example :" in line for line in bob.raw)
+        yield until(lambda: "bob@b.example" in a.realm.groups.get("#dev@a.example").members)
+        yield alice.send("#dev", "hello irc")
+        yield until(
+            lambda: ("privmsg", "alice/a.example", "#dev/a.example", "hello irc") in bob.events,
+            timeout=30,
+        )
+        bob.msg("#dev/a.example", "hi from irc")
+        bob.msg("alice/a.example", "a dm from irc")
+        yield until(lambda: {"hi from irc", "a dm from irc"} <= {m["body"] for m in got}, 30)
+        dm = next(m for m in got if m["body"] == "a dm from irc")
+        assert (dm["from"], dm["to"]) == ("bob@b.example", "alice@a.example")
+        bob.quit("done")
+        yield bob.lost
+        yield alice.close()
+    finally:
+        for proto in list(factory.connections):
+            proto.transport.abortConnection()
+        yield port.stopListening()

@@ -748,3 +748,31 @@ def test_any_command_sequence_never_crashes(script: list[tuple[str, list[str], s
         c.send(" ".join(["@label=L", command, *[w for w in middle if w]]) + " :" + trailing)
     out = c.transport.value() + other.transport.value()
     assert b" 400 " not in out, out  # never an internal error
+
+
+def test_join_of_another_realms_group_asks_its_home_realm(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    """``JOIN #dev/h.example`` with no member of it here yet is a join request queued
+    for h.example (which decides; the JOIN line comes with its joined event), not an
+    attempt to create it here (which answered 403)."""
+    realm.config.federation.enabled = True
+
+    class Federation:
+        woken: list[str] = []
+
+        def wake(self, peer: str) -> None:
+            self.woken.append(peer)
+
+    realm.federation = fed = Federation()
+    b = login(factory, "bob")
+    b.send("JOIN #dev/h.example")
+    assert not any(" 403 " in line for line in b.lines())
+    [(_, request)] = realm.store.outbox_read("h.example", 0, 10).result
+    assert (request["kind"], request["event"], request["from"], request["to"]) == (
+        "request",
+        "joined",
+        "bob@localhost",
+        "#dev@h.example",
+    )
+    assert fed.woken == ["h.example"]
