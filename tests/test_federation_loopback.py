@@ -864,3 +864,27 @@ def test_an_irc_user_talks_across_realms(realms: Any) -> Any:
         for proto in list(factory.connections):
             proto.transport.abortConnection()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_tui_user_joins_another_realms_group(realms: Any) -> Any:
+    """In the terminal UI, /join of another realm's group says the home realm decides,
+    and the conversation becomes joined when the home realm's joined event arrives."""
+    from tests.test_tui_loopback import logged_in, notices, register
+
+    a, b = yield realms(["a.example", "b.example"])
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    yield alice.create_group("#dev")
+    yield register(b.addr, "bob")
+    bob = yield logged_in(b.addr, "bob")
+    try:
+        yield bob.run("/join #dev@a.example")
+        assert bob.model.active == "#dev@a.example"
+        assert notices(bob, "#dev@a.example")[-1].startswith("asked a.example to let you in")
+        conv = bob.model.conversations["#dev@a.example"]
+        yield until(lambda: conv.joined, timeout=30)
+        yield alice.send("#dev", "welcome, bob")
+        yield until(lambda: any(i.get("body") == "welcome, bob" for i in conv.items.values()), 30)
+    finally:
+        yield bob.stop()
+        yield alice.close()

@@ -475,13 +475,22 @@ class ChatController:
     async def _cmd_join(self, cmd: commands.Command) -> None:
         group = self._group(cmd.get("#GROUP"))
         conn = await self._ready()
+        result: dict[str, Any] = {}
         try:
-            await conn.join(group)
+            result = await conn.join(group)
         except Exception as e:
             if getattr(e, "code", None) != "already_member":
                 raise
         conv = self.model.conversation(group)
-        conv.joined = True
+        if result.get("pos") == 0:  # another realm's group: its home realm decides
+            home = group.rpartition("@")[2]
+            self.model.notice(
+                f"asked {home} to let you in; you are a member when your joined event "
+                "arrives (a refusal comes as a bounce)",
+                group,
+            )
+        else:
+            conv.joined = True
         if conv.history == "complete" and not conv.items:
             conv.history = "unloaded"
         self.open(group)
