@@ -882,6 +882,7 @@ def test_a_tui_user_joins_another_realms_group(realms: Any) -> Any:
         assert bob.model.active == "#dev@a.example"
         assert notices(bob, "#dev@a.example")[-1].startswith("asked a.example to let you in")
         conv = bob.model.conversations["#dev@a.example"]
+        assert not conv.joined  # not before a.example says so
         yield until(lambda: conv.joined, timeout=30)
         yield alice.send("#dev", "welcome, bob")
         yield until(lambda: any(i.get("body") == "welcome, bob" for i in conv.items.values()), 30)

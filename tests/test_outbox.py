@@ -214,3 +214,36 @@ def test_commit_batch_dedups_remote_items_across_the_commit(tmp_path: Path) -> N
     assert db.append_batch([retry], {}, None, [True]) == [[None, None]]
     assert [e.id for e in retry] == [real3.id, real4.id]
     db.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_outbox_is_read_only_as_far_as_commits_the_realm_has_seen_through(
+    tmp_path: Path,
+) -> Any:
+    """A reader thread sees a row as soon as the writer commits it; the realm applies
+    what the commit means (a join to its group state) only when the commit's result
+    reaches the reactor.  A link that sent such a row in between let the peer act on
+    it first (found as a lost group message: the peer's member wrote back before the
+    home realm had added them).  Reads stop at the last commit the reactor has seen."""
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "r.sqlite3")
+    store = SQLiteStore(path, reactor)
+    yield store.open()
+    try:
+        # a commit whose result has not reached the reactor: straight into the file
+        store._writer.outbox_enqueue("b.example", [{"id": "r1", "kind": "request"}])
+        assert (yield store.outbox_read("b.example", 0, 10)) == []
+        e = env("alice@a.example", "bob@b.example", "x")
+        yield store.append([e], [("b.example", e)])  # seen through: both rows now
+        rows = yield store.outbox_read("b.example", 0, 10)
+        assert [(seq, getattr(item, "body", None)) for seq, item in rows] == [(1, None), (2, "x")]
+    finally:
+        yield store.close()
+    # rows of an earlier run are there to read at once
+    again = SQLiteStore(path, reactor)
+    yield again.open()
+    try:
+        assert [seq for seq, _ in (yield again.outbox_read("b.example", 0, 10))] == [1, 2]
+    finally:
+        yield again.close()

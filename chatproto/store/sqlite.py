@@ -512,14 +512,15 @@ class SQLiteDB:
     # federation outbox ----------------------------------------------------------------
 
     def outbox_read(
-        self, realm: str, after: int, limit: int
+        self, realm: str, after: int, limit: int, upto: int | None = None
     ) -> list[tuple[int, Envelope | dict[str, Any]]]:
-        """Queued entries: stored items (Envelopes) and requests (dicts), in order."""
+        """Queued entries: stored items (Envelopes) and requests (dicts), in order;
+        with ``upto``, none with a greater seq."""
         rows = self.conn.execute(
             f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in _COLS.split(', '))} "
             "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
-            "WHERE o.realm = ? AND o.seq > ? ORDER BY o.seq LIMIT ?",
-            (realm, after, limit),
+            "WHERE o.realm = ? AND o.seq > ? AND o.seq <= ? ORDER BY o.seq LIMIT ?",
+            (realm, after, upto if upto is not None else 2**62, limit),
         ).fetchall()
         return [(r[0], json.loads(r[1]) if r[1] is not None else _row(r[2:])) for r in rows]
 
@@ -737,6 +738,13 @@ class SQLiteStore:
         #: reads what was just committed from here instead of from SQLite.
         self._outq: dict[str, collections.deque[tuple[int, Any]]] = {}
         self._outq_floor: dict[str, int] = {}
+        #: The highest outbox seq whose commit the reactor has seen through (done()):
+        #: reads from SQLite return nothing beyond it.  A reader thread can see a row
+        #: as soon as the writer commits it, before the realm has applied what the
+        #: commit means (a join to its group state, say); a link sending that row at
+        #: once would let the peer act on it first (then items the realm queues
+        #: according to its stale state go astray).  Set at open: rows of earlier runs.
+        self._published_seq = 0
         self._inflight_acks: dict[tuple[str, str], int] = {}
         self._threads_started = False
         #: Told when a group commit's results start and finish being handed out, so
@@ -762,9 +770,13 @@ class SQLiteStore:
             return fail(RuntimeError(f"cannot open {self.path}: {e}"))
         try:
             writer.migrate()
+            row = writer.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+            ).fetchone()
         except Exception as e:
             writer.close()
             return fail(e)
+        self._published_seq = int(row[0]) if row else 0
         self._writer = writer
         return succeed(None)
 
@@ -873,7 +885,7 @@ class SQLiteStore:
         (the common case: a link keeping up); else from SQLite."""
         floor = self._outq_floor.get(realm)
         if floor is None or after < floor:
-            return self._read(SQLiteDB.outbox_read, realm, after, limit)
+            return self._read(SQLiteDB.outbox_read, realm, after, limit, self._published_seq)
         q = self._outq.get(realm)
         if not q:
             return succeed([])
@@ -980,6 +992,7 @@ class SQLiteStore:
                 outcomes.append(stored)
             if queued:  # before the waiters run: they wake the links, which read these
                 self._cache_outbox(queued)
+                self._published_seq = max(self._published_seq, queued[-1][1])
             for w in ack_waiters:
                 w.callback(None)
             listener = self.burst_listener

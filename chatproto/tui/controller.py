@@ -483,6 +483,8 @@ class ChatController:
                 raise
         conv = self.model.conversation(group)
         if result.get("pos") == 0:  # another realm's group: its home realm decides
+            if not conv.items:  # new here: not joined until the joined event comes
+                conv.joined = False
             home = group.rpartition("@")[2]
             self.model.notice(
                 f"asked {home} to let you in; you are a member when your joined event "
