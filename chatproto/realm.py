@@ -1012,7 +1012,11 @@ class RealmService(Service):
     def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         addr = self._group_address(to, remote_ok=True)
         realms = self._group_realms(sender, addr)
-        env = self._envelope(sender, addr, "text", body)
+        return self._append_group(self._envelope(sender, addr, "text", body), realms)
+
+    def _append_group(self, env: Envelope, realms: list[str]) -> Deferred[Envelope]:
+        """Commit a group item with its outbox rows for ``realms``, then route it and
+        wake their links."""
         d = self.store.append([env], [(r, env) for r in realms])
         d.addCallback(self._committed_group, env)
         for realm in realms:
@@ -1173,18 +1177,19 @@ class RealmService(Service):
         return d.addCallback(self._committed_remote, env, recipient.realm)
 
     def _committed_remote(self, _: object, env: Envelope, realm: str) -> Envelope:
-        """Committed with its outbox row: route it, and wake the link to ``realm``
-        once per group commit (at the end of the burst), not once per item."""
+        """Committed with its outbox row: route it and wake the link to ``realm``."""
         self._committed(None, env)
-        if self._burst_depth:
-            self._wakes[realm] = self._wakes.get(realm, 0) + 1
-        else:
-            self._wake(env, realm)
-        return env
+        return self._wake(env, realm)
 
     def _wake(self, env: Envelope, realm: str) -> Envelope:
+        """Items for ``realm`` were committed: wake its link -- once per group commit
+        (at the end of the delivery burst, after every item of the commit has been
+        applied and routed), not once per item."""
         if self.federation is not None:
-            self.federation.wake(realm)
+            if self._burst_depth:
+                self._wakes[realm] = self._wakes.get(realm, 0) + 1
+            else:
+                self.federation.wake(realm)
         return env
 
     # federation -----------------------------------------------------------------------
@@ -1623,11 +1628,7 @@ class RealmService(Service):
                 realms = self._group_realms(env.sender, env.recipient)
             except ChatError as e:
                 return fail(e)
-            d = self.store.append([env], [(r, env) for r in realms])
-            d.addCallback(self._committed_group, env)
-            for realm in realms:
-                d.addCallback(self._wake, realm)
-            return d
+            return self._append_group(env, realms)
         home = env.recipient.rpartition("@")[2]
         if home != self.realm:  # a file for a user on another realm, which fetches it
             d = self.store.append([env], [(home, env)]).addCallback(self._committed, env)
