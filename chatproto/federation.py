@@ -1112,8 +1112,9 @@ class PeerLink:
                 self._waiting = max(self._waiting, cfg.batch_size)  # there may be more
             if rows:
                 rows = self._fit(rows)
-                if len(rows) == 1 and self._oversized(rows[0][1]):
-                    self._drop_oversized(rows[0])
+                size = self._oversized(rows[0][1]) if len(rows) == 1 else 0
+                if size:
+                    self._drop_oversized(rows[0], size)
                     return
                 first, last = rows[0][0], rows[-1][0]
                 txn = f"{first}-{last}"
@@ -1175,7 +1176,7 @@ class PeerLink:
         size = len(wire.encode({"type": "txn", "id": "0-0", "items": [envelope_to_wire(item)]}))
         return size + 48 if size + 48 > limit else 0
 
-    def _drop_oversized(self, row: tuple[int, Any]) -> None:
+    def _drop_oversized(self, row: tuple[int, Any], size: int) -> None:
         """An item too large for any transaction would close the link each time it is
         sent, for ever: bounce it to its sender (``too_large``) and drop it from the
         outbox instead -- once the transactions before it are acknowledged, so the
@@ -1184,7 +1185,6 @@ class PeerLink:
             self._waiting = max(self._waiting, 1)  # read it again after the next ack
             return
         seq, item = row
-        size = self._oversized(item)
         why = f"{size} bytes in a federation frame; the limit is {self.max_frame()}"
         self.log.warn(
             "federation: item too large for {realm} dropped: {why}", realm=self.realm, why=why
