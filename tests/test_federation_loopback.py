@@ -322,6 +322,29 @@ def test_no_client_certificate_is_refused(two: Any, logs: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_peer_flooding_presence_is_refused_and_held_off(two: Any, logs: Any) -> Any:
+    """Over real TLS: a peer past the presence rate gets ``rate_limited``, is
+    disconnected, and its next hello is refused for a while (backoff)."""
+    from chatproto.federation import PRESENCE_BURST
+
+    a, b = two
+    cert = {"cert": a.cfg.federation.certificate, "key": a.cfg.federation.private_key}
+    peer = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+    frame = {"type": "presence", "user": "alice@a.example", "status": "away"}
+    for _ in range(int(PRESENCE_BURST) + 500):
+        peer.send(frame)
+    yield until(lambda: peer.lost.called, timeout=30)
+    assert [f["type"] for f in peer.frames] == ["welcome", "error"]
+    assert peer.frames[1]["code"] == "rate_limited"
+    assert logs.has("a.example misbehaved")
+    again = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
+    again.send({"type": "hello", "version": 1, "realm": "a.example"})
+    yield again.lost
+    assert again.frames[0]["code"] == "rate_limited"
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) -> Any:
     a, b = two
     got: list[dict[str, Any]] = []
