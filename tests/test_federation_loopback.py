@@ -168,6 +168,35 @@ def test_a_peer_that_never_comes_back_bounces_after_give_up_after(realms: Any) -
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_item_too_large_for_the_peer_bounces_and_the_link_goes_on(realms: Any) -> Any:
+    """b.example takes frames up to 64 KiB (its welcome says so); a.example allows
+    longer messages.  alice's long one bounces at a.example instead of being sent (b
+    would close the link on it every time); the next message still arrives."""
+
+    def limits(nodes: list[Any]) -> None:
+        a_cfg = nodes[0].cfg
+        a_cfg.limits.max_frame = 1024 * 1024
+        a_cfg.limits.max_body = 200_000
+        nodes[1].cfg.federation.max_frame = 65536
+
+    a, b = yield realms(["a.example", "b.example"], before_start=limits)
+    got_alice: list[dict[str, Any]] = []
+    got_bob: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
+    yield until(lambda: a.fed.links["b.example"].peer_max_frame == 65536, timeout=30)
+    big = yield alice.send("bob@b.example", "\x01" * 20_000)  # 120 KB as JSON
+    yield alice.send("bob@b.example", "short")
+    yield until(lambda: any(m["kind"] == "bounce" for m in got_alice), timeout=30)
+    bounce = next(m for m in got_alice if m["kind"] == "bounce")
+    assert (bounce["meta"]["id"], bounce["meta"]["code"]) == (big["msg_id"], "too_large")
+    yield until(lambda: [m["body"] for m in got_bob] == ["short"], timeout=30)
+    yield drained(a)
+    yield alice.close()
+    yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_peer_that_goes_silent_is_dropped_and_retried(realms: Any, logs: Any) -> Any:
     """b.example accepts the connection and the TLS handshake, then says nothing (a
     hung process, a half-open connection): a.example's link does not wait forever --
