@@ -259,8 +259,11 @@ class Config:
             )
         return out
 
-    def check(self) -> None:
-        """Raise :class:`ConfigError` for values that cannot work."""
+    def check(self, files: bool = True) -> None:
+        """Raise :class:`ConfigError` for values that cannot work.
+
+        ``files=False`` leaves out the checks of the certificate and key files the
+        configuration names (``chatrealmctl gen-certs`` is what makes them)."""
         try:
             self.realm = normalise_realm(self.realm)
         except ChatError as e:
@@ -327,7 +330,7 @@ class Config:
         if irc.enabled and not self.irc_descriptions():
             raise ConfigError("irc.enabled but nothing to listen on: give irc.listen")
         for path in (self.tls.certificate, self.tls.private_key):
-            if path and not os.path.exists(path):
+            if files and path and not os.path.exists(path):
                 raise ConfigError(f"tls: file {path!r} does not exist")
         w = self.web
         if not 0 <= w.tls_port <= 65535:
@@ -347,9 +350,9 @@ class Config:
             raise ConfigError(
                 "nothing to listen on: give realm.listen, tls.certificate or web.listen"
             )
-        self._check_federation()
+        self._check_federation(files)
 
-    def _check_federation(self) -> None:
+    def _check_federation(self, files: bool) -> None:
         f = self.federation
         try:
             f.allow = [normalise_realm(r) for r in f.allow]
@@ -398,14 +401,16 @@ class Config:
                 "federation.certificate is required when federation is enabled "
                 "(chatrealmctl gen-certs makes one)"
             )
-        for path in (f.certificate, f.private_key, f.ca):
-            if path and not os.path.exists(path):
-                raise ConfigError(f"federation: file {path!r} does not exist")
         if not f.ca and not any(p.fingerprint for p in f.peers):
             raise ConfigError(
                 "federation: no trust configured: set federation.ca (a CA bundle) "
                 "or a fingerprint for each peer"
             )
+        if not files:
+            return
+        for path in (f.certificate, f.private_key, f.ca):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"federation: file {path!r} does not exist")
         from chatproto.tls import certificate_names
 
         try:

@@ -117,12 +117,14 @@ def read_password(
 
 
 def load_config(args: argparse.Namespace) -> configmod.Config:
-    """The checked configuration named by ``--config``, with ``--data-dir`` applied."""
+    """The checked configuration named by ``--config``, with ``--data-dir`` applied.
+    ``gen-certs`` makes the certificate files the configuration names, so for it they
+    need not exist yet."""
     try:
         cfg = configmod.load(args.config)
         if args.data_dir:
             cfg.data_dir = args.data_dir
-        cfg.check()
+        cfg.check(files=args.func is not cmd_gen_certs)
     except configmod.ConfigError as e:
         raise CtlError(f"configuration: {e}", EXIT_USAGE) from None
     return cfg
@@ -258,13 +260,14 @@ def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
     print(f"Federation (realm.name must be {realm}):")
     print("  [federation]")
     print("  enabled = true")
+    print(f"  port = {cfg.federation.port}")
     print(f"  certificate = {_toml_string(paths['cert'])}")
     print(f"  private_key = {_toml_string(paths['key'])}")
     print(f"  ca = {_toml_string(paths['ca'])}")
     print(f"Peer realms trusting {realm} by pin (instead of, or as well as, the CA):")
     print("  [[federation.peers]]")
     print(f'  realm = "{realm}"')
-    print(f'  endpoint = "127.0.0.1:{configmod.DEFAULT_FEDERATION_PORT}"')
+    print(f'  endpoint = "127.0.0.1:{cfg.federation.port}"')
     print(f'  fingerprint = "{fingerprint}"')
     return 0
 

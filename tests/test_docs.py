@@ -105,18 +105,29 @@ def test_example_config_loads_and_checks() -> None:
 
 
 def test_two_realm_federation_configs_work_as_the_readme_says(
-    tmp_path: Any, monkeypatch: Any
+    tmp_path: Any, monkeypatch: Any, capsys: Any
 ) -> None:
-    """config/federation-{a,b}.toml, run from a directory where ``chatrealmctl
-    gen-certs --dir certs`` made both realms' certificates, check and point at each
-    other; the README shows the same commands."""
-    from chatproto import tls
+    """The README's ``chatrealmctl ... gen-certs`` lines, run in a copy of the
+    repository's config/, make certificates with which config/federation-{a,b}.toml
+    check and point at each other; the README's client lines use their ports."""
+    import shlex
+    import shutil
+
+    from chatproto import ctl
 
     monkeypatch.chdir(tmp_path)
-    for name in ("a.example", "b.example"):
-        tls.write_dev_certs("certs", name)
-    a = config.load(str(ROOT / "config" / "federation-a.toml"))
-    b = config.load(str(ROOT / "config" / "federation-b.toml"))
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    readme = (ROOT / "README.md").read_text()
+    gen = [
+        shlex.split(line.split("#")[0])
+        for line in readme.splitlines()
+        if line.startswith("chatrealmctl --config config/federation-") and "gen-certs" in line
+    ]
+    assert len(gen) == 2
+    for argv in gen:
+        assert ctl.main(argv[1:]) == 0, capsys.readouterr().err
+    a = config.load("config/federation-a.toml")
+    b = config.load("config/federation-b.toml")
     for cfg in (a, b):
         cfg.check()
     assert (a.realm, b.realm) == ("a.example", "b.example")
@@ -124,11 +135,10 @@ def test_two_realm_federation_configs_work_as_the_readme_says(
     assert peer_of_a is not None and peer_of_b is not None
     assert peer_of_a.endpoint == f"127.0.0.1:{b.federation.port}"
     assert peer_of_b.endpoint == f"127.0.0.1:{a.federation.port}"
-    readme = (ROOT / "README.md").read_text()
     for cfg, name in ((a, "a"), (b, "b")):
         client_port = cfg.listen[0].split(":")[1]
-        assert f"--config config/federation-{name}.toml" in readme
-        assert f"tcp:127.0.0.1:{client_port} --realm {cfg.realm}" in readme
+        assert f"twistd -n --pidfile= chatrealm --config config/federation-{name}.toml" in readme
+        assert f"chatproto --server tcp:127.0.0.1:{client_port} --user" in readme
 
 
 def test_example_config_has_every_known_key() -> None:

@@ -796,6 +796,29 @@ def test_gen_certs_prints_fingerprint_and_federation_snippet(capsys: Any, tmp_pa
     assert status == 0 and "CA certificate (reused)" in out
 
 
+def test_gen_certs_from_the_realms_own_config_before_its_certificates_exist(
+    capsys: Any, tmp_path: Path
+) -> None:
+    """The config names the certificate gen-certs is about to make: it loads anyway,
+    and the snippet carries that config's realm and federation port."""
+    d = tmp_path / "certs"
+    conf = tmp_path / "b.toml"
+    conf.write_text(
+        f'[realm]\nname = "b.example"\ndata_dir = "{tmp_path / "data"}"\n'
+        f"[federation]\nenabled = true\nport = 7522\n"
+        f'certificate = "{d / "b.example.pem"}"\nprivate_key = "{d / "b.example.key"}"\n'
+        f'ca = "{d / "ca.pem"}"\n'
+    )
+    status, _, err = run(capsys, "--config", str(conf), "check-config")
+    assert status != 0 and "does not exist" in err  # other commands still need them
+    status, out, _ = run(capsys, "--config", str(conf), "gen-certs", "--dir", str(d))
+    assert status == 0 and (d / "b.example.pem").exists()
+    assert "  port = 7522\n" in out and 'endpoint = "127.0.0.1:7522"' in out
+    assert 'realm = "b.example"' in out
+    status, _, _ = run(capsys, "--config", str(conf), "check-config")
+    assert status == 0
+
+
 def test_peers_shows_queues_and_link_state(capsys: Any, certs: Any, tmp_path: Path) -> None:
     cfg = fed_config(certs, tmp_path)
     conf = tmp_path / "realm.toml"
