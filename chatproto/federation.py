@@ -100,6 +100,8 @@ PRESENCE_BURST = 2000.0
 #: Seconds without an inbound link from a realm after which the presence we heard of
 #: its users is forgotten (they are shown offline until the link is back).
 PRESENCE_SILENCE = 60.0
+#: Seconds a link closed at shutdown has to close cleanly before it is aborted.
+CLOSE_GRACE = 2.0
 #: Seconds a new inbound connection has to complete its hello.
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
@@ -267,6 +269,8 @@ class PeerEndpoint:
         self.target: tuple[str, int] | None = None
         #: Called at the start of each attempt (the link's state becomes "connecting").
         self.on_attempt: Any = None
+        #: Called with the Failure of an attempt that did not connect.
+        self.on_failure: Any = None
 
     def resolve(self) -> Deferred[tuple[str, int]]:
         if self.static:
@@ -309,6 +313,8 @@ class PeerEndpoint:
         def settle(outcome: Any) -> None:
             if not result.called:
                 if isinstance(outcome, Failure):
+                    if self.on_failure is not None:
+                        self.on_failure(outcome)
                     result.errback(outcome)
                 else:
                     result.callback(outcome)
@@ -501,6 +507,21 @@ class InboundProtocol(_Link):
         self._reading_paused = False
         self._presence_bucket: TokenBucket | None = None
         self._fetch_progress = 0.0
+        self._on_closed: list[Deferred[None]] = []
+
+    def close(self, clock: Any, grace: float) -> Deferred[None]:
+        """Close the link cleanly (TLS close_notify: the peer sees a closed link, not a
+        lost one), aborting it if it is not closed within ``grace`` seconds; fires once
+        it is closed."""
+        d: Deferred[None] = Deferred()
+        if self.state == "closed":  # lost already
+            d.callback(None)
+            return d
+        self._on_closed.append(d)
+        abort = clock.callLater(grace, self.transport.abortConnection)
+        d.addBoth(lambda r: abort.cancel() if abort.active() else None)
+        self.transport.loseConnection()
+        return d
 
     def connectionMade(self) -> None:
         fed = self.factory.fed
@@ -551,6 +572,9 @@ class InboundProtocol(_Link):
             )
             fed.status_changed()
             fed.inbound_closed(self.peer_realm)
+        waiters, self._on_closed = self._on_closed, []
+        for d in waiters:
+            d.callback(None)
 
     def misbehaved(self, reason: str) -> None:
         if self.peer_realm is not None:
@@ -770,7 +794,7 @@ class OutboundProtocol(_Link):
         return self._welcome_seen
 
     def silent(self, reason: str) -> None:
-        self.factory.link.last_error = reason
+        self.factory.link.error(reason)
 
     def handshakeCompleted(self) -> None:
         link = self.factory.link
@@ -782,7 +806,7 @@ class OutboundProtocol(_Link):
                 addr=self._addr(),
                 reason=reason,
             )
-            link.last_error = f"refused: {reason}"
+            link.error(f"refused: {reason}")
             self.closed = True
             self.transport.abortConnection()
             return
@@ -799,7 +823,7 @@ class OutboundProtocol(_Link):
         self.factory.link.misbehaved(reason)
 
     def refused(self, code: str, message: str) -> None:
-        self.factory.link.last_error = f"{code}: {message}"
+        self.factory.link.error(f"{code}: {message}")
 
     def handle_welcome(self, req: dict[str, Any]) -> None:
         link = self.factory.link
@@ -910,6 +934,10 @@ class PeerLink:
             fed.reactor, realm, peer.endpoint if peer else "", fed.tls.client(realm), fed.resolver
         )
         self.endpoint.on_attempt = self._attempt
+        self.endpoint.on_failure = self._connect_failed
+        #: Whether ``last_error`` says what went wrong with the attempt under way (it is
+        #: replaced by the first reason an attempt gives, kept by the later ones).
+        self._attempt_explained = False
         self.state = "connecting"
         #: when the link was last up (or created), None while it is up: for giving up
         self.down_since: float | None = fed.clock.seconds()
@@ -969,7 +997,18 @@ class PeerLink:
         self.fed.status_changed()
         return delay
 
+    def error(self, message: str) -> None:
+        """What went wrong with the current attempt or link (logs, chatrealmctl peers)."""
+        self.last_error = message
+        self._attempt_explained = True
+
+    def _connect_failed(self, f: Failure) -> None:
+        target = self.endpoint.target
+        where = f" to {target[0]}:{target[1]}" if target else ""
+        self.error(f"cannot connect{where}: {f.getErrorMessage()}")
+
     def _attempt(self) -> None:
+        self._attempt_explained = False  # the last attempt's reason stays shown until then
         if self.state != "connecting":
             self.state = "connecting"
             self.fed.status_changed()
@@ -1038,8 +1077,8 @@ class PeerLink:
 
     def lost(self, proto: OutboundProtocol, reason: Failure | None) -> None:
         if proto is not self.proto:
-            if reason is not None and not self.last_error:
-                self.last_error = reason.getErrorMessage()
+            if reason is not None and not self._attempt_explained:
+                self.error(reason.getErrorMessage())
             return
         self.proto = None
         self.inflight.clear()
@@ -1055,7 +1094,7 @@ class PeerLink:
 
     def misbehaved(self, reason: str) -> None:
         """The peer broke the protocol: stop for a while (doubling, up to retry_max)."""
-        self.last_error = f"peer misbehaved: {reason}"
+        self.error(f"peer misbehaved: {reason}")
         if self._penalty is not None or not self.service.running:
             return
         cfg = self.fed.cfg
@@ -1510,8 +1549,7 @@ class FederationService(MultiService):
             self._sweep.stop()
         self._sweep = None
         waits = [link.stop() for link in self.links.values()]
-        for proto in list(self.inbound):
-            proto.transport.abortConnection()
+        waits += [proto.close(self.clock, CLOSE_GRACE) for proto in list(self.inbound)]
         if self.port is not None:
             port, self.port = self.port, None
             waits.append(port.stopListening())

@@ -299,6 +299,29 @@ def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:
     assert not transport.disconnecting
 
 
+def test_stopping_closes_inbound_links_cleanly_then_aborts_after_a_grace(
+    node: Any, certs: Any
+) -> None:
+    from chatproto.federation import CLOSE_GRACE
+
+    _realm, fed, clock = node
+    fed.startService = lambda: None  # type: ignore[method-assign]  # not listening
+    fed.running = True
+    realms_own = set(clock.getDelayedCalls())
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    aborted: list[bool] = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    d = fed.stopService()
+    assert transport.disconnecting and not aborted  # loseConnection: TLS close_notify
+    assert not d.called  # waits for the link to close
+    clock.advance(CLOSE_GRACE)
+    assert aborted == [True]  # a peer that does not close is cut off
+    proto.connectionLost(None)
+    assert d.called
+    assert {c for c in clock.getDelayedCalls() if c.active()} <= realms_own  # no link timer
+
+
 def test_items_breaking_rules_are_rejected_one_by_one(node: Any, certs: Any) -> None:
     realm, fed, _ = node
     proto, transport = connect(fed, certs["a.example"]["cert"])
