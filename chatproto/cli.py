@@ -533,7 +533,7 @@ def _make_endpoint(reactor: Any, args: argparse.Namespace) -> WatchedEndpoint:
         raise CommandError(f"--ca {args.ca}: {e.strerror or e}") from None
     except Exception as e:
         raise CommandError(f"bad --server {args.server!r}: {e}", status=2) from None
-    return WatchedEndpoint(inner)
+    return WatchedEndpoint(inner, args.server)
 
 
 def _describe_reason(reason: Failure | None) -> str:
@@ -768,7 +768,10 @@ def _group_done(result: dict[str, Any], done: str) -> None:
     that realm decides, and a refusal comes back as a bounce."""
     if result.get("pos") == 0:
         home = str(result.get("group", "")).rpartition("@")[2]
-        _say(f"asked {home}: {done} once it agrees (a refusal comes back as a bounce)")
+        _say(
+            f"{done}: pending until {home} (the group's home realm) confirms; "
+            "a refusal comes back as '! not delivered'"
+        )
     else:
         _say(done)
 
@@ -883,11 +886,15 @@ class _ListenService(ChatClientService):
     def __init__(self, *a: Any, status: tuple[str, str] | None = None, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.stopping = False
+        self._reconnecting = False
         #: (status, text) to set on every connection (a status lasts one connection).
         self.status = status
 
     def _prepare(self, proxy: Any) -> Any:
         def prepared(result: Any) -> Any:
+            if self._reconnecting:
+                self._reconnecting = False
+                _note("reconnected; resuming where it left off")
             if self._built is not None:
                 self._built.closed_d.addCallback(self._lost)
             if self.status is not None and self.connection is not None:
@@ -901,6 +908,7 @@ class _ListenService(ChatClientService):
 
     def _lost(self, _: object) -> None:
         if not self.stopping and self.running:
+            self._reconnecting = True
             _note("connection lost; reconnecting")
 
 

@@ -188,9 +188,14 @@ class WatchedEndpoint:
     :class:`ChatClientService` wraps its endpoint in one.
     """
 
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
+    def __init__(self, inner: IStreamClientEndpoint, description: str = "") -> None:
         self.inner = inner
         self.reason: Failure | None = None
+        #: How logs name it (ClientService logs each retry with the endpoint's repr).
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description or repr(self.inner)
 
     def connect(self, factory: Any) -> Deferred[Any]:
         watcher = self

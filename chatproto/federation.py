@@ -272,6 +272,10 @@ class PeerEndpoint:
         #: Called with the Failure of an attempt that did not connect.
         self.on_failure: Any = None
 
+    def __repr__(self) -> str:
+        where = self.static or f"{self.realm} (SRV or port {DEFAULT_FEDERATION_PORT})"
+        return f"federation peer {self.realm} at {where}"
+
     def resolve(self) -> Deferred[tuple[str, int]]:
         if self.static:
             host, _, port = self.static.rpartition(":")
@@ -764,6 +768,7 @@ class InboundProtocol(_Link):
 
 
 class InboundFactory(Factory):
+    noisy = False  # the link's own log lines say what matters
     protocol = InboundProtocol  # type: ignore[assignment]
 
     def __init__(self, fed: FederationService) -> None:
@@ -906,6 +911,7 @@ class _DataFrames:
 
 
 class OutboundFactory(Factory):
+    noisy = False
     protocol = OutboundProtocol  # type: ignore[assignment]
 
     def __init__(self, link: PeerLink) -> None:

@@ -168,6 +168,44 @@ def test_listen_backlog_then_live(server: str, realm: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_listen_says_when_it_has_reconnected(realm: Any) -> Any:
+    factory = ClientFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    server = f"tcp:127.0.0.1:{port.getHost().port}"
+    try:
+        yield _register(server, "alice", "erin")
+        notes: list[str] = []
+        listening: defer.Deferred[None] = defer.Deferred()
+        back: defer.Deferred[None] = defer.Deferred()
+
+        def on_err(text: str) -> None:
+            notes.append(text)
+            if "listening as" in text and not listening.called:
+                listening.callback(None)
+            if "reconnected" in "".join(notes) and not back.called:
+                back.callback(None)
+
+        proc = _Process(None, on_err)
+        argv = [sys.executable, "-m", "chatproto.cli", "--server", server, "--user", "erin"]
+        _reactor.spawnProcess(proc, sys.executable, argv + ["listen", "--count", "1"], env=_env())
+        yield defer.DeferredList([listening, proc.ended], fireOnOneCallback=True)
+        assert listening.called, proc.err
+        (erin,) = [p for p in factory.connections if p.session.user_id == "erin@localhost"]
+        erin.transport.abortConnection()  # the realm side drops it
+        yield defer.DeferredList([back, proc.ended], fireOnOneCallback=True)
+        assert back.called, proc.err
+        out, err, code = yield run_cli(server, "alice", "send", "erin", "after the drop")
+        assert code == 0, err
+        out, err, code = yield proc.ended
+        assert code == 0, err
+        assert "after the drop" in out
+        lost = err.index("connection lost; reconnecting")
+        assert err.index("reconnected; resuming where it left off") > lost
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
 def test_listen_count_acks_only_what_was_printed(server: str) -> Any:
     yield _register(server, "alice", "dave")
     for body in ("m1", "m2", "m3"):
@@ -573,5 +611,6 @@ def test_group_changes_on_another_realm_are_reported_as_pending(capsys: Any) -> 
     cli._group_done({"group": "#dev@h.example", "pos": 0}, "joined #dev@h.example")
     assert capsys.readouterr().out.splitlines() == [
         "joined #dev@x",
-        "asked h.example: joined #dev@h.example once it agrees (a refusal comes back as a bounce)",
+        "joined #dev@h.example: pending until h.example (the group's home realm) confirms; "
+        "a refusal comes back as '! not delivered'",
     ]

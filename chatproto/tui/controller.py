@@ -166,7 +166,7 @@ class ChatController:
             self.model.reset()  # another account: nothing of the last one stays
             self.model.me = ""
         self.server = server
-        self.endpoint = endpoint = WatchedEndpoint(inner)
+        self.endpoint = endpoint = WatchedEndpoint(inner, server)
         self.model.set_connection("connecting", f"connecting to {server}")
         if register:
             try:
