@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -613,4 +614,25 @@ def test_group_changes_on_another_realm_are_reported_as_pending(capsys: Any) -> 
         "joined #dev@x",
         "joined #dev@h.example: pending until h.example (the group's home realm) confirms; "
         "a refusal comes back as '! not delivered'",
+    ]
+
+
+def test_who_shows_members_on_other_realms_as_online(capsys: Any) -> None:
+    entries = [
+        {"user": "bob@localhost", "sessions": 2},
+        {"user": "alice@a.example"},  # online there (its realm counts no sessions here)
+        {"user": "carol@a.example", "status": "away", "text": "lunch"},
+    ]
+
+    class Conn:
+        def who(self, group: Any) -> Any:
+            return defer.succeed(entries)
+
+    args = SimpleNamespace(group="#dev", json=False)
+    d = defer.ensureDeferred(cli._who(Conn(), args))  # type: ignore[arg-type]
+    assert d.called
+    assert capsys.readouterr().out.splitlines() == [
+        "bob@localhost (2 sessions)",
+        "alice@a.example (online, another realm)",
+        "carol@a.example (another realm) away: lunch",
     ]

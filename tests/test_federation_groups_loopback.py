@@ -102,3 +102,43 @@ def test_member_realms_see_the_whole_group_and_each_others_presence(tmp_path: An
             yield conn.close()
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_remote_members_presence_is_told_once_per_change(tmp_path: Any) -> Any:
+    """bob on b.example joins a group of h.example: he hears once that its owner is
+    online (with his join), not again when the owner speaks."""
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    conns: list[Any] = []
+    try:
+        owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+        conns.append(owner)
+        yield owner.synced
+        yield owner.create_group("#dev")
+        heard: list[dict[str, Any]] = []
+        got: list[dict[str, Any]] = []
+        bob = yield connect(
+            _reactor, b.addr, "bob", PW, register=True, on_presence=heard.append,
+            on_message=got.append,
+        )
+        conns.append(bob)
+        yield bob.synced
+        joining = yield connect(_reactor, b.addr, "bob", PW, quiet=True, device="j")
+        yield joining.join(GROUP)  # as `chatproto join` does, beside bob's listen
+        yield members_when(joining, 2)
+        yield joining.close()
+        online = {"type": "presence", "user": "owner@h.example", "status": "online"}
+        yield until(lambda: online in heard, timeout=30)
+        for i in range(3):  # as `chatproto send` does: a quiet session of its own
+            once = yield connect(_reactor, h.addr, "owner", PW, quiet=True, device=f"d{i}")
+            yield once.send(GROUP, f"hello {i}")
+            yield once.close()
+        yield until(lambda: sum(m.get("body", "").startswith("hello") for m in got) == 3)
+        yield task.deferLater(_reactor, 0.3, lambda: None)  # anything late would be here
+        assert [p for p in heard if p["user"] == "owner@h.example"] == [online]
+    finally:
+        for conn in conns:
+            yield conn.close()
+        for n in nodes:
+            yield n.stop()
