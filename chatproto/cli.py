@@ -365,11 +365,13 @@ def make_parser() -> argparse.ArgumentParser:
         description="Download file FILE_ID to PATH (default: the file's name in the "
         "current directory; a directory: the file's name in it).  Bytes go to "
         "PATH.part first: after an interruption the same command fetches only the "
-        "rest.  The sha256 is checked before PATH appears.",
+        "rest.  The sha256 is checked before PATH appears.  An existing PATH is "
+        "left alone unless --force is given.",
     )
     p.add_argument("file_id", metavar="FILE_ID")
     p.add_argument("path", metavar="PATH", nargs="?", default=".")
     p.add_argument("--json", action="store_true", help="print the file's description as JSON")
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
 
     p = sub.add_parser(
         "tui",
@@ -687,6 +689,8 @@ async def _download(conn: Connection, args: argparse.Namespace) -> None:
         info = await conn.protocol.request("download", file=args.file_id, length=0)
         name = os.path.basename(info["name"]) or args.file_id
         path = os.path.join(path, name)
+    if os.path.exists(path) and not args.force:
+        raise CommandError(f"{path} exists: give another PATH, or --force to replace it")
     bar = ProgressBar(os.path.basename(path))
     try:
         info = await conn.download(args.file_id, path, progress=bar)

@@ -35,6 +35,15 @@ def test_send_file_then_download(server: str, tmp_path: Path) -> Any:  # noqa: F
     assert code == 0, err
     assert (dest / "report.pdf").read_bytes() == data
     assert out.startswith(f"{dest / 'report.pdf'}: 195.3 KiB, sha256 ")
+    (dest / "report.pdf").write_bytes(b"mine")  # an existing file is not replaced...
+    out, err, code = yield run_cli(server, "bob", "download", result["file"], str(dest))
+    assert code == 1 and "report.pdf exists: give another PATH, or --force" in err
+    assert (dest / "report.pdf").read_bytes() == b"mine"
+    out, err, code = yield run_cli(  # ...unless asked to
+        server, "bob", "download", result["file"], str(dest), "--force"
+    )
+    assert code == 0, err
+    assert (dest / "report.pdf").read_bytes() == data
 
     out, err, code = yield run_cli(server, "bob", "download", "nosuchfileidatallhere")
     assert code == 1 and err.startswith("chatproto: no_such_file: ")
