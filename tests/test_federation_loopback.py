@@ -358,12 +358,13 @@ def test_no_client_certificate_is_refused(two: Any, logs: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_peer_flooding_presence_is_refused_and_held_off(two: Any, logs: Any) -> Any:
+def test_a_peer_flooding_presence_is_refused_and_held_off(realms: Any, logs: Any) -> Any:
     """Over real TLS: a peer past the presence rate gets ``rate_limited``, is
     disconnected, and its next hello is refused for a while (backoff)."""
     from chatproto.federation import PRESENCE_BURST
 
-    a, b = two
+    # the penalty (retry_initial doubled) must outlast a new TLS handshake
+    a, b = yield realms(["a.example", "b.example"], retry_initial=5.0, retry_max=10.0)
     cert = {"cert": a.cfg.federation.certificate, "key": a.cfg.federation.private_key}
     peer = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
     peer.send({"type": "hello", "version": 1, "realm": "a.example"})
