@@ -733,7 +733,8 @@ async def _who(conn: Connection, args: argparse.Namespace) -> None:
         else:
             n = entry.get("sessions")
             if n is None:  # a group member on another realm: its realm does not say
-                line = f"{entry['user']} ({'' if entry.get('status') else 'online, '}another realm)"
+                online = "" if entry.get("status") else "online, "  # else the status says
+                line = f"{entry['user']} ({online}another realm)"
             else:
                 line = f"{entry['user']} ({n} session{'' if n == 1 else 's'})"
             if entry.get("status"):
