@@ -278,4 +278,4 @@ def test_api_reference_builds_without_warnings(tmp_path: Path) -> None:
     )
     output = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 0 and not output, output
-    assert (tmp_path / "api" / "chatproto.realm.RealmService.html").exists()
+    assert (tmp_path / "api" / "chatproto.realm.service.RealmService.html").exists()
