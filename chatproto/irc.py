@@ -506,7 +506,7 @@ class IRCProtocol(LineOnlyReceiver):
             held.append(data)
         elif self._paused or self.state == "closed":
             self._write(data)
-        elif f.realm._burst_depth:
+        elif f.realm.bursting:
             self._held = [data]
             f.realm.hold(self)
         else:

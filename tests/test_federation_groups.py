@@ -261,16 +261,16 @@ def test_remote_dm_partners_through_the_reverse_index(net: Any) -> None:
     alice = User(a, clock, "alice")
     alice.ok("send", to="bob@b.example", body="hi")
     links.pump()
-    assert b._partner_of == {"alice@a.example": {"bob@b.example"}}
+    assert b.presence.partner_of == {"alice@a.example": {"bob@b.example"}}
     presences(bob)
     b.remote_presence("a.example", "alice@a.example", "away", "")
     assert presences(bob) == [("alice@a.example", "away")]
     assert presences(bob2) == []  # no conversation, no group
     bob.proto.connectionLost(None)
-    assert b._partner_of == {}
+    assert b.presence.partner_of == {}
     # back online: the partners come from the store
     bob = User(b, clock, "bob")
-    assert b._partner_of == {"alice@a.example": {"bob@b.example"}}
+    assert b.presence.partner_of == {"alice@a.example": {"bob@b.example"}}
 
 
 class Proto:
@@ -523,7 +523,7 @@ def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> Non
     f.certificate, f.private_key, f.ca = paths["cert"], paths["key"], paths["ca"]
     fed = FederationService(b, clock, clock=clock, status_path="")
     bob = User(b, clock, "bob")
-    b._add_partners("bob@b.example", ["alice@a.example"])  # a conversation, as from the store
+    b.presence.add_partners("bob@b.example", ["alice@a.example"])  # a conversation, as from the store
     online = frame({"type": "presence", "user": "alice@a.example", "status": "online"})
     proto, _ = connect(fed, a_cert)
     proto.dataReceived(hello() + online)
@@ -539,4 +539,4 @@ def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> Non
     assert presences(bob) == []
     clock.advance(1)
     assert presences(bob) == [("alice@a.example", "offline")]
-    assert b._remote_status == {}
+    assert b.presence.remote == {}

@@ -453,7 +453,7 @@ def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmServ
     c = login(factory, "carol")
     a.lines()
     # An invite-only group (created natively by alice) maps to +i.
-    session = realm._online["alice@localhost"][0]
+    session = realm.sessions.online["alice@localhost"][0]
     session.group_event("created", "#priv", visibility="invite")
     assert a.commands()[0] == ("JOIN", ["#priv"])
     a.send("MODE #priv")
@@ -507,7 +507,7 @@ def test_outgoing_lines_stay_within_512_bytes(factory: IRCFactory) -> None:
     a.send("JOIN #t")
     a.lines()
     topic = "ü" * 400  # 800 bytes of UTF-8: the realm allows it, IRC lines cannot hold it
-    factory.realm._online["alice@localhost"][0].group_event("topic", "#t", topic=topic)
+    factory.realm.sessions.online["alice@localhost"][0].group_event("topic", "#t", topic=topic)
     (line,) = a.lines()
     assert len(line.encode()) + 2 <= 512
     assert line.startswith(":alice!alice@localhost TOPIC #t :üü")
@@ -720,7 +720,7 @@ def test_roles_join_zero_delete_and_events_in_backlog(
     assert (cmds[-1][1], cmds[-1][2]) == ("PART", ["#r", "left"])
     assert cmds[-1][0]["time"].startswith("1970-01-01T00:00:05")
     # deleting the group (natively) kicks the IRC owner out of the channel
-    realm._online["alice@localhost"][0].group_event("deleted", "#r")
+    realm.sessions.online["alice@localhost"][0].group_event("deleted", "#r")
     assert a2.commands() == [("KICK", ["#r", "alice", "the channel was deleted"])]
     a2.send("PRIVMSG #r :x")
     assert a2.numerics() == ["403"]

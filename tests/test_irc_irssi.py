@@ -101,7 +101,7 @@ def test_irssi_in_tmux(tmp_path: Any) -> Any:
             f"TERM=screen irssi --home={home}",
         )  # fmt: skip
         yield until(lambda: "chatproto e2e" in tmux.screen(), timeout=20)  # MOTD: logged in
-        assert "alice" in [s.user.name for ss in realm._online.values() for s in ss]
+        assert "alice" in [s.user.name for ss in realm.sessions.online.values() for s in ss]
         bob = yield connect(
             _reactor,
             f"tcp:127.0.0.1:{native_port.getHost().port}",

@@ -5,27 +5,30 @@ facade, and the logged-in :class:`Session` (the twisted.cred avatar); the realm 
 them back through :class:`ISessionMind`.  The facade wires handler modules, one per
 concern, in the shape of Synapse's handlers:
 
-- :mod:`chatproto.realm.service` -- :class:`RealmService`, the facade and its wiring.
+- :mod:`chatproto.realm.service` -- :class:`RealmService`, the facade and its wiring;
+- :mod:`chatproto.realm.sessions` -- sessions (the avatar) and delivery to them;
+- :mod:`chatproto.realm.presence` -- who is online and who hears of it.
 
 Everything the embedding guide documents is importable from ``chatproto.realm``.
 """
 
+from chatproto.realm.presence import MAX_STATUS_TEXT, PRESENCE_STATES
 from chatproto.realm.service import (
-    MAX_DEVICE,
-    MAX_STATUS_TEXT,
     NONCES_PER_USER,
-    PRESENCE_STATES,
+    PasswordHasher,
+    RealmService,
+    StoreChecker,
+    argon2_hasher,
+    check_password,
+)
+from chatproto.realm.sessions import (
+    MAX_DEVICE,
     SYNC_BUFFER,
     SYNC_PAGE,
     ISession,
     ISessionMind,
     Notice,
-    PasswordHasher,
-    RealmService,
     Session,
-    StoreChecker,
-    argon2_hasher,
-    check_password,
 )
 
 __all__ = [

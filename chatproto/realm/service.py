@@ -1,26 +1,22 @@
-"""The realm service: the only place with chat state and rules.
+"""The realm service: the facade protocols call, and the wiring of its handlers.
 
-:class:`RealmService` owns the store, the cred portal, the online sessions and the
-routing.  Protocols (the native client protocol, later gateways and federation) never
-hold chat state: they call a :class:`Session` (the cred avatar) and are called back
-through :class:`ISessionMind` (the cred *mind*), in the shape of ``twisted.words.service``.
-
-Delivery model: every stored item has a realm-wide stream position ``pos``.  A user's
-feed is the items addressed to or sent by them; a session resumes "after position P".
-A logging-in session is registered for live delivery *before* its backlog is read, and
-buffers live items until the backlog is out; positions make the overlap harmless, so
-nothing is lost and nothing is sent twice.
+:class:`RealmService` owns the store, the cred portal and the handlers: sessions and
+delivery (:mod:`chatproto.realm.sessions`), presence (:mod:`chatproto.realm.presence`),
+groups, files, and the rules of sending.  Protocols (the native client protocol, the
+gateways and federation) never hold chat state: they call a
+``Session`` (the cred avatar, :mod:`chatproto.realm.sessions`) and are called back through
+``ISessionMind`` (the cred *mind*), in the shape of
+``twisted.words.service``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import argon2
-import attrs
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -33,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from chatproto import address
 from chatproto.address import Address
@@ -42,27 +38,21 @@ from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
 from chatproto.groups import EVENTS, Group, Groups, check_snapshot
-from chatproto.ratelimit import FailureThrottle, TokenBucket
+from chatproto.ratelimit import FailureThrottle
+from chatproto.realm.presence import Presence
+from chatproto.realm.sessions import ISession, Session, Sessions, check_device
 from chatproto.store import FILE_META, IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
 __all__ = [
-    "PRESENCE_STATES",
-    "ISession",
-    "ISessionMind",
-    "Notice",
+    "NONCES_PER_USER",
     "PasswordHasher",
     "RealmService",
-    "Session",
     "StoreChecker",
     "argon2_hasher",
     "check_password",
 ]
 
-#: Backlog is read and sent in pages of this many items, pausing for slow readers.
-SYNC_PAGE = 500
-#: Live items buffered while a backlog is read; past this the backlog pass re-reads.
-SYNC_BUFFER = 2000
 #: Send nonces remembered per user for idempotent retries.
 NONCES_PER_USER = 1024
 #: Arguments a group change may carry (forwarded with a request to a group's realm).
@@ -79,43 +69,6 @@ _REQUEST_OF = {
     "role": "set_role",
     "deleted": "delete_group",
 }
-#: Maximum length of a device name.
-MAX_DEVICE = 64
-
-
-class ISession(Interface):
-    """The avatar interface a connection gets from the portal (see :class:`Session`)."""
-
-
-class ISessionMind(Interface):
-    """What the realm calls on a connection (the cred *mind*)."""
-
-    def deliver(envelope):  # type: ignore[misc]
-        """Send one stream item (an :class:`chatproto.envelope.Envelope`)."""
-
-    def synced(pos):  # type: ignore[misc]
-        """The backlog is out: everything up to ``pos`` has been delivered."""
-
-    def notify(notice):  # type: ignore[misc]
-        """Send an ephemeral :class:`Notice` (presence); not stored, not acked."""
-
-    def wait_writable():  # type: ignore[misc]
-        """A Deferred firing when the connection can take more output."""
-
-    def disconnect(code, message):  # type: ignore[misc]
-        """Close the connection, telling the peer why (an error ``code``)."""
-
-
-@attrs.define(slots=True, eq=False)
-class Notice:
-    """An ephemeral push (presence): a frame body and its cached encoding."""
-
-    data: dict[str, Any]
-    frame: bytes | None = None
-
-
-PRESENCE_STATES = ("online", "away", "busy", "offline")
-MAX_STATUS_TEXT = 256
 
 
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
@@ -194,124 +147,6 @@ class _CredRealm:
         return ISession, session, session.logout
 
 
-@implementer(ISession)
-class Session:
-    """One logged-in connection of a user: what the protocol calls after login.
-
-    ``device`` names the client installation; its acknowledged position is kept per
-    device so each device resumes where it left off.
-    """
-
-    def __init__(self, realm: RealmService, user: Address, device: str, mind: Any) -> None:
-        self.realm = realm
-        self.user = user
-        self.user_id = str(user)
-        self.device = device
-        self.mind = mind
-        lim = realm.config.limits
-        self._bucket = TokenBucket(lim.send_rate, lim.send_burst, realm.clock.seconds())
-        self._syncing = True
-        self._buffer: list[Envelope] | None = []
-        self._last = 0  # highest position delivered to this session
-        #: The account sees only items after this position (when it was created).
-        self.floor = 0
-        #: A quiet session does not show its user as online (see RealmService.login).
-        self.quiet = False
-        self.counted = False  # counted in RealmService._visible
-        self.closed = False
-
-    # delivery -----------------------------------------------------------------------
-
-    def _deliver(self, env: Envelope) -> None:
-        if self.closed:
-            return
-        if self._syncing:
-            if self._buffer is not None:
-                self._buffer.append(env)
-                if len(self._buffer) > SYNC_BUFFER:
-                    self._buffer = None  # re-read from the store instead
-            return
-        self._emit(env)
-
-    def _emit(self, env: Envelope) -> None:
-        if env.pos > self._last:
-            self._last = env.pos
-            self.mind.deliver(env)
-
-    @inlineCallbacks
-    def start(self, since: int | None = None) -> Any:
-        """Send the backlog after ``since`` (default: this device's ack), then go live.
-
-        ``since`` is clamped to the newest committed position, so a client cannot
-        acknowledge (and so skip) items that do not exist yet.  Fires with the position
-        the session is synced to.
-        """
-        store = self.realm.store
-        newest = yield store.max_pos()
-        if since is None:
-            since = yield store.get_ack(self.user_id, self.device)
-        self._last = max(min(since, newest), self.floor)
-        while not self.closed:
-            ranges = self.realm.groups.feed_ranges(self.user_id)
-            page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE, ranges)
-            for env in page:
-                if self.closed:
-                    break
-                self._emit(env)
-                # Never write past a paused reader: wait item by item, so a slow
-                # client resuming a large backlog is paced rather than dropped.
-                yield self.mind.wait_writable()
-            if len(page) == SYNC_PAGE:
-                continue
-            if self._buffer is None:  # live items overflowed: read them from the store
-                self._buffer = []
-                continue
-            break
-        buffered, self._buffer = self._buffer or [], None
-        self._syncing = False
-        for env in buffered:
-            self._emit(env)
-        if not self.closed:
-            self.mind.synced(self._last)
-            self.realm.presence_snapshot(self)
-        return self._last
-
-    # requests -----------------------------------------------------------------------
-
-    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[Envelope]:
-        """Store a message durably, then deliver it; fires with the envelope.
-
-        A client-chosen ``nonce`` makes a retried send idempotent (see send_private).
-        """
-        return self.realm.send_private(self, to, body, nonce)
-
-    def history(
-        self, peer: str, before: int | None, after: int | None, limit: int | None
-    ) -> Deferred[list[Envelope]]:
-        return self.realm.history(self, peer, before, after, limit)
-
-    def who(self, group: str | None = None) -> list[dict[str, Any]]:
-        return self.realm.who(self, group)
-
-    def group_event(self, event: str, group: str, **args: Any) -> Deferred[Envelope]:
-        """Create/join/leave/invite/kick/ban/unban/topic/role/delete (see groups.py)."""
-        return self.realm.group_event(self, event, group, **args)
-
-    def set_status(self, status: str, text: str = "") -> None:
-        self.realm.set_status(self, status, text)
-
-    def ack(self, pos: int) -> None:
-        """Record that the client processed everything up to ``pos``."""
-        pos = min(pos, self._last)  # nobody acknowledges what they were not sent
-        if pos > 0:
-            self.realm.store.set_ack(self.user_id, self.device, pos)
-
-    def logout(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.realm._detach(self)
-
-
 class RealmService(Service):
     """A realm: accounts, sessions, routing and rules, over an :class:`IStore`.
 
@@ -355,33 +190,28 @@ class RealmService(Service):
         self._address_throttle = FailureThrottle(
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
-        self._online: dict[str, list[Session]] = {}
         self._known_users: set[str] = set()
         self._addresses: dict[str, Address] = {}
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
         self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user, config.realm)
-        #: user -> (status, text) for users with a status other than plain online
-        self._status: dict[str, tuple[str, str]] = {}
-        #: online user -> users they have a private conversation with (presence
-        #: audience); change it only through _add_partners/_drop_partners
-        self._partners: dict[str, set[str]] = {}
-        #: remote user -> online local users with them in ``_partners`` (the reverse
-        #: index, so a remote presence frame finds its audience without a scan)
-        self._partner_of: dict[str, set[str]] = {}
-        #: user -> number of their non-quiet sessions (presence "online" when > 0)
-        self._visible: dict[str, int] = {}
-        #: remote user -> (status, text), as their realm last told us
-        self._remote_status: dict[str, tuple[str, str]] = {}
+        #: The online sessions and delivery to them (see chatproto.realm.sessions).
+        self.sessions = Sessions(lim, self._wake_links)
+        #: Who is online and who hears of it (see chatproto.realm.presence).
+        self.presence = Presence(
+            config.realm,
+            self.sessions,
+            self.groups,
+            store,
+            lambda: self.federation,
+            self._realms_of,
+        )
         self._group_locks: dict[str, DeferredLock] = {}
         #: user -> recent send nonces -> the envelope (or the pending Deferred)
         self._nonces: dict[str, OrderedDict[str, Any]] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
-        #: Connections with frames held during the current delivery burst.
-        self._burst_depth = 0
-        self._held: list[Any] = []
         #: realm -> items committed for it during the current burst (one wake each).
         self._wakes: dict[str, int] = {}
         if hasattr(store, "burst_listener"):
@@ -445,14 +275,13 @@ class RealmService(Service):
         Service.stopService(self)
         if self._prune.running:
             self._prune.stop()
-        for sessions in list(self._online.values()):
-            for s in list(sessions):
-                # One connection that fails to close must not keep the store open.
-                try:
-                    s.mind.disconnect("shutting_down", "the realm is stopping")
-                except Exception:
-                    self.log.failure("closing {user} at shutdown failed", user=s.user_id)
-                s.logout()
+        for s in self.sessions.all():
+            # One connection that fails to close must not keep the store open.
+            try:
+                s.mind.disconnect("shutting_down", "the realm is stopping")
+            except Exception:
+                self.log.failure("closing {user} at shutdown failed", user=s.user_id)
+            s.logout()
         yield self.files.stop()
         yield self.store.close()
         if self._hash_pool is not None:
@@ -489,7 +318,7 @@ class RealmService(Service):
         existed = yield self.store.delete_user(addr.name, str(addr))
         self._known_users.discard(addr.name)
         self.tokens.revoke_user(addr.name)
-        for s in list(self._online.get(str(addr), ())):
+        for s in list(self.sessions.of(str(addr))):
             s.mind.disconnect("auth_failed", "this account was deleted")
             s.logout()
         if existed:
@@ -519,7 +348,7 @@ class RealmService(Service):
         Unknown users and wrong passwords both fail with ``auth_failed``; repeated
         failures per account and per peer address get ``rate_limited``.
         """
-        _check_device(device)
+        check_device(device)
         creds, key = self._throttled_credentials(username, password, peer)
         try:
             _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
@@ -545,7 +374,7 @@ class RealmService(Service):
         if record is None:
             raise ChatError("auth_failed", "not logged in (no valid session token)")
         device = record.device if device is None else device
-        _check_device(device)
+        check_device(device)
         try:
             _iface, session, _logout = yield self.portal.login(
                 SessionToken(token or ""), mind, ISession
@@ -562,7 +391,7 @@ class RealmService(Service):
         """Check a password (throttled exactly like :meth:`login`) and issue a session
         token for ``device``; fires with ``(token, Address)``.  No session is opened:
         the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
-        _check_device(device)
+        check_device(device)
         creds, key = self._throttled_credentials(username, password, peer)
         try:
             name = yield self._password_checker.requestAvatarId(creds)
@@ -613,7 +442,7 @@ class RealmService(Service):
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
         try:
-            yield self._came_online(session)
+            yield self.presence.came_online(session)
         except Exception:
             self.log.failure("presence for {user}", user=session.user_id)
         self.log.info(
@@ -636,46 +465,25 @@ class RealmService(Service):
         return addr.name if addr.is_local(self.realm) else username.casefold()
 
     def _attach(self, name: str, mind: Any) -> Session:
-        user = Address(name, self.realm)
-        sessions = self._online.setdefault(str(user), [])
-        if len(sessions) >= self.config.limits.max_sessions_per_user:
-            raise ChatError("too_many_sessions")
-        session = Session(self, user, "default", mind)
-        sessions.append(session)
+        session = self.sessions.attach(Session(self, Address(name, self.realm), "default", mind))
         self._known_users.add(name)
         return session
 
-    def _detach(self, session: Session) -> None:
-        sessions = self._online.get(session.user_id)
-        if sessions and session in sessions:
-            sessions.remove(session)
-            if not sessions:
-                del self._online[session.user_id]
-        if session.counted:
-            session.counted = False
-            visible = self._visible[session.user_id] - 1
-            if visible:
-                self._visible[session.user_id] = visible
-            else:
-                del self._visible[session.user_id]
-                self._status.pop(session.user_id, None)
-                self._broadcast_presence(session.user_id, "offline", "")
-        if session.user_id not in self._online:
-            self._drop_partners(session.user_id)
+    def detach(self, session: Session) -> None:
+        """A session ended (:meth:`Session.logout`): it gets nothing more."""
+        self.presence.went_offline(session, self.sessions.detach(session))
 
     def sessions_of(self, user: str) -> Sequence[Session]:
-        return self._online.get(user, ())
+        return self.sessions.of(user)
 
     def online_count(self) -> int:
         """How many users are online (have a non-quiet session)."""
-        return len(self._visible)
+        return self.presence.online_count()
 
     def presence_of(self, user: str) -> tuple[str, str]:
         """(status, text) of canonical user address ``user``: ``offline`` when no
         non-quiet session is open, else ``online``/``away``/``busy`` (for gateways)."""
-        if user not in self._visible:
-            return ("offline", "")
-        return self._status.get(user, ("online", ""))
+        return self.presence.of(user)
 
     def is_user(self, user: str) -> bool:
         """Whether canonical address ``user`` is a known local account."""
@@ -685,179 +493,20 @@ class RealmService(Service):
     def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
         """Online users of the realm, or online members of ``group`` (members only;
         members on other realms as their realm last told us, without ``sessions``)."""
-        users: Any = self._visible
-        if group is not None:
-            users = self._group_for(session.user_id if session else "", group).members
-        out = []
-        for u in sorted(users):
-            sessions = self._visible.get(u)
-            if sessions:
-                entry: dict[str, Any] = {"user": u, "sessions": sessions}
-                status = self._status.get(u)
-            elif u in self._remote_status:
-                entry = {"user": u}
-                status = self._remote_status[u]
-                if status == ("online", ""):
-                    status = None
-            else:
-                continue
-            if status:
-                entry["status"] = status[0]
-                if status[1]:
-                    entry["text"] = status[1]
-            out.append(entry)
-        return out
-
-    # presence -----------------------------------------------------------------------
-
-    def _contacts(self, user: str) -> set[str]:
-        """Who hears ``user``'s presence: fellow group members and DM partners."""
-        contacts = set(self._partners.get(user, ()))
-        for addr in self.groups.of_user.get(user, ()):
-            contacts.update(self.groups.groups[addr].members)
-        contacts.discard(user)
-        return contacts
-
-    def _presence_notice(self, user: str, status: str, text: str) -> Notice:
-        data: dict[str, Any] = {"type": "presence", "user": user, "status": status}
-        if text:
-            data["text"] = text
-        return Notice(data)
-
-    def _broadcast_presence(self, user: str, status: str, text: str) -> None:
-        notice = self._presence_notice(user, status, text)  # encoded once for everyone
-        remote: set[str] = set()
-        for contact in self._contacts(user):
-            for s in self._online.get(contact, ()):
-                if not s._syncing:
-                    s.mind.notify(notice)
-            realm = contact.rpartition("@")[2]
-            if realm != self.realm:
-                remote.add(realm)
-        if remote and self.federation is not None:
-            self.federation.presence(remote, notice.data)
-
-    def _add_partners(self, user: str, others: Iterable[str]) -> None:
-        """``others`` have a private conversation with online local ``user``."""
-        mine = self._partners.setdefault(user, set())
-        for other in others:
-            if other not in mine:
-                mine.add(other)
-                if not other.endswith(self._suffix):
-                    self._partner_of.setdefault(other, set()).add(user)
-
-    def _drop_partners(self, user: str) -> None:
-        """``user``'s last session closed: forget their partners (and the reverse)."""
-        for other in self._partners.pop(user, ()):
-            if not other.endswith(self._suffix):
-                locals_ = self._partner_of.get(other)
-                if locals_ is not None:
-                    locals_.discard(user)
-                    if not locals_:
-                        del self._partner_of[other]
-
-    @inlineCallbacks
-    def _came_online(self, session: Session) -> Any:
-        partners = yield self.store.conversation_partners(session.user_id)
-        if session.closed and session.user_id not in self._online:
-            return  # gone while the store was read: nothing to keep for them
-        # (a bounce from a group lists the group as a partner: not a presence contact)
-        self._add_partners(session.user_id, (p for p in partners if not p.startswith("#")))
-        if session.quiet or session.closed:
-            return
-        session.counted = True
-        visible = self._visible.get(session.user_id, 0) + 1
-        self._visible[session.user_id] = visible
-        if visible == 1:
-            self._broadcast_presence(session.user_id, "online", "")
-
-    def _known_presence(self, user: str) -> Notice | None:
-        """A presence frame for ``user`` if they are online: a local user with a
-        non-quiet session, or a remote user as their realm last told us."""
-        if user in self._visible:
-            status, text = self._status.get(user, ("online", ""))
-        elif user in self._remote_status:
-            status, text = self._remote_status[user]
-        else:
-            return None
-        return self._presence_notice(user, status, text)
-
-    def _presence_on_join(self, user: str, addr: str) -> None:
-        """A joiner and the group's online members learn of each other at once.
-
-        Every realm with members calls this when it applies a ``joined`` event (the
-        home realm at commit, member realms on receipt), so across realms: a realm
-        tells the joiner's realm which of its own members are online, and the
-        joiner's realm tells the others that the joiner is.
-        """
-        group = self.groups.groups.get(addr)
         if group is None:
-            return
-        local = user.endswith(self._suffix)
-        mine = self._known_presence(user)
-        for member in group.members:
-            if member == user:
-                continue
-            if local:
-                theirs = self._known_presence(member)
-                if theirs is not None:
-                    for s in self._online.get(user, ()):
-                        s.mind.notify(theirs)
-            if mine is not None:
-                for s in self._online.get(member, ()):
-                    s.mind.notify(mine)
-        if self.federation is None:
-            return
-        if not local:
-            realms = self._realms_of((user,))
-            for member in group.members if realms else ():
-                notice = self._known_presence(member) if member in self._visible else None
-                if notice is not None:
-                    self.federation.presence(realms, notice.data)
-        elif mine is not None and user in self._visible:
-            realms = self._realms_of(group.members)
-            if realms:
-                self.federation.presence(realms, mine.data)
+            return self.presence.who()
+        return self.presence.who(self._group_for(session.user_id if session else "", group).members)
 
     def presence_for(self, realm: str) -> list[dict[str, Any]]:
-        """Presence frames of the local users who are online and have a contact on
-        ``realm`` (a fellow group member or a DM partner): what a link to ``realm``
-        sends when it becomes ready, since that realm heard nothing while it was
-        unreachable."""
-        suffix = "@" + realm
-        users: set[str] = set()
-        for remote, locals_ in self._partner_of.items():
-            if remote.endswith(suffix):
-                users.update(locals_)
-        for group in self.groups.groups.values():
-            if any(m.endswith(suffix) for m in group.members):
-                users.update(m for m in group.members if m in self._visible)
-        frames = []
-        for u in sorted(users):
-            notice = self._known_presence(u) if u in self._visible else None
-            if notice is not None:
-                frames.append(notice.data)
-        return frames
+        """Presence frames a link to ``realm`` sends when it becomes ready."""
+        return self.presence.for_realm(realm)
 
     def presence_snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
-        for contact in sorted(self._contacts(session.user_id)):
-            notice = self._known_presence(contact)
-            if notice is not None:
-                session.mind.notify(notice)
+        self.presence.snapshot(session)
 
     def set_status(self, session: Session, status: str, text: str = "") -> None:
-        if status not in PRESENCE_STATES or status == "offline":
-            raise ChatError("bad_request", "status must be online, away or busy")
-        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
-            raise ChatError("bad_request", f"status text: a string of at most {MAX_STATUS_TEXT}")
-        if status == "online" and not text:
-            self._status.pop(session.user_id, None)
-        else:
-            self._status[session.user_id] = (status, text)
-        self._broadcast_presence(session.user_id, status, text)
-
-    # groups -------------------------------------------------------------------------
+        self.presence.set_status(session, status, text)
 
     def _group_address(self, text: Any, remote_ok: bool = False) -> str:
         """The canonical address of a group; one on another realm only with
@@ -936,7 +585,7 @@ class RealmService(Service):
             self.groups.apply(env)
             self._route(env, before | self.groups.audience(env))
             if event == "joined":
-                self._presence_on_join(actor, addr)
+                self.presence.on_join(actor, addr)
             self.log.info(
                 "group {group}: {event} by {actor}",
                 group=addr,
@@ -978,10 +627,9 @@ class RealmService(Service):
 
     def members(self, session: Session, group: str) -> list[dict[str, Any]]:
         g = self._group_for(session.user_id, group)
-        visible, remote = self._visible, self._remote_status
+        online = self.presence.is_online
         return [
-            {"user": u, "role": m.role, "online": u in visible or u in remote}
-            for u, m in sorted(g.members.items())
+            {"user": u, "role": m.role, "online": online(u)} for u, m in sorted(g.members.items())
         ]
 
     def group_info(self, session: Session, group: str) -> dict[str, Any]:
@@ -1186,7 +834,7 @@ class RealmService(Service):
         (at the end of the delivery burst, after every item of the commit has been
         applied and routed), not once per item."""
         if self.federation is not None:
-            if self._burst_depth:
+            if self.sessions.bursting:
                 self._wakes[realm] = self._wakes.get(realm, 0) + 1
             else:
                 self.federation.wake(realm)
@@ -1468,8 +1116,8 @@ class RealmService(Service):
             try:
                 for env in envs:
                     if not env.recipient.startswith("#"):
-                        if env.recipient in self._online:  # presence: a new partner
-                            self._add_partners(env.recipient, (env.sender,))
+                        if env.recipient in self.sessions.online:  # presence: a new partner
+                            self.presence.add_partners(env.recipient, (env.sender,))
                         self._committed(None, env)
                     elif env.kind == "event":
                         before = self.groups.audience(env)
@@ -1477,7 +1125,7 @@ class RealmService(Service):
                         self._route(env, before | self.groups.audience(env))
                         meta = env.meta or {}
                         if meta.get("event") == "joined":
-                            self._presence_on_join(meta.get("user", ""), env.recipient)
+                            self.presence.on_join(meta.get("user", ""), env.recipient)
                     else:
                         self._committed_group(None, env)
             finally:
@@ -1488,42 +1136,9 @@ class RealmService(Service):
         return self.store.append_remote(batch, outbox).addCallback(stored)
 
     def remote_presence(self, origin: str, user: Any, status: Any, text: Any) -> None:
-        """A presence change of a user of peer realm ``origin``: told to the local
-        users who have a conversation with them or share a group with them.  A frame
-        that changes nothing we knew (a link coming back repeats what is online) is
-        not passed on.  Anything malformed is ignored."""
-        try:
-            addr = address.user(user, origin)
-        except ChatError:
-            return
-        if addr.realm != origin or status not in PRESENCE_STATES:
-            self.log.info(
-                "federation: ignored presence {user} from {origin}",
-                user=str(user)[:80],
-                origin=origin,
-            )
-            return
-        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
-            text = ""
-        who = str(addr)
-        known = self._remote_status.get(who)
-        if status == "offline":
-            if known is None:
-                return
-            del self._remote_status[who]
-        else:
-            if known == (status, text):
-                return
-            self._remote_status[who] = (status, text)
-        audience = set(self._partner_of.get(who, ()))
-        groups = self.groups
-        for group in groups.of_user.get(who, ()):
-            audience.update(groups.groups[group].members)
-        notice = self._presence_notice(who, status, text)
-        for local in audience:
-            for s in self._online.get(local, ()):
-                if not s._syncing:
-                    s.mind.notify(notice)
+        """A presence change of a user of peer realm ``origin`` (see
+        :meth:`chatproto.realm.presence.Presence.remote_change`)."""
+        self.presence.remote_change(origin, user, status, text)
 
     def bounce(self, peer: str, rejected: Sequence[tuple[Any, str, str]]) -> Deferred[None]:
         """Tell local senders that peer realm ``peer`` refused their items.
@@ -1588,12 +1203,8 @@ class RealmService(Service):
         return self.store.append_remote(batch, []).addCallback(stored)
 
     def remote_realm_silent(self, origin: str) -> None:
-        """Peer realm ``origin`` has not been connected to us for a while: the
-        presence we heard of its users is stale, so they go offline here (their realm
-        sends who is online when its link is back)."""
-        suffix = "@" + origin
-        for who in [u for u in self._remote_status if u.endswith(suffix)]:
-            self.remote_presence(origin, who, "offline", "")
+        """Peer realm ``origin`` has been unreachable a while: its users go offline here."""
+        self.presence.realm_silent(origin)
 
     def _envelope(
         self,
@@ -1636,75 +1247,50 @@ class RealmService(Service):
         return self.store.append([env]).addCallback(self._committed, env)
 
     def _committed(self, _: object, env: Envelope) -> Envelope:
-        if env.sender != env.recipient:
-            partners = self._partners.get(env.sender)
-            if partners is not None and env.recipient not in partners:
-                self._add_partners(env.sender, (env.recipient,))
-                if env.recipient in self._online:
-                    self._add_partners(env.recipient, (env.sender,))
+        self.presence.new_conversation(env.sender, env.recipient)
         self._route(env)
         return env
-
-    # delivery bursts --------------------------------------------------------------
 
     @property
     def bursting(self) -> bool:
         """True while committed items are being handed out (see :meth:`begin_burst`)."""
-        return self._burst_depth > 0
+        return self.sessions.bursting
 
     def begin_burst(self) -> None:
         """Items delivered until the matching :meth:`end_burst` may be held by each
         connection and written at once (one write per connection per group commit
         instead of one per item).  Nests."""
-        self._burst_depth += 1
+        self.sessions.begin_burst()
 
     def hold(self, mind: Any) -> None:
         """``mind`` holds frames until the burst ends (it calls this once per burst)."""
-        self._held.append(mind)
+        self.sessions.hold(mind)
 
     def end_burst(self) -> None:
-        self._burst_depth -= 1
-        if self._burst_depth == 0 and self._wakes:
+        self.sessions.end_burst()
+
+    def _wake_links(self) -> None:
+        """The outermost delivery burst ended: wake the links of the realms items
+        were committed for during it, once each."""
+        if self._wakes:
             wakes, self._wakes = self._wakes, {}
             for realm, n in wakes.items():
                 try:
                     if self.federation is not None:
                         self.federation.wake(realm, n)
-                except Exception:  # the frames held below must still go out
+                except Exception:  # the other links must still be woken
                     self.log.failure("waking the link to {realm} failed", realm=realm)
-        if self._burst_depth == 0 and self._held:
-            held, self._held = self._held, []
-            for mind in held:
-                try:
-                    mind.flush()
-                except Exception:  # one broken connection must not hold back the rest
-                    self.log.failure("flushing held frames failed")
 
     def _route(self, env: Envelope, users: Any = None) -> None:
         """Deliver a committed item to every online session of its audience: ``users``
         (a group's members), or for a private message its recipient and its sender.
 
         The sending session gets it too: each session's stream is then the one ordered
-        record of its conversations, which is what acks and resume are defined on.  The
-        frame is encoded once (``Envelope.frame``) and no storage is touched here.
+        record of its conversations, which is what acks and resume are defined on.
         """
         if users is None:
             users = (env.recipient,) if env.sender == env.recipient else (env.recipient, env.sender)
-        online = self._online
-        pos = env.pos
-        self.begin_burst()
-        try:
-            for user in users:
-                sessions = online.get(user)
-                if sessions:
-                    for s in sessions:
-                        if s._syncing or s.closed or pos <= s._last:
-                            s._deliver(env)  # buffering while syncing, de-duplication
-                        else:  # the hot path of fan-out, inlined (Session._emit)
-                            s._last = pos
-                            s.mind.deliver(env)
-        finally:
-            self.end_burst()
+        self.sessions.route(env, users)
         for observer in self.observers:
             try:
                 observer(env)
@@ -1735,11 +1321,6 @@ class RealmService(Service):
             floor = session.floor
         items = yield self.store.history(conversation, before, after, limit, floor)
         return items
-
-
-def _check_device(device: Any) -> None:
-    if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
-        raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

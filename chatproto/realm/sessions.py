@@ -1,0 +1,310 @@
+"""Sessions: the logged-in connections of local users, and delivery to them.
+
+A :class:`Session` is the twisted.cred avatar a connection gets at login: what the
+protocol calls.  The connection is the *mind* (:class:`ISessionMind`): what the realm
+calls back.  :class:`Sessions` holds who is connected and hands committed items to
+their connections (``route``), optionally in *bursts* (one write per connection per
+group commit).  It knows nothing of storage rules or presence (see
+:mod:`chatproto.realm.presence`), and never touches bytes.
+
+Delivery model: every stored item has a realm-wide stream position ``pos``.  A user's
+feed is the items addressed to or sent by them; a session resumes "after position P".
+A logging-in session is registered for live delivery *before* its backlog is read, and
+buffers live items until the backlog is out; positions make the overlap harmless, so
+nothing is lost and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from chatproto.address import Address
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.ratelimit import TokenBucket
+
+__all__ = [
+    "MAX_DEVICE",
+    "SYNC_BUFFER",
+    "SYNC_PAGE",
+    "ISession",
+    "ISessionMind",
+    "Notice",
+    "Session",
+    "Sessions",
+    "check_device",
+]
+
+#: Backlog is read and sent in pages of this many items, pausing for slow readers.
+SYNC_PAGE = 500
+#: Live items buffered while a backlog is read; past this the backlog pass re-reads.
+SYNC_BUFFER = 2000
+#: Maximum length of a device name.
+MAX_DEVICE = 64
+
+
+class ISession(Interface):
+    """The avatar interface a connection gets from the portal (see :class:`Session`)."""
+
+
+class ISessionMind(Interface):
+    """What the realm calls on a connection (the cred *mind*)."""
+
+    def deliver(envelope):  # type: ignore[misc]
+        """Send one stream item (an :class:`chatproto.envelope.Envelope`)."""
+
+    def synced(pos):  # type: ignore[misc]
+        """The backlog is out: everything up to ``pos`` has been delivered."""
+
+    def notify(notice):  # type: ignore[misc]
+        """Send an ephemeral :class:`Notice` (presence); not stored, not acked."""
+
+    def wait_writable():  # type: ignore[misc]
+        """A Deferred firing when the connection can take more output."""
+
+    def disconnect(code, message):  # type: ignore[misc]
+        """Close the connection, telling the peer why (an error ``code``)."""
+
+
+@attrs.define(slots=True, eq=False)
+class Notice:
+    """An ephemeral push (presence): a frame body and its cached encoding."""
+
+    data: dict[str, Any]
+    frame: bytes | None = None
+
+
+@implementer(ISession)
+class Session:
+    """One logged-in connection of a user: what the protocol calls after login.
+
+    ``device`` names the client installation; its acknowledged position is kept per
+    device so each device resumes where it left off.
+    """
+
+    def __init__(self, realm: Any, user: Address, device: str, mind: Any) -> None:
+        #: the :class:`chatproto.realm.RealmService` (the facade this avatar calls)
+        self.realm = realm
+        self.user = user
+        self.user_id = str(user)
+        self.device = device
+        self.mind = mind
+        lim = realm.config.limits
+        self._bucket = TokenBucket(lim.send_rate, lim.send_burst, realm.clock.seconds())
+        self._syncing = True
+        self._buffer: list[Envelope] | None = []
+        self._last = 0  # highest position delivered to this session
+        #: The account sees only items after this position (when it was created).
+        self.floor = 0
+        #: A quiet session does not show its user as online (see RealmService.login).
+        self.quiet = False
+        self.counted = False  # counted as visible by the presence handler
+        self.closed = False
+
+    # delivery -----------------------------------------------------------------------
+
+    def _deliver(self, env: Envelope) -> None:
+        if self.closed:
+            return
+        if self._syncing:
+            if self._buffer is not None:
+                self._buffer.append(env)
+                if len(self._buffer) > SYNC_BUFFER:
+                    self._buffer = None  # re-read from the store instead
+            return
+        self._emit(env)
+
+    def _emit(self, env: Envelope) -> None:
+        if env.pos > self._last:
+            self._last = env.pos
+            self.mind.deliver(env)
+
+    @inlineCallbacks
+    def start(self, since: int | None = None) -> Any:
+        """Send the backlog after ``since`` (default: this device's ack), then go live.
+
+        ``since`` is clamped to the newest committed position, so a client cannot
+        acknowledge (and so skip) items that do not exist yet.  Fires with the position
+        the session is synced to.
+        """
+        store = self.realm.store
+        newest = yield store.max_pos()
+        if since is None:
+            since = yield store.get_ack(self.user_id, self.device)
+        self._last = max(min(since, newest), self.floor)
+        while not self.closed:
+            ranges = self.realm.groups.feed_ranges(self.user_id)
+            page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE, ranges)
+            for env in page:
+                if self.closed:
+                    break
+                self._emit(env)
+                # Never write past a paused reader: wait item by item, so a slow
+                # client resuming a large backlog is paced rather than dropped.
+                yield self.mind.wait_writable()
+            if len(page) == SYNC_PAGE:
+                continue
+            if self._buffer is None:  # live items overflowed: read them from the store
+                self._buffer = []
+                continue
+            break
+        buffered, self._buffer = self._buffer or [], None
+        self._syncing = False
+        for env in buffered:
+            self._emit(env)
+        if not self.closed:
+            self.mind.synced(self._last)
+            self.realm.presence_snapshot(self)
+        return self._last
+
+    # requests -----------------------------------------------------------------------
+
+    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[Envelope]:
+        """Store a message durably, then deliver it; fires with the envelope.
+
+        A client-chosen ``nonce`` makes a retried send idempotent (see send_private).
+        """
+        return self.realm.send_private(self, to, body, nonce)
+
+    def history(
+        self, peer: str, before: int | None, after: int | None, limit: int | None
+    ) -> Deferred[list[Envelope]]:
+        return self.realm.history(self, peer, before, after, limit)
+
+    def who(self, group: str | None = None) -> list[dict[str, Any]]:
+        return self.realm.who(self, group)
+
+    def group_event(self, event: str, group: str, **args: Any) -> Deferred[Envelope]:
+        """Create/join/leave/invite/kick/ban/unban/topic/role/delete (see groups.py)."""
+        return self.realm.group_event(self, event, group, **args)
+
+    def set_status(self, status: str, text: str = "") -> None:
+        self.realm.set_status(self, status, text)
+
+    def ack(self, pos: int) -> None:
+        """Record that the client processed everything up to ``pos``."""
+        pos = min(pos, self._last)  # nobody acknowledges what they were not sent
+        if pos > 0:
+            self.realm.store.set_ack(self.user_id, self.device, pos)
+
+    def logout(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.realm.detach(self)
+
+
+class Sessions:
+    """The online sessions of local users, and delivery of committed items to them.
+
+    ``limits`` is the realm's ``config.limits``.  ``on_idle`` is called when the
+    outermost burst ends, before held frames are flushed (the realm wakes federation
+    links there: once per group commit).
+    """
+
+    log = Logger()
+
+    def __init__(self, limits: Any, on_idle: Callable[[], None] | None = None) -> None:
+        #: the realm's ``config.limits`` (read at each login: it may be changed live)
+        self.limits = limits
+        #: canonical user address -> that user's open sessions
+        self.online: dict[str, list[Session]] = {}
+        self._on_idle = on_idle
+        self._burst_depth = 0
+        self._held: list[Any] = []
+
+    def attach(self, session: Session) -> Session:
+        """Register a new session for live delivery (``too_many_sessions``)."""
+        sessions = self.online.setdefault(session.user_id, [])
+        if len(sessions) >= self.limits.max_sessions_per_user:
+            if not sessions:
+                del self.online[session.user_id]
+            raise ChatError("too_many_sessions")
+        sessions.append(session)
+        return session
+
+    def detach(self, session: Session) -> bool:
+        """Unregister ``session``; True when it was its user's last one."""
+        sessions = self.online.get(session.user_id)
+        if sessions and session in sessions:
+            sessions.remove(session)
+            if not sessions:
+                del self.online[session.user_id]
+        return session.user_id not in self.online
+
+    def of(self, user: str) -> Sequence[Session]:
+        """The open sessions of canonical user address ``user``."""
+        return self.online.get(user, ())
+
+    def all(self) -> list[Session]:
+        return [s for sessions in self.online.values() for s in sessions]
+
+    # delivery bursts ------------------------------------------------------------------
+
+    @property
+    def bursting(self) -> bool:
+        """True while committed items are being handed out (see :meth:`begin_burst`)."""
+        return self._burst_depth > 0
+
+    def begin_burst(self) -> None:
+        """Items delivered until the matching :meth:`end_burst` may be held by each
+        connection and written at once (one write per connection per group commit
+        instead of one per item).  Nests."""
+        self._burst_depth += 1
+
+    def hold(self, mind: Any) -> None:
+        """``mind`` holds frames until the burst ends (it calls this once per burst)."""
+        self._held.append(mind)
+
+    def end_burst(self) -> None:
+        self._burst_depth -= 1
+        if self._burst_depth:
+            return
+        if self._on_idle is not None:
+            self._on_idle()  # must not raise: the frames held below must still go out
+        if self._held:
+            held, self._held = self._held, []
+            for mind in held:
+                try:
+                    mind.flush()
+                except Exception:  # one broken connection must not hold back the rest
+                    self.log.failure("flushing held frames failed")
+
+    def route(self, env: Envelope, users: Iterable[str]) -> None:
+        """Deliver a committed item to every online session of ``users``.
+
+        The frame is encoded once (``Envelope.frame``) and no storage is touched here.
+        """
+        online = self.online
+        pos = env.pos
+        self._burst_depth += 1
+        try:
+            for user in users:
+                sessions = online.get(user)
+                if sessions:
+                    for s in sessions:
+                        if s._syncing or s.closed or pos <= s._last:
+                            s._deliver(env)  # buffering while syncing, de-duplication
+                        else:  # the hot path of fan-out, inlined (Session._emit)
+                            s._last = pos
+                            s.mind.deliver(env)
+        finally:
+            self.end_burst()
+
+    def notify(self, users: Iterable[str], notice: Notice) -> None:
+        """Send an ephemeral notice to the synced sessions of ``users``."""
+        online = self.online
+        for user in users:
+            for s in online.get(user, ()):
+                if not s._syncing:
+                    s.mind.notify(notice)
+
+
+def check_device(device: Any) -> None:
+    if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
+        raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
