@@ -1,0 +1,267 @@
+"""Channel commands: JOIN, PART, TOPIC, NAMES, LIST, INVITE, KICK and MODE, each
+one group change (or read) through the realm."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.groups import MAX_TOPIC
+from chatproto.irc.commands import all_of, command
+from chatproto.irc.lines import (
+    MAX_TARGETS,
+    channel_of,
+    format_line,
+    nick_of,
+    param,
+)
+from chatproto.irc.replies import Reply
+
+if TYPE_CHECKING:
+    from chatproto.irc.protocol import IRCProtocol
+
+
+def group_change(
+    p: IRCProtocol, ctx: Reply, command: str, chan: str, event: str, **args: Any
+) -> Any:
+    """One group change through the realm; errors become numerics for ``chan``."""
+    assert p.session is not None
+    try:
+        group = p.group_address(chan)
+    except ChatError as e:
+        p.error(ctx, command, e, chan)
+        return None
+    if ctx is not p.direct:
+        p.awaiting[(event, group)] = ctx
+    d = p.session.group_event(event, group, **args)
+
+    def failed(f: Failure) -> None:
+        p.awaiting.pop((event, group), None)
+        f.trap(ChatError)
+        err: ChatError = f.value  # type: ignore[assignment]
+        target = chan
+        if err.code == "not_member" and args.get("user") and command == "KICK":
+            ctx.num(
+                "441",
+                nick_of(args["user"], p.realm.realm),
+                chan,
+                "They aren't on that channel",
+            )
+            return
+        if err.code == "already_member" and command == "INVITE":
+            ctx.num("443", nick_of(args["user"], p.realm.realm), chan, "is already on channel")
+            return
+        if err.code == "no_such_user":
+            target = nick_of(args.get("user", "*"), p.realm.realm)
+        p.error(ctx, command, err, target)
+
+    def done(env: Envelope) -> Envelope:
+        p.awaiting.pop((event, group), None)
+        return env
+
+    return d.addCallbacks(done, failed)
+
+
+@command("JOIN", params=1)
+def join(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    if params[0] == "0":  # JOIN 0 = part every channel
+        waits = [
+            group_change(p, ctx, "PART", channel_of(g, p.realm.realm), "left")
+            for g in sorted(p.joined)
+        ]
+        return all_of(waits)
+    waits = []
+    for chan in params[0].split(",")[:MAX_TARGETS]:
+        try:
+            group = p.group_address(chan)
+        except ChatError:
+            ctx.num("403", param(chan), "No such channel")
+            continue
+        g = p.realm.groups.groups.get(group)
+        if g is None and not group.endswith("@" + p.realm.realm):
+            # another realm's group we have no member of yet: ask its home realm
+            # (the JOIN comes when the home realm's joined event does)
+            waits.append(group_change(p, ctx, "JOIN", chan, "joined"))
+        elif g is None:
+            waits.append(group_change(p, ctx, "JOIN", chan, "created"))
+        elif p.user_id in g.members:
+            if group not in p.joined:  # a member whose client had closed it
+                p.joined.add(group)
+                ctx.send(format_line(p.mask(p.user_id), "JOIN", chan))
+                p.channel_burst(ctx, group, chan)
+        else:
+            waits.append(group_change(p, ctx, "JOIN", chan, "joined"))
+    return all_of(waits)
+
+
+@command("PART", params=1)
+def part(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    return all_of(
+        [group_change(p, ctx, "PART", chan, "left") for chan in params[0].split(",")[:MAX_TARGETS]]
+    )
+
+
+@command("TOPIC", params=1)
+def topic(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    chan = params[0]
+    if len(params) > 1:
+        return group_change(p, ctx, "TOPIC", chan, "topic", topic=params[1][:MAX_TOPIC])
+    assert p.session is not None
+    info = p.realm.group_info(p.session, p.group_address(chan))
+    if info["topic"]:
+        ctx.num("332", chan, info["topic"])
+    else:
+        ctx.num("331", chan, "No topic is set")
+    return None
+
+
+@command("NAMES")
+def names(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    if not params:
+        ctx.num("366", "*", "End of /NAMES list")
+        return
+    for chan in params[0].split(",")[:MAX_TARGETS]:
+        try:
+            group = p.group_address(chan)
+        except ChatError:
+            ctx.num("366", param(chan), "End of /NAMES list")
+            continue
+        p.names(ctx, group, chan)
+
+
+@command("LIST")
+def list_channels(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    wanted = None
+    if params and params[0]:
+        wanted = set()
+        for chan in params[0].split(","):
+            try:
+                wanted.add(p.group_address(chan))
+            except ChatError:
+                pass
+    ctx.num("321", "Channel", "Users  Name")
+    for info in p.realm.list_groups():
+        if wanted is None or info["group"] in wanted:
+            chan = channel_of(info["group"], p.realm.realm)
+            ctx.num("322", chan, str(info["members"]), info["topic"])
+    ctx.num("323", "End of /LIST")
+
+
+@command("INVITE", params=2)
+def invite(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    nick, chan = params[0], params[1]
+    try:
+        user = p.resolve(nick)
+    except ChatError:
+        ctx.num("401", param(nick), "No such nick")
+        return None
+    d = group_change(p, ctx, "INVITE", chan, "invited", user=user)
+    if d is None:
+        return None
+
+    def invited(env: Any) -> None:
+        if isinstance(env, Envelope):
+            ctx.num("341", nick_of(user, p.realm.realm), chan)
+
+    return d.addCallback(invited)
+
+
+@command("KICK", params=2)
+def kick(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    chan = params[0]
+    reason = params[2] if len(params) > 2 else ""
+    waits = []
+    for nick in params[1].split(",")[:MAX_TARGETS]:
+        try:
+            user = p.resolve(nick)
+        except ChatError:
+            ctx.num("401", param(nick), "No such nick")
+            continue
+        waits.append(group_change(p, ctx, "KICK", chan, "kicked", user=user, reason=reason))
+    return all_of(waits)
+
+
+@command("MODE", params=1)
+def mode(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    target = params[0]
+    if not target.startswith("#"):
+        try:
+            same = p.resolve(target) == p.user_id
+        except ChatError:
+            same = False
+        if not same:
+            ctx.num("502", "Cant change mode for other users")
+        elif len(params) > 1 and params[1].strip("+-i"):
+            ctx.num("501", "Unknown MODE flag")
+        else:
+            ctx.num("221", "+i")
+        return None
+    group = p.group_address(target)
+    g = p.realm.groups.get(group)
+    if len(params) == 1:
+        modes = "+int" if g.visibility == "invite" else "+nt"
+        ctx.num("324", target, modes)
+        return None
+    modestring, args = params[1], list(params[2:])
+    sign = "+"
+    changes: list[tuple[str, str, str | None]] = []
+    for c in modestring:
+        if c in "+-":
+            sign = c
+        elif c in "bqo":
+            if not args:
+                if c == "b" and sign == "+":
+                    changes.append(("+", "b", None))  # list bans
+                    continue
+                ctx.num("461", "MODE", "Not enough parameters")
+                return None
+            changes.append((sign, c, args.pop(0)))
+        elif c == "i":
+            want = sign == "+"
+            if want != (g.visibility == "invite"):
+                ctx.num(
+                    "472",
+                    c,
+                    "is unknown mode char to me (invite-only is chosen when the group is created)",
+                )
+        elif c in "nt":
+            pass  # always on: only members speak, only admins set the topic
+        else:
+            ctx.num("472", c, "is unknown mode char to me")
+    waits: list[Any] = []
+    for sign, c, arg in changes:
+        if arg is None:
+            if p.user_id in g.members or g.visibility == "public":
+                realm = p.realm.realm
+                for user in sorted(g.bans):
+                    ctx.num("367", target, f"{nick_of(user, realm)}!*@*")
+            ctx.num("368", target, "End of channel ban list")
+            continue
+        nick = arg.partition("!")[0]
+        try:
+            user = p.resolve(nick)
+        except ChatError:
+            ctx.num("401", param(nick), "No such nick")
+            continue
+        if c == "b":
+            event = "banned" if sign == "+" else "unbanned"
+            waits.append(chain(p, waits, ctx, target, event, user=user))
+        else:
+            role = {"+q": "owner", "-q": "admin", "+o": "admin", "-o": "member"}[sign + c]
+            waits.append(chain(p, waits, ctx, target, "role", user=user, role=role))
+    return all_of(waits)
+
+
+def chain(p: IRCProtocol, before: list[Any], ctx: Reply, chan: str, event: str, **args: Any) -> Any:
+    """Mode changes one after another, in the order given."""
+    prev = before[-1] if before else None
+    if prev is None or not isinstance(prev, Deferred):
+        return group_change(p, ctx, "MODE", chan, event, **args)
+    return prev.addBoth(lambda _: group_change(p, ctx, "MODE", chan, event, **args))
+
+
+# users ----------------------------------------------------------------------------

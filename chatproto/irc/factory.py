@@ -1,0 +1,139 @@
+"""The IRC gateway's factory: :class:`IRCFactory` builds :class:`IRCProtocol` for one
+realm, and encodes each message's line once for all the connections it goes to (the
+fan-out hot path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+import chatproto
+from chatproto import address
+from chatproto.envelope import Envelope
+from chatproto.groups import MAX_TOPIC
+from chatproto.irc.lines import (
+    CRLF,
+    MAX_LINE,
+    MAX_TARGETS,
+    body_lines,
+    channel_of,
+    nick_of,
+    server_time,
+)
+from chatproto.irc.protocol import IRCProtocol
+from chatproto.protocol import ClientFactory
+from chatproto.realm import MAX_STATUS_TEXT, RealmService
+
+__all__ = ["IRCFactory"]
+
+
+class IRCFactory(ClientFactory):
+    """Builds :class:`IRCProtocol` for one realm.
+
+    Holds the realm, a ``clock`` tests may replace, the live connections (one keepalive
+    sweep for all, as :class:`chatproto.protocol.ClientFactory` does) and the encoded
+    lines of the message being fanned out.
+    """
+
+    protocol = IRCProtocol  # type: ignore[assignment]
+    noisy = False
+    log = Logger()
+
+    def __init__(self, realm: RealmService, clock: Any = None) -> None:
+        super().__init__(realm, clock)
+        cfg = realm.config.irc
+        self.server_name = cfg.server_name or realm.realm
+        self.version = f"chatproto-{chatproto.__version__}"
+        self.created = server_time(self.clock.seconds())
+        self._cache_env: Envelope | None = None
+        self._cache: list[bytes | None] = [None, None, None, None]
+        self._isupport: list[list[str]] | None = None
+
+    def isupport_lines(self) -> list[list[str]]:
+        """RPL_ISUPPORT tokens, at most 13 per line."""
+        if self._isupport is None:
+            realm = self.realm
+            lim = realm.config.limits
+            tokens = [
+                f"AWAYLEN={MAX_STATUS_TEXT}",
+                "CASEMAPPING=ascii",
+                f"CHANLIMIT=#:{lim.max_groups_per_user}",
+                "CHANMODES=b,,,int",
+                f"CHANNELLEN={1 + address.MAX_NAME + 1 + address.MAX_REALM}",
+                "CHANTYPES=#",
+                f"CHATHISTORY={lim.history_page}",
+                f"KICKLEN={MAX_TOPIC}",
+                "MODES=4",
+                "MSGREFTYPES=msgid",
+                f"NETWORK={realm.realm}",
+                f"NICKLEN={address.MAX_NAME}",
+                "PREFIX=(qo)~@",
+                f"TARGMAX=PRIVMSG:{MAX_TARGETS},NOTICE:{MAX_TARGETS},JOIN:{MAX_TARGETS},"
+                f"PART:{MAX_TARGETS},KICK:{MAX_TARGETS},NAMES:{MAX_TARGETS},WHOIS:1",
+                f"TOPICLEN={MAX_TOPIC}",
+                "USERLEN=32",
+                "UTF8ONLY",
+            ]
+            self._isupport = [tokens[i : i + 13] for i in range(0, len(tokens), 13)]
+        return self._isupport
+
+    def lines(self, env: Envelope, mode: int) -> bytes:
+        """The encoded PRIVMSG line(s) of a text item, the same for every receiver;
+        ``mode`` bit 1 adds ``time``, bit 2 ``msgid`` (the stream position).  Cached for
+        the item being fanned out, so R receivers cost one encoding."""
+        if env is not self._cache_env:
+            self._cache_env = env
+            self._cache = [None, None, None, None]
+        cached = self._cache[mode]
+        if cached is not None:
+            return cached
+        plain = self._cache[0]
+        if plain is None:
+            plain = self._cache[0] = self._encode(env)
+        if mode == 0:
+            return plain
+        tags = []
+        if mode & 1:
+            tags.append(f"time={server_time(env.ts)}")
+        if mode & 2:
+            tags.append(f"msgid={env.pos}")
+        prefix = ("@" + ";".join(tags) + " ").encode()
+        out = b"".join(prefix + line + CRLF for line in plain.split(CRLF)[:-1])
+        self._cache[mode] = out
+        return out
+
+    def _encode(self, env: Envelope) -> bytes:
+        realm = self.realm.realm
+        sender = env.sender
+        name, _, where = sender.partition("@")
+        source = f":{nick_of(sender, realm)}!{name}@{where} "
+        if env.recipient.startswith("#"):
+            target = channel_of(env.recipient, realm)
+        else:
+            target = nick_of(env.recipient, realm)
+        if env.kind == "text":
+            head = f"{source}PRIVMSG {target} :"
+            body = env.body
+        elif env.kind == "bounce":  # another realm refused what we sent: from the server
+            head = f":{self.server_name} NOTICE {target} :"
+            body = f"[not delivered] {env.body}"
+        elif env.kind == "file":  # IRC cannot carry it: a notice saying how to fetch it
+            head = f"{source}NOTICE {target} :"
+            meta = env.meta or {}
+            body = (
+                f"[file] {meta.get('name', env.body)} ({meta.get('size', '?')} bytes, "
+                f"{meta.get('media_type', 'application/octet-stream')}): fetch it with a "
+                f"chatproto client, file id {meta.get('file_id', '?')}"
+            )
+        else:  # kinds to come: a notice naming what it is
+            head = f"{source}NOTICE {target} :"
+            body = f"[{env.kind}] {env.body}".strip()
+        hb = head.encode("utf-8")
+        room = MAX_LINE - 2 - len(hb)
+        if len(env.body) * 4 <= room and "\n" not in body and "\r" not in body:
+            return hb + body.encode("utf-8", "replace").replace(b"\0", b"") + CRLF
+        return b"".join(
+            hb + piece.encode("utf-8", "replace") + CRLF for piece in body_lines(body, room)
+        )

@@ -1,0 +1,208 @@
+"""IRC lines: parsing what clients send, formatting what the gateway sends, and the
+mapping between realm addresses and IRC nicks and channels.
+
+Pure functions with no state, used by every other module of :mod:`chatproto.irc`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.words.protocols import irc as twirc
+
+__all__ = [
+    "CRLF",
+    "MAX_LINE",
+    "MAX_TAGS",
+    "MAX_TARGETS",
+    "PREFIXES",
+    "IRCBadLine",
+    "body_lines",
+    "channel_of",
+    "escape_tag",
+    "format_line",
+    "group_of",
+    "nick_of",
+    "param",
+    "parse_line",
+    "server_time",
+    "split_utf8",
+    "unescape_tag",
+    "user_of",
+    "with_tag",
+]
+
+#: Longest line (without tags, with CR LF) a client may send and the server sends.
+MAX_LINE = 512
+#: Longest tag section of a line (with the ``@`` and the space), per the message-tags spec.
+MAX_TAGS = 8191
+#: Targets one PRIVMSG/NOTICE may name (``TARGMAX``).
+MAX_TARGETS = 4
+
+CRLF = b"\r\n"
+
+
+class IRCBadLine(Exception):
+    """A line that cannot be parsed (it is ignored, as RFC 1459 asks)."""
+
+
+# -- parsing ------------------------------------------------------------------------
+
+_TAG_UNESCAPE = {":": ";", "s": " ", "\\": "\\", "r": "\r", "n": "\n"}
+
+
+def unescape_tag(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out = []
+    chars = iter(value)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            out.append(_TAG_UNESCAPE.get(nxt, nxt))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def escape_tag(value: str) -> str:
+    return (
+        value.replace("\\", "\\\\")
+        .replace(";", "\\:")
+        .replace(" ", "\\s")
+        .replace("\r", "\\r")
+        .replace("\n", "\\n")
+    )
+
+
+def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:
+    """``@tags :prefix COMMAND params`` -> (tags, upper-case command, params).
+
+    The part after the tags is split by ``twisted.words.protocols.irc.parsemsg``; the
+    client's prefix is ignored.  Raises :class:`IRCBadLine` for an empty or broken line.
+    """
+    tags: dict[str, str] = {}
+    if line.startswith("@"):
+        raw, _, line = line.partition(" ")
+        for item in raw[1:].split(";"):
+            if item:
+                key, _, value = item.partition("=")
+                tags[key] = unescape_tag(value)
+        line = line.lstrip(" ")
+    line = line.lstrip(" ")
+    if not line or (line.startswith(":") and " " not in line.strip()):
+        raise IRCBadLine("empty line")
+    try:
+        _prefix, command, params = twirc.parsemsg(line)
+    except (twirc.IRCBadMessage, ValueError, IndexError):
+        raise IRCBadLine("unparsable line") from None
+    if not command or not command.isalnum():
+        raise IRCBadLine("bad command")
+    return tags, command.upper(), params
+
+
+# -- names ----------------------------------------------------------------------------
+
+
+def nick_of(user: str, realm: str) -> str:
+    """The IRC nick of a canonical user address: ``name`` or ``name/realm``."""
+    name, _, where = user.partition("@")
+    return name if where == realm or not where else f"{name}/{where}"
+
+
+def user_of(nick: str) -> str:
+    """The realm address text of a nick (``name/realm`` -> ``name@realm``)."""
+    return nick.replace("/", "@", 1)
+
+
+def channel_of(group: str, realm: str) -> str:
+    """The IRC channel of a canonical group address: ``#name`` or ``#name/realm``."""
+    name, _, where = group.partition("@")
+    return name if where == realm or not where else f"{name}/{where}"
+
+
+def group_of(channel: str) -> str:
+    """The realm address text of a channel (``#name/realm`` -> ``#name@realm``)."""
+    return channel.replace("/", "@", 1)
+
+
+def server_time(ts: float) -> str:
+    whole = int(ts)
+    ms = int((ts - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
+
+
+def param(text: str) -> str:
+    """A middle parameter cannot hold spaces or start with ':'."""
+    return text.replace(" ", "_").lstrip(":") or "*"
+
+
+#: Commands whose last parameter is free text, always sent as trailing (``:text``).
+TEXT_COMMANDS = frozenset(
+    {"PRIVMSG", "NOTICE", "TOPIC", "KICK", "PART", "QUIT", "ERROR", "AWAY", "FAIL", "CAP"}
+)
+
+
+def format_line(source: str | None, command: str, *params: str) -> bytes:
+    """One line; the last parameter is sent as trailing (``:text``) for numerics and
+    text commands, or when it needs to be (empty, spaces, leading ``:``)."""
+    parts = [f":{source} {command}" if source else command]
+    if params:
+        parts.extend(params[:-1])
+        last = params[-1]
+        if (
+            command in TEXT_COMMANDS
+            or command[0].isdigit()
+            or not last
+            or " " in last
+            or last[0] == ":"
+        ):
+            last = ":" + last
+        parts.append(last)
+    data = " ".join(parts).encode("utf-8", "replace")
+    if len(data) > MAX_LINE - 2:  # RFC 1459 limit: truncate (a long topic, a long reason)
+        cut = MAX_LINE - 2
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a character
+            cut -= 1
+        data = data[:cut]
+    return data + CRLF
+
+
+def with_tag(line: bytes, tag: bytes) -> bytes:
+    if line.startswith(b"@"):
+        return b"@" + tag + b";" + line[1:]
+    return b"@" + tag + b" " + line
+
+
+def split_utf8(text: str, limit: int) -> list[str]:
+    """Split ``text`` into pieces of at most ``limit`` UTF-8 bytes, at spaces when one
+    is near the end of the piece, never inside a character."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return [text]
+    out = []
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # do not split a character
+            cut -= 1
+        space = data.rfind(b" ", max(1, cut - 80), cut)
+        if space > 0:
+            cut = space + 1
+        out.append(data[:cut].decode("utf-8", "replace"))
+        data = data[cut:]
+    if data:
+        out.append(data.decode("utf-8", "replace"))
+    return out
+
+
+def body_lines(body: str, limit: int) -> list[str]:
+    """A message body as IRC texts: one per body line, long lines split."""
+    out: list[str] = []
+    for raw in body.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "").split("\n"):
+        if raw:
+            out.extend(split_utf8(raw, limit))
+    return out or [" "]
+
+
+#: Channel prefix of each group role (NAMES, WHO, WHOIS).
+PREFIXES = {"owner": "~", "admin": "@"}

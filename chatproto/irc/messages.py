@@ -1,0 +1,156 @@
+"""Messages: PRIVMSG, NOTICE and CHATHISTORY (sending through the realm, and
+paging its history)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import gatherResults
+from twisted.python.failure import Failure
+
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.irc.commands import command
+from chatproto.irc.lines import (
+    MAX_TARGETS,
+    format_line,
+    param,
+    with_tag,
+)
+from chatproto.irc.replies import PendingSend, Reply, next_batch_id
+
+if TYPE_CHECKING:
+    from chatproto.irc.protocol import IRCProtocol
+
+
+@command("PRIVMSG", params=1)
+def privmsg(
+    p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str], notice: bool = False
+) -> Any:
+    assert p.session is not None
+    command = "NOTICE" if notice else "PRIVMSG"
+    if len(params) < 2 or not params[1]:
+        if not notice:
+            ctx.num("412", "No text to send")
+        return None
+    text = params[1]
+    targets = params[0].split(",")
+    if len(targets) > MAX_TARGETS:
+        if not notice:
+            ctx.num("407", params[0][:64], f"Too many targets (at most {MAX_TARGETS})")
+        return None
+    waits = []
+    for target in targets:
+        try:
+            to = p.resolve(target)
+        except ChatError as e:
+            if not notice:
+                p.error(ctx, command, e, target)
+            continue
+        entry = PendingSend(to, text, ctx)
+        p.pending_sends.append(entry)
+        d = p.session.send(to, text)
+        waits.append(
+            d.addCallbacks(
+                _sent,
+                _send_failed,
+                callbackArgs=(p, entry),
+                errbackArgs=(p, entry, command, target, notice),
+            )
+        )
+    if not waits:
+        return None
+    if len(waits) == 1:
+        return waits[0]
+    return gatherResults(waits)
+
+
+def _sent(env: Envelope, p: IRCProtocol, entry: PendingSend) -> None:
+    if not entry.matched:  # not echoed yet (still syncing): no label then
+        try:
+            p.pending_sends.remove(entry)
+        except ValueError:
+            pass
+
+
+def _send_failed(
+    f: Failure, p: IRCProtocol, entry: PendingSend, command: str, target: str, notice: bool
+) -> None:
+    if not entry.matched:
+        try:
+            p.pending_sends.remove(entry)
+        except ValueError:
+            pass
+    f.trap(ChatError)
+    if not notice:
+        p.error(entry.ctx, command, f.value, target)  # type: ignore[arg-type]
+
+
+@command("NOTICE", params=1)
+def notice(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    return privmsg(p, ctx, params, tags, notice=True)
+
+
+@command("CHATHISTORY", params=2)
+def chathistory(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    """``CHATHISTORY LATEST|BEFORE|AFTER <target> <*|msgid=ID> <limit>`` (msgids are
+    realm stream positions)."""
+
+    def fail(code: str, *args: str) -> None:
+        ctx.send(format_line(p.server, "FAIL", "CHATHISTORY", code, *args))
+
+    assert p.session is not None
+    sub = params[0].upper()
+    if sub not in ("LATEST", "BEFORE", "AFTER") or len(params) < 4:
+        fail("INVALID_PARAMS", sub[:20], "Supported: LATEST, BEFORE, AFTER with * or msgid=")
+        return None
+    target, ref, count = params[1], params[2], params[3]
+    page = p.realm.config.limits.history_page
+    pos: int | None = None
+    if ref != "*":
+        key, _, value = ref.partition("=")
+        if key != "msgid" or not value.isdigit():
+            fail("INVALID_MSGREFTYPE", sub, param(ref), "Only msgid references are supported")
+            return None
+        pos = int(value)
+    if not count.isdigit() or not 1 <= int(count) <= page:
+        fail("INVALID_PARAMS", sub, f"limit must be 1 to {page}")
+        return None
+    if ref == "*" and sub != "LATEST":
+        fail("INVALID_PARAMS", sub, "BEFORE and AFTER need a msgid")
+        return None
+    try:
+        peer = p.resolve(target)
+    except ChatError:
+        fail("INVALID_TARGET", sub, param(target), "No such target")
+        return None
+    before = pos if sub == "BEFORE" else None
+    after = pos if sub == "AFTER" else None
+    if sub == "LATEST" and pos is not None:
+        after = pos  # the newest items after the reference (at most limit)
+    d = p.session.history(peer, before, after, int(count))
+
+    def got(items: list[Envelope]) -> None:
+        ref_id = f"H{next_batch_id()}"
+        tag = f"batch={ref_id}".encode()
+        lines = [f":{p.server} BATCH +{ref_id} chathistory {param(target)}\r\n".encode()]
+        for env in items:
+            if env.kind == "event":
+                continue
+            lines.append(
+                with_tag(p.factory.lines(env, 3), tag)
+                if p.has("batch")
+                else p.factory.lines(env, p._tagmode)
+            )
+        lines.append(f":{p.server} BATCH -{ref_id}\r\n".encode())
+        if not p.has("batch"):
+            lines = lines[1:-1]
+        for line in lines:
+            ctx.send(line)
+
+    def failed(f: Failure) -> None:
+        f.trap(ChatError)
+        message = getattr(f.value, "message", "no history")
+        fail("INVALID_TARGET", sub, param(target), message)
+
+    return d.addCallbacks(got, failed)

@@ -1,0 +1,863 @@
+"""One IRC client connection: :class:`IRCProtocol`.
+
+A translator like :class:`chatproto.protocol.ClientProtocol`: it parses IRC lines,
+dispatches each command to its handler (``chatproto.irc.commands``), and turns
+:class:`chatproto.errors.ChatError` into numerics.  It decides nothing: every rule
+(who may send, join, kick, set a topic) lives in the realm.
+
+It is also the session's *mind*: it renders what the realm delivers (messages, group
+events, presence) and acknowledges what it has written.  Registration (CAP, SASL,
+PASS/NICK/USER, the welcome burst) and the connection-level commands (PING, QUIT,
+AWAY, MOTD, LUSERS) are here; the realm commands are in ``chatproto.irc.messages``,
+``chatproto.irc.channels`` and ``chatproto.irc.users``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproto import address
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
+from chatproto.irc import messages as _messages  # noqa: F401
+from chatproto.irc import users as _users  # noqa: F401
+from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
+from chatproto.irc.lines import (
+    MAX_LINE,
+    MAX_TAGS,
+    PREFIXES,
+    IRCBadLine,
+    channel_of,
+    format_line,
+    group_of,
+    nick_of,
+    param,
+    parse_line,
+    server_time,
+    split_utf8,
+    user_of,
+)
+from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
+from chatproto.ratelimit import TokenBucket
+from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
+
+if TYPE_CHECKING:
+    from chatproto.irc.factory import IRCFactory
+
+__all__ = ["ACK_DELAY", "CAPABILITIES", "DEVICE", "MAX_QUEUED", "IRCProtocol"]
+
+#: The realm device every IRC connection of an account logs in as (its ack position is
+#: where the next IRC login resumes).
+DEVICE = "irc"
+#: IRCv3 capabilities offered in CAP LS (``sasl`` gets its mechanism list with 302).
+CAPABILITIES = (
+    "away-notify",
+    "batch",
+    "draft/chathistory",
+    "echo-message",
+    "labeled-response",
+    "message-tags",
+    "sasl",
+    "server-time",
+)
+#: Seconds between writing an item and acknowledging it to the realm.
+ACK_DELAY = 1.0
+#: Lines held back by the flood limit before the connection is closed (Excess Flood).
+MAX_QUEUED = 256
+#: Base64 chunk size of AUTHENTICATE.
+SASL_CHUNK = 400
+
+
+@implementer(ISessionMind, IPushProducer)
+class IRCProtocol(LineOnlyReceiver):
+    """One IRC client connection.  States: ``registering`` -> ``ready`` -> ``closed``."""
+
+    log = Logger()
+    factory: IRCFactory
+    transport: Any
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_TAGS + MAX_LINE
+
+    def __init__(self) -> None:
+        self.state = "registering"
+        self.session: Session | None = None
+        self.user_id = ""
+        self.nick = "*"
+        self.username = ""
+        self.realname = ""
+        self.password: str | None = None
+        self.caps: set[str] = set()
+        self.cap_negotiating = False
+        self.logging_in = False
+        self.sasl: str | None = None  # mechanism in progress
+        self.sasl_buffer = ""
+        self.joined: set[str] = set()  # group addresses the client was told it is in
+        self.connected_at = 0.0
+        self.closed_at = 0.0
+        self.last_rx = 0.0
+        self.pinged = False
+        self.direct = Direct(self, None)
+        self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
+        self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
+        self._targets: dict[str, str] = {}  # IRC target -> canonical address
+        self.awaiting: dict[tuple[str, str], Reply] = {}  # (event, group) -> labeled reply
+        self._paused = False
+        self._paused_bytes = 0
+        self._held: list[bytes] | None = None
+        self._writable: list[Deferred[None]] = []
+        self._ack_call: Any = None
+        self._bucket: TokenBucket | None = None
+        self._queue: deque[bytes] = deque()
+        self._drain_call: Any = None
+
+    # connection lifecycle ---------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        return self.factory.server_name
+
+    @property
+    def realm(self) -> RealmService:
+        return self.factory.realm
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.connected_at = self.last_rx = f.clock.seconds()
+        f.connections.add(self)
+        cfg = f.realm.config.irc
+        if cfg.flood_rate > 0:
+            self._bucket = TokenBucket(cfg.flood_rate, cfg.flood_burst, self.connected_at)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.state = "closed"
+        self.factory.connections.discard(self)
+        for call in (self._ack_call, self._drain_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ack_call = self._drain_call = None
+        self._queue.clear()
+        if self.session is not None:
+            self.log.info(
+                "IRC session of {user} from {peer} ended: {reason}",
+                user=self.session.user_id,
+                peer=self.peer(),
+                reason=reason.getErrorMessage() if reason is not None else "closed",
+            )
+            self.session.logout()
+            self.session = None
+        waiters, self._writable = self._writable, []
+        for d in waiters:
+            d.callback(None)
+
+    def peer(self) -> str:
+        peer = self.transport.getPeer() if self.transport else None
+        return getattr(peer, "host", str(peer))
+
+    def has(self, cap: str) -> bool:
+        return cap in self.caps
+
+    def mask(self, user: str) -> str:
+        """``nick!name@realm`` for a canonical user address."""
+        nick = nick_of(user, self.realm.realm)
+        name, _, where = user.partition("@")
+        return f"{nick}!{name}@{where or self.realm.realm}"
+
+    # IPushProducer ------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._paused_bytes = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiters, self._writable = self._writable, []
+        for d in waiters:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # output -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
+        if self._held is not None:  # keep order: held lines go out first
+            held, self._held = self._held, None
+            data = b"".join(held) + data
+        if self._paused:
+            self._paused_bytes += len(data)
+            if self._paused_bytes > self.realm.config.limits.max_output_buffer:
+                self.log.info("dropping slow IRC reader {peer}", peer=self.peer())
+                self.state = "closed"
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
+
+    def send_line(self, source: str | None, command: str, *params: str) -> None:
+        self.write(format_line(source, command, *params))
+
+    # keepalive (called by the factory's sweep, shared with the native protocol) -------
+
+    def login_timed_out(self) -> None:
+        self.close_with("Registration timed out")
+
+    def keepalive_expired(self) -> None:
+        self.close_with("Ping timeout")
+
+    def send_ping(self) -> None:
+        self.write(f"PING :{self.factory.server_name}\r\n".encode())
+
+    def close_with(self, message: str) -> None:
+        """``ERROR :message``, then close (the IRC way of ending a connection)."""
+        if self.state == "closed":
+            return
+        self.write(format_line(None, "ERROR", message))
+        self.state = "closed"
+        self.closed_at = self.factory.clock.seconds()
+        # A TLS transport shuts down only once no producer is registered.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # ISessionMind -------------------------------------------------------------------
+
+    def deliver(self, envelope: Envelope) -> None:
+        """The realm hands over one committed item: render and write (or hold) it.
+
+        The hot path of fan-out: a text item from someone else, whose line the factory
+        has already encoded for the previous receiver; written in one go per burst."""
+        if envelope.kind != "text" or envelope.sender == self.user_id:
+            self._deliver_other(envelope)
+            return
+        f = self.factory
+        data = f._cache[self._tagmode] if envelope is f._cache_env else None
+        if data is None:
+            data = f.lines(envelope, self._tagmode)
+        held = self._held
+        if held is not None:
+            held.append(data)
+        elif self._paused or self.state == "closed":
+            self.write(data)
+        elif f.realm.bursting:
+            self._held = [data]
+            f.realm.hold(self)
+        else:
+            self.transport.write(data)
+        if self._ack_call is None:
+            self.written()
+
+    def _deliver_other(self, envelope: Envelope) -> None:
+        """Events, other kinds, and our own messages (echo-message)."""
+        if envelope.kind == "event":
+            self._deliver_event(envelope)
+            return
+        if envelope.sender == self.user_id:
+            pending = self.pending_sends
+            if pending:
+                head = pending[0]
+                if head.to == envelope.recipient and head.body == envelope.body:
+                    pending.popleft()
+                    head.matched = True
+                    if "echo-message" in self.caps:
+                        head.ctx.send(self.factory.lines(envelope, self._tagmode))
+                    self.written()
+                    return
+            if "echo-message" not in self.caps:
+                self.written()  # our own message from elsewhere: the client cannot show it
+                return
+        self.write(self.factory.lines(envelope, self._tagmode))
+        self.written()
+
+    def written(self) -> None:
+        """Acknowledge what was written, a little later (one ack per ACK_DELAY)."""
+        if self._ack_call is None and self.session is not None and self.state != "closed":
+            self._ack_call = self.factory.clock.callLater(ACK_DELAY, self._ack)
+
+    def _ack(self) -> None:
+        self._ack_call = None
+        if self.session is None or self.session.closed:
+            return
+        if self._paused:  # still queued on our side: acknowledge once the client reads
+            self.written()
+            return
+        self.session.ack(self.session._last)
+
+    def flush(self) -> None:
+        """Write the lines held during a delivery burst."""
+        held, self._held = self._held, None
+        if held:
+            self.write(b"".join(held))
+
+    def notify(self, notice: Notice) -> None:
+        data = notice.data
+        if data.get("type") != "presence" or "away-notify" not in self.caps:
+            return
+        user = data.get("user", "")
+        if user == self.user_id:
+            return
+        status = data.get("status")
+        if status in ("away", "busy"):
+            self.send_line(self.mask(user), "AWAY", data.get("text") or status)
+        elif status == "online":
+            self.write(f":{self.mask(user)} AWAY\r\n".encode())
+
+    def synced(self, pos: int) -> None:
+        self.written()
+
+    def wait_writable(self) -> Deferred[None]:
+        if not self._paused or self.state == "closed":
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._writable.append(d)
+        return d
+
+    def disconnect(self, code: str, message: str) -> None:
+        self.close_with(message)
+
+    # events ---------------------------------------------------------------------------
+
+    def _deliver_event(self, env: Envelope) -> None:
+        meta = env.meta or {}
+        event = meta.get("event", "")
+        group = env.recipient
+        chan = channel_of(group, self.realm.realm)
+        actor = self.mask(env.sender)
+        user = meta.get("user", "")
+        me = self.user_id
+        ctx: Reply = self.direct
+        if env.sender == me:
+            ctx = self.awaiting.pop((event, group), self.direct)
+        prefix = b""
+        if self._tagmode & 1:
+            prefix = f"@time={server_time(env.ts)} ".encode()
+
+        def out(source: str, command: str, *params: str) -> None:
+            ctx.send(prefix + format_line(source, command, *params))
+
+        if event in ("created", "joined"):
+            who = env.sender if event == "created" else user
+            if who == me:
+                if group not in self.joined:
+                    self.joined.add(group)
+                    out(actor, "JOIN", chan)
+                    self.channel_burst(ctx, group, chan)
+            else:
+                out(self.mask(who), "JOIN", chan)
+        elif event == "left":
+            self._gone(user, group)
+            out(self.mask(user), "PART", chan, "left")
+        elif event == "kicked":
+            self._gone(user, group)
+            out(
+                actor, "KICK", chan, nick_of(user, self.realm.realm), meta.get("reason") or "kicked"
+            )
+        elif event == "banned":
+            nick = nick_of(user, self.realm.realm)
+            out(actor, "MODE", chan, "+b", f"{nick}!*@*")
+            if (user == me and group in self.joined) or user != me:
+                self._gone(user, group)
+                out(actor, "KICK", chan, nick, meta.get("reason") or "banned")
+        elif event == "unbanned":
+            out(actor, "MODE", chan, "-b", f"{nick_of(user, self.realm.realm)}!*@*")
+        elif event == "invited":
+            if user == me:
+                out(actor, "INVITE", nick_of(me, self.realm.realm), chan)
+        elif event == "topic":
+            out(actor, "TOPIC", chan, meta.get("topic", ""))
+        elif event == "role":
+            nick = nick_of(user, self.realm.realm)
+            change = {"owner": "+q", "admin": "-q+o", "member": "-qo"}.get(meta.get("role", ""))
+            if change:
+                args = [nick] * (len(change) - change.count("+") - change.count("-"))
+                out(actor, "MODE", chan, change, *args)
+        elif event == "deleted":
+            if group in self.joined:
+                self.joined.discard(group)
+                out(actor, "KICK", chan, self.nick, "the channel was deleted")
+        if ctx is not self.direct:
+            ctx.finish()
+        self.written()
+
+    def _gone(self, user: str, group: str) -> None:
+        if user == self.user_id:
+            self.joined.discard(group)
+
+    def channel_burst(self, ctx: Reply, group: str, chan: str) -> None:
+        """Topic and names of a channel the client has just joined."""
+        g = self.realm.groups.groups.get(group)
+        if g is None:
+            return
+        if g.topic:
+            ctx.num("332", chan, g.topic)
+        self.names(ctx, group, chan)
+
+    def names(self, ctx: Reply, group: str, chan: str) -> None:
+        g = self.realm.groups.groups.get(group)
+        if g is not None and (g.visibility == "public" or self.user_id in g.members):
+            realm = self.realm.realm
+            names = [
+                PREFIXES.get(m.role, "") + nick_of(u, realm) for u, m in sorted(g.members.items())
+            ]
+            head = f":{self.server} 353 {self.nick} = {chan} :"
+            room = MAX_LINE - 2 - len(head.encode())
+            chunk: list[str] = []
+            size = 0
+            for name in names:
+                if chunk and size + len(name) + 1 > room:
+                    ctx.num("353", "=", chan, " ".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(name)
+                size += len(name) + 1
+            if chunk:
+                ctx.num("353", "=", chan, " ".join(chunk))
+        ctx.num("366", chan, "End of /NAMES list")
+
+    # input --------------------------------------------------------------------------
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.close_with("Input line was too long")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state == "closed":
+            return
+        if self._bucket is not None:
+            if self._queue or self._bucket.take(self.factory.clock.seconds()):
+                self._hold_line(line)
+                return
+        self._handle(line)
+
+    def _hold_line(self, line: bytes) -> None:
+        """Flood control: past the burst, lines wait (reading pauses) at flood_rate."""
+        if len(self._queue) >= MAX_QUEUED:
+            self.close_with("Excess Flood")
+            return
+        self._queue.append(line)
+        if self._drain_call is None:
+            self.transport.pauseProducing()
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        assert self._bucket is not None
+        wait = max(0.0, (1.0 - self._bucket.tokens) / self._bucket.rate)
+        self._drain_call = self.factory.clock.callLater(wait, self._drain)
+
+    def _drain(self) -> None:
+        self._drain_call = None
+        assert self._bucket is not None
+        while self._queue and self.state != "closed":
+            if self._bucket.take(self.factory.clock.seconds()):
+                self._schedule_drain()
+                return
+            self._handle(self._queue.popleft())
+        if self.state != "closed":
+            self.transport.resumeProducing()
+
+    def _handle(self, raw: bytes) -> None:
+        self.last_rx = self.factory.clock.seconds()
+        self.pinged = False
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        size = len(raw)
+        if raw.startswith(b"@"):  # the 512-byte limit is for the line without its tags
+            size -= len(raw) - len(raw.partition(b" ")[2].lstrip(b" "))
+        if size > MAX_LINE - 2:
+            self.direct.num("417", "Input line was too long")
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.direct.send(
+                format_line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8")
+            )
+            return
+        try:
+            tags, command, params = parse_line(text)
+        except IRCBadLine:
+            return  # silently ignored, like every IRC server
+        label = tags.get("label") if "labeled-response" in self.caps else None
+        ctx = Reply(self, label) if label is not None else self.direct
+        handler = COMMANDS.get(command)
+        if handler is None:
+            if self.state == "ready":
+                ctx.num("421", command[:32], "Unknown command")
+            else:
+                ctx.num("451", "You have not registered")
+            ctx.finish()
+            return
+        if self.state != "ready" and command not in PRE_REGISTRATION:
+            ctx.num("451", "You have not registered")
+            ctx.finish()
+            return
+        need = MIN_PARAMS.get(command, 0)
+        if len(params) < need or any(not p for p in params[: need if need < 2 else 1]):
+            ctx.num("461", command, "Not enough parameters")
+            ctx.finish()
+            return
+        try:
+            result = handler(self, ctx, params, tags)
+        except ChatError as e:
+            self.error(ctx, command, e, params[0] if params else "*")
+            result = None
+        except Exception:
+            self.log.failure("IRC {command} from {peer} failed", command=command, peer=self.peer())
+            ctx.num("400", command, "Internal error; it was logged")
+            result = None
+        if isinstance(result, Deferred):
+            result.addErrback(self._crashed, ctx, command)
+            result.addBoth(lambda _: ctx.finish())
+        else:
+            ctx.finish()
+
+    def _crashed(self, failure: Failure, ctx: Reply, command: str) -> None:
+        self.log.failure("IRC {command} failed", failure, command=command)
+        ctx.num("400", command, "Internal error; it was logged")
+
+    def error(self, ctx: Reply, command: str, err: ChatError, target: str) -> None:
+        """A realm error as the numeric an IRC client expects."""
+        if err.code == "rate_limited":
+            ctx.num("263", command, f"Please wait a while and try again ({err.message})")
+            return
+        if err.code == "too_large":
+            ctx.num("417", err.message)
+            return
+        known = ERROR_NUMERICS.get(err.code)
+        if known is None:
+            ctx.num("400", command, err.message)
+            return
+        code, text = known
+        if code == "401" and target.startswith("#"):
+            code, text = "403", "No such channel"
+        if code == "442" and command in ("PRIVMSG", "NOTICE"):
+            code, text = "404", "Cannot send to channel"
+        ctx.num(code, target, text)
+
+    # targets ------------------------------------------------------------------------
+
+    def resolve(self, target: str) -> str:
+        """A message target as the realm's canonical address (raises ChatError).
+
+        Remembered per connection (a client talks to few targets, many times)."""
+        known = self._targets.get(target)
+        if known is not None:
+            return known
+        if target.startswith("#"):
+            found = str(address.parse(group_of(target), self.realm.realm, group=True))
+        else:
+            found = str(address.user(user_of(target), self.realm.realm))
+        if len(self._targets) >= 256:
+            self._targets.clear()
+        self._targets[target] = found
+        return found
+
+    def group_address(self, chan: str) -> str:
+        if not chan.startswith("#"):
+            raise ChatError("no_such_group")
+        return str(address.parse(group_of(chan), self.realm.realm, group=True))
+
+    # registration -------------------------------------------------------------------
+
+    @command("CAP", params=1, early=True)
+    def irc_CAP(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        sub = params[0].upper()
+        if sub == "LS":
+            if self.state != "ready":
+                self.cap_negotiating = True
+            v302 = len(params) > 1 and params[1].isdigit() and int(params[1]) >= 302
+            offered = [c if c != "sasl" or not v302 else "sasl=PLAIN" for c in CAPABILITIES]
+            ctx.send(format_line(self.server, "CAP", self.nick, "LS", " ".join(offered)))
+        elif sub == "LIST":
+            caps = " ".join(sorted(self.caps))
+            ctx.send(format_line(self.server, "CAP", self.nick, "LIST", caps))
+        elif sub == "REQ":
+            if self.state != "ready":
+                self.cap_negotiating = True
+            wanted = params[1].split() if len(params) > 1 else []
+            ok = all(w.lstrip("-") in CAPABILITIES for w in wanted)
+            if ok:
+                for w in wanted:
+                    if w.startswith("-"):
+                        self.caps.discard(w[1:])
+                    else:
+                        self.caps.add(w)
+                self._tagmode = ("server-time" in self.caps) | ("message-tags" in self.caps) << 1
+            reply = "ACK" if ok else "NAK"
+            ctx.send(format_line(self.server, "CAP", self.nick, reply, " ".join(wanted)))
+        elif sub == "END":
+            if self.state != "ready" and self.cap_negotiating:
+                self.cap_negotiating = False
+                self._try_register()
+        else:
+            ctx.num("410", sub[:20], "Invalid CAP command")
+
+    @command("PASS", params=1, early=True)
+    def irc_PASS(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        if self.state == "ready" or self.session is not None:
+            ctx.num("462", "You may not reregister")
+            return
+        self.password = params[0]
+
+    @command("NICK", params=1, early=True)
+    def irc_NICK(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        wanted = params[0]
+        try:
+            name = address.normalise_name(user_of(wanted))
+        except ChatError:
+            ctx.num("432", param(wanted), "Erroneous nickname")
+            return
+        if self.state == "ready":
+            if name != address.normalise_name(self.user_id.partition("@")[0]):
+                ctx.num("433", param(wanted), "Your nick is your account name; it cannot change")
+            return
+        self.nick = wanted
+        self._try_register()
+
+    @command("USER", params=4, early=True)
+    def irc_USER(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        if self.state == "ready" or self.username:
+            ctx.num("462", "You may not reregister")
+            return
+        self.username = params[0][:32]
+        self.realname = params[3][:128]
+        self._try_register()
+
+    @command("AUTHENTICATE", params=1, early=True)
+    def irc_AUTHENTICATE(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+        arg = params[0]
+        if self.session is not None or self.state == "ready":
+            ctx.num("907", "You have already authenticated using SASL")
+            return None
+        if self.logging_in:
+            return None
+        if arg == "*":
+            self.sasl, self.sasl_buffer = None, ""
+            ctx.num("906", "SASL authentication aborted")
+            return None
+        if self.sasl is None:
+            if arg.upper() != "PLAIN":
+                ctx.num("908", "PLAIN", "are available SASL mechanisms")
+                ctx.num("904", "SASL authentication failed")
+                return None
+            self.sasl = "PLAIN"
+            ctx.send(b"AUTHENTICATE +\r\n")
+            return None
+        if len(arg) > SASL_CHUNK:
+            self.sasl, self.sasl_buffer = None, ""
+            ctx.num("905", "SASL message too long")
+            return None
+        if arg != "+":
+            self.sasl_buffer += arg
+        if len(arg) == SASL_CHUNK:
+            if len(self.sasl_buffer) > 4 * SASL_CHUNK:
+                self.sasl, self.sasl_buffer = None, ""
+                ctx.num("905", "SASL message too long")
+            return None  # more to come
+        data, self.sasl, self.sasl_buffer = self.sasl_buffer, None, ""
+        try:
+            authzid, authcid, password = (
+                base64.b64decode(data, validate=True).decode("utf-8").split("\0")
+            )
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            ctx.num("904", "SASL authentication failed: malformed PLAIN message")
+            return None
+        if authzid and authzid != authcid:
+            ctx.num("904", "SASL authentication failed: authzid must be empty or the account")
+            return None
+
+        def ok(session: Session) -> None:
+            account = nick_of(session.user_id, self.realm.realm)
+            ctx.num(
+                "900",
+                f"{account}!{account}@{self.realm.realm}",
+                account,
+                f"You are now logged in as {account}",
+            )
+            ctx.num("903", "SASL authentication successful")
+            self._try_register()
+
+        def failed(err: ChatError) -> None:
+            if err.code == "rate_limited":
+                ctx.num(
+                    "904",
+                    f"SASL authentication failed: {err.message}, "
+                    f"retry after {err.extra.get('retry_after', 1)} s",
+                )
+            elif err.code == "auth_failed":
+                ctx.num("904", "SASL authentication failed")
+            else:  # too_many_sessions, a bad device...: say what the realm said
+                ctx.num("904", f"SASL authentication failed: {err.message}")
+
+        return self._login(authcid, password, ok, failed)
+
+    def _login(
+        self,
+        account: str,
+        password: str,
+        ok: Callable[[Session], None],
+        failed: Callable[[ChatError], None],
+    ) -> Deferred[None]:
+        """Log in through the realm (its portal, its failure throttle)."""
+        self.logging_in = True
+        try:
+            d: Deferred[Session] = self.realm.login(account, password, self, DEVICE, self.peer())
+        except ChatError as e:  # pragma: no cover - login raises inside its Deferred
+            d = Deferred()
+            d.errback(e)
+
+        def done(session: Session) -> None:
+            self.logging_in = False
+            if self.state == "closed":
+                session.logout()
+                return
+            self.session = session
+            self.user_id = session.user_id
+            ok(session)
+
+        def error(f: Failure) -> None:
+            self.logging_in = False
+            f.trap(ChatError)
+            if self.state != "closed":
+                failed(f.value)  # type: ignore[arg-type]
+
+        return d.addCallbacks(done, error)
+
+    def _try_register(self) -> None:
+        if self.state != "registering" or self.cap_negotiating or self.logging_in:
+            return
+        if self.nick == "*" or not self.username:
+            return
+        if self.session is not None:
+            self._welcome()
+            return
+        password = self.password
+        if password is None:
+            self.direct.num("464", "Password required: log in with SASL PLAIN or PASS")
+            self.close_with("Access denied: no password")
+            return
+        account = self.nick
+        name, sep, rest = password.partition(":")
+        if sep:
+            try:
+                account, password = address.normalise_name(user_of(name)), rest
+            except ChatError:
+                pass
+
+        def failed(err: ChatError) -> None:
+            if err.code == "rate_limited":
+                self.direct.num(
+                    "464",
+                    f"Password incorrect ({err.message}, retry after "
+                    f"{err.extra.get('retry_after', 1)} s)",
+                )
+            elif err.code == "auth_failed":
+                self.direct.num("464", "Password incorrect")
+            else:  # the password was right, the login still refused (too_many_sessions)
+                self.close_with(f"Access denied: {err.message}")
+                return
+            self.close_with("Access denied: bad password")
+
+        self._login(account, password, lambda s: self._welcome(), failed)
+
+    def _welcome(self) -> None:
+        assert self.session is not None
+        f = self.factory
+        realm = self.realm
+        old = self.nick
+        self.nick = nick_of(self.user_id, realm.realm)
+        self.state = "ready"
+        ctx = self.direct
+        if old != self.nick and old != "*":
+            self.write(f":{old}!{self.username}@{realm.realm} NICK {self.nick}\r\n".encode())
+        ctx.num("001", f"Welcome to the {realm.realm} chat realm, {self.mask(self.user_id)}")
+        ctx.num("002", f"Your host is {self.server}, running version {f.version}")
+        ctx.num("003", f"This server was created {f.created}")
+        ctx.num("004", self.server, f.version, "i", "biqnot", "bqo")
+        for chunk in f.isupport_lines():
+            ctx.num("005", *chunk, "are supported by this server")
+        self._lusers(ctx)
+        self._motd(ctx)
+        self.log.info("IRC login {user} from {peer}", user=self.user_id, peer=self.peer())
+        for group in sorted(realm.groups.of_user.get(self.user_id, ())):
+            chan = channel_of(group, realm.realm)
+            self.joined.add(group)
+            self.write(f":{self.mask(self.user_id)} JOIN {chan}\r\n".encode())
+            self.channel_burst(ctx, group, chan)
+        session = self.session
+
+        def failed(f: Failure) -> None:
+            self.log.failure("IRC backlog for {user} failed", f, user=session.user_id)
+            self.close_with("could not send the backlog; reconnect")
+
+        session.start().addErrback(failed)
+
+    def _lusers(self, ctx: Reply) -> None:
+        realm = self.realm
+        users = realm.online_count()
+        ctx.num("251", f"There are {users} users and 0 invisible on 1 servers")
+        ctx.num("254", str(len(realm.groups.groups)), "channels formed")
+        ctx.num("255", f"I have {users} clients and 0 servers")
+
+    def _motd(self, ctx: Reply) -> None:
+        motd = self.realm.config.irc.motd
+        if not motd:
+            ctx.num("422", "MOTD File is missing")
+            return
+        ctx.num("375", f"- {self.server} Message of the day - ")
+        for text in motd.splitlines() or [""]:
+            for piece in split_utf8(text, 400):
+                ctx.num("372", f"- {piece}")
+        ctx.num("376", "End of /MOTD command.")
+
+    # connection commands ------------------------------------------------------------
+
+    @command("PING", params=1, early=True)
+    def irc_PING(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        ctx.send(format_line(self.server, "PONG", self.server, params[0]))
+
+    @command("PONG", early=True)
+    def irc_PONG(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        return None
+
+    @command("QUIT", early=True)
+    def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        if self.session is not None:
+            if self._ack_call is not None and self._ack_call.active():
+                self._ack_call.cancel()
+            self._ack()
+        self.close_with(f"Closing link: {self.nick} (Quit: {params[0] if params else ''})")
+
+    @command("MOTD")
+    def irc_MOTD(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        self._motd(ctx)
+
+    @command("LUSERS")
+    def irc_LUSERS(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        self._lusers(ctx)
+
+    @command("AWAY")
+    def irc_AWAY(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        assert self.session is not None
+        text = params[0] if params else ""
+        if text:
+            self.session.set_status("away", text[:MAX_STATUS_TEXT])
+            ctx.num("306", "You have been marked as being away")
+        else:
+            self.session.set_status("online")
+            ctx.num("305", "You are no longer marked as being away")
+
+    @command("TAGMSG", params=1)
+    def irc_TAGMSG(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        """Client-only tags (typing notices) are not stored or relayed."""
+        return None
