@@ -444,11 +444,11 @@ class FileService:
             raise ChatError("bad_request", "field 'to' must be a string")
         realm = self.realm
         if to.startswith("#"):
-            addr = realm._group_address(to, remote_ok=True)
-            realm._group_realms(user, addr)  # not_member
+            addr = realm.group_handler.address(to, remote_ok=True)
+            realm.group_handler.item_realms(user, addr)  # not_member
             return addr
         # A user on another realm (federation): that realm fetches the bytes from here.
-        resolved = realm._local_user(to, remote_ok=True)
+        resolved = realm.messages.resolve_user(to, remote_ok=True)
         if isinstance(resolved, Deferred):
             return resolved.addCallback(str)
         return str(resolved)
@@ -561,7 +561,7 @@ class FileService:
                     "name": up.name,
                     "media_type": up.media_type,
                 }
-                env = self.realm._envelope(user, to, "file", up.name, meta)
+                env = self.realm.messages.new_envelope(user, to, "file", up.name, meta)
                 try:
                     env = yield self.realm.commit_item(env)
                 except BaseException:

@@ -7,14 +7,16 @@ concern, in the shape of Synapse's handlers:
 
 - :mod:`chatproto.realm.service` -- :class:`RealmService`, the facade and its wiring;
 - :mod:`chatproto.realm.sessions` -- sessions (the avatar) and delivery to them;
-- :mod:`chatproto.realm.presence` -- who is online and who hears of it.
+- :mod:`chatproto.realm.presence` -- who is online and who hears of it;
+- :mod:`chatproto.realm.messaging` -- sending, committing and reading stream items;
+- :mod:`chatproto.realm.groups` -- the commit path of group changes and items.
 
 Everything the embedding guide documents is importable from ``chatproto.realm``.
 """
 
+from chatproto.realm.messaging import NONCES_PER_USER
 from chatproto.realm.presence import MAX_STATUS_TEXT, PRESENCE_STATES
 from chatproto.realm.service import (
-    NONCES_PER_USER,
     PasswordHasher,
     RealmService,
     StoreChecker,

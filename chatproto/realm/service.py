@@ -12,7 +12,6 @@ gateways and federation) never hold chat state: they call a
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -22,30 +21,30 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from chatproto import address
 from chatproto.address import Address
 from chatproto.config import Config
-from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.envelope import Envelope, new_message_id
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
-from chatproto.groups import EVENTS, Group, Groups, check_snapshot
+from chatproto.groups import EVENTS, Groups, check_snapshot
 from chatproto.ratelimit import FailureThrottle
+from chatproto.realm.groups import GroupHandler
+from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
 from chatproto.realm.sessions import ISession, Session, Sessions, check_device
 from chatproto.store import FILE_META, IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
 __all__ = [
-    "NONCES_PER_USER",
     "PasswordHasher",
     "RealmService",
     "StoreChecker",
@@ -53,8 +52,6 @@ __all__ = [
     "check_password",
 ]
 
-#: Send nonces remembered per user for idempotent retries.
-NONCES_PER_USER = 1024
 #: Arguments a group change may carry (forwarded with a request to a group's realm).
 _EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
 #: The client request that asks for each group event (for bounce texts).
@@ -191,7 +188,6 @@ class RealmService(Service):
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
         self._known_users: set[str] = set()
-        self._addresses: dict[str, Address] = {}
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
@@ -205,11 +201,8 @@ class RealmService(Service):
             self.groups,
             store,
             lambda: self.federation,
-            self._realms_of,
+            self.realms_of,
         )
-        self._group_locks: dict[str, DeferredLock] = {}
-        #: user -> recent send nonces -> the envelope (or the pending Deferred)
-        self._nonces: dict[str, OrderedDict[str, Any]] = {}
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock
         #: realm -> items committed for it during the current burst (one wake each).
@@ -223,6 +216,10 @@ class RealmService(Service):
         self.federation: Any = None
         #: Files: offers, uploads, downloads and their rules (see chatproto/files.py).
         self.files = FileService(self, config.files_path)
+        #: Group changes and group items (the rules are ``groups``).
+        self.group_handler = GroupHandler(self)
+        #: Sending, committing and reading stream items.
+        self.messages = Messaging(self, self._known_users)
 
     # service lifecycle --------------------------------------------------------------
 
@@ -251,7 +248,7 @@ class RealmService(Service):
         if self._hash_pool is not None:
             self._hash_pool.start()
         yield self._open_store()
-        self._known_users = set((yield self.store.list_users()))
+        self._known_users.update((yield self.store.list_users()))
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)
@@ -318,6 +315,7 @@ class RealmService(Service):
         existed = yield self.store.delete_user(addr.name, str(addr))
         self._known_users.discard(addr.name)
         self.tokens.revoke_user(addr.name)
+        self.messages.forget_nonces(str(addr))
         for s in list(self.sessions.of(str(addr))):
             s.mind.disconnect("auth_failed", "this account was deleted")
             s.logout()
@@ -495,7 +493,8 @@ class RealmService(Service):
         members on other realms as their realm last told us, without ``sessions``)."""
         if group is None:
             return self.presence.who()
-        return self.presence.who(self._group_for(session.user_id if session else "", group).members)
+        user = session.user_id if session else ""
+        return self.presence.who(self.group_handler.readable(user, group).members)
 
     def presence_for(self, realm: str) -> list[dict[str, Any]]:
         """Presence frames a link to ``realm`` sends when it becomes ready."""
@@ -508,273 +507,26 @@ class RealmService(Service):
     def set_status(self, session: Session, status: str, text: str = "") -> None:
         self.presence.set_status(session, status, text)
 
-    def _group_address(self, text: Any, remote_ok: bool = False) -> str:
-        """The canonical address of a group; one on another realm only with
-        ``remote_ok`` (sending, changes, history) and federation with that realm."""
-        if not isinstance(text, str):
-            raise ChatError("bad_request", "field 'group' must be a string")
-        addr = address.parse(text if text.startswith("#") else "#" + text, self.realm, group=True)
-        if not addr.is_local(self.realm):
-            if not remote_ok:
-                raise ChatError("remote_realm", f"{addr} is on another realm")
-            self._check_remote(addr.realm)
-        return str(addr)
-
     def group_event(self, session: Session, event: str, group: str, **args: Any) -> Any:
         """Check, commit, apply and route one group change; fires with its envelope."""
-        return self._group_event_by(session.user_id, event, group, args)
-
-    def _group_event_by(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
-        try:
-            addr = self._group_address(group, remote_ok=True)
-            commit = self._commit_event if addr.endswith(self._suffix) else self._forward_event
-            target = args.get("user")
-            if target is not None:
-                resolved = self._local_user(target, remote_ok=True)
-                if isinstance(resolved, Deferred):
-                    return resolved.addCallback(
-                        lambda a: commit(actor, event, addr, {**args, "user": str(a)})
-                    )
-                args = {**args, "user": str(resolved)}
-            return commit(actor, event, addr, args)
-        except ChatError as e:
-            return fail(e)
-
-    def _commit_event(
-        self, actor: str, event: str, addr: str, args: dict[str, Any]
-    ) -> Deferred[Envelope]:
-        """Changes to one group are checked and committed one at a time, so two
-        concurrent requests (two creates of one name, two joins past the member limit)
-        cannot both pass a check made against the same state."""
-        lock = self._group_locks.get(addr)
-        if lock is None:
-            lock = self._group_locks[addr] = DeferredLock()
-
-        def release(result: Any) -> Any:
-            if not lock.locked and not lock.waiting:
-                self._group_locks.pop(addr, None)
-            return result
-
-        d = lock.run(self._check_and_commit, actor, event, addr, args)
-        return d.addBoth(release)
-
-    def _check_and_commit(
-        self, actor: str, event: str, addr: str, args: dict[str, Any]
-    ) -> Deferred[Envelope]:
-        meta = self.groups.check(event, addr, actor, **args)
-        env = self._envelope(actor, addr, "event", "", meta)
-        group = self.groups.groups.get(addr)
-        # Every realm with a member, the actor or the target gets the event (once).
-        users = set(group.members) if group is not None else set()
-        users.add(actor)
-        if meta.get("user"):
-            users.add(meta["user"])
-        realms = sorted(self._realms_of(users))
-        queued: list[tuple[str, Any]] = [(r, env) for r in realms]
-        joiner_realm = actor.rpartition("@")[2]
-        if event == "joined" and group is not None and joiner_realm in realms:
-            if not any(u.endswith("@" + joiner_realm) for u in group.members):
-                # The joiner's realm has no member yet, so no mirror: its copy of the
-                # event carries the group's state (before the join) to build one from.
-                item = env.to_item()
-                item["meta"] = {**meta, "snapshot": self.groups.snapshot(addr)}
-                queued = [(r, item if r == joiner_realm else env) for r in realms]
-
-        def committed(_: object) -> Envelope:
-            before = self.groups.audience(env)
-            self.groups.apply(env)
-            self._route(env, before | self.groups.audience(env))
-            if event == "joined":
-                self.presence.on_join(actor, addr)
-            self.log.info(
-                "group {group}: {event} by {actor}",
-                group=addr,
-                event=event,
-                actor=actor,
-            )
-            for realm in realms:
-                self._wake(env, realm)
-            return env
-
-        return self.store.append([env], queued).addCallback(committed)
+        return self.group_handler.change(session.user_id, event, group, args)
 
     def list_groups(self) -> list[dict[str, Any]]:
         """The public groups of this realm (not the mirrors of other realms' groups)."""
-        return [
-            g.summary()
-            for addr, g in sorted(self.groups.groups.items())
-            if g.visibility == "public" and addr.endswith(self._suffix)
-        ]
-
-    def _group_for(self, user: str, text: Any, public: bool = False) -> Group:
-        """The group ``text`` names, for ``user`` to read: a group of this realm for
-        its members (anyone, for a public one, with ``public``); a group on another
-        realm, from its mirror, for its local members only.  This realm knows the
-        groups of other realms that its own users are in, nothing else, so anyone
-        else gets ``remote_realm`` (the home realm could answer; we do not ask it)."""
-        addr = self._group_address(text, remote_ok=True)
-        if addr.endswith(self._suffix):
-            g = self.groups.get(addr)
-            if not (public and g.visibility == "public"):
-                self.groups.readable_from(addr, user)  # members only
-            return g
-        mirror = self.groups.groups.get(addr)
-        if mirror is None or user not in mirror.members:
-            raise ChatError(
-                "remote_realm", f"{addr} is on another realm; its members here may ask about it"
-            )
-        return mirror
+        return self.group_handler.list_public()
 
     def members(self, session: Session, group: str) -> list[dict[str, Any]]:
-        g = self._group_for(session.user_id, group)
-        online = self.presence.is_online
-        return [
-            {"user": u, "role": m.role, "online": online(u)} for u, m in sorted(g.members.items())
-        ]
+        return self.group_handler.members(session.user_id, group)
 
     def group_info(self, session: Session, group: str) -> dict[str, Any]:
-        g = self._group_for(session.user_id, group, public=True)
-        info = g.summary()
-        info["role"] = g.role_of(session.user_id)
-        return info
-
-    def _group_realms(self, sender: str, addr: str) -> list[str]:
-        """The realms an item from ``sender`` to group ``addr`` (canonical) is queued
-        for, once ``sender`` is checked to be a member (``not_member``).
-
-        Our own group: every other realm with a member, once per realm (not member).
-        A group on another realm: its home realm only -- the item is stored here (our
-        members see it at once) and the home realm checks membership and forwards it.
-        """
-        home = addr.rpartition("@")[2]
-        if home == self.realm:
-            group = self.groups.get(addr)
-            if sender not in group.members:
-                raise ChatError("not_member", f"you are not a member of {addr}")
-            return sorted(self._realms_of(group.members))
-        mirror = self.groups.groups.get(addr)
-        if mirror is None or sender not in mirror.members:
-            raise ChatError("not_member", f"you are not a member of {addr}")
-        return [home]
-
-    def _send_group(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        addr = self._group_address(to, remote_ok=True)
-        realms = self._group_realms(sender, addr)
-        return self._append_group(self._envelope(sender, addr, "text", body), realms)
-
-    def _append_group(self, env: Envelope, realms: list[str]) -> Deferred[Envelope]:
-        """Commit a group item with its outbox rows for ``realms``, then route it and
-        wake their links."""
-        d = self.store.append([env], [(r, env) for r in realms])
-        d.addCallback(self._committed_group, env)
-        for realm in realms:
-            d.addCallback(self._wake, realm)
-        return d
-
-    def _committed_group(self, _: object, env: Envelope) -> Envelope:
-        group = self.groups.groups.get(env.recipient)
-        if group is not None:
-            self._route(env, group.members)
-        return env
-
-    # messages -----------------------------------------------------------------------
-
-    def _local_user(self, text: str, remote_ok: bool = False) -> Address | Deferred[Address]:
-        """The local user ``text`` names: an Address when known, else a Deferred.
-
-        With ``remote_ok`` (a message's recipient), a user of another realm is returned
-        as it is when federation with that realm is allowed (its realm checks it).
-        Parsed addresses are cached by their spelling (bounded), so the hot path does
-        not normalise the same recipient for every message.
-        """
-        addr = self._addresses.get(text)
-        if addr is None:
-            addr = address.user(text, self.realm)
-            if len(self._addresses) >= 65536:
-                self._addresses.clear()
-            self._addresses[text] = addr
-        if addr.realm != self.realm:
-            if not remote_ok:
-                raise ChatError("remote_realm", f"{addr} is on another realm")
-            self._check_remote(addr.realm)
-            return addr
-        if addr.name in self._known_users:
-            return addr
-
-        def check(exists: bool) -> Address:
-            if not exists:
-                raise ChatError("no_such_user", f"no user {addr} on this realm")
-            self._known_users.add(addr.name)
-            return addr
-
-        return self.store.user_exists(addr.name).addCallback(check)
-
-    def _check_body(self, body: Any) -> str:
-        if not isinstance(body, str):
-            raise ChatError("bad_request", "field 'body' must be a string")
-        if len(body) * 4 <= self.config.limits.max_body:
-            return body  # no character takes more than 4 bytes: no need to encode it
-        size = len(body.encode("utf-8", "surrogatepass"))
-        if size > self.config.limits.max_body:
-            raise ChatError(
-                "too_large", f"body is {size} bytes; the limit is {self.config.limits.max_body}"
-            )
-        return body
+        return self.group_handler.info(session.user_id, group)
 
     def send_private(
         self, session: Session, to: str, body: str, nonce: str | None = None
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
-        committed envelope.  The hot path of the realm: no generator, one Deferred.
-
-        With a ``nonce``, a send repeated by the same user with the same nonce (a client
-        retrying after its connection dropped before the result came) is not stored
-        again: it gets the first send's envelope.  The realm remembers the last
-        :data:`NONCES_PER_USER` nonces of each user, in memory.
-        """
-        if nonce is not None:
-            seen = self._nonces.get(session.user_id)
-            if seen is not None and nonce in seen:
-                first = seen[nonce]
-                if isinstance(first, Envelope):
-                    return succeed(first)
-                waiter: Deferred[Envelope] = Deferred()  # the first is being stored
-                first.append(waiter)
-                return waiter
-        try:
-            body = self._check_body(body)
-            wait = session._bucket.take(self.clock.seconds())
-            if wait:
-                raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
-        except ChatError as e:
-            return fail(e)
-        d = self._send_as(session.user_id, to, body)
-        if nonce is not None:
-            self._remember_nonce(session.user_id, nonce, d)
-        return d
-
-    def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
-        seen = self._nonces.setdefault(user, OrderedDict())
-        waiters: list[Deferred[Envelope]] = []
-        seen[nonce] = waiters
-        if len(seen) > NONCES_PER_USER:
-            seen.popitem(last=False)
-
-        def stored(env: Envelope) -> Envelope:
-            if seen.get(nonce) is waiters:
-                seen[nonce] = env
-            for w in waiters:
-                w.callback(env)
-            return env
-
-        def failed(f: Failure) -> Failure:
-            if seen.get(nonce) is waiters:
-                del seen[nonce]  # nothing was stored: a retry may try again
-            for w in waiters:
-                w.errback(f)
-            return f
-
-        d.addCallbacks(stored, failed)
+        committed envelope (see :meth:`chatproto.realm.messaging.Messaging.send`)."""
+        return self.messages.send(session, to, body, nonce)
 
     def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.
@@ -783,53 +535,21 @@ class RealmService(Service):
         ``realm.plugins`` in the config): the same rules as a client's ``send`` except
         the rate limit, durable before the Deferred fires.
         """
-        try:
-            body = self._check_body(body)
-            addr = self._local_user(sender)
-        except ChatError as e:
-            return fail(e)
-        if isinstance(addr, Deferred):
-            return addr.addCallback(lambda a: self._send_as(str(a), to, body))
-        return self._send_as(str(addr), to, body)
+        return self.messages.post(sender, to, body)
 
     def group_event_as(self, sender: str, event: str, group: str, **args: Any) -> Any:
         """:meth:`group_event` on behalf of local user ``sender`` (for extensions: a bot
         joining or creating its group).  Same permission rules as for a client."""
         try:
-            addr = self._local_user(sender)
+            addr = self.messages.resolve_user(sender)
         except ChatError as e:
             return fail(e)
+        change = self.group_handler.change
         if isinstance(addr, Deferred):
-            return addr.addCallback(lambda a: self._group_event_by(str(a), event, group, args))
-        return self._group_event_by(str(addr), event, group, args)
+            return addr.addCallback(lambda a: change(str(a), event, group, args))
+        return change(str(addr), event, group, args)
 
-    def _send_as(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        try:
-            if to.startswith("#"):
-                return self._send_group(sender, to, body)
-            recipient = self._local_user(to, remote_ok=True)
-        except ChatError as e:
-            return fail(e)
-        if isinstance(recipient, Deferred):
-            return recipient.addCallback(lambda r: self._store_private(sender, r, body))
-        return self._store_private(sender, recipient, body)
-
-    def _store_private(self, sender: str, recipient: Address, body: str) -> Deferred[Envelope]:
-        env = self._envelope(sender, str(recipient), "text", body)
-        # Durable before anyone hears of it: routing happens after the commit.
-        if recipient.realm == self.realm:
-            return self.store.append([env]).addCallback(self._committed, env)
-        # For another realm: the outbox row is committed with the item, so the item is
-        # delivered there whatever happens to this process after the commit.
-        d = self.store.append([env], [(recipient.realm, env)])
-        return d.addCallback(self._committed_remote, env, recipient.realm)
-
-    def _committed_remote(self, _: object, env: Envelope, realm: str) -> Envelope:
-        """Committed with its outbox row: route it and wake the link to ``realm``."""
-        self._committed(None, env)
-        return self._wake(env, realm)
-
-    def _wake(self, env: Envelope, realm: str) -> Envelope:
+    def wake(self, env: Envelope, realm: str) -> Envelope:
         """Items for ``realm`` were committed: wake its link -- once per group commit
         (at the end of the delivery burst, after every item of the commit has been
         applied and routed), not once per item."""
@@ -842,7 +562,7 @@ class RealmService(Service):
 
     # federation -----------------------------------------------------------------------
 
-    def _check_remote(self, realm: str) -> None:
+    def check_remote(self, realm: str) -> None:
         """Raise unless items may go to ``realm`` (federation on, realm allowed)."""
         fed = self.config.federation
         if not fed.enabled or self.federation is None:
@@ -869,7 +589,7 @@ class RealmService(Service):
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
         if not isinstance(ts, int | float) or isinstance(ts, bool):
             raise ChatError("bad_request", "item ts must be a number")
-        body = self._check_body(body)
+        body = self.messages.check_body(body)
         sender = self._parse(raw.get("from"), origin, False)
         to = raw.get("to")
         meta = raw.get("meta")
@@ -905,7 +625,7 @@ class RealmService(Service):
                 members = self.groups.get(recipient).members
                 if str(sender) not in members:
                     raise ChatError("not_member", f"{sender} is not a member of {recipient}")
-                fan = self._realms_of(members) - {origin}
+                fan = self.realms_of(members) - {origin}
             else:
                 raise ChatError(
                     "forged_sender", f"{origin} may not carry items of {group}, a third realm's"
@@ -946,7 +666,7 @@ class RealmService(Service):
             self._parsed[key] = addr
         return addr
 
-    def _realms_of(self, users: Any) -> set[str]:
+    def realms_of(self, users: Any) -> set[str]:
         """The other realms among ``users`` that this realm federates with."""
         if self.federation is None:
             return set()
@@ -970,9 +690,9 @@ class RealmService(Service):
             raise ChatError("bad_request", "request args: user, reason, topic or role")
         if not all(isinstance(v, str) for v in args.values()):
             raise ChatError("bad_request", "request args must be strings")
-        return self._group_event_by(str(actor), event, str(group), dict(args))  # type: ignore[no-any-return]
+        return self.group_handler.change(str(actor), event, str(group), dict(args))  # type: ignore[no-any-return]
 
-    def _forward_event(
+    def forward_group_change(
         self, actor: str, event: str, addr: str, args: dict[str, Any]
     ) -> Deferred[Envelope]:
         """A local user's change to a group on another realm: queued durably as a
@@ -990,11 +710,12 @@ class RealmService(Service):
             "args": {k: v for k, v in args.items() if k in _EVENT_ARGS and v is not None},
             "ts": self.clock.seconds(),  # for giving up on an unreachable home realm
         }
-        env = self._envelope(actor, addr, "event", "", {"event": event, "pending": True})
+        pending = {"event": event, "pending": True}
+        env = self.messages.new_envelope(actor, addr, "event", "", pending)
         env.id = request["id"]
 
         def queued(_: object) -> Envelope:
-            self._wake(env, home)
+            self.wake(env, home)
             return env
 
         return self.store.outbox_enqueue(home, [request]).addCallback(queued)
@@ -1118,20 +839,20 @@ class RealmService(Service):
                     if not env.recipient.startswith("#"):
                         if env.recipient in self.sessions.online:  # presence: a new partner
                             self.presence.add_partners(env.recipient, (env.sender,))
-                        self._committed(None, env)
+                        self.messages.committed(None, env)
                     elif env.kind == "event":
                         before = self.groups.audience(env)
                         self.groups.apply(env, mirror=not env.recipient.endswith(self._suffix))
-                        self._route(env, before | self.groups.audience(env))
+                        self.route(env, before | self.groups.audience(env))
                         meta = env.meta or {}
                         if meta.get("event") == "joined":
                             self.presence.on_join(meta.get("user", ""), env.recipient)
                     else:
-                        self._committed_group(None, env)
+                        self.group_handler.committed(None, env)
             finally:
                 self.end_burst()
             for realm in sorted({r for r, e in outbox if e.pos}):
-                self._wake(batch[0], realm)
+                self.wake(batch[0], realm)
 
         return self.store.append_remote(batch, outbox).addCallback(stored)
 
@@ -1196,7 +917,7 @@ class RealmService(Service):
             self.begin_burst()
             try:
                 for env in envs:
-                    self._route(env)
+                    self.route(env)
             finally:
                 self.end_burst()
 
@@ -1206,50 +927,22 @@ class RealmService(Service):
         """Peer realm ``origin`` has been unreachable a while: its users go offline here."""
         self.presence.realm_silent(origin)
 
-    def _envelope(
-        self,
-        sender: str,
-        recipient: str,
-        kind: str,
-        body: str,
-        meta: dict[str, Any] | None = None,
-    ) -> Envelope:
-        """A new stream item.  ``sender`` is always the realm's own idea of who sends
-        (a session's user, or a local user named by an extension), never client input."""
-        return Envelope(
-            id=new_message_id(),
-            kind=kind,
-            sender=sender,
-            recipient=recipient,
-            ts=self.clock.seconds(),
-            body=body,
-            meta=meta,
-        )
-
     def commit_item(self, env: Envelope) -> Deferred[Envelope]:
         """Store an item the realm's rules have already allowed (a file message, say),
-        then route it like a message; fires with it once committed.
+        then route it like a message; fires with it once committed (see
+        :meth:`chatproto.realm.messaging.Messaging.commit_item`)."""
+        return self.messages.commit_item(env)
 
-        An item for another realm (a user there, or a group with members there) is
-        committed with its outbox rows, like a message; a ``file`` item's bytes are
-        then fetched from here by each of those realms (see ``receive_remote``).  To a
-        group, the sender must still be a member (``not_member``)."""
-        if env.recipient.startswith("#"):
-            try:
-                realms = self._group_realms(env.sender, env.recipient)
-            except ChatError as e:
-                return fail(e)
-            return self._append_group(env, realms)
-        home = env.recipient.rpartition("@")[2]
-        if home != self.realm:  # a file for a user on another realm, which fetches it
-            d = self.store.append([env], [(home, env)]).addCallback(self._committed, env)
-            return d.addCallback(self._wake, home)
-        return self.store.append([env]).addCallback(self._committed, env)
-
-    def _committed(self, _: object, env: Envelope) -> Envelope:
-        self.presence.new_conversation(env.sender, env.recipient)
-        self._route(env)
-        return env
+    def history(
+        self,
+        session: Session,
+        peer: str,
+        before: int | None,
+        after: int | None,
+        limit: int | None,
+    ) -> Deferred[list[Envelope]]:
+        """A page of the history of a conversation ``session``'s user may read."""
+        return self.messages.history(session, peer, before, after, limit)
 
     @property
     def bursting(self) -> bool:
@@ -1281,7 +974,7 @@ class RealmService(Service):
                 except Exception:  # the other links must still be woken
                     self.log.failure("waking the link to {realm} failed", realm=realm)
 
-    def _route(self, env: Envelope, users: Any = None) -> None:
+    def route(self, env: Envelope, users: Any = None) -> None:
         """Deliver a committed item to every online session of its audience: ``users``
         (a group's members), or for a private message its recipient and its sender.
 
@@ -1296,31 +989,6 @@ class RealmService(Service):
                 observer(env)
             except Exception:
                 self.log.failure("message observer {o!r} failed", o=observer)
-
-    @inlineCallbacks
-    def history(
-        self,
-        session: Session,
-        peer: str,
-        before: int | None,
-        after: int | None,
-        limit: int | None,
-    ) -> Any:
-        page = self.config.limits.history_page
-        limit = page if limit is None else limit
-        if not 1 <= limit <= page:
-            raise ChatError("bad_request", f"limit must be between 1 and {page}")
-        if peer.startswith("#"):
-            conversation = self._group_address(peer, remote_ok=True)
-            # The group's rule decides (not the account's age): under "all" a member
-            # reads what was said before they, or their account, existed.
-            floor = self.groups.readable_from(conversation, session.user_id)
-        else:
-            other = address.user(peer, self.realm)
-            conversation = conversation_key(session.user_id, str(other))
-            floor = session.floor
-        items = yield self.store.history(conversation, before, after, limit, floor)
-        return items
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

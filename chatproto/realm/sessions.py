@@ -96,7 +96,7 @@ class Session:
         self.device = device
         self.mind = mind
         lim = realm.config.limits
-        self._bucket = TokenBucket(lim.send_rate, lim.send_burst, realm.clock.seconds())
+        self.bucket = TokenBucket(lim.send_rate, lim.send_burst, realm.clock.seconds())
         self._syncing = True
         self._buffer: list[Envelope] | None = []
         self._last = 0  # highest position delivered to this session

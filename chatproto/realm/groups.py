@@ -1,0 +1,218 @@
+"""The group handler: the commit path of group changes and group items.
+
+The rules of groups (who may join, kick, set the topic...; group state as the replay
+of its events) live in :mod:`chatproto.groups`; this handler applies them for the
+realm: it resolves addresses, checks a change against the current state, commits it
+with the outbox rows for the other realms concerned, applies it and routes it.
+Changes to one group are serialised (a lock per group), so two concurrent requests
+cannot both pass a check made against the same state.  A change to a group of another
+realm is a request to that realm (see ``RealmService.forward_group_change``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, DeferredLock, fail
+from twisted.logger import Logger
+
+from chatproto import address
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.groups import Group
+
+if TYPE_CHECKING:
+    from chatproto.realm.service import RealmService
+
+__all__ = ["GroupHandler"]
+
+
+class GroupHandler:
+    """Group changes, group items and what members may read of their groups."""
+
+    log = Logger()
+
+    def __init__(self, realm: RealmService) -> None:
+        self._realm = realm
+        self._name = realm.realm
+        self._suffix = "@" + realm.realm
+        self._rules = realm.groups
+        self._locks: dict[str, DeferredLock] = {}
+
+    # addresses and reading ----------------------------------------------------------
+
+    def address(self, text: Any, remote_ok: bool = False) -> str:
+        """The canonical address of a group; one on another realm only with
+        ``remote_ok`` (sending, changes, history) and federation with that realm."""
+        if not isinstance(text, str):
+            raise ChatError("bad_request", "field 'group' must be a string")
+        addr = address.parse(text if text.startswith("#") else "#" + text, self._name, group=True)
+        if not addr.is_local(self._name):
+            if not remote_ok:
+                raise ChatError("remote_realm", f"{addr} is on another realm")
+            self._realm.check_remote(addr.realm)
+        return str(addr)
+
+    def list_public(self) -> list[dict[str, Any]]:
+        """The public groups of this realm (not the mirrors of other realms' groups)."""
+        return [
+            g.summary()
+            for addr, g in sorted(self._rules.groups.items())
+            if g.visibility == "public" and addr.endswith(self._suffix)
+        ]
+
+    def readable(self, user: str, text: Any, public: bool = False) -> Group:
+        """The group ``text`` names, for ``user`` to read: a group of this realm for
+        its members (anyone, for a public one, with ``public``); a group on another
+        realm, from its mirror, for its local members only.  This realm knows the
+        groups of other realms that its own users are in, nothing else, so anyone
+        else gets ``remote_realm`` (the home realm could answer; we do not ask it)."""
+        addr = self.address(text, remote_ok=True)
+        if addr.endswith(self._suffix):
+            g = self._rules.get(addr)
+            if not (public and g.visibility == "public"):
+                self._rules.readable_from(addr, user)  # members only
+            return g
+        mirror = self._rules.groups.get(addr)
+        if mirror is None or user not in mirror.members:
+            raise ChatError(
+                "remote_realm", f"{addr} is on another realm; its members here may ask about it"
+            )
+        return mirror
+
+    def members(self, user: str, group: str) -> list[dict[str, Any]]:
+        g = self.readable(user, group)
+        online = self._realm.presence.is_online
+        return [
+            {"user": u, "role": m.role, "online": online(u)} for u, m in sorted(g.members.items())
+        ]
+
+    def info(self, user: str, group: str) -> dict[str, Any]:
+        g = self.readable(user, group, public=True)
+        info = g.summary()
+        info["role"] = g.role_of(user)
+        return info
+
+    # changes --------------------------------------------------------------------------
+
+    def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
+        """Check, commit, apply and route one change by local user ``actor`` (or, for
+        a group of this realm, a user of another realm); fires with its envelope."""
+        realm = self._realm
+        try:
+            addr = self.address(group, remote_ok=True)
+            commit = self._commit if addr.endswith(self._suffix) else realm.forward_group_change
+            target = args.get("user")
+            if target is not None:
+                resolved = realm.messages.resolve_user(target, remote_ok=True)
+                if isinstance(resolved, Deferred):
+                    return resolved.addCallback(
+                        lambda a: commit(actor, event, addr, {**args, "user": str(a)})
+                    )
+                args = {**args, "user": str(resolved)}
+            return commit(actor, event, addr, args)
+        except ChatError as e:
+            return fail(e)
+
+    def _commit(
+        self, actor: str, event: str, addr: str, args: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        """Changes to one group are checked and committed one at a time, so two
+        concurrent requests (two creates of one name, two joins past the member limit)
+        cannot both pass a check made against the same state."""
+        lock = self._locks.get(addr)
+        if lock is None:
+            lock = self._locks[addr] = DeferredLock()
+
+        def release(result: Any) -> Any:
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(addr, None)
+            return result
+
+        d = lock.run(self._check_and_commit, actor, event, addr, args)
+        return d.addBoth(release)
+
+    def _check_and_commit(
+        self, actor: str, event: str, addr: str, args: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        realm, rules = self._realm, self._rules
+        meta = rules.check(event, addr, actor, **args)
+        env = realm.messages.new_envelope(actor, addr, "event", "", meta)
+        group = rules.groups.get(addr)
+        # Every realm with a member, the actor or the target gets the event (once).
+        users = set(group.members) if group is not None else set()
+        users.add(actor)
+        if meta.get("user"):
+            users.add(meta["user"])
+        realms = sorted(realm.realms_of(users))
+        queued: list[tuple[str, Any]] = [(r, env) for r in realms]
+        joiner_realm = actor.rpartition("@")[2]
+        if event == "joined" and group is not None and joiner_realm in realms:
+            if not any(u.endswith("@" + joiner_realm) for u in group.members):
+                # The joiner's realm has no member yet, so no mirror: its copy of the
+                # event carries the group's state (before the join) to build one from.
+                item = env.to_item()
+                item["meta"] = {**meta, "snapshot": rules.snapshot(addr)}
+                queued = [(r, item if r == joiner_realm else env) for r in realms]
+
+        def committed(_: object) -> Envelope:
+            before = rules.audience(env)
+            rules.apply(env)
+            realm.route(env, before | rules.audience(env))
+            if event == "joined":
+                realm.presence.on_join(actor, addr)
+            self.log.info(
+                "group {group}: {event} by {actor}",
+                group=addr,
+                event=event,
+                actor=actor,
+            )
+            for other in realms:
+                realm.wake(env, other)
+            return env
+
+        return realm.store.append([env], queued).addCallback(committed)
+
+    # items ----------------------------------------------------------------------------
+
+    def item_realms(self, sender: str, addr: str) -> list[str]:
+        """The realms an item from ``sender`` to group ``addr`` (canonical) is queued
+        for, once ``sender`` is checked to be a member (``not_member``).
+
+        Our own group: every other realm with a member, once per realm (not member).
+        A group on another realm: its home realm only -- the item is stored here (our
+        members see it at once) and the home realm checks membership and forwards it.
+        """
+        home = addr.rpartition("@")[2]
+        if home == self._name:
+            group = self._rules.get(addr)
+            if sender not in group.members:
+                raise ChatError("not_member", f"you are not a member of {addr}")
+            return sorted(self._realm.realms_of(group.members))
+        mirror = self._rules.groups.get(addr)
+        if mirror is None or sender not in mirror.members:
+            raise ChatError("not_member", f"you are not a member of {addr}")
+        return [home]
+
+    def send(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        """A text message from local user ``sender`` to group ``to``."""
+        addr = self.address(to, remote_ok=True)
+        realms = self.item_realms(sender, addr)
+        return self.append(self._realm.messages.new_envelope(sender, addr, "text", body), realms)
+
+    def append(self, env: Envelope, realms: list[str]) -> Deferred[Envelope]:
+        """Commit a group item with its outbox rows for ``realms``, then route it and
+        wake their links."""
+        realm = self._realm
+        d = realm.store.append([env], [(r, env) for r in realms])
+        d.addCallback(self.committed, env)
+        for other in realms:
+            d.addCallback(realm.wake, other)
+        return d
+
+    def committed(self, _: object, env: Envelope) -> Envelope:
+        """A group item was committed: deliver it to the group's members."""
+        group = self._rules.groups.get(env.recipient)
+        if group is not None:
+            self._realm.route(env, group.members)
+        return env

@@ -1,0 +1,261 @@
+"""The messaging handler: sending, committing and reading stream items.
+
+A message is checked (body size, rate limit, recipient), committed durably (with its
+outbox row when it is for another realm, in the same transaction) and only then routed
+to online sessions: an acknowledged send is a committed one.  Sends carrying a client
+``nonce`` are idempotent.  History pages are read with the same permissions as
+delivery: a group's rule, or the account's floor for private conversations.
+
+This is the hot path of the realm: no generators on the send path, one Deferred per
+message.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.python.failure import Failure
+
+from chatproto import address
+from chatproto.address import Address
+from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.errors import ChatError
+from chatproto.realm.sessions import Session
+
+if TYPE_CHECKING:
+    from chatproto.realm.service import RealmService
+
+__all__ = ["NONCES_PER_USER", "Messaging"]
+
+#: Send nonces remembered per user for idempotent retries.
+NONCES_PER_USER = 1024
+
+
+class Messaging:
+    """Sends (from sessions and from extensions), commits and history."""
+
+    def __init__(self, realm: RealmService, known_users: set[str]) -> None:
+        self._realm = realm
+        self._name = realm.realm
+        self._store = realm.store
+        self._clock = realm.clock
+        self._limits = realm.config.limits
+        #: local account names known to exist (a cache the accounts code fills)
+        self._known = known_users
+        self._addresses: dict[str, Address] = {}
+        #: user -> recent send nonces -> the envelope (or the pending Deferred)
+        self._nonces: dict[str, OrderedDict[str, Any]] = {}
+
+    def new_envelope(
+        self,
+        sender: str,
+        recipient: str,
+        kind: str,
+        body: str,
+        meta: dict[str, Any] | None = None,
+    ) -> Envelope:
+        """A new stream item.  ``sender`` is always the realm's own idea of who sends
+        (a session's user, or a local user named by an extension), never client input."""
+        return Envelope(
+            id=new_message_id(),
+            kind=kind,
+            sender=sender,
+            recipient=recipient,
+            ts=self._clock.seconds(),
+            body=body,
+            meta=meta,
+        )
+
+    def resolve_user(self, text: str, remote_ok: bool = False) -> Address | Deferred[Address]:
+        """The local user ``text`` names: an Address when known, else a Deferred.
+
+        With ``remote_ok`` (a message's recipient), a user of another realm is returned
+        as it is when federation with that realm is allowed (its realm checks it).
+        Parsed addresses are cached by their spelling (bounded), so the hot path does
+        not normalise the same recipient for every message.
+        """
+        addr = self._addresses.get(text)
+        if addr is None:
+            addr = address.user(text, self._name)
+            if len(self._addresses) >= 65536:
+                self._addresses.clear()
+            self._addresses[text] = addr
+        if addr.realm != self._name:
+            if not remote_ok:
+                raise ChatError("remote_realm", f"{addr} is on another realm")
+            self._realm.check_remote(addr.realm)
+            return addr
+        if addr.name in self._known:
+            return addr
+
+        def check(exists: bool) -> Address:
+            if not exists:
+                raise ChatError("no_such_user", f"no user {addr} on this realm")
+            self._known.add(addr.name)
+            return addr
+
+        return self._store.user_exists(addr.name).addCallback(check)
+
+    def check_body(self, body: Any) -> str:
+        if not isinstance(body, str):
+            raise ChatError("bad_request", "field 'body' must be a string")
+        max_body = self._limits.max_body
+        if len(body) * 4 <= max_body:
+            return body  # no character takes more than 4 bytes: no need to encode it
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > max_body:
+            raise ChatError("too_large", f"body is {size} bytes; the limit is {max_body}")
+        return body
+
+    # sending ------------------------------------------------------------------------
+
+    def send(
+        self, session: Session, to: str, body: str, nonce: str | None = None
+    ) -> Deferred[Envelope]:
+        """Store a message (to a user or a group), then route it; fires with the
+        committed envelope.
+
+        With a ``nonce``, a send repeated by the same user with the same nonce (a client
+        retrying after its connection dropped before the result came) is not stored
+        again: it gets the first send's envelope.  The realm remembers the last
+        :data:`NONCES_PER_USER` nonces of each user, in memory.
+        """
+        if nonce is not None:
+            seen = self._nonces.get(session.user_id)
+            if seen is not None and nonce in seen:
+                first = seen[nonce]
+                if isinstance(first, Envelope):
+                    return succeed(first)
+                waiter: Deferred[Envelope] = Deferred()  # the first is being stored
+                first.append(waiter)
+                return waiter
+        try:
+            body = self.check_body(body)
+            wait = session.bucket.take(self._clock.seconds())
+            if wait:
+                raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+        except ChatError as e:
+            return fail(e)
+        d = self.send_as(session.user_id, to, body)
+        if nonce is not None:
+            self._remember_nonce(session.user_id, nonce, d)
+        return d
+
+    def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
+        seen = self._nonces.setdefault(user, OrderedDict())
+        waiters: list[Deferred[Envelope]] = []
+        seen[nonce] = waiters
+        if len(seen) > NONCES_PER_USER:
+            seen.popitem(last=False)
+
+        def stored(env: Envelope) -> Envelope:
+            if seen.get(nonce) is waiters:
+                seen[nonce] = env
+            for w in waiters:
+                w.callback(env)
+            return env
+
+        def failed(f: Failure) -> Failure:
+            if seen.get(nonce) is waiters:
+                del seen[nonce]  # nothing was stored: a retry may try again
+            for w in waiters:
+                w.errback(f)
+            return f
+
+        d.addCallbacks(stored, failed)
+
+    def forget_nonces(self, user: str) -> None:
+        """Forget the send nonces of canonical user address ``user``."""
+        self._nonces.pop(user, None)
+
+    def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``: the
+        same rules as a client's ``send`` except the rate limit."""
+        try:
+            body = self.check_body(body)
+            addr = self.resolve_user(sender)
+        except ChatError as e:
+            return fail(e)
+        if isinstance(addr, Deferred):
+            return addr.addCallback(lambda a: self.send_as(str(a), to, body))
+        return self.send_as(str(addr), to, body)
+
+    def send_as(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
+        """A checked ``body`` from canonical local user ``sender`` to ``to``."""
+        try:
+            if to.startswith("#"):
+                return self._realm.group_handler.send(sender, to, body)
+            recipient = self.resolve_user(to, remote_ok=True)
+        except ChatError as e:
+            return fail(e)
+        if isinstance(recipient, Deferred):
+            return recipient.addCallback(lambda r: self._store_private(sender, r, body))
+        return self._store_private(sender, recipient, body)
+
+    def _store_private(self, sender: str, recipient: Address, body: str) -> Deferred[Envelope]:
+        env = self.new_envelope(sender, str(recipient), "text", body)
+        # Durable before anyone hears of it: routing happens after the commit.
+        if recipient.realm == self._name:
+            return self._store.append([env]).addCallback(self.committed, env)
+        # For another realm: the outbox row is committed with the item, so the item is
+        # delivered there whatever happens to this process after the commit.
+        d = self._store.append([env], [(recipient.realm, env)])
+        d.addCallback(self.committed, env)
+        return d.addCallback(self._realm.wake, recipient.realm)
+
+    def commit_item(self, env: Envelope) -> Deferred[Envelope]:
+        """Store an item the realm's rules have already allowed (a file message, say),
+        then route it like a message; fires with it once committed.
+
+        An item for another realm (a user there, or a group with members there) is
+        committed with its outbox rows, like a message; a ``file`` item's bytes are
+        then fetched from here by each of those realms (see ``receive_remote``).  To a
+        group, the sender must still be a member (``not_member``)."""
+        groups = self._realm.group_handler
+        if env.recipient.startswith("#"):
+            try:
+                realms = groups.item_realms(env.sender, env.recipient)
+            except ChatError as e:
+                return fail(e)
+            return groups.append(env, realms)
+        home = env.recipient.rpartition("@")[2]
+        if home != self._name:  # a file for a user on another realm, which fetches it
+            d = self._store.append([env], [(home, env)]).addCallback(self.committed, env)
+            return d.addCallback(self._realm.wake, home)
+        return self._store.append([env]).addCallback(self.committed, env)
+
+    def committed(self, _: object, env: Envelope) -> Envelope:
+        """A private item was committed: its two ends become presence partners, and
+        it is delivered."""
+        self._realm.presence.new_conversation(env.sender, env.recipient)
+        self._realm.route(env)
+        return env
+
+    # reading ------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def history(
+        self,
+        session: Session,
+        peer: str,
+        before: int | None,
+        after: int | None,
+        limit: int | None,
+    ) -> Any:
+        page = self._limits.history_page
+        limit = page if limit is None else limit
+        if not 1 <= limit <= page:
+            raise ChatError("bad_request", f"limit must be between 1 and {page}")
+        if peer.startswith("#"):
+            conversation = self._realm.group_handler.address(peer, remote_ok=True)
+            # The group's rule decides (not the account's age): under "all" a member
+            # reads what was said before they, or their account, existed.
+            floor = self._realm.groups.readable_from(conversation, session.user_id)
+        else:
+            other = address.user(peer, self._name)
+            conversation = conversation_key(session.user_id, str(other))
+            floor = session.floor
+        items = yield self._store.history(conversation, before, after, limit, floor)
+        return items
