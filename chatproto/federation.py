@@ -106,6 +106,9 @@ CLOSE_GRACE = 2.0
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
 STATUS_FILE = "federation-status.json"
+#: Seconds a group request sent to another realm is remembered for its answer (the
+#: event in which the user acts) at least; three times ``give_up_after`` if longer.
+REQUEST_TTL = 30 * 86400.0
 
 _VERIFY_ERRORS = {
     9: "certificate is not yet valid",
@@ -1512,8 +1515,9 @@ class FederationService(MultiService):
     def give_up(self) -> Any:
         """Bounce what cannot be delivered: everything queued for a realm no longer
         allowed (``peer_denied``), and items older than ``give_up_after`` for a realm
-        whose link has been down that long (``peer_unreachable``).  Runs periodically;
-        a failure is logged and the next run tries again."""
+        whose link has been down that long (``peer_unreachable``); forget group
+        requests older than :data:`REQUEST_TTL`.  Runs periodically; a failure is
+        logged and the next run tries again."""
         cfg = self.cfg
         now = self.clock.seconds()
         try:
@@ -1539,6 +1543,9 @@ class FederationService(MultiService):
                     "peer_unreachable",
                     f"{realm} could not be reached for {span}{last}",
                 )
+            # A request whose answer never came: a later answer is not accepted.
+            ttl = max(REQUEST_TTL, 3 * (cfg.give_up_after or 0))
+            yield self.realm.store.expire_requests(now - ttl)
         except Exception:
             self.log.failure("federation: giving up on old items")
 

@@ -115,6 +115,57 @@ def test_remote_items_cannot_take_each_others_ids(store: Any) -> Any:
     assert twin.id.startswith("shared-id~") and twin.id != real.id
 
 
+@pytest_twisted.inlineCallbacks
+def test_group_requests_are_remembered_until_done(store: Any) -> Any:
+    """A request queued for another realm is remembered with its outbox row, and
+    stays remembered after the row is acknowledged, until it is done or expires."""
+    group = "#dev@h.example"
+
+    def request(rid: str, actor: str, ts: float, event: str = "joined") -> dict[str, Any]:
+        return {
+            "id": rid,
+            "kind": "request",
+            "from": actor,
+            "to": group,
+            "event": event,
+            "args": {},
+            "ts": ts,
+        }
+
+    yield store.outbox_enqueue("h.example", [request("r2", ALICE, 2.0), request("r1", ALICE, 1.0)])
+    yield store.outbox_enqueue("h.example", [request("r3", BOB, 3.0, "left")])
+    # a copy of an item queued as a dict is not a request
+    yield store.append(
+        [], [("h.example", {"id": "x", "kind": "event", "from": ALICE, "to": group})]
+    )
+    rows = yield store.outbox_read("h.example", 0, 10)
+    yield store.outbox_ack("h.example", rows[-1][0])
+    assert (yield store.outbox_counts()) == {}
+    assert [r["id"] for r in (yield store.pending_requests(ALICE, group))] == ["r1", "r2"]
+    assert (yield store.pending_requests(ALICE, "#other@h.example")) == []
+    yield store.request_done("r1")
+    yield store.request_done("r1")  # twice: nothing more happens
+    assert [r["id"] for r in (yield store.pending_requests(ALICE, group))] == ["r2"]
+    assert (yield store.expire_requests(2.5)) == 1
+    assert (yield store.pending_requests(ALICE, group)) == []
+    assert [r["event"] for r in (yield store.pending_requests(BOB, group))] == ["left"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_stored_item_by_id(store: Any) -> Any:
+    e = env(ALICE, BOB, "findable")
+    yield store.append([e])
+    found = yield store.stored_item(e.id)
+    assert (found.id, found.sender, found.recipient, found.body, found.pos) == (
+        e.id,
+        ALICE,
+        BOB,
+        "findable",
+        e.pos,
+    )
+    assert (yield store.stored_item("no-such-id")) is None
+
+
 def test_message_ids_are_unpredictable_and_distinct() -> None:
     ids = [new_message_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)

@@ -66,6 +66,8 @@ _REQUEST_OF = {
     "role": "set_role",
     "deleted": "delete_group",
 }
+#: Group events that name another user than their actor (``meta.user``).
+_TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role"})
 
 
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
@@ -570,15 +572,16 @@ class RealmService(Service):
         if not fed.allows(realm):
             raise ChatError("peer_denied", f"this realm does not federate with {realm}")
 
-    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str]]:
-        """Check one item a peer realm sent: the Envelope to store and the realms to
-        forward it to (as the home realm of its group), or ChatError.
+    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str], Any]:
+        """Check one item a peer realm sent: the Envelope to store, the realms to
+        forward it to (as the home realm of its group), and what is left to check
+        against the store (see :meth:`_from_home`), or ChatError.
 
         The anti-forgery rules: ``origin`` (authenticated by its certificate) may carry
         messages and files from its own users to users of this realm or to groups whose
         home is this realm (if the sender is a member); and, as the home realm of a
-        group, the group's messages, files and events whoever sent them.  Nothing else:
-        a member realm never carries a group's items to another member realm.
+        group, what :meth:`_from_home` allows.  Nothing else: a member realm never
+        carries a group's items to another member realm.
         """
         if not isinstance(raw, dict):
             raise ChatError("bad_request", "an item must be an object")
@@ -594,23 +597,12 @@ class RealmService(Service):
         to = raw.get("to")
         meta = raw.get("meta")
         fan: set[str] = set()
+        follow: Any = None
         if isinstance(to, str) and to.startswith("#"):
             group = self._parse(to, self.realm, True)
             recipient = str(group)
             if group.realm == origin:  # the group's home realm: authoritative for it
-                if kind == "event":
-                    if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
-                        raise ChatError("bad_request", "an event item needs meta.event")
-                    if not isinstance(meta.get("user", ""), str):
-                        raise ChatError("bad_request", "meta.user must be a string")
-                    if "snapshot" in meta:
-                        if meta["event"] != "joined":
-                            raise ChatError("bad_request", "only a joined event has a snapshot")
-                        _snapshot(meta["snapshot"])
-                elif kind == "file":
-                    meta = _file_meta(meta, body)
-                elif meta is not None:
-                    raise ChatError("bad_request", "a text item has no meta")
+                meta, follow = self._from_home(origin, sender, recipient, kind, meta, body)
             elif group.realm == self.realm:  # a member on the peer writes to our group
                 if sender.realm != origin:
                     raise ChatError(
@@ -652,7 +644,96 @@ class RealmService(Service):
             body=body,
             meta=dict(meta) if isinstance(meta, dict) else None,
         )
-        return env, fan
+        return env, fan, follow
+
+    def _from_home(
+        self, origin: str, sender: Address, group: str, kind: str, meta: Any, body: str
+    ) -> tuple[Any, str | ChatError | None]:
+        """Check an item of ``group`` from its home realm ``origin``: its checked
+        ``meta``, and what is left to check against the store (``echo``: an item of
+        one of our users, which must be one we sent; ``request``: an event in which
+        one of our users acts, which must answer a request of theirs we sent; a
+        ChatError: the item breaks a rule of the group's state, unless it is stored
+        already -- a transaction sent again after what came next changed the state).
+
+        What a home realm may assert (PROTOCOL.md, "What a home realm may assert"):
+        the group's items from its members (per our mirror, kept by its events), the
+        state of its group (events about anyone but our users, while we have a
+        member), and the removal, roles, invitations and bans of our users.  Never a
+        word or an act of one of our users they did not ask for: no item from them,
+        no join, no leave, no change in their name, no snapshot listing them; and
+        nothing of a group we have no member in but what concerns our users.
+        """
+        local = sender.realm == self.realm
+        mirror = self.groups.groups.get(group)
+        if kind != "event":
+            if kind == "file":
+                meta = _file_meta(meta, body)
+            elif meta is not None:
+                raise ChatError("bad_request", "a text item has no meta")
+            if local:
+                return meta, "echo"
+            if mirror is None or str(sender) not in mirror.members:
+                return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
+            return meta, None
+        if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
+            raise ChatError("bad_request", "an event item needs meta.event")
+        event, user = meta["event"], meta.get("user", "")
+        if not isinstance(user, str):
+            raise ChatError("bad_request", "meta.user must be a string")
+        if event == "created":
+            raise ChatError("bad_request", "a created event is not sent to other realms")
+        if event in ("joined", "left") and user != str(sender):
+            raise ChatError("bad_request", f"the user of a {event} event is its sender")
+        if event in _TARGETED and not user:
+            raise ChatError("bad_request", f"a {event} event needs meta.user")
+        if "snapshot" in meta:
+            if event != "joined" or not local:
+                raise ChatError(
+                    "bad_request", f"a snapshot comes only with the join of a user of {self.realm}"
+                )
+            _snapshot(meta["snapshot"])
+            if any(u.endswith(self._suffix) for u in meta["snapshot"]["members"]):
+                raise ChatError(
+                    "forged_sender", f"{origin} may not list users of {self.realm} in a snapshot"
+                )
+            if mirror is not None:
+                return meta, ChatError(
+                    "bad_request", f"a snapshot, but {self.realm} has members in {group} already"
+                )
+        if local:
+            return meta, "request"  # it acts for one of our users: did they ask?
+        if user.endswith(self._suffix):
+            # The home realm removes our users, sets their roles, invites and bans
+            # them; it can say nothing they did.
+            if event in ("kicked", "role") and (mirror is None or user not in mirror.members):
+                return meta, ChatError("not_member", f"{user} is not a member of {group}")
+            return meta, None
+        if mirror is None:
+            return meta, ChatError("no_such_group", f"no user of {self.realm} is in {group}")
+        return meta, None
+
+    @inlineCallbacks
+    def _follow_up(self, origin: str, env: Envelope, follow: str | ChatError) -> Any:
+        """The store half of :meth:`_from_home`: fires with the id of the request
+        ``env`` answers (``request``), or None for an item to skip (stored already),
+        or fails with a ChatError (``forged_sender``, or the one ``follow`` is)."""
+        if follow == "request":
+            pending = yield self.store.pending_requests(env.sender, env.recipient)
+            answered = _answered(env, pending)
+            if answered is not None:
+                return answered
+        had = yield self.store.stored_item(env.id)
+        if had is not None and (had.sender, had.recipient) == (env.sender, env.recipient):
+            return None  # sent again (a retried transaction, or ours sent back)
+        if isinstance(follow, ChatError):
+            raise follow
+        if follow == "echo":
+            why = f"{self.realm} sent no item {env.id} from {env.sender}"
+        else:
+            event = (env.meta or {}).get("event")
+            why = f"{env.sender} asked for no such change ({event} in {env.recipient})"
+        raise ChatError("forged_sender", f"{origin} may not speak for {env.sender}: {why}")
 
     def _parse(self, text: Any, default_realm: str, group: bool) -> Address:
         """:func:`address.parse`, cached by spelling (bounded): a peer's transactions
@@ -752,7 +833,12 @@ class RealmService(Service):
                         batch, outbox = [], []
                     yield self._remote_request(origin, raw)
                     continue
-                env, fan = self._remote_item(origin, raw)
+                env, fan, follow = self._remote_item(origin, raw)
+                answers = None
+                if follow is not None:
+                    answers = yield self._follow_up(origin, env, follow)
+                    if answers is None:
+                        continue  # stored already
                 if not env.recipient.startswith("#"):
                     name = env.recipient.rpartition("@")[0]
                     if name not in self._known_users:  # e.g. added by chatrealmctl
@@ -767,6 +853,13 @@ class RealmService(Service):
                     continue
                 batch.append(env)
                 outbox.extend((realm, env) for realm in sorted(fan))
+                if env.kind == "event":
+                    # Applied before the next item is checked: that may be a message
+                    # from the member who just joined (membership is checked per item).
+                    yield self._store_remote(batch, outbox)
+                    batch, outbox = [], []
+                    if answers is not None:
+                        yield self.store.request_done(answers)
             except ChatError as e:
                 mid = raw.get("id") if isinstance(raw, dict) else None
                 mid = mid if isinstance(mid, str) else None
@@ -875,6 +968,7 @@ class RealmService(Service):
         its own link, if at all).  Fires once the bounces are committed and routed.
         """
         batch: list[Envelope] = []
+        refused: list[str] = []  # requests that will have no answer
         for item, code, message in rejected:
             mid: Any
             sender: Any
@@ -884,6 +978,8 @@ class RealmService(Service):
             elif isinstance(item, dict):
                 mid, sender, target = item.get("id"), item.get("from"), item.get("to")
                 event = item.get("event")
+                if item.get("kind") == "request" and isinstance(mid, str):
+                    refused.append(mid)
             else:
                 continue
             if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(target, str)):
@@ -910,8 +1006,11 @@ class RealmService(Service):
                     meta=meta,
                 )
             )
+        d: Deferred[Any] = succeed(None)
+        for rid in refused:
+            d.addCallback(self._request_done, rid)
         if not batch:
-            return succeed(None)
+            return d.addCallback(lambda _: None)
 
         def stored(envs: list[Envelope]) -> None:
             self.begin_burst()
@@ -921,7 +1020,10 @@ class RealmService(Service):
             finally:
                 self.end_burst()
 
-        return self.store.append_remote(batch, []).addCallback(stored)
+        return d.addCallback(lambda _: self.store.append_remote(batch, [])).addCallback(stored)
+
+    def _request_done(self, _: object, request_id: str) -> Deferred[None]:
+        return self.store.request_done(request_id)  # type: ignore[no-any-return]
 
     def remote_realm_silent(self, origin: str) -> None:
         """Peer realm ``origin`` has been unreachable a while: its users go offline here."""
@@ -1023,6 +1125,28 @@ def _snapshot(raw: Any) -> None:
             canonical = ""
         if canonical != user:
             raise ChatError("bad_request", "snapshot members are canonical user addresses")
+
+
+def _answered(env: Envelope, requests: Sequence[dict[str, Any]]) -> str | None:
+    """The id of the first of ``requests`` (a user's pending requests for the group
+    of event ``env``) that ``env`` answers: the same change, with the same target,
+    role or topic as asked for."""
+    meta = env.meta or {}
+    event = meta.get("event")
+    for req in requests:
+        args = req.get("args") or {}
+        if req.get("event") != event or not isinstance(args, dict):
+            continue
+        if event in _TARGETED and args.get("user") != meta.get("user"):
+            continue
+        if event == "role" and args.get("role") != meta.get("role"):
+            continue
+        if event == "topic" and args.get("topic", "") != meta.get("topic", ""):
+            continue
+        rid = req.get("id")
+        if isinstance(rid, str):
+            return rid
+    return None
 
 
 def check_password(password: Any) -> None:

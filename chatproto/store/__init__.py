@@ -96,7 +96,26 @@ class IStore(Interface):
         :meth:`outbox_enqueue`.  Sequences are never reused (across restarts)."""
 
     def outbox_enqueue(realm, payloads):  # type: ignore[misc]
-        """Durably queue requests (JSON objects, not stored items) for ``realm``."""
+        """Durably queue requests (JSON objects, not stored items) for ``realm``.
+
+        A payload of ``kind`` ``request`` (a local user's change to another realm's
+        group) is also remembered, in the same transaction, until
+        :meth:`request_done`: see :meth:`pending_requests`."""
+
+    def pending_requests(actor, group):  # type: ignore[misc]
+        """The group requests queued with :meth:`outbox_enqueue` with ``from``
+        ``actor`` and ``to`` ``group`` and not yet done (answered, refused or
+        expired), oldest first: the payloads as queued.  Whether the outbox row is
+        still there (not yet acknowledged) does not matter."""
+
+    def request_done(request_id):  # type: ignore[misc]
+        """Forget a remembered request (its answer came, or it was refused)."""
+
+    def expire_requests(before):  # type: ignore[misc]
+        """Forget the remembered requests with ``ts < before``; fires with how many."""
+
+    def stored_item(item_id):  # type: ignore[misc]
+        """The stored item with this ``id`` (an Envelope, ``pos`` set), or ``None``."""
 
     def outbox_ack(realm, seq):  # type: ignore[misc]
         """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them);

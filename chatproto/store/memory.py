@@ -41,6 +41,8 @@ class MemoryStore:
         #: Federation outbox: (seq, realm, envelope or request), oldest first.
         self.outbox: list[tuple[int, str, Any]] = []
         self._seq = 0
+        #: Group requests sent to other realms and not yet answered: id -> request.
+        self.requests: dict[str, dict[str, Any]] = {}
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -103,6 +105,8 @@ class MemoryStore:
             if isinstance(env, dict) or env.pos:
                 self._seq += 1
                 self.outbox.append((self._seq, realm, env))
+                if isinstance(env, dict) and env.get("kind") == "request":
+                    self.requests.setdefault(str(env.get("id")), dict(env))
 
     def append_remote(
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
@@ -122,10 +126,30 @@ class MemoryStore:
         return succeed(stored)
 
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
-        for payload in payloads:
-            self._seq += 1
-            self.outbox.append((self._seq, realm, dict(payload)))
+        self._queue([(realm, dict(p)) for p in payloads])
         return succeed(None)
+
+    def pending_requests(self, actor: str, group: str) -> Deferred[list[dict[str, Any]]]:
+        found = [
+            r for r in self.requests.values() if r.get("from") == actor and r.get("to") == group
+        ]
+        found.sort(key=lambda r: (_ts(r), str(r.get("id"))))
+        return succeed([dict(r) for r in found])
+
+    def request_done(self, request_id: str) -> Deferred[None]:
+        self.requests.pop(request_id, None)
+        return succeed(None)
+
+    def expire_requests(self, before: float) -> Deferred[int]:
+        old = [k for k, r in self.requests.items() if _ts(r) < before]
+        for k in old:
+            del self.requests[k]
+        return succeed(len(old))
+
+    def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
+        if item_id not in self._ids:
+            return succeed(None)
+        return succeed(next((e for e in self.items if e.id == item_id), None))
 
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
         out = [(seq, env) for seq, r, env in self.outbox if r == realm and seq > after]
@@ -247,3 +271,8 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self.users)} users, {len(self.items)} items>"
+
+
+def _ts(request: dict[str, Any]) -> float:
+    ts = request.get("ts")
+    return float(ts) if isinstance(ts, int | float) else 0.0

@@ -47,7 +47,7 @@ T = TypeVar("T")
 #: reads SQLite until it has caught up).
 OUTBOX_CACHE = 50_000
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -135,6 +135,19 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     INSERT INTO settings VALUES ('id_key', lower(hex(randomblob(16))));
     """,
+    # v8: group requests this realm sent to other realms, kept until answered: an
+    # event in which a local user acts must answer one (a group's home realm may not
+    # make a user join, or act, on its own say-so).  Written with the outbox row.
+    """
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        actor TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        ts REAL NOT NULL,
+        payload TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX requests_actor ON requests (actor, grp, ts);
+    """,
 ]
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta"
@@ -151,6 +164,17 @@ def _row(r: tuple[Any, ...]) -> Envelope:
         body=body,
         meta=json.loads(meta) if meta is not None else None,
         pos=pos,
+    )
+
+
+def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
+    ts = req.get("ts")
+    return (
+        str(req.get("id")),
+        str(req.get("from")),
+        str(req.get("to")),
+        float(ts) if isinstance(ts, int | float) else 0.0,
+        json.dumps(req),
     )
 
 
@@ -322,6 +346,7 @@ class SQLiteDB:
                 out = self._append_each(batches, flags)
             if outbox:
                 rows: list[tuple[str, int, str | None]] = []
+                requests: list[tuple[Any, ...]] = []
                 for batch, queued, res in zip(batches, outbox, out, strict=True):
                     if not queued or isinstance(res, Exception):
                         continue
@@ -330,6 +355,8 @@ class SQLiteDB:
                         if isinstance(env, dict):
                             rows.append((realm, 0, json.dumps(env)))
                             queued_rows.append((realm, 0, dict(env)))
+                            if env.get("kind") == "request":
+                                requests.append(_request_row(env))
                             continue
                         pos = where.get(id(env))
                         if pos is not None:
@@ -342,6 +369,8 @@ class SQLiteDB:
                     seq = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows)
                     for k, (realm, _, env) in enumerate(queued_rows):
                         queued_rows[k] = (realm, seq + k + 1, env)
+                if requests:
+                    c.executemany("INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?)", requests)
             if outbox_acks:
                 c.executemany(
                     "DELETE FROM outbox WHERE realm = ? AND seq <= ?", list(outbox_acks.items())
@@ -549,6 +578,24 @@ class SQLiteDB:
             "SELECT 1 FROM outbox WHERE realm = ? AND pos = ? LIMIT 1", (realm, pos)
         ).fetchone()
         return row is not None
+
+    def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT payload FROM requests WHERE actor = ? AND grp = ? ORDER BY ts, id",
+            (actor, group),
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def request_done(self, request_id: str) -> None:
+        self.conn.execute("DELETE FROM requests WHERE id = ?", (request_id,))
+
+    def expire_requests(self, before: float) -> int:
+        cur = self.conn.execute("DELETE FROM requests WHERE ts < ?", (before,))
+        return int(cur.rowcount)
+
+    def stored_item(self, item_id: str) -> Envelope | None:
+        row = self.conn.execute(f"SELECT {_COLS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        return _row(row) if row is not None else None
 
     def read_feed(
         self,
@@ -923,6 +970,18 @@ class SQLiteStore:
         self._pending.append(([], d, [(realm, p) for p in payloads], False))
         self._flush()
         return d.addCallback(lambda _: None)
+
+    def pending_requests(self, actor: str, group: str) -> Deferred[list[dict[str, Any]]]:
+        return self._read(SQLiteDB.pending_requests, actor, group)
+
+    def request_done(self, request_id: str) -> Deferred[None]:
+        return self._write(lambda: self._db().request_done(request_id))
+
+    def expire_requests(self, before: float) -> Deferred[int]:
+        return self._write(lambda: self._db().expire_requests(before))
+
+    def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
+        return self._read(SQLiteDB.stored_item, item_id)
 
     def _cache_outbox(self, rows: list[tuple[str, int, Any]]) -> None:
         """Remember committed outbox rows for :meth:`outbox_read` (bounded per realm:
