@@ -78,6 +78,10 @@ ACK_DELAY = 1.0
 MAX_QUEUED = 256
 #: Base64 chunk size of AUTHENTICATE.
 SASL_CHUNK = 400
+#: Commands that change a group's state: the lines after one are handled once it
+#: completes (they may depend on it); other commands run at once and only their
+#: replies keep the order (many PRIVMSGs in flight do not wait for each other).
+BARRIERS = frozenset({"JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 
 
 @implementer(ISessionMind, IPushProducer)
@@ -109,6 +113,12 @@ class IRCProtocol(LineOnlyReceiver):
         self.last_rx = 0.0
         self.pinged = False
         self.direct = Direct(self, None)
+        #: replies of pending commands (and of those after them), oldest first
+        self.replies: deque[Reply] = deque()
+        #: a group change (JOIN, PART, MODE...) is pending: later lines wait for it,
+        #: since they may depend on it (JOIN then PRIVMSG to the channel)
+        self._barrier = False
+        self._after_barrier: deque[bytes] = deque()
         self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
@@ -149,6 +159,7 @@ class IRCProtocol(LineOnlyReceiver):
                 call.cancel()
         self._ack_call = self._drain_call = None
         self._queue.clear()
+        self._after_barrier.clear()
         if self.session is not None:
             self.log.info(
                 "IRC session of {user} from {peer} ended: {reason}",
@@ -387,8 +398,6 @@ class IRCProtocol(LineOnlyReceiver):
             if group in self.joined:
                 self.joined.discard(group)
                 out(actor, "KICK", chan, self.nick, "the channel was deleted")
-        if ctx is not self.direct:
-            ctx.finish()
         self.written()
 
     def _gone(self, user: str, group: str) -> None:
@@ -462,33 +471,43 @@ class IRCProtocol(LineOnlyReceiver):
                 self._schedule_drain()
                 return
             self._handle(self._queue.popleft())
-        if self.state != "closed":
+        if self.state != "closed" and not self._after_barrier:
             self.transport.resumeProducing()
 
     def _handle(self, raw: bytes) -> None:
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
+        if self._barrier:  # a group change is pending: what follows may depend on it
+            if len(self._after_barrier) >= MAX_QUEUED:
+                self.close_with("Excess Flood")
+                return
+            if not self._after_barrier:
+                self.transport.pauseProducing()
+            self._after_barrier.append(raw)
+            return
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         size = len(raw)
         if raw.startswith(b"@"):  # the 512-byte limit is for the line without its tags
             size -= len(raw) - len(raw.partition(b" ")[2].lstrip(b" "))
         if size > MAX_LINE - 2:
-            self.direct.num("417", "Input line was too long")
+            ctx = self._reply(None)
+            ctx.num("417", "Input line was too long")
+            ctx.finish()
             return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.direct.send(
-                format_line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8")
-            )
+            ctx = self._reply(None)
+            ctx.send(format_line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8"))
+            ctx.finish()
             return
         try:
             tags, command, params = parse_line(text)
         except IRCBadLine:
             return  # silently ignored, like every IRC server
         label = tags.get("label") if "labeled-response" in self.caps else None
-        ctx = Reply(self, label) if label is not None else self.direct
+        ctx = self._reply(label)
         handler = COMMANDS.get(command)
         if handler is None:
             if self.state == "ready":
@@ -516,10 +535,37 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.num("400", command, "Internal error; it was logged")
             result = None
         if isinstance(result, Deferred):
+            if not ctx.queued:  # the first pending command: later ones wait for it
+                ctx.queued = True
+                self.replies.append(ctx)
+            if command in BARRIERS:  # (a Deferred already fired lifts it at once)
+                self._barrier = True
+                result.addBoth(self._barrier_done)
             result.addErrback(self._crashed, ctx, command)
             result.addBoth(lambda _: ctx.finish())
         else:
             ctx.finish()
+
+    def _barrier_done(self, result: Any) -> Any:
+        """A group change completed: run the lines that came after it, up to the
+        next group change."""
+        self._barrier = False
+        waiting = self._after_barrier
+        while waiting and not self._barrier and self.state != "closed":
+            self._handle(waiting.popleft())
+        if not waiting and self.state != "closed" and not self._queue:
+            self.transport.resumeProducing()
+        return result
+
+    def _reply(self, label: str | None) -> Reply:
+        """The Reply for a new command: held behind the pending ones, if any."""
+        order = self.replies
+        if not order:
+            return Reply(self, label)
+        ctx = Reply(self, label, held=True)
+        ctx.queued = True
+        order.append(ctx)
+        return ctx
 
     def _crashed(self, failure: Failure, ctx: Reply, command: str) -> None:
         self.log.failure("IRC {command} failed", failure, command=command)
@@ -831,12 +877,21 @@ class IRCProtocol(LineOnlyReceiver):
         return None
 
     @command("QUIT", early=True)
-    def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+        """Close once the replies to the commands before it are written."""
+        reason = params[0] if params else ""
+        d = ctx.turn()
+        if d.called:
+            self._quit(reason)
+            return None
+        return d.addCallback(lambda _: self._quit(reason))
+
+    def _quit(self, reason: str) -> None:
         if self.session is not None:
             if self._ack_call is not None and self._ack_call.active():
                 self._ack_call.cancel()
             self._ack()
-        self.close_with(f"Closing link: {self.nick} (Quit: {params[0] if params else ''})")
+        self.close_with(f"Closing link: {self.nick} (Quit: {reason})")
 
     @command("MOTD")
     def irc_MOTD(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:

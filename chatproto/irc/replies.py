@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred, succeed
+
 from chatproto.irc.lines import escape_tag, format_line, with_tag
 
 if TYPE_CHECKING:
@@ -40,16 +42,31 @@ ERROR_NUMERICS = {
 
 
 class Reply:
-    """The replies to one command: written at once, or collected for a labeled
-    response (one line gets the ``label`` tag; several go in a labeled batch; none
-    gets ``ACK``)."""
+    """The replies to one command, in the order the commands came.
 
-    __slots__ = ("label", "lines", "proto")
+    A connection answers its commands in order (clients, bouncers and lag meters rely
+    on it: a ``PING`` after a ``JOIN`` is answered after the ``JOIN``'s replies), yet
+    a command that waits for storage must not hold up the realm.  So each command
+    gets a Reply, and the connection keeps the replies still pending in order
+    (``proto.replies``): only the oldest one writes straight through; a later one
+    holds its lines until every earlier one has finished, then writes them.
 
-    def __init__(self, proto: IRCProtocol, label: str | None) -> None:
+    With a ``label`` (labeled-response) the lines are always collected: one line gets
+    the ``label`` tag, several go in a labeled batch, none gets ``ACK``.
+    """
+
+    __slots__ = ("done", "label", "lines", "proto", "queued", "waiting")
+
+    def __init__(self, proto: IRCProtocol, label: str | None, held: bool = False) -> None:
         self.proto = proto
         self.label = label
-        self.lines: list[bytes] | None = [] if label is not None else None
+        #: None: written straight through; a list: held until finish (or until
+        #: every earlier reply has finished, when unlabeled)
+        self.lines: list[bytes] | None = [] if label is not None or held else None
+        self.done = False
+        #: in ``proto.replies`` (a command that is pending, or came after one)
+        self.queued = False
+        self.waiting: list[Deferred[None]] | None = None
 
     def send(self, line: bytes) -> None:
         if self.lines is None:
@@ -61,11 +78,57 @@ class Reply:
         p = self.proto
         self.send(format_line(p.server, code, p.nick, *params))
 
+    def turn(self) -> Deferred[None]:
+        """Fires once every earlier command's replies are written (for a command
+        whose action, not only its replies, must wait for them: QUIT)."""
+        order = self.proto.replies
+        if not self.queued or order[0] is self:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        if self.waiting is None:
+            self.waiting = []
+        self.waiting.append(d)
+        return d
+
     def finish(self) -> None:
+        """The command is complete: write its replies now, or once the earlier
+        commands' are written."""
+        if self.done:
+            return
+        self.done = True
+        order = self.proto.replies
+        if self.queued and order[0] is not self:
+            return  # an earlier command is still pending: it releases this one
+        self._emit()
+        if self.queued:
+            order.popleft()
+            while order:
+                head = order[0]
+                if not head.done:
+                    head._reach_head()  # may finish it, which then goes on from there
+                    break
+                head._reach_head()
+                head._emit()
+                order.popleft()
+
+    def _reach_head(self) -> None:
+        if self.label is None and self.lines is not None and not self.done:
+            lines, self.lines = self.lines, None
+            if lines:
+                self.proto.write(b"".join(lines))
+        waiting, self.waiting = self.waiting, None
+        for d in waiting or ():
+            d.callback(None)
+
+    def _emit(self) -> None:
         lines, self.lines = self.lines, None
-        if lines is None or self.label is None:
+        if lines is None:
             return
         p = self.proto
+        if self.label is None:
+            if lines:
+                p.write(b"".join(lines))
+            return
         label = b"label=" + escape_tag(self.label).encode("utf-8", "replace")
         if not lines:
             p.write(with_tag(f":{p.server} ACK\r\n".encode(), label))
@@ -91,8 +154,9 @@ class PendingSend:
         self.matched = False
 
 
-#: The reply object for unlabeled commands: writes straight through.
 class Direct(Reply):
+    """Lines that answer no command (deliveries, registration): straight through."""
+
     __slots__ = ()
 
     def finish(self) -> None:

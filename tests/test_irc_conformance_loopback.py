@@ -1,0 +1,101 @@
+"""IRC conformance (issue 19) over real loopback TCP with a SQLite realm: raw lines, as
+the public IRC test suite sends them, one test per cause."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.protocols.basic import LineOnlyReceiver
+
+from chatproto.irc import IRCFactory, parse_line
+from tests.conftest import fast_config, make_realm, until
+
+PW = "password-irc"
+USERS = ("alice", "bob", "carol")
+
+
+class Raw(LineOnlyReceiver):
+    """A client that sends raw lines and keeps every line it receives."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 20000
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.got.append(line.decode("utf-8", "replace"))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def send(self, *lines: str) -> None:
+        self.transport.write("".join(line + "\r\n" for line in lines).encode())
+
+    def commands(self) -> list[tuple[str, list[str]]]:
+        return [parse_line(line)[1:] for line in self.got]
+
+    def take(self) -> list[tuple[str, list[str]]]:
+        out = self.commands()
+        self.got = []
+        return out
+
+    def has(self, command: str, *params: str) -> bool:
+        return any(
+            c == command and list(p[: len(params)]) == list(params) for c, p in self.commands()
+        )
+
+
+@pytest.fixture
+def gateway(tmp_path: Any) -> Any:
+    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
+    cfg.irc.enabled = True
+    cfg.irc.flood_rate = 0.0
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    for name in USERS:
+        pytest_twisted.blockon(realm.create_user(name, PW))
+    factory = IRCFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield realm, port.getHost().port
+    for proto in list(factory.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+@defer.inlineCallbacks
+def connect(port: int, nick: str, caps: str = "", password: str | None = PW) -> Any:
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    client: Raw = yield endpoint.connect(protocol.Factory.forProtocol(Raw))
+    lines = [f"PASS {password}"] if password is not None else []
+    if caps:
+        lines = ["CAP LS 302", f"CAP REQ :{caps}", *lines]
+    lines += [f"NICK {nick}", "USER u 0 * :Real Name"]
+    if caps:
+        lines.append("CAP END")
+    client.send(*lines)
+    yield until(lambda: client.has("376") or client.has("422"))
+    client.got = []
+    return client
+
+
+@pytest_twisted.inlineCallbacks
+def test_replies_keep_command_order_over_tcp(gateway: Any) -> None:
+    """(1) JOIN, PRIVMSG and TOPIC wait for SQLite; the PINGs after them do not
+    overtake their replies."""
+    _, port = gateway
+    alice = yield connect(port, "alice", caps="echo-message")
+    alice.send(
+        "JOIN #room", "PING 1", "PRIVMSG #room :hello", "PING 2", "TOPIC #room :t", "PING 3"
+    )
+    yield until(lambda: alice.has("PONG", "localhost", "3"))
+    names = [c for c, _ in alice.take()]
+    assert names == ["JOIN", "353", "366", "PONG", "PRIVMSG", "PONG", "TOPIC", "PONG"], names
