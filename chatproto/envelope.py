@@ -9,6 +9,7 @@ assigned when it is committed, and a realm-unique ``id`` usable for de-duplicati
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -16,12 +17,30 @@ from typing import Any
 
 import attrs
 
+from chatproto.errors import ChatError
+from chatproto.wire import MAX_INT
+
 __all__ = [
+    "MAX_SHOWN_TS",
+    "MAX_TS_AHEAD",
+    "MIN_TS",
     "Envelope",
     "alternate_id",
     "conversation_key",
     "new_message_id",
+    "remote_ts",
+    "shown_ts",
 ]
+
+#: The window of an item's ``ts`` from another realm, against this realm's clock:
+#: from 2000-01-01T00:00:00Z to 10 minutes ahead.  A number outside it (a peer's
+#: clock that is wrong) is replaced by the clock: the item is kept, and shown with a
+#: plausible time.
+MIN_TS = 946_684_800.0
+MAX_TS_AHEAD = 600.0
+#: The latest ``ts`` an item is shown with: 9999-12-31T23:59:59Z, the last second
+#: every date library handles (see :func:`shown_ts`).
+MAX_SHOWN_TS = 253_402_300_799.0
 
 # 96 random bits per id, from the OS, drawn in blocks (one system call per 4096 ids):
 # unique across processes, restarts and realms with overwhelming probability, and --
@@ -72,6 +91,39 @@ def alternate_id(env: Envelope, key: bytes) -> str:
         digest_size=8,
     ).hexdigest()
     return f"{env.id[:40]}~{digest}"
+
+
+def remote_ts(value: Any, now: float) -> float:
+    """The ``ts`` of an item from another realm, given this realm's clock ``now``.
+
+    A JSON number (not a boolean), finite (an integer: within ±(2**53 - 1)), else
+    :class:`chatproto.errors.ChatError` ``bad_request`` (the item is refused, the rest
+    of its transaction is not).  One before :data:`MIN_TS` or more than
+    :data:`MAX_TS_AHEAD` seconds after ``now`` reads as ``now``.  Never raises
+    anything else, for any value a JSON decoder makes (a 400-digit integer, ``1e400``
+    decoded as infinity, NaN)."""
+    kind = type(value)
+    if kind is not float and kind is not int:
+        raise ChatError("bad_request", "item ts must be a number (seconds since 1970)")
+    if kind is float and not math.isfinite(value):
+        raise ChatError("bad_request", "item ts must be a finite number")
+    if kind is int and not -MAX_INT <= value <= MAX_INT:
+        raise ChatError("bad_request", "item ts: an integer beyond 2**53 - 1")
+    if not MIN_TS <= value <= now + MAX_TS_AHEAD:
+        return float(now)
+    return float(value)
+
+
+def shown_ts(value: Any) -> float:
+    """A stored ``ts`` as it may be shown: a float between 0 and :data:`MAX_SHOWN_TS`;
+    anything else (infinite, NaN, NULL, text: a row stored before the checks of
+    :func:`remote_ts`, or written by hand) reads as 0.0, so no stored value can make
+    a backlog, a history page or a date formatter fail."""
+    if type(value) is float and 0.0 <= value <= MAX_SHOWN_TS:
+        return value
+    if type(value) is int and 0 <= value <= MAX_SHOWN_TS:
+        return float(value)
+    return 0.0
 
 
 def conversation_key(a: str, b: str) -> str:

@@ -36,6 +36,7 @@ import collections
 import json
 import os
 import random
+import re
 from typing import Any
 
 import service_identity
@@ -102,6 +103,8 @@ PRESENCE_BURST = 2000.0
 PRESENCE_SILENCE = 60.0
 #: Seconds a link closed at shutdown has to close cleanly before it is aborted.
 CLOSE_GRACE = 2.0
+#: The smallest ``max_frame`` a welcome may announce (``[federation] max_frame``'s).
+MIN_MAX_FRAME = 65536
 #: Seconds a new inbound connection has to complete its hello.
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
@@ -109,6 +112,10 @@ STATUS_FILE = "federation-status.json"
 #: Seconds a group request sent to another realm is remembered for its answer (the
 #: event in which the user acts) at least; three times ``give_up_after`` if longer.
 REQUEST_TTL = 30 * 86400.0
+
+#: An error code as a peer may spell it (ours are in chatproto.errors.CODES; a newer
+#: peer may have more): anything else in an ack's ``rejected`` reads as internal_error.
+_CODE = re.compile(r"[a-z][a-z_]{0,39}")
 
 _VERIFY_ERRORS = {
     9: "certificate is not yet valid",
@@ -118,6 +125,15 @@ _VERIFY_ERRORS = {
     20: "issuer not in the trusted CA bundle (untrusted CA)",
     21: "unable to verify the first certificate",
 }
+
+
+def _check_version(req: dict[str, Any]) -> None:
+    """``version`` of a hello or welcome: the integer 1 (not ``true``, not ``1.0``)."""
+    version = req.get("version")
+    if type(version) is not int or version != FEDERATION_VERSION:
+        raise FatalProtocolError(
+            "unsupported_version", f"federation version {FEDERATION_VERSION} only"
+        )
 
 
 def envelope_to_wire(env: Envelope | dict[str, Any]) -> dict[str, Any]:
@@ -591,10 +607,7 @@ class InboundProtocol(_Link):
         fed = self.factory.fed
         if self.state != "hello":
             raise FatalProtocolError("bad_request", "hello was already received")
-        if req.get("version") != FEDERATION_VERSION:
-            raise FatalProtocolError(
-                "unsupported_version", f"federation version {FEDERATION_VERSION} only"
-            )
+        _check_version(req)
         try:
             claimed = address.normalise_realm(req.get("realm"))  # type: ignore[arg-type]
         except ChatError as e:
@@ -838,10 +851,15 @@ class OutboundProtocol(_Link):
         if self._welcome_seen:
             raise FatalProtocolError("bad_request", "welcome was already received")
         self._welcome_seen = True
+        _check_version(req)
         if req.get("realm") != link.realm:
-            raise FatalProtocolError("bad_request", f"welcome from {req.get('realm')!r}")
+            raise FatalProtocolError("bad_request", f"welcome from {str(req.get('realm'))[:80]!r}")
         peer_max = req.get("max_frame")
-        if isinstance(peer_max, int) and not isinstance(peer_max, bool) and peer_max >= 65536:
+        if peer_max is not None:
+            if type(peer_max) is not int or not MIN_MAX_FRAME <= peer_max <= wire.MAX_INT:
+                raise FatalProtocolError(
+                    "bad_request", f"welcome max_frame: an integer of at least {MIN_MAX_FRAME}"
+                )
             link.peer_max_frame = peer_max
         if self.welcomed.called:  # the attempt was abandoned (link stopped or kicked)
             self.closed = True
@@ -856,8 +874,10 @@ class OutboundProtocol(_Link):
         if not self._welcome_seen:
             raise FatalProtocolError("bad_request", "fetch before welcome")
         rid = req.get("id")
-        if self._serving or not isinstance(rid, int) or isinstance(rid, bool):
-            raise FatalProtocolError("bad_request", "one fetch at a time, with an integer id")
+        if self._serving or type(rid) is not int or not 0 < rid <= wire.MAX_INT:
+            raise FatalProtocolError(
+                "bad_request", "one fetch at a time, with an integer id from 1 to 2**53 - 1"
+            )
         self._serving = True
         files = self.factory.link.fed.realm.files
         d = files.serve_remote(self.factory.link.realm, req.get("file"))
@@ -1264,7 +1284,9 @@ class PeerLink:
                 if not isinstance(r, dict):
                     continue
                 self.rejected_items += 1
-                code, message = str(r.get("code"))[:40], str(r.get("message"))[:200]
+                code, message = r.get("code"), r.get("message")
+                code = code if isinstance(code, str) and _CODE.fullmatch(code) else "internal_error"
+                message = message[:200] if isinstance(message, str) else ""
                 self.log.warn(
                     "federation: {realm} rejected item {id}: {code}: {message}",
                     realm=self.realm,

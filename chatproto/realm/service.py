@@ -29,13 +29,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from chatproto import address
+from chatproto import address, wire
 from chatproto.address import Address
 from chatproto.config import Config
-from chatproto.envelope import Envelope, new_message_id
+from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
-from chatproto.groups import EVENTS, Groups, check_snapshot
+from chatproto.groups import EVENTS, MAX_TOPIC, Groups, check_snapshot
 from chatproto.ratelimit import FailureThrottle
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
@@ -590,8 +590,7 @@ class RealmService(Service):
             raise ChatError("bad_request", "item id must be a string of 1-64 characters")
         if kind not in ("text", "event", "file"):
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
-        if not isinstance(ts, int | float) or isinstance(ts, bool):
-            raise ChatError("bad_request", "item ts must be a number")
+        ts = remote_ts(ts, self.clock.seconds())
         body = self.messages.check_body(body)
         sender = self._parse(raw.get("from"), origin, False)
         to = raw.get("to")
@@ -640,7 +639,7 @@ class RealmService(Service):
             kind=kind,
             sender=str(sender),
             recipient=recipient,
-            ts=float(ts),
+            ts=ts,
             body=body,
             meta=dict(meta) if isinstance(meta, dict) else None,
         )
@@ -676,11 +675,8 @@ class RealmService(Service):
             if mirror is None or str(sender) not in mirror.members:
                 return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
             return meta, None
-        if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
-            raise ChatError("bad_request", "an event item needs meta.event")
+        meta = _event_meta(meta)
         event, user = meta["event"], meta.get("user", "")
-        if not isinstance(user, str):
-            raise ChatError("bad_request", "meta.user must be a string")
         if event == "created":
             raise ChatError("bad_request", "a created event is not sent to other realms")
         if event in ("joined", "left") and user != str(sender):
@@ -1106,14 +1102,45 @@ def _file_meta(meta: Any, body: str) -> dict[str, Any]:
         raise ChatError("bad_request", "bad file_id")
     if not isinstance(sha, str) or not _SHA256_HEX.fullmatch(sha):
         raise ChatError("bad_request", "sha256 must be 64 lower-case hex digits")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ChatError("bad_request", "size must be a non-negative integer")
+    if type(size) is not int or not 0 <= size <= wire.MAX_INT:
+        raise ChatError("bad_request", "size must be an integer from 0 to 2**53 - 1")
     texts = (meta["name"], meta["media_type"])
     if not all(isinstance(t, str) and 0 < len(t) <= 255 for t in texts):
         raise ChatError("bad_request", "name and media_type must be strings")
     if body != meta["name"]:
         raise ChatError("bad_request", "a file item's body is its name")
     return dict(meta)
+
+
+#: The ``meta`` of an event item from a group's home realm: each key's longest value
+#: (all strings; ``snapshot``, an object, is checked by :func:`_snapshot`).
+_EVENT_META = {
+    "event": 16,
+    "user": address.MAX_NAME + 1 + address.MAX_REALM,
+    "topic": MAX_TOPIC,
+    "reason": MAX_TOPIC,
+    "visibility": 16,
+    "history": 16,
+    "role": 16,
+}
+
+
+def _event_meta(meta: Any) -> dict[str, Any]:
+    """Check the ``meta`` of an event item from a group's home realm (``bad_request``):
+    a known event, and only the keys events carry, each a string of bounded length
+    (a number, an object or a key of no event could break a member's backlog or a
+    gateway rendering the event)."""
+    if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
+        raise ChatError("bad_request", "an event item needs meta.event")
+    for key, value in meta.items():
+        if key == "snapshot":
+            continue
+        longest = _EVENT_META.get(key)
+        if longest is None:
+            raise ChatError("bad_request", f"meta.{str(key)[:20]} is not part of an event")
+        if not isinstance(value, str) or len(value) > longest:
+            raise ChatError("bad_request", f"meta.{key} must be a string of at most {longest}")
+    return meta
 
 
 def _snapshot(raw: Any) -> None:

@@ -14,10 +14,15 @@ Contract shared by every backend:
 - an appended item of kind ``file`` (``meta`` holding ``file_id``, ``sha256``, ``size``,
   ``name``, ``media_type``) also records its file, in the same transaction: the
   message and the file's metadata exist together or not at all.
+- an item read back can always be sent: its ``ts`` goes through
+  :func:`chatproto.envelope.shown_ts` and a ``meta`` stored as JSON text through
+  :func:`stored_meta`, so a row stored before today's checks (or edited by hand)
+  never makes a backlog or a history page fail.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from zope.interface import Interface
@@ -28,7 +33,25 @@ __all__ = [
     "IStore",
     "UserExists",
     "file_record",
+    "stored_meta",
 ]
+
+# NaN and the infinities (which json.dumps writes by default) read as null: the wire
+# encoder refuses them.
+_meta_decoder = json.JSONDecoder(parse_constant=lambda _name: None)
+
+
+def stored_meta(text: str | None) -> dict[str, Any] | None:
+    """The ``meta`` of a stored item from its JSON text, always encodable again:
+    ``NaN``/``Infinity`` read as ``null``, and text that is not a JSON object (a
+    damaged row) as no meta at all."""
+    if text is None:
+        return None
+    try:
+        meta = _meta_decoder.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 class UserExists(ChatError):

@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from chatproto.envelope import Envelope, alternate_id
-from chatproto.store import FILE_META, IStore, UserExists
+from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.store import FILE_META, IStore, UserExists, stored_meta
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -154,15 +154,17 @@ _COLS = "pos, id, kind, sender, recipient, ts, body, meta"
 
 
 def _row(r: tuple[Any, ...]) -> Envelope:
+    """An item from its row; ``ts`` and ``meta`` made safe to send (see
+    :func:`chatproto.store.stored_meta`), whatever the row holds."""
     pos, id_, kind, sender, recipient, ts, body, meta = r
     return Envelope(
         id=id_,
         kind=kind,
         sender=sender,
         recipient=recipient,
-        ts=ts,
+        ts=ts if type(ts) is float and 0.0 <= ts <= MAX_SHOWN_TS else shown_ts(ts),
         body=body,
-        meta=json.loads(meta) if meta is not None else None,
+        meta=stored_meta(meta) if meta is not None else None,
         pos=pos,
     )
 
@@ -693,7 +695,9 @@ class SQLiteDB:
         ).fetchone()
         if row is None:
             return None
-        return dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
+        rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
+        rec["ts"] = shown_ts(rec["ts"])
+        return rec
 
     def file_usage(self, sender: str) -> int:
         row = self.conn.execute(
