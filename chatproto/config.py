@@ -8,6 +8,7 @@ file (``--config``) overrides the defaults and command-line options override the
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -47,6 +48,8 @@ DEFAULT_TLS_PORT = 7421
 DEFAULT_FEDERATION_PORT = 7422
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
+#: A PostgreSQL schema name the store accepts (created if missing; quoted anyway).
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class ConfigError(Exception):
@@ -98,6 +101,8 @@ class Files:
 class Storage:
     backend: str = "sqlite"
     synchronous: str = "FULL"
+    dsn: str = ""
+    schema: str = "public"
 
 
 @attrs.define
@@ -303,8 +308,7 @@ class Config:
                 raise ConfigError(f"files.{key} must be positive")
         if not 1024 <= f.chunk_size <= lim.max_frame - 64:
             raise ConfigError("files.chunk_size must be between 1024 and limits.max_frame - 64")
-        if self.storage.backend != "sqlite":
-            raise ConfigError(f"storage.backend {self.storage.backend!r}: only 'sqlite' exists")
+        self._check_storage()
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("storage.synchronous must be FULL, NORMAL or EXTRA")
         self.storage.synchronous = self.storage.synchronous.upper()
@@ -351,6 +355,32 @@ class Config:
                 "nothing to listen on: give realm.listen, tls.certificate or web.listen"
             )
         self._check_federation(files)
+
+    def _check_storage(self) -> None:
+        s = self.storage
+        if s.backend not in ("sqlite", "postgresql"):
+            raise ConfigError(f"storage.backend {s.backend!r}: 'sqlite' or 'postgresql'")
+        if s.backend != "postgresql":
+            return
+        if not s.dsn.strip():
+            raise ConfigError(
+                'storage.backend "postgresql" needs storage.dsn (e.g. '
+                '"host=127.0.0.1 dbname=chat user=chat")'
+            )
+        if not _SCHEMA.fullmatch(s.schema):
+            raise ConfigError(
+                "storage.schema must be a lower-case SQL name (a-z, 0-9, _; at most 63)"
+            )
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise ConfigError(
+                "storage.backend \"postgresql\" needs psycopg: pip install 'chatproto[postgresql]'"
+            ) from None
+        try:
+            conninfo_to_dict(s.dsn)
+        except Exception as e:
+            raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
 
     def _check_federation(self, files: bool) -> None:
         f = self.federation

@@ -23,7 +23,7 @@ from chatproto import config as configmod
 from chatproto import extensions
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
-from chatproto.store.sqlite import SQLiteStore
+from chatproto.store.backend import make_store
 
 __all__ = [
     "ListenerService",
@@ -164,7 +164,7 @@ def build(
     loaded (``Options`` loads them to report a bad name as a usage error).
     """
     top = MultiService()
-    store = SQLiteStore(cfg.database_path, reactor, synchronous=cfg.storage.synchronous)
+    store = make_store(cfg, reactor)
     realm = RealmService(cfg, store, reactor)
     realm.setServiceParent(top)
     for setup in plugins if plugins is not None else extensions.load_all(cfg.plugins):

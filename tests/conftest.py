@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 import pytest
@@ -15,11 +16,76 @@ from chatproto.client import ChatClientService
 from chatproto.config import Config
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
-from chatproto.store.sqlite import SQLiteStore
+from chatproto.store.backend import make_store
+
+#: The store realm-level tests run on: "sqlite" (default) or "postgresql"
+#: (CHATPROTO_TEST_STORE=postgresql pytest ...).  The store contract tests
+#: (tests/test_store.py) and a few realm tests run on every backend regardless.
+TEST_STORE = os.environ.get("CHATPROTO_TEST_STORE", "sqlite")
+if TEST_STORE not in ("sqlite", "postgresql"):
+    raise pytest.UsageError(f"CHATPROTO_TEST_STORE={TEST_STORE!r}: sqlite or postgresql")
+
+#: The PostgreSQL server of the tests (each test gets schemas of its own in it).
+PG_DSN = os.environ.get(
+    "CHATPROTO_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres"
+)
+
+#: Schemas made by the test running now (dropped when it ends: :func:`_drop_pg_schemas`).
+_pg_schemas: list[str] = []
 
 
-def fast_config(tmp_path: Any, **limits: Any) -> Config:
-    """A config for tests: temp data dir and cheap argon2 parameters."""
+def postgresql_or_skip() -> str:
+    """The tests' DSN; skips the test when no PostgreSQL server answers, unless CI is
+    set (then the test runs, and fails if the server is absent)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(PG_DSN)
+    host, port = params.get("host", "127.0.0.1"), int(params.get("port", 5432))
+    if not service_available(host, port):
+        pytest.skip(f"no PostgreSQL server at {host}:{port} (and CI is not set)")
+    return PG_DSN
+
+
+def pg_schema() -> str:
+    """A new schema name, unique to this process and call; dropped after the test."""
+    name = f"chatproto_t{os.getpid()}_{secrets.token_hex(4)}"
+    _pg_schemas.append(name)
+    return name
+
+
+def drop_pg_schemas(names: list[str]) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(PG_DSN, autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SET lock_timeout = '10s'")
+        for name in names:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(autouse=True)
+def _drop_pg_schemas() -> Any:
+    """Drop the schemas the test made (after every other fixture of it has ended)."""
+    yield
+    if _pg_schemas:
+        names = list(_pg_schemas)
+        _pg_schemas.clear()
+        drop_pg_schemas(names)
+
+
+def use_postgresql(cfg: Config) -> Config:
+    """Point ``cfg`` at a new schema of the tests' PostgreSQL server (skips the test if
+    there is none and CI is unset)."""
+    cfg.storage.backend = "postgresql"
+    cfg.storage.dsn = postgresql_or_skip()
+    cfg.storage.schema = pg_schema()
+    cfg.check()
+    return cfg
+
+
+def fast_config(tmp_path: Any, store: str | None = None, **limits: Any) -> Config:
+    """A config for tests: temp data dir and cheap argon2 parameters, on the store
+    ``store`` (default: :data:`TEST_STORE`)."""
     cfg = Config(data_dir=str(tmp_path / "data"))
     cfg.auth.argon2_time_cost = 1
     cfg.auth.argon2_memory_cost = 1024
@@ -27,13 +93,25 @@ def fast_config(tmp_path: Any, **limits: Any) -> Config:
     for k, v in limits.items():
         setattr(cfg.limits, k, v)
     cfg.check()
+    if (store or TEST_STORE) == "postgresql":
+        use_postgresql(cfg)
     return cfg
 
 
 def make_realm(cfg: Config, clock: Any = None, reactor: Any = None) -> RealmService:
     reactor = reactor or _reactor
-    store = SQLiteStore(cfg.database_path, reactor, synchronous="NORMAL")
+    if cfg.storage.backend == "sqlite":
+        store = make_store(cfg, reactor, synchronous="NORMAL")
+    else:
+        store = make_store(cfg, reactor)
     return RealmService(cfg, store, reactor, clock=clock)
+
+
+def sqlite_only() -> None:
+    """Skip a test that looks inside the SQLite file when the realm tests run on
+    another store (its behaviour is covered for every store elsewhere)."""
+    if TEST_STORE != "sqlite":
+        pytest.skip(f"looks inside SQLite; CHATPROTO_TEST_STORE={TEST_STORE}")
 
 
 @pytest.fixture
@@ -50,7 +128,8 @@ def realm(config: Config) -> Any:
 
 
 def service_available(host: str, port: int) -> bool:
-    """True when a TCP service answers (for PostgreSQL/Redis tests, later)."""
+    """True when a TCP service answers, or when CI is set (there the service must be
+    there: a test needing it runs and fails rather than skipping)."""
     import socket
 
     try:
@@ -61,9 +140,14 @@ def service_available(host: str, port: int) -> bool:
 
 
 @pytest.fixture
-def server(tmp_path: Any) -> Any:
-    """A realm on SQLite listening on 127.0.0.1 port 0: (realm, factory, "tcp:...")."""
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
+def server(tmp_path: Any, request: Any) -> Any:
+    """A realm listening on 127.0.0.1 port 0: (realm, factory, "tcp:...").  On the
+    test store, or on the one named by an indirect parameter::
+
+        @pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+    """
+    store = getattr(request, "param", None)
+    cfg = fast_config(tmp_path, store=store, send_burst=10_000, send_rate=10_000.0)
     realm = make_realm(cfg)
     pytest_twisted.blockon(realm.startService())
     factory = ClientFactory(realm)

@@ -14,7 +14,12 @@ from chatproto import wire
 from chatproto.client import RemoteError, connect
 from tests.conftest import drop_sessions, resuming_service, until
 
+#: The tests that run on every store in the default run (the others on the test store:
+#: CHATPROTO_TEST_STORE, SQLite by default).
+every_store = pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 
+
+@every_store
 @pytest_twisted.inlineCallbacks
 def test_two_users_exchange_messages_both_ways(server: Any) -> Any:
     realm, _, addr = server
@@ -38,6 +43,7 @@ def test_two_users_exchange_messages_both_ways(server: Any) -> Any:
     yield b.close()
 
 
+@every_store
 @pytest_twisted.inlineCallbacks
 def test_offline_backlog_in_order_at_login(server: Any) -> Any:
     _, _, addr = server
@@ -61,6 +67,7 @@ def test_offline_backlog_in_order_at_login(server: Any) -> Any:
     yield a.close()
 
 
+@every_store
 @pytest_twisted.inlineCallbacks
 def test_resume_after_dropped_connections_no_loss_no_duplicates(server: Any) -> Any:
     realm, factory, addr = server

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 
 from chatproto.envelope import Envelope, new_message_id
-from chatproto.store import sqlite as sqlite_store
+from chatproto.store import groupcommit
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
 
 
@@ -126,7 +126,7 @@ def test_rows_of_a_previous_run_come_from_sqlite_then_memory(tmp_path: Path) -> 
 def test_outbox_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     from twisted.internet import reactor
 
-    monkeypatch.setattr(sqlite_store, "OUTBOX_CACHE", 3)
+    monkeypatch.setattr(groupcommit, "OUTBOX_CACHE", 3)
     store = SQLiteStore(str(tmp_path / "r.sqlite3"), reactor)
     yield store.open()
     try:

@@ -1,9 +1,11 @@
 """The IStore contract, run against every backend, plus SQLite specifics.
 
 Behavioural tests are parametrised over a store factory (SQLite with its real threads
-and the real reactor; the in-memory store), so both honour the same contract.  SQLite
-alone is checked for schema migration, group commit, constraint isolation between
-batches of one commit, AUTOINCREMENT positions and flushing acks on close.
+and the real reactor; the in-memory store; PostgreSQL, in a schema of its own per test,
+with its real threads), so all honour the same contract.  SQLite alone is checked here
+for schema migration, group commit, constraint isolation between batches of one commit,
+AUTOINCREMENT positions and flushing acks on close; tests/test_store_postgresql.py
+checks the same of PostgreSQL.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store import IStore, UserExists
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
+from tests.conftest import pg_schema, postgresql_or_skip
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
 
@@ -48,6 +51,13 @@ def _memory(tmp_path: Any) -> MemoryStore:
     return MemoryStore()
 
 
+def _postgresql(tmp_path: Any) -> Any:
+    """A PostgreSQL store in a schema of its own (dropped after the test)."""
+    from chatproto.store.postgresql import PostgresStore
+
+    return PostgresStore(postgresql_or_skip(), pg_schema(), _reactor)
+
+
 @pytest.fixture
 def open_store(tmp_path: Any) -> Any:
     """``open_store(factory)`` opens a store; every store opened is closed at teardown."""
@@ -64,7 +74,7 @@ def open_store(tmp_path: Any) -> Any:
         pytest_twisted.blockon(store.close())
 
 
-@pytest.fixture(params=[_sqlite, _memory], ids=["sqlite", "memory"])
+@pytest.fixture(params=[_sqlite, _memory, _postgresql], ids=["sqlite", "memory", "postgresql"])
 def store(request: Any, open_store: Any) -> Any:
     return open_store(request.param)
 
@@ -462,3 +472,160 @@ def test_get_ack_sees_an_ack_whose_write_is_in_flight(sqlite_store: SQLiteStore)
         release.set()
     yield settle(store)
     assert seen == 5
+
+
+# more of the contract, every backend -------------------------------------------------
+
+
+def file_env(sender: str, recipient: str, file_id: str, sha: str, size: int, ts: float) -> Envelope:
+    meta = {"file_id": file_id, "sha256": sha, "size": size, "name": "n.txt", "media_type": "a/b"}
+    return Envelope(new_message_id(), "file", sender, recipient, ts, "n.txt", meta)
+
+
+@pytest_twisted.inlineCallbacks
+def test_files_and_uploads(store: Any) -> Any:
+    a, b = "a" * 64, "b" * 64
+    f1 = file_env(ALICE, BOB, "f1", a, 3, 5.0)
+    f2 = file_env(ALICE, "#g@localhost", "f2", a, 4, 7.0)  # same content, later
+    f3 = file_env(BOB, ALICE, "f3", b, 10, 9.0)
+    yield store.append([f1, env(ALICE, BOB, "text")])
+    yield store.append([f2, f3])
+    rec = yield store.file_info("f1")
+    assert rec == {**f1.meta, "sender": ALICE, "recipient": BOB, "ts": 5.0, "pos": f1.pos}
+    assert (yield store.file_info("nope")) is None
+    assert (yield store.file_usage(ALICE)) == 7
+    assert (yield store.file_usage(BOB)) == 10
+    assert (yield store.blob_referenced(a)) and not (yield store.blob_referenced("c" * 64))
+    assert (yield store.expire_files(5.0)) == []  # ts < before, strictly
+    assert (yield store.expire_files(6.0)) == []  # f1 went, but f2 still has its bytes
+    assert (yield store.file_info("f1")) is None and (yield store.blob_referenced(a))
+    assert (yield store.expire_files(100.0)) == [a, b]
+    assert (yield store.file_usage(ALICE)) == 0
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.kind for e in feed] == ["file", "text", "file"]  # the messages stay
+    # unfinished uploads: insert or replace, list, delete
+    yield store.put_upload({"upload_id": "u1", "user": ALICE, "size": 9})
+    yield store.put_upload({"upload_id": "u2", "user": BOB, "size": 1, "x": [1, 2]})
+    yield store.put_upload({"upload_id": "u1", "user": ALICE, "size": 10})
+    ups = yield store.list_uploads()
+    assert sorted(ups, key=lambda r: r["upload_id"]) == [
+        {"upload_id": "u1", "user": ALICE, "size": 10},
+        {"upload_id": "u2", "user": BOB, "size": 1, "x": [1, 2]},
+    ]
+    yield store.delete_upload("u1")
+    yield store.delete_upload("never")
+    assert [r["upload_id"] for r in (yield store.list_uploads())] == ["u2"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_outbox_rides_with_the_items(store: Any) -> Any:
+    local = env(ALICE, BOB, "local")
+    out1, out2 = env(ALICE, "bob@b.example", "to b 1"), env(ALICE, "carol@c.example", "to c")
+    yield store.append([local])
+    yield store.append([out1, out2], [("b.example", out1), ("c.example", out2)])
+    yield store.outbox_enqueue("b.example", [{"type": "join", "n": 1}, {"type": "join", "n": 2}])
+    out3 = env(ALICE, "bob@b.example", "to b 2")
+    yield store.append([out3], [("b.example", out3)])
+    assert (yield store.outbox_counts()) == {"b.example": 4, "c.example": 1}
+    rows = yield store.outbox_read("b.example", 0, 10)
+    seqs = [s for s, _ in rows]
+    assert seqs == sorted(set(seqs))  # in call order, increasing
+    shown = [x.body if isinstance(x, Envelope) else x["n"] for _, x in rows]
+    assert shown == ["to b 1", 1, 2, "to b 2"]
+    assert rows[0][1].pos == out1.pos and rows[0][1].sender == ALICE
+    assert [x for _, x in (yield store.outbox_read("b.example", seqs[0], 2))][1] == {
+        "type": "join",
+        "n": 2,
+    }
+    assert (yield store.outbox_holds("b.example", out1.pos))
+    assert not (yield store.outbox_holds("c.example", out1.pos))
+    assert not (yield store.outbox_holds("b.example", local.pos))
+    yield store.outbox_ack("b.example", seqs[1])
+    assert (yield store.outbox_counts()) == {"b.example": 2, "c.example": 1}
+    assert not (yield store.outbox_holds("b.example", out1.pos))
+    rest = yield store.outbox_read("b.example", 0, 10)
+    assert [s for s, _ in rest] == seqs[2:]
+    yield store.outbox_ack("b.example", seqs[-1])
+    yield store.outbox_ack("c.example", 2**40)
+    assert (yield store.outbox_counts()) == {}
+    # sequences are never reused
+    out4 = env(ALICE, "bob@b.example", "to b 3")
+    yield store.append([out4], [("b.example", out4)])
+    [(seq, _)] = yield store.outbox_read("b.example", 0, 10)
+    assert seq > seqs[-1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_remote_items_are_deduplicated_by_id(store: Any) -> Any:
+    e1 = Envelope("m1", "text", "dave@b.example", ALICE, 1.0, "one")
+    e2 = Envelope("m2", "text", "dave@b.example", ALICE, 1.0, "two")
+    first = yield store.append_remote([e1])
+    again = Envelope("m1", "text", "dave@b.example", ALICE, 1.0, "one")
+    out = env(ALICE, "x@c.example", "relay")
+    second = yield store.append_remote([again, e2], [("c.example", e2)])
+    assert [e.body for e in first] == ["one"] and [e.body for e in second] == ["two"]
+    assert e2.pos > e1.pos and again.pos == 0
+    assert [(e.body, e.pos) for e in (yield store.read_feed(ALICE, 0, 10))] == [
+        ("one", e1.pos),
+        ("two", e2.pos),
+    ]
+    [(_, queued)] = yield store.outbox_read("c.example", 0, 10)
+    assert queued.id == "m2"
+    # a remote file item records its file too
+    f = file_env("dave@b.example", ALICE, "rf", "d" * 64, 5, 3.0)
+    assert (yield store.append_remote([f])) == [f]
+    assert (yield store.file_info("rf"))["pos"] == f.pos
+    assert out.pos == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_any_unicode_text_round_trips(store: Any) -> Any:
+    """A JSON string may hold U+0000 (PostgreSQL's text cannot: it is stored escaped),
+    and text that looks like that escape must come back as it went in."""
+    odd = ["nul \x00 inside", "\x00", '\x01"\\u0000"', "\x01", "emoji \N{SNOWMAN}\U0001f600"]
+    items = [env(ALICE, BOB, body) for body in odd]
+    yield store.append(items)
+    remote = [
+        Envelope(mid, "text", "dave@b.example", ALICE, 1.0, mid)
+        for mid in ("id\x00nul", '\x01"id\x00nul"', "\x01")
+    ]
+    assert (yield store.append_remote(remote)) == remote
+    # the same ids again are recognised (de-duplication works on them too)
+    again = [Envelope(e.id, "text", e.sender, e.recipient, 1.0, e.body) for e in remote]
+    assert (yield store.append_remote(again)) == []
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.body for e in feed] == odd
+    feed = yield store.read_feed(ALICE, items[-1].pos, 10)
+    assert [(e.id, e.body) for e in feed] == [(e.id, e.body) for e in remote]
+    page = yield store.history(conversation_key(ALICE, BOB), None, None, 9)
+    assert [e.body for e in page] == odd
+    store.set_ack(ALICE, "dev\x00ice", 7)
+    store.set_ack(ALICE, "\x01", 3)
+    yield settle(store)
+    assert (yield store.get_ack(ALICE, "dev\x00ice")) == 7
+    assert (yield store.get_ack(ALICE, "\x01")) == 3
+    assert (yield store.get_ack(ALICE, "dev")) == 7  # never seen: the user's highest
+
+
+@pytest_twisted.inlineCallbacks
+def test_events_partners_and_floors(store: Any) -> Any:
+    g = "#g@localhost"
+    ev = Envelope(new_message_id(), "event", ALICE, g, 1.0, "", {"event": "created"})
+    yield store.append([env(ALICE, BOB, "x"), ev, env(CAROL, ALICE, "y"), env(ALICE, g, "z")])
+    yield store.append([env(ALICE, ALICE, "note to self")])
+    events = yield store.read_events(0, 10)
+    assert [(e.kind, e.meta) for e in events] == [("event", {"event": "created"})]
+    assert (yield store.read_events(ev.pos, 10)) == []
+    assert sorted((yield store.conversation_partners(ALICE))) == [BOB, CAROL]
+    assert (yield store.conversation_partners(BOB)) == [ALICE]
+    top = yield store.max_pos()
+    yield store.create_user("dora", "h", 1.0)
+    assert (yield store.user_floor("dora")) == top  # sees only later items
+    assert (yield store.user_floor("nobody")) is None
+    # group ranges in the feed: (lo, hi]
+    feed = yield store.read_feed("dora@localhost", 0, 10, [(g, 0, None)])
+    assert [e.pos for e in feed] == [ev.pos, ev.pos + 2]
+    feed = yield store.read_feed("dora@localhost", 0, 10, [(g, ev.pos, None)])
+    assert [e.body for e in feed] == ["z"]
+    feed = yield store.read_feed("dora@localhost", 0, 10, [(g, 0, ev.pos)])
+    assert [e.kind for e in feed] == ["event"]

@@ -1,51 +1,32 @@
 """SQLite implementation of :class:`chatproto.store.IStore`: the embedded default.
 
 Layout: :class:`SQLiteDB` is the synchronous core (one connection, plain methods),
-used directly by ``chatrealmctl`` and run in threads by :class:`SQLiteStore`.
-
-Threads: one writer thread owns the only writing connection; reads run on a small
-reader pool with their own connections (WAL lets them read while the writer commits).
-Group commit: appends arriving while a write is in flight are queued on the reactor
-thread and committed together in the next transaction -- no timer, so a lone message
-is committed at once and a busy realm pays one fsync per batch, not per message.
-Federation rides on it: outbox rows are committed with their items, outbox
-acknowledgements (deletes) with the next batch, and the rows this process committed
-are kept in memory until acknowledged, so a link reads its queue without SQLite.
+used directly by ``chatrealmctl`` and run in threads by :class:`SQLiteStore`, which is
+the group-committing front end of :mod:`chatproto.store.groupcommit` over it: one
+writer thread, a few reader threads (WAL lets them read while the writer commits), one
+fsync per batch of appends.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
 import os
 import sqlite3
-import threading
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
 from chatproto.store import FILE_META, IStore, UserExists, stored_meta
+from chatproto.store.groupcommit import GroupCommitStore
 
 __all__ = [
     "SCHEMA_VERSION",
     "SQLiteDB",
     "SQLiteStore",
 ]
-
-T = TypeVar("T")
-
-#: Outbox rows per realm kept in memory for the link (beyond it, a link that is behind
-#: reads SQLite until it has caught up).
-OUTBOX_CACHE = 50_000
 
 SCHEMA_VERSION = 8
 
@@ -195,6 +176,14 @@ class SQLiteDB:
 
     def close(self) -> None:
         self.conn.close()
+
+    def describe(self) -> str:
+        return self.path
+
+    def outbox_top(self) -> int:
+        """The highest outbox seq ever assigned (rows may have been deleted since)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return int(row[0]) if row else 0
 
     # schema -------------------------------------------------------------------------
 
@@ -748,10 +737,10 @@ class SQLiteDB:
 
 
 @implementer(IStore)
-class SQLiteStore:
-    """The asynchronous, group-committing store used by the realm service."""
-
-    log = Logger()
+class SQLiteStore(GroupCommitStore):
+    """The asynchronous, group-committing store used by the realm service: the
+    threads and group commit of :class:`GroupCommitStore` over :class:`SQLiteDB`
+    connections (WAL lets the readers read while the writer commits)."""
 
     def __init__(
         self,
@@ -760,389 +749,21 @@ class SQLiteStore:
         synchronous: str = "FULL",
         readers: int = 2,
     ) -> None:
+        super().__init__(reactor, readers, "sqlite")
         self.path = path
-        self._reactor = reactor
         self._synchronous = synchronous
-        self._writer_pool = ThreadPool(1, 1, name="chatproto-sqlite-writer")
-        self._reader_pool = ThreadPool(1, readers, name="chatproto-sqlite-reader")
-        self._writer: SQLiteDB | None = None
-        self._local = threading.local()
-        self._readers: list[SQLiteDB] = []
-        self._readers_lock = threading.Lock()
-        #: Queued appends: (items, waiter, outbox pairs, received from another realm).
-        #: An outbox request (:meth:`outbox_enqueue`) is an append with no items.
-        self._pending: list[
-            tuple[
-                Sequence[Envelope],
-                Deferred[list[Envelope]],
-                Sequence[tuple[str, Envelope | dict[str, Any]]],
-                bool,
-            ]
-        ] = []
-        self._pending_acks: dict[tuple[str, str], int] = {}
-        #: Outbox acknowledgements waiting for the next group commit: realm -> seq.
-        self._pending_outbox_acks: dict[str, int] = {}
-        self._outbox_ack_waiters: list[Deferred[None]] = []
-        #: The outbox rows committed by this process and not yet acknowledged, per
-        #: realm, oldest first: ``(seq, envelope or request)``.  ``_outq_floor[realm]``:
-        #: every row of ``realm`` with a greater seq is in ``_outq[realm]``, so the link
-        #: reads what was just committed from here instead of from SQLite.
-        self._outq: dict[str, collections.deque[tuple[int, Any]]] = {}
-        self._outq_floor: dict[str, int] = {}
-        #: The highest outbox seq whose commit the reactor has seen through (done()):
-        #: reads from SQLite return nothing beyond it.  A reader thread can see a row
-        #: as soon as the writer commits it, before the realm has applied what the
-        #: commit means (a join to its group state, say); a link sending that row at
-        #: once would let the peer act on it first (then items the realm queues
-        #: according to its stale state go astray).  Set at open: rows of earlier runs.
-        self._published_seq = 0
-        self._inflight_acks: dict[tuple[str, str], int] = {}
-        self._threads_started = False
-        #: Told when a group commit's results start and finish being handed out, so
-        #: the realm can write each connection's frames of the whole batch at once.
-        self.burst_listener: Any = None
-        self._writing = False
-        self._idle: list[Deferred[None]] = []
-        #: Statistics for benchmarks and logs: transactions and items committed.
-        self.commits = 0
-        self.committed_items = 0
 
-    # lifecycle ----------------------------------------------------------------------
-
-    def open(self) -> Deferred[None]:
-        """Open and migrate the database, then start the threads.
-
-        Opening is done synchronously, once, at start-up, before anything is served:
-        a realm must not accept logins on a store whose schema is not there yet.
-        """
+    def _open_writer(self) -> SQLiteDB:
         try:
             writer = SQLiteDB(self.path, self._synchronous)
         except sqlite3.Error as e:
-            return fail(RuntimeError(f"cannot open {self.path}: {e}"))
+            raise RuntimeError(f"cannot open {self.path}: {e}") from None
         try:
             writer.migrate()
-            row = writer.conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
-            ).fetchone()
-        except Exception as e:
+        except Exception:
             writer.close()
-            return fail(e)
-        self._published_seq = int(row[0]) if row else 0
-        self._writer = writer
-        return succeed(None)
+            raise
+        return writer
 
-    def _start_threads(self) -> None:
-        # Started on first use, not in open(): open() runs before the reactor under
-        # twistd, and threads started then would keep a process that fails to start
-        # (a port in use) from exiting.
-        if not self._threads_started:
-            self._threads_started = True
-            self._writer_pool.start()
-            self._reader_pool.start()
-
-    def close(self) -> Deferred[None]:
-        d = self._when_idle()
-
-        def _shut(_: object) -> None:
-            # Stop the pools first (each waits for the work it has in hand), then close
-            # the connections here: a connection must never be closed by one thread
-            # while another still uses it (SQLite would crash the process).
-            if self._threads_started:
-                self._writer_pool.stop()
-                self._reader_pool.stop()
-            if self._writer is not None:
-                self._writer.close()
-            with self._readers_lock:
-                for r in self._readers:
-                    r.close()
-                self._readers.clear()
-
-        d.addCallback(_shut)
-        return d
-
-    def _when_idle(self) -> Deferred[None]:
-        if not self._writing and not self._has_pending():
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
-
-    # thread helpers -----------------------------------------------------------------
-
-    def _write(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        self._start_threads()
-        return deferToThreadPool(self._reactor, self._writer_pool, fn, *args)  # type: ignore[arg-type]
-
-    def _db(self) -> SQLiteDB:
-        assert self._writer is not None, "store is not open"
-        return self._writer
-
-    def _reader(self) -> SQLiteDB:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = SQLiteDB(self.path, self._synchronous)
-            with self._readers_lock:
-                self._readers.append(db)
-        return db
-
-    def _read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        def run() -> T:
-            return fn(self._reader(), *args)
-
-        self._start_threads()
-        return deferToThreadPool(self._reactor, self._reader_pool, run)  # type: ignore[arg-type]
-
-    # accounts -----------------------------------------------------------------------
-
-    def create_user(self, name: str, pwhash: str, ts: float) -> Deferred[None]:
-        return self._write(lambda: self._db().create_user(name, pwhash, ts))
-
-    def password_hash(self, name: str) -> Deferred[str | None]:
-        return self._read(SQLiteDB.password_hash, name)
-
-    def set_password(self, name: str, pwhash: str) -> Deferred[bool]:
-        return self._write(lambda: self._db().set_password(name, pwhash))
-
-    def delete_user(self, name: str, address: str) -> Deferred[bool]:
-        return self._write(lambda: self._db().delete_user(name, address))
-
-    def user_exists(self, name: str) -> Deferred[bool]:
-        return self.password_hash(name).addCallback(lambda h: h is not None)
-
-    def list_users(self) -> Deferred[list[str]]:
-        return self._read(SQLiteDB.list_users)
-
-    # streams ------------------------------------------------------------------------
-
-    def append(
-        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
-    ) -> Deferred[list[Envelope]]:
-        d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, False))
-        if not self._writing:  # else the commit in progress flushes it when done
-            self._flush()
-        return d
-
-    def append_remote(
-        self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
-    ) -> Deferred[list[Envelope]]:
-        d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, True))
-        self._flush()
-        return d
-
-    def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
-        """From memory when every row after ``after`` was committed by this process
-        (the common case: a link keeping up); else from SQLite."""
-        floor = self._outq_floor.get(realm)
-        if floor is None or after < floor:
-            return self._read(SQLiteDB.outbox_read, realm, after, limit, self._published_seq)
-        q = self._outq.get(realm)
-        if not q:
-            return succeed([])
-        lo, hi = 0, len(q)  # the first row with seq > after (seqs increase)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if q[mid][0] <= after:
-                lo = mid + 1
-            else:
-                hi = mid
-        return succeed(list(itertools.islice(q, lo, lo + limit)))
-
-    def outbox_ack(self, realm: str, seq: int) -> Deferred[None]:
-        """Delete ``realm``'s rows up to ``seq`` in the next group commit (with the
-        items being appended: no commit of its own under load); fires once deleted."""
-        q = self._outq.get(realm)
-        while q and q[0][0] <= seq:  # the link never reads acknowledged rows again
-            q.popleft()
-        if seq > self._pending_outbox_acks.get(realm, 0):
-            self._pending_outbox_acks[realm] = seq
-        d: Deferred[None] = Deferred()
-        self._outbox_ack_waiters.append(d)
-        self._flush()
-        return d
-
-    def outbox_counts(self) -> Deferred[dict[str, int]]:
-        return self._read(SQLiteDB.outbox_counts)
-
-    def outbox_holds(self, realm: str, pos: int) -> Deferred[bool]:
-        return self._read(SQLiteDB.outbox_holds, realm, pos)
-
-    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
-        """Queued with the appends, in call order (one group commit)."""
-        d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append(([], d, [(realm, p) for p in payloads], False))
-        self._flush()
-        return d.addCallback(lambda _: None)
-
-    def pending_requests(self, actor: str, group: str) -> Deferred[list[dict[str, Any]]]:
-        return self._read(SQLiteDB.pending_requests, actor, group)
-
-    def request_done(self, request_id: str) -> Deferred[None]:
-        return self._write(lambda: self._db().request_done(request_id))
-
-    def expire_requests(self, before: float) -> Deferred[int]:
-        return self._write(lambda: self._db().expire_requests(before))
-
-    def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
-        return self._read(SQLiteDB.stored_item, item_id)
-
-    def _cache_outbox(self, rows: list[tuple[str, int, Any]]) -> None:
-        """Remember committed outbox rows for :meth:`outbox_read` (bounded per realm:
-        past :data:`OUTBOX_CACHE` the oldest go and the floor rises above them)."""
-        for realm, seq, obj in rows:
-            q = self._outq.get(realm)
-            if q is None:
-                q = self._outq[realm] = collections.deque()
-                self._outq_floor.setdefault(realm, seq - 1)
-            q.append((seq, obj))
-            if len(q) > OUTBOX_CACHE:
-                self._outq_floor[realm] = q.popleft()[0]
-
-    def _has_pending(self) -> bool:
-        return bool(self._pending or self._pending_acks or self._pending_outbox_acks)
-
-    def set_ack(self, user: str, device: str, pos: int) -> None:
-        key = (user, device)
-        if pos > self._pending_acks.get(key, 0):
-            self._pending_acks[key] = pos
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._writing or not self._has_pending():
-            if not self._writing:
-                idle, self._idle = self._idle, []
-                for d in idle:
-                    d.callback(None)
-            return
-        batch, self._pending = self._pending, []
-        acks, self._pending_acks = self._pending_acks, {}
-        outbox_acks, self._pending_outbox_acks = self._pending_outbox_acks, {}
-        ack_waiters, self._outbox_ack_waiters = self._outbox_ack_waiters, []
-        self._inflight_acks = acks
-        self._writing = True
-        d = self._write(
-            self._db().commit_batch,
-            [b[0] for b in batch],
-            acks,
-            [b[2] for b in batch],
-            [b[3] for b in batch],
-            outbox_acks,
-        )
-
-        def done(
-            result: tuple[list[list[int] | Exception], list[tuple[str, int, Any]]],
-        ) -> None:
-            results, queued = result
-            self.commits += 1
-            outcomes: list[list[Envelope] | Exception] = []
-            for (items, _, _, is_remote), res in zip(batch, results, strict=True):
-                if isinstance(res, Exception):
-                    outcomes.append(res)
-                    continue
-                if not is_remote:  # every local item is stored
-                    for env, pos in zip(items, res, strict=True):
-                        env.pos = pos  # type: ignore[assignment]
-                    self.committed_items += len(items)
-                    outcomes.append(list(items))
-                    continue
-                stored = []
-                for env, pos in zip(items, res, strict=True):
-                    if pos is not None:
-                        env.pos = pos
-                        stored.append(env)
-                self.committed_items += len(stored)
-                outcomes.append(stored)
-            if queued:  # before the waiters run: they wake the links, which read these
-                self._cache_outbox(queued)
-                self._published_seq = max(self._published_seq, queued[-1][1])
-            for w in ack_waiters:
-                w.callback(None)
-            listener = self.burst_listener
-            if listener is not None:
-                listener.begin_burst()
-            try:
-                for b, outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        b[1].errback(Failure(outcome))
-                    else:
-                        b[1].callback(outcome)
-            finally:
-                if listener is not None:
-                    listener.end_burst()
-
-        def failed(f: Failure) -> None:
-            self.log.failure("group commit of {n} batches failed", f, n=len(batch))
-            for b in batch:
-                b[1].errback(f)
-            for w in ack_waiters:
-                w.errback(f)
-
-        def next_(_: object) -> None:
-            self._writing = False
-            self._inflight_acks = {}
-            self._flush()
-
-        d.addCallbacks(done, failed).addBoth(next_)
-
-    def read_feed(
-        self,
-        user: str,
-        after: int,
-        limit: int,
-        groups: Sequence[tuple[str, int, int | None]] = (),
-    ) -> Deferred[list[Envelope]]:
-        return self._read(SQLiteDB.read_feed, user, after, limit, list(groups))
-
-    def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
-        return self._read(SQLiteDB.read_events, after, limit)
-
-    def conversation_partners(self, user: str) -> Deferred[list[str]]:
-        return self._read(SQLiteDB.conversation_partners, user)
-
-    def history(
-        self,
-        conversation: str,
-        before: int | None,
-        after: int | None,
-        limit: int,
-        floor: int = 0,
-    ) -> Deferred[list[Envelope]]:
-        return self._read(SQLiteDB.history, conversation, before, after, limit, floor)
-
-    def user_floor(self, name: str) -> Deferred[int | None]:
-        return self._read(SQLiteDB.user_floor, name)
-
-    def get_ack(self, user: str, device: str) -> Deferred[int]:
-        key = (user, device)
-        pending = max(self._pending_acks.get(key, 0), self._inflight_acks.get(key, 0))
-        return self._read(SQLiteDB.get_ack, user, device).addCallback(
-            lambda stored: max(stored, pending)
-        )
-
-    def max_pos(self) -> Deferred[int]:
-        return self._read(SQLiteDB.max_pos)
-
-    # files: reads on the WAL readers (they see every commit completed before they
-    # start, as for items); writes on the one writer thread ----------------------------
-
-    def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
-        return self._read(SQLiteDB.file_info, file_id)
-
-    def file_usage(self, sender: str) -> Deferred[int]:
-        return self._read(SQLiteDB.file_usage, sender)
-
-    def expire_files(self, before: float) -> Deferred[list[str]]:
-        return self._write(lambda: self._db().expire_files(before))
-
-    def blob_referenced(self, sha256: str) -> Deferred[bool]:
-        return self._read(SQLiteDB.blob_referenced, sha256)
-
-    def put_upload(self, record: dict[str, Any]) -> Deferred[None]:
-        return self._write(lambda: self._db().put_upload(record))
-
-    def delete_upload(self, upload_id: str) -> Deferred[None]:
-        return self._write(lambda: self._db().delete_upload(upload_id))
-
-    def list_uploads(self) -> Deferred[list[dict[str, Any]]]:
-        return self._read(SQLiteDB.list_uploads)
+    def _connect(self) -> SQLiteDB:
+        return SQLiteDB(self.path, self._synchronous)

@@ -1,0 +1,985 @@
+"""PostgreSQL implementation of :class:`chatproto.store.IStore`: for scale-out.
+
+Selected with ``[storage] backend = "postgresql"`` and a ``dsn``; needs the
+``postgresql`` extra (psycopg 3).  The single-process default (SQLite) imports none of
+this.  Layout as for SQLite: :class:`PostgresDB` is the synchronous core (one psycopg
+connection, plain methods), used directly by ``chatrealmctl``; :class:`PostgresStore`
+runs it in threads with the group commit of :mod:`chatproto.store.groupcommit`.
+
+Why threads and not psycopg's asyncio API: the realm runs on whatever reactor twistd
+picks (epoll by default); psycopg's async connections would need Twisted's asyncio
+reactor for every realm on PostgreSQL.  A blocking psycopg call releases the GIL while
+it waits on the server, so one writer thread and a few reader threads cost little, and
+the store shares its group commit, its outbox cache and its tests with the SQLite one.
+
+Durability: every connection runs with ``synchronous_commit = on``, whatever the
+server's default, so an append's Deferred fires (and the client gets its ack) only
+once the commit is flushed to the server's WAL: SIGKILL of the realm, or of the
+server, loses nothing acknowledged.
+
+Positions: items take their position from the sequence ``items_pos`` inside the
+commit's transaction; outbox rows likewise from ``outbox_seq``.  Today one writer per
+realm: the store holds an advisory lock on its schema while open, so a second realm
+process on the same schema refuses to start.  With one writer, positions are handed
+out and committed in the same order, so a reader that has seen position P can never
+later meet a smaller one.  Several writers (issue 16, item 4) will draw from the same
+sequence but commit in another order; the design for them, written down in
+docs/operator-guide.md ("Several writers"): each writer publishes, in the transaction
+that commits its batch, a row ``(writer, persisted_upto)`` meaning "I have nothing
+below this in flight", and readers only advance to the minimum over live writers.
+
+Text PostgreSQL cannot hold (U+0000, which JSON allows in a message body, an item id
+or a device name) is stored escaped: see :func:`_esc`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from twisted.internet.interfaces import IReactorThreads
+from zope.interface import implementer
+
+from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.store import FILE_META, IStore, UserExists, stored_meta
+from chatproto.store.groupcommit import CommitResult, GroupCommitStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "PostgresDB",
+    "PostgresStore",
+    "describe_dsn",
+]
+
+SCHEMA_VERSION = 1
+
+#: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
+#: transaction).  Version 1 is the SQLite schema at its version 8, in PostgreSQL's
+#: types; text compares byte by byte (COLLATE "C") as it does in SQLite.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE users (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        pwhash TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        floor BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE SEQUENCE items_pos AS BIGINT;
+    CREATE TABLE items (
+        pos BIGINT PRIMARY KEY,
+        id TEXT COLLATE "C" NOT NULL UNIQUE,
+        kind TEXT COLLATE "C" NOT NULL,
+        sender TEXT COLLATE "C" NOT NULL,
+        recipient TEXT COLLATE "C" NOT NULL,
+        conv TEXT COLLATE "C" NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        body TEXT NOT NULL,
+        meta TEXT
+    );
+    ALTER SEQUENCE items_pos OWNED BY items.pos;
+    CREATE INDEX items_recipient ON items (recipient, pos);
+    CREATE INDEX items_sender ON items (sender, pos);
+    CREATE INDEX items_conv ON items (conv, pos);
+    CREATE INDEX items_events ON items (pos) WHERE kind = 'event';
+    CREATE TABLE acks (
+        addr TEXT COLLATE "C" NOT NULL,
+        device TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        PRIMARY KEY (addr, device)
+    );
+    CREATE SEQUENCE outbox_seq AS BIGINT;
+    CREATE TABLE outbox (
+        seq BIGINT PRIMARY KEY,
+        realm TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        payload TEXT
+    );
+    ALTER SEQUENCE outbox_seq OWNED BY outbox.seq;
+    CREATE INDEX outbox_realm ON outbox (realm, seq);
+    CREATE TABLE files (
+        file_id TEXT COLLATE "C" PRIMARY KEY,
+        sha256 TEXT COLLATE "C" NOT NULL,
+        size BIGINT NOT NULL,
+        name TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        sender TEXT COLLATE "C" NOT NULL,
+        recipient TEXT COLLATE "C" NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        pos BIGINT NOT NULL
+    );
+    CREATE INDEX files_sha256 ON files (sha256);
+    CREATE INDEX files_sender ON files (sender);
+    CREATE INDEX files_ts ON files (ts);
+    CREATE TABLE uploads (
+        upload_id TEXT COLLATE "C" PRIMARY KEY,
+        user_name TEXT COLLATE "C" NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE settings (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE requests (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        actor TEXT COLLATE "C" NOT NULL,
+        grp TEXT COLLATE "C" NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX requests_actor ON requests (actor, grp, ts);
+    """,
+]
+
+#: Seconds to wait for the server when connecting (unless the DSN says otherwise).
+CONNECT_TIMEOUT = 10
+#: Seconds a starting realm waits for the writer lock of its schema.
+LOCK_WAIT = 2.0
+
+_COLS = "pos, id, kind, sender, recipient, ts, body, meta"
+
+#: Marks a stored string that was escaped (see :func:`_esc`).
+_ESCAPED = "\x01"
+
+
+def _esc(text: str) -> str:
+    """``text`` as PostgreSQL can store it, reversibly (:func:`_unesc`).
+
+    PostgreSQL's text cannot hold U+0000, which a client may legitimately send (a JSON
+    string allows it).  A string containing one -- or starting with the marker U+0001
+    -- is stored as the marker followed by its JSON form (ASCII, no U+0000); every
+    other string as it is.  So the mapping is one-to-one, and costs one scan of the
+    string on the way in and one character test on the way out.
+    """
+    if "\x00" in text or text[:1] == _ESCAPED:
+        return _ESCAPED + json.dumps(text)
+    return text
+
+
+def _unesc(text: str) -> str:
+    if text[:1] == _ESCAPED:
+        value: str = json.loads(text[1:])
+        return value
+    return text
+
+
+def _row(r: Sequence[Any]) -> Envelope:
+    """An item from its row; ``ts`` and ``meta`` made safe to send (see
+    :func:`chatproto.store.stored_meta`), whatever the row holds."""
+    pos, id_, kind, sender, recipient, ts, body, meta = r
+    return Envelope(
+        id=_unesc(id_),
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        ts=ts if type(ts) is float and 0.0 <= ts <= MAX_SHOWN_TS else shown_ts(ts),
+        body=_unesc(body),
+        meta=stored_meta(meta) if meta is not None else None,
+        pos=pos,
+    )
+
+
+def _item_row(e: Envelope, pos: int) -> tuple[Any, ...]:
+    return (
+        pos,
+        _esc(e.id),
+        e.kind,
+        e.sender,
+        e.recipient,
+        e.conversation,
+        e.ts,
+        _esc(e.body),
+        json.dumps(e.meta) if e.meta is not None else None,
+    )
+
+
+def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
+    """A group request's row (see :meth:`chatproto.store.IStore.pending_requests`)."""
+    ts = req.get("ts")
+    return (
+        _esc(str(req.get("id"))),
+        _esc(str(req.get("from"))),
+        _esc(str(req.get("to"))),
+        float(ts) if isinstance(ts, int | float) else 0.0,
+        json.dumps(req),
+    )
+
+
+def describe_dsn(dsn: str, schema: str) -> str:
+    """``postgresql://user@host:port/dbname (schema S)``: for logs and messages (never
+    the password)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return f"postgresql (unparsable DSN), schema {schema}"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    user = params.get("user")
+    db = params.get("dbname") or user or ""
+    who = f"{user}@" if user else ""
+    return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
+
+
+def _lock_key(schema: str) -> int:
+    """The advisory lock key of a schema's single writer (a signed 64-bit int)."""
+    digest = hashlib.sha256(f"chatproto writer {schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PostgresDB:
+    """Synchronous access to one schema of a PostgreSQL database (one connection).
+
+    ``create``: make the schema if it does not exist (else a missing schema is an
+    error: a wrong ``schema`` in the config must not start an empty realm elsewhere).
+    """
+
+    def __init__(self, dsn: str, schema: str, create: bool = True) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.path = describe_dsn(dsn, schema)
+        kwargs: dict[str, Any] = {"autocommit": True}
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error as e:
+            raise RuntimeError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name" not in params:
+            kwargs["application_name"] = "chatrealm"
+        try:
+            self.conn = psycopg.connect(dsn, **kwargs)
+        except psycopg.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"cannot connect to {self.path}: {first}") from None
+        try:
+            c = self.conn
+            # An ack means committed: whatever the server's or role's default.
+            c.execute("SET synchronous_commit TO on")
+            exists = c.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+            ).fetchone()
+            if exists is None:
+                if not create:
+                    raise RuntimeError(f"no schema {schema!r} in {self.path}")
+                c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            c.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        except BaseException:
+            self.conn.close()
+            raise
+        self._key: bytes | None = None
+        self._locked = False
+        #: Whether the last :meth:`commit_batch` got as far as sending COMMIT (if its
+        #: connection was lost before, nothing of it was committed).
+        self.commit_sent = False
+
+    def close(self) -> None:
+        if self._locked and not self.broken:
+            # Released at once: the server ends the session (and drops its locks) only
+            # some time after the connection is closed, and a realm restarted at once
+            # must not find its own lock still held.
+            try:
+                self.conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(self.schema),))
+            except psycopg.Error:
+                pass
+        self._locked = False
+        self.conn.close()
+
+    def describe(self) -> str:
+        return self.path
+
+    @property
+    def broken(self) -> bool:
+        """The connection is lost (the server restarted, the network failed)."""
+        return bool(self.conn.broken or self.conn.closed)
+
+    def lock_writer(self, wait: float = LOCK_WAIT) -> None:
+        """Become the schema's one writer (held until this connection closes); raise
+        if another process still is after ``wait`` seconds (the lock of a process
+        that has just died is released once the server notices)."""
+        c = self.conn
+        c.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait * 1000)}ms")))
+        try:
+            c.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.schema),))
+        except psycopg.errors.LockNotAvailable:
+            raise RuntimeError(
+                f"another realm process is writing to {self.path}: one writer per "
+                "realm (stop it, or give this realm another storage.schema)"
+            ) from None
+        finally:
+            if not self.broken:
+                c.execute("RESET lock_timeout")
+        self._locked = True
+
+    def _seq_top(self, seq: str) -> int:
+        row = self.conn.execute(
+            sql.SQL("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}").format(
+                sql.Identifier(seq)
+            )
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def outbox_top(self) -> int:
+        """The highest outbox seq ever assigned (rows may have been deleted since)."""
+        return self._seq_top("outbox_seq")
+
+    def items_top(self) -> int:
+        """The highest position ever assigned (items may have been deleted since)."""
+        return self._seq_top("items_pos")
+
+    # schema -------------------------------------------------------------------------
+
+    def version(self) -> int:
+        """The schema's version (0: no chatproto tables yet); changes nothing."""
+        c = self.conn
+        row = c.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return 0
+        row = c.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION`; return the version found.
+
+        Each step is one transaction (PostgreSQL's DDL is transactional), under an
+        advisory lock so that two processes starting together migrate once."""
+        c = self.conn
+        with c.transaction():
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.schema) ^ 1,))
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = self.version()
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {found}, newer than this chatproto "
+                    f"({SCHEMA_VERSION}); upgrade chatproto"
+                )
+            for v in range(found, SCHEMA_VERSION):
+                c.execute(MIGRATIONS[v])
+                c.execute("DELETE FROM schema_version")
+                c.execute("INSERT INTO schema_version VALUES (%s)", (v + 1,))
+            # The key of alternate ids (chatproto.envelope.alternate_id): random, made
+            # here, never leaves the database.
+            c.execute(
+                "INSERT INTO settings VALUES ('id_key', %s) ON CONFLICT (key) DO NOTHING",
+                (os.urandom(16).hex(),),
+            )
+        return found
+
+    # accounts -----------------------------------------------------------------------
+
+    def create_user(self, name: str, pwhash: str, ts: float) -> None:
+        try:
+            self.conn.execute(
+                "INSERT INTO users (name, pwhash, created, floor) VALUES (%s, %s, %s, "
+                "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM items_pos))",
+                (name, pwhash, ts),
+            )
+        except psycopg.errors.UniqueViolation:
+            raise UserExists(name) from None
+
+    def user_floor(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT floor FROM users WHERE name = %s", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def password_hash(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT pwhash FROM users WHERE name = %s", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_password(self, name: str, pwhash: str) -> bool:
+        cur = self.conn.execute("UPDATE users SET pwhash = %s WHERE name = %s", (pwhash, name))
+        return cur.rowcount > 0
+
+    def delete_user(self, name: str, address: str) -> bool:
+        c = self.conn
+        with c.transaction():
+            cur = c.execute("DELETE FROM users WHERE name = %s", (name,))
+            c.execute("DELETE FROM acks WHERE addr = %s", (address,))
+        return cur.rowcount > 0
+
+    def list_users(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
+
+    # streams ------------------------------------------------------------------------
+
+    _COPY_ITEMS = "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta) FROM STDIN"
+
+    def _next(self, seq: str, n: int) -> list[int]:
+        """``n`` new values of sequence ``seq``, increasing."""
+        if n <= 0:
+            return []
+        rows = self.conn.execute(
+            sql.SQL("SELECT nextval({}) AS v FROM generate_series(1, %s) ORDER BY v").format(
+                sql.Literal(seq)
+            ),
+            (n,),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _copy(self, statement: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def append_batch(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
+        remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
+    ) -> list[list[int | None] | Exception]:
+        """Commit every batch in one transaction; return positions per batch."""
+        return self.commit_batch(batches, acks, outbox, remote, outbox_acks)[0]
+
+    def commit_batch(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
+        remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
+    ) -> CommitResult:
+        """Commit every batch in one transaction: positions per batch, and the outbox
+        rows queued as ``(realm, seq, envelope or request)`` in sequence order.
+
+        Fast path: the positions of every item in one ``nextval`` query, the items in
+        one ``COPY``.  If that fails (an id taken, a value out of range), the
+        transaction is redone batch by batch under savepoints, so one bad batch fails
+        alone and never takes the others with it.  The rest is as for SQLite (see
+        :meth:`chatproto.store.sqlite.SQLiteDB.commit_batch`).
+        """
+        flags = list(remote) if remote is not None else [False] * len(batches)
+        try:
+            return self._commit(batches, flags, acks, outbox, outbox_acks, each=False)
+        except psycopg.OperationalError:
+            raise  # the connection, not the data: the caller sees it
+        except Exception:
+            return self._commit(batches, flags, acks, outbox, outbox_acks, each=True)
+
+    def _commit(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        flags: list[bool],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
+        outbox_acks: dict[str, int] | None,
+        each: bool,
+    ) -> CommitResult:
+        c = self.conn
+        queued_rows: list[tuple[str, int, Any]] = []
+        self.commit_sent = False
+        with c.transaction():
+            if each:
+                out = self._append_each(batches, flags)
+            else:
+                out = self._append_all(batches, flags)
+            if outbox:
+                rows: list[tuple[str, int, str | None]] = []
+                requests: list[tuple[Any, ...]] = []
+                for batch, queued, res in zip(batches, outbox, out, strict=True):
+                    if not queued or isinstance(res, Exception):
+                        continue
+                    where = {id(e): p for e, p in zip(batch, res, strict=True)}
+                    for realm, env in queued:
+                        if isinstance(env, dict):
+                            rows.append((realm, 0, json.dumps(env)))
+                            queued_rows.append((realm, 0, dict(env)))
+                            if env.get("kind") == "request":
+                                requests.append(_request_row(env))
+                            continue
+                        pos = where.get(id(env))
+                        if pos is not None:
+                            rows.append((realm, pos, None))
+                            queued_rows.append((realm, 0, env))
+                if rows:
+                    seqs = self._next("outbox_seq", len(rows))
+                    self._copy(
+                        "COPY outbox (seq, realm, pos, payload) FROM STDIN",
+                        ((s, *r) for s, r in zip(seqs, rows, strict=True)),
+                    )
+                    for k, (realm, _, env) in enumerate(queued_rows):
+                        queued_rows[k] = (realm, seqs[k], env)
+                if requests:
+                    with c.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO requests VALUES (%s, %s, %s, %s, %s) "
+                            "ON CONFLICT (id) DO NOTHING",
+                            requests,
+                        )
+            if outbox_acks:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "DELETE FROM outbox WHERE realm = %s AND seq <= %s",
+                        list(outbox_acks.items()),
+                    )
+            if acks:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO acks VALUES (%s, %s, %s) ON CONFLICT (addr, device) "
+                        "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
+                        [(u, _esc(d), p) for (u, d), p in acks.items()],
+                    )
+            self.commit_sent = True  # past here a lost connection leaves it unknown
+        return out, queued_rows
+
+    def _id_key(self) -> bytes:
+        if self._key is None:
+            row = self.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()
+            if row is None:
+                raise RuntimeError(f"{self.path}: settings.id_key is missing")
+            self._key = bytes.fromhex(row[0])
+        return self._key
+
+    def _stored_ids(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Which of ``ids`` are stored already, with their (sender, recipient)."""
+        rows = self.conn.execute(
+            "SELECT id, sender, recipient FROM items WHERE id = ANY(%s)",
+            ([_esc(i) for i in ids],),
+        ).fetchall()
+        return {_unesc(r[0]): (r[1], r[2]) for r in rows}
+
+    def _append_all(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
+        """Every item of every batch in one ``COPY``, in batch order; remote items
+        de-duplicated first, as in SQLite's ``_append_all``."""
+        remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
+        seen = self._stored_ids(remote_ids) if remote_ids else {}
+        renamed: list[tuple[Envelope, str]] = []
+        plan: list[list[bool] | None] = []  # per batch: which items are inserted
+        chosen: list[Envelope] = []
+        for batch, is_remote in zip(batches, remote, strict=True):
+            if not is_remote:
+                chosen.extend(batch)
+                plan.append(None)
+                if remote_ids:  # a remote item later in this commit may reuse an id
+                    seen.update((e.id, (e.sender, e.recipient)) for e in batch)
+                continue
+            mask = []
+            for e in batch:
+                who = (e.sender, e.recipient)
+                had = seen.get(e.id)
+                if had is not None and had != who:  # the id is taken by another item
+                    renamed.append((e, e.id))
+                    e.id = alternate_id(e, self._id_key())
+                    had = seen.get(e.id) or self._stored_ids([e.id]).get(e.id)
+                if had is None:
+                    seen[e.id] = who
+                mask.append(had is None)
+            chosen.extend(e for e, m in zip(batch, mask, strict=True) if m)
+            plan.append(mask)
+        try:
+            positions = self._next("items_pos", len(chosen))
+            if chosen:
+                self._copy(
+                    self._COPY_ITEMS,
+                    (_item_row(e, p) for e, p in zip(chosen, positions, strict=True)),
+                )
+            out: list[list[int | None] | Exception] = []
+            files: list[tuple[Envelope, int]] = []
+            it = iter(positions)
+            for batch, inserted in zip(batches, plan, strict=True):
+                got: list[int | None] = []
+                for k, e in enumerate(batch):
+                    if inserted is None or inserted[k]:
+                        pos = next(it)
+                        got.append(pos)
+                        if e.kind == "file":
+                            files.append((e, pos))
+                    else:
+                        got.append(None)
+                out.append(got)
+            if files:
+                self._index_files([e for e, _ in files], [p for _, p in files])
+            return out
+        except Exception:
+            for e, original in renamed:  # redone item by item (_append_each)
+                e.id = original
+            raise
+
+    _INSERT = (
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    _INSERT_REMOTE = (
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta) "
+        "VALUES (nextval('items_pos'), %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (id) DO NOTHING RETURNING pos"
+    )
+
+    def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
+        """Insert items from another realm one by one, skipping ids stored already
+        (and moving one whose id another conversation took to its alternate id)."""
+        c = self.conn
+        out: list[int | None] = []
+        for env in batch:
+            row = c.execute(self._INSERT_REMOTE, _item_row(env, 0)[1:]).fetchone()
+            if row is None:  # stored already -- or the id is taken by another item
+                had = self._stored_ids([env.id]).get(env.id)
+                if had is not None and had != (env.sender, env.recipient):
+                    env.id = alternate_id(env, self._id_key())
+                    row = c.execute(self._INSERT_REMOTE, _item_row(env, 0)[1:]).fetchone()
+            out.append(int(row[0]) if row else None)
+        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind == "file" and pos]
+        if files:
+            self._index_files([e for e, _ in files], [pos for _, pos in files if pos])
+        return out
+
+    def _append_each(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
+        c = self.conn
+        out: list[list[int | None] | Exception] = []
+        for batch, is_remote in zip(batches, remote, strict=True):
+            try:
+                with c.transaction():  # a savepoint: one bad batch fails alone
+                    positions: list[int | None]
+                    if is_remote:
+                        positions = self._insert_remote(batch)
+                    else:
+                        local = self._next("items_pos", len(batch))
+                        with c.cursor() as cur:
+                            cur.executemany(
+                                self._INSERT,
+                                [_item_row(e, p) for e, p in zip(batch, local, strict=True)],
+                            )
+                        self._index_files(batch, local)
+                        positions = list(local)
+                out.append(positions)
+            except psycopg.OperationalError:
+                raise
+            except Exception as err:  # one bad batch must not fail the others
+                out.append(err)
+        return out
+
+    _COPY_FILES = (
+        "COPY files (file_id, sha256, size, name, media_type, sender, recipient, ts, pos) "
+        "FROM STDIN"
+    )
+
+    def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
+        """Record the file of each ``file`` item (with its message's position)."""
+        rows = []
+        for env, pos in zip(batch, positions, strict=True):
+            if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
+                m = env.meta
+                rows.append(
+                    (
+                        _esc(m["file_id"]),
+                        m["sha256"],
+                        m["size"],
+                        _esc(m["name"]),
+                        _esc(m["media_type"]),
+                        env.sender,
+                        env.recipient,
+                        env.ts,
+                        pos,
+                    )
+                )
+        if rows:
+            self._copy(self._COPY_FILES, rows)
+
+    # federation outbox ----------------------------------------------------------------
+
+    def outbox_read(
+        self, realm: str, after: int, limit: int, upto: int | None = None
+    ) -> list[tuple[int, Envelope | dict[str, Any]]]:
+        """Queued entries: stored items (Envelopes) and requests (dicts), in order;
+        with ``upto``, none with a greater seq."""
+        rows = self.conn.execute(
+            f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in _COLS.split(', '))} "
+            "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
+            "WHERE o.realm = %s AND o.seq > %s AND o.seq <= %s ORDER BY o.seq LIMIT %s",
+            (realm, after, upto if upto is not None else 2**62, limit),
+        ).fetchall()
+        return [(r[0], json.loads(r[1]) if r[1] is not None else _row(r[2:])) for r in rows]
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
+        with self.conn.transaction():
+            seqs = self._next("outbox_seq", len(payloads))
+            self._copy(
+                "COPY outbox (seq, realm, pos, payload) FROM STDIN",
+                ((s, realm, 0, json.dumps(p)) for s, p in zip(seqs, payloads, strict=True)),
+            )
+            requests = [_request_row(p) for p in payloads if p.get("kind") == "request"]
+            if requests:
+                with self.conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO requests VALUES (%s, %s, %s, %s, %s) "
+                        "ON CONFLICT (id) DO NOTHING",
+                        requests,
+                    )
+
+    def outbox_ack(self, realm: str, seq: int) -> None:
+        self.conn.execute("DELETE FROM outbox WHERE realm = %s AND seq <= %s", (realm, seq))
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def outbox_holds(self, realm: str, pos: int) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM outbox WHERE realm = %s AND pos = %s LIMIT 1", (realm, pos)
+        ).fetchone()
+        return row is not None
+
+    def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT payload FROM requests WHERE actor = %s AND grp = %s ORDER BY ts, id",
+            (_esc(actor), _esc(group)),
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def request_done(self, request_id: str) -> None:
+        self.conn.execute("DELETE FROM requests WHERE id = %s", (_esc(request_id),))
+
+    def expire_requests(self, before: float) -> int:
+        cur = self.conn.execute("DELETE FROM requests WHERE ts < %s", (before,))
+        return int(cur.rowcount)
+
+    # reads --------------------------------------------------------------------------
+
+    def stored_item(self, item_id: str) -> Envelope | None:
+        row = self.conn.execute(
+            f"SELECT {_COLS} FROM items WHERE id = %s", (_esc(item_id),)
+        ).fetchone()
+        return _row(row) if row is not None else None
+
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+    ) -> list[Envelope]:
+        """Private items to or from ``user``, and items of ``groups`` within their
+        ``(lo, hi]`` ranges, after ``after``; oldest first."""
+        parts = [
+            f"SELECT {_COLS} FROM items WHERE recipient = %s AND pos > %s",
+            f"SELECT {_COLS} FROM items WHERE sender = %s AND pos > %s "
+            "AND recipient <> sender AND left(recipient, 1) <> '#'",
+        ]
+        params: list[Any] = [user, after, user, after]
+        for group, lo, hi in groups:
+            if hi is not None and hi <= after:
+                continue
+            part = f"SELECT {_COLS} FROM items WHERE recipient = %s AND pos > %s"
+            params += [group, max(after, lo)]
+            if hi is not None:
+                part += " AND pos <= %s"
+                params.append(hi)
+            parts.append(part)
+        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
+        # history rule "all"), and a duplicate row would waste the page.
+        query = " UNION ".join(f"({p})" for p in parts) + " ORDER BY pos LIMIT %s"
+        params.append(limit)
+        return [_row(r) for r in self.conn.execute(query, params).fetchall()]
+
+    def read_events(self, after: int, limit: int) -> list[Envelope]:
+        """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
+        rows = self.conn.execute(
+            f"SELECT {_COLS} FROM items WHERE kind = 'event' AND pos > %s ORDER BY pos LIMIT %s",
+            (after, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def conversation_partners(self, user: str) -> list[str]:
+        """The users ``user`` has a private conversation with."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT sender FROM items WHERE recipient = %(u)s AND sender <> %(u)s "
+            "UNION SELECT DISTINCT recipient FROM items WHERE sender = %(u)s "
+            "AND recipient <> %(u)s AND left(recipient, 1) <> '#'",
+            {"u": user},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def history(
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
+    ) -> list[Envelope]:
+        c = self.conn
+        if after is not None:
+            rows = c.execute(
+                f"SELECT {_COLS} FROM items WHERE conv = %s AND pos > %s ORDER BY pos LIMIT %s",
+                (conversation, max(after, floor), limit),
+            ).fetchall()
+        else:
+            bound = before if before is not None else 2**62
+            rows = c.execute(
+                f"SELECT {_COLS} FROM items WHERE conv = %s AND pos < %s AND pos > %s "
+                "ORDER BY pos DESC LIMIT %s",
+                (conversation, bound, floor, limit),
+            ).fetchall()
+            rows.reverse()
+        return [_row(r) for r in rows]
+
+    def get_ack(self, user: str, device: str) -> int:
+        c = self.conn
+        row = c.execute(
+            "SELECT pos FROM acks WHERE addr = %s AND device = %s", (user, _esc(device))
+        ).fetchone()
+        if row:
+            return int(row[0])
+        row = c.execute("SELECT max(pos) FROM acks WHERE addr = %s", (user,)).fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def max_pos(self) -> int:
+        row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    # files --------------------------------------------------------------------------
+
+    _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
+
+    def file_info(self, file_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = %s", (_esc(file_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
+        for k in ("file_id", "name", "media_type"):
+            rec[k] = _unesc(rec[k])
+        rec["ts"] = shown_ts(rec["ts"])
+        return rec
+
+    def file_usage(self, sender: str) -> int:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = %s", (sender,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def expire_files(self, before: float) -> list[str]:
+        c = self.conn
+        with c.transaction():
+            digests = {
+                r[0]
+                for r in c.execute(
+                    "DELETE FROM files WHERE ts < %s RETURNING sha256", (before,)
+                ).fetchall()
+            }
+            if not digests:
+                return []
+            still = {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT sha256 FROM files WHERE sha256 = ANY(%s)", (list(digests),)
+                ).fetchall()
+            }
+        return sorted(digests - still)
+
+    def blob_referenced(self, sha256: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM files WHERE sha256 = %s LIMIT 1", (sha256,)
+        ).fetchone()
+        return row is not None
+
+    def put_upload(self, record: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO uploads (upload_id, user_name, record) VALUES (%s, %s, %s) "
+            "ON CONFLICT (upload_id) DO UPDATE SET user_name = excluded.user_name, "
+            "record = excluded.record",
+            (_esc(record["upload_id"]), _esc(record["user"]), json.dumps(record)),
+        )
+
+    def delete_upload(self, upload_id: str) -> None:
+        self.conn.execute("DELETE FROM uploads WHERE upload_id = %s", (_esc(upload_id),))
+
+    def list_uploads(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # bulk copy (chatrealmctl migrate-store) ---------------------------------------------
+
+    def is_empty(self) -> bool:
+        """No account, item, queued delivery or file recorded yet."""
+        row = self.conn.execute(
+            "SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM items) "
+            "+ (SELECT count(*) FROM outbox) + (SELECT count(*) FROM files) "
+            "+ (SELECT count(*) FROM uploads) + (SELECT count(*) FROM acks) "
+            "+ (SELECT count(*) FROM requests)"
+        ).fetchone()
+        return not row or int(row[0]) == 0
+
+
+@implementer(IStore)
+class PostgresStore(GroupCommitStore):
+    """The asynchronous, group-committing store over :class:`PostgresDB` connections:
+    one writing connection (holding the schema's writer lock) and one per reader
+    thread.  A connection lost (the server restarted) is replaced on next use: reads
+    are retried once, a commit in flight fails (its senders get an error, nothing is
+    acknowledged that was not committed) and the next one reconnects."""
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        reactor: IReactorThreads,
+        readers: int = 2,
+    ) -> None:
+        super().__init__(reactor, readers, "postgresql")
+        self.dsn = dsn
+        self.schema = schema
+        self.path = describe_dsn(dsn, schema)
+
+    def _open_writer(self) -> PostgresDB:
+        writer = PostgresDB(self.dsn, self.schema)
+        try:
+            writer.lock_writer()
+            writer.migrate()
+        except psycopg.Error as e:
+            writer.close()
+            raise RuntimeError(f"{self.path}: {e}") from None
+        except Exception:
+            writer.close()
+            raise
+        return writer
+
+    def _db(self) -> PostgresDB:
+        writer = self._writer
+        assert writer is not None, "store is not open"
+        assert isinstance(writer, PostgresDB)
+        if writer.broken:  # on the writer thread: reconnect, and be the writer again
+            writer.close()
+            fresh = PostgresDB(self.dsn, self.schema, create=False)
+            try:
+                fresh.lock_writer()
+            except Exception:
+                fresh.close()
+                raise
+            self._writer = writer = fresh
+        return writer
+
+    def _connect(self) -> PostgresDB:
+        return PostgresDB(self.dsn, self.schema, create=False)
+
+    def _commit(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]],
+        remote: Sequence[bool],
+        outbox_acks: dict[str, int],
+    ) -> CommitResult:
+        """A commit whose connection turns out lost before COMMIT was sent committed
+        nothing: it is done again, once, on a new connection.  Lost later, whether it
+        committed is unknown, so it fails (no sender is told "stored")."""
+        db = self._db()
+        try:
+            return db.commit_batch(batches, acks, outbox, remote, outbox_acks)
+        except psycopg.OperationalError:
+            if not db.broken or db.commit_sent:
+                raise
+            self.log.info("{store}: connection lost; reconnecting", store=self.path)
+        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks)
+
+    def _retry_read(self, db: Any, error: Exception) -> bool:
+        return isinstance(error, psycopg.OperationalError) and bool(db.broken)

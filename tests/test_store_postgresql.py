@@ -1,0 +1,289 @@
+"""The PostgreSQL store's own behaviour (its contract is in tests/test_store.py).
+
+Each test works in schemas of its own (dropped when it ends) on the tests' PostgreSQL
+server; skipped only when there is none and CI is unset.  Checked here: schema
+migration, group commit, constraint isolation between batches of one commit, positions
+from a sequence (never reused), acks flushed on close, one writer per schema,
+connections lost and replaced, and ``synchronous_commit`` forced on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+
+from chatproto.envelope import Envelope, new_message_id
+from chatproto.store.postgresql import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    PostgresDB,
+    PostgresStore,
+    describe_dsn,
+)
+from tests.conftest import pg_schema, postgresql_or_skip
+
+ALICE, BOB = "alice@localhost", "bob@localhost"
+
+
+def env(sender: str, recipient: str, body: str = "hi", id_: str | None = None) -> Envelope:
+    return Envelope(id_ or new_message_id(), "text", sender, recipient, 1.0, body)
+
+
+@pytest.fixture
+def dsn() -> str:
+    return postgresql_or_skip()
+
+
+@pytest.fixture
+def schema(dsn: str) -> str:
+    return pg_schema()
+
+
+@pytest.fixture
+def admin(dsn: str) -> Any:
+    """A connection of the test's own (to look at or break the store's)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def open_store(dsn: str, schema: str) -> Any:
+    """A PostgresStore open on the test's schema; closed at teardown."""
+    store = PostgresStore(dsn, schema, _reactor)
+    pytest_twisted.blockon(store.open())
+    yield store
+    pytest_twisted.blockon(store.close())
+
+
+def test_migrate_fresh_schema_and_idempotent(dsn: str, schema: str, admin: Any) -> None:
+    db = PostgresDB(dsn, schema)  # the schema is created
+    try:
+        assert db.version() == 0
+        assert db.migrate() == 0
+        assert db.version() == SCHEMA_VERSION == len(MIGRATIONS)
+        assert db.migrate() == SCHEMA_VERSION  # idempotent: nothing left to do
+        tables = {
+            r[0]
+            for r in admin.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)
+            )
+        }
+        assert {"users", "items", "acks", "outbox", "files", "uploads", "settings"} <= tables
+        assert {"schema_version"} <= tables
+        assert db.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+        key = db.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()
+        assert key is not None and len(bytes.fromhex(key[0])) == 16
+    finally:
+        db.close()
+    # nothing lands in the connection's default schema
+    public = admin.execute(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'items'"
+    ).fetchone()
+    assert public == (0,)
+
+
+def test_newer_schema_is_refused(dsn: str, schema: str) -> None:
+    db = PostgresDB(dsn, schema)
+    db.migrate()
+    db.conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    db.close()
+    db = PostgresDB(dsn, schema)
+    try:
+        newer = rf"schema version {SCHEMA_VERSION + 1}, newer .*\({SCHEMA_VERSION}\); upgrade"
+        with pytest.raises(RuntimeError, match=newer):
+            db.migrate()
+        assert db.version() == SCHEMA_VERSION + 1  # left untouched
+    finally:
+        db.close()
+    failures: list[Any] = []
+    PostgresStore(dsn, schema, _reactor).open().addErrback(failures.append)
+    assert failures, "open() fails at once (under twistd it runs before the reactor)"
+    failures[0].trap(RuntimeError)
+    assert "newer" in str(failures[0].value)
+
+
+def test_missing_schema_and_unreachable_server_are_clear(dsn: str, schema: str) -> None:
+    with pytest.raises(RuntimeError, match=f"no schema '{schema}'"):
+        PostgresDB(dsn, schema, create=False)
+    with pytest.raises(RuntimeError, match=r"cannot connect to postgresql://.*:1/"):
+        PostgresDB("host=127.0.0.1 port=1 dbname=x user=u connect_timeout=2", schema)
+    with pytest.raises(RuntimeError, match="not a valid PostgreSQL DSN"):
+        PostgresDB("host=127.0.0.1 this is not a dsn", schema)
+    shown = describe_dsn("postgresql://chat:s3cret@db.example:6432/chat", "realm1")
+    assert shown == "postgresql://chat@db.example:6432/chat (schema realm1)"
+    assert "s3cret" not in describe_dsn("host=h password=s3cret user=u", "s")
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit(open_store: Any) -> Any:
+    store = open_store
+    before = store.commits
+    results = yield defer.gatherResults([store.append([env(ALICE, BOB)]) for _ in range(500)])
+    assert len(results) == 500
+    commits = store.commits - before
+    assert 1 <= commits < 500
+    assert store.committed_items == 500
+    positions = [r[0].pos for r in results]
+    assert positions == sorted(set(positions))
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_batch_fails_alone_within_one_commit(open_store: Any) -> Any:
+    store = open_store
+    first = env(ALICE, BOB, "in flight")
+    d0 = store.append([first])  # the writer is busy with this one...
+    before = store.commits
+    ok1 = env(ALICE, BOB, "ok1")
+    bad = [env(ALICE, BOB, "rolled back"), env(ALICE, BOB, "dup", id_=first.id)]
+    ok2 = env(ALICE, BOB, "ok2")
+    # ... so these three queue up and are committed together, in one transaction.
+    d1, d2, d3 = store.append([ok1]), store.append(bad), store.append([ok2])
+    yield d0
+    r1 = yield d1
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        yield d2
+    r3 = yield d3
+    assert store.commits - before == 2
+    assert r1[0].pos < r3[0].pos
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.body for e in feed] == ["in flight", "ok1", "ok2"]
+    assert [e.pos for e in bad] == [0, 0]
+    [later] = yield store.append([env(ALICE, BOB, "later")])
+    assert later.pos > r3[0].pos
+
+
+@pytest_twisted.inlineCallbacks
+def test_positions_are_not_reused_after_deletion(open_store: Any, admin: Any, schema: str) -> Any:
+    store = open_store
+    items = yield store.append([env(ALICE, BOB, f"m{i}") for i in range(3)])
+    top = items[-1].pos
+    admin.execute(f'DELETE FROM "{schema}".items WHERE pos = %s', (top,))
+    assert (yield store.max_pos()) == top - 1
+    [again] = yield store.append([env(ALICE, BOB, "again")])
+    assert again.pos > top
+    yield store.create_user("dora", "h", 1.0)
+    assert (yield store.user_floor("dora")) == again.pos
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_flushes_pending_acks(dsn: str, schema: str) -> Any:
+    store = PostgresStore(dsn, schema, _reactor)
+    yield store.open()
+    d = store.append([env(ALICE, BOB)])
+    store.set_ack(BOB, "phone", 1)  # queued behind the append in flight
+    store.set_ack(BOB, "phone", 7)
+    store.set_ack(ALICE, "laptop", 3)
+    yield store.close()
+    assert d.called
+    db = PostgresDB(dsn, schema, create=False)
+    try:
+        assert db.get_ack(BOB, "phone") == 7
+        assert db.get_ack(ALICE, "laptop") == 3
+        assert db.get_ack(BOB, "other") == 7
+    finally:
+        db.close()
+    reopened = PostgresStore(dsn, schema, _reactor)
+    yield reopened.open()
+    try:
+        assert (yield reopened.get_ack(BOB, "phone")) == 7
+        assert (yield reopened.max_pos()) == 1
+    finally:
+        yield reopened.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_writer_per_schema(open_store: Any, dsn: str, schema: str) -> Any:
+    first = open_store
+    yield first.append([env(ALICE, BOB, "first")])
+    second = PostgresStore(dsn, schema, _reactor)
+    with pytest.raises(RuntimeError, match="another realm process is writing to"):
+        yield second.open()
+    other = PostgresStore(dsn, pg_schema(), _reactor)  # another schema: another realm
+    yield other.open()
+    yield other.close()
+    yield first.close()
+    yield second.open()  # the first one is gone
+    try:
+        feed = yield second.read_feed(BOB, 0, 10)
+        assert [e.body for e in feed] == ["first"]
+    finally:
+        yield second.close()
+
+
+def _backend_pids(store: PostgresStore) -> list[int]:
+    dbs = [store._writer, *store._readers]
+    return [db.conn.info.backend_pid for db in dbs if isinstance(db, PostgresDB)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_lost_connections_are_replaced(open_store: Any, admin: Any, dsn: str, schema: str) -> Any:
+    """The server ends every connection of the store (a restart, a failover): the next
+    read is retried on a new connection, the next commit -- lost before COMMIT was
+    sent -- is done again on a new writing connection, which is the writer again."""
+    store = open_store
+    [a] = yield store.append([env(ALICE, BOB, "before")])
+    assert (yield store.max_pos()) == a.pos  # a reader connection exists now
+    pids = _backend_pids(store)
+    assert len(pids) >= 2
+    for pid in pids:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert (yield store.max_pos()) == a.pos
+    [b] = yield store.append([env(ALICE, BOB, "after")])
+    assert b.pos > a.pos
+    assert not set(_backend_pids(store)) & set(pids)
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.body for e in feed] == ["before", "after"]
+    with pytest.raises(RuntimeError, match="another realm process"):
+        yield PostgresStore(dsn, schema, _reactor).open()
+
+
+@pytest_twisted.inlineCallbacks
+def test_commits_are_synchronous_whatever_the_server_default(schema: str, dsn: str) -> Any:
+    """An ack means the commit is on the server's disk: ``synchronous_commit`` is set on
+    even when the DSN (or the role, or the server) turns it off."""
+    lax = f"{dsn} options='-c synchronous_commit=off'"
+    probe = psycopg.connect(lax, autocommit=True)
+    try:
+        assert probe.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    finally:
+        probe.close()
+    store = PostgresStore(lax, schema, _reactor)
+    yield store.open()
+    try:
+        yield store.append([env(ALICE, BOB)])
+        assert (yield store.max_pos()) == 1
+        for db in [store._writer, *store._readers]:
+            assert isinstance(db, PostgresDB)
+            assert db.conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        yield store.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_poisoned_row_reads_as_safe_values(open_store: Any, admin: Any, schema: str) -> Any:
+    """Rows stored before ``ts`` and ``meta`` were checked (or edited by hand) read as
+    values that can always be sent (as in SQLite: see tests/test_federation_bad_values)."""
+    store = open_store
+    rows = [
+        ("inf", float("inf"), None),
+        ("nan", float("nan"), None),
+        ("huge", 1e300, None),
+        ("meta-nan", 1764093000.0, '{"x": NaN, "y": [Infinity]}'),
+        ("meta-garbage", 1764093000.0, "{not json"),
+    ]
+    for mid, ts, meta in rows:
+        admin.execute(
+            f'INSERT INTO "{schema}".items (pos, id, kind, sender, recipient, conv, ts, body, '
+            f"meta) VALUES (nextval('\"{schema}\".items_pos'), %s, 'text', %s, %s, %s, %s, "
+            "%s, %s)",
+            (mid, ALICE, BOB, f"{ALICE} {BOB}", ts, mid, meta),
+        )
+    feed = yield store.read_feed(BOB, 0, 10)
+    assert [e.id for e in feed] == [r[0] for r in rows]
+    assert [e.ts for e in feed] == [0.0, 0.0, 0.0, 1764093000.0, 1764093000.0]
+    assert [e.meta for e in feed] == [None, None, None, {"x": None, "y": [None]}, None]
