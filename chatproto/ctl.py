@@ -1,11 +1,13 @@
 """``chatrealmctl``: administer a realm from the shell.
 
-The command works on the realm's files, not through the network: accounts go straight
-into the SQLite database through :class:`chatproto.store.sqlite.SQLiteDB` (synchronous,
-one short transaction per change; WAL makes that safe while the realm runs), hashed
-with argon2id and the realm's own ``[auth]`` parameters so the realm verifies them as
-its own.  ``gen-certs`` writes development TLS certificates with :mod:`chatproto.tls`,
-and ``check-config`` loads a configuration the way ``twistd chatrealm`` does.
+The command works on the realm's store, not through the realm: accounts go straight
+into the SQLite database (:class:`chatproto.store.sqlite.SQLiteDB`) or the PostgreSQL
+schema (:class:`chatproto.store.postgresql.PostgresDB`) the configuration names, one
+short transaction per change (safe while the realm runs: WAL, or PostgreSQL's own
+concurrency), hashed with argon2id and the realm's own ``[auth]`` parameters so the
+realm verifies them as its own.  ``gen-certs`` writes development TLS certificates
+with :mod:`chatproto.tls`, and ``check-config`` loads a configuration the way
+``twistd chatrealm`` does.
 
 Every failure is one line on stderr and a non-zero exit status, never a traceback:
 1 for an operation that failed, 2 for a bad command line or configuration.
@@ -31,7 +33,8 @@ from chatproto.errors import ChatError
 from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
-from chatproto.store.sqlite import SQLiteDB
+from chatproto.store import backend as store_backend
+from chatproto.store.groupcommit import StoreDB
 
 PROG = "chatrealmctl"
 #: Password length rule; the same as the realm's check on in-band registration.
@@ -130,32 +133,65 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     return cfg
 
 
-@contextmanager
-def open_db(cfg: configmod.Config, create: bool = False) -> Iterator[SQLiteDB]:
-    """Open (and migrate) the realm's database; without ``create`` it must exist.
+def _driver_errors(cfg: configmod.Config) -> tuple[type[BaseException], ...]:
+    """The exceptions the configured store's driver raises (reported as one line)."""
+    if cfg.storage.backend == "postgresql":
+        import psycopg
 
-    Refusing to create it for read/modify commands turns a wrong ``--data-dir`` into a
-    clear error instead of an empty database somewhere unexpected.
+        return (sqlite3.Error, OSError, psycopg.Error)
+    return (sqlite3.Error, OSError)
+
+
+@contextmanager
+def open_db(cfg: configmod.Config, create: bool = False) -> Iterator[StoreDB]:
+    """Open (and migrate) the realm's store; without ``create`` it must exist.
+
+    Refusing to create it for read/modify commands turns a wrong ``--data-dir`` (or
+    ``storage.schema``) into a clear error instead of an empty store somewhere
+    unexpected.
     """
-    path = cfg.database_path
-    if not create and not os.path.exists(path):
+    where = store_backend.describe(cfg)
+    errors = _driver_errors(cfg)
+    try:
+        db = store_backend.connect(cfg, create=create)
+    except store_backend.StoreMissing:
+        if cfg.storage.backend == "postgresql":
+            raise CtlError(
+                f"no chatproto store in {where} (wrong --config or storage.schema? the "
+                "realm creates it on first start, and so do adduser and migrate-store)"
+            ) from None
         raise CtlError(
-            f"no database at {os.path.abspath(path)} (wrong --config or --data-dir? "
+            f"no database at {where} (wrong --config or --data-dir? "
             "the realm creates it on first start, and so does adduser)"
-        )
-    try:
-        db = SQLiteDB(path, cfg.storage.synchronous)
-    except (OSError, sqlite3.Error) as e:
-        raise CtlError(f"cannot open database {path}: {e}") from None
-    try:
-        db.migrate()
-        yield db
-    except sqlite3.Error as e:
-        raise CtlError(f"database {path}: {e}") from None
-    except RuntimeError as e:  # schema newer than this chatproto
+        ) from None
+    except RuntimeError as e:  # cannot connect; schema newer than this chatproto
         raise CtlError(str(e)) from None
+    except errors as e:
+        raise CtlError(f"cannot open database {where}: {_first_line(e)}") from None
+    try:
+        yield db
+    except errors as e:
+        raise CtlError(f"database {where}: {_first_line(e)}") from None
     finally:
         db.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def store_exists(cfg: configmod.Config) -> bool:
+    """Whether the configured store has been created (a CtlError if it cannot be
+    reached)."""
+    try:
+        return store_backend.exists(cfg)
+    except RuntimeError as e:
+        raise CtlError(str(e)) from None
+    except _driver_errors(cfg) as e:
+        raise CtlError(
+            f"cannot open database {store_backend.describe(cfg)}: {_first_line(e)}"
+        ) from None
 
 
 def _name(text: str) -> str:
@@ -171,7 +207,7 @@ def _name(text: str) -> str:
 def cmd_adduser(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = _name(args.name)
     user = f"{name}@{cfg.realm}"
-    if os.path.exists(cfg.database_path):  # fail before asking for a password
+    if store_exists(cfg):  # fail before asking for a password
         with open_db(cfg) as db:
             if db.password_hash(name) is not None:
                 raise CtlError(f"user {user} already exists")
@@ -279,7 +315,7 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
     from chatproto.federation import STATUS_FILE, read_status
 
     counts: dict[str, int] = {}
-    if os.path.exists(cfg.database_path):
+    if store_exists(cfg):
         with open_db(cfg) as db:
             counts = db.outbox_counts()
     status = read_status(os.path.join(cfg.data_dir, STATUS_FILE))
@@ -344,7 +380,7 @@ def cmd_check_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
     print(f"configuration OK: {args.config or '(defaults)'}")
     print(f"realm:     {cfg.realm}")
     print(f"data dir:  {os.path.abspath(cfg.data_dir)}")
-    print(f"database:  {os.path.abspath(cfg.database_path)}")
+    print(f"database:  {store_backend.describe(cfg)}")
     print(f"registration: {'open' if cfg.auth.allow_registration else 'closed'}")
     for description in cfg.listen_descriptions():
         print(f"listen:    {description}")

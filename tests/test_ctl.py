@@ -24,7 +24,9 @@ from twisted.internet import reactor as _reactor
 
 from chatproto import ctl
 from chatproto.realm import RealmService, StoreChecker
+from chatproto.store.backend import make_store
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
+from tests.conftest import pg_schema, postgresql_or_skip
 
 PASSWORD = "s3cret-password"
 
@@ -347,3 +349,95 @@ def test_console_script_subprocess(conf: str, tmp_path: Path) -> None:
     assert (done.returncode, done.stdout) == (0, "alice@localhost\n")
     done = ctl_run("deluser", "nobody")
     assert (done.returncode, done.stderr) == (1, "chatrealmctl: no user nobody@localhost\n")
+
+
+# on PostgreSQL ----------------------------------------------------------------------
+
+
+def _pg_conf(tmp_path: Path, dsn: str, schema: str, name: str = "pg.toml") -> str:
+    path = tmp_path / name
+    path.write_text(
+        "[realm]\n"
+        f"data_dir = {json.dumps(str(tmp_path / 'data'))}\n"
+        "[auth]\n"
+        "argon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+        "[storage]\n"
+        'backend = "postgresql"\n'
+        f"dsn = {json.dumps(dsn)}\n"
+        f"schema = {json.dumps(schema)}\n"
+    )
+    return str(path)
+
+
+@pytest.fixture
+def pg_conf(tmp_path: Path) -> str:
+    """A config on a new schema of the tests' PostgreSQL server."""
+    return _pg_conf(tmp_path, postgresql_or_skip(), pg_schema())
+
+
+def test_accounts_on_postgresql(capsys: Any, pg_conf: str, pwfile: str) -> None:
+    status, _, err = run(capsys, "--config", pg_conf, "list-users")
+    assert status == 1 and err.startswith("chatrealmctl: no chatproto store in postgresql://")
+    assert "(schema chatproto_t" in err and "wrong --config or storage.schema?" in err
+    for name in ("bob", "alice"):
+        status, out, _ = run(
+            capsys, "--config", pg_conf, "adduser", name, "--password-file", pwfile
+        )
+        assert (status, out) == (0, f"created {name}@localhost\n")
+    status, _, err = run(capsys, "--config", pg_conf, "adduser", "bob", "--password-file", pwfile)
+    assert (status, err) == (1, "chatrealmctl: user bob@localhost already exists\n")
+    assert run(capsys, "--config", pg_conf, "list-users")[1] == "alice@localhost\nbob@localhost\n"
+    cfg = ctl.load_config(_ns(pg_conf))
+    with ctl.open_db(cfg) as db:
+        before = db.password_hash("bob")
+    other = Path(pwfile).with_name("pw2")
+    other.write_text("another-password\n")
+    assert run(capsys, "--config", pg_conf, "passwd", "bob", "--password-file", str(other))[0] == 0
+    with ctl.open_db(cfg) as db:
+        after = db.password_hash("bob")
+    assert verifies(before, PASSWORD) and verifies(after, "another-password")
+    assert run(capsys, "--config", pg_conf, "deluser", "alice")[1] == "deleted alice@localhost\n"
+    assert run(capsys, "--config", pg_conf, "list-users")[1] == "bob@localhost\n"
+    status, out, _ = run(capsys, "--config", pg_conf, "peers")
+    assert status == 0 and "no peers" in out
+    status, out, _ = run(capsys, "--config", pg_conf, "check-config")
+    assert (
+        status == 0
+        and f"database:  postgresql://postgres@127.0.0.1:5432/test (schema {cfg.storage.schema})"
+        in out
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_realm_on_postgresql_accepts_the_password(pg_conf: str, pwfile: str) -> Any:
+    assert ctl.main(["--config", pg_conf, "adduser", "bob", "--password-file", pwfile]) == 0
+    cfg = ctl.load_config(_ns(pg_conf))
+    realm = RealmService(cfg, make_store(cfg, _reactor), _reactor)
+    yield realm.startService()
+    try:
+        checker = StoreChecker(realm.store, realm.hasher)
+        name = yield checker.requestAvatarId(UsernamePassword(b"bob", PASSWORD.encode()))
+        assert name == "bob"
+        # chatrealmctl works while the realm runs (it does not take the writer lock)
+        assert ctl.main(["--config", pg_conf, "adduser", "carol", "--password-file", pwfile]) == 0
+        assert (yield realm.store.list_users()) == ["bob", "carol"]
+    finally:
+        yield realm.stopService()
+
+
+def test_postgresql_errors_are_one_line(capsys: Any, tmp_path: Path, pwfile: str) -> None:
+    dead = _pg_conf(tmp_path, "host=127.0.0.1 port=1 dbname=x user=u connect_timeout=2", "s")
+    for argv in (["list-users"], ["adduser", "x", "--password-file", pwfile], ["peers"]):
+        status, out, err = run(capsys, "--config", dead, *argv)
+        assert status == 1 and out == "", argv
+        assert err.startswith("chatrealmctl: cannot connect to postgresql://u@127.0.0.1:1/x"), err
+        assert err.count("\n") == 1
+    bad = _pg_conf(tmp_path, "", "s", "bad.toml")
+    status, _, err = run(capsys, "--config", bad, "list-users")
+    assert status == 2 and 'storage.backend "postgresql" needs storage.dsn' in err
+    bad = _pg_conf(tmp_path, "host=h", "No-Good", "bad2.toml")
+    status, _, err = run(capsys, "--config", bad, "list-users")
+    assert status == 2 and "storage.schema must be a lower-case SQL name" in err
+    bad = _pg_conf(tmp_path, "host=h what", "s", "bad3.toml")
+    status, _, err = run(capsys, "--config", bad, "list-users")
+    assert status == 2 and "storage.dsn is not a valid PostgreSQL DSN" in err

@@ -3,8 +3,8 @@
 Each test runs the realm as a subprocess (``twistd -n chatrealm``) on a temp data dir,
 listening on port 0 of 127.0.0.1; the port is read from the "listening on" log line.
 Messages are sent with the client library and the realm is killed with SIGKILL right
-after the last acknowledgement, then restarted on the same data dir: every
-acknowledged message must be there, in order, once.  Every process has a bounded
+after the last acknowledgement, then restarted on the same data dir (or PostgreSQL
+schema): every acknowledged message must be there, in order, once.  Every process has a bounded
 lifetime and is killed at teardown whatever happens.
 """
 
@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
 from chatproto import client
+from tests.conftest import pg_schema, postgresql_or_skip
 from tests.processes import Proc, Spawner, twistd_argv
 
 PASSWORD = "correct horse"
@@ -40,11 +41,23 @@ _STARTED = "realm localhost started"
 
 
 @pytest.fixture
-def spawn(tmp_path: Any) -> Any:
+def store_kind() -> str:
+    """The store of the spawned realms (tests parametrize it to run on several)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def spawn(tmp_path: Any, store_kind: str) -> Any:
     """``spawn(*args)`` starts ``twistd -n chatrealm *args`` in tmp_path; all are killed at
     teardown."""
     config = tmp_path / "realm.toml"
-    config.write_text(CONFIG)
+    text = CONFIG
+    if store_kind == "postgresql":  # every realm of the test on one new schema
+        text += (
+            f'\n[storage]\nbackend = "postgresql"\ndsn = "{postgresql_or_skip()}"\n'
+            f'schema = "{pg_schema()}"\n'
+        )
+    config.write_text(text)
     spawner = Spawner(str(tmp_path))
 
     def spawn(*args: str, config_file: str | None = str(config)) -> Proc:
@@ -109,6 +122,7 @@ def _check_survived(server: str, sent: list[str], acks: list[dict[str, Any]]) ->
         yield conn.close()
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
 @pytest_twisted.inlineCallbacks
 def test_acknowledged_messages_survive_sigkill(start_realm: Any) -> Any:
     proc, server = yield start_realm()
@@ -128,6 +142,7 @@ def test_acknowledged_messages_survive_sigkill(start_realm: Any) -> Any:
     yield _check_survived(server2, sent, acks)
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
 @pytest_twisted.inlineCallbacks
 def test_pipelined_sends_survive_sigkill_after_last_ack(start_realm: Any) -> Any:
     """200 sends in flight at once are group-committed; every acked one is durable."""
