@@ -9,8 +9,10 @@ rule lives in the realm.
 
 It is also the session's *mind*: the realm calls :meth:`ClientProtocol.deliver` for each
 stream item.  The protocol registers itself as a streaming producer on its transport so
-it learns when the peer stops reading; past ``limits.max_output_buffer`` bytes written
-while paused, the connection is dropped (the client resumes later from its last ack).
+it learns when the peer stops reading, and writes through a
+:class:`chatproto.flow.OutputQueue`: what the transport cannot take is held there, and
+past ``limits.max_output_buffer`` bytes held the connection is closed with
+``slow_reader`` (the client resumes later from its last ack).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from chatproto import wire
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits
+from chatproto.flow import OutputQueue
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 from chatproto.transfer import ConnectionDone, DataSink
 
@@ -138,8 +141,8 @@ class ClientProtocol(Int32StringReceiver):
     def __init__(self) -> None:
         self.state = "hello"
         self.session: Session | None = None
-        self._paused = False
-        self._paused_bytes = 0
+        #: Output, with the slow-reader bound (replaced at connectionMade).
+        self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
         self._writable: list[Deferred[None]] = []
         self.connected_at = 0.0
@@ -162,10 +165,13 @@ class ClientProtocol(Int32StringReceiver):
         self.MAX_LENGTH = f.realm.config.limits.max_frame
         self.connected_at = self.last_rx = f.clock.seconds()
         f.connections.add(self)
+        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
+        self._out.drop()
+        self._out.close()
         self.factory.connections.discard(self)
         if self.session is not None:
             self.log.info(
@@ -187,22 +193,25 @@ class ClientProtocol(Int32StringReceiver):
     # (and we tell the producers of downloads on this connection)
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        self._paused_bytes = 0
+        # Twisted calls this on every write while the transport's buffer is full.
+        if self._out.paused:
+            return
+        self._out.pause()
         for sink in list(self._download_sinks.values()):
             sink.pause()
 
     def resumeProducing(self) -> None:
-        self._paused = False
+        if not self._out.resume():
+            return  # what was held refilled the transport: still paused
         waiters, self._writable = self._writable, []
         for d in waiters:
             d.callback(None)
         for sink in list(self._download_sinks.values()):
-            if not self._paused:
+            if not self._out.blocked:
                 sink.resume()
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self._out.pause()
         for sink in list(self._download_sinks.values()):
             sink.stop()
 
@@ -214,21 +223,34 @@ class ClientProtocol(Int32StringReceiver):
         if self._held is not None:  # keep order: held frames go out first
             held, self._held = self._held, None
             data = b"".join(held) + data
-        if self._paused:
-            self._paused_bytes += len(data)
-            if self._paused_bytes > self.factory.realm.config.limits.max_output_buffer:
-                self.log.info(
-                    "dropping slow reader {peer} ({user})",
-                    peer=self._peer(),
-                    user=self.session.user_id if self.session else None,
-                )
-                self.state = "closed"
-                self.transport.abortConnection()
-                return
-        self.transport.write(data)
+        if not self._out.write(data):
+            self._slow_reader()
+
+    def _slow_reader(self) -> None:
+        """More than ``max_output_buffer`` bytes are held for a peer that does not
+        read: forget them and close (the client resumes from its last ack)."""
+        self.log.info(
+            "dropping slow reader {peer} ({user}): {n} bytes unread",
+            peer=self._peer(),
+            user=self.session.user_id if self.session else None,
+            n=self._out.held,
+        )
+        self._out.drop()
+        limit = self._out.limit
+        self.close_with("slow_reader", f"more than {limit} bytes of output were not read")
 
     def send_frame(self, payload: bytes) -> None:
         self._write(_pack(len(payload)) + payload)
+
+    def _close(self, payload: bytes) -> None:
+        """Send the frame ``payload`` after everything written or held, then close."""
+        self.state = "closed"
+        self.closed_at = self.factory.clock.seconds()
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._out.write(b"".join(held))
+        self._out.close(_pack(len(payload)) + payload)
+        self._lose_connection()
 
     def _lose_connection(self) -> None:
         """Close after what is written.  A TLS transport shuts down only once no
@@ -261,10 +283,7 @@ class ClientProtocol(Int32StringReceiver):
     def close_with(self, code: str, message: str) -> None:
         if self.state == "closed":
             return
-        self.send_frame(wire.error_frame(code, message))
-        self.state = "closed"
-        self.closed_at = self.factory.clock.seconds()
-        self._lose_connection()
+        self._close(wire.error_frame(code, message))
 
     # ISessionMind -------------------------------------------------------------------
 
@@ -272,8 +291,8 @@ class ClientProtocol(Int32StringReceiver):
         frame = envelope.frame or delivery_frame(envelope)
         if self._held is not None:
             self._held.append(frame)
-        elif self._paused or self.state == "closed":
-            self._write(frame)  # slow-reader accounting
+        elif self._out.blocked or self.state == "closed":
+            self._write(frame)  # held, with the slow-reader bound
         elif self.factory.realm.bursting:
             # Hold this burst's frames and write them in one go when it ends.
             self._held = [frame]
@@ -298,7 +317,7 @@ class ClientProtocol(Int32StringReceiver):
         self.send_frame(wire.encode({"type": "synced", "pos": pos}))
 
     def wait_writable(self) -> Deferred[None]:
-        if not self._paused or self.state == "closed":
+        if not self._out.blocked or self.state == "closed":
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._writable.append(d)
@@ -371,17 +390,18 @@ class ClientProtocol(Int32StringReceiver):
             self._crash(failure, rid)
 
     def _fail(self, err: ChatError, rid: Any) -> None:
-        self.send_error(err, rid)
-        if isinstance(err, FatalProtocolError):
-            self.log.info(
-                "closing {peer}: {code} {message}",
-                peer=self._peer(),
-                code=err.code,
-                message=err.message,
-            )
-            self.state = "closed"
-            self.closed_at = self.factory.clock.seconds()
-            self._lose_connection()
+        if not isinstance(err, FatalProtocolError):
+            self.send_error(err, rid)
+            return
+        if self.state == "closed":
+            return
+        self.log.info(
+            "closing {peer}: {code} {message}",
+            peer=self._peer(),
+            code=err.code,
+            message=err.message,
+        )
+        self._close(wire.error_frame(err.code, err.message, rid, **err.extra))
 
     def _crash(self, failure: Failure, rid: Any) -> None:
         self.log.failure("request from {peer} failed", failure, peer=self._peer())
@@ -706,7 +726,7 @@ class ClientProtocol(Int32StringReceiver):
             stream = self._new_stream()
             chunk = self.factory.realm.config.files.chunk_size
             sink = DataSink(self._write, wire.OP_DOWNLOAD, stream, dl.offset, chunk)
-            sink.paused = self._paused
+            sink.paused = self._out.blocked
             self._download_sinks[stream] = sink
             # The result goes out first, then the data frames.
             self.factory.clock.callLater(0, self._start_download, dl, sink)

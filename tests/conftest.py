@@ -11,7 +11,10 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import Int32StringReceiver
 
+from chatproto import wire
 from chatproto.client import ChatClientService
 from chatproto.config import Config
 from chatproto.protocol import ClientFactory
@@ -197,3 +200,124 @@ def fired(d: Any) -> Any:
     if hasattr(out[0], "raiseException"):
         out[0].raiseException()
     return out[0]
+
+
+class FlowTransport(StringTransport):
+    """A StringTransport with the flow control of Twisted's TCP transport
+    (``abstract.FileDescriptor``): while more than ``bufferSize`` bytes are unread it
+    calls its streaming producer's ``pauseProducing`` on *every* write, and
+    ``resumeProducing`` once the peer has read everything (:meth:`read`)."""
+
+    bufferSize = 64 * 1024
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming and self.unread() > self.bufferSize:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def unread(self) -> int:
+        return len(self.io.getvalue())
+
+    def read(self, n: int | None = None) -> bytes:
+        """The peer reads ``n`` bytes (all: None); the producer resumes once none are
+        left unread."""
+        data = self.value()
+        out, rest = (data, b"") if n is None else (data[:n], data[n:])
+        self.clear()
+        self.io.write(rest)
+        if not rest and self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return out
+
+
+class RawClient(Int32StringReceiver):
+    """A hand-driven native client speaking raw frames (for hostile-client tests).
+
+    ``frames`` collects what the realm sent (decoded; a frame the strict decoder
+    refuses is kept as its raw bytes), ``received`` counts bytes, ``lost`` fires when
+    the connection closes."""
+
+    MAX_LENGTH = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.received = 0
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        super().dataReceived(data)
+
+    def stringReceived(self, payload: bytes) -> None:
+        try:
+            self.frames.append(wire.decode(payload))
+        except Exception:
+            self.frames.append(payload)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sendString(wire.encode(obj))
+
+    def send_raw(self, payload: bytes) -> None:
+        self.sendString(payload)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def reply(self, rid: Any) -> Any:
+        """The reply frame with ``id`` ``rid`` once it came (polls)."""
+        return until(lambda: any(_id_of(f) == rid for f in self.frames)).addCallback(
+            lambda _: next(f for f in self.frames if _id_of(f) == rid)
+        )
+
+
+def _id_of(frame: Any) -> Any:
+    return frame.get("id") if isinstance(frame, dict) else None
+
+
+@defer.inlineCallbacks
+def raw_client(
+    addr: str, login: tuple[str, str] | None = None, ca: str | None = None, **fields: Any
+) -> Any:
+    """A :class:`RawClient` connected to ``addr`` (``tcp:`` or ``tls:HOST:PORT``)
+    after ``hello`` and, with ``login`` (user, password), logged in and synced."""
+    from twisted.internet.protocol import Factory
+
+    from chatproto.client import endpoint_for
+
+    endpoint = endpoint_for(_reactor, addr, "localhost", ca)
+    proto = yield endpoint.connect(Factory.forProtocol(RawClient))
+    proto.send({"type": "hello", "version": 1, "id": "hello"})
+    yield proto.reply("hello")
+    if login is not None:
+        user, password = login
+        proto.send({"type": "login", "id": "login", "user": user, "password": password, **fields})
+        reply = yield proto.reply("login")
+        assert reply["type"] == "result", reply
+        yield until(lambda: any(_type_of(f) == "synced" for f in proto.frames))
+    return proto
+
+
+def _type_of(frame: Any) -> Any:
+    return frame.get("type") if isinstance(frame, dict) else None
+
+
+def tcp_of(transport: Any) -> Any:
+    """The TCP transport under ``transport`` (itself, or the one under TLS)."""
+    from twisted.protocols.policies import ProtocolWrapper
+
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
+
+
+def unsent(transport: Any) -> int:
+    """Bytes a Twisted TCP transport (under TLS or not) holds, not yet sent."""
+    t = tcp_of(transport)
+    return len(t.dataBuffer) - t.offset + t._tempDataLen

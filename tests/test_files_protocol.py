@@ -180,22 +180,17 @@ def test_download_pauses_with_the_transport(realm: Any, clock: Clock) -> None:
     bob = Conn(realm, clock, "bob")
     bob.read()
     bob.proto.pauseProducing()  # as the transport does when its buffer is full
-    d = bob.req("download", file=info.file_id)
-    clock.advance(0)
+    bob.feed(frame({"type": "download", "id": "r", "file": info.file_id}))
     clock.advance(1)
-    _, got = bob.read()
-    sent = sum(len(b) for *_, b in got)
-    assert sent <= 256 * 1024  # one block at most, not the file
+    assert bob.read() == ([], [])  # nothing written while paused
+    held = bob.proto._out.held
+    assert held <= 256 * 1024 + 2048  # the result and one block at most, not the file
     clock.advance(10)
-    assert bob.read() == ([], [])  # nothing more while paused
-    received = sent
-    while received < len(data):
-        bob.proto.resumeProducing()
-        _, got = bob.read()
-        bob.proto.pauseProducing()
-        assert got, "resumed but nothing came"
-        received += sum(len(b) for *_, b in got)
-    assert received == len(data) == d["length"]
+    assert bob.proto._out.held == held  # nothing more while paused
+    bob.proto.resumeProducing()  # (a StringTransport never pauses again: all comes)
+    control, got = bob.read()
+    assert [f["id"] for f in control] == ["r"] and control[0]["length"] == len(data)
+    assert b"".join(b for *_, b in got) == data
 
 
 def test_cancel_download(realm: Any, clock: Clock) -> None:
@@ -204,12 +199,15 @@ def test_cancel_download(realm: Any, clock: Clock) -> None:
     realm.files.write("alice@localhost", up.result.upload_id, 0, b"abc")
     info, _ = realm.files.finish("alice@localhost", up.result.upload_id).result
     alice = Conn(realm, clock, "alice")
+    alice.read()
     alice.proto.pauseProducing()
-    d = alice.req("download", file=info.file_id)
-    assert alice.req("download_cancel", stream=d["stream"])["type"] == "result"
+    alice.feed(frame({"type": "download", "id": "d", "file": info.file_id}))
+    alice.feed(frame({"type": "download_cancel", "id": "c", "stream": 1}))
     alice.proto.resumeProducing()
     clock.advance(0)
-    assert alice.read()[1] == []
+    control, data = alice.read()
+    assert [(f["type"], f["id"]) for f in control] == [("result", "d"), ("result", "c")]
+    assert control[0]["stream"] == 1 and data == []
 
 
 @given(st.binary(max_size=40))

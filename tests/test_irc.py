@@ -20,16 +20,18 @@ from chatproto.config import Config
 from chatproto.irc import IRCFactory, IRCProtocol
 from chatproto.realm import RealmService
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from tests.conftest import FlowTransport
 
 PW = "correct-horse"
 
 
 class Conn:
-    """One IRC client connection on a StringTransport."""
+    """One IRC client connection on a StringTransport (with Twisted's flow control:
+    :class:`tests.conftest.FlowTransport`)."""
 
     def __init__(self, factory: IRCFactory, host: str = "127.0.0.1") -> None:
         self.proto: IRCProtocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))  # type: ignore[assignment]
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.transport = FlowTransport(peerAddress=IPv4Address("TCP", host, 40000))
         self.proto.makeConnection(self.transport)
 
     def send(self, *lines: str, bytewise: bool = False) -> None:
@@ -41,8 +43,7 @@ class Conn:
             self.proto.dataReceived(data)
 
     def lines(self) -> list[str]:
-        data = self.transport.value().decode()
-        self.transport.clear()
+        data = self.transport.read().decode()
         assert data == "" or data.endswith("\r\n"), data
         return data.split("\r\n")[:-1]
 
@@ -409,6 +410,37 @@ def test_login_joins_member_channels_and_replays_backlog(factory: IRCFactory, cl
     b2.proto.connectionLost(None)
     b3 = login(factory, "bob")
     assert b3.lines() == []
+
+
+def test_a_reader_that_stops_is_dropped_once_max_output_buffer_is_held(clock: Clock) -> None:
+    """Issue 14, on the IRC gateway: past max_output_buffer bytes that the transport
+    could not take, the connection is closed (ERROR :SendQ exceeded), not fed forever."""
+    realm = make_realm(clock)
+    realm.config.limits.max_output_buffer = 100_000
+    factory = IRCFactory(realm, clock)
+    b = login(factory, "bob")
+    posted = peak = 0
+    while b.proto.state != "closed" and posted < 500:
+        realm.post("alice", "bob", f"{posted:04d}" + "x" * 3000)  # 8 lines each
+        posted += 1
+        peak = max(peak, b.transport.unread() + b.proto._out.held)
+    assert b.proto.state == "closed" and b.transport.disconnecting
+    assert 40 < posted < 60 and peak < 100_000 + b.transport.bufferSize + 4000
+    lines = b.lines()
+    assert lines[-1] == "ERROR :SendQ exceeded"
+    got = [line for line in lines if " PRIVMSG " in line]
+    assert got and len(got) < posted * 8  # whole lines, the older ones
+    realm.post("alice", "bob", "after")
+    assert b.transport.read() == b""
+    b.proto.connectionLost(None)
+    b2 = Conn(factory)  # the backlog since the last ack: nothing lost
+    b2.send(f"PASS {PW}", "NICK bob", "USER u 0 * :R")
+    lines = []
+    while more := b2.lines():  # reading resumes the (paced) backlog
+        lines += more
+    replay = [line for line in lines if " PRIVMSG " in line]
+    assert replay[-1].endswith(":after")
+    assert sum(1 for line in replay if line.endswith("x" * 100)) >= posted - len(got) // 8
 
 
 def test_topic_names_list_who_whois(factory: IRCFactory) -> None:

@@ -4,13 +4,15 @@ native-protocol user in a DM and in a group."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.words.protocols import irc as twirc
 
 from chatproto.client import connect
@@ -90,6 +92,70 @@ def irc_client(port: int, nick: str, password: str | None = PW) -> Any:
     endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
     client = yield endpoint.connect(protocol.Factory.forProtocol(lambda: Client(nick, password)))
     return client
+
+
+class StalledClient(LineOnlyReceiver):
+    """Registers, then (when told) stops reading; counts what it read."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.received = 0
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.sendLine(f"PASS {PW}".encode())
+        self.sendLine(b"NICK bob")
+        self.sendLine(b"USER bob 0 * :Bob")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_irc_client_that_stops_reading_is_dropped(gateway: Any) -> None:
+    """Issue 14 on the IRC gateway: past max_output_buffer held, ERROR :SendQ
+    exceeded and a close; memory stays bounded."""
+    realm, port, _ = gateway
+    limit = realm.config.limits.max_output_buffer
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    bob = yield endpoint.connect(protocol.Factory.forProtocol(StalledClient))
+    yield until(lambda: any(b" 001 bob " in line for line in bob.lines))
+    (session,) = realm.sessions_of("bob@localhost")
+    server = session.mind
+    kernel = 0
+    for sock, opt in (
+        (bob.transport.getHandle(), socket.SO_RCVBUF),
+        (server.transport.getHandle(), socket.SO_SNDBUF),
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 64 * 1024)
+        kernel += sock.getsockopt(socket.SOL_SOCKET, opt)
+    bob.transport.pauseProducing()
+    before = bob.received
+    body = "x" * 16000
+    posted = peak = 0
+    while server.state != "closed" and posted < (limit + 8 * 2**20) // len(body):
+        for _ in range(8):
+            realm.post("alice", "bob", body)
+            posted += 1
+        yield task.deferLater(_reactor, 0.005, lambda: None)
+        t = server.transport
+        peak = max(peak, server._out.held + len(t.dataBuffer) - t.offset + t._tempDataLen)
+    assert server.state == "closed", f"not dropped after {posted * len(body)} bytes"
+    assert peak <= limit + 64 * 1024 + 4 * 17000
+    bob.transport.resumeProducing()
+    yield bob.lost
+    assert bob.lines[-1] == b"ERROR :SendQ exceeded"
+    assert bob.received - before <= kernel + 64 * 1024 + 4 * 17000
 
 
 @pytest_twisted.inlineCallbacks

@@ -9,13 +9,21 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from chatproto import wire
 from chatproto.config import Config
 from chatproto.errors import ChatError
 from chatproto.protocol import ClientFactory
-from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import (
+    connect_string_transport,
+    frame,
+    frames,
+    make_test_realm,
+    parse_frames,
+)
+from tests.conftest import FlowTransport
 
 
 @pytest.fixture
@@ -407,6 +415,83 @@ def test_slow_reader_is_dropped_and_resumes_without_loss(clock: Clock) -> None:
     assert len(delivered) < sent
 
 
+def _flow_logged_in(realm: Any, clock: Clock, user: str, **kw: Any) -> tuple[Any, FlowTransport]:
+    """A logged-in connection on a transport with Twisted's flow control."""
+    proto: Any = ClientFactory(realm).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = FlowTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
+    proto.makeConnection(transport)
+    hello(proto, transport)
+    if user not in realm.store.users:
+        realm.create_user(user, "password1")
+    proto.dataReceived(frame({"type": "login", "user": user, "password": "password1", **kw}))
+    clock.advance(0)
+    transport.read()
+    return proto, transport
+
+
+def test_a_reader_that_stops_is_dropped_once_max_output_buffer_is_held(clock: Clock) -> None:
+    """Issue 14: Twisted calls pauseProducing on every write while the buffer is full,
+    which restarted the count: a reader that stopped was never dropped and the realm
+    buffered everything.  Now what the transport cannot take is held and counted."""
+    limit = 200_000
+    cfg = Config()
+    cfg.limits.max_output_buffer = limit
+    cfg.limits.send_burst = 10**6
+    realm = make_test_realm(clock, cfg)
+    # the issue's case: one account, a session that never reads, one sending to itself
+    r, tr = _flow_logged_in(realm, clock, "alice", device="r")
+    w, tw = logged_in(realm, clock, "alice", device="w")
+    body = "x" * 4000
+    sent = peak = 0
+    while r.state != "closed" and sent < 500:
+        w.dataReceived(frame({"type": "send", "to": "alice", "body": body}))
+        sent += 1
+        peak = max(peak, tr.unread() + r._out.held)
+    assert r.state == "closed" and tr.disconnecting
+    assert 60 < sent < 70  # 64 KiB in the transport, then 200 000 bytes held
+    assert peak <= limit + tr.bufferSize + 2 * 4200  # bounded: not what was sent
+    # What the reader finds when it reads again: whole frames, in order, then the error
+    got = parse_frames(tr.read())
+    assert got[-1] == {
+        "type": "error",
+        "code": "slow_reader",
+        "message": f"more than {limit} bytes of output were not read",
+    }
+    positions = [f["pos"] for f in got if f["type"] == "msg"]
+    assert positions == sorted(positions) and len(positions) < sent
+    w.dataReceived(frame({"type": "send", "to": "alice", "body": "after"}))
+    assert tr.read() == b""  # a closed connection is written nothing more
+    # Nothing is lost: the device resumes from its ack
+    r.connectionLost(None)
+    _r2, tr2 = logged_in(realm, clock, "alice", device="r", since=0)
+    again = [f["body"] for f in frames(tr2) if f["type"] == "msg"]
+    assert again == [body] * sent + ["after"]
+
+
+def test_a_reader_that_keeps_up_is_never_dropped(clock: Clock) -> None:
+    """A reader that reads as fast as the realm writes, but never empties the buffer
+    for long, is not a slow reader however much goes through."""
+    cfg = Config()
+    cfg.limits.max_output_buffer = 100_000
+    cfg.limits.send_burst = 10**6
+    realm = make_test_realm(clock, cfg)
+    r, tr = _flow_logged_in(realm, clock, "bob")
+    w, _tw = logged_in(realm, clock, "alice")
+    received = b""
+    blocked = 0
+    for i in range(400):  # 1.6 MB through a 64 KiB buffer
+        w.dataReceived(frame({"type": "send", "to": "bob", "body": "y" * 4000}))
+        if i >= 20:  # behind by 20 messages, then as fast as they come
+            received += tr.read(4300)
+        blocked += r._out.blocked
+    while tr.unread():  # each read to the end resumes the realm, which writes the rest
+        received += tr.read()
+    assert r.state == "ready" and not tr.disconnecting
+    assert blocked > 100  # it was paused most of the time
+    msgs = [f for f in parse_frames(received) if f["type"] == "msg"]
+    assert len(msgs) == 400 and r._out.held == 0
+
+
 def test_backlog_waits_for_a_paused_reader(clock: Clock) -> None:
     from chatproto import realm as realm_mod
 
@@ -423,14 +508,14 @@ def test_backlog_waits_for_a_paused_reader(clock: Clock) -> None:
     proto.pauseProducing()
     proto.dataReceived(frame({"type": "login", "user": "bob", "password": "password1", "id": 2}))
     clock.advance(0)
-    # Paused: one item goes out, then the backlog waits for the reader.
-    first = [f for f in frames(tb) if f["type"] == "msg"]
-    assert len(first) == 1
-    clock.advance(1)
+    # Paused: the result is held with one item, and the backlog waits for the reader.
     assert frames(tb) == []
+    clock.advance(1)
+    assert frames(tb) == [] and 0 < proto._out.held < 400  # the result and one item
     proto.resumeProducing()
     rest = [f for f in frames(tb) if f["type"] != "presence"]
-    assert [f["body"] for f in first + rest if f["type"] == "msg"] == [str(i) for i in range(n)]
+    assert rest[0]["type"] == "result" and rest[0]["id"] == 2
+    assert [f["body"] for f in rest if f["type"] == "msg"] == [str(i) for i in range(n)]
     assert rest[-1]["type"] == "synced"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -441,6 +442,46 @@ def test_dm_and_group_over_websockets_and_markup_stays_text(web: Web) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_browser_that_stops_reading_is_dropped_and_memory_stays_bounded(web: Web) -> Any:
+    """Issue 14 on the WebSocket gateway: a browser that stops reading gets at most
+    max_output_buffer held for it, then slow_reader and a close (code 1000)."""
+    realm = web.realm
+    limit = realm.config.limits.max_output_buffer
+    yield realm.create_user("alice", PASSWORD)
+    cookie = yield web.login("bob")
+    bob = yield web.websocket(cookie)
+    yield bob.call("hello", version=1)
+    yield bob.call("login")
+    yield bob.until(lambda f: f["type"] == "synced")
+    (server,) = [p for p in web.site.ws.sessions.connections if p.session is not None]
+    tcp = server.transport._ws.transport  # under the WebSocket
+    kernel = 0
+    for sock, opt in (
+        (bob.transport.getHandle(), socket.SO_RCVBUF),
+        (tcp.getHandle(), socket.SO_SNDBUF),
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 64 * 1024)
+        kernel += sock.getsockopt(socket.SOL_SOCKET, opt)
+    bob.transport.pauseProducing()  # the browser's tab stops reading
+    body = "x" * 16000
+    posted = peak = 0
+    while server.state != "closed" and posted < (limit + 8 * 2**20) // len(body):
+        for _ in range(8):
+            realm.post("alice", "bob", body)
+            posted += 1
+        yield task.deferLater(_reactor, 0.005, lambda: None)
+        peak = max(peak, server._out.held + len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen)
+    assert server.state == "closed", f"not dropped after {posted * len(body)} bytes"
+    assert peak <= limit + 64 * 1024 + 4 * 16200
+    bob.transport.resumeProducing()
+    code = yield bob.closed
+    got = list(bob.inbox.pending)
+    assert code == 1000 and got[-1]["type"] == "error" and got[-1]["code"] == "slow_reader"
+    msgs = [f for f in got if f["type"] == "msg"]
+    assert len(msgs) * len(body) <= kernel + 64 * 1024 + 4 * 16200
+
+
+@pytest_twisted.inlineCallbacks
 def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     cookie = yield web.login("alice")
     ws = yield web.websocket(cookie)
@@ -793,14 +834,20 @@ def test_gateway_over_string_transport_pauses_and_drops_a_slow_reader() -> None:
     assert [f["type"] for f in got] == ["result", "result", "synced"]
     assert got[1]["user"] == "bob@localhost" and got[1]["device"] == "web-b"
     # bob's browser stops reading: the transport pauses the session; live messages are
-    # still written (and counted) until max_output_buffer, then the connection is dropped
+    # held by the session (not written) until more than max_output_buffer bytes are,
+    # then they are dropped, the error slow_reader written, and the WebSocket closed
     transport.producer.pauseProducing()
     for i in range(10):
         realm.post("alice", "bob", f"{i:04d}" + "x" * 4000)
-        if transport.disconnected:
+        if session.state == "closed":
             break
-    assert transport.disconnected and 4 <= i <= 6
-    assert session.state == "closed"
+        assert transport.value() == b""  # held, not written
+    assert session.state == "closed" and 4 <= i <= 6
+    data = transport.value()
+    close = data.rindex(b"\x88")  # the server's close frame (code 1000) ends the output
+    assert data[close:] == b"\x88\x02\x03\xe8"
+    (error,) = _ws_messages(data[:close])
+    assert error["type"] == "error" and error["code"] == "slow_reader"
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 

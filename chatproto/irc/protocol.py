@@ -30,6 +30,7 @@ from zope.interface import implementer
 from chatproto import address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.flow import OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import users as _users  # noqa: F401
@@ -123,8 +124,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
         self.awaiting: dict[tuple[str, str], Reply] = {}  # (event, group) -> labeled reply
-        self._paused = False
-        self._paused_bytes = 0
+        #: Output, with the slow-reader bound (replaced at connectionMade).
+        self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
         self._writable: list[Deferred[None]] = []
         self._ack_call: Any = None
@@ -149,10 +150,13 @@ class IRCProtocol(LineOnlyReceiver):
         cfg = f.realm.config.irc
         if cfg.flood_rate > 0:
             self._bucket = TokenBucket(cfg.flood_rate, cfg.flood_burst, self.connected_at)
+        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
+        self._out.drop()
+        self._out.close()
         self.factory.connections.discard(self)
         for call in (self._ack_call, self._drain_call):
             if call is not None and call.active():
@@ -189,17 +193,17 @@ class IRCProtocol(LineOnlyReceiver):
     # IPushProducer ------------------------------------------------------------------
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        self._paused_bytes = 0
+        self._out.pause()  # Twisted calls this on every write while the buffer is full
 
     def resumeProducing(self) -> None:
-        self._paused = False
+        if not self._out.resume():
+            return  # what was held refilled the transport: still paused
         waiters, self._writable = self._writable, []
         for d in waiters:
             d.callback(None)
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self._out.pause()
 
     # output -------------------------------------------------------------------------
 
@@ -209,14 +213,16 @@ class IRCProtocol(LineOnlyReceiver):
         if self._held is not None:  # keep order: held lines go out first
             held, self._held = self._held, None
             data = b"".join(held) + data
-        if self._paused:
-            self._paused_bytes += len(data)
-            if self._paused_bytes > self.realm.config.limits.max_output_buffer:
-                self.log.info("dropping slow IRC reader {peer}", peer=self.peer())
-                self.state = "closed"
-                self.transport.abortConnection()
-                return
-        self.transport.write(data)
+        if not self._out.write(data):
+            # A reader this far behind is dropped (it gets the backlog on its next
+            # login); the classic IRC words for it.
+            self.log.info(
+                "dropping slow IRC reader {peer}: {n} bytes unread",
+                peer=self.peer(),
+                n=self._out.held,
+            )
+            self._out.drop()
+            self.close_with("SendQ exceeded")
 
     def send_line(self, source: str | None, command: str, *params: str) -> None:
         self.write(format_line(source, command, *params))
@@ -236,9 +242,12 @@ class IRCProtocol(LineOnlyReceiver):
         """``ERROR :message``, then close (the IRC way of ending a connection)."""
         if self.state == "closed":
             return
-        self.write(format_line(None, "ERROR", message))
         self.state = "closed"
         self.closed_at = self.factory.clock.seconds()
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._out.write(b"".join(held))
+        self._out.close(format_line(None, "ERROR", message))
         # A TLS transport shuts down only once no producer is registered.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -260,7 +269,7 @@ class IRCProtocol(LineOnlyReceiver):
         held = self._held
         if held is not None:
             held.append(data)
-        elif self._paused or self.state == "closed":
+        elif self._out.blocked or self.state == "closed":
             self.write(data)
         elif f.realm.bursting:
             self._held = [data]
@@ -301,7 +310,7 @@ class IRCProtocol(LineOnlyReceiver):
         self._ack_call = None
         if self.session is None or self.session.closed:
             return
-        if self._paused:  # still queued on our side: acknowledge once the client reads
+        if self._out.blocked:  # still queued on our side: acknowledge once the client reads
             self.written()
             return
         self.session.ack(self.session._last)
@@ -329,7 +338,7 @@ class IRCProtocol(LineOnlyReceiver):
         self.written()
 
     def wait_writable(self) -> Deferred[None]:
-        if not self._paused or self.state == "closed":
+        if not self._out.blocked or self.state == "closed":
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._writable.append(d)

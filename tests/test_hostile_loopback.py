@@ -1,0 +1,107 @@
+"""A hostile client over real loopback TCP (and TLS), speaking raw frames: what an
+attacker who read PROTOCOL.md can do must end in a clean error, bounded memory and
+no traceback in the realm's log (issue 14)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import serverFromString
+
+from chatproto import tls
+from chatproto.protocol import ClientFactory
+from tests.conftest import fast_config, make_realm, raw_client, tcp_of, unsent, until
+
+PW = "password-h"
+#: What both kernel socket buffers of a stalled connection are pinned to (the kernel
+#: doubles it): left to autotuning, loopback buffers grow to several MiB and a bound
+#: would measure the machine's sysctls rather than the realm.
+KERNEL_BUFFER = 64 * 1024
+
+
+@pytest.fixture(params=["tcp", "tls"])
+def listener(request: Any, tmp_path: Any) -> Any:
+    """A realm with the default limits (but the send rate) on 127.0.0.1 port 0, over
+    plain TCP or TLS: (realm, factory, address, ca)."""
+    cfg = fast_config(tmp_path, send_burst=10**6, send_rate=10.0**6)
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    factory = ClientFactory(realm)
+    ca = None
+    if request.param == "tcp":
+        port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+        addr = f"tcp:127.0.0.1:{port.getHost().port}"
+    else:
+        certs = tls.write_dev_certs(str(tmp_path / "tls"), "localhost")
+        desc = tls.server_description(certs["cert"], certs["key"], 0)
+        port = pytest_twisted.blockon(serverFromString(_reactor, desc).listen(factory))
+        addr = f"tls:127.0.0.1:{port.getHost().port}"
+        ca = certs["ca"]
+    yield realm, factory, addr, ca
+    for proto in list(factory.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+def _server_side(factory: ClientFactory, device: str) -> Any:
+    return next(
+        p for p in factory.connections if p.session is not None and p.session.device == device
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(listener: Any) -> Any:
+    """Issue 14, item 1, as found: one account, a session that never reads and one
+    sending to itself.  The realm held everything for the reader (49 MiB, never
+    dropped); now it holds at most max_output_buffer, then closes with slow_reader."""
+    realm, factory, addr, ca = listener
+    limit = realm.config.limits.max_output_buffer
+    yield realm.create_user("alice", PW)
+    reader = yield raw_client(addr, ("alice", PW), ca, device="reader")
+    writer = yield raw_client(addr, ("alice", PW), ca, device="writer")
+    server = _server_side(factory, "reader")
+    kernel = 0
+    for sock, opt in (
+        (tcp_of(reader.transport).getHandle(), socket.SO_RCVBUF),
+        (tcp_of(server.transport).getHandle(), socket.SO_SNDBUF),
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
+        kernel += sock.getsockopt(socket.SOL_SOCKET, opt)
+    tcp_of(reader.transport).pauseProducing()  # the reader never reads again
+    before = reader.received
+    body = "x" * 16000
+    frame_size = 16200  # a msg frame of that body, with its envelope
+    sent = peak = 0
+    cap = (limit + 8 * 2**20) // len(body)  # far past the limit: main never dropped it
+    while server.state != "closed" and sent < cap:
+        for _ in range(8):
+            writer.send({"type": "send", "to": "alice", "body": body})
+            sent += 1
+        yield task.deferLater(_reactor, 0.005, lambda: None)
+        peak = max(peak, server._out.held + unsent(server.transport))
+    assert server.state == "closed", f"not dropped after {sent * len(body)} bytes"
+    # Held: at most the limit, plus the transport's own buffer and a frame or two.
+    assert peak <= limit + 64 * 1024 + 4 * frame_size
+    assert sent * len(body) <= limit + kernel + 2 * 2**20
+    # The reader reads again: what had reached its socket, whole frames, then the
+    # error, then the close.  Not the megabytes that were held for it.
+    tcp_of(reader.transport).resumeProducing()
+    yield until(lambda: reader.lost.called)
+    last = reader.frames[-1]
+    assert last["type"] == "error" and last["code"] == "slow_reader"
+    assert "id" not in last
+    assert reader.received - before <= kernel + 64 * 1024 + 4 * frame_size
+    positions = [f["pos"] for f in reader.frames if f.get("type") == "msg"]
+    assert positions == sorted(set(positions))
+    # Nothing lost: the device resumes after what it had read (here: since 0).
+    again = yield raw_client(addr, ("alice", PW), ca, device="reader2", since=0)
+    yield until(lambda: sum(f.get("type") == "msg" for f in again.frames) == sent, timeout=30)
+    writer.transport.loseConnection()
+    again.transport.loseConnection()
+    yield defer.DeferredList([writer.lost, again.lost])
