@@ -372,6 +372,57 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
+def cmd_migrate_store(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    """Copy a SQLite realm into the PostgreSQL store the configuration names."""
+    if cfg.storage.backend != "postgresql":
+        raise CtlError(
+            'migrate-store copies into PostgreSQL: set [storage] backend = "postgresql" '
+            'and dsn in the configuration (see the operator guide, "PostgreSQL")',
+            EXIT_USAGE,
+        )
+    import psycopg
+
+    from chatproto.store.migrate import (
+        MigrationError,
+        copy_sqlite_to_postgresql,
+        open_source,
+    )
+    from chatproto.store.postgresql import PostgresDB
+
+    source_path = args.source or cfg.database_path
+    try:
+        source = open_source(source_path)
+    except MigrationError as e:
+        raise CtlError(str(e)) from None
+    where = store_backend.describe(cfg)
+    try:
+        try:
+            target = PostgresDB(cfg.storage.dsn, cfg.storage.schema)
+        except RuntimeError as e:
+            raise CtlError(str(e)) from None
+        try:
+            counts = copy_sqlite_to_postgresql(
+                source, target, lambda table, n: print(f"  {table}: {n} rows")
+            )
+        finally:
+            target.close()
+    except (MigrationError, RuntimeError) as e:
+        raise CtlError(str(e)) from None
+    except sqlite3.Error as e:
+        raise CtlError(f"database {os.path.abspath(source_path)}: {_first_line(e)}") from None
+    except psycopg.Error as e:
+        raise CtlError(f"database {where}: {_first_line(e)}") from None
+    finally:
+        source.close()
+    print(
+        f"copied {os.path.abspath(source_path)} into {where}: {counts['users']} users, "
+        f"{counts['items']} items, {counts['outbox']} queued for other realms, "
+        f"{counts['files']} files"
+    )
+    print(f"file bytes stay in {os.path.abspath(cfg.files_path)}; start the realm on it")
+    return 0
+
+
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -458,6 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
         "failures, next retry and last error (as the running realm last wrote them).",
     )
     p.set_defaults(func=cmd_peers)
+
+    p = add(
+        "migrate-store",
+        help="copy a SQLite realm into the PostgreSQL store of the config",
+        description="Copy everything of a SQLite realm (accounts, messages and their "
+        "positions, read positions, groups, queued federation deliveries, files' records, "
+        "unfinished uploads) into the PostgreSQL schema the configuration names, which "
+        "must be empty.  Stop the realm first.  File bytes stay in DATA_DIR/files.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="the SQLite database (default: DATA_DIR/realm.sqlite3)",
+    )
+    p.set_defaults(func=cmd_migrate_store)
 
     p = add("check-config", help="load and check the configuration")
     p.set_defaults(func=cmd_check_config)

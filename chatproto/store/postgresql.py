@@ -29,7 +29,7 @@ that commits its batch, a row ``(writer, persisted_upto)`` meaning "I have nothi
 below this in flight", and readers only advance to the minimum over live writers.
 
 Text PostgreSQL cannot hold (U+0000, which JSON allows in a message body, an item id
-or a device name) is stored escaped: see :func:`_esc`.
+or a device name) is stored escaped: see :func:`escape_text`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ __all__ = [
     "PostgresDB",
     "PostgresStore",
     "describe_dsn",
+    "escape_text",
+    "unescape_text",
 ]
 
 SCHEMA_VERSION = 1
@@ -143,12 +145,12 @@ LOCK_WAIT = 2.0
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta"
 
-#: Marks a stored string that was escaped (see :func:`_esc`).
+#: Marks a stored string that was escaped (see :func:`escape_text`).
 _ESCAPED = "\x01"
 
 
-def _esc(text: str) -> str:
-    """``text`` as PostgreSQL can store it, reversibly (:func:`_unesc`).
+def escape_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it, reversibly (:func:`unescape_text`).
 
     PostgreSQL's text cannot hold U+0000, which a client may legitimately send (a JSON
     string allows it).  A string containing one -- or starting with the marker U+0001
@@ -161,7 +163,7 @@ def _esc(text: str) -> str:
     return text
 
 
-def _unesc(text: str) -> str:
+def unescape_text(text: str) -> str:
     if text[:1] == _ESCAPED:
         value: str = json.loads(text[1:])
         return value
@@ -173,12 +175,12 @@ def _row(r: Sequence[Any]) -> Envelope:
     :func:`chatproto.store.stored_meta`), whatever the row holds."""
     pos, id_, kind, sender, recipient, ts, body, meta = r
     return Envelope(
-        id=_unesc(id_),
+        id=unescape_text(id_),
         kind=kind,
         sender=sender,
         recipient=recipient,
         ts=ts if type(ts) is float and 0.0 <= ts <= MAX_SHOWN_TS else shown_ts(ts),
-        body=_unesc(body),
+        body=unescape_text(body),
         meta=stored_meta(meta) if meta is not None else None,
         pos=pos,
     )
@@ -187,13 +189,13 @@ def _row(r: Sequence[Any]) -> Envelope:
 def _item_row(e: Envelope, pos: int) -> tuple[Any, ...]:
     return (
         pos,
-        _esc(e.id),
+        escape_text(e.id),
         e.kind,
         e.sender,
         e.recipient,
         e.conversation,
         e.ts,
-        _esc(e.body),
+        escape_text(e.body),
         json.dumps(e.meta) if e.meta is not None else None,
     )
 
@@ -202,9 +204,9 @@ def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     """A group request's row (see :meth:`chatproto.store.IStore.pending_requests`)."""
     ts = req.get("ts")
     return (
-        _esc(str(req.get("id"))),
-        _esc(str(req.get("from"))),
-        _esc(str(req.get("to"))),
+        escape_text(str(req.get("id"))),
+        escape_text(str(req.get("from"))),
+        escape_text(str(req.get("to"))),
         float(ts) if isinstance(ts, int | float) else 0.0,
         json.dumps(req),
     )
@@ -302,7 +304,9 @@ class PostgresDB:
         if another process still is after ``wait`` seconds (the lock of a process
         that has just died is released once the server notices)."""
         c = self.conn
-        c.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait * 1000)}ms")))
+        # (lock_timeout 0 would mean "wait for ever": at least a millisecond)
+        ms = max(1, int(wait * 1000))
+        c.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{ms}ms")))
         try:
             c.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.schema),))
         except psycopg.errors.LockNotAvailable:
@@ -521,7 +525,7 @@ class PostgresDB:
                     cur.executemany(
                         "INSERT INTO acks VALUES (%s, %s, %s) ON CONFLICT (addr, device) "
                         "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
-                        [(u, _esc(d), p) for (u, d), p in acks.items()],
+                        [(u, escape_text(d), p) for (u, d), p in acks.items()],
                     )
             self.commit_sent = True  # past here a lost connection leaves it unknown
         return out, queued_rows
@@ -538,9 +542,9 @@ class PostgresDB:
         """Which of ``ids`` are stored already, with their (sender, recipient)."""
         rows = self.conn.execute(
             "SELECT id, sender, recipient FROM items WHERE id = ANY(%s)",
-            ([_esc(i) for i in ids],),
+            ([escape_text(i) for i in ids],),
         ).fetchall()
-        return {_unesc(r[0]): (r[1], r[2]) for r in rows}
+        return {unescape_text(r[0]): (r[1], r[2]) for r in rows}
 
     def _append_all(
         self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
@@ -669,11 +673,11 @@ class PostgresDB:
                 m = env.meta
                 rows.append(
                     (
-                        _esc(m["file_id"]),
+                        escape_text(m["file_id"]),
                         m["sha256"],
                         m["size"],
-                        _esc(m["name"]),
-                        _esc(m["media_type"]),
+                        escape_text(m["name"]),
+                        escape_text(m["media_type"]),
                         env.sender,
                         env.recipient,
                         env.ts,
@@ -730,12 +734,12 @@ class PostgresDB:
     def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT payload FROM requests WHERE actor = %s AND grp = %s ORDER BY ts, id",
-            (_esc(actor), _esc(group)),
+            (escape_text(actor), escape_text(group)),
         ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def request_done(self, request_id: str) -> None:
-        self.conn.execute("DELETE FROM requests WHERE id = %s", (_esc(request_id),))
+        self.conn.execute("DELETE FROM requests WHERE id = %s", (escape_text(request_id),))
 
     def expire_requests(self, before: float) -> int:
         cur = self.conn.execute("DELETE FROM requests WHERE ts < %s", (before,))
@@ -745,7 +749,7 @@ class PostgresDB:
 
     def stored_item(self, item_id: str) -> Envelope | None:
         row = self.conn.execute(
-            f"SELECT {_COLS} FROM items WHERE id = %s", (_esc(item_id),)
+            f"SELECT {_COLS} FROM items WHERE id = %s", (escape_text(item_id),)
         ).fetchone()
         return _row(row) if row is not None else None
 
@@ -824,7 +828,7 @@ class PostgresDB:
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn
         row = c.execute(
-            "SELECT pos FROM acks WHERE addr = %s AND device = %s", (user, _esc(device))
+            "SELECT pos FROM acks WHERE addr = %s AND device = %s", (user, escape_text(device))
         ).fetchone()
         if row:
             return int(row[0])
@@ -841,13 +845,13 @@ class PostgresDB:
 
     def file_info(self, file_id: str) -> dict[str, Any] | None:
         row = self.conn.execute(
-            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = %s", (_esc(file_id),)
+            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = %s", (escape_text(file_id),)
         ).fetchone()
         if row is None:
             return None
         rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
         for k in ("file_id", "name", "media_type"):
-            rec[k] = _unesc(rec[k])
+            rec[k] = unescape_text(rec[k])
         rec["ts"] = shown_ts(rec["ts"])
         return rec
 
@@ -887,11 +891,11 @@ class PostgresDB:
             "INSERT INTO uploads (upload_id, user_name, record) VALUES (%s, %s, %s) "
             "ON CONFLICT (upload_id) DO UPDATE SET user_name = excluded.user_name, "
             "record = excluded.record",
-            (_esc(record["upload_id"]), _esc(record["user"]), json.dumps(record)),
+            (escape_text(record["upload_id"]), escape_text(record["user"]), json.dumps(record)),
         )
 
     def delete_upload(self, upload_id: str) -> None:
-        self.conn.execute("DELETE FROM uploads WHERE upload_id = %s", (_esc(upload_id),))
+        self.conn.execute("DELETE FROM uploads WHERE upload_id = %s", (escape_text(upload_id),))
 
     def list_uploads(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
