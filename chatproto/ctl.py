@@ -423,6 +423,28 @@ def cmd_migrate_store(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
+def cmd_rotate_key(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    """A new federation signing key; the old one stays announced (public half only)
+    so that items signed with it still verify, unless --forget-old."""
+    from chatproto.signing import KEY_FILE, KeyFileError, rotate
+
+    path = os.path.join(cfg.data_dir, KEY_FILE)
+    existed = os.path.exists(path)
+    try:
+        new, kept = rotate(path, time.time(), forget_old=args.forget_old)
+    except KeyFileError as e:
+        raise CtlError(str(e)) from None
+    except OSError as e:
+        raise CtlError(f"cannot write {path}: {e.strerror or e}") from None
+    print(f"new signing key {new} in {path}" + ("" if existed else " (there was none)"))
+    if kept:
+        print(f"still announced, for items signed before: {', '.join(kept)}")
+    elif existed:
+        print("older keys forgotten: items signed with them no longer verify")
+    print("restart the realm to sign with it (peers learn it when they next connect)")
+    return 0
+
+
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -525,6 +547,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the SQLite database (default: DATA_DIR/realm.sqlite3)",
     )
     p.set_defaults(func=cmd_migrate_store)
+
+    p = add(
+        "rotate-key",
+        help="make a new federation signing key",
+        description="Make a new signing key for the items this realm's users send to "
+        "groups on other realms (DATA_DIR/federation-keys.json, owner-only).  The old "
+        "key stays announced to peers so that items signed with it still verify.  The "
+        "running realm signs with the new key once restarted.",
+    )
+    p.add_argument(
+        "--forget-old",
+        action="store_true",
+        help="stop announcing every older key (a compromised key: items it signed, "
+        "queued or relayed later, are refused)",
+    )
+    p.set_defaults(func=cmd_rotate_key)
 
     p = add("check-config", help="load and check the configuration")
     p.set_defaults(func=cmd_check_config)

@@ -149,6 +149,9 @@ class Envelope:
     pos: int = 0
     #: The encoded delivery frame, cached so fan-out encodes once per item.
     frame: bytes | None = attrs.field(default=None, repr=False)
+    #: The signature of the realm of ``sender`` (``{"key", "ed25519"}``), carried by
+    #: an item another realm relays (see chatproto/signing.py); never sent to clients.
+    sig: dict[str, str] | None = attrs.field(default=None, repr=False)
 
     @property
     def conversation(self) -> str:
@@ -186,6 +189,8 @@ class Envelope:
         }
         if self.meta is not None:
             d["meta"] = self.meta
+        if self.sig is not None:
+            d["sig"] = self.sig
         return d
 
 

@@ -34,7 +34,12 @@ CODES: dict[str, str] = {
     "peer_unreachable": "the peer realm could not be reached for federation.give_up_after "
     "seconds (only in bounce items)",
     "untrusted_peer": "federation: the peer's certificate does not prove the realm it claims",
-    "forged_sender": "federation: a realm carried a message from a user of another realm",
+    "forged_sender": "federation: a realm carried an item it may not speak for (a user of "
+    "another realm's, or a local user's that they did not send or ask for)",
+    "bad_signature": "federation: an item relayed for a user of another realm does not carry "
+    "a valid signature of that realm",
+    "unknown_key": "federation: the key an item is signed with is not known, and its realm "
+    "could not be reached to learn it",
     "no_such_group": "no such group on this realm",
     "group_exists": "a group with that name already exists",
     "not_member": "you (or the user named) are not a member of the group",

@@ -69,6 +69,7 @@ from chatproto.config import DEFAULT_FEDERATION_PORT, ConfigError, Federation
 from chatproto.envelope import Envelope
 from chatproto.errors import CODES, ChatError, FatalProtocolError
 from chatproto.ratelimit import TokenBucket
+from chatproto.signing import parse_keys
 from chatproto.tls import fingerprint
 from chatproto.transfer import BLOCK
 
@@ -109,6 +110,9 @@ MIN_MAX_FRAME = 65536
 HELLO_TIMEOUT = 30.0
 #: The status file ``chatrealmctl peers`` reads, in the data directory.
 STATUS_FILE = "federation-status.json"
+#: Seconds a transaction waits for the keys of a realm whose user wrote one of its
+#: items (relayed by a group's home realm) while a link to that realm is made.
+KEY_WAIT = 30.0
 #: Seconds a group request sent to another realm is remembered for its answer (the
 #: event in which the user acts) at least; three times ``give_up_after`` if longer.
 REQUEST_TTL = 30 * 86400.0
@@ -490,6 +494,17 @@ class _Link(Int32StringReceiver):
             self.log.failure("federation: handling a frame from {peer}", peer=self.peer_realm)
             self.fail("internal_error", "the frame could not be handled")
 
+    def peer_keys(self, req: dict[str, Any]) -> dict[str, bytes] | None:
+        """The signing keys a ``hello`` or ``welcome`` announces (None: none)."""
+        if req.get("keys") is None:
+            return None
+        try:
+            return parse_keys(req["keys"])
+        except ChatError as e:
+            raise FatalProtocolError(
+                "bad_request", f"{req.get('type')} keys: {e.message}"
+            ) from None
+
     def handle_error(self, req: dict[str, Any]) -> None:
         self.log.warn(
             "federation: {peer} closed the link: {code}: {message}",
@@ -613,6 +628,7 @@ class InboundProtocol(_Link):
         except ChatError as e:
             raise FatalProtocolError("bad_request", f"hello realm: {e.message}") from None
         code, reason = fed.inbound_refusal(claimed, self.transport)
+        keys = self.peer_keys(req) if reason is None else None
         if reason is not None:
             self.log.warn(
                 "federation: refused inbound link from {addr} claiming {realm}: {reason}",
@@ -635,8 +651,11 @@ class InboundProtocol(_Link):
                 "version": FEDERATION_VERSION,
                 "realm": fed.realm.realm,
                 "max_frame": fed.cfg.max_frame,
+                "keys": fed.announce(),
             }
         )
+        if keys is not None:
+            fed.realm.peer_keys.learn(claimed, keys)
         self.log.info(
             "federation: inbound link from {peer} ({addr})", peer=claimed, addr=self._addr()
         )
@@ -831,7 +850,14 @@ class OutboundProtocol(_Link):
             self.closed = True
             self.transport.abortConnection()
             return
-        self.send({"type": "hello", "version": FEDERATION_VERSION, "realm": link.fed.realm.realm})
+        self.send(
+            {
+                "type": "hello",
+                "version": FEDERATION_VERSION,
+                "realm": link.fed.realm.realm,
+                "keys": link.fed.announce(),
+            }
+        )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
@@ -861,6 +887,9 @@ class OutboundProtocol(_Link):
                     "bad_request", f"welcome max_frame: an integer of at least {MIN_MAX_FRAME}"
                 )
             link.peer_max_frame = peer_max
+        keys = self.peer_keys(req)
+        if keys is not None:
+            link.fed.realm.peer_keys.learn(link.realm, keys)
         if self.welcomed.called:  # the attempt was abandoned (link stopped or kicked)
             self.closed = True
             self.transport.loseConnection()
@@ -1212,7 +1241,7 @@ class PeerLink:
         bound = 0
         for _, e in rows:
             if isinstance(e, Envelope):
-                bound += 6 * len(e.body) + (4096 if e.meta else 1024)
+                bound += 6 * len(e.body) + (4096 if e.meta else 1024) + (256 if e.sig else 0)
             else:  # a request, or a copy of an item of its own (a group snapshot)
                 bound += len(wire.encode(e)) + 64
         if bound <= limit:
@@ -1611,6 +1640,28 @@ class FederationService(MultiService):
         """``n`` items for ``realm`` were committed to the outbox."""
         if self.running:
             self.link(realm).wake(n)
+
+    def announce(self) -> list[dict[str, str]]:
+        """The ``keys`` our ``hello`` and ``welcome`` carry: this realm's signing keys."""
+        signing = self.realm.signing
+        return signing.announce() if signing is not None else []
+
+    def want_keys(self, realm: str) -> Deferred[bool]:
+        """Learn ``realm``'s signing keys over a link of our own with it: fires with
+        True once we hold its keys as it announces them now (at once when a link
+        with it is up: it announced them in its hello or welcome), or with False
+        if no link with it is up within :data:`KEY_WAIT` seconds."""
+        if any(p.peer_realm == realm and p.is_up() for p in self.inbound):
+            return succeed(True)
+        if not self.running:
+            return succeed(False)
+        link = self.link(realm)
+        if link.state == "ready":
+            return succeed(True)
+        waiting = self.realm.peer_keys.wait(realm, KEY_WAIT)
+        self.log.info("federation: asking {realm} for its keys", realm=realm)
+        link.kick()
+        return waiting
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
         """A presence frame for ``realms`` (allowed peers).  A realm we had nothing

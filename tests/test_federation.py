@@ -35,6 +35,7 @@ from chatproto.federation import (
     FederationService,
     PeerEndpoint,
 )
+from chatproto.signing import parse_keys
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
 from chatproto.testing import make_test_realm
@@ -284,7 +285,13 @@ def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:
     for i in range(len(data)):
         proto.dataReceived(data[i : i + 1])
     assert frames(transport) == [
-        {"type": "welcome", "version": 1, "realm": "b.example", "max_frame": 4194304},
+        {
+            "type": "welcome",
+            "version": 1,
+            "realm": "b.example",
+            "max_frame": 4194304,
+            "keys": realm.signing.announce(),  # its signing key (see test_signing.py)
+        },
         {"type": "ack", "id": "1-2"},
     ]
     feed = realm.store.read_feed("bob@b.example", 0, 10).result
@@ -1040,6 +1047,11 @@ class Realms:
             realm = make_test_realm(self.clock, cfg)
             FederationService(realm, self.clock, clock=self.clock, status_path="")
             self.realms[name] = realm
+        for realm in self.realms.values():  # the keys each hello/welcome would carry
+            for other in self.realms.values():
+                if other is not realm:
+                    keys = parse_keys(other.federation.announce())
+                    fired(realm.peer_keys.learn(other.realm, keys))
 
     def __getitem__(self, name: str) -> Any:
         return self.realms[name]
@@ -1232,6 +1244,11 @@ def test_group_files_from_the_wrong_realm_or_a_non_member_are_rejected(
         **file_item(5, "alice@a.example", "#dev@h.example"),
         "meta": {**meta, "sha256": "0" * 64},
     }
+    rejected = fired(h.receive_remote("a.example", [bad], fetch=fetch))
+    assert [x["code"] for x in rejected] == ["bad_signature"]  # not a.example's word
+    assert fetched == []  # not even fetched
+    env = Envelope(bad["id"], "file", bad["from"], bad["to"], 1.0, "x.bin", bad["meta"])
+    bad["sig"] = a.signing.sign(env)
     rejected = fired(h.receive_remote("a.example", [bad], fetch=fetch))
     assert [x["code"] for x in rejected] == ["checksum_mismatch"]
     assert fired(h.store.outbox_counts()) == {}

@@ -28,6 +28,7 @@ from chatproto.federation import (
 )
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import RealmService
+from chatproto.signing import parse_keys
 from chatproto.testing import make_test_realm
 from tests.conftest import fast_config, make_realm
 from tests.conftest import fired as result
@@ -57,6 +58,14 @@ class Links:
         self.realms[realm.realm] = realm
         realm.federation = _Fed(self, realm.realm)
         return realm
+
+    def introduce(self) -> None:
+        """Every realm learns every other's signing keys (what hello and welcome do)."""
+        for realm in self.realms.values():
+            for other in self.realms.values():
+                if other is not realm and other.signing is not None:
+                    keys = parse_keys(other.signing.announce())
+                    result(realm.peer_keys.learn(other.realm, keys))
 
     def up(self, a: str, b: str) -> bool:
         return a not in self.down and b not in self.down and b in self.realms
@@ -93,17 +102,20 @@ class _Fed:
                 )
 
 
-def fed_realm(clock: Clock, name: str) -> RealmService:
-    cfg = config.Config(realm=name)
+def fed_realm(clock: Clock, name: str, base: Path) -> RealmService:
+    """A started realm ``name`` with federation on (its signing key in ``base``)."""
+    cfg = config.Config(realm=name, data_dir=str(base / name))
     cfg.federation.enabled = True  # links are the test's stand-in: no certificates
     return make_test_realm(clock, cfg)
 
 
 @pytest.fixture
-def net() -> Any:
+def net(tmp_path: Path) -> Any:
     clock = Clock()
     links = Links()
-    h, a, b = (links.add(fed_realm(clock, n)) for n in ("h.example", "a.example", "b.example"))
+    names = ("h.example", "a.example", "b.example")
+    h, a, b = (links.add(fed_realm(clock, n, tmp_path)) for n in names)
+    links.introduce()
     return links, clock, h, a, b
 
 
@@ -298,7 +310,7 @@ def real_link(realm: RealmService, clock: Clock, tmp_path: Path) -> Any:
 
 def test_presence_to_a_peer_is_paced_below_its_flood_limit(tmp_path: Path) -> None:
     clock = Clock()
-    link = real_link(fed_realm(clock, "h.example"), clock, tmp_path)
+    link = real_link(fed_realm(clock, "h.example", tmp_path), clock, tmp_path)
     peer = TokenBucket(PRESENCE_RATE, PRESENCE_BURST, clock.seconds())  # as the peer counts
 
     def received(frame: dict[str, Any]) -> None:
@@ -357,7 +369,7 @@ def test_mirror_survives_a_restart(tmp_path: Path) -> Any:
     """b.example on SQLite: its mirror is the replay of the stored events, the
     snapshot included."""
     clock = Clock()
-    h = fed_realm(clock, "h.example")
+    h = fed_realm(clock, "h.example", tmp_path)
     h.federation = _Fed(Links(), "h.example")
     owner = User(h, clock, "owner")
     carol = User(h, clock, "carol")
@@ -483,7 +495,7 @@ def test_a_transaction_stays_within_max_frame(tmp_path: Path) -> None:
     """Large items (a group snapshot can be hundreds of KiB) are split over several
     transactions rather than making a frame the peer would refuse for ever."""
     clock = Clock()
-    h = fed_realm(clock, "h.example")
+    h = fed_realm(clock, "h.example", tmp_path)
     link = real_link(h, clock, tmp_path)
     link.fed.cfg.max_frame = 20_000
     h.create_user("owner", "password1")
@@ -517,7 +529,7 @@ def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> Non
     d = str(tmp_path / "certs")
     a_cert = tls.write_dev_certs(d, "a.example")["cert"]
     clock = Clock()
-    b = fed_realm(clock, "b.example")
+    b = fed_realm(clock, "b.example", tmp_path)
     paths = tls.write_dev_certs(d, "b.example")
     f = b.config.federation
     f.certificate, f.private_key, f.ca = paths["cert"], paths["key"], paths["ca"]

@@ -192,3 +192,71 @@ def test_a_hostile_home_realm_cannot_speak_for_anyone(realms: Any, logs: Any) ->
     peer.transport.loseConnection()
     for conn in (owner, dave, alice, erin, bob):
         yield conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_home_realm_relays_a_third_realms_words_only_with_its_signature(
+    realms: Any,  # noqa: F811
+    logs: Any,  # noqa: F811
+) -> Any:
+    """bob@b.example is in #ok@c.example with dave@a.example.  What bob says reaches
+    a.example through c.example with b.example's signature, unchanged, and verifies;
+    what c.example makes up in bob's name (unsigned, signed with its own key, or
+    with b.example's key id on a signature of its own) is refused: bad_signature."""
+    from chatproto.envelope import Envelope
+    from chatproto.signing import canonical, verify_all
+
+    a, b, c = yield realms(["a.example", "b.example", "c.example"])
+    inbox: list[dict[str, Any]] = []
+    owner = yield connect(_reactor, c.addr, "owner", PW, register=True)
+    dave = yield connect(_reactor, a.addr, "dave", PW, register=True, on_message=inbox.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield owner.create_group("#ok")
+    yield dave.join("#ok@c.example")
+    yield bob.join("#ok@c.example")
+    yield until(
+        lambda: (
+            "bob@b.example" in getattr(a.realm.groups.groups.get("#ok@c.example"), "members", {})
+        ),
+        timeout=30,
+    )
+    yield until(lambda: "#ok@c.example" in b.realm.groups.groups, timeout=30)
+    sent = yield bob.send("#ok@c.example", "bob, really")
+    yield until(lambda: any(m["body"] == "bob, really" for m in inbox), timeout=30)
+    theirs = yield b.realm.store.stored_item(sent["msg_id"])
+    ours = yield a.realm.store.stored_item(sent["msg_id"])
+    assert ours.sig == theirs.sig and ours.sig["key"] == b.realm.signing.id
+    assert verify_all([(b.realm.signing.public, ours.sig["ed25519"], canonical(ours))]) == [True]
+
+    peer = yield raw_peer(a, "c.example", _cert(c), c.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
+    base = {"kind": "text", "from": "bob@b.example", "to": "#ok@c.example", "ts": 1764093000.5}
+
+    def env(mid: str, body: str) -> Envelope:
+        return Envelope(mid, "text", "bob@b.example", "#ok@c.example", base["ts"], body)
+
+    own = c.realm.signing.sign(env("s-own", "signed by c"))
+    borrowed = {"key": b.realm.signing.id, "ed25519": own["ed25519"]}
+    replayed = dict(ours.sig)  # bob's real signature, on other words
+    forged = [
+        {**base, "id": "s-none", "body": "unsigned"},
+        {**base, "id": "s-own", "body": "signed by c", "sig": own},
+        {**base, "id": "s-borrowed", "body": "signed by c", "sig": borrowed},
+        {**base, "id": "s-replayed", "body": "bob, really not", "sig": replayed},
+    ]
+    peer.send({"type": "txn", "id": "1-4", "items": forged})
+    yield until(lambda: len(peer.frames) == 2, timeout=30)
+    ack = peer.frames[1]
+    assert [(r["id"], r["code"]) for r in ack.get("rejected", [])] == [
+        ("s-none", "bad_signature"),
+        ("s-own", "bad_signature"),
+        ("s-borrowed", "bad_signature"),
+        ("s-replayed", "bad_signature"),
+    ]
+    assert logs.has("rejected item s-borrowed from c.example: bad_signature")
+    for item in forged:
+        assert (yield a.realm.store.stored_item(item["id"])) is None
+    assert [m["body"] for m in inbox if m["kind"] == "text"] == ["bob, really"]
+    peer.transport.loseConnection()
+    for conn in (owner, dave, bob):
+        yield conn.close()

@@ -407,6 +407,7 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
         "version": 1,
         "realm": "b.example",
         "max_frame": 4194304,
+        "keys": b.realm.signing.announce(),
     }
     assert ack["type"] == "ack" and ack["id"] == "1-2"
     assert [(r["id"], r["code"]) for r in ack["rejected"]] == [("forged-1", "forged_sender")]

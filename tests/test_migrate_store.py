@@ -101,8 +101,11 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
             "carol@localhost", "alice", "part.bin", len(blob), hashlib.sha256(blob).hexdigest()
         )
         yield realm.files.write("carol@localhost", up.upload_id, 0, blob[:20_000])
-        remote = Envelope(new_message_id(), "text", "alice@localhost", "x@b.example", 1.0, "q")
+        remote = Envelope(new_message_id(), "text", "alice@localhost", "#x@b.example", 1.0, "q")
+        remote.sig = {"key": "0123456789abcdef", "ed25519": "A" * 86 + "=="}  # signed
         yield realm.store.append([remote], [("b.example", remote)])
+        b_keys = [{"id": "0123456789abcdef", "ed25519": "B" * 43 + "="}]
+        yield realm.store.set_peer_keys("b.example", b_keys)  # as b.example announced
         history_before = yield alice.history("bob", limit=100)
         group_before = yield carol.history("#dev", limit=100)
         top_before = yield realm.store.max_pos()
@@ -145,6 +148,9 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
         assert realm.store.path.startswith("postgresql://")
         assert (yield realm.store.max_pos()) == top_before
         assert (yield realm.store.outbox_counts()) == {"b.example": 1}
+        ((_, queued),) = yield realm.store.outbox_read("b.example", 0, 10)
+        assert queued.sig == remote.sig  # the signature goes with the item
+        assert (yield realm.store.peer_keys()) == {"b.example": b_keys}
         # bob's phone resumes after its ack: only what it had not seen, same positions
         got2: list[dict[str, Any]] = []
         bob = yield connect(_reactor, addr, "bob", PASSWORD, device="phone", on_message=got2.append)

@@ -176,6 +176,31 @@ def test_stored_item_by_id(store: Any) -> Any:
     assert (yield store.stored_item("no-such-id")) is None
 
 
+@pytest_twisted.inlineCallbacks
+def test_signatures_and_peer_keys_are_kept(store: Any) -> Any:
+    """An item's ``sig`` is stored with it (local or remote) and read back with it, by
+    every read; the keys peers announce are remembered, replaced per realm."""
+    sig = {"key": "0123456789abcdef", "ed25519": "A" * 86 + "=="}
+    local = env(ALICE, "#dev@h.example", "signed here")
+    local.sig = sig
+    remote = env("carol@c.example", "#dev@h.example", "signed there")
+    remote.sig = dict(sig, key="fedcba9876543210")
+    yield store.append([local], [("h.example", local)])
+    yield store.append_remote([remote])
+    assert (yield store.stored_item(local.id)).sig == sig
+    assert (yield store.stored_item(remote.id)).sig == remote.sig
+    ((_, queued),) = yield store.outbox_read("h.example", 0, 10)
+    assert queued.to_item()["sig"] == sig
+    history = yield store.history("#dev@h.example", None, None, 10)
+    assert [e.sig for e in history] == [sig, remote.sig]
+    assert (yield store.peer_keys()) == {}
+    keys = [{"id": "0123456789abcdef", "ed25519": "B" * 43 + "="}]
+    yield store.set_peer_keys("c.example", keys)
+    yield store.set_peer_keys("d.example", keys)
+    yield store.set_peer_keys("c.example", [])
+    assert (yield store.peer_keys()) == {"c.example": [], "d.example": keys}
+
+
 def test_message_ids_are_unpredictable_and_distinct() -> None:
     ids = [new_message_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)

@@ -202,8 +202,14 @@ class GroupHandler:
 
     def append(self, env: Envelope, realms: list[str]) -> Deferred[Envelope]:
         """Commit a group item with its outbox rows for ``realms``, then route it and
-        wake their links."""
+        wake their links.
+
+        An item to a group on another realm is signed first: its home realm relays it
+        to the other member realms, which believe it on this realm's signature alone
+        (chatproto/signing.py)."""
         realm = self._realm
+        if realm.signing is not None and not env.recipient.endswith("@" + self._name):
+            env.sig = realm.signing.sign(env)
         d = realm.store.append([env], [(r, env) for r in realms])
         d.addCallback(self.committed, env)
         for other in realms:

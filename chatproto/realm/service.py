@@ -11,6 +11,7 @@ gateways and federation) never hold chat state: they call a
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -21,7 +22,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -41,6 +42,8 @@ from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
 from chatproto.realm.sessions import ISession, Session, Sessions, check_device
+from chatproto.signing import KEY_FILE, KeyFileError, KeyRing, SigningKeys, canonical, parse_sig
+from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META, IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
@@ -68,6 +71,10 @@ _REQUEST_OF = {
 }
 #: Group events that name another user than their actor (``meta.user``).
 _TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role"})
+#: Realms whose keys one transaction may make us ask for (see _check_signatures).
+MAX_KEY_FETCHES = 4
+#: Refusals of a peer's item logged as warnings (a forgery): the others are info.
+_FORGERIES = frozenset({"forged_sender", "bad_signature"})
 
 
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
@@ -218,6 +225,10 @@ class RealmService(Service):
         self.federation: Any = None
         #: Files: offers, uploads, downloads and their rules (see chatproto/files.py).
         self.files = FileService(self, config.files_path)
+        #: This realm's signing keys (federation only; loaded at start, see
+        #: chatproto/signing.py) and the keys peer realms announced to it.
+        self.signing: SigningKeys | None = None
+        self.peer_keys = KeyRing(store, self.clock)
         #: Group changes and group items (the rules are ``groups``).
         self.group_handler = GroupHandler(self)
         #: Sending, committing and reading stream items.
@@ -234,6 +245,19 @@ class RealmService(Service):
         """
         Service.privilegedStartService(self)
         self._open_store()
+        self._load_keys()
+
+    def _load_keys(self) -> None:
+        """With federation on: this realm's signing keys, made on first start in the
+        data directory.  A key file that cannot be used stops start-up."""
+        if self.signing is not None or not self.config.federation.enabled:
+            return
+        path = os.path.join(self.config.data_dir, KEY_FILE)
+        try:
+            self.signing = SigningKeys.load(path, self.clock.seconds())
+        except (KeyFileError, OSError) as e:
+            raise SystemExit(f"chatrealm: federation signing keys: {e}") from None
+        self.log.info("federation: signing key {id} ({path})", id=self.signing.id, path=path)
 
     def _open_store(self) -> Deferred[None]:
         if self._opening is None:
@@ -250,6 +274,9 @@ class RealmService(Service):
         if self._hash_pool is not None:
             self._hash_pool.start()
         yield self._open_store()
+        self._load_keys()
+        if self.config.federation.enabled:
+            yield self.peer_keys.load()
         self._known_users.update((yield self.store.list_users()))
         after = 0
         while True:  # groups are the replay of their committed events
@@ -572,10 +599,11 @@ class RealmService(Service):
         if not fed.allows(realm):
             raise ChatError("peer_denied", f"this realm does not federate with {realm}")
 
-    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str], Any]:
+    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str], Any, str | None]:
         """Check one item a peer realm sent: the Envelope to store, the realms to
-        forward it to (as the home realm of its group), and what is left to check
-        against the store (see :meth:`_from_home`), or ChatError.
+        forward it to (as the home realm of its group), what is left to check against
+        the store (see :meth:`_from_home`), and the realm whose signature it must carry
+        (see :meth:`_check_signatures`), or ChatError.
 
         The anti-forgery rules: ``origin`` (authenticated by its certificate) may carry
         messages and files from its own users to users of this realm or to groups whose
@@ -597,11 +625,14 @@ class RealmService(Service):
         meta = raw.get("meta")
         fan: set[str] = set()
         follow: Any = None
+        signer: str | None = None  # the realm whose signature the item must carry
         if isinstance(to, str) and to.startswith("#"):
             group = self._parse(to, self.realm, True)
             recipient = str(group)
             if group.realm == origin:  # the group's home realm: authoritative for it
                 meta, follow = self._from_home(origin, sender, recipient, kind, meta, body)
+                if kind != "event" and sender.realm not in (origin, self.realm):
+                    signer = sender.realm  # relayed: its author's realm proves it
             elif group.realm == self.realm:  # a member on the peer writes to our group
                 if sender.realm != origin:
                     raise ChatError(
@@ -617,6 +648,7 @@ class RealmService(Service):
                 if str(sender) not in members:
                     raise ChatError("not_member", f"{sender} is not a member of {recipient}")
                 fan = self.realms_of(members) - {origin}
+                signer = origin  # we relay it: it must carry its realm's proof
             else:
                 raise ChatError(
                     "forged_sender", f"{origin} may not carry items of {group}, a third realm's"
@@ -643,7 +675,9 @@ class RealmService(Service):
             body=body,
             meta=dict(meta) if isinstance(meta, dict) else None,
         )
-        return env, fan, follow
+        if signer is not None and raw.get("sig") is not None:
+            env.sig = parse_sig(raw["sig"])
+        return env, fan, follow, signer
 
     def _from_home(
         self, origin: str, sender: Address, group: str, kind: str, meta: Any, body: str
@@ -821,15 +855,49 @@ class RealmService(Service):
         rejected: list[dict[str, Any]] = []
         batch: list[Envelope] = []
         outbox: list[tuple[str, Envelope]] = []
+        signed: list[tuple[Envelope, str]] = []  # items of batch to verify, and by whom
+
+        def reject(mid: Any, e: ChatError) -> None:
+            mid = mid if isinstance(mid, str) else None
+            rejected.append({"id": mid, "code": e.code, "message": e.message})
+            log = self.log.warn if e.code in _FORGERIES else self.log.info
+            log(
+                "federation: rejected item {id} from {origin}: {code}: {message}",
+                id=str(mid)[:64],
+                origin=origin,
+                code=e.code,
+                message=e.message,
+            )
+
+        @inlineCallbacks
+        def verified() -> Any:
+            """Check the signatures of the batch (one pass, in a thread), and drop the
+            items that fail from it before it is stored."""
+            nonlocal batch, outbox, signed
+            if signed:
+                bad = yield self._check_signatures(signed)
+                signed = []
+                for env in batch:
+                    if id(env) in bad:
+                        reject(env.id, bad[id(env)])
+                batch = [e for e in batch if id(e) not in bad]
+                outbox = [(r, e) for r, e in outbox if id(e) not in bad]
+
+        @inlineCallbacks
+        def flush() -> Any:
+            nonlocal batch, outbox
+            yield verified()
+            if batch:
+                yield self._store_remote(batch, outbox)
+            batch, outbox = [], []
+
         for raw in items:
             try:
                 if isinstance(raw, dict) and raw.get("kind") == "request":
-                    if batch:
-                        yield self._store_remote(batch, outbox)
-                        batch, outbox = [], []
+                    yield flush()
                     yield self._remote_request(origin, raw)
                     continue
-                env, fan, follow = self._remote_item(origin, raw)
+                env, fan, follow, signer = self._remote_item(origin, raw)
                 answers = None
                 if follow is not None:
                     answers = yield self._follow_up(origin, env, follow)
@@ -842,38 +910,107 @@ class RealmService(Service):
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
                         self._known_users.add(name)
                 if env.kind == "file":
-                    if batch:
-                        yield self._store_remote(batch, outbox)
-                        batch, outbox = [], []
+                    yield flush()
+                    if signer is not None:
+                        bad = yield self._check_signatures([(env, signer)])
+                        if bad:
+                            raise bad[id(env)]
                     yield self._store_remote_file(origin, env, fetch, fan)
                     continue
                 batch.append(env)
                 outbox.extend((realm, env) for realm in sorted(fan))
+                if signer is not None:
+                    signed.append((env, signer))
                 if env.kind == "event":
                     # Applied before the next item is checked: that may be a message
                     # from the member who just joined (membership is checked per item).
-                    yield self._store_remote(batch, outbox)
-                    batch, outbox = [], []
+                    yield flush()
                     if answers is not None:
                         yield self.store.request_done(answers)
             except ChatError as e:
-                mid = raw.get("id") if isinstance(raw, dict) else None
-                mid = mid if isinstance(mid, str) else None
-                rejected.append({"id": mid, "code": e.code, "message": e.message})
-                log = self.log.warn if e.code == "forged_sender" else self.log.info
-                log(
-                    "federation: rejected item {id} from {origin}: {code}: {message}",
-                    id=str(mid)[:64],
-                    origin=origin,
-                    code=e.code,
-                    message=e.message,
-                )
+                reject(raw.get("id") if isinstance(raw, dict) else None, e)
+        yield verified()
         if batch:
             last = self._store_remote(batch, outbox)
             if queued is not None:
                 queued()
             yield last
         return rejected
+
+    @inlineCallbacks
+    def _check_signatures(self, signed: Sequence[tuple[Envelope, str]]) -> Any:
+        """Verify that each ``(item, realm)`` carries a signature of ``realm``'s
+        (:mod:`chatproto.signing`); fires with ``{id(item): ChatError}`` for the items
+        that do not (``bad_signature``; ``unknown_key`` when the realm's keys could
+        not be had; ``peer_denied`` when we do not federate with it).
+
+        A key we do not know is asked of its realm over a link of our own
+        (:meth:`FederationService.want_keys`): the transaction waits for it, up to
+        ``KEY_WAIT`` seconds.  The signatures are checked in a thread, in one go."""
+        ring = self.peer_keys
+        bad: dict[int, ChatError] = {}
+        unknown = sorted(
+            {a for e, a in signed if e.sig is not None and ring.lookup(a, e.sig["key"]) is None}
+        )
+        # Each realm asked for its keys costs a connection (and a DNS look-up): a few
+        # per transaction, together; the items of any more are refused at once.
+        asked = unknown[:MAX_KEY_FETCHES]
+        found = yield gatherResults([self._fetch_keys(a) for a in asked])
+        unreachable: dict[str, ChatError | None] = dict(zip(asked, found, strict=True))
+        for author in unknown[MAX_KEY_FETCHES:]:
+            unreachable[author] = ChatError(
+                "unknown_key",
+                f"no key of {author} is known here; keys of at most {MAX_KEY_FETCHES} "
+                "realms are asked for per transaction",
+            )
+        jobs: list[tuple[bytes, str, bytes]] = []
+        checked: list[tuple[Envelope, str]] = []
+        for env, author in signed:
+            sig = env.sig
+            if sig is None:
+                bad[id(env)] = ChatError("bad_signature", f"{env.id} is not signed by {author}")
+                continue
+            key = ring.lookup(author, sig["key"])
+            if key is None:
+                bad[id(env)] = unreachable.get(author) or ChatError(
+                    "bad_signature", f"{author} has no key {sig['key']} (it announces others)"
+                )
+                continue
+            jobs.append((key, sig["ed25519"], canonical(env)))
+            checked.append((env, author))
+        if jobs:
+            results = yield self._crypto(_verify_all, jobs)
+            for (env, author), ok in zip(checked, results, strict=True):
+                if not ok:
+                    kid = (env.sig or {}).get("key")
+                    bad[id(env)] = ChatError(
+                        "bad_signature", f"{env.id} does not verify with {author}'s key {kid}"
+                    )
+        return bad
+
+    @inlineCallbacks
+    def _fetch_keys(self, author: str) -> Any:
+        """Get ``author``'s keys over a link with it: fires with None once they are as
+        current as they can be, else with the ChatError to reject its items with."""
+        if not self.config.federation.allows(author):
+            return ChatError("peer_denied", f"this realm does not federate with {author}")
+        fed = self.federation
+        learned = False
+        if fed is not None:
+            learned = yield fed.want_keys(author)
+        if learned:
+            return None
+        return ChatError(
+            "unknown_key", f"no key of {author} is known here and {author} could not be reached"
+        )
+
+    def _crypto(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run CPU-bound ``fn`` in the reactor's thread pool (inline under a test clock
+        that has none)."""
+        pool = getattr(self.reactor, "getThreadPool", None)
+        if pool is None:
+            return succeed(fn(*args))
+        return deferToThreadPool(self.reactor, pool(), fn, *args)
 
     @inlineCallbacks
     def _store_remote_file(self, origin: str, env: Envelope, fetch: Any, fan: set[str]) -> Any:

@@ -18,6 +18,8 @@ Contract shared by every backend:
   :func:`chatproto.envelope.shown_ts` and a ``meta`` stored as JSON text through
   :func:`stored_meta`, so a row stored before today's checks (or edited by hand)
   never makes a backlog or a history page fail.
+- an item's ``sig`` (a signature of its author's realm, chatproto/signing.py) is
+  stored with it and read back with it, so a relay forwards it unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "UserExists",
     "file_record",
     "stored_meta",
+    "stored_sig",
 ]
 
 # NaN and the infinities (which json.dumps writes by default) read as null: the wire
@@ -52,6 +55,20 @@ def stored_meta(text: str | None) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) else None
+
+
+def stored_sig(text: str | None) -> dict[str, str] | None:
+    """The ``sig`` of a stored item from its JSON text, or None (none, or a damaged
+    row: the item then goes on unsigned, as one that needs no signature)."""
+    if text is None:
+        return None
+    try:
+        sig = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(sig, dict) or not all(isinstance(v, str) for v in sig.values()):
+        return None
+    return sig
 
 
 class UserExists(ChatError):
@@ -139,6 +156,14 @@ class IStore(Interface):
 
     def stored_item(item_id):  # type: ignore[misc]
         """The stored item with this ``id`` (an Envelope, ``pos`` set), or ``None``."""
+
+    def peer_keys():  # type: ignore[misc]
+        """``{realm: keys}``: the signing keys each peer realm last announced, as
+        given to :meth:`set_peer_keys` (see chatproto/signing.py)."""
+
+    def set_peer_keys(realm, keys):  # type: ignore[misc]
+        """Remember ``keys`` (a JSON-able list) as the keys ``realm`` announces,
+        replacing what was remembered."""
 
     def outbox_ack(realm, seq):  # type: ignore[misc]
         """Drop the items queued for ``realm`` up to ``seq`` (the peer stored them);

@@ -43,6 +43,8 @@ class MemoryStore:
         self._seq = 0
         #: Group requests sent to other realms and not yet answered: id -> request.
         self.requests: dict[str, dict[str, Any]] = {}
+        #: Keys announced by peer realms: realm -> [{"id", "ed25519"}].
+        self.keys: dict[str, list[dict[str, str]]] = {}
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -145,6 +147,13 @@ class MemoryStore:
         for k in old:
             del self.requests[k]
         return succeed(len(old))
+
+    def peer_keys(self) -> Deferred[dict[str, list[dict[str, str]]]]:
+        return succeed({realm: [dict(k) for k in keys] for realm, keys in self.keys.items()})
+
+    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> Deferred[None]:
+        self.keys[realm] = [dict(k) for k in keys]
+        return succeed(None)
 
     def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
         if item_id not in self._ids:

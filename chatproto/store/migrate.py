@@ -67,8 +67,9 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         lambda r: (r[0], r[1], _real(r[2]), int(r[3])),
     ),
     "items": (
-        "SELECT pos, id, kind, sender, recipient, conv, ts, body, meta FROM items ORDER BY pos",
-        "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta) FROM STDIN",
+        "SELECT pos, id, kind, sender, recipient, conv, ts, body, meta, sig FROM items "
+        "ORDER BY pos",
+        "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN",
         lambda r: (
             int(r[0]),
             _text(r[1]),
@@ -79,6 +80,7 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
             _real(r[6]),
             _text(r[7]),
             _meta(r[8]),
+            _meta(r[9]),  # a signature is JSON text too
         ),
     ),
     "acks": (
@@ -117,6 +119,11 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         "SELECT id, actor, grp, ts, payload FROM requests ORDER BY id",
         "COPY requests (id, actor, grp, ts, payload) FROM STDIN",
         lambda r: (_text(r[0]), _text(r[1]), _text(r[2]), _real(r[3]), r[4]),
+    ),
+    "peer_keys": (
+        "SELECT realm, keys FROM peer_keys ORDER BY realm",
+        "COPY peer_keys (realm, keys) FROM STDIN",
+        lambda r: (r[0], r[1]),
     ),
 }
 

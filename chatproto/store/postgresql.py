@@ -47,7 +47,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, UserExists, stored_meta
+from chatproto.store import FILE_META, IStore, UserExists, stored_meta, stored_sig
 from chatproto.store.groupcommit import CommitResult, GroupCommitStore
 
 __all__ = [
@@ -59,11 +59,12 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
-#: transaction).  Version 1 is the SQLite schema at its version 8, in PostgreSQL's
-#: types; text compares byte by byte (COLLATE "C") as it does in SQLite.
+#: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
+#: version 9, in PostgreSQL's types; text compares byte by byte (COLLATE "C") as it
+#: does in SQLite.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE users (
@@ -136,6 +137,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX requests_actor ON requests (actor, grp, ts);
     """,
+    # v2 (SQLite's v9): an item relayed for a user of another realm carries that
+    # realm's signature (JSON); the keys peers announced are cached.
+    """
+    ALTER TABLE items ADD COLUMN sig TEXT;
+    CREATE TABLE peer_keys (
+        realm TEXT COLLATE "C" PRIMARY KEY,
+        keys TEXT NOT NULL
+    );
+    """,
 ]
 
 #: Seconds to wait for the server when connecting (unless the DSN says otherwise).
@@ -143,7 +153,7 @@ CONNECT_TIMEOUT = 10
 #: Seconds a starting realm waits for the writer lock of its schema.
 LOCK_WAIT = 2.0
 
-_COLS = "pos, id, kind, sender, recipient, ts, body, meta"
+_COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
 #: Marks a stored string that was escaped (see :func:`escape_text`).
 _ESCAPED = "\x01"
@@ -173,7 +183,7 @@ def unescape_text(text: str) -> str:
 def _row(r: Sequence[Any]) -> Envelope:
     """An item from its row; ``ts`` and ``meta`` made safe to send (see
     :func:`chatproto.store.stored_meta`), whatever the row holds."""
-    pos, id_, kind, sender, recipient, ts, body, meta = r
+    pos, id_, kind, sender, recipient, ts, body, meta, sig = r
     return Envelope(
         id=unescape_text(id_),
         kind=kind,
@@ -183,6 +193,7 @@ def _row(r: Sequence[Any]) -> Envelope:
         body=unescape_text(body),
         meta=stored_meta(meta) if meta is not None else None,
         pos=pos,
+        sig=stored_sig(sig),
     )
 
 
@@ -197,6 +208,7 @@ def _item_row(e: Envelope, pos: int) -> tuple[Any, ...]:
         e.ts,
         escape_text(e.body),
         json.dumps(e.meta) if e.meta is not None else None,
+        json.dumps(e.sig) if e.sig is not None else None,
     )
 
 
@@ -409,7 +421,9 @@ class PostgresDB:
 
     # streams ------------------------------------------------------------------------
 
-    _COPY_ITEMS = "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta) FROM STDIN"
+    _COPY_ITEMS = (
+        "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN"
+    )
 
     def _next(self, seq: str, n: int) -> list[int]:
         """``n`` new values of sequence ``seq``, increasing."""
@@ -606,12 +620,12 @@ class PostgresDB:
             raise
 
     _INSERT = (
-        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     )
     _INSERT_REMOTE = (
-        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta) "
-        "VALUES (nextval('items_pos'), %s, %s, %s, %s, %s, %s, %s, %s) "
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) "
+        "VALUES (nextval('items_pos'), %s, %s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (id) DO NOTHING RETURNING pos"
     )
 
@@ -752,6 +766,17 @@ class PostgresDB:
             f"SELECT {_COLS} FROM items WHERE id = %s", (escape_text(item_id),)
         ).fetchone()
         return _row(row) if row is not None else None
+
+    def peer_keys(self) -> dict[str, list[dict[str, str]]]:
+        rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None:
+        self.conn.execute(
+            "INSERT INTO peer_keys VALUES (%s, %s) "
+            "ON CONFLICT (realm) DO UPDATE SET keys = excluded.keys",
+            (realm, json.dumps(keys)),
+        )
 
     def read_feed(
         self,

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, UserExists, stored_meta
+from chatproto.store import FILE_META, IStore, UserExists, stored_meta, stored_sig
 from chatproto.store.groupcommit import GroupCommitStore
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -129,15 +129,24 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX requests_actor ON requests (actor, grp, ts);
     """,
+    # v9: signatures.  An item relayed for a user of another realm carries that
+    # realm's signature (JSON), and the keys peers announced are cached.
+    """
+    ALTER TABLE items ADD COLUMN sig TEXT;
+    CREATE TABLE peer_keys (
+        realm TEXT PRIMARY KEY,
+        keys TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
-_COLS = "pos, id, kind, sender, recipient, ts, body, meta"
+_COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
 
 def _row(r: tuple[Any, ...]) -> Envelope:
     """An item from its row; ``ts`` and ``meta`` made safe to send (see
     :func:`chatproto.store.stored_meta`), whatever the row holds."""
-    pos, id_, kind, sender, recipient, ts, body, meta = r
+    pos, id_, kind, sender, recipient, ts, body, meta, sig = r
     return Envelope(
         id=id_,
         kind=kind,
@@ -147,6 +156,7 @@ def _row(r: tuple[Any, ...]) -> Envelope:
         body=body,
         meta=stored_meta(meta) if meta is not None else None,
         pos=pos,
+        sig=stored_sig(sig),
     )
 
 
@@ -258,8 +268,8 @@ class SQLiteDB:
     # streams ------------------------------------------------------------------------
 
     _INSERT = (
-        "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta, sig) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
 
     @staticmethod
@@ -274,6 +284,7 @@ class SQLiteDB:
                 e.ts,
                 e.body,
                 json.dumps(e.meta) if e.meta is not None else None,
+                json.dumps(e.sig) if e.sig is not None else None,
             )
             for e in batch
         ]
@@ -587,6 +598,17 @@ class SQLiteDB:
     def stored_item(self, item_id: str) -> Envelope | None:
         row = self.conn.execute(f"SELECT {_COLS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return _row(row) if row is not None else None
+
+    def peer_keys(self) -> dict[str, list[dict[str, str]]]:
+        rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None:
+        self.conn.execute(
+            "INSERT INTO peer_keys VALUES (?, ?) "
+            "ON CONFLICT (realm) DO UPDATE SET keys = excluded.keys",
+            (realm, json.dumps(keys)),
+        )
 
     def read_feed(
         self,
