@@ -3,7 +3,7 @@
 """Benchmark a chatproto realm over loopback: one command, figures at the end.
 
     python bench/run.py [--quick] [--profile [dm|fanout|both]] [--fanout 10,100,1000]
-                        [--skip-memory] [--skip-tls] [--skip-ref]
+                        [--skip-memory] [--skip-tls] [--skip-ref] [--postgresql DSN]
 
 Starts ``twistd -n chatrealm`` as a subprocess on a temporary data dir (cheap argon2,
 no send throttling), drives it with bench/loadgen.py in a separate process, and prints:
@@ -11,6 +11,7 @@ no send throttling), drives it with bench/loadgen.py in a separate process, and 
 - DM throughput with N pipelined sender->receiver pairs (delivered DMs/s, send
   results/s, send->deliver latency p50/p99, realm CPU%);
 - unloaded latency (1 pair, 1 message in flight);
+- with --postgresql DSN, both again on a realm on PostgreSQL (SQLite vs PostgreSQL);
 - group fan-out: one sender pipelining sends into a group of 10, 100, 1000 connected
   members (delivered msgs/s, sends/s, send->deliver latency p50/p99);
 - RSS per idle logged-in connection at 1k and 5k connections, plain TCP and TLS;
@@ -76,6 +77,14 @@ def kill_children() -> None:
         _children.remove(p)
 
 
+def drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 def make_cert(directory: Path) -> tuple[Path, Path]:
     """A development CA and a certificate for localhost (chatproto.tls); (key, cert)."""
     from chatproto.tls import write_dev_certs
@@ -121,8 +130,10 @@ class Server:
         ref: bool = False,
         synchronous: str = "FULL",
         switchinterval: float | None = None,
+        storage: str = "",
     ) -> None:
         self.switchinterval = switchinterval
+        self.storage = storage  # more [storage] lines (PostgreSQL: backend, dsn, schema)
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.logfile = self.dir / "twistd.log"
@@ -138,7 +149,10 @@ class Server:
             cmd = [PY, str(REFSERVER), "--logfile", str(self.logfile)]
         else:
             cfg = self.dir / "realm.toml"
-            cfg.write_text(CONFIG.format(data_dir=self.dir / "data", synchronous=self.synchronous))
+            cfg.write_text(
+                CONFIG.format(data_dir=self.dir / "data", synchronous=self.synchronous)
+                + self.storage
+            )
             listen = ["--listen", "tcp:0:interface=127.0.0.1"]
             if self.tls:
                 k, c = self.tls
@@ -358,11 +372,11 @@ def table(results: dict[str, Any]) -> str:
         "DM throughput (loopback, one load generator process, window = sends in flight per sender)"
     )
     lines.append(
-        f"  {'test':<31}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
+        f"  {'test':<42}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
     )
     for key, r in results["dm"].items():
         lines.append(
-            f"  {key:<31}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
+            f"  {key:<42}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
             f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
             f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
         )
@@ -372,11 +386,11 @@ def table(results: dict[str, Any]) -> str:
             "Group fan-out (one sender, window = sends in flight; msgs/s = msg frames received by members, sender's echo excluded)"
         )
         lines.append(
-            f"  {'test':<31}{'msgs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
+            f"  {'test':<42}{'msgs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
         )
         for key, r in results["fanout"].items():
             lines.append(
-                f"  {key:<31}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
+                f"  {key:<42}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
                 f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
                 f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
             )
@@ -446,6 +460,12 @@ def main() -> None:
         type=float,
         help="run the realms with sys.setswitchinterval(S) (experiment; default: Python's 0.005)",
     )
+    ap.add_argument(
+        "--postgresql",
+        metavar="DSN",
+        help="also run the DM throughput on a realm on PostgreSQL (a schema of its own, "
+        "dropped after), e.g. 'host=127.0.0.1 dbname=test user=postgres'",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
@@ -479,6 +499,7 @@ def main() -> None:
             "warmup_s": warmup,
             "window": args.window,
             "synchronous": args.synchronous,
+            "postgresql": bool(args.postgresql),
             "quick": args.quick,
             "fanout_window": args.fanout_window,
             "fanout_duration_s": fan_duration,
@@ -502,6 +523,28 @@ def main() -> None:
             results["dm"][f"dm pairs={n}"] = dm(realm, n, duration, args.window, warmup)
         results["dm"]["latency 1 pair, 1 in flight"] = dm(realm, 1, min(duration, 3.0), 1, warmup)
         realm.stop()
+
+        # 1b. the same on PostgreSQL
+        if args.postgresql:
+            schema = f"chatbench_{os.getpid()}"
+            storage = (
+                f'backend = "postgresql"\ndsn = {json.dumps(args.postgresql)}\n'
+                f'schema = "{schema}"\n'
+            )
+            try:
+                pg = Server(work, "realm-dm-pg", storage=storage)
+                pg.start()
+                log(f"realm on PostgreSQL pid {pg.pid} (schema {schema})")
+                for n in pairs:
+                    results["dm"][f"dm pairs={n} postgresql"] = dm(
+                        pg, n, duration, args.window, warmup
+                    )
+                results["dm"]["latency 1 pair, 1 in flight, postgresql"] = dm(
+                    pg, 1, min(duration, 3.0), 1, warmup
+                )
+                pg.stop()
+            finally:
+                drop_schema(args.postgresql, schema)
 
         # 2. reference relay
         if not args.skip_ref:

@@ -179,8 +179,9 @@ def test_a_poisoned_row_stored_before_the_checks_breaks_no_backlog_or_history(
     import sqlite3
 
     from chatproto.protocol import ClientFactory
-    from tests.conftest import fast_config, make_realm
+    from tests.conftest import fast_config, make_realm, sqlite_only
 
+    sqlite_only()  # PostgreSQL: tests/test_store_postgresql.py, the poisoned row test
     cfg = fast_config(tmp_path)
     realm = make_realm(cfg)
     yield realm.startService()
