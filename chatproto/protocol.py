@@ -351,6 +351,9 @@ class ClientProtocol(Int32StringReceiver):
         try:
             obj = wire.decode(payload)
             rid = obj.get("id")
+            if type(rid) is int and not -wire.MAX_INT <= rid <= wire.MAX_INT:
+                rid = None  # not echoed: the answer has no id
+                raise ChatError("bad_request", "'id' is out of range (|n| <= 2**53 - 1)")
             kind = obj["type"]
             handler = self.handlers.get(kind)
             if handler is None:

@@ -9,6 +9,15 @@ length, then the payload).  The first payload byte is the *frame kind*:
 
 This module has no state and no I/O: it only converts between bytes and dicts, so the
 client protocol, the client library and tests share one definition.
+
+**Strict JSON.**  Every JSON text that comes from a client or a peer is read by
+:func:`parse_json` (through :func:`decode` for frames): RFC 8259 only, so ``NaN``,
+``Infinity`` and ``-Infinity`` (which Python's ``json`` accepts), an object with the
+same name twice (which implementations read differently: the first or the last), and
+an integer of more than 4300 digits (which Python refuses with a ``ValueError``) are
+``bad_frame``; a string with a lone surrogate is ``bad_request``.  A number too large
+for a double (``1e400``) is valid JSON and reads as infinity, which no field accepts
+(:func:`field`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from math import isfinite
 from typing import Any
 
 from chatproto.errors import ChatError, FatalProtocolError
@@ -32,6 +42,7 @@ __all__ = [
     "encode_data",
     "error_frame",
     "field",
+    "parse_json",
     "result_frame",
 ]
 
@@ -52,7 +63,26 @@ _DATA_OPS = (OP_UPLOAD, OP_DOWNLOAD)
 MAX_INT = 2**53 - 1
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_decoder = json.JSONDecoder()
+
+
+class _NotJSON(ValueError):
+    """Something Python's ``json`` reads but RFC 8259 does not allow."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not JSON (RFC 8259)")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _NotJSON(f"the name {dup[:40]!r} appears twice in an object")
+    return obj
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_object)
 _scan_once = _decoder.scan_once  # type: ignore[attr-defined]
 # A \uD800-\uDFFF escape is the only way a lone surrogate (not valid Unicode, and not
 # storable as UTF-8) can get into a decoded string; only then is the object walked.
@@ -78,19 +108,18 @@ def encode(obj: dict[str, Any]) -> bytes:
     return _encoder.encode(obj).encode("utf-8")
 
 
-def decode(payload: bytes) -> dict[str, Any]:
-    """Decode a control frame payload.
+def parse_json(data: bytes) -> Any:
+    """The value of the UTF-8 JSON text ``data``, read strictly (RFC 8259).
 
-    Raises :class:`FatalProtocolError` (``bad_frame``) when the payload is not a UTF-8
-    JSON object: such a peer cannot be trusted to be framing correctly any more.
-    A JSON object whose ``type`` is missing or not a string raises ``bad_request``.
+    Raises :class:`FatalProtocolError` (``bad_frame``) for anything that is not one
+    RFC 8259 JSON text in UTF-8 (see the module's docstring: no ``NaN`` or
+    ``Infinity``, no name twice in an object, no integer of more than 4300 digits,
+    no nesting deeper than Python's recursion limit), and :class:`ChatError`
+    (``bad_request``) for a string (value or name) with a lone surrogate.
     """
-    if not payload or payload[0] != FRAME_JSON:
-        kind = payload[0] if payload else None
-        raise FatalProtocolError("bad_frame", f"unsupported frame kind {kind!r}")
     try:
-        text = payload.decode("utf-8")
-        # The common case, a well-formed object with nothing after it, straight from
+        text = data.decode("utf-8")
+        # The common case, a well-formed text with nothing after it, straight from
         # the C scanner (what JSONDecoder.decode runs, without its Python wrappers and
         # whitespace matching); anything else takes decode() for its checks and errors.
         try:
@@ -99,12 +128,31 @@ def decode(payload: bytes) -> dict[str, Any]:
             end = -1
         if end != len(text):
             obj = _decoder.decode(text)
+    except _NotJSON as e:
+        raise FatalProtocolError("bad_frame", str(e)[:120]) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FatalProtocolError("bad_frame", f"malformed JSON: {str(e)[:80]}") from None
-    if not isinstance(obj, dict):
-        raise FatalProtocolError("bad_frame", "a frame must be a JSON object")
+        why = str(e)
+        if "integer string conversion" in why:  # Python's own limit, not JSON's
+            why = "an integer of more than 4300 digits"
+        raise FatalProtocolError("bad_frame", f"malformed JSON: {why[:80]}") from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
         raise ChatError("bad_request", "strings must be valid Unicode (no lone surrogates)")
+    return obj
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """Decode a control frame payload (strictly: see :func:`parse_json`).
+
+    Raises :class:`FatalProtocolError` (``bad_frame``) when the payload is not a UTF-8
+    JSON object: such a peer cannot be trusted to be framing correctly any more.
+    A JSON object whose ``type`` is missing or not a string raises ``bad_request``.
+    """
+    if not payload or payload[0] != FRAME_JSON:
+        kind = payload[0] if payload else None
+        raise FatalProtocolError("bad_frame", f"unsupported frame kind {kind!r}")
+    obj = parse_json(payload)
+    if not isinstance(obj, dict):
+        raise FatalProtocolError("bad_frame", "a frame must be a JSON object")
     if not isinstance(obj.get("type"), str):
         raise ChatError("bad_request", "a frame needs a string field 'type'")
     rid = obj.get("id")
@@ -138,6 +186,8 @@ def field(
         raise ChatError("bad_request", f"field {name!r} must be {names}")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         raise ChatError("bad_request", f"field {name!r} is out of range (|n| <= 2**53 - 1)")
+    if isinstance(value, float) and not isfinite(value):  # 1e400 reads as infinity
+        raise ChatError("bad_request", f"field {name!r} must be a finite number")
     return value
 
 

@@ -105,3 +105,62 @@ def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(listene
     writer.transport.loseConnection()
     again.transport.loseConnection()
     yield defer.DeferredList([writer.lost, again.lost])
+
+
+#: Frames Python's json reads but RFC 8259 does not allow (issue 14, item 3).
+NON_STANDARD = {
+    "nan": b'{"type":"send","id":1,"to":"bob","body":"nan","n":NaN}',
+    "infinity": b'{"type":"send","id":1,"to":"bob","body":"inf","n":Infinity}',
+    "-infinity": b'{"type":"send","id":1,"to":"bob","body":"-inf","n":[-Infinity]}',
+    "nan-ack": b'{"type":"ack","pos":NaN}',
+    "duplicate-name": b'{"type":"send","id":1,"to":"carol","to":"bob","body":"dup"}',
+    "duplicate-nested": b'{"type":"send","id":1,"to":"bob","body":"dup2","x":{"a":1,"a":2}}',
+    "huge-integer": b'{"type":"send","id":1,"to":"bob","body":"big","n":' + b"9" * 5000 + b"}",
+}
+
+
+@pytest.fixture
+def server_tcp(tmp_path: Any) -> Any:
+    cfg = fast_config(tmp_path, send_burst=10**6, send_rate=10.0**6)
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    factory = ClientFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
+    for proto in list(factory.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+@pytest_twisted.inlineCallbacks
+def test_non_standard_json_is_bad_frame_over_tcp(server_tcp: Any) -> Any:
+    realm, _factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    yield realm.create_user("bob", PW)
+    for name, payload in NON_STANDARD.items():
+        alice = yield raw_client(addr, ("alice", PW))
+        alice.frames.clear()
+        alice.send_raw(payload)
+        yield until(lambda c=alice: c.lost.called)
+        assert alice.frames and alice.frames[-1]["type"] == "error", (name, alice.frames)
+        assert alice.frames[-1]["code"] == "bad_frame" and "id" not in alice.frames[-1], name
+        assert [f["type"] for f in alice.frames] == ["error"], name  # nothing was sent
+    assert (yield realm.store.max_pos()) == 0  # nothing stored
+    # Valid JSON, however odd, is read: 1e400 in an unknown field is ignored, in a
+    # field it is bad_request (the connection stays open).
+    alice = yield raw_client(addr, ("alice", PW))
+    alice.send_raw(b'{"type":"ping","id":"p","n":1e400,"m":[-1e400]}')
+    assert (yield alice.reply("p")) == {"type": "result", "id": "p"}
+    alice.send_raw(b'{"type":"history","id":"h","with":"bob","limit":1e400}')
+    reply = yield alice.reply("h")
+    assert reply["code"] == "bad_request"
+    alice.send_raw(b'{"type":"ack","pos":-1e400}')
+    alice.send_raw(b'{"type":"ping","id":"q"}')
+    yield alice.reply("q")
+    assert [f["code"] for f in alice.frames if f.get("type") == "error"] == [
+        "bad_request",
+        "bad_request",
+    ]
+    alice.transport.loseConnection()
+    yield alice.lost

@@ -440,7 +440,7 @@ def test_a_reader_that_stops_is_dropped_once_max_output_buffer_is_held(clock: Cl
     realm = make_test_realm(clock, cfg)
     # the issue's case: one account, a session that never reads, one sending to itself
     r, tr = _flow_logged_in(realm, clock, "alice", device="r")
-    w, tw = logged_in(realm, clock, "alice", device="w")
+    w, _tw = logged_in(realm, clock, "alice", device="w")
     body = "x" * 4000
     sent = peak = 0
     while r.state != "closed" and sent < 500:
@@ -760,6 +760,8 @@ def _decode_reference(payload: bytes) -> Any:
     """wire.decode's JSON step as it was before the scanner fast path."""
     try:
         return wire._decoder.decode(payload.decode("utf-8"))
+    except wire._NotJSON as e:
+        return ("bad_frame", str(e)[:120])
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         return ("bad_frame", f"malformed JSON: {str(e)[:80]}")
 
@@ -801,3 +803,156 @@ def test_decode_fast_path_agrees_with_the_json_decoder(
             assert got == ref
         else:  # the object decoded, and a later check (type, id) refused it
             assert got[0] == "bad_request"
+
+
+# strict JSON (issue 14, item 3) ---------------------------------------------------------
+
+#: JSON-looking text: the grammar's characters, the constants Python would accept,
+#: escapes, digits and exponents, so that most examples get deep into the parser.
+_json_ish = st.lists(
+    st.sampled_from(
+        [
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            '"',
+            '"a"',
+            '"type"',
+            '"id"',
+            "1",
+            "-",
+            "0.5",
+            "e400",
+            "E-9",
+            "9" * 30,
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "true",
+            "null",
+            " ",
+            "\\u",
+            "d83d",
+            "\\ud800",
+            "\\n",
+            "é",
+            "\x00",
+            "\x7f",
+            "\u0085",
+        ]
+    ),
+    max_size=40,
+).map("".join)
+
+
+def _strict_outcome(data: bytes) -> Any:
+    try:
+        return wire.parse_json(data)
+    except ChatError as e:
+        assert e.code in ("bad_frame", "bad_request"), e
+        return e
+
+
+def _strict_ok(value: Any) -> None:
+    """A value parse_json returns: plain JSON data, encodable again without NaN."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str)
+            k.encode("utf-8")
+            _strict_ok(v)
+    elif isinstance(value, list):
+        for v in value:
+            _strict_ok(v)
+    elif isinstance(value, float):
+        assert value == value  # never NaN (infinity: 1e400, valid JSON)
+    elif isinstance(value, str):
+        value.encode("utf-8")  # no lone surrogate
+    else:
+        assert value is None or isinstance(value, (bool, int))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.binary(max_size=80), _json_ish.map(lambda t: t.encode("utf-8"))))
+def test_parse_json_of_any_bytes_is_a_value_or_a_clean_error(data: bytes) -> None:
+    got = _strict_outcome(data)
+    if not isinstance(got, ChatError):
+        _strict_ok(got)
+    try:
+        frame_obj = wire.decode(data)
+    except ChatError as e:
+        assert e.code in ("bad_frame", "bad_request")
+    else:
+        assert isinstance(frame_obj, dict) and isinstance(frame_obj["type"], str)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"send","n":NaN}',
+        '{"type":"send","n":Infinity}',
+        '{"type":"send","n":-Infinity}',
+        '{"type":"send","n":[1,{"m":NaN}]}',
+        '{"type":"send","to":"bob","to":"carol"}',
+        '{"type":"send","type":"ping"}',
+        '{"type":"send","meta":{"a":1,"a":1}}',
+        '{"type":"send","n":' + "7" * 4301 + "}",
+        '{"type":"send","n":-' + "7" * 5000 + "}",
+        '{"type":"send","n":' + "[" * 5000 + "]" * 5000 + "}",
+    ],
+)
+def test_non_standard_json_is_bad_frame(text: str) -> None:
+    with pytest.raises(ChatError) as e:
+        wire.decode(text.encode())
+    assert e.value.code == "bad_frame"
+    assert "Traceback" not in e.value.message and len(e.value.message) <= 140
+
+
+def test_json_that_is_standard_but_unusual_is_read() -> None:
+    assert wire.decode(b'{"type":"x","n":1e400,"m":-1e400}') == {
+        "type": "x",
+        "n": float("inf"),
+        "m": float("-inf"),
+    }
+    big = "9" * 4300  # Python's limit, not JSON's: read, then refused by every field
+    obj = wire.decode(f'{{"type":"x","n":{big},"a":{{"b":1}},"c":{{"b":2}}}}'.encode())
+    assert obj["n"] == int(big) and obj["a"] == {"b": 1}
+    for name in ("n",):
+        with pytest.raises(ChatError) as e:
+            wire.field(obj, name, int)
+        assert e.value.code == "bad_request"
+    with pytest.raises(ChatError) as e:
+        wire.field({"n": float("inf")}, "n", float)
+    assert e.value.code == "bad_request"
+
+
+def test_non_standard_json_closes_a_native_connection(realm: Any, clock: Clock) -> None:
+    """Over StringTransport: NaN in a send is bad_frame and a close; nothing stored."""
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    frames(ta)
+    payload = b'{"type":"send","id":1,"to":"bob","body":"x","n":NaN}'
+    a.dataReceived(struct.pack("!I", len(payload)) + payload)
+    assert frames(ta) == [
+        {"type": "error", "code": "bad_frame", "message": "NaN is not JSON (RFC 8259)"}
+    ]
+    assert ta.disconnecting
+    clock.advance(1)
+    assert realm.store.max_pos().result == 0
+
+
+def test_request_id_out_of_range_is_refused_without_echo(realm: Any, clock: Clock) -> None:
+    proto, transport = connect_string_transport(realm)
+    for rid in (2**53, -(2**53), int("9" * 400)):
+        payload = b'{"type":"hello","version":1,"id":' + str(rid).encode() + b"}"
+        proto.dataReceived(struct.pack("!I", len(payload)) + payload)
+        (f,) = frames(transport)
+        assert f == {
+            "type": "error",
+            "code": "bad_request",
+            "message": "'id' is out of range (|n| <= 2**53 - 1)",
+        }
+    hello(proto, transport)
+    assert not transport.disconnecting

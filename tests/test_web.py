@@ -510,6 +510,37 @@ def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     yield ws.closed
 
 
+@pytest_twisted.inlineCallbacks
+def test_non_standard_json_over_websocket_and_the_api_is_refused(web: Web) -> Any:
+    """Issue 14, item 3: NaN, Infinity and a name given twice are not JSON the realm
+    reads: bad_frame and a close on the WebSocket, 400 on the HTTP API."""
+    cookie = yield web.login("alice")
+    yield web.realm.create_user("bob", PASSWORD)
+    for text in (
+        b'{"type":"send","id":3,"to":"bob","body":"x","n":NaN}',
+        b'{"type":"send","id":3,"to":"bob","body":"x","n":-Infinity}',
+        b'{"type":"send","id":3,"to":"carol","to":"bob","body":"x"}',
+    ):
+        ws = yield web.websocket(cookie)
+        yield ws.call("hello", version=1)
+        yield ws.call("login")
+        yield ws.until(lambda f: f["type"] == "synced")
+        ws.sendMessage(text)
+        err = yield ws.until(lambda f: f["type"] in ("error", "result"))
+        assert err["type"] == "error" and err["code"] == "bad_frame" and "id" not in err
+        code = yield ws.closed
+        assert code == 1000
+    assert (yield web.realm.store.max_pos()) == 0
+    for body in (
+        b'{"user":"bob","password":NaN}',
+        b'{"user":"bob","user":"alice","password":"' + PASSWORD.encode() + b'"}',
+        b'{"user":"bob","password":"\\ud800"}',  # a lone surrogate
+    ):
+        response, data = yield web.request("POST", "/api/login", body)
+        assert response.code == 400, (body, data)
+        assert json.loads(data)["code"] == "bad_request"
+
+
 # HTTPS, wired by tap from the config ------------------------------------------------------
 
 

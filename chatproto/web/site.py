@@ -39,6 +39,7 @@ from twisted.web import static
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from chatproto import wire
 from chatproto.config import Web
 from chatproto.errors import ChatError
 from chatproto.realm import RealmService
@@ -178,9 +179,9 @@ class _Api(Resource):
         if len(raw) > MAX_API_BODY:
             return self._error(request, 413, "too_large", "request body too large")
         try:
-            body = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-        except (UnicodeDecodeError, ValueError):
-            return self._error(request, 400, "bad_request", "malformed JSON")
+            body = wire.parse_json(raw) if raw.strip() else {}
+        except ChatError as e:
+            return self._error(request, 400, "bad_request", e.message)
         if not isinstance(body, dict):
             return self._error(request, 400, "bad_request", "send a JSON object")
         return self._run(request, body)
