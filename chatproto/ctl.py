@@ -22,14 +22,16 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn, TextIO
 
 from chatproto import config as configmod
 from chatproto import tls
+from chatproto.accounts import plan_removal, remote_groups_of, replay_groups
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
+from chatproto.groups import Groups
 from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
@@ -237,12 +239,30 @@ def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    """Delete an account as the realm does (``RealmService.delete_user``): the group
+    state is replayed from the database and the events ending the account's standing
+    are committed with its deletion (see :mod:`chatproto.accounts`)."""
     name = _name(args.name)
     user = f"{name}@{cfg.realm}"
+    fed = cfg.federation
+
+    def realms_of(users: Iterable[str]) -> set[str]:  # RealmService._realms_of's rule
+        if not fed.enabled:
+            return set()
+        realms = {u.rpartition("@")[2] for u in users} - {cfg.realm}
+        return {r for r in realms if fed.allows(r)}
+
     with open_db(cfg) as db:
-        if not db.delete_user(name, user):
+        if db.user_floor(name) is None:
             raise CtlError(f"no user {user}")
-    print(f"deleted {user}")
+        lim = cfg.limits
+        groups = Groups(lim.max_members_per_group, lim.max_groups_per_user, cfg.realm)
+        replay_groups(groups, db.read_events, cfg.realm)
+        addrs = set(groups.standing(user)) | remote_groups_of(groups, user, cfg.realm)
+        plan = plan_removal(groups, user, addrs, cfg.realm, realms_of, time.time())
+        if not db.delete_user(name, user, plan.items, plan.outbox):
+            raise CtlError(f"no user {user}")
+    print(f"deleted {user}" + (f" (out of {len(addrs)} groups)" if addrs else ""))
     return 0
 
 

@@ -235,6 +235,18 @@ class FileStore:
 
         return self.run(remove)
 
+    def list_parts(self) -> Deferred[list[str]]:
+        """The upload ids with a partial file."""
+
+        def scan() -> list[str]:
+            try:
+                names = os.listdir(os.path.join(self.root, "uploads"))
+            except FileNotFoundError:
+                return []
+            return sorted(n[: -len(".part")] for n in names if n.endswith(".part"))
+
+        return self.run(scan)
+
     def list_blobs(self) -> Deferred[list[str]]:
         def walk() -> list[str]:
             out = []
@@ -302,14 +314,19 @@ class FileService:
 
     @inlineCallbacks
     def start(self) -> Any:
-        """Reload unfinished uploads (their offsets from the partial files) and start
-        the periodic clean-up."""
+        """Reload unfinished uploads (their offsets from the partial files), discard
+        partial files no upload record names (an account deleted by ``chatrealmctl``
+        takes its upload records with it) and start the periodic clean-up."""
         now = self.realm.clock.seconds()
         for rec in (yield self.realm.store.list_uploads()):
             up = self._upload(rec)
             up.writer.offset = up.accepted = yield self.store.part_size(up.upload_id)
             up.touched = now
             self.uploads[up.upload_id] = up
+        for upload_id in (yield self.store.list_parts()):
+            if upload_id not in self.uploads:
+                self.log.info("partial file of upload {id} discarded: no record", id=upload_id)
+                yield self.store.discard(upload_id)
         self._cleanup.start(self.config.cleanup_interval, now=False)
 
     @inlineCallbacks
@@ -360,7 +377,8 @@ class FileService:
                     "limit_reached",
                     f"at most {self.config.max_uploads_per_user} unfinished uploads",
                 )
-            stored = yield self.realm.store.file_usage(user)
+            floor = yield self.realm.account_floor(user)
+            stored = yield self.realm.store.file_usage(user, floor or 0)
             used = stored + sum(u.size for u in mine)
             quota = self.config.quota_per_user
             if used + size > quota:
@@ -598,6 +616,16 @@ class FileService:
         return self._drop(up)
 
     @inlineCallbacks
+    def forget_user(self, user: str) -> Any:
+        """Discard the unfinished uploads of ``user``, whose account was deleted (the
+        store deleted their records with it)."""
+        for up in [u for u in self.uploads.values() if u.user == user]:
+            self.log.info(
+                "upload {id} discarded: account {user} deleted", id=up.upload_id, user=user
+            )
+            yield self._drop(up)
+
+    @inlineCallbacks
     def _drop(self, up: Upload) -> Any:
         self.uploads.pop(up.upload_id, None)
         yield up.writer.drained()
@@ -623,6 +651,9 @@ class FileService:
             if info.pos <= floor:
                 raise ChatError("no_such_file", f"no file {file_id} in your history")
         elif user not in (info.sender, info.recipient):
+            raise ChatError("no_such_file", f"no file {file_id}")
+        elif info.pos <= ((yield self.realm.account_floor(user)) or 0):
+            # sent to or by a deleted account of the same name, not to this one
             raise ChatError("no_such_file", f"no file {file_id}")
         return info
 

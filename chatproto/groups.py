@@ -22,6 +22,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 
 __all__ = [
+    "ACCOUNT_DELETED",
     "EVENTS",
     "HISTORY_RULES",
     "ROLES",
@@ -39,6 +40,9 @@ HISTORY_RULES = ("joined", "all")
 MAX_TOPIC = 512
 #: Closed feed ranges kept per user (oldest dropped first).
 MAX_PAST_RANGES = 64
+#: The ``reason`` of the ``left`` event that ends a deleted account's standing in a
+#: group (see :meth:`Groups.account_removal`).
+ACCOUNT_DELETED = "account deleted"
 
 #: Event names (``meta["event"]``) and what they do to the state.
 EVENTS = (
@@ -61,6 +65,10 @@ class Membership:
     #: The member sees items with ``lo < pos`` (``lo`` = position of their join event,
     #: minus one, so their own join is included; 0 for history rule ``all``).
     lo: int
+    #: The position of the event that made them a member (their join, the group's
+    #: creation, or a mirror's snapshot): an account created at or after it is not
+    #: the one that joined.
+    since: int = 0
 
 
 @attrs.define
@@ -71,8 +79,10 @@ class Group:
     history: str = "joined"
     created_pos: int = 0
     members: dict[str, Membership] = attrs.field(factory=dict)
-    bans: set[str] = attrs.field(factory=set)
-    invites: set[str] = attrs.field(factory=set)
+    #: banned user -> position of the ban
+    bans: dict[str, int] = attrs.field(factory=dict)
+    #: invited user -> position of the invitation
+    invites: dict[str, int] = attrs.field(factory=dict)
 
     def role_of(self, user: str) -> str | None:
         m = self.members.get(user)
@@ -283,21 +293,27 @@ class Groups:
         user = meta.get("user", "")
         if event == "joined":
             if user not in group.members:
-                group.invites.discard(user)
+                group.invites.pop(user, None)
                 self._add(group, user, "member", env.pos)
+        elif event == "left" and meta.get("reason") == ACCOUNT_DELETED:
+            self._forget(group, user)
+            successor = meta.get("successor")
+            heir = group.members.get(successor) if isinstance(successor, str) else None
+            if heir is not None:
+                heir.role = "owner"
         elif event in ("left", "kicked"):
             self._remove(group, user, env.pos)
         elif event == "banned":
-            group.bans.add(user)
-            group.invites.discard(user)
+            group.bans[user] = env.pos
+            group.invites.pop(user, None)
             if user in group.members:
                 self._remove(group, user, env.pos)
             else:
                 self._note(user, addr, env.pos)  # a non-member learns of the ban
         elif event == "unbanned":
-            group.bans.discard(user)
+            group.bans.pop(user, None)
         elif event == "invited":
-            group.invites.add(user)
+            group.invites[user] = env.pos
             self._note(user, addr, env.pos)  # the invitee gets it, even when offline
         elif event == "topic":
             group.topic = meta.get("topic", "")
@@ -342,7 +358,7 @@ class Groups:
     def _add(self, group: Group, user: str, role: str, pos: int) -> None:
         # "all": everything since the group (this incarnation of the name) was created.
         lo = group.created_pos - 1 if group.history == "all" else pos - 1
-        group.members[user] = Membership(role, lo)
+        group.members[user] = Membership(role, lo, pos)
         self.of_user.setdefault(user, set()).add(group.address)
 
     def _remove(self, group: Group, user: str, pos: int) -> None:
@@ -355,6 +371,23 @@ class Groups:
             if not mine:
                 del self.of_user[user]
 
+    def _forget(self, group: Group, user: str) -> None:
+        """A deleted account's standing in ``group`` ends without a trace: no closed
+        range in their feed (nobody reads it), no invitation, no ban, no membership."""
+        group.invites.pop(user, None)
+        group.bans.pop(user, None)
+        if group.members.pop(user, None) is not None:
+            mine = self.of_user.get(user)
+            if mine is not None:
+                mine.discard(group.address)
+                if not mine:
+                    del self.of_user[user]
+        ranges = self.past.get(user)
+        if ranges is not None:
+            ranges[:] = [r for r in ranges if r[0] != group.address]
+            if not ranges:
+                del self.past[user]
+
     def _note(self, user: str, addr: str, pos: int) -> None:
         self._closed_range(user, addr, pos - 1, pos)
 
@@ -363,6 +396,61 @@ class Groups:
         ranges.append((addr, lo, hi))
         if len(ranges) > MAX_PAST_RANGES:
             del ranges[0]
+
+    # deleted accounts ---------------------------------------------------------------
+
+    def standing(self, user: str) -> dict[str, int]:
+        """The groups where ``user`` is a member, invited or banned, each with the
+        lowest position of that standing (what a deleted account leaves behind)."""
+        out: dict[str, int] = {}
+        for addr, group in self.groups.items():
+            marks = [group.invites.get(user), group.bans.get(user)]
+            m = group.members.get(user)
+            if m is not None:
+                marks.append(m.since)
+            found = [p for p in marks if p is not None]
+            if found:
+                out[addr] = min(found)
+        return out
+
+    def standing_of_suffix(self, suffix: str) -> dict[str, dict[str, int]]:
+        """:meth:`standing` of every user whose address ends with ``suffix`` (a
+        realm's own users), in one pass: user -> group -> lowest position."""
+        out: dict[str, dict[str, int]] = {}
+        for addr, group in self.groups.items():
+            for marks in (
+                group.invites,
+                group.bans,
+                {u: m.since for u, m in group.members.items()},
+            ):
+                for user, pos in marks.items():
+                    if user.endswith(suffix):
+                        mine = out.setdefault(user, {})
+                        mine[addr] = min(pos, mine.get(addr, pos))
+        return out
+
+    def account_removal(self, addr: str, user: str) -> list[dict[str, Any]]:
+        """The ``meta`` of the event that ends a deleted account's standing in group
+        ``addr``: a ``left`` event with reason :data:`ACCOUNT_DELETED` (which also ends
+        an invitation or a ban) and, when ``user`` is the only owner and others remain,
+        ``successor``: the member who becomes owner -- the admin who has been a member
+        longest, else the member who has.  (One event, not a ``role`` event first: a
+        member realm accepts from the home realm no act of one of its users it did not
+        ask for, and it asked for the leave only.)  A group left with no member is
+        deleted, as when its last member leaves.  Empty when ``user`` has no standing."""
+        group = self.groups.get(addr)
+        if group is None or not (
+            user in group.members or user in group.invites or user in group.bans
+        ):
+            return []
+        meta: dict[str, Any] = {"event": "left", "user": user, "reason": ACCOUNT_DELETED}
+        if group.role_of(user) == "owner":
+            others = {u: m for u, m in group.members.items() if u != user}
+            if others and not any(m.role == "owner" for m in others.values()):
+                admins = [u for u, m in others.items() if m.role == "admin"]
+                pool = admins or list(others)
+                meta["successor"] = min(pool, key=lambda u: others[u].since)
+        return [meta]
 
     # reading ------------------------------------------------------------------------
 

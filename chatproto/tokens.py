@@ -57,11 +57,14 @@ class SessionToken:
 
 @attrs.define
 class TokenRecord:
-    """What a token stands for: a local user name and the device it logged in as."""
+    """What a token stands for: a local user name and the device it logged in as, and
+    the account's floor (``IStore.user_floor``): a name deleted and registered again
+    is another account, which the token does not stand for."""
 
     user: str
     device: str
     last_used: float
+    floor: int = 0
 
 
 def _digest(token: str) -> str:
@@ -77,13 +80,14 @@ class Tokens:
         #: sha256(token) -> record, oldest first (moved to the end on use)
         self._records: OrderedDict[str, TokenRecord] = OrderedDict()
 
-    def issue(self, user: str, device: str) -> str:
-        """A new token for local user name ``user`` logging in as ``device``."""
+    def issue(self, user: str, device: str, floor: int = 0) -> str:
+        """A new token for local user name ``user`` (the account created at ``floor``)
+        logging in as ``device``."""
         mine = [k for k, r in self._records.items() if r.user == user]
         for key in mine[: max(0, len(mine) - MAX_TOKENS_PER_USER + 1)]:
             del self._records[key]
         token = secrets.token_urlsafe(32)
-        self._records[_digest(token)] = TokenRecord(user, device, self._clock.seconds())
+        self._records[_digest(token)] = TokenRecord(user, device, self._clock.seconds(), floor)
         return token
 
     def check(self, token: str | None) -> TokenRecord | None:
@@ -108,9 +112,10 @@ class Tokens:
             return None
         return self._records.pop(_digest(token), None)
 
-    def revoke_user(self, user: str) -> int:
-        """Forget every token of ``user`` (account deleted); returns how many."""
-        keys = [k for k, r in self._records.items() if r.user == user]
+    def revoke_user(self, user: str, keep_floor: int | None = None) -> int:
+        """Forget every token of ``user`` (account deleted) -- but those of the account
+        created at ``keep_floor``, if given; returns how many."""
+        keys = [k for k, r in self._records.items() if r.user == user and r.floor != keep_floor]
         for key in keys:
             del self._records[key]
         return len(keys)

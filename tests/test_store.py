@@ -237,6 +237,85 @@ def test_accounts(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_delete_user_commits_the_end_of_its_standing_with_it(store: Any) -> Any:
+    """A deletion is one transaction: the account, its acks and unfinished uploads go,
+    the items ending its group standing are committed (with their outbox rows); for an
+    account that is not there, nothing at all is committed."""
+    yield store.create_user("alice", "hash-a", 1.0)
+    yield store.create_user("bob", "hash-b", 1.0)
+    yield store.append([env(ALICE, BOB, "before")])
+    store.set_ack(ALICE, "phone", 1)
+    yield store.put_upload({"upload_id": "up-a", "user": ALICE})
+    yield store.put_upload({"upload_id": "up-b", "user": BOB})
+    old = {"id": "r0", "kind": "request", "from": ALICE, "to": "#h@b.example", "event": "joined"}
+    yield store.outbox_enqueue("b.example", [old])  # pending: it may still be answered
+    assert [r["id"] for r in (yield store.pending_requests(ALICE, "#h@b.example"))] == ["r0"]
+    meta = {"event": "left", "user": ALICE, "reason": "account deleted"}
+    left = Envelope(new_message_id(), "event", ALICE, "#g@localhost", 2.0, "", meta)
+    request = {"id": "r1", "kind": "request", "from": ALICE, "to": "#h@b.example", "event": "left"}
+    outbox = [("c.example", left), ("b.example", request)]
+    assert (yield store.delete_user("alice", ALICE, [left], outbox)) is True
+    assert left.pos == 2
+    assert [(e.id, e.pos, e.meta) for e in (yield store.read_events(0, 10))] == [(left.id, 2, meta)]
+    assert [e.id for _, e in (yield store.outbox_read("c.example", 0, 10))] == [left.id]
+    assert [e for _, e in (yield store.outbox_read("b.example", 0, 10))] == [old, request]
+    # the old pending request is forgotten (an answer to it would land on the next
+    # alice), the deletion's own is pending
+    assert [r["id"] for r in (yield store.pending_requests(ALICE, "#h@b.example"))] == ["r1"]
+    assert (yield store.list_users()) == ["bob"]
+    assert (yield store.user_floors()) == {"bob": 0}
+    assert (yield store.get_ack(ALICE, "phone")) == 0
+    assert [u["upload_id"] for u in (yield store.list_uploads())] == ["up-b"]
+    # not there: nothing of it is committed
+    late = Envelope(new_message_id(), "event", ALICE, "#g@localhost", 3.0, "", meta)
+    again = [("c.example", late), ("b.example", dict(request, id="r2"))]
+    assert (yield store.delete_user("alice", ALICE, [late], again)) is False
+    assert late.pos == 0
+    assert [e.id for e in (yield store.read_events(0, 10))] == [left.id]
+    assert (yield store.outbox_counts()) == {"b.example": 2, "c.example": 1}
+    # the deletion consumed a position: a new alice starts after all of it
+    yield store.create_user("alice", "hash-new", 4.0)
+    assert (yield store.user_floor("alice")) == left.pos + 1
+    assert (yield store.user_floors()) == {"alice": left.pos + 1, "bob": 0}
+    nxt = env(BOB, ALICE, "after")
+    yield store.append([nxt])
+    assert nxt.pos == left.pos + 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_name_registered_again_always_gets_a_greater_floor(store: Any) -> Any:
+    """Even with no item stored at all, before or in between: the floor tells the
+    accounts of one name apart."""
+    floors = []
+    for _ in range(3):
+        yield store.create_user("alice", "hash", 1.0)
+        floors.append((yield store.user_floor("alice")))
+        assert (yield store.delete_user("alice", ALICE)) is True
+    assert floors == [0, 1, 2]
+    assert (yield store.max_pos()) == 0  # consumed, not stored
+    first = env(BOB, BOB, "first")
+    yield store.append([first])
+    assert first.pos == 4  # three deletions consumed 1, 2 and 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_partners_and_file_usage_after_a_floor(store: Any) -> Any:
+    """What an account reads of its name's past is cut at its floor: presence partners
+    and the files counted in its quota."""
+    yield store.append([env(ALICE, BOB, "old")])
+    meta = {"file_id": "f" * 22, "sha256": "a" * 64, "size": 10, "name": "n", "media_type": "x/y"}
+    yield store.append([Envelope("m-old", "file", ALICE, CAROL, 1.0, "n", meta)])
+    floor = yield store.max_pos()
+    yield store.append([env(CAROL, ALICE, "new")])
+    meta2 = dict(meta, file_id="g" * 22, size=5)
+    yield store.append([Envelope("m-new", "file", ALICE, CAROL, 1.0, "n", meta2)])
+    assert sorted((yield store.conversation_partners(ALICE))) == [BOB, CAROL]
+    assert (yield store.conversation_partners(ALICE, floor)) == [CAROL]
+    assert (yield store.file_usage(ALICE)) == 15
+    assert (yield store.file_usage(ALICE, floor)) == 5
+
+
+@pytest_twisted.inlineCallbacks
 def test_positions_strictly_increase(store: Any) -> Any:
     assert (yield store.max_pos()) == 0
     seen: list[int] = []

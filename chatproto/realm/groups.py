@@ -11,12 +11,14 @@ realm is a request to that realm (see ``RealmService.forward_group_change``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredLock, fail
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.logger import Logger
 
 from chatproto import address
+from chatproto.accounts import plan_removal
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import Group
@@ -172,6 +174,53 @@ class GroupHandler:
             return env
 
         return realm.store.append([env], queued).addCallback(committed)
+
+    @inlineCallbacks
+    def end_standing(self, user: str, groups: Iterable[str], account: str | None = None) -> Any:
+        """Commit, apply and route the events ending ``user``'s standing in ``groups``
+        (a deleted account: :func:`chatproto.accounts.plan_removal`), holding those
+        groups' locks so no other change interleaves.  With ``account``, that local
+        account is deleted in the same transaction (``IStore.delete_user``); fires with
+        whether it existed (else True)."""
+        realm, rules = self._realm, self._rules
+        addrs = sorted(set(groups))
+        held: list[tuple[str, DeferredLock]] = []
+        try:
+            for addr in addrs:  # always in this order: two removals cannot deadlock
+                lock = self._locks.setdefault(addr, DeferredLock())
+                yield lock.acquire()
+                held.append((addr, lock))
+            plan = plan_removal(
+                rules, user, addrs, self._name, realm.realms_of, realm.clock.seconds()
+            )
+            if account is not None:
+                existed = yield realm.store.delete_user(account, user, plan.items, plan.outbox)
+                if not existed:
+                    return False
+            elif plan.items or plan.outbox:
+                yield realm.store.append(plan.items, plan.outbox)
+            realm.begin_burst()
+            try:
+                for env in plan.items:
+                    before = rules.audience(env)
+                    rules.apply(env, mirror=not env.recipient.endswith(self._suffix))
+                    realm.route(env, before | rules.audience(env))
+                    self.log.info(
+                        "group {group}: {event} by {actor}",
+                        group=env.recipient,
+                        event=(env.meta or {}).get("event"),
+                        actor=user,
+                    )
+                for other in sorted({r for r, _ in plan.outbox}):
+                    realm.wake(None, other)
+            finally:
+                realm.end_burst()
+            return True
+        finally:
+            for addr, lock in reversed(held):
+                lock.release()
+                if not lock.locked and not lock.waiting:
+                    self._locks.pop(addr, None)
 
     # items ----------------------------------------------------------------------------
 

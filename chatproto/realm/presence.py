@@ -182,7 +182,8 @@ class Presence:
 
     @inlineCallbacks
     def came_online(self, session: Session) -> Any:
-        partners = yield self._store.conversation_partners(session.user_id)
+        # partners of this account, not of a deleted one of the same name (the floor)
+        partners = yield self._store.conversation_partners(session.user_id, session.floor)
         if session.closed and session.user_id not in self._sessions.online:
             return  # gone while the store was read: nothing to keep for them
         # (a bounce from a group lists the group as a partner: not a presence contact)

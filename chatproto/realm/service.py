@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import argon2
 from twisted.application.service import Service
@@ -31,12 +31,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from chatproto import address, wire
+from chatproto.accounts import is_removal_request, remote_groups_of
 from chatproto.address import Address
 from chatproto.config import Config
 from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
-from chatproto.groups import EVENTS, MAX_TOPIC, Groups, check_snapshot
+from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, Groups, check_snapshot
 from chatproto.ratelimit import FailureThrottle
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
@@ -54,6 +55,8 @@ __all__ = [
     "argon2_hasher",
     "check_password",
 ]
+
+_T = TypeVar("_T")
 
 #: Arguments a group change may carry (forwarded with a request to a group's realm).
 _EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
@@ -197,6 +200,9 @@ class RealmService(Service):
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
         self._known_users: set[str] = set()
+        #: name -> floor of the account this realm last knew under that name (see
+        #: chatproto.accounts): another floor means another account.
+        self._floors: dict[str, int] = {}
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
@@ -277,7 +283,8 @@ class RealmService(Service):
         self._load_keys()
         if self.config.federation.enabled:
             yield self.peer_keys.load()
-        self._known_users.update((yield self.store.list_users()))
+        self._floors = dict((yield self.store.user_floors()))
+        self._known_users.update(self._floors)
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)
@@ -286,6 +293,7 @@ class RealmService(Service):
             if len(events) < 1000:
                 break
             after = events[-1].pos
+        yield self._repair_standing()
         yield self.files.start()
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         self.log.info(
@@ -330,27 +338,88 @@ class RealmService(Service):
         pwhash = yield self.hasher.hash(password)
         yield self.store.create_user(name, pwhash, self.clock.seconds())
         self._known_users.add(name)
+        floor = yield self.store.user_floor(name)
+        yield self._adopt(name, floor or 0)
         self.log.info("account {user} created", user=f"{name}@{self.realm}")
         return Address(name, self.realm)
 
     @inlineCallbacks
     def delete_user(self, name: str) -> Any:
-        """Delete a local account: its sessions are closed and its read markers go.
+        """Delete a local account (see PROTOCOL.md, "What deleting an account
+        removes"): its sessions are closed, its session tokens, send nonces and
+        unfinished uploads go, and its standing in every group (membership, role,
+        invitation, ban) ends with stored events, committed with the deletion; the
+        home realms of other realms' groups it is in are told.
 
         Messages stay (the other party keeps the conversation); an account created
         later under the same name starts after them (see ``IStore.user_floor``).
+        Fires with True if the account existed.
         """
         addr = Address(address.normalise_name(name), self.realm)
-        existed = yield self.store.delete_user(addr.name, str(addr))
+        user = str(addr)
         self._known_users.discard(addr.name)
-        self.tokens.revoke_user(addr.name)
-        self.messages.forget_nonces(str(addr))
-        for s in list(self.sessions.of(str(addr))):
-            s.mind.disconnect("auth_failed", "this account was deleted")
-            s.logout()
+        self._floors.pop(addr.name, None)
+        self._end_sessions(addr.name, None)
+        groups = set(self.groups.standing(user)) | remote_groups_of(self.groups, user, self.realm)
+        existed = yield self.group_handler.end_standing(user, groups, account=addr.name)
+        yield self.files.forget_user(user)
         if existed:
-            self.log.info("account {user} deleted", user=str(addr))
+            self.log.info("account {user} deleted", user=user)
         return bool(existed)
+
+    def _end_sessions(self, name: str, floor: int | None) -> None:
+        """Close the sessions and drop the tokens and send nonces of account ``name``,
+        except those of the account created at ``floor`` (None: all of them)."""
+        user = f"{name}@{self.realm}"
+        self.tokens.revoke_user(name, keep_floor=floor)
+        self.messages.forget_nonces(user)
+        for s in list(self.sessions.of(user)):
+            if floor is None or (s.opened and s.floor != floor):
+                s.mind.disconnect("auth_failed", "this account was deleted")
+                s.logout()
+
+    @inlineCallbacks
+    def _adopt(self, name: str, floor: int) -> Any:
+        """Account ``name`` is the one created at ``floor``.  If this realm knew another
+        (deleted by ``chatrealmctl`` while the realm ran), what it held ends now: its
+        sessions, tokens and nonces, and any group standing from before ``floor``."""
+        if self._floors.get(name) == floor:
+            return
+        self._floors[name] = floor
+        user = f"{name}@{self.realm}"
+        self._end_sessions(name, floor)
+        stale = [a for a, pos in self.groups.standing(user).items() if pos <= floor]
+        if stale:
+            self.log.warn(
+                "account {user}: ending standing of a deleted account in {n} groups",
+                user=user,
+                n=len(stale),
+            )
+            yield self.group_handler.end_standing(user, stale)
+
+    @inlineCallbacks
+    def _repair_standing(self) -> Any:
+        """At start-up: a local user with standing in a group but no account, or with
+        standing from before their account was created (a database where an older
+        version deleted accounts), loses it (see :meth:`delete_user`)."""
+        for user, marks in sorted(self.groups.standing_of_suffix(self._suffix).items()):
+            floor = self._floors.get(user.rpartition("@")[0])
+            stale = [a for a, pos in marks.items() if floor is None or pos <= floor]
+            if stale:
+                self.log.warn(
+                    "account {user}: ending standing of a deleted account in {n} groups",
+                    user=user,
+                    n=len(stale),
+                )
+                yield self.group_handler.end_standing(user, stale)
+
+    def account_floor(self, user: str) -> Deferred[int | None]:
+        """The floor of the local account at canonical address ``user`` (it sees only
+        items after it), or None if there is no such account."""
+        name, _, where = user.rpartition("@")
+        if where != self.realm:
+            return succeed(None)
+        return self.store.user_floor(name)
 
     def register(self, name: str, password: str) -> Deferred[Address]:
         if not self.config.auth.allow_registration:
@@ -400,6 +469,9 @@ class RealmService(Service):
         record = self.tokens.check(token)
         if record is None:
             raise ChatError("auth_failed", "not logged in (no valid session token)")
+        if (yield self.store.user_floor(record.user)) != record.floor:
+            self.tokens.revoke(token)  # issued to a deleted account of this name
+            raise ChatError("auth_failed", "not logged in (no valid session token)")
         device = record.device if device is None else device
         check_device(device)
         try:
@@ -425,18 +497,23 @@ class RealmService(Service):
         except UnauthorizedLogin:
             self._login_failed(key, peer)
         self._account_throttle.succeeded(key)
+        floor = (yield self.store.user_floor(name)) or 0
+        yield self._adopt(name, floor)
         self.log.info(
             "session token for {user} ({device}) from {peer}",
             user=f"{name}@{self.realm}",
             device=device,
             peer=peer,
         )
-        return self.tokens.issue(name, device), Address(name, self.realm)
+        return self.tokens.issue(name, device, floor), Address(name, self.realm)
 
     def token_user(self, token: str | None) -> Address | None:
-        """The local user a live session token stands for (marking it used), or None."""
+        """The local user a live session token stands for (marking it used), or None.
+        A token of an account this realm knows was deleted stands for nobody."""
         record = self.tokens.check(token)
-        return None if record is None else Address(record.user, self.realm)
+        if record is None or self._floors.get(record.user) != record.floor:
+            return None
+        return Address(record.user, self.realm)
 
     def revoke_token(self, token: str | None) -> None:
         """Log a browser out: the token stops working (open sessions are the
@@ -468,6 +545,9 @@ class RealmService(Service):
         session.quiet = quiet
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
+        session.opened = True
+        if floor is not None and self._floors.get(session.user.name) != floor:
+            yield self._adopt(session.user.name, floor)
         try:
             yield self.presence.came_online(session)
         except Exception:
@@ -578,10 +658,10 @@ class RealmService(Service):
             return addr.addCallback(lambda a: change(str(a), event, group, args))
         return change(str(addr), event, group, args)
 
-    def wake(self, env: Envelope, realm: str) -> Envelope:
+    def wake(self, env: _T, realm: str) -> _T:
         """Items for ``realm`` were committed: wake its link -- once per group commit
         (at the end of the delivery burst, after every item of the commit has been
-        applied and routed), not once per item."""
+        applied and routed), not once per item.  Returns ``env`` (a callback)."""
         if self.federation is not None:
             if self.sessions.bursting:
                 self._wakes[realm] = self._wakes.get(realm, 0) + 1
@@ -801,6 +881,10 @@ class RealmService(Service):
             raise ChatError("bad_request", "request args: user, reason, topic or role")
         if not all(isinstance(v, str) for v in args.values()):
             raise ChatError("bad_request", "request args must be strings")
+        if event == "left" and args.get("reason") == ACCOUNT_DELETED:
+            # The requester's realm deleted the account: it is the authority on its
+            # own accounts, so the standing ends whatever the rules of leave say.
+            return self.group_handler.end_standing(str(actor), [str(group)])  # type: ignore[no-any-return]
         return self.group_handler.change(str(actor), event, str(group), dict(args))  # type: ignore[no-any-return]
 
     def forward_group_change(
@@ -1119,6 +1203,15 @@ class RealmService(Service):
                 continue
             if not sender.endswith(self._suffix) or sender.startswith("#"):
                 continue  # not one of our users: nobody here to tell
+            if is_removal_request(item):  # the account is gone: nobody to tell either
+                self.log.info(
+                    "federation: {peer} refused the end of deleted {user} in {group}: {code}",
+                    peer=peer,
+                    user=sender,
+                    group=target,
+                    code=code,
+                )
+                continue
             if event:
                 what = f"your {_REQUEST_OF.get(event, event)} request for {target}"
             elif isinstance(item, Envelope) and item.kind == "file":
@@ -1259,6 +1352,7 @@ _EVENT_META = {
     "visibility": 16,
     "history": 16,
     "role": 16,
+    "successor": address.MAX_NAME + 1 + address.MAX_REALM,  # a deleted only owner's
 }
 
 

@@ -102,6 +102,8 @@ class Session:
         self._last = 0  # highest position delivered to this session
         #: The account sees only items after this position (when it was created).
         self.floor = 0
+        #: Set once the floor is read at login (see RealmService._session_opened).
+        self.opened = False
         #: A quiet session does not show its user as online (see RealmService.login).
         self.quiet = False
         self.counted = False  # counted as visible by the presence handler

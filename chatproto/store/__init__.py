@@ -11,6 +11,11 @@ Contract shared by every backend:
   fires only after the commit.  Concurrent calls are batched into one transaction
   (group commit), so durability does not cost one fsync per message.
 - positions are never reused, even after deletions.
+- an account is its name and its *floor*, the position at which it was created: it
+  sees only items after it.  Deleting an account consumes a position, so an account
+  created later under the same name has a greater floor than every position its
+  predecessor existed at, and nothing of the predecessor's (read "after the floor")
+  is ever its.
 - an appended item of kind ``file`` (``meta`` holding ``file_id``, ``sha256``, ``size``,
   ``name``, ``media_type``) also records its file, in the same transaction: the
   message and the file's metadata exist together or not at all.
@@ -33,6 +38,7 @@ from chatproto.errors import ChatError
 
 __all__ = [
     "IStore",
+    "NoSuchAccount",
     "UserExists",
     "file_record",
     "stored_meta",
@@ -71,6 +77,15 @@ def stored_sig(text: str | None) -> dict[str, str] | None:
     return sig
 
 
+class NoSuchAccount(ChatError):
+    """A deletion's account is not there (``IStore.delete_user``): the deletion's batch
+    fails alone in its group commit (nothing of it is committed) and ``delete_user``
+    answers False."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__("no_such_user", f"no account {name!r}")
+
+
 class UserExists(ChatError):
     def __init__(self, name: str) -> None:
         super().__init__("user_exists", f"user {name!r} already exists")
@@ -92,13 +107,23 @@ class IStore(Interface):
     def set_password(name, pwhash):  # type: ignore[misc]
         """Replace a hash; fires with True if the user exists."""
 
-    def delete_user(name, address):  # type: ignore[misc]
-        """Delete account ``name`` (``address`` is its canonical address) and its read
-        markers; fires with True if it existed."""
+    def delete_user(name, address, items=(), outbox=()):  # type: ignore[misc]
+        """Delete account ``name`` (``address`` is its canonical address), its read
+        markers (acks), its unfinished uploads and its pending group requests (see
+        :meth:`pending_requests`), and commit ``items`` with
+        ``outbox`` (as :meth:`append`: the events ending its group standing, see
+        :mod:`chatproto.accounts`) -- all in one transaction, and one position is
+        consumed (see the floor, above).  Fires with True if the account existed;
+        if it did not, nothing is committed (``items`` get no position).
+
+        Ordered with :meth:`append` calls (group commit), like one of them."""
 
     def user_floor(name):  # type: ignore[misc]
         """The stream position at which account ``name`` was created (it sees only
         later items), or ``None`` if there is no such account."""
+
+    def user_floors():  # type: ignore[misc]
+        """Fires with ``{name: floor}`` for every account (see :meth:`user_floor`)."""
 
     def user_exists(name):  # type: ignore[misc]
         """Fires with a bool."""
@@ -189,8 +214,9 @@ class IStore(Interface):
     def read_events(after, limit):  # type: ignore[misc]
         """Items of kind ``event`` (group changes) after ``after``, oldest first."""
 
-    def conversation_partners(user):  # type: ignore[misc]
-        """Users with whom ``user`` has a private conversation (for presence)."""
+    def conversation_partners(user, after=0):  # type: ignore[misc]
+        """Users with whom ``user`` has a private conversation with an item at a
+        position ``> after`` (the account's floor): for presence."""
 
     def history(conversation, before, after, limit, floor=0):  # type: ignore[misc]
         """A page of one conversation, oldest first, of items with ``pos > floor``.
@@ -220,8 +246,9 @@ class IStore(Interface):
         ``sha256``, ``size``, ``name``, ``media_type``, ``sender``, ``recipient``,
         ``ts`` and ``pos`` (the position of its message)."""
 
-    def file_usage(sender):  # type: ignore[misc]
-        """Total ``size`` of the recorded files sent by ``sender`` (for quotas)."""
+    def file_usage(sender, after=0):  # type: ignore[misc]
+        """Total ``size`` of the recorded files sent by ``sender`` whose messages are at
+        positions ``> after`` (the account's floor): for quotas."""
 
     def expire_files(before):  # type: ignore[misc]
         """Forget every file recorded with ``ts < before`` (their messages stay); fires

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from chatproto.envelope import Envelope
+from chatproto.store import NoSuchAccount
 
 __all__ = [
     "OUTBOX_CACHE",
@@ -71,13 +72,21 @@ class StoreDB(Protocol):
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
+        deletions: Sequence[tuple[str, str] | None] | None = None,
     ) -> CommitResult: ...
     def create_user(self, name: str, pwhash: str, ts: float) -> None: ...
     def user_floor(self, name: str) -> int | None: ...
     def password_hash(self, name: str) -> str | None: ...
     def set_password(self, name: str, pwhash: str) -> bool: ...
-    def delete_user(self, name: str, address: str) -> bool: ...
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> bool: ...
     def list_users(self) -> list[str]: ...
+    def user_floors(self) -> dict[str, int]: ...
     def outbox_read(
         self, realm: str, after: int, limit: int, upto: int | None = None
     ) -> list[tuple[int, Envelope | dict[str, Any]]]: ...
@@ -99,7 +108,7 @@ class StoreDB(Protocol):
         groups: Sequence[tuple[str, int, int | None]] = (),
     ) -> list[Envelope]: ...
     def read_events(self, after: int, limit: int) -> list[Envelope]: ...
-    def conversation_partners(self, user: str) -> list[str]: ...
+    def conversation_partners(self, user: str, after: int = 0) -> list[str]: ...
     def history(
         self,
         conversation: str,
@@ -111,7 +120,7 @@ class StoreDB(Protocol):
     def get_ack(self, user: str, device: str) -> int: ...
     def max_pos(self) -> int: ...
     def file_info(self, file_id: str) -> dict[str, Any] | None: ...
-    def file_usage(self, sender: str) -> int: ...
+    def file_usage(self, sender: str, after: int = 0) -> int: ...
     def expire_files(self, before: float) -> list[str]: ...
     def blob_referenced(self, sha256: str) -> bool: ...
     def put_upload(self, record: dict[str, Any]) -> None: ...
@@ -139,14 +148,16 @@ class GroupCommitStore:
         self._local = threading.local()
         self._readers: list[StoreDB] = []
         self._readers_lock = threading.Lock()
-        #: Queued appends: (items, waiter, outbox pairs, received from another realm).
-        #: An outbox request (:meth:`outbox_enqueue`) is an append with no items.
+        #: Queued appends: (items, waiter, outbox pairs, received from another realm,
+        #: account deleted with them).  An outbox request (:meth:`outbox_enqueue`) is an
+        #: append with no items; an account deletion, one with an account.
         self._pending: list[
             tuple[
                 Sequence[Envelope],
                 Deferred[list[Envelope]],
                 Sequence[tuple[str, Envelope | dict[str, Any]]],
                 bool,
+                tuple[str, str] | None,
             ]
         ] = []
         self._pending_acks: dict[tuple[str, str], int] = {}
@@ -195,9 +206,10 @@ class GroupCommitStore:
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]],
         remote: Sequence[bool],
         outbox_acks: dict[str, int],
+        deletions: Sequence[tuple[str, str] | None] | None = None,
     ) -> CommitResult:
         """One group commit, on the writer thread."""
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks)
+        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
 
     def _retry_read(self, db: StoreDB, error: Exception) -> bool:
         """Whether a read that failed with ``error`` is worth one more try on a fresh
@@ -320,8 +332,27 @@ class GroupCommitStore:
     def set_password(self, name: str, pwhash: str) -> Deferred[bool]:
         return self._write(lambda: self._db().set_password(name, pwhash))
 
-    def delete_user(self, name: str, address: str) -> Deferred[bool]:
-        return self._write(lambda: self._db().delete_user(name, address))
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> Deferred[bool]:
+        """One batch of the group commit (so its outbox rows reach the links like any
+        append's, in order)."""
+        d: Deferred[list[Envelope]] = Deferred()
+        self._pending.append((items, d, outbox, False, (name, address)))
+        self._flush()
+
+        def missing(f: Failure) -> bool:
+            f.trap(NoSuchAccount)
+            return False
+
+        return d.addCallbacks(lambda _: True, missing)
+
+    def user_floors(self) -> Deferred[dict[str, int]]:
+        return self._read(lambda db: db.user_floors())
 
     def user_exists(self, name: str) -> Deferred[bool]:
         return self.password_hash(name).addCallback(lambda h: h is not None)
@@ -338,7 +369,7 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, False))
+        self._pending.append((items, d, outbox, False, None))
         if not self._writing:  # else the commit in progress flushes it when done
             self._flush()
         return d
@@ -347,7 +378,7 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, True))
+        self._pending.append((items, d, outbox, True, None))
         self._flush()
         return d
 
@@ -392,7 +423,7 @@ class GroupCommitStore:
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
         """Queued with the appends, in call order (one group commit)."""
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append(([], d, [(realm, p) for p in payloads], False))
+        self._pending.append(([], d, [(realm, p) for p in payloads], False, None))
         self._flush()
         return d.addCallback(lambda _: None)
 
@@ -451,13 +482,14 @@ class GroupCommitStore:
         items = [b[0] for b in batch]
         queues = [b[2] for b in batch]
         remote = [b[3] for b in batch]
-        d = self._write(self._commit, items, acks, queues, remote, outbox_acks)
+        deleting = [b[4] for b in batch]
+        d = self._write(self._commit, items, acks, queues, remote, outbox_acks, deleting)
 
         def done(result: CommitResult) -> None:
             results, queued = result
             self.commits += 1
             outcomes: list[list[Envelope] | Exception] = []
-            for (items, _, _, is_remote), res in zip(batch, results, strict=True):
+            for (items, _, _, is_remote, _), res in zip(batch, results, strict=True):
                 if isinstance(res, Exception):
                     outcomes.append(res)
                     continue
@@ -519,8 +551,8 @@ class GroupCommitStore:
     def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
         return self._read(lambda db: db.read_events(after, limit))
 
-    def conversation_partners(self, user: str) -> Deferred[list[str]]:
-        return self._read(lambda db: db.conversation_partners(user))
+    def conversation_partners(self, user: str, after: int = 0) -> Deferred[list[str]]:
+        return self._read(lambda db: db.conversation_partners(user, after))
 
     def history(
         self,
@@ -548,8 +580,8 @@ class GroupCommitStore:
     def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
         return self._read(lambda db: db.file_info(file_id))
 
-    def file_usage(self, sender: str) -> Deferred[int]:
-        return self._read(lambda db: db.file_usage(sender))
+    def file_usage(self, sender: str, after: int = 0) -> Deferred[int]:
+        return self._read(lambda db: db.file_usage(sender, after))
 
     def expire_files(self, before: float) -> Deferred[list[str]]:
         return self._write(lambda: self._db().expire_files(before))

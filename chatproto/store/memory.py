@@ -71,10 +71,35 @@ class MemoryStore:
         self.users[name] = pwhash
         return succeed(True)
 
-    def delete_user(self, name: str, address: str) -> Deferred[bool]:
+    def user_floors(self) -> Deferred[dict[str, int]]:
+        return succeed({name: self.floors[name] for name in self.users})
+
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> Deferred[bool]:
+        if name not in self.users:
+            return succeed(False)
+        for rid in [k for k, r in self.requests.items() if r.get("from") == address]:
+            del self.requests[rid]  # an answer must not land on a later account
+        if items:
+            stored = self.append(items, outbox)
+            failures: list[Any] = []
+            stored.addErrback(failures.append)
+            if failures:
+                return fail(failures[0])
+        elif outbox:
+            self._queue(outbox)
         for key in [k for k in self.acks if k[0] == address]:
             del self.acks[key]
-        return succeed(self.users.pop(name, None) is not None)
+        for upload_id in [k for k, r in self.uploads.items() if r.get("user") == address]:
+            del self.uploads[upload_id]
+        del self.users[name]
+        self._pos += 1  # consumed: a later account of this name starts after it
+        return succeed(True)
 
     def user_exists(self, name: str) -> Deferred[bool]:
         return succeed(name in self.users)
@@ -211,9 +236,9 @@ class MemoryStore:
         events = [e for e in self.items[self._after(after) :] if e.kind == "event"]
         return succeed(events[:limit])
 
-    def conversation_partners(self, user: str) -> Deferred[list[str]]:
+    def conversation_partners(self, user: str, after: int = 0) -> Deferred[list[str]]:
         partners = set()
-        for e in self.items:
+        for e in self.items[self._after(after) :]:
             if e.recipient.startswith("#") or e.sender == e.recipient:
                 continue
             if e.sender == user:
@@ -249,14 +274,18 @@ class MemoryStore:
         return succeed(max(mine, default=0))
 
     def max_pos(self) -> Deferred[int]:
-        return succeed(self._pos)
+        return succeed(self.items[-1].pos if self.items else 0)  # not a consumed one
 
     def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
         rec = self.files.get(file_id)
         return succeed(dict(rec) if rec is not None else None)
 
-    def file_usage(self, sender: str) -> Deferred[int]:
-        return succeed(sum(f["size"] for f in self.files.values() if f["sender"] == sender))
+    def file_usage(self, sender: str, after: int = 0) -> Deferred[int]:
+        return succeed(
+            sum(
+                f["size"] for f in self.files.values() if f["sender"] == sender and f["pos"] > after
+            )
+        )
 
     def expire_files(self, before: float) -> Deferred[list[str]]:
         gone = [k for k, f in self.files.items() if f["ts"] < before]

@@ -47,7 +47,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, UserExists, stored_meta, stored_sig
+from chatproto.store import FILE_META, IStore, NoSuchAccount, UserExists, stored_meta, stored_sig
 from chatproto.store.groupcommit import CommitResult, GroupCommitStore
 
 __all__ = [
@@ -409,12 +409,38 @@ class PostgresDB:
         cur = self.conn.execute("UPDATE users SET pwhash = %s WHERE name = %s", (pwhash, name))
         return cur.rowcount > 0
 
-    def delete_user(self, name: str, address: str) -> bool:
+    def user_floors(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
+
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> bool:
+        """Delete an account with the items ending its standing (one transaction, see
+        ``IStore.delete_user``); ``items`` get their positions.  True if it existed."""
+        out, _ = self.commit_batch([items], {}, [outbox], [False], None, [(name, address)])
+        if isinstance(out[0], NoSuchAccount):
+            return False
+        if isinstance(out[0], Exception):
+            raise out[0]
+        for env, pos in zip(items, out[0], strict=True):
+            env.pos = pos  # type: ignore[assignment]
+        return True
+
+    def _delete_account(self, name: str, address: str) -> None:
+        """Inside a commit, before its batch's outbox rows: the account's rows go (its
+        pending requests too: an answer must not land on a later account of the name)
+        and one position is consumed, so an account created later under this name
+        starts after everything before."""
         c = self.conn
-        with c.transaction():
-            cur = c.execute("DELETE FROM users WHERE name = %s", (name,))
-            c.execute("DELETE FROM acks WHERE addr = %s", (address,))
-        return cur.rowcount > 0
+        c.execute("DELETE FROM users WHERE name = %s", (name,))
+        c.execute("DELETE FROM acks WHERE addr = %s", (address,))
+        c.execute("DELETE FROM uploads WHERE user_name = %s", (_esc(address),))
+        c.execute("DELETE FROM requests WHERE actor = %s", (address,))
+        c.execute("SELECT nextval('items_pos')")
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
@@ -460,6 +486,7 @@ class PostgresDB:
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
+        deletions: Sequence[tuple[str, str] | None] | None = None,
     ) -> CommitResult:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order.
@@ -471,12 +498,13 @@ class PostgresDB:
         :meth:`chatproto.store.sqlite.SQLiteDB.commit_batch`).
         """
         flags = list(remote) if remote is not None else [False] * len(batches)
+        args = (batches, flags, acks, outbox, outbox_acks, deletions)
         try:
-            return self._commit(batches, flags, acks, outbox, outbox_acks, each=False)
+            return self._commit(*args, each=False)
         except psycopg.OperationalError:
             raise  # the connection, not the data: the caller sees it
         except Exception:
-            return self._commit(batches, flags, acks, outbox, outbox_acks, each=True)
+            return self._commit(*args, each=True)
 
     def _commit(
         self,
@@ -485,16 +513,30 @@ class PostgresDB:
         acks: dict[tuple[str, str], int],
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
         outbox_acks: dict[str, int] | None,
+        deletions: Sequence[tuple[str, str] | None] | None,
         each: bool,
     ) -> CommitResult:
         c = self.conn
         queued_rows: list[tuple[str, int, Any]] = []
         self.commit_sent = False
         with c.transaction():
+            missing: dict[int, Exception] = {}
+            if deletions is not None and any(deletions):  # as in SQLiteDB.commit_batch
+                batches = list(batches)
+                outbox = list(outbox) if outbox is not None else [()] * len(batches)
+                for i, account in enumerate(deletions):
+                    if account is not None and self.user_floor(account[0]) is None:
+                        missing[i] = NoSuchAccount(account[0])
+                        batches[i], outbox[i] = [], []
             if each:
                 out = self._append_each(batches, flags)
             else:
                 out = self._append_all(batches, flags)
+            for i, err in missing.items():
+                out[i] = err
+            for i, account in enumerate(deletions or ()):
+                if account is not None and not isinstance(out[i], Exception):
+                    self._delete_account(*account)
             if outbox:
                 rows: list[tuple[str, int, str | None]] = []
                 requests: list[tuple[Any, ...]] = []
@@ -816,13 +858,14 @@ class PostgresDB:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def conversation_partners(self, user: str) -> list[str]:
-        """The users ``user`` has a private conversation with."""
+    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
+        """The users ``user`` has a private conversation with (after ``after``)."""
         rows = self.conn.execute(
             "SELECT DISTINCT sender FROM items WHERE recipient = %(u)s AND sender <> %(u)s "
+            "AND pos > %(a)s "
             "UNION SELECT DISTINCT recipient FROM items WHERE sender = %(u)s "
-            "AND recipient <> %(u)s AND left(recipient, 1) <> '#'",
-            {"u": user},
+            "AND recipient <> %(u)s AND left(recipient, 1) <> '#' AND pos > %(a)s",
+            {"u": user, "a": after},
         ).fetchall()
         return [r[0] for r in rows]
 
@@ -880,9 +923,10 @@ class PostgresDB:
         rec["ts"] = shown_ts(rec["ts"])
         return rec
 
-    def file_usage(self, sender: str) -> int:
+    def file_usage(self, sender: str, after: int = 0) -> int:
         row = self.conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = %s", (sender,)
+            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = %s AND pos > %s",
+            (sender, after),
         ).fetchone()
         return int(row[0]) if row else 0
 
@@ -997,18 +1041,19 @@ class PostgresStore(GroupCommitStore):
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]],
         remote: Sequence[bool],
         outbox_acks: dict[str, int],
+        deletions: Sequence[tuple[str, str] | None] | None = None,
     ) -> CommitResult:
         """A commit whose connection turns out lost before COMMIT was sent committed
         nothing: it is done again, once, on a new connection.  Lost later, whether it
         committed is unknown, so it fails (no sender is told "stored")."""
         db = self._db()
         try:
-            return db.commit_batch(batches, acks, outbox, remote, outbox_acks)
+            return db.commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
         except psycopg.OperationalError:
             if not db.broken or db.commit_sent:
                 raise
             self.log.info("{store}: connection lost; reconnecting", store=self.path)
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks)
+        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
 
     def _retry_read(self, db: Any, error: Exception) -> bool:
         return isinstance(error, psycopg.OperationalError) and bool(db.broken)

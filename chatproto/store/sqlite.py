@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, UserExists, stored_meta, stored_sig
+from chatproto.store import FILE_META, IStore, NoSuchAccount, UserExists, stored_meta, stored_sig
 from chatproto.store.groupcommit import GroupCommitStore
 
 __all__ = [
@@ -250,17 +250,41 @@ class SQLiteDB:
         cur = self.conn.execute("UPDATE users SET pwhash = ? WHERE name = ?", (pwhash, name))
         return cur.rowcount > 0
 
-    def delete_user(self, name: str, address: str) -> bool:
+    def user_floors(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
+
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> bool:
+        """Delete an account with the items ending its standing (one transaction, see
+        ``IStore.delete_user``); ``items`` get their positions.  True if it existed."""
+        out, _ = self.commit_batch([items], {}, [outbox], [False], None, [(name, address)])
+        if isinstance(out[0], NoSuchAccount):
+            return False
+        if isinstance(out[0], Exception):
+            raise out[0]
+        for env, pos in zip(items, out[0], strict=True):
+            env.pos = pos  # type: ignore[assignment]
+        return True
+
+    def _delete_account(self, name: str, address: str) -> None:
+        """Inside a commit, before its batch's outbox rows: the account's rows go and
+        one position is consumed, so an account created later under this name starts
+        after everything before."""
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            cur = c.execute("DELETE FROM users WHERE name = ?", (name,))
-            c.execute("DELETE FROM acks WHERE user = ?", (address,))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        return cur.rowcount > 0
+        c.execute("DELETE FROM users WHERE name = ?", (name,))
+        c.execute("DELETE FROM acks WHERE user = ?", (address,))
+        c.execute("DELETE FROM uploads WHERE user = ?", (address,))
+        # Its pending group requests: an answer to one must not land on a later account
+        # of the name.  (The batch's own requests are inserted after this.)
+        c.execute("DELETE FROM requests WHERE actor = ?", (address,))
+        bumped = c.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'items'")
+        if bumped.rowcount == 0:  # no item was ever stored
+            c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', 1)")
 
     def list_users(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
@@ -316,9 +340,15 @@ class SQLiteDB:
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
+        deletions: Sequence[tuple[str, str] | None] | None = None,
     ) -> tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order.
+
+        ``deletions[i]``, if given, is the ``(name, address)`` of an account that batch
+        ``i`` deletes (``IStore.delete_user``): if the account is not there, the batch
+        fails alone with :class:`NoSuchAccount` and nothing of it is written; else it
+        is deleted after the items are inserted, in the same transaction.
 
         Fast path: the items of consecutive local batches in one ``executemany``.  This
         connection is the only writer of ``items`` and positions are AUTOINCREMENT, so
@@ -340,12 +370,25 @@ class SQLiteDB:
         queued_rows: list[tuple[str, int, Any]] = []
         c.execute("BEGIN IMMEDIATE")
         try:
+            missing: dict[int, Exception] = {}
+            if deletions is not None and any(deletions):
+                batches = list(batches)
+                outbox = list(outbox) if outbox is not None else [()] * len(batches)
+                for i, account in enumerate(deletions):
+                    if account is not None and self.user_floor(account[0]) is None:
+                        missing[i] = NoSuchAccount(account[0])
+                        batches[i], outbox[i] = [], []
             try:
                 out = self._append_all(batches, flags)
             except Exception:
                 c.execute("ROLLBACK")
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
+            for i, err in missing.items():
+                out[i] = err
+            for i, account in enumerate(deletions or ()):
+                if account is not None and not isinstance(out[i], Exception):
+                    self._delete_account(*account)
             if outbox:
                 rows: list[tuple[str, int, str | None]] = []
                 requests: list[tuple[Any, ...]] = []
@@ -648,13 +691,14 @@ class SQLiteDB:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def conversation_partners(self, user: str) -> list[str]:
-        """The users ``user`` has a private conversation with."""
+    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
+        """The users ``user`` has a private conversation with (after ``after``)."""
         rows = self.conn.execute(
             "SELECT DISTINCT sender FROM items WHERE recipient = ?1 AND sender != ?1 "
+            "AND pos > ?2 "
             "UNION SELECT DISTINCT recipient FROM items WHERE sender = ?1 "
-            "AND recipient != ?1 AND substr(recipient, 1, 1) != '#'",
-            (user,),
+            "AND recipient != ?1 AND substr(recipient, 1, 1) != '#' AND pos > ?2",
+            (user, after),
         ).fetchall()
         return [r[0] for r in rows]
 
@@ -710,9 +754,10 @@ class SQLiteDB:
         rec["ts"] = shown_ts(rec["ts"])
         return rec
 
-    def file_usage(self, sender: str) -> int:
+    def file_usage(self, sender: str, after: int = 0) -> int:
         row = self.conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = ?", (sender,)
+            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = ? AND pos > ?",
+            (sender, after),
         ).fetchone()
         return int(row[0])
 
