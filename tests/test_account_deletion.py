@@ -24,7 +24,7 @@ from chatproto import config as configmod
 from chatproto import ctl
 from chatproto.client import RemoteError, connect
 from chatproto.protocol import ClientFactory
-from tests.conftest import make_realm, until
+from tests.conftest import make_realm, pg_schema, postgresql_or_skip, until
 
 SECRET, CLUB, PUB = "#secret@localhost", "#club@localhost", "#pub@localhost"
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
@@ -59,14 +59,20 @@ class Running:
         yield self.realm.stopService()
 
 
-@pytest.fixture
-def conf(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def conf(request: Any, tmp_path: Path) -> str:
+    """The realm's config file, on each store (``chatrealmctl`` works on both)."""
     path = tmp_path / "realm.toml"
+    storage = ""
+    if request.param == "postgresql":
+        dsn, schema = postgresql_or_skip(), pg_schema()
+        storage = f'[storage]\nbackend = "postgresql"\ndsn = {json.dumps(dsn)}\n'
+        storage += f"schema = {json.dumps(schema)}\n"
     path.write_text(
         "[realm]\n"
         f"data_dir = {json.dumps(str(tmp_path / 'data'))}\n"
         "[auth]\n"
-        "argon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+        "argon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n" + storage
     )
     return str(path)
 
