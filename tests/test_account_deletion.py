@@ -6,7 +6,8 @@ posted, kicked, deleted it) and downloaded files sent to the old alice.  These t
 replay that over loopback TCP, deleting through the realm API (the realm running) and
 through ``chatrealmctl``'s code path against the database (the realm stopped), and
 check everything the old account held: memberships, roles, invites, bans, files,
-private history, backlog, send nonces and presence partners.
+private history, backlog, send nonces and presence partners -- on SQLite and
+PostgreSQL.
 """
 
 from __future__ import annotations
