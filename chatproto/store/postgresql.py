@@ -438,7 +438,7 @@ class PostgresDB:
         c = self.conn
         c.execute("DELETE FROM users WHERE name = %s", (name,))
         c.execute("DELETE FROM acks WHERE addr = %s", (address,))
-        c.execute("DELETE FROM uploads WHERE user_name = %s", (_esc(address),))
+        c.execute("DELETE FROM uploads WHERE user_name = %s", (escape_text(address),))
         c.execute("DELETE FROM requests WHERE actor = %s", (address,))
         c.execute("SELECT nextval('items_pos')")
 
