@@ -280,7 +280,7 @@ def test_startup_ends_standing_an_older_deletion_left(tmp_path: Any) -> Any:
             yield realm.stopService()
 
 
-def test_a_deleted_member_of_another_realms_group_leaves_it_there() -> None:
+def test_a_deleted_member_of_another_realms_group_leaves_it_there(tmp_path: Any) -> None:
     """alice@a.example, the only owner of #dev@h.example, and invited to #priv there:
     a.example deletes her and tells h.example, which promotes the member there longest
     and ends the invitation; a's mirror loses her at once; nobody is bounced."""
@@ -289,7 +289,8 @@ def test_a_deleted_member_of_another_realms_group_leaves_it_there() -> None:
 
     clock = Clock()
     links = Links()
-    h, a, b = (links.add(fed_realm(clock, n)) for n in ("h.example", "a.example", "b.example"))
+    names = ("h.example", "a.example", "b.example")
+    h, a, b = (links.add(fed_realm(clock, n, tmp_path)) for n in names)
     owner = User(h, clock, "owner")
     owner.ok("create_group", group="#dev")
     owner.ok("create_group", group="#priv", visibility="invite")
