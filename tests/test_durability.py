@@ -223,3 +223,28 @@ def test_store_from_a_newer_chatproto_stops_start_up(spawn: Any, tmp_path: Any) 
     assert code != 0, proc.output
     assert "cannot open the store" in proc.output and "999" in proc.output, proc.output
     assert "listening on" not in proc.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_unreachable_postgresql_stops_start_up(spawn: Any, tmp_path: Any) -> Any:
+    """A realm configured for a PostgreSQL server it cannot reach says which, and exits
+    non-zero before listening."""
+    config = tmp_path / "pg-down.toml"
+    config.write_text(
+        CONFIG + '\n[storage]\nbackend = "postgresql"\n'
+        'dsn = "host=127.0.0.1 port=1 dbname=chat user=chat connect_timeout=3"\n'
+    )
+    proc = spawn(
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        config_file=str(config),
+    )
+    code = yield proc.ended
+    assert code != 0, proc.output
+    assert (
+        "cannot open the store: cannot connect to postgresql://chat@127.0.0.1:1/chat" in proc.output
+    ), proc.output
+    assert "listening on" not in proc.output
+    assert "Traceback" not in proc.output, proc.output
