@@ -12,6 +12,7 @@ from chatproto.accounts import removal_request
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import ACCOUNT_DELETED, Groups
+from chatproto.store import backend as store_backend
 from chatproto.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteDB
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 from tests.conftest import fast_config, fired, make_realm
@@ -256,7 +257,7 @@ def test_startup_ends_standing_an_older_deletion_left(tmp_path: Any) -> Any:
     yield realm.group_event_as("bob", "joined", "#g")
     yield realm.group_event_as("alice", "invited", "#g", user="carol")
     yield realm.stopService()
-    db = SQLiteDB(cfg.database_path)
+    db = store_backend.connect(cfg)  # the store the realm runs on, from outside it
     assert db.delete_user("alice", ALICE) and db.delete_user("carol", CAROL)
     db.create_user("carol", "hash", 0.0)  # registered again, the old way
     db.close()
