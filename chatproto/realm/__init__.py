@@ -6,6 +6,7 @@ them back through :class:`ISessionMind`.  The facade wires handler modules, one 
 concern, in the shape of Synapse's handlers:
 
 - :mod:`chatproto.realm.service` -- :class:`RealmService`, the facade and its wiring;
+- :mod:`chatproto.realm.accounts` -- accounts, logins, session tokens;
 - :mod:`chatproto.realm.sessions` -- sessions (the avatar) and delivery to them;
 - :mod:`chatproto.realm.presence` -- who is online and who hears of it;
 - :mod:`chatproto.realm.messaging` -- sending, committing and reading stream items;
@@ -14,15 +15,10 @@ concern, in the shape of Synapse's handlers:
 Everything the embedding guide documents is importable from ``chatproto.realm``.
 """
 
+from chatproto.realm.accounts import PasswordHasher, StoreChecker, argon2_hasher, check_password
 from chatproto.realm.messaging import NONCES_PER_USER
 from chatproto.realm.presence import MAX_STATUS_TEXT, PRESENCE_STATES
-from chatproto.realm.service import (
-    PasswordHasher,
-    RealmService,
-    StoreChecker,
-    argon2_hasher,
-    check_password,
-)
+from chatproto.realm.service import RealmService
 from chatproto.realm.sessions import (
     MAX_DEVICE,
     SYNC_BUFFER,

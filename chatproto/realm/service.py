@@ -14,47 +14,33 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
-import argon2
 from twisted.application.service import Service
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
 from chatproto import address, wire
-from chatproto.accounts import is_removal_request, remote_groups_of
+from chatproto.accounts import is_removal_request
 from chatproto.address import Address
 from chatproto.config import Config
 from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
 from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, Groups, check_snapshot
-from chatproto.ratelimit import FailureThrottle
+from chatproto.realm.accounts import Accounts, PasswordHasher
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
-from chatproto.realm.sessions import ISession, Session, Sessions, check_device
+from chatproto.realm.sessions import Session, Sessions
 from chatproto.signing import KEY_FILE, KeyFileError, KeyRing, SigningKeys, canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META, IStore
-from chatproto.tokens import SessionToken, TokenChecker, Tokens
 
-__all__ = [
-    "PasswordHasher",
-    "RealmService",
-    "StoreChecker",
-    "argon2_hasher",
-    "check_password",
-]
+__all__ = ["RealmService"]
 
 _T = TypeVar("_T")
 
@@ -80,82 +66,6 @@ MAX_KEY_FETCHES = 4
 _FORGERIES = frozenset({"forged_sender", "bad_signature"})
 
 
-def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
-    """argon2id with the realm's parameters (``config.auth``); shared by the realm and
-    ``chatrealmctl`` so both write hashes the other verifies."""
-    return argon2.PasswordHasher(
-        time_cost=auth.argon2_time_cost,
-        memory_cost=auth.argon2_memory_cost,
-        parallelism=auth.argon2_parallelism,
-        type=argon2.Type.ID,
-    )
-
-
-class PasswordHasher:
-    """argon2id hashing and verification, always off the reactor thread."""
-
-    def __init__(self, reactor: IReactorThreads, pool: ThreadPool, config: Config) -> None:
-        self._ph = argon2_hasher(config.auth)
-        self._reactor = reactor
-        self._pool = pool
-        # Verified against when the user does not exist, so that an unknown user costs
-        # the same time as a wrong password.
-        self._dummy = self._ph.hash("chatproto: no such user")
-
-    def hash(self, password: str) -> Deferred[str]:
-        return deferToThreadPool(self._reactor, self._pool, self._ph.hash, password)  # type: ignore[arg-type]
-
-    def _verify(self, pwhash: str | None, password: str) -> bool:
-        try:
-            return self._ph.verify(pwhash or self._dummy, password) and pwhash is not None
-        except argon2.exceptions.VerificationError:
-            return False
-        except argon2.exceptions.InvalidHashError:
-            return False
-
-    def verify(self, pwhash: str | None, password: str) -> Deferred[bool]:
-        return deferToThreadPool(self._reactor, self._pool, self._verify, pwhash, password)  # type: ignore[arg-type]
-
-
-@implementer(ICredentialsChecker)
-class StoreChecker:
-    """A cred checker for username/password against the store's argon2id hashes."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self, store: IStore, hasher: PasswordHasher) -> None:
-        self._store = store
-        self._hasher = hasher
-
-    @inlineCallbacks
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Any:
-        raw = credentials.username
-        name_text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        pw = credentials.password
-        password = pw.decode("utf-8", "replace") if isinstance(pw, bytes) else pw
-        try:
-            name = address.normalise_name(name_text)
-        except ChatError:
-            name = None
-        pwhash = (yield self._store.password_hash(name)) if name else None
-        ok = yield self._hasher.verify(pwhash, password)
-        if not ok:
-            raise UnauthorizedLogin()
-        return name
-
-
-@implementer(IRealm)
-class _CredRealm:
-    def __init__(self, service: RealmService) -> None:
-        self._service = service
-
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
-        if ISession not in interfaces:
-            raise NotImplementedError("only ISession avatars are provided")
-        session = self._service._attach(avatarId, mind)
-        return ISession, session, session.logout
-
-
 class RealmService(Service):
     """A realm: accounts, sessions, routing and rules, over an :class:`IStore`.
 
@@ -179,30 +89,11 @@ class RealmService(Service):
         self.store = store
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
-        self._hash_pool: ThreadPool | None = None
-        if hasher is None:
-            # Hashing gets its own small pool: argon2 is memory-hard (tens of MiB per
-            # hash), so it must not run as wide as the reactor's general pool.
-            self._hash_pool = ThreadPool(
-                1, max(1, config.auth.argon2_parallelism), "chatproto-argon2"
-            )
-            hasher = PasswordHasher(reactor, self._hash_pool, config)
-        self.hasher = hasher
-        self._password_checker = StoreChecker(store, self.hasher)
-        #: Session tokens of browser logins (see chatproto.tokens and chatproto.web).
-        self.tokens = Tokens(self.clock, config.web.session_ttl)
-        self.portal = Portal(_CredRealm(self), [self._password_checker, TokenChecker(self.tokens)])
-        a = config.auth
-        self._account_throttle = FailureThrottle(
-            a.free_failures_per_account, a.failure_delay, a.max_failure_delay, a.failure_window
-        )
-        self._address_throttle = FailureThrottle(
-            a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
-        )
-        self._known_users: set[str] = set()
-        #: name -> floor of the account this realm last knew under that name (see
-        #: chatproto.accounts): another floor means another account.
-        self._floors: dict[str, int] = {}
+        #: Accounts, logins and session tokens (see chatproto.realm.accounts).
+        self.accounts = Accounts(self, hasher)
+        self.hasher = self.accounts.hasher
+        self.tokens = self.accounts.tokens
+        self.portal = self.accounts.portal
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
         self._opening: Deferred[None] | None = None
         lim = config.limits
@@ -238,7 +129,7 @@ class RealmService(Service):
         #: Group changes and group items (the rules are ``groups``).
         self.group_handler = GroupHandler(self)
         #: Sending, committing and reading stream items.
-        self.messages = Messaging(self, self._known_users)
+        self.messages = Messaging(self, self.accounts.known)
 
     # service lifecycle --------------------------------------------------------------
 
@@ -277,14 +168,12 @@ class RealmService(Service):
     @inlineCallbacks
     def startService(self) -> Any:
         Service.startService(self)
-        if self._hash_pool is not None:
-            self._hash_pool.start()
+        self.accounts.start()
         yield self._open_store()
         self._load_keys()
         if self.config.federation.enabled:
             yield self.peer_keys.load()
-        self._floors = dict((yield self.store.user_floors()))
-        self._known_users.update(self._floors)
+        yield self.accounts.load()
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)
@@ -293,13 +182,13 @@ class RealmService(Service):
             if len(events) < 1000:
                 break
             after = events[-1].pos
-        yield self._repair_standing()
+        yield self.accounts.repair_standing()
         yield self.files.start()
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         self.log.info(
             "realm {realm} started: {users} users, {groups} groups, store {path}",
             realm=self.realm,
-            users=len(self._known_users),
+            users=len(self.accounts.known),
             groups=len(self.groups.groups),
             path=getattr(self.store, "path", "?"),
         )
@@ -318,115 +207,28 @@ class RealmService(Service):
             s.logout()
         yield self.files.stop()
         yield self.store.close()
-        if self._hash_pool is not None:
-            self._hash_pool.stop()
+        self.accounts.stop()
         self.log.info("realm {realm} stopped", realm=self.realm)
 
     def _prune_throttles(self) -> None:
-        now = self.clock.seconds()
-        self._account_throttle.prune(now)
-        self._address_throttle.prune(now)
-        self.tokens.prune()
+        self.accounts.prune()
 
-    # accounts -----------------------------------------------------------------------
-
-    @inlineCallbacks
-    def create_user(self, name: str, password: str) -> Any:
+    def create_user(self, name: str, password: str) -> Deferred[Address]:
         """Create a local account (used by in-band register and embedding apps)."""
-        name = address.normalise_name(name)
-        check_password(password)
-        pwhash = yield self.hasher.hash(password)
-        yield self.store.create_user(name, pwhash, self.clock.seconds())
-        self._known_users.add(name)
-        floor = yield self.store.user_floor(name)
-        yield self._adopt(name, floor or 0)
-        self.log.info("account {user} created", user=f"{name}@{self.realm}")
-        return Address(name, self.realm)
+        return self.accounts.create_user(name, password)  # type: ignore[no-any-return]
 
-    @inlineCallbacks
-    def delete_user(self, name: str) -> Any:
+    def delete_user(self, name: str) -> Deferred[bool]:
         """Delete a local account (see PROTOCOL.md, "What deleting an account
-        removes"): its sessions are closed, its session tokens, send nonces and
-        unfinished uploads go, and its standing in every group (membership, role,
-        invitation, ban) ends with stored events, committed with the deletion; the
-        home realms of other realms' groups it is in are told.
-
-        Messages stay (the other party keeps the conversation); an account created
-        later under the same name starts after them (see ``IStore.user_floor``).
-        Fires with True if the account existed.
-        """
-        addr = Address(address.normalise_name(name), self.realm)
-        user = str(addr)
-        self._known_users.discard(addr.name)
-        self._floors.pop(addr.name, None)
-        self._end_sessions(addr.name, None)
-        groups = set(self.groups.standing(user)) | remote_groups_of(self.groups, user, self.realm)
-        existed = yield self.group_handler.end_standing(user, groups, account=addr.name)
-        yield self.files.forget_user(user)
-        if existed:
-            self.log.info("account {user} deleted", user=user)
-        return bool(existed)
-
-    def _end_sessions(self, name: str, floor: int | None) -> None:
-        """Close the sessions and drop the tokens and send nonces of account ``name``,
-        except those of the account created at ``floor`` (None: all of them)."""
-        user = f"{name}@{self.realm}"
-        self.tokens.revoke_user(name, keep_floor=floor)
-        self.messages.forget_nonces(user)
-        for s in list(self.sessions.of(user)):
-            if floor is None or (s.opened and s.floor != floor):
-                s.mind.disconnect("auth_failed", "this account was deleted")
-                s.logout()
-
-    @inlineCallbacks
-    def _adopt(self, name: str, floor: int) -> Any:
-        """Account ``name`` is the one created at ``floor``.  If this realm knew another
-        (deleted by ``chatrealmctl`` while the realm ran), what it held ends now: its
-        sessions, tokens and nonces, and any group standing from before ``floor``."""
-        if self._floors.get(name) == floor:
-            return
-        self._floors[name] = floor
-        user = f"{name}@{self.realm}"
-        self._end_sessions(name, floor)
-        stale = [a for a, pos in self.groups.standing(user).items() if pos <= floor]
-        if stale:
-            self.log.warn(
-                "account {user}: ending standing of a deleted account in {n} groups",
-                user=user,
-                n=len(stale),
-            )
-            yield self.group_handler.end_standing(user, stale)
-
-    @inlineCallbacks
-    def _repair_standing(self) -> Any:
-        """At start-up: a local user with standing in a group but no account, or with
-        standing from before their account was created (a database where an older
-        version deleted accounts), loses it (see :meth:`delete_user`)."""
-        for user, marks in sorted(self.groups.standing_of_suffix(self._suffix).items()):
-            floor = self._floors.get(user.rpartition("@")[0])
-            stale = [a for a, pos in marks.items() if floor is None or pos <= floor]
-            if stale:
-                self.log.warn(
-                    "account {user}: ending standing of a deleted account in {n} groups",
-                    user=user,
-                    n=len(stale),
-                )
-                yield self.group_handler.end_standing(user, stale)
+        removes"); fires with True if it existed."""
+        return self.accounts.delete_user(name)  # type: ignore[no-any-return]
 
     def account_floor(self, user: str) -> Deferred[int | None]:
-        """The floor of the local account at canonical address ``user`` (it sees only
-        items after it), or None if there is no such account."""
-        name, _, where = user.rpartition("@")
-        if where != self.realm:
-            return succeed(None)
-        return self.store.user_floor(name)
+        """The floor of the local account at canonical address ``user``, or None."""
+        return self.accounts.account_floor(user)
 
     def register(self, name: str, password: str) -> Deferred[Address]:
-        if not self.config.auth.allow_registration:
-            raise ChatError("registration_closed")
-        return self.create_user(name, password)
+        return self.accounts.register(name, password)
 
-    @inlineCallbacks
     def login(
         self,
         username: str,
@@ -435,26 +237,11 @@ class RealmService(Service):
         device: str = "default",
         peer: str = "?",
         quiet: bool = False,
-    ) -> Any:
-        """Authenticate and attach ``mind``; fires with a :class:`Session`.
+    ) -> Deferred[Session]:
+        """Authenticate and attach ``mind``; fires with a :class:`Session` (see
+        :meth:`chatproto.realm.accounts.Accounts.login`)."""
+        return self.accounts.login(username, password, mind, device, peer, quiet)  # type: ignore[no-any-return]
 
-        A ``quiet`` session (a one-shot tool, a bot's side channel) does not make its
-        user appear online to contacts, nor offline when it ends.
-
-        Unknown users and wrong passwords both fail with ``auth_failed``; repeated
-        failures per account and per peer address get ``rate_limited``.
-        """
-        check_device(device)
-        creds, key = self._throttled_credentials(username, password, peer)
-        try:
-            _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
-        except UnauthorizedLogin:
-            self._login_failed(key, peer)
-        self._account_throttle.succeeded(key)
-        yield self._session_opened(session, device, quiet, peer)
-        return session
-
-    @inlineCallbacks
     def login_token(
         self,
         token: str | None,
@@ -462,118 +249,28 @@ class RealmService(Service):
         device: str | None = None,
         peer: str = "?",
         quiet: bool = False,
-    ) -> Any:
-        """:meth:`login` with a session token (a browser's cookie) instead of a
-        password; ``device`` defaults to the one the token was issued for.  An unknown
-        or expired token fails with ``auth_failed``."""
-        record = self.tokens.check(token)
-        if record is None:
-            raise ChatError("auth_failed", "not logged in (no valid session token)")
-        if (yield self.store.user_floor(record.user)) != record.floor:
-            self.tokens.revoke(token)  # issued to a deleted account of this name
-            raise ChatError("auth_failed", "not logged in (no valid session token)")
-        device = record.device if device is None else device
-        check_device(device)
-        try:
-            _iface, session, _logout = yield self.portal.login(
-                SessionToken(token or ""), mind, ISession
-            )
-        except UnauthorizedLogin:
-            raise ChatError("auth_failed", "not logged in (no valid session token)") from None
-        yield self._session_opened(session, device, quiet, peer)
-        return session
+    ) -> Deferred[Session]:
+        """:meth:`login` with a browser's session token instead of a password."""
+        return self.accounts.login_token(token, mind, device, peer, quiet)  # type: ignore[no-any-return]
 
-    @inlineCallbacks
     def issue_token(
         self, username: str, password: str, device: str = "web", peer: str = "?"
-    ) -> Any:
-        """Check a password (throttled exactly like :meth:`login`) and issue a session
-        token for ``device``; fires with ``(token, Address)``.  No session is opened:
-        the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
-        check_device(device)
-        creds, key = self._throttled_credentials(username, password, peer)
-        try:
-            name = yield self._password_checker.requestAvatarId(creds)
-        except UnauthorizedLogin:
-            self._login_failed(key, peer)
-        self._account_throttle.succeeded(key)
-        floor = (yield self.store.user_floor(name)) or 0
-        yield self._adopt(name, floor)
-        self.log.info(
-            "session token for {user} ({device}) from {peer}",
-            user=f"{name}@{self.realm}",
-            device=device,
-            peer=peer,
-        )
-        return self.tokens.issue(name, device, floor), Address(name, self.realm)
+    ) -> Deferred[tuple[str, Address]]:
+        """Check a password and issue a session token for ``device``."""
+        return self.accounts.issue_token(username, password, device, peer)  # type: ignore[no-any-return]
 
     def token_user(self, token: str | None) -> Address | None:
-        """The local user a live session token stands for (marking it used), or None.
-        A token of an account this realm knows was deleted stands for nobody."""
-        record = self.tokens.check(token)
-        if record is None or self._floors.get(record.user) != record.floor:
-            return None
-        return Address(record.user, self.realm)
+        """The local user a live session token stands for (marking it used), or None."""
+        return self.accounts.token_user(token)
 
     def revoke_token(self, token: str | None) -> None:
-        """Log a browser out: the token stops working (open sessions are the
-        gateway's to close)."""
-        self.tokens.revoke(token)
+        """Log a browser out: the token stops working."""
+        self.accounts.revoke_token(token)
 
-    def _throttled_credentials(
-        self, username: str, password: str, peer: str
-    ) -> tuple[UsernamePassword, str]:
-        now = self.clock.seconds()
-        username = self._login_name(username)
-        key = username[:64]
-        wait = max(self._account_throttle.wait(key, now), self._address_throttle.wait(peer, now))
-        if wait > 0:
-            self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
-            raise ChatError("rate_limited", "too many failed logins", retry_after=round(wait, 3))
-        return UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), key
-
-    def _login_failed(self, key: str, peer: str) -> NoReturn:
-        now = self.clock.seconds()
-        self._account_throttle.failed(key, now)
-        self._address_throttle.failed(peer, now)
-        self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
-        raise ChatError("auth_failed") from None
-
-    @inlineCallbacks
-    def _session_opened(self, session: Session, device: str, quiet: bool, peer: str) -> Any:
-        session.device = device
-        session.quiet = quiet
-        floor = yield self.store.user_floor(session.user.name)
-        session.floor = floor or 0
-        session.opened = True
-        if floor is not None and self._floors.get(session.user.name) != floor:
-            yield self._adopt(session.user.name, floor)
-        try:
-            yield self.presence.came_online(session)
-        except Exception:
-            self.log.failure("presence for {user}", user=session.user_id)
-        self.log.info(
-            "login {user} device {device} from {peer}",
-            user=session.user_id,
-            device=device,
-            peer=peer,
-        )
-
-    def _login_name(self, username: str) -> str:
-        """``name`` or ``name@<this realm>`` -> the normalised name (else as given).
-
-        The throttle key is the normalised name, so spelling variants of one account
-        (``ALICE``, fullwidth letters) share its failure count.
-        """
-        try:
-            addr = address.user(username, self.realm)
-        except ChatError:
-            return username.casefold()
-        return addr.name if addr.is_local(self.realm) else username.casefold()
-
-    def _attach(self, name: str, mind: Any) -> Session:
+    def attach(self, name: str, mind: Any) -> Session:
+        """A new session of local account ``name`` (the cred realm's avatar)."""
         session = self.sessions.attach(Session(self, Address(name, self.realm), "default", mind))
-        self._known_users.add(name)
+        self.accounts.known.add(name)
         return session
 
     def detach(self, session: Session) -> None:
@@ -594,8 +291,7 @@ class RealmService(Service):
 
     def is_user(self, user: str) -> bool:
         """Whether canonical address ``user`` is a known local account."""
-        name, _, where = user.partition("@")
-        return where == self.realm and name in self._known_users
+        return self.accounts.is_user(user)
 
     def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
         """Online users of the realm, or online members of ``group`` (members only;
@@ -989,10 +685,9 @@ class RealmService(Service):
                         continue  # stored already
                 if not env.recipient.startswith("#"):
                     name = env.recipient.rpartition("@")[0]
-                    if name not in self._known_users:  # e.g. added by chatrealmctl
-                        if not (yield self.store.user_exists(name)):
+                    if name not in self.accounts.known:  # e.g. added by chatrealmctl
+                        if not (yield self.accounts.exists(name)):
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
-                        self._known_users.add(name)
                 if env.kind == "file":
                     yield flush()
                     if signer is not None:
@@ -1405,9 +1100,3 @@ def _answered(env: Envelope, requests: Sequence[dict[str, Any]]) -> str | None:
         if isinstance(rid, str):
             return rid
     return None
-
-
-def check_password(password: Any) -> None:
-    """The password rule for every account (in-band and ``chatrealmctl``)."""
-    if not isinstance(password, str) or not 8 <= len(password) <= 1024:
-        raise ChatError("bad_request", "a password must be 8 to 1024 characters")
