@@ -550,8 +550,23 @@ def _describe_reason(reason: Failure | None) -> str:
     return reason.getErrorMessage().rstrip(".")
 
 
+#: Added to a failed certificate check: the usual cause is a realm certificate signed
+#: by a CA of its own (``chatrealmctl gen-certs``) that the client was not told about.
+CA_HINT = (
+    " (is the realm's certificate signed by a CA of its own? give it with --ca FILE, "
+    "e.g. the ca.pem that 'chatrealmctl gen-certs' wrote)"
+)
+
+
 def explain(exc: BaseException, server: str, reason: Failure | None = None) -> CommandError:
     """Word any failure of a command as one line for stderr."""
+    err = _explain(exc, server, reason)
+    if "certificate verify failed" in str(err) and "--ca" not in str(err):
+        return CommandError(str(err) + CA_HINT, err.status)
+    return err
+
+
+def _explain(exc: BaseException, server: str, reason: Failure | None) -> CommandError:
     if isinstance(exc, CommandError):
         return exc
     if isinstance(exc, RemoteError):

@@ -19,10 +19,11 @@ import argparse
 import functools
 import getpass
 import os
+import shlex
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NoReturn, TextIO
 
@@ -39,7 +40,9 @@ from chatproto.store import backend as store_backend
 from chatproto.store.groupcommit import StoreDB
 
 PROG = "chatrealmctl"
-#: Password length rule; the same as the realm's check on in-band registration.
+#: The environment variable the ``chatproto`` command reads passwords from, honoured
+#: here too (before a prompt), so scripts set passwords the same way for both.
+PASSWORD_ENV = "CHATPROTO_PASSWORD"
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -86,20 +89,28 @@ def _one_line(text: str, source: str) -> str:
     return text
 
 
+def _interactive() -> bool:
+    """True when a person can answer a prompt: stdin is a terminal."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):  # closed or detached stdin
+        return False
+
+
 def read_password(
     password_file: str | None,
     prompt_for: str,
     stdin: TextIO | None = None,
     ask: Callable[[str], str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> str:
-    """Read a new password from ``password_file`` (``-``: stdin) or ask twice for it."""
+    """Read a new password for ``prompt_for``, from the first of: ``password_file``
+    (``-``: stdin), ``$CHATPROTO_PASSWORD``, a prompt (twice) when stdin is a terminal,
+    else the one line stdin holds (so a script never meets getpass's "cannot control
+    echo" warning, and an empty stdin is a clear error)."""
+    environ = os.environ if environ is None else environ
     if password_file == "-":
-        source = stdin if stdin is not None else sys.stdin
-        try:
-            text = source.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CtlError(f"cannot read the password from stdin: {e}") from None
-        password = _one_line(text, "stdin")
+        password = _one_line(_read_stdin(stdin), "stdin")
     elif password_file is not None:
         try:
             with open(password_file, encoding="utf-8") as f:
@@ -108,7 +119,10 @@ def read_password(
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise CtlError(f"cannot read password file {password_file}: {reason}") from None
         password = _one_line(text, password_file)
-    else:
+    elif environ.get(PASSWORD_ENV):
+        password = environ[PASSWORD_ENV]
+        print(f"{PROG}: the password of {prompt_for} is ${PASSWORD_ENV}", file=sys.stderr)
+    elif ask is not None or _interactive():
         ask = ask if ask is not None else getpass.getpass
         try:
             password = ask(f"New password for {prompt_for}: ")
@@ -117,8 +131,24 @@ def read_password(
             raise CtlError("no password given") from None
         if password != again:
             raise CtlError("the passwords do not match")
+    else:
+        text = _read_stdin(stdin)
+        if not text:
+            raise CtlError(
+                f"no password: stdin is not a terminal and empty (give --password-file "
+                f"FILE, set ${PASSWORD_ENV}, or pipe the password in)"
+            )
+        password = _one_line(text, "stdin")
     check_password(password)
     return password
+
+
+def _read_stdin(stdin: TextIO | None) -> str:
+    source = stdin if stdin is not None else sys.stdin
+    try:
+        return source.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CtlError(f"cannot read the password from stdin: {e}") from None
 
 
 def load_config(args: argparse.Namespace) -> configmod.Config:
@@ -304,7 +334,11 @@ def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
     print(f"  certificate = {_toml_string(paths['cert'])}")
     print(f"  private_key = {_toml_string(paths['key'])}")
     print(f"  port = {port}")
-    print("Clients connect with:")
+    print("Clients connect with (the realm's TLS port, [tls] port):")
+    print(
+        f"  chatproto --server tls:127.0.0.1:{port} --realm {realm} "
+        f"--ca {shlex.quote(paths['ca'])} --user NAME who"
+    )
     print(
         f'  chatproto.client.connect(reactor, "tls:127.0.0.1:{port}", user, password, '
         f'realm="{realm}", ca={_toml_string(paths["ca"])})'
@@ -584,7 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_rotate_key)
 
-    p = add("check-config", help="load and check the configuration")
+    p = add(
+        "check-config",
+        help="load and check the configuration",
+        description="Load FILE (or --config FILE) the way twistd chatrealm does and "
+        "report what it sets up, or the first problem, without starting anything.",
+    )
+    p.add_argument("file", metavar="FILE", nargs="?", help="the configuration file")
     p.set_defaults(func=cmd_check_config)
     return parser
 
@@ -592,7 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``chatrealmctl`` with ``argv`` (default: ``sys.argv[1:]``); returns the status."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "file", None):  # check-config FILE
+            if args.config and args.config != args.file:
+                parser.error(f"two configuration files: --config {args.config} and {args.file}")
+            args.config = args.file
         cfg = load_config(args)
         status: int = args.func(args, cfg)
         return status

@@ -11,7 +11,7 @@ before the listeners and stops after them.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.endpoints import serverFromString
@@ -90,7 +90,7 @@ class Options(usage.Options):
                 FederationTLS(cfg.federation)
             self.plugins = extensions.load_all(cfg.plugins)
         except configmod.ConfigError as e:
-            raise usage.UsageError(f"configuration: {e}") from None
+            self._fail(f"configuration: {e}")
         from twisted.internet import reactor
 
         described = cfg.listen_descriptions() + cfg.web_descriptions() + cfg.irc_descriptions()
@@ -98,11 +98,20 @@ class Options(usage.Options):
             try:
                 serverFromString(reactor, description)  # parses; does not listen
             except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(
+                self._fail(
                     f"bad endpoint description {description!r}: {e} "
                     "(escape ':' in values as '\\:', e.g. interface=\\:\\:1)"
-                ) from None
+                )
         self.realm_config = cfg
+
+    def _fail(self, message: str) -> NoReturn:
+        """Report a bad configuration or endpoint.  Under twistd (which makes these
+        options a subcommand: ``parent`` is its own options) it is one line on stderr
+        and exit status 1: twistd would print its whole usage before a UsageError's
+        message, burying it.  Called directly (tests, embedding), a UsageError."""
+        if getattr(self, "parent", None) is not None:
+            raise SystemExit(f"twistd chatrealm: {message}")
+        raise usage.UsageError(message)
 
 
 class ListenerService(Service):
@@ -132,12 +141,10 @@ class ListenerService(Service):
         if not IListeningPort.providedBy(outcome):
             raise SystemExit(f"chatrealm: cannot listen on {self.description}: {outcome.value}")
         self.port = outcome
-        host: Any = outcome.getHost()
         self.log.info(
-            "chatrealm {realm} listening on {host}:{port} ({description})",
+            "chatrealm {realm} listening on {address} ({description})",
             realm=self.factory.realm.realm,
-            host=host.host,
-            port=host.port,
+            address=_address(outcome.getHost()),
             description=self.description,
         )
 
@@ -152,6 +159,14 @@ class ListenerService(Service):
         if port is not None:
             return port.stopListening()
         return None
+
+
+def _address(addr: Any) -> str:
+    """``HOST:PORT`` of an IP address, the path of a UNIX socket."""
+    if hasattr(addr, "port"):
+        return f"{addr.host}:{addr.port}"
+    name = getattr(addr, "name", None)
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or addr)
 
 
 def build(

@@ -636,3 +636,26 @@ def test_who_shows_members_on_other_realms_as_online(capsys: Any) -> None:
         "alice@a.example (online, another realm)",
         "carol@a.example (another realm) away: lunch",
     ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_untrusted_certificate_names_the_ca_option(realm: Any, tmp_path: Any) -> Any:
+    """``certificate verify failed`` says what usually cures it: --ca (a development
+    CA from gen-certs is in no system trust store)."""
+    from twisted.internet.endpoints import serverFromString
+
+    from chatproto import tls
+
+    certs = tls.write_dev_certs(str(tmp_path / "tls"), "localhost")
+    desc = tls.server_description(certs["cert"], certs["key"], 0)
+    port = yield serverFromString(_reactor, desc).listen(ClientFactory(realm))
+    server = f"tls:127.0.0.1:{port.getHost().port}"
+    try:
+        out, err, code = yield run_cli(server, "alice", "register")
+        assert code == 1, err
+        assert "certificate verify failed" in err and "give it with --ca FILE" in err, err
+        assert "gen-certs" in err and "Traceback" not in err
+        out, err, code = yield run_cli(server, "alice", "--ca", certs["ca"], "register")
+        assert code == 0, err
+    finally:
+        yield port.stopListening()

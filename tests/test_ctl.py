@@ -97,7 +97,14 @@ def test_adduser_from_stdin(capsys: Any, conf: str, monkeypatch: Any) -> None:
     assert verifies(stored_hash(conf, "bob"), PASSWORD)
 
 
-def test_adduser_prompts_twice(capsys: Any, conf: str, monkeypatch: Any) -> None:
+@pytest.fixture
+def terminal(monkeypatch: Any) -> None:
+    """stdin is a terminal: chatrealmctl prompts (getpass, patched by the test)."""
+    monkeypatch.setattr(ctl, "_interactive", lambda: True)
+    monkeypatch.delenv(ctl.PASSWORD_ENV, raising=False)
+
+
+def test_adduser_prompts_twice(capsys: Any, conf: str, monkeypatch: Any, terminal: None) -> None:
     prompts: list[str] = []
 
     def ask(prompt: str) -> str:
@@ -111,7 +118,9 @@ def test_adduser_prompts_twice(capsys: Any, conf: str, monkeypatch: Any) -> None
     assert verifies(stored_hash(conf, "carol"), PASSWORD)
 
 
-def test_prompt_mismatch_and_eof(capsys: Any, conf: str, monkeypatch: Any) -> None:
+def test_prompt_mismatch_and_eof(
+    capsys: Any, conf: str, monkeypatch: Any, terminal: None
+) -> None:
     answers = iter([PASSWORD, PASSWORD + "x"])
     monkeypatch.setattr(ctl.getpass, "getpass", lambda prompt: next(answers))
     status, _, err = run(capsys, "--config", conf, "adduser", "carol")
@@ -243,6 +252,8 @@ def test_gen_certs(capsys: Any, conf: str, tmp_path: Path) -> None:
     listen = f"ssl:7421:interface=127.0.0.1:privateKey={d}/localhost.key:certKey={d}/localhost.pem"
     assert f"--listen '{listen}'" in out
     assert '"tls:127.0.0.1:7421"' in out and f'ca="{d}/ca.pem"' in out
+    client_line = f"chatproto --server tls:127.0.0.1:7421 --realm localhost --ca {d}/ca.pem"
+    assert client_line in out
     assert "CA certificate (new)" in out
     ca = (d / "ca.pem").read_bytes()
 
@@ -293,7 +304,31 @@ def test_gen_certs_default_dir_and_errors(capsys: Any, conf: str, tmp_path: Path
 # configuration and usage ------------------------------------------------------------
 
 
+def test_gen_certs_takes_the_tls_port_from_the_config(
+    capsys: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The second realm of the README's federation pair is told its own TLS port."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    for name, port in (("a", 7441), ("b", 7541)):
+        status, out, err = run(
+            capsys, "--config", f"config/federation-{name}.toml", "gen-certs", "--dir", "certs"
+        )
+        assert status == 0, err
+        realm = f"{name}.example"
+        assert f"--server tls:127.0.0.1:{port} --realm {realm} --ca {tmp_path}/certs/ca.pem" in out
+        assert f"ssl:{port}:" in out and "7421" not in out
+
+
 def test_check_config(capsys: Any, conf: str, tmp_path: Path) -> None:
+    status, out, err = run(capsys, "check-config", conf)  # the natural form
+    assert (status, err) == (0, "")
+    assert f"configuration OK: {conf}" in out
+    status, _, err = run(capsys, "--config", conf, "check-config", str(tmp_path / "other.toml"))
+    assert status == 2 and "two configuration files" in err
     status, out, err = run(capsys, "--config", conf, "check-config")
     assert (status, err) == (0, "")
     assert "realm:     localhost" in out
@@ -330,6 +365,37 @@ def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
     status, out, _ = run(capsys, "--help")
     assert status == 0 and "gen-certs" in out
     assert os.listdir(tmp_path) == []
+
+
+def test_password_from_the_environment_or_stdin_without_a_terminal(
+    conf: str, tmp_path: Path
+) -> None:
+    """Without a terminal, adduser never prompts (no GetPassWarning): the password
+    comes from $CHATPROTO_PASSWORD, else the one line stdin holds; an empty stdin is a
+    clear error."""
+
+    def ctl_run(*argv: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != ctl.PASSWORD_ENV}
+        return subprocess.run(
+            [sys.executable, "-m", "chatproto.ctl", "--config", conf, *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**environ, **env},
+        )
+
+    done = ctl_run("adduser", "carol", CHATPROTO_PASSWORD=PASSWORD)
+    assert (done.returncode, done.stdout) == (0, "created carol@localhost\n"), done.stderr
+    assert done.stderr == "chatrealmctl: the password of carol@localhost is $CHATPROTO_PASSWORD\n"
+    assert verifies(stored_hash(conf, "carol"), PASSWORD)
+    done = ctl_run("adduser", "dave", stdin=PASSWORD + "\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "created dave@localhost\n", "")
+    assert verifies(stored_hash(conf, "dave"), PASSWORD)
+    done = ctl_run("passwd", "dave", stdin="")
+    assert done.returncode == 1 and "Warning" not in done.stderr
+    assert done.stderr.startswith("chatrealmctl: no password: stdin is not a terminal and empty")
 
 
 def test_console_script_subprocess(conf: str, tmp_path: Path) -> None:

@@ -183,3 +183,31 @@ def test_twistd_plugin_is_discoverable() -> None:
     assert maker.options is tap.Options
     assert maker.makeService is tap.makeService
     assert maker.description
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "config/realm.toml"], "configuration: config file 'config/realm.toml'"),
+        (["--listen", "nosuchtype:1"], "bad endpoint description 'nosuchtype:1'"),
+    ],
+)
+def test_twistd_reports_a_bad_config_in_one_line(
+    tmp_path: Any, args: list[str], message: str
+) -> None:
+    """Under twistd the error is one line, not twistd's whole usage then the error."""
+    import subprocess
+
+    from tests.processes import twistd_argv
+
+    done = subprocess.run(
+        [*twistd_argv(), "-n", "--pidfile=", "chatrealm", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == "", done.stdout
+    assert done.stderr.startswith(f"twistd chatrealm: {message}"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -233,6 +233,7 @@ def test_tls_login_verifies_the_certificate(realm: Any, tmp_path: Any) -> Any:
         with pytest.raises(LoginError) as untrusted:
             yield ctl.login(addr, "alice", PASSWORD, register=True)
         assert "failed: TLS error: certificate verify failed" in str(untrusted.value)
+        assert "give it as the CA file" in str(untrusted.value)  # the form's field
         # the right CA, but the certificate does not name "elsewhere"
         with pytest.raises(LoginError) as misnamed:
             yield ctl.login(addr, "alice", PASSWORD, realm="elsewhere", ca=certs["ca"])

@@ -28,7 +28,7 @@ def next_batch_id() -> int:
 ERROR_NUMERICS = {
     "no_such_user": ("401", "No such nick"),
     "bad_address": ("401", "No such nick/channel"),
-    "remote_realm": ("401", "That realm is not reachable (federation is off)"),
+    "remote_realm": ("401", "That realm is not reachable from here"),
     "no_such_group": ("403", "No such channel"),
     "not_member": ("442", "You're not on that channel"),
     "forbidden": ("482", "You're not channel operator"),

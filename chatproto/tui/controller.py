@@ -133,7 +133,8 @@ class ChatController:
             return f"the file arrived damaged and was not kept: {exc}"
         reason = self.endpoint.reason if self.endpoint is not None else None
         # (explain() words errors for the command line: name the login form's field)
-        return str(explain(exc, self.server, reason)).replace("(--realm)", "(TLS name)")
+        text = str(explain(exc, self.server, reason))
+        return text.replace("(--realm)", "(TLS name)").replace("with --ca FILE", "as the CA file")
 
     @inlineCallbacks
     def login(
