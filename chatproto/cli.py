@@ -923,6 +923,12 @@ class _ListenService(ChatClientService):
 
         return super()._prepare(proxy).addCallback(prepared)
 
+    def logged_in(self, conn: Connection) -> None:
+        # the backlog follows: own messages (from other devices) need the address
+        self.me = conn.user
+
+    me: str | None = None
+
     def _status_failed(self, failure: Failure) -> None:
         _note(f"cannot set the status: {explain(failure.value or Exception(), '')}")
 
@@ -979,7 +985,7 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
         if args.count is not None and received >= args.count:
             return
         received += 1
-        _say(format_message(msg, args.json, me=me))
+        _say(format_message(msg, args.json, me=service.me))
         if args.count is not None and received >= args.count:
             # Read nothing more, so only what was printed gets acknowledged; stop two
             # turns later, after the client library has sent the ack for this one.
@@ -992,7 +998,6 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
         conn = service.connection
         _say(format_presence(frame, args.json, conn.realm if conn is not None else ""))
 
-    me: str | None = None
     service = _ListenService(
         reactor,
         endpoint,
@@ -1034,10 +1039,8 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
             raise explain(e, args.server, endpoint.reason) from None
         finally:
             first.addErrback(lambda _: None)  # reported above, or superseded by `done`
-        conn = service.connection
-        me = conn.user if conn is not None else None
         if not done.called:
-            _note(f"listening as {me} (device {args.device}); Ctrl-C to stop")
+            _note(f"listening as {service.me} (device {args.device}); Ctrl-C to stop")
         try:
             await done
         except Exception as e:

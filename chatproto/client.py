@@ -849,6 +849,8 @@ class ChatClientService(ClientService):
         self.on_presence = on_presence
         self.last_pos = since
         self.connection: Connection | None = None
+        #: The user's canonical address (``alice@realm``), from the first login on.
+        self.address: str | None = None
         #: Fails with the RemoteError that made the service give up.
         self.done: Deferred[None] = Deferred()
         self._ready: list[Deferred[Connection]] = []
@@ -881,6 +883,8 @@ class ChatClientService(ClientService):
             conn = yield _handshake(
                 proto, self.user, self._password, self.device, self.last_pos, False
             )
+            self.address = conn.user
+            self.logged_in(conn)  # before any item of the backlog is processed
             yield conn.synced
         except BaseException as e:
             proto.transport.loseConnection()
@@ -895,6 +899,12 @@ class ChatClientService(ClientService):
         waiters, self._ready = self._ready, []
         for d in waiters:
             d.callback(conn)
+
+    def logged_in(self, conn: Connection) -> None:
+        """Called on each connection as soon as the realm accepts the login, before
+        ``on_message`` gets the backlog (``conn.synced`` has not fired yet): a subclass
+        learns the canonical address (``conn.user``) that tells the user's own messages
+        from the ones addressed to them.  Does nothing here."""
 
     def whenReady(self) -> Deferred[Connection]:
         if self.connection is not None and not self.connection.protocol.lost:

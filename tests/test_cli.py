@@ -659,3 +659,19 @@ def test_an_untrusted_certificate_names_the_ca_option(realm: Any, tmp_path: Any)
         assert code == 0, err
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_listen_shows_own_messages_from_another_device_as_outgoing(server: str) -> Any:
+    """A message alice sent from another device reads ``alice -> bob`` in her listen,
+    in the backlog as live (it read ``alice: ...`` as if bob had written it)."""
+    yield _register(server, "alice", "bob")
+    out, err, code = yield run_cli(server, "alice", "send", "bob", "offline A")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "alice", "listen", "--count", "1", "--no-presence")
+    assert code == 0, err
+    assert out.endswith("] alice@localhost -> bob@localhost: offline A\n"), out
+    out, err, code = yield run_cli(server, "bob", "send", "alice", "reply")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "alice", "listen", "--count", "1", "--no-presence")
+    assert out.endswith("] bob@localhost: reply\n"), out

@@ -190,3 +190,29 @@ def test_two_users_chat_in_the_real_tui(realm: str, tmux: Tmux, tmp_path: Path) 
     screen = yield tmux.wait("alice", r"exit status \d+")
     assert "exit status 0" in screen, screen
     yield tmux.wait("bob", r"alice \(offline\)")
+
+
+@pytest_twisted.inlineCallbacks
+def test_own_messages_from_another_device_go_to_their_recipient(
+    realm: str, tmux: Tmux, tmp_path: Path
+) -> Any:
+    """What alice sent bob from another device, while her TUI was closed, is in her
+    conversation with bob as her own line (it was filed under a conversation with
+    herself, as if she had written to herself)."""
+    for user in ("alice", "bob"):
+        conn = yield client.connect(_reactor, realm, user, PASSWORD, register=True)
+        yield conn.close()
+    # (a device that acknowledges nothing, like the chatproto command's one-shots)
+    phone = yield client.connect(_reactor, realm, "alice", PASSWORD, device="phone", ack=False)
+    yield phone.send("bob", "sent from my phone")
+    yield phone.close()
+    argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm, "--user", "alice"]
+    tmux.start("alice", argv, _client_env(tmp_path, "alice"))
+    yield tmux.wait("alice", r"Password")
+    tmux.type("alice", PASSWORD)
+    yield tmux.wait("alice", rf"\[online\] alice@localhost on {realm}")
+    screen = yield tmux.wait("alice", r"^. bob\b")  # the sidebar has bob...
+    assert not re.search(r"^. alice\b", screen, re.M), screen  # ...and not herself
+    tmux.key("alice", "C-n")
+    screen = yield tmux.wait("alice", r"<alice> sent from my phone")
+    assert "unread" not in screen, screen  # her own line is not unread

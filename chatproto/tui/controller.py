@@ -52,6 +52,11 @@ class _Service(ChatClientService):
         super().__init__(*a, **kw)
         self.controller = controller
 
+    def logged_in(self, conn: Connection) -> None:
+        # before the backlog: the model files own messages under their recipient
+        self.controller.model.me = conn.user
+        self.controller.model.realm = conn.realm
+
     def _prepare(self, proxy: Any) -> Any:
         def prepared(result: Any) -> Any:
             if self._built is not None:
