@@ -525,10 +525,17 @@ class Connection:
                 fields[k] = v
         return self.protocol.request("history", **fields).addCallback(lambda r: r["messages"])
 
-    def who(self, group: str | None = None) -> Deferred[list[dict[str, Any]]]:
+    def who(
+        self, group: str | None = None, user: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
         """Online users of the realm, or the online members of ``group`` (members only):
-        ``[{"user", "sessions", "status"?, "text"?}]``."""
-        fields = {} if group is None else {"group": group}
+        ``[{"user", "sessions", "status"?, "text"?}]``.  With ``user``: that user, if
+        online (``[]`` otherwise); fails with ``no_such_user`` for no such account."""
+        fields: dict[str, Any] = {}
+        if group is not None:
+            fields["group"] = group
+        if user is not None:
+            fields["user"] = user
         return self.protocol.request("who", **fields).addCallback(lambda r: r["users"])
 
     # groups: each change fires with {"group", "pos", "msg_id"} once committed ---------

@@ -531,10 +531,13 @@ class ClientProtocol(Int32StringReceiver):
         d = self.session.history(peer, before, after, limit)
         return d.addCallback(lambda items: {"messages": [e.to_wire() for e in items]})
 
-    def handle_who(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle_who(self, req: dict[str, Any]) -> Any:
         assert self.session is not None
         group = wire.field(req, "group", str, required=False)
-        return {"users": self.session.who(group)}
+        user = wire.field(req, "user", str, required=False)
+        if user is None:
+            return {"users": self.session.who(group)}
+        return self.session.who(group, user).addCallback(lambda users: {"users": users})
 
     # groups -------------------------------------------------------------------------
 

@@ -337,6 +337,33 @@ def test_who_lists_online_users(realm: Any, clock: Clock) -> None:
     assert frames(ta)[0]["users"] == [{"user": "alice@localhost", "sessions": 1}]
 
 
+def test_who_one_user_says_whether_they_exist_and_are_online(realm: Any, clock: Clock) -> None:
+    """``who`` with ``user``: the user if online, ``[]`` if not, ``no_such_user`` for no
+    account (what a client asks before a first message: presence comes to contacts)."""
+    a, ta = logged_in(realm, clock, "alice")
+    b, _tb = logged_in(realm, clock, "bob")
+    frames(ta)
+
+    def who(**fields: Any) -> dict[str, Any]:
+        a.dataReceived(frame({"type": "who", "id": 7, **fields}))
+        clock.advance(0)
+        [r] = frames(ta)
+        return r
+
+    assert who(user="Bob")["users"] == [{"user": "bob@localhost", "sessions": 1}]
+    b.dataReceived(frame({"type": "set_status", "id": 2, "status": "away", "text": "lunch"}))
+    assert who(user="bob@localhost")["users"] == [
+        {"user": "bob@localhost", "sessions": 1, "status": "away", "text": "lunch"}
+    ]
+    b.connectionLost(None)
+    assert who(user="bob") == {"type": "result", "id": 7, "users": []}
+    assert who(user="nobody")["code"] == "no_such_user"
+    assert who(user="not a name!")["code"] == "bad_address"
+    assert who(user="x@elsewhere.example")["code"] == "remote_realm"
+    assert who(user="bob", group="#dev")["code"] == "bad_request"
+    assert who(user=5)["code"] == "bad_request"
+
+
 def test_register_rules(clock: Clock) -> None:
     cfg = Config()
     realm = make_test_realm(clock, cfg)

@@ -293,9 +293,22 @@ class RealmService(Service):
         """Whether canonical address ``user`` is a known local account."""
         return self.accounts.is_user(user)
 
-    def who(self, session: Session | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    def who(
+        self, session: Session | None = None, group: str | None = None, user: str | None = None
+    ) -> Any:
         """Online users of the realm, or online members of ``group`` (members only;
-        members on other realms as their realm last told us, without ``sessions``)."""
+        members on other realms as their realm last told us, without ``sessions``).
+
+        With ``user``: that user alone (an empty list when offline), so a client can
+        show the presence of someone it is about to write to; a Deferred, failing with
+        ``no_such_user`` when no such local account exists (a user of another realm,
+        with federation, is as this realm last heard; ``remote_realm`` without it)."""
+        if user is not None:
+            if group is not None:
+                raise ChatError("bad_request", "give 'group' or 'user', not both")
+            resolved = self.messages.resolve_user(user, remote_ok=True)
+            d = resolved if isinstance(resolved, Deferred) else succeed(resolved)
+            return d.addCallback(lambda addr: self.presence.who([str(addr)]))
         if group is None:
             return self.presence.who()
         user = session.user_id if session else ""

@@ -179,8 +179,9 @@ class Session:
     ) -> Deferred[list[Envelope]]:
         return self.realm.history(self, peer, before, after, limit)
 
-    def who(self, group: str | None = None) -> list[dict[str, Any]]:
-        return self.realm.who(self, group)
+    def who(self, group: str | None = None, user: str | None = None) -> Any:
+        """Online users (see :meth:`RealmService.who`); a Deferred with ``user``."""
+        return self.realm.who(self, group, user)
 
     def group_event(self, event: str, group: str, **args: Any) -> Deferred[Envelope]:
         """Create/join/leave/invite/kick/ban/unban/topic/role/delete (see groups.py)."""

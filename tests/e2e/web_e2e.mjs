@@ -105,8 +105,20 @@ async function main() {
     check(await alice.page.evaluate(() => !document.cookie.includes("chatproto_session")),
       "page scripts cannot read the session cookie");
 
-    // a DM whose text is markup: shown as those characters, never run
+    // a user that does not exist: refused when the conversation is opened, not after a send
+    await alice.page.fill("#open-input", "nobody");
+    await alice.page.press("#open-input", "Enter");
+    await alice.page.waitForFunction(() => document.querySelector("#open-error").textContent !== "");
+    check((await alice.page.textContent("#open-error")).includes("nobody"), "opening a conversation with no such user says so");
+    check((await alice.page.$('#conversations li[data-addr="nobody@localhost"]')) === null, "and opens no conversation");
+
+    // a new conversation shows the other user's presence at once (bob is online)
     await open(alice, "bob");
+    await alice.page.waitForFunction(() => document.querySelector("#conv-info").textContent === "online");
+    check((await alice.page.textContent("#open-error")) === "", "the error is gone once a conversation opens");
+    check(true, "a newly opened conversation shows bob online");
+
+    // a DM whose text is markup: shown as those characters, never run
     await send(alice, XSS);
     await waitMessage(alice, XSS);
     await bob.page.waitForSelector('#conversations li[data-addr="alice@localhost"] .badge');

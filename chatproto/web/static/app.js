@@ -454,12 +454,26 @@ function openConversation(addr) {
   conv.unread = 0;
   $("composer").hidden = false;
   showError("send-error", "");
+  showError("open-error", "");
   renderConversations();
   renderHeader();
   renderMessages();
   if (!conv.historyLoaded && state.live) loadHistory(conv, false);
   if (conv.group && state.live) loadGroupInfo(conv);
+  if (!conv.group && state.live) lookUpUser(addr).catch(() => {});
   $("text").focus();
+}
+
+// The realm sends presence frames for contacts only: someone new (no shared group, no
+// message yet) is asked about directly, so a new conversation does not show them
+// offline while they are online.  Fails with the realm's error (no_such_user...).
+async function lookUpUser(addr) {
+  const res = await request("who", { user: addr });
+  const entry = (res.users || [])[0];
+  state.presence.set(addr, entry ? entry.status || "online" : "offline");
+  renderConversations();
+  renderHeader();
+  return entry;
 }
 
 // ---- files ---------------------------------------------------------------------------
@@ -573,8 +587,16 @@ async function openByName(text) {
   if (!text) return;
   showError("open-error", "");
   if (!text.startsWith("#")) {
-    const addr = text.includes("@") ? text : `${text}@${state.realm}`;
-    openConversation(addr.toLowerCase());
+    const addr = (text.includes("@") ? text : `${text}@${state.realm}`).toLowerCase();
+    // a name that is no account is refused here, not after the first message
+    try { await lookUpUser(addr); }
+    catch (err) {
+      if (["no_such_user", "bad_address", "remote_realm", "peer_denied"].includes(err.code)) {
+        showError("open-error", err.message);
+        return;
+      }
+    }
+    openConversation(addr);
     return;
   }
   let group = text.includes("@") ? text : `${text}@${state.realm}`;
