@@ -224,7 +224,9 @@ def make_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="list the users online (or the online members of a group)",
         description="List the users online on the realm, or with GROUP the online "
-        "members of that group (members only), with their status.",
+        "members of that group (members only), with their status.  You are listed too "
+        "(this command's own session is quiet: it does not show you online to others); "
+        "a last line says when nobody else is online.",
     )
     p.add_argument(
         "group", metavar="GROUP", nargs="?", help="only the online members of this group"
@@ -742,21 +744,37 @@ async def _history(conn: Connection, args: argparse.Namespace) -> None:
 
 
 async def _who(conn: Connection, args: argparse.Namespace) -> None:
-    for entry in await conn.who(args.group):
+    """The realm's answer, plus yourself: this command's own session is quiet (it does
+    not make you appear online), so the realm lists you only for your other sessions.
+    When nobody else is online, a line says so (text output)."""
+    entries = await conn.who(args.group)
+    mine = next((e for e in entries if e.get("user") == conn.user), None)
+    if mine is None:
+        mine = {"user": conn.user, "sessions": 0}
+        entries = sorted([*entries, mine], key=lambda e: str(e.get("user")))
+    for entry in entries:
         if args.json:
-            _say(json.dumps(entry, ensure_ascii=False))
+            _say(json.dumps({**entry, "you": True} if entry is mine else entry, ensure_ascii=False))
+            continue
+        n = entry.get("sessions")
+        if entry is mine:
+            line = f"{entry['user']} (you" + (f"; {_sessions(n)})" if n else ")")
+        elif n is None:  # a group member on another realm: its realm does not say
+            online = "" if entry.get("status") else "online, "  # else the status says
+            line = f"{entry['user']} ({online}another realm)"
         else:
-            n = entry.get("sessions")
-            if n is None:  # a group member on another realm: its realm does not say
-                online = "" if entry.get("status") else "online, "  # else the status says
-                line = f"{entry['user']} ({online}another realm)"
-            else:
-                line = f"{entry['user']} ({n} session{'' if n == 1 else 's'})"
-            if entry.get("status"):
-                line += f" {entry['status']}"
-                if entry.get("text"):
-                    line += f": {entry['text']}"
-            _say(line)
+            line = f"{entry['user']} ({_sessions(n)})"
+        if entry.get("status"):
+            line += f" {entry['status']}"
+            if entry.get("text"):
+                line += f": {entry['text']}"
+        _say(line)
+    if not args.json and len(entries) == 1:
+        _say(f"nobody else{' in ' + args.group if args.group else ''} is online")
+
+
+def _sessions(n: int) -> str:
+    return f"{n} session{'' if n == 1 else 's'}"
 
 
 def _summary(info: dict[str, Any]) -> str:

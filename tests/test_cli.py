@@ -227,11 +227,25 @@ def test_who(server: str) -> Any:
     out, err, code = yield run_cli(server, "alice", "who", "--json")
     assert code == 0, err
     users = [json.loads(line) for line in out.splitlines()]
-    # alice's one-shot command is a quiet session: it does not show her as online
-    assert users == [{"user": "bob@localhost", "sessions": 1}]
+    # alice's one-shot command is a quiet session (no presence for her contacts), but
+    # she is there: listed as herself, with no other session
+    assert users == [
+        {"user": "alice@localhost", "sessions": 0, "you": True},
+        {"user": "bob@localhost", "sessions": 1},
+    ]
     out, err, code = yield run_cli(server, "alice", "who")
     assert code == 0, err
-    assert out.strip() == "bob@localhost (1 session)"
+    assert out.splitlines() == ["alice@localhost (you)", "bob@localhost (1 session)"]
+    out, err, code = yield run_cli(server, "bob", "who")  # bob's own session counts
+    assert out.splitlines() == ["bob@localhost (you; 1 session)", "nobody else is online"]
+    # a group with nobody else online says so (it printed nothing at all)
+    out, err, code = yield run_cli(server, "alice", "create", "#dev")
+    assert code == 0, err
+    out, err, code = yield run_cli(server, "alice", "who", "#dev")
+    assert out.splitlines() == ["alice@localhost (you)", "nobody else in #dev is online"], err
+    yield bob.join("#dev")
+    out, err, code = yield run_cli(server, "alice", "who", "#dev")
+    assert out.splitlines() == ["alice@localhost (you)", "bob@localhost (1 session)"], err
     yield bob.close()
 
 
@@ -625,6 +639,8 @@ def test_who_shows_members_on_other_realms_as_online(capsys: Any) -> None:
     ]
 
     class Conn:
+        user = "bob@localhost"
+
         def who(self, group: Any) -> Any:
             return defer.succeed(entries)
 
@@ -632,7 +648,7 @@ def test_who_shows_members_on_other_realms_as_online(capsys: Any) -> None:
     d = defer.ensureDeferred(cli._who(Conn(), args))  # type: ignore[arg-type]
     assert d.called
     assert capsys.readouterr().out.splitlines() == [
-        "bob@localhost (2 sessions)",
+        "bob@localhost (you; 2 sessions)",
         "alice@a.example (online, another realm)",
         "carol@a.example (another realm) away: lunch",
     ]
