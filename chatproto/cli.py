@@ -31,9 +31,11 @@ Exit status: 0 on success, 1 for errors from the realm (printed as
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -671,7 +673,22 @@ class ProgressBar:
             self.stream.flush()
 
 
-async def _send_file(conn: Connection, args: argparse.Namespace) -> None:
+def _again(args: argparse.Namespace, *extra: str) -> str:
+    """The command line the user ran, with ``extra`` options (to resume)."""
+    argv = list(getattr(args, "argv", None) or [])
+    if "--resume" in argv:  # a resumed run names another upload now
+        i = argv.index("--resume")
+        del argv[i : i + 2]
+    return shlex.join(["chatproto", *argv, *extra])
+
+
+async def _send_file(
+    conn: Connection, args: argparse.Namespace, interrupt: Deferred[None] | None = None
+) -> None:
+    """Upload with a progress bar.  An interruption says exactly what the realm holds
+    and how to go on: Ctrl-C asks the realm (its count, never a guess), a connection
+    lost while the realm was finishing says to resume to learn the outcome, and
+    resuming an upload the realm posted already says so (it is never posted twice)."""
     if not os.path.isfile(args.path):
         raise CommandError(f"{args.path}: not a file")
     bar = ProgressBar(args.name or os.path.basename(args.path))
@@ -683,23 +700,50 @@ async def _send_file(conn: Connection, args: argparse.Namespace) -> None:
             media_type=args.type,
             progress=bar,
             resume=args.resume,
+            interrupt=interrupt,
         )
     except TransferInterrupted as e:
         bar.finish()
-        raise CommandError(
-            f"upload interrupted after {human_size(e.done)}; resume with: chatproto "
-            f"send-file {args.peer} {args.path} --resume {e.upload}"
-        ) from None
+        raise _upload_stopped(e, args) from None
     except ValueError as e:
         raise CommandError(str(e)) from None
     bar.finish()
+    if result.get("already_posted"):
+        _note(f"upload {result['upload']} was posted already; nothing was sent again")
+    elif result.get("interrupted_late"):
+        _note("interrupted, but the realm had all the bytes: the file is posted")
     if args.json:
         _say(json.dumps(result))
     else:
         _say(f"file={result['file']} id={result['msg_id']} pos={result['pos']}")
 
 
-async def _download(conn: Connection, args: argparse.Namespace) -> None:
+def _upload_stopped(e: TransferInterrupted, args: argparse.Namespace) -> CommandError:
+    if e.upload is None:
+        return CommandError("interrupted before any byte was sent; nothing was posted", 130)
+    resume = _again(args, "--resume", e.upload)
+    if e.finishing:
+        return CommandError(
+            f"the connection was lost while the realm was finishing upload {e.upload}: it "
+            f"may have been posted.  To find out (it is never posted twice): {resume}"
+        )
+    of = f"{human_size(e.done)} of {human_size(e.size)} ({e.done} of {e.size} bytes)"
+    if e.held:
+        status = 130 if e.stopped else 1
+        return CommandError(
+            f"interrupted: the realm holds {of} of upload {e.upload}; nothing was posted.  "
+            f"Resume with: {resume}",
+            status,
+        )
+    return CommandError(
+        f"connection lost after sending {of} of upload {e.upload} (the realm may hold "
+        f"fewer); nothing was posted.  Resume with: {resume}"
+    )
+
+
+async def _download(
+    conn: Connection, args: argparse.Namespace, interrupt: Deferred[None] | None = None
+) -> None:
     path = args.path
     if os.path.isdir(path):
         # ask for nothing but the description, to learn the file's name
@@ -710,11 +754,16 @@ async def _download(conn: Connection, args: argparse.Namespace) -> None:
         raise CommandError(f"{path} exists: give another PATH, or --force to replace it")
     bar = ProgressBar(os.path.basename(path))
     try:
-        info = await conn.download(args.file_id, path, progress=bar)
-    except TransferInterrupted:
+        info = await conn.download(args.file_id, path, progress=bar, interrupt=interrupt)
+    except TransferInterrupted as e:
         bar.finish()
+        held = f"{path}.part holds {human_size(e.done)} of {human_size(e.size)}"
+        if e.stopped:
+            raise CommandError(
+                f"interrupted: {held}; run the same command to resume", 130
+            ) from None
         raise CommandError(
-            f"download interrupted ({path}.part kept); run the same command to resume"
+            f"download interrupted: {held}; run the same command to resume"
         ) from None
     except ChecksumMismatch as e:
         bar.finish()
@@ -1070,12 +1119,89 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
         await stop()
 
 
+#: Seconds a transfer stopped by Ctrl-C (or SIGTERM) gets to ask the realm what it
+#: holds and say so, before the command gives up waiting.
+INTERRUPT_GRACE = 15.0
+
+
+class _Interrupted:
+    """Ctrl-C (SIGINT) or SIGTERM during a one-shot command: the reactor is stopping.
+
+    With ``wait`` (a transfer: ``send-file``, ``download``) ``interrupt`` fires and the
+    command gets up to :data:`INTERRUPT_GRACE` seconds to stop cleanly and say what
+    the realm (or the ``.part`` file) holds; any other command just ends.  Either way
+    the exit status is 130.
+    """
+
+    #: Set when a command was cut short without its own report (main() returns 130).
+    cut_short = False
+
+    def __init__(self, reactor: Any, wait: bool) -> None:
+        self.reactor = reactor
+        self.wait = wait
+        self.interrupt: Deferred[None] = Deferred()
+        self.fired = False
+        self._waiter: Deferred[None] | None = None
+        self._timer: Any = None
+        self._trigger = reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+
+    def _shutdown(self) -> Deferred[None] | None:
+        self.fired = True
+        self.interrupt.callback(None)
+        if not self.wait:
+            _Interrupted.cut_short = True
+            _note("interrupted")
+            return None
+        _note("interrupted; stopping the transfer (Ctrl-C again does not hurry it)")
+        self._timer = self.reactor.callLater(INTERRUPT_GRACE, self._give_up)
+        self._waiter = Deferred()
+        return self._waiter
+
+    def _give_up(self) -> None:
+        _Interrupted.cut_short = True
+        _note(f"interrupted; no answer from the realm in {INTERRUPT_GRACE:.0f} s")
+        self._release()
+
+    def _release(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._waiter is not None and not self._waiter.called:
+            self._waiter.callback(None)
+
+    def done(self) -> None:
+        """The command has ended (and reported): shutdown may go on."""
+        if not self.fired:
+            self.reactor.removeSystemEventTrigger(self._trigger)
+        self._release()
+
+
 async def run(reactor: Any, args: argparse.Namespace, password: str) -> None:
     """Run the parsed command on ``reactor``; raises :class:`CommandError`."""
     if args.command == "listen":
         await _listen(reactor, args, password)
         return
-    await _oneshot(reactor, args, password, _ONESHOT[args.command])
+    action = _ONESHOT[args.command]
+    transfer = args.command in ("send-file", "download")
+    interrupted = _Interrupted(reactor, wait=transfer)
+    if transfer:
+        action = functools.partial(action, interrupt=interrupted.interrupt)  # type: ignore[call-arg]
+    try:
+        await _oneshot(reactor, args, password, action)
+    except Exception:
+        if interrupted.fired:
+            raise _stopped(sys.exc_info()[1]) from None
+        raise
+    finally:
+        interrupted.done()
+
+
+def _stopped(exc: BaseException | None) -> CommandError:
+    """What an interrupted command says: its own report, or 'interrupted'."""
+    if isinstance(exc, CommandError) and exc.status == 130:
+        return exc
+    if isinstance(exc, CommandError):
+        return CommandError(f"interrupted: {exc}", 130)
+    return CommandError("interrupted", 130)
 
 
 def _react_main(reactor: Any, args: argparse.Namespace, password: str) -> Deferred[None]:
@@ -1119,10 +1245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # tracebacks; the user gets one line per problem instead, unless --verbose.
     observer: Any = textFileLogObserver(sys.stderr) if args.verbose else lambda event: None
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         react(_react_main, (args, password))
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else 1
+        return 130 if code == 0 and _Interrupted.cut_short else code
     return 0  # pragma: no cover (react always exits)
 
 

@@ -80,18 +80,59 @@ class ConnectionDone(Exception):
 
 
 class TransferInterrupted(ConnectionDone):
-    """A file transfer stopped with its connection.
+    """A file transfer stopped: its connection was lost, or the caller's ``interrupt``
+    fired (``stopped``).
 
     For an upload, ``upload`` is the id to pass as ``resume=`` to
-    :meth:`Connection.send_file` on a new connection; a download resumes by calling
-    :meth:`Connection.download` again with the same path (its ``.part`` file is kept).
-    ``done`` is how many bytes had been sent or received.
+    :meth:`Connection.send_file` (None: nothing was started, or it was cancelled); a
+    download resumes by calling :meth:`Connection.download` again with the same path
+    (its ``.part`` file is kept).  ``done`` counts the bytes of ``size``: with ``held``
+    it is what the realm holds of the upload (it said so), or what the ``.part`` file
+    holds; without, the bytes sent before the connection went (the realm may hold
+    fewer).  ``finishing``: the connection went while the realm was finishing the
+    upload, so it may have been posted: resuming says (it is never posted twice).
     """
 
-    def __init__(self, message: str, upload: str | None = None, done: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        upload: str | None = None,
+        done: int = 0,
+        *,
+        size: int = 0,
+        held: bool = False,
+        finishing: bool = False,
+        stopped: bool = False,
+    ) -> None:
         super().__init__(message)
         self.upload = upload
         self.done = done
+        self.size = size
+        self.held = held
+        self.finishing = finishing
+        self.stopped = stopped
+
+
+class _Interrupt:
+    """The caller's ``interrupt`` Deferred, as a flag plus hooks run when it fires."""
+
+    def __init__(self, d: Deferred[Any] | None) -> None:
+        self.fired = False
+        self._hooks: list[Callable[[], Any]] = []
+        if d is not None:
+            d.addCallback(self._fire)
+
+    def _fire(self, _: object) -> None:
+        self.fired = True
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def on_fire(self, hook: Callable[[], Any]) -> None:
+        if self.fired:
+            hook()
+        else:
+            self._hooks.append(hook)
 
 
 class ChecksumMismatch(Exception):
@@ -627,6 +668,7 @@ class Connection:
         media_type: str | None = None,
         progress: ProgressCallback | None = None,
         resume: str | None = None,
+        interrupt: Deferred[Any] | None = None,
     ) -> Any:
         """Upload the file at ``path`` to a user or ``#group``.
 
@@ -634,15 +676,31 @@ class Connection:
         verified and stored it and committed its ``file`` message.  ``progress(sent,
         size)`` is called as bytes go out.  Fails with :class:`RemoteError` (codes
         ``too_large``, ``quota_exceeded``, ``checksum_mismatch``...; the limits are
-        checked before any byte is sent) or, when the connection drops,
-        :class:`TransferInterrupted`: pass its ``upload`` as ``resume=`` on a new
-        connection to continue where the realm's bytes end.
+        checked before any byte is sent) or :class:`TransferInterrupted`: pass its
+        ``upload`` as ``resume=`` on a new connection to continue where the realm's
+        bytes end.  Resuming an upload the realm has posted already (the answer was
+        lost) fires with that post and ``"already_posted": True``: a file is posted
+        at most once.
+
+        When ``interrupt`` fires (Ctrl-C, say), no more bytes are sent: the realm is
+        asked what it holds and the call fails with :class:`TransferInterrupted`
+        (``stopped``, ``held``, ``done`` = the realm's bytes); an upload not begun yet
+        is cancelled (``upload`` None).  Once ``file_finish`` is sent it is answered
+        whatever happens, and the call ends as the realm decided.
         """
         proto = self.protocol
+        stop = _Interrupt(interrupt)
         size = os.path.getsize(path)
         sha = yield proto.run(sha256_file, path)
+        if stop.fired:
+            raise TransferInterrupted(
+                "interrupted before the upload began", size=size, stopped=True
+            )
         if resume is not None:
             r = yield proto.request("file_resume", upload=resume)
+            if r.get("finished"):
+                post = {k: v for k, v in r.items() if k not in ("type", "id", "finished")}
+                return {**post, "upload": resume, "already_posted": True}
             if r["size"] != size or r["sha256"] != sha:
                 raise ValueError(f"upload {resume} is of another file than {path}")
         else:
@@ -656,26 +714,61 @@ class Connection:
             if kind:
                 fields["media_type"] = kind
             r = yield proto.request("file_offer", **fields)
+            if stop.fired:
+                yield proto.request("file_cancel", upload=r["upload"])
+                raise TransferInterrupted(
+                    "interrupted before any byte was sent (the upload was cancelled)",
+                    size=size,
+                    held=True,
+                    stopped=True,
+                )
         upload, offset, stream = r["upload"], r["offset"], r["stream"]
-        if progress is not None:
-            progress(offset, size)
-        try:
-            yield proto.upload(stream, path, offset, size - offset, r["chunk"], progress, size)
-        except transfer.ConnectionDone:
-            err = proto._upload_errors.pop(stream, None)
-            if err is not None:
-                raise err from None
+        sent = offset
+
+        def sending(done: int, total: int) -> None:
+            nonlocal sent
+            sent = done
+            if progress is not None:
+                progress(done, total)
+
+        sending(offset, size)
+        if not stop.fired:
+            going = proto.upload(stream, path, offset, size - offset, r["chunk"], sending, size)
+            stop.on_fire(going.cancel)  # stops reading the file: ConnectionDone below
+            try:
+                yield going
+            except transfer.ConnectionDone:
+                err = proto._upload_errors.pop(stream, None)
+                if err is not None:
+                    raise err from None
+                if not stop.fired or proto.lost:
+                    raise TransferInterrupted(
+                        f"connection lost while uploading {path}", upload, sent, size=size
+                    ) from None
+        if stop.fired:
+            # frames and requests are handled in order: this counts every byte sent
+            held = yield proto.request("file_resume", upload=upload)
             raise TransferInterrupted(
-                f"connection lost while uploading {path}", upload, offset
-            ) from None
+                "interrupted", upload, held.get("offset", size), size=size, held=True, stopped=True
+            )
         try:
             result = yield proto.request("file_finish", upload=upload)
-        except ConnectionDone:
+        except RemoteError:
+            raise
+        except Exception:
+            if not proto.lost:
+                raise
             raise TransferInterrupted(
-                f"connection lost while finishing {path}", upload, size
+                f"connection lost while the realm was finishing {path}",
+                upload,
+                size,
+                size=size,
+                finishing=True,
             ) from None
         out = {k: v for k, v in result.items() if k not in ("type", "id")}
         out["upload"] = upload
+        if stop.fired:
+            out["interrupted_late"] = True  # the interrupt came while it was finishing
         return out
 
     def cancel_upload(self, upload: str) -> Deferred[dict[str, Any]]:
@@ -689,6 +782,7 @@ class Connection:
         path: str,
         *,
         progress: ProgressCallback | None = None,
+        interrupt: Deferred[Any] | None = None,
     ) -> Any:
         """Download file ``file_id`` (from a ``file`` message's ``meta``) to ``path``.
 
@@ -699,9 +793,11 @@ class Connection:
         ``name``, ``size``, ``media_type``, ``sha256``, ``from``, ``to``...); fails
         with :class:`RemoteError` (``no_such_file``, ``not_member``),
         :class:`ChecksumMismatch`, or :class:`TransferInterrupted` (call again to
-        resume).
+        resume; ``done`` is what the ``.part`` file holds, on disk).  When
+        ``interrupt`` fires, the download stops the same way (``stopped``).
         """
         proto = self.protocol
+        stop = _Interrupt(interrupt)
         part = path + ".part"
         offset = os.path.getsize(part) if os.path.exists(part) else 0
         try:
@@ -717,11 +813,27 @@ class Connection:
         proto._receivers[stream] = receiver
         if progress is not None:
             progress(offset, r["size"])
+
+        def stopped() -> None:
+            if not receiver.done.called:
+                receiver.fail(TransferInterrupted("interrupted", stopped=True))
+                if not proto.lost:  # frames already on their way are dropped
+                    proto.request("download_cancel", stream=stream).addErrback(lambda _: None)
+
+        stop.on_fire(stopped)
         try:
             yield receiver.done
-        except BaseException:
+        except BaseException as e:
             proto._receivers.pop(stream, None)
             yield receiver.writer.drained()  # the .part file holds what arrived
+            if isinstance(e, TransferInterrupted):
+                raise TransferInterrupted(
+                    str(e),
+                    done=receiver.writer.offset,
+                    size=r["size"],
+                    held=True,
+                    stopped=e.stopped,
+                ) from None
             raise
         proto._receivers.pop(stream, None)
         yield receiver.writer.drained()
@@ -953,6 +1065,8 @@ class ChatClientService(ClientService):
             try:
                 result = yield conn.send_file(to, path, resume=resume, **kwargs)
             except TransferInterrupted as e:
+                if e.stopped:  # the caller's interrupt, not the network
+                    raise
                 resume = e.upload or resume
                 continue
             except RemoteError:
@@ -972,7 +1086,9 @@ class ChatClientService(ClientService):
                 info = yield conn.download(file_id, path, **kwargs)
             except RemoteError:
                 raise
-            except ConnectionDone:
+            except ConnectionDone as e:
+                if isinstance(e, TransferInterrupted) and e.stopped:
+                    raise
                 continue
             return info
         raise ConnectionDone(f"download of {file_id} not finished after {attempts} connections")

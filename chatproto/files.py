@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -35,6 +36,7 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.internet.interfaces import IConsumer, IReactorThreads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatproto.config import Files as FilesConfig
 from chatproto.envelope import Envelope
@@ -52,10 +54,15 @@ __all__ = [
     "RemoteBlob",
     "Upload",
     "announced_limits",
+    "finish_result",
     "new_file_id",
 ]
 
 MAX_NAME = 255
+#: Finished uploads remembered (the newest, for ``upload_expiry`` seconds, in memory),
+#: so a client that lost the answer to ``file_finish`` learns it again instead of
+#: posting the file a second time.
+FINISHED_REMEMBERED = 4096
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}"
@@ -303,6 +310,10 @@ class FileService:
                 run = inline
         self.store = FileStore(root, run)
         self.uploads: dict[str, Upload] = {}
+        #: upload id -> (user, when, info, envelope) of recently finished uploads
+        self.finished: OrderedDict[str, tuple[str, float, FileInfo, Envelope]] = OrderedDict()
+        #: upload id -> Deferreds of file_finish requests waiting for a running finish
+        self._finishing: dict[str, list[Deferred[Any]]] = {}
         #: Offers are checked one at a time, so two cannot both pass one quota check.
         self._offer_lock = DeferredLock()
         #: Blob creation (with its message) and blob removal never interleave.
@@ -534,8 +545,7 @@ class FileService:
         up = self.uploads.get(upload_id)
         return up.writer.pending if up is not None and up.user == user else 0
 
-    @inlineCallbacks
-    def finish(self, user: str, upload_id: str) -> Any:
+    def finish(self, user: str, upload_id: str) -> Deferred[Any]:
         """Verify and store the upload, then post its ``file`` message.
 
         Fires with ``(FileInfo, Envelope)`` once the file and its message are committed
@@ -544,10 +554,49 @@ class FileService:
         ``checksum_mismatch``: the bytes do not match the announced sha256, so the
         upload is discarded and nothing is stored.  The recipient is checked again
         (``not_member`` if the sender left the group meanwhile).
+
+        An upload is posted at most once: asked again (the answer was lost with a
+        connection), a finish still running gives its outcome when it ends, and a
+        finished upload (see :meth:`posted`) its ``(FileInfo, Envelope)`` at once.
         """
-        up = self._own(user, upload_id)
-        if up.finishing:
-            raise ChatError("bad_request", "the upload is being finished already")
+        done = self.posted(user, upload_id)
+        if done is not None:
+            return succeed(done)
+        try:
+            up = self._own(user, upload_id)
+        except ChatError as e:
+            return fail(e)
+        waiting = self._finishing.get(upload_id)
+        if waiting is not None:
+            d: Deferred[Any] = Deferred()
+            waiting.append(d)
+            return d
+        waiters = self._finishing[upload_id] = []
+
+        def settle(result: Any) -> Any:
+            del self._finishing[upload_id]
+            if not isinstance(result, Failure):
+                self.finished[upload_id] = (user, self.realm.clock.seconds(), *result)
+                while len(self.finished) > FINISHED_REMEMBERED:
+                    self.finished.popitem(last=False)
+            for w in waiters:
+                w.errback(result) if isinstance(result, Failure) else w.callback(result)
+            return result
+
+        return self._finish(user, up).addBoth(settle)
+
+    def posted(self, user: str, upload_id: Any) -> tuple[FileInfo, Envelope] | None:
+        """``(FileInfo, Envelope)`` of ``user``'s upload ``upload_id`` if it was
+        finished (posted) lately, else None: ``file_resume`` of a finished upload
+        answers with it (see PROTOCOL.md), so nothing is sent or posted again."""
+        known = self.finished.get(upload_id) if isinstance(upload_id, str) else None
+        if known is None or known[0] != user:
+            return None
+        return known[2], known[3]
+
+    @inlineCallbacks
+    def _finish(self, user: str, up: Upload) -> Any:
+        upload_id = up.upload_id
         up.finishing = True
         try:
             yield up.writer.drained()
@@ -721,6 +770,11 @@ class FileService:
         blobs orphaned by a crash between storing the bytes and the message).
         Fires with counts: ``{"uploads", "blobs"}``."""
         now = self.realm.clock.seconds()
+        while self.finished:  # oldest first: forget what finished an expiry ago
+            _user, when, _info, _env = next(iter(self.finished.values()))
+            if now - when < self.config.upload_expiry:
+                break
+            self.finished.popitem(last=False)
         idle = [
             up
             for up in list(self.uploads.values())
@@ -812,6 +866,11 @@ def announced_limits(config: FilesConfig) -> dict[str, int]:
         "file_quota": config.quota_per_user,
         "file_chunk": config.chunk_size,
     }
+
+
+def finish_result(info: FileInfo, env: Envelope) -> dict[str, Any]:
+    """The result of ``file_finish`` (and of ``file_resume`` of a finished upload)."""
+    return {"file": info.file_id, "pos": env.pos, "msg_id": env.id, "ts": env.ts}
 
 
 def _info(env: Envelope) -> FileInfo:

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from chatproto import wire
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
-from chatproto.files import Download, Upload, announced_limits
+from chatproto.files import Download, Upload, announced_limits, finish_result
 from chatproto.flow import OutputQueue
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 from chatproto.transfer import ConnectionDone, DataSink
@@ -648,6 +648,9 @@ class ClientProtocol(Int32StringReceiver):
     def handle_file_resume(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
         upload_id = wire.field(req, "upload", str)
+        posted = self.factory.realm.files.posted(self.session.user_id, upload_id)
+        if posted is not None:  # finished already: its result, no stream
+            return succeed({"upload": upload_id, "finished": True, **finish_result(*posted)})
         d = self.factory.realm.files.status(self.session.user_id, upload_id)
         return d.addCallback(self._upload_opened)
 
@@ -657,9 +660,8 @@ class ClientProtocol(Int32StringReceiver):
         d = self.factory.realm.files.finish(self.session.user_id, upload_id)
 
         def done(result: Any) -> dict[str, Any]:
-            info, env = result
             self._upload_closed(upload_id)
-            return {"file": info.file_id, "pos": env.pos, "msg_id": env.id, "ts": env.ts}
+            return finish_result(*result)
 
         return d.addCallback(done)
 

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -143,8 +144,34 @@ def test_offsets_must_continue_and_size_is_enforced(realm: Any) -> None:
     assert code(files.write(BOB, up.upload_id, 4, b"45")) == "no_such_upload"  # not his
     assert ok(files.status(ALICE, up.upload_id)).offset == 4
     ok(files.write(ALICE, up.upload_id, 4, b"456789"))
-    info, _ = ok(files.finish(ALICE, up.upload_id))
+    info, env = ok(files.finish(ALICE, up.upload_id))
     assert fetch(realm, BOB, info.file_id) == b"0123456789"
+    # asked again (the answer was lost): the same post, not a second one
+    assert ok(files.finish(ALICE, up.upload_id)) == (info, env)
+    assert files.posted(ALICE, up.upload_id) == (info, env)
+    assert files.posted(BOB, up.upload_id) is None  # not his
+    assert code(files.finish(BOB, up.upload_id)) == "no_such_upload"
+    assert [i.kind for i in realm.store.items].count("file") == 1
+
+
+def test_a_finish_asked_again_while_it_runs_gets_the_same_post(realm: Any, clock: Clock) -> None:
+    """Two file_finish for one upload (a retry on another connection while the first
+    runs): one file item; both get it.  Forgotten an upload_expiry later."""
+    files = realm.files
+    data = b"0123456789"
+    up = ok(files.offer(ALICE, "bob", "x", 10, hashlib.sha256(data).hexdigest()))
+    ok(files.write(ALICE, up.upload_id, 0, data))
+    gate: Any = Deferred()
+    real_commit = files.store.commit
+    files.store.commit = lambda *a: gate.addCallback(lambda _: real_commit(*a))
+    first, second = files.finish(ALICE, up.upload_id), files.finish(ALICE, up.upload_id)
+    assert not first.called and not second.called
+    gate.callback(None)
+    assert ok(first) == ok(second)
+    assert [i.kind for i in realm.store.items].count("file") == 1
+    clock.advance(realm.config.files.upload_expiry)
+    ok(files.cleanup())
+    assert files.posted(ALICE, up.upload_id) is None
     assert code(files.finish(ALICE, up.upload_id)) == "no_such_upload"
 
 

@@ -119,6 +119,27 @@ def test_upload_then_download(realm: Any, clock: Clock, bytewise: bool) -> None:
     assert not bob.proto._download_sinks  # finished and forgotten
 
 
+def test_resume_of_a_finished_upload_gives_the_post(realm: Any, clock: Clock) -> None:
+    """file_resume and file_finish of an upload already posted (the client lost the
+    answer) give the post again: nothing is sent or posted twice."""
+    alice = Conn(realm, clock, "alice")
+    data = b"meow"
+    sha = hashlib.sha256(data).hexdigest()
+    Conn(realm, clock, "bob")
+    r = alice.req("file_offer", to="bob", name="x.txt", size=4, sha256=sha)
+    alice.feed(data_frame(wire.OP_UPLOAD, r["stream"], 0, data))
+    done = alice.req("file_finish", upload=r["upload"])
+    again = Conn(realm, clock, "alice")  # another connection, as after a lost one
+    resumed = again.req("file_resume", upload=r["upload"])
+    post = {k: done[k] for k in ("file", "pos", "msg_id", "ts")}
+    assert resumed == {"type": "result", "id": "r", "upload": r["upload"], "finished": True, **post}
+    assert again.req("file_finish", upload=r["upload"]) == done
+    assert Conn(realm, clock, "bob").req("file_resume", upload=r["upload"])["code"] == (
+        "no_such_upload"
+    )
+    assert [i.kind for i in realm.store.items].count("file") == 1
+
+
 def test_data_frame_errors(realm: Any, clock: Clock) -> None:
     alice = Conn(realm, clock, "alice")
     Conn(realm, clock, "bob")
