@@ -554,3 +554,27 @@ def test_downloaded_names_stay_in_the_download_directory(tmp_path: Any) -> None:
     target.write_text("x")
     (tmp_path / "a (1).txt").write_text("x")
     assert _free_path(str(target)) == str(tmp_path / "a (2).txt")
+
+
+def test_irssi_commands_parse_and_actions_render() -> None:
+    from chatproto.tui.model import action, action_body
+
+    assert commands.parse("/query bob hi").name == "query"  # type: ignore[union-attr]
+    assert commands.parse("/part").name == "part"  # type: ignore[union-attr]
+    assert commands.parse("/me waves at you").args == {"TEXT": "waves at you"}  # type: ignore[union-attr]
+    with pytest.raises(commands.UsageError, match="/m is ambiguous: /msg, /me"):
+        commands.parse("/m x")
+    assert action_body("waves") == "\x01ACTION waves\x01"
+    assert action("\x01ACTION waves\x01") == "waves"
+    assert action("waves") is None and action("\x01ACTION\x01") is None
+    model = ChatModel()
+    model.me, model.realm = "alice@x", "x"
+    item = {"pos": 1, "kind": "text", "from": "bob@x", "to": "alice@x", "ts": 0.0,
+            "body": action_body("waves")}
+    line = MessageLine(item)
+    assert _flat(message_markup(line, model.me, model.realm))[6:] == "* bob waves"
+    model.conversation("bob@x")
+    model.conversation("#dev@x")
+    assert model.window(3).address == "bob@x" and model.window(1).address == ""
+    with pytest.raises(IndexError):
+        model.window(4)

@@ -98,6 +98,11 @@ def test_register_then_chat_once_each_across_a_dropped_connection(server: Any) -
         for i in range(5):
             yield alice.run(f"/msg bob while away {i}")
         yield until(lambda: bob.model.connection == "online")
+        # the status window tells the story (realm notices land there, not in a chat)
+        assert notices(bob, STATUS)[-2:] == [
+            "connection lost; reconnecting",
+            f"reconnected to {addr}; nothing missed",
+        ]
         expected = ["hello bob"] + [f"while away {i}" for i in range(5)]
         yield until(lambda: bodies(bob, "alice@localhost") == expected)
         assert bob.model.conversations["alice@localhost"].unread == 6
@@ -182,8 +187,10 @@ def test_group_commands_and_readable_realm_errors(server: Any) -> Any:
         assert notices(bob, "#dev@localhost")[-1].startswith("not_member: ")
         yield alice.run("/status away lunch")
         assert alice.status == ("away", "lunch")
-        yield alice.run("/help who")
-        assert notices(alice, "#dev@localhost")[-1].startswith("/who [#GROUP]: ")
+        yield alice.run("/help who")  # in the status window, which comes up
+        assert notices(alice, STATUS)[-1].startswith("/who [#GROUP]: ")
+        assert alice.model.active == STATUS
+        alice.open("#dev@localhost")
         yield alice.run("/close")
         assert alice.model.active == STATUS and "#dev@localhost" not in alice.model.conversations
         yield alice.run("a message to nobody")

@@ -216,3 +216,62 @@ def test_own_messages_from_another_device_go_to_their_recipient(
     tmux.key("alice", "C-n")
     screen = yield tmux.wait("alice", r"<alice> sent from my phone")
     assert "unread" not in screen, screen  # her own line is not unread
+
+
+@pytest_twisted.inlineCallbacks
+def test_irssi_habits(realm: str, tmux: Tmux, tmp_path: Path) -> Any:
+    """What irssi and weechat users type by habit: /query, /me, /names, /whois, /ban,
+    /part, Alt-1..9 between windows, and /help in the status window (window 1)."""
+    for user in ("alice", "bob"):
+        conn = yield client.connect(_reactor, realm, user, PASSWORD, register=True)
+        yield conn.close()
+    got: list[dict[str, Any]] = []
+    bob = yield client.connect(_reactor, realm, "bob", PASSWORD, on_message=got.append)
+    try:
+        argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
+        tmux.start("alice", [*argv, "--user", "alice"], _client_env(tmp_path, "alice"))
+        yield tmux.wait("alice", r"Password")
+        tmux.type("alice", PASSWORD)
+        yield tmux.wait("alice", rf"\[online\] alice@localhost on {realm}")
+        tmux.type("alice", "/query bob hello bob")
+        yield tmux.wait("alice", r"<alice> hello bob")
+        tmux.type("alice", "/me waves")
+        yield tmux.wait("alice", r"\* alice waves")
+        # an action is IRC's CTCP ACTION, which IRC users see as one
+        yield until_true(lambda: any(m.get("body") == "\x01ACTION waves\x01" for m in got))
+        tmux.type("alice", "/whois bob")
+        yield tmux.wait("alice", r"-- bob \(bob@localhost\): online, 1 session")
+        tmux.type("alice", "/whois nobody")
+        yield tmux.wait("alice", r"!! no_such_user: ")
+        tmux.type("alice", "/create #dev")
+        yield tmux.wait("alice", r"-!- alice created the group")
+        yield bob.join("#dev")
+        tmux.type("alice", "/names")
+        yield tmux.wait("alice", r"#dev: 2 members, 2 online \(\+\): ~alice\+ bob\+")
+        tmux.type("alice", "/ban bob spamming")
+        yield tmux.wait("alice", r"-!- alice banned bob \(spamming\)")
+        # windows: 1 status, 2 #dev, 3 bob (groups first, then people)
+        tmux.key("alice", "M-3")
+        yield tmux.wait("alice", r"\[3\] bob \(online\)")
+        tmux.key("alice", "M-1")
+        yield tmux.wait("alice", r"\[1\] status: alice@localhost")
+        tmux.key("alice", "M-2")
+        yield tmux.wait("alice", r"\[2\] #dev")
+        tmux.type("alice", "/help me")  # lands in the status window, which comes up
+        screen = yield tmux.wait("alice", r"-- /me TEXT\.\.\.: an action in this conversation")
+        assert "[1] status:" in screen, screen
+        tmux.type("alice", "/window 2")
+        yield tmux.wait("alice", r"\[2\] #dev")
+        tmux.type("alice", "/part")
+        yield tmux.wait("alice", r"-!- alice left")
+    finally:
+        yield bob.close()
+
+
+@defer.inlineCallbacks
+def until_true(predicate: Any, timeout: float = 10.0) -> Any:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        yield task.deferLater(_reactor, 0.05, lambda: None)
+    raise AssertionError("condition not met in time")

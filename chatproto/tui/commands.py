@@ -73,6 +73,16 @@ COMMANDS: dict[str, CommandSpec] = {
             (_p("USER", "peer"), _p("TEXT", "text", True, True)),
             "open the conversation with USER (or #group), and send TEXT if given",
         ),
+        CommandSpec(
+            "query",
+            (_p("USER", "peer"), _p("TEXT", "text", True, True)),
+            "the same as /msg (irssi's habit)",
+        ),
+        CommandSpec(
+            "me",
+            (_p("TEXT", "text", rest=True),),
+            "an action in this conversation: '* you TEXT' (IRC's /me, CTCP ACTION)",
+        ),
         CommandSpec("join", (_p("#GROUP", "group"),), "join a group and open it"),
         CommandSpec(
             "create",
@@ -80,6 +90,7 @@ COMMANDS: dict[str, CommandSpec] = {
             "create a public group (you become its owner) and open it",
         ),
         CommandSpec("leave", (_p("#GROUP", "group", True),), "leave a group (default: this one)"),
+        CommandSpec("part", (_p("#GROUP", "group", True),), "the same as /leave"),
         CommandSpec(
             "topic",
             (_p("TEXT", "text", True, True),),
@@ -91,6 +102,16 @@ COMMANDS: dict[str, CommandSpec] = {
             "who is online (in this group: its members, online or not)",
         ),
         CommandSpec(
+            "names",
+            (_p("#GROUP", "group", True),),
+            "the members of a group (default: this one): ~owner, @admin, + online",
+        ),
+        CommandSpec(
+            "whois",
+            (_p("USER", "user"),),
+            "whether USER exists, whether they are online, and their status",
+        ),
+        CommandSpec(
             "invite",
             (_p("USER", "user"), _p("#GROUP", "group", True)),
             "invite USER to a group (default: this one)",
@@ -100,6 +121,12 @@ COMMANDS: dict[str, CommandSpec] = {
             (_p("USER", "user"), _p("REASON", "text", True, True)),
             "remove USER from this group",
         ),
+        CommandSpec(
+            "ban",
+            (_p("USER", "user"), _p("REASON", "text", True, True)),
+            "remove USER from this group and refuse their joins",
+        ),
+        CommandSpec("unban", (_p("USER", "user"),), "let a banned USER join this group again"),
         CommandSpec("send", (_p("PATH", "path", rest=True),), "send a file to this conversation"),
         CommandSpec(
             "download",
@@ -110,6 +137,11 @@ COMMANDS: dict[str, CommandSpec] = {
             "status",
             (_p("STATUS", "status"), _p("TEXT", "text", True, True)),
             "show yourself as online, away or busy, with an optional text",
+        ),
+        CommandSpec(
+            "window",
+            (_p("N", "window"),),
+            "go to window N of the sidebar (1: the status window; Alt-1..Alt-9, Alt-0: 10)",
         ),
         CommandSpec("close", (), "remove this conversation from the sidebar"),
         CommandSpec("help", (_p("COMMAND", "command", True),), "list commands, or explain one"),
@@ -204,8 +236,9 @@ def help_text(name: str | None = None) -> list[str]:
     lines += [
         "Keys: Enter sends; Alt-Enter adds a line; Tab completes; Up/Down browse what you "
         "typed; PgUp/PgDn scroll (PgUp at the top loads older messages); Ctrl-N/Ctrl-P or "
-        "Alt-Down/Alt-Up switch conversations; Alt-A goes to the next unread one; "
-        "Ctrl-Q quits.",
+        "Alt-Down/Alt-Up switch conversations; Alt-1..Alt-9 (Alt-0: 10) go to that window "
+        "of the sidebar, 1 being this status window; Alt-A goes to the next unread one; "
+        "F1 shows this help; Ctrl-Q quits.",
         "A line starting with // sends a message starting with /.",
     ]
     return lines

@@ -36,7 +36,7 @@ from chatproto.client import (
 )
 from chatproto.errors import ChatError
 from chatproto.tui import commands, settings
-from chatproto.tui.model import PAGE, STATUS, ChatModel, short
+from chatproto.tui.model import PAGE, STATUS, ChatModel, action_body, short
 
 __all__ = ["ChatController", "LoginError"]
 
@@ -60,7 +60,8 @@ class _Service(ChatClientService):
     def _prepare(self, proxy: Any) -> Any:
         def prepared(result: Any) -> Any:
             if self._built is not None:
-                self._built.closed_d.addCallback(self.controller._lost)
+                built = self._built
+                built.closed_d.addCallback(lambda _: self.controller._lost(built))
             if self.connection is not None:
                 self.controller._online(self.connection)
             return result
@@ -120,7 +121,12 @@ class ChatController:
         self.model.set_connection("reconnecting", f"{why}retrying in {delay:.1f}s")
         return delay
 
+    _reconnecting = False
+
     def _online(self, conn: Connection) -> None:
+        if self._reconnecting:
+            self._reconnecting = False
+            self.model.notice(f"reconnected to {self.server}; nothing missed", STATUS)
         self.model.me = conn.user
         self.model.realm = conn.realm
         self.model.set_connection("online", f"{conn.user} on {self.server}")
@@ -129,9 +135,14 @@ class ChatController:
         # The conversation on screen may have missed its first page while offline.
         self._load_history(self.model.active)
 
-    def _lost(self, _: object) -> None:
+    def _lost(self, proto: client.ClientProtocol) -> None:
         if self.service is not None and self.service.running:
             self.model.set_connection("reconnecting", "connection lost")
+            # realm notices go to the status window: what the realm said, if anything
+            said = proto.last_error
+            why = f"the realm said {said.code}: {said.message}" if said else "connection lost"
+            self.model.notice(f"{why}; reconnecting", STATUS)
+            self._reconnecting = True
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, client.ChecksumMismatch):
@@ -478,6 +489,12 @@ class ChatController:
                     self.open(previous)
                 raise
 
+    async def _cmd_query(self, cmd: commands.Command) -> None:
+        await self._cmd_msg(cmd)
+
+    async def _cmd_me(self, cmd: commands.Command) -> None:
+        await self._say(self.model.active, action_body(cmd.get("TEXT")))
+
     async def _cmd_join(self, cmd: commands.Command) -> None:
         group = self._group(cmd.get("#GROUP"))
         conn = await self._ready()
@@ -517,6 +534,9 @@ class ChatController:
         self.model.conversation(group).joined = False
         self.model.changed()
 
+    async def _cmd_part(self, cmd: commands.Command) -> None:
+        await self._cmd_leave(cmd)
+
     async def _cmd_topic(self, cmd: commands.Command) -> None:
         group = self._current_group("/topic")
         conn = await self._ready()
@@ -554,6 +574,44 @@ class ChatController:
             parts.append(short(str(u["user"]), realm) + status)
         self.model.notice(f"{len(users)} online: " + ", ".join(parts), where)
 
+    async def _cmd_names(self, cmd: commands.Command) -> None:
+        """irssi's /names: the members with role prefixes, online ones marked."""
+        where = self.model.active
+        group = self._group(cmd.get("#GROUP"))
+        conn = await self._ready()
+        members = await conn.members(group)
+        realm = self.model.realm
+        prefix = {"owner": "~", "admin": "@"}
+        names = [
+            prefix.get(str(m.get("role")), "")
+            + short(str(m["user"]), realm)
+            + ("+" if m.get("online") else "")
+            for m in members
+        ]
+        online = sum(1 for m in members if m.get("online"))
+        self.model.notice(
+            f"{short(group, realm)}: {len(members)} members, {online} online (+): "
+            + " ".join(names),
+            where,
+        )
+
+    async def _cmd_whois(self, cmd: commands.Command) -> None:
+        """Whether USER exists and is online (the realm's ``who`` for one user)."""
+        where = self.model.active
+        user = self._address(cmd.get("USER"), False)
+        conn = await self._ready()
+        found = await conn.who(user=user)
+        name = short(user, self.model.realm)
+        if not found:
+            self.model.notice(f"{name} ({user}): offline", where)
+            return
+        entry = found[0]
+        state = str(entry.get("status", "online"))
+        note = f": {entry['text']}" if entry.get("text") else ""
+        n = entry.get("sessions")
+        sessions = f", {n} session{'' if n == 1 else 's'}" if isinstance(n, int) else ""
+        self.model.notice(f"{name} ({user}): {state}{note}{sessions}", where)
+
     async def _cmd_invite(self, cmd: commands.Command) -> None:
         group = self._group(cmd.get("#GROUP"))
         user = self._address(cmd.get("USER"), False)
@@ -565,6 +623,19 @@ class ChatController:
         user = self._address(cmd.get("USER"), False)
         conn = await self._ready()
         await conn.kick(group, user, cmd.get("REASON") or None)
+
+    async def _cmd_ban(self, cmd: commands.Command) -> None:
+        group = self._current_group("/ban")
+        user = self._address(cmd.get("USER"), False)
+        conn = await self._ready()
+        await conn.ban(group, user, cmd.get("REASON") or None)
+
+    async def _cmd_unban(self, cmd: commands.Command) -> None:
+        group = self._current_group("/unban")
+        user = self._address(cmd.get("USER"), False)
+        conn = await self._ready()
+        await conn.unban(group, user)
+        self.model.notice(f"{short(user, self.model.realm)} may join again", group)
 
     async def _cmd_status(self, cmd: commands.Command) -> None:
         status = cmd.get("STATUS").lower()
@@ -662,9 +733,27 @@ class ChatController:
             raise commands.UsageError("the status view cannot be closed")
         self.model.forget(self.model.active)
 
+    async def _cmd_window(self, cmd: commands.Command) -> None:
+        text = cmd.get("N")
+        if not text.isdigit():
+            raise commands.UsageError("usage: /window N (a number: 1 is the status window)")
+        self.window(int(text))
+
+    def window(self, number: int) -> None:
+        """Go to window ``number`` of the sidebar (Alt-1..Alt-9, ``/window N``)."""
+        try:
+            conv = self.model.window(number)
+        except IndexError as e:
+            self.model.notice(f"no window {number}: {e}", error=True)
+            return
+        self.open(conv.address)
+
     async def _cmd_help(self, cmd: commands.Command) -> None:
-        for line in commands.help_text(cmd.get("COMMAND") or None):
-            self.model.notice(line, self.model.active)
+        """The help goes to the status window, which comes up (irssi's window 1)."""
+        lines = commands.help_text(cmd.get("COMMAND") or None)
+        self.open(STATUS)
+        for line in lines:
+            self.model.notice(line, STATUS)
 
     async def _cmd_quit(self, cmd: commands.Command) -> None:
         await self.stop()

@@ -33,6 +33,8 @@ __all__ = [
     "NewMarker",
     "NoticeLine",
     "Transfer",
+    "action",
+    "action_body",
     "short",
 ]
 
@@ -46,6 +48,19 @@ def short(address: str, realm: str) -> str:
     """``address`` without ``@realm`` when it is on ``realm`` (how names are shown)."""
     suffix = "@" + realm
     return address[: -len(suffix)] if realm and address.endswith(suffix) else address
+
+
+def action_body(text: str) -> str:
+    """The body of a ``/me`` action: IRC's CTCP ACTION, which the IRC gateway stores and
+    relays as sent (docs/irc.md), so IRC users see it as an action too."""
+    return f"\x01ACTION {text}\x01"
+
+
+def action(body: str) -> str | None:
+    """The text of an action body (see :func:`action_body`), None for any other."""
+    if body.startswith("\x01ACTION ") and body.endswith("\x01") and len(body) > 9:
+        return body[8:-1]
+    return None
 
 
 @attrs.define
@@ -256,6 +271,18 @@ class ChatModel:
         order = [c.address for c in self.sidebar()]
         i = order.index(self.active) if self.active in order else 0
         return self.select(order[(i + step) % len(order)])
+
+    def window(self, number: int) -> Conversation:
+        """Select window ``number`` of the sidebar (1: the status window); IndexError
+        when there are fewer."""
+        order = self.sidebar()
+        if not 1 <= number <= len(order):
+            raise IndexError(f"there are {len(order)} windows")
+        return self.select(order[number - 1].address)
+
+    def window_number(self, address: str) -> int:
+        """The sidebar position (from 1) of ``address``."""
+        return [c.address for c in self.sidebar()].index(address) + 1
 
     def next_unread(self) -> Conversation | None:
         """Select the first conversation with unread items (None when there is none)."""

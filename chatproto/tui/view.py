@@ -39,6 +39,7 @@ from chatproto.tui.model import (
     NewMarker,
     NoticeLine,
     Transfer,
+    action,
     short,
 )
 
@@ -124,6 +125,9 @@ def message_markup(
         if body and body != name:
             out.append(" " + body)
         return out
+    acted = action(str(item.get("body", "")))
+    if acted is not None:  # /me waves: "* alice waves"
+        return [when, (nick[0], f"* {short(sender, realm)}"), " ", acted]
     # Lines after the first of a multi-line body start under the first one.
     indent = "\n" + " " * (len(when[1]) + len(nick[1]) + 1)
     body = str(item.get("body", "")).replace("\n", indent)
@@ -159,9 +163,10 @@ def sidebar_markup(conv: Conversation, model: ChatModel, width: int = 22) -> lis
 
 def title_markup(model: ChatModel) -> str:
     conv = model.current
+    number = model.window_number(conv.address) if conv.address in model.conversations else 0
     if conv.address == STATUS:
-        return f" status: {model.me or 'not logged in'}"
-    name = short(conv.address, model.realm)
+        return f" [{number}] status: {model.me or 'not logged in'}"
+    name = f"[{number}] {short(conv.address, model.realm)}"
     if conv.is_group:
         text = f" {name}" + (f": {conv.topic}" if conv.topic else "")
         return text + ("" if conv.joined else " (not a member)")
@@ -330,6 +335,9 @@ class ChatView(urwid.WidgetWrap):
             return None
         if key == "meta a":
             self.controller.next_unread()
+            return None
+        if key.startswith("meta ") and key[5:].isdigit() and len(key) == 6:
+            self.controller.window(int(key[5:]) or 10)  # Alt-1..Alt-9, Alt-0: window 10
             return None
         if key == "f1":
             self.controller.run("/help")
