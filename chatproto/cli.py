@@ -58,6 +58,7 @@ from chatproto.client import (
     connect,
     endpoint_for,
 )
+from chatproto.tui.model import action
 
 DEFAULT_SERVER = "tcp:127.0.0.1:7420"
 PASSWORD_ENV = "CHATPROTO_PASSWORD"
@@ -501,12 +502,17 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     to = str(msg.get("to", "?"))
     if msg.get("kind") == "bounce":  # another realm refused what we sent
         return f"{when} ! not delivered: {msg.get('body', '')}"
+    acted = action(str(msg.get("body", "")))  # /me waves (IRC's CTCP ACTION)
     if to.startswith("#"):
         if msg.get("kind") == "event":
             return f"{when} {to}: {describe_event(msg)}"
+        if acted is not None:
+            return f"{when} {to} * {sender} {acted}"
         return f"{when} {to} {sender}: {msg.get('body', '')}"
     if me is not None and sender == me:
         sender = f"{sender} -> {to}"
+    if acted is not None:
+        return f"{when} * {sender} {acted}"
     return f"{when} {sender}: {msg.get('body', '')}"
 
 

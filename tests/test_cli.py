@@ -691,3 +691,14 @@ def test_listen_shows_own_messages_from_another_device_as_outgoing(server: str) 
     assert code == 0, err
     out, err, code = yield run_cli(server, "alice", "listen", "--count", "1", "--no-presence")
     assert out.endswith("] bob@localhost: reply\n"), out
+
+
+def test_actions_read_as_actions() -> None:
+    """An action (/me from the TUI or an IRC client: CTCP ACTION) is shown as one, not
+    with its control characters."""
+    msg = {"ts": 0, "kind": "text", "from": "alice@x", "to": "bob@x", "body": "\x01ACTION waves\x01"}
+    assert cli.format_message(msg, False).endswith("] * alice@x waves")
+    assert cli.format_message(msg, False, me="alice@x").endswith("] * alice@x -> bob@x waves")
+    group = {**msg, "to": "#dev@x"}
+    assert cli.format_message(group, False).endswith("] #dev@x * alice@x waves")
+    assert json.loads(cli.format_message(msg, True))["body"] == msg["body"]  # --json: as is
