@@ -1158,6 +1158,8 @@ class _Interrupted:
             _Interrupted.cut_short = True
             _note("interrupted")
             return None
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")  # off the progress bar's line
         _note("interrupted; stopping the transfer (Ctrl-C again does not hurry it)")
         self._timer = self.reactor.callLater(INTERRUPT_GRACE, self._give_up)
         self._waiter = Deferred()

@@ -326,9 +326,12 @@ def cmd_gen_certs(args: argparse.Namespace, cfg: configmod.Config) -> int:
     print(f"realm certificate:     {paths['cert']}")
     print(f"realm key:             {paths['key']}")
     print()
-    print("Serve TLS with:")
+    # --listen replaces the config's list: name the realm's own listeners too
     listen = tls.server_description(paths["cert"], paths["key"], port)
-    print(f"  twistd -n chatrealm --listen '{listen}'")
+    options = [*(f"--listen {shlex.quote(d)}" for d in cfg.listen), f"--listen '{listen}'"]
+    config = f" --config {shlex.quote(args.config)}" if args.config else ""
+    print("Serve TLS with (its plain listeners too; stop the realm first, if it runs):")
+    print(f"  twistd -n chatrealm{config} {' '.join(options)}")
     print("or in the config file:")
     print("  [tls]")
     print(f"  certificate = {_toml_string(paths['cert'])}")

@@ -250,7 +250,9 @@ def test_gen_certs(capsys: Any, conf: str, tmp_path: Path) -> None:
     assert (d / "ca.key").stat().st_mode & 0o777 == 0o600
     assert (d / "localhost.key").stat().st_mode & 0o777 == 0o600
     listen = f"ssl:7421:interface=127.0.0.1:privateKey={d}/localhost.key:certKey={d}/localhost.pem"
-    assert f"--listen '{listen}'" in out
+    # the realm's plain listener is named too (--listen replaces the config's list)
+    assert f" --listen tcp:7420:interface=127.0.0.1 --listen '{listen}'" in out
+    assert f"twistd -n chatrealm --config {conf} --listen" in out
     assert '"tls:127.0.0.1:7421"' in out and f'ca="{d}/ca.pem"' in out
     client_line = f"chatproto --server tls:127.0.0.1:7421 --realm localhost --ca {d}/ca.pem"
     assert client_line in out
