@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any
 
 import pytest
@@ -20,6 +19,16 @@ from chatproto.config import Config
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.backend import make_store
+from tests import services
+from tests.services import (  # re-exported: tests import them from here
+    PG_DSN,
+    pg_schema,
+    postgresql_or_skip,
+    service_available,
+    use_postgresql,
+)
+
+__all__ = ["PG_DSN", "pg_schema", "postgresql_or_skip", "service_available", "use_postgresql"]
 
 #: The store realm-level tests run on: "sqlite" (default) or "postgresql"
 #: (CHATPROTO_TEST_STORE=postgresql pytest ...).  The store contract tests
@@ -28,66 +37,16 @@ TEST_STORE = os.environ.get("CHATPROTO_TEST_STORE", "sqlite")
 if TEST_STORE not in ("sqlite", "postgresql"):
     raise pytest.UsageError(f"CHATPROTO_TEST_STORE={TEST_STORE!r}: sqlite or postgresql")
 
-#: The PostgreSQL server of the tests (each test gets schemas of its own in it).
-PG_DSN = os.environ.get(
-    "CHATPROTO_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres"
-)
-
-#: Schemas made by the test running now (dropped when it ends: :func:`_drop_pg_schemas`).
-_pg_schemas: list[str] = []
-
-
-def postgresql_or_skip() -> str:
-    """The tests' DSN; skips the test when no PostgreSQL server answers, unless CI is
-    set (then the test runs, and fails if the server is absent)."""
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("psycopg is not installed: pip install -e '.[dev]' (or '.[postgresql]')")
-    params = conninfo_to_dict(PG_DSN)
-    host, port = params.get("host", "127.0.0.1"), int(params.get("port", 5432))
-    if not service_available(host, port):
-        pytest.skip(f"no PostgreSQL server at {host}:{port} (and CI is not set)")
-    return PG_DSN
-
-
-def pg_schema() -> str:
-    """A new schema name, unique to this process and call; dropped after the test."""
-    name = f"chatproto_t{os.getpid()}_{secrets.token_hex(4)}"
-    _pg_schemas.append(name)
-    return name
-
-
-def drop_pg_schemas(names: list[str]) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(PG_DSN, autocommit=True, connect_timeout=10) as conn:
-        conn.execute("SET lock_timeout = '10s'")
-        for name in names:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
 
 @pytest.fixture(autouse=True)
 def _drop_pg_schemas() -> Any:
-    """Drop the schemas the test made (after every other fixture of it has ended)."""
+    """Drop the PostgreSQL schemas the test made (after every other fixture of it)."""
     yield
-    if _pg_schemas:
-        names = list(_pg_schemas)
-        _pg_schemas.clear()
-        drop_pg_schemas(names)
+    services.drop_made_schemas()
 
 
-def use_postgresql(cfg: Config) -> Config:
-    """Point ``cfg`` at a new schema of the tests' PostgreSQL server (skips the test if
-    there is none and CI is unset)."""
-    cfg.storage.backend = "postgresql"
-    cfg.storage.dsn = postgresql_or_skip()
-    cfg.storage.schema = pg_schema()
-    cfg.check()
-    return cfg
+def pytest_sessionfinish(session: Any) -> None:
+    services.drop_made_schemas()  # any made outside a test (a wider-scoped fixture)
 
 
 def fast_config(tmp_path: Any, store: str | None = None, **limits: Any) -> Config:
@@ -132,18 +91,6 @@ def realm(config: Config) -> Any:
     pytest_twisted.blockon(service.startService())
     yield service
     pytest_twisted.blockon(service.stopService())
-
-
-def service_available(host: str, port: int) -> bool:
-    """True when a TCP service answers, or when CI is set (there the service must be
-    there: a test needing it runs and fails rather than skipping)."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return bool(os.environ.get("CI"))
 
 
 @pytest.fixture
