@@ -26,10 +26,12 @@ __all__ = [
     "EVENTS",
     "HISTORY_RULES",
     "ROLES",
+    "SETTINGS",
     "VISIBILITIES",
     "Group",
     "Groups",
     "Membership",
+    "check_settings",
     "check_snapshot",
 ]
 
@@ -56,7 +58,16 @@ EVENTS = (
     "topic",
     "role",
     "deleted",
+    "settings",
+    "voice",
 )
+#: Group settings a ``settings`` event may change (besides ``visibility``), with the
+#: type of their value; see :meth:`Groups.check`.
+SETTINGS = {"moderated": bool, "secret": bool, "topic_lock": bool, "limit": int, "key": str}
+#: Longest join key; a key is printable ASCII without spaces or commas.
+MAX_KEY = 32
+#: Largest member limit a group may set (0: none but the realm's).
+MAX_LIMIT = 1_000_000
 
 
 @attrs.define
@@ -69,6 +80,8 @@ class Membership:
     #: creation, or a mirror's snapshot): an account created at or after it is not
     #: the one that joined.
     since: int = 0
+    #: may speak in a moderated group (IRC's voice, ``+v``)
+    voice: bool = False
 
 
 @attrs.define
@@ -78,6 +91,18 @@ class Group:
     visibility: str = "public"
     history: str = "joined"
     created_pos: int = 0
+    #: when the group was created (its created event's timestamp)
+    created_at: float = 0.0
+    #: only admins, owners and voiced members may send
+    moderated: bool = False
+    #: not listed by list_groups, nor shown to non-members
+    secret: bool = False
+    #: only admins and owners set the topic (else any member)
+    topic_lock: bool = True
+    #: at most this many members (0: only the realm's limit); invitees may exceed it
+    limit: int = 0
+    #: joining needs this key ("" = none); invitees need none
+    key: str = ""
     members: dict[str, Membership] = attrs.field(factory=dict)
     #: banned user -> position of the ban
     bans: dict[str, int] = attrs.field(factory=dict)
@@ -95,6 +120,11 @@ class Group:
             "visibility": self.visibility,
             "history": self.history,
             "members": len(self.members),
+            "moderated": self.moderated,
+            "secret": self.secret,
+            "topic_lock": self.topic_lock,
+            "limit": self.limit,
+            "has_key": bool(self.key),
         }
 
 
@@ -149,6 +179,16 @@ class Groups:
                 "forbidden", f"{target} is {target_role}; you can only act on lower roles"
             )
 
+    def check_speaker(self, group_addr: str, sender: str) -> None:
+        """Raise ChatError unless ``sender`` may send to the group: ``not_member``, or
+        ``moderated`` (a moderated group, and a member neither voiced nor admin)."""
+        group = self.get(group_addr)
+        m = group.members.get(sender)
+        if m is None:
+            raise ChatError("not_member", f"you are not a member of {group_addr}")
+        if group.moderated and m.role == "member" and not m.voice:
+            raise ChatError("moderated", f"{group_addr} is moderated: only voiced members speak")
+
     def _room_for(self, user: str) -> None:
         if len(self.of_user.get(user, ())) >= self.max_groups_per_user:
             raise ChatError(
@@ -160,7 +200,7 @@ class Groups:
 
         Raises ChatError with a stable code: ``no_such_group``, ``group_exists``,
         ``not_member``, ``forbidden``, ``already_member``, ``banned``, ``not_invited``,
-        ``group_full``, ``limit_reached``, ``bad_request``.
+        ``group_full``, ``bad_key``, ``limit_reached``, ``bad_request``.
         """
         meta: dict[str, Any] = {"event": event}
         if event == "created":
@@ -183,8 +223,13 @@ class Groups:
                 raise ChatError("already_member", f"you are already in {group_addr}")
             if actor in group.bans:
                 raise ChatError("banned", f"you are banned from {group_addr}")
-            if group.visibility == "invite" and actor not in group.invites:
+            invited = actor in group.invites
+            if group.visibility == "invite" and not invited:
                 raise ChatError("not_invited", f"{group_addr} is invite-only")
+            if group.key and not invited and args.get("key") != group.key:
+                raise ChatError("bad_key", f"{group_addr} needs a key to join")
+            if group.limit and not invited and len(group.members) >= group.limit:
+                raise ChatError("group_full", f"{group_addr} is limited to {group.limit} members")
             if len(group.members) >= self.max_members:
                 raise ChatError("group_full", f"{group_addr} has {self.max_members} members")
             self._room_for(actor)
@@ -222,8 +267,18 @@ class Groups:
                 raise ChatError("bad_request", f"{target} is not banned")
             meta["user"] = target
         elif event == "topic":
-            self._need_role(group, actor, "admin")
+            self._need_role(group, actor, "admin" if group.topic_lock else "member")
             meta["topic"] = _topic(args.get("topic", ""))
+        elif event == "settings":
+            self._need_role(group, actor, "admin")
+            meta.update(check_settings(args))
+        elif event == "voice":
+            self._need_role(group, actor, "admin")
+            if target not in group.members:
+                raise ChatError("not_member", f"{target} is not in {group_addr}")
+            if not isinstance(args.get("voice"), bool):
+                raise ChatError("bad_request", "voice must be true or false")
+            meta.update(user=target, voice=args["voice"])
         elif event == "role":
             self._need_role(group, actor, "owner")
             new_role = args.get("role")
@@ -279,6 +334,7 @@ class Groups:
                 visibility=meta.get("visibility", "public"),
                 history=meta.get("history", "joined"),
                 created_pos=env.pos,
+                created_at=env.ts,
             )
             self.groups[addr] = created
             self._add(created, env.sender, "owner", env.pos)
@@ -319,6 +375,14 @@ class Groups:
             group.topic = meta.get("topic", "")
         elif event == "role" and user in group.members:
             group.members[user].role = meta.get("role", "member")
+        elif event == "voice" and user in group.members:
+            group.members[user].voice = bool(meta.get("voice"))
+        elif event == "settings":
+            if meta.get("visibility") in VISIBILITIES:
+                group.visibility = meta["visibility"]
+            for name, kind in SETTINGS.items():
+                if isinstance(meta.get(name), kind):
+                    setattr(group, name, meta[name])
         elif event == "deleted":
             for member in list(group.members):
                 self._remove(group, member, env.pos)
@@ -490,6 +554,33 @@ def check_snapshot(raw: Any) -> dict[str, Any]:
     if not all(isinstance(u, str) and r in ROLES for u, r in members.items()):
         raise ChatError("bad_request", "snapshot members map users to roles")
     return raw
+
+
+def check_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The settings a ``settings`` event changes, checked (``bad_request``)."""
+    out: dict[str, Any] = {}
+    if args.get("visibility") is not None:
+        if args["visibility"] not in VISIBILITIES:
+            raise ChatError("bad_request", "visibility must be 'public' or 'invite'")
+        out["visibility"] = args["visibility"]
+    for name, kind in SETTINGS.items():
+        value = args.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ChatError("bad_request", f"{name} must be a {kind.__name__}")
+        out[name] = value
+    if "limit" in out and not 0 <= out["limit"] <= MAX_LIMIT:
+        raise ChatError("bad_request", f"limit must be 0 (none) to {MAX_LIMIT}")
+    key = out.get("key")
+    if key and (len(key) > MAX_KEY or not all(33 <= ord(c) < 127 and c != "," for c in key)):
+        raise ChatError(
+            "bad_request",
+            f"a key is 1 to {MAX_KEY} printable ASCII characters, no space or comma",
+        )
+    if not out:
+        raise ChatError("bad_request", "settings changes nothing")
+    return out
 
 
 def _topic(text: Any) -> str:

@@ -557,7 +557,8 @@ class ClientProtocol(Int32StringReceiver):
         )
 
     def handle_join(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
-        return self._event("joined", req)
+        key = wire.field(req, "key", str, required=False)
+        return self._event("joined", req, **({"key": key} if key is not None else {}))
 
     def handle_leave(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         return self._event("left", req)
@@ -583,6 +584,18 @@ class ClientProtocol(Int32StringReceiver):
 
     def handle_set_topic(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         return self._event("topic", req, topic=wire.field(req, "topic", str))
+
+    def handle_set_group(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Change group settings: any of visibility, moderated, secret, topic_lock,
+        limit, key (the realm checks them; see PROTOCOL.md)."""
+        kinds = {"visibility": str, "moderated": bool, "secret": bool, "topic_lock": bool}
+        kinds.update(limit=int, key=str)
+        args = {name: wire.field(req, name, kind, required=False) for name, kind in kinds.items()}
+        return self._event("settings", req, **{k: v for k, v in args.items() if v is not None})
+
+    def handle_set_voice(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        user = wire.field(req, "user", str)
+        return self._event("voice", req, user=user, voice=wire.field(req, "voice", bool))
 
     def handle_set_role(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         user = wire.field(req, "user", str)

@@ -402,3 +402,63 @@ def test_a_delivery_burst_writes_each_connection_once_in_order(realm: Any, clock
     realm.end_burst()
     assert len(writes) == 1
     assert [f["body"] for f in frames(bob.t)] == ["m0", "m1", "m2"]
+
+
+def test_settings_key_limit_moderated_secret_topic_lock(realm: Any, clock: Clock) -> None:
+    """The group settings behind IRC's channel modes, from the native protocol."""
+    alice, bob, carol, dave = (User(realm, clock, n) for n in ("alice", "bob", "carol", "dave"))
+    alice.ok("create_group", group="#s")
+    assert bob.code("set_group", group="#s", moderated=True) == "not_member"
+    bob.ok("join", group="#s")
+    assert bob.code("set_group", group="#s", moderated=True) == "forbidden"
+    for bad in ({"limit": -1}, {"limit": True}, {"key": "a b"}, {"key": "x" * 33}, {}):
+        assert alice.code("set_group", group="#s", **bad) == "bad_request", bad
+    alice.ok("set_group", group="#s", key="sesame", limit=3)
+    assert [m["meta"] for m in bob.msgs() if m["meta"]["event"] == "settings"] == [
+        {"event": "settings", "key": "sesame", "limit": 3}
+    ]
+    assert carol.code("join", group="#s") == "bad_key"
+    assert carol.code("join", group="#s", key="wrong") == "bad_key"
+    carol.ok("join", group="#s", key="sesame")
+    assert dave.code("join", group="#s", key="sesame") == "group_full"  # limit 3
+    alice.ok("invite", group="#s", user="dave")
+    dave.ok("join", group="#s")  # an invitee needs no key and may exceed the limit
+    # moderated: members speak only when voiced; admins and owners always
+    alice.ok("set_group", group="#s", moderated=True, key="", limit=0)
+    assert bob.code("send", to="#s", body="hi") == "moderated"
+    alice.ok("send", to="#s", body="still here")
+    alice.ok("set_voice", group="#s", user="bob", voice=True)
+    bob.ok("send", to="#s", body="voiced now")
+    alice.ok("set_voice", group="#s", user="bob", voice=False)
+    assert bob.code("send", to="#s", body="hi") == "moderated"
+    # topic_lock off: any member sets the topic
+    assert bob.code("set_topic", group="#s", topic="mine") == "forbidden"
+    alice.ok("set_group", group="#s", topic_lock=False)
+    bob.ok("set_topic", group="#s", topic="mine")
+    # secret: not listed
+    assert [g["group"] for g in carol.ok("list_groups")["groups"]] == ["#s@localhost"]
+    alice.ok("set_group", group="#s", secret=True, visibility="invite")
+    assert carol.ok("list_groups")["groups"] == []
+    info = carol.ok("group_info", group="#s")
+    assert info["secret"] and info["visibility"] == "invite" and not info["topic_lock"]
+    assert "key" not in info and info["has_key"] is False
+
+
+@pytest_twisted.inlineCallbacks
+def test_settings_survive_restart(tmp_path: Any) -> Any:
+    """Settings are events: replayed at start-up like every other group change."""
+    cfg = fast_config(tmp_path)
+    realm = make_realm(cfg)
+    yield realm.startService()
+    yield realm.create_user("alice", "password1")
+    yield realm.create_user("bob", "password1")
+    yield realm.group_event_as("alice@localhost", "created", "#r")
+    yield realm.group_event_as("bob@localhost", "joined", "#r")
+    yield realm.group_event_as("alice@localhost", "settings", "#r", key="k1", moderated=True)
+    yield realm.group_event_as("alice@localhost", "voice", "#r", user="bob", voice=True)
+    yield realm.stopService()
+    again = make_realm(cfg)
+    yield again.startService()
+    g = again.groups.get("#r@localhost")
+    assert (g.key, g.moderated, g.members["bob@localhost"].voice) == ("k1", True, True)
+    yield again.stopService()

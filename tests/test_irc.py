@@ -117,7 +117,7 @@ def test_pass_registration_welcome_burst(factory: IRCFactory) -> None:
     isupport = [t for n, p in cmds if n == "005" for t in p[1:-1]]
     assert "CASEMAPPING=ascii" in isupport
     assert "CHANTYPES=#" in isupport
-    assert "PREFIX=(qo)~@" in isupport
+    assert "PREFIX=(ov)@+" in isupport
     assert "NETWORK=localhost" in isupport
     assert all(len(p) <= 15 for n, p in cmds if n == "005")  # nick + 13 tokens + text
     motd = [p[-1] for n, p in cmds if n == "372"]
@@ -130,8 +130,9 @@ def test_registration_bytewise_and_case_folded_nick(factory: IRCFactory) -> None
     c = Conn(factory)
     c.send(f"PASS {PW}", "NICK Alice", "USER a 0 * :A", bytewise=True)
     cmds = c.commands()
-    assert ("NICK", ["alice"]) in cmds  # the client's spelling becomes the account's
-    assert dict(cmds)["001"][0] == "alice"
+    # The account's nick in the client's spelling: no NICK change before 001.
+    assert "NICK" not in [n for n, _ in cmds]
+    assert dict(cmds)["001"][0] == "Alice"
 
 
 def test_pass_with_account_prefix(factory: IRCFactory) -> None:
@@ -195,7 +196,12 @@ def test_user_needs_params_and_rereg_462(factory: IRCFactory) -> None:
 def test_nick_change_to_other_account_refused(factory: IRCFactory) -> None:
     c = login(factory, "alice")
     c.send("NICK bob", "NICK ALICE", "NICK bad!nick")
-    assert c.numerics() == ["433", "432"]
+    # Another case of one's own account is acknowledged with NICK (issue 19).
+    assert c.commands() == [
+        ("433", ["alice", "bob", "Your nick is your account name; it cannot change"]),
+        ("NICK", ["ALICE"]),
+        ("432", ["ALICE", "bad!nick", "Erroneous nickname"]),
+    ]
 
 
 # CAP and SASL ----------------------------------------------------------------------------
@@ -291,7 +297,7 @@ def test_dm_between_irc_users_and_split_of_long_bodies(factory: IRCFactory) -> N
     a = login(factory, "alice")
     b = login(factory, "bob")
     a.send("PRIVMSG bob :hello bob")
-    assert b.lines() == [":alice!alice@localhost PRIVMSG bob :hello bob"]
+    assert b.lines() == [":alice!u@localhost PRIVMSG bob :hello bob"]
     assert a.lines() == []  # no echo-message: nothing back
     a.send("NOTICE BOB :a notice")
     assert b.commands() == [("PRIVMSG", ["bob", "a notice"])]
@@ -332,15 +338,15 @@ def test_echo_message_server_time_message_tags(factory: IRCFactory, clock: Clock
     a.send("PRIVMSG bob :tagged")
     (line,) = a.lines()
     assert line.startswith("@time=2023-11-14T22:13:20.250Z;msgid=")
-    assert line.endswith(" :alice!alice@localhost PRIVMSG bob :tagged")
-    assert b.lines() == [":alice!alice@localhost PRIVMSG bob :tagged"]
+    assert line.endswith(" :alice!u@localhost PRIVMSG bob :tagged")
+    assert b.lines() == [":alice!u@localhost PRIVMSG bob :tagged"]
 
 
 def test_labeled_response(factory: IRCFactory) -> None:
     a = login(factory, "alice", caps="echo-message labeled-response batch")
     login(factory, "bob")
     a.send("@label=one PRIVMSG bob :hi")
-    assert a.lines() == ["@label=one :alice!alice@localhost PRIVMSG bob :hi"]
+    assert a.lines() == ["@label=one :alice!u@localhost PRIVMSG bob :hi"]
     a.send("@label=two PONG x")
     assert a.lines() == ["@label=two :localhost ACK"]
     a.send("@label=three LUSERS")
@@ -364,18 +370,18 @@ def test_join_creates_then_others_join_and_talk(factory: IRCFactory) -> None:
     a.send("JOIN #dev")
     cmds = a.commands()
     assert cmds[0] == ("JOIN", ["#dev"])
-    assert ("353", ["alice", "=", "#dev", "~alice"]) in cmds
+    assert ("353", ["alice", "=", "#dev", "@alice"]) in cmds
     assert cmds[-1] == ("366", ["alice", "#dev", "End of /NAMES list"])
     b.send("JOIN #dev")
     assert b.commands()[:1] == [("JOIN", ["#dev"])]
-    assert a.lines() == [":bob!bob@localhost JOIN #dev"]
+    assert a.lines() == [":bob!u@localhost JOIN #dev"]
     b.send("PRIVMSG #dev :hi all")
-    assert a.lines() == [":bob!bob@localhost PRIVMSG #dev :hi all"]
+    assert a.lines() == [":bob!u@localhost PRIVMSG #dev :hi all"]
     assert b.lines() == []
     a.send("JOIN #dev")  # already in: nothing
     assert a.lines() == []
     b.send("PART #dev")
-    assert a.lines() == [":bob!bob@localhost PART #dev :left"]
+    assert a.lines() == [":bob!u@localhost PART #dev :left"]
     b.send("PRIVMSG #dev :gone")
     assert b.numerics() == ["PART", "404"]
 
@@ -394,7 +400,7 @@ def test_login_joins_member_channels_and_replays_backlog(factory: IRCFactory, cl
     b2.send(f"PASS {PW}", "NICK bob", "USER u 0 * :R", "CAP END")
     lines = b2.lines()
     joins = [line for line in lines if " JOIN " in line]
-    assert joins == [":bob!bob@localhost JOIN #dev"]
+    assert joins == [":bob!u@localhost JOIN #dev"]
     replay = [line for line in lines if " PRIVMSG " in line]
     assert len(replay) == 2 and all(line.startswith("@time=") for line in replay)
     assert replay[0].endswith("PRIVMSG #dev :while you were out")
@@ -451,12 +457,12 @@ def test_topic_names_list_who_whois(factory: IRCFactory) -> None:
     a.lines()
     cmds = b.commands()
     assert ("332", ["bob", "#dev", "the topic"]) in cmds
-    assert ("353", ["bob", "=", "#dev", "~alice bob"]) in cmds
+    assert ("353", ["bob", "=", "#dev", "@alice bob"]) in cmds
     b.send("TOPIC #dev", "TOPIC #dev :mine now", "NAMES #dev", "LIST")
     cmds = b.commands()
     assert cmds[0] == ("332", ["bob", "#dev", "the topic"])
     assert cmds[1] == ("482", ["bob", "#dev", "You're not channel operator"])
-    assert cmds[2] == ("353", ["bob", "=", "#dev", "~alice bob"])
+    assert cmds[2] == ("353", ["bob", "=", "#dev", "@alice bob"])
     assert cmds[4] == ("321", ["bob", "Channel", "Users  Name"])
     assert cmds[5] == ("322", ["bob", "#dev", "2", "the topic"])
     assert cmds[6][0] == "323"
@@ -464,7 +470,7 @@ def test_topic_names_list_who_whois(factory: IRCFactory) -> None:
     cmds = b.commands()
     assert cmds[0] == (
         "352",
-        ["bob", "#dev", "alice", "localhost", "localhost", "alice", "H~", "0 alice"],
+        ["bob", "#dev", "u", "localhost", "localhost", "alice", "H@", "0 Real Name"],
     )
     assert cmds[-1][0] == "315"
     a.send("AWAY :lunch")
@@ -472,7 +478,7 @@ def test_topic_names_list_who_whois(factory: IRCFactory) -> None:
     b.send("WHOIS alice", "WHOIS nobody")
     cmds = b.commands()
     assert [n for n, _ in cmds] == ["311", "319", "312", "301", "330", "318", "401", "318"]
-    assert cmds[1][1][-1] == "~#dev"
+    assert cmds[1][1][-1] == "@#dev"
     assert cmds[3][1][-1] == "lunch"
     a.send("AWAY")
     assert a.numerics() == ["305"]
@@ -488,18 +494,18 @@ def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmServ
     session.group_event("created", "#priv", visibility="invite")
     assert a.commands()[0] == ("JOIN", ["#priv"])
     a.send("MODE #priv")
-    assert a.commands() == [("324", ["alice", "#priv", "+int"])]
+    assert a.commands() == [("324", ["alice", "#priv", "+int"]), ("329", ["alice", "#priv", "0"])]
     b.send("JOIN #priv")
     assert b.numerics() == ["473"]
     a.send("INVITE bob #priv")
     assert a.commands() == [("341", ["alice", "bob", "#priv"])]
-    assert b.lines() == [":alice!alice@localhost INVITE bob #priv"]
+    assert b.lines() == [":alice!u@localhost INVITE bob #priv"]
     b.send("JOIN #priv")
     b.lines()
     a.lines()
     # Op roles: +o makes bob admin, who may then kick carol but not alice.
     a.send("MODE #priv +o bob")
-    assert b.lines() == [":alice!alice@localhost MODE #priv -q+o bob bob"]
+    assert b.lines() == [":alice!u@localhost MODE #priv +o bob"]
     a.lines()
     a.send("INVITE carol #priv")
     c.send("JOIN #priv")
@@ -507,7 +513,7 @@ def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmServ
     b.lines()
     a.lines()
     b.send("KICK #priv carol :out", "KICK #priv alice")
-    assert c.lines() == [":bob!bob@localhost KICK #priv carol :out"]
+    assert c.lines() == [":bob!u@localhost KICK #priv carol :out"]
     assert b.commands() == [
         ("KICK", ["#priv", "carol", "out"]),
         ("482", ["bob", "#priv", "You're not channel operator"]),
@@ -524,13 +530,14 @@ def test_invite_kick_ban_roles_invite_only(factory: IRCFactory, realm: RealmServ
     a.send("MODE #priv -b carol", "MODE #priv +x", "MODE #priv -i", "MODE alice", "MODE bob +i")
     cmds = a.commands()
     assert ("MODE", ["#priv", "-b", "carol!*@*"]) in cmds
-    assert [n for n, _ in cmds if n.isdigit()] == ["472", "472", "221", "502"]
+    assert ("MODE", ["#priv", "-i"]) in cmds  # invite-only is a group setting (issue 19)
+    assert [n for n, _ in cmds if n.isdigit()] == ["472", "221", "502"]
     b.lines()
     b.send("INVITE alice #priv")
     assert b.numerics() == ["443"]
     # away-notify
     b.send("AWAY :gone")
-    assert ":bob!bob@localhost AWAY :gone" in a.lines()
+    assert ":bob!u@localhost AWAY :gone" in a.lines()
 
 
 def test_outgoing_lines_stay_within_512_bytes(factory: IRCFactory) -> None:
@@ -541,7 +548,7 @@ def test_outgoing_lines_stay_within_512_bytes(factory: IRCFactory) -> None:
     factory.realm.sessions.online["alice@localhost"][0].group_event("topic", "#t", topic=topic)
     (line,) = a.lines()
     assert len(line.encode()) + 2 <= 512
-    assert line.startswith(":alice!alice@localhost TOPIC #t :üü")
+    assert line.startswith(":alice!u@localhost TOPIC #t :üü")
     a.send("TOPIC #t")
     (line,) = a.lines()
     assert len(line.encode()) + 2 <= 512 and line.endswith("ü")
@@ -733,10 +740,10 @@ def test_roles_join_zero_delete_and_events_in_backlog(
     a.lines()
     b.lines()
     a.send("MODE #r +q bob")
-    assert b.lines() == [":alice!alice@localhost MODE #r +q bob"]
-    assert a.lines()[0].endswith(":alice!alice@localhost MODE #r +q bob")  # server-time tag
+    assert b.lines() == [":alice!u@localhost MODE #r +o bob"]
+    assert a.lines()[0].endswith(":alice!u@localhost MODE #r +o bob")  # server-time tag
     a.send("MODE #r -o bob")  # owners may change any role: back to member
-    assert b.lines() == [":alice!alice@localhost MODE #r -qo bob bob"]
+    assert b.lines() == [":alice!u@localhost MODE #r -o bob"]
     a.lines()
     # bob leaves while alice is away; alice sees it in her backlog, with its time.
     a.send("QUIT")

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from chatproto.irc import IRCFactory
 from chatproto.realm import RealmService
-from tests.test_irc import Conn, login, make_realm
+from tests.test_irc import PW, Conn, login, make_realm
 
 
 @pytest.fixture
@@ -121,3 +121,181 @@ def test_an_error_reply_keeps_its_place(factory: IRCFactory, realm: RealmService
     gate.open()
     names = [c for c, _ in a.commands()]
     assert names == ["JOIN", "353", "366", "403", "421", "PONG"], names
+
+
+def register(factory: IRCFactory, nick: str, user: str, realname: str, caps: str = "") -> Conn:
+    c = Conn(factory)
+    if caps:
+        c.send("CAP LS 302", f"CAP REQ :{caps}")
+    c.send(f"PASS {PW}", f"NICK {nick}", f"USER {user} 0 * :{realname}")
+    if caps:
+        c.send("CAP END")
+    c.lines()
+    return c
+
+
+# (2) channel modes ---------------------------------------------------------------------
+
+
+def test_channel_modes_are_group_settings(factory: IRCFactory, realm: RealmService) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    a.send("JOIN #m")
+    a.lines()
+    a.send("MODE #m")
+    cmds = a.commands()
+    assert cmds[0] == ("324", ["alice", "#m", "+nt"]) and cmds[1][0] == "329"
+    a.send("MODE #m +lk 2 sesame")
+    assert a.commands() == [("MODE", ["#m", "+kl", "sesame", "2"])]
+    g = realm.groups.get("#m@localhost")
+    assert (g.key, g.limit) == ("sesame", 2)
+    b.send("JOIN #m")
+    assert b.numerics() == ["475"]
+    b.send("JOIN #m sesame")
+    assert b.numerics()[0] == "JOIN"
+    c.send("JOIN #m sesame")
+    assert c.numerics() == ["471"]
+    a.send("MODE #m -l+m", "MODE #m +v bob", "MODE #m")
+    a_cmds = a.commands()
+    assert ("MODE", ["#m", "+m-l"]) in a_cmds or ("MODE", ["#m", "-l+m"]) in a_cmds
+    assert ("MODE", ["#m", "+v", "bob"]) in a_cmds
+    assert ("324", ["alice", "#m", "+kmnt", "sesame"]) in a_cmds
+    c.send("JOIN #m sesame", "PRIVMSG #m :hello")
+    assert c.numerics()[-1] == "404"  # moderated, not voiced
+    b.send("PRIVMSG #m :voiced")
+    assert ("PRIVMSG", ["#m", "voiced"]) in c.commands()
+    b.lines()
+    b.send("TOPIC #m :by bob")
+    assert b.numerics() == ["482"]
+    a.send("MODE #m -t")
+    b.lines()
+    b.send("TOPIC #m :by bob")
+    assert ("TOPIC", ["#m", "by bob"]) in b.commands()
+
+
+def test_mode_errors_and_invite_only(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #x")
+    a.lines()
+    a.send(
+        "MODE #x +l 0",
+        "MODE #x +l nope",
+        "MODE #x +k :a b",
+        "MODE #x +o carol",
+        "MODE #x +o nobody",
+    )
+    assert a.numerics() == ["696", "696", "696", "441", "401"]
+    a.send("MODE #x +i")
+    assert a.commands() == [("MODE", ["#x", "+i"])]
+    b.send("JOIN #x")
+    assert b.numerics() == ["473"]
+    a.send("INVITE bob #x")
+    b.lines()
+    b.send("JOIN #x")
+    assert b.numerics()[0] == "JOIN"
+    a.lines()
+    a.send("MODE #x +o bob")
+    assert a.commands() == [("MODE", ["#x", "+o", "bob"])]
+    b.send("MODE #x +s")
+    assert ("MODE", ["#x", "+s"]) in b.commands()
+
+
+# (4) identity as sent, (10) WHO masks, (5) creator is @ -------------------------------
+
+
+def test_who_and_whois_show_the_identity_as_sent(factory: IRCFactory) -> None:
+    a = register(factory, "Alice", "myuser", "My Real Name")
+    b = register(factory, "bob", "bobu", "Bob B")
+    a.send("JOIN #chan")
+    b.send("JOIN #chan")
+    a.lines()
+    b.lines()
+    b.send("WHOIS alice")
+    cmds = dict(b.commands())
+    assert cmds["311"] == ["bob", "Alice", "myuser", "localhost", "*", "My Real Name"]
+    assert cmds["319"] == ["bob", "Alice", "@#chan"]  # the creator is an operator
+    b.send("WHO #chan")
+    who = [p for c, p in b.commands() if c == "352"]
+    assert [
+        "bob",
+        "#chan",
+        "myuser",
+        "localhost",
+        "localhost",
+        "Alice",
+        "H@",
+        "0 My Real Name",
+    ] in who
+    for mask in ("*", "ali*", "*real*"):
+        b.send(f"WHO {mask}")
+        cmds = b.commands()
+        nicks = sorted(p[5] for c, p in cmds if c == "352")
+        assert nicks == (["Alice", "bob"] if mask == "*" else ["Alice"]), mask
+        assert cmds[-1] == ("315", ["bob", mask, "End of WHO list"])
+    b.send("WHO nobody*")
+    assert b.numerics() == ["315"]
+    b.send("PRIVMSG alice :hi")
+    assert a.lines() == [":bob!bobu@localhost PRIVMSG Alice :hi"]
+
+
+def test_multi_prefix_and_userhost_in_names(factory: IRCFactory) -> None:
+    a = login(factory, "alice", caps="multi-prefix userhost-in-names")
+    a.send("JOIN #p", "MODE #p +v alice", "NAMES #p")
+    names = [p for c, p in a.commands() if c == "353"]
+    assert names[-1] == ["alice", "=", "#p", "@+alice!u@localhost"]
+    b = login(factory, "bob")
+    b.send("JOIN #p", "NAMES #p")
+    assert [p for c, p in b.commands() if c == "353"][-1] == ["bob", "=", "#p", "@alice bob"]
+
+
+# (6) WHOWAS, (11) nick case, (12) USERHOST, TIME, 301 ------------------------------------
+
+
+def test_whowas_after_the_last_connection(factory: IRCFactory, clock: Clock) -> None:
+    a = register(factory, "Alice", "au", "First")
+    b = login(factory, "bob")
+    b.send("WHOWAS alice")
+    assert b.numerics() == ["406", "369"]
+    a.send("QUIT")
+    a.proto.connectionLost(None)
+    a2 = register(factory, "ALICE", "au2", "Second")
+    a2.send("QUIT")
+    a2.proto.connectionLost(None)
+    b.send("WHOWAS alice", "WHOWAS alice 1", "WHOWAS")
+    cmds = b.commands()
+    was = [p for c, p in cmds if c == "314"]
+    assert was[0] == ["bob", "ALICE", "au2", "localhost", "*", "Second"]
+    assert was[1] == ["bob", "Alice", "au", "localhost", "*", "First"]
+    assert was[2] == was[0] and len(was) == 3  # count 1: the newest only
+    assert cmds[-1][0] == "461"
+
+
+def test_nick_case_change_is_acknowledged(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #n")
+    b.send("JOIN #n")
+    a.lines()
+    b.lines()
+    a.send("NICK Alice", "NICK Alice")
+    assert a.lines() == [":alice!u@localhost NICK Alice"]  # once: the second changes nothing
+    assert b.lines() == [":alice!u@localhost NICK Alice"]
+    b.send("PRIVMSG alice :x")
+    assert a.lines() == [":bob!u@localhost PRIVMSG Alice :x"]
+
+
+def test_userhost_time_away_and_empty_realname(factory: IRCFactory, realm: RealmService) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    b.send("AWAY :lunch")
+    b.lines()
+    a.send("USERHOST bob alice nobody", "TIME", "PRIVMSG bob :are you there")
+    cmds = a.commands()
+    assert cmds[0] == ("302", ["alice", "bob=-u@localhost alice=+u@localhost"])
+    assert cmds[1][0] == "391"
+    assert cmds[2] == ("301", ["alice", "bob", "lunch"])
+    c = Conn(factory)
+    c.send(f"PASS {PW}", "NICK carol", "USER carol 0 * :")
+    assert c.numerics() == ["461"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from chatproto.envelope import Envelope
@@ -44,7 +43,7 @@ def group_change(
         f.trap(ChatError)
         err: ChatError = f.value  # type: ignore[assignment]
         target = chan
-        if err.code == "not_member" and args.get("user") and command == "KICK":
+        if err.code == "not_member" and args.get("user") and command in ("KICK", "MODE"):
             ctx.num(
                 "441",
                 nick_of(args["user"], p.realm.realm),
@@ -75,7 +74,9 @@ def join(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
         ]
         return all_of(waits)
     waits = []
-    for chan in params[0].split(",")[:MAX_TARGETS]:
+    keys = params[1].split(",") if len(params) > 1 else []
+    for i, chan in enumerate(params[0].split(",")[:MAX_TARGETS]):
+        key = {"key": keys[i]} if i < len(keys) and keys[i] else {}
         try:
             group = p.group_address(chan)
         except ChatError:
@@ -85,7 +86,7 @@ def join(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
         if g is None and not group.endswith("@" + p.realm.realm):
             # another realm's group we have no member of yet: ask its home realm
             # (the JOIN comes when the home realm's joined event does)
-            waits.append(group_change(p, ctx, "JOIN", chan, "joined"))
+            waits.append(group_change(p, ctx, "JOIN", chan, "joined", **key))
         elif g is None:
             waits.append(group_change(p, ctx, "JOIN", chan, "created"))
         elif p.user_id in g.members:
@@ -94,7 +95,7 @@ def join(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
                 ctx.send(format_line(p.mask(p.user_id), "JOIN", chan))
                 p.channel_burst(ctx, group, chan)
         else:
-            waits.append(group_change(p, ctx, "JOIN", chan, "joined"))
+            waits.append(group_change(p, ctx, "JOIN", chan, "joined", **key))
     return all_of(waits)
 
 
@@ -183,85 +184,6 @@ def kick(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
             continue
         waits.append(group_change(p, ctx, "KICK", chan, "kicked", user=user, reason=reason))
     return all_of(waits)
-
-
-@command("MODE", params=1)
-def mode(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
-    target = params[0]
-    if not target.startswith("#"):
-        try:
-            same = p.resolve(target) == p.user_id
-        except ChatError:
-            same = False
-        if not same:
-            ctx.num("502", "Cant change mode for other users")
-        elif len(params) > 1 and params[1].strip("+-i"):
-            ctx.num("501", "Unknown MODE flag")
-        else:
-            ctx.num("221", "+i")
-        return None
-    group = p.group_address(target)
-    g = p.realm.groups.get(group)
-    if len(params) == 1:
-        modes = "+int" if g.visibility == "invite" else "+nt"
-        ctx.num("324", target, modes)
-        return None
-    modestring, args = params[1], list(params[2:])
-    sign = "+"
-    changes: list[tuple[str, str, str | None]] = []
-    for c in modestring:
-        if c in "+-":
-            sign = c
-        elif c in "bqo":
-            if not args:
-                if c == "b" and sign == "+":
-                    changes.append(("+", "b", None))  # list bans
-                    continue
-                ctx.num("461", "MODE", "Not enough parameters")
-                return None
-            changes.append((sign, c, args.pop(0)))
-        elif c == "i":
-            want = sign == "+"
-            if want != (g.visibility == "invite"):
-                ctx.num(
-                    "472",
-                    c,
-                    "is unknown mode char to me (invite-only is chosen when the group is created)",
-                )
-        elif c in "nt":
-            pass  # always on: only members speak, only admins set the topic
-        else:
-            ctx.num("472", c, "is unknown mode char to me")
-    waits: list[Any] = []
-    for sign, c, arg in changes:
-        if arg is None:
-            if p.user_id in g.members or g.visibility == "public":
-                realm = p.realm.realm
-                for user in sorted(g.bans):
-                    ctx.num("367", target, f"{nick_of(user, realm)}!*@*")
-            ctx.num("368", target, "End of channel ban list")
-            continue
-        nick = arg.partition("!")[0]
-        try:
-            user = p.resolve(nick)
-        except ChatError:
-            ctx.num("401", param(nick), "No such nick")
-            continue
-        if c == "b":
-            event = "banned" if sign == "+" else "unbanned"
-            waits.append(chain(p, waits, ctx, target, event, user=user))
-        else:
-            role = {"+q": "owner", "-q": "admin", "+o": "admin", "-o": "member"}[sign + c]
-            waits.append(chain(p, waits, ctx, target, "role", user=user, role=role))
-    return all_of(waits)
-
-
-def chain(p: IRCProtocol, before: list[Any], ctx: Reply, chan: str, event: str, **args: Any) -> Any:
-    """Mode changes one after another, in the order given."""
-    prev = before[-1] if before else None
-    if prev is None or not isinstance(prev, Deferred):
-        return group_change(p, ctx, "MODE", chan, event, **args)
-    return prev.addBoth(lambda _: group_change(p, ctx, "MODE", chan, event, **args))
 
 
 # users ----------------------------------------------------------------------------

@@ -13,15 +13,16 @@ import chatproto
 from chatproto import address
 from chatproto.envelope import Envelope
 from chatproto.groups import MAX_TOPIC
+from chatproto.irc.identity import Directory
 from chatproto.irc.lines import (
     CRLF,
     MAX_LINE,
     MAX_TARGETS,
     body_lines,
     channel_of,
-    nick_of,
     server_time,
 )
+from chatproto.irc.modes import CHANMODES, PREFIX
 from chatproto.irc.protocol import IRCProtocol
 from chatproto.protocol import ClientFactory
 from chatproto.realm import MAX_STATUS_TEXT, RealmService
@@ -50,6 +51,8 @@ class IRCFactory(ClientFactory):
         self._cache_env: Envelope | None = None
         self._cache: list[bytes | None] = [None, None, None, None]
         self._isupport: list[list[str]] | None = None
+        #: how IRC users are shown, and WHOWAS
+        self.directory = Directory(realm.realm)
 
     def isupport_lines(self) -> list[list[str]]:
         """RPL_ISUPPORT tokens, at most 13 per line."""
@@ -60,7 +63,7 @@ class IRCFactory(ClientFactory):
                 f"AWAYLEN={MAX_STATUS_TEXT}",
                 "CASEMAPPING=ascii",
                 f"CHANLIMIT=#:{lim.max_groups_per_user}",
-                "CHANMODES=b,,,int",
+                f"CHANMODES={CHANMODES}",
                 f"CHANNELLEN={1 + address.MAX_NAME + 1 + address.MAX_REALM}",
                 "CHANTYPES=#",
                 f"CHATHISTORY={lim.history_page}",
@@ -69,7 +72,7 @@ class IRCFactory(ClientFactory):
                 "MSGREFTYPES=msgid",
                 f"NETWORK={realm.realm}",
                 f"NICKLEN={address.MAX_NAME}",
-                "PREFIX=(qo)~@",
+                f"PREFIX={PREFIX}",
                 f"TARGMAX=PRIVMSG:{MAX_TARGETS},NOTICE:{MAX_TARGETS},JOIN:{MAX_TARGETS},"
                 f"PART:{MAX_TARGETS},KICK:{MAX_TARGETS},NAMES:{MAX_TARGETS},WHOIS:1",
                 f"TOPICLEN={MAX_TOPIC}",
@@ -106,13 +109,11 @@ class IRCFactory(ClientFactory):
 
     def _encode(self, env: Envelope) -> bytes:
         realm = self.realm.realm
-        sender = env.sender
-        name, _, where = sender.partition("@")
-        source = f":{nick_of(sender, realm)}!{name}@{where} "
+        source = f":{self.directory.mask(env.sender)} "
         if env.recipient.startswith("#"):
             target = channel_of(env.recipient, realm)
         else:
-            target = nick_of(env.recipient, realm)
+            target = self.directory.nick(env.recipient)
         if env.kind == "text":
             head = f"{source}PRIVMSG {target} :"
             body = env.body

@@ -15,7 +15,6 @@ __all__ = [
     "MAX_LINE",
     "MAX_TAGS",
     "MAX_TARGETS",
-    "PREFIXES",
     "IRCBadLine",
     "body_lines",
     "channel_of",
@@ -25,6 +24,7 @@ __all__ = [
     "nick_of",
     "param",
     "parse_line",
+    "prefix",
     "server_time",
     "split_utf8",
     "unescape_tag",
@@ -204,5 +204,11 @@ def body_lines(body: str, limit: int) -> list[str]:
     return out or [" "]
 
 
-#: Channel prefix of each group role (NAMES, WHO, WHOIS).
-PREFIXES = {"owner": "~", "admin": "@"}
+def prefix(role: str, voice: bool, multi: bool = False) -> str:
+    """A member's channel prefix (NAMES, WHO, WHOIS): ``@`` for admins and owners
+    (channel operators), ``+`` for voiced members; both, highest first, with
+    ``multi`` (the multi-prefix capability), else the highest."""
+    op = "@" if role in ("owner", "admin") else ""
+    if voice and (multi or not op):
+        return op + "+"
+    return op

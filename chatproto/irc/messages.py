@@ -47,6 +47,10 @@ def privmsg(
             if not notice:
                 p.error(ctx, command, e, target)
             continue
+        if not notice and not to.startswith("#"):
+            presence = p.realm.presence_of(to)
+            if presence and presence[0] in ("away", "busy"):
+                ctx.num("301", p.nick_for(to), presence[1] or presence[0])
         entry = PendingSend(to, text, ctx)
         p.pending_sends.append(entry)
         d = p.session.send(to, text)

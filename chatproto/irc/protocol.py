@@ -33,12 +33,13 @@ from chatproto.errors import ChatError
 from chatproto.flow import OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
+from chatproto.irc import modes as _modes  # noqa: F401
 from chatproto.irc import users as _users  # noqa: F401
 from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
+from chatproto.irc.identity import Identity, clean_username
 from chatproto.irc.lines import (
     MAX_LINE,
     MAX_TAGS,
-    PREFIXES,
     IRCBadLine,
     channel_of,
     format_line,
@@ -46,10 +47,12 @@ from chatproto.irc.lines import (
     nick_of,
     param,
     parse_line,
+    prefix,
     server_time,
     split_utf8,
     user_of,
 )
+from chatproto.irc.modes import settings_modes
 from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
@@ -70,8 +73,10 @@ CAPABILITIES = (
     "echo-message",
     "labeled-response",
     "message-tags",
+    "multi-prefix",
     "sasl",
     "server-time",
+    "userhost-in-names",
 )
 #: Seconds between writing an item and acknowledging it to the realm.
 ACK_DELAY = 1.0
@@ -114,6 +119,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.last_rx = 0.0
         self.pinged = False
         self.direct = Direct(self, None)
+        #: how this connection's user is shown (set at registration)
+        self.identity: Identity | None = None
         #: replies of pending commands (and of those after them), oldest first
         self.replies: deque[Reply] = deque()
         #: a group change (JOIN, PART, MODE...) is pending: later lines wait for it,
@@ -164,6 +171,8 @@ class IRCProtocol(LineOnlyReceiver):
         self._ack_call = self._drain_call = None
         self._queue.clear()
         self._after_barrier.clear()
+        if self.identity is not None:
+            self.factory.directory.left(self.user_id, self, self.factory.clock.seconds())
         if self.session is not None:
             self.log.info(
                 "IRC session of {user} from {peer} ended: {reason}",
@@ -184,11 +193,13 @@ class IRCProtocol(LineOnlyReceiver):
     def has(self, cap: str) -> bool:
         return cap in self.caps
 
+    def nick_for(self, user: str) -> str:
+        """The nick of a canonical user address (as its IRC user typed it)."""
+        return self.factory.directory.nick(user)
+
     def mask(self, user: str) -> str:
-        """``nick!name@realm`` for a canonical user address."""
-        nick = nick_of(user, self.realm.realm)
-        name, _, where = user.partition("@")
-        return f"{nick}!{name}@{where or self.realm.realm}"
+        """``nick!username@host`` for a canonical user address."""
+        return self.factory.directory.mask(user)
 
     # IPushProducer ------------------------------------------------------------------
 
@@ -397,12 +408,15 @@ class IRCProtocol(LineOnlyReceiver):
                 out(actor, "INVITE", nick_of(me, self.realm.realm), chan)
         elif event == "topic":
             out(actor, "TOPIC", chan, meta.get("topic", ""))
-        elif event == "role":
-            nick = nick_of(user, self.realm.realm)
-            change = {"owner": "+q", "admin": "-q+o", "member": "-qo"}.get(meta.get("role", ""))
-            if change:
-                args = [nick] * (len(change) - change.count("+") - change.count("-"))
-                out(actor, "MODE", chan, change, *args)
+        elif event == "role":  # owners and admins are both channel operators (@)
+            change = "-o" if meta.get("role") == "member" else "+o"
+            out(actor, "MODE", chan, change, self.nick_for(user))
+        elif event == "voice":
+            out(actor, "MODE", chan, "+v" if meta.get("voice") else "-v", self.nick_for(user))
+        elif event == "settings":
+            modes = settings_modes(meta)
+            if modes:
+                out(actor, "MODE", chan, *modes)
         elif event == "deleted":
             if group in self.joined:
                 self.joined.discard(group)
@@ -424,23 +438,27 @@ class IRCProtocol(LineOnlyReceiver):
 
     def names(self, ctx: Reply, group: str, chan: str) -> None:
         g = self.realm.groups.groups.get(group)
-        if g is not None and (g.visibility == "public" or self.user_id in g.members):
-            realm = self.realm.realm
+        member = g is not None and self.user_id in g.members
+        if g is not None and (member or (g.visibility == "public" and not g.secret)):
+            multi = "multi-prefix" in self.caps
+            full = "userhost-in-names" in self.caps
             names = [
-                PREFIXES.get(m.role, "") + nick_of(u, realm) for u, m in sorted(g.members.items())
+                prefix(m.role, m.voice, multi) + (self.mask(u) if full else self.nick_for(u))
+                for u, m in sorted(g.members.items())
             ]
-            head = f":{self.server} 353 {self.nick} = {chan} :"
+            kind = "@" if g.secret else "="
+            head = f":{self.server} 353 {self.nick} {kind} {chan} :"
             room = MAX_LINE - 2 - len(head.encode())
             chunk: list[str] = []
             size = 0
             for name in names:
                 if chunk and size + len(name) + 1 > room:
-                    ctx.num("353", "=", chan, " ".join(chunk))
+                    ctx.num("353", kind, chan, " ".join(chunk))
                     chunk, size = [], 0
                 chunk.append(name)
                 size += len(name) + 1
             if chunk:
-                ctx.num("353", "=", chan, " ".join(chunk))
+                ctx.num("353", kind, chan, " ".join(chunk))
         ctx.num("366", chan, "End of /NAMES list")
 
     # input --------------------------------------------------------------------------
@@ -675,14 +693,36 @@ class IRCProtocol(LineOnlyReceiver):
         if self.state == "ready":
             if name != address.normalise_name(self.user_id.partition("@")[0]):
                 ctx.num("433", param(wanted), "Your nick is your account name; it cannot change")
+            elif wanted != self.nick:  # the same account, another case: shown as typed
+                self._renamed(ctx, wanted)
             return
         self.nick = wanted
         self._try_register()
+
+    def _renamed(self, ctx: Reply, nick: str) -> None:
+        """A change of case: told to this connection and to the IRC users who share a
+        channel with it."""
+        line = format_line(self.mask(self.user_id), "NICK", nick)
+        self.nick = nick
+        if self.identity is not None:
+            self.identity.nick = nick
+        self.factory.directory.renamed(self.user_id, nick)
+        ctx.send(line)
+        groups = self.realm.groups
+        seen: set[str] = set()
+        for addr in groups.of_user.get(self.user_id, ()):
+            seen.update(groups.groups[addr].members)
+        for conn in self.factory.connections:
+            if conn is not self and conn.state == "ready" and conn.user_id in seen:
+                conn.write(line)
 
     @command("USER", params=4, early=True)
     def irc_USER(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
         if self.state == "ready" or self.username:
             ctx.num("462", "You may not reregister")
+            return
+        if not params[3]:
+            ctx.num("461", "USER", "Not enough parameters (an empty realname)")
             return
         self.username = params[0][:32]
         self.realname = params[3][:128]
@@ -830,11 +870,19 @@ class IRCProtocol(LineOnlyReceiver):
         f = self.factory
         realm = self.realm
         old = self.nick
-        self.nick = nick_of(self.user_id, realm.realm)
+        account = nick_of(self.user_id, realm.realm)
+        # The nick as typed when it names the account (in another case), else the account.
+        same = old.lower() == account.lower() and "/" not in old
+        self.nick = old if same else account
         self.state = "ready"
         ctx = self.direct
         if old != self.nick and old != "*":
             self.write(f":{old}!{self.username}@{realm.realm} NICK {self.nick}\r\n".encode())
+        name, _, host = self.user_id.partition("@")
+        self.identity = Identity(
+            self.nick, clean_username(self.username) or name, self.realname or name, host
+        )
+        f.directory.arrived(self.user_id, self, self.identity)
         ctx.num("001", f"Welcome to the {realm.realm} chat realm, {self.mask(self.user_id)}")
         ctx.num("002", f"Your host is {self.server}, running version {f.version}")
         ctx.num("003", f"This server was created {f.created}")

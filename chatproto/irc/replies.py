@@ -35,6 +35,8 @@ ERROR_NUMERICS = {
     "banned": ("474", "Cannot join channel (+b)"),
     "not_invited": ("473", "Cannot join channel (+i)"),
     "group_full": ("471", "Cannot join channel (+l)"),
+    "bad_key": ("475", "Cannot join channel (+k)"),
+    "moderated": ("404", "Cannot send to channel (+m)"),
     "limit_reached": ("405", "You have joined too many channels"),
     "already_member": ("443", "is already on channel"),
     "group_exists": ("403", "Channel exists"),

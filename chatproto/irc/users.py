@@ -1,36 +1,61 @@
-"""User queries: WHO and WHOIS."""
+"""User queries: WHO, WHOIS, WHOWAS, USERHOST (and TIME).
+
+Users show as their IRC identity (:mod:`chatproto.irc.identity`): the nick as typed,
+the username and realname of their ``USER`` line.  Every user is invisible (``+i``):
+``WHO`` with a mask lists the users who share a channel with the asker (and the asker),
+and a nick without wildcards names one user wherever they are.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import time
 from typing import TYPE_CHECKING, Any
 
 from chatproto.errors import ChatError
+from chatproto.groups import Group
 from chatproto.irc.commands import command
-from chatproto.irc.lines import (
-    PREFIXES,
-    channel_of,
-    nick_of,
-    param,
-)
+from chatproto.irc.lines import channel_of, param, prefix
 from chatproto.irc.replies import Reply
 
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
 
+#: Nicks one USERHOST may name.
+MAX_USERHOST = 5
+
+
+def _visible(g: Group, user: str) -> bool:
+    """May ``user`` see the group's members (a member, or a public, non-secret group)?"""
+    return user in g.members or (g.visibility == "public" and not g.secret)
+
 
 @command("WHO")
 def who(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
     assert p.session is not None
-    mask = params[0] if params else "*"
+    mask = params[0] if params and params[0] else "*"
+    multi = p.has("multi-prefix")
+    groups = p.realm.groups
     if mask.startswith("#"):
         try:
-            members = p.realm.members(p.session, p.group_address(mask))
-            roles = {m["user"]: m["role"] for m in members}
+            g = groups.get(p.group_address(mask))
         except ChatError:
-            roles = {}
-        for user, role in roles.items():
-            who_line(p, ctx, mask, user, PREFIXES.get(role, ""))
-    elif mask != "*":
+            g = None
+        if g is not None and _visible(g, p.user_id):
+            for user, m in sorted(g.members.items()):
+                who_line(p, ctx, mask, user, prefix(m.role, m.voice, multi))
+    elif any(c in mask for c in "*?"):
+        pattern = mask.lower()
+        shared = {p.user_id}
+        for addr in groups.of_user.get(p.user_id, ()):
+            shared.update(groups.groups[addr].members)
+        directory = p.factory.directory
+        for user in sorted(shared):
+            i = directory.get(user)
+            fields = (i.nick, i.username, i.host, i.realname, p.server)
+            if any(fnmatch.fnmatchcase(f.lower(), pattern) for f in fields):
+                who_line(p, ctx, "*", user, "")
+    else:
         try:
             user = p.resolve(mask)
         except ChatError:
@@ -41,12 +66,11 @@ def who(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> 
     return None
 
 
-def who_line(p: IRCProtocol, ctx: Reply, chan: str, user: str, prefix: str) -> None:
-    realm = p.realm.realm
-    name, _, where = user.partition("@")
+def who_line(p: IRCProtocol, ctx: Reply, chan: str, user: str, pfx: str) -> None:
+    i = p.factory.directory.get(user)
     presence = p.realm.presence_of(user)
     flag = "G" if presence and presence[0] in ("away", "busy", "offline") else "H"
-    ctx.num("352", chan, name, where, p.server, nick_of(user, realm), flag + prefix, f"0 {name}")
+    ctx.num("352", chan, i.username, i.host, p.server, i.nick, flag + pfx, f"0 {i.realname}")
 
 
 @command("WHOIS", params=1)
@@ -61,20 +85,67 @@ def whois(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -
         ctx.num("318", param(nick), "End of /WHOIS list")
         return None
     realm = p.realm.realm
-    name, _, where = user.partition("@")
-    n = nick_of(user, realm)
-    ctx.num("311", n, name, where, "*", name)
+    groups = p.realm.groups
+    i = p.factory.directory.get(user)
+    n = i.nick
+    ctx.num("311", n, i.username, i.host, "*", i.realname)
     chans = []
-    for group in sorted(p.realm.groups.of_user.get(user, ())):
-        g = p.realm.groups.groups[group]
-        if g.visibility == "public" or p.user_id in g.members:
-            chans.append(PREFIXES.get(g.members[user].role, "") + channel_of(group, realm))
+    for group in sorted(groups.of_user.get(user, ())):
+        g = groups.groups[group]
+        if _visible(g, p.user_id):
+            m = g.members[user]
+            chans.append(prefix(m.role, m.voice, p.has("multi-prefix")) + channel_of(group, realm))
     if chans:
         ctx.num("319", n, " ".join(chans))
     ctx.num("312", n, p.server, f"chatproto realm {realm}")
     presence = p.realm.presence_of(user)
     if presence and presence[0] in ("away", "busy"):
         ctx.num("301", n, presence[1] or presence[0])
-    ctx.num("330", n, n, "is logged in as")
+    ctx.num(
+        "330", n, user.partition("@")[0] if user.endswith("@" + realm) else user, "is logged in as"
+    )
     ctx.num("318", n, "End of /WHOIS list")
     return None
+
+
+@command("WHOWAS", params=1)
+def whowas(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    """``WHOWAS nick [count]``: the identities the nick had on IRC, newest first
+    (a count of 0 or less, or none: all kept)."""
+    nick = params[0].split(",")[0]
+    count = params[1] if len(params) > 1 else ""
+    limit = int(count) if count.lstrip("-").isdigit() else 0
+    entries = p.factory.directory.was(nick.lower())
+    if limit > 0:
+        entries = entries[:limit]
+    if not entries:
+        ctx.num("406", param(nick), "There was no such nickname")
+    for i in entries:
+        ctx.num("314", i.nick, i.username, i.host, "*", i.realname)
+        ctx.num("312", i.nick, p.server, time.strftime("%c", time.gmtime(i.gone_at)))
+    ctx.num("369", param(nick), "End of WHOWAS")
+
+
+@command("USERHOST", params=1)
+def userhost(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    """``USERHOST nick...``: ``nick=+user@host`` (``-`` when away) of up to five."""
+    out = []
+    directory = p.factory.directory
+    for nick in params[:MAX_USERHOST]:
+        try:
+            user = p.resolve(nick)
+        except ChatError:
+            continue
+        if not (directory.on_irc(user) or p.realm.is_user(user)):
+            continue
+        i = directory.get(user)
+        presence = p.realm.presence_of(user)
+        away = "-" if presence and presence[0] in ("away", "busy") else "+"
+        out.append(f"{i.nick}={away}{i.username}@{i.host}")
+    ctx.num("302", " ".join(out))
+
+
+@command("TIME")
+def time_(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    now = p.factory.clock.seconds()
+    ctx.num("391", p.server, time.strftime("%A %B %d %Y -- %H:%M:%S +00:00", time.gmtime(now)))

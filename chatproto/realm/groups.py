@@ -60,7 +60,7 @@ class GroupHandler:
         return [
             g.summary()
             for addr, g in sorted(self._rules.groups.items())
-            if g.visibility == "public" and addr.endswith(self._suffix)
+            if g.visibility == "public" and not g.secret and addr.endswith(self._suffix)
         ]
 
     def readable(self, user: str, text: Any, public: bool = False) -> Group:
@@ -72,7 +72,7 @@ class GroupHandler:
         addr = self.address(text, remote_ok=True)
         if addr.endswith(self._suffix):
             g = self._rules.get(addr)
-            if not (public and g.visibility == "public"):
+            if not (public and g.visibility == "public" and not g.secret):
                 self._rules.readable_from(addr, user)  # members only
             return g
         mirror = self._rules.groups.get(addr)
@@ -234,10 +234,8 @@ class GroupHandler:
         """
         home = addr.rpartition("@")[2]
         if home == self._name:
-            group = self._rules.get(addr)
-            if sender not in group.members:
-                raise ChatError("not_member", f"you are not a member of {addr}")
-            return sorted(self._realm.realms_of(group.members))
+            self._rules.check_speaker(addr, sender)  # a member; voiced when moderated
+            return sorted(self._realm.realms_of(self._rules.groups[addr].members))
         mirror = self._rules.groups.get(addr)
         if mirror is None or sender not in mirror.members:
             raise ChatError("not_member", f"you are not a member of {addr}")

@@ -433,10 +433,8 @@ class RealmService(Service):
                     raise ChatError(
                         "bad_request", "only text and file items go to a group's home realm"
                     )
-                members = self.groups.get(recipient).members
-                if str(sender) not in members:
-                    raise ChatError("not_member", f"{sender} is not a member of {recipient}")
-                fan = self.realms_of(members) - {origin}
+                self.groups.check_speaker(str(recipient), str(sender))
+                fan = self.realms_of(self.groups.groups[str(recipient)].members) - {origin}
                 signer = origin  # we relay it: it must carry its realm's proof
             else:
                 raise ChatError(
