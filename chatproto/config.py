@@ -69,6 +69,10 @@ class Limits:
     max_sessions_per_user: int = 32
     max_members_per_group: int = 10000
     max_groups_per_user: int = 200
+    #: Client connections (native, TLS, WebSocket, IRC) not logged in yet, overall and
+    #: from one address; past either, a new connection is aborted at once.  0: no bound.
+    max_unauthenticated: int = 512
+    max_unauthenticated_per_address: int = 32
 
 
 @attrs.define
@@ -174,6 +178,10 @@ class Federation:
     batch_size: int = 500
     window: int = 4
     max_frame: int = 4 * 1024 * 1024
+    #: Inbound connections that have not said a valid hello yet, overall and from one
+    #: address; past either, a new connection is aborted at once.  0: no bound.
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_address: int = 8
 
     def peer(self, realm: str) -> Peer | None:
         for p in self.peers:
@@ -291,6 +299,9 @@ class Config:
         ):
             if getattr(lim, key) <= 0:
                 raise ConfigError(f"limits.{key} must be positive")
+        for key in ("max_unauthenticated", "max_unauthenticated_per_address"):
+            if getattr(lim, key) < 0:
+                raise ConfigError(f"limits.{key} must be >= 0 (0: no bound)")
         if lim.max_groups_per_user > 400:
             # one sub-query per group in the backlog query; SQLite caps compound selects
             raise ConfigError("limits.max_groups_per_user must be at most 400")
@@ -403,6 +414,9 @@ class Config:
             raise ConfigError("federation.batch_size and federation.window must be >= 1")
         if not 65536 <= f.max_frame <= 64 * 1024 * 1024:
             raise ConfigError("federation.max_frame must be between 65536 and 67108864")
+        for key in ("max_unauthenticated", "max_unauthenticated_per_address"):
+            if getattr(f, key) < 0:
+                raise ConfigError(f"federation.{key} must be >= 0 (0: no bound)")
         seen = set()
         for peer in f.peers:
             if peer.realm in seen:

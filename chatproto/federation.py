@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto import address, wire
+from chatproto.admission import PREAUTH_MAX_FRAME, Admission, Ticket
 from chatproto.config import DEFAULT_FEDERATION_PORT, ConfigError, Federation
 from chatproto.envelope import Envelope
 from chatproto.errors import CODES, ChatError, FatalProtocolError
@@ -402,6 +403,8 @@ class _Link(Int32StringReceiver):
         self._keepalive_call = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return  # closing: nothing more is read (or buffered)
         if self._clock is not None:
             self._last_rx = self._clock.seconds()
         Int32StringReceiver.dataReceived(self, data)
@@ -476,7 +479,8 @@ class _Link(Int32StringReceiver):
             return "?"
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.fail("too_large", f"frame of {length} bytes; the limit is {self.MAX_LENGTH}")
+        before = "" if self.is_up() else " before the link is up"
+        self.fail("too_large", f"frame of {length} bytes; the limit{before} is {self.MAX_LENGTH}")
 
     def stringReceived(self, payload: bytes) -> None:
         if self.closed:
@@ -546,6 +550,8 @@ class InboundProtocol(_Link):
         self._presence_bucket: TokenBucket | None = None
         self._fetch_progress = 0.0
         self._on_closed: list[Deferred[None]] = []
+        #: Counts this connection among the unauthenticated until its hello.
+        self._ticket: Ticket | None = None
 
     def close(self, clock: Any, grace: float) -> Deferred[None]:
         """Close the link cleanly (TLS close_notify: the peer sees a closed link, not a
@@ -563,7 +569,13 @@ class InboundProtocol(_Link):
 
     def connectionMade(self) -> None:
         fed = self.factory.fed
-        self.MAX_LENGTH = fed.cfg.max_frame
+        host = getattr(self.transport.getPeer(), "host", "?")
+        self._ticket = fed.unauthenticated.admit(host)
+        if self._ticket is None:  # too many waiting for their hello: not even TLS
+            self.closed = True
+            self.transport.abortConnection()
+            return
+        self.MAX_LENGTH = PREAUTH_MAX_FRAME  # until a valid hello
         fed.inbound.add(self)
         self._timeout = fed.clock.callLater(HELLO_TIMEOUT, self._hello_timeout)
         self.start_keepalive(fed.clock, fed.cfg.keepalive)
@@ -594,6 +606,8 @@ class InboundProtocol(_Link):
         self.closed = True
         self.state = "closed"
         self.stop_keepalive()
+        if self._ticket is not None:
+            self._ticket.release()
         fed = self.factory.fed
         fed.inbound.discard(self)
         if self._timeout is not None and self._timeout.active():
@@ -642,6 +656,9 @@ class InboundProtocol(_Link):
             return
         self.peer_realm = claimed
         self.state = "ready"
+        self.MAX_LENGTH = fed.cfg.max_frame
+        if self._ticket is not None:
+            self._ticket.release()
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
@@ -827,7 +844,7 @@ class OutboundProtocol(_Link):
     def connectionMade(self) -> None:
         link = self.factory.link
         self.peer_realm = link.realm
-        self.MAX_LENGTH = link.fed.cfg.max_frame
+        self.MAX_LENGTH = PREAUTH_MAX_FRAME  # until the welcome
         self.start_keepalive(link.fed.clock, link.fed.cfg.keepalive)
 
     def is_up(self) -> bool:
@@ -890,6 +907,7 @@ class OutboundProtocol(_Link):
         keys = self.peer_keys(req)
         if keys is not None:
             link.fed.realm.peer_keys.learn(link.realm, keys)
+        self.MAX_LENGTH = link.fed.cfg.max_frame
         if self.welcomed.called:  # the attempt was abandoned (link stopped or kicked)
             self.closed = True
             self.transport.loseConnection()
@@ -1499,6 +1517,13 @@ class FederationService(MultiService):
         self.links: dict[str, PeerLink] = {}
         self.inbound: set[InboundProtocol] = set()
         self.factory = InboundFactory(self)
+        #: Inbound connections before their hello (see chatproto.admission).
+        self.unauthenticated = Admission(
+            "federation",
+            self.cfg.max_unauthenticated,
+            self.cfg.max_unauthenticated_per_address,
+            self.clock,
+        )
         self.port: Any = None
         #: realm -> (refuse hellos until, level): backoff for misbehaving peers
         self._penalties: dict[str, tuple[float, int]] = {}

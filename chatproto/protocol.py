@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto import wire
+from chatproto.admission import PREAUTH_MAX_FRAME, Ticket
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
@@ -162,17 +163,31 @@ class ClientProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         f = self.factory
-        self.MAX_LENGTH = f.realm.config.limits.max_frame
         self.connected_at = self.last_rx = f.clock.seconds()
-        f.connections.add(self)
         self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
+        if not f.opened(self):
+            self.state = "closed"  # refused: too many connections wait to log in
+            return
+        # Small frames until login (see chatproto.admission).
+        self.MAX_LENGTH = min(PREAUTH_MAX_FRAME, f.realm.config.limits.max_frame)
         self.transport.registerProducer(self, True)
+
+    def authenticated(self) -> None:
+        """The connection has logged in: it takes frames up to ``max_frame`` and no
+        longer counts among the unauthenticated."""
+        self.MAX_LENGTH = self.factory.realm.config.limits.max_frame
+        self.factory.authenticated(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "closed":
+            return  # closing: nothing more is read (or buffered)
+        Int32StringReceiver.dataReceived(self, data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
         self._out.drop()
         self._out.close()
-        self.factory.connections.discard(self)
+        self.factory.closed(self)
         if self.session is not None:
             self.log.info(
                 "session of {user} ({device}) from {peer} ended: {reason}",
@@ -330,7 +345,10 @@ class ClientProtocol(Int32StringReceiver):
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.info("frame of {n} bytes from {peer}: too large", n=length, peer=self._peer())
-        self.close_with("too_large", f"frame of {length} bytes; the limit is {self.MAX_LENGTH}")
+        before = "" if self.session is not None else " before login"
+        self.close_with(
+            "too_large", f"frame of {length} bytes; the limit{before} is {self.MAX_LENGTH}"
+        )
 
     def stringReceived(self, payload: bytes) -> None:
         if self.state == "closed":
@@ -478,6 +496,7 @@ class ClientProtocol(Int32StringReceiver):
                 return {}
             self.session = session
             self.state = "ready"
+            self.authenticated()
             # The result frame goes out first; start() then streams the backlog.
             self.factory.clock.callLater(0, self._start_session, session, since)
             return {"user": session.user_id, "device": session.device}
@@ -818,6 +837,8 @@ class ClientFactory(Factory):
         self.realm = realm
         self.clock = clock if clock is not None else realm.clock
         self.connections: set[Any] = set()
+        #: connection -> its place among the realm's unauthenticated connections
+        self._tickets: dict[Any, Ticket] = {}
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
 
@@ -829,6 +850,32 @@ class ClientFactory(Factory):
     def stopFactory(self) -> None:
         if self._sweeper.running:
             self._sweeper.stop()
+
+    # the connections' bookkeeping (this protocol's and the gateways')
+
+    def opened(self, proto: Any) -> bool:
+        """A connection ``proto`` opened: counted among the realm's unauthenticated
+        connections (``realm.unauthenticated``) and swept, or, past a bound, aborted
+        at once (False: the protocol does nothing more)."""
+        peer = proto.transport.getPeer() if proto.transport is not None else None
+        ticket = self.realm.unauthenticated.admit(getattr(peer, "host", str(peer)))
+        if ticket is None:
+            proto.transport.abortConnection()
+            return False
+        self._tickets[proto] = ticket
+        self.connections.add(proto)
+        return True
+
+    def authenticated(self, proto: Any) -> None:
+        """``proto`` logged in: it no longer counts among the unauthenticated."""
+        ticket = self._tickets.pop(proto, None)
+        if ticket is not None:
+            ticket.release()
+
+    def closed(self, proto: Any) -> None:
+        """``proto``'s connection is gone (``connectionLost``)."""
+        self.connections.discard(proto)
+        self.authenticated(proto)
 
     def sweep(self) -> None:
         """One pass of the keepalive timer.  Protocols (this one, and gateways such as

@@ -365,6 +365,55 @@ HARMLESS_FRAMES: dict[str, bytes] = {
 }
 
 
+#: First frames (instead of a valid hello): each gets an error and a closed link.
+BEFORE_HELLO: dict[str, bytes] = {
+    "version-str": b'{"type":"hello","version":"1","realm":"a.example"}',
+    "version-float": b'{"type":"hello","version":1.0,"realm":"a.example"}',
+    "version-true": b'{"type":"hello","version":true,"realm":"a.example"}',
+    "version-inf": b'{"type":"hello","version":1e400,"realm":"a.example"}',
+    "version-huge": b'{"type":"hello","version":' + b"1" * 400 + b',"realm":"a.example"}',
+    "version-missing": b'{"type":"hello","realm":"a.example"}',
+    "realm-int": b'{"type":"hello","version":1,"realm":5}',
+    "realm-list": b'{"type":"hello","version":1,"realm":["a.example"]}',
+    "realm-empty": b'{"type":"hello","version":1,"realm":""}',
+    "realm-long": b'{"type":"hello","version":1,"realm":"' + b"a" * 300 + b'.example"}',
+    "realm-own": b'{"type":"hello","version":1,"realm":"b.example"}',
+    "realm-other": b'{"type":"hello","version":1,"realm":"c.example"}',
+    "txn": b'{"type":"txn","id":"1-1","items":[]}',
+    "presence": b'{"type":"presence","user":"alice@a.example","status":"online"}',
+    "ping": b'{"type":"ping"}',
+    "fetched": b'{"type":"fetched","id":1}',
+    "data": b"\x00abc",
+    "garbage": b"\xff\xfe",
+    "array": b"[]",
+    "oversized": b"{" + b" " * (8192 - 1) + b"x",  # 8193 bytes: over the limit before hello
+}
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_first_frames_are_refused_and_logged_without_traceback(
+    realms: Any,  # noqa: F811
+    logs: Any,
+) -> Any:
+    """Before its hello, a peer (a.example's genuine certificate) gets an ``error`` of
+    a known code and a closed link for anything but a valid hello."""
+    from chatproto.errors import CODES
+
+    a, b = yield realms(["a.example", "b.example"])
+    cert = {"cert": a.cfg.federation.certificate, "key": a.cfg.federation.private_key}
+    for name, payload in BEFORE_HELLO.items():
+        b.fed.clean("a.example")
+        peer = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
+        peer.sendString(payload)
+        yield until(lambda: peer.lost.called, timeout=30).addErrback(
+            lambda f: pytest.fail(f"{name}: not closed; got {peer.frames}")
+        )
+        assert [f["type"] for f in peer.frames] == ["error"], (name, peer.frames)
+        assert peer.frames[0]["code"] in CODES, (name, peer.frames)
+    assert b.fed.unauthenticated.waiting == 0
+    no_tracebacks(logs)
+
+
 @pytest_twisted.inlineCallbacks
 def hello(b: Any, a: Any) -> Any:
     """A raw peer for a.example on b's listener, past its welcome (any backoff b holds

@@ -489,9 +489,20 @@ def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     err = yield ws.inbox.get()
     assert err["code"] == "hello_required"
     yield ws.call("hello", version=1)
+    # before login, a message over 8192 bytes (chatproto.admission.PREAUTH_MAX_FRAME)
+    ws.send_json({"type": "ping", "pad": "x" * 10_000})
+    err = yield ws.inbox.get()
+    assert err["code"] == "too_large" and "before login" in err["message"]
+    yield ws.closed
+    # logged in, up to max_frame; over it, too_large
+    ws = yield web.websocket(cookie)
+    yield ws.call("hello", version=1)
+    yield ws.call("login")
+    yield ws.until(lambda f: f["type"] == "synced")
+    yield ws.call("ping", pad="x" * 30_000)
     big = "x" * (web.realm.config.limits.max_frame + 10)
     ws.send_json({"type": "ping", "pad": big})
-    err = yield ws.inbox.get()
+    err = yield ws.until(lambda f: f["type"] == "error")
     assert err["code"] == "too_large"
     yield ws.closed
     ws = yield web.websocket(cookie)

@@ -153,18 +153,20 @@ class IRCProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         f = self.factory
         self.connected_at = self.last_rx = f.clock.seconds()
-        f.connections.add(self)
+        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
+        if not f.opened(self):
+            self.state = "closed"  # refused: too many connections wait to log in
+            return
         cfg = f.realm.config.irc
         if cfg.flood_rate > 0:
             self._bucket = TokenBucket(cfg.flood_rate, cfg.flood_burst, self.connected_at)
-        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
         self._out.drop()
         self._out.close()
-        self.factory.connections.discard(self)
+        self.factory.closed(self)
         for call in (self._ack_call, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
@@ -875,6 +877,7 @@ class IRCProtocol(LineOnlyReceiver):
         same = old.lower() == account.lower() and "/" not in old
         self.nick = old if same else account
         self.state = "ready"
+        f.authenticated(self)
         ctx = self.direct
         if old != self.nick and old != "*":
             self.write(f":{old}!{self.username}@{realm.realm} NICK {self.nick}\r\n".encode())

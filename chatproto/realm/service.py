@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from chatproto import address, wire
 from chatproto.accounts import is_removal_request
 from chatproto.address import Address
+from chatproto.admission import Admission
 from chatproto.config import Config
 from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
@@ -108,6 +109,11 @@ class RealmService(Service):
             store,
             lambda: self.federation,
             self.realms_of,
+        )
+        #: Client connections not logged in yet, shared by every client listener
+        #: (native, TLS, WebSocket, IRC): see chatproto.admission.
+        self.unauthenticated = Admission(
+            "clients", lim.max_unauthenticated, lim.max_unauthenticated_per_address, self.clock
         )
         self._prune = LoopingCall(self._prune_throttles)
         self._prune.clock = self.clock

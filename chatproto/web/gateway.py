@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproto import wire
+from chatproto.admission import PREAUTH_MAX_FRAME
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.protocol import ClientFactory, ClientProtocol
 from chatproto.realm import RealmService
@@ -89,6 +90,11 @@ class WebSessionProtocol(ClientProtocol):
         d = self.factory.realm.login_token(self.token, self, device, self._peer(), quiet)
         return self._logging_in(d, since)
 
+    def authenticated(self) -> None:
+        super().authenticated()
+        if isinstance(self.transport, FrameTransport):  # (tests use a StringTransport)
+            self.transport.authenticated()
+
 
 class WebSessionFactory(ClientFactory):
     """The web listener's :class:`ClientFactory`: its own keepalive sweep over the
@@ -123,6 +129,12 @@ class FrameTransport:
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
+
+    def authenticated(self) -> None:
+        """The session logged in: WebSocket messages up to the listener's limits."""
+        ws, factory = self._ws, self._ws.factory
+        ws.maxMessagePayloadSize = factory.maxMessagePayloadSize
+        ws.maxFramePayloadSize = factory.maxFramePayloadSize
 
     def loseConnection(self) -> None:
         """A polite close: the error frame already sent, then a WebSocket close."""
@@ -184,6 +196,9 @@ class ChatWebSocket(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
+        # Before login the session takes frames of PREAUTH_MAX_FRAME bytes (a longer
+        # one: too_large); autobahn stops a peer sending twice that (memory bound).
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = 2 * PREAUTH_MAX_FRAME
         transport: Any = self.transport
         peer = transport.getPeer()
         session: Any = self.factory.sessions.buildProtocol(peer)
