@@ -299,3 +299,38 @@ def test_userhost_time_away_and_empty_realname(factory: IRCFactory, realm: Realm
     c = Conn(factory)
     c.send(f"PASS {PW}", "NICK carol", "USER carol 0 * :")
     assert c.numerics() == ["461"]
+
+
+# (8) long lines, (14) the small ones ---------------------------------------------------
+
+
+def test_a_message_too_long_for_one_line_is_refused_not_split(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    head = len(":alice!u@localhost PRIVMSG bob :")
+    a.send("PRIVMSG bob :" + "x" * (510 - head))  # fits exactly at the recipient
+    assert [len(line.encode()) for line in b.lines()] == [510]
+    a.send("PRIVMSG bob :" + "x" * (511 - head))
+    assert a.numerics() == ["417"] and b.lines() == []
+    a.send("@+tag=" + "a" * 4090 + " PRIVMSG bob :hi")  # 4097 bytes of tags
+    assert a.numerics() == ["417"] and b.lines() == []
+
+
+def test_kick_lusers_unknown_commands_and_invalid_keys(factory: IRCFactory) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    a.send("JOIN #a", "JOIN #b")
+    b.send("JOIN #a", "JOIN #b")
+    c.send("JOIN #a")
+    for x in (a, b, c):
+        x.lines()
+    c.send("KICK #b bob")
+    assert c.numerics() == ["442"]  # the kicker is not on #b
+    a.send("KICK #a,#b bob,bob")
+    kicks = [p for cmd, p in a.commands() if cmd == "KICK"]
+    assert kicks == [["#a", "bob", "alice"], ["#b", "bob", "alice"]]  # default: kicker's nick
+    a.send("LUSERS", "FOO_BAR", "MODE #a +k :a b")
+    cmds = a.commands()
+    assert [n for n, _ in cmds] == ["251", "254", "255", "265", "266", "421", "696"]
+    assert cmds[-1][1][:4] == ["alice", "#a", "k", "*"]

@@ -173,10 +173,24 @@ def invite(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) 
 
 @command("KICK", params=2)
 def kick(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
-    chan = params[0]
-    reason = params[2] if len(params) > 2 else ""
+    """``KICK #chan nick[,nick] [:reason]``, or ``KICK #a,#b nick,nick`` (pairs).  The
+    default reason is the kicker's nick."""
+    chans = params[0].split(",")[:MAX_TARGETS]
+    nicks = params[1].split(",")[:MAX_TARGETS]
+    reason = params[2] if len(params) > 2 and params[2] else p.nick
+    if len(chans) > 1 and len(chans) != len(nicks):
+        ctx.num("461", "KICK", "As many channels as nicks, or one channel")
+        return None
     waits = []
-    for nick in params[1].split(",")[:MAX_TARGETS]:
+    for i, nick in enumerate(nicks):
+        chan = chans[i] if len(chans) > 1 else chans[0]
+        try:
+            g = p.realm.groups.groups.get(p.group_address(chan))
+        except ChatError:
+            g = None
+        if g is not None and p.user_id not in g.members:
+            ctx.num("442", param(chan), "You're not on that channel")
+            continue
         try:
             user = p.resolve(nick)
         except ChatError:

@@ -12,6 +12,7 @@ from twisted.words.protocols import irc as twirc
 
 __all__ = [
     "CRLF",
+    "MAX_CLIENT_TAGS",
     "MAX_LINE",
     "MAX_TAGS",
     "MAX_TARGETS",
@@ -36,6 +37,9 @@ __all__ = [
 MAX_LINE = 512
 #: Longest tag section of a line (with the ``@`` and the space), per the message-tags spec.
 MAX_TAGS = 8191
+#: Longest tag section a client may send (with the ``@`` and the space): 4094 bytes of
+#: tag data, per the message-tags spec; longer gets 417.
+MAX_CLIENT_TAGS = 4096
 #: Targets one PRIVMSG/NOTICE may name (``TARGMAX``).
 MAX_TARGETS = 4
 
@@ -96,7 +100,7 @@ def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:
         _prefix, command, params = twirc.parsemsg(line)
     except (twirc.IRCBadMessage, ValueError, IndexError):
         raise IRCBadLine("unparsable line") from None
-    if not command or not command.isalnum():
+    if not command or not all(c.isalnum() or c in "_-" for c in command):
         raise IRCBadLine("bad command")
     return tags, command.upper(), params
 

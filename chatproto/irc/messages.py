@@ -12,7 +12,9 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.irc.commands import command
 from chatproto.irc.lines import (
+    MAX_LINE,
     MAX_TARGETS,
+    channel_of,
     format_line,
     param,
     with_tag,
@@ -46,6 +48,14 @@ def privmsg(
         except ChatError as e:
             if not notice:
                 p.error(ctx, command, e, target)
+            continue
+        # One IRC line at the recipient, with our source in front: longer is refused
+        # (417) rather than split in two messages or cut.
+        shown = channel_of(to, p.realm.realm) if to.startswith("#") else p.nick_for(to)
+        head = f":{p.mask(p.user_id)} {command} {shown} :"
+        if len(head.encode()) + len(text.encode()) > MAX_LINE - 2:
+            if not notice:
+                ctx.num("417", "Message too long for one IRC line with its source")
             continue
         if not notice and not to.startswith("#"):
             presence = p.realm.presence_of(to)

@@ -187,7 +187,8 @@ def _setting(
     try:
         check_settings({name: value})
     except ChatError as e:
-        ctx.num("696", chan, char, param(raw), e.message)
+        shown = "*" if name == "key" else param(raw)  # an invalid key is not echoed
+        ctx.num("696", chan, char, shown, e.message)
         return
     settings[name] = value
 

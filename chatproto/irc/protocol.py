@@ -38,6 +38,7 @@ from chatproto.irc import users as _users  # noqa: F401
 from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
 from chatproto.irc.identity import Identity, clean_username
 from chatproto.irc.lines import (
+    MAX_CLIENT_TAGS,
     MAX_LINE,
     MAX_TAGS,
     IRCBadLine,
@@ -517,9 +518,11 @@ class IRCProtocol(LineOnlyReceiver):
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         size = len(raw)
+        tags_size = 0
         if raw.startswith(b"@"):  # the 512-byte limit is for the line without its tags
-            size -= len(raw) - len(raw.partition(b" ")[2].lstrip(b" "))
-        if size > MAX_LINE - 2:
+            tags_size = len(raw) - len(raw.partition(b" ")[2].lstrip(b" "))
+            size -= tags_size
+        if size > MAX_LINE - 2 or tags_size > MAX_CLIENT_TAGS:
             ctx = self._reply(None)
             ctx.num("417", "Input line was too long")
             ctx.finish()
@@ -615,6 +618,8 @@ class IRCProtocol(LineOnlyReceiver):
         code, text = known
         if code == "401" and target.startswith("#"):
             code, text = "403", "No such channel"
+        if code == "482" and command in ("PART", "MODE", "TOPIC"):
+            text = f"You're not channel operator ({err.message})"  # the realm's reason
         if code == "442" and command in ("PRIVMSG", "NOTICE"):
             code, text = "404", "Cannot send to channel"
         ctx.num(code, target, text)
@@ -914,6 +919,8 @@ class IRCProtocol(LineOnlyReceiver):
         ctx.num("251", f"There are {users} users and 0 invisible on 1 servers")
         ctx.num("254", str(len(realm.groups.groups)), "channels formed")
         ctx.num("255", f"I have {users} clients and 0 servers")
+        ctx.num("265", str(users), str(users), f"Current local users {users}, max {users}")
+        ctx.num("266", str(users), str(users), f"Current global users {users}, max {users}")
 
     def _motd(self, ctx: Reply) -> None:
         motd = self.realm.config.irc.motd
