@@ -30,6 +30,7 @@ __all__ = [
     "Federation",
     "Files",
     "Limits",
+    "Metrics",
     "Peer",
     "Storage",
     "Web",
@@ -146,6 +147,14 @@ class IRC:
 
 
 @attrs.define
+class Metrics:
+    """The operations listener (chatproto.ops): /metrics, /health and /ready."""
+
+    #: Endpoint descriptions; empty: no operations listener (and no metrics kept).
+    listen: list[str] = attrs.field(factory=list)
+
+
+@attrs.define
 class Peer:
     """One entry of ``[[federation.peers]]``: how to reach and trust a peer realm."""
 
@@ -211,6 +220,7 @@ class Config:
     irc: IRC = attrs.field(factory=IRC)
     federation: Federation = attrs.field(factory=Federation)
     files: Files = attrs.field(factory=Files)
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     @property
     def database_path(self) -> str:
@@ -478,6 +488,7 @@ _SECTIONS = {
     "irc": IRC,
     "federation": Federation,
     "files": Files,
+    "metrics": Metrics,
 }
 _REALM_KEYS = {
     "name": "realm",

@@ -692,6 +692,7 @@ class InboundProtocol(_Link):
                 "too_large", f"{len(items)} items in a txn; the limit is {MAX_TXN_ITEMS}"
             )
         if len(self._queue) + len(self._started) >= MAX_INFLIGHT:
+            self.factory.fed.realm.stats.rate_limited("federation_txn")
             raise FatalProtocolError(
                 "rate_limited", f"more than {MAX_INFLIGHT} transactions awaiting ack"
             )
@@ -811,6 +812,7 @@ class InboundProtocol(_Link):
         if self._presence_bucket is None:
             self._presence_bucket = TokenBucket(PRESENCE_RATE, PRESENCE_BURST, now)
         if self._presence_bucket.take(now):
+            self.factory.fed.realm.stats.rate_limited("federation_presence")
             raise FatalProtocolError(
                 "rate_limited", f"more than {PRESENCE_RATE:g} presence frames a second"
             )

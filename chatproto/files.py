@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from chatproto.config import Files as FilesConfig
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.ops.stats import RealmStats
 from chatproto.transfer import RangeProducer, Runner, SerialWriter, ThreadRunner, inline
 
 if TYPE_CHECKING:
@@ -276,16 +277,33 @@ class Download:
     slowly the consumer reads.  It fires with the byte count once all are written.
     """
 
-    def __init__(self, store: FileStore, info: FileInfo, offset: int, length: int) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        info: FileInfo,
+        offset: int,
+        length: int,
+        stats: RealmStats | None = None,
+    ) -> None:
         self.info = info
         self.offset = offset
         self.length = length
         self._store = store
+        self._stats = stats
 
     def start(self, consumer: IConsumer) -> Deferred[int]:
         path = self._store.blob_path(self.info.sha256)
         producer = RangeProducer(self._store.run, path, self.offset, self.length)
-        return producer.start(consumer)
+        d = producer.start(consumer)
+        stats = self._stats
+        if stats is not None:
+
+            def counted(result: Any) -> Any:
+                stats.file_bytes_out += producer.sent  # what was sent, finished or not
+                return result
+
+            d.addBoth(counted)
+        return d
 
 
 class FileService:
@@ -530,6 +548,7 @@ class FileService:
         except ChatError as e:
             return fail(e)
         up.accepted += len(data)
+        self.realm.stats.file_bytes_in += len(data)
         up.touched = self.realm.clock.seconds()
         d = up.writer.write(data)
         d.addErrback(self._write_failed, up)
@@ -723,7 +742,7 @@ class FileService:
         if not (yield self.store.has_blob(info.sha256)):
             self.log.error("file {file}: blob {sha} is missing", file=file_id, sha=info.sha256)
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
-        return Download(self.store, info, offset, length)
+        return Download(self.store, info, offset, length, self.realm.stats)
 
     # federation ---------------------------------------------------------------------
 
@@ -749,7 +768,7 @@ class FileService:
             raise ChatError("no_such_file", f"no file {file_id} for {realm}")
         if not (yield self.store.has_blob(info.sha256)):
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
-        return Download(self.store, info, 0, info.size)
+        return Download(self.store, info, 0, info.size, self.realm.stats)
 
     def receive_blob(self, sha256: str, size: int) -> RemoteBlob:
         """Somewhere to write the bytes of a file another realm sends (federation);
@@ -825,6 +844,7 @@ class RemoteBlob:
         self.received += len(data)
         if self.received > self.size:
             raise ChatError("too_large", f"more than the announced {self.size} bytes")
+        self.files.realm.stats.file_bytes_in += len(data)
         return self.writer.write(data)
 
     @inlineCallbacks

@@ -131,6 +131,8 @@ class ClientProtocol(Int32StringReceiver):
     log = Logger()
     factory: ClientFactory
     transport: Any
+    #: What the realm's metrics and ``chatrealmctl sessions`` call this protocol.
+    protocol_name = "native"
 
     #: request type -> handler (filled in below the class and for each subclass)
     handlers: dict[str, Any] = {}
@@ -251,6 +253,7 @@ class ClientProtocol(Int32StringReceiver):
             n=self._out.held,
         )
         self._out.drop()
+        self.factory.realm.stats.slow_reader(self.protocol_name)
         limit = self._out.limit
         self.close_with("slow_reader", f"more than {limit} bytes of output were not read")
 

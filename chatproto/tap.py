@@ -21,6 +21,7 @@ from twisted.python import usage
 
 from chatproto import config as configmod
 from chatproto import extensions
+from chatproto.ops.service import Operations
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.backend import make_store
@@ -93,7 +94,12 @@ class Options(usage.Options):
             self._fail(f"configuration: {e}")
         from twisted.internet import reactor
 
-        described = cfg.listen_descriptions() + cfg.web_descriptions() + cfg.irc_descriptions()
+        described = (
+            cfg.listen_descriptions()
+            + cfg.web_descriptions()
+            + cfg.irc_descriptions()
+            + cfg.metrics.listen
+        )
         for description in described:
             try:
                 serverFromString(reactor, description)  # parses; does not listen
@@ -182,28 +188,42 @@ def build(
     store = make_store(cfg, reactor)
     realm = RealmService(cfg, store, reactor)
     realm.setServiceParent(top)
+    ops = Operations(realm, reactor)
+    ops.setServiceParent(top)
     for setup in plugins if plugins is not None else extensions.load_all(cfg.plugins):
         setup(realm)
+
+    def serve(protocol: str, description: str, factory: Any, connections: Any) -> None:
+        listener = ListenerService(reactor, description, factory)
+        listener.setServiceParent(top)
+        ops.watch(protocol, connections, listener)
+
     factory = ClientFactory(realm)
     for description in cfg.listen_descriptions():
-        ListenerService(reactor, description, factory).setServiceParent(top)
+        serve("native", description, factory, factory)
     web = cfg.web_descriptions()
     if web:
         from chatproto.web import WebSite  # twisted.web and autobahn only when used
 
         site = WebSite(realm)
         for description in web:
-            ListenerService(reactor, description, site).setServiceParent(top)
+            serve("web", description, site, site.ws.sessions)
     if cfg.irc.enabled:
         from chatproto.irc import IRCFactory
 
         irc_factory = IRCFactory(realm)
         for description in cfg.irc_descriptions():
-            ListenerService(reactor, description, irc_factory).setServiceParent(top)
+            serve("irc", description, irc_factory, irc_factory)
     if cfg.federation.enabled:
         from chatproto.federation import FederationService
 
         FederationService(realm, reactor).setServiceParent(top)
+    if cfg.metrics.listen:
+        from chatproto.ops.site import OpsSite  # twisted.web only when used
+
+        ops_site = OpsSite(ops, reactor)
+        for description in cfg.metrics.listen:
+            ListenerService(reactor, description, ops_site).setServiceParent(top)
     return top, realm
 
 

@@ -434,6 +434,7 @@ def test_slow_reader_is_dropped_and_resumes_without_loss(clock: Clock) -> None:
         a.dataReceived(frame({"type": "send", "to": "bob", "body": "x" * 200, "id": sent}))
         sent += 1
     assert tb.disconnecting and sent < 100
+    assert realm.stats.slow_readers == {"native": 1}  # counted for the metrics
     delivered = [f for f in frames(tb) if f["type"] == "msg"]
     b.connectionLost(None)
     _b2, tb2 = logged_in(realm, clock, "bob", since=0)

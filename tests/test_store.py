@@ -622,6 +622,27 @@ def test_files_and_uploads(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_outbox_stats_give_each_queue_its_depth_and_oldest_item(store: Any) -> Any:
+    assert (yield store.outbox_stats()) == {}
+    old, later = env(ALICE, "bob@b.example", "old"), env(ALICE, "bob@b.example", "later")
+    old.ts, later.ts = 1000.5, 3000.0
+    yield store.append([old], [("b.example", old)])
+    yield store.outbox_enqueue("c.example", [{"type": "join", "ts": 2000.25}])
+    yield store.outbox_enqueue("d.example", [{"type": "join"}, {"type": "join", "ts": 1.0}])
+    yield store.outbox_enqueue("e.example", [{"type": "join", "ts": "yesterday"}])
+    yield store.append([later], [("b.example", later)])
+    assert (yield store.outbox_stats()) == {
+        "b.example": (2, 1000.5),
+        "c.example": (1, 2000.25),
+        "d.example": (2, None),  # the oldest row says nothing of its age
+        "e.example": (1, None),
+    }
+    [(seq, _), _] = yield store.outbox_read("b.example", 0, 10)
+    yield store.outbox_ack("b.example", seq)
+    assert (yield store.outbox_stats())["b.example"] == (1, 3000.0)
+
+
+@pytest_twisted.inlineCallbacks
 def test_outbox_rides_with_the_items(store: Any) -> Any:
     local = env(ALICE, BOB, "local")
     out1, out2 = env(ALICE, "bob@b.example", "to b 1"), env(ALICE, "carol@c.example", "to c")

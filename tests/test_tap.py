@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from chatproto import client, tap
 from chatproto.config import DEFAULT_LISTEN
+from chatproto.ops.service import Operations
 from chatproto.realm import RealmService
 
 FAST_AUTH = """
@@ -129,7 +130,8 @@ def test_make_service_realm_first_then_one_listener_per_description(tmp_path: An
     assert isinstance(top, MultiService)
     services = list(top)
     assert isinstance(services[0], RealmService)
-    listeners = services[1:]
+    assert isinstance(services[1], Operations)  # readiness and metrics (chatproto.ops)
+    listeners = services[2:]
     assert all(isinstance(s, tap.ListenerService) for s in listeners)
     assert [s.description for s in listeners] == [
         "tcp:0:interface=127.0.0.1",

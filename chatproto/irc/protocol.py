@@ -100,6 +100,8 @@ class IRCProtocol(LineOnlyReceiver):
     transport: Any
     delimiter = b"\n"
     MAX_LENGTH = MAX_TAGS + MAX_LINE
+    #: What the realm's metrics and ``chatrealmctl sessions`` call this protocol.
+    protocol_name = "irc"
 
     def __init__(self) -> None:
         self.state = "registering"
@@ -236,6 +238,7 @@ class IRCProtocol(LineOnlyReceiver):
                 n=self._out.held,
             )
             self._out.drop()
+            self.realm.stats.slow_reader(self.protocol_name)
             self.close_with("SendQ exceeded")
 
     def send_line(self, source: str | None, command: str, *params: str) -> None:
@@ -481,6 +484,7 @@ class IRCProtocol(LineOnlyReceiver):
     def _hold_line(self, line: bytes) -> None:
         """Flood control: past the burst, lines wait (reading pauses) at flood_rate."""
         if len(self._queue) >= MAX_QUEUED:
+            self.realm.stats.rate_limited("irc_flood")
             self.close_with("Excess Flood")
             return
         self._queue.append(line)
@@ -509,6 +513,7 @@ class IRCProtocol(LineOnlyReceiver):
         self.pinged = False
         if self._barrier:  # a group change is pending: what follows may depend on it
             if len(self._after_barrier) >= MAX_QUEUED:
+                self.realm.stats.rate_limited("irc_flood")
                 self.close_with("Excess Flood")
                 return
             if not self._after_barrier:

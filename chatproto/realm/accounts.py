@@ -142,6 +142,8 @@ class Accounts:
         self._suffix = "@" + config.realm
         self.store = realm.store
         self.clock = realm.clock
+        #: the realm's counters (logins, failures, throttled attempts)
+        self.stats = realm.stats
         self._hash_pool: ThreadPool | None = None
         if hasher is None:
             # Hashing gets its own small pool: argon2 is memory-hard (tens of MiB per
@@ -347,6 +349,7 @@ class Accounts:
         or expired token fails with ``auth_failed``."""
         record = self.tokens.check(token)
         if record is None:
+            self.stats.login_failures += 1
             raise ChatError("auth_failed", "not logged in (no valid session token)")
         if (yield self.store.user_floor(record.user)) != record.floor:
             self.tokens.revoke(token)  # issued to a deleted account of this name
@@ -407,6 +410,7 @@ class Accounts:
         key = username[:64]
         wait = max(self._account_throttle.wait(key, now), self._address_throttle.wait(peer, now))
         if wait > 0:
+            self.stats.rate_limited("login")
             self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
             raise ChatError("rate_limited", "too many failed logins", retry_after=round(wait, 3))
         return UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), key
@@ -415,6 +419,7 @@ class Accounts:
         now = self.clock.seconds()
         self._account_throttle.failed(key, now)
         self._address_throttle.failed(peer, now)
+        self.stats.login_failures += 1
         self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
         raise ChatError("auth_failed") from None
 
@@ -422,6 +427,8 @@ class Accounts:
     def _session_opened(self, session: Session, device: str, quiet: bool, peer: str) -> Any:
         session.device = device
         session.quiet = quiet
+        session.peer = peer
+        self.stats.login(session.protocol)
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
         session.opened = True

@@ -135,6 +135,7 @@ class Messaging:
             body = self.check_body(body)
             wait = session.bucket.take(self._clock.seconds())
             if wait:
+                self._realm.stats.rate_limited("send")
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
         except ChatError as e:
             return fail(e)

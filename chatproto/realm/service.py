@@ -32,6 +32,7 @@ from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import FileService, new_file_id
 from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, Groups, check_snapshot
+from chatproto.ops.stats import RealmStats
 from chatproto.realm.accounts import Accounts, PasswordHasher
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
@@ -90,6 +91,8 @@ class RealmService(Service):
         self.store = store
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        #: Running counters (logins, deliveries...): what the metrics report.
+        self.stats = RealmStats()
         #: Accounts, logins and session tokens (see chatproto.realm.accounts).
         self.accounts = Accounts(self, hasher)
         self.hasher = self.accounts.hasher
@@ -100,7 +103,7 @@ class RealmService(Service):
         lim = config.limits
         self.groups = Groups(lim.max_members_per_group, lim.max_groups_per_user, config.realm)
         #: The online sessions and delivery to them (see chatproto.realm.sessions).
-        self.sessions = Sessions(lim, self._wake_links)
+        self.sessions = Sessions(lim, self._wake_links, self.stats)
         #: Who is online and who hears of it (see chatproto.realm.presence).
         self.presence = Presence(
             config.realm,

@@ -27,6 +27,7 @@ from zope.interface import Interface, implementer
 from chatproto.address import Address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.ops.stats import RealmStats
 from chatproto.ratelimit import TokenBucket
 
 __all__ = [
@@ -108,6 +109,16 @@ class Session:
         self.quiet = False
         self.counted = False  # counted as visible by the presence handler
         self.closed = False
+        #: Where the connection comes from (the client's address), for operators.
+        self.peer = "?"
+        #: When the session was opened (the realm's clock), for operators.
+        self.opened_at = realm.clock.seconds()
+
+    @property
+    def protocol(self) -> str:
+        """The protocol of the connection: ``native``, ``web``, ``irc`` (its mind's
+        ``protocol_name``), or ``other`` (an embedding application's mind)."""
+        return getattr(self.mind, "protocol_name", "other")
 
     # delivery -----------------------------------------------------------------------
 
@@ -143,6 +154,7 @@ class Session:
         while not self.closed:
             ranges = self.realm.groups.feed_ranges(self.user_id)
             page = yield store.read_feed(self.user_id, self._last, SYNC_PAGE, ranges)
+            self.realm.stats.deliveries_backlog += len(page)
             for env in page:
                 if self.closed:
                     break
@@ -212,9 +224,16 @@ class Sessions:
 
     log = Logger()
 
-    def __init__(self, limits: Any, on_idle: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Any,
+        on_idle: Callable[[], None] | None = None,
+        stats: RealmStats | None = None,
+    ) -> None:
         #: the realm's ``config.limits`` (read at each login: it may be changed live)
         self.limits = limits
+        #: the realm's counters (``deliveries_live`` is counted here)
+        self.stats = stats if stats is not None else RealmStats()
         #: canonical user address -> that user's open sessions
         self.online: dict[str, list[Session]] = {}
         self._on_idle = on_idle
@@ -286,10 +305,12 @@ class Sessions:
         online = self.online
         pos = env.pos
         self._burst_depth += 1
+        reached = 0
         try:
             for user in users:
                 sessions = online.get(user)
                 if sessions:
+                    reached += len(sessions)
                     for s in sessions:
                         if s._syncing or s.closed or pos <= s._last:
                             s._deliver(env)  # buffering while syncing, de-duplication
@@ -297,6 +318,7 @@ class Sessions:
                             s._last = pos
                             s.mind.deliver(env)
         finally:
+            self.stats.deliveries_live += reached
             self.end_burst()
 
     def notify(self, users: Iterable[str], notice: Notice) -> None:

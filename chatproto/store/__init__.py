@@ -199,6 +199,11 @@ class IStore(Interface):
     def outbox_counts():  # type: ignore[misc]
         """``{realm: number of queued items}`` for every realm with a non-empty queue."""
 
+    def outbox_stats():  # type: ignore[misc]
+        """``{realm: (queued items, timestamp of the oldest)}`` for every realm with a
+        non-empty queue (for the metrics).  The timestamp is the oldest row's item's
+        ``ts`` (a request's ``ts``), or None when it has none."""
+
     def outbox_holds(realm, pos):  # type: ignore[misc]
         """Whether the stored item at ``pos`` is queued for ``realm`` (sent or to be
         sent, not yet acknowledged): fires with a bool.  A peer fetches a file's bytes

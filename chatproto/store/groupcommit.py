@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -99,6 +100,7 @@ class StoreDB(Protocol):
     def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None: ...
     def outbox_ack(self, realm: str, seq: int) -> None: ...
     def outbox_counts(self) -> dict[str, int]: ...
+    def outbox_stats(self) -> dict[str, tuple[int, float | None]]: ...
     def outbox_holds(self, realm: str, pos: int) -> bool: ...
     def read_feed(
         self,
@@ -184,9 +186,19 @@ class GroupCommitStore:
         self.burst_listener: Any = None
         self._writing = False
         self._idle: list[Deferred[None]] = []
-        #: Statistics for benchmarks and logs: transactions and items committed.
+        #: Statistics for benchmarks, logs and metrics: transactions and items
+        #: committed (``committed_remote``: those of them received from other realms).
         self.commits = 0
         self.committed_items = 0
+        self.committed_remote = 0
+        #: Told of each group commit once it is done (for the metrics, see
+        #: :mod:`chatproto.ops.metrics`): ``(items, seconds, sync_seconds)`` -- the
+        #: items stored, the seconds from the start of the commit to its results (the
+        #: transaction and the wait for the writer thread), and the seconds its COMMIT
+        #: took (the fsync; None when the backend does not say).  On the reactor thread.
+        self.commit_observer: Callable[[int, float, float | None], None] | None = None
+        #: The clock commit durations are measured with (a monotonic one).
+        self.timer: Callable[[], float] = time.perf_counter
 
     # backend hooks --------------------------------------------------------------------
 
@@ -417,6 +429,9 @@ class GroupCommitStore:
     def outbox_counts(self) -> Deferred[dict[str, int]]:
         return self._read(lambda db: db.outbox_counts())
 
+    def outbox_stats(self) -> Deferred[dict[str, tuple[int, float | None]]]:
+        return self._read(lambda db: db.outbox_stats())
+
     def outbox_holds(self, realm: str, pos: int) -> Deferred[bool]:
         return self._read(lambda db: db.outbox_holds(realm, pos))
 
@@ -483,11 +498,13 @@ class GroupCommitStore:
         queues = [b[2] for b in batch]
         remote = [b[3] for b in batch]
         deleting = [b[4] for b in batch]
+        started = self.timer()
         d = self._write(self._commit, items, acks, queues, remote, outbox_acks, deleting)
 
         def done(result: CommitResult) -> None:
             results, queued = result
             self.commits += 1
+            before = self.committed_items
             outcomes: list[list[Envelope] | Exception] = []
             for (items, _, _, is_remote, _), res in zip(batch, results, strict=True):
                 if isinstance(res, Exception):
@@ -505,7 +522,15 @@ class GroupCommitStore:
                         env.pos = pos
                         stored.append(env)
                 self.committed_items += len(stored)
+                self.committed_remote += len(stored)
                 outcomes.append(stored)
+            observer = self.commit_observer
+            if observer is not None:
+                try:
+                    sync = getattr(self._writer, "sync_seconds", None)
+                    observer(self.committed_items - before, self.timer() - started, sync)
+                except Exception:  # the metrics must never cost a commit its results
+                    self.log.failure("commit observer failed")
             if queued:  # before the waiters run: they wake the links, which read these
                 self._cache_outbox(queued)
                 self._published_seq = max(self._published_seq, queued[-1][1])

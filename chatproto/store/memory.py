@@ -199,6 +199,16 @@ class MemoryStore:
             counts[realm] = counts.get(realm, 0) + 1
         return succeed(counts)
 
+    def outbox_stats(self) -> Deferred[dict[str, tuple[int, float | None]]]:
+        stats: dict[str, tuple[int, float | None]] = {}
+        for _, realm, env in self.outbox:  # oldest first
+            n, ts = stats.get(realm, (0, None))
+            if not n:
+                ts = env.ts if isinstance(env, Envelope) else env.get("ts")
+                ts = float(ts) if isinstance(ts, (int, float)) else None
+            stats[realm] = (n + 1, ts)
+        return succeed(stats)
+
     def outbox_holds(self, realm: str, pos: int) -> Deferred[bool]:
         return succeed(
             any(r == realm and isinstance(e, Envelope) and e.pos == pos for _, r, e in self.outbox)

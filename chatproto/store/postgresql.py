@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -180,6 +182,14 @@ def unescape_text(text: str) -> str:
     return text
 
 
+def _number(value: Any) -> float | None:
+    """A timestamp read from the database, or None for anything but a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _row(r: Sequence[Any]) -> Envelope:
     """An item from its row; ``ts`` and ``meta`` made safe to send (see
     :func:`chatproto.store.stored_meta`), whatever the row holds."""
@@ -287,6 +297,9 @@ class PostgresDB:
             raise
         self._key: bytes | None = None
         self._locked = False
+        #: Seconds the last group commit's COMMIT took (the server's WAL flush and the
+        #: round trip; for the metrics).
+        self.sync_seconds = 0.0
         #: Whether the last :meth:`commit_batch` got as far as sending COMMIT (if its
         #: connection was lost before, nothing of it was committed).
         self.commit_sent = False
@@ -584,6 +597,8 @@ class PostgresDB:
                         [(u, escape_text(d), p) for (u, d), p in acks.items()],
                     )
             self.commit_sent = True  # past here a lost connection leaves it unknown
+            synced = time.perf_counter()
+        self.sync_seconds = time.perf_counter() - synced
         return out, queued_rows
 
     def _id_key(self) -> bytes:
@@ -780,6 +795,22 @@ class PostgresDB:
     def outbox_counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+    def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
+        rows = self.conn.execute(
+            "SELECT q.realm, q.n, i.ts, o.payload "
+            "FROM (SELECT realm, count(*) AS n, min(seq) AS first FROM outbox GROUP BY realm) q "
+            "JOIN outbox o ON o.seq = q.first LEFT JOIN items i ON i.pos = o.pos AND o.pos > 0"
+        ).fetchall()
+        out: dict[str, tuple[int, float | None]] = {}
+        for realm, n, ts, payload in rows:
+            if ts is None and payload is not None:
+                try:
+                    ts = json.loads(payload).get("ts")
+                except (ValueError, AttributeError):
+                    ts = None
+            out[realm] = (int(n), _number(ts))
+        return out
 
     def outbox_holds(self, realm: str, pos: int) -> bool:
         row = self.conn.execute(

@@ -10,8 +10,10 @@ fsync per batch of appends.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,6 +162,14 @@ def _row(r: tuple[Any, ...]) -> Envelope:
     )
 
 
+def _number(value: Any) -> float | None:
+    """A timestamp read from the database, or None for anything but a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     ts = req.get("ts")
     return (
@@ -183,6 +193,8 @@ class SQLiteDB:
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
         self.conn.execute("PRAGMA busy_timeout=10000")
         self.conn.execute("PRAGMA foreign_keys=ON")
+        #: Seconds the last group commit's COMMIT took (its fsync; for the metrics).
+        self.sync_seconds = 0.0
 
     def close(self) -> None:
         self.conn.close()
@@ -426,7 +438,9 @@ class SQLiteDB:
                     "DO UPDATE SET pos = max(pos, excluded.pos)",
                     [(u, d, p) for (u, d), p in acks.items()],
                 )
+            synced = time.perf_counter()
             c.execute("COMMIT")
+            self.sync_seconds = time.perf_counter() - synced
         except BaseException:
             c.execute("ROLLBACK")
             raise
@@ -617,6 +631,15 @@ class SQLiteDB:
     def outbox_counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+    def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
+        rows = self.conn.execute(
+            "SELECT q.realm, q.n, coalesce(i.ts, CASE WHEN json_valid(o.payload) "
+            "THEN json_extract(o.payload, '$.ts') END) "
+            "FROM (SELECT realm, count(*) AS n, min(seq) AS first FROM outbox GROUP BY realm) q "
+            "JOIN outbox o ON o.seq = q.first LEFT JOIN items i ON i.pos = o.pos AND o.pos > 0"
+        ).fetchall()
+        return {r[0]: (int(r[1]), _number(r[2])) for r in rows}
 
     def outbox_holds(self, realm: str, pos: int) -> bool:
         row = self.conn.execute(

@@ -75,6 +75,7 @@ class WebSessionProtocol(ClientProtocol):
     """
 
     token: str | None = None
+    protocol_name = "web"
 
     def handle_login(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if req.get("user") is not None or req.get("password") is not None:
