@@ -3,8 +3,8 @@
 :class:`RealmMetrics` owns one ``prometheus_client`` registry per realm process (not
 the library's global one: tests run several realms in one process).  It holds:
 
-- a collector that turns the realm's plain counters (:class:`chatproto.ops.stats.
-  RealmStats`, the store's commit counters) and its live state (connections, sessions,
+- a collector that turns the realm's plain counters
+  (:class:`chatproto.ops.stats.RealmStats`, the store's commit counters) and its live state (connections, sessions,
   federation queues) into metric families.  The realm's state belongs to the reactor
   thread, while ``prometheus_client``'s Twisted resource renders in a thread: so the
   families are built on the reactor thread by :meth:`RealmMetrics.refresh` (which the
