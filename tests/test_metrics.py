@@ -142,9 +142,11 @@ def test_a_scrape_while_traffic_flows_sees_the_counters_move(tmp_path: Any) -> A
     assert live == 2 * sent  # each message to bob and, echoed, to alice
     commits = _value(after, "chatproto_store_commits_total")
     assert commits >= 1  # (acknowledgements are committed too, alone at times)
-    assert _value(after, "chatproto_store_commit_items_count") == commits
+    # The histograms are read as the page is rendered (in a thread), the counters when
+    # the scrape began: acks committed meanwhile may count in the first only.
+    assert _value(after, "chatproto_store_commit_items_count") >= commits
     assert _value(after, "chatproto_store_commit_items_sum") == total
-    assert _value(after, "chatproto_store_sync_seconds_count") == commits
+    assert _value(after, "chatproto_store_sync_seconds_count") >= commits
     assert _value(after, "chatproto_store_commit_seconds_sum") > 0
     assert _value(after, "chatproto_store_up") == 1
     assert _value(after, "process_open_fds") > 0
