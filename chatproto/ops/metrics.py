@@ -4,12 +4,12 @@
 the library's global one: tests run several realms in one process).  It holds:
 
 - a collector that turns the realm's plain counters
-  (:class:`chatproto.ops.stats.RealmStats`, the store's commit counters) and its live state (connections, sessions,
-  federation queues) into metric families.  The realm's state belongs to the reactor
-  thread, while ``prometheus_client``'s Twisted resource renders in a thread: so the
-  families are built on the reactor thread by :meth:`RealmMetrics.refresh` (which the
-  ``/metrics`` resource calls before each scrape) and the collector only hands out
-  that snapshot;
+  (:class:`chatproto.ops.stats.RealmStats`, the store's commit counters) and its live
+  state (connections, sessions, federation queues) into metric families.  The realm's
+  state belongs to the reactor thread, while ``prometheus_client``'s Twisted resource
+  renders in a thread: so the families are built on the reactor thread by
+  :meth:`RealmMetrics.refresh` (which the ``/metrics`` resource calls before each
+  scrape) and the collector only hands out that snapshot;
 - histograms (thread-safe ``prometheus_client`` objects): each group commit's size,
   duration and COMMIT (fsync) time, told by the store's ``commit_observer``, and the
   event loop's lag, measured by a timer that notes how late it runs.
