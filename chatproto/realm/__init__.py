@@ -10,7 +10,8 @@ concern, in the shape of Synapse's handlers:
 - :mod:`chatproto.realm.sessions` -- sessions (the avatar) and delivery to them;
 - :mod:`chatproto.realm.presence` -- who is online and who hears of it;
 - :mod:`chatproto.realm.messaging` -- sending, committing and reading stream items;
-- :mod:`chatproto.realm.groups` -- the commit path of group changes and items.
+- :mod:`chatproto.realm.groups` -- the commit path of group changes and items;
+- :mod:`chatproto.realm.remote` -- what other realms send, checked before it is stored.
 
 Everything the embedding guide documents is importable from ``chatproto.realm``.
 """
