@@ -42,6 +42,7 @@ from chatproto.config import Files as FilesConfig
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.ops.stats import RealmStats
+from chatproto.text import check_label
 from chatproto.transfer import RangeProducer, Runner, SerialWriter, ThreadRunner, inline
 
 if TYPE_CHECKING:
@@ -465,8 +466,9 @@ class FileService:
     ) -> tuple[str, str, str]:
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
             raise ChatError("bad_request", f"a file name must be 1-{MAX_NAME} characters")
-        if any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise ChatError("bad_request", "a file name has no '/', '\\' or control characters")
+        if any(c in name for c in "/\\"):
+            raise ChatError("bad_request", "a file name has no '/' or '\\'")
+        check_label(name, "a file name")
         if name in (".", ".."):
             raise ChatError("bad_request", "a file name cannot be '.' or '..'")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:

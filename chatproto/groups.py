@@ -20,6 +20,7 @@ import attrs
 
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.text import check_label
 
 __all__ = [
     "ACCOUNT_DELETED",
@@ -213,7 +214,7 @@ class Groups:
                 raise ChatError("bad_request", "visibility must be 'public' or 'invite'")
             if history not in HISTORY_RULES:
                 raise ChatError("bad_request", "history must be 'joined' or 'all'")
-            topic = _topic(args.get("topic", ""))
+            topic = _shown(args.get("topic", ""), "the topic")
             meta.update(visibility=visibility, history=history, topic=topic)
             return meta
         group = self.get(group_addr)
@@ -260,7 +261,7 @@ class Groups:
             self._outranks(group, actor, target)
             meta["user"] = target
             if args.get("reason"):
-                meta["reason"] = _topic(args["reason"])
+                meta["reason"] = _shown(args["reason"], "the reason")
         elif event == "unbanned":
             self._need_role(group, actor, "admin")
             if target not in group.bans:
@@ -268,7 +269,7 @@ class Groups:
             meta["user"] = target
         elif event == "topic":
             self._need_role(group, actor, "admin" if group.topic_lock else "member")
-            meta["topic"] = _topic(args.get("topic", ""))
+            meta["topic"] = _shown(args.get("topic", ""), "the topic")
         elif event == "settings":
             self._need_role(group, actor, "admin")
             meta.update(check_settings(args))
@@ -589,3 +590,9 @@ def _topic(text: Any) -> str:
     if len(text) > MAX_TOPIC:
         raise ChatError("too_large", f"topic/reason longer than {MAX_TOPIC} characters")
     return text
+
+
+def _shown(text: Any, what: str) -> str:
+    """A topic or reason a user asks for: shown to every member, so a label
+    (:func:`chatproto.text.check_label`)."""
+    return check_label(_topic(text), what)

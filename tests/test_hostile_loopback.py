@@ -164,3 +164,59 @@ def test_non_standard_json_is_bad_frame_over_tcp(server_tcp: Any) -> Any:
     ]
     alice.transport.loseConnection()
     yield alice.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_names_shown_to_others_refuse_control_and_bidi_characters(server_tcp: Any) -> Any:
+    """Issue 14, item 4, over TCP with raw frames: a file name with U+009B (the 8-bit
+    CSI) was accepted; file names, topics, reasons, status texts and device names now
+    refuse C0, DEL, C1, line separators and bidi overrides; bodies refuse ESC and C1."""
+    realm, _factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    yield realm.create_user("bob", PW)
+    alice = yield raw_client(addr, ("alice", PW))
+    sha = "0" * 64
+    n = 0
+
+    def ask(req: dict[str, Any]) -> Any:
+        nonlocal n
+        n += 1
+        alice.send({**req, "id": n})
+        return alice.reply(n)
+
+    yield ask({"type": "create_group", "group": "#dev"})
+    yield ask({"type": "invite", "group": "#dev", "user": "bob"})
+    bad_labels = ["a\u009b[31mb.txt", "a\x1b[2Jb", "x\ny", "tab\there", "del\x7f", "nel\x85"]
+    bad_labels += ["invoice_\u202efdp.exe", "iso\u2066late\u2069", "line\u2028sep"]
+    for label in bad_labels:
+        for req in (
+            {"type": "file_offer", "to": "bob", "name": label, "size": 1, "sha256": sha},
+            {"type": "set_topic", "group": "#dev", "topic": label},
+            {"type": "ban", "group": "#dev", "user": "bob", "reason": label},
+            {"type": "set_status", "status": "away", "text": label},
+        ):
+            reply = yield ask(req)
+            assert reply["type"] == "error" and reply["code"] == "bad_request", (req, reply)
+            assert "U+" in reply["message"], reply
+        other = yield raw_client(addr)
+        other.send({"type": "login", "id": "l", "user": "bob", "password": PW, "device": label})
+        reply = yield other.reply("l")
+        assert reply["code"] == "bad_request", (label, reply)
+        other.transport.loseConnection()
+    for body in ("esc \x1b[31mred", "csi \u009b31m", "nel\x85"):
+        reply = yield ask({"type": "send", "to": "bob", "body": body})
+        assert reply["code"] == "bad_request" and "U+" in reply["message"], (body, reply)
+    # What stays allowed: names with marks and joiners, bodies with newlines, tabs,
+    # IRC formatting and bidi controls (text in Arabic or Hebrew may need them).
+    fine = "👩\u200d💻 \u200fשלום\u200e عربى 日本語.txt"  # noqa: RUF001
+    for req in (
+        {"type": "file_offer", "to": "bob", "name": fine, "size": 1, "sha256": sha},
+        {"type": "set_topic", "group": "#dev", "topic": fine},
+        {"type": "set_status", "status": "away", "text": fine},
+        {"type": "send", "to": "bob", "body": "2\nlines\tand \x02bold\x02 \u2067עב\u2069"},
+    ):
+        reply = yield ask(req)
+        assert reply["type"] == "result", (req, reply)
+    assert not [f for f in alice.frames if f.get("type") == "error" and "id" not in f]
+    alice.transport.loseConnection()
+    yield alice.lost

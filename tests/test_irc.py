@@ -814,3 +814,34 @@ def test_join_of_another_realms_group_asks_its_home_realm(
         "#dev@h.example",
     )
     assert fed.woken == ["h.example"]
+
+
+def test_topics_reasons_and_away_are_plain_text(factory: IRCFactory) -> None:
+    """Issue 14, item 4: IRC formatting is dropped from topics, kick reasons and away
+    texts (the realm keeps them as plain text); other control characters are refused
+    with a numeric, and a body with ESC is refused, never an internal error."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #dev")
+    b.send("JOIN #dev")
+    a.lines()
+    b.lines()
+    a.send("TOPIC #dev :\x02big\x02 \x0304news\x03")
+    assert factory.realm.groups.get("#dev@localhost").topic == "big news"
+    a.lines()
+    a.send("TOPIC #dev :evil\x1b[2J")
+    (line,) = a.lines()
+    assert " 400 alice TOPIC :the topic contains a control" in line, line
+    a.send("AWAY :\x1dlunch\x1d")
+    assert a.numerics() == ["306"]
+    a.send("AWAY :gone\u202eevil")
+    (line,) = a.lines()
+    assert " 400 alice AWAY :the status text contains" in line, line
+    a.send("KICK #dev bob :\x02spam\x02")
+    kicked = [ln for ln in b.lines() if " KICK " in ln]
+    assert kicked and kicked[0].endswith("KICK #dev bob :spam")
+    a.lines()
+    a.send("PRIVMSG #dev :\x02bold\x02 is fine", "PRIVMSG #dev :esc \x1b[31m is not")
+    lines = a.lines()
+    assert any(" 400 alice PRIVMSG :body contains U+001B" in ln for ln in lines), lines
+    assert not any("Internal error" in ln for ln in lines)

@@ -17,6 +17,7 @@ from chatproto.irc.lines import (
     format_line,
     nick_of,
     param,
+    plain_text,
 )
 from chatproto.irc.replies import Reply
 
@@ -110,7 +111,8 @@ def part(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
 def topic(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
     chan = params[0]
     if len(params) > 1:
-        return group_change(p, ctx, "TOPIC", chan, "topic", topic=params[1][:MAX_TOPIC])
+        text = plain_text(params[1])[:MAX_TOPIC]
+        return group_change(p, ctx, "TOPIC", chan, "topic", topic=text)
     assert p.session is not None
     info = p.realm.group_info(p.session, p.group_address(chan))
     if info["topic"]:
@@ -177,7 +179,7 @@ def kick(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
     default reason is the kicker's nick."""
     chans = params[0].split(",")[:MAX_TARGETS]
     nicks = params[1].split(",")[:MAX_TARGETS]
-    reason = params[2] if len(params) > 2 and params[2] else p.nick
+    reason = plain_text(params[2]) if len(params) > 2 and params[2] else p.nick
     if len(chans) > 1 and len(chans) != len(nicks):
         ctx.num("461", "KICK", "As many channels as nicks, or one channel")
         return None

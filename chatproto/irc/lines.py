@@ -6,6 +6,7 @@ Pure functions with no state, used by every other module of :mod:`chatproto.irc`
 
 from __future__ import annotations
 
+import re
 import time
 
 from twisted.words.protocols import irc as twirc
@@ -25,6 +26,7 @@ __all__ = [
     "nick_of",
     "param",
     "parse_line",
+    "plain_text",
     "prefix",
     "server_time",
     "split_utf8",
@@ -48,6 +50,21 @@ CRLF = b"\r\n"
 
 class IRCBadLine(Exception):
     """A line that cannot be parsed (it is ignored, as RFC 1459 asks)."""
+
+
+#: IRC formatting: bold, colour (with its numbers), hex colour, reset, monospace,
+#: reverse, italic, strikethrough, underline.
+_FORMATTING = re.compile(
+    "\x02|\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+    "|[\x0f\x11\x16\x1d\x1e\x1f]"
+)
+
+
+def plain_text(text: str) -> str:
+    """``text`` without IRC formatting codes: for topics, kick reasons and away
+    texts, which the realm keeps as plain text (no control characters) since every
+    kind of client shows them.  Message bodies keep their formatting."""
+    return _FORMATTING.sub("", text)
 
 
 # -- parsing ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from chatproto.irc.lines import (
     nick_of,
     param,
     parse_line,
+    plain_text,
     prefix,
     server_time,
     split_utf8,
@@ -978,7 +979,7 @@ class IRCProtocol(LineOnlyReceiver):
         assert self.session is not None
         text = params[0] if params else ""
         if text:
-            self.session.set_status("away", text[:MAX_STATUS_TEXT])
+            self.session.set_status("away", plain_text(text)[:MAX_STATUS_TEXT])
             ctx.num("306", "You have been marked as being away")
         else:
             self.session.set_status("online")

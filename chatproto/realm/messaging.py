@@ -23,6 +23,7 @@ from chatproto.address import Address
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
+from chatproto.text import check_body
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -102,12 +103,11 @@ class Messaging:
         if not isinstance(body, str):
             raise ChatError("bad_request", "field 'body' must be a string")
         max_body = self._limits.max_body
-        if len(body) * 4 <= max_body:
-            return body  # no character takes more than 4 bytes: no need to encode it
-        size = len(body.encode("utf-8", "surrogatepass"))
-        if size > max_body:
-            raise ChatError("too_large", f"body is {size} bytes; the limit is {max_body}")
-        return body
+        if len(body) * 4 > max_body:  # else no need to encode: at most 4 bytes a char
+            size = len(body.encode("utf-8", "surrogatepass"))
+            if size > max_body:
+                raise ChatError("too_large", f"body is {size} bytes; the limit is {max_body}")
+        return check_body(body)
 
     # sending ------------------------------------------------------------------------
 

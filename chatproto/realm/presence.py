@@ -24,6 +24,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import Groups
 from chatproto.realm.sessions import Notice, Session, Sessions
 from chatproto.store import IStore
+from chatproto.text import check_label
 
 __all__ = ["MAX_STATUS_TEXT", "PRESENCE_STATES", "Presence"]
 
@@ -216,6 +217,7 @@ class Presence:
             raise ChatError("bad_request", "status must be online, away or busy")
         if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
             raise ChatError("bad_request", f"status text: a string of at most {MAX_STATUS_TEXT}")
+        check_label(text, "the status text")
         if status == "online" and not text:
             self.status.pop(session.user_id, None)
         else:

@@ -29,6 +29,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.ops.stats import RealmStats
 from chatproto.ratelimit import TokenBucket
+from chatproto.text import check_label
 
 __all__ = [
     "MAX_DEVICE",
@@ -333,3 +334,4 @@ class Sessions:
 def check_device(device: Any) -> None:
     if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE:
         raise ChatError("bad_request", f"device must be 1-{MAX_DEVICE} characters")
+    check_label(device, "the device name")

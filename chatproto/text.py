@@ -1,0 +1,70 @@
+"""What a client-chosen string may contain when the realm shows it to others.
+
+One rule for every short string a client names something with and others see: file
+names, group topics, kick and ban reasons, status texts, device names (which also go
+to the operator's log).  Such a *label* is one line of plain text, so it may not hold
+the characters that make a terminal, a log file or a page show something else than
+what was written:
+
+- the C0 controls U+0000-U+001F (NUL, tab, newline, escape...) and DEL U+007F;
+- the C1 controls U+0080-U+009F (U+009B is the 8-bit CSI that starts terminal escape
+  sequences, U+0085 a line break);
+- the line and paragraph separators U+2028 and U+2029;
+- the bidirectional embeddings, overrides and isolates U+202A-U+202E and
+  U+2066-U+2069, which reorder the text after them (a file name that reads
+  ``invoice_fdp.exe`` as ``invoice_exe.pdf``).  The marks U+200E, U+200F and U+061C,
+  which reorder nothing beyond themselves, and the joiners U+200C/U+200D (emoji
+  sequences, Persian) are allowed.
+
+A message *body* is text a person wrote, often on several lines, and IRC users format
+it with control codes (bold U+0002, colour U+0003, CTCP U+0001 for ``/me``...), so it
+keeps those, tabs, newlines and bidirectional controls (text in Arabic or Hebrew may
+need them); it may not hold ESC U+001B or the C1 controls, which introduce terminal
+control sequences and are no part of any text.  Clients display bodies as text
+(PROTOCOL.md says how).
+
+The realm service applies these rules (they are rules, not translation); a refused
+string is ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from chatproto.errors import ChatError
+
+__all__ = ["check_body", "check_label", "label_problem"]
+
+_LABEL_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_BODY_FORBIDDEN = re.compile("[\x1b\x80-\x9f]")
+
+
+def _name(char: str) -> str:
+    return f"U+{ord(char):04X}"
+
+
+def label_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid label (see the module docstring), or None."""
+    m = _LABEL_FORBIDDEN.search(value)
+    if m is None:
+        return None
+    return f"control or bidirectional formatting character {_name(m.group())}"
+
+
+def check_label(value: str, what: str) -> str:
+    """``value`` if it is a valid label, else ``bad_request`` naming ``what``."""
+    problem = label_problem(value)
+    if problem is not None:
+        raise ChatError("bad_request", f"{what} contains a {problem}")
+    return value
+
+
+def check_body(value: str) -> str:
+    """``value`` if it is a valid message body, else ``bad_request``."""
+    m = _BODY_FORBIDDEN.search(value)
+    if m is not None:
+        raise ChatError(
+            "bad_request",
+            f"body contains {_name(m.group())} (escape or C1 control: not text)",
+        )
+    return value
