@@ -242,16 +242,17 @@ def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
     yield until(lambda: bob.protocol._receivers)
     bob.protocol.transport.pauseProducing()
     sink = next(iter(server_side._download_sinks.values()))
-    # wait for the steady state: the kernel's socket buffers are full and the realm
-    # has stopped sending (bounded: 10 s)
+    # wait for the steady state: the kernel's socket buffers are full, the transport
+    # has paused the realm, and it has stopped sending (bounded: 10 s; a disk read
+    # that is merely slow on a busy machine also stands still for a while, unpaused)
     last, still = -1, 0
     for _ in range(100):
         yield deferLater(_reactor, 0.1, lambda: None)
         still = still + 1 if sink.offset == last else 0
         last = sink.offset
-        if still == 3:
+        if still >= 3 and server_side._out.blocked:
             break
-    assert still == 3, "the realm kept sending to a reader that stopped"
+    assert still >= 3, "the realm kept sending to a reader that stopped"
     assert server_side._out.blocked  # the transport told the realm to stop
     # what left the realm and bob has not read is what the kernel buffers hold (and a
     # frame or two in flight), not the file
