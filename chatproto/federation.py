@@ -132,6 +132,11 @@ _VERIFY_ERRORS = {
 }
 
 
+class LinkLost(ConnectionError):
+    """The link a transaction came on closed before it was stored (during a file
+    fetch): not an error -- the peer sends the transaction again."""
+
+
 def _check_version(req: dict[str, Any]) -> None:
     """``version`` of a hello or welcome: the integer 1 (not ``true``, not ``1.0``)."""
     version = req.get("version")
@@ -615,7 +620,7 @@ class InboundProtocol(_Link):
         self._timeout = None
         fetching, self._fetching = self._fetching, None
         if fetching is not None:
-            fetching[2].errback(ConnectionError("the link closed during a file fetch"))
+            fetching[2].errback(LinkLost("the link closed during a file fetch"))
         if self.peer_realm is not None:
             self.log.info(
                 "federation: inbound link from {peer} closed: {reason}",
@@ -739,6 +744,15 @@ class InboundProtocol(_Link):
             queued()
 
         def failed(f: Failure) -> None:
+            if f.check(LinkLost):  # a normal event: the peer sends the transaction again
+                self.log.info(
+                    "federation: link from {peer} lost while storing txn {txn} ({why}); "
+                    "it will be sent again",
+                    peer=self.peer_realm,
+                    txn=req["id"],
+                    why=f.getErrorMessage(),
+                )
+                return
             self.log.failure("federation: storing a txn from {peer}", f, peer=self.peer_realm)
             if not self.closed:
                 self.send({"type": "error", "code": "internal_error", "message": "not stored"})
