@@ -187,6 +187,9 @@ class Federation:
     batch_size: int = 500
     window: int = 4
     max_frame: int = 4 * 1024 * 1024
+    #: Seconds a link with nothing to send (no queued item, no online user with a
+    #: contact on the peer) stays connected before it idles; 0: links never idle.
+    idle_after: float = 60.0
     #: Inbound connections that have not said a valid hello yet, overall and from one
     #: address; past either, a new connection is aborted at once.  0: no bound.
     max_unauthenticated: int = 64
@@ -418,6 +421,8 @@ class Config:
             raise ConfigError("federation: need 0 < retry_initial <= retry_max")
         if f.keepalive < 0:
             raise ConfigError("federation.keepalive must be >= 0 (0: off)")
+        if f.idle_after < 0:
+            raise ConfigError("federation.idle_after must be >= 0 (0: links never idle)")
         if f.give_up_after < 0:
             raise ConfigError("federation.give_up_after must be >= 0 (0: never give up)")
         if f.batch_size < 1 or f.window < 1:

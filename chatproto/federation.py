@@ -1011,8 +1011,14 @@ class PeerLink:
     """The outbound side of one peer realm: its ``ClientService``, its outbox cursor and
     its state for logs and ``chatrealmctl peers``.
 
-    States: ``connecting`` (an attempt under way), ``ready`` (welcomed, sending),
-    ``backoff`` (waiting ``retry_in`` seconds before the next attempt).
+    States: ``idle`` (nothing to send: no connection, no attempt, no DNS lookup),
+    ``connecting`` (an attempt under way), ``ready`` (welcomed, sending), ``backoff``
+    (waiting ``retry_in`` seconds before the next attempt).
+
+    A link is wanted while this realm has something for the peer: queued items, an
+    online user with a contact there (their presence), or a wait for the peer's
+    signing keys.  It connects when one appears (:meth:`activate`), and closes and
+    idles once none has been there for ``[federation] idle_after`` seconds.
     """
 
     log = Logger()
@@ -1030,9 +1036,15 @@ class PeerLink:
         #: Whether ``last_error`` says what went wrong with the attempt under way (it is
         #: replaced by the first reason an attempt gives, kept by the later ones).
         self._attempt_explained = False
-        self.state = "connecting"
-        #: when the link was last up (or created), None while it is up: for giving up
-        self.down_since: float | None = fed.clock.seconds()
+        self.state = "idle"
+        #: since when the link is wanted and not up (None: up, or idle): for giving up
+        self.down_since: float | None = None
+        #: when the link last had something to do (see _idle_check)
+        self._active_at = fed.clock.seconds()
+        #: until when the link is wanted although nothing is queued (a key wait)
+        self._wanted_until = 0.0
+        self._idle_call: Any = None
+        self._idling = False
         self.given_up = 0
         self.proto: OutboundProtocol | None = None
         self.acked_seq = 0  # highest outbox seq the peer acknowledged
@@ -1111,6 +1123,8 @@ class PeerLink:
         self.state = "connecting"
 
         def ready(proto: OutboundProtocol) -> None:
+            if self.state == "idle":  # idled meanwhile: the stopping service closes it
+                return
             self.proto = proto
             self.state = "ready"
             self.down_since = None
@@ -1131,15 +1145,85 @@ class PeerLink:
 
         return proxy.welcomed.addCallback(ready)  # type: ignore[no-any-return]
 
-    def start(self) -> None:
+    def activate(self, why: str) -> None:
+        """There is something to send (``why``, for the log): an idle link starts
+        connecting.  Every call counts as activity (the link does not idle for
+        ``idle_after`` seconds after it)."""
+        self._active_at = self.fed.clock.seconds()
+        if self.state != "idle" or not self.fed.running or self._penalty is not None:
+            return
+        self.log.info(
+            "federation: link to {realm} wanted ({why}); connecting", realm=self.realm, why=why
+        )
+        self.state = "connecting"
+        self.down_since = self._active_at
+        self.failures = 0
+        self._start_service()
+
+    def _start_service(self) -> None:
         if not self.service.running:
             self.service.startService()
+        if self._idle_call is None and self.fed.cfg.idle_after > 0:
+            self._idle_call = self.fed.clock.callLater(self.fed.cfg.idle_after, self._idle_check)
+
+    def hold(self, seconds: float) -> None:
+        """Keep the link wanted for ``seconds`` although nothing may be queued (the
+        peer's keys are awaited: they come in its welcome)."""
+        self._wanted_until = max(self._wanted_until, self.fed.clock.seconds() + seconds)
+        self.activate("its signing keys are needed")
+
+    def wanted(self) -> str | None:
+        """Why the link must stay up, or None: it may idle."""
+        if self.inflight or self._waiting > 0 or self._reading:
+            return "items are queued"
+        if self._presence_out:
+            return "presence is waiting"
+        if self.fed.clock.seconds() < self._wanted_until:
+            return "its signing keys are needed"
+        if self.fed.realm.presence_wanted(self.realm):
+            return "a user with a contact there is online"
+        return None
+
+    def _idle_check(self) -> None:
+        """Every ``idle_after`` seconds while the link runs: close it and idle when
+        nothing has been there for it for that long."""
+        self._idle_call = None
+        if not self.service.running or self._penalty is not None:
+            return
+        idle_after = self.fed.cfg.idle_after
+        quiet = self.fed.clock.seconds() - self._active_at
+        if quiet < idle_after or self.wanted() is not None:
+            wait = idle_after - quiet if quiet < idle_after else idle_after
+            self._idle_call = self.fed.clock.callLater(max(wait, 0.01), self._idle_check)
+            return
+        self.log.info(
+            "federation: link to {realm} idle (nothing to send for {n}s)",
+            realm=self.realm,
+            n=round(quiet),
+        )
+        self._idling = True
+        self._drop_presence()
+        self.state = "idle"
+        self.down_since = self.retry_in = self.retry_at = None
+        self.failures = 0
+
+        def stopped(_: object) -> None:
+            self._idling = False
+
+        self.service.stopService().addBoth(stopped)
+        self.fed.status_changed()
 
     def stop(self) -> Deferred[None]:
         self._drop_presence()
         if self._penalty is not None and self._penalty.active():
             self._penalty.cancel()
         self._penalty = None
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self.state != "idle":
+            self.state = "idle"
+            self.down_since = None
         if self.service.running:
             return self.service.stopService()  # type: ignore[no-any-return]
         return succeed(None)
@@ -1160,10 +1244,10 @@ class PeerLink:
 
         def restart(_: object) -> None:
             self._kicking = False
-            if self.fed.running:
+            if self.fed.running and self.state != "idle":
                 self.failures = 0
                 self.state = "connecting"
-                self.service.startService()
+                self._start_service()
 
         self.service.stopService().addBoth(restart)
 
@@ -1176,6 +1260,9 @@ class PeerLink:
         self.inflight.clear()
         self._drop_presence()  # the next connection sends the state of then
         self.sent_seq = self.acked_seq
+        if self.state == "idle":  # closed by _idle_check or stop(): nothing went wrong
+            self.fed.status_changed()
+            return
         self.state = "connecting"
         self.down_since = self.fed.clock.seconds()
         self.last_error = reason.getErrorMessage() if reason is not None else "closed"
@@ -1198,8 +1285,8 @@ class PeerLink:
 
         def resume() -> None:
             self._penalty = None
-            if self.fed.running:
-                self.service.startService()
+            if self.fed.running and self.state != "idle":
+                self._start_service()
 
         def stopped(_: object) -> None:
             self._penalty = self.fed.clock.callLater(delay, resume)
@@ -1212,6 +1299,7 @@ class PeerLink:
     def wake(self, n: int = 1) -> None:
         """``n`` new items were queued for this realm."""
         self._waiting += n
+        self.activate("items are queued")
         self.pump()
 
     def pump(self) -> None:
@@ -1252,6 +1340,7 @@ class PeerLink:
                 sent = [e for _, e in rows]
                 items = [envelope_to_wire(e) for e in sent]
                 proto.send({"type": "txn", "id": txn, "items": items})
+                self._active_at = self.fed.clock.seconds()
                 self.inflight.append((txn, last, sent))
                 self.sent_seq = last
                 self.sent_items += len(rows)
@@ -1334,6 +1423,7 @@ class PeerLink:
             proto.fail("bad_request", f"ack for {str(txn)[:40]!r}, which is not the oldest txn")
             return
         _, last, sent = self.inflight.popleft()
+        self._active_at = self.fed.clock.seconds()
         self.acked_seq = last
         self._penalty_level = 0
         bounces = []
@@ -1445,14 +1535,20 @@ class PeerLink:
         return dropped
 
     def presence(self, frame: dict[str, Any]) -> None:
-        """Ephemeral: sent only when the link is up (presence is not stored).
+        """Ephemeral: sent only when the link is up (presence is not stored).  A
+        link that is not up drops the frame, and connects unless it says ``offline``
+        (an idle link's peer has no one of ours online): once up, it sends who is
+        online then (``RealmService.presence_for``).
 
         Paced at half the rate the peer accepts (PRESENCE_RATE, PRESENCE_BURST): past
         that, frames wait, the latest per user replacing an older one, so a burst (a
         link coming up, a join to a large group) reaches the peer a little later
         instead of being refused as a flood."""
         if self.proto is None:
+            if frame.get("status") != "offline":
+                self.activate("a user with a contact there is online")
             return
+        self._active_at = self.fed.clock.seconds()
         self._presence_out.pop(frame.get("user"), None)  # re-inserted last
         self._presence_out[frame.get("user")] = frame
         if self._presence_call is None:
@@ -1584,11 +1680,15 @@ class FederationService(MultiService):
         MultiService.startService(self)
         self._stopped = False
         self.listen()
-        for link in self.links.values():  # started again after a stop
-            link.start()
+        # Links connect when they have something to send (their queue is resumed
+        # below; presence and key waits come later): static peers are listed, idle.
         for peer in self.cfg.peers:
             if self.cfg.allows(peer.realm):
                 self.link(peer.realm)
+        for link in list(self.links.values()):  # started again after a stop
+            if self.realm.presence_wanted(link.realm):
+                link.activate("a user with a contact there is online")
+        self.status_changed()
         # Resume every queue left by the last run (even one killed with SIGKILL).
         self.realm.store.outbox_counts().addCallback(self._resume).addErrback(
             lambda f: self.log.failure("federation: reading the outbox", f)
@@ -1670,11 +1770,11 @@ class FederationService(MultiService):
     # what the realm calls -------------------------------------------------------------------
 
     def link(self, realm: str) -> PeerLink:
+        """The link to ``realm`` (made idle if there was none: it connects when it
+        has something to send)."""
         link = self.links.get(realm)
         if link is None:
             link = self.links[realm] = PeerLink(self, realm)
-            if self.running:
-                link.start()
         return link
 
     def wake(self, realm: str, n: int = 1) -> None:
@@ -1701,13 +1801,14 @@ class FederationService(MultiService):
             return succeed(True)
         waiting = self.realm.peer_keys.wait(realm, KEY_WAIT)
         self.log.info("federation: asking {realm} for its keys", realm=realm)
+        link.hold(KEY_WAIT)
         link.kick()
         return waiting
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
-        """A presence frame for ``realms`` (allowed peers).  A realm we had nothing
-        queued for gets a link now: the frame is lost if it is not up yet, but a link
-        that becomes ready sends who is online (``RealmService.presence_for``)."""
+        """A presence frame for ``realms`` (allowed peers).  An idle link connects
+        (unless the frame says offline): the frame is lost if it is not up yet, but a
+        link that becomes ready sends who is online (``RealmService.presence_for``)."""
         if not self.running:
             return
         for realm in realms:
@@ -1743,7 +1844,11 @@ class FederationService(MultiService):
         self._penalties.pop(realm, None)
 
     def peer_connected(self, realm: str) -> None:
-        self.link(realm).kick()
+        """A link from ``realm`` is up: our link to it, if waiting out a backoff,
+        retries at once.  An idle one stays idle (it has nothing to send)."""
+        link = self.links.get(realm)
+        if link is not None:
+            link.kick()
         call = self._silence.pop(realm, None)
         if call is not None and call.active():
             call.cancel()

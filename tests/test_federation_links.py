@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
+from twisted.internet.protocol import Factory
 
 from chatproto.client import connect
 from tests.conftest import until
 from tests.fedharness import LogCapture
+from tests.test_federation import certs, node  # noqa: F401 (fixtures)
 from tests.test_federation_loopback import raw_peer, realms  # noqa: F401 (fixture)
 
 PW = "password-1"
@@ -70,3 +72,157 @@ def test_a_link_lost_during_a_file_fetch_is_one_plain_line(
     assert logs.has("it will be sent again")
     assert not [f for f in peer.frames if f["type"] == "ack"]
     no_tracebacks(logs)
+
+
+# idle links ------------------------------------------------------------------------------
+
+
+class CountingResolver:
+    """Answers SRV look-ups with ``target`` and counts them."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.lookups: list[str] = []
+        self.host, self.port = host, port
+
+    def lookupService(self, name: str) -> Any:
+        from types import SimpleNamespace
+
+        from twisted.internet.defer import succeed
+
+        self.lookups.append(name)
+        record = SimpleNamespace(port=self.port, target=self.host, priority=0, weight=0)
+        return succeed(([SimpleNamespace(payload=record)], [], []))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_realm_that_said_hello_is_not_called_back_with_nothing_to_send(
+    realms: Any,  # noqa: F811
+    tmp_path: Any,
+    logs: Any,
+) -> Any:
+    """c.example (no static entry here: found by DNS) connects to b and says hello.  b
+    has nothing for it, so b makes no connection and no DNS look-up; once bob writes
+    to carol@c.example, b's link looks c up and connects."""
+    from twisted.internet import task
+
+    from chatproto import tls
+
+    (b,) = yield realms(["b.example"], idle_after=0.5)
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()  # nothing listens there: c's listener is "down"
+    resolver = CountingResolver("127.0.0.1", port)
+    b.fed.resolver = resolver
+    c = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
+    peer = yield raw_peer(b, "c.example", c, c["ca"])
+    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
+    yield until(lambda: len(peer.frames) == 1, timeout=30)
+    assert peer.frames[0]["type"] == "welcome"
+    peer.transport.loseConnection()
+    yield task.deferLater(_reactor, 1.5, lambda: None)  # three idle_after periods
+    assert resolver.lookups == []
+    assert b.fed.links.get("c.example") is None or b.fed.links["c.example"].state == "idle"
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield bob.send("carol@c.example", "hello carol")
+    yield until(lambda: len(resolver.lookups) >= 1, timeout=30)
+    assert resolver.lookups[0] == "_chatproto-fed._tcp.c.example"
+    assert logs.has("federation: link to c.example wanted (items are queued); connecting")
+    yield bob.close()
+    no_tracebacks(logs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_link_idles_when_nothing_is_queued_and_no_one_there_needs_our_presence(
+    realms: Any,  # noqa: F811
+    logs: Any,
+) -> Any:
+    """alice writes to bob: a's link to b connects, and stays up while alice is
+    online (bob is her contact: her presence goes on it).  alice leaves: the link
+    idles after idle_after; her next message connects it again."""
+    from twisted.internet import task
+
+    a, b = yield realms(["a.example", "b.example"], idle_after=0.3)
+    link = a.fed.links["b.example"]
+    assert link.state == "idle"  # a static peer, nothing to send
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
+    yield alice.send("bob@b.example", "one")
+    yield until(lambda: len(got) == 1, timeout=30)
+    yield task.deferLater(_reactor, 1.0, lambda: None)  # three idle_after periods
+    assert link.state == "ready"  # alice is online and bob is her contact
+    yield alice.close()
+    yield until(lambda: link.state == "idle", timeout=30)
+    assert logs.has("federation: link to b.example idle (nothing to send for")
+    assert not logs.has("federation: link to b.example lost")  # closing is not a loss
+    assert link.proto is None and not link.service.running
+    alice = yield connect(_reactor, a.addr, "alice", PW)
+    yield alice.send("bob@b.example", "two")
+    yield until(lambda: len(got) == 2, timeout=30)
+    assert [m["body"] for m in got] == ["one", "two"]
+    yield alice.close()
+    yield bob.close()
+    no_tracebacks(logs)
+
+
+class FakeService:
+    """Stands in for a PeerLink's ClientService (no connection attempts)."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.starts = 0
+
+    def startService(self) -> None:
+        self.running = True
+        self.starts += 1
+
+    def stopService(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        self.running = False
+        return succeed(None)
+
+
+def test_when_a_link_is_wanted_and_when_it_idles(node: Any) -> None:  # noqa: F811
+    """With a task.Clock: a link connects for queued items, presence (not an offline
+    frame) and a key wait, and idles ``idle_after`` seconds after the last of them."""
+    realm, fed, clock = node
+    fed.cfg.idle_after = 10.0
+    fed.running = True
+    link = fed.link("a.example")
+    link.service = FakeService()
+    assert link.state == "idle" and not link.service.running
+    link.presence({"type": "presence", "user": "bob@b.example", "status": "offline"})
+    assert link.state == "idle"  # nobody of ours is shown online there: nothing to say
+    link.wake(1)
+    assert link.state == "connecting" and link.service.starts == 1
+    assert link.down_since == clock.seconds()
+    assert link.wanted() == "items are queued"
+    clock.advance(10)
+    assert link.service.running  # still queued (not sent: the link is not up)
+    link._waiting = 0  # sent and acknowledged
+    clock.advance(10)
+    assert link.state == "idle" and not link.service.running
+    assert link.down_since is None
+    link.presence({"type": "presence", "user": "bob@b.example", "status": "online"})
+    assert link.state == "connecting" and link.service.starts == 2
+    clock.advance(10)
+    assert link.state == "idle"
+    link.hold(30.0)  # waiting for the peer's signing keys
+    assert link.wanted() == "its signing keys are needed"
+    clock.advance(20)
+    assert link.service.running
+    clock.advance(20)
+    assert link.state == "idle"
+    # an online user with a contact there keeps it up
+    realm.presence_wanted = lambda r: r == "a.example"  # type: ignore[method-assign]
+    link.wake(1)
+    link._waiting = 0
+    clock.advance(50)
+    assert link.service.running and link.wanted() == "a user with a contact there is online"
+    realm.presence_wanted = lambda r: False  # type: ignore[method-assign]
+    clock.advance(10)
+    assert link.state == "idle"
+    fed.running = False
+    link.stop()
+    assert not [c for c in clock.getDelayedCalls() if c.active() and "idle" in repr(c.func)]

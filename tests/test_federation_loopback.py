@@ -127,6 +127,8 @@ def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
     a, b = two
     alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield alice.send("bob@b.example", "before")  # a's link to b is up
+    yield drained(a)
     port = b.fed_port
     yield b.stop_federation()  # b's federation listener is down
     for i in range(20):
@@ -146,8 +148,9 @@ def test_peer_down_then_back_queued_messages_arrive_without_anyone_speaking(
     # b comes back on the same port; nobody sends anything
     b.cfg.federation.port = port
     b.fed.startService()
-    yield until(lambda: len(got) == 20, timeout=30)
-    assert [m["body"] for m in got] == [f"queued {i}" for i in range(20)]
+    queued = lambda: [m["body"] for m in got if m["body"] != "before"]  # noqa: E731
+    yield until(lambda: len(queued()) == 20, timeout=30)
+    assert queued() == [f"queued {i}" for i in range(20)]
     yield drained(a)
     yield alice.close()
     yield bob.close()
@@ -189,13 +192,14 @@ def test_an_item_too_large_for_the_peer_bounces_and_the_link_goes_on(realms: Any
     got_bob: list[dict[str, Any]] = []
     alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
+    yield alice.send("bob@b.example", "first")  # the link connects: b's welcome
     yield until(lambda: a.fed.links["b.example"].peer_max_frame == 65536, timeout=30)
     big = yield alice.send("bob@b.example", "\x01" * 20_000)  # 120 KB as JSON
     yield alice.send("bob@b.example", "short")
     yield until(lambda: any(m["kind"] == "bounce" for m in got_alice), timeout=30)
     bounce = next(m for m in got_alice if m["kind"] == "bounce")
     assert (bounce["meta"]["id"], bounce["meta"]["code"]) == (big["msg_id"], "too_large")
-    yield until(lambda: [m["body"] for m in got_bob] == ["short"], timeout=30)
+    yield until(lambda: [m["body"] for m in got_bob] == ["first", "short"], timeout=30)
     yield drained(a)
     yield alice.close()
     yield bob.close()
@@ -219,6 +223,9 @@ def test_a_peer_that_goes_silent_is_dropped_and_retried(realms: Any, logs: Any) 
         nodes[1].fed.factory.protocol = Hung
 
     nodes = yield realms(["a.example", "b.example"], before_start=hang, keepalive=0.2)
+    alice = yield connect(_reactor, nodes[0].addr, "alice", PW, register=True)
+    yield alice.send("bob@b.example", "anyone?")  # a's link connects
+    yield alice.close()
     link = nodes[0].fed.links["b.example"]
     yield until(lambda: logs.has("federation: b.example is silent"), timeout=30)
     yield until(lambda: link.failures >= 1 and "no frame" in link.last_error, timeout=30)
@@ -267,6 +274,7 @@ def _refused(realms: Any, logs: Any, expect: str, **kw: Any) -> Any:
     items = yield b.realm.store.read_feed("bob@b.example", 0, 10)
     assert items == []
     yield alice.close()
+    return nodes
 
 
 @pytest_twisted.inlineCallbacks
@@ -274,19 +282,26 @@ def test_certificate_for_another_realm_name_is_refused(
     realms: Any, tmp_path: Any, logs: Any
 ) -> Any:
     other = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
-    yield _refused(
+    nodes = yield _refused(
         realms, logs, "certificate is for c.example, not b.example", certs={"b.example": other}
     )
-    # b's own link to a: refused by a's listener, with the reason in a's log
-    assert logs.has("refused inbound link from")
+    # b's own link to a (it has something to send): refused by a's listener, with the
+    # reason in a's log
+    bob = yield connect(_reactor, nodes[1].addr, "bob", PW)
+    yield bob.send("alice@a.example", "must not arrive either")
+    yield until(lambda: logs.has("refused inbound link from"), timeout=30)
+    yield bob.close()
     assert logs.has("claiming b.example: certificate is for c.example, not b.example")
 
 
 @pytest_twisted.inlineCallbacks
 def test_certificate_from_an_untrusted_ca_is_refused(realms: Any, tmp_path: Any, logs: Any) -> Any:
     rogue = tls.write_dev_certs(str(tmp_path / "rogue-ca"), "b.example")
-    yield _refused(realms, logs, "untrusted CA", certs={"b.example": rogue})
-    assert logs.has("claiming b.example: certificate not trusted")
+    nodes = yield _refused(realms, logs, "untrusted CA", certs={"b.example": rogue})
+    bob = yield connect(_reactor, nodes[1].addr, "bob", PW)  # b has something for a
+    yield bob.send("alice@a.example", "must not arrive either")
+    yield until(lambda: logs.has("claiming b.example: certificate not trusted"), timeout=30)
+    yield bob.close()
 
 
 @pytest_twisted.inlineCallbacks
@@ -432,8 +447,8 @@ def test_a_peer_forging_a_user_of_a_third_realm_is_refused(two: Any, logs: Any) 
 
 @pytest_twisted.inlineCallbacks
 def test_a_peer_reaching_us_resets_our_backoff(realms: Any) -> Any:
-    """a waits 30 s before retrying b; b coming back connects to a, and that alone makes
-    a deliver its queue at once."""
+    """a waits 30 s before retrying b; b coming back connects to a (it has something for
+    a), and that alone makes a deliver its queue at once."""
 
     def slow_retries(nodes: Any) -> None:
         nodes[0].cfg.federation.retry_initial = 30.0
@@ -444,17 +459,21 @@ def test_a_peer_reaching_us_resets_our_backoff(realms: Any) -> Any:
     alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
     got: list[dict[str, Any]] = []
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield alice.send("bob@b.example", "before the outage")
     link = a.fed.links["b.example"]
-    yield until(lambda: link.state == "ready", timeout=30)
+    yield until(lambda: link.state == "ready" and len(got) == 1, timeout=30)
     port = b.fed_port
     yield b.stop_federation()
     yield alice.send("bob@b.example", "after the outage")
+    yield bob.send("alice@a.example", "b is back")  # queued on b for a
     yield until(lambda: link.state == "backoff", timeout=30)
     assert link.retry_in is not None and link.retry_in >= 27
     b.cfg.federation.port = port
     b.fed.startService()
-    yield until(lambda: len(got) == 1, timeout=10)  # well before a's 27+ s retry
-    assert got[0]["body"] == "after the outage"
+    yield until(lambda: len(got) == 3, timeout=10)  # well before a's 27+ s retry
+    assert [m["body"] for m in got[1:]] == ["b is back", "after the outage"] or [
+        m["body"] for m in got[1:]
+    ] == ["after the outage", "b is back"]
     assert link.state == "ready" and link.failures == 0
     yield alice.close()
     yield bob.close()
@@ -607,19 +626,19 @@ def test_running_realm_writes_link_state_for_chatrealmctl_peers(
     a, _b = two
     path = os.path.join(a.cfg.data_dir, STATUS_FILE)
 
-    def ready() -> bool:
+    def written() -> bool:
         if not os.path.exists(path):
             return False
         with open(path) as f:
-            return '"state": "ready"' in f.read()
+            return '"state": "idle"' in f.read()
 
-    yield until(ready, timeout=30)
+    yield until(written, timeout=30)  # nothing to send yet: idle links, both ways
     conf = tmp_path / "ctl.toml"
     conf.write_text('[realm]\nname = "a.example"\n')
     assert ctl.main(["--config", str(conf), "--data-dir", a.cfg.data_dir, "peers"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("b.example"))
-    assert line.split()[:5] == ["b.example", "0", "ready", "up", "0"]
+    assert line.split()[:5] == ["b.example", "0", "idle", "-", "0"]
     # traffic shows in the counts: sent, refused (bounced)
     bob = yield connect(_reactor, _b.addr, "bob", PW, register=True)
     alice = yield connect(_reactor, a.addr, "alice", PW, register=True)
@@ -635,7 +654,7 @@ def test_running_realm_writes_link_state_for_chatrealmctl_peers(
     yield until(counted, timeout=30)
     assert ctl.main(["--config", str(conf), "--data-dir", a.cfg.data_dir, "peers"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("b.example"))
-    assert line.split()[5:8] == ["4", "1", "0"]
+    assert line.split()[2] == "ready" and line.split()[5:8] == ["4", "1", "0"]
     yield alice.close()
     yield bob.close()
 

@@ -290,6 +290,20 @@ class Presence:
                 frames.append(notice.data)
         return frames
 
+    def wanted_by(self, realm: str) -> bool:
+        """Whether a local user who is online has a contact on ``realm``: their
+        presence is what a link to ``realm`` carries even with no item queued."""
+        suffix = "@" + realm
+        visible = self.visible
+        for remote, locals_ in self.partner_of.items():
+            if remote.endswith(suffix) and any(u in visible for u in locals_):
+                return True
+        for group in self._groups.groups.values():
+            members = group.members
+            if any(m.endswith(suffix) for m in members) and any(m in visible for m in members):
+                return True
+        return False
+
     # remote users -----------------------------------------------------------------
 
     def remote_change(self, origin: str, user: Any, status: Any, text: Any) -> None:

@@ -308,6 +308,11 @@ class RealmService(Service):
         """Presence frames a link to ``realm`` sends when it becomes ready."""
         return self.presence.for_realm(realm)
 
+    def presence_wanted(self, realm: str) -> bool:
+        """Whether an online local user has a contact on ``realm`` (a link to it
+        stays up for their presence)."""
+        return self.presence.wanted_by(realm)
+
     def presence_snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
         self.presence.snapshot(session)
