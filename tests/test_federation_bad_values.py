@@ -626,3 +626,69 @@ def test_a_hostile_listener_breaks_nothing_and_logs_no_traceback(
     finally:
         yield port.stopListening()
     no_tracebacks(logs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_file_bytes_and_fetch_answers_are_refused_item_by_item(
+    realms: Any,  # noqa: F811
+    logs: Any,
+) -> Any:
+    """While b fetches the bytes of a.example's file items, a raw a.example sends too
+    many bytes (an error, the link closed), too few, the wrong ones, and a fetch_error
+    with bad values (each file item refused in the ``ack`` with its own code, the link
+    goes on); b's log holds no traceback."""
+    import hashlib
+
+    a, b = yield realms(["a.example", "b.example"])
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield bob.close()
+    peer = yield hello(b, a)
+    data = b"0123456789"
+
+    def file_item(n: int) -> dict[str, Any]:
+        meta = {
+            "file_id": f"file{n:016d}",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "name": f"f{n}.bin",
+            "media_type": "application/octet-stream",
+        }
+        item = {**TEXT, "id": f"file-{n}", "kind": "file", "body": meta["name"]}
+        return {**item, "meta": meta, "ts": NOW}
+
+    # more bytes than announced: the peer breaks the protocol (the link closes; the
+    # transaction is not acknowledged, to be sent again)
+    peer.send({"type": "txn", "id": "0-0", "items": [file_item(0)]})
+    yield until(lambda: any(f["type"] == "fetch" for f in peer.frames), timeout=30)
+    peer.sendString(b"\x00" + data + b"more")
+    yield until(lambda: peer.lost.called, timeout=30)
+    assert [(f["type"], f.get("code")) for f in peer.frames[1:]] == [
+        ("fetch", None),
+        ("error", "too_large"),
+    ]
+    peer = yield hello(b, a)
+    answers = [
+        [b"\x00" + data[:4], b'{"type":"fetched","id":1}'],  # too few
+        [b"\x00" + data[::-1], b'{"type":"fetched","id":2}'],  # the wrong ones
+        [b'{"type":"fetch_error","id":3,"code":1e400,"message":[1e400]}'],
+        [b'{"type":"fetch_error","id":4,"code":"no_such_file","message":"gone"}'],
+    ]
+    peer.send({"type": "txn", "id": "1-4", "items": [file_item(n) for n in range(1, 5)]})
+    for n, frames in enumerate(answers, 1):
+        yield until(
+            lambda n=n: sum(f["type"] == "fetch" for f in peer.frames) == n, timeout=30
+        ).addErrback(lambda f, n=n: pytest.fail(f"no fetch {n}: {peer.frames}"))
+        for raw in frames:
+            peer.sendString(raw)
+    yield until(lambda: any(f["type"] == "ack" for f in peer.frames), timeout=30)
+    ack = next(f for f in peer.frames if f["type"] == "ack")
+    codes = [(r["id"], r["code"]) for r in ack["rejected"]]
+    assert codes == [
+        ("file-1", "incomplete"),
+        ("file-2", "checksum_mismatch"),
+        ("file-3", "internal_error"),  # a code that is not one
+        ("file-4", "no_such_file"),
+    ]
+    assert not peer.lost.called
+    peer.transport.loseConnection()
+    no_tracebacks(logs)
