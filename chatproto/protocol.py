@@ -540,6 +540,9 @@ class ClientProtocol(Int32StringReceiver):
             nonce = wire.field(req, "nonce", str)
             if not 0 < len(nonce) <= 64:
                 raise ChatError("bad_request", "nonce must be 1-64 characters")
+        if "notice" in req:
+            notice = wire.field(req, "notice", bool)
+            return self.session.send(to, body, nonce, notice)
         return self.session.send(to, body, nonce)
 
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:

@@ -462,3 +462,10 @@ def test_settings_survive_restart(tmp_path: Any) -> Any:
     g = again.groups.get("#r@localhost")
     assert (g.key, g.moderated, g.members["bob@localhost"].voice) == ("k1", True, True)
     yield again.stopService()
+
+
+def test_a_notice_is_a_text_item_with_notice_meta(realm: Any, clock: Clock) -> None:
+    alice, bob = (User(realm, clock, n) for n in ("alice", "bob"))
+    alice.ok("send", to="bob", body="automated", notice=True)
+    assert [(m["body"], m.get("meta")) for m in bob.msgs()] == [("automated", {"notice": True})]
+    assert alice.code("send", to="bob", body="x", notice="yes") == "bad_request"

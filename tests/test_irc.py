@@ -300,7 +300,7 @@ def test_dm_between_irc_users_and_split_of_long_bodies(factory: IRCFactory) -> N
     assert b.lines() == [":alice!u@localhost PRIVMSG bob :hello bob"]
     assert a.lines() == []  # no echo-message: nothing back
     a.send("NOTICE BOB :a notice")
-    assert b.commands() == [("PRIVMSG", ["bob", "a notice"])]
+    assert b.commands() == [("NOTICE", ["bob", "a notice"])]
     # A native user's long multi-line body becomes several IRC lines of <= 512 bytes.
     factory.realm.post("carol", "bob", "first\n" + "é" * 600)
     lines = b.lines()

@@ -334,3 +334,25 @@ def test_kick_lusers_unknown_commands_and_invalid_keys(factory: IRCFactory) -> N
     cmds = a.commands()
     assert [n for n, _ in cmds] == ["251", "254", "255", "265", "266", "421", "696"]
     assert cmds[-1][1][:4] == ["alice", "#a", "k", "*"]
+
+
+# (9) NOTICE stays NOTICE -----------------------------------------------------------------
+
+
+def test_notice_stays_a_notice_delivered_echoed_and_stored(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    a = login(factory, "alice", caps="echo-message")
+    b = login(factory, "bob")
+    a.send("JOIN #n")
+    b.send("JOIN #n")
+    a.lines()
+    b.lines()
+    a.send("NOTICE bob :psst", "NOTICE #n :to all")
+    assert a.commands() == [("NOTICE", ["bob", "psst"]), ("NOTICE", ["#n", "to all"])]
+    assert b.commands() == [("NOTICE", ["bob", "psst"]), ("NOTICE", ["#n", "to all"])]
+    stored = [e for e in realm.store.items if e.kind == "text"]
+    assert [(e.body, e.meta) for e in stored] == [
+        ("psst", {"notice": True}),
+        ("to all", {"notice": True}),
+    ]

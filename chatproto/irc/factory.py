@@ -115,7 +115,8 @@ class IRCFactory(ClientFactory):
         else:
             target = self.directory.nick(env.recipient)
         if env.kind == "text":
-            head = f"{source}PRIVMSG {target} :"
+            verb = "NOTICE" if env.meta is not None and env.meta.get("notice") else "PRIVMSG"
+            head = f"{source}{verb} {target} :"
             body = env.body
         elif env.kind == "bounce":  # another realm refused what we sent: from the server
             head = f":{self.server_name} NOTICE {target} :"

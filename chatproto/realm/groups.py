@@ -241,11 +241,15 @@ class GroupHandler:
             raise ChatError("not_member", f"you are not a member of {addr}")
         return [home]
 
-    def send(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        """A text message from local user ``sender`` to group ``to``."""
+    def send(
+        self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
+    ) -> Deferred[Envelope]:
+        """A text message (``meta``: a notice, or None) from local user ``sender`` to
+        group ``to``."""
         addr = self.address(to, remote_ok=True)
         realms = self.item_realms(sender, addr)
-        return self.append(self._realm.messages.new_envelope(sender, addr, "text", body), realms)
+        env = self._realm.messages.new_envelope(sender, addr, "text", body, meta)
+        return self.append(env, realms)
 
     def append(self, env: Envelope, realms: list[str]) -> Deferred[Envelope]:
         """Commit a group item with its outbox rows for ``realms``, then route it and

@@ -28,7 +28,19 @@ from chatproto.text import check_body
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["NONCES_PER_USER", "Messaging"]
+__all__ = ["NONCES_PER_USER", "NOTICE_META", "Messaging", "text_meta"]
+
+#: The ``meta`` of a text item sent as a notice (IRC's NOTICE): clients show it as a
+#: notice and never answer it automatically.
+NOTICE_META = {"notice": True}
+
+
+def text_meta(meta: Any) -> dict[str, Any] | None:
+    """The ``meta`` of a text item from another realm, checked: none, or a notice."""
+    if meta is None or meta == NOTICE_META:
+        return meta if meta is None else dict(NOTICE_META)
+    raise ChatError("bad_request", 'a text item has no meta but {"notice": true}')
+
 
 #: Send nonces remembered per user for idempotent retries.
 NONCES_PER_USER = 1024
@@ -112,7 +124,12 @@ class Messaging:
     # sending ------------------------------------------------------------------------
 
     def send(
-        self, session: Session, to: str, body: str, nonce: str | None = None
+        self,
+        session: Session,
+        to: str,
+        body: str,
+        nonce: str | None = None,
+        notice: bool = False,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope.
@@ -121,6 +138,9 @@ class Messaging:
         retrying after its connection dropped before the result came) is not stored
         again: it gets the first send's envelope.  The realm remembers the last
         :data:`NONCES_PER_USER` nonces of each user, in memory.
+
+        ``notice``: the message is a notice (IRC's NOTICE): stored with
+        :data:`NOTICE_META`, so every client can tell it from a message to answer.
         """
         if nonce is not None:
             seen = self._nonces.get(session.user_id)
@@ -139,7 +159,7 @@ class Messaging:
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
         except ChatError as e:
             return fail(e)
-        d = self.send_as(session.user_id, to, body)
+        d = self.send_as(session.user_id, to, body, NOTICE_META if notice else None)
         if nonce is not None:
             self._remember_nonce(session.user_id, nonce, d)
         return d
@@ -183,20 +203,25 @@ class Messaging:
             return addr.addCallback(lambda a: self.send_as(str(a), to, body))
         return self.send_as(str(addr), to, body)
 
-    def send_as(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
-        """A checked ``body`` from canonical local user ``sender`` to ``to``."""
+    def send_as(
+        self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
+    ) -> Deferred[Envelope]:
+        """A checked ``body`` from canonical local user ``sender`` to ``to``; ``meta``
+        is None or :data:`NOTICE_META` (a notice: see :func:`text_meta`)."""
         try:
             if to.startswith("#"):
-                return self._realm.group_handler.send(sender, to, body)
+                return self._realm.group_handler.send(sender, to, body, meta)
             recipient = self.resolve_user(to, remote_ok=True)
         except ChatError as e:
             return fail(e)
         if isinstance(recipient, Deferred):
-            return recipient.addCallback(lambda r: self._store_private(sender, r, body))
-        return self._store_private(sender, recipient, body)
+            return recipient.addCallback(lambda r: self._store_private(sender, r, body, meta))
+        return self._store_private(sender, recipient, body, meta)
 
-    def _store_private(self, sender: str, recipient: Address, body: str) -> Deferred[Envelope]:
-        env = self.new_envelope(sender, str(recipient), "text", body)
+    def _store_private(
+        self, sender: str, recipient: Address, body: str, meta: dict[str, Any] | None = None
+    ) -> Deferred[Envelope]:
+        env = self.new_envelope(sender, str(recipient), "text", body, meta)
         # Durable before anyone hears of it: routing happens after the commit.
         if recipient.realm == self._name:
             return self._store.append([env]).addCallback(self.committed, env)

@@ -28,6 +28,7 @@ from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import new_file_id
 from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, check_snapshot
+from chatproto.realm.messaging import text_meta
 from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META
@@ -115,10 +116,12 @@ class RemoteIntake:
                     )
                 if kind == "file":
                     meta = _file_meta(meta, body)
-                elif kind != "text" or meta is not None:
+                elif kind != "text":
                     raise ChatError(
                         "bad_request", "only text and file items go to a group's home realm"
                     )
+                else:
+                    meta = text_meta(meta)
                 self.groups.check_speaker(str(recipient), str(sender))
                 fan = self._r.realms_of(self.groups.groups[str(recipient)].members) - {origin}
                 signer = origin  # we relay it: it must carry its realm's proof
@@ -133,8 +136,10 @@ class RemoteIntake:
                 )
             if kind == "file":
                 meta = _file_meta(meta, body)
-            elif kind != "text" or meta is not None:
+            elif kind != "text":
                 raise ChatError("bad_request", "a private item is text or a file")
+            else:
+                meta = text_meta(meta)
             user = self._parse(to, self.realm, False)
             if user.realm != self.realm:
                 raise ChatError("bad_address", f"{user} is not on this realm")
@@ -175,8 +180,8 @@ class RemoteIntake:
         if kind != "event":
             if kind == "file":
                 meta = _file_meta(meta, body)
-            elif meta is not None:
-                raise ChatError("bad_request", "a text item has no meta")
+            else:
+                meta = text_meta(meta)
             if local:
                 return meta, "echo"
             if mirror is None or str(sender) not in mirror.members:

@@ -335,11 +335,16 @@ class RealmService(Service):
         return self.group_handler.info(session.user_id, group)
 
     def send_private(
-        self, session: Session, to: str, body: str, nonce: str | None = None
+        self,
+        session: Session,
+        to: str,
+        body: str,
+        nonce: str | None = None,
+        notice: bool = False,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope (see :meth:`chatproto.realm.messaging.Messaging.send`)."""
-        return self.messages.send(session, to, body, nonce)
+        return self.messages.send(session, to, body, nonce, notice)
 
     def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.

@@ -180,12 +180,15 @@ class Session:
 
     # requests -----------------------------------------------------------------------
 
-    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[Envelope]:
+    def send(
+        self, to: str, body: str, nonce: str | None = None, notice: bool = False
+    ) -> Deferred[Envelope]:
         """Store a message durably, then deliver it; fires with the envelope.
 
-        A client-chosen ``nonce`` makes a retried send idempotent (see send_private).
+        A client-chosen ``nonce`` makes a retried send idempotent (see send_private);
+        ``notice`` stores it as a notice (IRC's NOTICE).
         """
-        return self.realm.send_private(self, to, body, nonce)
+        return self.realm.send_private(self, to, body, nonce, notice)
 
     def history(
         self, peer: str, before: int | None, after: int | None, limit: int | None
