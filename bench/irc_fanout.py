@@ -111,6 +111,8 @@ send_burst = 1000000000
 max_sessions_per_user = 1000000
 max_members_per_group = 1000000
 keepalive_interval = 3600.0
+max_unauthenticated_per_address = 0
+max_unauthenticated = 100000
 login_timeout = 3600.0
 max_output_buffer = 1073741824
 [auth]
