@@ -481,9 +481,7 @@ class ClientProtocol(Int32StringReceiver):
         user = wire.field(req, "user", str)
         password = wire.field(req, "password", str)
         device = wire.field(req, "device", str, required=False, default="default")
-        since = wire.field(req, "since", int, required=False)
-        if since is not None and since < 0:
-            raise ChatError("bad_request", "since must be >= 0")
+        since = wire.integer(req, "since", required=False)
         quiet = wire.field(req, "quiet", bool, required=False, default=False)
         self.state = "authenticating"
         d = self.factory.realm.login(user, password, self, device, self._peer(), quiet)
@@ -548,9 +546,9 @@ class ClientProtocol(Int32StringReceiver):
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
         peer = wire.field(req, "with", str)
-        before = wire.field(req, "before", int, required=False)
-        after = wire.field(req, "after", int, required=False)
-        limit = wire.field(req, "limit", int, required=False)
+        before = wire.integer(req, "before", required=False)
+        after = wire.integer(req, "after", required=False)
+        limit = wire.integer(req, "limit", 1, required=False)
         if before is not None and after is not None:
             raise ChatError("bad_request", "give before or after, not both")
         d = self.session.history(peer, before, after, limit)
@@ -646,7 +644,7 @@ class ClientProtocol(Int32StringReceiver):
 
     def handle_ack(self, req: dict[str, Any]) -> None:
         assert self.session is not None
-        self.session.ack(wire.field(req, "pos", int))
+        self.session.ack(wire.integer(req, "pos"))
 
     # files ------------------------------------------------------------------------
     # The realm's file service decides; these translate requests and data frames.
@@ -677,7 +675,7 @@ class ClientProtocol(Int32StringReceiver):
             self.session.user_id,
             wire.field(req, "to", str),
             wire.field(req, "name", str),
-            wire.field(req, "size", int),
+            wire.integer(req, "size"),
             wire.field(req, "sha256", str),
             wire.field(req, "media_type", str, required=False),
         )
@@ -764,8 +762,8 @@ class ClientProtocol(Int32StringReceiver):
         d = self.factory.realm.files.open_download(
             self.session.user_id,
             wire.field(req, "file", str),
-            wire.field(req, "offset", int, required=False, default=0),
-            wire.field(req, "length", int, required=False),
+            wire.integer(req, "offset", required=False, default=0),
+            wire.integer(req, "length", required=False),
         )
 
         def opened(dl: Download) -> dict[str, Any]:
@@ -798,7 +796,7 @@ class ClientProtocol(Int32StringReceiver):
         dl.start(sink).addBoth(done)
 
     def handle_download_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
-        stream = wire.field(req, "stream", int)
+        stream = wire.integer(req, "stream", 1, 2**32 - 1)
         sink = self._download_sinks.pop(stream, None)
         if sink is not None:
             sink.stop()

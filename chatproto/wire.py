@@ -42,6 +42,7 @@ __all__ = [
     "encode_data",
     "error_frame",
     "field",
+    "integer",
     "parse_json",
     "result_frame",
 ]
@@ -188,6 +189,24 @@ def field(
         raise ChatError("bad_request", f"field {name!r} is out of range (|n| <= 2**53 - 1)")
     if isinstance(value, float) and not isfinite(value):  # 1e400 reads as infinity
         raise ChatError("bad_request", f"field {name!r} must be a finite number")
+    return value
+
+
+def integer(
+    obj: dict[str, Any],
+    name: str,
+    lo: int = 0,
+    hi: int = MAX_INT,
+    *,
+    required: bool = True,
+    default: Any = None,
+) -> Any:
+    """``obj[name]``, an integer from ``lo`` to ``hi``; ``bad_request`` otherwise (a
+    float, ``true``, a string, or a number out of that range).  Absent or ``null``:
+    ``default``, unless ``required``."""
+    value = field(obj, name, int, required=required, default=default)
+    if obj.get(name) is not None and not lo <= value <= hi:
+        raise ChatError("bad_request", f"field {name!r} must be an integer from {lo} to {hi}")
     return value
 
 

@@ -272,3 +272,33 @@ def unsent(transport: Any) -> int:
     """Bytes a Twisted TCP transport (under TLS or not) holds, not yet sent."""
     t = tcp_of(transport)
     return len(t.dataBuffer) - t.offset + t._tempDataLen
+
+
+class LogWatch:
+    """The realm's log as twistd writes it (tracebacks included) while a test runs."""
+
+    def __init__(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.lines: list[str] = []
+        self.failures: list[str] = []
+        self._publisher = globalLogPublisher
+        self._publisher.addObserver(self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from twisted.logger import formatEventAsClassicLogText
+
+        text = formatEventAsClassicLogText(event) or ""
+        self.lines.append(text)
+        if "log_failure" in event:
+            self.failures.append(text)
+
+    def close(self) -> None:
+        self._publisher.removeObserver(self)
+
+
+@pytest.fixture
+def log_watch() -> Any:
+    watch = LogWatch()
+    yield watch
+    watch.close()

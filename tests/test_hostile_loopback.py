@@ -4,6 +4,7 @@ no traceback in the realm's log (issue 14)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -14,8 +15,8 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 
 from chatproto import tls
-from chatproto.protocol import ClientFactory
-from tests.conftest import fast_config, make_realm, raw_client, tcp_of, unsent, until
+from chatproto.protocol import ClientFactory, ClientProtocol
+from tests.conftest import LogWatch, fast_config, make_realm, raw_client, tcp_of, unsent, until
 
 PW = "password-h"
 #: What both kernel socket buffers of a stalled connection are pinned to (the kernel
@@ -224,3 +225,206 @@ def test_names_shown_to_others_refuse_control_and_bidi_characters(server_tcp: An
     assert not [f for f in alice.frames if f.get("type") == "error" and "id" not in f]
     alice.transport.loseConnection()
     yield alice.lost
+
+
+# the hostile client: every request type, every field, hostile values -----------------
+
+#: A valid request of each type, with every field it reads (numbers included).
+REQUESTS: dict[str, dict[str, Any]] = {
+    "hello": {"version": 1},
+    "register": {"user": "zed", "password": "password-z"},
+    "login": {"user": "alice", "password": "not-it", "device": "d", "since": 0, "quiet": True},
+    "send": {"to": "bob", "body": "hi", "nonce": "n1", "notice": False},
+    "history": {"with": "bob", "before": 5, "after": 1, "limit": 5},
+    "who": {"group": "#dev"},
+    "create_group": {"group": "#new", "visibility": "public", "history": "all", "topic": "t"},
+    "join": {"group": "#dev", "key": "k"},
+    "leave": {"group": "#other"},
+    "delete_group": {"group": "#other"},
+    "invite": {"group": "#dev", "user": "bob"},
+    "kick": {"group": "#dev", "user": "bob", "reason": "r"},
+    "ban": {"group": "#dev", "user": "carol", "reason": "r"},
+    "unban": {"group": "#dev", "user": "carol"},
+    "set_topic": {"group": "#dev", "topic": "t"},
+    "set_role": {"group": "#dev", "user": "bob", "role": "admin"},
+    "set_group": {
+        "group": "#dev",
+        "visibility": "public",
+        "moderated": False,
+        "secret": False,
+        "topic_lock": False,
+        "limit": 10,
+        "key": "k",
+    },
+    "set_voice": {"group": "#dev", "user": "bob", "voice": True},
+    "list_groups": {},
+    "members": {"group": "#dev"},
+    "group_info": {"group": "#dev"},
+    "set_status": {"status": "away", "text": "x"},
+    "ack": {"pos": 1},
+    "file_offer": {"to": "bob", "name": "f", "size": 3, "sha256": "0" * 64, "media_type": "a/b"},
+    "file_resume": {"upload": "u"},
+    "file_finish": {"upload": "u"},
+    "file_cancel": {"upload": "u"},
+    "download": {"file": "f", "offset": 0, "length": 1},
+    "download_cancel": {"stream": 1},
+    "ping": {},
+    "pong": {},
+}
+
+#: What a hostile client puts in a field, as JSON text (valid JSON: NaN and the like
+#: close the connection and are tested above).
+HOSTILE = [
+    "1.5",
+    "1.0",
+    "true",
+    "false",
+    "-1",
+    "0",
+    "-9007199254740992",
+    "9007199254740992",
+    "9" * 400,
+    "-" + "9" * 400,
+    "9" * 4300,
+    "1e400",
+    "-1e400",
+    "1e-400",
+    '"5"',
+    '""',
+    '"' + "x" * 5000 + '"',
+    "[]",
+    '[1,{"a":[]}]',
+    "{}",
+    "null",
+    '"\\ud800"',
+    '"a\\u009bb"',
+]
+
+
+SURROGATE = '"\\ud800"'
+
+
+def _valid_id(literal: str) -> bool:
+    """Whether ``literal`` is an ``id`` the realm echoes (PROTOCOL.md): a string of at
+    most 64 characters, an integer within +-(2**53 - 1), or null (no id)."""
+    value = json.loads(literal)
+    if isinstance(value, str):
+        return len(value) <= 64 and not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) <= 2**53 - 1
+    return value is None
+
+
+def _with(req_type: str, base: dict[str, Any], name: str, literal: str, rid: int) -> bytes:
+    """The request ``base`` with field ``name`` spelled as the JSON text ``literal``."""
+    fields = {k: v for k, v in base.items() if k != name}
+    head = json.dumps({"type": req_type, "id": rid, **fields}, separators=(",", ":"))
+    return f'{head[:-1]},"{name}":{literal}}}'.encode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_hostile_client_gets_clean_errors_and_the_log_no_traceback(
+    server_tcp: Any, log_watch: LogWatch
+) -> Any:
+    """Issue 14, 'Done when': every request type, every field, a battery of hostile
+    values (floats, booleans, negatives, 400- and 4300-digit integers, 1e400, strings,
+    objects, lone surrogates, C1) over a real connection.  Each request gets exactly
+    one clean answer (a result, or an error with a documented code, never
+    internal_error); the connection stays open; the realm logs no traceback."""
+    realm, _factory, addr = server_tcp
+    assert set(REQUESTS) == set(ClientProtocol.handlers), "a request type is not covered"
+    for name in ("alice", "bob", "carol"):
+        yield realm.create_user(name, PW)
+    alice = yield raw_client(addr, ("alice", PW))
+    for group in ("#dev", "#other"):
+        alice.send({"type": "create_group", "id": group, "group": group})
+        yield alice.reply(group)
+    fresh = yield raw_client(addr)  # in the auth state, for the fields of login
+    rid = 0
+    expected: dict[int, tuple[Any, str, str, str]] = {}
+    for req_type, base in REQUESTS.items():
+        conn = fresh if req_type == "login" else alice
+        for name in [*base, "id_extra"]:
+            for literal in HOSTILE:
+                rid += 1
+                conn.send_raw(_with(req_type, base, name, literal, rid))
+                expected[rid] = (conn, req_type, name, literal)
+                if conn is fresh and literal != SURROGATE:
+                    # one login at a time: a second one while the first is being
+                    # checked is already_authenticated
+                    yield conn.reply(rid)
+        yield task.deferLater(_reactor, 0, lambda: None)
+    # hostile ids themselves: answered without an id (they cannot be echoed)
+    for literal in HOSTILE:
+        alice.send_raw(f'{{"type":"ping","id":{literal}}}'.encode())
+    alice.send({"type": "ping", "id": "last"})
+    yield alice.reply("last")
+
+    def answered(rid: int) -> bool:
+        conn, req_type, _name, literal = expected[rid]
+        if literal == SURROGATE:  # refused before the id is read: an error without id
+            return True
+        return req_type in ("ack", "pong") or any(
+            isinstance(f, dict) and f.get("id") == rid for f in conn.frames
+        )
+
+    yield until(lambda: all(answered(r) for r in expected), timeout=60).addErrback(
+        lambda _: pytest.fail(
+            "unanswered: " + repr([expected[r][1:] for r in expected if not answered(r)][:5])
+        )
+    )
+    from chatproto.errors import CODES
+
+    for conn in (alice, fresh):
+        assert not conn.lost.called
+        for f in conn.frames:
+            assert isinstance(f, dict), f  # every frame is strict JSON
+            if f.get("type") == "error":
+                assert f["code"] in CODES and f["code"] != "internal_error", f
+                assert isinstance(f["message"], str)
+        replies: dict[Any, int] = {}
+        for f in conn.frames:
+            if isinstance(f.get("id"), int):
+                replies[f["id"]] = replies.get(f["id"], 0) + 1
+        assert all(n == 1 for n in replies.values()), "a request answered twice"
+    # lone surrogates and ids that are no id: bad_request without id, one each
+    for conn in (alice, fresh):
+        no_id = [f for f in conn.frames if f.get("type") == "error" and "id" not in f]
+        surrogates = sum(1 for c, *_, lit in expected.values() if c is conn and lit == SURROGATE)
+        bad_ids = sum(not _valid_id(lit) for lit in HOSTILE) if conn is alice else 0
+        assert len(no_id) == surrogates + bad_ids
+        assert all(f["code"] == "bad_request" for f in no_id)
+    # a typed field given a value of another type is refused (spot checks)
+    by_id = {f["id"]: f for c in (alice, fresh) for f in c.frames if isinstance(f.get("id"), int)}
+    for rid, (_conn, req_type, name, literal) in expected.items():
+        if name in ("since", "before", "after", "limit", "size", "offset", "length", "stream"):
+            if literal in ("1.5", "1.0", "true", "-1", "1e400", '"5"', "9" * 400):
+                assert by_id[rid]["type"] == "error", (req_type, name, literal, by_id[rid])
+                assert by_id[rid]["code"] == "bad_request", (req_type, name, literal)
+    assert not log_watch.failures, log_watch.failures[0]
+    assert not [line for line in log_watch.lines if "Traceback" in line]
+    for conn in (alice, fresh):
+        conn.transport.loseConnection()
+        yield conn.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_hostile_binary_frames_are_bad_frame(server_tcp: Any, log_watch: LogWatch) -> Any:
+    """Data frames with an offset above 2**53 - 1, a short header or a download op
+    from a client close the connection with bad_frame; no traceback."""
+    import struct
+
+    realm, _factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    for payload in (
+        b"\x00\x01" + struct.pack("!IQ", 1, 2**53) + b"x",
+        b"\x00\x01" + struct.pack("!IQ", 1, 2**64 - 1) + b"x",
+        b"\x00\x01\x00",
+        b"\x00\x02" + struct.pack("!IQ", 1, 0) + b"x",
+    ):
+        conn = yield raw_client(addr, ("alice", PW))
+        conn.frames.clear()
+        conn.send_raw(payload)
+        yield until(lambda c=conn: c.lost.called)
+        assert [(f["type"], f["code"]) for f in conn.frames] == [("error", "bad_frame")]
+    assert not log_watch.failures

@@ -845,3 +845,29 @@ def test_topics_reasons_and_away_are_plain_text(factory: IRCFactory) -> None:
     lines = a.lines()
     assert any(" 400 alice PRIVMSG :body contains U+001B" in ln for ln in lines), lines
     assert not any("Internal error" in ln for ln in lines)
+
+
+def test_numbers_from_an_irc_client_are_checked(factory: IRCFactory, log_watch: Any) -> None:
+    """Issue 14: numeric parameters are ASCII digits within +-(2**53 - 1).
+    ``str.isdigit`` accepted ``²`` (which int() refuses: a traceback) and any number
+    of digits (a 500-digit msgid reached the store)."""
+    a = login(factory, "alice", caps="batch draft/chathistory")
+    a.send("JOIN #dev")
+    a.lines()
+    sup = "\u00b2"
+    a.send(f"CAP LS {sup}", "CAP LS 302\u0663")
+    assert [c for c, _ in a.commands()] == ["CAP", "CAP"]
+    for line in (
+        f"CHATHISTORY LATEST bob * {sup}",
+        "CHATHISTORY LATEST bob * " + "9" * 400,
+        f"CHATHISTORY BEFORE bob msgid={sup} 10",
+        "CHATHISTORY BEFORE bob msgid=" + "9" * 400 + " 10",
+        "CHATHISTORY AFTER bob msgid=-5 10",
+    ):
+        a.send(line)
+        (reply,) = a.lines()
+        assert reply.startswith(":localhost FAIL CHATHISTORY "), (line, reply)
+    a.send(f"MODE #dev +l {sup}", "MODE #dev +l " + "9" * 400, f"WHOWAS alice {sup}")
+    replies = a.lines()
+    assert replies and not any(" 400 " in r for r in replies), replies
+    assert not log_watch.failures, log_watch.failures[0]

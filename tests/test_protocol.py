@@ -690,8 +690,8 @@ def test_malformed_fast_path_ack_falls_back(realm: Any, clock: Clock) -> None:
     frames(tb)
     for bad in (b'{"type":"ack","pos":-1}', b'{"type":"ack","pos":1x}', b'{"type":"ack","pos":'):
         b.dataReceived(struct.pack("!I", len(bad)) + bad)
-    # -1 is valid JSON (ignored: nothing below 1 is acknowledged); "1x" is not JSON
-    assert [f["code"] for f in frames(tb)] == ["bad_frame"]
+    # -1 is valid JSON but no position (bad_request, answered); "1x" is not JSON
+    assert [f["code"] for f in frames(tb)] == ["bad_request", "bad_frame"]
     assert tb.disconnecting
     assert ("bob@localhost", "default") not in realm.store.acks
 

@@ -20,6 +20,7 @@ __all__ = [
     "IRCBadLine",
     "body_lines",
     "channel_of",
+    "decimal",
     "escape_tag",
     "format_line",
     "group_of",
@@ -58,6 +59,16 @@ _FORMATTING = re.compile(
     "\x02|\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
     "|[\x0f\x11\x16\x1d\x1e\x1f]"
 )
+
+
+_DECIMAL = re.compile("-?[0-9]{1,15}")
+
+
+def decimal(text: str) -> int | None:
+    """The integer ``text`` spells in ASCII digits (an optional ``-`` and at most 15
+    digits, so within +-(2**53 - 1)), or None.  ``str.isdigit`` is not enough: it
+    accepts ``²`` and other digits ``int()`` refuses, and any number of them."""
+    return int(text) if _DECIMAL.fullmatch(text) else None
 
 
 def plain_text(text: str) -> str:

@@ -15,6 +15,7 @@ from chatproto.irc.lines import (
     MAX_LINE,
     MAX_TARGETS,
     channel_of,
+    decimal,
     format_line,
     param,
     with_tag,
@@ -123,11 +124,12 @@ def chathistory(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, s
     pos: int | None = None
     if ref != "*":
         key, _, value = ref.partition("=")
-        if key != "msgid" or not value.isdigit():
+        pos = decimal(value) if key == "msgid" else None
+        if pos is None or pos < 0:
             fail("INVALID_MSGREFTYPE", sub, param(ref), "Only msgid references are supported")
             return None
-        pos = int(value)
-    if not count.isdigit() or not 1 <= int(count) <= page:
+    limit = decimal(count)
+    if limit is None or not 1 <= limit <= page:
         fail("INVALID_PARAMS", sub, f"limit must be 1 to {page}")
         return None
     if ref == "*" and sub != "LATEST":
@@ -142,7 +144,7 @@ def chathistory(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, s
     after = pos if sub == "AFTER" else None
     if sub == "LATEST" and pos is not None:
         after = pos  # the newest items after the reference (at most limit)
-    d = p.session.history(peer, before, after, int(count))
+    d = p.session.history(peer, before, after, limit)
 
     def got(items: list[Envelope]) -> None:
         ref_id = f"H{next_batch_id()}"

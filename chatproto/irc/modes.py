@@ -28,7 +28,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import Group, check_settings
 from chatproto.irc.channels import group_change
 from chatproto.irc.commands import all_of, command
-from chatproto.irc.lines import param
+from chatproto.irc.lines import decimal, param
 from chatproto.irc.replies import Reply
 
 if TYPE_CHECKING:
@@ -181,7 +181,8 @@ def _setting(
     """One parameter setting, checked by the realm's rule: 696 when it is invalid."""
     value: Any = raw
     if name == "limit":
-        value = int(raw) if raw.isdigit() else -1
+        number = decimal(raw)
+        value = number if number is not None and number >= 0 else -1
         if value == 0:
             value = -1
     try:

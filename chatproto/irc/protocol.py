@@ -43,6 +43,7 @@ from chatproto.irc.lines import (
     MAX_TAGS,
     IRCBadLine,
     channel_of,
+    decimal,
     format_line,
     group_of,
     nick_of,
@@ -661,7 +662,7 @@ class IRCProtocol(LineOnlyReceiver):
         if sub == "LS":
             if self.state != "ready":
                 self.cap_negotiating = True
-            v302 = len(params) > 1 and params[1].isdigit() and int(params[1]) >= 302
+            v302 = len(params) > 1 and (decimal(params[1]) or 0) >= 302
             offered = [c if c != "sasl" or not v302 else "sasl=PLAIN" for c in CAPABILITIES]
             ctx.send(format_line(self.server, "CAP", self.nick, "LS", " ".join(offered)))
         elif sub == "LIST":

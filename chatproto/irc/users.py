@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from chatproto.errors import ChatError
 from chatproto.groups import Group
 from chatproto.irc.commands import command
-from chatproto.irc.lines import channel_of, param, prefix
+from chatproto.irc.lines import channel_of, decimal, param, prefix
 from chatproto.irc.replies import Reply
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def whowas(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) 
     (a count of 0 or less, or none: all kept)."""
     nick = params[0].split(",")[0]
     count = params[1] if len(params) > 1 else ""
-    limit = int(count) if count.lstrip("-").isdigit() else 0
+    limit = decimal(count) or 0
     entries = p.factory.directory.was(nick.lower())
     if limit > 0:
         entries = entries[:limit]

@@ -83,9 +83,7 @@ class WebSessionProtocol(ClientProtocol):
         if self.state != "auth":
             raise ChatError("already_authenticated")
         device = wire.field(req, "device", str, required=False)
-        since = wire.field(req, "since", int, required=False)
-        if since is not None and since < 0:
-            raise ChatError("bad_request", "since must be >= 0")
+        since = wire.integer(req, "since", required=False)
         quiet = wire.field(req, "quiet", bool, required=False, default=False)
         self.state = "authenticating"
         d = self.factory.realm.login_token(self.token, self, device, self._peer(), quiet)

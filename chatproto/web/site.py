@@ -320,7 +320,9 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     m = _RANGE.fullmatch(header.decode("latin-1").strip())
     if m is None or (not m.group(1) and not m.group(2)):
         return None
-    first, last = m.group(1), m.group(2)
+    # A number of more than 18 digits is larger than any file (and int() refuses
+    # more than 4300 digits): read it as 10**18.
+    first, last = (g if len(g) <= 18 else "1" + "0" * 18 for g in (m.group(1), m.group(2)))
     if not first:  # the last N bytes
         n = int(last)
         if n == 0 or size == 0:
