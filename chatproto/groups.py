@@ -546,7 +546,7 @@ def check_snapshot(raw: Any) -> dict[str, Any]:
     frame size."""
     if not isinstance(raw, dict) or set(raw) != {"topic", "visibility", "history", "members"}:
         raise ChatError("bad_request", "a snapshot has topic, visibility, history and members")
-    _topic(raw["topic"])
+    _shown(raw["topic"], "the topic")  # shown to our members as a local one is
     if raw["visibility"] not in VISIBILITIES or raw["history"] not in HISTORY_RULES:
         raise ChatError("bad_request", "bad snapshot visibility or history")
     members = raw["members"]

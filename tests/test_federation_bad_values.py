@@ -271,9 +271,7 @@ BAD_ITEMS: dict[str, str] = {
     "file-name-int": json.dumps(
         {**TEXT, "kind": "file", "body": "n", "meta": {**FILE_META, "name": 5}, "ts": NOW}
     ),
-    "event-user-int": json.dumps(
-        {**EVENT, "meta": {"event": "joined", "user": 5}, "ts": NOW}
-    ),
+    "event-user-int": json.dumps({**EVENT, "meta": {"event": "joined", "user": 5}, "ts": NOW}),
     "event-topic-inf": json.dumps({**EVENT, "ts": NOW})[:-1]
     + ',"meta":{"event":"topic","topic":1e400}}',
     "event-extra-number": json.dumps(
@@ -692,3 +690,60 @@ def test_bad_file_bytes_and_fetch_answers_are_refused_item_by_item(
     assert not peer.lost.called
     peer.transport.loseConnection()
     no_tracebacks(logs)
+
+
+# text a peer wants shown to our users ---------------------------------------------------
+
+#: Labels the rule of chatproto.text refuses: C1 (U+009B, the 8-bit CSI), a bidi
+#: override, an ASCII escape.
+SHOWN_BAD = ["evil\u009b31m.txt", "\u202etxt.exe", "bell\x07.txt"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peers_file_names_follow_the_rule_of_local_ones(
+    realms: Any,  # noqa: F811
+    logs: Any,
+) -> Any:
+    """A file a peer realm sends our user is named by that realm: the name is shown to
+    our user as a local one is, so the same rule applies (it was only length-checked:
+    a C1 control or a bidi override reached the recipient's terminal)."""
+    a, b, peer = yield as_a(realms)
+    items = []
+    for n, name in enumerate(SHOWN_BAD):
+        meta = {**FILE_META, "name": name, "file_id": f"{n}" * 20}
+        items.append(
+            json.dumps(
+                {**TEXT, "id": f"bad-{n}", "kind": "file", "body": name, "meta": meta, "ts": NOW}
+            )
+        )
+    peer.sendString(txn_payload("1-20", items))
+    yield until(lambda: len(peer.frames) == 2, timeout=30)
+    ack = peer.frames[1]
+    assert ack["type"] == "ack" and ack["id"] == "1-20", ack
+    assert sorted(r["id"] for r in ack["rejected"]) == [f"bad-{n}" for n in range(3)]
+    assert {r["code"] for r in ack["rejected"]} == {"bad_request"}
+    # (U+009B is refused in the body, a file item's body being its name, already)
+    assert all("file name" in r["message"] for r in ack["rejected"][1:]), ack
+    peer.transport.loseConnection()
+    no_tracebacks(logs)
+
+
+@pytest.mark.parametrize("text", SHOWN_BAD)
+def test_a_peers_topics_reasons_and_status_text_follow_the_local_rule(text: str) -> None:
+    from chatproto.groups import check_snapshot
+    from chatproto.realm.remote import _event_meta
+    from chatproto.testing import make_test_realm
+
+    for key in ("topic", "reason"):
+        with pytest.raises(ChatError) as e:
+            _event_meta({"event": "topic" if key == "topic" else "kicked", key: text})
+        assert e.value.code == "bad_request"
+    assert _event_meta({"event": "topic", "topic": "fine"})["topic"] == "fine"
+    snapshot = {"topic": text, "visibility": "public", "history": "joined", "members": {}}
+    with pytest.raises(ChatError):
+        check_snapshot(snapshot)
+    realm = make_test_realm()
+    realm.presence.remote_change("a.example", "alice@a.example", "away", text)
+    assert realm.presence.remote["alice@a.example"] == ("away", "")  # the text dropped
+    realm.presence.remote_change("a.example", "alice@a.example", "busy", "in a call")
+    assert realm.presence.remote["alice@a.example"] == ("busy", "in a call")

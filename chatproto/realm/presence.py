@@ -24,7 +24,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import Groups
 from chatproto.realm.sessions import Notice, Session, Sessions
 from chatproto.store import IStore
-from chatproto.text import check_label
+from chatproto.text import check_label, label_problem
 
 __all__ = ["MAX_STATUS_TEXT", "PRESENCE_STATES", "Presence"]
 
@@ -322,8 +322,8 @@ class Presence:
                 origin=origin,
             )
             return
-        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
-            text = ""
+        if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT or label_problem(text):
+            text = ""  # the rule of local status text (chatproto.text)
         who = str(addr)
         known = self.remote.get(who)
         if status == "offline":

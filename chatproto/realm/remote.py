@@ -32,6 +32,7 @@ from chatproto.realm.messaging import text_meta
 from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META
+from chatproto.text import check_label
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -656,6 +657,8 @@ def _file_meta(meta: Any, body: str) -> dict[str, Any]:
         raise ChatError("bad_request", "name and media_type must be strings")
     if body != meta["name"]:
         raise ChatError("bad_request", "a file item's body is its name")
+    check_label(meta["name"], "a file name")  # shown to our users as a local one is
+    check_label(meta["media_type"], "a media type")
     return dict(meta)
 
 
@@ -673,6 +676,10 @@ _EVENT_META = {
 }
 
 
+#: The keys of an event's ``meta`` that are free text shown to users.
+_SHOWN_META = frozenset({"topic", "reason"})
+
+
 def _event_meta(meta: Any) -> dict[str, Any]:
     """Check the ``meta`` of an event item from a group's home realm (``bad_request``):
     a known event, and only the keys events carry, each a string of bounded length
@@ -688,6 +695,8 @@ def _event_meta(meta: Any) -> dict[str, Any]:
             raise ChatError("bad_request", f"meta.{str(key)[:20]} is not part of an event")
         if not isinstance(value, str) or len(value) > longest:
             raise ChatError("bad_request", f"meta.{key} must be a string of at most {longest}")
+        if key in _SHOWN_META:  # text shown to our users: the rule of local text
+            check_label(value, f"meta.{key}")
     return meta
 
 
