@@ -356,3 +356,18 @@ def test_notice_stays_a_notice_delivered_echoed_and_stored(
         ("psst", {"notice": True}),
         ("to all", {"notice": True}),
     ]
+
+
+def test_list_shows_ones_own_secret_channels_and_who_names_the_channel(
+    factory: IRCFactory,
+) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #Sec", "MODE #sec +s")
+    a.lines()
+    a.send("LIST")
+    assert [p[1] for c, p in a.commands() if c == "322"] == ["#sec"]
+    b.send("LIST")
+    assert [p for c, p in b.commands() if c == "322"] == []
+    a.send("WHO #SEC")
+    assert [p[1] for c, p in a.commands() if c == "352"] == ["#sec"]

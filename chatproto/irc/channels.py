@@ -147,7 +147,13 @@ def list_channels(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str,
             except ChatError:
                 pass
     ctx.num("321", "Channel", "Users  Name")
-    for info in p.realm.list_groups():
+    infos = p.realm.list_groups()
+    listed = {info["group"] for info in infos}
+    groups = p.realm.groups
+    for addr in sorted(groups.of_user.get(p.user_id, ())):  # one's own unlisted groups
+        if addr not in listed and addr.endswith("@" + p.realm.realm):
+            infos.append(groups.groups[addr].summary())
+    for info in infos:
         if wanted is None or info["group"] in wanted:
             chan = channel_of(info["group"], p.realm.realm)
             ctx.num("322", chan, str(info["members"]), info["topic"])

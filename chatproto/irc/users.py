@@ -42,8 +42,9 @@ def who(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> 
         except ChatError:
             g = None
         if g is not None and _visible(g, p.user_id):
+            chan = channel_of(g.address, p.realm.realm)  # its name, whatever case was asked
             for user, m in sorted(g.members.items()):
-                who_line(p, ctx, mask, user, prefix(m.role, m.voice, multi))
+                who_line(p, ctx, chan, user, prefix(m.role, m.voice, multi))
     elif any(c in mask for c in "*?"):
         pattern = mask.lower()
         shared = {p.user_id}
