@@ -1329,3 +1329,18 @@ def test_a_group_file_fetch_cut_off_half_way_is_stored_and_forwarded_once_when_s
     assert r.relay("h.example", "b.example") == []
     assert _read(r["b.example"], "bob@b.example", info.file_id) == data
     assert fired(h.store.outbox_counts()) == {}
+
+
+def test_a_notice_crosses_realms_as_a_notice(spanning: Realms) -> None:
+    """A text item with ``meta {"notice": true}`` (IRC's NOTICE) is accepted by the
+    group's home realm, forwarded to the member realms, and by a DM's realm; it was
+    refused before ("a text item has no meta")."""
+    r = spanning
+    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    fired(a.messages.send_as("alice@a.example", "#dev@h.example", "to all", {"notice": True}))
+    fired(a.messages.send_as("alice@a.example", "bob@b.example", "to bob", {"notice": True}))
+    r.settle()  # asserts nothing was rejected
+    for realm in (h, b):
+        got = [(e.body, e.meta) for e in realm.store.items if e.kind == "text"]
+        assert ("to all", {"notice": True}) in got
+    assert ("to bob", {"notice": True}) in [(e.body, e.meta) for e in b.store.items]
