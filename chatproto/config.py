@@ -27,6 +27,7 @@ __all__ = [
     "Auth",
     "Config",
     "ConfigError",
+    "Control",
     "Federation",
     "Files",
     "Limits",
@@ -49,6 +50,8 @@ DEFAULT_TLS_PORT = 7421
 DEFAULT_FEDERATION_PORT = 7422
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
+#: The longest UNIX socket path (sun_path holds 108 bytes with the final NUL on Linux).
+MAX_SOCKET_PATH = 107
 #: A PostgreSQL schema name the store accepts (created if missing; quoted anyway).
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -155,6 +158,16 @@ class Metrics:
 
 
 @attrs.define
+class Control:
+    """The control channel (chatproto.ops.control): ``chatrealmctl`` talks to the
+    running realm over a UNIX socket."""
+
+    enabled: bool = True
+    #: The socket's path; "" = ``control.sock`` in the data directory.
+    socket: str = ""
+
+
+@attrs.define
 class Peer:
     """One entry of ``[[federation.peers]]``: how to reach and trust a peer realm."""
 
@@ -224,10 +237,17 @@ class Config:
     federation: Federation = attrs.field(factory=Federation)
     files: Files = attrs.field(factory=Files)
     metrics: Metrics = attrs.field(factory=Metrics)
+    control: Control = attrs.field(factory=Control)
 
     @property
     def database_path(self) -> str:
         return os.path.join(self.data_dir, "realm.sqlite3")
+
+    @property
+    def control_socket(self) -> str:
+        """Where the control channel's UNIX socket is (``[control] socket``, else
+        ``control.sock`` in the data directory); its token is beside it (+ ".token")."""
+        return self.control.socket or os.path.join(self.data_dir, "control.sock")
 
     @property
     def files_path(self) -> str:
@@ -374,6 +394,12 @@ class Config:
                 raise ConfigError(
                     f"web.origins: {origin!r} is not an origin like https://chat.example.org"
                 )
+        if self.control.enabled and len(os.fsencode(self.control_socket)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"control: the socket path {self.control_socket!r} is longer than a UNIX "
+                f"socket path may be ({MAX_SOCKET_PATH} bytes): set control.socket to a "
+                "shorter path (or a data_dir with a shorter path)"
+            )
         if not self.listen_descriptions() and not self.web_descriptions():
             raise ConfigError(
                 "nothing to listen on: give realm.listen, tls.certificate or web.listen"
@@ -494,6 +520,7 @@ _SECTIONS = {
     "federation": Federation,
     "files": Files,
     "metrics": Metrics,
+    "control": Control,
 }
 _REALM_KEYS = {
     "name": "realm",

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from chatproto import config as configmod
 from chatproto import tls
@@ -33,6 +33,8 @@ from chatproto.accounts import plan_removal, remote_groups_of, replay_groups
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
 from chatproto.groups import Groups
+from chatproto.ops import commands, controlclient
+from chatproto.ops.controlclient import ControlClient
 from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
@@ -258,13 +260,20 @@ def cmd_adduser(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = _name(args.name)
     user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:  # the realm hashes it and ends the old password's sessions
+        with client:
+            password = read_password(args.password_file, user)
+            answer = _ask(client, commands.SetPassword, user=name, password=password)
+        print(f"password changed for {user} {_by_realm(answer['closed'])}")
+        return 0
     with open_db(cfg) as db:
         if db.password_hash(name) is None:
             raise CtlError(f"no user {user}")
         password = read_password(args.password_file, user)
         if not db.set_password(name, argon2_hasher(cfg.auth).hash(password)):
             raise CtlError(f"no user {user}")
-    print(f"password changed for {user}")
+    print(f"password changed for {user} {IN_STORE}")
     return 0
 
 
@@ -274,6 +283,14 @@ def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
     are committed with its deletion (see :mod:`chatproto.accounts`)."""
     name = _name(args.name)
     user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:  # RealmService.delete_user itself, sessions closed at once
+        with client:
+            answer = _ask(client, commands.DeleteUser, user=name)
+        if not answer["existed"]:
+            raise CtlError(f"no user {user}")
+        print(f"deleted {user} {_by_realm(answer['closed'])}")
+        return 0
     fed = cfg.federation
 
     def realms_of(users: Iterable[str]) -> set[str]:  # RealmService._realms_of's rule
@@ -292,7 +309,109 @@ def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
         plan = plan_removal(groups, user, addrs, cfg.realm, realms_of, time.time())
         if not db.delete_user(name, user, plan.items, plan.outbox):
             raise CtlError(f"no user {user}")
-    print(f"deleted {user}" + (f" (out of {len(addrs)} groups)" if addrs else ""))
+    out_of = f" (out of {len(addrs)} groups)" if addrs else ""
+    print(f"deleted {user}{out_of} {IN_STORE}")
+    return 0
+
+
+# the running realm (the control channel, chatproto.ops) ---------------------------------
+
+#: How a change made in the store, not by the realm, is reported.
+IN_STORE = "in the store (the realm is not running)"
+
+
+def running_realm(cfg: configmod.Config) -> ControlClient | None:
+    """A connection to the running realm, or None when it is not running (then the
+    store may be changed directly).  A realm that runs but cannot be reached from here
+    (another user's socket, a refused token) is an error: nothing is changed behind
+    its back."""
+    try:
+        return controlclient.connect(cfg)
+    except controlclient.NotRunning:
+        return None
+    except controlclient.Unreachable as e:
+        raise CtlError(f"the realm is running, but: {e}") from None
+
+
+def _running_or_fail(cfg: configmod.Config) -> ControlClient:
+    client = running_realm(cfg)
+    if client is None:
+        raise CtlError(f"the realm is not running (no control socket at {cfg.control_socket})")
+    return client
+
+
+def _ask(client: ControlClient, command: Any, timeout: float = 30.0, **kw: Any) -> Any:
+    """``command``'s answer, a refusal of the realm's as a one-line error."""
+    try:
+        return client.call(command, timeout=timeout, **kw)
+    except commands.ControlError as e:
+        code, _, message = str(e).partition(": ")
+        if code == "no_such_user":
+            raise CtlError(message) from None
+        raise CtlError(message or code) from None
+    except controlclient.Unreachable as e:
+        raise CtlError(f"the running realm: {e}") from None
+
+
+def _by_realm(closed: int) -> str:
+    return f"by the running realm ({closed} session{'' if closed == 1 else 's'} ended)"
+
+
+def cmd_kick(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    with _running_or_fail(cfg) as client:
+        answer = _ask(client, commands.Kick, user=name, reason=args.reason)
+    n = answer["closed"]
+    print(f"kicked {answer['user']}: {n} session{'' if n == 1 else 's'} ended")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    with _running_or_fail(cfg) as client:
+        rows: list[dict[str, Any]] = []
+        total = 1
+        while len(rows) < total:
+            page = _ask(client, commands.ListSessions, offset=len(rows), limit=commands.PAGE)
+            total = page["total"]
+            if not page["sessions"]:
+                break
+            rows.extend(page["sessions"])
+    if not rows:
+        print("no sessions")
+        return 0
+    now = time.time()
+    print(f"{'USER':<32} {'PROTOCOL':<8} {'DEVICE':<16} {'FROM':<24} SINCE")
+    for r in rows:
+        since = _ago(now - r["opened_at"]) + (" (quiet)" if r["quiet"] else "")
+        print(f"{r['user']:<32} {r['protocol']:<8} {r['device']:<16} {r['peer']:<24} {since}")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def cmd_reload_tls(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    with _running_or_fail(cfg) as client:
+        answer = _ask(client, commands.ReloadTLS)
+    for li in answer["listeners"]:
+        print(f"reloaded {li['description']}: {li['fingerprint']}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    if not 0 <= args.grace <= 3600:
+        raise CtlError("--grace must be between 0 and 3600 seconds", EXIT_USAGE)
+    with _running_or_fail(cfg) as client:
+        answer = _ask(client, commands.Drain, timeout=args.grace + 60, grace=args.grace)
+    n = answer["closed"]
+    print(f"drained {client.realm}: listeners closed, {n} session{'' if n == 1 else 's'} ended")
+    print("the realm is finishing its commits and stopping")
     return 0
 
 
@@ -562,6 +681,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("list-users", help="list the accounts")
     p.set_defaults(func=cmd_list_users)
+
+    p = add(
+        "kick",
+        help="end a user's sessions now (running realm)",
+        description="Close every session of a user (native, web, IRC) and their browser "
+        "logins; they are told session_ended and may log in again.",
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", default="", help="shown to the user")
+    p.set_defaults(func=cmd_kick)
+
+    p = add("sessions", help="list the logged-in sessions (running realm)")
+    p.set_defaults(func=cmd_sessions)
+
+    p = add(
+        "reload-tls",
+        help="read the TLS certificates and keys again (running realm)",
+        description="Every TLS listener reads its certificate and key files again; new "
+        "connections get them, open ones keep theirs.  If one cannot be used, none "
+        "changes.",
+    )
+    p.set_defaults(func=cmd_reload_tls)
+
+    p = add(
+        "drain",
+        help="stop taking connections and stop the realm cleanly (running realm)",
+        description="/ready answers 503 at once; after --grace seconds the listeners "
+        "close, sessions are told shutting_down, commits in flight finish and the "
+        "realm process exits.",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long to keep serving while load balancers notice (default 0)",
+    )
+    p.set_defaults(func=cmd_drain)
 
     p = add(
         "gen-certs",

@@ -63,6 +63,7 @@ CODES: dict[str, str] = {
     "timeout": "the connection did not log in or answer pings in time (closed)",
     "slow_reader": "the connection did not read its output fast enough (closed)",
     "shutting_down": "the realm is stopping (closed)",
+    "session_ended": "an operator of the realm ended the session (closed)",
     "internal_error": "the server failed to handle the request; it was logged",
 }
 

@@ -14,10 +14,11 @@ import sys
 from typing import Any, NoReturn
 
 from twisted.application.service import IServiceCollection, MultiService, Service
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from chatproto import config as configmod
 from chatproto import extensions
@@ -25,10 +26,12 @@ from chatproto.ops.service import Operations
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.backend import make_store
+from chatproto.tls import fingerprint
 
 __all__ = [
     "ListenerService",
     "Options",
+    "ReloadableTLS",
     "build",
     "makeService",
 ]
@@ -120,20 +123,78 @@ class Options(usage.Options):
         raise usage.UsageError(message)
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """The TLS settings of one ``ssl:`` listener, replaceable while it listens.
+
+    Each new connection asks for its TLS connection here, and this asks the current
+    ``CertificateOptions``: replacing them (:meth:`ListenerService.reload_tls`) gives
+    new connections the new certificate, while open ones keep theirs.
+    """
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+    def getContext(self) -> Any:  # the older interface, for reactors without tls
+        return self.options.getContext()
+
+
 class ListenerService(Service):
     """Listens on one endpoint description for as long as the service runs.
 
     Binding happens in ``privilegedStartService`` (before the reactor runs under
     twistd), so a port that cannot be bound stops start-up with a readable message.
+    An ``ssl:`` listener can read its certificate and key again without a restart
+    (:meth:`reload_tls`).
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any, description: str, factory: Any) -> None:
         self.description = description
+        self.reactor = reactor
         self.endpoint = serverFromString(reactor, description)
         self.factory = factory
         self.port: IListeningPort | None = None
+        #: The replaceable TLS settings of an ``ssl:`` listener (else None).
+        self.tls: ReloadableTLS | None = None
+        if isinstance(self.endpoint, SSL4ServerEndpoint):
+            # The endpoint keeps the options its description made in this attribute
+            # (Twisted's, not public); we stand in for them to be able to replace them.
+            self.tls = ReloadableTLS(self.endpoint._sslContextFactory)
+            self.endpoint._sslContextFactory = self.tls
+
+    def load_tls(self) -> Any:
+        """Read this ``ssl:`` listener's certificate and key files again and check
+        them; returns new options for :meth:`use_tls`.  Raises ``ValueError`` (with a
+        message naming the listener) when they cannot be used."""
+        if self.tls is None:
+            raise ValueError(f"{self.description} is not a TLS listener")
+        try:
+            fresh: Any = serverFromString(self.reactor, self.description)
+            options = fresh._sslContextFactory
+            options.getContext()  # the key must match the certificate
+        except Exception as e:
+            raise ValueError(f"{self.description}: {e or type(e).__name__}") from None
+        return options
+
+    def use_tls(self, options: Any) -> str:
+        """New connections get ``options`` (from :meth:`load_tls`); returns the
+        SHA-256 fingerprint of their certificate."""
+        assert self.tls is not None
+        self.tls.options = options
+        fp = fingerprint(options.certificate.to_cryptography())
+        self.log.info(
+            "TLS certificate of {description} reloaded: {fp}", description=self.description, fp=fp
+        )
+        return fp
+
+    def reload_tls(self) -> str:
+        """:meth:`load_tls` then :meth:`use_tls`."""
+        return self.use_tls(self.load_tls())
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)

@@ -118,9 +118,7 @@ def test_adduser_prompts_twice(capsys: Any, conf: str, monkeypatch: Any, termina
     assert verifies(stored_hash(conf, "carol"), PASSWORD)
 
 
-def test_prompt_mismatch_and_eof(
-    capsys: Any, conf: str, monkeypatch: Any, terminal: None
-) -> None:
+def test_prompt_mismatch_and_eof(capsys: Any, conf: str, monkeypatch: Any, terminal: None) -> None:
     answers = iter([PASSWORD, PASSWORD + "x"])
     monkeypatch.setattr(ctl.getpass, "getpass", lambda prompt: next(answers))
     status, _, err = run(capsys, "--config", conf, "adduser", "carol")
@@ -183,7 +181,10 @@ def test_passwd(capsys: Any, conf: str, pwfile: str, tmp_path: Path) -> None:
     new = tmp_path / "new"
     new.write_text("another-password\n")
     status, out, _ = run(capsys, "--config", conf, "passwd", "Alice", "--password-file", str(new))
-    assert (status, out) == (0, "password changed for alice@localhost\n")
+    assert (status, out) == (
+        0,
+        "password changed for alice@localhost in the store (the realm is not running)\n",
+    )
     pwhash = stored_hash(conf, "alice")
     assert verifies(pwhash, "another-password") and not verifies(pwhash, PASSWORD)
 
@@ -195,7 +196,7 @@ def test_deluser(capsys: Any, conf: str, pwfile: str) -> None:
     run(capsys, "--config", conf, "adduser", "alice", "--password-file", pwfile)
     run(capsys, "--config", conf, "adduser", "bob", "--password-file", pwfile)
     status, out, _ = run(capsys, "--config", conf, "deluser", "alice")
-    assert (status, out) == (0, "deleted alice@localhost\n")
+    assert (status, out) == (0, "deleted alice@localhost in the store (the realm is not running)\n")
     assert run(capsys, "--config", conf, "list-users")[1] == "bob@localhost\n"
     status, _, err = run(capsys, "--config", conf, "deluser", "alice")
     assert (status, err) == (1, "chatrealmctl: no user alice@localhost\n")
@@ -464,7 +465,9 @@ def test_accounts_on_postgresql(capsys: Any, pg_conf: str, pwfile: str) -> None:
     with ctl.open_db(cfg) as db:
         after = db.password_hash("bob")
     assert verifies(before, PASSWORD) and verifies(after, "another-password")
-    assert run(capsys, "--config", pg_conf, "deluser", "alice")[1] == "deleted alice@localhost\n"
+    assert run(capsys, "--config", pg_conf, "deluser", "alice")[1] == (
+        "deleted alice@localhost in the store (the realm is not running)\n"
+    )
     assert run(capsys, "--config", pg_conf, "list-users")[1] == "bob@localhost\n"
     status, out, _ = run(capsys, "--config", pg_conf, "peers")
     assert status == 0 and "no peers" in out

@@ -6,8 +6,12 @@
   the store's group commits and the event loop's lag (``prometheus_client``);
 - :mod:`chatproto.ops.site` -- the operations listener (``[metrics] listen``):
   ``/metrics``, ``/health`` and ``/ready``;
-- :mod:`chatproto.ops.service` -- :class:`Operations`, which wires them into a realm
-  process and knows whether it is ready or draining.
+- :mod:`chatproto.ops.service` -- :class:`chatproto.ops.service.Operations`, which
+  wires them into a realm process, knows whether it is ready or draining, reloads TLS
+  certificates and drains;
+- :mod:`chatproto.ops.commands`, :mod:`chatproto.ops.control` and
+  :mod:`chatproto.ops.controlclient` -- the control channel: AMP on a UNIX socket
+  between ``chatrealmctl`` and the running realm.
 
 None of this decides anything about chat: it reads the realm's state and calls the
 realm's own methods (see docs/operator-guide.md, "Metrics and health").

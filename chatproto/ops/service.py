@@ -1,11 +1,14 @@
-"""The operator's handle on a running realm process: readiness and metrics.
+"""The operator's handle on a running realm process: readiness, metrics, control.
 
 :class:`Operations` is a service of ``twistd chatrealm`` (wired by
 :func:`chatproto.tap.build`).  It knows the process's chat listeners and the
 factories behind them, so it can say whether the realm is ready to serve
-(:meth:`Operations.readiness`, ``/ready``), and it owns the realm's
-:class:`chatproto.ops.metrics.RealmMetrics` when ``[metrics] listen`` is set.  It
-decides nothing about chat: it reads the realm and calls its methods.
+(:meth:`Operations.readiness`, ``/ready``), reload their TLS certificates
+(:meth:`Operations.reload_tls`) and drain the process (:meth:`Operations.drain`).  It
+owns the realm's :class:`chatproto.ops.metrics.RealmMetrics` when ``[metrics] listen``
+is set, and the control socket (:mod:`chatproto.ops.control`) unless ``[control]
+enabled`` is false.  It decides nothing about chat: it reads the realm and calls its
+methods.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from chatproto.ops.metrics import ConnectionSource, RealmMetrics
@@ -26,10 +30,16 @@ READY_TIMEOUT = 5.0
 
 class Listener(Protocol):
     """A listening service (``chatproto.tap.ListenerService``): its endpoint
-    description, and its port while it listens (else None)."""
+    description, its port while it listens (else None), its replaceable TLS settings
+    (None for a plain listener), and how to stop it."""
 
     description: str
     port: Any
+    tls: Any
+
+    def load_tls(self) -> Any: ...
+    def use_tls(self, options: Any) -> str: ...
+    def stopService(self) -> Any: ...
 
 
 class Operations(MultiService):
@@ -54,6 +64,12 @@ class Operations(MultiService):
         self.metrics: RealmMetrics | None = None
         if realm.config.metrics.listen:
             self.metrics = RealmMetrics(realm, self.clock)
+        if realm.config.control.enabled:
+            from chatproto.ops.control import ControlService
+
+            ControlService(self, reactor, realm.config.control_socket).setServiceParent(self)
+        #: What ends the process once drained: the reactor's ``stop`` (tests replace it).
+        self.stop_process: Any = getattr(reactor, "stop", None) or (lambda: None)
 
     def watch(self, protocol: str, factory: ConnectionSource, listener: Listener) -> None:
         """``listener`` serves ``factory``, whose connections count as ``protocol``'s."""
@@ -71,6 +87,41 @@ class Operations(MultiService):
         if self.metrics is not None:
             self.metrics.stop()
         return super().stopService()
+
+    def reload_tls(self) -> list[tuple[str, str]]:
+        """Read every TLS listener's certificate and key again; new connections get
+        them.  All or nothing: if one listener's files cannot be used (``ValueError``
+        naming it), every listener keeps what it had.  Returns ``(description,
+        fingerprint)`` per listener."""
+        listeners = [li for li in self.listeners if li.tls is not None]
+        if not listeners:
+            raise ValueError("no TLS listener: the realm serves no ssl: endpoint")
+        loaded = [(li, li.load_tls()) for li in listeners]
+        return [(li.description, li.use_tls(options)) for li, options in loaded]
+
+    @inlineCallbacks
+    def drain(self, grace: float = 0.0) -> Any:
+        """Stop taking connections: ``/ready`` answers 503 at once; after ``grace``
+        seconds (for load balancers to notice) the listeners close and every session
+        is told ``shutting_down``.  Fires with the number of sessions closed; the
+        caller then stops the process (:attr:`stop_process`), which finishes the
+        commits in flight and closes the store."""
+        self.draining = True
+        self.log.info("draining: not ready; listeners close in {grace}s", grace=grace)
+        if grace > 0:
+            yield deferLater(self.clock, grace, lambda: None)
+        for listener in self.listeners:
+            yield maybeDeferred(listener.stopService)
+        closed = 0
+        for s in self.realm.sessions.all():
+            try:
+                s.mind.disconnect("shutting_down", "the realm is being drained")
+            except Exception:
+                self.log.failure("closing {user} while draining", user=s.user_id)
+            s.logout()
+            closed += 1
+        self.log.info("drained: listeners closed, {n} sessions closed", n=closed)
+        return closed
 
     @inlineCallbacks
     def readiness(self) -> Any:

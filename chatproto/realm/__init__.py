@@ -11,7 +11,9 @@ concern, in the shape of Synapse's handlers:
 - :mod:`chatproto.realm.presence` -- who is online and who hears of it;
 - :mod:`chatproto.realm.messaging` -- sending, committing and reading stream items;
 - :mod:`chatproto.realm.groups` -- the commit path of group changes and items;
-- :mod:`chatproto.realm.remote` -- what other realms send, checked before it is stored.
+- :mod:`chatproto.realm.remote` -- what other realms send, checked before it is stored;
+- :mod:`chatproto.realm.admin` -- what operators do to the running realm (kick, set a
+  password, list sessions; the control channel's handler).
 
 Everything the embedding guide documents is importable from ``chatproto.realm``.
 """

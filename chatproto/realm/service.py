@@ -34,6 +34,7 @@ from chatproto.files import FileService
 from chatproto.groups import Groups
 from chatproto.ops.stats import RealmStats
 from chatproto.realm.accounts import Accounts, PasswordHasher
+from chatproto.realm.admin import Admin
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
@@ -120,6 +121,8 @@ class RealmService(Service):
         self.remote = RemoteIntake(self)
         #: Sending, committing and reading stream items.
         self.messages = Messaging(self, self.accounts.known)
+        #: What operators do to the running realm (chatrealmctl, the control channel).
+        self.admin = Admin(self)
 
     # service lifecycle --------------------------------------------------------------
 

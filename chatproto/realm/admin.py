@@ -1,0 +1,106 @@
+"""Operator actions on a running realm: the handler behind the control channel.
+
+What ``chatrealmctl`` asks of a running realm (:mod:`chatproto.ops.control`) is done
+here, with the realm's own handlers, so that an operator's change takes effect at once
+-- a kicked user's connections close, a changed password ends the sessions that
+logged in with the old one -- instead of in the database behind the realm's back.
+Deleting an account is the accounts handler's (:meth:`RealmService.delete_user`);
+this module only counts the sessions it ends.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+
+from chatproto import address
+from chatproto.errors import ChatError
+from chatproto.realm.accounts import check_password
+
+if TYPE_CHECKING:
+    from chatproto.realm.service import RealmService
+
+__all__ = ["Admin"]
+
+
+class Admin:
+    """Kick, set passwords, delete accounts and list sessions, for operators."""
+
+    log = Logger()
+
+    def __init__(self, realm: RealmService) -> None:
+        self._r = realm
+
+    def _local(self, user: str) -> tuple[str, str]:
+        """``name`` or ``name@<this realm>`` -> (name, canonical address)."""
+        addr = address.user(user, self._r.realm)
+        if addr.realm != self._r.realm:
+            raise ChatError("bad_address", f"{addr} is not a user of this realm")
+        return addr.name, str(addr)
+
+    def end_sessions(self, user: str, code: str, why: str) -> int:
+        """Close every session of canonical address ``user`` (native, web and IRC),
+        telling each ``code`` and ``why``, and forget its browser logins; returns how
+        many sessions were open."""
+        name = user.rpartition("@")[0]
+        self._r.tokens.revoke_user(name)
+        sessions = list(self._r.sessions.of(user))
+        for s in sessions:
+            try:
+                s.mind.disconnect(code, why)
+            except Exception:  # one broken connection must not keep the others open
+                self.log.failure("closing a session of {user}", user=user)
+            s.logout()
+        return len(sessions)
+
+    def kick(self, user: str, reason: str = "") -> tuple[str, int]:
+        """End every session of local user ``user`` now; fires (returns) with the
+        canonical address and the number of sessions ended.  The account stays: the
+        user may log in again."""
+        _name, canonical = self._local(user)
+        why = "an operator ended your sessions" + (f": {reason}" if reason else "")
+        closed = self.end_sessions(canonical, "session_ended", why[:400])
+        self.log.info("kicked {user}: {n} sessions closed", user=canonical, n=closed)
+        return canonical, closed
+
+    @inlineCallbacks
+    def set_password(self, user: str, password: str) -> Any:
+        """Set ``user``'s password (the realm's rule, argon2id off the reactor thread)
+        and end the sessions and browser logins made with the old one; fires with
+        ``(canonical address, sessions ended)``, or fails with ``no_such_user``."""
+        name, canonical = self._local(user)
+        check_password(password)
+        pwhash = yield self._r.hasher.hash(password)
+        if not (yield self._r.store.set_password(name, pwhash)):
+            raise ChatError("no_such_user", f"no user {canonical}")
+        closed = self.end_sessions(canonical, "session_ended", "the password was changed")
+        self.log.info("password of {user} changed: {n} sessions closed", user=canonical, n=closed)
+        return canonical, closed
+
+    @inlineCallbacks
+    def delete_user(self, user: str) -> Any:
+        """Delete ``user`` with :meth:`RealmService.delete_user` (which closes their
+        sessions); fires with ``(canonical address, existed, sessions closed)``."""
+        name, canonical = self._local(user)
+        closed = len(self._r.sessions.of(canonical))
+        existed = yield self._r.delete_user(name)
+        return canonical, bool(existed), closed
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every logged-in session, by user then opening time."""
+        out = []
+        for s in self._r.sessions.all():
+            out.append(
+                {
+                    "user": s.user_id,
+                    "device": s.device,
+                    "protocol": s.protocol,
+                    "peer": s.peer,
+                    "opened_at": float(s.opened_at),
+                    "quiet": bool(s.quiet),
+                }
+            )
+        out.sort(key=lambda d: (d["user"], d["opened_at"], d["device"]))
+        return out
