@@ -366,6 +366,40 @@ def cmd_kick(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
+def cmd_suspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            answer = _ask(client, commands.Suspend, user=name, reason=args.reason)
+        print(f"suspended {user} {_by_realm(answer['closed'])}")
+        return 0
+    with open_db(cfg) as db:
+        if not db.suspend_user(name, args.reason[:400], time.time()):
+            raise CtlError(f"no user {user}")
+    print(f"suspended {user} {IN_STORE}")
+    return 0
+
+
+def cmd_unsuspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = _name(args.name)
+    user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            had = _ask(client, commands.Unsuspend, user=name)["was_suspended"]
+        where = "by the running realm"
+    else:
+        with open_db(cfg) as db:
+            had = db.unsuspend_user(name)
+        where = IN_STORE
+    if not had:
+        raise CtlError(f"{user} is not suspended")
+    print(f"suspension of {user} lifted {where}")
+    return 0
+
+
 def cmd_sessions(args: argparse.Namespace, cfg: configmod.Config) -> int:
     with _running_or_fail(cfg) as client:
         rows: list[dict[str, Any]] = []
@@ -691,6 +725,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--reason", default="", help="shown to the user")
     p.set_defaults(func=cmd_kick)
+
+    p = add(
+        "suspend",
+        help="suspend an account: no login anywhere, messages to it refused",
+        description="Suspend an account (a realm-wide ban): its sessions (native, web, "
+        "IRC) end at once if the realm runs, it cannot log in until unsuspend, and "
+        "messages to it -- from this realm or others -- are refused (account_suspended).",
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", default="", help="shown to the user")
+    p.set_defaults(func=cmd_suspend)
+
+    p = add("unsuspend", help="lift a suspension")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_unsuspend)
 
     p = add("sessions", help="list the logged-in sessions (running realm)")
     p.set_defaults(func=cmd_sessions)

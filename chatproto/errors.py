@@ -64,6 +64,7 @@ CODES: dict[str, str] = {
     "slow_reader": "the connection did not read its output fast enough (closed)",
     "shutting_down": "the realm is stopping (closed)",
     "session_ended": "an operator of the realm ended the session (closed)",
+    "account_suspended": "the account is suspended by the realm's operators",
     "internal_error": "the server failed to handle the request; it was logged",
 }
 

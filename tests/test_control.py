@@ -26,7 +26,7 @@ from twisted.protocols import amp
 
 from chatproto import config as configmod
 from chatproto import ctl, tap
-from chatproto.client import connect
+from chatproto.client import RemoteError, connect
 from chatproto.ops import commands as c
 from chatproto.ops.control import ControlFactory
 from chatproto.ops.service import Operations
@@ -280,6 +280,72 @@ def test_a_socket_path_too_long_is_a_configuration_error(tmp_path: Path) -> None
         cfg.check()
     cfg.control.enabled = False
     cfg.check()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_suspended_user_is_out_everywhere_until_unsuspended(
+    tmp_path: Path, short_dir: Path, capsys: Any
+) -> Any:
+    conf = _everything(tmp_path, short_dir)
+    r = Running(conf)
+    try:
+        for name in ("alice", "bob"):
+            yield r.realm.create_user(name, PW)
+        native, irc, ws, _cookie, web = yield _three_sessions(r, "alice")
+        status = yield r.ctl("suspend", "alice", "--reason", "spam")
+        out, err = capsys.readouterr()
+        assert (status, out) == (
+            0,
+            "suspended alice@localhost by the running realm (3 sessions ended)\n",
+        ), err
+        yield until(
+            lambda: native.protocol.lost and irc.lost.called and ws.closed.called, timeout=1.0
+        )
+        assert native.protocol.last_error.code == "account_suspended"
+        assert any("this account is suspended: spam" in line for line in irc.raw)
+        chat = f"tcp:127.0.0.1:{r.port('ClientFactory')}"
+        # no login anywhere: native, IRC, web
+        with pytest.raises(RemoteError) as e:
+            yield connect(_reactor, chat, "alice", PW)
+        assert e.value.code == "account_suspended"
+        irc2 = yield irc_client(r.port("IRCFactory"), "alice", PW)
+        yield irc2.lost
+        assert not irc2.signed_on.called and any("suspended" in line for line in irc2.raw)
+        response, body = yield web.request("POST", "/api/login", {"user": "alice", "password": PW})
+        assert response.code >= 400 and json.loads(body)["code"] == "account_suspended"
+        # messages to her are refused
+        bob = yield connect(_reactor, chat, "bob", PW)
+        with pytest.raises(RemoteError) as e:
+            yield bob.send("alice", "hello?")
+        assert e.value.code == "account_suspended"
+        yield bob.close()
+    finally:
+        yield r.stop()
+    # it lasts: a restarted realm still refuses her, until unsuspend (without a realm
+    # running: in the store)
+    r = Running(conf)
+    try:
+        chat = f"tcp:127.0.0.1:{r.port('ClientFactory')}"
+        with pytest.raises(RemoteError) as e:
+            yield connect(_reactor, chat, "alice", PW)
+        assert e.value.code == "account_suspended"
+    finally:
+        yield r.stop()
+    status = yield deferToThread(ctl.main, ["--config", str(conf), "unsuspend", "alice"])
+    out, _ = capsys.readouterr()
+    assert (status, out) == (
+        0,
+        "suspension of alice@localhost lifted in the store (the realm is not running)\n",
+    )
+    r = Running(conf)
+    try:
+        alice = yield connect(_reactor, f"tcp:127.0.0.1:{r.port('ClientFactory')}", "alice", PW)
+        yield alice.close()
+        status = yield r.ctl("unsuspend", "alice")
+        _, err = capsys.readouterr()
+        assert (status, err) == (1, "chatrealmctl: alice@localhost is not suspended\n")
+    finally:
+        yield r.stop()
 
 
 # the locks ----------------------------------------------------------------------------

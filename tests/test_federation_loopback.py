@@ -967,3 +967,31 @@ def test_a_tui_user_joins_another_realms_group(realms: Any) -> Any:
     finally:
         yield bob.stop()
         yield alice.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_suspended_user_gets_nothing_from_other_realms(two: Any) -> Any:
+    """Items from another realm to a suspended account are refused, and their senders
+    get a bounce (chatrealmctl suspend; issue 18)."""
+    a, b = two
+    got: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield b.realm.admin.suspend("bob", "spam")
+    assert bob.protocol.lost or (yield until(lambda: bob.protocol.lost)) is None
+    sent = yield alice.send("bob@b.example", "are you there?")
+    yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
+    bounce = got[-1]
+    assert bounce["meta"] == {
+        "id": sent["msg_id"],
+        "code": "account_suspended",
+        "realm": "b.example",
+    }
+    assert (yield b.realm.store.read_feed("bob@b.example", 0, 10)) == []
+    # lifted: the next message arrives
+    yield b.realm.admin.unsuspend("bob")
+    yield alice.send("bob@b.example", "welcome back")
+    yield drained(a)
+    feed = yield b.realm.store.read_feed("bob@b.example", 0, 10)
+    assert [m.body for m in feed] == ["welcome back"]
+    yield alice.close()

@@ -622,6 +622,27 @@ def test_files_and_uploads(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_suspension_belongs_to_the_account_not_the_name(store: Any) -> Any:
+    assert not (yield store.suspend_user("alice", "spam", 1.0))  # no such account
+    yield store.create_user("alice", "h", 1.0)
+    yield store.create_user("bob", "h", 1.0)
+    assert (yield store.suspensions()) == {}
+    assert (yield store.suspend_user("alice", "spam", 5.0))
+    assert (yield store.suspend_user("alice", "spam \x00 again", 6.0))  # replaces
+    assert (yield store.suspensions()) == {"alice": ("spam \x00 again", 6.0)}
+    assert (yield store.unsuspend_user("alice"))
+    assert not (yield store.unsuspend_user("alice"))
+    assert not (yield store.unsuspend_user("nobody"))
+    assert (yield store.suspend_user("bob", "", 7.0))
+    assert (yield store.suspensions()) == {"bob": ("", 7.0)}
+    # bob's account deleted and the name registered again: the new account is free
+    yield store.delete_user("bob", "bob@localhost")
+    yield store.create_user("bob", "h", 8.0)
+    assert (yield store.suspensions()) == {}
+    assert not (yield store.unsuspend_user("bob"))
+
+
+@pytest_twisted.inlineCallbacks
 def test_outbox_stats_give_each_queue_its_depth_and_oldest_item(store: Any) -> Any:
     assert (yield store.outbox_stats()) == {}
     old, later = env(ALICE, "bob@b.example", "old"), env(ALICE, "bob@b.example", "later")

@@ -28,6 +28,8 @@ __all__ = [
     "ReloadTLS",
     "SetPassword",
     "Status",
+    "Suspend",
+    "Unsuspend",
 ]
 
 #: Most sessions one ListSessions page holds (a page stays well under AMP's 64 KiB).
@@ -103,6 +105,25 @@ class Kick(amp.Command):
 
     arguments = [(b"user", amp.Unicode()), (b"reason", amp.Unicode())]
     response = [(b"user", amp.Unicode()), (b"closed", amp.Integer())]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class Suspend(amp.Command):
+    """Suspend a local account: its sessions end now and it cannot log in (anywhere)
+    until :class:`Unsuspend`; messages to it are refused."""
+
+    arguments = [(b"user", amp.Unicode()), (b"reason", amp.Unicode())]
+    response = [(b"user", amp.Unicode()), (b"closed", amp.Integer())]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class Unsuspend(amp.Command):
+    """Lift a suspension."""
+
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"user", amp.Unicode()), (b"was_suspended", amp.Boolean())]
     errors = _ERRORS
     fatalErrors = _FATAL
 

@@ -155,6 +155,20 @@ class ControlProtocol(amp.AMP):
             raise _refusal(e) from None
         return {"user": canonical, "closed": closed}
 
+    @c.Suspend.responder
+    def suspend(self, user: str, reason: str) -> Deferred[dict[str, Any]]:
+        self._check()
+        d = maybeDeferred(self._realm.admin.suspend, user, reason)
+        d.addCallback(lambda r: {"user": r[0], "closed": r[1]})
+        return _translated(d)
+
+    @c.Unsuspend.responder
+    def unsuspend(self, user: str) -> Deferred[dict[str, Any]]:
+        self._check()
+        d = maybeDeferred(self._realm.admin.unsuspend, user)
+        d.addCallback(lambda r: {"user": r[0], "was_suspended": r[1]})
+        return _translated(d)
+
     @c.DeleteUser.responder
     def delete_user(self, user: str) -> Deferred[dict[str, Any]]:
         self._check()

@@ -191,6 +191,11 @@ class Accounts:
         self._address_throttle.prune(now)
         self.tokens.prune()
 
+    def floor_of(self, name: str) -> int | None:
+        """The floor of local account ``name`` as this realm knows it (None: none
+        known); another floor under the same name is another account."""
+        return self._floors.get(name)
+
     def is_user(self, user: str) -> bool:
         """Whether canonical address ``user`` is a known local account."""
         name, _, where = user.partition("@")
@@ -380,6 +385,8 @@ class Accounts:
             self._login_failed(key, peer)
         self._account_throttle.succeeded(key)
         floor = (yield self.store.user_floor(name)) or 0
+        if self._r.admin.is_suspended(name, floor):
+            raise ChatError("account_suspended", "this account is suspended")
         yield self._adopt(name, floor)
         self.log.info(
             "session token for {user} ({device}) from {peer}",
@@ -428,9 +435,12 @@ class Accounts:
         session.device = device
         session.quiet = quiet
         session.peer = peer
-        self.stats.login(session.protocol)
         floor = yield self.store.user_floor(session.user.name)
         session.floor = floor or 0
+        if self._r.admin.is_suspended(session.user.name, session.floor):
+            session.logout()
+            raise ChatError("account_suspended", "this account is suspended")
+        self.stats.login(session.protocol)
         session.opened = True
         if floor is not None and self._floors.get(session.user.name) != floor:
             yield self._adopt(session.user.name, floor)

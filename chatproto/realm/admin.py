@@ -32,6 +32,57 @@ class Admin:
 
     def __init__(self, realm: RealmService) -> None:
         self._r = realm
+        #: suspended local accounts: name -> (the account's floor, reason, since)
+        self.suspended: dict[str, tuple[int, str, float]] = {}
+
+    @inlineCallbacks
+    def load(self) -> Any:
+        """Read the suspended accounts from the store (at start, after the accounts)."""
+        held = yield self._r.store.suspensions()
+        accounts = self._r.accounts
+        self.suspended = {
+            name: (accounts.floor_of(name) or 0, reason, ts) for name, (reason, ts) in held.items()
+        }
+
+    def is_suspended(self, name: str, floor: int | None = None) -> bool:
+        """Whether local account ``name`` (the one created at ``floor``; default: the
+        one this realm knows) is suspended.  Not another account of the same name."""
+        held = self.suspended.get(name)
+        if held is None:
+            return False
+        if floor is None:
+            floor = self._r.accounts.floor_of(name)
+        return floor is None or held[0] == floor
+
+    @inlineCallbacks
+    def suspend(self, user: str, reason: str = "") -> Any:
+        """Suspend local user ``user``: recorded in the store, their sessions (native,
+        web, IRC) and browser logins end now, and they cannot log in until
+        :meth:`unsuspend`; messages to them are refused (``account_suspended``), from
+        this realm and from others (which bounce them to their senders).  Fires with
+        ``(canonical address, sessions ended)``, or fails with ``no_such_user``."""
+        name, canonical = self._local(user)
+        reason = reason[:400]
+        now = self._r.clock.seconds()
+        if not (yield self._r.store.suspend_user(name, reason, now)):
+            raise ChatError("no_such_user", f"no user {canonical}")
+        floor = yield self._r.store.user_floor(name)
+        self.suspended[name] = (floor or 0, reason, now)
+        why = "this account is suspended" + (f": {reason}" if reason else "")
+        closed = self.end_sessions(canonical, "account_suspended", why)
+        self.log.info("suspended {user}: {n} sessions closed", user=canonical, n=closed)
+        return canonical, closed
+
+    @inlineCallbacks
+    def unsuspend(self, user: str) -> Any:
+        """Lift ``user``'s suspension; fires with ``(canonical address, whether it was
+        suspended)``."""
+        name, canonical = self._local(user)
+        had = yield self._r.store.unsuspend_user(name)
+        had = bool(self.suspended.pop(name, None)) or bool(had)
+        if had:
+            self.log.info("suspension of {user} lifted", user=canonical)
+        return canonical, had
 
     def _local(self, user: str) -> tuple[str, str]:
         """``name`` or ``name@<this realm>`` -> (name, canonical address)."""
@@ -86,6 +137,7 @@ class Admin:
         name, canonical = self._local(user)
         closed = len(self._r.sessions.of(canonical))
         existed = yield self._r.delete_user(name)
+        self.suspended.pop(name, None)  # a new account of this name starts free
         return canonical, bool(existed), closed
 
     def sessions(self) -> list[dict[str, Any]]:

@@ -221,6 +221,9 @@ class Messaging:
     def _store_private(
         self, sender: str, recipient: Address, body: str, meta: dict[str, Any] | None = None
     ) -> Deferred[Envelope]:
+        if recipient.realm == self._name and self._realm.admin.suspended:
+            if self._realm.admin.is_suspended(recipient.name):
+                return fail(ChatError("account_suspended", f"{recipient} is suspended"))
         env = self.new_envelope(sender, str(recipient), "text", body, meta)
         # Durable before anyone hears of it: routing happens after the commit.
         if recipient.realm == self._name:

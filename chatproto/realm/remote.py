@@ -383,6 +383,8 @@ class RemoteIntake:
                     if name not in self._r.accounts.known:  # e.g. added by chatrealmctl
                         if not (yield self._r.accounts.exists(name)):
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
+                    if self._r.admin.is_suspended(name):
+                        raise ChatError("account_suspended", f"{env.recipient} is suspended")
                 if env.kind == "file":
                     yield flush()
                     if signer is not None:

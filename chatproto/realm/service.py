@@ -167,6 +167,7 @@ class RealmService(Service):
         if self.config.federation.enabled:
             yield self.peer_keys.load()
         yield self.accounts.load()
+        yield self.admin.load()
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)

@@ -125,6 +125,18 @@ class IStore(Interface):
     def user_floors():  # type: ignore[misc]
         """Fires with ``{name: floor}`` for every account (see :meth:`user_floor`)."""
 
+    def suspend_user(name, reason, ts):  # type: ignore[misc]
+        """Suspend account ``name`` (it may not log in; see chatproto.realm.admin),
+        recording ``reason`` and ``ts``; replaces an earlier suspension.  Fires with
+        False if there is no such account.  A suspension belongs to the account, not
+        the name: an account created later under the same name is not suspended."""
+
+    def unsuspend_user(name):  # type: ignore[misc]
+        """Lift the suspension of account ``name``; fires with whether it had one."""
+
+    def suspensions():  # type: ignore[misc]
+        """Fires with ``{name: (reason, ts)}`` for every suspended account."""
+
     def user_exists(name):  # type: ignore[misc]
         """Fires with a bool."""
 

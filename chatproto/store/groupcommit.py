@@ -88,6 +88,9 @@ class StoreDB(Protocol):
     ) -> bool: ...
     def list_users(self) -> list[str]: ...
     def user_floors(self) -> dict[str, int]: ...
+    def suspend_user(self, name: str, reason: str, ts: float) -> bool: ...
+    def unsuspend_user(self, name: str) -> bool: ...
+    def suspensions(self) -> dict[str, tuple[str, float]]: ...
     def outbox_read(
         self, realm: str, after: int, limit: int, upto: int | None = None
     ) -> list[tuple[int, Envelope | dict[str, Any]]]: ...
@@ -365,6 +368,15 @@ class GroupCommitStore:
 
     def user_floors(self) -> Deferred[dict[str, int]]:
         return self._read(lambda db: db.user_floors())
+
+    def suspend_user(self, name: str, reason: str, ts: float) -> Deferred[bool]:
+        return self._write(lambda: self._db().suspend_user(name, reason, ts))
+
+    def unsuspend_user(self, name: str) -> Deferred[bool]:
+        return self._write(lambda: self._db().unsuspend_user(name))
+
+    def suspensions(self) -> Deferred[dict[str, tuple[str, float]]]:
+        return self._read(lambda db: db.suspensions())
 
     def user_exists(self, name: str) -> Deferred[bool]:
         return self.password_hash(name).addCallback(lambda h: h is not None)

@@ -30,6 +30,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.users: dict[str, str] = {}
         self.floors: dict[str, int] = {}
+        #: name -> (floor of the suspended account, reason, ts)
+        self.suspended: dict[str, tuple[int, str, float]] = {}
         self.items: list[Envelope] = []
         self.acks: dict[tuple[str, str], int] = {}
         self.files: dict[str, dict[str, Any]] = {}
@@ -73,6 +75,28 @@ class MemoryStore:
 
     def user_floors(self) -> Deferred[dict[str, int]]:
         return succeed({name: self.floors[name] for name in self.users})
+
+    def suspend_user(self, name: str, reason: str, ts: float) -> Deferred[bool]:
+        if name not in self.users:
+            return succeed(False)
+        self.suspended[name] = (self.floors[name], reason, ts)
+        return succeed(True)
+
+    def unsuspend_user(self, name: str) -> Deferred[bool]:
+        held = self.suspended.get(name)
+        if held is None or name not in self.users or held[0] != self.floors[name]:
+            return succeed(False)
+        del self.suspended[name]
+        return succeed(True)
+
+    def suspensions(self) -> Deferred[dict[str, tuple[str, float]]]:
+        return succeed(
+            {
+                name: (reason, ts)
+                for name, (floor, reason, ts) in self.suspended.items()
+                if name in self.users and self.floors[name] == floor
+            }
+        )
 
     def delete_user(
         self,

@@ -125,6 +125,11 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         "COPY peer_keys (realm, keys) FROM STDIN",
         lambda r: (r[0], r[1]),
     ),
+    "suspensions": (
+        "SELECT name, floor, reason, ts FROM suspensions ORDER BY name",
+        "COPY suspensions (name, floor, reason, ts) FROM STDIN",
+        lambda r: (r[0], int(r[1]), _text(r[2]), _real(r[3])),
+    ),
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version

@@ -61,7 +61,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -146,6 +146,15 @@ MIGRATIONS: list[str] = [
     CREATE TABLE peer_keys (
         realm TEXT COLLATE "C" PRIMARY KEY,
         keys TEXT NOT NULL
+    );
+    """,
+    # v3 (SQLite's v10): suspended accounts, named by their floor.
+    """
+    CREATE TABLE suspensions (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        floor BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL
     );
     """,
 ]
@@ -424,6 +433,31 @@ class PostgresDB:
 
     def user_floors(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
+
+    def suspend_user(self, name: str, reason: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT INTO suspensions (name, floor, reason, ts) "
+            "SELECT name, floor, %s, %s FROM users WHERE name = %s "
+            "ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
+            "reason = excluded.reason, ts = excluded.ts",
+            (escape_text(reason), ts, name),
+        )
+        return cur.rowcount > 0
+
+    def unsuspend_user(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM suspensions WHERE name = %s "
+            "AND floor = (SELECT floor FROM users WHERE name = %s)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def suspensions(self) -> dict[str, tuple[str, float]]:
+        rows = self.conn.execute(
+            "SELECT s.name, s.reason, s.ts FROM suspensions s "
+            "JOIN users u ON u.name = s.name AND u.floor = s.floor"
+        )
+        return {r[0]: (unescape_text(r[1]), float(r[2])) for r in rows}
 
     def delete_user(
         self,

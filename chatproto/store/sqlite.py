@@ -30,7 +30,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -138,6 +138,16 @@ MIGRATIONS: list[str] = [
     CREATE TABLE peer_keys (
         realm TEXT PRIMARY KEY,
         keys TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # v10: suspended accounts (chatrealmctl suspend).  A suspension names the account
+    # by its floor: an account created later under the same name is not suspended.
+    """
+    CREATE TABLE suspensions (
+        name TEXT PRIMARY KEY,
+        floor INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        ts REAL NOT NULL
     ) WITHOUT ROWID;
     """,
 ]
@@ -264,6 +274,29 @@ class SQLiteDB:
 
     def user_floors(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
+
+    def suspend_user(self, name: str, reason: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR REPLACE INTO suspensions (name, floor, reason, ts) "
+            "SELECT name, floor, ?, ? FROM users WHERE name = ?",
+            (reason, ts, name),
+        )
+        return cur.rowcount > 0
+
+    def unsuspend_user(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM suspensions WHERE name = ? "
+            "AND floor = (SELECT floor FROM users WHERE name = ?)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def suspensions(self) -> dict[str, tuple[str, float]]:
+        rows = self.conn.execute(
+            "SELECT s.name, s.reason, s.ts FROM suspensions s "
+            "JOIN users u ON u.name = s.name AND u.floor = s.floor"
+        )
+        return {r[0]: (str(r[1]), _number(r[2]) or 0.0) for r in rows}
 
     def delete_user(
         self,
