@@ -23,40 +23,39 @@ import shlex
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
 from chatproto import config as configmod
-from chatproto import tls
+from chatproto import ctlmoderation, tls
 from chatproto.accounts import plan_removal, remote_groups_of, replay_groups
-from chatproto.address import normalise_name, normalise_realm
+from chatproto.address import normalise_realm
+from chatproto.ctlaccess import (  # noqa: F401  (EXIT_FAILED: part of ctl's API)
+    EXIT_FAILED,
+    EXIT_USAGE,
+    IN_STORE,
+    CtlError,
+    open_db,
+    running_realm,
+    store_exists,
+)
+from chatproto.ctlaccess import ask as _ask
+from chatproto.ctlaccess import by_realm as _by_realm
+from chatproto.ctlaccess import first_line as _first_line
+from chatproto.ctlaccess import name_arg as _name
+from chatproto.ctlaccess import running_or_fail as _running_or_fail
 from chatproto.errors import ChatError
 from chatproto.groups import Groups
-from chatproto.ops import commands, controlclient
-from chatproto.ops.controlclient import ControlClient
+from chatproto.ops import commands
 from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
 from chatproto.store import backend as store_backend
-from chatproto.store.groupcommit import StoreDB
 
 PROG = "chatrealmctl"
 #: The environment variable the ``chatproto`` command reads passwords from, honoured
 #: here too (before a prompt), so scripts set passwords the same way for both.
 PASSWORD_ENV = "CHATPROTO_PASSWORD"
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class CtlError(Exception):
-    """A failure to report as one line: ``chatrealmctl: <message>``."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,74 +166,6 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     return cfg
 
 
-def _driver_errors(cfg: configmod.Config) -> tuple[type[BaseException], ...]:
-    """The exceptions the configured store's driver raises (reported as one line)."""
-    if cfg.storage.backend == "postgresql":
-        import psycopg
-
-        return (sqlite3.Error, OSError, psycopg.Error)
-    return (sqlite3.Error, OSError)
-
-
-@contextmanager
-def open_db(cfg: configmod.Config, create: bool = False) -> Iterator[StoreDB]:
-    """Open (and migrate) the realm's store; without ``create`` it must exist.
-
-    Refusing to create it for read/modify commands turns a wrong ``--data-dir`` (or
-    ``storage.schema``) into a clear error instead of an empty store somewhere
-    unexpected.
-    """
-    where = store_backend.describe(cfg)
-    errors = _driver_errors(cfg)
-    try:
-        db = store_backend.connect(cfg, create=create)
-    except store_backend.StoreMissing:
-        if cfg.storage.backend == "postgresql":
-            raise CtlError(
-                f"no chatproto store in {where} (wrong --config or storage.schema? the "
-                "realm creates it on first start, and so do adduser and migrate-store)"
-            ) from None
-        raise CtlError(
-            f"no database at {where} (wrong --config or --data-dir? "
-            "the realm creates it on first start, and so does adduser)"
-        ) from None
-    except RuntimeError as e:  # cannot connect; schema newer than this chatproto
-        raise CtlError(str(e)) from None
-    except errors as e:
-        raise CtlError(f"cannot open database {where}: {_first_line(e)}") from None
-    try:
-        yield db
-    except errors as e:
-        raise CtlError(f"database {where}: {_first_line(e)}") from None
-    finally:
-        db.close()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def store_exists(cfg: configmod.Config) -> bool:
-    """Whether the configured store has been created (a CtlError if it cannot be
-    reached)."""
-    try:
-        return store_backend.exists(cfg)
-    except RuntimeError as e:
-        raise CtlError(str(e)) from None
-    except _driver_errors(cfg) as e:
-        raise CtlError(
-            f"cannot open database {store_backend.describe(cfg)}: {_first_line(e)}"
-        ) from None
-
-
-def _name(text: str) -> str:
-    try:
-        return normalise_name(text)
-    except ChatError as e:
-        raise CtlError(e.message) from None
-
-
 # commands ---------------------------------------------------------------------------
 
 
@@ -273,6 +204,7 @@ def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
         password = read_password(args.password_file, user)
         if not db.set_password(name, argon2_hasher(cfg.auth).hash(password)):
             raise CtlError(f"no user {user}")
+        db.delete_user_session_tokens(name)  # browser logins end with the old password
     print(f"password changed for {user} {IN_STORE}")
     return 0
 
@@ -314,49 +246,6 @@ def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
-# the running realm (the control channel, chatproto.ops) ---------------------------------
-
-#: How a change made in the store, not by the realm, is reported.
-IN_STORE = "in the store (the realm is not running)"
-
-
-def running_realm(cfg: configmod.Config) -> ControlClient | None:
-    """A connection to the running realm, or None when it is not running (then the
-    store may be changed directly).  A realm that runs but cannot be reached from here
-    (another user's socket, a refused token) is an error: nothing is changed behind
-    its back."""
-    try:
-        return controlclient.connect(cfg)
-    except controlclient.NotRunning:
-        return None
-    except controlclient.Unreachable as e:
-        raise CtlError(f"the realm is running, but: {e}") from None
-
-
-def _running_or_fail(cfg: configmod.Config) -> ControlClient:
-    client = running_realm(cfg)
-    if client is None:
-        raise CtlError(f"the realm is not running (no control socket at {cfg.control_socket})")
-    return client
-
-
-def _ask(client: ControlClient, command: Any, timeout: float = 30.0, **kw: Any) -> Any:
-    """``command``'s answer, a refusal of the realm's as a one-line error."""
-    try:
-        return client.call(command, timeout=timeout, **kw)
-    except commands.ControlError as e:
-        code, _, message = str(e).partition(": ")
-        if code == "no_such_user":
-            raise CtlError(message) from None
-        raise CtlError(message or code) from None
-    except controlclient.Unreachable as e:
-        raise CtlError(f"the running realm: {e}") from None
-
-
-def _by_realm(closed: int) -> str:
-    return f"by the running realm ({closed} session{'' if closed == 1 else 's'} ended)"
-
-
 def cmd_kick(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = _name(args.name)
     with _running_or_fail(cfg) as client:
@@ -378,6 +267,7 @@ def cmd_suspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
     with open_db(cfg) as db:
         if not db.suspend_user(name, args.reason[:400], time.time()):
             raise CtlError(f"no user {user}")
+        db.delete_user_session_tokens(name)
     print(f"suspended {user} {IN_STORE}")
     return 0
 
@@ -741,8 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_unsuspend)
 
-    p = add("sessions", help="list the logged-in sessions (running realm)")
+    p = add(
+        "sessions",
+        help="list the logged-in sessions (running realm); browser logins: web, revoke",
+        description="Without a subcommand: list the logged-in sessions of the running "
+        "realm.  'sessions web' lists browser logins, 'sessions revoke' ends them.",
+    )
     p.set_defaults(func=cmd_sessions)
+    ctlmoderation.add_session_parsers(p)
 
     p = add(
         "reload-tls",

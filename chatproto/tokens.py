@@ -8,11 +8,16 @@ password.  The token is a cred credential like a username/password pair:
 :class:`TokenChecker` sits in the realm's portal beside the password checker, so a
 token login ends in the same ``requestAvatar`` and the same :class:`Session`.
 
-Tokens are owned by the realm (:attr:`chatproto.realm.RealmService.tokens`), kept in
-memory only (a restart logs browsers out: they log in again), and only their SHA-256
-is stored, so a memory dump does not hand out live sessions.  A token expires
-``ttl`` seconds after it was last used (a sliding window), and each user holds at most
-:data:`MAX_TOKENS_PER_USER` (the oldest is dropped first).
+Tokens are owned by the realm (:attr:`chatproto.realm.RealmService.tokens`) and kept
+in its store (``IStore.put_session_token``): a restarted realm keeps its browsers
+logged in.  Only a token's SHA-256 is stored (in memory and in the store), so neither a
+memory dump nor a copy of the database hands out live sessions.  A token expires
+``ttl`` seconds after it was last used (a sliding window; the store learns of a use at
+most every :data:`TOUCH_EVERY` seconds, so after a restart a token may have up to that
+much less time left), and each user holds at most :data:`MAX_TOKENS_PER_USER` (the
+oldest is dropped first).  A token is revoked by logging out (this browser), by "log
+out everywhere" (every browser of the account), by ``chatrealmctl sessions revoke``,
+and with the account's password, deletion or suspension.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -28,19 +34,27 @@ from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 __all__ = [
+    "LOGIN_ID_LENGTH",
     "MAX_TOKENS_PER_USER",
+    "TOUCH_EVERY",
     "ISessionToken",
     "SessionToken",
     "TokenChecker",
     "TokenRecord",
     "Tokens",
+    "digest",
 ]
 
 #: Live tokens (browser logins) one user may hold; a new login drops the oldest.
 MAX_TOKENS_PER_USER = 64
+
+#: Seconds between two writes of a token's last use to the store (at most).
+TOUCH_EVERY = 60.0
 
 
 class ISessionToken(Interface):
@@ -65,30 +79,86 @@ class TokenRecord:
     device: str
     last_used: float
     floor: int = 0
+    created: float = 0.0
+    #: when ``last_used`` was last written to the store
+    stored_use: float = 0.0
+
+    def login_id(self, digest: str) -> str:
+        """How operators and the user name this login: the start of its digest."""
+        return digest[:LOGIN_ID_LENGTH]
 
 
-def _digest(token: str) -> str:
+#: Hex digits of a token's digest that name its login (``chatrealmctl sessions web``).
+LOGIN_ID_LENGTH = 12
+
+
+def digest(token: str) -> str:
+    """The SHA-256 of a token, in hex: what is kept of it."""
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-class Tokens:
-    """The realm's live session tokens (in memory, hashed, expiring)."""
+_digest = digest
 
-    def __init__(self, clock: IReactorTime, ttl: float) -> None:
+
+class Tokens:
+    """The realm's live session tokens: hashed, expiring, and kept in ``store`` (an
+    :class:`chatproto.store.IStore`; None: in memory only).
+
+    Checks are answered from memory (a token is checked on every web request, some
+    before their body is read); every change is written through to the store, which
+    :meth:`load` reads at start.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, ttl: float, store: Any = None) -> None:
         self._clock = clock
         self.ttl = ttl
+        self._store = store
         #: sha256(token) -> record, oldest first (moved to the end on use)
         self._records: OrderedDict[str, TokenRecord] = OrderedDict()
 
-    def issue(self, user: str, device: str, floor: int = 0) -> str:
+    def _stored(self, d: Deferred[Any], what: str) -> Deferred[Any]:
+        def failed(f: Failure) -> None:
+            self.log.failure("session tokens: {what} not stored", f, what=what)
+
+        return d.addErrback(failed)
+
+    def load(self, floors: dict[str, int]) -> Deferred[int]:
+        """Read the live tokens from the store (at start): those of accounts that
+        still exist (``floors``: name -> floor) and not expired.  Fires with how many."""
+        if self._store is None:
+            return succeed(0)
+
+        def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> int:
+            now = self._clock.seconds()
+            for key, name, floor, device, created, last_used in rows:
+                if floors.get(name) != floor or now - last_used > self.ttl:
+                    continue
+                self._records[key] = TokenRecord(
+                    name, device, last_used, floor, created, stored_use=last_used
+                )
+            return len(self._records)
+
+        return self._store.session_tokens().addCallback(loaded)
+
+    def issue(self, user: str, device: str, floor: int = 0) -> Deferred[str]:
         """A new token for local user name ``user`` (the account created at ``floor``)
-        logging in as ``device``."""
+        logging in as ``device``; fires once the store holds it."""
         mine = [k for k, r in self._records.items() if r.user == user]
-        for key in mine[: max(0, len(mine) - MAX_TOKENS_PER_USER + 1)]:
+        dropped = mine[: max(0, len(mine) - MAX_TOKENS_PER_USER + 1)]
+        for key in dropped:
             del self._records[key]
         token = secrets.token_urlsafe(32)
-        self._records[_digest(token)] = TokenRecord(user, device, self._clock.seconds(), floor)
-        return token
+        now = self._clock.seconds()
+        key = _digest(token)
+        self._records[key] = TokenRecord(user, device, now, floor, now, stored_use=now)
+        if self._store is None:
+            return succeed(token)
+        if dropped:
+            self._stored(self._store.delete_session_tokens(dropped), "a dropped login")
+        d = self._store.put_session_token(key, user, floor, device, now, now)
+        return d.addCallback(lambda _: token)
 
     def check(self, token: str | None) -> TokenRecord | None:
         """The record of a live token (and mark it used), or None."""
@@ -104,30 +174,82 @@ class Tokens:
             return None
         record.last_used = now
         self._records.move_to_end(key)
+        if self._store is not None and now - record.stored_use >= min(TOUCH_EVERY, self.ttl / 10):
+            record.stored_use = now
+            self._stored(self._store.touch_session_token(key, now), "a login's use")
         return record
 
+    def _forget(self, keys: Iterable[str]) -> Deferred[int]:
+        keys = list(keys)
+        for key in keys:
+            self._records.pop(key, None)
+        if self._store is None or not keys:
+            return succeed(len(keys))
+        d = self._stored(self._store.delete_session_tokens(keys), "a revocation")
+        return d.addCallback(lambda _: len(keys))
+
     def revoke(self, token: str | None) -> TokenRecord | None:
-        """Forget a token (logout); returns what it stood for, if it was live."""
+        """Forget a token (logout); returns what it stood for, if it was live.  It
+        stops working at once; the store forgets it in the background (see
+        :meth:`revoke_logins` to wait for that)."""
         if not token:
             return None
-        return self._records.pop(_digest(token), None)
+        key = _digest(token)
+        record = self._records.get(key)
+        self._forget([key])
+        return record
 
     def revoke_user(self, user: str, keep_floor: int | None = None) -> int:
         """Forget every token of ``user`` (account deleted) -- but those of the account
         created at ``keep_floor``, if given; returns how many."""
         keys = [k for k, r in self._records.items() if r.user == user and r.floor != keep_floor]
-        for key in keys:
-            del self._records[key]
+        self._forget(keys)
+        if self._store is not None and keep_floor is None:
+            # and any the store holds that this realm did not load (another account's)
+            self._stored(self._store.delete_user_session_tokens(user), "a revocation")
         return len(keys)
 
+    def revoke_logins(
+        self, user: str, login_ids: Iterable[str] | None = None
+    ) -> Deferred[list[str]]:
+        """Forget the logins of ``user`` whose login ids (:meth:`TokenRecord.login_id`)
+        are ``login_ids`` (None: all of them); fires, once the store has forgotten
+        them, with their digests."""
+        wanted = None if login_ids is None else set(login_ids)
+        keys = [
+            k
+            for k, r in self._records.items()
+            if r.user == user and (wanted is None or r.login_id(k) in wanted)
+        ]
+        return self._forget(keys).addCallback(lambda _: keys)
+
+    def logins(self, user: str | None = None) -> list[dict[str, Any]]:
+        """The live logins (of ``user``, or everyone's), most recently used last."""
+        now = self._clock.seconds()
+        return [
+            {
+                "user": r.user,
+                "login": r.login_id(k),
+                "device": r.device,
+                "created": r.created,
+                "last_used": r.last_used,
+            }
+            for k, r in self._records.items()
+            if (user is None or r.user == user) and now - r.last_used <= self.ttl
+        ]
+
     def prune(self) -> None:
-        """Drop expired tokens (records are kept in last-used order)."""
+        """Drop expired tokens (records are kept in last-used order), here and in the
+        store (where a use may be up to :data:`TOUCH_EVERY` seconds behind)."""
         now = self._clock.seconds()
         while self._records:
             key, record = next(iter(self._records.items()))
             if now - record.last_used <= self.ttl:
                 break
             del self._records[key]
+        if self._store is not None:
+            before = now - self.ttl - TOUCH_EVERY
+            self._stored(self._store.expire_session_tokens(before), "expiry")
 
     def __len__(self) -> int:
         return len(self._records)

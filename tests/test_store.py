@@ -775,3 +775,77 @@ def test_events_partners_and_floors(store: Any) -> Any:
     assert [e.body for e in feed] == ["z"]
     feed = yield store.read_feed("dora@localhost", 0, 10, [(g, 0, ev.pos)])
     assert [e.kind for e in feed] == ["event"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_browser_logins_are_kept_per_account_and_expire(store: Any) -> Any:
+    yield store.create_user("alice", "h", 1.0)
+    yield store.create_user("bob", "h", 1.0)
+    yield store.put_session_token("d1", "alice", 0, "laptop \x00", 10.0, 10.0)
+    yield store.put_session_token("d2", "alice", 0, "phone", 11.0, 20.0)
+    yield store.put_session_token("d3", "bob", 0, "web", 12.0, 15.0)
+    yield store.touch_session_token("d1", 30.0)
+    yield store.touch_session_token("d3", 5.0)  # never back
+    yield store.touch_session_token("gone", 5.0)
+    assert (yield store.session_tokens()) == [
+        ("d3", "bob", 0, "web", 12.0, 15.0),
+        ("d2", "alice", 0, "phone", 11.0, 20.0),
+        ("d1", "alice", 0, "laptop \x00", 10.0, 30.0),
+    ]
+    assert (yield store.expire_session_tokens(16.0)) == 1  # d3
+    assert (yield store.delete_session_tokens(["d2", "nope"])) == 1
+    assert [r[0] for r in (yield store.session_tokens())] == ["d1"]
+    # a login of a deleted account is not read back, and expires with it
+    yield store.put_session_token("d4", "bob", 0, "web", 1.0, 100.0)
+    yield store.delete_user("bob", "bob@localhost")
+    yield store.create_user("bob", "h", 2.0)
+    assert [r[0] for r in (yield store.session_tokens())] == ["d1"]
+    assert (yield store.expire_session_tokens(0.0)) == 1  # d4, whose account is gone
+    assert (yield store.delete_user_session_tokens("alice")) == 1
+    assert (yield store.session_tokens()) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_admins_belong_to_the_account_and_reports_page_newest_first(store: Any) -> Any:
+    assert not (yield store.grant_admin("alice", 1.0))
+    yield store.create_user("alice", "h", 1.0)
+    yield store.create_user("bob", "h", 1.0)
+    assert (yield store.grant_admin("alice", 5.0))
+    assert (yield store.grant_admin("bob", 6.0))
+    assert (yield store.admins()) == {"alice": 5.0, "bob": 6.0}
+    assert (yield store.revoke_admin("alice"))
+    assert not (yield store.revoke_admin("alice"))
+    yield store.delete_user("bob", "bob@localhost")
+    yield store.create_user("bob", "h", 8.0)
+    assert (yield store.admins()) == {}
+    assert not (yield store.revoke_admin("bob"))
+    assert (yield store.reports(None, 10)) == []
+    ids = []
+    for i in range(5):
+        rep = {
+            "reporter": ALICE,
+            "msg_id": f"m{i}",
+            "reason": f"spam \x00 {i}",
+            "ts": 100.0 + i,
+            "sender": BOB,
+            "recipient": ALICE,
+            "pos": i + 1,
+            "excerpt": f"buy now {i}",
+        }
+        ids.append((yield store.add_report(rep)))
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    page = yield store.reports(None, 2)
+    assert [r["msg_id"] for r in page] == ["m4", "m3"]
+    assert page[0] == {
+        "id": ids[4],
+        "reporter": ALICE,
+        "msg_id": "m4",
+        "reason": "spam \x00 4",
+        "ts": 104.0,
+        "sender": BOB,
+        "recipient": ALICE,
+        "pos": 5,
+        "excerpt": "buy now 4",
+    }
+    page = yield store.reports(page[-1]["id"], 10)
+    assert [r["msg_id"] for r in page] == ["m2", "m1", "m0"]

@@ -26,11 +26,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
+from twisted.protocols.policies import WrappingFactory
 
 from chatproto.web import WebSite
+from tests.conftest import fast_config, make_realm
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "e2e" / "web_e2e.mjs"
+RESTART_SCRIPT = ROOT / "tests" / "e2e" / "web_restart.mjs"
 ARTIFACTS = ROOT / "tmp" / "artifacts" / "web-e2e"
 PLAYWRIGHT_VERSION = "1.65.1"
 CHROMIUM = os.environ.get("CHATPROTO_CHROMIUM", "/usr/bin/chromium")
@@ -69,11 +72,12 @@ def playwright_core() -> Path:
 class Driver(protocol.ProcessProtocol):
     """The node process: its output, its exit code, and its "DROP <user>" requests."""
 
-    def __init__(self, on_drop: Any) -> None:
+    def __init__(self, on_drop: Any, on_line: Any = None) -> None:
         self.output = ""
         self._line = ""
         self.ended: defer.Deferred[int] = defer.Deferred()
         self._on_drop = on_drop
+        self._on_line = on_line
         self._deadline: Any = None
 
     def connectionMade(self) -> None:
@@ -88,6 +92,8 @@ class Driver(protocol.ProcessProtocol):
         for line in lines:
             if line.startswith("DROP "):
                 self._on_drop(line[5:].strip())
+            elif self._on_line is not None:
+                self._on_line(line.strip())
 
     def errReceived(self, data: bytes) -> None:
         self.output += data.decode("utf-8", "replace")
@@ -156,3 +162,66 @@ def test_two_browsers_chat_resume_and_files(realm: Any, tools: Any, tmp_path: Pa
     assert code == 0, driver.output
     assert "e2e finished" in driver.output
     assert (ARTIFACTS / "04-bob-resumed.png").exists()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_restarted_realm_keeps_the_browser_logged_in(tools: Any, tmp_path: Path) -> Any:
+    """Issue 18: browser logins are kept in the store.  Two Chromium profiles of alice
+    are logged in; the realm is stopped and a new one started on the same store and
+    port; both reconnect by their cookie, a reload is still logged in, and "Log out
+    everywhere" in one logs the other out."""
+    node, package = tools
+    config = fast_config(tmp_path)
+    state: dict[str, Any] = {"realm": make_realm(config)}
+    yield state["realm"].startService()
+    for name in ("alice", "bob"):
+        yield state["realm"].create_user(name, PASSWORD)
+    # connections tracked: a restart closes them all (else the browser's keep-alive
+    # HTTP connections would go on talking to the stopped realm's site)
+    state["port"] = _reactor.listenTCP(
+        0, WrappingFactory(WebSite(state["realm"])), interface="127.0.0.1"
+    )
+    number = state["port"].getHost().port
+    restarted: defer.Deferred[None] = defer.Deferred()
+
+    @defer.inlineCallbacks
+    def restart() -> Any:
+        yield state["port"].stopListening()
+        yield state["realm"].stopService()  # sessions are told shutting_down
+        for proto in list(state["port"].factory.protocols):
+            proto.transport.abortConnection()
+        state["realm"] = make_realm(config)
+        yield state["realm"].startService()
+        state["port"] = _reactor.listenTCP(
+            number, WrappingFactory(WebSite(state["realm"])), interface="127.0.0.1"
+        )
+        restarted.callback(None)
+
+    def on_line(line: str) -> None:
+        if line == "RESTART":
+            restart().addErrback(restarted.errback)
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "BASE_URL": f"http://127.0.0.1:{number}",
+        "ARTIFACTS": str(ARTIFACTS),
+        "PLAYWRIGHT": str(package),
+        "CHROMIUM": CHROMIUM,
+        "PASSWORD": PASSWORD,
+    }
+    driver = Driver(lambda user: None, on_line)
+    _reactor.spawnProcess(driver, node, [node, str(RESTART_SCRIPT)], env=env, path=str(ROOT))
+    try:
+        code = yield driver.ended
+    finally:
+        for proto in list(state["port"].factory.protocols):
+            proto.transport.abortConnection()
+        yield state["port"].stopListening()
+        if state["realm"].running:
+            yield state["realm"].stopService()
+    print(driver.output)
+    assert restarted.called, driver.output
+    assert code == 0, driver.output
+    assert "e2e restart finished" in driver.output
+    assert (ARTIFACTS / "restart-02-phone-logged-out.png").exists()

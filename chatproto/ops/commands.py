@@ -23,9 +23,11 @@ __all__ = [
     "DeleteUser",
     "Drain",
     "Kick",
+    "ListLogins",
     "ListSessions",
     "NotAuthenticated",
     "ReloadTLS",
+    "RevokeLogins",
     "SetPassword",
     "Status",
     "Suspend",
@@ -94,6 +96,48 @@ class ListSessions(amp.Command):
             ),
         ),
         (b"total", amp.Integer()),
+    ]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class ListLogins(amp.Command):
+    """A page of the live browser logins (session tokens) of ``user`` (empty: every
+    user's), ordered by user then last use.  ``login`` is the id that names one."""
+
+    arguments = [
+        (b"user", amp.Unicode()),
+        (b"offset", amp.Integer()),
+        (b"limit", amp.Integer()),
+    ]
+    response = [
+        (
+            b"logins",
+            amp.AmpList(
+                [
+                    (b"user", amp.Unicode()),
+                    (b"login", amp.Unicode()),
+                    (b"device", amp.Unicode()),
+                    (b"created", amp.Float()),
+                    (b"last_used", amp.Float()),
+                ]
+            ),
+        ),
+        (b"total", amp.Integer()),
+    ]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class RevokeLogins(amp.Command):
+    """End browser logins of a local user: those named in ``logins`` (empty: all of
+    them), and the web sessions opened with them."""
+
+    arguments = [(b"user", amp.Unicode()), (b"logins", amp.ListOf(amp.Unicode()))]
+    response = [
+        (b"user", amp.Unicode()),
+        (b"ended", amp.Integer()),
+        (b"closed", amp.Integer()),
     ]
     errors = _ERRORS
     fatalErrors = _FATAL

@@ -146,6 +146,29 @@ class ControlProtocol(amp.AMP):
         every = self._realm.admin.sessions()
         return {"sessions": every[offset : offset + limit], "total": len(every)}
 
+    @c.ListLogins.responder
+    def list_logins(self, user: str, offset: int, limit: int) -> dict[str, Any]:
+        self._check()
+        if offset < 0 or not 0 < limit <= c.PAGE:
+            raise c.ControlError(f"bad_request: offset >= 0 and 0 < limit <= {c.PAGE}")
+        try:
+            every = self._realm.admin.logins(user or None)
+        except ChatError as e:
+            raise _refusal(e) from None
+        return {"logins": every[offset : offset + limit], "total": len(every)}
+
+    @c.RevokeLogins.responder
+    def revoke_logins(self, user: str, logins: list[str]) -> Deferred[dict[str, Any]]:
+        self._check()
+        d = maybeDeferred(
+            self._realm.admin.revoke_logins,
+            user,
+            logins or None,
+            "an operator ended this browser login",
+        )
+        d.addCallback(lambda r: {"user": r[0], "ended": r[1], "closed": r[2]})
+        return _translated(d)
+
     @c.Kick.responder
     def kick(self, user: str, reason: str) -> dict[str, Any]:
         self._check()

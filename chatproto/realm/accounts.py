@@ -34,6 +34,7 @@ from chatproto.ratelimit import FailureThrottle
 from chatproto.realm.sessions import ISession, Session, check_device
 from chatproto.store import IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
+from chatproto.tokens import digest as token_digest
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -155,7 +156,7 @@ class Accounts:
         self.hasher = hasher
         self._password_checker = StoreChecker(self.store, hasher)
         #: Session tokens of browser logins (see chatproto.tokens and chatproto.web).
-        self.tokens = Tokens(self.clock, config.web.session_ttl)
+        self.tokens = Tokens(self.clock, config.web.session_ttl, self.store)
         self.portal = Portal(_CredRealm(realm), [self._password_checker, TokenChecker(self.tokens)])
         a = config.auth
         self._account_throttle = FailureThrottle(
@@ -180,9 +181,13 @@ class Accounts:
 
     @inlineCallbacks
     def load(self) -> Any:
-        """Read the accounts' floors from the store (at start, before groups replay)."""
+        """Read the accounts' floors and the browser logins from the store (at start,
+        before groups replay)."""
         self._floors = dict((yield self.store.user_floors()))
         self.known.update(self._floors)
+        n = yield self.tokens.load(self._floors)
+        if n:
+            self.log.info("{n} browser logins kept from before the start", n=n)
 
     def prune(self) -> None:
         """Forget throttle entries and tokens past their time (called periodically)."""
@@ -367,6 +372,7 @@ class Accounts:
             )
         except UnauthorizedLogin:
             raise ChatError("auth_failed", "not logged in (no valid session token)") from None
+        session.login = record.login_id(token_digest(token or ""))
         yield self._session_opened(session, device, quiet, peer)
         return session
 
@@ -394,7 +400,8 @@ class Accounts:
             device=device,
             peer=peer,
         )
-        return self.tokens.issue(name, device, floor), Address(name, self.realm)
+        token = yield self.tokens.issue(name, device, floor)
+        return token, Address(name, self.realm)
 
     def token_user(self, token: str | None) -> Address | None:
         """The local user a live session token stands for (marking it used), or None.

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.realm.accounts import check_password
+from chatproto.tokens import LOGIN_ID_LENGTH
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -105,6 +106,43 @@ class Admin:
                 self.log.failure("closing a session of {user}", user=user)
             s.logout()
         return len(sessions)
+
+    @inlineCallbacks
+    def revoke_logins(self, user: str, logins: Any = None, why: str = "") -> Any:
+        """End browser logins of local user ``user``: those whose login ids are in
+        ``logins`` (None: every one -- "log out everywhere"), and the web sessions
+        opened with them (told ``session_ended``).  Fires, once the store has
+        forgotten them, with ``(canonical address, logins ended, sessions ended)``."""
+        name, canonical = self._local(user)
+        wanted = None if logins is None else set(logins)
+        gone = yield self._r.tokens.revoke_logins(name, wanted)
+        ids = {key[:LOGIN_ID_LENGTH] for key in gone}
+        closed = 0
+        for s in list(self._r.sessions.of(canonical)):
+            if s.login is not None and s.login in ids:
+                try:
+                    s.mind.disconnect("session_ended", why or "this browser login was ended")
+                except Exception:
+                    self.log.failure("closing a session of {user}", user=canonical)
+                s.logout()
+                closed += 1
+        self.log.info(
+            "browser logins of {user} ended: {n} logins, {c} sessions closed",
+            user=canonical,
+            n=len(gone),
+            c=closed,
+        )
+        return canonical, len(gone), closed
+
+    def logins(self, user: str | None = None) -> list[dict[str, Any]]:
+        """The live browser logins (of local user ``user``, or everyone's), with
+        canonical addresses, by user then last use."""
+        name = None if user is None else self._local(user)[0]
+        out = [
+            {**rec, "user": f"{rec['user']}@{self._r.realm}"} for rec in self._r.tokens.logins(name)
+        ]
+        out.sort(key=lambda d: (d["user"], d["last_used"]))
+        return out
 
     def kick(self, user: str, reason: str = "") -> tuple[str, int]:
         """End every session of local user ``user`` now; fires (returns) with the

@@ -112,6 +112,9 @@ class Session:
         self.closed = False
         #: Where the connection comes from (the client's address), for operators.
         self.peer = "?"
+        #: The browser login (``chatproto.tokens`` login id) the session logged in
+        #: with, or None (a password login): revoking the login ends the session.
+        self.login: str | None = None
         #: When the session was opened (the realm's clock), for operators.
         self.opened_at = realm.clock.seconds()
 

@@ -37,10 +37,12 @@ from zope.interface import Interface
 from chatproto.errors import ChatError
 
 __all__ = [
+    "REPORT_FIELDS",
     "IStore",
     "NoSuchAccount",
     "UserExists",
     "file_record",
+    "report_row",
     "stored_meta",
     "stored_sig",
 ]
@@ -136,6 +138,49 @@ class IStore(Interface):
 
     def suspensions():  # type: ignore[misc]
         """Fires with ``{name: (reason, ts)}`` for every suspended account."""
+
+    # browser logins (chatproto.tokens), realm admins and abuse reports -----------------
+
+    def put_session_token(digest, name, floor, device, created, last_used):  # type: ignore[misc]
+        """Record (insert or replace) a browser login: the SHA-256 ``digest`` of its
+        token (never the token), the account (``name`` created at ``floor``), its
+        ``device``, when it was issued and last used."""
+
+    def touch_session_token(digest, last_used):  # type: ignore[misc]
+        """Move a login's ``last_used`` forward (never back); nothing if it is gone."""
+
+    def delete_session_tokens(digests):  # type: ignore[misc]
+        """Forget these logins; fires with how many there were."""
+
+    def delete_user_session_tokens(name):  # type: ignore[misc]
+        """Forget every login of account name ``name``; fires with how many."""
+
+    def session_tokens():  # type: ignore[misc]
+        """Fires with every login of an existing account (its floor matching) as
+        ``(digest, name, floor, device, created, last_used)``, least recently used
+        first."""
+
+    def expire_session_tokens(before):  # type: ignore[misc]
+        """Forget the logins last used before ``before``, and those of accounts that
+        are gone; fires with how many."""
+
+    def grant_admin(name, ts):  # type: ignore[misc]
+        """Make account ``name`` a realm administrator; False if there is no such
+        account.  Like a suspension it belongs to the account, not the name."""
+
+    def revoke_admin(name):  # type: ignore[misc]
+        """Take the role away; fires with whether the account had it."""
+
+    def admins():  # type: ignore[misc]
+        """Fires with ``{name: ts granted}`` for every administrator."""
+
+    def add_report(report):  # type: ignore[misc]
+        """Store an abuse report (a dict with the keys of :data:`REPORT_FIELDS` but
+        ``id``); fires with its id (ids only grow)."""
+
+    def reports(before, limit):  # type: ignore[misc]
+        """The ``limit`` newest reports with ``id < before`` (None: the newest),
+        newest first, as dicts with the keys of :data:`REPORT_FIELDS`."""
 
     def user_exists(name):  # type: ignore[misc]
         """Fires with a bool."""
@@ -283,6 +328,38 @@ class IStore(Interface):
 
     def list_uploads():  # type: ignore[misc]
         """Fires with every recorded unfinished upload (the dicts given to put_upload)."""
+
+
+#: The fields of an abuse report, in the order the SQL stores keep them: who reported
+#: which message (``msg_id``) why and when, and what the message was when reported
+#: (its ``sender``, ``recipient``, ``pos`` and the first characters of its body).
+REPORT_FIELDS = (
+    "id",
+    "reporter",
+    "msg_id",
+    "reason",
+    "ts",
+    "sender",
+    "recipient",
+    "pos",
+    "excerpt",
+)
+
+
+def report_row(row: Any) -> dict[str, Any]:
+    """A report from its row (the columns of :data:`REPORT_FIELDS`), with plain types."""
+    rid, reporter, msg_id, reason, ts, sender, recipient, pos, excerpt = row
+    return {
+        "id": int(rid),
+        "reporter": str(reporter),
+        "msg_id": str(msg_id),
+        "reason": str(reason),
+        "ts": float(ts) if isinstance(ts, (int, float)) else 0.0,
+        "sender": str(sender),
+        "recipient": str(recipient),
+        "pos": int(pos),
+        "excerpt": str(excerpt),
+    }
 
 
 #: The metadata keys a ``file`` item's ``meta`` carries (and a file record repeats).

@@ -91,6 +91,19 @@ class StoreDB(Protocol):
     def suspend_user(self, name: str, reason: str, ts: float) -> bool: ...
     def unsuspend_user(self, name: str) -> bool: ...
     def suspensions(self) -> dict[str, tuple[str, float]]: ...
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> None: ...
+    def touch_session_token(self, digest: str, last_used: float) -> None: ...
+    def delete_session_tokens(self, digests: Sequence[str]) -> int: ...
+    def delete_user_session_tokens(self, name: str) -> int: ...
+    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]: ...
+    def expire_session_tokens(self, before: float) -> int: ...
+    def grant_admin(self, name: str, ts: float) -> bool: ...
+    def revoke_admin(self, name: str) -> bool: ...
+    def admins(self) -> dict[str, float]: ...
+    def add_report(self, report: dict[str, Any]) -> int: ...
+    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]: ...
     def outbox_read(
         self, realm: str, after: int, limit: int, upto: int | None = None
     ) -> list[tuple[int, Envelope | dict[str, Any]]]: ...
@@ -377,6 +390,45 @@ class GroupCommitStore:
 
     def suspensions(self) -> Deferred[dict[str, tuple[str, float]]]:
         return self._read(lambda db: db.suspensions())
+
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> Deferred[None]:
+        return self._write(
+            lambda: self._db().put_session_token(digest, name, floor, device, created, last_used)
+        )
+
+    def touch_session_token(self, digest: str, last_used: float) -> Deferred[None]:
+        return self._write(lambda: self._db().touch_session_token(digest, last_used))
+
+    def delete_session_tokens(self, digests: Sequence[str]) -> Deferred[int]:
+        digests = list(digests)
+        return self._write(lambda: self._db().delete_session_tokens(digests))
+
+    def delete_user_session_tokens(self, name: str) -> Deferred[int]:
+        return self._write(lambda: self._db().delete_user_session_tokens(name))
+
+    def session_tokens(self) -> Deferred[list[tuple[str, str, int, str, float, float]]]:
+        return self._read(lambda db: db.session_tokens())
+
+    def expire_session_tokens(self, before: float) -> Deferred[int]:
+        return self._write(lambda: self._db().expire_session_tokens(before))
+
+    def grant_admin(self, name: str, ts: float) -> Deferred[bool]:
+        return self._write(lambda: self._db().grant_admin(name, ts))
+
+    def revoke_admin(self, name: str) -> Deferred[bool]:
+        return self._write(lambda: self._db().revoke_admin(name))
+
+    def admins(self) -> Deferred[dict[str, float]]:
+        return self._read(lambda db: db.admins())
+
+    def add_report(self, report: dict[str, Any]) -> Deferred[int]:
+        report = dict(report)
+        return self._write(lambda: self._db().add_report(report))
+
+    def reports(self, before: int | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        return self._read(lambda db: db.reports(before, limit))
 
     def user_exists(self, name: str) -> Deferred[bool]:
         return self.password_hash(name).addCallback(lambda h: h is not None)

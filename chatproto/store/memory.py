@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope, alternate_id
-from chatproto.store import IStore, UserExists, file_record
+from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
 
 __all__ = [
     "MemoryStore",
@@ -47,6 +47,12 @@ class MemoryStore:
         self.requests: dict[str, dict[str, Any]] = {}
         #: Keys announced by peer realms: realm -> [{"id", "ed25519"}].
         self.keys: dict[str, list[dict[str, str]]] = {}
+        #: Browser logins: digest -> (name, floor, device, created, last_used).
+        self.session_tokens_: dict[str, tuple[str, int, str, float, float]] = {}
+        #: Realm administrators: name -> (floor, ts granted).
+        self.admins_: dict[str, tuple[int, float]] = {}
+        #: Abuse reports, oldest first.
+        self.reports_: list[dict[str, Any]] = []
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -97,6 +103,68 @@ class MemoryStore:
                 if name in self.users and self.floors[name] == floor
             }
         )
+
+    def _is_account(self, name: str, floor: int) -> bool:
+        return name in self.users and self.floors[name] == floor
+
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> Deferred[None]:
+        self.session_tokens_[digest] = (name, floor, device, created, last_used)
+        return succeed(None)
+
+    def touch_session_token(self, digest: str, last_used: float) -> Deferred[None]:
+        row = self.session_tokens_.get(digest)
+        if row is not None:
+            self.session_tokens_[digest] = (*row[:4], max(row[4], last_used))
+        return succeed(None)
+
+    def delete_session_tokens(self, digests: Sequence[str]) -> Deferred[int]:
+        return succeed(sum(self.session_tokens_.pop(d, None) is not None for d in digests))
+
+    def delete_user_session_tokens(self, name: str) -> Deferred[int]:
+        gone = [d for d, row in self.session_tokens_.items() if row[0] == name]
+        return self.delete_session_tokens(gone)
+
+    def session_tokens(self) -> Deferred[list[tuple[str, str, int, str, float, float]]]:
+        rows = [(d, *row) for d, row in self.session_tokens_.items()]
+        rows = [r for r in rows if self._is_account(r[1], r[2])]
+        return succeed(sorted(rows, key=lambda r: r[5]))
+
+    def expire_session_tokens(self, before: float) -> Deferred[int]:
+        gone = [
+            d
+            for d, row in self.session_tokens_.items()
+            if row[4] < before or not self._is_account(row[0], row[1])
+        ]
+        return self.delete_session_tokens(gone)
+
+    def grant_admin(self, name: str, ts: float) -> Deferred[bool]:
+        if name not in self.users:
+            return succeed(False)
+        self.admins_[name] = (self.floors[name], ts)
+        return succeed(True)
+
+    def revoke_admin(self, name: str) -> Deferred[bool]:
+        held = self.admins_.get(name)
+        if held is None or not self._is_account(name, held[0]):
+            return succeed(False)
+        del self.admins_[name]
+        return succeed(True)
+
+    def admins(self) -> Deferred[dict[str, float]]:
+        return succeed(
+            {n: ts for n, (floor, ts) in self.admins_.items() if self._is_account(n, floor)}
+        )
+
+    def add_report(self, report: dict[str, Any]) -> Deferred[int]:
+        rid = len(self.reports_) + 1
+        self.reports_.append({**{k: report[k] for k in REPORT_FIELDS[1:]}, "id": rid})
+        return succeed(rid)
+
+    def reports(self, before: int | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        rows = [r for r in reversed(self.reports_) if before is None or r["id"] < before]
+        return succeed([{k: r[k] for k in REPORT_FIELDS} for r in rows[:limit]])
 
     def delete_user(
         self,

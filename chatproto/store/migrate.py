@@ -130,6 +130,34 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         "COPY suspensions (name, floor, reason, ts) FROM STDIN",
         lambda r: (r[0], int(r[1]), _text(r[2]), _real(r[3])),
     ),
+    "session_tokens": (
+        "SELECT digest, name, floor, device, created, last_used FROM session_tokens "
+        "ORDER BY digest",
+        "COPY session_tokens (digest, name, floor, device, created, last_used) FROM STDIN",
+        lambda r: (r[0], r[1], int(r[2]), _text(r[3]), _real(r[4]), _real(r[5])),
+    ),
+    "admins": (
+        "SELECT name, floor, ts FROM admins ORDER BY name",
+        "COPY admins (name, floor, ts) FROM STDIN",
+        lambda r: (r[0], int(r[1]), _real(r[2])),
+    ),
+    "reports": (
+        "SELECT id, reporter, msg_id, reason, ts, sender, recipient, pos, excerpt "
+        "FROM reports ORDER BY id",
+        "COPY reports (id, reporter, msg_id, reason, ts, sender, recipient, pos, excerpt) "
+        "FROM STDIN",
+        lambda r: (
+            int(r[0]),
+            r[1],
+            r[2],
+            _text(r[3]),
+            _real(r[4]),
+            r[5],
+            r[6],
+            int(r[7]),
+            _text(r[8]),
+        ),
+    ),
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version
@@ -198,6 +226,7 @@ def copy_sqlite_to_postgresql(
             for seq, table, column in (
                 ("items_pos", "items", "pos"),
                 ("outbox_seq", "outbox", "seq"),
+                ("reports_id_seq", "reports", "id"),
             ):
                 top = max(int(tops.get(table) or 0), _max(source, table, column))
                 if top > 0:  # the next value is top + 1: nothing handed out is reused

@@ -49,7 +49,16 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, NoSuchAccount, UserExists, stored_meta, stored_sig
+from chatproto.store import (
+    FILE_META,
+    REPORT_FIELDS,
+    IStore,
+    NoSuchAccount,
+    UserExists,
+    report_row,
+    stored_meta,
+    stored_sig,
+)
 from chatproto.store.groupcommit import CommitResult, GroupCommitStore
 
 __all__ = [
@@ -61,7 +70,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -156,6 +165,35 @@ MIGRATIONS: list[str] = [
         reason TEXT NOT NULL,
         ts DOUBLE PRECISION NOT NULL
     );
+    """,
+    # v4 (SQLite's v11): browser logins (token digests), admins, abuse reports.
+    """
+    CREATE TABLE session_tokens (
+        digest TEXT COLLATE "C" PRIMARY KEY,
+        name TEXT COLLATE "C" NOT NULL,
+        floor BIGINT NOT NULL,
+        device TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        last_used DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX session_tokens_name ON session_tokens (name);
+    CREATE TABLE admins (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        floor BIGINT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE reports (
+        id BIGSERIAL PRIMARY KEY,
+        reporter TEXT COLLATE "C" NOT NULL,
+        msg_id TEXT COLLATE "C" NOT NULL,
+        reason TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        sender TEXT COLLATE "C" NOT NULL,
+        recipient TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        excerpt TEXT NOT NULL
+    );
+    CREATE INDEX reports_reporter ON reports (reporter, ts);
     """,
 ]
 
@@ -458,6 +496,101 @@ class PostgresDB:
             "JOIN users u ON u.name = s.name AND u.floor = s.floor"
         )
         return {r[0]: (unescape_text(r[1]), float(r[2])) for r in rows}
+
+    # browser logins, admins, reports (issue 18) --------------------------------------
+
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO session_tokens (digest, name, floor, device, created, last_used) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (digest) DO UPDATE SET "
+            "name = excluded.name, floor = excluded.floor, device = excluded.device, "
+            "created = excluded.created, last_used = excluded.last_used",
+            (digest, name, floor, escape_text(device), created, last_used),
+        )
+
+    def touch_session_token(self, digest: str, last_used: float) -> None:
+        self.conn.execute(
+            "UPDATE session_tokens SET last_used = greatest(last_used, %s) WHERE digest = %s",
+            (last_used, digest),
+        )
+
+    def delete_session_tokens(self, digests: Sequence[str]) -> int:
+        cur = self.conn.execute(
+            "DELETE FROM session_tokens WHERE digest = ANY(%s)", (list(digests),)
+        )
+        return cur.rowcount
+
+    def delete_user_session_tokens(self, name: str) -> int:
+        return self.conn.execute("DELETE FROM session_tokens WHERE name = %s", (name,)).rowcount
+
+    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
+        rows = self.conn.execute(
+            "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
+            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
+            "ORDER BY t.last_used"
+        )
+        return [
+            (r[0], r[1], int(r[2]), unescape_text(r[3]), float(r[4]), float(r[5])) for r in rows
+        ]
+
+    def expire_session_tokens(self, before: float) -> int:
+        return self.conn.execute(
+            "DELETE FROM session_tokens t WHERE t.last_used < %s OR NOT EXISTS "
+            "(SELECT 1 FROM users u WHERE u.name = t.name AND u.floor = t.floor)",
+            (before,),
+        ).rowcount
+
+    def grant_admin(self, name: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT INTO admins (name, floor, ts) SELECT name, floor, %s FROM users "
+            "WHERE name = %s ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
+            "ts = excluded.ts",
+            (ts, name),
+        )
+        return cur.rowcount > 0
+
+    def revoke_admin(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM admins WHERE name = %s "
+            "AND floor = (SELECT floor FROM users WHERE name = %s)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def admins(self) -> dict[str, float]:
+        rows = self.conn.execute(
+            "SELECT a.name, a.ts FROM admins a "
+            "JOIN users u ON u.name = a.name AND u.floor = a.floor"
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    def add_report(self, report: dict[str, Any]) -> int:
+        values = [report[k] for k in REPORT_FIELDS[1:]]
+        values[2] = escape_text(values[2])  # reason
+        values[7] = escape_text(values[7])  # excerpt
+        row = self.conn.execute(
+            "INSERT INTO reports (reporter, msg_id, reason, ts, sender, recipient, pos, "
+            "excerpt) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            tuple(values),
+        ).fetchone()
+        assert row is not None  # RETURNING gives the row inserted
+        return int(row[0])
+
+    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT {', '.join(REPORT_FIELDS)} FROM reports WHERE id < %s "
+            "ORDER BY id DESC LIMIT %s",
+            (before if before is not None else 2**63 - 1, limit),
+        )
+        out = []
+        for r in rows:
+            rep = report_row(r)
+            rep["reason"] = unescape_text(rep["reason"])
+            rep["excerpt"] = unescape_text(rep["excerpt"])
+            out.append(rep)
+        return out
 
     def delete_user(
         self,

@@ -21,7 +21,16 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
-from chatproto.store import FILE_META, IStore, NoSuchAccount, UserExists, stored_meta, stored_sig
+from chatproto.store import (
+    FILE_META,
+    REPORT_FIELDS,
+    IStore,
+    NoSuchAccount,
+    UserExists,
+    report_row,
+    stored_meta,
+    stored_sig,
+)
 from chatproto.store.groupcommit import GroupCommitStore
 
 __all__ = [
@@ -30,7 +39,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -149,6 +158,37 @@ MIGRATIONS: list[str] = [
         reason TEXT NOT NULL,
         ts REAL NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # v11 (issue 18): browser logins (the SHA-256 of each session token, never the
+    # token), realm administrators and abuse reports.  Logins and admins name the
+    # account by its floor, as suspensions do.
+    """
+    CREATE TABLE session_tokens (
+        digest TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        floor INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        created REAL NOT NULL,
+        last_used REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX session_tokens_name ON session_tokens (name);
+    CREATE TABLE admins (
+        name TEXT PRIMARY KEY,
+        floor INTEGER NOT NULL,
+        ts REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE reports (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        reporter TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        ts REAL NOT NULL,
+        sender TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        excerpt TEXT NOT NULL
+    );
+    CREATE INDEX reports_reporter ON reports (reporter, ts);
     """,
 ]
 
@@ -297,6 +337,91 @@ class SQLiteDB:
             "JOIN users u ON u.name = s.name AND u.floor = s.floor"
         )
         return {r[0]: (str(r[1]), _number(r[2]) or 0.0) for r in rows}
+
+    # browser logins, admins, reports (issue 18) --------------------------------------
+
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO session_tokens "
+            "(digest, name, floor, device, created, last_used) VALUES (?, ?, ?, ?, ?, ?)",
+            (digest, name, floor, device, created, last_used),
+        )
+
+    def touch_session_token(self, digest: str, last_used: float) -> None:
+        self.conn.execute(
+            "UPDATE session_tokens SET last_used = max(last_used, ?) WHERE digest = ?",
+            (last_used, digest),
+        )
+
+    def delete_session_tokens(self, digests: Sequence[str]) -> int:
+        n = 0
+        for digest in digests:
+            n += self.conn.execute(
+                "DELETE FROM session_tokens WHERE digest = ?", (digest,)
+            ).rowcount
+        return n
+
+    def delete_user_session_tokens(self, name: str) -> int:
+        return self.conn.execute("DELETE FROM session_tokens WHERE name = ?", (name,)).rowcount
+
+    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
+        rows = self.conn.execute(
+            "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
+            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
+            "ORDER BY t.last_used"
+        )
+        return [
+            (str(r[0]), str(r[1]), int(r[2]), str(r[3]), _number(r[4]) or 0.0, _number(r[5]) or 0.0)
+            for r in rows
+        ]
+
+    def expire_session_tokens(self, before: float) -> int:
+        return self.conn.execute(
+            "DELETE FROM session_tokens WHERE last_used < ? "
+            "OR NOT EXISTS (SELECT 1 FROM users u WHERE u.name = session_tokens.name "
+            "AND u.floor = session_tokens.floor)",
+            (before,),
+        ).rowcount
+
+    def grant_admin(self, name: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR REPLACE INTO admins (name, floor, ts) "
+            "SELECT name, floor, ? FROM users WHERE name = ?",
+            (ts, name),
+        )
+        return cur.rowcount > 0
+
+    def revoke_admin(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM admins WHERE name = ? "
+            "AND floor = (SELECT floor FROM users WHERE name = ?)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def admins(self) -> dict[str, float]:
+        rows = self.conn.execute(
+            "SELECT a.name, a.ts FROM admins a "
+            "JOIN users u ON u.name = a.name AND u.floor = a.floor"
+        )
+        return {str(r[0]): _number(r[1]) or 0.0 for r in rows}
+
+    def add_report(self, report: dict[str, Any]) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO reports (reporter, msg_id, reason, ts, sender, recipient, pos, "
+            "excerpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            tuple(report[k] for k in REPORT_FIELDS[1:]),
+        )
+        return int(cur.lastrowid or 0)
+
+    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT {', '.join(REPORT_FIELDS)} FROM reports WHERE id < ? ORDER BY id DESC LIMIT ?",
+            (before if before is not None else 2**63 - 1, limit),
+        )
+        return [report_row(r) for r in rows]
 
     def delete_user(
         self,

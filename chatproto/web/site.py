@@ -268,17 +268,26 @@ class _Register(_Api):
 
 
 class _Logout(_Api):
-    """``POST /api/logout``: the token stops working, open sessions close."""
+    """``POST /api/logout {"everywhere"?}``: the token stops working, open sessions
+    close.  With ``"everywhere": true``, every browser login of the account ends (and
+    the web sessions opened with them): "log out everywhere"."""
 
     def handle(self, request: Any, body: dict[str, Any] | None) -> Any:
         if body is None:
             raise ChatError("bad_request", "POST to log out")
+        everywhere = body.get("everywhere", False)
+        if not isinstance(everywhere, bool):
+            raise ChatError("bad_request", "field 'everywhere' must be a boolean")
         token = self.site.token_of(request)
+        user = self.site.realm.token_user(token) if everywhere else None
         if token:
             self.site.realm.revoke_token(token)
             self.site.ws.close_token(token)
         self.site.set_cookie(request, "", max_age=0)
-        return {}
+        if user is None:
+            return {}
+        d = self.site.realm.admin.revoke_logins(user.name, None, "you logged out everywhere")
+        return d.addCallback(lambda r: {"logins_ended": r[1] + 1})
 
 
 class _Session(_Api):

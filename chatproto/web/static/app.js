@@ -623,6 +623,16 @@ function init() {
     resetSession(null);
     showLogin("Logged out.");
   });
+  $("logout-all").addEventListener("click", async () => {
+    stop();
+    let note = "Logged out everywhere.";
+    try {
+      const res = await api("/api/logout", { everywhere: true });
+      note = `Logged out everywhere (${res.logins_ended} browser login${res.logins_ended === 1 ? "" : "s"} ended).`;
+    } catch (err) { note = `Logged out here; ending the others failed: ${err.message}`; }
+    resetSession(null);
+    showLogin(note);
+  });
   $("open-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     openByName($("open-input").value);
