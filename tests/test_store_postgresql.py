@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
-from chatproto.envelope import Envelope, new_message_id
+from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store.postgresql import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -287,3 +287,167 @@ def test_a_poisoned_row_reads_as_safe_values(open_store: Any, admin: Any, schema
     assert [e.id for e in feed] == [r[0] for r in rows]
     assert [e.ts for e in feed] == [0.0, 0.0, 0.0, 1764093000.0, 1764093000.0]
     assert [e.meta for e in feed] == [None, None, None, {"x": None, "y": [None]}, None]
+
+
+# several writers (issue 16, item 4) ---------------------------------------------------
+
+
+def _wait_until(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` (a thread is doing something we cannot be told about)."""
+    import time as _time
+
+    deadline = _time.monotonic() + timeout
+    while not predicate():
+        if _time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        _time.sleep(0.01)
+
+
+def _hold_back(admin_dsn: str, schema: str, writer: str) -> Any:
+    """A connection holding ``writer``'s row of ``stream_writers`` locked, so that
+    writer's next commit stops just before COMMIT (its items inserted, its positions
+    drawn, its in-flight lock held) until the connection's transaction ends."""
+    conn = psycopg.connect(admin_dsn)
+    conn.execute(
+        f'SELECT 1 FROM "{schema}".stream_writers WHERE writer = %s FOR UPDATE', (writer,)
+    )
+    return conn
+
+
+def test_positions_across_writers_held_back_commit(dsn: str, schema: str) -> None:
+    """Writer A draws a position and is held back before COMMIT; writer B draws a
+    higher one and commits.  A reader never advances past A's position while it is in
+    flight, so after A commits it reads A's item: nothing below a position it has seen
+    is ever missed, and items come in position order.  A naive reader (the highest
+    committed position) would have jumped over A's item."""
+    import threading
+
+    a = PostgresDB(dsn, schema, writer="a")
+    a.migrate()
+    b = PostgresDB(dsn, schema, create=False, writer="b")
+    reader = PostgresDB(dsn, schema, create=False, writer="reader")
+    try:
+        a.append_batch([[env(ALICE, BOB, "a0")]], {})
+        b.append_batch([[env(ALICE, BOB, "b0")]], {})
+        seen = reader.safe_position()
+        assert seen == 2
+        got = [e.body for e in reader.read_stream(0, seen, 100)]
+        assert got == ["a0", "b0"]
+
+        hold = _hold_back(dsn, schema, "a")
+        result: list[Any] = []
+        late = env(ALICE, BOB, "a1 (late)")
+        t = threading.Thread(target=lambda: result.append(a.append_batch([[late]], {})))
+        t.start()
+        try:
+            _wait_until(lambda: reader.items_top() == 3, "A has drawn its position")
+            [[pos_b]] = b.append_batch([[env(ALICE, BOB, "b1")]], {})
+            assert pos_b == 4
+            # B's item is committed and visible, A's (3) is not: the hazard.
+            assert reader.max_pos() == 4
+            assert [e.body for e in reader.read_stream(seen, 10, 100)] == ["b1"]
+            # The safe position stays below A's in-flight position (it may be lower
+            # than one seen before, A's row being older: a reader keeps its greatest).
+            safe = reader.safe_position()
+            assert safe < 3
+            assert reader.read_stream(max(seen, safe), safe, 100) == []
+            assert [w[0] for w in reader.writers() if w[3]] == ["a"]
+        finally:
+            hold.rollback()
+            hold.close()
+            t.join(20)
+        assert result == [[[3]]]
+        safe = reader.safe_position()
+        assert safe == 4
+        assert [e.body for e in reader.read_stream(seen, safe, 100)] == ["a1 (late)", "b1"]
+        assert not any(w[3] for w in reader.writers())
+    finally:
+        for db in (a, b, reader):
+            db.close()
+
+
+def test_dead_writer_holds_nobody_back(dsn: str, schema: str, admin: Any) -> None:
+    """A writer whose connection dies mid-transaction (its process was killed) drew a
+    position that will never be committed: once the server has ended its session,
+    readers go past it."""
+    a = PostgresDB(dsn, schema, writer="a")
+    a.migrate()
+    reader = PostgresDB(dsn, schema, create=False, writer="reader")
+    try:
+        a.append_batch([[env(ALICE, BOB, "a0")]], {})
+        tx = a.conn.transaction()
+        tx.__enter__()
+        a._begin_commit()
+        [drawn] = a._next("items_pos", 1)
+        assert drawn == 2
+        assert reader.safe_position() == 1  # in flight
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.conn.info.backend_pid,))
+        _wait_until(lambda: reader.safe_position() == 2, "the dead writer is ignored")
+        assert [e.body for e in reader.read_stream(0, 2, 10)] == ["a0"]
+    finally:
+        reader.close()
+        try:
+            a.conn.close()
+        except Exception:
+            pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_stores_share_a_schema_and_bound_their_reads(dsn: str, schema: str) -> Any:
+    """Two worker stores (as two processes would) write to one schema; a store's
+    reads (feed, history, newest position) never show an item above its safe
+    position, so a session's backlog cannot jump over a commit held back elsewhere.
+    A worker name runs once, and a single-process realm is refused beside workers."""
+    import threading
+
+    a = PostgresStore(dsn, schema, _reactor, worker="a")
+    yield a.open()
+    b = PostgresStore(dsn, schema, _reactor, worker="b")
+    yield b.open()
+    try:
+        with pytest.raises(RuntimeError, match="worker 'a' already runs"):
+            yield PostgresStore(dsn, schema, _reactor, worker="a").open()
+        with pytest.raises(RuntimeError, match="another realm process is writing"):
+            yield PostgresStore(dsn, schema, _reactor).open()
+        [first] = yield a.append([env(ALICE, BOB, "a0")])
+        assert (yield b.read_feed(BOB, 0, 10)) == []  # not yet known safe by b
+        assert (yield b.safe_position()) == first.pos
+        assert [e.body for e in (yield b.read_feed(BOB, 0, 10))] == ["a0"]
+
+        hold = _hold_back(dsn, schema, "a")
+        released = threading.Event()
+        try:
+            held = a.append([env(ALICE, BOB, "a1 (late)")])
+            yield deferToThread_wait(lambda: _top(dsn, schema) == 2)
+            [mine] = yield b.append([env(ALICE, BOB, "b1")])
+            assert mine.pos == 3
+            assert (yield b.safe_position()) == 1
+            assert [e.body for e in (yield b.read_feed(BOB, 0, 10))] == ["a0"]
+            page = yield b.history(conversation_key(ALICE, BOB), None, None, 10)
+            assert all(e.pos <= 1 for e in page)
+            assert (yield b.max_pos()) == 1
+        finally:
+            hold.rollback()
+            hold.close()
+            released.set()
+        yield held
+        assert (yield b.safe_position()) == 3
+        feed = yield b.read_feed(BOB, 0, 10)
+        assert [e.body for e in feed] == ["a0", "a1 (late)", "b1"]
+    finally:
+        yield a.close()
+        yield b.close()
+
+
+def _top(dsn: str, schema: str) -> bool | int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(
+            f'SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM "{schema}".items_pos'
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+
+def deferToThread_wait(predicate: Any) -> Any:
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(_wait_until, predicate, "the condition")

@@ -18,15 +18,15 @@ once the commit is flushed to the server's WAL: SIGKILL of the realm, or of the
 server, loses nothing acknowledged.
 
 Positions: items take their position from the sequence ``items_pos`` inside the
-commit's transaction; outbox rows likewise from ``outbox_seq``.  Today one writer per
-realm: the store holds an advisory lock on its schema while open, so a second realm
-process on the same schema refuses to start.  With one writer, positions are handed
-out and committed in the same order, so a reader that has seen position P can never
-later meet a smaller one.  Several writers (issue 16, item 4) will draw from the same
-sequence but commit in another order; the design for them, written down in
-docs/operator-guide.md ("Several writers"): each writer publishes, in the transaction
-that commits its batch, a row ``(writer, persisted_upto)`` meaning "I have nothing
-below this in flight", and readers only advance to the minimum over live writers.
+commit's transaction; outbox rows likewise from ``outbox_seq``.  A single-process
+realm holds an advisory lock on its schema while open, so a second one on the same
+schema refuses to start.  Workers of a cluster (issue 16) share the schema: each is a
+writer, and positions are then handed out in one order and committed in another.  So
+every commit holds its writer's in-flight lock and records, in ``stream_writers``, the
+position below which that writer has nothing in flight; a reader advances only to
+:meth:`PostgresDB.safe_position` (a worker's store bounds its reads by it), and never
+later meets an item below a position it has seen (docs/operator-guide.md, "Several
+writers").
 
 Text PostgreSQL cannot hold (U+0000, which JSON allows in a message body, an item id
 or a device name) is stored escaped: see :func:`escape_text`.
@@ -45,6 +45,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
@@ -70,7 +71,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -195,6 +196,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reports_reporter ON reports (reporter, ts);
     """,
+    # v5 (PostgreSQL only; issue 16): several writers.  Each writer's row says "every
+    # position I drew up to here is committed" (see PostgresDB.safe_position).
+    """
+    CREATE TABLE stream_writers (
+        writer TEXT COLLATE "C" PRIMARY KEY,
+        persisted_upto BIGINT NOT NULL,
+        lock_key BIGINT NOT NULL,
+        updated DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 #: Seconds to wait for the server when connecting (unless the DSN says otherwise).
@@ -296,10 +307,32 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-def _lock_key(schema: str) -> int:
-    """The advisory lock key of a schema's single writer (a signed 64-bit int)."""
-    digest = hashlib.sha256(f"chatproto writer {schema}".encode()).digest()
+def _key(text: str) -> int:
+    """An advisory lock key (a signed 64-bit int) named by ``text``."""
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_key(schema: str) -> int:
+    """The advisory lock key of a schema's writers: held exclusively by a single-process
+    realm, shared by the workers of a cluster (so the two never mix)."""
+    return _key(f"chatproto writer {schema}")
+
+
+def _worker_key(schema: str, writer: str) -> int:
+    """The session lock a worker holds while it runs: one process per worker name."""
+    return _key(f"chatproto worker {schema} {writer}")
+
+
+def _inflight_key(schema: str, writer: str) -> int:
+    """The transaction lock a writer holds while a commit of its is in flight (see
+    :meth:`PostgresDB.safe_position`)."""
+    return _key(f"chatproto in flight {schema} {writer}")
+
+
+#: The writer name of a single-process realm, and of ``chatrealmctl``'s commits.
+SOLE_WRITER = "realm"
+CTL_WRITER = "chatrealmctl"
 
 
 class PostgresDB:
@@ -309,9 +342,15 @@ class PostgresDB:
     error: a wrong ``schema`` in the config must not start an empty realm elsewhere).
     """
 
-    def __init__(self, dsn: str, schema: str, create: bool = True) -> None:
+    def __init__(
+        self, dsn: str, schema: str, create: bool = True, writer: str = CTL_WRITER
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
+        #: The name this connection's commits are recorded under in ``stream_writers``.
+        self.writer = writer
+        self._inflight = _inflight_key(schema, writer)
+        self._writer_row = False
         self.path = describe_dsn(dsn, schema)
         kwargs: dict[str, Any] = {"autocommit": True}
         try:
@@ -357,7 +396,7 @@ class PostgresDB:
             # some time after the connection is closed, and a realm restarted at once
             # must not find its own lock still held.
             try:
-                self.conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(self.schema),))
+                self.conn.execute("SELECT pg_advisory_unlock_all()")
             except psycopg.Error:
                 pass
         self._locked = False
@@ -371,25 +410,118 @@ class PostgresDB:
         """The connection is lost (the server restarted, the network failed)."""
         return bool(self.conn.broken or self.conn.closed)
 
-    def lock_writer(self, wait: float = LOCK_WAIT) -> None:
+    def lock_writer(self, wait: float = LOCK_WAIT, worker: str | None = None) -> None:
         """Become the schema's one writer (held until this connection closes); raise
         if another process still is after ``wait`` seconds (the lock of a process
-        that has just died is released once the server notices)."""
+        that has just died is released once the server notices).
+
+        With ``worker`` (a cluster's worker name), become one of the schema's several
+        writers instead: the schema's lock is taken shared (so a single-process realm
+        and a cluster never write to one schema together) and the worker's name
+        exclusively (one process per name)."""
         c = self.conn
         # (lock_timeout 0 would mean "wait for ever": at least a millisecond)
         ms = max(1, int(wait * 1000))
         c.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{ms}ms")))
         try:
-            c.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.schema),))
+            if worker is None:
+                c.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.schema),))
+            else:
+                c.execute("SELECT pg_advisory_lock_shared(%s)", (_lock_key(self.schema),))
+                self._locked = True
+                c.execute("SELECT pg_advisory_lock(%s)", (_worker_key(self.schema, worker),))
         except psycopg.errors.LockNotAvailable:
+            if worker is not None and self._locked:
+                raise RuntimeError(
+                    f"worker {worker!r} already runs on {self.path}: one process per "
+                    "worker name"
+                ) from None
             raise RuntimeError(
                 f"another realm process is writing to {self.path}: one writer per "
                 "realm (stop it, or give this realm another storage.schema)"
+                + ("" if worker is None else "; a single-process realm runs there")
             ) from None
         finally:
             if not self.broken:
                 c.execute("RESET lock_timeout")
         self._locked = True
+
+    # several writers (issue 16) -----------------------------------------------------
+
+    def _register_writer(self) -> None:
+        """Make sure this writer's ``stream_writers`` row exists, committed (outside
+        any transaction: a reader must see the row before the writer's first
+        in-flight transaction, or it would not know to wait for it)."""
+        if not self._writer_row:
+            self.conn.execute(
+                "INSERT INTO stream_writers (writer, persisted_upto, lock_key, updated) "
+                "VALUES (%s, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                "FROM items_pos), %s, %s) ON CONFLICT (writer) DO UPDATE "
+                "SET lock_key = excluded.lock_key",
+                (self.writer, self._inflight, time.time()),
+            )
+            self._writer_row = True
+
+    def _begin_commit(self) -> None:
+        """First thing in a transaction that draws positions: hold this writer's
+        in-flight lock until the transaction ends, so readers know a commit of ours is
+        in flight (see :meth:`safe_position`)."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._inflight,))
+
+    def _end_commit(self) -> None:
+        """Last thing before COMMIT: every position this writer drew is committed with
+        this transaction, and any it draws later is above the sequence's value now."""
+        self.conn.execute(
+            "UPDATE stream_writers SET updated = %s, persisted_upto = greatest("
+            "persisted_upto, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+            "FROM items_pos)) WHERE writer = %s",
+            (time.time(), self.writer),
+        )
+
+    def safe_position(self) -> int:
+        """The highest position P such that every item at a position <= P that will
+        ever be committed is committed now (visible to any read that starts after
+        this returns): what a reader may advance to with several writers.
+
+        Positions are drawn from the sequence ``items_pos`` in one order and committed
+        in another.  A writer draws only inside a transaction that first takes its
+        in-flight lock (:meth:`_begin_commit`) and, before COMMIT, records in its
+        ``stream_writers`` row the sequence's value then (:meth:`_end_commit`): every
+        position of its <= that value is committed, every later one will be above
+        it.  So: read the sequence's value T first; then each writer whose in-flight
+        lock is held has a commit in flight whose positions are all above its row's
+        (committed) value; any other writer has nothing drawn below T in flight (its
+        lock is released only after its COMMIT is visible).  The answer is T, lowered
+        to the row value of every writer in flight.  A writer that died holds no lock:
+        it holds nobody back.
+        """
+        c = self.conn
+        top = self.items_top()
+        row = c.execute(
+            "SELECT min(persisted_upto) FROM stream_writers "
+            "WHERE NOT pg_try_advisory_xact_lock_shared(lock_key)"
+        ).fetchone()
+        held = row[0] if row else None
+        return top if held is None else min(top, int(held))
+
+    def writers(self) -> list[tuple[str, int, float, bool]]:
+        """Every writer that ever committed here: ``(name, persisted_upto, when it last
+        committed (Unix time), whether a commit of its is in flight now)``."""
+        rows = self.conn.execute(
+            "SELECT writer, persisted_upto, updated, "
+            "NOT pg_try_advisory_xact_lock_shared(lock_key) FROM stream_writers "
+            "ORDER BY writer"
+        ).fetchall()
+        return [(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
+
+    def read_stream(self, after: int, upto: int, limit: int) -> list[Envelope]:
+        """Every item with ``after < pos <= upto``, oldest first (a worker's live
+        delivery reads these, ``upto`` a :meth:`safe_position`)."""
+        rows = self.conn.execute(
+            f"SELECT {_COLS} FROM items WHERE pos > %s AND pos <= %s ORDER BY pos LIMIT %s",
+            (after, upto, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
 
     def _seq_top(self, seq: str) -> int:
         row = self.conn.execute(
@@ -699,7 +831,9 @@ class PostgresDB:
         c = self.conn
         queued_rows: list[tuple[str, int, Any]] = []
         self.commit_sent = False
+        self._register_writer()
         with c.transaction():
+            self._begin_commit()
             missing: dict[int, Exception] = {}
             if deletions is not None and any(deletions):  # as in SQLiteDB.commit_batch
                 batches = list(batches)
@@ -763,6 +897,7 @@ class PostgresDB:
                         "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
                         [(u, escape_text(d), p) for (u, d), p in acks.items()],
                     )
+            self._end_commit()
             self.commit_sent = True  # past here a lost connection leaves it unknown
             synced = time.perf_counter()
         self.sync_seconds = time.perf_counter() - synced
@@ -1024,15 +1159,19 @@ class PostgresDB:
         after: int,
         limit: int,
         groups: Sequence[tuple[str, int, int | None]] = (),
+        upto: int | None = None,
     ) -> list[Envelope]:
         """Private items to or from ``user``, and items of ``groups`` within their
-        ``(lo, hi]`` ranges, after ``after``; oldest first."""
+        ``(lo, hi]`` ranges, after ``after`` (and with ``upto``, none above it);
+        oldest first."""
+        bound = "" if upto is None else " AND pos <= %s"
         parts = [
-            f"SELECT {_COLS} FROM items WHERE recipient = %s AND pos > %s",
-            f"SELECT {_COLS} FROM items WHERE sender = %s AND pos > %s "
+            f"SELECT {_COLS} FROM items WHERE recipient = %s AND pos > %s{bound}",
+            f"SELECT {_COLS} FROM items WHERE sender = %s AND pos > %s{bound} "
             "AND recipient <> sender AND left(recipient, 1) <> '#'",
         ]
-        params: list[Any] = [user, after, user, after]
+        params: list[Any] = [user, after] if upto is None else [user, after, upto]
+        params += params
         for group, lo, hi in groups:
             if hi is not None and hi <= after:
                 continue
@@ -1074,12 +1213,14 @@ class PostgresDB:
         after: int | None,
         limit: int,
         floor: int = 0,
+        upto: int | None = None,
     ) -> list[Envelope]:
         c = self.conn
         if after is not None:
             rows = c.execute(
-                f"SELECT {_COLS} FROM items WHERE conv = %s AND pos > %s ORDER BY pos LIMIT %s",
-                (conversation, max(after, floor), limit),
+                f"SELECT {_COLS} FROM items WHERE conv = %s AND pos > %s AND pos <= %s "
+                "ORDER BY pos LIMIT %s",
+                (conversation, max(after, floor), 2**62 if upto is None else upto, limit),
             ).fetchall()
         else:
             bound = before if before is not None else 2**62
@@ -1195,17 +1336,31 @@ class PostgresStore(GroupCommitStore):
         schema: str,
         reactor: IReactorThreads,
         readers: int = 2,
+        worker: str | None = None,
     ) -> None:
         super().__init__(reactor, readers, "postgresql")
         self.dsn = dsn
         self.schema = schema
         self.path = describe_dsn(dsn, schema)
+        #: The cluster worker this store writes as (None: the realm's only writer).
+        self.worker = worker
+        #: With several writers: reads return no item above this position, the last
+        #: :meth:`safe_position` seen (a reader never sees an item while one below it
+        #: may still commit).  None: no bound (one writer commits in position order).
+        self.visible: int | None = None if worker is None else 0
+
+    def _new_writer(self, create: bool = False) -> PostgresDB:
+        return PostgresDB(
+            self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER
+        )
 
     def _open_writer(self) -> PostgresDB:
-        writer = PostgresDB(self.dsn, self.schema)
+        writer = self._new_writer(create=True)
         try:
-            writer.lock_writer()
+            writer.lock_writer(worker=self.worker)
             writer.migrate()
+            if self.visible is not None:
+                self.visible = writer.safe_position()
         except psycopg.Error as e:
             writer.close()
             raise RuntimeError(f"{self.path}: {e}") from None
@@ -1220,9 +1375,9 @@ class PostgresStore(GroupCommitStore):
         assert isinstance(writer, PostgresDB)
         if writer.broken:  # on the writer thread: reconnect, and be the writer again
             writer.close()
-            fresh = PostgresDB(self.dsn, self.schema, create=False)
+            fresh = self._new_writer()
             try:
-                fresh.lock_writer()
+                fresh.lock_writer(worker=self.worker)
             except Exception:
                 fresh.close()
                 raise
@@ -1255,3 +1410,63 @@ class PostgresStore(GroupCommitStore):
 
     def _retry_read(self, db: Any, error: Exception) -> bool:
         return isinstance(error, psycopg.OperationalError) and bool(db.broken)
+
+    # several writers (issue 16) -----------------------------------------------------
+
+    def safe_position(self) -> Deferred[int]:
+        """The position every reader may advance to (see
+        :meth:`PostgresDB.safe_position`); with several writers it also raises the
+        bound of this store's reads (:attr:`visible`).  Fires with it."""
+
+        def seen(pos: int) -> int:
+            if self.visible is not None and pos > self.visible:
+                self.visible = pos
+            return pos
+
+        return self._read(lambda db: db.safe_position()).addCallback(seen)
+
+    def read_stream(self, after: int, upto: int, limit: int) -> Deferred[list[Envelope]]:
+        """Every item with ``after < pos <= upto``, oldest first."""
+        return self._read(lambda db: db.read_stream(after, upto, limit))
+
+    def writers(self) -> Deferred[list[tuple[str, int, float, bool]]]:
+        """See :meth:`PostgresDB.writers`."""
+        return self._read(lambda db: db.writers())
+
+    # reads bounded by the safe position (several writers) --------------------------
+
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+    ) -> Deferred[list[Envelope]]:
+        upto = self.visible
+        if upto is None:
+            return super().read_feed(user, after, limit, groups)
+        ranges = [(g, lo, upto if hi is None else min(hi, upto)) for g, lo, hi in groups]
+        return self._read(lambda db: db.read_feed(user, after, limit, ranges, upto))
+
+    def history(
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
+    ) -> Deferred[list[Envelope]]:
+        upto = self.visible
+        if upto is None:
+            return super().history(conversation, before, after, limit, floor)
+        if before is None or before > upto + 1:
+            before = upto + 1
+        return self._read(
+            lambda db: db.history(conversation, before, after, limit, floor, upto)
+        )
+
+    def max_pos(self) -> Deferred[int]:
+        upto = self.visible
+        if upto is None:
+            return super().max_pos()
+        return self._read(lambda db: min(db.max_pos(), upto))
