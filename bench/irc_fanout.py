@@ -49,6 +49,36 @@ CHANNEL = b"#bench"
 PATTERN = b" PRIVMSG #bench :"
 
 
+class BenchError(Exception):
+    """A run that cannot go on (a server exited, a client was disconnected...)."""
+
+
+# Every server process this bench started; kill_children() ends them all (their own
+# process groups: twistd and ngircd run with start_new_session=True).
+CHILDREN: list[subprocess.Popen[Any]] = []
+
+
+def spawn(cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    """Start a server in a process group of its own, remembered for kill_children()."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, **kw)
+    CHILDREN.append(proc)
+    return proc
+
+
+def kill_children() -> None:
+    for proc in list(CHILDREN):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        CHILDREN.remove(proc)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,18 +89,68 @@ def wait_port(port: int, proc: subprocess.Popen[Any], log: Path, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"server exited ({proc.returncode}); log:\n{log.read_text()[-3000:]}")
+            text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise BenchError(f"server exited ({proc.returncode}); log:\n{text}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.1)
-    sys.exit(f"server did not listen on {port} in {timeout} s; log:\n{log.read_text()[-3000:]}")
+    text = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise BenchError(f"server did not listen on {port} in {timeout} s; log:\n{text}")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """CPU time of a process, all its threads, or of one thread (utime + stime, in
+    clock ticks: 10 ms resolution)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSample:
+    """CPU time of a server process at one moment, for :func:`cpu_used`.
+
+    ``tasks``: ns on CPU per thread from ``/proc/PID/task/*/schedstat`` (nanosecond
+    resolution; ``/proc/PID/stat`` counts 10 ms ticks, too coarse for an ngircd run
+    of 0.2 s of CPU); ``ticks_s``: utime + stime of the whole process from
+    ``/proc/PID/stat``, which keeps the time of threads that have exited.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ticks_s = cpu_seconds(pid)
+        self.main_ticks_s = cpu_seconds(pid, pid)
+        self.tasks: dict[str, int] = {}
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                self.tasks[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            self.tasks = {}  # a thread went away mid-read, or no schedstat: ticks only
+
+
+def cpu_used(a: CpuSample, b: CpuSample) -> tuple[float, float]:
+    """(all threads, main thread) CPU seconds from sample ``a`` to sample ``b``.
+
+    Nanosecond schedstat figures when every thread of ``a`` is still there in ``b``
+    (threads started in between count from zero); otherwise, since a thread that
+    exited took its schedstat with it, the process's clock ticks.
+    """
+    main = str(a.pid)
+    if main in a.tasks and main in b.tasks:
+        main_s = (b.tasks[main] - a.tasks[main]) / 1e9
+        if a.tasks.keys() <= b.tasks.keys():
+            return (sum(b.tasks.values()) - sum(a.tasks.values())) / 1e9, main_s
+        return b.ticks_s - a.ticks_s, main_s
+    return b.ticks_s - a.ticks_s, b.main_ticks_s - a.main_ticks_s
+
+
+def system_busy_ns() -> int:
+    """CPU time all processes spent busy (all cores), from /proc/stat, in ns (10 ms ticks)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    ticks = sum(v[:8]) - v[3] - v[4]  # user nice system idle iowait irq softirq steal
+    return int(ticks * 1e9 / os.sysconf("SC_CLK_TCK"))
 
 
 # servers ------------------------------------------------------------------------------
@@ -90,13 +170,21 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc in CHILDREN:
+            CHILDREN.remove(self.proc)
+
+    def profile(self, on: bool) -> None:
+        pass
 
 
 class ChatprotoServer(Server):
     name = "chatproto"
     password = PASSWORD
 
-    def __init__(self, tmp: Path, users: int, profile: str | None) -> None:
+    def __init__(
+        self, tmp: Path, users: int, profile: str | None, synchronous: str = "NORMAL"
+    ) -> None:
+        self.synchronous = synchronous
         self.port = free_port()
         self.native = free_port()
         conf = tmp / "realm.toml"
@@ -121,7 +209,7 @@ argon2_memory_cost = 1024
 argon2_parallelism = 1
 free_failures_per_address = 1000000
 [storage]
-synchronous = "NORMAL"
+synchronous = "{synchronous}"
 [irc]
 enabled = true
 listen = ["tcp:{self.port}:interface=127.0.0.1"]
@@ -133,9 +221,7 @@ flood_rate = 0.0
         if profile:
             wrapper += ["--profile", profile, "--profile-signals"]
         twistd = [*wrapper, "--", "-n", "--pidfile=", f"--logfile={self.log}", "chatrealm"]
-        self.proc = subprocess.Popen(
-            [*twistd, "--config", str(conf)], cwd=tmp, start_new_session=True
-        )
+        self.proc = spawn([*twistd, "--config", str(conf)], cwd=tmp)
         wait_port(self.port, self.proc, self.log)
         wait_port(self.native, self.proc, self.log)
         self.register(users)
@@ -159,14 +245,14 @@ flood_rate = 0.0
                         continue
                 chunk = s.recv(65536)
                 if not chunk:
-                    sys.exit("realm closed the registration connection")
+                    raise BenchError("realm closed the registration connection")
                 buf += chunk
 
         request({"type": "hello", "version": 1, "id": 0})
         for i in range(users):
             r = request({"type": "register", "id": i + 1, "user": f"u{i}", "password": PASSWORD})
             if r.get("type") != "result" and r.get("code") != "user_exists":
-                sys.exit(f"register u{i}: {r}")
+                raise BenchError(f"register u{i}: {r}")
         s.close()
 
     def profile(self, on: bool) -> None:
@@ -205,16 +291,8 @@ PAM = no
         )
         self.log = tmp / "ngircd.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [binary, "-n", "-f", str(conf)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self.proc = spawn([binary, "-n", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc, self.log)
-
-    def profile(self, on: bool) -> None:
-        pass
 
 
 # load -----------------------------------------------------------------------------------
@@ -237,7 +315,7 @@ class Conn:
         while needle not in data:
             chunk = self.sock.recv(65536)
             if not chunk:
-                sys.exit(
+                raise BenchError(
                     f"{self.nick}: connection closed while waiting for {needle!r}: {data[-500:]!r}"
                 )
             data = data[-4096:] + chunk
@@ -256,7 +334,9 @@ class Conn:
             pass
 
 
-def run_workload(server: Server, members: int, messages: int, window: int) -> dict[str, Any]:
+def run_workload(
+    server: Server, members: int, messages: int, window: int, timeout: float = 120
+) -> dict[str, Any]:
     sender = Conn(server.port, "u0", server.password)
     sender.expect(b" 001 ")
     sender.sock.sendall(b"JOIN #bench\r\n")
@@ -283,11 +363,12 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
     sent = 0
     pending = b""
     done = 0
-    cpu0 = cpu_seconds(server.proc.pid)
+    cpu0 = CpuSample(server.proc.pid)
+    sys0 = system_busy_ns()
     me0 = sum(os.times()[:2])
     server.profile(True)
     t0 = time.perf_counter()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     last = t0
     while done < len(receivers):
         if time.monotonic() > deadline:
@@ -311,7 +392,9 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
             except BlockingIOError:
                 continue
             if not data:
-                sys.exit(f"{server.name}: {c.nick} was disconnected after {c.count} messages")
+                raise BenchError(
+                    f"{server.name}: {c.nick} was disconnected after {c.count} messages"
+                )
             now_ns = time.perf_counter_ns()
             data = c.tail + data
             end = data.rfind(b"\n") + 1
@@ -334,7 +417,9 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
             pass
     server.profile(False)
     elapsed = last - t0
-    cpu = cpu_seconds(server.proc.pid) - cpu0
+    cpu, cpu_main = cpu_used(cpu0, CpuSample(server.proc.pid))
+    system = (system_busy_ns() - sys0) / 1e9
+    wall = time.perf_counter() - t0
     me = sum(os.times()[:2]) - me0
     total = sum(min(c.count, messages) for c in receivers)
     for c in [sender, *receivers]:
@@ -355,13 +440,39 @@ def run_workload(server: Server, members: int, messages: int, window: int) -> di
         "deliveries_per_s": round(total / elapsed) if elapsed > 0 else 0,
         "p50_ms": round(pct(0.50), 2),
         "p99_ms": round(pct(0.99), 2),
-        "server_cpu_s": round(cpu, 2),
+        "server_cpu_s": round(cpu, 3),
+        "server_main_thread_cpu_s": round(cpu_main, 3),
         "deliveries_per_cpu_s": round(total / cpu) if cpu > 0 else 0,
+        "server_us_per_delivery": round(cpu * 1e6 / total, 2) if total else None,
+        "main_thread_us_per_delivery": round(cpu_main * 1e6 / total, 2) if total else None,
         "loadgen_cpu_s": round(me, 2),
+        # CPU of everything else on the machine during the run, % of one core
+        "other_cpu_pct": round(100 * (system - cpu - me) / wall, 1) if wall > 0 else None,
     }
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, so ``finally: kill_children()`` runs."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def main() -> None:
+    interrupt_on_sigterm()
+    try:
+        _main()
+    except BenchError as e:
+        sys.exit(f"irc_fanout: {e}")
+    except KeyboardInterrupt:
+        sys.exit("irc_fanout: interrupted; servers killed")
+    finally:
+        kill_children()
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--members", default="100", help="comma-separated R values (default 100)")
     ap.add_argument("--messages", type=int, default=20000, help="M (default 20000)")
@@ -399,13 +510,14 @@ def main() -> None:
         )
         print(
             f"  {'server':<10} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'seconds':>8} {'server CPU s':>13} {'per CPU s':>10} {'loadgen CPU s':>14}  complete"
+            f"{'seconds':>8} {'server CPU s':>13} {'per CPU s':>10} {'us/deliv':>9} "
+            f"{'loadgen CPU s':>14}  complete"
         )
         for r in row.values():
             print(
                 f"  {r['server']:<10} {r['deliveries_per_s']:>13,} {r['p50_ms']:>8} "
                 f"{r['p99_ms']:>8} {r['seconds']:>8} {r['server_cpu_s']:>13} "
-                f"{r['deliveries_per_cpu_s']:>10,} "
+                f"{r['deliveries_per_cpu_s']:>10,} {r['server_us_per_delivery']:>9} "
                 f"{r['loadgen_cpu_s']:>14}  {r['complete']}"
             )
         if "chatproto" in row and "ngircd" in row and row["ngircd"]["deliveries_per_s"]:

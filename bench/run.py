@@ -111,6 +111,8 @@ max_sessions_per_user = 1000000
 max_members_per_group = 1000000  # fan-out groups; each bench user is in one group
 keepalive_interval = 3600.0
 login_timeout = 120.0
+max_unauthenticated = 0  # no bound: the loadgen opens 48-64 connections at once
+max_unauthenticated_per_address = 0
 
 [storage]
 synchronous = "{synchronous}"
@@ -260,6 +262,22 @@ def loadgen(*args: Any, timeout: float) -> dict[str, Any]:
     return result
 
 
+def add_us_per_msg(r: dict[str, Any]) -> dict[str, Any]:
+    """Server CPU per delivered message (us): all threads, and the reactor thread alone.
+
+    CPU% of one core over the window, times the window, over the messages delivered in
+    it: less sensitive than msgs/s to what else runs on the machine.
+    """
+    n, secs = r.get("delivered"), r.get("duration_s")
+    for pct, key in (
+        ("realm_cpu_pct", "realm_us_per_msg"),
+        ("realm_main_thread_cpu_pct", "reactor_us_per_msg"),
+    ):
+        v = r.get(pct)
+        r[key] = round(v * secs * 1e4 / n, 2) if n and secs and v is not None else None
+    return r
+
+
 def dm(
     server: Server, pairs: int, duration: float, window: int = 64, warmup: float = 1.0
 ) -> dict[str, Any]:
@@ -280,10 +298,12 @@ def dm(
         *(["--profile-signals"] if server.profile else []),
         timeout=duration + warmup + 180,
     )
+    add_us_per_msg(r)
     log(
         f"  pairs={pairs} window={window}: {r['delivered_per_s']:.0f} DMs/s, "
         f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, realm CPU {r['realm_cpu_pct']}% "
-        f"(reactor thread {r['realm_main_thread_cpu_pct']}%), "
+        f"(reactor thread {r['realm_main_thread_cpu_pct']}%), {r['realm_us_per_msg']} us/msg "
+        f"(reactor {r['reactor_us_per_msg']}), "
         f"loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}"
     )
     return r
@@ -309,11 +329,12 @@ def fanout(
         *(["--profile-signals"] if server.profile else []),
         timeout=duration + warmup + 600,
     )
+    add_us_per_msg(r)
     log(
         f"  members={members} window={window}: {r['delivered_per_s']:.0f} msgs/s delivered, "
         f"{r['send_acks_per_s']:.0f} sends/s, p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, "
         f"realm CPU {r['realm_cpu_pct']}% (reactor thread {r['realm_main_thread_cpu_pct']}%), "
-        f"loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}, drain {r['drain_s']} s, "
+        f"{r['realm_us_per_msg']} us/msg (reactor {r['reactor_us_per_msg']}), loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}, drain {r['drain_s']} s, "
         f"set-up {r['setup_s']} s (register {r['register_s']} s, login {r['login_s']} s)"
     )
     return r
@@ -372,13 +393,15 @@ def table(results: dict[str, Any]) -> str:
         "DM throughput (loopback, one load generator process, window = sends in flight per sender)"
     )
     lines.append(
-        f"  {'test':<42}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
+        f"  {'test':<42}{'DMs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'us/msg':>8}{'reactor us/msg':>15}{'lg CPU%':>9}{'other%':>8}"
     )
     for key, r in results["dm"].items():
         lines.append(
             f"  {key:<42}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
             f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
-            f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
+            f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}"
+            f"{fmt(r.get('realm_us_per_msg'), 2):>8}{fmt(r.get('reactor_us_per_msg'), 2):>15}"
+            f"{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
         )
     if results.get("fanout"):
         lines.append("")
@@ -386,13 +409,15 @@ def table(results: dict[str, Any]) -> str:
             "Group fan-out (one sender, window = sends in flight; msgs/s = msg frames received by members, sender's echo excluded)"
         )
         lines.append(
-            f"  {'test':<42}{'msgs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'lg CPU%':>9}{'other%':>8}"
+            f"  {'test':<42}{'msgs/s':>10}{'sends/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'realm CPU%':>12}{'reactor%':>10}{'us/msg':>8}{'reactor us/msg':>15}{'lg CPU%':>9}{'other%':>8}"
         )
         for key, r in results["fanout"].items():
             lines.append(
                 f"  {key:<42}{fmt(r['delivered_per_s'], 0):>10}{fmt(r['send_acks_per_s'], 0):>10}"
                 f"{fmt(r['latency_ms_p50'], 2):>9}{fmt(r['latency_ms_p99'], 2):>9}"
-                f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
+                f"{fmt(r['realm_cpu_pct']):>12}{fmt(r['realm_main_thread_cpu_pct']):>10}"
+                f"{fmt(r.get('realm_us_per_msg'), 2):>8}{fmt(r.get('reactor_us_per_msg'), 2):>15}"
+                f"{fmt(r['loadgen_cpu_pct']):>9}{fmt(r.get('other_cpu_pct')):>8}"
             )
     if results.get("memory"):
         lines.append("")

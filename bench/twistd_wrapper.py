@@ -1,7 +1,7 @@
 """Run twistd with bench instrumentation:
 
     python bench/twistd_wrapper.py [--profile OUT.prof [--profile-signals]]
-                                   [--switchinterval S] -- TWISTD-ARGS
+                                   [--switchinterval S] [--words-groups] -- TWISTD-ARGS
 
 ``--profile``: cProfile the reactor (main) thread and dump it on reactor shutdown.
 With ``--profile-signals`` the profiler starts disabled: SIGUSR1 enables it and SIGUSR2
@@ -14,6 +14,11 @@ The SQLite writer/reader and argon2 threads are not profiled.
 
 ``--switchinterval``: ``sys.setswitchinterval(S)`` before starting, to measure how much
 GIL hand-off between the reactor and the SQLite writer thread costs (default 0.005).
+
+``--words-groups``: make ``twistd words --group NAME`` work on Python 3 (Twisted 26.10's
+``twisted.words.tap.Options.opt_group`` calls ``str.decode`` and fails), so the IRC bench
+can give twisted.words a channel to join: its realm creates no group on JOIN
+(``createGroupOnRequest = False``).  Only the option parsing is changed.
 
 """
 
@@ -32,6 +37,14 @@ while opts:
         profile_signals = True
     elif opt == "--switchinterval":
         sys.setswitchinterval(float(opts.pop(0)))
+    elif opt == "--words-groups":
+        from twisted.words import tap as words_tap
+
+        def opt_group(self: words_tap.Options, name: str) -> None:
+            """Specify a group which should exist"""
+            self["groups"].append(name)
+
+        words_tap.Options.opt_group = opt_group  # type: ignore[method-assign]
     else:
         sys.exit(f"twistd_wrapper: unknown option {opt}")
 sys.argv = ["twistd", *twistd_args]

@@ -1,0 +1,140 @@
+"""bench/irc.py (issue 20): the IRC peer bench runs end to end on a tiny load against
+chatproto's IRC gateway and twisted.words, and its ratios and CPU-per-message figures
+are computed from the right numbers.  No figure is asserted (performance lives in
+bench/, not in tests); only that every message was delivered and counted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    """Import bench/NAME.py (the bench scripts import each other from bench/)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def _run(server: str, rep: int, rate: int, us: float, **kw: Any) -> dict[str, Any]:
+    return {
+        "server": server,
+        "workload": "dm",
+        "rep": rep,
+        "deliveries_per_s": rate,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "server_us_per_delivery": us,
+        "main_thread_us_per_delivery": us,
+        **kw,
+    }
+
+
+def test_ratios_are_taken_per_repetition() -> None:
+    irc = _load("irc")
+    runs = [
+        _run("chatproto", 1, 10_000, 50.0),
+        _run("twisted.words", 1, 40_000, 10.0),
+        _run("chatproto", 2, 20_000, 40.0),
+        _run("twisted.words", 2, 40_000, 8.0),
+        {"server": "ngircd", "workload": "dm", "rep": 1, "error": "BenchError: gone"},
+    ]
+    s = irc.summarize(runs, "dm")
+    q = s["ratios"]["chatproto/twisted.words"]
+    assert q["rate_per_rep"] == [0.25, 0.5]
+    assert q["rate"] == 0.375
+    assert q["cpu_per_rep"] == [0.2, 0.2]
+    assert "chatproto/ngircd" not in s["ratios"]  # its only run failed
+    assert s["servers"]["chatproto"]["server_us_per_delivery"] == 45.0
+
+
+def test_cpu_used_falls_back_to_ticks_when_a_thread_exits() -> None:
+    fanout = _load("irc_fanout")
+
+    def sample(tasks: dict[str, int], ticks: float) -> Any:
+        s = object.__new__(fanout.CpuSample)
+        s.pid, s.tasks, s.ticks_s, s.main_ticks_s = 7, tasks, ticks, 0.0
+        return s
+
+    a = sample({"7": 1_000_000_000, "8": 500_000_000}, 10.0)
+    # thread 9 started during the run: counted from zero, nanosecond figures
+    b = sample({"7": 1_250_000_000, "8": 500_000_000, "9": 100_000_000}, 10.5)
+    assert fanout.cpu_used(a, b) == (0.35, 0.25)
+    # thread 8 exited: its schedstat is gone, so the process's ticks are used
+    c = sample({"7": 1_250_000_000}, 10.5)
+    assert fanout.cpu_used(a, c) == (0.5, 0.25)
+
+
+def test_run_py_us_per_msg() -> None:
+    run = _load("run")
+    r = run.add_us_per_msg(
+        {
+            "delivered": 20_000,
+            "duration_s": 2.0,
+            "realm_cpu_pct": 50.0,
+            "realm_main_thread_cpu_pct": 40.0,
+        }
+    )
+    assert (r["realm_us_per_msg"], r["reactor_us_per_msg"]) == (50.0, 40.0)
+    r = run.add_us_per_msg({"delivered": 0, "duration_s": 2.0, "realm_cpu_pct": 50.0})
+    assert r["realm_us_per_msg"] is None
+
+
+def test_irc_bench_end_to_end(tmp_path: Path) -> None:
+    """A tiny run over loopback: 2 DM pairs and a 3-member channel, both servers."""
+    out = tmp_path / "irc.json"
+    cmd = [
+        sys.executable,
+        str(BENCH / "irc.py"),
+        "--servers",
+        "chatproto,words",
+        "--repeat",
+        "1",
+        "--pairs",
+        "2",
+        "--messages",
+        "30",
+        "--window",
+        "7",
+        "--members",
+        "3",
+        "--channel-messages",
+        "20",
+        "--channel-window",
+        "5",
+        "--timeout",
+        "60",
+        "--json",
+        str(out),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "storage.synchronous = FULL" in p.stdout
+    assert "ratio chatproto/twisted.words" in p.stdout
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    assert {(r["server"], r["workload"]) for r in runs} == {
+        ("chatproto", "dm"),
+        ("twisted.words", "dm"),
+        ("chatproto", "channel"),
+        ("twisted.words", "channel"),
+    }
+    for r in runs:
+        assert "error" not in r, r
+        assert r["complete"], r
+        assert r["deliveries"] == (2 * 30 if r["workload"] == "dm" else 3 * 20), r
+        assert r["server_us_per_delivery"] >= 0, r  # clock ticks may round to 0
