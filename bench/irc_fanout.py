@@ -132,17 +132,23 @@ class CpuSample:
 def cpu_used(a: CpuSample, b: CpuSample) -> tuple[float, float]:
     """(all threads, main thread) CPU seconds from sample ``a`` to sample ``b``.
 
-    Nanosecond schedstat figures when every thread of ``a`` is still there in ``b``
-    (threads started in between count from zero); otherwise, since a thread that
-    exited took its schedstat with it, the process's clock ticks.
+    The schedstat figures of the threads still there in ``b`` (threads started in
+    between count from zero): exact, nanoseconds.  A thread that exited took its
+    schedstat with it (chatproto's password-hashing pool lets idle threads go), so that
+    sum is only a lower bound; the process's clock ticks (``/proc/PID/stat``, which keep
+    the time of exited threads, +-1 tick) decide: when they exceed the lower bound by
+    more than two ticks, the exited thread did work in the window and the ticks are the
+    figure.
     """
     main = str(a.pid)
-    if main in a.tasks and main in b.tasks:
-        main_s = (b.tasks[main] - a.tasks[main]) / 1e9
-        if a.tasks.keys() <= b.tasks.keys():
-            return (sum(b.tasks.values()) - sum(a.tasks.values())) / 1e9, main_s
-        return b.ticks_s - a.ticks_s, main_s
-    return b.ticks_s - a.ticks_s, b.main_ticks_s - a.main_ticks_s
+    ticks = b.ticks_s - a.ticks_s
+    if main not in a.tasks or main not in b.tasks:
+        return ticks, b.main_ticks_s - a.main_ticks_s
+    main_s = (b.tasks[main] - a.tasks[main]) / 1e9
+    lower = (sum(b.tasks.values()) - sum(v for t, v in a.tasks.items() if t in b.tasks)) / 1e9
+    if a.tasks.keys() <= b.tasks.keys() or ticks - lower <= 2 / os.sysconf("SC_CLK_TCK"):
+        return lower, main_s
+    return ticks, main_s
 
 
 def system_busy_ns() -> int:

@@ -62,7 +62,7 @@ def test_ratios_are_taken_per_repetition() -> None:
     assert s["servers"]["chatproto"]["server_us_per_delivery"] == 45.0
 
 
-def test_cpu_used_falls_back_to_ticks_when_a_thread_exits() -> None:
+def test_cpu_used_survives_threads_that_exit() -> None:
     fanout = _load("irc_fanout")
 
     def sample(tasks: dict[str, int], ticks: float) -> Any:
@@ -72,11 +72,14 @@ def test_cpu_used_falls_back_to_ticks_when_a_thread_exits() -> None:
 
     a = sample({"7": 1_000_000_000, "8": 500_000_000}, 10.0)
     # thread 9 started during the run: counted from zero, nanosecond figures
-    b = sample({"7": 1_250_000_000, "8": 500_000_000, "9": 100_000_000}, 10.5)
+    b = sample({"7": 1_250_000_000, "8": 500_000_000, "9": 100_000_000}, 10.35)
     assert fanout.cpu_used(a, b) == (0.35, 0.25)
-    # thread 8 exited: its schedstat is gone, so the process's ticks are used
-    c = sample({"7": 1_250_000_000}, 10.5)
-    assert fanout.cpu_used(a, c) == (0.5, 0.25)
+    # thread 8 exited idle: the survivors' nanoseconds, since the ticks agree
+    c = sample({"7": 1_250_000_000}, 10.26)
+    assert fanout.cpu_used(a, c) == (0.25, 0.25)
+    # thread 8 exited after working: the process's ticks keep its time
+    d = sample({"7": 1_250_000_000}, 10.5)
+    assert fanout.cpu_used(a, d) == (0.5, 0.25)
 
 
 def test_run_py_us_per_msg() -> None:
