@@ -543,14 +543,37 @@ class Connection:
     def limits(self) -> dict[str, Any]:
         return dict(self.protocol.hello.get("limits", {}))
 
-    def send(self, to: str, body: str, nonce: str | None = None) -> Deferred[dict[str, Any]]:
+    def send(
+        self, to: str, body: str, nonce: str | None = None, reply_to: str | None = None
+    ) -> Deferred[dict[str, Any]]:
         """Send a message to a user or a ``#group``; fires with ``{"pos", "msg_id", "ts"}``
         once stored.  Repeating a send with the same ``nonce`` (after a dropped
-        connection) never stores it twice: the realm answers with the first result."""
+        connection) never stores it twice: the realm answers with the first result.
+        ``reply_to``: the ``msg_id`` of the message of that conversation it answers."""
         fields: dict[str, Any] = {"to": to, "body": body}
         if nonce is not None:
             fields["nonce"] = nonce
+        if reply_to is not None:
+            fields["reply_to"] = reply_to
         return self.protocol.request("send", **fields)
+
+    def react(self, msg_id: str, emoji: str, remove: bool = False) -> Deferred[dict[str, Any]]:
+        """Add (``remove``: take back) a reaction to a message one may read; fires
+        with the reaction item's ``{"pos", "msg_id", "ts"}``."""
+        fields: dict[str, Any] = {"msg_id": msg_id, "emoji": emoji}
+        if remove:
+            fields["remove"] = True
+        return self.protocol.request("react", **fields)
+
+    def edit(self, msg_id: str, body: str) -> Deferred[dict[str, Any]]:
+        """Replace the text of one's own message; fires with the edit item's
+        ``{"pos", "msg_id", "ts"}``."""
+        return self.protocol.request("edit", msg_id=msg_id, body=body)
+
+    def delete(self, msg_id: str) -> Deferred[dict[str, Any]]:
+        """Delete one's own message or file (in a group, an admin may delete any);
+        fires with the delete item's ``{"pos", "msg_id", "ts"}``."""
+        return self.protocol.request("delete", msg_id=msg_id)
 
     def history(
         self,

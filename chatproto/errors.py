@@ -43,7 +43,10 @@ CODES: dict[str, str] = {
     "no_such_group": "no such group on this realm",
     "group_exists": "a group with that name already exists",
     "not_member": "you (or the user named) are not a member of the group",
-    "forbidden": "your role in the group does not allow this",
+    "forbidden": "your role in the group does not allow this (or: only its sender may edit "
+    "or delete that message)",
+    "not_found": "no message with that msg_id that you may read (never stored, deleted, or "
+    "in a conversation you are not part of)",
     "already_member": "already a member of the group",
     "banned": "banned from the group",
     "not_invited": "the group is invite-only and you were not invited",

@@ -785,6 +785,20 @@ class FileService:
     # clean-up -----------------------------------------------------------------------
 
     @inlineCallbacks
+    def drop_blob(self, sha256: str) -> Any:
+        """Remove the bytes with this digest if no recorded file refers to them any
+        more (a deleted file item's: its record is gone).  Fires with whether they
+        were removed.  Under the lock uploads take to reuse a blob, so an upload of
+        the same bytes finishing meanwhile keeps them."""
+        yield self._blob_lock.acquire()
+        try:
+            if (yield self.realm.store.blob_referenced(sha256)):
+                return False
+            return bool((yield self.store.remove_blobs([sha256])))
+        finally:
+            self._blob_lock.release()
+
+    @inlineCallbacks
     def cleanup(self) -> Any:
         """Discard uploads idle for ``upload_expiry`` seconds, forget files older than
         ``retention_days`` and delete blobs no file refers to any more (including

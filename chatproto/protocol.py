@@ -538,9 +538,10 @@ class ClientProtocol(Int32StringReceiver):
             nonce = wire.field(req, "nonce", str)
             if not 0 < len(nonce) <= 64:
                 raise ChatError("bad_request", "nonce must be 1-64 characters")
-        if "notice" in req:
-            notice = wire.field(req, "notice", bool)
-            return self.session.send(to, body, nonce, notice)
+        if "reply_to" in req or "notice" in req:
+            notice = wire.field(req, "notice", bool, required=False, default=False)
+            reply_to = wire.field(req, "reply_to", str, required=False)
+            return self.factory.realm.send_private(self.session, to, body, nonce, notice, reply_to)
         return self.session.send(to, body, nonce)
 
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
@@ -553,6 +554,28 @@ class ClientProtocol(Int32StringReceiver):
             raise ChatError("bad_request", "give before or after, not both")
         d = self.session.history(peer, before, after, limit)
         return d.addCallback(lambda items: {"messages": [e.to_wire() for e in items]})
+
+    # replies, reactions, edits, deletes (chatproto.realm.relations decides) ---------
+
+    def handle_react(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        remove = wire.field(req, "remove", bool, required=False, default=False)
+        d = self.factory.realm.relations.react(
+            self.session, wire.field(req, "msg_id", str), wire.field(req, "emoji", str), remove
+        )
+        return d.addCallback(_send_result_fields)
+
+    def handle_edit(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        d = self.factory.realm.relations.edit(
+            self.session, wire.field(req, "msg_id", str), wire.field(req, "body", str)
+        )
+        return d.addCallback(_send_result_fields)
+
+    def handle_delete(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        assert self.session is not None
+        d = self.factory.realm.relations.delete(self.session, wire.field(req, "msg_id", str))
+        return d.addCallback(_send_result_fields)
 
     def handle_who(self, req: dict[str, Any]) -> Any:
         assert self.session is not None

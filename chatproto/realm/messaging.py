@@ -130,6 +130,7 @@ class Messaging:
         body: str,
         nonce: str | None = None,
         notice: bool = False,
+        reply_to: str | None = None,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope.
@@ -141,6 +142,10 @@ class Messaging:
 
         ``notice``: the message is a notice (IRC's NOTICE): stored with
         :data:`NOTICE_META`, so every client can tell it from a message to answer.
+
+        ``reply_to``: the ``msg_id`` of the item of the same conversation this one
+        answers (``meta.reply_to``; see :mod:`chatproto.realm.relations`).  Only a
+        reply costs a store read before its commit.
         """
         if nonce is not None:
             seen = self._nonces.get(session.user_id)
@@ -159,10 +164,29 @@ class Messaging:
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
         except ChatError as e:
             return fail(e)
-        d = self.send_as(session.user_id, to, body, NOTICE_META if notice else None)
+        meta = NOTICE_META if notice else None
+        if reply_to is None:
+            d = self.send_as(session.user_id, to, body, meta)
+        else:
+            d = self._reply(session, to, body, meta, reply_to)
         if nonce is not None:
             self._remember_nonce(session.user_id, nonce, d)
         return d
+
+    @inlineCallbacks
+    def _reply(
+        self, session: Session, to: str, body: str, meta: dict[str, Any] | None, reply_to: str
+    ) -> Any:
+        if to.startswith("#"):
+            canonical = self._realm.group_handler.address(to, remote_ok=True)
+        else:
+            addr = self.resolve_user(to, remote_ok=True)
+            if isinstance(addr, Deferred):
+                addr = yield addr
+            canonical = str(addr)
+        meta = yield self._realm.relations.reply_meta(session, canonical, reply_to, meta)
+        env = yield self.send_as(session.user_id, canonical, body, meta)
+        return env
 
     def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
         seen = self._nonces.setdefault(user, OrderedDict())
@@ -207,7 +231,8 @@ class Messaging:
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
     ) -> Deferred[Envelope]:
         """A checked ``body`` from canonical local user ``sender`` to ``to``; ``meta``
-        is None or :data:`NOTICE_META` (a notice: see :func:`text_meta`)."""
+        is None, :data:`NOTICE_META` (a notice: see :func:`text_meta`) or a checked
+        reply's."""
         try:
             if to.startswith("#"):
                 return self._realm.group_handler.send(sender, to, body, meta)

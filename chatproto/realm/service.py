@@ -4,8 +4,9 @@
 concern: accounts (:mod:`chatproto.realm.accounts`), sessions and delivery
 (:mod:`chatproto.realm.sessions`), presence (:mod:`chatproto.realm.presence`),
 messaging (:mod:`chatproto.realm.messaging`), group changes
-(:mod:`chatproto.realm.groups`), files (:mod:`chatproto.files`) and what other realms
-send (:mod:`chatproto.realm.remote`).  Protocols (the native client protocol, the
+(:mod:`chatproto.realm.groups`), files (:mod:`chatproto.files`), replies, reactions,
+edits and deletes (:mod:`chatproto.realm.relations`) and what other realms send
+(:mod:`chatproto.realm.remote`).  Protocols (the native client protocol, the
 gateways and federation) never hold chat state: they call this facade and a
 ``Session`` (the cred avatar) and are called back through ``ISessionMind`` (the cred
 *mind*), in the shape of ``twisted.words.service``.  Handlers reach each other through
@@ -38,6 +39,7 @@ from chatproto.realm.admin import Admin
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
+from chatproto.realm.relations import Relations
 from chatproto.realm.remote import RemoteIntake
 from chatproto.realm.sessions import Session, Sessions
 from chatproto.signing import KEY_FILE, KeyFileError, KeyRing, SigningKeys
@@ -121,6 +123,8 @@ class RealmService(Service):
         self.remote = RemoteIntake(self)
         #: Sending, committing and reading stream items.
         self.messages = Messaging(self, self.accounts.known)
+        #: Replies, reactions, edits and deletes (see chatproto.realm.relations).
+        self.relations = Relations(self)
         #: What operators do to the running realm (chatrealmctl, the control channel).
         self.admin = Admin(self)
 
@@ -345,10 +349,11 @@ class RealmService(Service):
         body: str,
         nonce: str | None = None,
         notice: bool = False,
+        reply_to: str | None = None,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope (see :meth:`chatproto.realm.messaging.Messaging.send`)."""
-        return self.messages.send(session, to, body, nonce, notice)
+        return self.messages.send(session, to, body, nonce, notice, reply_to)
 
     def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.

@@ -19,6 +19,16 @@ Contract shared by every backend:
 - an appended item of kind ``file`` (``meta`` holding ``file_id``, ``sha256``, ``size``,
   ``name``, ``media_type``) also records its file, in the same transaction: the
   message and the file's metadata exist together or not at all.
+- items that refer to another item (chatproto/relations.py): an appended ``delete``
+  item wipes the item its ``meta.ref`` names, if that is a ``text`` or ``file`` item
+  of the same conversation -- body, meta (now ``{"deleted": true}``), signature, the
+  bodies of its ``edit`` items and its file record -- in the same transaction, and
+  the backend leaves no copy of the old text in its files where it can help it
+  (SQLite: ``secure_delete`` and a WAL truncation).  :meth:`IStore.history` pages
+  leave out ``edit``, ``delete`` and ``reaction`` items and show the rest through
+  :func:`chatproto.relations.current_view` (latest edit, reactions);
+  :meth:`IStore.read_feed` keeps every item and shows edited ones with their latest
+  text.  :meth:`IStore.stored_item` reads an item as stored (no view).
 - an item read back can always be sent: its ``ts`` goes through
   :func:`chatproto.envelope.shown_ts` and a ``meta`` stored as JSON text through
   :func:`stored_meta`, so a row stored before today's checks (or edited by hand)

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope, alternate_id
+from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
 from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
 
 __all__ = [
@@ -218,6 +219,33 @@ class MemoryStore:
         env.pos = self._pos
         self.items.append(env)
         self._ids[env.id] = (env.sender, env.recipient)
+        if env.kind == "delete":
+            self._wipe(env)
+
+    def _wipe(self, env: Envelope) -> None:
+        """A ``delete`` item is stored: its target (of the same conversation) loses
+        its content, and its edits their bodies (as in the SQL stores)."""
+        ref = ref_of(env)
+        target = self._by_id(ref) if ref is not None else None
+        if target is None or target.kind not in TARGET_KINDS:
+            return
+        if target.conversation != env.conversation:
+            return
+        if target.kind == "file" and target.meta is not None:
+            self.files.pop(target.meta.get("file_id"), None)  # type: ignore[arg-type]
+        target.body, target.meta, target.sig, target.frame = "", dict(DELETED_META), None, None
+        for e in self.items:
+            if e.kind == "edit" and ref_of(e) == ref:
+                e.body, e.frame = "", None
+
+    def _by_id(self, item_id: str) -> Envelope | None:
+        if item_id not in self._ids:
+            return None
+        return next((e for e in self.items if e.id == item_id), None)
+
+    def _refs(self, items: Sequence[Envelope]) -> list[Envelope]:
+        ids = {e.id for e in items}
+        return [e for e in self.items if e.kind in REF_KINDS and ref_of(e) in ids]
 
     def _queue(self, outbox: Sequence[tuple[str, Envelope | dict[str, Any]]]) -> None:
         for realm, env in outbox:
@@ -273,9 +301,7 @@ class MemoryStore:
         return succeed(None)
 
     def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
-        if item_id not in self._ids:
-            return succeed(None)
-        return succeed(next((e for e in self.items if e.id == item_id), None))
+        return succeed(self._by_id(item_id))
 
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
         out = [(seq, env) for seq, r, env in self.outbox if r == realm and seq > after]
@@ -332,7 +358,8 @@ class MemoryStore:
             out.append(e)
             if len(out) == limit:
                 break
-        return succeed(out)
+        edits = [e for e in self._refs(out) if e.kind == "edit"]
+        return succeed(current_view(out, edits, reactions=False))
 
     def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
         events = [e for e in self.items[self._after(after) :] if e.kind == "event"]
@@ -357,12 +384,18 @@ class MemoryStore:
         limit: int,
         floor: int = 0,
     ) -> Deferred[list[Envelope]]:
-        conv = [e for e in self.items if e.conversation == conversation and e.pos > floor]
+        conv = [
+            e
+            for e in self.items
+            if e.conversation == conversation and e.pos > floor and e.kind not in REF_KINDS
+        ]
         if after is not None:
-            return succeed([e for e in conv if e.pos > after][:limit])
-        bound = before if before is not None else 2**62
-        page = [e for e in conv if e.pos < bound]
-        return succeed(page[-limit:] if limit else [])
+            page = [e for e in conv if e.pos > after][:limit]
+        else:
+            bound = before if before is not None else 2**62
+            page = [e for e in conv if e.pos < bound]
+            page = page[-limit:] if limit else []
+        return succeed(current_view(page, self._refs(page)))
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)

@@ -50,6 +50,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
 from chatproto.store import (
     FILE_META,
     REPORT_FIELDS,
@@ -71,7 +72,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -206,7 +207,18 @@ MIGRATIONS: list[str] = [
         updated DOUBLE PRECISION NOT NULL
     );
     """,
+    # v6 (SQLite's v12): items referring to another item (edits, deletes, reactions)
+    # are found by the id they refer to.
+    """
+    CREATE INDEX items_ref ON items ((meta::json ->> 'ref'))
+        WHERE kind IN ('edit', 'delete', 'reaction');
+    """,
 ]
+
+#: The kinds an append looks at twice: a file is recorded, a delete wipes its target.
+_INDEXED = frozenset({"file", "delete"})
+#: Selects the items that refer to one of a page's items (see PostgresDB._refs).
+_REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
 #: Seconds to wait for the server when connecting (unless the DSN says otherwise).
 CONNECT_TIMEOUT = 10
@@ -965,7 +977,7 @@ class PostgresDB:
                     if inserted is None or inserted[k]:
                         pos = next(it)
                         got.append(pos)
-                        if e.kind == "file":
+                        if e.kind in _INDEXED:
                             files.append((e, pos))
                     else:
                         got.append(None)
@@ -1001,7 +1013,7 @@ class PostgresDB:
                     env.id = alternate_id(env, self._id_key())
                     row = c.execute(self._INSERT_REMOTE, _item_row(env, 0)[1:]).fetchone()
             out.append(int(row[0]) if row else None)
-        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind == "file" and pos]
+        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind in _INDEXED and pos]
         if files:
             self._index_files([e for e, _ in files], [pos for _, pos in files if pos])
         return out
@@ -1039,9 +1051,12 @@ class PostgresDB:
     )
 
     def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
-        """Record the file of each ``file`` item (with its message's position)."""
+        """Record the file of each ``file`` item (with its message's position), and
+        wipe the item each ``delete`` item deletes."""
         rows = []
         for env, pos in zip(batch, positions, strict=True):
+            if env.kind == "delete" and env.meta is not None:
+                self._wipe(env)
             if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
                 m = env.meta
                 rows.append(
@@ -1059,6 +1074,51 @@ class PostgresDB:
                 )
         if rows:
             self._copy(self._COPY_FILES, rows)
+
+    _DELETED = json.dumps(DELETED_META)
+
+    def _wipe(self, env: Envelope) -> None:
+        """Inside a commit: the item ``env`` (a ``delete``) deletes loses its content
+        (as in :meth:`chatproto.store.sqlite.SQLiteDB._wipe`): body, meta, signature,
+        the bodies of its edits and its file record."""
+        ref = env.meta.get("ref") if env.meta is not None else None
+        if not isinstance(ref, str):
+            return
+        c = self.conn
+        row = c.execute(
+            "SELECT kind, meta FROM items WHERE id = %s AND conv = %s",
+            (escape_text(ref), env.conversation),
+        ).fetchone()
+        if row is None or row[0] not in TARGET_KINDS:
+            return
+        c.execute(
+            "UPDATE items SET body = '', meta = %s, sig = NULL WHERE id = %s",
+            (self._DELETED, escape_text(ref)),
+        )
+        c.execute(
+            f"UPDATE items SET body = '' WHERE {_REF_KINDS_SQL} "
+            "AND (meta::json ->> 'ref') = %s AND kind = 'edit'",
+            (ref,),
+        )
+        meta = stored_meta(row[1])
+        if row[0] == "file" and meta is not None and isinstance(meta.get("file_id"), str):
+            c.execute("DELETE FROM files WHERE file_id = %s", (escape_text(meta["file_id"]),))
+
+    def _refs(self, items: Sequence[Envelope], edits_only: bool = False) -> list[Envelope]:
+        """The items that refer to any of ``items`` (edits, deletes, reactions; with
+        ``edits_only``, edits), oldest first."""
+        # A ref is never escaped (no control characters: chatproto.relations); an id
+        # that is matches none, but must not reach the server unescaped.
+        ids = [escape_text(e.id) for e in items if e.kind in TARGET_KINDS]
+        if not ids:
+            return []
+        kinds = "kind = 'edit' AND " if edits_only else ""
+        rows = self.conn.execute(
+            f"SELECT {_COLS} FROM items WHERE {kinds}{_REF_KINDS_SQL} "
+            "AND (meta::json ->> 'ref') = ANY(%s) ORDER BY pos",
+            (ids,),
+        ).fetchall()
+        return [_row(r) for r in rows]
 
     # federation outbox ----------------------------------------------------------------
 
@@ -1185,7 +1245,8 @@ class PostgresDB:
         # history rule "all"), and a duplicate row would waste the page.
         query = " UNION ".join(f"({p})" for p in parts) + " ORDER BY pos LIMIT %s"
         params.append(limit)
-        return [_row(r) for r in self.conn.execute(query, params).fetchall()]
+        items = [_row(r) for r in self.conn.execute(query, params).fetchall()]
+        return current_view(items, self._refs(items, edits_only=True), reactions=False)
 
     def read_events(self, after: int, limit: int) -> list[Envelope]:
         """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
@@ -1219,18 +1280,19 @@ class PostgresDB:
         if after is not None:
             rows = c.execute(
                 f"SELECT {_COLS} FROM items WHERE conv = %s AND pos > %s AND pos <= %s "
-                "ORDER BY pos LIMIT %s",
+                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos LIMIT %s",
                 (conversation, max(after, floor), 2**62 if upto is None else upto, limit),
             ).fetchall()
         else:
             bound = before if before is not None else 2**62
             rows = c.execute(
                 f"SELECT {_COLS} FROM items WHERE conv = %s AND pos < %s AND pos > %s "
-                "ORDER BY pos DESC LIMIT %s",
+                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos DESC LIMIT %s",
                 (conversation, bound, floor, limit),
             ).fetchall()
             rows.reverse()
-        return [_row(r) for r in rows]
+        items = [_row(r) for r in rows]
+        return current_view(items, self._refs(items))
 
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
 from chatproto.store import (
     FILE_META,
     REPORT_FIELDS,
@@ -39,7 +40,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -190,7 +191,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reports_reporter ON reports (reporter, ts);
     """,
+    # v12: items that refer to another item (edits, deletes, reactions: issue 17) are
+    # found by the id they refer to, for the current view of a page.
+    """
+    CREATE INDEX items_ref ON items (json_extract(meta, '$.ref'))
+        WHERE kind IN ('edit', 'delete', 'reaction');
+    """,
 ]
+
+#: The kinds an append looks at twice: a file is recorded, a delete wipes its target.
+_INDEXED = frozenset({"file", "delete"})
+#: Selects the items that refer to one of a page's items (see _refs).
+_REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
@@ -245,6 +257,9 @@ class SQLiteDB:
         self.conn.execute("PRAGMA foreign_keys=ON")
         #: Seconds the last group commit's COMMIT took (its fsync; for the metrics).
         self.sync_seconds = 0.0
+        #: Set when the transaction in progress wiped a deleted item: after its commit
+        #: the WAL is checkpointed and truncated, so no old copy of a page stays.
+        self._wiped = False
 
     def close(self) -> None:
         self.conn.close()
@@ -600,9 +615,19 @@ class SQLiteDB:
             c.execute("COMMIT")
             self.sync_seconds = time.perf_counter() - synced
         except BaseException:
+            self._wiped = False
             c.execute("ROLLBACK")
             raise
+        if self._wiped:
+            self._wiped = False
+            self._checkpoint()
         return out, queued_rows
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it: the pages a delete
+        rewrote (zeroed with ``secure_delete``) replace their old versions in the
+        file, and the old versions in the WAL are gone with it."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _id_key(self) -> bytes:
         key = getattr(self, "_key", None)
@@ -627,7 +652,7 @@ class SQLiteDB:
                     env.id = alternate_id(env, self._id_key())
                     row = c.execute(self._INSERT_REMOTE, (env.id, *p[1:])).fetchone()
             out.append(row[0] if row else None)
-        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind == "file" and pos]
+        files = [(e, pos) for e, pos in zip(batch, out, strict=True) if e.kind in _INDEXED and pos]
         if files:
             self._index_files([e for e, _ in files], [pos for _, pos in files if pos])
         return out
@@ -638,14 +663,71 @@ class SQLiteDB:
     )
 
     def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
-        """Record the file of each ``file`` item (with its message's position)."""
+        """Record the file of each ``file`` item (with its message's position), and
+        wipe the item each ``delete`` item deletes."""
         rows = []
         for env, pos in zip(batch, positions, strict=True):
             if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
                 m = env.meta
                 rows.append((*(m[k] for k in FILE_META), env.sender, env.recipient, env.ts, pos))
+            elif env.kind == "delete" and env.meta is not None:
+                self._wipe(env)
         if rows:
             self.conn.executemany(self._INSERT_FILE, rows)
+
+    _DELETED = json.dumps(DELETED_META)
+
+    def _wipe(self, env: Envelope) -> None:
+        """Inside a commit: the item ``env`` (a ``delete``) deletes loses its content
+        -- body, meta, signature, the bodies of its edits, its file record (the
+        sender's quota; the realm removes the bytes no file refers to any more) --
+        with ``secure_delete`` on, so SQLite zeroes the bytes it frees.  Only an item
+        of the delete's own conversation: the realm checked who may delete it."""
+        ref = env.meta.get("ref") if env.meta is not None else None
+        if not isinstance(ref, str):
+            return
+        c = self.conn
+        row = c.execute(
+            "SELECT kind, meta FROM items WHERE id = ? AND conv = ?", (ref, env.conversation)
+        ).fetchone()
+        if row is None or row[0] not in TARGET_KINDS:
+            return
+        c.execute("PRAGMA secure_delete = ON")
+        try:
+            c.execute(
+                "UPDATE items SET body = '', meta = ?, sig = NULL WHERE id = ?",
+                (self._DELETED, ref),
+            )
+            c.execute(
+                f"UPDATE items SET body = '' WHERE {_REF_KINDS_SQL} "
+                "AND json_extract(meta, '$.ref') = ? AND kind = 'edit'",
+                (ref,),
+            )
+            meta = stored_meta(row[1])
+            if row[0] == "file" and meta is not None and isinstance(meta.get("file_id"), str):
+                c.execute("DELETE FROM files WHERE file_id = ?", (meta["file_id"],))
+        finally:
+            c.execute("PRAGMA secure_delete = OFF")
+        self._wiped = True
+
+    def _refs(self, items: Sequence[Envelope], edits_only: bool = False) -> list[Envelope]:
+        """The items that refer to any of ``items`` (edits, deletes, reactions; with
+        ``edits_only``, edits), oldest first: one indexed query per 500 items."""
+        ids = [e.id for e in items if e.kind in TARGET_KINDS]
+        found: list[Envelope] = []
+        kinds = "kind = 'edit' AND " if edits_only else ""
+        for k in range(0, len(ids), 500):
+            chunk = ids[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT {_COLS} FROM items WHERE {kinds}{_REF_KINDS_SQL} "
+                f"AND json_extract(meta, '$.ref') IN ({marks}) ORDER BY pos",
+                chunk,
+            ).fetchall()
+            found.extend(_row(r) for r in rows)
+        if len(ids) > 500:
+            found.sort(key=lambda e: e.pos)
+        return found
 
     def _stored_ids(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """Which of ``ids`` are stored already, with their (sender, recipient): one
@@ -719,7 +801,7 @@ class SQLiteDB:
             for k, e in enumerate(batch):
                 if inserted is None or inserted[k]:
                     positions.append(pos)
-                    if e.kind == "file":
+                    if e.kind in _INDEXED:
                         files.append((e, pos))
                     pos += 1
                 else:
@@ -862,7 +944,10 @@ class SQLiteDB:
         # history rule "all"), and a duplicate row would waste the page.
         sql = " UNION ".join(parts) + " ORDER BY pos LIMIT ?"
         params.append(limit)
-        return [_row(r) for r in self.conn.execute(sql, params).fetchall()]
+        items = [_row(r) for r in self.conn.execute(sql, params).fetchall()]
+        # Edited items show their current text (chatproto.relations); reactions come
+        # as items of their own after them.
+        return current_view(items, self._refs(items, edits_only=True), reactions=False)
 
     def read_events(self, after: int, limit: int) -> list[Envelope]:
         """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
@@ -894,18 +979,20 @@ class SQLiteDB:
         c = self.conn
         if after is not None:
             rows = c.execute(
-                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos > ? ORDER BY pos LIMIT ?",
+                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos > ? "
+                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos LIMIT ?",
                 (conversation, max(after, floor), limit),
             ).fetchall()
         else:
             bound = before if before is not None else 2**62
             rows = c.execute(
                 f"SELECT {_COLS} FROM items WHERE conv = ? AND pos < ? AND pos > ? "
-                "ORDER BY pos DESC LIMIT ?",
+                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos DESC LIMIT ?",
                 (conversation, bound, floor, limit),
             ).fetchall()
             rows.reverse()
-        return [_row(r) for r in rows]
+        items = [_row(r) for r in rows]
+        return current_view(items, self._refs(items))
 
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn

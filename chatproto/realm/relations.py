@@ -1,0 +1,216 @@
+"""The relations handler: replies, reactions, edits and deletes for the realm.
+
+The rules of what refers to what are in :mod:`chatproto.relations`; this handler
+applies them to a user's request: it finds the item named (one store read: only these
+requests pay it, never a plain ``send``), checks that the user may read it -- the same
+rule as ``history``: a party of the private conversation after the account's floor,
+or a member of the group who may read the group's history at that position -- and
+that they may change it, then commits the new item like any other (so it reaches the
+same audience, the other realms and the backlogs).  Anything the user may not read is
+``not_found``, as if it did not exist; what they may read but not change is
+``forbidden``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.realm.sessions import Session
+from chatproto.relations import TARGET_KINDS, check_emoji, check_msg_id, ref_meta
+
+if TYPE_CHECKING:
+    from chatproto.realm.service import RealmService
+
+__all__ = ["Relations", "may_delete", "readable_by"]
+
+#: Ids of items deleted by this process, remembered so that an edit or a reaction
+#: checked against the item before its delete was committed is refused (bounded).
+_DELETED_REMEMBERED = 65536
+
+
+def readable_by(env: Envelope, user: str, floor: int, group_floor: Any) -> bool:
+    """Whether ``user`` (whose account sees items after ``floor``) may read stored
+    item ``env``; ``group_floor(group, user)`` is the position after which a member
+    reads a group (``not_member`` if not one)."""
+    if env.recipient.startswith("#"):
+        try:
+            return bool(env.pos > group_floor(env.recipient, user))
+        except ChatError:
+            return False
+    return user in (env.sender, env.recipient) and env.pos > floor
+
+
+def may_delete(env: Envelope, user: str, role: str | None) -> bool:
+    """The sender may delete their item; in a group, so may its admins and owners
+    (``role``: the user's role in the item's group, None outside one)."""
+    return env.sender == user or (env.recipient.startswith("#") and role in ("admin", "owner"))
+
+
+class Relations:
+    """Replies, reactions, edits and deletes requested by local users."""
+
+    log = Logger()
+
+    def __init__(self, realm: RealmService) -> None:
+        self._realm = realm
+        self._store = realm.store
+        self._clock = realm.clock
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+
+    # finding the item ---------------------------------------------------------------
+
+    def target(self, session: Session, msg_id: Any, field: str = "msg_id") -> Deferred[Envelope]:
+        """The stored item ``msg_id`` names, if the session's user may read it and
+        it is a message or a file that is not deleted; else ``not_found``."""
+        try:
+            msg_id = check_msg_id(msg_id, field)
+        except ChatError as e:
+            return fail(e)
+        user, floor = session.user_id, session.floor
+
+        def check(env: Envelope | None) -> Envelope:
+            if (
+                env is None
+                or env.id in self._deleted
+                or not readable_by(env, user, floor, self._realm.groups.readable_from)
+            ):
+                raise ChatError("not_found", f"no message {msg_id} that you may read")
+            if env.kind not in TARGET_KINDS:
+                raise ChatError("bad_request", f"{msg_id} is a {env.kind} item, not a message")
+            if env.meta is not None and env.meta.get("deleted") is True:
+                raise ChatError("not_found", f"message {msg_id} was deleted")
+            return env
+
+        return self._store.stored_item(msg_id).addCallback(check)
+
+    @staticmethod
+    def conversation_of(env: Envelope, user: str) -> str:
+        """Where ``user``'s item about ``env`` goes: its group, or the other party
+        of its private conversation (``user`` themself for a note to self)."""
+        if env.recipient.startswith("#"):
+            return env.recipient
+        return env.recipient if env.sender == user else env.sender
+
+    # requests -----------------------------------------------------------------------
+
+    def _spend(self, session: Session) -> None:
+        """These requests cost a token of the sender's ``send`` bucket."""
+        wait = session.bucket.take(self._clock.seconds())
+        if wait:
+            self._realm.stats.rate_limited("send")
+            raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+
+    def _commit(
+        self, session: Session, target: Envelope, kind: str, body: str, meta: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        user = session.user_id
+        env = self._realm.messages.new_envelope(
+            user, self.conversation_of(target, user), kind, body, meta
+        )
+        return self._realm.messages.commit_item(env)
+
+    def react(
+        self, session: Session, msg_id: Any, emoji: Any, remove: bool = False
+    ) -> Deferred[Envelope]:
+        """Add (or with ``remove``, take back) ``session``'s user's reaction
+        ``emoji`` to an item they may read; fires with the committed ``reaction``
+        item.  Adding a reaction one has (or removing one one has not) is stored all
+        the same and changes nothing."""
+        try:
+            msg_id = check_msg_id(msg_id)
+            emoji = check_emoji(emoji)
+            self._spend(session)
+        except ChatError as e:
+            return fail(e)
+        return self.target(session, msg_id).addCallback(
+            lambda t: self._commit(
+                session, t, "reaction", "", ref_meta("reaction", t.id, emoji, remove)
+            )
+        )
+
+    def edit(self, session: Session, msg_id: Any, body: Any) -> Deferred[Envelope]:
+        """Replace the text of one's own text message; fires with the ``edit`` item
+        (its ``body`` the new text)."""
+        try:
+            msg_id = check_msg_id(msg_id)
+            body = self._realm.messages.check_body(body)
+            self._spend(session)
+        except ChatError as e:
+            return fail(e)
+
+        def check(t: Envelope) -> Any:
+            if t.sender != session.user_id:
+                raise ChatError("forbidden", "only its sender may edit a message")
+            if t.kind != "text":
+                raise ChatError("bad_request", "only text messages can be edited")
+            return self._commit(session, t, "edit", body, ref_meta("edit", t.id))
+
+        return self.target(session, msg_id).addCallback(check)
+
+    def delete(self, session: Session, msg_id: Any) -> Deferred[Envelope]:
+        """Delete a message or file: its sender may, and in a group its admins and
+        owners.  Fires with the committed ``delete`` item; by then the store has
+        wiped the item (see chatproto.relations), and a file's bytes go once no
+        other file holds them."""
+        try:
+            msg_id = check_msg_id(msg_id)
+            self._spend(session)
+        except ChatError as e:
+            return fail(e)
+        user = session.user_id
+
+        def check(t: Envelope) -> Any:
+            role = None
+            if t.recipient.startswith("#"):
+                group = self._realm.groups.groups.get(t.recipient)
+                role = group.role_of(user) if group is not None else None
+            if not may_delete(t, user, role):
+                raise ChatError(
+                    "forbidden", "only its sender, or an admin of its group, may delete it"
+                )
+            self.deleting(t.id)
+            d = self._commit(session, t, "delete", "", ref_meta("delete", t.id))
+            return d.addCallback(self.deleted, t)
+
+        return self.target(session, msg_id).addCallback(check)
+
+    def deleting(self, msg_id: str) -> None:
+        """An item is being deleted: edits and reactions checked from now on are
+        refused (they would be stored after the delete)."""
+        self._deleted[msg_id] = None
+        if len(self._deleted) > _DELETED_REMEMBERED:
+            self._deleted.popitem(last=False)
+
+    def deleted(self, env: Envelope, target: Envelope) -> Envelope:
+        """The delete of ``target`` is committed: a file's bytes go if no file refers
+        to them any more (quota is counted from the file records, freed already)."""
+        if target.kind == "file" and target.meta is not None:
+            sha = target.meta.get("sha256")
+            if isinstance(sha, str):
+                d = self._realm.files.drop_blob(sha)
+                d.addErrback(
+                    lambda f: self.log.failure(
+                        "removing the bytes {sha} of a deleted file", f, sha=sha
+                    )
+                )
+        return env
+
+    def reply_meta(
+        self, session: Session, to: str, reply_to: Any, meta: dict[str, Any] | None
+    ) -> Deferred[dict[str, Any]]:
+        """The ``meta`` of a reply from ``session``'s user to ``to`` (canonical: a
+        user or a group) answering item ``reply_to``, which they must be able to read
+        (``not_found``) and which must be of that conversation (``bad_request``)."""
+
+        def check(t: Envelope) -> dict[str, Any]:
+            if self.conversation_of(t, session.user_id) != to:
+                raise ChatError("bad_request", "reply_to names a message of another conversation")
+            return {**(meta or {}), "reply_to": t.id}
+
+        return self.target(session, reply_to, "reply_to").addCallback(check)
