@@ -234,7 +234,7 @@ flood_rate = 0.0
 
     def register(self, users: int) -> None:
         """Accounts u0..u<users-1> through the native protocol's register request."""
-        s = socket.create_connection(("127.0.0.1", self.native))
+        s = socket.create_connection(("127.0.0.1", self.native), timeout=30)
         buf = b""
 
         def request(obj: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +306,7 @@ PAM = no
 
 class Conn:
     def __init__(self, port: int, nick: str, password: str | None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.nick = nick
         self.tail = b""
