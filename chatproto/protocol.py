@@ -538,11 +538,21 @@ class ClientProtocol(Int32StringReceiver):
             nonce = wire.field(req, "nonce", str)
             if not 0 < len(nonce) <= 64:
                 raise ChatError("bad_request", "nonce must be 1-64 characters")
-        if "reply_to" in req or "notice" in req:
+        if "reply_to" in req or "notice" in req or "tags" in req:
             notice = wire.field(req, "notice", bool, required=False, default=False)
             reply_to = wire.field(req, "reply_to", str, required=False)
-            return self.factory.realm.send_private(self.session, to, body, nonce, notice, reply_to)
+            tags = wire.field(req, "tags", dict, required=False)
+            return self.factory.realm.send_private(
+                self.session, to, body, nonce, notice, reply_to, tags
+            )
         return self.session.send(to, body, nonce)
+
+    def handle_tags(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Client tags on their own (typing...): pushed, not stored."""
+        assert self.session is not None
+        to = wire.field(req, "to", str)
+        d = self.session.send_tags(to, wire.field(req, "tags", dict))
+        return d.addCallback(lambda data: {"tags_id": data["id"], "ts": data["ts"]})
 
     def handle_history(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None

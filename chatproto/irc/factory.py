@@ -26,6 +26,7 @@ from chatproto.irc.modes import CHANMODES, PREFIX
 from chatproto.irc.protocol import IRCProtocol
 from chatproto.protocol import ClientFactory
 from chatproto.realm import MAX_STATUS_TEXT, RealmService
+from chatproto.realm.tags import tag_data
 
 __all__ = ["IRCFactory"]
 
@@ -51,6 +52,8 @@ class IRCFactory(ClientFactory):
         self._cache_env: Envelope | None = None
         self._cache: list[bytes | None] = [None, None, None, None]
         self._isupport: list[list[str]] | None = None
+        self._tag_cache_of: dict[str, Any] | None = None
+        self._tag_cache: list[bytes | None] = [None, None]
         #: how IRC users are shown, and WHOWAS
         self.directory = Directory(realm.realm)
 
@@ -100,12 +103,37 @@ class IRCFactory(ClientFactory):
         tags = []
         if mode & 1:
             tags.append(f"time={server_time(env.ts)}")
-        if mode & 2:
+        if mode & 2:  # message-tags: its msgid, and the client tags kept with it
             tags.append(f"msgid={env.pos}")
+            meta = env.meta
+            if meta is not None and "tags" in meta:
+                tags.append(tag_data(meta["tags"]))
         prefix = ("@" + ";".join(tags) + " ").encode()
         out = b"".join(prefix + line + CRLF for line in plain.split(CRLF)[:-1])
         self._cache[mode] = out
         return out
+
+    def tag_line(self, data: dict[str, Any], mode: int) -> bytes:
+        """The ``TAGMSG`` line of a ``tags`` notice (chatproto.realm.tags) for a
+        client with the message-tags capability (``mode`` bit 1: ``time``); its
+        ``msgid`` is the notice's id.  Cached for the notice being fanned out."""
+        if data is not self._tag_cache_of:
+            self._tag_cache_of = data
+            self._tag_cache = [None, None]
+        i = mode & 1
+        cached = self._tag_cache[i]
+        if cached is not None:
+            return cached
+        to = data["to"]
+        if to.startswith("#"):
+            target = channel_of(to, self.realm.realm)
+        else:
+            target = self.directory.nick(to)
+        tags = f"@time={server_time(data['ts'])};" if i else "@"
+        tags += f"msgid={data['id']};{tag_data(data['tags'])}"
+        line = f"{tags} :{self.directory.mask(data['from'])} TAGMSG {target}\r\n".encode()
+        self._tag_cache[i] = line
+        return line
 
     def _encode(self, env: Envelope) -> bytes:
         realm = self.realm.realm

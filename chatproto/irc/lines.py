@@ -11,6 +11,8 @@ import time
 
 from twisted.words.protocols import irc as twirc
 
+from chatproto.realm.tags import escape_value
+
 __all__ = [
     "CRLF",
     "MAX_CLIENT_TAGS",
@@ -97,14 +99,8 @@ def unescape_tag(value: str) -> str:
     return "".join(out)
 
 
-def escape_tag(value: str) -> str:
-    return (
-        value.replace("\\", "\\\\")
-        .replace(";", "\\:")
-        .replace(" ", "\\s")
-        .replace("\r", "\\r")
-        .replace("\n", "\\n")
-    )
+#: A tag value as IRC writes it (the realm measures client tags in this form).
+escape_tag = escape_value
 
 
 def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:

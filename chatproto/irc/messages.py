@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
-from chatproto.irc.commands import command
+from chatproto.irc.commands import all_of, command
 from chatproto.irc.lines import (
     MAX_LINE,
     MAX_TARGETS,
@@ -21,6 +21,7 @@ from chatproto.irc.lines import (
     with_tag,
 )
 from chatproto.irc.replies import PendingSend, Reply, next_batch_id
+from chatproto.realm.tags import client_tags
 
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
@@ -42,6 +43,7 @@ def privmsg(
         if not notice:
             ctx.num("407", params[0][:64], f"Too many targets (at most {MAX_TARGETS})")
         return None
+    client = client_tags(tags) if tags else None  # relayed with it (message-tags)
     waits = []
     for target in targets:
         try:
@@ -64,7 +66,7 @@ def privmsg(
                 ctx.num("301", p.nick_for(to), presence[1] or presence[0])
         entry = PendingSend(to, text, ctx)
         p.pending_sends.append(entry)
-        d = p.session.send(to, text, notice=notice)
+        d = p.session.send(to, text, notice=notice, tags=client or None)
         waits.append(
             d.addCallbacks(
                 _sent,
@@ -99,6 +101,55 @@ def _send_failed(
     f.trap(ChatError)
     if not notice:
         p.error(entry.ctx, command, f.value, target)  # type: ignore[arg-type]
+
+
+@command("TAGMSG", params=1)
+def tagmsg(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    """``@+typing=active TAGMSG target``: client-only tags on their own, pushed by the
+    realm to the target's online sessions (not stored; chatproto.realm.tags), echoed
+    with echo-message.  Without client-only tags there is nothing to relay."""
+    client = client_tags(tags)
+    if not client:
+        return None
+    targets = params[0].split(",")
+    if len(targets) > MAX_TARGETS:
+        ctx.num("407", params[0][:64], f"Too many targets (at most {MAX_TARGETS})")
+        return None
+    # Relayed at once, it would overtake a PRIVMSG sent before it and still being
+    # stored (a reaction before the message it reacts to): wait for those first.
+    turn = ctx.turn()
+    if not turn.called:
+        return turn.addCallback(lambda _: _tagmsg(p, ctx, targets, client))
+    return _tagmsg(p, ctx, targets, client)
+
+
+def _tagmsg(p: IRCProtocol, ctx: Reply, targets: list[str], client: dict[str, str]) -> Any:
+    if p.session is None:
+        return None  # the connection closed meanwhile
+    waits = []
+    for target in targets:
+        try:
+            to = p.resolve(target)
+        except ChatError as e:
+            p.error(ctx, "TAGMSG", e, target)
+            continue
+        d = p.session.send_tags(to, client)
+        waits.append(
+            d.addCallbacks(
+                _tags_sent, _tags_failed, callbackArgs=(p, ctx), errbackArgs=(p, ctx, target)
+            )
+        )
+    return all_of(waits)
+
+
+def _tags_sent(data: dict[str, Any], p: IRCProtocol, ctx: Reply) -> None:
+    if p.has("echo-message") and p.has("message-tags"):
+        ctx.send(p.factory.tag_line(data, p._tagmode))
+
+
+def _tags_failed(f: Failure, p: IRCProtocol, ctx: Reply, target: str) -> None:
+    f.trap(ChatError)
+    p.error(ctx, "TAGMSG", f.value, target)  # type: ignore[arg-type]
 
 
 @command("NOTICE", params=1)

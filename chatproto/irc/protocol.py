@@ -310,11 +310,14 @@ class IRCProtocol(LineOnlyReceiver):
                 if head.to == envelope.recipient and head.body == envelope.body:
                     pending.popleft()
                     head.matched = True
+                    lines = self.factory.lines(envelope, self._tagmode)
+                    if envelope.recipient == self.user_id:  # to ourselves: received too
+                        self.write(lines)
                     if "echo-message" in self.caps:
-                        head.ctx.send(self.factory.lines(envelope, self._tagmode))
+                        head.ctx.send(lines)
                     self.written()
                     return
-            if "echo-message" not in self.caps:
+            if "echo-message" not in self.caps and envelope.recipient != self.user_id:
                 self.written()  # our own message from elsewhere: the client cannot show it
                 return
         self.write(self.factory.lines(envelope, self._tagmode))
@@ -342,7 +345,15 @@ class IRCProtocol(LineOnlyReceiver):
 
     def notify(self, notice: Notice) -> None:
         data = notice.data
-        if data.get("type") != "presence" or "away-notify" not in self.caps:
+        kind = data.get("type")
+        if kind == "tags":  # client tags on their own: TAGMSG, to message-tags clients
+            me = self.user_id
+            if self._tagmode & 2 and (
+                data["from"] != me or data["to"] == me or "echo-message" in self.caps
+            ):
+                self.write(self.factory.tag_line(data, self._tagmode))
+            return
+        if kind != "presence" or "away-notify" not in self.caps:
             return
         user = data.get("user", "")
         if user == self.user_id:
@@ -627,7 +638,7 @@ class IRCProtocol(LineOnlyReceiver):
             code, text = "403", "No such channel"
         if code == "482" and command in ("PART", "MODE", "TOPIC"):
             text = f"You're not channel operator ({err.message})"  # the realm's reason
-        if code == "442" and command in ("PRIVMSG", "NOTICE"):
+        if code == "442" and command in ("PRIVMSG", "NOTICE", "TAGMSG"):
             code, text = "404", "Cannot send to channel"
         ctx.num(code, target, text)
 
@@ -985,8 +996,3 @@ class IRCProtocol(LineOnlyReceiver):
         else:
             self.session.set_status("online")
             ctx.num("305", "You are no longer marked as being away")
-
-    @command("TAGMSG", params=1)
-    def irc_TAGMSG(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        """Client-only tags (typing notices) are not stored or relayed."""
-        return None

@@ -23,6 +23,7 @@ from chatproto.address import Address
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
+from chatproto.realm.tags import check_tags
 from chatproto.text import check_body
 
 if TYPE_CHECKING:
@@ -36,10 +37,20 @@ NOTICE_META = {"notice": True}
 
 
 def text_meta(meta: Any) -> dict[str, Any] | None:
-    """The ``meta`` of a text item from another realm, checked: none, or a notice."""
-    if meta is None or meta == NOTICE_META:
-        return meta if meta is None else dict(NOTICE_META)
-    raise ChatError("bad_request", 'a text item has no meta but {"notice": true}')
+    """The ``meta`` of a text item from another realm, checked: none, or
+    ``notice: true`` and/or client ``tags`` (chatproto.realm.tags)."""
+    if meta is None:
+        return None
+    if isinstance(meta, dict) and meta and set(meta) <= {"notice", "tags"}:
+        out: dict[str, Any] = {}
+        if "notice" in meta:
+            if meta["notice"] is not True:
+                raise ChatError("bad_request", 'a text item\'s "notice" is true or absent')
+            out["notice"] = True
+        if "tags" in meta:
+            out["tags"] = check_tags(meta["tags"])
+        return out
+    raise ChatError("bad_request", 'a text item\'s meta holds only "notice" and "tags"')
 
 
 #: Send nonces remembered per user for idempotent retries.
@@ -131,6 +142,7 @@ class Messaging:
         nonce: str | None = None,
         notice: bool = False,
         reply_to: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope.
@@ -146,6 +158,7 @@ class Messaging:
         ``reply_to``: the ``msg_id`` of the item of the same conversation this one
         answers (``meta.reply_to``; see :mod:`chatproto.realm.relations`).  Only a
         reply costs a store read before its commit.
+        ``tags``: client tags kept with it, ``meta["tags"]`` (chatproto.realm.tags).
         """
         if nonce is not None:
             seen = self._nonces.get(session.user_id)
@@ -162,9 +175,11 @@ class Messaging:
             if wait:
                 self._realm.stats.rate_limited("send")
                 raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+            meta: dict[str, Any] | None = NOTICE_META if notice else None
+            if tags is not None:  # a new dict: NOTICE_META is shared
+                meta = {**(meta or {}), "tags": check_tags(tags)}
         except ChatError as e:
             return fail(e)
-        meta = NOTICE_META if notice else None
         if reply_to is None:
             d = self.send_as(session.user_id, to, body, meta)
         else:
@@ -231,8 +246,8 @@ class Messaging:
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
     ) -> Deferred[Envelope]:
         """A checked ``body`` from canonical local user ``sender`` to ``to``; ``meta``
-        is None, :data:`NOTICE_META` (a notice: see :func:`text_meta`) or a checked
-        reply's."""
+        is None, or checked as :func:`text_meta` says (a notice, client tags), or a
+        checked reply's."""
         try:
             if to.startswith("#"):
                 return self._realm.group_handler.send(sender, to, body, meta)

@@ -42,6 +42,7 @@ from chatproto.realm.presence import Presence
 from chatproto.realm.relations import Relations
 from chatproto.realm.remote import RemoteIntake
 from chatproto.realm.sessions import Session, Sessions
+from chatproto.realm.tags import ClientTags
 from chatproto.signing import KEY_FILE, KeyFileError, KeyRing, SigningKeys
 from chatproto.store import IStore
 
@@ -125,6 +126,8 @@ class RealmService(Service):
         self.messages = Messaging(self, self.accounts.known)
         #: Replies, reactions, edits and deletes (see chatproto.realm.relations).
         self.relations = Relations(self)
+        #: Client tags sent on their own (IRC's TAGMSG): see chatproto.realm.tags.
+        self.client_tags = ClientTags(self)
         #: What operators do to the running realm (chatrealmctl, the control channel).
         self.admin = Admin(self)
 
@@ -350,10 +353,16 @@ class RealmService(Service):
         nonce: str | None = None,
         notice: bool = False,
         reply_to: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> Deferred[Envelope]:
         """Store a message (to a user or a group), then route it; fires with the
         committed envelope (see :meth:`chatproto.realm.messaging.Messaging.send`)."""
-        return self.messages.send(session, to, body, nonce, notice, reply_to)
+        return self.messages.send(session, to, body, nonce, notice, reply_to, tags)
+
+    def send_tags(self, session: Session, to: str, tags: Any) -> Deferred[dict[str, Any]]:
+        """Client tags on their own, not stored (see chatproto.realm.tags); fires with
+        the ``tags`` notice's data."""
+        return self.client_tags.send(session, to, tags)
 
     def post(self, sender: str, to: str, body: str) -> Deferred[Envelope]:
         """Send ``body`` to ``to`` (a user or ``#group``) as local user ``sender``.

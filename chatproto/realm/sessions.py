@@ -65,7 +65,8 @@ class ISessionMind(Interface):
         """The backlog is out: everything up to ``pos`` has been delivered."""
 
     def notify(notice):  # type: ignore[misc]
-        """Send an ephemeral :class:`Notice` (presence); not stored, not acked."""
+        """Send an ephemeral :class:`Notice` (presence, client tags); not stored,
+        not acked.  A mind ignores the types it does not know."""
 
     def wait_writable():  # type: ignore[misc]
         """A Deferred firing when the connection can take more output."""
@@ -184,14 +185,25 @@ class Session:
     # requests -----------------------------------------------------------------------
 
     def send(
-        self, to: str, body: str, nonce: str | None = None, notice: bool = False
+        self,
+        to: str,
+        body: str,
+        nonce: str | None = None,
+        notice: bool = False,
+        tags: dict[str, str] | None = None,
     ) -> Deferred[Envelope]:
         """Store a message durably, then deliver it; fires with the envelope.
 
         A client-chosen ``nonce`` makes a retried send idempotent (see send_private);
-        ``notice`` stores it as a notice (IRC's NOTICE).
+        ``notice`` stores it as a notice (IRC's NOTICE); ``tags`` are client tags
+        kept with it (chatproto.realm.tags).
         """
-        return self.realm.send_private(self, to, body, nonce, notice)
+        return self.realm.send_private(self, to, body, nonce, notice, tags=tags)
+
+    def send_tags(self, to: str, tags: Any) -> Deferred[dict[str, Any]]:
+        """Client tags on their own (IRC's TAGMSG): pushed to the online sessions of
+        ``to``, not stored (chatproto.realm.tags)."""
+        return self.realm.send_tags(self, to, tags)
 
     def history(
         self, peer: str, before: int | None, after: int | None, limit: int | None
@@ -328,12 +340,13 @@ class Sessions:
             self.stats.deliveries_live += reached
             self.end_burst()
 
-    def notify(self, users: Iterable[str], notice: Notice) -> None:
-        """Send an ephemeral notice to the synced sessions of ``users``."""
+    def notify(self, users: Iterable[str], notice: Notice, exclude: Session | None = None) -> None:
+        """Send an ephemeral notice to the synced sessions of ``users`` (but
+        ``exclude``: the session it comes from, say)."""
         online = self.online
         for user in users:
             for s in online.get(user, ()):
-                if not s._syncing:
+                if not s._syncing and s is not exclude:
                     s.mind.notify(notice)
 
 

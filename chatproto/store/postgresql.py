@@ -445,8 +445,7 @@ class PostgresDB:
         except psycopg.errors.LockNotAvailable:
             if worker is not None and self._locked:
                 raise RuntimeError(
-                    f"worker {worker!r} already runs on {self.path}: one process per "
-                    "worker name"
+                    f"worker {worker!r} already runs on {self.path}: one process per worker name"
                 ) from None
             raise RuntimeError(
                 f"another realm process is writing to {self.path}: one writer per "
@@ -1412,9 +1411,7 @@ class PostgresStore(GroupCommitStore):
         self.visible: int | None = None if worker is None else 0
 
     def _new_writer(self, create: bool = False) -> PostgresDB:
-        return PostgresDB(
-            self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER
-        )
+        return PostgresDB(self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER)
 
     def _open_writer(self) -> PostgresDB:
         writer = self._new_writer(create=True)
@@ -1523,9 +1520,7 @@ class PostgresStore(GroupCommitStore):
             return super().history(conversation, before, after, limit, floor)
         if before is None or before > upto + 1:
             before = upto + 1
-        return self._read(
-            lambda db: db.history(conversation, before, after, limit, floor, upto)
-        )
+        return self._read(lambda db: db.history(conversation, before, after, limit, floor, upto))
 
     def max_pos(self) -> Deferred[int]:
         upto = self.visible

@@ -1,0 +1,333 @@
+"""Client tags (issue 19, cause 7): IRCv3 client-only tags kept with a message, and
+TAGMSG (ephemeral tags on their own) relayed between IRC users and to native
+sessions (chatproto.realm.tags).  StringTransport with a MemoryStore realm, then one
+test over loopback TCP with a SQLite realm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+
+from chatproto.client import connect as native_connect
+from chatproto.envelope import conversation_key
+from chatproto.errors import ChatError
+from chatproto.irc import IRCFactory, parse_line
+from chatproto.realm import RealmService
+from chatproto.realm.messaging import text_meta
+from chatproto.realm.tags import MAX_TAG_DATA, check_tags, client_tags, tag_data
+from chatproto.testing import connect_string_transport, frame, frames
+from tests.conftest import fast_config, make_realm, until
+from tests.test_irc import PW, Conn, login
+from tests.test_irc import make_realm as make_memory_realm
+from tests.test_irc_conformance_loopback import connect as raw_connect
+
+CAPS = "message-tags echo-message server-time labeled-response batch"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> RealmService:
+    return make_memory_realm(clock)
+
+
+@pytest.fixture
+def factory(realm: RealmService, clock: Clock) -> IRCFactory:
+    return IRCFactory(realm, clock)
+
+
+def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
+    return [parse_line(line) for line in c.lines()]
+
+
+def channel(factory: IRCFactory, *conns: Conn) -> None:
+    for c in conns:
+        c.send("JOIN #t")
+    for c in conns:
+        c.lines()
+
+
+# the rule (realm) --------------------------------------------------------------------
+
+
+def test_check_tags_rule() -> None:
+    assert check_tags({"+typing": "active", "+draft/reply": "12"}) == {
+        "+typing": "active",
+        "+draft/reply": "12",
+    }
+    assert check_tags({"+example.org/x-y": ""}) == {"+example.org/x-y": ""}
+    for bad in (
+        {},
+        [],
+        {"typing": "active"},  # not client-only
+        {"+a b": "x"},
+        {"+": "x"},
+        {"+a": 1},
+        {"+a": "line\nbreak"},  # a value is a one-line label
+        {"+a": "\u202e"},
+        {"+a": "\ud800"},  # not valid Unicode
+    ):
+        with pytest.raises(ChatError) as e:
+            check_tags(bad)
+        assert e.value.code == "bad_request", bad
+    at_limit = {"+a": "x" * (MAX_TAG_DATA - 3)}
+    assert len(tag_data(at_limit)) == MAX_TAG_DATA
+    check_tags(at_limit)
+    with pytest.raises(ChatError) as e:
+        check_tags({"+a": "x" * (MAX_TAG_DATA - 2)})
+    assert e.value.code == "too_large"
+    # Measured as IRC writes them: escapes count.
+    with pytest.raises(ChatError):
+        check_tags({"+a": ";" * (MAX_TAG_DATA // 2)})
+
+
+def test_client_tags_keeps_only_client_only_tags() -> None:
+    assert client_tags({"label": "1", "+a": "b", "time": "x", "+bad name": "c", "+": ""}) == {
+        "+a": "b"
+    }
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), st.text(max_size=40), max_size=5))
+def test_check_tags_any_input_is_a_value_or_a_chat_error(tags: dict[str, str]) -> None:
+    try:
+        out = check_tags(tags)
+    except ChatError as e:
+        assert e.code in ("bad_request", "too_large")
+    else:
+        assert out == tags
+
+
+def test_text_meta_from_other_realms_accepts_tags_checked() -> None:
+    assert text_meta({"tags": {"+a": "1"}}) == {"tags": {"+a": "1"}}
+    assert text_meta({"notice": True, "tags": {"+a": "1"}}) == {
+        "notice": True,
+        "tags": {"+a": "1"},
+    }
+    for bad in ({"tags": {"a": "1"}}, {"notice": False}, {"other": 1}, {}, "x"):
+        with pytest.raises(ChatError):
+            text_meta(bad)
+
+
+# messages with client tags -------------------------------------------------------------
+
+
+def test_privmsg_client_tags_relayed_to_message_tags_clients_only(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", "message-tags")
+    bob = login(factory, "bob", "message-tags echo-message")
+    carol = login(factory, "carol", "server-time")
+    channel(factory, alice, bob, carol)
+    alice.send("@+baz=bat;fizz=buzz;+draft/reply=7 PRIVMSG #t hi")
+    [(tags, cmd, params)] = parsed(bob)
+    assert cmd == "PRIVMSG" and params == ["#t", "hi"]
+    assert tags["+baz"] == "bat" and tags["+draft/reply"] == "7" and "msgid" in tags
+    assert "fizz" not in tags  # not a client-only tag
+    [(tags, _, _)] = parsed(carol)
+    assert set(tags) == {"time"}  # no client tags without message-tags
+    # The echo carries them too, with the same msgid.
+    bob.send(r"@+a=x\sy\:z PRIVMSG #t :back")
+    [(echo_tags, _, _)] = parsed(bob)
+    [(tags, _, _)] = parsed(alice)
+    assert tags["+a"] == echo_tags["+a"] == "x y;z"
+    assert tags["msgid"] == echo_tags["msgid"]
+
+
+def test_tags_are_stored_with_the_message_and_replayed(factory: IRCFactory) -> None:
+    realm = factory.realm
+    alice = login(factory, "alice", "message-tags")
+    alice.send("@+draft/reply=1 PRIVMSG bob :hello")
+    alice.lines()
+    items: list[Any] = []  # the item as stored
+    key = conversation_key("alice@localhost", "bob@localhost")
+    realm.store.history(key, None, None, 10, 0).addCallback(items.extend)
+    assert items and items[-1].meta == {"tags": {"+draft/reply": "1"}}
+    # bob logs in later: the backlog carries the tags.
+    bob = Conn(factory)
+    bob.send("CAP REQ message-tags", f"PASS {PW}", "NICK bob", "USER u 0 * :B", "CAP END")
+    lines = bob.lines()
+    assert any("+draft/reply=1" in line and "PRIVMSG bob :hello" in line for line in lines)
+
+
+def test_native_send_with_tags_reaches_irc(factory: IRCFactory) -> None:
+    realm = factory.realm
+    bob = login(factory, "bob", "message-tags")
+    proto, t = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    proto.dataReceived(frame({"type": "login", "id": 2, "user": "alice", "password": PW}))
+    frames(t)
+    proto.dataReceived(
+        frame({"type": "send", "id": 3, "to": "bob", "body": "hi", "tags": {"+draft/react": ":)"}})
+    )
+    assert frames(t)[-1]["type"] == "result"
+    [(tags, cmd, _params)] = parsed(bob)
+    assert cmd == "PRIVMSG" and tags["+draft/react"] == ":)"
+    proto.dataReceived(
+        frame({"type": "send", "id": 4, "to": "bob", "body": "x", "tags": {"a": ""}})
+    )
+    assert frames(t)[-1]["code"] == "bad_request"
+
+
+# TAGMSG ----------------------------------------------------------------------------------
+
+
+def test_tagmsg_to_channel_relayed_and_echoed_with_one_msgid(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", "message-tags")
+    bob = login(factory, "bob", "message-tags echo-message")
+    carol = login(factory, "carol", "server-time")  # no message-tags: gets nothing
+    channel(factory, alice, bob, carol)
+    bob.send(r"@+buzz=fizz\:buzz;cat=dog;+steel=wootz TAGMSG #t")
+    [(echo, cmd, params)] = parsed(bob)
+    assert cmd == "TAGMSG" and params == ["#t"]
+    [(got, cmd, params)] = parsed(alice)
+    assert cmd == "TAGMSG" and params == ["#t"]
+    assert got["+buzz"] == "fizz;buzz" and got["+steel"] == "wootz" and "cat" not in got
+    assert got["msgid"] == echo["msgid"] and not got["msgid"].isdigit()  # not a position
+    assert carol.lines() == []
+
+
+def test_tagmsg_dm_byte_by_byte_with_label(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", "message-tags")
+    alice.send("@label=L1;+typing=active TAGMSG bob", bytewise=True)
+    [(echo, cmd, params)] = parsed(alice)
+    assert cmd == "TAGMSG" and echo["label"] == "L1" and echo["+typing"] == "active"
+    [(got, cmd, params)] = parsed(bob)
+    assert cmd == "TAGMSG" and params == ["bob"] and got["+typing"] == "active"
+    assert "label" not in got
+
+
+def test_tagmsg_without_echo_is_acked_and_to_self_comes_back(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", "message-tags labeled-response batch")
+    alice.send("@label=a;+typing=active TAGMSG bob")
+    [(tags, cmd, _)] = parsed(alice)
+    assert cmd == "ACK" and tags["label"] == "a"
+    alice.send("@+draft/react=x TAGMSG alice")  # to oneself: received as any DM
+    [(tags, cmd, params)] = parsed(alice)
+    assert cmd == "TAGMSG" and params == ["alice"] and tags["+draft/react"] == "x"
+
+
+def test_tagmsg_errors_and_nothing_to_relay(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", "message-tags")
+    login(factory, "bob", "message-tags").send("JOIN #b")
+    alice.send("TAGMSG bob")  # no client-only tags: nothing happens
+    alice.send("@label=x TAGMSG bob")
+    assert alice.lines() == []
+    alice.send("@+typing=active TAGMSG nobody", "@+typing=active TAGMSG #nowhere")
+    assert [c for c, _ in alice.commands()] == ["401", "403"]
+    alice.send("@+typing=active TAGMSG #b")  # not a member
+    assert alice.numerics() == ["404"]
+    alice.send("@+typing=a TAGMSG a,b,c,d,e")
+    assert alice.numerics() == ["407"]
+    alice.send("@+bad=\x1b[31m TAGMSG bob")  # a value is a one-line label
+    assert alice.numerics() == ["400"]
+
+
+def test_tags_over_4094_bytes_get_417(factory: IRCFactory) -> None:
+    alice = login(factory, "alice", "message-tags echo-message")
+    bob = login(factory, "bob", "message-tags")
+    channel(factory, alice, bob)
+    at_limit = "@foo=bar;+baz={} TAGMSG #t".format("a" * 4081)
+    assert at_limit.index("TAGMSG") == 4096
+    alice.send(at_limit)
+    assert parsed(alice)[0][0]["+baz"] == "a" * 4081
+    assert parsed(bob)[0][0]["+baz"] == "a" * 4081
+    alice.send("@foo=bar;+baz={} TAGMSG #t".format("a" * 4082))
+    assert alice.numerics() == ["417"]
+    alice.send("@foo=bar;+baz={} PRIVMSG #t {}".format("a" * 4082, "b" * 495))
+    assert alice.numerics() == ["417"]
+    assert bob.lines() == []
+
+
+def test_tagmsg_reaches_native_sessions_and_native_tags_reach_irc(
+    factory: IRCFactory, clock: Clock
+) -> None:
+    realm = factory.realm
+    bob = login(factory, "bob", "message-tags server-time")
+    proto, t = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    proto.dataReceived(frame({"type": "login", "id": 2, "user": "alice", "password": PW}))
+    clock.advance(0)  # the backlog (none), then live
+    assert frames(t)[-1]["type"] in ("synced", "presence")
+    bob.send("@+typing=active TAGMSG alice")
+    [push] = [f for f in frames(t) if f["type"] == "tags"]
+    assert push["from"] == "bob@localhost" and push["to"] == "alice@localhost"
+    assert push["tags"] == {"+typing": "active"} and isinstance(push["id"], str)
+    # native -> IRC: the tags request, answered with the notice's id.
+    proto.dataReceived(frame({"type": "tags", "id": 3, "to": "bob", "tags": {"+typing": "done"}}))
+    [result] = frames(t)
+    assert result["type"] == "result" and result["id"] == 3
+    [(tags, cmd, params)] = parsed(bob)
+    assert cmd == "TAGMSG" and params == ["bob"] and tags["+typing"] == "done"
+    assert tags["msgid"] == result["tags_id"] and "time" in tags
+    proto.dataReceived(frame({"type": "tags", "id": 4, "to": "bob", "tags": {"typing": "x"}}))
+    assert frames(t)[-1]["code"] == "bad_request"
+    proto.dataReceived(frame({"type": "tags", "id": 5, "to": "nobody", "tags": {"+a": "x"}}))
+    assert frames(t)[-1]["code"] == "no_such_user"
+
+
+def test_tagmsg_is_rate_limited_like_messages(clock: Clock) -> None:
+    realm = make_memory_realm(clock)
+    realm.config.limits.send_rate = 1.0
+    realm.config.limits.send_burst = 2
+    factory = IRCFactory(realm, clock)
+    alice = login(factory, "alice", "message-tags")
+    alice.send(*["@+typing=active TAGMSG bob"] * 3)
+    assert alice.numerics() == ["263"]
+
+
+# over loopback TCP ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway(tmp_path: Any) -> Any:
+    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
+    cfg.irc.enabled = True
+    cfg.irc.flood_rate = 0.0
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    for name in ("alice", "bob", "carol"):
+        pytest_twisted.blockon(realm.create_user(name, PW))
+    factory = IRCFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    from chatproto.protocol import ClientFactory
+
+    native = ClientFactory(realm)
+    nport = _reactor.listenTCP(0, native, interface="127.0.0.1")
+    yield realm, port.getHost().port, f"tcp:127.0.0.1:{nport.getHost().port}"
+    for proto in list(factory.connections) + list(native.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(nport.stopListening())
+    pytest_twisted.blockon(realm.stopService())
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_tags_and_tagmsg_over_tcp(gateway: Any) -> None:
+    _, port, native_addr = gateway
+    alice = yield raw_connect(port, "alice", "message-tags echo-message", PW)
+    bob = yield raw_connect(port, "bob", "message-tags", PW)
+    alice.send("JOIN #t")
+    yield until(lambda: alice.has("366"))
+    bob.send("JOIN #t")
+    yield until(lambda: bob.has("366") and alice.has("JOIN", "#t") and len(alice.got) > 3)
+    alice.take(), bob.take()
+    alice.send("@+draft/reply=1 PRIVMSG #t :re", "@+typing=active TAGMSG #t")
+    yield until(lambda: bob.has("TAGMSG") and bob.has("PRIVMSG"))
+    got = [parse_line(line) for line in bob.got]
+    assert [c for _, c, _ in got] == ["PRIVMSG", "TAGMSG"]  # in the order sent
+    assert got[0][0]["+draft/reply"] == "1" and got[1][0]["+typing"] == "active"
+    # A native client sends tags on their own to the channel.
+    carol = yield native_connect(_reactor, native_addr, "carol", PW)
+    yield carol.protocol.request("join", group="#t")
+    result = yield carol.protocol.request("tags", to="#t", tags={"+typing": "paused"})
+    yield until(lambda: any(f"msgid={result['tags_id']}" in line for line in bob.got))
+    yield carol.close()
