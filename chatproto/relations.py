@@ -36,6 +36,7 @@ __all__ = [
     "current_view",
     "ref_meta",
     "ref_of",
+    "remote_meta",
 ]
 
 #: The kinds of items that refer to another item by ``meta.ref``.
@@ -82,6 +83,27 @@ def ref_meta(kind: str, ref: str, emoji: str | None = None, remove: bool = False
             meta["remove"] = True
         return meta
     return {"ref": ref}
+
+
+def remote_meta(kind: str, meta: Any, body: str) -> dict[str, Any]:
+    """The ``meta`` of an ``edit``, ``delete`` or ``reaction`` item from another
+    realm, checked (``bad_request`` otherwise): exactly what :func:`ref_meta` makes,
+    with an empty ``body`` but for an edit."""
+    if not isinstance(meta, dict):
+        raise ChatError("bad_request", f"a {kind} item has a meta object")
+    allowed = {"ref", "emoji", "remove"} if kind == "reaction" else {"ref"}
+    if not set(meta) <= allowed or "ref" not in meta:
+        raise ChatError("bad_request", f"a {kind} item's meta has {sorted(allowed)}")
+    ref = check_msg_id(meta["ref"], "meta.ref")
+    if kind == "reaction":
+        if "remove" in meta and meta["remove"] is not True:
+            raise ChatError("bad_request", "meta.remove is true when present")
+        out = ref_meta(kind, ref, check_emoji(meta.get("emoji")), "remove" in meta)
+    else:
+        out = ref_meta(kind, ref)
+    if kind != "edit" and body:
+        raise ChatError("bad_request", f"a {kind} item has an empty body")
+    return out
 
 
 def ref_of(env: Envelope) -> str | None:

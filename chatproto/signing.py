@@ -93,9 +93,16 @@ def canonical(env: Any) -> bytes:
     an item was written is bound by its id (which starts with it, for ids this realm
     makes) and its position in each realm's stream."""
     parts = [SIG_DOMAIN, env.id, env.kind, env.sender, env.recipient, env.body]
-    if env.kind == "file":
-        meta = env.meta or {}
+    kind, meta = env.kind, env.meta or {}
+    if kind == "file":
         parts += [str(meta.get(k, "")) for k in FILE_FIELDS]
+    elif kind in ("edit", "delete", "reaction"):
+        # what it refers to (else a relay could point it at another item)
+        parts.append(str(meta.get("ref", "")))
+        if kind == "reaction":
+            parts += [str(meta.get("emoji", "")), "remove" if meta.get("remove") is True else ""]
+    elif kind == "text" and "reply_to" in meta:
+        parts.append(str(meta["reply_to"]))
     return b"".join(_field(p) for p in parts)
 
 

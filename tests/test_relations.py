@@ -276,3 +276,19 @@ def test_check_emoji() -> None:
     for bad in (None, 3, "", "a\tb", "\u2066x"):
         with pytest.raises(ChatError):
             check_emoji(bad)
+
+
+def test_a_signature_covers_what_an_item_refers_to() -> None:
+    from chatproto.signing import canonical
+
+    def env(kind: str, **meta: Any) -> Envelope:
+        return Envelope("id1", kind, "a@x", "#g@h", 1.0, "", meta or None)
+
+    base = canonical(env("reaction", ref="m1", emoji="+"))
+    assert canonical(env("reaction", ref="m2", emoji="+")) != base
+    assert canonical(env("reaction", ref="m1", emoji="-")) != base
+    assert canonical(env("reaction", ref="m1", emoji="+", remove=True)) != base
+    for kind in ("edit", "delete"):
+        assert canonical(env(kind, ref="m1")) != canonical(env(kind, ref="m2"))
+    assert canonical(env("text", reply_to="m1")) != canonical(env("text", reply_to="m2"))
+    assert canonical(env("text", notice=True)) == canonical(env("text"))

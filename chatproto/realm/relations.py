@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.logger import Logger
 
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
-from chatproto.relations import TARGET_KINDS, check_emoji, check_msg_id, ref_meta
+from chatproto.relations import TARGET_KINDS, check_emoji, check_msg_id, ref_meta, ref_of
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -187,7 +187,44 @@ class Relations:
         if len(self._deleted) > _DELETED_REMEMBERED:
             self._deleted.popitem(last=False)
 
-    def deleted(self, env: Envelope, target: Envelope) -> Envelope:
+    # from other realms -------------------------------------------------------------
+
+    @inlineCallbacks
+    def check_remote(self, env: Envelope) -> Any:
+        """An ``edit``, ``delete`` or ``reaction`` from another realm (already checked
+        by :mod:`chatproto.realm.remote` to come from a realm that may carry it): the
+        item it refers to must be stored here, of the same conversation, readable by
+        its sender by this realm's state (a member of the group who may read it
+        there, or a party of the private conversation), and for an edit theirs; for a
+        delete theirs, or its sender an admin or owner of the group here.
+
+        Fires with the item referred to, or None when ``env`` is stored already (a
+        transaction sent again: the store skips it); fails with ``not_found`` or
+        ``forbidden``, as for a local user."""
+        had = yield self._store.stored_item(env.id)
+        if had is not None and (had.sender, had.recipient) == (env.sender, env.recipient):
+            return None
+        ref = ref_of(env)
+        t = (yield self._store.stored_item(ref)) if ref is not None else None
+        if (
+            t is None
+            or t.conversation != env.conversation
+            or t.kind not in TARGET_KINDS
+            or (t.meta is not None and t.meta.get("deleted") is True)
+            or t.id in self._deleted
+            or not readable_by(t, env.sender, 0, self._realm.groups.readable_from)
+        ):
+            raise ChatError("not_found", f"no message {ref} that {env.sender} may read here")
+        if env.kind == "edit" and (t.sender != env.sender or t.kind != "text"):
+            raise ChatError("forbidden", f"{env.sender} may not edit {ref}")
+        if env.kind == "delete":
+            group = self._realm.groups.groups.get(t.recipient)
+            role = group.role_of(env.sender) if group is not None else None
+            if not may_delete(t, env.sender, role):
+                raise ChatError("forbidden", f"{env.sender} may not delete {ref}")
+        return t
+
+    def deleted(self, env: Any, target: Envelope) -> Any:
         """The delete of ``target`` is committed: a file's bytes go if no file refers
         to them any more (quota is counted from the file records, freed already)."""
         if target.kind == "file" and target.meta is not None:

@@ -29,6 +29,7 @@ from chatproto.errors import ChatError
 from chatproto.files import new_file_id
 from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, check_snapshot
 from chatproto.realm.messaging import text_meta
+from chatproto.relations import REF_KINDS, check_msg_id, remote_meta
 from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META
@@ -53,12 +54,28 @@ _REQUEST_OF = {
     "role": "set_role",
     "deleted": "delete_group",
 }
+#: The kinds of items a peer may send (a request is not an item).
+_KINDS = frozenset({"text", "event", "file"}) | REF_KINDS
 #: Group events that name another user than their actor (``meta.user``).
 _TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role"})
 #: Realms whose keys one transaction may make us ask for (see _check_signatures).
 MAX_KEY_FETCHES = 4
 #: Refusals of a peer's item logged as warnings (a forgery): the others are info.
 _FORGERIES = frozenset({"forged_sender", "bad_signature"})
+
+
+def _message_meta(kind: str, meta: Any, body: str) -> dict[str, Any] | None:
+    """The checked ``meta`` of a text, reaction, edit or delete item from a peer: a
+    text's as a local ``send`` makes it (:func:`text_meta`, and a ``reply_to``), the
+    others' as :func:`chatproto.relations.remote_meta` says."""
+    if kind != "text":
+        return remote_meta(kind, meta, body)
+    if isinstance(meta, dict) and "reply_to" in meta:
+        rest = {k: v for k, v in meta.items() if k != "reply_to"}
+        out = text_meta(rest or None) or {}
+        out["reply_to"] = check_msg_id(meta["reply_to"], "meta.reply_to")
+        return out
+    return text_meta(meta)
 
 
 class RemoteIntake:
@@ -93,7 +110,7 @@ class RemoteIntake:
         mid, kind, ts, body = raw.get("id"), raw.get("kind"), raw.get("ts"), raw.get("body")
         if not isinstance(mid, str) or not 0 < len(mid) <= 64:
             raise ChatError("bad_request", "item id must be a string of 1-64 characters")
-        if kind not in ("text", "event", "file"):
+        if kind not in _KINDS:
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
         ts = remote_ts(ts, self.clock.seconds())
         body = self._r.messages.check_body(body)
@@ -117,12 +134,14 @@ class RemoteIntake:
                     )
                 if kind == "file":
                     meta = _file_meta(meta, body)
-                elif kind != "text":
+                elif kind == "event":
                     raise ChatError(
-                        "bad_request", "only text and file items go to a group's home realm"
+                        "bad_request",
+                        "only messages, files, reactions, edits and deletes "
+                        "go to a group's home realm",
                     )
                 else:
-                    meta = text_meta(meta)
+                    meta = _message_meta(kind, meta, body)
                 self.groups.check_speaker(str(recipient), str(sender))
                 fan = self._r.realms_of(self.groups.groups[str(recipient)].members) - {origin}
                 signer = origin  # we relay it: it must carry its realm's proof
@@ -137,10 +156,10 @@ class RemoteIntake:
                 )
             if kind == "file":
                 meta = _file_meta(meta, body)
-            elif kind != "text":
-                raise ChatError("bad_request", "a private item is text or a file")
+            elif kind == "event":
+                raise ChatError("bad_request", "a private item is not an event")
             else:
-                meta = text_meta(meta)
+                meta = _message_meta(kind, meta, body)
             user = self._parse(to, self.realm, False)
             if user.realm != self.realm:
                 raise ChatError("bad_address", f"{user} is not on this realm")
@@ -182,7 +201,7 @@ class RemoteIntake:
             if kind == "file":
                 meta = _file_meta(meta, body)
             else:
-                meta = text_meta(meta)
+                meta = _message_meta(kind, meta, body)
             if local:
                 return meta, "echo"
             if mirror is None or str(sender) not in mirror.members:
@@ -328,6 +347,7 @@ class RemoteIntake:
         are committed after these (the link starts on its next transaction then).
         """
         rejected: list[dict[str, Any]] = []
+        deleted: list[Envelope] = []  # items deleted by delete items of the transaction
         batch: list[Envelope] = []
         outbox: list[tuple[str, Envelope]] = []
         signed: list[tuple[Envelope, str]] = []  # items of batch to verify, and by whom
@@ -385,6 +405,13 @@ class RemoteIntake:
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
                     if self._r.admin.is_suspended(name):
                         raise ChatError("account_suspended", f"{env.recipient} is suspended")
+                if env.kind in REF_KINDS:
+                    # What it refers to must be here (committed: it may be earlier in
+                    # this transaction), and its sender allowed to.
+                    yield flush()
+                    target = yield self._r.relations.check_remote(env)
+                    if env.kind == "delete" and target is not None:
+                        deleted.append(target)
                 if env.kind == "file":
                     yield flush()
                     if signer is not None:
@@ -411,6 +438,8 @@ class RemoteIntake:
             if queued is not None:
                 queued()
             yield last
+        for target in deleted:  # committed (or refused): a file's bytes may go
+            self._r.relations.deleted(None, target)
         return rejected
 
     @inlineCallbacks

@@ -221,6 +221,10 @@ class MemoryStore:
         self._ids[env.id] = (env.sender, env.recipient)
         if env.kind == "delete":
             self._wipe(env)
+        elif env.kind == "edit":  # of an item deleted since the edit was checked
+            target = self._by_id(ref_of(env) or "")
+            if target is not None and target.meta == DELETED_META:
+                env.body = ""
 
     def _wipe(self, env: Envelope) -> None:
         """A ``delete`` item is stored: its target (of the same conversation) loses

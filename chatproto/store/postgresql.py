@@ -215,8 +215,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-#: The kinds an append looks at twice: a file is recorded, a delete wipes its target.
-_INDEXED = frozenset({"file", "delete"})
+#: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
+#: an edit of a deleted item (checked before the delete was committed) loses its text.
+_INDEXED = frozenset({"file", "delete", "edit"})
 #: Selects the items that refer to one of a page's items (see PostgresDB._refs).
 _REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
@@ -1056,6 +1057,12 @@ class PostgresDB:
         for env, pos in zip(batch, positions, strict=True):
             if env.kind == "delete" and env.meta is not None:
                 self._wipe(env)
+            elif env.kind == "edit" and env.meta is not None:
+                self.conn.execute(
+                    "UPDATE items SET body = '' WHERE pos = %s AND EXISTS (SELECT 1 FROM items "
+                    "WHERE id = %s AND meta = %s)",
+                    (pos, escape_text(str(env.meta.get("ref"))), self._DELETED),
+                )
             if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
                 m = env.meta
                 rows.append(

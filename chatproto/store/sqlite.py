@@ -199,8 +199,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-#: The kinds an append looks at twice: a file is recorded, a delete wipes its target.
-_INDEXED = frozenset({"file", "delete"})
+#: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
+#: an edit of a deleted item (checked before the delete was committed) loses its text.
+_INDEXED = frozenset({"file", "delete", "edit"})
 #: Selects the items that refer to one of a page's items (see _refs).
 _REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
@@ -672,6 +673,12 @@ class SQLiteDB:
                 rows.append((*(m[k] for k in FILE_META), env.sender, env.recipient, env.ts, pos))
             elif env.kind == "delete" and env.meta is not None:
                 self._wipe(env)
+            elif env.kind == "edit" and env.meta is not None:
+                self.conn.execute(
+                    "UPDATE items SET body = '' WHERE pos = ? AND EXISTS (SELECT 1 FROM items "
+                    "WHERE id = ? AND json_extract(meta, '$.deleted') IS TRUE)",
+                    (pos, env.meta.get("ref")),
+                )
         if rows:
             self.conn.executemany(self._INSERT_FILE, rows)
 
