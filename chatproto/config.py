@@ -25,6 +25,7 @@ __all__ = [
     "IRC",
     "TLS",
     "Auth",
+    "Cluster",
     "Config",
     "ConfigError",
     "Control",
@@ -222,6 +223,28 @@ class Federation:
 
 
 @attrs.define
+class Cluster:
+    """Several worker processes serving one realm (docs/scale-out.md): used when the
+    realm runs with ``--worker NAME``, on the PostgreSQL store."""
+
+    #: The Redis server of the bus (wake-ups, session directory, presence): HOST:PORT.
+    redis: str = "127.0.0.1:6379"
+    #: Prefix of every Redis key and channel (several realms can share one Redis).
+    redis_prefix: str = "chatproto"
+    #: The worker that sends federation (its outbox links); "" = none sends.
+    federation_sender: str = ""
+    #: Seconds between catch-ups from the store when the bus says nothing (a worker
+    #: that missed wake-ups still delivers within this).
+    poll_interval: float = 1.0
+    #: Seconds between a worker's heartbeats; a worker silent for 3 of them is gone.
+    heartbeat: float = 2.0
+    #: Where file blobs live, shared by every worker ("" = <data_dir>/files).
+    files_dir: str = ""
+    #: Seconds to wait for PostgreSQL or Redis at start-up before giving up.
+    connect_timeout: float = 5.0
+
+
+@attrs.define
 class Config:
     realm: str = "localhost"
     data_dir: str = "chatrealm-data"
@@ -238,6 +261,9 @@ class Config:
     files: Files = attrs.field(factory=Files)
     metrics: Metrics = attrs.field(factory=Metrics)
     control: Control = attrs.field(factory=Control)
+    cluster: Cluster = attrs.field(factory=Cluster)
+    #: The worker this process is (``--worker NAME``); None: a single-process realm.
+    worker: str | None = None
 
     @property
     def database_path(self) -> str:
@@ -247,11 +273,17 @@ class Config:
     def control_socket(self) -> str:
         """Where the control channel's UNIX socket is (``[control] socket``, else
         ``control.sock`` in the data directory); its token is beside it (+ ".token")."""
-        return self.control.socket or os.path.join(self.data_dir, "control.sock")
+        path = self.control.socket or os.path.join(self.data_dir, "control.sock")
+        if self.worker is not None:  # one socket per worker of a cluster
+            path = f"{path}.{self.worker}"
+        return path
 
     @property
     def files_path(self) -> str:
-        """Where file blobs and partial uploads live (created on first upload)."""
+        """Where file blobs and partial uploads live (created on first upload); a
+        cluster's workers share ``[cluster] files_dir`` when it is set."""
+        if self.worker is not None and self.cluster.files_dir:
+            return self.cluster.files_dir
         return os.path.join(self.data_dir, "files")
 
     def listen_descriptions(self) -> list[str]:
@@ -353,6 +385,7 @@ class Config:
         if not 1024 <= f.chunk_size <= lim.max_frame - 64:
             raise ConfigError("files.chunk_size must be between 1024 and limits.max_frame - 64")
         self._check_storage()
+        self._check_cluster()
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("storage.synchronous must be FULL, NORMAL or EXTRA")
         self.storage.synchronous = self.storage.synchronous.upper()
@@ -431,6 +464,28 @@ class Config:
             conninfo_to_dict(s.dsn)
         except Exception as e:
             raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
+
+    def _check_cluster(self) -> None:
+        c = self.cluster
+        host, _, port = c.redis.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"cluster.redis must be HOST:PORT, not {c.redis!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", c.redis_prefix):
+            raise ConfigError("cluster.redis_prefix: 1-64 of A-Z a-z 0-9 _ . : -")
+        for key in ("poll_interval", "heartbeat", "connect_timeout"):
+            if not getattr(c, key) > 0:
+                raise ConfigError(f"cluster.{key} must be > 0")
+        if self.worker is None:
+            return
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", self.worker):
+            raise ConfigError(
+                "--worker: a name of 1-32 of a-z 0-9 _ - (starting with a letter or digit)"
+            )
+        if self.storage.backend != "postgresql":
+            raise ConfigError(
+                '--worker needs the PostgreSQL store ([storage] backend = "postgresql"): '
+                "workers share one database"
+            )
 
     def _check_federation(self, files: bool) -> None:
         f = self.federation
@@ -521,6 +576,7 @@ _SECTIONS = {
     "files": Files,
     "metrics": Metrics,
     "control": Control,
+    "cluster": Cluster,
 }
 _REALM_KEYS = {
     "name": "realm",

@@ -472,6 +472,65 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    """``cluster status``: the live workers (from Redis: their heartbeats), their
+    sessions and how far each has delivered the stream behind the safe position, and
+    the writers of the store (from PostgreSQL)."""
+    from chatproto.cluster.status import RedisReplyError, workers
+
+    if cfg.storage.backend != "postgresql":
+        raise CtlError("a cluster runs on the PostgreSQL store ([storage] backend)")
+    address, prefix = cfg.cluster.redis, cfg.cluster.redis_prefix
+    try:
+        live = workers(address, prefix, cfg.cluster.connect_timeout)
+    except (OSError, RedisReplyError) as e:
+        raise CtlError(f"cannot read Redis at {address} (cluster.redis): {e}") from None
+    from chatproto.store.postgresql import PostgresDB
+
+    with open_db(cfg) as db:
+        assert isinstance(db, PostgresDB)
+        safe = db.safe_position()
+        writers = db.writers()
+    print(f"realm {cfg.realm}: safe position {safe}; Redis {address} (prefix {prefix})")
+    if not live:
+        print("no live worker")
+    rows: list[tuple[str, ...]] = [
+        ("WORKER", "HOST", "PID", "SESSIONS", "USERS", "DELIVERED", "LAG", "STATE")
+    ]
+    for name, w in live.items():
+        delivered = int(w.get("delivered", 0))
+        state = w.get("degraded") or "ok"
+        if w.get("federation_sender"):
+            state += ", federation sender"
+        rows.append(
+            (
+                name,
+                str(w.get("host", "?")),
+                str(w.get("pid", "?")),
+                str(w.get("sessions", 0)),
+                str(len(w.get("online", {}))),
+                str(delivered),
+                str(max(0, safe - delivered)),
+                state,
+            )
+        )
+    if live:
+        _table(rows)
+    print("writers (PostgreSQL):")
+    rows = [("WRITER", "PERSISTED UP TO", "COMMIT IN FLIGHT", "LAST COMMIT")]  # (new table)
+    for name, upto, when, inflight in writers:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+        rows.append((name, str(upto), "yes" if inflight else "no", stamp))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
 def cmd_migrate_store(args: argparse.Namespace, cfg: configmod.Config) -> int:
     """Copy a SQLite realm into the PostgreSQL store the configuration names."""
     if cfg.storage.backend != "postgresql":
@@ -690,6 +749,16 @@ def build_parser() -> argparse.ArgumentParser:
         "failures, next retry and last error (as the running realm last wrote them).",
     )
     p.set_defaults(func=cmd_peers)
+
+    p = add(
+        "cluster",
+        help="the workers of a cluster: sessions, lag, writers",
+        description="status: the live workers of a realm run with --worker (from "
+        "Redis), their sessions and users, how far each has delivered the stream "
+        "behind the safe position (LAG), and the writers of the PostgreSQL store.",
+    )
+    p.add_argument("action", choices=["status"], help="what to show")
+    p.set_defaults(func=cmd_cluster)
 
     p = add(
         "migrate-store",

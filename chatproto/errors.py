@@ -68,6 +68,8 @@ CODES: dict[str, str] = {
     "shutting_down": "the realm is stopping (closed)",
     "session_ended": "an operator of the realm ended the session (closed)",
     "account_suspended": "the account is suspended by the realm's operators",
+    "unavailable": "the realm cannot reach its database or message bus right now; nothing "
+    "was stored: retry after retry_after seconds",
     "internal_error": "the server failed to handle the request; it was logged",
 }
 

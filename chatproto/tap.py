@@ -40,7 +40,7 @@ __all__ = [
 class Options(usage.Options):
     synopsis = (
         "[--config FILE] [--listen ENDPOINT ...] [--web ENDPOINT ...] [--realm NAME] "
-        "[--data-dir DIR]"
+        "[--data-dir DIR] [--worker NAME]"
     )
     longdesc = (
         "Run a chatproto realm.  With no options: realm 'localhost', SQLite in "
@@ -51,6 +51,13 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (see config/realm.example.toml)."],
         ["realm", "r", None, "The realm's name (a DNS name), e.g. example.org."],
         ["data-dir", "d", None, "Directory for the database and files."],
+        [
+            "worker",
+            "w",
+            None,
+            "Run as worker NAME of a cluster: several processes serve one realm on "
+            "PostgreSQL and Redis ([cluster]; docs/scale-out.md).",
+        ],
     ]
     optFlags = [
         ["no-register", None, "Disable in-band registration."],
@@ -87,6 +94,8 @@ class Options(usage.Options):
                 cfg.web.listen = list(self["web"])
             if self["no-register"]:
                 cfg.auth.allow_registration = False
+            if self["worker"] is not None:
+                cfg.worker = self["worker"]
             cfg.check()
             if cfg.federation.enabled:  # a key that does not fit is reported here
                 from chatproto.federation import FederationTLS
@@ -153,9 +162,11 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, shared: bool = False) -> None:
         self.description = description
         self.reactor = reactor
+        #: Listen with SO_REUSEPORT (the workers of a cluster share their ports).
+        self.shared = shared
         self.endpoint = serverFromString(reactor, description)
         self.factory = factory
         self.port: IListeningPort | None = None
@@ -201,7 +212,17 @@ class ListenerService(Service):
         if self.port is not None:
             return
         result: list[Any] = []
-        self.endpoint.listen(self.factory).addBoth(result.append)
+        if self.shared:
+            from twisted.internet.defer import maybeDeferred
+
+            from chatproto.cluster.listen import listen_shared
+
+            shared = maybeDeferred(listen_shared, self.endpoint, self.factory, self.reactor)
+            shared.addBoth(result.append)
+            if result[0] is None:
+                result.clear()
+        if not result:
+            self.endpoint.listen(self.factory).addBoth(result.append)
         if not result:  # an endpoint that listens asynchronously
             raise RuntimeError(f"endpoint {self.description!r} did not listen at once")
         outcome = result[0]
@@ -248,6 +269,11 @@ def build(
     top = MultiService()
     store = make_store(cfg, reactor)
     realm = RealmService(cfg, store, reactor)
+    worker = None
+    if cfg.worker is not None:
+        from chatproto.cluster.worker import Worker  # Redis only for a cluster
+
+        worker = Worker(realm, reactor)
     realm.setServiceParent(top)
     ops = Operations(realm, reactor)
     ops.setServiceParent(top)
@@ -255,7 +281,7 @@ def build(
         setup(realm)
 
     def serve(protocol: str, description: str, factory: Any, connections: Any) -> None:
-        listener = ListenerService(reactor, description, factory)
+        listener = ListenerService(reactor, description, factory, shared=worker is not None)
         listener.setServiceParent(top)
         ops.watch(protocol, connections, listener)
 
@@ -275,10 +301,12 @@ def build(
         irc_factory = IRCFactory(realm)
         for description in cfg.irc_descriptions():
             serve("irc", description, irc_factory, irc_factory)
-    if cfg.federation.enabled:
+    if cfg.federation.enabled and (worker is None or worker.sender):
         from chatproto.federation import FederationService
 
         FederationService(realm, reactor).setServiceParent(top)
+    if worker is not None:
+        worker.attach_federation()
     if cfg.metrics.listen:
         from chatproto.ops.site import OpsSite  # twisted.web only when used
 

@@ -80,3 +80,64 @@ def use_postgresql(cfg: Any) -> Any:
     cfg.storage.schema = pg_schema()
     cfg.check()
     return cfg
+
+
+# Redis (the bus of a cluster) ------------------------------------------------------
+
+#: The Redis server of the tests (each test uses a key prefix of its own in it).
+REDIS = os.environ.get("CHATPROTO_TEST_REDIS", "127.0.0.1:6379")
+
+
+def redis_or_skip() -> str:
+    """The tests' Redis ``HOST:PORT``; skips the test when none answers (or
+    txredisapi is missing), unless CI is set: then the test runs, and fails."""
+    try:
+        import txredisapi  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("txredisapi is not installed: pip install -e '.[dev]' (or '.[cluster]')")
+    host, _, port = REDIS.rpartition(":")
+    if not service_available(host, int(port)):
+        pytest.skip(f"no Redis server at {REDIS} (and CI is not set)")
+    return REDIS
+
+
+def redis_prefix() -> str:
+    """A Redis key prefix unique to this process and call."""
+    return f"chatproto-t{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def redis_command(address: str, *args: str, timeout: float = 5.0) -> bytes:
+    """One command to Redis, synchronously; the raw reply (for tests' set-up and
+    clean-up only)."""
+    host, _, port = address.rpartition(":")
+    out = f"*{len(args)}\r\n".encode()
+    for a in args:
+        b = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(b), b)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(out)
+        return s.recv(65536)
+
+
+def redis_drop_prefix(address: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a test's), best effort."""
+    try:
+        redis_command(
+            address,
+            "EVAL",
+            "for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+            "0",
+            prefix + ":*",
+        )
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for a server that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

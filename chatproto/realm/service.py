@@ -130,6 +130,10 @@ class RealmService(Service):
         self.client_tags = ClientTags(self)
         #: What operators do to the running realm (chatrealmctl, the control channel).
         self.admin = Admin(self)
+        #: The cluster side of a worker process (chatproto.cluster.worker.Worker), or
+        #: None in a single-process realm.  It replaces delivery (route), presence and
+        #: messaging with their cluster versions.
+        self.cluster: Any = None
 
     # service lifecycle --------------------------------------------------------------
 
@@ -141,6 +145,8 @@ class RealmService(Service):
         realm that listens but cannot serve.
         """
         Service.privilegedStartService(self)
+        if self.cluster is not None:
+            self.cluster.check_services()
         self._open_store()
         self._load_keys()
 
@@ -186,6 +192,8 @@ class RealmService(Service):
         yield self.accounts.repair_standing()
         yield self.files.start()
         self._prune.start(self.config.auth.failure_window / 4, now=False)
+        if self.cluster is not None:
+            self.cluster.realm_started()
         self.log.info(
             "realm {realm} started: {users} users, {groups} groups, store {path}",
             realm=self.realm,
@@ -199,6 +207,8 @@ class RealmService(Service):
         Service.stopService(self)
         if self._prune.running:
             self._prune.stop()
+        if self.cluster is not None:
+            yield self.cluster.realm_stopping()
         for s in self.sessions.all():
             # One connection that fails to close must not keep the store open.
             try:
@@ -498,7 +508,10 @@ class RealmService(Service):
         """
         if users is None:
             users = (env.recipient,) if env.sender == env.recipient else (env.recipient, env.sender)
-        self.sessions.route(env, users)
+        if self.cluster is None:
+            self.sessions.route(env, users)
+        else:  # a worker: delivered from the store, in position order with the others'
+            self.cluster.committed(env, users)
         for observer in self.observers:
             try:
                 observer(env)

@@ -72,7 +72,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -212,6 +212,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX items_ref ON items ((meta::json ->> 'ref'))
         WHERE kind IN ('edit', 'delete', 'reaction');
+    """,
+    # v7 (PostgreSQL only; issue 16): the same for the outbox's sequence.
+    """
+    ALTER TABLE stream_writers ADD COLUMN outbox_upto BIGINT NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -466,9 +470,10 @@ class PostgresDB:
         in-flight transaction, or it would not know to wait for it)."""
         if not self._writer_row:
             self.conn.execute(
-                "INSERT INTO stream_writers (writer, persisted_upto, lock_key, updated) "
-                "VALUES (%s, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                "FROM items_pos), %s, %s) ON CONFLICT (writer) DO UPDATE "
+                "INSERT INTO stream_writers (writer, persisted_upto, lock_key, updated, "
+                "outbox_upto) VALUES (%s, (SELECT CASE WHEN is_called THEN last_value "
+                "ELSE 0 END FROM items_pos), %s, %s, (SELECT CASE WHEN is_called THEN "
+                "last_value ELSE 0 END FROM outbox_seq)) ON CONFLICT (writer) DO UPDATE "
                 "SET lock_key = excluded.lock_key",
                 (self.writer, self._inflight, time.time()),
             )
@@ -486,7 +491,8 @@ class PostgresDB:
         self.conn.execute(
             "UPDATE stream_writers SET updated = %s, persisted_upto = greatest("
             "persisted_upto, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-            "FROM items_pos)) WHERE writer = %s",
+            "FROM items_pos)), outbox_upto = greatest(outbox_upto, (SELECT CASE WHEN "
+            "is_called THEN last_value ELSE 0 END FROM outbox_seq)) WHERE writer = %s",
             (time.time(), self.writer),
         )
 
@@ -507,14 +513,22 @@ class PostgresDB:
         to the row value of every writer in flight.  A writer that died holds no lock:
         it holds nobody back.
         """
+        return self.safe_positions()[0]
+
+    def safe_positions(self) -> tuple[int, int]:
+        """:meth:`safe_position`, and the same for the outbox's sequence (the
+        federation sender reads and acknowledges no outbox row above it)."""
         c = self.conn
-        top = self.items_top()
+        top, otop = self.items_top(), self.outbox_top()
         row = c.execute(
-            "SELECT min(persisted_upto) FROM stream_writers "
+            "SELECT min(persisted_upto), min(outbox_upto) FROM stream_writers "
             "WHERE NOT pg_try_advisory_xact_lock_shared(lock_key)"
         ).fetchone()
-        held = row[0] if row else None
-        return top if held is None else min(top, int(held))
+        held, oheld = (row[0], row[1]) if row else (None, None)
+        return (
+            top if held is None else min(top, int(held)),
+            otop if oheld is None else min(otop, int(oheld)),
+        )
 
     def writers(self) -> list[tuple[str, int, float, bool]]:
         """Every writer that ever committed here: ``(name, persisted_upto, when it last
@@ -1254,11 +1268,13 @@ class PostgresDB:
         items = [_row(r) for r in self.conn.execute(query, params).fetchall()]
         return current_view(items, self._refs(items, edits_only=True), reactions=False)
 
-    def read_events(self, after: int, limit: int) -> list[Envelope]:
-        """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
+    def read_events(self, after: int, limit: int, upto: int | None = None) -> list[Envelope]:
+        """Group events (kind ``event``) after ``after`` (none above ``upto``), oldest
+        first (for replay)."""
         rows = self.conn.execute(
-            f"SELECT {_COLS} FROM items WHERE kind = 'event' AND pos > %s ORDER BY pos LIMIT %s",
-            (after, limit),
+            f"SELECT {_COLS} FROM items WHERE kind = 'event' AND pos > %s AND pos <= %s "
+            "ORDER BY pos LIMIT %s",
+            (after, 2**62 if upto is None else upto, limit),
         ).fetchall()
         return [_row(r) for r in rows]
 
@@ -1416,6 +1432,7 @@ class PostgresStore(GroupCommitStore):
         #: :meth:`safe_position` seen (a reader never sees an item while one below it
         #: may still commit).  None: no bound (one writer commits in position order).
         self.visible: int | None = None if worker is None else 0
+        self.outbox_visible: int | None = None if worker is None else 0
 
     def _new_writer(self, create: bool = False) -> PostgresDB:
         return PostgresDB(self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER)
@@ -1426,7 +1443,7 @@ class PostgresStore(GroupCommitStore):
             writer.lock_writer(worker=self.worker)
             writer.migrate()
             if self.visible is not None:
-                self.visible = writer.safe_position()
+                self.visible, self.outbox_visible = writer.safe_positions()
         except psycopg.Error as e:
             writer.close()
             raise RuntimeError(f"{self.path}: {e}") from None
@@ -1482,14 +1499,37 @@ class PostgresStore(GroupCommitStore):
     def safe_position(self) -> Deferred[int]:
         """The position every reader may advance to (see
         :meth:`PostgresDB.safe_position`); with several writers it also raises the
-        bound of this store's reads (:attr:`visible`).  Fires with it."""
+        bound of this store's reads (:attr:`visible`, and :attr:`outbox_visible` for
+        the outbox).  Fires with it."""
 
-        def seen(pos: int) -> int:
+        def seen(safe: tuple[int, int]) -> int:
+            pos, seq = safe
             if self.visible is not None and pos > self.visible:
                 self.visible = pos
+            if self.outbox_visible is not None and seq > self.outbox_visible:
+                self.outbox_visible = seq
             return pos
 
-        return self._read(lambda db: db.safe_position()).addCallback(seen)
+        return self._read(lambda db: db.safe_positions()).addCallback(seen)
+
+    def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
+        """With several writers, from the database (outbox rows of every worker),
+        never above :attr:`outbox_visible`: a row that commits late below one the
+        link has acknowledged would otherwise be deleted unsent."""
+        upto = self.outbox_visible
+        if upto is None:
+            return super().outbox_read(realm, after, limit)
+        return self._read(lambda db: db.outbox_read(realm, after, limit, upto))
+
+    def _cache_outbox(self, rows: list[tuple[str, int, Any]]) -> None:
+        if self.worker is None:  # with several writers the database is read instead
+            super()._cache_outbox(rows)
+
+    def read_events(self, after: int, limit: int) -> Deferred[list[Envelope]]:
+        upto = self.visible
+        if upto is None:
+            return super().read_events(after, limit)
+        return self._read(lambda db: db.read_events(after, limit, upto))
 
     def read_stream(self, after: int, upto: int, limit: int) -> Deferred[list[Envelope]]:
         """Every item with ``after < pos <= upto``, oldest first."""

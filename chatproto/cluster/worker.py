@@ -1,0 +1,385 @@
+"""One worker of a cluster: the realm's handlers, with the seams that cross workers.
+
+``twistd chatrealm --worker NAME`` builds the same realm as a single process, on the
+PostgreSQL store, and hands it a :class:`Worker`, which swaps in the cluster side of
+each seam the handlers already ask through:
+
+- delivery: the realm's ``route`` gives each committed item to the
+  :class:`chatproto.cluster.stream.StreamReader`, which delivers every worker's items
+  to the local sessions in position order, from the store; a wake-up on the bus says
+  when to read;
+- presence: :class:`chatproto.cluster.presence.ClusterPresence`;
+- sends: :class:`ClusterMessaging` refuses them (``unavailable``) while PostgreSQL or
+  Redis does not answer, and makes a send with a ``nonce`` idempotent across workers
+  (its message id comes from the user and the nonce: a retry elsewhere finds the
+  first in the store);
+- federation: one worker (``[cluster] federation_sender``) runs the links; the others
+  pass their wake-ups and presence to it over the bus (:class:`FederationRelay`).
+
+Nothing of this runs in a single-process realm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatproto.cluster.bus import BusUnavailable, RedisBus, check_redis
+from chatproto.cluster.presence import ClusterPresence
+from chatproto.cluster.stream import StreamReader
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.realm.groups import GroupHandler
+from chatproto.realm.messaging import Messaging
+from chatproto.realm.sessions import Session
+
+__all__ = ["ClusterMessaging", "FederationRelay", "Worker", "nonce_id"]
+
+#: ``retry_after`` of an ``unavailable`` error (seconds).
+RETRY_AFTER = 1.0
+
+
+def nonce_id(realm: str, user: str, nonce: str) -> str:
+    """The id of the message ``user`` sends with ``nonce`` (35 hex digits, like
+    :func:`chatproto.envelope.new_message_id`): the same on every worker."""
+    digest = hashlib.sha256(f"chatproto nonce\0{realm}\0{user}\0{nonce}".encode()).hexdigest()
+    return digest[:35]
+
+
+class ClusterMessaging(Messaging):
+    """Messaging on a worker: sends refused while the worker is degraded, and nonces
+    that hold across workers (see the module docstring)."""
+
+    def __init__(self, realm: Any, known: set[str], worker: Worker) -> None:
+        super().__init__(realm, known)
+        self._worker = worker
+        self._id_hint: str | None = None
+
+    def new_envelope(
+        self,
+        sender: str,
+        recipient: str,
+        kind: str,
+        body: str,
+        meta: dict[str, Any] | None = None,
+    ) -> Envelope:
+        env = super().new_envelope(sender, recipient, kind, body, meta)
+        if self._id_hint is not None:
+            env.id, self._id_hint = self._id_hint, None
+        return env
+
+    def send(  # type: ignore[override]
+        self, session: Session, to: str, body: str, nonce: str | None = None, *more: Any
+    ) -> Deferred[Envelope]:
+        """:meth:`Messaging.send` (``more``: its other arguments, passed on as they
+        are), refused while the worker is degraded."""
+        problem = self._worker.problem()
+        if problem is not None:
+            return fail(ChatError("unavailable", problem, retry_after=RETRY_AFTER))
+        if to.startswith("#"):  # the group's members as the other workers made them
+            d = self._worker.stream.catch_up()
+            d.addCallback(lambda _: self._send(session, to, body, nonce, more))
+            return d.addErrback(self._unavailable)
+        return self._send(session, to, body, nonce, more)
+
+    def _send(
+        self, session: Session, to: str, body: str, nonce: str | None, more: tuple[Any, ...]
+    ) -> Deferred[Envelope]:
+        # more = (notice, reply_to, tags...): a reply reads the store before its
+        # envelope is made, so its id stays random (its nonce holds on this worker)
+        replying = len(more) > 1 and more[1] is not None
+        if nonce is None or replying:
+            return super().send(session, to, body, nonce, *more).addErrback(self._unavailable)
+        if not to.startswith("#"):
+            # Resolve first, so that the send below reaches new_envelope at once and
+            # the id is this send's (a Deferred here means an unknown recipient).
+            try:
+                resolved = self.resolve_user(to, remote_ok=True)
+            except ChatError:
+                resolved = None  # the send below reports it
+            if isinstance(resolved, Deferred):
+                return resolved.addCallback(lambda _: self._send(session, to, body, nonce, more))
+        ident = nonce_id(self._name, session.user_id, nonce)
+        self._id_hint = ident
+        try:
+            d = super().send(session, to, body, nonce, *more)
+        finally:
+            self._id_hint = None
+        return d.addErrback(self._repeated, ident, session.user_id)
+
+    def _repeated(self, f: Failure, ident: str, user: str) -> Any:
+        """A nonce's message id is taken: the first send (on another worker, maybe
+        one that died before answering) stored it; answer with it."""
+        import psycopg
+
+        if not f.check(psycopg.errors.UniqueViolation):
+            return self._unavailable(f)
+
+        def found(env: Envelope | None) -> Envelope:
+            if env is None or env.sender != user:
+                f.raiseException()
+            assert env is not None
+            return env
+
+        return self._store.stored_item(ident).addCallback(found)
+
+    def _unavailable(self, f: Failure) -> Any:
+        import psycopg
+
+        if f.check(psycopg.OperationalError, psycopg.InterfaceError):
+            self._worker.store_failed(f.value)
+            raise ChatError(
+                "unavailable",
+                "the realm's database does not answer: the message may not be stored; "
+                "send it again with the same nonce",
+                retry_after=RETRY_AFTER,
+            )
+        return f
+
+
+class ClusterGroupHandler(GroupHandler):
+    """Group changes on a worker: checked once this worker has applied what the
+    others committed before (see :meth:`StreamReader.catch_up`)."""
+
+    def __init__(self, realm: Any, worker: Worker) -> None:
+        super().__init__(realm)
+        self._worker = worker
+
+    def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
+        problem = self._worker.problem()
+        if problem is not None:
+            return fail(ChatError("unavailable", problem, retry_after=RETRY_AFTER))
+        d = self._worker.stream.catch_up()
+        return d.addCallback(
+            lambda _: super(ClusterGroupHandler, self).change(actor, event, group, args)
+        )
+
+
+class FederationRelay:
+    """``realm.federation`` on a worker that does not send federation: the wake-ups
+    and presence the realm gives it go to the federation sender over the bus."""
+
+    #: What the metrics and /ready look at: no link or listener of its own (the
+    #: federation sender's are reported by the sender).
+    links: dict[str, Any] = {}
+    inbound: tuple[Any, ...] = ()
+    port = "on the federation sender"
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def want_keys(self, realm: str) -> Deferred[bool]:
+        """A peer's keys are learned by the sender's links: not here."""
+        return succeed(False)
+
+    def wake(self, realm: str, n: int = 1) -> None:
+        self._worker.bus.publish("federation", json.dumps({"wake": realm}))
+
+    def presence(self, realms: Any, data: dict[str, Any]) -> None:
+        message = {"presence": sorted(realms), "data": data}
+        self._worker.bus.publish("federation", json.dumps(message))
+
+
+class _SafeWakes:
+    """``realm.federation`` on the federation sender: the real service, whose wakes
+    first learn the store's safe outbox position (a link reads no row above it)."""
+
+    def __init__(self, service: Any, store: Any) -> None:
+        self._service = service
+        self._store = store
+
+    def wake(self, realm: str, n: int = 1) -> None:
+        def go(_: object) -> None:
+            self._service.wake(realm, n)
+
+        self._store.safe_position().addBoth(go)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+
+class Worker:
+    """The cluster side of one worker process (see the module docstring).
+
+    Created by :func:`chatproto.tap.build` for ``--worker NAME`` before the realm
+    starts; the realm calls :meth:`check_services` before the reactor runs,
+    :meth:`realm_started` once its state is loaded, :meth:`committed` for each item
+    it commits and :meth:`realm_stopping` first when it stops.
+    """
+
+    log = Logger()
+
+    def __init__(self, realm: Any, reactor: Any) -> None:
+        cfg = realm.config
+        cluster = cfg.cluster
+        self.name: str = cfg.worker
+        self.realm = realm
+        self.reactor = reactor
+        self.config = cluster
+        self.sender = cluster.federation_sender == self.name
+        self.bus = RedisBus(
+            cluster.redis, cluster.redis_prefix, self.name, reactor, cluster.heartbeat
+        )
+        self.stream = StreamReader(
+            realm,
+            realm.store,
+            realm.clock,
+            cluster.poll_interval,
+            on_error=self.store_failed,
+            on_ok=self.store_ok,
+        )
+        self._store_error: str | None = None
+        self._beat = LoopingCall(self.heartbeat)
+        self._beat.clock = realm.clock
+        self._announced = 0
+        self._announcing = False
+        #: The live workers as the last heartbeat saw them: name -> description.
+        self.workers: dict[str, dict[str, Any]] = {}
+        realm.presence = ClusterPresence(
+            realm.realm,
+            realm.sessions,
+            realm.groups,
+            realm.store,
+            lambda: realm.federation,
+            realm.realms_of,
+            worker=self.name,
+            publish=lambda message: self.bus.publish("presence", message),
+        )
+        realm.messages = ClusterMessaging(realm, realm.accounts.known, self)
+        realm.group_handler = ClusterGroupHandler(realm, self)
+        self.bus.on("stream", self._heard_stream)
+        self.bus.on("presence", realm.presence.heard)
+        self.bus.on("federation", self._heard_federation)
+        realm.cluster = self
+
+    # start and stop --------------------------------------------------------------------
+
+    def check_services(self) -> None:
+        """Before the reactor runs: Redis must answer (PostgreSQL is checked by
+        opening the store), else say which and exit non-zero."""
+        try:
+            check_redis(self.config.redis, self.config.connect_timeout)
+        except BusUnavailable as e:
+            raise SystemExit(f"chatrealm: worker {self.name}: {e}") from None
+
+    def attach_federation(self) -> None:
+        """Wire ``realm.federation`` for this worker's role (after the services are
+        built: the sender's is the real one)."""
+        realm = self.realm
+        if self.sender and realm.federation is not None:
+            realm.federation = _SafeWakes(realm.federation, realm.store)
+        elif realm.config.federation.enabled:
+            realm.federation = FederationRelay(self)
+
+    def realm_started(self) -> None:
+        self.bus.start()
+        self.stream.start(self.realm.store.visible or 0)
+        self._beat.start(self.config.heartbeat, now=True)
+        self.log.info(
+            "cluster: worker {name} of realm {realm} started (Redis {redis}{role})",
+            name=self.name,
+            realm=self.realm.realm,
+            redis=self.config.redis,
+            role=", federation sender" if self.sender else "",
+        )
+
+    @inlineCallbacks
+    def realm_stopping(self) -> Any:
+        if self._beat.running:
+            self._beat.stop()
+        yield self.stream.stop()
+        yield self.bus.leave()
+        yield self.bus.stop()
+
+    # health ------------------------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why sends are refused now, or None."""
+        if self._store_error is not None:
+            return f"the realm's database does not answer ({self._store_error})"
+        if not self.bus.up:
+            return f"the realm's message bus (Redis at {self.config.redis}) does not answer"
+        return None
+
+    def store_failed(self, error: BaseException | None) -> None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self._store_error = first[:200]
+        if not self.stream.failing:
+            self.stream.suspect()  # it says when the store answers again
+
+    def store_ok(self) -> None:
+        self._store_error = None
+
+    # delivery ----------------------------------------------------------------------------
+
+    def committed(self, env: Envelope, users: Any) -> None:
+        """The realm committed ``env`` (audience ``users``): deliver it through the
+        stream, and wake the other workers (once per reactor turn)."""
+        self.stream.committed(env, users)
+        if env.pos > self._announced:
+            self._announced = env.pos
+            if not self._announcing:
+                self._announcing = True
+                self.reactor.callLater(0, self._announce)
+
+    def _announce(self) -> None:
+        self._announcing = False
+        self.bus.publish("stream", str(self._announced))
+
+    def _heard_stream(self, message: str) -> None:
+        try:
+            pos = int(message)
+        except ValueError:
+            return
+        self.stream.wake(pos)
+
+    def _heard_federation(self, message: str) -> None:
+        fed = self.realm.federation
+        if not self.sender or fed is None:
+            return
+        try:
+            m = json.loads(message)
+        except ValueError:
+            return
+        if isinstance(m.get("wake"), str):
+            fed.wake(m["wake"])
+        elif isinstance(m.get("presence"), list) and isinstance(m.get("data"), dict):
+            fed.presence(set(m["presence"]), m["data"])
+
+    # the heartbeat -----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """This worker, for the others and for ``chatrealmctl cluster status``."""
+        sessions = self.realm.sessions.all()
+        return {
+            "host": socket.gethostname(),
+            "sessions": len(sessions),
+            "users": len(self.realm.sessions.online),
+            "delivered": self.stream.delivered,
+            "safe": self.stream.safe,
+            "federation_sender": self.sender,
+            "degraded": self.problem(),
+        }
+
+    @inlineCallbacks
+    def heartbeat(self) -> Any:
+        online = dict(self.realm.presence.visible)
+        try:
+            workers, directories = yield self.bus.beat(self.describe(), online)
+        except BusUnavailable:
+            return
+        except Exception:
+            self.log.failure("cluster: heartbeat failed")
+            return
+        if not self.bus.up:
+            return
+        self.workers = workers
+        self.realm.presence.directory(directories)
+        self.stream.wake()  # catch up on what the bus may have missed

@@ -1,0 +1,391 @@
+"""A realm on several worker processes (issue 16): real ``twistd`` workers on the
+tests' PostgreSQL (a schema of the test's own) and Redis (a key prefix of its own, or
+a ``redis-server`` the test starts and kills), clients over loopback TCP.
+
+Skipped only when PostgreSQL or Redis is absent and CI is unset.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+
+from chatproto import client
+from chatproto.client import RemoteError
+from tests.processes import Proc, Spawner, twistd_argv
+from tests.services import (
+    free_port,
+    pg_schema,
+    postgresql_or_skip,
+    redis_drop_prefix,
+    redis_or_skip,
+    redis_prefix,
+)
+
+PASSWORD = "correct horse"
+
+_OWN = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1\)")
+
+
+def _config(dsn: str, schema: str, redis: str, prefix: str, shared: int) -> str:
+    return f"""\
+[realm]
+listen = ["tcp:{shared}:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
+
+[auth]
+argon2_time_cost = 1
+argon2_memory_cost = 1024
+argon2_parallelism = 1
+
+[limits]
+send_rate = 100000.0
+send_burst = 100000
+
+[storage]
+backend = "postgresql"
+dsn = "{dsn}"
+schema = "{schema}"
+
+[control]
+enabled = false
+
+[cluster]
+redis = "{redis}"
+redis_prefix = "{prefix}"
+poll_interval = 0.5
+heartbeat = 0.5
+connect_timeout = 2.0
+"""
+
+
+class Cluster:
+    """Workers of one realm, started in ``tmp_path`` (killed at teardown)."""
+
+    def __init__(self, tmp_path: Any, redis: str, prefix: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis = redis
+        self.prefix = prefix
+        self.shared = free_port()
+        self.config = tmp_path / "realm.toml"
+        self.config.write_text(
+            _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared)
+        )
+        self.spawner = Spawner(str(tmp_path))
+        self.procs: dict[str, Proc] = {}
+
+    @defer.inlineCallbacks
+    def start(self, name: str) -> Any:
+        """Start worker ``name``; fires with its own address (``tcp:...``)."""
+        argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", str(self.config)]
+        argv += ["--data-dir", str(self.tmp_path / "data"), "--worker", name]
+        proc = self.spawner(argv)
+        self.procs[name] = proc
+        own = yield proc.wait_for(_OWN.pattern)
+        yield proc.wait_for(re.escape(f"cluster: worker {name} of realm localhost started"))
+        return f"tcp:127.0.0.1:{own.group(1)}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Any) -> Any:
+    redis = redis_or_skip()
+    prefix = redis_prefix()
+    c = Cluster(tmp_path, redis, prefix)
+    yield c
+    pytest_twisted.blockon(c.spawner.close())
+    redis_drop_prefix(redis, prefix)
+
+
+class Client:
+    """A logged-in user collecting what they receive (messages and presence)."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.received: list[dict[str, Any]] = []
+        self.presence: list[dict[str, Any]] = []
+        self.conn: Any = None
+
+    @defer.inlineCallbacks
+    def connect(self, server: str, register: bool = False, since: int | None = None) -> Any:
+        self.conn = yield client.connect(
+            _reactor,
+            server,
+            self.user,
+            PASSWORD,
+            register=register,
+            since=since,
+            on_message=self.received.append,
+            on_presence=self.presence.append,
+        )
+        yield self.conn.synced
+        return self
+
+    def bodies(self, sender: str | None = None, to: str | None = None) -> list[str]:
+        return [
+            m["body"]
+            for m in self.received
+            if m.get("kind") == "text"
+            and (sender is None or m.get("from") == sender)
+            and (to is None or m.get("to") == to)
+        ]
+
+
+def ctl_status(cluster: Cluster) -> str:
+    """``chatrealmctl --config realm.toml cluster status``, its output."""
+    import contextlib
+    import io
+
+    from chatproto import ctl
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = ctl.main(["--config", str(cluster.config), "cluster", "status"])
+    assert code == 0, out.getvalue()
+    return out.getvalue()
+
+
+def until(
+    predicate: Any, what: str, timeout: float = 20.0, info: Any = None
+) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        for _ in range(int(timeout / 0.02)):
+            if predicate():
+                return
+            yield task.deferLater(_reactor, 0.02, lambda: None)
+        raise AssertionError(f"timed out waiting until {what}: {info() if info else ''}")
+
+    return poll()
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -> Any:
+    w1 = yield cluster.start("w1")
+    w2 = yield cluster.start("w2")  # on the same shared port: SO_REUSEPORT
+    alice = yield Client("alice").connect(w1, register=True)
+    dave = yield Client("dave").connect(w1, register=True)
+    bob = yield Client("bob").connect(w2, register=True)
+    carol = yield Client("carol").connect(w2, register=True)
+
+    # DMs across workers, both ways, in order and once.
+    for i in range(10):
+        yield alice.conn.send("bob@localhost", f"a->b {i}")
+        yield bob.conn.send("alice@localhost", f"b->a {i}")
+    want_ab = [f"a->b {i}" for i in range(10)]
+    want_ba = [f"b->a {i}" for i in range(10)]
+    yield until(lambda: bob.bodies("alice@localhost") == want_ab, "bob has alice's DMs")
+    yield until(lambda: alice.bodies("bob@localhost") == want_ba, "alice has bob's DMs")
+    for c in (alice, bob):
+        positions = [m["pos"] for m in c.received]
+        assert positions == sorted(set(positions)), "in position order, once each"
+
+    # A group whose members sit on both workers: fan-out spans them.
+    yield alice.conn.create_group("#team")
+    for c in (bob, carol, dave):
+        yield c.conn.join("#team")
+    yield alice.conn.send("#team", "hello team")
+    for c in (alice, bob, carol, dave):
+        yield until(
+            lambda c=c: c.bodies(to="#team@localhost") == ["hello team"],
+            f"{c.user} has the group message",
+            info=lambda c=c: c.received[-3:],
+        )
+
+    # Presence crosses workers: bob (w2) goes away, alice (w1) hears it and sees him.
+    yield bob.conn.set_status("away", "lunch")
+    yield until(
+        lambda: any(
+            p.get("user") == "bob@localhost" and p.get("status") == "away" for p in alice.presence
+        ),
+        "alice hears bob is away",
+    )
+    online = yield alice.conn.who()
+    users = {u["user"]: u for u in online}
+    assert {"alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost"} <= set(users)
+    assert users["bob@localhost"].get("status") == "away"
+
+    # chatrealmctl cluster status: both workers, their sessions, no lag once idle.
+    status = ""
+
+    def both_listed() -> bool:
+        nonlocal status
+        status = ctl_status(cluster)
+        return bool(re.search(r"^w1 .* 2 +2 +\d+ +0 +ok", status, re.M)) and bool(
+            re.search(r"^w2 .* 2 +2 +\d+ +0 +ok", status, re.M)
+        )
+
+    yield until(both_listed, "cluster status lists both workers", info=lambda: status)
+    assert re.search(r"^w1 +\d+ +no ", status, re.M), status  # the writers' table
+
+    # w1 is killed while alice sends (a nonce each) to bob and to the group.
+    sent: list[str] = []
+    acked: set[str] = set()
+
+    @defer.inlineCallbacks
+    def traffic() -> Any:
+        i = 0
+        while True:
+            body = f"burst {i}"
+            sent.append(body)
+            to = "#team" if i % 3 == 0 else "bob@localhost"
+            try:
+                yield alice.conn.send(to, body, nonce=f"n{i}")
+            except Exception:
+                return
+            acked.add(body)
+            i += 1
+
+    running = traffic()
+    yield until(lambda: len(acked) >= 30, "traffic is flowing")
+    cluster.procs["w1"].kill()
+    assert (yield cluster.procs["w1"].ended) == -signal.SIGKILL
+    yield running
+    # alice and dave reconnect to w2 and resume; alice sends what was not acked again,
+    # with the same nonces.
+    yield alice.conn.protocol.closed_d
+    alice_since, dave_since = alice.conn.last_pos, dave.conn.last_pos
+    yield alice.connect(w2, since=alice_since)
+    yield dave.connect(w2, since=dave_since)
+    for i, body in enumerate(sent):
+        if body not in acked:
+            to = "#team" if i % 3 == 0 else "bob@localhost"
+            yield alice.conn.send(to, body, nonce=f"n{i}")
+    to_bob = [b for i, b in enumerate(sent) if i % 3 != 0]
+    to_team = ["hello team"] + [b for i, b in enumerate(sent) if i % 3 == 0]
+    yield until(
+        lambda: bob.bodies("alice@localhost", "bob@localhost")[10:] == to_bob,
+        "bob has every DM",
+        info=lambda: (bob.bodies("alice@localhost", "bob@localhost")[10:], to_bob),
+    )
+    for c in (bob, carol, dave, alice):
+        yield until(lambda c=c: c.bodies(to="#team@localhost") == to_team, f"{c.user}'s group")
+    assert bob.bodies("alice@localhost", "bob@localhost") == want_ab + to_bob  # once each
+    # what alice's own stream shows after the resume: once each, in order
+    positions = [m["pos"] for m in alice.received]
+    assert positions == sorted(set(positions))
+    assert all(c.conn.protocol.connected for c in (bob, carol))  # w2's never noticed
+    assert "Traceback" not in cluster.procs["w2"].output, cluster.procs["w2"].output
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_lost_and_back(tmp_path: Any) -> Any:
+    """A Redis of the test's own is killed mid-traffic: sends are refused with
+    ``unavailable`` and connections stay; once it is back, sends are accepted again
+    and every acknowledged message is delivered once, in order."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    redis_or_skip()  # txredisapi
+    port = free_port()
+    spawner = Spawner(str(tmp_path))
+
+    @defer.inlineCallbacks
+    def start_redis() -> Any:
+        proc = spawner(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+        )
+        yield proc.wait_for("Ready to accept connections")
+        return proc
+
+    redis = yield start_redis()
+    cluster = Cluster(tmp_path, f"127.0.0.1:{port}", redis_prefix())
+    try:
+        w1 = yield cluster.start("w1")
+        w2 = yield cluster.start("w2")
+        alice = yield Client("alice").connect(w1, register=True)
+        bob = yield Client("bob").connect(w2, register=True)
+        acked: list[str] = []
+        for i in range(5):
+            yield alice.conn.send("bob@localhost", f"before {i}", nonce=f"b{i}")
+            acked.append(f"before {i}")
+
+        redis.kill()
+        yield redis.ended
+        # The workers notice at once (their subscribing connection drops).
+        refused = None
+        for i in range(200):
+            try:
+                yield alice.conn.send("bob@localhost", f"during {i}", nonce=f"d{i}")
+                acked.append(f"during {i}")
+            except RemoteError as e:
+                refused = e
+                break
+            yield task.deferLater(_reactor, 0.02, lambda: None)
+        assert refused is not None and refused.code == "unavailable", refused
+        assert "Redis" in str(refused)
+        assert alice.conn.protocol.connected and bob.conn.protocol.connected
+        # committed before the refusals: delivered from the store, without the bus
+        yield until(lambda: bob.bodies() == acked, "bob has what was acked (store poll)")
+
+        redis = yield start_redis()
+        n = 0
+        while True:  # bounded: until() below would fail the test first
+            try:
+                yield alice.conn.send("bob@localhost", f"after {n}", nonce=f"a{n}")
+                acked.append(f"after {n}")
+                n += 1
+            except RemoteError as e:
+                assert e.code == "unavailable"
+                yield task.deferLater(_reactor, 0.05, lambda: None)
+                continue
+            if n == 5:
+                break
+        yield until(lambda: bob.bodies() == acked, "bob has everything acked, once")
+        positions = [m["pos"] for m in bob.received]
+        assert positions == sorted(set(positions))
+        for proc in cluster.procs.values():
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield cluster.spawner.close()
+        yield spawner.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_without_redis_or_postgresql_says_which_and_exits(tmp_path: Any) -> Any:
+    redis_or_skip()
+    dead = free_port()
+    cluster = Cluster(tmp_path, f"127.0.0.1:{dead}", redis_prefix())
+    argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", str(cluster.config)]
+    argv += ["--data-dir", str(tmp_path / "data"), "--worker", "w1"]
+    try:
+        proc = cluster.spawner(argv)
+        code = yield proc.ended
+        assert code != 0
+        assert f"cannot reach Redis at 127.0.0.1:{dead} (cluster.redis)" in proc.output
+        assert "Traceback" not in proc.output, proc.output
+
+        text = cluster.config.read_text()
+        text = text.replace(f"127.0.0.1:{dead}", redis_or_skip())
+        text = re.sub(r'dsn = "[^"]*"', 'dsn = "host=127.0.0.1 port=1 dbname=x user=u"', text)
+        cluster.config.write_text(text)
+        proc = cluster.spawner(argv)
+        code = yield proc.ended
+        assert code != 0
+        assert "cannot open the store: cannot connect to postgresql://u@127.0.0.1:1/x" in (
+            proc.output
+        )
+        assert "Traceback" not in proc.output, proc.output
+
+        sqlite = tmp_path / "sqlite.toml"
+        sqlite.write_text("[control]\nenabled = false\n")
+        proc = cluster.spawner([*argv[:-4], "--config", str(sqlite), "--worker", "w1"])
+        code = yield proc.ended
+        assert code != 0
+        assert "--worker needs the PostgreSQL store" in proc.output
+    finally:
+        yield cluster.spawner.close()

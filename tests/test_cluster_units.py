@@ -1,0 +1,299 @@
+"""The cluster's logic without processes: the stream reader against a store whose safe
+position the test moves (a commit held back), presence across workers, nonce ids, the
+``--worker`` option and ``[cluster]`` checks, and ``SO_REUSEPORT`` ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from chatproto import config as configmod
+from chatproto import tap
+from chatproto.cluster.listen import listen_shared
+from chatproto.cluster.presence import ClusterPresence
+from chatproto.cluster.stream import StreamReader
+from chatproto.cluster.worker import nonce_id
+from chatproto.envelope import Envelope
+from chatproto.groups import Groups
+from chatproto.realm.sessions import Sessions
+
+
+def item(pos: int, sender: str = "a@x", recipient: str = "b@x") -> Envelope:
+    return Envelope(f"id{pos}", "text", sender, recipient, 1.0, f"m{pos}", pos=pos)
+
+
+class Store:
+    """Items committed at positions; ``safe`` is what safe_position answers (a test
+    holds it back as a writer in flight would)."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, Envelope] = {}
+        self.safe = 0
+        self.fail: Exception | None = None
+
+    def safe_position(self) -> Deferred[int]:
+        if self.fail is not None:
+            from twisted.internet.defer import fail
+
+            return fail(self.fail)
+        return succeed(self.safe)
+
+    def read_stream(self, after: int, upto: int, limit: int) -> Deferred[list[Envelope]]:
+        out = [self.items[p] for p in sorted(self.items) if after < p <= upto]
+        return succeed(out[:limit])
+
+
+class Sink:
+    """What ``realm.sessions.route`` is given."""
+
+    def __init__(self) -> None:
+        self.routed: list[tuple[int, tuple[str, ...]]] = []
+
+    def route(self, env: Envelope, users: Any) -> None:
+        self.routed.append((env.pos, tuple(users)))
+
+
+class Realm:
+    realm = "x"
+
+    def __init__(self) -> None:
+        self.sessions = Sink()
+        self.groups = Groups(100, 100, "x")
+        self.conversations: list[tuple[str, str]] = []
+        self.presence = self
+        self.bursts = 0
+
+    def new_conversation(self, a: str, b: str) -> None:
+        self.conversations.append((a, b))
+
+    def on_join(self, user: str, group: str) -> None:
+        pass
+
+    def begin_burst(self) -> None:
+        self.bursts += 1
+
+    def end_burst(self) -> None:
+        pass
+
+
+def reader(store: Store, realm: Realm, clock: Clock, **kw: Any) -> StreamReader:
+    r = StreamReader(realm, store, clock, 1.0, **kw)
+    r.start(0)
+    return r
+
+
+def test_a_held_back_commit_is_never_jumped_over() -> None:
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    store.items[1] = item(1)
+    store.items[3] = item(3)  # 2 is in flight on another writer: not safe past 1
+    store.safe = 1
+    r.wake(3)
+    assert [p for p, _ in realm.sessions.routed] == [1]
+    store.items[2] = item(2)  # committed late
+    store.safe = 3
+    clock.advance(1.0)  # the poll, without any wake-up
+    assert [p for p, _ in realm.sessions.routed] == [1, 2, 3]
+    assert r.delivered == 3
+    r.wake(3)  # a late wake-up for what is delivered: nothing more
+    assert [p for p, _ in realm.sessions.routed] == [1, 2, 3]
+    r.stop()
+    assert not clock.getDelayedCalls()
+
+
+def test_own_items_wait_for_the_safe_position_and_keep_their_audience() -> None:
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    mine = item(2, "a@x", "c@x")
+    store.items[2] = mine
+    store.safe = 0  # someone else's 1 is in flight
+    r.committed(mine, ["a@x", "c@x"])
+    assert realm.sessions.routed == []
+    store.items[1] = item(1)
+    store.safe = 2
+    r.wake(2)
+    assert realm.sessions.routed == [(1, ("b@x", "a@x")), (2, ("c@x", "a@x"))]
+    # someone else's private item makes its two ends presence partners here
+    assert realm.conversations == [("a@x", "b@x")]
+    r.stop()
+
+
+def test_store_failure_is_reported_once_and_recovery_too() -> None:
+    store, realm, clock = Store(), Realm(), Clock()
+    seen: list[Any] = []
+    r = reader(store, realm, clock, on_error=seen.append, on_ok=lambda: seen.append("ok"))
+    store.fail = RuntimeError("server closed the connection")
+    r.wake()
+    clock.advance(1.0)
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError)
+    waiting = r.catch_up()
+    assert waiting.called  # fails at once: the store does not answer
+    waiting.addErrback(lambda f: seen.append(f.type))
+    store.fail = None
+    store.items[1] = item(1)
+    store.safe = 1
+    clock.advance(1.0)
+    assert seen[1:] == [RuntimeError, "ok"]
+    assert [p for p, _ in realm.sessions.routed] == [1]
+    r.stop()
+
+
+def test_catch_up_waits_for_the_stream() -> None:
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    store.items[1] = item(1)
+    store.safe = 1
+    done = r.catch_up()
+    assert done.called  # read at once
+    assert r.delivered == 1
+    r.stop()
+
+
+def test_group_events_of_other_workers_are_applied_in_order() -> None:
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    create = Envelope("e1", "event", "a@x", "#g@x", 1.0, "", {"event": "created"}, pos=1)
+    joined = {"event": "joined", "user": "b@x"}
+    join = Envelope("e2", "event", "b@x", "#g@x", 1.0, "", joined, pos=2)
+    text = Envelope("t3", "text", "a@x", "#g@x", 1.0, "hi", pos=3)
+    store.items.update({1: create, 2: join, 3: text})
+    store.safe = 3
+    r.wake()
+    assert realm.groups.groups["#g@x"].members.keys() >= {"a@x", "b@x"}
+    assert set(realm.sessions.routed[2][1]) == {"a@x", "b@x"}
+
+
+class Mind:
+    def __init__(self) -> None:
+        self.notices: list[dict[str, Any]] = []
+
+    def notify(self, notice: Any) -> None:
+        self.notices.append(notice.data)
+
+
+class OnlineSession:
+    def __init__(self, user: str) -> None:
+        self.user_id = user
+        self.mind = Mind()
+        self._syncing = False
+
+
+def presence_pair() -> tuple[ClusterPresence, list[str], OnlineSession]:
+    limits = configmod.Limits()
+    sessions = Sessions(limits)
+    groups = Groups(100, 100, "x")
+    published: list[str] = []
+    p = ClusterPresence(
+        "x",
+        sessions,
+        groups,
+        None,
+        lambda: None,
+        lambda users: set(),
+        worker="w1",
+        publish=published.append,
+    )
+    alice = OnlineSession("alice@x")
+    sessions.online["alice@x"] = [alice]  # type: ignore[list-item]
+    p.partners["alice@x"] = {"bob@x"}
+    return p, published, alice
+
+
+def test_presence_heard_from_another_worker() -> None:
+    p, published, alice = presence_pair()
+    p.heard(json.dumps({"w": "w2", "u": "bob@x", "d": 1}))
+    assert p.of("bob@x") == ("online", "")
+    assert p.is_online("bob@x") and p.online_count() == 1
+    p.heard(json.dumps({"w": "w2", "u": "bob@x", "s": "away", "t": "lunch"}))
+    assert alice.mind.notices[-1] == {
+        "type": "presence",
+        "user": "bob@x",
+        "status": "away",
+        "text": "lunch",
+    }
+    assert p.who() == [{"user": "bob@x", "sessions": 1, "status": "away", "text": "lunch"}]
+    p.heard(json.dumps({"w": "w1", "u": "bob@x", "d": 5}))  # our own: ignored
+    p.heard("not json")
+    p.heard(json.dumps({"w": 1}))
+    assert p.who()[0]["sessions"] == 1
+    # w2 dies: its part of the directory is gone at the next heartbeat
+    p.directory({"w1": {"alice@x": 1}})
+    assert p.of("bob@x") == ("offline", "")
+    assert alice.mind.notices[-1] == {"type": "presence", "user": "bob@x", "status": "offline"}
+    assert published == []  # nothing of ours changed
+
+
+def test_presence_offline_is_not_said_while_online_elsewhere() -> None:
+    p, published, _ = presence_pair()
+    p.heard(json.dumps({"w": "w2", "u": "alice@x", "d": 1}))
+    p.broadcast("alice@x", "offline", "")
+    assert published == []
+    p.broadcast("alice@x", "busy", "")
+    assert json.loads(published[-1]) == {"w": "w1", "u": "alice@x", "s": "busy", "t": ""}
+
+
+def test_directory_repairs_a_missed_message_and_drops_after_two_misses() -> None:
+    p, _, _ = presence_pair()
+    p.directory({"w2": {"bob@x": 2}})  # no message said so: added
+    assert p.who(["bob@x"])[0]["sessions"] == 2
+    p.directory({"w2": {}})  # missing once: kept (the message may be on its way)
+    assert p.is_online("bob@x")
+    p.directory({"w2": {}})
+    assert not p.is_online("bob@x")
+
+
+def test_nonce_ids_are_stable_and_per_user() -> None:
+    a = nonce_id("x", "a@x", "n1")
+    assert a == nonce_id("x", "a@x", "n1")
+    assert a != nonce_id("x", "b@x", "n1") != nonce_id("x", "a@x", "n2")
+    assert len(a) == 35 and int(a, 16) >= 0
+
+
+def test_worker_option_and_cluster_checks(tmp_path: Any) -> None:
+    pg = tmp_path / "pg.toml"
+    pg.write_text('[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 dbname=x"\n')
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(pg), "--worker", "w1"])
+    cfg = opts.realm_config
+    assert cfg.worker == "w1"
+    assert cfg.control_socket.endswith("control.sock.w1")
+    with pytest.raises(usage.UsageError, match="--worker needs the PostgreSQL store"):
+        tap.Options().parseOptions(["--worker", "w1"])
+    with pytest.raises(usage.UsageError, match="--worker: a name of 1-32"):
+        tap.Options().parseOptions(["--config", str(pg), "--worker", "W 1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cluster]\nredis = "localhost"\n')
+    with pytest.raises(usage.UsageError, match=r"cluster\.redis must be HOST:PORT"):
+        tap.Options().parseOptions(["--config", str(bad)])
+    shared = tmp_path / "files"
+    cfg.cluster.files_dir = str(shared)
+    assert cfg.files_path == str(shared)
+
+
+def test_shared_ports_take_several_listeners() -> None:
+    from twisted.internet.endpoints import serverFromString
+
+    factory = Factory.forProtocol(Protocol)
+    first = listen_shared(
+        serverFromString(_reactor, "tcp:0:interface=127.0.0.1"), factory, _reactor
+    )
+    assert first is not None
+    port = first.getHost().port
+    second = listen_shared(
+        serverFromString(_reactor, f"tcp:{port}:interface=127.0.0.1"), factory, _reactor
+    )
+    assert second is not None and second.getHost().port == port
+    # without SO_REUSEPORT the port is taken
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", port))
+    assert listen_shared(serverFromString(_reactor, "unix:/tmp/x.sock"), factory, _reactor) is None
+    first.stopListening()
+    second.stopListening()
