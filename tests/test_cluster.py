@@ -210,6 +210,31 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     assert {"alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost"} <= set(users)
     assert users["bob@localhost"].get("status") == "away"
 
+    # Two workers asked to create one group at the same instant: one at a time
+    # across the cluster, so exactly one create succeeds.
+    for round_ in range(3):
+        name = f"#race{round_}"
+        results = yield defer.DeferredList(
+            [alice.conn.create_group(name), bob.conn.create_group(name)], consumeErrors=True
+        )
+        ok = [r for good, r in results if good]
+        errors = [r.value.code for good, r in results if not good]
+        assert len(ok) == 1 and errors == ["group_exists"], (ok, errors)
+
+    # A file: uploaded on w1, its message reaches bob on w2, who downloads it from w2
+    # (the workers share the file directory).
+    src = cluster.tmp_path / "notes.txt"
+    src.write_bytes(b"shared bytes\n" * 1000)
+    sent_file = yield alice.conn.send_file("bob@localhost", str(src))
+    yield until(
+        lambda: any(m.get("kind") == "file" for m in bob.received), "bob has the file message"
+    )
+    [file_msg] = [m for m in bob.received if m.get("kind") == "file"]
+    assert file_msg["meta"]["file_id"] == sent_file["file"]
+    dest = cluster.tmp_path / "got.txt"
+    yield bob.conn.download(file_msg["meta"]["file_id"], str(dest))
+    assert dest.read_bytes() == src.read_bytes()
+
     # chatrealmctl cluster status: both workers, their sessions, no lag once idle.
     status = ""
 

@@ -451,3 +451,40 @@ def deferToThread_wait(predicate: Any) -> Any:
     from twisted.internet.threads import deferToThread
 
     return deferToThread(_wait_until, predicate, "the condition")
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_outbox_reads_stop_below_a_held_back_commit(dsn: str, schema: str) -> Any:
+    """The federation sender reads the outbox (every worker's rows) only up to the
+    outbox's safe sequence: a row committed late below one it acknowledged would
+    otherwise be deleted unsent."""
+    a = PostgresStore(dsn, schema, _reactor, worker="a")
+    yield a.open()
+    b = PostgresStore(dsn, schema, _reactor, worker="b")
+    yield b.open()
+    try:
+        first = env(ALICE, "carol@peer", "a0")
+        yield a.append([first], [("peer", first)])
+        yield b.safe_position()
+        assert [e.body for _, e in (yield b.outbox_read("peer", 0, 10))] == ["a0"]
+        hold = _hold_back(dsn, schema, "a")
+        try:
+            late = env(ALICE, "carol@peer", "a1 (late)")
+            held = a.append([late], [("peer", late)])
+            yield deferToThread_wait(lambda: _top(dsn, schema) == 2)
+            mine = env(BOB, "carol@peer", "b1")
+            yield b.append([mine], [("peer", mine)])
+            yield b.safe_position()
+            rows = yield b.outbox_read("peer", 0, 10)
+            assert [e.body for _, e in rows] == ["a0"]  # b1's row waits for a1's
+        finally:
+            hold.rollback()
+            hold.close()
+        yield held
+        yield b.safe_position()
+        rows = yield b.outbox_read("peer", 0, 10)
+        assert [e.body for _, e in rows] == ["a0", "a1 (late)", "b1"]
+        assert [s for s, _ in rows] == sorted(s for s, _ in rows)
+    finally:
+        yield a.close()
+        yield b.close()

@@ -215,6 +215,36 @@ class RedisBus:
             return
         self.command("PUBLISH", self.key(channel), message).addErrback(lambda _: None)
 
+    # locks across workers ----------------------------------------------------------------
+
+    @inlineCallbacks
+    def lock(self, name: str, ttl: float = 10.0, wait: float = 5.0) -> Any:
+        """Take the cluster-wide lock ``name`` (``P:lock:name``, expiring after
+        ``ttl`` seconds whatever happens to its holder); fires with the token to give
+        :meth:`unlock`.  Fails with :class:`BusUnavailable` after ``wait`` seconds (or
+        when Redis does not answer)."""
+        from twisted.internet.task import deferLater
+
+        token = os.urandom(8).hex()
+        key = self.key("lock", name)
+        deadline = self.reactor.seconds() + wait
+        while True:
+            taken = yield self.command("SET", key, token, "NX", "PX", int(ttl * 1000))
+            if taken is not None:
+                return token
+            if self.reactor.seconds() > deadline:
+                raise BusUnavailable(f"the cluster lock {name} stays taken")
+            yield deferLater(self.reactor, 0.02, lambda: None)
+
+    def unlock(self, name: str, token: str) -> Deferred[Any]:
+        """Release a lock taken with :meth:`lock` (if it is still ours)."""
+        script = (
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('DEL', KEYS[1]) else return 0 end"
+        )
+        d = self.command("EVAL", script, 1, self.key("lock", name), token)
+        return d.addErrback(lambda _: None)  # it expires anyway
+
     # the worker's heartbeat and the session directory ----------------------------------
 
     @inlineCallbacks

@@ -145,21 +145,33 @@ class ClusterMessaging(Messaging):
 
 
 class ClusterGroupHandler(GroupHandler):
-    """Group changes on a worker: checked once this worker has applied what the
-    others committed before (see :meth:`StreamReader.catch_up`)."""
+    """Group changes on a worker: one at a time per group across the workers, each
+    checked once this worker has applied what the others committed before (see
+    :meth:`chatproto.cluster.stream.StreamReader.catch_up`)."""
 
     def __init__(self, realm: Any, worker: Worker) -> None:
         super().__init__(realm)
         self._worker = worker
 
+    @inlineCallbacks
     def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
+        """One change at a time per group across the cluster (a Redis lock), checked
+        once this worker has applied every change committed before."""
         problem = self._worker.problem()
         if problem is not None:
-            return fail(ChatError("unavailable", problem, retry_after=RETRY_AFTER))
-        d = self._worker.stream.catch_up()
-        return d.addCallback(
-            lambda _: super(ClusterGroupHandler, self).change(actor, event, group, args)
-        )
+            raise ChatError("unavailable", problem, retry_after=RETRY_AFTER)
+        addr = self.address(group, remote_ok=True)
+        bus = self._worker.bus
+        try:
+            token = yield bus.lock(f"group:{addr}")
+        except BusUnavailable as e:
+            raise ChatError("unavailable", str(e), retry_after=RETRY_AFTER) from None
+        try:
+            yield self._worker.stream.catch_up()
+            env = yield super().change(actor, event, group, args)
+        finally:
+            bus.unlock(f"group:{addr}", token)
+        return env
 
 
 class FederationRelay:
