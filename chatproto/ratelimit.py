@@ -6,6 +6,8 @@ drive them with ``twisted.internet.task.Clock``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = [
     "FailureThrottle",
     "TokenBucket",
@@ -47,6 +49,9 @@ class FailureThrottle:
         self.max_delay = max_delay
         self.window = window
         self._entries: dict[str, tuple[int, float]] = {}
+        #: Told of each change, ``("failed" | "succeeded", key, now)``: the workers of a
+        #: cluster share their throttles this way (chatproto.cluster.worker).
+        self.listener: Callable[[str, str, float], None] | None = None
 
     def wait(self, key: str, now: float) -> float:
         """Seconds ``key`` must still wait before its next attempt (0 if none)."""
@@ -64,13 +69,25 @@ class FailureThrottle:
         return max(0.0, last + pause - now)
 
     def failed(self, key: str, now: float) -> None:
+        self.apply("failed", key, now)
+        if self.listener is not None:
+            self.listener("failed", key, now)
+
+    def succeeded(self, key: str) -> None:
+        self.apply("succeeded", key, 0.0)
+        if self.listener is not None:
+            self.listener("succeeded", key, 0.0)
+
+    def apply(self, event: str, key: str, now: float) -> None:
+        """Record a failure or a success (of this process, or one another worker
+        reports) without telling :attr:`listener`."""
+        if event == "succeeded":
+            self._entries.pop(key, None)
+            return
         count, last = self._entries.get(key, (0, now))
         if now - last > self.window:
             count = 0
-        self._entries[key] = (count + 1, now)
-
-    def succeeded(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._entries[key] = (count + 1, max(now, last))
 
     def prune(self, now: float) -> None:
         stale = [k for k, (_, last) in self._entries.items() if now - last > self.window]

@@ -43,6 +43,8 @@ listen = ["tcp:{shared}:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
 argon2_time_cost = 1
 argon2_memory_cost = 1024
 argon2_parallelism = 1
+free_failures_per_account = 2
+failure_delay = 30.0
 
 [limits]
 send_rate = 100000.0
@@ -209,6 +211,28 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     users = {u["user"]: u for u in online}
     assert {"alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost"} <= set(users)
     assert users["bob@localhost"].get("status") == "away"
+
+    # Failed logins on one worker count on the other (the login throttles are
+    # shared).  eve fails three times on w1; then alice (w1) changes her status, and
+    # once bob (w2) has heard that, w2 has heard the failures too (one publisher, one
+    # subscriber: in order): eve's next attempt there is throttled at once (w2 alone
+    # would have counted no failure and answered auth_failed).
+    eve = yield client.connect(_reactor, w1, "eve", PASSWORD, register=True)
+    yield eve.close()
+    for _ in range(3):
+        with pytest.raises(RemoteError) as failed:
+            yield client.connect(_reactor, w1, "eve", "wrong password")
+        assert failed.value.code == "auth_failed"
+    yield alice.conn.set_status("busy")
+    yield until(
+        lambda: any(
+            p.get("user") == "alice@localhost" and p.get("status") == "busy" for p in bob.presence
+        ),
+        "bob hears alice is busy",
+    )
+    with pytest.raises(RemoteError) as failed:
+        yield client.connect(_reactor, w2, "eve", "wrong password")
+    assert failed.value.code == "rate_limited"
 
     # Two workers asked to create one group at the same instant: one at a time
     # across the cluster, so exactly one create succeeds.

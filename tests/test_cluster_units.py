@@ -297,3 +297,22 @@ def test_shared_ports_take_several_listeners() -> None:
     assert listen_shared(serverFromString(_reactor, "unix:/tmp/x.sock"), factory, _reactor) is None
     first.stopListening()
     second.stopListening()
+
+
+def test_login_throttle_changes_are_told_and_applied_quietly() -> None:
+    from chatproto.ratelimit import FailureThrottle
+
+    told: list[tuple[str, str, float]] = []
+    mine = FailureThrottle(1, 10.0, 60.0, 300.0)
+    mine.listener = lambda *change: told.append(change)
+    mine.failed("eve", 100.0)
+    mine.succeeded("eve")
+    assert told == [("failed", "eve", 100.0), ("succeeded", "eve", 0.0)]
+    other = FailureThrottle(1, 10.0, 60.0, 300.0)
+    other.listener = lambda *change: told.append(change)
+    other.apply("failed", "eve", 100.0)  # what another worker reported
+    other.apply("failed", "eve", 101.0)
+    assert other.wait("eve", 101.0) == 10.0
+    assert len(told) == 2  # applying tells nobody (no echo back over the bus)
+    other.apply("succeeded", "eve", 0.0)
+    assert other.wait("eve", 101.0) == 0.0

@@ -269,6 +269,9 @@ class Worker:
         self.bus.on("stream", self._heard_stream)
         self.bus.on("presence", realm.presence.heard)
         self.bus.on("federation", self._heard_federation)
+        self.bus.on("throttle", self._heard_throttle)
+        for kind, throttle in realm.accounts.throttles.items():
+            throttle.listener = self._throttle_listener(kind)
         realm.cluster = self
 
     # start and stop --------------------------------------------------------------------
@@ -351,6 +354,23 @@ class Worker:
         except ValueError:
             return
         self.stream.wake(pos)
+
+    def _throttle_listener(self, kind: str) -> Any:
+        def changed(event: str, key: str, now: float) -> None:
+            message = {"w": self.name, "k": kind, "e": event, "key": key, "t": now}
+            self.bus.publish("throttle", json.dumps(message))
+
+        return changed
+
+    def _heard_throttle(self, message: str) -> None:
+        """A login failure (or success) on another worker counts here too."""
+        try:
+            m = json.loads(message)
+            throttle = self.realm.accounts.throttles[m["k"]]
+            if m["w"] != self.name and m["e"] in ("failed", "succeeded"):
+                throttle.apply(m["e"], str(m["key"]), float(m["t"]))
+        except (ValueError, KeyError, TypeError):
+            return
 
     def _heard_federation(self, message: str) -> None:
         fed = self.realm.federation

@@ -165,6 +165,8 @@ class Accounts:
         self._address_throttle = FailureThrottle(
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
+        #: The login throttles by what they count (the workers of a cluster share them).
+        self.throttles = {"account": self._account_throttle, "address": self._address_throttle}
         #: local account names known to exist (filled at start and as accounts appear)
         self.known: set[str] = set()
         #: name -> floor of the account this realm last knew under that name (see
