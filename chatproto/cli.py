@@ -19,6 +19,12 @@ realm streams them nothing, so they acknowledge nothing.  That matters because t
 realm starts a device it has not seen at its user's furthest ack: a one-shot login that
 acknowledged the backlog would hide it from the first ``listen``.
 
+``send --reply-to MSG_ID``, ``react MSG_ID EMOJI [--remove]``, ``edit MSG_ID TEXT``
+and ``redact MSG_ID`` (delete a message: ``delete`` deletes a group) work on message
+ids, which ``history --ids`` shows; history marks messages ``(edited)``,
+``(deleted)``, ``(re <id>)`` and ``[👍 2]``, and ``listen`` prints reactions, edits and
+deletes as they come ("bob reacted 👍 to <id>").
+
 ``send-file PEER PATH`` and ``download FILE_ID [PATH]`` move files with a progress bar
 on stderr (when it is a terminal); both resume after an interruption (``--resume
 UPLOAD``; ``PATH.part``), and ``listen`` shows a file message with the command that
@@ -185,6 +191,40 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("peer", metavar="PEER")
     p.add_argument("text", metavar="TEXT", nargs="+")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--reply-to", metavar="MSG_ID", help="the message of this conversation it answers"
+    )
+
+    p = sub.add_parser(
+        "react",
+        parents=[common],
+        help="react to a message with an emoji (or take the reaction back)",
+        description="Add the reaction EMOJI to message MSG_ID (as 'history --ids' shows "
+        "it), or with --remove take it back.",
+    )
+    p.add_argument("msg_id", metavar="MSG_ID")
+    p.add_argument("emoji", metavar="EMOJI")
+    p.add_argument("--remove", action="store_true", help="take the reaction back")
+
+    p = sub.add_parser(
+        "edit",
+        parents=[common],
+        help="replace the text of one of your messages",
+        description="Replace the text of your message MSG_ID with TEXT (words joined by "
+        "spaces; '-' reads it from stdin).  Everyone sees it marked '(edited)'.",
+    )
+    p.add_argument("msg_id", metavar="MSG_ID")
+    p.add_argument("text", metavar="TEXT", nargs="+")
+
+    p = sub.add_parser(
+        "redact",
+        parents=[common],
+        help="delete a message or file (yours; in a group, admins may delete any)",
+        description="Delete message or file MSG_ID: the realm wipes its text (or file) "
+        "and everyone sees it as deleted.  Yours, or any in a group you are an admin or "
+        "owner of.  ('delete' deletes a group.)",
+    )
+    p.add_argument("msg_id", metavar="MSG_ID")
 
     p = sub.add_parser(
         "history",
@@ -199,6 +239,9 @@ def make_parser() -> argparse.ArgumentParser:
     page.add_argument("--before", type=_position, metavar="POS", help="messages before POS")
     page.add_argument("--after", type=_position, metavar="POS", help="messages after POS")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--ids", action="store_true", help="start each line with the message id (to react...)"
+    )
 
     p = sub.add_parser(
         "listen",
@@ -402,7 +445,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.user and args.command != "tui":
         parser.error(f"--user is required (or set ${USER_ENV})")
-    if args.command == "send":
+    if args.command in ("send", "edit"):
         args.body = None if args.text == ["-"] else " ".join(args.text)
     elif args.command in ("topic", "status"):
         args.text = " ".join(args.text)
@@ -490,7 +533,11 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     """
     if as_json:
         return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
-    if msg.get("kind") == "file" and isinstance(msg.get("meta"), dict):
+    if (
+        msg.get("kind") == "file"
+        and isinstance(msg.get("meta"), dict)
+        and not msg["meta"].get("deleted")
+    ):
         meta = msg["meta"]
         msg = {
             **msg,
@@ -502,6 +549,11 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     to = str(msg.get("to", "?"))
     if msg.get("kind") == "bounce":  # another realm refused what we sent
         return f"{when} ! not delivered: {msg.get('body', '')}"
+    where = f"{to} " if to.startswith("#") else ""
+    refers = describe_relation(msg)
+    if refers is not None:
+        return f"{when} {where}{refers}"
+    msg = {**msg, "body": shown_body(msg)}
     acted = action(str(msg.get("body", "")))  # /me waves (IRC's CTCP ACTION)
     if to.startswith("#"):
         if msg.get("kind") == "event":
@@ -514,6 +566,40 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     if acted is not None:
         return f"{when} * {sender} {acted}"
     return f"{when} {sender}: {msg.get('body', '')}"
+
+
+def describe_relation(msg: dict[str, Any]) -> str | None:
+    """A reaction, edit or delete item in words (``bob reacted 👍 to <id>``), or None
+    for any other item."""
+    kind = msg.get("kind")
+    meta = msg["meta"] if isinstance(msg.get("meta"), dict) else {}
+    ref = meta.get("ref", "?")
+    who = msg.get("from", "?")
+    if kind == "reaction":
+        took = "took back" if meta.get("remove") else "reacted"
+        return f"{who} {took} {meta.get('emoji', '?')} to {ref}"
+    if kind == "edit":
+        return f"{who} edited {ref}: {msg.get('body', '')}"
+    if kind == "delete":
+        return f"{who} deleted {ref}"
+    return None
+
+
+def shown_body(msg: dict[str, Any]) -> str:
+    """A message's text with what history says of it: ``(deleted)``, ``(edited)``,
+    the message it answers and its reactions (``[👍 2]``)."""
+    meta = msg["meta"] if isinstance(msg.get("meta"), dict) else {}
+    if meta.get("deleted"):
+        return "(deleted)"
+    body = str(msg.get("body", ""))
+    if meta.get("reply_to"):
+        body = f"(re {meta['reply_to']}) {body}"
+    if meta.get("edited"):
+        body += " (edited)"
+    reactions = meta.get("reactions")
+    if isinstance(reactions, dict) and reactions:
+        body += " [" + " ".join(f"{e} {len(u)}" for e, u in reactions.items()) + "]"
+    return body
 
 
 def format_presence(frame: dict[str, Any], as_json: bool, realm: str = "") -> str:
@@ -786,16 +872,32 @@ async def _register(conn: Connection, args: argparse.Namespace) -> None:
 
 
 async def _send(conn: Connection, args: argparse.Namespace) -> None:
-    result = await conn.send(args.peer, args.body)
+    result = await conn.send(args.peer, args.body, reply_to=args.reply_to)
     if args.json:
         _say(json.dumps(result))
     else:
         _say(f"id={result['msg_id']} pos={result['pos']}")
 
 
+async def _react(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.react(args.msg_id, args.emoji, remove=args.remove)
+    _say(f"{'took back' if args.remove else 'reacted'} {args.emoji} pos={result['pos']}")
+
+
+async def _edit(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.edit(args.msg_id, args.body)
+    _say(f"edited {args.msg_id} pos={result['pos']}")
+
+
+async def _redact(conn: Connection, args: argparse.Namespace) -> None:
+    result = await conn.delete(args.msg_id)
+    _say(f"deleted {args.msg_id} pos={result['pos']}")
+
+
 async def _history(conn: Connection, args: argparse.Namespace) -> None:
     for msg in await conn.history(args.peer, args.before, args.after, args.limit):
-        _say(format_message(msg, args.json))
+        line = format_message(msg, args.json)
+        _say(f"{msg.get('msg_id')} {line}" if args.ids and not args.json else line)
 
 
 async def _who(conn: Connection, args: argparse.Namespace) -> None:
@@ -939,6 +1041,9 @@ async def _status(conn: Connection, args: argparse.Namespace) -> None:
 _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]] = {
     "register": _register,
     "send": _send,
+    "react": _react,
+    "edit": _edit,
+    "redact": _redact,
     "send-file": _send_file,
     "download": _download,
     "history": _history,
@@ -1241,7 +1346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return app.run(args)
     try:
         password = read_password(args.user, confirm=args.command == "register")
-        if args.command == "send" and args.body is None:
+        if args.command in ("send", "edit") and args.body is None:
             args.body = read_body(sys.stdin)
     except CommandError as e:
         _note(str(e))

@@ -1056,19 +1056,20 @@ class ChatClientService(ClientService):
         return d
 
     @inlineCallbacks
-    def send(self, to: str, body: str, attempts: int = 5) -> Any:
+    def send(self, to: str, body: str, attempts: int = 5, reply_to: str | None = None) -> Any:
         """Send through whatever connection is up, retrying across reconnects.
 
         Each attempt carries the same random nonce, so a send whose result was lost
         with the connection is stored once, not once per attempt.  Fires with the
         result; fails with :class:`RemoteError` (not retried) or, after ``attempts``
-        lost connections, :class:`ConnectionDone`.
+        lost connections, :class:`ConnectionDone`.  ``reply_to``: see
+        :meth:`Connection.send`.
         """
         nonce = secrets.token_urlsafe(16)
         for _ in range(attempts):
             conn = yield self.whenReady()
             try:
-                result = yield conn.send(to, body, nonce)
+                result = yield conn.send(to, body, nonce, reply_to=reply_to)
             except RemoteError:
                 raise
             except Exception:  # the connection went away: wait for the next one

@@ -127,6 +127,22 @@ COMMANDS: dict[str, CommandSpec] = {
             "remove USER from this group and refuse their joins",
         ),
         CommandSpec("unban", (_p("USER", "user"),), "let a banned USER join this group again"),
+        CommandSpec(
+            "reply",
+            (_p("TEXT", "text", rest=True),),
+            "answer the latest message of someone else here (shown quoted)",
+        ),
+        CommandSpec(
+            "react",
+            (_p("EMOJI", "text"),),
+            "react with EMOJI to the latest message of someone else here (again: take it back)",
+        ),
+        CommandSpec(
+            "edit",
+            (_p("TEXT", "text", rest=True),),
+            "replace the text of your latest message here (shown '(edited)')",
+        ),
+        CommandSpec("delete", (), "delete your latest message or file here"),
         CommandSpec("send", (_p("PATH", "path", rest=True),), "send a file to this conversation"),
         CommandSpec(
             "download",

@@ -489,6 +489,40 @@ class ChatController:
                     self.open(previous)
                 raise
 
+    def _latest(self, mine: bool, what: str) -> dict[str, Any]:
+        if self.model.active == STATUS:
+            raise commands.UsageError(f"{what} works in a conversation: open one first")
+        item = self.model.current.latest(mine, self.model.me)
+        if item is None:
+            whose = "of yours" if mine else "of someone else's"
+            raise commands.UsageError(f"no message {whose} here")
+        return item
+
+    async def _cmd_reply(self, cmd: commands.Command) -> None:
+        item = self._latest(False, "/reply")
+        if self.service is None:
+            raise commands.UsageError("not connected")
+        await self.service.send(self.model.active, cmd.get("TEXT"), reply_to=item["msg_id"])
+
+    async def _cmd_react(self, cmd: commands.Command) -> None:
+        item = self._latest(False, "/react")
+        emoji = cmd.get("EMOJI")
+        reacted = (item.get("meta") or {}).get("reactions", {}).get(emoji, ())
+        conn = await self._ready()
+        await conn.react(item["msg_id"], emoji, remove=self.model.me in reacted)
+
+    async def _cmd_edit(self, cmd: commands.Command) -> None:
+        item = self._latest(True, "/edit")
+        if item.get("kind") != "text":
+            raise commands.UsageError("your latest message here is a file: /delete it")
+        conn = await self._ready()
+        await conn.edit(item["msg_id"], cmd.get("TEXT"))
+
+    async def _cmd_delete(self, cmd: commands.Command) -> None:
+        item = self._latest(True, "/delete")
+        conn = await self._ready()
+        await conn.delete(item["msg_id"])
+
     async def _cmd_query(self, cmd: commands.Command) -> None:
         await self._cmd_msg(cmd)
 

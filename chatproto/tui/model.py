@@ -63,6 +63,11 @@ def action(body: str) -> str | None:
     return None
 
 
+#: Items that change another item instead of being a line (PROTOCOL.md, "Items that
+#: refer to items").
+REF_KINDS = frozenset({"reaction", "edit", "delete"})
+
+
 @attrs.define
 class DaySeparator:
     """``--- Wednesday 25 November 2026 ---`` before the first line of each day."""
@@ -81,9 +86,11 @@ class NewMarker:
 
 @attrs.define
 class MessageLine:
-    """One stored item (text, event, file) of a conversation."""
+    """One stored item (text, event, file) of a conversation, as it is now (edited,
+    deleted, reacted to); ``quote``: the item a reply answers, when it is loaded."""
 
     item: dict[str, Any]
+    quote: dict[str, Any] | None = None
 
     @property
     def pos(self) -> int:
@@ -138,6 +145,8 @@ class Conversation:
     joined: bool = True
     items: dict[int, dict[str, Any]] = attrs.Factory(dict)
     ids: set[str] = attrs.Factory(set)
+    #: msg_id -> position of the items (not reactions, edits, deletes) here
+    by_id: dict[str, int] = attrs.Factory(dict)
     #: the position of the first item that was unread when the conversation was opened
     marker: int | None = None
     notices: list[NoticeLine] = attrs.Factory(list)
@@ -155,20 +164,81 @@ class Conversation:
         return max(self.items) if self.items else 0
 
     def add(self, item: dict[str, Any]) -> bool:
-        """Store ``item``; False when it is already here (same position or id)."""
+        """Store ``item``; False when it is already here (same position or id).
+
+        A reaction, edit or delete is not a line of its own: it changes the item it
+        refers to, if that is here (PROTOCOL.md, "Items that refer to items")."""
         pos = item.get("pos")
         msg_id = item.get("msg_id")
         if not isinstance(pos, int) or pos in self.items or msg_id in self.ids:
             return False
-        self.items[pos] = item
         if msg_id:
             self.ids.add(msg_id)
+        if item.get("kind") in REF_KINDS:
+            self.apply(item)
+            return True
+        self.items[pos] = item
+        if msg_id:
+            self.by_id[msg_id] = pos
         return True
+
+    def find(self, msg_id: Any) -> dict[str, Any] | None:
+        """The item with this id, if it is loaded here."""
+        pos = self.by_id.get(msg_id) if isinstance(msg_id, str) else None
+        return self.items.get(pos) if pos is not None else None
+
+    def apply(self, ref: dict[str, Any]) -> None:
+        """Apply a reaction, edit or delete to the item it refers to (a new dict, so
+        views that cache by item see the change)."""
+        raw = ref.get("meta")
+        meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        target = self.find(meta.get("ref"))
+        if target is None:
+            return
+        tmeta = dict(target.get("meta") or {})
+        if tmeta.get("deleted"):
+            return
+        kind = ref.get("kind")
+        body = target.get("body", "")
+        if kind == "delete":
+            body, tmeta = "", {"deleted": True}
+        elif kind == "edit":
+            if ref.get("from") != target.get("from"):
+                return
+            body, tmeta["edited"] = ref.get("body", ""), ref.get("ts")
+        else:
+            emoji = str(meta.get("emoji", ""))
+            reactions = {e: list(u) for e, u in (tmeta.get("reactions") or {}).items()}
+            users = reactions.setdefault(emoji, [])
+            who = ref.get("from")
+            if meta.get("remove"):
+                if who in users:
+                    users.remove(who)
+            elif who not in users:
+                users.append(who)
+            tmeta["reactions"] = {e: u for e, u in reactions.items() if u}
+            if not tmeta["reactions"]:
+                del tmeta["reactions"]
+        self.items[target["pos"]] = {**target, "body": body, "meta": tmeta}
+
+    def latest(self, mine: bool, me: str) -> dict[str, Any] | None:
+        """The newest message or file here that is (``mine``) or is not one's own,
+        not deleted."""
+        for pos in sorted(self.items, reverse=True):
+            item = self.items[pos]
+            if item.get("kind") not in ("text", "file"):
+                continue
+            if (item.get("meta") or {}).get("deleted"):
+                continue
+            if (item.get("from") == me) == mine:
+                return item
+        return None
 
     def lines(self, tz: datetime.tzinfo | None = None) -> list[Line]:
         """Items and notices in order, with a :class:`DaySeparator` at each new day."""
         keyed: list[tuple[tuple[int, int, int], MessageLine | NoticeLine]] = [
-            ((pos, 0, 0), MessageLine(item)) for pos, item in self.items.items()
+            ((pos, 0, 0), MessageLine(item, self.find((item.get("meta") or {}).get("reply_to"))))
+            for pos, item in self.items.items()
         ]
         keyed += [((n.after, 1, n.seq), n) for n in self.notices]
         keyed.sort(key=lambda kv: kv[0])
@@ -323,6 +393,9 @@ class ChatModel:
         conv = self.conversation(address)
         if not conv.add(item):
             return False
+        if item.get("kind") in REF_KINDS:  # changes a line; not unread of its own
+            self.changed()
+            return True
         meta = item.get("meta") or {}
         if item.get("kind") == "event":
             event = meta.get("event")

@@ -114,8 +114,11 @@ def message_markup(
     if kind == "bounce":  # another realm refused something we sent (PROTOCOL.md)
         return [when, ("error", "!! " + str(item.get("body", "")))]
     nick = ("me" if sender == me else nick_attr(sender), f"<{short(sender, realm)}>")
+    raw = item.get("meta")
+    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if meta.get("deleted"):
+        return [when, nick, " ", ("hint", "(deleted)")]
     if kind == "file":
-        meta = item.get("meta") or {}
         name = meta.get("name", "?")
         size = meta.get("size")
         fid = meta.get("file_id", "?")
@@ -124,16 +127,46 @@ def message_markup(
         out: list[Any] = [when, nick, " ", ("file", text), ("hint", f"  /download {fid}")]
         if body and body != name:
             out.append(" " + body)
-        return out
+        return [*out, *_marks(meta)]
+    quote = _quote(line, realm, len(when[1]))
     acted = action(str(item.get("body", "")))
     if acted is not None:  # /me waves: "* alice waves"
-        return [when, (nick[0], f"* {short(sender, realm)}"), " ", acted]
+        return [*quote, when, (nick[0], f"* {short(sender, realm)}"), " ", acted, *_marks(meta)]
     # Lines after the first of a multi-line body start under the first one.
     indent = "\n" + " " * (len(when[1]) + len(nick[1]) + 1)
     body = str(item.get("body", "")).replace("\n", indent)
     if kind not in (None, "text"):
         return [when, nick, " ", ("hint", f"[{kind}] "), body]
-    return [when, nick, " ", body]
+    return [*quote, when, nick, " ", body, *_marks(meta)]
+
+
+def _quote(line: MessageLine, realm: str, indent: int) -> list[Any]:
+    """The line a reply starts with: the message it answers, quoted (one line)."""
+    reply_to = (line.item.get("meta") or {}).get("reply_to")
+    if not reply_to:
+        return []
+    q = line.quote
+    if q is None:
+        text = "(a message not loaded)"
+    elif (q.get("meta") or {}).get("deleted"):
+        text = f"<{short(str(q.get('from', '?')), realm)}> (deleted)"
+    else:
+        body = " ".join(str(q.get("body", "")).split())
+        body = body if len(body) <= 60 else body[:59] + "…"
+        text = f"<{short(str(q.get('from', '?')), realm)}> {body}"
+    return [("hint", " " * indent + "┌ " + text + "\n")]
+
+
+def _marks(meta: dict[str, Any]) -> list[Any]:
+    """What follows a message: ``(edited)`` and its reactions, ``[👍 2 🎉 1]``."""
+    out: list[Any] = []
+    if meta.get("edited"):
+        out.append(("hint", " (edited)"))
+    reactions = meta.get("reactions")
+    if isinstance(reactions, dict) and reactions:
+        shown = " ".join(f"{e} {len(u)}" for e, u in reactions.items() if isinstance(u, list))
+        out.append(("hint", f"  [{shown}]"))
+    return out
 
 
 def sidebar_markup(conv: Conversation, model: ChatModel, width: int = 22) -> list[Any]:
@@ -394,7 +427,8 @@ class ChatView(urwid.WidgetWrap):
         if isinstance(line, DaySeparator):
             key: tuple[Any, ...] = ("day", line.day)
         elif isinstance(line, MessageLine):
-            key = ("msg", conv.address, line.pos)
+            # the item dict is replaced when it changes (an edit, a reaction...)
+            key = ("msg", conv.address, line.pos, id(line.item), id(line.quote))
         else:
             key = ("notice", conv.address, line.seq)
         widget = self._cache.get(key)
