@@ -301,12 +301,12 @@ def build(
         irc_factory = IRCFactory(realm)
         for description in cfg.irc_descriptions():
             serve("irc", description, irc_factory, irc_factory)
-    if cfg.federation.enabled and (worker is None or worker.sender):
+    if cfg.federation.enabled and worker is None:
         from chatproto.federation import FederationService
 
         FederationService(realm, reactor).setServiceParent(top)
-    if worker is not None:
-        worker.attach_federation()
+    elif cfg.federation.enabled and worker is not None:
+        worker.federation_service().setServiceParent(top)
     if cfg.metrics.listen:
         from chatproto.ops.site import OpsSite  # twisted.web only when used
 

@@ -438,3 +438,74 @@ def test_worker_without_redis_or_postgresql_says_which_and_exits(tmp_path: Any) 
         assert "--worker needs the PostgreSQL store" in proc.output
     finally:
         yield cluster.spawner.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
+    """Realm a.test runs as two workers (w1 sends federation, w2 does not), realm
+    b.test as one process.  b's link lands on w2: its items are stored there and w1
+    delivers them.  What a user on w2 sends to b goes out through w1's link; what a
+    user on w1 sends too."""
+    from chatproto.tls import write_dev_certs
+
+    redis = redis_or_skip()
+    prefix = redis_prefix()
+    certs = tmp_path / "certs"
+    paths = {name: write_dev_certs(str(certs), name) for name in ("a.test", "b.test")}
+    p1, p2, pb = free_port(), free_port(), free_port()
+    schema = pg_schema()
+    spawner = Spawner(str(tmp_path))
+
+    def fed(name: str, port: int, peer: str, peer_port: int) -> str:
+        p = paths[name]
+        return (
+            f'[federation]\nenabled = true\nport = {port}\ninterface = "127.0.0.1"\n'
+            f'certificate = "{p["cert"]}"\nprivate_key = "{p["key"]}"\nca = "{p["ca"]}"\n'
+            f"retry_initial = 0.1\nretry_max = 0.5\n"
+            f'[[federation.peers]]\nrealm = "{peer}"\nendpoint = "127.0.0.1:{peer_port}"\n'
+        )
+
+    base = _config(postgresql_or_skip(), schema, redis, prefix, free_port())
+    base = base.replace("[realm]\n", '[realm]\nname = "a.test"\n')
+    base += 'federation_sender = "w1"\n'
+    for worker, port in (("w1", p1), ("w2", p2)):
+        (tmp_path / f"{worker}.toml").write_text(base + fed("a.test", port, "b.test", pb))
+    (tmp_path / "b.toml").write_text(
+        '[realm]\nname = "b.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        "[auth]\nargon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+        "[control]\nenabled = false\n" + fed("b.test", pb, "a.test", p2)
+    )
+
+    @defer.inlineCallbacks
+    def start(config: str, data: str, *more: str) -> Any:
+        argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", config]
+        proc = spawner([*argv, "--data-dir", str(tmp_path / data), *more])
+        own = yield proc.wait_for(_OWN.pattern)
+        yield proc.wait_for(r"realm \S+ started")
+        return proc, f"tcp:127.0.0.1:{own.group(1)}"
+
+    try:
+        b, b_addr = yield start(str(tmp_path / "b.toml"), "data-b")
+        w1, a1 = yield start(str(tmp_path / "w1.toml"), "data-a", "--worker", "w1")
+        w2, a2 = yield start(str(tmp_path / "w2.toml"), "data-a", "--worker", "w2")
+        yield w1.wait_for("cluster: worker w1 of realm a.test started")
+        yield w2.wait_for("cluster: worker w2 of realm a.test started")
+        x = yield Client("x").connect(a1, register=True)
+        z = yield Client("z").connect(a2, register=True)
+        y = yield Client("y").connect(b_addr, register=True)
+
+        yield y.conn.send("x@a.test", "from b to x")
+        yield until(lambda: x.bodies() == ["from b to x"], "x (w1) has b's message")
+        assert "federation: link to" not in w2.output  # w2 makes no link of its own
+        yield z.conn.send("y@b.test", "from z on w2")
+        yield x.conn.send("y@b.test", "from x on w1")
+        yield until(
+            lambda: sorted(y.bodies(to="y@b.test")) == ["from x on w1", "from z on w2"],
+            "y (b.test) has both",
+            info=lambda: (y.bodies(), w1.output[-3000:]),
+        )
+        for proc in (b, w1, w2):
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield spawner.close()
+        redis_drop_prefix(redis, prefix)

@@ -13,8 +13,9 @@ each seam the handlers already ask through:
   Redis does not answer, and makes a send with a ``nonce`` idempotent across workers
   (its message id comes from the user and the nonce: a retry elsewhere finds the
   first in the store);
-- federation: one worker (``[cluster] federation_sender``) runs the links; the others
-  pass their wake-ups and presence to it over the bus (:class:`FederationRelay`).
+- federation: every worker receives; one (``[cluster] federation_sender``) runs the
+  outbound links, and the others pass their wake-ups and presence to it over the
+  bus (:mod:`chatproto.cluster.federation`).
 
 Nothing of this runs in a single-process realm.
 """
@@ -26,7 +27,7 @@ import json
 import socket
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,7 +41,7 @@ from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.sessions import Session
 
-__all__ = ["ClusterMessaging", "FederationRelay", "Worker", "nonce_id"]
+__all__ = ["ClusterGroupHandler", "ClusterMessaging", "Worker", "nonce_id"]
 
 #: ``retry_after`` of an ``unavailable`` error (seconds).
 RETRY_AFTER = 1.0
@@ -174,49 +175,6 @@ class ClusterGroupHandler(GroupHandler):
         return env
 
 
-class FederationRelay:
-    """``realm.federation`` on a worker that does not send federation: the wake-ups
-    and presence the realm gives it go to the federation sender over the bus."""
-
-    #: What the metrics and /ready look at: no link or listener of its own (the
-    #: federation sender's are reported by the sender).
-    links: dict[str, Any] = {}
-    inbound: tuple[Any, ...] = ()
-    port = "on the federation sender"
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    def want_keys(self, realm: str) -> Deferred[bool]:
-        """A peer's keys are learned by the sender's links: not here."""
-        return succeed(False)
-
-    def wake(self, realm: str, n: int = 1) -> None:
-        self._worker.bus.publish("federation", json.dumps({"wake": realm}))
-
-    def presence(self, realms: Any, data: dict[str, Any]) -> None:
-        message = {"presence": sorted(realms), "data": data}
-        self._worker.bus.publish("federation", json.dumps(message))
-
-
-class _SafeWakes:
-    """``realm.federation`` on the federation sender: the real service, whose wakes
-    first learn the store's safe outbox position (a link reads no row above it)."""
-
-    def __init__(self, service: Any, store: Any) -> None:
-        self._service = service
-        self._store = store
-
-    def wake(self, realm: str, n: int = 1) -> None:
-        def go(_: object) -> None:
-            self._service.wake(realm, n)
-
-        self._store.safe_position().addBoth(go)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._service, name)
-
-
 class Worker:
     """The cluster side of one worker process (see the module docstring).
 
@@ -284,14 +242,20 @@ class Worker:
         except BusUnavailable as e:
             raise SystemExit(f"chatrealm: worker {self.name}: {e}") from None
 
-    def attach_federation(self) -> None:
-        """Wire ``realm.federation`` for this worker's role (after the services are
-        built: the sender's is the real one)."""
-        realm = self.realm
-        if self.sender and realm.federation is not None:
-            realm.federation = _SafeWakes(realm.federation, realm.store)
-        elif realm.config.federation.enabled:
-            realm.federation = FederationRelay(self)
+    def federation_service(self) -> Any:
+        """This worker's federation service (with ``[federation] enabled``): links
+        and listener on the sender, the listener alone elsewhere
+        (chatproto.cluster.federation)."""
+        from chatproto.cluster.federation import ReceivingFederation, SendingFederation
+
+        if self.sender:
+            return SendingFederation(self.realm, self.reactor)
+        return ReceivingFederation(
+            self.realm,
+            self.reactor,
+            self.name,
+            lambda message: self.bus.publish("federation", message),
+        )
 
     def realm_started(self) -> None:
         self.bus.start()
