@@ -23,7 +23,8 @@ const state = {
   ackTimer: null,
   nextId: 1,
   pending: new Map(),  // request id -> {resolve, reject}
-  outbox: [],          // sends not yet answered: {to, body, nonce}
+  outbox: [],          // sends not yet answered: {to, body, nonce, replyTo}
+  compose: null,       // {mode: "reply" | "edit", env}: what Enter does besides sending
   conversations: new Map(), // address -> conversation
   active: null,        // address of the open conversation
   presence: new Map(), // user -> status
@@ -109,7 +110,7 @@ function conversationOf(env) {
 function getConversation(addr) {
   let c = state.conversations.get(addr);
   if (!c) {
-    c = { addr, group: addr.startsWith("#"), items: new Map(), unread: 0,
+    c = { addr, group: addr.startsWith("#"), items: new Map(), byId: new Map(), unread: 0,
           historyLoaded: false, hasOlder: true, lastTs: 0 };
     state.conversations.set(addr, c);
     saveConversations();
@@ -132,10 +133,46 @@ function loadConversations() {
   } catch { /* ignore a damaged entry */ }
 }
 
+const REF_KINDS = new Set(["reaction", "edit", "delete"]);
+
 function addItem(conv, env) {
+  if (REF_KINDS.has(env.kind)) return applyRef(conv, env);
   if (conv.items.has(env.pos)) return false;
   conv.items.set(env.pos, env);
+  conv.byId.set(env.msg_id, env.pos);
   if (env.ts > conv.lastTs) conv.lastTs = env.ts;
+  return true;
+}
+
+// A reaction, edit or delete changes the item it refers to (PROTOCOL.md, "Items that
+// refer to items"); one whose item is not loaded is dropped (history shows it as it is).
+function applyRef(conv, ref) {
+  const m = ref.meta || {};
+  const pos = conv.byId.get(m.ref);
+  const target = pos === undefined ? null : conv.items.get(pos);
+  if (!target) return false;
+  const tm = { ...(target.meta || {}) };
+  if (tm.deleted) return false;
+  let body = target.body;
+  if (ref.kind === "delete") {
+    conv.items.set(pos, { ...target, body: "", meta: { deleted: true } });
+    return true;
+  }
+  if (ref.kind === "edit") {
+    if (ref.from !== target.from) return false;
+    body = ref.body;
+    tm.edited = ref.ts;
+  } else {
+    const reactions = {};
+    for (const [e, users] of Object.entries(tm.reactions || {})) reactions[e] = [...users];
+    const users = reactions[m.emoji] || (reactions[m.emoji] = []);
+    const at = users.indexOf(ref.from);
+    if (m.remove) { if (at >= 0) users.splice(at, 1); } else if (at < 0) users.push(ref.from);
+    if (!users.length) delete reactions[m.emoji];
+    tm.reactions = reactions;
+    if (!Object.keys(reactions).length) delete tm.reactions;
+  }
+  conv.items.set(pos, { ...target, body, meta: tm });
   return true;
 }
 
@@ -226,7 +263,7 @@ function onMsg(env) {
   if (env.kind === "event" && env.meta && env.meta.event === "deleted") conv.deleted = true;
   if (!addItem(conv, env)) return;
   const visible = addr === state.active && document.visibilityState === "visible";
-  if (!visible && env.from !== state.me) conv.unread++;
+  if (!visible && env.from !== state.me && !REF_KINDS.has(env.kind)) conv.unread++;
   renderConversations();
   if (addr === state.active) {
     renderMessages({ stick: true });
@@ -291,7 +328,9 @@ async function flushOutbox() {
     if (item.inFlight) continue;
     item.inFlight = true;
     try {
-      await request("send", { to: item.to, body: item.body, nonce: item.nonce });
+      const fields = { to: item.to, body: item.body, nonce: item.nonce };
+      if (item.replyTo) fields.reply_to = item.replyTo;
+      await request("send", fields);
       state.outbox = state.outbox.filter((x) => x !== item);
       showError("send-error", "");
     } catch (err) {
@@ -309,8 +348,8 @@ async function flushOutbox() {
   }
 }
 
-function queueSend(to, body) {
-  state.outbox.push({ to, body, nonce: randomId(), inFlight: false });
+function queueSend(to, body, replyTo = null) {
+  state.outbox.push({ to, body, replyTo, nonce: randomId(), inFlight: false });
   renderMessages({ stick: true });
   if (state.live) flushOutbox();
 }
@@ -421,10 +460,101 @@ function messageNode(env) {
     el("div", { class: "meta" },
       el("span", { class: "from", text: shortName(env.from) }),
       el("time", { text: fmtTime(env.ts) })));
+  const m = env.meta || {};
+  if (m.deleted) {
+    li.classList.add("deleted");
+    li.append(el("div", { class: "gone", text: "message deleted" }));
+    return li;
+  }
+  if (m.reply_to) li.append(quoteNode(m.reply_to));
   if (env.kind === "file") li.append(renderFile(env));
   else if (env.kind === "text") li.append(el("div", { class: "body", text: env.body }));
   else li.append(el("div", { class: "body", text: `[${env.kind}] ${env.body || ""}` }));
+  if (m.edited) li.querySelector(".meta").append(el("span", { class: "edited", text: "(edited)" }));
+  if (m.reactions && Object.keys(m.reactions).length) {
+    const box = el("div", { class: "reactions" });
+    for (const [emoji, users] of Object.entries(m.reactions)) {
+      const mine = users.includes(state.me);
+      const b = el("button", { type: "button", class: `reaction${mine ? " mine" : ""}`,
+        title: users.map(shortName).join(", "), text: `${emoji} ${users.length}` });
+      b.dataset.emoji = emoji;
+      b.addEventListener("click", () => react(env, emoji, mine));
+      box.append(b);
+    }
+    li.append(box);
+  }
+  li.append(actionsNode(env));
   return li;
+}
+
+function quoteNode(msgId) {
+  const conv = getConversation(state.active);
+  const pos = conv.byId.get(msgId);
+  const q = pos === undefined ? null : conv.items.get(pos);
+  let text = "a message not loaded";
+  if (q && q.meta && q.meta.deleted) text = `${shortName(q.from)}: message deleted`;
+  else if (q) text = `${shortName(q.from)}: ${q.kind === "file" ? (q.meta || {}).name || "file" : q.body}`;
+  return el("blockquote", { class: "quote", text });
+}
+
+const QUICK_REACTIONS = ["👍", "❤️", "😂"];
+
+function actionsNode(env) {
+  const box = el("div", { class: "actions" });
+  const button = (label, cls, fn) => {
+    const b = el("button", { type: "button", class: `secondary ${cls}`, text: label });
+    b.addEventListener("click", fn);
+    box.append(b);
+    return b;
+  };
+  button("Reply", "reply", () => setCompose("reply", env));
+  for (const emoji of QUICK_REACTIONS) {
+    const had = ((env.meta || {}).reactions || {})[emoji] || [];
+    button(emoji, "react", () => react(env, emoji, had.includes(state.me))).dataset.emoji = emoji;
+  }
+  if (env.from === state.me) {
+    if (env.kind === "text") button("Edit", "edit", () => setCompose("edit", env));
+    const del = button("Delete", "delete", () => {
+      if (!del.classList.contains("confirm")) {
+        del.classList.add("confirm");
+        del.textContent = "Really delete?";
+        return;
+      }
+      act("delete", { msg_id: env.msg_id });
+    });
+  }
+  return box;
+}
+
+async function act(type, fields) {
+  try {
+    await request(type, fields);
+    showError("send-error", "");
+  } catch (err) {
+    showError("send-error", err.message);
+  }
+}
+
+function react(env, emoji, had) {
+  const fields = { msg_id: env.msg_id, emoji };
+  if (had) fields.remove = true;
+  act("react", fields);
+}
+
+// Reply and edit: a line above the composer says what Enter will do; Escape or its
+// button cancels.
+function setCompose(mode, env) {
+  state.compose = env ? { mode, env } : null;
+  const bar = $("compose-bar");
+  if (!state.compose) {
+    bar.hidden = true;
+    return;
+  }
+  const what = mode === "edit" ? "Editing your message" : `Replying to ${shortName(env.from)}`;
+  $("compose-what").textContent = `${what}: ${env.kind === "file" ? (env.meta || {}).name : env.body}`;
+  bar.hidden = false;
+  if (mode === "edit") $("text").value = env.body;
+  $("text").focus();
 }
 
 function renderMessages({ stick = false, keepTop = false } = {}) {
@@ -648,10 +778,15 @@ function init() {
       return;
     }
     $("text").value = "";
-    queueSend(state.active, text);
+    const compose = state.compose;
+    setCompose(null);
+    if (compose && compose.mode === "edit") act("edit", { msg_id: compose.env.msg_id, body: text });
+    else queueSend(state.active, text, compose ? compose.env.msg_id : null);
   });
+  $("compose-cancel").addEventListener("click", () => { setCompose(null); $("text").value = ""; });
   $("text").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+    if (ev.key === "Escape" && state.compose) { setCompose(null); $("text").value = ""; }
   });
   $("file-input").addEventListener("change", () => {
     for (const f of $("file-input").files) uploadFile(f);
