@@ -38,6 +38,7 @@ from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
 from chatproto.flow import OutputQueue
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
+from chatproto.realm.messaging import SendRequest
 from chatproto.transfer import ConnectionDone, DataSink
 
 __all__ = [
@@ -147,6 +148,9 @@ class ClientProtocol(Int32StringReceiver):
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
+        #: The ``send`` requests of the read being handled, with their request ids
+        #: (None: not inside a read; see begin_read).
+        self._sends: list[tuple[SendRequest, Any]] | None = None
         self._writable: list[Deferred[None]] = []
         self.connected_at = 0.0
         self.closed_at = 0.0
@@ -183,7 +187,53 @@ class ClientProtocol(Int32StringReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self.state == "closed":
             return  # closing: nothing more is read (or buffered)
-        Int32StringReceiver.dataReceived(self, data)
+        self.begin_read()
+        try:
+            Int32StringReceiver.dataReceived(self, data)
+        finally:
+            self.end_read()
+
+    def begin_read(self) -> None:
+        """Frames until :meth:`end_read` come from one read of the connection: their
+        ``send`` requests are handled as one batch (one append, one delivery burst,
+        one write of their results; see Messaging.send_batch)."""
+        if self._sends is None:
+            self._sends = []
+
+    def end_read(self) -> None:
+        self._flush_sends()
+        self._sends = None
+
+    def _flush_sends(self) -> None:
+        """Hand the ``send`` requests read so far to the realm, as one batch."""
+        sends = self._sends
+        if not sends:
+            return
+        self._sends = []
+        session = self.session
+        if session is None:  # (logged out while reading: nothing to send as)
+            return
+        outcomes, commits = session.send_batch([req for req, _ in sends])
+        rids: dict[int, Any] = {}
+        for (_, rid), out in zip(sends, outcomes, strict=True):
+            if type(out) is Envelope:
+                rids[id(out)] = rid
+            elif isinstance(out, Deferred):
+                out.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
+            else:
+                self._fail(out, rid)
+        for d, items in commits:
+            pairs = [(env, rids[id(env)]) for env in items]
+            d.addCallbacks(
+                self._sent_run, self._failed_run, callbackArgs=(pairs,), errbackArgs=(pairs,)
+            )
+
+    def _sent_run(self, _: object, pairs: list[tuple[Envelope, Any]]) -> None:
+        self._write(b"".join([send_result(env, rid) for env, rid in pairs]))
+
+    def _failed_run(self, failure: Failure, pairs: list[tuple[Envelope, Any]]) -> None:
+        for _, rid in pairs:
+            self._errback(failure, rid)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
@@ -384,11 +434,18 @@ class ClientProtocol(Int32StringReceiver):
             if kind not in _PUBLIC and self.state != "ready":
                 raise ChatError("not_authenticated")
             if handler is _HANDLE_SEND:
-                # The hot path: no maybeDeferred, no result dict; the result frame is
-                # formatted straight from the committed envelope (see send_result).
-                d = self._send(obj)
-                d.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
+                # The hot path: sends read together are handled as one batch (see
+                # begin_read); the result frames are formatted straight from the
+                # committed envelopes (see send_result).
+                req = self._send_request(obj)
+                if self._sends is None:  # not inside a read (a direct call): alone
+                    self._sends = [(req, rid)]
+                    self.end_read()
+                else:
+                    self._sends.append((req, rid))
                 return
+            if self._sends:  # what was sent before this request goes first
+                self._flush_sends()
             d = maybeDeferred(handler, self, obj)
         except ChatError as e:
             self._fail(e, rid)
@@ -525,6 +582,11 @@ class ClientProtocol(Int32StringReceiver):
 
     def _send(self, req: dict[str, Any]) -> Deferred[Envelope]:
         assert self.session is not None
+        return self.factory.realm.send_private(self.session, *self._send_request(req))
+
+    def _send_request(self, req: dict[str, Any]) -> SendRequest:
+        """The ``(to, body, nonce, notice, reply_to, tags)`` of a ``send`` request, its
+        fields checked."""
         # The common case (strings present) checked inline; anything else goes through
         # wire.field for its checks and error messages.
         to = req.get("to")
@@ -538,14 +600,13 @@ class ClientProtocol(Int32StringReceiver):
             nonce = wire.field(req, "nonce", str)
             if not 0 < len(nonce) <= 64:
                 raise ChatError("bad_request", "nonce must be 1-64 characters")
+        notice = False
+        reply_to = tags = None
         if "reply_to" in req or "notice" in req or "tags" in req:
             notice = wire.field(req, "notice", bool, required=False, default=False)
             reply_to = wire.field(req, "reply_to", str, required=False)
             tags = wire.field(req, "tags", dict, required=False)
-            return self.factory.realm.send_private(
-                self.session, to, body, nonce, notice, reply_to, tags
-            )
-        return self.session.send(to, body, nonce)
+        return to, body, nonce, notice, reply_to, tags
 
     def handle_tags(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Client tags on their own (typing...): pushed, not stored."""

@@ -13,6 +13,7 @@ message.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
@@ -29,7 +30,7 @@ from chatproto.text import check_body
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["NONCES_PER_USER", "NOTICE_META", "Messaging", "text_meta"]
+__all__ = ["NONCES_PER_USER", "NOTICE_META", "Messaging", "SendRequest", "text_meta"]
 
 #: The ``meta`` of a text item sent as a notice (IRC's NOTICE): clients show it as a
 #: notice and never answer it automatically.
@@ -52,6 +53,10 @@ def text_meta(meta: Any) -> dict[str, Any] | None:
         return out
     raise ChatError("bad_request", 'a text item\'s meta holds only "notice" and "tags"')
 
+
+#: One ``send`` request of a batch: ``(to, body, nonce, notice, reply_to, tags)``
+#: (see Messaging.send_batch).
+SendRequest = tuple[str, Any, "str | None", bool, "str | None", "dict[str, str] | None"]
 
 #: Send nonces remembered per user for idempotent retries.
 NONCES_PER_USER = 1024
@@ -203,6 +208,154 @@ class Messaging:
         env = yield self.send_as(session.user_id, canonical, body, meta)
         return env
 
+    def send_batch(
+        self, session: Session, requests: Sequence[SendRequest]
+    ) -> tuple[
+        list[Envelope | Deferred[Envelope] | ChatError],
+        list[tuple[Deferred[list[Envelope]], list[Envelope]]],
+    ]:
+        """Several sends of one session at once (what one read from its connection
+        held), with the rules of :meth:`send` applied to each, in order.
+
+        Returns ``(outcomes, commits)``.  ``outcomes[i]`` answers ``requests[i]``:
+        a :class:`ChatError` (refused now), a Deferred (a send taking the general path:
+        a group, a reply, client tags, a repeated nonce, a recipient to look up), or an
+        Envelope: one of the
+        private messages appended together, with one Deferred in ``commits`` per run of
+        them, with that run's envelopes (it fires with them once they are committed and
+        delivered, or fails if none was stored).  Runs are cut at each general-path
+        send, so items are appended in request order (their positions follow it).
+        """
+        user = session.user_id
+        outcomes: list[Envelope | Deferred[Envelope] | ChatError] = []
+        items: list[Envelope] = []
+        outbox: list[tuple[str, Envelope]] = []
+        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]] = []
+        nonces = self._nonces.get(user)
+        now = self._clock.seconds()
+        bucket = session.bucket
+        admin = self._realm.admin
+        name = self._name
+        commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]] = []
+        for to, body, nonce, notice, reply_to, tags in requests:
+            if (
+                to[:1] == "#"
+                or reply_to is not None
+                or tags is not None
+                or (nonce is not None and nonces is not None and nonce in nonces)
+            ):
+                if items:
+                    commits.append((self._append_run(items, outbox, user, remember), items))
+                    items, outbox, remember = [], [], []
+                outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
+                continue
+            try:
+                body = self.check_body(body)
+                wait = bucket.take(now)
+                if wait:
+                    self._realm.stats.rate_limited("send")
+                    raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+                recipient = self.resolve_user(to, remote_ok=True)
+            except ChatError as e:
+                outcomes.append(e)
+                continue
+            meta = NOTICE_META if notice else None
+            if isinstance(recipient, Deferred):  # to be looked up: the general path
+                if items:
+                    commits.append((self._append_run(items, outbox, user, remember), items))
+                    items, outbox, remember = [], [], []
+                d: Deferred[Envelope] = recipient.addCallback(
+                    self._store_private_to, user, body, meta
+                )
+                if nonce is not None:
+                    self._remember_nonce(user, nonce, d)
+                    nonces = self._nonces.get(user)
+                outcomes.append(d)
+                continue
+            if recipient.realm == name:
+                if admin.suspended and admin.is_suspended(recipient.name):
+                    outcomes.append(ChatError("account_suspended", f"{recipient} is suspended"))
+                    continue
+                env = self.new_envelope(user, str(recipient), "text", body, meta)
+            else:
+                env = self.new_envelope(user, str(recipient), "text", body, meta)
+                outbox.append((recipient.realm, env))
+            items.append(env)
+            outcomes.append(env)
+            if nonce is not None:
+                if nonces is None:
+                    nonces = self._nonces.setdefault(user, OrderedDict())
+                waiters: list[Deferred[Envelope]] = []
+                nonces[nonce] = waiters
+                if len(nonces) > NONCES_PER_USER:
+                    nonces.popitem(last=False)
+                remember.append((nonce, waiters, env))
+        if items:
+            commits.append((self._append_run(items, outbox, user, remember), items))
+        return outcomes, commits
+
+    def _append_run(
+        self,
+        items: list[Envelope],
+        outbox: list[tuple[str, Envelope]],
+        user: str,
+        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
+    ) -> Deferred[list[Envelope]]:
+        d = self._store.append(items, outbox)
+        d.addCallbacks(
+            self._batch_committed,
+            self._batch_failed,
+            callbackArgs=(items, outbox, user, remember),
+            errbackArgs=(user, remember),
+        )
+        return d
+
+    def _batch_committed(
+        self,
+        _: object,
+        items: list[Envelope],
+        outbox: list[tuple[str, Envelope]],
+        user: str,
+        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
+    ) -> list[Envelope]:
+        realm_ = self._realm
+        new_conversation = realm_.presence.new_conversation
+        route = realm_.route
+        pair = None
+        realm_.begin_burst()  # (a group commit is one already; a MemoryStore's is not)
+        try:
+            for env in items:
+                if (env.sender, env.recipient) != pair:  # the same pair: nothing new
+                    pair = (env.sender, env.recipient)
+                    new_conversation(env.sender, env.recipient)
+                route(env)
+            for realm, env in outbox:
+                realm_.wake(env, realm)
+        finally:
+            realm_.end_burst()
+        if remember:
+            seen = self._nonces.get(user)
+            for nonce, waiters, env in remember:
+                if seen is not None and seen.get(nonce) is waiters:
+                    seen[nonce] = env
+                for w in waiters:
+                    w.callback(env)
+        return items
+
+    def _batch_failed(
+        self,
+        f: Failure,
+        user: str,
+        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
+    ) -> Failure:
+        seen = self._nonces.get(user)
+        for nonce, waiters, _ in remember:
+            if seen is not None and seen.get(nonce) is waiters:
+                del seen[nonce]  # nothing was stored: a retry may try again
+            for w in waiters:
+                w.errback(f)
+        return f
+
     def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
         seen = self._nonces.setdefault(user, OrderedDict())
         waiters: list[Deferred[Envelope]] = []
@@ -256,6 +409,11 @@ class Messaging:
             return fail(e)
         if isinstance(recipient, Deferred):
             return recipient.addCallback(lambda r: self._store_private(sender, r, body, meta))
+        return self._store_private(sender, recipient, body, meta)
+
+    def _store_private_to(
+        self, recipient: Address, sender: str, body: str, meta: dict[str, Any] | None
+    ) -> Deferred[Envelope]:
         return self._store_private(sender, recipient, body, meta)
 
     def _store_private(

@@ -205,6 +205,11 @@ class Session:
         ``to``, not stored (chatproto.realm.tags)."""
         return self.realm.send_tags(self, to, tags)
 
+    def send_batch(self, requests: Any) -> Any:
+        """Several sends at once (``SendRequest`` tuples): see
+        :meth:`chatproto.realm.messaging.Messaging.send_batch`."""
+        return self.realm.messages.send_batch(self, requests)
+
     def history(
         self, peer: str, before: int | None, after: int | None, limit: int | None
     ) -> Deferred[list[Envelope]]:

@@ -201,6 +201,8 @@ class GroupCommitStore:
         #: the realm can write each connection's frames of the whole batch at once.
         self.burst_listener: Any = None
         self._writing = False
+        #: the batch list of the commit in progress (see :meth:`_flush`)
+        self._writing_batch: Any = None
         self._idle: list[Deferred[None]] = []
         #: Statistics for benchmarks, logs and metrics: transactions and items
         #: committed (``committed_remote``: those of them received from other realms).
@@ -558,6 +560,7 @@ class GroupCommitStore:
         ack_waiters, self._outbox_ack_waiters = self._outbox_ack_waiters, []
         self._inflight_acks = acks
         self._writing = True
+        self._writing_batch = batch
         items = [b[0] for b in batch]
         queues = [b[2] for b in batch]
         remote = [b[3] for b in batch]
@@ -600,6 +603,14 @@ class GroupCommitStore:
                 self._published_seq = max(self._published_seq, queued[-1][1])
             for w in ack_waiters:
                 w.callback(None)
+            # Pipelining: the next transaction (what arrived while this one ran) starts
+            # now, on the writer thread, while this one's results are handed out here.
+            # Its results come back in a later reactor turn, so items are still handed
+            # out in position order.
+            self._writing = False
+            self._inflight_acks = {}
+            if self._pending:
+                self._flush()
             listener = self.burst_listener
             if listener is not None:
                 listener.begin_burst()
@@ -615,15 +626,21 @@ class GroupCommitStore:
 
         def failed(f: Failure) -> None:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
+            self._writing = False
+            self._inflight_acks = {}
             for b in batch:
                 b[1].errback(f)
             for w in ack_waiters:
                 w.errback(f)
 
-        def next_(_: object) -> None:
-            self._writing = False
-            self._inflight_acks = {}
-            self._flush()
+        def next_(result: object) -> None:
+            if isinstance(result, Failure):  # done() itself failed: never wedge the store
+                self.log.failure("handing out a group commit's results failed", result)
+            if self._writing and self._writing_batch is batch:
+                self._writing = False
+                self._inflight_acks = {}
+            if not self._writing:  # else the commit started by done() flushes when done
+                self._flush()
 
         d.addCallbacks(done, failed).addBoth(next_)
 

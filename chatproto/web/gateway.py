@@ -205,6 +205,18 @@ class ChatWebSocket(WebSocketServerProtocol):
         self.session = session
         session.makeConnection(FrameTransport(self))
 
+    def dataReceived(self, data: bytes) -> None:
+        # The messages of one read are one batch of the session (see begin_read).
+        session = self.session
+        if session is None:
+            super().dataReceived(data)
+            return
+        session.begin_read()
+        try:
+            super().dataReceived(data)
+        finally:
+            session.end_read()
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:

@@ -1,0 +1,205 @@
+"""The batched send path: the ``send`` requests of one read are one batch.
+
+Over StringTransport (MemoryStore, Clock): one append per run of private messages, the
+answers in request order with their ids, positions in request order, and every rule of a
+lone send kept per request (errors, rate limit, nonces, groups, suspended recipients,
+a commit that fails).  See Messaging.send_batch and ClientProtocol.begin_read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+
+from chatproto.config import Config
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> Any:
+    r = make_test_realm(clock)
+    yield r
+    r.stopService()
+
+
+def logged_in(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
+    if user not in realm.store.users:
+        realm.create_user(user, "password1")
+    proto.dataReceived(
+        frame({"type": "login", "user": user, "password": "password1", "id": 1, "device": device})
+    )
+    clock.advance(0)
+    frames(transport)
+    return proto, transport
+
+
+def count_appends(realm: Any) -> list[int]:
+    """Record the number of items of each ``append`` of the realm's store."""
+    sizes: list[int] = []
+    append = realm.store.append
+
+    def counting(items: Any, outbox: Any = ()) -> Deferred[Any]:
+        sizes.append(len(items))
+        return append(items, outbox)
+
+    realm.store.append = counting
+    return sizes
+
+
+def sends(*reqs: dict[str, Any]) -> bytes:
+    return b"".join(frame({"type": "send", **r}) for r in reqs)
+
+
+def test_one_read_is_one_append_and_one_write(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    _b, tb = logged_in(realm, clock, "bob")
+    sizes = count_appends(realm)
+    writes: list[bytes] = []
+    write = ta.write
+    ta.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    a.dataReceived(sends(*({"to": "bob", "body": f"m{i}", "id": i} for i in range(10))))
+    assert sizes == [10]
+    # the echoes go out in one write (the burst), then the answers in one more (with a
+    # group commit they are one write: the answers join the burst's held frames)
+    assert len(writes) == 2
+    out = frames(ta)
+    results = [f for f in out if f["type"] == "result"]
+    echoes = [f for f in out if f["type"] == "msg"]
+    assert [f["id"] for f in results] == list(range(10))
+    assert [f["pos"] for f in results] == [f["pos"] for f in echoes]
+    assert sorted(f["pos"] for f in results) == [f["pos"] for f in results]
+    got = frames(tb)
+    assert [f["body"] for f in got] == [f"m{i}" for i in range(10)]
+    assert [f["msg_id"] for f in got] == [f["msg_id"] for f in results]
+
+
+def test_one_byte_at_a_time(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    data = sends(*({"to": "bob", "body": f"m{i}", "id": i} for i in range(3)))
+    for i in range(len(data)):
+        a.dataReceived(data[i : i + 1])
+    assert [f["id"] for f in frames(ta) if f["type"] == "result"] == [0, 1, 2]
+    assert [e.body for e in realm.store.items] == ["m0", "m1", "m2"]
+
+
+def test_every_request_keeps_its_own_answer(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
+    frames(ta)
+    sizes = count_appends(realm)
+    a.dataReceived(
+        sends(
+            {"to": "bob", "body": "one", "id": 1},
+            {"to": "nobody", "body": "x", "id": 2},  # looked up: no_such_user
+            {"to": "bob", "body": "bad \x1b[2J", "id": 3},  # ESC: refused at once
+            {"to": "bob", "body": 5, "id": 4},  # not a string: refused at once
+            {"to": "#g", "body": "to the group", "id": 5},  # the general path
+            {"to": "bob", "body": "two", "id": 6},
+            {"to": "bob", "body": "three", "nonce": "n1", "id": 7},
+            {"to": "bob", "body": "three", "nonce": "n1", "id": 8},  # the same nonce
+            {"to": "bob@other.example", "body": "x", "id": 9},  # remote_realm
+        )
+    )
+    out = frames(ta)
+    answers = {f["id"]: f for f in out if f["type"] in ("result", "error")}
+    assert set(answers) == set(range(1, 10))
+    codes = {i: answers[i].get("code") for i in answers}
+    assert codes == {
+        1: None,
+        2: "no_such_user",
+        3: "bad_request",
+        4: "bad_request",
+        5: None,
+        6: None,
+        7: None,
+        8: None,
+        9: "remote_realm",
+    }
+    assert answers[7]["msg_id"] == answers[8]["msg_id"]  # stored once
+    bodies = [e.body for e in realm.store.items if e.kind == "text"]
+    assert bodies == ["one", "to the group", "two", "three"]
+    # positions follow the order of the requests (a run is cut at the group send)
+    assert answers[1]["pos"] < answers[5]["pos"] < answers[6]["pos"] < answers[7]["pos"]
+    assert sizes == [1, 1, 2]
+
+
+def test_rate_limit_applies_per_request(clock: Clock) -> None:
+    cfg = Config()
+    cfg.limits.send_rate = 1.0
+    cfg.limits.send_burst = 2
+    realm = make_test_realm(clock, cfg)
+    a, ta = logged_in(realm, clock, "alice")
+    a.dataReceived(sends(*({"to": "alice", "body": "x", "id": i} for i in range(4))))
+    answers = [f for f in frames(ta) if f["type"] != "msg"]
+    assert sorted((f["id"], f.get("code")) for f in answers) == [
+        (0, None),
+        (1, None),
+        (2, "rate_limited"),
+        (3, "rate_limited"),
+    ]
+    realm.stopService()
+
+
+def test_a_request_after_sends_sees_them_stored(realm: Any, clock: Clock) -> None:
+    """Sends read before another request are handed to the realm before it."""
+    a, _ta = logged_in(realm, clock, "alice")
+    a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
+    b, tb = logged_in(realm, clock, "bob")
+    b.dataReceived(frame({"type": "join", "group": "#g", "id": "j"}))
+    frames(tb)
+    b.dataReceived(
+        sends({"to": "alice", "body": "bye", "id": 1}, {"to": "#g", "body": "last", "id": 2})
+        + frame({"type": "leave", "group": "#g", "id": 3})
+    )
+    answers = {f["id"]: f for f in frames(tb) if f["type"] in ("result", "error")}
+    assert all("code" not in answers[i] for i in (1, 2, 3))
+    assert answers[1]["pos"] < answers[2]["pos"]
+
+
+def test_a_failed_commit_answers_every_request_and_forgets_nonces(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    append = realm.store.append
+    realm.store.append = lambda items, outbox=(): fail(OSError("disk full"))
+    a.dataReceived(
+        sends(
+            {"to": "bob", "body": "x", "id": 1},
+            {"to": "bob", "body": "y", "nonce": "n", "id": 2},
+        )
+    )
+    out = frames(ta)
+    assert sorted((f["id"], f["code"]) for f in out) == [
+        (1, "internal_error"),
+        (2, "internal_error"),
+    ]
+    realm.store.append = append
+    a.dataReceived(sends({"to": "bob", "body": "y", "nonce": "n", "id": 3}))
+    [result] = [f for f in frames(ta) if f["type"] == "result"]
+    assert result["id"] == 3
+    assert [e.body for e in realm.store.items] == ["y"]
+
+
+def test_suspended_recipient_is_refused_in_a_batch(realm: Any, clock: Clock) -> None:
+    a, ta = logged_in(realm, clock, "alice")
+    realm.create_user("bob", "password1")
+    realm.create_user("carol", "password1")
+    realm.admin.suspend("carol", "spam")
+    clock.advance(0)
+    a.dataReceived(
+        sends({"to": "bob", "body": "x", "id": 1}, {"to": "carol", "body": "x", "id": 2})
+    )
+    answers = {f["id"]: f for f in frames(ta) if f["type"] in ("result", "error")}
+    assert "code" not in answers[1]
+    assert answers[2]["code"] == "account_suspended"
