@@ -24,7 +24,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-__all__ = ["OutputQueue"]
+__all__ = ["BURST_WRITE", "OutputQueue"]
+
+#: A connection holding a delivery burst's frames writes them once they pass this many
+#: bytes, without waiting for the burst's end: one write stays about the size of a
+#: transport's own buffer, so a reader that stopped reading is held to the output
+#: bound plus about this much (see OutputQueue).
+BURST_WRITE = 64 * 1024
 
 
 class OutputQueue:

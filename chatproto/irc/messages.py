@@ -66,7 +66,7 @@ def privmsg(
                 ctx.num("301", p.nick_for(to), presence[1] or presence[0])
         entry = PendingSend(to, text, ctx)
         p.pending_sends.append(entry)
-        d = p.session.send(to, text, notice=notice, tags=client or None)
+        d = p.queue_send(to, text, notice, client or None)
         waits.append(
             d.addCallbacks(
                 _sent,

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from chatproto import address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
-from chatproto.flow import OutputQueue
+from chatproto.flow import BURST_WRITE, OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
@@ -59,6 +59,7 @@ from chatproto.irc.modes import settings_modes
 from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
+from chatproto.realm.messaging import SendRequest
 
 if TYPE_CHECKING:
     from chatproto.irc.factory import IRCFactory
@@ -91,6 +92,20 @@ SASL_CHUNK = 400
 #: completes (they may depend on it); other commands run at once and only their
 #: replies keep the order (many PRIVMSGs in flight do not wait for each other).
 BARRIERS = frozenset({"JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
+
+
+#: Commands whose sends are batched per read (see IRCProtocol.queue_send).
+_BATCHED = frozenset({"PRIVMSG", "NOTICE"})
+
+
+def _fire_each(envs: list[Envelope], waiters: list[Deferred[Envelope]]) -> None:
+    for env, d in zip(envs, waiters, strict=True):
+        d.callback(env)
+
+
+def _fail_each(failure: Failure, waiters: list[Deferred[Envelope]]) -> None:
+    for d in waiters:
+        d.errback(failure)
 
 
 @implementer(ISessionMind, IPushProducer)
@@ -132,6 +147,8 @@ class IRCProtocol(LineOnlyReceiver):
         #: since they may depend on it (JOIN then PRIVMSG to the channel)
         self._barrier = False
         self._after_barrier: deque[bytes] = deque()
+        #: the sends of the read being handled (see queue_send); None outside a read
+        self._sends: list[tuple[SendRequest, Deferred[Envelope]]] | None = None
         self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
@@ -139,6 +156,7 @@ class IRCProtocol(LineOnlyReceiver):
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
+        self._held_size = 0  # bytes in _held
         self._writable: list[Deferred[None]] = []
         self._ack_call: Any = None
         self._bucket: TokenBucket | None = None
@@ -288,10 +306,14 @@ class IRCProtocol(LineOnlyReceiver):
         held = self._held
         if held is not None:
             held.append(data)
+            self._held_size += len(data)
+            if self._held_size > BURST_WRITE:
+                self.flush()
         elif self._out.blocked or self.state == "closed":
             self.write(data)
         elif f.realm.bursting:
             self._held = [data]
+            self._held_size = len(data)
             f.realm.hold(self)
         else:
             self.transport.write(data)
@@ -485,6 +507,52 @@ class IRCProtocol(LineOnlyReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.close_with("Input line was too long")
 
+    def dataReceived(self, data: bytes) -> None:
+        # The PRIVMSG/NOTICE lines of one read are one batch for the realm (one
+        # append, one delivery burst: see Messaging.send_batch).
+        self._sends = []
+        try:
+            LineOnlyReceiver.dataReceived(self, data)
+        finally:
+            self.flush_sends()
+            self._sends = None
+
+    def queue_send(
+        self, to: str, text: str, notice: bool, tags: dict[str, str] | None
+    ) -> Deferred[Envelope]:
+        """Send ``text`` to ``to`` with the other sends of this read (at its end, or
+        before the next command that is not a PRIVMSG or NOTICE); fires with the
+        committed envelope."""
+        assert self.session is not None
+        if self._sends is None:  # not inside a read (a line held by flood control)
+            return self.session.send(to, text, notice=notice, tags=tags)
+        d: Deferred[Envelope] = Deferred()
+        self._sends.append(((to, text, None, notice, None, tags), d))
+        return d
+
+    def flush_sends(self) -> None:
+        """Hand the sends queued by :meth:`queue_send` to the realm, as one batch."""
+        sends = self._sends
+        if not sends:
+            return
+        self._sends = []
+        if self.session is None:
+            for _, d in sends:
+                d.errback(Failure(ChatError("not_authenticated")))
+            return
+        outcomes, commits = self.session.send_batch([req for req, _ in sends])
+        waiters: dict[int, Deferred[Envelope]] = {}
+        for (_, d), out in zip(sends, outcomes, strict=True):
+            if type(out) is Envelope:
+                waiters[id(out)] = d
+            elif isinstance(out, Deferred):
+                out.chainDeferred(d)
+            else:
+                d.errback(Failure(out))
+        for committed, items in commits:
+            ds = [waiters[id(env)] for env in items]
+            committed.addCallbacks(_fire_each, _fail_each, callbackArgs=(ds,), errbackArgs=(ds,))
+
     def lineReceived(self, line: bytes) -> None:
         if self.state == "closed":
             return
@@ -575,6 +643,8 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.num("461", command, "Not enough parameters")
             ctx.finish()
             return
+        if self._sends and command not in _BATCHED:
+            self.flush_sends()  # the sends read before this command go first
         try:
             result = handler(self, ctx, params, tags)
         except ChatError as e:
