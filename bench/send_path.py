@@ -1,0 +1,126 @@
+"""The realm's send path in one process: CPU per private message, without sockets.
+
+    python bench/send_path.py                 # 50 pairs x 64 in flight, 40 rounds
+    python bench/send_path.py --pairs 10 --window 8 --synchronous NORMAL
+
+A realm on the SQLite store (a temporary file, ``synchronous = FULL`` by default, the
+realm default) with its real writer and reader threads, and 2 x ``pairs`` native
+sessions connected to StringTransports (``chatproto.testing``).  Each round, every
+sender's ``window`` send frames (encoded beforehand) arrive in one read -- what a busy
+client's socket delivers -- and the round ends when every sender has all its results;
+each recipient then acks what it got.  Printed: the reactor thread's CPU time and the
+process's (reactor + SQLite threads) per delivered DM, from ``time.thread_time`` and
+``time.process_time``: figures that hold still on a busy machine, unlike rates
+(``DMs/s`` is printed too, for what it is worth).  No load generator, no kernel: this is
+the Python of the realm's send path alone (``bench/run.py`` measures it over loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from twisted.internet import defer, task
+
+from chatproto.config import Config
+from chatproto.protocol import ClientFactory
+from chatproto.realm import RealmService
+from chatproto.store.sqlite import SQLiteStore
+from chatproto.testing import InlineHasher, connect_string_transport, frame
+
+
+@defer.inlineCallbacks
+def run(reactor: Any, args: argparse.Namespace) -> Any:
+    tmp = tempfile.mkdtemp(prefix="chatbench-send-")
+    try:
+        cfg = Config()
+        cfg.limits.send_rate = 1e9
+        cfg.limits.send_burst = 1e9
+        cfg.limits.max_sessions_per_user = 10**6
+        store = SQLiteStore(os.path.join(tmp, "realm.db"), reactor, args.synchronous)
+        yield store.open()
+        realm = RealmService(cfg, store, reactor, clock=reactor, hasher=InlineHasher())
+        realm.startService()
+        factory = ClientFactory(realm)
+        n = args.pairs
+        conns = []
+        for i in range(2 * n):
+            yield realm.create_user(f"u{i}", "password1")
+            # one address per connection: the pre-login limits count per address
+            p, t = connect_string_transport(realm, factory, host=f"10.1.{i // 200}.{i % 200 + 1}")
+            p.dataReceived(
+                frame({"type": "hello", "version": 1, "id": 1})
+                + frame({"type": "login", "id": 2, "user": f"u{i}", "password": "password1"})
+            )
+            conns.append((p, t))
+        deadline = time.monotonic() + 60
+        while not all(b'"synced"' in t.value() for _, t in conns):
+            if time.monotonic() > deadline:
+                raise SystemExit("send_path: logins did not complete in 60 s")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        for _, t in conns:
+            t.clear()
+        body = "x" * args.body
+        reads = [
+            b"".join(
+                frame({"type": "send", "id": k, "to": f"u{i + n}", "body": body})
+                for k in range(args.window)
+            )
+            for i in range(n)
+        ]
+        delivered = 0
+        t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
+        for _ in range(args.rounds):
+            for i in range(n):
+                conns[i][0].dataReceived(reads[i])
+            deadline = time.monotonic() + 60
+            while not all(
+                conns[i][1].value().count(b'"type":"result"') >= args.window for i in range(n)
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("send_path: a round did not complete in 60 s")
+                yield task.deferLater(reactor, 0.0005, lambda: None)
+            for i in range(n):
+                conns[i][1].clear()
+                got = conns[i + n][1].value()
+                conns[i + n][1].clear()
+                delivered += got.count(b'"type":"msg"')
+                j = got.rfind(b'"pos":')
+                pos = int(got[j + 6 : got.index(b",", j)])
+                conns[i + n][0].dataReceived(frame({"type": "ack", "pos": pos}))
+        t1, p1, w1 = time.thread_time(), time.process_time(), time.perf_counter()
+        expected = args.rounds * n * args.window
+        if delivered != expected:
+            raise SystemExit(f"send_path: {delivered} DMs delivered, {expected} expected")
+        print(
+            f"send path: {n} pairs x {args.window} in flight, {args.rounds} rounds, "
+            f"synchronous={args.synchronous}: {delivered:,} DMs in {store.commits} commits"
+        )
+        print(f"  reactor thread  {1e6 * (t1 - t0) / delivered:6.1f} us CPU per DM")
+        print(f"  whole process   {1e6 * (p1 - p0) / delivered:6.1f} us CPU per DM")
+        print(f"  ({delivered / (w1 - w0):,.0f} DMs/s wall clock)")
+        realm.stopService()
+        yield store.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--window", type=int, default=64, help="sends per sender per read")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--body", type=int, default=40, help="body length in characters")
+    ap.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
+    args = ap.parse_args()
+    task.react(run, (args,))
+
+
+if __name__ == "__main__":
+    main()
