@@ -377,6 +377,12 @@ def test_redis_lost_and_back(tmp_path: Any) -> Any:
             yield task.deferLater(_reactor, 0.02, lambda: None)
         assert refused is not None and refused.code == "unavailable", refused
         assert "Redis" in str(refused)
+        try:  # without a nonce (the batched send path) too
+            yield alice.conn.send("bob@localhost", "plain")
+        except RemoteError as e:
+            assert e.code == "unavailable"
+        else:
+            raise AssertionError("a send without a nonce was taken while Redis was lost")
         assert alice.conn.protocol.connected and bob.conn.protocol.connected
         # committed before the refusals: delivered from the store, without the bus
         yield until(lambda: bob.bodies() == acked, "bob has what was acked (store poll)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
@@ -38,7 +39,7 @@ from chatproto.cluster.stream import StreamReader
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.realm.groups import GroupHandler
-from chatproto.realm.messaging import Messaging
+from chatproto.realm.messaging import Messaging, SendRequest
 from chatproto.realm.sessions import Session
 
 __all__ = ["ClusterGroupHandler", "ClusterMessaging", "Worker", "nonce_id"]
@@ -89,6 +90,22 @@ class ClusterMessaging(Messaging):
             d.addCallback(lambda _: self._send(session, to, body, nonce, more))
             return d.addErrback(self._unavailable)
         return self._send(session, to, body, nonce, more)
+
+    def send_batch(self, session: Session, requests: Sequence[SendRequest]) -> Any:
+        """:meth:`Messaging.send_batch`, refused while the worker is degraded; a batch
+        with a nonce takes :meth:`send` for each request (a nonce's message id must be
+        the same on every worker); a run's commit that meets a lost database says
+        ``unavailable``."""
+        problem = self._worker.problem()
+        if problem is not None:
+            err = ChatError("unavailable", problem, retry_after=RETRY_AFTER)
+            return [err] * len(requests), []
+        if any(req[2] is not None for req in requests):
+            return [self.send(session, to, *rest) for to, *rest in requests], []
+        outcomes, commits = super().send_batch(session, requests)
+        for d, _ in commits:
+            d.addErrback(self._unavailable)
+        return outcomes, commits
 
     def _send(
         self, session: Session, to: str, body: str, nonce: str | None, more: tuple[Any, ...]
