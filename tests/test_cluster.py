@@ -174,6 +174,7 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     dave = yield Client("dave").connect(w1, register=True)
     bob = yield Client("bob").connect(w2, register=True)
     carol = yield Client("carol").connect(w2, register=True)
+    frank = yield Client("frank").connect(w1, register=True)  # stays on w1
 
     # DMs across workers, both ways, in order and once.
     for i in range(10):
@@ -189,10 +190,10 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
 
     # A group whose members sit on both workers: fan-out spans them.
     yield alice.conn.create_group("#team")
-    for c in (bob, carol, dave):
+    for c in (bob, carol, dave, frank):
         yield c.conn.join("#team")
     yield alice.conn.send("#team", "hello team")
-    for c in (alice, bob, carol, dave):
+    for c in (alice, bob, carol, dave, frank):
         yield until(
             lambda c=c: c.bodies(to="#team@localhost") == ["hello team"],
             f"{c.user} has the group message",
@@ -265,7 +266,7 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     def both_listed() -> bool:
         nonlocal status
         status = ctl_status(cluster)
-        return bool(re.search(r"^w1 .* 2 +2 +\d+ +0 +ok", status, re.M)) and bool(
+        return bool(re.search(r"^w1 .* 3 +3 +\d+ +0 +ok", status, re.M)) and bool(
             re.search(r"^w2 .* 2 +2 +\d+ +0 +ok", status, re.M)
         )
 
@@ -314,6 +315,16 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     )
     for c in (bob, carol, dave, alice):
         yield until(lambda c=c: c.bodies(to="#team@localhost") == to_team, f"{c.user}'s group")
+    # frank was only on w1: once w1's heartbeats stop, w2 tells bob he is offline
+    yield until(
+        lambda: any(
+            p.get("user") == "frank@localhost" and p.get("status") == "offline"
+            for p in bob.presence
+        ),
+        "bob hears frank (on the dead worker) is offline",
+    )
+    online = yield bob.conn.who()
+    assert "frank@localhost" not in {u["user"] for u in online}
     assert bob.bodies("alice@localhost", "bob@localhost") == want_ab + to_bob  # once each
     # what alice's own stream shows after the resume: once each, in order
     positions = [m["pos"] for m in alice.received]

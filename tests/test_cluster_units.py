@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -38,6 +39,7 @@ class Store:
         self.items: dict[int, Envelope] = {}
         self.safe = 0
         self.fail: Exception | None = None
+        self.skipped: list[list[int]] = []
 
     def safe_position(self) -> Deferred[int]:
         if self.fail is not None:
@@ -46,8 +48,11 @@ class Store:
             return fail(self.fail)
         return succeed(self.safe)
 
-    def read_stream(self, after: int, upto: int, limit: int) -> Deferred[list[Envelope]]:
-        out = [self.items[p] for p in sorted(self.items) if after < p <= upto]
+    def read_stream(
+        self, after: int, upto: int, limit: int, skip: Any = ()
+    ) -> Deferred[list[Envelope]]:
+        self.skipped.append(list(skip))
+        out = [self.items[p] for p in sorted(self.items) if after < p <= upto and p not in skip]
         return succeed(out[:limit])
 
 
@@ -121,6 +126,7 @@ def test_own_items_wait_for_the_safe_position_and_keep_their_audience() -> None:
     store.safe = 2
     r.wake(2)
     assert realm.sessions.routed == [(1, ("b@x", "a@x")), (2, ("c@x", "a@x"))]
+    assert store.skipped[-1] == [2]  # its own item is not read back
     # someone else's private item makes its two ends presence partners here
     assert realm.conversations == [("a@x", "b@x")]
     r.stop()
@@ -316,3 +322,86 @@ def test_login_throttle_changes_are_told_and_applied_quietly() -> None:
     assert len(told) == 2  # applying tells nobody (no echo back over the bus)
     other.apply("succeeded", "eve", 0.0)
     assert other.wait("eve", 101.0) == 0.0
+
+
+def test_a_full_page_delivers_own_items_only_up_to_its_end() -> None:
+    from chatproto.cluster import stream
+
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    page, stream.PAGE = stream.PAGE, 2
+    try:
+        for p in (1, 3, 5):
+            store.items[p] = item(p)
+        for p in (2, 4, 6):
+            store.items[p] = item(p, "c@x", "d@x")
+            r._mine[p] = (store.items[p], ("c@x",))
+        store.safe = 6
+        r.wake()
+    finally:
+        stream.PAGE = page
+    assert [p for p, _ in realm.sessions.routed] == [1, 2, 3, 4, 5, 6]
+    assert store.skipped == [[2, 4, 6], [4, 6]]
+    r.stop()
+
+
+class OneAtATimeBus:
+    """A bus whose group lock cannot be waited for: a second request while it is
+    held fails as a lock that "stays taken" would."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.requests = 0
+
+    def lock(self, name: str) -> Deferred[str]:
+        from twisted.internet.defer import fail
+
+        from chatproto.cluster.bus import BusUnavailable
+
+        self.requests += 1
+        if self.held:
+            return fail(BusUnavailable(f"the cluster lock {name} stays taken"))
+        self.held = True
+        return succeed("token")
+
+    def unlock(self, name: str, token: str) -> None:
+        self.held = False
+
+
+class CaughtUp:
+    def catch_up(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.bus = OneAtATimeBus()
+        self.stream = CaughtUp()
+
+    def problem(self) -> None:
+        return None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_crowd_of_joins_asks_the_cluster_lock_one_at_a_time(realm: Any) -> Any:
+    """40 joins of one group arriving together on one worker queue on the worker,
+    and ask Redis for the group's lock one after the other: none waits for the lock
+    behind its own worker's other joins (they failed with ``unavailable`` when each
+    polled Redis on its own)."""
+    from twisted.internet import defer
+
+    from chatproto.cluster.worker import ClusterGroupHandler
+
+    worker = FakeWorker()
+    handler = ClusterGroupHandler(realm, worker)  # type: ignore[arg-type]
+    realm.group_handler = handler
+    names = [f"u{i}" for i in range(40)]
+    for name in ["owner", *names]:
+        yield realm.create_user(name, "correct horse")
+    yield handler.change("owner@localhost", "created", "#crowd", {})
+    joins = [handler.change(f"{n}@localhost", "joined", "#crowd", {}) for n in names]
+    results = yield defer.DeferredList(joins, consumeErrors=True)
+    failures = [r.getErrorMessage() for ok, r in results if not ok]
+    assert failures == []
+    assert worker.bus.requests == 41
+    assert len(realm.groups.groups["#crowd@localhost"].members) == 41

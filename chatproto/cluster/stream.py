@@ -36,6 +36,10 @@ __all__ = ["PAGE", "StreamReader"]
 PAGE = 1000
 
 
+def _position(env: Envelope) -> int:
+    return env.pos
+
+
 class StreamReader:
     """Delivers the realm's stream to this worker's sessions, in position order.
 
@@ -145,9 +149,16 @@ class StreamReader:
                     safe = yield self._store.safe_position()
                     self.safe = max(self.safe, safe)
                     while self.delivered < self.safe:
-                        page = yield self._store.read_stream(self.delivered, self.safe, PAGE)
+                        # This worker's own items are not read back: it holds them.
+                        upto = self.safe
+                        mine = sorted(p for p in self._mine if self.delivered < p <= upto)
+                        page = yield self._store.read_stream(self.delivered, upto, PAGE, mine)
                         self.rounds += 1
-                        self._deliver(page, self.safe if len(page) < PAGE else None)
+                        full = len(page) == PAGE
+                        end = page[-1].pos if full else upto
+                        page += [self._mine[p][0] for p in mine if p <= end and p in self._mine]
+                        page.sort(key=_position)
+                        self._deliver(page, None if full else upto)
                 except Exception as e:
                     self._release(e)
                     if not self.failing:

@@ -28,7 +28,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -170,6 +170,7 @@ class ClusterGroupHandler(GroupHandler):
     def __init__(self, realm: Any, worker: Worker) -> None:
         super().__init__(realm)
         self._worker = worker
+        self._queues: dict[str, DeferredLock] = {}
 
     @inlineCallbacks
     def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
@@ -180,15 +181,26 @@ class ClusterGroupHandler(GroupHandler):
             raise ChatError("unavailable", problem, retry_after=RETRY_AFTER)
         addr = self.address(group, remote_ok=True)
         bus = self._worker.bus
+        # This worker's changes of one group queue here first, so only one of them at
+        # a time asks Redis for the cluster's lock (100 joins at once poll it once).
+        queue = self._queues.get(addr)
+        if queue is None:
+            queue = self._queues[addr] = DeferredLock()
+        yield queue.acquire()
         try:
-            token = yield bus.lock(f"group:{addr}")
-        except BusUnavailable as e:
-            raise ChatError("unavailable", str(e), retry_after=RETRY_AFTER) from None
-        try:
-            yield self._worker.stream.catch_up()
-            env = yield super().change(actor, event, group, args)
+            try:
+                token = yield bus.lock(f"group:{addr}")
+            except BusUnavailable as e:
+                raise ChatError("unavailable", str(e), retry_after=RETRY_AFTER) from None
+            try:
+                yield self._worker.stream.catch_up()
+                env = yield super().change(actor, event, group, args)
+            finally:
+                bus.unlock(f"group:{addr}", token)
         finally:
-            bus.unlock(f"group:{addr}", token)
+            queue.release()
+            if not queue.locked and not queue.waiting:
+                self._queues.pop(addr, None)
         return env
 
 

@@ -540,13 +540,23 @@ class PostgresDB:
         ).fetchall()
         return [(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
-    def read_stream(self, after: int, upto: int, limit: int) -> list[Envelope]:
-        """Every item with ``after < pos <= upto``, oldest first (a worker's live
-        delivery reads these, ``upto`` a :meth:`safe_position`)."""
-        rows = self.conn.execute(
-            f"SELECT {_COLS} FROM items WHERE pos > %s AND pos <= %s ORDER BY pos LIMIT %s",
-            (after, upto, limit),
-        ).fetchall()
+    def read_stream(
+        self, after: int, upto: int, limit: int, skip: Sequence[int] = ()
+    ) -> list[Envelope]:
+        """Every item with ``after < pos <= upto``, oldest first, but those at the
+        positions ``skip`` (a worker's live delivery reads these, ``upto`` a
+        :meth:`safe_position`, ``skip`` the items it committed itself and holds)."""
+        if skip:
+            rows = self.conn.execute(
+                f"SELECT {_COLS} FROM items WHERE pos > %s AND pos <= %s "
+                "AND NOT (pos = ANY(%s)) ORDER BY pos LIMIT %s",
+                (after, upto, list(skip), limit),
+            ).fetchall()
+        else:
+            rows = self.conn.execute(
+                f"SELECT {_COLS} FROM items WHERE pos > %s AND pos <= %s ORDER BY pos LIMIT %s",
+                (after, upto, limit),
+            ).fetchall()
         return [_row(r) for r in rows]
 
     def _seq_top(self, seq: str) -> int:
@@ -1531,9 +1541,11 @@ class PostgresStore(GroupCommitStore):
             return super().read_events(after, limit)
         return self._read(lambda db: db.read_events(after, limit, upto))
 
-    def read_stream(self, after: int, upto: int, limit: int) -> Deferred[list[Envelope]]:
-        """Every item with ``after < pos <= upto``, oldest first."""
-        return self._read(lambda db: db.read_stream(after, upto, limit))
+    def read_stream(
+        self, after: int, upto: int, limit: int, skip: Sequence[int] = ()
+    ) -> Deferred[list[Envelope]]:
+        """See :meth:`PostgresDB.read_stream`."""
+        return self._read(lambda db: db.read_stream(after, upto, limit, skip))
 
     def writers(self) -> Deferred[list[tuple[str, int, float, bool]]]:
         """See :meth:`PostgresDB.writers`."""
