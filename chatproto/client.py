@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto import transfer, wire
+from chatproto.client_reading import ReadingCalls
 
 __all__ = [
     "ChatClientService",
@@ -285,6 +286,8 @@ class ClientProtocol(Int32StringReceiver):
         self.reactor = reactor
         self.on_message = on_message
         self.on_presence = on_presence
+        #: Called with each other pushed frame (``read``, ``typing``; ephemeral).
+        self.on_notice: Callable[[dict[str, Any]], Any] | None = None
         self.ack = ack
         self.paused = False
         self._held: list[dict[str, Any]] = []
@@ -449,6 +452,11 @@ class ClientProtocol(Int32StringReceiver):
         elif kind == "synced":
             if self.on_synced is not None:
                 self.on_synced(frame["pos"])
+        elif self.on_notice is not None:  # read, typing, and kinds added later
+            try:
+                self.on_notice(frame)
+            except Exception:
+                self.log.failure("on_notice callback failed")
 
     last_error: RemoteError | None = None
 
@@ -525,7 +533,7 @@ class ClientProtocol(Int32StringReceiver):
         self.closed_d.callback(None)
 
 
-class Connection:
+class Connection(ReadingCalls):
     """A logged-in connection: the caller's handle for requests."""
 
     def __init__(self, proto: ClientProtocol, user: str, realm: str) -> None:
@@ -932,6 +940,7 @@ def connect(
     ack: bool = True,
     quiet: bool = False,
     on_presence: PresenceCallback | None = None,
+    on_notice: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Any:
     """Connect, say hello and (with ``user``/``password``) log in.
 
@@ -943,11 +952,13 @@ def connect(
     ``ack=False`` makes a passive connection that acknowledges nothing (one-shot tools
     that must not move the read position of the user's devices).  ``quiet=True``
     logs in without making the user appear online to contacts (nor offline after).
-    ``on_presence`` is called with each presence frame (a dict).
+    ``on_presence`` is called with each presence frame (a dict); ``on_notice`` with
+    each other pushed frame (``read`` and ``typing``, see PROTOCOL.md).
     """
     endpoint = endpoint_for(reactor, server, realm, ca) if isinstance(server, str) else server
     factory = Factory.forProtocol(lambda: ClientProtocol(reactor, on_message, ack, on_presence))  # type: ignore[arg-type]
     proto = yield endpoint.connect(factory)
+    proto.on_notice = on_notice
     try:
         conn = yield _handshake(proto, user, password, device, since, register, quiet)
     except BaseException:
@@ -981,6 +992,7 @@ class ChatClientService(ClientService):
         on_message: MessageCallback | None = None,
         since: int | None = None,
         on_presence: PresenceCallback | None = None,
+        on_notice: Callable[[dict[str, Any]], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.reactor = reactor
@@ -989,6 +1001,7 @@ class ChatClientService(ClientService):
         self.device = device
         self.on_message = on_message
         self.on_presence = on_presence
+        self.on_notice = on_notice
         self.last_pos = since
         self.connection: Connection | None = None
         #: The user's canonical address (``alice@realm``), from the first login on.
@@ -1006,6 +1019,7 @@ class ChatClientService(ClientService):
 
     def _build(self) -> ClientProtocol:
         self._built = ClientProtocol(self.reactor, self._message, on_presence=self._presence)
+        self._built.on_notice = self.on_notice
         return self._built
 
     def _message(self, frame: dict[str, Any]) -> None:

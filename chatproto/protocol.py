@@ -37,6 +37,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
 from chatproto.flow import BURST_WRITE, OutputQueue
+from chatproto.reading_requests import ReadingRequests
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 from chatproto.realm.messaging import SendRequest
 from chatproto.transfer import ConnectionDone, DataSink
@@ -126,7 +127,7 @@ _str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 @implementer(ISessionMind, IPushProducer)
-class ClientProtocol(Int32StringReceiver):
+class ClientProtocol(ReadingRequests, Int32StringReceiver):
     """One client connection.  States: ``hello`` -> ``auth`` -> ``ready``."""
 
     log = Logger()

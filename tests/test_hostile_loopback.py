@@ -281,6 +281,10 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "download_cancel": {"stream": 1},
     "ping": {},
     "pong": {},
+    "conversations": {"limit": 5},
+    "mark_read": {"with": "bob", "pos": 1},
+    "set_read_receipts": {"share": False},
+    "typing": {"with": "bob", "typing": True},
 }
 
 #: What a hostile client puts in a field, as JSON text (valid JSON: NaN and the like

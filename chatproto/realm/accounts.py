@@ -266,6 +266,7 @@ class Accounts:
         user = f"{name}@{self.realm}"
         self.tokens.revoke_user(name, keep_floor=floor)
         self._r.messages.forget_nonces(user)
+        self._r.reading.forget(user)
         for s in list(self._r.sessions.of(user)):
             if floor is None or (s.opened and s.floor != floor):
                 s.mind.disconnect("auth_failed", "this account was deleted")

@@ -39,6 +39,7 @@ from chatproto.realm.admin import Admin
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
+from chatproto.realm.reading import Reading
 from chatproto.realm.relations import Relations
 from chatproto.realm.remote import RemoteIntake
 from chatproto.realm.sessions import Session, Sessions
@@ -134,6 +135,8 @@ class RealmService(Service):
         #: None in a single-process realm.  It replaces delivery (route), presence and
         #: messaging with their cluster versions.
         self.cluster: Any = None
+        #: Read markers, the conversation list and typing notices.
+        self.reading = Reading(self)
 
     # service lifecycle --------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class RealmService(Service):
             yield self.peer_keys.load()
         yield self.accounts.load()
         yield self.admin.load()
+        yield self.reading.load()
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)

@@ -311,6 +311,34 @@ class IStore(Interface):
     def max_pos():  # type: ignore[misc]
         """The highest committed position (0 when empty)."""
 
+    # read markers, the conversation list, preferences (chatproto/store/reading.py) -----
+
+    def set_read(user, conv, pos):  # type: ignore[misc]
+        """Move ``user``'s read marker in conversation ``conv`` (a conversation key,
+        see :func:`chatproto.envelope.conversation_key`, or a group address) forward to
+        ``pos``; a lower ``pos`` is ignored.  Written lazily with the next batch, like
+        :meth:`set_ack`; reads see it at once."""
+
+    def read_markers(conv):  # type: ignore[misc]
+        """``{user: position}``: every read marker in conversation ``conv``."""
+
+    def conversations(user, floor, groups, name, limit):  # type: ignore[misc]
+        """The conversations of ``user``, most recent first, at most ``limit``: its
+        private conversations with an item after ``floor``, and each group of
+        ``groups`` (``(group, lo)``) with an item after ``lo``.  Each a dict (see
+        :func:`chatproto.store.reading.conversation_summary`): ``conv``, ``last`` (the
+        last item), ``read`` (the user's marker), ``unread`` (items of kind text or
+        file after the marker and the bound, from others), ``mentions`` (of those, the
+        text items of a group that mention ``name``: :mod:`chatproto.mentions`) and
+        ``markers`` (``{user: position}`` in the conversation)."""
+
+    def prefs(key):  # type: ignore[misc]
+        """``{user: value}`` for every user who set preference ``key``."""
+
+    def set_pref(user, key, value):  # type: ignore[misc]
+        """Set preference ``key`` of ``user`` to the string ``value`` (None clears it);
+        fires once durable.  Deleted with the account, as are its read markers."""
+
     # files (see chatproto/files.py) --------------------------------------------------
 
     def file_info(file_id):  # type: ignore[misc]

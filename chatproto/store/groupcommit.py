@@ -74,7 +74,20 @@ class StoreDB(Protocol):
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult: ...
+    def read_markers(self, conv: str) -> dict[str, int]: ...
+    def prefs(self, key: str) -> dict[str, str]: ...
+    def set_pref(self, user: str, key: str, value: str | None) -> None: ...
+    def conversations(
+        self,
+        user: str,
+        floor: int,
+        groups: Sequence[tuple[str, int]],
+        name: str,
+        limit: int,
+        pending: dict[tuple[str, str], int],
+    ) -> list[dict[str, Any]]: ...
     def create_user(self, name: str, pwhash: str, ts: float) -> None: ...
     def user_floor(self, name: str) -> int | None: ...
     def password_hash(self, name: str) -> str | None: ...
@@ -196,6 +209,10 @@ class GroupCommitStore:
         #: according to its stale state go astray).  Set at open: rows of earlier runs.
         self._published_seq = 0
         self._inflight_acks: dict[tuple[str, str], int] = {}
+        #: Read markers waiting for the next group commit, and those in the commit
+        #: being written: (user, conversation) -> position (see :meth:`set_read`).
+        self._pending_reads: dict[tuple[str, str], int] = {}
+        self._inflight_reads: dict[tuple[str, str], int] = {}
         self._threads_started = False
         #: Told when a group commit's results start and finish being handed out, so
         #: the realm can write each connection's frames of the whole batch at once.
@@ -237,9 +254,10 @@ class GroupCommitStore:
         remote: Sequence[bool],
         outbox_acks: dict[str, int],
         deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult:
         """One group commit, on the writer thread."""
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
+        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
 
     def _retry_read(self, db: StoreDB, error: Exception) -> bool:
         """Whether a read that failed with ``error`` is worth one more try on a fresh
@@ -539,7 +557,9 @@ class GroupCommitStore:
                 self._outq_floor[realm] = q.popleft()[0]
 
     def _has_pending(self) -> bool:
-        return bool(self._pending or self._pending_acks or self._pending_outbox_acks)
+        return bool(
+            self._pending or self._pending_acks or self._pending_outbox_acks or self._pending_reads
+        )
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)
@@ -558,7 +578,9 @@ class GroupCommitStore:
         acks, self._pending_acks = self._pending_acks, {}
         outbox_acks, self._pending_outbox_acks = self._pending_outbox_acks, {}
         ack_waiters, self._outbox_ack_waiters = self._outbox_ack_waiters, []
+        reads, self._pending_reads = self._pending_reads, {}
         self._inflight_acks = acks
+        self._inflight_reads = reads
         self._writing = True
         self._writing_batch = batch
         items = [b[0] for b in batch]
@@ -566,7 +588,9 @@ class GroupCommitStore:
         remote = [b[3] for b in batch]
         deleting = [b[4] for b in batch]
         started = self.timer()
-        d = self._write(self._commit, items, acks, queues, remote, outbox_acks, deleting)
+        d = self._write(
+            self._commit, items, acks, queues, remote, outbox_acks, deleting, reads or None
+        )
 
         def done(result: CommitResult) -> None:
             results, queued = result
@@ -609,6 +633,7 @@ class GroupCommitStore:
             # out in position order.
             self._writing = False
             self._inflight_acks = {}
+            self._inflight_reads = {}
             if self._pending:
                 self._flush()
             listener = self.burst_listener
@@ -628,6 +653,7 @@ class GroupCommitStore:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
             self._writing = False
             self._inflight_acks = {}
+            self._inflight_reads = {}
             for b in batch:
                 b[1].errback(f)
             for w in ack_waiters:
@@ -639,6 +665,7 @@ class GroupCommitStore:
             if self._writing and self._writing_batch is batch:
                 self._writing = False
                 self._inflight_acks = {}
+                self._inflight_reads = {}
             if not self._writing:  # else the commit started by done() flushes when done
                 self._flush()
 
@@ -679,6 +706,52 @@ class GroupCommitStore:
 
     def max_pos(self) -> Deferred[int]:
         return self._read(lambda db: db.max_pos())
+
+    # read markers, conversations, preferences (see chatproto/store/reading.py) -------
+
+    def set_read(self, user: str, conv: str, pos: int) -> None:
+        """Move ``user``'s read marker in ``conv`` forward to ``pos``, with the next
+        group commit (like an ack: no commit of its own under load)."""
+        key = (user, conv)
+        if pos > self._pending_reads.get(key, 0):
+            self._pending_reads[key] = pos
+            self._flush()
+
+    def _unwritten_reads(self) -> dict[tuple[str, str], int]:
+        merged = dict(self._inflight_reads)
+        for key, pos in self._pending_reads.items():
+            if pos > merged.get(key, 0):
+                merged[key] = pos
+        return merged
+
+    def read_markers(self, conv: str) -> Deferred[dict[str, int]]:
+        pending = {u: p for (u, c), p in self._unwritten_reads().items() if c == conv}
+
+        def merge(stored: dict[str, int]) -> dict[str, int]:
+            for u, p in pending.items():
+                if p > stored.get(u, 0):
+                    stored[u] = p
+            return stored
+
+        return self._read(lambda db: db.read_markers(conv)).addCallback(merge)
+
+    def conversations(
+        self,
+        user: str,
+        floor: int,
+        groups: Sequence[tuple[str, int]],
+        name: str,
+        limit: int,
+    ) -> Deferred[list[dict[str, Any]]]:
+        pending = self._unwritten_reads()
+        ranges = list(groups)
+        return self._read(lambda db: db.conversations(user, floor, ranges, name, limit, pending))
+
+    def prefs(self, key: str) -> Deferred[dict[str, str]]:
+        return self._read(lambda db: db.prefs(key))
+
+    def set_pref(self, user: str, key: str, value: str | None) -> Deferred[None]:
+        return self._write(lambda: self._db().set_pref(user, key, value))
 
     # files: reads on the reader threads (they see every commit completed before they
     # start, as for items); writes on the one writer thread ----------------------------

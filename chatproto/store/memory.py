@@ -16,8 +16,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope, alternate_id
+from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
 from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
+from chatproto.store.reading import UNREAD_KINDS, conversation_summary
 
 __all__ = [
     "MemoryStore",
@@ -54,6 +56,10 @@ class MemoryStore:
         self.admins_: dict[str, tuple[int, float]] = {}
         #: Abuse reports, oldest first.
         self.reports_: list[dict[str, Any]] = []
+        #: Read markers: (user, conversation) -> position.
+        self.reads: dict[tuple[str, str], int] = {}
+        #: Preferences: (user, key) -> value.
+        self.user_prefs: dict[tuple[str, str], str] = {}
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -190,6 +196,10 @@ class MemoryStore:
             del self.acks[key]
         for upload_id in [k for k, r in self.uploads.items() if r.get("user") == address]:
             del self.uploads[upload_id]
+        for rkey in [k for k in self.reads if k[0] == address]:
+            del self.reads[rkey]
+        for pkey in [k for k in self.user_prefs if k[0] == address]:
+            del self.user_prefs[pkey]
         del self.users[name]
         self._pos += 1  # consumed: a later account of this name starts after it
         return succeed(True)
@@ -414,6 +424,67 @@ class MemoryStore:
 
     def max_pos(self) -> Deferred[int]:
         return succeed(self.items[-1].pos if self.items else 0)  # not a consumed one
+
+    # read markers, conversations, preferences (see chatproto/store/reading.py) -------
+
+    def set_read(self, user: str, conv: str, pos: int) -> None:
+        if pos > self.reads.get((user, conv), 0):
+            self.reads[(user, conv)] = pos
+
+    def read_markers(self, conv: str) -> Deferred[dict[str, int]]:
+        return succeed({u: p for (u, c), p in self.reads.items() if c == conv})
+
+    def conversations(
+        self,
+        user: str,
+        floor: int,
+        groups: Sequence[tuple[str, int]],
+        name: str,
+        limit: int,
+    ) -> Deferred[list[dict[str, Any]]]:
+        lows: dict[str, int] = dict(groups)
+        last: dict[str, Envelope] = {}
+        for e in self.items:
+            conv = e.conversation
+            if e.recipient.startswith("#"):
+                if conv not in lows or e.pos <= lows[conv]:
+                    continue
+            elif user not in (e.sender, e.recipient) or e.pos <= floor:
+                continue
+            else:
+                lows.setdefault(conv, floor)
+            last[conv] = e
+        chosen = sorted(last, key=lambda c: -last[c].pos)[:limit]
+        out = []
+        for conv in chosen:
+            markers = {u: p for (u, c), p in self.reads.items() if c == conv}
+            read = markers.get(user, 0)
+            after = max(read, lows[conv])
+            unread = [
+                e
+                for e in self.items
+                if e.conversation == conv
+                and e.pos > after
+                and e.sender != user
+                and e.kind in UNREAD_KINDS
+            ]
+            mentioned = 0
+            if conv.startswith("#"):
+                mentioned = sum(1 for e in unread if e.kind == "text" and mentions(e.body, name))
+            out.append(
+                conversation_summary(conv, last[conv], read, len(unread), mentioned, markers)
+            )
+        return succeed(out)
+
+    def prefs(self, key: str) -> Deferred[dict[str, str]]:
+        return succeed({u: v for (u, k), v in self.user_prefs.items() if k == key})
+
+    def set_pref(self, user: str, key: str, value: str | None) -> Deferred[None]:
+        if value is None:
+            self.user_prefs.pop((user, key), None)
+        else:
+            self.user_prefs[(user, key)] = value
+        return succeed(None)
 
     def file_info(self, file_id: str) -> Deferred[dict[str, Any] | None]:
         rec = self.files.get(file_id)

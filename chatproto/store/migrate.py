@@ -158,6 +158,16 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
             _text(r[8]),
         ),
     ),
+    "read_markers": (
+        "SELECT conv, user_addr, pos FROM read_markers ORDER BY conv, user_addr",
+        "COPY read_markers (conv, user_addr, pos) FROM STDIN",
+        lambda r: (r[0], r[1], int(r[2])),
+    ),
+    "prefs": (
+        "SELECT user_addr, key, value FROM prefs ORDER BY user_addr, key",
+        "COPY prefs (user_addr, key, value) FROM STDIN",
+        lambda r: (r[0], r[1], _text(r[2])),
+    ),
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version

@@ -50,6 +50,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.mentions import mention_pattern
 from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
 from chatproto.store import (
     FILE_META,
@@ -62,6 +63,7 @@ from chatproto.store import (
     stored_sig,
 )
 from chatproto.store.groupcommit import CommitResult, GroupCommitStore
+from chatproto.store.reading import ReadingSQL
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -72,7 +74,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -217,6 +219,22 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE stream_writers ADD COLUMN outbox_upto BIGINT NOT NULL DEFAULT 0;
     """,
+    # v8 (SQLite's v13): read markers and per-user preferences.
+    """
+    CREATE TABLE read_markers (
+        conv TEXT COLLATE "C" NOT NULL,
+        user_addr TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        PRIMARY KEY (conv, user_addr)
+    );
+    CREATE INDEX read_markers_user ON read_markers (user_addr);
+    CREATE TABLE prefs (
+        user_addr TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (user_addr, key)
+    );
+    """,
 ]
 
 #: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
@@ -352,7 +370,7 @@ SOLE_WRITER = "realm"
 CTL_WRITER = "chatrealmctl"
 
 
-class PostgresDB:
+class PostgresDB(ReadingSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -788,6 +806,8 @@ class PostgresDB:
         c.execute("DELETE FROM acks WHERE addr = %s", (address,))
         c.execute("DELETE FROM uploads WHERE user_name = %s", (escape_text(address),))
         c.execute("DELETE FROM requests WHERE actor = %s", (address,))
+        c.execute("DELETE FROM read_markers WHERE user_addr = %s", (address,))
+        c.execute("DELETE FROM prefs WHERE user_addr = %s", (address,))
         c.execute("SELECT nextval('items_pos')")
 
     def list_users(self) -> list[str]:
@@ -835,6 +855,7 @@ class PostgresDB:
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order.
@@ -846,7 +867,7 @@ class PostgresDB:
         :meth:`chatproto.store.sqlite.SQLiteDB.commit_batch`).
         """
         flags = list(remote) if remote is not None else [False] * len(batches)
-        args = (batches, flags, acks, outbox, outbox_acks, deletions)
+        args = (batches, flags, acks, outbox, outbox_acks, deletions, reads)
         try:
             return self._commit(*args, each=False)
         except psycopg.OperationalError:
@@ -862,6 +883,7 @@ class PostgresDB:
         outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
         outbox_acks: dict[str, int] | None,
         deletions: Sequence[tuple[str, str] | None] | None,
+        reads: dict[tuple[str, str], int] | None,
         each: bool,
     ) -> CommitResult:
         c = self.conn
@@ -933,6 +955,8 @@ class PostgresDB:
                         "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
                         [(u, escape_text(d), p) for (u, d), p in acks.items()],
                     )
+            if reads:
+                self._set_reads(reads)
             self._end_commit()
             self.commit_sent = True  # past here a lost connection leaves it unknown
             synced = time.perf_counter()
@@ -1340,6 +1364,36 @@ class PostgresDB:
         row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
         return int(row[0] or 0) if row else 0
 
+    # read markers, conversations, preferences (queries in chatproto/store/reading.py)
+
+    def _rows(self, query: str, params: Sequence[Any]) -> list[Any]:
+        return self.conn.execute(query.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
+
+    def _item(self, row: Any) -> Envelope:
+        return _row(row)
+
+    def _mention_sql(self) -> tuple[str, Any]:
+        return "body ~* ?", mention_pattern
+
+    def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO read_markers VALUES (%s, %s, %s) ON CONFLICT (conv, user_addr) "
+                "DO UPDATE SET pos = greatest(read_markers.pos, excluded.pos)",
+                [(conv, u, p) for (u, conv), p in reads.items()],
+            )
+
+    def set_pref(self, user: str, key: str, value: str | None) -> None:
+        """Set (or with None, clear) preference ``key`` of ``user``."""
+        if value is None:
+            self.conn.execute("DELETE FROM prefs WHERE user_addr = %s AND key = %s", (user, key))
+        else:
+            self.conn.execute(
+                "INSERT INTO prefs VALUES (%s, %s, %s) "
+                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
+                (user, key, value),
+            )
+
     # files --------------------------------------------------------------------------
 
     _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
@@ -1488,18 +1542,19 @@ class PostgresStore(GroupCommitStore):
         remote: Sequence[bool],
         outbox_acks: dict[str, int],
         deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult:
         """A commit whose connection turns out lost before COMMIT was sent committed
         nothing: it is done again, once, on a new connection.  Lost later, whether it
         committed is unknown, so it fails (no sender is told "stored")."""
         db = self._db()
         try:
-            return db.commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
+            return db.commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
         except psycopg.OperationalError:
             if not db.broken or db.commit_sent:
                 raise
             self.log.info("{store}: connection lost; reconnecting", store=self.path)
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions)
+        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
 
     def _retry_read(self, db: Any, error: Exception) -> bool:
         return isinstance(error, psycopg.OperationalError) and bool(db.broken)

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
+from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
 from chatproto.store import (
     FILE_META,
@@ -33,6 +34,7 @@ from chatproto.store import (
     stored_sig,
 )
 from chatproto.store.groupcommit import GroupCommitStore
+from chatproto.store.reading import ReadingSQL
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -40,7 +42,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -197,6 +199,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX items_ref ON items (json_extract(meta, '$.ref'))
         WHERE kind IN ('edit', 'delete', 'reaction');
     """,
+    # v13: read markers ("read up to P" per user and conversation; see
+    # chatproto/store/reading.py) and per-user preferences (the read-receipt switch).
+    """
+    CREATE TABLE read_markers (
+        conv TEXT NOT NULL,
+        user_addr TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        PRIMARY KEY (conv, user_addr)
+    ) WITHOUT ROWID;
+    CREATE INDEX read_markers_user ON read_markers (user_addr);
+    CREATE TABLE prefs (
+        user_addr TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (user_addr, key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 #: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
@@ -244,7 +263,7 @@ def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-class SQLiteDB:
+class SQLiteDB(ReadingSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
@@ -468,6 +487,8 @@ class SQLiteDB:
         # Its pending group requests: an answer to one must not land on a later account
         # of the name.  (The batch's own requests are inserted after this.)
         c.execute("DELETE FROM requests WHERE actor = ?", (address,))
+        c.execute("DELETE FROM read_markers WHERE user_addr = ?", (address,))
+        c.execute("DELETE FROM prefs WHERE user_addr = ?", (address,))
         bumped = c.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'items'")
         if bumped.rowcount == 0:  # no item was ever stored
             c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', 1)")
@@ -527,10 +548,12 @@ class SQLiteDB:
         remote: Sequence[bool] | None = None,
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
     ) -> tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order.
 
+        ``reads`` maps ``(user, conversation)`` to read markers to move forward.
         ``deletions[i]``, if given, is the ``(name, address)`` of an account that batch
         ``i`` deletes (``IStore.delete_user``): if the account is not there, the batch
         fails alone with :class:`NoSuchAccount` and nothing of it is written; else it
@@ -612,6 +635,8 @@ class SQLiteDB:
                     "DO UPDATE SET pos = max(pos, excluded.pos)",
                     [(u, d, p) for (u, d), p in acks.items()],
                 )
+            if reads:
+                self._set_reads(reads)
             synced = time.perf_counter()
             c.execute("COMMIT")
             self.sync_seconds = time.perf_counter() - synced
@@ -1014,6 +1039,38 @@ class SQLiteDB:
     def max_pos(self) -> int:
         row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
         return int(row[0] or 0)
+
+    # read markers, conversations, preferences (queries in chatproto/store/reading.py)
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def _item(self, row: Any) -> Envelope:
+        return _row(row)
+
+    def _mention_sql(self) -> tuple[str, Any]:
+        if not getattr(self, "_has_mentions", False):
+            self.conn.create_function("mentions", 2, mentions, deterministic=True)
+            self._has_mentions = True
+        return "mentions(body, ?)", str
+
+    def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
+        self.conn.executemany(
+            "INSERT INTO read_markers VALUES (?, ?, ?) ON CONFLICT (conv, user_addr) "
+            "DO UPDATE SET pos = max(pos, excluded.pos)",
+            [(conv, u, p) for (u, conv), p in reads.items()],
+        )
+
+    def set_pref(self, user: str, key: str, value: str | None) -> None:
+        """Set (or with None, clear) preference ``key`` of ``user``."""
+        if value is None:
+            self.conn.execute("DELETE FROM prefs WHERE user_addr = ? AND key = ?", (user, key))
+        else:
+            self.conn.execute(
+                "INSERT INTO prefs VALUES (?, ?, ?) "
+                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
+                (user, key, value),
+            )
 
     # files --------------------------------------------------------------------------
 

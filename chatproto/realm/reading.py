@@ -1,0 +1,214 @@
+"""The reading handler: read markers, the conversation list, typing notifications.
+
+What a user has read is realm state, not a client's: a **read marker** ("read up to
+position P") per user and conversation is stored (with the group commit, like acks;
+see :mod:`chatproto.store.reading`), pushed at once to the user's other sessions (so
+every device agrees) and, in a private conversation, to the other party unless the
+reader turned read receipts off.  The **conversation list** (``conversations``) is
+the sidebar a fresh client starts from: every conversation with its last item, the
+user's marker and the unread count the realm computes.  **Typing** notices are
+ephemeral: passed on to whoever is online, never stored.
+
+Markers and typing are rate-limited per connection (a token bucket each), so neither
+can be used to flood other users or the store.  The rules are in PROTOCOL.md ("Read
+markers and the conversation list", "typing").
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+
+from chatproto.envelope import Envelope, conversation_key
+from chatproto.errors import ChatError
+from chatproto.ratelimit import TokenBucket
+from chatproto.realm.sessions import Notice, Session
+
+if TYPE_CHECKING:
+    from chatproto.realm.service import RealmService
+
+__all__ = [
+    "CONVERSATIONS_LIMIT",
+    "MARK_BURST",
+    "MARK_RATE",
+    "READ_RECEIPTS",
+    "TYPING_BURST",
+    "TYPING_RATE",
+    "Reading",
+]
+
+#: ``mark_read`` token bucket of each connection: per second, and at most at once.
+MARK_RATE = 5.0
+MARK_BURST = 20
+#: ``typing`` token bucket of each connection.
+TYPING_RATE = 1.0
+TYPING_BURST = 5
+#: The most (and default) conversations one ``conversations`` request returns.
+CONVERSATIONS_LIMIT = 500
+#: The preference key of the read-receipt switch (value ``"off"`` when off).
+READ_RECEIPTS = "read_receipts"
+
+
+class Reading:
+    """Read markers, conversation lists and typing, for the realm's sessions."""
+
+    def __init__(self, realm: RealmService) -> None:
+        self._realm = realm
+        self._store = realm.store
+        #: users who turned read receipts off (their markers are theirs alone)
+        self._hidden: set[str] = set()
+        self._buckets: weakref.WeakKeyDictionary[Session, dict[str, TokenBucket]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def load(self) -> Deferred[None]:
+        """Read the users' read-receipt switches (at start-up)."""
+
+        def loaded(prefs: dict[str, str]) -> None:
+            self._hidden = {u for u, v in prefs.items() if v == "off"}
+
+        return self._store.prefs(READ_RECEIPTS).addCallback(loaded)
+
+    def shares(self, user: str) -> bool:
+        """Whether ``user`` shows others how far they have read."""
+        return user not in self._hidden
+
+    def forget(self, user: str) -> None:
+        """An account was deleted: its switch goes with it (the store drops its rows)."""
+        self._hidden.discard(user)
+
+    def _take(self, session: Session, what: str, rate: float, burst: int) -> None:
+        now = self._realm.clock.seconds()
+        buckets = self._buckets.setdefault(session, {})
+        bucket = buckets.get(what)
+        if bucket is None:
+            bucket = buckets[what] = TokenBucket(rate, burst, now)
+        wait = bucket.take(now)
+        if wait:
+            self._realm.stats.rate_limited(what)
+            raise ChatError("rate_limited", f"{what} too fast", retry_after=round(wait, 3))
+
+    def _conversation(self, user: str, peer: str) -> Any:
+        """``(conversation key, canonical address of the other end, group or None)``
+        for ``user`` and ``peer`` (a user or a group address), or a Deferred of it.
+        A group must be one ``user`` may read (as for ``history``); a user must exist
+        (a local one) or be on a realm this one federates with."""
+        if peer.startswith("#"):
+            group = self._realm.group_handler.readable(user, peer)
+            return group.address, group.address, group
+        resolved = self._realm.messages.resolve_user(peer, remote_ok=True)
+
+        def key(addr: Any) -> tuple[str, str, None]:
+            other = str(addr)
+            return conversation_key(user, other), other, None
+
+        if isinstance(resolved, Deferred):
+            return resolved.addCallback(key)
+        return key(resolved)
+
+    # read markers -----------------------------------------------------------------------
+
+    def mark_read(self, session: Session, peer: str, pos: int) -> Deferred[dict[str, Any]]:
+        """Move ``session``'s user's marker in the conversation with ``peer`` to
+        ``pos`` (clamped to the newest committed position; never backwards); fires
+        with ``{"with": address, "pos": the marker}``."""
+        self._take(session, "mark_read", MARK_RATE, MARK_BURST)
+        conv = self._conversation(session.user_id, peer)
+        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        return d.addCallback(lambda c: self._mark(session.user_id, c, pos))
+
+    @inlineCallbacks
+    def _mark(self, user: str, conv: tuple[str, str, Any], pos: int) -> Any:
+        key, other, group = conv
+        newest = yield self._store.max_pos()
+        pos = min(pos, newest)
+        markers = yield self._store.read_markers(key)
+        old = markers.get(user, 0)
+        if pos <= old:
+            return {"with": other, "pos": old}
+        self._store.set_read(user, key, pos)
+        sessions = self._realm.sessions
+        sessions.notify((user,), Notice({"type": "read", "with": other, "user": user, "pos": pos}))
+        if group is None and other != user and self.shares(user):
+            if other.endswith("@" + self._realm.realm):
+                notice = Notice({"type": "read", "with": user, "user": user, "pos": pos})
+                sessions.notify((other,), notice)
+        return {"with": other, "pos": pos}
+
+    def set_read_receipts(self, session: Session, share: bool) -> Deferred[dict[str, Any]]:
+        """Turn ``session``'s user's read receipts on or off (durably)."""
+        user = session.user_id
+        if share:
+            self._hidden.discard(user)
+        else:
+            self._hidden.add(user)
+        d = self._store.set_pref(user, READ_RECEIPTS, None if share else "off")
+        return d.addCallback(lambda _: {})
+
+    # the conversation list ----------------------------------------------------------------
+
+    @inlineCallbacks
+    def conversations(self, session: Session, limit: int | None) -> Any:
+        """The user's conversations, most recent first (see PROTOCOL.md)."""
+        limit = CONVERSATIONS_LIMIT if limit is None else limit
+        if not 1 <= limit <= CONVERSATIONS_LIMIT:
+            raise ChatError("bad_request", f"limit must be between 1 and {CONVERSATIONS_LIMIT}")
+        user = session.user_id
+        rules = self._realm.groups
+        groups = []
+        for addr in sorted(rules.of_user.get(user, ())):
+            groups.append((addr, rules.groups[addr].members[user].lo))
+        rows = yield self._store.conversations(
+            user, session.floor, groups, session.user.name, limit
+        )
+        out = []
+        for row in rows:
+            conv: str = row["conv"]
+            last: Envelope | None = row["last"]
+            markers: dict[str, int] = row["markers"]
+            entry: dict[str, Any] = {}
+            if conv.startswith("#"):
+                entry["with"] = conv
+            else:
+                a, _, b = conv.partition(" ")
+                entry["with"] = b if a == user else a
+            entry["last"] = last.to_wire() if last is not None else None
+            entry["read"] = row["read"]
+            entry["unread"] = row["unread"]
+            if conv.startswith("#"):
+                entry["mentions"] = row["mentions"]
+                members = rules.groups[conv].members if conv in rules.groups else {}
+                top = last.pos if last is not None else 0
+                entry["read_by"] = sum(
+                    1
+                    for u, p in markers.items()
+                    if u != user and p >= top and u in members and self.shares(u)
+                )
+            else:
+                other = entry["with"]
+                if other != user and other in markers and self.shares(other):
+                    entry["peer_read"] = markers[other]
+            out.append(entry)
+        return {"conversations": out, "read_receipts": self.shares(user)}
+
+    # typing --------------------------------------------------------------------------------
+
+    def typing(self, session: Session, peer: str, active: bool) -> Deferred[dict[str, Any]]:
+        """Tell the other end of a conversation that ``session``'s user is (or stopped)
+        typing: a ``typing`` notice to their online sessions, never stored."""
+        self._take(session, "typing", TYPING_RATE, TYPING_BURST)
+        conv = self._conversation(session.user_id, peer)
+        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        return d.addCallback(lambda c: self._typing(session.user_id, c, active))
+
+    def _typing(self, user: str, conv: tuple[str, str, Any], active: bool) -> dict[str, Any]:
+        _, other, group = conv
+        if group is not None:
+            notice = Notice({"type": "typing", "with": other, "user": user, "typing": active})
+            self._realm.sessions.notify([m for m in group.members if m != user], notice)
+        elif other != user and other.endswith("@" + self._realm.realm):
+            notice = Notice({"type": "typing", "with": user, "user": user, "typing": active})
+            self._realm.sessions.notify((other,), notice)
+        return {"with": other}

@@ -1,0 +1,133 @@
+"""Read markers, the conversation list and per-user settings, in SQL.
+
+A mixin of the synchronous store cores (:class:`chatproto.store.sqlite.SQLiteDB`,
+:class:`chatproto.store.postgresql.PostgresDB`): the same statements on both, written
+with ``?`` placeholders (PostgreSQL's core turns them into ``%s``).  The rules these
+queries serve (what counts as unread, what a member may read) are stated in
+PROTOCOL.md ("Read markers", "conversations") and decided by the realm
+(:mod:`chatproto.realm.reading`); the store only counts.
+
+Read markers are written with the group commit (see ``GroupCommitStore.set_read``),
+like acks: a marker is a ``(user, conversation)`` row holding a position, and only
+moves forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from chatproto.envelope import Envelope
+
+__all__ = ["UNREAD_KINDS", "ReadingSQL", "conversation_summary"]
+
+#: The kinds of item that count as unread (a message or a file, not an event).
+UNREAD_KINDS = ("text", "file")
+
+_KINDS_SQL = "kind IN ('text', 'file')"
+
+
+def conversation_summary(
+    conv: str, last: Envelope | None, read: int, unread: int, mentions: int, markers: Any
+) -> dict[str, Any]:
+    """One entry of :meth:`IStore.conversations` (every backend returns these)."""
+    return {
+        "conv": conv,
+        "last": last,
+        "read": read,
+        "unread": unread,
+        "mentions": mentions,
+        "markers": markers,
+    }
+
+
+class ReadingSQL:
+    """Queries shared by the SQL backends.  Hooks: :meth:`_rows` runs a statement
+    written with ``?`` placeholders; :meth:`_item` makes an Envelope of an item row
+    (columns :data:`COLS`); :meth:`_mention_sql` is the condition "body mentions
+    the name given as its one parameter"."""
+
+    COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _item(self, row: Any) -> Envelope:
+        raise NotImplementedError
+
+    def _mention_sql(self) -> tuple[str, Any]:
+        """``(condition, how to make its parameter from a name)``."""
+        raise NotImplementedError
+
+    def read_markers(self, conv: str) -> dict[str, int]:
+        """``{user: position}`` of every read marker in conversation ``conv``."""
+        rows = self._rows("SELECT user_addr, pos FROM read_markers WHERE conv = ?", (conv,))
+        return {r[0]: int(r[1]) for r in rows}
+
+    def prefs(self, key: str) -> dict[str, str]:
+        """``{user: value}`` of every user who set preference ``key``."""
+        rows = self._rows("SELECT user_addr, value FROM prefs WHERE key = ?", (key,))
+        return {r[0]: r[1] for r in rows}
+
+    def conversations(
+        self,
+        user: str,
+        floor: int,
+        groups: Sequence[tuple[str, int]],
+        name: str,
+        limit: int,
+        pending: dict[tuple[str, str], int],
+    ) -> list[dict[str, Any]]:
+        """The conversations of ``user``, most recent first: every private
+        conversation with an item after ``floor`` (the account's), and each group of
+        ``groups`` (``(group, lo)``: the member reads items after ``lo``) with an item
+        they may read.  ``pending``: read markers not committed yet (they count).
+
+        Per conversation: the last item, the user's marker, the items of kind text
+        or file after the marker (and what the user may read) sent by others, how
+        many of those mention ``name`` (groups only), and every marker in it."""
+        last: dict[str, int] = {}
+        for conv, pos in self._rows(
+            "SELECT conv, max(pos) FROM items WHERE recipient = ? AND pos > ? GROUP BY conv "
+            "UNION ALL SELECT conv, max(pos) FROM items WHERE sender = ? AND pos > ? "
+            "AND substr(recipient, 1, 1) <> '#' GROUP BY conv",
+            (user, floor, user, floor),
+        ):
+            if pos is not None and int(pos) > last.get(conv, 0):
+                last[conv] = int(pos)
+        lows = {conv: floor for conv in last}
+        for group, lo in groups:
+            row = self._rows("SELECT max(pos) FROM items WHERE conv = ? AND pos > ?", (group, lo))
+            if row and row[0][0] is not None:
+                last[group] = int(row[0][0])
+                lows[group] = lo
+        chosen = sorted(last, key=lambda c: -last[c])[:limit]
+        cond, param = self._mention_sql()
+        out = []
+        for conv in chosen:
+            row = self._rows(f"SELECT {self.COLS} FROM items WHERE pos = ?", (last[conv],))
+            markers = self.read_markers(conv)
+            for (u, c), p in pending.items():
+                if c == conv and p > markers.get(u, 0):
+                    markers[u] = p
+            read = markers.get(user, 0)
+            after = max(read, lows[conv])
+            unread = self._rows(
+                f"SELECT count(*) FROM items WHERE conv = ? AND pos > ? AND sender <> ? "
+                f"AND {_KINDS_SQL}",
+                (conv, after, user),
+            )[0][0]
+            mentioned = 0
+            if conv.startswith("#") and unread:
+                mentioned = self._rows(
+                    f"SELECT count(*) FROM items WHERE conv = ? AND pos > ? AND sender <> ? "
+                    f"AND kind = 'text' AND {cond}",
+                    (conv, after, user, param(name)),
+                )[0][0]
+            item = self._item(row[0]) if row else None
+            out.append(conversation_summary(conv, item, read, int(unread), int(mentioned), markers))
+        return out
+
+    def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
+        """Inside a group commit: move markers forward (never back)."""
+        raise NotImplementedError

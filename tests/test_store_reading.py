@@ -1,0 +1,113 @@
+"""The store's read markers, conversation list and preferences, on every backend
+(SQLite and PostgreSQL with their real threads and group commit, and memory), and
+the SQLite schema migration that adds them."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.store.sqlite import SQLiteDB
+from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
+
+ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
+
+
+def item(sender: str, recipient: str, body: str = "hi", kind: str = "text") -> Envelope:
+    return Envelope(
+        id=new_message_id(),
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        ts=1700000000.0,
+        body=body,
+        meta={"event": "joined", "user": sender} if kind == "event" else None,
+    )
+
+
+@pytest.fixture(params=[_sqlite, _memory, _postgresql], ids=["sqlite", "memory", "postgresql"])
+def store(request: Any, open_store: Any) -> Any:  # noqa: F811
+    return open_store(request.param)
+
+
+@pytest_twisted.inlineCallbacks
+def test_conversations_markers_and_counts(store: Any) -> Any:
+    yield store.append([item(BOB, ALICE, "one"), item(BOB, ALICE, "two")])
+    yield store.append([item(CAROL, BOB, "not alice's")])
+    yield store.append([item(ALICE, CAROL, "yo")])
+    yield store.append([item(CAROL, "#dev@localhost", "", "event")])
+    g = yield store.append(
+        [item(CAROL, "#dev@localhost", "hi @alice"), item(CAROL, "#dev@localhost", "@alicex")]
+    )
+    rows = yield store.conversations(ALICE, 0, [("#dev@localhost", 0)], "alice", 10)
+    by = {r["conv"]: r for r in rows}
+    assert [r["conv"] for r in rows] == [
+        "#dev@localhost",
+        conversation_key(ALICE, CAROL),
+        conversation_key(ALICE, BOB),
+    ]
+    dev = by["#dev@localhost"]
+    assert dev["unread"] == 2 and dev["mentions"] == 1 and dev["last"].pos == g[1].pos
+    assert by[conversation_key(ALICE, CAROL)]["unread"] == 0  # her own message
+    assert by[conversation_key(ALICE, BOB)]["unread"] == 2
+    # a marker, pending (not committed yet) and then committed, counts at once
+    bob_conv = conversation_key(ALICE, BOB)
+    first = by[bob_conv]["last"].pos - 1
+    store.set_read(ALICE, bob_conv, first)
+    markers = yield store.read_markers(bob_conv)
+    assert markers == {ALICE: first}
+    rows = yield store.conversations(ALICE, 0, [], "alice", 10)
+    assert {r["conv"]: r["unread"] for r in rows}[bob_conv] == 1
+    store.set_read(ALICE, bob_conv, 1)  # never backwards
+    store.set_read(BOB, bob_conv, first + 1)
+    yield store.append([])  # a group commit writes them
+    markers = yield store.read_markers(bob_conv)
+    assert markers == {ALICE: first, BOB: first + 1}
+    rows = yield store.conversations(ALICE, 0, [], "alice", 1)
+    assert len(rows) == 1 and rows[0]["conv"] == conversation_key(ALICE, CAROL)
+    # the floor (the account's) and a group's bound hide what is before them
+    rows = yield store.conversations(ALICE, g[1].pos, [("#dev@localhost", g[0].pos)], "alice", 10)
+    assert [(r["conv"], r["unread"], r["mentions"]) for r in rows] == [("#dev@localhost", 1, 0)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_preferences(store: Any) -> Any:
+    yield store.set_pref(ALICE, "read_receipts", "off")
+    yield store.set_pref(BOB, "read_receipts", "off")
+    yield store.set_pref(BOB, "read_receipts", None)
+    prefs = yield store.prefs("read_receipts")
+    assert prefs == {ALICE: "off"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_deleting_an_account_deletes_its_markers_and_preferences(store: Any) -> Any:
+    yield store.create_user("alice", "h", 0.0)
+    yield store.append([item(BOB, ALICE)])
+    store.set_read(ALICE, conversation_key(ALICE, BOB), 1)
+    store.set_read(BOB, conversation_key(ALICE, BOB), 1)
+    yield store.set_pref(ALICE, "read_receipts", "off")
+    yield store.append([])
+    assert (yield store.delete_user("alice", ALICE))
+    markers = yield store.read_markers(conversation_key(ALICE, BOB))
+    assert markers == {BOB: 1}
+    assert (yield store.prefs("read_receipts")) == {}
+
+
+def test_sqlite_migration_adds_the_tables(tmp_path: Any) -> None:
+    path = str(tmp_path / "old.sqlite3")
+    db = SQLiteDB(path)
+    db.migrate()
+    db.conn.execute("DROP TABLE read_markers")
+    db.conn.execute("DROP TABLE prefs")
+    db.conn.execute("UPDATE schema_version SET version = 11")
+    db.close()
+    db = SQLiteDB(path)
+    assert db.migrate() == 11
+    assert db.read_markers("x") == {} and db.prefs("k") == {}
+    with pytest.raises(sqlite3.OperationalError):
+        db.conn.execute("CREATE TABLE read_markers (x)")
+    db.close()
