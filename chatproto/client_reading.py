@@ -39,6 +39,22 @@ class ReadingCalls:
         """Show (or stop showing) the other party how far you have read."""
         return self.protocol.request("set_read_receipts", share=share).addCallback(_fields)
 
+    def search(
+        self,
+        query: str,
+        peer: str | None = None,
+        before: int | None = None,
+        limit: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """The items you may read (in the conversation with ``peer``, or in all of
+        them) whose text has every word of ``query`` (as word beginnings, in any
+        case); newest first.  The next page: ``before`` = the last item's ``pos``."""
+        fields: dict[str, Any] = {"query": query}
+        for k, v in (("with", peer), ("before", before), ("limit", limit)):
+            if v is not None:
+                fields[k] = v
+        return self.protocol.request("search", **fields).addCallback(lambda r: r["messages"])
+
     def typing(self, peer: str, active: bool = True) -> Deferred[dict[str, Any]]:
         """Tell ``peer`` (a user or a ``#group``) you are typing (or stopped)."""
         return self.protocol.request("typing", **{"with": peer, "typing": active}).addCallback(

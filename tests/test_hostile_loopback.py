@@ -285,6 +285,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "mark_read": {"with": "bob", "pos": 1},
     "set_read_receipts": {"share": False},
     "typing": {"with": "bob", "typing": True},
+    "search": {"query": "hi", "with": "bob", "before": 5, "limit": 5},
 }
 
 #: What a hostile client puts in a field, as JSON text (valid JSON: NaN and the like

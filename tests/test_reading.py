@@ -297,3 +297,102 @@ def test_deleting_an_account_drops_its_markers_and_switch(realm: Any, clock: Clo
     realm.delete_user("alice")
     assert realm.store.reads == {} and realm.store.user_prefs == {}
     assert realm.reading.shares("alice@localhost")
+
+
+def search(proto: Any, transport: Any, **fields: Any) -> dict[str, Any]:
+    reply, _ = ask(proto, transport, {"type": "search", **fields})
+    return reply
+
+
+def bodies(reply: dict[str, Any]) -> list[str]:
+    return [m["body"] for m in reply["messages"]]
+
+
+def test_search_has_the_permissions_of_history(realm: Any, clock: Clock) -> None:
+    alice, at = logged_in(realm, clock, "alice")
+    bob, bt = logged_in(realm, clock, "bob")
+    carol, ct = logged_in(realm, clock, "carol")
+    send(bob, bt, "alice", "lunch today?")
+    send(bob, bt, "carol", "lunch with carol")  # not alice's
+    ask(alice, at, {"type": "create_group", "group": "#dev"})
+    send(alice, at, "#dev", "lunch before carol joined")
+    ask(carol, ct, {"type": "join", "group": "#dev"})
+    send(alice, at, "#dev", "Lunch after carol joined")
+    assert bodies(search(alice, at, query="lunch")) == [
+        "Lunch after carol joined",
+        "lunch before carol joined",
+        "lunch today?",
+    ]
+    # carol: her DM, and the group from her join on (its history rule is "joined")
+    assert bodies(search(carol, ct, query="LUNCH")) == [
+        "Lunch after carol joined",
+        "lunch with carol",
+    ]
+    assert bodies(search(carol, ct, query="lunch", **{"with": "#dev"})) == [
+        "Lunch after carol joined"
+    ]
+    assert bodies(search(alice, at, query="lunch", **{"with": "bob"})) == ["lunch today?"]
+    # a non-member cannot search a group; nor a former member
+    reply = search(bob, bt, query="lunch", **{"with": "#dev"})
+    assert reply["code"] == "not_member"
+    ask(carol, ct, {"type": "leave", "group": "#dev"})
+    assert search(carol, ct, query="lunch", **{"with": "#dev"})["code"] == "not_member"
+    assert bodies(search(carol, ct, query="lunch")) == ["lunch with carol"]
+    assert search(bob, bt, query="x", **{"with": "#nope"})["code"] == "no_such_group"
+
+
+def test_search_pages_newest_first(realm: Any, clock: Clock) -> None:
+    alice, at = logged_in(realm, clock, "alice")
+    bob, bt = logged_in(realm, clock, "bob")
+    for i in range(5):
+        send(bob, bt, "alice", f"note {i}")
+    page = search(alice, at, query="note", limit=2)
+    assert bodies(page) == ["note 4", "note 3"]
+    page = search(alice, at, query="note", limit=2, before=page["messages"][-1]["pos"])
+    assert bodies(page) == ["note 2", "note 1"]
+    page = search(alice, at, query="note", limit=2, before=page["messages"][-1]["pos"])
+    assert bodies(page) == ["note 0"]
+
+
+def test_search_follows_edits_and_forgets_deletes(realm: Any, clock: Clock) -> None:
+    alice, at = logged_in(realm, clock, "alice")
+    bob, bt = logged_in(realm, clock, "bob")
+    reply, _ = ask(bob, bt, {"type": "send", "to": "alice", "body": "meet at noon"})
+    msg_id = reply["msg_id"]
+    assert ask(bob, bt, {"type": "edit", "msg_id": msg_id, "body": "meet at five"})[0]["type"] == (
+        "result"
+    )
+    [found] = search(alice, at, query="five")["messages"]
+    assert found["msg_id"] == msg_id and found["body"] == "meet at five"
+    assert search(alice, at, query="noon")["messages"] == []
+    ask(bob, bt, {"type": "delete", "msg_id": msg_id})
+    assert search(alice, at, query="meet")["messages"] == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"query": 5},
+        {"query": "   ...  "},
+        {"query": "x" * 257},
+        {"query": " ".join("w" * 17)},
+        {"query": "a", "limit": 0},
+        {"query": "a", "limit": 51},
+        {"query": "a", "before": -1},
+        {"query": "a", "with": 3},
+    ],
+)
+def test_search_bad_fields(realm: Any, clock: Clock, fields: dict[str, Any]) -> None:
+    alice, at = logged_in(realm, clock, "alice")
+    assert search(alice, at, **fields)["code"] == "bad_request"
+
+
+def test_search_is_rate_limited(realm: Any, clock: Clock) -> None:
+    from chatproto.realm.reading import SEARCH_BURST, SEARCH_RATE
+
+    alice, at = logged_in(realm, clock, "alice")
+    for _n in range(SEARCH_BURST):
+        assert search(alice, at, query="x")["type"] == "result"
+    reply = search(alice, at, query="x")
+    assert reply["code"] == "rate_limited" and reply["retry_after"] == round(1 / SEARCH_RATE, 3)

@@ -3,6 +3,7 @@ the client library, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -94,3 +95,44 @@ def test_markers_survive_a_restart(tmp_path: Any) -> Any:
     yield a.close()
     yield port.stopListening()
     yield realm.stopService()
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+@pytest_twisted.inlineCallbacks
+def test_search_over_the_wire(server: Any) -> Any:
+    realm, _, addr = server
+    a = yield connect(_reactor, addr, "alice", "password-a", register=True)
+    b = yield connect(_reactor, addr, "bob", "password-b", register=True)
+    c = yield connect(_reactor, addr, "carol", "password-c", register=True)
+    yield a.create_group("#dev")
+    yield a.send("#dev", "deploy zqxfriday")
+    yield c.join("#dev")
+    yield a.send("#dev", "deploy zqxmonday")
+    sent = yield b.send("alice", "deploy zqxsunday")
+    yield b.edit(sent["msg_id"], "deploy zqxtuesday")
+    found = yield a.search("deploy")
+    assert [m["body"] for m in found] == [
+        "deploy zqxtuesday",
+        "deploy zqxmonday",
+        "deploy zqxfriday",
+    ]
+    found = yield c.search("DEPLOY")
+    assert [m["body"] for m in found] == ["deploy zqxmonday"]
+    found = yield a.search("deploy", limit=1, before=found[0]["pos"])
+    assert [m["body"] for m in found] == ["deploy zqxfriday"]
+    assert (yield a.search("zqxsunday")) == []
+    with pytest.raises(RemoteError) as info:
+        yield b.search("deploy", "#dev")
+    assert info.value.code == "not_member"
+    yield b.delete(sent["msg_id"])
+    assert (yield a.search("zqxtuesday")) == []
+    for conn in (a, b, c):
+        yield conn.close()
+    if realm.config.storage.backend == "sqlite":  # the search index forgot it too
+        raw = b""
+        for suffix in ("", "-wal"):
+            if os.path.exists(realm.store.path + suffix):
+                with open(realm.store.path + suffix, "rb") as fh:
+                    raw += fh.read()
+        assert b"zqxtuesday" not in raw and b"zqxsunday" not in raw
+        assert b"zqxmonday" in raw  # the check can fail

@@ -101,13 +101,88 @@ def test_sqlite_migration_adds_the_tables(tmp_path: Any) -> None:
     path = str(tmp_path / "old.sqlite3")
     db = SQLiteDB(path)
     db.migrate()
-    db.conn.execute("DROP TABLE read_markers")
-    db.conn.execute("DROP TABLE prefs")
-    db.conn.execute("UPDATE schema_version SET version = 11")
+    for stmt in (
+        "DROP TABLE read_markers",
+        "DROP TABLE prefs",
+        "DROP TRIGGER items_fts_insert",
+        "DROP TRIGGER items_fts_edit",
+        "DROP TRIGGER items_fts_erase",
+        "DROP TRIGGER items_fts_delete",
+        "DROP TABLE items_fts",
+        "UPDATE schema_version SET version = 12",
+    ):
+        db.conn.execute(stmt)
     db.close()
     db = SQLiteDB(path)
-    assert db.migrate() == 11
+    assert db.migrate() == 12
     assert db.read_markers("x") == {} and db.prefs("k") == {}
     with pytest.raises(sqlite3.OperationalError):
         db.conn.execute("CREATE TABLE read_markers (x)")
     db.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_within_scopes_newest_first(store: Any) -> Any:
+    yield store.append([item(BOB, ALICE, "Lunch at noon?"), item(CAROL, BOB, "lunch secret")])
+    yield store.append([item(ALICE, "#dev@localhost", "lunchtime deploy")])
+    yield store.append([item(ALICE, "#ops@localhost", "lunch in ops")])
+    yield store.append([item(ALICE, BOB, "no food"), item(BOB, ALICE, "", "event")])
+    mine = [("user", ALICE, 0), ("conv", "#dev@localhost", 0)]
+    found = yield store.search(["lunch"], mine, None, 10)
+    assert [e.body for e in found] == ["lunchtime deploy", "Lunch at noon?"]
+    found = yield store.search(["lunch", "noon"], mine, None, 10)
+    assert [e.body for e in found] == ["Lunch at noon?"]
+    found = yield store.search(["unch"], mine, None, 10)  # words match from their start
+    assert found == []
+    # paging: before the last one seen
+    first = yield store.search(["lunch"], mine, None, 1)
+    assert [e.body for e in first] == ["lunchtime deploy"]
+    rest = yield store.search(["lunch"], mine, first[0].pos, 10)
+    assert [e.body for e in rest] == ["Lunch at noon?"]
+    # one conversation, and a bound (a floor, a group member's start)
+    conv = [("conv", conversation_key(ALICE, BOB), 0)]
+    found = yield store.search(["lunch"], conv, None, 10)
+    assert [e.body for e in found] == ["Lunch at noon?"]
+    found = yield store.search(["lunch"], [("conv", "#dev@localhost", first[0].pos)], None, 10)
+    assert found == []
+    assert (yield store.search(["lunch"], [], None, 10)) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_finds_file_names_and_words_in_any_case(store: Any) -> Any:
+    f = item(BOB, ALICE, "Quarterly-Report.PDF", "file")
+    f.meta = {"file_id": "f1", "sha256": "0" * 64, "size": 1, "name": f.body, "media_type": "a/b"}
+    yield store.append([f, item(BOB, ALICE, "héllo wörld")])
+    found = yield store.search(["report", "pdf"], [("user", ALICE, 0)], None, 10)
+    assert [e.kind for e in found] == ["file"]
+    found = yield store.search(["héllo"], [("user", ALICE, 0)], None, 10)
+    assert [e.body for e in found] == ["héllo wörld"]
+
+
+def test_sqlite_search_index_is_filled_for_older_items_and_purged(tmp_path: Any) -> None:
+    path = str(tmp_path / "old.sqlite3")
+    db = SQLiteDB(path)
+    db.migrate()
+    for stmt in (
+        "DROP TRIGGER items_fts_insert",
+        "DROP TRIGGER items_fts_edit",
+        "DROP TRIGGER items_fts_erase",
+        "DROP TRIGGER items_fts_delete",
+        "DROP TABLE items_fts",
+        "UPDATE schema_version SET version = 13",
+    ):
+        db.conn.execute(stmt)
+    db.commit_batch([[item(BOB, ALICE, "zqxsecretword stays"), item(BOB, ALICE, "other")]], {})
+    db.close()
+    db = SQLiteDB(path)
+    assert db.migrate() == 13
+    [found] = db.search(["zqxsecret"], [("user", ALICE, 0)], None, 10)
+    # a body erased (a deletion) leaves the index, and its words the database file
+    db.conn.execute("PRAGMA secure_delete = ON")
+    db.conn.execute("UPDATE items SET body = '' WHERE pos = ?", (found.pos,))
+    assert db.search(["zqxsecret"], [("user", ALICE, 0)], None, 10) == []
+    assert [e.body for e in db.search(["other"], [("user", ALICE, 0)], None, 10)] == ["other"]
+    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    with open(path, "rb") as fh:
+        assert b"zqxsecretword" not in fh.read()

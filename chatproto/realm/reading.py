@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
+from chatproto import address
 from chatproto.envelope import Envelope, conversation_key
 from chatproto.errors import ChatError
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm.sessions import Notice, Session
+from chatproto.store.reading import search_words
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -33,7 +35,13 @@ __all__ = [
     "CONVERSATIONS_LIMIT",
     "MARK_BURST",
     "MARK_RATE",
+    "MAX_QUERY",
+    "MAX_QUERY_WORDS",
     "READ_RECEIPTS",
+    "SEARCH_BURST",
+    "SEARCH_DEFAULT",
+    "SEARCH_PAGE",
+    "SEARCH_RATE",
     "TYPING_BURST",
     "TYPING_RATE",
     "Reading",
@@ -49,6 +57,14 @@ TYPING_BURST = 5
 CONVERSATIONS_LIMIT = 500
 #: The preference key of the read-receipt switch (value ``"off"`` when off).
 READ_RECEIPTS = "read_receipts"
+#: ``search``: the most (and default) results of one page, the longest query (in
+#: characters) and the most words in it, and each connection's token bucket.
+SEARCH_PAGE = 50
+SEARCH_DEFAULT = 20
+MAX_QUERY = 256
+MAX_QUERY_WORDS = 16
+SEARCH_RATE = 2.0
+SEARCH_BURST = 10
 
 
 class Reading:
@@ -192,6 +208,44 @@ class Reading:
                     entry["peer_read"] = markers[other]
             out.append(entry)
         return {"conversations": out, "read_receipts": self.shares(user)}
+
+    # search --------------------------------------------------------------------------------
+
+    def search(
+        self,
+        session: Session,
+        query: str,
+        peer: str | None,
+        before: int | None,
+        limit: int | None,
+    ) -> Deferred[list[Envelope]]:
+        """A page of the items ``session``'s user may read (exactly what ``history``
+        gives them) whose text has every word of ``query``, newest first."""
+        limit = SEARCH_DEFAULT if limit is None else limit
+        if not 1 <= limit <= SEARCH_PAGE:
+            raise ChatError("bad_request", f"limit must be between 1 and {SEARCH_PAGE}")
+        if len(query) > MAX_QUERY:
+            raise ChatError("bad_request", f"the query is longer than {MAX_QUERY} characters")
+        words = search_words(query)
+        if not words:
+            raise ChatError("bad_request", "the query has no word (letters or digits)")
+        if len(words) > MAX_QUERY_WORDS:
+            raise ChatError("bad_request", f"the query has more than {MAX_QUERY_WORDS} words")
+        self._take(session, "search", SEARCH_RATE, SEARCH_BURST)
+        user = session.user_id
+        scopes: list[tuple[str, str, int]]
+        if peer is None:
+            rules = self._realm.groups
+            scopes = [("user", user, session.floor)]
+            for addr in sorted(rules.of_user.get(user, ())):
+                scopes.append(("conv", addr, rules.readable_from(addr, user)))
+        elif peer.startswith("#"):  # as history: members only, under the group's rule
+            group = self._realm.group_handler.address(peer, remote_ok=True)
+            scopes = [("conv", group, self._realm.groups.readable_from(group, user))]
+        else:
+            other = address.user(peer, self._realm.realm)
+            scopes = [("conv", conversation_key(user, str(other)), session.floor)]
+        return self._store.search(words, scopes, before, limit)  # type: ignore[no-any-return]
 
     # typing --------------------------------------------------------------------------------
 

@@ -332,6 +332,16 @@ class IStore(Interface):
         text items of a group that mention ``name``: :mod:`chatproto.mentions`) and
         ``markers`` (``{user: position}`` in the conversation)."""
 
+    def search(words, scopes, before, limit):  # type: ignore[misc]
+        """Items of kind text or file whose body has, for each of ``words`` (lower-case
+        letters and digits, see :func:`chatproto.store.reading.search_words`), a word
+        beginning with it; newest first, at most ``limit``, with ``pos < before``
+        (None: no bound), within ``scopes``: ``("user", address, floor)`` -- the
+        private items to or from that user after ``floor`` -- or ``("conv", key,
+        lo)`` -- one conversation's items after ``lo``.  The SQL stores ask a
+        full-text index kept in the transaction that writes the item (SQLite FTS5,
+        PostgreSQL's GIN over ``to_tsvector('simple', body)``)."""
+
     def prefs(key):  # type: ignore[misc]
         """``{user: value}`` for every user who set preference ``key``."""
 

@@ -77,6 +77,13 @@ class StoreDB(Protocol):
         reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult: ...
     def read_markers(self, conv: str) -> dict[str, int]: ...
+    def search(
+        self,
+        words: Sequence[str],
+        scopes: Sequence[tuple[str, str, int]],
+        before: int | None,
+        limit: int,
+    ) -> list[Envelope]: ...
     def prefs(self, key: str) -> dict[str, str]: ...
     def set_pref(self, user: str, key: str, value: str | None) -> None: ...
     def conversations(
@@ -746,6 +753,16 @@ class GroupCommitStore:
         pending = self._unwritten_reads()
         ranges = list(groups)
         return self._read(lambda db: db.conversations(user, floor, ranges, name, limit, pending))
+
+    def search(
+        self,
+        words: Sequence[str],
+        scopes: Sequence[tuple[str, str, int]],
+        before: int | None,
+        limit: int,
+    ) -> Deferred[list[Envelope]]:
+        terms, where = list(words), list(scopes)
+        return self._read(lambda db: db.search(terms, where, before, limit))
 
     def prefs(self, key: str) -> Deferred[dict[str, str]]:
         return self._read(lambda db: db.prefs(key))

@@ -19,7 +19,12 @@ from chatproto.envelope import Envelope, alternate_id
 from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
 from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
-from chatproto.store.reading import UNREAD_KINDS, conversation_summary
+from chatproto.store.reading import (
+    SEARCH_KINDS,
+    UNREAD_KINDS,
+    conversation_summary,
+    words_match,
+)
 
 __all__ = [
     "MemoryStore",
@@ -474,6 +479,36 @@ class MemoryStore:
             out.append(
                 conversation_summary(conv, last[conv], read, len(unread), mentioned, markers)
             )
+        return succeed(out)
+
+    def search(
+        self,
+        words: Sequence[str],
+        scopes: Sequence[tuple[str, str, int]],
+        before: int | None,
+        limit: int,
+    ) -> Deferred[list[Envelope]]:
+        def inside(e: Envelope) -> bool:
+            for kind, what, lo in scopes:
+                if e.pos <= lo:
+                    continue
+                if kind == "user":
+                    if what in (e.sender, e.recipient) and not e.recipient.startswith("#"):
+                        return True
+                elif e.conversation == what:
+                    return True
+            return False
+
+        bound = before if before is not None else 2**62
+        out: list[Envelope] = []
+        for e in reversed(self.items):
+            if len(out) == limit:
+                break
+            if e.pos >= bound or e.kind not in SEARCH_KINDS or not words or not inside(e):
+                continue
+            [now] = current_view([e], self._refs([e]))
+            if now.body and words_match(words, now.body):
+                out.append(now)
         return succeed(out)
 
     def prefs(self, key: str) -> Deferred[dict[str, str]]:

@@ -171,8 +171,19 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version
-#: (each store has its own) and SQLite's own bookkeeping (its sequences, below).
-NOT_COPIED = {"settings", "schema_version", "sqlite_sequence"}
+#: (each store has its own), SQLite's own bookkeeping (its sequences, below) and the
+#: search index (FTS5's tables): PostgreSQL's trigger builds its own from the items.
+NOT_COPIED = {
+    "settings",
+    "schema_version",
+    "sqlite_sequence",
+    "items_fts",
+    "items_fts_config",
+    "items_fts_content",
+    "items_fts_data",
+    "items_fts_docsize",
+    "items_fts_idx",
+}
 
 
 def _rows(db: SQLiteDB, query: str) -> Iterator[Sequence[Any]]:

@@ -74,7 +74,7 @@ __all__ = [
     "unescape_text",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -234,6 +234,49 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL,
         PRIMARY KEY (user_addr, key)
     );
+    """,
+    # v9 (SQLite's v14): full-text search.  search_text holds the current text of
+    # every text and file item (its latest edit's) as words (runs of letters and
+    # digits, as SQLite's tokenizer splits them), kept by a trigger in the item's
+    # transaction, with a GIN index of them ('simple': lower-cased, no stemming).
+    """
+    CREATE TABLE search_text (
+        pos BIGINT PRIMARY KEY,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX search_text_words ON search_text USING gin (to_tsvector('simple', body));
+    INSERT INTO search_text (pos, body)
+        SELECT t.pos, regexp_replace(coalesce((
+            SELECT e.body FROM items e WHERE e.kind = 'edit' AND t.kind = 'text'
+            AND e.meta::json ->> 'ref' = t.id AND e.conv = t.conv
+            AND e.sender = t.sender ORDER BY e.pos DESC LIMIT 1), t.body),
+            '[^[:alnum:]]+', ' ', 'g')
+        FROM items t WHERE t.kind IN ('text', 'file') AND t.body <> '';
+    CREATE FUNCTION items_search() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            IF NEW.kind IN ('text', 'file') AND NEW.body <> '' THEN
+                INSERT INTO search_text
+                    VALUES (NEW.pos, regexp_replace(NEW.body, '[^[:alnum:]]+', ' ', 'g'));
+            ELSIF NEW.kind = 'edit' THEN
+                UPDATE search_text s
+                    SET body = regexp_replace(NEW.body, '[^[:alnum:]]+', ' ', 'g') FROM items t
+                    WHERE s.pos = t.pos AND t.id = (NEW.meta::json ->> 'ref')
+                    AND t.conv = NEW.conv AND t.sender = NEW.sender AND t.kind = 'text'
+                    AND t.body <> '';
+            END IF;
+        ELSIF TG_OP = 'UPDATE' THEN
+            IF NEW.body = '' THEN
+                DELETE FROM search_text WHERE pos = OLD.pos;
+            END IF;
+        ELSE
+            DELETE FROM search_text WHERE pos = OLD.pos;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER items_search AFTER INSERT OR UPDATE OF body OR DELETE ON items
+        FOR EACH ROW EXECUTE FUNCTION items_search();
     """,
 ]
 
@@ -1374,6 +1417,14 @@ class PostgresDB(ReadingSQL):
 
     def _mention_sql(self) -> tuple[str, Any]:
         return "body ~* ?", mention_pattern
+
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
+        query = " & ".join(f"'{w}':*" for w in words)  # words are letters and digits
+        cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
+        return "JOIN search_text s ON s.pos = items.pos", cond, query
+
+    def _current(self, items: list[Envelope]) -> list[Envelope]:
+        return current_view(items, self._refs(items))
 
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
         with self.conn.cursor() as cur:

@@ -14,17 +14,42 @@ moves forward.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from chatproto.envelope import Envelope
 
-__all__ = ["UNREAD_KINDS", "ReadingSQL", "conversation_summary"]
+__all__ = [
+    "SEARCH_KINDS",
+    "UNREAD_KINDS",
+    "ReadingSQL",
+    "conversation_summary",
+    "search_words",
+    "words_match",
+]
 
 #: The kinds of item that count as unread (a message or a file, not an event).
 UNREAD_KINDS = ("text", "file")
 
 _KINDS_SQL = "kind IN ('text', 'file')"
+#: The kinds of item search finds (their body: a message's text, a file's name).
+SEARCH_KINDS = UNREAD_KINDS
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def search_words(query: str) -> list[str]:
+    """The words of a search query, lower-cased: runs of letters and digits (what
+    the full-text engines index as words; punctuation and ``_`` separate them)."""
+    return [w.lower() for w in _WORD.findall(query)]
+
+
+def words_match(words: Sequence[str], body: str) -> bool:
+    """Whether every one of ``words`` begins a word of ``body`` (the memory store's
+    search; the SQL stores ask their full-text index the same)."""
+    have = search_words(body)
+    return all(any(h.startswith(w) for h in have) for w in words)
 
 
 def conversation_summary(
@@ -131,3 +156,50 @@ class ReadingSQL:
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
         """Inside a group commit: move markers forward (never back)."""
         raise NotImplementedError
+
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
+        """``(join, condition, parameter)``: the rows of ``items`` whose body has a
+        word beginning with each of ``words``, through the backend's full-text index."""
+        raise NotImplementedError
+
+    def _current(self, items: list[Envelope]) -> list[Envelope]:
+        """``items`` as ``history`` shows them (edited text, reactions, deletions)."""
+        raise NotImplementedError
+
+    def search(
+        self,
+        words: Sequence[str],
+        scopes: Sequence[tuple[str, str, int]],
+        before: int | None,
+        limit: int,
+    ) -> list[Envelope]:
+        """Items of kind text or file whose current text (an edited item's latest
+        edit's; a deleted one has none) matches every one of ``words`` (see
+        :meth:`_search_sql`), as ``history`` shows them, newest first, at most
+        ``limit``, with ``pos < before``, in the scopes given: ``("user", address,
+        floor)`` for the private items to or from that user after ``floor``;
+        ``("conv", key, lo)`` for the items of one conversation (a group's
+        address, or a private conversation's key) after ``lo``.  No scope: nothing."""
+        if not scopes or not words:
+            return []
+        join, cond, param = self._search_sql(words)
+        parts = []
+        params: list[Any] = [param, before if before is not None else 2**62]
+        for kind, what, lo in scopes:
+            if kind == "user":
+                parts.append(
+                    "((items.recipient = ? OR items.sender = ?) "
+                    "AND substr(items.recipient, 1, 1) <> '#' AND items.pos > ?)"
+                )
+                params += [what, what, lo]
+            else:
+                parts.append("(items.conv = ? AND items.pos > ?)")
+                params += [what, lo]
+        cols = ", ".join("items." + c for c in self.COLS.split(", "))
+        rows = self._rows(
+            f"SELECT {cols} FROM items {join} WHERE {cond} AND items.pos < ? "
+            f"AND items.{_KINDS_SQL} AND ({' OR '.join(parts)}) "
+            "ORDER BY items.pos DESC LIMIT ?",
+            [*params, limit],
+        )
+        return self._current([self._item(r) for r in rows])

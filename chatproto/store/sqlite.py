@@ -42,7 +42,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -216,7 +216,65 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_addr, key)
     ) WITHOUT ROWID;
     """,
+    # v14: full-text search (FTS5): the current text of every text and file item (its
+    # latest edit's, see chatproto/relations.py), filled for the items stored before
+    # and kept by triggers in the transaction that writes the item (no statement of
+    # its own per message).  A body erased (a deletion) leaves the index, and
+    # 'optimize' rewrites its segments so its words leave the file too.
+    """
+    CREATE VIRTUAL TABLE items_fts USING fts5(
+        body, tokenize = 'unicode61 remove_diacritics 0'
+    );
+    INSERT INTO items_fts (rowid, body)
+        SELECT t.pos, coalesce((
+            SELECT e.body FROM items e WHERE e.kind = 'edit' AND t.kind = 'text'
+            AND json_extract(e.meta, '$.ref') = t.id AND e.conv = t.conv
+            AND e.sender = t.sender ORDER BY e.pos DESC LIMIT 1), t.body)
+        FROM items t WHERE t.kind IN ('text', 'file') AND t.body <> '';
+    CREATE TRIGGER items_fts_insert AFTER INSERT ON items
+        WHEN new.kind IN ('text', 'file') AND new.body <> ''
+        BEGIN
+            INSERT INTO items_fts (rowid, body) VALUES (new.pos, new.body);
+        END;
+    CREATE TRIGGER items_fts_edit AFTER INSERT ON items
+        WHEN new.kind = 'edit'
+        BEGIN
+            DELETE FROM items_fts WHERE rowid = (
+                SELECT pos FROM items WHERE id = json_extract(new.meta, '$.ref')
+                AND conv = new.conv AND sender = new.sender AND kind = 'text' AND body <> '');
+            INSERT INTO items_fts (rowid, body)
+                SELECT pos, new.body FROM items WHERE id = json_extract(new.meta, '$.ref')
+                AND conv = new.conv AND sender = new.sender AND kind = 'text' AND body <> '';
+        END;
+    CREATE TRIGGER items_fts_erase AFTER UPDATE OF body ON items
+        WHEN new.body = '' AND old.body <> '' AND old.kind IN ('text', 'file')
+        BEGIN
+            DELETE FROM items_fts WHERE rowid = old.pos;
+            INSERT INTO items_fts (items_fts) VALUES ('optimize');
+        END;
+    CREATE TRIGGER items_fts_delete AFTER DELETE ON items
+        WHEN old.kind IN ('text', 'file')
+        BEGIN
+            DELETE FROM items_fts WHERE rowid = old.pos;
+        END;
+    """,
 ]
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of a migration, in order (a trigger's body holds ';')."""
+    out: list[str] = []
+    buf = ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n;"):
+                out.append(buf)
+            buf = ""
+    if buf.strip(" \n;"):
+        out.append(buf)
+    return out
+
 
 #: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
 #: an edit of a deleted item (checked before the delete was committed) loses its text.
@@ -312,9 +370,8 @@ class SQLiteDB(ReadingSQL):
         for v in range(found, SCHEMA_VERSION):
             c.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
+                for stmt in _statements(MIGRATIONS[v]):
+                    c.execute(stmt)
                 c.execute("DELETE FROM schema_version")
                 c.execute("INSERT INTO schema_version VALUES (?)", (v + 1,))
                 c.execute("COMMIT")
@@ -1060,6 +1117,13 @@ class SQLiteDB(ReadingSQL):
             "DO UPDATE SET pos = max(pos, excluded.pos)",
             [(conv, u, p) for (u, conv), p in reads.items()],
         )
+
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
+        query = " ".join(f'"{w}"*' for w in words)  # every word, as a prefix
+        return "JOIN items_fts ON items_fts.rowid = items.pos", "items_fts MATCH ?", query
+
+    def _current(self, items: list[Envelope]) -> list[Envelope]:
+        return current_view(items, self._refs(items))
 
     def set_pref(self, user: str, key: str, value: str | None) -> None:
         """Set (or with None, clear) preference ``key`` of ``user``."""
