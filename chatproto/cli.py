@@ -244,6 +244,31 @@ def make_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "search",
+        parents=[common],
+        help="search the messages you may read",
+        description="Print the messages you may read (those 'history' shows you) whose "
+        "text has every word of QUERY, as word beginnings in any case, newest first. "
+        "With --in, one conversation only.  A full page ends with a line naming the "
+        "--before POS that gives the next one.",
+    )
+    p.add_argument("query", metavar="QUERY", nargs="+")
+    p.add_argument("--in", dest="peer", metavar="PEER", help="only the conversation with PEER")
+    p.add_argument("--before", type=_position, metavar="POS", help="messages before POS")
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N messages (max 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
+        "conversations",
+        parents=[common],
+        help="list your conversations with their unread counts",
+        description="List your private conversations and groups, most recent first, with "
+        "the number of unread messages (and of mentions of you in groups) and the last "
+        "one -- what a new client shows in its sidebar.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
         "listen",
         parents=[common],
         help="print the backlog, then new messages as they arrive",
@@ -900,6 +925,29 @@ async def _history(conn: Connection, args: argparse.Namespace) -> None:
         _say(f"{msg.get('msg_id')} {line}" if args.ids and not args.json else line)
 
 
+async def _search(conn: Connection, args: argparse.Namespace) -> None:
+    limit = args.limit if args.limit is not None else 20
+    found = await conn.search(" ".join(args.query), args.peer, args.before, limit)
+    for msg in found:
+        _say(format_message(msg, args.json, me=conn.user))
+    if len(found) == limit and not args.json:
+        _say(f"(more: --before {found[-1]['pos']})")
+
+
+async def _conversations(conn: Connection, args: argparse.Namespace) -> None:
+    listed = await conn.conversations()
+    for entry in listed["conversations"]:
+        if args.json:
+            _say(json.dumps(entry, ensure_ascii=False))
+            continue
+        counts = f"{entry['unread']} unread" if entry.get("unread") else "read"
+        if entry.get("mentions"):
+            counts += f", {entry['mentions']} mentioning you"
+        last = entry.get("last")
+        tail = f"  {format_message(last, False, me=conn.user)}" if last else ""
+        _say(f"{entry['with']} ({counts}){tail}")
+
+
 async def _who(conn: Connection, args: argparse.Namespace) -> None:
     """The realm's answer, plus yourself: this command's own session is quiet (it does
     not make you appear online), so the realm lists you only for your other sessions.
@@ -1047,6 +1095,8 @@ _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]]
     "send-file": _send_file,
     "download": _download,
     "history": _history,
+    "search": _search,
+    "conversations": _conversations,
     "who": _who,
     "groups": _groups,
     "create": _create,

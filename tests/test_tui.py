@@ -200,7 +200,7 @@ def test_parse_messages_and_commands() -> None:
     [
         ("/msg", "usage: /msg USER [TEXT...]"),
         ("/nosuch x", "unknown command /nosuch"),
-        ("/s x", "/s is ambiguous: /send, /status"),
+        ("/s x", "/s is ambiguous: /send, /search, /status"),
         ("/join #a #b", "too many arguments; usage: /join #GROUP"),
         ("/", "a command name must follow '/'"),
         ("/quit now", "too many arguments"),

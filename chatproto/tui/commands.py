@@ -150,6 +150,11 @@ COMMANDS: dict[str, CommandSpec] = {
             "save a file sent here (default: the latest) to PATH (default: the download directory)",
         ),
         CommandSpec(
+            "search",
+            (_p("WORDS", "text", rest=True),),
+            "search the messages you may read (in a group or conversation: only that one)",
+        ),
+        CommandSpec(
             "status",
             (_p("STATUS", "status"), _p("TEXT", "text", True, True)),
             "show yourself as online, away or busy, with an optional text",

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from chatproto import address, client
-from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain
+from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain, format_message
 from chatproto.client import (
     ChatClientService,
     Connection,
@@ -109,6 +109,12 @@ class ChatController:
         self.conversations_path = conversations_path
         self._remembered: tuple[str, set[str]] | None = None  # (file, addresses saved)
         model.subscribe(self._remember)
+        #: read markers: the newest position shown per conversation, what was sent to
+        #: the realm, and the pending send (markers go at most every half second)
+        self._marked: dict[str, int] = {}
+        self._sent_marks: dict[str, int] = {}
+        self._marking: Any = None
+        self.clock: Any = reactor
 
     # login and connection state ---------------------------------------------------
 
@@ -275,6 +281,9 @@ class ChatController:
 
     def stop(self) -> Deferred[None]:
         """Close the connection (acks flushed) and stop reconnecting."""
+        if self._marking is not None and self._marking.active():
+            self._marking.cancel()
+        self._marking = None
         service, self.service = self.service, None
         self.model.set_connection("offline", "")
         if service is None or not service.running:
@@ -283,15 +292,20 @@ class ChatController:
 
     @inlineCallbacks
     def discover_groups(self) -> Any:
-        """Put the public groups the user is a member of in the sidebar.
-
-        (Invite-only groups and private conversations appear as their items arrive or
-        with ``/join`` and ``/msg``: the protocol has no "my conversations" request.)
-        """
+        """Put the user's conversations in the sidebar, with the realm's unread counts
+        (the conversation list: the same sidebar on every install), and remember the
+        public groups (for completion)."""
         if self.service is None:
             return
         try:
             conn = yield self.service.whenReady()
+            listed = yield conn.conversations()
+            for entry in listed["conversations"]:
+                addr = str(entry["with"])
+                self.model.set_counts(addr, int(entry["unread"]), int(entry.get("mentions", 0)))
+                last = entry.get("last")
+                if last and addr != self.model.active:
+                    self._marked.setdefault(addr, int(entry.get("read", 0)))
             groups = yield conn.list_groups()
             self.public_groups = [str(info["group"]) for info in groups]
             for info in groups:
@@ -306,7 +320,32 @@ class ChatController:
     # stream and presence ------------------------------------------------------------
 
     def _message(self, item: dict[str, Any]) -> None:
-        self.model.receive(item)
+        if self.model.receive(item) and self.model.peer_of(item) == self.model.active:
+            self.mark_read(self.model.active)
+
+    def mark_read(self, addr: str) -> None:
+        """The conversation ``addr`` is on screen: tell the realm it is read up to its
+        newest item (so the user's other devices and the other party know), once per
+        new item at most, never faster than the realm's limit allows."""
+        conv = self.model.conversations.get(addr)
+        if conv is None or addr == STATUS or self.service is None:
+            return
+        newest = conv.newest
+        if newest <= self._marked.get(addr, 0) or self.model.connection != "online":
+            return
+        self._marked[addr] = newest
+        if self._marking is None:
+            self._marking = self.clock.callLater(0.5, self._send_marks)
+
+    def _send_marks(self) -> None:
+        self._marking = None
+        conn = self.service.connection if self.service is not None else None
+        if conn is None:
+            return
+        for addr, pos in list(self._marked.items()):
+            if self._sent_marks.get(addr, 0) < pos:
+                self._sent_marks[addr] = pos
+                conn.mark_read(addr, pos).addErrback(lambda _: None)
 
     def _presence(self, frame: dict[str, Any]) -> None:
         user = str(frame.get("user", ""))
@@ -319,6 +358,7 @@ class ChatController:
         """Show the conversation with ``addr`` (canonical), loading its newest page."""
         self.model.select(addr)
         self._load_history(addr)
+        self.mark_read(addr)
         if addr and not addr.startswith("#") and addr not in self.model.presence:
             # Presence frames only come for contacts: ask once about a new partner.
             self._ask_presence(addr)
@@ -385,7 +425,10 @@ class ChatController:
             return 0
         if self.model.conversations.get(addr) is not conv:
             return 0  # closed (or closed and opened again) meanwhile
-        return self.model.add_history(addr, page, self.page)
+        added = self.model.add_history(addr, page, self.page)
+        if addr == self.model.active:
+            self.mark_read(addr)
+        return added
 
     # input --------------------------------------------------------------------------
 
@@ -670,6 +713,20 @@ class ChatController:
         conn = await self._ready()
         await conn.unban(group, user)
         self.model.notice(f"{short(user, self.model.realm)} may join again", group)
+
+    async def _cmd_search(self, cmd: commands.Command) -> None:
+        where = self.model.active
+        conn = await self._ready()
+        peer = None if where == STATUS else where
+        found = await conn.search(cmd.get("WORDS"), peer)
+        scope = "everywhere" if peer is None else short(peer, self.model.realm)
+        words = cmd.get("WORDS")
+        if not found:
+            self.model.notice(f"search {words!r} ({scope}): nothing found", where)
+            return
+        self.model.notice(f"search {words!r} ({scope}): {len(found)} found, newest first", where)
+        for item in found:
+            self.model.notice("  " + format_message(item, False, me=self.model.me), where)
 
     async def _cmd_status(self, cmd: commands.Command) -> None:
         status = cmd.get("STATUS").lower()

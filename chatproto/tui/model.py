@@ -23,6 +23,8 @@ from typing import Any
 
 import attrs
 
+from chatproto.mentions import mentions
+
 __all__ = [
     "STATUS",
     "ChatModel",
@@ -138,6 +140,8 @@ class Conversation:
 
     address: str
     unread: int = 0
+    #: unread group messages that mention the user (chatproto.mentions)
+    mentions: int = 0
     topic: str = ""
     #: "unloaded", "loading", "partial" (older pages exist) or "complete"
     history: str = "unloaded"
@@ -333,6 +337,7 @@ class ChatModel:
             conv.mark_unread(self.me)
         self.active = address
         conv.unread = 0
+        conv.mentions = 0
         self.changed()
         return conv
 
@@ -410,8 +415,27 @@ class ChatModel:
                 conv.joined = False
         if item.get("from") != self.me and address != self.active:
             conv.unread += 1
+            if conv.is_group and self.mentioned(item):
+                conv.mentions += 1
         self.changed()
         return True
+
+    def mentioned(self, item: dict[str, Any]) -> bool:
+        """Whether ``item`` is a group message from someone else mentioning the user
+        (``@name``: the realm's rule, chatproto.mentions)."""
+        if item.get("kind") != "text" or item.get("from") == self.me or not self.me:
+            return False
+        if not str(item.get("to", "")).startswith("#"):
+            return False
+        return mentions(str(item.get("body", "")), self.me.rpartition("@")[0])
+
+    def set_counts(self, address: str, unread: int, mentions: int) -> None:
+        """The realm's unread counts of a conversation (from the conversation list);
+        none for the one on screen."""
+        conv = self.conversation(address)
+        if address != self.active:
+            conv.unread, conv.mentions = unread, mentions
+        self.changed()
 
     def add_history(self, address: str, page: list[dict[str, Any]], limit: int) -> int:
         """A history page (oldest first) for ``address``; returns how many were new.

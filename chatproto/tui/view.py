@@ -29,6 +29,7 @@ from typing import Any
 import urwid
 
 from chatproto.cli import describe_event, human_size
+from chatproto.mentions import mentions
 from chatproto.tui.model import (
     STATUS,
     ChatModel,
@@ -60,6 +61,7 @@ PALETTE = [
     ("sidebar", "light gray", "black"),
     ("sidebar active", "black", "light gray"),
     ("unread", "white,bold", "black"),
+    ("mention", "black,bold", "yellow"),
     ("online", "light green", "black"),
     ("away", "yellow", "black"),
     ("busy", "light red", "black"),
@@ -137,6 +139,8 @@ def message_markup(
     body = str(item.get("body", "")).replace("\n", indent)
     if kind not in (None, "text"):
         return [when, nick, " ", ("hint", f"[{kind}] "), body]
+    if mentions_me(item, me):  # @name of the user in a group: highlighted
+        return [*quote, when, nick, " ", ("mention", body), *_marks(meta)]
     return [*quote, when, nick, " ", body, *_marks(meta)]
 
 
@@ -169,6 +173,13 @@ def _marks(meta: dict[str, Any]) -> list[Any]:
     return out
 
 
+def mentions_me(item: dict[str, Any], me: str) -> bool:
+    """A group message from someone else that mentions ``me`` (chatproto.mentions)."""
+    if item.get("from") == me or not str(item.get("to", "")).startswith("#") or not me:
+        return False
+    return mentions(str(item.get("body", "")), me.rpartition("@")[0])
+
+
 def sidebar_markup(conv: Conversation, model: ChatModel, width: int = 22) -> list[Any]:
     """The sidebar entry of a conversation: presence mark, name, unread count."""
     if conv.address == STATUS:
@@ -185,12 +196,16 @@ def sidebar_markup(conv: Conversation, model: ChatModel, width: int = 22) -> lis
             mark = _PRESENCE_MARK.get(status, " ")
             attr = status if status in _PRESENCE_MARK else "left"
     count = f" ({conv.unread})" if conv.unread else ""
+    if conv.mentions:
+        count = f" ({conv.unread} @{conv.mentions})"
     room = max(1, width - 2 - len(count))
     if len(name) > room:
         name = name[: room - 1] + "~"
     if conv.address == model.active:
         return [("sidebar active", f"{mark} {name}{count}".ljust(width))]
     label_attr = "unread" if conv.unread else ("sidebar" if attr in _PRESENCE_MARK else attr)
+    if conv.mentions:
+        label_attr = "mention"
     return [(attr, mark), (label_attr, f" {name}{count}")]
 
 

@@ -32,7 +32,14 @@ const state = {
   retryTimer: null,
   stopped: true,
   limits: {},
+  typingTimers: new Map(), // conversation -> timer hiding its "typing" line
+  typingSent: 0,           // when this page last told the realm the user is typing
+  readTimer: null,
+  lastMark: 0,             // when this page last sent a read marker
 };
+
+const TYPING_EVERY = 3000; // ms between typing notices while typing
+const TYPING_SHOWN = 6000; // ms a typing notice is shown (PROTOCOL.md, typing)
 
 // ---- small DOM helpers ---------------------------------------------------------------
 
@@ -111,7 +118,8 @@ function getConversation(addr) {
   let c = state.conversations.get(addr);
   if (!c) {
     c = { addr, group: addr.startsWith("#"), items: new Map(), byId: new Map(), unread: 0,
-          historyLoaded: false, hasOlder: true, lastTs: 0 };
+          mentions: 0, historyLoaded: false, hasOlder: true, lastTs: 0, read: 0, marked: 0,
+          peerRead: 0, typing: "" };
     state.conversations.set(addr, c);
     saveConversations();
   }
@@ -249,6 +257,8 @@ function onFrame(f) {
     case "msg": onMsg(f); break;
     case "synced": onSynced(f.pos); break;
     case "presence": onPresence(f); break;
+    case "read": onRead(f); break;
+    case "typing": onTyping(f); break;
     case "ping": sendFrame({ type: "pong" }); break;
     default: break; // unknown frames are ignored (PROTOCOL.md)
   }
@@ -263,7 +273,12 @@ function onMsg(env) {
   if (env.kind === "event" && env.meta && env.meta.event === "deleted") conv.deleted = true;
   if (!addItem(conv, env)) return;
   const visible = addr === state.active && document.visibilityState === "visible";
-  if (!visible && env.from !== state.me && !REF_KINDS.has(env.kind)) conv.unread++;
+  if (!visible && env.from !== state.me && (env.kind === "text" || env.kind === "file")) {
+    conv.unread++;
+    if (mentionsMe(env)) conv.mentions++;
+  }
+  if (env.from !== state.me && conv.typing) { conv.typing = ""; renderHeader(); }
+  if (visible) scheduleRead();
   renderConversations();
   if (addr === state.active) {
     renderMessages({ stick: true });
@@ -278,6 +293,7 @@ function onSynced(pos) {
   setConn("connected");
   saveConversations();
   renderConversations();
+  loadConversationList();
   flushOutbox();
   // a status lasts while the user has a session: after a reconnect, set it again
   if ($("status").value !== "online") request("set_status", { status: $("status").value }).catch(() => {});
@@ -288,6 +304,120 @@ function onPresence(f) {
   state.presence.set(f.user, f.status);
   renderConversations();
   renderHeader();
+}
+
+// The realm keeps the conversation list, the read markers and the unread counts: a new
+// browser shows the same sidebar as the old one (PROTOCOL.md, conversations).
+async function loadConversationList() {
+  try {
+    const res = await request("conversations");
+    for (const entry of res.conversations) {
+      const c = getConversation(entry.with);
+      if (entry.last && entry.last.ts > c.lastTs) c.lastTs = entry.last.ts;
+      c.read = Math.max(c.read, entry.read);
+      c.marked = Math.max(c.marked, entry.read);
+      if (entry.peer_read) c.peerRead = Math.max(c.peerRead, entry.peer_read);
+      const visible = c.addr === state.active && document.visibilityState === "visible";
+      if (!visible) { c.unread = entry.unread; c.mentions = entry.mentions || 0; }
+    }
+    saveConversations();
+    renderConversations();
+    renderHeader();
+    if (state.active) scheduleRead();
+  } catch { /* offline again: the next sync asks again */ }
+}
+
+function newestPos(conv) {
+  let top = 0;
+  for (const p of conv.items.keys()) if (p > top) top = p;
+  return top;
+}
+
+// The open conversation is read up to its newest item: tell the realm (once per new
+// item, at most once a second), so the user's other devices and the other party know.
+function scheduleRead() {
+  const addr = state.active;
+  if (!addr || !state.live || document.visibilityState !== "visible") return;
+  const conv = getConversation(addr);
+  const top = newestPos(conv);
+  if (top <= conv.marked) return;
+  const wait = state.lastMark + 1000 - Date.now();
+  if (wait > 0) {
+    if (!state.readTimer) {
+      state.readTimer = setTimeout(() => { state.readTimer = null; scheduleRead(); }, wait);
+    }
+    return;
+  }
+  state.lastMark = Date.now();
+  conv.marked = top;
+  request("mark_read", { with: addr, pos: top }).catch(() => { conv.marked = 0; });
+}
+
+function onRead(f) {
+  if (f.user === state.me) { // this user, on another device (or here)
+    const conv = getConversation(f.with);
+    conv.read = Math.max(conv.read, f.pos);
+    conv.marked = Math.max(conv.marked, f.pos);
+    if (f.pos >= newestPos(conv)) { conv.unread = 0; conv.mentions = 0; }
+    renderConversations();
+  } else { // the other party of a private conversation
+    const conv = getConversation(f.with);
+    conv.peerRead = Math.max(conv.peerRead, f.pos);
+    if (f.with === state.active) renderHeader();
+  }
+}
+
+function onTyping(f) {
+  if (f.user === state.me) return;
+  const conv = getConversation(f.with);
+  clearTimeout(state.typingTimers.get(f.with));
+  conv.typing = f.typing ? `${shortName(f.user)} is typing…` : "";
+  if (f.typing) {
+    state.typingTimers.set(f.with, setTimeout(() => {
+      conv.typing = "";
+      if (f.with === state.active) renderHeader();
+    }, TYPING_SHOWN));
+  }
+  if (f.with === state.active) renderHeader();
+}
+
+function userTyping() {
+  const now = Date.now();
+  if (!state.active || !state.live || now - state.typingSent < TYPING_EVERY) return;
+  state.typingSent = now;
+  request("typing", { with: state.active, typing: true }).catch(() => {});
+}
+
+// @name of this user in a group message (the realm's rule: chatproto/mentions.py)
+function mentionsMe(env) {
+  if (env.kind !== "text" || env.from === state.me || !env.to.startsWith("#") || !state.me) return false;
+  const name = state.me.slice(0, state.me.lastIndexOf("@")).replace(/[.*+?^${}()|[\]\\-]/g, "\\$&");
+  const re = new RegExp(`(?<![A-Za-z0-9._@-])@${name}(?![A-Za-z0-9_-])(?!\\.[A-Za-z0-9_-])`, "i");
+  return re.test(env.body || "");
+}
+
+async function runSearch(query) {
+  const box = $("search-results");
+  if (!query.trim()) { box.hidden = true; box.replaceChildren(); return; }
+  let res;
+  try {
+    res = await request("search", { query, limit: 20 });
+  } catch (err) {
+    box.hidden = false;
+    box.replaceChildren(el("li", { class: "error", text: err.message }));
+    return;
+  }
+  const items = res.messages.map((env) => {
+    const addr = conversationOf(env);
+    const li = el("li", { dataset: { pos: String(env.pos), addr } },
+      el("span", { class: "where", text: `${shortName(addr)} · ${fmtTime(env.ts)}` }),
+      el("span", { class: "body", text: `${shortName(env.from)}: ${env.body}` }));
+    li.addEventListener("click", () => openConversation(addr));
+    return li;
+  });
+  if (!items.length) items.push(el("li", { class: "none", text: "Nothing found." }));
+  box.replaceChildren(...items);
+  box.hidden = false;
 }
 
 function scheduleAck() {
@@ -367,6 +497,7 @@ async function loadHistory(conv, older) {
     for (const env of res.messages) addItem(conv, env);
     if (res.messages.length < HISTORY_PAGE) conv.hasOlder = false;
     conv.historyLoaded = true;
+    if (conv.addr === state.active) scheduleRead();
     if (conv.addr === state.active) renderMessages({ stick: !older, keepTop: older });
   } catch (err) {
     if (err.code === "disconnected") return;
@@ -386,6 +517,7 @@ function renderConversations() {
       dataset: { addr: c.addr } },
       el("span", { class: `dot ${status}`, title: c.group ? "group" : status }),
       el("span", { class: "name", text: shortName(c.addr) }),
+      c.mentions ? el("span", { class: "badge mention", text: `@${c.mentions}`, "aria-label": "mentions" }) : null,
       c.unread ? el("span", { class: "badge", text: String(c.unread), "aria-label": "unread" }) : null);
     li.addEventListener("click", () => openConversation(c.addr));
     return li;
@@ -404,6 +536,10 @@ function renderHeader() {
     info = g ? `${g.members} member${g.members === 1 ? "" : "s"}${g.topic ? ` · ${g.topic}` : ""}` : "group";
   }
   $("conv-info").textContent = info;
+  const conv = addr ? getConversation(addr) : null;
+  $("conv-typing").textContent = conv ? conv.typing : "";
+  const top = conv ? newestPos(conv) : 0;
+  $("conv-seen").textContent = conv && !conv.group && top && conv.peerRead >= top ? "seen" : "";
 }
 
 async function loadGroupInfo(conv) {
@@ -456,7 +592,7 @@ function messageNode(env) {
     return el("li", { class: "event bounce", dataset: { pos: String(env.pos) }, text: `⚠ ${env.body}` });
   }
   const mine = env.from === state.me;
-  const li = el("li", { class: `msg${mine ? " mine" : ""}`, dataset: { pos: String(env.pos) } },
+  const li = el("li", { class: `msg${mine ? " mine" : ""}${mentionsMe(env) ? " mention" : ""}`, dataset: { pos: String(env.pos) } },
     el("div", { class: "meta" },
       el("span", { class: "from", text: shortName(env.from) }),
       el("time", { text: fmtTime(env.ts) })));
@@ -582,6 +718,7 @@ function openConversation(addr) {
   state.active = addr;
   const conv = getConversation(addr);
   conv.unread = 0;
+  conv.mentions = 0;
   $("composer").hidden = false;
   showError("send-error", "");
   showError("open-error", "");
@@ -589,6 +726,7 @@ function openConversation(addr) {
   renderHeader();
   renderMessages();
   if (!conv.historyLoaded && state.live) loadHistory(conv, false);
+  else scheduleRead();
   if (conv.group && state.live) loadGroupInfo(conv);
   if (!conv.group && state.live) lookUpUser(addr).catch(() => {});
   $("text").focus();
@@ -784,6 +922,11 @@ function init() {
     else queueSend(state.active, text, compose ? compose.env.msg_id : null);
   });
   $("compose-cancel").addEventListener("click", () => { setCompose(null); $("text").value = ""; });
+  $("text").addEventListener("input", userTyping);
+  $("search-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    runSearch($("search-input").value);
+  });
   $("text").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
     if (ev.key === "Escape" && state.compose) { setCompose(null); $("text").value = ""; }
@@ -801,7 +944,9 @@ function init() {
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible" && state.active) {
       getConversation(state.active).unread = 0;
+      getConversation(state.active).mentions = 0;
       renderConversations();
+      scheduleRead();
     }
   });
   api("/api/session").then((s) => loggedIn(s.user), () => showLogin(""));
