@@ -33,7 +33,9 @@ def env(**extra: str) -> dict[str, str]:
 class Proc(protocol.ProcessProtocol):
     """A subprocess whose output can be waited on; killed after TIMEOUT whatever happens."""
 
-    def __init__(self) -> None:
+    def __init__(self, lifetime: float = TIMEOUT) -> None:
+        #: Seconds the process may live (it is killed then, whatever happens).
+        self.lifetime = lifetime
         self.output = ""
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.running = False
@@ -43,7 +45,7 @@ class Proc(protocol.ProcessProtocol):
     def connectionMade(self) -> None:
         self.running = True
         self.transport.closeStdin()
-        self._deadline = _reactor.callLater(TIMEOUT, self.kill)
+        self._deadline = _reactor.callLater(self.lifetime, self.kill)
 
     def _received(self, data: bytes) -> None:
         self.output += data.decode("utf-8", "replace")
@@ -91,12 +93,13 @@ class Spawner:
     """Starts subprocesses in ``cwd`` and kills them all at :meth:`close` (a fixture's
     teardown), waiting for each to end."""
 
-    def __init__(self, cwd: str) -> None:
+    def __init__(self, cwd: str, lifetime: float = TIMEOUT) -> None:
         self.cwd = cwd
+        self.lifetime = lifetime
         self.procs: list[Proc] = []
 
     def __call__(self, argv: list[str], **extra_env: str) -> Proc:
-        proc = Proc()
+        proc = Proc(self.lifetime)
         _reactor.spawnProcess(proc, argv[0], argv, env=env(**extra_env), path=self.cwd)
         self.procs.append(proc)
         return proc

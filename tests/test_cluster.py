@@ -30,6 +30,9 @@ from tests.services import (
 )
 
 PASSWORD = "correct horse"
+#: Seconds a worker (or Redis) of these tests may live: a whole test's scenario on a
+#: loaded machine, not one step of it.
+LIFETIME = 180.0
 
 _OWN = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1\)")
 
@@ -79,7 +82,7 @@ class Cluster:
         self.config.write_text(
             _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared)
         )
-        self.spawner = Spawner(str(tmp_path))
+        self.spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
         self.procs: dict[str, Proc] = {}
 
     @defer.inlineCallbacks
@@ -342,7 +345,7 @@ def test_redis_lost_and_back(tmp_path: Any) -> Any:
         pytest.skip("redis-server is not installed")
     redis_or_skip()  # txredisapi
     port = free_port()
-    spawner = Spawner(str(tmp_path))
+    spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
 
     @defer.inlineCallbacks
     def start_redis() -> Any:
@@ -471,7 +474,7 @@ def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
     paths = {name: write_dev_certs(str(certs), name) for name in ("a.test", "b.test")}
     p1, p2, pb = free_port(), free_port(), free_port()
     schema = pg_schema()
-    spawner = Spawner(str(tmp_path))
+    spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
 
     def fed(name: str, port: int, peer: str, peer_port: int) -> str:
         p = paths[name]
