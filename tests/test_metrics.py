@@ -278,3 +278,25 @@ def test_readiness_names_what_is_wrong() -> Any:
     clock.advance(READY_TIMEOUT)
     report = yield pending
     assert report["checks"]["store"].startswith("unreachable")
+
+
+@pytest_twisted.inlineCallbacks
+def test_readiness_of_a_worker_says_when_its_bus_or_database_is_away() -> Any:
+    """A worker of a cluster (realm.cluster) is not ready while it refuses sends."""
+    clock = task.Clock()
+    realm = make_test_realm(clock)
+    ops = Operations(realm, clock)
+
+    class Cluster:
+        why: str | None = None
+
+        def problem(self) -> str | None:
+            return self.why
+
+    realm.cluster = Cluster()
+    report = yield ops.readiness()
+    assert report["ready"] is True and report["checks"]["cluster"] == "ok"
+    realm.cluster.why = "the realm's message bus (Redis at 127.0.0.1:6379) does not answer"
+    report = yield ops.readiness()
+    assert report["ready"] is False
+    assert report["checks"]["cluster"].startswith("the realm's message bus")

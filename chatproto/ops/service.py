@@ -127,7 +127,8 @@ class Operations(MultiService):
     def readiness(self) -> Any:
         """Fires with ``{"ready": bool, "checks": {name: "ok" or why not}}``: the
         store answers a read within :data:`READY_TIMEOUT` seconds, the realm and
-        every listener run, and the realm is not draining."""
+        every listener run, the realm is not draining, and (a worker of a cluster)
+        it reaches its database and its bus."""
         checks: dict[str, str] = {}
         realm = self.realm
         checks["realm"] = "ok" if realm.running else "not running"
@@ -144,4 +145,6 @@ class Operations(MultiService):
             checks["store"] = "ok"
         except Exception as e:
             checks["store"] = f"unreachable: {str(e).strip() or type(e).__name__}"[:200]
+        if realm.cluster is not None:  # a worker: it refuses sends without its bus
+            checks["cluster"] = realm.cluster.problem() or "ok"
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
