@@ -114,6 +114,7 @@ class Client:
         self.user = user
         self.received: list[dict[str, Any]] = []
         self.presence: list[dict[str, Any]] = []
+        self.notices: list[dict[str, Any]] = []
         self.conn: Any = None
 
     @defer.inlineCallbacks
@@ -127,6 +128,7 @@ class Client:
             since=since,
             on_message=self.received.append,
             on_presence=self.presence.append,
+            on_notice=self.notices.append,
         )
         yield self.conn.synced
         return self
@@ -210,6 +212,14 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
             p.get("user") == "bob@localhost" and p.get("status") == "away" for p in alice.presence
         ),
         "alice hears bob is away",
+    )
+    # Ephemeral notices cross workers: bob (w2) typing to alice (w1).
+    yield bob.conn.protocol.request("typing", **{"with": "alice@localhost", "typing": True})
+    yield until(
+        lambda: any(
+            n.get("type") == "typing" and n.get("user") == "bob@localhost" for n in alice.notices
+        ),
+        "alice sees bob typing",
     )
     online = yield alice.conn.who()
     users = {u["user"]: u for u in online}

@@ -40,7 +40,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging, SendRequest
-from chatproto.realm.sessions import Session
+from chatproto.realm.sessions import Notice, Session
 
 __all__ = ["ClusterGroupHandler", "ClusterMessaging", "Worker", "nonce_id"]
 
@@ -223,6 +223,7 @@ class Worker:
         self.reactor = reactor
         self.config = cluster
         self.sender = cluster.federation_sender == self.name
+        self._suffix = "@" + realm.realm
         self.bus = RedisBus(
             cluster.redis, cluster.redis_prefix, self.name, reactor, cluster.heartbeat
         )
@@ -257,6 +258,8 @@ class Worker:
         self.bus.on("presence", realm.presence.heard)
         self.bus.on("federation", self._heard_federation)
         self.bus.on("throttle", self._heard_throttle)
+        self.bus.on("notice", self._heard_notice)
+        realm.sessions.relay = self._relay_notice
         for kind, throttle in realm.accounts.throttles.items():
             throttle.listener = self._throttle_listener(kind)
         realm.cluster = self
@@ -347,6 +350,30 @@ class Worker:
         except ValueError:
             return
         self.stream.wake(pos)
+
+    def _relay_notice(self, users: list[str], notice: Notice) -> None:
+        """An ephemeral notice (typing, read markers, client tags...) for ``users``:
+        their sessions on the other workers get it too.  The presence of local users
+        is ClusterPresence's to tell (it decides what "offline" means)."""
+        data = notice.data
+        if data.get("type") == "presence" and str(data.get("user", "")).endswith(self._suffix):
+            return
+        self.bus.publish("notice", json.dumps({"w": self.name, "u": users, "d": data}))
+
+    def _heard_notice(self, message: str) -> None:
+        try:
+            m = json.loads(message)
+            users, data = m["u"], m["d"]
+            if m["w"] == self.name or not isinstance(users, list) or not isinstance(data, dict):
+                return
+        except (ValueError, KeyError, TypeError):
+            return
+        sessions = self.realm.sessions
+        relay, sessions.relay = sessions.relay, None  # (not passed on again)
+        try:
+            sessions.notify([str(u) for u in users], Notice(data))
+        finally:
+            sessions.relay = relay
 
     def _throttle_listener(self, kind: str) -> Any:
         def changed(event: str, key: str, now: float) -> None:

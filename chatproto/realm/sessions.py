@@ -263,6 +263,9 @@ class Sessions:
         self._on_idle = on_idle
         self._burst_depth = 0
         self._held: list[Any] = []
+        #: Told of every notice (``(users, notice)``): a worker of a cluster passes
+        #: them to the other workers (chatproto.cluster.worker).  None in one process.
+        self.relay: Callable[[list[str], Notice], None] | None = None
 
     def attach(self, session: Session) -> Session:
         """Register a new session for live delivery (``too_many_sessions``)."""
@@ -349,6 +352,9 @@ class Sessions:
         """Send an ephemeral notice to the synced sessions of ``users`` (but
         ``exclude``: the session it comes from, say)."""
         online = self.online
+        if self.relay is not None:  # a worker of a cluster: the others' sessions too
+            users = list(users)
+            self.relay(users, notice)
         for user in users:
             for s in online.get(user, ()):
                 if not s._syncing and s is not exclude:
