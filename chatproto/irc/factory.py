@@ -24,6 +24,7 @@ from chatproto.irc.lines import (
 )
 from chatproto.irc.modes import CHANMODES, PREFIX
 from chatproto.irc.protocol import IRCProtocol
+from chatproto.irc.relations import MsgIds
 from chatproto.protocol import ClientFactory
 from chatproto.realm import MAX_STATUS_TEXT, RealmService
 from chatproto.realm.tags import tag_data
@@ -54,6 +55,8 @@ class IRCFactory(ClientFactory):
         self._isupport: list[list[str]] | None = None
         self._tag_cache_of: dict[str, Any] | None = None
         self._tag_cache: list[bytes | None] = [None, None]
+        #: msg_id <-> msgid of the items rendered lately (chatproto.irc.relations)
+        self.msgids = MsgIds()
         #: how IRC users are shown, and WHOWAS
         self.directory = Directory(realm.realm)
 
@@ -92,6 +95,7 @@ class IRCFactory(ClientFactory):
         if env is not self._cache_env:
             self._cache_env = env
             self._cache = [None, None, None, None]
+            self.msgids.remember(env)
         cached = self._cache[mode]
         if cached is not None:
             return cached
@@ -106,8 +110,13 @@ class IRCFactory(ClientFactory):
         if mode & 2:  # message-tags: its msgid, and the client tags kept with it
             tags.append(f"msgid={env.pos}")
             meta = env.meta
-            if meta is not None and "tags" in meta:
-                tags.append(tag_data(meta["tags"]))
+            if meta is not None:
+                client = meta.get("tags")
+                reply = self.msgids.msgid(meta.get("reply_to"))
+                if reply is not None and not (client and "+draft/reply" in client):
+                    client = {**(client or {}), "+draft/reply": str(reply)}  # a reply
+                if client:
+                    tags.append(tag_data(client))
         prefix = ("@" + ";".join(tags) + " ").encode()
         out = b"".join(prefix + line + CRLF for line in plain.split(CRLF)[:-1])
         self._cache[mode] = out

@@ -20,6 +20,7 @@ from chatproto.irc.lines import (
     param,
     with_tag,
 )
+from chatproto.irc.relations import react_from_tags
 from chatproto.irc.replies import PendingSend, Reply, next_batch_id
 from chatproto.realm.tags import client_tags
 
@@ -132,6 +133,10 @@ def _tagmsg(p: IRCProtocol, ctx: Reply, targets: list[str], client: dict[str, st
             to = p.resolve(target)
         except ChatError as e:
             p.error(ctx, "TAGMSG", e, target)
+            continue
+        stored = react_from_tags(p, ctx, target, to, client)  # a reaction to a known msgid
+        if stored is not None:
+            waits.append(stored)
             continue
         d = p.session.send_tags(to, client)
         waits.append(

@@ -34,6 +34,7 @@ from chatproto.flow import BURST_WRITE, OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
+from chatproto.irc import relations as _relations
 from chatproto.irc import users as _users  # noqa: F401
 from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
 from chatproto.irc.identity import Identity, clean_username
@@ -74,6 +75,7 @@ CAPABILITIES = (
     "away-notify",
     "batch",
     "draft/chathistory",
+    "draft/message-redaction",
     "echo-message",
     "labeled-response",
     "message-tags",
@@ -325,6 +327,13 @@ class IRCProtocol(LineOnlyReceiver):
         if envelope.kind == "event":
             self._deliver_event(envelope)
             return
+        if envelope.kind in ("reaction", "delete"):  # TAGMSG, REDACT, or nothing
+            data = _relations.render(self, envelope)
+            if data is not None:
+                if data:
+                    self.write(data)
+                self.written()
+                return
         if envelope.sender == self.user_id:
             pending = self.pending_sends
             if pending:

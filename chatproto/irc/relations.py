@@ -1,0 +1,164 @@
+"""Reactions, replies and deletes for IRC clients (issue 17): IRCv3's ``+draft/react``
+(and ``+draft/unreact``) and ``+draft/reply`` client tags, and
+``draft/message-redaction`` (``REDACT``).
+
+IRC names a message by its ``msgid``, which this gateway makes the item's stream
+position; the realm names it by ``msg_id``.  :class:`MsgIds` (one per factory)
+remembers both for the items the gateway rendered lately, so a reaction or a
+``REDACT`` from an IRC client reaches the realm by ``msg_id`` (a msgid it never
+rendered, or forgot, is ``UNKNOWN_MSGID``), and the realm's reaction, reply and
+delete items reach IRC clients by msgid:
+
+- a ``reaction`` item: ``@msgid=P;+draft/react=👍;+draft/reply=T TAGMSG target`` (with
+  ``+draft/unreact`` when it is taken back), to clients with ``message-tags``;
+- a ``delete`` item: ``REDACT target T``, to clients with ``draft/message-redaction``;
+- a reply: ``+draft/reply=T`` on its PRIVMSG (see ``IRCFactory.lines``).
+
+An edit has no IRC form: it reaches IRC clients as a notice ``[edit] <text>``.  The
+realm decides everything (who may react or delete what): this module translates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from twisted.python.failure import Failure
+
+from chatproto.envelope import Envelope
+from chatproto.errors import ChatError
+from chatproto.irc.commands import command
+from chatproto.irc.lines import channel_of, decimal, format_line, server_time
+from chatproto.irc.replies import Reply
+from chatproto.realm.tags import tag_data
+
+if TYPE_CHECKING:
+    from chatproto.irc.protocol import IRCProtocol
+
+__all__ = ["REDACTION", "MsgIds", "react_from_tags", "render"]
+
+#: The capability of IRCv3 message redaction (a work-in-progress spec: prefixed).
+REDACTION = "draft/message-redaction"
+#: Items whose msgid and msg_id a factory remembers.
+REMEMBERED = 65536
+
+
+class MsgIds:
+    """``msg_id`` <-> IRC msgid (the stream position) of recently rendered items."""
+
+    def __init__(self, size: int = REMEMBERED) -> None:
+        self._size = size
+        self._pos: OrderedDict[str, int] = OrderedDict()
+        #: msgid -> (msg_id, sender, recipient)
+        self._ids: dict[int, tuple[str, str, str]] = {}
+
+    def remember(self, env: Envelope) -> None:
+        if env.id in self._pos or not env.pos:
+            return
+        self._pos[env.id] = env.pos
+        self._ids[env.pos] = (env.id, env.sender, env.recipient)
+        if len(self._pos) > self._size:
+            _, pos = self._pos.popitem(last=False)
+            self._ids.pop(pos, None)
+
+    def msgid(self, msg_id: Any) -> int | None:
+        """The IRC msgid of the item with this ``msg_id``, if rendered lately."""
+        return self._pos.get(msg_id) if isinstance(msg_id, str) else None
+
+    def msg_id(self, msgid: str, user: str, to: str) -> str | None:
+        """The ``msg_id`` of IRC msgid ``msgid``, if rendered lately and an item of
+        the conversation of ``user`` with ``to`` (a group, or the other user)."""
+        pos = decimal(msgid)
+        found = self._ids.get(pos) if pos is not None else None
+        if found is None:
+            return None
+        msg_id, sender, recipient = found
+        if to.startswith("#"):
+            return msg_id if recipient == to else None
+        return msg_id if {sender, recipient} == {user, to} else None
+
+
+def _target(p: IRCProtocol, env: Envelope) -> str:
+    if env.recipient.startswith("#"):
+        return channel_of(env.recipient, p.realm.realm)
+    # a private item: shown in the conversation with the other party
+    other = env.sender if env.recipient == p.user_id else env.recipient
+    return p.nick_for(other)
+
+
+def render(p: IRCProtocol, env: Envelope) -> bytes | None:
+    """The line(s) of a ``reaction`` or ``delete`` item for ``p``'s client (b"" when
+    it gets none), or None for the generic rendering (an edit)."""
+    ids = p.factory.msgids
+    ids.remember(env)
+    meta = env.meta or {}
+    target = ids.msgid(meta.get("ref"))
+    mine = env.sender == p.user_id
+    if env.kind == "reaction":
+        if target is None or not p._tagmode & 2 or (mine and "echo-message" not in p.caps):
+            return b""
+        emoji = str(meta.get("emoji", ""))
+        verb = "+draft/unreact" if meta.get("remove") else "+draft/react"
+        tags = f"@time={server_time(env.ts)};" if p._tagmode & 1 else "@"
+        tags += f"msgid={env.pos};" + tag_data({verb: emoji, "+draft/reply": str(target)})
+        return (tags + " ").encode() + format_line(p.mask(env.sender), "TAGMSG", _target(p, env))
+    if env.kind == "delete":
+        if target is None or REDACTION not in p.caps:
+            return b""
+        return format_line(p.mask(env.sender), "REDACT", _target(p, env), str(target))
+    return None
+
+
+def react_from_tags(
+    p: IRCProtocol, ctx: Reply, target: str, to: str, client: dict[str, str]
+) -> Any:
+    """A ``TAGMSG`` with ``+draft/react`` (or ``+draft/unreact``) and ``+draft/reply``
+    naming a message this gateway rendered: a stored reaction (the realm's rules),
+    instead of an ephemeral relay.  None when the tags are not that."""
+    emoji = client.get("+draft/react") or client.get("+draft/unreact")
+    reply = client.get("+draft/reply")
+    if not emoji or not reply or p.session is None:
+        return None
+    msg_id = p.factory.msgids.msg_id(reply, p.user_id, to)
+    if msg_id is None:
+        return None  # not one we know (here): relayed as tags, as before
+    remove = "+draft/react" not in client
+    d = p.realm.relations.react(p.session, msg_id, emoji, remove)
+    return d.addCallbacks(lambda _: None, _failed, errbackArgs=(p, ctx, "TAGMSG", target))
+
+
+def _failed(f: Failure, p: IRCProtocol, ctx: Reply, command: str, target: str) -> None:
+    f.trap(ChatError)
+    p.error(ctx, command, f.value, target)  # type: ignore[arg-type]
+
+
+_FAIL = {"not_found": "UNKNOWN_MSGID", "forbidden": "REDACT_FORBIDDEN"}
+
+
+@command("REDACT", params=2)
+def redact(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    """``REDACT <target> <msgid> [:reason]``: delete a message (one's own; in a
+    channel, any for its operators).  The realm's ``delete`` decides; every client
+    with the capability then gets ``REDACT`` (the sender's too)."""
+    assert p.session is not None
+    target, msgid = params[0], params[1]
+
+    def fail(code: str, text: str) -> None:
+        ctx.send(format_line(p.server, "FAIL", "REDACT", code, target, msgid, text))
+
+    try:
+        to = p.resolve(target)
+    except ChatError as e:
+        ctx.send(format_line(p.server, "FAIL", "REDACT", "INVALID_TARGET", target, e.message))
+        return None
+    msg_id = p.factory.msgids.msg_id(msgid, p.user_id, to)
+    if msg_id is None:
+        fail("UNKNOWN_MSGID", "No such message here")
+        return None
+
+    def failed(f: Failure) -> None:
+        f.trap(ChatError)
+        err: ChatError = f.value  # type: ignore[assignment]
+        fail(_FAIL.get(err.code, "REDACT_FORBIDDEN"), err.message)
+
+    return p.realm.relations.delete(p.session, msg_id).addCallbacks(lambda _: None, failed)

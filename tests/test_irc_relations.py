@@ -1,0 +1,182 @@
+"""Reactions, replies and deletes through the IRC gateway (issue 17): IRCv3
+``+draft/react``/``+draft/unreact`` and ``+draft/reply`` on TAGMSG and PRIVMSG, and
+``draft/message-redaction`` (REDACT), both ways between IRC and native clients, over
+StringTransport with a MemoryStore realm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from chatproto.irc import IRCFactory, parse_line
+from chatproto.realm import RealmService
+from chatproto.testing import connect_string_transport, frame, frames
+from tests.test_irc import PW, Conn, login
+from tests.test_irc import make_realm as make_memory_realm
+
+CAPS = "message-tags echo-message server-time draft/message-redaction"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def realm(clock: Clock) -> RealmService:
+    return make_memory_realm(clock)
+
+
+@pytest.fixture
+def factory(realm: RealmService, clock: Clock) -> IRCFactory:
+    return IRCFactory(realm, clock)
+
+
+def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
+    return [parse_line(line) for line in c.lines()]
+
+
+class Native:
+    """A native client on StringTransport."""
+
+    def __init__(self, realm: RealmService, user: str) -> None:
+        realm.create_user(user, PW)
+        self.clock = realm.clock
+        self.proto, self.t = connect_string_transport(realm)
+        self.proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+        self.proto.dataReceived(frame({"type": "login", "id": 2, "user": user, "password": PW}))
+        self.got: list[dict[str, Any]] = []
+        self.n = 10
+        self.drain()
+
+    def drain(self) -> list[dict[str, Any]]:
+        self.clock.advance(0)  # type: ignore[attr-defined]
+        new = frames(self.t)
+        self.got.extend(new)
+        return new
+
+    def req(self, type_: str, **fields: Any) -> dict[str, Any]:
+        self.n += 1
+        self.proto.dataReceived(frame({"type": type_, "id": self.n, **fields}))
+        return next(f for f in self.drain() if f.get("id") == self.n)
+
+
+def test_irc_reacts_and_unreacts_natives_and_irc_see_it(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", "message-tags")
+    carol = login(factory, "carol", "server-time")  # no message-tags: no reactions
+    for c in (alice, bob, carol):
+        c.send("JOIN #t")
+        c.lines()
+    dave = Native(realm, "dave")
+    dave.req("join", group="#t")
+    bob.lines()
+    alice.lines()
+    carol.lines()
+    bob.send("PRIVMSG #t :ship it?")
+    [(tags, _, _)] = parsed(alice)
+    msgid = tags["msgid"]
+    carol.lines()
+    msg = next(f for f in dave.drain() if f.get("body") == "ship it?")
+    # a react to a msgid we rendered is a stored reaction, shown to everyone
+    alice.send(f"@+draft/react=👍;+draft/reply={msgid} TAGMSG #t")
+    [(tags, cmd, params)] = parsed(bob)
+    assert cmd == "TAGMSG" and params == ["#t"]
+    assert tags["+draft/react"] == "👍" and tags["+draft/reply"] == msgid
+    assert tags["msgid"].isdigit()  # a stored item: its position
+    [(echo, _, _)] = parsed(alice)  # echo-message
+    assert echo["msgid"] == tags["msgid"]
+    assert carol.lines() == []
+    [item] = [f for f in dave.drain() if f.get("kind") == "reaction"]
+    assert item["meta"] == {"ref": msg["msg_id"], "emoji": "👍"}
+    page = dave.req("history", **{"with": "#t"})["messages"]
+    assert page[-1]["meta"]["reactions"] == {"👍": ["alice@localhost"]}
+    alice.send(f"@+draft/unreact=👍;+draft/reply={msgid} TAGMSG #t")
+    [(tags, _, _)] = parsed(bob)
+    assert tags["+draft/unreact"] == "👍"
+    alice.lines()  # the echo
+    page = dave.req("history", **{"with": "#t"})["messages"]
+    assert "reactions" not in (page[-1].get("meta") or {})
+    # a native reaction reaches IRC as a TAGMSG
+    dave.req("react", msg_id=msg["msg_id"], emoji="🎉")
+    [(tags, cmd, _)] = parsed(alice)
+    assert cmd == "TAGMSG" and tags["+draft/react"] == "🎉" and tags["+draft/reply"] == msgid
+    # a react to a msgid the gateway does not know stays an ephemeral relay
+    alice.lines()
+    bob.lines()
+    alice.send("@+draft/react=👍;+draft/reply=999999 TAGMSG #t")
+    [(tags, _, _)] = parsed(bob)
+    assert not tags["msgid"].isdigit()
+
+
+def test_replies_carry_draft_reply(factory: IRCFactory, realm: RealmService) -> None:
+    alice = login(factory, "alice", CAPS)
+    dave = Native(realm, "dave")
+    dave.req("send", to="alice", body="question")
+    [(tags, _, _)] = parsed(alice)
+    q = next(f for f in dave.got if f.get("body") == "question")
+    dave.req("send", to="alice", body="answer", reply_to=q["msg_id"])
+    [(rtags, cmd, params)] = parsed(alice)
+    assert cmd == "PRIVMSG" and params == ["alice", "answer"]
+    assert rtags["+draft/reply"] == tags["msgid"]
+
+
+def test_redact_deletes_and_is_relayed(factory: IRCFactory, realm: RealmService) -> None:
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", CAPS)
+    old = login(factory, "carol", "message-tags")  # no redaction capability
+    for c in (alice, bob, old):
+        c.send("JOIN #t")
+        c.lines()
+    alice.lines()
+    bob.lines()
+    dave = Native(realm, "dave")
+    dave.req("join", group="#t")
+    for c in (alice, bob, old):
+        c.lines()
+    alice.send("PRIVMSG #t :oops, my password")
+    [(tags, _, _)] = parsed(bob)
+    msgid = tags["msgid"]
+    alice.lines()
+    old.lines()
+    # bob may not delete alice's message (he is no channel operator)
+    bob.send(f"REDACT #t {msgid} :nope")
+    [(_, cmd, params)] = parsed(bob)
+    assert cmd == "FAIL" and params[:4] == ["REDACT", "REDACT_FORBIDDEN", "#t", msgid]
+    bob.send("REDACT #t 123456 :unknown")
+    [(_, cmd, params)] = parsed(bob)
+    assert params[:2] == ["REDACT", "UNKNOWN_MSGID"]
+    bob.send(f"REDACT #nowhere {msgid}")  # a msgid of another conversation
+    [(_, cmd, params)] = parsed(bob)
+    assert params[:2] == ["REDACT", "UNKNOWN_MSGID"]
+    bob.send(f"REDACT no,such {msgid}")
+    [(_, cmd, params)] = parsed(bob)
+    assert params[:2] == ["REDACT", "INVALID_TARGET"]
+    alice.send(f"REDACT #t {msgid} :typo")
+    for c in (alice, bob):
+        [(_, cmd, params)] = parsed(c)
+        assert cmd == "REDACT" and params == ["#t", msgid]
+    assert old.lines() == []
+    deleted = [f for f in dave.drain() if f.get("kind") == "delete"]
+    assert len(deleted) == 1
+    page = dave.req("history", **{"with": "#t"})["messages"]
+    gone = next(m for m in page if m["from"] == "alice@localhost" and m["kind"] == "text")
+    assert gone["body"] == "" and gone["meta"] == {"deleted": True}
+    # a native delete reaches IRC as REDACT
+    dave.req("send", to="#t", body="mine")
+    [(tags, _, _)] = parsed(alice)
+    mine = next(f for f in dave.got if f.get("body") == "mine")
+    bob.lines()
+    dave.req("delete", msg_id=mine["msg_id"])
+    [(_, cmd, params)] = parsed(alice)
+    assert (cmd, params) == ("REDACT", ["#t", tags["msgid"]])
+
+
+def test_redaction_is_offered(factory: IRCFactory) -> None:
+    c = Conn(factory)
+    c.send("CAP LS 302")
+    assert "draft/message-redaction" in " ".join(c.lines())
