@@ -24,10 +24,12 @@ import attrs
 from chatproto.errors import ChatError
 
 __all__ = [
+    "GUEST_PREFIX",
     "Address",
     "normalise_name",
     "normalise_realm",
     "parse",
+    "reserved_name",
     "user",
 ]
 
@@ -50,6 +52,16 @@ class Address:
 
     def is_local(self, realm: str) -> bool:
         return self.realm == realm
+
+
+#: The account names of IRC guests (chatproto.realm.guests) start with this; no
+#: account anyone registers may.
+GUEST_PREFIX = "guest-"
+
+
+def reserved_name(name: str) -> bool:
+    """Whether normalised account name ``name`` has the form kept for guests."""
+    return name.startswith(GUEST_PREFIX)
 
 
 def normalise_name(name: str) -> str:

@@ -148,6 +148,14 @@ class IRC:
     motd: str = ""
     flood_rate: float = 2.0
     flood_burst: int = 20
+    #: Let clients without an account in, each with a temporary one (see docs/irc.md).
+    guests: bool = False
+    #: Guests at once, and per client address.
+    guests_max: int = 100
+    guests_per_address: int = 5
+    #: A guest's own send limit (messages per second after a burst).
+    guest_send_rate: float = 1.0
+    guest_send_burst: int = 10
 
 
 @attrs.define
@@ -404,6 +412,10 @@ class Config:
         irc = self.irc
         if not 0 <= irc.tls_port <= 65535:
             raise ConfigError("irc.tls_port must be between 0 and 65535 (0: no TLS listener)")
+        if irc.guests_max < 0 or irc.guests_per_address < 0:
+            raise ConfigError("irc.guests_max and irc.guests_per_address must be >= 0")
+        if irc.guest_send_rate <= 0 or irc.guest_send_burst < 1:
+            raise ConfigError("irc.guest_send_rate must be > 0, guest_send_burst >= 1")
         if irc.flood_rate < 0 or irc.flood_burst < 1:
             raise ConfigError("irc.flood_rate must be >= 0 (0: no limit), flood_burst >= 1")
         if any(c in irc.server_name for c in " !@*?,:") or len(irc.server_name) > 63:

@@ -29,7 +29,7 @@ from typing import Any, NoReturn, TextIO
 from chatproto import config as configmod
 from chatproto import ctlmoderation, tls
 from chatproto.accounts import plan_removal, remote_groups_of, replay_groups
-from chatproto.address import normalise_realm
+from chatproto.address import GUEST_PREFIX, normalise_realm, reserved_name
 from chatproto.ctlaccess import (  # noqa: F401  (EXIT_FAILED: part of ctl's API)
     EXIT_FAILED,
     EXIT_USAGE,
@@ -171,6 +171,8 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
 
 def cmd_adduser(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = _name(args.name)
+    if reserved_name(name):
+        raise CtlError(f"names starting with {GUEST_PREFIX!r} are kept for IRC guests")
     user = f"{name}@{cfg.realm}"
     if store_exists(cfg):  # fail before asking for a password
         with open_db(cfg) as db:

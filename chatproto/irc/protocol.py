@@ -14,10 +14,7 @@ AWAY, MOTD, LUSERS) are here; the realm commands are in ``chatproto.irc.messages
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -34,29 +31,28 @@ from chatproto.flow import BURST_WRITE, OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
+from chatproto.irc import registration as _registration
 from chatproto.irc import relations as _relations
 from chatproto.irc import users as _users  # noqa: F401
 from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
-from chatproto.irc.identity import Identity, clean_username
+from chatproto.irc.identity import Identity
 from chatproto.irc.lines import (
     MAX_CLIENT_TAGS,
     MAX_LINE,
     MAX_TAGS,
     IRCBadLine,
     channel_of,
-    decimal,
     format_line,
     group_of,
     nick_of,
-    param,
     parse_line,
     plain_text,
     prefix,
     server_time,
-    split_utf8,
     user_of,
 )
 from chatproto.irc.modes import settings_modes
+from chatproto.irc.registration import CAPABILITIES, DEVICE
 from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
@@ -67,29 +63,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ACK_DELAY", "CAPABILITIES", "DEVICE", "MAX_QUEUED", "IRCProtocol"]
 
-#: The realm device every IRC connection of an account logs in as (its ack position is
-#: where the next IRC login resumes).
-DEVICE = "irc"
-#: IRCv3 capabilities offered in CAP LS (``sasl`` gets its mechanism list with 302).
-CAPABILITIES = (
-    "away-notify",
-    "batch",
-    "draft/chathistory",
-    "draft/message-redaction",
-    "echo-message",
-    "labeled-response",
-    "message-tags",
-    "multi-prefix",
-    "sasl",
-    "server-time",
-    "userhost-in-names",
-)
 #: Seconds between writing an item and acknowledging it to the realm.
 ACK_DELAY = 1.0
 #: Lines held back by the flood limit before the connection is closed (Excess Flood).
 MAX_QUEUED = 256
-#: Base64 chunk size of AUTHENTICATE.
-SASL_CHUNK = 400
 #: Commands that change a group's state: the lines after one are handled once it
 #: completes (they may depend on it); other commands run at once and only their
 #: replies keep the order (many PRIVMSGs in flight do not wait for each other).
@@ -130,6 +107,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.username = ""
         self.realname = ""
         self.password: str | None = None
+        #: logged in as a guest (a temporary account: chatproto.realm.guests)
+        self.guest = False
         self.caps: set[str] = set()
         self.cap_negotiating = False
         self.logging_in = False
@@ -727,6 +706,11 @@ class IRCProtocol(LineOnlyReceiver):
         """A message target as the realm's canonical address (raises ChatError).
 
         Remembered per connection (a client talks to few targets, many times)."""
+        guests = self.realm.guests
+        if guests.by_nick:  # a guest's nick names it while it is connected (not cached)
+            guest = guests.user_of(target)
+            if guest is not None:
+                return guest
         known = self._targets.get(target)
         if known is not None:
             return known
@@ -743,292 +727,6 @@ class IRCProtocol(LineOnlyReceiver):
         if not chan.startswith("#"):
             raise ChatError("no_such_group")
         return str(address.parse(group_of(chan), self.realm.realm, group=True))
-
-    # registration -------------------------------------------------------------------
-
-    @command("CAP", params=1, early=True)
-    def irc_CAP(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        sub = params[0].upper()
-        if sub == "LS":
-            if self.state != "ready":
-                self.cap_negotiating = True
-            v302 = len(params) > 1 and (decimal(params[1]) or 0) >= 302
-            offered = [c if c != "sasl" or not v302 else "sasl=PLAIN" for c in CAPABILITIES]
-            ctx.send(format_line(self.server, "CAP", self.nick, "LS", " ".join(offered)))
-        elif sub == "LIST":
-            caps = " ".join(sorted(self.caps))
-            ctx.send(format_line(self.server, "CAP", self.nick, "LIST", caps))
-        elif sub == "REQ":
-            if self.state != "ready":
-                self.cap_negotiating = True
-            wanted = params[1].split() if len(params) > 1 else []
-            ok = all(w.lstrip("-") in CAPABILITIES for w in wanted)
-            if ok:
-                for w in wanted:
-                    if w.startswith("-"):
-                        self.caps.discard(w[1:])
-                    else:
-                        self.caps.add(w)
-                self._tagmode = ("server-time" in self.caps) | ("message-tags" in self.caps) << 1
-            reply = "ACK" if ok else "NAK"
-            ctx.send(format_line(self.server, "CAP", self.nick, reply, " ".join(wanted)))
-        elif sub == "END":
-            if self.state != "ready" and self.cap_negotiating:
-                self.cap_negotiating = False
-                self._try_register()
-        else:
-            ctx.num("410", sub[:20], "Invalid CAP command")
-
-    @command("PASS", params=1, early=True)
-    def irc_PASS(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        if self.state == "ready" or self.session is not None:
-            ctx.num("462", "You may not reregister")
-            return
-        self.password = params[0]
-
-    @command("NICK", params=1, early=True)
-    def irc_NICK(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        wanted = params[0]
-        try:
-            name = address.normalise_name(user_of(wanted))
-        except ChatError:
-            ctx.num("432", param(wanted), "Erroneous nickname")
-            return
-        if self.state == "ready":
-            if name != address.normalise_name(self.user_id.partition("@")[0]):
-                ctx.num("433", param(wanted), "Your nick is your account name; it cannot change")
-            elif wanted != self.nick:  # the same account, another case: shown as typed
-                self._renamed(ctx, wanted)
-            return
-        self.nick = wanted
-        self._try_register()
-
-    def _renamed(self, ctx: Reply, nick: str) -> None:
-        """A change of case: told to this connection and to the IRC users who share a
-        channel with it."""
-        line = format_line(self.mask(self.user_id), "NICK", nick)
-        self.nick = nick
-        if self.identity is not None:
-            self.identity.nick = nick
-        self.factory.directory.renamed(self.user_id, nick)
-        ctx.send(line)
-        groups = self.realm.groups
-        seen: set[str] = set()
-        for addr in groups.of_user.get(self.user_id, ()):
-            seen.update(groups.groups[addr].members)
-        for conn in self.factory.connections:
-            if conn is not self and conn.state == "ready" and conn.user_id in seen:
-                conn.write(line)
-
-    @command("USER", params=4, early=True)
-    def irc_USER(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        if self.state == "ready" or self.username:
-            ctx.num("462", "You may not reregister")
-            return
-        if not params[3]:
-            ctx.num("461", "USER", "Not enough parameters (an empty realname)")
-            return
-        self.username = params[0][:32]
-        self.realname = params[3][:128]
-        self._try_register()
-
-    @command("AUTHENTICATE", params=1, early=True)
-    def irc_AUTHENTICATE(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
-        arg = params[0]
-        if self.session is not None or self.state == "ready":
-            ctx.num("907", "You have already authenticated using SASL")
-            return None
-        if self.logging_in:
-            return None
-        if arg == "*":
-            self.sasl, self.sasl_buffer = None, ""
-            ctx.num("906", "SASL authentication aborted")
-            return None
-        if self.sasl is None:
-            if arg.upper() != "PLAIN":
-                ctx.num("908", "PLAIN", "are available SASL mechanisms")
-                ctx.num("904", "SASL authentication failed")
-                return None
-            self.sasl = "PLAIN"
-            ctx.send(b"AUTHENTICATE +\r\n")
-            return None
-        if len(arg) > SASL_CHUNK:
-            self.sasl, self.sasl_buffer = None, ""
-            ctx.num("905", "SASL message too long")
-            return None
-        if arg != "+":
-            self.sasl_buffer += arg
-        if len(arg) == SASL_CHUNK:
-            if len(self.sasl_buffer) > 4 * SASL_CHUNK:
-                self.sasl, self.sasl_buffer = None, ""
-                ctx.num("905", "SASL message too long")
-            return None  # more to come
-        data, self.sasl, self.sasl_buffer = self.sasl_buffer, None, ""
-        try:
-            authzid, authcid, password = (
-                base64.b64decode(data, validate=True).decode("utf-8").split("\0")
-            )
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            ctx.num("904", "SASL authentication failed: malformed PLAIN message")
-            return None
-        if authzid and authzid != authcid:
-            ctx.num("904", "SASL authentication failed: authzid must be empty or the account")
-            return None
-
-        def ok(session: Session) -> None:
-            account = nick_of(session.user_id, self.realm.realm)
-            ctx.num(
-                "900",
-                f"{account}!{account}@{self.realm.realm}",
-                account,
-                f"You are now logged in as {account}",
-            )
-            ctx.num("903", "SASL authentication successful")
-            self._try_register()
-
-        def failed(err: ChatError) -> None:
-            if err.code == "rate_limited":
-                ctx.num(
-                    "904",
-                    f"SASL authentication failed: {err.message}, "
-                    f"retry after {err.extra.get('retry_after', 1)} s",
-                )
-            elif err.code == "auth_failed":
-                ctx.num("904", "SASL authentication failed")
-            else:  # too_many_sessions, a bad device...: say what the realm said
-                ctx.num("904", f"SASL authentication failed: {err.message}")
-
-        return self._login(authcid, password, ok, failed)
-
-    def _login(
-        self,
-        account: str,
-        password: str,
-        ok: Callable[[Session], None],
-        failed: Callable[[ChatError], None],
-    ) -> Deferred[None]:
-        """Log in through the realm (its portal, its failure throttle)."""
-        self.logging_in = True
-        try:
-            d: Deferred[Session] = self.realm.login(account, password, self, DEVICE, self.peer())
-        except ChatError as e:  # pragma: no cover - login raises inside its Deferred
-            d = Deferred()
-            d.errback(e)
-
-        def done(session: Session) -> None:
-            self.logging_in = False
-            if self.state == "closed":
-                session.logout()
-                return
-            self.session = session
-            self.user_id = session.user_id
-            ok(session)
-
-        def error(f: Failure) -> None:
-            self.logging_in = False
-            f.trap(ChatError)
-            if self.state != "closed":
-                failed(f.value)  # type: ignore[arg-type]
-
-        return d.addCallbacks(done, error)
-
-    def _try_register(self) -> None:
-        if self.state != "registering" or self.cap_negotiating or self.logging_in:
-            return
-        if self.nick == "*" or not self.username:
-            return
-        if self.session is not None:
-            self._welcome()
-            return
-        password = self.password
-        if password is None:
-            self.direct.num("464", "Password required: log in with SASL PLAIN or PASS")
-            self.close_with("Access denied: no password")
-            return
-        account = self.nick
-        name, sep, rest = password.partition(":")
-        if sep:
-            try:
-                account, password = address.normalise_name(user_of(name)), rest
-            except ChatError:
-                pass
-
-        def failed(err: ChatError) -> None:
-            if err.code == "rate_limited":
-                self.direct.num(
-                    "464",
-                    f"Password incorrect ({err.message}, retry after "
-                    f"{err.extra.get('retry_after', 1)} s)",
-                )
-            elif err.code == "auth_failed":
-                self.direct.num("464", "Password incorrect")
-            else:  # the password was right, the login still refused (too_many_sessions)
-                self.close_with(f"Access denied: {err.message}")
-                return
-            self.close_with("Access denied: bad password")
-
-        self._login(account, password, lambda s: self._welcome(), failed)
-
-    def _welcome(self) -> None:
-        assert self.session is not None
-        f = self.factory
-        realm = self.realm
-        old = self.nick
-        account = nick_of(self.user_id, realm.realm)
-        # The nick as typed when it names the account (in another case), else the account.
-        same = old.lower() == account.lower() and "/" not in old
-        self.nick = old if same else account
-        self.state = "ready"
-        f.authenticated(self)
-        ctx = self.direct
-        if old != self.nick and old != "*":
-            self.write(f":{old}!{self.username}@{realm.realm} NICK {self.nick}\r\n".encode())
-        name, _, host = self.user_id.partition("@")
-        self.identity = Identity(
-            self.nick, clean_username(self.username) or name, self.realname or name, host
-        )
-        f.directory.arrived(self.user_id, self, self.identity)
-        ctx.num("001", f"Welcome to the {realm.realm} chat realm, {self.mask(self.user_id)}")
-        ctx.num("002", f"Your host is {self.server}, running version {f.version}")
-        ctx.num("003", f"This server was created {f.created}")
-        ctx.num("004", self.server, f.version, "i", "biqnot", "bqo")
-        for chunk in f.isupport_lines():
-            ctx.num("005", *chunk, "are supported by this server")
-        self._lusers(ctx)
-        self._motd(ctx)
-        self.log.info("IRC login {user} from {peer}", user=self.user_id, peer=self.peer())
-        for group in sorted(realm.groups.of_user.get(self.user_id, ())):
-            chan = channel_of(group, realm.realm)
-            self.joined.add(group)
-            self.write(f":{self.mask(self.user_id)} JOIN {chan}\r\n".encode())
-            self.channel_burst(ctx, group, chan)
-        session = self.session
-
-        def failed(f: Failure) -> None:
-            self.log.failure("IRC backlog for {user} failed", f, user=session.user_id)
-            self.close_with("could not send the backlog; reconnect")
-
-        session.start().addErrback(failed)
-
-    def _lusers(self, ctx: Reply) -> None:
-        realm = self.realm
-        users = realm.online_count()
-        ctx.num("251", f"There are {users} users and 0 invisible on 1 servers")
-        ctx.num("254", str(len(realm.groups.groups)), "channels formed")
-        ctx.num("255", f"I have {users} clients and 0 servers")
-        ctx.num("265", str(users), str(users), f"Current local users {users}, max {users}")
-        ctx.num("266", str(users), str(users), f"Current global users {users}, max {users}")
-
-    def _motd(self, ctx: Reply) -> None:
-        motd = self.realm.config.irc.motd
-        if not motd:
-            ctx.num("422", "MOTD File is missing")
-            return
-        ctx.num("375", f"- {self.server} Message of the day - ")
-        for text in motd.splitlines() or [""]:
-            for piece in split_utf8(text, 400):
-                ctx.num("372", f"- {piece}")
-        ctx.num("376", "End of /MOTD command.")
 
     # connection commands ------------------------------------------------------------
 
@@ -1059,11 +757,11 @@ class IRCProtocol(LineOnlyReceiver):
 
     @command("MOTD")
     def irc_MOTD(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        self._motd(ctx)
+        _registration.motd(self, ctx)
 
     @command("LUSERS")
     def irc_LUSERS(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
-        self._lusers(ctx)
+        _registration.lusers(self, ctx)
 
     @command("AWAY")
     def irc_AWAY(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:

@@ -102,9 +102,9 @@ def whois(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -
     presence = p.realm.presence_of(user)
     if presence and presence[0] in ("away", "busy"):
         ctx.num("301", n, presence[1] or presence[0])
-    ctx.num(
-        "330", n, user.partition("@")[0] if user.endswith("@" + realm) else user, "is logged in as"
-    )
+    if not p.realm.guests.is_guest(user):  # a guest is logged in to no account
+        account = user.partition("@")[0] if user.endswith("@" + realm) else user
+        ctx.num("330", n, account, "is logged in as")
     ctx.num("318", n, "End of /WHOIS list")
     return None
 

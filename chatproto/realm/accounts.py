@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from chatproto import address
 from chatproto.accounts import remote_groups_of
-from chatproto.address import Address
+from chatproto.address import GUEST_PREFIX, Address, reserved_name
 from chatproto.config import Config
 from chatproto.errors import ChatError
 from chatproto.ratelimit import FailureThrottle
@@ -223,10 +223,28 @@ class Accounts:
 
     @inlineCallbacks
     def create_user(self, name: str, password: str) -> Any:
-        """Create a local account (used by in-band register and embedding apps)."""
+        """Create a local account (used by in-band register and embedding apps).
+
+        Names of the form kept for guests are refused (``bad_address``), and so is
+        a nick a guest is using (``user_exists``): see chatproto.realm.guests."""
         name = address.normalise_name(name)
+        if reserved_name(name):
+            raise ChatError("bad_address", f"names starting with {GUEST_PREFIX!r} are reserved")
+        if self._r.guests.nick_taken(name):
+            raise ChatError("user_exists", f"a guest is using the name {name} on IRC")
         check_password(password)
         pwhash = yield self.hasher.hash(password)
+        address_ = yield self._create(name, pwhash)
+        return address_
+
+    def create_guest(self, name: str, pwhash: str) -> Any:
+        """Create the temporary account of a guest (chatproto.realm.guests): a name of
+        the reserved form, a hash no password verifies against."""
+        assert reserved_name(name)
+        return self._create(name, pwhash)
+
+    @inlineCallbacks
+    def _create(self, name: str, pwhash: str) -> Any:
         yield self.store.create_user(name, pwhash, self.clock.seconds())
         self.known.add(name)
         floor = yield self.store.user_floor(name)
@@ -346,6 +364,15 @@ class Accounts:
             self._login_failed(key, peer)
         self._account_throttle.succeeded(key)
         yield self._session_opened(session, device, quiet, peer)
+        return session
+
+    @inlineCallbacks
+    def open_session(self, name: str, mind: Any, device: str, peer: str) -> Any:
+        """A session of local account ``name`` for ``mind`` without credentials (a
+        guest's: chatproto.realm.guests); fires with the :class:`Session`."""
+        check_device(device)
+        session = self._r.attach(name, mind)
+        yield self._session_opened(session, device, False, peer)
         return session
 
     @inlineCallbacks

@@ -37,6 +37,7 @@ from chatproto.ops.stats import RealmStats
 from chatproto.realm.accounts import Accounts, PasswordHasher
 from chatproto.realm.admin import Admin
 from chatproto.realm.groups import GroupHandler
+from chatproto.realm.guests import Guests
 from chatproto.realm.messaging import Messaging
 from chatproto.realm.presence import Presence
 from chatproto.realm.reading import Reading
@@ -127,6 +128,8 @@ class RealmService(Service):
         self.messages = Messaging(self, self.accounts.known)
         #: Replies, reactions, edits and deletes (see chatproto.realm.relations).
         self.relations = Relations(self)
+        #: Temporary accounts for IRC clients without one (``[irc] guests``).
+        self.guests = Guests(self)
         #: Client tags sent on their own (IRC's TAGMSG): see chatproto.realm.tags.
         self.client_tags = ClientTags(self)
         #: What operators do to the running realm (chatrealmctl, the control channel).
@@ -194,6 +197,7 @@ class RealmService(Service):
                 break
             after = events[-1].pos
         yield self.accounts.repair_standing()
+        yield self.guests.remove_left_over()
         yield self.files.start()
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         if self.cluster is not None:
@@ -257,6 +261,11 @@ class RealmService(Service):
         :meth:`chatproto.realm.accounts.Accounts.login`)."""
         return self.accounts.login(username, password, mind, device, peer, quiet)  # type: ignore[no-any-return]
 
+    def login_guest(self, nick: str, mind: Any, device: str, peer: str) -> Deferred[Session]:
+        """A temporary account for a client without one, shown as ``nick`` (only
+        with ``[irc] guests``; see chatproto.realm.guests)."""
+        return self.guests.login(nick, mind, device, peer)
+
     def login_token(
         self,
         token: str | None,
@@ -291,6 +300,8 @@ class RealmService(Service):
     def detach(self, session: Session) -> None:
         """A session ended (:meth:`Session.logout`): it gets nothing more."""
         self.presence.went_offline(session, self.sessions.detach(session))
+        if self.guests.accounts:
+            self.guests.ended(session)
 
     def sessions_of(self, user: str) -> Sequence[Session]:
         return self.sessions.of(user)
