@@ -371,3 +371,61 @@ def test_list_shows_ones_own_secret_channels_and_who_names_the_channel(
     assert [p for c, p in b.commands() if c == "322"] == []
     a.send("WHO #SEC")
     assert [p[1] for c, p in a.commands() if c == "352"] == ["#sec"]
+
+
+def test_quit_is_relayed_to_channel_members_and_coming_back_is_a_join(
+    factory: IRCFactory, clock: Clock
+) -> None:
+    """(14) QUIT: the other IRC users of a shared channel see it when the user's last
+    IRC connection closes (not before), once each; a new connection is a JOIN."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    for conn in (a, b):
+        conn.send("JOIN #q", "JOIN #r")
+    c.send("JOIN #q")
+    a.lines(), b.lines(), c.lines()
+    a2 = login(factory, "alice")  # a second connection: nothing to tell
+    assert b.lines() == [] and c.lines() == []
+    a.send("QUIT :gone fishing")
+    a.proto.connectionLost(None)
+    assert b.lines() == [] and c.lines() == []
+    a2.transport.loseConnection()  # dropped, no QUIT: a reason all the same
+    a2.proto.connectionLost(None)
+    assert b.commands() == [("QUIT", ["Connection closed"])]  # once for #q and #r
+    assert c.lines() == [":alice!u@localhost QUIT :Connection closed"]
+    login(factory, "alice")
+    assert b.commands() == [("JOIN", ["#q"]), ("JOIN", ["#r"])]
+    assert c.lines() == [":alice!u@localhost JOIN #q"]
+
+
+def test_quit_reason_is_the_clients(factory: IRCFactory, clock: Clock) -> None:
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #q")
+    b.send("JOIN #q")
+    a.lines(), b.lines()
+    a.send("QUIT :qux out", bytewise=True)
+    a.proto.connectionLost(None)
+    assert b.lines() == [":alice!u@localhost QUIT :Quit: qux out"]
+
+
+def test_lusers_max_is_the_most_online_since_start(factory: IRCFactory) -> None:
+    """(14) LUSERS 265/266 give the current and the most users online at once."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    b.send("QUIT")
+    b.proto.connectionLost(None)
+    a.send("LUSERS")
+    got = dict(a.commands())
+    assert got["265"][1:3] == ["1", "2"] and got["266"][1:3] == ["1", "2"]
+
+
+def test_info_lists_then_ends(factory: IRCFactory) -> None:
+    """(3) INFO: RPL_INFO lines, then RPL_ENDOFINFO (for anyone: the gateway has no
+    operators of its own)."""
+    a = login(factory, "alice")
+    a.send("INFO", "INFO My.Little.Server")
+    got = a.commands()
+    assert [c for c, _ in got] == ["371"] * 4 + ["374"] + ["371"] * 4 + ["374"]
+    assert all(p[0] == "alice" for _, p in got)

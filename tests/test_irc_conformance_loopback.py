@@ -93,9 +93,32 @@ def test_replies_keep_command_order_over_tcp(gateway: Any) -> None:
     overtake their replies."""
     _, port = gateway
     alice = yield connect(port, "alice", caps="echo-message")
-    alice.send(
-        "JOIN #room", "PING 1", "PRIVMSG #room :hello", "PING 2", "TOPIC #room :t", "PING 3"
-    )
+    alice.send("JOIN #room", "PING 1", "PRIVMSG #room :hello", "PING 2", "TOPIC #room :t", "PING 3")
     yield until(lambda: alice.has("PONG", "localhost", "3"))
     names = [c for c, _ in alice.take()]
     assert names == ["JOIN", "353", "366", "PONG", "PRIVMSG", "PONG", "TOPIC", "PONG"], names
+
+
+@pytest_twisted.inlineCallbacks
+def test_quit_relayed_and_lusers_max_over_tcp(gateway: Any) -> None:
+    """(14) QUIT reaches the members of a shared channel; LUSERS counts the most
+    users online at once; (3) INFO."""
+    _, port = gateway
+    bar = yield connect(port, "alice")
+    qux = yield connect(port, "bob")
+    bar.send("JOIN #chan")
+    yield until(lambda: bar.has("366"))
+    qux.send("JOIN #chan")
+    yield until(lambda: qux.has("366") and bar.has("JOIN", "#chan") and len(bar.got) > 3)
+    bar.take()
+    qux.send("QUIT :qux out")
+    yield qux.lost
+    yield until(lambda: bar.has("QUIT"))
+    assert bar.got[-1] == ":bob!u@localhost QUIT :Quit: qux out"
+    bar.send("LUSERS")
+    yield until(lambda: bar.has("266"))
+    got = dict(bar.take())
+    assert got["265"][1:3] == ["1", "2"]
+    bar.send("INFO")  # (3) INFO
+    yield until(lambda: bar.has("374"))
+    assert {c for c, _ in bar.take()} == {"371", "374"}

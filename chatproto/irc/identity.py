@@ -71,6 +71,10 @@ class Directory:
     def on_irc(self, user: str) -> bool:
         return user in self._shown
 
+    def connections(self, user: str) -> list[Any]:
+        """The registered IRC connections of ``user``, oldest first."""
+        return self._conns.get(user, [])
+
     def arrived(self, user: str, conn: Any, identity: Identity) -> None:
         """A connection of ``user`` registered: it is shown as ``identity``."""
         self._conns.setdefault(user, []).append(conn)

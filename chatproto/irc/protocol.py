@@ -15,6 +15,7 @@ AWAY, MOTD, LUSERS) are here; the realm commands are in ``chatproto.irc.messages
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -107,6 +108,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.username = ""
         self.realname = ""
         self.password: str | None = None
+        #: what the other IRC users see in the QUIT when this connection ends
+        self.quit_reason = ""
         #: logged in as a guest (a temporary account: chatproto.realm.guests)
         self.guest = False
         self.caps: set[str] = set()
@@ -178,7 +181,16 @@ class IRCProtocol(LineOnlyReceiver):
         self._queue.clear()
         self._after_barrier.clear()
         if self.identity is not None:
-            self.factory.directory.left(self.user_id, self, self.factory.clock.seconds())
+            directory = self.factory.directory
+            why = self.quit_reason or "Connection closed"
+            quit_line = format_line(self.mask(self.user_id), "QUIT", why)
+            directory.left(self.user_id, self, self.factory.clock.seconds())
+            if not directory.on_irc(self.user_id):  # its last IRC connection
+                told: set[int] = set()
+                for _group, conn in self.channel_audience():
+                    if id(conn) not in told:
+                        told.add(id(conn))
+                        conn.write(quit_line)
         if self.session is not None:
             self.log.info(
                 "IRC session of {user} from {peer} ended: {reason}",
@@ -191,6 +203,23 @@ class IRCProtocol(LineOnlyReceiver):
         waiters, self._writable = self._writable, []
         for d in waiters:
             d.callback(None)
+
+    def channel_audience(self) -> Iterator[tuple[str, IRCProtocol]]:
+        """(group, connection) for each IRC connection of another member of this
+        user's groups that shows that group's channel.
+
+        Membership is durable (a user who leaves IRC stays in their groups), but IRC
+        clients keep member lists by QUIT and JOIN: they are told when the user's
+        last IRC connection closes (QUIT), and when one registers again (JOIN)."""
+        groups = self.realm.groups
+        directory = self.factory.directory
+        me = self.user_id
+        for addr in groups.of_user.get(me, ()):
+            for member in groups.groups[addr].members:
+                if member != me:
+                    for conn in directory.connections(member):
+                        if addr in conn.joined:
+                            yield addr, conn
 
     def peer(self) -> str:
         peer = self.transport.getPeer() if self.transport else None
@@ -260,6 +289,8 @@ class IRCProtocol(LineOnlyReceiver):
         """``ERROR :message``, then close (the IRC way of ending a connection)."""
         if self.state == "closed":
             return
+        if not self.quit_reason:
+            self.quit_reason = message
         self.state = "closed"
         self.closed_at = self.factory.clock.seconds()
         if self._held is not None:
@@ -753,6 +784,7 @@ class IRCProtocol(LineOnlyReceiver):
             if self._ack_call is not None and self._ack_call.active():
                 self._ack_call.cancel()
             self._ack()
+        self.quit_reason = f"Quit: {reason}"
         self.close_with(f"Closing link: {self.nick} (Quit: {reason})")
 
     @command("MOTD")

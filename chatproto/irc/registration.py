@@ -357,7 +357,12 @@ def welcome(p: IRCProtocol) -> None:
         p.write(f":{old}!{p.username}@{realm.realm} NICK {p.nick}\r\n".encode())
     name, _, host = p.user_id.partition("@")
     p.identity = Identity(p.nick, clean_username(p.username) or name, p.realname or name, host)
+    back = not f.directory.on_irc(p.user_id)  # its first IRC connection: show it again
     f.directory.arrived(p.user_id, p, p.identity)
+    if back:
+        mask = p.mask(p.user_id)
+        for group, conn in p.channel_audience():
+            conn.write(f":{mask} JOIN {channel_of(group, realm.realm)}\r\n".encode())
     ctx.num("001", f"Welcome to the {realm.realm} chat realm, {p.mask(p.user_id)}")
     ctx.num("002", f"Your host is {p.server}, running version {f.version}")
     ctx.num("003", f"This server was created {f.created}")
@@ -387,8 +392,9 @@ def lusers(p: IRCProtocol, ctx: Reply) -> None:
     ctx.num("251", f"There are {users} users and 0 invisible on 1 servers")
     ctx.num("254", str(len(realm.groups.groups)), "channels formed")
     ctx.num("255", f"I have {users} clients and 0 servers")
-    ctx.num("265", str(users), str(users), f"Current local users {users}, max {users}")
-    ctx.num("266", str(users), str(users), f"Current global users {users}, max {users}")
+    most = max(users, realm.presence.most_online)
+    ctx.num("265", str(users), str(most), f"Current local users {users}, max {most}")
+    ctx.num("266", str(users), str(most), f"Current global users {users}, max {most}")
 
 
 def motd(p: IRCProtocol, ctx: Reply) -> None:

@@ -150,3 +150,17 @@ def userhost(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]
 def time_(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
     now = p.factory.clock.seconds()
     ctx.num("391", p.server, time.strftime("%A %B %d %Y -- %H:%M:%S +00:00", time.gmtime(now)))
+
+
+@command("INFO")
+def info(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+    """``INFO [server]``: what the server is (371 lines, then 374)."""
+    f = p.factory
+    for text in (
+        f"{f.version}: the IRC gateway of the chatproto realm {p.realm.realm}",
+        "IRC users, native, web and TUI clients share one realm: accounts, private",
+        "messages, groups (channels), history; see the realm's docs/irc.md.",
+        f"Server started {f.created}",
+    ):
+        ctx.num("371", text)
+    ctx.num("374", "End of INFO list")

@@ -67,6 +67,8 @@ class Presence:
         self.partner_of: dict[str, set[str]] = {}
         #: user -> number of their non-quiet sessions (presence "online" when > 0)
         self.visible: dict[str, int] = {}
+        #: the most users online at once since the realm started (IRC's LUSERS)
+        self.most_online = 0
         #: remote user -> (status, text), as their realm last told us
         self.remote: dict[str, tuple[str, str]] = {}
 
@@ -195,6 +197,7 @@ class Presence:
         visible = self.visible.get(session.user_id, 0) + 1
         self.visible[session.user_id] = visible
         if visible == 1:
+            self.most_online = max(self.most_online, len(self.visible))
             self.broadcast(session.user_id, "online", "")
 
     def went_offline(self, session: Session, last: bool) -> None:
