@@ -233,3 +233,22 @@ def test_guests_over_tcp(gateway: Any) -> None:
             break
         yield task.deferLater(_reactor, 0.01, lambda: None)
     assert stored is None
+
+
+def test_replies_and_events_name_a_guest_by_its_nick(factory: IRCFactory) -> None:
+    """INVITE (341, 443), KICK and bans show the guest's nick, not its account name."""
+    alice = login(factory, "alice")
+    bar = guest(factory, "bar")
+    alice.send("JOIN #chan", "INVITE bar #chan")
+    assert ("341", ["alice", "bar", "#chan"]) in alice.commands()
+    assert bar.commands() == [("INVITE", ["bar", "#chan"])]
+    bar.send("JOIN #chan")
+    bar.lines()
+    alice.lines()
+    alice.send("INVITE bar #chan")
+    assert alice.commands()[0][1][:3] == ["alice", "bar", "#chan"]
+    alice.send("KICK #chan bar :bye")
+    assert alice.commands() == [("KICK", ["#chan", "bar", "bye"])]
+    assert bar.commands() == [("KICK", ["#chan", "bar", "bye"])]
+    alice.send("MODE #chan +b bar")
+    assert alice.commands()[0] == ("MODE", ["#chan", "+b", "bar!*@*"])

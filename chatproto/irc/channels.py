@@ -15,7 +15,6 @@ from chatproto.irc.lines import (
     MAX_TARGETS,
     channel_of,
     format_line,
-    nick_of,
     param,
     plain_text,
 )
@@ -47,16 +46,16 @@ def group_change(
         if err.code == "not_member" and args.get("user") and command in ("KICK", "MODE"):
             ctx.num(
                 "441",
-                nick_of(args["user"], p.realm.realm),
+                p.nick_for(args["user"]),
                 chan,
                 "They aren't on that channel",
             )
             return
         if err.code == "already_member" and command == "INVITE":
-            ctx.num("443", nick_of(args["user"], p.realm.realm), chan, "is already on channel")
+            ctx.num("443", p.nick_for(args["user"]), chan, "is already on channel")
             return
         if err.code == "no_such_user":
-            target = nick_of(args.get("user", "*"), p.realm.realm)
+            target = p.nick_for(args.get("user", "*"))
         p.error(ctx, command, err, target)
 
     def done(env: Envelope) -> Envelope:
@@ -174,7 +173,7 @@ def invite(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) 
 
     def invited(env: Any) -> None:
         if isinstance(env, Envelope):
-            ctx.num("341", nick_of(user, p.realm.realm), chan)
+            ctx.num("341", p.nick_for(user), chan)
 
     return d.addCallback(invited)
 

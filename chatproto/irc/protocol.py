@@ -45,7 +45,6 @@ from chatproto.irc.lines import (
     channel_of,
     format_line,
     group_of,
-    nick_of,
     parse_line,
     plain_text,
     prefix,
@@ -452,20 +451,18 @@ class IRCProtocol(LineOnlyReceiver):
             out(self.mask(user), "PART", chan, "left")
         elif event == "kicked":
             self._gone(user, group)
-            out(
-                actor, "KICK", chan, nick_of(user, self.realm.realm), meta.get("reason") or "kicked"
-            )
+            out(actor, "KICK", chan, self.nick_for(user), meta.get("reason") or "kicked")
         elif event == "banned":
-            nick = nick_of(user, self.realm.realm)
+            nick = self.nick_for(user)
             out(actor, "MODE", chan, "+b", f"{nick}!*@*")
             if (user == me and group in self.joined) or user != me:
                 self._gone(user, group)
                 out(actor, "KICK", chan, nick, meta.get("reason") or "banned")
         elif event == "unbanned":
-            out(actor, "MODE", chan, "-b", f"{nick_of(user, self.realm.realm)}!*@*")
+            out(actor, "MODE", chan, "-b", f"{self.nick_for(user)}!*@*")
         elif event == "invited":
             if user == me:
-                out(actor, "INVITE", nick_of(me, self.realm.realm), chan)
+                out(actor, "INVITE", self.nick, chan)
         elif event == "topic":
             out(actor, "TOPIC", chan, meta.get("topic", ""))
         elif event == "role":  # owners and admins are both channel operators (@)
