@@ -89,6 +89,9 @@ class Membership:
 class Group:
     address: str
     topic: str = ""
+    #: who set the topic, and when (the event's sender and timestamp; IRC's 333)
+    topic_by: str = ""
+    topic_at: float = 0.0
     visibility: str = "public"
     history: str = "joined"
     created_pos: int = 0
@@ -337,6 +340,8 @@ class Groups:
                 created_pos=env.pos,
                 created_at=env.ts,
             )
+            if created.topic:
+                created.topic_by, created.topic_at = env.sender, env.ts
             self.groups[addr] = created
             self._add(created, env.sender, "owner", env.pos)
             return
@@ -374,6 +379,7 @@ class Groups:
             self._note(user, addr, env.pos)  # the invitee gets it, even when offline
         elif event == "topic":
             group.topic = meta.get("topic", "")
+            group.topic_by, group.topic_at = env.sender, env.ts
         elif event == "role" and user in group.members:
             group.members[user].role = meta.get("role", "member")
         elif event == "voice" and user in group.members:

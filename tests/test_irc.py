@@ -461,11 +461,12 @@ def test_topic_names_list_who_whois(factory: IRCFactory) -> None:
     b.send("TOPIC #dev", "TOPIC #dev :mine now", "NAMES #dev", "LIST")
     cmds = b.commands()
     assert cmds[0] == ("332", ["bob", "#dev", "the topic"])
-    assert cmds[1][0] == "482" and "admin role" in cmds[1][1][2]
-    assert cmds[2] == ("353", ["bob", "=", "#dev", "@alice bob"])
-    assert cmds[4] == ("321", ["bob", "Channel", "Users  Name"])
-    assert cmds[5] == ("322", ["bob", "#dev", "2", "the topic"])
-    assert cmds[6][0] == "323"
+    assert cmds[1][0] == "333" and cmds[1][1][1:3] == ["#dev", "alice"]  # who set it
+    assert cmds[2][0] == "482" and "admin role" in cmds[2][1][2]
+    assert cmds[3] == ("353", ["bob", "=", "#dev", "@alice bob"])
+    assert cmds[5] == ("321", ["bob", "Channel", "Users  Name"])
+    assert cmds[6] == ("322", ["bob", "#dev", "2", "the topic"])
+    assert cmds[7][0] == "323"
     b.send("WHO #dev")
     cmds = b.commands()
     assert cmds[0] == (
@@ -550,8 +551,9 @@ def test_outgoing_lines_stay_within_512_bytes(factory: IRCFactory) -> None:
     assert len(line.encode()) + 2 <= 512
     assert line.startswith(":alice!u@localhost TOPIC #t :üü")
     a.send("TOPIC #t")
-    (line,) = a.lines()
+    line, who = a.lines()  # 332, then 333 (who set it)
     assert len(line.encode()) + 2 <= 512 and line.endswith("ü")
+    assert " 333 alice #t alice " in who
 
 
 def test_deleted_and_bad_channels(factory: IRCFactory) -> None:

@@ -429,3 +429,33 @@ def test_info_lists_then_ends(factory: IRCFactory) -> None:
     got = a.commands()
     assert [c for c, _ in got] == ["371"] * 4 + ["374"] + ["371"] * 4 + ["374"]
     assert all(p[0] == "alice" for _, p in got)
+
+
+def test_names_of_several_channels_ends_once(factory: IRCFactory) -> None:
+    """(14) NAMES #a,#b: the 353 of each, then one 366 naming both (RFC 2812)."""
+    a = login(factory, "alice")
+    a.send("JOIN #chan1", "JOIN #chan2")
+    a.lines()
+    a.send("NAMES #chan1,#chan2,#nope")
+    assert a.commands() == [
+        ("353", ["alice", "=", "#chan1", "@alice"]),
+        ("353", ["alice", "=", "#chan2", "@alice"]),
+        ("366", ["alice", "#chan1,#chan2,#nope", "End of /NAMES list"]),
+    ]
+    a.send("NAMES #chan1")
+    assert [c for c, _ in a.commands()] == ["353", "366"]
+
+
+def test_topic_who_and_when_on_join_and_query(factory: IRCFactory, clock: Clock) -> None:
+    """(14) RPL_TOPICWHOTIME (333) after RPL_TOPIC on JOIN and TOPIC: who set it, when."""
+    a = login(factory, "alice")
+    clock.advance(1000)
+    a.send("JOIN #chan", "TOPIC #chan :new topic")
+    a.lines()
+    b = login(factory, "bob")
+    b.send("JOIN #chan")
+    got = b.commands()
+    assert ("332", ["bob", "#chan", "new topic"]) in got
+    assert [p for c, p in got if c == "333"] == [["bob", "#chan", "alice", "1000"]]
+    b.send("TOPIC #chan")
+    assert [c for c, _ in b.commands()] == ["332", "333"]

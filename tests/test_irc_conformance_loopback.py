@@ -122,3 +122,16 @@ def test_quit_relayed_and_lusers_max_over_tcp(gateway: Any) -> None:
     bar.send("INFO")  # (3) INFO
     yield until(lambda: bar.has("374"))
     assert {c for c, _ in bar.take()} == {"371", "374"}
+    bar.send("TOPIC #chan :new topic", "TOPIC #chan")  # (14) 333: who set it, when
+    yield until(lambda: bar.has("333"))
+    assert [p[1:3] for c, p in bar.take() if c == "333"] == [["#chan", "alice"]]
+    bar.send("JOIN #chan2")  # (14) NAMES of several channels: one 366
+    yield until(lambda: bar.has("366", "alice", "#chan2"))
+    bar.take()
+    bar.send("NAMES #chan,#chan2")
+    yield until(lambda: bar.has("366"))
+    assert [(c, p[1:3]) for c, p in bar.take()] == [
+        ("353", ["=", "#chan"]),
+        ("353", ["=", "#chan2"]),
+        ("366", ["#chan,#chan2", "End of /NAMES list"]),
+    ]

@@ -113,9 +113,11 @@ def topic(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -
         text = plain_text(params[1])[:MAX_TOPIC]
         return group_change(p, ctx, "TOPIC", chan, "topic", topic=text)
     assert p.session is not None
-    info = p.realm.group_info(p.session, p.group_address(chan))
+    group = p.group_address(chan)
+    info = p.realm.group_info(p.session, group)  # (the realm says who may see it)
     if info["topic"]:
         ctx.num("332", chan, info["topic"])
+        p.topic_time(ctx, group, chan)
     else:
         ctx.num("331", chan, "No topic is set")
     return None
@@ -126,13 +128,17 @@ def names(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -
     if not params:
         ctx.num("366", "*", "End of /NAMES list")
         return
-    for chan in params[0].split(",")[:MAX_TARGETS]:
+    chans = params[0].split(",")[:MAX_TARGETS]
+    for chan in chans:  # several: their 353s, then one 366 naming them all (RFC 2812)
         try:
             group = p.group_address(chan)
         except ChatError:
-            ctx.num("366", param(chan), "End of /NAMES list")
+            if len(chans) == 1:
+                ctx.num("366", param(chan), "End of /NAMES list")
             continue
-        p.names(ctx, group, chan)
+        p.names(ctx, group, chan, end=len(chans) == 1)
+    if len(chans) > 1:
+        ctx.num("366", param(",".join(chans)), "End of /NAMES list")
 
 
 @command("LIST")

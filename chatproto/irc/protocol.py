@@ -213,7 +213,7 @@ class IRCProtocol(LineOnlyReceiver):
         groups = self.realm.groups
         directory = self.factory.directory
         me = self.user_id
-        for addr in groups.of_user.get(me, ()):
+        for addr in sorted(groups.of_user.get(me, ())):
             for member in groups.groups[addr].members:
                 if member != me:
                     for conn in directory.connections(member):
@@ -491,9 +491,18 @@ class IRCProtocol(LineOnlyReceiver):
             return
         if g.topic:
             ctx.num("332", chan, g.topic)
+            self.topic_time(ctx, group, chan)
         self.names(ctx, group, chan)
 
-    def names(self, ctx: Reply, group: str, chan: str) -> None:
+    def topic_time(self, ctx: Reply, group: str, chan: str) -> None:
+        """333 RPL_TOPICWHOTIME: who set the topic, and when."""
+        g = self.realm.groups.groups.get(group)
+        if g is not None and g.topic_by:
+            ctx.num("333", chan, self.nick_for(g.topic_by), str(int(g.topic_at)))
+
+    def names(self, ctx: Reply, group: str, chan: str, end: bool = True) -> None:
+        """353 lines of a channel's members (if the client may see them), then, with
+        ``end``, 366."""
         g = self.realm.groups.groups.get(group)
         member = g is not None and self.user_id in g.members
         if g is not None and (member or (g.visibility == "public" and not g.secret)):
@@ -516,7 +525,8 @@ class IRCProtocol(LineOnlyReceiver):
                 size += len(name) + 1
             if chunk:
                 ctx.num("353", kind, chan, " ".join(chunk))
-        ctx.num("366", chan, "End of /NAMES list")
+        if end:
+            ctx.num("366", chan, "End of /NAMES list")
 
     # input --------------------------------------------------------------------------
 
