@@ -459,3 +459,19 @@ def test_topic_who_and_when_on_join_and_query(factory: IRCFactory, clock: Clock)
     assert [p for c, p in got if c == "333"] == [["bob", "#chan", "alice", "1000"]]
     b.send("TOPIC #chan")
     assert [c for c, _ in b.commands()] == ["332", "333"]
+
+
+def test_mode_o_from_a_non_member_is_442_not_441(factory: IRCFactory) -> None:
+    """(14) MODE +o on a channel the sender is not in: 442 (the sender is not on it),
+    one reply; 441 only when the sender is and the target is not."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    a.send("JOIN #chan")
+    c.send("JOIN #unrelated")
+    b.send("JOIN #chan", "JOIN #unrelated")
+    a.lines(), b.lines()
+    a.send("MODE #unrelated +o bob")
+    assert a.numerics() == ["442"]
+    a.send("MODE #chan +o carol", "KICK #chan carol")
+    assert a.numerics() == ["441", "441"]

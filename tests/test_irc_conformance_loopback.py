@@ -135,3 +135,19 @@ def test_quit_relayed_and_lusers_max_over_tcp(gateway: Any) -> None:
         ("353", ["=", "#chan2"]),
         ("366", ["#chan,#chan2", "End of /NAMES list"]),
     ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_mode_o_by_a_non_member_over_tcp(gateway: Any) -> None:
+    """(14) MODE +o on a channel the sender is not in: one 442."""
+    _, port = gateway
+    alice = yield connect(port, "alice")
+    bob = yield connect(port, "bob")
+    carol = yield connect(port, "carol")
+    carol.send("JOIN #unrelated")
+    yield until(lambda: carol.has("366"))
+    bob.send("JOIN #unrelated")
+    yield until(lambda: bob.has("366"))
+    alice.send("MODE #unrelated +o bob", "PING done")
+    yield until(lambda: alice.has("PONG"))
+    assert [c for c, _ in alice.take()] == ["442", "PONG"]

@@ -43,10 +43,17 @@ def group_change(
         f.trap(ChatError)
         err: ChatError = f.value  # type: ignore[assignment]
         target = chan
-        if err.code == "not_member" and args.get("user") and command in ("KICK", "MODE"):
+        g = p.realm.groups.groups.get(group)
+        them = args.get("user")
+        if (
+            err.code == "not_member"
+            and them
+            and command in ("KICK", "MODE")
+            and (g is None or p.user_id in g.members)  # else it is the sender who is not
+        ):
             ctx.num(
                 "441",
-                p.nick_for(args["user"]),
+                p.nick_for(them),
                 chan,
                 "They aren't on that channel",
             )
