@@ -498,6 +498,11 @@ class Config:
                 '--worker needs the PostgreSQL store ([storage] backend = "postgresql"): '
                 "workers share one database"
             )
+        if self.irc.guests:
+            raise ConfigError(
+                "irc.guests is for a single-process realm: a worker keeps its guests' "
+                "nicks to itself, and deletes left-over guest accounts at start"
+            )
 
     def _check_federation(self, files: bool) -> None:
         f = self.federation

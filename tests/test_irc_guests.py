@@ -252,3 +252,20 @@ def test_replies_and_events_name_a_guest_by_its_nick(factory: IRCFactory) -> Non
     assert bar.commands() == [("KICK", ["#chan", "bar", "bye"])]
     alice.send("MODE #chan +b bar")
     assert alice.commands()[0] == ("MODE", ["#chan", "+b", "bar!*@*"])
+
+
+def test_guests_are_refused_for_a_cluster_worker(tmp_path: Any) -> None:
+    """Guests are kept per process (nicks, left-over clean-up at start): a worker of
+    a cluster refuses the setting."""
+    from twisted.python import usage
+
+    from chatproto import tap
+
+    conf = tmp_path / "pg.toml"
+    conf.write_text(
+        '[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 dbname=x"\n'
+        "[irc]\nguests = true\n"
+    )
+    tap.Options().parseOptions(["--config", str(conf)])  # one process: fine
+    with pytest.raises(usage.UsageError, match="irc.guests is for a single-process realm"):
+        tap.Options().parseOptions(["--config", str(conf), "--worker", "w1"])
