@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
+from twisted.protocols.basic import LineOnlyReceiver
 
 from chatproto import client
 from chatproto.client import RemoteError
@@ -539,3 +540,86 @@ def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
     finally:
         yield spawner.close()
         redis_drop_prefix(redis, prefix)
+
+
+class IRCLines(LineOnlyReceiver):
+    """A bare IRC client: the lines it got; answers PING."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if text.startswith("PING "):
+            self.sendLine(b"PONG " + line[5:])
+        self.lines.append(text)
+
+    def say(self, text: str) -> None:
+        self.sendLine(text.encode())
+
+    def saw(self, pattern: str) -> bool:
+        return any(re.search(pattern, line) for line in self.lines)
+
+
+@pytest_twisted.inlineCallbacks
+def test_irc_users_on_two_workers(tmp_path: Any) -> Any:
+    """The IRC gateway runs on every worker: IRC users on different workers share a
+    channel (a group) and write to each other."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    redis = redis_or_skip()
+    cluster = Cluster(tmp_path, redis, redis_prefix())
+    text = cluster.config.read_text()
+    cluster.config.write_text(
+        text + '\n[irc]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1:backlog=49"]\n'
+    )
+    irc_port = re.compile(
+        r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1:backlog=49\)"
+    )
+    try:
+        w1 = yield cluster.start("w1")
+        w2 = yield cluster.start("w2")
+        for user, server in (("alice", w1), ("bob", w2)):
+            conn = yield client.connect(_reactor, server, user, PASSWORD, register=True)
+            yield conn.close()
+        clients = []
+        for name in ("w1", "w2"):
+            port = int(irc_port.search(cluster.procs[name].output).group(1))
+            irc = IRCLines()
+            yield connectProtocol(TCP4ClientEndpoint(_reactor, "127.0.0.1", port), irc)
+            clients.append(irc)
+        alice, bob = clients
+        for irc, nick in ((alice, "alice"), (bob, "bob")):
+            irc.say(f"PASS :{PASSWORD}")
+            irc.say(f"NICK {nick}")
+            irc.say(f"USER {nick} 0 * :{nick}")
+            yield until(
+                lambda irc=irc: irc.saw(r" 001 "),
+                f"{nick} is welcome",
+                info=lambda irc=irc: irc.lines,
+            )
+        alice.say("JOIN #irc")
+        yield until(lambda: alice.saw(r"JOIN :?#irc"), "alice joined", info=lambda: alice.lines)
+        bob.say("JOIN #irc")
+        yield until(lambda: bob.saw(r"JOIN :?#irc"), "bob joined", info=lambda: bob.lines)
+        alice.say("PRIVMSG #irc :hello from w1")
+        yield until(
+            lambda: bob.saw(r"^:alice\S* PRIVMSG #irc :hello from w1"),
+            "bob (w2) reads alice (w1) in the channel",
+            info=lambda: bob.lines,
+        )
+        bob.say("PRIVMSG alice :hi from w2")
+        yield until(
+            lambda: alice.saw(r"^:bob\S* PRIVMSG alice :hi from w2"),
+            "alice (w1) reads bob's (w2) private message",
+            info=lambda: alice.lines,
+        )
+        for irc in clients:
+            irc.transport.loseConnection()
+        for proc in cluster.procs.values():
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield cluster.spawner.close()
+        redis_drop_prefix(redis, cluster.prefix)
