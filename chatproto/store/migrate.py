@@ -168,6 +168,11 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         "COPY prefs (user_addr, key, value) FROM STDIN",
         lambda r: (r[0], r[1], _text(r[2])),
     ),
+    "refs": (
+        "SELECT ref, pos FROM refs ORDER BY ref, pos",
+        "COPY refs (ref, pos) FROM STDIN",
+        lambda r: (r[0], int(r[1])),
+    ),
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version
