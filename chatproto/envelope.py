@@ -149,6 +149,9 @@ class Envelope:
     pos: int = 0
     #: The encoded delivery frame, cached so fan-out encodes once per item.
     frame: bytes | None = attrs.field(default=None, repr=False)
+    #: The end of a ``send`` result for this item (``"pos":..,"msg_id":..,"ts":..}``),
+    #: cached with ``frame`` (see chatproto.protocol.send_result).
+    result_tail: str | None = attrs.field(default=None, repr=False, eq=False)
     #: The signature of the realm of ``sender`` (``{"key", "ed25519"}``), carried by
     #: an item another realm relays (see chatproto/signing.py); never sent to clients.
     sig: dict[str, str] | None = attrs.field(default=None, repr=False)

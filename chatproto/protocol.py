@@ -73,18 +73,21 @@ def delivery_frame(env: Envelope) -> bytes:
     if frame is None:
         ts = env.ts
         if env.meta is None and type(env.pos) is int and type(ts) is float and isfinite(ts):
+            id_s = _str(env.id)
+            ts_s = float.__repr__(ts)
             payload = (
                 _MSG
                 % (
                     env.pos,
-                    _str(env.id),
+                    id_s,
                     _str(env.kind),
                     _str(env.sender),
                     _str(env.recipient),
-                    float.__repr__(ts),
+                    ts_s,
                     _str(env.body),
                 )
             ).encode("utf-8")
+            env.result_tail = _RESULT_TAIL % (env.pos, id_s, ts_s)  # for send_result
         else:
             payload = wire.encode({"type": "msg", **env.to_wire()})
         frame = env.frame = _pack(len(payload)) + payload
@@ -101,9 +104,13 @@ def send_result(env: Envelope, rid: Any) -> bytes:
     Formatted directly when the fields allow it (the hot path), byte for byte what
     :func:`chatproto.wire.result_frame` makes of the same fields (tested with
     arbitrary envelopes and request ids); else by that generic encoder."""
+    tail = env.result_tail  # made with the item's delivery frame, usually
     ts = env.ts
-    if type(env.pos) is int and type(ts) is float and isfinite(ts) and type(env.id) is str:
-        tail = _RESULT_TAIL % (env.pos, _str(env.id), float.__repr__(ts))
+    if tail is not None or (
+        type(env.pos) is int and type(ts) is float and isfinite(ts) and type(env.id) is str
+    ):
+        if tail is None:
+            tail = _RESULT_TAIL % (env.pos, _str(env.id), float.__repr__(ts))
         if rid is None:
             payload = (_RESULT + tail).encode("utf-8")
         elif type(rid) is int:

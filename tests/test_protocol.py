@@ -735,12 +735,15 @@ def test_send_results_are_the_generic_encoding_byte_for_byte(
 ) -> None:
     """The formatted result of a send says exactly what wire.result_frame would."""
     from chatproto.envelope import Envelope
-    from chatproto.protocol import send_result
+    from chatproto.protocol import delivery_frame, send_result
 
     env = Envelope(mid, "text", "a@x", "b@x", ts, "hi", None, pos)
     frame = send_result(env, rid)
     payload = wire.result_frame(rid, pos=pos, msg_id=mid, ts=ts)
     assert frame == struct.pack("!I", len(payload)) + payload
+    # the same once the delivery frame is made (it caches the result's tail)
+    delivery_frame(env)
+    assert send_result(env, rid) == frame
 
 
 def test_send_request_errors_are_unchanged(realm: Any, clock: Clock) -> None:
