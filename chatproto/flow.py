@@ -26,10 +26,11 @@ from typing import Any
 
 __all__ = ["BURST_WRITE", "OutputQueue"]
 
-#: A connection holding a delivery burst's frames writes them once they pass this many
-#: bytes, without waiting for the burst's end: one write stays about the size of a
-#: transport's own buffer, so a reader that stopped reading is held to the output
-#: bound plus about this much (see OutputQueue).
+#: The frames held during a delivery burst are written once the burst's items may come
+#: to this many bytes for one connection, without waiting for its end
+#: (chatproto.realm.sessions.Sessions.route): one write stays about the size of a
+#: transport's own buffer, so a reader that stopped reading is held to the output bound
+#: plus about this much (see OutputQueue).
 BURST_WRITE = 64 * 1024
 
 

@@ -36,7 +36,7 @@ from chatproto.admission import PREAUTH_MAX_FRAME, Ticket
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
-from chatproto.flow import BURST_WRITE, OutputQueue
+from chatproto.flow import OutputQueue
 from chatproto.reading_requests import ReadingRequests
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 from chatproto.realm.messaging import SendRequest
@@ -156,7 +156,6 @@ class ClientProtocol(ReadingRequests, Int32StringReceiver):
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
-        self._held_size = 0  # bytes in _held
         #: The ``send`` requests of the read being handled, with their request ids
         #: (None: not inside a read; see begin_read).
         self._sends: list[tuple[SendRequest, Any]] | None = None
@@ -368,15 +367,11 @@ class ClientProtocol(ReadingRequests, Int32StringReceiver):
         frame = envelope.frame or delivery_frame(envelope)
         if self._held is not None:
             self._held.append(frame)
-            self._held_size += len(frame)
-            if self._held_size > BURST_WRITE:
-                self.flush()
         elif self._out.blocked or self.state == "closed":
             self._write(frame)  # held, with the slow-reader bound
         elif self.factory.realm.bursting:
             # Hold this burst's frames and write them in one go when it ends.
             self._held = [frame]
-            self._held_size = len(frame)
             self.factory.realm.hold(self)
         else:
             self.transport.write(frame)

@@ -93,7 +93,10 @@ def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(listene
     assert server.state == "closed", f"not dropped after {sent * len(body)} bytes"
     # Held: at most the limit, plus the transport's own buffer and a frame or two.
     assert peak <= limit + 64 * 1024 + tls_slack + 4 * frame_size
-    assert sent * len(body) <= limit + kernel + 2 * 2**20
+    # What the writer got in before the drop: the limit, the kernel's buffers, and what
+    # the realm had in hand (a group commit being written while the last one's items
+    # go out: two batches of the writer's sends, more of them on a loaded machine).
+    assert sent * len(body) <= limit + kernel + 4 * 2**20
     # The reader reads again: what had reached its socket, whole frames, then the
     # error, then the close.  Not the megabytes that were held for it.
     tcp_of(reader.transport).resumeProducing()

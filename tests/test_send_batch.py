@@ -203,3 +203,24 @@ def test_suspended_recipient_is_refused_in_a_batch(realm: Any, clock: Clock) -> 
     answers = {f["id"]: f for f in frames(ta) if f["type"] in ("result", "error")}
     assert "code" not in answers[1]
     assert answers[2]["code"] == "account_suspended"
+
+
+def test_a_large_burst_is_written_as_it_grows(realm: Any, clock: Clock) -> None:
+    """The frames held for a connection during a delivery burst go out once the burst
+    passes flow.BURST_WRITE bytes, not all at its end: a reader that stopped reading
+    is held to the output bound plus about that much."""
+    from chatproto.flow import BURST_WRITE
+
+    _a, ta = logged_in(realm, clock, "alice")
+    writes: list[bytes] = []
+    write = ta.write
+    ta.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    body = "x" * 4000
+    realm.begin_burst()  # (as a group commit does: its items' frames are held)
+    for i in range(40):
+        realm.post("alice", "alice", f"{i} {body}")
+    assert writes  # before the burst's end
+    realm.end_burst()
+    assert len(writes) > 1 and all(len(w) <= BURST_WRITE + 5000 for w in writes)
+    got = frames(ta)
+    assert [f["body"] for f in got if f["type"] == "msg"] == [f"{i} {body}" for i in range(40)]

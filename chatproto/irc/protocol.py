@@ -28,7 +28,7 @@ from zope.interface import implementer
 from chatproto import address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
-from chatproto.flow import BURST_WRITE, OutputQueue
+from chatproto.flow import OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
@@ -139,7 +139,6 @@ class IRCProtocol(LineOnlyReceiver):
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
-        self._held_size = 0  # bytes in _held
         self._writable: list[Deferred[None]] = []
         self._ack_call: Any = None
         self._bucket: TokenBucket | None = None
@@ -317,14 +316,10 @@ class IRCProtocol(LineOnlyReceiver):
         held = self._held
         if held is not None:
             held.append(data)
-            self._held_size += len(data)
-            if self._held_size > BURST_WRITE:
-                self.flush()
         elif self._out.blocked or self.state == "closed":
             self.write(data)
         elif f.realm.bursting:
             self._held = [data]
-            self._held_size = len(data)
             f.realm.hold(self)
         else:
             self.transport.write(data)

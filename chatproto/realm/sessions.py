@@ -27,6 +27,7 @@ from zope.interface import Interface, implementer
 from chatproto.address import Address
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.flow import BURST_WRITE
 from chatproto.ops.stats import RealmStats
 from chatproto.ratelimit import TokenBucket
 from chatproto.text import check_label
@@ -263,6 +264,8 @@ class Sessions:
         self._on_idle = on_idle
         self._burst_depth = 0
         self._held: list[Any] = []
+        #: At most what one connection holds of this burst's items (an estimate).
+        self._burst_bytes = 0
         #: Told of every notice (``(users, notice)``): a worker of a cluster passes
         #: them to the other workers (chatproto.cluster.worker).  None in one process.
         self.relay: Callable[[list[str], Notice], None] | None = None
@@ -316,6 +319,10 @@ class Sessions:
             return
         if self._on_idle is not None:
             self._on_idle()  # must not raise: the frames held below must still go out
+        self._flush_held()
+
+    def _flush_held(self) -> None:
+        self._burst_bytes = 0
         if self._held:
             held, self._held = self._held, []
             for mind in held:
@@ -346,6 +353,14 @@ class Sessions:
                             s.mind.deliver(env)
         finally:
             self.stats.deliveries_live += reached
+            # Bounded holds: once the burst's items may come to BURST_WRITE bytes for
+            # one connection, what is held goes out now (counted once per item, not
+            # per delivery; an item's frame, or its body's worst case as UTF-8 plus
+            # its envelope).
+            frame = env.frame
+            self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
+            if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
+                self._flush_held()
             self.end_burst()
 
     def notify(self, users: Iterable[str], notice: Notice, exclude: Session | None = None) -> None:
