@@ -64,7 +64,14 @@ EVENTS = (
 )
 #: Group settings a ``settings`` event may change (besides ``visibility``), with the
 #: type of their value; see :meth:`Groups.check`.
-SETTINGS = {"moderated": bool, "secret": bool, "topic_lock": bool, "limit": int, "key": str}
+SETTINGS = {
+    "moderated": bool,
+    "secret": bool,
+    "topic_lock": bool,
+    "limit": int,
+    "key": str,
+    "external": bool,
+}
 #: Longest join key; a key is printable ASCII without spaces or commas.
 MAX_KEY = 32
 #: Largest member limit a group may set (0: none but the realm's).
@@ -107,6 +114,8 @@ class Group:
     limit: int = 0
     #: joining needs this key ("" = none); invitees need none
     key: str = ""
+    #: non-members may send to it too (IRC's ``-n``), unless it is moderated
+    external: bool = False
     members: dict[str, Membership] = attrs.field(factory=dict)
     #: banned user -> position of the ban
     bans: dict[str, int] = attrs.field(factory=dict)
@@ -129,6 +138,7 @@ class Group:
             "topic_lock": self.topic_lock,
             "limit": self.limit,
             "has_key": bool(self.key),
+            "external": self.external,
         }
 
 
@@ -189,6 +199,8 @@ class Groups:
         group = self.get(group_addr)
         m = group.members.get(sender)
         if m is None:
+            if group.external and not group.moderated:
+                return  # a group open to messages from outside (IRC's -n)
             raise ChatError("not_member", f"you are not a member of {group_addr}")
         if group.moderated and m.role == "member" and not m.voice:
             raise ChatError("moderated", f"{group_addr} is moderated: only voiced members speak")

@@ -712,9 +712,9 @@ class ClientProtocol(ReadingRequests, Int32StringReceiver):
 
     def handle_set_group(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Change group settings: any of visibility, moderated, secret, topic_lock,
-        limit, key (the realm checks them; see PROTOCOL.md)."""
+        limit, key, external (the realm checks them; see PROTOCOL.md)."""
         kinds = {"visibility": str, "moderated": bool, "secret": bool, "topic_lock": bool}
-        kinds.update(limit=int, key=str)
+        kinds.update(limit=int, key=str, external=bool)
         args = {name: wire.field(req, name, kind, required=False) for name, kind in kinds.items()}
         return self._event("settings", req, **{k: v for k, v in args.items() if v is not None})
 

@@ -444,6 +444,24 @@ def test_settings_key_limit_moderated_secret_topic_lock(realm: Any, clock: Clock
     assert "key" not in info and info["has_key"] is False
 
 
+def test_setting_external_lets_non_members_send(realm: Any, clock: Clock) -> None:
+    """external (IRC's -n): a non-member may send to the group, not when moderated;
+    the members get it, the sender (not a member) does not."""
+    alice, bob = (User(realm, clock, n) for n in ("alice", "bob"))
+    alice.ok("create_group", group="#x")
+    assert bob.code("send", to="#x", body="knock") == "not_member"
+    assert bob.code("set_group", group="#x", external=True) == "not_member"
+    assert alice.code("set_group", group="#x", external="yes") == "bad_request"
+    alice.ok("set_group", group="#x", external=True)
+    assert alice.ok("group_info", group="#x")["external"] is True
+    alice.msgs()
+    bob.ok("send", to="#x", body="from outside")
+    assert [m["body"] for m in alice.msgs() if m["kind"] == "text"] == ["from outside"]
+    assert [m for m in bob.msgs() if m["kind"] == "text"] == []
+    alice.ok("set_group", group="#x", moderated=True)
+    assert bob.code("send", to="#x", body="again") == "not_member"
+
+
 @pytest_twisted.inlineCallbacks
 def test_settings_survive_restart(tmp_path: Any) -> Any:
     """Settings are events: replayed at start-up like every other group change."""

@@ -475,3 +475,30 @@ def test_mode_o_from_a_non_member_is_442_not_441(factory: IRCFactory) -> None:
     assert a.numerics() == ["442"]
     a.send("MODE #chan +o carol", "KICK #chan carol")
     assert a.numerics() == ["441", "441"]
+
+
+def test_minus_n_lets_non_members_send(factory: IRCFactory, realm: RealmService) -> None:
+    """(2) +n (the default): only members send; -n (group setting external): anyone
+    may, unless the channel is moderated; RPL_CHANNELMODEIS lists n while it is on."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #chan", "MODE #chan +int")
+    a.lines()
+    a.send("MODE #chan")
+    assert a.commands()[0][1][2] == "+int"
+    b.send("PRIVMSG #chan :hi from bob")
+    assert b.numerics() == ["404"]
+    assert a.lines() == []
+    a.send("MODE #chan -int")
+    assert a.commands() == [("MODE", ["#chan", "-itn"])]
+    assert realm.groups.groups["#chan@localhost"].external is True
+    b.send("PRIVMSG #chan :hi again")
+    assert a.commands() == [("PRIVMSG", ["#chan", "hi again"])]
+    assert b.lines() == []  # not a member: it does not receive the channel
+    a.send("MODE #chan +m")
+    a.lines()
+    b.send("PRIVMSG #chan :moderated now")
+    assert b.numerics() == ["404"]
+    a.send("MODE #chan -m+n")
+    assert a.commands() == [("MODE", ["#chan", "-m+n"])]
+    assert realm.groups.groups["#chan@localhost"].external is False

@@ -151,3 +151,20 @@ def test_mode_o_by_a_non_member_over_tcp(gateway: Any) -> None:
     alice.send("MODE #unrelated +o bob", "PING done")
     yield until(lambda: alice.has("PONG"))
     assert [c for c, _ in alice.take()] == ["442", "PONG"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_minus_n_over_tcp(gateway: Any) -> None:
+    """(2) -n: a non-member's message reaches the channel."""
+    _, port = gateway
+    alice = yield connect(port, "alice")
+    bob = yield connect(port, "bob")
+    alice.send("JOIN #chan")
+    yield until(lambda: alice.has("366"))
+    bob.send("PRIVMSG #chan :refused", "PING 1")
+    yield until(lambda: bob.has("PONG"))
+    assert [c for c, _ in bob.take()] == ["404", "PONG"]
+    alice.send("MODE #chan -n")
+    yield until(lambda: alice.has("MODE", "#chan", "-n"))
+    bob.send("PRIVMSG #chan :from outside")
+    yield until(lambda: alice.has("PRIVMSG", "#chan", "from outside"))

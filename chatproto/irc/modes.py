@@ -56,7 +56,7 @@ def channel_modes(g: Group, member: bool) -> list[str]:
         flags += "l"
         args.append(str(g.limit))
     flags += "m" if g.moderated else ""
-    flags += "n"
+    flags += "" if g.external else "n"
     flags += "s" if g.secret else ""
     flags += "t" if g.topic_lock else ""
     return ["+" + flags, *args]
@@ -74,6 +74,8 @@ def settings_modes(meta: dict[str, Any]) -> list[str]:
     for c, name in _FLAGS.items():
         if isinstance(meta.get(name), bool):
             out.append(("+" if meta[name] else "-", c, None))
+    if isinstance(meta.get("external"), bool):  # n: no external messages
+        out.append(("-" if meta["external"] else "+", "n", None))
     return mode_string(out)
 
 
@@ -135,8 +137,7 @@ def mode(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
             else:
                 _setting(ctx, target, settings, "k", "key", value)
         elif c == "n":
-            if sign == "-":
-                ctx.num("472", c, "is always on: only members send to a channel")
+            settings["external"] = sign == "-"
         else:
             ctx.num("472", c, "is unknown mode char to me")
     if list_bans:
@@ -149,6 +150,7 @@ def mode(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
         "topic_lock": g.topic_lock,
         "limit": g.limit,
         "key": g.key,
+        "external": g.external,
     }
     settings = {k: v for k, v in settings.items() if current[k] != v}
     waits: list[Any] = []

@@ -12,8 +12,10 @@ Env: CHATPROTO_TWISTD (twistd of a venv with chatproto installed; default: the
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import signal
 import shutil
 import socket
 import struct
@@ -31,6 +33,21 @@ GUESTS = os.environ.get("CHATPROTO_IRCTEST_GUESTS") == "1"
 DEFAULT_PASSWORD = "irctest-password"
 
 _current: Optional["ChatprotoController"] = None
+#: Every realm process started: killed when the worker exits, so that a test that
+#: ends without the controller's kill (a failing set-up) leaves no realm running.
+_started: list = []
+
+
+def _kill_started() -> None:
+    for proc in _started:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+atexit.register(_kill_started)
 
 
 def _free_port() -> int:
@@ -145,6 +162,7 @@ motd = "irctest"
             env = {**os.environ, "PYTHONPATH": os.environ["CHATPROTO_SRC"]}
         self.proc = self.execute([TWISTD, "-n", "--pidfile=", f"--logfile={d / 'realm.log'}",
                                   "chatrealm", "--config", str(d / "realm.toml")], cwd=str(d), env=env)
+        _started.append(self.proc)
         _current = self
 
     def wait_for_port(self) -> None:
