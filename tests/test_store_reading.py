@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor as _reactor
+from twisted.internet import task
 
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store.sqlite import SQLiteDB
@@ -104,11 +106,10 @@ def test_sqlite_migration_adds_the_tables(tmp_path: Any) -> None:
     for stmt in (
         "DROP TABLE read_markers",
         "DROP TABLE prefs",
-        "DROP TRIGGER items_fts_insert",
-        "DROP TRIGGER items_fts_edit",
         "DROP TRIGGER items_fts_erase",
         "DROP TRIGGER items_fts_delete",
         "DROP TABLE items_fts",
+        "DELETE FROM settings WHERE key = 'search_upto'",
         "UPDATE schema_version SET version = 12",
     ):
         db.conn.execute(stmt)
@@ -164,11 +165,10 @@ def test_sqlite_search_index_is_filled_for_older_items_and_purged(tmp_path: Any)
     db = SQLiteDB(path)
     db.migrate()
     for stmt in (
-        "DROP TRIGGER items_fts_insert",
-        "DROP TRIGGER items_fts_edit",
         "DROP TRIGGER items_fts_erase",
         "DROP TRIGGER items_fts_delete",
         "DROP TABLE items_fts",
+        "DELETE FROM settings WHERE key = 'search_upto'",
         "UPDATE schema_version SET version = 13",
     ):
         db.conn.execute(stmt)
@@ -176,7 +176,10 @@ def test_sqlite_search_index_is_filled_for_older_items_and_purged(tmp_path: Any)
     db.close()
     db = SQLiteDB(path)
     assert db.migrate() == 13
+    assert db.search_upto() == 0  # the store indexes what was there when idle
     [found] = db.search(["zqxsecret"], [("user", ALICE, 0)], None, 10)
+    assert db.index_search(2000) == 2 and db.search_upto() == 2
+    assert db.search(["zqxsecret"], [("user", ALICE, 0)], None, 10)[0].pos == found.pos
     # a body erased (a deletion) leaves the index, and its words the database file
     db.conn.execute("PRAGMA secure_delete = ON")
     db.conn.execute("UPDATE items SET body = '' WHERE pos = ?", (found.pos,))
@@ -186,3 +189,52 @@ def test_sqlite_search_index_is_filled_for_older_items_and_purged(tmp_path: Any)
     db.close()
     with open(path, "rb") as fh:
         assert b"zqxsecretword" not in fh.read()
+
+
+def test_sqlite_new_items_are_found_before_and_after_they_are_indexed(tmp_path: Any) -> None:
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    mine = [("user", ALICE, 0)]
+    for n in range(5):
+        db.commit_batch([[item(BOB, ALICE, f"zqxword number{n}")]], {})
+    db.commit_batch([[item(BOB, CAROL, "zqxword not alice's")]], {})
+    assert db.search_upto() == 0  # nothing indexed yet: read directly
+    assert [e.body for e in db.search(["zqxword"], mine, None, 3)] == [
+        "zqxword number4",
+        "zqxword number3",
+        "zqxword number2",
+    ]
+    assert db.index_search(3) == 3 and db.search_upto() == 3
+    # two indexed, two not: one search, both halves, newest first, paged
+    assert [e.body for e in db.search(["zqxword"], mine, None, 10)] == [
+        f"zqxword number{n}" for n in (4, 3, 2, 1, 0)
+    ]
+    assert [e.body for e in db.search(["zqxword"], mine, 4, 2)] == [
+        "zqxword number2",
+        "zqxword number1",
+    ]
+    assert db.index_search(200) == 3 and db.index_search(200) == 0
+    assert len(db.conn.execute("SELECT rowid FROM items_fts").fetchall()) == 6
+    assert [e.body for e in db.search(["number1"], mine, None, 10)] == ["zqxword number1"]
+    db.close()
+
+
+@pytest.fixture
+def sqlite_store(open_store: Any) -> Any:  # noqa: F811
+    return open_store(_sqlite)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
+    store = sqlite_store
+    for n in range(450):  # more than one indexing step
+        store.append([item(BOB, ALICE, f"word{n}")])
+    yield store.append([item(BOB, ALICE, "last")])
+    for _ in range(200):  # bounded: 10 s
+        upto = yield store._read(lambda db: db.search_upto())
+        if upto == 451:
+            break
+        yield task.deferLater(_reactor, 0.05, lambda: None)
+    assert upto == 451
+    found = yield store.search(["word44"], [("user", ALICE, 0)], None, 20)
+    assert sorted(e.body for e in found) == ["word44"] + [f"word44{n}" for n in range(10)]

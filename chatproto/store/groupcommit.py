@@ -53,6 +53,14 @@ OUTBOX_CACHE = 50_000
 #: What :meth:`StoreDB.commit_batch` returns: positions per batch (``None`` for a
 #: remote item stored already; an exception for a batch that failed alone), and the
 #: outbox rows queued as ``(realm, seq, envelope or request)`` in sequence order.
+#: Search indexing (SQLite) is background work, kept out of a busy realm's way: it
+#: runs INDEX_DELAY seconds after the last commit that stored items (the realm is
+#: quiet), in steps of INDEX_STEP items, or at once when INDEX_FORCE items wait (a
+#: realm busy for long; search reads the items not indexed yet directly meanwhile).
+INDEX_STEP = 2000
+INDEX_DELAY = 1.0
+INDEX_FORCE = 100_000
+
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
 
 
@@ -77,6 +85,7 @@ class StoreDB(Protocol):
         reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult: ...
     def read_markers(self, conv: str) -> dict[str, int]: ...
+    def index_search(self, limit: int) -> int: ...
     def search(
         self,
         words: Sequence[str],
@@ -221,6 +230,16 @@ class GroupCommitStore:
         self._pending_reads: dict[tuple[str, str], int] = {}
         self._inflight_reads: dict[tuple[str, str], int] = {}
         self._threads_started = False
+        #: Search indexing (SQLite: see SQLiteDB.index_search): done on the writer
+        #: thread in steps of INDEX_STEP items when there is no commit to make, so it
+        #: never stands in the send path; wanted after a commit stored items.
+        self._indexing = False
+        self._index_wanted = True
+        self._index_gen = 0  # commits that stored items (one that lands mid-step counts)
+        self._unindexed = 0  # items committed since the last step began (about)
+        self._index_call: Any = None
+        self._index_quiet = False
+        self._closing = False
         #: Told when a group commit's results start and finish being handed out, so
         #: the realm can write each connection's frames of the whole batch at once.
         self.burst_listener: Any = None
@@ -303,6 +322,10 @@ class GroupCommitStore:
             self._reader_pool.start()
 
     def close(self) -> Deferred[None]:
+        self._closing = True
+        if self._index_call is not None and self._index_call.active():
+            self._index_call.cancel()
+        self._index_call = None
         d = self._when_idle()
 
         def _shut(_: object) -> None:
@@ -580,6 +603,7 @@ class GroupCommitStore:
                 idle, self._idle = self._idle, []
                 for d in idle:
                     d.callback(None)
+                self._index_when_idle()
             return
         batch, self._pending = self._pending, []
         acks, self._pending_acks = self._pending_acks, {}
@@ -622,6 +646,13 @@ class GroupCommitStore:
                 self.committed_items += len(stored)
                 self.committed_remote += len(stored)
                 outcomes.append(stored)
+            if self.committed_items != before:
+                self._index_wanted = True
+                self._index_gen += 1
+                self._unindexed += self.committed_items - before
+                self._index_quiet = False
+                if self._index_call is not None and self._index_call.active():
+                    self._index_call.reset(INDEX_DELAY)  # still busy: later
             observer = self.commit_observer
             if observer is not None:
                 try:
@@ -715,6 +746,48 @@ class GroupCommitStore:
         return self._read(lambda db: db.max_pos())
 
     # read markers, conversations, preferences (see chatproto/store/reading.py) -------
+
+    def _index_when_idle(self) -> None:
+        """One step of search indexing, if there is something to index and no commit
+        to make (a commit arriving meanwhile waits for the step: a few ms)."""
+        if self._indexing or self._writing or self._has_pending() or self._closing:
+            return
+        if not self._index_wanted or self._writer is None:
+            return
+        if self._unindexed >= INDEX_FORCE or self._index_quiet:
+            self._take_index_step()
+        elif self._index_call is None:
+            self._index_call = self._reactor.callLater(  # type: ignore[attr-defined]
+                INDEX_DELAY, self._index_due
+            )
+
+    def _index_due(self) -> None:
+        """No commit stored items for INDEX_DELAY seconds: index (step by step, as
+        long as the realm stays quiet)."""
+        self._index_call = None
+        self._index_quiet = True
+        self._index_when_idle()
+
+    def _take_index_step(self) -> None:
+        self._indexing = True
+        self._unindexed = 0
+        self._index_quiet = False
+        gen = self._index_gen
+        d = self._write(lambda: self._db().index_search(INDEX_STEP))
+
+        def done(n: int) -> None:
+            self._indexing = False
+            self._index_wanted = n >= INDEX_STEP or gen != self._index_gen
+            if n >= INDEX_STEP and gen == self._index_gen:  # still quiet: go on
+                self._index_quiet = True
+            self._index_when_idle()
+
+        def failed(f: Failure) -> None:
+            self._indexing = False
+            self._index_wanted = False  # tried again after the next commit
+            self.log.failure("search indexing failed", f)
+
+        d.addCallbacks(done, failed)
 
     def set_read(self, user: str, conv: str, pos: int) -> None:
         """Move ``user``'s read marker in ``conv`` forward to ``pos``, with the next

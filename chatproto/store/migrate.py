@@ -186,7 +186,6 @@ NOT_COPIED = {
     "items_fts_config",
     "items_fts_content",
     "items_fts_data",
-    "items_fts_docsize",
     "items_fts_idx",
 }
 

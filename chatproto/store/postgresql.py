@@ -1446,6 +1446,10 @@ class PostgresDB(ReadingSQL):
     def _current(self, items: list[Envelope]) -> list[Envelope]:
         return current_view(items, self._refs(items))
 
+    def index_search(self, limit: int) -> int:
+        """Nothing to do: a trigger keeps search_text in each item's transaction."""
+        return 0
+
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
         with self.conn.cursor() as cur:
             cur.executemany(

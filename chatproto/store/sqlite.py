@@ -42,7 +42,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -217,20 +217,13 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     """,
     # v14: full-text search (FTS5): the current text of every text and file item (its
-    # latest edit's, see chatproto/relations.py), filled for the items stored before
-    # and kept by triggers in the transaction that writes the item (no statement of
-    # its own per message).  A body erased (a deletion) leaves the index, and
-    # 'optimize' rewrites its segments so its words leave the file too.
+    # latest edit's, see chatproto/relations.py), kept by triggers (v15 changes how new
+    # items get in).  A body erased (a deletion) leaves the index, and 'optimize'
+    # rewrites its segments so its words leave the file too.
     """
     CREATE VIRTUAL TABLE items_fts USING fts5(
         body, tokenize = 'unicode61 remove_diacritics 0'
     );
-    INSERT INTO items_fts (rowid, body)
-        SELECT t.pos, coalesce((
-            SELECT e.body FROM items e WHERE e.kind = 'edit' AND t.kind = 'text'
-            AND json_extract(e.meta, '$.ref') = t.id AND e.conv = t.conv
-            AND e.sender = t.sender ORDER BY e.pos DESC LIMIT 1), t.body)
-        FROM items t WHERE t.kind IN ('text', 'file') AND t.body <> '';
     CREATE TRIGGER items_fts_insert AFTER INSERT ON items
         WHEN new.kind IN ('text', 'file') AND new.body <> ''
         BEGIN
@@ -273,7 +266,44 @@ MIGRATIONS: list[str] = [
         WHERE kind IN ('edit', 'delete', 'reaction') AND json_valid(meta)
         AND json_type(meta, '$.ref') = 'text';
     """,
+    # v16: items are indexed for search by the store when it is idle (in batches,
+    # SQLiteDB.index_search), not by a trigger per insert: tokenizing row by row cost
+    # the commit path as much again as the insert itself.  search_upto: every text and
+    # file item up to it is in the index; search reads the items above it directly.
+    # The index keeps no positions or sizes (detail=none: search matches words, not
+    # phrases), and is rebuilt from the items by the indexer, which also re-indexes
+    # the items edited since its last step.  No trigger fires on an insert: even one
+    # that does nothing costs each row of a commit.
+    """
+    DROP TRIGGER items_fts_insert;
+    DROP TRIGGER items_fts_edit;
+    DROP TABLE items_fts;
+    CREATE VIRTUAL TABLE items_fts USING fts5(
+        body, tokenize = 'unicode61 remove_diacritics 0', detail = none, columnsize = 0
+    );
+    INSERT OR REPLACE INTO settings (key, value) VALUES ('search_upto', '0');
+    """,
 ]
+
+#: The items indexed already (``pos <= ?1``) that an edit in ``(?1, ?2]`` changed, with
+#: its text, in edit order (the latest wins).
+_EDITED_SINCE = (
+    "SELECT t.pos, e.body FROM items e JOIN items t ON t.id = json_extract(e.meta, '$.ref') "
+    "WHERE e.pos > ?1 AND e.pos <= ?2 AND e.kind = 'edit' AND t.pos <= ?1 "
+    "AND t.conv = e.conv AND t.sender = e.sender AND t.kind = 'text' AND t.body <> '' "
+    "ORDER BY e.pos"
+)
+
+#: The text and file items in a range of positions with their current text (their
+#: latest own edit's, see chatproto/relations.py): what the search index holds.  The
+#: edits looked at are those after the range's start (an edit comes after its item).
+_CURRENT_TEXTS = (
+    "WITH latest AS (SELECT json_extract(meta, '$.ref') AS ref, conv, sender, body, "
+    "max(pos) FROM items WHERE pos > ?1 AND kind = 'edit' GROUP BY 1, 2, 3) "
+    "SELECT t.pos, coalesce(l.body, t.body) FROM items t LEFT JOIN latest l "
+    "ON l.ref = t.id AND l.conv = t.conv AND l.sender = t.sender AND t.kind = 'text' "
+    "WHERE t.pos > ?1 AND t.pos <= ?2 AND t.kind IN ('text', 'file') AND t.body <> ''"
+)
 
 
 def _statements(script: str) -> list[str]:
@@ -1141,6 +1171,40 @@ class SQLiteDB(ReadingSQL):
     def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
         query = " ".join(f'"{w}"*' for w in words)  # every word, as a prefix
         return "JOIN items_fts ON items_fts.rowid = items.pos", "items_fts MATCH ?", query
+
+    def _indexed_upto(self) -> int | None:
+        return self.search_upto()
+
+    def search_upto(self) -> int:
+        """Every text and file item up to this position is in the search index."""
+        row = self.conn.execute("SELECT value FROM settings WHERE key = 'search_upto'").fetchone()
+        return int(row[0]) if row else 0
+
+    def index_search(self, limit: int) -> int:
+        """Index (for search) up to ``limit`` items after :meth:`search_upto`, with
+        their current text, in one transaction; returns how many items it went past
+        (fewer than ``limit``: the index has caught up).  Run by the store when it has
+        no commit to make (see GroupCommitStore)."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            upto = self.search_upto()
+            rows = c.execute(
+                "SELECT pos FROM items WHERE pos > ? ORDER BY pos LIMIT ?", (upto, limit)
+            ).fetchall()
+            if rows:
+                top = int(rows[-1][0])
+                c.execute(f"INSERT INTO items_fts (rowid, body) {_CURRENT_TEXTS}", (upto, top))
+                # items indexed before and edited since: their latest text
+                for pos, body in c.execute(_EDITED_SINCE, (upto, top)).fetchall():
+                    c.execute("DELETE FROM items_fts WHERE rowid = ?", (pos,))
+                    c.execute("INSERT INTO items_fts (rowid, body) VALUES (?, ?)", (pos, body))
+                c.execute("UPDATE settings SET value = ? WHERE key = 'search_upto'", (str(top),))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return len(rows)
 
     def _current(self, items: list[Envelope]) -> list[Envelope]:
         return current_view(items, self._refs(items))
