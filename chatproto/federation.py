@@ -100,6 +100,13 @@ MAX_INFLIGHT = 16
 #: each costs this realm a look-up of who to tell, so more is a flood (rate_limited).
 PRESENCE_RATE = 200.0
 PRESENCE_BURST = 2000.0
+#: ``reading`` frames (read markers and typing notices of private conversations,
+#: chatproto.realm.reading) a link accepts per second, and at once; past that they are
+#: dropped (ephemeral: the next marker says as much), not fatal.
+READING_RATE = 100.0
+READING_BURST = 1000.0
+#: Read markers a link keeps for a peer while it is not up (the latest per pair).
+READING_QUEUE = 1000
 #: Seconds without an inbound link from a realm after which the presence we heard of
 #: its users is forgotten (they are shown offline until the link is back).
 PRESENCE_SILENCE = 60.0
@@ -553,6 +560,7 @@ class InboundProtocol(_Link):
         self._fetches = 0
         self._reading_paused = False
         self._presence_bucket: TokenBucket | None = None
+        self._reading_bucket: TokenBucket | None = None
         self._fetch_progress = 0.0
         self._on_closed: list[Deferred[None]] = []
         #: Counts this connection among the unauthenticated until its hello.
@@ -834,6 +842,21 @@ class InboundProtocol(_Link):
             self.peer_realm, req.get("user"), req.get("status"), req.get("text", "")
         )
 
+    def handle_reading(self, req: dict[str, Any]) -> None:
+        """A read marker or typing notice of one of the peer's users (ephemeral):
+        past READING_RATE a second, dropped."""
+        if self.state != "ready":
+            raise FatalProtocolError("bad_request", "reading before hello")
+        assert self.peer_realm is not None
+        realm = self.factory.fed.realm
+        now = self.factory.fed.clock.seconds()
+        if self._reading_bucket is None:
+            self._reading_bucket = TokenBucket(READING_RATE, READING_BURST, now)
+        if self._reading_bucket.take(now):
+            realm.stats.rate_limited("federation_reading")
+            return
+        realm.reading.remote(self.peer_realm, req)
+
 
 class InboundFactory(Factory):
     noisy = False  # the link's own log lines say what matters
@@ -1067,6 +1090,8 @@ class PeerLink:
         #: outbox deletes waiting for bounces to commit (see _settle)
         self._settling: Deferred[Any] | None = None
         self._settle_waiting = 0
+        #: read markers waiting for the link to be up (latest per pair), see reading()
+        self._reading_out: dict[tuple[Any, Any], dict[str, Any]] = {}
         #: presence frames waiting for the pace (latest per user), see presence()
         self._presence_out: dict[Any, dict[str, Any]] = {}
         self._presence_bucket: TokenBucket | None = None
@@ -1142,6 +1167,9 @@ class PeerLink:
             self._presence_bucket = None  # the peer counts afresh per connection
             for frame in self.fed.realm.presence_for(self.realm):
                 self.presence(frame)
+            waiting, self._reading_out = self._reading_out, {}
+            for frame in waiting.values():  # read markers made while it was down
+                self.reading(frame)
 
         return proxy.welcomed.addCallback(ready)  # type: ignore[no-any-return]
 
@@ -1554,6 +1582,23 @@ class PeerLink:
         if self._presence_call is None:
             self._send_presence()
 
+    def reading(self, frame: dict[str, Any]) -> None:
+        """A read marker or typing notice for the peer (ephemeral): sent if the link is
+        up; else a read marker waits (the latest per pair, bounded) and the link
+        connects, and a typing notice is dropped (it would be stale)."""
+        proto = self.proto
+        if proto is not None and self.state == "ready":
+            self._active_at = self.fed.clock.seconds()
+            proto.send(frame)
+            return
+        if frame.get("kind") != "read":
+            return
+        key = (frame.get("from"), frame.get("to"))
+        self._reading_out.pop(key, None)
+        if len(self._reading_out) < READING_QUEUE:
+            self._reading_out[key] = frame
+        self.activate("a read marker for a user there")
+
     def _send_presence(self) -> None:
         self._presence_call = None
         proto = self.proto
@@ -1804,6 +1849,12 @@ class FederationService(MultiService):
         link.hold(KEY_WAIT)
         link.kick()
         return waiting
+
+    def reading(self, realm: str, frame: dict[str, Any]) -> None:
+        """A ``reading`` frame (a read marker or typing notice of a private
+        conversation, chatproto.realm.reading) for ``realm`` (an allowed peer)."""
+        if self.running:
+            self.link(realm).reading(frame)
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
         """A presence frame for ``realms`` (allowed peers).  An idle link connects

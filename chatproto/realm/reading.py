@@ -133,10 +133,10 @@ class Reading:
         self._take(session, "mark_read", MARK_RATE, MARK_BURST)
         conv = self._conversation(session.user_id, peer)
         d = conv if isinstance(conv, Deferred) else succeed(conv)
-        return d.addCallback(lambda c: self._mark(session.user_id, c, pos))
+        return d.addCallback(lambda c: self._mark(session.user_id, c, pos, session.floor))
 
     @inlineCallbacks
-    def _mark(self, user: str, conv: tuple[str, str, Any], pos: int) -> Any:
+    def _mark(self, user: str, conv: tuple[str, str, Any], pos: int, floor: int = 0) -> Any:
         key, other, group = conv
         newest = yield self._store.max_pos()
         pos = min(pos, newest)
@@ -151,6 +151,11 @@ class Reading:
             if other.endswith("@" + self._realm.realm):
                 notice = Notice({"type": "read", "with": user, "user": user, "pos": pos})
                 sessions.notify((other,), notice)
+            else:  # positions are this realm's: the other realm is told the item's id
+                page = yield self._store.history(key, pos + 1, None, 1, floor)
+                if page:
+                    frame = {"type": "reading", "kind": "read", "from": user, "to": other}
+                    self._to_peer(other, {**frame, "msg_id": page[-1].id})
         return {"with": other, "pos": pos}
 
     def set_read_receipts(self, session: Session, share: bool) -> Deferred[dict[str, Any]]:
@@ -265,4 +270,54 @@ class Reading:
         elif other != user and other.endswith("@" + self._realm.realm):
             notice = Notice({"type": "typing", "with": user, "user": user, "typing": active})
             self._realm.sessions.notify((other,), notice)
+        elif other != user:
+            frame = {"type": "reading", "kind": "typing", "from": user, "to": other}
+            self._to_peer(other, {**frame, "typing": active})
         return {"with": other}
+
+    # across realms ---------------------------------------------------------------------------
+
+    def _to_peer(self, other: str, frame: dict[str, Any]) -> None:
+        """A ``reading`` frame for the realm of ``other`` (federation: ephemeral)."""
+        fed = self._realm.federation
+        realm = other.rpartition("@")[2]
+        if fed is not None and self._realm.config.federation.allows(realm):
+            fed.reading(realm, frame)
+
+    def remote(self, origin: str, frame: dict[str, Any]) -> Any:
+        """A ``reading`` frame from peer realm ``origin``: one of its users read (up to
+        an item, named by its id: positions are per realm) or is typing in their
+        private conversation with one of ours.  Anything else is ignored: a sender of
+        another realm than ``origin``, a recipient who is not a local account, an item
+        of another conversation."""
+        sender, target = frame.get("from"), frame.get("to")
+        if not isinstance(sender, str) or not isinstance(target, str):
+            return None
+        try:
+            who = address.user(sender, origin)
+            me = address.user(target, self._realm.realm)
+        except ChatError:
+            return None
+        if who.realm != origin or me.realm != self._realm.realm or not self._realm.is_user(str(me)):
+            return None
+        if frame.get("kind") == "typing" and isinstance(frame.get("typing"), bool):
+            data = {"type": "typing", "with": str(who), "user": str(who)}
+            self._realm.sessions.notify((str(me),), Notice({**data, "typing": frame["typing"]}))
+            return None
+        msg_id = frame.get("msg_id")
+        if frame.get("kind") != "read" or not isinstance(msg_id, str) or len(msg_id) > 200:
+            return None
+        return self._remote_read(str(who), str(me), msg_id)
+
+    @inlineCallbacks
+    def _remote_read(self, who: str, me: str, msg_id: str) -> Any:
+        key = conversation_key(who, me)
+        env = yield self._store.stored_item(msg_id)
+        if env is None or env.conversation != key:
+            return
+        markers = yield self._store.read_markers(key)
+        if env.pos <= markers.get(who, 0):
+            return
+        self._store.set_read(who, key, env.pos)
+        notice = Notice({"type": "read", "with": who, "user": who, "pos": env.pos})
+        self._realm.sessions.notify((me,), notice)
