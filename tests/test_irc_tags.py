@@ -331,3 +331,25 @@ def test_client_tags_and_tagmsg_over_tcp(gateway: Any) -> None:
     result = yield carol.protocol.request("tags", to="#t", tags={"+typing": "paused"})
     yield until(lambda: any(f"msgid={result['tags_id']}" in line for line in bob.got))
     yield carol.close()
+
+
+def test_a_labeled_reaction_to_a_known_message_echoes_with_its_label(
+    factory: IRCFactory,
+) -> None:
+    """+draft/react naming a msgid the gateway rendered is stored as a reaction (issue
+    17); its echo still answers the labeled TAGMSG (label on the echo only)."""
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", CAPS)
+    channel(factory, alice, bob)
+    bob.send("PRIVMSG #t :react to me")
+    bob.lines()
+    [(tags, _, _)] = parsed(alice)
+    msgid = tags["msgid"]
+    alice.send(f"@label=L7;+draft/reply={msgid};+draft/react=x TAGMSG #t")
+    [(echo, cmd, params)] = parsed(alice)
+    assert cmd == "TAGMSG" and params == ["#t"] and echo["label"] == "L7"
+    assert echo["+draft/react"] == "x" and echo["+draft/reply"] == msgid
+    [(got, cmd, _)] = parsed(bob)
+    assert cmd == "TAGMSG" and "label" not in got and got["msgid"] == echo["msgid"]
+    assert [e.kind for e in factory.realm.store.items][-1] == "reaction"  # stored
+    assert not alice.proto.pending_sends

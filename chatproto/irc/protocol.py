@@ -334,8 +334,12 @@ class IRCProtocol(LineOnlyReceiver):
         if envelope.kind in ("reaction", "delete"):  # TAGMSG, REDACT, or nothing
             data = _relations.render(self, envelope)
             if data is not None:
+                ctx = _relations.echo_of(self, envelope)  # our own reaction's echo
                 if data:
-                    self.write(data)
+                    if ctx is not None:
+                        ctx.send(data)
+                    else:
+                        self.write(data)
                 self.written()
                 return
         if envelope.sender == self.user_id:

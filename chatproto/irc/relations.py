@@ -29,7 +29,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.irc.commands import command
 from chatproto.irc.lines import channel_of, decimal, format_line, server_time
-from chatproto.irc.replies import Reply
+from chatproto.irc.replies import PendingSend, Reply
 from chatproto.realm.tags import tag_data
 
 if TYPE_CHECKING:
@@ -123,8 +123,43 @@ def react_from_tags(
     if msg_id is None:
         return None  # not one we know (here): relayed as tags, as before
     remove = "+draft/react" not in client
+    # Its echo (echo-message) answers this command: it carries the label.
+    entry = PendingSend(to, echo_key(msg_id, emoji, remove), ctx)
+    p.pending_sends.append(entry)
     d = p.realm.relations.react(p.session, msg_id, emoji, remove)
+    d.addBoth(_settled, p, entry)
     return d.addCallbacks(lambda _: None, _failed, errbackArgs=(p, ctx, "TAGMSG", target))
+
+
+def echo_key(msg_id: Any, emoji: Any, remove: bool) -> str:
+    """What a pending reaction is recognised by when its item comes back (in
+    ``IRCProtocol.pending_sends``, beside PRIVMSGs; never a message body: NUL)."""
+    return f"\0reaction {msg_id} {emoji} {bool(remove)}"
+
+
+def echo_of(p: IRCProtocol, env: Envelope) -> Reply | None:
+    """The command a reaction item of ours answers (its echo goes with that command's
+    replies, labeled), or None."""
+    pending = p.pending_sends
+    if not pending or env.kind != "reaction" or env.sender != p.user_id:
+        return None
+    head = pending[0]
+    meta = env.meta or {}
+    key = echo_key(meta.get("ref"), meta.get("emoji"), bool(meta.get("remove")))
+    if head.to != env.recipient or head.body != key:
+        return None
+    pending.popleft()
+    head.matched = True
+    return head.ctx
+
+
+def _settled(result: Any, p: IRCProtocol, entry: PendingSend) -> Any:
+    if not entry.matched:
+        try:
+            p.pending_sends.remove(entry)
+        except ValueError:
+            pass
+    return result
 
 
 def _failed(f: Failure, p: IRCProtocol, ctx: Reply, command: str, target: str) -> None:
