@@ -416,6 +416,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", nargs="*")
 
     p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="report a message to the realm's admins",
+        description="Report the message MSG_ID (its id: 'history --ids' shows it) to "
+        "the realm's administrators for REASON (words joined by spaces).",
+    )
+    p.add_argument("msg_id", metavar="MSG_ID")
+    p.add_argument("reason", metavar="REASON", nargs="+")
+
+    p = sub.add_parser(
+        "reports",
+        parents=[common],
+        help="list abuse reports, newest first (realm admins)",
+        description="List the abuse reports made on this realm, newest first (realm "
+        "administrators only: anyone else gets 'forbidden').",
+    )
+    p.add_argument("--before", type=int, metavar="ID", help="only reports older than ID")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N (default: 100)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser(
         "send-file",
         parents=[common],
         help="send a file to a user or a #group, with a progress bar",
@@ -474,6 +495,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.body = None if args.text == ["-"] else " ".join(args.text)
     elif args.command in ("topic", "status"):
         args.text = " ".join(args.text)
+    elif args.command == "report":
+        args.reason = " ".join(args.reason)
     return args
 
 
@@ -1086,6 +1109,22 @@ async def _status(conn: Connection, args: argparse.Namespace) -> None:
     _say(f"status {args.status} shown until this command exits (use 'listen --status')")
 
 
+async def _report(conn: Connection, args: argparse.Namespace) -> None:
+    rid = await conn.report(args.msg_id, args.reason)
+    _say(f"reported {args.msg_id} (report {rid})")
+
+
+async def _reports(conn: Connection, args: argparse.Namespace) -> None:
+    for r in await conn.reports(args.before, args.limit):
+        if args.json:
+            _say(json.dumps(r, ensure_ascii=False))
+        else:
+            _say(
+                f"#{r['id']} {r['reporter']} reports {r['msg_id']} ({r['sender']} to "
+                f"{r['recipient']}): {r['reason']} | {r['excerpt'][:80]!r}"
+            )
+
+
 _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]] = {
     "register": _register,
     "send": _send,
@@ -1112,6 +1151,8 @@ _ONESHOT: dict[str, Callable[[Connection, argparse.Namespace], Awaitable[None]]]
     "members": _members,
     "info": _info,
     "status": _status,
+    "report": _report,
+    "reports": _reports,
 }
 
 

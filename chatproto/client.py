@@ -687,6 +687,30 @@ class Connection(ReadingCalls):
             fields["text"] = text
         return self.protocol.request("set_status", **fields)
 
+    # moderation (PROTOCOL.md, "Moderation") --------------------------------------------
+
+    def report(self, msg_id: str, reason: str) -> Deferred[int]:
+        """Report message ``msg_id`` (one you can read) to the realm's admins; fires
+        with the report's id.  Rate-limited (``rate_limited``)."""
+        d = self.protocol.request("report", msg_id=msg_id, reason=reason)
+        return d.addCallback(lambda r: r["report"])
+
+    def reports(
+        self, before: int | None = None, limit: int | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """Realm admins only: a page of abuse reports, newest first (``forbidden``
+        for anyone else)."""
+        fields = {k: v for k, v in (("before", before), ("limit", limit)) if v is not None}
+        return self.protocol.request("reports", **fields).addCallback(lambda r: r["reports"])
+
+    def suspend(self, user: str, reason: str = "") -> Deferred[dict[str, Any]]:
+        """Realm admins only: suspend local account ``user`` (``{"user", "closed"}``)."""
+        return self.protocol.request("suspend", user=user, reason=reason)
+
+    def unsuspend(self, user: str) -> Deferred[dict[str, Any]]:
+        """Realm admins only: lift a suspension (``{"user", "was_suspended"}``)."""
+        return self.protocol.request("unsuspend", user=user)
+
     # files --------------------------------------------------------------------------
 
     @inlineCallbacks

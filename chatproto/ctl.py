@@ -700,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sessions)
     ctlmoderation.add_session_parsers(p)
+    ctlmoderation.add_parsers(add)
 
     p = add(
         "reload-tls",

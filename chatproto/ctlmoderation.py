@@ -14,6 +14,7 @@ from typing import Any
 
 from chatproto import config as configmod
 from chatproto.ctlaccess import (
+    EXIT_USAGE,
     IN_STORE,
     CtlError,
     ask,
@@ -24,7 +25,16 @@ from chatproto.ctlaccess import (
 from chatproto.ops import commands
 from chatproto.tokens import LOGIN_ID_LENGTH
 
-__all__ = ["add_session_parsers", "cmd_revoke_logins", "cmd_web_logins"]
+__all__ = [
+    "add_parsers",
+    "add_session_parsers",
+    "cmd_admins",
+    "cmd_grant_admin",
+    "cmd_reports",
+    "cmd_revoke_admin",
+    "cmd_revoke_logins",
+    "cmd_web_logins",
+]
 
 
 def _when(ts: float) -> str:
@@ -139,3 +149,112 @@ def add_session_parsers(sessions: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("logins", nargs="*", metavar="LOGIN", help="login ids (sessions web)")
     p.set_defaults(func=cmd_revoke_logins)
+
+
+def cmd_grant_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = name_arg(args.name)
+    user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            ask(client, commands.GrantAdmin, user=name)
+        where = "by the running realm"
+    else:
+        with open_db(cfg) as db:
+            if not db.grant_admin(name, time.time()):
+                raise CtlError(f"no user {user}")
+        where = IN_STORE
+    print(f"{user} is a realm admin {where}")
+    return 0
+
+
+def cmd_revoke_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    name = name_arg(args.name)
+    user = f"{name}@{cfg.realm}"
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            had = ask(client, commands.RevokeAdmin, user=name)["was_admin"]
+        where = "by the running realm"
+    else:
+        with open_db(cfg) as db:
+            had = db.revoke_admin(name)
+        where = IN_STORE
+    if not had:
+        raise CtlError(f"{user} is not a realm admin")
+    print(f"{user} is no longer a realm admin {where}")
+    return 0
+
+
+def cmd_admins(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            admins = ask(client, commands.ListAdmins)["admins"]
+    else:
+        with open_db(cfg) as db:
+            admins = sorted(f"{n}@{cfg.realm}" for n in db.admins())
+    print("\n".join(admins) if admins else "no realm admins")
+    return 0
+
+
+#: Reports per control-channel page (see ``ListReports``).
+_REPORTS_PAGE = 8
+
+
+def cmd_reports(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    if not 1 <= args.limit <= 1000:
+        raise CtlError("--limit must be between 1 and 1000", EXIT_USAGE)
+    rows: list[dict[str, Any]] = []
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            before = 0
+            while len(rows) < args.limit:
+                want = min(_REPORTS_PAGE, args.limit - len(rows))
+                page = ask(client, commands.ListReports, before=before, limit=want)["reports"]
+                rows.extend(page)
+                if len(page) < want:
+                    break
+                before = page[-1]["id"]
+    else:
+        with open_db(cfg) as db:
+            rows = db.reports(None, args.limit)
+    if not rows:
+        print("no reports")
+        return 0
+    for r in rows:
+        excerpt = r["excerpt"].replace("\n", " ")
+        if len(excerpt) > 120:
+            excerpt = excerpt[:119] + "…"
+        print(
+            f"#{r['id']} {_when(r['ts'])} {r['reporter']} reports {r['msg_id']} "
+            f"({r['sender']} to {r['recipient']}, position {r['pos']}): {r['reason']}\n"
+            f"    {excerpt}"
+        )
+    return 0
+
+
+def add_parsers(add: Any) -> None:
+    """The admin and report commands (``add`` makes a subcommand's parser)."""
+    p = add(
+        "grant-admin",
+        help="make an account a realm admin",
+        description="A realm admin may, from any client, suspend and unsuspend accounts "
+        "and read the abuse reports (and, over IRC, OPER with their own password).",
+    )
+    p.add_argument("name")
+    p.set_defaults(func=cmd_grant_admin)
+    p = add("revoke-admin", help="take the realm admin role away")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_revoke_admin)
+    p = add("admins", help="list the realm admins")
+    p.set_defaults(func=cmd_admins)
+    p = add(
+        "reports",
+        help="list the abuse reports, newest first",
+        description="Abuse reports users made (the report request): who reported which "
+        "message, why, and what the message was when reported.",
+    )
+    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.set_defaults(func=cmd_reports)

@@ -44,7 +44,7 @@ CODES: dict[str, str] = {
     "group_exists": "a group with that name already exists",
     "not_member": "you (or the user named) are not a member of the group",
     "forbidden": "your role in the group does not allow this (or: only its sender may edit "
-    "or delete that message)",
+    "or delete that message; or: only a realm administrator may)",
     "not_found": "no message with that msg_id that you may read (never stored, deleted, or "
     "in a conversation you are not part of)",
     "already_member": "already a member of the group",

@@ -37,6 +37,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
 from chatproto.flow import OutputQueue
+from chatproto.moderation import ModerationRequests
 from chatproto.reading_requests import ReadingRequests
 from chatproto.realm import ISessionMind, Notice, RealmService, Session
 from chatproto.realm.messaging import SendRequest
@@ -134,7 +135,7 @@ _str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 @implementer(ISessionMind, IPushProducer)
-class ClientProtocol(ReadingRequests, Int32StringReceiver):
+class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     """One client connection.  States: ``hello`` -> ``auth`` -> ``ready``."""
 
     log = Logger()

@@ -22,11 +22,15 @@ __all__ = [
     "ControlError",
     "DeleteUser",
     "Drain",
+    "GrantAdmin",
     "Kick",
+    "ListAdmins",
     "ListLogins",
+    "ListReports",
     "ListSessions",
     "NotAuthenticated",
     "ReloadTLS",
+    "RevokeAdmin",
     "RevokeLogins",
     "SetPassword",
     "Status",
@@ -138,6 +142,59 @@ class RevokeLogins(amp.Command):
         (b"user", amp.Unicode()),
         (b"ended", amp.Integer()),
         (b"closed", amp.Integer()),
+    ]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class GrantAdmin(amp.Command):
+    """Make a local account a realm admin (stored)."""
+
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"user", amp.Unicode())]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class RevokeAdmin(amp.Command):
+    """Take the realm admin role away."""
+
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"user", amp.Unicode()), (b"was_admin", amp.Boolean())]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class ListAdmins(amp.Command):
+    """The realm admins."""
+
+    arguments = []  # type: ignore[var-annotated]
+    response = [(b"admins", amp.ListOf(amp.Unicode()))]
+    errors = _ERRORS
+    fatalErrors = _FATAL
+
+
+class ListReports(amp.Command):
+    """A page of abuse reports, newest first (``before``: a report id, 0: the newest)."""
+
+    arguments = [(b"before", amp.Integer()), (b"limit", amp.Integer())]
+    response = [
+        (
+            b"reports",
+            amp.AmpList(
+                [
+                    (b"id", amp.Integer()),
+                    (b"reporter", amp.Unicode()),
+                    (b"msg_id", amp.Unicode()),
+                    (b"reason", amp.Unicode()),
+                    (b"ts", amp.Float()),
+                    (b"sender", amp.Unicode()),
+                    (b"recipient", amp.Unicode()),
+                    (b"pos", amp.Integer()),
+                    (b"excerpt", amp.Unicode()),
+                ]
+            ),
+        )
     ]
     errors = _ERRORS
     fatalErrors = _FATAL

@@ -169,6 +169,32 @@ class ControlProtocol(amp.AMP):
         d.addCallback(lambda r: {"user": r[0], "ended": r[1], "closed": r[2]})
         return _translated(d)
 
+    @c.GrantAdmin.responder
+    def grant_admin(self, user: str) -> Deferred[dict[str, Any]]:
+        self._check()
+        d = maybeDeferred(self._realm.moderation.grant, user)
+        return _translated(d.addCallback(lambda u: {"user": u}))
+
+    @c.RevokeAdmin.responder
+    def revoke_admin(self, user: str) -> Deferred[dict[str, Any]]:
+        self._check()
+        d = maybeDeferred(self._realm.moderation.revoke, user)
+        return _translated(d.addCallback(lambda r: {"user": r[0], "was_admin": r[1]}))
+
+    @c.ListAdmins.responder
+    def list_admins(self) -> dict[str, Any]:
+        self._check()
+        return {"admins": self._realm.moderation.list_admins()}
+
+    @c.ListReports.responder
+    def list_reports(self, before: int, limit: int) -> Deferred[dict[str, Any]]:
+        self._check()
+        # a page of 8 reports (excerpts of 1000 characters) stays under AMP's 64 KiB
+        if before < 0 or not 0 < limit <= 8:
+            raise c.ControlError("bad_request: before >= 0 and 0 < limit <= 8")
+        d = maybeDeferred(self._realm.moderation.reports, None, before or None, limit)
+        return _translated(d.addCallback(lambda rows: {"reports": rows}))
+
     @c.Kick.responder
     def kick(self, user: str, reason: str) -> dict[str, Any]:
         self._check()

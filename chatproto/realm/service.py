@@ -39,6 +39,7 @@ from chatproto.realm.admin import Admin
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.guests import Guests
 from chatproto.realm.messaging import Messaging
+from chatproto.realm.moderation import Moderation
 from chatproto.realm.presence import Presence
 from chatproto.realm.reading import Reading
 from chatproto.realm.relations import Relations
@@ -140,6 +141,8 @@ class RealmService(Service):
         self.cluster: Any = None
         #: Read markers, the conversation list and typing notices.
         self.reading = Reading(self)
+        #: Realm admins and abuse reports (see chatproto.realm.moderation).
+        self.moderation = Moderation(self)
 
     # service lifecycle --------------------------------------------------------------
 
@@ -188,6 +191,7 @@ class RealmService(Service):
         yield self.accounts.load()
         yield self.admin.load()
         yield self.reading.load()
+        yield self.moderation.load()
         after = 0
         while True:  # groups are the replay of their committed events
             events = yield self.store.read_events(after, 1000)
@@ -231,6 +235,7 @@ class RealmService(Service):
 
     def _prune_throttles(self) -> None:
         self.accounts.prune()
+        self.moderation.prune()
 
     def create_user(self, name: str, password: str) -> Deferred[Address]:
         """Create a local account (used by in-band register and embedding apps)."""

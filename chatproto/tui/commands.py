@@ -143,6 +143,11 @@ COMMANDS: dict[str, CommandSpec] = {
             "replace the text of your latest message here (shown '(edited)')",
         ),
         CommandSpec("delete", (), "delete your latest message or file here"),
+        CommandSpec(
+            "report",
+            (_p("REASON", "text", rest=True),),
+            "report the latest message someone else sent here to the realm's admins",
+        ),
         CommandSpec("send", (_p("PATH", "path", rest=True),), "send a file to this conversation"),
         CommandSpec(
             "download",

@@ -727,6 +727,22 @@ class ChatController:
         self.model.notice(f"search {words!r} ({scope}): {len(found)} found, newest first", where)
         for item in found:
             self.model.notice("  " + format_message(item, False, me=self.model.me), where)
+    async def _cmd_report(self, cmd: commands.Command) -> None:
+        if self.model.active == STATUS:
+            raise commands.UsageError("/report works in a conversation")
+        conv = self.model.conversation(self.model.active)
+        theirs = [
+            item
+            for _pos, item in sorted(conv.items.items())
+            if item.get("from") != self.model.me and item.get("kind") in ("text", "file")
+        ]
+        if not theirs:
+            raise commands.UsageError("no message from someone else here to report")
+        item = theirs[-1]
+        conn = await self._ready()
+        rid = await conn.report(str(item.get("msg_id")), cmd.get("REASON") or "")
+        who = short(str(item.get("from")), self.model.realm)
+        self.model.notice(f"reported the latest message of {who} (report {rid})", conv.address)
 
     async def _cmd_status(self, cmd: commands.Command) -> None:
         status = cmd.get("STATUS").lower()

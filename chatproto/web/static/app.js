@@ -658,6 +658,8 @@ function actionsNode(env) {
       }
       act("delete", { msg_id: env.msg_id });
     });
+  } else if (env.kind === "text" || env.kind === "file") {
+    button("Report", "report", () => reportMessage(env));
   }
   return box;
 }
@@ -691,6 +693,19 @@ function setCompose(mode, env) {
   bar.hidden = false;
   if (mode === "edit") $("text").value = env.body;
   $("text").focus();
+}
+
+// A report goes to the realm's administrators (PROTOCOL.md, "report"); the reason is
+// asked for with the browser's own prompt.
+async function reportMessage(env) {
+  const reason = window.prompt(`Report this message from ${shortName(env.from)} to the administrators. Why?`);
+  if (reason === null) return;
+  try {
+    const res = await request("report", { msg_id: env.msg_id, reason });
+    showError("send-error", `Reported (report ${res.report}).`);
+  } catch (err) {
+    showError("send-error", `Report failed: ${err.message}`);
+  }
 }
 
 function renderMessages({ stick = false, keepTop = false } = {}) {

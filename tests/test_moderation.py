@@ -1,0 +1,241 @@
+"""Moderation (issue 18): realm admins (``chatrealmctl grant-admin``) and abuse reports
+(``report``), over StringTransport for the protocol rules, and over loopback TCP with
+the client library, the ``chatproto`` CLI, the TUI's controller and ``chatrealmctl``
+through the control channel and on the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+
+from chatproto import client, ctl, ctlmoderation
+from chatproto.client import RemoteError
+from chatproto.realm.moderation import REPORT_BURST, REPORT_RATE
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from tests.conftest import until
+from tests.test_cli import run_cli
+from tests.test_control import PW, Running, _write_config, short_dir  # noqa: F401
+from tests.test_tui_loopback import PASSWORD, logged_in, notices, register
+
+PASS = "correct horse battery"
+
+
+def _login(realm: Any, clock: Clock, user: str) -> tuple[Any, Any]:
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 0}))
+    proto.dataReceived(frame({"type": "login", "id": 0, "user": user, "password": PASS}))
+    clock.advance(0)
+    frames(transport)
+    return proto, transport
+
+
+def _ask(proto: Any, transport: Any, clock: Clock, **req: Any) -> dict[str, Any]:
+    data = frame({"id": 7, **req})
+    for i in range(len(data)):  # one byte at a time
+        proto.dataReceived(data[i : i + 1])
+    clock.advance(0)
+    replies = [f for f in frames(transport) if f.get("id") == 7]
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
+@pytest.fixture
+def moderated() -> Any:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    for name in ("alice", "bob", "carol", "dave"):
+        realm.create_user(name, PASS)
+    realm.moderation.grant("alice")
+    conns = {name: _login(realm, clock, name) for name in ("alice", "bob", "carol")}
+    return realm, clock, conns
+
+
+def test_a_report_is_stored_with_what_the_message_was(moderated: Any) -> None:
+    realm, clock, c = moderated
+    sent = _ask(*c["carol"], clock, type="send", to="bob", body="buy cheap pills")
+    msg_id = sent["msg_id"]
+    reply = _ask(*c["bob"], clock, type="report", msg_id=msg_id, reason="spam")
+    assert reply["type"] == "result" and reply["report"] == 1
+    # not one's own, not one one cannot read, not one that does not exist
+    own = _ask(*c["carol"], clock, type="report", msg_id=msg_id, reason="x")
+    assert (own["type"], own["code"]) == ("error", "bad_request")
+    for who, mid in (("alice", msg_id), ("bob", "no-such-id")):
+        err = _ask(*c[who], clock, type="report", msg_id=mid, reason="spam")
+        assert (err["type"], err["code"]) == ("error", "not_found")
+    for bad in ({"reason": ""}, {"reason": "a\x1bb"}, {"reason": "r" * 401}, {"reason": 5}):
+        err = _ask(*c["bob"], clock, type="report", msg_id=msg_id, **bad)
+        assert err["code"] == "bad_request", bad
+    # the admin reads it; everyone else is refused
+    page = _ask(*c["alice"], clock, type="reports")
+    [rep] = page["reports"]
+    assert {k: rep[k] for k in ("id", "reporter", "msg_id", "reason", "sender", "recipient")} == {
+        "id": 1,
+        "reporter": "bob@localhost",
+        "msg_id": msg_id,
+        "reason": "spam",
+        "sender": "carol@localhost",
+        "recipient": "bob@localhost",
+    }
+    assert rep["excerpt"] == "buy cheap pills" and rep["pos"] == sent["pos"]
+    for who in ("bob", "carol"):
+        err = _ask(*c[who], clock, type="reports")
+        assert (err["type"], err["code"]) == ("error", "forbidden")
+    err = _ask(*c["alice"], clock, type="reports", limit=0)
+    assert err["code"] == "bad_request"
+
+
+def test_group_messages_are_reported_by_members_only(moderated: Any) -> None:
+    realm, clock, c = moderated
+    assert _ask(*c["carol"], clock, type="create_group", group="#dev")["type"] == "result"
+    assert _ask(*c["bob"], clock, type="join", group="#dev")["type"] == "result"
+    sent = _ask(*c["carol"], clock, type="send", to="#dev", body="rude words")
+    assert _ask(*c["bob"], clock, type="report", msg_id=sent["msg_id"], reason="rude")["report"]
+    err = _ask(*c["alice"], clock, type="report", msg_id=sent["msg_id"], reason="rude")
+    assert err["code"] == "not_found"  # alice is no member: admin or not
+
+
+def test_reports_are_rate_limited_per_user(moderated: Any) -> None:
+    realm, clock, c = moderated
+    ids = [
+        _ask(*c["carol"], clock, type="send", to="bob", body=f"m{i}")["msg_id"] for i in range(7)
+    ]
+    for mid in ids[:REPORT_BURST]:
+        assert _ask(*c["bob"], clock, type="report", msg_id=mid, reason="spam")["type"] == "result"
+    err = _ask(*c["bob"], clock, type="report", msg_id=ids[5], reason="spam")
+    assert err["code"] == "rate_limited" and err["retry_after"] > 0
+    clock.advance(1 / REPORT_RATE)
+    assert _ask(*c["bob"], clock, type="report", msg_id=ids[5], reason="spam")["type"] == "result"
+    assert realm.stats.refused["report"] == 1
+
+
+def test_an_admin_suspends_from_a_client_and_others_may_not(moderated: Any) -> None:
+    realm, clock, c = moderated
+    err = _ask(*c["bob"], clock, type="suspend", user="carol")
+    assert (err["type"], err["code"]) == ("error", "forbidden")
+    err = _ask(*c["alice"], clock, type="suspend", user="alice")
+    assert err["code"] == "bad_request"
+    reply = _ask(*c["alice"], clock, type="suspend", user="carol", reason="spam")
+    assert (reply["user"], reply["closed"]) == ("carol@localhost", 1)
+    carol_transport = c["carol"][1]
+    assert carol_transport.disconnecting
+    assert frames(carol_transport)[-1]["code"] == "account_suspended"
+    err = _ask(*c["bob"], clock, type="unsuspend", user="carol")
+    assert err["code"] == "forbidden"
+    reply = _ask(*c["alice"], clock, type="unsuspend", user="carol")
+    assert (reply["user"], reply["was_suspended"]) == ("carol@localhost", True)
+    # the role belongs to the account: revoked, alice is refused too
+    realm.moderation.revoke("alice")
+    err = _ask(*c["alice"], clock, type="reports")
+    assert err["code"] == "forbidden"
+
+
+@pytest_twisted.inlineCallbacks
+def test_report_and_reports_over_loopback_client_cli_and_tui(server: Any) -> Any:
+    realm, _factory, addr = server
+    yield register(addr, "alice", "bob", "carol")
+    yield realm.moderation.grant("alice")
+    carol = yield client.connect(_reactor, addr, "carol", PASSWORD)
+    bob = yield client.connect(_reactor, addr, "bob", PASSWORD)
+    tui = yield logged_in(addr, "bob")
+    try:
+        first = yield carol.send("bob", "first spam")
+        second = yield carol.send("bob", "second spam")
+        rid = yield bob.report(first["msg_id"], "spam")
+        assert rid == 1
+        with pytest.raises(RemoteError) as e:
+            yield bob.reports()
+        assert e.value.code == "forbidden"
+        # the CLI
+        second_id = second["msg_id"]
+        out, err, code = yield run_cli(addr, "bob", "report", second_id, "more", "spam")
+        assert (code, out) == (0, f"reported {second_id} (report 2)\n"), err
+        out, err, code = yield run_cli(addr, "carol", "reports")
+        assert code == 1 and "forbidden" in err
+        out, err, code = yield run_cli(addr, "alice", "reports")
+        assert code == 0, err
+        assert out.splitlines()[0].startswith(
+            f"#2 bob@localhost reports {second_id} (carol@localhost to bob@localhost): more spam"
+        )
+        # the TUI: /report the latest message from someone else here
+        tui.open("carol@localhost")
+        yield until(lambda: len(tui.model.conversations["carol@localhost"].items) == 2)
+        yield tui.run("/report abusive")
+        assert notices(tui, "carol@localhost")[-1] == "reported the latest message of carol (report 3)"
+        admin = yield client.connect(_reactor, addr, "alice", PASSWORD)
+        page = yield admin.reports(limit=2)
+        assert [(r["id"], r["reason"]) for r in page] == [(3, "abusive"), (2, "more spam")]
+        assert page[0]["excerpt"] == "second spam"
+        yield admin.close()
+    finally:
+        yield tui.stop()
+        yield bob.close()
+        yield carol.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ctl_grants_admins_and_lists_reports_running_or_not(
+    tmp_path: Path, short_dir: Path, capsys: Any, monkeypatch: Any
+) -> Any:
+    conf = _write_config(tmp_path, short_dir / "control.sock")
+    r = Running(conf)
+    try:
+        for name in ("alice", "bob", "carol"):
+            yield r.realm.create_user(name, PW)
+        status = yield r.ctl("grant-admin", "alice")
+        out, err = capsys.readouterr()
+        assert (status, out) == (0, "alice@localhost is a realm admin by the running realm\n"), err
+        assert r.realm.moderation.is_admin("alice@localhost")
+        status = yield r.ctl("grant-admin", "ghost")
+        _, err = capsys.readouterr()
+        assert (status, err) == (1, "chatrealmctl: no user ghost@localhost\n")
+        status = yield r.ctl("admins")
+        assert (status, capsys.readouterr().out) == (0, "alice@localhost\n")
+        status = yield r.ctl("reports")
+        assert (status, capsys.readouterr().out) == (0, "no reports\n")
+        port = r.port("ClientFactory")
+        carol = yield client.connect(_reactor, f"tcp:127.0.0.1:{port}", "carol", PW)
+        bob = yield client.connect(_reactor, f"tcp:127.0.0.1:{port}", "bob", PW)
+        for i in range(REPORT_BURST):
+            sent = yield carol.send("bob", f"spam {i}\nline two")
+            yield bob.report(sent["msg_id"], f"reason {i}")
+        yield bob.close()
+        yield carol.close()
+        monkeypatch.setattr(ctlmoderation, "_REPORTS_PAGE", 2)  # 3 reports: 2 pages
+        status = yield r.ctl("reports", "--limit", "3")
+        out, err = capsys.readouterr()
+        lines = out.splitlines()
+        assert status == 0 and len(lines) == 6, err
+        assert lines[0].startswith("#5 ") and lines[0].endswith(": reason 4")
+        assert lines[1] == "    spam 4 line two"
+        status = yield r.ctl("revoke-admin", "alice")
+        out, _ = capsys.readouterr()
+        assert out == "alice@localhost is no longer a realm admin by the running realm\n"
+        assert not r.realm.moderation.is_admin("alice@localhost")
+    finally:
+        yield r.stop()
+    for argv, expected in (
+        (["grant-admin", "bob"], "bob@localhost is a realm admin in the store"),
+        (["admins"], "bob@localhost"),
+        (["revoke-admin", "carol"], ""),
+    ):
+        status = yield deferToThread(ctl.main, ["--config", str(conf), *argv])
+        out, err = capsys.readouterr()
+        if expected:
+            assert status == 0 and out.startswith(expected), err
+        else:
+            assert (status, err) == (1, "chatrealmctl: carol@localhost is not a realm admin\n")
+    status = yield deferToThread(ctl.main, ["--config", str(conf), "reports", "--limit", "100"])
+    out, _ = capsys.readouterr()
+    assert status == 0 and len(out.splitlines()) == 2 * REPORT_BURST
+    # the next start reads the admins from the store
+    r = Running(conf)
+    try:
+        yield until(lambda: r.realm.moderation.is_admin("bob@localhost"))
+    finally:
+        yield r.stop()
