@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from chatproto.address import normalise_realm
+from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
 
 __all__ = [
@@ -156,6 +156,8 @@ class IRC:
     #: A guest's own send limit (messages per second after a burst).
     guest_send_rate: float = 1.0
     guest_send_burst: int = 10
+    #: Realm admins who may OPER (account names); empty: every realm admin.
+    opers: list[str] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -420,6 +422,10 @@ class Config:
             raise ConfigError("irc.flood_rate must be >= 0 (0: no limit), flood_burst >= 1")
         if any(c in irc.server_name for c in " !@*?,:") or len(irc.server_name) > 63:
             raise ConfigError("irc.server_name must be a host-like name (no spaces, ! @ * ? , :)")
+        try:
+            irc.opers = [normalise_name(n) for n in irc.opers]
+        except ChatError as e:
+            raise ConfigError(f"irc.opers: {e.message}") from None
         if irc.enabled and not self.irc_descriptions():
             raise ConfigError("irc.enabled but nothing to listen on: give irc.listen")
         for path in (self.tls.certificate, self.tls.private_key):

@@ -32,6 +32,7 @@ from chatproto.flow import OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
+from chatproto.irc import oper as _oper  # noqa: F401
 from chatproto.irc import registration as _registration
 from chatproto.irc import relations as _relations
 from chatproto.irc import users as _users  # noqa: F401
@@ -121,6 +122,8 @@ class IRCProtocol(LineOnlyReceiver):
         self.closed_at = 0.0
         self.last_rx = 0.0
         self.pinged = False
+        #: OPER succeeded: a realm admin acting as an IRC operator (chatproto.irc.oper)
+        self.oper = False
         self.direct = Direct(self, None)
         #: how this connection's user is shown (set at registration)
         self.identity: Identity | None = None

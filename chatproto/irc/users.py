@@ -16,6 +16,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import Group
 from chatproto.irc.commands import command
 from chatproto.irc.lines import channel_of, decimal, param, prefix
+from chatproto.irc.oper import oper_host, whois_oper_lines
 from chatproto.irc.replies import Reply
 
 if TYPE_CHECKING:
@@ -71,7 +72,10 @@ def who_line(p: IRCProtocol, ctx: Reply, chan: str, user: str, pfx: str) -> None
     i = p.factory.directory.get(user)
     presence = p.realm.presence_of(user)
     flag = "G" if presence and presence[0] in ("away", "busy", "offline") else "H"
-    ctx.num("352", chan, i.username, i.host, p.server, i.nick, flag + pfx, f"0 {i.realname}")
+    if p.realm.moderation.is_admin(user):
+        flag += "*"
+    host = oper_host(p, user, i.host)
+    ctx.num("352", chan, i.username, host, p.server, i.nick, flag + pfx, f"0 {i.realname}")
 
 
 @command("WHOIS", params=1)
@@ -102,6 +106,7 @@ def whois(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -
     presence = p.realm.presence_of(user)
     if presence and presence[0] in ("away", "busy"):
         ctx.num("301", n, presence[1] or presence[0])
+    whois_oper_lines(p, ctx, user, n)
     if not p.realm.guests.is_guest(user):  # a guest is logged in to no account
         account = user.partition("@")[0] if user.endswith("@" + realm) else user
         ctx.num("330", n, account, "is logged in as")

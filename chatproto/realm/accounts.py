@@ -433,6 +433,19 @@ class Accounts:
         token = yield self.tokens.issue(name, device, floor)
         return token, Address(name, self.realm)
 
+    @inlineCallbacks
+    def verify_password(self, username: str, password: str, peer: str = "?") -> Any:
+        """Check a password (throttled exactly like :meth:`login`) without opening a
+        session; fires with the account's name, or fails with ``auth_failed`` or
+        ``rate_limited`` (IRC's ``OPER`` asks it)."""
+        creds, key = self._throttled_credentials(username, password, peer)
+        try:
+            name = yield self._password_checker.requestAvatarId(creds)
+        except UnauthorizedLogin:
+            self._login_failed(key, peer)
+        self._account_throttle.succeeded(key)
+        return name
+
     def token_user(self, token: str | None) -> Address | None:
         """The local user a live session token stands for (marking it used), or None.
         A token of an account this realm knows was deleted stands for nobody."""

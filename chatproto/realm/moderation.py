@@ -106,6 +106,37 @@ class Moderation:
 
     # what an admin does from a client -------------------------------------------------
 
+    @inlineCallbacks
+    def verify_admin(self, user: str, name: str, password: str, peer: str = "?") -> Any:
+        """``user`` proves, with their own account ``name`` and password, that they
+        act as a realm admin (IRC's ``OPER``); fires with their canonical address, or
+        fails with ``auth_failed`` (another account, a wrong password), ``rate_limited``
+        or ``forbidden`` (not a realm admin)."""
+        try:
+            own = self._local(name)[1] == user
+        except ChatError:
+            own = False
+        if not own:
+            raise ChatError("auth_failed", "give your own account name and password")
+        yield self._r.accounts.verify_password(name, password, peer)
+        self.require_admin(user)
+        return user
+
+    def kill(self, actor: str, user: str, reason: str = "") -> int:
+        """Admin ``actor`` ends every session of local user ``user`` now (native, web,
+        IRC; IRC's ``KILL``); returns how many.  The account stays."""
+        self.require_admin(actor)
+        _name, canonical = self._local(user)
+        why = f"killed by {actor}" + (f": {reason}" if reason else "")
+        closed = self._r.admin.end_sessions(canonical, "session_ended", why[:400])
+        self.log.info(
+            "realm admin {actor} killed {user}: {n} sessions closed",
+            actor=actor,
+            user=canonical,
+            n=closed,
+        )
+        return closed
+
     def suspend(self, actor: str, user: str, reason: str) -> Any:
         """Admin ``actor`` suspends ``user`` (see :meth:`Admin.suspend`)."""
         self.require_admin(actor)
