@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 
 from chatproto import client, ctl, ctlmoderation
 from chatproto.client import RemoteError
+from chatproto.envelope import Envelope
 from chatproto.realm.moderation import REPORT_BURST, REPORT_RATE
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 from tests.conftest import until
@@ -239,3 +240,33 @@ def test_ctl_grants_admins_and_lists_reports_running_or_not(
         yield until(lambda: r.realm.moderation.is_admin("bob@localhost"))
     finally:
         yield r.stop()
+
+
+def test_a_realm_admin_deletes_any_message_of_a_local_user(moderated: Any) -> None:
+    realm, clock, c = moderated
+    sent = _ask(*c["carol"], clock, type="send", to="bob", body="nasty words")
+    frames(c["bob"][1])
+    dave = _login(realm, clock, "dave")
+    err = _ask(*dave, clock, type="delete", msg_id=sent["msg_id"])
+    assert err["code"] == "not_found"  # an ordinary user: as if it did not exist
+    reply = _ask(*c["alice"], clock, type="delete", msg_id=sent["msg_id"])
+    assert reply["type"] == "result", reply
+    for who in ("bob", "carol"):  # both parties see the delete, in the sender's name
+        items = [f for f in frames(c[who][1]) if f.get("type") == "msg"]
+        assert [(f["kind"], f["from"], f["meta"]) for f in items] == [
+            ("delete", "carol@localhost", {"ref": sent["msg_id"]})
+        ]
+    stored: list[Any] = []
+    realm.store.stored_item(sent["msg_id"]).addCallback(stored.append)
+    assert stored[0].body == "" and stored[0].meta.get("deleted") is True
+    err = _ask(*c["alice"], clock, type="delete", msg_id=sent["msg_id"])
+    assert err["code"] == "not_found"  # deleted already
+    # in a group the admin is not in
+    assert _ask(*c["carol"], clock, type="create_group", group="#dev")["type"] == "result"
+    g = _ask(*c["carol"], clock, type="send", to="#dev", body="spam in a group")
+    assert _ask(*c["alice"], clock, type="delete", msg_id=g["msg_id"])["type"] == "result"
+    # a message of another realm's user is not this realm's to delete
+    remote = Envelope("r-1", "text", "eve@elsewhere.example", "bob@localhost", 1.0, "hi")
+    realm.store.append([remote])
+    err = _ask(*c["alice"], clock, type="delete", msg_id="r-1")
+    assert err["code"] == "forbidden"

@@ -164,6 +164,9 @@ class Relations:
         except ChatError as e:
             return fail(e)
         user = session.user_id
+        if self._realm.moderation.is_admin(user):
+            d = self._store.stored_item(msg_id)
+            return d.addCallback(self._admin_delete, session, msg_id)
 
         def check(t: Envelope) -> Any:
             role = None
@@ -179,6 +182,47 @@ class Relations:
             return d.addCallback(self.deleted, t)
 
         return self.target(session, msg_id).addCallback(check)
+
+    def _admin_delete(self, t: Envelope | None, session: Session, msg_id: str) -> Any:
+        """A realm admin deletes item ``t`` (issue 18): one they may delete as a user
+        is deleted as theirs; any other message or file of a user of this realm, in
+        any conversation, is deleted in its sender's name (the ``delete`` item's
+        sender is the message's, so every party -- and every other realm, which accepts
+        a sender's delete of their own item -- sees it as the sender's).  Logged."""
+        user = session.user_id
+        if (
+            t is None
+            or t.id in self._deleted
+            or t.kind not in TARGET_KINDS
+            or (t.meta is not None and t.meta.get("deleted") is True)
+        ):
+            raise ChatError("not_found", f"no message {msg_id}")
+        role = None
+        if t.recipient.startswith("#"):
+            group = self._realm.groups.groups.get(t.recipient)
+            role = group.role_of(user) if group is not None else None
+        readable = readable_by(t, user, session.floor, self._realm.groups.readable_from)
+        if readable and may_delete(t, user, role):
+            author = user
+        elif t.sender.endswith("@" + self._realm.realm):
+            author = t.sender
+        else:
+            raise ChatError(
+                "forbidden", "a realm admin deletes the messages of this realm's users only"
+            )
+        self.deleting(t.id)
+        env = self._realm.messages.new_envelope(
+            author, self.conversation_of(t, author), "delete", "", ref_meta("delete", t.id)
+        )
+        if author != user:
+            self.log.info(
+                "realm admin {admin} deleted {msg} of {sender} (to {to})",
+                admin=user,
+                msg=t.id,
+                sender=t.sender,
+                to=t.recipient,
+            )
+        return self._realm.messages.commit_item(env).addCallback(self.deleted, t)
 
     def deleting(self, msg_id: str) -> None:
         """An item is being deleted: edits and reactions checked from now on are
