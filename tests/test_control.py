@@ -325,6 +325,9 @@ def test_a_suspended_user_is_out_everywhere_until_unsuspended(
     # running: in the store)
     r = Running(conf)
     try:
+        # the realm reads its suspensions as it starts (after the accounts and the
+        # browser logins): wait for that, not for the listener alone
+        yield until(lambda: r.realm.admin.is_suspended("alice"))
         chat = f"tcp:127.0.0.1:{r.port('ClientFactory')}"
         with pytest.raises(RemoteError) as e:
             yield connect(_reactor, chat, "alice", PW)
