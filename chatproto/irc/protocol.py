@@ -58,6 +58,7 @@ from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
 from chatproto.realm.messaging import SendRequest
+from chatproto.realm.reading import typing_tags
 
 if TYPE_CHECKING:
     from chatproto.irc.factory import IRCFactory
@@ -394,6 +395,11 @@ class IRCProtocol(LineOnlyReceiver):
                 data["from"] != me or data["to"] == me or "echo-message" in self.caps
             ):
                 self.write(self.factory.tag_line(data, self._tagmode))
+            return
+        if kind == "typing":  # a native client typing: TAGMSG +typing (IRCv3 typing)
+            if self._tagmode & 2 and data.get("user") != self.user_id:
+                tags = typing_tags(data, self.user_id, self.factory.clock.seconds())
+                self.write(self.factory.tag_line(tags, self._tagmode))
             return
         if kind != "presence" or "away-notify" not in self.caps:
             return

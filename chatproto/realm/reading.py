@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
 from chatproto import address
-from chatproto.envelope import Envelope, conversation_key
+from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm.sessions import Notice, Session
@@ -45,6 +45,7 @@ __all__ = [
     "TYPING_BURST",
     "TYPING_RATE",
     "Reading",
+    "typing_tags",
 ]
 
 #: ``mark_read`` token bucket of each connection: per second, and at most at once.
@@ -321,3 +322,17 @@ class Reading:
         self._store.set_read(who, key, env.pos)
         notice = Notice({"type": "read", "with": who, "user": who, "pos": env.pos})
         self._realm.sessions.notify((me,), notice)
+
+
+def typing_tags(notice: dict[str, Any], me: str, ts: float) -> dict[str, Any]:
+    """A ``typing`` notice for ``me`` as the ``tags`` notice an IRC gateway writes as
+    ``TAGMSG`` (IRCv3 ``+typing``: ``active`` or ``done``), to ``me`` or the group."""
+    where = str(notice["with"])
+    return {
+        "type": "tags",
+        "id": new_message_id(),
+        "from": notice["user"],
+        "to": where if where.startswith("#") else me,
+        "ts": ts,
+        "tags": {"+typing": "active" if notice.get("typing") else "done"},
+    }

@@ -259,6 +259,11 @@ function onFrame(f) {
     case "presence": onPresence(f); break;
     case "read": onRead(f); break;
     case "typing": onTyping(f); break;
+    case "tags": // an IRC user's +typing (IRCv3), relayed by the realm as client tags
+      if (f.tags && "+typing" in f.tags && f.from !== state.me) {
+        onTyping({ with: f.to.startsWith("#") ? f.to : f.from, user: f.from, typing: f.tags["+typing"] !== "done" });
+      }
+      break;
     case "ping": sendFrame({ type: "pong" }); break;
     default: break; // unknown frames are ignored (PROTOCOL.md)
   }
