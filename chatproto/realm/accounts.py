@@ -357,6 +357,7 @@ class Accounts:
         failures per account and per peer address get ``rate_limited``.
         """
         check_device(device)
+        yield self._r.when_started()  # (suspensions, admins... are loaded)
         creds, key = self._throttled_credentials(username, password, peer)
         try:
             _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
@@ -387,6 +388,7 @@ class Accounts:
         """:meth:`login` with a session token (a browser's cookie) instead of a
         password; ``device`` defaults to the one the token was issued for.  An unknown
         or expired token fails with ``auth_failed``."""
+        yield self._r.when_started()  # (the browser logins are loaded)
         record = self.tokens.check(token)
         if record is None:
             self.stats.login_failures += 1
@@ -414,6 +416,7 @@ class Accounts:
         token for ``device``; fires with ``(token, Address)``.  No session is opened:
         the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
         check_device(device)
+        yield self._r.when_started()
         creds, key = self._throttled_credentials(username, password, peer)
         try:
             name = yield self._password_checker.requestAvatarId(creds)

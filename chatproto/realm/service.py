@@ -73,6 +73,9 @@ class RealmService(Service):
     ) -> None:
         self.config = config
         self.realm = config.realm
+        #: set when startService has loaded the realm's state (see when_started)
+        self._started = False
+        self._start_waiters: list[Deferred[None]] = []
         self._suffix = "@" + config.realm
         self.store = store
         self.reactor = reactor
@@ -206,6 +209,10 @@ class RealmService(Service):
         self._prune.start(self.config.auth.failure_window / 4, now=False)
         if self.cluster is not None:
             self.cluster.realm_started()
+        self._started = True
+        waiters, self._start_waiters = self._start_waiters, []
+        for d in waiters:
+            d.callback(None)
         self.log.info(
             "realm {realm} started: {users} users, {groups} groups, store {path}",
             realm=self.realm,
@@ -213,6 +220,16 @@ class RealmService(Service):
             groups=len(self.groups.groups),
             path=getattr(self.store, "path", "?"),
         )
+
+    def when_started(self) -> Deferred[None]:
+        """Fires once the realm has read what it needs from its store at start
+        (accounts, suspensions, admins, browser logins, groups): logins wait for it, so
+        none is checked against a state not yet loaded (a suspended account, say)."""
+        if self._started:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._start_waiters.append(d)
+        return d
 
     @inlineCallbacks
     def stopService(self) -> Any:
