@@ -175,11 +175,7 @@ class Messaging:
                 first.append(waiter)
                 return waiter
         try:
-            body = self.check_body(body)
-            wait = session.bucket.take(self._clock.seconds())
-            if wait:
-                self._realm.stats.rate_limited("send")
-                raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+            body = self._checked(session, body, self._clock.seconds())
             meta: dict[str, Any] | None = NOTICE_META if notice else None
             if tags is not None:  # a new dict: NOTICE_META is shared
                 meta = {**(meta or {}), "tags": check_tags(tags)}
@@ -192,6 +188,23 @@ class Messaging:
         if nonce is not None:
             self._remember_nonce(session.user_id, nonce, d)
         return d
+
+    def _checked(self, session: Session, body: Any, now: float) -> str:
+        """``body`` checked (bad_request, too_large), then a token of ``session``'s
+        send rate taken (rate_limited): what every send pays, in that order."""
+        body = self.check_body(body)
+        wait = session.bucket.take(now)
+        if wait:
+            self._realm.stats.rate_limited("send")
+            raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+        return body
+
+    def _check_recipient(self, recipient: Address) -> None:
+        """A message may not go to a suspended local account (account_suspended)."""
+        admin = self._realm.admin
+        if recipient.realm == self._name and admin.suspended:
+            if admin.is_suspended(recipient.name):
+                raise ChatError("account_suspended", f"{recipient} is suspended")
 
     @inlineCallbacks
     def _reply(
@@ -233,9 +246,6 @@ class Messaging:
         remember: list[tuple[str, list[Deferred[Envelope]], Envelope]] = []
         nonces = self._nonces.get(user)
         now = self._clock.seconds()
-        bucket = session.bucket
-        admin = self._realm.admin
-        name = self._name
         commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]] = []
         for to, body, nonce, notice, reply_to, tags in requests:
             if (
@@ -250,12 +260,10 @@ class Messaging:
                 outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
                 continue
             try:
-                body = self.check_body(body)
-                wait = bucket.take(now)
-                if wait:
-                    self._realm.stats.rate_limited("send")
-                    raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+                body = self._checked(session, body, now)
                 recipient = self.resolve_user(to, remote_ok=True)
+                if not isinstance(recipient, Deferred):
+                    self._check_recipient(recipient)
             except ChatError as e:
                 outcomes.append(e)
                 continue
@@ -272,24 +280,14 @@ class Messaging:
                     nonces = self._nonces.get(user)
                 outcomes.append(d)
                 continue
-            if recipient.realm == name:
-                if admin.suspended and admin.is_suspended(recipient.name):
-                    outcomes.append(ChatError("account_suspended", f"{recipient} is suspended"))
-                    continue
-                env = self.new_envelope(user, str(recipient), "text", body, meta)
-            else:
-                env = self.new_envelope(user, str(recipient), "text", body, meta)
+            env = self.new_envelope(user, str(recipient), "text", body, meta)
+            if recipient.realm != self._name:
                 outbox.append((recipient.realm, env))
             items.append(env)
             outcomes.append(env)
             if nonce is not None:
-                if nonces is None:
-                    nonces = self._nonces.setdefault(user, OrderedDict())
-                waiters: list[Deferred[Envelope]] = []
-                nonces[nonce] = waiters
-                if len(nonces) > NONCES_PER_USER:
-                    nonces.popitem(last=False)
-                remember.append((nonce, waiters, env))
+                remember.append((nonce, self._nonce_slot(user, nonce), env))
+                nonces = self._nonces[user]
         if items:
             commits.append((self._append_run(items, outbox, user, remember), items))
         return outcomes, commits
@@ -333,13 +331,8 @@ class Messaging:
                 realm_.wake(env, realm)
         finally:
             realm_.end_burst()
-        if remember:
-            seen = self._nonces.get(user)
-            for nonce, waiters, env in remember:
-                if seen is not None and seen.get(nonce) is waiters:
-                    seen[nonce] = env
-                for w in waiters:
-                    w.callback(env)
+        for nonce, waiters, env in remember:
+            self._nonce_stored(env, user, nonce, waiters)
         return items
 
     def _batch_failed(
@@ -348,36 +341,48 @@ class Messaging:
         user: str,
         remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
     ) -> Failure:
-        seen = self._nonces.get(user)
         for nonce, waiters, _ in remember:
-            if seen is not None and seen.get(nonce) is waiters:
-                del seen[nonce]  # nothing was stored: a retry may try again
-            for w in waiters:
-                w.errback(f)
+            self._nonce_failed(f, user, nonce, waiters)
         return f
 
-    def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
+    def _nonce_slot(self, user: str, nonce: str) -> list[Deferred[Envelope]]:
+        """Remember that ``user``'s send with ``nonce`` is being stored; its repeats
+        wait in the list returned until :meth:`_nonce_stored` or :meth:`_nonce_failed`."""
         seen = self._nonces.setdefault(user, OrderedDict())
         waiters: list[Deferred[Envelope]] = []
         seen[nonce] = waiters
         if len(seen) > NONCES_PER_USER:
             seen.popitem(last=False)
+        return waiters
 
-        def stored(env: Envelope) -> Envelope:
-            if seen.get(nonce) is waiters:
-                seen[nonce] = env
-            for w in waiters:
-                w.callback(env)
-            return env
+    def _nonce_stored(
+        self, env: Envelope, user: str, nonce: str, waiters: list[Deferred[Envelope]]
+    ) -> Envelope:
+        seen = self._nonces.get(user)
+        if seen is not None and seen.get(nonce) is waiters:
+            seen[nonce] = env
+        for w in waiters:
+            w.callback(env)
+        return env
 
-        def failed(f: Failure) -> Failure:
-            if seen.get(nonce) is waiters:
-                del seen[nonce]  # nothing was stored: a retry may try again
-            for w in waiters:
-                w.errback(f)
-            return f
+    def _nonce_failed(
+        self, f: Failure, user: str, nonce: str, waiters: list[Deferred[Envelope]]
+    ) -> Failure:
+        seen = self._nonces.get(user)
+        if seen is not None and seen.get(nonce) is waiters:
+            del seen[nonce]  # nothing was stored: a retry may try again
+        for w in waiters:
+            w.errback(f)
+        return f
 
-        d.addCallbacks(stored, failed)
+    def _remember_nonce(self, user: str, nonce: str, d: Deferred[Envelope]) -> None:
+        waiters = self._nonce_slot(user, nonce)
+        d.addCallbacks(
+            self._nonce_stored,
+            self._nonce_failed,
+            callbackArgs=(user, nonce, waiters),
+            errbackArgs=(user, nonce, waiters),
+        )
 
     def forget_nonces(self, user: str) -> None:
         """Forget the send nonces of canonical user address ``user``."""
@@ -419,9 +424,10 @@ class Messaging:
     def _store_private(
         self, sender: str, recipient: Address, body: str, meta: dict[str, Any] | None = None
     ) -> Deferred[Envelope]:
-        if recipient.realm == self._name and self._realm.admin.suspended:
-            if self._realm.admin.is_suspended(recipient.name):
-                return fail(ChatError("account_suspended", f"{recipient} is suspended"))
+        try:
+            self._check_recipient(recipient)
+        except ChatError as e:
+            return fail(e)
         env = self.new_envelope(sender, str(recipient), "text", body, meta)
         # Durable before anyone hears of it: routing happens after the commit.
         if recipient.realm == self._name:
