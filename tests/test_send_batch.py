@@ -152,6 +152,19 @@ def test_rate_limit_applies_per_request(clock: Clock) -> None:
     realm.stopService()
 
 
+def test_history_read_with_sends_sees_them(realm: Any, clock: Clock) -> None:
+    """A request after sends of the same read is handled after them: the private
+    messages (the batched ones) are stored before a history request that follows."""
+    a, ta = logged_in(realm, clock, "alice")
+    logged_in(realm, clock, "bob")
+    a.dataReceived(
+        sends({"to": "bob", "body": "one", "id": 1}, {"to": "bob", "body": "two", "id": 2})
+        + frame({"type": "history", "with": "bob", "id": 3})
+    )
+    [page] = [f for f in frames(ta) if f.get("id") == 3]
+    assert [m["body"] for m in page["messages"]] == ["one", "two"]
+
+
 def test_a_request_after_sends_sees_them_stored(realm: Any, clock: Clock) -> None:
     """Sends read before another request are handed to the realm before it."""
     a, _ta = logged_in(realm, clock, "alice")
