@@ -597,6 +597,12 @@ class GroupCommitStore:
             self._pending_acks[key] = pos
             self._flush()
 
+    def _written(self) -> None:
+        """The commit in progress is over (its results may still be handed out)."""
+        self._writing = False
+        self._inflight_acks = {}
+        self._inflight_reads = {}
+
     def _flush(self) -> None:
         if self._writing or not self._has_pending():
             if not self._writing:
@@ -669,9 +675,7 @@ class GroupCommitStore:
             # now, on the writer thread, while this one's results are handed out here.
             # Its results come back in a later reactor turn, so items are still handed
             # out in position order.
-            self._writing = False
-            self._inflight_acks = {}
-            self._inflight_reads = {}
+            self._written()
             if self._pending:
                 self._flush()
             listener = self.burst_listener
@@ -689,9 +693,7 @@ class GroupCommitStore:
 
         def failed(f: Failure) -> None:
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
-            self._writing = False
-            self._inflight_acks = {}
-            self._inflight_reads = {}
+            self._written()
             for b in batch:
                 b[1].errback(f)
             for w in ack_waiters:
@@ -701,9 +703,7 @@ class GroupCommitStore:
             if isinstance(result, Failure):  # done() itself failed: never wedge the store
                 self.log.failure("handing out a group commit's results failed", result)
             if self._writing and self._writing_batch is batch:
-                self._writing = False
-                self._inflight_acks = {}
-                self._inflight_reads = {}
+                self._written()
             if not self._writing:  # else the commit started by done() flushes when done
                 self._flush()
 
