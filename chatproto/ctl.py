@@ -35,6 +35,7 @@ from chatproto.ctlaccess import (  # noqa: F401  (EXIT_FAILED: part of ctl's API
     EXIT_USAGE,
     IN_STORE,
     CtlError,
+    on_realm_or_store,
     open_db,
     running_realm,
     store_exists,
@@ -277,15 +278,11 @@ def cmd_suspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_unsuspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = _name(args.name)
     user = f"{name}@{cfg.realm}"
-    client = running_realm(cfg)
-    if client is not None:
-        with client:
-            had = _ask(client, commands.Unsuspend, user=name)["was_suspended"]
-        where = "by the running realm"
-    else:
-        with open_db(cfg) as db:
-            had = db.unsuspend_user(name)
-        where = IN_STORE
+    had, where = on_realm_or_store(
+        cfg,
+        lambda client: _ask(client, commands.Unsuspend, user=name)["was_suspended"],
+        lambda db: db.unsuspend_user(name),
+    )
     if not had:
         raise CtlError(f"{user} is not suspended")
     print(f"suspension of {user} lifted {where}")

@@ -9,9 +9,9 @@ takes effect at once, and otherwise on the store (:func:`open_db`), saying which
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from chatproto import config as configmod
 from chatproto.address import normalise_name
@@ -20,6 +20,8 @@ from chatproto.ops import commands, controlclient
 from chatproto.ops.controlclient import ControlClient
 from chatproto.store import backend as store_backend
 from chatproto.store.groupcommit import StoreDB
+
+T = TypeVar("T")
 
 __all__ = [
     "EXIT_FAILED",
@@ -154,6 +156,21 @@ def ask(client: ControlClient, command: Any, timeout: float = 30.0, **kw: Any) -
         raise CtlError(message or code) from None
     except controlclient.Unreachable as e:
         raise CtlError(f"the running realm: {e}") from None
+
+
+def on_realm_or_store(
+    cfg: configmod.Config,
+    live: Callable[[ControlClient], T],
+    offline: Callable[[StoreDB], T],
+) -> tuple[T, str]:
+    """``live(client)`` on the running realm, or ``offline(db)`` on the store when the
+    realm is not running; with where it was done (the words ctl prints)."""
+    client = running_realm(cfg)
+    if client is not None:
+        with client:
+            return live(client), "by the running realm"
+    with open_db(cfg) as db:
+        return offline(db), IN_STORE
 
 
 def by_realm(closed: int) -> str:

@@ -19,6 +19,7 @@ from chatproto.ctlaccess import (
     CtlError,
     ask,
     name_arg,
+    on_realm_or_store,
     open_db,
     running_realm,
 )
@@ -154,16 +155,14 @@ def add_session_parsers(sessions: argparse.ArgumentParser) -> None:
 def cmd_grant_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = name_arg(args.name)
     user = f"{name}@{cfg.realm}"
-    client = running_realm(cfg)
-    if client is not None:
-        with client:
-            ask(client, commands.GrantAdmin, user=name)
-        where = "by the running realm"
-    else:
-        with open_db(cfg) as db:
-            if not db.grant_admin(name, time.time()):
-                raise CtlError(f"no user {user}")
-        where = IN_STORE
+
+    def live(client: Any) -> bool:
+        ask(client, commands.GrantAdmin, user=name)  # (an unknown user: its error)
+        return True
+
+    granted, where = on_realm_or_store(cfg, live, lambda db: db.grant_admin(name, time.time()))
+    if not granted:
+        raise CtlError(f"no user {user}")
     print(f"{user} is a realm admin {where}")
     return 0
 
@@ -171,15 +170,11 @@ def cmd_grant_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
 def cmd_revoke_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
     name = name_arg(args.name)
     user = f"{name}@{cfg.realm}"
-    client = running_realm(cfg)
-    if client is not None:
-        with client:
-            had = ask(client, commands.RevokeAdmin, user=name)["was_admin"]
-        where = "by the running realm"
-    else:
-        with open_db(cfg) as db:
-            had = db.revoke_admin(name)
-        where = IN_STORE
+    had, where = on_realm_or_store(
+        cfg,
+        lambda client: ask(client, commands.RevokeAdmin, user=name)["was_admin"],
+        lambda db: db.revoke_admin(name),
+    )
     if not had:
         raise CtlError(f"{user} is not a realm admin")
     print(f"{user} is no longer a realm admin {where}")
@@ -187,13 +182,11 @@ def cmd_revoke_admin(args: argparse.Namespace, cfg: configmod.Config) -> int:
 
 
 def cmd_admins(args: argparse.Namespace, cfg: configmod.Config) -> int:
-    client = running_realm(cfg)
-    if client is not None:
-        with client:
-            admins = ask(client, commands.ListAdmins)["admins"]
-    else:
-        with open_db(cfg) as db:
-            admins = sorted(f"{n}@{cfg.realm}" for n in db.admins())
+    admins, _ = on_realm_or_store(
+        cfg,
+        lambda client: ask(client, commands.ListAdmins)["admins"],
+        lambda db: sorted(f"{n}@{cfg.realm}" for n in db.admins()),
+    )
     print("\n".join(admins) if admins else "no realm admins")
     return 0
 
