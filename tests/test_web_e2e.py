@@ -58,8 +58,16 @@ def playwright_core() -> Path:
             _missing("npm")
         prefix.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent",
-             f"playwright-core@{PLAYWRIGHT_VERSION}"],
+            [
+                npm,
+                "install",
+                "--prefix",
+                str(prefix),
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+                f"playwright-core@{PLAYWRIGHT_VERSION}",
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -121,9 +129,45 @@ def tools() -> tuple[str, Path]:
     return node, playwright_core()  # type: ignore[return-value]
 
 
+@defer.inlineCallbacks
+def run_script(
+    site: Any,
+    port: Any,
+    tools: tuple[str, Path],
+    script: Path,
+    tmp_path: Path,
+    drop: Any = None,
+    **env_extra: str,
+) -> Any:
+    """Run the Chromium script ``script`` (node + playwright-core) against the web
+    listener ``port`` of ``site``; fires with its exit code once it ended, the
+    connections closed and the port stopped (its output is printed).  ``drop(user)``:
+    what the script's "drop" requests do (a network failure from the server side)."""
+    node, package = tools
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "BASE_URL": f"http://127.0.0.1:{port.getHost().port}",
+        "ARTIFACTS": str(ARTIFACTS),
+        "PLAYWRIGHT": str(package),
+        "CHROMIUM": CHROMIUM,
+        "PASSWORD": PASSWORD,
+        **env_extra,
+    }
+    driver = Driver(drop if drop is not None else (lambda user: None))
+    _reactor.spawnProcess(driver, node, [node, str(script)], env=env, path=str(ROOT))
+    try:
+        code = yield driver.ended
+    finally:
+        for proto in list(site.ws.sessions.connections):
+            proto.transport.abortConnection()
+        yield port.stopListening()
+    print(driver.output)
+    return code, driver.output
+
+
 @pytest_twisted.inlineCallbacks
 def test_two_browsers_chat_resume_and_files(realm: Any, tools: Any, tmp_path: Path) -> Any:
-    node, package = tools
     site = WebSite(realm)
     port = _reactor.listenTCP(0, site, interface="127.0.0.1")
     for name in ("alice", "bob", "carol"):
@@ -136,31 +180,15 @@ def test_two_browsers_chat_resume_and_files(realm: Any, tools: Any, tmp_path: Pa
             if proto.session is not None and proto.session.user_id == user:
                 proto.transport.abortConnection()
 
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "BASE_URL": f"http://127.0.0.1:{port.getHost().port}",
-        "ARTIFACTS": str(ARTIFACTS),
-        "PLAYWRIGHT": str(package),
-        "CHROMIUM": CHROMIUM,
-        "PASSWORD": PASSWORD,
-    }
+    extra = {}
     # the file part runs once the web site serves /files (on top of realm.files)
     if getattr(realm, "files", None) is not None and b"files" in site.resource.children:
         data = os.urandom(3 * 1024 * 1024 + 12345)
         (tmp_path / "holiday photo.bin").write_bytes(data)
-        env["UPLOAD"] = str(tmp_path / "holiday photo.bin")
-    driver = Driver(drop)
-    _reactor.spawnProcess(driver, node, [node, str(SCRIPT)], env=env, path=str(ROOT))
-    try:
-        code = yield driver.ended
-    finally:
-        for proto in list(site.ws.sessions.connections):
-            proto.transport.abortConnection()
-        yield port.stopListening()
-    print(driver.output)
-    assert code == 0, driver.output
-    assert "e2e finished" in driver.output
+        extra["UPLOAD"] = str(tmp_path / "holiday photo.bin")
+    code, output = yield run_script(site, port, tools, SCRIPT, tmp_path, drop, **extra)
+    assert code == 0, output
+    assert "e2e finished" in output
     assert (ARTIFACTS / "04-bob-resumed.png").exists()
 
 
