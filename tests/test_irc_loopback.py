@@ -66,13 +66,20 @@ class Client(twirc.IRCClient):
 
 @pytest.fixture
 def gateway(tmp_path: Any) -> Any:
+    yield from irc_gateway(tmp_path, ("alice", "bob"))
+
+
+def irc_gateway(tmp_path: Any, users: tuple[str, ...], password: str = PW) -> Any:
+    """A started realm with ``users`` (each with ``password``), its IRC gateway and a
+    native listener on 127.0.0.1: yields ``(realm, irc port, native endpoint
+    description)``, then closes everything (a fixture's body)."""
     cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
     cfg.irc.enabled = True
     cfg.irc.flood_rate = 0.0
     realm = make_realm(cfg)
     pytest_twisted.blockon(realm.startService())
-    for name in ("alice", "bob"):
-        pytest_twisted.blockon(realm.create_user(name, PW))
+    for name in users:
+        pytest_twisted.blockon(realm.create_user(name, password))
     factory = IRCFactory(realm)
     port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
     from chatproto.protocol import ClientFactory

@@ -22,10 +22,11 @@ from chatproto.realm import RealmService
 from chatproto.realm.messaging import text_meta
 from chatproto.realm.tags import MAX_TAG_DATA, check_tags, client_tags, tag_data
 from chatproto.testing import connect_string_transport, frame, frames
-from tests.conftest import fast_config, make_realm, until
+from tests.conftest import until
 from tests.test_irc import PW, Conn, login
 from tests.test_irc import make_realm as make_memory_realm
 from tests.test_irc_conformance_loopback import connect as raw_connect
+from tests.test_irc_loopback import irc_gateway
 
 CAPS = "message-tags echo-message server-time labeled-response batch"
 
@@ -289,25 +290,7 @@ def test_tagmsg_is_rate_limited_like_messages(clock: Clock) -> None:
 
 @pytest.fixture
 def gateway(tmp_path: Any) -> Any:
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
-    cfg.irc.enabled = True
-    cfg.irc.flood_rate = 0.0
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    for name in ("alice", "bob", "carol"):
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    factory = IRCFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    from chatproto.protocol import ClientFactory
-
-    native = ClientFactory(realm)
-    nport = _reactor.listenTCP(0, native, interface="127.0.0.1")
-    yield realm, port.getHost().port, f"tcp:127.0.0.1:{nport.getHost().port}"
-    for proto in list(factory.connections) + list(native.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(nport.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from irc_gateway(tmp_path, ("alice", "bob", "carol"), PW)
 
 
 @pytest_twisted.inlineCallbacks
