@@ -238,3 +238,53 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
     assert upto == 451
     found = yield store.search(["word44"], [("user", ALICE, 0)], None, 20)
     assert sorted(e.body for e in found) == ["word44"] + [f"word44{n}" for n in range(10)]
+
+
+#: Letters to Python (whose Unicode is newer) that SQLite's FTS5 tokenizer, which keeps
+#: to Unicode 6.1, reads as separators (New Tai Lue vowels, Vedic signs): a query word
+#: holding one was a phrase of two tokens, which the index (detail=none) refuses.
+SPLIT_BY_FTS5 = "\u19b0\u19b5\u19c8\u1cf2"
+
+
+def test_sqlite_search_words_with_letters_fts5_reads_as_separators(tmp_path: Any) -> None:
+    """A query word with a letter the index splits on was sent to FTS5 as one quoted
+    string, a phrase: ``sqlite3.OperationalError`` (``internal_error``, a traceback in
+    the realm's log).  Now it is found, indexed or not, and nothing else is."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    mine = [("user", ALICE, 0)]
+    for ch in SPLIT_BY_FTS5:
+        db.commit_batch([[item(BOB, ALICE, f"zq{ch}x tail")]], {})
+    db.commit_batch([[item(BOB, ALICE, "zq x tail")]], {})  # same pieces, other words
+    db.commit_batch([[item(BOB, ALICE, f"{SPLIT_BY_FTS5[0]}y")]], {})
+    for indexed in (False, True):
+        for ch in SPLIT_BY_FTS5:
+            assert [e.body for e in db.search([f"zq{ch}x"], mine, None, 10)] == [f"zq{ch}x tail"]
+            assert [e.body for e in db.search([f"zq{ch}"], mine, None, 10)] == [f"zq{ch}x tail"]
+        # a word of such letters only: nothing the index holds, still found directly
+        found = db.search([SPLIT_BY_FTS5[0]], mine, None, 10)
+        assert [e.body for e in found] == ([] if indexed else [f"{SPLIT_BY_FTS5[0]}y"])
+        db.index_search(100)
+    db.close()
+
+
+def test_every_query_word_is_one_the_sqlite_index_can_answer(tmp_path: Any) -> None:
+    """Every character a query word may hold (letters and digits, to Python), inside
+    a word: the SQLite store asks its index without an error."""
+    from chatproto.store.reading import search_words
+
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    db.commit_batch([[item(BOB, ALICE, "indexed words")]], {})
+    db.index_search(100)
+    mine = [("user", ALICE, 0)]
+    letters = [chr(c) for c in range(0x80, 0x110000) if len(search_words(f"a{chr(c)}b")) == 1]
+    bad = []
+    for k in range(0, len(letters), 16):  # as many words as a query may have
+        chunk = letters[k : k + 16]
+        try:
+            db.search([f"a{c}b".lower() for c in chunk], mine, None, 1)
+        except sqlite3.OperationalError:
+            bad += [f"U+{ord(c):04X}" for c in chunk]
+    assert len(letters) > 100_000 and bad == []
+    db.close()

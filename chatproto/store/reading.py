@@ -160,9 +160,11 @@ class ReadingSQL:
         """Inside a group commit: move markers forward (never back)."""
         raise NotImplementedError
 
-    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any] | None:
         """``(join, condition, parameter)``: the rows of ``items`` whose body has a
-        word beginning with each of ``words``, through the backend's full-text index."""
+        word beginning with each of ``words`` (or more rows: :meth:`search` matches
+        them again), through the backend's full-text index; None when the index
+        cannot hold such words (no indexed item has them)."""
         raise NotImplementedError
 
     def _current(self, items: list[Envelope]) -> list[Envelope]:
@@ -216,7 +218,10 @@ class ReadingSQL:
                     if len(out) == limit:
                         return out
             bound = upto + 1
-        join, cond, param = self._search_sql(words)
+        sql = self._search_sql(words)
+        if sql is None:
+            return out
+        join, cond, param = sql
         rows = self._rows(
             f"SELECT {cols} FROM items {join} WHERE {cond} AND items.pos < ? AND {scope} "
             "ORDER BY items.pos DESC LIMIT ?",

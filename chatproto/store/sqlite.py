@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -327,6 +328,13 @@ def _statements(script: str) -> list[str]:
 _INDEXED = frozenset({"file", "delete", "edit", "reaction"})
 #: Selects the items that refer to one of a page's items (see _refs).
 _REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
+
+#: Letters and digits to Python (the rule of a query's words, whose Unicode is newer)
+#: that FTS5's ``unicode61`` tokenizer, which keeps to Unicode 6.1, reads as separators
+#: (New Tai Lue vowels and tone marks, two Vedic signs).  A query word holding one must
+#: be asked as the pieces between them: quoted whole it is a phrase of several tokens,
+#: which an index with ``detail=none`` refuses with an error.
+_FTS5_SEPARATORS = re.compile("[\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3]+")
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
@@ -1168,8 +1176,14 @@ class SQLiteDB(ReadingSQL):
             [(conv, u, p) for (u, conv), p in reads.items()],
         )
 
-    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
-        query = " ".join(f'"{w}"*' for w in words)  # every word, as a prefix
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any] | None:
+        # Every word, as a prefix; a word the tokenizer splits, as its pieces (each a
+        # prefix: more items than the word finds, which the caller matches exactly).
+        # The words are letters and digits, so nothing in them is FTS5 syntax.
+        pieces = [p for w in words for p in _FTS5_SEPARATORS.split(w) if p]
+        if not pieces:  # only such letters: the index holds none of them
+            return None
+        query = " ".join(f'"{p}"*' for p in pieces)
         return "JOIN items_fts ON items_fts.rowid = items.pos", "items_fts MATCH ?", query
 
     def _indexed_upto(self) -> int | None:
