@@ -13,8 +13,8 @@ group events ("bob joined") and presence ("* bob is online") as well as messages
 
 Acknowledgements are kept per device.  ``listen`` logs in as ``--device`` (default
 ``cli``) and resumes after that device's last ack, so it sees every message once.  The
-one-shot commands (every command but ``listen``) log in as
-``<device>-oneshot`` resuming after :data:`ONESHOT_SINCE`, beyond any real position: the
+one-shot commands (every command but ``listen``) log in as ``<device>-oneshot``
+resuming after :data:`chatproto.client.ONESHOT_SINCE`, beyond any real position: the
 realm streams them nothing, so they acknowledge nothing.  That matters because the
 realm starts a device it has not seen at its user's furthest ack: a one-shot login that
 acknowledged the backlog would hide it from the first ``listen``.
@@ -47,44 +47,34 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 from chatproto.client import (
+    ONESHOT_SINCE,
     ChatClientService,
     ChecksumMismatch,
     Connection,
     ConnectionDone,
-    RemoteError,
     TransferInterrupted,
     WatchedEndpoint,
     connect,
     endpoint_for,
 )
-from chatproto.tui.model import action
+from chatproto.deferreds import first_of, next_turn
+from chatproto.display import format_message, format_presence, human_size
+from chatproto.failures import CommandError, explain
 
 DEFAULT_SERVER = "tcp:127.0.0.1:7420"
 PASSWORD_ENV = "CHATPROTO_PASSWORD"
 USER_ENV = "CHATPROTO_USER"
-#: One-shot logins resume "after" this position, so the realm streams them nothing and
-#: they acknowledge nothing (a new device starts at its user's furthest ack).
-ONESHOT_SINCE = 2**53 - 1
 #: Realm errors after which reconnecting cannot help (as in ChatClientService).
 _FATAL_CODES = ("auth_failed", "unsupported_version", "bad_request")
 _GROUP_HELP = "the group: name, #name or #name@realm"
 #: The statuses a user may set (``offline`` is the realm's to say).
 _STATUSES = ("online", "away", "busy")
-
-
-class CommandError(Exception):
-    """A failure already worded for the user; ``status`` is the exit code."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # argument parsing ------------------------------------------------------------------
@@ -528,137 +518,6 @@ def read_body(stdin: Any) -> str:
 # output ---------------------------------------------------------------------------
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _short(addr: Any, realm: str) -> str:
-    """``addr`` without ``@realm`` when it is on ``realm``."""
-    text = str(addr)
-    suffix = "@" + realm
-    return text[: -len(suffix)] if realm and text.endswith(suffix) else text
-
-
-def describe_event(msg: dict[str, Any]) -> str:
-    """A group event in words: ``bob joined``, ``alice kicked bob (spam)``."""
-    meta = msg.get("meta") or {}
-    group = str(msg.get("to", ""))
-    realm = group.rpartition("@")[2]
-    actor = _short(msg.get("from", "?"), realm)
-    user = _short(meta.get("user", "?"), realm)
-    event = meta.get("event", "?")
-    reason = f" ({meta['reason']})" if meta.get("reason") else ""
-    if event == "created":
-        text = f"{actor} created the group"
-        if meta.get("visibility") == "invite":
-            text += " (invite-only)"
-        return text + (f"; topic: {meta['topic']}" if meta.get("topic") else "")
-    if event == "joined":
-        return f"{user} joined"
-    if event == "left":
-        return f"{user} left"
-    if event == "invited":
-        return f"{actor} invited {user}"
-    if event in ("kicked", "banned"):
-        return f"{actor} {event} {user}{reason}"
-    if event == "unbanned":
-        return f"{actor} unbanned {user}"
-    if event == "topic":
-        topic = meta.get("topic", "")
-        return f"{actor} set the topic: {topic}" if topic else f"{actor} cleared the topic"
-    if event == "role":
-        return f"{actor} made {user} {meta.get('role', '?')}"
-    if event == "deleted":
-        return f"{actor} deleted the group"
-    return f"{actor}: {event}"
-
-
-def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) -> str:
-    """One output line for a stream item (``me``: show the recipient of own messages).
-
-    Private: ``[time] alice@x: hi``; group: ``[time] #g@x alice@x: hi``; group event:
-    ``[time] #g@x: bob joined``; bounce: ``[time] ! not delivered: <why>``.
-    """
-    if as_json:
-        return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
-    if (
-        msg.get("kind") == "file"
-        and isinstance(msg.get("meta"), dict)
-        and not msg["meta"].get("deleted")
-    ):
-        meta = msg["meta"]
-        msg = {
-            **msg,
-            "body": f"[file {meta.get('name')} ({human_size(meta.get('size', 0))}), "
-            f"chatproto download {meta.get('file_id')}]",
-        }
-    when = f"[{_when(msg.get('ts', 0))}]"
-    sender = msg.get("from", "?")
-    to = str(msg.get("to", "?"))
-    if msg.get("kind") == "bounce":  # another realm refused what we sent
-        return f"{when} ! not delivered: {msg.get('body', '')}"
-    where = f"{to} " if to.startswith("#") else ""
-    refers = describe_relation(msg)
-    if refers is not None:
-        return f"{when} {where}{refers}"
-    msg = {**msg, "body": shown_body(msg)}
-    acted = action(str(msg.get("body", "")))  # /me waves (IRC's CTCP ACTION)
-    if to.startswith("#"):
-        if msg.get("kind") == "event":
-            return f"{when} {to}: {describe_event(msg)}"
-        if acted is not None:
-            return f"{when} {to} * {sender} {acted}"
-        return f"{when} {to} {sender}: {msg.get('body', '')}"
-    if me is not None and sender == me:
-        sender = f"{sender} -> {to}"
-    if acted is not None:
-        return f"{when} * {sender} {acted}"
-    return f"{when} {sender}: {msg.get('body', '')}"
-
-
-def describe_relation(msg: dict[str, Any]) -> str | None:
-    """A reaction, edit or delete item in words (``bob reacted 👍 to <id>``), or None
-    for any other item."""
-    kind = msg.get("kind")
-    meta = msg["meta"] if isinstance(msg.get("meta"), dict) else {}
-    ref = meta.get("ref", "?")
-    who = msg.get("from", "?")
-    if kind == "reaction":
-        took = "took back" if meta.get("remove") else "reacted"
-        return f"{who} {took} {meta.get('emoji', '?')} to {ref}"
-    if kind == "edit":
-        return f"{who} edited {ref}: {msg.get('body', '')}"
-    if kind == "delete":
-        return f"{who} deleted {ref}"
-    return None
-
-
-def shown_body(msg: dict[str, Any]) -> str:
-    """A message's text with what history says of it: ``(deleted)``, ``(edited)``,
-    the message it answers and its reactions (``[👍 2]``)."""
-    meta = msg["meta"] if isinstance(msg.get("meta"), dict) else {}
-    if meta.get("deleted"):
-        return "(deleted)"
-    body = str(msg.get("body", ""))
-    if meta.get("reply_to"):
-        body = f"(re {meta['reply_to']}) {body}"
-    if meta.get("edited"):
-        body += " (edited)"
-    reactions = meta.get("reactions")
-    if isinstance(reactions, dict) and reactions:
-        body += " [" + " ".join(f"{e} {len(u)}" for e, u in reactions.items()) + "]"
-    return body
-
-
-def format_presence(frame: dict[str, Any], as_json: bool, realm: str = "") -> str:
-    """One output line for a presence frame: ``* bob is away: lunch``."""
-    if as_json:
-        return json.dumps(frame, ensure_ascii=False)
-    user = _short(frame.get("user", "?"), realm)
-    text = f": {frame['text']}" if frame.get("text") else ""
-    return f"* {user} is {frame.get('status', '?')}{text}"
-
-
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -680,55 +539,6 @@ def _make_endpoint(reactor: Any, args: argparse.Namespace) -> WatchedEndpoint:
     except Exception as e:
         raise CommandError(f"bad --server {args.server!r}: {e}", status=2) from None
     return WatchedEndpoint(inner, args.server)
-
-
-def _describe_reason(reason: Failure | None) -> str:
-    if reason is None:
-        return "the connection closed"
-    value = reason.value
-    if reason.check(netError.ConnectionDone, netError.ConnectionLost) is None:
-        # pyOpenSSL errors carry [(library, function, reason), ...]
-        args = getattr(value, "args", ())
-        if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
-            return "TLS error: " + "; ".join(str(e[-1]) for e in args[0])
-    return reason.getErrorMessage().rstrip(".")
-
-
-#: Added to a failed certificate check: the usual cause is a realm certificate signed
-#: by a CA of its own (``chatrealmctl gen-certs``) that the client was not told about.
-CA_HINT = (
-    " (is the realm's certificate signed by a CA of its own? give it with --ca FILE, "
-    "e.g. the ca.pem that 'chatrealmctl gen-certs' wrote)"
-)
-
-
-def explain(exc: BaseException, server: str, reason: Failure | None = None) -> CommandError:
-    """Word any failure of a command as one line for stderr."""
-    err = _explain(exc, server, reason)
-    if "certificate verify failed" in str(err) and "--ca" not in str(err):
-        return CommandError(str(err) + CA_HINT, err.status)
-    return err
-
-
-def _explain(exc: BaseException, server: str, reason: Failure | None) -> CommandError:
-    if isinstance(exc, CommandError):
-        return exc
-    if isinstance(exc, RemoteError):
-        return CommandError(f"{exc.code}: {exc.message}")
-    if isinstance(exc, netError.ConnectError):
-        return CommandError(f"cannot connect to {server}: {str(exc).strip().rstrip('.')}")
-    if isinstance(exc, (ConnectionDone, netError.ConnectionDone, netError.ConnectionLost)):
-        return CommandError(f"connection to {server} failed: {_describe_reason(reason)}")
-    if type(exc).__module__.startswith("service_identity"):
-        return CommandError(
-            f"connection to {server} failed: the realm's certificate does not match the "
-            f"expected name (--realm): {exc}"
-        )
-    if type(exc).__module__.startswith("OpenSSL"):
-        return CommandError(f"connection to {server} failed: {_describe_reason(Failure(exc))}")
-    if isinstance(exc, OSError):
-        return CommandError(f"{server}: {exc.strerror or exc}")
-    return CommandError(f"unexpected error: {type(exc).__name__}: {exc}")
 
 
 # commands -------------------------------------------------------------------------
@@ -761,15 +571,6 @@ async def _oneshot(
         raise explain(e, args.server, endpoint.reason) from None
     finally:
         await conn.close()
-
-
-def human_size(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 class ProgressBar:
@@ -1211,35 +1012,6 @@ async def _nothing() -> None:
     return None
 
 
-def _next_turn(reactor: Any, d: Deferred[Any]) -> Deferred[Any]:
-    """A new Deferred with ``d``'s result, fired on a later reactor turn (consumes ``d``)."""
-    out: Deferred[Any] = Deferred()
-
-    def deliver(result: Any) -> None:
-        fire = out.errback if isinstance(result, Failure) else out.callback
-        reactor.callLater(0, fire, result)
-
-    d.addBoth(deliver)
-    return out
-
-
-def _first_of(*ds: Deferred[Any]) -> Deferred[Any]:
-    """The first result (or failure) of ``ds``, which keep theirs."""
-    out: Deferred[Any] = Deferred()
-
-    def fire(result: Any) -> Any:
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-        return result
-
-    for d in ds:
-        d.addBoth(fire)
-    return out
-
-
 async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None:
     endpoint = _make_endpoint(reactor, args)
     received = 0
@@ -1280,8 +1052,8 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
         else None,
     )
     # Both fire from inside ClientService's state machine: act on them a turn later.
-    first = _next_turn(reactor, service.whenConnected(failAfterFailures=1))
-    done = _next_turn(reactor, service.done)
+    first = next_turn(reactor, service.whenConnected(failAfterFailures=1))
+    done = next_turn(reactor, service.done)
     service.startService()
 
     def stop() -> Deferred[None]:
@@ -1303,7 +1075,7 @@ async def _listen(reactor: Any, args: argparse.Namespace, password: str) -> None
     try:
         try:
             # --count may be reached in the backlog, before the first login is complete.
-            await _first_of(first, done)
+            await first_of(first, done)
         except Exception as e:
             raise explain(e, args.server, endpoint.reason) from None
         finally:

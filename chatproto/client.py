@@ -49,6 +49,7 @@ from chatproto import transfer, wire
 from chatproto.client_reading import ReadingCalls
 
 __all__ = [
+    "ONESHOT_SINCE",
     "ChatClientService",
     "ChecksumMismatch",
     "ClientProtocol",
@@ -59,6 +60,11 @@ __all__ = [
     "connect",
     "endpoint_for",
 ]
+
+#: A login that resumes "after" this position is streamed nothing and acknowledges
+#: nothing: for one-shot commands (a new device starts at its user's furthest ack, so a
+#: one-shot login that acknowledged the backlog would hide it from the next listener).
+ONESHOT_SINCE = 2**53 - 1
 
 MessageCallback = Callable[[dict[str, Any]], Any]
 #: ``progress(done, total)``: bytes of a transfer done so far, and its size.

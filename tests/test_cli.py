@@ -19,7 +19,7 @@ from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import deferLater
 
-from chatproto import cli, client
+from chatproto import cli, client, display, failures
 from chatproto.protocol import ClientFactory
 
 PASSWORD = "correct horse"
@@ -513,7 +513,7 @@ def test_password_from_env_or_prompt(monkeypatch: Any) -> None:
     assert cli.read_password("a", True, {cli.PASSWORD_ENV: "s3cret!!"}) == "s3cret!!"
     answers = iter(["one", "two"])
     monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: next(answers))
-    with pytest.raises(cli.CommandError, match="do not match"):
+    with pytest.raises(failures.CommandError, match="do not match"):
         cli.read_password("a", True, {})
     monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: "same")
     assert cli.read_password("a", True, {}) == "same"
@@ -521,11 +521,11 @@ def test_password_from_env_or_prompt(monkeypatch: Any) -> None:
 
 def test_format_message() -> None:
     msg = {"type": "msg", "pos": 3, "from": "a@x", "to": "b@x", "ts": 0.0, "body": "hi"}
-    assert cli.format_message(msg, False).endswith("] a@x: hi")
-    assert cli.format_message(msg, False, me="a@x").endswith("] a@x -> b@x: hi")
+    assert display.format_message(msg, False).endswith("] a@x: hi")
+    assert display.format_message(msg, False, me="a@x").endswith("] a@x -> b@x: hi")
     bounce = {**msg, "kind": "bounce", "from": "b@y", "to": "a@x", "body": "refused by y"}
-    assert cli.format_message(bounce, False).endswith("] ! not delivered: refused by y")
-    assert json.loads(cli.format_message(msg, True)) == {
+    assert display.format_message(bounce, False).endswith("] ! not delivered: refused by y")
+    assert json.loads(display.format_message(msg, True)) == {
         k: v for k, v in msg.items() if k != "type"
     }
 
@@ -588,33 +588,33 @@ def test_group_usage_errors_exit_2(argv: list[str], capsys: Any) -> None:
 def test_format_group_event(meta: dict[str, Any], sender: str, expected: str) -> None:
     msg = {"type": "msg", "pos": 9, "kind": "event", "from": sender, "to": "#g@x", "ts": 0.0}
     msg["body"], msg["meta"] = "", meta
-    assert cli.format_message(msg, False).endswith(f"] #g@x: {expected}")
-    assert json.loads(cli.format_message(msg, True))["meta"] == meta
+    assert display.format_message(msg, False).endswith(f"] #g@x: {expected}")
+    assert json.loads(display.format_message(msg, True))["meta"] == meta
 
 
 def test_format_group_message_and_presence() -> None:
     msg = {"type": "msg", "pos": 3, "kind": "text", "from": "a@x", "to": "#g@x", "ts": 0.0}
     msg["body"] = "hi"
-    assert cli.format_message(msg, False, me="a@x").endswith("] #g@x a@x: hi")
+    assert display.format_message(msg, False, me="a@x").endswith("] #g@x a@x: hi")
     frame = {"type": "presence", "user": "bob@x", "status": "away", "text": "lunch"}
-    assert cli.format_presence(frame, False, "x") == "* bob is away: lunch"
-    assert cli.format_presence(frame, False) == "* bob@x is away: lunch"
-    assert json.loads(cli.format_presence(frame, True)) == frame
+    assert display.format_presence(frame, False, "x") == "* bob is away: lunch"
+    assert display.format_presence(frame, False) == "* bob@x is away: lunch"
+    assert json.loads(display.format_presence(frame, True)) == frame
     online = {"type": "presence", "user": "bob@x", "status": "online"}
-    assert cli.format_presence(online, False, "x") == "* bob is online"
+    assert display.format_presence(online, False, "x") == "* bob is online"
 
 
 def test_explain() -> None:
-    err = cli.explain(client.RemoteError("no_such_user", "no user x"), "tcp:h:1")
+    err = failures.explain(client.RemoteError("no_such_user", "no user x"), "tcp:h:1")
     assert (str(err), err.status) == ("no_such_user: no user x", 1)
-    assert str(cli.explain(ValueError("boom"), "s")) == "unexpected error: ValueError: boom"
+    assert str(failures.explain(ValueError("boom"), "s")) == "unexpected error: ValueError: boom"
 
 
 def test_explain_words_tls_failures() -> None:
     from service_identity import VerificationError
     from service_identity.hazmat import DNS_ID, DNSMismatch
 
-    from chatproto.cli import explain
+    from chatproto.failures import explain
 
     err = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("other.example"))])
     text = str(explain(err, "tls:127.0.0.1:7421"))
@@ -697,8 +697,8 @@ def test_actions_read_as_actions() -> None:
     """An action (/me from the TUI or an IRC client: CTCP ACTION) is shown as one, not
     with its control characters."""
     msg = {"ts": 0, "kind": "text", "from": "alice@x", "to": "bob@x", "body": "\x01ACTION waves\x01"}
-    assert cli.format_message(msg, False).endswith("] * alice@x waves")
-    assert cli.format_message(msg, False, me="alice@x").endswith("] * alice@x -> bob@x waves")
+    assert display.format_message(msg, False).endswith("] * alice@x waves")
+    assert display.format_message(msg, False, me="alice@x").endswith("] * alice@x -> bob@x waves")
     group = {**msg, "to": "#dev@x"}
-    assert cli.format_message(group, False).endswith("] #dev@x * alice@x waves")
-    assert json.loads(cli.format_message(msg, True))["body"] == msg["body"]  # --json: as is
+    assert display.format_message(group, False).endswith("] #dev@x * alice@x waves")
+    assert json.loads(display.format_message(msg, True))["body"] == msg["body"]  # --json: as is

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest_twisted
 
-from chatproto import cli
+from chatproto import cli, display
 from tests.test_cli import _register, run_cli, server  # noqa: F401  (fixture)
 
 
@@ -83,7 +83,7 @@ def test_progress_bar() -> None:
 
 
 def test_human_size() -> None:
-    assert [cli.human_size(n) for n in (0, 1023, 1536, 5 * 1024**3)] == [
+    assert [display.human_size(n) for n in (0, 1023, 1536, 5 * 1024**3)] == [
         "0 B",
         "1023 B",
         "1.5 KiB",

@@ -330,7 +330,7 @@ def test_ctrl_c_during_a_download(served: Any, tmp_path: Path) -> Any:
     )
     assert m, err
     size = part.stat().st_size
-    from chatproto.cli import human_size
+    from chatproto.display import human_size
 
     assert m.groups() == (human_size(size), human_size(len(data)))
     assert part.read_bytes() == data[:size] and not dest.exists()

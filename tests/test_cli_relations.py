@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest_twisted
 
-from chatproto.cli import format_message
+from chatproto.display import format_message
 from tests.test_cli import _register, run_cli, server  # noqa: F401  (the fixture)
 
 

@@ -557,7 +557,7 @@ def test_downloaded_names_stay_in_the_download_directory(tmp_path: Any) -> None:
 
 
 def test_irssi_commands_parse_and_actions_render() -> None:
-    from chatproto.tui.model import action, action_body
+    from chatproto.display import action, action_body
 
     assert commands.parse("/query bob hi").name == "query"  # type: ignore[union-attr]
     assert commands.parse("/part").name == "part"  # type: ignore[union-attr]

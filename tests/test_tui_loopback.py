@@ -201,7 +201,7 @@ def test_group_commands_and_readable_realm_errors(server: Any) -> Any:
 
 
 def alice_events(ctl: ChatController) -> list[str]:
-    from chatproto.cli import describe_event
+    from chatproto.display import describe_event
 
     conv = ctl.model.conversations["#dev@localhost"]
     return [describe_event(i) for i in conv.items.values() if i.get("kind") == "event"]

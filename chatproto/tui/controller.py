@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from chatproto import address, client
-from chatproto.cli import ONESHOT_SINCE, _first_of, _next_turn, explain, format_message
 from chatproto.client import (
+    ONESHOT_SINCE,
     ChatClientService,
     Connection,
     RemoteError,
@@ -34,9 +34,12 @@ from chatproto.client import (
     connect,
     endpoint_for,
 )
+from chatproto.deferreds import first_of, next_turn
+from chatproto.display import action_body, format_message, short
 from chatproto.errors import ChatError
+from chatproto.failures import explain
 from chatproto.tui import commands, settings
-from chatproto.tui.model import PAGE, STATUS, ChatModel, action_body, short
+from chatproto.tui.model import PAGE, STATUS, ChatModel
 
 __all__ = ["ChatController", "LoginError"]
 
@@ -219,10 +222,10 @@ class ChatController:
             on_presence=self._presence,
             retryPolicy=self._policy,
         )
-        first = _next_turn(self.reactor, service.whenConnected(failAfterFailures=1))
-        done = _next_turn(self.reactor, service.done)
-        outcome = _first_of(first, done)
-        done.addErrback(self._gave_up)  # after _first_of has seen the result
+        first = next_turn(self.reactor, service.whenConnected(failAfterFailures=1))
+        done = next_turn(self.reactor, service.done)
+        outcome = first_of(first, done)
+        done.addErrback(self._gave_up)  # after first_of has seen the result
         service.startService()
         try:
             yield outcome
@@ -727,6 +730,7 @@ class ChatController:
         self.model.notice(f"search {words!r} ({scope}): {len(found)} found, newest first", where)
         for item in found:
             self.model.notice("  " + format_message(item, False, me=self.model.me), where)
+
     async def _cmd_report(self, cmd: commands.Command) -> None:
         if self.model.active == STATUS:
             raise commands.UsageError("/report works in a conversation")

@@ -35,34 +35,12 @@ __all__ = [
     "NewMarker",
     "NoticeLine",
     "Transfer",
-    "action",
-    "action_body",
-    "short",
 ]
 
 #: The address of the status conversation (notices not about one conversation).
 STATUS = ""
 #: How many items a history page asks for.
 PAGE = 50
-
-
-def short(address: str, realm: str) -> str:
-    """``address`` without ``@realm`` when it is on ``realm`` (how names are shown)."""
-    suffix = "@" + realm
-    return address[: -len(suffix)] if realm and address.endswith(suffix) else address
-
-
-def action_body(text: str) -> str:
-    """The body of a ``/me`` action: IRC's CTCP ACTION, which the IRC gateway stores and
-    relays as sent (docs/irc.md), so IRC users see it as an action too."""
-    return f"\x01ACTION {text}\x01"
-
-
-def action(body: str) -> str | None:
-    """The text of an action body (see :func:`action_body`), None for any other."""
-    if body.startswith("\x01ACTION ") and body.endswith("\x01") and len(body) > 9:
-        return body[8:-1]
-    return None
 
 
 #: Items that change another item instead of being a line (PROTOCOL.md, "Items that

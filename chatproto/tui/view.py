@@ -28,7 +28,7 @@ from typing import Any
 
 import urwid
 
-from chatproto.cli import describe_event, human_size
+from chatproto.display import action, describe_event, human_size, short
 from chatproto.mentions import mentions
 from chatproto.tui.model import (
     STATUS,
@@ -40,8 +40,6 @@ from chatproto.tui.model import (
     NewMarker,
     NoticeLine,
     Transfer,
-    action,
-    short,
 )
 
 __all__ = [
