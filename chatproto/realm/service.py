@@ -76,6 +76,8 @@ class RealmService(Service):
         #: set when startService has loaded the realm's state (see when_started)
         self._started = False
         self._start_waiters: list[Deferred[None]] = []
+        #: The start in progress (None before startService and once it has finished).
+        self._starting: Deferred[None] | None = None
         self._suffix = "@" + config.realm
         self.store = store
         self.reactor = reactor
@@ -183,9 +185,18 @@ class RealmService(Service):
                 raise SystemExit(f"chatrealm: cannot open the store: {failures[0].value}")
         return self._opening
 
-    @inlineCallbacks
-    def startService(self) -> Any:
+    def startService(self) -> Deferred[None]:
         Service.startService(self)
+        starting = self._starting = self._start()
+
+        def finished(result: Any) -> Any:
+            self._starting = None
+            return result
+
+        return starting.addBoth(finished)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
         self.accounts.start()
         yield self._open_store()
         self._load_keys()
@@ -234,6 +245,18 @@ class RealmService(Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
+        if self._starting is not None:
+            # Stopped while starting: let the start finish its reads (they would fail on
+            # a closed store), then stop all it started.  Its result, failure or not,
+            # stays the starter's.
+            settled: Deferred[None] = Deferred()
+
+            def passed(result: Any) -> Any:
+                settled.callback(None)
+                return result
+
+            self._starting.addBoth(passed)
+            yield settled
         if self._prune.running:
             self._prune.stop()
         if self.cluster is not None:
