@@ -52,6 +52,7 @@ from chatproto.realm import argon2_hasher
 from chatproto.realm import check_password as realm_check_password
 from chatproto.store import UserExists
 from chatproto.store import backend as store_backend
+from chatproto.text import check_reason
 
 PROG = "chatrealmctl"
 #: The environment variable the ``chatproto`` command reads passwords from, honoured
@@ -267,8 +268,12 @@ def cmd_suspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
             answer = _ask(client, commands.Suspend, user=name, reason=args.reason)
         print(f"suspended {user} {_by_realm(answer['closed'])}")
         return 0
+    try:
+        reason = check_reason(args.reason)
+    except ChatError as e:
+        raise CtlError(e.message) from None
     with open_db(cfg) as db:
-        if not db.suspend_user(name, args.reason[:400], time.time()):
+        if not db.suspend_user(name, reason, time.time()):
             raise CtlError(f"no user {user}")
         db.delete_user_session_tokens(name)
     print(f"suspended {user} {IN_STORE}")

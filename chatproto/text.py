@@ -33,10 +33,14 @@ import re
 
 from chatproto.errors import ChatError
 
-__all__ = ["check_body", "check_label", "label_problem"]
+__all__ = ["MAX_REASON", "check_body", "check_label", "check_reason", "label_problem"]
 
 _LABEL_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _BODY_FORBIDDEN = re.compile("[\x1b\x80-\x9f]")
+
+#: The longest reason given for a moderation action (a report, a suspension, an
+#: operator's kick), in characters.
+MAX_REASON = 400
 
 
 def _name(char: str) -> str:
@@ -56,6 +60,18 @@ def check_label(value: str, what: str) -> str:
     problem = label_problem(value)
     if problem is not None:
         raise ChatError("bad_request", f"{what} contains a {problem}")
+    return value
+
+
+def check_reason(value: str, required: bool = False) -> str:
+    """A reason for a moderation action, shown to the user it concerns or to the
+    realm's admins: ``value`` without leading and trailing spaces, a label of at most
+    :data:`MAX_REASON` characters (and at least one if ``required``); else
+    ``bad_request``."""
+    value = check_label(value.strip(), "the reason")
+    if len(value) > MAX_REASON or (required and not value):
+        low = 1 if required else 0
+        raise ChatError("bad_request", f"a reason is {low} to {MAX_REASON} characters")
     return value
 
 

@@ -57,3 +57,71 @@ def test_search_words_of_any_letters_are_plain_terms(server: Any) -> Any:
         assert watch.failures == []
     finally:
         watch.close()
+
+
+@pytest.fixture
+def irc_and_native(tmp_path: Any) -> Any:
+    from tests.test_irc_loopback import irc_gateway
+
+    yield from irc_gateway(tmp_path, ("alice", "bob", "carol"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_suspension_reason_is_a_label(irc_and_native: Any) -> Any:
+    """A realm admin's ``suspend`` reason is shown to the user when their sessions end
+    (an IRC gateway writes it as ``ERROR :...``).  It was not checked: a line break in
+    it wrote lines of the admin's choosing to the user's IRC client.  Now it is a
+    label of at most 400 characters, like a report's reason (``bad_request``)."""
+    from tests.test_irc_loopback import PW as IRC_PW
+    from tests.test_irc_loopback import irc_client
+
+    realm, irc_port, addr = irc_and_native
+    watch = LogWatch()
+    try:
+        yield realm.moderation.grant("alice")
+        bob = yield irc_client(irc_port, "bob")
+        yield bob.signed_on
+        alice = Asker((yield raw_client(addr, ("alice", IRC_PW))))
+        forged = "bye\r\n:carol!carol@localhost PRIVMSG bob :give me your password"
+        for reason in (forged, "a\x1b[2Jb", "rtl\u202eb", "r" * 401):
+            reply = yield alice.ask({"type": "suspend", "user": "bob", "reason": reason})
+            assert (reply["type"], reply.get("code")) == ("error", "bad_request"), reason
+        assert not realm.admin.is_suspended("bob")
+        reply = yield alice.ask({"type": "suspend", "user": "bob", "reason": " spam " + "r" * 390})
+        assert reply["type"] == "result" and reply["closed"] == 1
+        yield bob.lost
+        assert bob.raw[-1] == "ERROR :this account is suspended: spam " + "r" * 390
+        assert not any(line.startswith(":carol!") for line in bob.raw), bob.raw
+        assert watch.failures == []
+    finally:
+        watch.close()
+
+
+def test_an_irc_error_line_is_one_line_whatever_the_realm_says() -> None:
+    """StringTransport: the IRC gateway writes the reason a session ends with as one
+    ``ERROR`` line (and one ``QUIT`` to the channels), even a reason that is not a
+    label (one stored before reasons were checked, or by an older ``chatrealmctl``),
+    and the realm refuses such a reason from an admin or operator now."""
+    from twisted.internet.task import Clock
+
+    from chatproto.errors import ChatError
+    from chatproto.irc import IRCFactory
+    from tests.test_irc import login, make_realm
+
+    clock = Clock()
+    realm = make_realm(clock)
+    factory = IRCFactory(realm, clock)
+    bob, carol = login(factory, "bob"), login(factory, "carol")
+    bob.send("JOIN #dev")
+    carol.send("JOIN #dev")
+    bob.lines()
+    carol.lines()
+    with pytest.raises(ChatError) as refused:
+        realm.admin.kick("bob", "x\r\nPRIVMSG carol :hi")
+    assert refused.value.code == "bad_request"
+    realm.admin.end_sessions("bob@localhost", "session_ended", "old\r\nPRIVMSG carol :x\0y")
+    clock.advance(0)
+    assert bob.lines()[-1] == "ERROR :old PRIVMSG carol :xy"
+    bob.proto.connectionLost(None)
+    [quit_line] = carol.lines()
+    assert quit_line.startswith(":bob!") and quit_line.endswith(" QUIT :old PRIVMSG carol :xy")

@@ -288,9 +288,12 @@ class IRCProtocol(LineOnlyReceiver):
         self.write(f"PING :{self.factory.server_name}\r\n".encode())
 
     def close_with(self, message: str) -> None:
-        """``ERROR :message``, then close (the IRC way of ending a connection)."""
+        """``ERROR :message``, then close (the IRC way of ending a connection).
+        ``message`` is written as one line whatever it holds (a reason stored
+        before reasons were labels)."""
         if self.state == "closed":
             return
+        message = " ".join(message.replace("\0", "").splitlines())
         if not self.quit_reason:
             self.quit_reason = message
         self.state = "closed"

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.realm.accounts import check_password
+from chatproto.text import check_reason
 from chatproto.tokens import LOGIN_ID_LENGTH
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Admin:
         this realm and from others (which bounce them to their senders).  Fires with
         ``(canonical address, sessions ended)``, or fails with ``no_such_user``."""
         name, canonical = self._local(user)
-        reason = reason[:400]
+        reason = check_reason(reason)
         now = self._r.clock.seconds()
         if not (yield self._r.store.suspend_user(name, reason, now)):
             raise ChatError("no_such_user", f"no user {canonical}")
@@ -149,8 +150,9 @@ class Admin:
         canonical address and the number of sessions ended.  The account stays: the
         user may log in again."""
         _name, canonical = self._local(user)
+        reason = check_reason(reason)
         why = "an operator ended your sessions" + (f": {reason}" if reason else "")
-        closed = self.end_sessions(canonical, "session_ended", why[:400])
+        closed = self.end_sessions(canonical, "session_ended", why)
         self.log.info("kicked {user}: {n} sessions closed", user=canonical, n=closed)
         return canonical, closed
 

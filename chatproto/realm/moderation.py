@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.ratelimit import TokenBucket
-from chatproto.text import check_label
+from chatproto.text import check_reason
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -35,8 +35,6 @@ REPORT_RATE = 1 / 120
 EXCERPT_LENGTH = 1000
 #: Most (and default) reports in one ``reports`` page.
 REPORTS_PAGE = 100
-#: Longest reason of a report, in characters.
-MAX_REASON = 400
 
 
 class Moderation:
@@ -158,9 +156,7 @@ class Moderation:
         their own) for ``reason``; fires with the stored report's id.  Fails with
         ``not_found``, ``bad_request`` or ``rate_limited``."""
         user = session.user_id
-        reason = check_label(reason.strip(), "reason")
-        if not 1 <= len(reason) <= MAX_REASON:
-            raise ChatError("bad_request", f"a reason is 1 to {MAX_REASON} characters")
+        reason = check_reason(reason, required=True)
         if not 1 <= len(msg_id) <= 200:
             raise ChatError("bad_request", "msg_id must be 1 to 200 characters")
         now = self._r.clock.seconds()
