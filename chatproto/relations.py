@@ -28,6 +28,7 @@ from chatproto.text import label_problem
 
 __all__ = [
     "DELETED_META",
+    "MAX_CHANGES",
     "MAX_EMOJI",
     "REF_KINDS",
     "TARGET_KINDS",
@@ -47,6 +48,10 @@ TARGET_KINDS = frozenset({"text", "file"})
 DELETED_META: dict[str, Any] = {"deleted": True}
 #: The longest reaction, in characters (an emoji sequence, or a short word).
 MAX_EMOJI = 32
+#: The most edits and reactions (adding or taking one back) one user makes to one
+#: item, all told: a history page reads every edit and reaction of the items it shows,
+#: so this bounds what one user's flood costs each reader of the conversation.
+MAX_CHANGES = 100
 #: The longest ``msg_id`` a request or a peer may name (ids the realm makes are 35
 #: characters; an alternate id 57).
 MAX_MSG_ID = 128

@@ -125,3 +125,51 @@ def test_an_irc_error_line_is_one_line_whatever_the_realm_says() -> None:
     bob.proto.connectionLost(None)
     [quit_line] = carol.lines()
     assert quit_line.startswith(":bob!") and quit_line.endswith(" QUIT :old PRIVMSG carol :xy")
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+@pytest_twisted.inlineCallbacks
+def test_distinct_reactions_and_edits_to_one_item_are_bounded(server: Any) -> Any:
+    """A flood of reactions with distinct emoji (any short word is one) and of edits,
+    all to one message, from one user sending as fast as the realm lets them: each
+    history page that shows the message read every one of them.  Past
+    ``relations.MAX_CHANGES`` per user and item the realm refuses with
+    ``limit_reached``, whatever the requests in flight at once."""
+    from chatproto.relations import MAX_CHANGES
+
+    realm, _factory, addr = server
+    watch = LogWatch()
+    try:
+        yield realm.create_user("alice", PW)
+        yield realm.create_user("bob", PW)
+        alice = Asker((yield raw_client(addr, ("alice", PW))))
+        bob = Asker((yield raw_client(addr, ("bob", PW))))
+        sent = yield alice.ask({"type": "send", "to": "bob", "body": "target"})
+        m = sent["msg_id"]
+        asked = []
+        for i in range(MAX_CHANGES + 50):  # all at once: none waits for its reply
+            kind = "react" if i % 3 else "edit"
+            alice.n += 1
+            asked.append(alice.n)
+            alice.client.send(
+                {"type": kind, "id": alice.n, "msg_id": m, "emoji": f":e{i}:", "body": f"v{i}"}
+            )
+        replies = []
+        for rid in asked:
+            replies.append((yield alice.client.reply(rid)))
+        codes = [r.get("code", "ok") for r in replies]
+        assert set(codes) == {"ok", "limit_reached"}
+        # (in the order their items were found, which may not be the requests')
+        assert sorted(codes) == ["limit_reached"] * 50 + ["ok"] * MAX_CHANGES
+        assert not realm.relations._changing  # nothing kept once they are answered
+        later = yield alice.ask({"type": "react", "msg_id": m, "emoji": "x"})
+        assert later["code"] == "limit_reached"
+        page = yield bob.ask({"type": "history", "with": "alice"})
+        [shown] = page["messages"]
+        shown_reactions = len(shown["meta"]["reactions"])
+        assert shown_reactions == sum(1 for i, c in enumerate(codes) if c == "ok" and i % 3)
+        ok = yield bob.ask({"type": "react", "msg_id": m, "emoji": "x"})  # bob's own
+        assert ok["type"] == "result"
+        assert watch.failures == []
+    finally:
+        watch.close()

@@ -180,3 +180,22 @@ def test_redaction_is_offered(factory: IRCFactory) -> None:
     c = Conn(factory)
     c.send("CAP LS 302")
     assert "draft/message-redaction" in " ".join(c.lines())
+
+
+def test_a_react_past_the_limit_is_a_plain_error(factory: IRCFactory, realm: RealmService) -> None:
+    """Past ``relations.MAX_CHANGES`` reactions to one message, a ``+draft/react``
+    TAGMSG is answered ``400 TAGMSG`` with the realm's reason, not the ``405`` of a
+    JOIN ("You have joined too many channels")."""
+    from chatproto.relations import MAX_CHANGES
+
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", CAPS)
+    bob.send("PRIVMSG alice :react to this")
+    [(tags, _, _)] = parsed(alice)
+    msgid = tags["msgid"]
+    for i in range(MAX_CHANGES):
+        alice.send(f"@+draft/react=e{i};+draft/reply={msgid} TAGMSG bob")
+    alice.lines()
+    alice.send(f"@+draft/react=more;+draft/reply={msgid} TAGMSG bob")
+    [(_, cmd, params)] = parsed(alice)
+    assert cmd == "400" and params[:2] == ["alice", "TAGMSG"] and "100 edits" in params[2]

@@ -292,3 +292,39 @@ def test_a_signature_covers_what_an_item_refers_to() -> None:
         assert canonical(env(kind, ref="m1")) != canonical(env(kind, ref="m2"))
     assert canonical(env("text", reply_to="m1")) != canonical(env("text", reply_to="m2"))
     assert canonical(env("text", notice=True)) == canonical(env("text"))
+
+
+def test_one_user_makes_at_most_max_changes_to_one_item(clock: Clock) -> None:
+    """Every history page, search result and conversation list reads all the edits and
+    reactions of the items it shows: one user flooding an item with distinct emoji or
+    edits made every reader of it pay for them (20000 reactions and 2000 edits: 2 s and
+    580 KB a page).  A user's edits and reactions to one item are capped."""
+    from chatproto.config import Config
+    from chatproto.relations import MAX_CHANGES
+
+    cfg = Config()
+    cfg.limits.send_burst = 10**6
+    realm = make_test_realm(clock, cfg)
+    alice, bob, carol = users(realm, clock, "alice", "bob", "carol")
+    alice.ok("create_group", group="#dev")
+    for u in (bob, carol):
+        u.ok("join", group="#dev")
+    m = alice.ok("send", to="#dev", body="x")["msg_id"]
+    for i in range(MAX_CHANGES // 2):
+        bob.ok("react", msg_id=m, emoji=f"e{i}")
+        bob.ok("react", msg_id=m, emoji=f"e{i}", remove=True)
+    before = len(alice.seen)
+    assert bob.err("react", msg_id=m, emoji="one-more") == "limit_reached"
+    assert bob.err("react", msg_id=m, emoji="e0", remove=True) == "limit_reached"
+    assert len(alice.seen) == before  # nothing stored
+    carol.ok("react", msg_id=m, emoji="e0")  # another user's allowance is theirs
+    for i in range(MAX_CHANGES):
+        alice.ok("react" if i % 2 else "edit", msg_id=m, emoji="e", body=f"v{i}")
+    assert alice.err("edit", msg_id=m, body="again") == "limit_reached"
+    [shown] = [e for e in alice.history("#dev") if e["msg_id"] == m]
+    assert shown["body"] == f"v{MAX_CHANGES - 2}" and shown["meta"]["reactions"] == {
+        "e0": ["carol@localhost"],
+        "e": ["alice@localhost"],
+    }
+    alice.ok("delete", msg_id=m)  # a delete is always possible
+    realm.stopService()

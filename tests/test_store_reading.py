@@ -240,6 +240,32 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
     assert sorted(e.body for e in found) == ["word44"] + [f"word44{n}" for n in range(10)]
 
 
+@pytest_twisted.inlineCallbacks
+def test_ref_count_counts_one_senders_edits_and_reactions_to_one_item(store: Any) -> Any:
+    import attrs
+
+    from chatproto.relations import ref_meta
+
+    target, other = item(ALICE, BOB, "target"), item(ALICE, BOB, "other")
+    yield store.append([target, other])
+
+    def ref(sender: str, kind: str, to: Envelope = target, **kw: Any) -> Envelope:
+        body = "new text" if kind == "edit" else ""
+        env = item(sender, BOB if sender == ALICE else ALICE, body, kind)
+        return attrs.evolve(env, meta=ref_meta(kind, to.id, **kw))
+
+    yield store.append([ref(ALICE, "edit"), ref(ALICE, "edit")])
+    yield store.append([ref(ALICE, "reaction", emoji="a"), ref(BOB, "reaction", emoji="a")])
+    yield store.append([ref(ALICE, "reaction", emoji="a", remove=True)])
+    yield store.append([ref(ALICE, "reaction", other, emoji="b")])
+    assert (yield store.ref_count(target.id, ALICE)) == 4
+    assert (yield store.ref_count(target.id, BOB)) == 1
+    assert (yield store.ref_count(other.id, ALICE)) == 1
+    assert (yield store.ref_count("no-such-item", ALICE)) == 0
+    yield store.append([ref(ALICE, "delete")])  # a delete is no change to count
+    assert (yield store.ref_count(target.id, ALICE)) == 4
+
+
 #: Letters to Python (whose Unicode is newer) that SQLite's FTS5 tokenizer, which keeps
 #: to Unicode 6.1, reads as separators (New Tai Lue vowels, Vedic signs): a query word
 #: holding one was a phrase of two tokens, which the index (detail=none) refuses.

@@ -737,7 +737,7 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.num("417", err.message)
             return
         known = ERROR_NUMERICS.get(err.code)
-        if known is None:
+        if known is None or (known[0] == "405" and command != "JOIN"):  # 405: JOIN's
             ctx.num("400", command, err.message)
             return
         code, text = known

@@ -16,13 +16,20 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.logger import Logger
 
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
-from chatproto.relations import TARGET_KINDS, check_emoji, check_msg_id, ref_meta, ref_of
+from chatproto.relations import (
+    MAX_CHANGES,
+    TARGET_KINDS,
+    check_emoji,
+    check_msg_id,
+    ref_meta,
+    ref_of,
+)
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -62,6 +69,8 @@ class Relations:
         self._store = realm.store
         self._clock = realm.clock
         self._deleted: OrderedDict[str, None] = OrderedDict()
+        #: (item id, user) -> the turn of that user's edits and reactions to it
+        self._changing: dict[tuple[str, str], DeferredLock] = {}
 
     # finding the item ---------------------------------------------------------------
 
@@ -115,6 +124,37 @@ class Relations:
         )
         return self._realm.messages.commit_item(env)
 
+    def _change(
+        self, session: Session, target: Envelope, kind: str, body: str, meta: dict[str, Any]
+    ) -> Deferred[Envelope]:
+        """Commit an edit or a reaction of ``session``'s user to ``target``, unless
+        they made :data:`MAX_CHANGES` to it already (``limit_reached``).  One user's
+        changes to one item are counted and committed one after the other, so that
+        requests in flight at once cannot all slip under the bound (nor be refused
+        for each other)."""
+        key = (target.id, session.user_id)
+        lock = self._changing.get(key)
+        if lock is None:
+            lock = self._changing[key] = DeferredLock()
+
+        def counted(stored: int) -> Deferred[Envelope]:
+            if stored >= MAX_CHANGES:
+                raise ChatError(
+                    "limit_reached",
+                    f"you made {MAX_CHANGES} edits and reactions to {target.id} already",
+                )
+            return self._commit(session, target, kind, body, meta)
+
+        def turn() -> Deferred[Envelope]:
+            return self._store.ref_count(target.id, session.user_id).addCallback(counted)
+
+        def done(result: Any) -> Any:
+            if not lock.locked and not lock.waiting:
+                self._changing.pop(key, None)
+            return result
+
+        return lock.run(turn).addBoth(done)  # type: ignore[no-any-return]
+
     def react(
         self, session: Session, msg_id: Any, emoji: Any, remove: bool = False
     ) -> Deferred[Envelope]:
@@ -129,7 +169,7 @@ class Relations:
         except ChatError as e:
             return fail(e)
         return self.target(session, msg_id).addCallback(
-            lambda t: self._commit(
+            lambda t: self._change(
                 session, t, "reaction", "", ref_meta("reaction", t.id, emoji, remove)
             )
         )
@@ -149,7 +189,7 @@ class Relations:
                 raise ChatError("forbidden", "only its sender may edit a message")
             if t.kind != "text":
                 raise ChatError("bad_request", "only text messages can be edited")
-            return self._commit(session, t, "edit", body, ref_meta("edit", t.id))
+            return self._change(session, t, "edit", body, ref_meta("edit", t.id))
 
         return self.target(session, msg_id).addCallback(check)
 
@@ -266,6 +306,8 @@ class Relations:
             role = group.role_of(env.sender) if group is not None else None
             if not may_delete(t, env.sender, role):
                 raise ChatError("forbidden", f"{env.sender} may not delete {ref}")
+        elif (yield self._store.ref_count(t.id, env.sender)) >= MAX_CHANGES:
+            raise ChatError("limit_reached", f"{env.sender} made {MAX_CHANGES} changes to {ref}")
         return t
 
     def deleted(self, env: Any, target: Envelope) -> Any:

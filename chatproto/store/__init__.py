@@ -249,6 +249,10 @@ class IStore(Interface):
     def stored_item(item_id):  # type: ignore[misc]
         """The stored item with this ``id`` (an Envelope, ``pos`` set), or ``None``."""
 
+    def ref_count(ref, sender):  # type: ignore[misc]
+        """How many ``edit`` and ``reaction`` items from ``sender`` that refer to the
+        item ``ref`` are stored (see :data:`chatproto.relations.MAX_CHANGES`)."""
+
     def peer_keys():  # type: ignore[misc]
         """``{realm: keys}``: the signing keys each peer realm last announced, as
         given to :meth:`set_peer_keys` (see chatproto/signing.py)."""

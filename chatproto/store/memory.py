@@ -322,6 +322,15 @@ class MemoryStore:
     def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
         return succeed(self._by_id(item_id))
 
+    def ref_count(self, ref: str, sender: str) -> Deferred[int]:
+        return succeed(
+            sum(
+                1
+                for e in self.items
+                if e.kind in ("edit", "reaction") and e.sender == sender and ref_of(e) == ref
+            )
+        )
+
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
         out = [(seq, env) for seq, r, env in self.outbox if r == realm and seq > after]
         return succeed(out[:limit])

@@ -1319,6 +1319,14 @@ class PostgresDB(ReadingSQL):
         ).fetchone()
         return _row(row) if row is not None else None
 
+    def ref_count(self, ref: str, sender: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = %s "
+            "AND items.sender = %s AND items.kind IN ('edit', 'reaction')",
+            (escape_text(ref), escape_text(sender)),
+        ).fetchone()
+        return int(row[0]) if row is not None else 0
+
     def peer_keys(self) -> dict[str, list[dict[str, str]]]:
         rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}

@@ -338,6 +338,12 @@ _FTS5_SEPARATORS = re.compile("[\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3]+")
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
+#: How many edits and reactions one sender made to one item (see IStore.ref_count).
+_REF_COUNT = (
+    "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = ? "
+    "AND items.sender = ? AND items.kind IN ('edit', 'reaction')"
+)
+
 
 def _row(r: tuple[Any, ...]) -> Envelope:
     """An item from its row; ``ts`` and ``meta`` made safe to send (see
@@ -1051,6 +1057,10 @@ class SQLiteDB(ReadingSQL):
     def stored_item(self, item_id: str) -> Envelope | None:
         row = self.conn.execute(f"SELECT {_COLS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return _row(row) if row is not None else None
+
+    def ref_count(self, ref: str, sender: str) -> int:
+        row = self.conn.execute(_REF_COUNT, (ref, sender)).fetchone()
+        return int(row[0])
 
     def peer_keys(self) -> dict[str, list[dict[str, str]]]:
         rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
