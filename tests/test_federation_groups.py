@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
@@ -226,6 +227,57 @@ def test_mirror_is_dropped_with_its_last_local_member(net: Any) -> None:
     owner.ok("kick", group="#dev", user="bob@b.example")
     links.pump()
     assert GROUP not in b.groups.groups and b.groups.of_user == {}
+
+
+def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
+    """Two join requests from different realms reach the home realm together, each
+    check made while the other's commit is under way: joins to one group are decided
+    one at a time, so the realm of the first joiner is told of the second's join and
+    the second's realm gets the first in its snapshot (none is left out)."""
+    links, clock, h, a, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    alice = User(a, clock, "alice")
+    bob = User(b, clock, "bob")
+    alice.ok("join", group=GROUP)
+    bob.ok("join", group=GROUP)
+    requests = {}
+    for realm in (a, b):
+        rows = result(realm.store.outbox_read("h.example", 0, 1000))
+        requests[realm.realm] = over_the_wire(rows)
+        result(realm.store.outbox_ack("h.example", rows[-1][0]))
+    # h.example's commits are held until both requests are being handled
+    held: list[tuple[Any, Any, Any]] = []
+    append = h.store.append
+
+    def held_append(items: Any, outbox: Any = ()) -> Any:
+        d: Any = defer.Deferred()
+        held.append((items, outbox, d))
+        return d
+
+    h.store.append = held_append  # type: ignore[method-assign]
+    done = [
+        h.receive_remote("b.example", requests["b.example"]),
+        h.receive_remote("a.example", requests["a.example"]),
+    ]
+    for _ in range(10):  # one commit per join at most
+        if not held:
+            break
+        items, outbox, d = held.pop(0)
+        append(items, outbox).chainDeferred(d)
+    h.store.append = append  # type: ignore[method-assign]
+    assert [result(d) for d in done] == [[], []]
+    links.pump()
+    assert links.rejected == []
+    everyone = {"owner@h.example", "alice@a.example", "bob@b.example"}
+    for realm in (h, a, b):
+        assert set(realm.groups.get(GROUP).members) == everyone
+    # bob's join was decided first: b.example hears alice's as an event
+    heard = [
+        m["meta"].get("user") for m in bob.msgs() if m.get("meta", {}).get("event") == "joined"
+    ]
+    assert heard == ["bob@b.example", "alice@a.example"]
+    assert len(alice.ok("members", group=GROUP)["members"]) == 3
 
 
 def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:
