@@ -1,0 +1,377 @@
+"""Federation for one realm (:class:`FederationService`): the listener for inbound
+links, one :class:`chatproto.federation.peer.PeerLink` per peer realm, the policy for
+inbound links (refusals, penalties for misbehaving peers, presence of a realm gone
+silent), and the status file ``chatrealmctl peers`` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from chatproto.admission import Admission
+from chatproto.config import Federation
+from chatproto.federation.inbound import InboundFactory, InboundProtocol
+from chatproto.federation.peer import PeerLink
+from chatproto.federation.tls import FederationTLS, peer_refusal
+
+__all__ = [
+    "CLOSE_GRACE",
+    "KEY_WAIT",
+    "PRESENCE_SILENCE",
+    "REQUEST_TTL",
+    "STATUS_FILE",
+    "FederationService",
+    "read_status",
+]
+
+#: Seconds without an inbound link from a realm after which the presence we heard of
+#: its users is forgotten (they are shown offline until the link is back).
+PRESENCE_SILENCE = 60.0
+#: Seconds a link closed at shutdown has to close cleanly before it is aborted.
+CLOSE_GRACE = 2.0
+#: The status file ``chatrealmctl peers`` reads, in the data directory.
+STATUS_FILE = "federation-status.json"
+#: Seconds a transaction waits for the keys of a realm whose user wrote one of its
+#: items (relayed by a group's home realm) while a link to that realm is made.
+KEY_WAIT = 30.0
+#: Seconds a group request sent to another realm is remembered for its answer (the
+#: event in which the user acts) at least; three times ``give_up_after`` if longer.
+REQUEST_TTL = 30 * 86400.0
+
+
+class FederationService(MultiService):
+    """Federation for one realm: the listener, the links, and the status file.
+
+    ``reactor`` listens and connects; ``clock`` times backoff (a ``task.Clock`` in
+    tests); ``resolver`` answers ``lookupService`` (default: ``twisted.names``).
+    Sets ``realm.federation`` to itself: the realm calls :meth:`wake` after committing
+    items for another realm, and :meth:`presence` for presence changes.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        realm: Any,
+        reactor: Any,
+        clock: Any = None,
+        resolver: Any = None,
+        status_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.setName("federation")
+        self.realm = realm
+        self.cfg: Federation = realm.config.federation
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.resolver = resolver
+        self.tls = FederationTLS(self.cfg)
+        self.links: dict[str, PeerLink] = {}
+        self.inbound: set[InboundProtocol] = set()
+        self.factory = InboundFactory(self)
+        #: Inbound connections before their hello (see chatproto.admission).
+        self.unauthenticated = Admission(
+            "federation",
+            self.cfg.max_unauthenticated,
+            self.cfg.max_unauthenticated_per_address,
+            self.clock,
+        )
+        self.port: Any = None
+        #: realm -> (refuse hellos until, level): backoff for misbehaving peers
+        self._penalties: dict[str, tuple[float, int]] = {}
+        #: realm -> the call that forgets its users' presence (see inbound_closed)
+        self._silence: dict[str, Any] = {}
+        self._stopped = False
+        self.status_path = (
+            status_path
+            if status_path is not None
+            else os.path.join(realm.config.data_dir, STATUS_FILE)
+        )
+        self._status_call: Any = None
+        self._sweep: LoopingCall | None = None
+        realm.federation = self
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        if self.port is not None:
+            return
+        wrapped = TLSMemoryBIOFactory(self.tls.server(), False, self.factory)
+        try:
+            self.port = self.reactor.listenTCP(self.cfg.port, wrapped, interface=self.cfg.interface)
+        except CannotListenError as e:
+            raise SystemExit(
+                f"chatrealm: cannot listen for federation on "
+                f"{self.cfg.interface}:{self.cfg.port}: {e.socketError}"
+            ) from None
+        host = self.port.getHost()
+        self.log.info(
+            "federation for {realm} listening on {host}:{port}",
+            realm=self.realm.realm,
+            host=host.host,
+            port=host.port,
+        )
+
+    def privilegedStartService(self) -> None:
+        MultiService.privilegedStartService(self)
+        self.listen()
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        self._stopped = False
+        self.listen()
+        # Links connect when they have something to send (their queue is resumed
+        # below; presence and key waits come later): static peers are listed, idle.
+        for peer in self.cfg.peers:
+            if self.cfg.allows(peer.realm):
+                self.link(peer.realm)
+        for link in list(self.links.values()):  # started again after a stop
+            if self.realm.presence_wanted(link.realm):
+                link.activate("a user with a contact there is online")
+        self.status_changed()
+        # Resume every queue left by the last run (even one killed with SIGKILL).
+        self.realm.store.outbox_counts().addCallback(self._resume).addErrback(
+            lambda f: self.log.failure("federation: reading the outbox", f)
+        )
+        if self._sweep is None:
+            # every hour (more often for short give_up_after), never at start: links
+            # get their first attempts before anything is given up on
+            every = min(3600.0, max(1.0, (self.cfg.give_up_after or 3600.0) / 4))
+            self._sweep = LoopingCall(self.give_up)
+            self._sweep.clock = self.clock
+            self._sweep.start(every, now=False).addErrback(
+                lambda f: self.log.failure("federation: giving up on old items", f)
+            )
+
+    @inlineCallbacks
+    def give_up(self) -> Any:
+        """Bounce what cannot be delivered: everything queued for a realm no longer
+        allowed (``peer_denied``), and items older than ``give_up_after`` for a realm
+        whose link has been down that long (``peer_unreachable``); forget group
+        requests older than :data:`REQUEST_TTL`.  Runs periodically; a failure is
+        logged and the next run tries again."""
+        cfg = self.cfg
+        now = self.clock.seconds()
+        try:
+            counts = yield self.realm.store.outbox_counts()
+            for realm in sorted(counts):
+                if not self.running:
+                    return
+                if not cfg.allows(realm):
+                    link = self.links.get(realm) or PeerLink(self, realm)
+                    yield link.give_up(
+                        None, "peer_denied", f"this realm no longer federates with {realm}"
+                    )
+                    continue
+                link = self.link(realm)
+                down = link.down_since
+                if not cfg.give_up_after or down is None or now - down < cfg.give_up_after:
+                    continue
+                days = cfg.give_up_after / 86400
+                span = f"{days:g} days" if days >= 1 else f"{cfg.give_up_after:g} seconds"
+                last = f" (last error: {link.last_error})" if link.last_error else ""
+                yield link.give_up(
+                    now - cfg.give_up_after,
+                    "peer_unreachable",
+                    f"{realm} could not be reached for {span}{last}",
+                )
+            # A request whose answer never came: a later answer is not accepted.
+            ttl = max(REQUEST_TTL, 3 * (cfg.give_up_after or 0))
+            yield self.realm.store.expire_requests(now - ttl)
+        except Exception:
+            self.log.failure("federation: giving up on old items")
+
+    def _resume(self, counts: dict[str, int]) -> None:
+        for realm, n in sorted(counts.items()):
+            if self.running and self.cfg.allows(realm):
+                self.log.info("federation: {n} items queued for {realm}", n=n, realm=realm)
+                self.link(realm).wake()
+
+    def stopService(self) -> Deferred[Any]:
+        MultiService.stopService(self)
+        self._stopped = True  # links closing now start no presence timers
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
+        waits = [link.stop() for link in self.links.values()]
+        waits += [proto.close(self.clock, CLOSE_GRACE) for proto in list(self.inbound)]
+        if self.port is not None:
+            port, self.port = self.port, None
+            waits.append(port.stopListening())
+        if self._status_call is not None and self._status_call.active():
+            self._status_call.cancel()
+        self._status_call = None
+        for call in self._silence.values():
+            if call.active():
+                call.cancel()
+        self._silence.clear()
+        return gatherResults(waits)
+
+    # what the realm calls -------------------------------------------------------------------
+
+    def link(self, realm: str) -> PeerLink:
+        """The link to ``realm`` (made idle if there was none: it connects when it
+        has something to send)."""
+        link = self.links.get(realm)
+        if link is None:
+            link = self.links[realm] = PeerLink(self, realm)
+        return link
+
+    def wake(self, realm: str, n: int = 1) -> None:
+        """``n`` items for ``realm`` were committed to the outbox."""
+        if self.running:
+            self.link(realm).wake(n)
+
+    def announce(self) -> list[dict[str, str]]:
+        """The ``keys`` our ``hello`` and ``welcome`` carry: this realm's signing keys."""
+        signing = self.realm.signing
+        return signing.announce() if signing is not None else []
+
+    def want_keys(self, realm: str) -> Deferred[bool]:
+        """Learn ``realm``'s signing keys over a link of our own with it: fires with
+        True once we hold its keys as it announces them now (at once when a link
+        with it is up: it announced them in its hello or welcome), or with False
+        if no link with it is up within :data:`KEY_WAIT` seconds."""
+        if any(p.peer_realm == realm and p.is_up() for p in self.inbound):
+            return succeed(True)
+        if not self.running:
+            return succeed(False)
+        link = self.link(realm)
+        if link.state == "ready":
+            return succeed(True)
+        waiting = self.realm.peer_keys.wait(realm, KEY_WAIT)
+        self.log.info("federation: asking {realm} for its keys", realm=realm)
+        link.hold(KEY_WAIT)
+        link.kick()
+        return waiting
+
+    def reading(self, realm: str, frame: dict[str, Any]) -> None:
+        """A ``reading`` frame (a read marker or typing notice of a private
+        conversation, chatproto.realm.reading) for ``realm`` (an allowed peer)."""
+        if self.running:
+            self.link(realm).reading(frame)
+
+    def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
+        """A presence frame for ``realms`` (allowed peers).  An idle link connects
+        (unless the frame says offline): the frame is lost if it is not up yet, but a
+        link that becomes ready sends who is online (``RealmService.presence_for``)."""
+        if not self.running:
+            return
+        for realm in realms:
+            self.link(realm).presence(frame)
+
+    # inbound policy ---------------------------------------------------------------------------
+
+    def inbound_refusal(self, realm: str, transport: Any) -> tuple[str, str | None]:
+        """(error code, reason) for refusing an inbound link claiming ``realm``."""
+        if realm == self.realm.realm:
+            return "untrusted_peer", f"{realm} is this realm's own name"
+        if not self.cfg.allows(realm):
+            return "peer_denied", f"federation with {realm} is not allowed here"
+        until = self._penalties.get(realm, (0.0, 0))[0]
+        now = self.clock.seconds()
+        if until > now:
+            return "rate_limited", f"misbehaved recently; retry after {until - now:.0f}s"
+        return "untrusted_peer", peer_refusal(transport, realm, self.cfg)
+
+    def penalise(self, realm: str, reason: str) -> None:
+        _, level = self._penalties.get(realm, (0.0, 0))
+        delay = min(self.cfg.retry_max, self.cfg.retry_initial * 2**level)
+        self._penalties[realm] = (self.clock.seconds() + delay, level + 1)
+        self.log.warn(
+            "federation: {realm} misbehaved ({reason}); refused for {delay}s",
+            realm=realm,
+            reason=reason,
+            delay=round(delay, 1),
+        )
+
+    def clean(self, realm: str) -> None:
+        """A transaction from ``realm`` went through: forget its past misbehaviour."""
+        self._penalties.pop(realm, None)
+
+    def peer_connected(self, realm: str) -> None:
+        """A link from ``realm`` is up: our link to it, if waiting out a backoff,
+        retries at once.  An idle one stays idle (it has nothing to send)."""
+        link = self.links.get(realm)
+        if link is not None:
+            link.kick()
+        call = self._silence.pop(realm, None)
+        if call is not None and call.active():
+            call.cancel()
+        self.status_changed()
+
+    def inbound_closed(self, realm: str) -> None:
+        """An inbound link from ``realm`` closed.  Its users' presence comes only on
+        such a link: if none is back within PRESENCE_SILENCE seconds (a restart, a
+        blip), the realm's users whose presence we heard are told offline to the local
+        users (the link's return sends who is online again)."""
+        if (
+            self._stopped
+            or realm in self._silence
+            or any(p.peer_realm == realm and p.is_up() for p in self.inbound)
+        ):
+            return
+        self._silence[realm] = self.clock.callLater(PRESENCE_SILENCE, self._silent, realm)
+
+    def _silent(self, realm: str) -> None:
+        self._silence.pop(realm, None)
+        if not any(p.peer_realm == realm and p.is_up() for p in self.inbound):
+            self.realm.remote_realm_silent(realm)
+
+    # status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        inbound = sorted({p.peer_realm for p in self.inbound if p.peer_realm})
+        return {
+            "realm": self.realm.realm,
+            "time": self.clock.seconds(),
+            "pid": os.getpid(),
+            "links": [self.links[r].status() for r in sorted(self.links)],
+            "inbound": inbound,
+        }
+
+    def status_changed(self) -> None:
+        """Write the status file soon (at most twice a second), off the reactor thread."""
+        if not self.status_path or (self._status_call is not None and self._status_call.active()):
+            return
+
+        def write() -> None:
+            self._status_call = None
+            data = json.dumps(self.status(), indent=1)
+            path = self.status_path
+            pool = getattr(self.reactor, "getThreadPool", None)
+            if pool is None:  # a test clock standing in for the reactor
+                _write_atomic(path, data)
+                return
+            deferToThreadPool(self.reactor, pool(), _write_atomic, path, data).addErrback(
+                lambda f: self.log.failure("federation: writing {path}", f, path=path)
+            )
+
+        self._status_call = self.clock.callLater(0.5, write)
+
+
+def _write_atomic(path: str, data: str) -> None:
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_status(path: str) -> dict[str, Any] | None:
+    """The status a running realm last wrote (for ``chatrealmctl peers``), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return None
