@@ -286,6 +286,11 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             if not self._out.blocked:
                 sink.resume()
 
+    @property
+    def output_blocked(self) -> bool:
+        """Output is held for the peer (it is not reading fast enough)."""
+        return self._out.blocked
+
     def stopProducing(self) -> None:
         self._out.pause()
         for sink in list(self._download_sinks.values()):

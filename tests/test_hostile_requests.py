@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 
 from tests.conftest import LogWatch, raw_client
+from tests.test_web import web  # noqa: F401  (a fixture)
 
 PW = "password-h"
 
@@ -173,3 +174,48 @@ def test_distinct_reactions_and_edits_to_one_item_are_bounded(server: Any) -> An
         assert watch.failures == []
     finally:
         watch.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_websocket_ping_flood_from_a_peer_that_does_not_read_is_bounded(
+    web: Any,  # noqa: F811
+) -> Any:
+    """Over loopback, before login: WebSocket pings sent as fast as the socket takes
+    them by a peer that reads nothing.  The realm held every pong (8 MB unsent for
+    10 MB of pings); now what it holds stays near the transport's own buffer."""
+    import base64
+    import os
+    import socket
+
+    from twisted.internet import reactor, task
+
+    from tests.conftest import tcp_of, unsent, until
+
+    port = web.port.getHost().port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.send(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {web.origin}\r\n\r\n".encode()
+    )
+    yield until(lambda: len(web.site.ws.sessions.connections) == 1)
+    [server] = list(web.site.ws.sessions.connections)
+    tcp = tcp_of(server.transport._ws.transport)
+    tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pings = (bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125) * 200
+    sent = peak = 0
+    try:
+        while sent < 10 * 2**20:
+            try:
+                sent += sock.send(pings)
+            except BlockingIOError:
+                pass
+            yield task.deferLater(reactor, 0.001, lambda: None)
+            peak = max(peak, unsent(tcp))
+    finally:
+        sock.close()
+    assert peak <= 64 * 1024 + 2 * len(pings), peak

@@ -919,3 +919,45 @@ def test_gateway_over_string_transport_pauses_and_drops_a_slow_reader() -> None:
 
     ws.connectionLost(Failure(ConnectionLost()))
     assert not realm.sessions_of("bob@localhost")  # resumes from its ack next time
+
+
+def test_pings_of_a_peer_that_does_not_read_get_one_pong() -> None:
+    """StringTransport: autobahn answers every WebSocket ping with a pong, written to
+    the connection past the session's output bound: a peer that sent pings and never
+    read made the realm hold all the pongs (8 MB for 10 MB of pings, before login).
+    While the connection is paused only the latest ping is kept, and answered once
+    the peer reads again (RFC 6455 5.5.3 allows answering the latest only)."""
+    from twisted.internet.testing import StringTransport
+
+    from chatproto.web.gateway import ChatWebSocketFactory
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    factory = ChatWebSocketFactory(realm, lambda o, h, s: True, clock)
+    ws: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    ws.makeConnection(transport)
+    ws.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Origin: http://chat.test\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    transport.clear()
+
+    def ping(payload: bytes) -> bytes:  # masked with a zero key
+        return bytes([0x89, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+    ws.dataReceived(ping(b"a"))
+    assert transport.value() == b"\x8a\x01a"  # a reading peer: answered at once
+    transport.clear()
+    transport.producer.pauseProducing()  # the peer stops reading
+    data = b"".join(ping(b"%04d" % i) for i in range(1000))
+    for i in range(0, len(data), 7):  # in pieces
+        ws.dataReceived(data[i : i + 7])
+    assert transport.value() == b""
+    transport.producer.resumeProducing()
+    assert transport.value() == b"\x8a\x040999"  # the latest only
+    transport.clear()
+    ws.dataReceived(ping(b"b"))
+    assert transport.value() == b"\x8a\x01b"

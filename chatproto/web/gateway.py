@@ -94,6 +94,11 @@ class WebSessionProtocol(ClientProtocol):
         if isinstance(self.transport, FrameTransport):  # (tests use a StringTransport)
             self.transport.authenticated()
 
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if isinstance(self.transport, FrameTransport) and not self.output_blocked:
+            self.transport.writable()
+
 
 class WebSessionFactory(ClientFactory):
     """The web listener's :class:`ClientFactory`: its own keepalive sweep over the
@@ -128,6 +133,10 @@ class FrameTransport:
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
+
+    def writable(self) -> None:
+        """The peer reads again (the session's output is no longer held)."""
+        self._ws.answer_ping()
 
     def authenticated(self) -> None:
         """The session logged in: WebSocket messages up to the listener's limits."""
@@ -181,6 +190,8 @@ class ChatWebSocket(WebSocketServerProtocol):
     _log = Logger()
     factory: ChatWebSocketFactory
     session: WebSessionProtocol | None = None
+    #: The payload of the latest ping not answered yet (the peer was not reading).
+    _unanswered: bytes | None = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         secure = ISSLTransport.providedBy(self.transport)
@@ -230,6 +241,23 @@ class ChatWebSocket(WebSocketServerProtocol):
             session.lengthLimitExceeded(len(payload))
             return
         session.stringReceived(payload)
+
+    def onPing(self, payload: bytes) -> None:
+        # autobahn writes a pong for every ping, past the session's output bound: a
+        # peer sending pings and reading nothing would make the realm hold them all.
+        # While its output is held, only the latest ping is kept, and answered when
+        # the peer reads again (RFC 6455, 5.5.3: answering the latest one suffices).
+        session = self.session
+        if session is not None and session.output_blocked:
+            self._unanswered = payload
+            return
+        super().onPing(payload)
+
+    def answer_ping(self) -> None:
+        """Answer the ping kept while the peer was not reading, if any."""
+        payload, self._unanswered = self._unanswered, None
+        if payload is not None:
+            super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
