@@ -219,3 +219,30 @@ def test_a_websocket_ping_flood_from_a_peer_that_does_not_read_is_bounded(
     finally:
         sock.close()
     assert peak <= 64 * 1024 + 2 * len(pings), peak
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_flood_of_conversation_lists_is_refused_past_the_bucket(server: Any) -> Any:
+    """Requests sent at once, none waiting for its reply: conversation lists (each a
+    few storage queries per conversation; 50 at once held another user's history
+    5 s with 500 conversations) get rate_limited past the connection's bucket."""
+    from chatproto.realm.reading import CONVERSATIONS_BURST
+
+    realm, _factory, addr = server
+    watch = LogWatch()
+    try:
+        yield realm.create_user("alice", PW)
+        alice = Asker((yield raw_client(addr, ("alice", PW))))
+        first = alice.n + 1
+        for _ in range(3 * CONVERSATIONS_BURST):
+            alice.n += 1
+            alice.client.send({"type": "conversations", "id": alice.n})
+        codes = []
+        for rid in range(first, alice.n + 1):
+            codes.append((yield alice.client.reply(rid)).get("code", "ok"))
+        assert codes.count("ok") == CONVERSATIONS_BURST
+        assert codes.count("rate_limited") == 2 * CONVERSATIONS_BURST
+        assert (yield alice.ask({"type": "ping"}))["type"] == "result"
+        assert watch.failures == []
+    finally:
+        watch.close()

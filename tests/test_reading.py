@@ -396,3 +396,22 @@ def test_search_is_rate_limited(realm: Any, clock: Clock) -> None:
         assert search(alice, at, query="x")["type"] == "result"
     reply = search(alice, at, query="x")
     assert reply["code"] == "rate_limited" and reply["retry_after"] == round(1 / SEARCH_RATE, 3)
+
+
+def test_conversations_is_rate_limited(realm: Any, clock: Clock) -> None:
+    """A conversation list costs the store a few queries per conversation (up to 500)
+    and one count over each one's unread items: 50 requests at once from one
+    connection held another user's history 5 s.  Each connection has a bucket."""
+    from chatproto.realm.reading import CONVERSATIONS_BURST, CONVERSATIONS_RATE
+
+    alice, at = logged_in(realm, clock, "alice")
+    other, ot = logged_in(realm, clock, "alice", "other")
+    for _n in range(CONVERSATIONS_BURST):
+        assert ask(alice, at, {"type": "conversations"})[0]["type"] == "result"
+    reply = ask(alice, at, {"type": "conversations"})[0]
+    wait = round(1 / CONVERSATIONS_RATE, 3)
+    assert reply["code"] == "rate_limited" and reply["retry_after"] == wait
+    assert ask(other, ot, {"type": "conversations"})[0]["type"] == "result"  # its own
+    clock.advance(wait)
+    assert ask(alice, at, {"type": "conversations"})[0]["type"] == "result"
+    assert realm.stats.refused["conversations"] == 1

@@ -9,9 +9,9 @@ the sidebar a fresh client starts from: every conversation with its last item, t
 user's marker and the unread count the realm computes.  **Typing** notices are
 ephemeral: passed on to whoever is online, never stored.
 
-Markers and typing are rate-limited per connection (a token bucket each), so neither
-can be used to flood other users or the store.  The rules are in PROTOCOL.md ("Read
-markers and the conversation list", "typing").
+Markers, typing, search and the conversation list are rate-limited per connection (a
+token bucket each), so none can be used to flood other users or the store.  The rules
+are in PROTOCOL.md ("Read markers and the conversation list", "typing").
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
 __all__ = [
+    "CONVERSATIONS_BURST",
     "CONVERSATIONS_LIMIT",
+    "CONVERSATIONS_RATE",
     "MARK_BURST",
     "MARK_RATE",
     "MAX_QUERY",
@@ -56,6 +58,11 @@ TYPING_RATE = 1.0
 TYPING_BURST = 5
 #: The most (and default) conversations one ``conversations`` request returns.
 CONVERSATIONS_LIMIT = 500
+#: ``conversations`` token bucket of each connection: a list costs the store a few
+#: queries per conversation (and a count of each one's unread items), and a client
+#: needs one when it connects, not a stream of them.
+CONVERSATIONS_RATE = 0.2
+CONVERSATIONS_BURST = 5
 #: The preference key of the read-receipt switch (value ``"off"`` when off).
 READ_RECEIPTS = "read_receipts"
 #: ``search``: the most (and default) results of one page, the longest query (in
@@ -177,6 +184,7 @@ class Reading:
         limit = CONVERSATIONS_LIMIT if limit is None else limit
         if not 1 <= limit <= CONVERSATIONS_LIMIT:
             raise ChatError("bad_request", f"limit must be between 1 and {CONVERSATIONS_LIMIT}")
+        self._take(session, "conversations", CONVERSATIONS_RATE, CONVERSATIONS_BURST)
         user = session.user_id
         rules = self._realm.groups
         groups = []
