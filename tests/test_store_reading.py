@@ -241,6 +241,27 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_sqlite_index_keeps_up_with_a_realm_that_is_never_quiet(
+    sqlite_store: Any, monkeypatch: Any
+) -> Any:
+    """A realm never quiet for INDEX_DELAY indexes once INDEX_FORCE items wait: it took
+    one step (INDEX_STEP items) and counted the rest as indexed, so the index fell
+    behind by INDEX_FORCE - INDEX_STEP items a round (98% of a busy realm's items), and
+    each search read all of them directly (5 s for 100000, and items past
+    SEARCH_TAIL were never found).  Now it indexes until fewer than INDEX_FORCE wait."""
+    from chatproto.store import groupcommit
+
+    monkeypatch.setattr(groupcommit, "INDEX_FORCE", 5000)
+    store = sqlite_store
+    total = 0
+    for _ in range(30):  # back to back: never quiet
+        yield store.append([item(BOB, ALICE, f"busy{total + n}") for n in range(1000)])
+        total += 1000
+    upto = yield store._read(lambda db: db.search_upto())
+    assert upto >= total - 5000 - groupcommit.INDEX_STEP - 1000, upto
+
+
+@pytest_twisted.inlineCallbacks
 def test_ref_count_counts_one_senders_edits_and_reactions_to_one_item(store: Any) -> Any:
     import attrs
 

@@ -55,11 +55,12 @@ OUTBOX_CACHE = 50_000
 #: outbox rows queued as ``(realm, seq, envelope or request)`` in sequence order.
 #: Search indexing (SQLite) is background work, kept out of a busy realm's way: it
 #: runs INDEX_DELAY seconds after the last commit that stored items (the realm is
-#: quiet), in steps of INDEX_STEP items, or at once when INDEX_FORCE items wait (a
-#: realm busy for long; search reads the items not indexed yet directly meanwhile).
+#: quiet), in steps of INDEX_STEP items, or as soon as INDEX_FORCE items wait (a
+#: realm busy for long: then step after step, between its commits, until fewer wait;
+#: search reads the items not indexed yet directly, so these bound what it reads).
 INDEX_STEP = 2000
 INDEX_DELAY = 1.0
-INDEX_FORCE = 100_000
+INDEX_FORCE = 20_000
 
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
 
@@ -663,6 +664,8 @@ class GroupCommitStore:
                 self._index_quiet = False
                 if self._index_call is not None and self._index_call.active():
                     self._index_call.reset(INDEX_DELAY)  # still busy: later
+                if self._unindexed >= INDEX_FORCE and not self._indexing:
+                    self._take_index_step()  # busy for long: between the commits
             observer = self.commit_observer
             if observer is not None:
                 try:
@@ -773,18 +776,24 @@ class GroupCommitStore:
         self._index_when_idle()
 
     def _take_index_step(self) -> None:
+        if self._closing or self._writer is None:
+            return
         self._indexing = True
-        self._unindexed = 0
         self._index_quiet = False
         gen = self._index_gen
         d = self._write(lambda: self._db().index_search(INDEX_STEP))
 
         def done(n: int) -> None:
             self._indexing = False
+            # (a step queued behind commits of the writer thread: n counts them too)
+            self._unindexed = max(0, self._unindexed - n) if n >= INDEX_STEP else 0
             self._index_wanted = n >= INDEX_STEP or gen != self._index_gen
             if n >= INDEX_STEP and gen == self._index_gen:  # still quiet: go on
                 self._index_quiet = True
-            self._index_when_idle()
+            if self._unindexed >= INDEX_FORCE:
+                self._take_index_step()
+            else:
+                self._index_when_idle()
 
         def failed(f: Failure) -> None:
             self._indexing = False
