@@ -2,6 +2,7 @@
 
     python bench/send_path.py                 # 50 pairs x 64 in flight, 40 rounds
     python bench/send_path.py --pairs 10 --window 8 --synchronous NORMAL
+    python bench/send_path.py --irc           # the same over the IRC gateway (PRIVMSG)
 
 A realm on the SQLite store (a temporary file, ``synchronous = FULL`` by default, the
 realm default) with its real writer and reader threads, and 2 x ``pairs`` native
@@ -13,6 +14,12 @@ process's (reactor + SQLite threads) per delivered DM, from ``time.thread_time``
 ``time.process_time``: figures that hold still on a busy machine, unlike rates
 (``DMs/s`` is printed too, for what it is worth).  No load generator, no kernel: this is
 the Python of the realm's send path alone (``bench/run.py`` measures it over loopback).
+
+With ``--irc`` the sessions are IRC connections of the realm's IRC gateway (``PASS``
+login), each read holding ``window`` ``PRIVMSG <partner> :<body>`` lines, and a round
+ends when every recipient has its ``window`` lines (IRC clients do not ack: the gateway
+does, on a timer): the gateway's and the realm's CPU per DM (``bench/irc.py`` measures
+it over loopback against twisted.words).
 """
 
 from __future__ import annotations
@@ -25,12 +32,25 @@ import time
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 from chatproto.config import Config
+from chatproto.irc import IRCFactory
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.sqlite import SQLiteStore
 from chatproto.testing import InlineHasher, connect_string_transport, frame
+
+
+def irc_connect(factory: IRCFactory, name: str, host: str) -> tuple[Any, StringTransport]:
+    """An IRC connection of the gateway on a StringTransport, logging in as ``name``."""
+    peer = IPv4Address("TCP", host, 40000)
+    proto: Any = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    proto.makeConnection(transport)
+    proto.dataReceived(f"PASS password1\r\nNICK {name}\r\nUSER {name} 0 * :{name}\r\n".encode())
+    return proto, transport
 
 
 @defer.inlineCallbacks
@@ -41,43 +61,70 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         cfg.limits.send_rate = 1e9
         cfg.limits.send_burst = 1e9
         cfg.limits.max_sessions_per_user = 10**6
+        cfg.irc.enabled = True
+        cfg.irc.flood_rate = 0.0
         store = SQLiteStore(os.path.join(tmp, "realm.db"), reactor, args.synchronous)
         yield store.open()
         realm = RealmService(cfg, store, reactor, clock=reactor, hasher=InlineHasher())
         realm.startService()
-        factory = ClientFactory(realm)
+        factory = IRCFactory(realm) if args.irc else ClientFactory(realm)
         n = args.pairs
         conns = []
         for i in range(2 * n):
             yield realm.create_user(f"u{i}", "password1")
             # one address per connection: the pre-login limits count per address
-            p, t = connect_string_transport(realm, factory, host=f"10.1.{i // 200}.{i % 200 + 1}")
+            host = f"10.1.{i // 200}.{i % 200 + 1}"
+            if args.irc:
+                conns.append(irc_connect(factory, f"u{i}", host))
+                continue
+            p, t = connect_string_transport(realm, factory, host=host)
             p.dataReceived(
                 frame({"type": "hello", "version": 1, "id": 1})
                 + frame({"type": "login", "id": 2, "user": f"u{i}", "password": "password1"})
             )
             conns.append((p, t))
+        ready = b" 001 " if args.irc else b'"synced"'
         deadline = time.monotonic() + 60
-        while not all(b'"synced"' in t.value() for _, t in conns):
+        while not all(ready in t.value() for _, t in conns):
             if time.monotonic() > deadline:
                 raise SystemExit("send_path: logins did not complete in 60 s")
             yield task.deferLater(reactor, 0.01, lambda: None)
+        if args.irc:  # the session goes live after the welcome burst
+            yield task.deferLater(reactor, 0.2, lambda: None)
         for _, t in conns:
             t.clear()
         body = "x" * args.body
-        reads = [
-            b"".join(
-                frame({"type": "send", "id": k, "to": f"u{i + n}", "body": body})
-                for k in range(args.window)
-            )
-            for i in range(n)
-        ]
+        if args.irc:
+            reads = [
+                b"".join(f"PRIVMSG u{i + n} :{body}\r\n".encode() for _ in range(args.window))
+                for i in range(n)
+            ]
+        else:
+            reads = [
+                b"".join(
+                    frame({"type": "send", "id": k, "to": f"u{i + n}", "body": body})
+                    for k in range(args.window)
+                )
+                for i in range(n)
+            ]
         delivered = 0
         t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
         for _ in range(args.rounds):
             for i in range(n):
                 conns[i][0].dataReceived(reads[i])
             deadline = time.monotonic() + 60
+            if args.irc:
+                while not all(
+                    conns[i + n][1].value().count(b" PRIVMSG ") >= args.window for i in range(n)
+                ):
+                    if time.monotonic() > deadline:
+                        raise SystemExit("send_path: a round did not complete in 60 s")
+                    yield task.deferLater(reactor, 0.0005, lambda: None)
+                for i in range(n):
+                    conns[i][1].clear()
+                    delivered += conns[i + n][1].value().count(b" PRIVMSG ")
+                    conns[i + n][1].clear()
+                continue
             while not all(
                 conns[i][1].value().count(b'"type":"result"') >= args.window for i in range(n)
             ):
@@ -96,8 +143,9 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         expected = args.rounds * n * args.window
         if delivered != expected:
             raise SystemExit(f"send_path: {delivered} DMs delivered, {expected} expected")
+        what = "send path (IRC gateway)" if args.irc else "send path"
         print(
-            f"send path: {n} pairs x {args.window} in flight, {args.rounds} rounds, "
+            f"{what}: {n} pairs x {args.window} in flight, {args.rounds} rounds, "
             f"synchronous={args.synchronous}: {delivered:,} DMs in {store.commits} commits"
         )
         print(f"  reactor thread  {1e6 * (t1 - t0) / delivered:6.1f} us CPU per DM")
@@ -118,6 +166,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--body", type=int, default=40, help="body length in characters")
     ap.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
+    ap.add_argument("--irc", action="store_true", help="IRC connections (PRIVMSG lines)")
     args = ap.parse_args()
     task.react(run, (args,))
 
