@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chatproto.irc import IRCFactory
-from tests.test_irc import login, make_realm
+from tests.test_irc import Conn, login, make_realm
 
 
 def count_appends(realm: Any) -> list[int]:
@@ -75,4 +75,114 @@ def test_a_command_after_privmsgs_is_stored_after_them() -> None:
     clock.advance(0)
     stored = [e.body or (e.meta or {}).get("topic") for e in realm.store.items]
     assert stored[-2:] == ["first", "second"], stored
+    realm.stopService()
+
+
+def two_users(caps: str = "", **irc_opts: Any) -> tuple[Clock, Any, Conn, Conn]:
+    """A realm (tests/test_irc.py's) with alice (``caps``) and bob logged in on IRC."""
+    clock = Clock()
+    realm = make_realm(clock, **irc_opts)
+    factory = IRCFactory(realm, clock)
+    return clock, realm, login(factory, "alice", caps=caps), login(factory, "bob")
+
+
+class HeldAppends:
+    """The realm's store appends wait until :meth:`release` (a commit in progress)."""
+
+    def __init__(self, realm: Any) -> None:
+        self.sizes: list[int] = []
+        self.waiting: list[tuple[Any, Any, Deferred[Any]]] = []
+        self._append = realm.store.append
+        realm.store.append = self.append
+
+    def append(self, items: Any, outbox: Any = ()) -> Deferred[Any]:
+        self.sizes.append(len(items))
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((items, outbox, d))
+        return d
+
+    def release(self, error: Exception | None = None) -> None:
+        waiting, self.waiting = self.waiting, []
+        for items, outbox, d in waiting:
+            if error is not None:
+                d.errback(error)
+            else:
+                self._append(items, outbox).chainDeferred(d)
+
+
+def test_replies_of_a_batch_come_in_command_order_after_the_commit() -> None:
+    """Echoes, errors found at once and a later command's reply: in the order of the
+    commands, although the errors are known before the batch is committed."""
+    _clock, realm, alice, bob = two_users(caps="echo-message")
+    held = HeldAppends(realm)
+    alice.send("PRIVMSG bob :one", "PRIVMSG nobody :lost", "PRIVMSG bob :two", "PING x")
+    assert held.sizes == [1, 1]  # (a recipient to look up cuts the run)
+    assert alice.lines() == [] and bob.lines() == []
+    held.release()
+    cmds = alice.commands()
+    assert cmds == [
+        ("PRIVMSG", ["bob", "one"]),
+        ("401", ["alice", "nobody", "No such nick"]),
+        ("PRIVMSG", ["bob", "two"]),
+        ("PONG", ["localhost", "x"]),
+    ]
+    assert [p[-1] for c, p in bob.commands()] == ["one", "two"]
+    assert not alice.proto.pending_sends and not alice.proto.replies
+    realm.stopService()
+
+
+def test_a_failed_commit_answers_each_privmsg_then_the_next_command() -> None:
+    _clock, realm, alice, bob = two_users(caps="echo-message")
+    held = HeldAppends(realm)
+    alice.send("PRIVMSG bob :one", "NOTICE bob :two", "PRIVMSG bob :three", "PING x")
+    held.release(RuntimeError("disk full"))
+    assert alice.numerics() == ["400", "400", "400", "PONG"]
+    assert bob.lines() == []
+    assert not alice.proto.pending_sends and not alice.proto.replies
+    # the connection goes on
+    alice.send("PRIVMSG bob :again")
+    held.release()
+    assert alice.commands() == [("PRIVMSG", ["bob", "again"])]
+    assert bob.commands() == [("PRIVMSG", ["bob", "again"])]
+    realm.stopService()
+
+
+def test_rate_limited_lines_of_a_batch_answer_in_order() -> None:
+    clock = Clock()
+    realm = make_realm(clock)
+    realm.config.limits.send_burst = 2  # (before the logins: a session's bucket is made then)
+    factory = IRCFactory(realm, clock)
+    alice = login(factory, "alice", caps="echo-message")
+    bob = login(factory, "bob")
+    alice.send("PRIVMSG bob :1", "PRIVMSG bob :2", "PRIVMSG bob :3", "NOTICE bob :4", "PING x")
+    assert alice.numerics() == ["PRIVMSG", "PRIVMSG", "263", "PONG"]  # a NOTICE: no 263
+    assert [p[-1] for c, p in bob.commands()] == ["1", "2"]
+    realm.stopService()
+
+
+def test_lines_held_behind_a_channel_change_are_one_batch() -> None:
+    """PRIVMSGs read while a JOIN is being stored wait for it, then go as one batch."""
+    _clock, realm, alice, bob = two_users()
+    held = HeldAppends(realm)
+    alice.send("JOIN #room", "PRIVMSG bob :a", "PRIVMSG bob :b", "PRIVMSG bob :c", "PING x")
+    assert held.sizes == [1]  # the JOIN's event; the rest waits for it
+    held.release()  # the JOIN is stored: the lines after it run, their sends batched
+    assert held.sizes == [1, 3]
+    held.release()
+    assert [c for c, _ in alice.commands()][-1] == "PONG"
+    assert [p[-1] for c, p in bob.commands() if c == "PRIVMSG"] == ["a", "b", "c"]
+    realm.stopService()
+
+
+def test_lines_held_by_the_flood_limit_are_batched_when_they_run() -> None:
+    clock, realm, alice, bob = two_users(flood_rate=2.0, flood_burst=3)
+    clock.advance(10)  # a full bucket
+    sizes = count_appends(realm)
+    alice.send(*(f"PRIVMSG bob :m{i}" for i in range(7)))
+    assert sizes == [3]  # the burst; 4 lines wait
+    clock.advance(1.0)  # two tokens: two lines, one batch
+    assert sizes == [3, 2]
+    clock.advance(1.0)
+    assert sizes == [3, 2, 2]
+    assert [p[-1] for c, p in bob.commands() if c == "PRIVMSG"] == [f"m{i}" for i in range(7)]
     realm.stopService()

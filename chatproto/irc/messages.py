@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import gatherResults
 from twisted.python.failure import Failure
 
 from chatproto.envelope import Envelope
@@ -45,7 +44,7 @@ def privmsg(
             ctx.num("407", params[0][:64], f"Too many targets (at most {MAX_TARGETS})")
         return None
     client = client_tags(tags) if tags else None  # relayed with it (message-tags)
-    waits = []
+    room = MAX_LINE - 2
     for target in targets:
         try:
             to = p.resolve(target)
@@ -54,10 +53,11 @@ def privmsg(
                 p.error(ctx, command, e, target)
             continue
         # One IRC line at the recipient, with our source in front: longer is refused
-        # (417) rather than split in two messages or cut.
+        # (417) rather than split in two messages or cut.  (Encoded only when it
+        # could be too long: a character is at most 4 bytes.)
         shown = channel_of(to, p.realm.realm) if to.startswith("#") else p.nick_for(to)
         head = f":{p.mask(p.user_id)} {command} {shown} :"
-        if len(head.encode()) + len(text.encode()) > MAX_LINE - 2:
+        if (len(head) + len(text)) * 4 > room and len(head.encode()) + len(text.encode()) > room:
             if not notice:
                 ctx.num("417", "Message too long for one IRC line with its source")
             continue
@@ -65,43 +65,9 @@ def privmsg(
             presence = p.realm.presence_of(to)
             if presence and presence[0] in ("away", "busy"):
                 ctx.num("301", p.nick_for(to), presence[1] or presence[0])
-        entry = PendingSend(to, text, ctx)
-        p.pending_sends.append(entry)
-        d = p.queue_send(to, text, notice, client or None)
-        waits.append(
-            d.addCallbacks(
-                _sent,
-                _send_failed,
-                callbackArgs=(p, entry),
-                errbackArgs=(p, entry, command, target, notice),
-            )
-        )
-    if not waits:
-        return None
-    if len(waits) == 1:
-        return waits[0]
-    return gatherResults(waits)
-
-
-def _sent(env: Envelope, p: IRCProtocol, entry: PendingSend) -> None:
-    if not entry.matched:  # not echoed yet (still syncing): no label then
-        try:
-            p.pending_sends.remove(entry)
-        except ValueError:
-            pass
-
-
-def _send_failed(
-    f: Failure, p: IRCProtocol, entry: PendingSend, command: str, target: str, notice: bool
-) -> None:
-    if not entry.matched:
-        try:
-            p.pending_sends.remove(entry)
-        except ValueError:
-            pass
-    f.trap(ChatError)
-    if not notice:
-        p.error(entry.ctx, command, f.value, target)  # type: ignore[arg-type]
+        # Settled by the connection once the batch of this read is committed (or
+        # refused): ctx finishes when the last of its targets is.
+        p.queue_send(PendingSend(to, text, ctx, command, target, notice), client or None)
 
 
 @command("TAGMSG", params=1)

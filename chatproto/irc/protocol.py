@@ -79,16 +79,6 @@ BARRIERS = frozenset({"JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 _BATCHED = frozenset({"PRIVMSG", "NOTICE"})
 
 
-def _fire_each(envs: list[Envelope], waiters: list[Deferred[Envelope]]) -> None:
-    for env, d in zip(envs, waiters, strict=True):
-        d.callback(env)
-
-
-def _fail_each(failure: Failure, waiters: list[Deferred[Envelope]]) -> None:
-    for d in waiters:
-        d.errback(failure)
-
-
 @implementer(ISessionMind, IPushProducer)
 class IRCProtocol(LineOnlyReceiver):
     """One IRC client connection.  States: ``registering`` -> ``ready`` -> ``closed``."""
@@ -134,8 +124,8 @@ class IRCProtocol(LineOnlyReceiver):
         #: since they may depend on it (JOIN then PRIVMSG to the channel)
         self._barrier = False
         self._after_barrier: deque[bytes] = deque()
-        #: the sends of the read being handled (see queue_send); None outside a read
-        self._sends: list[tuple[SendRequest, Deferred[Envelope]]] | None = None
+        #: the sends of the batch being handled (see queue_send); None outside one
+        self._sends: list[tuple[SendRequest, PendingSend]] | None = None
         self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
@@ -547,25 +537,44 @@ class IRCProtocol(LineOnlyReceiver):
     def dataReceived(self, data: bytes) -> None:
         # The PRIVMSG/NOTICE lines of one read are one batch for the realm (one
         # append, one delivery burst: see Messaging.send_batch).
-        self._sends = []
+        own = self._open_batch()
         try:
             LineOnlyReceiver.dataReceived(self, data)
         finally:
+            if own:
+                self._end_batch()
+
+    def _open_batch(self) -> bool:
+        """Collect the sends of the lines handled from now on (a read, or held lines
+        being run); True when this opened the batch (then :meth:`_end_batch` ends it),
+        False when one is open already (this is part of it)."""
+        if self._sends is not None:
+            return False
+        self._sends = []
+        return True
+
+    def _end_batch(self) -> None:
+        try:
             self.flush_sends()
+        finally:
             self._sends = None
 
-    def queue_send(
-        self, to: str, text: str, notice: bool, tags: dict[str, str] | None
-    ) -> Deferred[Envelope]:
-        """Send ``text`` to ``to`` with the other sends of this read (at its end, or
-        before the next command that is not a PRIVMSG or NOTICE); fires with the
-        committed envelope."""
-        assert self.session is not None
-        if self._sends is None:  # not inside a read (a line held by flood control)
-            return self.session.send(to, text, notice=notice, tags=tags)
-        d: Deferred[Envelope] = Deferred()
-        self._sends.append(((to, text, None, notice, None, tags), d))
-        return d
+    def queue_send(self, entry: PendingSend, tags: dict[str, str] | None) -> None:
+        """Send ``entry`` (a PRIVMSG or NOTICE to one target) with the other sends of
+        this batch (the read being handled, or the held lines being run): handed to
+        the realm at its end, or before the next command that is not a PRIVMSG or
+        NOTICE.  Its command's Reply (``entry.ctx``) finishes once all its sends are
+        settled: committed (see :meth:`_sent`) or refused (:meth:`_send_failed`).
+
+        No Deferred per line: a batch's committed run settles its entries in order."""
+        entry.ctx.sends += 1
+        self.pending_sends.append(entry)
+        req: SendRequest = (entry.to, entry.body, None, entry.quiet, None, tags)
+        if self._sends is None:  # not inside a batch: a batch of its own
+            self._sends = [(req, entry)]
+            self._end_batch()
+        else:
+            self._sends.append((req, entry))
 
     def flush_sends(self) -> None:
         """Hand the sends queued by :meth:`queue_send` to the realm, as one batch."""
@@ -574,21 +583,64 @@ class IRCProtocol(LineOnlyReceiver):
             return
         self._sends = []
         if self.session is None:
-            for _, d in sends:
-                d.errback(Failure(ChatError("not_authenticated")))
+            refused = Failure(ChatError("not_authenticated"))
+            for _, entry in sends:
+                self._send_failed(refused, entry)
             return
         outcomes, commits = self.session.send_batch([req for req, _ in sends])
-        waiters: dict[int, Deferred[Envelope]] = {}
-        for (_, d), out in zip(sends, outcomes, strict=True):
+        waiters: dict[int, PendingSend] = {}
+        for (_, entry), out in zip(sends, outcomes, strict=True):
             if type(out) is Envelope:
-                waiters[id(out)] = d
+                waiters[id(out)] = entry
             elif isinstance(out, Deferred):
-                out.chainDeferred(d)
+                out.addCallbacks(
+                    self._sent, self._send_failed, callbackArgs=(entry,), errbackArgs=(entry,)
+                )
             else:
-                d.errback(Failure(out))
+                self._send_failed(Failure(out), entry)
         for committed, items in commits:
-            ds = [waiters[id(env)] for env in items]
-            committed.addCallbacks(_fire_each, _fail_each, callbackArgs=(ds,), errbackArgs=(ds,))
+            run = [waiters[id(env)] for env in items]
+            committed.addCallbacks(
+                self._run_sent, self._run_failed, callbackArgs=(run,), errbackArgs=(run,)
+            )
+
+    def _run_sent(self, _: object, run: list[PendingSend]) -> None:
+        for entry in run:
+            self._sent(None, entry)
+
+    def _run_failed(self, failure: Failure, run: list[PendingSend]) -> None:
+        for entry in run:
+            self._send_failed(failure, entry)
+
+    def _sent(self, _: object, entry: PendingSend) -> None:
+        """A queued send was committed (and delivered: its echo, if any, is written)."""
+        if not entry.matched:  # not echoed (the session was still syncing): unlisted
+            try:
+                self.pending_sends.remove(entry)
+            except ValueError:
+                pass
+        self._settle(entry.ctx)
+
+    def _send_failed(self, failure: Failure, entry: PendingSend) -> None:
+        """A queued send was refused (the realm's error as a numeric: not for a
+        NOTICE) or failed (logged; 400)."""
+        if not entry.matched:
+            try:
+                self.pending_sends.remove(entry)
+            except ValueError:
+                pass
+        ctx = entry.ctx
+        if isinstance(failure.value, ChatError):
+            if not entry.quiet:
+                self.error(ctx, entry.command, failure.value, entry.target)
+        else:
+            self._crashed(failure, ctx, entry.command)
+        self._settle(ctx)
+
+    def _settle(self, ctx: Reply) -> None:
+        ctx.sends -= 1
+        if not ctx.sends:
+            ctx.finish()
 
     def lineReceived(self, line: bytes) -> None:
         if self.state == "closed":
@@ -618,11 +670,16 @@ class IRCProtocol(LineOnlyReceiver):
     def _drain(self) -> None:
         self._drain_call = None
         assert self._bucket is not None
-        while self._queue and self.state != "closed":
-            if self._bucket.take(self.factory.clock.seconds()):
-                self._schedule_drain()
-                return
-            self._handle(self._queue.popleft())
+        own = self._open_batch()
+        try:
+            while self._queue and self.state != "closed":
+                if self._bucket.take(self.factory.clock.seconds()):
+                    self._schedule_drain()
+                    return
+                self._handle(self._queue.popleft())
+        finally:
+            if own:
+                self._end_batch()
         if self.state != "closed" and not self._after_barrier:
             self.transport.resumeProducing()
 
@@ -691,7 +748,11 @@ class IRCProtocol(LineOnlyReceiver):
             self.log.failure("IRC {command} from {peer} failed", command=command, peer=self.peer())
             ctx.num("400", command, "Internal error; it was logged")
             result = None
-        if isinstance(result, Deferred):
+        if ctx.sends:  # sends queued in this batch: the last one settled finishes it
+            if not ctx.queued:
+                ctx.queued = True
+                self.replies.append(ctx)
+        elif isinstance(result, Deferred):
             if not ctx.queued:  # the first pending command: later ones wait for it
                 ctx.queued = True
                 self.replies.append(ctx)
@@ -708,8 +769,13 @@ class IRCProtocol(LineOnlyReceiver):
         next group change."""
         self._barrier = False
         waiting = self._after_barrier
-        while waiting and not self._barrier and self.state != "closed":
-            self._handle(waiting.popleft())
+        own = self._open_batch()
+        try:
+            while waiting and not self._barrier and self.state != "closed":
+                self._handle(waiting.popleft())
+        finally:
+            if own:
+                self._end_batch()
         if not waiting and self.state != "closed" and not self._queue:
             self.transport.resumeProducing()
         return result

@@ -57,7 +57,7 @@ class Reply:
     the ``label`` tag, several go in a labeled batch, none gets ``ACK``.
     """
 
-    __slots__ = ("done", "label", "lines", "proto", "queued", "waiting")
+    __slots__ = ("done", "label", "lines", "proto", "queued", "sends", "waiting")
 
     def __init__(self, proto: IRCProtocol, label: str | None, held: bool = False) -> None:
         self.proto = proto
@@ -69,6 +69,9 @@ class Reply:
         #: in ``proto.replies`` (a command that is pending, or came after one)
         self.queued = False
         self.waiting: list[Deferred[None]] | None = None
+        #: the command's messages still with the realm (PRIVMSG/NOTICE sent in a
+        #: batch: see IRCProtocol.queue_send); the last one settled finishes it
+        self.sends = 0
 
     def send(self, line: bytes) -> None:
         if self.lines is None:
@@ -145,15 +148,29 @@ class Reply:
 
 
 class PendingSend:
-    """A PRIVMSG/NOTICE on its way through the realm, until its echo is recognised."""
+    """A PRIVMSG/NOTICE on its way through the realm, until its echo is recognised.
 
-    __slots__ = ("body", "ctx", "matched", "to")
+    ``command`` and ``target`` (as the client wrote it) name it in an error numeric;
+    a NOTICE (``quiet``) gets none, as IRC wants."""
 
-    def __init__(self, to: str, body: str, ctx: Reply) -> None:
+    __slots__ = ("body", "command", "ctx", "matched", "quiet", "target", "to")
+
+    def __init__(
+        self,
+        to: str,
+        body: str,
+        ctx: Reply,
+        command: str = "PRIVMSG",
+        target: str = "*",
+        quiet: bool = False,
+    ) -> None:
         self.to = to
         self.body = body
         self.ctx = ctx
         self.matched = False
+        self.command = command
+        self.target = target
+        self.quiet = quiet
 
 
 class Direct(Reply):
