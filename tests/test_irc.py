@@ -632,6 +632,50 @@ def test_any_input_never_crashes(data: bytes) -> None:
     assert b" 400 " not in out  # never an internal error
 
 
+def _parse_line_by_parsemsg(line: str) -> tuple[str, list[str]]:
+    """parse_line's command and params as they were: twisted.words' parsemsg of the
+    line after its tags, and a per-character check of the command."""
+    from twisted.words.protocols import irc as twirc
+
+    if line.startswith("@"):
+        line = line.partition(" ")[2]
+    line = line.lstrip(" ")
+    if not line or (line.startswith(":") and " " not in line.strip()):
+        raise irc.IRCBadLine("empty line")
+    try:
+        _prefix, command, params = twirc.parsemsg(line)
+    except (twirc.IRCBadMessage, ValueError, IndexError):
+        raise irc.IRCBadLine("unparsable line") from None
+    if not command or not all(c.isalnum() or c in "_-" for c in command):
+        raise irc.IRCBadLine("bad command")
+    return command.upper(), params
+
+
+#: Lines made of the pieces a parser trips on, and of any text.
+IRCISH = st.lists(
+    st.sampled_from(["PRIVMSG", "ping", " ", "  ", ":", " :", "@a=b\\s;c", "\t", "\x0b",
+                     "x", "é", "²", "٣", "-", "_", "#c", ",", "!"])
+    | st.text(max_size=3),
+    max_size=12,
+).map("".join)  # fmt: skip
+
+
+@settings(max_examples=400)
+@given(IRCISH)
+def test_parse_line_is_parsemsg(line: str) -> None:
+    """parse_line splits a line without a prefix itself; the same result (or
+    IRCBadLine) as with twisted.words' parsemsg, for any text."""
+    try:
+        want: Any = _parse_line_by_parsemsg(line)
+    except irc.IRCBadLine:
+        want = irc.IRCBadLine
+    try:
+        got: Any = irc.parse_line(line)[1:]
+    except irc.IRCBadLine:
+        got = irc.IRCBadLine
+    assert got == want
+
+
 def test_file_items_become_notices(factory: IRCFactory, realm: RealmService) -> None:
     from chatproto.envelope import Envelope, new_message_id
 

@@ -120,12 +120,26 @@ def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:
     line = line.lstrip(" ")
     if not line or (line.startswith(":") and " " not in line.strip()):
         raise IRCBadLine("empty line")
-    try:
-        _prefix, command, params = twirc.parsemsg(line)
-    except (twirc.IRCBadMessage, ValueError, IndexError):
-        raise IRCBadLine("unparsable line") from None
-    if not command or not all(c.isalnum() or c in "_-" for c in command):
-        raise IRCBadLine("bad command")
+    if line[0] == ":":
+        try:
+            _prefix, command, params = twirc.parsemsg(line)
+        except (twirc.IRCBadMessage, ValueError, IndexError):
+            raise IRCBadLine("unparsable line") from None
+    else:  # what parsemsg does with a line without a prefix, without the call
+        cut = line.find(" :")
+        if cut == -1:
+            params = line.split()
+        else:
+            params = line[:cut].split()
+            params.append(line[cut + 2 :])
+        if not params:
+            raise IRCBadLine("unparsable line")
+        command = params.pop(0)
+    # letters, digits, "_" and "-" (str.isalnum: any script's, as before)
+    if not command.isalnum():
+        rest = command.replace("_", "").replace("-", "")
+        if not command or (rest and not rest.isalnum()):
+            raise IRCBadLine("bad command")
     return tags, command.upper(), params
 
 

@@ -346,11 +346,10 @@ class IRCProtocol(LineOnlyReceiver):
                 if head.to == envelope.recipient and head.body == envelope.body:
                     pending.popleft()
                     head.matched = True
-                    lines = self.factory.lines(envelope, self._tagmode)
                     if envelope.recipient == self.user_id:  # to ourselves: received too
-                        self.write(lines)
+                        self.write(self.factory.lines(envelope, self._tagmode))
                     if "echo-message" in self.caps:
-                        head.ctx.send(lines)
+                        head.ctx.send(self.factory.lines(envelope, self._tagmode))
                     self.written()
                     return
             if "echo-message" not in self.caps and envelope.recipient != self.user_id:
@@ -733,7 +732,7 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.finish()
             return
         need = MIN_PARAMS.get(command, 0)
-        if len(params) < need or any(not p for p in params[: need if need < 2 else 1]):
+        if len(params) < need or (need and not params[0]):  # (only the first: may be "")
             ctx.num("461", command, "Not enough parameters")
             ctx.finish()
             return
