@@ -28,6 +28,7 @@ __all__ = [
     "alternate_id",
     "conversation_key",
     "new_message_id",
+    "new_message_ids",
     "remote_ts",
     "shown_ts",
 ]
@@ -65,18 +66,32 @@ def _reseed() -> None:
 os.register_at_fork(after_in_child=_reseed)  # forked workers must not share the pool
 
 
+def _random(n: int) -> bytes:
+    """The random bytes of ``n`` ids, from the pool (refilled as needed)."""
+    global _pool, _offset
+    size = n * _ID_BYTES
+    with _lock:
+        offset = _offset
+        if offset + size > len(_pool):
+            _pool, offset = os.urandom(max(_BLOCK, size)), 0
+        _offset = offset + size
+        return _pool[offset : offset + size]
+
+
 def new_message_id() -> str:
     """A fresh, globally unique, unpredictable message id (usable for de-duplication
     across realms): the time in milliseconds (11 hex digits), then 96 random bits (24
     hex digits)."""
-    global _pool, _offset
-    with _lock:
-        offset = _offset
-        if offset >= len(_pool):
-            _pool, offset = os.urandom(_BLOCK), 0
-        _offset = offset + _ID_BYTES
-        rand = _pool[offset : offset + _ID_BYTES]
-    return f"{time.time_ns() // 1_000_000:011x}{rand.hex()}"
+    return f"{time.time_ns() // 1_000_000:011x}{_random(1).hex()}"
+
+
+def new_message_ids(n: int) -> list[str]:
+    """``n`` ids as :func:`new_message_id` makes them, for a batch of items made at
+    once (one lock, one clock reading and one hex conversion for all)."""
+    stamp = f"{time.time_ns() // 1_000_000:011x}"
+    rand = _random(n).hex()
+    step = 2 * _ID_BYTES
+    return [stamp + rand[i : i + step] for i in range(0, n * step, step)]
 
 
 def alternate_id(env: Envelope, key: bytes) -> str:

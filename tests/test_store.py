@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from zope.interface.verify import verifyObject
 
-from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.envelope import Envelope, conversation_key, new_message_id, new_message_ids
 from chatproto.store import IStore, UserExists
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
@@ -201,8 +201,18 @@ def test_signatures_and_peer_keys_are_kept(store: Any) -> Any:
     assert (yield store.peer_keys()) == {"c.example": [], "d.example": keys}
 
 
-def test_message_ids_are_unpredictable_and_distinct() -> None:
-    ids = [new_message_id() for _ in range(20000)]
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [new_message_id() for _ in range(20000)],
+        # in batches (send_batch), of sizes that cross the pool's refills
+        lambda: [i for n in (1, 7, 4095, 4097, 5000, 1, 6799) for i in new_message_ids(n)],
+    ],
+    ids=["one by one", "in batches"],
+)
+def test_message_ids_are_unpredictable_and_distinct(make: Any) -> None:
+    ids = make()
+    assert len(ids) == 20000
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 35 and int(i, 16) >= 0 for i in ids)
     # a time prefix (milliseconds), so ids sort by time (the id index grows at its end)

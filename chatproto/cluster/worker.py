@@ -71,8 +71,10 @@ class ClusterMessaging(Messaging):
         kind: str,
         body: str,
         meta: dict[str, Any] | None = None,
+        msg_id: str | None = None,
+        ts: float | None = None,
     ) -> Envelope:
-        env = super().new_envelope(sender, recipient, kind, body, meta)
+        env = super().new_envelope(sender, recipient, kind, body, meta, msg_id, ts)
         if self._id_hint is not None:
             env.id, self._id_hint = self._id_hint, None
         return env

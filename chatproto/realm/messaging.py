@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from chatproto import address
 from chatproto.address import Address
-from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.envelope import Envelope, conversation_key, new_message_id, new_message_ids
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
 from chatproto.realm.tags import check_tags
@@ -84,15 +84,18 @@ class Messaging:
         kind: str,
         body: str,
         meta: dict[str, Any] | None = None,
+        msg_id: str | None = None,
+        ts: float | None = None,
     ) -> Envelope:
         """A new stream item.  ``sender`` is always the realm's own idea of who sends
-        (a session's user, or a local user named by an extension), never client input."""
+        (a session's user, or a local user named by an extension), never client input.
+        ``msg_id`` and ``ts``: drawn for a whole batch (see send_batch), else now."""
         return Envelope(
-            id=new_message_id(),
+            id=msg_id or new_message_id(),
             kind=kind,
             sender=sender,
             recipient=recipient,
-            ts=self._clock.seconds(),
+            ts=self._clock.seconds() if ts is None else ts,
             body=body,
             meta=meta,
         )
@@ -247,7 +250,8 @@ class Messaging:
         nonces = self._nonces.get(user)
         now = self._clock.seconds()
         commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]] = []
-        for to, body, nonce, notice, reply_to, tags in requests:
+        ids = new_message_ids(len(requests))  # (those of refused sends go unused)
+        for k, (to, body, nonce, notice, reply_to, tags) in enumerate(requests):
             if (
                 to[:1] == "#"
                 or reply_to is not None
@@ -280,7 +284,7 @@ class Messaging:
                     nonces = self._nonces.get(user)
                 outcomes.append(d)
                 continue
-            env = self.new_envelope(user, str(recipient), "text", body, meta)
+            env = self.new_envelope(user, str(recipient), "text", body, meta, ids[k], now)
             if recipient.realm != self._name:
                 outbox.append((recipient.realm, env))
             items.append(env)
