@@ -45,6 +45,8 @@ def privmsg(
         return None
     client = client_tags(tags) if tags else None  # relayed with it (message-tags)
     room = MAX_LINE - 2
+    realm = p.realm
+    source = f":{p.mask(p.user_id)} {command} "
     for target in targets:
         try:
             to = p.resolve(target)
@@ -55,14 +57,14 @@ def privmsg(
         # One IRC line at the recipient, with our source in front: longer is refused
         # (417) rather than split in two messages or cut.  (Encoded only when it
         # could be too long: a character is at most 4 bytes.)
-        shown = channel_of(to, p.realm.realm) if to.startswith("#") else p.nick_for(to)
-        head = f":{p.mask(p.user_id)} {command} {shown} :"
+        group = to[0] == "#"
+        head = source + (channel_of(to, realm.realm) if group else p.nick_for(to)) + " :"
         if (len(head) + len(text)) * 4 > room and len(head.encode()) + len(text.encode()) > room:
             if not notice:
                 ctx.num("417", "Message too long for one IRC line with its source")
             continue
-        if not notice and not to.startswith("#"):
-            presence = p.realm.presence_of(to)
+        if not notice and not group:
+            presence = realm.presence_of(to)
             if presence and presence[0] in ("away", "busy"):
                 ctx.num("301", p.nick_for(to), presence[1] or presence[0])
         # Settled by the connection once the batch of this read is committed (or
