@@ -16,7 +16,9 @@
   An upload's size is checked from ``Content-Length`` before the body is read (a
   refused body is discarded as it arrives, never stored); twisted.web keeps an accepted
   body in a temporary file, from which it is copied to the realm block by block in a
-  thread.  A download streams the requested range from disk as the client reads it.
+  thread.  Any other request's body is kept up to the API's bound (``MAX_API_BODY``),
+  the rest discarded as it arrives.  A download streams the requested range from disk
+  as the client reads it.
 
 Every response carries a strict Content-Security-Policy (scripts and styles from this
 origin only, no inline code, no framing) and ``nosniff``.  State-changing requests and
@@ -26,6 +28,7 @@ or ``[web] origins``).  The site translates; the realm decides.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -378,8 +381,26 @@ class _Discard:
         pass
 
 
+class _Capped(io.BytesIO):
+    """A request body kept in memory up to ``cap`` bytes; what follows is read from
+    the network and thrown away (the API refuses a body past its bound anyway)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self._cap = cap
+
+    def write(self, data: Any) -> int:
+        room = self._cap - self.getbuffer().nbytes
+        if room > 0:
+            super().write(bytes(data[:room]))
+        return len(data)
+
+
 class WebRequest(Request):
-    """A request whose upload limits are checked before its body is read."""
+    """A request whose body limits are checked before its body is read: an upload's
+    from its headers (refused: discarded as it arrives), any other's as the API's
+    bound (``MAX_API_BODY``): twisted.web would keep a body of 100 KB or more, or of
+    no stated length, whole in a temporary file, whoever sends it."""
 
     refused: tuple[int, str, str] | None = None
 
@@ -393,6 +414,11 @@ class WebRequest(Request):
             if self.refused is not None:
                 self.content = _Discard()
                 return
+            super().gotLength(length)
+            return
+        if length is None or length > MAX_API_BODY:
+            self.content = _Capped(MAX_API_BODY + 1)
+            return
         super().gotLength(length)
 
 
