@@ -77,6 +77,28 @@ def test_conversations_markers_and_counts(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_read_position_by_time(store: Any) -> Any:
+    """The newest item of a conversation before a time (IRC's MARKREAD names a marker
+    by a message's time), reactions aside, after a floor."""
+    conv = conversation_key(ALICE, BOB)
+    items = []
+    for i, (kind, ts) in enumerate([("text", 10.0), ("text", 20.5), ("reaction", 30.0)]):
+        env = item(BOB, ALICE, f"m{i}", kind)
+        env.ts = ts
+        items.append(env)
+    other = item(CAROL, ALICE, "elsewhere")
+    other.ts = 15.0
+    stored = yield store.append([items[0], other, items[1], items[2]])
+    first, second = stored[0].pos, stored[2].pos
+    assert (yield store.read_position(conv, 10.0, 0)) == 0  # before: strictly
+    assert (yield store.read_position(conv, 10.001, 0)) == first
+    assert (yield store.read_position(conv, 20.0, 0)) == first  # carol's is elsewhere
+    assert (yield store.read_position(conv, 99.0, 0)) == second  # not the reaction
+    assert (yield store.read_position(conv, 99.0, second)) == 0  # after the floor
+    assert (yield store.read_position("#dev@localhost", 99.0, 0)) == 0
+
+
+@pytest_twisted.inlineCallbacks
 def test_preferences(store: Any) -> Any:
     yield store.set_pref(ALICE, "read_receipts", "off")
     yield store.set_pref(BOB, "read_receipts", "off")

@@ -100,7 +100,7 @@ def join(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
             if group not in p.joined:  # a member whose client had closed it
                 p.joined.add(group)
                 ctx.send(format_line(p.mask(p.user_id), "JOIN", chan))
-                p.channel_burst(ctx, group, chan)
+                waits.append(p.channel_burst(ctx, group, chan))
         else:
             waits.append(group_change(p, ctx, "JOIN", chan, "joined", **key))
     return all_of(waits)

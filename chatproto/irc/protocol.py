@@ -33,6 +33,7 @@ from chatproto.irc import channels as _channels  # noqa: F401  (registers its co
 from chatproto.irc import messages as _messages  # noqa: F401
 from chatproto.irc import modes as _modes  # noqa: F401
 from chatproto.irc import oper as _oper  # noqa: F401
+from chatproto.irc import reading as _reading
 from chatproto.irc import registration as _registration
 from chatproto.irc import relations as _relations
 from chatproto.irc import users as _users  # noqa: F401
@@ -53,6 +54,7 @@ from chatproto.irc.lines import (
     user_of,
 )
 from chatproto.irc.modes import settings_modes
+from chatproto.irc.reading import READ_MARKER, MarkerState
 from chatproto.irc.registration import CAPABILITIES, DEVICE
 from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
 from chatproto.ratelimit import TokenBucket
@@ -130,6 +132,7 @@ class IRCProtocol(LineOnlyReceiver):
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
         self.awaiting: dict[tuple[str, str], Reply] = {}  # (event, group) -> labeled reply
+        self.markers = MarkerState()  # MARKREAD (chatproto.irc.reading)
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
         self._held: list[bytes] | None = None
@@ -388,6 +391,9 @@ class IRCProtocol(LineOnlyReceiver):
             ):
                 self.write(self.factory.tag_line(data, self._tagmode))
             return
+        if kind == "read":  # a read marker moved: MARKREAD (draft/read-marker)
+            _reading.read_notice(self, data)
+            return
         if kind == "typing":  # a native client typing: TAGMSG +typing (IRCv3 typing)
             if self._tagmode & 2 and data.get("user") != self.user_id:
                 tags = typing_tags(data, self.user_id, self.factory.clock.seconds())
@@ -484,15 +490,19 @@ class IRCProtocol(LineOnlyReceiver):
         if user == self.user_id:
             self.joined.discard(group)
 
-    def channel_burst(self, ctx: Reply, group: str, chan: str) -> None:
-        """Topic and names of a channel the client has just joined."""
+    def channel_burst(self, ctx: Reply, group: str, chan: str) -> Deferred[None] | None:
+        """Topic and names of a channel the client has just joined (and its read
+        marker: a Deferred then, fired once written)."""
         g = self.realm.groups.groups.get(group)
         if g is None:
-            return
+            return None
         if g.topic:
             ctx.num("332", chan, g.topic)
             self.topic_time(ctx, group, chan)
+        if READ_MARKER in self.caps:
+            return _reading.join_marker(self, ctx, group, chan)
         self.names(ctx, group, chan)
+        return None
 
     def topic_time(self, ctx: Reply, group: str, chan: str) -> None:
         """333 RPL_TOPICWHOTIME: who set the topic, and when."""

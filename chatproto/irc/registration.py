@@ -46,6 +46,7 @@ CAPABILITIES = (
     "batch",
     "draft/chathistory",
     "draft/message-redaction",
+    "draft/read-marker",
     "echo-message",
     "labeled-response",
     "message-tags",

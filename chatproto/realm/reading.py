@@ -166,6 +166,72 @@ class Reading:
                     self._to_peer(other, {**frame, "msg_id": page[-1].id})
         return {"with": other, "pos": pos}
 
+    # markers by time (IRC's draft/read-marker names a marker by a message's time) ------
+
+    def mark_read_until(
+        self, session: Session, peer: str, before_ts: float
+    ) -> Deferred[dict[str, Any]]:
+        """:meth:`mark_read` up to the newest item of the conversation with ``peer``
+        whose ``ts`` is less than ``before_ts`` (items about items aside); the same
+        checks, rate limit and result."""
+        self._take(session, "mark_read", MARK_RATE, MARK_BURST)
+        user = session.user_id
+        conv = self._conversation(user, peer)
+        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        return d.addCallback(self._mark_until, session, before_ts)
+
+    @inlineCallbacks
+    def _mark_until(self, conv: tuple[str, str, Any], session: Session, before_ts: float) -> Any:
+        floor = self._floor(session, conv)
+        pos = yield self._store.read_position(conv[0], before_ts, floor)
+        result = yield self._mark(session.user_id, conv, pos, session.floor)
+        return result
+
+    def marker(self, session: Session, peer: str) -> Deferred[dict[str, Any]]:
+        """The user's marker in the conversation with ``peer`` (checked as for
+        :meth:`mark_read`, and from the same token bucket), as :meth:`own_marker`."""
+        self._take(session, "mark_read", MARK_RATE, MARK_BURST)
+        conv = self._conversation(session.user_id, peer)
+        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        return d.addCallback(lambda c: self.own_marker(session, c[1]))
+
+    @inlineCallbacks
+    def own_marker(self, session: Session, where: str) -> Any:
+        """``{"with": where, "pos": P, "ts": T}``: the user's marker ``P`` in the
+        conversation with ``where`` (a canonical address the caller checked), ``T``
+        the time :meth:`marker_time` gives it."""
+        user = session.user_id
+        key = where if where.startswith("#") else conversation_key(user, where)
+        markers = yield self._store.read_markers(key)
+        pos = markers.get(user, 0)
+        ts = yield self.marker_time(session, where, pos)
+        return {"with": where, "pos": pos, "ts": ts}
+
+    def marker_time(self, session: Session, peer: str, pos: int) -> Deferred[float | None]:
+        """The ``ts`` of the newest item at or below position ``pos`` that ``history``
+        gives ``session``'s user in the conversation with ``peer`` (a canonical
+        address, as a ``read`` notice names it); None when ``pos`` is 0 or there is
+        none (not a member any more, nothing readable)."""
+        user = session.user_id
+        if pos <= 0:
+            return succeed(None)
+        if peer.startswith("#"):
+            key = peer
+            try:
+                floor = self._realm.groups.readable_from(peer, user)
+            except ChatError:
+                return succeed(None)
+        else:
+            key, floor = conversation_key(user, peer), session.floor
+        d = self._store.history(key, pos + 1, None, 1, floor)
+        return d.addCallback(lambda page: page[-1].ts if page else None)
+
+    def _floor(self, session: Session, conv: tuple[str, str, Any]) -> int:
+        """The lowest position (exclusive) ``session``'s user may read in ``conv``."""
+        if conv[2] is None:
+            return session.floor
+        return self._realm.groups.readable_from(conv[1], session.user_id)
+
     def set_read_receipts(self, session: Session, share: bool) -> Deferred[dict[str, Any]]:
         """Turn ``session``'s user's read receipts on or off (durably)."""
         user = session.user_id

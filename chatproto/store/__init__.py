@@ -326,6 +326,11 @@ class IStore(Interface):
     def read_markers(conv):  # type: ignore[misc]
         """``{user: position}``: every read marker in conversation ``conv``."""
 
+    def read_position(conv, before_ts, floor):  # type: ignore[misc]
+        """The position of the newest item of conversation ``conv`` after ``floor``
+        whose ``ts`` is less than ``before_ts``, items about items (reactions, edits,
+        deletes) aside; 0 when none.  (IRC names a read marker by a time.)"""
+
     def conversations(user, floor, groups, name, limit):  # type: ignore[misc]
         """The conversations of ``user``, most recent first, at most ``limit``: its
         private conversations with an item after ``floor``, and each group of

@@ -86,6 +86,7 @@ class StoreDB(Protocol):
         reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult: ...
     def read_markers(self, conv: str) -> dict[str, int]: ...
+    def read_position(self, conv: str, before_ts: float, floor: int) -> int: ...
     def index_search(self, limit: int) -> int: ...
     def search(
         self,
@@ -827,6 +828,9 @@ class GroupCommitStore:
             return stored
 
         return self._read(lambda db: db.read_markers(conv)).addCallback(merge)
+
+    def read_position(self, conv: str, before_ts: float, floor: int) -> Deferred[int]:
+        return self._read(lambda db: db.read_position(conv, before_ts, floor))
 
     def conversations(
         self,

@@ -448,6 +448,14 @@ class MemoryStore:
     def read_markers(self, conv: str) -> Deferred[dict[str, int]]:
         return succeed({u: p for (u, c), p in self.reads.items() if c == conv})
 
+    def read_position(self, conv: str, before_ts: float, floor: int) -> Deferred[int]:
+        for e in reversed(self.items):
+            if e.pos <= floor:
+                break
+            if e.conversation == conv and e.ts < before_ts and e.kind not in REF_KINDS:
+                return succeed(e.pos)
+        return succeed(0)
+
     def conversations(
         self,
         user: str,

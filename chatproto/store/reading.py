@@ -93,6 +93,18 @@ class ReadingSQL:
         rows = self._rows("SELECT user_addr, pos FROM read_markers WHERE conv = ?", (conv,))
         return {r[0]: int(r[1]) for r in rows}
 
+    def read_position(self, conv: str, before_ts: float, floor: int) -> int:
+        """The position of the newest item of ``conv`` after ``floor`` that is not an
+        item about another (a reaction, an edit, a delete) and whose ``ts`` is less
+        than ``before_ts``; 0 when none.  Walks the conversation's index from its end:
+        cheap for the recent items a client marks read."""
+        rows = self._rows(
+            "SELECT pos FROM items WHERE conv = ? AND pos > ? AND ts < ? "
+            "AND kind NOT IN ('edit', 'delete', 'reaction') ORDER BY pos DESC LIMIT 1",
+            (conv, floor, before_ts),
+        )
+        return int(rows[0][0]) if rows else 0
+
     def prefs(self, key: str) -> dict[str, str]:
         """``{user: value}`` of every user who set preference ``key``."""
         rows = self._rows("SELECT user_addr, value FROM prefs WHERE key = ?", (key,))
