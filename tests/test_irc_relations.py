@@ -125,6 +125,53 @@ def test_replies_carry_draft_reply(factory: IRCFactory, realm: RealmService) -> 
     assert rtags["+draft/reply"] == tags["msgid"]
 
 
+def test_an_irc_reply_is_a_realm_reply(factory: IRCFactory, realm: RealmService) -> None:
+    """``@+draft/reply=<msgid> PRIVMSG`` naming a message of the conversation the
+    gateway rendered is stored as a reply (``meta.reply_to``): native clients see
+    the reply, IRC clients the tag (written from it); other client tags stay."""
+    alice = login(factory, "alice", CAPS)
+    bob = login(factory, "bob", CAPS)
+    for c in (alice, bob):
+        c.send("JOIN #t")
+    alice.lines(), bob.lines()
+    dave = Native(realm, "dave")
+    dave.req("join", group="#t")
+    alice.lines(), bob.lines()
+    dave.req("send", to="#t", body="question")
+    [(tags, _, _)] = parsed(alice)
+    bob.lines()
+    q = next(f for f in dave.got if f.get("body") == "question")
+    alice.send(f"@+draft/reply={tags['msgid']};+x=1 PRIVMSG #t :answer", bytewise=True)
+    [(echo, cmd, _)] = parsed(alice)
+    assert cmd == "PRIVMSG" and echo["+draft/reply"] == tags["msgid"] and echo["+x"] == "1"
+    [(got, cmd, params)] = parsed(bob)
+    assert params == ["#t", "answer"] and got["+draft/reply"] == tags["msgid"]
+    answer = next(f for f in dave.drain() if f.get("body") == "answer")
+    assert answer["meta"] == {"reply_to": q["msg_id"], "tags": {"+x": "1"}}
+    # In a private conversation too; a msgid of another conversation (or unknown)
+    # is no reply: the tag is relayed as it was sent.
+    dave.req("send", to="alice", body="dm")
+    [(dm, _, _)] = parsed(alice)
+    alice.send(f"@+draft/reply={dm['msgid']} PRIVMSG dave :re dm")
+    alice.send(f"@+draft/reply={tags['msgid']} PRIVMSG dave :not that one")
+    alice.send("@+draft/reply=999999 PRIVMSG dave :unknown")
+    alice.lines()
+    got_dms = [f for f in dave.drain() if f.get("type") == "msg" and f["to"] == "dave@localhost"]
+    dm_id = next(f for f in dave.got if f.get("body") == "dm")["msg_id"]
+    assert [f["meta"] for f in got_dms] == [
+        {"reply_to": dm_id},
+        {"tags": {"+draft/reply": tags["msgid"]}},
+        {"tags": {"+draft/reply": "999999"}},
+    ]
+    # A reply to a message deleted meanwhile: the realm's not_found, as a numeric.
+    dave.req("delete", msg_id=dm_id)
+    alice.lines()
+    alice.send(f"@+draft/reply={dm['msgid']} PRIVMSG dave :too late")
+    [(_, cmd, params)] = parsed(alice)
+    assert cmd == "400" and params[1] == "PRIVMSG"
+    assert not [f for f in dave.drain() if f.get("body") == "too late"]
+
+
 def test_redact_deletes_and_is_relayed(factory: IRCFactory, realm: RealmService) -> None:
     alice = login(factory, "alice", CAPS)
     bob = login(factory, "bob", CAPS)

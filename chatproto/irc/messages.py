@@ -19,7 +19,7 @@ from chatproto.irc.lines import (
     param,
     with_tag,
 )
-from chatproto.irc.relations import react_from_tags
+from chatproto.irc.relations import react_from_tags, reply_from_tags
 from chatproto.irc.replies import PendingSend, Reply, next_batch_id
 from chatproto.realm.tags import client_tags
 
@@ -69,7 +69,8 @@ def privmsg(
                 ctx.num("301", p.nick_for(to), presence[1] or presence[0])
         # Settled by the connection once the batch of this read is committed (or
         # refused): ctx finishes when the last of its targets is.
-        p.queue_send(PendingSend(to, text, ctx, command, target, notice), client or None)
+        reply_to, tags_kept = reply_from_tags(p, to, client)
+        p.queue_send(PendingSend(to, text, ctx, command, target, notice), tags_kept, reply_to)
 
 
 @command("TAGMSG", params=1)

@@ -568,17 +568,20 @@ class IRCProtocol(LineOnlyReceiver):
         finally:
             self._sends = None
 
-    def queue_send(self, entry: PendingSend, tags: dict[str, str] | None) -> None:
+    def queue_send(
+        self, entry: PendingSend, tags: dict[str, str] | None, reply_to: str | None = None
+    ) -> None:
         """Send ``entry`` (a PRIVMSG or NOTICE to one target) with the other sends of
         this batch (the read being handled, or the held lines being run): handed to
         the realm at its end, or before the next command that is not a PRIVMSG or
         NOTICE.  Its command's Reply (``entry.ctx``) finishes once all its sends are
         settled: committed (see :meth:`_sent`) or refused (:meth:`_send_failed`).
 
-        No Deferred per line: a batch's committed run settles its entries in order."""
+        No Deferred per line: a batch's committed run settles its entries in order.
+        ``reply_to``: the ``msg_id`` it answers (a realm reply)."""
         entry.ctx.sends += 1
         self.pending_sends.append(entry)
-        req: SendRequest = (entry.to, entry.body, None, entry.quiet, None, tags)
+        req: SendRequest = (entry.to, entry.body, None, entry.quiet, reply_to, tags)
         if self._sends is None:  # not inside a batch: a batch of its own
             self._sends = [(req, entry)]
             self._end_batch()

@@ -12,7 +12,9 @@ delete items reach IRC clients by msgid:
 - a ``reaction`` item: ``@msgid=P;+draft/react=👍;+draft/reply=T TAGMSG target`` (with
   ``+draft/unreact`` when it is taken back), to clients with ``message-tags``;
 - a ``delete`` item: ``REDACT target T``, to clients with ``draft/message-redaction``;
-- a reply: ``+draft/reply=T`` on its PRIVMSG (see ``IRCFactory.lines``).
+- a reply: ``+draft/reply=T`` on its PRIVMSG (see ``IRCFactory.lines``); and a
+  PRIVMSG from an IRC client with ``+draft/reply`` naming a message of its
+  conversation that the gateway rendered is a realm reply (:func:`reply_from_tags`).
 
 An edit has no IRC form: it reaches IRC clients as a notice ``[edit] <text>``.  The
 realm decides everything (who may react or delete what): this module translates.
@@ -35,7 +37,7 @@ from chatproto.realm.tags import tag_data
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
 
-__all__ = ["REDACTION", "MsgIds", "react_from_tags", "render"]
+__all__ = ["REDACTION", "MsgIds", "react_from_tags", "render", "reply_from_tags"]
 
 #: The capability of IRCv3 message redaction (a work-in-progress spec: prefixed).
 REDACTION = "draft/message-redaction"
@@ -129,6 +131,24 @@ def react_from_tags(
     d = p.realm.relations.react(p.session, msg_id, emoji, remove)
     d.addBoth(_settled, p, entry)
     return d.addCallbacks(lambda _: None, _failed, errbackArgs=(p, ctx, "TAGMSG", target))
+
+
+def reply_from_tags(
+    p: IRCProtocol, to: str, client: dict[str, str] | None
+) -> tuple[str | None, dict[str, str] | None]:
+    """``(reply_to, client tags to keep)`` of a ``PRIVMSG`` to ``to`` (canonical)
+    with these client tags: with ``+draft/reply`` naming a message of that
+    conversation this gateway rendered, a realm reply to it (its ``msg_id``; the tag
+    itself is not kept: the gateway writes it from ``reply_to``); else no reply, and
+    the tags are kept as they are (relayed)."""
+    if not client:
+        return None, None
+    msgid = client.get("+draft/reply")
+    msg_id = p.factory.msgids.msg_id(msgid, p.user_id, to) if msgid else None
+    if msg_id is None:
+        return None, client or None
+    rest = {k: v for k, v in client.items() if k != "+draft/reply"}
+    return msg_id, rest or None
 
 
 def echo_key(msg_id: Any, emoji: Any, remove: bool) -> str:
