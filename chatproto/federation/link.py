@@ -37,8 +37,9 @@ MAX_TXN_ITEMS = 1000
 PRESENCE_RATE = 200.0
 PRESENCE_BURST = 2000.0
 #: ``reading`` frames (read markers and typing notices of private conversations,
-#: chatproto.realm.reading) a link accepts per second, and at once; past that they are
-#: dropped (ephemeral: the next marker says as much), not fatal.
+#: typing in groups; chatproto.realm.reading) a link accepts per second, and at
+#: once; past that they are dropped (ephemeral: the next marker says as much), not
+#: fatal.
 READING_RATE = 100.0
 READING_BURST = 1000.0
 #: The smallest ``max_frame`` a welcome may announce (``[federation] max_frame``'s).

@@ -256,7 +256,8 @@ class FederationService(MultiService):
 
     def reading(self, realm: str, frame: dict[str, Any]) -> None:
         """A ``reading`` frame (a read marker or typing notice of a private
-        conversation, chatproto.realm.reading) for ``realm`` (an allowed peer)."""
+        conversation, or typing in a group; chatproto.realm.reading) for ``realm``
+        (an allowed peer)."""
         if self.running:
             self.link(realm).reading(frame)
 

@@ -7,7 +7,8 @@ every device agrees) and, in a private conversation, to the other party unless t
 reader turned read receipts off.  The **conversation list** (``conversations``) is
 the sidebar a fresh client starts from: every conversation with its last item, the
 user's marker and the unread count the realm computes.  **Typing** notices are
-ephemeral: passed on to whoever is online, never stored.
+ephemeral: passed on to whoever is online, never stored; in a group with members on
+other realms, through the group's home realm as its items go.
 
 Markers, typing, search and the conversation list are rate-limited per connection (a
 token bucket each), so none can be used to flood other users or the store.  The rules
@@ -17,6 +18,7 @@ are in PROTOCOL.md ("Read markers and the conversation list", "typing").
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -56,6 +58,8 @@ MARK_BURST = 20
 #: ``typing`` token bucket of each connection.
 TYPING_RATE = 1.0
 TYPING_BURST = 5
+#: Typists of other realms whose typing bucket (in groups) is kept, at most.
+REMOTE_TYPISTS = 4096
 #: The most (and default) conversations one ``conversations`` request returns.
 CONVERSATIONS_LIMIT = 500
 #: ``conversations`` token bucket of each connection: a list costs the store a few
@@ -86,6 +90,8 @@ class Reading:
         self._buckets: weakref.WeakKeyDictionary[Session, dict[str, TokenBucket]] = (
             weakref.WeakKeyDictionary()
         )
+        #: (typist of another realm, group) -> their typing bucket, the most recent last
+        self._remote_typists: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
     def load(self) -> Deferred[None]:
         """Read the users' read-receipt switches (at start-up)."""
@@ -340,8 +346,7 @@ class Reading:
     def _typing(self, user: str, conv: tuple[str, str, Any], active: bool) -> dict[str, Any]:
         _, other, group = conv
         if group is not None:
-            notice = Notice({"type": "typing", "with": other, "user": user, "typing": active})
-            self._realm.sessions.notify([m for m in group.members if m != user], notice)
+            self._group_typing(user, other, group, active, None)
         elif other != user and other.endswith("@" + self._realm.realm):
             notice = Notice({"type": "typing", "with": user, "user": user, "typing": active})
             self._realm.sessions.notify((other,), notice)
@@ -350,14 +355,71 @@ class Reading:
             self._to_peer(other, {**frame, "typing": active})
         return {"with": other}
 
+    def _group_typing(
+        self, user: str, addr: str, group: Any, active: bool, origin: str | None
+    ) -> None:
+        """``user`` is typing in group ``addr``: its members here are told, and the
+        other realms with members through the group's home realm, as its items go
+        (from a member realm to the home realm, from the home realm to every member
+        realm but ``origin``, the realm it came from)."""
+        notice = Notice({"type": "typing", "with": addr, "user": user, "typing": active})
+        self._realm.sessions.notify([m for m in group.members if m != user], notice)
+        home = addr.rpartition("@")[2]
+        if home == self._realm.realm:
+            realms = self._realm.realms_of(group.members) - {origin}
+        elif origin is None:
+            realms = {home}
+        else:
+            return  # the home realm told the other member realms itself
+        frame = {"type": "reading", "kind": "typing", "from": user, "to": addr, "typing": active}
+        for realm in sorted(realms):
+            self._to_realm(realm, frame)
+
     # across realms ---------------------------------------------------------------------------
 
     def _to_peer(self, other: str, frame: dict[str, Any]) -> None:
         """A ``reading`` frame for the realm of ``other`` (federation: ephemeral)."""
+        self._to_realm(other.rpartition("@")[2], frame)
+
+    def _to_realm(self, realm: str, frame: dict[str, Any]) -> None:
         fed = self._realm.federation
-        realm = other.rpartition("@")[2]
         if fed is not None and self._realm.config.federation.allows(realm):
             fed.reading(realm, frame)
+
+    def _remote_group_typing(self, origin: str, sender: str, target: str, active: bool) -> None:
+        """A member of group ``target`` typing, from peer realm ``origin``: from a
+        member realm, about one of its own users, to our group; or from the group's
+        home realm, about a member of any realm but ours (a relay: typing carries no
+        words).  The typist must be a member (the group, or our mirror of it), and a
+        typist gets :data:`TYPING_BURST` notices at once and :data:`TYPING_RATE` a
+        second here, as on a connection; anything else is ignored."""
+        try:
+            who = str(address.user(sender, origin))
+            addr = str(address.parse(target, origin, group=True))
+        except ChatError:
+            return
+        home, mine = addr.rpartition("@")[2], self._realm.realm
+        typist_realm = who.rpartition("@")[2]
+        if typist_realm == mine:
+            return  # our own users' typing never comes from elsewhere
+        if home == mine:
+            if typist_realm != origin:
+                return  # a member realm speaks for its own users only
+        elif home != origin:
+            return  # only the home realm relays a group's typing
+        group = self._realm.groups.groups.get(addr)
+        if group is None or who not in group.members:
+            return
+        now = self._realm.clock.seconds()
+        key = (who, addr)
+        bucket = self._remote_typists.pop(key, None) or TokenBucket(TYPING_RATE, TYPING_BURST, now)
+        self._remote_typists[key] = bucket
+        if len(self._remote_typists) > REMOTE_TYPISTS:
+            self._remote_typists.popitem(last=False)
+        if bucket.take(now):
+            self._realm.stats.rate_limited("remote_typing")
+            return
+        self._group_typing(who, addr, group, active, origin)
 
     def remote(self, origin: str, frame: dict[str, Any]) -> Any:
         """A ``reading`` frame from peer realm ``origin``: one of its users read (up to
@@ -367,6 +429,10 @@ class Reading:
         of another conversation."""
         sender, target = frame.get("from"), frame.get("to")
         if not isinstance(sender, str) or not isinstance(target, str):
+            return None
+        if target.startswith("#"):
+            if frame.get("kind") == "typing" and isinstance(frame.get("typing"), bool):
+                self._remote_group_typing(origin, sender, target, frame["typing"])
             return None
         try:
             who = address.user(sender, origin)
