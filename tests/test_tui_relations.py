@@ -4,16 +4,29 @@ tests/test_tui_tmux.py)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from chatproto import client
+from chatproto.tui import commands
+from chatproto.tui.controller import ChatController
 from chatproto.tui.model import ChatModel, MessageLine
-from chatproto.tui.view import message_markup
+from chatproto.tui.view import ChatView, message_markup, title_markup
+from tests.conftest import (
+    server,  # noqa: F401
+    until,
+)
+from tests.test_irc_conformance_loopback import connect as raw_connect
+from tests.test_irc_loopback import PW as IRC_PW
+from tests.test_irc_loopback import irc_gateway
+from tests.test_tui import UTC, FakeController, text_of
+from tests.test_tui_loopback import bodies, logged_in, notices, register
 from tests.test_tui_tmux import PASSWORD, Tmux, _client_env, realm, tmux  # noqa: F401
 from tests.test_tui_tmux import pytestmark as needs_tmux
 
@@ -61,6 +74,141 @@ def test_the_model_applies_reactions_edits_and_deletes() -> None:
     assert conv.latest(False, "al@x") is None and conv.latest(True, "al@x")["msg_id"] == "m2"
 
 
+def test_messages_are_numbered_and_commands_take_a_number() -> None:
+    """Beside each message or file not deleted, its number (1: the newest); /react,
+    /reply, /edit and /delete take one first (a word of digits followed by more, or
+    alone for /delete)."""
+    model = ChatModel()
+    model.me, model.realm = "al@x", "x"
+    for i, (who, body) in enumerate([("bob@x", "one"), ("al@x", "two"), ("bob@x", "three")]):
+        model.receive(_item(i + 1, "text", who, body))
+    model.receive(_item(4, "event", "bob@x"))
+    conv = model.conversation("bob@x")
+    assert conv.numbers() == {3: 1, 2: 2, 1: 3}
+    assert conv.numbered(3)["body"] == "one" and conv.numbered(4) is None
+    model.receive(_item(5, "delete", "bob@x", ref="m3"))
+    assert conv.numbers() == {2: 1, 1: 2}
+    model.select("bob@x")
+    conv.history = "complete"
+    screen = text_of(ChatView(model, FakeController(), tz=UTC), (80, 10))
+    assert "  2 00:00 <bob> one" in screen and "  1 00:00 <al> two" in screen
+    assert "    00:00 <bob> (deleted)" in screen
+    parse = commands.parse
+    assert parse("/react 2 👍").args == {"N": "2", "EMOJI": "👍"}  # type: ignore[union-attr]
+    assert parse("/react 👍").args == {"EMOJI": "👍"}  # type: ignore[union-attr]
+    assert parse("/react 3").args == {"EMOJI": "3"}  # type: ignore[union-attr]
+    assert parse("/edit 2 new text").args == {"N": "2", "TEXT": "new text"}  # type: ignore[union-attr]
+    assert parse("/edit 2").args == {"TEXT": "2"}  # type: ignore[union-attr]
+    assert parse("/reply \uff12 x").args == {"TEXT": "\uff12 x"}  # type: ignore[union-attr]
+    assert parse("/delete 4").args == {"N": "4"}  # type: ignore[union-attr]
+    assert parse("/delete").args == {}  # type: ignore[union-attr]
+    for bad in ("/delete x", "/delete 4 5", "/react 1 👍 more", "/react"):
+        try:
+            parse(bad)
+        except commands.UsageError:
+            continue
+        raise AssertionError(bad)
+
+
+@pytest_twisted.inlineCallbacks
+def test_react_edit_delete_by_number_over_tcp(server: Any) -> Any:  # noqa: F811
+    """The controller against a real realm: a message picked by its number."""
+    _, _, addr = server
+    yield register(addr, "alice", "bob")
+    alice = yield logged_in(addr, "alice")
+    bob = yield logged_in(addr, "bob")
+    try:
+        for body in ("first", "second", "third"):
+            yield bob.run(f"/msg alice {body}")
+        yield alice.run("/msg bob mine")
+        yield until(lambda: bodies(alice, "bob@localhost") == ["first", "second", "third", "mine"])
+        conv = alice.model.conversation("bob@localhost")
+        yield alice.run("/react 3 🎉")  # "second": 1 is "mine", 2 "third"
+        yield alice.run("/reply 4 back to the start")
+        # the reply is 1 now: "third" is 3, bob's: refused, nothing sent
+        yield alice.run("/edit 3 not mine")
+        yield alice.run("/delete 9")
+        assert notices(alice, "bob@localhost")[-2:] == [
+            "message 3 is not yours",
+            "no message 9 here (the number beside it)",
+        ]
+        yield alice.run("/edit 2 mine, edited")
+        bconv = bob.model.conversation("alice@localhost")
+
+        def shown(c: Any) -> dict[str, Any]:
+            return {i["body"]: i.get("meta") or {} for i in c.items.values()}
+
+        yield until(lambda: shown(bconv).get("mine, edited", {}).get("edited"))
+        assert shown(bconv)["second"]["reactions"] == {"🎉": ["alice@localhost"]}
+        first_id = next(i["msg_id"] for i in bconv.items.values() if i["body"] == "first")
+        assert shown(bconv)["back to the start"]["reply_to"] == first_id
+        yield bob.run("/delete 5")  # "first", his own
+        yield until(lambda: shown(conv).get("", {}).get("deleted"))
+        assert "first" not in bodies(alice, "bob@localhost")
+    finally:
+        yield alice.stop()
+        yield bob.stop()
+
+
+def test_typing_shows_in_the_title_for_six_seconds() -> None:
+    now = [1000.0]
+    model = ChatModel(clock=lambda: now[0])
+    model.me, model.realm = "al@x", "x"
+    model.receive(_item(1, "text", "bob@x", "hi"))
+    model.select("bob@x")
+    model.set_typing("bob@x", "bob@x", True)
+    model.set_typing("nobody@x", "nobody@x", True)  # not in the sidebar: ignored
+    assert "nobody@x" not in model.conversations
+    assert title_markup(model).endswith("(offline)  · bob is typing…")
+    now[0] += 5.9
+    assert "typing" in title_markup(model)
+    now[0] += 0.2
+    assert "typing" not in title_markup(model)
+    model.set_typing("bob@x", "bob@x", True)
+    model.receive(_item(2, "text", "bob@x", "done typing"))  # the message ends it
+    assert "typing" not in title_markup(model)
+    model.set_typing("bob@x", "bob@x", True)
+    model.set_typing("bob@x", "bob@x", False)
+    assert "typing" not in title_markup(model)
+
+
+@pytest.fixture
+def gateway(tmp_path: Any) -> Any:
+    yield from irc_gateway(tmp_path, ("alice", "bob", "carol"), IRC_PW)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_tui_shows_typing_from_irc_and_native_users(gateway: Any) -> Any:
+    """An IRC user's ``+typing`` (TAGMSG, relayed as client tags) and a native
+    client's ``typing`` show in the TUI's title, in a DM and in a group."""
+    _, port, addr = gateway
+    alice = ChatController(_reactor, ChatModel())
+    yield alice.login(addr, "alice", IRC_PW)
+    irc = yield raw_connect(port, "bob", "message-tags", IRC_PW)
+    carol = yield client.connect(_reactor, addr, "carol", IRC_PW)
+    try:
+        yield alice.run("/create #t")
+        irc.send("JOIN #t")
+        yield carol.join("#t")
+        irc.send("PRIVMSG alice :hello")
+        yield until(lambda: "bob@localhost" in alice.model.conversations)
+        alice.open("bob@localhost")
+        irc.send("@+typing=active TAGMSG alice")
+        yield until(lambda: "bob is typing…" in title_markup(alice.model))
+        irc.send("@+typing=done TAGMSG alice")
+        yield until(lambda: "typing" not in title_markup(alice.model))
+        alice.open("#t@localhost")
+        irc.send("@+typing=active TAGMSG #t")
+        yield carol.typing("#t")
+        yield until(lambda: "bob, carol are typing…" in title_markup(alice.model))
+        irc.send("@+typing=paused TAGMSG #t")
+        yield until(lambda: title_markup(alice.model).endswith("carol is typing…"))
+    finally:
+        yield alice.stop()
+        yield carol.close()
+        irc.transport.loseConnection()
+
+
 @needs_tmux
 @pytest_twisted.inlineCallbacks
 def test_reply_react_edit_delete_in_the_real_tui(
@@ -101,3 +249,11 @@ def test_reply_react_edit_delete_in_the_real_tui(
     assert "lunch tomorrow" not in screen and "┌ <alice> (deleted)" in screen
     tmux.type("bob", "/react 👍")  # nothing of alice's is left to react to
     yield tmux.wait("bob", r"!! no message of someone else's here")
+    # any message in view, by the number beside it (1: the newest)
+    tmux.type("alice", "/msg bob one more")
+    screen = yield tmux.wait("bob", r"  1 \d\d:\d\d <alice> one more")
+    assert re.search(r"  2 \d\d:\d\d <bob> yes, at two \(edited\)", screen), screen
+    tmux.type("bob", "/react 2 🎉")  # his own, not the latest of alice's
+    yield tmux.wait("alice", r"<bob> yes, at two \(edited\)  \[🎉 1\]")
+    tmux.type("bob", "/edit 1 no")
+    yield tmux.wait("bob", r"!! message 1 is not yours")

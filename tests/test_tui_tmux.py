@@ -163,7 +163,7 @@ def test_two_users_chat_in_the_real_tui(realm: str, tmux: Tmux, tmp_path: Path) 
     tmux.paste("bob", "first line\nsecond line")
     tmux.key("bob", "Enter")
     # (the continuation line starts under the first: sidebar, then 12 columns in)
-    screen = yield tmux.wait("alice", r"<bob> first line\n.{25} {12}second line$")
+    screen = yield tmux.wait("alice", r"<bob> first line\n.{25} {16}second line$")
     assert screen.count("hello from alice") == 1
     # a realm error is a readable line, not a traceback
     tmux.type("bob", "/msg nobody hi")

@@ -38,7 +38,10 @@ class UsageError(Exception):
 class Param:
     """One argument: ``kind`` picks the completion source (``user``, ``group``,
     ``peer``, ``path``, ``file``, ``status``, ``command``, ``text``); ``rest`` takes
-    the rest of the line, spaces included."""
+    the rest of the line, spaces included.  A ``message`` (the number shown beside a
+    message) is optional and first: a word of digits is one when the command has
+    nothing else to take or more words follow (``/edit 3 new text``; ``/edit 3``
+    makes the text "3")."""
 
     name: str
     kind: str
@@ -129,20 +132,25 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("unban", (_p("USER", "user"),), "let a banned USER join this group again"),
         CommandSpec(
             "reply",
-            (_p("TEXT", "text", rest=True),),
-            "answer the latest message of someone else here (shown quoted)",
+            (_p("N", "message", True), _p("TEXT", "text", rest=True)),
+            "answer message N (the number beside it; default: the latest of someone else)",
         ),
         CommandSpec(
             "react",
-            (_p("EMOJI", "text"),),
-            "react with EMOJI to the latest message of someone else here (again: take it back)",
+            (_p("N", "message", True), _p("EMOJI", "text")),
+            "react with EMOJI to message N (default: the latest of someone else); "
+            "again: take it back",
         ),
         CommandSpec(
             "edit",
-            (_p("TEXT", "text", rest=True),),
-            "replace the text of your latest message here (shown '(edited)')",
+            (_p("N", "message", True), _p("TEXT", "text", rest=True)),
+            "replace the text of your message N (default: your latest) (shown '(edited)')",
         ),
-        CommandSpec("delete", (), "delete your latest message or file here"),
+        CommandSpec(
+            "delete",
+            (_p("N", "message", True),),
+            "delete your message or file N (default: your latest)",
+        ),
         CommandSpec(
             "report",
             (_p("REASON", "text", rest=True),),
@@ -220,6 +228,15 @@ def _unquote(text: str) -> str:
     return text
 
 
+def _present(params: Sequence[Param], words: Sequence[str]) -> Sequence[Param]:
+    """``params`` without a leading message number that ``words`` do not give."""
+    if params and params[0].kind == "message":
+        first = words[0] if words else ""
+        if not (first.isascii() and first.isdigit() and (len(params) == 1 or len(words) > 1)):
+            return params[1:]
+    return params
+
+
 def parse(line: str) -> Command | Say | None:
     """Parse an input line: None for a blank line, :class:`Say` for a message,
     :class:`Command` for a command; raises :class:`UsageError`."""
@@ -235,7 +252,7 @@ def parse(line: str) -> Command | Say | None:
     spec = lookup(name)
     args: dict[str, str] = {}
     rest = tail.strip()
-    for param in spec.params:
+    for param in _present(spec.params, rest.split(" ")):
         if not rest:
             if not param.optional:
                 raise UsageError(f"usage: {spec.usage}")
@@ -333,7 +350,7 @@ def candidates(line: str, cursor: int, names: Names) -> tuple[int, list[str]]:
             return cursor, []
         words = tail.lstrip().split(" ") if tail.strip() else [""]
         index = len(words) - 1
-        for i, param in enumerate(spec.params):
+        for i, param in enumerate(_present(spec.params, words)):
             if param.rest and index >= i and param.kind == "text":
                 break  # free text: complete names in it, as in a message
             if param.rest and index >= i:

@@ -39,7 +39,7 @@ from chatproto.display import action_body, format_message, short
 from chatproto.errors import ChatError
 from chatproto.failures import explain
 from chatproto.tui import commands, settings
-from chatproto.tui.model import PAGE, STATUS, ChatModel
+from chatproto.tui.model import PAGE, STATUS, TYPING_SHOWN, ChatModel
 
 __all__ = ["ChatController", "LoginError"]
 
@@ -111,6 +111,7 @@ class ChatController:
         #: account -> the file remembering its conversations (None: remember nothing)
         self.conversations_path = conversations_path
         self._remembered: tuple[str, set[str]] | None = None  # (file, addresses saved)
+        self._typing_call: Any = None  # refreshes the screen when a typing notice expires
         model.subscribe(self._remember)
         #: read markers: the newest position shown per conversation, what was sent to
         #: the realm, and the pending send (markers go at most every half second)
@@ -220,6 +221,7 @@ class ChatController:
             device=device,
             on_message=self._message,
             on_presence=self._presence,
+            on_notice=self._notice,
             retryPolicy=self._policy,
         )
         first = next_turn(self.reactor, service.whenConnected(failAfterFailures=1))
@@ -284,9 +286,10 @@ class ChatController:
 
     def stop(self) -> Deferred[None]:
         """Close the connection (acks flushed) and stop reconnecting."""
-        if self._marking is not None and self._marking.active():
-            self._marking.cancel()
-        self._marking = None
+        for call in (self._marking, self._typing_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._marking = self._typing_call = None
         service, self.service = self.service, None
         self.model.set_connection("offline", "")
         if service is None or not service.running:
@@ -349,6 +352,25 @@ class ChatController:
             if self._sent_marks.get(addr, 0) < pos:
                 self._sent_marks[addr] = pos
                 conn.mark_read(addr, pos).addErrback(lambda _: None)
+
+    def _notice(self, frame: dict[str, Any]) -> None:
+        """Ephemeral frames: ``typing`` (a native client), and ``tags`` with IRCv3's
+        ``+typing`` (an IRC user: ``active``; ``paused`` and ``done`` stop it)."""
+        kind = frame.get("type")
+        if kind == "typing":
+            where, user, active = frame.get("with"), frame.get("user"), frame.get("typing")
+        elif kind == "tags" and isinstance(frame.get("tags"), dict) and "+typing" in frame["tags"]:
+            to, user = str(frame.get("to", "")), frame.get("from")
+            where = to if to.startswith("#") else user
+            active = frame["tags"]["+typing"] == "active"
+        else:
+            return
+        if isinstance(where, str) and isinstance(user, str) and isinstance(active, bool):
+            self.model.set_typing(where, user, active)
+            if active:  # shown until then, unless a newer notice or a message comes
+                if self._typing_call is not None and self._typing_call.active():
+                    self._typing_call.cancel()
+                self._typing_call = self.reactor.callLater(TYPING_SHOWN, self.model.changed)
 
     def _presence(self, frame: dict[str, Any]) -> None:
         user = str(frame.get("user", ""))
@@ -544,28 +566,44 @@ class ChatController:
             raise commands.UsageError(f"no message {whose} here")
         return item
 
+    def _pick(self, cmd: commands.Command, mine: bool, what: str) -> dict[str, Any]:
+        """The message ``cmd`` names by its number (``N``, the number beside it), or
+        else the latest one (``mine``: of the user's own; else of someone else's).
+        With a number, ``mine`` requires it to be the user's own."""
+        number = cmd.get("N")
+        if not number:
+            return self._latest(mine, what)
+        if self.model.active == STATUS:
+            raise commands.UsageError(f"{what} works in a conversation: open one first")
+        item = self.model.current.numbered(int(number))
+        if item is None:
+            raise commands.UsageError(f"no message {number} here (the number beside it)")
+        if mine and item.get("from") != self.model.me:
+            raise commands.UsageError(f"message {number} is not yours")
+        return item
+
     async def _cmd_reply(self, cmd: commands.Command) -> None:
-        item = self._latest(False, "/reply")
+        item = self._pick(cmd, False, "/reply")
         if self.service is None:
             raise commands.UsageError("not connected")
         await self.service.send(self.model.active, cmd.get("TEXT"), reply_to=item["msg_id"])
 
     async def _cmd_react(self, cmd: commands.Command) -> None:
-        item = self._latest(False, "/react")
+        item = self._pick(cmd, False, "/react")
         emoji = cmd.get("EMOJI")
         reacted = (item.get("meta") or {}).get("reactions", {}).get(emoji, ())
         conn = await self._ready()
         await conn.react(item["msg_id"], emoji, remove=self.model.me in reacted)
 
     async def _cmd_edit(self, cmd: commands.Command) -> None:
-        item = self._latest(True, "/edit")
+        item = self._pick(cmd, True, "/edit")
         if item.get("kind") != "text":
-            raise commands.UsageError("your latest message here is a file: /delete it")
+            raise commands.UsageError("that is a file, which has no text to edit: /delete it")
         conn = await self._ready()
         await conn.edit(item["msg_id"], cmd.get("TEXT"))
 
     async def _cmd_delete(self, cmd: commands.Command) -> None:
-        item = self._latest(True, "/delete")
+        item = self._pick(cmd, True, "/delete")
         conn = await self._ready()
         await conn.delete(item["msg_id"])
 

@@ -27,6 +27,7 @@ from chatproto.mentions import mentions
 
 __all__ = [
     "STATUS",
+    "TYPING_SHOWN",
     "ChatModel",
     "Conversation",
     "DaySeparator",
@@ -46,6 +47,8 @@ PAGE = 50
 #: Items that change another item instead of being a line (PROTOCOL.md, "Items that
 #: refer to items").
 REF_KINDS = frozenset({"reaction", "edit", "delete"})
+#: Seconds a typing notice is shown (PROTOCOL.md, ``typing``).
+TYPING_SHOWN = 6.0
 
 
 @attrs.define
@@ -131,6 +134,8 @@ class Conversation:
     by_id: dict[str, int] = attrs.Factory(dict)
     #: the position of the first item that was unread when the conversation was opened
     marker: int | None = None
+    #: user -> when their last "typing" notice came (see ChatModel.typists)
+    typing: dict[str, float] = attrs.Factory(dict)
     notices: list[NoticeLine] = attrs.Factory(list)
 
     @property
@@ -214,6 +219,24 @@ class Conversation:
                 continue
             if (item.get("from") == me) == mine:
                 return item
+        return None
+
+    def numbers(self) -> dict[int, int]:
+        """``{position: number}`` of the messages and files here, not deleted: the
+        number shown beside each (1 for the newest, counting back), which ``/react``,
+        ``/reply``, ``/edit`` and ``/delete`` take to pick one."""
+        out: dict[int, int] = {}
+        for pos in sorted(self.items, reverse=True):
+            item = self.items[pos]
+            if item.get("kind") in ("text", "file") and not (item.get("meta") or {}).get("deleted"):
+                out[pos] = len(out) + 1
+        return out
+
+    def numbered(self, number: int) -> dict[str, Any] | None:
+        """The message or file shown with ``number`` (see :meth:`numbers`)."""
+        for pos, n in self.numbers().items():
+            if n == number:
+                return self.items[pos]
         return None
 
     def lines(self, tz: datetime.tzinfo | None = None) -> list[Line]:
@@ -376,6 +399,7 @@ class ChatModel:
         conv = self.conversation(address)
         if not conv.add(item):
             return False
+        conv.typing.pop(str(item.get("from", "")), None)  # their message came: not typing
         if item.get("kind") in REF_KINDS:  # changes a line; not unread of its own
             self.changed()
             return True
@@ -397,6 +421,25 @@ class ChatModel:
                 conv.mentions += 1
         self.changed()
         return True
+
+    def set_typing(self, address: str, user: str, active: bool) -> None:
+        """``user`` is typing (or stopped) in the conversation with ``address`` (a
+        user or a group); ignored for a conversation not in the sidebar, and for
+        oneself."""
+        conv = self.conversations.get(address)
+        if conv is None or user == self.me:
+            return
+        if active:
+            conv.typing[user] = self.clock()
+        elif conv.typing.pop(user, None) is None:
+            return
+        self.changed()
+
+    def typists(self, conv: Conversation) -> list[str]:
+        """Who is typing in ``conv``: a notice in the last :data:`TYPING_SHOWN`
+        seconds (PROTOCOL.md: typing is over 6 seconds after the last notice)."""
+        now = self.clock()
+        return sorted(u for u, at in conv.typing.items() if now - at < TYPING_SHOWN)
 
     def mentioned(self, item: dict[str, Any]) -> bool:
         """Whether ``item`` is a group message from someone else mentioning the user

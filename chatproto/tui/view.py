@@ -215,9 +215,15 @@ def title_markup(model: ChatModel) -> str:
     name = f"[{number}] {short(conv.address, model.realm)}"
     if conv.is_group:
         text = f" {name}" + (f": {conv.topic}" if conv.topic else "")
-        return text + ("" if conv.joined else " (not a member)")
-    status, note = model.presence.get(conv.address, ("offline", ""))
-    return f" {name} ({status}{': ' + note if note else ''})"
+        text += "" if conv.joined else " (not a member)"
+    else:
+        status, note = model.presence.get(conv.address, ("offline", ""))
+        text = f" {name} ({status}{': ' + note if note else ''})"
+    typists = [short(u, model.realm) for u in model.typists(conv)]
+    if typists:
+        verb = "is" if len(typists) == 1 else "are"
+        text += f"  · {', '.join(typists)} {verb} typing…"
+    return text
 
 
 def status_markup(model: ChatModel) -> tuple[str, str]:
@@ -470,8 +476,16 @@ class ChatView(urwid.WidgetWrap):
             head = None
         if head:
             widgets.append(urwid.Text(("hint", head), align="center"))
+        numbers = conv.numbers()
         for line in conv.lines(self.tz):
             w = self._line_widget(line, conv)
+            if conv.address == STATUS:
+                pass  # no messages there: no numbers
+            elif isinstance(line, MessageLine):
+                quoted = bool((line.item.get("meta") or {}).get("reply_to"))
+                w = _numbered(w, numbers.get(line.pos), quoted)
+            elif isinstance(line, NoticeLine):
+                w = _numbered(w, None)
             w._chat_key = _line_key(line)  # type: ignore[attr-defined]
             widgets.append(w)
         self.pane.body[:] = widgets  # type: ignore[index]
@@ -485,6 +499,19 @@ class ChatView(urwid.WidgetWrap):
                 if getattr(w, "_chat_key", None) == focus_key:
                     self.pane.set_focus(i, coming_from="below")
                     break
+
+
+#: The width of the column of message numbers (what /react, /edit... take).
+NUMBER_WIDTH = 4
+
+
+def _numbered(widget: urwid.Widget, number: int | None, quoted: bool = False) -> urwid.Widget:
+    """A message line with its number in a column on its left, beside the message
+    (under the quote of a reply); blank for other lines, and past 999."""
+    label = f"{number:>3} " if number is not None and number < 1000 else ""
+    if label and quoted:
+        label = "\n" + label
+    return urwid.Columns([(NUMBER_WIDTH, urwid.Text(("hint", label))), widget])
 
 
 def _line_key(line: Any) -> tuple[Any, ...]:
