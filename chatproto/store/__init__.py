@@ -40,6 +40,7 @@ Contract shared by every backend:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from zope.interface import Interface
@@ -54,6 +55,7 @@ __all__ = [
     "file_record",
     "report_row",
     "stored_meta",
+    "stored_number",
     "stored_sig",
 ]
 
@@ -73,6 +75,15 @@ def stored_meta(text: str | None) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) else None
+
+
+def stored_number(value: Any) -> float | None:
+    """A timestamp read from the database, or None for anything but a finite number
+    (a damaged row must not make a read fail)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def stored_sig(text: str | None) -> dict[str, str] | None:

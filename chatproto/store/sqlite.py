@@ -10,7 +10,6 @@ fsync per batch of appends.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sqlite3
@@ -32,6 +31,7 @@ from chatproto.store import (
     UserExists,
     report_row,
     stored_meta,
+    stored_number,
     stored_sig,
 )
 from chatproto.store.groupcommit import GroupCommitStore
@@ -362,14 +362,6 @@ def _row(r: tuple[Any, ...]) -> Envelope:
     )
 
 
-def _number(value: Any) -> float | None:
-    """A timestamp read from the database, or None for anything but a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     ts = req.get("ts")
     return (
@@ -488,7 +480,7 @@ class SQLiteDB(ReadingSQL):
             "SELECT s.name, s.reason, s.ts FROM suspensions s "
             "JOIN users u ON u.name = s.name AND u.floor = s.floor"
         )
-        return {r[0]: (str(r[1]), _number(r[2]) or 0.0) for r in rows}
+        return {r[0]: (str(r[1]), stored_number(r[2]) or 0.0) for r in rows}
 
     # browser logins, admins, reports (issue 18) --------------------------------------
 
@@ -525,7 +517,14 @@ class SQLiteDB(ReadingSQL):
             "ORDER BY t.last_used"
         )
         return [
-            (str(r[0]), str(r[1]), int(r[2]), str(r[3]), _number(r[4]) or 0.0, _number(r[5]) or 0.0)
+            (
+                str(r[0]),
+                str(r[1]),
+                int(r[2]),
+                str(r[3]),
+                stored_number(r[4]) or 0.0,
+                stored_number(r[5]) or 0.0,
+            )
             for r in rows
         ]
 
@@ -558,7 +557,7 @@ class SQLiteDB(ReadingSQL):
             "SELECT a.name, a.ts FROM admins a "
             "JOIN users u ON u.name = a.name AND u.floor = a.floor"
         )
-        return {str(r[0]): _number(r[1]) or 0.0 for r in rows}
+        return {str(r[0]): stored_number(r[1]) or 0.0 for r in rows}
 
     def add_report(self, report: dict[str, Any]) -> int:
         cur = self.conn.execute(
@@ -1032,7 +1031,7 @@ class SQLiteDB(ReadingSQL):
             "FROM (SELECT realm, count(*) AS n, min(seq) AS first FROM outbox GROUP BY realm) q "
             "JOIN outbox o ON o.seq = q.first LEFT JOIN items i ON i.pos = o.pos AND o.pos > 0"
         ).fetchall()
-        return {r[0]: (int(r[1]), _number(r[2])) for r in rows}
+        return {r[0]: (int(r[1]), stored_number(r[2])) for r in rows}
 
     def outbox_holds(self, realm: str, pos: int) -> bool:
         row = self.conn.execute(

@@ -1,0 +1,418 @@
+"""The PostgreSQL store's append path: one group commit as one transaction.
+
+Part of :mod:`chatproto.store.postgresql` (a mixin of its
+:class:`chatproto.store.postgresql.db.PostgresDB`): positions drawn in one query,
+items written with one ``COPY``, the outbox rows, acks and read markers of the batch
+with them; a batch that fails is redone alone under a savepoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from chatproto.envelope import Envelope, alternate_id
+from chatproto.relations import DELETED_META, TARGET_KINDS
+from chatproto.store import (
+    NoSuchAccount,
+    stored_meta,
+)
+from chatproto.store.groupcommit import CommitResult
+from chatproto.store.postgresql.rows import (
+    INDEXED_KINDS,
+    ITEM_COLS,
+    REF_KINDS_SQL,
+    escape_text,
+    item_of_row,
+    request_row,
+    row_of_item,
+    unescape_text,
+)
+from chatproto.store.postgresql.writers import WriterPositions
+
+__all__ = ["CommitSQL"]
+
+
+class CommitSQL(WriterPositions):
+    """Group commits over ``conn``.  Hooks the class using it provides:
+    :meth:`user_floor`, :meth:`_delete_account`, :meth:`_set_reads`."""
+
+    user_floor: Callable[[str], int | None]
+    _delete_account: Callable[[str, str], None]
+    _set_reads: Callable[[dict[tuple[str, str], int]], None]
+    _key: bytes | None
+    #: Seconds the last group commit's COMMIT took (for the metrics).
+    sync_seconds: float
+    #: Whether the last :meth:`commit_batch` got as far as sending COMMIT.
+    commit_sent: bool
+
+    _COPY_ITEMS = (
+        "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN"
+    )
+
+    def _next(self, seq: str, n: int) -> list[int]:
+        """``n`` new values of sequence ``seq``, increasing."""
+        if n <= 0:
+            return []
+        rows = self.conn.execute(
+            sql.SQL("SELECT nextval({}) AS v FROM generate_series(1, %s) ORDER BY v").format(
+                sql.Literal(seq)
+            ),
+            (n,),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _copy(self, statement: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def append_batch(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
+        remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
+    ) -> list[list[int | None] | Exception]:
+        """Commit every batch in one transaction; return positions per batch."""
+        return self.commit_batch(batches, acks, outbox, remote, outbox_acks)[0]
+
+    def commit_batch(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None = None,
+        remote: Sequence[bool] | None = None,
+        outbox_acks: dict[str, int] | None = None,
+        deletions: Sequence[tuple[str, str] | None] | None = None,
+        reads: dict[tuple[str, str], int] | None = None,
+    ) -> CommitResult:
+        """Commit every batch in one transaction: positions per batch, and the outbox
+        rows queued as ``(realm, seq, envelope or request)`` in sequence order.
+
+        Fast path: the positions of every item in one ``nextval`` query, the items in
+        one ``COPY``.  If that fails (an id taken, a value out of range), the
+        transaction is redone batch by batch under savepoints, so one bad batch fails
+        alone and never takes the others with it.  The rest is as for SQLite (see
+        :meth:`chatproto.store.sqlite.SQLiteDB.commit_batch`).
+        """
+        flags = list(remote) if remote is not None else [False] * len(batches)
+        args = (batches, flags, acks, outbox, outbox_acks, deletions, reads)
+        try:
+            return self._commit(*args, each=False)
+        except psycopg.OperationalError:
+            raise  # the connection, not the data: the caller sees it
+        except Exception:
+            return self._commit(*args, each=True)
+
+    def _commit(
+        self,
+        batches: Sequence[Sequence[Envelope]],
+        flags: list[bool],
+        acks: dict[tuple[str, str], int],
+        outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
+        outbox_acks: dict[str, int] | None,
+        deletions: Sequence[tuple[str, str] | None] | None,
+        reads: dict[tuple[str, str], int] | None,
+        each: bool,
+    ) -> CommitResult:
+        c = self.conn
+        queued_rows: list[tuple[str, int, Any]] = []
+        self.commit_sent = False
+        self._register_writer()
+        with c.transaction():
+            self._begin_commit()
+            missing: dict[int, Exception] = {}
+            if deletions is not None and any(deletions):  # as in SQLiteDB.commit_batch
+                batches = list(batches)
+                outbox = list(outbox) if outbox is not None else [()] * len(batches)
+                for i, account in enumerate(deletions):
+                    if account is not None and self.user_floor(account[0]) is None:
+                        missing[i] = NoSuchAccount(account[0])
+                        batches[i], outbox[i] = [], []
+            if each:
+                out = self._append_each(batches, flags)
+            else:
+                out = self._append_all(batches, flags)
+            for i, err in missing.items():
+                out[i] = err
+            for i, account in enumerate(deletions or ()):
+                if account is not None and not isinstance(out[i], Exception):
+                    self._delete_account(*account)
+            if outbox:
+                rows: list[tuple[str, int, str | None]] = []
+                requests: list[tuple[Any, ...]] = []
+                for batch, queued, res in zip(batches, outbox, out, strict=True):
+                    if not queued or isinstance(res, Exception):
+                        continue
+                    where = {id(e): p for e, p in zip(batch, res, strict=True)}
+                    for realm, env in queued:
+                        if isinstance(env, dict):
+                            rows.append((realm, 0, json.dumps(env)))
+                            queued_rows.append((realm, 0, dict(env)))
+                            if env.get("kind") == "request":
+                                requests.append(request_row(env))
+                            continue
+                        pos = where.get(id(env))
+                        if pos is not None:
+                            rows.append((realm, pos, None))
+                            queued_rows.append((realm, 0, env))
+                if rows:
+                    seqs = self._next("outbox_seq", len(rows))
+                    self._copy(
+                        "COPY outbox (seq, realm, pos, payload) FROM STDIN",
+                        ((s, *r) for s, r in zip(seqs, rows, strict=True)),
+                    )
+                    for k, (realm, _, env) in enumerate(queued_rows):
+                        queued_rows[k] = (realm, seqs[k], env)
+                if requests:
+                    with c.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO requests VALUES (%s, %s, %s, %s, %s) "
+                            "ON CONFLICT (id) DO NOTHING",
+                            requests,
+                        )
+            if outbox_acks:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "DELETE FROM outbox WHERE realm = %s AND seq <= %s",
+                        list(outbox_acks.items()),
+                    )
+            if acks:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO acks VALUES (%s, %s, %s) ON CONFLICT (addr, device) "
+                        "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
+                        [(u, escape_text(d), p) for (u, d), p in acks.items()],
+                    )
+            if reads:
+                self._set_reads(reads)
+            self._end_commit()
+            self.commit_sent = True  # past here a lost connection leaves it unknown
+            synced = time.perf_counter()
+        self.sync_seconds = time.perf_counter() - synced
+        return out, queued_rows
+
+    def _id_key(self) -> bytes:
+        if self._key is None:
+            row = self.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()
+            if row is None:
+                raise RuntimeError(f"{self.path}: settings.id_key is missing")
+            self._key = bytes.fromhex(row[0])
+        return self._key
+
+    def _stored_ids(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Which of ``ids`` are stored already, with their (sender, recipient)."""
+        rows = self.conn.execute(
+            "SELECT id, sender, recipient FROM items WHERE id = ANY(%s)",
+            ([escape_text(i) for i in ids],),
+        ).fetchall()
+        return {unescape_text(r[0]): (r[1], r[2]) for r in rows}
+
+    def _append_all(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
+        """Every item of every batch in one ``COPY``, in batch order; remote items
+        de-duplicated first, as in SQLite's ``_append_all``."""
+        remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
+        seen = self._stored_ids(remote_ids) if remote_ids else {}
+        renamed: list[tuple[Envelope, str]] = []
+        plan: list[list[bool] | None] = []  # per batch: which items are inserted
+        chosen: list[Envelope] = []
+        for batch, is_remote in zip(batches, remote, strict=True):
+            if not is_remote:
+                chosen.extend(batch)
+                plan.append(None)
+                if remote_ids:  # a remote item later in this commit may reuse an id
+                    seen.update((e.id, (e.sender, e.recipient)) for e in batch)
+                continue
+            mask = []
+            for e in batch:
+                who = (e.sender, e.recipient)
+                had = seen.get(e.id)
+                if had is not None and had != who:  # the id is taken by another item
+                    renamed.append((e, e.id))
+                    e.id = alternate_id(e, self._id_key())
+                    had = seen.get(e.id) or self._stored_ids([e.id]).get(e.id)
+                if had is None:
+                    seen[e.id] = who
+                mask.append(had is None)
+            chosen.extend(e for e, m in zip(batch, mask, strict=True) if m)
+            plan.append(mask)
+        try:
+            positions = self._next("items_pos", len(chosen))
+            if chosen:
+                self._copy(
+                    self._COPY_ITEMS,
+                    (row_of_item(e, p) for e, p in zip(chosen, positions, strict=True)),
+                )
+            out: list[list[int | None] | Exception] = []
+            files: list[tuple[Envelope, int]] = []
+            it = iter(positions)
+            for batch, inserted in zip(batches, plan, strict=True):
+                got: list[int | None] = []
+                for k, e in enumerate(batch):
+                    if inserted is None or inserted[k]:
+                        pos = next(it)
+                        got.append(pos)
+                        if e.kind in INDEXED_KINDS:
+                            files.append((e, pos))
+                    else:
+                        got.append(None)
+                out.append(got)
+            if files:
+                self._index_files([e for e, _ in files], [p for _, p in files])
+            return out
+        except Exception:
+            for e, original in renamed:  # redone item by item (_append_each)
+                e.id = original
+            raise
+
+    _INSERT = (
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    _INSERT_REMOTE = (
+        "INSERT INTO items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) "
+        "VALUES (nextval('items_pos'), %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (id) DO NOTHING RETURNING pos"
+    )
+
+    def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
+        """Insert items from another realm one by one, skipping ids stored already
+        (and moving one whose id another conversation took to its alternate id)."""
+        c = self.conn
+        out: list[int | None] = []
+        for env in batch:
+            row = c.execute(self._INSERT_REMOTE, row_of_item(env, 0)[1:]).fetchone()
+            if row is None:  # stored already -- or the id is taken by another item
+                had = self._stored_ids([env.id]).get(env.id)
+                if had is not None and had != (env.sender, env.recipient):
+                    env.id = alternate_id(env, self._id_key())
+                    row = c.execute(self._INSERT_REMOTE, row_of_item(env, 0)[1:]).fetchone()
+            out.append(int(row[0]) if row else None)
+        files = [
+            (e, pos) for e, pos in zip(batch, out, strict=True) if e.kind in INDEXED_KINDS and pos
+        ]
+        if files:
+            self._index_files([e for e, _ in files], [pos for _, pos in files if pos])
+        return out
+
+    def _append_each(
+        self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
+    ) -> list[list[int | None] | Exception]:
+        c = self.conn
+        out: list[list[int | None] | Exception] = []
+        for batch, is_remote in zip(batches, remote, strict=True):
+            try:
+                with c.transaction():  # a savepoint: one bad batch fails alone
+                    positions: list[int | None]
+                    if is_remote:
+                        positions = self._insert_remote(batch)
+                    else:
+                        local = self._next("items_pos", len(batch))
+                        with c.cursor() as cur:
+                            cur.executemany(
+                                self._INSERT,
+                                [row_of_item(e, p) for e, p in zip(batch, local, strict=True)],
+                            )
+                        self._index_files(batch, local)
+                        positions = list(local)
+                out.append(positions)
+            except psycopg.OperationalError:
+                raise
+            except Exception as err:  # one bad batch must not fail the others
+                out.append(err)
+        return out
+
+    _COPY_FILES = (
+        "COPY files (file_id, sha256, size, name, media_type, sender, recipient, ts, pos) "
+        "FROM STDIN"
+    )
+
+    def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
+        """Record the file of each ``file`` item (with its message's position), and
+        wipe the item each ``delete`` item deletes."""
+        rows = []
+        for env, pos in zip(batch, positions, strict=True):
+            ref = env.meta.get("ref") if env.kind != "file" and env.meta is not None else None
+            if isinstance(ref, str):  # an edit, delete or reaction (chatproto.relations)
+                self.conn.execute(
+                    "INSERT INTO refs VALUES (%s, %s) ON CONFLICT DO NOTHING", (ref, pos)
+                )
+            if env.kind == "delete" and env.meta is not None:
+                self._wipe(env)
+            elif env.kind == "edit" and env.meta is not None:
+                self.conn.execute(
+                    "UPDATE items SET body = '' WHERE pos = %s AND EXISTS (SELECT 1 FROM items "
+                    "WHERE id = %s AND meta = %s)",
+                    (pos, escape_text(str(env.meta.get("ref"))), self._DELETED),
+                )
+            if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
+                m = env.meta
+                rows.append(
+                    (
+                        escape_text(m["file_id"]),
+                        m["sha256"],
+                        m["size"],
+                        escape_text(m["name"]),
+                        escape_text(m["media_type"]),
+                        env.sender,
+                        env.recipient,
+                        env.ts,
+                        pos,
+                    )
+                )
+        if rows:
+            self._copy(self._COPY_FILES, rows)
+
+    _DELETED = json.dumps(DELETED_META)
+
+    def _wipe(self, env: Envelope) -> None:
+        """Inside a commit: the item ``env`` (a ``delete``) deletes loses its content
+        (as in :meth:`chatproto.store.sqlite.SQLiteDB._wipe`): body, meta, signature,
+        the bodies of its edits and its file record."""
+        ref = env.meta.get("ref") if env.meta is not None else None
+        if not isinstance(ref, str):
+            return
+        c = self.conn
+        row = c.execute(
+            "SELECT kind, meta FROM items WHERE id = %s AND conv = %s",
+            (escape_text(ref), env.conversation),
+        ).fetchone()
+        if row is None or row[0] not in TARGET_KINDS:
+            return
+        c.execute(
+            "UPDATE items SET body = '', meta = %s, sig = NULL WHERE id = %s",
+            (self._DELETED, escape_text(ref)),
+        )
+        c.execute(
+            "UPDATE items SET body = '' WHERE pos IN (SELECT pos FROM refs WHERE ref = %s) "
+            "AND kind = 'edit'",
+            (ref,),
+        )
+        meta = stored_meta(row[1])
+        if row[0] == "file" and meta is not None and isinstance(meta.get("file_id"), str):
+            c.execute("DELETE FROM files WHERE file_id = %s", (escape_text(meta["file_id"]),))
+
+    def _refs(self, items: Sequence[Envelope], edits_only: bool = False) -> list[Envelope]:
+        """The items that refer to any of ``items`` (edits, deletes, reactions; with
+        ``edits_only``, edits), oldest first."""
+        # A ref is never escaped (no control characters: chatproto.relations); an id
+        # that is matches none, but must not reach the server unescaped.
+        ids = [escape_text(e.id) for e in items if e.kind in TARGET_KINDS]
+        if not ids:
+            return []
+        kinds = "kind = 'edit' AND " if edits_only else ""
+        rows = self.conn.execute(
+            f"SELECT {ITEM_COLS} FROM items WHERE {kinds}{REF_KINDS_SQL} "
+            "AND pos IN (SELECT pos FROM refs WHERE ref = ANY(%s)) ORDER BY pos",
+            (ids,),
+        ).fetchall()
+        return [item_of_row(r) for r in rows]

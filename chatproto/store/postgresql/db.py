@@ -1,0 +1,670 @@
+"""The synchronous core of the PostgreSQL store: one connection to one schema.
+
+Part of :mod:`chatproto.store.postgresql`: :class:`PostgresDB` opens the connection,
+migrates the schema and answers the reads; its append path
+(:mod:`chatproto.store.postgresql.commit`) and its writer positions
+(:mod:`chatproto.store.postgresql.writers`) are mixins beside it.  ``chatrealmctl``
+uses it directly; :class:`chatproto.store.postgresql.PostgresStore` runs it in
+threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from chatproto.envelope import Envelope, shown_ts
+from chatproto.mentions import mention_pattern
+from chatproto.relations import current_view
+from chatproto.store import (
+    FILE_META,
+    REPORT_FIELDS,
+    NoSuchAccount,
+    UserExists,
+    report_row,
+    stored_number,
+)
+from chatproto.store.postgresql.commit import CommitSQL
+from chatproto.store.postgresql.rows import (
+    ITEM_COLS,
+    REF_KINDS_SQL,
+    escape_text,
+    item_of_row,
+    request_row,
+    unescape_text,
+)
+from chatproto.store.postgresql.schema import MIGRATIONS, SCHEMA_VERSION
+from chatproto.store.postgresql.writers import CTL_WRITER, inflight_lock_key, schema_lock_key
+from chatproto.store.reading import ReadingSQL
+
+__all__ = ["CONNECT_TIMEOUT", "PostgresDB", "describe_dsn"]
+
+#: Seconds to wait for the server when connecting (unless the DSN says otherwise).
+CONNECT_TIMEOUT = 10
+
+
+def describe_dsn(dsn: str, schema: str) -> str:
+    """``postgresql://user@host:port/dbname (schema S)``: for logs and messages (never
+    the password)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return f"postgresql (unparsable DSN), schema {schema}"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    user = params.get("user")
+    db = params.get("dbname") or user or ""
+    who = f"{user}@" if user else ""
+    return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
+
+
+class PostgresDB(CommitSQL, ReadingSQL):
+    """Synchronous access to one schema of a PostgreSQL database (one connection).
+
+    ``create``: make the schema if it does not exist (else a missing schema is an
+    error: a wrong ``schema`` in the config must not start an empty realm elsewhere).
+    """
+
+    def __init__(
+        self, dsn: str, schema: str, create: bool = True, writer: str = CTL_WRITER
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        #: The name this connection's commits are recorded under in ``stream_writers``.
+        self.writer = writer
+        self._inflight = inflight_lock_key(schema, writer)
+        self._writer_row = False
+        self.path = describe_dsn(dsn, schema)
+        kwargs: dict[str, Any] = {"autocommit": True}
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error as e:
+            raise RuntimeError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name" not in params:
+            kwargs["application_name"] = "chatrealm"
+        try:
+            self.conn = psycopg.connect(dsn, **kwargs)
+        except psycopg.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"cannot connect to {self.path}: {first}") from None
+        try:
+            c = self.conn
+            # An ack means committed: whatever the server's or role's default.
+            c.execute("SET synchronous_commit TO on")
+            exists = c.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+            ).fetchone()
+            if exists is None:
+                if not create:
+                    raise RuntimeError(f"no schema {schema!r} in {self.path}")
+                c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            c.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        except BaseException:
+            self.conn.close()
+            raise
+        self._key: bytes | None = None
+        self._locked = False
+        #: Seconds the last group commit's COMMIT took (the server's WAL flush and the
+        #: round trip; for the metrics).
+        self.sync_seconds = 0.0
+        #: Whether the last ``commit_batch`` got as far as sending COMMIT (if its
+        #: connection was lost before, nothing of it was committed).
+        self.commit_sent = False
+
+    def close(self) -> None:
+        if self._locked and not self.broken:
+            # Released at once: the server ends the session (and drops its locks) only
+            # some time after the connection is closed, and a realm restarted at once
+            # must not find its own lock still held.
+            try:
+                self.conn.execute("SELECT pg_advisory_unlock_all()")
+            except psycopg.Error:
+                pass
+        self._locked = False
+        self.conn.close()
+
+    def describe(self) -> str:
+        return self.path
+
+    # schema -------------------------------------------------------------------------
+
+    def version(self) -> int:
+        """The schema's version (0: no chatproto tables yet); changes nothing."""
+        c = self.conn
+        row = c.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return 0
+        row = c.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION`; return the version found.
+
+        Each step is one transaction (PostgreSQL's DDL is transactional), under an
+        advisory lock so that two processes starting together migrate once."""
+        c = self.conn
+        with c.transaction():
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock_key(self.schema) ^ 1,))
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = self.version()
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {found}, newer than this chatproto "
+                    f"({SCHEMA_VERSION}); upgrade chatproto"
+                )
+            for v in range(found, SCHEMA_VERSION):
+                c.execute(MIGRATIONS[v])
+                c.execute("DELETE FROM schema_version")
+                c.execute("INSERT INTO schema_version VALUES (%s)", (v + 1,))
+            # The key of alternate ids (chatproto.envelope.alternate_id): random, made
+            # here, never leaves the database.
+            c.execute(
+                "INSERT INTO settings VALUES ('id_key', %s) ON CONFLICT (key) DO NOTHING",
+                (os.urandom(16).hex(),),
+            )
+        return found
+
+    # accounts -----------------------------------------------------------------------
+
+    def create_user(self, name: str, pwhash: str, ts: float) -> None:
+        try:
+            self.conn.execute(
+                "INSERT INTO users (name, pwhash, created, floor) VALUES (%s, %s, %s, "
+                "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM items_pos))",
+                (name, pwhash, ts),
+            )
+        except psycopg.errors.UniqueViolation:
+            raise UserExists(name) from None
+
+    def user_floor(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT floor FROM users WHERE name = %s", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def password_hash(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT pwhash FROM users WHERE name = %s", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_password(self, name: str, pwhash: str) -> bool:
+        cur = self.conn.execute("UPDATE users SET pwhash = %s WHERE name = %s", (pwhash, name))
+        return cur.rowcount > 0
+
+    def user_floors(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
+
+    def suspend_user(self, name: str, reason: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT INTO suspensions (name, floor, reason, ts) "
+            "SELECT name, floor, %s, %s FROM users WHERE name = %s "
+            "ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
+            "reason = excluded.reason, ts = excluded.ts",
+            (escape_text(reason), ts, name),
+        )
+        return cur.rowcount > 0
+
+    def unsuspend_user(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM suspensions WHERE name = %s "
+            "AND floor = (SELECT floor FROM users WHERE name = %s)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def suspensions(self) -> dict[str, tuple[str, float]]:
+        rows = self.conn.execute(
+            "SELECT s.name, s.reason, s.ts FROM suspensions s "
+            "JOIN users u ON u.name = s.name AND u.floor = s.floor"
+        )
+        return {r[0]: (unescape_text(r[1]), float(r[2])) for r in rows}
+
+    # browser logins, admins, reports (issue 18) --------------------------------------
+
+    def put_session_token(
+        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO session_tokens (digest, name, floor, device, created, last_used) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (digest) DO UPDATE SET "
+            "name = excluded.name, floor = excluded.floor, device = excluded.device, "
+            "created = excluded.created, last_used = excluded.last_used",
+            (digest, name, floor, escape_text(device), created, last_used),
+        )
+
+    def touch_session_token(self, digest: str, last_used: float) -> None:
+        self.conn.execute(
+            "UPDATE session_tokens SET last_used = greatest(last_used, %s) WHERE digest = %s",
+            (last_used, digest),
+        )
+
+    def delete_session_tokens(self, digests: Sequence[str]) -> int:
+        cur = self.conn.execute(
+            "DELETE FROM session_tokens WHERE digest = ANY(%s)", (list(digests),)
+        )
+        return cur.rowcount
+
+    def delete_user_session_tokens(self, name: str) -> int:
+        return self.conn.execute("DELETE FROM session_tokens WHERE name = %s", (name,)).rowcount
+
+    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
+        rows = self.conn.execute(
+            "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
+            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
+            "ORDER BY t.last_used"
+        )
+        return [
+            (r[0], r[1], int(r[2]), unescape_text(r[3]), float(r[4]), float(r[5])) for r in rows
+        ]
+
+    def expire_session_tokens(self, before: float) -> int:
+        return self.conn.execute(
+            "DELETE FROM session_tokens t WHERE t.last_used < %s OR NOT EXISTS "
+            "(SELECT 1 FROM users u WHERE u.name = t.name AND u.floor = t.floor)",
+            (before,),
+        ).rowcount
+
+    def grant_admin(self, name: str, ts: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT INTO admins (name, floor, ts) SELECT name, floor, %s FROM users "
+            "WHERE name = %s ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
+            "ts = excluded.ts",
+            (ts, name),
+        )
+        return cur.rowcount > 0
+
+    def revoke_admin(self, name: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM admins WHERE name = %s "
+            "AND floor = (SELECT floor FROM users WHERE name = %s)",
+            (name, name),
+        )
+        return cur.rowcount > 0
+
+    def admins(self) -> dict[str, float]:
+        rows = self.conn.execute(
+            "SELECT a.name, a.ts FROM admins a "
+            "JOIN users u ON u.name = a.name AND u.floor = a.floor"
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    def add_report(self, report: dict[str, Any]) -> int:
+        values = [report[k] for k in REPORT_FIELDS[1:]]
+        values[2] = escape_text(values[2])  # reason
+        values[7] = escape_text(values[7])  # excerpt
+        row = self.conn.execute(
+            "INSERT INTO reports (reporter, msg_id, reason, ts, sender, recipient, pos, "
+            "excerpt) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            tuple(values),
+        ).fetchone()
+        assert row is not None  # RETURNING gives the row inserted
+        return int(row[0])
+
+    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT {', '.join(REPORT_FIELDS)} FROM reports WHERE id < %s "
+            "ORDER BY id DESC LIMIT %s",
+            (before if before is not None else 2**63 - 1, limit),
+        )
+        out = []
+        for r in rows:
+            rep = report_row(r)
+            rep["reason"] = unescape_text(rep["reason"])
+            rep["excerpt"] = unescape_text(rep["excerpt"])
+            out.append(rep)
+        return out
+
+    def delete_user(
+        self,
+        name: str,
+        address: str,
+        items: Sequence[Envelope] = (),
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> bool:
+        """Delete an account with the items ending its standing (one transaction, see
+        ``IStore.delete_user``); ``items`` get their positions.  True if it existed."""
+        out, _ = self.commit_batch([items], {}, [outbox], [False], None, [(name, address)])
+        if isinstance(out[0], NoSuchAccount):
+            return False
+        if isinstance(out[0], Exception):
+            raise out[0]
+        for env, pos in zip(items, out[0], strict=True):
+            env.pos = pos  # type: ignore[assignment]
+        return True
+
+    def _delete_account(self, name: str, address: str) -> None:
+        """Inside a commit, before its batch's outbox rows: the account's rows go (its
+        pending requests too: an answer must not land on a later account of the name)
+        and one position is consumed, so an account created later under this name
+        starts after everything before."""
+        c = self.conn
+        c.execute("DELETE FROM users WHERE name = %s", (name,))
+        c.execute("DELETE FROM acks WHERE addr = %s", (address,))
+        c.execute("DELETE FROM uploads WHERE user_name = %s", (escape_text(address),))
+        c.execute("DELETE FROM requests WHERE actor = %s", (address,))
+        c.execute("DELETE FROM read_markers WHERE user_addr = %s", (address,))
+        c.execute("DELETE FROM prefs WHERE user_addr = %s", (address,))
+        c.execute("SELECT nextval('items_pos')")
+
+    def list_users(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
+
+    # federation outbox ----------------------------------------------------------------
+
+    def outbox_read(
+        self, realm: str, after: int, limit: int, upto: int | None = None
+    ) -> list[tuple[int, Envelope | dict[str, Any]]]:
+        """Queued entries: stored items (Envelopes) and requests (dicts), in order;
+        with ``upto``, none with a greater seq."""
+        rows = self.conn.execute(
+            f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in ITEM_COLS.split(', '))} "
+            "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
+            "WHERE o.realm = %s AND o.seq > %s AND o.seq <= %s ORDER BY o.seq LIMIT %s",
+            (realm, after, upto if upto is not None else 2**62, limit),
+        ).fetchall()
+        return [(r[0], json.loads(r[1]) if r[1] is not None else item_of_row(r[2:])) for r in rows]
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
+        with self.conn.transaction():
+            seqs = self._next("outbox_seq", len(payloads))
+            self._copy(
+                "COPY outbox (seq, realm, pos, payload) FROM STDIN",
+                ((s, realm, 0, json.dumps(p)) for s, p in zip(seqs, payloads, strict=True)),
+            )
+            requests = [request_row(p) for p in payloads if p.get("kind") == "request"]
+            if requests:
+                with self.conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO requests VALUES (%s, %s, %s, %s, %s) "
+                        "ON CONFLICT (id) DO NOTHING",
+                        requests,
+                    )
+
+    def outbox_ack(self, realm: str, seq: int) -> None:
+        self.conn.execute("DELETE FROM outbox WHERE realm = %s AND seq <= %s", (realm, seq))
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
+        rows = self.conn.execute(
+            "SELECT q.realm, q.n, i.ts, o.payload "
+            "FROM (SELECT realm, count(*) AS n, min(seq) AS first FROM outbox GROUP BY realm) q "
+            "JOIN outbox o ON o.seq = q.first LEFT JOIN items i ON i.pos = o.pos AND o.pos > 0"
+        ).fetchall()
+        out: dict[str, tuple[int, float | None]] = {}
+        for realm, n, ts, payload in rows:
+            if ts is None and payload is not None:
+                try:
+                    ts = json.loads(payload).get("ts")
+                except (ValueError, AttributeError):
+                    ts = None
+            out[realm] = (int(n), stored_number(ts))
+        return out
+
+    def outbox_holds(self, realm: str, pos: int) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM outbox WHERE realm = %s AND pos = %s LIMIT 1", (realm, pos)
+        ).fetchone()
+        return row is not None
+
+    def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT payload FROM requests WHERE actor = %s AND grp = %s ORDER BY ts, id",
+            (escape_text(actor), escape_text(group)),
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def request_done(self, request_id: str) -> None:
+        self.conn.execute("DELETE FROM requests WHERE id = %s", (escape_text(request_id),))
+
+    def expire_requests(self, before: float) -> int:
+        cur = self.conn.execute("DELETE FROM requests WHERE ts < %s", (before,))
+        return int(cur.rowcount)
+
+    # reads --------------------------------------------------------------------------
+
+    def stored_item(self, item_id: str) -> Envelope | None:
+        row = self.conn.execute(
+            f"SELECT {ITEM_COLS} FROM items WHERE id = %s", (escape_text(item_id),)
+        ).fetchone()
+        return item_of_row(row) if row is not None else None
+
+    def ref_count(self, ref: str, sender: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = %s "
+            "AND items.sender = %s AND items.kind IN ('edit', 'reaction')",
+            (escape_text(ref), escape_text(sender)),
+        ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def peer_keys(self) -> dict[str, list[dict[str, str]]]:
+        rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None:
+        self.conn.execute(
+            "INSERT INTO peer_keys VALUES (%s, %s) "
+            "ON CONFLICT (realm) DO UPDATE SET keys = excluded.keys",
+            (realm, json.dumps(keys)),
+        )
+
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+        upto: int | None = None,
+    ) -> list[Envelope]:
+        """Private items to or from ``user``, and items of ``groups`` within their
+        ``(lo, hi]`` ranges, after ``after`` (and with ``upto``, none above it);
+        oldest first."""
+        bound = "" if upto is None else " AND pos <= %s"
+        parts = [
+            f"SELECT {ITEM_COLS} FROM items WHERE recipient = %s AND pos > %s{bound}",
+            f"SELECT {ITEM_COLS} FROM items WHERE sender = %s AND pos > %s{bound} "
+            "AND recipient <> sender AND left(recipient, 1) <> '#'",
+        ]
+        params: list[Any] = [user, after] if upto is None else [user, after, upto]
+        params += params
+        for group, lo, hi in groups:
+            if hi is not None and hi <= after:
+                continue
+            part = f"SELECT {ITEM_COLS} FROM items WHERE recipient = %s AND pos > %s"
+            params += [group, max(after, lo)]
+            if hi is not None:
+                part += " AND pos <= %s"
+                params.append(hi)
+            parts.append(part)
+        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
+        # history rule "all"), and a duplicate row would waste the page.
+        query = " UNION ".join(f"({p})" for p in parts) + " ORDER BY pos LIMIT %s"
+        params.append(limit)
+        items = [item_of_row(r) for r in self.conn.execute(query, params).fetchall()]
+        return current_view(items, self._refs(items, edits_only=True), reactions=False)
+
+    def read_events(self, after: int, limit: int, upto: int | None = None) -> list[Envelope]:
+        """Group events (kind ``event``) after ``after`` (none above ``upto``), oldest
+        first (for replay)."""
+        rows = self.conn.execute(
+            f"SELECT {ITEM_COLS} FROM items WHERE kind = 'event' AND pos > %s AND pos <= %s "
+            "ORDER BY pos LIMIT %s",
+            (after, 2**62 if upto is None else upto, limit),
+        ).fetchall()
+        return [item_of_row(r) for r in rows]
+
+    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
+        """The users ``user`` has a private conversation with (after ``after``)."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT sender FROM items WHERE recipient = %(u)s AND sender <> %(u)s "
+            "AND pos > %(a)s "
+            "UNION SELECT DISTINCT recipient FROM items WHERE sender = %(u)s "
+            "AND recipient <> %(u)s AND left(recipient, 1) <> '#' AND pos > %(a)s",
+            {"u": user, "a": after},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def history(
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
+        upto: int | None = None,
+    ) -> list[Envelope]:
+        c = self.conn
+        if after is not None:
+            rows = c.execute(
+                f"SELECT {ITEM_COLS} FROM items WHERE conv = %s AND pos > %s AND pos <= %s "
+                f"AND NOT {REF_KINDS_SQL} ORDER BY pos LIMIT %s",
+                (conversation, max(after, floor), 2**62 if upto is None else upto, limit),
+            ).fetchall()
+        else:
+            bound = before if before is not None else 2**62
+            rows = c.execute(
+                f"SELECT {ITEM_COLS} FROM items WHERE conv = %s AND pos < %s AND pos > %s "
+                f"AND NOT {REF_KINDS_SQL} ORDER BY pos DESC LIMIT %s",
+                (conversation, bound, floor, limit),
+            ).fetchall()
+            rows.reverse()
+        items = [item_of_row(r) for r in rows]
+        return current_view(items, self._refs(items))
+
+    def get_ack(self, user: str, device: str) -> int:
+        c = self.conn
+        row = c.execute(
+            "SELECT pos FROM acks WHERE addr = %s AND device = %s", (user, escape_text(device))
+        ).fetchone()
+        if row:
+            return int(row[0])
+        row = c.execute("SELECT max(pos) FROM acks WHERE addr = %s", (user,)).fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def max_pos(self) -> int:
+        row = self.conn.execute("SELECT max(pos) FROM items").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    # read markers, conversations, preferences (queries in chatproto/store/reading.py)
+
+    def _rows(self, query: str, params: Sequence[Any]) -> list[Any]:
+        return self.conn.execute(query.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
+
+    def _item(self, row: Any) -> Envelope:
+        return item_of_row(row)
+
+    def _mention_sql(self) -> tuple[str, Any]:
+        return "body ~* ?", mention_pattern
+
+    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
+        query = " & ".join(f"'{w}':*" for w in words)  # words are letters and digits
+        cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
+        return "JOIN search_text s ON s.pos = items.pos", cond, query
+
+    def _current(self, items: list[Envelope]) -> list[Envelope]:
+        return current_view(items, self._refs(items))
+
+    def index_search(self, limit: int) -> int:
+        """Nothing to do: a trigger keeps search_text in each item's transaction."""
+        return 0
+
+    def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO read_markers VALUES (%s, %s, %s) ON CONFLICT (conv, user_addr) "
+                "DO UPDATE SET pos = greatest(read_markers.pos, excluded.pos)",
+                [(conv, u, p) for (u, conv), p in reads.items()],
+            )
+
+    def set_pref(self, user: str, key: str, value: str | None) -> None:
+        """Set (or with None, clear) preference ``key`` of ``user``."""
+        if value is None:
+            self.conn.execute("DELETE FROM prefs WHERE user_addr = %s AND key = %s", (user, key))
+        else:
+            self.conn.execute(
+                "INSERT INTO prefs VALUES (%s, %s, %s) "
+                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
+                (user, key, value),
+            )
+
+    # files --------------------------------------------------------------------------
+
+    _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
+
+    def file_info(self, file_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = %s", (escape_text(file_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
+        for k in ("file_id", "name", "media_type"):
+            rec[k] = unescape_text(rec[k])
+        rec["ts"] = shown_ts(rec["ts"])
+        return rec
+
+    def file_usage(self, sender: str, after: int = 0) -> int:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = %s AND pos > %s",
+            (sender, after),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def expire_files(self, before: float) -> list[str]:
+        c = self.conn
+        with c.transaction():
+            digests = {
+                r[0]
+                for r in c.execute(
+                    "DELETE FROM files WHERE ts < %s RETURNING sha256", (before,)
+                ).fetchall()
+            }
+            if not digests:
+                return []
+            still = {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT sha256 FROM files WHERE sha256 = ANY(%s)", (list(digests),)
+                ).fetchall()
+            }
+        return sorted(digests - still)
+
+    def blob_referenced(self, sha256: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM files WHERE sha256 = %s LIMIT 1", (sha256,)
+        ).fetchone()
+        return row is not None
+
+    def put_upload(self, record: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO uploads (upload_id, user_name, record) VALUES (%s, %s, %s) "
+            "ON CONFLICT (upload_id) DO UPDATE SET user_name = excluded.user_name, "
+            "record = excluded.record",
+            (escape_text(record["upload_id"]), escape_text(record["user"]), json.dumps(record)),
+        )
+
+    def delete_upload(self, upload_id: str) -> None:
+        self.conn.execute("DELETE FROM uploads WHERE upload_id = %s", (escape_text(upload_id),))
+
+    def list_uploads(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # bulk copy (chatrealmctl migrate-store) ---------------------------------------------
+
+    def is_empty(self) -> bool:
+        """No account, item, queued delivery or file recorded yet."""
+        row = self.conn.execute(
+            "SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM items) "
+            "+ (SELECT count(*) FROM outbox) + (SELECT count(*) FROM files) "
+            "+ (SELECT count(*) FROM uploads) + (SELECT count(*) FROM acks) "
+            "+ (SELECT count(*) FROM requests)"
+        ).fetchone()
+        return not row or int(row[0]) == 0
