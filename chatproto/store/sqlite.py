@@ -25,15 +25,13 @@ from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
 from chatproto.store import (
     FILE_META,
-    REPORT_FIELDS,
     IStore,
     NoSuchAccount,
-    UserExists,
-    report_row,
     stored_meta,
     stored_number,
     stored_sig,
 )
+from chatproto.store.accounts import AccountsSQL
 from chatproto.store.groupcommit import GroupCommitStore
 from chatproto.store.reading import ReadingSQL
 
@@ -373,7 +371,7 @@ def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-class SQLiteDB(ReadingSQL):
+class SQLiteDB(AccountsSQL, ReadingSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
@@ -432,165 +430,13 @@ class SQLiteDB(ReadingSQL):
                 raise
         return found
 
-    # accounts -----------------------------------------------------------------------
+    # accounts (the statements: chatproto/store/accounts.py) -------------------------
 
-    def create_user(self, name: str, pwhash: str, ts: float) -> None:
-        try:
-            self.conn.execute(
-                "INSERT INTO users (name, pwhash, created, floor) VALUES (?, ?, ?, "
-                "(SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'items'))",
-                (name, pwhash, ts),
-            )
-        except sqlite3.IntegrityError:
-            raise UserExists(name) from None
+    ITEMS_TOP = "(SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'items')"
+    DUPLICATE = sqlite3.IntegrityError
 
-    def user_floor(self, name: str) -> int | None:
-        row = self.conn.execute("SELECT floor FROM users WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else None
-
-    def password_hash(self, name: str) -> str | None:
-        row = self.conn.execute("SELECT pwhash FROM users WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
-    def set_password(self, name: str, pwhash: str) -> bool:
-        cur = self.conn.execute("UPDATE users SET pwhash = ? WHERE name = ?", (pwhash, name))
-        return cur.rowcount > 0
-
-    def user_floors(self) -> dict[str, int]:
-        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
-
-    def suspend_user(self, name: str, reason: str, ts: float) -> bool:
-        cur = self.conn.execute(
-            "INSERT OR REPLACE INTO suspensions (name, floor, reason, ts) "
-            "SELECT name, floor, ?, ? FROM users WHERE name = ?",
-            (reason, ts, name),
-        )
-        return cur.rowcount > 0
-
-    def unsuspend_user(self, name: str) -> bool:
-        cur = self.conn.execute(
-            "DELETE FROM suspensions WHERE name = ? "
-            "AND floor = (SELECT floor FROM users WHERE name = ?)",
-            (name, name),
-        )
-        return cur.rowcount > 0
-
-    def suspensions(self) -> dict[str, tuple[str, float]]:
-        rows = self.conn.execute(
-            "SELECT s.name, s.reason, s.ts FROM suspensions s "
-            "JOIN users u ON u.name = s.name AND u.floor = s.floor"
-        )
-        return {r[0]: (str(r[1]), stored_number(r[2]) or 0.0) for r in rows}
-
-    # browser logins, admins, reports (issue 18) --------------------------------------
-
-    def put_session_token(
-        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
-    ) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO session_tokens "
-            "(digest, name, floor, device, created, last_used) VALUES (?, ?, ?, ?, ?, ?)",
-            (digest, name, floor, device, created, last_used),
-        )
-
-    def touch_session_token(self, digest: str, last_used: float) -> None:
-        self.conn.execute(
-            "UPDATE session_tokens SET last_used = max(last_used, ?) WHERE digest = ?",
-            (last_used, digest),
-        )
-
-    def delete_session_tokens(self, digests: Sequence[str]) -> int:
-        n = 0
-        for digest in digests:
-            n += self.conn.execute(
-                "DELETE FROM session_tokens WHERE digest = ?", (digest,)
-            ).rowcount
-        return n
-
-    def delete_user_session_tokens(self, name: str) -> int:
-        return self.conn.execute("DELETE FROM session_tokens WHERE name = ?", (name,)).rowcount
-
-    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
-        rows = self.conn.execute(
-            "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
-            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
-            "ORDER BY t.last_used"
-        )
-        return [
-            (
-                str(r[0]),
-                str(r[1]),
-                int(r[2]),
-                str(r[3]),
-                stored_number(r[4]) or 0.0,
-                stored_number(r[5]) or 0.0,
-            )
-            for r in rows
-        ]
-
-    def expire_session_tokens(self, before: float) -> int:
-        return self.conn.execute(
-            "DELETE FROM session_tokens WHERE last_used < ? "
-            "OR NOT EXISTS (SELECT 1 FROM users u WHERE u.name = session_tokens.name "
-            "AND u.floor = session_tokens.floor)",
-            (before,),
-        ).rowcount
-
-    def grant_admin(self, name: str, ts: float) -> bool:
-        cur = self.conn.execute(
-            "INSERT OR REPLACE INTO admins (name, floor, ts) "
-            "SELECT name, floor, ? FROM users WHERE name = ?",
-            (ts, name),
-        )
-        return cur.rowcount > 0
-
-    def revoke_admin(self, name: str) -> bool:
-        cur = self.conn.execute(
-            "DELETE FROM admins WHERE name = ? "
-            "AND floor = (SELECT floor FROM users WHERE name = ?)",
-            (name, name),
-        )
-        return cur.rowcount > 0
-
-    def admins(self) -> dict[str, float]:
-        rows = self.conn.execute(
-            "SELECT a.name, a.ts FROM admins a "
-            "JOIN users u ON u.name = a.name AND u.floor = a.floor"
-        )
-        return {str(r[0]): stored_number(r[1]) or 0.0 for r in rows}
-
-    def add_report(self, report: dict[str, Any]) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO reports (reporter, msg_id, reason, ts, sender, recipient, pos, "
-            "excerpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            tuple(report[k] for k in REPORT_FIELDS[1:]),
-        )
-        return int(cur.lastrowid or 0)
-
-    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            f"SELECT {', '.join(REPORT_FIELDS)} FROM reports WHERE id < ? ORDER BY id DESC LIMIT ?",
-            (before if before is not None else 2**63 - 1, limit),
-        )
-        return [report_row(r) for r in rows]
-
-    def delete_user(
-        self,
-        name: str,
-        address: str,
-        items: Sequence[Envelope] = (),
-        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
-    ) -> bool:
-        """Delete an account with the items ending its standing (one transaction, see
-        ``IStore.delete_user``); ``items`` get their positions.  True if it existed."""
-        out, _ = self.commit_batch([items], {}, [outbox], [False], None, [(name, address)])
-        if isinstance(out[0], NoSuchAccount):
-            return False
-        if isinstance(out[0], Exception):
-            raise out[0]
-        for env, pos in zip(items, out[0], strict=True):
-            env.pos = pos  # type: ignore[assignment]
-        return True
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
 
     def _delete_account(self, name: str, address: str) -> None:
         """Inside a commit, before its batch's outbox rows: the account's rows go and
@@ -608,9 +454,6 @@ class SQLiteDB(ReadingSQL):
         bumped = c.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'items'")
         if bumped.rowcount == 0:  # no item was ever stored
             c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', 1)")
-
-    def list_users(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
 
     # streams ------------------------------------------------------------------------
 
@@ -1167,7 +1010,7 @@ class SQLiteDB(ReadingSQL):
     # read markers, conversations, preferences (queries in chatproto/store/reading.py)
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        return self.conn.execute(sql, params).fetchall()
+        return list(self._run(sql, params).fetchall())
 
     def _item(self, row: Any) -> Envelope:
         return _row(row)

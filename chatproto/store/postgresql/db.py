@@ -24,12 +24,9 @@ from chatproto.mentions import mention_pattern
 from chatproto.relations import current_view
 from chatproto.store import (
     FILE_META,
-    REPORT_FIELDS,
-    NoSuchAccount,
-    UserExists,
-    report_row,
     stored_number,
 )
+from chatproto.store.accounts import AccountsSQL
 from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
     ITEM_COLS,
@@ -64,7 +61,7 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-class PostgresDB(CommitSQL, ReadingSQL):
+class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -172,170 +169,19 @@ class PostgresDB(CommitSQL, ReadingSQL):
             )
         return found
 
-    # accounts -----------------------------------------------------------------------
+    # accounts (the statements: chatproto/store/accounts.py) -------------------------
 
-    def create_user(self, name: str, pwhash: str, ts: float) -> None:
-        try:
-            self.conn.execute(
-                "INSERT INTO users (name, pwhash, created, floor) VALUES (%s, %s, %s, "
-                "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM items_pos))",
-                (name, pwhash, ts),
-            )
-        except psycopg.errors.UniqueViolation:
-            raise UserExists(name) from None
+    ITEMS_TOP = "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM items_pos)"
+    DUPLICATE = psycopg.errors.UniqueViolation
 
-    def user_floor(self, name: str) -> int | None:
-        row = self.conn.execute("SELECT floor FROM users WHERE name = %s", (name,)).fetchone()
-        return int(row[0]) if row else None
+    def _run(self, query: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(query.replace("?", "%s"), params)  # type: ignore[arg-type]
 
-    def password_hash(self, name: str) -> str | None:
-        row = self.conn.execute("SELECT pwhash FROM users WHERE name = %s", (name,)).fetchone()
-        return row[0] if row else None
+    def _text_in(self, text: str) -> str:
+        return escape_text(text)
 
-    def set_password(self, name: str, pwhash: str) -> bool:
-        cur = self.conn.execute("UPDATE users SET pwhash = %s WHERE name = %s", (pwhash, name))
-        return cur.rowcount > 0
-
-    def user_floors(self) -> dict[str, int]:
-        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, floor FROM users")}
-
-    def suspend_user(self, name: str, reason: str, ts: float) -> bool:
-        cur = self.conn.execute(
-            "INSERT INTO suspensions (name, floor, reason, ts) "
-            "SELECT name, floor, %s, %s FROM users WHERE name = %s "
-            "ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
-            "reason = excluded.reason, ts = excluded.ts",
-            (escape_text(reason), ts, name),
-        )
-        return cur.rowcount > 0
-
-    def unsuspend_user(self, name: str) -> bool:
-        cur = self.conn.execute(
-            "DELETE FROM suspensions WHERE name = %s "
-            "AND floor = (SELECT floor FROM users WHERE name = %s)",
-            (name, name),
-        )
-        return cur.rowcount > 0
-
-    def suspensions(self) -> dict[str, tuple[str, float]]:
-        rows = self.conn.execute(
-            "SELECT s.name, s.reason, s.ts FROM suspensions s "
-            "JOIN users u ON u.name = s.name AND u.floor = s.floor"
-        )
-        return {r[0]: (unescape_text(r[1]), float(r[2])) for r in rows}
-
-    # browser logins, admins, reports (issue 18) --------------------------------------
-
-    def put_session_token(
-        self, digest: str, name: str, floor: int, device: str, created: float, last_used: float
-    ) -> None:
-        self.conn.execute(
-            "INSERT INTO session_tokens (digest, name, floor, device, created, last_used) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (digest) DO UPDATE SET "
-            "name = excluded.name, floor = excluded.floor, device = excluded.device, "
-            "created = excluded.created, last_used = excluded.last_used",
-            (digest, name, floor, escape_text(device), created, last_used),
-        )
-
-    def touch_session_token(self, digest: str, last_used: float) -> None:
-        self.conn.execute(
-            "UPDATE session_tokens SET last_used = greatest(last_used, %s) WHERE digest = %s",
-            (last_used, digest),
-        )
-
-    def delete_session_tokens(self, digests: Sequence[str]) -> int:
-        cur = self.conn.execute(
-            "DELETE FROM session_tokens WHERE digest = ANY(%s)", (list(digests),)
-        )
-        return cur.rowcount
-
-    def delete_user_session_tokens(self, name: str) -> int:
-        return self.conn.execute("DELETE FROM session_tokens WHERE name = %s", (name,)).rowcount
-
-    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
-        rows = self.conn.execute(
-            "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
-            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
-            "ORDER BY t.last_used"
-        )
-        return [
-            (r[0], r[1], int(r[2]), unescape_text(r[3]), float(r[4]), float(r[5])) for r in rows
-        ]
-
-    def expire_session_tokens(self, before: float) -> int:
-        return self.conn.execute(
-            "DELETE FROM session_tokens t WHERE t.last_used < %s OR NOT EXISTS "
-            "(SELECT 1 FROM users u WHERE u.name = t.name AND u.floor = t.floor)",
-            (before,),
-        ).rowcount
-
-    def grant_admin(self, name: str, ts: float) -> bool:
-        cur = self.conn.execute(
-            "INSERT INTO admins (name, floor, ts) SELECT name, floor, %s FROM users "
-            "WHERE name = %s ON CONFLICT (name) DO UPDATE SET floor = excluded.floor, "
-            "ts = excluded.ts",
-            (ts, name),
-        )
-        return cur.rowcount > 0
-
-    def revoke_admin(self, name: str) -> bool:
-        cur = self.conn.execute(
-            "DELETE FROM admins WHERE name = %s "
-            "AND floor = (SELECT floor FROM users WHERE name = %s)",
-            (name, name),
-        )
-        return cur.rowcount > 0
-
-    def admins(self) -> dict[str, float]:
-        rows = self.conn.execute(
-            "SELECT a.name, a.ts FROM admins a "
-            "JOIN users u ON u.name = a.name AND u.floor = a.floor"
-        )
-        return {r[0]: float(r[1]) for r in rows}
-
-    def add_report(self, report: dict[str, Any]) -> int:
-        values = [report[k] for k in REPORT_FIELDS[1:]]
-        values[2] = escape_text(values[2])  # reason
-        values[7] = escape_text(values[7])  # excerpt
-        row = self.conn.execute(
-            "INSERT INTO reports (reporter, msg_id, reason, ts, sender, recipient, pos, "
-            "excerpt) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            tuple(values),
-        ).fetchone()
-        assert row is not None  # RETURNING gives the row inserted
-        return int(row[0])
-
-    def reports(self, before: int | None, limit: int) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            f"SELECT {', '.join(REPORT_FIELDS)} FROM reports WHERE id < %s "
-            "ORDER BY id DESC LIMIT %s",
-            (before if before is not None else 2**63 - 1, limit),
-        )
-        out = []
-        for r in rows:
-            rep = report_row(r)
-            rep["reason"] = unescape_text(rep["reason"])
-            rep["excerpt"] = unescape_text(rep["excerpt"])
-            out.append(rep)
-        return out
-
-    def delete_user(
-        self,
-        name: str,
-        address: str,
-        items: Sequence[Envelope] = (),
-        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
-    ) -> bool:
-        """Delete an account with the items ending its standing (one transaction, see
-        ``IStore.delete_user``); ``items`` get their positions.  True if it existed."""
-        out, _ = self.commit_batch([items], {}, [outbox], [False], None, [(name, address)])
-        if isinstance(out[0], NoSuchAccount):
-            return False
-        if isinstance(out[0], Exception):
-            raise out[0]
-        for env, pos in zip(items, out[0], strict=True):
-            env.pos = pos  # type: ignore[assignment]
-        return True
+    def _text_out(self, text: Any) -> str:
+        return unescape_text(str(text))
 
     def _delete_account(self, name: str, address: str) -> None:
         """Inside a commit, before its batch's outbox rows: the account's rows go (its
@@ -350,9 +196,6 @@ class PostgresDB(CommitSQL, ReadingSQL):
         c.execute("DELETE FROM read_markers WHERE user_addr = %s", (address,))
         c.execute("DELETE FROM prefs WHERE user_addr = %s", (address,))
         c.execute("SELECT nextval('items_pos')")
-
-    def list_users(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
 
     # federation outbox ----------------------------------------------------------------
 
@@ -555,7 +398,7 @@ class PostgresDB(CommitSQL, ReadingSQL):
     # read markers, conversations, preferences (queries in chatproto/store/reading.py)
 
     def _rows(self, query: str, params: Sequence[Any]) -> list[Any]:
-        return self.conn.execute(query.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
+        return list(self._run(query, params).fetchall())
 
     def _item(self, row: Any) -> Envelope:
         return item_of_row(row)
