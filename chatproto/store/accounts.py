@@ -6,7 +6,7 @@ A mixin of the synchronous store cores (:class:`chatproto.store.sqlite.SQLiteDB`
 ``?`` placeholders.  Where the dialects differ the core says how through a few hooks
 (:meth:`AccountsSQL._run`, :meth:`AccountsSQL._text_in`,
 :meth:`AccountsSQL._text_out`, :attr:`AccountsSQL.ITEMS_TOP`,
-:attr:`AccountsSQL.DUPLICATE`).
+``AccountsSQL.DUPLICATE``).
 
 An account is its name and its floor (``chatproto.store``): suspensions, admins and
 browser logins name both, so none of them outlives the account it was given to.
@@ -34,7 +34,7 @@ class AccountsSQL:
     statement written with ``?`` placeholders and returns its cursor;
     :meth:`_text_in` / :meth:`_text_out` store and read back a client's free text;
     :attr:`ITEMS_TOP` is an SQL expression for the highest position drawn so far (a
-    new account's floor); :attr:`DUPLICATE` the error a taken primary key raises.
+    new account's floor); ``DUPLICATE`` the error a taken primary key raises.
     ``commit_batch`` is the core's (an account is deleted inside a group commit)."""
 
     ITEMS_TOP = ""
