@@ -32,10 +32,55 @@ __all__ = ["PG_DSN", "pg_schema", "postgresql_or_skip", "service_available", "us
 
 #: The store realm-level tests run on: "sqlite" (default) or "postgresql"
 #: (CHATPROTO_TEST_STORE=postgresql pytest ...).  The store contract tests
-#: (tests/test_store.py) and a few realm tests run on every backend regardless.
+#: (tests/test_store.py), the modules of :data:`EVERY_STORE` and a few other realm
+#: tests run on every backend regardless.
 TEST_STORE = os.environ.get("CHATPROTO_TEST_STORE", "sqlite")
 if TEST_STORE not in ("sqlite", "postgresql"):
     raise pytest.UsageError(f"CHATPROTO_TEST_STORE={TEST_STORE!r}: sqlite or postgresql")
+
+#: The test modules whose every test runs twice in every run (``pytest -n auto``, so CI
+#: too): on SQLite and on PostgreSQL, each PostgreSQL run in schemas of its own (the
+#: realm-level loopback, groups, files and federation tests; docs/testing-guide.md
+#: says why these).  A test that already names its stores (a ``server`` or
+#: ``store_backend`` parameter) keeps its own.
+EVERY_STORE = frozenset(
+    {
+        "test_loopback",
+        "test_groups",
+        "test_groups_loopback",
+        "test_files",
+        "test_files_loopback",
+        "test_federation_loopback",
+        "test_federation_groups",
+        "test_federation_groups_loopback",
+    }
+)
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    if metafunc.module.__name__.rpartition(".")[2] not in EVERY_STORE:
+        return
+    if hasattr(metafunc.function, "hypothesis"):
+        # A property test builds no realm per example, and pytest-twisted wraps a
+        # hypothesis test's function object in place: run twice in one process, the
+        # second run fails inside the first's wrapper.
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = names.split(",") if isinstance(names, str) else names
+        if {"server", "store_backend"} & {n.strip() for n in names}:
+            return
+    metafunc.parametrize("store_backend", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def store_backend(request: Any) -> Any:
+    """The store this test's realms are on (:func:`fast_config`'s default): the
+    parameter of an :data:`EVERY_STORE` module's test, else :data:`TEST_STORE`."""
+    store = getattr(request, "param", TEST_STORE)
+    services.current_store[0] = store
+    yield store
+    services.current_store[0] = TEST_STORE
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +96,7 @@ def pytest_sessionfinish(session: Any) -> None:
 
 def fast_config(tmp_path: Any, store: str | None = None, **limits: Any) -> Config:
     """A config for tests: temp data dir and cheap argon2 parameters, on the store
-    ``store`` (default: :data:`TEST_STORE`)."""
+    ``store`` (default: the running test's, see :func:`store_backend`)."""
     cfg = Config(data_dir=str(tmp_path / "data"))
     cfg.auth.argon2_time_cost = 1
     cfg.auth.argon2_memory_cost = 1024
@@ -59,7 +104,7 @@ def fast_config(tmp_path: Any, store: str | None = None, **limits: Any) -> Confi
     for k, v in limits.items():
         setattr(cfg.limits, k, v)
     cfg.check()
-    if (store or TEST_STORE) == "postgresql":
+    if (store or services.current_store[0]) == "postgresql":
         use_postgresql(cfg)
     return cfg
 
@@ -76,8 +121,8 @@ def make_realm(cfg: Config, clock: Any = None, reactor: Any = None) -> RealmServ
 def sqlite_only() -> None:
     """Skip a test that looks inside the SQLite file when the realm tests run on
     another store (its behaviour is covered for every store elsewhere)."""
-    if TEST_STORE != "sqlite":
-        pytest.skip(f"looks inside SQLite; CHATPROTO_TEST_STORE={TEST_STORE}")
+    if services.current_store[0] != "sqlite":
+        pytest.skip(f"looks inside SQLite; the test's store is {services.current_store[0]}")
 
 
 @pytest.fixture

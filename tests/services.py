@@ -72,6 +72,11 @@ def drop_made_schemas() -> None:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+#: The store the running test's realms are on (see ``store_backend`` in conftest.py):
+#: one list, whichever copy of conftest.py reads or sets it.
+current_store = [os.environ.get("CHATPROTO_TEST_STORE", "sqlite")]
+
+
 def use_postgresql(cfg: Any) -> Any:
     """Point ``cfg`` (a :class:`chatproto.config.Config`) at a new schema of the tests'
     PostgreSQL server (skips the test if there is none and CI is unset)."""
