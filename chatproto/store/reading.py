@@ -50,10 +50,12 @@ def search_words(query: str) -> list[str]:
 
 
 def words_match(words: Sequence[str], body: str) -> bool:
-    """Whether every one of ``words`` begins a word of ``body`` (the memory store's
-    search; the SQL stores ask their full-text index the same)."""
+    """Whether every one of ``words`` begins a word of ``body`` -- is one, for a word
+    of one character (as a prefix it is the query full-text indexes answer slowest,
+    and finds next to everything) -- (the memory store's search; the SQL stores ask
+    their full-text index the same)."""
     have = search_words(body)
-    return all(any(h.startswith(w) for h in have) for w in words)
+    return all(any(h == w if len(w) == 1 else h.startswith(w) for h in have) for w in words)
 
 
 def conversation_summary(

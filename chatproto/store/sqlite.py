@@ -1032,10 +1032,17 @@ class SQLiteDB(AccountsSQL, ReadingSQL):
         # Every word, as a prefix; a word the tokenizer splits, as its pieces (each a
         # prefix: more items than the word finds, which the caller matches exactly).
         # The words are letters and digits, so nothing in them is FTS5 syntax.
-        pieces = [p for w in words for p in _FTS5_SEPARATORS.split(w) if p]
-        if not pieces:  # only such letters: the index holds none of them
+        # A word of one character is a whole word (see words_match).
+        terms = []
+        for w in words:
+            pieces = [p for p in _FTS5_SEPARATORS.split(w) if p]
+            if len(w) == 1 and pieces:
+                terms.append(f'"{w}"')
+            else:
+                terms += [f'"{p}"*' for p in pieces]
+        if not terms:  # only such letters: the index holds none of them
             return None
-        query = " ".join(f'"{p}"*' for p in pieces)
+        query = " ".join(terms)
         return "JOIN items_fts ON items_fts.rowid = items.pos", "items_fts MATCH ?", query
 
     def _indexed_upto(self) -> int | None:

@@ -407,7 +407,8 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL):
         return "body ~* ?", mention_pattern
 
     def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
-        query = " & ".join(f"'{w}':*" for w in words)  # words are letters and digits
+        # words are letters and digits; one of one character is a whole word
+        query = " & ".join(f"'{w}'" if len(w) == 1 else f"'{w}':*" for w in words)
         cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
         return "JOIN search_text s ON s.pos = items.pos", cond, query
 
