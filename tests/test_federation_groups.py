@@ -237,10 +237,9 @@ def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
     links, clock, h, a, b = net
     owner = User(h, clock, "owner")
     owner.ok("create_group", group="#dev")
-    alice = User(a, clock, "alice")
-    bob = User(b, clock, "bob")
-    alice.ok("join", group=GROUP)
-    bob.ok("join", group=GROUP)
+    alice, bob = User(a, clock, "alice"), User(b, clock, "bob")
+    for user in (alice, bob):
+        user.ok("join", group=GROUP)
     requests = {}
     for realm in (a, b):
         rows = result(realm.store.outbox_read("h.example", 0, 1000))

@@ -603,7 +603,9 @@ def test_a_group_spanning_three_realms(realms: Any) -> Any:
     with pytest.raises(RemoteError) as e:
         yield bob.send(group, "still here?")
     assert e.value.code == "not_member"
-    # history of the group on a member's own realm
+    # history of the group on a member's own realm (once it has the last message:
+    # h.example sends it to each member realm on its own link)
+    yield until(lambda: "after the kick" in texts("alice@a.example"), timeout=30)
     history = yield alice.history(group)
     assert [m["body"] for m in history if m["kind"] == "text"][-1] == "after the kick"
     for conn in (owner, alice, bob, bob2):
