@@ -178,14 +178,31 @@ class InboundProtocol(LinkProtocol):
             self.closed = True
             self.transport.loseConnection()
             return
-        self.peer_realm = claimed
-        self.state = "ready"
-        self.MAX_LENGTH = fed.cfg.max_frame
         if self._ticket is not None:
             self._ticket.release()
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+        # Nothing the peer sends is taken before the realm has loaded its state (a
+        # suspension, a group, the peers' keys): the welcome waits for it, and the
+        # peer sends nothing before its welcome.
+        self.state = "starting"
+        d = fed.realm.when_started()
+        d.addCallback(lambda _: self._welcome(claimed, keys))
+        d.addErrback(self._unexpected, "welcoming")
+
+    def _unexpected(self, f: Failure, what: str) -> None:
+        self.log.failure("federation: {what} {peer}", f, what=what, peer=self.peer_realm)
+        self.fail("internal_error", f"{what} failed")
+
+    def _welcome(self, claimed: str, keys: dict[str, bytes] | None) -> None:
+        """The realm has started: the link from ``claimed`` is up."""
+        if self.closed:
+            return
+        fed = self.factory.fed
+        self.peer_realm = claimed
+        self.state = "ready"
+        self.MAX_LENGTH = fed.cfg.max_frame
         self.send(
             {
                 "type": "welcome",
@@ -204,7 +221,7 @@ class InboundProtocol(LinkProtocol):
 
     def handle_txn(self, req: dict[str, Any]) -> None:
         if self.state != "ready":
-            raise FatalProtocolError("bad_request", "txn before hello")
+            raise FatalProtocolError("bad_request", "txn before the welcome")
         txn = req.get("id")
         items = req.get("items")
         if not isinstance(txn, str) or not 0 < len(txn) <= 64:
@@ -339,7 +356,7 @@ class InboundProtocol(LinkProtocol):
 
     def handle_presence(self, req: dict[str, Any]) -> None:
         if self.state != "ready":
-            raise FatalProtocolError("bad_request", "presence before hello")
+            raise FatalProtocolError("bad_request", "presence before the welcome")
         assert self.peer_realm is not None
         now = self.factory.fed.clock.seconds()
         if self._presence_bucket is None:
@@ -357,7 +374,7 @@ class InboundProtocol(LinkProtocol):
         """A read marker or typing notice of one of the peer's users (ephemeral):
         past READING_RATE a second, dropped."""
         if self.state != "ready":
-            raise FatalProtocolError("bad_request", "reading before hello")
+            raise FatalProtocolError("bad_request", "reading before the welcome")
         assert self.peer_realm is not None
         realm = self.factory.fed.realm
         now = self.factory.fed.clock.seconds()
