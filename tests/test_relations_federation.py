@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 
 from chatproto.client import RemoteError, connect
+from chatproto.envelope import Envelope
 from tests.conftest import until
 from tests.fedharness import drained, federation
 
@@ -65,6 +66,7 @@ def test_group_reactions_edits_and_deletes_reach_every_realm(tmp_path: Any) -> A
         bob = yield _user(b, "bob", conns)
         yield bob.join(GROUP)
         yield _joined(bob, 2)
+        early = yield owner.send(GROUP, "before cathy")  # never on c.example
         cathy = yield _user(c, "cathy", conns)
         yield cathy.join(GROUP)
         yield _joined(cathy, 3)
@@ -84,6 +86,19 @@ def test_group_reactions_edits_and_deletes_reach_every_realm(tmp_path: Any) -> A
         for conn in (owner, bob, cathy):
             shown = yield _page(conn, hello["msg_id"])
             assert shown["meta"] == {"reactions": {"👍": ["bob@b.example"]}}, conn.user
+        # a reply to an item c.example never had reaches it all the same (h judged it)
+        yield until(lambda: any(m["msg_id"] == early["msg_id"] for m in bob.inbox))
+        r = yield bob.send(GROUP, "re before", reply_to=early["msg_id"])
+        yield until(lambda: any(m["msg_id"] == r["msg_id"] for m in cathy.inbox))
+        # a member realm's reply to what its user may not read is refused at home
+        secret = yield owner.send("owner", "a note to self")
+        forged = Envelope(
+            "forged-reply", "text", "bob@b.example", GROUP, 1767225600.0, "re",
+            {"reply_to": secret["msg_id"]},
+        )  # fmt: skip
+        forged.sig = b.realm.signing.sign(forged)  # all but the reply is in order
+        rejected = yield h.realm.receive_remote("b.example", [forged.to_item()])
+        assert [r["code"] for r in rejected] == ["not_found"]
 
         # an edit, then a delete, of bob's own message
         typo = yield bob.send(GROUP, "teh secret plan")
@@ -179,6 +194,9 @@ def test_private_reactions_edits_deletes_across_realms_and_what_a_peer_may_not(
             item(8, "edit", "bea@b.example", "x", ref=mine["msg_id"], extra=1),
             item(9, "reaction", "bea@b.example", ref=mine["msg_id"], emoji="x", remove=False),
             {**item(10, "text", "bea@b.example", "x"), "meta": {"reply_to": 5}},
+            # a reply answers an item of its conversation that its sender may read
+            {**item(13, "text", "bea@b.example", "re"), "meta": {"reply_to": other["msg_id"]}},
+            {**item(14, "text", "bea@b.example", "re"), "meta": {"reply_to": "nothing-here"}},
         ]
         rejected = yield h.realm.receive_remote("b.example", raw)
         codes = {r["id"]: r["code"] for r in rejected}
@@ -193,6 +211,8 @@ def test_private_reactions_edits_deletes_across_realms_and_what_a_peer_may_not(
             "forged8": "bad_request",
             "forged9": "bad_request",
             "forged10": "bad_request",
+            "forged13": "not_found",
+            "forged14": "not_found",
         }
         stored = yield h.realm.store.stored_item(mine["msg_id"])
         assert stored.body == "hank's words"

@@ -24,6 +24,7 @@ from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
 from chatproto.relations import (
     MAX_CHANGES,
+    REF_KINDS,
     TARGET_KINDS,
     check_emoji,
     check_msg_id,
@@ -275,8 +276,9 @@ class Relations:
 
     @inlineCallbacks
     def check_remote(self, env: Envelope) -> Any:
-        """An ``edit``, ``delete`` or ``reaction`` from another realm (already checked
-        by :mod:`chatproto.realm.remote` to come from a realm that may carry it): the
+        """An ``edit``, ``delete`` or ``reaction``, or a reply (a text with
+        ``meta.reply_to``), from another realm (already checked by
+        :mod:`chatproto.realm.remote` to come from a realm that may carry it): the
         item it refers to must be stored here, of the same conversation, readable by
         its sender by this realm's state (a member of the group who may read it
         there, or a party of the private conversation), and for an edit theirs; for a
@@ -288,7 +290,7 @@ class Relations:
         had = yield self._store.stored_item(env.id)
         if had is not None and (had.sender, had.recipient) == (env.sender, env.recipient):
             return None
-        ref = ref_of(env)
+        ref = ref_of(env) if env.kind in REF_KINDS else (env.meta or {}).get("reply_to")
         t = (yield self._store.stored_item(ref)) if ref is not None else None
         if (
             t is None
@@ -306,7 +308,9 @@ class Relations:
             role = group.role_of(env.sender) if group is not None else None
             if not may_delete(t, env.sender, role):
                 raise ChatError("forbidden", f"{env.sender} may not delete {ref}")
-        elif (yield self._store.ref_count(t.id, env.sender)) >= MAX_CHANGES:
+        elif (
+            env.kind in REF_KINDS and (yield self._store.ref_count(t.id, env.sender)) >= MAX_CHANGES
+        ):
             raise ChatError("limit_reached", f"{env.sender} made {MAX_CHANGES} changes to {ref}")
         return t
 

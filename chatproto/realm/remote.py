@@ -263,6 +263,16 @@ class RemoteIntake:
             why = f"{env.sender} asked for no such change ({event} in {env.recipient})"
         raise ChatError("forged_sender", f"{origin} may not speak for {env.sender}: {why}")
 
+    def _first_hop_reply(self, env: Envelope) -> bool:
+        """Whether ``env`` is a reply this realm is the first to judge: a private one,
+        or one to a group of ours, whose target must be an item of its conversation
+        that its sender may read (the rule of a local ``send``).  A reply the home
+        realm of a group relays was judged there: it is stored even where the item it
+        answers is not (a member realm keeps the group's items from its first join)."""
+        if env.kind != "text" or not env.meta or "reply_to" not in env.meta:
+            return False
+        return not env.recipient.startswith("#") or env.recipient.endswith(self._suffix)
+
     def _parse(self, text: Any, default_realm: str, group: bool) -> Address:
         """:func:`address.parse`, cached by spelling (bounded): a peer's transactions
         repeat the same few senders and recipients."""
@@ -405,7 +415,7 @@ class RemoteIntake:
                             raise ChatError("no_such_user", f"no user {env.recipient} here")
                     if self._r.admin.is_suspended(name):
                         raise ChatError("account_suspended", f"{env.recipient} is suspended")
-                if env.kind in REF_KINDS:
+                if env.kind in REF_KINDS or self._first_hop_reply(env):
                     # What it refers to must be here (committed: it may be earlier in
                     # this transaction), and its sender allowed to.
                     yield flush()
