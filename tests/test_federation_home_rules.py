@@ -269,3 +269,50 @@ def test_a_request_never_answered_is_forgotten_after_a_while(node: Any) -> None:
     clock.advance(2)
     fired(fed.give_up())
     assert requests_of(realm, "dave@b.example") == []
+
+
+def ref(mid: str, kind: str, sender: str, target: str, body: str = "", **meta: Any) -> Any:
+    """A reaction, edit or delete of ``target`` in the group, from ``sender``."""
+    return {**text(mid, sender, body=body), "kind": kind, "meta": {"ref": target, **meta}}
+
+
+def test_reactions_edits_and_deletes_from_the_home_realm_follow_the_local_rules(
+    home: Any,
+) -> None:
+    """The home realm relays the group's reactions, edits and deletes: from members
+    only, never in the name of a local user who did not act, a third realm's only
+    with its signature, to an item that is here, an edit of one's own words only, a
+    delete of one's own or by an admin or owner of the group."""
+    realm, clock, link = home
+    User(realm, clock, "dave")
+    joined_dave(realm, link)
+    assert (
+        link.txn(
+            event("j2", "zed@a.example", event="joined", user="zed@a.example"),
+            event("j3", "carol@c.example", event="joined", user="carol@c.example"),
+            text("o1", "owner@a.example", body="owner's words"),
+        )
+        == {}
+    )
+    mine = fired(realm.post("dave@b.example", GROUP, "dave's words"))
+    assert link.txn(
+        ref("r1", "reaction", "stranger@a.example", "o1", emoji="x"),  # not a member
+        ref("r2", "edit", "owner@a.example", mine.id, body="the owner's now"),  # not theirs
+        ref("r3", "reaction", "owner@a.example", "nothing-here", emoji="x"),
+        ref("r4", "reaction", "dave@b.example", "o1", emoji="x"),  # dave did not react
+        ref("r5", "reaction", "carol@c.example", "o1", emoji="x"),  # c.example's: unsigned
+        ref("r6", "delete", "zed@a.example", mine.id),  # a plain member
+        ref("r7", "reaction", "zed@a.example", "o1", emoji="x"),
+        ref("r8", "delete", "owner@a.example", mine.id),  # the group's owner may
+    ) == {
+        "r1": "not_member",
+        "r2": "forbidden",
+        "r3": "not_found",
+        "r4": "forged_sender",
+        "r5": "bad_signature",
+        "r6": "forbidden",
+    }
+    stored = {f"r{n}": fired(realm.store.stored_item(f"r{n}")) for n in range(1, 9)}
+    assert [mid for mid, env in stored.items() if env is not None] == ["r7", "r8"]
+    wiped = fired(realm.store.stored_item(mine.id))
+    assert (wiped.body, wiped.meta) == ("", {"deleted": True})
