@@ -918,3 +918,27 @@ def test_numbers_from_an_irc_client_are_checked(factory: IRCFactory, log_watch: 
     replies = a.lines()
     assert replies and not any(" 400 " in r for r in replies), replies
     assert not log_watch.failures, log_watch.failures[0]
+
+
+def test_the_source_of_messages_follows_nick_and_connections(factory: IRCFactory) -> None:
+    """The sender's mask (remembered by the directory) changes with a NICK, with a
+    newer connection of the same account (its USER), and back when that one closes."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("PRIVMSG bob :1")
+    a.send("NICK Alice")
+    a.lines()
+    a.send("PRIVMSG bob :2")
+    a2 = Conn(factory)
+    a2.send(f"PASS {PW}", "NICK alice", "USER second 0 * :Second")
+    a2.lines()
+    a.send("PRIVMSG bob :3")
+    a2.proto.connectionLost(None)
+    a.send("PRIVMSG bob :4")
+    got = [line for line in b.lines() if " PRIVMSG " in line]
+    assert got == [
+        ":alice!u@localhost PRIVMSG bob :1",
+        ":Alice!u@localhost PRIVMSG bob :2",
+        ":alice!second@localhost PRIVMSG bob :3",  # the newest connection's identity
+        ":Alice!u@localhost PRIVMSG bob :4",
+    ]

@@ -25,6 +25,8 @@ WHOWAS_KEPT = 1000
 MAX_USERNAME = 32
 #: Longest realname kept from USER.
 MAX_REALNAME = 128
+#: Masks the directory remembers (all forgotten at once past this many).
+MASKS_KEPT = 65536
 
 
 @attrs.define
@@ -50,6 +52,9 @@ class Directory:
         self.realm = realm
         self._shown: dict[str, Identity] = {}
         self._conns: dict[str, list[Any]] = {}  # user -> live connections, newest last
+        #: user -> (identity shown, its nick, mask): every PRIVMSG line needs the
+        #: sender's mask twice (its length check and the delivered line)
+        self._masks: dict[str, tuple[Identity | None, str, str]] = {}
         self.history: deque[tuple[str, Identity]] = deque(maxlen=WHOWAS_KEPT)
 
     def default(self, user: str) -> Identity:
@@ -65,8 +70,19 @@ class Directory:
         return shown.nick if shown is not None else nick_of(user, self.realm)
 
     def mask(self, user: str) -> str:
-        i = self.get(user)
-        return f"{i.nick}!{i.username}@{i.host}"
+        """``nick!username@host``, remembered while the identity shown for ``user``
+        and its nick stay the same objects (a NICK changes the nick; a new connection
+        or the last one closing changes the identity; username and host are fixed)."""
+        shown = self._shown.get(user)
+        known = self._masks.get(user)
+        if known is not None and known[0] is shown and (shown is None or known[1] is shown.nick):
+            return known[2]
+        i = shown if shown is not None else self.default(user)
+        mask = f"{i.nick}!{i.username}@{i.host}"
+        if len(self._masks) >= MASKS_KEPT:
+            self._masks.clear()
+        self._masks[user] = (shown, i.nick, mask)
+        return mask
 
     def on_irc(self, user: str) -> bool:
         return user in self._shown
