@@ -115,6 +115,37 @@ async function main() {
       [...document.querySelectorAll("#messages .reaction")].some((r) => r.textContent === "👍 1" && r.classList.contains("mine")));
     check(true, "alice took her 👍 back (clicking her reaction)");
 
+    // more reactions: the picker (all of it from this page), and taking one back there
+    const hasReaction = (u, text) => u.page.waitForFunction((t) =>
+      [...document.querySelectorAll("#messages .reaction")].some((r) => r.textContent === t), text);
+    await action(alice, await message(alice, "yes, see you there"), "pick");
+    await alice.page.waitForSelector("#emoji-picker");
+    const picks = await alice.page.$$eval("#emoji-picker .pick-emoji", (b) => b.length);
+    check(picks >= 48, `the picker offers ${picks} emoji`);
+    await shot(alice, "relations-01b-picker");
+    await alice.page.click('#emoji-picker .pick-emoji[data-emoji="🎉"]');
+    check((await alice.page.$("#emoji-picker")) === null, "choosing closes the picker");
+    await hasReaction(bob, "🎉 1");
+    check(true, "bob sees alice's 🎉 from the picker");
+    await action(alice, await message(alice, "yes, see you there"), "pick");
+    await alice.page.waitForSelector('#emoji-picker .pick-emoji.mine[data-emoji="🎉"][aria-pressed="true"]');
+    check(true, "the picker marks alice's own 🎉");
+    await alice.page.keyboard.press("Escape");
+    await alice.page.waitForSelector("#emoji-picker", { state: "detached" });
+    check(true, "Escape closes the picker");
+    await action(alice, await message(alice, "yes, see you there"), "pick");
+    await alice.page.click('#emoji-picker .pick-emoji.mine[data-emoji="🎉"]');
+    await bob.page.waitForFunction(() =>
+      ![...document.querySelectorAll("#messages .reaction")].some((r) => r.textContent.startsWith("🎉")));
+    check(true, "alice took her 🎉 back in the picker");
+    await action(bob, await message(bob, "yes, see you there"), "pick");
+    await bob.page.mouse.click(5, 5);  // elsewhere
+    await bob.page.waitForSelector("#emoji-picker", { state: "detached" });
+    check(true, "a click elsewhere closes the picker");
+    const foreign = await alice.page.evaluate(() => performance.getEntriesByType("resource")
+      .map((e) => e.name).filter((n) => !n.startsWith(location.origin)));
+    check(foreign.length === 0, "nothing was fetched from another origin");
+
     // alice edits her message: "(edited)" and the new text everywhere, quote included
     await action(alice, await message(alice, "lunch at noon?"), "edit");
     check((await alice.page.inputValue("#text")) === "lunch at noon?", "Edit puts the text in the composer");

@@ -616,8 +616,10 @@ function messageNode(env) {
     const box = el("div", { class: "reactions" });
     for (const [emoji, users] of Object.entries(m.reactions)) {
       const mine = users.includes(state.me);
+      const who = users.map(shortName).join(", ");
       const b = el("button", { type: "button", class: `reaction${mine ? " mine" : ""}`,
-        title: users.map(shortName).join(", "), text: `${emoji} ${users.length}` });
+        title: mine ? `${who} (click to take yours back)` : `${who} (click to react too)`,
+        text: `${emoji} ${users.length}` });
       b.dataset.emoji = emoji;
       b.addEventListener("click", () => react(env, emoji, mine));
       box.append(b);
@@ -639,6 +641,54 @@ function quoteNode(msgId) {
 }
 
 const QUICK_REACTIONS = ["👍", "❤️", "😂"];
+// The reaction picker's choice (part of this page: nothing is fetched from elsewhere).
+const PICKER_EMOJI = [
+  "👍", "👎", "👏", "🙌", "🙏", "👋", "🤝", "💪", "✌️", "👌", "🤞", "👀",
+  "😀", "😄", "😂", "🤣", "😊", "😍", "🥰", "😘", "😉", "😎", "🤔", "😮",
+  "😢", "😭", "😡", "🤯", "😱", "🥳", "😴", "🙄", "😬", "🤗", "😅", "🙃",
+  "❤️", "🧡", "💛", "💚", "💙", "💜", "🔥", "⭐", "✨", "🎉", "🎂", "🎁",
+  "✅", "❌", "⚠️", "❓", "💯", "🚀", "💡", "☕", "🍕", "🍻", "🐛", "👻",
+];
+
+// Whether the user reacts to `env` with `emoji` now (the item as shown, which
+// reactions arriving meanwhile have changed).
+function reacted(env, emoji) {
+  const conv = getConversation(state.active);
+  const pos = conv.byId.get(env.msg_id);
+  const cur = (pos === undefined ? null : conv.items.get(pos)) || env;
+  return (((cur.meta || {}).reactions || {})[emoji] || []).includes(state.me);
+}
+
+// The picker: a grid of emoji under the message's button; one click reacts, or takes
+// one's reaction back (those are marked); Escape or a click elsewhere closes it.
+function openPicker(env, anchor) {
+  closePicker();
+  const box = el("div", { id: "emoji-picker", class: "emoji-picker", role: "dialog",
+    "aria-label": "React with" });
+  for (const emoji of PICKER_EMOJI) {
+    const mine = reacted(env, emoji);
+    const b = el("button", { type: "button", class: `pick-emoji${mine ? " mine" : ""}`, text: emoji,
+      title: mine ? `${emoji}: take your reaction back` : `react with ${emoji}` });
+    b.dataset.emoji = emoji;
+    b.setAttribute("aria-pressed", String(mine));
+    b.addEventListener("click", () => {
+      closePicker();
+      react(env, emoji, reacted(env, emoji));
+    });
+    box.append(b);
+  }
+  document.body.append(box);
+  const r = anchor.getBoundingClientRect();
+  const w = box.offsetWidth, h = box.offsetHeight;
+  box.style.left = `${Math.max(4, Math.min(r.left, window.innerWidth - w - 4))}px`;
+  box.style.top = `${r.bottom + h + 4 <= window.innerHeight ? r.bottom + 4 : Math.max(4, r.top - h - 4)}px`;
+  box.querySelector("button").focus();
+}
+
+function closePicker() {
+  const p = $("emoji-picker");
+  if (p) p.remove();
+}
 
 function actionsNode(env) {
   const box = el("div", { class: "actions" });
@@ -650,9 +700,11 @@ function actionsNode(env) {
   };
   button("Reply", "reply", () => setCompose("reply", env));
   for (const emoji of QUICK_REACTIONS) {
-    const had = ((env.meta || {}).reactions || {})[emoji] || [];
-    button(emoji, "react", () => react(env, emoji, had.includes(state.me))).dataset.emoji = emoji;
+    button(emoji, "react", () => react(env, emoji, reacted(env, emoji))).dataset.emoji = emoji;
   }
+  const more = button("☺+", "pick", () => openPicker(env, more));
+  more.title = "more reactions";
+  more.setAttribute("aria-haspopup", "dialog");
   if (env.from === state.me) {
     if (env.kind === "text") button("Edit", "edit", () => setCompose("edit", env));
     const del = button("Delete", "delete", () => {
@@ -960,6 +1012,11 @@ function init() {
   });
   $("status").addEventListener("change", () => {
     request("set_status", { status: $("status").value }).catch((e) => setConn(e.message, true));
+  });
+  document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closePicker(); });
+  document.addEventListener("mousedown", (ev) => {
+    const p = $("emoji-picker");
+    if (p && !p.contains(ev.target) && !ev.target.closest(".actions button.pick")) closePicker();
   });
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible" && state.active) {
