@@ -222,6 +222,33 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
         ),
         "alice sees bob typing",
     )
+    # ... and in a group (carol on w2; alice and frank on w1), and read markers: alice
+    # (w1) reads bob's DMs, bob (w2) gets her read receipt and then her marker in
+    # the conversation list (once w1's group commit has stored it).
+    yield carol.conn.typing("#team")
+    for c in (alice, frank):
+        yield until(
+            lambda c=c: any(
+                n.get("type") == "typing" and n.get("with") == "#team@localhost" for n in c.notices
+            ),
+            f"{c.user} sees carol typing in #team",
+        )
+    last = max(m["pos"] for m in alice.received if m.get("from") == "bob@localhost")
+    yield alice.conn.mark_read("bob@localhost", last)
+    receipt = {"type": "read", "with": "alice@localhost", "user": "alice@localhost", "pos": last}
+    yield until(lambda: receipt in bob.notices, "bob gets alice's read receipt")
+
+    @defer.inlineCallbacks
+    def peer_read() -> Any:
+        listed = yield bob.conn.conversations()
+        by = {c["with"]: c for c in listed["conversations"]}
+        return by["alice@localhost"].get("peer_read")
+
+    for _ in range(500):
+        if (yield peer_read()) == last:
+            break
+        yield task.deferLater(_reactor, 0.02, lambda: None)
+    assert (yield peer_read()) == last, "bob's conversation list has alice's marker"
     online = yield alice.conn.who()
     users = {u["user"]: u for u in online}
     assert {"alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost"} <= set(users)
@@ -535,6 +562,22 @@ def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
             "y (b.test) has both",
             info=lambda: (y.bodies(), w1.output[-3000:]),
         )
+        # Ephemeral reading frames go out from the sender too: z (on w2) types to y
+        # and reads y's message; y hears both over w1's link, and w2 makes no link.
+        yield y.conn.send("z@a.test", "from b to z")
+        yield until(lambda: "from b to z" in z.bodies(), "z (w2) has b's message")
+        yield z.conn.typing("y@b.test")
+        yield until(
+            lambda: any(n.get("type") == "typing" and n["user"] == "z@a.test" for n in y.notices),
+            "y hears z typing",
+        )
+        last = max(m["pos"] for m in z.received)
+        yield z.conn.mark_read("y@b.test", last)
+        yield until(
+            lambda: any(n.get("type") == "read" and n["user"] == "z@a.test" for n in y.notices),
+            "y gets z's read receipt",
+        )
+        assert "federation: link to" not in w2.output
         for proc in (b, w1, w2):
             assert "Traceback" not in proc.output, proc.output
     finally:

@@ -5,7 +5,8 @@ Every worker runs a federation listener (sharing ``[federation] port`` through
 items are stored there like any other commit (the other workers deliver them from the
 store).  Only the worker named by ``[cluster] federation_sender`` runs outbound links
 (:class:`SendingFederation`): the others (:class:`ReceivingFederation`) pass what the
-realm would send -- link wake-ups and presence -- to it over the bus, and it reads
+realm would send -- link wake-ups, presence, and ``reading`` frames (read markers,
+typing) -- to it over the bus, and it reads
 every worker's outbox rows from the store, never past the outbox's safe position.
 """
 
@@ -93,6 +94,10 @@ class ReceivingFederation(FederationService):
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
         self._publish(json.dumps({"presence": sorted(realms), "data": frame}))
+
+    def reading(self, realm: str, frame: dict[str, Any]) -> None:
+        """A read marker or typing notice for ``realm``: the sender's links carry it."""
+        self._publish(json.dumps({"reading": realm, "data": frame}))
 
     def want_keys(self, realm: str) -> Deferred[bool]:
         """Keys come in a link's hello: known when a link from ``realm`` is up here

@@ -14,8 +14,8 @@ each seam the handlers already ask through:
   (its message id comes from the user and the nonce: a retry elsewhere finds the
   first in the store);
 - federation: every worker receives; one (``[cluster] federation_sender``) runs the
-  outbound links, and the others pass their wake-ups and presence to it over the
-  bus (:mod:`chatproto.cluster.federation`).
+  outbound links, and the others pass their wake-ups, presence and ``reading``
+  frames to it over the bus (:mod:`chatproto.cluster.federation`).
 
 Nothing of this runs in a single-process realm.
 """
@@ -406,6 +406,8 @@ class Worker:
             fed.wake(m["wake"])
         elif isinstance(m.get("presence"), list) and isinstance(m.get("data"), dict):
             fed.presence(set(m["presence"]), m["data"])
+        elif isinstance(m.get("reading"), str) and isinstance(m.get("data"), dict):
+            fed.reading(m["reading"], m["data"])
 
     # the heartbeat -----------------------------------------------------------------------
 
