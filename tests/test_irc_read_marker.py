@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
 
@@ -79,10 +81,20 @@ def test_parse_timestamp() -> None:
         "timestamp=2026-01-01T00:00:01Z",
         "timestamp=2026-13-01T00:00:01.250Z",
         "timestamp=2026-01-01T24:00:01.250Z",
+        "timestamp=2026-02-31T00:00:01.250Z",
+        "timestamp=0000-01-01T00:00:01.250Z",
         "timestamp=2026-01-01T00:00:01.250Z ",
         "timestamp=२०२६-01-01T00:00:01.250Z",  # digits of another script
     ):
         assert parse_timestamp(bad) is None, bad
+
+
+@given(st.text(max_size=40) | st.from_regex(r"timestamp=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"))
+@settings(max_examples=300)
+def test_parse_timestamp_any_text(text: str) -> None:
+    """Any parameter: a time, or None (a FAIL), never an exception."""
+    ts = parse_timestamp(text)
+    assert ts is None or server_time(ts) == text.partition("=")[2]
 
 
 def test_set_and_get_a_private_marker_by_time(factory: IRCFactory, clock: Clock) -> None:

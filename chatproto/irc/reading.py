@@ -25,6 +25,7 @@ an unknown target, a channel one is not in), ``RATE_LIMITED`` and ``INTERNAL_ERR
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -69,13 +70,11 @@ def parse_timestamp(text: str) -> float | None:
     if m is None:
         return None
     year, month, day, hour, minute, second, ms = (int(g) for g in m.groups())
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+    try:  # a real date and time (no 31 February, no leap second)
+        when = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
+    except ValueError:
         return None
-    try:
-        whole = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-    except (OverflowError, ValueError):
-        return None
-    return whole + ms / 1000
+    return calendar.timegm(when.timetuple()) + ms / 1000
 
 
 def _shown(ts: float | None) -> str:
