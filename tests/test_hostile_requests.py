@@ -315,3 +315,69 @@ def test_a_huge_body_to_the_web_api_is_not_stored(web: Any, monkeypatch: Any) ->
         status = answer.split(b"\r\n", 1)[0].split(b" ")
         assert len(status) > 1 and status[1] in (b"413", b"405"), (path, answer[:200])
     assert sum(written) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_http_connections_to_the_web_listener_are_counted(tmp_path: Any) -> Any:
+    """Connections to the web listener that are not WebSocket sessions were not counted
+    among the unauthenticated connections: anyone could hold any number open (one byte
+    a minute keeps an HTTP connection alive) and take every file descriptor of the
+    realm, its native listeners' too.  An HTTP connection now counts until it closes
+    or becomes a WebSocket session (which counts until its login)."""
+    import socket
+
+    from twisted.internet import reactor, task
+
+    from chatproto.web.site import WebSite
+    from tests.conftest import fast_config, make_realm, until
+    from tests.test_web import Web
+
+    cfg = fast_config(tmp_path, max_unauthenticated_per_address=4)
+    realm = make_realm(cfg)
+    yield realm.startService()
+    site = WebSite(realm)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    browser = Web(realm, site, port)
+    socks: list[Any] = []
+
+    def open_idle() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+        s.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        socks.append(s)
+        return s
+
+    def closed(s: socket.socket) -> bool:
+        s.setblocking(False)
+        try:
+            return s.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    try:
+        held = [open_idle() for _ in range(4)]
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        extra = open_idle()
+        yield until(lambda: closed(extra))  # past the bound: closed at once
+        assert realm.unauthenticated.count("127.0.0.1") == 4
+        assert not any(closed(s) for s in held)
+        for s in held:
+            s.close()
+        yield until(lambda: realm.unauthenticated.count("127.0.0.1") == 0)
+        # a WebSocket session counts as itself, until it logs in
+        cookie = yield browser.login("alice")
+        yield until(lambda: realm.unauthenticated.count("127.0.0.1") == 0)
+        ws = yield browser.websocket(cookie)
+        yield ws.call("hello", version=1)
+        assert realm.unauthenticated.count("127.0.0.1") == 1
+        yield ws.call("login")
+        assert realm.unauthenticated.count("127.0.0.1") == 0
+    finally:
+        for s in socks:
+            s.close()
+        for w in browser.sockets:
+            if w.transport is not None:
+                w.transport.abortConnection()
+        yield port.stopListening()
+        yield realm.stopService()

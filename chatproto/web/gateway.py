@@ -305,4 +305,7 @@ class GatewayResource(WebSocketResource):
         channel = request.channel
         if hasattr(channel, "setTimeout"):
             channel.setTimeout(None)
+        release = getattr(channel, "release_admission", None)
+        if release is not None:  # the WebSocket session counts from now on
+            release()
         return super().render(request)

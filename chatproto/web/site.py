@@ -39,10 +39,12 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from chatproto import wire
+from chatproto.admission import Ticket
 from chatproto.config import Web
 from chatproto.errors import ChatError
 from chatproto.realm import RealmService
@@ -538,6 +540,37 @@ class _Files(_Api):
     render_HEAD = render_GET
 
 
+class _Channel(HTTPChannel):
+    """An HTTP connection of the web listener.  It counts among the realm's
+    unauthenticated connections (:mod:`chatproto.admission`) while it is open, as a
+    native one does until its login: HTTP has no login, and one byte a minute keeps a
+    connection alive, so uncounted connections could take every file descriptor of
+    the realm.  Past the bounds it is aborted at once.  A connection that becomes a
+    WebSocket stops counting as this (its session counts until it logs in)."""
+
+    site: WebSite
+    _ticket: Ticket | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        ticket = self.site.realm.unauthenticated.admit(getattr(peer, "host", str(peer)))
+        if ticket is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._ticket = ticket
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.release_admission()
+        super().connectionLost(reason)
+
+    def release_admission(self) -> None:
+        """Stop counting this connection (it closed, or is now a WebSocket)."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ticket.release()
+
+
 class WebSite(Site):
     """The web listener of one realm (see the module docstring)."""
 
@@ -563,6 +596,7 @@ class WebSite(Site):
         root.putChild(b"files", _Files(self))
         self.root = root
         super().__init__(root, requestFactory=WebRequest)
+        self.protocol = _Channel  # type: ignore[assignment]
         self.displayTracebacks = False
 
     def origin_ok(self, origin: Any, host: Any, secure: bool) -> bool:
