@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from chatproto import wire
@@ -143,8 +144,8 @@ class _Assets(static.File):
         ".svg": "image/svg+xml",
     }
 
-    def directoryListing(self) -> Resource:
-        return NoResource()
+    def directoryListing(self) -> IResource:
+        return notFound()
 
 
 class _Root(Resource):
@@ -154,10 +155,10 @@ class _Root(Resource):
         super().__init__()
         self._index = index
 
-    def getChild(self, path: bytes, request: Any) -> Resource:
+    def getChild(self, path: bytes, request: Any) -> IResource:
         if path == b"":
             return self._index
-        return NoResource()
+        return notFound()
 
 
 class _Api(Resource):
