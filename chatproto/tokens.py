@@ -142,6 +142,38 @@ class Tokens:
 
         return self._store.session_tokens().addCallback(loaded)
 
+    def reload_user(self, user: str) -> Deferred[set[str]]:
+        """Read the live tokens of ``user`` from the store again, in place of those
+        held here (another process serving the realm issued or revoked some); fires
+        with the login ids of ``user``'s live tokens.  A token whose account floor is
+        not the store's is not live (see :meth:`load`)."""
+        if self._store is None:
+            now = self._clock.seconds()
+            return succeed(
+                {
+                    r.login_id(k)
+                    for k, r in self._records.items()
+                    if r.user == user and now - r.last_used <= self.ttl
+                }
+            )
+
+        def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> set[str]:
+            now = self._clock.seconds()
+            stored = {row[0]: row for row in rows if row[1] == user}
+            for key in [k for k, r in self._records.items() if r.user == user]:
+                if key not in stored:
+                    del self._records[key]
+            for key, name, floor, device, created, last_used in stored.values():
+                if now - last_used > self.ttl:
+                    self._records.pop(key, None)
+                elif key not in self._records:
+                    self._records[key] = TokenRecord(
+                        name, device, last_used, floor, created, stored_use=last_used
+                    )
+            return {self._records[k].login_id(k) for k in stored if k in self._records}
+
+        return self._store.session_tokens().addCallback(loaded)
+
     def issue(self, user: str, device: str, floor: int = 0) -> Deferred[str]:
         """A new token for local user name ``user`` (the account created at ``floor``)
         logging in as ``device``; fires once the store holds it."""

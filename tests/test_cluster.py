@@ -38,7 +38,9 @@ LIFETIME = 180.0
 _OWN = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1\)")
 
 
-def _config(dsn: str, schema: str, redis: str, prefix: str, shared: int) -> str:
+def _config(
+    dsn: str, schema: str, redis: str, prefix: str, shared: int, control: bool = False
+) -> str:
     return f"""\
 [realm]
 listen = ["tcp:{shared}:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
@@ -60,7 +62,7 @@ dsn = "{dsn}"
 schema = "{schema}"
 
 [control]
-enabled = false
+enabled = {"true" if control else "false"}
 
 [cluster]
 redis = "{redis}"
@@ -74,14 +76,14 @@ connect_timeout = 2.0
 class Cluster:
     """Workers of one realm, started in ``tmp_path`` (killed at teardown)."""
 
-    def __init__(self, tmp_path: Any, redis: str, prefix: str) -> None:
+    def __init__(self, tmp_path: Any, redis: str, prefix: str, control: bool = False) -> None:
         self.tmp_path = tmp_path
         self.redis = redis
         self.prefix = prefix
         self.shared = free_port()
         self.config = tmp_path / "realm.toml"
         self.config.write_text(
-            _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared)
+            _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared, control)
         )
         self.spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
         self.procs: dict[str, Proc] = {}
@@ -146,14 +148,20 @@ class Client:
 
 def ctl_status(cluster: Cluster) -> str:
     """``chatrealmctl --config realm.toml cluster status``, its output."""
+    return ctl(cluster, "cluster", "status")
+
+
+def ctl(cluster: Cluster, *args: str) -> str:
+    """``chatrealmctl --config realm.toml ARGS...`` (must succeed), its output."""
     import contextlib
     import io
 
     from chatproto import ctl
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = ctl.main(["--config", str(cluster.config), "cluster", "status"])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        argv = ["--config", str(cluster.config), "--data-dir", str(cluster.tmp_path / "data")]
+        code = ctl.main([*argv, *args])
     assert code == 0, out.getvalue()
     return out.getvalue()
 
@@ -685,3 +693,75 @@ def test_irc_users_on_two_workers(tmp_path: Any) -> Any:
     finally:
         yield cluster.spawner.close()
         redis_drop_prefix(redis, cluster.prefix)
+
+
+@pytest_twisted.inlineCallbacks
+def test_operator_actions_take_effect_on_every_worker(tmp_path: Any) -> Any:
+    """``chatrealmctl`` reaches one worker (the first control socket that answers);
+    what it changes -- a suspension, the admin role, a kick -- every worker follows
+    (told over Redis, read from PostgreSQL): sessions on the other worker end, and
+    what that worker allows changes."""
+    redis = redis_or_skip()
+    prefix = redis_prefix()
+    cluster = Cluster(tmp_path, redis, prefix, control=True)
+    try:
+        w1 = yield cluster.start("w1")
+        w2 = yield cluster.start("w2")
+        alice = yield Client("alice").connect(w1, register=True)
+        bob = yield Client("bob").connect(w2, register=True)
+        carol = yield Client("carol").connect(w1, register=True)
+        lost = {c.user: c.conn.protocol.closed_d for c in (alice, bob, carol)}
+
+        # Granted through w1's socket; alice then acts as an admin on w2.
+        assert "by the running realm" in ctl(cluster, "grant-admin", "alice")
+        yield alice.conn.close()
+        yield until(lambda: lost["alice"].called, "alice's first connection closed")
+        alice = yield Client("alice").connect(w2)
+
+        def admin_on_w2() -> Any:
+            return alice.conn.suspend("carol", "test")
+
+        yield until_ok(admin_on_w2, "alice is an admin on w2")
+        yield until(lambda: lost["carol"].called, "carol's session on w1 ended")
+        with pytest.raises(RemoteError) as refused:
+            yield client.connect(_reactor, w1, "carol", PASSWORD)
+        assert refused.value.code == "account_suspended"
+
+        # Suspended through w1's socket: bob's session on w2 ends; w2 refuses him.
+        out = ctl(cluster, "suspend", "bob", "--reason", "spam")
+        assert "by the running realm" in out, out
+        yield until(lambda: lost["bob"].called, "bob's session on w2 ended")
+        with pytest.raises(RemoteError) as refused:
+            yield client.connect(_reactor, w2, "bob", PASSWORD)
+        assert refused.value.code == "account_suspended"
+        ctl(cluster, "unsuspend", "bob")
+
+        @defer.inlineCallbacks
+        def bob_back() -> Any:
+            c = yield Client("bob").connect(w2)
+            return c
+
+        bob = yield until_ok(bob_back, "bob may log in on w2 again")
+        gone = bob.conn.protocol.closed_d
+        ctl(cluster, "kick", "bob")
+        yield until(lambda: gone.called, "bob's session on w2 kicked")
+        for proc in cluster.procs.values():
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield cluster.spawner.close()
+        redis_drop_prefix(redis, prefix)
+
+
+@defer.inlineCallbacks
+def until_ok(attempt: Any, what: str, timeout: float = 20.0) -> Any:
+    """``attempt()``'s result once it succeeds (a change another worker follows
+    within a bus round trip); its last error after ``timeout`` seconds."""
+    error: Any = None
+    for _ in range(int(timeout / 0.05)):
+        try:
+            result = yield attempt()
+            return result
+        except RemoteError as e:
+            error = e
+        yield task.deferLater(_reactor, 0.05, lambda: None)
+    raise AssertionError(f"timed out waiting until {what}: {error}")

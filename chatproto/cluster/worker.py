@@ -15,7 +15,15 @@ each seam the handlers already ask through:
   first in the store);
 - federation: every worker receives; one (``[cluster] federation_sender``) runs the
   outbound links, and the others pass their wake-ups, presence and ``reading``
-  frames to it over the bus (:mod:`chatproto.cluster.federation`).
+  frames to it over the bus (:mod:`chatproto.cluster.federation`);
+- accounts' standing: a suspension, the admin role, browser logins, a deletion or
+  sessions ended by an operator (``chatrealmctl``, which reaches one worker, or a
+  realm admin) is made in the store and in the memory of the worker it reaches;
+  that worker says so on the bus (channel ``standing``: the account, what to re-read,
+  which sessions to end), and every other worker re-reads it from the store and
+  ends its own sessions of the account (:meth:`chatproto.realm.admin.Admin.follow`).
+  The store is the truth: a worker that missed such messages (Redis was away)
+  re-reads suspensions and admins when Redis answers again.
 
 Nothing of this runs in a single-process realm.
 """
@@ -38,6 +46,7 @@ from chatproto.cluster.presence import ClusterPresence
 from chatproto.cluster.stream import StreamReader
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.realm.admin import STANDING
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging, SendRequest
 from chatproto.realm.sessions import Notice, Session
@@ -227,7 +236,12 @@ class Worker:
         self.sender = cluster.federation_sender == self.name
         self._suffix = "@" + realm.realm
         self.bus = RedisBus(
-            cluster.redis, cluster.redis_prefix, self.name, reactor, cluster.heartbeat
+            cluster.redis,
+            cluster.redis_prefix,
+            self.name,
+            reactor,
+            cluster.heartbeat,
+            on_change=self._bus_changed,
         )
         self.stream = StreamReader(
             realm,
@@ -261,6 +275,7 @@ class Worker:
         self.bus.on("federation", self._heard_federation)
         self.bus.on("throttle", self._heard_throttle)
         self.bus.on("notice", self._heard_notice)
+        self.bus.on("standing", self._heard_standing)
         realm.sessions.relay = self._relay_notice
         for kind, throttle in realm.accounts.throttles.items():
             throttle.listener = self._throttle_listener(kind)
@@ -376,6 +391,42 @@ class Worker:
             sessions.notify([str(u) for u in users], Notice(data))
         finally:
             sessions.relay = relay
+
+    def standing_changed(
+        self, name: str, reload: Sequence[str], end: tuple[str, str] | None
+    ) -> None:
+        """Local account ``name``'s standing changed on this worker (see
+        :meth:`chatproto.realm.service.RealmService.standing_changed`): the other
+        workers re-read ``reload`` from the store and end their sessions of it."""
+        message = {"w": self.name, "u": name, "r": list(reload), "e": list(end) if end else None}
+        self.bus.publish("standing", json.dumps(message))
+
+    def _heard_standing(self, message: str) -> Any:
+        """Another worker changed an account's standing: follow it from the store."""
+        try:
+            m = json.loads(message)
+            name, reload, end = m["u"], m["r"], m["e"]
+            if m["w"] == self.name or not isinstance(name, str) or not isinstance(reload, list):
+                return None
+            if end is not None:
+                code, why = end
+                end = (str(code), str(why))
+        except (ValueError, KeyError, TypeError):
+            return None
+        wanted = [str(r) for r in reload if r in STANDING]
+        d = self.realm.admin.follow(name, wanted, end)
+        d.addErrback(
+            lambda f: self.log.failure("cluster: following {user}'s standing", f, user=name)
+        )
+        return d
+
+    def _bus_changed(self, up: bool) -> None:
+        """Redis answers again: re-read what standing messages may have been missed
+        (suspensions and admins; an account's sessions a suspension ended elsewhere
+        are ended here now)."""
+        if up and self.realm.running:
+            d = self.realm.admin.catch_up()
+            d.addErrback(lambda f: self.log.failure("cluster: re-reading suspensions", f))
 
     def _throttle_listener(self, kind: str) -> Any:
         def changed(event: str, key: str, now: float) -> None:

@@ -12,6 +12,7 @@ store must not be changed behind its back).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -122,10 +123,45 @@ def connect(cfg: Config, timeout: float = TIMEOUT) -> ControlClient:
     Raises :class:`NotRunning` when it does not (no socket file, or a socket nobody
     listens on: left by a realm that was killed), and :class:`Unreachable` when it
     runs but cannot be operated from here (the socket or its token file belong to
-    another user, the token is refused)."""
+    another user, the token is refused).
+
+    A realm run as workers of a cluster (on PostgreSQL; docs/scale-out.md) has one
+    socket per worker, ``<socket>.<worker>``: the first of those on this machine that
+    answers is the one reached (the worker tells the others what it changed)."""
     if not cfg.control.enabled:
         raise NotRunning("the control channel is off ([control] enabled = false)")
     path = cfg.control_socket
+    if cfg.worker is not None or cfg.storage.backend != "postgresql":
+        return _connect(path, timeout)
+    try:
+        return _connect(path, timeout)
+    except NotRunning as e:
+        not_running = e
+    for worker_path in worker_sockets(path):
+        try:
+            return _connect(worker_path, timeout)
+        except NotRunning:
+            continue
+    raise not_running
+
+
+def worker_sockets(path: str) -> list[str]:
+    """The control sockets of a cluster's workers beside ``path`` (the realm's
+    socket): ``<path>.<worker>``, sorted by worker name."""
+    import glob
+    import stat
+
+    found = []
+    for candidate in sorted(glob.glob(glob.escape(path) + ".*")):
+        try:
+            if stat.S_ISSOCK(os.stat(candidate).st_mode):
+                found.append(candidate)
+        except OSError:
+            continue
+    return found
+
+
+def _connect(path: str, timeout: float) -> ControlClient:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

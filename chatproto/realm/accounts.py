@@ -273,6 +273,7 @@ class Accounts:
             self._r.groups, user, self.realm
         )
         existed = yield self._r.group_handler.end_standing(user, groups, account=addr.name)
+        self._r.standing_changed(addr.name, ("account",))
         yield self._r.files.forget_user(user)
         if existed:
             self.log.info("account {user} deleted", user=user)
@@ -289,6 +290,21 @@ class Accounts:
             if floor is None or (s.opened and s.floor != floor):
                 s.mind.disconnect("auth_failed", "this account was deleted")
                 s.logout()
+
+    @inlineCallbacks
+    def refresh(self, name: str) -> Any:
+        """Another process serving the realm (a worker of a cluster) may have deleted
+        local account ``name``, or made another one of the name: read its floor from
+        the store and end here what a deleted account held (see :meth:`delete_user`;
+        its group standing ended with events of the stream)."""
+        floor = yield self.store.user_floor(name)
+        if floor is None:
+            self.known.discard(name)
+            self._floors.pop(name, None)
+            self._end_sessions(name, None)
+        else:
+            self.known.add(name)
+            yield self._adopt(name, floor)
 
     @inlineCallbacks
     def _adopt(self, name: str, floor: int) -> Any:
@@ -434,6 +450,7 @@ class Accounts:
             peer=peer,
         )
         token = yield self.tokens.issue(name, device, floor)
+        self._r.standing_changed(name, ("logins",))
         return token, Address(name, self.realm)
 
     @inlineCallbacks
@@ -460,7 +477,9 @@ class Accounts:
     def revoke_token(self, token: str | None) -> None:
         """Log a browser out: the token stops working (open sessions are the
         gateway's to close)."""
-        self.tokens.revoke(token)
+        record = self.tokens.revoke(token)
+        if record is not None:
+            self._r.standing_changed(record.user, ("logins",))
 
     def _throttled_credentials(
         self, username: str, password: str, peer: str

@@ -24,7 +24,12 @@ from chatproto.tokens import LOGIN_ID_LENGTH
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["Admin"]
+__all__ = ["STANDING", "Admin"]
+
+#: What of an account's standing another process serving the realm may have changed
+#: in the store (see :meth:`Admin.follow`): the account itself (deleted, or another
+#: one of the name), its suspension, the admin role, its browser logins.
+STANDING = ("account", "suspensions", "admins", "logins")
 
 
 class Admin:
@@ -45,6 +50,23 @@ class Admin:
         self.suspended = {
             name: (accounts.floor_of(name) or 0, reason, ts) for name, (reason, ts) in held.items()
         }
+
+    @inlineCallbacks
+    def catch_up(self) -> Any:
+        """Re-read the suspensions and the admins from the store (a worker of a
+        cluster that may have missed another's changes) and end the sessions here of
+        accounts suspended since; fires with how many were closed."""
+        before = set(self.suspended)
+        yield self.load()
+        yield self._r.moderation.load()
+        closed = 0
+        for name in sorted(set(self.suspended) - before):
+            if self.is_suspended(name):
+                reason = self.suspended[name][1]
+                why = "this account is suspended" + (f": {reason}" if reason else "")
+                user = f"{name}@{self._r.realm}"
+                closed += self._close(self._r.sessions.of(user), "account_suspended", why)
+        return closed
 
     def is_suspended(self, name: str, floor: int | None = None) -> bool:
         """Whether local account ``name`` (the one created at ``floor``; default: the
@@ -71,7 +93,7 @@ class Admin:
         floor = yield self._r.store.user_floor(name)
         self.suspended[name] = (floor or 0, reason, now)
         why = "this account is suspended" + (f": {reason}" if reason else "")
-        closed = self.end_sessions(canonical, "account_suspended", why)
+        closed = self.end_sessions(canonical, "account_suspended", why, ("suspensions",))
         self.log.info("suspended {user}: {n} sessions closed", user=canonical, n=closed)
         return canonical, closed
 
@@ -82,6 +104,7 @@ class Admin:
         name, canonical = self._local(user)
         had = yield self._r.store.unsuspend_user(name)
         had = bool(self.suspended.pop(name, None)) or bool(had)
+        self._r.standing_changed(name, ("suspensions",))
         if had:
             self.log.info("suspension of {user} lifted", user=canonical)
         return canonical, had
@@ -93,20 +116,53 @@ class Admin:
             raise ChatError("bad_address", f"{addr} is not a user of this realm")
         return addr.name, str(addr)
 
-    def end_sessions(self, user: str, code: str, why: str) -> int:
+    def end_sessions(self, user: str, code: str, why: str, reload: tuple[str, ...] = ()) -> int:
         """Close every session of canonical address ``user`` (native, web and IRC),
         telling each ``code`` and ``why``, and forget its browser logins; returns how
-        many sessions were open."""
+        many sessions were open here.  The other workers of a cluster do the same
+        with theirs, after re-reading ``reload`` (see :meth:`follow`)."""
         name = user.rpartition("@")[0]
         self._r.tokens.revoke_user(name)
-        sessions = list(self._r.sessions.of(user))
+        closed = self._close(self._r.sessions.of(user), code, why)
+        self._r.standing_changed(name, ("logins", *reload), (code, why))
+        return closed
+
+    def _close(self, sessions: Any, code: str, why: str) -> int:
+        """Close ``sessions``, telling each ``code`` and ``why``; how many."""
+        sessions = list(sessions)
         for s in sessions:
             try:
                 s.mind.disconnect(code, why)
             except Exception:  # one broken connection must not keep the others open
-                self.log.failure("closing a session of {user}", user=user)
+                self.log.failure("closing a session of {user}", user=s.user_id)
             s.logout()
         return len(sessions)
+
+    @inlineCallbacks
+    def follow(self, name: str, reload: Any, end: tuple[str, str] | None = None) -> Any:
+        """Another process serving this realm (a worker of a cluster) changed local
+        account ``name``'s standing in the store: re-read what it says it changed
+        (``reload``, of :data:`STANDING`; anything else is ignored), close the
+        sessions here whose browser login it ended, and with ``end`` (code, reason)
+        every session of the account here, as it did with its own.  Changes nothing
+        in the store and tells nobody (it is the telling's end).  Fires with the
+        number of sessions closed."""
+        user = f"{name}@{self._r.realm}"
+        if "account" in reload or "logins" in reload:  # (a login names the account)
+            yield self._r.accounts.refresh(name)
+        if "suspensions" in reload:
+            yield self.load()
+        if "admins" in reload:
+            yield self._r.moderation.load()
+        closed = 0
+        if "logins" in reload:
+            live = yield self._r.tokens.reload_user(name)
+            ended = [s for s in self._r.sessions.of(user) if s.login and s.login not in live]
+            closed += self._close(ended, "session_ended", "this browser login was ended")
+        if end is not None:
+            code, why = end
+            closed += self._close(self._r.sessions.of(user), code, why)
+        return closed
 
     @inlineCallbacks
     def revoke_logins(self, user: str, logins: Any = None, why: str = "") -> Any:
@@ -117,16 +173,10 @@ class Admin:
         name, canonical = self._local(user)
         wanted = None if logins is None else set(logins)
         gone = yield self._r.tokens.revoke_logins(name, wanted)
+        self._r.standing_changed(name, ("logins",))
         ids = {key[:LOGIN_ID_LENGTH] for key in gone}
-        closed = 0
-        for s in list(self._r.sessions.of(canonical)):
-            if s.login is not None and s.login in ids:
-                try:
-                    s.mind.disconnect("session_ended", why or "this browser login was ended")
-                except Exception:
-                    self.log.failure("closing a session of {user}", user=canonical)
-                s.logout()
-                closed += 1
+        ended = [s for s in self._r.sessions.of(canonical) if s.login in ids]
+        closed = self._close(ended, "session_ended", why or "this browser login was ended")
         self.log.info(
             "browser logins of {user} ended: {n} logins, {c} sessions closed",
             user=canonical,

@@ -83,6 +83,7 @@ class Moderation:
         if not (yield self._r.store.grant_admin(name, self._r.clock.seconds())):
             raise ChatError("no_such_user", f"no user {canonical}")
         self.admins[name] = (yield self._r.store.user_floor(name)) or 0
+        self._r.standing_changed(name, ("admins",))
         self.log.info("{user} is a realm admin", user=canonical)
         return canonical
 
@@ -92,6 +93,7 @@ class Moderation:
         name, canonical = self._local(user)
         had = yield self._r.store.revoke_admin(name)
         had = self.admins.pop(name, None) is not None or bool(had)
+        self._r.standing_changed(name, ("admins",))
         if had:
             self.log.info("{user} is no longer a realm admin", user=canonical)
         return canonical, had

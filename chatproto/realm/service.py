@@ -336,6 +336,19 @@ class RealmService(Service):
         """Log a browser out: the token stops working."""
         self.accounts.revoke_token(token)
 
+    def standing_changed(
+        self, name: str, reload: Sequence[str], end: tuple[str, str] | None = None
+    ) -> None:
+        """Local account ``name``'s standing was changed here, in the store and in this
+        process's memory: a suspension, the admin role, browser logins, the account
+        itself (:data:`chatproto.realm.admin.STANDING`), or its sessions ended (``end``:
+        the error code and reason they were told).  A worker of a cluster tells the
+        other workers, which re-read ``reload`` from the store and end the sessions
+        they hold (:meth:`chatproto.realm.admin.Admin.follow`); nothing to do in one
+        process."""
+        if self.cluster is not None:
+            self.cluster.standing_changed(name, reload, end)
+
     def attach(self, name: str, mind: Any) -> Session:
         """A new session of local account ``name`` (the cred realm's avatar)."""
         session = self.sessions.attach(Session(self, Address(name, self.realm), "default", mind))

@@ -1,0 +1,207 @@
+"""Accounts' standing across the workers of a cluster (issue 16): what one worker
+changes -- a suspension, the admin role, browser logins, an account deleted, sessions
+ended by an operator -- every other worker follows from the store, told over the bus
+(channel ``standing``).
+
+Two workers' realms on one store (a MemoryStore, a test Clock), with the cluster side
+of each (:class:`chatproto.cluster.worker.Worker`) and their buses joined by a pipe
+that carries the ``standing`` channel as Redis would (to every subscriber, the
+publisher too).  The same over real ``twistd`` workers, PostgreSQL and Redis, with
+``chatrealmctl``: tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from chatproto.cluster.worker import Worker
+from chatproto.config import Config
+from chatproto.errors import ChatError
+from chatproto.realm import RealmService
+from chatproto.store.memory import MemoryStore
+from chatproto.testing import InlineHasher
+from tests.conftest import fired
+from tests.test_startup_gate import Mind as QuietMind
+
+PASSWORD = "correct horse"
+
+
+class Mind(QuietMind):
+    """A connection that records how it was closed."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[str, str]] = []
+
+    def disconnect(self, code: str, message: str) -> None:
+        self.closed.append((code, message))
+
+
+class Pair:
+    """Workers w1 and w2 of realm ``localhost`` on one store; ``told`` is every
+    message published on ``standing``; ``cut`` drops them (a bus outage)."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.told: list[dict[str, Any]] = []
+        self.cut = False
+        self.realms: list[RealmService] = []
+        self.workers: list[Worker] = []
+        for name in ("w1", "w2"):
+            cfg = Config()
+            cfg.worker = name
+            realm = RealmService(
+                cfg, self.store, self.clock, clock=self.clock, hasher=InlineHasher()
+            )
+            fired(realm.startService())
+            self.realms.append(realm)
+            self.workers.append(Worker(realm, self.clock))
+        for w in self.workers:
+            w.bus.publish = self._publish  # type: ignore[method-assign]
+
+    def _publish(self, channel: str, message: str) -> None:
+        if channel != "standing":
+            return
+        self.told.append(json.loads(message))
+        if self.cut:
+            return
+        for w in self.workers:
+            w.bus.handlers[w.bus.key(channel)](message)
+
+    def login(self, i: int, user: str) -> tuple[Any, Mind]:
+        mind = Mind()
+        session = fired(self.realms[i].login(user, PASSWORD, mind))
+        return session, mind
+
+    def close(self) -> None:
+        for realm in self.realms:
+            fired(realm.stopService())
+
+
+@pytest.fixture
+def pair() -> Any:
+    p = Pair()
+    for name in ("alice", "bob"):
+        fired(p.realms[0].create_user(name, PASSWORD))
+    yield p
+    p.close()
+
+
+def failure_code(d: Any) -> str:
+    with pytest.raises(ChatError) as e:
+        fired(d)
+    return e.value.code
+
+
+def test_a_suspension_on_one_worker_ends_the_sessions_on_the_other(pair: Pair) -> None:
+    w1, w2 = pair.realms
+    _, mind = pair.login(1, "bob")
+    fired(w1.admin.suspend("bob", "spam"))
+    assert mind.closed == [("account_suspended", "this account is suspended: spam")]
+    assert w2.admin.is_suspended("bob")
+    assert failure_code(w2.login("bob", PASSWORD, Mind())) == "account_suspended"
+    assert failure_code(w2.issue_token("bob", PASSWORD)) == "account_suspended"
+    assert pair.told[-1] == {
+        "w": "w1",
+        "u": "bob",
+        "r": ["logins", "suspensions"],
+        "e": ["account_suspended", "this account is suspended: spam"],
+    }
+
+    fired(w1.admin.unsuspend("bob"))
+    assert not w2.admin.is_suspended("bob")
+    pair.login(1, "bob")
+
+
+def test_the_admin_role_granted_on_one_worker_holds_on_the_other(pair: Pair) -> None:
+    w1, w2 = pair.realms
+    assert not w2.moderation.is_admin("alice@localhost")
+    fired(w1.moderation.grant("alice"))
+    assert w2.moderation.is_admin("alice@localhost")
+    # ... so alice may act as one there: suspend bob from w2
+    _, mind = pair.login(0, "bob")
+    fired(w2.moderation.suspend("alice@localhost", "bob", "flood"))
+    assert mind.closed and mind.closed[0][0] == "account_suspended"  # bob was on w1
+    fired(w1.moderation.revoke("alice"))
+    assert not w2.moderation.is_admin("alice@localhost")
+
+
+def test_browser_logins_follow_across_workers(pair: Pair) -> None:
+    w1, w2 = pair.realms
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    assert str(w2.token_user(token)) == "bob@localhost"  # issued on w1, valid on w2
+    mind = Mind()
+    session = fired(w2.login_token(token, mind))
+    assert session.login is not None
+    _, by_password = pair.login(1, "bob")
+    fired(w1.admin.revoke_logins("bob"))  # "log out everywhere", on w1
+    assert mind.closed == [("session_ended", "this browser login was ended")]
+    assert by_password.closed == []  # a password session is not a browser login
+    assert w2.token_user(token) is None
+
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    mind = Mind()
+    fired(w2.login_token(token, mind))
+    w1.revoke_token(token)  # a browser logs out on w1
+    assert mind.closed == [("session_ended", "this browser login was ended")]
+    assert w2.token_user(token) is None
+
+
+def test_sessions_an_operator_ends_end_on_every_worker(pair: Pair) -> None:
+    w1 = pair.realms[0]
+    _, on_w2 = pair.login(1, "bob")
+    _, on_w1 = pair.login(0, "bob")
+    assert w1.admin.kick("bob", "bye") == ("bob@localhost", 1)
+    assert (
+        on_w1.closed == on_w2.closed == [("session_ended", "an operator ended your sessions: bye")]
+    )
+
+    _, on_w2 = pair.login(1, "bob")
+    fired(w1.admin.set_password("bob", "another horse"))
+    assert on_w2.closed == [("session_ended", "the password was changed")]
+
+
+def test_an_account_deleted_on_one_worker_is_gone_on_the_other(pair: Pair) -> None:
+    w1, w2 = pair.realms
+    _, mind = pair.login(1, "bob")
+    assert fired(w1.delete_user("bob"))
+    assert mind.closed == [("auth_failed", "this account was deleted")]
+    assert not w2.accounts.is_user("bob@localhost")
+    # and a new account of the name, made on w1, is a new one on w2 too
+    fired(w1.create_user("bob", PASSWORD))
+    pair.login(1, "bob")
+
+
+def test_standing_missed_on_the_bus_is_read_when_redis_answers_again(pair: Pair) -> None:
+    w1, w2 = pair.realms
+    _, mind = pair.login(1, "bob")
+    pair.cut = True
+    fired(w1.admin.suspend("bob", ""))
+    fired(w1.moderation.grant("alice"))
+    assert mind.closed == [] and not w2.admin.is_suspended("bob")
+    pair.workers[1]._bus_changed(True)  # Redis answers again: re-read from the store
+    assert mind.closed == [("account_suspended", "this account is suspended")]
+    assert w2.admin.is_suspended("bob") and w2.moderation.is_admin("alice@localhost")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "not json",
+        "[]",
+        json.dumps({"w": "w1"}),
+        json.dumps({"w": "w1", "u": 5, "r": ["suspensions"], "e": None}),
+        json.dumps({"w": "w1", "u": "bob", "r": "suspensions", "e": None}),
+        json.dumps({"w": "w1", "u": "bob", "r": ["nothing we know"], "e": ["x"]}),
+        json.dumps({"w": "w2", "u": "bob", "r": [], "e": ["session_ended", "mine"]}),
+    ],
+)
+def test_a_bad_or_own_standing_message_changes_nothing(pair: Pair, message: str) -> None:
+    """What a worker hears on ``standing`` that it cannot read -- or its own message,
+    back from Redis -- is dropped without an error."""
+    _, mind = pair.login(1, "bob")
+    pair.workers[1]._heard_standing(message)
+    assert mind.closed == []
