@@ -25,6 +25,7 @@ from chatproto.cluster.worker import nonce_id
 from chatproto.envelope import Envelope
 from chatproto.groups import Groups
 from chatproto.realm.sessions import Sessions
+from tests.conftest import fired
 
 
 def item(pos: int, sender: str = "a@x", recipient: str = "b@x") -> Envelope:
@@ -405,3 +406,67 @@ def test_a_crowd_of_joins_asks_the_cluster_lock_one_at_a_time(realm: Any) -> Any
     assert failures == []
     assert worker.bus.requests == 41
     assert len(realm.groups.groups["#crowd@localhost"].members) == 41
+
+
+class SlowRedis:
+    """The command connection of a RedisBus, answering when the test says."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def slow_bus(clock: Clock, changes: list[bool]) -> tuple[Any, SlowRedis]:
+    from chatproto.cluster.bus import RedisBus
+
+    bus = RedisBus("127.0.0.1:6379", "p", "w1", clock, heartbeat=1.0, on_change=changes.append)
+    redis = SlowRedis()
+    bus._conn = redis
+    bus._subscriber = object()  # subscribed: the bus is up once a heartbeat says so
+    bus._set_up(True)
+    return bus, redis
+
+
+def test_a_late_answer_from_redis_is_not_an_outage_but_silence_is() -> None:
+    """Three workers on two cores: Redis's answer to one command can come after its
+    timeout.  That command fails, but the bus stays up (sends go on) until Redis
+    has answered nothing for ``grace`` seconds; then it is down."""
+    from chatproto.cluster.bus import BusUnavailable
+
+    clock, changes = Clock(), []
+    bus, redis = slow_bus(clock, changes)
+    assert bus.grace == 3.0
+    errors: list[Any] = []
+    late = bus.command("SET", "k", "v")
+    late.addErrback(errors.append)
+    clock.advance(1.0)  # no answer within the timeout
+    assert errors and errors[0].check(BusUnavailable)
+    assert bus.up and changes == [True]
+    answered = bus.command("PING")
+    clock.advance(0.5)
+    redis.pending[1].callback("PONG")
+    assert fired(answered) == "PONG" and bus.up
+    for _ in range(2):  # silent since 1.5 s: 2.5 s and 3.5 s are within the grace
+        bus.command("PING").addErrback(lambda _: None)
+        clock.advance(1.0)
+        assert bus.up
+    bus.command("PING").addErrback(lambda _: None)
+    clock.advance(1.0)  # 4.5 s: three seconds without an answer
+    assert not bus.up and changes == [True, False]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_refused_connection_is_an_outage_at_once() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+
+    clock, changes = Clock(), []
+    bus, redis = slow_bus(clock, changes)
+    d = bus.command("PING")
+    d.addErrback(lambda _: None)
+    redis.pending[0].errback(ConnectionRefusedError())
+    assert not bus.up and changes == [True, False]
+    assert clock.getDelayedCalls() == []

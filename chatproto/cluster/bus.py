@@ -15,9 +15,13 @@ What goes through it (every key and channel under ``[cluster] redis_prefix``, ``
 - federation: channel ``P:federation`` tells the federation sender which links to
   wake and which presence to send to other realms.
 
-Redis is watched by the heartbeat: when a command fails or times out the bus is
-*down* (:attr:`RedisBus.up`), the worker refuses sends (``unavailable``) and goes on
-delivering by polling the store; when it answers again, the worker catches up.
+Redis is watched by the heartbeat: when its connections drop, a command fails, or
+Redis has not answered a command for :attr:`RedisBus.grace` seconds (three
+heartbeats), the bus is *down* (:attr:`RedisBus.up`), the worker refuses sends
+(``unavailable``) and goes on delivering by polling the store; when it answers again,
+the worker catches up.  One command that times out while Redis answered within the
+grace is not an outage: on a machine short of CPU (more workers than cores) an answer
+can come late, and refusing every send for it was worse than the late answer.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import txredisapi
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import TimeoutError as CommandTimeout
 from twisted.logger import Logger
 
 __all__ = ["BusUnavailable", "RedisBus", "check_redis"]
@@ -114,8 +119,13 @@ class RedisBus:
         self._conn: Any = None
         self._sub_factory: Any = None
         self._subscriber: Any = None
-        #: Seconds a command may take before Redis is taken as down.
+        #: Seconds a command may take before it fails (:class:`BusUnavailable`).
         self.timeout = max(1.0, heartbeat)
+        #: Seconds without an answer from Redis, a command having timed out, after
+        #: which Redis is taken as down (a refused or lost connection is at once).
+        self.grace = 3 * self.timeout
+        #: When Redis last answered a command (reactor seconds).
+        self._answered = reactor.seconds()
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -203,11 +213,27 @@ class RedisBus:
         d = self._conn.execute_command(name, *args)
         d.addTimeout(self.timeout, self.reactor)
 
+        def answered(result: Any) -> Any:
+            self._answered = self.reactor.seconds()
+            return result
+
         def failed(f: Any) -> Any:
-            self._set_up(False)
+            if not f.check(CommandTimeout):
+                self._set_up(False)  # refused, lost, an error: an outage
+            elif self.reactor.seconds() - self._answered >= self.grace:
+                self._set_up(False)  # no answer for the whole grace: an outage
+            else:
+                self.log.info(
+                    "cluster: Redis at {address} answered no {name} within {timeout} s "
+                    "(a loaded machine?); down after {grace} s without an answer",
+                    address=self.address,
+                    name=name,
+                    timeout=self.timeout,
+                    grace=self.grace,
+                )
             raise BusUnavailable(f"Redis at {self.address}: {f.getErrorMessage()}")
 
-        return d.addErrback(failed)
+        return d.addCallbacks(answered, failed)
 
     def publish(self, channel: str, message: str) -> None:
         """Fire and forget: a lost wake-up is made up by the next poll."""
