@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "CommitResult",
     "GroupCommitStore",
     "StoreDB",
+    "outbox_rows",
 ]
 
 T = TypeVar("T")
@@ -63,6 +65,39 @@ INDEX_DELAY = 1.0
 INDEX_FORCE = 20_000
 
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
+
+
+def outbox_rows(
+    batches: Sequence[Sequence[Envelope]],
+    outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]],
+    positions: Sequence[list[int | None] | Exception],
+    request_row: Callable[[dict[str, Any]], tuple[Any, ...]],
+) -> tuple[list[tuple[str, int, str | None]], list[tuple[str, int, Any]], list[tuple[Any, ...]]]:
+    """Inside a commit, once its items have ``positions`` (per batch; an Exception for
+    a batch that failed): the outbox rows the batches queued, as ``(realm, item
+    position or 0, request JSON or None)``; the same entries as the commit's result
+    gives them (``(realm, 0 until its seq is known, Envelope or request dict)``); and
+    the rows of the group requests among them (``request_row`` makes one).  A failed
+    batch queues nothing, and an item not stored (a duplicate) is not queued."""
+    rows: list[tuple[str, int, str | None]] = []
+    queued_rows: list[tuple[str, int, Any]] = []
+    requests: list[tuple[Any, ...]] = []
+    for batch, queued, res in zip(batches, outbox, positions, strict=True):
+        if not queued or isinstance(res, Exception):
+            continue
+        where = {id(e): p for e, p in zip(batch, res, strict=True)}
+        for realm, env in queued:
+            if isinstance(env, dict):
+                rows.append((realm, 0, json.dumps(env)))
+                queued_rows.append((realm, 0, dict(env)))
+                if env.get("kind") == "request":
+                    requests.append(request_row(env))
+                continue
+            pos = where.get(id(env))
+            if pos is not None:
+                rows.append((realm, pos, None))
+                queued_rows.append((realm, 0, env))
+    return rows, queued_rows, requests
 
 
 class StoreDB(Protocol):

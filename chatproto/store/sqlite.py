@@ -32,7 +32,7 @@ from chatproto.store import (
     stored_sig,
 )
 from chatproto.store.accounts import AccountsSQL
-from chatproto.store.groupcommit import GroupCommitStore
+from chatproto.store.groupcommit import GroupCommitStore, outbox_rows
 from chatproto.store.reading import ReadingSQL
 
 __all__ = [
@@ -558,23 +558,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL):
                 if account is not None and not isinstance(out[i], Exception):
                     self._delete_account(*account)
             if outbox:
-                rows: list[tuple[str, int, str | None]] = []
-                requests: list[tuple[Any, ...]] = []
-                for batch, queued, res in zip(batches, outbox, out, strict=True):
-                    if not queued or isinstance(res, Exception):
-                        continue
-                    where = {id(e): p for e, p in zip(batch, res, strict=True)}
-                    for realm, env in queued:
-                        if isinstance(env, dict):
-                            rows.append((realm, 0, json.dumps(env)))
-                            queued_rows.append((realm, 0, dict(env)))
-                            if env.get("kind") == "request":
-                                requests.append(_request_row(env))
-                            continue
-                        pos = where.get(id(env))
-                        if pos is not None:
-                            rows.append((realm, pos, None))
-                            queued_rows.append((realm, 0, env))
+                rows, queued_rows, requests = outbox_rows(batches, outbox, out, _request_row)
                 if rows:
                     # One statement for all the rows (json_each yields them in order):
                     # an executemany would hand the GIL back and forth once per row.

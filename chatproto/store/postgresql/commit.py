@@ -22,7 +22,7 @@ from chatproto.store import (
     NoSuchAccount,
     stored_meta,
 )
-from chatproto.store.groupcommit import CommitResult
+from chatproto.store.groupcommit import CommitResult, outbox_rows
 from chatproto.store.postgresql.rows import (
     INDEXED_KINDS,
     ITEM_COLS,
@@ -146,23 +146,7 @@ class CommitSQL(WriterPositions):
                 if account is not None and not isinstance(out[i], Exception):
                     self._delete_account(*account)
             if outbox:
-                rows: list[tuple[str, int, str | None]] = []
-                requests: list[tuple[Any, ...]] = []
-                for batch, queued, res in zip(batches, outbox, out, strict=True):
-                    if not queued or isinstance(res, Exception):
-                        continue
-                    where = {id(e): p for e, p in zip(batch, res, strict=True)}
-                    for realm, env in queued:
-                        if isinstance(env, dict):
-                            rows.append((realm, 0, json.dumps(env)))
-                            queued_rows.append((realm, 0, dict(env)))
-                            if env.get("kind") == "request":
-                                requests.append(request_row(env))
-                            continue
-                        pos = where.get(id(env))
-                        if pos is not None:
-                            rows.append((realm, pos, None))
-                            queued_rows.append((realm, 0, env))
+                rows, queued_rows, requests = outbox_rows(batches, outbox, out, request_row)
                 if rows:
                     seqs = self._next("outbox_seq", len(rows))
                     self._copy(
