@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from chatproto.envelope import Envelope
+from chatproto.envelope import Envelope, alternate_id
 from chatproto.store import NoSuchAccount
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "GroupCommitStore",
     "StoreDB",
     "outbox_rows",
+    "plan_inserts",
 ]
 
 T = TypeVar("T")
@@ -65,6 +66,50 @@ INDEX_DELAY = 1.0
 INDEX_FORCE = 20_000
 
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
+
+
+def plan_inserts(
+    batches: Sequence[Sequence[Envelope]],
+    remote: Sequence[bool],
+    stored_ids: Callable[[Sequence[str]], dict[str, tuple[str, str]]],
+    id_key: Callable[[], bytes],
+) -> tuple[list[list[bool] | None], list[Envelope], list[tuple[Envelope, str]]]:
+    """Inside a commit: which items of ``batches`` to insert.  A local batch's items
+    all are; a remote batch's (``remote``) are first looked up by id with one query
+    (``stored_ids``: id -> (sender, recipient) of the stored ones): one stored (or
+    earlier in this commit) with the same sender and recipient is left out (a
+    retried delivery); one whose id another conversation's item holds goes under its
+    :func:`chatproto.envelope.alternate_id` (``id_key``: the store's key).
+
+    Returns per batch None (all inserted) or a mask of the items inserted; the items
+    to insert, in batch order; and the items renamed with their former ids (the
+    caller gives them back if the commit fails)."""
+    remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
+    seen = stored_ids(remote_ids) if remote_ids else {}
+    renamed: list[tuple[Envelope, str]] = []
+    plan: list[list[bool] | None] = []
+    chosen: list[Envelope] = []
+    for batch, is_remote in zip(batches, remote, strict=True):
+        if not is_remote:
+            chosen.extend(batch)
+            plan.append(None)
+            if remote_ids:  # a remote item later in this commit may reuse an id
+                seen.update((e.id, (e.sender, e.recipient)) for e in batch)
+            continue
+        mask = []
+        for e in batch:
+            who = (e.sender, e.recipient)
+            had = seen.get(e.id)
+            if had is not None and had != who:  # the id is taken by another item
+                renamed.append((e, e.id))
+                e.id = alternate_id(e, id_key())
+                had = seen.get(e.id) or stored_ids([e.id]).get(e.id)
+            if had is None:
+                seen[e.id] = who
+            mask.append(had is None)
+        chosen.extend(e for e, m in zip(batch, mask, strict=True) if m)
+        plan.append(mask)
+    return plan, chosen, renamed
 
 
 def outbox_rows(

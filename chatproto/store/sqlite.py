@@ -32,7 +32,7 @@ from chatproto.store import (
     stored_sig,
 )
 from chatproto.store.accounts import AccountsSQL
-from chatproto.store.groupcommit import GroupCommitStore, outbox_rows
+from chatproto.store.groupcommit import GroupCommitStore, outbox_rows, plan_inserts
 from chatproto.store.reading import ReadingSQL
 
 __all__ = [
@@ -730,33 +730,9 @@ class SQLiteDB(AccountsSQL, ReadingSQL):
         stored (or earlier in this commit) with the same sender and recipient is left
         out (a retried transaction); one whose id is held by another conversation's
         item goes under its :func:`alternate_id`, as in :meth:`_insert_remote`."""
-        remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
-        seen = self._stored_ids(remote_ids) if remote_ids else {}
-        renamed: list[tuple[Envelope, str]] = []
-        params: list[tuple[Any, ...]] = []
-        plan: list[list[bool] | None] = []  # per batch: which items are inserted
-        for batch, is_remote in zip(batches, remote, strict=True):
-            if not is_remote:
-                params.extend(self._params(batch))
-                plan.append(None)
-                if remote_ids:  # a remote item later in this commit may reuse an id
-                    seen.update((e.id, (e.sender, e.recipient)) for e in batch)
-                continue
-            mask = []
-            for e in batch:
-                who = (e.sender, e.recipient)
-                had = seen.get(e.id)
-                if had is not None and had != who:  # the id is taken by another item
-                    renamed.append((e, e.id))
-                    e.id = alternate_id(e, self._id_key())
-                    had = seen.get(e.id) or self._stored_ids([e.id]).get(e.id)
-                if had is None:
-                    seen[e.id] = who
-                mask.append(had is None)
-            params.extend(self._params([e for e, m in zip(batch, mask, strict=True) if m]))
-            plan.append(mask)
+        plan, chosen, renamed = plan_inserts(batches, remote, self._stored_ids, self._id_key)
         try:
-            return self._insert_planned(batches, params, plan)
+            return self._insert_planned(batches, self._params(chosen), plan)
         except Exception:
             for e, original in renamed:  # redone item by item (_append_each)
                 e.id = original

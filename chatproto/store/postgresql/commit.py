@@ -22,7 +22,7 @@ from chatproto.store import (
     NoSuchAccount,
     stored_meta,
 )
-from chatproto.store.groupcommit import CommitResult, outbox_rows
+from chatproto.store.groupcommit import CommitResult, outbox_rows, plan_inserts
 from chatproto.store.postgresql.rows import (
     INDEXED_KINDS,
     ITEM_COLS,
@@ -204,31 +204,7 @@ class CommitSQL(WriterPositions):
     ) -> list[list[int | None] | Exception]:
         """Every item of every batch in one ``COPY``, in batch order; remote items
         de-duplicated first, as in SQLite's ``_append_all``."""
-        remote_ids = [e.id for b, r in zip(batches, remote, strict=True) if r for e in b]
-        seen = self._stored_ids(remote_ids) if remote_ids else {}
-        renamed: list[tuple[Envelope, str]] = []
-        plan: list[list[bool] | None] = []  # per batch: which items are inserted
-        chosen: list[Envelope] = []
-        for batch, is_remote in zip(batches, remote, strict=True):
-            if not is_remote:
-                chosen.extend(batch)
-                plan.append(None)
-                if remote_ids:  # a remote item later in this commit may reuse an id
-                    seen.update((e.id, (e.sender, e.recipient)) for e in batch)
-                continue
-            mask = []
-            for e in batch:
-                who = (e.sender, e.recipient)
-                had = seen.get(e.id)
-                if had is not None and had != who:  # the id is taken by another item
-                    renamed.append((e, e.id))
-                    e.id = alternate_id(e, self._id_key())
-                    had = seen.get(e.id) or self._stored_ids([e.id]).get(e.id)
-                if had is None:
-                    seen[e.id] = who
-                mask.append(had is None)
-            chosen.extend(e for e, m in zip(batch, mask, strict=True) if m)
-            plan.append(mask)
+        plan, chosen, renamed = plan_inserts(batches, remote, self._stored_ids, self._id_key)
         try:
             positions = self._next("items_pos", len(chosen))
             if chosen:
