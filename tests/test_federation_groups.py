@@ -229,6 +229,47 @@ def test_mirror_is_dropped_with_its_last_local_member(net: Any) -> None:
     assert GROUP not in b.groups.groups and b.groups.of_user == {}
 
 
+class HeldCommits:
+    """``realm``'s store commits (``append``, ``append_remote``) held, in call order,
+    until :meth:`release`."""
+
+    def __init__(self, realm: RealmService) -> None:
+        self.store = realm.store
+        self.held: list[tuple[Any, Any, Any, Any]] = []
+        self.methods = {"append": self.store.append, "append_remote": self.store.append_remote}
+        for name, method in self.methods.items():
+            setattr(self.store, name, self._holding(method))
+
+    def _holding(self, method: Any) -> Any:
+        def held(items: Any, outbox: Any = ()) -> Any:
+            d: Any = defer.Deferred()
+            self.held.append((method, items, outbox, d))
+            return d
+
+        return held
+
+    def release(self) -> None:
+        """Commit what was held, in call order, and stop holding."""
+        for name, method in self.methods.items():
+            setattr(self.store, name, method)
+        for _ in range(100):  # bounded: a commit's callbacks may commit again
+            if not self.held:
+                return
+            method, items, outbox, d = self.held.pop(0)
+            method(items, outbox).chainDeferred(d)
+        raise AssertionError("commits keep coming")
+
+
+def requests_for_home(*realms: RealmService) -> dict[str, list[dict[str, Any]]]:
+    """The requests each of ``realms`` queued for h.example, taken from its outbox."""
+    requests = {}
+    for realm in realms:
+        rows = result(realm.store.outbox_read("h.example", 0, 1000))
+        requests[realm.realm] = over_the_wire(rows)
+        result(realm.store.outbox_ack("h.example", rows[-1][0]))
+    return requests
+
+
 def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
     """Two join requests from different realms reach the home realm together, each
     check made while the other's commit is under way: joins to one group are decided
@@ -240,31 +281,13 @@ def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
     alice, bob = User(a, clock, "alice"), User(b, clock, "bob")
     for user in (alice, bob):
         user.ok("join", group=GROUP)
-    requests = {}
-    for realm in (a, b):
-        rows = result(realm.store.outbox_read("h.example", 0, 1000))
-        requests[realm.realm] = over_the_wire(rows)
-        result(realm.store.outbox_ack("h.example", rows[-1][0]))
-    # h.example's commits are held until both requests are being handled
-    held: list[tuple[Any, Any, Any]] = []
-    append = h.store.append
-
-    def held_append(items: Any, outbox: Any = ()) -> Any:
-        d: Any = defer.Deferred()
-        held.append((items, outbox, d))
-        return d
-
-    h.store.append = held_append  # type: ignore[method-assign]
+    requests = requests_for_home(a, b)
+    commits = HeldCommits(h)  # until both requests are being handled
     done = [
         h.receive_remote("b.example", requests["b.example"]),
         h.receive_remote("a.example", requests["a.example"]),
     ]
-    for _ in range(10):  # one commit per join at most
-        if not held:
-            break
-        items, outbox, d = held.pop(0)
-        append(items, outbox).chainDeferred(d)
-    h.store.append = append  # type: ignore[method-assign]
+    commits.release()
     assert [result(d) for d in done] == [[], []]
     links.pump()
     assert links.rejected == []
@@ -277,6 +300,34 @@ def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
     ]
     assert heard == ["bob@b.example", "alice@a.example"]
     assert len(alice.ok("members", group=GROUP)["members"]) == 3
+
+
+def test_messages_sent_while_a_remote_join_commits_reach_the_joiner(net: Any) -> None:
+    """Messages to the group checked while a join from a new realm is being committed
+    -- one from the home realm's user, one relayed for a member on a third realm --
+    are committed after it (the home realm's order), so the joiner's realm gets them
+    too."""
+    links, clock, h, a, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    bob = User(b, clock, "bob")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    alice = User(a, clock, "alice")
+    alice.ok("join", group=GROUP)
+    bob.ok("send", to=GROUP, body="from bob")
+    requests = requests_for_home(a, b)
+    commits = HeldCommits(h)
+    done = [h.receive_remote("a.example", requests["a.example"])]
+    sent = h.post("owner@h.example", GROUP, "from the owner")
+    done.append(h.receive_remote("b.example", requests["b.example"]))
+    commits.release()
+    assert [result(d) for d in done] == [[], []]
+    assert result(sent).pos > h.groups.get(GROUP).members["alice@a.example"].since
+    links.pump()
+    assert links.rejected == []
+    bodies = [m.get("body") for m in alice.msgs() if m["kind"] == "text"]
+    assert bodies == ["from the owner", "from bob"]
 
 
 def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:

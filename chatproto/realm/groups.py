@@ -11,6 +11,7 @@ realm is a request to that realm (see ``RealmService.forward_group_change``).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,9 @@ class GroupHandler:
         self._suffix = "@" + realm.realm
         self._rules = realm.groups
         self._locks: dict[str, DeferredLock] = {}
+        #: group -> the realms of joins checked and not yet applied, counted: an item
+        #: checked meanwhile is committed after the join, so it goes there too
+        self._joining: dict[str, Counter[str]] = {}
 
     # addresses and reading ----------------------------------------------------------
 
@@ -157,6 +161,19 @@ class GroupHandler:
                 item["meta"] = {**meta, "snapshot": rules.snapshot(addr)}
                 queued = [(r, item if r == joiner_realm else env) for r in realms]
 
+        joining = event == "joined" and joiner_realm in realms
+        if joining:
+            self._joining.setdefault(addr, Counter())[joiner_realm] += 1
+
+        def joined(result: Any) -> Any:
+            counts = self._joining[addr]
+            counts[joiner_realm] -= 1
+            if counts[joiner_realm] <= 0:
+                del counts[joiner_realm]
+                if not counts:
+                    del self._joining[addr]
+            return result
+
         def committed(_: object) -> Envelope:
             before = rules.audience(env)
             rules.apply(env)
@@ -173,7 +190,8 @@ class GroupHandler:
                 realm.wake(env, other)
             return env
 
-        return realm.store.append([env], queued).addCallback(committed)
+        d = realm.store.append([env], queued).addCallback(committed)
+        return d.addBoth(joined) if joining else d
 
     @inlineCallbacks
     def end_standing(self, user: str, groups: Iterable[str], account: str | None = None) -> Any:
@@ -235,11 +253,21 @@ class GroupHandler:
         home = addr.rpartition("@")[2]
         if home == self._name:
             self._rules.check_speaker(addr, sender)  # a member; voiced when moderated
-            return sorted(self._realm.realms_of(self._rules.groups[addr].members))
+            return sorted(self.member_realms(addr))
         mirror = self._rules.groups.get(addr)
         if mirror is None or sender not in mirror.members:
             raise ChatError("not_member", f"you are not a member of {addr}")
         return [home]
+
+    def member_realms(self, addr: str) -> set[str]:
+        """The other realms an item of our group ``addr`` committed now goes to: those
+        of its members, and of the joins being committed (the item is committed after
+        them, in the realm's order, so the joiner's realm must have it too).  Called
+        just before the item is handed to the store."""
+        group = self._rules.groups.get(addr)  # None: deleted since the item's check
+        realms = self._realm.realms_of(group.members) if group is not None else set()
+        joining = self._joining.get(addr)
+        return realms | set(joining) if joining else realms
 
     def send(
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None

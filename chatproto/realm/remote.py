@@ -93,11 +93,12 @@ class RemoteIntake:
         self.groups = realm.groups
         self._parsed: dict[tuple[Any, str, bool], Address] = {}
 
-    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, set[str], Any, str | None]:
-        """Check one item a peer realm sent: the Envelope to store, the realms to
-        forward it to (as the home realm of its group), what is left to check against
-        the store (see :meth:`_from_home`), and the realm whose signature it must carry
-        (see :meth:`_check_signatures`), or ChatError.
+    def _remote_item(self, origin: str, raw: Any) -> tuple[Envelope, bool, Any, str | None]:
+        """Check one item a peer realm sent: the Envelope to store, whether this realm
+        relays it to the group's other member realms (as the home realm of its group),
+        what is left to check against the store (see :meth:`_from_home`), and the
+        realm whose signature it must carry (see :meth:`_check_signatures`), or
+        ChatError.
 
         The anti-forgery rules: ``origin`` (authenticated by its certificate) may carry
         messages and files from its own users to users of this realm or to groups whose
@@ -117,7 +118,7 @@ class RemoteIntake:
         sender = self._parse(raw.get("from"), origin, False)
         to = raw.get("to")
         meta = raw.get("meta")
-        fan: set[str] = set()
+        relay = False
         follow: Any = None
         signer: str | None = None  # the realm whose signature the item must carry
         if isinstance(to, str) and to.startswith("#"):
@@ -143,7 +144,7 @@ class RemoteIntake:
                 else:
                     meta = _message_meta(kind, meta, body)
                 self.groups.check_speaker(str(recipient), str(sender))
-                fan = self._r.realms_of(self.groups.groups[str(recipient)].members) - {origin}
+                relay = True  # to the member realms of when it is committed
                 signer = origin  # we relay it: it must carry its realm's proof
             else:
                 raise ChatError(
@@ -175,7 +176,7 @@ class RemoteIntake:
         )
         if signer is not None and raw.get("sig") is not None:
             env.sig = parse_sig(raw["sig"])
-        return env, fan, follow, signer
+        return env, relay, follow, signer
 
     def _from_home(
         self, origin: str, sender: Address, group: str, kind: str, meta: Any, body: str
@@ -359,7 +360,7 @@ class RemoteIntake:
         rejected: list[dict[str, Any]] = []
         deleted: list[Envelope] = []  # items deleted by delete items of the transaction
         batch: list[Envelope] = []
-        outbox: list[tuple[str, Envelope]] = []
+        relayed: list[Envelope] = []  # items of batch to relay to member realms
         signed: list[tuple[Envelope, str]] = []  # items of batch to verify, and by whom
 
         def reject(mid: Any, e: ChatError) -> None:
@@ -378,7 +379,7 @@ class RemoteIntake:
         def verified() -> Any:
             """Check the signatures of the batch (one pass, in a thread), and drop the
             items that fail from it before it is stored."""
-            nonlocal batch, outbox, signed
+            nonlocal batch, relayed, signed
             if signed:
                 bad = yield self._check_signatures(signed)
                 signed = []
@@ -386,15 +387,15 @@ class RemoteIntake:
                     if id(env) in bad:
                         reject(env.id, bad[id(env)])
                 batch = [e for e in batch if id(e) not in bad]
-                outbox = [(r, e) for r, e in outbox if id(e) not in bad]
+                relayed = [e for e in relayed if id(e) not in bad]
 
         @inlineCallbacks
         def flush() -> Any:
-            nonlocal batch, outbox
+            nonlocal batch, relayed
             yield verified()
             if batch:
-                yield self._store_remote(batch, outbox)
-            batch, outbox = [], []
+                yield self._store_remote(origin, batch, relayed)
+            batch, relayed = [], []
 
         for raw in items:
             try:
@@ -402,7 +403,7 @@ class RemoteIntake:
                     yield flush()
                     yield self._remote_request(origin, raw)
                     continue
-                env, fan, follow, signer = self._remote_item(origin, raw)
+                env, relay, follow, signer = self._remote_item(origin, raw)
                 answers = None
                 if follow is not None:
                     answers = yield self._follow_up(origin, env, follow)
@@ -428,10 +429,11 @@ class RemoteIntake:
                         bad = yield self._check_signatures([(env, signer)])
                         if bad:
                             raise bad[id(env)]
-                    yield self._store_remote_file(origin, env, fetch, fan)
+                    yield self._store_remote_file(origin, env, fetch, relay)
                     continue
                 batch.append(env)
-                outbox.extend((realm, env) for realm in sorted(fan))
+                if relay:
+                    relayed.append(env)
                 if signer is not None:
                     signed.append((env, signer))
                 if env.kind == "event":
@@ -444,7 +446,7 @@ class RemoteIntake:
                 reject(raw.get("id") if isinstance(raw, dict) else None, e)
         yield verified()
         if batch:
-            last = self._store_remote(batch, outbox)
+            last = self._store_remote(origin, batch, relayed)
             if queued is not None:
                 queued()
             yield last
@@ -528,10 +530,10 @@ class RemoteIntake:
         return deferToThreadPool(self._r.reactor, pool(), fn, *args)
 
     @inlineCallbacks
-    def _store_remote_file(self, origin: str, env: Envelope, fetch: Any, fan: set[str]) -> Any:
-        """Fetch the bytes of a ``file`` item from ``origin``, then store the item with
-        outbox rows for ``fan`` (as a group's home realm: the other member realms,
-        which fetch the bytes from here in turn)."""
+    def _store_remote_file(self, origin: str, env: Envelope, fetch: Any, relay: bool) -> Any:
+        """Fetch the bytes of a ``file`` item from ``origin``, then store the item,
+        with ``relay`` outbox rows for the group's other member realms (as its home
+        realm: they fetch the bytes from here in turn)."""
         meta = env.meta or {}
         file_id = meta["file_id"]  # what ``origin`` knows the file by
         held = yield self.store.file_info(file_id)
@@ -556,7 +558,7 @@ class RemoteIntake:
                 yield blob.abort()
                 raise
             yield blob.finish()
-            yield self._store_remote([env], [(realm, env) for realm in sorted(fan)])
+            yield self._store_remote(origin, [env], [env] if relay else [])
         finally:
             blob.release()
         if not env.pos:
@@ -571,8 +573,19 @@ class RemoteIntake:
         )
 
     def _store_remote(
-        self, batch: list[Envelope], outbox: list[tuple[str, Envelope]]
+        self, origin: str, batch: list[Envelope], relayed: list[Envelope]
     ) -> Deferred[None]:
+        """Commit ``batch`` (items from ``origin``), with outbox rows relaying the
+        items of ``relayed`` (to groups of ours) to the other realms of their groups:
+        the realms of when they are committed, not of when they were checked (a join
+        committed in between comes first; see ``GroupHandler.member_realms``)."""
+        member_realms = self._r.group_handler.member_realms
+        outbox = [
+            (realm, env)
+            for env in relayed
+            for realm in sorted(member_realms(env.recipient) - {origin})
+        ]
+
         def stored(envs: list[Envelope]) -> None:
             self._r.begin_burst()
             try:
