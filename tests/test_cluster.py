@@ -36,12 +36,23 @@ PASSWORD = "correct horse"
 LIFETIME = 180.0
 
 _OWN = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1\)")
+#: A worker's web listener (its own port; the backlog only tells it apart in the log).
+_WEB_LISTEN = "tcp:0:interface=127.0.0.1:backlog=49"
+_WEB = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(" + re.escape(_WEB_LISTEN) + r"\)")
 
 
 def _config(
-    dsn: str, schema: str, redis: str, prefix: str, shared: int, control: bool = False
+    dsn: str,
+    schema: str,
+    redis: str,
+    prefix: str,
+    shared: int,
+    control: bool = False,
+    web: bool = False,
 ) -> str:
+    web_listen = f'[web]\nlisten = ["{_WEB_LISTEN}"]\n' if web else ""
     return f"""\
+{web_listen}
 [realm]
 listen = ["tcp:{shared}:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
 
@@ -76,14 +87,16 @@ connect_timeout = 2.0
 class Cluster:
     """Workers of one realm, started in ``tmp_path`` (killed at teardown)."""
 
-    def __init__(self, tmp_path: Any, redis: str, prefix: str, control: bool = False) -> None:
+    def __init__(
+        self, tmp_path: Any, redis: str, prefix: str, control: bool = False, web: bool = False
+    ) -> None:
         self.tmp_path = tmp_path
         self.redis = redis
         self.prefix = prefix
         self.shared = free_port()
         self.config = tmp_path / "realm.toml"
         self.config.write_text(
-            _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared, control)
+            _config(postgresql_or_skip(), pg_schema(), redis, prefix, self.shared, control, web)
         )
         self.spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
         self.procs: dict[str, Proc] = {}
@@ -765,3 +778,68 @@ def until_ok(attempt: Any, what: str, timeout: float = 20.0) -> Any:
             error = e
         yield task.deferLater(_reactor, 0.05, lambda: None)
     raise AssertionError(f"timed out waiting until {what}: {error}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_browser_login_made_on_one_worker_holds_and_ends_on_every_worker(
+    tmp_path: Any,
+) -> Any:
+    """A browser logs in over HTTP on worker w1 and opens its WebSocket on w2 (no
+    sticky balancing): w2 knows the login (told over Redis, read from PostgreSQL).
+    ``chatrealmctl sessions revoke`` through w1 ends it: w2 closes the WebSocket, and
+    the cookie opens none any more."""
+    from tests.test_web import Web, _cookie
+
+    redis = redis_or_skip()
+    prefix = redis_prefix()
+    cluster = Cluster(tmp_path, redis, prefix, control=True, web=True)
+
+    class Port:  # what Web reads of a listening port
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+        def getHost(self) -> Any:
+            return self
+
+    @defer.inlineCallbacks
+    def web_of(name: str) -> Any:
+        match = yield cluster.procs[name].wait_for(_WEB.pattern)
+        return Web(None, None, Port(int(match.group(1))))
+
+    try:
+        w1 = yield cluster.start("w1")
+        yield cluster.start("w2")
+        web1 = yield web_of("w1")
+        web2 = yield web_of("w2")
+        bob = yield Client("bob").connect(w1, register=True)
+        yield bob.conn.close()
+        response, _ = yield web1.request(
+            "POST", "/api/login", {"user": "bob", "password": PASSWORD, "device": "laptop"}
+        )
+        assert response.code == 200
+        cookie = _cookie(response)
+
+        @defer.inlineCallbacks
+        def login_on_w2() -> Any:
+            ws = yield web2.websocket(cookie)
+            yield ws.call("hello", version=1)
+            res = yield ws.call("login")
+            if res["type"] != "result":
+                ws.sendClose()
+                raise RemoteError(res.get("code", "?"), res.get("message", ""))
+            return ws, res
+
+        ws, res = yield until_ok(login_on_w2, "w2 knows the login made on w1")
+        assert (res["user"], res["device"]) == ("bob@localhost", "laptop")
+
+        out = ctl(cluster, "sessions", "revoke", "bob")
+        assert "by the running realm" in out, out
+        yield until(lambda: ws.closed.called, "w2 closed the WebSocket of the ended login")
+        with pytest.raises(RemoteError) as refused:
+            yield login_on_w2()
+        assert refused.value.code == "auth_failed"
+        for proc in cluster.procs.values():
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield cluster.spawner.close()
+        redis_drop_prefix(redis, prefix)
