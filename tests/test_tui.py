@@ -361,10 +361,14 @@ class FakeController:
         self.lines: list[str] = []
         self.older_calls = 0
         self.cycled: list[int] = []
+        self.edits: list[str] = []
         self.completer = commands.Completer(_names)
 
     def run(self, line: str) -> None:
         self.lines.append(line)
+
+    def edited(self, text: str) -> None:
+        self.edits.append(text)
 
     def older(self) -> None:
         self.older_calls += 1

@@ -14,9 +14,10 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from chatproto import client
+from chatproto.irc import parse_line
 from chatproto.tui import commands
 from chatproto.tui.controller import ChatController
-from chatproto.tui.model import ChatModel, MessageLine
+from chatproto.tui.model import STATUS, ChatModel, MessageLine
 from chatproto.tui.view import ChatView, message_markup, title_markup
 from tests.conftest import (
     server,  # noqa: F401
@@ -206,6 +207,51 @@ def test_the_tui_shows_typing_from_irc_and_native_users(gateway: Any) -> Any:
     finally:
         yield alice.stop()
         yield carol.close()
+        irc.transport.loseConnection()
+
+
+def test_the_input_line_tells_the_controller_what_it_holds() -> None:
+    model = ChatModel()
+    model.me, model.realm = "al@x", "x"
+    ctl = FakeController()
+    view = ChatView(model, ctl, tz=UTC)
+    for key in "hi":
+        view.keypress((80, 10), key)
+    view.keypress((80, 10), "left")  # the text is the same: nothing said
+    view.keypress((80, 10), "enter")
+    assert ctl.edits == ["h", "hi", ""] and ctl.lines == ["hi"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_typing_in_the_tui_reaches_an_irc_user(gateway: Any) -> Any:
+    """What the user types (not commands) is a typing notice, at most one every
+    TYPING_EVERY seconds, and "done" once the line is empty: an IRC user with
+    message-tags gets TAGMSG +typing."""
+    _, port, addr = gateway
+    alice = ChatController(_reactor, ChatModel())
+    yield alice.login(addr, "alice", IRC_PW)
+    irc = yield raw_connect(port, "bob", "message-tags", IRC_PW)
+    try:
+        alice.open("bob@localhost")
+
+        def typing() -> list[str]:
+            return [p[0]["+typing"] for p in map(parse_line, irc.got) if p[1] == "TAGMSG"]
+
+        alice.edited("h")
+        alice.edited("he")  # within TYPING_EVERY: not again
+        yield until(lambda: typing() == ["active"])
+        alice.edited("")
+        yield until(lambda: typing() == ["active", "done"])
+        alice.edited("/msg carol")  # a command: not typing
+        alice.edited("//not a command")
+        yield until(lambda: typing() == ["active", "done", "active"])
+        alice.model.select(STATUS)
+        alice.edited("x")  # the status window: nobody to tell
+        alice.model.select("bob@localhost")
+        alice.edited("")
+        yield until(lambda: typing() == ["active", "done", "active", "done"])
+    finally:
+        yield alice.stop()
         irc.transport.loseConnection()
 
 

@@ -41,7 +41,11 @@ from chatproto.failures import explain
 from chatproto.tui import commands, settings
 from chatproto.tui.model import PAGE, STATUS, TYPING_SHOWN, ChatModel
 
-__all__ = ["ChatController", "LoginError"]
+__all__ = ["TYPING_EVERY", "ChatController", "LoginError"]
+
+#: Seconds between two typing notices while the user types (PROTOCOL.md, ``typing``:
+#: one every few seconds, not one per key).
+TYPING_EVERY = 3.0
 
 
 class LoginError(Exception):
@@ -112,6 +116,9 @@ class ChatController:
         self.conversations_path = conversations_path
         self._remembered: tuple[str, set[str]] | None = None  # (file, addresses saved)
         self._typing_call: Any = None  # refreshes the screen when a typing notice expires
+        #: where (and when) we last said the user is typing (see edited)
+        self._typing_to: str | None = None
+        self._typing_at = 0.0
         model.subscribe(self._remember)
         #: read markers: the newest position shown per conversation, what was sent to
         #: the realm, and the pending send (markers go at most every half second)
@@ -352,6 +359,27 @@ class ChatController:
             if self._sent_marks.get(addr, 0) < pos:
                 self._sent_marks[addr] = pos
                 conn.mark_read(addr, pos).addErrback(lambda _: None)
+
+    def edited(self, text: str) -> None:
+        """The input line now holds ``text``: tell the conversation on screen that
+        the user is typing (a message, not a command), at most once every
+        :data:`TYPING_EVERY` seconds, and that they stopped once it is empty (sent
+        or cleared).  Best effort: a refusal (the rate limit...) changes nothing."""
+        service = self.service
+        conn = service.connection if service is not None else None
+        addr = self.model.active
+        if conn is None or addr == STATUS:
+            return
+        message = text.strip() != "" and (not text.startswith("/") or text.startswith("//"))
+        now = self.reactor.seconds()
+        if message:
+            if self._typing_to == addr and now - self._typing_at < TYPING_EVERY:
+                return
+            self._typing_to, self._typing_at = addr, now
+            conn.typing(addr, True).addErrback(lambda _: None)
+        elif self._typing_to is not None:
+            to, self._typing_to = self._typing_to, None
+            conn.typing(to, False).addErrback(lambda _: None)
 
     def _notice(self, frame: dict[str, Any]) -> None:
         """Ephemeral frames: ``typing`` (a native client), and ``tags`` with IRCv3's

@@ -245,11 +245,14 @@ class InputLine(urwid.Edit):
         on_submit: Callable[[str], Any],
         complete: Callable[[str, int], tuple[str, int]] | None = None,
         reset_completion: Callable[[], None] | None = None,
+        on_edit: Callable[[str], Any] | None = None,
     ) -> None:
         super().__init__("> ", multiline=True)
         self.on_submit = on_submit
         self.complete = complete
         self.reset_completion = reset_completion
+        #: told the text after each key that changed it (typing notices)
+        self.on_edit = on_edit
         self.history = InputHistory()
         self.pasting = False
 
@@ -271,6 +274,8 @@ class InputLine(urwid.Edit):
                 return None
             self.history.add(text)
             self.set_edit_text("")
+            if self.on_edit is not None:
+                self.on_edit("")  # (typing is over: before the message goes)
             self.on_submit(text)
             return None
         if key in ("meta enter", "shift enter", "ctrl enter"):
@@ -294,7 +299,11 @@ class InputLine(urwid.Edit):
                 self.set_edit_text(entry)
                 self.set_edit_pos(len(entry))
             return None
-        return super().keypress(size, key)  # type: ignore[no-any-return,arg-type]
+        before = self.edit_text
+        out = super().keypress(size, key)  # type: ignore[arg-type]
+        if self.on_edit is not None and self.edit_text != before:
+            self.on_edit(self.edit_text)
+        return out  # type: ignore[no-any-return]
 
 
 class MessagePane(urwid.ListBox):
@@ -339,7 +348,9 @@ class ChatView(urwid.WidgetWrap):
         self.title = urwid.Text("", wrap="ellipsis")
         self.hint = urwid.Text("")
         self.transfers = urwid.Pile([])
-        self.input = InputLine(self._submit, self._complete, self._reset_completion)
+        self.input = InputLine(
+            self._submit, self._complete, self._reset_completion, self.controller.edited
+        )
         self.status = urwid.Text("", wrap="ellipsis")
         self._status = urwid.AttrMap(self.status, "status")
         self._shown: str | None = None
