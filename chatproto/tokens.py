@@ -159,7 +159,7 @@ class Tokens:
 
         def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> set[str]:
             now = self._clock.seconds()
-            stored = {row[0]: row for row in rows if row[1] == user}
+            stored = {row[0]: row for row in rows}
             for key in [k for k, r in self._records.items() if r.user == user]:
                 if key not in stored:
                     del self._records[key]
@@ -172,7 +172,7 @@ class Tokens:
                     )
             return {self._records[k].login_id(k) for k in stored if k in self._records}
 
-        return self._store.session_tokens().addCallback(loaded)
+        return self._store.session_tokens(user).addCallback(loaded)
 
     def issue(self, user: str, device: str, floor: int = 0) -> Deferred[str]:
         """A new token for local user name ``user`` (the account created at ``floor``)

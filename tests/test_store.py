@@ -802,6 +802,8 @@ def test_browser_logins_are_kept_per_account_and_expire(store: Any) -> Any:
         ("d2", "alice", 0, "phone", 11.0, 20.0),
         ("d1", "alice", 0, "laptop \x00", 10.0, 30.0),
     ]
+    assert [r[0] for r in (yield store.session_tokens("alice"))] == ["d2", "d1"]
+    assert (yield store.session_tokens("carol")) == []
     assert (yield store.expire_session_tokens(16.0)) == 1  # d3
     assert (yield store.delete_session_tokens(["d2", "nope"])) == 1
     assert [r[0] for r in (yield store.session_tokens())] == ["d1"]

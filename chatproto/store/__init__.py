@@ -176,10 +176,10 @@ class IStore(Interface):
     def delete_user_session_tokens(name):  # type: ignore[misc]
         """Forget every login of account name ``name``; fires with how many."""
 
-    def session_tokens():  # type: ignore[misc]
-        """Fires with every login of an existing account (its floor matching) as
-        ``(digest, name, floor, device, created, last_used)``, least recently used
-        first."""
+    def session_tokens(name=None):  # type: ignore[misc]
+        """Fires with every login of an existing account (its floor matching) -- of
+        account name ``name`` only, if given -- as ``(digest, name, floor, device,
+        created, last_used)``, least recently used first."""
 
     def expire_session_tokens(before):  # type: ignore[misc]
         """Forget the logins last used before ``before``, and those of accounts that

@@ -154,11 +154,15 @@ class AccountsSQL:
     def delete_user_session_tokens(self, name: str) -> int:
         return int(self._run("DELETE FROM session_tokens WHERE name = ?", (name,)).rowcount)
 
-    def session_tokens(self) -> list[tuple[str, str, int, str, float, float]]:
+    def session_tokens(
+        self, name: str | None = None
+    ) -> list[tuple[str, str, int, str, float, float]]:
+        only = "" if name is None else "WHERE t.name = ? "
         rows = self._run(
             "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
             "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
-            "ORDER BY t.last_used"
+            f"{only}ORDER BY t.last_used",
+            () if name is None else (name,),
         )
         return [
             (

@@ -138,9 +138,11 @@ class MemoryStore:
         gone = [d for d, row in self.session_tokens_.items() if row[0] == name]
         return self.delete_session_tokens(gone)
 
-    def session_tokens(self) -> Deferred[list[tuple[str, str, int, str, float, float]]]:
+    def session_tokens(
+        self, name: str | None = None
+    ) -> Deferred[list[tuple[str, str, int, str, float, float]]]:
         rows = [(d, *row) for d, row in self.session_tokens_.items()]
-        rows = [r for r in rows if self._is_account(r[1], r[2])]
+        rows = [r for r in rows if self._is_account(r[1], r[2]) and name in (None, r[1])]
         return succeed(sorted(rows, key=lambda r: r[5]))
 
     def expire_session_tokens(self, before: float) -> Deferred[int]:
