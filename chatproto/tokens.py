@@ -82,6 +82,9 @@ class TokenRecord:
     created: float = 0.0
     #: when ``last_used`` was last written to the store
     stored_use: float = 0.0
+    #: whether the store holds it (False from :meth:`Tokens.issue` until its write
+    #: is done: a :meth:`Tokens.reload` meanwhile must not take it for revoked)
+    stored: bool = True
 
     def login_id(self, digest: str) -> str:
         """How operators and the user name this login: the start of its digest."""
@@ -142,26 +145,26 @@ class Tokens:
 
         return self._store.session_tokens().addCallback(loaded)
 
-    def reload_user(self, user: str) -> Deferred[set[str]]:
-        """Read the live tokens of ``user`` from the store again, in place of those
-        held here (another process serving the realm issued or revoked some); fires
-        with the login ids of ``user``'s live tokens.  A token whose account floor is
-        not the store's is not live (see :meth:`load`)."""
+    def reload(self, user: str | None = None) -> Deferred[set[str]]:
+        """Read the live tokens of ``user`` (None: of everyone) from the store again,
+        in place of those held here (another process serving the realm issued or
+        revoked some); fires with the login ids of those live tokens.  A token whose
+        account floor is not the store's is not live (see :meth:`load`)."""
         if self._store is None:
             now = self._clock.seconds()
             return succeed(
                 {
                     r.login_id(k)
                     for k, r in self._records.items()
-                    if r.user == user and now - r.last_used <= self.ttl
+                    if user in (None, r.user) and now - r.last_used <= self.ttl
                 }
             )
 
         def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> set[str]:
             now = self._clock.seconds()
             stored = {row[0]: row for row in rows}
-            for key in [k for k, r in self._records.items() if r.user == user]:
-                if key not in stored:
+            for key in [k for k, r in self._records.items() if user in (None, r.user)]:
+                if key not in stored and self._records[key].stored:
                     del self._records[key]
             for key, name, floor, device, created, last_used in stored.values():
                 if now - last_used > self.ttl:
@@ -184,13 +187,24 @@ class Tokens:
         token = secrets.token_urlsafe(32)
         now = self._clock.seconds()
         key = _digest(token)
-        self._records[key] = TokenRecord(user, device, now, floor, now, stored_use=now)
+        record = TokenRecord(user, device, now, floor, now, stored_use=now)
+        self._records[key] = record
         if self._store is None:
             return succeed(token)
+        record.stored = False
         if dropped:
             self._stored(self._store.delete_session_tokens(dropped), "a dropped login")
         d = self._store.put_session_token(key, user, floor, device, now, now)
-        return d.addCallback(lambda _: token)
+
+        def stored(_: Any) -> str:
+            record.stored = True
+            return token
+
+        def failed(f: Failure) -> Failure:
+            self._records.pop(key, None)  # nobody was given it
+            return f
+
+        return d.addCallbacks(stored, failed)
 
     def check(self, token: str | None) -> TokenRecord | None:
         """The record of a live token (and mark it used), or None."""

@@ -177,14 +177,47 @@ def test_an_account_deleted_on_one_worker_is_gone_on_the_other(pair: Pair) -> No
 
 def test_standing_missed_on_the_bus_is_read_when_redis_answers_again(pair: Pair) -> None:
     w1, w2 = pair.realms
+    token, _ = fired(w1.issue_token("alice", PASSWORD))
+    web = Mind()
+    fired(w2.login_token(token, web))
     _, mind = pair.login(1, "bob")
     pair.cut = True
     fired(w1.admin.suspend("bob", ""))
     fired(w1.moderation.grant("alice"))
-    assert mind.closed == [] and not w2.admin.is_suspended("bob")
+    fired(w1.admin.revoke_logins("alice"))
+    late, _ = fired(w1.issue_token("alice", PASSWORD))
+    assert mind.closed == [] and web.closed == [] and not w2.admin.is_suspended("bob")
+    assert w2.token_user(late) is None
     pair.workers[1]._bus_changed(True)  # Redis answers again: re-read from the store
     assert mind.closed == [("account_suspended", "this account is suspended")]
+    assert web.closed == [("session_ended", "this browser login was ended")]
     assert w2.admin.is_suspended("bob") and w2.moderation.is_admin("alice@localhost")
+    assert str(w2.token_user(late)) == "alice@localhost"
+    assert w2.token_user(token) is None
+
+
+def test_a_login_being_stored_here_is_kept_when_another_worker_makes_one(pair: Pair) -> None:
+    """w2 issues bob a browser login whose write is not done yet when w1 tells of
+    another one: w2 re-reads bob's logins from the store, which lacks its own, and
+    keeps it (it is not a revoked one)."""
+    from twisted.internet.defer import Deferred
+
+    w1, w2 = pair.realms
+    held: list[Deferred[None]] = []
+    put = pair.store.put_session_token
+
+    def slow_put(*args: Any) -> Any:
+        d: Deferred[None] = Deferred()
+        held.append(d)
+        return d.addCallback(lambda _: put(*args))
+
+    pair.store.put_session_token = slow_put  # type: ignore[method-assign]
+    pending = w2.issue_token("bob", PASSWORD)
+    pair.store.put_session_token = put  # type: ignore[method-assign]
+    fired(w1.issue_token("bob", PASSWORD))  # w2 re-reads bob's logins
+    held[0].callback(None)
+    token, _ = fired(pending)
+    assert str(w2.token_user(token)) == "bob@localhost"
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ each seam the handlers already ask through:
   which sessions to end), and every other worker re-reads it from the store and
   ends its own sessions of the account (:meth:`chatproto.realm.admin.Admin.follow`).
   The store is the truth: a worker that missed such messages (Redis was away)
-  re-reads suspensions and admins when Redis answers again.
+  re-reads suspensions, admins and browser logins when Redis answers again.
 
 Nothing of this runs in a single-process realm.
 """
@@ -422,8 +422,8 @@ class Worker:
 
     def _bus_changed(self, up: bool) -> None:
         """Redis answers again: re-read what standing messages may have been missed
-        (suspensions and admins; an account's sessions a suspension ended elsewhere
-        are ended here now)."""
+        (suspensions, admins, browser logins; the sessions a suspension or an ended
+        login closed elsewhere are closed here now)."""
         if up and self.realm.running:
             d = self.realm.admin.catch_up()
             d.addErrback(lambda f: self.log.failure("cluster: re-reading suspensions", f))

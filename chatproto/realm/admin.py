@@ -53,13 +53,16 @@ class Admin:
 
     @inlineCallbacks
     def catch_up(self) -> Any:
-        """Re-read the suspensions and the admins from the store (a worker of a
-        cluster that may have missed another's changes) and end the sessions here of
-        accounts suspended since; fires with how many were closed."""
+        """Re-read the suspensions, the admins and the browser logins from the store
+        (a worker of a cluster that may have missed another's changes) and end the
+        sessions here of accounts suspended since, and those opened with a browser
+        login that ended; fires with how many were closed."""
         before = set(self.suspended)
         yield self.load()
         yield self._r.moderation.load()
-        closed = 0
+        live = yield self._r.tokens.reload()
+        ended = [s for s in self._r.sessions.all() if s.login and s.login not in live]
+        closed = self._close(ended, "session_ended", "this browser login was ended")
         for name in sorted(set(self.suspended) - before):
             if self.is_suspended(name):
                 reason = self.suspended[name][1]
@@ -156,7 +159,7 @@ class Admin:
             yield self._r.moderation.load()
         closed = 0
         if "logins" in reload:
-            live = yield self._r.tokens.reload_user(name)
+            live = yield self._r.tokens.reload(name)
             ended = [s for s in self._r.sessions.of(user) if s.login and s.login not in live]
             closed += self._close(ended, "session_ended", "this browser login was ended")
         if end is not None:
