@@ -543,7 +543,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     def handle_register(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         user = wire.field(req, "user", str)
         password = wire.field(req, "password", str)
-        d = self.factory.realm.register(user, password)
+        d = self.factory.realm.register(user, password, self._peer())
         return d.addCallback(lambda addr: {"user": str(addr)})
 
     def handle_login(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:

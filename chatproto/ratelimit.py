@@ -34,6 +34,11 @@ class TokenBucket:
             return 0.0
         return (cost - self.tokens) / self.rate
 
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled completely by ``now`` (it can be forgotten:
+        a new one would be the same)."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
 
 class FailureThrottle:
     """Slows down repeated failures per key (an account, an address).

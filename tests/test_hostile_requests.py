@@ -381,3 +381,34 @@ def test_idle_http_connections_to_the_web_listener_are_counted(tmp_path: Any) ->
                 w.transport.abortConnection()
         yield port.stopListening()
         yield realm.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_flood_of_registrations_before_login_is_refused_before_hashing(server: Any) -> Any:
+    """An unauthenticated connection sending registrations without waiting: each one
+    cost an argon2 hash (a name taken too: 0.2 s with the default settings) in the
+    two-thread pool logins wait in, so 1000 of them held every login some 100 s.  A
+    taken name is refused at once; new names past the address's allowance get
+    rate_limited."""
+    from chatproto.realm.accounts import REGISTER_BURST
+
+    realm, _factory, addr = server
+    watch = LogWatch()
+    try:
+        yield realm.create_user("alice", PW)
+        flood = Asker((yield raw_client(addr)))
+        first = flood.n + 1
+        for i in range(60):
+            flood.n += 1
+            user = "alice" if i % 2 else f"new{i}"
+            flood.client.send({"type": "register", "id": flood.n, "user": user, "password": PW})
+        codes = []
+        for rid in range(first, flood.n + 1):
+            codes.append((yield flood.client.reply(rid)).get("code", "ok"))
+        assert codes[1::2] == ["user_exists"] * 30
+        assert codes[0::2] == ["ok"] * REGISTER_BURST + ["rate_limited"] * (30 - REGISTER_BURST)
+        alice = yield raw_client(addr, ("alice", PW))  # logins go on
+        assert (yield Asker(alice).ask({"type": "ping"}))["type"] == "result"
+        assert watch.failures == []
+    finally:
+        watch.close()

@@ -987,3 +987,45 @@ def test_request_id_out_of_range_is_refused_without_echo(realm: Any, clock: Cloc
         }
     hello(proto, transport)
     assert not transport.disconnecting
+
+
+def test_registrations_are_throttled_per_address_and_hash_only_when_they_can_succeed(
+    clock: Clock,
+) -> None:
+    """Each ``register`` hashed its password (argon2, in the realm's small hashing
+    pool, which logins share) before it looked at anything else: one connection not
+    logged in could queue hundreds of hashes -- a name that exists, sent again and
+    again, did -- and every login waited behind them.  A registration that cannot
+    succeed is refused before the hash; the others are rate-limited per address."""
+    from chatproto.realm.accounts import REGISTER_BURST, REGISTER_RATE
+
+    realm = make_test_realm(clock, Config())
+    hashes = []
+    hash_password = realm.accounts.hasher.hash
+    realm.accounts.hasher.hash = lambda pw: (hashes.append(pw), hash_password(pw))[1]
+    realm.create_user("alice", "password1")
+    hashes.clear()
+    proto, t = connect_string_transport(realm, host="192.0.2.1")
+    hello(proto, t)
+
+    def register(p: Any, tr: Any, user: str) -> dict[str, Any]:
+        p.dataReceived(frame({"type": "register", "user": user, "password": "password1", "id": 1}))
+        [reply] = frames(tr)
+        return reply
+
+    for _ in range(50):
+        assert register(proto, t, "ALICE")["code"] == "user_exists"
+    assert register(proto, t, "guest-1")["code"] == "bad_address"
+    assert hashes == []
+    for n in range(REGISTER_BURST):
+        assert register(proto, t, f"user{n}")["type"] == "result"
+    refused = register(proto, t, "one-more")
+    assert refused["code"] == "rate_limited"
+    assert refused["retry_after"] == round(1 / REGISTER_RATE, 3)
+    assert len(hashes) == REGISTER_BURST
+    other, ot = connect_string_transport(realm, host="192.0.2.2")  # its own allowance
+    hello(other, ot)
+    assert register(other, ot, "from-elsewhere")["type"] == "result"
+    clock.advance(1 / REGISTER_RATE)
+    assert register(proto, t, "one-more")["type"] == "result"
+    assert realm.stats.refused["register"] == 1

@@ -54,6 +54,6 @@ class RealmStats:
 
     def rate_limited(self, limit: str) -> None:
         """A request was refused by ``limit`` (``send``, ``login``, ``irc_flood``,
-        ``federation_txn``, ``federation_presence``, ``report``, ``mark_read``,
+        ``federation_txn``, ``federation_presence``, ``report``, ``register``, ``mark_read``,
         ``typing``, ``search``, ``conversations``)."""
         self.refused[limit] = self.refused.get(limit, 0) + 1

@@ -30,7 +30,7 @@ from chatproto.accounts import remote_groups_of
 from chatproto.address import GUEST_PREFIX, Address, reserved_name
 from chatproto.config import Config
 from chatproto.errors import ChatError
-from chatproto.ratelimit import FailureThrottle
+from chatproto.ratelimit import FailureThrottle, TokenBucket
 from chatproto.realm.sessions import ISession, Session, check_device
 from chatproto.store import IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
@@ -40,12 +40,20 @@ if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
 __all__ = [
+    "REGISTER_BURST",
+    "REGISTER_RATE",
     "Accounts",
     "PasswordHasher",
     "StoreChecker",
     "argon2_hasher",
     "check_password",
 ]
+
+#: In-band registrations one client address may make at once, and how fast its
+#: allowance refills (one every 30 seconds).  Each costs an argon2 hash in the realm's
+#: small hashing pool, which logins wait in too: enough for people, not for a flood.
+REGISTER_BURST = 5
+REGISTER_RATE = 1 / 30
 
 
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
@@ -165,6 +173,8 @@ class Accounts:
         self._address_throttle = FailureThrottle(
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
+        #: client address -> its allowance of registrations
+        self._register_buckets: dict[str, TokenBucket] = {}
         #: The login throttles by what they count (the workers of a cluster share them).
         self.throttles = {"account": self._account_throttle, "address": self._address_throttle}
         #: local account names known to exist (filled at start and as accounts appear)
@@ -196,6 +206,9 @@ class Accounts:
         now = self.clock.seconds()
         self._account_throttle.prune(now)
         self._address_throttle.prune(now)
+        for peer, bucket in list(self._register_buckets.items()):
+            if bucket.full(now):
+                del self._register_buckets[peer]
         self.tokens.prune()
 
     def floor_of(self, name: str) -> int | None:
@@ -349,9 +362,27 @@ class Accounts:
             return succeed(None)
         return self.store.user_floor(name)
 
-    def register(self, name: str, password: str) -> Deferred[Address]:
+    def register(self, name: str, password: str, peer: str = "?") -> Deferred[Address]:
+        """In-band registration from client address ``peer``: a registration that
+        cannot succeed (a bad name or password, a name taken) is refused before the
+        password is hashed; the others take a token of ``peer``'s bucket
+        (``rate_limited`` without one)."""
         if not self.config.auth.allow_registration:
             raise ChatError("registration_closed")
+        name = address.normalise_name(name)
+        if reserved_name(name):
+            raise ChatError("bad_address", f"names starting with {GUEST_PREFIX!r} are reserved")
+        check_password(password)
+        if name in self.known:
+            raise ChatError("user_exists", f"user {name!r} already exists")
+        now = self.clock.seconds()
+        bucket = self._register_buckets.get(peer)
+        if bucket is None:
+            bucket = self._register_buckets[peer] = TokenBucket(REGISTER_RATE, REGISTER_BURST, now)
+        wait = bucket.take(now)
+        if wait:
+            self.stats.rate_limited("register")
+            raise ChatError("rate_limited", "too many registrations", retry_after=round(wait, 3))
         return self.create_user(name, password)
 
     @inlineCallbacks

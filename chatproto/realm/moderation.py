@@ -219,5 +219,5 @@ class Moderation:
         """Forget the rate-limit state of users whose allowance is full again."""
         now = self._r.clock.seconds()
         for user, bucket in list(self._buckets.items()):
-            if bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst:
+            if bucket.full(now):
                 del self._buckets[user]

@@ -290,8 +290,10 @@ class RealmService(Service):
         """The floor of the local account at canonical address ``user``, or None."""
         return self.accounts.account_floor(user)
 
-    def register(self, name: str, password: str) -> Deferred[Address]:
-        return self.accounts.register(name, password)
+    def register(self, name: str, password: str, peer: str = "?") -> Deferred[Address]:
+        """In-band registration from client address ``peer`` (see
+        :meth:`Accounts.register`)."""
+        return self.accounts.register(name, password, peer)
 
     def login(
         self,

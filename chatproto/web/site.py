@@ -269,7 +269,8 @@ class _Register(_Api):
     def handle(self, request: Any, body: dict[str, Any] | None) -> Any:
         if body is None:
             raise ChatError("bad_request", "POST the account")
-        d = self.site.realm.register(_text(body, "user"), _text(body, "password"))
+        peer = getattr(request.getClientAddress(), "host", "?")
+        d = self.site.realm.register(_text(body, "user"), _text(body, "password"), peer)
         return d.addCallback(lambda addr: {"user": str(addr)})
 
 
