@@ -17,6 +17,7 @@ body, its meta and the bodies of its edits: not just hidden) and reads back as
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -67,9 +68,22 @@ def check_msg_id(value: Any, field: str = "msg_id") -> str:
     return value
 
 
+#: Categories of characters that show nothing on their own: format characters
+#: (joiners, tags), combining and enclosing marks (variation selectors, keycaps),
+#: spaces and separators, controls, unassigned code points.
+_UNSEEN = frozenset({"Cf", "Mn", "Me", "Zs", "Zl", "Zp", "Cc", "Cn"})
+#: Letters and symbols that show as blank space.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _shows(char: str) -> bool:
+    return char not in _BLANK and unicodedata.category(char) not in _UNSEEN
+
+
 def check_emoji(value: Any) -> str:
     """A reaction: 1 to :data:`MAX_EMOJI` characters, one line of plain text (a
-    label, see chatproto.text) without spaces (``bad_request`` otherwise)."""
+    label, see chatproto.text) without spaces, with a character that shows (not only
+    joiners, selectors, tags or fillers) (``bad_request`` otherwise)."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_EMOJI:
         raise ChatError("bad_request", f"emoji must be a string of 1-{MAX_EMOJI} characters")
     problem = label_problem(value)
@@ -77,6 +91,8 @@ def check_emoji(value: Any) -> str:
         raise ChatError("bad_request", f"the emoji contains a {problem}")
     if any(c.isspace() for c in value):
         raise ChatError("bad_request", "the emoji contains a space")
+    if not any(_shows(c) for c in value):
+        raise ChatError("bad_request", "the emoji has no character that shows")
     return value
 
 

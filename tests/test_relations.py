@@ -328,3 +328,23 @@ def test_one_user_makes_at_most_max_changes_to_one_item(clock: Clock) -> None:
     }
     alice.ok("delete", msg_id=m)  # a delete is always possible
     realm.stopService()
+
+
+def test_a_reaction_shows_something() -> None:
+    """A reaction of invisible characters only (a zero-width space, a variation
+    selector, a language tag, Hangul fillers...) showed as nothing, a reaction nobody
+    can see or tell from another: each was a valid label.  It needs a character that
+    shows; emoji sequences keep their joiners, selectors and keycaps."""
+    for good in ("❤️", "1️⃣", "🇫🇷", "👩‍💻", "👍🏽", ":+1:", "ok"):
+        assert check_emoji(good) == good
+    for bad in ("\u200b", "\ufe0f", "\U000e0001", "\u200d\u200d", "\u3164", "\u2800", "\u115f"):
+        with pytest.raises(ChatError) as refused:
+            check_emoji(bad)
+        assert refused.value.code == "bad_request", repr(bad)
+
+
+def test_an_invisible_reaction_is_refused_over_the_wire(realm: Any, clock: Clock) -> None:
+    alice, bob = users(realm, clock, "alice", "bob")
+    m = alice.ok("send", to="bob", body="x")["msg_id"]
+    assert bob.err("react", msg_id=m, emoji="\u200b\ufe0f") == "bad_request"
+    assert bob.seen[-1]["kind"] == "text"  # nothing stored
