@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred, succeed
+
 __all__ = [
     "FailureThrottle",
     "TokenBucket",
+    "UserBuckets",
 ]
 
 
@@ -38,6 +41,31 @@ class TokenBucket:
         """Whether the bucket has refilled completely by ``now`` (it can be forgotten:
         a new one would be the same)."""
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class UserBuckets:
+    """A :class:`TokenBucket` per key (a user), made full on first use and forgotten
+    once full again (:meth:`prune`).  :meth:`take` answers with a Deferred so that a
+    worker of a cluster can swap in buckets kept in Redis
+    (:class:`chatproto.cluster.bus.RedisBuckets`) where every worker counts."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, now: float) -> Deferred[float]:
+        """Take a token of ``key``'s bucket: fires with 0, or the seconds until one."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return succeed(bucket.take(now))
+
+    def prune(self, now: float) -> None:
+        """Forget the buckets that are full again."""
+        for key, bucket in list(self._buckets.items()):
+            if bucket.full(now):
+                del self._buckets[key]
 
 
 class FailureThrottle:

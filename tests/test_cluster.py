@@ -843,3 +843,32 @@ def test_a_browser_login_made_on_one_worker_holds_and_ends_on_every_worker(
     finally:
         yield cluster.spawner.close()
         redis_drop_prefix(redis, prefix)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_report_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
+    """A user's abuse reports are limited per user (a burst of REPORT_BURST, then
+    one every two minutes) across the workers: the burst spent through w1, the next
+    report through w2 is refused (counted in Redis, not per worker)."""
+    from chatproto.realm.moderation import REPORT_BURST
+
+    w1 = yield cluster.start("w1")
+    w2 = yield cluster.start("w2")
+    bob = yield Client("bob").connect(w1, register=True)
+    alice = yield Client("alice").connect(w1, register=True)
+    alice2 = yield Client("alice").connect(w2)
+    sent = yield bob.conn.send("alice@localhost", "buy cheap pills")
+    yield until(lambda: alice2.bodies() == ["buy cheap pills"], "w2 has bob's message")
+    for i in range(REPORT_BURST):
+        yield alice.conn.report(sent["msg_id"], f"spam {i}")
+    with pytest.raises(RemoteError) as refused:
+        yield alice2.conn.report(sent["msg_id"], "spam again")
+    assert refused.value.code == "rate_limited"
+    assert refused.value.extra["retry_after"] > 60
+    # another user's allowance is their own
+    carol = yield Client("carol").connect(w2, register=True)
+    sent = yield bob.conn.send("carol@localhost", "buy more")
+    yield until(lambda: carol.bodies() == ["buy more"], "carol has bob's message")
+    yield carol.conn.report(sent["msg_id"], "spam")
+    for proc in cluster.procs.values():
+        assert "Traceback" not in proc.output, proc.output

@@ -470,3 +470,52 @@ def test_a_refused_connection_is_an_outage_at_once() -> None:
     redis.pending[0].errback(ConnectionRefusedError())
     assert not bus.up and changes == [True, False]
     assert clock.getDelayedCalls() == []
+
+
+def test_user_buckets_fill_up_again_and_are_forgotten_then() -> None:
+    from chatproto.ratelimit import UserBuckets
+
+    limit = UserBuckets(rate=0.5, burst=2)
+    assert [fired(limit.take("eve", 0.0)) for _ in range(3)] == [0.0, 0.0, 2.0]
+    assert fired(limit.take("bob", 0.0)) == 0.0  # per key
+    limit.prune(1.0)
+    assert set(limit._buckets) == {"eve", "bob"}
+    limit.prune(4.0)  # both full again
+    assert limit._buckets == {}
+
+
+class AnsweringBus:
+    """A bus whose commands get the answers the test gives (or BusUnavailable)."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.commands: list[tuple[Any, ...]] = []
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("p", *parts))
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        from twisted.internet.defer import fail
+
+        from chatproto.cluster.bus import BusUnavailable
+
+        self.commands.append(args)
+        answer = self.answers.pop(0)
+        if answer is None:
+            return fail(BusUnavailable("Redis at x: gone"))
+        return succeed(answer)
+
+
+def test_redis_buckets_take_in_redis_and_count_alone_without_it() -> None:
+    """A worker's report limit is one bucket per user in Redis (what Redis answers
+    is the wait); while Redis does not answer, the worker counts on its own."""
+    from chatproto.cluster.bus import RedisBuckets
+
+    bus = AnsweringBus([b"0", b"119.5", None, None, None])
+    limit = RedisBuckets(bus, "report", 1 / 120, 2)  # type: ignore[arg-type]
+    assert fired(limit.take("eve@x", 10.0)) == 0.0
+    assert fired(limit.take("eve@x", 10.5)) == 119.5
+    name, _script, nkeys, key, *argv = bus.commands[0]
+    assert (name, nkeys, key, argv) == ("EVAL", 1, "p:bucket:report:eve@x", [1 / 120, 2, 10.0])
+    # Redis gone: this worker's own bucket (full at first), not a refusal
+    assert [fired(limit.take("eve@x", 11.0)) for _ in range(3)] == [0.0, 0.0, 120.0]

@@ -13,7 +13,9 @@ What goes through it (every key and channel under ``[cluster] redis_prefix``, ``
 - workers: ``P:worker:W`` (a JSON description of worker W, expiring after three
   heartbeats) and the set ``P:workers``;
 - federation: channel ``P:federation`` tells the federation sender which links to
-  wake and which presence to send to other realms.
+  wake and which presence to send to other realms;
+- per-user rate limits every worker counts (abuse reports): the hash
+  ``P:bucket:NAME:USER`` is a token bucket (:class:`RedisBuckets`).
 
 Redis is watched by the heartbeat: when its connections drop, a command fails, or
 Redis has not answered a command for :attr:`RedisBus.grace` seconds (three
@@ -38,7 +40,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.defer import TimeoutError as CommandTimeout
 from twisted.logger import Logger
 
-__all__ = ["BusUnavailable", "RedisBus", "check_redis"]
+from chatproto.ratelimit import UserBuckets
+
+__all__ = ["BusUnavailable", "RedisBuckets", "RedisBus", "check_redis"]
 
 
 class BusUnavailable(Exception):
@@ -330,3 +334,48 @@ class RedisBus:
             return succeed(None)
         d = self.command("DEL", self.key("worker", self.worker), self.key("online", self.worker))
         return d.addErrback(lambda _: None)
+
+
+#: A token bucket in a Redis hash, taken atomically: ARGV = rate, burst, now.  Fires
+#: with the seconds to wait (0: a token was taken), as a string.
+_TAKE = """
+local t = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = tonumber(t[1]) or burst
+local stamp = tonumber(t[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)
+"""
+
+
+class RedisBuckets(UserBuckets):
+    """:class:`chatproto.ratelimit.UserBuckets` every worker of a cluster counts in:
+    one token bucket per key in Redis (``P:bucket:NAME:KEY``, gone once it would be
+    full again).  ``now`` must be wall-clock time (the realm's clock): the workers'
+    clocks take turns with one bucket.  While Redis does not answer, each worker
+    counts in its own buckets (as a single process does) rather than refuse."""
+
+    def __init__(self, bus: RedisBus, name: str, rate: float, burst: float) -> None:
+        super().__init__(rate, burst)
+        self.bus = bus
+        self.name = name
+
+    def take(self, key: str, now: float) -> Deferred[float]:
+        d = self.bus.command(
+            "EVAL", _TAKE, 1, self.bus.key("bucket", self.name, key), self.rate, self.burst, now
+        )
+
+        def answered(wait: Any) -> float:
+            if isinstance(wait, bytes):
+                wait = wait.decode()
+            return max(0.0, float(wait))
+
+        def unavailable(f: Any) -> Deferred[float]:
+            f.trap(BusUnavailable)
+            return UserBuckets.take(self, key, now)
+
+        return d.addCallbacks(answered, unavailable)

@@ -41,7 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproto.cluster.bus import BusUnavailable, RedisBus, check_redis
+from chatproto.cluster.bus import BusUnavailable, RedisBuckets, RedisBus, check_redis
 from chatproto.cluster.presence import ClusterPresence
 from chatproto.cluster.stream import StreamReader
 from chatproto.envelope import Envelope
@@ -277,6 +277,10 @@ class Worker:
         self.bus.on("notice", self._heard_notice)
         self.bus.on("standing", self._heard_standing)
         realm.sessions.relay = self._relay_notice
+        moderation = realm.moderation
+        moderation.report_limit = RedisBuckets(
+            self.bus, "report", moderation.report_limit.rate, moderation.report_limit.burst
+        )
         for kind, throttle in realm.accounts.throttles.items():
             throttle.listener = self._throttle_listener(kind)
         realm.cluster = self

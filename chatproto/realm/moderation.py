@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from chatproto import address
 from chatproto.errors import ChatError
-from chatproto.ratelimit import TokenBucket
+from chatproto.ratelimit import UserBuckets
 from chatproto.text import check_reason
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class Moderation:
         self._r = realm
         #: admin account name -> the floor of the account that was made admin
         self.admins: dict[str, int] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        #: Reports per user (a worker of a cluster counts them in Redis).
+        self.report_limit = UserBuckets(REPORT_RATE, REPORT_BURST)
 
     @inlineCallbacks
     def load(self) -> Any:
@@ -162,10 +163,7 @@ class Moderation:
         if not 1 <= len(msg_id) <= 200:
             raise ChatError("bad_request", "msg_id must be 1 to 200 characters")
         now = self._r.clock.seconds()
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            bucket = self._buckets[user] = TokenBucket(REPORT_RATE, REPORT_BURST, now)
-        wait = bucket.take(now)
+        wait = yield self.report_limit.take(user, now)
         if wait > 0:
             self._r.stats.rate_limited("report")
             raise ChatError("rate_limited", "too many reports", retry_after=round(wait, 3))
@@ -217,7 +215,4 @@ class Moderation:
 
     def prune(self) -> None:
         """Forget the rate-limit state of users whose allowance is full again."""
-        now = self._r.clock.seconds()
-        for user, bucket in list(self._buckets.items()):
-            if bucket.full(now):
-                del self._buckets[user]
+        self.report_limit.prune(self._r.clock.seconds())
