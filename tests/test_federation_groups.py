@@ -330,6 +330,35 @@ def test_messages_sent_while_a_remote_join_commits_reach_the_joiner(net: Any) ->
     assert bodies == ["from the owner", "from bob"]
 
 
+def test_a_message_sent_while_a_realms_last_member_leaves_is_not_sent_there(
+    net: Any,
+) -> None:
+    """The other way round: a message checked while the leave of a realm's last
+    member is being committed is committed after it, so that realm (which drops its
+    mirror with the leave) is not sent it -- it would refuse it, and the sender would
+    be told of a refusal."""
+    links, clock, h, _, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    bob = User(b, clock, "bob")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    bob.ok("leave", group=GROUP)
+    requests = requests_for_home(b)
+    commits = HeldCommits(h)
+    done = h.receive_remote("b.example", requests["b.example"])
+    sent = h.post("owner@h.example", GROUP, "after bob")
+    commits.release()
+    assert result(done) == []
+    result(sent)
+    queued = result(h.store.outbox_read("b.example", 0, 100))
+    assert [(e.meta or {}).get("event") for _, e in queued] == ["left"]  # no message
+    links.pump()
+    assert links.rejected == []
+    assert [m for m in owner.msgs() if m["kind"] == "bounce"] == []
+    assert "after bob" not in [m.get("body") for m in bob.msgs()]
+
+
 def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:
     links, clock, h, a, b = net
     owner = User(h, clock, "owner")

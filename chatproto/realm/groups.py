@@ -11,7 +11,6 @@ realm is a request to that realm (see ``RealmService.forward_group_change``).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +40,11 @@ class GroupHandler:
         self._suffix = "@" + realm.realm
         self._rules = realm.groups
         self._locks: dict[str, DeferredLock] = {}
-        #: group -> the realms of joins checked and not yet applied, counted: an item
-        #: checked meanwhile is committed after the join, so it goes there too
-        self._joining: dict[str, Counter[str]] = {}
+        #: group -> (realm, True) while the join of a user of another realm is being
+        #: committed, (realm, False) while the removal of that realm's last member
+        #: is: an item checked meanwhile is committed after it, so it goes to the
+        #: realms of after it.  At most one a group: its changes commit one at a time.
+        self._changing: dict[str, tuple[str, bool]] = {}
 
     # addresses and reading ----------------------------------------------------------
 
@@ -161,17 +162,12 @@ class GroupHandler:
                 item["meta"] = {**meta, "snapshot": rules.snapshot(addr)}
                 queued = [(r, item if r == joiner_realm else env) for r in realms]
 
-        joining = event == "joined" and joiner_realm in realms
-        if joining:
-            self._joining.setdefault(addr, Counter())[joiner_realm] += 1
+        change = _realm_change(event, actor, meta, group, realms)
+        if change is not None:
+            self._changing[addr] = change
 
-        def joined(result: Any) -> Any:
-            counts = self._joining[addr]
-            counts[joiner_realm] -= 1
-            if counts[joiner_realm] <= 0:
-                del counts[joiner_realm]
-                if not counts:
-                    del self._joining[addr]
+        def changed(result: Any) -> Any:
+            self._changing.pop(addr, None)
             return result
 
         def committed(_: object) -> Envelope:
@@ -191,7 +187,7 @@ class GroupHandler:
             return env
 
         d = realm.store.append([env], queued).addCallback(committed)
-        return d.addBoth(joined) if joining else d
+        return d.addBoth(changed) if change is not None else d
 
     @inlineCallbacks
     def end_standing(self, user: str, groups: Iterable[str], account: str | None = None) -> Any:
@@ -261,13 +257,17 @@ class GroupHandler:
 
     def member_realms(self, addr: str) -> set[str]:
         """The other realms an item of our group ``addr`` committed now goes to: those
-        of its members, and of the joins being committed (the item is committed after
-        them, in the realm's order, so the joiner's realm must have it too).  Called
-        just before the item is handed to the store."""
+        of its members once the change being committed is applied (the item is
+        committed after it, in the realm's order: a joiner's realm must have it, a
+        realm whose last member is leaving must not, or it refuses it and the sender
+        is told of a refusal).  Called just before the item is handed to the store."""
         group = self._rules.groups.get(addr)  # None: deleted since the item's check
         realms = self._realm.realms_of(group.members) if group is not None else set()
-        joining = self._joining.get(addr)
-        return realms | set(joining) if joining else realms
+        change = self._changing.get(addr)
+        if change is None:
+            return realms
+        realm, joins = change
+        return realms | {realm} if joins else realms - {realm}
 
     def send(
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
@@ -301,3 +301,24 @@ class GroupHandler:
         if group is not None:
             self._realm.route(env, group.members)
         return env
+
+
+def _realm_change(
+    event: str, actor: str, meta: dict[str, Any], group: Group | None, realms: list[str]
+) -> tuple[str, bool] | None:
+    """How a group change changes the realms its items go to (``realms``: those it
+    is queued for): ``(realm, True)`` for the join of a user of another realm,
+    ``(realm, False)`` for the removal of another realm's last member, else None."""
+    if group is None:
+        return None
+    user = meta.get("user") or actor
+    realm = user.rpartition("@")[2]
+    if realm not in realms:
+        return None
+    if event == "joined":
+        return realm, True
+    if event in ("left", "kicked", "banned") and user in group.members:
+        suffix = "@" + realm
+        if not any(u != user and u.endswith(suffix) for u in group.members):
+            return realm, False
+    return None
