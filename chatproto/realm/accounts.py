@@ -18,7 +18,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -366,9 +366,19 @@ class Accounts:
         """In-band registration from client address ``peer``: a registration that
         cannot succeed (a bad name or password, a name taken) is refused before the
         password is hashed; the others take a token of ``peer``'s bucket
-        (``rate_limited`` without one)."""
+        (``rate_limited`` without one).  Errors come as a failed Deferred, except
+        ``registration_closed``."""
         if not self.config.auth.allow_registration:
             raise ChatError("registration_closed")
+        try:
+            name = self._registrable(name, password, peer)
+        except ChatError as e:
+            return fail(e)
+        return self.create_user(name, password)
+
+    def _registrable(self, name: str, password: str, peer: str) -> str:
+        """The normalised ``name``, if registering it may succeed and ``peer`` has a
+        token left; else ChatError."""
         name = address.normalise_name(name)
         if reserved_name(name):
             raise ChatError("bad_address", f"names starting with {GUEST_PREFIX!r} are reserved")
@@ -383,7 +393,7 @@ class Accounts:
         if wait:
             self.stats.rate_limited("register")
             raise ChatError("rate_limited", "too many registrations", retry_after=round(wait, 3))
-        return self.create_user(name, password)
+        return name
 
     @inlineCallbacks
     def login(
