@@ -279,8 +279,11 @@ def test_two_workers_dms_groups_presence_and_a_worker_killed(cluster: Cluster) -
     # shared).  eve fails three times on w1; then alice (w1) changes her status, and
     # once bob (w2) has heard that, w2 has heard the failures too (one publisher, one
     # subscriber: in order): eve's next attempt there is throttled at once (w2 alone
-    # would have counted no failure and answered auth_failed).
-    eve = yield client.connect(_reactor, w1, "eve", PASSWORD, register=True)
+    # would have counted no failure and answered auth_failed).  (eve registers from
+    # another address: 127.0.0.1 has spent its allowance of registrations.)
+    eve = yield client.connect(
+        _reactor, f"{w1}:bindAddress=127.0.0.2", "eve", PASSWORD, register=True
+    )
     yield eve.close()
     for _ in range(3):
         with pytest.raises(RemoteError) as failed:
@@ -870,5 +873,31 @@ def test_the_report_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
     sent = yield bob.conn.send("carol@localhost", "buy more")
     yield until(lambda: carol.bodies() == ["buy more"], "carol has bob's message")
     yield carol.conn.report(sent["msg_id"], "spam")
+    for proc in cluster.procs.values():
+        assert "Traceback" not in proc.output, proc.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_register_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
+    """A client address's registrations are limited (a burst of REGISTER_BURST, then
+    one every 30 seconds) across the workers: the burst spent through w1 and w2 in
+    turn, the next registration from that address is refused through either (counted
+    in Redis, not per worker); another address has its own allowance."""
+    from chatproto.realm.accounts import REGISTER_BURST
+
+    w1 = yield cluster.start("w1")
+    w2 = yield cluster.start("w2")
+    for n in range(REGISTER_BURST):
+        conn = yield client.connect(_reactor, (w1, w2)[n % 2], f"u{n}", PASSWORD, register=True)
+        yield conn.close()
+    for server in (w1, w2):
+        with pytest.raises(RemoteError) as refused:
+            yield client.connect(_reactor, server, "one-more", PASSWORD, register=True)
+        assert refused.value.code == "rate_limited"
+        assert refused.value.extra["retry_after"] > 20
+    conn = yield client.connect(
+        _reactor, f"{w2}:bindAddress=127.0.0.2", "elsewhere", PASSWORD, register=True
+    )
+    yield conn.close()
     for proc in cluster.procs.values():
         assert "Traceback" not in proc.output, proc.output

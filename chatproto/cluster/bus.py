@@ -14,8 +14,9 @@ What goes through it (every key and channel under ``[cluster] redis_prefix``, ``
   heartbeats) and the set ``P:workers``;
 - federation: channel ``P:federation`` tells the federation sender which links to
   wake and which presence to send to other realms;
-- per-user rate limits every worker counts (abuse reports): the hash
-  ``P:bucket:NAME:USER`` is a token bucket (:class:`RedisBuckets`).
+- rate limits every worker counts (abuse reports per user, registrations per
+  client address): the hash ``P:bucket:NAME:KEY`` is a token bucket
+  (:class:`RedisBuckets`).
 
 Redis is watched by the heartbeat: when its connections drop, a command fails, or
 Redis has not answered a command for :attr:`RedisBus.grace` seconds (three

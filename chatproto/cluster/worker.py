@@ -23,7 +23,9 @@ each seam the handlers already ask through:
   which sessions to end), and every other worker re-reads it from the store and
   ends its own sessions of the account (:meth:`chatproto.realm.admin.Admin.follow`).
   The store is the truth: a worker that missed such messages (Redis was away)
-  re-reads suspensions, admins and browser logins when Redis answers again.
+  re-reads suspensions, admins and browser logins when Redis answers again;
+- rate limits: abuse reports per user and registrations per client address are
+  counted in Redis (:class:`chatproto.cluster.bus.RedisBuckets`) by every worker.
 
 Nothing of this runs in a single-process realm.
 """
@@ -46,6 +48,7 @@ from chatproto.cluster.presence import ClusterPresence
 from chatproto.cluster.stream import StreamReader
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
+from chatproto.ratelimit import UserBuckets
 from chatproto.realm.admin import STANDING
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging, SendRequest
@@ -277,10 +280,12 @@ class Worker:
         self.bus.on("notice", self._heard_notice)
         self.bus.on("standing", self._heard_standing)
         realm.sessions.relay = self._relay_notice
-        moderation = realm.moderation
-        moderation.report_limit = RedisBuckets(
-            self.bus, "report", moderation.report_limit.rate, moderation.report_limit.burst
-        )
+
+        def shared(name: str, limit: UserBuckets) -> RedisBuckets:
+            return RedisBuckets(self.bus, name, limit.rate, limit.burst)
+
+        realm.moderation.report_limit = shared("report", realm.moderation.report_limit)
+        realm.accounts.register_limit = shared("register", realm.accounts.register_limit)
         for kind, throttle in realm.accounts.throttles.items():
             throttle.listener = self._throttle_listener(kind)
         realm.cluster = self

@@ -30,7 +30,7 @@ from chatproto.accounts import remote_groups_of
 from chatproto.address import GUEST_PREFIX, Address, reserved_name
 from chatproto.config import Config
 from chatproto.errors import ChatError
-from chatproto.ratelimit import FailureThrottle, TokenBucket
+from chatproto.ratelimit import FailureThrottle, UserBuckets
 from chatproto.realm.sessions import ISession, Session, check_device
 from chatproto.store import IStore
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
@@ -173,8 +173,8 @@ class Accounts:
         self._address_throttle = FailureThrottle(
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
-        #: client address -> its allowance of registrations
-        self._register_buckets: dict[str, TokenBucket] = {}
+        #: Registrations per client address (a worker of a cluster counts them in Redis).
+        self.register_limit = UserBuckets(REGISTER_RATE, REGISTER_BURST)
         #: The login throttles by what they count (the workers of a cluster share them).
         self.throttles = {"account": self._account_throttle, "address": self._address_throttle}
         #: local account names known to exist (filled at start and as accounts appear)
@@ -206,9 +206,7 @@ class Accounts:
         now = self.clock.seconds()
         self._account_throttle.prune(now)
         self._address_throttle.prune(now)
-        for peer, bucket in list(self._register_buckets.items()):
-            if bucket.full(now):
-                del self._register_buckets[peer]
+        self.register_limit.prune(now)
         self.tokens.prune()
 
     def floor_of(self, name: str) -> int | None:
@@ -365,34 +363,34 @@ class Accounts:
     def register(self, name: str, password: str, peer: str = "?") -> Deferred[Address]:
         """In-band registration from client address ``peer``: a registration that
         cannot succeed (a bad name or password, a name taken) is refused before the
-        password is hashed; the others take a token of ``peer``'s bucket
-        (``rate_limited`` without one).  Errors come as a failed Deferred, except
-        ``registration_closed``."""
+        password is hashed; the others take a token of ``peer``'s allowance
+        (:attr:`register_limit`; ``rate_limited`` without one).  Errors come as a failed
+        Deferred, except ``registration_closed``."""
         if not self.config.auth.allow_registration:
             raise ChatError("registration_closed")
         try:
-            name = self._registrable(name, password, peer)
+            name = self._registrable(name, password)
         except ChatError as e:
             return fail(e)
-        return self.create_user(name, password)
 
-    def _registrable(self, name: str, password: str, peer: str) -> str:
-        """The normalised ``name``, if registering it may succeed and ``peer`` has a
-        token left; else ChatError."""
+        def taken(wait: float) -> Deferred[Address]:
+            if wait:
+                self.stats.rate_limited("register")
+                raise ChatError(
+                    "rate_limited", "too many registrations", retry_after=round(wait, 3)
+                )
+            return self.create_user(name, password)
+
+        return self.register_limit.take(peer, self.clock.seconds()).addCallback(taken)
+
+    def _registrable(self, name: str, password: str) -> str:
+        """The normalised ``name``, if registering it may succeed; else ChatError."""
         name = address.normalise_name(name)
         if reserved_name(name):
             raise ChatError("bad_address", f"names starting with {GUEST_PREFIX!r} are reserved")
         check_password(password)
         if name in self.known:
             raise ChatError("user_exists", f"user {name!r} already exists")
-        now = self.clock.seconds()
-        bucket = self._register_buckets.get(peer)
-        if bucket is None:
-            bucket = self._register_buckets[peer] = TokenBucket(REGISTER_RATE, REGISTER_BURST, now)
-        wait = bucket.take(now)
-        if wait:
-            self.stats.rate_limited("register")
-            raise ChatError("rate_limited", "too many registrations", retry_after=round(wait, 3))
         return name
 
     @inlineCallbacks
