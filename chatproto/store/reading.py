@@ -1,4 +1,5 @@
-"""Read markers, the conversation list and per-user settings, in SQL.
+"""Read markers, the conversation list, search, per-user settings and the count of a
+sender's changes to an item, in SQL.
 
 A mixin of the synchronous store cores (:class:`chatproto.store.sqlite.SQLiteDB`,
 :class:`chatproto.store.postgresql.PostgresDB`): the same statements on both, written
@@ -15,7 +16,7 @@ moves forward.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from chatproto.envelope import Envelope
@@ -89,6 +90,20 @@ class ReadingSQL:
     def _mention_sql(self) -> tuple[str, Any]:
         """``(condition, how to make its parameter from a name)``."""
         raise NotImplementedError
+
+    #: The core's: a client's free text as the store keeps it (see
+    #: :meth:`chatproto.store.accounts.AccountsSQL._text_in`).
+    _text_in: Callable[[str], str]
+
+    def ref_count(self, ref: str, sender: str) -> int:
+        """How many ``edit`` and ``reaction`` items from ``sender`` refer to item
+        ``ref`` (``IStore.ref_count``)."""
+        rows = self._rows(
+            "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = ? "
+            "AND items.sender = ? AND items.kind IN ('edit', 'reaction')",
+            (self._text_in(ref), self._text_in(sender)),
+        )
+        return int(rows[0][0])
 
     def read_markers(self, conv: str) -> dict[str, int]:
         """``{user: position}`` of every read marker in conversation ``conv``."""

@@ -33,6 +33,7 @@ from chatproto.store import (
 )
 from chatproto.store.accounts import AccountsSQL
 from chatproto.store.groupcommit import GroupCommitStore, outbox_rows, plan_inserts
+from chatproto.store.peers import PeerKeysSQL
 from chatproto.store.reading import ReadingSQL
 
 __all__ = [
@@ -336,12 +337,6 @@ _FTS5_SEPARATORS = re.compile("[\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3]+")
 
 _COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
-#: How many edits and reactions one sender made to one item (see IStore.ref_count).
-_REF_COUNT = (
-    "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = ? "
-    "AND items.sender = ? AND items.kind IN ('edit', 'reaction')"
-)
-
 
 def _row(r: tuple[Any, ...]) -> Envelope:
     """An item from its row; ``ts`` and ``meta`` made safe to send (see
@@ -371,7 +366,7 @@ def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-class SQLiteDB(AccountsSQL, ReadingSQL):
+class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
@@ -859,21 +854,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL):
     def stored_item(self, item_id: str) -> Envelope | None:
         row = self.conn.execute(f"SELECT {_COLS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return _row(row) if row is not None else None
-
-    def ref_count(self, ref: str, sender: str) -> int:
-        row = self.conn.execute(_REF_COUNT, (ref, sender)).fetchone()
-        return int(row[0])
-
-    def peer_keys(self) -> dict[str, list[dict[str, str]]]:
-        rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
-        return {r[0]: json.loads(r[1]) for r in rows}
-
-    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None:
-        self.conn.execute(
-            "INSERT INTO peer_keys VALUES (?, ?) "
-            "ON CONFLICT (realm) DO UPDATE SET keys = excluded.keys",
-            (realm, json.dumps(keys)),
-        )
 
     def read_feed(
         self,

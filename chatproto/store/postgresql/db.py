@@ -27,6 +27,7 @@ from chatproto.store import (
     stored_number,
 )
 from chatproto.store.accounts import AccountsSQL
+from chatproto.store.peers import PeerKeysSQL
 from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
     ITEM_COLS,
@@ -61,7 +62,7 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL):
+class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -278,25 +279,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL):
             f"SELECT {ITEM_COLS} FROM items WHERE id = %s", (escape_text(item_id),)
         ).fetchone()
         return item_of_row(row) if row is not None else None
-
-    def ref_count(self, ref: str, sender: str) -> int:
-        row = self.conn.execute(
-            "SELECT count(*) FROM refs JOIN items ON items.pos = refs.pos WHERE refs.ref = %s "
-            "AND items.sender = %s AND items.kind IN ('edit', 'reaction')",
-            (escape_text(ref), escape_text(sender)),
-        ).fetchone()
-        return int(row[0]) if row is not None else 0
-
-    def peer_keys(self) -> dict[str, list[dict[str, str]]]:
-        rows = self.conn.execute("SELECT realm, keys FROM peer_keys ORDER BY realm").fetchall()
-        return {r[0]: json.loads(r[1]) for r in rows}
-
-    def set_peer_keys(self, realm: str, keys: list[dict[str, str]]) -> None:
-        self.conn.execute(
-            "INSERT INTO peer_keys VALUES (%s, %s) "
-            "ON CONFLICT (realm) DO UPDATE SET keys = excluded.keys",
-            (realm, json.dumps(keys)),
-        )
 
     def read_feed(
         self,
