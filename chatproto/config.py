@@ -88,6 +88,10 @@ class Auth:
     failure_delay: float = 1.0
     max_failure_delay: float = 60.0
     failure_window: float = 900.0
+    #: In-band registrations one client address may make at once (0: no bound), and
+    #: the seconds after which it may make one more.
+    registrations_per_address: int = 5
+    registration_interval: float = 30.0
     argon2_time_cost: int = 3
     argon2_memory_cost: int = 65536
     argon2_parallelism: int = 2
@@ -411,6 +415,11 @@ class Config:
                 raise ConfigError(f"auth.{key} must be positive")
         if a.free_failures_per_account < 0 or a.free_failures_per_address < 0:
             raise ConfigError("auth.free_failures_* must be >= 0")
+        if a.registrations_per_address < 0 or a.registration_interval <= 0:
+            raise ConfigError(
+                "auth.registrations_per_address must be >= 0 (0: no bound) and "
+                "auth.registration_interval positive (seconds)"
+            )
         irc = self.irc
         if not 0 <= irc.tls_port <= 65535:
             raise ConfigError("irc.tls_port must be between 0 and 65535 (0: no TLS listener)")

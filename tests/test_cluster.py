@@ -20,6 +20,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from chatproto import client
 from chatproto.client import RemoteError
+from chatproto.config import Config
 from tests.processes import Proc, Spawner, twistd_argv
 from tests.services import (
     free_port,
@@ -879,15 +880,15 @@ def test_the_report_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_the_register_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
-    """A client address's registrations are limited (a burst of REGISTER_BURST, then
+    """A client address's registrations are limited (a burst of auth.registrations_per_address, then
     one every 30 seconds) across the workers: the burst spent through w1 and w2 in
     turn, the next registration from that address is refused through either (counted
     in Redis, not per worker); another address has its own allowance."""
-    from chatproto.realm.accounts import REGISTER_BURST
+    burst = Config().auth.registrations_per_address
 
     w1 = yield cluster.start("w1")
     w2 = yield cluster.start("w2")
-    for n in range(REGISTER_BURST):
+    for n in range(burst):
         conn = yield client.connect(_reactor, (w1, w2)[n % 2], f"u{n}", PASSWORD, register=True)
         yield conn.close()
     for server in (w1, w2):

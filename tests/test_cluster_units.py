@@ -523,30 +523,31 @@ def test_redis_buckets_take_in_redis_and_count_alone_without_it() -> None:
 
 def test_a_workers_register_limit_is_counted_in_redis_and_alone_without_it() -> None:
     """A worker counts the registrations of a client address in Redis (what Redis
-    answers is the wait), so an address cannot register REGISTER_BURST times on each
+    answers is the wait), so an address cannot register its allowance on each
     worker; while Redis does not answer the worker counts on its own.  A refused
     registration costs no hash."""
     from chatproto.cluster.bus import RedisBuckets
     from chatproto.errors import ChatError
-    from chatproto.realm.accounts import REGISTER_BURST, REGISTER_RATE
     from chatproto.testing import make_test_realm
 
     clock = Clock()
     clock.advance(1000)
     realm = make_test_realm(clock)
+    burst = realm.config.auth.registrations_per_address
+    rate = 1 / realm.config.auth.registration_interval
     accounts = realm.accounts
     hashes: list[str] = []
     hash_password = accounts.hasher.hash
     accounts.hasher.hash = lambda pw: (hashes.append(pw), hash_password(pw))[1]  # type: ignore[method-assign]
-    bus = AnsweringBus([b"0", b"29.5"] + [None] * (REGISTER_BURST + 1))
-    accounts.register_limit = RedisBuckets(bus, "register", REGISTER_RATE, REGISTER_BURST)  # type: ignore[arg-type]
+    bus = AnsweringBus([b"0", b"29.5"] + [None] * (burst + 1))
+    accounts.register_limit = RedisBuckets(bus, "register", rate, burst)  # type: ignore[arg-type]
     assert str(fired(realm.register("ann", "password1", "192.0.2.1"))) == "ann@localhost"
     name, _script, nkeys, key, *argv = bus.commands[0]
     assert (name, nkeys, key, argv) == (
         "EVAL",
         1,
         "p:bucket:register:192.0.2.1",
-        [REGISTER_RATE, REGISTER_BURST, 1000.0],
+        [rate, burst, 1000.0],
     )
     with pytest.raises(ChatError) as refused:
         fired(realm.register("bea", "password1", "192.0.2.1"))
@@ -558,7 +559,7 @@ def test_a_workers_register_limit_is_counted_in_redis_and_alone_without_it() -> 
         fired(realm.register("ann", "password1", "192.0.2.1"))
     assert len(bus.commands) == 2
     # Redis gone: this worker's own allowance (full at first), not a refusal
-    for n in range(REGISTER_BURST):
+    for n in range(burst):
         assert str(fired(realm.register(f"c{n}", "password1", "192.0.2.1"))) == f"c{n}@localhost"
     with pytest.raises(ChatError) as refused:
         fired(realm.register("dee", "password1", "192.0.2.1"))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from chatproto.config import Config
 from tests.conftest import LogWatch, raw_client
 from tests.test_web import web  # noqa: F401  (a fixture)
 
@@ -390,7 +391,7 @@ def test_a_flood_of_registrations_before_login_is_refused_before_hashing(server:
     two-thread pool logins wait in, so 1000 of them held every login some 100 s.  A
     taken name is refused at once; new names past the address's allowance get
     rate_limited."""
-    from chatproto.realm.accounts import REGISTER_BURST
+    burst = Config().auth.registrations_per_address
 
     realm, _factory, addr = server
     watch = LogWatch()
@@ -406,7 +407,7 @@ def test_a_flood_of_registrations_before_login_is_refused_before_hashing(server:
         for rid in range(first, flood.n + 1):
             codes.append((yield flood.client.reply(rid)).get("code", "ok"))
         assert codes[1::2] == ["user_exists"] * 30
-        assert codes[0::2] == ["ok"] * REGISTER_BURST + ["rate_limited"] * (30 - REGISTER_BURST)
+        assert codes[0::2] == ["ok"] * burst + ["rate_limited"] * (30 - burst)
         alice = yield raw_client(addr, ("alice", PW))  # logins go on
         assert (yield Asker(alice).ask({"type": "ping"}))["type"] == "result"
         assert watch.failures == []

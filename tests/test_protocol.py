@@ -997,8 +997,8 @@ def test_registrations_are_throttled_per_address_and_hash_only_when_they_can_suc
     logged in could queue hundreds of hashes -- a name that exists, sent again and
     again, did -- and every login waited behind them.  A registration that cannot
     succeed is refused before the hash; the others are rate-limited per address."""
-    from chatproto.realm.accounts import REGISTER_BURST, REGISTER_RATE
-
+    auth = Config().auth  # the defaults: 5 at once, then one every 30 s
+    burst, interval = auth.registrations_per_address, auth.registration_interval
     realm = make_test_realm(clock, Config())
     hashes = []
     hash_password = realm.accounts.hasher.hash
@@ -1017,15 +1017,40 @@ def test_registrations_are_throttled_per_address_and_hash_only_when_they_can_suc
         assert register(proto, t, "ALICE")["code"] == "user_exists"
     assert register(proto, t, "guest-1")["code"] == "bad_address"
     assert hashes == []
-    for n in range(REGISTER_BURST):
+    for n in range(burst):
         assert register(proto, t, f"user{n}")["type"] == "result"
     refused = register(proto, t, "one-more")
     assert refused["code"] == "rate_limited"
-    assert refused["retry_after"] == round(1 / REGISTER_RATE, 3)
-    assert len(hashes) == REGISTER_BURST
+    assert refused["retry_after"] == interval
+    assert len(hashes) == burst
     other, ot = connect_string_transport(realm, host="192.0.2.2")  # its own allowance
     hello(other, ot)
     assert register(other, ot, "from-elsewhere")["type"] == "result"
-    clock.advance(1 / REGISTER_RATE)
+    clock.advance(interval)
     assert register(proto, t, "one-more")["type"] == "result"
     assert realm.stats.refused["register"] == 1
+
+
+def test_registrations_per_address_set_in_the_config_and_zero_is_no_bound(
+    clock: Clock,
+) -> None:
+    """Behind a proxy that hides client addresses every client has the proxy's:
+    ``auth.registrations_per_address = 0`` lifts the per-address bound; another value
+    and ``auth.registration_interval`` set it."""
+    for per_address, interval, allowed in ((2, 600.0, 2), (0, 30.0, 12)):
+        cfg = Config()
+        cfg.auth.registrations_per_address = per_address
+        cfg.auth.registration_interval = interval
+        realm = make_test_realm(clock, cfg)
+        proto, t = connect_string_transport(realm, host="192.0.2.1")
+        hello(proto, t)
+        codes = []
+        for n in range(12):
+            proto.dataReceived(
+                frame({"type": "register", "user": f"u{n}", "password": "password1", "id": n})
+            )
+            [reply] = frames(t)
+            codes.append(reply.get("code", "ok"))
+            if reply.get("code") == "rate_limited":
+                assert reply["retry_after"] == interval
+        assert codes == ["ok"] * allowed + ["rate_limited"] * (12 - allowed)

@@ -93,6 +93,8 @@ def test_command_line_overrides_the_config_file(tmp_path: Any) -> None:
         ("[limits]\nmax_frame = 2048\nmax_body = 4096\n", "limits.max_body"),
         ("[limits]\nmax_frame = 2048\nmax_body = 2048\n", "limits.max_body"),
         ("[limits]\nsend_rate = 0\n", "limits.send_rate"),
+        ("[auth]\nregistrations_per_address = -1\n", "auth.registrations_per_address"),
+        ("[auth]\nregistration_interval = 0\n", "auth.registration_interval"),
         ("[storage]\nsynchronous = 'OFF'\n", "storage.synchronous"),
         ("[storage]\nbackend = 'postgres'\n", "storage.backend"),
         ("[tls]\ncertificate = '/nonexistent/cert.pem'\n", "/nonexistent/cert.pem"),

@@ -40,21 +40,12 @@ if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
 __all__ = [
-    "REGISTER_BURST",
-    "REGISTER_RATE",
     "Accounts",
     "PasswordHasher",
     "StoreChecker",
     "argon2_hasher",
     "check_password",
 ]
-
-#: In-band registrations one client address may make at once, and how fast its
-#: allowance refills (one every 30 seconds).  Each costs an argon2 hash in the realm's
-#: small hashing pool, which logins wait in too: enough for people, not for a flood.
-REGISTER_BURST = 5
-REGISTER_RATE = 1 / 30
-
 
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
     """argon2id with the realm's parameters (``config.auth``); shared by the realm and
@@ -173,8 +164,13 @@ class Accounts:
         self._address_throttle = FailureThrottle(
             a.free_failures_per_address, a.failure_delay, a.max_failure_delay, a.failure_window
         )
-        #: Registrations per client address (a worker of a cluster counts them in Redis).
-        self.register_limit = UserBuckets(REGISTER_RATE, REGISTER_BURST)
+        #: Registrations per client address (a worker of a cluster counts them in
+        #: Redis): each costs an argon2 hash in the small pool logins wait in too
+        #: (``auth.registrations_per_address`` at once, one more every
+        #: ``auth.registration_interval`` seconds; enough for people, not for a flood).
+        self.register_limit = UserBuckets(
+            1 / a.registration_interval, max(1, a.registrations_per_address)
+        )
         #: The login throttles by what they count (the workers of a cluster share them).
         self.throttles = {"account": self._account_throttle, "address": self._address_throttle}
         #: local account names known to exist (filled at start and as accounts appear)
@@ -372,6 +368,9 @@ class Accounts:
             name = self._registrable(name, password)
         except ChatError as e:
             return fail(e)
+
+        if self.config.auth.registrations_per_address == 0:  # no bound (behind a proxy)
+            return self.create_user(name, password)
 
         def taken(wait: float) -> Deferred[Address]:
             if wait:
