@@ -69,6 +69,7 @@ data_dir = "{data}"
 listen = ["tcp:0:interface=127.0.0.1"]
 [auth]
 argon2_time_cost = 1
+registrations_per_address = 0
 argon2_memory_cost = 1024
 argon2_parallelism = 1
 [limits]

@@ -53,6 +53,7 @@ listen = []
 
 [auth]
 argon2_time_cost = 1
+registrations_per_address = 0
 argon2_memory_cost = 1024
 argon2_parallelism = 1
 

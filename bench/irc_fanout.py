@@ -211,6 +211,7 @@ login_timeout = 3600.0
 max_output_buffer = 1073741824
 [auth]
 argon2_time_cost = 1
+registrations_per_address = 0
 argon2_memory_cost = 1024
 argon2_parallelism = 1
 free_failures_per_address = 1000000

@@ -100,6 +100,7 @@ data_dir = "{data_dir}"
 
 [auth]
 argon2_time_cost = 1
+registrations_per_address = 0
 argon2_memory_cost = 1024
 argon2_parallelism = 1
 free_failures_per_address = 1000000

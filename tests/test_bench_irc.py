@@ -98,7 +98,8 @@ def test_run_py_us_per_msg() -> None:
 
 
 def test_irc_bench_end_to_end(tmp_path: Path) -> None:
-    """A tiny run over loopback: 2 DM pairs and a 3-member channel, both servers."""
+    """A tiny run over loopback: 3 DM pairs and a 6-member channel, both servers (more
+    users than one address may register by default: the bench's realm lifts that)."""
     out = tmp_path / "irc.json"
     cmd = [
         sys.executable,
@@ -108,13 +109,13 @@ def test_irc_bench_end_to_end(tmp_path: Path) -> None:
         "--repeat",
         "1",
         "--pairs",
-        "2",
+        "3",
         "--messages",
         "30",
         "--window",
         "7",
         "--members",
-        "3",
+        "6",
         "--channel-messages",
         "20",
         "--channel-window",
@@ -139,5 +140,5 @@ def test_irc_bench_end_to_end(tmp_path: Path) -> None:
     for r in runs:
         assert "error" not in r, r
         assert r["complete"], r
-        assert r["deliveries"] == (2 * 30 if r["workload"] == "dm" else 3 * 20), r
+        assert r["deliveries"] == (3 * 30 if r["workload"] == "dm" else 6 * 20), r
         assert r["server_us_per_delivery"] >= 0, r  # clock ticks may round to 0

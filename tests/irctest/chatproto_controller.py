@@ -143,6 +143,7 @@ send_rate = 1e9
 send_burst = 1000000000
 [auth]
 argon2_time_cost = 1
+registrations_per_address = 0
 argon2_memory_cost = 1024
 argon2_parallelism = 1
 free_failures_per_address = 1000000
