@@ -359,6 +359,34 @@ def test_a_message_sent_while_a_realms_last_member_leaves_is_not_sent_there(
     assert "after bob" not in [m.get("body") for m in bob.msgs()]
 
 
+def test_a_message_sent_while_a_realms_last_member_is_deleted_is_not_sent_there(
+    net: Any,
+) -> None:
+    """As above, for the end of a member's standing because their realm deleted the
+    account (a ``left`` with the account-deleted reason, which the home realm commits
+    whatever the rules of leave say): a message checked meanwhile is not sent to the
+    realm that has no member left."""
+    links, clock, h, _, b = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    bob = User(b, clock, "bob")
+    bob.ok("join", group=GROUP)
+    links.pump()
+    assert result(b.delete_user("bob")) is True
+    requests = requests_for_home(b)
+    commits = HeldCommits(h)
+    done = h.receive_remote("b.example", requests["b.example"])
+    sent = h.post("owner@h.example", GROUP, "after bob")
+    commits.release()
+    result(done)
+    result(sent)
+    queued = result(h.store.outbox_read("b.example", 0, 100))
+    assert [(e.meta or {}).get("event") for _, e in queued] == ["left"]  # no message
+    links.pump()
+    assert links.rejected == []
+    assert [m for m in owner.msgs() if m["kind"] == "bounce"] == []
+
+
 def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:
     links, clock, h, a, b = net
     owner = User(h, clock, "owner")

@@ -199,6 +199,7 @@ class GroupHandler:
         realm, rules = self._realm, self._rules
         addrs = sorted(set(groups))
         held: list[tuple[str, DeferredLock]] = []
+        changing: list[str] = []
         try:
             for addr in addrs:  # always in this order: two removals cannot deadlock
                 lock = self._locks.setdefault(addr, DeferredLock())
@@ -207,6 +208,18 @@ class GroupHandler:
             plan = plan_removal(
                 rules, user, addrs, self._name, realm.realms_of, realm.clock.seconds()
             )
+            # Items of these groups checked meanwhile are committed after these events:
+            # they go to the realms of the members left (see member_realms).
+            for env in plan.items:
+                group = rules.groups.get(env.recipient)
+                if group is None or not env.recipient.endswith(self._suffix):
+                    continue
+                meta = env.meta or {}
+                realms = sorted(realm.realms_of(group.members))
+                change = _realm_change(meta.get("event", ""), user, meta, group, realms)
+                if change is not None:
+                    self._changing[env.recipient] = change
+                    changing.append(env.recipient)
             if account is not None:
                 existed = yield realm.store.delete_user(account, user, plan.items, plan.outbox)
                 if not existed:
@@ -231,6 +244,8 @@ class GroupHandler:
                 realm.end_burst()
             return True
         finally:
+            for addr in changing:
+                self._changing.pop(addr, None)
             for addr, lock in reversed(held):
                 lock.release()
                 if not lock.locked and not lock.waiting:
