@@ -118,7 +118,7 @@ def _tagmsg(p: IRCProtocol, ctx: Reply, targets: list[str], client: dict[str, st
 
 def _tags_sent(data: dict[str, Any], p: IRCProtocol, ctx: Reply) -> None:
     if p.has("echo-message") and p.has("message-tags"):
-        ctx.send(p.factory.tag_line(data, p._tagmode))
+        ctx.send(p.factory.tag_line(data, p.tag_mode))
 
 
 def _tags_failed(f: Failure, p: IRCProtocol, ctx: Reply, target: str) -> None:
@@ -181,7 +181,7 @@ def chathistory(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, s
             lines.append(
                 with_tag(p.factory.lines(env, 3), tag)
                 if p.has("batch")
-                else p.factory.lines(env, p._tagmode)
+                else p.factory.lines(env, p.tag_mode)
             )
         lines.append(f":{p.server} BATCH -{ref_id}\r\n".encode())
         if not p.has("batch"):

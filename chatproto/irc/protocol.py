@@ -128,7 +128,7 @@ class IRCProtocol(LineOnlyReceiver):
         self._after_barrier: deque[bytes] = deque()
         #: the sends of the batch being handled (see queue_send); None outside one
         self._sends: list[tuple[SendRequest, PendingSend]] | None = None
-        self._tagmode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
+        self.tag_mode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
         self.awaiting: dict[tuple[str, str], Reply] = {}  # (event, group) -> labeled reply
@@ -310,9 +310,9 @@ class IRCProtocol(LineOnlyReceiver):
             self._deliver_other(envelope)
             return
         f = self.factory
-        data = f._cache[self._tagmode] if envelope is f._cache_env else None
+        data = f._cache[self.tag_mode] if envelope is f._cache_env else None
         if data is None:
-            data = f.lines(envelope, self._tagmode)
+            data = f.lines(envelope, self.tag_mode)
         held = self._held
         if held is not None:
             held.append(data)
@@ -350,15 +350,15 @@ class IRCProtocol(LineOnlyReceiver):
                     pending.popleft()
                     head.matched = True
                     if envelope.recipient == self.user_id:  # to ourselves: received too
-                        self.write(self.factory.lines(envelope, self._tagmode))
+                        self.write(self.factory.lines(envelope, self.tag_mode))
                     if "echo-message" in self.caps:
-                        head.ctx.send(self.factory.lines(envelope, self._tagmode))
+                        head.ctx.send(self.factory.lines(envelope, self.tag_mode))
                     self.written()
                     return
             if "echo-message" not in self.caps and envelope.recipient != self.user_id:
                 self.written()  # our own message from elsewhere: the client cannot show it
                 return
-        self.write(self.factory.lines(envelope, self._tagmode))
+        self.write(self.factory.lines(envelope, self.tag_mode))
         self.written()
 
     def written(self) -> None:
@@ -373,7 +373,7 @@ class IRCProtocol(LineOnlyReceiver):
         if self._out.blocked:  # still queued on our side: acknowledge once the client reads
             self.written()
             return
-        self.session.ack(self.session._last)
+        self.session.ack(self.session.delivered)
 
     def flush(self) -> None:
         """Write the lines held during a delivery burst."""
@@ -386,18 +386,18 @@ class IRCProtocol(LineOnlyReceiver):
         kind = data.get("type")
         if kind == "tags":  # client tags on their own: TAGMSG, to message-tags clients
             me = self.user_id
-            if self._tagmode & 2 and (
+            if self.tag_mode & 2 and (
                 data["from"] != me or data["to"] == me or "echo-message" in self.caps
             ):
-                self.write(self.factory.tag_line(data, self._tagmode))
+                self.write(self.factory.tag_line(data, self.tag_mode))
             return
         if kind == "read":  # a read marker moved: MARKREAD (draft/read-marker)
             _reading.read_notice(self, data)
             return
         if kind == "typing":  # a native client typing: TAGMSG +typing (IRCv3 typing)
-            if self._tagmode & 2 and data.get("user") != self.user_id:
+            if self.tag_mode & 2 and data.get("user") != self.user_id:
                 tags = typing_tags(data, self.user_id, self.factory.clock.seconds())
-                self.write(self.factory.tag_line(tags, self._tagmode))
+                self.write(self.factory.tag_line(tags, self.tag_mode))
             return
         if kind != "presence" or "away-notify" not in self.caps:
             return
@@ -437,7 +437,7 @@ class IRCProtocol(LineOnlyReceiver):
         if env.sender == me:
             ctx = self.awaiting.pop((event, group), self.direct)
         prefix = b""
-        if self._tagmode & 1:
+        if self.tag_mode & 1:
             prefix = f"@time={server_time(env.ts)} ".encode()
 
         def out(source: str, command: str, *params: str) -> None:

@@ -82,7 +82,7 @@ def irc_CAP(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str])
                     p.caps.discard(w[1:])
                 else:
                     p.caps.add(w)
-            p._tagmode = ("server-time" in p.caps) | ("message-tags" in p.caps) << 1
+            p.tag_mode = ("server-time" in p.caps) | ("message-tags" in p.caps) << 1
         reply = "ACK" if ok else "NAK"
         ctx.send(format_line(p.server, "CAP", p.nick, reply, " ".join(wanted)))
     elif sub == "END":

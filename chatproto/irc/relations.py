@@ -97,11 +97,11 @@ def render(p: IRCProtocol, env: Envelope) -> bytes | None:
     target = ids.msgid(meta.get("ref"))
     mine = env.sender == p.user_id
     if env.kind == "reaction":
-        if target is None or not p._tagmode & 2 or (mine and "echo-message" not in p.caps):
+        if target is None or not p.tag_mode & 2 or (mine and "echo-message" not in p.caps):
             return b""
         emoji = str(meta.get("emoji", ""))
         verb = "+draft/unreact" if meta.get("remove") else "+draft/react"
-        tags = f"@time={server_time(env.ts)};" if p._tagmode & 1 else "@"
+        tags = f"@time={server_time(env.ts)};" if p.tag_mode & 1 else "@"
         tags += f"msgid={env.pos};" + tag_data({verb: emoji, "+draft/reply": str(target)})
         return (tags + " ").encode() + format_line(p.mask(env.sender), "TAGMSG", _target(p, env))
     if env.kind == "delete":

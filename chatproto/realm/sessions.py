@@ -121,6 +121,11 @@ class Session:
         self.opened_at = realm.clock.seconds()
 
     @property
+    def delivered(self) -> int:
+        """The highest stream position delivered to this session so far."""
+        return self._last
+
+    @property
     def protocol(self) -> str:
         """The protocol of the connection: ``native``, ``web``, ``irc`` (its mind's
         ``protocol_name``), or ``other`` (an embedding application's mind)."""
