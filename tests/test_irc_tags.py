@@ -1,7 +1,7 @@
 """Client tags (issue 19, cause 7): IRCv3 client-only tags kept with a message, and
 TAGMSG (ephemeral tags on their own) relayed between IRC users and to native
-sessions (chatproto.realm.tags).  StringTransport with a MemoryStore realm, then one
-test over loopback TCP with a SQLite realm."""
+sessions (chatproto.realm.tags).  StringTransport with a MemoryStore realm, then
+tests over loopback TCP with a SQLite realm."""
 
 from __future__ import annotations
 
@@ -313,6 +313,26 @@ def test_client_tags_and_tagmsg_over_tcp(gateway: Any) -> None:
     yield carol.protocol.request("join", group="#t")
     result = yield carol.protocol.request("tags", to="#t", tags={"+typing": "paused"})
     yield until(lambda: any(f"msgid={result['tags_id']}" in line for line in bob.got))
+    yield carol.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_irc_reply_is_a_realm_reply_over_tcp(gateway: Any) -> None:
+    """``@+draft/reply=<msgid> PRIVMSG`` over a real connection: the native sender of
+    the message it names gets an item whose ``reply_to`` is that message's id."""
+    _, port, native_addr = gateway
+    got: list[dict[str, Any]] = []
+    carol = yield native_connect(_reactor, native_addr, "carol", PW, on_message=got.append)
+    alice = yield raw_connect(port, "alice", "message-tags", PW)
+    sent = yield carol.send("alice", "question")
+    yield until(lambda: alice.has("PRIVMSG"))
+    [(tags, _, params)] = [parse_line(line) for line in alice.got if " PRIVMSG " in line]
+    assert params == ["alice", "question"]
+    alice.send(f"@+draft/reply={tags['msgid']} PRIVMSG carol :answer")
+    yield until(lambda: any(m.get("body") == "answer" for m in got))
+    answer = next(m for m in got if m.get("body") == "answer")
+    assert answer["from"] == "alice@localhost"
+    assert answer["meta"] == {"reply_to": sent["msg_id"]}
     yield carol.close()
 
 
