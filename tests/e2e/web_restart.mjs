@@ -7,122 +7,57 @@
 // stay logged in (reconnecting by their cookie, no password asked), and a reload too.
 // Then "Log out everywhere" in one browser logs the other out as well.
 
-import { mkdtempSync, rmSync, mkdirSync } from "node:fs";
-import { createRequire } from "node:module";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-
-const env = process.env;
-const require = createRequire(import.meta.url);
-const { chromium } = require(env.PLAYWRIGHT);
-const BASE = env.BASE_URL;
-const ART = env.ARTIFACTS;
-mkdirSync(ART, { recursive: true });
-const TIMEOUT = 15000;
-const profiles = [];
-
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-  console.log(`ok - ${what}`);
-}
-
-async function browserFor(name, user) {
-  const dir = mkdtempSync(join(tmpdir(), `chatproto-e2e-${name}-`));
-  profiles.push(dir);
-  const context = await chromium.launchPersistentContext(dir, {
-    executablePath: env.CHROMIUM,
-    headless: true,
-    viewport: { width: 1100, height: 720 },
-    args: [
-      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
-  context.setDefaultTimeout(TIMEOUT);
-  const page = context.pages()[0] || (await context.newPage());
-  page.on("pageerror", (e) => { console.log(`[${name}] page error: ${e.message}`); process.exitCode = 1; });
-  return { name, user, context, page };
-}
-
-async function connected(u, timeout = TIMEOUT) {
-  await u.page.waitForFunction(() => document.querySelector("#conn-state").textContent === "connected", null, { timeout });
-}
-
-async function login(u) {
-  await u.page.goto(BASE);
-  await u.page.fill("#login-user", u.user);
-  await u.page.fill("#login-password", env.PASSWORD);
-  await u.page.click("#login-button");
-  await u.page.waitForSelector("#chat-view:not([hidden])");
-  await connected(u);
-  check(true, `${u.name} logged in and connected`);
-}
+import { browserFor, check, connected, login, open, run, shot } from "./common.mjs";
 
 async function cookie(u) {
   const c = (await u.context.cookies()).find((k) => k.name === "chatproto_session");
   return c ? c.value : null;
 }
 
-async function shot(u, label) {
-  await u.page.screenshot({ path: join(ART, `${label}.png`) });
-}
-
 async function main() {
   const desk = await browserFor("desk", "alice");
   const phone = await browserFor("phone", "alice");
-  try {
-    await login(desk);
-    await login(phone);
-    const before = await cookie(desk);
+  await login(desk);
+  await login(phone);
+  const before = await cookie(desk);
 
-    console.log("RESTART");
-    for (const u of [desk, phone]) {
-      await u.page.waitForFunction(() => document.querySelector("#conn-state").classList.contains("down"));
-    }
-    check(true, "both browsers saw the realm go away");
-    for (const u of [desk, phone]) await connected(u, 45000);
-    check(await desk.page.$eval("#login-view", (v) => v.hidden), "the desk browser reconnected without a login");
-    check(await phone.page.$eval("#login-view", (v) => v.hidden), "the phone browser reconnected without a login");
-    check((await cookie(desk)) === before, "with the cookie it had before the restart");
-
-    // the session works: a message to bob is sent and shown
-    await desk.page.fill("#open-input", "bob");
-    await desk.page.press("#open-input", "Enter");
-    await desk.page.waitForFunction(() => document.querySelector("#conv-title").textContent === "bob");
-    await desk.page.fill("#text", "written after the restart");
-    await desk.page.press("#text", "Enter");
-    await desk.page.waitForFunction(() => [...document.querySelectorAll("#messages li.msg:not(.pending) .body")]
-      .some((n) => n.textContent === "written after the restart"));
-    check(true, "a message is sent after the restart");
-
-    // a reload (a new page load asks GET /api/session) is still logged in
-    await desk.page.reload();
-    await desk.page.waitForSelector("#chat-view:not([hidden])");
-    await connected(desk);
-    check(true, "after a reload the desk browser is still logged in");
-    await shot(desk, "restart-01-desk-logged-in");
-
-    // log out everywhere: the phone is logged out too
-    await desk.page.click("#logout-all");
-    await desk.page.waitForSelector("#login-view:not([hidden])");
-    const note = await desk.page.textContent("#login-error");
-    check(note.includes("2 browser logins ended"), `the desk browser says so: ${note}`);
-    await phone.page.waitForSelector("#login-view:not([hidden])", { timeout: 30000 });
-    check(true, "the phone browser was logged out");
-    await phone.page.reload();
-    await phone.page.waitForSelector("#login-view:not([hidden])");
-    check(await phone.page.$eval("#chat-view", (v) => v.hidden), "and stays logged out after a reload");
-    await shot(phone, "restart-02-phone-logged-out");
-    console.log("e2e restart finished");
-  } catch (err) {
-    await shot(desk, "restart-failure-desk").catch(() => {});
-    await shot(phone, "restart-failure-phone").catch(() => {});
-    throw err;
-  } finally {
-    await desk.context.close().catch(() => {});
-    await phone.context.close().catch(() => {});
-    for (const d of profiles) rmSync(d, { recursive: true, force: true });
+  console.log("RESTART");
+  for (const u of [desk, phone]) {
+    await u.page.waitForFunction(() => document.querySelector("#conn-state").classList.contains("down"));
   }
+  check(true, "both browsers saw the realm go away");
+  for (const u of [desk, phone]) await connected(u, 45000);
+  check(await desk.page.$eval("#login-view", (v) => v.hidden), "the desk browser reconnected without a login");
+  check(await phone.page.$eval("#login-view", (v) => v.hidden), "the phone browser reconnected without a login");
+  check((await cookie(desk)) === before, "with the cookie it had before the restart");
+
+  // the session works: a message to bob is sent and shown
+  await open(desk, "bob");
+  await desk.page.fill("#text", "written after the restart");
+  await desk.page.press("#text", "Enter");
+  await desk.page.waitForFunction(() => [...document.querySelectorAll("#messages li.msg:not(.pending) .body")]
+    .some((n) => n.textContent === "written after the restart"));
+  check(true, "a message is sent after the restart");
+
+  // a reload (a new page load asks GET /api/session) is still logged in
+  await desk.page.reload();
+  await desk.page.waitForSelector("#chat-view:not([hidden])");
+  await connected(desk);
+  check(true, "after a reload the desk browser is still logged in");
+  await shot(desk, "restart-01-desk-logged-in");
+
+  // log out everywhere: the phone is logged out too
+  await desk.page.click("#logout-all");
+  await desk.page.waitForSelector("#login-view:not([hidden])");
+  const note = await desk.page.textContent("#login-error");
+  check(note.includes("2 browser logins ended"), `the desk browser says so: ${note}`);
+  await phone.page.waitForSelector("#login-view:not([hidden])", { timeout: 30000 });
+  check(true, "the phone browser was logged out");
+  await phone.page.reload();
+  await phone.page.waitForSelector("#login-view:not([hidden])");
+  check(await phone.page.$eval("#chat-view", (v) => v.hidden), "and stays logged out after a reload");
+  await shot(phone, "restart-02-phone-logged-out");
+  console.log("e2e restart finished");
 }
 
-main().catch((err) => { console.log(`not ok - ${err.stack || err}`); process.exit(1); });
+run("restart-", main);
