@@ -75,9 +75,10 @@ def conversation_summary(
 
 class ReadingSQL:
     """Queries shared by the SQL backends.  Hooks: :meth:`_rows` runs a statement
-    written with ``?`` placeholders; :meth:`_item` makes an Envelope of an item row
-    (columns :data:`COLS`); :meth:`_mention_sql` is the condition "body mentions
-    the name given as its one parameter"."""
+    written with ``?`` placeholders and returns its rows (``_run``: its cursor);
+    :meth:`_item` makes an Envelope of an item row (columns :data:`COLS`);
+    :meth:`_mention_sql` is the condition "body mentions the name given as its one
+    parameter"."""
 
     COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
@@ -94,6 +95,9 @@ class ReadingSQL:
     #: The core's: a client's free text as the store keeps it (see
     #: :meth:`chatproto.store.accounts.AccountsSQL._text_in`).
     _text_in: Callable[[str], str]
+    #: The core's: run one statement (``?`` placeholders), return its cursor (see
+    #: :meth:`chatproto.store.accounts.AccountsSQL._run`).
+    _run: Callable[..., Any]
 
     def ref_count(self, ref: str, sender: str) -> int:
         """How many ``edit`` and ``reaction`` items from ``sender`` refer to item
@@ -126,6 +130,17 @@ class ReadingSQL:
         """``{user: value}`` of every user who set preference ``key``."""
         rows = self._rows("SELECT user_addr, value FROM prefs WHERE key = ?", (key,))
         return {r[0]: r[1] for r in rows}
+
+    def set_pref(self, user: str, key: str, value: str | None) -> None:
+        """Set (or with None, clear) preference ``key`` of ``user``."""
+        if value is None:
+            self._run("DELETE FROM prefs WHERE user_addr = ? AND key = ?", (user, key))
+        else:
+            self._run(
+                "INSERT INTO prefs VALUES (?, ?, ?) "
+                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
+                (user, key, value),
+            )
 
     def conversations(
         self,

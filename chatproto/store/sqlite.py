@@ -1022,17 +1022,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
     def _current(self, items: list[Envelope]) -> list[Envelope]:
         return current_view(items, self._refs(items))
 
-    def set_pref(self, user: str, key: str, value: str | None) -> None:
-        """Set (or with None, clear) preference ``key`` of ``user``."""
-        if value is None:
-            self.conn.execute("DELETE FROM prefs WHERE user_addr = ? AND key = ?", (user, key))
-        else:
-            self.conn.execute(
-                "INSERT INTO prefs VALUES (?, ?, ?) "
-                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
-                (user, key, value),
-            )
-
     # files --------------------------------------------------------------------------
 
     _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"

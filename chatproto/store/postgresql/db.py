@@ -409,17 +409,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
                 [(conv, u, p) for (u, conv), p in reads.items()],
             )
 
-    def set_pref(self, user: str, key: str, value: str | None) -> None:
-        """Set (or with None, clear) preference ``key`` of ``user``."""
-        if value is None:
-            self.conn.execute("DELETE FROM prefs WHERE user_addr = %s AND key = %s", (user, key))
-        else:
-            self.conn.execute(
-                "INSERT INTO prefs VALUES (%s, %s, %s) "
-                "ON CONFLICT (user_addr, key) DO UPDATE SET value = excluded.value",
-                (user, key, value),
-            )
-
     # files --------------------------------------------------------------------------
 
     _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
