@@ -112,8 +112,13 @@ class AccountsSQL:
         return bool(cur.rowcount > 0)
 
     def unsuspend_user(self, name: str) -> bool:
+        return self._end_standing("suspensions", name)
+
+    def _end_standing(self, table: str, name: str) -> bool:
+        """Delete the row of ``table`` (suspensions, admins) given to account ``name``
+        -- to its current floor; true if there was one."""
         cur = self._run(
-            "DELETE FROM suspensions WHERE name = ? "
+            f"DELETE FROM {table} WHERE name = ? "
             "AND floor = (SELECT floor FROM users WHERE name = ?)",
             (name, name),
         )
@@ -196,12 +201,7 @@ class AccountsSQL:
         return bool(cur.rowcount > 0)
 
     def revoke_admin(self, name: str) -> bool:
-        cur = self._run(
-            "DELETE FROM admins WHERE name = ? "
-            "AND floor = (SELECT floor FROM users WHERE name = ?)",
-            (name, name),
-        )
-        return bool(cur.rowcount > 0)
+        return self._end_standing("admins", name)
 
     def admins(self) -> dict[str, float]:
         rows = self._run(
