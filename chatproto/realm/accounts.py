@@ -471,12 +471,7 @@ class Accounts:
         the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
         check_device(device)
         yield self._r.when_started()
-        creds, key = self._throttled_credentials(username, password, peer)
-        try:
-            name = yield self._password_checker.requestAvatarId(creds)
-        except UnauthorizedLogin:
-            self._login_failed(key, peer)
-        self._account_throttle.succeeded(key)
+        name = yield self.verify_password(username, password, peer)
         floor = (yield self.store.user_floor(name)) or 0
         if self._r.admin.is_suspended(name, floor):
             raise ChatError("account_suspended", "this account is suspended")
