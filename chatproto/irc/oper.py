@@ -70,11 +70,8 @@ def kill(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
         return None
     nick = params[0]
     reason = params[1] if len(params) > 1 else ""
-    try:
-        user = p.resolve(nick)
-    except ChatError:
-        user = ""
-    if not user or not p.realm.is_user(user):
+    user = p.known_user(nick)
+    if user is None:
         ctx.num("401", param(nick), "No such nick")
         return None
     try:

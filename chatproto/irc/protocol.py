@@ -850,6 +850,15 @@ class IRCProtocol(LineOnlyReceiver):
         self._targets[target] = found
         return found
 
+    def known_user(self, nick: str) -> str | None:
+        """The address of the user ``nick`` names if the realm knows them (WHO, WHOIS,
+        KILL), else None: a channel, a malformed nick or an unknown user."""
+        try:
+            user = self.resolve(nick)
+        except ChatError:
+            return None
+        return user if user and self.realm.is_user(user) else None
+
     def group_address(self, chan: str) -> str:
         if not chan.startswith("#"):
             raise ChatError("no_such_group")

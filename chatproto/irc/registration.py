@@ -241,10 +241,24 @@ def login(
     failed: Callable[[ChatError], None],
 ) -> Deferred[None]:
     """Log in through the realm (its portal, its failure throttle)."""
+    return attach(
+        p, lambda: p.realm.login(account, password, p, DEVICE, p.peer()), ok, failed
+    )
+
+
+def attach(
+    p: IRCProtocol,
+    start: Callable[[], Deferred[Session]],
+    ok: Callable[[Session], None],
+    failed: Callable[[ChatError], None],
+) -> Deferred[None]:
+    """Open a session with ``start()`` (a login of some kind) and make it the
+    connection's: ``ok`` once it is, ``failed`` with the realm's refusal (neither if
+    the connection closed meanwhile; a session opened too late is ended)."""
     p.logging_in = True
     try:
-        d: Deferred[Session] = p.realm.login(account, password, p, DEVICE, p.peer())
-    except ChatError as e:  # pragma: no cover - login raises inside its Deferred
+        d = start()
+    except ChatError as e:  # pragma: no cover - logins raise inside their Deferred
         d = Deferred()
         d.errback(e)
 
@@ -310,26 +324,13 @@ def try_register(p: IRCProtocol) -> None:
 def guest_login(p: IRCProtocol) -> None:
     """No credentials, and the realm takes guests: a temporary account shown
     under the nick asked for (chatproto.realm.guests)."""
-    p.logging_in = True
     nick = p.nick
-    d = p.realm.login_guest(nick, p, DEVICE, p.peer())
 
-    def done(session: Session) -> None:
-        p.logging_in = False
-        if p.state == "closed":
-            session.logout()
-            return
-        p.session = session
-        p.user_id = session.user_id
+    def ok(session: Session) -> None:
         p.guest = True
         welcome(p)
 
-    def failed(f: Failure) -> None:
-        p.logging_in = False
-        f.trap(ChatError)
-        if p.state == "closed":
-            return
-        err: ChatError = f.value  # type: ignore[assignment]
+    def failed(err: ChatError) -> None:
         if err.code in ("user_exists", "bad_address"):  # another NICK may do
             p.nick = "*"
             code, text = ("433", "Nickname is already in use")
@@ -339,7 +340,7 @@ def guest_login(p: IRCProtocol) -> None:
             return
         p.close_with(f"Access denied: {err.message}")
 
-    d.addCallbacks(done, failed)
+    attach(p, lambda: p.realm.login_guest(nick, p, DEVICE, p.peer()), ok, failed)
 
 
 def welcome(p: IRCProtocol) -> None:

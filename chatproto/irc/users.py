@@ -58,12 +58,9 @@ def who(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> 
             if any(fnmatch.fnmatchcase(f.lower(), pattern) for f in fields):
                 who_line(p, ctx, "*", user, "")
     else:
-        try:
-            user = p.resolve(mask)
-        except ChatError:
-            user = ""
-        if user and p.realm.is_user(user):
-            who_line(p, ctx, "*", user, "")
+        found = p.known_user(mask)
+        if found is not None:
+            who_line(p, ctx, "*", found, "")
     ctx.num("315", param(mask), "End of WHO list")
     return None
 
@@ -81,11 +78,8 @@ def who_line(p: IRCProtocol, ctx: Reply, chan: str, user: str, pfx: str) -> None
 @command("WHOIS", params=1)
 def whois(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
     nick = params[-1].split(",")[0]
-    try:
-        user = p.resolve(nick)
-    except ChatError:
-        user = ""
-    if not user or not p.realm.is_user(user):
+    user = p.known_user(nick)
+    if user is None:
         ctx.num("401", param(nick), "No such nick")
         ctx.num("318", param(nick), "End of /WHOIS list")
         return None
