@@ -166,6 +166,19 @@ def run_script(
     return code, driver.output
 
 
+@defer.inlineCallbacks
+def run_on_realm(
+    realm: Any, tools: tuple[str, Path], script: Path, tmp_path: Path, finished: str
+) -> Any:
+    """Serve ``realm``'s web site on a port of its own and run the Chromium ``script``
+    against it (:func:`run_script`); fails unless it exits 0 having printed ``finished``."""
+    site = WebSite(realm)
+    port = _reactor.listenTCP(0, site, interface="127.0.0.1")
+    code, output = yield run_script(site, port, tools, script, tmp_path)
+    assert code == 0, output
+    assert finished in output
+
+
 @pytest_twisted.inlineCallbacks
 def test_two_browsers_chat_resume_and_files(realm: Any, tools: Any, tmp_path: Path) -> Any:
     site = WebSite(realm)

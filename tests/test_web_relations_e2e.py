@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor as _reactor
 
-from chatproto.web import WebSite
-from tests.test_web_e2e import ARTIFACTS, CHROMIUM, PASSWORD, ROOT, run_script, tools  # noqa: F401
+from tests.test_web_e2e import PASSWORD, ROOT, run_on_realm, tools  # noqa: F401
 
 SCRIPT = ROOT / "tests" / "e2e" / "web_relations.mjs"
 
@@ -22,10 +20,6 @@ def test_reply_react_edit_delete_in_two_browsers(
     tools: Any,  # noqa: F811
     tmp_path: Path,
 ) -> Any:
-    site = WebSite(realm)
-    port = _reactor.listenTCP(0, site, interface="127.0.0.1")
     for name in ("alice", "bob"):
         yield realm.create_user(name, PASSWORD)
-    code, output = yield run_script(site, port, tools, SCRIPT, tmp_path)
-    assert code == 0, output
-    assert "e2e relations finished" in output
+    yield run_on_realm(realm, tools, SCRIPT, tmp_path, "e2e relations finished")
