@@ -627,17 +627,24 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
     )
 
     def _index_files(self, batch: Sequence[Envelope], positions: Sequence[int]) -> None:
-        """Record the file of each ``file`` item (with its message's position), and
+        """Record what each item about another refers to (one statement for the
+        batch), the file of each ``file`` item (with its message's position), and
         wipe the item each ``delete`` item deletes."""
+        refs = [
+            (ref, pos)
+            for env, pos in zip(batch, positions, strict=True)
+            if env.meta is not None
+            and not (env.kind == "file" and "file_id" in env.meta)
+            and isinstance(ref := env.meta.get("ref"), str)
+        ]
+        if refs:
+            self.conn.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)", refs)
         rows = []
         for env, pos in zip(batch, positions, strict=True):
             if env.kind == "file" and env.meta is not None and "file_id" in env.meta:
                 m = env.meta
                 rows.append((*(m[k] for k in FILE_META), env.sender, env.recipient, env.ts, pos))
                 continue
-            ref = env.meta.get("ref") if env.meta is not None else None
-            if isinstance(ref, str):
-                self.conn.execute("INSERT OR IGNORE INTO refs VALUES (?, ?)", (ref, pos))
             if env.kind == "delete" and env.meta is not None:
                 self._wipe(env)
             elif env.kind == "edit" and env.meta is not None:
