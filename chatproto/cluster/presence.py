@@ -84,10 +84,8 @@ class ClusterPresence(Presence):
     def local_audience(self, user: str) -> set[str]:
         """Local users who hear ``user``'s presence: fellow group members, and online
         users here who have a private conversation with them."""
-        audience = {u for u, partners in self.partners.items() if user in partners}
-        groups = self._groups
-        for addr in groups.of_user.get(user, ()):
-            audience.update(groups.groups[addr].members)
+        audience = self.group_fellows(user)
+        audience.update(u for u, partners in self.partners.items() if user in partners)
         audience.discard(user)
         return audience
 

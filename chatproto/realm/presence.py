@@ -114,12 +114,18 @@ class Presence:
 
     def contacts(self, user: str) -> set[str]:
         """Who hears ``user``'s presence: fellow group members and DM partners."""
-        contacts = set(self.partners.get(user, ()))
-        groups = self._groups
-        for addr in groups.of_user.get(user, ()):
-            contacts.update(groups.groups[addr].members)
+        contacts = self.group_fellows(user)
+        contacts.update(self.partners.get(user, ()))
         contacts.discard(user)
         return contacts
+
+    def group_fellows(self, user: str) -> set[str]:
+        """The members of ``user``'s groups (``user`` among them)."""
+        fellows: set[str] = set()
+        groups = self._groups
+        for addr in groups.of_user.get(user, ()):
+            fellows.update(groups.groups[addr].members)
+        return fellows
 
     def notice(self, user: str, status: str, text: str) -> Notice:
         data: dict[str, Any] = {"type": "presence", "user": user, "status": status}
