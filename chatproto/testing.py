@@ -31,6 +31,7 @@ __all__ = [
     "connect_string_transport",
     "frame",
     "frames",
+    "logged_in",
     "make_test_realm",
     "parse_frames",
 ]
@@ -96,3 +97,26 @@ def frames(transport: StringTransport, clear: bool = True) -> list[dict[str, Any
     if clear:
         transport.clear()
     return parse_frames(data)
+
+
+def logged_in(
+    realm: RealmService, clock: Clock, user: str, password: str = "password1", **login: Any
+) -> tuple[ClientProtocol, StringTransport]:
+    """A connection of ``realm`` past hello and login as ``user`` (created with
+    ``password`` if the realm's :class:`MemoryStore` has no such user; ``login``: more
+    fields of the login request, such as ``device`` or ``since``).  The hello's answer is
+    taken off the transport; the login's answer and the backlog (sent on the clock's next
+    turn, which this runs) are left on it."""
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
+    [answer] = frames(transport)
+    if answer.get("type") != "result":
+        raise AssertionError(f"hello refused: {answer!r}")
+    store: Any = realm.store
+    if user not in store.users:
+        realm.create_user(user, password)
+    proto.dataReceived(
+        frame({"type": "login", "user": user, "password": password, "id": 1, **login})
+    )
+    clock.advance(0)
+    return proto, transport

@@ -20,6 +20,7 @@ from chatproto.testing import (
     connect_string_transport,
     frame,
     frames,
+    logged_in,
     make_test_realm,
     parse_frames,
 )
@@ -42,16 +43,6 @@ def hello(proto: Any, transport: Any) -> dict[str, Any]:
     proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
     [reply] = frames(transport)
     return reply
-
-
-def logged_in(realm: Any, clock: Clock, user: str, password: str = "password1", **kw: Any):
-    proto, transport = connect_string_transport(realm)
-    hello(proto, transport)
-    if user not in realm.store.users:
-        realm.create_user(user, password)
-    proto.dataReceived(frame({"type": "login", "user": user, "password": password, "id": 1, **kw}))
-    clock.advance(0)  # the backlog starts on the next turn
-    return proto, transport
 
 
 def test_hello_announces_realm_and_limits(realm: Any) -> None:

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from chatproto.mentions import mentions
 from chatproto.realm.reading import MARK_BURST, MARK_RATE, TYPING_BURST, TYPING_RATE
-from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import connect_string_transport, frame, frames, logged_in, make_test_realm
 
 
 @pytest.fixture
@@ -25,15 +25,9 @@ def realm(clock: Clock) -> Any:
     r.stopService()
 
 
-def logged_in(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:
-    proto, transport = connect_string_transport(realm)
-    proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
-    if user not in realm.store.users:
-        realm.create_user(user, "password1")
-    proto.dataReceived(
-        frame({"type": "login", "user": user, "password": "password1", "device": device, "id": 0})
-    )
-    clock.advance(0)
+def logged_in_clear(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:
+    """:func:`logged_in` with the login's frames taken off the transport."""
+    proto, transport = logged_in(realm, clock, user, device=device)
     frames(transport)
     return proto, transport
 
@@ -66,9 +60,9 @@ def test_mention_rule() -> None:
 
 
 def test_conversation_list_unread_and_markers(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
-    carol, ct = logged_in(realm, clock, "carol")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
+    carol, ct = logged_in_clear(realm, clock, "carol")
     send(bob, bt, "alice", "one")
     p2 = send(bob, bt, "alice", "two")
     send(carol, ct, "alice", "hey")
@@ -106,8 +100,8 @@ def test_conversation_list_unread_and_markers(realm: Any, clock: Clock) -> None:
 
 
 def test_markers_never_move_back_and_are_clamped(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     p = send(bob, bt, "alice", "hi")
     reply, _ = ask(alice, at, {"type": "mark_read", "with": "bob", "pos": 10**9})
     assert reply["pos"] == p  # the newest position, not past it
@@ -119,9 +113,9 @@ def test_markers_never_move_back_and_are_clamped(realm: Any, clock: Clock) -> No
 
 
 def test_markers_sync_to_the_users_other_devices(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice", "laptop")
-    phone, pt = logged_in(realm, clock, "alice", "phone")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice", "laptop")
+    phone, pt = logged_in_clear(realm, clock, "alice", "phone")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     p = send(bob, bt, "alice", "hi")
     frames(pt)
     ask(alice, at, {"type": "mark_read", "with": "bob", "pos": p})
@@ -133,8 +127,8 @@ def test_markers_sync_to_the_users_other_devices(realm: Any, clock: Clock) -> No
 
 
 def test_read_receipts_switch(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     p = send(bob, bt, "alice", "hi")
     reply, _ = ask(alice, at, {"type": "set_read_receipts", "share": False})
     assert reply == {"type": "result", "id": 9}
@@ -154,9 +148,9 @@ def test_read_receipts_switch(realm: Any, clock: Clock) -> None:
 
 
 def test_groups_in_the_list_counts_mentions_and_read_by(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
-    carol, ct = logged_in(realm, clock, "carol")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
+    carol, ct = logged_in_clear(realm, clock, "carol")
     ask(alice, at, {"type": "create_group", "group": "#dev"})
     ask(bob, bt, {"type": "join", "group": "#dev"})
     send(bob, bt, "#dev", "hello @alice")
@@ -181,8 +175,8 @@ def test_groups_in_the_list_counts_mentions_and_read_by(realm: Any, clock: Clock
 
 
 def test_a_member_sees_the_group_from_their_join_only(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     ask(alice, at, {"type": "create_group", "group": "#dev"})
     send(alice, at, "#dev", "before bob")
     ask(bob, bt, {"type": "join", "group": "#dev"})
@@ -207,14 +201,14 @@ def test_a_member_sees_the_group_from_their_join_only(realm: Any, clock: Clock) 
     ],
 )
 def test_bad_fields(realm: Any, clock: Clock, req: dict[str, Any]) -> None:
-    alice, at = logged_in(realm, clock, "alice")
+    alice, at = logged_in_clear(realm, clock, "alice")
     realm.create_user("bob", "password1")
     reply, _ = ask(alice, at, req)
     assert reply["code"] == "bad_request" and not at.disconnecting
 
 
 def test_unknown_peer_and_remote_realm(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
+    alice, at = logged_in_clear(realm, clock, "alice")
     reply, _ = ask(alice, at, {"type": "mark_read", "with": "nobody", "pos": 1})
     assert reply["code"] == "no_such_user"
     reply, _ = ask(alice, at, {"type": "typing", "with": "bob@example.net"})
@@ -233,8 +227,8 @@ def test_requests_need_login(realm: Any) -> None:
 
 
 def test_mark_read_is_rate_limited(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     p = send(bob, bt, "alice", "hi")
     for _ in range(MARK_BURST):
         reply, _ = ask(alice, at, {"type": "mark_read", "with": "bob", "pos": p})
@@ -245,15 +239,15 @@ def test_mark_read_is_rate_limited(realm: Any, clock: Clock) -> None:
     reply, _ = ask(alice, at, {"type": "mark_read", "with": "bob", "pos": p})
     assert reply["type"] == "result"
     # another connection has its own bucket
-    other, ot = logged_in(realm, clock, "alice", "phone")
+    other, ot = logged_in_clear(realm, clock, "alice", "phone")
     reply, _ = ask(other, ot, {"type": "mark_read", "with": "bob", "pos": p})
     assert reply["type"] == "result"
 
 
 def test_typing_reaches_the_other_end_and_is_never_stored(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
-    carol, ct = logged_in(realm, clock, "carol")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
+    carol, ct = logged_in_clear(realm, clock, "carol")
     items = len(realm.store.items)
     reply, _ = ask(alice, at, {"type": "typing", "with": "bob"})
     assert reply == {"type": "result", "id": 9, "with": "bob@localhost"}
@@ -277,8 +271,8 @@ def test_typing_reaches_the_other_end_and_is_never_stored(realm: Any, clock: Clo
 
 
 def test_typing_is_rate_limited(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    _, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    _, bt = logged_in_clear(realm, clock, "bob")
     for _n in range(TYPING_BURST):
         assert ask(alice, at, {"type": "typing", "with": "bob"})[0]["type"] == "result"
     reply, _ = ask(alice, at, {"type": "typing", "with": "bob"})
@@ -289,8 +283,8 @@ def test_typing_is_rate_limited(realm: Any, clock: Clock) -> None:
 
 
 def test_deleting_an_account_drops_its_markers_and_switch(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     p = send(bob, bt, "alice", "hi")
     ask(alice, at, {"type": "mark_read", "with": "bob", "pos": p})
     ask(alice, at, {"type": "set_read_receipts", "share": False})
@@ -309,9 +303,9 @@ def bodies(reply: dict[str, Any]) -> list[str]:
 
 
 def test_search_has_the_permissions_of_history(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
-    carol, ct = logged_in(realm, clock, "carol")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
+    carol, ct = logged_in_clear(realm, clock, "carol")
     send(bob, bt, "alice", "lunch today?")
     send(bob, bt, "carol", "lunch with carol")  # not alice's
     ask(alice, at, {"type": "create_group", "group": "#dev"})
@@ -342,8 +336,8 @@ def test_search_has_the_permissions_of_history(realm: Any, clock: Clock) -> None
 
 
 def test_search_pages_newest_first(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     for i in range(5):
         send(bob, bt, "alice", f"note {i}")
     page = search(alice, at, query="note", limit=2)
@@ -355,8 +349,8 @@ def test_search_pages_newest_first(realm: Any, clock: Clock) -> None:
 
 
 def test_search_follows_edits_and_forgets_deletes(realm: Any, clock: Clock) -> None:
-    alice, at = logged_in(realm, clock, "alice")
-    bob, bt = logged_in(realm, clock, "bob")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    bob, bt = logged_in_clear(realm, clock, "bob")
     reply, _ = ask(bob, bt, {"type": "send", "to": "alice", "body": "meet at noon"})
     msg_id = reply["msg_id"]
     assert ask(bob, bt, {"type": "edit", "msg_id": msg_id, "body": "meet at five"})[0]["type"] == (
@@ -384,14 +378,14 @@ def test_search_follows_edits_and_forgets_deletes(realm: Any, clock: Clock) -> N
     ],
 )
 def test_search_bad_fields(realm: Any, clock: Clock, fields: dict[str, Any]) -> None:
-    alice, at = logged_in(realm, clock, "alice")
+    alice, at = logged_in_clear(realm, clock, "alice")
     assert search(alice, at, **fields)["code"] == "bad_request"
 
 
 def test_search_is_rate_limited(realm: Any, clock: Clock) -> None:
     from chatproto.realm.reading import SEARCH_BURST, SEARCH_RATE
 
-    alice, at = logged_in(realm, clock, "alice")
+    alice, at = logged_in_clear(realm, clock, "alice")
     for _n in range(SEARCH_BURST):
         assert search(alice, at, query="x")["type"] == "result"
     reply = search(alice, at, query="x")
@@ -404,8 +398,8 @@ def test_conversations_is_rate_limited(realm: Any, clock: Clock) -> None:
     connection held another user's history 5 s.  Each connection has a bucket."""
     from chatproto.realm.reading import CONVERSATIONS_BURST, CONVERSATIONS_RATE
 
-    alice, at = logged_in(realm, clock, "alice")
-    other, ot = logged_in(realm, clock, "alice", "other")
+    alice, at = logged_in_clear(realm, clock, "alice")
+    other, ot = logged_in_clear(realm, clock, "alice", "other")
     for _n in range(CONVERSATIONS_BURST):
         assert ask(alice, at, {"type": "conversations"})[0]["type"] == "result"
     reply = ask(alice, at, {"type": "conversations"})[0]

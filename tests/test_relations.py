@@ -11,8 +11,7 @@ from twisted.internet.task import Clock
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.relations import check_emoji, current_view
-from chatproto.testing import frame, frames, make_test_realm
-from tests.test_protocol import logged_in
+from chatproto.testing import frame, frames, logged_in, make_test_realm
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from chatproto.config import Config
-from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import frame, frames, make_test_realm
+from tests.test_reading import logged_in_clear
 
 
 @pytest.fixture
@@ -28,19 +29,6 @@ def realm(clock: Clock) -> Any:
     r = make_test_realm(clock)
     yield r
     r.stopService()
-
-
-def logged_in(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:
-    proto, transport = connect_string_transport(realm)
-    proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
-    if user not in realm.store.users:
-        realm.create_user(user, "password1")
-    proto.dataReceived(
-        frame({"type": "login", "user": user, "password": "password1", "id": 1, "device": device})
-    )
-    clock.advance(0)
-    frames(transport)
-    return proto, transport
 
 
 def count_appends(realm: Any) -> list[int]:
@@ -61,8 +49,8 @@ def sends(*reqs: dict[str, Any]) -> bytes:
 
 
 def test_one_read_is_one_append_and_one_write(realm: Any, clock: Clock) -> None:
-    a, ta = logged_in(realm, clock, "alice")
-    _b, tb = logged_in(realm, clock, "bob")
+    a, ta = logged_in_clear(realm, clock, "alice")
+    _b, tb = logged_in_clear(realm, clock, "bob")
     sizes = count_appends(realm)
     writes: list[bytes] = []
     write = ta.write
@@ -84,8 +72,8 @@ def test_one_read_is_one_append_and_one_write(realm: Any, clock: Clock) -> None:
 
 
 def test_one_byte_at_a_time(realm: Any, clock: Clock) -> None:
-    a, ta = logged_in(realm, clock, "alice")
-    logged_in(realm, clock, "bob")
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
     data = sends(*({"to": "bob", "body": f"m{i}", "id": i} for i in range(3)))
     for i in range(len(data)):
         a.dataReceived(data[i : i + 1])
@@ -94,8 +82,8 @@ def test_one_byte_at_a_time(realm: Any, clock: Clock) -> None:
 
 
 def test_every_request_keeps_its_own_answer(realm: Any, clock: Clock) -> None:
-    a, ta = logged_in(realm, clock, "alice")
-    logged_in(realm, clock, "bob")
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
     a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
     frames(ta)
     sizes = count_appends(realm)
@@ -140,7 +128,7 @@ def test_rate_limit_applies_per_request(clock: Clock) -> None:
     cfg.limits.send_rate = 1.0
     cfg.limits.send_burst = 2
     realm = make_test_realm(clock, cfg)
-    a, ta = logged_in(realm, clock, "alice")
+    a, ta = logged_in_clear(realm, clock, "alice")
     a.dataReceived(sends(*({"to": "alice", "body": "x", "id": i} for i in range(4))))
     answers = [f for f in frames(ta) if f["type"] != "msg"]
     assert sorted((f["id"], f.get("code")) for f in answers) == [
@@ -155,8 +143,8 @@ def test_rate_limit_applies_per_request(clock: Clock) -> None:
 def test_history_read_with_sends_sees_them(realm: Any, clock: Clock) -> None:
     """A request after sends of the same read is handled after them: the private
     messages (the batched ones) are stored before a history request that follows."""
-    a, ta = logged_in(realm, clock, "alice")
-    logged_in(realm, clock, "bob")
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
     a.dataReceived(
         sends({"to": "bob", "body": "one", "id": 1}, {"to": "bob", "body": "two", "id": 2})
         + frame({"type": "history", "with": "bob", "id": 3})
@@ -167,9 +155,9 @@ def test_history_read_with_sends_sees_them(realm: Any, clock: Clock) -> None:
 
 def test_a_request_after_sends_sees_them_stored(realm: Any, clock: Clock) -> None:
     """Sends read before another request are handed to the realm before it."""
-    a, _ta = logged_in(realm, clock, "alice")
+    a, _ta = logged_in_clear(realm, clock, "alice")
     a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
-    b, tb = logged_in(realm, clock, "bob")
+    b, tb = logged_in_clear(realm, clock, "bob")
     b.dataReceived(frame({"type": "join", "group": "#g", "id": "j"}))
     frames(tb)
     b.dataReceived(
@@ -182,8 +170,8 @@ def test_a_request_after_sends_sees_them_stored(realm: Any, clock: Clock) -> Non
 
 
 def test_a_failed_commit_answers_every_request_and_forgets_nonces(realm: Any, clock: Clock) -> None:
-    a, ta = logged_in(realm, clock, "alice")
-    logged_in(realm, clock, "bob")
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
     append = realm.store.append
     realm.store.append = lambda items, outbox=(): fail(OSError("disk full"))
     a.dataReceived(
@@ -205,7 +193,7 @@ def test_a_failed_commit_answers_every_request_and_forgets_nonces(realm: Any, cl
 
 
 def test_suspended_recipient_is_refused_in_a_batch(realm: Any, clock: Clock) -> None:
-    a, ta = logged_in(realm, clock, "alice")
+    a, ta = logged_in_clear(realm, clock, "alice")
     realm.create_user("bob", "password1")
     realm.create_user("carol", "password1")
     realm.admin.suspend("carol", "spam")
@@ -224,7 +212,7 @@ def test_a_large_burst_is_written_as_it_grows(realm: Any, clock: Clock) -> None:
     is held to the output bound plus about that much."""
     from chatproto.flow import BURST_WRITE
 
-    _a, ta = logged_in(realm, clock, "alice")
+    _a, ta = logged_in_clear(realm, clock, "alice")
     writes: list[bytes] = []
     write = ta.write
     ta.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
