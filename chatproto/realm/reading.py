@@ -120,23 +120,23 @@ class Reading:
             self._realm.stats.rate_limited(what)
             raise ChatError("rate_limited", f"{what} too fast", retry_after=round(wait, 3))
 
-    def _conversation(self, user: str, peer: str) -> Any:
-        """``(conversation key, canonical address of the other end, group or None)``
-        for ``user`` and ``peer`` (a user or a group address), or a Deferred of it.
-        A group must be one ``user`` may read (as for ``history``); a user must exist
-        (a local one) or be on a realm this one federates with."""
+    def _conversation(self, user: str, peer: str) -> Deferred[tuple[str, str, Any]]:
+        """A Deferred of ``(conversation key, canonical address of the other end, group
+        or None)`` for ``user`` and ``peer`` (a user or a group address).  A group must
+        be one ``user`` may read (as for ``history``: raises at once); a user must
+        exist (a local one) or be on a realm this one federates with."""
         if peer.startswith("#"):
             group = self._realm.group_handler.readable(user, peer)
-            return group.address, group.address, group
+            return succeed((group.address, group.address, group))
         resolved = self._realm.messages.resolve_user(peer, remote_ok=True)
 
-        def key(addr: Any) -> tuple[str, str, None]:
+        def key(addr: Any) -> tuple[str, str, Any]:
             other = str(addr)
             return conversation_key(user, other), other, None
 
         if isinstance(resolved, Deferred):
             return resolved.addCallback(key)
-        return key(resolved)
+        return succeed(key(resolved))
 
     # read markers -----------------------------------------------------------------------
 
@@ -145,8 +145,7 @@ class Reading:
         ``pos`` (clamped to the newest committed position; never backwards); fires
         with ``{"with": address, "pos": the marker}``."""
         self._take(session, "mark_read", MARK_RATE, MARK_BURST)
-        conv = self._conversation(session.user_id, peer)
-        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        d = self._conversation(session.user_id, peer)
         return d.addCallback(lambda c: self._mark(session.user_id, c, pos, session.floor))
 
     @inlineCallbacks
@@ -182,8 +181,7 @@ class Reading:
         checks, rate limit and result."""
         self._take(session, "mark_read", MARK_RATE, MARK_BURST)
         user = session.user_id
-        conv = self._conversation(user, peer)
-        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        d = self._conversation(user, peer)
         return d.addCallback(self._mark_until, session, before_ts)
 
     @inlineCallbacks
@@ -197,8 +195,7 @@ class Reading:
         """The user's marker in the conversation with ``peer`` (checked as for
         :meth:`mark_read`, and from the same token bucket), as :meth:`own_marker`."""
         self._take(session, "mark_read", MARK_RATE, MARK_BURST)
-        conv = self._conversation(session.user_id, peer)
-        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        d = self._conversation(session.user_id, peer)
         return d.addCallback(lambda c: self.own_marker(session, c[1]))
 
     @inlineCallbacks
@@ -339,8 +336,7 @@ class Reading:
         """Tell the other end of a conversation that ``session``'s user is (or stopped)
         typing: a ``typing`` notice to their online sessions, never stored."""
         self._take(session, "typing", TYPING_RATE, TYPING_BURST)
-        conv = self._conversation(session.user_id, peer)
-        d = conv if isinstance(conv, Deferred) else succeed(conv)
+        d = self._conversation(session.user_id, peer)
         return d.addCallback(lambda c: self._typing(session.user_id, c, active))
 
     def _typing(self, user: str, conv: tuple[str, str, Any], active: bool) -> dict[str, Any]:

@@ -210,11 +210,7 @@ class Relations:
             return d.addCallback(self._admin_delete, session, msg_id)
 
         def check(t: Envelope) -> Any:
-            role = None
-            if t.recipient.startswith("#"):
-                group = self._realm.groups.groups.get(t.recipient)
-                role = group.role_of(user) if group is not None else None
-            if not may_delete(t, user, role):
+            if not self._may_delete(t, user):
                 raise ChatError(
                     "forbidden", "only its sender, or an admin of its group, may delete it"
                 )
@@ -238,12 +234,8 @@ class Relations:
             or (t.meta is not None and t.meta.get("deleted") is True)
         ):
             raise ChatError("not_found", f"no message {msg_id}")
-        role = None
-        if t.recipient.startswith("#"):
-            group = self._realm.groups.groups.get(t.recipient)
-            role = group.role_of(user) if group is not None else None
         readable = readable_by(t, user, session.floor, self._realm.groups.readable_from)
-        if readable and may_delete(t, user, role):
+        if readable and self._may_delete(t, user):
             author = user
         elif t.sender.endswith("@" + self._realm.realm):
             author = t.sender
@@ -264,6 +256,15 @@ class Relations:
                 to=t.recipient,
             )
         return self._realm.messages.commit_item(env).addCallback(self.deleted, t)
+
+    def _may_delete(self, t: Envelope, user: str) -> bool:
+        """:func:`may_delete` with ``user``'s role in ``t``'s group as this realm
+        knows it (None outside a group, or in a group it does not hold)."""
+        role = None
+        if t.recipient.startswith("#"):
+            group = self._realm.groups.groups.get(t.recipient)
+            role = group.role_of(user) if group is not None else None
+        return may_delete(t, user, role)
 
     def deleting(self, msg_id: str) -> None:
         """An item is being deleted: edits and reactions checked from now on are
@@ -304,9 +305,7 @@ class Relations:
         if env.kind == "edit" and (t.sender != env.sender or t.kind != "text"):
             raise ChatError("forbidden", f"{env.sender} may not edit {ref}")
         if env.kind == "delete":
-            group = self._realm.groups.groups.get(t.recipient)
-            role = group.role_of(env.sender) if group is not None else None
-            if not may_delete(t, env.sender, role):
+            if not self._may_delete(t, env.sender):
                 raise ChatError("forbidden", f"{env.sender} may not delete {ref}")
         elif (
             env.kind in REF_KINDS and (yield self._store.ref_count(t.id, env.sender)) >= MAX_CHANGES
