@@ -58,6 +58,11 @@ class Conn:
         return [c for c, _ in self.commands()]
 
 
+def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
+    """(tags, command, params) of every line written to ``c``."""
+    return [irc.parse_line(line) for line in c.lines()]
+
+
 def make_realm(clock: Clock, **irc_opts: Any) -> RealmService:
     cfg = Config()
     cfg.irc.enabled = True
@@ -74,18 +79,20 @@ def make_realm(clock: Clock, **irc_opts: Any) -> RealmService:
     return realm
 
 
-@pytest.fixture
-def clock() -> Clock:
+# The StringTransport fixtures of the IRC tests (other modules import these functions;
+# the fixtures' names are clock, realm and factory).
+@pytest.fixture(name="clock")
+def clock_fixture() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def realm(clock: Clock) -> RealmService:
+@pytest.fixture(name="realm")
+def realm_fixture(clock: Clock) -> RealmService:
     return make_realm(clock)
 
 
-@pytest.fixture
-def factory(realm: RealmService, clock: Clock) -> IRCFactory:
+@pytest.fixture(name="factory")
+def factory_fixture(realm: RealmService, clock: Clock) -> IRCFactory:
     return IRCFactory(realm, clock)
 
 

@@ -8,28 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chatproto.irc import IRCFactory
 from chatproto.realm import RealmService
-from tests.test_irc import PW, Conn, login, make_realm
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> RealmService:
-    return make_realm(clock)
-
-
-@pytest.fixture
-def factory(realm: RealmService, clock: Clock) -> IRCFactory:
-    return IRCFactory(realm, clock)
+from tests.test_irc import (  # noqa: F401
+    PW,
+    Conn,
+    clock_fixture,
+    factory_fixture,
+    login,
+    make_realm,
+    realm_fixture,
+)
 
 
 class Gate:

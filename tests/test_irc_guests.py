@@ -22,7 +22,7 @@ from chatproto.realm.guests import GUEST_HASH
 from chatproto.store.memory import MemoryStore
 from chatproto.testing import InlineHasher
 from tests.conftest import fast_config, make_realm, until
-from tests.test_irc import PW, Conn, login
+from tests.test_irc import PW, Conn, clock_fixture, factory_fixture, login  # noqa: F401
 from tests.test_irc import make_realm as make_memory_realm
 from tests.test_irc_conformance_loopback import Raw, connect
 
@@ -30,18 +30,8 @@ GUEST_OPTS = {"guests": True, "guests_per_address": 3, "guests_max": 4}
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 def realm(clock: Clock) -> RealmService:
     return make_memory_realm(clock, **GUEST_OPTS)
-
-
-@pytest.fixture
-def factory(realm: RealmService, clock: Clock) -> IRCFactory:
-    return IRCFactory(realm, clock)
 
 
 def guest(factory: IRCFactory, nick: str, host: str = "127.0.0.1") -> Conn:
@@ -263,8 +253,7 @@ def test_guests_are_refused_for_a_cluster_worker(tmp_path: Any) -> None:
 
     conf = tmp_path / "pg.toml"
     conf.write_text(
-        '[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 dbname=x"\n'
-        "[irc]\nguests = true\n"
+        '[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 dbname=x"\n[irc]\nguests = true\n'
     )
     tap.Options().parseOptions(["--config", str(conf)])  # one process: fine
     with pytest.raises(usage.UsageError, match="irc.guests is for a single-process realm"):

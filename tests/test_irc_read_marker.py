@@ -3,7 +3,6 @@ gets the realm's read markers by message time, the user's markers moved elsewher
 reach the IRC client as ``MARKREAD``, a channel's comes with its JOIN before
 ``RPL_ENDOFNAMES``; bad input is a ``FAIL``, and MARKREAD is rate-limited."""
 
-# ruff: noqa: F811  (the factory fixture comes from test_reading_irc)
 from __future__ import annotations
 
 from typing import Any
@@ -24,10 +23,9 @@ from chatproto.realm import RealmService
 from chatproto.realm.reading import MARK_BURST
 from chatproto.testing import connect_string_transport, frame, frames
 from tests.conftest import until
-from tests.test_irc import PW, Conn, login
+from tests.test_irc import PW, Conn, factory_fixture, login, parsed, realm_fixture  # noqa: F401
 from tests.test_irc_conformance_loopback import connect as raw_connect
 from tests.test_irc_loopback import irc_gateway
-from tests.test_reading_irc import factory, parsed  # noqa: F401
 
 CAPS = "draft/read-marker server-time message-tags"
 

@@ -7,35 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from twisted.internet.task import Clock
-
-from chatproto.irc import IRCFactory, parse_line
+from chatproto.irc import IRCFactory
 from chatproto.realm import RealmService
 from chatproto.testing import connect_string_transport, frame, frames
-from tests.test_irc import PW, Conn, login
-from tests.test_irc import make_realm as make_memory_realm
+from tests.test_irc import PW, Conn, clock_fixture, factory_fixture, login, parsed, realm_fixture  # noqa: F401
 
 CAPS = "message-tags echo-message server-time draft/message-redaction"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> RealmService:
-    return make_memory_realm(clock)
-
-
-@pytest.fixture
-def factory(realm: RealmService, clock: Clock) -> IRCFactory:
-    return IRCFactory(realm, clock)
-
-
-def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
-    return [parse_line(line) for line in c.lines()]
 
 
 class Native:

@@ -18,36 +18,16 @@ from chatproto.client import connect as native_connect
 from chatproto.envelope import conversation_key
 from chatproto.errors import ChatError
 from chatproto.irc import IRCFactory, parse_line
-from chatproto.realm import RealmService
 from chatproto.realm.messaging import text_meta
 from chatproto.realm.tags import MAX_TAG_DATA, check_tags, client_tags, tag_data
 from chatproto.testing import connect_string_transport, frame, frames
 from tests.conftest import until
-from tests.test_irc import PW, Conn, login
+from tests.test_irc import PW, Conn, clock_fixture, factory_fixture, login, parsed, realm_fixture  # noqa: F401
 from tests.test_irc import make_realm as make_memory_realm
 from tests.test_irc_conformance_loopback import connect as raw_connect
 from tests.test_irc_loopback import irc_gateway
 
 CAPS = "message-tags echo-message server-time labeled-response batch"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> RealmService:
-    return make_memory_realm(clock)
-
-
-@pytest.fixture
-def factory(realm: RealmService, clock: Clock) -> IRCFactory:
-    return IRCFactory(realm, clock)
-
-
-def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
-    return [parse_line(line) for line in c.lines()]
 
 
 def channel(factory: IRCFactory, *conns: Conn) -> None:

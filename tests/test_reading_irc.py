@@ -5,31 +5,11 @@ without the capability gets nothing."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
 from twisted.internet.task import Clock
 
-from chatproto.irc import IRCFactory, parse_line
-from chatproto.realm import RealmService
+from chatproto.irc import IRCFactory
 from chatproto.testing import connect_string_transport, frame, frames
-from tests.test_irc import PW, Conn, login
-from tests.test_irc import make_realm as make_memory_realm
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def factory(clock: Clock) -> IRCFactory:
-    realm: RealmService = make_memory_realm(clock)
-    return IRCFactory(realm, clock)
-
-
-def parsed(c: Conn) -> list[tuple[dict[str, str], str, list[str]]]:
-    return [parse_line(line) for line in c.lines()]
+from tests.test_irc import PW, Conn, clock_fixture, factory_fixture, login, parsed, realm_fixture  # noqa: F401
 
 
 def test_native_typing_reaches_irc_users_as_tagmsg(factory: IRCFactory, clock: Clock) -> None:
