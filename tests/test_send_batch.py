@@ -123,6 +123,27 @@ def test_every_request_keeps_its_own_answer(realm: Any, clock: Clock) -> None:
     assert sizes == [1, 1, 2]
 
 
+def test_a_nonce_first_seen_on_the_general_path_holds_later_in_the_batch(
+    realm: Any, clock: Clock
+) -> None:
+    # The user's first nonce ever arrives with a group send (the general path), and its
+    # repeat to a user later in the same batch: the repeat is that send's, not stored.
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
+    a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
+    frames(ta)
+    a.dataReceived(
+        sends(
+            {"to": "#g", "body": "once", "nonce": "n", "id": 1},
+            {"to": "bob", "body": "once", "nonce": "n", "id": 2},
+        )
+    )
+    answers = {f["id"]: f for f in frames(ta) if f["type"] in ("result", "error")}
+    assert set(answers) == {1, 2}
+    assert answers[1]["msg_id"] == answers[2]["msg_id"]
+    assert [e.body for e in realm.store.items if e.kind == "text"] == ["once"]
+
+
 def test_rate_limit_applies_per_request(clock: Clock) -> None:
     cfg = Config()
     cfg.limits.send_rate = 1.0

@@ -247,20 +247,25 @@ class Messaging:
         items: list[Envelope] = []
         outbox: list[tuple[str, Envelope]] = []
         remember: list[tuple[str, list[Deferred[Envelope]], Envelope]] = []
-        nonces = self._nonces.get(user)
         now = self._clock.seconds()
         commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]] = []
         ids = new_message_ids(len(requests))  # (those of refused sends go unused)
+
+        def cut() -> None:
+            """Append the run so far: what follows takes its position after it."""
+            nonlocal items, outbox, remember
+            if items:
+                commits.append((self._append_run(items, outbox, user, remember), items))
+                items, outbox, remember = [], [], []
+
         for k, (to, body, nonce, notice, reply_to, tags) in enumerate(requests):
             if (
                 to[:1] == "#"
                 or reply_to is not None
                 or tags is not None
-                or (nonce is not None and nonces is not None and nonce in nonces)
+                or (nonce is not None and nonce in self._nonces.get(user, ()))
             ):
-                if items:
-                    commits.append((self._append_run(items, outbox, user, remember), items))
-                    items, outbox, remember = [], [], []
+                cut()
                 outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
                 continue
             try:
@@ -273,15 +278,12 @@ class Messaging:
                 continue
             meta = NOTICE_META if notice else None
             if isinstance(recipient, Deferred):  # to be looked up: the general path
-                if items:
-                    commits.append((self._append_run(items, outbox, user, remember), items))
-                    items, outbox, remember = [], [], []
+                cut()
                 d: Deferred[Envelope] = recipient.addCallback(
                     self._store_private_to, user, body, meta
                 )
                 if nonce is not None:
                     self._remember_nonce(user, nonce, d)
-                    nonces = self._nonces.get(user)
                 outcomes.append(d)
                 continue
             env = self.new_envelope(user, str(recipient), "text", body, meta, ids[k], now)
@@ -291,9 +293,7 @@ class Messaging:
             outcomes.append(env)
             if nonce is not None:
                 remember.append((nonce, self._nonce_slot(user, nonce), env))
-                nonces = self._nonces[user]
-        if items:
-            commits.append((self._append_run(items, outbox, user, remember), items))
+        cut()
         return outcomes, commits
 
     def _append_run(
