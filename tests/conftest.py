@@ -158,6 +158,19 @@ def server(tmp_path: Any, request: Any) -> Any:
     pytest_twisted.blockon(realm.stopService())
 
 
+def count_appends(realm: Any) -> list[int]:
+    """Record the number of items of each ``append`` of the realm's store."""
+    sizes: list[int] = []
+    append = realm.store.append
+
+    def counting(items: Any, outbox: Any = ()) -> defer.Deferred[Any]:
+        sizes.append(len(items))
+        return append(items, outbox)
+
+    realm.store.append = counting
+    return sizes
+
+
 def until(predicate: Any, timeout: float = 10.0) -> defer.Deferred[None]:
     """Poll ``predicate`` every 10 ms; fail after ``timeout`` seconds."""
 

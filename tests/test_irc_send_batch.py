@@ -10,19 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chatproto.irc import IRCFactory
+from tests.conftest import count_appends
 from tests.test_irc import Conn, login, make_realm
-
-
-def count_appends(realm: Any) -> list[int]:
-    sizes: list[int] = []
-    append = realm.store.append
-
-    def counting(items: Any, outbox: Any = ()) -> Deferred[Any]:
-        sizes.append(len(items))
-        return append(items, outbox)
-
-    realm.store.append = counting
-    return sizes
 
 
 def test_privmsgs_of_one_read_are_one_append() -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 
 from chatproto.config import Config
 from chatproto.testing import frame, frames, make_test_realm
+from tests.conftest import count_appends
 from tests.test_reading import logged_in_clear
 
 
@@ -29,19 +30,6 @@ def realm(clock: Clock) -> Any:
     r = make_test_realm(clock)
     yield r
     r.stopService()
-
-
-def count_appends(realm: Any) -> list[int]:
-    """Record the number of items of each ``append`` of the realm's store."""
-    sizes: list[int] = []
-    append = realm.store.append
-
-    def counting(items: Any, outbox: Any = ()) -> Deferred[Any]:
-        sizes.append(len(items))
-        return append(items, outbox)
-
-    realm.store.append = counting
-    return sizes
 
 
 def sends(*reqs: dict[str, Any]) -> bytes:
