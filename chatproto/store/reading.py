@@ -1,5 +1,6 @@
-"""Read markers, the conversation list, search, per-user settings and the count of a
-sender's changes to an item, in SQL.
+"""The item reads (an item by id, the feed, events, a conversation's pages, its
+partners), read markers, the conversation list, search, per-user settings and the
+count of a sender's changes to an item, in SQL.
 
 A mixin of the synchronous store cores (:class:`chatproto.store.sqlite.SQLiteDB`,
 :class:`chatproto.store.postgresql.PostgresDB`): the same statements on both, written
@@ -20,8 +21,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from chatproto.envelope import Envelope
+from chatproto.relations import current_view
 
 __all__ = [
+    "REF_KINDS_SQL",
     "SEARCH_KINDS",
     "UNREAD_KINDS",
     "ReadingSQL",
@@ -34,6 +37,8 @@ __all__ = [
 UNREAD_KINDS = ("text", "file")
 
 _KINDS_SQL = "kind IN ('text', 'file')"
+#: Selects the items about another (edits, deletes, reactions: chatproto.relations).
+REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 #: The kinds of item search finds (their body: a message's text, a file's name).
 SEARCH_KINDS = UNREAD_KINDS
 #: The most items not indexed yet that one search reads directly (the newest): more
@@ -74,16 +79,16 @@ def conversation_summary(
 
 
 class ReadingSQL:
-    """Queries shared by the SQL backends.  Hooks: :meth:`_rows` runs a statement
-    written with ``?`` placeholders and returns its rows (``_run``: its cursor);
-    :meth:`_item` makes an Envelope of an item row (columns :data:`COLS`);
-    :meth:`_mention_sql` is the condition "body mentions the name given as its one
-    parameter"."""
+    """Queries shared by the SQL backends.  Hooks: ``_run`` runs a statement written
+    with ``?`` placeholders and returns its cursor (:meth:`_rows`: its rows);
+    ``_refs`` finds the items about others; :meth:`_item` makes an Envelope of an
+    item row (columns :data:`COLS`); :meth:`_mention_sql` is the condition "body
+    mentions the name given as its one parameter"."""
 
     COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        raise NotImplementedError
+        return list(self._run(sql, params).fetchall())
 
     def _item(self, row: Any) -> Envelope:
         raise NotImplementedError
@@ -98,6 +103,103 @@ class ReadingSQL:
     #: The core's: run one statement (``?`` placeholders), return its cursor (see
     #: :meth:`chatproto.store.accounts.AccountsSQL._run`).
     _run: Callable[..., Any]
+    #: The core's: the items that refer to any of the items given (with
+    #: ``edits_only``, the edits), oldest first.
+    _refs: Callable[..., list[Envelope]]
+
+    # items ----------------------------------------------------------------------------
+
+    def stored_item(self, item_id: str) -> Envelope | None:
+        rows = self._rows(f"SELECT {self.COLS} FROM items WHERE id = ?", (self._text_in(item_id),))
+        return self._item(rows[0]) if rows else None
+
+    def read_feed(
+        self,
+        user: str,
+        after: int,
+        limit: int,
+        groups: Sequence[tuple[str, int, int | None]] = (),
+        upto: int | None = None,
+    ) -> list[Envelope]:
+        """Private items to or from ``user``, and items of ``groups`` within their
+        ``(lo, hi]`` ranges, after ``after`` (and with ``upto``, none above it);
+        oldest first."""
+        bound = "" if upto is None else " AND pos <= ?"
+        parts = [
+            f"SELECT {self.COLS} FROM items WHERE recipient = ? AND pos > ?{bound}",
+            f"SELECT {self.COLS} FROM items WHERE sender = ? AND pos > ?{bound} "
+            "AND recipient <> sender AND substr(recipient, 1, 1) <> '#'",
+        ]
+        params: list[Any] = [user, after] if upto is None else [user, after, upto]
+        params += params
+        for group, lo, hi in groups:
+            if hi is not None and hi <= after:
+                continue
+            part = f"SELECT {self.COLS} FROM items WHERE recipient = ? AND pos > ?"
+            params += [group, max(after, lo)]
+            if hi is not None:
+                part += " AND pos <= ?"
+                params.append(hi)
+            parts.append(part)
+        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
+        # history rule "all"), and a duplicate row would waste the page.
+        sql = " UNION ".join(parts) + " ORDER BY pos LIMIT ?"
+        params.append(limit)
+        items = [self._item(r) for r in self._rows(sql, params)]
+        # Edited items show their current text (chatproto.relations); reactions come
+        # as items of their own after them.
+        return current_view(items, self._refs(items, edits_only=True), reactions=False)
+
+    def read_events(self, after: int, limit: int, upto: int | None = None) -> list[Envelope]:
+        """Group events (kind ``event``) after ``after`` (none above ``upto``), oldest
+        first (for replay)."""
+        bound = "" if upto is None else " AND pos <= ?"
+        params = (after, limit) if upto is None else (after, upto, limit)
+        rows = self._rows(
+            f"SELECT {self.COLS} FROM items WHERE kind = 'event' AND pos > ?{bound} "
+            "ORDER BY pos LIMIT ?",
+            params,
+        )
+        return [self._item(r) for r in rows]
+
+    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
+        """The users ``user`` has a private conversation with (after ``after``)."""
+        rows = self._rows(
+            "SELECT DISTINCT sender FROM items WHERE recipient = ? AND sender <> ? "
+            "AND pos > ? "
+            "UNION SELECT DISTINCT recipient FROM items WHERE sender = ? "
+            "AND recipient <> ? AND substr(recipient, 1, 1) <> '#' AND pos > ?",
+            (user, user, after, user, user, after),
+        )
+        return [r[0] for r in rows]
+
+    def history(
+        self,
+        conversation: str,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        floor: int = 0,
+        upto: int | None = None,
+    ) -> list[Envelope]:
+        """A page of ``conversation`` (see ``IStore.history``); with ``upto``, none
+        above it."""
+        if after is not None:
+            bound = "" if upto is None else " AND pos <= ?"
+            params: tuple[Any, ...] = (conversation, max(after, floor))
+            rows = self._rows(
+                f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos > ?{bound} "
+                f"AND NOT {REF_KINDS_SQL} ORDER BY pos LIMIT ?",
+                (*params, limit) if upto is None else (*params, upto, limit),
+            )
+        else:
+            rows = self._rows(
+                f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos < ? AND pos > ? "
+                f"AND NOT {REF_KINDS_SQL} ORDER BY pos DESC LIMIT ?",
+                (conversation, before if before is not None else 2**62, floor, limit),
+            )
+            rows.reverse()
+        return self._current([self._item(r) for r in rows])
 
     def ref_count(self, ref: str, sender: str) -> int:
         """How many ``edit`` and ``reaction`` items from ``sender`` refer to item
@@ -214,7 +316,7 @@ class ReadingSQL:
 
     def _current(self, items: list[Envelope]) -> list[Envelope]:
         """``items`` as ``history`` shows them (edited text, reactions, deletions)."""
-        raise NotImplementedError
+        return current_view(items, self._refs(items))
 
     def search(
         self,

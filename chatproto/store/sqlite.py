@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from chatproto.envelope import MAX_SHOWN_TS, Envelope, alternate_id, shown_ts
 from chatproto.mentions import mentions
-from chatproto.relations import DELETED_META, TARGET_KINDS, current_view
+from chatproto.relations import DELETED_META, TARGET_KINDS
 from chatproto.store import (
     FILE_META,
     IStore,
@@ -34,7 +34,7 @@ from chatproto.store import (
 from chatproto.store.accounts import AccountsSQL
 from chatproto.store.groupcommit import GroupCommitStore, outbox_rows, plan_inserts
 from chatproto.store.peers import PeerKeysSQL
-from chatproto.store.reading import ReadingSQL
+from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -325,8 +325,6 @@ def _statements(script: str) -> list[str]:
 #: is recorded in ``refs`` (by the id it refers to); a delete wipes its target; an edit
 #: of a deleted item (checked before the delete was committed) loses its text.
 _INDEXED = frozenset({"file", "delete", "edit", "reaction"})
-#: Selects the items that refer to one of a page's items (see _refs).
-_REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
 #: Letters and digits to Python (the rule of a query's words, whose Unicode is newer)
 #: that FTS5's ``unicode61`` tokenizer, which keeps to Unicode 6.1, reads as separators
@@ -701,7 +699,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
             chunk = ids[k : k + 500]
             marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(
-                f"SELECT {_COLS} FROM items WHERE {kinds}{_REF_KINDS_SQL} "
+                f"SELECT {_COLS} FROM items WHERE {kinds}{REF_KINDS_SQL} "
                 f"AND pos IN (SELECT pos FROM refs WHERE ref IN ({marks})) ORDER BY pos",
                 chunk,
             ).fetchall()
@@ -858,88 +856,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
         cur = self.conn.execute("DELETE FROM requests WHERE ts < ?", (before,))
         return int(cur.rowcount)
 
-    def stored_item(self, item_id: str) -> Envelope | None:
-        row = self.conn.execute(f"SELECT {_COLS} FROM items WHERE id = ?", (item_id,)).fetchone()
-        return _row(row) if row is not None else None
-
-    def read_feed(
-        self,
-        user: str,
-        after: int,
-        limit: int,
-        groups: Sequence[tuple[str, int, int | None]] = (),
-    ) -> list[Envelope]:
-        """Private items to or from ``user``, and items of ``groups`` within their
-        ``(lo, hi]`` ranges, after ``after``; oldest first."""
-        parts = [
-            f"SELECT {_COLS} FROM items WHERE recipient = ? AND pos > ?",
-            f"SELECT {_COLS} FROM items WHERE sender = ? AND pos > ? "
-            "AND recipient != sender AND substr(recipient, 1, 1) != '#'",
-        ]
-        params: list[Any] = [user, after, user, after]
-        for group, lo, hi in groups:
-            if hi is not None and hi <= after:
-                continue
-            part = f"SELECT {_COLS} FROM items WHERE recipient = ? AND pos > ?"
-            params += [group, max(after, lo)]
-            if hi is not None:
-                part += " AND pos <= ?"
-                params.append(hi)
-            parts.append(part)
-        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
-        # history rule "all"), and a duplicate row would waste the page.
-        sql = " UNION ".join(parts) + " ORDER BY pos LIMIT ?"
-        params.append(limit)
-        items = [_row(r) for r in self.conn.execute(sql, params).fetchall()]
-        # Edited items show their current text (chatproto.relations); reactions come
-        # as items of their own after them.
-        return current_view(items, self._refs(items, edits_only=True), reactions=False)
-
-    def read_events(self, after: int, limit: int) -> list[Envelope]:
-        """Group events (kind ``event``) after ``after``, oldest first (for replay)."""
-        rows = self.conn.execute(
-            f"SELECT {_COLS} FROM items WHERE kind = 'event' AND pos > ? ORDER BY pos LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [_row(r) for r in rows]
-
-    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
-        """The users ``user`` has a private conversation with (after ``after``)."""
-        rows = self.conn.execute(
-            "SELECT DISTINCT sender FROM items WHERE recipient = ?1 AND sender != ?1 "
-            "AND pos > ?2 "
-            "UNION SELECT DISTINCT recipient FROM items WHERE sender = ?1 "
-            "AND recipient != ?1 AND substr(recipient, 1, 1) != '#' AND pos > ?2",
-            (user, after),
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    def history(
-        self,
-        conversation: str,
-        before: int | None,
-        after: int | None,
-        limit: int,
-        floor: int = 0,
-    ) -> list[Envelope]:
-        c = self.conn
-        if after is not None:
-            rows = c.execute(
-                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos > ? "
-                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos LIMIT ?",
-                (conversation, max(after, floor), limit),
-            ).fetchall()
-        else:
-            bound = before if before is not None else 2**62
-            rows = c.execute(
-                f"SELECT {_COLS} FROM items WHERE conv = ? AND pos < ? AND pos > ? "
-                f"AND NOT {_REF_KINDS_SQL} ORDER BY pos DESC LIMIT ?",
-                (conversation, bound, floor, limit),
-            ).fetchall()
-            rows.reverse()
-        items = [_row(r) for r in rows]
-        return current_view(items, self._refs(items))
-
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn
         row = c.execute(
@@ -955,9 +871,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
         return int(row[0] or 0)
 
     # read markers, conversations, preferences (queries in chatproto/store/reading.py)
-
-    def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        return list(self._run(sql, params).fetchall())
 
     def _item(self, row: Any) -> Envelope:
         return _row(row)
@@ -1025,9 +938,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
             c.execute("ROLLBACK")
             raise
         return len(rows)
-
-    def _current(self, items: list[Envelope]) -> list[Envelope]:
-        return current_view(items, self._refs(items))
 
     # files --------------------------------------------------------------------------
 

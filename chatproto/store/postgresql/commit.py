@@ -26,7 +26,6 @@ from chatproto.store.groupcommit import CommitResult, outbox_rows, plan_inserts
 from chatproto.store.postgresql.rows import (
     INDEXED_KINDS,
     ITEM_COLS,
-    REF_KINDS_SQL,
     escape_text,
     item_of_row,
     request_row,
@@ -34,6 +33,7 @@ from chatproto.store.postgresql.rows import (
     unescape_text,
 )
 from chatproto.store.postgresql.writers import WriterPositions
+from chatproto.store.reading import REF_KINDS_SQL
 
 __all__ = ["CommitSQL"]
 

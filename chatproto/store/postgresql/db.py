@@ -21,7 +21,6 @@ from psycopg.conninfo import conninfo_to_dict
 
 from chatproto.envelope import Envelope, shown_ts
 from chatproto.mentions import mention_pattern
-from chatproto.relations import current_view
 from chatproto.store import (
     FILE_META,
     stored_number,
@@ -31,7 +30,6 @@ from chatproto.store.peers import PeerKeysSQL
 from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
     ITEM_COLS,
-    REF_KINDS_SQL,
     escape_text,
     item_of_row,
     request_row,
@@ -272,96 +270,7 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
         cur = self.conn.execute("DELETE FROM requests WHERE ts < %s", (before,))
         return int(cur.rowcount)
 
-    # reads --------------------------------------------------------------------------
-
-    def stored_item(self, item_id: str) -> Envelope | None:
-        row = self.conn.execute(
-            f"SELECT {ITEM_COLS} FROM items WHERE id = %s", (escape_text(item_id),)
-        ).fetchone()
-        return item_of_row(row) if row is not None else None
-
-    def read_feed(
-        self,
-        user: str,
-        after: int,
-        limit: int,
-        groups: Sequence[tuple[str, int, int | None]] = (),
-        upto: int | None = None,
-    ) -> list[Envelope]:
-        """Private items to or from ``user``, and items of ``groups`` within their
-        ``(lo, hi]`` ranges, after ``after`` (and with ``upto``, none above it);
-        oldest first."""
-        bound = "" if upto is None else " AND pos <= %s"
-        parts = [
-            f"SELECT {ITEM_COLS} FROM items WHERE recipient = %s AND pos > %s{bound}",
-            f"SELECT {ITEM_COLS} FROM items WHERE sender = %s AND pos > %s{bound} "
-            "AND recipient <> sender AND left(recipient, 1) <> '#'",
-        ]
-        params: list[Any] = [user, after] if upto is None else [user, after, upto]
-        params += params
-        for group, lo, hi in groups:
-            if hi is not None and hi <= after:
-                continue
-            part = f"SELECT {ITEM_COLS} FROM items WHERE recipient = %s AND pos > %s"
-            params += [group, max(after, lo)]
-            if hi is not None:
-                part += " AND pos <= %s"
-                params.append(hi)
-            parts.append(part)
-        # UNION (not ALL): ranges may overlap (an invite, then a membership under the
-        # history rule "all"), and a duplicate row would waste the page.
-        query = " UNION ".join(f"({p})" for p in parts) + " ORDER BY pos LIMIT %s"
-        params.append(limit)
-        items = [item_of_row(r) for r in self.conn.execute(query, params).fetchall()]
-        return current_view(items, self._refs(items, edits_only=True), reactions=False)
-
-    def read_events(self, after: int, limit: int, upto: int | None = None) -> list[Envelope]:
-        """Group events (kind ``event``) after ``after`` (none above ``upto``), oldest
-        first (for replay)."""
-        rows = self.conn.execute(
-            f"SELECT {ITEM_COLS} FROM items WHERE kind = 'event' AND pos > %s AND pos <= %s "
-            "ORDER BY pos LIMIT %s",
-            (after, 2**62 if upto is None else upto, limit),
-        ).fetchall()
-        return [item_of_row(r) for r in rows]
-
-    def conversation_partners(self, user: str, after: int = 0) -> list[str]:
-        """The users ``user`` has a private conversation with (after ``after``)."""
-        rows = self.conn.execute(
-            "SELECT DISTINCT sender FROM items WHERE recipient = %(u)s AND sender <> %(u)s "
-            "AND pos > %(a)s "
-            "UNION SELECT DISTINCT recipient FROM items WHERE sender = %(u)s "
-            "AND recipient <> %(u)s AND left(recipient, 1) <> '#' AND pos > %(a)s",
-            {"u": user, "a": after},
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    def history(
-        self,
-        conversation: str,
-        before: int | None,
-        after: int | None,
-        limit: int,
-        floor: int = 0,
-        upto: int | None = None,
-    ) -> list[Envelope]:
-        c = self.conn
-        if after is not None:
-            rows = c.execute(
-                f"SELECT {ITEM_COLS} FROM items WHERE conv = %s AND pos > %s AND pos <= %s "
-                f"AND NOT {REF_KINDS_SQL} ORDER BY pos LIMIT %s",
-                (conversation, max(after, floor), 2**62 if upto is None else upto, limit),
-            ).fetchall()
-        else:
-            bound = before if before is not None else 2**62
-            rows = c.execute(
-                f"SELECT {ITEM_COLS} FROM items WHERE conv = %s AND pos < %s AND pos > %s "
-                f"AND NOT {REF_KINDS_SQL} ORDER BY pos DESC LIMIT %s",
-                (conversation, bound, floor, limit),
-            ).fetchall()
-            rows.reverse()
-        items = [item_of_row(r) for r in rows]
-        return current_view(items, self._refs(items))
+    # reads (the item reads: chatproto/store/reading.py) ----------------------------
 
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn
@@ -379,9 +288,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
 
     # read markers, conversations, preferences (queries in chatproto/store/reading.py)
 
-    def _rows(self, query: str, params: Sequence[Any]) -> list[Any]:
-        return list(self._run(query, params).fetchall())
-
     def _item(self, row: Any) -> Envelope:
         return item_of_row(row)
 
@@ -393,9 +299,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
         query = " & ".join(f"'{w}'" if len(w) == 1 else f"'{w}':*" for w in words)
         cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
         return "JOIN search_text s ON s.pos = items.pos", cond, query
-
-    def _current(self, items: list[Envelope]) -> list[Envelope]:
-        return current_view(items, self._refs(items))
 
     def index_search(self, limit: int) -> int:
         """Nothing to do: a trigger keeps search_text in each item's transaction."""

@@ -22,7 +22,6 @@ from chatproto.store import (
 __all__ = [
     "INDEXED_KINDS",
     "ITEM_COLS",
-    "REF_KINDS_SQL",
     "escape_text",
     "item_of_row",
     "request_row",
@@ -33,8 +32,6 @@ __all__ = [
 #: The kinds an append looks at twice: a file is recorded, a delete wipes its target,
 #: an edit of a deleted item (checked before the delete was committed) loses its text.
 INDEXED_KINDS = frozenset({"file", "delete", "edit", "reaction"})
-#: Selects the items that refer to one of a page's items (see PostgresDB._refs).
-REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 
 ITEM_COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
