@@ -626,21 +626,13 @@ class IRCProtocol(LineOnlyReceiver):
 
     def _sent(self, _: object, entry: PendingSend) -> None:
         """A queued send was committed (and delivered: its echo, if any, is written)."""
-        if not entry.matched:  # not echoed (the session was still syncing): unlisted
-            try:
-                self.pending_sends.remove(entry)
-            except ValueError:
-                pass
+        self._unlist(entry)
         self._settle(entry.ctx)
 
     def _send_failed(self, failure: Failure, entry: PendingSend) -> None:
         """A queued send was refused (the realm's error as a numeric: not for a
         NOTICE) or failed (logged; 400)."""
-        if not entry.matched:
-            try:
-                self.pending_sends.remove(entry)
-            except ValueError:
-                pass
+        self._unlist(entry)
         ctx = entry.ctx
         if isinstance(failure.value, ChatError):
             if not entry.quiet:
@@ -648,6 +640,15 @@ class IRCProtocol(LineOnlyReceiver):
         else:
             self._crashed(failure, ctx, entry.command)
         self._settle(ctx)
+
+    def _unlist(self, entry: PendingSend) -> None:
+        """A settled send whose echo was not recognised (refused, or the session was
+        still syncing) no longer waits for it."""
+        if not entry.matched:
+            try:
+                self.pending_sends.remove(entry)
+            except ValueError:
+                pass
 
     def _settle(self, ctx: Reply) -> None:
         ctx.sends -= 1

@@ -241,9 +241,7 @@ def login(
     failed: Callable[[ChatError], None],
 ) -> Deferred[None]:
     """Log in through the realm (its portal, its failure throttle)."""
-    return attach(
-        p, lambda: p.realm.login(account, password, p, DEVICE, p.peer()), ok, failed
-    )
+    return attach(p, lambda: p.realm.login(account, password, p, DEVICE, p.peer()), ok, failed)
 
 
 def attach(
