@@ -5,7 +5,6 @@ conversation is on screen (another device then sees it read)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
 from chatproto import client
-from tests.test_tui_tmux import PASSWORD, Tmux, _client_env, pytestmark, realm, tmux  # noqa: F401
+from tests.test_tui_tmux import PASSWORD, Tmux, pytestmark, realm, start_tuis, tmux  # noqa: F401
 
 
 @pytest_twisted.inlineCallbacks
@@ -34,12 +33,7 @@ def test_sidebar_mentions_search_and_markers(
     for c in conns.values():
         yield c.close()
     # a fresh install (nothing remembered): the sidebar comes from the realm
-    argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
-    argv += ["--user", "alice", "--log", str(tmp_path / "alice.log")]
-    tmux.start("alice", argv, _client_env(tmp_path, "alice"))
-    yield tmux.wait("alice", r"Password")
-    tmux.type("alice", PASSWORD)
-    yield tmux.wait("alice", r"\[online\] alice@localhost")
+    yield start_tuis(tmux, realm, tmp_path, "alice")
     yield tmux.wait("alice", r"#dev \(1 @1\)")
     yield tmux.wait("alice", r"bob \(2\)")
     # /search in the status window: everything alice may read, newest first

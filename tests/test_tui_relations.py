@@ -5,7 +5,6 @@ tests/test_tui_tmux.py)."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from tests.test_irc_loopback import PW as IRC_PW
 from tests.test_irc_loopback import irc_gateway
 from tests.test_tui import UTC, FakeController, text_of
 from tests.test_tui_loopback import bodies, logged_in, notices, register
-from tests.test_tui_tmux import PASSWORD, Tmux, _client_env, realm, tmux  # noqa: F401
+from tests.test_tui_tmux import PASSWORD, Tmux, realm, start_tuis, tmux  # noqa: F401
 from tests.test_tui_tmux import pytestmark as needs_tmux
 
 
@@ -265,14 +264,7 @@ def test_reply_react_edit_delete_in_the_real_tui(
     for user in ("alice", "bob"):
         conn = yield client.connect(_reactor, realm, user, PASSWORD, register=True)
         yield conn.close()
-    for user in ("alice", "bob"):
-        argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
-        argv += ["--user", user, "--log", str(tmp_path / f"{user}.log")]
-        tmux.start(user, argv, _client_env(tmp_path, user))
-    for user in ("alice", "bob"):
-        yield tmux.wait(user, r"Password")
-        tmux.type(user, PASSWORD)
-        yield tmux.wait(user, rf"\[online\] {user}@localhost on {realm}")
+    yield start_tuis(tmux, realm, tmp_path, "alice", "bob")
     tmux.type("alice", "/msg bob lunch today?")
     yield tmux.wait("bob", r"alice \(1\)")
     tmux.key("bob", "C-n")

@@ -133,19 +133,27 @@ def _client_env(tmp_path: Path, user: str) -> dict[str, str]:
     }
 
 
+@defer.inlineCallbacks
+def start_tuis(tmux: Tmux, realm: str, tmp_path: Path, *users: str) -> Any:
+    """Start ``chatproto tui`` in tmux for each of ``users`` (accounts that exist; each
+    with a home of its own and a log in ``tmp_path``), type each one's password and
+    wait until it is online."""
+    for user in users:
+        argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
+        argv += ["--user", user, "--log", str(tmp_path / f"{user}.log")]
+        tmux.start(user, argv, _client_env(tmp_path, user))
+    for user in users:
+        yield tmux.wait(user, r"Password")
+        tmux.type(user, PASSWORD)
+        yield tmux.wait(user, rf"\[online\] {user}@localhost on {realm}")
+
+
 @pytest_twisted.inlineCallbacks
 def test_two_users_chat_in_the_real_tui(realm: str, tmux: Tmux, tmp_path: Path) -> Any:
     for user in ("alice", "bob"):
         conn = yield client.connect(_reactor, realm, user, PASSWORD, register=True)
         yield conn.close()
-    for user in ("alice", "bob"):
-        argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
-        argv += ["--user", user, "--log", str(tmp_path / f"{user}.log")]
-        tmux.start(user, argv, _client_env(tmp_path, user))
-    for user in ("alice", "bob"):
-        yield tmux.wait(user, r"Password")
-        tmux.type(user, PASSWORD)
-        yield tmux.wait(user, rf"\[online\] {user}@localhost on {realm}")
+    yield start_tuis(tmux, realm, tmp_path, "alice", "bob")
     # the login is remembered, the password is not
     saved = (tmp_path / "alice" / "config" / "chatproto" / "tui.toml").read_text()
     assert f'server = "{realm}"' in saved and 'user = "alice"' in saved
@@ -206,11 +214,7 @@ def test_own_messages_from_another_device_go_to_their_recipient(
     phone = yield client.connect(_reactor, realm, "alice", PASSWORD, device="phone", ack=False)
     yield phone.send("bob", "sent from my phone")
     yield phone.close()
-    argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm, "--user", "alice"]
-    tmux.start("alice", argv, _client_env(tmp_path, "alice"))
-    yield tmux.wait("alice", r"Password")
-    tmux.type("alice", PASSWORD)
-    yield tmux.wait("alice", rf"\[online\] alice@localhost on {realm}")
+    yield start_tuis(tmux, realm, tmp_path, "alice")
     screen = yield tmux.wait("alice", r"^. bob\b")  # the sidebar has bob...
     assert not re.search(r"^. alice\b", screen, re.M), screen  # ...and not herself
     tmux.key("alice", "C-n")
@@ -228,11 +232,7 @@ def test_irssi_habits(realm: str, tmux: Tmux, tmp_path: Path) -> Any:
     got: list[dict[str, Any]] = []
     bob = yield client.connect(_reactor, realm, "bob", PASSWORD, on_message=got.append)
     try:
-        argv = [sys.executable, "-m", "chatproto.cli", "tui", "--server", realm]
-        tmux.start("alice", [*argv, "--user", "alice"], _client_env(tmp_path, "alice"))
-        yield tmux.wait("alice", r"Password")
-        tmux.type("alice", PASSWORD)
-        yield tmux.wait("alice", rf"\[online\] alice@localhost on {realm}")
+        yield start_tuis(tmux, realm, tmp_path, "alice")
         tmux.type("alice", "/query bob hello bob")
         yield tmux.wait("alice", r"<alice> hello bob")
         tmux.type("alice", "/me waves")
