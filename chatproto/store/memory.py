@@ -520,12 +520,18 @@ class MemoryStore:
 
         bound = before if before is not None else 2**62
         out: list[Envelope] = []
+        refs: dict[str | None, list[Envelope]] | None = None
         for e in reversed(self.items):
             if len(out) == limit:
                 break
             if e.pos >= bound or e.kind not in SEARCH_KINDS or not words or not inside(e):
                 continue
-            [now] = current_view([e], self._refs([e]))
+            if refs is None:  # the items about others, by what they refer to: one pass
+                refs = {}
+                for r in self.items:
+                    if r.kind in REF_KINDS:
+                        refs.setdefault(ref_of(r), []).append(r)
+            [now] = current_view([e], refs.get(e.id, ()))
             if now.body and words_match(words, now.body):
                 out.append(now)
         return succeed(out)
