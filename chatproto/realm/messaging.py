@@ -196,11 +196,16 @@ class Messaging:
         """``body`` checked (bad_request, too_large), then a token of ``session``'s
         send rate taken (rate_limited): what every send pays, in that order."""
         body = self.check_body(body)
+        self.spend(session, now)
+        return body
+
+    def spend(self, session: Session, now: float) -> None:
+        """Take a token of ``session``'s send rate (``rate_limited`` when there is
+        none): every send pays one, and so do reactions, edits and deletes."""
         wait = session.bucket.take(now)
         if wait:
             self._realm.stats.rate_limited("send")
             raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
-        return body
 
     def _check_recipient(self, recipient: Address) -> None:
         """A message may not go to a suspended local account (account_suspended)."""

@@ -111,15 +111,12 @@ class Relations:
 
     def _spend(self, session: Session) -> None:
         """These requests cost a token of the sender's ``send`` bucket."""
-        wait = session.bucket.take(self._clock.seconds())
-        if wait:
-            self._realm.stats.rate_limited("send")
-            raise ChatError("rate_limited", "sending too fast", retry_after=round(wait, 3))
+        self._realm.messages.spend(session, self._clock.seconds())
 
     def _commit(
-        self, session: Session, target: Envelope, kind: str, body: str, meta: dict[str, Any]
+        self, user: str, target: Envelope, kind: str, body: str, meta: dict[str, Any]
     ) -> Deferred[Envelope]:
-        user = session.user_id
+        """Commit ``user``'s item about ``target`` in its conversation."""
         env = self._realm.messages.new_envelope(
             user, self.conversation_of(target, user), kind, body, meta
         )
@@ -144,7 +141,7 @@ class Relations:
                     "limit_reached",
                     f"you made {MAX_CHANGES} edits and reactions to {target.id} already",
                 )
-            return self._commit(session, target, kind, body, meta)
+            return self._commit(session.user_id, target, kind, body, meta)
 
         def turn() -> Deferred[Envelope]:
             return self._store.ref_count(target.id, session.user_id).addCallback(counted)
@@ -215,7 +212,7 @@ class Relations:
                     "forbidden", "only its sender, or an admin of its group, may delete it"
                 )
             self.deleting(t.id)
-            d = self._commit(session, t, "delete", "", ref_meta("delete", t.id))
+            d = self._commit(user, t, "delete", "", ref_meta("delete", t.id))
             return d.addCallback(self.deleted, t)
 
         return self.target(session, msg_id).addCallback(check)
@@ -244,9 +241,6 @@ class Relations:
                 "forbidden", "a realm admin deletes the messages of this realm's users only"
             )
         self.deleting(t.id)
-        env = self._realm.messages.new_envelope(
-            author, self.conversation_of(t, author), "delete", "", ref_meta("delete", t.id)
-        )
         if author != user:
             self.log.info(
                 "realm admin {admin} deleted {msg} of {sender} (to {to})",
@@ -255,7 +249,8 @@ class Relations:
                 sender=t.sender,
                 to=t.recipient,
             )
-        return self._realm.messages.commit_item(env).addCallback(self.deleted, t)
+        d = self._commit(author, t, "delete", "", ref_meta("delete", t.id))
+        return d.addCallback(self.deleted, t)
 
     def _may_delete(self, t: Envelope, user: str) -> bool:
         """:func:`may_delete` with ``user``'s role in ``t``'s group as this realm
