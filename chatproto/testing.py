@@ -28,6 +28,7 @@ from chatproto.store.memory import MemoryStore
 
 __all__ = [
     "InlineHasher",
+    "NullMind",
     "connect_string_transport",
     "frame",
     "frames",
@@ -49,6 +50,29 @@ class InlineHasher(PasswordHasher):
 
     def verify(self, pwhash: str | None, password: str) -> Deferred[bool]:
         return succeed(self._verify(pwhash, password))
+
+
+class NullMind:
+    """A session *mind* (:class:`chatproto.realm.sessions.ISessionMind`) that drops what
+    the realm sends and is always writable: for :meth:`RealmService.login` without a
+    connection.  Subclass it to record what a test looks at."""
+
+    protocol_name = "test"
+
+    def deliver(self, envelope: Any) -> None:
+        pass
+
+    def synced(self, pos: int) -> None:
+        pass
+
+    def notify(self, notice: Any) -> None:
+        pass
+
+    def wait_writable(self) -> Deferred[None]:
+        return succeed(None)
+
+    def disconnect(self, code: str, message: str) -> None:
+        pass
 
 
 def make_test_realm(clock: Clock | None = None, config: Config | None = None) -> RealmService:

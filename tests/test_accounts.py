@@ -14,7 +14,7 @@ from chatproto.errors import ChatError
 from chatproto.groups import ACCOUNT_DELETED, Groups
 from chatproto.store import backend as store_backend
 from chatproto.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteDB
-from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import NullMind, connect_string_transport, frame, frames, make_test_realm
 from tests.conftest import fast_config, fired, make_realm
 
 
@@ -103,21 +103,9 @@ def test_shutdown_closes_the_store_even_if_a_connection_fails_to_close(tmp_path:
     yield realm.create_user("alice", "password1")
     yield realm.create_user("bob", "password1")
 
-    class Mind:
+    class Mind(NullMind):
         def __init__(self, fail: bool) -> None:
             self.fail, self.closed = fail, False
-
-        def deliver(self, envelope: Any) -> None:
-            pass
-
-        def synced(self, pos: int) -> None:
-            pass
-
-        def notify(self, notice: Any) -> None:
-            pass
-
-        def wait_writable(self) -> None:
-            return None
 
         def disconnect(self, code: str, message: str) -> None:
             if self.fail:

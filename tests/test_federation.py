@@ -38,7 +38,7 @@ from chatproto.federation import (
 from chatproto.signing import parse_keys
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
-from chatproto.testing import make_test_realm
+from chatproto.testing import NullMind, make_test_realm
 from tests.conftest import fired
 
 # configuration ---------------------------------------------------------------------------
@@ -460,20 +460,11 @@ def test_remote_presence_reaches_local_partners(node: Any, certs: Any) -> None:
     proto, _ = connect(fed, certs["a.example"]["cert"])
     proto.dataReceived(hello() + frame({"type": "txn", "id": "1", "items": [item(1)]}))
 
-    class Mind:
+    class Mind(NullMind):
         notices: list[Any] = []
-
-        def deliver(self, env: Any) -> None:
-            pass
-
-        def synced(self, pos: int) -> None:
-            pass
 
         def notify(self, notice: Any) -> None:
             self.notices.append(notice.data)
-
-        def wait_writable(self) -> Any:
-            return succeed(None)
 
     mind = Mind()
     session = realm.login("bob", "password-1", mind).result

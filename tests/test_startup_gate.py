@@ -14,28 +14,7 @@ from chatproto.config import Config
 from chatproto.errors import ChatError
 from chatproto.realm import RealmService
 from chatproto.store.memory import MemoryStore
-from chatproto.testing import InlineHasher
-
-
-class Mind:
-    protocol_name = "other"
-
-    def deliver(self, envelope: Any) -> None:
-        pass
-
-    def synced(self, pos: int) -> None:
-        pass
-
-    def notify(self, notice: Any) -> None:
-        pass
-
-    def wait_writable(self) -> Any:
-        from twisted.internet.defer import succeed
-
-        return succeed(None)
-
-    def disconnect(self, code: str, message: str) -> None:
-        pass
+from chatproto.testing import InlineHasher, NullMind
 
 
 def test_a_login_during_start_waits_for_the_suspensions() -> None:
@@ -54,7 +33,7 @@ def test_a_login_during_start_waits_for_the_suspensions() -> None:
     realm.startService()
     assert not realm.when_started().called
     outcome: list[Any] = []
-    realm.login("alice", "password1", Mind()).addBoth(outcome.append)
+    realm.login("alice", "password1", NullMind()).addBoth(outcome.append)
     assert outcome == []  # waiting for the start, not let in
     suspensions().chainDeferred(held)
     clock.advance(0)
