@@ -479,26 +479,36 @@ class MemoryStore:
                 lows.setdefault(conv, floor)
             last[conv] = e
         chosen = sorted(last, key=lambda c: -last[c].pos)[:limit]
-        out = []
-        for conv in chosen:
-            markers = {u: p for (u, c), p in self.reads.items() if c == conv}
-            read = markers.get(user, 0)
-            after = max(read, lows[conv])
-            unread = [
-                e
-                for e in self.items
-                if e.conversation == conv
-                and e.pos > after
-                and e.sender != user
-                and e.kind in UNREAD_KINDS
+        # One pass over the markers and one over the items for all of them.
+        markers: dict[str, dict[str, int]] = {conv: {} for conv in chosen}
+        for (u, c), p in self.reads.items():
+            if c in markers:
+                markers[c][u] = p
+        after = {conv: max(markers[conv].get(user, 0), lows[conv]) for conv in chosen}
+        unread = dict.fromkeys(chosen, 0)
+        mentioned = dict.fromkeys(chosen, 0)
+        for e in self.items:
+            conv = e.conversation
+            if conv not in after or e.pos <= after[conv]:
+                continue
+            if e.sender == user or e.kind not in UNREAD_KINDS:
+                continue
+            unread[conv] += 1
+            if conv.startswith("#") and e.kind == "text" and mentions(e.body, name):
+                mentioned[conv] += 1
+        return succeed(
+            [
+                conversation_summary(
+                    conv,
+                    last[conv],
+                    markers[conv].get(user, 0),
+                    unread[conv],
+                    mentioned[conv],
+                    markers[conv],
+                )
+                for conv in chosen
             ]
-            mentioned = 0
-            if conv.startswith("#"):
-                mentioned = sum(1 for e in unread if e.kind == "text" and mentions(e.body, name))
-            out.append(
-                conversation_summary(conv, last[conv], read, len(unread), mentioned, markers)
-            )
-        return succeed(out)
+        )
 
     def search(
         self,
