@@ -43,8 +43,10 @@ __all__ = [
     "CommitResult",
     "GroupCommitStore",
     "StoreDB",
+    "delete_accounts",
     "outbox_rows",
     "plan_inserts",
+    "skip_missing_accounts",
 ]
 
 T = TypeVar("T")
@@ -110,6 +112,49 @@ def plan_inserts(
         chosen.extend(e for e, m in zip(batch, mask, strict=True) if m)
         plan.append(mask)
     return plan, chosen, renamed
+
+
+def skip_missing_accounts(
+    batches: Sequence[Sequence[Envelope]],
+    outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
+    deletions: Sequence[tuple[str, str] | None] | None,
+    user_floor: Callable[[str], int | None],
+) -> tuple[
+    Sequence[Sequence[Envelope]],
+    Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]] | None,
+    dict[int, Exception],
+]:
+    """Inside a commit, before its items: a batch deleting an account (``deletions[i]``
+    its ``(name, address)``) that is not there (``user_floor`` None) fails alone with
+    :class:`NoSuchAccount`, and nothing of it is written.  Returns the batches and
+    outbox to write (those batches emptied) and the failures by batch index (see
+    :func:`delete_accounts`)."""
+    missing: dict[int, Exception] = {}
+    if deletions is None or not any(deletions):
+        return batches, outbox, missing
+    batches = list(batches)
+    outbox = list(outbox) if outbox is not None else [()] * len(batches)
+    for i, account in enumerate(deletions):
+        if account is not None and user_floor(account[0]) is None:
+            missing[i] = NoSuchAccount(account[0])
+            batches[i], outbox[i] = [], []
+    return batches, outbox, missing
+
+
+def delete_accounts(
+    positions: list[list[int | None] | Exception],
+    missing: dict[int, Exception],
+    deletions: Sequence[tuple[str, str] | None] | None,
+    delete_account: Callable[[str, str], None],
+) -> None:
+    """Inside a commit, once its items are inserted (``positions`` per batch): the
+    batches of ``missing`` (:func:`skip_missing_accounts`) get their failure, and
+    each other batch that did not fail deletes its account (``delete_account``)."""
+    for i, err in missing.items():
+        positions[i] = err
+    for i, account in enumerate(deletions or ()):
+        if account is not None and not isinstance(positions[i], Exception):
+            delete_account(*account)
 
 
 def outbox_rows(

@@ -26,13 +26,18 @@ from chatproto.relations import DELETED_META, TARGET_KINDS
 from chatproto.store import (
     FILE_META,
     IStore,
-    NoSuchAccount,
     stored_meta,
     stored_number,
     stored_sig,
 )
 from chatproto.store.accounts import AccountsSQL
-from chatproto.store.groupcommit import GroupCommitStore, outbox_rows, plan_inserts
+from chatproto.store.groupcommit import (
+    GroupCommitStore,
+    delete_accounts,
+    outbox_rows,
+    plan_inserts,
+    skip_missing_accounts,
+)
 from chatproto.store.peers import PeerKeysSQL
 from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
 
@@ -531,25 +536,16 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
         queued_rows: list[tuple[str, int, Any]] = []
         c.execute("BEGIN IMMEDIATE")
         try:
-            missing: dict[int, Exception] = {}
-            if deletions is not None and any(deletions):
-                batches = list(batches)
-                outbox = list(outbox) if outbox is not None else [()] * len(batches)
-                for i, account in enumerate(deletions):
-                    if account is not None and self.user_floor(account[0]) is None:
-                        missing[i] = NoSuchAccount(account[0])
-                        batches[i], outbox[i] = [], []
+            batches, outbox, missing = skip_missing_accounts(
+                batches, outbox, deletions, self.user_floor
+            )
             try:
                 out = self._append_all(batches, flags)
             except Exception:
                 c.execute("ROLLBACK")
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
-            for i, err in missing.items():
-                out[i] = err
-            for i, account in enumerate(deletions or ()):
-                if account is not None and not isinstance(out[i], Exception):
-                    self._delete_account(*account)
+            delete_accounts(out, missing, deletions, self._delete_account)
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, _request_row)
                 if rows:

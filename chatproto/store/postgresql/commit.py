@@ -19,10 +19,15 @@ from psycopg import sql
 from chatproto.envelope import Envelope, alternate_id
 from chatproto.relations import DELETED_META, TARGET_KINDS
 from chatproto.store import (
-    NoSuchAccount,
     stored_meta,
 )
-from chatproto.store.groupcommit import CommitResult, outbox_rows, plan_inserts
+from chatproto.store.groupcommit import (
+    CommitResult,
+    delete_accounts,
+    outbox_rows,
+    plan_inserts,
+    skip_missing_accounts,
+)
 from chatproto.store.postgresql.rows import (
     INDEXED_KINDS,
     ITEM_COLS,
@@ -128,23 +133,14 @@ class CommitSQL(WriterPositions):
         self._register_writer()
         with c.transaction():
             self._begin_commit()
-            missing: dict[int, Exception] = {}
-            if deletions is not None and any(deletions):  # as in SQLiteDB.commit_batch
-                batches = list(batches)
-                outbox = list(outbox) if outbox is not None else [()] * len(batches)
-                for i, account in enumerate(deletions):
-                    if account is not None and self.user_floor(account[0]) is None:
-                        missing[i] = NoSuchAccount(account[0])
-                        batches[i], outbox[i] = [], []
+            batches, outbox, missing = skip_missing_accounts(
+                batches, outbox, deletions, self.user_floor
+            )
             if each:
                 out = self._append_each(batches, flags)
             else:
                 out = self._append_all(batches, flags)
-            for i, err in missing.items():
-                out[i] = err
-            for i, account in enumerate(deletions or ()):
-                if account is not None and not isinstance(out[i], Exception):
-                    self._delete_account(*account)
+            delete_accounts(out, missing, deletions, self._delete_account)
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, request_row)
                 if rows:
