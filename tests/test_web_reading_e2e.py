@@ -25,6 +25,7 @@ def test_sidebar_markers_typing_and_search_in_chromium(
     yield realm.group_event_as("alice", "created", "#dev")
     yield realm.group_event_as("carol", "joined", "#dev")
     yield realm.post("carol", "#dev", "hi @alice")
+    yield realm.post("carol", "alice", "standup at ten")
     for body in ("one", "two", "lunch at noon?"):
         yield realm.post("bob", "alice", body)
     yield run_on_realm(realm, tools, SCRIPT, tmp_path, "e2e reading finished")
