@@ -27,13 +27,16 @@ from chatproto.testing import (
 from tests.conftest import FlowTransport
 
 
-@pytest.fixture
-def clock() -> Clock:
+# The StringTransport fixtures of the protocol tests (other modules import these
+# functions; the fixtures' names are clock and realm).
+@pytest.fixture(name="clock")
+def clock_fixture() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def realm(clock: Clock) -> Any:
+@pytest.fixture(name="realm")
+def realm_fixture(clock: Clock) -> Any:
+    """A started realm on a MemoryStore with time from ``clock`` (stopped after)."""
     r = make_test_realm(clock)
     yield r
     r.stopService()

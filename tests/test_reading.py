@@ -10,19 +10,8 @@ from twisted.internet.task import Clock
 
 from chatproto.mentions import mentions
 from chatproto.realm.reading import MARK_BURST, MARK_RATE, TYPING_BURST, TYPING_RATE
-from chatproto.testing import connect_string_transport, frame, frames, logged_in, make_test_realm
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> Any:
-    r = make_test_realm(clock)
-    yield r
-    r.stopService()
+from chatproto.testing import connect_string_transport, frame, frames, logged_in
+from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 
 
 def logged_in_clear(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:

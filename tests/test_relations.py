@@ -12,18 +12,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.relations import check_emoji, current_view
 from chatproto.testing import frame, frames, logged_in, make_test_realm
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> Any:
-    r = make_test_realm(clock)
-    yield r
-    r.stopService()
+from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 
 
 class User:

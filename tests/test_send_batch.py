@@ -10,26 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 
 from chatproto.config import Config
 from chatproto.testing import frame, frames, make_test_realm
 from tests.conftest import count_appends
+from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 from tests.test_reading import logged_in_clear
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def realm(clock: Clock) -> Any:
-    r = make_test_realm(clock)
-    yield r
-    r.stopService()
 
 
 def sends(*reqs: dict[str, Any]) -> bytes:
