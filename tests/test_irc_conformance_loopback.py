@@ -12,10 +12,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.protocols.basic import LineOnlyReceiver
 
-from chatproto.irc import IRCFactory, parse_line
-from tests.conftest import fast_config, make_realm, until
+from chatproto.irc import parse_line
+from tests.conftest import until
+from tests.test_irc_loopback import PW, irc_gateway
 
-PW = "password-irc"
 USERS = ("alice", "bob", "carol")
 
 
@@ -55,20 +55,9 @@ class Raw(LineOnlyReceiver):
 
 @pytest.fixture
 def gateway(tmp_path: Any) -> Any:
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
-    cfg.irc.enabled = True
-    cfg.irc.flood_rate = 0.0
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    for name in USERS:
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    factory = IRCFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, port.getHost().port
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    """(realm, IRC port) of a realm with :data:`USERS`."""
+    for realm, port, _native in irc_gateway(tmp_path, USERS, PW):
+        yield realm, port
 
 
 @defer.inlineCallbacks

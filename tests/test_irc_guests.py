@@ -21,10 +21,11 @@ from chatproto.realm import RealmService
 from chatproto.realm.guests import GUEST_HASH
 from chatproto.store.memory import MemoryStore
 from chatproto.testing import InlineHasher
-from tests.conftest import fast_config, make_realm, until
+from tests.conftest import until
 from tests.test_irc import PW, Conn, clock_fixture, factory_fixture, login  # noqa: F401
 from tests.test_irc import make_realm as make_memory_realm
 from tests.test_irc_conformance_loopback import Raw, connect
+from tests.test_irc_loopback import irc_gateway
 
 GUEST_OPTS = {"guests": True, "guests_per_address": 3, "guests_max": 4}
 
@@ -187,20 +188,9 @@ def test_a_guest_password_never_logs_in(factory: IRCFactory) -> None:
 
 @pytest.fixture
 def gateway(tmp_path: Any) -> Any:
-    cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
-    cfg.irc.enabled = True
-    cfg.irc.flood_rate = 0.0
-    cfg.irc.guests = True
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    pytest_twisted.blockon(realm.create_user("alice", PW))
-    factory = IRCFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, port.getHost().port
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    """(realm, IRC port) of a realm with guests on and the user alice."""
+    for realm, port, _native in irc_gateway(tmp_path, ("alice",), PW, guests=True):
+        yield realm, port
 
 
 @pytest_twisted.inlineCallbacks

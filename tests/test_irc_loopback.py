@@ -69,13 +69,16 @@ def gateway(tmp_path: Any) -> Any:
     yield from irc_gateway(tmp_path, ("alice", "bob"))
 
 
-def irc_gateway(tmp_path: Any, users: tuple[str, ...], password: str = PW) -> Any:
+def irc_gateway(tmp_path: Any, users: tuple[str, ...], password: str = PW, **irc: Any) -> Any:
     """A started realm with ``users`` (each with ``password``), its IRC gateway and a
     native listener on 127.0.0.1: yields ``(realm, irc port, native endpoint
-    description)``, then closes everything (a fixture's body)."""
+    description)``, then closes everything (a fixture's body).  ``irc``: settings of
+    the ``[irc]`` section (``guests=True``)."""
     cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
     cfg.irc.enabled = True
     cfg.irc.flood_rate = 0.0
+    for name, value in irc.items():
+        setattr(cfg.irc, name, value)
     realm = make_realm(cfg)
     pytest_twisted.blockon(realm.startService())
     for name in users:
