@@ -22,14 +22,13 @@ from chatproto.config import Config
 from chatproto.errors import ChatError
 from chatproto.realm import RealmService
 from chatproto.store.memory import MemoryStore
-from chatproto.testing import InlineHasher
+from chatproto.testing import InlineHasher, NullMind
 from tests.conftest import fired
-from tests.test_startup_gate import Mind as QuietMind
 
 PASSWORD = "correct horse"
 
 
-class Mind(QuietMind):
+class Mind(NullMind):
     """A connection that records how it was closed."""
 
     def __init__(self) -> None:
