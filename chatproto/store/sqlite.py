@@ -38,7 +38,7 @@ from chatproto.store.groupcommit import (
     plan_inserts,
     skip_missing_accounts,
 )
-from chatproto.store.peers import PeerKeysSQL
+from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
 
 __all__ = [
@@ -369,7 +369,7 @@ def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
+class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
@@ -788,20 +788,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
                 out.append(err)
         return out
 
-    # federation outbox ----------------------------------------------------------------
-
-    def outbox_read(
-        self, realm: str, after: int, limit: int, upto: int | None = None
-    ) -> list[tuple[int, Envelope | dict[str, Any]]]:
-        """Queued entries: stored items (Envelopes) and requests (dicts), in order;
-        with ``upto``, none with a greater seq."""
-        rows = self.conn.execute(
-            f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in _COLS.split(', '))} "
-            "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
-            "WHERE o.realm = ? AND o.seq > ? AND o.seq <= ? ORDER BY o.seq LIMIT ?",
-            (realm, after, upto if upto is not None else 2**62, limit),
-        ).fetchall()
-        return [(r[0], json.loads(r[1]) if r[1] is not None else _row(r[2:])) for r in rows]
+    # federation outbox (its reads and deletions: OutboxSQL, chatproto/store/peers.py)
 
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
         c = self.conn
@@ -816,13 +803,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
             c.execute("ROLLBACK")
             raise
 
-    def outbox_ack(self, realm: str, seq: int) -> None:
-        self.conn.execute("DELETE FROM outbox WHERE realm = ? AND seq <= ?", (realm, seq))
-
-    def outbox_counts(self) -> dict[str, int]:
-        rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
-        return {r[0]: int(r[1]) for r in rows}
-
     def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
         rows = self.conn.execute(
             "SELECT q.realm, q.n, coalesce(i.ts, CASE WHEN json_valid(o.payload) "
@@ -831,26 +811,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL):
             "JOIN outbox o ON o.seq = q.first LEFT JOIN items i ON i.pos = o.pos AND o.pos > 0"
         ).fetchall()
         return {r[0]: (int(r[1]), stored_number(r[2])) for r in rows}
-
-    def outbox_holds(self, realm: str, pos: int) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM outbox WHERE realm = ? AND pos = ? LIMIT 1", (realm, pos)
-        ).fetchone()
-        return row is not None
-
-    def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT payload FROM requests WHERE actor = ? AND grp = ? ORDER BY ts, id",
-            (actor, group),
-        ).fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    def request_done(self, request_id: str) -> None:
-        self.conn.execute("DELETE FROM requests WHERE id = ?", (request_id,))
-
-    def expire_requests(self, before: float) -> int:
-        cur = self.conn.execute("DELETE FROM requests WHERE ts < ?", (before,))
-        return int(cur.rowcount)
 
     def get_ack(self, user: str, device: str) -> int:
         c = self.conn

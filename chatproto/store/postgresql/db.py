@@ -26,10 +26,9 @@ from chatproto.store import (
     stored_number,
 )
 from chatproto.store.accounts import AccountsSQL
-from chatproto.store.peers import PeerKeysSQL
+from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
-    ITEM_COLS,
     escape_text,
     item_of_row,
     request_row,
@@ -60,7 +59,7 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
+class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -196,20 +195,7 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
         c.execute("DELETE FROM prefs WHERE user_addr = %s", (address,))
         c.execute("SELECT nextval('items_pos')")
 
-    # federation outbox ----------------------------------------------------------------
-
-    def outbox_read(
-        self, realm: str, after: int, limit: int, upto: int | None = None
-    ) -> list[tuple[int, Envelope | dict[str, Any]]]:
-        """Queued entries: stored items (Envelopes) and requests (dicts), in order;
-        with ``upto``, none with a greater seq."""
-        rows = self.conn.execute(
-            f"SELECT o.seq, o.payload, {', '.join('i.' + c for c in ITEM_COLS.split(', '))} "
-            "FROM outbox o LEFT JOIN items i ON i.pos = o.pos "
-            "WHERE o.realm = %s AND o.seq > %s AND o.seq <= %s ORDER BY o.seq LIMIT %s",
-            (realm, after, upto if upto is not None else 2**62, limit),
-        ).fetchall()
-        return [(r[0], json.loads(r[1]) if r[1] is not None else item_of_row(r[2:])) for r in rows]
+    # federation outbox (its reads and deletions: OutboxSQL, chatproto/store/peers.py)
 
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
         with self.conn.transaction():
@@ -227,13 +213,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
                         requests,
                     )
 
-    def outbox_ack(self, realm: str, seq: int) -> None:
-        self.conn.execute("DELETE FROM outbox WHERE realm = %s AND seq <= %s", (realm, seq))
-
-    def outbox_counts(self) -> dict[str, int]:
-        rows = self.conn.execute("SELECT realm, count(*) FROM outbox GROUP BY realm").fetchall()
-        return {r[0]: int(r[1]) for r in rows}
-
     def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
         rows = self.conn.execute(
             "SELECT q.realm, q.n, i.ts, o.payload "
@@ -249,26 +228,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL):
                     ts = None
             out[realm] = (int(n), stored_number(ts))
         return out
-
-    def outbox_holds(self, realm: str, pos: int) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM outbox WHERE realm = %s AND pos = %s LIMIT 1", (realm, pos)
-        ).fetchone()
-        return row is not None
-
-    def pending_requests(self, actor: str, group: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT payload FROM requests WHERE actor = %s AND grp = %s ORDER BY ts, id",
-            (escape_text(actor), escape_text(group)),
-        ).fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    def request_done(self, request_id: str) -> None:
-        self.conn.execute("DELETE FROM requests WHERE id = %s", (escape_text(request_id),))
-
-    def expire_requests(self, before: float) -> int:
-        cur = self.conn.execute("DELETE FROM requests WHERE ts < %s", (before,))
-        return int(cur.rowcount)
 
     # reads (the item reads: chatproto/store/reading.py) ----------------------------
 
