@@ -14,7 +14,7 @@ each dialect's own); :class:`OutboxSQL` reads and deletes them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from chatproto.envelope import Envelope
@@ -41,8 +41,8 @@ class PeerKeysSQL:
 
 
 class OutboxSQL:
-    """The federation outbox reads and deletions of the SQL backends, and of their
-    pending group requests.  Hooks, the core's: ``_run`` (see
+    """The federation outbox of the SQL backends (rows are written by the core's
+    ``commit_batch``) and their pending group requests.  Hooks, the core's: ``_run`` (see
     :class:`chatproto.store.accounts.AccountsSQL`), ``_text_in`` (a client's free
     text as stored), ``_item`` and ``COLS`` (an item row, see
     :class:`chatproto.store.reading.ReadingSQL`)."""
@@ -51,6 +51,12 @@ class OutboxSQL:
     _text_in: Callable[[str], str]
     _item: Callable[[Any], Envelope]
     COLS: str
+    commit_batch: Any
+
+    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
+        """Queue ``payloads`` for ``realm`` in a commit of their own, as the store's
+        ``outbox_enqueue`` does with its group commit (requests remembered too)."""
+        self.commit_batch([[]], {}, [[(realm, p) for p in payloads]])
 
     def outbox_read(
         self, realm: str, after: int, limit: int, upto: int | None = None

@@ -788,20 +788,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
                 out.append(err)
         return out
 
-    # federation outbox (its reads and deletions: OutboxSQL, chatproto/store/peers.py)
-
-    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.executemany(
-                "INSERT INTO outbox (realm, pos, payload) VALUES (?, 0, ?)",
-                [(realm, json.dumps(p)) for p in payloads],
-            )
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+    # federation outbox (written in commit_batch; the rest: OutboxSQL, store/peers.py)
 
     def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
         rows = self.conn.execute(

@@ -31,7 +31,6 @@ from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
     escape_text,
     item_of_row,
-    request_row,
     unescape_text,
 )
 from chatproto.store.postgresql.schema import MIGRATIONS, SCHEMA_VERSION
@@ -195,23 +194,7 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
         c.execute("DELETE FROM prefs WHERE user_addr = %s", (address,))
         c.execute("SELECT nextval('items_pos')")
 
-    # federation outbox (its reads and deletions: OutboxSQL, chatproto/store/peers.py)
-
-    def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> None:
-        with self.conn.transaction():
-            seqs = self._next("outbox_seq", len(payloads))
-            self._copy(
-                "COPY outbox (seq, realm, pos, payload) FROM STDIN",
-                ((s, realm, 0, json.dumps(p)) for s, p in zip(seqs, payloads, strict=True)),
-            )
-            requests = [request_row(p) for p in payloads if p.get("kind") == "request"]
-            if requests:
-                with self.conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO requests VALUES (%s, %s, %s, %s, %s) "
-                        "ON CONFLICT (id) DO NOTHING",
-                        requests,
-                    )
+    # federation outbox (written in commit_batch; the rest: OutboxSQL, store/peers.py)
 
     def outbox_stats(self) -> dict[str, tuple[int, float | None]]:
         rows = self.conn.execute(
