@@ -161,14 +161,15 @@ def outbox_rows(
     batches: Sequence[Sequence[Envelope]],
     outbox: Sequence[Sequence[tuple[str, Envelope | dict[str, Any]]]],
     positions: Sequence[list[int | None] | Exception],
-    request_row: Callable[[dict[str, Any]], tuple[Any, ...]],
+    text_in: Callable[[str], str],
 ) -> tuple[list[tuple[str, int, str | None]], list[tuple[str, int, Any]], list[tuple[Any, ...]]]:
     """Inside a commit, once its items have ``positions`` (per batch; an Exception for
     a batch that failed): the outbox rows the batches queued, as ``(realm, item
     position or 0, request JSON or None)``; the same entries as the commit's result
     gives them (``(realm, 0 until its seq is known, Envelope or request dict)``); and
-    the rows of the group requests among them (``request_row`` makes one).  A failed
-    batch queues nothing, and an item not stored (a duplicate) is not queued."""
+    the rows of the group requests among them (id, actor, group, ts, JSON; the text
+    as the store keeps it: ``text_in``).  A failed batch queues nothing, and an item
+    not stored (a duplicate) is not queued."""
     rows: list[tuple[str, int, str | None]] = []
     queued_rows: list[tuple[str, int, Any]] = []
     requests: list[tuple[Any, ...]] = []
@@ -178,10 +179,20 @@ def outbox_rows(
         where = {id(e): p for e, p in zip(batch, res, strict=True)}
         for realm, env in queued:
             if isinstance(env, dict):
-                rows.append((realm, 0, json.dumps(env)))
+                payload = json.dumps(env)
+                rows.append((realm, 0, payload))
                 queued_rows.append((realm, 0, dict(env)))
                 if env.get("kind") == "request":
-                    requests.append(request_row(env))
+                    ts = env.get("ts")
+                    requests.append(
+                        (
+                            text_in(str(env.get("id"))),
+                            text_in(str(env.get("from"))),
+                            text_in(str(env.get("to"))),
+                            float(ts) if isinstance(ts, int | float) else 0.0,
+                            payload,
+                        )
+                    )
                 continue
             pos = where.get(id(env))
             if pos is not None:

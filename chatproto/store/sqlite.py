@@ -358,17 +358,6 @@ def _row(r: tuple[Any, ...]) -> Envelope:
     )
 
 
-def _request_row(req: dict[str, Any]) -> tuple[Any, ...]:
-    ts = req.get("ts")
-    return (
-        str(req.get("id")),
-        str(req.get("from")),
-        str(req.get("to")),
-        float(ts) if isinstance(ts, int | float) else 0.0,
-        json.dumps(req),
-    )
-
-
 class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
@@ -547,7 +536,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
                 out = self._append_each(batches, flags)
             delete_accounts(out, missing, deletions, self._delete_account)
             if outbox:
-                rows, queued_rows, requests = outbox_rows(batches, outbox, out, _request_row)
+                rows, queued_rows, requests = outbox_rows(batches, outbox, out, self._text_in)
                 if rows:
                     # One statement for all the rows (json_each yields them in order):
                     # an executemany would hand the GIL back and forth once per row.

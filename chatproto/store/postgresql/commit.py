@@ -33,7 +33,6 @@ from chatproto.store.postgresql.rows import (
     ITEM_COLS,
     escape_text,
     item_of_row,
-    request_row,
     row_of_item,
     unescape_text,
 )
@@ -142,7 +141,7 @@ class CommitSQL(WriterPositions):
                 out = self._append_all(batches, flags)
             delete_accounts(out, missing, deletions, self._delete_account)
             if outbox:
-                rows, queued_rows, requests = outbox_rows(batches, outbox, out, request_row)
+                rows, queued_rows, requests = outbox_rows(batches, outbox, out, escape_text)
                 if rows:
                     seqs = self._next("outbox_seq", len(rows))
                     self._copy(

@@ -24,7 +24,6 @@ __all__ = [
     "ITEM_COLS",
     "escape_text",
     "item_of_row",
-    "request_row",
     "row_of_item",
     "unescape_text",
 ]
@@ -89,16 +88,4 @@ def row_of_item(e: Envelope, pos: int) -> tuple[Any, ...]:
         escape_text(e.body),
         json.dumps(e.meta) if e.meta is not None else None,
         json.dumps(e.sig) if e.sig is not None else None,
-    )
-
-
-def request_row(req: dict[str, Any]) -> tuple[Any, ...]:
-    """A group request's row (see :meth:`chatproto.store.IStore.pending_requests`)."""
-    ts = req.get("ts")
-    return (
-        escape_text(str(req.get("id"))),
-        escape_text(str(req.get("from"))),
-        escape_text(str(req.get("to"))),
-        float(ts) if isinstance(ts, int | float) else 0.0,
-        json.dumps(req),
     )
