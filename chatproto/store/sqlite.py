@@ -31,6 +31,7 @@ from chatproto.store import (
     stored_sig,
 )
 from chatproto.store.accounts import AccountsSQL
+from chatproto.store.filerows import FilesSQL
 from chatproto.store.groupcommit import (
     GroupCommitStore,
     delete_accounts,
@@ -358,7 +359,7 @@ def _row(r: tuple[Any, ...]) -> Envelope:
     )
 
 
-class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
+class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
@@ -871,26 +872,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
             raise
         return len(rows)
 
-    # files --------------------------------------------------------------------------
-
-    _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
-
-    def file_info(self, file_id: str) -> dict[str, Any] | None:
-        row = self.conn.execute(
-            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = ?", (file_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
-        rec["ts"] = shown_ts(rec["ts"])
-        return rec
-
-    def file_usage(self, sender: str, after: int = 0) -> int:
-        row = self.conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = ? AND pos > ?",
-            (sender, after),
-        ).fetchone()
-        return int(row[0])
+    # files (the reads: FilesSQL, chatproto/store/filerows.py) -------------------------
 
     def expire_files(self, before: float) -> list[str]:
         c = self.conn
@@ -914,24 +896,11 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
             raise
         return gone
 
-    def blob_referenced(self, sha256: str) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha256,)
-        ).fetchone()
-        return row is not None
-
     def put_upload(self, record: dict[str, Any]) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO uploads (upload_id, user, record) VALUES (?, ?, ?)",
             (record["upload_id"], record["user"], json.dumps(record)),
         )
-
-    def delete_upload(self, upload_id: str) -> None:
-        self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
-
-    def list_uploads(self) -> list[dict[str, Any]]:
-        rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
-        return [json.loads(r[0]) for r in rows]
 
 
 @implementer(IStore)

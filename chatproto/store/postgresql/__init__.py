@@ -9,8 +9,10 @@ The core is split by concern: :mod:`chatproto.store.postgresql.schema` (the
 migrations), :mod:`chatproto.store.postgresql.rows` (how a row holds an item and
 text), :mod:`chatproto.store.postgresql.writers` (several writers: locks and the safe
 position), :mod:`chatproto.store.postgresql.commit` (the append path) and
-:mod:`chatproto.store.postgresql.db` (the connection, accounts and reads); the
-statements it shares with SQLite are in :mod:`chatproto.store.reading`.
+:mod:`chatproto.store.postgresql.db` (the connection and the rest); the statements
+it shares with SQLite are in the mixins of :mod:`chatproto.store.accounts`,
+:mod:`chatproto.store.reading`, :mod:`chatproto.store.peers` and
+:mod:`chatproto.store.filerows`.
 
 Why threads and not psycopg's asyncio API: the realm runs on whatever reactor twistd
 picks (epoll by default); psycopg's async connections would need Twisted's asyncio

@@ -19,13 +19,13 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from chatproto.envelope import Envelope, shown_ts
+from chatproto.envelope import Envelope
 from chatproto.mentions import mention_pattern
 from chatproto.store import (
-    FILE_META,
     stored_number,
 )
 from chatproto.store.accounts import AccountsSQL
+from chatproto.store.filerows import FilesSQL
 from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.postgresql.commit import CommitSQL
 from chatproto.store.postgresql.rows import (
@@ -58,7 +58,7 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
+class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -254,28 +254,7 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
                 [(conv, u, p) for (u, conv), p in reads.items()],
             )
 
-    # files --------------------------------------------------------------------------
-
-    _FILE_COLS = ", ".join(FILE_META) + ", sender, recipient, ts, pos"
-
-    def file_info(self, file_id: str) -> dict[str, Any] | None:
-        row = self.conn.execute(
-            f"SELECT {self._FILE_COLS} FROM files WHERE file_id = %s", (escape_text(file_id),)
-        ).fetchone()
-        if row is None:
-            return None
-        rec = dict(zip((*FILE_META, "sender", "recipient", "ts", "pos"), row, strict=True))
-        for k in ("file_id", "name", "media_type"):
-            rec[k] = unescape_text(rec[k])
-        rec["ts"] = shown_ts(rec["ts"])
-        return rec
-
-    def file_usage(self, sender: str, after: int = 0) -> int:
-        row = self.conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM files WHERE sender = %s AND pos > %s",
-            (sender, after),
-        ).fetchone()
-        return int(row[0]) if row else 0
+    # files (the reads: FilesSQL, chatproto/store/filerows.py) -------------------------
 
     def expire_files(self, before: float) -> list[str]:
         c = self.conn
@@ -296,12 +275,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
             }
         return sorted(digests - still)
 
-    def blob_referenced(self, sha256: str) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM files WHERE sha256 = %s LIMIT 1", (sha256,)
-        ).fetchone()
-        return row is not None
-
     def put_upload(self, record: dict[str, Any]) -> None:
         self.conn.execute(
             "INSERT INTO uploads (upload_id, user_name, record) VALUES (%s, %s, %s) "
@@ -309,13 +282,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL):
             "record = excluded.record",
             (escape_text(record["upload_id"]), escape_text(record["user"]), json.dumps(record)),
         )
-
-    def delete_upload(self, upload_id: str) -> None:
-        self.conn.execute("DELETE FROM uploads WHERE upload_id = %s", (escape_text(upload_id),))
-
-    def list_uploads(self) -> list[dict[str, Any]]:
-        rows = self.conn.execute("SELECT record FROM uploads ORDER BY upload_id").fetchall()
-        return [json.loads(r[0]) for r in rows]
 
     # bulk copy (chatrealmctl migrate-store) ---------------------------------------------
 
