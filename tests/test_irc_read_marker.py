@@ -21,11 +21,12 @@ from chatproto.irc.lines import server_time
 from chatproto.irc.reading import parse_timestamp
 from chatproto.realm import RealmService
 from chatproto.realm.reading import MARK_BURST
-from chatproto.testing import connect_string_transport, frame, frames
+from chatproto.testing import frame, frames
 from tests.conftest import until
 from tests.test_irc import PW, Conn, factory_fixture, login, parsed, realm_fixture  # noqa: F401
 from tests.test_irc_conformance_loopback import connect as raw_connect
 from tests.test_irc_loopback import irc_gateway
+from tests.test_reading import logged_in_clear
 
 CAPS = "draft/read-marker server-time message-tags"
 
@@ -53,15 +54,6 @@ def post(factory: IRCFactory, clock: Clock, sender: str, to: str, body: str, dt:
 def marker(realm: RealmService, user: str, conv: str) -> int:
     markers: dict[str, int] = realm.store.read_markers(conv).result
     return markers.get(user, 0)
-
-
-def native(realm: RealmService, clock: Clock, user: str) -> Any:
-    proto, t = connect_string_transport(realm)
-    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
-    proto.dataReceived(frame({"type": "login", "id": 2, "user": user, "password": PW}))
-    clock.advance(0)
-    frames(t)
-    return proto, t
 
 
 def test_the_capability_is_offered(factory: IRCFactory) -> None:
@@ -135,7 +127,7 @@ def test_markers_moved_elsewhere_reach_the_irc_client(factory: IRCFactory, clock
     bob = login(factory, "bob", CAPS)
     env = post(factory, clock, "bob", "alice", "one", 3.0)
     alice.lines(), plain.lines(), bob.lines()
-    phone, t = native(realm, clock, "alice")
+    phone, t = logged_in_clear(realm, clock, "alice", password=PW)
     phone.dataReceived(frame({"type": "mark_read", "id": 3, "with": "bob", "pos": env.pos}))
     assert frames(t)[-1] == {"type": "result", "id": 3, "with": "bob@localhost", "pos": env.pos}
     assert markreads(alice) == [["bob", stamp(env)]]

@@ -18,22 +18,14 @@ from chatproto import client, ctl, ctlmoderation
 from chatproto.client import RemoteError
 from chatproto.envelope import Envelope
 from chatproto.realm.moderation import REPORT_BURST, REPORT_RATE
-from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import frame, frames, make_test_realm
 from tests.conftest import until
 from tests.test_cli import run_cli
 from tests.test_control import PW, Running, _write_config, short_dir  # noqa: F401
+from tests.test_reading import logged_in_clear
 from tests.test_tui_loopback import PASSWORD, logged_in, notices, register
 
 PASS = "correct horse battery"
-
-
-def _login(realm: Any, clock: Clock, user: str) -> tuple[Any, Any]:
-    proto, transport = connect_string_transport(realm)
-    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 0}))
-    proto.dataReceived(frame({"type": "login", "id": 0, "user": user, "password": PASS}))
-    clock.advance(0)
-    frames(transport)
-    return proto, transport
 
 
 def _ask(proto: Any, transport: Any, clock: Clock, **req: Any) -> dict[str, Any]:
@@ -53,7 +45,10 @@ def moderated() -> Any:
     for name in ("alice", "bob", "carol", "dave"):
         realm.create_user(name, PASS)
     realm.moderation.grant("alice")
-    conns = {name: _login(realm, clock, name) for name in ("alice", "bob", "carol")}
+    conns = {
+        name: logged_in_clear(realm, clock, name, password=PASS)
+        for name in ("alice", "bob", "carol")
+    }
     return realm, clock, conns
 
 
@@ -167,7 +162,9 @@ def test_report_and_reports_over_loopback_client_cli_and_tui(server: Any) -> Any
         tui.open("carol@localhost")
         yield until(lambda: len(tui.model.conversations["carol@localhost"].items) == 2)
         yield tui.run("/report abusive")
-        assert notices(tui, "carol@localhost")[-1] == "reported the latest message of carol (report 3)"
+        assert (
+            notices(tui, "carol@localhost")[-1] == "reported the latest message of carol (report 3)"
+        )
         admin = yield client.connect(_reactor, addr, "alice", PASSWORD)
         page = yield admin.reports(limit=2)
         assert [(r["id"], r["reason"]) for r in page] == [(3, "abusive"), (2, "more spam")]
@@ -246,7 +243,7 @@ def test_a_realm_admin_deletes_any_message_of_a_local_user(moderated: Any) -> No
     realm, clock, c = moderated
     sent = _ask(*c["carol"], clock, type="send", to="bob", body="nasty words")
     frames(c["bob"][1])
-    dave = _login(realm, clock, "dave")
+    dave = logged_in_clear(realm, clock, "dave", password=PASS)
     err = _ask(*dave, clock, type="delete", msg_id=sent["msg_id"])
     assert err["code"] == "not_found"  # an ordinary user: as if it did not exist
     reply = _ask(*c["alice"], clock, type="delete", msg_id=sent["msg_id"])

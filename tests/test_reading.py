@@ -14,9 +14,11 @@ from chatproto.testing import connect_string_transport, frame, frames, logged_in
 from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 
 
-def logged_in_clear(realm: Any, clock: Clock, user: str, device: str = "default") -> Any:
+def logged_in_clear(
+    realm: Any, clock: Clock, user: str, device: str = "default", password: str = "password1"
+) -> Any:
     """:func:`logged_in` with the login's frames taken off the transport."""
-    proto, transport = logged_in(realm, clock, user, device=device)
+    proto, transport = logged_in(realm, clock, user, password, device=device)
     frames(transport)
     return proto, transport
 
