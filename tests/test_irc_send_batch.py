@@ -10,14 +10,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chatproto.irc import IRCFactory
+from chatproto.realm import RealmService
 from tests.conftest import count_appends
-from tests.test_irc import Conn, login, make_realm
+from tests.test_irc import Conn, clock_fixture, factory_fixture, login, make_realm, realm_fixture  # noqa: F401
 
 
-def test_privmsgs_of_one_read_are_one_append() -> None:
-    clock = Clock()
-    realm = make_realm(clock)
-    factory = IRCFactory(realm, clock)
+def test_privmsgs_of_one_read_are_one_append(realm: RealmService, factory: IRCFactory) -> None:
     alice = login(factory, "alice")
     bob = login(factory, "bob")
     sizes = count_appends(realm)
@@ -32,10 +30,7 @@ def test_privmsgs_of_one_read_are_one_append() -> None:
     realm.stopService()
 
 
-def test_errors_stay_per_target_and_in_order() -> None:
-    clock = Clock()
-    realm = make_realm(clock)
-    factory = IRCFactory(realm, clock)
+def test_errors_stay_per_target_and_in_order(realm: RealmService, factory: IRCFactory) -> None:
     alice = login(factory, "alice")
     bob = login(factory, "bob")
     alice.send("PRIVMSG bob :one", "PRIVMSG nobody :lost", "PRIVMSG bob,carol :two", "PING x")
@@ -50,12 +45,11 @@ def test_errors_stay_per_target_and_in_order() -> None:
     realm.stopService()
 
 
-def test_a_command_after_privmsgs_is_stored_after_them() -> None:
+def test_a_command_after_privmsgs_is_stored_after_them(
+    realm: RealmService, factory: IRCFactory, clock: Clock
+) -> None:
     """PRIVMSG then TOPIC in one read: the message is handed to the realm before the
     TOPIC, so the store holds them in the order they were written."""
-    clock = Clock()
-    realm = make_realm(clock)
-    factory = IRCFactory(realm, clock)
     alice = login(factory, "alice")
     login(factory, "bob")
     alice.send("JOIN #room")
