@@ -18,11 +18,20 @@ much less time left), and each user holds at most :data:`MAX_TOKENS_PER_USER` (t
 oldest is dropped first).  A token is revoked by logging out (this browser), by "log
 out everywhere" (every browser of the account), by ``chatrealmctl sessions revoke``,
 and with the account's password, deletion or suspension.
+
+In a cluster each worker holds the tokens in memory and hears of those another worker
+issued over the bus, a round trip later.  A login presenting a token the worker does
+not hold reads the store before refusing it (:meth:`Tokens.find`; the store is the
+truth, the bus a wake-up): only for a token of the shape this module issues, never
+for one revoked here whose deletion the store has not confirmed, and within a bound
+(:data:`MISS_READS_AT_ONCE`, :data:`MISS_READS_PER_SECOND`), so guessed tokens cost
+the store no more than that whatever their rate.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -38,9 +47,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from chatproto.ratelimit import TokenBucket
+
 __all__ = [
     "LOGIN_ID_LENGTH",
     "MAX_TOKENS_PER_USER",
+    "MISS_READS_AT_ONCE",
+    "MISS_READS_BURST",
+    "MISS_READS_PER_SECOND",
     "TOUCH_EVERY",
     "ISessionToken",
     "SessionToken",
@@ -55,6 +69,17 @@ MAX_TOKENS_PER_USER = 64
 
 #: Seconds between two writes of a token's last use to the store (at most).
 TOUCH_EVERY = 60.0
+
+#: Store reads of tokens a worker does not hold (:meth:`Tokens.find`) under way at once,
+MISS_READS_AT_ONCE = 4
+#: and begun per second on average, in bursts of at most :data:`MISS_READS_BURST`;
+#: past either bound a token not held is refused without a read (as before a worker
+#: read the store at all: the browser logs in again a moment later).
+MISS_READS_PER_SECOND = 10.0
+MISS_READS_BURST = 20
+
+#: What ``secrets.token_urlsafe(32)`` makes: anything else is no token.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class ISessionToken(Interface):
@@ -109,17 +134,31 @@ class Tokens:
 
     Checks are answered from memory (a token is checked on every web request, some
     before their body is read); every change is written through to the store, which
-    :meth:`load` reads at start.
+    :meth:`load` reads at start.  With ``shared`` (a worker of a cluster: other
+    processes issue tokens into the same store) a login may also read the store for a
+    token not held here (:meth:`find`).
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, ttl: float, store: Any = None) -> None:
+    def __init__(
+        self, clock: IReactorTime, ttl: float, store: Any = None, shared: bool = False
+    ) -> None:
         self._clock = clock
         self.ttl = ttl
         self._store = store
+        self._shared = shared and store is not None
         #: sha256(token) -> record, oldest first (moved to the end on use)
         self._records: OrderedDict[str, TokenRecord] = OrderedDict()
+        #: sha256(token) -> when it was revoked here, until the store confirms it gone:
+        #: a store read meanwhile may still find it, and must not bring it back
+        self._forgotten: dict[str, float] = {}
+        #: bumped whenever tokens may have ended that were never held here (a reload,
+        #: an account's logins deleted in the store): a store read under way across it
+        #: is not trusted
+        self._changes = 0
+        self._miss_reads = 0
+        self._miss_bucket = TokenBucket(MISS_READS_PER_SECOND, MISS_READS_BURST, clock.seconds())
 
     def _stored(self, d: Deferred[Any], what: str) -> Deferred[Any]:
         def failed(f: Failure) -> None:
@@ -160,7 +199,10 @@ class Tokens:
                 }
             )
 
+        self._changes += 1
+
         def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> set[str]:
+            self._changes += 1
             now = self._clock.seconds()
             stored = {row[0]: row for row in rows}
             for key in [k for k, r in self._records.items() if user in (None, r.user)]:
@@ -225,14 +267,68 @@ class Tokens:
             self._stored(self._store.touch_session_token(key, now), "a login's use")
         return record
 
+    def find(self, token: str | None) -> Deferred[TokenRecord | None]:
+        """:meth:`check`, and for a token not held here, with ``shared``, what the
+        store says of it: fires with the record of a live token (now held here), or
+        None.  A token revoked here (until the store confirms it gone), one of another
+        shape than those issued, one past its time, and one read while logins were
+        being re-read (:meth:`reload`: it may be one they ended) stay refused; so does
+        every token not held once :data:`MISS_READS_AT_ONCE` reads are under way or
+        the :data:`MISS_READS_PER_SECOND` bucket is empty.  A failed read refuses."""
+        record = self.check(token)
+        if record is not None or not self._shared or not token:
+            return succeed(record)
+        key = _digest(token)
+        now = self._clock.seconds()
+        if (
+            _TOKEN_SHAPE.fullmatch(token) is None
+            or key in self._forgotten
+            or self._miss_reads >= MISS_READS_AT_ONCE
+            or self._miss_bucket.take(now) > 0
+        ):
+            return succeed(None)
+        self._miss_reads += 1
+        changes = self._changes
+
+        def read(row: tuple[str, str, int, str, float, float] | None) -> TokenRecord | None:
+            if key in self._records:  # (a reload meanwhile read it: it is live)
+                return self.check(token)
+            if row is None or self._changes != changes or key in self._forgotten:
+                return None
+            _, name, floor, device, created, last_used = row
+            self._records[key] = TokenRecord(
+                name, device, last_used, floor, created, stored_use=last_used
+            )
+            return self.check(token)  # (None if past its time)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("session tokens: reading a login not held here", f)
+            return None
+
+        def done(result: Any) -> Any:
+            self._miss_reads -= 1
+            return result
+
+        d = self._store.session_token(key).addBoth(done)
+        return d.addCallbacks(read, failed)
+
     def _forget(self, keys: Iterable[str]) -> Deferred[int]:
         keys = list(keys)
         for key in keys:
             self._records.pop(key, None)
         if self._store is None or not keys:
             return succeed(len(keys))
-        d = self._stored(self._store.delete_session_tokens(keys), "a revocation")
-        return d.addCallback(lambda _: len(keys))
+        now = self._clock.seconds()
+        for key in keys:
+            self._forgotten[key] = now
+
+        def gone(n: int) -> int:
+            for key in keys:  # (kept after a failed deletion, until prune)
+                self._forgotten.pop(key, None)
+            return n
+
+        d = self._store.delete_session_tokens(keys).addCallback(gone)
+        return self._stored(d, "a revocation").addCallback(lambda _: len(keys))
 
     def revoke(self, token: str | None) -> TokenRecord | None:
         """Forget a token (logout); returns what it stood for, if it was live.  It
@@ -252,6 +348,7 @@ class Tokens:
         self._forget(keys)
         if self._store is not None and keep_floor is None:
             # and any the store holds that this realm did not load (another account's)
+            self._changes += 1
             self._stored(self._store.delete_user_session_tokens(user), "a revocation")
         return len(keys)
 
@@ -293,6 +390,9 @@ class Tokens:
             if now - record.last_used <= self.ttl:
                 break
             del self._records[key]
+        for key, when in list(self._forgotten.items()):
+            if now - when > self.ttl:  # (a read would find it past its time anyway)
+                del self._forgotten[key]
         if self._store is not None:
             before = now - self.ttl - TOUCH_EVERY
             self._stored(self._store.expire_session_tokens(before), "expiry")

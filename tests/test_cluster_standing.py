@@ -219,6 +219,122 @@ def test_a_login_being_stored_here_is_kept_when_another_worker_makes_one(pair: P
     assert str(w2.token_user(token)) == "bob@localhost"
 
 
+def test_a_browser_login_used_on_another_worker_before_the_bus_tells_of_it(
+    pair: Pair,
+) -> None:
+    """A login made on w1 and presented on w2 before the bus message reaches w2 (here
+    it never does): w2 reads the store before refusing the token (the store is the
+    truth, the bus a wake-up)."""
+    w1, w2 = pair.realms
+    pair.cut = True
+    token, _ = fired(w1.issue_token("bob", PASSWORD, "laptop"))
+    mind = Mind()
+    session = fired(w2.login_token(token, mind))
+    assert (str(session.user), session.device) == ("bob@localhost", "laptop")
+    assert str(w2.token_user(token)) == "bob@localhost"  # held on w2 from now on
+
+
+def test_a_login_revoked_before_another_worker_hears_of_it_stays_refused(pair: Pair) -> None:
+    """The store read for a token not held never brings back a revoked one: one
+    revoked on the worker that issued it (gone from the store), one revoked here
+    whose deletion the store has not confirmed, one revoked while the read was under
+    way."""
+    from twisted.internet.defer import Deferred
+
+    w1, w2 = pair.realms
+    pair.cut = True
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    w1.revoke_token(token)
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+
+    # revoked on w2 (which never held it) while the store still has it
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    delete = pair.store.delete_session_tokens
+    held: list[Deferred[None]] = []
+
+    def slow_delete(digests: Any) -> Any:
+        d: Deferred[None] = Deferred()
+        held.append(d)
+        return d.addCallback(lambda _: delete(digests))
+
+    pair.store.delete_session_tokens = slow_delete  # type: ignore[method-assign]
+    w2.revoke_token(token)
+    pair.store.delete_session_tokens = delete  # type: ignore[method-assign]
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+    held[0].callback(None)
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+
+    # revoked on w1 while w2's read of it is under way (the read saw it live)
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    read = pair.store.session_token
+    reads: list[Deferred[None]] = []
+
+    def slow_read(digest: str) -> Any:
+        d: Deferred[None] = Deferred()
+        reads.append(d)
+        row = fired(read(digest))
+        return d.addCallback(lambda _: row)
+
+    pair.store.session_token = slow_read  # type: ignore[method-assign]
+    pending = w2.login_token(token, Mind())
+    pair.store.session_token = read  # type: ignore[method-assign]
+    pair.cut = False
+    fired(w1.admin.revoke_logins("bob"))  # w2 hears of it: it re-reads bob's logins
+    reads[0].callback(None)
+    assert failure_code(pending) == "auth_failed"
+    assert w2.token_user(token) is None
+
+
+def test_store_reads_for_tokens_not_held_are_bounded(pair: Pair) -> None:
+    """Guessed tokens cost the store at most MISS_READS_AT_ONCE reads at once and
+    MISS_READS_PER_SECOND (in bursts of MISS_READS_BURST); a token of another shape
+    than those issued costs none.  Past the bound a real token not held yet is refused
+    as it was before workers read the store, until the bucket refills."""
+    import secrets
+
+    from twisted.internet.defer import Deferred
+
+    from chatproto.tokens import MISS_READS_AT_ONCE, MISS_READS_BURST, MISS_READS_PER_SECOND
+
+    w1, w2 = pair.realms
+    pair.cut = True
+    read = pair.store.session_token
+    reads: list[str] = []
+    held: list[Deferred[None]] = []
+    hold = True
+
+    def counted(digest: str) -> Any:
+        reads.append(digest)
+        if not hold:
+            return read(digest)
+        d: Deferred[None] = Deferred()
+        held.append(d)
+        return d.addCallback(lambda _: fired(read(digest)))
+
+    pair.store.session_token = counted  # type: ignore[method-assign]
+    for junk in ("x", "a" * 42, "a" * 44, "!" * 43, "é" * 43):
+        assert failure_code(w2.login_token(junk, Mind())) == "auth_failed"
+    assert reads == []
+
+    pending = [w2.login_token(secrets.token_urlsafe(32), Mind()) for _ in range(10)]
+    assert len(reads) == MISS_READS_AT_ONCE
+    for d in held:
+        d.callback(None)
+    hold = False
+    for d in pending:
+        assert failure_code(d) == "auth_failed"
+    for _ in range(100):
+        failure_code(w2.login_token(secrets.token_urlsafe(32), Mind()))
+    assert len(reads) == MISS_READS_BURST
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+    assert len(reads) == MISS_READS_BURST
+
+    pair.clock.advance(1 / MISS_READS_PER_SECOND)
+    fired(w2.login_token(token, Mind()))
+    assert len(reads) == MISS_READS_BURST + 1
+
+
 @pytest.mark.parametrize(
     "message",
     [

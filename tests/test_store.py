@@ -804,6 +804,8 @@ def test_browser_logins_are_kept_per_account_and_expire(store: Any) -> Any:
     ]
     assert [r[0] for r in (yield store.session_tokens("alice"))] == ["d2", "d1"]
     assert (yield store.session_tokens("carol")) == []
+    assert (yield store.session_token("d2")) == ("d2", "alice", 0, "phone", 11.0, 20.0)
+    assert (yield store.session_token("nope")) is None
     assert (yield store.expire_session_tokens(16.0)) == 1  # d3
     assert (yield store.delete_session_tokens(["d2", "nope"])) == 1
     assert [r[0] for r in (yield store.session_tokens())] == ["d1"]
@@ -812,6 +814,7 @@ def test_browser_logins_are_kept_per_account_and_expire(store: Any) -> Any:
     yield store.delete_user("bob", "bob@localhost")
     yield store.create_user("bob", "h", 2.0)
     assert [r[0] for r in (yield store.session_tokens())] == ["d1"]
+    assert (yield store.session_token("d4")) is None
     assert (yield store.expire_session_tokens(0.0)) == 1  # d4, whose account is gone
     assert (yield store.delete_user_session_tokens("alice")) == 1
     assert (yield store.session_tokens()) == []

@@ -155,7 +155,9 @@ class Accounts:
         self.hasher = hasher
         self._password_checker = StoreChecker(self.store, hasher)
         #: Session tokens of browser logins (see chatproto.tokens and chatproto.web).
-        self.tokens = Tokens(self.clock, config.web.session_ttl, self.store)
+        self.tokens = Tokens(
+            self.clock, config.web.session_ttl, self.store, shared=config.worker is not None
+        )
         self.portal = Portal(_CredRealm(realm), [self._password_checker, TokenChecker(self.tokens)])
         a = config.auth
         self._account_throttle = FailureThrottle(
@@ -441,9 +443,11 @@ class Accounts:
     ) -> Any:
         """:meth:`login` with a session token (a browser's cookie) instead of a
         password; ``device`` defaults to the one the token was issued for.  An unknown
-        or expired token fails with ``auth_failed``."""
+        or expired token fails with ``auth_failed``.  A worker of a cluster asks the
+        store of a token it does not hold (issued on another worker a moment ago:
+        :meth:`chatproto.tokens.Tokens.find`)."""
         yield self._r.when_started()  # (the browser logins are loaded)
-        record = self.tokens.check(token)
+        record = yield self.tokens.find(token)
         if record is None:
             self.stats.login_failures += 1
             raise ChatError("auth_failed", "not logged in (no valid session token)")

@@ -181,6 +181,12 @@ class IStore(Interface):
         account name ``name`` only, if given -- as ``(digest, name, floor, device,
         created, last_used)``, least recently used first."""
 
+    def session_token(digest):  # type: ignore[misc]
+        """Fires with the login whose token's SHA-256 is ``digest``, as a row of
+        :meth:`session_tokens`, or None (no such login, or its account is gone).  A
+        worker of a cluster asks it of a token another worker issued that it has not
+        heard of yet (:meth:`chatproto.tokens.Tokens.find`)."""
+
     def expire_session_tokens(before):  # type: ignore[misc]
         """Forget the logins last used before ``before``, and those of accounts that
         are gone; fires with how many."""

@@ -163,11 +163,19 @@ class AccountsSQL:
         self, name: str | None = None
     ) -> list[tuple[str, str, int, str, float, float]]:
         only = "" if name is None else "WHERE t.name = ? "
+        return self._token_rows(f"{only}ORDER BY t.last_used", () if name is None else (name,))
+
+    def session_token(self, digest: str) -> tuple[str, str, int, str, float, float] | None:
+        rows = self._token_rows("WHERE t.digest = ?", (digest,))
+        return rows[0] if rows else None
+
+    def _token_rows(
+        self, where: str, params: Sequence[Any]
+    ) -> list[tuple[str, str, int, str, float, float]]:
         rows = self._run(
             "SELECT t.digest, t.name, t.floor, t.device, t.created, t.last_used "
-            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor "
-            f"{only}ORDER BY t.last_used",
-            () if name is None else (name,),
+            "FROM session_tokens t JOIN users u ON u.name = t.name AND u.floor = t.floor " + where,
+            params,
         )
         return [
             (

@@ -267,6 +267,7 @@ class StoreDB(Protocol):
     def session_tokens(
         self, name: str | None = None
     ) -> list[tuple[str, str, int, str, float, float]]: ...
+    def session_token(self, digest: str) -> tuple[str, str, int, str, float, float] | None: ...
     def expire_session_tokens(self, before: float) -> int: ...
     def grant_admin(self, name: str, ts: float) -> bool: ...
     def revoke_admin(self, name: str) -> bool: ...
@@ -603,6 +604,11 @@ class GroupCommitStore:
         self, name: str | None = None
     ) -> Deferred[list[tuple[str, str, int, str, float, float]]]:
         return self._read(lambda db: db.session_tokens(name))
+
+    def session_token(
+        self, digest: str
+    ) -> Deferred[tuple[str, str, int, str, float, float] | None]:
+        return self._read(lambda db: db.session_token(digest))
 
     def expire_session_tokens(self, before: float) -> Deferred[int]:
         return self._write(lambda: self._db().expire_session_tokens(before))

@@ -145,6 +145,14 @@ class MemoryStore:
         rows = [r for r in rows if self._is_account(r[1], r[2]) and name in (None, r[1])]
         return succeed(sorted(rows, key=lambda r: r[5]))
 
+    def session_token(
+        self, digest: str
+    ) -> Deferred[tuple[str, str, int, str, float, float] | None]:
+        row = self.session_tokens_.get(digest)
+        if row is None or not self._is_account(row[0], row[1]):
+            return succeed(None)
+        return succeed((digest, *row))
+
     def expire_session_tokens(self, before: float) -> Deferred[int]:
         gone = [
             d
