@@ -25,6 +25,7 @@ from chatproto.envelope import Envelope, conversation_key, new_message_id, new_m
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
 from chatproto.realm.tags import check_tags
+from chatproto.relations import check_msg_id
 from chatproto.text import check_body
 
 if TYPE_CHECKING:
@@ -178,10 +179,14 @@ class Messaging:
                 first.append(waiter)
                 return waiter
         try:
-            body = self._checked(session, body, self._clock.seconds())
+            # Every field is checked before the send costs a token of the rate limit.
+            body = self.check_body(body)
             meta: dict[str, Any] | None = NOTICE_META if notice else None
             if tags is not None:  # a new dict: NOTICE_META is shared
                 meta = {**(meta or {}), "tags": check_tags(tags)}
+            if reply_to is not None:
+                check_msg_id(reply_to, "reply_to")
+            self.spend(session, self._clock.seconds())
         except ChatError as e:
             return fail(e)
         if reply_to is None:
