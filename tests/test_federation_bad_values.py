@@ -206,6 +206,11 @@ def test_a_poisoned_row_stored_before_the_checks_breaks_no_backlog_or_history(
                 "'alice@localhost bob@localhost', ?, ?, ?)",
                 (mid, ts, mid, meta),
             )
+        # (the rows the store writes with a conversation's first item: feeds read by them)
+        db.executemany(
+            "INSERT OR IGNORE INTO user_convs VALUES (?, 'alice@localhost bob@localhost', ?)",
+            [("alice@localhost", "bob@localhost"), ("bob@localhost", "alice@localhost")],
+        )
     db.close()
     realm = make_realm(cfg)
     yield realm.startService()

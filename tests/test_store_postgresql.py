@@ -283,6 +283,10 @@ def test_a_poisoned_row_reads_as_safe_values(open_store: Any, admin: Any, schema
             "%s, %s)",
             (mid, ALICE, BOB, f"{ALICE} {BOB}", ts, mid, meta),
         )
+    # (the row the store writes with a conversation's first item: the feed reads by it)
+    admin.execute(
+        f'INSERT INTO "{schema}".user_convs VALUES (%s, %s, %s)', (BOB, f"{ALICE} {BOB}", ALICE)
+    )
     feed = yield store.read_feed(BOB, 0, 10)
     assert [e.id for e in feed] == [r[0] for r in rows]
     assert [e.ts for e in feed] == [0.0, 0.0, 0.0, 1764093000.0, 1764093000.0]
@@ -308,9 +312,7 @@ def _hold_back(admin_dsn: str, schema: str, writer: str) -> Any:
     writer's next commit stops just before COMMIT (its items inserted, its positions
     drawn, its in-flight lock held) until the connection's transaction ends."""
     conn = psycopg.connect(admin_dsn)
-    conn.execute(
-        f'SELECT 1 FROM "{schema}".stream_writers WHERE writer = %s FOR UPDATE', (writer,)
-    )
+    conn.execute(f'SELECT 1 FROM "{schema}".stream_writers WHERE writer = %s FOR UPDATE', (writer,))
     return conn
 
 

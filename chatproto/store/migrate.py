@@ -168,6 +168,11 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         "COPY prefs (user_addr, key, value) FROM STDIN",
         lambda r: (r[0], r[1], _text(r[2])),
     ),
+    "user_convs": (
+        "SELECT user_addr, conv, peer FROM user_convs ORDER BY user_addr, conv",
+        "COPY user_convs (user_addr, conv, peer) FROM STDIN",
+        lambda r: (r[0], r[1], r[2]),
+    ),
     "refs": (
         "SELECT ref, pos FROM refs ORDER BY ref, pos",
         "COPY refs (ref, pos) FROM STDIN",

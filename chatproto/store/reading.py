@@ -48,6 +48,10 @@ SEARCH_TAIL = 50_000
 
 _WORD = re.compile(r"[^\W_]+")
 
+#: The private conversations of the user given as its one parameter (see
+#: chatproto/store/userconvs.py): the items to or from a user are the items of these.
+_USER_CONVS = "SELECT conv FROM user_convs WHERE user_addr = ?"
+
 
 def search_words(query: str) -> list[str]:
     """The words of a search query, lower-cased: runs of letters and digits (what
@@ -125,17 +129,13 @@ class ReadingSQL:
         ``(lo, hi]`` ranges, after ``after`` (and with ``upto``, none above it);
         oldest first."""
         bound = "" if upto is None else " AND pos <= ?"
-        parts = [
-            f"SELECT {self.COLS} FROM items WHERE recipient = ? AND pos > ?{bound}",
-            f"SELECT {self.COLS} FROM items WHERE sender = ? AND pos > ?{bound} "
-            "AND recipient <> sender AND substr(recipient, 1, 1) <> '#'",
-        ]
+        # The user's private conversations (user_convs), each read through items_conv.
+        parts = [f"SELECT {self.COLS} FROM items WHERE conv IN ({_USER_CONVS}) AND pos > ?{bound}"]
         params: list[Any] = [user, after] if upto is None else [user, after, upto]
-        params += params
         for group, lo, hi in groups:
             if hi is not None and hi <= after:
                 continue
-            part = f"SELECT {self.COLS} FROM items WHERE recipient = ? AND pos > ?"
+            part = f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos > ?"
             params += [group, max(after, lo)]
             if hi is not None:
                 part += " AND pos <= ?"
@@ -165,11 +165,9 @@ class ReadingSQL:
     def conversation_partners(self, user: str, after: int = 0) -> list[str]:
         """The users ``user`` has a private conversation with (after ``after``)."""
         rows = self._rows(
-            "SELECT DISTINCT sender FROM items WHERE recipient = ? AND sender <> ? "
-            "AND pos > ? "
-            "UNION SELECT DISTINCT recipient FROM items WHERE sender = ? "
-            "AND recipient <> ? AND substr(recipient, 1, 1) <> '#' AND pos > ?",
-            (user, user, after, user, user, after),
+            "SELECT peer FROM user_convs u WHERE user_addr = ? AND peer <> ? AND EXISTS "
+            "(SELECT 1 FROM items WHERE items.conv = u.conv AND items.pos > ?) ORDER BY peer",
+            (user, user, after),
         )
         return [r[0] for r in rows]
 
@@ -263,10 +261,9 @@ class ReadingSQL:
         many of those mention ``name`` (groups only), and every marker in it."""
         last: dict[str, int] = {}
         for conv, pos in self._rows(
-            "SELECT conv, max(pos) FROM items WHERE recipient = ? AND pos > ? GROUP BY conv "
-            "UNION ALL SELECT conv, max(pos) FROM items WHERE sender = ? AND pos > ? "
-            "AND substr(recipient, 1, 1) <> '#' GROUP BY conv",
-            (user, floor, user, floor),
+            "SELECT conv, (SELECT max(pos) FROM items WHERE items.conv = u.conv "
+            "AND items.pos > ?) FROM user_convs u WHERE user_addr = ?",
+            (floor, user),
         ):
             if pos is not None and int(pos) > last.get(conv, 0):
                 last[conv] = int(pos)
@@ -338,11 +335,8 @@ class ReadingSQL:
         where: list[Any] = []
         for kind, what, lo in scopes:
             if kind == "user":
-                parts.append(
-                    "((items.recipient = ? OR items.sender = ?) "
-                    "AND substr(items.recipient, 1, 1) <> '#' AND items.pos > ?)"
-                )
-                where += [what, what, lo]
+                parts.append(f"(items.conv IN ({_USER_CONVS}) AND items.pos > ?)")
+                where += [what, lo]
             else:
                 parts.append("(items.conv = ? AND items.pos > ?)")
                 where += [what, lo]

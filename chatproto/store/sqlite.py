@@ -41,6 +41,7 @@ from chatproto.store.groupcommit import (
 )
 from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
+from chatproto.store.userconvs import UserConvs
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -48,7 +49,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 17
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -289,6 +290,24 @@ MIGRATIONS: list[str] = [
     );
     INSERT OR REPLACE INTO settings (key, value) VALUES ('search_upto', '0');
     """,
+    # v17 (issue 20): a user's private items are read through the conversations they
+    # are in (user_convs, see chatproto/store/userconvs.py) and the items_conv index;
+    # the indexes on sender and recipient go: every insert paid for both (with many
+    # users, as much again as the rest of the insert: bench/store_micro.py).
+    """
+    CREATE TABLE IF NOT EXISTS user_convs (
+        user_addr TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        PRIMARY KEY (user_addr, conv)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO user_convs
+        SELECT sender, conv, recipient FROM items WHERE substr(recipient, 1, 1) <> '#';
+    INSERT OR IGNORE INTO user_convs
+        SELECT recipient, conv, sender FROM items WHERE substr(recipient, 1, 1) <> '#';
+    DROP INDEX IF EXISTS items_sender;
+    DROP INDEX IF EXISTS items_recipient;
+    """,
 ]
 
 #: The items indexed already (``pos <= ?1``) that an edit in ``(?1, ?2]`` changed, with
@@ -376,6 +395,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         #: Set when the transaction in progress wiped a deleted item: after its commit
         #: the WAL is checkpointed and truncated, so no old copy of a page stays.
         self._wiped = False
+        #: The user_convs rows this connection knows are committed.
+        self._user_convs = UserConvs()
 
     def close(self) -> None:
         self.conn.close()
@@ -536,6 +557,9 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
             delete_accounts(out, missing, deletions, self._delete_account)
+            convs = self._user_convs.new_rows(batches, out)
+            if convs:
+                c.executemany("INSERT OR IGNORE INTO user_convs VALUES (?, ?, ?)", convs)
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, self._text_in)
                 if rows:
@@ -562,6 +586,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             synced = time.perf_counter()
             c.execute("COMMIT")
             self.sync_seconds = time.perf_counter() - synced
+            self._user_convs.committed(convs)
         except BaseException:
             self._wiped = False
             c.execute("ROLLBACK")

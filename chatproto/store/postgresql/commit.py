@@ -38,6 +38,7 @@ from chatproto.store.postgresql.rows import (
 )
 from chatproto.store.postgresql.writers import WriterPositions
 from chatproto.store.reading import REF_KINDS_SQL
+from chatproto.store.userconvs import UserConvs
 
 __all__ = ["CommitSQL"]
 
@@ -50,6 +51,8 @@ class CommitSQL(WriterPositions):
     _delete_account: Callable[[str, str], None]
     _set_reads: Callable[[dict[tuple[str, str], int]], None]
     _key: bytes | None
+    #: The user_convs rows this connection knows are committed.
+    _user_convs: UserConvs
     #: Seconds the last group commit's COMMIT took (for the metrics).
     sync_seconds: float
     #: Whether the last :meth:`commit_batch` got as far as sending COMMIT.
@@ -140,6 +143,13 @@ class CommitSQL(WriterPositions):
             else:
                 out = self._append_all(batches, flags)
             delete_accounts(out, missing, deletions, self._delete_account)
+            convs = self._user_convs.new_rows(batches, out)
+            if convs:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO user_convs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        convs,
+                    )
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, escape_text)
                 if rows:
@@ -176,6 +186,7 @@ class CommitSQL(WriterPositions):
             self.commit_sent = True  # past here a lost connection leaves it unknown
             synced = time.perf_counter()
         self.sync_seconds = time.perf_counter() - synced
+        self._user_convs.committed(convs)
         return out, queued_rows
 
     def _id_key(self) -> bytes:

@@ -36,6 +36,7 @@ from chatproto.store.postgresql.rows import (
 from chatproto.store.postgresql.schema import MIGRATIONS, SCHEMA_VERSION
 from chatproto.store.postgresql.writers import CTL_WRITER, inflight_lock_key, schema_lock_key
 from chatproto.store.reading import ReadingSQL
+from chatproto.store.userconvs import UserConvs
 
 __all__ = ["CONNECT_TIMEOUT", "PostgresDB", "describe_dsn"]
 
@@ -105,6 +106,7 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, Fil
             self.conn.close()
             raise
         self._key: bytes | None = None
+        self._user_convs = UserConvs()
         self._locked = False
         #: Seconds the last group commit's COMMIT took (the server's WAL flush and the
         #: round trip; for the metrics).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -226,5 +226,22 @@ MIGRATIONS: list[str] = [
         SELECT meta::json ->> 'ref', pos FROM items
         WHERE kind IN ('edit', 'delete', 'reaction') AND (meta::json ->> 'ref') IS NOT NULL
         ON CONFLICT DO NOTHING;
+    """,
+    # v11 (SQLite's v17; issue 20): a user's private items are read through the
+    # conversations they are in (user_convs, see chatproto/store/userconvs.py) and
+    # items_conv; the indexes on sender and recipient, which every insert paid for, go.
+    """
+    CREATE TABLE IF NOT EXISTS user_convs (
+        user_addr TEXT COLLATE "C" NOT NULL,
+        conv TEXT COLLATE "C" NOT NULL,
+        peer TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (user_addr, conv)
+    );
+    INSERT INTO user_convs
+        SELECT sender, conv, recipient FROM items WHERE substr(recipient, 1, 1) <> '#'
+        UNION SELECT recipient, conv, sender FROM items WHERE substr(recipient, 1, 1) <> '#'
+        ON CONFLICT DO NOTHING;
+    DROP INDEX IF EXISTS items_sender;
+    DROP INDEX IF EXISTS items_recipient;
     """,
 ]
