@@ -19,6 +19,10 @@ them less than wall time):
 - one line per table layout: the same rows with a raw ``executemany`` (one transaction
   per batch, no savepoints), each layout in a database of its own; the layouts
   alternate round by round so they all see the same machine load.
+
+With ``--postgresql DSN`` it runs ``PostgresDB.append_batch`` instead, in a schema of
+its own (dropped after), and prints this process's CPU and the wall time per item
+(the inserts' work is the server's: wall time is its measure, on a quiet machine).
 """
 
 from __future__ import annotations
@@ -156,11 +160,15 @@ def main() -> None:
     ap.add_argument("--convs", type=int, default=50)
     ap.add_argument("--synchronous", default="FULL")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the layouts (alternated)")
+    ap.add_argument("--postgresql", metavar="DSN", help="the append path on PostgreSQL")
     a = ap.parse_args()
     rng = random.Random(1)
     pairs = conversations(a.users, a.convs, rng)
     n = a.batch * a.rounds
     print(f"{a.users} users, {len(pairs)} conversations, {a.rounds} commits of {a.batch} items")
+    if a.postgresql:
+        postgresql(a, pairs, rng)
+        return
     with tempfile.TemporaryDirectory() as d:
         db = SQLiteDB(os.path.join(d, "s.sqlite3"), a.synchronous)
         db.migrate()
@@ -207,6 +215,35 @@ def main() -> None:
             print(f"executemany, {name:42} {shown} us/item CPU")
         for conn in conns.values():
             conn.close()
+
+
+def postgresql(a: argparse.Namespace, pairs: list[tuple[str, str]], rng: random.Random) -> None:
+    import psycopg
+
+    from chatproto.store.postgresql import SCHEMA_VERSION, PostgresDB
+
+    schema = f"store_micro_{os.getpid()}"
+    db = PostgresDB(a.postgresql, schema)
+    try:
+        db.migrate()
+        n = a.batch * a.rounds
+        for _ in range(a.repeat):
+            cpu = wall = 0.0
+            for r in range(a.rounds):
+                batch = [[e] for e in envs(a.batch, pairs, rng)]
+                ack = {(batch[0][0].recipient, "phone"): r + 1}
+                c, t = time.process_time(), time.perf_counter()
+                db.append_batch(batch, ack)
+                cpu += time.process_time() - c
+                wall += time.perf_counter() - t
+            print(
+                f"PostgresDB.append_batch (schema {SCHEMA_VERSION}): {1e6 * wall / n:6.1f} us/item "
+                f"wall, {1e6 * cpu / n:6.1f} us/item CPU of this process"
+            )
+    finally:
+        db.close()
+        with psycopg.connect(a.postgresql, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 if __name__ == "__main__":
