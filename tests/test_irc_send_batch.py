@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from chatproto.irc import IRCFactory
+from chatproto.irc import IRCFactory, parse_line
+from chatproto.irc.lines import quick_message
 from chatproto.realm import RealmService
 from tests.conftest import count_appends
 from tests.test_irc import Conn, clock_fixture, factory_fixture, login, make_realm, realm_fixture  # noqa: F401
@@ -169,3 +172,66 @@ def test_lines_held_by_the_flood_limit_are_batched_when_they_run() -> None:
     assert sizes == [3, 2, 2]
     assert [p[-1] for c, p in bob.commands() if c == "PRIVMSG"] == [f"m{i}" for i in range(7)]
     realm.stopService()
+
+
+#: PRIVMSG/NOTICE lines made of the pieces a parser trips on (for the lean lane).
+MESSAGE_LINES = st.tuples(
+    st.sampled_from(["PRIVMSG ", "NOTICE ", "PRIVMSG", "privmsg ", "PRIVMSGX ", "NOTICE  "]),
+    st.lists(
+        st.sampled_from(["bob", " ", "  ", ":", " :", "\t", "\x0b", "\xa0", ",", "#c", "é", "x"])
+        | st.text(max_size=3),
+        max_size=10,
+    ).map("".join),
+).map("".join)
+
+
+@settings(max_examples=500)
+@given(MESSAGE_LINES)
+def test_the_lean_lane_parses_as_parse_line(line: str) -> None:
+    """quick_message takes a line only if parse_line gives it no tags, PRIVMSG or
+    NOTICE, one target without a comma and a non-empty text, and then the same."""
+    quick = quick_message(line)
+    if quick is None:
+        return
+    command, target, text = quick
+    assert parse_line(line) == ({}, command, [target, text])
+    assert target and "," not in target and text
+
+
+def _transcript(upper: bool) -> tuple[list[str], list[str]]:
+    """What alice (away-notify, no echo-message) and bob get for the same lines,
+    sent with upper-case commands (the lean lane) or lower-case (the general path)."""
+    clock = Clock()
+    realm = make_realm(clock)
+    factory = IRCFactory(realm, clock)
+    alice = login(factory, "alice", caps="away-notify")
+    bob = login(factory, "bob")
+    carol = login(factory, "carol")
+    carol.send("AWAY :lunch")
+    carol.lines()
+    held = HeldAppends(realm)
+    lines = [
+        "PRIVMSG bob :one",
+        "PRIVMSG nobody :lost",
+        "NOTICE nobody :quiet",
+        "PRIVMSG carol :are you there",
+        "PRIVMSG  bob  :spaced",
+        "PRIVMSG bob :" + "x" * 480,
+        "NOTICE bob :two",
+        "PRIVMSG alice :to myself",
+        "PING x",
+    ]
+    if not upper:
+        lines = [line[:8].lower() + line[8:] for line in lines]
+    alice.send(*lines)
+    held.release()
+    return alice.lines(), bob.lines() + carol.lines()
+
+
+def test_the_lean_lane_answers_as_the_general_path() -> None:
+    lean, general = _transcript(True), _transcript(False)
+    assert lean == general
+    # (the message to ourselves is a delivery, written at the commit, before the
+    # replies still held behind the batch's pending lines)
+    assert [line.split(" ")[1] for line in lean[0]] == ["401", "301", "PRIVMSG", "417", "PONG"]
+    assert len(lean[1]) == 4

@@ -31,6 +31,7 @@ __all__ = [
     "parse_line",
     "plain_text",
     "prefix",
+    "quick_message",
     "server_time",
     "split_utf8",
     "unescape_tag",
@@ -141,6 +142,31 @@ def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:
         if not command or (rest and not rest.isalnum()):
             raise IRCBadLine("bad command")
     return tags, command.upper(), params
+
+
+def quick_message(line: str) -> tuple[str, str, str] | None:
+    """``(command, target, text)`` of the commonest line, a ``PRIVMSG`` or ``NOTICE``
+    with no tags, no prefix, one target and a non-empty text, else None.
+
+    What :func:`parse_line` gives for such a line (``({}, command, [target, text])``),
+    for a fraction of its cost: the lean lane of ``IRCProtocol._handle``."""
+    if line.startswith("PRIVMSG "):
+        command = "PRIVMSG"
+    elif line.startswith("NOTICE "):
+        command = "NOTICE"
+    else:
+        return None
+    cut = line.find(" :")  # the first one, as parse_line (none in the command)
+    if cut == -1:
+        return None
+    middle = line[len(command) + 1 : cut].split()
+    if len(middle) != 1:
+        return None
+    target = middle[0]
+    text = line[cut + 2 :]
+    if not text or "," in target:
+        return None
+    return command, target, text
 
 
 # -- names ----------------------------------------------------------------------------

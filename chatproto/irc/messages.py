@@ -44,33 +44,64 @@ def privmsg(
             ctx.num("407", params[0][:64], f"Too many targets (at most {MAX_TARGETS})")
         return None
     client = client_tags(tags) if tags else None  # relayed with it (message-tags)
-    room = MAX_LINE - 2
-    realm = p.realm
-    source = f":{p.mask(p.user_id)} {command} "
+    mask = p.mask(p.user_id)
     for target in targets:
-        try:
-            to = p.resolve(target)
-        except ChatError as e:
-            if not notice:
-                p.error(ctx, command, e, target)
-            continue
-        # One IRC line at the recipient, with our source in front: longer is refused
-        # (417) rather than split in two messages or cut.  (Encoded only when it
-        # could be too long: a character is at most 4 bytes.)
-        group = to[0] == "#"
-        head = source + (channel_of(to, realm.realm) if group else p.nick_for(to)) + " :"
-        if (len(head) + len(text)) * 4 > room and len(head.encode()) + len(text.encode()) > room:
+        _send_text(p, ctx, command, mask, target, text, client, notice)
+    return None
+
+
+def message_to(p: IRCProtocol, ctx: Reply, command: str, target: str, text: str) -> None:
+    """A ``PRIVMSG`` or ``NOTICE`` with no tags, one target and a text (the lean lane
+    of ``IRCProtocol._handle``, for lines ``lines.quick_message`` recognises): what
+    :func:`privmsg` does with it."""
+    assert p.session is not None
+    mask = p.factory.directory.mask(p.user_id)
+    _send_text(p, ctx, command, mask, target, text, None, command == "NOTICE")
+
+
+def _send_text(
+    p: IRCProtocol,
+    ctx: Reply,
+    command: str,
+    mask: str,
+    target: str,
+    text: str,
+    client: dict[str, str] | None,
+    notice: bool,
+) -> None:
+    """One target of a PRIVMSG or NOTICE from ``mask``: checked, then queued in the
+    read's batch (IRCProtocol.queue_send)."""
+    try:
+        to = p.resolve(target)
+    except ChatError as e:
+        if not notice:
+            p.error(ctx, command, e, target)
+        return
+    # One IRC line at the recipient, with our source in front: longer is refused
+    # (417) rather than split in two messages or cut.  (Encoded only when it could
+    # be too long: a character is at most 4 bytes.)  The line starts with
+    # ":mask command shown :", 5 characters more than its three names.
+    room = MAX_LINE - 2
+    realm = p.factory.realm
+    group = to[0] == "#"
+    shown = channel_of(to, realm.realm) if group else p.factory.directory.nick(to)
+    if (len(mask) + len(command) + len(shown) + 5 + len(text)) * 4 > room:
+        head = f":{mask} {command} {shown} :"
+        if len(head.encode()) + len(text.encode()) > room:
             if not notice:
                 ctx.num("417", "Message too long for one IRC line with its source")
-            continue
-        if not notice and not group:
-            presence = realm.presence_of(to)
-            if presence and presence[0] in ("away", "busy"):
-                ctx.num("301", p.nick_for(to), presence[1] or presence[0])
-        # Settled by the connection once the batch of this read is committed (or
-        # refused): ctx finishes when the last of its targets is.
+            return
+    if not notice and not group:
+        presence = realm.presence_of(to)
+        if presence and presence[0] in ("away", "busy"):
+            ctx.num("301", shown, presence[1] or presence[0])
+    # Settled by the connection once the batch of this read is committed (or
+    # refused): ctx finishes when the last of its targets is.
+    if client:
         reply_to, tags_kept = reply_from_tags(p, to, client)
-        p.queue_send(PendingSend(to, text, ctx, command, target, notice), tags_kept, reply_to)
+    else:
+        reply_to = tags_kept = None
+    p.queue_send(PendingSend(to, text, ctx, command, target, notice), tags_kept, reply_to)
 
 
 @command("TAGMSG", params=1)

@@ -30,7 +30,7 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.flow import OutputQueue
 from chatproto.irc import channels as _channels  # noqa: F401  (registers its commands)
-from chatproto.irc import messages as _messages  # noqa: F401
+from chatproto.irc import messages as _messages
 from chatproto.irc import modes as _modes  # noqa: F401
 from chatproto.irc import oper as _oper  # noqa: F401
 from chatproto.irc import reading as _reading
@@ -50,6 +50,7 @@ from chatproto.irc.lines import (
     parse_line,
     plain_text,
     prefix,
+    quick_message,
     server_time,
     user_of,
 )
@@ -306,7 +307,20 @@ class IRCProtocol(LineOnlyReceiver):
 
         The hot path of fan-out: a text item from someone else, whose line the factory
         has already encoded for the previous receiver; written in one go per burst."""
-        if envelope.kind != "text" or envelope.sender == self.user_id:
+        me = self.user_id
+        if envelope.sender == me:
+            if (
+                envelope.kind == "text"
+                and not self.pending_sends
+                and envelope.recipient != me
+                and "echo-message" not in self.caps
+            ):  # our own message, shown nowhere (what _deliver_other does, sooner)
+                if self._ack_call is None:
+                    self.written()
+                return
+            self._deliver_other(envelope)
+            return
+        if envelope.kind != "text":
             self._deliver_other(envelope)
             return
         f = self.factory
@@ -580,7 +594,10 @@ class IRCProtocol(LineOnlyReceiver):
         No Deferred per line: a batch's committed run settles its entries in order.
         ``reply_to``: the ``msg_id`` it answers (a realm reply)."""
         entry.ctx.sends += 1
-        self.pending_sends.append(entry)
+        if "echo-message" in self.caps:
+            self.pending_sends.append(entry)  # its echo answers the command
+        else:  # its own copy shows nowhere (a DM to ourselves is written as received)
+            entry.matched = True
         req: SendRequest = (entry.to, entry.body, None, entry.quiet, reply_to, tags)
         if self._sends is None:  # not inside a batch: a batch of its own
             self._sends = [(req, entry)]
@@ -600,25 +617,40 @@ class IRCProtocol(LineOnlyReceiver):
                 self._send_failed(refused, entry)
             return
         outcomes, commits = self.session.send_batch([req for req, _ in sends])
-        waiters: dict[int, PendingSend] = {}
+        appended: list[PendingSend] = []  # the entries of the appended runs, in order
         for (_, entry), out in zip(sends, outcomes, strict=True):
             if type(out) is Envelope:
-                waiters[id(out)] = entry
+                appended.append(entry)
             elif isinstance(out, Deferred):
                 out.addCallbacks(
                     self._sent, self._send_failed, callbackArgs=(entry,), errbackArgs=(entry,)
                 )
             else:
                 self._send_failed(Failure(out), entry)
+        # Each run holds the next of the appended envelopes, in request order.
+        start = 0
         for committed, items in commits:
-            run = [waiters[id(env)] for env in items]
+            end = start + len(items)
+            run = appended[start:end]
+            start = end
             committed.addCallbacks(
                 self._run_sent, self._run_failed, callbackArgs=(run,), errbackArgs=(run,)
             )
 
     def _run_sent(self, _: object, run: list[PendingSend]) -> None:
+        """A run was committed: each of its entries is settled, in order (what
+        :meth:`_sent` does, inlined: once per message)."""
+        pending = self.pending_sends
         for entry in run:
-            self._sent(None, entry)
+            if not entry.matched:
+                try:
+                    pending.remove(entry)
+                except ValueError:
+                    pass
+            ctx = entry.ctx
+            ctx.sends -= 1
+            if not ctx.sends:
+                ctx.finish()
 
     def _run_failed(self, failure: Failure, run: list[PendingSend]) -> None:
         for entry in run:
@@ -727,33 +759,46 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.send(format_line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8"))
             ctx.finish()
             return
-        try:
-            tags, command, params = parse_line(text)
-        except IRCBadLine:
-            return  # silently ignored, like every IRC server
-        label = tags.get("label") if "labeled-response" in self.caps else None
-        ctx = self._reply(label)
-        handler = COMMANDS.get(command)
-        if handler is None:
-            if self.state == "ready":
-                ctx.num("421", command[:32], "Unknown command")
-            else:
+        # The lean lane: a PRIVMSG or NOTICE with no tags and one target, from a
+        # registered client (most lines), skips the general parse and checks.
+        quick = quick_message(text) if not tags_size and self.state == "ready" else None
+        if quick is not None:
+            command, target, body = quick
+            params = [target, body]
+            ctx = self._reply(None)
+            handler = None
+        else:
+            try:
+                tags, command, params = parse_line(text)
+            except IRCBadLine:
+                return  # silently ignored, like every IRC server
+            label = tags.get("label") if "labeled-response" in self.caps else None
+            ctx = self._reply(label)
+            handler = COMMANDS.get(command)
+            if handler is None:
+                if self.state == "ready":
+                    ctx.num("421", command[:32], "Unknown command")
+                else:
+                    ctx.num("451", "You have not registered")
+                ctx.finish()
+                return
+            if self.state != "ready" and command not in PRE_REGISTRATION:
                 ctx.num("451", "You have not registered")
-            ctx.finish()
-            return
-        if self.state != "ready" and command not in PRE_REGISTRATION:
-            ctx.num("451", "You have not registered")
-            ctx.finish()
-            return
-        need = MIN_PARAMS.get(command, 0)
-        if len(params) < need or (need and not params[0]):  # (only the first: may be "")
-            ctx.num("461", command, "Not enough parameters")
-            ctx.finish()
-            return
-        if self._sends and command not in _BATCHED:
-            self.flush_sends()  # the sends read before this command go first
+                ctx.finish()
+                return
+            need = MIN_PARAMS.get(command, 0)
+            if len(params) < need or (need and not params[0]):  # (only the first: may be "")
+                ctx.num("461", command, "Not enough parameters")
+                ctx.finish()
+                return
+            if self._sends and command not in _BATCHED:
+                self.flush_sends()  # the sends read before this command go first
         try:
-            result = handler(self, ctx, params, tags)
+            if handler is None:
+                _messages.message_to(self, ctx, command, target, body)
+                result = None
+            else:
+                result = handler(self, ctx, params, tags)
         except ChatError as e:
             self.error(ctx, command, e, params[0] if params else "*")
             result = None
@@ -834,7 +879,7 @@ class IRCProtocol(LineOnlyReceiver):
         """A message target as the realm's canonical address (raises ChatError).
 
         Remembered per connection (a client talks to few targets, many times)."""
-        guests = self.realm.guests
+        guests = self.factory.realm.guests
         if guests.by_nick:  # a guest's nick names it while it is connected (not cached)
             guest = guests.user_of(target)
             if guest is not None:
