@@ -24,6 +24,7 @@ import chatproto.store.sqlite as sqlite_module
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
 from chatproto.store.userconvs import UserConvs, user_conv_rows
+from tests.conftest import pg_schema, postgresql_or_skip
 from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
 
 LOCAL = [f"u{k}@localhost" for k in range(14)]
@@ -297,3 +298,62 @@ def test_two_writers_and_a_restart_keep_every_conversation(tmp_path: Any) -> Non
         )
     two.close()
     three.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_schema_10_postgresql_database_upgrades_and_reads_the_same() -> Any:
+    """PostgreSQL's schema 10 (before user_convs) with a realm's data upgrades in place
+    to the same reads as a schema made at 11 with the same history."""
+    import psycopg
+
+    import chatproto.store.postgresql.db as pg_db
+    from chatproto.store.postgresql import PostgresDB, PostgresStore
+
+    dsn = postgresql_or_skip()
+    made, old = pg_schema(), pg_schema()
+    store = PostgresStore(dsn, made, reactor)
+    yield store.open()
+    try:
+        yield _play(store, _script(22))
+        expected = yield _reads(store)
+    finally:
+        yield store.close()
+    version = pg_db.SCHEMA_VERSION
+    pg_db.SCHEMA_VERSION = 10
+    try:
+        db = PostgresDB(dsn, old)
+        db.migrate()
+        db.close()
+    finally:
+        pg_db.SCHEMA_VERSION = version
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        indexes = {
+            r[0]
+            for r in admin.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (old,))
+        }
+        assert {"items_sender", "items_recipient"} <= indexes
+        with admin.transaction():  # the items in position order: the search trigger's order
+            for table, order in (("users", "name"), ("items", "pos"), ("refs", "pos")):
+                admin.execute(
+                    f'INSERT INTO "{old}".{table} SELECT * FROM "{made}".{table} ORDER BY {order}'
+                )
+            admin.execute(
+                f'SELECT setval(\'"{old}".items_pos\', (SELECT last_value FROM "{made}".items_pos))'
+            )
+        rows = set(admin.execute(f'SELECT * FROM "{made}".user_convs').fetchall())
+    upgraded = PostgresStore(dsn, old, reactor)
+    yield upgraded.open()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            indexes = {
+                r[0]
+                for r in admin.execute(
+                    "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (old,)
+                )
+            }
+            assert not {"items_sender", "items_recipient"} & indexes
+            assert set(admin.execute(f'SELECT * FROM "{old}".user_convs').fetchall()) == rows
+        got = yield _reads(upgraded)
+    finally:
+        yield upgraded.close()
+    assert got == expected
