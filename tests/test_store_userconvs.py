@@ -5,9 +5,10 @@ through ``user_convs`` and the ``items_conv`` index (chatproto/store/userconvs.p
 not through indexes on sender and recipient.  Checked here: on a generated realm
 (many users, groups, DMs to oneself, users of another realm, edits, deleted and
 re-created accounts) every such read gives on SQLite and PostgreSQL what the memory
-store (which filters every item) gives; a SQLite database of schema 16 upgrades in
-place and reads the same; the feed's query plan uses the index; the writer's memory
-of the rows stays right across a restart and with two writers on one database.
+store (which filters every item) gives; a SQLite database of schema 16 and a
+PostgreSQL one of schema 10 upgrade in place and read the same; the feed's query plan
+uses the index; the writer's memory of the rows stays right across a restart and with
+two writers on one database.
 """
 
 from __future__ import annotations
