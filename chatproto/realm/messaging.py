@@ -281,13 +281,14 @@ class Messaging:
             try:
                 body = self._checked(session, body, now)
                 recipient = self.resolve_user(to, remote_ok=True)
-                if not isinstance(recipient, Deferred):
+                # (isinstance of Address, not of Deferred: an ABC, a slow check)
+                if isinstance(recipient, Address):
                     self._check_recipient(recipient)
             except ChatError as e:
                 outcomes.append(e)
                 continue
             meta = NOTICE_META if notice else None
-            if isinstance(recipient, Deferred):  # to be looked up: the general path
+            if not isinstance(recipient, Address):  # to be looked up: the general path
                 cut()
                 d: Deferred[Envelope] = recipient.addCallback(
                     self._store_private_to, user, body, meta
