@@ -39,6 +39,8 @@ class Store:
     def __init__(self) -> None:
         self.items: dict[int, Envelope] = {}
         self.safe = 0
+        #: The highest position drawn (None: the highest committed item's).
+        self.top: int | None = None
         self.fail: Exception | None = None
         self.skipped: list[list[int]] = []
 
@@ -48,6 +50,13 @@ class Store:
 
             return fail(self.fail)
         return succeed(self.safe)
+
+    def stream_top(self) -> Deferred[int]:
+        if self.fail is not None:
+            from twisted.internet.defer import fail
+
+            return fail(self.fail)
+        return succeed(self.top if self.top is not None else max(self.items, default=0))
 
     def read_stream(
         self, after: int, upto: int, limit: int, skip: Any = ()
@@ -113,6 +122,28 @@ def test_a_held_back_commit_is_never_jumped_over() -> None:
     assert [p for p, _ in realm.sessions.routed] == [1, 2, 3]
     r.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_catch_up_waits_for_what_was_acknowledged_above_a_commit_in_flight() -> None:
+    """A group created on another worker (committed at 3, acknowledged) above a commit
+    still in flight at 2: a join checked here must see the group, so catch_up waits
+    past 3, not only to the safe position (1).  It fired at once before."""
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    store.items[1] = item(1)
+    store.items[3] = item(3)
+    store.safe = 1
+    r.wake(3)
+    assert r.delivered == 1
+    done: list[Any] = []
+    r.catch_up().addBoth(done.append)
+    assert done == []
+    store.safe = 3  # 2 was rolled back: nothing wakes the reader but its poll
+    clock.advance(1.0)
+    assert done == [None]
+    assert [p for p, _ in realm.sessions.routed] == [1, 3]
+    assert fired(r.catch_up()) is None  # nothing above what is delivered: at once
+    r.stop()
 
 
 def test_own_items_wait_for_the_safe_position_and_keep_their_audience() -> None:

@@ -44,7 +44,8 @@ class StreamReader:
     """Delivers the realm's stream to this worker's sessions, in position order.
 
     ``realm``: the :class:`chatproto.realm.RealmService`; ``store``: a store with
-    ``safe_position()`` and ``read_stream()`` (the PostgreSQL store of a worker);
+    ``safe_position()``, ``stream_top()`` and ``read_stream()`` (the PostgreSQL store
+    of a worker);
     ``on_error``/``on_ok``: told when the store cannot be read, and again when it can.
     """
 
@@ -105,19 +106,24 @@ class StreamReader:
         self.wake()
 
     def catch_up(self) -> Deferred[None]:
-        """Fires once everything committed (and safe) when this is called has been
-        applied here: a worker about to check a group rule first sees the changes
-        other workers acknowledged (a join right after a create elsewhere)."""
+        """Fires once everything committed when this is called has been applied
+        here: a worker about to check a group rule first sees the changes other
+        workers acknowledged (a join right after a create elsewhere).
 
-        def wait(safe: int) -> Deferred[None] | None:
-            if self.delivered >= safe:
+        It waits for the highest position drawn so far (``stream_top``), not for the
+        safe position: a change committed elsewhere above a commit still in flight
+        is acknowledged already but not safe yet, and the check must see it.  The
+        commits in flight below it end (committed or not) within a commit's time."""
+
+        def wait(top: int) -> Deferred[None] | None:
+            if self.delivered >= top:
                 return None
             d: Deferred[None] = Deferred()
-            self._waiters.append((safe, d))
+            self._waiters.append((top, d))
             self.wake()
             return d
 
-        return self._store.safe_position().addCallback(wait)
+        return self._store.stream_top().addCallback(wait)
 
     def _release(self, error: Exception | None = None) -> None:
         waiting, self._waiters = self._waiters, []

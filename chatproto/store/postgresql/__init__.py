@@ -180,6 +180,12 @@ class PostgresStore(GroupCommitStore):
 
         return self._read(lambda db: db.safe_positions()).addCallback(seen)
 
+    def stream_top(self) -> Deferred[int]:
+        """The highest position drawn so far by any writer (committed, in flight or
+        rolled back): every item acknowledged before this is called is at or below
+        it."""
+        return self._read(lambda db: db.items_top())
+
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
         """With several writers, from the database (outbox rows of every worker),
         never above :attr:`outbox_visible`: a row that commits late below one the
