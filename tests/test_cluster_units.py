@@ -24,6 +24,7 @@ from chatproto.cluster.stream import StreamReader
 from chatproto.cluster.worker import nonce_id
 from chatproto.envelope import Envelope
 from chatproto.groups import Groups
+from chatproto.realm.groups import GroupHandler
 from chatproto.realm.sessions import Sessions
 from tests.conftest import fired
 
@@ -82,9 +83,13 @@ class Realm:
     def __init__(self) -> None:
         self.sessions = Sink()
         self.groups = Groups(100, 100, "x")
+        self.group_handler = GroupHandler(self)  # type: ignore[arg-type]
         self.conversations: list[tuple[str, str]] = []
         self.presence = self
         self.bursts = 0
+
+    def realms_of(self, users: Any) -> set[str]:
+        return set()  # (no federation)
 
     def new_conversation(self, a: str, b: str) -> None:
         self.conversations.append((a, b))

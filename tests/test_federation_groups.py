@@ -91,7 +91,7 @@ class _Fed:
         self.links = links
         self.name = name
 
-    def wake(self, realm: str) -> None:
+    def wake(self, realm: str, n: int = 1) -> None:
         pass  # the test pumps
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:

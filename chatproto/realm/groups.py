@@ -26,7 +26,12 @@ from chatproto.groups import Group
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["GroupHandler"]
+__all__ = ["REALM_LOG_LENGTH", "GroupHandler"]
+
+#: Changes of the realms a group's items go to that are kept per group, by position
+#: (:meth:`GroupHandler.realms_at`); older ones are forgotten (asked about a position
+#: before them, it answers "unknown").
+REALM_LOG_LENGTH = 64
 
 
 class GroupHandler:
@@ -45,6 +50,18 @@ class GroupHandler:
         #: is: an item checked meanwhile is committed after it, so it goes to the
         #: realms of after it.  At most one a group: its changes commit one at a time.
         self._changing: dict[str, tuple[str, bool]] = {}
+        #: group -> [(position, realm, joined)], by position: how the other realms
+        #: with a member of our group changed, event by event (REALM_LOG_LENGTH of
+        #: them), as applied here -- this realm's own commits and, on a worker of a
+        #: cluster, the other workers' events as the stream brings them.
+        self._realm_log: dict[str, list[tuple[int, str, bool]]] = {}
+        #: group -> the position of the last change dropped from its log
+        self._log_dropped: dict[str, int] = {}
+        #: group -> how many changes its log has had (never goes down)
+        self.realm_changes: dict[str, int] = {}
+        #: the position of the last event replayed at start: the log knows nothing
+        #: of changes at or before it
+        self.log_start = 0
 
     # addresses and reading ----------------------------------------------------------
 
@@ -172,7 +189,9 @@ class GroupHandler:
 
         def committed(_: object) -> Envelope:
             before = rules.audience(env)
+            realms_before = self.realms_before(env)
             rules.apply(env)
+            self.note_applied(env, realms_before)
             realm.route(env, before | rules.audience(env))
             if event == "joined":
                 realm.presence.on_join(actor, addr)
@@ -230,7 +249,9 @@ class GroupHandler:
             try:
                 for env in plan.items:
                     before = rules.audience(env)
+                    realms_before = self.realms_before(env)
                     rules.apply(env, mirror=not env.recipient.endswith(self._suffix))
+                    self.note_applied(env, realms_before)
                     realm.route(env, before | rules.audience(env))
                     self.log.info(
                         "group {group}: {event} by {actor}",
@@ -284,6 +305,83 @@ class GroupHandler:
         realm, joins = change
         return realms | {realm} if joins else realms - {realm}
 
+    def current_realms(self, addr: str) -> set[str]:
+        """The other realms with a member of group ``addr`` (canonical) now."""
+        group = self._rules.groups.get(addr)
+        return self._realm.realms_of(group.members) if group is not None else set()
+
+    def realms_before(self, env: Envelope) -> tuple[set[str], set[str]] | None:
+        """Called before group event ``env`` is applied here: the other realms it may
+        change for items of its group, and those of them with a member now -- for
+        :meth:`note_applied`, called after -- or None when it changes none (most
+        events: not a membership change, or one of a local user)."""
+        addr = env.recipient
+        if not addr.endswith(self._suffix):
+            return None
+        meta = env.meta or {}
+        event = meta.get("event")
+        if event == "deleted":
+            concerned = self.current_realms(addr)
+        elif event in _MEMBERSHIP:
+            concerned = self._realm.realms_of((meta.get("user") or env.sender,))
+        else:
+            return None
+        if not concerned:
+            return None
+        return concerned, self._with_members(addr, concerned)
+
+    def _with_members(self, addr: str, realms: set[str]) -> set[str]:
+        group = self._rules.groups.get(addr)
+        if group is None:
+            return set()
+        return {r for r in realms if any(u.endswith("@" + r) for u in group.members)}
+
+    def note_applied(self, env: Envelope, before: tuple[set[str], set[str]] | None) -> None:
+        """Group event ``env`` (committed, at ``env.pos``) was applied here
+        (``before``: what :meth:`realms_before` said before): keep how it changed the
+        realms of its group's items, for :meth:`realms_at`."""
+        if before is None or not env.pos:
+            return
+        concerned, had = before
+        addr = env.recipient
+        has = self._with_members(addr, concerned)
+        if has == had:
+            return
+        log = self._realm_log.setdefault(addr, [])
+        log += [(env.pos, r, True) for r in sorted(has - had)]
+        log += [(env.pos, r, False) for r in sorted(had - has)]
+        self.realm_changes[addr] = self.realm_changes.get(addr, 0) + 1
+        log.sort(key=lambda change: change[0])  # (stable: one event's changes stay)
+        while len(log) > REALM_LOG_LENGTH:
+            self._log_dropped[addr] = log.pop(0)[0]
+
+    def realms_at(self, addr: str, pos: int) -> set[str] | None:
+        """The other realms that had a member of our group ``addr`` for an item at
+        position ``pos`` (after every event before it, none after it), from the
+        group's state here and the changes kept since; None when that is not known
+        here (``pos`` before the changes kept)."""
+        if pos <= max(self.log_start, self._log_dropped.get(addr, 0)):
+            return None
+        realms = self.current_realms(addr)
+        for at, realm, joined in reversed(self._realm_log.get(addr, ())):
+            if at < pos:
+                break
+            if joined:
+                realms.discard(realm)
+            else:
+                realms.add(realm)
+        return realms
+
+    def queued(self, env: Envelope, realms: Iterable[str]) -> None:
+        """Group item ``env`` is being committed with outbox rows for ``realms`` (a
+        worker of a cluster checks them once the item is delivered: see
+        :class:`chatproto.cluster.worker.ClusterGroupHandler`).  Nothing here: in one
+        process the realm's order is its commit order (see :meth:`member_realms`)."""
+
+    def delivered(self, env: Envelope) -> None:
+        """Group item ``env``, committed here, reached this process's sessions in the
+        stream's order (a worker of a cluster).  Nothing here (see :meth:`queued`)."""
+
     def send(
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
     ) -> Deferred[Envelope]:
@@ -304,6 +402,8 @@ class GroupHandler:
         realm = self._realm
         if realm.signing is not None and not env.recipient.endswith("@" + self._name):
             env.sig = realm.signing.sign(env)
+        elif env.recipient.endswith(self._suffix):
+            self.queued(env, realms)
         d = realm.store.append([env], [(r, env) for r in realms])
         d.addCallback(self.committed, env)
         for other in realms:
@@ -316,6 +416,10 @@ class GroupHandler:
         if group is not None:
             self._realm.route(env, group.members)
         return env
+
+
+#: The events that may change who is a member.
+_MEMBERSHIP = frozenset(("joined", "left", "kicked", "banned"))
 
 
 def _realm_change(

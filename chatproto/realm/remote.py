@@ -579,12 +579,12 @@ class RemoteIntake:
         items of ``relayed`` (to groups of ours) to the other realms of their groups:
         the realms of when they are committed, not of when they were checked (a join
         committed in between comes first; see ``GroupHandler.member_realms``)."""
-        member_realms = self._r.group_handler.member_realms
-        outbox = [
-            (realm, env)
-            for env in relayed
-            for realm in sorted(member_realms(env.recipient) - {origin})
-        ]
+        handler = self._r.group_handler
+        outbox = []
+        for env in relayed:
+            realms = sorted(handler.member_realms(env.recipient) - {origin})
+            handler.queued(env, realms)
+            outbox += [(realm, env) for realm in realms]
 
         def stored(envs: list[Envelope]) -> None:
             self._r.begin_burst()
@@ -640,6 +640,8 @@ class RemoteIntake:
                 continue
             if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(target, str)):
                 continue
+            if isinstance(item, Envelope) and self._sent_after_last_member(peer, item):
+                continue
             if not sender.endswith(self._suffix) or sender.startswith("#"):
                 continue  # not one of our users: nobody here to tell
             if is_removal_request(item):  # the account is gone: nobody to tell either
@@ -686,6 +688,25 @@ class RemoteIntake:
                 self._r.end_burst()
 
         return d.addCallback(lambda _: self.store.append_remote(batch, [])).addCallback(stored)
+
+    def _sent_after_last_member(self, peer: str, item: Envelope) -> bool:
+        """Whether ``item``, to a group of ours, went to ``peer`` although the last
+        member there had left before it (a worker of a cluster checked it before it
+        heard of the leave another worker committed): ``peer`` refused it rightly, and
+        its sender is told nothing (the group's other realms had it)."""
+        if not item.recipient.endswith("@" + self._r.realm) or not item.recipient.startswith("#"):
+            return False
+        realms = self._r.group_handler.realms_at(item.recipient, item.pos)
+        if realms is None or peer in realms:
+            return False
+        self.log.info(
+            "federation: {peer} refused item {id} of {group}, sent after its last member "
+            "there left: not bounced",
+            peer=peer,
+            id=item.id,
+            group=item.recipient,
+        )
+        return True
 
     def _request_done(self, _: object, request_id: str) -> Deferred[None]:
         return self.store.request_done(request_id)  # type: ignore[no-any-return]
