@@ -153,9 +153,11 @@ class Tokens:
         #: sha256(token) -> when it was revoked here, until the store confirms it gone:
         #: a store read meanwhile may still find it, and must not bring it back
         self._forgotten: dict[str, float] = {}
-        #: bumped whenever tokens may have ended that were never held here (a reload,
-        #: an account's logins deleted in the store): a store read under way across it
-        #: is not trusted
+        #: user name -> when every login of that account was revoked here, until the
+        #: store confirms them gone (as _forgotten, for the logins not held here)
+        self._users_forgotten: dict[str, float] = {}
+        #: bumped at the end of each reload (it may have ended tokens never held
+        #: here): a store read under way across it is made again
         self._changes = 0
         self._miss_reads = 0
         self._miss_bucket = TokenBucket(MISS_READS_PER_SECOND, MISS_READS_BURST, clock.seconds())
@@ -198,8 +200,6 @@ class Tokens:
                     if user in (None, r.user) and now - r.last_used <= self.ttl
                 }
             )
-
-        self._changes += 1
 
         def loaded(rows: list[tuple[str, str, int, str, float, float]]) -> set[str]:
             self._changes += 1
@@ -270,11 +270,12 @@ class Tokens:
     def find(self, token: str | None) -> Deferred[TokenRecord | None]:
         """:meth:`check`, and for a token not held here, with ``shared``, what the
         store says of it: fires with the record of a live token (now held here), or
-        None.  A token revoked here (until the store confirms it gone), one of another
-        shape than those issued, one past its time, and one read while logins were
-        being re-read (:meth:`reload`: it may be one they ended) stay refused; so does
-        every token not held once :data:`MISS_READS_AT_ONCE` reads are under way or
-        the :data:`MISS_READS_PER_SECOND` bucket is empty.  A failed read refuses."""
+        None.  A token revoked here (until the store confirms it gone), one of an
+        account whose logins are being deleted here, one of another shape than those
+        issued and one past its time stay refused; a read across a re-reading of the
+        logins (:meth:`reload`: it may be one they ended) is made again, once.  Every
+        token not held is refused once :data:`MISS_READS_AT_ONCE` reads are under way
+        or the :data:`MISS_READS_PER_SECOND` bucket is empty.  A failed read refuses."""
         record = self.check(token)
         if record is not None or not self._shared or not token:
             return succeed(record)
@@ -288,13 +289,23 @@ class Tokens:
         ):
             return succeed(None)
         self._miss_reads += 1
+
+        def done(result: Any) -> Any:
+            self._miss_reads -= 1
+            return result
+
+        return self._read_missing(token, key, again=True).addBoth(done)
+
+    def _read_missing(self, token: str, key: str, again: bool) -> Deferred[TokenRecord | None]:
         changes = self._changes
 
-        def read(row: tuple[str, str, int, str, float, float] | None) -> TokenRecord | None:
+        def read(row: tuple[str, str, int, str, float, float] | None) -> Any:
             if key in self._records:  # (a reload meanwhile read it: it is live)
                 return self.check(token)
-            if row is None or self._changes != changes or key in self._forgotten:
+            if row is None or key in self._forgotten or row[1] in self._users_forgotten:
                 return None
+            if self._changes != changes:  # logins were re-read meanwhile: read again
+                return self._read_missing(token, key, again=False) if again else None
             _, name, floor, device, created, last_used = row
             self._records[key] = TokenRecord(
                 name, device, last_used, floor, created, stored_use=last_used
@@ -305,12 +316,7 @@ class Tokens:
             self.log.failure("session tokens: reading a login not held here", f)
             return None
 
-        def done(result: Any) -> Any:
-            self._miss_reads -= 1
-            return result
-
-        d = self._store.session_token(key).addBoth(done)
-        return d.addCallbacks(read, failed)
+        return self._store.session_token(key).addCallbacks(read, failed)
 
     def _forget(self, keys: Iterable[str]) -> Deferred[int]:
         keys = list(keys)
@@ -348,8 +354,14 @@ class Tokens:
         self._forget(keys)
         if self._store is not None and keep_floor is None:
             # and any the store holds that this realm did not load (another account's)
-            self._changes += 1
-            self._stored(self._store.delete_user_session_tokens(user), "a revocation")
+            self._users_forgotten[user] = self._clock.seconds()
+
+            def gone(n: int) -> int:
+                self._users_forgotten.pop(user, None)
+                return n
+
+            d = self._store.delete_user_session_tokens(user).addCallback(gone)
+            self._stored(d, "a revocation")
         return len(keys)
 
     def revoke_logins(
@@ -390,9 +402,10 @@ class Tokens:
             if now - record.last_used <= self.ttl:
                 break
             del self._records[key]
-        for key, when in list(self._forgotten.items()):
-            if now - when > self.ttl:  # (a read would find it past its time anyway)
-                del self._forgotten[key]
+        for forgotten in (self._forgotten, self._users_forgotten):
+            for key, when in list(forgotten.items()):
+                if now - when > self.ttl:  # (a read would find it past its time anyway)
+                    del forgotten[key]
         if self._store is not None:
             before = now - self.ttl - TOUCH_EVERY
             self._stored(self._store.expire_session_tokens(before), "expiry")

@@ -264,6 +264,23 @@ def test_a_login_revoked_before_another_worker_hears_of_it_stays_refused(pair: P
     held[0].callback(None)
     assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
 
+    # every login of the account revoked on w2 (a password changed there), the
+    # store's deletion not confirmed yet
+    token, _ = fired(w1.issue_token("bob", PASSWORD))
+    delete_all = pair.store.delete_user_session_tokens
+
+    def slow_delete_all(name: str) -> Any:
+        d: Deferred[None] = Deferred()
+        held.append(d)
+        return d.addCallback(lambda _: delete_all(name))
+
+    pair.store.delete_user_session_tokens = slow_delete_all  # type: ignore[method-assign]
+    w2.tokens.revoke_user("bob")
+    pair.store.delete_user_session_tokens = delete_all  # type: ignore[method-assign]
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+    held[1].callback(None)
+    assert failure_code(w2.login_token(token, Mind())) == "auth_failed"
+
     # revoked on w1 while w2's read of it is under way (the read saw it live)
     token, _ = fired(w1.issue_token("bob", PASSWORD))
     read = pair.store.session_token
@@ -283,6 +300,50 @@ def test_a_login_revoked_before_another_worker_hears_of_it_stays_refused(pair: P
     reads[0].callback(None)
     assert failure_code(pending) == "auth_failed"
     assert w2.token_user(token) is None
+
+
+def test_a_login_read_while_the_bus_tells_of_it_is_taken(pair: Pair) -> None:
+    """w2's read of a login it does not hold is under way when the bus tells of it
+    (w2 re-reads the account's logins, or another account's): the login is taken
+    whichever read ends first (it failed once under load: a re-reading begun during
+    the read made w2 refuse it)."""
+    from twisted.internet.defer import Deferred
+
+    w1, w2 = pair.realms
+    held: list[Deferred[None]] = []
+
+    def holding(method: Any) -> Any:
+        def held_call(*args: Any) -> Any:
+            d: Deferred[None] = Deferred()
+            held.append(d)
+            result = fired(method(*args))
+            return d.addCallback(lambda _: result)
+
+        return held_call
+
+    for first in ("login", "reload", "another"):
+        pair.cut = True
+        token, _ = fired(w1.issue_token("bob", PASSWORD))
+        w2.tokens.prune()  # (nothing: bob's login is not held on w2)
+        read, reread = pair.store.session_token, pair.store.session_tokens
+        pair.store.session_token = holding(read)  # type: ignore[method-assign]
+        pair.store.session_tokens = holding(reread)  # type: ignore[method-assign]
+        pending = w2.login_token(token, Mind())
+        who = "alice" if first == "another" else "bob"
+        pair.workers[1]._heard_standing(
+            json.dumps({"w": "w1", "u": who, "r": ["logins"], "e": None})
+        )
+        pair.store.session_token, pair.store.session_tokens = read, reread  # type: ignore[method-assign]
+        login, reload = held[0], held[1]
+        held.clear()
+        for d in (login, reload) if first == "login" else (reload, login):
+            d.callback(None)
+        for d in held:  # a read made again
+            d.callback(None)
+        held.clear()
+        session = fired(pending)
+        assert str(session.user) == "bob@localhost", first
+        assert str(w2.token_user(token)) == "bob@localhost", first
 
 
 def test_store_reads_for_tokens_not_held_are_bounded(pair: Pair) -> None:
