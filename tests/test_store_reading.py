@@ -391,3 +391,19 @@ def test_sqlite_index_takes_a_one_character_word_as_a_whole_word(tmp_path: Any) 
     assert [e.body for e in db.search(["ap"], mine, None, 10)] == ["apples", "plan a: apples"]
     assert [e.body for e in db.search(["x\u19b0a"], mine, None, 10)] == ["x\u19b0a"]
     db.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_deleted_message_is_not_unread(store: Any) -> Any:
+    """A deleted message has nothing left to read: it is not counted (nor its
+    mentions, its text being gone)."""
+    one, _ = yield store.append([item(BOB, ALICE, "one"), item(BOB, ALICE, "two")])
+    yield store.append([item(CAROL, "#dev@localhost", "@alice look")])
+    [g] = yield store.append([item(CAROL, "#dev@localhost", "@alice again")])
+    for target in (one, g):
+        gone = item(target.sender, target.recipient, "", "delete")
+        gone.meta = {"ref": target.id}
+        yield store.append([gone])
+    rows = yield store.conversations(ALICE, 0, [("#dev@localhost", 0)], "alice", 10)
+    by = {r["conv"]: (r["unread"], r["mentions"]) for r in rows}
+    assert by == {conversation_key(ALICE, BOB): (1, 0), "#dev@localhost": (1, 1)}

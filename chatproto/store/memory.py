@@ -499,7 +499,7 @@ class MemoryStore:
             conv = e.conversation
             if conv not in after or e.pos <= after[conv]:
                 continue
-            if e.sender == user or e.kind not in UNREAD_KINDS:
+            if e.sender == user or e.kind not in UNREAD_KINDS or e.meta == DELETED_META:
                 continue
             unread[conv] += 1
             if conv.startswith("#") and e.kind == "text" and mentions(e.body, name):

@@ -16,12 +16,13 @@ moves forward.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from chatproto.envelope import Envelope
-from chatproto.relations import current_view
+from chatproto.relations import DELETED_META, current_view
 
 __all__ = [
     "REF_KINDS_SQL",
@@ -37,6 +38,8 @@ __all__ = [
 UNREAD_KINDS = ("text", "file")
 
 _KINDS_SQL = "kind IN ('text', 'file')"
+#: The ``meta`` column of a deleted item (what the SQL stores write when they wipe it).
+_DELETED_JSON = json.dumps(DELETED_META)
 #: Selects the items about another (edits, deletes, reactions: chatproto.relations).
 REF_KINDS_SQL = "kind IN ('edit', 'delete', 'reaction')"
 #: The kinds of item search finds (their body: a message's text, a file's name).
@@ -286,8 +289,8 @@ class ReadingSQL:
             after = max(read, lows[conv])
             unread = self._rows(
                 f"SELECT count(*) FROM items WHERE conv = ? AND pos > ? AND sender <> ? "
-                f"AND {_KINDS_SQL}",
-                (conv, after, user),
+                f"AND {_KINDS_SQL} AND (meta IS NULL OR meta <> ?)",
+                (conv, after, user, _DELETED_JSON),
             )[0][0]
             mentioned = 0
             if conv.startswith("#") and unread:
