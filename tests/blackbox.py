@@ -33,6 +33,7 @@ class Realm:
     cannot do over the wire (an operator's action)."""
 
     def __init__(self, tmp_path: Any, **limits: Any) -> None:
+        """Not listening yet: see :meth:`start` (a test) and :meth:`open` (a fixture)."""
         auth = limits.pop("auth", {})
         cfg = fast_config(tmp_path, **limits)
         cfg.auth.registrations_per_address = 0  # tests register many accounts
@@ -41,17 +42,35 @@ class Realm:
             setattr(cfg.auth, k, v)
         self.config = cfg
         self.realm = make_realm(cfg)
-        pytest_twisted.blockon(self.realm.startService())
+        self._names = itertools.count(1)
+
+    @classmethod
+    @defer.inlineCallbacks
+    def start(cls, tmp_path: Any, **limits: Any) -> Any:
+        """A started realm (``limits``: of ``[limits]``, and ``auth={...}``)."""
+        self = cls(tmp_path, **limits)
+        yield self.realm.startService()
         self.factory = ClientFactory(self.realm)
         self.port = _reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addr = f"tcp:127.0.0.1:{self.port.getHost().port}"
-        self._names = itertools.count(1)
+        return self
 
-    def close(self) -> None:
+    @classmethod
+    def open(cls, tmp_path: Any, **limits: Any) -> Realm:
+        """:meth:`start`, for a fixture (outside the reactor's greenlet)."""
+        realm: Realm = pytest_twisted.blockon(cls.start(tmp_path, **limits))
+        return realm
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
         for proto in list(self.factory.connections):
             proto.transport.abortConnection()
-        pytest_twisted.blockon(self.port.stopListening())
-        pytest_twisted.blockon(self.realm.stopService())
+        yield self.port.stopListening()
+        yield self.realm.stopService()
+
+    def close(self) -> None:
+        """:meth:`stop`, for a fixture."""
+        pytest_twisted.blockon(self.stop())
 
     def name(self, prefix: str = "u") -> str:
         """A fresh account name."""

@@ -16,7 +16,7 @@ from tests.blackbox import Realm, errcode
 @pytest.fixture
 def bb(tmp_path: Any) -> Any:
     # A send bucket of 3 that does not refill while a test runs.
-    realm = Realm(tmp_path, send_burst=3, send_rate=0.0001)
+    realm = Realm.open(tmp_path, send_burst=3, send_rate=0.0001)
     yield realm
     realm.close()
 
