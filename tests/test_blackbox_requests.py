@@ -139,6 +139,7 @@ def test_send_meta_notice_reply_and_tags(bb: Realm) -> Any:
     )
     got = yield bob.wait_for(lambda f: f.get("pos") == r["pos"])
     assert got["meta"] == {"notice": True, "tags": {"+a": "b"}, "reply_to": first["msg_id"]}
+    assert list(got["meta"]) == ["notice", "tags", "reply_to"]
     r2 = yield alice.req("send", to="bob", body="x", notice=False)
     got = yield bob.wait_for(lambda f: f.get("pos") == r2["pos"])
     assert "meta" not in got
@@ -759,3 +760,10 @@ def test_reports_are_five_at_once(bb: Realm) -> Any:
         r = yield bob.req("report", msg_id=m["msg_id"], reason="spam")
         codes.append(errcode(r))
     assert codes == ["ok"] * 5 + ["rate_limited"] and r["retry_after"] > 0
+    # a report of a message that is not there counts too (the look-up is bounded)
+    carol = yield bb.user("carol")
+    codes = []
+    for _ in range(5):
+        codes.append(errcode((yield carol.req("report", msg_id="nothing", reason="x"))))
+    r = yield carol.req("report", msg_id=m["msg_id"], reason="x")
+    assert codes == ["not_found"] * 5 and errcode(r) == "rate_limited"
