@@ -767,3 +767,45 @@ def test_reports_are_five_at_once(bb: Realm) -> Any:
         codes.append(errcode((yield carol.req("report", msg_id="nothing", reason="x"))))
     r = yield carol.req("report", msg_id=m["msg_id"], reason="x")
     assert codes == ["not_found"] * 5 and errcode(r) == "rate_limited"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_status_set_from_quiet_sessions_only_does_not_show_the_user_online(
+    bb: Realm,
+) -> Any:
+    """A quiet session does not make its user appear online: its set_status told the
+    contacts "away", and nothing ever took it back (no "offline" when the quiet
+    session closed), so they showed a user away who was not there."""
+    bob = yield bb.user("bob")
+    alice = yield bb.user("alice")
+    yield alice.req("send", to="bob", body="hi")  # contacts
+    yield alice.close()
+    yield until(lambda: [f["status"] for f in bob.pushed("presence")][-1:] == ["offline"])
+    seen = len(bob.pushed("presence"))
+    quiet = yield bb.login("alice", quiet=True)
+    r = yield quiet.req("set_status", status="away", text="lunch")
+    assert r["type"] == "result"
+    yield bob.fence()
+    assert len(bob.pushed("presence")) == seen
+    r = yield bob.req("who", user="alice")
+    assert r["users"] == []
+    # a session that shows her: the contacts learn her status, as who says it
+    visible = yield bb.login("alice", device="laptop")
+    yield until(lambda: len(bob.pushed("presence")) > seen)
+    away = {"type": "presence", "user": "alice@localhost", "status": "away", "text": "lunch"}
+    assert bob.pushed("presence")[seen:] == [away]
+    r = yield bob.req("who", user="alice")
+    assert r["users"] == [
+        {"user": "alice@localhost", "sessions": 1, "status": "away", "text": "lunch"}
+    ]
+    yield visible.close()
+    yield until(lambda: bob.pushed("presence")[-1]["status"] == "offline")
+    # her last session closes: the status is forgotten
+    yield quiet.close()
+    again = yield bb.login("alice")
+    yield until(lambda: bob.pushed("presence")[-1]["status"] == "online")
+    online = {"type": "presence", "user": "alice@localhost", "status": "online"}
+    assert bob.pushed("presence")[-1] == online
+    r = yield bob.req("who", user="alice")
+    assert r["users"] == [{"user": "alice@localhost", "sessions": 1}]
+    yield again.close()

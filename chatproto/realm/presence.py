@@ -204,7 +204,8 @@ class Presence:
         self.visible[session.user_id] = visible
         if visible == 1:
             self.most_online = max(self.most_online, len(self.visible))
-            self.broadcast(session.user_id, "online", "")
+            # "online", or the status set meanwhile from a quiet session
+            self.broadcast(session.user_id, *self.status.get(session.user_id, ("online", "")))
 
     def went_offline(self, session: Session, last: bool) -> None:
         """``session`` closed (``last``: its user has no other session)."""
@@ -219,6 +220,8 @@ class Presence:
                 self.status.pop(user, None)
                 self.broadcast(user, "offline", "")
         if last:
+            if not self.is_online(user):  # (a status set from quiet sessions only)
+                self.status.pop(user, None)
             self._drop_partners(user)
 
     def set_status(self, session: Session, status: str, text: str = "") -> None:
@@ -231,7 +234,8 @@ class Presence:
             self.status.pop(session.user_id, None)
         else:
             self.status[session.user_id] = (status, text)
-        self.broadcast(session.user_id, status, text)
+        if self.is_online(session.user_id):  # else from quiet sessions only: not shown
+            self.broadcast(session.user_id, status, text)
 
     def snapshot(self, session: Session) -> None:
         """Tell a session that has just synced which of its contacts are online."""
