@@ -1,0 +1,146 @@
+"""Black-box: the WebSocket transport's handshake and the browser's HTTP session API,
+with raw HTTP over loopback TCP, against PROTOCOL.md ("WebSocket transport")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from chatproto.web import WebSite
+from tests.blackbox import Realm
+from tests.conftest import until
+
+
+class RawHTTP(Protocol):
+    """Writes one request as given; keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+    @property
+    def status(self) -> int | None:
+        head = self.data.split(b"\r\n", 1)[0].split(b" ")
+        return int(head[1]) if len(head) > 1 else None
+
+    @property
+    def body(self) -> Any:
+        return json.loads(self.data.partition(b"\r\n\r\n")[2])
+
+
+@pytest.fixture
+def site(tmp_path: Any) -> Any:
+    bb = Realm.open(tmp_path)
+    web = WebSite(bb.realm)
+    port = _reactor.listenTCP(0, web, interface="127.0.0.1")
+    yield bb, port.getHost().port
+    pytest_twisted.blockon(port.stopListening())
+    bb.close()
+
+
+@defer.inlineCallbacks
+def http(port: int, request: bytes) -> Any:
+    proto = RawHTTP()
+    yield connectProtocol(TCP4ClientEndpoint(_reactor, "127.0.0.1", port), proto)
+    proto.transport.write(request)
+    yield until(lambda: b"\r\n\r\n" in proto.data)
+    return proto
+
+
+def handshake(port: int, origin: str | None) -> bytes:
+    lines = [
+        "GET /ws HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+#: Origin of the WebSocket handshake -> the HTTP status.
+ORIGINS = [
+    ("same", 101),
+    (None, 403),
+    ("null", 403),  # what a sandboxed page or a file:// page sends
+    ("http://evil.example", 403),
+    ("https://127.0.0.1:{port}", 403),  # another scheme is another origin
+    ("http://127.0.0.1:1", 403),
+    ("not a url", 400),  # not an origin at all: the WebSocket layer refuses it
+]
+
+
+@pytest.mark.parametrize("origin,status", ORIGINS)
+@pytest_twisted.inlineCallbacks
+def test_the_websocket_handshake_needs_an_allowed_origin(
+    site: Any, origin: str | None, status: int
+) -> Any:
+    _, port = site
+    if origin == "same":
+        origin = f"http://127.0.0.1:{port}"
+    elif origin is not None:
+        origin = origin.format(port=port)
+    proto = yield http(port, handshake(port, origin))
+    assert proto.status == status, proto.data[:200]
+    proto.transport.loseConnection()
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = [f"POST {path} HTTP/1.0", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_json_requests(site: Any) -> Any:
+    _, port = site
+    same = f"http://127.0.0.1:{port}"
+    json_ = {"Content-Type": "application/json"}
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    cases = [
+        ("/api/register", creds, {**json_, "Origin": same}, 200, None),
+        ("/api/register", creds, {**json_, "Origin": same}, 409, "user_exists"),
+        ("/api/login", creds, {**json_, "Origin": "http://evil.example"}, 403, "forbidden"),
+        ("/api/login", creds, {**json_, "Origin": "null"}, 403, "forbidden"),
+        ("/api/login", creds, {"Content-Type": "text/plain", "Origin": same}, 415, None),
+        ("/api/login", creds, {"Origin": same}, 415, None),
+        ("/api/login", b"[1]", {**json_, "Origin": same}, 400, "bad_request"),
+        ("/api/login", b'{"user":NaN}', {**json_, "Origin": same}, 400, "bad_request"),
+        ("/api/login", b'{"user":"a","user":"b"}', {**json_, "Origin": same}, 400, "bad_request"),
+        ("/api/login", b"{" + b" " * 16383, {**json_, "Origin": same}, 400, "bad_request"),
+        ("/api/login", b"{" + b" " * 16384, {**json_, "Origin": same}, 413, "too_large"),
+        ("/api/login", b'{"user":"alice","password":"wrong-pass"}', {**json_}, 401, "auth_failed"),
+        # a program (no Origin: not a browser) may use the API
+        ("/api/login", creds, json_, 200, None),
+        ("/api/logout", b'{"everywhere":1}', {**json_, "Origin": same}, 400, "bad_request"),
+        (
+            "/files?to=alice&name=x&sha256=" + "0" * 64,
+            b"x",
+            {"Content-Type": "text/plain"},
+            403,
+            "forbidden",
+        ),
+    ]
+    for path, body, headers, status, code in cases:
+        proto = yield http(port, post(port, path, body, headers))
+        yield proto.lost
+        assert proto.status == status, (path, headers, proto.data[:300])
+        if code is not None:
+            assert proto.body["code"] == code, (path, proto.body)
