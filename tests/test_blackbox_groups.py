@@ -447,3 +447,42 @@ def test_who_hears_each_event(bb: Realm) -> Any:
     ]
     assert events(p["carol"]) == ["invited"]
     assert events(p["dave"]) == ["banned"]  # not told of the unban
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_order_of_the_checks(bb: Realm) -> Any:
+    """Types first, then the group's address, the user acted on, the group's
+    existence, and only then the request's own rules (the values of its fields)."""
+    p = yield users(bb, "alice", "bob")
+    yield play(
+        p,
+        [
+            ("alice", "create_group", {"group": "#g"}, "ok"),
+            ("bob", "join", {"group": "#g"}, "ok"),
+            ("alice", "kick", {"group": "#g", "user": "nobody", "reason": 5}, "bad_request"),
+            ("alice", "kick", {"group": "#-g", "user": "nobody", "reason": "x"}, "bad_address"),
+            ("alice", "kick", {"group": "#nog", "user": "nobody", "reason": "x"}, "no_such_user"),
+            ("alice", "kick", {"group": "#nog", "user": "bob", "reason": "a\nb"}, "no_such_group"),
+            ("alice", "kick", {"group": "#g", "user": "nobody", "reason": "a\nb"}, "no_such_user"),
+            (
+                "alice",
+                "ban",
+                {"group": "#g", "user": "nobody", "reason": "r" * 513},
+                "no_such_user",
+            ),
+            ("alice", "set_topic", {"group": "#nog", "topic": "a\u202eb"}, "no_such_group"),
+            ("bob", "set_topic", {"group": "#g", "topic": "t" * 513}, "forbidden"),
+            (
+                "alice",
+                "set_role",
+                {"group": "#nog", "user": "bob", "role": "king"},
+                "no_such_group",
+            ),
+            ("bob", "set_role", {"group": "#g", "user": "bob", "role": "king"}, "forbidden"),
+            ("alice", "set_group", {"group": "#nog", "limit": -1}, "no_such_group"),
+            ("bob", "set_group", {"group": "#g", "limit": -1}, "forbidden"),
+            ("alice", "set_voice", {"group": "#g", "user": "nobody"}, "bad_request"),
+            ("alice", "create_group", {"group": "#g", "topic": "a\u202eb"}, "group_exists"),
+            ("alice", "create_group", {"group": "#-x", "visibility": "x"}, "bad_address"),
+        ],
+    )
