@@ -474,3 +474,20 @@ def test_failed_logins_are_throttled_per_account_whatever_the_spelling(tmp_path:
         assert codes == ["auth_failed"] * 4 + ["rate_limited"]
     finally:
         yield bb.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_logins_are_throttled_per_address(tmp_path: Any) -> Any:
+    bb = yield Realm.start(tmp_path, auth={"failure_delay": 30.0, "free_failures_per_address": 3})
+    try:
+        yield bb.user("alice")
+        peer = yield bb.connect()
+        codes = []
+        for user in ("ghost1", "ghost2", "ghost3", "ghost4"):  # 4 accounts, 1 address
+            r = yield peer.req("login", user=user, password="wrong-password")
+            codes.append(errcode(r))
+        r = yield peer.req("login", user="alice", password=PW)  # any account now
+        assert [*codes, errcode(r)] == ["auth_failed"] * 4 + ["rate_limited"]
+        assert 29 < r["retry_after"] <= 30
+    finally:
+        yield bb.stop()
