@@ -491,3 +491,26 @@ def test_failed_logins_are_throttled_per_address(tmp_path: Any) -> Any:
         assert 29 < r["retry_after"] <= 30
     finally:
         yield bb.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_registrations_per_address(tmp_path: Any) -> Any:
+    """5 that can succeed at once; those that cannot (refused before the hash) do
+    not count."""
+    bb = yield Realm.start(tmp_path, auth={"registrations_per_address": 5})
+    try:
+        peer = yield bb.connect()
+        r = yield peer.req("register", user="alice", password=PW)
+        assert r["type"] == "result"
+        codes = []
+        for user, password in [("alice", PW), ("-bad", PW), ("guest-1", PW), ("bob", "short")]:
+            codes.append(errcode((yield peer.req("register", user=user, password=password))))
+        assert codes == ["user_exists", "bad_address", "bad_address", "bad_request"]
+        codes = []
+        for i in range(5):
+            other = yield bb.connect()  # per address, not per connection
+            r = yield other.req("register", user=f"user{i}", password=PW)
+            codes.append(errcode(r))
+        assert codes == ["ok"] * 4 + ["rate_limited"] and r["retry_after"] > 0
+    finally:
+        yield bb.stop()
