@@ -165,9 +165,11 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         self.closed_at = 0.0
         self.last_rx = 0.0
         self.pinged = False
-        #: File transfers on this connection: stream number -> upload id (None: the
-        #: stream failed; its frames still in flight are dropped until file_resume).
-        self._upload_streams: dict[int, str | None] = {}
+        #: File transfers on this connection: stream number -> upload id.  A stream in
+        #: _stopped_streams failed: its frames still in flight are dropped until
+        #: file_resume replaces it.
+        self._upload_streams: dict[int, str] = {}
+        self._stopped_streams: set[int] = set()
         self._download_sinks: dict[int, DataSink] = {}
         self._last_stream = 0
         #: Upload bytes accepted and not yet on disk; past UPLOAD_HIGH, stop reading.
@@ -762,9 +764,9 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         return self._last_stream
 
     def _upload_opened(self, up: Upload) -> dict[str, Any]:
-        for stream, upload_id in self._upload_streams.items():
-            if upload_id == up.upload_id:  # resumed: frames of the old stream are dropped
-                self._upload_streams[stream] = None
+        # Resumed: the old stream is closed (its later frames get no_such_upload), so
+        # resuming over and over holds one stream per upload, not one per resume.
+        self._upload_closed(up.upload_id)
         stream = self._new_stream()
         self._upload_streams[stream] = up.upload_id
         return {
@@ -776,6 +778,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     def _upload_closed(self, upload_id: str) -> None:
         for stream in [s for s, u in self._upload_streams.items() if u == upload_id]:
             del self._upload_streams[stream]
+            self._stopped_streams.discard(stream)
 
     def handle_file_offer(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
@@ -830,6 +833,11 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             op, stream, offset, data = wire.decode_data(payload)
             if op != wire.OP_UPLOAD:
                 raise FatalProtocolError("bad_frame", "clients send upload data frames only")
+            chunk = self.factory.realm.config.files.chunk_size
+            if len(data) > chunk:
+                raise FatalProtocolError(
+                    "bad_frame", f"a data frame carries at most {chunk} bytes (file_chunk)"
+                )
         except ChatError as e:
             self._fail(e, None)
             return
@@ -838,9 +846,9 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 ChatError("no_such_upload", f"no upload stream {stream}", stream=stream)
             )
             return
-        upload_id = self._upload_streams[stream]
-        if upload_id is None:
+        if stream in self._stopped_streams:
             return  # the stream failed; the client resumes on a new one
+        upload_id = self._upload_streams[stream]
         d = self.factory.realm.files.write(self.session.user_id, upload_id, offset, data)
         self._upload_pending += len(data)
         if self._upload_pending > UPLOAD_HIGH and not self._reading_paused:
@@ -856,8 +864,8 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 self.transport.resumeProducing()
         if not isinstance(result, Failure):
             return
-        if self._upload_streams.get(stream) == upload_id:
-            self._upload_streams[stream] = None
+        if self._upload_streams.get(stream) == upload_id and stream not in self._stopped_streams:
+            self._stopped_streams.add(stream)
             err = result.value if isinstance(result.value, ChatError) else None
             if err is None:
                 self.log.failure("upload {id} failed", result, id=upload_id)
