@@ -852,7 +852,7 @@ class Connection(ReadingCalls):
         checked before the file is renamed to ``path``.  ``progress(received, size)``
         is called as bytes are written.  Fires with the file's description (``file``,
         ``name``, ``size``, ``media_type``, ``sha256``, ``from``, ``to``...); fails
-        with :class:`RemoteError` (``no_such_file``, ``not_member``),
+        with :class:`RemoteError` (``no_such_file``, ``bad_request``),
         :class:`ChecksumMismatch`, or :class:`TransferInterrupted` (call again to
         resume; ``done`` is what the ``.part`` file holds, on disk).  When
         ``interrupt`` fires, the download stops the same way (``stopped``).

@@ -708,8 +708,9 @@ class FileService:
     def info(self, user: str, file_id: str) -> Any:
         """The :class:`FileInfo` of a file ``user`` may download: they sent it or it
         was sent to them, or to a group they are a member of and whose history they
-        can read at the file's position.  Otherwise ``no_such_file`` (the same answer
-        as for a file that does not exist or has expired) or ``not_member``."""
+        can read at the file's position.  Otherwise ``no_such_file``: the same answer
+        as for a file that does not exist or has expired, so that a file id tells no
+        one outside its conversation that the file exists, or in which group."""
         if not isinstance(file_id, str) or not _ID.fullmatch(file_id):
             raise ChatError("no_such_file", "no such file")
         rec = yield self.realm.store.file_info(file_id)
@@ -717,7 +718,10 @@ class FileService:
             raise ChatError("no_such_file", f"no file {file_id} (or it expired)")
         info = FileInfo(**rec)
         if info.recipient.startswith("#"):
-            floor = self.realm.groups.readable_from(info.recipient, user)
+            try:
+                floor = self.realm.groups.readable_from(info.recipient, user)
+            except ChatError:  # not a member (or no such group any more)
+                raise ChatError("no_such_file", f"no file {file_id}") from None
             if info.pos <= floor:
                 raise ChatError("no_such_file", f"no file {file_id} in your history")
         elif user not in (info.sender, info.recipient):

@@ -112,7 +112,7 @@ def test_limits_checksum_and_permissions(server: Any, tmp_path: Path) -> Any:
     assert (tmp_path / "team.down").read_bytes() == src.read_bytes()
     with pytest.raises(RemoteError) as e:
         yield carol.download(r["file"], str(tmp_path / "carol.down"))
-    assert e.value.code == "not_member"
+    assert e.value.code == "no_such_file"
     with pytest.raises(RemoteError) as e:
         yield carol.send_file("#team", str(src))
     assert e.value.code == "not_member"
