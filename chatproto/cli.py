@@ -399,8 +399,10 @@ def make_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="set your presence status (lasts while connected: see listen --status)",
         description="Set your status (online, away or busy, with an optional TEXT) and "
-        "show it to your contacts.  A status lasts only while its connection is open, so "
-        "for a one-shot command it is gone at once; 'listen --status STATUS' keeps it.",
+        "show it to your contacts.  This command's own session is quiet: the status "
+        "shows while you have another session open (a TUI, 'listen', IRC...), or from "
+        "the next one, and lasts until your last session closes; 'listen --status "
+        "STATUS' sets one itself.",
     )
     p.add_argument("status", metavar="STATUS", choices=_STATUSES)
     p.add_argument("text", metavar="TEXT", nargs="*")
@@ -907,7 +909,7 @@ async def _info(conn: Connection, args: argparse.Namespace) -> None:
 
 async def _status(conn: Connection, args: argparse.Namespace) -> None:
     await conn.set_status(args.status, args.text)
-    _say(f"status {args.status} shown until this command exits (use 'listen --status')")
+    _say(f"status {args.status} set (shown while a session of yours that is not quiet is open)")
 
 
 async def _report(conn: Connection, args: argparse.Namespace) -> None:
