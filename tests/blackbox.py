@@ -5,7 +5,11 @@ A test asks for the realm with the limits it needs (``open_realm``), connects cl
 (``Peer``), and sends requests; each request has an id of its own and ``req`` fires
 with the one frame that answers it.  Requests that are never answered (``ack``,
 ``pong``) are checked with a *fence*: a ``ping`` sent after them, whose result comes
-after anything they caused, since the realm answers both at once, in order."""
+after anything they caused, since the realm answers both at once, in order.
+
+The second part (below ``errcode``) drives :class:`tests.conftest.RawClient`, which
+keeps every frame it got: ``call`` a request, ``wait_for`` a pushed frame, build
+binary ``data_frame`` payloads."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from chatproto import wire
 from chatproto.client import endpoint_for
 from chatproto.protocol import ClientFactory
-from tests.conftest import fast_config, make_realm, until
+from tests.conftest import RawClient, fast_config, make_realm, raw_client, until
 
 PW = "password-bb"
 
@@ -198,3 +202,55 @@ def errcode(frame: dict[str, Any]) -> str:
         return "ok"
     assert frame.get("type") == "error", frame
     return str(frame["code"])
+
+
+# Helpers over tests.conftest.RawClient (a raw-frame client that keeps every frame it
+# got in ``frames``): used by the black-box tests of PROTOCOL.md's later sections
+# (files, stream positions, groups, presence, addresses, federation).
+
+_call_ids = itertools.count(1)
+
+
+def data_frame(stream: int, offset: int, data: bytes, op: int = 1) -> bytes:
+    """A binary data frame's payload (PROTOCOL.md, Binary data frames)."""
+    return b"\x00" + bytes([op]) + struct.pack("!IQ", stream, offset) + data
+
+
+@defer.inlineCallbacks
+def call(client: RawClient, frame: dict[str, Any]) -> Any:
+    """Send ``frame`` with a fresh ``id`` and return the reply (result or error)."""
+    rid = next(_call_ids)
+    client.send({**frame, "id": rid})
+    reply = yield client.reply(rid)
+    return reply
+
+
+def msgs(client: RawClient) -> list[dict[str, Any]]:
+    return [f for f in client.frames if isinstance(f, dict) and f.get("type") == "msg"]
+
+
+def errors(client: RawClient) -> list[dict[str, Any]]:
+    """Error frames without ``id`` (pushed, not answers)."""
+    return [
+        f
+        for f in client.frames
+        if isinstance(f, dict) and f.get("type") == "error" and "id" not in f
+    ]
+
+
+def wait_for(client: RawClient, predicate: Any, timeout: float = 10.0) -> Any:
+    """Fires with the first frame of ``client`` that satisfies ``predicate``."""
+    return until(
+        lambda: any(isinstance(f, dict) and predicate(f) for f in client.frames), timeout
+    ).addCallback(lambda _: next(f for f in client.frames if isinstance(f, dict) and predicate(f)))
+
+
+@defer.inlineCallbacks
+def login(addr: str, user: str, **fields: Any) -> Any:
+    client = yield raw_client(addr, (user, PW), **fields)
+    return client
+
+
+def code(reply: dict[str, Any]) -> str | None:
+    """The error code of a reply, None for a result."""
+    return reply.get("code") if reply.get("type") == "error" else None

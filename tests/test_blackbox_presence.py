@@ -1,0 +1,186 @@
+"""Black-box tests of PROTOCOL.md's "Presence", "Server-pushed frames", "Errors" and
+"Before login", over loopback TCP with raw frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+
+from tests.blackbox import PW, call, code, login
+from tests.conftest import raw_client, until
+
+
+def presence(client: Any) -> list[dict[str, Any]]:
+    return [f for f in client.frames if isinstance(f, dict) and f.get("type") == "presence"]
+
+
+@defer.inlineCallbacks
+def settle(*clients: Any) -> Any:
+    """Every frame the realm sent before now has arrived (a ping round trip each)."""
+    for c in clients:
+        yield call(c, {"type": "ping"})
+
+
+@defer.inlineCallbacks
+def bye(client: Any) -> Any:
+    client.transport.loseConnection()
+    yield client.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_of_contacts(server: Any) -> Any:
+    realm, _factory, addr = server
+    for name in ("alice", "bob", "carol"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    b = yield login(addr, "bob")
+    # Not contacts yet: nothing.
+    yield settle(a, b)
+    assert presence(a) == presence(b) == []
+    r = yield call(b, {"type": "send", "to": "alice", "body": "hi"})
+    assert r["type"] == "result"
+    # A second session of bob, and a quiet one: no frame.  The snapshot of a new
+    # session of alice names bob once, without text.
+    b2 = yield login(addr, "bob", device="two")
+    bq = yield login(addr, "bob", device="quiet", quiet=True)
+    a2 = yield login(addr, "alice", device="two")
+    yield settle(a, a2, b, b2, bq)
+    assert presence(a) == []
+    assert presence(a2) == [{"type": "presence", "user": "bob@localhost", "status": "online"}]
+    # set_status: every contact session told, text absent when empty; own sessions not.
+    yield call(b, {"type": "set_status", "status": "away", "text": "lunch"})
+    yield call(b, {"type": "set_status", "status": "away", "text": "lunch"})  # no change
+    yield call(b, {"type": "set_status", "status": "busy"})
+    yield settle(a, a2, b, b2, bq)
+    want = [
+        {"type": "presence", "user": "bob@localhost", "status": "away", "text": "lunch"},
+        {"type": "presence", "user": "bob@localhost", "status": "away", "text": "lunch"},
+        {"type": "presence", "user": "bob@localhost", "status": "busy"},
+    ]
+    assert presence(a) == want
+    assert presence(a2)[1:] == want
+    # Bob's own sessions: his new ones had alice in their snapshot, nothing of bob.
+    assert presence(b) == []
+    for c in (b2, bq):
+        assert presence(c) == [{"type": "presence", "user": "alice@localhost", "status": "online"}]
+    for bad in ("offline", "Online", ""):
+        r = yield call(b, {"type": "set_status", "status": bad})
+        assert code(r) == "bad_request", (bad, r)
+    r = yield call(b, {"type": "set_status", "status": "away", "text": "t" * 257})
+    assert code(r) is not None, r
+    r = yield call(b, {"type": "set_status", "status": "away", "text": "t" * 256})
+    assert r["type"] == "result", r
+    # The last non-quiet session closes: offline, though a quiet one stays.
+    yield bye(b)
+    yield settle(a)
+    assert presence(a)[-1] != {"type": "presence", "user": "bob@localhost", "status": "offline"}
+    yield bye(b2)
+    yield until(lambda: presence(a)[-1]["status"] == "offline")
+    assert presence(a)[-1] == {"type": "presence", "user": "bob@localhost", "status": "offline"}
+    # The status was forgotten: the next login is plain online.
+    b3 = yield login(addr, "bob", device="three")
+    yield until(lambda: presence(a)[-1]["status"] == "online")
+    assert presence(a)[-1] == {"type": "presence", "user": "bob@localhost", "status": "online"}
+    for c in (a, a2, b3, bq):
+        yield bye(c)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_quiet_user_never_appears_online(server: Any) -> Any:
+    """A quiet session does not make the user appear online to contacts: no presence
+    frame because of it, not even when it sets a status (which is kept for the
+    user's next session that is not quiet)."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob"):
+        yield realm.create_user(name, PW)
+    b = yield login(addr, "bob")
+    yield call(b, {"type": "send", "to": "alice", "body": "hi"})
+    yield bye(b)
+    a = yield login(addr, "alice")
+    bq = yield login(addr, "bob", device="quiet", quiet=True)
+    yield call(bq, {"type": "set_status", "status": "away", "text": "hidden"})
+    yield settle(bq, a)
+    members = yield call(a, {"type": "who"})
+    assert "bob@localhost" not in [u["user"] for u in members["users"]], members
+    assert presence(a) == [], presence(a)
+    a2 = yield login(addr, "alice", device="two")
+    yield settle(a2)
+    assert presence(a2) == [], presence(a2)
+    # A non-quiet login later shows the status set meanwhile (kept, unseen).
+    b2 = yield login(addr, "bob", device="two")
+    yield until(lambda: bool(presence(a)))
+    want = {"type": "presence", "user": "bob@localhost", "status": "away", "text": "hidden"}
+    assert presence(a) == [want]
+    a3 = yield login(addr, "alice", device="three")
+    assert presence(a3) == presence(a)
+    # From the quiet session, with a non-quiet one open: told.
+    yield call(bq, {"type": "set_status", "status": "busy"})
+    yield until(lambda: len(presence(a)) == 2)
+    assert presence(a)[1] == {"type": "presence", "user": "bob@localhost", "status": "busy"}
+    for c in (bq, b2, a, a2, a3):
+        yield bye(c)
+
+
+@pytest_twisted.inlineCallbacks
+def test_requests_before_login(server: Any) -> Any:
+    realm, _factory, addr = server
+    yield realm.create_user("alice", PW)
+    c = yield raw_client(addr)
+    for req in (
+        {"type": "send", "to": "alice", "body": "x"},
+        {"type": "ack", "pos": 1},
+        {"type": "who"},
+        {"type": "file_offer", "to": "alice", "name": "n", "size": 0, "sha256": "0" * 64},
+    ):
+        r = yield call(c, req)
+        assert code(r) == "not_authenticated", (req, r)
+    r = yield call(c, {"type": "ping"})
+    assert r["type"] == "result"
+    r = yield call(c, {"type": "hello", "version": 1})
+    assert code(r) == "bad_request", r
+    r = yield call(c, {"type": "frobnicate"})
+    assert code(r) in ("unknown_type", "not_authenticated"), r
+    # A frame of exactly 8192 bytes is read; 8193 is too_large, and closes.
+    pad = {"type": "ping", "id": "p", "x": ""}
+    base = len(b'{"type":"ping","id":"p","x":""}')
+    pad["x"] = "y" * (8192 - base)
+    c.send(pad)
+    r = yield c.reply("p")
+    assert r["type"] == "result", r
+    pad["x"] = "y" * (8193 - base)
+    pad["id"] = "q"
+    c.send(pad)
+    yield until(lambda: c.lost.called)
+    last = c.frames[-1]
+    assert last["type"] == "error" and last["code"] == "too_large" and "id" not in last
+    # After login the frame limit is max_frame.
+    a = yield login(addr, "alice")
+    pad["x"] = "y" * (60000 - base)
+    pad["id"] = "big"
+    a.send(pad)
+    r = yield a.reply("big")
+    assert r["type"] == "result", r
+    yield bye(a)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ephemeral_frames_wait_for_synced(server: Any) -> Any:
+    """A presence change that happens while a session's backlog is being sent is not
+    sent to it before `synced`."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob"):
+        yield realm.create_user(name, PW)
+    b = yield login(addr, "bob")
+    for i in range(300):
+        b.send({"type": "send", "to": "alice", "body": f"m{i}", "id": f"s{i}"})
+    yield b.reply("s299")
+    a = yield login(addr, "alice")
+    yield task.deferLater(_reactor, 0, lambda: None)
+    kinds = [f.get("type") for f in a.frames if isinstance(f, dict)]
+    synced_at = kinds.index("synced")
+    assert "presence" not in kinds[:synced_at]
+    yield bye(a)
+    yield bye(b)
