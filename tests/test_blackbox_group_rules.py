@@ -495,6 +495,7 @@ def test_listing_and_external_senders(group_server: Any) -> Any:
     assert later["pos"] not in cpos
     apos = [m["pos"] for m in msgs(a)]
     assert sent["pos"] in apos
+    assert sent["pos"] not in cpos  # not even their own message: the result is its record
     r = yield call(a, {"type": "set_group", "group": "#pub", "moderated": True})
     r = yield call(c, {"type": "send", "to": "#pub", "body": "moderated now"})
     assert code(r) in ("moderated", "not_member"), r
