@@ -46,6 +46,9 @@ ITEMS = [
     (text("ts-true", ts=True), "bad_request"),
     (text("ts-string", ts="1"), "bad_request"),
     (text("ts-2^53", ts=2**53), "bad_request"),
+    (text("ts-2^53-1", ts=2**53 - 1), None),
+    (text("ts--2^53", ts=-(2**53)), "bad_request"),
+    (text("ts-negative", ts=-1), None),
     (text("ts-null", ts=None), "bad_request"),
     (text("meta-extra", meta={"colour": "red"}), "bad_request"),
     (text("meta-notice-false", meta={"notice": False}), "bad_request"),
@@ -318,3 +321,40 @@ def _framed(obj: dict[str, Any]) -> bytes:
 
     payload = wire.encode(obj)
     return struct.pack("!I", len(payload)) + payload
+
+
+@pytest_twisted.inlineCallbacks
+def test_remote_groups_from_a_users_side_and_bounces(realms: Any) -> Any:  # noqa: F811
+    """A user's requests about another realm's group: create is remote_realm, info of
+    a group the realm knows nothing of is remote_realm, a join is pending (pos 0)
+    and, refused by the home realm, comes back as a `bounce` with `meta.event`; a
+    message to a user who does not exist there bounces too."""
+    from tests.blackbox import call, code, login, msgs, wait_for
+
+    a, b = yield realms(["a.example", "b.example"])
+    yield a.realm.create_user("alice", "password-bb")
+    yield b.realm.create_user("bob", "password-bb")
+    alice = yield login(a.addr, "alice")
+    r = yield call(alice, {"type": "create_group", "group": "#x@b.example"})
+    assert code(r) == "remote_realm", r
+    for req in (
+        {"type": "group_info", "group": "#x@b.example"},
+        {"type": "members", "group": "#x@b.example"},
+    ):
+        r = yield call(alice, req)
+        assert code(r) == "remote_realm", (req, r)
+    j = yield call(alice, {"type": "join", "group": "#nope@b.example"})
+    assert j["type"] == "result" and j["pos"] == 0 and j["msg_id"], j
+    bounce = yield wait_for(alice, lambda f: f.get("kind") == "bounce")
+    assert bounce["from"] == "#nope@b.example" and bounce["to"] == "alice@a.example"
+    assert bounce["meta"]["code"] == "no_such_group" and bounce["meta"]["event"] == "joined"
+    assert bounce["meta"]["id"] == j["msg_id"] and bounce["meta"]["realm"] == "b.example"
+    s = yield call(alice, {"type": "send", "to": "nobody@b.example", "body": "hello?"})
+    assert s["pos"] > 0
+    b2 = yield wait_for(
+        alice, lambda f: f.get("kind") == "bounce" and f["from"] == "nobody@b.example"
+    )
+    assert b2["meta"]["code"] == "no_such_user" and b2["meta"]["id"] == s["msg_id"]
+    h = yield call(alice, {"type": "history", "with": "nobody@b.example"})
+    assert [m["kind"] for m in h["messages"]] == ["text", "bounce"], h
+    assert [m["pos"] for m in msgs(alice)] == sorted(m["pos"] for m in msgs(alice))
