@@ -436,3 +436,30 @@ def test_download_frames_and_concurrent_finishes(files_server: Any) -> Any:
         got += f[14:]
         expect += len(f) - 14
     assert got == data[100:3100]
+
+
+@pytest_twisted.inlineCallbacks
+def test_finish_after_the_recipient_went_away(files_server: Any) -> Any:
+    """The recipient deleted, or the sender no longer in the group, between offer and
+    finish: no_such_user / not_member, nothing posted, the upload kept."""
+    realm, addr = files_server
+    alice = yield login(addr, "alice")
+    carol = yield login(addr, "carol")
+    r = yield call(alice, offer("bob", GOOD))
+    alice.send_raw(data_frame(r["stream"], 0, GOOD))
+    yield realm.delete_user("bob")
+    fin = yield call(alice, {"type": "file_finish", "upload": r["upload"]})
+    assert code(fin) == "no_such_user", fin
+    kept = yield call(alice, {"type": "file_resume", "upload": r["upload"]})
+    assert kept["offset"] == len(GOOD), kept
+    yield call(carol, {"type": "create_group", "group": "#g"})
+    yield call(alice, {"type": "join", "group": "#g"})
+    g = yield call(alice, offer("#g", GOOD))
+    alice.send_raw(data_frame(g["stream"], 0, GOOD))
+    yield call(alice, {"type": "leave", "group": "#g"})
+    fin = yield call(alice, {"type": "file_finish", "upload": g["upload"]})
+    assert code(fin) == "not_member", fin
+    yield call(alice, {"type": "join", "group": "#g"})
+    fin = yield call(alice, {"type": "file_finish", "upload": g["upload"]})
+    assert fin["type"] == "result", fin
+    assert [m["kind"] for m in msgs(alice) if m["kind"] == "file"] == ["file"]
