@@ -499,3 +499,27 @@ def test_listing_and_external_senders(group_server: Any) -> Any:
     r = yield call(a, {"type": "set_group", "group": "#pub", "moderated": True})
     r = yield call(c, {"type": "send", "to": "#pub", "body": "moderated now"})
     assert code(r) in ("moderated", "not_member"), r
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_changes_are_one_at_a_time(group_server: Any) -> Any:
+    """Two create_group for one name at once: one gets group_exists; joins at once
+    cannot pass max_members_per_group (4 here)."""
+    _realm, addr = group_server
+    conns = {}
+    for u in USERS:
+        conns[u] = yield login(addr, u)
+    conns["alice"].send({"type": "create_group", "group": "#race", "id": "c1"})
+    conns["bob"].send({"type": "create_group", "group": "#race", "id": "c2"})
+    r1 = yield conns["alice"].reply("c1")
+    r2 = yield conns["bob"].reply("c2")
+    assert sorted([code(r1) or "ok", code(r2) or "ok"]) == ["group_exists", "ok"], (r1, r2)
+    owner = conns["alice"] if code(r1) is None else conns["bob"]
+    others = [c for c in conns.values() if c is not owner]
+    for i, c in enumerate(others):
+        c.send({"type": "join", "group": "#race", "id": f"j{i}"})
+    replies = []
+    for i, c in enumerate(others):
+        r = yield c.reply(f"j{i}")
+        replies.append(code(r) or "ok")
+    assert sorted(replies) == ["group_full", "ok", "ok", "ok"], replies
