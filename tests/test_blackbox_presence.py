@@ -184,3 +184,30 @@ def test_ephemeral_frames_wait_for_synced(server: Any) -> Any:
     assert "presence" not in kinds[:synced_at]
     yield bye(a)
     yield bye(b)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_join_tells_joiner_and_members_of_each_other(server: Any) -> Any:
+    realm, _factory, addr = server
+    for name in ("alice", "bob", "carol"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    c = yield login(addr, "carol", quiet=True)
+    yield call(a, {"type": "create_group", "group": "#g"})
+    yield call(c, {"type": "join", "group": "#g"})
+    yield call(a, {"type": "set_status", "status": "busy", "text": "x"})
+    b = yield login(addr, "bob")
+    j = yield call(b, {"type": "join", "group": "#g"})
+    yield settle(a, b, c)
+    # bob: his joined event, then alice's presence (carol is quiet: not online).
+    after = [f for f in b.frames if isinstance(f, dict) and f.get("type") in ("msg", "presence")]
+    at = next(i for i, f in enumerate(after) if f.get("pos") == j["pos"])
+    assert after[at + 1 :] == [
+        {"type": "presence", "user": "alice@localhost", "status": "busy", "text": "x"}
+    ]
+    # alice: the joined event, then bob's presence.
+    tail = [f for f in a.frames if isinstance(f, dict) and f.get("type") in ("msg", "presence")]
+    at = next(i for i, f in enumerate(tail) if f.get("pos") == j["pos"])
+    assert tail[at + 1 :] == [{"type": "presence", "user": "bob@localhost", "status": "online"}]
+    # carol, quiet, still hears of bob (she is his contact now).
+    assert {"type": "presence", "user": "bob@localhost", "status": "online"} in presence(c)
