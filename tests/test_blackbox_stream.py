@@ -362,3 +362,30 @@ def test_the_other_party_keeps_a_deleted_accounts_conversation(server: Any) -> A
     assert code(r) == "no_such_user", r
     b2 = yield login(addr, "bob", device="new", since=0)
     assert positions(b2) == [one["pos"], f["pos"]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_envelope_fields_and_their_order(server: Any) -> Any:
+    """`msg` frames: type, pos, msg_id, kind, from, to, ts, body, then meta when there
+    is one; history entries the same without `type`."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    t = yield send(a, "bob", "plain")
+    n = yield send(a, "bob", "notice", notice=True)
+    g = yield call(a, {"type": "create_group", "group": "#g"})
+    r = yield call(a, {"type": "react", "msg_id": t["msg_id"], "emoji": "x"})
+    yield call(a, {"type": "ping"})
+    order = ["type", "pos", "msg_id", "kind", "from", "to", "ts", "body"]
+    for p in (t["pos"], n["pos"], g["pos"], r["pos"]):
+        m = next(f for f in msgs(a) if f["pos"] == p)
+        keys = list(m)
+        assert keys[:8] == order, keys
+        assert keys[8:] in ([], ["meta"]), keys
+        assert isinstance(m["ts"], (int, float)) and isinstance(m["msg_id"], str)
+    assert "meta" not in next(f for f in msgs(a) if f["pos"] == t["pos"])
+    assert next(f for f in msgs(a) if f["pos"] == n["pos"])["meta"] == {"notice": True}
+    h = yield call(a, {"type": "history", "with": "bob"})
+    for m in h["messages"]:
+        assert list(m)[:7] == order[1:], list(m)
