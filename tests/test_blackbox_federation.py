@@ -42,6 +42,8 @@ ITEMS = [
     (text("no-group", to="#nogroup@b.example"), "no_such_group"),
     (text("not-member", to="#g@b.example"), "not_member"),
     (text("third-realm-to", to="dave@c.example"), "bad_address"),
+    (text("third-realm-group", to="#g@c.example"), "forged_sender"),  # not its home
+    (text("own-realm-group", to="#g@a.example"), "not_member"),  # no mirror here
     (text("bad-from", **{"from": "-x@a.example"}), "bad_address"),
     (text("ts-true", ts=True), "bad_request"),
     (text("ts-string", ts="1"), "bad_request"),
