@@ -223,3 +223,22 @@ def test_a_react_past_the_limit_is_a_plain_error(factory: IRCFactory, realm: Rea
     alice.send(f"@+draft/react=more;+draft/reply={msgid} TAGMSG bob")
     [(_, cmd, params)] = parsed(alice)
     assert cmd == "400" and params[:2] == ["alice", "TAGMSG"] and "100 edits" in params[2]
+
+
+def test_msgids_keep_at_least_the_newest_and_forget_the_older_half_at_once() -> None:
+    from chatproto.envelope import Envelope
+    from chatproto.irc.relations import MsgIds
+
+    ids = MsgIds(size=4)
+    envs = [Envelope(f"m{i}", "text", "a@x", "b@x", 0.0, "hi", pos=i) for i in range(1, 12)]
+    for env in envs[:9]:
+        ids.remember(env)
+    # 9 > 2 x 4: the 5 oldest are forgotten, the newest 4 kept
+    assert [ids.msgid(f"m{i}") for i in range(1, 10)] == [None] * 5 + [6, 7, 8, 9]
+    assert ids.msg_id("9", "a@x", "b@x") == "m9" and ids.msg_id("5", "a@x", "b@x") is None
+    ids.remember(envs[5])  # known: nothing changes
+    for env in envs[9:]:
+        ids.remember(env)
+    assert [ids.msgid(f"m{i}") for i in range(6, 12)] == [6, 7, 8, 9, 10, 11]
+    ids.remember(Envelope("m0", "text", "a@x", "b@x", 0.0, "hi"))  # not stored: no msgid
+    assert ids.msgid("m0") is None

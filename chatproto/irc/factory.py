@@ -92,18 +92,20 @@ class IRCFactory(ClientFactory):
         """The encoded PRIVMSG line(s) of a text item, the same for every receiver;
         ``mode`` bit 1 adds ``time``, bit 2 ``msgid`` (the stream position).  Cached for
         the item being fanned out, so R receivers cost one encoding."""
-        if env is not self._cache_env:
-            self._cache_env = env
-            self._cache = [None, None, None, None]
+        if env is not self._cache_env:  # a new item (a DM's one receiver: the usual)
             self.msgids.remember(env)
-        cached = self._cache[mode]
-        if cached is not None:
-            return cached
-        plain = self._cache[0]
-        if plain is None:
-            plain = self._cache[0] = self._encode(env)
-        if mode == 0:
-            return plain
+            plain = self._encode(env)
+            self._cache = [plain, None, None, None]
+            self._cache_env = env
+            if mode == 0:
+                return plain
+        else:
+            cached = self._cache[mode]
+            if cached is not None:
+                return cached
+            cached = self._cache[0]
+            assert cached is not None  # (encoded when the item was first seen)
+            plain = cached
         tags = []
         if mode & 1:
             tags.append(f"time={server_time(env.ts)}")
@@ -145,17 +147,22 @@ class IRCFactory(ClientFactory):
         return line
 
     def _encode(self, env: Envelope) -> bytes:
-        realm = self.realm.realm
-        source = f":{self.directory.mask(env.sender)} "
-        if env.recipient.startswith("#"):
-            target = channel_of(env.recipient, realm)
+        directory = self.directory
+        recipient = env.recipient
+        if recipient[:1] == "#":
+            target = channel_of(recipient, self.realm.realm)
         else:
-            target = self.directory.nick(env.recipient)
-        if env.kind == "text":
-            verb = "NOTICE" if env.meta is not None and env.meta.get("notice") else "PRIVMSG"
-            head = f"{source}{verb} {target} :"
-            body = env.body
-        elif env.kind == "bounce":  # another realm refused what we sent: from the server
+            target = directory.nick(recipient)
+        body = env.body
+        if env.kind == "text":  # the usual: one line, as the sender wrote it
+            meta = env.meta
+            verb = "NOTICE" if meta is not None and meta.get("notice") else "PRIVMSG"
+            hb = f":{directory.mask(env.sender)} {verb} {target} :".encode()
+            if len(body) * 4 <= MAX_LINE - 2 - len(hb) and "\n" not in body and "\r" not in body:
+                return hb + body.encode("utf-8", "replace").replace(b"\0", b"") + CRLF
+            return self._split(hb, body)
+        source = f":{directory.mask(env.sender)} "
+        if env.kind == "bounce":  # another realm refused what we sent: from the server
             head = f":{self.server_name} NOTICE {target} :"
             body = f"[not delivered] {env.body}"
         elif env.kind == "file":  # IRC cannot carry it: a notice saying how to fetch it
@@ -170,9 +177,15 @@ class IRCFactory(ClientFactory):
             head = f"{source}NOTICE {target} :"
             body = f"[{env.kind}] {env.body}".strip()
         hb = head.encode("utf-8")
-        room = MAX_LINE - 2 - len(hb)
-        if len(env.body) * 4 <= room and "\n" not in body and "\r" not in body:
+        if len(env.body) * 4 <= MAX_LINE - 2 - len(hb) and "\n" not in body and "\r" not in body:
             return hb + body.encode("utf-8", "replace").replace(b"\0", b"") + CRLF
+        return self._split(hb, body)
+
+    @staticmethod
+    def _split(hb: bytes, body: str) -> bytes:
+        """``body`` as IRC lines after the head ``hb``: one per body line, long ones
+        split (no line longer than MAX_LINE)."""
+        room = MAX_LINE - 2 - len(hb)
         return b"".join(
             hb + piece.encode("utf-8", "replace") + CRLF for piece in body_lines(body, room)
         )

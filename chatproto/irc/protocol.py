@@ -765,7 +765,12 @@ class IRCProtocol(LineOnlyReceiver):
         if quick is not None:
             command, target, body = quick
             params = [target, body]
-            ctx = self._reply(None)
+            if self.replies:  # (what _reply does)
+                ctx = Reply(self, None, held=True)
+                ctx.queued = True
+                self.replies.append(ctx)
+            else:
+                ctx = Reply(self, None)
             handler = None
         else:
             try:

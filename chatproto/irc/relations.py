@@ -22,7 +22,6 @@ realm decides everything (who may react or delete what): this module translates.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
@@ -46,22 +45,29 @@ REMEMBERED = 65536
 
 
 class MsgIds:
-    """``msg_id`` <-> IRC msgid (the stream position) of recently rendered items."""
+    """``msg_id`` <-> IRC msgid (the stream position) of recently rendered items.
+
+    At least the last ``size`` items rendered are remembered (at most twice that:
+    the older half is forgotten at once, so each item costs two dictionary writes)."""
 
     def __init__(self, size: int = REMEMBERED) -> None:
         self._size = size
-        self._pos: OrderedDict[str, int] = OrderedDict()
+        self._pos: dict[str, int] = {}  # in the order remembered
         #: msgid -> (msg_id, sender, recipient)
         self._ids: dict[int, tuple[str, str, str]] = {}
 
     def remember(self, env: Envelope) -> None:
-        if env.id in self._pos or not env.pos:
+        known = self._pos
+        if env.id in known or not env.pos:
             return
-        self._pos[env.id] = env.pos
+        known[env.id] = env.pos
         self._ids[env.pos] = (env.id, env.sender, env.recipient)
-        if len(self._pos) > self._size:
-            _, pos = self._pos.popitem(last=False)
-            self._ids.pop(pos, None)
+        if len(known) > 2 * self._size:
+            ids = self._ids
+            old = list(known.items())[: len(known) - self._size]
+            for msg_id, pos in old:
+                del known[msg_id]
+                ids.pop(pos, None)
 
     def msgid(self, msg_id: Any) -> int | None:
         """The IRC msgid of the item with this ``msg_id``, if rendered lately."""
