@@ -232,7 +232,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             elif isinstance(out, Deferred):
                 out.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
             else:
-                self._fail(out, rid)
+                self.refuse(out, rid)
         for d, items in commits:
             pairs = [(env, rids[id(env)]) for env in items]
             d.addCallbacks(
@@ -464,7 +464,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 self._flush_sends()
             d = maybeDeferred(handler, self, obj)
         except ChatError as e:
-            self._fail(e, rid)
+            self.refuse(e, rid)
             return
         except Exception:
             self._crash(Failure(), rid)
@@ -482,11 +482,15 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
 
     def _errback(self, failure: Failure, rid: Any) -> None:
         if failure.check(ChatError):
-            self._fail(failure.value, rid)  # type: ignore[arg-type]
+            self.refuse(failure.value, rid)  # type: ignore[arg-type]
         else:
             self._crash(failure, rid)
 
-    def _fail(self, err: ChatError, rid: Any) -> None:
+    def refuse(self, err: ChatError, rid: Any = None) -> None:
+        """Answer request ``rid`` (None: no request) with ``err``: an error frame, and
+        for a :class:`FatalProtocolError` the connection closed after it (logged).
+        Gateways that carry this protocol in other framing (the WebSocket gateway)
+        refuse what their framing brings that the protocol does not allow here."""
         if not isinstance(err, FatalProtocolError):
             self.send_error(err, rid)
             return
@@ -825,7 +829,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
 
     def _data_frame(self, payload: bytes) -> None:
         if self.session is None:
-            self._fail(
+            self.refuse(
                 FatalProtocolError("bad_frame", "data frames need a logged-in session"), None
             )
             return
@@ -839,7 +843,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                     "bad_frame", f"a data frame carries at most {chunk} bytes (file_chunk)"
                 )
         except ChatError as e:
-            self._fail(e, None)
+            self.refuse(e, None)
             return
         if stream not in self._upload_streams:
             self.send_error(

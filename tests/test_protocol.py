@@ -1048,3 +1048,25 @@ def test_registrations_per_address_set_in_the_config_and_zero_is_no_bound(
             if reply.get("code") == "rate_limited":
                 assert reply["retry_after"] == interval
         assert codes == ["ok"] * allowed + ["rate_limited"] * (12 - allowed)
+
+
+def test_refuse_answers_with_an_error_and_closes_for_a_fatal_one(realm: Any) -> None:
+    """``refuse`` is how a gateway carrying the protocol in other framing refuses
+    what its framing brought (the WebSocket gateway: a binary message)."""
+    from chatproto.errors import FatalProtocolError
+
+    proto, t = connect_string_transport(realm)
+    proto.refuse(ChatError("bad_request", "not that"), 7)
+    assert parse_frames(t.value())[-1] == {
+        "type": "error",
+        "id": 7,
+        "code": "bad_request",
+        "message": "not that",
+    }
+    assert not t.disconnecting
+    t.clear()
+    proto.refuse(FatalProtocolError("bad_frame", "binary messages are not used"))
+    assert parse_frames(t.value()) == [
+        {"type": "error", "code": "bad_frame", "message": "binary messages are not used"}
+    ]
+    assert t.disconnecting

@@ -233,8 +233,8 @@ class ChatWebSocket(WebSocketServerProtocol):
         if session is None:
             return
         if isBinary:
-            session._fail(
-                FatalProtocolError("bad_frame", "binary WebSocket messages are not used"), None
+            session.refuse(
+                FatalProtocolError("bad_frame", "binary WebSocket messages are not used")
             )
             return
         if len(payload) > session.MAX_LENGTH:
