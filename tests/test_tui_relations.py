@@ -295,3 +295,21 @@ def test_reply_react_edit_delete_in_the_real_tui(
     yield tmux.wait("alice", r"<bob> yes, at two \(edited\)  \[🎉 1\]")
     tmux.type("bob", "/edit 1 no")
     yield tmux.wait("bob", r"!! message 1 is not yours")
+
+
+def test_message_numbers_past_999_are_shown_in_a_wider_column() -> None:
+    """The column of numbers was 4 wide and left messages past the 999th without a
+    number (they could be picked by it all the same): it grows with the highest."""
+    model = ChatModel()
+    model.me, model.realm = "al@x", "x"
+    for i in range(1001):
+        model.receive(_item(i + 1, "text", "bob@x", f"m{i + 1}"))
+    model.select("bob@x")
+    conv = model.conversation("bob@x")
+    conv.history = "complete"
+    assert conv.numbered(1001)["body"] == "m1"
+    view = ChatView(model, FakeController(), tz=UTC)
+    view.pane.set_focus(0)  # the oldest, at the top
+    screen = text_of(view, (80, 10))
+    assert " 1001 00:00 <bob> m1" in screen and " 1000 00:00 <bob> m2" in screen
+    assert "  999 00:00 <bob> m3" in screen

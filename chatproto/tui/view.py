@@ -488,15 +488,16 @@ class ChatView(urwid.WidgetWrap):
         if head:
             widgets.append(urwid.Text(("hint", head), align="center"))
         numbers = conv.numbers()
+        width = number_width(max(numbers.values(), default=0))
         for line in conv.lines(self.tz):
             w = self._line_widget(line, conv)
             if conv.address == STATUS:
                 pass  # no messages there: no numbers
             elif isinstance(line, MessageLine):
                 quoted = bool((line.item.get("meta") or {}).get("reply_to"))
-                w = _numbered(w, numbers.get(line.pos), quoted)
+                w = _numbered(w, numbers.get(line.pos), width, quoted)
             elif isinstance(line, NoticeLine):
-                w = _numbered(w, None)
+                w = _numbered(w, None, width)
             w._chat_key = _line_key(line)  # type: ignore[attr-defined]
             widgets.append(w)
         self.pane.body[:] = widgets  # type: ignore[index]
@@ -512,17 +513,26 @@ class ChatView(urwid.WidgetWrap):
                     break
 
 
-#: The width of the column of message numbers (what /react, /edit... take).
+#: The least width of the column of message numbers (what /react, /edit... take).
 NUMBER_WIDTH = 4
 
 
-def _numbered(widget: urwid.Widget, number: int | None, quoted: bool = False) -> urwid.Widget:
-    """A message line with its number in a column on its left, beside the message
-    (under the quote of a reply); blank for other lines, and past 999."""
-    label = f"{number:>3} " if number is not None and number < 1000 else ""
+def number_width(highest: int) -> int:
+    """The width of the column of message numbers when the highest shown is
+    ``highest``: :data:`NUMBER_WIDTH`, wider past 999 (the digits and a space)."""
+    return max(NUMBER_WIDTH, len(str(highest)) + 1)
+
+
+def _numbered(
+    widget: urwid.Widget, number: int | None, width: int = NUMBER_WIDTH, quoted: bool = False
+) -> urwid.Widget:
+    """A message line with its number in a column on its left (``width`` wide: every
+    line of a conversation the same), beside the message (under the quote of a
+    reply); blank for other lines."""
+    label = f"{number:>{width - 1}} " if number is not None else ""
     if label and quoted:
         label = "\n" + label
-    return urwid.Columns([(NUMBER_WIDTH, urwid.Text(("hint", label))), widget])
+    return urwid.Columns([(width, urwid.Text(("hint", label))), widget])
 
 
 def _line_key(line: Any) -> tuple[Any, ...]:
