@@ -253,7 +253,7 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
         store.append([item(BOB, ALICE, f"word{n}")])
     yield store.append([item(BOB, ALICE, "last")])
     for _ in range(200):  # bounded: 10 s
-        upto = yield store._read(lambda db: db.search_upto())
+        upto = yield store.search_indexed()
         if upto == 451:
             break
         yield task.deferLater(_reactor, 0.05, lambda: None)
@@ -279,7 +279,7 @@ def test_the_sqlite_index_keeps_up_with_a_realm_that_is_never_quiet(
     for _ in range(30):  # back to back: never quiet
         yield store.append([item(BOB, ALICE, f"busy{total + n}") for n in range(1000)])
         total += 1000
-    upto = yield store._read(lambda db: db.search_upto())
+    upto = yield store.search_indexed()
     assert upto >= total - 5000 - groupcommit.INDEX_STEP - 1000, upto
 
 
@@ -407,3 +407,51 @@ def test_a_deleted_message_is_not_unread(store: Any) -> Any:
     rows = yield store.conversations(ALICE, 0, [("#dev@localhost", 0)], "alice", 10)
     by = {r["conv"]: (r["unread"], r["mentions"]) for r in rows}
     assert by == {conversation_key(ALICE, BOB): (1, 0), "#dev@localhost": (1, 1)}
+
+
+class _Counted:
+    """A connection that counts the statements it is asked to run (an ``execute`` or
+    an ``executemany`` is one), passing everything on."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.statements = 0
+
+    def execute(self, *args: Any) -> Any:
+        self.statements += 1
+        return self._conn.execute(*args)
+
+    def executemany(self, *args: Any) -> Any:
+        self.statements += 1
+        return self._conn.executemany(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_sqlite_forgets_many_logins_and_files_in_a_few_statements(tmp_path: Any) -> None:
+    """Forgetting browser logins and expiring files asked SQLite one statement per
+    digest (a login's, a file's content); now one statement takes them all."""
+    from tests.test_store import file_env
+
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    db.create_user("alice", "h", 1.0)
+    for n in range(50):
+        db.put_session_token(f"d{n}", "alice", 0, "web", 1.0, 1.0)
+    shared = "f" * 64
+    files = [file_env(ALICE, BOB, f"file{n}", f"{n:064x}", 1, 2.0) for n in range(50)]
+    files.append(file_env(ALICE, BOB, "old", shared, 1, 2.0))
+    db.commit_batch([files], {})
+    db.commit_batch([[file_env(ALICE, BOB, "new", shared, 1, 9.0)]], {})
+    counted = _Counted(db.conn)
+    db.conn = counted  # type: ignore[assignment]
+    assert db.delete_session_tokens([f"d{n}" for n in range(50)] + ["nope"]) == 50
+    assert counted.statements == 1
+    assert db.session_tokens() == []
+    counted.statements = 0
+    gone = db.expire_files(5.0)
+    assert gone == sorted(f"{n:064x}" for n in range(50))  # not the one "new" holds
+    assert counted.statements <= 4  # BEGIN, the delete, one look-up, COMMIT
+    db.conn = counted._conn
+    db.close()

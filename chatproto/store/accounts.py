@@ -31,7 +31,8 @@ __all__ = ["AccountsSQL"]
 
 class AccountsSQL:
     """The account statements of the SQL backends.  Hooks: :meth:`_run` runs one
-    statement written with ``?`` placeholders and returns its cursor;
+    statement written with ``?`` placeholders and returns its cursor (:meth:`_run_many`
+    one for many rows);
     :meth:`_text_in` / :meth:`_text_out` store and read back a client's free text;
     :attr:`ITEMS_TOP` is an SQL expression for the highest position drawn so far (a
     new account's floor); ``DUPLICATE`` the error a taken primary key raises.
@@ -43,6 +44,11 @@ class AccountsSQL:
     commit_batch: Any
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement for each of ``rows`` (one ``executemany``); returns the
+        rows they changed, in all."""
         raise NotImplementedError
 
     def _text_in(self, text: str) -> str:
@@ -151,10 +157,11 @@ class AccountsSQL:
         )
 
     def delete_session_tokens(self, digests: Sequence[str]) -> int:
-        n = 0
-        for digest in digests:
-            n += self._run("DELETE FROM session_tokens WHERE digest = ?", (digest,)).rowcount
-        return n
+        if not digests:
+            return 0
+        return self._run_many(
+            "DELETE FROM session_tokens WHERE digest = ?", [(d,) for d in digests]
+        )
 
     def delete_user_session_tokens(self, name: str) -> int:
         return int(self._run("DELETE FROM session_tokens WHERE name = ?", (name,)).rowcount)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
@@ -446,6 +447,9 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(sql, params)
+
+    def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return int(self.conn.executemany(sql, rows).rowcount)
 
     def _delete_account(self, name: str, address: str) -> None:
         """Inside a commit, before its batch's outbox rows: the account's rows go and
@@ -909,12 +913,12 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                     "DELETE FROM files WHERE ts < ? RETURNING sha256", (before,)
                 ).fetchall()
             ]
-            gone = sorted(
-                d
-                for d in set(digests)
-                if c.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (d,)).fetchone()
-                is None
-            )
+            still = c.execute(
+                "SELECT DISTINCT sha256 FROM files WHERE sha256 IN "
+                "(SELECT value FROM json_each(?))",
+                (json.dumps(sorted(set(digests))),),
+            ).fetchall()
+            gone = sorted(set(digests) - {r[0] for r in still})
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -959,3 +963,8 @@ class SQLiteStore(GroupCommitStore):
 
     def _connect(self) -> SQLiteDB:
         return SQLiteDB(self.path, self._synchronous)
+
+    def search_indexed(self) -> Deferred[int]:
+        """Fires with the position up to which every item is in the search index
+        (the indexer's progress: a search reads the items after it directly)."""
+        return self._read(lambda db: db.search_upto())

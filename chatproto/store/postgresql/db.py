@@ -176,6 +176,11 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, Fil
     def _run(self, query: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(query.replace("?", "%s"), params)  # type: ignore[arg-type]
 
+    def _run_many(self, query: str, rows: Sequence[Sequence[Any]]) -> int:
+        with self.conn.cursor() as cur:
+            cur.executemany(query.replace("?", "%s"), rows)  # type: ignore[arg-type]
+            return int(cur.rowcount)
+
     def _text_in(self, text: str) -> str:
         return escape_text(text)
 
