@@ -44,6 +44,7 @@ def test_search_words_of_any_letters_are_plain_terms(server: Any) -> Any:
         alice = Asker((yield raw_client(addr, ("alice", PW))))
         yield alice.ask({"type": "send", "to": "alice", "body": "na\u19b0me and body"})
         yield alice.ask({"type": "send", "to": "alice", "body": "NEAR or not"})
+        yield alice.ask({"type": "send", "to": "alice", "body": "\u19b0\u19b5 alone"})
         for query, found in [
             ("na\u19b0me", ["na\u19b0me and body"]),
             ("na\u19b0", ["na\u19b0me and body"]),
@@ -52,6 +53,8 @@ def test_search_words_of_any_letters_are_plain_terms(server: Any) -> Any:
             ("body:and", ["na\u19b0me and body"]),
             ("-body ^and", ["na\u19b0me and body"]),
             ("x" * 256, []),
+            ("\u19b0\u19b5", ["\u19b0\u19b5 alone"]),  # letters only SQLite splits on
+            ("\u19b0\u19b5 alone", ["\u19b0\u19b5 alone"]),
         ]:
             reply = yield alice.ask({"type": "search", "query": query})
             assert reply["type"] == "result", (query, reply)

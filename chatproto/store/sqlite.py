@@ -862,10 +862,13 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 terms.append(f'"{w}"')
             else:
                 terms += [f'"{p}"*' for p in pieces]
-        if not terms:  # only such letters: the index holds none of them
-            return None
-        query = " ".join(terms)
-        return "JOIN items_fts ON items_fts.rowid = items.pos", "items_fts MATCH ?", query
+        join = "JOIN items_fts ON items_fts.rowid = items.pos"
+        if not terms:
+            # Words of such letters only: the index holds no token of them, but it
+            # keeps each item's current text, where they are found (and matched as
+            # words after).  A scan of the scope, in SQLite: no index helps.
+            return join, "instr(items_fts.body, ?) > 0", words[0]
+        return join, "items_fts MATCH ?", " ".join(terms)
 
     def _indexed_upto(self) -> int | None:
         return self.search_upto()
