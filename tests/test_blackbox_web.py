@@ -144,3 +144,28 @@ def test_the_json_requests(site: Any) -> Any:
         assert proto.status == status, (path, headers, proto.data[:300])
         if code is not None:
             assert proto.body["code"] == code, (path, proto.body)
+
+
+@pytest_twisted.inlineCallbacks
+def test_answers_are_compact_json_like_control_frames(site: Any) -> Any:
+    """The server writes compact JSON, non-ASCII as raw UTF-8 (PROTOCOL.md's
+    conventions), over HTTP as over the other transports."""
+    _, port = site
+    headers = {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"}
+    creds = b'{"user":"alice","password":"password-1"}'
+    proto = yield http(port, post(port, "/api/register", creds, headers))
+    yield proto.lost
+    assert proto.data.partition(b"\r\n\r\n")[2] == b'{"type":"result","user":"alice@localhost"}'
+    proto = yield http(port, post(port, "/api/login", creds, headers))
+    yield proto.lost
+    body = proto.data.partition(b"\r\n\r\n")[2]
+    assert body == b'{"type":"result","user":"alice@localhost","device":"web"}'
+    bad = '{"user":"\u00e9l\u00e8ve","password":"password-1"}'.encode()
+    proto = yield http(port, post(port, "/api/register", bad, headers))
+    yield proto.lost
+    body = proto.data.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b'{"type":"error","code":"bad_address","message":"')
+    assert "\u00e9l\u00e8ve".encode() in body
+    proto = yield http(port, post(port, "/api/login", creds, {"Content-Type": "text/plain"}))
+    yield proto.lost
+    assert proto.data.partition(b"\r\n\r\n")[2].startswith(b'{"type":"error","code":')

@@ -167,7 +167,7 @@ def test_log_out_everywhere_over_http(realm: Any) -> Any:
         assert response.code == 400 and b"everywhere" in body
         response, body = yield web.request("POST", "/api/logout", {"everywhere": True}, cookie_a)
         assert response.code == 200, body
-        assert b'"logins_ended": 2' in body
+        assert b'"logins_ended":2' in body
         err = yield ws.until(lambda f: f.get("type") == "error")
         assert err["code"] == "session_ended"
         yield ws.closed

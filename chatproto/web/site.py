@@ -29,7 +29,6 @@ or ``[web] origins``).  The site translates; the realm decides.
 from __future__ import annotations
 
 import io
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -223,14 +222,14 @@ class _Api(Resource):
     def _error(self, request: Any, status: int, code: str, message: str) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"type": "error", "code": code, "message": message}).encode()
+        return wire.encode({"type": "error", "code": code, "message": message})
 
     def _finish(self, request: Any, status: int, obj: dict[str, Any]) -> None:
         if request._disconnected or request.finished:
             return
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+        request.write(wire.encode(obj))
         request.finish()
 
 
