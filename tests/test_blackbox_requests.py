@@ -809,3 +809,28 @@ def test_a_status_set_from_quiet_sessions_only_does_not_show_the_user_online(
     r = yield bob.req("who", user="alice")
     assert r["users"] == [{"user": "alice@localhost", "sessions": 1}]
     yield again.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sends_of_a_connection_are_stored_in_the_order_they_were_made(bb: Realm) -> Any:
+    """A reply is stored after its target is looked up; the sends made after it on
+    the connection wait for it, so a conversation shows them as they were written
+    (a plain message sent right behind a reply was stored first)."""
+    alice = yield bb.user("alice")
+    bob = yield bb.user("bob")
+    yield alice.req("create_group", group="#dev")
+    yield bob.req("join", group="#dev")
+    for to in ("bob", "#dev"):
+        first = yield bob.req("send", to=to if to != "bob" else "alice", body="question")
+        answers = [
+            alice.req("send", to=to, body="a reply", reply_to=first["msg_id"]),
+            alice.req("send", to=to, body="then this"),
+            alice.req("send", to=to, body="another reply", reply_to=first["msg_id"]),
+            alice.req("send", to=to, body="a bad reply", reply_to="nothing"),
+            alice.req("send", to=to, body="and this", notice=True),
+            alice.req("send", to="alice", body="a note between"),
+        ]
+        results = yield defer.gatherResults(answers)
+        assert [errcode(r) for r in results] == ["ok", "ok", "ok", "not_found", "ok", "ok"]
+        positions = [r["pos"] for r in results if "pos" in r]
+        assert positions == sorted(positions), (to, positions)

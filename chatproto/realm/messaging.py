@@ -77,6 +77,9 @@ class Messaging:
         self._addresses: dict[str, Address] = {}
         #: user -> recent send nonces -> the envelope (or the pending Deferred)
         self._nonces: dict[str, OrderedDict[str, Any]] = {}
+        #: session -> its sends made while one of its replies is looked up, stored
+        #: once it is: ``(to, body, meta, reply_to, Deferred)``
+        self._behind_reply: dict[Session, list[tuple[Any, ...]]] = {}
 
     def new_envelope(
         self,
@@ -189,13 +192,36 @@ class Messaging:
             self.spend(session, self._clock.seconds())
         except ChatError as e:
             return fail(e)
-        if reply_to is None:
-            d = self.send_as(session.user_id, to, body, meta)
+        waiting = self._behind_reply.get(session)
+        if waiting is not None:  # a reply of this session is being looked up: after it
+            d: Deferred[Envelope] = Deferred()
+            waiting.append((to, body, meta, reply_to, d))
         else:
-            d = self._reply(session, to, body, meta, reply_to)
+            d = self._store_send(session, to, body, meta, reply_to)
         if nonce is not None:
             self._remember_nonce(session.user_id, nonce, d)
         return d
+
+    def _store_send(
+        self, session: Session, to: str, body: str, meta: dict[str, Any] | None, reply_to: Any
+    ) -> Deferred[Envelope]:
+        """Store a checked send.  A reply first looks its target up; until it is
+        stored, the session's later sends wait (:attr:`_behind_reply`), so that a
+        connection's messages take positions in the order they were sent."""
+        if reply_to is None:
+            return self.send_as(session.user_id, to, body, meta)
+        self._behind_reply[session] = []
+        return self._reply(session, to, body, meta, reply_to)
+
+    def _release(self, session: Session) -> None:
+        """A reply of ``session`` was stored (or refused): store the sends that
+        waited for it, in order, until one of them is a reply again."""
+        waiting = self._behind_reply.pop(session, [])
+        for k, (to, body, meta, reply_to, d) in enumerate(waiting):
+            self._store_send(session, to, body, meta, reply_to).chainDeferred(d)
+            if session in self._behind_reply:  # a reply again: the rest wait for it
+                self._behind_reply[session].extend(waiting[k + 1 :])
+                return
 
     def _checked(self, session: Session, body: Any, now: float) -> str:
         """``body`` checked (bad_request, too_large), then a token of ``session``'s
@@ -223,15 +249,19 @@ class Messaging:
     def _reply(
         self, session: Session, to: str, body: str, meta: dict[str, Any] | None, reply_to: str
     ) -> Any:
-        if to.startswith("#"):
-            canonical = self._realm.group_handler.address(to, remote_ok=True)
-        else:
-            addr = self.resolve_user(to, remote_ok=True)
-            if isinstance(addr, Deferred):
-                addr = yield addr
-            canonical = str(addr)
-        meta = yield self._realm.relations.reply_meta(session, canonical, reply_to, meta)
-        env = yield self.send_as(session.user_id, canonical, body, meta)
+        try:
+            if to.startswith("#"):
+                canonical = self._realm.group_handler.address(to, remote_ok=True)
+            else:
+                addr = self.resolve_user(to, remote_ok=True)
+                if isinstance(addr, Deferred):
+                    addr = yield addr
+                canonical = str(addr)
+            meta = yield self._realm.relations.reply_meta(session, canonical, reply_to, meta)
+            stored = self.send_as(session.user_id, canonical, body, meta)
+        finally:
+            self._release(session)  # (after the reply's own send_as: its position first)
+        env = yield stored
         return env
 
     def send_batch(
@@ -274,6 +304,7 @@ class Messaging:
                 or reply_to is not None
                 or tags is not None
                 or (nonce is not None and nonce in self._nonces.get(user, ()))
+                or session in self._behind_reply
             ):
                 cut()
                 outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
