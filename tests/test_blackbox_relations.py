@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest_twisted
 
-from tests.blackbox import PW, call, code, login
+from tests.blackbox import PW, call, code, login, msgs
 
 
 @pytest_twisted.inlineCallbacks
@@ -170,3 +170,52 @@ def test_a_new_account_of_a_deleted_name_refers_to_nothing_old(server: Any) -> A
     ):
         r = yield call(a, req)
         assert code(r) == "not_found", (req, r)
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_history_and_the_backlog_read_back(server: Any) -> Any:
+    """History shows items as they are now: the latest edit with `meta.edited` (its
+    ts), reactions per emoji in the order given, none once taken back; the backlog
+    keeps the original item and carries the edit and reaction items after it."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob", "carol"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    b = yield login(addr, "bob")
+    c = yield login(addr, "carol")
+    yield call(a, {"type": "create_group", "group": "#g"})
+    yield call(b, {"type": "join", "group": "#g"})
+    yield call(c, {"type": "join", "group": "#g"})
+    m = yield call(a, {"type": "send", "to": "#g", "body": "first"})
+    e1 = yield call(a, {"type": "edit", "msg_id": m["msg_id"], "body": "second"})
+    e2 = yield call(a, {"type": "edit", "msg_id": m["msg_id"], "body": "third"})
+    for who, emoji, remove in ((c, "b", False), (b, "b", False), (b, "a", False), (c, "b", True)):
+        r = yield call(
+            who, {"type": "react", "msg_id": m["msg_id"], "emoji": emoji, "remove": remove}
+        )
+        assert r["type"] == "result", r
+    h = yield call(b, {"type": "history", "with": "#g"})
+    item = next(x for x in h["messages"] if x["msg_id"] == m["msg_id"])
+    assert item["body"] == "third" and item["kind"] == "text"
+    assert item["meta"]["edited"] == e2["ts"]
+    assert item["meta"]["reactions"] == {"b": ["bob@localhost"], "a": ["bob@localhost"]}
+    assert list(item["meta"]["reactions"]) == ["b", "a"]
+    # the edit, delete and reaction items themselves are not in history pages
+    assert {x["kind"] for x in h["messages"]} <= {"text", "event", "file"}
+    assert e1["pos"] < e2["pos"]
+    d = yield login(addr, "bob", device="fresh", since=m["pos"] - 1)
+    kinds = [(x["kind"], x["pos"]) for x in msgs(d)]
+    assert kinds[0] == ("text", m["pos"])
+    assert [k for k, _ in kinds[1:]] == [
+        "edit",
+        "edit",
+        "reaction",
+        "reaction",
+        "reaction",
+        "reaction",
+    ]
+    gone = yield call(a, {"type": "react", "msg_id": m["msg_id"], "emoji": "z"})
+    yield call(a, {"type": "react", "msg_id": m["msg_id"], "emoji": "z", "remove": True})
+    h2 = yield call(a, {"type": "history", "with": "#g"})
+    item2 = next(x for x in h2["messages"] if x["msg_id"] == m["msg_id"])
+    assert "z" not in item2["meta"]["reactions"], (gone, item2)
