@@ -211,3 +211,25 @@ def test_a_join_tells_joiner_and_members_of_each_other(server: Any) -> Any:
     assert tail[at + 1 :] == [{"type": "presence", "user": "bob@localhost", "status": "online"}]
     # carol, quiet, still hears of bob (she is his contact now).
     assert {"type": "presence", "user": "bob@localhost", "status": "online"} in presence(c)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_login_with_the_longest_password_escaped_fits_before_login(server: Any) -> Any:
+    """Every request allowed before login fits 8192 bytes: a `login` with a
+    1024-character password written as \\u escapes is answered, not too_large."""
+    realm, _factory, addr = server
+    password = "\u00e9" * 1024
+    yield realm.create_user("alice", password)
+    c = yield raw_client(addr)
+    escaped = "".join(f"\\u{ord(ch):04x}" for ch in password)
+    payload = (
+        '{"type":"login","id":"l","user":"alice","password":"'
+        + escaped
+        + '","device":"'
+        + "d" * 64
+        + '"}'
+    ).encode()
+    assert 6000 < len(payload) <= 8192
+    c.send_raw(payload)
+    r = yield c.reply("l")
+    assert r["type"] == "result", r
