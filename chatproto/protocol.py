@@ -60,6 +60,10 @@ _ACK_PREFIX = b'{"type":"ack","pos":'
 #: which it reads again (flow control of uploads: the client's sends then stall).
 UPLOAD_HIGH = 4 * 1024 * 1024
 UPLOAD_LOW = 1024 * 1024
+#: Downloads one connection may have in progress at once (asked for, not yet all
+#: written or cancelled): each holds an open file and a block read ahead, so a client
+#: that asks for many and reads none must not hold the realm's files and memory.
+MAX_DOWNLOADS = 16
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 
@@ -171,6 +175,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         self._upload_streams: dict[int, str] = {}
         self._stopped_streams: set[int] = set()
         self._download_sinks: dict[int, DataSink] = {}
+        self._downloads_opening = 0
         self._last_stream = 0
         #: Upload bytes accepted and not yet on disk; past UPLOAD_HIGH, stop reading.
         self._upload_pending = 0
@@ -879,12 +884,22 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
 
     def handle_download(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         assert self.session is not None
-        d = self.factory.realm.files.open_download(
-            self.session.user_id,
-            wire.field(req, "file", str),
-            wire.integer(req, "offset", required=False, default=0),
-            wire.integer(req, "length", required=False),
-        )
+        file_id = wire.field(req, "file", str)
+        offset = wire.integer(req, "offset", required=False, default=0)
+        length = wire.integer(req, "length", required=False)
+        if len(self._download_sinks) + self._downloads_opening >= MAX_DOWNLOADS:
+            raise ChatError(
+                "limit_reached",
+                f"at most {MAX_DOWNLOADS} downloads in progress on one connection",
+            )
+        self._downloads_opening += 1
+        d = self.factory.realm.files.open_download(self.session.user_id, file_id, offset, length)
+
+        def settled(result: Any) -> Any:
+            self._downloads_opening -= 1
+            return result
+
+        d.addBoth(settled)
 
         def opened(dl: Download) -> dict[str, Any]:
             stream = self._new_stream()

@@ -463,3 +463,45 @@ def test_finish_after_the_recipient_went_away(files_server: Any) -> Any:
     fin = yield call(alice, {"type": "file_finish", "upload": g["upload"]})
     assert fin["type"] == "result", fin
     assert [m["kind"] for m in msgs(alice) if m["kind"] == "file"] == ["file"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_downloads_in_progress_on_one_connection_are_bounded(files_server: Any) -> Any:
+    """A client that asks for download after download and reads none cannot make the
+    realm hold a file open (and a block read ahead) for each: past 16 in progress on
+    one connection, limit_reached; a finished one frees its place."""
+    import socket
+
+    from tests.conftest import tcp_of
+
+    _realm, addr = files_server
+    alice = yield login(addr, "alice")
+    data = bytes(range(256)) * 16
+    r = yield call(alice, offer("alice", data))
+    for i in range(0, len(data), CHUNK):
+        alice.send_raw(data_frame(r["stream"], i, data[i : i + CHUNK]))
+    fin = yield call(alice, {"type": "file_finish", "upload": r["upload"]})
+    reader = yield login(addr, "alice", device="reader")
+    tcp_of(reader.transport).getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tcp_of(reader.transport).pauseProducing()  # reads nothing from now on
+    for i in range(40):
+        reader.send({"type": "download", "file": fin["file"], "id": f"d{i}"})
+    tcp_of(reader.transport).resumeProducing()
+    replies = []
+    for i in range(40):
+        rep = yield reader.reply(f"d{i}")
+        replies.append(rep)
+    granted = [rep for rep in replies if rep["type"] == "result"]
+    refused = [rep for rep in replies if code(rep) == "limit_reached"]
+    # Some may have finished (their bytes read) before later ones were asked for.
+    assert len(granted) >= 16 and len(granted) + len(refused) == 40, replies
+    assert refused, "40 downloads at once were all granted"
+    # Once they are done, there is room again.
+    yield until(
+        lambda: (
+            sum(len(f) - 14 for f in reader.frames if isinstance(f, bytes))
+            >= len(granted) * len(data)
+        )
+    )
+    again = yield call(reader, {"type": "download", "file": fin["file"]})
+    assert again["type"] == "result", again
