@@ -505,3 +505,20 @@ def test_downloads_in_progress_on_one_connection_are_bounded(files_server: Any) 
     )
     again = yield call(reader, {"type": "download", "file": fin["file"]})
     assert again["type"] == "result", again
+
+
+@pytest_twisted.inlineCallbacks
+def test_upload_data_on_a_download_stream(files_server: Any) -> Any:
+    """Upload data sent on the stream of one of the connection's downloads is for no
+    upload: no_such_upload (with `stream`), the connection stays."""
+    _realm, addr = files_server
+    alice = yield login(addr, "alice")
+    r = yield call(alice, offer("alice", GOOD))
+    alice.send_raw(data_frame(r["stream"], 0, GOOD))
+    fin = yield call(alice, {"type": "file_finish", "upload": r["upload"]})
+    d = yield call(alice, {"type": "download", "file": fin["file"]})
+    alice.send_raw(data_frame(d["stream"], 0, b"x"))
+    e = yield wait_for(alice, lambda f: f.get("code") == "no_such_upload" and "id" not in f)
+    assert e["stream"] == d["stream"]
+    ok = yield call(alice, {"type": "ping"})
+    assert ok["type"] == "result" and not alice.lost.called
