@@ -233,3 +233,28 @@ def test_a_login_with_the_longest_password_escaped_fits_before_login(server: Any
     c.send_raw(payload)
     r = yield c.reply("l")
     assert r["type"] == "result", r
+
+
+@pytest_twisted.inlineCallbacks
+def test_set_status_has_a_bucket_of_its_own(server: Any) -> Any:
+    """Each status change is a frame to every online contact: 10 at once on one
+    connection, then rate_limited with retry_after; another connection has its own."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    b = yield login(addr, "bob")
+    yield call(b, {"type": "send", "to": "alice", "body": "contacts"})
+    for i in range(10):
+        r = yield call(b, {"type": "set_status", "status": "away", "text": f"{i}"})
+        assert r["type"] == "result", r
+    r = yield call(b, {"type": "set_status", "status": "busy"})
+    assert code(r) == "rate_limited" and 0 < r["retry_after"] <= 1.0, r
+    bad = yield call(b, {"type": "set_status", "status": "nope"})
+    assert code(bad) == "bad_request", bad
+    b2 = yield login(addr, "bob", device="two")
+    r = yield call(b2, {"type": "set_status", "status": "busy"})
+    assert r["type"] == "result", r
+    yield settle(a)
+    told = [p.get("text") for p in presence(a) if p["status"] == "away"]
+    assert told == [f"{i}" for i in range(10)]

@@ -13,6 +13,7 @@ and reads group membership from :class:`chatproto.groups.Groups`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,14 +23,20 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.groups import Groups
+from chatproto.ratelimit import TokenBucket
 from chatproto.realm.sessions import Notice, Session, Sessions
 from chatproto.store import IStore
 from chatproto.text import check_label, label_problem
 
-__all__ = ["MAX_STATUS_TEXT", "PRESENCE_STATES", "Presence"]
+__all__ = ["MAX_STATUS_TEXT", "PRESENCE_STATES", "STATUS_BURST", "STATUS_RATE", "Presence"]
 
 PRESENCE_STATES = ("online", "away", "busy", "offline")
 MAX_STATUS_TEXT = 256
+#: ``set_status`` token bucket of each connection: per second, and at most at once.
+#: One status change is a frame to every online contact (all the members of the
+#: user's groups): unbounded, a client could make the realm write without end.
+STATUS_RATE = 1.0
+STATUS_BURST = 10
 
 
 class Presence:
@@ -71,6 +78,10 @@ class Presence:
         self.most_online = 0
         #: remote user -> (status, text), as their realm last told us
         self.remote: dict[str, tuple[str, str]] = {}
+        #: each session's set_status bucket
+        self._status_buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # queries ----------------------------------------------------------------------
 
@@ -230,6 +241,14 @@ class Presence:
         if not isinstance(text, str) or len(text) > MAX_STATUS_TEXT:
             raise ChatError("bad_request", f"status text: a string of at most {MAX_STATUS_TEXT}")
         check_label(text, "the status text")
+        now = session.realm.clock.seconds()
+        bucket = self._status_buckets.get(session)
+        if bucket is None:
+            bucket = self._status_buckets[session] = TokenBucket(STATUS_RATE, STATUS_BURST, now)
+        wait = bucket.take(now)
+        if wait:
+            session.realm.stats.rate_limited("set_status")
+            raise ChatError("rate_limited", "set_status too fast", retry_after=round(wait, 3))
         if status == "online" and not text:
             self.status.pop(session.user_id, None)
         else:
