@@ -46,9 +46,16 @@ class Address:
     name: str
     realm: str
     group: bool = False
+    #: The canonical form, made once: the send path uses it for every message (a
+    #: string made once also keeps its hash for the dictionaries it is looked up in).
+    _text: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        text = f"{'#' if self.group else ''}{self.name}@{self.realm}"
+        object.__setattr__(self, "_text", text)
 
     def __str__(self) -> str:
-        return f"{'#' if self.group else ''}{self.name}@{self.realm}"
+        return self._text
 
     def is_local(self, realm: str) -> bool:
         return self.realm == realm

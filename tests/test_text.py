@@ -57,6 +57,16 @@ def test_a_body_is_refused_exactly_for_escape_and_c1(text: str) -> None:
         assert check_body(text) == text
 
 
+@pytest.mark.parametrize("text", ["\x1b[2J", "ok\x1b", "\x1b", "é\x1b", "a\x85b"])
+def test_escape_is_refused_in_ascii_and_other_bodies_alike(text: str) -> None:
+    """ASCII bodies take a shorter check (an ESC search); the answer is the same."""
+    with pytest.raises(ChatError) as e:
+        check_body(text)
+    code = "U+0085" if "\x85" in text else "U+001B"
+    assert e.value.message == f"body contains {code} (escape or C1 control: not text)"
+    assert check_body("plain\ttext\x02bold\x02\x01ACTION\x01") is not None
+
+
 def test_irc_formatting_is_dropped_from_plain_text() -> None:
     assert plain_text("\x02bold\x02 \x0304,12red\x03 \x04ff0000hex\x0f \x1ditalic\x1d") == (
         "bold red hex italic"
