@@ -717,6 +717,23 @@ def test_delivery_frames_are_the_generic_encoding_byte_for_byte(
     assert wire.decode(frame[4:])["body"] == body
 
 
+def test_delivery_frames_of_a_batch_share_the_time_and_stay_exact() -> None:
+    """The time's text is cached by the float object a batch shares: equal floats
+    that print differently (0.0, -0.0), and one object after another, each give the
+    generic encoding."""
+    from chatproto.envelope import Envelope
+    from chatproto.protocol import delivery_frame, send_result
+
+    shared = 1764924000.123
+    for ts in (shared, shared, 0.0, -0.0, float("-0"), 0.0, shared, 1e300, 5e-324):
+        for n in range(2):
+            env = Envelope(f"id{n}", "text", "a@x", 'b"@x', ts, "é\n", None, 7 + n)
+            payload = wire.encode({"type": "msg", **env.to_wire()})
+            assert delivery_frame(env) == struct.pack("!I", len(payload)) + payload
+            result = wire.result_frame(3, pos=7 + n, msg_id=f"id{n}", ts=ts)
+            assert send_result(env, 3) == struct.pack("!I", len(result)) + result
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     pos=st.integers(min_value=0, max_value=2**62),
