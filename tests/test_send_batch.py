@@ -222,3 +222,50 @@ def test_a_large_burst_is_written_as_it_grows(realm: Any, clock: Clock) -> None:
     assert len(writes) > 1 and all(len(w) <= BURST_WRITE + 5000 for w in writes)
     got = frames(ta)
     assert [f["body"] for f in got if f["type"] == "msg"] == [f"{i} {body}" for i in range(40)]
+
+
+def _mixed_run(realm: Any, clock: Clock) -> dict[str, list[tuple[str, str, str]]]:
+    """One read of alice's: messages to bob, carol, herself and bob again; bob has two
+    sessions, alice a second one.  What each connection receives, (type, from/to, body)."""
+    a, ta = logged_in_clear(realm, clock, "alice")
+    _a2, ta2 = logged_in_clear(realm, clock, "alice")
+    _b, tb = logged_in_clear(realm, clock, "bob")
+    _b2, tb2 = logged_in_clear(realm, clock, "bob")
+    _c, tc = logged_in_clear(realm, clock, "carol")
+    to = ["bob", "carol", "alice", "bob", "bob", "carol"]
+    a.dataReceived(sends(*({"to": t, "body": f"m{i}", "id": i} for i, t in enumerate(to))))
+    return {
+        name: [(f["type"], f.get("to", ""), f.get("body", str(f.get("id")))) for f in frames(t)]
+        for name, t in (("a", ta), ("a2", ta2), ("b", tb), ("b2", tb2), ("c", tc))
+    }
+
+
+def test_a_run_reaches_each_recipient_and_the_senders_sessions_in_order(
+    realm: Any, clock: Clock
+) -> None:
+    """A committed run is routed in one call (Sessions.route_private): every item to
+    each session of its recipient and of its sender, once, in position order."""
+    got = _mixed_run(realm, clock)
+    msgs = [
+        (f"{t}@localhost", f"m{i}")
+        for i, t in enumerate(["bob", "carol", "alice"] + ["bob"] * 2 + ["carol"])
+    ]
+    echo = [("msg", to, body) for to, body in msgs]
+    assert got["a"] == echo + [("result", "", str(i)) for i in range(6)]
+    assert got["a2"] == echo
+    mine = [("msg", to, body) for to, body in msgs if to == "bob@localhost"]
+    assert got["b"] == got["b2"] == mine
+    assert got["c"] == [("msg", to, body) for to, body in msgs if to == "carol@localhost"]
+    positions = [e.pos for e in realm.store.items[-6:]]
+    assert positions == sorted(positions) and realm.stats.deliveries_live >= 6 + 6 + 6 + 2
+
+
+def test_with_an_observer_a_run_is_routed_item_by_item_alike(clock: Clock) -> None:
+    """Message observers see each item in turn (RealmService.route per item): the
+    connections receive the same frames as with one routing call."""
+    plain = _mixed_run(make_test_realm(clock), clock)
+    realm = make_test_realm(clock)
+    seen: list[str] = []
+    realm.observers.append(lambda env: seen.append(env.body))
+    assert _mixed_run(realm, clock) == plain
+    assert seen == [f"m{i}" for i in range(6)]

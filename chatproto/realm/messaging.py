@@ -368,15 +368,14 @@ class Messaging:
     ) -> list[Envelope]:
         realm_ = self._realm
         new_conversation = realm_.presence.new_conversation
-        route = realm_.route
-        pair = None
+        last = None
         realm_.begin_burst()  # (a group commit is one already; a MemoryStore's is not)
         try:
-            for env in items:
-                if (env.sender, env.recipient) != pair:  # the same pair: nothing new
-                    pair = (env.sender, env.recipient)
-                    new_conversation(env.sender, env.recipient)
-                route(env)
+            for env in items:  # (all of them from ``user``)
+                if env.recipient != last:  # the same pair: nothing new
+                    last = env.recipient
+                    new_conversation(user, last)
+            realm_.route_private(items)
             for realm, env in outbox:
                 realm_.wake(env, realm)
         finally:

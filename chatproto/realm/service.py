@@ -576,6 +576,16 @@ class RealmService(Service):
                 except Exception:  # the other links must still be woken
                     self.log.failure("waking the link to {realm} failed", realm=realm)
 
+    def route_private(self, items: list[Envelope]) -> None:
+        """Deliver committed private items (a run of one send batch, in position
+        order) as :meth:`route` does each, in one call when nothing else needs to see
+        them one by one (a cluster's stream, message observers)."""
+        if self.cluster is None and not self.observers:
+            self.sessions.route_private(items)
+            return
+        for env in items:
+            self.route(env)
+
     def route(self, env: Envelope, users: Any = None) -> None:
         """Deliver a committed item to every online session of its audience: ``users``
         (a group's members), or for a private message its recipient and its sender.

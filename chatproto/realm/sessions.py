@@ -341,32 +341,55 @@ class Sessions:
 
         The frame is encoded once (``Envelope.frame``) and no storage is touched here.
         """
-        online = self.online
-        pos = env.pos
+        self._burst_depth += 1
+        try:
+            self.stats.deliveries_live += self._reach(env, users)
+            self._count_burst(env)
+        finally:
+            self.end_burst()
+
+    def route_private(self, items: Sequence[Envelope]) -> None:
+        """Deliver committed private items, in position order, each to the online
+        sessions of its recipient and of its sender: :meth:`route` of each, in one
+        call and one burst (a run of one send batch: Messaging.send_batch)."""
         self._burst_depth += 1
         reached = 0
         try:
-            for user in users:
-                sessions = online.get(user)
-                if sessions:
-                    reached += len(sessions)
-                    for s in sessions:
-                        if s._syncing or s.closed or pos <= s._last:
-                            s._deliver(env)  # buffering while syncing, de-duplication
-                        else:  # the hot path of fan-out, inlined (Session._emit)
-                            s._last = pos
-                            s.mind.deliver(env)
+            for env in items:
+                sender, recipient = env.sender, env.recipient
+                users = (recipient,) if sender == recipient else (recipient, sender)
+                reached += self._reach(env, users)
+                self._count_burst(env)
         finally:
             self.stats.deliveries_live += reached
-            # Bounded holds: once the burst's items may come to BURST_WRITE bytes for
-            # one connection, what is held goes out now (counted once per item, not
-            # per delivery; an item's frame, or its body's worst case as UTF-8 plus
-            # its envelope).
-            frame = env.frame
-            self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
-            if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
-                self._flush_held()
             self.end_burst()
+
+    def _reach(self, env: Envelope, users: Iterable[str]) -> int:
+        """Hand ``env`` to the online sessions of ``users``; how many there were."""
+        online = self.online
+        pos = env.pos
+        reached = 0
+        for user in users:
+            sessions = online.get(user)
+            if sessions:
+                reached += len(sessions)
+                for s in sessions:
+                    if s._syncing or s.closed or pos <= s._last:
+                        s._deliver(env)  # buffering while syncing, de-duplication
+                    else:  # the hot path of fan-out, inlined (Session._emit)
+                        s._last = pos
+                        s.mind.deliver(env)
+        return reached
+
+    def _count_burst(self, env: Envelope) -> None:
+        """Bounded holds: once the burst's items may come to BURST_WRITE bytes for one
+        connection, what is held goes out now (counted once per item, not per
+        delivery; an item's frame, or its body's worst case as UTF-8 plus its
+        envelope)."""
+        frame = env.frame
+        self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
+        if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
+            self._flush_held()
 
     def notify(self, users: Iterable[str], notice: Notice, exclude: Session | None = None) -> None:
         """Send an ephemeral notice to the synced sessions of ``users`` (but
