@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _pack = struct.Struct("!I").pack
+_unpack_from = struct.Struct("!I").unpack_from
 
 #: Requests allowed before login; every other request needs a logged-in session.
 _PUBLIC = frozenset({"hello", "register", "login", "ping", "pong"})
@@ -101,7 +102,7 @@ _QUOTED_MAX = 65536
 
 
 def _quoted(text: str) -> str:
-    """``text`` as a JSON string literal (as :data:`_str` makes it), from a cache."""
+    """``text`` as a JSON string literal (as ``_str`` makes it), from a cache."""
     quoted = _QUOTED.get(text)
     if quoted is None:
         if len(_QUOTED) >= _QUOTED_MAX:
@@ -229,9 +230,32 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             return  # closing: nothing more is read (or buffered)
         self.begin_read()
         try:
-            Int32StringReceiver.dataReceived(self, data)
+            self._frames(data)
         finally:
             self.end_read()
+
+    def _frames(self, data: bytes) -> None:
+        """Split ``data`` (after what is left of the last read) into frames for
+        :meth:`stringReceived`: Int32StringReceiver.dataReceived's loop and its
+        ``MAX_LENGTH`` rule (read again for each frame: it grows at login), without
+        its per-frame slicing of the length prefix and bookkeeping of the old
+        ``recvd`` attribute, which nothing here uses."""
+        buf = self._unprocessed + data if self._unprocessed else data
+        self._unprocessed = buf  # (what is left if a frame handler raises)
+        offset, end = 0, len(buf)
+        while end - offset >= 4:
+            (length,) = _unpack_from(buf, offset)
+            if length > self.MAX_LENGTH:
+                self._unprocessed = buf[offset:]
+                self.lengthLimitExceeded(length)
+                return
+            start = offset + 4
+            offset = start + length
+            if offset > end:
+                offset = start - 4
+                break
+            self.stringReceived(buf[start:offset])
+        self._unprocessed = buf[offset:]
 
     def begin_read(self) -> None:
         """Frames until :meth:`end_read` come from one read of the connection: their

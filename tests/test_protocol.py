@@ -111,6 +111,25 @@ def test_oversized_frame_is_refused_and_closed(clock: Clock) -> None:
     assert err["code"] == "too_large" and transport.disconnecting
 
 
+def test_frames_before_an_oversized_one_are_answered_and_none_after(clock: Clock) -> None:
+    """One read: two pings, a length prefix over the limit, a ping. The pings before
+    it are answered, then too_large and the close; the rest is never read."""
+    cfg = Config()
+    cfg.limits.max_frame = 2048
+    realm = make_test_realm(clock, cfg)
+    proto, transport = connect_string_transport(realm)
+    hello = frame({"type": "hello", "version": 1, "id": 1})
+    ping = frame({"type": "ping", "id": 2})
+    data = hello + ping + struct.pack("!I", 4096) + b"{" * 10 + frame({"type": "ping", "id": 3})
+    proto.dataReceived(data[:7])  # (a frame cut inside its length prefix, then the rest)
+    proto.dataReceived(data[7:])
+    out = frames(transport)
+    assert [(f["type"], f.get("id")) for f in out[:2]] == [("result", 1), ("result", 2)]
+    assert [f["code"] for f in out[2:]] == ["too_large"] and transport.disconnecting
+    proto.dataReceived(frame({"type": "ping", "id": 4}))
+    assert frames(transport) == []
+
+
 def _login_session() -> bytes:
     return b"".join(
         frame(f)
