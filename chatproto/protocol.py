@@ -278,25 +278,29 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if session is None:  # (logged out while reading: nothing to send as)
             return
         outcomes, commits = session.send_batch([req for req, _ in sends])
-        rids: dict[int, Any] = {}
+        # The envelopes of the runs in ``commits`` are the Envelope outcomes, in
+        # request order: their request ids are taken run by run, in slices.
+        appended: list[Any] = []
         for (_, rid), out in zip(sends, outcomes, strict=True):
             if type(out) is Envelope:
-                rids[id(out)] = rid
+                appended.append(rid)
             elif isinstance(out, Deferred):
                 out.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
             else:
                 self.refuse(out, rid)
+        k = 0
         for d, items in commits:
-            pairs = [(env, rids[id(env)]) for env in items]
+            rids = appended[k : k + len(items)]
+            k += len(items)
             d.addCallbacks(
-                self._sent_run, self._failed_run, callbackArgs=(pairs,), errbackArgs=(pairs,)
+                self._sent_run, self._failed_run, callbackArgs=(items, rids), errbackArgs=(rids,)
             )
 
-    def _sent_run(self, _: object, pairs: list[tuple[Envelope, Any]]) -> None:
-        self._write(b"".join([send_result(env, rid) for env, rid in pairs]))
+    def _sent_run(self, _: object, items: list[Envelope], rids: list[Any]) -> None:
+        self._write(b"".join([send_result(env, rid) for env, rid in zip(items, rids, strict=True)]))
 
-    def _failed_run(self, failure: Failure, pairs: list[tuple[Envelope, Any]]) -> None:
-        for _, rid in pairs:
+    def _failed_run(self, failure: Failure, rids: list[Any]) -> None:
+        for rid in rids:
             self._errback(failure, rid)
 
     def connectionLost(self, reason: Failure | None = None) -> None:

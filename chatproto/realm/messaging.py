@@ -223,13 +223,6 @@ class Messaging:
                 self._behind_reply[session].extend(waiting[k + 1 :])
                 return
 
-    def _checked(self, session: Session, body: Any, now: float) -> str:
-        """``body`` checked (bad_request, too_large), then a token of ``session``'s
-        send rate taken (rate_limited): what every send pays, in that order."""
-        body = self.check_body(body)
-        self.spend(session, now)
-        return body
-
     def spend(self, session: Session, now: float) -> None:
         """Take a token of ``session``'s send rate (``rate_limited`` when there is
         none): every send pays one, and so do reactions, edits and deletes."""
@@ -302,6 +295,7 @@ class Messaging:
         # on it costs a Python-level __instancecheck__ per item.)
         local = self._name
         suspensions = self._realm.admin.suspended  # (no account suspended: no check)
+        check, spend = self.check_body, self.spend
         for k, (to, body, nonce, notice, reply_to, tags) in enumerate(requests):
             if (
                 to[:1] == "#"
@@ -314,7 +308,8 @@ class Messaging:
                 outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
                 continue
             try:
-                body = self._checked(session, body, now)
+                body = check(body)  # (bad_request, too_large), then the rate limit
+                spend(session, now)
                 recipient = self.resolve_user(to, remote_ok=True)
                 if suspensions and isinstance(recipient, Address):
                     self._check_recipient(recipient)
