@@ -83,10 +83,13 @@ def delivery_frame(env: Envelope) -> bytes:
             pos = env.pos
             id_s = _str(env.id)
             ts_s = _ts_text(ts)
+            quoted = _QUOTED.get
+            kind = quoted(env.kind) or _quoted(env.kind)
+            sender = quoted(env.sender) or _quoted(env.sender)
+            recipient = quoted(env.recipient) or _quoted(env.recipient)
             payload = (
-                f'{{"type":"msg","pos":{pos},"msg_id":{id_s},"kind":{_quoted(env.kind)},'
-                f'"from":{_quoted(env.sender)},"to":{_quoted(env.recipient)},'
-                f'"ts":{ts_s},"body":{_str(env.body)}}}'
+                f'{{"type":"msg","pos":{pos},"msg_id":{id_s},"kind":{kind},'
+                f'"from":{sender},"to":{recipient},"ts":{ts_s},"body":{_str(env.body)}}}'
             ).encode()
             env.result_tail = f'"pos":{pos},"msg_id":{id_s},"ts":{ts_s}}}'  # for send_result
         else:

@@ -136,7 +136,8 @@ def parse_json(data: bytes) -> Any:
         if "integer string conversion" in why:  # Python's own limit, not JSON's
             why = "an integer of more than 4300 digits"
         raise FatalProtocolError("bad_frame", f"malformed JSON: {why[:80]}") from None
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+    # (the plain search first: a text without a \u escape, the usual, needs no pattern)
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
         raise ChatError("bad_request", "strings must be valid Unicode (no lone surrogates)")
     return obj
 
