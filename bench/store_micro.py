@@ -22,7 +22,9 @@ them less than wall time):
 
 With ``--postgresql DSN`` it runs ``PostgresDB.append_batch`` instead, in a schema of
 its own (dropped after), and prints this process's CPU and the wall time per item
-(the inserts' work is the server's: wall time is its measure, on a quiet machine).
+(the inserts' work is the server's: wall time is its measure, on a quiet machine),
+then (schema 12 on) ``PostgresDB.index_search`` over the same items, as the store
+does after its commits.
 """
 
 from __future__ import annotations
@@ -217,6 +219,17 @@ def main() -> None:
             conn.close()
 
 
+def backend_cpu(pid: int) -> float:
+    """Seconds of CPU the server's process ``pid`` has used (0.0 where /proc cannot
+    tell: the server on another machine)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def postgresql(a: argparse.Namespace, pairs: list[tuple[str, str]], rng: random.Random) -> None:
     import psycopg
 
@@ -227,8 +240,10 @@ def postgresql(a: argparse.Namespace, pairs: list[tuple[str, str]], rng: random.
     try:
         db.migrate()
         n = a.batch * a.rounds
+        server = db.conn.info.backend_pid
         for _ in range(a.repeat):
             cpu = wall = 0.0
+            s0 = backend_cpu(server)
             for r in range(a.rounds):
                 batch = [[e] for e in envs(a.batch, pairs, rng)]
                 ack = {(batch[0][0].recipient, "phone"): r + 1}
@@ -236,9 +251,20 @@ def postgresql(a: argparse.Namespace, pairs: list[tuple[str, str]], rng: random.
                 db.append_batch(batch, ack)
                 cpu += time.process_time() - c
                 wall += time.perf_counter() - t
+            busy = backend_cpu(server) - s0
             print(
                 f"PostgresDB.append_batch (schema {SCHEMA_VERSION}): {1e6 * wall / n:6.1f} us/item "
-                f"wall, {1e6 * cpu / n:6.1f} us/item CPU of this process"
+                f"wall, {1e6 * busy / n:6.1f} us/item CPU of the server's backend, "
+                f"{1e6 * cpu / n:6.1f} of this process"
+            )
+        if hasattr(db, "search_upto"):  # schema 12: indexed for search after the commits
+            done, t, s0 = 0, time.perf_counter(), backend_cpu(server)
+            while (k := db.index_search(2000)) > 0:
+                done += k
+            wall, busy = time.perf_counter() - t, backend_cpu(server) - s0
+            print(
+                f"search index (index_search, 2000 a step): {1e6 * wall / max(done, 1):6.1f} "
+                f"us/item wall, {1e6 * busy / max(done, 1):6.1f} us/item CPU of the server's backend"
             )
     finally:
         db.close()

@@ -58,11 +58,12 @@ OUTBOX_CACHE = 50_000
 #: What :meth:`StoreDB.commit_batch` returns: positions per batch (``None`` for a
 #: remote item stored already; an exception for a batch that failed alone), and the
 #: outbox rows queued as ``(realm, seq, envelope or request)`` in sequence order.
-#: Search indexing (SQLite) is background work, kept out of a busy realm's way: it
-#: runs INDEX_DELAY seconds after the last commit that stored items (the realm is
-#: quiet), in steps of INDEX_STEP items, or as soon as INDEX_FORCE items wait (a
-#: realm busy for long: then step after step, between its commits, until fewer wait;
-#: search reads the items not indexed yet directly, so these bound what it reads).
+#: Search indexing (``index_search`` of both SQL stores) is background work, kept
+#: out of a busy realm's way: it runs INDEX_DELAY seconds after the last commit that
+#: stored items (the realm is quiet), in steps of INDEX_STEP items, or as soon as
+#: INDEX_FORCE items wait (a realm busy for long: then step after step, between its
+#: commits, until fewer wait; search reads the items not indexed yet directly, so
+#: these bound what it reads).
 INDEX_STEP = 2000
 INDEX_DELAY = 1.0
 INDEX_FORCE = 20_000
@@ -372,8 +373,8 @@ class GroupCommitStore:
         self._pending_reads: dict[tuple[str, str], int] = {}
         self._inflight_reads: dict[tuple[str, str], int] = {}
         self._threads_started = False
-        #: Search indexing (SQLite: see SQLiteDB.index_search): done on the writer
-        #: thread in steps of INDEX_STEP items when there is no commit to make, so it
+        #: Search indexing (see SQLiteDB.index_search, PostgresDB.index_search): on the
+        #: writer thread in steps of INDEX_STEP items when there is no commit to make, so it
         #: never stands in the send path; wanted after a commit stored items.
         self._indexing = False
         self._index_wanted = True

@@ -307,6 +307,9 @@ class ReadingSQL:
         """Inside a group commit: move markers forward (never back)."""
         raise NotImplementedError
 
+    #: The id an edit, delete or reaction refers to, as an SQL expression over its row.
+    REF_SQL: str
+
     def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any] | None:
         """``(join, condition, parameter)``: the rows of ``items`` whose body has a
         word beginning with each of ``words`` (or more rows: :meth:`search` matches
@@ -348,6 +351,8 @@ class ReadingSQL:
         bound = before if before is not None else 2**62
         out: list[Envelope] = []
         upto = self._indexed_upto()
+        stale: list[Any] = []
+        edited: list[Envelope] = []
         if upto is not None and bound > upto + 1:
             # The newest items, not in the index yet (it is filled when the store is
             # idle): read and matched here, by their current text.
@@ -362,19 +367,31 @@ class ReadingSQL:
                     if len(out) == limit:
                         return out
             bound = upto + 1
+            # Items indexed before an edit that is not yet: the index holds their
+            # former text, so they are matched here (by their current text) instead.
+            rows = self._rows(
+                f"SELECT {cols} FROM items WHERE items.id IN (SELECT {self.REF_SQL} FROM "
+                f"items WHERE pos > ? AND kind = 'edit') AND items.pos < ? AND {scope}",
+                [upto, bound, *where],
+            )
+            for env in self._current([self._item(r) for r in rows]):
+                stale.append(env.pos)
+                if env.body and words_match(words, env.body):
+                    edited.append(env)
         sql = self._search_sql(words)
         if sql is None:
-            return out
+            return out + sorted(edited, key=lambda e: -e.pos)[: limit - len(out)]
         join, cond, param = sql
+        skip = f" AND items.pos NOT IN ({', '.join('?' * len(stale))})" if stale else ""
         rows = self._rows(
-            f"SELECT {cols} FROM items {join} WHERE {cond} AND items.pos < ? AND {scope} "
+            f"SELECT {cols} FROM items {join} WHERE {cond} AND items.pos < ? AND {scope}{skip} "
             "ORDER BY items.pos DESC LIMIT ?",
-            [param, bound, *where, limit - len(out)],
+            [param, bound, *where, *stale, limit - len(out)],
         )
-        # (an edit the index has not taken yet: its item is found by its former words
-        # only until it does, and not shown for them)
         found = self._current([self._item(r) for r in rows])
-        return out + [e for e in found if e.body and words_match(words, e.body)]
+        found = [e for e in found if e.body and words_match(words, e.body)] + edited
+        found.sort(key=lambda e: -e.pos)
+        return out + found[: limit - len(out)]
 
     def _indexed_upto(self) -> int | None:
         """Every item up to this position is in the search index (None: all are)."""

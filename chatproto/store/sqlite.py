@@ -850,6 +850,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             [(conv, u, p) for (u, conv), p in reads.items()],
         )
 
+    REF_SQL = "json_extract(meta, '$.ref')"
+
     def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any] | None:
         # Every word, as a prefix; a word the tokenizer splits, as its pieces (each a
         # prefix: more items than the word finds, which the caller matches exactly).

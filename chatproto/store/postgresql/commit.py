@@ -349,7 +349,7 @@ class CommitSQL(WriterPositions):
     def _wipe(self, env: Envelope) -> None:
         """Inside a commit: the item ``env`` (a ``delete``) deletes loses its content
         (as in :meth:`chatproto.store.sqlite.SQLiteDB._wipe`): body, meta, signature,
-        the bodies of its edits and its file record."""
+        the bodies of its edits, its file record and its row in the search index."""
         ref = env.meta.get("ref") if env.meta is not None else None
         if not isinstance(ref, str):
             return
@@ -363,6 +363,12 @@ class CommitSQL(WriterPositions):
         c.execute(
             "UPDATE items SET body = '', meta = %s, sig = NULL WHERE id = %s",
             (self._DELETED, escape_text(ref)),
+        )
+        # its words leave the search index with it (if a step indexed it already; one
+        # indexing it now is corrected by the step that reaches this delete)
+        c.execute(
+            "DELETE FROM search_text WHERE pos IN (SELECT pos FROM items WHERE id = %s)",
+            (escape_text(ref),),
         )
         c.execute(
             "UPDATE items SET body = '' WHERE pos IN (SELECT pos FROM refs WHERE ref = %s) "

@@ -2,8 +2,9 @@
 
 Part of :mod:`chatproto.store.postgresql`: :class:`PostgresDB` opens the connection,
 migrates the schema and answers the reads; its append path
-(:mod:`chatproto.store.postgresql.commit`) and its writer positions
-(:mod:`chatproto.store.postgresql.writers`) are mixins beside it.  ``chatrealmctl``
+(:mod:`chatproto.store.postgresql.commit`), its writer positions
+(:mod:`chatproto.store.postgresql.writers`) and its search index
+(:mod:`chatproto.store.postgresql.search`) are mixins beside it.  ``chatrealmctl``
 uses it directly; :class:`chatproto.store.postgresql.PostgresStore` runs it in
 threads.
 """
@@ -34,6 +35,7 @@ from chatproto.store.postgresql.rows import (
     unescape_text,
 )
 from chatproto.store.postgresql.schema import MIGRATIONS, SCHEMA_VERSION
+from chatproto.store.postgresql.search import SearchIndex
 from chatproto.store.postgresql.writers import CTL_WRITER, inflight_lock_key, schema_lock_key
 from chatproto.store.reading import ReadingSQL
 from chatproto.store.userconvs import UserConvs
@@ -59,7 +61,7 @@ def describe_dsn(dsn: str, schema: str) -> str:
     return f"postgresql://{who}{host}:{port}/{db} (schema {schema})"
 
 
-class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
+class PostgresDB(CommitSQL, SearchIndex, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     """Synchronous access to one schema of a PostgreSQL database (one connection).
 
     ``create``: make the schema if it does not exist (else a missing schema is an
@@ -242,16 +244,6 @@ class PostgresDB(CommitSQL, AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, Fil
 
     def _mention_sql(self) -> tuple[str, Any]:
         return "body ~* ?", mention_pattern
-
-    def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
-        # words are letters and digits; one of one character is a whole word
-        query = " & ".join(f"'{w}'" if len(w) == 1 else f"'{w}':*" for w in words)
-        cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
-        return "JOIN search_text s ON s.pos = items.pos", cond, query
-
-    def index_search(self, limit: int) -> int:
-        """Nothing to do: a trigger keeps search_text in each item's transaction."""
-        return 0
 
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
         with self.conn.cursor() as cur:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -243,5 +243,18 @@ MIGRATIONS: list[str] = [
         ON CONFLICT DO NOTHING;
     DROP INDEX IF EXISTS items_sender;
     DROP INDEX IF EXISTS items_recipient;
+    """,
+    # v12 (SQLite's v16; issue 20): items are indexed for search by the store after
+    # its commits, in steps (PostgresDB.index_search), not by the trigger of v9: its
+    # row in search_text and the GIN index cost every insert as much again as the rest
+    # of it.  search_upto: every text and file item up to it is in search_text (all
+    # of them, kept by the trigger until now); search reads the items above it
+    # directly.  A deletion takes its item's row out in its own transaction.
+    """
+    DROP TRIGGER IF EXISTS items_search ON items;
+    DROP FUNCTION IF EXISTS items_search();
+    INSERT INTO settings (key, value)
+        SELECT 'search_upto', coalesce(max(pos), 0)::text FROM items
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value;
     """,
 ]

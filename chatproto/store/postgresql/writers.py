@@ -21,7 +21,16 @@ from psycopg import sql
 from chatproto.envelope import Envelope
 from chatproto.store.postgresql.rows import ITEM_COLS, item_of_row
 
-__all__ = ["CTL_WRITER", "LOCK_WAIT", "SOLE_WRITER", "WriterPositions"]
+__all__ = [
+    "CTL_WRITER",
+    "LOCK_WAIT",
+    "SOLE_WRITER",
+    "WriterPositions",
+    "index_lock_key",
+    "inflight_lock_key",
+    "schema_lock_key",
+    "worker_lock_key",
+]
 
 #: Seconds a starting realm waits for the writer lock of its schema.
 LOCK_WAIT = 2.0
@@ -48,6 +57,13 @@ def inflight_lock_key(schema: str, writer: str) -> int:
     """The transaction lock a writer holds while a commit of its is in flight (see
     :meth:`PostgresDB.safe_position`)."""
     return _key(f"chatproto in flight {schema} {writer}")
+
+
+def index_lock_key(schema: str) -> int:
+    """The transaction lock of a step of search indexing (see
+    :meth:`chatproto.store.postgresql.search.SearchIndex.index_search`): one writer
+    indexes at a time."""
+    return _key(f"chatproto search index {schema}")
 
 
 #: The writer name of a single-process realm, and of ``chatrealmctl``'s commits.
