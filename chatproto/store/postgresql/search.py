@@ -36,13 +36,13 @@ _WORDS = "regexp_replace({}, '[^[:alnum:]]+', ' ', 'g')"
 #: The text and file items in ``(%(lo)s, %(hi)s]`` with their current text (their
 #: latest own edit's, see chatproto/relations.py; an edit comes after its item).
 _INDEX_RANGE = (
+    "WITH latest AS (SELECT DISTINCT ON (r.ref, e.conv, e.sender) r.ref, e.conv, "
+    "e.sender, e.body FROM items e JOIN refs r ON r.pos = e.pos "
+    "WHERE e.pos > %(lo)s AND e.kind = 'edit' ORDER BY r.ref, e.conv, e.sender, e.pos DESC) "
     "INSERT INTO search_text (pos, body) SELECT t.pos, "
-    + _WORDS.format(
-        "coalesce((SELECT e.body FROM refs r JOIN items e ON e.pos = r.pos "
-        "WHERE r.ref = t.id AND r.pos > t.pos AND e.kind = 'edit' AND t.kind = 'text' "
-        "AND e.conv = t.conv AND e.sender = t.sender ORDER BY e.pos DESC LIMIT 1), t.body)"
-    )
-    + " FROM items t WHERE t.pos > %(lo)s AND t.pos <= %(hi)s "
+    + _WORDS.format("coalesce(l.body, t.body)")
+    + " FROM items t LEFT JOIN latest l ON l.ref = t.id AND l.conv = t.conv "
+    "AND l.sender = t.sender AND t.kind = 'text' WHERE t.pos > %(lo)s AND t.pos <= %(hi)s "
     "AND t.kind IN ('text', 'file') AND t.body <> '' "
     "ON CONFLICT (pos) DO UPDATE SET body = excluded.body"
 )
