@@ -116,6 +116,9 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
         yield realm.stopService()
     old = SQLiteDB(cfg.database_path)
     id_key = old.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()[0]
+    while old.index_search(2000):  # SQLite's search index is complete (search_upto: top)
+        pass
+    assert old.search_upto() == top_before
     old.close()
 
     # 2. chatrealmctl migrate-store ------------------------------------------------
@@ -136,6 +139,14 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
         assert pg.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone() == (
             id_key,
         )
+        # PostgreSQL's search index is its own: nothing of it is there yet (SQLite's
+        # search_upto, copied with the settings, made every item unfindable)
+        assert pg.search_upto() == 0
+        found = pg.search(["seen"], [("user", "bob@localhost", 0)], None, 10)
+        assert [e.body for e in found] == [f"seen {i}" for i in (4, 3, 2, 1, 0)]
+        assert pg.index_search(2000) > 0
+        found = pg.search(["seen"], [("user", "bob@localhost", 0)], None, 10)
+        assert [e.body for e in found] == [f"seen {i}" for i in (4, 3, 2, 1, 0)]
     finally:
         pg.close()
 

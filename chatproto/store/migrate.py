@@ -182,7 +182,9 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version
 #: (each store has its own), SQLite's own bookkeeping (its sequences, below) and the
-#: search index (FTS5's tables): PostgreSQL's trigger builds its own from the items.
+#: search index (FTS5's tables and its setting search_upto): the PostgreSQL store
+#: indexes the items copied after its commits, as it does its own (the newest
+#: SEARCH_TAIL are found until then by reading them).
 NOT_COPIED = {
     "settings",
     "schema_version",
@@ -247,7 +249,9 @@ def copy_sqlite_to_postgresql(
                 counts[table] = n
                 if progress is not None:
                     progress(table, n)
-            for key, value in src.execute("SELECT key, value FROM settings").fetchall():
+            for key, value in src.execute(
+                "SELECT key, value FROM settings WHERE key <> 'search_upto'"
+            ).fetchall():
                 pg.execute(
                     "INSERT INTO settings VALUES (%s, %s) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
