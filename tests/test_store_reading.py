@@ -263,6 +263,32 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_sqlite_store_indexes_what_it_finds_unindexed_when_it_opens(tmp_path: Any) -> Any:
+    """Items stored before a start and never indexed (the realm stopped while busy, a
+    migrated database) were indexed only after the first commit of the new run: a
+    realm with no new message kept reading them directly at each search, and never
+    found those past SEARCH_TAIL."""
+    path = tmp_path / "store" / "realm.sqlite3"
+    path.parent.mkdir()
+    db = SQLiteDB(str(path))
+    db.migrate()
+    db.commit_batch([[item(BOB, ALICE, f"zqxold{n}") for n in range(30)]], {})
+    assert db.search_upto() == 0
+    db.close()
+    store = _sqlite(tmp_path)
+    yield store.open()
+    try:
+        for _ in range(100):  # bounded: 5 s (the store waits INDEX_DELAY, 1 s)
+            upto = yield store.search_indexed()
+            if upto == 30:
+                break
+            yield task.deferLater(_reactor, 0.05, lambda: None)
+        assert upto == 30
+    finally:
+        yield store.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_the_sqlite_index_keeps_up_with_a_realm_that_is_never_quiet(
     sqlite_store: Any, monkeypatch: Any
 ) -> Any:

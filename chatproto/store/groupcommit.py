@@ -225,6 +225,7 @@ class StoreDB(Protocol):
     def read_markers(self, conv: str) -> dict[str, int]: ...
     def read_position(self, conv: str, before_ts: float, floor: int) -> int: ...
     def index_search(self, limit: int) -> int: ...
+    def search_upto(self) -> int: ...
     def search(
         self,
         words: Sequence[str],
@@ -449,10 +450,19 @@ class GroupCommitStore:
             return fail(e)
         try:
             self._published_seq = writer.outbox_top()
+            unindexed = writer.max_pos() - writer.search_upto()
         except Exception as e:
             writer.close()
             return fail(e)
         self._writer = writer
+        if unindexed > 0:
+            # Items stored before this start and not indexed yet (a realm stopped
+            # while busy, an upgrade, a migrated database): indexed once the realm is
+            # quiet, or alongside its commits if they are many, as after a commit.
+            self._unindexed = unindexed
+            self._index_call = self._reactor.callLater(  # type: ignore[attr-defined]
+                INDEX_DELAY, self._index_due
+            )
         return succeed(None)
 
     def _start_threads(self) -> None:
