@@ -866,6 +866,146 @@ def test_decode_fast_path_agrees_with_the_json_decoder(
             assert got[0] == "bad_request"
 
 
+_send_values = (
+    st.integers(-(2**60), 2**60)
+    | _text
+    | st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["\ud800", "a\\u0041", "\x00", "\x1f", '"', "\\", "n" * 65, "é" * 40])
+)
+_printable = st.text(st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)), max_size=80)
+_send_string = _printable | st.sampled_from(["\ud800", "a\\u0041", "\x1f", "tab\tnl\n", ""])
+#: Mostly well-formed sends: each field at most once, in any order
+_likely_send = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.integers(0, 10**16) | _printable,
+        "to": _send_string,
+        "body": _send_string,
+        "nonce": _send_string | st.just("é" * 40),
+    },
+).flatmap(lambda d: st.permutations(list(d.items())))
+#: Sends in the field orders clients use (the id first, last, or absent)
+_client_send = st.builds(
+    lambda rid, first, to, body, nonce: (
+        ([("id", rid)] if first and rid is not None else [])
+        + [("to", to), ("body", body)]
+        + ([("nonce", nonce)] if nonce is not None else [])
+        + ([("id", rid)] if not first and rid is not None else [])
+    ),
+    st.none() | st.integers(0, 10**16) | st.integers(-5, 5),
+    st.booleans(),
+    _send_string,
+    _send_string,
+    st.none() | _send_string | st.just("é" * 40),
+)
+_any_fields = st.lists(
+    st.tuples(st.sampled_from(["id", "to", "body", "nonce", "type", "x"]), _send_values),
+    max_size=5,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    fields=st.one_of(_client_send, _client_send, _client_send, _likely_send, _any_fields),
+    ascii_=st.sampled_from([False, False, False, True]),
+    mangle=st.sampled_from([False, False, False, True]),
+    edit=st.tuples(st.integers(0, 200), st.sampled_from([" ", "", "0", ",", "}", '"', "\\", "é"])),
+    cut=st.integers(0, 3),
+)
+def test_compact_send_is_what_decode_reads_or_nothing(
+    fields: list[tuple[str, Any]], ascii_: bool, mangle: bool, edit: Any, cut: int
+) -> None:
+    """wire.compact_send (the send fast path) gives exactly the fields wire.decode
+    reads, or None (then the general path runs): sends in any field order, with
+    repeated names, other fields, values of every kind, escapes, bytes inserted or
+    replaced anywhere, cut short."""
+    body = ",".join(
+        json.dumps(k) + ":" + json.dumps(v, ensure_ascii=ascii_, separators=(",", ":"))
+        for k, v in fields
+    )
+    text = '{"type":"send"' + ("," + body if body else "") + "}"
+    if mangle:  # a byte inserted or replaced (cut odd), the end cut off (cut >= 2)
+        at, piece = edit
+        at = min(at, len(text))
+        text = text[:at] + piece + text[at + (cut % 2) :]
+    payload = text.encode("utf-8", "surrogatepass")
+    if mangle:
+        payload = payload[: len(payload) - cut // 2]
+    fast = wire.compact_send(payload)
+    if fast is None:
+        return
+    rid, to, body_, nonce = fast
+    obj = wire.decode(payload)  # (raises if the fast path took what it must not)
+    assert obj == {
+        "type": "send",
+        **({} if rid is None else {"id": rid}),
+        "to": to,
+        "body": body_,
+        **({} if nonce is None else {"nonce": nonce}),
+    }
+    assert nonce is None or 0 < len(nonce) <= 64
+
+
+def test_compact_send_takes_what_clients_write() -> None:
+    """The spellings of the client library, the web page and the load generator take
+    the fast path; an escape, a repeated id or a leading zero do not."""
+    for req, want in (
+        ({"type": "send", "id": 7, "to": "bob", "body": "hi é 👍"}, (7, "bob", "hi é 👍", None)),
+        ({"type": "send", "id": 7, "to": "b@x", "body": "", "nonce": "n1"}, (7, "b@x", "", "n1")),
+        ({"type": "send", "to": "bob", "body": "x", "id": 10**14}, (10**14, "bob", "x", None)),
+        ({"type": "send", "to": "#g", "body": "x"}, (None, "#g", "x", None)),
+    ):
+        assert wire.compact_send(wire.encode(req)) == want
+    for payload in (
+        b'{"type":"send","id":1,"to":"bob","body":"a\\nb"}',
+        b'{"type":"send","id":1,"to":"bob","body":"x","id":2}',
+        b'{"type":"send","id":01,"to":"b","body":"x"}',
+        b'{"type":"send","id":1234567890123456,"to":"b","body":"x"}',
+        b'{"type":"send", "id":1,"to":"b","body":"x"}',
+        b'{"type":"send","id":1,"to":"b","body":"x","nonce":""}',
+        b'{"type":"send","id":"r1","to":"b","body":"x"}',
+    ):
+        assert wire.compact_send(payload) is None
+
+
+def test_compact_sends_are_answered_as_decoded_ones(realm: Any, clock: Clock) -> None:
+    """Over StringTransport: the same sends, compact (fast path) and spaced out
+    (general path), get the same answers and deliveries; a compact send before
+    login gets not_authenticated, as a spaced one does."""
+    realm.create_user("bob", "password1")
+    out = []
+    for compact in (True, False):
+        a, ta = logged_in(realm, clock, f"alice{int(compact)}")
+        _b, tb = logged_in(realm, clock, "bob")
+        frames(ta)
+        frames(tb)
+        reqs = [
+            {"type": "send", "id": 1, "to": "bob", "body": "one"},
+            {"type": "send", "to": "bob", "body": "two", "id": "x"},
+            {"type": "send", "id": 3, "to": "nobody", "body": "three"},
+            {"type": "send", "id": 4, "to": "bob", "body": "four", "nonce": "n"},
+            {"type": "send", "id": 5, "to": "bob", "body": "again", "nonce": "n"},
+        ]
+        sep = (",", ":") if compact else (", ", ": ")
+        data = b"".join(
+            struct.pack("!I", len(p)) + p
+            for p in (json.dumps(r, separators=sep).encode() for r in reqs)
+        )
+        a.dataReceived(data)
+        got = [(f["type"], f.get("id"), f.get("code"), f.get("body")) for f in frames(ta)] + [
+            (f["type"], f.get("body")) for f in frames(tb)
+        ]
+        out.append(got)
+        _b.connectionLost(None)  # (bob logs in again for the next spelling)
+    assert out[0] == out[1] and len(out[0]) > 5
+    fresh, t = connect_string_transport(realm)
+    fresh.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    fresh.dataReceived(frame({"type": "send", "id": 2, "to": "bob", "body": "x"}))
+    assert [f.get("code") for f in frames(t)] == [None, "not_authenticated"]
+
+
 # strict JSON (issue 14, item 3) ---------------------------------------------------------
 
 #: JSON-looking text: the grammar's characters, the constants Python would accept,
