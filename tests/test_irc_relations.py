@@ -242,3 +242,23 @@ def test_msgids_keep_at_least_the_newest_and_forget_the_older_half_at_once() -> 
     assert [ids.msgid(f"m{i}") for i in range(6, 12)] == [6, 7, 8, 9, 10, 11]
     ids.remember(Envelope("m0", "text", "a@x", "b@x", 0.0, "hi"))  # not stored: no msgid
     assert ids.msgid("m0") is None
+
+
+def test_only_a_msgid_shown_is_remembered(factory: IRCFactory, realm: RealmService) -> None:
+    """A client without message-tags is never shown a msgid, so an item rendered only
+    to such clients is not remembered (no bookkeeping per plain DM); one shown with
+    its msgid is, and a reply naming it is a realm reply."""
+    alice = login(factory, "alice")
+    bob = login(factory, "bob")
+    alice.send("PRIVMSG bob :plain")
+    bob.lines()
+    plain = next(e for e in realm.store.items if e.body == "plain")
+    assert factory.msgids.msgid(plain.id) is None
+    carol = login(factory, "carol", caps="message-tags")
+    alice.send("PRIVMSG carol :tagged")
+    [(tags, _, _)] = parsed(carol)
+    tagged = next(e for e in realm.store.items if e.body == "tagged")
+    assert factory.msgids.msgid(tagged.id) == tagged.pos == int(tags["msgid"])
+    carol.send(f"@+draft/reply={tags['msgid']} PRIVMSG alice :answer")
+    answer = next(e for e in realm.store.items if e.body == "answer")
+    assert (answer.meta or {}).get("reply_to") == tagged.id

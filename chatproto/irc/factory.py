@@ -90,10 +90,10 @@ class IRCFactory(ClientFactory):
 
     def lines(self, env: Envelope, mode: int) -> bytes:
         """The encoded PRIVMSG line(s) of a text item, the same for every receiver;
-        ``mode`` bit 1 adds ``time``, bit 2 ``msgid`` (the stream position).  Cached for
-        the item being fanned out, so R receivers cost one encoding."""
+        ``mode`` bit 1 adds ``time``, bit 2 ``msgid`` (the stream position, then
+        remembered in ``msgids``).  Cached for the item being fanned out, so R
+        receivers cost one encoding."""
         if env is not self._cache_env:  # a new item (a DM's one receiver: the usual)
-            self.msgids.remember(env)
             plain = self._encode(env)
             self._cache = [plain, None, None, None]
             self._cache_env = env
@@ -110,6 +110,7 @@ class IRCFactory(ClientFactory):
         if mode & 1:
             tags.append(f"time={server_time(env.ts)}")
         if mode & 2:  # message-tags: its msgid, and the client tags kept with it
+            self.msgids.remember(env)  # (a msgid a client may name: only one it was shown)
             tags.append(f"msgid={env.pos}")
             meta = env.meta
             if meta is not None:

@@ -4,7 +4,8 @@
 
 IRC names a message by its ``msgid``, which this gateway makes the item's stream
 position; the realm names it by ``msg_id``.  :class:`MsgIds` (one per factory)
-remembers both for the items the gateway rendered lately, so a reaction or a
+remembers both for the items the gateway rendered lately with their msgid (to
+clients with ``message-tags``: the others are never shown one), so a reaction or a
 ``REDACT`` from an IRC client reaches the realm by ``msg_id`` (a msgid it never
 rendered, or forgot, is ``UNKNOWN_MSGID``), and the realm's reaction, reply and
 delete items reach IRC clients by msgid:

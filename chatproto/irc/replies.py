@@ -104,13 +104,19 @@ class Reply:
         order = self.proto.replies
         if self.queued and order[0] is not self:
             return  # an earlier command is still pending: it releases this one
-        self._emit()
+        if self.lines is not None:  # (nothing to emit otherwise: no call)
+            self._emit()
         if self.queued:
             order.popleft()
             while order:
                 head = order[0]
                 if not head.done:
-                    head._reach_head()  # may finish it, which then goes on from there
+                    if head.label is None and head.waiting is None:  # _reach_head, inline
+                        lines, head.lines = head.lines, None
+                        if lines:
+                            self.proto.write(b"".join(lines))
+                    else:
+                        head._reach_head()  # may finish it, which then goes on from there
                     break
                 head._reach_head()
                 head._emit()
