@@ -181,9 +181,15 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     #: request type -> handler (filled in below the class and for each subclass)
     handlers: dict[str, Any] = {}
 
+    #: Compact ``send`` frames take the fast path (wire.compact_send) only while
+    #: ``send`` is this class's own handler: a subclass that overrides it gets every
+    #: send through it.
+    _compact_sends = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.handlers = _handlers(cls)
+        cls._compact_sends = cls.handlers.get("send") is ClientProtocol.handle_send
 
     def __init__(self) -> None:
         self.state = "hello"
@@ -497,7 +503,12 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 self.session.ack(int(digits))
                 return
         sends = self._sends
-        if sends is not None and self.state == "ready" and payload.startswith(_SEND_PREFIX):
+        if (
+            sends is not None
+            and self.state == "ready"
+            and self._compact_sends
+            and payload.startswith(_SEND_PREFIX)
+        ):
             # Fast path for the most frequent request, as clients spell it (see
             # wire.compact_send); anything else takes the general path below.
             fields = wire.compact_send(payload)

@@ -1006,6 +1006,38 @@ def test_compact_sends_are_answered_as_decoded_ones(realm: Any, clock: Clock) ->
     assert [f.get("code") for f in frames(t)] == [None, "not_authenticated"]
 
 
+def test_a_subclass_that_overrides_send_gets_compact_sends_too(clock: Clock) -> None:
+    """The compact-send fast path is the native handler's: a protocol subclass with
+    its own handle_send sees every send, compact or not."""
+    from chatproto.protocol import ClientProtocol
+
+    seen: list[Any] = []
+
+    class Own(ClientProtocol):
+        def handle_send(self, req: dict[str, Any]) -> dict[str, Any]:
+            seen.append(req.get("body"))
+            return {}
+
+    class Plain(ClientProtocol):
+        pass
+
+    assert not Own._compact_sends and Plain._compact_sends
+    realm = make_test_realm(clock)
+    realm.create_user("alice", "password1")
+    realm.create_user("bob", "password1")
+    factory = ClientFactory(realm)
+    factory.protocol = Own  # type: ignore[assignment]
+    proto, t = connect_string_transport(realm, factory)
+    proto.dataReceived(
+        frame({"type": "hello", "version": 1, "id": 1})
+        + frame({"type": "login", "user": "alice", "password": "password1", "id": 2})
+    )
+    clock.advance(0)
+    frames(t)
+    proto.dataReceived(frame({"type": "send", "id": 3, "to": "bob", "body": "hi"}))
+    assert seen == ["hi"] and frames(t) == [{"type": "result", "id": 3}]
+
+
 # strict JSON (issue 14, item 3) ---------------------------------------------------------
 
 #: JSON-looking text: the grammar's characters, the constants Python would accept,
