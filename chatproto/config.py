@@ -67,6 +67,8 @@ class Limits:
     max_body: int = 16384
     send_rate: float = 50.0
     send_burst: int = 100
+    group_change_rate: float = 1.0
+    group_change_burst: int = 60
     login_timeout: float = 30.0
     keepalive_interval: float = 60.0
     max_output_buffer: int = 4 * 1024 * 1024
@@ -368,6 +370,8 @@ class Config:
         for key in (
             "send_rate",
             "send_burst",
+            "group_change_rate",
+            "group_change_burst",
             "login_timeout",
             "keepalive_interval",
             "max_output_buffer",

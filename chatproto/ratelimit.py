@@ -37,6 +37,10 @@ class TokenBucket:
             return 0.0
         return (cost - self.tokens) / self.rate
 
+    def refund(self, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens taken for something that did not happen."""
+        self.tokens = min(self.burst, self.tokens + cost)
+
     def full(self, now: float) -> bool:
         """Whether the bucket has refilled completely by ``now`` (it can be forgotten:
         a new one would be the same)."""

@@ -130,3 +130,25 @@ def _bare(addr: str) -> Any:
     from tests.conftest import RawClient
 
     return endpoint_for(_reactor, addr, "localhost", None).connect(Factory.forProtocol(RawClient))
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_changes_have_a_bucket_per_connection(server: Any) -> Any:
+    """join/leave in a loop stored an event and wrote a frame to every member each
+    time, without bound: CHANGE_BURST changes at once on a connection, then
+    rate_limited with retry_after, and the members hear nothing more."""
+    realm, _factory, addr = server
+    for name in ("alice", "bob"):
+        yield realm.create_user(name, PW)
+    a = yield login(addr, "alice")
+    b = yield login(addr, "bob")
+    r = yield call(a, {"type": "create_group", "group": "#loop"})
+    assert r["type"] == "result", r
+    for i in range(realm.config.limits.group_change_burst):
+        r = yield call(b, {"type": "join" if i % 2 == 0 else "leave", "group": "#loop"})
+        assert r["type"] == "result", (i, r)
+    r = yield call(b, {"type": "join", "group": "#loop"})
+    assert code(r) == "rate_limited" and 0 < r["retry_after"] <= 1.0, r
+    r = yield call(a, {"type": "set_topic", "group": "#loop", "topic": "still works"})
+    assert r["type"] == "result", r  # alice's connection has its own bucket
+    assert not b.lost.called

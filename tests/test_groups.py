@@ -487,3 +487,29 @@ def test_a_notice_is_a_text_item_with_notice_meta(realm: Any, clock: Clock) -> N
     alice.ok("send", to="bob", body="automated", notice=True)
     assert [(m["body"], m.get("meta")) for m in bob.msgs()] == [("automated", {"notice": True})]
     assert alice.code("send", to="bob", body="x", notice="yes") == "bad_request"
+
+
+def test_group_changes_have_a_bucket_per_connection(realm: Any, clock: Clock) -> None:
+    """Each change is a stored event and a frame to every member: a connection had no
+    bound (join/leave or set_topic in a loop).  group_change_burst at once, then one
+    a second: rate_limited with retry_after, nothing stored; another connection of
+    the same user has its own bucket; a refused change gives its token back."""
+    burst = realm.config.limits.group_change_burst
+    alice, bob = User(realm, clock, "alice"), User(realm, clock, "bob")
+    alice.ok("create_group", group="#busy")
+    for _ in range(burst + 5):  # refused: no token kept
+        assert bob.code("join", group="#nowhere") == "no_such_group"
+    for i in range(burst):  # join, leave, ...: bob ends outside
+        bob.ok("join" if i % 2 == 0 else "leave", group="#busy")
+    stored = len(realm.store.items)
+    r = bob.req("join", group="#busy")
+    assert r["type"] == "error" and r["code"] == "rate_limited", r
+    assert 0 < r["retry_after"] <= 1.0
+    assert bob.code("join", group="#nowhere") == "rate_limited"  # before other checks
+    assert len(realm.store.items) == stored
+    bob_phone = User(realm, clock, "bob", device="phone")
+    bob_phone.ok("join", group="#busy")
+    clock.advance(1.0)
+    bob.ok("leave", group="#busy")
+    assert bob.code("join", group="#busy") == "rate_limited"
+    assert realm.stats.refused["group_change"] == 3

@@ -609,6 +609,7 @@ def _string_realm() -> tuple[Any, Any, Any]:
     cfg = Config()
     cfg.limits.max_groups_per_user = 10**6
     cfg.limits.send_burst = 10**6
+    cfg.limits.group_change_burst = 10**6
     realm = make_test_realm(clock, cfg)
     realm.create_user("alice", "password1")
     proto, transport = connect_string_transport(realm)

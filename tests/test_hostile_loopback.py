@@ -130,6 +130,7 @@ NON_STANDARD = {
 @pytest.fixture
 def server_tcp(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, send_burst=10**6, send_rate=10.0**6)
+    cfg.limits.group_change_burst = 10**6  # hundreds of accepted hostile changes
     realm = make_realm(cfg)
     pytest_twisted.blockon(realm.startService())
     factory = ClientFactory(realm)

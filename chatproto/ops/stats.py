@@ -55,5 +55,5 @@ class RealmStats:
     def rate_limited(self, limit: str) -> None:
         """A request was refused by ``limit`` (``send``, ``login``, ``irc_flood``,
         ``federation_txn``, ``federation_presence``, ``report``, ``register``, ``mark_read``,
-        ``typing``, ``search``, ``conversations``, ``set_status``)."""
+        ``typing``, ``search``, ``conversations``, ``set_status``, ``group_change``)."""
         self.refused[limit] = self.refused.get(limit, 0) + 1

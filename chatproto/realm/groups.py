@@ -11,20 +11,24 @@ realm is a request to that realm (see ``RealmService.forward_group_change``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatproto import address
 from chatproto.accounts import plan_removal
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import Group
+from chatproto.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
+    from chatproto.realm.sessions import Session
 
 __all__ = ["REALM_LOG_LENGTH", "GroupHandler"]
 
@@ -62,6 +66,8 @@ class GroupHandler:
         #: the position of the last event replayed at start: the log knows nothing
         #: of changes at or before it
         self.log_start = 0
+        #: each session's group-change bucket (see :meth:`change_by`)
+        self._buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
 
     # addresses and reading ----------------------------------------------------------
 
@@ -118,6 +124,31 @@ class GroupHandler:
         return info
 
     # changes --------------------------------------------------------------------------
+
+    def change_by(self, session: Session, event: str, group: str, args: dict[str, Any]) -> Any:
+        """:meth:`change` asked for by a client's ``session``.  It takes a token of the
+        session's group-change bucket (``limits.group_change_rate`` and
+        ``group_change_burst``: a change is a stored event and a frame to every
+        member, so join/leave in a loop must be bounded), given back if the change
+        is refused; an empty bucket answers ``rate_limited`` with ``retry_after``."""
+        now = self._realm.clock.seconds()
+        bucket = self._buckets.get(session)
+        if bucket is None:
+            lim = self._realm.config.limits
+            bucket = TokenBucket(lim.group_change_rate, lim.group_change_burst, now)
+            self._buckets[session] = bucket
+        wait = bucket.take(now)
+        if wait:
+            self._realm.stats.rate_limited("group_change")
+            return fail(
+                ChatError("rate_limited", "group changes too fast", retry_after=round(wait, 3))
+            )
+
+        def refused(f: Failure) -> Failure:
+            bucket.refund()
+            return f
+
+        return self.change(session.user_id, event, group, args).addErrback(refused)
 
     def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
         """Check, commit, apply and route one change by local user ``actor`` (or, for

@@ -420,7 +420,7 @@ class RealmService(Service):
 
     def group_event(self, session: Session, event: str, group: str, **args: Any) -> Any:
         """Check, commit, apply and route one group change; fires with its envelope."""
-        return self.group_handler.change(session.user_id, event, group, args)
+        return self.group_handler.change_by(session, event, group, args)
 
     def list_groups(self) -> list[dict[str, Any]]:
         """The public groups of this realm (not the mirrors of other realms' groups)."""
