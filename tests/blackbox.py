@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest_twisted
@@ -30,6 +30,23 @@ from chatproto.protocol import ClientFactory
 from tests.conftest import RawClient, fast_config, make_realm, raw_client, until
 
 PW = "password-bb"
+
+
+def serve(cfg: Any, users: Iterable[str] = ()) -> Iterator[tuple[Any, str]]:
+    """The body of a fixture (``yield from serve(cfg)``): a realm on ``cfg`` listening
+    on 127.0.0.1 port 0, with ``users`` registered (password :data:`PW`); yields
+    ``(realm service, "tcp:..." address)``, then drops the connections and stops it."""
+    realm = make_realm(cfg)
+    pytest_twisted.blockon(realm.startService())
+    factory = ClientFactory(realm)
+    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
+    for name in users:
+        pytest_twisted.blockon(realm.create_user(name, PW))
+    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
+    for proto in list(factory.connections):
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+    pytest_twisted.blockon(realm.stopService())
 
 
 class Realm:

@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor as _reactor
 
-from chatproto.protocol import ClientFactory
-from tests.blackbox import PW, call, code, login
-from tests.conftest import fast_config, make_realm
+from tests.blackbox import PW, call, code, login, serve
+from tests.conftest import fast_config
 
 LOCAL_USERS = ("alice", "strasse", "bob.smith-2_x", "fi", "k", "a" * 32, "1abc")
 
@@ -86,17 +84,7 @@ GROUP_FORMS = [
 def named_realm(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, send_burst=10_000, send_rate=10_000.0)
     cfg.realm = "example.org"
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    for name in LOCAL_USERS:
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from serve(cfg, LOCAL_USERS)
 
 
 @pytest_twisted.inlineCallbacks

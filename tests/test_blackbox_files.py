@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor as _reactor
 
-from chatproto.protocol import ClientFactory
-from tests.blackbox import PW, call, code, data_frame, errors, login, msgs, wait_for
-from tests.conftest import fast_config, make_realm, raw_client, until
+from tests.blackbox import call, code, data_frame, errors, login, msgs, serve, wait_for
+from tests.conftest import fast_config, raw_client, until
 
 CHUNK = 1024
 MAX_FILE = 4096
@@ -29,17 +27,7 @@ def files_server(tmp_path: Any) -> Any:
     cfg.files.max_file_size = MAX_FILE
     cfg.files.quota_per_user = QUOTA
     cfg.files.max_uploads_per_user = UPLOADS
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    for name in ("alice", "bob", "carol"):
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from serve(cfg, ("alice", "bob", "carol"))
 
 
 def sha(data: bytes) -> str:

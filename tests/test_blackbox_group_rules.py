@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from chatproto.protocol import ClientFactory
-from tests.blackbox import PW, call, code, login, msgs
+from tests.blackbox import PW, call, code, login, msgs, serve
 from tests.conftest import fast_config, make_realm
 
 USERS = ("alice", "bob", "carol", "dave", "erin")
@@ -155,17 +155,7 @@ def group_server(tmp_path: Any) -> Any:
         max_groups_per_user=3,
         max_members_per_group=4,
     )
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    for name in USERS:
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from serve(cfg, USERS)
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

@@ -13,9 +13,8 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
-from chatproto.protocol import ClientFactory
-from tests.blackbox import PW, login
-from tests.conftest import fast_config, make_realm, raw_client, until
+from tests.blackbox import login, serve
+from tests.conftest import fast_config, raw_client, until
 
 INTERVAL = 1.0
 
@@ -23,16 +22,7 @@ INTERVAL = 1.0
 @pytest.fixture
 def quick(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, keepalive_interval=INTERVAL, login_timeout=INTERVAL)
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    pytest_twisted.blockon(realm.create_user("alice", PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from serve(cfg, ["alice"])
 
 
 def _types(client: Any) -> list[Any]:

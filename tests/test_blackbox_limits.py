@@ -11,17 +11,8 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
-from chatproto.protocol import ClientFactory
-from tests.blackbox import PW, call, code, login
-from tests.conftest import fast_config, make_realm, raw_client, until
-
-
-def _serve(cfg: Any) -> Any:
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    return realm, factory, port
+from tests.blackbox import PW, call, code, login, serve
+from tests.conftest import fast_config, raw_client, until
 
 
 @pytest.fixture
@@ -29,14 +20,7 @@ def limited(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, send_burst=5, send_rate=0.5, max_sessions_per_user=3)
     cfg.auth.failure_delay = 0.3
     cfg.auth.max_failure_delay = 0.6
-    realm, factory, port = _serve(cfg)
-    for name in ("alice", "bob"):
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from serve(cfg, ("alice", "bob"))
 
 
 @pytest_twisted.inlineCallbacks
@@ -92,13 +76,8 @@ def test_sessions_send_rate_and_login_throttle(limited: Any) -> Any:
 @pytest.fixture
 def few_waiting(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, max_unauthenticated_per_address=3)
-    realm, factory, port = _serve(cfg)
-    pytest_twisted.blockon(realm.create_user("alice", PW))
-    yield f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    for _realm, addr in serve(cfg, ["alice"]):
+        yield addr
 
 
 @pytest_twisted.inlineCallbacks
