@@ -235,3 +235,21 @@ def test_the_lean_lane_answers_as_the_general_path() -> None:
     # replies still held behind the batch's pending lines)
     assert [line.split(" ")[1] for line in lean[0]] == ["401", "301", "PRIVMSG", "417", "PONG"]
     assert len(lean[1]) == 4
+
+
+def test_two_joins_of_a_new_channel_at_once_both_get_in() -> None:
+    """Two clients JOIN a channel nobody has made, at once: each gateway saw no such
+    group and asked to create it; the second got 403 (group_exists) and had to join
+    again.  On a cluster the same happens to a JOIN within a bus round trip of the
+    channel's creation on another worker.  The second is now a join."""
+    _clock, realm, alice, bob = two_users()
+    held = HeldAppends(realm)
+    alice.send("JOIN #fresh")
+    bob.send("JOIN #fresh")
+    held.release()
+    held.release()  # bob's join, committed after alice's create
+    assert "403" not in bob.numerics()
+    assert sorted(realm.groups.groups["#fresh@localhost"].members) == [
+        "alice@localhost",
+        "bob@localhost",
+    ]

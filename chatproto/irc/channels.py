@@ -38,10 +38,14 @@ def group_change(
         p.awaiting[(event, group)] = ctx
     d = p.session.group_event(event, group, **args)
 
-    def failed(f: Failure) -> None:
+    def failed(f: Failure) -> Any:
         p.awaiting.pop((event, group), None)
         f.trap(ChatError)
         err: ChatError = f.value  # type: ignore[assignment]
+        if err.code == "group_exists" and command == "JOIN":
+            # Someone made the channel since this gateway looked (a JOIN at the same
+            # moment, or on another worker of a cluster): a JOIN joins it.
+            return group_change(p, ctx, "JOIN", chan, "joined")
         target = chan
         g = p.realm.groups.groups.get(group)
         them = args.get("user")
