@@ -148,7 +148,7 @@ class Realm:
         self.proc = subprocess.Popen(
             [*cmd, "--config", str(conf)],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "stderr.log", "wb"),  # noqa: SIM115
+            stderr=open(self.dir / "stderr.log", "wb"),
             start_new_session=True,
             cwd=self.dir,
         )

@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatproto.tui import commands  # noqa: E402
-from chatproto.tui.model import ChatModel  # noqa: E402
-from chatproto.tui.view import ChatView  # noqa: E402
+from chatproto.tui import commands
+from chatproto.tui.model import ChatModel
+from chatproto.tui.view import ChatView
 
 
 class _Controller:

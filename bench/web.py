@@ -60,7 +60,8 @@ class Realm:
             f'data_dir = "{self.dir / "data"}"\n'
             "[limits]\nsend_rate = 1e9\nsend_burst = 1000000000\n"
             "keepalive_interval = 3600.0\n"
-            "[auth]\nargon2_time_cost = 1\nregistrations_per_address = 0\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+            "[auth]\nargon2_time_cost = 1\nregistrations_per_address = 0\n"
+            "argon2_memory_cost = 1024\nargon2_parallelism = 1\n"
             "[files]\nmax_file_size = 1073741824\nquota_per_user = 4294967296\n"
         )
         self.log = self.dir / "twistd.log"

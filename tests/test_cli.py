@@ -188,7 +188,7 @@ def test_listen_says_when_it_has_reconnected(realm: Any) -> Any:
 
         proc = _Process(None, on_err)
         argv = [sys.executable, "-m", "chatproto.cli", "--server", server, "--user", "erin"]
-        _reactor.spawnProcess(proc, sys.executable, argv + ["listen", "--count", "1"], env=_env())
+        _reactor.spawnProcess(proc, sys.executable, [*argv, "listen", "--count", "1"], env=_env())
         yield defer.DeferredList([listening, proc.ended], fireOnOneCallback=True)
         assert listening.called, proc.err
         (erin,) = [p for p in factory.connections if p.session.user_id == "erin@localhost"]
@@ -667,11 +667,11 @@ def test_an_untrusted_certificate_names_the_ca_option(realm: Any, tmp_path: Any)
     port = yield serverFromString(_reactor, desc).listen(ClientFactory(realm))
     server = f"tls:127.0.0.1:{port.getHost().port}"
     try:
-        out, err, code = yield run_cli(server, "alice", "register")
+        _out, err, code = yield run_cli(server, "alice", "register")
         assert code == 1, err
         assert "certificate verify failed" in err and "give it with --ca FILE" in err, err
         assert "gen-certs" in err and "Traceback" not in err
-        out, err, code = yield run_cli(server, "alice", "--ca", certs["ca"], "register")
+        _out, err, code = yield run_cli(server, "alice", "--ca", certs["ca"], "register")
         assert code == 0, err
     finally:
         yield port.stopListening()
@@ -696,7 +696,13 @@ def test_listen_shows_own_messages_from_another_device_as_outgoing(server: str) 
 def test_actions_read_as_actions() -> None:
     """An action (/me from the TUI or an IRC client: CTCP ACTION) is shown as one, not
     with its control characters."""
-    msg = {"ts": 0, "kind": "text", "from": "alice@x", "to": "bob@x", "body": "\x01ACTION waves\x01"}
+    msg = {
+        "ts": 0,
+        "kind": "text",
+        "from": "alice@x",
+        "to": "bob@x",
+        "body": "\x01ACTION waves\x01",
+    }
     assert display.format_message(msg, False).endswith("] * alice@x waves")
     assert display.format_message(msg, False, me="alice@x").endswith("] * alice@x -> bob@x waves")
     group = {**msg, "to": "#dev@x"}

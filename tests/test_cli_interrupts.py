@@ -137,14 +137,14 @@ def test_ctrl_c_before_the_offer_is_answered(served: Any, tmp_path: Path) -> Any
     proc.transport.signalProcess("INT")
     yield _noted(proc, INTERRUPTING)
     gate.open()
-    out, err, code = yield proc.ended
+    _out, err, code = yield proc.ended
     assert code == 130, err
     assert "interrupted before any byte was sent; nothing was posted" in err
     assert not any(n in err for n in NOISE), err
     assert not realm.files.uploads  # cancelled
     assert not (yield _files_posted(addr))
     realm.files.offer = offer
-    out, err, code = yield run_cli(addr, "alice", "send-file", "bob", str(path))
+    _out, err, code = yield run_cli(addr, "alice", "send-file", "bob", str(path))
     assert code == 0, err
     yield _bob_gets_it_once(addr, data, tmp_path)
 
@@ -169,7 +169,7 @@ def test_ctrl_c_in_the_middle_reports_what_the_realm_holds(served: Any, tmp_path
     proc.transport.signalProcess("INT")
     yield _noted(proc, INTERRUPTING)
     gate.open()
-    out, err, code = yield proc.ended
+    _out, err, code = yield proc.ended
     assert code == 130, err
     assert not any(n in err for n in NOISE), err
     [upload] = realm.files.uploads.values()
@@ -183,7 +183,7 @@ def test_ctrl_c_in_the_middle_reports_what_the_realm_holds(served: Any, tmp_path
     assert 0 < upload.offset < len(data)
     assert not (yield _files_posted(addr))
     realm.files.write = write
-    out, err, code = yield _run_args(_resume_command(err))
+    _out, err, code = yield _run_args(_resume_command(err))
     assert code == 0, err
     assert not realm.files.uploads
     yield _bob_gets_it_once(addr, data, tmp_path)
@@ -227,7 +227,7 @@ def test_connection_lost_before_the_finish_result(served: Any, tmp_path: Path) -
     proc = spawn(addr, "alice", "send-file", "bob", str(path))
     yield gate.reached
     drop_sessions(factory, "alice@localhost")
-    out, err, code = yield proc.ended
+    _out, err, code = yield proc.ended
     gate.open()
     yield until(lambda: not realm.files.uploads)  # posted now
     assert code == 1, err
@@ -320,7 +320,7 @@ def test_ctrl_c_during_a_download(served: Any, tmp_path: Path) -> Any:
     part = Path(str(dest) + ".part")
     yield until(lambda: part.exists() and part.stat().st_size >= MiB)
     proc.transport.signalProcess("INT")
-    out, err, code = yield proc.ended
+    _out, err, code = yield proc.ended
     assert code == 130, err
     assert not any(n in err for n in NOISE), err
     m = re.search(
@@ -335,6 +335,6 @@ def test_ctrl_c_during_a_download(served: Any, tmp_path: Path) -> Any:
     assert m.groups() == (human_size(size), human_size(len(data)))
     assert part.read_bytes() == data[:size] and not dest.exists()
     realm.files.open_download = open_download
-    out, err, code = yield run_cli(addr, "bob", *argv)
+    _out, err, code = yield run_cli(addr, "bob", *argv)
     assert code == 0, err
     assert dest.read_bytes() == data and not part.exists()

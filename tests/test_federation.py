@@ -1254,7 +1254,7 @@ def test_a_file_id_taken_first_by_a_member_realm_does_not_hide_a_group_file(
     import hashlib
 
     r = spanning
-    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    _h, a, b = r["h.example"], r["a.example"], r["b.example"]
     data = os.urandom(50_000)
     info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
     assert r.relay("a.example", "h.example") == []
@@ -1302,7 +1302,7 @@ def test_a_group_file_fetch_cut_off_half_way_is_stored_and_forwarded_once_when_s
     r = spanning
     h, a = r["h.example"], r["a.example"]
     data = os.urandom(100_000)
-    info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
+    info, _env = _upload(a, "alice@a.example", "#dev@h.example", data)
     rows = fired(a.store.outbox_read("h.example", 0, 10))
 
     def cut(file_id: str, blob: Any) -> Any:

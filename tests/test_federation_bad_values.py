@@ -133,7 +133,7 @@ def test_bad_timestamps_are_rejected_in_the_ack_and_break_no_login(
     of the transaction is stored); a ts before 2000 or far ahead of the receiver's
     clock is stored with the receiver's clock.  bob's login, backlog and history work
     afterwards (they failed for good on an infinite ts)."""
-    a, b, peer = yield as_a(realms)
+    _a, b, peer = yield as_a(realms)
     now = time.time()
     bad = {
         "inf": "1e400",
@@ -408,8 +408,8 @@ def test_bad_first_frames_are_refused_and_logged_without_traceback(
         b.fed.clean("a.example")
         peer = yield raw_peer(b, "a.example", cert, a.cfg.federation.ca)
         peer.sendString(payload)
-        yield until(lambda: peer.lost.called, timeout=30).addErrback(
-            lambda f: pytest.fail(f"{name}: not closed; got {peer.frames}")
+        yield until(lambda: peer.lost.called, timeout=30).addErrback(  # noqa: B023
+            lambda f: pytest.fail(f"{name}: not closed; got {peer.frames}")  # noqa: B023
         )
         assert [f["type"] for f in peer.frames] == ["error"], (name, peer.frames)
         assert peer.frames[0]["code"] in CODES, (name, peer.frames)
@@ -448,8 +448,8 @@ def test_a_hostile_peer_breaks_nothing_and_logs_no_traceback(
     for name, payload in BAD_FRAMES.items():
         peer = yield hello(b, a)
         peer.sendString(payload)
-        yield until(lambda: peer.lost.called, timeout=30).addErrback(
-            lambda f: pytest.fail(f"{name}: not closed; got {peer.frames}")
+        yield until(lambda: peer.lost.called, timeout=30).addErrback(  # noqa: B023
+            lambda f: pytest.fail(f"{name}: not closed; got {peer.frames}")  # noqa: B023
         )
         assert len(peer.frames) == 2, (name, peer.frames)
         assert peer.frames[1]["type"] == "error", (name, peer.frames)
@@ -457,10 +457,10 @@ def test_a_hostile_peer_breaks_nothing_and_logs_no_traceback(
     for name, payload in NON_STANDARD.items():
         peer = yield hello(b, a)
         peer.sendString(payload)
-        yield until(lambda: len(peer.frames) == 2, timeout=30)
+        yield until(lambda: len(peer.frames) == 2, timeout=30)  # noqa: B023
         answer = peer.frames[1]
         assert answer["type"] == "error" and answer["code"] == "bad_frame", (name, answer)
-        yield until(lambda: peer.lost.called, timeout=30)
+        yield until(lambda: peer.lost.called, timeout=30)  # noqa: B023
     peer = yield hello(b, a)
     for payload in HARMLESS_FRAMES.values():
         peer.sendString(payload)
@@ -508,7 +508,7 @@ class HostileListener(Int32StringReceiver):
     def stringReceived(self, payload: bytes) -> None:
         frame = json.loads(payload)
         self.got.append(frame)
-        name, trigger, frames = self.scenario
+        _name, trigger, frames = self.scenario
         if frame["type"] == trigger or (trigger == "txn" and frame["type"] == "hello"):
             if frame["type"] == "hello":
                 welcome = {"type": "welcome", "version": 1, "realm": "b.example"}
@@ -713,7 +713,7 @@ def test_a_peers_file_names_follow_the_rule_of_local_ones(
     """A file a peer realm sends our user is named by that realm: the name is shown to
     our user as a local one is, so the same rule applies (it was only length-checked:
     a C1 control or a bidi override reached the recipient's terminal)."""
-    a, b, peer = yield as_a(realms)
+    _a, _b, peer = yield as_a(realms)
     items = []
     for n, name in enumerate(SHOWN_BAD):
         meta = {**FILE_META, "name": name, "file_id": f"{n}" * 20}

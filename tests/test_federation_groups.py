@@ -694,7 +694,8 @@ def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> Non
     f.certificate, f.private_key, f.ca = paths["cert"], paths["key"], paths["ca"]
     fed = FederationService(b, clock, clock=clock, status_path="")
     bob = User(b, clock, "bob")
-    b.presence.add_partners("bob@b.example", ["alice@a.example"])  # a conversation, as from the store
+    # a conversation, as from the store
+    b.presence.add_partners("bob@b.example", ["alice@a.example"])
     online = frame({"type": "presence", "user": "alice@a.example", "status": "online"})
     proto, _ = connect(fed, a_cert)
     proto.dataReceived(hello() + online)

@@ -111,7 +111,8 @@ def test_transactions_received_together_share_a_commit_on_sqlite(
         proto.dataReceived(hello())
         frames(transport)
         store = realm.store
-        busy = store.append([realm.messages.new_envelope("bob@b.example", "bob@b.example", "text", "x")])
+        env = realm.messages.new_envelope("bob@b.example", "bob@b.example", "text", "x")
+        busy = store.append([env])
         commits = store.commits
         data = b"".join(
             frame({"type": "txn", "id": f"t{n}", "items": [item(2 * n), item(2 * n + 1)]})

@@ -60,16 +60,16 @@ def test_files_of_every_size_reach_the_recipient(server: Any, tmp_path: Path) ->
     for label, size in sizes.items():
         src = _file(tmp_path, label, size)
         seen: list[tuple[int, int]] = []
-        r = yield alice.send_file("bob", str(src), progress=lambda d, t: seen.append((d, t)))
+        r = yield alice.send_file("bob", str(src), progress=lambda d, t: seen.append((d, t)))  # noqa: B023
         assert seen[-1] == (size, size)
-        yield until(lambda: any(m.get("meta", {}).get("file_id") == r["file"] for m in bob.inbox))
+        yield until(lambda: any(m.get("meta", {}).get("file_id") == r["file"] for m in bob.inbox))  # noqa: B023
         msg = next(m for m in bob.inbox if m.get("meta", {}).get("file_id") == r["file"])
         assert msg["kind"] == "file" and msg["pos"] == r["pos"] and msg["body"] == label
         assert msg["meta"]["size"] == size
         assert msg["meta"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
         dst = tmp_path / f"{label}.down"
         got: list[int] = []
-        info = yield bob.download(r["file"], str(dst), progress=lambda d, t: got.append(d))
+        info = yield bob.download(r["file"], str(dst), progress=lambda d, t: got.append(d))  # noqa: B023
         assert dst.read_bytes() == src.read_bytes(), label
         assert info["name"] == label and info["from"] == "alice@localhost"
         assert got[-1] == size and not os.path.exists(str(dst) + ".part")

@@ -246,5 +246,5 @@ def test_guests_are_refused_for_a_cluster_worker(tmp_path: Any) -> None:
         '[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 dbname=x"\n[irc]\nguests = true\n'
     )
     tap.Options().parseOptions(["--config", str(conf)])  # one process: fine
-    with pytest.raises(usage.UsageError, match="irc.guests is for a single-process realm"):
+    with pytest.raises(usage.UsageError, match="irc.guests is for a single-process realm"):  # noqa: RUF043
         tap.Options().parseOptions(["--config", str(conf), "--worker", "w1"])

@@ -26,7 +26,7 @@ def _setup(**irc_opts: Any) -> tuple[Any, Clock, IRCFactory]:
 
 
 def test_oper_needs_the_own_password_and_the_realm_admin_role() -> None:
-    realm, clock, factory = _setup()
+    _realm, _clock, factory = _setup()
     alice, bob = login(factory, "alice"), login(factory, "bob")
     bob.send(f"OPER bob {PW}")
     assert bob.commands()[-1] == ("491", ["bob", "No O-lines for your host"])
@@ -45,7 +45,7 @@ def test_oper_needs_the_own_password_and_the_realm_admin_role() -> None:
 
 
 def test_irc_opers_limits_which_admins_may_oper() -> None:
-    realm, clock, factory = _setup(opers=["carol"])
+    realm, _clock, factory = _setup(opers=["carol"])
     alice = login(factory, "alice")
     alice.send(f"OPER alice {PW}")
     assert alice.numerics() == ["491"]
@@ -89,7 +89,7 @@ def test_kill_ends_every_session_of_the_user_and_needs_oper() -> None:
 
 
 def test_wallops_reaches_the_operators_only() -> None:
-    realm, clock, factory = _setup()
+    realm, _clock, factory = _setup()
     realm.moderation.grant("carol")
     alice, bob, carol = login(factory, "alice"), login(factory, "bob"), login(factory, "carol")
     bob.send("WALLOPS :hello")
@@ -105,7 +105,7 @@ def test_wallops_reaches_the_operators_only() -> None:
 
 
 def test_who_and_whois_show_admins_to_all_and_addresses_to_operators() -> None:
-    realm, clock, factory = _setup()
+    _realm, _clock, factory = _setup()
     alice, bob = login(factory, "alice"), login(factory, "bob")
     bob.send("WHOIS alice", "WHO alice")
     cmds = bob.commands()

@@ -22,7 +22,7 @@ every_store = pytest.mark.parametrize("server", ["sqlite", "postgresql"], indire
 @every_store
 @pytest_twisted.inlineCallbacks
 def test_two_users_exchange_messages_both_ways(server: Any) -> Any:
-    realm, _, addr = server
+    _realm, _, addr = server
     got_a: list[dict[str, Any]] = []
     got_b: list[dict[str, Any]] = []
     a = yield connect(_reactor, addr, "alice", "password-a", register=True, on_message=got_a.append)
@@ -70,7 +70,7 @@ def test_offline_backlog_in_order_at_login(server: Any) -> Any:
 @every_store
 @pytest_twisted.inlineCallbacks
 def test_resume_after_dropped_connections_no_loss_no_duplicates(server: Any) -> Any:
-    realm, factory, addr = server
+    _realm, factory, addr = server
     a = yield connect(_reactor, addr, "alice", "password-a", register=True)
     yield connect(_reactor, addr, "bob", "password-b", register=True).addCallback(
         lambda c: c.close()

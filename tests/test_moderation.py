@@ -53,7 +53,7 @@ def moderated() -> Any:
 
 
 def test_a_report_is_stored_with_what_the_message_was(moderated: Any) -> None:
-    realm, clock, c = moderated
+    _realm, clock, c = moderated
     sent = _ask(*c["carol"], clock, type="send", to="bob", body="buy cheap pills")
     msg_id = sent["msg_id"]
     reply = _ask(*c["bob"], clock, type="report", msg_id=msg_id, reason="spam")
@@ -87,7 +87,7 @@ def test_a_report_is_stored_with_what_the_message_was(moderated: Any) -> None:
 
 
 def test_group_messages_are_reported_by_members_only(moderated: Any) -> None:
-    realm, clock, c = moderated
+    _realm, clock, c = moderated
     assert _ask(*c["carol"], clock, type="create_group", group="#dev")["type"] == "result"
     assert _ask(*c["bob"], clock, type="join", group="#dev")["type"] == "result"
     sent = _ask(*c["carol"], clock, type="send", to="#dev", body="rude words")
@@ -178,7 +178,7 @@ def test_report_and_reports_over_loopback_client_cli_and_tui(server: Any) -> Any
 
 @pytest_twisted.inlineCallbacks
 def test_ctl_grants_admins_and_lists_reports_running_or_not(
-    tmp_path: Path, short_dir: Path, capsys: Any, monkeypatch: Any
+    tmp_path: Path, short_dir: Path, capsys: Any, monkeypatch: Any  # noqa: F811
 ) -> Any:
     conf = _write_config(tmp_path, short_dir / "control.sock")
     r = Running(conf)

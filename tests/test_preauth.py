@@ -89,9 +89,10 @@ def test_native_frames_before_login_are_small_over_string_transport(tmp_path: An
     """One byte at a time: a frame longer than PREAUTH_MAX_FRAME before login is
     ``too_large`` and closes the connection at its length prefix (nothing of it is
     buffered); the same length after login is taken."""
-    from chatproto.testing import make_test_realm
     from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
+
+    from chatproto.testing import make_test_realm
 
     clock = Clock()
     realm = make_test_realm(clock)
@@ -209,7 +210,7 @@ def server(tmp_path: Any) -> Any:
 def test_a_large_frame_before_login_is_too_large_and_after_login_is_taken(
     server: Any, logs: Any
 ) -> Any:
-    realm, _, port = server
+    _realm, _, port = server
     peer = yield raw(port)
     peer.send({"type": "hello", "version": 1, "id": 1})
     peer.transport.write(partial_frame(60_000, 20_000))  # under max_frame (65536)

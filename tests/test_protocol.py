@@ -384,7 +384,7 @@ def test_register_rules(clock: Clock) -> None:
     hello(proto, t)
     # NFKC + case-folding: fullwidth capitals are the same name as plain lower case.
     proto.dataReceived(
-        frame({"type": "register", "user": "ＺOE", "password": "password1", "id": 1})
+        frame({"type": "register", "user": "ＺOE", "password": "password1", "id": 1})  # noqa: RUF001
     )
     assert frames(t)[0] == {"type": "result", "id": 1, "user": "zoe@localhost"}
     proto.dataReceived(frame({"type": "register", "user": "Zoe", "password": "password1", "id": 2}))
@@ -687,7 +687,7 @@ def test_send_with_nonce_is_idempotent(realm: Any, clock: Clock) -> None:
 )
 def test_ack_spellings_are_equivalent(realm: Any, clock: Clock, payload: bytes) -> None:
     realm.create_user("bob", "password1")
-    a, ta = logged_in(realm, clock, "alice")
+    a, _ta = logged_in(realm, clock, "alice")
     for i in range(3):
         a.dataReceived(frame({"type": "send", "to": "bob", "body": f"m{i}", "id": i}))
     b, tb = logged_in(realm, clock, "bob")

@@ -58,7 +58,7 @@ def test_read_markers_and_typing_across_realms(realms: Any) -> Any:  # noqa: F81
 
 @pytest_twisted.inlineCallbacks
 def test_a_peer_speaks_for_its_own_users_only(realms: Any) -> Any:  # noqa: F811
-    a, b = yield realms(["a.example", "b.example"])
+    _a, b = yield realms(["a.example", "b.example"])
     seen: list[dict[str, Any]] = []
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_notice=seen.append)
     # Notices reach synced sessions only (PROTOCOL.md: ephemeral, not part of the

@@ -137,7 +137,7 @@ def test_logins_survive_a_restart_on_the_real_store(tmp_path: Path) -> Any:
     yield realm.startService()
     try:
         assert str(realm.token_user(token)) == "erin@localhost"
-        canonical, ended, closed = yield realm.admin.revoke_logins("erin")
+        _canonical, ended, closed = yield realm.admin.revoke_logins("erin")
         assert (ended, closed) == (1, 0)
     finally:
         yield realm.stopService()
@@ -183,7 +183,7 @@ def test_log_out_everywhere_over_http(realm: Any) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_ctl_lists_and_revokes_browser_logins_running_or_not(
-    tmp_path: Path, short_dir: Path, capsys: Any
+    tmp_path: Path, short_dir: Path, capsys: Any  # noqa: F811
 ) -> Any:
     conf = _write_config(
         tmp_path, short_dir / "control.sock", web={"listen": ["tcp:0:interface=127.0.0.1"]}

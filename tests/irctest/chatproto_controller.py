@@ -15,24 +15,26 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Set
+from typing import Any
 
 from irctest import client_mock
-from irctest.basecontrollers import BaseServerController, DirectoryBasedController, NotImplementedByController
+from irctest.basecontrollers import (
+    BaseServerController,
+    DirectoryBasedController,
+    NotImplementedByController,
+)
 
 TWISTD = os.environ.get("CHATPROTO_TWISTD") or shutil.which("twistd") or "twistd"
 GUESTS = os.environ.get("CHATPROTO_IRCTEST_GUESTS") == "1"
 DEFAULT_PASSWORD = "irctest-password"
 
-_current: Optional["ChatprotoController"] = None
+_current: ChatprotoController | None = None
 #: Every realm process started: killed when the worker exits, so that a test that
 #: ends without the controller's kill (a failing set-up) leaves no realm running.
 _started: list = []
@@ -108,12 +110,12 @@ client_mock.ClientMock.sendLine = _send_line  # type: ignore[method-assign]
 
 class ChatprotoController(BaseServerController, DirectoryBasedController):
     software_name = "chatproto"
-    supported_sasl_mechanisms: Set[str] = {"PLAIN"}
+    supported_sasl_mechanisms: set[str] = {"PLAIN"}
     supports_sts = False
 
-    def run(self, hostname: str, port: int, *, password: Optional[str], ssl: bool,
-            run_services: bool, faketime: Optional[str],
-            websocket_hostname: Optional[str], websocket_port: Optional[int]) -> None:
+    def run(self, hostname: str, port: int, *, password: str | None, ssl: bool,
+            run_services: bool, faketime: str | None,
+            websocket_hostname: str | None, websocket_port: int | None) -> None:
         global _current
         if websocket_hostname is not None or websocket_port is not None:
             raise NotImplementedByController("Websocket")
@@ -127,7 +129,7 @@ class ChatprotoController(BaseServerController, DirectoryBasedController):
         self.native_port = _free_port()
         self.account_password = password or DEFAULT_PASSWORD
         self.accounts: set = set()
-        self._native: Optional[_Native] = None
+        self._native: _Native | None = None
         d = Path(self.directory)
         guests = ""
         if GUESTS:  # irctest connects many clients from one address, and floods
@@ -161,8 +163,9 @@ motd = "irctest"
         env = None
         if os.environ.get("CHATPROTO_SRC"):  # run another checkout's code
             env = {**os.environ, "PYTHONPATH": os.environ["CHATPROTO_SRC"]}
-        self.proc = self.execute([TWISTD, "-n", "--pidfile=", f"--logfile={d / 'realm.log'}",
-                                  "chatrealm", "--config", str(d / "realm.toml")], cwd=str(d), env=env)
+        argv = [TWISTD, "-n", "--pidfile=", f"--logfile={d / 'realm.log'}"]
+        argv += ["chatrealm", "--config", str(d / "realm.toml")]
+        self.proc = self.execute(argv, cwd=str(d), env=env)
         _started.append(self.proc)
         _current = self
 
@@ -188,7 +191,8 @@ motd = "irctest"
         if self._native is None:
             self._native = _Native(self.native_port)
         try:
-            self._native.request({"type": "register", "user": nick, "password": self.account_password})
+            register = {"type": "register", "user": nick, "password": self.account_password}
+            self._native.request(register)
         except Exception:
             pass
 
