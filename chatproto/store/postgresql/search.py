@@ -111,14 +111,17 @@ class SearchIndex:
             lo = self.search_upto()
             if safe <= lo:
                 return 0
-            rows = c.execute(
-                "SELECT pos FROM items WHERE pos > %s AND pos <= %s ORDER BY pos LIMIT %s",
+            # how many items the step goes past, and the last (one row, not ``limit``)
+            row = c.execute(
+                "SELECT count(*), max(pos) FROM (SELECT pos FROM items WHERE pos > %s "
+                "AND pos <= %s ORDER BY pos LIMIT %s) AS s",
                 (lo, safe, limit),
-            ).fetchall()
-            hi = int(rows[-1][0]) if len(rows) >= limit else safe
+            ).fetchone()
+            n = int(row[0]) if row else 0
+            hi = int(row[1]) if row and n >= limit else safe
             span = {"lo": lo, "hi": hi}
             c.execute(_INDEX_RANGE, span)
             c.execute(_EDITED_IN_RANGE, span)
             c.execute(_DELETED_IN_RANGE, span)
             c.execute("UPDATE settings SET value = %s WHERE key = 'search_upto'", (str(hi),))
-        return len(rows)
+        return n
