@@ -262,14 +262,16 @@ class ReadingSQL:
         Per conversation: the last item, the user's marker, the items of kind text
         or file after the marker (and what the user may read) sent by others, how
         many of those mention ``name`` (groups only), and every marker in it."""
-        last: dict[str, int] = {}
-        for conv, pos in self._rows(
-            "SELECT conv, (SELECT max(pos) FROM items WHERE items.conv = u.conv "
-            "AND items.pos > ?) FROM user_convs u WHERE user_addr = ?",
-            (floor, user),
-        ):
-            if pos is not None and int(pos) > last.get(conv, 0):
-                last[conv] = int(pos)
+        # (one row per conversation: user_convs' key is (user_addr, conv))
+        last = {
+            conv: int(pos)
+            for conv, pos in self._rows(
+                "SELECT conv, (SELECT max(pos) FROM items WHERE items.conv = u.conv "
+                "AND items.pos > ?) FROM user_convs u WHERE user_addr = ?",
+                (floor, user),
+            )
+            if pos is not None
+        }
         lows = {conv: floor for conv in last}
         for group, lo in groups:
             row = self._rows("SELECT max(pos) FROM items WHERE conv = ? AND pos > ?", (group, lo))
