@@ -6,11 +6,13 @@ drive them with ``twisted.internet.task.Clock``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 
 __all__ = [
+    "ConnectionBuckets",
     "FailureThrottle",
     "TokenBucket",
     "UserBuckets",
@@ -45,6 +47,28 @@ class TokenBucket:
         """Whether the bucket has refilled completely by ``now`` (it can be forgotten:
         a new one would be the same)."""
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class ConnectionBuckets:
+    """Token buckets per connection (a session), one per kind of request (``what``),
+    made full on first use and forgotten with the connection (weakly keyed)."""
+
+    def __init__(self) -> None:
+        self._buckets: weakref.WeakKeyDictionary[object, dict[str, TokenBucket]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def bucket(self, conn: object, what: str, rate: float, burst: float, now: float) -> TokenBucket:
+        """``conn``'s bucket for ``what`` (``rate`` and ``burst`` make a new one)."""
+        buckets = self._buckets.setdefault(conn, {})
+        bucket = buckets.get(what)
+        if bucket is None:
+            bucket = buckets[what] = TokenBucket(rate, burst, now)
+        return bucket
+
+    def __len__(self) -> int:
+        """How many connections have buckets."""
+        return len(self._buckets)
 
 
 class UserBuckets:

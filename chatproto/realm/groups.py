@@ -11,7 +11,6 @@ realm is a request to that realm (see ``RealmService.forward_group_change``).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from chatproto.accounts import plan_removal
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import Group
-from chatproto.ratelimit import TokenBucket
+from chatproto.ratelimit import ConnectionBuckets
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -67,7 +66,7 @@ class GroupHandler:
         #: of changes at or before it
         self.log_start = 0
         #: each session's group-change bucket (see :meth:`change_by`)
-        self._buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
+        self._buckets = ConnectionBuckets()
 
     # addresses and reading ----------------------------------------------------------
 
@@ -132,11 +131,10 @@ class GroupHandler:
         member, so join/leave in a loop must be bounded), given back if the change
         is refused; an empty bucket answers ``rate_limited`` with ``retry_after``."""
         now = self._realm.clock.seconds()
-        bucket = self._buckets.get(session)
-        if bucket is None:
-            lim = self._realm.config.limits
-            bucket = TokenBucket(lim.group_change_rate, lim.group_change_burst, now)
-            self._buckets[session] = bucket
+        lim = self._realm.config.limits
+        bucket = self._buckets.bucket(
+            session, "group_change", lim.group_change_rate, lim.group_change_burst, now
+        )
         wait = bucket.take(now)
         if wait:
             self._realm.stats.rate_limited("group_change")

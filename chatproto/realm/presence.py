@@ -13,7 +13,6 @@ and reads group membership from :class:`chatproto.groups.Groups`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +22,7 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.groups import Groups
-from chatproto.ratelimit import TokenBucket
+from chatproto.ratelimit import ConnectionBuckets
 from chatproto.realm.sessions import Notice, Session, Sessions
 from chatproto.store import IStore
 from chatproto.text import check_label, label_problem
@@ -79,9 +78,7 @@ class Presence:
         #: remote user -> (status, text), as their realm last told us
         self.remote: dict[str, tuple[str, str]] = {}
         #: each session's set_status bucket
-        self._status_buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._status_buckets = ConnectionBuckets()
 
     # queries ----------------------------------------------------------------------
 
@@ -242,9 +239,7 @@ class Presence:
             raise ChatError("bad_request", f"status text: a string of at most {MAX_STATUS_TEXT}")
         check_label(text, "the status text")
         now = session.realm.clock.seconds()
-        bucket = self._status_buckets.get(session)
-        if bucket is None:
-            bucket = self._status_buckets[session] = TokenBucket(STATUS_RATE, STATUS_BURST, now)
+        bucket = self._status_buckets.bucket(session, "set_status", STATUS_RATE, STATUS_BURST, now)
         wait = bucket.take(now)
         if wait:
             session.realm.stats.rate_limited("set_status")

@@ -17,7 +17,6 @@ are in PROTOCOL.md ("Read markers and the conversation list", "typing").
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from chatproto import address
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
-from chatproto.ratelimit import TokenBucket
+from chatproto.ratelimit import ConnectionBuckets, TokenBucket
 from chatproto.realm.sessions import Notice, Session
 from chatproto.store.reading import search_words
 
@@ -87,9 +86,7 @@ class Reading:
         self._store = realm.store
         #: users who turned read receipts off (their markers are theirs alone)
         self._hidden: set[str] = set()
-        self._buckets: weakref.WeakKeyDictionary[Session, dict[str, TokenBucket]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._buckets = ConnectionBuckets()
         #: (typist of another realm, group) -> their typing bucket, the most recent last
         self._remote_typists: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
@@ -111,11 +108,7 @@ class Reading:
 
     def _take(self, session: Session, what: str, rate: float, burst: int) -> None:
         now = self._realm.clock.seconds()
-        buckets = self._buckets.setdefault(session, {})
-        bucket = buckets.get(what)
-        if bucket is None:
-            bucket = buckets[what] = TokenBucket(rate, burst, now)
-        wait = bucket.take(now)
+        wait = self._buckets.bucket(session, what, rate, burst, now).take(now)
         if wait:
             self._realm.stats.rate_limited(what)
             raise ChatError("rate_limited", f"{what} too fast", retry_after=round(wait, 3))
