@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.task import Clock
 
 from chatproto.cluster.worker import Worker
@@ -152,7 +153,7 @@ def test_an_item_committed_after_a_join_on_another_worker_reaches_the_joiners_re
         items = yield queued_for(w1, "a.example")
         if len(items) >= 2:
             break
-        yield until(lambda: True)
+        yield task.deferLater(_reactor, 0.02, lambda: None)
     assert [(i["kind"], i.get("body")) for i in items] == [
         ("event", ""),
         ("text", "right after alice joined"),
