@@ -198,6 +198,17 @@ def test_the_lean_lane_parses_as_parse_line(line: str) -> None:
     assert target and "," not in target and text
 
 
+def test_the_lean_lane_takes_plain_messages_only() -> None:
+    """The two tests around this one would pass for a lane that took nothing (the
+    property skips every line it refuses; the transcripts would match): it takes the
+    plain upper-case lines, and refuses the lower-case ones the general path gets."""
+    assert quick_message("PRIVMSG bob :one") == ("PRIVMSG", "bob", "one")
+    assert quick_message("NOTICE bob :two") == ("NOTICE", "bob", "two")
+    assert quick_message("PRIVMSG  bob  :spaced") == ("PRIVMSG", "bob", "spaced")
+    assert quick_message("privmsg bob :one") is None
+    assert quick_message("PRIVMSG a,b :x") is None
+
+
 def _transcript(upper: bool) -> tuple[list[str], list[str]]:
     """What alice (away-notify, no echo-message) and bob get for the same lines,
     sent with upper-case commands (the lean lane) or lower-case (the general path)."""
