@@ -242,6 +242,13 @@ def call(client: RawClient, frame: dict[str, Any]) -> Any:
     return reply
 
 
+@defer.inlineCallbacks
+def closed(client: RawClient) -> Any:
+    """Close ``client``'s connection and wait until it is gone."""
+    client.transport.loseConnection()
+    yield client.lost
+
+
 def msgs(client: RawClient) -> list[dict[str, Any]]:
     return [f for f in client.frames if isinstance(f, dict) and f.get("type") == "msg"]
 

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 
-from tests.blackbox import PW, call, code, login
+from tests.blackbox import PW, call, closed, code, login
 from tests.conftest import raw_client, until
 
 
@@ -22,12 +22,6 @@ def settle(*clients: Any) -> Any:
     """Every frame the realm sent before now has arrived (a ping round trip each)."""
     for c in clients:
         yield call(c, {"type": "ping"})
-
-
-@defer.inlineCallbacks
-def bye(client: Any) -> Any:
-    client.transport.loseConnection()
-    yield client.lost
 
 
 @defer.inlineCallbacks
@@ -96,11 +90,11 @@ def test_presence_of_contacts(server: Any) -> Any:
     yield settle(a)
     told = len(presence(a))
     before = yield sessions(a, "bob")
-    yield bye(b)
+    yield closed(b)
     yield until_sessions(a, "bob", before - 1)
     assert presence(a)[told:] == []
     # The last non-quiet session closes: offline, though a quiet one stays.
-    yield bye(b2)
+    yield closed(b2)
     yield until(lambda: presence(a)[-1]["status"] == "offline")
     assert presence(a)[-1] == {"type": "presence", "user": "bob@localhost", "status": "offline"}
     # The status was forgotten: the next login is plain online.
@@ -108,7 +102,7 @@ def test_presence_of_contacts(server: Any) -> Any:
     yield until(lambda: presence(a)[-1]["status"] == "online")
     assert presence(a)[-1] == {"type": "presence", "user": "bob@localhost", "status": "online"}
     for c in (a, a2, b3, bq):
-        yield bye(c)
+        yield closed(c)
 
 
 @pytest_twisted.inlineCallbacks
@@ -121,7 +115,7 @@ def test_a_quiet_user_never_appears_online(server: Any) -> Any:
         yield realm.create_user(name, PW)
     b = yield login(addr, "bob")
     yield call(b, {"type": "send", "to": "alice", "body": "hi"})
-    yield bye(b)
+    yield closed(b)
     a = yield login(addr, "alice")
     bq = yield login(addr, "bob", device="quiet", quiet=True)
     yield call(bq, {"type": "set_status", "status": "away", "text": "hidden"})
@@ -144,7 +138,7 @@ def test_a_quiet_user_never_appears_online(server: Any) -> Any:
     yield until(lambda: len(presence(a)) == 2)
     assert presence(a)[1] == {"type": "presence", "user": "bob@localhost", "status": "busy"}
     for c in (bq, b2, a, a2, a3):
-        yield bye(c)
+        yield closed(c)
 
 
 @pytest_twisted.inlineCallbacks
@@ -186,7 +180,7 @@ def test_requests_before_login(server: Any) -> Any:
     a.send(pad)
     r = yield a.reply("big")
     assert r["type"] == "result", r
-    yield bye(a)
+    yield closed(a)
 
 
 @pytest_twisted.inlineCallbacks
@@ -205,8 +199,8 @@ def test_ephemeral_frames_wait_for_synced(server: Any) -> Any:
     kinds = [f.get("type") for f in a.frames if isinstance(f, dict)]
     synced_at = kinds.index("synced")
     assert "presence" not in kinds[:synced_at]
-    yield bye(a)
-    yield bye(b)
+    yield closed(a)
+    yield closed(b)
 
 
 @pytest_twisted.inlineCallbacks

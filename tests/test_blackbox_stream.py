@@ -12,7 +12,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer
 
-from tests.blackbox import PW, call, code, data_frame, login, msgs, wait_for
+from tests.blackbox import PW, call, closed, code, data_frame, login, msgs, wait_for
 from tests.conftest import raw_client, until
 
 AB_SHA = hashlib.sha256(b"ab").hexdigest()
@@ -33,12 +33,6 @@ def send(client: Any, to: str, body: str, **kw: Any) -> Any:
     r = yield call(client, {"type": "send", "to": to, "body": body, **kw})
     assert r["type"] == "result", r
     return r
-
-
-@defer.inlineCallbacks
-def closed(client: Any) -> Any:
-    client.transport.loseConnection()
-    yield client.lost
 
 
 @pytest_twisted.inlineCallbacks
