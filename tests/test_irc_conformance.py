@@ -494,3 +494,29 @@ def test_minus_n_lets_non_members_send(factory: IRCFactory, realm: RealmService)
     a.send("MODE #chan -m+n")
     assert a.commands() == [("MODE", ["#chan", "-m+n"])]
     assert realm.groups.groups["#chan@localhost"].external is False
+
+
+def test_commands_sent_while_the_backlog_is_read_keep_their_order(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    """A client may send its first commands on 376, before its session has read its
+    backlog; the session holds live items until then (chatproto.realm.sessions), so
+    the replies those commands' items carry (JOIN, an echo, TOPIC) must not be
+    overtaken by the replies that need no item (PONG)."""
+    read_feed = realm.store.read_feed
+    held: list[tuple[Deferred[Any], tuple[Any, ...]]] = []
+
+    def slow_read_feed(*args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append((d, args))
+        return d
+
+    realm.store.read_feed = slow_read_feed  # type: ignore[method-assign]
+    a = login(factory, "alice", caps="echo-message")
+    assert len(held) == 1  # the backlog read is still with the store
+    a.send("JOIN #room", "PING 1", "PRIVMSG #room :hello", "PING 2", "TOPIC #room :t", "PING 3")
+    realm.store.read_feed = read_feed  # type: ignore[method-assign]
+    for d, args in held:
+        read_feed(*args).chainDeferred(d)
+    names = [c for c, _ in a.commands()]
+    assert names == ["JOIN", "353", "366", "PONG", "PRIVMSG", "PONG", "TOPIC", "PONG"], names

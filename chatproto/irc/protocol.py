@@ -127,6 +127,8 @@ class IRCProtocol(LineOnlyReceiver):
         #: since they may depend on it (JOIN then PRIVMSG to the channel)
         self._barrier = False
         self._after_barrier: deque[bytes] = deque()
+        #: the barrier is the session's backlog read (see await_backlog)
+        self._backlog = False
         #: the sends of the batch being handled (see queue_send); None outside one
         self._sends: list[tuple[SendRequest, PendingSend]] | None = None
         self.tag_mode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
@@ -426,6 +428,18 @@ class IRCProtocol(LineOnlyReceiver):
 
     def synced(self, pos: int) -> None:
         self.written()
+        if self._backlog:
+            self._backlog = False
+            self._barrier_done(None)
+
+    def await_backlog(self) -> None:
+        """The session is about to read its backlog: hold the lines that come
+        meanwhile until it is out (:meth:`synced`), as after a group change.
+
+        A syncing session holds live items until its backlog is out
+        (chatproto.realm.sessions), so a JOIN handled meanwhile would finish with
+        its JOIN not yet written, and a PING after it would overtake it."""
+        self._backlog = self._barrier = True
 
     def wait_writable(self) -> Deferred[None]:
         if not self._out.blocked or self.state == "closed":

@@ -383,6 +383,7 @@ def welcome(p: IRCProtocol) -> None:
         p.log.failure("IRC backlog for {user} failed", f, user=session.user_id)
         p.close_with("could not send the backlog; reconnect")
 
+    p.await_backlog()
     session.start().addErrback(failed)
 
 
