@@ -441,10 +441,12 @@ def test_worker_stores_share_a_schema_and_bound_their_reads(dsn: str, schema: st
         yield b.close()
 
 
-def _top(dsn: str, schema: str) -> bool | int:
+def _top(dsn: str, schema: str, seq: str = "items_pos") -> bool | int:
+    """The highest value drawn from sequence ``seq`` (drawn values show at once,
+    whatever the transaction that drew them)."""
     with psycopg.connect(dsn, autocommit=True) as c:
         row = c.execute(
-            f'SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM "{schema}".items_pos'
+            f'SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM "{schema}".{seq}'
         ).fetchone()
         return int(row[0]) if row else 0
 
@@ -473,7 +475,9 @@ def test_worker_outbox_reads_stop_below_a_held_back_commit(dsn: str, schema: str
         try:
             late = env(ALICE, "carol@peer", "a1 (late)")
             held = a.append([late], [("peer", late)])
-            yield deferToThread_wait(lambda: _top(dsn, schema) == 2)
+            # A draws its item's position, then its outbox row's seq: wait for the
+            # seq (on a loaded machine B could draw one between A's two draws).
+            yield deferToThread_wait(lambda: _top(dsn, schema, "outbox_seq") == 2)
             mine = env(BOB, "carol@peer", "b1")
             yield b.append([mine], [("peer", mine)])
             yield b.safe_position()
