@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
 from twisted.internet.task import Clock
 
 from chatproto.cluster.worker import Worker
@@ -68,7 +68,17 @@ class Home:
     def start(self) -> Any:
         for realm in self.realms:
             yield realm.startService()
-        yield until(lambda: all(r.cluster.bus.up for r in self.realms))  # Redis answers
+        # Redis answers: a worker's bus is up once a heartbeat finds its subscribing
+        # connection made.  The heartbeats' clock stands still (one beat, at start),
+        # and on a loaded machine the subscriber may connect after that beat: beat
+        # again until both are up.
+        for _ in range(200):
+            down = [r.cluster for r in self.realms if not r.cluster.bus.up]
+            if not down:
+                return
+            yield defer.gatherResults([worker.heartbeat() for worker in down])
+            yield task.deferLater(_reactor, 0.05, lambda: None)
+        raise AssertionError("the workers' Redis bus did not come up")
 
     def delivered(self, i: int, pos: int) -> Any:
         """Fires once worker ``i`` delivered the stream up to ``pos``."""
