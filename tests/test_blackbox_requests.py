@@ -679,7 +679,7 @@ def test_report_reports_suspend(bb: Realm) -> Any:
     bob = yield bb.user("bob")
     admin = yield bb.user("admin")
     carol = yield bb.user("carol")
-    bb.realm.moderation.grant("admin")
+    yield bb.realm.moderation.grant("admin")  # a store write: done before admin asks
     m = yield alice.req("send", to="bob", body="buy now")
     for peer, fields, want in [
         (alice, {"msg_id": m["msg_id"], "reason": "x"}, "bad_request"),  # own message
