@@ -4,6 +4,7 @@ the SQLite schema migration that adds them."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from typing import Any
 
@@ -13,7 +14,9 @@ from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
 from chatproto.envelope import Envelope, conversation_key, new_message_id
+from chatproto.mentions import mentions
 from chatproto.store.sqlite import SQLiteDB
+from tests.conftest import pg_schema, postgresql_or_skip
 from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
@@ -487,3 +490,145 @@ def test_sqlite_forgets_many_logins_and_files_in_a_few_statements(tmp_path: Any)
     assert counted.statements <= 4  # BEGIN, the delete, one look-up, COMMIT
     db.conn = counted._conn
     db.close()
+
+
+def _busy_history(rng: random.Random) -> list[list[Envelope]]:
+    """Batches of a busy user's realm: private conversations with 40 peers and 15
+    groups (texts, some mentioning alice -- or alicex, who is not her --, files,
+    reactions, events), in a random order."""
+    items: list[Envelope] = []
+    for k in range(40):
+        peer = f"p{k}@localhost"
+        for n in range(rng.randint(1, 6)):
+            env = item(*rng.choice([(peer, ALICE), (ALICE, peer)]), f"@alice {n}")
+            if n == 3:
+                env.kind, env.meta = "file", {"name": "f"}
+            items.append(env)
+    for j in range(15):
+        group = f"#g{j}@localhost"
+        items.append(item(f"o{j}@localhost", group, "", "event"))
+        for _ in range(rng.randint(1, 8)):
+            sender = rng.choice([ALICE, BOB, CAROL, f"o{j}@localhost"])
+            items.append(item(sender, group, rng.choice(["hi @alice", "@alicex", "plain"])))
+    rng.shuffle(items)
+    return [items[i : i + 7] for i in range(0, len(items), 7)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_conversations_of_a_busy_user(store: Any) -> Any:
+    """Many conversations, with deleted messages and reactions, mentions, bounds,
+    committed and pending read markers: each entry is what its items say (counted
+    here from the items themselves), most recent first, the same on every store."""
+    rng = random.Random(7)
+    stored: list[Envelope] = []
+    for batch in _busy_history(rng):
+        stored += yield store.append(batch)
+    targets = [e for e in stored if e.kind in ("text", "file")]
+    deleted = rng.sample(targets, 25)
+    later = []
+    for t in deleted:
+        gone = item(t.sender, t.recipient, "", "delete")
+        gone.meta = {"ref": t.id}
+        later.append(gone)
+    for t in rng.sample(targets, 10):
+        to = t.recipient if t.recipient.startswith("#") or t.sender != ALICE else t.sender
+        reaction = item(ALICE if t.sender != ALICE else BOB, to, "", "reaction")
+        reaction.meta = {"ref": t.id, "emoji": "+1"}
+        later.append(reaction)
+    rng.shuffle(later)
+    stored += yield store.append(later)
+    gone_ids = {t.id for t in deleted}
+    by_conv: dict[str, list[Envelope]] = {}
+    for e in stored:
+        by_conv.setdefault(e.conversation, []).append(e)
+    markers: dict[tuple[str, str], int] = {}
+    for n, (conv, items) in enumerate(sorted(by_conv.items())):
+        if n % 4 == 0:
+            continue
+        for user in (ALICE, BOB) if n % 3 else (ALICE,):
+            pos = rng.choice(items).pos
+            store.set_read(user, conv, pos)
+            markers[user, conv] = max(pos, markers.get((user, conv), 0))
+        if n == 20:
+            yield store.append([])  # the markers so far committed, the others pending
+    floor = stored[len(stored) // 5].pos
+    groups = [(f"#g{j}@localhost", 0 if j % 2 else stored[len(stored) // 3].pos) for j in range(15)]
+    mine = {c for c in by_conv if c.startswith("#") or ALICE in c.split(" ")}
+    lows = {c: dict(groups).get(c, floor) for c in mine}
+
+    expected = []
+    for conv in mine:
+        seen = [e for e in by_conv[conv] if e.pos > lows[conv]]
+        if not seen:
+            continue
+        read = markers.get((ALICE, conv), 0)
+        unread = [
+            e
+            for e in seen
+            if e.pos > read
+            and e.sender != ALICE
+            and e.kind in ("text", "file")
+            and e.id not in gone_ids
+        ]
+        mentioned = [
+            e
+            for e in unread
+            if conv.startswith("#") and e.kind == "text" and mentions(e.body, "alice")
+        ]
+        marks = {u: p for (u, c), p in markers.items() if c == conv}
+        expected.append((seen[-1].pos, conv, seen[-1].id, read, len(unread), len(mentioned), marks))
+    expected.sort(reverse=True)
+    assert len(expected) > 40 and any(e[5] for e in expected) and any(e[4] for e in expected)
+    for limit in (500, 17):
+        rows = yield store.conversations(ALICE, floor, groups, "alice", limit)
+        got = [
+            (
+                r["last"].pos,
+                r["conv"],
+                r["last"].id,
+                r["read"],
+                r["unread"],
+                r["mentions"],
+                r["markers"],
+            )
+            for r in rows
+        ]
+        assert got == expected[:limit]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_conversation_list_takes_a_few_statements_whatever_its_length(
+    tmp_path: Any, backend: str
+) -> None:
+    """The SQL stores read the conversation list in a few statements, whatever the
+    number of conversations (they asked 3 or 4 per conversation, and one per group)."""
+    if backend == "sqlite":
+        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    else:
+        from chatproto.store.postgresql import PostgresDB
+
+        db = PostgresDB(postgresql_or_skip(), pg_schema())
+    db.migrate()
+    statements = []
+    for convs in (3, 120):
+        batches = []
+        for k in range(convs):
+            to = f"#n{convs}g{k}@localhost" if k % 2 else ALICE
+            batches.append([item(f"n{convs}p{k}@localhost", to, "@alice hi")])
+        stored = db.append_batch(batches, {})
+        groups = [(b[0].recipient, 0) for b in batches if b[0].recipient != ALICE]
+        pending = {(ALICE, groups[0][0]): stored[1][0]}
+        run = db._run
+        seen = []
+
+        def counted(sql: str, params: Any = (), run: Any = run, seen: Any = seen) -> Any:
+            seen.append(sql)
+            return run(sql, params)
+
+        db._run = counted
+        rows = db.conversations(ALICE, 0, groups, "alice", 500, pending)
+        db._run = run
+        assert len(rows) >= convs
+        statements.append(len(seen))
+    db.close()
+    assert statements[0] == statements[1] <= 5

@@ -56,6 +56,24 @@ _WORD = re.compile(r"[^\W_]+")
 _USER_CONVS = "SELECT conv FROM user_convs WHERE user_addr = ?"
 
 
+#: The most rows one statement of :meth:`ReadingSQL.conversations` names (its
+#: parameters stay far below both backends' limits).
+_CHUNK = 1000
+
+
+def _chunks(seq: Sequence[Any]) -> list[Sequence[Any]]:
+    return [seq[i : i + _CHUNK] for i in range(0, len(seq), _CHUNK)]
+
+
+def _values(rows: Sequence[tuple[str, int]]) -> tuple[str, list[Any]]:
+    """A ``VALUES`` list of ``(text, position)`` rows and its parameters (the cast
+    types the column on PostgreSQL whatever size the first integer has)."""
+    params: list[Any] = []
+    for text, pos in rows:
+        params += [text, pos]
+    return "VALUES " + ", ".join(["(?, CAST(? AS BIGINT))"] * len(rows)), params
+
+
 def search_words(query: str) -> list[str]:
     """The words of a search query, lower-cased: runs of letters and digits (what
     the full-text engines index as words; punctuation and ``_`` separate them)."""
@@ -262,7 +280,8 @@ class ReadingSQL:
         Per conversation: the last item, the user's marker, the items of kind text
         or file after the marker (and what the user may read) sent by others, how
         many of those mention ``name`` (groups only), and every marker in it."""
-        # (one row per conversation: user_convs' key is (user_addr, conv))
+        # The last position of each conversation: one statement for the private ones
+        # (user_convs has one row per conversation), one per chunk of groups.
         last = {
             conv: int(pos)
             for conv, pos in self._rows(
@@ -272,38 +291,67 @@ class ReadingSQL:
             )
             if pos is not None
         }
-        lows = {conv: floor for conv in last}
-        for group, lo in groups:
-            row = self._rows("SELECT max(pos) FROM items WHERE conv = ? AND pos > ?", (group, lo))
-            if row and row[0][0] is not None:
-                last[group] = int(row[0][0])
-                lows[group] = lo
+        lows = dict.fromkeys(last, floor)
+        bounds = dict(groups)  # (a group named twice: its last bound, as before)
+        for chunk in _chunks(list(bounds.items())):
+            values, params = _values(chunk)
+            for conv, pos in self._rows(
+                f"WITH g (conv, lo) AS ({values}) SELECT g.conv, (SELECT max(pos) "
+                "FROM items WHERE items.conv = g.conv AND items.pos > g.lo) FROM g",
+                params,
+            ):
+                if pos is not None:
+                    last[conv] = int(pos)
+                    lows[conv] = bounds[conv]
         chosen = sorted(last, key=lambda c: -last[c])[:limit]
+        items: dict[int, Envelope] = {}
+        markers: dict[str, dict[str, int]] = {conv: {} for conv in chosen}
+        for chunk in _chunks(chosen):
+            marks = ", ".join("?" * len(chunk))
+            for row in self._rows(
+                f"SELECT {self.COLS} FROM items WHERE pos IN ({marks})",
+                [last[conv] for conv in chunk],
+            ):
+                items[int(row[0])] = self._item(row)
+            for conv, u, p in self._rows(
+                f"SELECT conv, user_addr, pos FROM read_markers WHERE conv IN ({marks})", chunk
+            ):
+                markers[conv][u] = int(p)
+        for (u, c), p in pending.items():
+            if c in markers and p > markers[c].get(u, 0):
+                markers[c][u] = p
+        # The unread items after each conversation's bound, and of those the texts of
+        # a group that mention ``name``: one statement per chunk of conversations, each
+        # count a range of items_conv (correlated subqueries: a join lets PostgreSQL
+        # hash all of items).
         cond, param = self._mention_sql()
-        out = []
-        for conv in chosen:
-            row = self._rows(f"SELECT {self.COLS} FROM items WHERE pos = ?", (last[conv],))
-            markers = self.read_markers(conv)
-            for (u, c), p in pending.items():
-                if c == conv and p > markers.get(u, 0):
-                    markers[u] = p
-            read = markers.get(user, 0)
-            after = max(read, lows[conv])
-            unread = self._rows(
-                f"SELECT count(*) FROM items WHERE conv = ? AND pos > ? AND sender <> ? "
-                f"AND {_KINDS_SQL} AND (meta IS NULL OR meta <> ?)",
-                (conv, after, user, _DELETED_JSON),
-            )[0][0]
-            mentioned = 0
-            if conv.startswith("#") and unread:
-                mentioned = self._rows(
-                    f"SELECT count(*) FROM items WHERE conv = ? AND pos > ? AND sender <> ? "
-                    f"AND kind = 'text' AND {cond}",
-                    (conv, after, user, param(name)),
-                )[0][0]
-            item = self._item(row[0]) if row else None
-            out.append(conversation_summary(conv, item, read, int(unread), int(mentioned), markers))
-        return out
+        unread = (
+            "SELECT count(*) FROM items WHERE items.conv = a.conv AND items.pos > a.since "
+            f"AND items.sender <> ? AND items.{_KINDS_SQL}"
+        )
+        counts: dict[str, tuple[int, int]] = {}
+        for chunk in _chunks(chosen):
+            values, params = _values(
+                [(conv, max(markers[conv].get(user, 0), lows[conv])) for conv in chunk]
+            )
+            for conv, n, mentioned in self._rows(
+                f"WITH a (conv, since) AS ({values}) SELECT a.conv, "
+                f"({unread} AND (items.meta IS NULL OR items.meta <> ?)), "
+                f"CASE WHEN substr(a.conv, 1, 1) = '#' THEN ({unread} AND items.kind = 'text' "
+                f"AND {cond}) ELSE 0 END FROM a",
+                [*params, user, _DELETED_JSON, user, param(name)],
+            ):
+                counts[conv] = (int(n), int(mentioned))
+        return [
+            conversation_summary(
+                conv,
+                items.get(last[conv]),
+                markers[conv].get(user, 0),
+                *counts[conv],
+                markers[conv],
+            )
+            for conv in chosen
+        ]
 
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
         """Inside a group commit: move markers forward (never back)."""
