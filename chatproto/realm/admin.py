@@ -10,6 +10,7 @@ this module only counts the sessions it ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -23,6 +24,7 @@ from chatproto.tokens import LOGIN_ID_LENGTH
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
+    from chatproto.realm.sessions import Session
 
 __all__ = ["STANDING", "Admin"]
 
@@ -61,8 +63,7 @@ class Admin:
         yield self.load()
         yield self._r.moderation.load()
         live = yield self._r.tokens.reload()
-        ended = [s for s in self._r.sessions.all() if s.login and s.login not in live]
-        closed = self._close(ended, "session_ended", "this browser login was ended")
+        closed = self._close_logins(self._r.sessions.all(), lambda login: login not in live)
         for name in sorted(set(self.suspended) - before):
             if self.is_suspended(name):
                 reason = self.suspended[name][1]
@@ -141,6 +142,15 @@ class Admin:
             s.logout()
         return len(sessions)
 
+    def _close_logins(
+        self, sessions: Iterable[Session], ended: Callable[[str], bool], why: str = ""
+    ) -> int:
+        """Close those of ``sessions`` opened with a browser login that ``ended``
+        says is over, telling each ``session_ended`` and ``why`` (default: "this
+        browser login was ended"); how many."""
+        gone = [s for s in sessions if s.login and ended(s.login)]
+        return self._close(gone, "session_ended", why or "this browser login was ended")
+
     @inlineCallbacks
     def follow(self, name: str, reload: Any, end: tuple[str, str] | None = None) -> Any:
         """Another process serving this realm (a worker of a cluster) changed local
@@ -160,8 +170,7 @@ class Admin:
         closed = 0
         if "logins" in reload:
             live = yield self._r.tokens.reload(name)
-            ended = [s for s in self._r.sessions.of(user) if s.login and s.login not in live]
-            closed += self._close(ended, "session_ended", "this browser login was ended")
+            closed += self._close_logins(self._r.sessions.of(user), lambda login: login not in live)
         if end is not None:
             code, why = end
             closed += self._close(self._r.sessions.of(user), code, why)
@@ -178,8 +187,7 @@ class Admin:
         gone = yield self._r.tokens.revoke_logins(name, wanted)
         self._r.standing_changed(name, ("logins",))
         ids = {key[:LOGIN_ID_LENGTH] for key in gone}
-        ended = [s for s in self._r.sessions.of(canonical) if s.login in ids]
-        closed = self._close(ended, "session_ended", why or "this browser login was ended")
+        closed = self._close_logins(self._r.sessions.of(canonical), ids.__contains__, why)
         self.log.info(
             "browser logins of {user} ended: {n} logins, {c} sessions closed",
             user=canonical,
