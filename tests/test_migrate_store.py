@@ -243,3 +243,28 @@ def test_migrate_store_errors(tmp_path: Path, capsys: Any) -> None:
     con.close()
     status, _, err = run(capsys, "--config", conf, "migrate-store")
     assert status == 1 and "tables this chatproto cannot copy: later_feature" in err
+
+
+def test_refs_to_ids_stored_escaped_are_copied_escaped(tmp_path: Path) -> None:
+    """The items about an item whose id PostgreSQL stores escaped (a peer's id with a
+    leading U+0001) still find it once copied: refs rows are copied escaped too."""
+    from chatproto.envelope import conversation_key
+    from chatproto.relations import ref_meta
+    from chatproto.store.migrate import copy_sqlite_to_postgresql
+
+    dave, alice = "dave@b.example", "alice@localhost"
+    src = SQLiteDB(str(tmp_path / "realm.sqlite3"))
+    src.migrate()
+    target = Envelope("\x01x", "text", dave, alice, 1.0, "was")
+    src.append_batch([[target]], {}, remote=[True])
+    edit = Envelope(new_message_id(), "edit", dave, alice, 2.0, "now", ref_meta("edit", target.id))
+    src.append_batch([[edit]], {}, remote=[True])
+    pg = PostgresDB(postgresql_or_skip(), pg_schema())
+    try:
+        copy_sqlite_to_postgresql(src, pg)
+        assert pg.ref_count(target.id, dave) == 1
+        page = pg.history(conversation_key(alice, dave), None, None, 10)
+        assert [(e.id, e.body) for e in page] == [(target.id, "now")]
+    finally:
+        pg.close()
+        src.close()

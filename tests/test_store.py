@@ -764,6 +764,41 @@ def test_any_unicode_text_round_trips(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_items_about_an_item_whose_id_needs_escaping(store: Any) -> Any:
+    """Edits, reactions and a delete of items whose ids PostgreSQL stores escaped (a
+    peer's ids are any 1-64 characters): counted, shown and wiped like any other's
+    (the refs rows of PostgreSQL's store were written unescaped and read escaped: a
+    U+0000 failed the commit, and a leading U+0001 was counted and shown nowhere)."""
+    from chatproto.relations import ref_meta
+
+    dave = "dave@b.example"
+    targets = [
+        Envelope(mid, "text", dave, ALICE, 1.0, f"was {n}")
+        for n, mid in enumerate(("id\x00nul", "\x01x", '\x01"\\u0000"'))
+    ]
+    assert (yield store.append_remote(targets)) == targets
+    for t in targets:
+        edit = Envelope(new_message_id(), "edit", dave, ALICE, 2.0, "now", ref_meta("edit", t.id))
+        yield store.append_remote([edit])
+        like = ref_meta("reaction", t.id, "+1")
+        yield store.append([Envelope(new_message_id(), "reaction", ALICE, dave, 3.0, "", like)])
+        assert (yield store.ref_count(t.id, dave)) == 1
+        assert (yield store.ref_count(t.id, ALICE)) == 1
+    page = yield store.history(conversation_key(ALICE, dave), None, None, 10)
+    assert [(e.id, e.body, e.meta["reactions"]) for e in page] == [
+        (t.id, "now", {"+1": [ALICE]}) for t in targets
+    ]
+    gone = Envelope(
+        new_message_id(), "delete", dave, ALICE, 4.0, "", ref_meta("delete", targets[0].id)
+    )
+    yield store.append_remote([gone])
+    wiped = yield store.stored_item(targets[0].id)
+    assert wiped.body == "" and wiped.meta == {"deleted": True}
+    edits = yield store.read_feed(ALICE, targets[-1].pos, 10)
+    assert [e.body for e in edits if e.kind == "edit"] == ["", "now", "now"]  # its edit too
+
+
+@pytest_twisted.inlineCallbacks
 def test_events_partners_and_floors(store: Any) -> Any:
     g = "#g@localhost"
     ev = Envelope(new_message_id(), "event", ALICE, g, 1.0, "", {"event": "created"})

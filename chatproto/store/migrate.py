@@ -176,7 +176,7 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
     "refs": (
         "SELECT ref, pos FROM refs ORDER BY ref, pos",
         "COPY refs (ref, pos) FROM STDIN",
-        lambda r: (r[0], int(r[1])),
+        lambda r: (_text(r[0]), int(r[1])),
     ),
 }
 

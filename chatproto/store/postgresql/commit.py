@@ -306,8 +306,10 @@ class CommitSQL(WriterPositions):
         """Record what each item about another refers to (one statement for the
         batch), the file of each ``file`` item (with its message's position), and
         wipe the item each ``delete`` item deletes."""
+        # (each ref escaped, as items.id is: the refs rows are looked up by escaped
+        # ids and joined with items.id)
         refs = [
-            (ref, pos)
+            (escape_text(ref), pos)
             for env, pos in zip(batch, positions, strict=True)
             if env.kind != "file"
             and env.meta is not None
@@ -373,7 +375,7 @@ class CommitSQL(WriterPositions):
         c.execute(
             "UPDATE items SET body = '' WHERE pos IN (SELECT pos FROM refs WHERE ref = %s) "
             "AND kind = 'edit'",
-            (ref,),
+            (escape_text(ref),),
         )
         meta = stored_meta(row[1])
         if row[0] == "file" and meta is not None and isinstance(meta.get("file_id"), str):
@@ -382,8 +384,7 @@ class CommitSQL(WriterPositions):
     def _refs(self, items: Sequence[Envelope], edits_only: bool = False) -> list[Envelope]:
         """The items that refer to any of ``items`` (edits, deletes, reactions; with
         ``edits_only``, edits), oldest first."""
-        # A ref is never escaped (no control characters: chatproto.relations); an id
-        # that is matches none, but must not reach the server unescaped.
+        # refs rows hold ids escaped, as items does (see _index_files)
         ids = [escape_text(e.id) for e in items if e.kind in TARGET_KINDS]
         if not ids:
             return []
