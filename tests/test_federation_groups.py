@@ -127,6 +127,22 @@ def presences(user: User) -> list[tuple[str, str]]:
 GROUP = "#dev@h.example"
 
 
+def dev_group(net: Any, *joiners: tuple[RealmService, str]) -> tuple[User, ...]:
+    """``owner`` of h.example creates #dev; then each of ``joiners`` (``(realm,
+    name)``) logs in and joins it, the links pumped after each join.  Returns the
+    owner and the joiners' Users."""
+    links, clock, h, _, _ = net
+    owner = User(h, clock, "owner")
+    owner.ok("create_group", group="#dev")
+    users = [owner]
+    for realm, name in joiners:
+        user = User(realm, clock, name)
+        user.ok("join", group=GROUP)
+        links.pump()
+        users.append(user)
+    return tuple(users)
+
+
 def test_member_realm_sees_the_whole_group(net: Any) -> None:
     links, clock, h, a, b = net
     owner = User(h, clock, "owner")
@@ -182,14 +198,10 @@ def test_member_realm_sees_the_whole_group(net: Any) -> None:
 
 
 def test_non_members_of_a_remote_group_get_remote_realm(net: Any) -> None:
-    links, clock, h, _, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
+    _, clock, _, _, b = net
+    owner, bob = dev_group(net, (b, "bob"))
     owner.ok("create_group", group="#quiet")
-    bob = User(b, clock, "bob")
     bob2 = User(b, clock, "bob2")
-    bob.ok("join", group=GROUP)
-    links.pump()
     for req in ("members", "group_info", "who"):
         assert bob2.code(req, group=GROUP) == "remote_realm"  # b knows; bob2 is not in it
         assert bob.code(req, group="#quiet@h.example") == "remote_realm"  # b knows nothing
@@ -197,15 +209,8 @@ def test_non_members_of_a_remote_group_get_remote_realm(net: Any) -> None:
 
 
 def test_mirror_is_dropped_with_its_last_local_member(net: Any) -> None:
-    links, clock, h, a, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    alice = User(a, clock, "alice")
-    bob = User(b, clock, "bob")
-    alice.ok("join", group=GROUP)
-    links.pump()
-    bob.ok("join", group=GROUP)
-    links.pump()
+    links, _, _, a, b = net
+    owner, _alice, bob = dev_group(net, (a, "alice"), (b, "bob"))
     assert set(b.groups.get(GROUP).members) == {
         "owner@h.example",
         "alice@a.example",
@@ -276,8 +281,7 @@ def test_joins_from_two_realms_decided_together_reach_both(net: Any) -> None:
     one at a time, so the realm of the first joiner is told of the second's join and
     the second's realm gets the first in its snapshot (none is left out)."""
     links, clock, h, a, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
+    dev_group(net)
     alice, bob = User(a, clock, "alice"), User(b, clock, "bob")
     for user in (alice, bob):
         user.ok("join", group=GROUP)
@@ -308,11 +312,7 @@ def test_messages_sent_while_a_remote_join_commits_reach_the_joiner(net: Any) ->
     are committed after it (the home realm's order), so the joiner's realm gets them
     too."""
     links, clock, h, a, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    bob = User(b, clock, "bob")
-    bob.ok("join", group=GROUP)
-    links.pump()
+    _, bob = dev_group(net, (b, "bob"))
     alice = User(a, clock, "alice")
     alice.ok("join", group=GROUP)
     bob.ok("send", to=GROUP, body="from bob")
@@ -337,12 +337,8 @@ def test_a_message_sent_while_a_realms_last_member_leaves_is_not_sent_there(
     member is being committed is committed after it, so that realm (which drops its
     mirror with the leave) is not sent it -- it would refuse it, and the sender would
     be told of a refusal."""
-    links, clock, h, _, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    bob = User(b, clock, "bob")
-    bob.ok("join", group=GROUP)
-    links.pump()
+    links, _, h, _, b = net
+    owner, bob = dev_group(net, (b, "bob"))
     bob.ok("leave", group=GROUP)
     requests = requests_for_home(b)
     commits = HeldCommits(h)
@@ -366,12 +362,8 @@ def test_a_message_sent_while_a_realms_last_member_is_deleted_is_not_sent_there(
     account (a ``left`` with the account-deleted reason, which the home realm commits
     whatever the rules of leave say): a message checked meanwhile is not sent to the
     realm that has no member left."""
-    links, clock, h, _, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    bob = User(b, clock, "bob")
-    bob.ok("join", group=GROUP)
-    links.pump()
+    links, _, h, _, b = net
+    owner, _bob = dev_group(net, (b, "bob"))
     assert result(b.delete_user("bob")) is True
     requests = requests_for_home(b)
     commits = HeldCommits(h)
@@ -388,12 +380,8 @@ def test_a_message_sent_while_a_realms_last_member_is_deleted_is_not_sent_there(
 
 
 def test_presence_between_realms_sharing_only_a_group(net: Any) -> None:
-    links, clock, h, a, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    alice = User(a, clock, "alice")
-    alice.ok("join", group=GROUP)
-    links.pump()
+    links, clock, _, a, b = net
+    _owner, alice = dev_group(net, (a, "alice"))
     presences(alice)
     bob = User(b, clock, "bob")  # online before he joins
     bob.ok("join", group=GROUP)
@@ -496,12 +484,8 @@ def test_presence_to_a_peer_is_paced_below_its_flood_limit(tmp_path: Path) -> No
 
 
 def test_a_link_coming_up_sends_who_is_online(net: Any, tmp_path: Path) -> None:
-    links, clock, h, _, b = net
-    owner = User(h, clock, "owner")
-    owner.ok("create_group", group="#dev")
-    bob = User(b, clock, "bob")
-    bob.ok("join", group=GROUP)
-    links.pump()
+    _, clock, h, _, b = net
+    owner, _bob = dev_group(net, (b, "bob"))
     User(h, clock, "loner")  # no contact on b.example
     dave = User(h, clock, "dave")
     dave.ok("send", to="bob@b.example", body="hello")
