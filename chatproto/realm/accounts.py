@@ -47,6 +47,7 @@ __all__ = [
     "check_password",
 ]
 
+
 def argon2_hasher(auth: Any) -> argon2.PasswordHasher:
     """argon2id with the realm's parameters (``config.auth``); shared by the realm and
     ``chatrealmctl`` so both write hashes the other verifies."""
