@@ -244,6 +244,47 @@ def test_sqlite_new_items_are_found_before_and_after_they_are_indexed(tmp_path: 
     db.close()
 
 
+def test_sqlite_index_holds_each_items_latest_own_edit(tmp_path: Any) -> None:
+    """What the search index holds for each item: its latest edit by its own sender's
+    text, whether the edits came before the item was indexed or after (then the item
+    is indexed again, once, with the latest), a file's name as it is."""
+    import attrs
+
+    from chatproto.relations import ref_meta
+
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+
+    def edit(target: Envelope, body: str, sender: str = BOB) -> Envelope:
+        env = item(sender, ALICE if sender == BOB else BOB, body, "edit")
+        return attrs.evolve(env, meta=ref_meta("edit", target.id))
+
+    def indexed() -> dict[int, str]:
+        return dict(db.conn.execute("SELECT rowid, body FROM items_fts").fetchall())
+
+    a, b, c = item(BOB, ALICE, "alpha one"), item(BOB, ALICE, "beta one"), item(BOB, ALICE, "c")
+    f = attrs.evolve(item(BOB, ALICE, "name.txt", "file"), meta={"note": "not a ref"})
+    db.commit_batch([[a, b, c, f]], {})
+    # before indexing: two edits of a (the latest wins), one of b by another sender
+    db.commit_batch([[edit(a, "alpha two"), edit(a, "alpha three"), edit(b, "no", ALICE)]], {})
+    pa, pb, pc, pf = (db.stored_item(e.id).pos for e in (a, b, c, f))  # type: ignore[union-attr]
+    assert db.index_search(2000) == 7
+    assert indexed() == {pa: "alpha three", pb: "beta one", pc: "c", pf: "name.txt"}
+    # after indexing: the edits of a step re-index their items, each once, the latest
+    db.commit_batch([[edit(b, "beta two"), edit(b, "beta three"), edit(a, "alpha four")]], {})
+    db.commit_batch([[edit(c, "nope", ALICE), item(BOB, ALICE, "delta")]], {})
+    assert db.index_search(3) == 3
+    assert indexed() == {pa: "alpha four", pb: "beta three", pc: "c", pf: "name.txt"}
+    assert db.index_search(3) == 2
+    rows = db.conn.execute("SELECT rowid, body FROM items_fts ORDER BY rowid").fetchall()
+    assert rows[:4] == sorted({pa: "alpha four", pb: "beta three", pc: "c", pf: "name.txt"}.items())
+    assert [r[1] for r in rows[4:]] == ["delta"] and db.index_search(3) == 0
+    mine = [("user", ALICE, 0)]
+    assert [e.body for e in db.search(["beta"], mine, None, 10)] == ["beta three"]
+    assert db.search(["one"], mine, None, 10) == []
+    db.close()
+
+
 @pytest.fixture
 def sqlite_store(open_store: Any) -> Any:  # noqa: F811
     return open_store(_sqlite)

@@ -322,13 +322,17 @@ _EDITED_SINCE = (
 
 #: The text and file items in a range of positions with their current text (their
 #: latest own edit's, see chatproto/relations.py): what the search index holds.  The
-#: edits looked at are those after the range's start (an edit comes after its item).
+#: edits looked at are those after the range's start (an edit comes after its item),
+#: found through ``refs`` (one index probe per text item: the edits of the whole
+#: table after the range's start, scanned, cost a step more than the indexing itself
+#: once many items wait).
 _CURRENT_TEXTS = (
-    "WITH latest AS (SELECT json_extract(meta, '$.ref') AS ref, conv, sender, body, "
-    "max(pos) FROM items WHERE pos > ?1 AND kind = 'edit' GROUP BY 1, 2, 3) "
-    "SELECT t.pos, coalesce(l.body, t.body) FROM items t LEFT JOIN latest l "
-    "ON l.ref = t.id AND l.conv = t.conv AND l.sender = t.sender AND t.kind = 'text' "
-    "WHERE t.pos > ?1 AND t.pos <= ?2 AND t.kind IN ('text', 'file') AND t.body <> ''"
+    "SELECT t.pos, CASE WHEN t.kind = 'text' THEN coalesce(("
+    "SELECT e.body FROM refs r JOIN items e ON e.pos = r.pos WHERE r.ref = t.id "
+    "AND r.pos > ?1 AND e.kind = 'edit' AND e.conv = t.conv AND e.sender = t.sender "
+    "ORDER BY r.pos DESC LIMIT 1), t.body) ELSE t.body END "
+    "FROM items t WHERE t.pos > ?1 AND t.pos <= ?2 AND t.kind IN ('text', 'file') "
+    "AND t.body <> ''"
 )
 
 
@@ -889,22 +893,33 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         c.execute("BEGIN IMMEDIATE")
         try:
             upto = self.search_upto()
-            rows = c.execute(
-                "SELECT pos FROM items WHERE pos > ? ORDER BY pos LIMIT ?", (upto, limit)
-            ).fetchall()
-            if rows:
-                top = int(rows[-1][0])
+            # how many items the step goes past, and the last (one row, not ``limit``)
+            n, top = c.execute(
+                "SELECT count(*), max(pos) FROM (SELECT pos FROM items WHERE pos > ? "
+                "ORDER BY pos LIMIT ?)",
+                (upto, limit),
+            ).fetchone()
+            if n:
                 c.execute(f"INSERT INTO items_fts (rowid, body) {_CURRENT_TEXTS}", (upto, top))
-                # items indexed before and edited since: their latest text
-                for pos, body in c.execute(_EDITED_SINCE, (upto, top)).fetchall():
-                    c.execute("DELETE FROM items_fts WHERE rowid = ?", (pos,))
-                    c.execute("INSERT INTO items_fts (rowid, body) VALUES (?, ?)", (pos, body))
+                # items indexed before and edited since: their latest text (two
+                # statements for all of them, not two per item)
+                latest = dict(c.execute(_EDITED_SINCE, (upto, top)).fetchall())
+                if latest:
+                    c.execute(
+                        "DELETE FROM items_fts WHERE rowid IN (SELECT value FROM json_each(?))",
+                        (json.dumps(list(latest)),),
+                    )
+                    c.execute(
+                        "INSERT INTO items_fts (rowid, body) SELECT json_extract(value, '$[0]'), "
+                        "json_extract(value, '$[1]') FROM json_each(?)",
+                        (json.dumps(list(latest.items())),),
+                    )
                 c.execute("UPDATE settings SET value = ? WHERE key = 'search_upto'", (str(top),))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return len(rows)
+        return int(n)
 
     # files (the reads: FilesSQL, chatproto/store/filerows.py) -------------------------
 
