@@ -530,6 +530,41 @@ def test_bad_batch_fails_alone_within_one_commit(sqlite_store: SQLiteStore) -> A
     assert later.pos > r3[0].pos
 
 
+@pytest.mark.parametrize("rows_per_insert", [None, 4])
+def test_sqlite_commit_positions_follow_the_items_across_multi_row_inserts(
+    tmp_path: Any, rows_per_insert: int | None
+) -> None:
+    """A commit's items go in with multi-row inserts (up to ROWS_PER_INSERT rows, the
+    rest in powers of two): each item gets the position it is stored at, in batch
+    order, with remote duplicates left out and a bad batch failing alone."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    if rows_per_insert is not None:
+        db.ROWS_PER_INSERT = rows_per_insert
+    [[p0]] = db.append_batch([[env(ALICE, BOB, "first")]], {})
+    known = env("x@b.example", ALICE, "stored before")
+    db.append_batch([[known]], {}, None, [True])
+    sizes = [1, 300, 7, 3, 256, 45, 2]
+    batches = [[env(ALICE, BOB, f"b{b} {k}") for k in range(n)] for b, n in enumerate(sizes)]
+    again = Envelope(known.id, "text", known.sender, known.recipient, 1.0, "again")
+    remote = [env("x@b.example", ALICE, "r0"), again, env("x@b.example", ALICE, "r2")]
+    out = db.append_batch([*batches, remote], {}, None, [False] * len(sizes) + [True])
+    assert out[-1][1] is None
+    stored = [e for b in batches for e in b] + [remote[0], remote[2]]
+    positions = [p for r in out for p in r if p is not None]  # type: ignore[union-attr]
+    assert positions == list(range(p0 + 2, p0 + 2 + len(stored)))
+    for e, p in zip(stored, positions, strict=True):
+        assert db.stored_item(e.id).pos == p  # type: ignore[union-attr]
+    # a duplicate id in one batch: the commit is redone batch by batch, that one fails
+    dup = [env(ALICE, BOB, "dup a"), env(ALICE, BOB, "dup b", id_=stored[0].id)]
+    ok = [env(ALICE, BOB, f"ok {k}") for k in range(9)]
+    out = db.append_batch([ok[:5], dup, ok[5:]], {})
+    assert isinstance(out[1], sqlite3.IntegrityError)
+    assert [db.stored_item(e.id).pos for e in ok] == [*out[0], *out[2]]  # type: ignore[union-attr,misc]
+    assert db.stored_item(dup[0].id) is None
+    db.close()
+
+
 @pytest_twisted.inlineCallbacks
 def test_positions_are_not_reused_after_deletion(sqlite_store: SQLiteStore) -> Any:
     store = sqlite_store

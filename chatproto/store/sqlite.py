@@ -9,6 +9,7 @@ fsync per batch of appends.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -743,7 +744,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     def _append_all(
         self, batches: Sequence[Sequence[Envelope]], remote: Sequence[bool]
     ) -> list[list[int | None] | Exception]:
-        """Every item of every batch in one ``executemany``, in batch order.
+        """Every item of every batch in a few multi-row inserts, in batch order.
 
         The items of remote batches are first looked up by id with one query: one
         stored (or earlier in this commit) with the same sender and recipient is left
@@ -751,35 +752,91 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         item goes under its :func:`alternate_id`, as in :meth:`_insert_remote`."""
         plan, chosen, renamed = plan_inserts(batches, remote, self._stored_ids, self._id_key)
         try:
-            return self._insert_planned(batches, self._params(chosen), plan)
+            return self._insert_planned(batches, chosen, plan)
         except Exception:
             for e, original in renamed:  # redone item by item (_append_each)
                 e.id = original
             raise
 
+    #: Rows per multi-row insert (and, below it, the powers of two a commit's last rows
+    #: are cut into: a handful of statements, each compiled once and kept in the
+    #: connection's statement cache).
+    ROWS_PER_INSERT = 256
+
+    def _insert_rows(self, items: Sequence[Envelope]) -> int:
+        """Insert ``items`` in order with ``INSERT ... VALUES (...), (...), ...``
+        statements of up to :attr:`ROWS_PER_INSERT` rows; returns the position of the
+        last.  One statement runs its rows inside SQLite: an ``executemany`` steps
+        once per row, handing the GIL to the reactor thread and taking it back each
+        time, and updates ``sqlite_sequence`` (AUTOINCREMENT) once per row, not once
+        per statement.  The rows of a statement are inserted in the order of its
+        VALUES list, so they get consecutive positions (this connection is the only
+        writer of ``items``)."""
+        c = self.conn
+        step = self._rows_per_insert()
+        dumps = json.dumps
+        last: int | None = None
+        k, n = 0, len(items)
+        while k < n:
+            size = step if n - k >= step else 1 << ((n - k).bit_length() - 1)
+            flat: list[Any] = []
+            add = flat.extend
+            for e in items[k : k + size]:
+                meta, sig = e.meta, e.sig
+                add(
+                    (
+                        e.id,
+                        e.kind,
+                        e.sender,
+                        e.recipient,
+                        e.conversation,
+                        e.ts,
+                        e.body,
+                        None if meta is None else dumps(meta),
+                        None if sig is None else dumps(sig),
+                    )
+                )
+            last = c.execute(_multi_insert(size), flat).lastrowid
+            k += size
+        if last is None:
+            raise sqlite3.InterfaceError("no row inserted")
+        return last
+
+    def _rows_per_insert(self) -> int:
+        step = getattr(self, "_step", None)
+        if step is None:
+            # an old SQLite (before 3.32) allows 999 parameters per statement
+            getlimit = getattr(self.conn, "getlimit", None)  # (Python 3.11 on)
+            limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else 999
+            step = self._step = max(1, min(self.ROWS_PER_INSERT, limit // 9))
+        return step
+
     def _insert_planned(
         self,
         batches: Sequence[Sequence[Envelope]],
-        params: list[tuple[Any, ...]],
+        chosen: Sequence[Envelope],
         plan: list[list[bool] | None],
     ) -> list[list[int | None] | Exception]:
-        c = self.conn
-        pos = 0
-        if params:
-            c.executemany(self._INSERT, params)
-            pos = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(params) + 1
+        pos = self._insert_rows(chosen) - len(chosen) + 1 if chosen else 0
         out: list[list[int | None] | Exception] = []
         for batch, inserted in zip(batches, plan, strict=True):
-            positions: list[int | None] = []
-            files: list[tuple[Envelope, int]] = []
-            for k, e in enumerate(batch):
-                if inserted is None or inserted[k]:
-                    positions.append(pos)
-                    if e.kind in _INDEXED:
-                        files.append((e, pos))
-                    pos += 1
-                else:
-                    positions.append(None)
+            positions: list[int | None]
+            if inserted is None:  # a local batch: every item, in order
+                positions = list(range(pos, pos + len(batch)))
+                pos += len(batch)
+            else:
+                positions = []
+                for m in inserted:
+                    if m:
+                        positions.append(pos)
+                        pos += 1
+                    else:
+                        positions.append(None)
+            files = [
+                (e, p)
+                for e, p in zip(batch, positions, strict=True)
+                if e.kind in _INDEXED and p is not None
+            ]
             if files:
                 self._index_files([e for e, _ in files], [p for _, p in files])
             out.append(positions)
@@ -950,6 +1007,13 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             "INSERT OR REPLACE INTO uploads (upload_id, user, record) VALUES (?, ?, ?)",
             (record["upload_id"], record["user"], json.dumps(record)),
         )
+
+
+@functools.cache
+def _multi_insert(rows: int) -> str:
+    """The statement inserting ``rows`` items (see ``SQLiteDB._insert_rows``)."""
+    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    return SQLiteDB._INSERT.replace(one, ",".join([one] * rows))
 
 
 @implementer(IStore)
