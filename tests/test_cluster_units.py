@@ -169,6 +169,26 @@ def test_own_items_wait_for_the_safe_position_and_keep_their_audience() -> None:
     r.stop()
 
 
+def test_until_routed_fires_once_the_stream_routed_the_position() -> None:
+    """A worker's own commit reaches its sessions from the stream, once safe: a
+    gateway whose reply is that item (IRC's JOIN) waits for until_routed."""
+    store, realm, clock = Store(), Realm(), Clock()
+    r = reader(store, realm, clock)
+    mine = item(2, "a@x", "c@x")
+    store.items[2] = mine
+    r.committed(mine, ["a@x", "c@x"])  # (1 is in flight elsewhere: safe stays 0)
+    done: list[Any] = []
+    r.until_routed(2).addBoth(done.append)  # type: ignore[union-attr]
+    assert done == [] and realm.sessions.routed == []
+    store.items[1] = item(1)
+    store.safe = 2
+    clock.advance(1.0)  # the poll
+    assert done == [None]
+    assert [p for p, _ in realm.sessions.routed] == [1, 2]
+    assert r.until_routed(2) is None and r.until_routed(1) is None  # routed: at once
+    r.stop()
+
+
 def test_store_failure_is_reported_once_and_recovery_too() -> None:
     store, realm, clock = Store(), Realm(), Clock()
     seen: list[Any] = []

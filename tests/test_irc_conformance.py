@@ -520,3 +520,56 @@ def test_commands_sent_while_the_backlog_is_read_keep_their_order(
         read_feed(*args).chainDeferred(d)
     names = [c for c, _ in a.commands()]
     assert names == ["JOIN", "353", "366", "PONG", "PRIVMSG", "PONG", "TOPIC", "PONG"], names
+
+
+class HeldStream:
+    """The stream of a cluster worker, held: what the realm commits reaches its
+    sessions once released (a worker routes every item from the store, in
+    position order, a round trip after its commit: chatproto.cluster.stream)."""
+
+    def __init__(self, realm: RealmService) -> None:
+        self.realm = realm
+        self.held: list[tuple[Any, tuple[str, ...]]] = []
+        self.delivered = 0
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+
+    def committed(self, env: Any, users: Any) -> None:
+        self.held.append((env, tuple(users)))
+
+    def until_routed(self, pos: int) -> Deferred[None] | None:
+        if pos <= self.delivered:
+            return None
+        d: Deferred[None] = Deferred()
+        self.waiters.append((pos, d))
+        return d
+
+    def standing_changed(self, *args: Any) -> None:
+        pass
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for env, users in held:
+            self.realm.sessions.route(env, users)
+            self.delivered = max(self.delivered, env.pos)
+        waiters, self.waiters = self.waiters, []
+        for pos, d in waiters:
+            if pos <= self.delivered:
+                d.callback(None)
+            else:
+                self.waiters.append((pos, d))
+
+
+def test_replies_carried_by_items_keep_their_order_on_a_cluster_worker(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    """On a worker of a cluster a commit reaches the sessions after its Deferred
+    fired (from the store, in position order): the JOIN, the echo and the TOPIC
+    that answer a command must still come before the PONG of a later PING."""
+    a = login(factory, "alice", caps="echo-message")
+    stream = HeldStream(realm)
+    realm.cluster = stream
+    a.send("JOIN #room", "PING 1", "PRIVMSG #room :hello", "PING 2", "TOPIC #room :t", "PING 3")
+    for _ in range(10):
+        stream.release()
+    names = [c for c, _ in a.commands()]
+    assert names == ["JOIN", "353", "366", "PONG", "PRIVMSG", "PONG", "TOPIC", "PONG"], names

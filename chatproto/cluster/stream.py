@@ -125,6 +125,16 @@ class StreamReader:
 
         return self._store.stream_top().addCallback(wait)
 
+    def until_routed(self, pos: int) -> Deferred[None] | None:
+        """None if every item up to ``pos`` has been routed here, else a Deferred
+        firing once it has (failing if the store cannot be read meanwhile)."""
+        if pos <= self.delivered:
+            return None
+        d: Deferred[None] = Deferred()
+        self._waiters.append((pos, d))
+        self.wake()
+        return d
+
     def _release(self, error: Exception | None = None) -> None:
         waiting, self._waiters = self._waiters, []
         for pos, d in waiting:

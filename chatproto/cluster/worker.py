@@ -436,6 +436,10 @@ class Worker:
                 self._announcing = True
                 self.reactor.callLater(0, self._announce)
 
+    def until_routed(self, pos: int) -> Deferred[None] | None:
+        """See :meth:`chatproto.realm.RealmService.until_routed`."""
+        return self.stream.until_routed(pos)
+
     def _announce(self) -> None:
         self._announcing = False
         self.bus.publish("stream", str(self._announced))

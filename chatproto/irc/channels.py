@@ -69,9 +69,19 @@ def group_change(
             target = p.nick_for(args.get("user", "*"))
         p.error(ctx, command, err, target)
 
-    def done(env: Envelope) -> Envelope:
-        p.awaiting.pop((event, group), None)
-        return env
+    def done(env: Envelope) -> Any:
+        wait = p.realm.until_routed(env.pos) if isinstance(env, Envelope) and env.pos else None
+        if wait is None:
+            p.awaiting.pop((event, group), None)
+            return env
+
+        # A worker of a cluster routes the event (and so this command's JOIN,
+        # PART...) a round trip after its commit: the command ends once it is here.
+        def routed(_: object) -> Envelope:
+            p.awaiting.pop((event, group), None)
+            return env
+
+        return wait.addBoth(routed)
 
     return d.addCallbacks(done, failed)
 

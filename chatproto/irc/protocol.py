@@ -631,11 +631,14 @@ class IRCProtocol(LineOnlyReceiver):
                 self._send_failed(refused, entry)
             return
         outcomes, commits = self.session.send_batch([req for req, _ in sends])
+        clustered = self.factory.realm.cluster is not None
         appended: list[PendingSend] = []  # the entries of the appended runs, in order
         for (_, entry), out in zip(sends, outcomes, strict=True):
             if type(out) is Envelope:
                 appended.append(entry)
             elif isinstance(out, Deferred):
+                if clustered:
+                    out.addCallback(self.when_routed)
                 out.addCallbacks(
                     self._sent, self._send_failed, callbackArgs=(entry,), errbackArgs=(entry,)
                 )
@@ -647,9 +650,23 @@ class IRCProtocol(LineOnlyReceiver):
             end = start + len(items)
             run = appended[start:end]
             start = end
+            if clustered:
+                committed.addCallback(self.when_routed)
             committed.addCallbacks(
                 self._run_sent, self._run_failed, callbackArgs=(run,), errbackArgs=(run,)
             )
+
+    def when_routed(self, result: Any) -> Any:
+        """``result`` (a committed envelope, or a run's list of them) once its items
+        have reached this worker's sessions: a worker of a cluster routes its own
+        commits from the store, a round trip later, and a send's echo (the
+        command's reply) comes with them."""
+        last = result[-1] if isinstance(result, list) and result else result
+        pos = getattr(last, "pos", 0)
+        wait = self.realm.until_routed(pos) if pos else None
+        if wait is None:
+            return result
+        return wait.addBoth(lambda _: result)
 
     def _run_sent(self, _: object, run: list[PendingSend]) -> None:
         """A run was committed: each of its entries is settled, in order (what

@@ -136,6 +136,8 @@ def react_from_tags(
     entry = PendingSend(to, echo_key(msg_id, emoji, remove), ctx)
     p.pending_sends.append(entry)
     d = p.realm.relations.react(p.session, msg_id, emoji, remove)
+    if p.realm.cluster is not None:
+        d.addCallback(p.when_routed)  # its echo comes from the stream (see there)
     d.addBoth(_settled, p, entry)
     return d.addCallbacks(lambda _: None, _failed, errbackArgs=(p, ctx, "TAGMSG", target))
 

@@ -586,6 +586,18 @@ class RealmService(Service):
         for env in items:
             self.route(env)
 
+    def until_routed(self, pos: int) -> Deferred[None] | None:
+        """None once every item up to ``pos`` has been handed to this process's
+        sessions, else a Deferred firing when it has (or when the stream fails).
+
+        In one process an item is routed in its commit's callback, so always None.
+        A worker of a cluster routes its own commits too from the store, in position
+        order, a round trip later (chatproto.cluster.stream): a gateway whose reply
+        is carried by the item (IRC's JOIN, an echo) waits for it."""
+        if self.cluster is None:
+            return None
+        return self.cluster.until_routed(pos)  # type: ignore[no-any-return]
+
     def route(self, env: Envelope, users: Any = None) -> None:
         """Deliver a committed item to every online session of its audience: ``users``
         (a group's members), or for a private message its recipient and its sender.
