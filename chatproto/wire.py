@@ -31,12 +31,14 @@ from typing import Any
 from chatproto.errors import ChatError, FatalProtocolError
 
 __all__ = [
+    "COMPACT_SEND",
     "DATA_HEADER",
     "OP_DOWNLOAD",
     "OP_UPLOAD",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "compact_send",
+    "compact_send_fields",
     "decode",
     "decode_data",
     "encode",
@@ -199,6 +201,18 @@ def compact_send(payload: bytes) -> tuple[int | None, str, str, str | None] | No
     m = _COMPACT_SEND.fullmatch(payload)
     if m is None:
         return None
+    return compact_send_fields(m)
+
+
+#: ``COMPACT_SEND(buf, start, end)``: the match of :func:`compact_send`'s pattern on
+#: ``buf[start:end]`` without the slice (the framing loop's fast path), or None; its
+#: fields are :func:`compact_send_fields`'s.
+COMPACT_SEND = _COMPACT_SEND.fullmatch
+
+
+def compact_send_fields(m: re.Match[bytes]) -> tuple[int | None, str, str, str | None] | None:
+    """The ``(id, to, body, nonce)`` of a match of ``COMPACT_SEND``, or None (the
+    frame takes the general path: see :func:`compact_send`)."""
     first, to, body, nonce, last = m.groups()
     if first is not None and last is not None:  # the id twice: decode() refuses it
         return None
