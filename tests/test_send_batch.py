@@ -137,6 +137,54 @@ def test_rate_limit_applies_per_request(clock: Clock) -> None:
     realm.stopService()
 
 
+def test_rate_limit_counts_only_checked_sends_and_the_general_path_in_order(
+    clock: Clock,
+) -> None:
+    # Tokens are taken in request order by the sends whose fields passed, the general
+    # path's included; refused bodies take none; the wait is a lone send's.
+    cfg = Config()
+    cfg.limits.send_rate = 2.0
+    cfg.limits.send_burst = 3
+    cfg.limits.max_body = 1000
+    realm = make_test_realm(clock, cfg)
+    a, ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")
+    a.dataReceived(frame({"type": "create_group", "group": "#g", "id": "g"}))
+    frames(ta)
+    clock.advance(10)  # the bucket is full again
+    a.dataReceived(
+        sends(
+            {"to": "bob", "body": "a", "id": 1},  # token 1
+            {"to": "bob", "body": "bad \x1b[2J", "id": 2},  # refused: no token
+            {"to": "bob", "body": "x" * 1001, "id": 3},  # too_large: no token
+            {"to": "bob", "body": "\u00e9" * 300, "id": 4},  # checked the long way: token 2
+            {"to": "#g", "body": "g", "id": 5},  # the general path: token 3
+            {"to": "bob", "body": "\u0085", "id": 6},  # C1 control: refused, no token
+            {"to": "bob", "body": "b", "id": 7},  # none left
+            {"to": "bob", "body": "c", "id": 8},
+        )
+    )
+    answers = {f["id"]: f for f in frames(ta) if f["type"] in ("result", "error")}
+    codes = {i: f.get("code") for i, f in answers.items()}
+    assert codes == {
+        1: None,
+        2: "bad_request",
+        3: "too_large",
+        4: None,
+        5: None,
+        6: "bad_request",
+        7: "rate_limited",
+        8: "rate_limited",
+    }
+    assert answers[7]["retry_after"] == answers[8]["retry_after"] == 0.5
+    assert [e.body[:1] for e in realm.store.items if e.kind == "text"] == ["a", "\u00e9", "g"]
+    clock.advance(0.5)  # one token back: one more send, the next refused
+    a.dataReceived(sends({"to": "bob", "body": "d", "id": 9}, {"to": "bob", "body": "e", "id": 10}))
+    answers = {f["id"]: f for f in frames(ta) if f["type"] in ("result", "error")}
+    assert {i: f.get("code") for i, f in answers.items()} == {9: None, 10: "rate_limited"}
+    realm.stopService()
+
+
 def test_history_read_with_sends_sees_them(realm: Any, clock: Clock) -> None:
     """A request after sends of the same read is handled after them: the private
     messages (the batched ones) are stored before a history request that follows."""
