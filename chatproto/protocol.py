@@ -80,20 +80,31 @@ def delivery_frame(env: Envelope) -> bytes:
     byte for byte what :func:`chatproto.wire.encode` makes of ``Envelope.to_wire``
     (tested with arbitrary envelopes), in a fraction of the time: the addresses and
     the kind come quoted from a cache, and the time from the batch's (see _ts_text)."""
+    global _last_fields
     frame = env.frame
     if frame is None:
         ts = env.ts
         if env.meta is None and type(env.pos) is int and type(ts) is float and isfinite(ts):
             pos = env.pos
             id_s = _str(env.id)
-            ts_s = _ts_text(ts)
-            quoted = _QUOTED.get
-            kind = quoted(env.kind) or _quoted(env.kind)
-            sender = quoted(env.sender) or _quoted(env.sender)
-            recipient = quoted(env.recipient) or _quoted(env.recipient)
+            kind, sender, recipient = env.kind, env.sender, env.recipient
+            last_kind, last_sender, last_recipient, last_ts, middle, ts_s = _last_fields
+            if not (
+                kind is last_kind
+                and sender is last_sender
+                and recipient is last_recipient
+                and ts is last_ts
+            ):
+                ts_s = _ts_text(ts)
+                quoted = _QUOTED.get
+                middle = (
+                    f',"kind":{quoted(kind) or _quoted(kind)}'
+                    f',"from":{quoted(sender) or _quoted(sender)}'
+                    f',"to":{quoted(recipient) or _quoted(recipient)},"ts":{ts_s},"body":'
+                )
+                _last_fields = (kind, sender, recipient, ts, middle, ts_s)
             payload = (
-                f'{{"type":"msg","pos":{pos},"msg_id":{id_s},"kind":{kind},'
-                f'"from":{sender},"to":{recipient},"ts":{ts_s},"body":{_str(env.body)}}}'
+                f'{{"type":"msg","pos":{pos},"msg_id":{id_s}{middle}{_str(env.body)}}}'
             ).encode()
             env.result_tail = f'"pos":{pos},"msg_id":{id_s},"ts":{ts_s}}}'  # for send_result
         else:
@@ -133,6 +144,12 @@ def _ts_text(ts: float) -> str:
         text = float.__repr__(ts)
         _last_ts = (ts, text)
     return text
+
+
+#: The fields between an item's id and its body that the items of a run share (kind,
+#: sender, recipient, time: the same objects, made once per batch), their text, and
+#: the time's: a one-entry cache keyed by the objects' identity (see delivery_frame).
+_last_fields: tuple[Any, Any, Any, Any, str, str] = (None, None, None, None, "", "")
 
 
 def _send_result_fields(env: Envelope) -> dict[str, Any]:
@@ -312,14 +329,20 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         outcomes, commits = session.send_batch([req for req, _ in sends])
         # The envelopes of the runs in ``commits`` are the Envelope outcomes, in
         # request order: their request ids are taken run by run, in slices.
-        appended: list[Any] = []
-        for (_, rid), out in zip(sends, outcomes, strict=True):
-            if type(out) is Envelope:
-                appended.append(rid)
-            elif isinstance(out, Deferred):
-                out.addCallbacks(self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
-            else:
-                self.refuse(out, rid)
+        appended: list[Any]
+        if len(commits) == 1 and len(commits[0][1]) == len(sends):  # one run: all of them
+            appended = [rid for _, rid in sends]
+        else:
+            appended = []
+            for (_, rid), out in zip(sends, outcomes, strict=True):
+                if type(out) is Envelope:
+                    appended.append(rid)
+                elif isinstance(out, Deferred):
+                    out.addCallbacks(
+                        self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,)
+                    )
+                else:
+                    self.refuse(out, rid)
         k = 0
         for d, items in commits:
             rids = appended[k : k + len(items)]
@@ -329,7 +352,20 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             )
 
     def _sent_run(self, _: object, items: list[Envelope], rids: list[Any]) -> None:
-        self._write(b"".join([send_result(env, rid) for env, rid in zip(items, rids, strict=True)]))
+        """The results of a committed run, in one write.  An integer request id and
+        an item whose result tail its delivery frame made (the common case): that
+        frame formatted here, as send_result formats it; else send_result."""
+        out: list[bytes] = []
+        add = out.append
+        for env, rid in zip(items, rids, strict=True):
+            tail = env.result_tail
+            if tail is not None and type(rid) is int:
+                payload = f'{_RESULT}"id":{rid},{tail}'.encode()
+                add(_pack(len(payload)))
+                add(payload)
+            else:
+                add(send_result(env, rid))
+        self._write(b"".join(out))
 
     def _failed_run(self, failure: Failure, rids: list[Any]) -> None:
         for rid in rids:

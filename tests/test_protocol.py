@@ -736,6 +736,34 @@ def test_delivery_frames_are_the_generic_encoding_byte_for_byte(
     assert wire.decode(frame[4:])["body"] == body
 
 
+def test_delivery_frames_of_a_run_share_their_fields_and_stay_exact() -> None:
+    """The fields a run's items share (kind, sender, recipient, time) are formatted
+    once for the same objects: a recipient, sender or time that changes between
+    items, back and forth, still gives each item the generic encoding."""
+    from chatproto.envelope import Envelope
+    from chatproto.protocol import delivery_frame, send_result
+
+    ts, later = 1764924000.5, 1764924001.25
+    alice, bob, carol = "alice@x", "bob@x", "carol@x"
+    bob_again = "".join(["bob", "@x"])  # equal to bob, another object
+    runs = [
+        (alice, bob, ts),
+        (alice, bob, ts),
+        (alice, carol, ts),
+        (alice, bob, ts),
+        (alice, bob_again, ts),
+        (carol, bob_again, ts),
+        (carol, bob_again, later),
+        (alice, bob, later),
+    ]
+    for n, (sender, recipient, when) in enumerate(runs):
+        env = Envelope(f"id{n}", "text", sender, recipient, when, f"m{n}", None, 10 + n)
+        payload = wire.encode({"type": "msg", **env.to_wire()})
+        assert delivery_frame(env) == struct.pack("!I", len(payload)) + payload
+        result = wire.result_frame(n, pos=10 + n, msg_id=f"id{n}", ts=when)
+        assert send_result(env, n) == struct.pack("!I", len(result)) + result
+
+
 def test_delivery_frames_of_a_batch_share_the_time_and_stay_exact() -> None:
     """The time's text is cached by the float object a batch shares: equal floats
     that print differently (0.0, -0.0), and one object after another, each give the

@@ -354,11 +354,28 @@ class Sessions:
         call and one burst (a run of one send batch: Messaging.send_batch)."""
         self._burst_depth += 1
         reached = 0
+        online = self.online
+        # The session lists of the last item's two ends: a run is one sender's, mostly
+        # to one recipient.  (A list is the user's own, emptied in place as sessions
+        # go: nothing logs in during a burst.)
+        last: tuple[str, str] | None = None
+        targets: list[list[Session]] = []
         try:
             for env in items:
                 sender, recipient = env.sender, env.recipient
-                users = (recipient,) if sender == recipient else (recipient, sender)
-                reached += self._reach(env, users)
+                if last is None or recipient != last[1] or sender != last[0]:
+                    last = (sender, recipient)
+                    users = (recipient,) if sender == recipient else (recipient, sender)
+                    targets = [ss for ss in map(online.get, users) if ss]
+                pos = env.pos
+                for sessions in targets:  # what _reach does, inline
+                    reached += len(sessions)
+                    for s in sessions:
+                        if s._syncing or s.closed or pos <= s._last:
+                            s._deliver(env)  # buffering while syncing, de-duplication
+                        else:
+                            s._last = pos
+                            s.mind.deliver(env)
                 self._count_burst(env)
         finally:
             self.stats.deliveries_live += reached
