@@ -66,6 +66,18 @@ ITEMS = [
     (text("ts-future", ts=NOW + 86400 * 365), None),
     (text("pos-poison", pos=-5, msg_id="other"), None),
     (text("x" * 129), "bad_request"),
+    # An item id is a msg_id (no control character, space, separator or bidi
+    # formatting character): else no one could react to, edit or delete the item, and
+    # CR/LF or an escape in it reached every client that shows ids.
+    (text("id-nul\x00", body="x"), "bad_request"),
+    (text("id-cr\r", body="x"), "bad_request"),
+    (text("id-lf\nPRIVMSG #x :hi", body="x"), "bad_request"),
+    (text("id sp", body="x"), "bad_request"),
+    (text("id-esc\x1b[2J", body="x"), "bad_request"),
+    (text("id-c1\x9b2J", body="x"), "bad_request"),
+    (text("id-ls\u2028", body="x"), "bad_request"),
+    (text("id-bidi\u202e", body="x"), "bad_request"),
+    (text("id-ok~é.x_y", body="x"), None),
     (text("tags", meta={"tags": {"+draft/react": "x"}}), None),
     (text("tags-bad", meta={"tags": {"nope": "x"}}), "bad_request"),
     (text("reply-unknown", meta={"reply_to": "nothing-here"}), "not_found"),

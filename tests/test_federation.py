@@ -362,6 +362,95 @@ def test_items_breaking_rules_are_rejected_one_by_one(node: Any, certs: Any) -> 
     assert [e.body for e in realm.store.read_feed("bob@b.example", 0, 10).result] == ["m9"]
 
 
+#: Item ids a peer may not use (PROTOCOL.md, Federation, Numbers): control characters
+#: (C0, DEL, C1), a space, line and paragraph separators, bidi formatting characters.
+BAD_ITEM_IDS = [
+    "nul\x00",
+    "cr\r",
+    "lf\n",
+    "crlf\r\nPRIVMSG #x :hi",
+    "tab\t",
+    "sp ace",
+    "esc\x1b[31m",
+    "del\x7f",
+    "c1\x9b31m",
+    "nel\x85",
+    "ls\u2028",
+    "ps\u2029",
+    "bidi\u202e",
+    "isolate\u2066",
+    "x" * 65,
+]
+
+
+@pytest.fixture
+def captured() -> Any:
+    from tests.fedharness import LogCapture
+
+    capture = LogCapture()
+    yield capture
+    capture.close()
+
+
+def test_item_ids_with_control_characters_are_rejected_and_never_stored(
+    node: Any, certs: Any, captured: Any
+) -> None:
+    """Every id a client names goes through check_msg_id; a peer's item id was only
+    length-checked, so an item no one could react to, edit or delete, whose id held
+    CR/LF or an escape, was stored and delivered.  Each is refused in the ``ack``
+    (``bad_request``), the rest of the transaction stored; byte by byte as well."""
+    realm, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    items: list[Any] = [{**item(n), "id": mid} for n, mid in enumerate(BAD_ITEM_IDS)]
+    items.append({**item(99), "id": "ok~1.x_y-Z"})  # '~', '.', '_' and '-' are fine
+    items.append(
+        {
+            "id": "req\r\n",
+            "kind": "request",
+            "from": "alice@a.example",
+            "to": "#g@b.example",
+            "event": "joined",
+            "args": {},
+        }
+    )
+    data = hello() + frame({"type": "txn", "id": "1-9", "items": items})
+    for i in range(len(data)):
+        proto.dataReceived(data[i : i + 1])
+    _, ack = frames(transport)
+    assert [(r["id"], r["code"]) for r in ack["rejected"]] == [
+        (mid, "bad_request") for mid in [*BAD_ITEM_IDS, "req\r\n"]
+    ]
+    assert all("id" in r["message"] for r in ack["rejected"]), ack
+    feed = realm.store.read_feed("bob@b.example", 0, 100).result
+    assert [(e.id, e.body) for e in feed] == [("ok~1.x_y-Z", "m99")]
+    for mid in BAD_ITEM_IDS:
+        assert realm.store.stored_item(mid).result is None, repr(mid)
+    assert not transport.disconnecting
+    # Logged with the id spelled so that it cannot start a line of its own.
+    refusals = [line for line in captured.lines if "rejected item" in line]
+    assert len(refusals) == len(BAD_ITEM_IDS) + 1
+    assert not [line for line in refusals if not line.isprintable()], refusals
+    assert any("'crlf\\r\\nPRIVMSG #x :hi'" in line for line in refusals), refusals
+
+
+@pytest.mark.parametrize("mid", BAD_ITEM_IDS)
+def test_the_rule_of_a_peers_item_id_is_that_of_a_msg_id(mid: str) -> None:
+    """The intake's rule (chatproto.realm.remote) refuses what check_msg_id refuses,
+    and every id longer than a federation item id may be."""
+    from chatproto.errors import ChatError
+    from chatproto.realm.remote import check_item_id
+    from chatproto.relations import check_msg_id
+
+    with pytest.raises(ChatError) as e:
+        check_item_id(mid)
+    assert e.value.code == "bad_request"
+    if len(mid) <= 64:
+        with pytest.raises(ChatError):
+            check_msg_id(mid)
+    for good in ("0193a1b2c3d4e5f60718293a4b5c6d7e8f9", "Zk3...1~bounce", "é✓"):
+        assert check_item_id(good) == good
+
+
 @pytest.mark.parametrize(
     ("data", "code"),
     [

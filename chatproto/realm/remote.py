@@ -38,7 +38,7 @@ from chatproto.text import check_label
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["MAX_KEY_FETCHES", "RemoteIntake"]
+__all__ = ["MAX_ITEM_ID", "MAX_KEY_FETCHES", "RemoteIntake", "check_item_id"]
 
 #: Arguments a group change may carry (forwarded with a request to a group's realm).
 _EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
@@ -62,6 +62,25 @@ _TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role"})
 MAX_KEY_FETCHES = 4
 #: Refusals of a peer's item logged as warnings (a forgery): the others are info.
 _FORGERIES = frozenset({"forged_sender", "bad_signature"})
+
+
+#: The longest id of an item (or request) a peer sends, in characters.
+MAX_ITEM_ID = 64
+
+
+def check_item_id(mid: Any) -> str:
+    """The id of an item or request a peer realm sent: a string of 1 to
+    :data:`MAX_ITEM_ID` characters that is a ``msg_id`` clients can name (the rule of
+    :func:`chatproto.relations.check_msg_id`: no control character, space, line or
+    paragraph separator or bidi formatting character); else ``bad_request``.
+
+    The id is stored, delivered to every kind of client, relayed to the group's
+    other realms and named by reactions, edits and deletes: one a client could not
+    name would make an item no one can act on, and CR/LF or an escape in it reaches
+    whatever shows ids."""
+    if not isinstance(mid, str) or not 0 < len(mid) <= MAX_ITEM_ID:
+        raise ChatError("bad_request", f"item id must be a string of 1-{MAX_ITEM_ID} characters")
+    return check_msg_id(mid, "item id")
 
 
 def _message_meta(kind: str, meta: Any, body: str) -> dict[str, Any] | None:
@@ -109,8 +128,7 @@ class RemoteIntake:
         if not isinstance(raw, dict):
             raise ChatError("bad_request", "an item must be an object")
         mid, kind, ts, body = raw.get("id"), raw.get("kind"), raw.get("ts"), raw.get("body")
-        if not isinstance(mid, str) or not 0 < len(mid) <= 64:
-            raise ChatError("bad_request", "item id must be a string of 1-64 characters")
+        mid = check_item_id(mid)
         if kind not in _KINDS:
             raise ChatError("bad_request", f"item kind {str(kind)[:20]!r} is not accepted")
         ts = remote_ts(ts, self.clock.seconds())
@@ -289,6 +307,7 @@ class RemoteIntake:
     def _remote_request(self, origin: str, raw: dict[str, Any]) -> Deferred[Envelope]:
         """A user of ``origin`` asks for a change to one of our groups (join, leave,
         kick...): the same rules as for a local user, with the requester as actor."""
+        check_item_id(raw.get("id"))
         actor = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
         if actor.realm != origin:
             raise ChatError("forged_sender", f"{origin} may not act for {actor}")
@@ -367,9 +386,10 @@ class RemoteIntake:
             mid = mid if isinstance(mid, str) else None
             rejected.append({"id": mid, "code": e.code, "message": e.message})
             log = self.log.warn if e.code in _FORGERIES else self.log.info
+            shown = str(mid)[:64]
             log(
                 "federation: rejected item {id} from {origin}: {code}: {message}",
-                id=str(mid)[:64],
+                id=shown if shown.isprintable() else ascii(shown),  # no CR/LF in the log
                 origin=origin,
                 code=e.code,
                 message=e.message,
