@@ -336,3 +336,59 @@ def test_a_labeled_reaction_to_a_known_message_echoes_with_its_label(
     assert cmd == "TAGMSG" and "label" not in got and got["msgid"] == echo["msgid"]
     assert [e.kind for e in factory.realm.store.items][-1] == "reaction"  # stored
     assert not alice.proto.pending_sends
+
+
+# what a stored item holds cannot break an IRC line -------------------------------------
+
+
+def test_a_stored_item_with_hostile_ids_and_tags_gives_well_formed_irc_lines(
+    factory: IRCFactory,
+) -> None:
+    """Defence in depth: an item stored before the checks of today (a peer's item
+    id was only length-checked; a row written by an older release) may hold CR/LF,
+    NUL or spaces in its id, ``reply_to``, tag names or values, or tags that are not
+    an object.  Its ``msgid`` is its position, a tag value is escaped (NUL, which
+    IRCv3 cannot escape, dropped), a tag that is not a well-formed client tag is left
+    out: each item is one line, whatever it holds."""
+    from chatproto.envelope import Envelope
+
+    evil = "evil\r\nQUIT :x \x00"
+    metas: list[Any] = [
+        {
+            "tags": {
+                "+ok": "a\x00b c\r\nd;e\\",
+                "+bad name\r\nQUIT": "x",
+                "+n": 5,
+                "msgid": "1\r\nQUIT",
+            },
+            "reply_to": evil,
+        },
+        {"tags": "not an object", "reply_to": ["x"]},
+        {"tags": ["+a"]},
+    ]
+    items = [
+        Envelope(
+            id=f"{evil}{n}",
+            kind="text",
+            sender="alice@localhost",
+            recipient="bob@localhost",
+            ts=1.0,
+            body=f"m{n}",
+            meta=meta,
+        )
+        for n, meta in enumerate(metas)
+    ]
+    factory.realm.store.append(items)
+    bob = Conn(factory)
+    bob.send("CAP REQ message-tags", f"PASS {PW}", "NICK bob", "USER u 0 * :B", "CAP END")
+    data = bob.transport.read()
+    assert b"\x00" not in data
+    got = [line for line in data.decode().split("\r\n") if " PRIVMSG bob " in line]
+    assert len(got) == 3, got
+    parsed_lines = [parse_line(line) for line in got]
+    assert [params for _, _, params in parsed_lines] == [["bob", f"m{n}"] for n in range(3)]
+    first = parsed_lines[0][0]
+    assert first["+ok"] == "ab c\r\nd;e\\"  # escaped on the wire, read back intact
+    assert set(first) == {"msgid", "+ok"}
+    assert first["msgid"] == str(items[0].pos)
+    assert [set(tags) for tags, _, _ in parsed_lines[1:]] == [{"msgid"}, {"msgid"}]

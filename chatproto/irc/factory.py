@@ -27,7 +27,7 @@ from chatproto.irc.protocol import IRCProtocol
 from chatproto.irc.relations import MsgIds
 from chatproto.protocol import ClientFactory
 from chatproto.realm import MAX_STATUS_TEXT, RealmService
-from chatproto.realm.tags import tag_data
+from chatproto.realm.tags import shown_tags, tag_data
 
 __all__ = ["IRCFactory"]
 
@@ -114,7 +114,7 @@ class IRCFactory(ClientFactory):
             tags.append(f"msgid={env.pos}")
             meta = env.meta
             if meta is not None:
-                client = meta.get("tags")
+                client = shown_tags(meta.get("tags"))  # (a row from before the checks)
                 reply = self.msgids.msgid(meta.get("reply_to"))
                 if reply is not None and not (client and "+draft/reply" in client):
                     client = {**(client or {}), "+draft/reply": str(reply)}  # a reply

@@ -48,6 +48,7 @@ __all__ = [
     "check_tags",
     "client_tags",
     "escape_value",
+    "shown_tags",
     "tag_data",
 ]
 
@@ -59,9 +60,12 @@ _NAME = re.compile(r"\+(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*/)?[A-Za-z0-9-]+")
 
 
 def escape_value(value: str) -> str:
-    """A tag value as IRC writes it (``;``, space, ``\\``, CR, LF escaped)."""
+    """A tag value as IRC writes it (``;``, space, ``\\``, CR, LF escaped; NUL, which
+    IRCv3 message-tags cannot escape and many clients read as the end of the line,
+    dropped: a checked value has none, an item stored before the checks might)."""
     return (
-        value.replace("\\", "\\\\")
+        value.replace("\0", "")
+        .replace("\\", "\\\\")
         .replace(";", "\\:")
         .replace(" ", "\\s")
         .replace("\r", "\\r")
@@ -72,6 +76,20 @@ def escape_value(value: str) -> str:
 def tag_data(tags: dict[str, str]) -> str:
     """The tags as IRC writes them, without the ``@`` and the space: ``+a=1;+b``."""
     return ";".join(f"{k}={escape_value(v)}" if v else k for k, v in tags.items())
+
+
+def shown_tags(tags: Any) -> dict[str, str] | None:
+    """The tags of a stored item's ``meta`` that may be written on an IRC line: the
+    client tags with a well-formed name and a string value (those :func:`check_tags`
+    accepted), or None.  Items stored before the checks (or by an older release) may
+    hold anything there; nothing of it must break a line or the fan-out."""
+    if not isinstance(tags, dict):
+        return None
+    return {
+        k: v
+        for k, v in tags.items()
+        if isinstance(k, str) and _NAME.fullmatch(k) and isinstance(v, str)
+    } or None
 
 
 def client_tags(tags: dict[str, str]) -> dict[str, str]:
