@@ -37,6 +37,9 @@ class Identity:
     host: str
     #: when it was last seen (WHOWAS entries only)
     gone_at: float = 0.0
+    #: ``nick!username@host``, and the nick it was made with (see Directory.mask)
+    mask_text: str = attrs.field(default="", init=False, eq=False, repr=False)
+    mask_nick: str | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
 
 def clean_username(text: str) -> str:
@@ -52,9 +55,9 @@ class Directory:
         self.realm = realm
         self._shown: dict[str, Identity] = {}
         self._conns: dict[str, list[Any]] = {}  # user -> live connections, newest last
-        #: user -> (identity shown, its nick, mask): every PRIVMSG line needs the
-        #: sender's mask twice (its length check and the delivered line)
-        self._masks: dict[str, tuple[Identity | None, str, str]] = {}
+        #: user -> mask of the users not on IRC (shown as their address); a user on
+        #: IRC has its mask on its Identity
+        self._masks: dict[str, str] = {}
         self.history: deque[tuple[str, Identity]] = deque(maxlen=WHOWAS_KEPT)
 
     def default(self, user: str) -> Identity:
@@ -70,18 +73,26 @@ class Directory:
         return shown.nick if shown is not None else nick_of(user, self.realm)
 
     def mask(self, user: str) -> str:
-        """``nick!username@host``, remembered while the identity shown for ``user``
-        and its nick stay the same objects (a NICK changes the nick; a new connection
-        or the last one closing changes the identity; username and host are fixed)."""
+        """``nick!username@host``: every PRIVMSG line needs the sender's, twice (its
+        length check and the delivered line).  Remembered on the identity shown,
+        while its nick stays the same object (a NICK changes it; username and host are
+        fixed), or for a user not on IRC (shown as its address, which never changes)."""
         shown = self._shown.get(user)
+        if shown is not None:
+            nick = shown.nick
+            if shown.mask_nick is nick:
+                return shown.mask_text
+            mask = shown.mask_text = f"{nick}!{shown.username}@{shown.host}"
+            shown.mask_nick = nick
+            return mask
         known = self._masks.get(user)
-        if known is not None and known[0] is shown and (shown is None or known[1] is shown.nick):
-            return known[2]
-        i = shown if shown is not None else self.default(user)
+        if known is not None:
+            return known
+        i = self.default(user)
         mask = f"{i.nick}!{i.username}@{i.host}"
         if len(self._masks) >= MASKS_KEPT:
             self._masks.clear()
-        self._masks[user] = (shown, i.nick, mask)
+        self._masks[user] = mask
         return mask
 
     def on_irc(self, user: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from twisted.words.protocols import irc as twirc
 
@@ -144,29 +145,22 @@ def parse_line(line: str) -> tuple[dict[str, str], str, list[str]]:
     return tags, command.upper(), params
 
 
-def quick_message(line: str) -> tuple[str, str, str] | None:
+#: The line :func:`quick_message` takes: the command, one space, the target (no
+#: whitespace or comma, not starting with ':') between any whitespace (what
+#: ``str.split`` splits on: ``\\s`` in a str pattern), then `` :`` and the text.
+#: The first `` :`` of such a line is the one before its text.
+_QUICK = re.compile(r"(PRIVMSG|NOTICE) \s*([^\s,:][^\s,]*)\s* :(.+)", re.DOTALL)
+
+
+def quick_message(line: str, _match: Any = _QUICK.fullmatch) -> tuple[str, str, str] | None:
     """``(command, target, text)`` of the commonest line, a ``PRIVMSG`` or ``NOTICE``
     with no tags, no prefix, one target and a non-empty text, else None.
 
     What :func:`parse_line` gives for such a line (``({}, command, [target, text])``),
-    for a fraction of its cost: the lean lane of ``IRCProtocol._handle``."""
-    if line.startswith("PRIVMSG "):
-        command = "PRIVMSG"
-    elif line.startswith("NOTICE "):
-        command = "NOTICE"
-    else:
-        return None
-    cut = line.find(" :")  # the first one, as parse_line (none in the command)
-    if cut == -1:
-        return None
-    middle = line[len(command) + 1 : cut].split()
-    if len(middle) != 1:
-        return None
-    target = middle[0]
-    text = line[cut + 2 :]
-    if not text or "," in target:
-        return None
-    return command, target, text
+    for a fraction of its cost (one regular expression): the lean lane of
+    ``IRCProtocol._handle``."""
+    m = _match(line)
+    return None if m is None else m.groups()
 
 
 # -- names ----------------------------------------------------------------------------

@@ -572,11 +572,29 @@ class IRCProtocol(LineOnlyReceiver):
         self.close_with("Input line was too long")
 
     def dataReceived(self, data: bytes) -> None:
-        # The PRIVMSG/NOTICE lines of one read are one batch for the realm (one
-        # append, one delivery burst: see Messaging.send_batch).
+        """``LineOnlyReceiver.dataReceived``, with each line handed to
+        :meth:`_handle` at once when no flood limit may hold it back (one call less
+        per line than through :meth:`lineReceived`).  The PRIVMSG/NOTICE lines of
+        one read are one batch for the realm (one append, one delivery burst: see
+        Messaging.send_batch); the read is the client's activity (keepalive)."""
+        self.last_rx = self.factory.clock.seconds()
+        self.pinged = False
         own = self._open_batch()
         try:
-            LineOnlyReceiver.dataReceived(self, data)
+            lines = (self._buffer + data).split(b"\n")
+            self._buffer = lines.pop()
+            transport = self.transport
+            handle = self._handle if self._bucket is None else self.lineReceived
+            for line in lines:
+                # a line may have closed the connection: what follows it is dropped
+                if transport.disconnecting or self.state == "closed":
+                    return
+                if len(line) > self.MAX_LENGTH:
+                    self.lineLengthExceeded(line)
+                    return
+                handle(line)
+            if len(self._buffer) > self.MAX_LENGTH:
+                self.lineLengthExceeded(self._buffer)
         finally:
             if own:
                 self._end_batch()
@@ -760,8 +778,6 @@ class IRCProtocol(LineOnlyReceiver):
             self.transport.resumeProducing()
 
     def _handle(self, raw: bytes) -> None:
-        self.last_rx = self.factory.clock.seconds()
-        self.pinged = False
         if self._barrier:  # a group change is pending: what follows may depend on it
             if len(self._after_barrier) >= MAX_QUEUED:
                 self.realm.stats.rate_limited("irc_flood")
@@ -795,7 +811,6 @@ class IRCProtocol(LineOnlyReceiver):
         quick = quick_message(text) if not tags_size and self.state == "ready" else None
         if quick is not None:
             command, target, body = quick
-            params = [target, body]
             if self.replies:  # (what _reply does)
                 ctx = Reply(self, None, held=True)
                 ctx.queued = True
@@ -836,7 +851,8 @@ class IRCProtocol(LineOnlyReceiver):
             else:
                 result = handler(self, ctx, params, tags)
         except ChatError as e:
-            self.error(ctx, command, e, params[0] if params else "*")
+            where = target if handler is None else params[0] if params else "*"
+            self.error(ctx, command, e, where)
             result = None
         except Exception:
             self.log.failure("IRC {command} from {peer} failed", command=command, peer=self.peer())
