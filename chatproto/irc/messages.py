@@ -46,20 +46,11 @@ def privmsg(
     client = client_tags(tags) if tags else None  # relayed with it (message-tags)
     mask = p.mask(p.user_id)
     for target in targets:
-        _send_text(p, ctx, command, mask, target, text, client, notice)
+        send_text(p, ctx, command, mask, target, text, client, notice)
     return None
 
 
-def message_to(p: IRCProtocol, ctx: Reply, command: str, target: str, text: str) -> None:
-    """A ``PRIVMSG`` or ``NOTICE`` with no tags, one target and a text (the lean lane
-    of ``IRCProtocol._handle``, for lines ``lines.quick_message`` recognises): what
-    :func:`privmsg` does with it."""
-    assert p.session is not None
-    mask = p.factory.directory.mask(p.user_id)
-    _send_text(p, ctx, command, mask, target, text, None, command == "NOTICE")
-
-
-def _send_text(
+def send_text(
     p: IRCProtocol,
     ctx: Reply,
     command: str,
@@ -70,7 +61,9 @@ def _send_text(
     notice: bool,
 ) -> None:
     """One target of a PRIVMSG or NOTICE from ``mask``: checked, then queued in the
-    read's batch (IRCProtocol.queue_send)."""
+    read's batch (IRCProtocol.queue_send).  Also what the lean lane of
+    ``IRCProtocol._handle`` calls for the lines ``lines.quick_message`` recognises (no
+    tags, one target, a text): what :func:`privmsg` does with such a line."""
     try:
         to = p.resolve(target)
     except ChatError as e:

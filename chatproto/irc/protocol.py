@@ -845,8 +845,10 @@ class IRCProtocol(LineOnlyReceiver):
             if self._sends and command not in _BATCHED:
                 self.flush_sends()  # the sends read before this command go first
         try:
-            if handler is None:
-                _messages.message_to(self, ctx, command, target, body)
+            if handler is None:  # (the sender's mask: what privmsg looks up)
+                mask = self.factory.directory.mask(self.user_id)
+                notice = command == "NOTICE"
+                _messages.send_text(self, ctx, command, mask, target, body, None, notice)
                 result = None
             else:
                 result = handler(self, ctx, params, tags)
