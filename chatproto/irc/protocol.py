@@ -130,7 +130,8 @@ class IRCProtocol(LineOnlyReceiver):
         #: the barrier is the session's backlog read (see await_backlog)
         self._backlog = False
         #: the sends of the batch being handled (see queue_send); None outside one
-        self._sends: list[tuple[SendRequest, PendingSend]] | None = None
+        self._sends: list[SendRequest] | None = None
+        self._entries: list[PendingSend] = []  # (and theirs, side by side)
         self.tag_mode = 0  # bit 1: server-time, bit 2: message-tags (msgid)
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
@@ -606,6 +607,7 @@ class IRCProtocol(LineOnlyReceiver):
         if self._sends is not None:
             return False
         self._sends = []
+        self._entries = []
         return True
 
     def _end_batch(self) -> None:
@@ -632,36 +634,47 @@ class IRCProtocol(LineOnlyReceiver):
             entry.matched = True
         req: SendRequest = (entry.to, entry.body, None, entry.quiet, reply_to, tags)
         if self._sends is None:  # not inside a batch: a batch of its own
-            self._sends = [(req, entry)]
+            self._sends = [req]
+            self._entries = [entry]
             self._end_batch()
         else:
-            self._sends.append((req, entry))
+            self._sends.append(req)
+            self._entries.append(entry)
 
     def flush_sends(self) -> None:
         """Hand the sends queued by :meth:`queue_send` to the realm, as one batch."""
         sends = self._sends
         if not sends:
             return
+        entries = self._entries
         self._sends = []
+        self._entries = []
         if self.session is None:
             refused = Failure(ChatError("not_authenticated"))
-            for _, entry in sends:
+            for entry in entries:
                 self._send_failed(refused, entry)
             return
-        outcomes, commits = self.session.send_batch([req for req, _ in sends])
+        outcomes, commits = self.session.send_batch(sends)
         clustered = self.factory.realm.cluster is not None
-        appended: list[PendingSend] = []  # the entries of the appended runs, in order
-        for (_, entry), out in zip(sends, outcomes, strict=True):
-            if type(out) is Envelope:
-                appended.append(entry)
-            elif isinstance(out, Deferred):
-                if clustered:
-                    out.addCallback(self.when_routed)
-                out.addCallbacks(
-                    self._sent, self._send_failed, callbackArgs=(entry,), errbackArgs=(entry,)
-                )
-            else:
-                self._send_failed(Failure(out), entry)
+        # The runs hold one envelope per appended send: as many as the sends, and every
+        # send was appended (the usual; no loop over the outcomes).
+        appended = entries  # the entries of the appended runs, in order
+        if sum(len(items) for _, items in commits) != len(entries):
+            appended = []
+            for entry, out in zip(entries, outcomes, strict=True):
+                if type(out) is Envelope:
+                    appended.append(entry)
+                elif isinstance(out, Deferred):
+                    if clustered:
+                        out.addCallback(self.when_routed)
+                    out.addCallbacks(
+                        self._sent,
+                        self._send_failed,
+                        callbackArgs=(entry,),
+                        errbackArgs=(entry,),
+                    )
+                else:
+                    self._send_failed(Failure(out), entry)
         # Each run holds the next of the appended envelopes, in request order.
         start = 0
         for committed, items in commits:
