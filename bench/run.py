@@ -4,9 +4,11 @@
 
     python bench/run.py [--quick] [--profile [dm|fanout|both]] [--fanout 10,100,1000]
                         [--skip-memory] [--skip-tls] [--skip-ref] [--postgresql DSN]
+                        [--gc-thresholds GEN0,GEN1,GEN2|python] [--no-gc-freeze]
 
 Starts ``twistd -n chatrealm`` as a subprocess on a temporary data dir (cheap argon2,
-no send throttling), drives it with bench/loadgen.py in a separate process, and prints:
+no send throttling; the garbage collector as ``[performance]`` sets it, its defaults
+unless ``--gc-thresholds`` or ``--no-gc-freeze`` say otherwise), drives it with bench/loadgen.py in a separate process, and prints:
 
 - DM throughput with N pipelined sender->receiver pairs (delivered DMs/s, send
   results/s, send->deliver latency p50/p99, realm CPU%);
@@ -134,8 +136,10 @@ class Server:
         synchronous: str = "FULL",
         switchinterval: float | None = None,
         storage: str = "",
+        performance: str = "",
     ) -> None:
         self.switchinterval = switchinterval
+        self.performance = performance  # a [performance] section ("": the defaults)
         self.storage = storage  # more [storage] lines (PostgreSQL: backend, dsn, schema)
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
@@ -155,6 +159,7 @@ class Server:
             cfg.write_text(
                 CONFIG.format(data_dir=self.dir / "data", synchronous=self.synchronous)
                 + self.storage
+                + self.performance
             )
             listen = ["--listen", "tcp:0:interface=127.0.0.1"]
             if self.tls:
@@ -353,6 +358,18 @@ def profile_report(path: Path, top: int = 25) -> str:
     return buf.getvalue()
 
 
+def performance_section(args: argparse.Namespace) -> str:
+    """The realms' ``[performance]`` section from ``--gc-thresholds`` and
+    ``--no-gc-freeze`` ("" when neither is given: the realm's defaults)."""
+    lines = ""
+    if args.gc_thresholds is not None:
+        values = [] if args.gc_thresholds == "python" else args.gc_thresholds.split(",")
+        lines += f"gc_thresholds = [{', '.join(values)}]\n"
+    if args.no_gc_freeze:
+        lines += "gc_freeze = false\n"
+    return "\n[performance]\n" + lines if lines else ""
+
+
 def profiled_realm(work: Path, name: str, args: argparse.Namespace) -> tuple[Server, Path]:
     prof = work / f"{name}.prof"
     srv = Server(
@@ -361,6 +378,7 @@ def profiled_realm(work: Path, name: str, args: argparse.Namespace) -> tuple[Ser
         profile=prof,
         synchronous=args.synchronous,
         switchinterval=args.switchinterval,
+        performance=performance_section(args),
     )
     srv.start(timeout=60)
     return srv, prof
@@ -492,6 +510,16 @@ def main() -> None:
         help="also run the DM throughput on a realm on PostgreSQL (a schema of its own, "
         "dropped after), e.g. 'host=127.0.0.1 dbname=test user=postgres'",
     )
+    ap.add_argument(
+        "--gc-thresholds",
+        help="the realms' [performance] gc_thresholds, GEN0,GEN1,GEN2 or 'python' "
+        "(Python's own); default: the realm's default",
+    )
+    ap.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="the realms with [performance] gc_freeze = false",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
@@ -503,6 +531,7 @@ def main() -> None:
     fan_sizes = [int(x) for x in args.fanout.split(",") if x.strip()]
     fan_duration = args.fanout_duration or duration
     conns = args.conns or ("1000,2000" if args.quick else "1000,5000")
+    performance = performance_section(args)
     fdlim = raise_fd_limit()
     if fdlim < max(int(c) for c in conns.split(",")) * 2 + 100:
         log(f"warning: fd limit {fdlim} may be too low for {conns} connections")
@@ -529,6 +558,7 @@ def main() -> None:
             "quick": args.quick,
             "fanout_window": args.fanout_window,
             "fanout_duration_s": fan_duration,
+            "performance": performance.strip(),
         },
         "dm": {},
         "fanout": {},
@@ -539,7 +569,11 @@ def main() -> None:
         log(f"work dir {work}")
         # 1. throughput on one realm
         realm = Server(
-            work, "realm-dm", synchronous=args.synchronous, switchinterval=args.switchinterval
+            work,
+            "realm-dm",
+            synchronous=args.synchronous,
+            switchinterval=args.switchinterval,
+            performance=performance,
         )
         realm.start()
         log(
@@ -558,7 +592,7 @@ def main() -> None:
                 f'schema = "{schema}"\n'
             )
             try:
-                pg = Server(work, "realm-dm-pg", storage=storage)
+                pg = Server(work, "realm-dm-pg", storage=storage, performance=performance)
                 pg.start()
                 log(f"realm on PostgreSQL pid {pg.pid} (schema {schema})")
                 for n in pairs:
@@ -591,6 +625,7 @@ def main() -> None:
                 "realm-fanout",
                 synchronous=args.synchronous,
                 switchinterval=args.switchinterval,
+                performance=performance,
             )
             srv.start()
             log(
@@ -613,6 +648,7 @@ def main() -> None:
                     tls=kp if kind != "tcp" else None,
                     synchronous=args.synchronous,
                     switchinterval=args.switchinterval,
+                    performance=performance,
                 )
                 srv.start()
                 log(f"idle {kind}: realm pid {srv.pid}, opening {conns} connections")

@@ -21,6 +21,12 @@ ends when every recipient has its ``window`` lines (IRC clients do not ack: the 
 does, on a timer): the gateway's and the realm's CPU per DM (``bench/irc.py`` measures
 it over loopback against twisted.words).
 
+The realm runs with the garbage collector settings a realm gets from ``twistd
+chatrealm`` (``[performance]``, chatproto.collector): ``--gc-thresholds`` and
+``--no-gc-freeze`` change them (``--gc-thresholds python``: Python's own), and the
+collections made during the rounds are printed with the CPU time they took (the thread
+CPU time between the collector's start and stop callbacks, whichever thread collected).
+
 With ``--store memory`` the realm runs on a MemoryStore: no SQLite threads, every
 commit at once, so the run is deterministic enough for instruction counts, which do not
 move with the machine's load: the difference between ``valgrind --tool=callgrind``
@@ -31,9 +37,11 @@ of R rounds, is the Python send path's instructions per DM (storage left out).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -41,6 +49,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from chatproto.collector import CollectorService
 from chatproto.config import Config
 from chatproto.irc import IRCFactory
 from chatproto.protocol import ClientFactory
@@ -70,6 +79,10 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         cfg.limits.max_sessions_per_user = 10**6
         cfg.irc.enabled = True
         cfg.irc.flood_rate = 0.0
+        if args.gc_thresholds is not None:
+            cfg.performance.gc_thresholds = args.gc_thresholds
+        cfg.performance.gc_freeze = args.gc_freeze
+        cfg.check()
         store: Any
         if args.store == "memory":
             store = MemoryStore()
@@ -78,6 +91,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         yield store.open()
         realm = RealmService(cfg, store, reactor, clock=reactor, hasher=InlineHasher())
         realm.startService()
+        collector = CollectorService(cfg.performance, realm)
+        collector.startService()
         factory = IRCFactory(realm) if args.irc else ClientFactory(realm)
         n = args.pairs
         conns = []
@@ -119,6 +134,9 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
                 for i in range(n)
             ]
         delivered = 0
+        gc_cpu = GCTimer()
+        gc.callbacks.append(gc_cpu)
+        c0 = [g["collections"] for g in gc.get_stats()]
         t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
         for _ in range(args.rounds):
             for i in range(n):
@@ -151,6 +169,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
                 pos = int(got[j + 6 : got.index(b",", j)])
                 conns[i + n][0].dataReceived(frame({"type": "ack", "pos": pos}))
         t1, p1, w1 = time.thread_time(), time.process_time(), time.perf_counter()
+        c1 = [g["collections"] for g in gc.get_stats()]
+        gc.callbacks.remove(gc_cpu)
         expected = args.rounds * n * args.window
         if delivered != expected:
             raise SystemExit(f"send_path: {delivered} DMs delivered, {expected} expected")
@@ -165,10 +185,53 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             print(f"  reactor thread  {1e6 * (t1 - t0) / delivered:6.1f} us CPU per DM")
             print(f"  whole process   {1e6 * (p1 - p0) / delivered:6.1f} us CPU per DM")
             print(f"  ({delivered / (w1 - w0):,.0f} DMs/s wall clock)")
+        print(
+            f"  garbage collector: thresholds {gc.get_threshold()}, "
+            f"{collector.frozen} objects frozen at start; collections of generation 0/1/2 "
+            "during the rounds: " + "/".join(str(b - a) for a, b in zip(c0, c1, strict=True))
+        )
+        if delivered:
+            print(
+                f"  garbage collector CPU {1e6 * gc_cpu.total / delivered:6.2f} us per DM "
+                f"(reactor thread {1e6 * gc_cpu.reactor / delivered:.2f})"
+            )
+        collector.stopService()
         realm.stopService()
         yield store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class GCTimer:
+    """A ``gc.callbacks`` entry adding up the thread CPU time of each collection."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.reactor = 0.0
+        self._main = threading.main_thread().ident
+        self._started: dict[int | None, float] = {}
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        thread = threading.get_ident()
+        if phase == "start":
+            self._started[thread] = time.thread_time()
+            return
+        start = self._started.pop(thread, None)
+        if start is not None:
+            spent = time.thread_time() - start
+            self.total += spent
+            if thread == self._main:
+                self.reactor += spent
+
+
+def gc_thresholds(text: str) -> list[int]:
+    """``--gc-thresholds``: ``GEN0,GEN1,GEN2``, or ``python`` for Python's own ([])."""
+    if text == "python":
+        return []
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("GEN0,GEN1,GEN2 (integers) or 'python'") from None
 
 
 def main() -> None:
@@ -187,6 +250,18 @@ def main() -> None:
         help="memory: no threads, commits at once (for callgrind instruction counts)",
     )
     ap.add_argument("--irc", action="store_true", help="IRC connections (PRIVMSG lines)")
+    ap.add_argument(
+        "--gc-thresholds",
+        type=gc_thresholds,
+        help="GEN0,GEN1,GEN2 or 'python' (Python's own); default: the realm's "
+        "[performance] gc_thresholds",
+    )
+    ap.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="no gc.freeze() after start-up ([performance] gc_freeze = false)",
+    )
     args = ap.parse_args()
     task.react(run, (args,))
 

@@ -34,6 +34,7 @@ __all__ = [
     "Limits",
     "Metrics",
     "Peer",
+    "Performance",
     "Storage",
     "Web",
     "from_dict",
@@ -260,6 +261,24 @@ class Cluster:
     connect_timeout: float = 5.0
 
 
+#: ``gc.set_threshold`` values ``[performance] gc_thresholds`` may give: each at least 1
+#: (a 0 would turn a generation's collections off: cycles would pile up); the first at
+#: most 1,000,000 net allocations, the others at most 1,000 collections of the younger
+#: generation.
+GC_THRESHOLD_BOUNDS = ((1, 1_000_000), (1, 1_000), (1, 1_000))
+
+
+@attrs.define
+class Performance:
+    """Settings of the Python process a realm runs in (chatproto.collector), applied by
+    ``twistd chatrealm`` at start-up, not by an embedding application unless it asks."""
+
+    #: ``gc.set_threshold(gen0, gen1, gen2)`` at start-up; [] = leave Python's own.
+    gc_thresholds: list[int] = attrs.field(factory=lambda: [20000, 10, 10])
+    #: Once the realm has loaded its state: ``gc.collect()`` then ``gc.freeze()``.
+    gc_freeze: bool = True
+
+
 @attrs.define
 class Config:
     realm: str = "localhost"
@@ -278,6 +297,7 @@ class Config:
     metrics: Metrics = attrs.field(factory=Metrics)
     control: Control = attrs.field(factory=Control)
     cluster: Cluster = attrs.field(factory=Cluster)
+    performance: Performance = attrs.field(factory=Performance)
     #: The worker this process is (``--worker NAME``); None: a single-process realm.
     worker: str | None = None
 
@@ -404,6 +424,7 @@ class Config:
             raise ConfigError("files.chunk_size must be between 1024 and limits.max_frame - 64")
         self._check_storage()
         self._check_cluster()
+        self._check_performance()
         if self.storage.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("storage.synchronous must be FULL, NORMAL or EXTRA")
         self.storage.synchronous = self.storage.synchronous.upper()
@@ -495,6 +516,22 @@ class Config:
             conninfo_to_dict(s.dsn)
         except Exception as e:
             raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
+
+    def _check_performance(self) -> None:
+        thresholds = self.performance.gc_thresholds
+        if not thresholds:
+            return
+        if len(thresholds) != 3:
+            raise ConfigError(
+                "performance.gc_thresholds must be three integers [gen0, gen1, gen2] "
+                "(e.g. [20000, 10, 10]), or [] for Python's own"
+            )
+        for i, (value, (low, high)) in enumerate(zip(thresholds, GC_THRESHOLD_BOUNDS, strict=True)):
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"performance.gc_thresholds[{i}] must be between {low} and {high}, not "
+                    f"{value}" + (" (0 would stop collecting cycles)" if value == 0 else "")
+                )
 
     def _check_cluster(self) -> None:
         c = self.cluster
@@ -613,6 +650,7 @@ _SECTIONS = {
     "metrics": Metrics,
     "control": Control,
     "cluster": Cluster,
+    "performance": Performance,
 }
 _REALM_KEYS = {
     "name": "realm",
@@ -698,6 +736,14 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
                     value = [value]
                 if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                     raise ConfigError(f"{section}.{key} must be a list of strings")
+                setattr(target, key, value)
+                continue
+            if want == "list[int]":
+                if not (
+                    isinstance(value, list)
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                ):
+                    raise ConfigError(f"{section}.{key} must be a list of integers")
                 setattr(target, key, value)
                 continue
             want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)  # type: ignore[arg-type]

@@ -3,9 +3,10 @@
 :func:`makeService` builds, under one ``MultiService``: the :class:`RealmService`
 (store, portal, sessions), one listener per endpoint description (``--listen``,
 repeatable; ``ssl:...`` descriptions give TLS), when ``[web]`` asks for it
-(``--web``), the web listener (:mod:`chatproto.web`), and with ``[federation]
-enabled`` the :class:`chatproto.federation.FederationService`.  The realm starts
-before the listeners and stops after them.
+(``--web``), the web listener (:mod:`chatproto.web`), with ``[federation]
+enabled`` the :class:`chatproto.federation.FederationService`, and last the
+:class:`chatproto.collector.CollectorService` (``[performance]``: the garbage
+collector's settings).  The realm starts before the listeners and stops after them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from zope.interface import implementer
 
 from chatproto import config as configmod
 from chatproto import extensions
+from chatproto.collector import CollectorService
 from chatproto.ops.service import Operations
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
@@ -258,13 +260,19 @@ def _address(addr: Any) -> str:
 
 
 def build(
-    cfg: configmod.Config, reactor: Any, plugins: list[Any] | None = None
+    cfg: configmod.Config,
+    reactor: Any,
+    plugins: list[Any] | None = None,
+    collector: bool = False,
 ) -> tuple[MultiService, RealmService]:
     """Wire a realm process from a checked config; returns (top service, realm).
 
     Extensions named in ``realm.plugins`` are called with the realm before any
     listener starts (see :mod:`chatproto.extensions`); ``plugins`` passes them already
     loaded (``Options`` loads them to report a bad name as a usage error).
+    ``collector``: also apply ``[performance]`` (the garbage collector's settings, a
+    change to the whole process) while the services run; ``twistd chatrealm`` does,
+    an embedding application does only if it asks (:mod:`chatproto.collector`).
     """
     top = MultiService()
     store = make_store(cfg, reactor)
@@ -313,13 +321,15 @@ def build(
         ops_site = OpsSite(ops, reactor)
         for description in cfg.metrics.listen:
             ListenerService(reactor, description, ops_site).setServiceParent(top)
+    if collector:
+        CollectorService(cfg.performance, realm).setServiceParent(top)
     return top, realm
 
 
 def makeService(options: Options) -> IServiceCollection:
     from twisted.internet import reactor
 
-    top, _realm = build(options.realm_config, reactor, options.plugins)  # loaded once
+    top, _realm = build(options.realm_config, reactor, options.plugins, collector=True)
     return top
 
 

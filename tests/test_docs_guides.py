@@ -66,6 +66,7 @@ _TYPES = {
     "float": float,
     "boolean": bool,
     "list of strings": list,
+    "list of integers": list,
     "array of tables": list,
 }
 

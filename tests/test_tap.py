@@ -13,6 +13,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from chatproto import client, tap
+from chatproto.collector import CollectorService
 from chatproto.config import DEFAULT_LISTEN
 from chatproto.ops.service import Operations
 from chatproto.realm import RealmService
@@ -133,7 +134,8 @@ def test_make_service_realm_first_then_one_listener_per_description(tmp_path: An
     services = list(top)
     assert isinstance(services[0], RealmService)
     assert isinstance(services[1], Operations)  # readiness and metrics (chatproto.ops)
-    listeners = services[2:]
+    assert isinstance(services[-1], CollectorService)  # [performance], last
+    listeners = services[2:-1]
     assert all(isinstance(s, tap.ListenerService) for s in listeners)
     assert [s.description for s in listeners] == [
         "tcp:0:interface=127.0.0.1",
