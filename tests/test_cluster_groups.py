@@ -21,7 +21,6 @@ from twisted.internet.task import Clock
 
 from chatproto.cluster.worker import Worker
 from chatproto.config import Config
-from chatproto.envelope import Envelope
 from chatproto.realm import RealmService
 from chatproto.signing import parse_keys
 from chatproto.store.backend import make_store
@@ -137,13 +136,28 @@ def queued_for(realm: RealmService, dest: str) -> Any:
     )
 
 
+def hold_stream(worker: RealmService) -> Any:
+    """Stop ``worker``'s stream from delivering (its items are committed, not
+    delivered: as if the worker died right after its commits); returns the undo."""
+    stream = worker.cluster.stream
+    wake = stream.wake
+    stream.wake = lambda upto=None: None  # type: ignore[method-assign]
+
+    def release() -> None:
+        stream.wake = wake  # type: ignore[method-assign]
+
+    return release
+
+
 @pytest_twisted.inlineCallbacks
 def test_an_item_committed_after_a_join_on_another_worker_reaches_the_joiners_realm(
     net: Any,
 ) -> Any:
     """alice of a.example joins through w2; w1 checks a message to the group before it
-    has heard of the join, and commits it after the join: once w1's stream delivers
-    it (every event before it applied), w1 queues it for a.example too."""
+    has heard of the join, and commits it after the join: it is queued for a.example
+    in its own transaction (the store knows the join came first), a row like any
+    other -- there before w1's stream delivers it (a worker dying then loses
+    nothing), and the row a.example's fetch of a file item is checked against."""
     _links, clock, home, a = net
     w1, w2 = home.realms
     yield group_with_owner(home)
@@ -153,34 +167,35 @@ def test_an_item_committed_after_a_join_on_another_worker_reaches_the_joiners_re
     assert (yield w2.receive_remote("a.example", requests["a.example"])) == []
     # w1 has not heard of the join yet (the wake-up is on its way over Redis)
     assert "alice@a.example" not in w1.groups.get(GROUP).members
+    release = hold_stream(w1)
     sent = yield w1.post("owner@h.example", GROUP, "right after alice joined")
     joined = w2.groups.get(GROUP).members["alice@a.example"].since
     assert sent.pos > joined  # after the join, in the realm's order
-    yield home.delivered(0, sent.pos)
+    assert w1.cluster.stream.delivered < sent.pos  # not delivered on w1
 
-    # the item is queued for a.example once w1's stream delivered it (a store write)
-    for _ in range(500):
-        items = yield queued_for(w1, "a.example")
-        if len(items) >= 2:
-            break
-        yield task.deferLater(_reactor, 0.02, lambda: None)
+    items = yield queued_for(w2, "a.example")
     assert [(i["kind"], i.get("body")) for i in items] == [
         ("event", ""),
         ("text", "right after alice joined"),
     ]
+    assert (yield w2.store.outbox_holds("a.example", sent.pos))
+    release()
+    yield home.delivered(0, sent.pos)
     assert (yield a.receive_remote("h.example", items)) == []
     bodies = [m.get("body") for m in alice.msgs() if m["kind"] == "text"]
     assert bodies == ["right after alice joined"]
+    items = yield queued_for(w1, "a.example")
+    assert len(items) == 2  # nothing queued twice
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_item_committed_after_a_realms_last_member_left_on_another_worker_bounces_nothing(
+def test_an_item_committed_after_a_realms_last_member_left_on_another_worker_is_not_queued_there(
     net: Any,
 ) -> Any:
     """alice, a.example's only member, leaves through w2; w1 checks a message before
-    it has heard of the leave and commits it after: it was queued for a.example,
-    which refuses it (no member there), and the sender, w1, knowing the leave came
-    first, tells the message's sender of no refusal."""
+    it has heard of the leave and commits it after: a.example had no member at its
+    position, so it is not queued for a.example (which never receives the group's
+    text).  Once alice is back, the group's items go there again."""
     _links, clock, home, a = net
     w1, w2 = home.realms
     yield group_with_owner(home)
@@ -194,24 +209,56 @@ def test_an_item_committed_after_a_realms_last_member_left_on_another_worker_bou
     sent = yield w1.post("owner@h.example", GROUP, "right after alice left")
     yield home.delivered(0, sent.pos)
     assert "alice@a.example" not in w1.groups.get(GROUP).members
+    yield home.delivered(1, sent.pos)
 
-    bounced: list[Envelope] = []
-    append_remote = w1.store.append_remote
+    for worker in (w1, w2):
+        items = yield queued_for(worker, "a.example")
+        assert [i.get("meta", {}).get("event") for i in items] == ["joined", "left"]
+    assert not (yield w1.store.outbox_holds("a.example", sent.pos))
+    assert (yield a.receive_remote("h.example", items)) == []
+    assert "right after alice left" not in [m.get("body") for m in alice.msgs()]
 
-    def spy(items: Any, outbox: Any = ()) -> Any:
-        bounced.extend(items)
-        return append_remote(items, outbox)
-
-    w1.store.append_remote = spy  # type: ignore[method-assign]
-    # a.example refused it: the sender's link hands the refusal to the realm
-    yield w1.remote.bounce("a.example", [(sent, "not_member", "no member here")])
-    assert bounced == []
-
-    # a refusal of an item sent while a.example had a member still bounces
+    # back in the group: its items go to a.example again
     alice.ok("join", group=GROUP)
     assert (yield w2.receive_remote("a.example", requests_for_home(a)["a.example"])) == []
     yield home.delivered(0, w2.groups.get(GROUP).members["alice@a.example"].since)
     later = yield w1.post("owner@h.example", GROUP, "alice is back")
-    yield home.delivered(0, later.pos)
-    yield w1.remote.bounce("a.example", [(later, "too_large", "no")])
-    assert [e.kind for e in bounced] == ["bounce"]
+    assert (yield w1.store.outbox_holds("a.example", later.pos))
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_item_relayed_after_a_realms_last_member_left_on_another_worker_is_not_queued_there(
+    net: Any, tmp_path: Path
+) -> Any:
+    """The same for an item of a member on another realm, which h.example relays to
+    the group's other realms: bob, b.example's only member, leaves through w2; an item
+    of alice (a.example) reaches w1 before it has heard of the leave.  It is relayed
+    to the realms with a member at its position but a.example: none."""
+    links, clock, home, a = net
+    w1, w2 = home.realms
+    b = links.add(fed_realm(clock, "b.example", tmp_path))
+    for worker in (w1, w2):
+        for realm, other in ((worker, b), (b, worker)):
+            keys = parse_keys(other.signing.announce())
+            yield realm.peer_keys.learn(other.realm, keys)
+    yield group_with_owner(home)
+    alice, bob = User(a, clock, "alice"), User(b, clock, "bob")
+    for user, realm in ((alice, a), (bob, b)):
+        user.ok("join", group=GROUP)
+        requests = requests_for_home(realm)[realm.realm]
+        assert (yield w2.receive_remote(realm.realm, requests)) == []
+        # the join comes back (the realm's mirror of the group: its member may act)
+        assert (yield realm.receive_remote("h.example", (yield queued_for(w2, realm.realm)))) == []
+    yield home.delivered(0, w2.groups.get(GROUP).members["bob@b.example"].since)
+    bob.ok("leave", group=GROUP)
+    assert (yield w2.receive_remote("b.example", requests_for_home(b)["b.example"])) == []
+    assert "bob@b.example" in w1.groups.get(GROUP).members  # w1 has not heard yet
+    alice.ok("send", to=GROUP, body="after bob left")
+    items = requests_for_home(a)["a.example"]
+    assert [i.get("body") for i in items] == ["after bob left"]
+    assert (yield w1.receive_remote("a.example", items)) == []
+    relayed = yield w1.store.stored_item(items[0]["id"])
+    assert relayed is not None and relayed.pos
+    assert not (yield w1.store.outbox_holds("b.example", relayed.pos))
+    queued = yield queued_for(w1, "b.example")
+    assert "after bob left" not in [i.get("body") for i in queued]

@@ -368,6 +368,141 @@ def test_positions_across_writers_held_back_commit(dsn: str, schema: str) -> Non
             db.close()
 
 
+GROUP = "#dev@localhost"
+
+
+def _group_item(body: str) -> Envelope:
+    return Envelope(new_message_id(), "text", ALICE, GROUP, 1.0, body)
+
+
+def _leave() -> Envelope:
+    meta = {"event": "left", "user": "carol@a.example"}
+    return Envelope(new_message_id(), "event", "carol@a.example", GROUP, 1.0, "", meta)
+
+
+def test_group_items_go_to_the_realms_recorded_at_their_position(dsn: str, schema: str) -> None:
+    """Workers of a cluster (chatproto/store/grouprealms.py): writer A commits the
+    leave of a.example's last member of GROUP (with the record of the group's realms
+    after it) and is held back before COMMIT; writer B commits an item of GROUP that
+    its worker checked against the group as it knew it (a.example with a member).  B
+    waits for A's group lock before it draws its position, so its item comes after
+    the leave in the realm's order, and is queued for the realms recorded then: not
+    for a.example.  A join committed by another writer makes the next item go to the
+    joiner's realm, which the worker did not know of; and a group with nothing
+    recorded goes to the worker's realms.  Without the lock B would draw its
+    position after A's and read the record before A's commit: a.example would get
+    the group's text after its last member left."""
+    import threading
+
+    from chatproto.store.grouprealms import GroupFanout, GroupRealms
+
+    a = PostgresDB(dsn, schema, writer="a")
+    a.migrate()
+    b = PostgresDB(dsn, schema, create=False, writer="b")
+    reader = PostgresDB(dsn, schema, create=False, writer="reader")
+    try:
+        a.append_batch([[env(ALICE, BOB, "a0")]], {})  # (A's row in stream_writers)
+        # nothing recorded of GROUP: the worker's realms
+        first = _group_item("before")
+        fan = GroupFanout(GROUP, first, ("a.example",))
+        [[p1]] = b.append_batch([[first]], {}, [[("", fan)]])
+        assert fan.queued == ["a.example"]
+        assert reader.outbox_holds("a.example", p1)
+
+        hold = _hold_back(dsn, schema, "a")
+        leave = _leave()
+        done_a: list[Any] = []
+        done_b: list[Any] = []
+        t_a = threading.Thread(
+            target=lambda: done_a.append(
+                a.append_batch(
+                    [[leave]], {}, [[("a.example", leave), ("", GroupRealms(GROUP, ()))]]
+                )
+            )
+        )
+        t_a.start()
+        try:
+            _wait_until(lambda: reader.items_top() == p1 + 1, "A has drawn its position")
+            after = _group_item("right after the leave")
+            stale = GroupFanout(GROUP, after, ("a.example",))  # B's worker: not heard yet
+            t_b = threading.Thread(
+                target=lambda: done_b.append(b.append_batch([[after]], {}, [[("", stale)]]))
+            )
+            t_b.start()
+            t_b.join(0.5)
+            assert t_b.is_alive()  # waiting for GROUP's lock, no position drawn
+            assert reader.items_top() == p1 + 1
+        finally:
+            hold.rollback()
+            hold.close()
+            t_a.join(20)
+            t_b.join(20)
+        assert done_a == [[[p1 + 1]]]
+        assert done_b == [[[p1 + 2]]]
+        assert stale.queued == []
+        assert not reader.outbox_holds("a.example", p1 + 2)
+        assert [pos for _, pos in _outbox(reader, "a.example")] == [p1, p1 + 1]  # the leave
+
+        # a join recorded by A: B's next item goes to b.example, unknown to its worker
+        join = Envelope(
+            new_message_id(), "event", "dan@b.example", GROUP, 1.0, "",
+            {"event": "joined", "user": "dan@b.example"},
+        )  # fmt: skip
+        a.append_batch(
+            [[join]], {}, [[("b.example", join), ("", GroupRealms(GROUP, ("b.example",)))]]
+        )
+        later = _group_item("dan is here")
+        fan = GroupFanout(GROUP, later, ())
+        [[p4]] = b.append_batch([[later]], {}, [[("", fan)]])
+        assert fan.queued == ["b.example"] and reader.outbox_holds("b.example", p4)
+
+        # an item and a change in one commit: each in its order
+        early, late = _group_item("early"), _group_item("late")
+        quit_ = _leave()
+        f_early = GroupFanout(GROUP, early, ())
+        f_late = GroupFanout(GROUP, late, ())
+        b.append_batch(
+            [[early], [quit_], [late]],
+            {},
+            [[("", f_early)], [("", GroupRealms(GROUP, ()))], [("", f_late)]],
+        )
+        assert (f_early.queued, f_late.queued) == (["b.example"], [])
+    finally:
+        for db in (a, b, reader):
+            db.close()
+
+
+def _outbox(db: PostgresDB, realm: str) -> list[tuple[int, int]]:
+    rows = db.conn.execute(
+        "SELECT seq, pos FROM outbox WHERE realm = %s ORDER BY seq", (realm,)
+    ).fetchall()
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_single_process_forgets_the_groups_realms_workers_recorded(dsn: str, schema: str) -> Any:
+    """A single-process realm changes groups' realms without recording them: when it
+    opens a schema, what workers recorded goes (else workers started after it would
+    queue items for the realms of before)."""
+    from chatproto.store.grouprealms import GroupRealms
+
+    db = PostgresDB(dsn, schema, writer="w1")
+    db.migrate()
+    leave = _leave()
+    db.append_batch([[leave]], {}, [[("", GroupRealms(GROUP, ("a.example",)))]])
+    assert db.conn.execute("SELECT count(*) FROM group_realms").fetchone() == (2,)
+    db.close()
+    store = PostgresStore(dsn, schema, _reactor)
+    yield store.open()
+    try:
+        rows = yield store._read(
+            lambda r: r.conn.execute("SELECT count(*) FROM group_realms").fetchone()
+        )
+        assert rows == (0,)
+    finally:
+        yield store.close()
+
+
 def test_dead_writer_holds_nobody_back(dsn: str, schema: str, admin: Any) -> None:
     """A writer whose connection dies mid-transaction (its process was killed) drew a
     position that will never be committed: once the server has ended its session,

@@ -215,9 +215,6 @@ class StreamReader:
                     self.log.failure("cluster: routing item {pos} failed", pos=env.pos)
                 self.delivered = env.pos
                 self.routed += 1
-                if mine is not None and env.kind != "event" and env.recipient.startswith("#"):
-                    # every event before it is applied now: its realms can be checked
-                    realm.group_handler.delivered(env)
         finally:
             realm.end_burst()
         if upto is not None:
@@ -236,9 +233,7 @@ class StreamReader:
             groups = realm.groups
             if env.kind == "event":
                 before = groups.audience(env)
-                realms_before = realm.group_handler.realms_before(env)
                 groups.apply(env, mirror=not recipient.endswith(self._suffix))
-                realm.group_handler.note_applied(env, realms_before)
                 users = before | groups.audience(env)
                 if (env.meta or {}).get("event") == "joined":
                     realm.presence.on_join(env.sender, recipient)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -54,6 +53,7 @@ from chatproto.realm.admin import STANDING
 from chatproto.realm.groups import GroupHandler
 from chatproto.realm.messaging import Messaging, SendRequest
 from chatproto.realm.sessions import Notice, Session
+from chatproto.store.grouprealms import GroupFanout, GroupRealms
 
 __all__ = ["ClusterGroupHandler", "ClusterMessaging", "Worker", "nonce_id"]
 
@@ -182,79 +182,26 @@ class ClusterGroupHandler(GroupHandler):
     checked once this worker has applied what the others committed before (see
     :meth:`chatproto.cluster.stream.StreamReader.catch_up`).
 
-    An item of one of our groups is queued, at its commit, for the other realms with
-    a member as this worker knows them.  Another worker may commit, meanwhile, the
-    join of a user of a new realm (or the leave of a realm's last member) at a
-    position before the item's.  So once the stream delivers the item here -- every
-    event before it applied, none after -- its realms are known for certain
-    (:meth:`GroupHandler.realms_at`): a realm that joined before it and was not
-    queued is queued now (:meth:`delivered`); a realm whose last member had left
-    refuses it, and the federation sender, which knows the same, bounces nothing to
-    its sender (``RemoteIntake.bounce``)."""
-
-    #: Items queued and not yet delivered here that :meth:`delivered` checks (their
-    #: commit failed, they are never delivered: the oldest go past this many).
-    MAX_QUEUED = 100_000
+    An item of one of our groups is checked against the group as this worker knows
+    it; another worker may commit, meanwhile, the join of a user of a new realm (or
+    the leave of a realm's last member) at a position before the item's.  So the
+    realms it goes to are chosen by the store, in the item's transaction: a change of
+    a group's other realms is committed with a record of them (:meth:`realms_changed`),
+    and an item with a note asking for the realms recorded at its position
+    (:meth:`fanout`; see :mod:`chatproto.store.grouprealms`)."""
 
     def __init__(self, realm: Any, worker: Worker) -> None:
         super().__init__(realm)
         self._worker = worker
         self._queues: dict[str, DeferredLock] = {}
-        #: item id -> the realms it was queued for at its commit, and how many
-        #: changes its group's realms had had then (GroupHandler.realm_changes)
-        self._queued: OrderedDict[str, tuple[frozenset[str], int]] = OrderedDict()
 
-    def queued(self, env: Envelope, realms: Iterable[str]) -> None:
+    def realms_changed(self, addr: str, realms: set[str]) -> list[tuple[str, Any]]:
+        return [("", GroupRealms(addr, tuple(sorted(realms))))]
+
+    def fanout(self, env: Envelope, realms: Iterable[str], origin: str = "") -> list[Any]:
         if self._realm.federation is None:
-            return  # (no other realm to miss)
-        changes = self.realm_changes.get(env.recipient, 0)
-        self._queued[env.id] = (frozenset(realms), changes)
-        if len(self._queued) > self.MAX_QUEUED:
-            self._queued.popitem(last=False)
-
-    def realms_at(self, addr: str, pos: int) -> set[str] | None:
-        """:meth:`GroupHandler.realms_at`, known only up to the position this worker's
-        stream has delivered (events of other workers after it are not applied)."""
-        if pos > self._worker.stream.delivered:
-            return None
-        return super().realms_at(addr, pos)
-
-    def delivered(self, env: Envelope) -> None:
-        """The stream delivered ``env``, an item of a group this worker committed:
-        queue it for the realms that had a member when it was committed and that its
-        commit missed (their joins were committed by another worker meanwhile).  It
-        goes as a copy (a queued object, like a joining realm's snapshot), after the
-        items queued for that realm since."""
-        entry = self._queued.pop(env.id, None)
-        if entry is None:
-            return
-        queued, changes = entry
-        if self.realm_changes.get(env.recipient, 0) == changes:
-            return  # its group's realms have not changed since: what it was queued for
-        realms = self.realms_at(env.recipient, env.pos)
-        if realms is None:
-            return
-        realm = self._realm
-        origin = env.sender.rpartition("@")[2]
-        for missed in sorted(realms - queued - {origin}):
-            self.log.info(
-                "group {group}: item {pos} queued for {realm} too (its join was committed "
-                "meanwhile by another worker)",
-                group=env.recipient,
-                pos=env.pos,
-                realm=missed,
-            )
-            d = realm.store.outbox_enqueue(missed, [env.to_item()])
-            d.addCallback(lambda _, r=missed: realm.wake(None, r))
-            d.addErrback(
-                lambda f, r=missed: self.log.failure(
-                    "group {group}: queueing item {pos} for {realm}",
-                    f,
-                    group=env.recipient,
-                    pos=env.pos,
-                    realm=r,
-                )
-            )
+            return []  # (no other realm)
+        return [("", GroupFanout(env.recipient, env, tuple(sorted(realms)), origin))]
 
     @inlineCallbacks
     def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:

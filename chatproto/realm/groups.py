@@ -24,17 +24,13 @@ from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import Group
 from chatproto.ratelimit import ConnectionBuckets
+from chatproto.store.grouprealms import queued_realms
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
     from chatproto.realm.sessions import Session
 
-__all__ = ["REALM_LOG_LENGTH", "GroupHandler"]
-
-#: Changes of the realms a group's items go to that are kept per group, by position
-#: (:meth:`GroupHandler.realms_at`); older ones are forgotten (asked about a position
-#: before them, it answers "unknown").
-REALM_LOG_LENGTH = 64
+__all__ = ["GroupHandler"]
 
 
 class GroupHandler:
@@ -53,18 +49,6 @@ class GroupHandler:
         #: is: an item checked meanwhile is committed after it, so it goes to the
         #: realms of after it.  At most one a group: its changes commit one at a time.
         self._changing: dict[str, tuple[str, bool]] = {}
-        #: group -> [(position, realm, joined)], by position: how the other realms
-        #: with a member of our group changed, event by event (REALM_LOG_LENGTH of
-        #: them), as applied here -- this realm's own commits and, on a worker of a
-        #: cluster, the other workers' events as the stream brings them.
-        self._realm_log: dict[str, list[tuple[int, str, bool]]] = {}
-        #: group -> the position of the last change dropped from its log
-        self._log_dropped: dict[str, int] = {}
-        #: group -> how many changes its log has had (never goes down)
-        self.realm_changes: dict[str, int] = {}
-        #: the position of the last event replayed at start: the log knows nothing
-        #: of changes at or before it
-        self.log_start = 0
         #: each session's group-change bucket (see :meth:`change_by`)
         self._buckets = ConnectionBuckets()
 
@@ -211,6 +195,7 @@ class GroupHandler:
         change = _realm_change(event, actor, meta, group, realms)
         if change is not None:
             self._changing[addr] = change
+        queued += self._realms_note(addr, event, change)
 
         def changed(result: Any) -> Any:
             self._changing.pop(addr, None)
@@ -218,9 +203,7 @@ class GroupHandler:
 
         def committed(_: object) -> Envelope:
             before = rules.audience(env)
-            realms_before = self.realms_before(env)
             rules.apply(env)
-            self.note_applied(env, realms_before)
             realm.route(env, before | rules.audience(env))
             if event == "joined":
                 realm.presence.on_join(actor, addr)
@@ -268,6 +251,7 @@ class GroupHandler:
                 if change is not None:
                     self._changing[env.recipient] = change
                     changing.append(env.recipient)
+                plan.outbox += self._realms_note(env.recipient, meta.get("event", ""), change)
             if account is not None:
                 existed = yield realm.store.delete_user(account, user, plan.items, plan.outbox)
                 if not existed:
@@ -278,9 +262,7 @@ class GroupHandler:
             try:
                 for env in plan.items:
                     before = rules.audience(env)
-                    realms_before = self.realms_before(env)
                     rules.apply(env, mirror=not env.recipient.endswith(self._suffix))
-                    self.note_applied(env, realms_before)
                     realm.route(env, before | rules.audience(env))
                     self.log.info(
                         "group {group}: {event} by {actor}",
@@ -288,7 +270,7 @@ class GroupHandler:
                         event=(env.meta or {}).get("event"),
                         actor=user,
                     )
-                for other in sorted({r for r, _ in plan.outbox}):
+                for other in queued_realms(plan.outbox):
                     realm.wake(None, other)
             finally:
                 realm.end_burst()
@@ -339,77 +321,37 @@ class GroupHandler:
         group = self._rules.groups.get(addr)
         return self._realm.realms_of(group.members) if group is not None else set()
 
-    def realms_before(self, env: Envelope) -> tuple[set[str], set[str]] | None:
-        """Called before group event ``env`` is applied here: the other realms it may
-        change for items of its group, and those of them with a member now -- for
-        :meth:`note_applied`, called after -- or None when it changes none (most
-        events: not a membership change, or one of a local user)."""
-        addr = env.recipient
+    def _realms_note(
+        self, addr: str, event: str, change: tuple[str, bool] | None
+    ) -> list[tuple[str, Any]]:
+        """The outbox entries recording how a group event being committed changes the
+        other realms of our group ``addr`` (``change``: see :func:`_realm_change`):
+        none when it changes none, else those of :meth:`realms_changed`."""
         if not addr.endswith(self._suffix):
-            return None
-        meta = env.meta or {}
-        event = meta.get("event")
+            return []
+        now = self.current_realms(addr)
         if event == "deleted":
-            concerned = self.current_realms(addr)
-        elif event in _MEMBERSHIP:
-            concerned = self._realm.realms_of((meta.get("user") or env.sender,))
+            after: set[str] = set()
+        elif change is None:
+            return []
         else:
-            return None
-        if not concerned:
-            return None
-        return concerned, self._with_members(addr, concerned)
+            realm, joins = change
+            after = now | {realm} if joins else now - {realm}
+        return self.realms_changed(addr, after) if after != now else []
 
-    def _with_members(self, addr: str, realms: set[str]) -> set[str]:
-        group = self._rules.groups.get(addr)
-        if group is None:
-            return set()
-        return {r for r in realms if any(u.endswith("@" + r) for u in group.members)}
+    def realms_changed(self, addr: str, realms: set[str]) -> list[tuple[str, Any]]:
+        """The outbox entries to commit with a group event after which the other
+        realms with a member of our group ``addr`` are ``realms``.  None in one
+        process: its commit order is the realm's order (see :meth:`member_realms`);
+        a worker of a cluster records them (:mod:`chatproto.store.grouprealms`)."""
+        return []
 
-    def note_applied(self, env: Envelope, before: tuple[set[str], set[str]] | None) -> None:
-        """Group event ``env`` (committed, at ``env.pos``) was applied here
-        (``before``: what :meth:`realms_before` said before): keep how it changed the
-        realms of its group's items, for :meth:`realms_at`."""
-        if before is None or not env.pos:
-            return
-        concerned, had = before
-        addr = env.recipient
-        has = self._with_members(addr, concerned)
-        if has == had:
-            return
-        log = self._realm_log.setdefault(addr, [])
-        log += [(env.pos, r, True) for r in sorted(has - had)]
-        log += [(env.pos, r, False) for r in sorted(had - has)]
-        self.realm_changes[addr] = self.realm_changes.get(addr, 0) + 1
-        log.sort(key=lambda change: change[0])  # (stable: one event's changes stay)
-        while len(log) > REALM_LOG_LENGTH:
-            self._log_dropped[addr] = log.pop(0)[0]
-
-    def realms_at(self, addr: str, pos: int) -> set[str] | None:
-        """The other realms that had a member of our group ``addr`` for an item at
-        position ``pos`` (after every event before it, none after it), from the
-        group's state here and the changes kept since; None when that is not known
-        here (``pos`` before the changes kept)."""
-        if pos <= max(self.log_start, self._log_dropped.get(addr, 0)):
-            return None
-        realms = self.current_realms(addr)
-        for at, realm, joined in reversed(self._realm_log.get(addr, ())):
-            if at < pos:
-                break
-            if joined:
-                realms.discard(realm)
-            else:
-                realms.add(realm)
-        return realms
-
-    def queued(self, env: Envelope, realms: Iterable[str]) -> None:
-        """Group item ``env`` is being committed with outbox rows for ``realms`` (a
-        worker of a cluster checks them once the item is delivered: see
-        :class:`chatproto.cluster.worker.ClusterGroupHandler`).  Nothing here: in one
-        process the realm's order is its commit order (see :meth:`member_realms`)."""
-
-    def delivered(self, env: Envelope) -> None:
-        """Group item ``env``, committed here, reached this process's sessions in the
-        stream's order (a worker of a cluster).  Nothing here (see :meth:`queued`)."""
+    def fanout(self, env: Envelope, realms: Iterable[str], origin: str = "") -> list[Any]:
+        """The outbox entries of ``env``, an item of our group, for ``realms`` (those
+        with a member as this process knows them, but ``origin``).  In one process,
+        one row a realm; a worker of a cluster lets the store choose them at the
+        item's position (:mod:`chatproto.store.grouprealms`)."""
+        return [(r, env) for r in realms if r != origin]
 
     def send(
         self, sender: str, to: str, body: str, meta: dict[str, Any] | None = None
@@ -431,13 +373,17 @@ class GroupHandler:
         realm = self._realm
         if realm.signing is not None and not env.recipient.endswith("@" + self._name):
             env.sig = realm.signing.sign(env)
-        elif env.recipient.endswith(self._suffix):
-            self.queued(env, realms)
-        d = realm.store.append([env], [(r, env) for r in realms])
+            outbox: list[Any] = [(r, env) for r in realms]
+        else:
+            outbox = self.fanout(env, realms)
+        d = realm.store.append([env], outbox)
         d.addCallback(self.committed, env)
-        for other in realms:
-            d.addCallback(realm.wake, other)
-        return d
+        return d.addCallback(self._wake, outbox)
+
+    def _wake(self, env: Envelope, outbox: list[Any]) -> Envelope:
+        for other in queued_realms(outbox):
+            self._realm.wake(env, other)
+        return env
 
     def committed(self, _: object, env: Envelope) -> Envelope:
         """A group item was committed: deliver it to the group's members."""
@@ -445,10 +391,6 @@ class GroupHandler:
         if group is not None:
             self._realm.route(env, group.members)
         return env
-
-
-#: The events that may change who is a member.
-_MEMBERSHIP = frozenset(("joined", "left", "kicked", "banned"))
 
 
 def _realm_change(

@@ -33,6 +33,7 @@ from chatproto.relations import REF_KINDS, check_msg_id, remote_meta
 from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META
+from chatproto.store.grouprealms import queued_realms
 from chatproto.text import check_label
 
 if TYPE_CHECKING:
@@ -600,11 +601,9 @@ class RemoteIntake:
         the realms of when they are committed, not of when they were checked (a join
         committed in between comes first; see ``GroupHandler.member_realms``)."""
         handler = self._r.group_handler
-        outbox = []
+        outbox: list[Any] = []
         for env in relayed:
-            realms = sorted(handler.member_realms(env.recipient) - {origin})
-            handler.queued(env, realms)
-            outbox += [(realm, env) for realm in realms]
+            outbox += handler.fanout(env, sorted(handler.member_realms(env.recipient)), origin)
 
         def stored(envs: list[Envelope]) -> None:
             self._r.begin_burst()
@@ -625,7 +624,7 @@ class RemoteIntake:
                         self._r.group_handler.committed(None, env)
             finally:
                 self._r.end_burst()
-            for realm in sorted({r for r, e in outbox if e.pos}):
+            for realm in queued_realms(outbox):
                 self._r.wake(batch[0], realm)
 
         return self.store.append_remote(batch, outbox).addCallback(stored)
@@ -659,8 +658,6 @@ class RemoteIntake:
             else:
                 continue
             if not (isinstance(mid, str) and isinstance(sender, str) and isinstance(target, str)):
-                continue
-            if isinstance(item, Envelope) and self._sent_after_last_member(peer, item):
                 continue
             if not sender.endswith(self._suffix) or sender.startswith("#"):
                 continue  # not one of our users: nobody here to tell
@@ -708,25 +705,6 @@ class RemoteIntake:
                 self._r.end_burst()
 
         return d.addCallback(lambda _: self.store.append_remote(batch, [])).addCallback(stored)
-
-    def _sent_after_last_member(self, peer: str, item: Envelope) -> bool:
-        """Whether ``item``, to a group of ours, went to ``peer`` although the last
-        member there had left before it (a worker of a cluster checked it before it
-        heard of the leave another worker committed): ``peer`` refused it rightly, and
-        its sender is told nothing (the group's other realms had it)."""
-        if not item.recipient.endswith("@" + self._r.realm) or not item.recipient.startswith("#"):
-            return False
-        realms = self._r.group_handler.realms_at(item.recipient, item.pos)
-        if realms is None or peer in realms:
-            return False
-        self.log.info(
-            "federation: {peer} refused item {id} of {group}, sent after its last member "
-            "there left: not bounced",
-            peer=peer,
-            id=item.id,
-            group=item.recipient,
-        )
-        return True
 
     def _request_done(self, _: object, request_id: str) -> Deferred[None]:
         return self.store.request_done(request_id)  # type: ignore[no-any-return]

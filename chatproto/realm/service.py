@@ -211,8 +211,6 @@ class RealmService(Service):
             events = yield self.store.read_events(after, 1000)
             for env in events:
                 self.groups.apply(env, mirror=not env.recipient.endswith(self._suffix))
-            if events:
-                self.group_handler.log_start = events[-1].pos
             if len(events) < 1000:
                 break
             after = events[-1].pos

@@ -109,6 +109,10 @@ class PostgresStore(GroupCommitStore):
         try:
             writer.lock_writer(worker=self.worker)
             writer.migrate()
+            if self.worker is None:
+                # One process commits in its order: what workers recorded of groups'
+                # realms no longer holds once it changes them (see grouprealms.py).
+                writer.forget_group_realms()
             if self.visible is not None:
                 self.visible, self.outbox_visible = writer.safe_positions()
         except psycopg.Error as e:

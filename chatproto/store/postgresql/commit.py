@@ -28,6 +28,7 @@ from chatproto.store.groupcommit import (
     plan_inserts,
     skip_missing_accounts,
 )
+from chatproto.store.grouprealms import GroupFanout, GroupRealms, group_notes
 from chatproto.store.postgresql.rows import (
     INDEXED_KINDS,
     ITEM_COLS,
@@ -36,7 +37,7 @@ from chatproto.store.postgresql.rows import (
     row_of_item,
     unescape_text,
 )
-from chatproto.store.postgresql.writers import WriterPositions
+from chatproto.store.postgresql.writers import WriterPositions, group_lock_key
 from chatproto.store.reading import REF_KINDS_SQL
 from chatproto.store.userconvs import UserConvs
 
@@ -138,6 +139,9 @@ class CommitSQL(WriterPositions):
             batches, outbox, missing = skip_missing_accounts(
                 batches, outbox, deletions, self.user_floor
             )
+            notes = group_notes(outbox)
+            if notes:  # before any position is drawn
+                self._lock_groups(notes)
             if each:
                 out = self._append_each(batches, flags)
             else:
@@ -150,6 +154,9 @@ class CommitSQL(WriterPositions):
                         "INSERT INTO user_convs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                         convs,
                     )
+            if notes:
+                assert outbox is not None
+                outbox = self.fan_out(outbox, notes, out)
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, escape_text)
                 if rows:
@@ -188,6 +195,79 @@ class CommitSQL(WriterPositions):
         self.sync_seconds = time.perf_counter() - synced
         self._user_convs.committed(convs)
         return out, queued_rows
+
+    # the realms of groups' items (chatproto/store/grouprealms.py) ---------------------
+
+    def _lock_groups(self, notes: Sequence[tuple[int, GroupFanout | GroupRealms]]) -> None:
+        """Take the lock of each group the commit has notes of, in key order (two
+        commits never wait for each other's): exclusive where it changes the group's
+        realms, else shared.  Held to the end of the transaction, taken before its
+        positions are drawn: so a change and an item of one group never draw their
+        positions in one order and commit in the other."""
+        keys: dict[int, bool] = {}
+        for _, note in notes:
+            key = group_lock_key(self.schema, note.group)
+            keys[key] = keys.get(key, False) or isinstance(note, GroupRealms)
+        for key in sorted(keys):
+            if keys[key]:
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            else:
+                self.conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (key,))
+
+    def fan_out(
+        self,
+        outbox: Sequence[Sequence[tuple[str, Any]]],
+        notes: Sequence[tuple[int, GroupFanout | GroupRealms]],
+        positions: Sequence[list[int | None] | Exception],
+    ) -> list[Sequence[tuple[str, Any]]]:
+        """Inside a commit holding its groups' locks, its items inserted
+        (``positions`` per batch): the outbox with each :class:`GroupFanout` replaced
+        by ``(realm, item)`` pairs -- the group's realms as recorded by the last change
+        committed before the item (before it in this commit, or before the commit drew
+        its positions: the lock), or the worker's if none is recorded -- and each
+        :class:`GroupRealms` of a batch that did not fail recorded in ``group_realms``.
+        """
+        fanned = sorted({n.group for _, n in notes if isinstance(n, GroupFanout)})
+        realms: dict[str, set[str]] = {}
+        if fanned:
+            for grp, realm in self.conn.execute(
+                "SELECT grp, realm FROM group_realms WHERE grp = ANY(%s)", (fanned,)
+            ).fetchall():
+                known = realms.setdefault(grp, set())
+                if realm:
+                    known.add(realm)
+        changed: dict[str, tuple[str, ...]] = {}
+        out = list(outbox)
+        for i in sorted({i for i, _ in notes}):
+            failed = isinstance(positions[i], Exception)
+            entries: list[tuple[str, Any]] = []
+            for realm, obj in out[i]:
+                if isinstance(obj, GroupRealms):
+                    if not failed:
+                        realms[obj.group] = set(obj.realms)
+                        changed[obj.group] = obj.realms
+                elif isinstance(obj, GroupFanout):
+                    recorded = realms.get(obj.group)
+                    at = set(obj.realms) if recorded is None else recorded
+                    chosen = sorted(at - {obj.origin})
+                    obj.queued = chosen
+                    entries += [(r, obj.item) for r in chosen]
+                else:
+                    entries.append((realm, obj))
+            out[i] = entries
+        if changed:
+            with self.conn.cursor() as cur:
+                cur.executemany("DELETE FROM group_realms WHERE grp = %s", [(g,) for g in changed])
+                cur.executemany(
+                    "INSERT INTO group_realms VALUES (%s, %s)",
+                    [(g, r) for g, rs in changed.items() for r in ("", *rs)],
+                )
+        return out
+
+    def forget_group_realms(self) -> None:
+        """Forget what workers recorded of groups' realms (a single-process realm
+        opens the schema: it changes them without recording)."""
+        self.conn.execute("DELETE FROM group_realms")
 
     def _id_key(self) -> bytes:
         if self._key is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -256,5 +256,17 @@ MIGRATIONS: list[str] = [
     INSERT INTO settings (key, value)
         SELECT 'search_upto', coalesce(max(pos), 0)::text FROM items
         ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+    """,
+    # v13 (PostgreSQL only; issue 16): the other realms with a member of each group
+    # whose realms a worker of a cluster changed (chatproto/store/grouprealms.py),
+    # as of the last such change: a group's items are queued for them in their own
+    # transaction.  A row with realm '' says the group is recorded (maybe with no
+    # other realm at all).
+    """
+    CREATE TABLE IF NOT EXISTS group_realms (
+        grp TEXT COLLATE "C" NOT NULL,
+        realm TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (grp, realm)
+    );
     """,
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "LOCK_WAIT",
     "SOLE_WRITER",
     "WriterPositions",
+    "group_lock_key",
     "index_lock_key",
     "inflight_lock_key",
     "schema_lock_key",
@@ -64,6 +65,13 @@ def index_lock_key(schema: str) -> int:
     :meth:`chatproto.store.postgresql.search.SearchIndex.index_search`): one writer
     indexes at a time."""
     return _key(f"chatproto search index {schema}")
+
+
+def group_lock_key(schema: str, group: str) -> int:
+    """The transaction lock that orders a group's items and the changes of its realms
+    (see :mod:`chatproto.store.grouprealms`): shared by a commit of items, exclusive
+    by one of a change, taken before positions are drawn."""
+    return _key(f"chatproto group {schema} {group}")
 
 
 #: The writer name of a single-process realm, and of ``chatrealmctl``'s commits.
