@@ -243,3 +243,62 @@ def test_the_postgresql_store_indexes_after_its_commits(dsn: str, schema: str) -
         assert sorted(e.body for e in got) == ["word44"] + [f"word44{n}" for n in range(10)]
     finally:
         yield store.close()
+
+
+class _ClockedReactor:
+    """The reactor (threads), with the timers of ``clock``."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.callLater = clock.callLater
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_reactor, name)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_step_skipped_for_another_writers_is_taken_again_later(
+    dsn: str, schema: str, admin_conn: Any
+) -> Any:
+    """A worker's step that finds another writer's step holding the index lock steps
+    again INDEX_DELAY later, with no commit to wake it: its items do not wait for the
+    realm's next message to be indexed (the other step may have stopped before them)."""
+    from chatproto.store.groupcommit import INDEX_DELAY
+
+    clock = task.Clock()
+    store = PostgresStore(dsn, schema, _ClockedReactor(clock), worker="w1")  # type: ignore[arg-type]
+    yield store.open()
+    steps: list[int] = []
+    try:
+        writer = store._writer
+        assert isinstance(writer, PostgresDB)
+        index_search = writer.index_search
+
+        def step(limit: int) -> int:
+            n = index_search(limit)
+            steps.append(n)
+            return n
+
+        writer.index_search = step  # type: ignore[method-assign]
+        with admin_conn.transaction():  # another writer's step in progress
+            admin_conn.execute("SELECT pg_advisory_xact_lock(%s)", (index_lock_key(schema),))
+            [item] = yield store.append([env("zqx alone")])
+            yield task.deferLater(_reactor, 0, lambda: None)  # (the commit's end)
+            assert [c.getTime() for c in clock.getDelayedCalls()] == [INDEX_DELAY]
+            clock.advance(INDEX_DELAY)  # the realm is quiet: a step, skipped
+            for _ in range(400):  # bounded: 20 s
+                if steps and not store._indexing:
+                    break
+                yield task.deferLater(_reactor, 0.05, lambda: None)
+            assert steps == [0]
+        assert (yield store._read(lambda db: db.search_upto())) == 0
+        clock.advance(INDEX_DELAY)  # no commit since: the timer steps again
+        for _ in range(400):
+            upto = yield store._read(lambda db: db.search_upto())
+            if upto == item.pos:
+                break
+            yield task.deferLater(_reactor, 0.05, lambda: None)
+        assert upto == item.pos
+        assert steps[-1] == 1
+        assert clock.getDelayedCalls() == []  # caught up: no more steps
+    finally:
+        yield store.close()

@@ -948,6 +948,12 @@ class GroupCommitStore:
             self._index_wanted = n >= INDEX_STEP or gen != self._index_gen
             if n >= INDEX_STEP and gen == self._index_gen:  # still quiet: go on
                 self._index_quiet = True
+            if n < INDEX_STEP and getattr(self._writer, "index_later", False):
+                # Stopped short (PostgreSQL with several writers: another's step held
+                # the lock, or commits in flight held the safe position below items):
+                # again INDEX_DELAY seconds later (the timer of _index_when_idle), not
+                # only after this store's next commit, which may not come.
+                self._index_wanted = True
             if self._unindexed >= INDEX_FORCE:
                 self._take_index_step()
             else:

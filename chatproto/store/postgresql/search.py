@@ -12,11 +12,14 @@ thread when it has no commit to make (:class:`chatproto.store.groupcommit.GroupC
 Several writers (a cluster's workers) share the schema: a step never goes past the
 safe position (an item below it may still commit, and would never be indexed), and
 takes a transaction lock, so one writer indexes at a time and none indexes an item
-twice.  Everything a step does is decided by positions: the items in its range with
-their current text, the edits in its range of items indexed before, the items whose
-deletes are in its range (a deletion takes its item's row out in its own commit, too:
-see :meth:`chatproto.store.postgresql.commit.CommitSQL._wipe`; a step that read the
-item just before it was wiped is corrected by the step that reaches the delete).
+twice.  A step that could not go as far as the items committed (the lock was
+another's, or the safe position was below some of them) says so (``index_later``):
+the store steps again after a delay, commits or not.  Everything a step does is
+decided by positions: the items in its range with their current text, the edits in
+its range of items indexed before, the items whose deletes are in its range (a
+deletion takes its item's row out in its own commit, too: see
+:meth:`chatproto.store.postgresql.commit.CommitSQL._wipe`; a step that read the item
+just before it was wiped is corrected by the step that reaches the delete).
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ class SearchIndex:
     #: The core's (see :meth:`chatproto.store.postgresql.writers.WriterPositions.safe_position`).
     safe_position: Callable[[], int]
 
+    #: Whether the last :meth:`index_search` left items it could not index yet (another
+    #: writer's step held the lock, or a commit in flight below them kept the safe
+    #: position under them): the store steps again later, commits or not.
+    index_later = False
+
     #: The id an edit, delete or reaction refers to (see
     #: :meth:`chatproto.store.reading.ReadingSQL.search`).
     REF_SQL = "meta::json ->> 'ref'"
@@ -97,17 +105,23 @@ class SearchIndex:
     def index_search(self, limit: int) -> int:
         """Index (for search) up to ``limit`` items after :meth:`search_upto`, never
         past the safe position, in one transaction; returns how many items it went
-        past (fewer than ``limit``: caught up, or another writer is indexing)."""
+        past (fewer than ``limit``: caught up, or stopped short: :attr:`index_later`)."""
         # (outside the transaction: its locks of other writers' in-flight marks must
         # end with its statement, not hold their next commit back)
         safe = self.safe_position()
         c = self.conn
+        self.index_later = False
         with c.transaction():
             row = c.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (index_lock_key(self.schema),)
             ).fetchone()
             if not row or not row[0]:
-                return 0  # another writer's step: the next one after a commit
+                # another writer's step, which may stop before this writer's items
+                self.index_later = True
+                return 0
+            # items above the safe position: committed or in flight, to index later
+            row = c.execute("SELECT max(pos) FROM items WHERE pos > %s", (safe,)).fetchone()
+            self.index_later = bool(row and row[0] is not None)
             lo = self.search_upto()
             if safe <= lo:
                 return 0
