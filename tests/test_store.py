@@ -565,6 +565,23 @@ def test_sqlite_commit_positions_follow_the_items_across_multi_row_inserts(
     db.close()
 
 
+def test_sqlite_commit_writes_acks_and_read_markers_forward_only(tmp_path: Any) -> None:
+    """A commit's acks and read markers (one statement each): any device name or
+    address text, a position only ever raised."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    conv = conversation_key(ALICE, BOB)
+    devices = ["phone", "t\u00e9l\u00e9phone \U0001f600", 'quote " back\\slash', "\x01 \u2028"]
+    acks = {(ALICE, d): 10 + k for k, d in enumerate(devices)}
+    db.commit_batch([], {**acks, (BOB, "phone"): 3}, reads={(ALICE, conv): 8, (BOB, conv): 2})
+    assert [db.get_ack(ALICE, d) for d in devices] == [10, 11, 12, 13]
+    assert db.read_markers(conv) == {ALICE: 8, BOB: 2}
+    db.commit_batch([], {(ALICE, devices[1]): 5, (BOB, "phone"): 4}, reads={(ALICE, conv): 1})
+    assert db.get_ack(ALICE, devices[1]) == 11 and db.get_ack(BOB, "phone") == 4
+    assert db.read_markers(conv) == {ALICE: 8, BOB: 2}
+    db.close()
+
+
 @pytest_twisted.inlineCallbacks
 def test_positions_are_not_reused_after_deletion(sqlite_store: SQLiteStore) -> Any:
     store = sqlite_store

@@ -277,6 +277,23 @@ def test_the_writer_writes_a_conversation_once_and_forgets_within_bounds() -> No
     assert known.new_rows(first, [[1], [2], [3], [4]]) == rows
 
 
+def test_the_writer_looks_at_each_run_of_one_pair_once_but_never_skips_a_stored_item() -> None:
+    """Items of the pair of the item before them are passed over -- unless that item
+    was not stored (a remote duplicate): then the next stored one brings the rows."""
+    rng = random.Random(6)
+    a, b, c = LOCAL[:3]
+    known = UserConvs()
+    run = [_env(rng, a, b), _env(rng, a, b), _env(rng, a, c), _env(rng, a, c), _env(rng, a, b)]
+    assert known.new_rows([run], [[None, 2, None, None, 5]]) == sorted(user_conv_rows(run[0]))
+    assert known.new_rows([run], [[None, None, None, 4, None]]) == sorted(user_conv_rows(run[2]))
+    both = sorted(user_conv_rows(run[0]) + user_conv_rows(run[2]))
+    assert known.new_rows([run], [[1, 2, 3, 4, 5]]) == both
+    group = [_env(rng, a, GROUPS[0]), _env(rng, a, GROUPS[0]), _env(rng, a, b)]
+    assert known.new_rows([group], [[1, 2, 3]]) == sorted(user_conv_rows(run[0]))
+    known.committed(both)
+    assert known.new_rows([run, group], [[1, 2, 3, 4, 5], [6, 7, 8]]) == []
+
+
 def test_two_writers_and_a_restart_keep_every_conversation(tmp_path: Any) -> None:
     """Writers sharing a database (cluster workers do, on PostgreSQL) each remember only
     what they saw; a restarted writer remembers nothing: the rows stay right."""

@@ -517,6 +517,12 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         "json_extract(value, '$[2]') FROM json_each(?) ORDER BY key"
     )
 
+    _UPSERT_ACKS = (
+        "INSERT INTO acks SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+        "json_extract(value, '$[2]') FROM json_each(?) WHERE true "
+        "ON CONFLICT (user, device) DO UPDATE SET pos = max(pos, excluded.pos)"
+    )
+
     def commit_batch(
         self,
         batches: Sequence[Sequence[Envelope]],
@@ -584,11 +590,10 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 c.executemany(
                     "DELETE FROM outbox WHERE realm = ? AND seq <= ?", list(outbox_acks.items())
                 )
-            if acks:
-                c.executemany(
-                    "INSERT INTO acks VALUES (?, ?, ?) ON CONFLICT (user, device) "
-                    "DO UPDATE SET pos = max(pos, excluded.pos)",
-                    [(u, d, p) for (u, d), p in acks.items()],
+            if acks:  # one statement (see the outbox above)
+                c.execute(
+                    self._UPSERT_ACKS,
+                    (json.dumps([(*k, p) for k, p in acks.items()], ensure_ascii=False),),
                 )
             if reads:
                 self._set_reads(reads)
@@ -776,20 +781,23 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         step = self._rows_per_insert()
         dumps = json.dumps
         last: int | None = None
+        sender = recipient = conv = ""  # (the items of a pair share its key)
         k, n = 0, len(items)
         while k < n:
             size = step if n - k >= step else 1 << ((n - k).bit_length() - 1)
             flat: list[Any] = []
             add = flat.extend
             for e in items[k : k + size]:
+                if e.sender != sender or e.recipient != recipient:
+                    sender, recipient, conv = e.sender, e.recipient, e.conversation
                 meta, sig = e.meta, e.sig
                 add(
                     (
                         e.id,
                         e.kind,
-                        e.sender,
-                        e.recipient,
-                        e.conversation,
+                        sender,
+                        recipient,
+                        conv,
                         e.ts,
                         e.body,
                         None if meta is None else dumps(meta),
@@ -905,10 +913,11 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         return "mentions(body, ?)", str
 
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
-        self.conn.executemany(
-            "INSERT INTO read_markers VALUES (?, ?, ?) ON CONFLICT (conv, user_addr) "
-            "DO UPDATE SET pos = max(pos, excluded.pos)",
-            [(conv, u, p) for (u, conv), p in reads.items()],
+        self.conn.execute(  # one statement (see the acks in commit_batch)
+            "INSERT INTO read_markers SELECT json_extract(value, '$[0]'), "
+            "json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?) "
+            "WHERE true ON CONFLICT (conv, user_addr) DO UPDATE SET pos = max(pos, excluded.pos)",
+            (json.dumps([(conv, u, p) for (u, conv), p in reads.items()], ensure_ascii=False),),
         )
 
     REF_SQL = "json_extract(meta, '$.ref')"
