@@ -776,7 +776,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         time, and updates ``sqlite_sequence`` (AUTOINCREMENT) once per row, not once
         per statement.  The rows of a statement are inserted in the order of its
         VALUES list, so they get consecutive positions (this connection is the only
-        writer of ``items``)."""
+        writer of ``items``).  On a failure the caller rolls the transaction back
+        (see :func:`_multi_insert`)."""
         c = self.conn
         step = self._rows_per_insert()
         dumps = json.dumps
@@ -1020,9 +1021,17 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
 
 @functools.cache
 def _multi_insert(rows: int) -> str:
-    """The statement inserting ``rows`` items (see ``SQLiteDB._insert_rows``)."""
+    """The statement inserting ``rows`` items (see ``SQLiteDB._insert_rows``).
+
+    ``OR FAIL``: a constraint failure stops the statement and leaves the rows it
+    inserted before, where the default (``ABORT``) undoes them -- for which SQLite
+    copies every page the statement changes to a statement journal, a temporary file
+    (as many writes again as the WAL's).  The caller rolls the whole transaction back
+    on any failure (and redoes it batch by batch), so nothing of a failed statement
+    is kept either way."""
     one = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    return SQLiteDB._INSERT.replace(one, ",".join([one] * rows))
+    sql = SQLiteDB._INSERT.replace("INSERT INTO", "INSERT OR FAIL INTO")
+    return sql.replace(one, ",".join([one] * rows))
 
 
 @implementer(IStore)
