@@ -828,11 +828,18 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     ) -> list[list[int | None] | Exception]:
         pos = self._insert_rows(chosen) - len(chosen) + 1 if chosen else 0
         out: list[list[int | None] | Exception] = []
+        # (one look at the kinds for the commit: most have no item to record, and
+        # many batches are of one item each)
+        record = any(e.kind in _INDEXED for e in chosen)
         for batch, inserted in zip(batches, plan, strict=True):
             positions: list[int | None]
             if inserted is None:  # a local batch: every item, in order
-                positions = list(range(pos, pos + len(batch)))
-                pos += len(batch)
+                n = len(batch)
+                positions = list(range(pos, pos + n))
+                pos += n
+                out.append(positions)
+                if not record:
+                    continue
             else:
                 positions = []
                 for m in inserted:
@@ -841,6 +848,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                         pos += 1
                     else:
                         positions.append(None)
+                out.append(positions)
             files = [
                 (e, p)
                 for e, p in zip(batch, positions, strict=True)
@@ -848,7 +856,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             ]
             if files:
                 self._index_files([e for e, _ in files], [p for _, p in files])
-            out.append(positions)
         return out
 
     def _append_each(
