@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 _COMPACT_SEND = wire.COMPACT_SEND
-_compact_send_fields = wire.compact_send_fields
 _pack = struct.Struct("!I").pack
 _unpack_from = struct.Struct("!I").unpack_from
 
@@ -293,15 +292,29 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 break
             if match is not None and sends is not None and self.state == "ready":
                 m = match(buf, start, offset)
-                fields = None if m is None else _compact_send_fields(m)
-                if fields is not None:
-                    if not seen:
-                        seen = True
-                        self.last_rx = self.factory.clock.seconds()
-                        self.pinged = False
-                    rid, to, body, nonce = fields
-                    sends.append(((to, body, nonce, False, None, None), rid))
-                    continue
+                if m is not None:
+                    # (wire.compact_send_fields, inline: the id at most once, UTF-8)
+                    first, to, body, nonce, last = m.groups()
+                    if first is None or last is None:
+                        try:
+                            req = (
+                                to.decode(),
+                                body.decode(),
+                                None if nonce is None else nonce.decode(),
+                                False,
+                                None,
+                                None,
+                            )
+                        except UnicodeDecodeError:
+                            req = None
+                        if req is not None:
+                            if not seen:
+                                seen = True
+                                self.last_rx = self.factory.clock.seconds()
+                                self.pinged = False
+                            rid = first if first is not None else last
+                            sends.append((req, None if rid is None else int(rid)))
+                            continue
             self.stringReceived(buf[start:offset])
             sends = self._sends  # (a new list once the sends so far were handed on)
         self._unprocessed = buf[offset:]

@@ -1034,6 +1034,51 @@ def test_compact_sends_are_answered_as_decoded_ones(realm: Any, clock: Clock) ->
     assert [f.get("code") for f in frames(t)] == [None, "not_authenticated"]
 
 
+def test_compact_sends_matched_in_the_read_are_answered_as_decoded_ones(
+    realm: Any, clock: Clock
+) -> None:
+    """The framing loop's fast path (compact sends matched in the read's buffer) and
+    the general path (each frame decoded alone) give the same answers and
+    deliveries, for UTF-8 text, an id first or last, frames of other types between
+    the sends, and (last, alone: they close the connection) bytes that are not
+    UTF-8 or an id given twice."""
+    realm.create_user("bob", "password1")
+    payloads = [
+        b'{"type":"send","id":1,"to":"bob","body":"caf\xc3\xa9"}',
+        b'{"type":"send","to":"bob","body":"two","id":2}',
+        b'{"type":"ping","id":6}',
+        b'{"type":"send","to":"bob","body":"seven","nonce":"n7"}',
+        b'{"type":"send","id":8,"to":"bob","body":"eight","nonce":"n7"}',
+    ]
+    for n, fatal in enumerate(
+        (
+            b'{"type":"send","id":3,"to":"bob","body":"\xff"}',
+            b'{"type":"send","id":4,"to":"bob","body":"four","id":5}',
+        )
+    ):
+        out = []
+        for batched in (True, False):
+            a, ta = logged_in(realm, clock, f"alice{n}{int(batched)}")
+            b, tb = logged_in(realm, clock, "bob")
+            frames(ta)
+            frames(tb)
+            if batched:
+                a.dataReceived(b"".join(struct.pack("!I", len(p)) + p for p in payloads))
+                a.dataReceived(struct.pack("!I", len(fatal)) + fatal)
+            else:
+                for p in [*payloads, fatal]:
+                    a.stringReceived(p)
+            # (a batch's echoes go out before its results: the same frames, in
+            # another order; the recipient's, in order)
+            mine = [(f["type"], f.get("id"), f.get("code"), f.get("body")) for f in frames(ta)]
+            out.append((sorted(mine, key=repr), [f["body"] for f in frames(tb)]))
+            b.connectionLost(None)  # (bob logs in again for the other way)
+        assert out[0] == out[1]
+        assert ("error", None, "bad_frame", None) in out[0][0]
+        assert ("result", 8, None, None) in out[0][0]
+        assert out[0][1] == ["café", "two", "seven"]
+
+
 def test_a_subclass_that_overrides_send_gets_compact_sends_too(clock: Clock) -> None:
     """The compact-send fast path is the native handler's: a protocol subclass with
     its own handle_send sees every send, compact or not."""

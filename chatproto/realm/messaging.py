@@ -305,8 +305,9 @@ class Messaging:
         filled = False
         # The recipient of the last item, resolved (a batch mostly writes to one peer).
         last_to: str | None = None
-        last_addr: Address | None = None
+        last_addr = Address("", "")
         last_text = ""
+        remote: str | None = None  # its realm, when not this one
         for k, (to, body, nonce, notice, reply_to, tags) in enumerate(requests):
             if (
                 to[:1] == "#"
@@ -338,31 +339,31 @@ class Messaging:
                     bucket.tokens = tokens - 1.0
                 else:
                     self.spend(session, now)  # refused: rate_limited, with its wait
-                if to == last_to:
-                    recipient: Address | Deferred[Address] = last_addr  # type: ignore[assignment]
-                else:
+                if to != last_to:
                     recipient = self.resolve_user(to, remote_ok=True)
-                    if isinstance(recipient, Address):
-                        last_to, last_addr, last_text = to, recipient, str(recipient)
-                if suspensions and isinstance(recipient, Address):
-                    self._check_recipient(recipient)
+                    if not isinstance(recipient, Address):  # to be looked up
+                        cut()  # (the general path)
+                        meta = NOTICE_META if notice else None
+                        d: Deferred[Envelope] = recipient.addCallback(
+                            self._store_private_to, user, body, meta
+                        )
+                        if nonce is not None:
+                            self._remember_nonce(user, nonce, d)
+                        outcomes.append(d)
+                        continue
+                    last_to, last_addr, last_text = to, recipient, str(recipient)
+                    remote = None if recipient.realm == local else recipient.realm
+                if suspensions:
+                    self._check_recipient(last_addr)
             except ChatError as e:
                 outcomes.append(e)
                 continue
-            meta = NOTICE_META if notice else None
-            if not isinstance(recipient, Address):  # to be looked up: the general path
-                cut()
-                d: Deferred[Envelope] = recipient.addCallback(
-                    self._store_private_to, user, body, meta
-                )
-                if nonce is not None:
-                    self._remember_nonce(user, nonce, d)
-                outcomes.append(d)
-                continue
             # (what new_envelope makes, without its call)
-            env = Envelope(ids[k], "text", user, last_text, now, body, meta)
-            if recipient.realm != local:
-                outbox.append((recipient.realm, env))
+            env = Envelope(
+                ids[k], "text", user, last_text, now, body, NOTICE_META if notice else None
+            )
+            if remote is not None:
+                outbox.append((remote, env))
             items.append(env)
             outcomes.append(env)
             if nonce is not None:
