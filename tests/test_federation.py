@@ -802,6 +802,37 @@ def test_rejected_items_bounce_to_their_sender_once_before_the_outbox_forgets_th
     ]
 
 
+@pytest.mark.parametrize(
+    "message",
+    ["\x1b[2J\x1b[31mpwned", "line\r\nforged line", "c1 \x9b2J", "\u202etxt.exe", "nul\x00"],
+)
+def test_a_peers_refusal_message_reaches_the_bounce_only_as_plain_text(
+    node: Any, captured: Any, message: str
+) -> None:
+    """The ``message`` of a ``rejected`` entry is written into the ``bounce`` item our
+    user is sent: one that is not a label (an escape sequence, CR/LF, a C1 control, a
+    bidi override) reads as empty, as PROTOCOL.md says of another ``message``; and
+    the id the peer names is logged so that it cannot start a line of its own."""
+    realm, fed, _ = node
+    link = fed.link("a.example")  # not started: the test plays the connection
+    sent = realm.post("bob", "alice@a.example", "m0").result
+    out = _Out()
+    link.proto = out  # type: ignore[assignment]
+    link._waiting = 1
+    link.pump()
+    rejected = [
+        {"id": sent.id, "code": "no_such_user", "message": message},
+        {"id": "forged\r\nfederation: all is well", "code": "x", "message": "fine"},
+    ]
+    link.acked(out, out.sent[-1]["id"], rejected)  # type: ignore[arg-type]
+    feed = realm.store.read_feed("bob@b.example", 0, 10).result
+    assert [e.kind for e in feed] == ["text", "bounce"]
+    assert feed[1].body.endswith("was refused by a.example: no_such_user: "), feed[1].body
+    lines = [line for line in captured.lines if "rejected item" in line]
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), lines
+    assert "'forged\\r\\nfederation: all is well'" in lines[1], lines
+
+
 def test_items_for_a_peer_down_too_long_or_no_longer_allowed_bounce(node: Any) -> None:
     realm, fed, clock = node
     fed.cfg.give_up_after = 100.0

@@ -26,6 +26,7 @@ from chatproto.federation.link import (
 )
 from chatproto.federation.outbound import OutboundFactory, OutboundProtocol
 from chatproto.ratelimit import TokenBucket
+from chatproto.text import label_problem
 
 if TYPE_CHECKING:
     from chatproto.federation.service import FederationService
@@ -478,10 +479,13 @@ class PeerLink:
                 code, message = r.get("code"), r.get("message")
                 code = code if isinstance(code, str) and _CODE.fullmatch(code) else "internal_error"
                 message = message[:200] if isinstance(message, str) else ""
+                if label_problem(message) is not None:  # it goes in our user's bounce
+                    message = ""
+                shown = str(r.get("id"))[:64]
                 self.log.warn(
                     "federation: {realm} rejected item {id}: {code}: {message}",
                     realm=self.realm,
-                    id=str(r.get("id"))[:64],
+                    id=shown if shown.isprintable() else ascii(shown),  # no CR/LF in the log
                     code=code,
                     message=message,
                 )
