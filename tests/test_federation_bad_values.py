@@ -753,3 +753,40 @@ def test_a_peers_topics_reasons_and_status_text_follow_the_local_rule(text: str)
     assert realm.presence.remote["alice@a.example"] == ("away", "")  # the text dropped
     realm.presence.remote_change("a.example", "alice@a.example", "busy", "in a call")
     assert realm.presence.remote["alice@a.example"] == ("busy", "in a call")
+
+
+#: meta values of a home realm's events that are not what they name: a user that is
+#: no address (CR/LF in it reached IRC users' KICK and MODE lines), an address not in
+#: its canonical spelling, a role, visibility or history rule no realm has.
+BAD_EVENT_META = [
+    {"event": "kicked", "user": "x\r\nPRIVMSG #dev :forged@a.example"},
+    {"event": "banned", "user": "mallory a.example"},
+    {"event": "unbanned", "user": "Mallory@a.example"},
+    {"event": "invited", "user": "bob"},
+    {"event": "role", "user": "carol@a.example", "role": "god\r\n"},
+    {"event": "left", "user": "carol@a.example", "successor": "#dev@a.example"},
+    {"event": "settings", "visibility": "secret"},
+    {"event": "settings", "history": "forever"},
+]
+
+
+@pytest.mark.parametrize("meta", BAD_EVENT_META)
+def test_a_home_realms_event_names_users_by_address_and_roles_it_knows(
+    meta: dict[str, str],
+) -> None:
+    """PROTOCOL.md (Federation, Numbers): an event's ``user`` and ``successor`` are
+    addresses; they were only length-checked, so a hostile home realm could have a
+    "user" with CR/LF written into our IRC users' ``KICK``/``MODE`` lines (a line
+    injection), or store a role no realm has in our mirror of its group."""
+    from chatproto.realm.remote import _event_meta
+
+    with pytest.raises(ChatError) as e:
+        _event_meta(meta)
+    assert e.value.code == "bad_request"
+    for good in (
+        {"event": "kicked", "user": "mallory@a.example", "reason": "spam"},
+        {"event": "role", "user": "carol@a.example", "role": "admin"},
+        {"event": "left", "user": "carol@a.example", "successor": "dave@c.example"},
+        {"event": "settings", "visibility": "invite", "history": "all"},
+    ):
+        assert _event_meta(good) == good

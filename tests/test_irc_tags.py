@@ -392,3 +392,13 @@ def test_a_stored_item_with_hostile_ids_and_tags_gives_well_formed_irc_lines(
     assert set(first) == {"msgid", "+ok"}
     assert first["msgid"] == str(items[0].pos)
     assert [set(tags) for tags, _, _ in parsed_lines[1:]] == [{"msgid"}, {"msgid"}]
+
+
+def test_format_line_writes_one_line_whatever_its_parameters_hold() -> None:
+    """Defence in depth: a nick, reason or topic that reached the gateway with CR, LF
+    or NUL in it (from a peer realm or an old row) cannot make a line of its own."""
+    from chatproto.irc.lines import format_line
+
+    line = format_line("a!a@h", "KICK", "#dev", "x\r\nQUIT :forged", "bye\x00\nnow")
+    assert line == b":a!a@h KICK #dev x  QUIT :forged :bye now\r\n"
+    assert format_line("s", "PING", "x") == b":s PING x\r\n"

@@ -207,7 +207,9 @@ TEXT_COMMANDS = frozenset(
 
 def format_line(source: str | None, command: str, *params: str) -> bytes:
     """One line; the last parameter is sent as trailing (``:text``) for numerics and
-    text commands, or when it needs to be (empty, spaces, leading ``:``)."""
+    text commands, or when it needs to be (empty, spaces, leading ``:``).  CR and LF
+    in a parameter read as spaces, NUL is dropped: whatever a stored item or another
+    realm managed to put in one, it is never a line of its own."""
     parts = [f":{source} {command}" if source else command]
     if params:
         parts.extend(params[:-1])
@@ -222,6 +224,8 @@ def format_line(source: str | None, command: str, *params: str) -> bytes:
             last = ":" + last
         parts.append(last)
     data = " ".join(parts).encode("utf-8", "replace")
+    if b"\r" in data or b"\n" in data or b"\0" in data:  # never more than one line
+        data = data.replace(b"\0", b"").replace(b"\r", b" ").replace(b"\n", b" ")
     if len(data) > MAX_LINE - 2:  # RFC 1459 limit: truncate (a long topic, a long reason)
         cut = MAX_LINE - 2
         while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a character

@@ -27,7 +27,15 @@ from chatproto.address import Address
 from chatproto.envelope import Envelope, new_message_id, remote_ts
 from chatproto.errors import ChatError
 from chatproto.files import new_file_id
-from chatproto.groups import ACCOUNT_DELETED, EVENTS, MAX_TOPIC, check_snapshot
+from chatproto.groups import (
+    ACCOUNT_DELETED,
+    EVENTS,
+    HISTORY_RULES,
+    MAX_TOPIC,
+    ROLES,
+    VISIBILITIES,
+    check_snapshot,
+)
 from chatproto.realm.messaging import text_meta
 from chatproto.relations import REF_KINDS, check_msg_id, remote_meta
 from chatproto.signing import canonical, parse_sig
@@ -751,6 +759,10 @@ _EVENT_META = {
 
 #: The keys of an event's ``meta`` that are free text shown to users.
 _SHOWN_META = frozenset({"topic", "reason"})
+#: The keys of an event's ``meta`` that name a user (a canonical user address).
+_USER_META = frozenset({"user", "successor"})
+#: The keys of an event's ``meta`` with a value from a known few.
+_CHOICE_META = {"role": ROLES, "visibility": VISIBILITIES, "history": HISTORY_RULES}
 
 
 def _event_meta(meta: Any) -> dict[str, Any]:
@@ -770,17 +782,28 @@ def _event_meta(meta: Any) -> dict[str, Any]:
             raise ChatError("bad_request", f"meta.{key} must be a string of at most {longest}")
         if key in _SHOWN_META:  # text shown to our users: the rule of local text
             check_label(value, f"meta.{key}")
+        elif key in _USER_META:  # written into IRC lines (KICK, MODE), member lists...
+            if not _is_user_address(value):
+                raise ChatError("bad_request", f"meta.{key} must be a canonical user address")
+        elif key in _CHOICE_META and value not in _CHOICE_META[key]:
+            raise ChatError(
+                "bad_request", f"meta.{key} is not one of {', '.join(_CHOICE_META[key])}"
+            )
     return meta
+
+
+def _is_user_address(text: str) -> bool:
+    """Whether ``text`` is a user address in its canonical spelling."""
+    try:
+        return str(address.user(text, "")) == text
+    except ChatError:
+        return False
 
 
 def _snapshot(raw: Any) -> None:
     """Check a group snapshot from its home realm (``bad_request``), addresses too."""
     for user in check_snapshot(raw)["members"]:
-        try:
-            canonical = str(address.user(user, ""))
-        except ChatError:
-            canonical = ""
-        if canonical != user:
+        if not _is_user_address(user):
             raise ChatError("bad_request", "snapshot members are canonical user addresses")
 
 
