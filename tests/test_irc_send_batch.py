@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from chatproto.envelope import Envelope
 from chatproto.irc import IRCFactory, parse_line
 from chatproto.irc.lines import quick_message
 from chatproto.realm import RealmService
@@ -264,3 +265,24 @@ def test_two_joins_of_a_new_channel_at_once_both_get_in() -> None:
         "alice@localhost",
         "bob@localhost",
     ]
+
+
+#: Message bodies made of the pieces the recipient's line is careful with.
+BODIES = st.lists(
+    st.sampled_from(["x", " ", "é", "\U0001f600", "\0", "\r", "\n", "\ud800", "y" * 50, "z" * 200]),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(BODIES)
+def test_the_recipients_line_of_a_text_is_the_general_form(factory: IRCFactory, body: str) -> None:
+    """A PRIVMSG's line at its recipient, built in one pass when the body fits one line
+    (IRCFactory._encode), holds the bytes the general split gives (IRCFactory._split):
+    the body, its NULs dropped, one line per body line, long ones split.  (A short
+    body of NULs only is an empty text, not the split's one space, as it always was.)"""
+    assume(body.replace("\0", ""))
+    env = Envelope("m1", "text", "alice@localhost", "bob@localhost", 0.0, body)
+    head = f":{factory.directory.mask('alice@localhost')} PRIVMSG bob :".encode()
+    assert factory.lines(env, 0) == IRCFactory._split(head, body)

@@ -158,7 +158,12 @@ class IRCFactory(ClientFactory):
         if env.kind == "text":  # the usual: one line, as the sender wrote it
             meta = env.meta
             verb = "NOTICE" if meta is not None and meta.get("notice") else "PRIVMSG"
-            hb = f":{directory.mask(env.sender)} {verb} {target} :".encode()
+            head = f":{directory.mask(env.sender)} {verb} {target} :"
+            if "\n" not in body and "\r" not in body and "\0" not in body:
+                line = f"{head}{body}\r\n".encode("utf-8", "replace")
+                if len(line) <= MAX_LINE:  # (what _split gives for a body that fits)
+                    return line
+            hb = head.encode()
             if len(body) * 4 <= MAX_LINE - 2 - len(hb) and "\n" not in body and "\r" not in body:
                 return hb + body.encode("utf-8", "replace").replace(b"\0", b"") + CRLF
             return self._split(hb, body)
