@@ -50,7 +50,7 @@ from chatproto.irc.lines import (
     parse_line,
     plain_text,
     prefix,
-    quick_message,
+    quick_match,
     server_time,
     user_of,
 )
@@ -825,9 +825,9 @@ class IRCProtocol(LineOnlyReceiver):
             return
         # The lean lane: a PRIVMSG or NOTICE with no tags and one target, from a
         # registered client (most lines), skips the general parse and checks.
-        quick = quick_message(text) if not tags_size and self.state == "ready" else None
-        if quick is not None:
-            command, target, body = quick
+        quick = quick_match(text) if not tags_size and self.state == "ready" else None
+        if quick is not None:  # (what quick_message gives, without the call)
+            command, target, body = quick.groups()
             # What self._reply(None) does, inline: the call is ~750 of ~75,000
             # instructions per IRC DM (callgrind, bench/send_path.py --irc --store
             # memory).  A change to _reply changes this too.
