@@ -622,3 +622,44 @@ def test_a_workers_register_limit_is_counted_in_redis_and_alone_without_it() -> 
     assert refused.value.code == "rate_limited"
     assert realm.stats.refused["register"] == 2
     assert bus.answers == []
+
+
+def test_a_sender_woken_while_a_commit_held_the_outbox_back_looks_again(tmp_path: Any) -> None:
+    """The federation sender reads no outbox row above the safe outbox position.  A
+    link woken while another worker's commit is in flight (say one that only stores
+    acks: it queues nothing, so no wake-up follows it) would leave a row committed
+    above that position unsent until the next item for its realm; the sender looks
+    again RECHECK seconds later, as long as a commit held the position back."""
+    from types import SimpleNamespace
+
+    from chatproto.cluster.federation import SendingFederation
+    from chatproto.tls import write_dev_certs
+
+    clock = Clock()
+    cfg = configmod.Config(realm="a.test", data_dir=str(tmp_path))
+    cfg.federation.enabled = True
+    certs = write_dev_certs(str(tmp_path / "certs"), "a.test")
+    cfg.federation.certificate, cfg.federation.private_key = certs["cert"], certs["key"]
+    cfg.federation.ca = certs["ca"]
+
+    class HeldStore:
+        outbox_held = True
+
+        def safe_position(self) -> Deferred[int]:
+            return succeed(0)
+
+    realm = SimpleNamespace(realm="a.test", config=cfg, store=HeldStore())
+    fed = SendingFederation(realm, clock, clock)
+    woken: list[str] = []
+    fed.link = lambda peer: SimpleNamespace(wake=lambda n: woken.append(peer))  # type: ignore[method-assign]
+    fed.running = True
+    fed.wake("b.test")
+    fed.wake("b.test")  # one look again a realm at a time
+    assert woken == ["b.test", "b.test"]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(SendingFederation.RECHECK)
+    assert woken == ["b.test"] * 3  # held still: again later
+    realm.store.outbox_held = False
+    clock.advance(SendingFederation.RECHECK)
+    assert woken == ["b.test"] * 4
+    assert clock.getDelayedCalls() == []  # no longer held: no more

@@ -618,11 +618,13 @@ def test_worker_outbox_reads_stop_below_a_held_back_commit(dsn: str, schema: str
             yield b.safe_position()
             rows = yield b.outbox_read("peer", 0, 10)
             assert [e.body for _, e in rows] == ["a0"]  # b1's row waits for a1's
+            assert b.outbox_held  # (the sender looks again: see SendingFederation)
         finally:
             hold.rollback()
             hold.close()
         yield held
         yield b.safe_position()
+        assert not b.outbox_held
         rows = yield b.outbox_read("peer", 0, 10)
         assert [e.body for _, e in rows] == ["a0", "a1 (late)", "b1"]
         assert [s for s, _ in rows] == sorted(s for s, _ in rows)

@@ -59,11 +59,40 @@ class SendingFederation(FederationService):
     def listen(self) -> None:
         _listen_shared(self)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: realm -> the call that wakes its link again (see :meth:`wake`)
+        self._rechecks: dict[str, Any] = {}
+
+    #: Seconds after which a link woken while another writer's commit held the safe
+    #: outbox position back is woken again.
+    RECHECK = 0.2
+
     def wake(self, realm: str, n: int = 1) -> None:
+        store = self.realm.store
+
         def go(_: object) -> None:
             FederationService.wake(self, realm, n)
+            if getattr(store, "outbox_held", False):
+                # A row committed above the bound the link reads to (a worker's commit
+                # in flight below it, which may queue nothing: no wake-up follows) is
+                # read once the bound passes it: look again shortly.
+                self._recheck(realm)
 
-        self.realm.store.safe_position().addBoth(go)
+        store.safe_position().addBoth(go)
+
+    def _recheck(self, realm: str) -> None:
+        pending = self._rechecks.get(realm)
+        if pending is not None and pending.active():
+            return
+        self._rechecks[realm] = self.clock.callLater(self.RECHECK, self.wake, realm)
+
+    def stopService(self) -> Any:
+        for call in self._rechecks.values():
+            if call.active():
+                call.cancel()
+        self._rechecks.clear()
+        return FederationService.stopService(self)
 
 
 class ReceivingFederation(FederationService):

@@ -100,6 +100,9 @@ class PostgresStore(GroupCommitStore):
         #: may still commit).  None: no bound (one writer commits in position order).
         self.visible: int | None = None if worker is None else 0
         self.outbox_visible: int | None = None if worker is None else 0
+        #: The last :meth:`safe_position` found a writer's commit in flight below the
+        #: highest outbox seq drawn (rows above the bound wait for a later read).
+        self.outbox_held = False
 
     def _new_writer(self, create: bool = False) -> PostgresDB:
         return PostgresDB(self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER)
@@ -174,15 +177,16 @@ class PostgresStore(GroupCommitStore):
         bound of this store's reads (:attr:`visible`, and :attr:`outbox_visible` for
         the outbox).  Fires with it."""
 
-        def seen(safe: tuple[int, int]) -> int:
-            pos, seq = safe
+        def seen(safe: tuple[int, int, int]) -> int:
+            pos, seq, top = safe
             if self.visible is not None and pos > self.visible:
                 self.visible = pos
             if self.outbox_visible is not None and seq > self.outbox_visible:
                 self.outbox_visible = seq
+            self.outbox_held = seq < top
             return pos
 
-        return self._read(lambda db: db.safe_positions()).addCallback(seen)
+        return self._read(lambda db: db.safe_bounds()).addCallback(seen)
 
     def stream_top(self) -> Deferred[int]:
         """The highest position drawn so far by any writer (committed, in flight or

@@ -187,6 +187,13 @@ class WriterPositions:
     def safe_positions(self) -> tuple[int, int]:
         """:meth:`safe_position`, and the same for the outbox's sequence (the
         federation sender reads and acknowledges no outbox row above it)."""
+        pos, seq, _ = self.safe_bounds()
+        return pos, seq
+
+    def safe_bounds(self) -> tuple[int, int, int]:
+        """:meth:`safe_positions`, and the highest outbox seq drawn: above the safe
+        one while a writer's commit is in flight (rows of other writers committed
+        above it are not read until the safe seq passes them)."""
         c = self.conn
         top, otop = self.items_top(), self.outbox_top()
         row = c.execute(
@@ -197,6 +204,7 @@ class WriterPositions:
         return (
             top if held is None else min(top, int(held)),
             otop if oheld is None else min(otop, int(oheld)),
+            otop,
         )
 
     def writers(self) -> list[tuple[str, int, float, bool]]:
