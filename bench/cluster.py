@@ -74,11 +74,28 @@ class Workers:
 
         for i in range(1, self.n + 1):
             logfile = self.dir / f"w{i}.log"
-            cmd = [PY, twistd_path(), "-n", "--pidfile=", f"--logfile={logfile}", "chatrealm",
-                   "--config", str(self.config), "--worker", f"w{i}",
-                   "--listen", f"tcp:{self.port}:interface=127.0.0.1"]
-            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
+            cmd = [
+                PY,
+                twistd_path(),
+                "-n",
+                "--pidfile=",
+                f"--logfile={logfile}",
+                "chatrealm",
+                "--config",
+                str(self.config),
+                "--worker",
+                f"w{i}",
+                "--listen",
+                f"tcp:{self.port}:interface=127.0.0.1",
+            ]
+            p = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.dir,
+            )
             _children.append(p)
             self.procs.append(p)
             deadline = time.monotonic() + timeout
@@ -122,15 +139,22 @@ def measured(kind: str, port: int, pids: list[int], duration: float, **opts: Any
     r["all_realm_cpu_s"] = round(spent, 2)
     r["realm_us_per_msg_all"] = round(spent * 1e6 / n, 1) if n else None
     r["machine_busy_pct"] = round(busy * 100 / wall, 1) if wall else None
-    log(f"  {kind} {opts}: {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency_ms_p50']} ms, "
+    log(
+        f"  {kind} {opts}: {r['delivered_per_s']:.0f} delivered/s, p50 {r['latency_ms_p50']} ms, "
         f"p99 {r['latency_ms_p99']} ms, realm CPU {spent:.1f} s over the run "
-        f"({r['realm_us_per_msg_all']} us/msg incl. set-up), machine busy {r['machine_busy_pct']}%")
+        f"({r['realm_us_per_msg_all']} us/msg incl. set-up), machine busy {r['machine_busy_pct']}%"
+    )
     return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dsn", default=os.environ.get("CHATPROTO_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres"))
+    ap.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "CHATPROTO_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres"
+        ),
+    )
     ap.add_argument("--redis", default="127.0.0.1:6379")
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--workers", default="1,2")
@@ -146,7 +170,9 @@ def main() -> None:
         try:
             results["runs"]["sqlite 1 process"] = {
                 "dm": measured("dm", srv.ports["tcp"], [srv.pid], args.duration, pairs=args.pairs),
-                "fanout": measured("fanout", srv.ports["tcp"], [srv.pid], args.duration, members=args.members),
+                "fanout": measured(
+                    "fanout", srv.ports["tcp"], [srv.pid], args.duration, members=args.members
+                ),
             }
         finally:
             srv.stop()
@@ -157,18 +183,24 @@ def main() -> None:
             try:
                 results["runs"][f"postgresql {n} worker(s)"] = {
                     "dm": measured("dm", w.port, w.pids, args.duration, pairs=args.pairs),
-                    "fanout": measured("fanout", w.port, w.pids, args.duration, members=args.members),
+                    "fanout": measured(
+                        "fanout", w.port, w.pids, args.duration, members=args.members
+                    ),
                 }
             finally:
                 w.stop()
     finally:
         kill_children()
     print()
-    print(f"{'run':<26} {'DM/s':>8} {'DM p50':>7} {'DM us/msg':>10} {'fan-out/s':>10} {'fo p50':>7} {'fo us/msg':>10}")
+    print(
+        f"{'run':<26} {'DM/s':>8} {'DM p50':>7} {'DM us/msg':>10} {'fan-out/s':>10} {'fo p50':>7} {'fo us/msg':>10}"
+    )
     for name, r in results["runs"].items():
         d, f = r["dm"], r["fanout"]
-        print(f"{name:<26} {d['delivered_per_s']:>8.0f} {d['latency_ms_p50']!s:>7} {d['realm_us_per_msg_all']!s:>10} "
-              f"{f['delivered_per_s']:>10.0f} {f['latency_ms_p50']!s:>7} {f['realm_us_per_msg_all']!s:>10}")
+        print(
+            f"{name:<26} {d['delivered_per_s']:>8.0f} {d['latency_ms_p50']!s:>7} {d['realm_us_per_msg_all']!s:>10} "
+            f"{f['delivered_per_s']:>10.0f} {f['latency_ms_p50']!s:>7} {f['realm_us_per_msg_all']!s:>10}"
+        )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "cluster-latest.json").write_text(json.dumps(results, indent=1))

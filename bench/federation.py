@@ -384,9 +384,7 @@ def main() -> None:
         help="cProfile both realms' reactor threads during the window (halves throughput); "
         "bench/results/federation-{a,b}.prof and .txt",
     )
-    p.add_argument(
-        "--local", action="store_true", help="receivers on realm A too: the baseline"
-    )
+    p.add_argument("--local", action="store_true", help="receivers on realm A too: the baseline")
     args = p.parse_args()
     raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="chatproto-bench-fed-"))

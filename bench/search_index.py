@@ -86,10 +86,14 @@ def main() -> None:
                 f" ({a.rounds} commits of {a.batch} sends, synchronous={a.synchronous})"
             )
         (w1, c1), (w0, c0) = spent["indexed"], spent["no index"]
-        print(f"commit path difference: {1e6 * (w1 - w0) / n:+.1f} us/item wall, "
-              f"{1e6 * (c1 - c0) / n:+.1f} us/item CPU")
-        print(f"indexing when idle (steps of {INDEX_STEP}): {1e6 * indexing[0] / n:6.1f} us/item wall, "
-              f"{1e6 * indexing[1] / n:6.1f} us/item CPU")
+        print(
+            f"commit path difference: {1e6 * (w1 - w0) / n:+.1f} us/item wall, "
+            f"{1e6 * (c1 - c0) / n:+.1f} us/item CPU"
+        )
+        print(
+            f"indexing when idle (steps of {INDEX_STEP}): {1e6 * indexing[0] / n:6.1f} us/item wall, "
+            f"{1e6 * indexing[1] / n:6.1f} us/item CPU"
+        )
         hits = dbs["indexed"].search(["lunch", "deploy"], [("user", "a@localhost", 0)], None, 50)
         print(f"(a search for 'lunch deploy' finds {len(hits)} of the newest items)")
         for db in dbs.values():

@@ -42,7 +42,7 @@ def write_realm_config(
     conf.write_text(
         f"""[realm]
 name = "{realm}"
-data_dir = {json.dumps(str(tmp_path / (realm.split('.')[0] + "-data")))}
+data_dir = {json.dumps(str(tmp_path / (realm.split(".")[0] + "-data")))}
 listen = ["tcp:0:interface=127.0.0.1"]
 [auth]
 argon2_time_cost = 1
@@ -82,9 +82,7 @@ def test_sigkill_of_the_receiving_realm_mid_stream(tmp_path: Any, spawner: Any) 
     a.cfg.federation.peers.append(Peer("b.example", endpoint=f"127.0.0.1:{b_fed_port}"))
     yield a.start()
 
-    conf = write_realm_config(
-        tmp_path, "b.example", b_paths, b_fed_port, "a.example", a.fed_port
-    )
+    conf = write_realm_config(tmp_path, "b.example", b_paths, b_fed_port, "a.example", a.fed_port)
 
     @defer.inlineCallbacks
     def start_b() -> Any:
@@ -129,9 +127,7 @@ def test_sigkill_of_the_sending_realm_with_a_queue_then_restart(tmp_path: Any, s
     certs = str(tmp_path / "certs")
     a_paths = tls.write_dev_certs(certs, "a.example")
     a_fed_port, b_fed_port = free_port(), free_port()
-    conf = write_realm_config(
-        tmp_path, "a.example", a_paths, a_fed_port, "b.example", b_fed_port
-    )
+    conf = write_realm_config(tmp_path, "a.example", a_paths, a_fed_port, "b.example", b_fed_port)
     listening = re.compile(r"chatrealm a\.example listening on 127\.0\.0\.1:(\d+) ")
 
     @defer.inlineCallbacks

@@ -126,7 +126,12 @@ def test_a_remote_members_presence_is_told_once_per_change(tmp_path: Any) -> Any
         heard: list[dict[str, Any]] = []
         got: list[dict[str, Any]] = []
         bob = yield connect(
-            _reactor, b.addr, "bob", PW, register=True, on_presence=heard.append,
+            _reactor,
+            b.addr,
+            "bob",
+            PW,
+            register=True,
+            on_presence=heard.append,
             on_message=got.append,
         )
         conns.append(bob)

@@ -178,7 +178,10 @@ def test_report_and_reports_over_loopback_client_cli_and_tui(server: Any) -> Any
 
 @pytest_twisted.inlineCallbacks
 def test_ctl_grants_admins_and_lists_reports_running_or_not(
-    tmp_path: Path, short_dir: Path, capsys: Any, monkeypatch: Any  # noqa: F811
+    tmp_path: Path,
+    short_dir: Path,  # noqa: F811
+    capsys: Any,
+    monkeypatch: Any,
 ) -> Any:
     conf = _write_config(tmp_path, short_dir / "control.sock")
     r = Running(conf)

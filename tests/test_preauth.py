@@ -281,9 +281,7 @@ def test_irc_and_websocket_connections_share_the_bound(tmp_path: Any, logs: Any)
         wsf = WebSocketClientFactory(f"ws://{base}/ws", origin=f"http://{base}")
         wsf.protocol = WSClient
         wsf.opened = defer.Deferred()
-        ws = yield TCP4ClientEndpoint(_reactor, "127.0.0.1", web_port.getHost().port).connect(
-            wsf
-        )
+        ws = yield TCP4ClientEndpoint(_reactor, "127.0.0.1", web_port.getHost().port).connect(wsf)
         yield wsf.opened
         yield until(lambda: realm.unauthenticated.waiting == 2)
         refused = yield raw(native_port.getHost().port)

@@ -235,9 +235,9 @@ def test_the_feed_reads_through_the_conversation_index(tmp_path: Any) -> None:
         assert any("USING PRIMARY KEY (user_addr=?)" in p for p in plan), plan
         # (a search of indexed items goes by the search index, the rest by items_conv;
         # the indexed items edited since, by the ids the edits name)
-        assert any(
-            "items_conv (conv=?" in p or "items_fts" in p or "(id=?" in p for p in plan
-        ), plan
+        assert any("items_conv (conv=?" in p or "items_fts" in p or "(id=?" in p for p in plan), (
+            plan
+        )
         assert not any(p.startswith("SCAN items") and "VIRTUAL" not in p for p in plan), plan
     db.close()
 

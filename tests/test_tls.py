@@ -304,7 +304,12 @@ def test_server_close_over_tls_completes_without_waiting_for_the_sweep(
     server = f"tls:127.0.0.1:{port.getHost().port}"
     try:
         alice = yield client.connect(
-            _reactor, server, "alice", PASSWORD, register=True, realm="localhost",
+            _reactor,
+            server,
+            "alice",
+            PASSWORD,
+            register=True,
+            realm="localhost",
             ca=certs["ca"],
         )
         assert realm.config.limits.keepalive_interval >= 10

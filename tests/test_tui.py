@@ -573,8 +573,14 @@ def test_irssi_commands_parse_and_actions_render() -> None:
     assert action("waves") is None and action("\x01ACTION\x01") is None
     model = ChatModel()
     model.me, model.realm = "alice@x", "x"
-    item = {"pos": 1, "kind": "text", "from": "bob@x", "to": "alice@x", "ts": 0.0,
-            "body": action_body("waves")}
+    item = {
+        "pos": 1,
+        "kind": "text",
+        "from": "bob@x",
+        "to": "alice@x",
+        "ts": 0.0,
+        "body": action_body("waves"),
+    }
     line = MessageLine(item)
     assert _flat(message_markup(line, model.me, model.realm))[6:] == "* bob waves"
     model.conversation("bob@x")

@@ -183,7 +183,9 @@ def test_log_out_everywhere_over_http(realm: Any) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_ctl_lists_and_revokes_browser_logins_running_or_not(
-    tmp_path: Path, short_dir: Path, capsys: Any  # noqa: F811
+    tmp_path: Path,
+    short_dir: Path,  # noqa: F811
+    capsys: Any,
 ) -> Any:
     conf = _write_config(
         tmp_path, short_dir / "control.sock", web={"listen": ["tcp:0:interface=127.0.0.1"]}
@@ -217,8 +219,7 @@ def test_ctl_lists_and_revokes_browser_logins_running_or_not(
         out, err = capsys.readouterr()
         assert (status, out) == (
             0,
-            "ended 1 browser login of gina@localhost by the running realm "
-            "(1 web session closed)\n",
+            "ended 1 browser login of gina@localhost by the running realm (1 web session closed)\n",
         ), err
         assert (yield ws.until(lambda f: f.get("type") == "error"))["code"] == "session_ended"
         status = yield r.ctl("sessions", "revoke", "gina", "nothex")

@@ -113,9 +113,18 @@ class ChatprotoController(BaseServerController, DirectoryBasedController):
     supported_sasl_mechanisms: set[str] = {"PLAIN"}
     supports_sts = False
 
-    def run(self, hostname: str, port: int, *, password: str | None, ssl: bool,
-            run_services: bool, faketime: str | None,
-            websocket_hostname: str | None, websocket_port: int | None) -> None:
+    def run(
+        self,
+        hostname: str,
+        port: int,
+        *,
+        password: str | None,
+        ssl: bool,
+        run_services: bool,
+        faketime: str | None,
+        websocket_hostname: str | None,
+        websocket_port: int | None,
+    ) -> None:
         global _current
         if websocket_hostname is not None or websocket_port is not None:
             raise NotImplementedByController("Websocket")
@@ -133,12 +142,14 @@ class ChatprotoController(BaseServerController, DirectoryBasedController):
         d = Path(self.directory)
         guests = ""
         if GUESTS:  # irctest connects many clients from one address, and floods
-            guests = ("guests = true\nguests_per_address = 1000\n"
-                      "guest_send_rate = 1e9\nguest_send_burst = 1000000000")
+            guests = (
+                "guests = true\nguests_per_address = 1000\n"
+                "guest_send_rate = 1e9\nguest_send_burst = 1000000000"
+            )
         (d / "realm.toml").write_text(f"""
 [realm]
 name = "my.little.server"
-data_dir = "{d / 'data'}"
+data_dir = "{d / "data"}"
 listen = ["tcp:{self.native_port}:interface=127.0.0.1"]
 [limits]
 send_rate = 1e9
