@@ -305,6 +305,14 @@ class IRCProtocol(LineOnlyReceiver):
 
     # ISessionMind -------------------------------------------------------------------
 
+    @property
+    def own_copies(self) -> bool:
+        """Whether our user's own texts to others are shown here: with echo-message
+        (or sends still awaiting their echo).  Without, :meth:`deliver` would drop
+        them, so the realm does not hand them over (Sessions.route_private): it moves
+        our position past them and calls :meth:`written` (the ack timer)."""
+        return "echo-message" in self.caps or bool(self.pending_sends)
+
     def deliver(self, envelope: Envelope) -> None:
         """The realm hands over one committed item: render and write (or hold) it.
 

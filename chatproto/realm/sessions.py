@@ -57,7 +57,11 @@ class ISession(Interface):
 
 
 class ISessionMind(Interface):
-    """What the realm calls on a connection (the cred *mind*)."""
+    """What the realm calls on a connection (the cred *mind*).
+
+    Optional: a mind whose ``own_copies`` attribute is false shows no copy of its
+    user's own private texts to others; the realm then does not deliver those to it
+    (Sessions.route_private) and calls its ``written()`` once per run instead."""
 
     def deliver(envelope):  # type: ignore[misc]
         """Send one stream item (an :class:`chatproto.envelope.Envelope`)."""
@@ -351,7 +355,13 @@ class Sessions:
     def route_private(self, items: Sequence[Envelope]) -> None:
         """Deliver committed private items, in position order, each to the online
         sessions of its recipient and of its sender: :meth:`route` of each, in one
-        call and one burst (a run of one send batch: Messaging.send_batch)."""
+        call and one burst (a run of one send batch: Messaging.send_batch).
+
+        A session of the sender whose mind shows no copy of its user's own texts to
+        others (``own_copies`` false: an IRC client without echo-message) is not
+        handed them: its position still moves past them (so nothing is re-sent on
+        resume), and its mind's ``written()`` is called once per run instead (the
+        IRC gateway's ack timer, as its deliver would have armed it)."""
         self._burst_depth += 1
         reached = 0
         online = self.online
@@ -360,13 +370,29 @@ class Sessions:
         # go: nothing logs in during a burst.)
         last: tuple[str, str] | None = None
         targets: list[list[Session]] = []
+        quiet: list[Session] = []  # the sender's sessions shown no copy (own_copies)
+        passed: list[Session] = []  # those of them moved past an item (written())
         try:
             for env in items:
                 sender, recipient = env.sender, env.recipient
                 if last is None or recipient != last[1] or sender != last[0]:
                     last = (sender, recipient)
-                    users = (recipient,) if sender == recipient else (recipient, sender)
-                    targets = [ss for ss in map(online.get, users) if ss]
+                    targets = []
+                    quiet = []
+                    sessions = online.get(recipient)
+                    if sessions:
+                        targets.append(sessions)
+                    if sender != recipient:
+                        sessions = online.get(sender)
+                        if sessions:
+                            # (read once per run: no line is handled during it)
+                            shown = [s for s in sessions if getattr(s.mind, "own_copies", True)]
+                            if len(shown) == len(sessions):
+                                targets.append(sessions)
+                            else:
+                                quiet = [s for s in sessions if s not in shown]
+                                if shown:
+                                    targets.append(shown)
                 pos = env.pos
                 for sessions in targets:  # what _reach does, inline
                     reached += len(sessions)
@@ -376,11 +402,23 @@ class Sessions:
                         else:
                             s._last = pos
                             s.mind.deliver(env)
+                if quiet:  # counted as delivered, not handed over
+                    reached += len(quiet)
+                    text = env.kind == "text"
+                    for s in quiet:
+                        if not text or s._syncing or s.closed or pos <= s._last:
+                            s._deliver(env)  # (a text: its mind shows it nowhere)
+                        else:
+                            s._last = pos
+                            if s not in passed:
+                                passed.append(s)
                 # what _count_burst does, inline
                 frame = env.frame
                 self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
                 if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
                     self._flush_held()
+            for s in passed:
+                s.mind.written()
         finally:
             self.stats.deliveries_live += reached
             self.end_burst()
