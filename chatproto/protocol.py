@@ -70,6 +70,9 @@ UPLOAD_LOW = 1024 * 1024
 MAX_DOWNLOADS = 16
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
+#: States in which nothing more is read: "closing" waits for the answers of sends
+#: read before a fatal frame (ClientProtocol.refuse), then closes.
+_CLOSED = frozenset({"closed", "closing"})
 
 
 def delivery_frame(env: Envelope) -> bytes:
@@ -218,6 +221,11 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         #: The ``send`` requests of the read being handled, with their request ids
         #: (None: not inside a read; see begin_read).
         self._sends: list[tuple[SendRequest, Any]] | None = None
+        #: Sends handed to the realm whose answers are not written yet (commit runs
+        #: and sends of the general path), and the error frame of a fatal frame read
+        #: meanwhile: the connection closes after them (state "closing", see refuse).
+        self._committing = 0
+        self._closing_frame = b""
         self._writable: list[Deferred[None]] = []
         self.connected_at = 0.0
         self.closed_at = 0.0
@@ -255,7 +263,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         self.factory.authenticated(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == "closed":
+        if self.state in _CLOSED:
             return  # closing: nothing more is read (or buffered)
         self.begin_read()
         try:
@@ -351,12 +359,14 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                 if type(out) is Envelope:
                     appended.append(rid)
                 elif isinstance(out, Deferred):
+                    self._committing += 1
                     out.addCallbacks(
                         self._sent, self._errback, callbackArgs=(rid,), errbackArgs=(rid,)
-                    )
+                    ).addBoth(self._answered)
                 else:
                     self.refuse(out, rid)
         k = 0
+        self._committing += len(commits)
         for d, items in commits:
             rids = appended[k : k + len(items)]
             k += len(items)
@@ -379,10 +389,26 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             else:
                 add(send_result(env, rid))
         self._write(b"".join(out))
+        self._answered(None)
 
     def _failed_run(self, failure: Failure, rids: list[Any]) -> None:
         for rid in rids:
             self._errback(failure, rid)
+        self._answered(None)
+
+    def _answered(self, _: object) -> None:
+        """The answers of a run (or of one send) are written; a connection closing
+        after them closes once they all are."""
+        self._committing -= 1
+        if self.state == "closing" and not self._committing:
+            self.finish_closing()
+
+    def finish_closing(self) -> None:
+        """Close a connection that waited for its sends' answers (state "closing"):
+        the error frame of the fatal frame, then the close.  The keepalive sweep calls
+        it when the answers take longer than ``keepalive_interval``."""
+        if self.state == "closing":
+            self._close(self._closing_frame)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
@@ -551,14 +577,16 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     # input --------------------------------------------------------------------------
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.log.info("frame of {n} bytes from {peer}: too large", n=length, peer=self._peer())
+        # (a fatal frame as bad_frame is: the sends read before it are answered first)
         before = "" if self.session is not None else " before login"
-        self.close_with(
-            "too_large", f"frame of {length} bytes; the limit{before} is {self.MAX_LENGTH}"
+        self.refuse(
+            FatalProtocolError(
+                "too_large", f"frame of {length} bytes; the limit{before} is {self.MAX_LENGTH}"
+            )
         )
 
     def stringReceived(self, payload: bytes) -> None:
-        if self.state == "closed":
+        if self.state in _CLOSED:
             return
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
@@ -646,7 +674,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if not isinstance(err, FatalProtocolError):
             self.send_error(err, rid)
             return
-        if self.state == "closed":
+        if self.state in _CLOSED:
             return
         self.log.info(
             "closing {peer}: {code} {message}",
@@ -654,7 +682,18 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             code=err.code,
             message=err.message,
         )
-        self._close(wire.error_frame(err.code, err.message, rid, **err.extra))
+        payload = wire.error_frame(err.code, err.message, rid, **err.extra)
+        # The sends read before this frame are handed to the realm now, and their
+        # answers go out before the error: the close waits for their commits (at most
+        # keepalive_interval, see ClientFactory.sweep).  Nothing more is read.
+        if self._sends:
+            self._flush_sends()
+        if self._committing and self.state != "closed":
+            self.state = "closing"
+            self.closed_at = self.factory.clock.seconds()
+            self._closing_frame = payload
+            return
+        self._close(payload)
 
     def _crash(self, failure: Failure, rid: Any) -> None:
         self.log.failure("request from {peer} failed", failure, peer=self._peer())
@@ -1171,6 +1210,11 @@ class ClientFactory(Factory):
         now = self.clock.seconds()
         lim = self.realm.config.limits
         for proto in list(self.connections):
+            if proto.state == "closing":
+                # Waiting for the answers of the sends read before a fatal frame.
+                if now - proto.closed_at >= lim.keepalive_interval:
+                    proto.finish_closing()
+                continue
             if proto.state == "closed":
                 # Closed politely on an earlier sweep but the peer never took the
                 # close (half-open, or not reading): abort it now.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 
-from chatproto import tls
+from chatproto import tls, wire
 from chatproto.protocol import ClientFactory, ClientProtocol
 from tests.conftest import LogWatch, fast_config, make_realm, raw_client, tcp_of, unsent, until
 
@@ -140,6 +141,39 @@ def server_tcp(tmp_path: Any) -> Any:
         proto.transport.abortConnection()
     pytest_twisted.blockon(port.stopListening())
     pytest_twisted.blockon(realm.stopService())
+
+
+@pytest_twisted.inlineCallbacks
+def test_sends_before_a_bad_frame_are_answered_before_it_over_tcp(server_tcp: Any) -> Any:
+    """Two sends and a frame that is not UTF-8 in one write: the sender gets both
+    results (the messages were stored), then bad_frame, then the close."""
+    realm, _factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    yield realm.create_user("bob", PW)
+    bob = yield raw_client(addr, ("bob", PW))
+    alice = yield raw_client(addr, ("alice", PW))
+    alice.frames.clear()
+    bad = b'{"type":"ping","x":"\xff"}'
+    alice.transport.write(
+        b"".join(
+            struct.pack("!I", len(p)) + p
+            for p in (
+                wire.encode({"type": "send", "to": "bob", "body": "one", "id": 1}),
+                wire.encode({"type": "send", "to": "bob", "body": "two", "id": 2}),
+                bad,
+                wire.encode({"type": "send", "to": "bob", "body": "never", "id": 3}),
+            )
+        )
+    )
+    yield until(lambda: alice.lost.called)
+    answers = [
+        (f.get("id"), f.get("code", "ok")) for f in alice.frames if f["type"] in ("result", "error")
+    ]
+    assert answers == [(1, "ok"), (2, "ok"), (None, "bad_frame")], alice.frames
+    assert alice.frames[-1]["type"] == "error"
+    yield until(lambda: len([f for f in bob.frames if f.get("type") == "msg"]) == 2)
+    assert [f["body"] for f in bob.frames if f.get("type") == "msg"] == ["one", "two"]
+    assert (yield realm.store.max_pos()) == max(f.get("pos", 0) for f in alice.frames)
 
 
 @pytest_twisted.inlineCallbacks
