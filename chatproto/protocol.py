@@ -301,7 +301,8 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             if match is not None and sends is not None and self.state == "ready":
                 m = match(buf, start, offset)
                 if m is not None:
-                    # (wire.compact_send_fields, inline: the id at most once, UTF-8)
+                    # (wire.compact_send_fields, inline: the id at most once, UTF-8;
+                    # held to decode() by test_compact_sends_matched_in_the_read_...)
                     first, to, body, nonce, last = m.groups()
                     if first is None or last is None:
                         try:
