@@ -327,14 +327,13 @@ class GroupHandler:
         """The outbox entries recording how a group event being committed changes the
         other realms of our group ``addr`` (``change``: see :func:`_realm_change`):
         none when it changes none, else those of :meth:`realms_changed`."""
-        if not addr.endswith(self._suffix):
-            return []
+        if not addr.endswith(self._suffix) or (change is None and event != "deleted"):
+            return []  # (most events: no member's realms to look at)
         now = self.current_realms(addr)
         if event == "deleted":
             after: set[str] = set()
-        elif change is None:
-            return []
         else:
+            assert change is not None
             realm, joins = change
             after = now | {realm} if joins else now - {realm}
         return self.realms_changed(addr, after) if after != now else []
