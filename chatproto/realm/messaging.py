@@ -135,6 +135,9 @@ class Messaging:
         return self._store.user_exists(addr.name).addCallback(check)
 
     def check_body(self, body: Any) -> str:
+        # (send_batch repeats its common case inline, ASCII text within the limit: a
+        # change here is made there too; test_send_batch's
+        # test_every_request_keeps_its_own_answer holds the two alike)
         if not isinstance(body, str):
             raise ChatError("bad_request", "field 'body' must be a string")
         max_body = self._limits.max_body
@@ -225,7 +228,11 @@ class Messaging:
 
     def spend(self, session: Session, now: float) -> None:
         """Take a token of ``session``'s send rate (``rate_limited`` when there is
-        none): every send pays one, and so do reactions, edits and deletes."""
+        none): every send pays one, and so do reactions, edits and deletes.
+
+        send_batch takes its tokens inline, item by item as this does (a change
+        here is made there too; test_rate_limit_counts_only_checked_sends_and_the_
+        general_path_in_order holds the two alike)."""
         wait = session.bucket.take(now)
         if wait:
             self._realm.stats.rate_limited("send")

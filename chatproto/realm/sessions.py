@@ -424,7 +424,11 @@ class Sessions:
             self.end_burst()
 
     def _reach(self, env: Envelope, users: Iterable[str]) -> int:
-        """Hand ``env`` to the online sessions of ``users``; how many there were."""
+        """Hand ``env`` to the online sessions of ``users``; how many there were.
+
+        route_private repeats this loop inline (a change here is made there too;
+        test_send_batch's test_with_an_observer_a_run_is_routed_item_by_item_alike
+        holds the two alike)."""
         online = self.online
         pos = env.pos
         reached = 0
@@ -444,7 +448,7 @@ class Sessions:
         """Bounded holds: once the burst's items may come to BURST_WRITE bytes for one
         connection, what is held goes out now (counted once per item, not per
         delivery; an item's frame, or its body's worst case as UTF-8 plus its
-        envelope)."""
+        envelope).  route_private repeats this inline: a change here is made there too."""
         frame = env.frame
         self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
         if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
