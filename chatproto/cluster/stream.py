@@ -114,16 +114,7 @@ class StreamReader:
         safe position: a change committed elsewhere above a commit still in flight
         is acknowledged already but not safe yet, and the check must see it.  The
         commits in flight below it end (committed or not) within a commit's time."""
-
-        def wait(top: int) -> Deferred[None] | None:
-            if self.delivered >= top:
-                return None
-            d: Deferred[None] = Deferred()
-            self._waiters.append((top, d))
-            self.wake()
-            return d
-
-        return self._store.stream_top().addCallback(wait)
+        return self._store.stream_top().addCallback(self.until_routed)
 
     def until_routed(self, pos: int) -> Deferred[None] | None:
         """None if every item up to ``pos`` has been routed here, else a Deferred
