@@ -195,7 +195,8 @@ def test_ephemeral_frames_wait_for_synced(server: Any) -> Any:
         b.send({"type": "send", "to": "alice", "body": f"m{i}", "id": f"s{i}"})
     yield b.reply("s299")
     a = yield login(addr, "alice")
-    yield task.deferLater(_reactor, 0, lambda: None)
+    # The snapshot right after `synced` names bob (a contact, online).
+    yield until(lambda: presence(a))
     kinds = [f.get("type") for f in a.frames if isinstance(f, dict)]
     synced_at = kinds.index("synced")
     assert "presence" not in kinds[:synced_at]
