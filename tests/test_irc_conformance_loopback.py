@@ -157,3 +157,25 @@ def test_minus_n_over_tcp(gateway: Any) -> None:
     yield until(lambda: alice.has("MODE", "#chan", "-n"))
     bob.send("PRIVMSG #chan :from outside")
     yield until(lambda: alice.has("PRIVMSG", "#chan", "from outside"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_own_copies_over_tcp(gateway: Any) -> None:
+    """A private text's copy for its sender's own sessions: the sending session
+    without echo-message gets none, a second session of the same user with
+    echo-message gets it, the recipient gets it (tests/test_irc_own_copies.py
+    over StringTransport; here over loopback TCP and the SQLite store)."""
+    _, port = gateway
+    sender = yield connect(port, "alice")
+    echoed = yield connect(port, "alice", caps="echo-message")
+    bob = yield connect(port, "bob")
+    sender.send("PRIVMSG bob :one", "PRIVMSG bob :two")
+    yield until(lambda: len([c for c, _ in echoed.commands() if c == "PRIVMSG"]) == 2)
+    assert [p for c, p in echoed.take() if c == "PRIVMSG"] == [["bob", "one"], ["bob", "two"]]
+    yield until(lambda: len([c for c, _ in bob.commands() if c == "PRIVMSG"]) == 2)
+    assert [p for c, p in bob.take() if c == "PRIVMSG"] == [["bob", "one"], ["bob", "two"]]
+    # The copies went out to every session at once: a PING answered after them
+    # shows the sender got none.
+    sender.send("PING fence")
+    yield until(lambda: sender.has("PONG", "localhost", "fence"))
+    assert [c for c, _ in sender.take()] == ["PONG"]
