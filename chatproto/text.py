@@ -33,7 +33,14 @@ import re
 
 from chatproto.errors import ChatError
 
-__all__ = ["MAX_REASON", "check_body", "check_label", "check_reason", "label_problem"]
+__all__ = [
+    "MAX_REASON",
+    "check_body",
+    "check_label",
+    "check_reason",
+    "label_problem",
+    "log_shown",
+]
 
 _LABEL_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _BODY_FORBIDDEN = re.compile("[\x1b\x80-\x9f]")
@@ -53,6 +60,14 @@ def label_problem(value: str) -> str | None:
     if m is None:
         return None
     return f"control or bidirectional formatting character {_name(m.group())}"
+
+
+def log_shown(value: object, longest: int = 64) -> str:
+    """``value`` (a peer's, unchecked) as it goes in the operator's log: its first
+    ``longest`` characters, as :func:`ascii` spells them if any is not printable (no
+    CR/LF or escape in the log)."""
+    shown = str(value)[:longest]
+    return shown if shown.isprintable() else ascii(shown)
 
 
 def check_label(value: str, what: str) -> str:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from chatproto.errors import ChatError
 from chatproto.irc.lines import plain_text
-from chatproto.text import check_body, check_label, label_problem
+from chatproto.text import check_body, check_label, label_problem, log_shown
 
 #: Every character a label refuses (PROTOCOL.md, "Text shown to others").
 FORBIDDEN = (
@@ -73,3 +73,13 @@ def test_irc_formatting_is_dropped_from_plain_text() -> None:
     )
     assert plain_text("\x1funder\x1f\x16rev\x11mono\x1estrike") == "underrevmonostrike"
     assert plain_text("\x03") == "" and plain_text("100%") == "100%"
+
+
+def test_log_shown_cuts_and_spells_what_is_not_printable() -> None:
+    assert log_shown("m-1") == "m-1"
+    assert log_shown(None) == "None"
+    assert log_shown("x" * 100) == "x" * 64
+    assert log_shown("abc", 2) == "ab"
+    # CR/LF, escapes: spelled out, not written into the log
+    assert log_shown("a\r\nforged line") == repr("a\r\nforged line")
+    assert "\n" not in log_shown("a\n\x1b[2J") and "\x1b" not in log_shown("a\n\x1b[2J")

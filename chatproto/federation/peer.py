@@ -26,7 +26,7 @@ from chatproto.federation.link import (
 )
 from chatproto.federation.outbound import OutboundFactory, OutboundProtocol
 from chatproto.ratelimit import TokenBucket
-from chatproto.text import label_problem
+from chatproto.text import label_problem, log_shown
 
 if TYPE_CHECKING:
     from chatproto.federation.service import FederationService
@@ -481,11 +481,10 @@ class PeerLink:
                 message = message[:200] if isinstance(message, str) else ""
                 if label_problem(message) is not None:  # it goes in our user's bounce
                     message = ""
-                shown = str(r.get("id"))[:64]
                 self.log.warn(
                     "federation: {realm} rejected item {id}: {code}: {message}",
                     realm=self.realm,
-                    id=shown if shown.isprintable() else ascii(shown),  # no CR/LF in the log
+                    id=log_shown(r.get("id")),
                     code=code,
                     message=message,
                 )

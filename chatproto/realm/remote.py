@@ -42,7 +42,7 @@ from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
 from chatproto.store import FILE_META
 from chatproto.store.grouprealms import queued_realms
-from chatproto.text import check_label
+from chatproto.text import check_label, log_shown
 
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
@@ -395,10 +395,9 @@ class RemoteIntake:
             mid = mid if isinstance(mid, str) else None
             rejected.append({"id": mid, "code": e.code, "message": e.message})
             log = self.log.warn if e.code in _FORGERIES else self.log.info
-            shown = str(mid)[:64]
             log(
                 "federation: rejected item {id} from {origin}: {code}: {message}",
-                id=shown if shown.isprintable() else ascii(shown),  # no CR/LF in the log
+                id=log_shown(mid),
                 origin=origin,
                 code=e.code,
                 message=e.message,
