@@ -961,3 +961,40 @@ def test_pings_of_a_peer_that_does_not_read_get_one_pong() -> None:
     transport.clear()
     ws.dataReceived(ping(b"b"))
     assert transport.value() == b"\x8a\x01b"
+
+
+@defer.inlineCallbacks
+def _logged_in_websocket(web: Web, user: str) -> Any:
+    cookie = yield web.login(user)
+    ws = yield web.websocket(cookie)
+    yield ws.call("hello", version=1)
+    yield ws.call("login")
+    yield ws.until(lambda f: f["type"] == "synced")
+    return ws
+
+
+@pytest_twisted.inlineCallbacks
+def test_sends_before_a_binary_message_are_answered_before_it_over_websockets(web: Web) -> Any:
+    """Two sends, a binary message and a send after it, written at once over a real
+    WebSocket connection: both results (the messages stored), then bad_frame, then
+    the close (tests/test_fatal_after_sends.py over StringTransport)."""
+    bob = yield _logged_in_websocket(web, "bob")
+    alice = yield _logged_in_websocket(web, "alice")
+    for i, body in enumerate(("one", "two"), 101):
+        alice.send_json({"type": "send", "to": "bob", "body": body, "id": i})
+    alice.sendMessage(b"\x00\x01", isBinary=True)
+    alice.send_json({"type": "send", "to": "bob", "body": "never", "id": 103})
+    yield alice.closed
+    answers = [
+        (f.get("id"), f.get("code", "ok"))
+        for f in alice.inbox.pending
+        if f["type"] in ("result", "error")
+    ]
+    assert answers == [(101, "ok"), (102, "ok"), (None, "bad_frame")], alice.inbox.pending
+    got = []
+    for _ in range(2):
+        f = yield bob.until(lambda f: f["type"] == "msg")
+        got.append(f["body"])
+    assert got == ["one", "two"]
+    feed = yield web.realm.store.read_feed("bob@localhost", 0, 10)
+    assert [e.body for e in feed if e.kind == "text"] == ["one", "two"]
