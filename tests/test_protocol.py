@@ -42,6 +42,15 @@ def realm_fixture(clock: Clock) -> Any:
     r.stopService()
 
 
+def logged_in_clear(
+    realm: Any, clock: Clock, user: str, device: str = "default", password: str = "password1"
+) -> Any:
+    """:func:`logged_in` with the login's frames taken off the transport."""
+    proto, transport = logged_in(realm, clock, user, password, device=device)
+    frames(transport)
+    return proto, transport
+
+
 def hello(proto: Any, transport: Any) -> dict[str, Any]:
     proto.dataReceived(frame({"type": "hello", "version": 1, "id": "h"}))
     [reply] = frames(transport)
@@ -1005,10 +1014,8 @@ def test_compact_sends_are_answered_as_decoded_ones(realm: Any, clock: Clock) ->
     realm.create_user("bob", "password1")
     out = []
     for compact in (True, False):
-        a, ta = logged_in(realm, clock, f"alice{int(compact)}")
-        _b, tb = logged_in(realm, clock, "bob")
-        frames(ta)
-        frames(tb)
+        a, ta = logged_in_clear(realm, clock, f"alice{int(compact)}")
+        _b, tb = logged_in_clear(realm, clock, "bob")
         reqs = [
             {"type": "send", "id": 1, "to": "bob", "body": "one"},
             {"type": "send", "to": "bob", "body": "two", "id": "x"},
@@ -1058,10 +1065,8 @@ def test_compact_sends_matched_in_the_read_are_answered_as_decoded_ones(
     ):
         out = []
         for batched in (True, False):
-            a, ta = logged_in(realm, clock, f"alice{n}{int(batched)}")
-            b, tb = logged_in(realm, clock, "bob")
-            frames(ta)
-            frames(tb)
+            a, ta = logged_in_clear(realm, clock, f"alice{n}{int(batched)}")
+            b, tb = logged_in_clear(realm, clock, "bob")
             if batched:
                 a.dataReceived(b"".join(struct.pack("!I", len(p)) + p for p in payloads))
                 a.dataReceived(struct.pack("!I", len(fatal)) + fatal)

@@ -10,17 +10,8 @@ from twisted.internet.task import Clock
 
 from chatproto.mentions import mentions
 from chatproto.realm.reading import MARK_BURST, MARK_RATE, TYPING_BURST, TYPING_RATE
-from chatproto.testing import connect_string_transport, frame, frames, logged_in
-from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
-
-
-def logged_in_clear(
-    realm: Any, clock: Clock, user: str, device: str = "default", password: str = "password1"
-) -> Any:
-    """:func:`logged_in` with the login's frames taken off the transport."""
-    proto, transport = logged_in(realm, clock, user, password, device=device)
-    frames(transport)
-    return proto, transport
+from chatproto.testing import connect_string_transport, frame, frames
+from tests.test_protocol import clock_fixture, logged_in_clear, realm_fixture  # noqa: F401
 
 
 def ask(proto: Any, transport: Any, req: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
