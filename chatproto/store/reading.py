@@ -400,10 +400,10 @@ class ReadingSQL:
         cols = ", ".join("items." + c for c in self.COLS.split(", "))
         bound = before if before is not None else 2**62
         out: list[Envelope] = []
-        upto = self._indexed_upto()
+        upto = self.search_upto()
         stale: list[Any] = []
         edited: list[Envelope] = []
-        if upto is not None and bound > upto + 1:
+        if bound > upto + 1:
             # The newest items, not in the index yet (it is filled when the store is
             # idle): read and matched here, by their current text.
             rows = self._rows(
@@ -443,6 +443,8 @@ class ReadingSQL:
         found.sort(key=lambda e: -e.pos)
         return out + found[: limit - len(out)]
 
-    def _indexed_upto(self) -> int | None:
-        """Every item up to this position is in the search index (None: all are)."""
-        return None
+    def search_upto(self) -> int:
+        """Every text and file item up to this position is in the search index (both
+        SQL stores keep it in ``settings``; items past it are matched by a scan)."""
+        row = self._run("SELECT value FROM settings WHERE key = 'search_upto'").fetchone()
+        return int(row[0]) if row else 0

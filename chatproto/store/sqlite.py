@@ -950,16 +950,9 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             return join, "instr(items_fts.body, ?) > 0", words[0]
         return join, "items_fts MATCH ?", " ".join(terms)
 
-    def _indexed_upto(self) -> int | None:
-        return self.search_upto()
-
-    def search_upto(self) -> int:
-        """Every text and file item up to this position is in the search index."""
-        row = self.conn.execute("SELECT value FROM settings WHERE key = 'search_upto'").fetchone()
-        return int(row[0]) if row else 0
-
     def index_search(self, limit: int) -> int:
-        """Index (for search) up to ``limit`` items after :meth:`search_upto`, with
+        """Index (for search) up to ``limit`` items after
+        :meth:`chatproto.store.reading.ReadingSQL.search_upto`, with
         their current text, in one transaction; returns how many items it went past
         (fewer than ``limit``: the index has caught up).  Run by the store when it has
         no commit to make (see GroupCommitStore)."""

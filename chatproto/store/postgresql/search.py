@@ -94,16 +94,12 @@ class SearchIndex:
         cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
         return "JOIN search_text s ON s.pos = items.pos", cond, query
 
-    def _indexed_upto(self) -> int | None:
-        return self.search_upto()
-
-    def search_upto(self) -> int:
-        """Every text and file item up to this position is in the search index."""
-        row = self.conn.execute("SELECT value FROM settings WHERE key = 'search_upto'").fetchone()
-        return int(row[0]) if row else 0
+    #: The core's (see :meth:`chatproto.store.reading.ReadingSQL.search_upto`).
+    search_upto: Callable[[], int]
 
     def index_search(self, limit: int) -> int:
-        """Index (for search) up to ``limit`` items after :meth:`search_upto`, never
+        """Index (for search) up to ``limit`` items after
+        :meth:`chatproto.store.reading.ReadingSQL.search_upto`, never
         past the safe position, in one transaction; returns how many items it went
         past (fewer than ``limit``: caught up, or stopped short: :attr:`index_later`)."""
         # (outside the transaction: its locks of other writers' in-flight marks must
