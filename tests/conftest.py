@@ -118,6 +118,19 @@ def make_realm(cfg: Config, clock: Any = None, reactor: Any = None) -> RealmServ
     return RealmService(cfg, store, reactor, clock=clock)
 
 
+@pytest.fixture
+def dsn() -> str:
+    """The PostgreSQL server's DSN, for the tests of the PostgreSQL store itself
+    (skipped without one, unless CI is set)."""
+    return postgresql_or_skip()
+
+
+@pytest.fixture
+def schema(dsn: str) -> str:
+    """A schema of the test's own on that server (dropped after the test)."""
+    return pg_schema()
+
+
 def sqlite_only() -> None:
     """Skip a test that looks inside the SQLite file when the realm tests run on
     another store (its behaviour is covered for every store elsewhere)."""

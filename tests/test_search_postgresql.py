@@ -21,7 +21,6 @@ import chatproto.store.postgresql.db as pg_db
 from chatproto.envelope import Envelope, new_message_id
 from chatproto.store.postgresql import PostgresDB, PostgresStore
 from chatproto.store.postgresql.writers import index_lock_key
-from tests.conftest import pg_schema, postgresql_or_skip
 from tests.test_store_postgresql import _hold_back, _wait_until
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
@@ -32,16 +31,6 @@ def env(body: str, kind: str = "text", ref: str | None = None) -> Envelope:
     return Envelope(
         new_message_id(), kind, BOB, ALICE, 1.0, body, None if ref is None else {"ref": ref}
     )
-
-
-@pytest.fixture
-def dsn() -> str:
-    return postgresql_or_skip()
-
-
-@pytest.fixture
-def schema(dsn: str) -> str:
-    return pg_schema()
 
 
 @pytest.fixture

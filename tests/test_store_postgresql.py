@@ -25,23 +25,13 @@ from chatproto.store.postgresql import (
     PostgresStore,
     describe_dsn,
 )
-from tests.conftest import pg_schema, postgresql_or_skip
+from tests.conftest import pg_schema
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 
 
 def env(sender: str, recipient: str, body: str = "hi", id_: str | None = None) -> Envelope:
     return Envelope(id_ or new_message_id(), "text", sender, recipient, 1.0, body)
-
-
-@pytest.fixture
-def dsn() -> str:
-    return postgresql_or_skip()
-
-
-@pytest.fixture
-def schema(dsn: str) -> str:
-    return pg_schema()
 
 
 @pytest.fixture
