@@ -64,7 +64,7 @@ def label_problem(value: str) -> str | None:
 
 def log_shown(value: object, longest: int = 64) -> str:
     """``value`` (a peer's, unchecked) as it goes in the operator's log: its first
-    ``longest`` characters, as :func:`ascii` spells them if any is not printable (no
+    ``longest`` characters, as ``ascii()`` spells them if any is not printable (no
     CR/LF or escape in the log)."""
     shown = str(value)[:longest]
     return shown if shown.isprintable() else ascii(shown)

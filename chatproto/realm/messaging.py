@@ -231,8 +231,9 @@ class Messaging:
         none): every send pays one, and so do reactions, edits and deletes.
 
         send_batch takes its tokens inline, item by item as this does (a change
-        here is made there too; test_rate_limit_counts_only_checked_sends_and_the_
-        general_path_in_order holds the two alike)."""
+        here is made there too; the test
+        ``test_rate_limit_counts_only_checked_sends_and_the_general_path_in_order``
+        holds the two alike)."""
         wait = session.bucket.take(now)
         if wait:
             self._realm.stats.rate_limited("send")
