@@ -225,6 +225,11 @@ class StoreDB(Protocol):
     def read_markers(self, conv: str) -> dict[str, int]: ...
     def read_position(self, conv: str, before_ts: float, floor: int) -> int: ...
     def index_search(self, limit: int) -> int: ...
+
+    #: Whether the last :meth:`index_search` stopped short of items it could not
+    #: index yet (PostgreSQL with several writers), so a step is due again later.
+    index_later: bool
+
     def search_upto(self) -> int: ...
     def search(
         self,
@@ -948,7 +953,7 @@ class GroupCommitStore:
             self._index_wanted = n >= INDEX_STEP or gen != self._index_gen
             if n >= INDEX_STEP and gen == self._index_gen:  # still quiet: go on
                 self._index_quiet = True
-            if n < INDEX_STEP and getattr(self._writer, "index_later", False):
+            if n < INDEX_STEP and self._writer is not None and self._writer.index_later:
                 # Stopped short (PostgreSQL with several writers: another's step held
                 # the lock, or commits in flight held the safe position below items):
                 # again INDEX_DELAY seconds later (the timer of _index_when_idle), not

@@ -387,6 +387,9 @@ def _row(r: tuple[Any, ...]) -> Envelope:
 class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
     """Synchronous access to one SQLite database file (one connection per instance)."""
 
+    #: One writer: an indexing step never stops short (see ``StoreDB.index_later``).
+    index_later = False
+
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
         parent = os.path.dirname(os.path.abspath(path))
