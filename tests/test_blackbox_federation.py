@@ -171,6 +171,28 @@ def test_items_from_a_peer(realms: Any) -> Any:  # noqa: F811
     assert "rejected" not in peer.frames[-1], peer.frames[-1]
     efeed = yield b.realm.store.read_feed("erin@b.example", 0, 10)
     assert [e.body for e in efeed] == ["theirs"]
+    # The peer names it by its own id: its reaction and edit find it, in its
+    # conversation (not bob's item that took the id).
+    to_erin = {"to": "erin@b.example", "body": ""}
+    peer.send(
+        {
+            "type": "txn",
+            "id": "3-4",
+            "items": [
+                text("erin-r", kind="reaction", meta={"ref": "ok-plain", "emoji": "x"}, **to_erin),
+                text("erin-e", kind="edit", meta={"ref": "ok-plain"}, **{**to_erin, "body": "new"}),
+            ],
+        }
+    )
+    yield until(lambda: len([f for f in peer.frames if f.get("type") == "ack"]) == 5, timeout=30)
+    assert "rejected" not in peer.frames[-1], peer.frames[-1]
+    erin = yield connect(_reactor, b.addr, "erin", PW)
+    page = yield erin.history("alice@a.example")
+    yield erin.close()
+    shown = next(m for m in page if m["kind"] == "text")
+    assert (shown["msg_id"], shown["body"]) == (efeed[0].id, "new")
+    assert shown["meta"]["reactions"] == {"x": ["alice@a.example"]}
+    assert (yield b.realm.store.stored_item("ok-plain")).body == "ok-plain"  # bob's, unedited
     peer.transport.loseConnection()
     yield peer.lost
     yield bob.close()

@@ -306,6 +306,66 @@ def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:
     assert not transport.disconnecting
 
 
+def test_a_peer_refers_to_its_item_stored_under_an_alternate_id(node: Any, certs: Any) -> None:
+    """An item whose id another conversation took first is stored under an alternate
+    id; its peer still names it by its own id: its reactions, edits, replies and
+    deletes find it (and are stored referring to the alternate id), never the item
+    that took the id."""
+    realm, fed, _ = node
+    fired(realm.create_user("erin", "password-1"))
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    frames(transport)
+
+    def txn(tid: str, *items: dict[str, Any]) -> dict[str, str]:
+        proto.dataReceived(frame({"type": "txn", "id": tid, "items": list(items)}))
+        (ack,) = frames(transport)
+        assert ack["type"] == "ack" and ack["id"] == tid, ack
+        return {r["id"]: r["code"] for r in ack.get("rejected", [])}
+
+    def it(mid: str, kind: str, body: str = "", to: str = "bob@b.example", **meta: Any) -> Any:
+        return {
+            "id": mid,
+            "kind": kind,
+            "from": "alice@a.example",
+            "to": to,
+            "ts": 1.0,
+            "body": body,
+            "meta": meta,
+        }
+
+    squat = {**it("shared", "text", "squatted", to="erin@b.example"), "meta": None}
+    real = {**it("shared", "text", "teh plan"), "meta": None}
+    assert txn("1-2", squat, real) == {}
+    alt = fired(realm.store.read_feed("bob@b.example", 0, 10))[0].id
+    assert alt.startswith("shared~")
+    assert (
+        txn(
+            "3-5",
+            it("r1", "reaction", ref="shared", emoji="x"),
+            it("e1", "edit", "the plan", ref="shared"),
+            it("p1", "text", "re", reply_to="shared"),
+        )
+        == {}
+    )
+    for mid, key in (("r1", "ref"), ("e1", "ref"), ("p1", "reply_to")):
+        assert fired(realm.store.stored_item(mid)).meta[key] == alt, mid
+    feed = fired(realm.store.read_feed("bob@b.example", 0, 10))
+    assert [(e.id, e.body) for e in feed if e.kind == "text"] == [(alt, "the plan"), ("p1", "re")]
+    assert fired(realm.store.ref_count(alt, "alice@a.example")) == 2
+    assert fired(realm.store.ref_count("shared", "alice@a.example")) == 0
+    assert txn("6-6", it("d1", "delete", ref="shared")) == {}
+    wiped = fired(realm.store.stored_item(alt))
+    assert (wiped.body, wiped.meta) == ("", {"deleted": True})
+    squatter = fired(realm.store.stored_item("shared"))
+    assert (squatter.recipient, squatter.body, squatter.meta) == (
+        "erin@b.example",
+        "squatted",
+        None,
+    )
+    assert not transport.disconnecting
+
+
 def test_stopping_closes_inbound_links_cleanly_then_aborts_after_a_grace(
     node: Any, certs: Any
 ) -> None:

@@ -126,6 +126,48 @@ def test_remote_items_cannot_take_each_others_ids(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_item_is_found_by_the_id_its_peer_knows_in_its_conversation(store: Any) -> Any:
+    """stored_item_in finds an item stored under an alternate id by the id the peer
+    sent it with and its conversation (how a peer's reaction, edit or reply names it),
+    private or in a group, long id or short; never another conversation's item."""
+    group = "#g@b.example"
+    squatters = [
+        Envelope("shared-id", "text", "mallory@b.example", CAROL, 1.0, "first!"),
+        Envelope("g" * 60, "text", "mallory@b.example", CAROL, 1.0, "first too"),
+    ]
+    yield store.append_remote(squatters)
+    real = Envelope("shared-id", "text", "alice@c.example", CAROL, 2.0, "the real one")
+    in_group = Envelope("shared-id", "text", "alice@c.example", group, 3.0, "to the group")
+    long = Envelope("g" * 60, "text", "alice@c.example", group, 4.0, "long id")
+    # the same id in the group again, from another sender: the first is found
+    twin = Envelope("shared-id", "text", "dan@c.example", group, 5.0, "another")
+    yield store.append_remote([real, in_group, long, twin])
+    assert len({real.id, in_group.id, long.id, twin.id}) == 4
+    assert all("~" in e.id for e in (real, in_group, long, twin))
+    dm = conversation_key("alice@c.example", CAROL)
+    found = yield store.stored_item_in("shared-id", dm)
+    assert (found.id, found.body) == (real.id, "the real one")
+    found = yield store.stored_item_in("shared-id", group)
+    assert (found.id, found.body) == (in_group.id, "to the group")
+    found = yield store.stored_item_in("g" * 60, group)
+    assert (found.id, found.body) == (long.id, "long id")
+    # stored under the id itself, in the conversation asked about
+    own = conversation_key("mallory@b.example", CAROL)
+    found = yield store.stored_item_in("shared-id", own)
+    assert (found.id, found.body) == ("shared-id", "first!")
+    # nothing of that conversation, or under that id
+    assert (yield store.stored_item_in("shared-id", conversation_key(ALICE, BOB))) is None
+    assert (yield store.stored_item_in("nothing", group)) is None
+    # an id that only looks like an alternate of it (a digest of another key) is not
+    fake = Envelope("shared-id~0123456789abcdef", "text", "eve@c.example", "#h@b.example", 6.0, "")
+    yield store.append_remote([fake])
+    assert (yield store.stored_item_in("shared-id", "#h@b.example")) is None
+    # an alternate id named directly is the item itself
+    found = yield store.stored_item_in(real.id, dm)
+    assert found.body == "the real one"
+
+
+@pytest_twisted.inlineCallbacks
 def test_group_requests_are_remembered_until_done(store: Any) -> Any:
     """A request queued for another realm is remembered with its outbox row, and
     stays remembered after the row is acknowledged, until it is done or expires."""

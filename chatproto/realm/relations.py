@@ -35,7 +35,7 @@ from chatproto.relations import (
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["Relations", "may_delete", "readable_by"]
+__all__ = ["Relations", "may_delete", "named_ref", "readable_by", "refer_to"]
 
 #: Ids of items deleted by this process, remembered so that an edit or a reaction
 #: checked against the item before its delete was committed is refused (bounded).
@@ -52,6 +52,21 @@ def readable_by(env: Envelope, user: str, floor: int, group_floor: Any) -> bool:
         except ChatError:
             return False
     return user in (env.sender, env.recipient) and env.pos > floor
+
+
+def named_ref(env: Envelope) -> Any:
+    """The id ``env`` refers to: a reaction's, edit's or delete's ``meta.ref``, a
+    reply's ``meta.reply_to`` (None if none)."""
+    return ref_of(env) if env.kind in REF_KINDS else (env.meta or {}).get("reply_to")
+
+
+def refer_to(env: Envelope, item_id: str) -> None:
+    """Make ``env`` (a reaction, edit or delete, or a reply) refer to ``item_id``:
+    from another realm, it named the item by the id that realm knows, and the item
+    is stored here under an alternate one (what the stores' views, deletes and
+    counts join on)."""
+    key = "ref" if env.kind in REF_KINDS else "reply_to"
+    env.meta = {**(env.meta or {}), key: item_id}
 
 
 def may_delete(env: Envelope, user: str, role: str | None) -> bool:
@@ -282,12 +297,18 @@ class Relations:
 
         Fires with the item referred to, or None when ``env`` is stored already (a
         transaction sent again: the store skips it); fails with ``not_found`` or
-        ``forbidden``, as for a local user."""
+        ``forbidden``, as for a local user.  The item referred to is found by the id
+        its peer knows it by, in ``env``'s conversation (see
+        :meth:`chatproto.store.IStore.stored_item_in`): its ``id`` may be an
+        alternate one, which ``env`` must then be stored referring to
+        (:func:`refer_to`)."""
         had = yield self._store.stored_item(env.id)
         if had is not None and (had.sender, had.recipient) == (env.sender, env.recipient):
             return None
-        ref = ref_of(env) if env.kind in REF_KINDS else (env.meta or {}).get("reply_to")
-        t = (yield self._store.stored_item(ref)) if ref is not None else None
+        ref = named_ref(env)
+        # By the id the peer knows, in this conversation: the item may be stored here
+        # under an alternate id (its id was taken by another conversation's item).
+        t = (yield self._store.stored_item_in(ref, env.conversation)) if ref is not None else None
         if (
             t is None
             or t.conversation != env.conversation

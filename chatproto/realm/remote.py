@@ -37,6 +37,7 @@ from chatproto.groups import (
     check_snapshot,
 )
 from chatproto.realm.messaging import text_meta
+from chatproto.realm.relations import named_ref, refer_to
 from chatproto.relations import REF_KINDS, check_msg_id, remote_meta
 from chatproto.signing import canonical, parse_sig
 from chatproto.signing import verify_all as _verify_all
@@ -390,6 +391,9 @@ class RemoteIntake:
         batch: list[Envelope] = []
         relayed: list[Envelope] = []  # items of batch to relay to member realms
         signed: list[tuple[Envelope, str]] = []  # items of batch to verify, and by whom
+        # items of batch that name what they refer to by a peer's id of an item stored
+        # here under an alternate id: pointed at that, once their signatures are checked
+        pointed: list[tuple[Envelope, str]] = []
 
         def reject(mid: Any, e: ChatError) -> None:
             mid = mid if isinstance(mid, str) else None
@@ -416,6 +420,9 @@ class RemoteIntake:
                         reject(env.id, bad[id(env)])
                 batch = [e for e in batch if id(e) not in bad]
                 relayed = [e for e in relayed if id(e) not in bad]
+            for env, local in pointed:
+                refer_to(env, local)
+            pointed.clear()
 
         @inlineCallbacks
         def flush() -> Any:
@@ -451,6 +458,8 @@ class RemoteIntake:
                     target = yield self._r.relations.check_remote(env)
                     if env.kind == "delete" and target is not None:
                         deleted.append(target)
+                    if target is not None and target.id != named_ref(env):
+                        pointed.append((env, target.id))
                 if env.kind == "file":
                     yield flush()
                     if signer is not None:

@@ -266,6 +266,14 @@ class IStore(Interface):
     def stored_item(item_id):  # type: ignore[misc]
         """The stored item with this ``id`` (an Envelope, ``pos`` set), or ``None``."""
 
+    def stored_item_in(item_id, conversation):  # type: ignore[misc]
+        """The item another realm names ``item_id`` in ``conversation`` (an
+        Envelope's ``conversation``), as stored here: the item with that id if it is
+        of that conversation, else one of it stored under the
+        :func:`chatproto.envelope.alternate_id` of ``item_id`` (its id was taken by
+        an item of another conversation, see :meth:`append_remote`); or ``None``.
+        How a peer's reaction, edit, delete or reply finds what it refers to."""
+
     def ref_count(ref, sender):  # type: ignore[misc]
         """How many ``edit`` and ``reaction`` items from ``sender`` that refer to the
         item ``ref`` are stored (see :data:`chatproto.relations.MAX_CHANGES`)."""

@@ -22,6 +22,7 @@ from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
 from chatproto.store.reading import (
     SEARCH_KINDS,
     UNREAD_KINDS,
+    alternate_of,
     conversation_summary,
     words_match,
 )
@@ -331,6 +332,16 @@ class MemoryStore:
 
     def stored_item(self, item_id: str) -> Deferred[Envelope | None]:
         return succeed(self._by_id(item_id))
+
+    def stored_item_in(self, item_id: str, conversation: str) -> Deferred[Envelope | None]:
+        env = self._by_id(item_id)
+        if env is None or env.conversation != conversation:
+            stem = item_id[:40] + "~"
+            alts = [
+                e for e in self.items if e.id.startswith(stem) and e.conversation == conversation
+            ]
+            env = alternate_of(item_id, alts, self._id_key)
+        return succeed(env)
 
     def ref_count(self, ref: str, sender: str) -> Deferred[int]:
         return succeed(

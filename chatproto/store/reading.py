@@ -21,7 +21,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatproto.envelope import Envelope
+import attrs
+
+from chatproto.envelope import Envelope, alternate_id
 from chatproto.relations import DELETED_META, current_view
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "SEARCH_KINDS",
     "UNREAD_KINDS",
     "ReadingSQL",
+    "alternate_of",
     "conversation_summary",
     "search_words",
     "words_match",
@@ -89,6 +92,15 @@ def words_match(words: Sequence[str], body: str) -> bool:
     return all(any(h == w if len(w) == 1 else h.startswith(w) for h in have) for w in words)
 
 
+def alternate_of(item_id: str, items: Sequence[Envelope], key: bytes) -> Envelope | None:
+    """The first of ``items`` (of one conversation) stored under the alternate id
+    of an item sent as ``item_id`` (``key``: the store's key of alternate ids)."""
+    for e in items:
+        if alternate_id(attrs.evolve(e, id=item_id), key) == e.id:
+            return e
+    return None
+
+
 def conversation_summary(
     conv: str, last: Envelope | None, read: int, unread: int, mentions: int, markers: Any
 ) -> dict[str, Any]:
@@ -131,12 +143,28 @@ class ReadingSQL:
     #: The core's: the items that refer to any of the items given (with
     #: ``edits_only``, the edits), oldest first.
     _refs: Callable[..., list[Envelope]]
+    #: The core's: the store's key of alternate ids (chatproto.envelope.alternate_id).
+    _id_key: Callable[[], bytes]
 
     # items ----------------------------------------------------------------------------
 
     def stored_item(self, item_id: str) -> Envelope | None:
         rows = self._rows(f"SELECT {self.COLS} FROM items WHERE id = ?", (self._text_in(item_id),))
         return self._item(rows[0]) if rows else None
+
+    def stored_item_in(self, item_id: str, conversation: str) -> Envelope | None:
+        """See :meth:`chatproto.store.IStore.stored_item_in`: the alternates of
+        ``item_id`` are read by a range of the unique id index (the id's first 40
+        characters, ``~``, 16 hex digits), then checked with the store's key."""
+        env = self.stored_item(item_id)
+        if env is not None and env.conversation == conversation:
+            return env
+        stem = item_id[:40] + "~"
+        rows = self._rows(
+            f"SELECT {self.COLS} FROM items WHERE id >= ? AND id <= ? AND conv = ? ORDER BY pos",
+            (self._text_in(stem + "0" * 16), self._text_in(stem + "f" * 16), conversation),
+        )
+        return alternate_of(item_id, [self._item(r) for r in rows], self._id_key())
 
     def read_feed(
         self,
