@@ -64,6 +64,10 @@ def test_a_report_is_stored_with_what_the_message_was(moderated: Any) -> None:
     for who, mid in (("alice", msg_id), ("bob", "no-such-id")):
         err = _ask(*c[who], clock, type="report", msg_id=mid, reason="spam")
         assert (err["type"], err["code"]) == ("error", "not_found")
+    # no message id (PROTOCOL.md, "Text shown to others"): refused before any look-up
+    for mid in ("a\x1b[2Jb", "a b", "a\u202eb", "m" * 129, "", 5):
+        err = _ask(*c["bob"], clock, type="report", msg_id=mid, reason="spam")
+        assert (err["type"], err["code"]) == ("error", "bad_request"), mid
     for bad in ({"reason": ""}, {"reason": "a\x1bb"}, {"reason": "r" * 401}, {"reason": 5}):
         err = _ask(*c["bob"], clock, type="report", msg_id=msg_id, **bad)
         assert err["code"] == "bad_request", bad

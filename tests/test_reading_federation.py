@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from chatproto.client import connect
+from chatproto.envelope import Envelope
 from chatproto.realm.reading import TYPING_BURST
 from tests.conftest import until
 from tests.test_federation_groups_loopback import members_when
@@ -78,6 +79,14 @@ def test_a_peer_speaks_for_its_own_users_only(realms: Any) -> Any:  # noqa: F811
     yield reading.remote(
         "a.example", {"kind": "read", "from": "alice", "to": "bob", "msg_id": item.id}
     )
+    # a msg_id that is no message id (PROTOCOL.md), even of an item of the
+    # conversation stored before ids were checked: refused, so ignored
+    old = Envelope("old\x1b[2J", "text", "alice@a.example", "bob@b.example", 1.0, "old")
+    yield b.realm.store.append_remote([old])
+    for bad in (old.id, "x" * 129, 5):
+        yield reading.remote(
+            "a.example", {"kind": "read", "from": "alice", "to": "bob", "msg_id": bad}
+        )
     reading.remote("a.example", {"kind": "typing", "from": "alice", "to": "bob", "typing": True})
     yield until(lambda: len(seen) == 1, timeout=10)
     assert seen == [

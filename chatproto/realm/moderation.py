@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.ratelimit import UserBuckets
+from chatproto.relations import check_msg_id
 from chatproto.text import check_reason
 
 if TYPE_CHECKING:
@@ -160,8 +161,7 @@ class Moderation:
         ``not_found``, ``bad_request`` or ``rate_limited``."""
         user = session.user_id
         reason = check_reason(reason, required=True)
-        if not 1 <= len(msg_id) <= 200:
-            raise ChatError("bad_request", "msg_id must be 1 to 200 characters")
+        msg_id = check_msg_id(msg_id)
         now = self._r.clock.seconds()
         wait = yield self.report_limit.take(user, now)
         if wait > 0:

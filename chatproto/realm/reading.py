@@ -27,6 +27,7 @@ from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.errors import ChatError
 from chatproto.ratelimit import ConnectionBuckets, TokenBucket
 from chatproto.realm.sessions import Notice, Session
+from chatproto.relations import check_msg_id
 from chatproto.store.reading import search_words
 
 if TYPE_CHECKING:
@@ -434,9 +435,12 @@ class Reading:
             data = {"type": "typing", "with": str(who), "user": str(who)}
             self._realm.sessions.notify((str(me),), Notice({**data, "typing": frame["typing"]}))
             return None
-        msg_id = frame.get("msg_id")
-        if frame.get("kind") != "read" or not isinstance(msg_id, str) or len(msg_id) > 200:
+        if frame.get("kind") != "read":
             return None
+        try:
+            msg_id = check_msg_id(frame.get("msg_id"))
+        except ChatError:
+            return None  # a reading frame has no answer: refused, it is dropped
         return self._remote_read(str(who), str(me), msg_id)
 
     @inlineCallbacks
