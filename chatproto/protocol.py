@@ -1101,7 +1101,13 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         return d.addCallback(opened)
 
     def _start_download(self, dl: Download, sink: DataSink) -> None:
-        if self.state == "closed" or self._download_sinks.get(sink.stream) is not sink:
+        """Stream the download's data frames, unless it was cancelled or the
+        connection is closed or closing (waiting for its sends' answers before a
+        fatal error: nothing but those answers and the error goes out any more)."""
+        if self._download_sinks.get(sink.stream) is not sink:
+            return
+        if self.state in _CLOSED:
+            del self._download_sinks[sink.stream]  # (nothing was opened for it yet)
             return
 
         def done(result: Any) -> None:

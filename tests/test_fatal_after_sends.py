@@ -5,6 +5,7 @@ stored and delivered, and the sender gets their results before the closing error
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Any
 
@@ -13,7 +14,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from chatproto import wire
-from chatproto.testing import connect_string_transport, frame, frames
+from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 from tests.test_reading import logged_in_clear
 
@@ -24,6 +25,10 @@ FATAL = {
     "name_twice": b'{"type":"ping","type":"ping"}',
     "empty": b"",
 }
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _raw(payload: bytes) -> bytes:
@@ -197,3 +202,39 @@ def test_a_frame_over_the_limit_after_sends(realm: Any, clock: Clock) -> None:
     assert _answers(out) == [(1, "ok"), (2, "ok"), (None, "too_large")], out
     assert ta.disconnecting
     assert [f["body"] for f in frames(tb)] == ["one", "two"]
+
+
+def test_no_download_starts_while_the_connection_waits_to_close(
+    tmp_path: Any, clock: Clock
+) -> None:
+    """A download opened in the read that ends with a fatal frame is answered (its
+    result is ready before the error) but sends no data: the connection is
+    "closing", waiting only for the answers of its sends."""
+    from tests.conftest import fast_config
+    from tests.test_files_protocol import split_frames
+
+    realm = make_test_realm(clock, fast_config(tmp_path))
+    try:
+        realm.create_user("alice", "password1")
+        data = b"abc" * 1000
+        up = realm.files.offer("alice@localhost", "alice", "f", len(data), sha256(data))
+        realm.files.write("alice@localhost", up.result.upload_id, 0, data)
+        info, _ = realm.files.finish("alice@localhost", up.result.upload_id).result
+        a, ta = logged_in_clear(realm, clock, "alice")
+        logged_in_clear(realm, clock, "bob")
+        commit = _held_commits(realm)
+        a.dataReceived(
+            frame({"type": "send", "to": "bob", "body": "one", "id": 1})
+            + frame({"type": "download", "file": info.file_id, "id": "d"})
+            + _raw(b"\xff")
+        )
+        clock.advance(0)  # when the download's data would start
+        assert a.state == "closing"
+        commit()
+        clock.advance(1)
+        control, got = split_frames(ta.value())
+        assert got == []  # not one data frame
+        assert _answers(control) == [("d", "ok"), (1, "ok"), (None, "bad_frame")], control
+        assert ta.disconnecting and not a._download_sinks
+    finally:
+        realm.stopService()

@@ -4,6 +4,7 @@ no traceback in the realm's log (issue 14)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -174,6 +175,45 @@ def test_sends_before_a_bad_frame_are_answered_before_it_over_tcp(server_tcp: An
     yield until(lambda: len([f for f in bob.frames if f.get("type") == "msg"]) == 2)
     assert [f["body"] for f in bob.frames if f.get("type") == "msg"] == ["one", "two"]
     assert (yield realm.store.max_pos()) == max(f.get("pos", 0) for f in alice.frames)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_download_before_a_bad_frame_sends_no_data_over_tcp(server_tcp: Any) -> Any:
+    """A send, a download and a frame that is not UTF-8 in one write, the send's
+    commit held back: the download is answered, but none of its data is sent while
+    the connection waits to close, nor after."""
+    realm, factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    data = b"abc" * 1000
+    up = yield realm.files.offer(
+        "alice@localhost", "alice", "f", len(data), hashlib.sha256(data).hexdigest()
+    )
+    yield realm.files.write("alice@localhost", up.upload_id, 0, data)
+    info, _ = yield realm.files.finish("alice@localhost", up.upload_id)
+    alice = yield raw_client(addr, ("alice", PW))
+    alice.frames.clear()
+    append, held = realm.store.append, defer.Deferred()
+    realm.store.append = lambda items, outbox=(): held.addCallback(lambda _: append(items, outbox))
+    alice.transport.write(
+        b"".join(
+            struct.pack("!I", len(p)) + p
+            for p in (
+                wire.encode({"type": "send", "to": "alice", "body": "one", "id": 1}),
+                wire.encode({"type": "download", "file": info.file_id, "id": "d"}),
+                b'{"type":"ping","x":"\xff"}',
+            )
+        )
+    )
+    yield alice.reply("d")
+    [proto] = factory.connections
+    yield until(lambda: not proto._download_sinks)  # started and done, or dropped
+    held.callback(None)
+    yield until(lambda: alice.lost.called)
+    assert [f for f in alice.frames if isinstance(f, bytes)] == []  # no data frame
+    answers = [
+        (f.get("id"), f.get("code", "ok")) for f in alice.frames if f["type"] in ("result", "error")
+    ]
+    assert answers == [("d", "ok"), (1, "ok"), (None, "bad_frame")], alice.frames
 
 
 @pytest_twisted.inlineCallbacks
