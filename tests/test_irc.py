@@ -766,6 +766,35 @@ def test_chathistory(factory: IRCFactory) -> None:
     ]
 
 
+def _batch_tags(line: str) -> list[str]:
+    tags = line[1:].split(" ", 1)[0].split(";") if line.startswith("@") else []
+    return [t for t in tags if t.startswith("batch=")]
+
+
+def test_chathistory_tags_every_line_of_a_multiline_message(factory: IRCFactory) -> None:
+    """Every line of a batch carries its tag (IRCv3 batch), every line of a message
+    shown as several too; inside a labeled-response batch, the chathistory batch is
+    nested: its opening line carries the outer tag, its lines only their own."""
+    a = login(factory, "alice", caps="batch server-time message-tags labeled-response")
+    login(factory, "bob")
+    factory.realm.post("bob@localhost", "alice", "one\ntwo\nthree")
+    a.lines()
+    a.send("CHATHISTORY LATEST bob * 3")
+    lines = a.lines()
+    ref = lines[0].split("+")[1].split()[0]
+    assert [line.rsplit(" :", 1)[1] for line in lines[1:-1]] == ["one", "two", "three"]
+    assert [_batch_tags(line) for line in lines[1:-1]] == [[f"batch={ref}"]] * 3
+    a.send("@label=h CHATHISTORY LATEST bob * 3")
+    lines = a.lines()
+    assert lines[0].startswith("@label=h :localhost BATCH +") and "labeled-response" in lines[0]
+    outer = lines[0].split("+")[1].split()[0]
+    assert _batch_tags(lines[1]) == [f"batch={outer}"] and " BATCH +" in lines[1]
+    inner = lines[1].split("+")[1].split()[0]
+    assert [_batch_tags(line) for line in lines[2:-2]] == [[f"batch={inner}"]] * 3
+    assert lines[-2] == f"@batch={outer} :localhost BATCH -{inner}"
+    assert lines[-1] == f":localhost BATCH -{outer}"
+
+
 def test_too_many_sessions_is_not_a_bad_password(clock: Clock) -> None:
     realm = make_realm(clock)
     realm.config.limits.max_sessions_per_user = 1

@@ -168,6 +168,34 @@ def test_an_irc_client_that_stops_reading_is_dropped(gateway: Any) -> None:
     assert bob.received - before <= kernel + 64 * 1024 + 4 * 17000
 
 
+class CapClient(StalledClient):
+    """Registers as alice with the batch, server-time and message-tags capabilities."""
+
+    def connectionMade(self) -> None:
+        for line in ("CAP REQ :batch server-time message-tags", f"PASS {PW}", "NICK alice"):
+            self.sendLine(line.encode())
+        self.sendLine(b"USER alice 0 * :Alice")
+        self.sendLine(b"CAP END")
+
+
+@pytest_twisted.inlineCallbacks
+def test_chathistory_tags_every_line_of_a_multiline_message_over_tcp(gateway: Any) -> None:
+    realm, port, _ = gateway
+    yield realm.post("bob", "alice", "one\ntwo\nthree")
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    alice = yield endpoint.connect(protocol.Factory.forProtocol(CapClient))
+    yield until(lambda: any(b" 001 alice " in line for line in alice.lines))
+    alice.sendLine(b"CHATHISTORY LATEST bob * 3")
+    yield until(lambda: any(b" BATCH -" in line for line in alice.lines))
+    start = next(i for i, line in enumerate(alice.lines) if b" BATCH +" in line)
+    ref = alice.lines[start].split(b"+")[1].split()[0]
+    body = alice.lines[start + 1 : -1]
+    assert [line.rsplit(b" :", 1)[1] for line in body] == [b"one", b"two", b"three"]
+    assert all(line.startswith(b"@batch=" + ref + b";") for line in body), body
+    alice.transport.loseConnection()
+    yield alice.lost
+
+
 @pytest_twisted.inlineCallbacks
 def test_irc_clients_dm_and_channel(gateway: Any) -> None:
     realm, port, _ = gateway

@@ -27,6 +27,7 @@ __all__ = [
     "escape_tag",
     "format_line",
     "group_of",
+    "in_batch",
     "nick_of",
     "param",
     "parse_line",
@@ -34,6 +35,7 @@ __all__ = [
     "prefix",
     "quick_message",
     "server_time",
+    "split_lines",
     "split_utf8",
     "unescape_tag",
     "user_of",
@@ -239,9 +241,32 @@ def format_line(source: str | None, command: str, *params: str) -> bytes:
 
 
 def with_tag(line: bytes, tag: bytes) -> bytes:
+    """``line`` (one line) with ``tag`` (``key=value``, escaped) added first."""
     if line.startswith(b"@"):
         return b"@" + tag + b";" + line[1:]
     return b"@" + tag + b" " + line
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The lines of ``data`` (whole lines, each with its CRLF)."""
+    return [line + CRLF for line in data.split(CRLF)[:-1]]
+
+
+def _in_batch(line: bytes) -> bool:
+    """Whether ``line`` carries a ``batch`` tag (it belongs to a batch already)."""
+    if not line.startswith(b"@"):
+        return False
+    tags = line[1 : line.find(b" ")]
+    return any(t == b"batch" or t.startswith(b"batch=") for t in tags.split(b";"))
+
+
+def in_batch(data: bytes, ref: str) -> bytes:
+    """Every line of ``data`` tagged ``batch=<ref>`` (IRCv3 batch: each line of a
+    batch carries its tag -- every line of a multi-line message too), but for lines
+    of a batch nested in it, which carry their own batch's tag (the line opening the
+    nested batch carries this one's)."""
+    tag = b"batch=" + ref.encode()
+    return b"".join(line if _in_batch(line) else with_tag(line, tag) for line in split_lines(data))
 
 
 def split_utf8(text: str, limit: int) -> list[str]:

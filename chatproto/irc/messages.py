@@ -16,8 +16,8 @@ from chatproto.irc.lines import (
     channel_of,
     decimal,
     format_line,
+    in_batch,
     param,
-    with_tag,
 )
 from chatproto.irc.relations import react_from_tags, reply_from_tags
 from chatproto.irc.replies import PendingSend, Reply, next_batch_id
@@ -197,13 +197,12 @@ def chathistory(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, s
 
     def got(items: list[Envelope]) -> None:
         ref_id = f"H{next_batch_id()}"
-        tag = f"batch={ref_id}".encode()
         lines = [f":{p.server} BATCH +{ref_id} chathistory {param(target)}\r\n".encode()]
         for env in items:
             if env.kind == "event":
                 continue
             lines.append(
-                with_tag(p.factory.lines(env, 3), tag)
+                in_batch(p.factory.lines(env, 3), ref_id)  # each line of a multi-line one
                 if p.has("batch")
                 else p.factory.lines(env, p.tag_mode)
             )

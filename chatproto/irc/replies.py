@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, succeed
 
-from chatproto.irc.lines import escape_tag, format_line, with_tag
+from chatproto.irc.lines import escape_tag, format_line, in_batch, split_lines, with_tag
 
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
@@ -141,16 +141,18 @@ class Reply:
                 p.write(b"".join(lines))
             return
         label = b"label=" + escape_tag(self.label).encode("utf-8", "replace")
-        if not lines:
+        # One reply may hold several lines (a multi-line message, a whole batch): the
+        # label goes on the only line, or on a batch holding every line.
+        data = b"".join(lines)
+        each = split_lines(data)
+        if not each:
             p.write(with_tag(f":{p.server} ACK\r\n".encode(), label))
-        elif len(lines) == 1 or not p.has("batch"):
-            p.write(b"".join([with_tag(lines[0], label), *lines[1:]]))
+        elif len(each) == 1 or not p.has("batch"):
+            p.write(b"".join([with_tag(each[0], label), *each[1:]]))
         else:
             ref = f"L{next_batch_id()}"
-            tag = b"batch=" + ref.encode()
             start = with_tag(f":{p.server} BATCH +{ref} labeled-response\r\n".encode(), label)
-            body = b"".join(with_tag(line, tag) for line in lines)
-            p.write(start + body + f":{p.server} BATCH -{ref}\r\n".encode())
+            p.write(start + in_batch(data, ref) + f":{p.server} BATCH -{ref}\r\n".encode())
 
 
 class PendingSend:
