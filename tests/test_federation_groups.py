@@ -696,3 +696,29 @@ def test_presence_of_a_realm_that_stays_away_is_forgotten(tmp_path: Path) -> Non
     clock.advance(1)
     assert presences(bob) == [("alice@a.example", "offline")]
     assert b.presence.remote == {}
+
+
+def test_a_request_sent_again_is_acknowledged_not_applied_again(net: Any) -> None:
+    """A realm sends a transaction again when its ack was lost: the join request in
+    it is acknowledged (its event is stored under the request's id), not refused as
+    ``already_member`` -- which would bounce a join that was made, and leave the
+    requester's realm taking the join event for a forgery.  A request replayed
+    after the user left does not make them join again."""
+    links, clock, h, a, _ = net
+    dev_group(net)
+    alice = User(a, clock, "alice")
+    join = alice.ok("join", group=GROUP)
+    rows = result(a.store.outbox_read("h.example", 0, 1000))
+    sent = over_the_wire(rows)
+    assert result(h.receive_remote("a.example", sent)) == []  # the ack is lost
+    links.pump()  # a.example sends the transaction again
+    assert links.rejected == []
+    assert set(h.groups.get(GROUP).members) == {"owner@h.example", "alice@a.example"}
+    assert set(a.groups.get(GROUP).members) == {"owner@h.example", "alice@a.example"}
+    events = [(m["kind"], m["msg_id"], m.get("meta", {}).get("event")) for m in alice.msgs()]
+    assert events == [("event", join["msg_id"], "joined")]  # the pending result's id
+    alice.ok("leave", group=GROUP)
+    links.pump()
+    assert result(h.receive_remote("a.example", sent)) == []  # an old request replayed
+    assert set(h.groups.get(GROUP).members) == {"owner@h.example"}
+    assert result(h.store.outbox_counts()) == {}  # nothing new to tell anyone

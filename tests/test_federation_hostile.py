@@ -260,3 +260,45 @@ def test_a_home_realm_relays_a_third_realms_words_only_with_its_signature(
     peer.transport.loseConnection()
     for conn in (owner, dave, bob):
         yield conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_sent_again_over_a_real_link_is_applied_once(realms: Any) -> Any:  # noqa: F811
+    """Over real mutual TLS, a.example (genuine certificate) sends b.example, home of
+    #g, alice's join request, then the same transaction again (as after a lost ack),
+    then her leave, then the join once more (an old request replayed).  Every ack is
+    clean; the join is applied once (its event has the request's id) and the replay
+    does not bring alice back."""
+    a, b = yield realms(["a.example", "b.example"])
+    carol = yield connect(_reactor, b.addr, "carol", PW, register=True)
+    yield carol.create_group("#g")
+    peer = yield raw_peer(b, "a.example", _cert(a), a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+
+    def request(mid: str, event: str) -> dict[str, Any]:
+        return {
+            "id": mid,
+            "kind": "request",
+            "from": "alice@a.example",
+            "to": "#g@b.example",
+            "event": event,
+            "args": {},
+            "ts": 1764093000.0,
+        }
+
+    sent = [("t1", "r-join", "joined"), ("t1", "r-join", "joined"), ("t2", "r-leave", "left")]
+    sent.append(("t1", "r-join", "joined"))
+    for n, (txn, mid, event) in enumerate(sent, start=2):
+        peer.send({"type": "txn", "id": txn, "items": [request(mid, event)]})
+        yield until(lambda n=n: len(peer.frames) == n, timeout=30)
+        assert peer.frames[-1] == {"type": "ack", "id": txn}, peer.frames
+        if n == 3:
+            members = yield carol.members("#g@b.example")
+            assert sorted(m["user"] for m in members) == ["alice@a.example", "carol@b.example"]
+    members = yield carol.members("#g@b.example")
+    assert [m["user"] for m in members] == ["carol@b.example"]
+    joined = yield b.realm.store.stored_item("r-join")
+    assert (joined.kind, joined.sender) == ("event", "alice@a.example")
+    assert joined.meta["event"] == "joined"
+    peer.transport.loseConnection()
+    yield carol.close()

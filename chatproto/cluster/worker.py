@@ -204,7 +204,9 @@ class ClusterGroupHandler(GroupHandler):
         return [("", GroupFanout(env.recipient, env, tuple(sorted(realms)), origin))]
 
     @inlineCallbacks
-    def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
+    def change(
+        self, actor: str, event: str, group: str, args: dict[str, Any], item_id: str | None = None
+    ) -> Any:
         """One change at a time per group across the cluster (a Redis lock), checked
         once this worker has applied every change committed before."""
         problem = self._worker.problem()
@@ -225,7 +227,7 @@ class ClusterGroupHandler(GroupHandler):
                 raise ChatError("unavailable", str(e), retry_after=RETRY_AFTER) from None
             try:
                 yield self._worker.stream.catch_up()
-                env = yield super().change(actor, event, group, args)
+                env = yield super().change(actor, event, group, args, item_id)
             finally:
                 bus.unlock(f"group:{addr}", token)
         finally:

@@ -132,13 +132,23 @@ class GroupHandler:
 
         return self.change(session.user_id, event, group, args).addErrback(refused)
 
-    def change(self, actor: str, event: str, group: str, args: dict[str, Any]) -> Any:
+    def change(
+        self, actor: str, event: str, group: str, args: dict[str, Any], item_id: str | None = None
+    ) -> Any:
         """Check, commit, apply and route one change by local user ``actor`` (or, for
-        a group of this realm, a user of another realm); fires with its envelope."""
+        a group of this realm, a user of another realm); fires with its envelope.
+        ``item_id``: the id the event is stored under (a remote request's own, so that
+        the request sent again is known: see ``RemoteIntake``), else a new one."""
         realm = self._realm
         try:
             addr = self.address(group, remote_ok=True)
-            commit = self._commit if addr.endswith(self._suffix) else realm.forward_group_change
+            if addr.endswith(self._suffix):
+
+                def commit(actor: str, event: str, addr: str, args: dict[str, Any]) -> Any:
+                    return self._commit(actor, event, addr, args, item_id)
+
+            else:
+                commit = realm.forward_group_change
             target = args.get("user")
             if target is not None:
                 resolved = realm.messages.resolve_user(target, remote_ok=True)
@@ -152,7 +162,7 @@ class GroupHandler:
             return fail(e)
 
     def _commit(
-        self, actor: str, event: str, addr: str, args: dict[str, Any]
+        self, actor: str, event: str, addr: str, args: dict[str, Any], item_id: str | None = None
     ) -> Deferred[Envelope]:
         """Changes to one group are checked and committed one at a time, so two
         concurrent requests (two creates of one name, two joins past the member limit)
@@ -166,15 +176,17 @@ class GroupHandler:
                 self._locks.pop(addr, None)
             return result
 
-        d = lock.run(self._check_and_commit, actor, event, addr, args)
+        d = lock.run(self._check_and_commit, actor, event, addr, args, item_id)
         return d.addBoth(release)
 
     def _check_and_commit(
-        self, actor: str, event: str, addr: str, args: dict[str, Any]
+        self, actor: str, event: str, addr: str, args: dict[str, Any], item_id: str | None
     ) -> Deferred[Envelope]:
         realm, rules = self._realm, self._rules
         meta = rules.check(event, addr, actor, **args)
         env = realm.messages.new_envelope(actor, addr, "event", "", meta)
+        if item_id is not None:
+            env.id = item_id
         group = rules.groups.get(addr)
         # Every realm with a member, the actor or the target gets the event (once).
         users = set(group.members) if group is not None else set()

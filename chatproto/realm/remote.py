@@ -314,10 +314,16 @@ class RemoteIntake:
             self._parsed[key] = addr
         return addr
 
-    def _remote_request(self, origin: str, raw: dict[str, Any]) -> Deferred[Envelope]:
+    def _remote_request(self, origin: str, raw: dict[str, Any]) -> Deferred[Envelope | None]:
         """A user of ``origin`` asks for a change to one of our groups (join, leave,
-        kick...): the same rules as for a local user, with the requester as actor."""
-        check_item_id(raw.get("id"))
+        kick...): the same rules as for a local user, with the requester as actor.
+
+        The event is stored under the request's id, so a request sent again (a
+        retried transaction whose ack was lost, or an old one replayed) is known and
+        acknowledged, not applied a second time: answered ``already_member`` it would
+        bounce a join that was made, and after a leave it would make the user join
+        again.  An id taken by another item leaves the event an id of its own."""
+        rid = check_item_id(raw.get("id"))
         actor = address.user(raw.get("from"), origin)  # type: ignore[arg-type]
         if actor.realm != origin:
             raise ChatError("forged_sender", f"{origin} may not act for {actor}")
@@ -335,7 +341,21 @@ class RemoteIntake:
             # The requester's realm deleted the account: it is the authority on its
             # own accounts, so the standing ends whatever the rules of leave say.
             return self._r.group_handler.end_standing(str(actor), [str(group)])  # type: ignore[no-any-return]
-        return self._r.group_handler.change(str(actor), event, str(group), dict(args))  # type: ignore[no-any-return]
+        return self._request_once(rid, str(actor), event, str(group), dict(args))
+
+    @inlineCallbacks
+    def _request_once(
+        self, rid: str, actor: str, event: str, group: str, args: dict[str, Any]
+    ) -> Any:
+        """:meth:`_remote_request`'s change, unless its event is stored already."""
+        had = yield self.store.stored_item(rid)
+        item_id: str | None = rid
+        if had is not None:
+            if had.kind == "event" and (had.sender, had.recipient) == (actor, group):
+                return None  # applied already: the request was sent again
+            item_id = None  # the id is another item's
+        env = yield self._r.group_handler.change(actor, event, group, args, item_id=item_id)
+        return env
 
     def forward_group_change(
         self, actor: str, event: str, addr: str, args: dict[str, Any]
