@@ -646,6 +646,29 @@ def test_keepalive_pings_an_idle_peer_and_drops_a_silent_one(node: Any, certs: A
     assert frames(transport2)[-1]["code"] == "bad_request"
 
 
+def test_a_link_reads_nothing_while_the_peer_does_not_read(node: Any, certs: Any) -> None:
+    """The link is the producer of its connection: told the peer is not reading what
+    it writes (the connection's buffer is full), it reads and handles nothing more
+    -- each frame read could make it write, a pong per ping, an ack per txn -- and
+    handles what waited, in order, once the peer reads again."""
+    realm, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    assert transport.producer is proto.flow and transport.streaming
+    proto.dataReceived(hello())
+    assert [f["type"] for f in frames(transport)] == ["welcome"]
+    proto.flow.pauseProducing()  # what the transport does when its buffer is full
+    assert transport.producerState == "paused"  # no more bytes read from the socket
+    data = frame({"type": "ping"}) * 3 + frame({"type": "txn", "id": "t1", "items": [item(1)]})
+    for i in range(len(data)):  # (what was read already waits as well)
+        proto.dataReceived(data[i : i + 1])
+    assert frames(transport) == []
+    assert realm.store.stored_item("id-1").result is None
+    proto.flow.resumeProducing()
+    assert transport.producerState == "producing"
+    assert frames(transport) == [{"type": "pong"}] * 3 + [{"type": "ack", "id": "t1"}]
+    assert not transport.disconnecting
+
+
 def test_a_file_fetch_that_makes_no_progress_is_dropped(node: Any, certs: Any) -> None:
     """A peer that answers pings but never sends the bytes of a file it sent would
     hold its transaction (and its link) for ever: after three keepalive intervals

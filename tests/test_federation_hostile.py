@@ -6,10 +6,11 @@ accepted (c.example is who it says it is), what it asserts is not."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 
 from chatproto.client import connect
@@ -302,3 +303,39 @@ def test_a_request_sent_again_over_a_real_link_is_applied_once(realms: Any) -> A
     assert joined.meta["event"] == "joined"
     peer.transport.loseConnection()
     yield carol.close()
+
+
+def _unsent(link: Any) -> int:
+    """Bytes a federation link has written that its TCP connection has not sent."""
+    tcp = link.transport.transport  # the connection below TLS
+    return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen  # type: ignore[no-any-return]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_that_writes_and_never_reads_costs_a_bounded_buffer(
+    realms: Any,  # noqa: F811
+    logs: Any,  # noqa: F811
+) -> Any:
+    """Over real mutual TLS, a.example's certificate says hello to b.example, then
+    reads nothing and writes 40000 pings.  b.example answers until its connection's
+    buffer is full, then reads nothing more either: what it holds for the peer stays
+    small (all the pongs would be some 700 KB), and the link, silent, is aborted
+    after three keepalive intervals."""
+    a, b = yield realms(["a.example", "b.example"], keepalive=0.5)
+    peer = yield raw_peer(b, "a.example", _cert(a), a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+    yield until(lambda: len(peer.frames) == 1, timeout=10)
+    (link,) = list(b.fed.inbound)
+    # small socket buffers, so that the kernel does not hide what is not read
+    link.transport.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    peer.transport.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    peer.transport.pauseProducing()  # it reads nothing from now on
+    pings = b"\x00\x00\x00\x0f" + b'{"type":"ping"}'
+    most = 0
+    for _ in range(40):
+        peer.transport.write(pings * 1000)
+        yield task.deferLater(_reactor, 0.01, lambda: None)
+        most = max(most, _unsent(link))
+    assert most < 256 * 1024, most
+    yield until(lambda: not b.fed.inbound, timeout=30)
+    assert logs.has("federation: a.example is silent")

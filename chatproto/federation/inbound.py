@@ -100,6 +100,7 @@ class InboundProtocol(LinkProtocol):
             self.transport.abortConnection()
             return
         self.MAX_LENGTH = PREAUTH_MAX_FRAME  # until a valid hello
+        self.start_flow()
         fed.inbound.add(self)
         self._timeout = fed.clock.callLater(HELLO_TIMEOUT, self._hello_timeout)
         self.start_keepalive(fed.clock, fed.cfg.keepalive)
@@ -328,13 +329,13 @@ class InboundProtocol(LinkProtocol):
             return
         if fetching[1].writer.pending > 4 * BLOCK and not self._reading_paused:
             self._reading_paused = True  # the disk is behind: stop reading the peer
-            self.transport.pauseProducing()
+            self.hold_reading("disk")
             written.addBoth(self._resume_reading)
 
     def _resume_reading(self, result: Any) -> Any:
         if self._reading_paused and not self.closed:
             self._reading_paused = False
-            self.transport.resumeProducing()
+            self.release_reading("disk")
         return result
 
     def _fetch_reply(self, req: dict[str, Any]) -> tuple[Any, Deferred[None]]:

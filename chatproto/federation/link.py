@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from chatproto import wire
 from chatproto.envelope import Envelope
@@ -25,6 +28,7 @@ __all__ = [
     "READING_BURST",
     "READING_RATE",
     "LinkProtocol",
+    "OutputFlow",
     "check_version",
     "envelope_to_wire",
 ]
@@ -63,6 +67,52 @@ def envelope_to_wire(env: Envelope | dict[str, Any]) -> dict[str, Any]:
     return env.to_item()
 
 
+@implementer(IPushProducer)
+class OutputFlow:
+    """Told by the connection when the peer stops reading what the link writes (the
+    connection's buffer is full), and when it reads again.  Meanwhile the link reads
+    nothing from the peer: every frame it would read can make it write (an ``ack``
+    per ``txn``, a ``pong`` per ``ping``), so a peer that writes and never reads
+    would otherwise make the realm hold all those answers.  Held, the peer's frames
+    wait in its own buffers, and a link that reads nothing for three keepalive
+    intervals is aborted as silent.  A file being served on the link is paused and
+    resumed with it (its producer registers here, not on the transport)."""
+
+    def __init__(self, link: LinkProtocol) -> None:
+        self.link = link
+        self.paused = False
+        #: The producer of a file being served on the link (one at a time).
+        self.file: Any = None
+
+    def attach(self, producer: Any) -> None:
+        self.file = producer
+        if self.paused:
+            producer.pauseProducing()
+
+    def detach(self) -> None:
+        self.file = None
+
+    def pauseProducing(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        self.link.hold_reading("output")
+        if self.file is not None:
+            self.file.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self.file is not None:
+            self.file.resumeProducing()
+        self.link.release_reading("output")
+
+    def stopProducing(self) -> None:
+        if self.file is not None:
+            self.file.stopProducing()
+
+
 class LinkProtocol(Int32StringReceiver):
     """Framing, decoding and errors shared by both directions."""
 
@@ -77,10 +127,39 @@ class LinkProtocol(Int32StringReceiver):
         self._interval = 0.0
         self._last_rx = 0.0
         self._keepalive_call: Any = None
+        self.flow = OutputFlow(self)
+        #: Why reading from the peer is held (``output``: it does not read ours).
+        self._holds: set[str] = set()
 
     def send(self, obj: dict[str, Any]) -> None:
         if not self.closed:
             self.sendString(wire.encode(obj))
+
+    def start_flow(self) -> None:
+        """Register :attr:`flow` with the connection that carries the bytes: under TLS,
+        the TCP connection below it (a producer registered on the TLS layer would hold
+        back its close, and the link is closed from outside too, by ClientService)."""
+        wire_transport = self.transport
+        if isinstance(wire_transport, TLSMemoryBIOProtocol):
+            wire_transport = wire_transport.transport
+        wire_transport.registerProducer(self.flow, True)
+
+    def hold_reading(self, why: str) -> None:
+        """Read (and handle) nothing more from the peer until :meth:`release_reading`
+        of every reason given."""
+        if not self._holds and not self.closed:
+            self.paused = True  # frames already read wait too (Int32StringReceiver)
+            self.transport.pauseProducing()
+        self._holds.add(why)
+
+    def release_reading(self, why: str) -> None:
+        if why not in self._holds:
+            return
+        self._holds.discard(why)
+        if not self._holds and not self.closed:
+            self.paused = False
+            self.transport.resumeProducing()
+            Int32StringReceiver.dataReceived(self, b"")  # the frames read meanwhile
 
     # keepalive: a peer that vanished without closing (a half-open connection, a
     # frozen host) would otherwise hold a link "up" forever with nothing acknowledged.

@@ -48,6 +48,7 @@ class OutboundProtocol(LinkProtocol):
         link = self.factory.link
         self.peer_realm = link.realm
         self.MAX_LENGTH = PREAUTH_MAX_FRAME  # until the welcome
+        self.start_flow()
         self.start_keepalive(link.fed.clock, link.fed.cfg.keepalive)
 
     def is_up(self) -> bool:
@@ -167,16 +168,17 @@ class OutboundProtocol(LinkProtocol):
 @implementer(IConsumer)
 class _DataFrames:
     """An IConsumer writing what it is given as binary frames (``0x00`` + bytes) on a
-    link; the producer is registered on the link's transport (flow control)."""
+    link; the producer is paused and resumed with the link's output
+    (:class:`chatproto.federation.link.OutputFlow`: flow control)."""
 
     def __init__(self, link: LinkProtocol) -> None:
         self.link = link
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.link.transport.registerProducer(producer, streaming)
+        self.link.flow.attach(producer)
 
     def unregisterProducer(self) -> None:
-        self.link.transport.unregisterProducer()
+        self.link.flow.detach()
 
     def write(self, data: bytes) -> None:
         if not self.link.closed:
