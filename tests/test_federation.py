@@ -623,6 +623,35 @@ def test_remote_presence_reaches_local_partners(node: Any, certs: Any) -> None:
     assert mind.notices == [{"type": "presence", "user": "alice@a.example", "status": "away"}]
 
 
+def test_presence_of_users_no_one_hears_is_kept_within_a_bound(
+    node: Any, certs: Any, monkeypatch: Any
+) -> None:
+    """A peer naming new users in presence frames without end: those no user here
+    hears are kept (a contact may come online), up to MAX_UNHEARD_PER_REALM of the
+    realm, the oldest forgotten first; one with a contact here online is kept."""
+    from chatproto.realm import presence
+
+    monkeypatch.setattr(presence, "MAX_UNHEARD_PER_REALM", 50, raising=False)
+    realm, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello() + frame({"type": "txn", "id": "1", "items": [item(1)]}))
+    session = realm.login("bob", "password-1", NullMind()).result
+    session.start().result  # noqa: B018  (alice@a.example is bob's partner)
+    data = frame({"type": "presence", "user": "alice@a.example", "status": "away"})
+    for n in range(200):
+        data += frame({"type": "presence", "user": f"u{n}@a.example", "status": "online"})
+    for i in range(len(data)):
+        proto.dataReceived(data[i : i + 1])
+    known = realm.presence.remote
+    assert len(known) == 51 and known["alice@a.example"] == ("away", "")
+    newest = sorted(f"u{n}@a.example" for n in range(150, 200))
+    assert sorted(known) == ["alice@a.example", *newest]
+    offline = frame({"type": "presence", "user": "u199@a.example", "status": "offline"})
+    proto.dataReceived(offline)
+    assert "u199@a.example" not in known and len(known) == 50
+    assert not transport.disconnecting
+
+
 def test_keepalive_pings_an_idle_peer_and_drops_a_silent_one(node: Any, certs: Any) -> None:
     _, fed, clock = node
     fed.cfg.keepalive = 30.0

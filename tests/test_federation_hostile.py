@@ -339,3 +339,26 @@ def test_a_peer_that_writes_and_never_reads_costs_a_bounded_buffer(
     assert most < 256 * 1024, most
     yield until(lambda: not b.fed.inbound, timeout=30)
     assert logs.has("federation: a.example is silent")
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_naming_users_without_end_is_kept_within_a_bound(
+    realms: Any,  # noqa: F811
+    monkeypatch: Any,
+) -> Any:
+    """Over real mutual TLS, a.example's certificate sends presence for 300 users of
+    its own that no one on b.example hears: b.example keeps the newest of them only
+    (MAX_UNHEARD_PER_REALM, 100 here), not one entry per name for ever."""
+    from chatproto.realm import presence
+
+    monkeypatch.setattr(presence, "MAX_UNHEARD_PER_REALM", 100, raising=False)
+    a, b = yield realms(["a.example", "b.example"])
+    peer = yield raw_peer(b, "a.example", _cert(a), a.cfg.federation.ca)
+    peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+    for n in range(300):
+        peer.send({"type": "presence", "user": f"u{n}@a.example", "status": "online"})
+    peer.send({"type": "ping"})  # answered after the presence frames were handled
+    yield until(lambda: len(peer.frames) == 2, timeout=30)
+    assert peer.frames[1] == {"type": "pong"}
+    assert sorted(b.realm.presence.remote) == sorted(f"u{n}@a.example" for n in range(200, 300))
+    peer.transport.loseConnection()

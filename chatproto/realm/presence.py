@@ -13,6 +13,7 @@ and reads group membership from :class:`chatproto.groups.Groups`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,14 @@ from chatproto.realm.sessions import Notice, Session, Sessions
 from chatproto.store import IStore
 from chatproto.text import check_label, label_problem
 
-__all__ = ["MAX_STATUS_TEXT", "PRESENCE_STATES", "STATUS_BURST", "STATUS_RATE", "Presence"]
+__all__ = [
+    "MAX_STATUS_TEXT",
+    "MAX_UNHEARD_PER_REALM",
+    "PRESENCE_STATES",
+    "STATUS_BURST",
+    "STATUS_RATE",
+    "Presence",
+]
 
 PRESENCE_STATES = ("online", "away", "busy", "offline")
 MAX_STATUS_TEXT = 256
@@ -36,6 +44,11 @@ MAX_STATUS_TEXT = 256
 #: user's groups): unbounded, a client could make the realm write without end.
 STATUS_RATE = 1.0
 STATUS_BURST = 10
+#: Users of one peer realm whose presence is kept while no user of this realm hears
+#: it (no online partner, no fellow member): past this, the oldest are forgotten (and
+#: read as offline).  Their realm sends only its users with a contact here, but a
+#: peer could name new users without end, each kept for ever.
+MAX_UNHEARD_PER_REALM = 65536
 
 
 class Presence:
@@ -77,6 +90,9 @@ class Presence:
         self.most_online = 0
         #: remote user -> (status, text), as their realm last told us
         self.remote: dict[str, tuple[str, str]] = {}
+        #: realm -> its users in ``remote`` that no one here heard of when they were
+        #: last told, oldest first (bounded: MAX_UNHEARD_PER_REALM)
+        self._unheard: dict[str, OrderedDict[str, None]] = {}
         #: each session's set_status bucket
         self._status_buckets = ConnectionBuckets()
 
@@ -353,7 +369,10 @@ class Presence:
             text = ""  # the rule of local status text (chatproto.text)
         who = str(addr)
         known = self.remote.get(who)
+        unheard = self._unheard.get(origin)
         if status == "offline":
+            if unheard is not None:
+                unheard.pop(who, None)
             if known is None:
                 return
             del self.remote[who]
@@ -361,11 +380,35 @@ class Presence:
             if known == (status, text):
                 return
             self.remote[who] = (status, text)
+        audience = self._audience(who)
+        if status != "offline":
+            if audience:
+                if unheard is not None:
+                    unheard.pop(who, None)
+            else:
+                self._keep_unheard(origin, who)
+        self._sessions.notify(audience, self.notice(who, status, text))
+
+    def _audience(self, who: str) -> set[str]:
+        """The users here who hear remote user ``who``: the online users with ``who``
+        as a partner, and the members of ``who``'s groups."""
         audience = set(self.partner_of.get(who, ()))
         groups = self._groups
         for group in groups.of_user.get(who, ()):
             audience.update(groups.groups[group].members)
-        self._sessions.notify(audience, self.notice(who, status, text))
+        return audience
+
+    def _keep_unheard(self, origin: str, who: str) -> None:
+        """Note that no one here hears ``who`` (kept for a contact who comes online
+        later, or a conversation about to start); past MAX_UNHEARD_PER_REALM of
+        ``origin``'s, forget the oldest that still has no audience."""
+        unheard = self._unheard.setdefault(origin, OrderedDict())
+        unheard[who] = None
+        unheard.move_to_end(who)
+        while len(unheard) > MAX_UNHEARD_PER_REALM:
+            oldest, _ = unheard.popitem(last=False)
+            if not self._audience(oldest):
+                self.remote.pop(oldest, None)
 
     def realm_silent(self, origin: str) -> None:
         """Peer realm ``origin`` has not been connected to us for a while: the
