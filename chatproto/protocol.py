@@ -597,8 +597,14 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if payload.startswith(_ACK_PREFIX) and self.session is not None:
             # Fast path for the most frequent frame, exactly as the client library and
             # PROTOCOL.md spell it; anything else takes the general path below.
+            # (no leading zero: 007 is not JSON, and the general path refuses it)
             digits = payload[len(_ACK_PREFIX) : -1]
-            if payload[-1:] == b"}" and digits.isdigit() and len(digits) <= 15:
+            if (
+                payload[-1:] == b"}"
+                and digits.isdigit()
+                and len(digits) <= 15
+                and (digits[:1] != b"0" or len(digits) == 1)
+            ):
                 self.session.ack(int(digits))
                 return
         sends = self._sends

@@ -479,6 +479,23 @@ def test_ack_is_never_answered_but_by_an_error_and_moves_resume(bb: Realm) -> An
     assert [f["pos"] for f in third.pushed("msg")] == [later["pos"]]
 
 
+@pytest_twisted.inlineCallbacks
+def test_an_ack_that_is_not_json_closes_like_any_other_frame(bb: Realm) -> Any:
+    """``{"type":"ack","pos":07}`` is not JSON (a leading zero): bad_frame and the
+    close, as for every other request, and the device's position does not move."""
+    alice = yield bb.user("alice", device="laptop")
+    bob = yield bb.user("bob")
+    pos = []
+    for i in range(2):
+        pos.append((yield bob.req("send", to="alice", body=f"m{i}"))["pos"])
+    yield until(lambda: len(alice.pushed("msg")) == 2)
+    alice.send_raw(b'{"type":"ack","pos":0' + str(pos[1]).encode() + b"}")
+    yield alice.lost
+    assert alice.frames[-1]["code"] == "bad_frame" and "id" not in alice.frames[-1]
+    again = yield bb.login("alice", device="laptop")
+    assert [f["pos"] for f in again.pushed("msg")] == pos  # nothing was acknowledged
+
+
 # typing --------------------------------------------------------------------------------
 
 

@@ -718,6 +718,23 @@ def test_malformed_fast_path_ack_falls_back(realm: Any, clock: Clock) -> None:
     assert ("bob@localhost", "default") not in realm.store.acks
 
 
+@pytest.mark.parametrize("digits", [b"07", b"00", b"0000000000000001"])
+def test_an_ack_with_a_leading_zero_is_not_json(realm: Any, clock: Clock, digits: bytes) -> None:
+    """The ack fast path took ``007`` (not JSON: RFC 8259 numbers have no leading
+    zero) as 7; like any other frame that is not JSON, it is bad_frame and closes."""
+    realm.create_user("bob", "password1")
+    a, _ta = logged_in(realm, clock, "alice")
+    for i in range(8):
+        a.dataReceived(frame({"type": "send", "to": "bob", "body": f"m{i}", "id": i}))
+    b, tb = logged_in(realm, clock, "bob")
+    frames(tb)
+    payload = b'{"type":"ack","pos":' + digits + b"}"
+    b.dataReceived(struct.pack("!I", len(payload)) + payload)
+    assert [f["code"] for f in frames(tb)] == ["bad_frame"]
+    assert tb.disconnecting
+    assert ("bob@localhost", "default") not in realm.store.acks
+
+
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 
 
