@@ -278,6 +278,22 @@ def item(n: int, sender: str = "alice@a.example", to: str = "bob@b.example") -> 
     return {"id": f"id-{n}", "kind": "text", "from": sender, "to": to, "ts": 1.0, "body": f"m{n}"}
 
 
+def test_a_certificate_not_checked_in_this_handshake_is_refused(node: Any, certs: Any) -> None:
+    """A TLS session resumed (no chain checked in its handshake: the verify callback
+    never ran) does not authenticate, whatever certificate the session names."""
+    _, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    transport.chain_checked = False  # what a resumed session leaves on the transport
+    proto.dataReceived(hello())
+    (error,) = frames(transport)
+    assert error["code"] == "untrusted_peer" and "resumed a TLS session" in error["message"]
+    assert transport.disconnecting
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    transport.chain_checked = True
+    proto.dataReceived(hello())
+    assert frames(transport)[0]["type"] == "welcome"
+
+
 def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:
     realm, fed, _ = node
     proto, transport = connect(fed, certs["a.example"]["cert"])

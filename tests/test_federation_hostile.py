@@ -6,13 +6,18 @@ accepted (c.example is who it says it is), what it asserts is not."""
 
 from __future__ import annotations
 
+import json
 import socket
+import ssl
+import struct
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
+from twisted.internet.threads import deferToThread
 
+from chatproto import tls
 from chatproto.client import connect
 from tests.conftest import until
 from tests.fedharness import drained
@@ -362,3 +367,50 @@ def test_presence_naming_users_without_end_is_kept_within_a_bound(
     assert peer.frames[1] == {"type": "pong"}
     assert sorted(b.realm.presence.remote) == sorted(f"u{n}@a.example" for n in range(200, 300))
     peer.transport.loseConnection()
+
+
+def _hello_over_stdlib_tls(port: int, ctx: ssl.SSLContext, session: Any) -> Any:
+    """(In a thread.)  Say hello as a.example over TLS with ``ctx``, resuming
+    ``session`` if given; the frame that answers, whether the session was resumed,
+    and the session to resume next."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="b.example", session=session) as s:
+        hello = json.dumps({"type": "hello", "version": 1, "realm": "a.example"}).encode()
+        s.sendall(struct.pack("!I", len(hello)) + hello)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+            chunk = s.recv(65536)
+            assert chunk, "closed without a word"
+            data += chunk
+        return json.loads(data[4:]), s.session_reused, s.session
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_certificate_cannot_come_back_by_resuming_its_tls_session(
+    realms: Any,  # noqa: F811
+    tmp_path: Any,
+) -> Any:
+    """A certificate naming a.example from a CA b.example does not trust is refused;
+    the same client resuming the TLS session of that refused connection (where no
+    chain is checked) was welcomed as a.example, with TLS 1.2 session ids and TLS 1.3
+    tickets alike.  Sessions are not resumed any more, so each connection's
+    certificate is checked; a.example's genuine certificate is welcomed every time."""
+    a, b = yield realms(["a.example", "b.example"])
+    evil = tls.write_dev_certs(str(tmp_path / "evil"), "a.example")
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        for cert, expect in ((evil, "error"), (_cert(a), "welcome")):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.maximum_version = version
+            ctx.load_cert_chain(cert["cert"], cert["key"])
+            session = None
+            for attempt in range(2):
+                got, resumed, session = yield deferToThread(
+                    _hello_over_stdlib_tls, b.fed_port, ctx, session
+                )
+                assert got["type"] == expect, (version, attempt, got)
+                assert not resumed, (version, attempt)
+                if expect == "error":
+                    assert got["code"] == "untrusted_peer"
+                    assert "not trusted" in got["message"]

@@ -36,12 +36,15 @@ _VERIFY_ERRORS = {
 
 
 def _record_verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-    """OpenSSL verify callback: accept, but remember the first chain error on the TLS
-    transport so :func:`peer_refusal` can name it."""
-    if not ok:
-        transport = conn.get_app_data()
-        if transport is not None and getattr(transport, "chain_error", None) is None:
-            transport.chain_error = _VERIFY_ERRORS.get(errno, f"verify error {errno}")
+    """OpenSSL verify callback: accept, but remember on the TLS transport that the
+    peer's chain was checked in this handshake, and its first chain error, so
+    :func:`peer_refusal` can decide and name it."""
+    transport = conn.get_app_data()
+    if transport is None:
+        return True
+    transport.chain_checked = True
+    if not ok and getattr(transport, "chain_error", None) is None:
+        transport.chain_error = _VERIFY_ERRORS.get(errno, f"verify error {errno}")
     return True
 
 
@@ -55,6 +58,7 @@ class _Creator:
         conn = SSL.Connection(self._ctx, None)
         conn.set_app_data(tls_protocol)
         tls_protocol.chain_error = None
+        tls_protocol.chain_checked = False
         return conn
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
@@ -74,7 +78,10 @@ class FederationTLS:
     """One OpenSSL context with the realm's certificate, for both directions.
 
     Both sides ask for the other's certificate (``VERIFY_PEER``) and record chain
-    errors instead of failing the handshake; :func:`peer_refusal` decides.
+    errors instead of failing the handshake; :func:`peer_refusal` decides.  No TLS
+    session is ever resumed (no session cache, no tickets): a resumed handshake
+    checks no chain, and the chain error of the connection that made the session --
+    a certificate of an untrusted CA, say -- would be forgotten.
     """
 
     def __init__(self, cfg: Federation) -> None:
@@ -102,6 +109,8 @@ class FederationTLS:
                 raise ConfigError(f"federation.ca {cfg.ca}: not a PEM CA bundle ({e})") from None
         ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
         ctx.set_session_id(b"chatproto-federation")
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
         self.context = ctx
 
     def client(self, realm: str) -> _Creator:
@@ -114,13 +123,17 @@ class FederationTLS:
 def peer_refusal(transport: Any, realm: str, cfg: Federation) -> str | None:
     """Why the TLS peer on ``transport`` may not speak for ``realm``, or None.
 
-    Checks, in order: a certificate was presented; it names ``realm``
-    (``service_identity``); it matches the fingerprint pinned for ``realm``, else it
-    chains to the CA bundle.  A realm with neither a pin nor a CA bundle is refused.
+    Checks, in order: a certificate was presented, and checked in this very handshake
+    (not one of a resumed TLS session, whose chain no one checked here); it names
+    ``realm`` (``service_identity``); it matches the fingerprint pinned for ``realm``,
+    else it chains to the CA bundle.  A realm with neither a pin nor a CA bundle is
+    refused.
     """
     peer_cert = transport.getPeerCertificate() if transport is not None else None
     if peer_cert is None:
         return "presented no certificate"
+    if getattr(transport, "chain_checked", True) is False:
+        return "resumed a TLS session (its certificate was not checked in this handshake)"
     cert: x509.Certificate = peer_cert.to_cryptography()
     try:
         verify_certificate_hostname(cert, realm)
