@@ -68,6 +68,12 @@ UPLOAD_LOW = 1024 * 1024
 #: written or cancelled): each holds an open file and a block read ahead, so a client
 #: that asks for many and reads none must not hold the realm's files and memory.
 MAX_DOWNLOADS = 16
+#: Requests of one connection in progress at once (read, not yet answered; ``send``
+#: aside: its bucket bounds it) past which the connection stops reading until
+#: answers go out.  Each may build a large answer (a ``history`` page of 200 bodies is
+#: over 3 MB) before the slow-reader bound sees it: a client pipelining a thousand of
+#: them in one read made the realm build them all (GBs) whether it read or not.
+MAX_IN_FLIGHT = 16
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 #: States in which nothing more is read: "closing" waits for the answers of sends
@@ -242,6 +248,10 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         #: Upload bytes accepted and not yet on disk; past UPLOAD_HIGH, stop reading.
         self._upload_pending = 0
         self._reading_paused = False
+        #: Requests read and not answered yet (see MAX_IN_FLIGHT); at the bound,
+        #: the frames read after them wait in _unprocessed, unread.
+        self._in_flight = 0
+        self._requests_paused = False
 
     # connection lifecycle -----------------------------------------------------------
 
@@ -283,6 +293,8 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         or a copy of its bytes; the read's time is taken once for them."""
         buf = self._unprocessed + data if self._unprocessed else data
         self._unprocessed = buf  # (what is left if a frame handler raises)
+        if self._requests_paused:
+            return  # (bytes the transport had read before it paused)
         offset, end = 0, len(buf)
         match = _COMPACT_SEND if self._compact_sends else None
         sends = self._sends
@@ -326,6 +338,12 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                             continue
             self.stringReceived(buf[start:offset])
             sends = self._sends  # (a new list once the sends so far were handed on)
+            if self._in_flight >= MAX_IN_FLIGHT and self.state not in _CLOSED:
+                # Enough requests in progress: read no more until answers go out.
+                self._requests_paused = True
+                if not self._reading_paused:
+                    self.transport.pauseProducing()
+                break
         self._unprocessed = buf[offset:]
 
     def begin_read(self) -> None:
@@ -660,6 +678,23 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             d.addCallbacks(lambda _: None, self._errback, errbackArgs=(rid,))
         else:
             d.addCallbacks(self._reply, self._errback, callbackArgs=(rid,), errbackArgs=(rid,))
+        if not d.called:
+            self._in_flight += 1
+            d.addBoth(self._request_done)
+
+    def _request_done(self, _: object) -> None:
+        """A request's answer is written: below :data:`MAX_IN_FLIGHT` again, a
+        connection that stopped reading for it reads on, first the frames it had
+        read already."""
+        self._in_flight -= 1
+        if not self._requests_paused or self._in_flight >= MAX_IN_FLIGHT:
+            return
+        self._requests_paused = False
+        if self.state in _CLOSED:
+            return
+        if not self._reading_paused:
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
 
     def _reply(self, result: dict[str, Any] | None, rid: Any) -> None:
         self.send_frame(wire.result_frame(rid, **(result or {})))
@@ -1062,7 +1097,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         self._upload_pending -= n
         if self._reading_paused and self._upload_pending <= UPLOAD_LOW:
             self._reading_paused = False
-            if self.state != "closed":
+            if self.state != "closed" and not self._requests_paused:
                 self.transport.resumeProducing()
         if not isinstance(result, Failure):
             return

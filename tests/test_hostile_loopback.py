@@ -16,8 +16,10 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
 
-from chatproto import tls, wire
+from chatproto import protocol, tls, wire
 from chatproto.protocol import ClientFactory, ClientProtocol
+from chatproto.testing import connect_string_transport, parse_frames
+from chatproto.testing import frame as protocol_frame
 from tests.conftest import LogWatch, fast_config, make_realm, raw_client, tcp_of, unsent, until
 
 PW = "password-h"
@@ -529,3 +531,75 @@ def test_hostile_binary_frames_are_bad_frame(server_tcp: Any, log_watch: LogWatc
         yield until(lambda c=conn: c.lost.called)
         assert [(f["type"], f["code"]) for f in conn.frames] == [("error", "bad_frame")]
     assert not log_watch.failures
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_requests_are_read_at_most_max_in_flight_at_a_time(server_tcp: Any) -> Any:
+    """A client pipelining hundreds of ``history`` requests in one write made the realm
+    start them all at once: each page is built before the slow-reader bound sees it
+    (200 bodies of 16 KiB: over 3 MB), so a few writes of 64 KiB cost the realm GBs,
+    read or not.  Now at most MAX_IN_FLIGHT are in progress; the connection reads on
+    as they are answered, and every one is answered."""
+    realm, factory, addr = server_tcp
+    yield realm.create_user("alice", PW)
+    yield realm.create_user("bob", PW)
+    alice = yield raw_client(addr, ("alice", PW))
+    for i in range(3):
+        alice.send({"type": "send", "id": f"s{i}", "to": "bob", "body": f"m{i}"})
+        yield alice.reply(f"s{i}")
+    server = next(p for p in factory.connections if p.session is not None)
+    n = 20 * protocol.MAX_IN_FLIGHT
+    alice.transport.write(
+        b"".join(
+            protocol_frame({"type": "history", "id": i, "with": "bob", "limit": 2})
+            for i in range(n)
+        )
+    )
+    peak = 0
+
+    def answered() -> list[Any]:
+        return [f["id"] for f in alice.frames if f.get("type") == "result" and f.get("id") in ids]
+
+    ids = set(range(n))
+    while len(answered()) < n:
+        peak = max(peak, server._in_flight)
+        assert peak <= protocol.MAX_IN_FLIGHT, peak
+        yield task.deferLater(_reactor, 0, lambda: None)
+    assert sorted(answered()) == list(range(n))
+    assert server._in_flight == 0 and not server._requests_paused
+    alice.send({"type": "ping", "id": "after"})
+    r = yield alice.reply("after")
+    assert r["type"] == "result"
+    alice.transport.loseConnection()
+    yield alice.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_in_flight_over_string_transport(server_tcp: Any) -> Any:
+    """The same over a StringTransport: the read stops at MAX_IN_FLIGHT requests in
+    progress and pauses the transport; the frames after them wait, unread, and are
+    handled as answers go out (one byte at a time, the same)."""
+    realm, _factory, _addr = server_tcp
+    yield realm.create_user("carol", PW)
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(protocol_frame({"type": "hello", "version": 1, "id": "h"}))
+    proto.dataReceived(
+        protocol_frame({"type": "login", "id": "l", "user": "carol", "password": PW})
+    )
+    yield until(lambda: b'"synced"' in transport.value())
+    transport.clear()
+    n = 3 * protocol.MAX_IN_FLIGHT
+    data = b"".join(protocol_frame({"type": "history", "id": i, "with": "carol"}) for i in range(n))
+    for one_byte_at_a_time in (False, True):
+        if one_byte_at_a_time:
+            for k in range(len(data)):
+                proto.dataReceived(data[k : k + 1])
+        else:
+            proto.dataReceived(data)
+        assert proto._in_flight == protocol.MAX_IN_FLIGHT
+        assert transport.producerState == "paused"
+        yield until(lambda: len(parse_frames(transport.value())) == n)
+        assert sorted(f["id"] for f in parse_frames(transport.value())) == list(range(n))
+        assert transport.producerState == "producing" and proto._in_flight == 0
+        transport.clear()
+    proto.connectionLost(None)
