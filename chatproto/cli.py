@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import getpass
-import json
 import os
 import shlex
 import sys
@@ -64,7 +63,14 @@ from chatproto.client import (
     endpoint_for,
 )
 from chatproto.deferreds import first_of, next_turn
-from chatproto.display import format_message, format_presence, human_size
+from chatproto.display import (
+    format_message,
+    format_presence,
+    human_size,
+    json_line,
+    terminal_label,
+    terminal_text,
+)
 from chatproto.failures import CommandError, explain
 
 DEFAULT_SERVER = "tcp:127.0.0.1:7420"
@@ -521,12 +527,14 @@ def read_body(stdin: Any) -> str:
 
 
 def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
+    """Print a line of output; what it holds from the realm goes to a terminal
+    (:func:`chatproto.display.terminal_text`)."""
+    sys.stdout.write(terminal_text(line) + "\n")
     sys.stdout.flush()
 
 
 def _note(line: str) -> None:
-    sys.stderr.write(f"chatproto: {line}\n")
+    sys.stderr.write(f"chatproto: {terminal_text(line)}\n")
     sys.stderr.flush()
 
 
@@ -656,9 +664,9 @@ async def _send_file(
     elif result.get("interrupted_late"):
         _note("interrupted, but the realm had all the bytes: the file is posted")
     if args.json:
-        _say(json.dumps(result))
+        _say(json_line(result))
     else:
-        _say(f"file={result['file']} id={result['msg_id']} pos={result['pos']}")
+        _say(f"file={result['file']} id={terminal_label(result['msg_id'])} pos={result['pos']}")
 
 
 def _upload_stopped(e: TransferInterrupted, args: argparse.Namespace) -> CommandError:
@@ -713,7 +721,7 @@ async def _download(
         raise CommandError(f"{e} (the partial file was removed)") from None
     bar.finish()
     if args.json:
-        _say(json.dumps(info, ensure_ascii=False))
+        _say(json_line(info))
     else:
         _say(f"{path}: {human_size(info['size'])}, sha256 {info['sha256']}")
 
@@ -725,9 +733,9 @@ async def _register(conn: Connection, args: argparse.Namespace) -> None:
 async def _send(conn: Connection, args: argparse.Namespace) -> None:
     result = await conn.send(args.peer, args.body, reply_to=args.reply_to)
     if args.json:
-        _say(json.dumps(result))
+        _say(json_line(result))
     else:
-        _say(f"id={result['msg_id']} pos={result['pos']}")
+        _say(f"id={terminal_label(result['msg_id'])} pos={result['pos']}")
 
 
 async def _react(conn: Connection, args: argparse.Namespace) -> None:
@@ -748,7 +756,7 @@ async def _redact(conn: Connection, args: argparse.Namespace) -> None:
 async def _history(conn: Connection, args: argparse.Namespace) -> None:
     for msg in await conn.history(args.peer, args.before, args.after, args.limit):
         line = format_message(msg, args.json)
-        _say(f"{msg.get('msg_id')} {line}" if args.ids and not args.json else line)
+        _say(f"{terminal_label(msg.get('msg_id'))} {line}" if args.ids and not args.json else line)
 
 
 async def _search(conn: Connection, args: argparse.Namespace) -> None:
@@ -764,7 +772,7 @@ async def _conversations(conn: Connection, args: argparse.Namespace) -> None:
     listed = await conn.conversations()
     for entry in listed["conversations"]:
         if args.json:
-            _say(json.dumps(entry, ensure_ascii=False))
+            _say(json_line(entry))
             continue
         counts = f"{entry['unread']} unread" if entry.get("unread") else "read"
         if entry.get("mentions"):
@@ -785,7 +793,7 @@ async def _who(conn: Connection, args: argparse.Namespace) -> None:
         entries = sorted([*entries, mine], key=lambda e: str(e.get("user")))
     for entry in entries:
         if args.json:
-            _say(json.dumps({**entry, "you": True} if entry is mine else entry, ensure_ascii=False))
+            _say(json_line({**entry, "you": True} if entry is mine else entry))
             continue
         n = entry.get("sessions")
         if entry is mine:
@@ -819,7 +827,7 @@ def _summary(info: dict[str, Any]) -> str:
 
 async def _groups(conn: Connection, args: argparse.Namespace) -> None:
     for info in await conn.list_groups():
-        _say(json.dumps(info, ensure_ascii=False) if args.json else _summary(info))
+        _say(json_line(info) if args.json else _summary(info))
 
 
 async def _create(conn: Connection, args: argparse.Namespace) -> None:
@@ -893,7 +901,7 @@ async def _role(conn: Connection, args: argparse.Namespace) -> None:
 async def _members(conn: Connection, args: argparse.Namespace) -> None:
     for m in await conn.members(args.group):
         if args.json:
-            _say(json.dumps(m, ensure_ascii=False))
+            _say(json_line(m))
         else:
             _say(f"{m['user']} {m['role']}{' (online)' if m.get('online') else ''}")
 
@@ -901,7 +909,7 @@ async def _members(conn: Connection, args: argparse.Namespace) -> None:
 async def _info(conn: Connection, args: argparse.Namespace) -> None:
     info = await conn.group_info(args.group)
     if args.json:
-        _say(json.dumps(info, ensure_ascii=False))
+        _say(json_line(info))
     else:
         _say(_summary(info))
         _say(f"your role: {info.get('role') or 'not a member'}")
@@ -920,10 +928,11 @@ async def _report(conn: Connection, args: argparse.Namespace) -> None:
 async def _reports(conn: Connection, args: argparse.Namespace) -> None:
     for r in await conn.reports(args.before, args.limit):
         if args.json:
-            _say(json.dumps(r, ensure_ascii=False))
+            _say(json_line(r))
         else:
+            mid = terminal_label(r["msg_id"])
             _say(
-                f"#{r['id']} {r['reporter']} reports {r['msg_id']} ({r['sender']} to "
+                f"#{r['id']} {r['reporter']} reports {mid} ({r['sender']} to "
                 f"{r['recipient']}): {r['reason']} | {r['excerpt'][:80]!r}"
             )
 

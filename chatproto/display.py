@@ -8,8 +8,67 @@ sends: ``[time] alice@x: hi``, ``bob joined``, ``bob reacted 👍 to <id>``,
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
+
+#: What a terminal acts on rather than shows: the C0 controls but tab and newline
+#: (ESC starts escape sequences; CR, BS and VT move the cursor over what was
+#: printed; SO switches the character set), DEL, and the C1 controls (U+009B is the
+#: 8-bit CSI, U+009D the OSC that sets window titles).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: The formatting codes of IRC users' text (bold, colour with its numbers, hex
+#: colour, reset, monospace, reverse, italic, strikethrough, underline): dropped.
+_IRC_FORMAT = re.compile(
+    "\x03(?:\\d{1,2}(?:,\\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+    "|[\x02\x0f\x11\x16\x1d\x1e\x1f]"
+)
+#: What an id or a name shown on one line may not hold besides: newline, tab, the
+#: line and paragraph separators, the bidirectional embeddings, overrides and
+#: isolates (they reorder what follows them on the line).
+_LINE_BREAKING = re.compile("[\n\t\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: DEL and the C1 controls (and the separators) inside a JSON line, as \\u escapes.
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _picture(m: re.Match[str]) -> str:
+    """A control's Unicode control picture (U+2400-U+2421: ESC shows as ␛), U+FFFD
+    for the C1 controls and the other characters replaced."""
+    code = ord(m.group())
+    if code < 0x20:
+        return chr(0x2400 + code)
+    return "\u2421" if code == 0x7F else "\ufffd"
+
+
+def terminal_text(text: str) -> str:
+    """``text`` from the realm (a body, a name, a whole output line) as it may be
+    printed to a terminal: IRC formatting codes dropped and every other control a
+    terminal acts on shown as its control picture (``a\\x1b[2J`` -> ``a␛[2J``),
+    newlines and tabs kept.  The realm refuses ESC and C1 controls in what it stores
+    now (PROTOCOL.md), but not every control, and rows stored before those checks,
+    or another realm's, may hold any.  What the ``chatproto`` command prints goes
+    through it, and the terminal UI's text."""
+    if _CONTROLS.search(text) is None:
+        return text
+    return _CONTROLS.sub(_picture, _IRC_FORMAT.sub("", text))
+
+
+def terminal_label(text: Any) -> str:
+    """An id, a ref or a name from the realm as shown inside a line: as
+    :func:`terminal_text`, and newlines, tabs, separators and bidirectional
+    formatting characters shown too (as ␊, ␉, U+FFFD): it stays one line, in order."""
+    shown = terminal_text(str(text))
+    if _LINE_BREAKING.search(shown) is None:
+        return shown
+    return _LINE_BREAKING.sub(_picture, shown)
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON output, non-ASCII text as it is but DEL and the
+    C1 controls (which JSON allows raw in strings) escaped: the same JSON, and
+    nothing a terminal acts on."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def action_body(text: str) -> str:
@@ -77,7 +136,7 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
     ``[time] #g@x: bob joined``; bounce: ``[time] ! not delivered: <why>``.
     """
     if as_json:
-        return json.dumps({k: v for k, v in msg.items() if k != "type"}, ensure_ascii=False)
+        return json_line({k: v for k, v in msg.items() if k != "type"})
     if (
         msg.get("kind") == "file"
         and isinstance(msg.get("meta"), dict)
@@ -87,7 +146,7 @@ def format_message(msg: dict[str, Any], as_json: bool, me: str | None = None) ->
         msg = {
             **msg,
             "body": f"[file {meta.get('name')} ({human_size(meta.get('size', 0))}), "
-            f"chatproto download {meta.get('file_id')}]",
+            f"chatproto download {terminal_label(meta.get('file_id'))}]",
         }
     when = f"[{_when(msg.get('ts', 0))}]"
     sender = msg.get("from", "?")
@@ -118,7 +177,7 @@ def describe_relation(msg: dict[str, Any]) -> str | None:
     for any other item."""
     kind = msg.get("kind")
     meta = msg["meta"] if isinstance(msg.get("meta"), dict) else {}
-    ref = meta.get("ref", "?")
+    ref = terminal_label(meta.get("ref", "?"))
     who = msg.get("from", "?")
     if kind == "reaction":
         took = "took back" if meta.get("remove") else "reacted"
@@ -138,7 +197,7 @@ def shown_body(msg: dict[str, Any]) -> str:
         return "(deleted)"
     body = str(msg.get("body", ""))
     if meta.get("reply_to"):
-        body = f"(re {meta['reply_to']}) {body}"
+        body = f"(re {terminal_label(meta['reply_to'])}) {body}"
     if meta.get("edited"):
         body += " (edited)"
     reactions = meta.get("reactions")
@@ -150,7 +209,7 @@ def shown_body(msg: dict[str, Any]) -> str:
 def format_presence(frame: dict[str, Any], as_json: bool, realm: str = "") -> str:
     """One output line for a presence frame: ``* bob is away: lunch``."""
     if as_json:
-        return json.dumps(frame, ensure_ascii=False)
+        return json_line(frame)
     user = short(frame.get("user", "?"), realm)
     text = f": {frame['text']}" if frame.get("text") else ""
     return f"* {user} is {frame.get('status', '?')}{text}"

@@ -399,6 +399,24 @@ def test_chat_view_renders_sidebar_title_messages_and_status() -> None:
     assert "hello alice" not in screen
 
 
+def test_chat_view_shows_controls_from_the_realm_never_acts_on_them() -> None:
+    """Rows stored before the realm checked ids and bodies (or another realm's) may
+    hold escape sequences and controls: the screen shows them as control pictures
+    (whatever urwid filters itself), in bodies, topics, file ids and names."""
+    model = make_model()
+    model.receive(msg(1, "bob@x", "#dev@x", body="a\x1b[2Jb\rc\x9bd\x07", ts=DAY2))
+    f = msg(2, "bob@x", "#dev@x", body="", kind="file", ts=DAY2)
+    f["meta"] = {"file_id": "F\x1b]0;t\x07\n", "name": "x\x08.pdf", "size": 1}
+    model.receive(f)
+    model.conversation("#dev@x").topic = "top\x1b[5mic"
+    model.select("#dev@x")
+    view = ChatView(model, FakeController(), tz=UTC)
+    screen = text_of(view, (100, 12))
+    assert "<bob> a\u241b[2Jb\u240dc\ufffdd\u2407" in screen
+    assert "[file] x\u2408.pdf" in screen and "/download F\u241b]0;t\u2407\u240a" in screen
+    assert "#dev: top\u241b[5mic" in screen
+
+
 def test_chat_view_keys_reach_the_controller() -> None:
     model = make_model()
     ctl = FakeController()

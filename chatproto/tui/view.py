@@ -28,7 +28,14 @@ from typing import Any
 
 import urwid
 
-from chatproto.display import action, describe_event, human_size, short
+from chatproto.display import (
+    action,
+    describe_event,
+    human_size,
+    short,
+    terminal_label,
+    terminal_text,
+)
 from chatproto.mentions import mentions
 from chatproto.tui.model import (
     STATUS,
@@ -86,6 +93,26 @@ PALETTE = [
 _PRESENCE_MARK = {"online": "*", "away": "~", "busy": "!"}
 
 
+def safe_markup(markup: Any) -> Any:
+    """urwid text markup with every string passed through
+    :func:`chatproto.display.terminal_text`: what the realm sent is shown, never acted
+    on by the terminal (whatever urwid itself filters)."""
+    if isinstance(markup, str):
+        return terminal_text(markup)
+    if isinstance(markup, tuple):
+        return (markup[0], safe_markup(markup[1]))
+    if isinstance(markup, list):
+        return [safe_markup(m) for m in markup]
+    return markup
+
+
+class SafeText(urwid.Text):
+    """A ``urwid.Text`` whose markup goes through :func:`safe_markup`."""
+
+    def set_text(self, markup: Any) -> None:
+        super().set_text(safe_markup(markup))
+
+
 def _clock(ts: float, tz: datetime.tzinfo | None) -> str:
     return datetime.datetime.fromtimestamp(ts, tz).strftime("%H:%M")
 
@@ -121,7 +148,7 @@ def message_markup(
     if kind == "file":
         name = meta.get("name", "?")
         size = meta.get("size")
-        fid = meta.get("file_id", "?")
+        fid = terminal_label(meta.get("file_id", "?"))
         text = f"[file] {name}" + (f" ({human_size(size)})" if isinstance(size, int) else "")
         body = str(item.get("body") or "")
         out: list[Any] = [when, nick, " ", ("file", text), ("hint", f"  /download {fid}")]
@@ -345,13 +372,13 @@ class ChatView(urwid.WidgetWrap):
         self.tz = tz
         self.sidebar: Any = urwid.SimpleFocusListWalker([])
         self.pane = MessagePane()
-        self.title = urwid.Text("", wrap="ellipsis")
-        self.hint = urwid.Text("")
+        self.title = SafeText("", wrap="ellipsis")
+        self.hint = SafeText("")
         self.transfers = urwid.Pile([])
         self.input = InputLine(
             self._submit, self._complete, self._reset_completion, self.controller.edited
         )
-        self.status = urwid.Text("", wrap="ellipsis")
+        self.status = SafeText("", wrap="ellipsis")
         self._status = urwid.AttrMap(self.status, "status")
         self._shown: str | None = None
         self._cache: dict[tuple[Any, ...], urwid.Widget] = {}
@@ -424,7 +451,7 @@ class ChatView(urwid.WidgetWrap):
         width = self.SIDEBAR
         convs = model.sidebar()
         self.sidebar[:] = [
-            urwid.Text(sidebar_markup(c, model, width), wrap="ellipsis") for c in convs
+            SafeText(sidebar_markup(c, model, width), wrap="ellipsis") for c in convs
         ]
         active = [i for i, c in enumerate(convs) if c.address == model.active]
         if active:
@@ -449,11 +476,11 @@ class ChatView(urwid.WidgetWrap):
         bar = urwid.ProgressBar(
             "pbar normal", "pbar complete", current=t.done, done=max(t.total, 1)
         )
-        return urwid.Columns([urwid.Text(label, wrap="ellipsis"), (24, bar)], dividechars=1)
+        return urwid.Columns([SafeText(label, wrap="ellipsis"), (24, bar)], dividechars=1)
 
     def _line_widget(self, line: Any, conv: Conversation) -> urwid.Widget:
         if isinstance(line, NewMarker):
-            return urwid.Text(("error", "--- new ---"), align="center")
+            return SafeText(("error", "--- new ---"), align="center")
         if isinstance(line, DaySeparator):
             key: tuple[Any, ...] = ("day", line.day)
         elif isinstance(line, MessageLine):
@@ -464,9 +491,9 @@ class ChatView(urwid.WidgetWrap):
         widget = self._cache.get(key)
         if widget is None:
             if isinstance(line, DaySeparator):
-                widget = urwid.Text(("day", f"--- {line.text()} ---"), align="center")
+                widget = SafeText(("day", f"--- {line.text()} ---"), align="center")
             else:
-                widget = urwid.Text(message_markup(line, self.model.me, self.model.realm, self.tz))
+                widget = SafeText(message_markup(line, self.model.me, self.model.realm, self.tz))
             self._cache[key] = widget
         return widget
 
@@ -486,7 +513,7 @@ class ChatView(urwid.WidgetWrap):
         if conv.address == STATUS:
             head = None
         if head:
-            widgets.append(urwid.Text(("hint", head), align="center"))
+            widgets.append(SafeText(("hint", head), align="center"))
         numbers = conv.numbers()
         width = number_width(max(numbers.values(), default=0))
         for line in conv.lines(self.tz):
@@ -532,7 +559,7 @@ def _numbered(
     label = f"{number:>{width - 1}} " if number is not None else ""
     if label and quoted:
         label = "\n" + label
-    return urwid.Columns([(width, urwid.Text(("hint", label))), widget])
+    return urwid.Columns([(width, SafeText(("hint", label))), widget])
 
 
 def _line_key(line: Any) -> tuple[Any, ...]:
@@ -561,7 +588,7 @@ class LoginView(urwid.WidgetWrap):
         self.on_submit = on_submit
         self.fields: dict[str, urwid.Edit] = {}
         rows: list[urwid.Widget] = [
-            urwid.Text(("header", " chatproto "), align="center"),
+            SafeText(("header", " chatproto "), align="center"),
             urwid.Divider(),
         ]
         labels = [
@@ -581,10 +608,10 @@ class LoginView(urwid.WidgetWrap):
         button = urwid.Button("Log in", on_press=lambda _: self.submit())
         rows.append(urwid.Padding(urwid.AttrMap(button, "button", "button focus"), width=12))
         rows.append(urwid.Divider())
-        self.message = urwid.Text("")
+        self.message = SafeText("")
         rows.append(self.message)
         rows.append(
-            urwid.Text(
+            SafeText(
                 (
                     "hint",
                     "Server: tcp:HOST:PORT, or tls:HOST:PORT (the certificate is "
