@@ -582,7 +582,7 @@ def test_sqlite_commit_positions_follow_the_items_across_multi_row_inserts(
     db = SQLiteDB(str(tmp_path / "s.sqlite3"))
     db.migrate()
     if rows_per_insert is not None:
-        db.ROWS_PER_INSERT = rows_per_insert
+        db._rows_per_insert = rows_per_insert
     [[p0]] = db.append_batch([[env(ALICE, BOB, "first")]], {})
     known = env("x@b.example", ALICE, "stored before")
     db.append_batch([[known]], {}, None, [True])

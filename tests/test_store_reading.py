@@ -290,6 +290,12 @@ def sqlite_store(open_store: Any) -> Any:  # noqa: F811
     return open_store(_sqlite)
 
 
+def _indexed_upto(store: Any) -> Any:
+    """Fires with the position up to which every item is in the store's search index
+    (the indexer's progress)."""
+    return store._read(lambda db: db.search_upto())
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
     store = sqlite_store
@@ -297,7 +303,7 @@ def test_the_sqlite_store_indexes_when_idle(sqlite_store: Any) -> Any:
         store.append([item(BOB, ALICE, f"word{n}")])
     yield store.append([item(BOB, ALICE, "last")])
     for _ in range(200):  # bounded: 10 s
-        upto = yield store.search_indexed()
+        upto = yield _indexed_upto(store)
         if upto == 451:
             break
         yield task.deferLater(_reactor, 0.05, lambda: None)
@@ -323,7 +329,7 @@ def test_the_sqlite_store_indexes_what_it_finds_unindexed_when_it_opens(tmp_path
     yield store.open()
     try:
         for _ in range(100):  # bounded: 5 s (the store waits INDEX_DELAY, 1 s)
-            upto = yield store.search_indexed()
+            upto = yield _indexed_upto(store)
             if upto == 30:
                 break
             yield task.deferLater(_reactor, 0.05, lambda: None)
@@ -349,7 +355,7 @@ def test_the_sqlite_index_keeps_up_with_a_realm_that_is_never_quiet(
     for _ in range(30):  # back to back: never quiet
         yield store.append([item(BOB, ALICE, f"busy{total + n}") for n in range(1000)])
         total += 1000
-    upto = yield store.search_indexed()
+    upto = yield _indexed_upto(store)
     assert upto >= total - 5000 - groupcommit.INDEX_STEP - 1000, upto
 
 

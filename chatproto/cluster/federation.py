@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
@@ -23,6 +23,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from chatproto.cluster.listen import ReusePort
 from chatproto.federation import STATUS_FILE, FederationService
+
+if TYPE_CHECKING:
+    from chatproto.store.postgresql import PostgresStore
 
 __all__ = ["ReceivingFederation", "SendingFederation"]
 
@@ -69,11 +72,12 @@ class SendingFederation(FederationService):
     RECHECK = 0.2
 
     def wake(self, realm: str, n: int = 1) -> None:
-        store = self.realm.store
+        # A cluster's store: PostgresStore (safe_position, outbox_held).
+        store: PostgresStore = self.realm.store
 
         def go(_: object) -> None:
             FederationService.wake(self, realm, n)
-            if getattr(store, "outbox_held", False):
+            if store.outbox_held:
                 # A row committed above the bound the link reads to (a worker's commit
                 # in flight below it, which may queue nothing: no wake-up follows) is
                 # read once the bound passes it: look again shortly.

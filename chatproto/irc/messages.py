@@ -62,7 +62,7 @@ def send_text(
 ) -> None:
     """One target of a PRIVMSG or NOTICE from ``mask``: checked, then queued in the
     read's batch (IRCProtocol.queue_send).  Also what the lean lane of
-    ``IRCProtocol._handle`` calls for the lines ``lines.quick_message`` recognises (no
+    ``IRCProtocol._handle`` calls for the lines ``lines.quick_match`` matches (no
     tags, one target, a text): what :func:`privmsg` does with such a line."""
     try:
         to = p.resolve(target)

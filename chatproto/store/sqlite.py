@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
@@ -406,6 +405,15 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         self._wiped = False
         #: The user_convs rows this connection knows are committed.
         self._user_convs = UserConvs()
+        #: Rows per multi-row INSERT of items (nine parameters each): at most
+        #: ROWS_PER_INSERT, fewer where the library allows fewer parameters per
+        #: statement (999 before SQLite 3.32; Python 3.10 cannot ask: assumed).
+        getlimit = getattr(self.conn, "getlimit", None)  # (Python 3.11 on)
+        limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else 999
+        self._rows_per_insert = max(1, min(self.ROWS_PER_INSERT, limit // 9))
+        #: The key of alternate ids (settings.id_key), read at its first use: the
+        #: schema (and the key) may not exist before migrate().
+        self._key: bytes | None = None
 
     def close(self) -> None:
         self.conn.close()
@@ -620,11 +628,10 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _id_key(self) -> bytes:
-        key = getattr(self, "_key", None)
-        if key is None:
+        if self._key is None:
             row = self.conn.execute("SELECT value FROM settings WHERE key = 'id_key'").fetchone()
-            key = self._key = bytes.fromhex(row[0])
-        return key
+            self._key = bytes.fromhex(row[0])
+        return self._key
 
     def _insert_remote(self, batch: Sequence[Envelope]) -> list[int | None]:
         """Insert items from another realm, skipping ids stored already.  A ``file``
@@ -782,7 +789,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         writer of ``items``).  On a failure the caller rolls the transaction back
         (see :func:`_multi_insert`)."""
         c = self.conn
-        step = self._rows_per_insert()
+        step = self._rows_per_insert
         dumps = json.dumps
         last: int | None = None
         sender = recipient = conv = ""  # (the items of a pair share its key)
@@ -813,15 +820,6 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         if last is None:
             raise sqlite3.InterfaceError("no row inserted")
         return last
-
-    def _rows_per_insert(self) -> int:
-        step = getattr(self, "_step", None)
-        if step is None:
-            # an old SQLite (before 3.32) allows 999 parameters per statement
-            getlimit = getattr(self.conn, "getlimit", None)  # (Python 3.11 on)
-            limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit else 999
-            step = self._step = max(1, min(self.ROWS_PER_INSERT, limit // 9))
-        return step
 
     def _insert_planned(
         self,
@@ -1068,8 +1066,3 @@ class SQLiteStore(GroupCommitStore):
 
     def _connect(self) -> SQLiteDB:
         return SQLiteDB(self.path, self._synchronous)
-
-    def search_indexed(self) -> Deferred[int]:
-        """Fires with the position up to which every item is in the search index
-        (the indexer's progress: a search reads the items after it directly)."""
-        return self._read(lambda db: db.search_upto())
