@@ -28,6 +28,7 @@ from chatproto import config, ctl, tls, wire
 from chatproto.envelope import Envelope, new_message_id
 from chatproto.federation import (
     MAX_INFLIGHT,
+    MAX_LINKS_PER_REALM,
     MAX_TXN_ITEMS,
     PRESENCE_BURST,
     PRESENCE_RATE,
@@ -292,6 +293,32 @@ def test_a_certificate_not_checked_in_this_handshake_is_refused(node: Any, certs
     transport.chain_checked = True
     proto.dataReceived(hello())
     assert frames(transport)[0]["type"] == "welcome"
+
+
+def test_a_realm_has_at_most_a_few_links_in_at_once(node: Any, certs: Any) -> None:
+    """Each inbound link has its own presence, reading and transaction limits: a
+    realm opening links without end would multiply them.  Past MAX_LINKS_PER_REALM
+    links from one realm, its hello is refused (``rate_limited``, no penalty); one
+    closing makes room.  Other realms are not concerned."""
+    _, fed, _ = node
+    links = []
+    for _ in range(MAX_LINKS_PER_REALM):
+        proto, transport = connect(fed, certs["a.example"]["cert"])
+        proto.dataReceived(hello())
+        assert frames(transport)[0]["type"] == "welcome"
+        links.append(proto)
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    (error,) = frames(transport)
+    assert error["code"] == "rate_limited" and "links from a.example" in error["message"]
+    assert transport.disconnecting
+    proto.connectionLost(None)
+    links[0].transport.loseConnection()
+    links[0].connectionLost(None)
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello())
+    assert frames(transport)[0]["type"] == "welcome"
+    assert fed.inbound_refusal("a.example", CertTransport(certs["a.example"]["cert"]))[1]
 
 
 def test_hello_txn_ack_byte_by_byte(node: Any, certs: Any) -> None:

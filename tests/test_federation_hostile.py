@@ -414,3 +414,31 @@ def test_a_refused_certificate_cannot_come_back_by_resuming_its_tls_session(
                 if expect == "error":
                     assert got["code"] == "untrusted_peer"
                     assert "not trusted" in got["message"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_realm_opening_links_without_end_gets_a_few(realms: Any) -> Any:  # noqa: F811
+    """Over real mutual TLS: a.example's certificate opens links to b.example; the
+    first MAX_LINKS_PER_REALM are welcomed, the next is refused (rate_limited) while
+    they are open; once one closes, a new one is welcomed."""
+    from chatproto.federation import MAX_LINKS_PER_REALM
+
+    a, b = yield realms(["a.example", "b.example"])
+    peers = []
+    for _ in range(MAX_LINKS_PER_REALM + 1):
+        peer = yield raw_peer(b, "a.example", _cert(a), a.cfg.federation.ca)
+        peer.send({"type": "hello", "version": 1, "realm": "a.example"})
+        yield until(lambda peer=peer: peer.frames, timeout=10)
+        peers.append(peer)
+    assert [p.frames[0]["type"] for p in peers] == ["welcome"] * MAX_LINKS_PER_REALM + ["error"]
+    assert peers[-1].frames[0]["code"] == "rate_limited"
+    yield peers[-1].lost
+    peers[0].transport.loseConnection()
+    yield peers[0].lost
+    yield until(lambda: len(b.fed.inbound) == MAX_LINKS_PER_REALM - 1, timeout=10)
+    again = yield raw_peer(b, "a.example", _cert(a), a.cfg.federation.ca)
+    again.send({"type": "hello", "version": 1, "realm": "a.example"})
+    yield until(lambda: again.frames, timeout=10)
+    assert again.frames[0]["type"] == "welcome"
+    for p in [*peers[1:-1], again]:
+        p.transport.loseConnection()

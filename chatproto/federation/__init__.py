@@ -51,6 +51,7 @@ from chatproto.federation.discovery import SRV_SERVICE, PeerEndpoint
 from chatproto.federation.inbound import (
     HELLO_TIMEOUT,
     MAX_INFLIGHT,
+    MAX_LINKS_PER_REALM,
     InboundFactory,
     InboundProtocol,
     LinkLost,
@@ -84,6 +85,7 @@ __all__ = [
     "HELLO_TIMEOUT",
     "KEY_WAIT",
     "MAX_INFLIGHT",
+    "MAX_LINKS_PER_REALM",
     "MAX_TXN_ITEMS",
     "MIN_MAX_FRAME",
     "PRESENCE_BURST",

@@ -34,10 +34,21 @@ from chatproto.transfer import BLOCK
 if TYPE_CHECKING:
     from chatproto.federation.service import FederationService
 
-__all__ = ["HELLO_TIMEOUT", "MAX_INFLIGHT", "InboundFactory", "InboundProtocol", "LinkLost"]
+__all__ = [
+    "HELLO_TIMEOUT",
+    "MAX_INFLIGHT",
+    "MAX_LINKS_PER_REALM",
+    "InboundFactory",
+    "InboundProtocol",
+    "LinkLost",
+]
 
 #: Transactions a peer may have unacknowledged on one inbound connection.
 MAX_INFLIGHT = 16
+#: Inbound links one peer realm may have at once (a realm needs one; the others are
+#: ones it gave up on that this side has not seen go yet).  Each link has its own
+#: presence, reading and transaction limits, so more would multiply them.
+MAX_LINKS_PER_REALM = 4
 #: Seconds a new inbound connection has to complete its hello.
 HELLO_TIMEOUT = 30.0
 
@@ -76,6 +87,8 @@ class InboundProtocol(LinkProtocol):
         self._on_closed: list[Deferred[None]] = []
         #: Counts this connection among the unauthenticated until its hello.
         self._ticket: Ticket | None = None
+        #: The realm its accepted hello named (``peer_realm`` once welcomed).
+        self.claimed: str | None = None
 
     def close(self, clock: Any, grace: float) -> Deferred[None]:
         """Close the link cleanly (TLS close_notify: the peer sees a closed link, not a
@@ -179,6 +192,7 @@ class InboundProtocol(LinkProtocol):
             self.closed = True
             self.transport.loseConnection()
             return
+        self.claimed = claimed
         if self._ticket is not None:
             self._ticket.release()
         if self._timeout is not None and self._timeout.active():

@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from chatproto.admission import Admission
 from chatproto.config import Federation
-from chatproto.federation.inbound import InboundFactory, InboundProtocol
+from chatproto.federation.inbound import MAX_LINKS_PER_REALM, InboundFactory, InboundProtocol
 from chatproto.federation.peer import PeerLink
 from chatproto.federation.tls import FederationTLS, peer_refusal
 
@@ -282,7 +282,13 @@ class FederationService(MultiService):
         now = self.clock.seconds()
         if until > now:
             return "rate_limited", f"misbehaved recently; retry after {until - now:.0f}s"
-        return "untrusted_peer", peer_refusal(transport, realm, self.cfg)
+        reason = peer_refusal(transport, realm, self.cfg)
+        if reason is not None:
+            return "untrusted_peer", reason
+        links = sum(1 for p in self.inbound if p.claimed == realm and not p.closed)
+        if links >= MAX_LINKS_PER_REALM:
+            return "rate_limited", f"{links} links from {realm} are open already"
+        return "untrusted_peer", None
 
     def penalise(self, realm: str, reason: str) -> None:
         _, level = self._penalties.get(realm, (0.0, 0))
