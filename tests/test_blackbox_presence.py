@@ -186,20 +186,39 @@ def test_requests_before_login(server: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_ephemeral_frames_wait_for_synced(server: Any) -> Any:
     """A presence change that happens while a session's backlog is being sent is not
-    sent to it before `synced`."""
+    sent to it before `synced`: the snapshot after `synced` tells the state as it is
+    then.  (The backlog read is held, so the change surely comes while alice's
+    session is attached and syncing.)"""
     realm, _factory, addr = server
     for name in ("alice", "bob"):
         yield realm.create_user(name, PW)
     b = yield login(addr, "bob")
-    for i in range(300):
-        b.send({"type": "send", "to": "alice", "body": f"m{i}", "id": f"s{i}"})
-    yield b.reply("s299")
-    a = yield login(addr, "alice")
-    # The snapshot right after `synced` names bob (a contact, online).
+    for i in range(3):
+        yield call(b, {"type": "send", "to": "alice", "body": f"m{i}"})  # contacts
+    read_feed, gate, held = realm.store.read_feed, defer.Deferred(), []
+
+    def held_read(user: str, *args: Any, **kw: Any) -> Any:
+        if user != "alice@localhost" or gate.called:
+            return read_feed(user, *args, **kw)
+        held.append(user)
+        return gate.addCallback(lambda _: read_feed(user, *args, **kw))
+
+    realm.store.read_feed = held_read
+    a = yield raw_client(addr)
+    a.send({"type": "login", "id": "login", "user": "alice", "password": PW})
+    yield until(lambda: held)  # alice's session is attached, her backlog not sent
+    assert len(realm.sessions_of("alice@localhost")) == 1
+    yield call(b, {"type": "set_status", "status": "busy", "text": "meeting"})
+    gate.callback(None)
     yield until(lambda: presence(a))
+    yield settle(a)
     kinds = [f.get("type") for f in a.frames if isinstance(f, dict)]
     synced_at = kinds.index("synced")
-    assert "presence" not in kinds[:synced_at]
+    assert "presence" not in kinds[:synced_at], kinds
+    assert kinds[:synced_at].count("msg") == 3
+    assert presence(a) == [
+        {"type": "presence", "user": "bob@localhost", "status": "busy", "text": "meeting"}
+    ]
     yield closed(a)
     yield closed(b)
 
