@@ -600,9 +600,8 @@ def test_worker_outbox_reads_stop_below_a_held_back_commit(dsn: str, schema: str
         try:
             late = env(ALICE, "carol@peer", "a1 (late)")
             held = a.append([late], [("peer", late)])
-            # A draws its item's position, then its outbox row's seq: wait for the
-            # seq (on a loaded machine B could draw one between A's two draws).
-            yield deferToThread_wait(lambda: _top(dsn, schema, "outbox_seq") == 2)
+            # A has drawn its item's position, which numbers its outbox row
+            yield deferToThread_wait(lambda: _top(dsn, schema) == 2)
             mine = env(BOB, "carol@peer", "b1")
             yield b.append([mine], [("peer", mine)])
             yield b.safe_position()
@@ -621,3 +620,209 @@ def test_worker_outbox_reads_stop_below_a_held_back_commit(dsn: str, schema: str
     finally:
         yield a.close()
         yield b.close()
+
+
+CAROL = "carol@peer"
+
+
+def _hold_item(dsn: str, schema: str, item_id: str) -> Any:
+    """A connection holding the row of item ``item_id`` locked: a writer's commit of a
+    ``delete`` of that item (which wipes the row) stops in mid-transaction -- its
+    position drawn, its outbox rows not written yet -- until the connection's
+    transaction ends."""
+    conn = psycopg.connect(dsn)
+    conn.execute(f'SELECT 1 FROM "{schema}".items WHERE id = %s FOR UPDATE', (item_id,))
+    return conn
+
+
+def _deletion(item: Envelope) -> Envelope:
+    meta = {"ref": item.id}
+    return Envelope(new_message_id(), "delete", item.sender, item.recipient, 2.0, "", meta)
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_outbox_goes_in_position_order_across_writers(dsn: str, schema: str) -> Any:
+    """Two devices of alice on two workers write to one conversation with a user of
+    another realm.  Writer A draws the position of its item (a delete) and is held
+    in mid-transaction, before its outbox row is written; writer B draws the next
+    position, queues its item and commits; then A commits.  The federation sender
+    (on B) reads nothing past A's position while A is in flight, then both rows in
+    position order: the peer stores them in the order alice's realm has them.  (With
+    the outbox rows numbered from a sequence of their own, B's row had taken the
+    lower number: the peer got B's item first.)"""
+    a = PostgresStore(dsn, schema, _reactor, worker="a")
+    yield a.open()
+    b = PostgresStore(dsn, schema, _reactor, worker="b")
+    yield b.open()
+    try:
+        first = env(ALICE, CAROL, "first")
+        yield a.append([first], [("peer", first)])
+        yield b.safe_position()
+        [(sent, _)] = yield b.outbox_read("peer", 0, 10)
+        yield b.outbox_ack("peer", sent)  # sent and acknowledged
+
+        hold = _hold_item(dsn, schema, first.id)
+        try:
+            gone = _deletion(first)
+            held = a.append([gone], [("peer", gone)])
+            yield deferToThread_wait(lambda: _top(dsn, schema) == first.pos + 1)
+            after = env(ALICE, CAROL, "after, from alice's other device")
+            yield b.append([after], [("peer", after)])
+            assert after.pos == first.pos + 2
+            yield b.safe_position()
+            assert (yield b.outbox_read("peer", sent, 10)) == []  # A is in flight below
+            assert b.outbox_held
+        finally:
+            hold.rollback()
+            hold.close()
+        yield held
+        assert gone.pos == first.pos + 1
+        yield b.safe_position()
+        assert not b.outbox_held
+        rows = yield b.outbox_read("peer", sent, 10)
+        assert [(e.kind, e.pos) for _, e in rows] == [("delete", gone.pos), ("text", after.pos)]
+        seqs = [s for s, _ in rows]
+        assert sent < seqs[0] < seqs[1]
+        yield b.outbox_ack("peer", seqs[-1])
+        assert (yield b.outbox_read("peer", 0, 10)) == []
+    finally:
+        yield a.close()
+        yield b.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_killed_mid_commit_loses_and_repeats_nothing_in_the_outbox(
+    dsn: str, schema: str, admin: Any
+) -> Any:
+    """Writer A (a worker's process) is killed in mid-transaction, its position
+    drawn: the sender on B reads past it once the server has ended A's session,
+    B's row is sent, and nothing of A's (never acknowledged) ever is."""
+    import threading
+
+    a = PostgresDB(dsn, schema, writer="a")
+    a.migrate()
+    b = PostgresStore(dsn, schema, _reactor, worker="b")
+    yield b.open()
+    try:
+        first = env(ALICE, CAROL, "first")
+        a.append_batch([[first]], {}, [[("peer", first)]])
+        hold = _hold_item(dsn, schema, first.id)
+        failed: list[Exception] = []
+
+        def doomed() -> None:
+            try:
+                gone = _deletion(first)
+                a.append_batch([[gone]], {}, [[("peer", gone)]])
+            except Exception as e:
+                failed.append(e)
+
+        t = threading.Thread(target=doomed)
+        t.start()
+        try:
+            yield deferToThread_wait(lambda: _top(dsn, schema) == 2)
+            after = env(ALICE, CAROL, "after")
+            yield b.append([after], [("peer", after)])
+            assert after.pos == 3
+            yield b.safe_position()
+            assert [e.body for _, e in (yield b.outbox_read("peer", 0, 10))] == ["first"]
+            admin.execute("SELECT pg_terminate_backend(%s)", (a.conn.info.backend_pid,))
+            yield deferToThread_wait(lambda: not t.is_alive())
+            assert isinstance(failed[0], psycopg.OperationalError)
+        finally:
+            hold.rollback()
+            hold.close()
+        for _ in range(2000):  # until the server has ended A's session
+            if (yield b.safe_position()) >= 3:
+                break
+        rows = yield b.outbox_read("peer", 0, 10)
+        assert [(e.body, e.pos) for _, e in rows] == [("first", 1), ("after", 3)]
+    finally:
+        yield b.close()
+        try:
+            a.conn.close()
+        except Exception:
+            pass
+
+
+def test_schema_13_outbox_upgrades_and_keeps_its_order(dsn: str, schema: str) -> None:
+    """A schema 13 outbox (rows numbered from a sequence of their own, here far
+    ahead of the positions) upgrades to 14: its rows keep their order and are read
+    first, the rows queued from then on are numbered from their items' positions,
+    above every old one (the positions move past the old numbers), and the
+    sequence and each writer's mark of it go."""
+    import chatproto.store.postgresql.db as pg_db
+
+    version = pg_db.SCHEMA_VERSION
+    pg_db.SCHEMA_VERSION = 13
+    try:
+        old = PostgresDB(dsn, schema, writer="realm")
+        old.migrate()
+    finally:
+        pg_db.SCHEMA_VERSION = version
+    queued = [env(ALICE, CAROL, "one"), env(ALICE, CAROL, "two")]
+    try:
+        old.append_batch([queued], {})  # (the outbox rows as schema 13 wrote them:)
+        old.conn.execute("SELECT setval('outbox_seq', 4999999)")
+        for pos, payload in ((2, None), (0, '{"kind": "request", "id": "r1"}'), (1, None)):
+            old.conn.execute(
+                "INSERT INTO outbox VALUES (nextval('outbox_seq'), 'peer', %s, %s)", (pos, payload)
+            )
+    finally:
+        old.close()
+    new = PostgresDB(dsn, schema, writer="realm")
+    try:
+        assert new.migrate() == 13 and new.version() == SCHEMA_VERSION
+        rows = new.outbox_read("peer", 0, 10)
+        assert [s for s, _ in rows] == [5000000, 5000001, 5000002]
+        assert [getattr(e, "body", e) for _, e in rows] == [
+            "two",
+            {"kind": "request", "id": "r1"},
+            "one",
+        ]
+        later = env(ALICE, CAROL, "three")
+        [[pos]] = new.append_batch([[later]], {}, [[("peer", later)]])
+        assert pos == 6  # past 5000002 // 1000000
+        rows = new.outbox_read("peer", 0, 10)
+        assert [s for s, _ in rows][-1] == 6000000 and rows[-1][1].body == "three"
+        assert new.outbox_top() == 6999999
+        gone = new.conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = 'outbox_seq'",
+            (schema,),
+        ).fetchone()
+        assert gone == (0,)
+        cols = new.conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'stream_writers'",
+            (schema,),
+        ).fetchall()
+        assert "outbox_upto" not in {c[0] for c in cols}
+    finally:
+        new.close()
+
+
+def test_outbox_rows_with_no_item_go_after_the_rows_queued_before_them() -> None:
+    """The numbering of a commit's outbox rows (PostgreSQL): from their items'
+    positions; a request after the rows queued before it (those of the first item
+    when none is); a position drawn only when no row of the commit has an item, or
+    when one position's numbers run out."""
+    from chatproto.store.postgresql.writers import OUTBOX_SPREAD, outbox_seqs, outbox_upto
+
+    drawn: list[int] = []
+
+    def draw() -> int:
+        drawn.append(100 + len(drawn))
+        return drawn[-1]
+
+    m = OUTBOX_SPREAD
+    # an item queued for two realms, a request, the next item, a request
+    assert outbox_seqs([7, 7, 0, 8, 0], draw) == [7 * m, 7 * m + 1, 7 * m + 2, 8 * m, 8 * m + 1]
+    # a request queued before the commit's first item goes just before it
+    assert outbox_seqs([0, 0, 7, 9], draw) == [7 * m, 7 * m + 1, 7 * m + 2, 9 * m]
+    assert drawn == []
+    # requests alone: one position drawn for them all
+    assert outbox_seqs([0, 0], draw) == [100 * m, 100 * m + 1]
+    assert drawn == [100]
+    seqs = outbox_seqs([5] + [0] * m, draw)
+    assert seqs[-1] == 101 * m and seqs[-2] == 5 * m + m - 1 and len(set(seqs)) == len(seqs)
+    assert outbox_upto(5) == 6 * m - 1 and outbox_upto(5) < seqs[-1]

@@ -7,7 +7,8 @@ store).  Only the worker named by ``[cluster] federation_sender`` runs outbound 
 (:class:`SendingFederation`): the others (:class:`ReceivingFederation`) pass what the
 realm would send -- link wake-ups, presence, and ``reading`` frames (read markers,
 typing) -- to it over the bus, and it reads
-every worker's outbox rows from the store, never past the outbox's safe position.
+every worker's outbox rows from the store, in position order (they are numbered from
+their items' positions), never past the safe position.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _listen_shared(service: FederationService) -> None:
 
 class SendingFederation(FederationService):
     """The federation sender's service: links and listener, as in one process; a
-    link woken reads the outbox once the store's safe outbox position is known (it
-    reads no row above it: see ``PostgresStore.outbox_read``)."""
+    link woken reads the outbox once the store's safe position is known (it reads no
+    row above it: see ``PostgresStore.outbox_read``)."""
 
     def listen(self) -> None:
         _listen_shared(self)
@@ -68,7 +69,7 @@ class SendingFederation(FederationService):
         self._rechecks: dict[str, Any] = {}
 
     #: Seconds after which a link woken while another writer's commit held the safe
-    #: outbox position back is woken again.
+    #: position back is woken again.
     RECHECK = 0.2
 
     def wake(self, realm: str, n: int = 1) -> None:

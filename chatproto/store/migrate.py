@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from chatproto.store.postgresql import PostgresDB, escape_text
+from chatproto.store.postgresql.writers import OUTBOX_SPREAD
 from chatproto.store.sqlite import SQLiteDB
 
 __all__ = [
@@ -259,10 +260,11 @@ def copy_sqlite_to_postgresql(
                 )
             for seq, table, column in (
                 ("items_pos", "items", "pos"),
-                ("outbox_seq", "outbox", "seq"),
                 ("reports_id_seq", "reports", "id"),
             ):
                 top = max(int(tops.get(table) or 0), _max(source, table, column))
+                if seq == "items_pos":  # outbox rows queued from now on follow these
+                    top = max(top, _max(source, "outbox", "seq") // OUTBOX_SPREAD)
                 if top > 0:  # the next value is top + 1: nothing handed out is reused
                     pg.execute("SELECT setval(%s, %s, true)", (seq, top))
     finally:

@@ -26,7 +26,8 @@ once the commit is flushed to the server's WAL: SIGKILL of the realm, or of the
 server, loses nothing acknowledged.
 
 Positions: items take their position from the sequence ``items_pos`` inside the
-commit's transaction; outbox rows likewise from ``outbox_seq``.  A single-process
+commit's transaction; outbox rows are numbered from their items' positions
+(:func:`chatproto.store.postgresql.writers.outbox_seqs`).  A single-process
 realm holds an advisory lock on its schema while open, so a second one on the same
 schema refuses to start.  Workers of a cluster (issue 16) share the schema: each is a
 writer, and positions are then handed out in one order and committed in another.  So
@@ -34,7 +35,8 @@ every commit holds its writer's in-flight lock and records, in ``stream_writers`
 position below which that writer has nothing in flight; a reader advances only to
 :meth:`PostgresDB.safe_position` (a worker's store bounds its reads by it), and never
 later meets an item below a position it has seen (docs/operator-guide.md, "Several
-writers").
+writers"); the federation sender reads the outbox up to the same position, so a peer
+gets the realm's items in position order whichever worker committed them.
 
 Text PostgreSQL cannot hold (U+0000, which JSON allows in a message body, an item id
 or a device name) is stored escaped: see :func:`escape_text`.
@@ -56,7 +58,7 @@ from chatproto.store.groupcommit import CommitResult, GroupCommitStore
 from chatproto.store.postgresql.db import CONNECT_TIMEOUT, PostgresDB, describe_dsn
 from chatproto.store.postgresql.rows import escape_text, unescape_text
 from chatproto.store.postgresql.schema import MIGRATIONS, SCHEMA_VERSION
-from chatproto.store.postgresql.writers import CTL_WRITER, LOCK_WAIT, SOLE_WRITER
+from chatproto.store.postgresql.writers import CTL_WRITER, LOCK_WAIT, SOLE_WRITER, outbox_upto
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -99,9 +101,9 @@ class PostgresStore(GroupCommitStore):
         #: :meth:`safe_position` seen (a reader never sees an item while one below it
         #: may still commit).  None: no bound (one writer commits in position order).
         self.visible: int | None = None if worker is None else 0
-        self.outbox_visible: int | None = None if worker is None else 0
         #: The last :meth:`safe_position` found a writer's commit in flight below the
-        #: highest outbox seq drawn (rows above the bound wait for a later read).
+        #: highest position drawn (outbox rows above the bound, numbered by their
+        #: items' positions, wait for a later read).
         self.outbox_held = False
 
     def _new_writer(self, create: bool = False) -> PostgresDB:
@@ -117,7 +119,7 @@ class PostgresStore(GroupCommitStore):
                 # realms no longer holds once it changes them (see grouprealms.py).
                 writer.forget_group_realms()
             if self.visible is not None:
-                self.visible, self.outbox_visible = writer.safe_positions()
+                self.visible = writer.safe_position()
         except psycopg.Error as e:
             writer.close()
             raise RuntimeError(f"{self.path}: {e}") from None
@@ -174,16 +176,14 @@ class PostgresStore(GroupCommitStore):
     def safe_position(self) -> Deferred[int]:
         """The position every reader may advance to (see
         :meth:`PostgresDB.safe_position`); with several writers it also raises the
-        bound of this store's reads (:attr:`visible`, and :attr:`outbox_visible` for
-        the outbox).  Fires with it."""
+        bound of this store's reads (:attr:`visible`, for the outbox too).  Fires
+        with it."""
 
-        def seen(safe: tuple[int, int, int]) -> int:
-            pos, seq, top = safe
+        def seen(safe: tuple[int, int]) -> int:
+            pos, top = safe
             if self.visible is not None and pos > self.visible:
                 self.visible = pos
-            if self.outbox_visible is not None and seq > self.outbox_visible:
-                self.outbox_visible = seq
-            self.outbox_held = seq < top
+            self.outbox_held = pos < top
             return pos
 
         return self._read(lambda db: db.safe_bounds()).addCallback(seen)
@@ -195,12 +195,13 @@ class PostgresStore(GroupCommitStore):
         return self._read(lambda db: db.items_top())
 
     def outbox_read(self, realm: str, after: int, limit: int) -> Deferred[list[Any]]:
-        """With several writers, from the database (outbox rows of every worker),
-        never above :attr:`outbox_visible`: a row that commits late below one the
-        link has acknowledged would otherwise be deleted unsent."""
-        upto = self.outbox_visible
-        if upto is None:
+        """With several writers, from the database (outbox rows of every worker), in
+        position order (their seqs follow their items' positions), never above
+        :attr:`visible`: a row that commits late below one the link has
+        acknowledged would otherwise be deleted unsent."""
+        if self.visible is None:
             return super().outbox_read(realm, after, limit)
+        upto = outbox_upto(self.visible)
         return self._read(lambda db: db.outbox_read(realm, after, limit, upto))
 
     def _cache_outbox(self, rows: list[tuple[str, int, Any]]) -> None:

@@ -2,8 +2,9 @@
 
 Part of :mod:`chatproto.store.postgresql` (a mixin of its
 :class:`chatproto.store.postgresql.db.PostgresDB`): positions drawn in one query,
-items written with one ``COPY``, the outbox rows, acks and read markers of the batch
-with them; a batch that fails is redone alone under a savepoint.
+items written with one ``COPY``, the outbox rows (numbered by the positions), acks and
+read markers of the batch with them; a batch that fails is redone alone under a
+savepoint.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from chatproto.store.postgresql.rows import (
     row_of_item,
     unescape_text,
 )
-from chatproto.store.postgresql.writers import WriterPositions, group_lock_key
+from chatproto.store.postgresql.writers import WriterPositions, group_lock_key, outbox_seqs
 from chatproto.store.reading import REF_KINDS_SQL
 from chatproto.store.userconvs import UserConvs
 
@@ -102,7 +103,9 @@ class CommitSQL(WriterPositions):
         reads: dict[tuple[str, str], int] | None = None,
     ) -> CommitResult:
         """Commit every batch in one transaction: positions per batch, and the outbox
-        rows queued as ``(realm, seq, envelope or request)`` in sequence order.
+        rows queued as ``(realm, seq, envelope or request)`` in sequence order (the
+        seqs follow the positions: see
+        :func:`chatproto.store.postgresql.writers.outbox_seqs`).
 
         Fast path: the positions of every item in one ``nextval`` query, the items in
         one ``COPY``.  If that fails (an id taken, a value out of range), the
@@ -160,13 +163,14 @@ class CommitSQL(WriterPositions):
             if outbox:
                 rows, queued_rows, requests = outbox_rows(batches, outbox, out, escape_text)
                 if rows:
-                    seqs = self._next("outbox_seq", len(rows))
+                    seqs = outbox_seqs([r[1] for r in rows], lambda: self._next("items_pos", 1)[0])
                     self._copy(
                         "COPY outbox (seq, realm, pos, payload) FROM STDIN",
                         ((s, *r) for s, r in zip(seqs, rows, strict=True)),
                     )
                     for k, (realm, _, env) in enumerate(queued_rows):
                         queued_rows[k] = (realm, seqs[k], env)
+                    queued_rows.sort(key=lambda r: r[1])
                 if requests:
                     with c.cursor() as cur:
                         cur.executemany(

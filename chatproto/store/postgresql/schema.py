@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 
 #: Migrations: MIGRATIONS[n] takes a schema at version n to n + 1 (each in one
 #: transaction).  Version 1 is the SQLite schema at its version 8, version 2 at its
@@ -268,5 +268,19 @@ MIGRATIONS: list[str] = [
         realm TEXT COLLATE "C" NOT NULL,
         PRIMARY KEY (grp, realm)
     );
+    """,
+    # v14 (PostgreSQL only; issue 16): outbox rows are numbered from their items'
+    # positions (position * 1000000 + k, chatproto/store/postgresql/writers.py), not
+    # from a sequence of their own, which workers drew in another order than the
+    # positions: the federation sender sends in position order, bounded by the safe
+    # position.  The rows queued before keep their seqs; the positions move past
+    # them (a gap), so every row queued from now on comes after them.
+    """
+    SELECT setval('items_pos', greatest(
+        (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM items_pos),
+        (SELECT max(seq) FROM outbox) / 1000000, 1))
+    WHERE EXISTS (SELECT 1 FROM outbox);
+    ALTER TABLE stream_writers DROP COLUMN IF EXISTS outbox_upto;
+    DROP SEQUENCE IF EXISTS outbox_seq;
     """,
 ]

@@ -5,14 +5,16 @@ Part of :mod:`chatproto.store.postgresql` (a mixin of its
 sequence ``items_pos`` in one order and committed in another; each commit holds its
 writer's in-flight lock and records how far that writer has persisted, so a reader
 advances only to :meth:`WriterPositions.safe_position` (docs/operator-guide.md,
-"Several writers").
+"Several writers").  The outbox is numbered by the same positions
+(:func:`outbox_seqs`): the federation sender reads it in position order, up to the
+same safe position.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -24,11 +26,14 @@ from chatproto.store.postgresql.rows import ITEM_COLS, item_of_row
 __all__ = [
     "CTL_WRITER",
     "LOCK_WAIT",
+    "OUTBOX_SPREAD",
     "SOLE_WRITER",
     "WriterPositions",
     "group_lock_key",
     "index_lock_key",
     "inflight_lock_key",
+    "outbox_seqs",
+    "outbox_upto",
     "schema_lock_key",
     "worker_lock_key",
 ]
@@ -72,6 +77,53 @@ def group_lock_key(schema: str, group: str) -> int:
     (see :mod:`chatproto.store.grouprealms`): shared by a commit of items, exclusive
     by one of a change, taken before positions are drawn."""
     return _key(f"chatproto group {schema} {group}")
+
+
+#: Outbox seqs per position: the rows a commit queues at position P are numbered
+#: ``P * OUTBOX_SPREAD + k``, k = 0, 1, ... (decimal, so that a transaction's name
+#: on the federation link shows the positions: ``41000000-42000001``).
+OUTBOX_SPREAD = 1_000_000
+
+
+def outbox_upto(pos: int) -> int:
+    """The highest outbox seq of position ``pos``: a reader bounded by the safe
+    position ``pos`` reads no outbox row above it."""
+    return (pos + 1) * OUTBOX_SPREAD - 1
+
+
+def outbox_seqs(positions: Sequence[int], draw: Callable[[], int]) -> list[int]:
+    """Inside a commit, the seqs of its outbox rows, in the order it queued them:
+    ``positions[i]`` is the position of row i's item, 0 for a row that carries no
+    item (a group request).
+
+    The outbox order is the stream's: a row is numbered from its item's position,
+    which the commit drew in its transaction, so the federation sender, reading up
+    to the safe position, sends one realm's items in position order whichever
+    worker committed them, and never reads past a row that will commit later.  A
+    row with no item takes the highest position of the rows queued before it in the
+    commit (the first item's, for those queued before any), after them; the k of
+    the rows at one position count up in queue order.  Only a commit whose rows
+    carry no item at all draws a position for them (``draw``), as it does past
+    :data:`OUTBOX_SPREAD` rows at one position (a million requests queued in one
+    commit after one item): a gap in the positions, as a rollback leaves."""
+    used: dict[int, int] = {}
+    base = next((p for p in positions if p), 0)
+    out: list[int] = []
+    for pos in positions:
+        if pos:
+            at = pos
+            base = max(base, pos)
+        else:
+            if not base:
+                base = draw()
+            at = base
+        k = used.get(at, 0)
+        if k >= OUTBOX_SPREAD:
+            at = base = draw()
+            k = 0
+        used[at] = k + 1
+        out.append(at * OUTBOX_SPREAD + k)
+    return out
 
 
 #: The writer name of a single-process realm, and of ``chatrealmctl``'s commits.
@@ -139,10 +191,9 @@ class WriterPositions:
         in-flight transaction, or it would not know to wait for it)."""
         if not self._writer_row:
             self.conn.execute(
-                "INSERT INTO stream_writers (writer, persisted_upto, lock_key, updated, "
-                "outbox_upto) VALUES (%s, (SELECT CASE WHEN is_called THEN last_value "
-                "ELSE 0 END FROM items_pos), %s, %s, (SELECT CASE WHEN is_called THEN "
-                "last_value ELSE 0 END FROM outbox_seq)) ON CONFLICT (writer) DO UPDATE "
+                "INSERT INTO stream_writers (writer, persisted_upto, lock_key, updated) "
+                "VALUES (%s, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                "FROM items_pos), %s, %s) ON CONFLICT (writer) DO UPDATE "
                 "SET lock_key = excluded.lock_key",
                 (self.writer, self._inflight, time.time()),
             )
@@ -160,8 +211,7 @@ class WriterPositions:
         self.conn.execute(
             "UPDATE stream_writers SET updated = %s, persisted_upto = greatest("
             "persisted_upto, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-            "FROM items_pos)), outbox_upto = greatest(outbox_upto, (SELECT CASE WHEN "
-            "is_called THEN last_value ELSE 0 END FROM outbox_seq)) WHERE writer = %s",
+            "FROM items_pos)) WHERE writer = %s",
             (time.time(), self.writer),
         )
 
@@ -182,30 +232,20 @@ class WriterPositions:
         to the row value of every writer in flight.  A writer that died holds no lock:
         it holds nobody back.
         """
-        return self.safe_positions()[0]
+        return self.safe_bounds()[0]
 
-    def safe_positions(self) -> tuple[int, int]:
-        """:meth:`safe_position`, and the same for the outbox's sequence (the
-        federation sender reads and acknowledges no outbox row above it)."""
-        pos, seq, _ = self.safe_bounds()
-        return pos, seq
-
-    def safe_bounds(self) -> tuple[int, int, int]:
-        """:meth:`safe_positions`, and the highest outbox seq drawn: above the safe
-        one while a writer's commit is in flight (rows of other writers committed
-        above it are not read until the safe seq passes them)."""
+    def safe_bounds(self) -> tuple[int, int]:
+        """:meth:`safe_position`, and the highest position drawn: above the safe one
+        while a writer's commit is in flight (items and outbox rows of other writers
+        committed above it are not read until the safe position passes them)."""
         c = self.conn
-        top, otop = self.items_top(), self.outbox_top()
+        top = self.items_top()
         row = c.execute(
-            "SELECT min(persisted_upto), min(outbox_upto) FROM stream_writers "
+            "SELECT min(persisted_upto) FROM stream_writers "
             "WHERE NOT pg_try_advisory_xact_lock_shared(lock_key)"
         ).fetchone()
-        held, oheld = (row[0], row[1]) if row else (None, None)
-        return (
-            top if held is None else min(top, int(held)),
-            otop if oheld is None else min(otop, int(oheld)),
-            otop,
-        )
+        held = row[0] if row else None
+        return (top if held is None else min(top, int(held)), top)
 
     def writers(self) -> list[tuple[str, int, float, bool]]:
         """Every writer that ever committed here: ``(name, persisted_upto, when it last
@@ -245,8 +285,10 @@ class WriterPositions:
         return int(row[0]) if row else 0
 
     def outbox_top(self) -> int:
-        """The highest outbox seq ever assigned (rows may have been deleted since)."""
-        return self._seq_top("outbox_seq")
+        """The highest outbox seq assigned so far, or that any row committed so far
+        can hold (rows may have been deleted since): the last of the seqs of the
+        highest position drawn (see :func:`outbox_upto`)."""
+        return outbox_upto(self.items_top())
 
     def items_top(self) -> int:
         """The highest position ever assigned (items may have been deleted since)."""
