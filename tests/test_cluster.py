@@ -523,60 +523,81 @@ def test_worker_without_redis_or_postgresql_says_which_and_exits(tmp_path: Any) 
         yield cluster.spawner.close()
 
 
+class FederatedCluster:
+    """Realm a.test as two workers (w1 sends federation, w2 does not) on a schema of
+    its own, realm b.test as one process, federating (killed at teardown)."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        from chatproto.tls import write_dev_certs
+
+        self.tmp_path = tmp_path
+        self.redis = redis_or_skip()
+        self.prefix = redis_prefix()
+        certs = tmp_path / "certs"
+        paths = {name: write_dev_certs(str(certs), name) for name in ("a.test", "b.test")}
+        p1, p2, pb = free_port(), free_port(), free_port()
+        self.dsn = postgresql_or_skip()
+        self.schema = pg_schema()
+        self.spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
+
+        def fed(name: str, port: int, peer: str, peer_port: int) -> str:
+            p = paths[name]
+            return (
+                f'[federation]\nenabled = true\nport = {port}\ninterface = "127.0.0.1"\n'
+                f'certificate = "{p["cert"]}"\nprivate_key = "{p["key"]}"\nca = "{p["ca"]}"\n'
+                f"retry_initial = 0.1\nretry_max = 0.5\n"
+                f'[[federation.peers]]\nrealm = "{peer}"\nendpoint = "127.0.0.1:{peer_port}"\n'
+            )
+
+        base = _config(self.dsn, self.schema, self.redis, self.prefix, free_port())
+        base = base.replace("[realm]\n", '[realm]\nname = "a.test"\n')
+        base += 'federation_sender = "w1"\n'
+        for worker, port in (("w1", p1), ("w2", p2)):
+            (tmp_path / f"{worker}.toml").write_text(base + fed("a.test", port, "b.test", pb))
+        (tmp_path / "b.toml").write_text(
+            '[realm]\nname = "b.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+            "[auth]\nargon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
+            "[control]\nenabled = false\n" + fed("b.test", pb, "a.test", p2)
+        )
+
+    @defer.inlineCallbacks
+    def _start(self, config: str, data: str, *more: str) -> Any:
+        argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", config]
+        proc = self.spawner([*argv, "--data-dir", str(self.tmp_path / data), *more])
+        own = yield proc.wait_for(_OWN.pattern)
+        yield proc.wait_for(r"realm \S+ started")
+        return proc, f"tcp:127.0.0.1:{own.group(1)}"
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Start b.test, then w1 and w2; fires with ``(b, w1, w2)``, each ``(process,
+        its own address)``."""
+        t = self.tmp_path
+        b = yield self._start(str(t / "b.toml"), "data-b")
+        w1 = yield self._start(str(t / "w1.toml"), "data-a", "--worker", "w1")
+        w2 = yield self._start(str(t / "w2.toml"), "data-a", "--worker", "w2")
+        yield w1[0].wait_for("cluster: worker w1 of realm a.test started")
+        yield w2[0].wait_for("cluster: worker w2 of realm a.test started")
+        return b, w1, w2
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        yield self.spawner.close()
+        redis_drop_prefix(self.redis, self.prefix)
+
+
 @pytest_twisted.inlineCallbacks
 def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
     """Realm a.test runs as two workers (w1 sends federation, w2 does not), realm
     b.test as one process.  b's link lands on w2: its items are stored there and w1
     delivers them.  What a user on w2 sends to b goes out through w1's link; what a
     user on w1 sends too."""
-    from chatproto.tls import write_dev_certs
-
-    redis = redis_or_skip()
-    prefix = redis_prefix()
-    certs = tmp_path / "certs"
-    paths = {name: write_dev_certs(str(certs), name) for name in ("a.test", "b.test")}
-    p1, p2, pb = free_port(), free_port(), free_port()
-    schema = pg_schema()
-    spawner = Spawner(str(tmp_path), lifetime=LIFETIME)
-
-    def fed(name: str, port: int, peer: str, peer_port: int) -> str:
-        p = paths[name]
-        return (
-            f'[federation]\nenabled = true\nport = {port}\ninterface = "127.0.0.1"\n'
-            f'certificate = "{p["cert"]}"\nprivate_key = "{p["key"]}"\nca = "{p["ca"]}"\n'
-            f"retry_initial = 0.1\nretry_max = 0.5\n"
-            f'[[federation.peers]]\nrealm = "{peer}"\nendpoint = "127.0.0.1:{peer_port}"\n'
-        )
-
-    base = _config(postgresql_or_skip(), schema, redis, prefix, free_port())
-    base = base.replace("[realm]\n", '[realm]\nname = "a.test"\n')
-    base += 'federation_sender = "w1"\n'
-    for worker, port in (("w1", p1), ("w2", p2)):
-        (tmp_path / f"{worker}.toml").write_text(base + fed("a.test", port, "b.test", pb))
-    (tmp_path / "b.toml").write_text(
-        '[realm]\nname = "b.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-        "[auth]\nargon2_time_cost = 1\nargon2_memory_cost = 1024\nargon2_parallelism = 1\n"
-        "[control]\nenabled = false\n" + fed("b.test", pb, "a.test", p2)
-    )
-
-    @defer.inlineCallbacks
-    def start(config: str, data: str, *more: str) -> Any:
-        argv = [*twistd_argv(), "-n", "--pidfile=", "chatrealm", "--config", config]
-        proc = spawner([*argv, "--data-dir", str(tmp_path / data), *more])
-        own = yield proc.wait_for(_OWN.pattern)
-        yield proc.wait_for(r"realm \S+ started")
-        return proc, f"tcp:127.0.0.1:{own.group(1)}"
-
+    fc = FederatedCluster(tmp_path)
     try:
-        b, b_addr = yield start(str(tmp_path / "b.toml"), "data-b")
-        w1, a1 = yield start(str(tmp_path / "w1.toml"), "data-a", "--worker", "w1")
-        w2, a2 = yield start(str(tmp_path / "w2.toml"), "data-a", "--worker", "w2")
-        yield w1.wait_for("cluster: worker w1 of realm a.test started")
-        yield w2.wait_for("cluster: worker w2 of realm a.test started")
+        (b, b_addr), (w1, a1), (w2, a2) = yield fc.start()
         x = yield Client("x").connect(a1, register=True)
         z = yield Client("z").connect(a2, register=True)
         y = yield Client("y").connect(b_addr, register=True)
-
         yield y.conn.send("x@a.test", "from b to x")
         yield until(lambda: x.bodies() == ["from b to x"], "x (w1) has b's message")
         assert "federation: link to" not in w2.output  # w2 makes no link of its own
@@ -606,8 +627,65 @@ def test_federation_in_on_any_worker_out_from_the_sender(tmp_path: Any) -> Any:
         for proc in (b, w1, w2):
             assert "Traceback" not in proc.output, proc.output
     finally:
-        yield spawner.close()
-        redis_drop_prefix(redis, prefix)
+        yield fc.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_gets_one_conversation_in_position_order_from_two_workers(tmp_path: Any) -> Any:
+    """x writes to y@b.test from two devices, one on each worker.  w1 draws the
+    position of x's delete and is held in mid-transaction (the deleted message's row
+    locked by the test); w2 stores x's next message, at the next position, and
+    commits first.  y (on b.test) gets the delete, then the message: the order x's
+    realm has them in.  (With outbox rows numbered apart from the positions, w2's
+    row was numbered first and sent first.)"""
+    import psycopg
+    from twisted.internet.threads import deferToThread
+
+    fc = FederatedCluster(tmp_path)
+    try:
+        (b, b_addr), (w1, a1), (w2, a2) = yield fc.start()
+        x1 = yield Client("x").connect(a1, register=True)
+        x2 = yield Client("x").connect(a2)
+        y = yield Client("y").connect(b_addr, register=True)
+        first = yield x1.conn.send("y@b.test", "first")
+        yield until(lambda: y.bodies() == ["first"], "y has x's first message")
+
+        def top() -> int:
+            with psycopg.connect(fc.dsn, autocommit=True) as c:
+                row = c.execute(f'SELECT last_value FROM "{fc.schema}".items_pos').fetchone()
+                return int(row[0]) if row else 0
+
+        hold = yield deferToThread(psycopg.connect, fc.dsn)
+        try:
+            yield deferToThread(
+                hold.execute,
+                f'SELECT 1 FROM "{fc.schema}".items WHERE id = %s FOR UPDATE',
+                (first["msg_id"],),
+            )
+            deleted = x1.conn.delete(first["msg_id"])  # w1: waits for the row
+            for _ in range(1000):
+                if (yield deferToThread(top)) > first["pos"]:
+                    break
+                yield task.deferLater(_reactor, 0.02, lambda: None)
+            after = yield x2.conn.send("y@b.test", "after")  # w2: the next position
+            assert after["pos"] == first["pos"] + 2
+        finally:
+            yield deferToThread(hold.rollback)
+            yield deferToThread(hold.close)
+        gone = yield deleted
+        assert gone["pos"] == first["pos"] + 1
+
+        def arrived() -> list[tuple[str, str]]:
+            return [
+                (m["kind"], m.get("body", "")) for m in y.received if m.get("from") == "x@a.test"
+            ]
+
+        yield until(lambda: len(arrived()) == 3, "y has all three", info=arrived)
+        assert arrived() == [("text", "first"), ("delete", ""), ("text", "after")]
+        for proc in (b, w1, w2):
+            assert "Traceback" not in proc.output, proc.output
+    finally:
+        yield fc.close()
 
 
 class IRCLines(LineOnlyReceiver):
