@@ -119,6 +119,10 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
     while old.index_search(2000):  # SQLite's search index is complete (search_upto: top)
         pass
     assert old.search_upto() == top_before
+    # a queue numbered far past the positions (on PostgreSQL, rows are numbered from
+    # their items' positions: what is queued there must come after it)
+    far = (top_before + 5) * 1_000_000 + 3
+    old.conn.execute("UPDATE outbox SET seq = ?", (far,))
     old.close()
 
     # 2. chatrealmctl migrate-store ------------------------------------------------
@@ -159,8 +163,14 @@ def test_a_sqlite_realm_moves_to_postgresql_intact(tmp_path: Path, capsys: Any) 
         assert realm.store.path.startswith("postgresql://")
         assert (yield realm.store.max_pos()) == top_before
         assert (yield realm.store.outbox_counts()) == {"b.example": 1}
-        ((_, queued),) = yield realm.store.outbox_read("b.example", 0, 10)
+        ((seq, queued),) = yield realm.store.outbox_read("b.example", 0, 10)
+        assert seq == far
         assert queued.sig == remote.sig  # the signature goes with the item
+        later = Envelope(new_message_id(), "text", "alice@localhost", "#x@b.example", 2.0, "r")
+        yield realm.store.append([later], [("b.example", later)])
+        rows = yield realm.store.outbox_read("b.example", 0, 10)
+        assert [e.id for _, e in rows] == [remote.id, later.id]
+        assert rows[1][0] > far and later.pos > top_before + 5
         assert (yield realm.store.peer_keys()) == {"b.example": b_keys}
         # bob's phone resumes after its ack: only what it had not seen, same positions
         got2: list[dict[str, Any]] = []
