@@ -2,10 +2,11 @@
 
 Anyone can open a connection; until it has logged in (a client) or said a valid
 ``hello`` (a peer realm), nothing it sends is worth much memory.  Every listener
-therefore holds such connections to small frames (:data:`PREAUTH_MAX_FRAME`) and counts
-them: at most ``total`` overall and ``per_address`` from one address (0: no bound).  A
-connection past either bound is aborted at once -- before a TLS handshake, before
-reading a byte -- so a flood of connections costs neither memory nor CPU.
+therefore holds such connections to small frames (:data:`LOGIN_MAX_FRAME` for a
+client, :data:`PREAUTH_MAX_FRAME` for a peer realm) and counts them: at most
+``total`` overall and ``per_address`` from one address (0: no bound).  A connection
+past either bound is aborted at once -- before a TLS handshake, before reading a
+byte -- so a flood of connections costs neither memory nor CPU.
 
 One :class:`Admission` is shared by the realm's client listeners (native, TLS,
 WebSocket, IRC: ``[limits]``), another serves the federation listener
@@ -20,15 +21,23 @@ from typing import Any
 from twisted.logger import Logger
 
 __all__ = [
+    "LOGIN_MAX_FRAME",
     "PREAUTH_MAX_FRAME",
     "Admission",
     "Ticket",
 ]
 
-#: The longest frame (payload bytes) a connection may send before it is authenticated:
-#: enough for every request allowed then (a login with a 1024-character password
-#: spelled as JSON escapes is about 6.2 KiB), far below the limits after it.
+#: The longest frame (payload bytes) a peer realm may send before its ``hello`` is
+#: accepted: a federation ``hello`` is about 60 bytes.
 PREAUTH_MAX_FRAME = 8192
+#: The longest frame (payload bytes) a client connection (native, TLS, WebSocket) may
+#: send before it has logged in: enough for every valid ``login`` and ``register``
+#: with every string written as JSON escapes -- a 1024-character password of
+#: characters outside the BMP is 12 288 bytes escaped (surrogate pairs), with the
+#: longest user address, device name and id about 14.4 KiB -- far below the limits
+#: after it.  (At 8192, such a password could not log in from a client whose JSON
+#: library escapes what is not ASCII, as Python's does by default.)
+LOGIN_MAX_FRAME = 16384
 #: Seconds between two log lines about refused connections (the ones in between are
 #: counted, and the next line says how many).
 LOG_EVERY = 10.0

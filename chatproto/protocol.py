@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto import wire
-from chatproto.admission import PREAUTH_MAX_FRAME, Ticket
+from chatproto.admission import LOGIN_MAX_FRAME, Ticket
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.files import Download, Upload, announced_limits, finish_result
@@ -263,7 +263,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             self.state = "closed"  # refused: too many connections wait to log in
             return
         # Small frames until login (see chatproto.admission).
-        self.MAX_LENGTH = min(PREAUTH_MAX_FRAME, f.realm.config.limits.max_frame)
+        self.MAX_LENGTH = min(LOGIN_MAX_FRAME, f.realm.config.limits.max_frame)
         self.transport.registerProducer(self, True)
 
     def authenticated(self) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest_twisted
@@ -160,14 +161,14 @@ def test_requests_before_login(server: Any) -> Any:
     assert code(r) == "bad_request", r
     r = yield call(c, {"type": "frobnicate"})
     assert code(r) in ("unknown_type", "not_authenticated"), r
-    # A frame of exactly 8192 bytes is read; 8193 is too_large, and closes.
+    # A frame of exactly 16384 bytes is read; 16385 is too_large, and closes.
     pad = {"type": "ping", "id": "p", "x": ""}
     base = len(b'{"type":"ping","id":"p","x":""}')
-    pad["x"] = "y" * (8192 - base)
+    pad["x"] = "y" * (16384 - base)
     c.send(pad)
     r = yield c.reply("p")
     assert r["type"] == "result", r
-    pad["x"] = "y" * (8193 - base)
+    pad["x"] = "y" * (16385 - base)
     pad["id"] = "q"
     c.send(pad)
     yield until(lambda: c.lost.called)
@@ -252,24 +253,37 @@ def test_a_join_tells_joiner_and_members_of_each_other(server: Any) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_a_login_with_the_longest_password_escaped_fits_before_login(server: Any) -> Any:
-    """Every request allowed before login fits 8192 bytes: a `login` with a
-    1024-character password written as \\u escapes is answered, not too_large."""
-    realm, _factory, addr = server
-    password = "\u00e9" * 1024
-    yield realm.create_user("alice", password)
+    """Every valid request allowed before login fits, however its strings are
+    written: a `register` and a `login` with a 1024-character password of characters
+    outside the BMP, a 64-character device and id, all written as \\u escape pairs
+    (what Python's json writes by default), are answered, not too_large (over 12 KiB:
+    the limit before login was 8192, and such an account could not log in)."""
+    _realm, _factory, addr = server
+    password = "\U0001f600" * 1024
     c = yield raw_client(addr)
-    escaped = "".join(f"\\u{ord(ch):04x}" for ch in password)
-    payload = (
-        '{"type":"login","id":"l","user":"alice","password":"'
-        + escaped
-        + '","device":"'
-        + "d" * 64
-        + '"}'
-    ).encode()
-    assert 6000 < len(payload) <= 8192
-    c.send_raw(payload)
-    r = yield c.reply("l")
-    assert r["type"] == "result", r
+    for request in (
+        {"type": "register", "id": "r", "user": "\U0001d41a" * 32, "password": password},
+        {
+            "type": "login",
+            "id": "l",
+            "user": "\U0001d41a" * 32 + "@" + "x" * 63 + ".localhost",
+            "password": password,
+            "device": "\U0001f4bb" * 64,
+        },
+    ):
+        payload = json.dumps(request).encode()  # (ensure_ascii: every escape)
+        assert len(payload) > 12288
+        c.send_raw(payload)
+        r = yield c.reply(request["id"])
+        assert code(r) in (None, "auth_failed"), r
+    # (that login named another realm: auth_failed); the account, by its name in
+    # mathematical bold letters (NFKC: "a"), with an id of 64 astral characters
+    assert code(r) == "auth_failed"
+    rid = "\U0001f600" * 64
+    req = {"type": "login", "id": rid, "user": "\U0001d41a" * 32, "password": password}
+    c.send_raw(json.dumps({**req, "device": "\U0001f4bb" * 64}).encode())
+    r = yield c.reply(rid)
+    assert r["type"] == "result" and r["user"] == "a" * 32 + "@localhost", r
 
 
 @pytest_twisted.inlineCallbacks

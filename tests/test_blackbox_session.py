@@ -136,14 +136,14 @@ def test_ids_are_echoed_or_refused_without_id(bb: Realm) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_frame_size_limits_before_and_after_login(bb: Realm) -> Any:
-    """8192 bytes of payload before login, max_frame (65536) after; exactly at the
+    """16384 bytes of payload before login, max_frame (65536) after; exactly at the
     limit is accepted, one past it is too_large (no id) and closes."""
 
     def ping_of(size: int) -> bytes:
         head = b'{"type":"ping","id":"big","pad":"'
         return head + b"x" * (size - len(head) - 2) + b'"}'
 
-    for size, ok in ((8192, True), (8193, False)):
+    for size, ok in ((16384, True), (16385, False)):
         peer = yield bb.connect()
         peer.send_raw(ping_of(size))
         yield until(lambda peer=peer: len(peer.frames) > 1)
@@ -151,7 +151,7 @@ def test_frame_size_limits_before_and_after_login(bb: Realm) -> Any:
             assert peer.frames[1] == {"type": "result", "id": "big"}
         else:
             assert peer.frames[1]["code"] == "too_large" and "id" not in peer.frames[1]
-            assert "8192" in peer.frames[1]["message"]
+            assert "16384" in peer.frames[1]["message"]
             yield peer.lost
     alice = yield bb.user("alice")
     r = yield alice.req("ping")

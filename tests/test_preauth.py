@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 
 from chatproto import wire
-from chatproto.admission import PREAUTH_MAX_FRAME, Admission
+from chatproto.admission import LOGIN_MAX_FRAME, Admission
 from chatproto.client import connect
 from chatproto.config import Federation
 from chatproto.federation import FederationTLS
@@ -86,7 +86,7 @@ def test_admission_bounds_per_address_and_overall_and_logs_sparingly(logs: Any) 
 
 
 def test_native_frames_before_login_are_small_over_string_transport(tmp_path: Any) -> None:
-    """One byte at a time: a frame longer than PREAUTH_MAX_FRAME before login is
+    """One byte at a time: a frame longer than LOGIN_MAX_FRAME before login is
     ``too_large`` and closes the connection at its length prefix (nothing of it is
     buffered); the same length after login is taken."""
     from twisted.internet.address import IPv4Address
@@ -102,7 +102,7 @@ def test_native_frames_before_login_are_small_over_string_transport(tmp_path: An
     proto.makeConnection(transport)
     assert realm.unauthenticated.waiting == 1
     hello = wire.encode({"type": "hello", "version": 1})
-    data = struct.pack("!I", len(hello)) + hello + struct.pack("!I", PREAUTH_MAX_FRAME + 1)
+    data = struct.pack("!I", len(hello)) + hello + struct.pack("!I", LOGIN_MAX_FRAME + 1)
     for i in range(len(data)):
         proto.dataReceived(data[i : i + 1])
     assert transport.disconnecting
@@ -216,7 +216,7 @@ def test_a_large_frame_before_login_is_too_large_and_after_login_is_taken(
     peer.transport.write(partial_frame(60_000, 20_000))  # under max_frame (65536)
     yield until(lambda: peer.lost.called, timeout=10)
     assert [f.get("code") for f in peer.frames] == [None, "too_large"]
-    assert "before login is 8192" in peer.frames[1]["message"]
+    assert "before login is 16384" in peer.frames[1]["message"]
     # logged in, a frame of 18 KB (a body of 3000 control characters, escaped) is fine
     alice = yield connect(_reactor, f"tcp:127.0.0.1:{port}", "alice", PW)
     sent = yield alice.send("alice", "\x01" * 3000)
@@ -258,7 +258,7 @@ def test_clients_waiting_to_log_in_are_bounded_per_address_and_overall(
 def test_irc_and_websocket_connections_share_the_bound(tmp_path: Any, logs: Any) -> Any:
     """The realm's bound covers every client listener: with 2 allowed from one
     address, an IRC connection and a WebSocket session waiting to log in leave no
-    room for a native one; and a WebSocket message over 8192 bytes before login is
+    room for a native one; and a WebSocket message over 16384 bytes before login is
     ``too_large``."""
     from autobahn.twisted.websocket import WebSocketClientFactory
 
@@ -287,7 +287,7 @@ def test_irc_and_websocket_connections_share_the_bound(tmp_path: Any, logs: Any)
         refused = yield raw(native_port.getHost().port)
         yield until(lambda: refused.lost.called, timeout=10)
         yield ws.call("hello", version=1)
-        ws.send_json({"type": "ping", "pad": "x" * 10_000})
+        ws.send_json({"type": "ping", "pad": "x" * 20_000})
         err = yield ws.until(lambda f: f["type"] == "error")
         assert err["code"] == "too_large" and "before login" in err["message"]
         yield ws.closed

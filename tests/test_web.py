@@ -489,8 +489,8 @@ def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     err = yield ws.inbox.get()
     assert err["code"] == "hello_required"
     yield ws.call("hello", version=1)
-    # before login, a message over 8192 bytes (chatproto.admission.PREAUTH_MAX_FRAME)
-    ws.send_json({"type": "ping", "pad": "x" * 10_000})
+    # before login, a message over 16384 bytes (chatproto.admission.LOGIN_MAX_FRAME)
+    ws.send_json({"type": "ping", "pad": "x" * 20_000})
     err = yield ws.inbox.get()
     assert err["code"] == "too_large" and "before login" in err["message"]
     yield ws.closed

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproto import wire
-from chatproto.admission import PREAUTH_MAX_FRAME
+from chatproto.admission import LOGIN_MAX_FRAME
 from chatproto.errors import ChatError, FatalProtocolError
 from chatproto.protocol import ClientFactory, ClientProtocol
 from chatproto.realm import RealmService
@@ -206,9 +206,9 @@ class ChatWebSocket(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
-        # Before login the session takes frames of PREAUTH_MAX_FRAME bytes (a longer
+        # Before login the session takes frames of LOGIN_MAX_FRAME bytes (a longer
         # one: too_large); autobahn stops a peer sending twice that (memory bound).
-        self.maxMessagePayloadSize = self.maxFramePayloadSize = 2 * PREAUTH_MAX_FRAME
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = 2 * LOGIN_MAX_FRAME
         transport: Any = self.transport
         peer = transport.getPeer()
         session: Any = self.factory.sessions.buildProtocol(peer)
