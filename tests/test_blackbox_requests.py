@@ -646,6 +646,8 @@ def test_search(bb: Realm) -> Any:
         "50",
         "caf\u00e9",
         "snake_case",
+        "cafe\u0301 noir",  # decomposed: the mark ends the word "cafe"
+        "\ufb01le",  # the ligature fi: not "file" (no normalisation)
     ]
     for body in bodies:
         yield bob.req("send", to="alice", body=body)
@@ -666,8 +668,10 @@ def test_search(bb: Realm) -> Any:
     assert (yield found(query="LUNCH", limit=1)) == ["lunchtime soon"]
     assert (yield found(query="a")) == ["plan a"]
     assert (yield found(query="5")) == ["5 x 5"]
-    assert (yield found(query="cafe")) == []
+    assert (yield found(query="cafe")) == ["cafe\u0301 noir"]
     assert (yield found(query="caf\u00e9")) == ["caf\u00e9"]
+    assert (yield found(query="file")) == []
+    assert (yield found(query="\ufb01le")) == ["\ufb01le"]
     assert (yield found(query="snake case")) == ["snake_case"]
     assert (yield found(query="lunch", **{"with": "#dev"})) == "not_member"
     assert (yield found(query="lunch", **{"with": "nobody"})) == []
