@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from math import isfinite
 from typing import Any
 
@@ -566,6 +567,20 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             self.factory.realm.hold(self)
         else:
             self.transport.write(frame)
+
+    def deliver_run(self, envelopes: Sequence[Envelope]) -> None:
+        """Several committed items in order (Sessions.route_private): what
+        :meth:`deliver` does with each, as one piece of bytes."""
+        data = b"".join([env.frame or delivery_frame(env) for env in envelopes])
+        if self._held is not None:
+            self._held.append(data)
+        elif self._out.blocked or self.state == "closed":
+            self._write(data)  # held, with the slow-reader bound
+        elif self.factory.realm.bursting:
+            self._held = [data]
+            self.factory.realm.hold(self)
+        else:
+            self.transport.write(data)
 
     def flush(self) -> None:
         """Write the frames held during a delivery burst."""

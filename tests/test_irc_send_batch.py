@@ -286,3 +286,50 @@ def test_the_recipients_line_of_a_text_is_the_general_form(factory: IRCFactory, 
     env = Envelope("m1", "text", "alice@localhost", "bob@localhost", 0.0, body)
     head = f":{factory.directory.mask('alice@localhost')} PRIVMSG bob :".encode()
     assert factory.lines(env, 0) == IRCFactory._split(head, body)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(BODIES, min_size=1, max_size=5), st.booleans())
+def test_a_runs_lines_are_its_items_lines(
+    factory: IRCFactory, bodies: list[str], notice: bool
+) -> None:
+    """IRCFactory.run_lines (a run of private texts, one sender to one recipient) gives
+    the bytes IRCFactory.lines gives each item, joined, or None (then each item takes
+    its own lines)."""
+    assume(all(b.replace("\0", "") for b in bodies))
+    meta = {"notice": True} if notice else None
+    envs = [
+        Envelope(f"m{i}", "text", "alice@localhost", "bob@localhost", 0.0, b, meta, i + 1)
+        for i, b in enumerate(bodies)
+    ]
+    joined = factory.run_lines(envs)
+    if joined is None:
+        assert notice or any("\n" in b or "\r" in b or "\0" in b or len(b) > 100 for b in bodies)
+        return
+    assert joined == b"".join(factory.lines(env, 0) for env in envs)
+
+
+def test_a_run_reaches_an_irc_recipient_in_one_call() -> None:
+    """Sessions.route_private hands an IRC recipient without tags a run of one
+    sender's texts in one call (IRCProtocol.deliver_run, not deliver per item): one
+    write, the lines as one by one; a client with server-time gets each item through
+    deliver, each line with its tags."""
+    _clock, realm, alice, bob = two_users()
+    factory = bob.proto.factory
+    carol = login(factory, "carol", caps="server-time")
+    calls: list[str] = []
+    for conn in (bob, carol):
+        deliver = conn.proto.deliver
+        conn.proto.deliver = lambda env, d=deliver: (calls.append(env.recipient), d(env))
+    writes: list[bytes] = []
+    write = bob.transport.write
+    bob.transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    bodies = [f"m{i}" for i in range(4)] + ["\u00e9t\u00e9"]
+    alice.send(*(f"PRIVMSG bob :{b}" for b in bodies), *(f"PRIVMSG carol :{b}" for b in bodies))
+    assert len(writes) == 1
+    assert [p[-1] for c, p in bob.commands() if c == "PRIVMSG"] == bodies
+    assert calls == ["carol@localhost"] * 5
+    lines = carol.lines()
+    assert [line.rsplit(" :", 1)[1] for line in lines if " PRIVMSG " in line] == bodies
+    assert all(line.startswith("@time=") for line in lines if " PRIVMSG " in line)
+    realm.stopService()

@@ -317,3 +317,47 @@ def test_with_an_observer_a_run_is_routed_item_by_item_alike(clock: Clock) -> No
     realm.observers.append(lambda env: seen.append(env.body))
     assert _mixed_run(realm, clock) == plain
     assert seen == [f"m{i}" for i in range(6)]
+
+
+def test_a_large_run_is_written_as_it_grows(realm: Any, clock: Clock) -> None:
+    """A run routed in one call (Sessions.route_private, deliver_run) is still cut where
+    the burst passes flow.BURST_WRITE bytes: its recipient's writes stay within the
+    bound plus about one item, and hold every item once, in order."""
+    from chatproto.flow import BURST_WRITE
+
+    a, _ta = logged_in_clear(realm, clock, "alice")
+    _b, tb = logged_in_clear(realm, clock, "bob")
+    writes: list[bytes] = []
+    write = tb.write
+    tb.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    body = "x" * 4000
+    a.dataReceived(sends(*({"to": "bob", "body": f"{i} {body}", "id": i} for i in range(40))))
+    assert len(writes) > 1 and all(len(w) <= BURST_WRITE + 5000 for w in writes)
+    got = frames(tb)
+    assert [f["body"] for f in got if f["type"] == "msg"] == [f"{i} {body}" for i in range(40)]
+
+
+def test_a_mind_without_deliver_run_gets_a_run_item_by_item(realm: Any, clock: Clock) -> None:
+    """An embedding application's mind need not have ``deliver_run``: route_private
+    hands it each item of a run with ``deliver``, in order, once."""
+    from chatproto.testing import NullMind
+
+    class Recorder(NullMind):
+        def __init__(self) -> None:
+            self.got: list[tuple[int, str]] = []
+
+        def deliver(self, envelope: Any) -> None:
+            self.got.append((envelope.pos, envelope.body))
+
+    mind = Recorder()
+    assert not hasattr(mind, "deliver_run")
+    a, _ta = logged_in_clear(realm, clock, "alice")
+    logged_in_clear(realm, clock, "bob")  # (registers bob: the helper's password)
+    sessions: list[Any] = []
+    realm.login("bob", "password1", mind, "app").addCallback(sessions.append)
+    sessions[0].start()  # (what a connection does once logged in: backlog, then live)
+    clock.advance(1)
+    assert not sessions[0]._syncing
+    a.dataReceived(sends(*({"to": "bob", "body": f"m{i}", "id": i} for i in range(5))))
+    assert [b for _, b in mind.got] == [f"m{i}" for i in range(5)]
+    assert [p for p, _ in mind.got] == sorted(p for p, _ in mind.got)

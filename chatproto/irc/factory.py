@@ -5,6 +5,7 @@ fan-out hot path).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -124,6 +125,33 @@ class IRCFactory(ClientFactory):
         out = b"".join(prefix + line + CRLF for line in plain.split(CRLF)[:-1])
         self._cache[mode] = out
         return out
+
+    def run_lines(self, envs: Sequence[Envelope]) -> bytes | None:
+        """The plain (no tags) lines of a run of private texts of one sender to one
+        recipient (Sessions.route_private), as :meth:`lines` gives each with mode 0,
+        joined: one line head for the run.  None when an item needs more than one
+        plain line (a notice, a body that could be too long for one line, or with
+        CR, LF or NUL): then the caller takes them one by one."""
+        first = envs[0]
+        recipient = first.recipient
+        if recipient[:1] == "#":
+            return None
+        directory = self.directory
+        head = f":{directory.mask(first.sender)} PRIVMSG {directory.nick(recipient)} :"
+        room = (MAX_LINE - 2 - len(head.encode())) // 4  # (a character: at most 4 bytes)
+        for env in envs:
+            body = env.body
+            if (
+                env.kind != "text"
+                or env.meta is not None
+                or len(body) > room
+                or "\n" in body
+                or "\r" in body
+                or "\0" in body
+            ):
+                return None
+        end = "\r\n" + head
+        return (head + end.join([env.body for env in envs]) + "\r\n").encode("utf-8", "replace")
 
     def tag_line(self, data: dict[str, Any], mode: int) -> bytes:
         """The ``TAGMSG`` line of a ``tags`` notice (chatproto.realm.tags) for a

@@ -15,7 +15,7 @@ AWAY, MOTD, LUSERS) are here; the realm commands are in ``chatproto.irc.messages
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -346,6 +346,31 @@ class IRCProtocol(LineOnlyReceiver):
         elif f.realm.bursting:
             self._held = [data]
             f.realm.hold(self)
+        else:
+            self.transport.write(data)
+        if self._ack_call is None:
+            self.written()
+
+    def deliver_run(self, envelopes: Sequence[Envelope]) -> None:
+        """Several committed private texts of one sender to one recipient, in order
+        (Sessions.route_private): what :meth:`deliver` does with each, in one go when
+        they are someone else's plain texts to a client without tags (their lines
+        from IRCFactory.run_lines), else one by one."""
+        data = None
+        if envelopes[0].sender != self.user_id and not self.tag_mode:
+            data = self.factory.run_lines(envelopes)
+        if data is None:
+            for envelope in envelopes:
+                self.deliver(envelope)
+            return
+        held = self._held
+        if held is not None:
+            held.append(data)
+        elif self._out.blocked or self.state == "closed":
+            self.write(data)
+        elif self.factory.realm.bursting:
+            self._held = [data]
+            self.factory.realm.hold(self)
         else:
             self.transport.write(data)
         if self._ack_call is None:

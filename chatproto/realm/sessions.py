@@ -61,7 +61,10 @@ class ISessionMind(Interface):
 
     Optional: a mind whose ``own_copies`` attribute is false shows no copy of its
     user's own private texts to others; the realm then does not deliver those to it
-    (Sessions.route_private) and calls its ``written()`` once per run instead."""
+    (Sessions.route_private) and calls its ``written()`` once per run instead.  A
+    mind with a ``deliver_run(envelopes)`` method gets a run of private items of one
+    sender to one recipient in one call (Sessions.route_private), with what
+    ``deliver`` of each would do."""
 
     def deliver(envelope):  # type: ignore[misc]
         """Send one stream item (an :class:`chatproto.envelope.Envelope`)."""
@@ -357,6 +360,12 @@ class Sessions:
         sessions of its recipient and of its sender: :meth:`route` of each, in one
         call and one burst (a run of one send batch: Messaging.send_batch).
 
+        The items go out in runs of one (sender, recipient) pair: a session whose
+        mind has ``deliver_run`` (see :class:`ISessionMind`) gets each run in one
+        call, others item by item.  A run ends where the burst's bytes pass
+        BURST_WRITE, so what is held is written at the same item as with
+        :meth:`route` (what :meth:`_count_burst` does, for the run).
+
         A session of the sender whose mind shows no copy of its user's own texts to
         others (``own_copies`` false: an IRC client without echo-message) is not
         handed them: its position still moves past them (so nothing is re-sent on
@@ -365,56 +374,82 @@ class Sessions:
         self._burst_depth += 1
         reached = 0
         online = self.online
-        # The session lists of the last item's two ends: a run is one sender's, mostly
-        # to one recipient.  (A list is the user's own, emptied in place as sessions
-        # go: nothing logs in during a burst.)
-        last: tuple[str, str] | None = None
-        targets: list[list[Session]] = []
-        quiet: list[Session] = []  # the sender's sessions shown no copy (own_copies)
-        passed: list[Session] = []  # those of them moved past an item (written())
+        passed: list[Session] = []  # sessions moved past a run they show nowhere
+        n = len(items)
+        i = 0
         try:
-            for env in items:
+            while i < n:
+                env = items[i]
                 sender, recipient = env.sender, env.recipient
-                if last is None or recipient != last[1] or sender != last[0]:
-                    last = (sender, recipient)
-                    targets = []
-                    quiet = []
-                    sessions = online.get(recipient)
+                # the run: up to the next pair, or the item that passes BURST_WRITE
+                room = BURST_WRITE - self._burst_bytes
+                size = 0
+                j = i
+                while j < n:
+                    e = items[j]
+                    if e.recipient != recipient or e.sender != sender:
+                        break
+                    frame = e.frame
+                    size += len(frame) if frame is not None else 512 + 4 * len(e.body)
+                    j += 1
+                    if size > room:
+                        break
+                run = items[i:j] if i or j < n else items
+                i = j
+                first, last = run[0].pos, run[-1].pos
+                count = len(run)
+                # (A session list is the user's own, emptied in place as sessions go:
+                # nothing logs in during a burst.)
+                targets: list[list[Session]] = []
+                quiet: list[Session] = []  # the sender's sessions shown no copy
+                sessions = online.get(recipient)
+                if sessions:
+                    targets.append(sessions)
+                if sender != recipient:
+                    sessions = online.get(sender)
                     if sessions:
-                        targets.append(sessions)
-                    if sender != recipient:
-                        sessions = online.get(sender)
-                        if sessions:
-                            # (read once per run: no line is handled during it)
-                            shown = [s for s in sessions if getattr(s.mind, "own_copies", True)]
-                            if len(shown) == len(sessions):
-                                targets.append(sessions)
-                            else:
-                                quiet = [s for s in sessions if s not in shown]
-                                if shown:
-                                    targets.append(shown)
-                pos = env.pos
-                for sessions in targets:  # what _reach does, inline
-                    reached += len(sessions)
+                        shown = [s for s in sessions if getattr(s.mind, "own_copies", True)]
+                        if len(shown) == len(sessions):
+                            targets.append(sessions)
+                        else:
+                            quiet = [s for s in sessions if s not in shown]
+                            if shown:
+                                targets.append(shown)
+                for sessions in targets:  # what _reach does, inline, for a run
+                    reached += len(sessions) * count
                     for s in sessions:
-                        if s._syncing or s.closed or pos <= s._last:
-                            s._deliver(env)  # buffering while syncing, de-duplication
+                        if s._syncing or s.closed or first <= s._last:
+                            for e in run:
+                                s._deliver(e)  # buffering while syncing, de-duplication
+                            continue
+                        s._last = last
+                        mind = s.mind
+                        deliver_run = getattr(mind, "deliver_run", None)
+                        if deliver_run is not None:
+                            deliver_run(run)
                         else:
-                            s._last = pos
-                            s.mind.deliver(env)
+                            for e in run:
+                                mind.deliver(e)
                 if quiet:  # counted as delivered, not handed over
-                    reached += len(quiet)
-                    text = env.kind == "text"
+                    reached += len(quiet) * count
                     for s in quiet:
-                        if not text or s._syncing or s.closed or pos <= s._last:
-                            s._deliver(env)  # (a text: its mind shows it nowhere)
-                        else:
-                            s._last = pos
-                            if s not in passed:
-                                passed.append(s)
-                # what _count_burst does, inline
-                frame = env.frame
-                self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
+                        if s._syncing or s.closed or first <= s._last:
+                            for e in run:  # (a text: its mind shows it nowhere)
+                                if e.kind != "text" or s._syncing or s.closed or e.pos <= s._last:
+                                    s._deliver(e)
+                                else:
+                                    s._last = e.pos
+                                    if s not in passed:
+                                        passed.append(s)
+                            continue
+                        for e in run:
+                            if e.kind == "text":  # its mind shows it nowhere
+                                s._last = e.pos
+                                if s not in passed:
+                                    passed.append(s)
+                            else:
+                                s._deliver(e)
+                self._burst_bytes += size
                 if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
                     self._flush_held()
             for s in passed:
