@@ -679,3 +679,37 @@ def test_the_conversation_list_takes_a_few_statements_whatever_its_length(
         statements.append(len(seen))
     db.close()
     assert statements[0] == statements[1] <= 5
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_word_with_a_dotted_capital_i_is_found_before_and_after_it_is_indexed(
+    tmp_path: Any, backend: str
+) -> None:
+    """Python lower-cases İ (U+0130) to i + U+0307, which neither full-text index
+    holds: "İstanbul" was found by its own text while not indexed (read directly)
+    and never once indexed.  Now it is found either way, on both SQL stores, and the
+    index's other candidates are matched as before (not "istanbul")."""
+    from chatproto.store.reading import search_words
+
+    if backend == "sqlite":
+        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    else:
+        from chatproto.store.postgresql import PostgresDB
+
+        db = PostgresDB(postgresql_or_skip(), pg_schema())
+    db.migrate()
+    mine = [("user", ALICE, 0)]
+    for body in ("\u0130stanbul trip", "istanbul plain"):
+        db.commit_batch([[item(BOB, ALICE, body)]], {})
+    for _ in range(2):  # read directly (not indexed yet), then from the index
+        for query, found in (
+            ("\u0130stanbul", ["\u0130stanbul trip"]),
+            ("\u0130st", ["\u0130stanbul trip"]),
+            ("istanbul", ["istanbul plain"]),
+            ("\u0130STANBUL", ["\u0130stanbul trip"]),
+        ):
+            got = [e.body for e in db.search(search_words(query), mine, None, 10)]
+            assert got == found, (query, db.search_upto())
+        while db.index_search(2000):
+            pass
+    db.close()

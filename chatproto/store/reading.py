@@ -83,6 +83,17 @@ def search_words(query: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(query)]
 
 
+def _index_term(word: str) -> str:
+    """``word`` (one of :func:`search_words`) as the SQL stores ask their full-text
+    index for it: the index folds the case of what it holds itself, and folds U+0130
+    (İ, the dotted capital I) differently from Python, whose lower case of it is
+    ``i`` + U+0307 -- a sequence no index holds, so a word with an İ was found while
+    its item was not indexed yet and never after.  Given back its İ, the word is
+    folded by the index as the item's text was; the candidates it finds are then
+    matched by :func:`words_match`, as every other."""
+    return word.replace("i\u0307", "\u0130")
+
+
 def words_match(words: Sequence[str], body: str) -> bool:
     """Whether every one of ``words`` begins a word of ``body`` -- is one, for a word
     of one character (as a prefix it is the query full-text indexes answer slowest,
@@ -456,7 +467,7 @@ class ReadingSQL:
                 stale.append(env.pos)
                 if env.body and words_match(words, env.body):
                     edited.append(env)
-        sql = self._search_sql(words)
+        sql = self._search_sql([_index_term(w) for w in words])
         if sql is None:
             return out + sorted(edited, key=lambda e: -e.pos)[: limit - len(out)]
         join, cond, param = sql
