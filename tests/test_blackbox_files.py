@@ -161,6 +161,8 @@ def test_lying_uploads(files_server: Any) -> Any:
     alice.send_raw(data_frame(r["stream"], 0, GOOD[:4]))
     fin = yield call(alice, {"type": "file_finish", "upload": r["upload"]})
     assert code(fin) == "incomplete" and fin["offset"] == 4
+    assert set(fin) == {"type", "code", "message", "id", "offset", "upload"}  # all of them
+    assert fin["upload"] == r["upload"]
     alice.send_raw(data_frame(r["stream"], 4, b"y" * 6))
     fin = yield call(alice, {"type": "file_finish", "upload": r["upload"]})
     assert code(fin) == "checksum_mismatch", fin
