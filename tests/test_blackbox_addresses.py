@@ -135,6 +135,11 @@ def test_groups_and_users_are_not_confused(named_realm: Any) -> Any:
         {"type": "kick", "group": "#alice", "user": "#alice@example.org"},
         {"type": "login", "user": "#alice", "password": PW},
         {"type": "history", "with": "#"},
+        # only the ASCII # and @ are separators: full-width ones are part of a name
+        {"type": "send", "to": "\uff03alice", "body": "x"},
+        {"type": "history", "with": "\uff03alice"},
+        {"type": "send", "to": "alice\uff20example.org", "body": "x"},
+        {"type": "group_info", "group": "\uff03alice"},
     ):
         r = yield call(alice, req)
         want = "already_authenticated" if req["type"] == "login" else "bad_address"

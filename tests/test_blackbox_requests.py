@@ -259,7 +259,12 @@ def test_history_pages(bb: Realm) -> Any:
     for with_, want in (("nobody", []), ("x@example.org", []), ("alice", [])):
         r = yield alice.req("history", **{"with": with_})
         assert r["messages"] == want, with_
-    for with_, code in (("-x", "bad_address"), ("#nogroup", "no_such_group"), (5, "bad_request")):
+    for with_, code in (
+        ("-x", "bad_address"),
+        ("#nogroup", "no_such_group"),
+        ("#dev@other.example", "remote_realm"),  # (no federation)
+        (5, "bad_request"),
+    ):
         r = yield alice.req("history", **{"with": with_})
         assert r["code"] == code, with_
     r = yield alice.req("history")
