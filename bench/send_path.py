@@ -13,7 +13,7 @@ each recipient then acks what it got.  Printed: the reactor thread's CPU time an
 process's (reactor + SQLite threads) per delivered DM, from ``time.thread_time`` and
 ``time.process_time``, and on Linux the SQLite writer thread's alone (its CPU clock):
 figures that hold still on a busy machine, unlike rates (``DMs/s`` is printed too, for
-what it is worth).  No load generator, no kernel: this is
+what it is worth), and the bytes the process had written to storage per DM (Linux).  No load generator, no kernel: this is
 the Python of the realm's send path alone (``bench/run.py`` measures it over loopback).
 
 With ``--irc`` the sessions are IRC connections of the realm's IRC gateway (``PASS``
@@ -68,6 +68,19 @@ def irc_connect(factory: IRCFactory, name: str, host: str) -> tuple[Any, StringT
     proto.makeConnection(transport)
     proto.dataReceived(f"PASS password1\r\nNICK {name}\r\nUSER {name} 0 * :{name}\r\n".encode())
     return proto, transport
+
+
+def written_bytes() -> int | None:
+    """The bytes this process has had written to storage (Linux: ``write_bytes`` of
+    /proc/self/io; the WAL's frames, the checkpoints' pages, the fsync'd commits)."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def thread_cpu(threads: list[Any]) -> float | None:
@@ -152,6 +165,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         writer = list(getattr(getattr(store, "_writer_pool", None), "threads", ()))
         t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
         wc0 = thread_cpu(writer)
+        wb0 = written_bytes()
         for _ in range(args.rounds):
             for i in range(n):
                 conns[i][0].dataReceived(reads[i])
@@ -184,6 +198,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
                 conns[i + n][0].dataReceived(frame({"type": "ack", "pos": pos}))
         t1, p1, w1 = time.thread_time(), time.process_time(), time.perf_counter()
         wc1 = thread_cpu(writer)
+        wb1 = written_bytes()
         c1 = [g["collections"] for g in gc.get_stats()]
         gc.callbacks.remove(gc_cpu)
         expected = args.rounds * n * args.window
@@ -201,6 +216,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             print(f"  whole process   {1e6 * (p1 - p0) / delivered:6.1f} us CPU per DM")
             if writer and wc0 is not None and wc1 is not None:
                 print(f"  SQLite writer   {1e6 * (wc1 - wc0) / delivered:6.1f} us CPU per DM")
+            if args.store != "memory" and wb0 is not None and wb1 is not None:
+                print(f"  written         {(wb1 - wb0) / delivered:6.0f} bytes per DM")
             print(f"  ({delivered / (w1 - w0):,.0f} DMs/s wall clock)")
         print(
             f"  garbage collector: thresholds {gc.get_threshold()}, "

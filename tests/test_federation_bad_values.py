@@ -199,11 +199,13 @@ def test_a_poisoned_row_stored_before_the_checks_breaks_no_backlog_or_history(
         ("meta-list", 1764093000.0, "[1, 2]"),
     ]
     with db:
+        # (items name their conversation by its integer in convs: schema 18)
+        db.execute("INSERT OR IGNORE INTO convs (key) VALUES ('alice@localhost bob@localhost')")
         for mid, ts, meta in rows:
             db.execute(
                 "INSERT INTO items (id, kind, sender, recipient, conv, ts, body, meta) "
-                "VALUES (?, 'text', 'alice@localhost', 'bob@localhost', "
-                "'alice@localhost bob@localhost', ?, ?, ?)",
+                "VALUES (?, 'text', 'alice@localhost', 'bob@localhost', (SELECT cid FROM convs "
+                "WHERE key = 'alice@localhost bob@localhost'), ?, ?, ?)",
                 (mid, ts, mid, meta),
             )
         # (the rows the store writes with a conversation's first item: feeds read by them)

@@ -5,7 +5,7 @@ through ``user_convs`` and the ``items_conv`` index (chatproto/store/userconvs.p
 not through indexes on sender and recipient.  Checked here: on a generated realm
 (many users, groups, DMs to oneself, users of another realm, edits, deleted and
 re-created accounts) every such read gives on SQLite and PostgreSQL what the memory
-store (which filters every item) gives; a SQLite database of schema 16 and a
+store (which filters every item) gives; a SQLite database of schema 16 or 17 and a
 PostgreSQL one of schema 10 upgrade in place and read the same; the feed's query plan
 uses the index; the writer's memory of the rows stays right across a restart and with
 two writers on one database.
@@ -160,55 +160,129 @@ def test_reads_by_user_are_those_of_the_memory_store(sql_store: Any) -> Any:
     assert sum(len(p) for k, v in expected.items() if k[1] == "feed" for p in v) > 100
     for key in expected:
         assert got[key] == expected[key], key
+    # and the reads by one conversation (history, markers, search...), of every one
+    expected = yield _conv_reads(memory)
+    got = yield _conv_reads(sql_store)
+    assert sum(len(v) for k, v in expected.items() if k[1] == "history") > 100
+    for key in expected:
+        assert got[key] == expected[key], key
 
 
-def _version_16(path: str) -> SQLiteDB:
-    """A database at schema 16 (before user_convs), as an older chatproto made it."""
+def _old_schema(path: str, version: int) -> SQLiteDB:
+    """A database at an older schema, as an older chatproto made it."""
     db = SQLiteDB(path)
-    version = sqlite_module.SCHEMA_VERSION
-    sqlite_module.SCHEMA_VERSION = 16
+    current = sqlite_module.SCHEMA_VERSION
+    sqlite_module.SCHEMA_VERSION = version
     try:
         db.migrate()
     finally:
-        sqlite_module.SCHEMA_VERSION = version
+        sqlite_module.SCHEMA_VERSION = current
     return db
 
 
+@pytest.mark.parametrize("version", [16, 17])
 @pytest_twisted.inlineCallbacks
-def test_a_schema_16_database_upgrades_and_reads_the_same(tmp_path: Any) -> Any:
+def test_an_older_database_upgrades_and_reads_the_same(tmp_path: Any, version: int) -> Any:
+    """Schema 16 (before user_convs) and 17 (items naming their conversation by its
+    key's text, before convs) upgrade in place: the same reads, the same rows."""
     store = _sqlite(tmp_path)
     yield store.open()
-    yield _play(store, _script(21))
+    steps = _script(21)
+    # the last step deletes an account: it consumes the top position (no item has it)
+    victim = LOCAL[3]
+    left = _env(random.Random(8), victim, GROUPS[0], "event")
+    left.meta = {"event": "left", "user": victim}
+    steps += [("delete", (victim, left)), ("create", victim.split("@")[0])]
+    store.set_read(LOCAL[0], conversation_key(LOCAL[0], LOCAL[1]), 30)  # (with the first)
+    yield _play(store, steps)
     expected = yield _reads(store)
+    expected["conv reads"] = yield _conv_reads(store)
     yield store.close()
-    old = _version_16(str(tmp_path / "old.sqlite3"))
+    new = SQLiteDB(store.path)
+    new.index_search(10**6)  # (indexed items keep their index entries)
+    top = new.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()[0]
+    assert top > new.max_pos()
+    new.close()
+    old = _old_schema(str(tmp_path / "old.sqlite3"), version)
     c = old.conn
     indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"items_sender", "items_recipient"} <= indexes
+    if version == 16:
+        assert {"items_sender", "items_recipient"} <= indexes
     c.execute("ATTACH ? AS new", (store.path,))
-    for table in ("items", "users", "refs", "acks", "read_markers"):
+    # (the items as an older chatproto wrote them: the conversation's key in each)
+    c.execute(
+        "INSERT INTO items SELECT i.pos, i.id, i.kind, i.sender, i.recipient, k.key, i.ts, "
+        "i.body, i.meta, i.sig FROM new.items i JOIN new.convs k ON k.cid = i.conv"
+    )
+    copied = ["users", "refs", "acks", "read_markers"]
+    if version == 17:
+        copied += ["user_convs"]
+        c.execute("INSERT INTO items_fts (rowid, body) SELECT rowid, body FROM new.items_fts")
+        c.execute(
+            "UPDATE settings SET value = (SELECT value FROM new.settings AS s "
+            "WHERE s.key = 'search_upto') WHERE key = 'search_upto'"
+        )
+    for table in copied:
         c.execute(f"INSERT INTO {table} SELECT * FROM new.{table}")
     c.execute("DELETE FROM sqlite_sequence")
     c.execute("INSERT INTO sqlite_sequence SELECT * FROM new.sqlite_sequence")
     made = set(c.execute("SELECT * FROM new.user_convs").fetchall())
+    keys = c.execute("SELECT count(DISTINCT conv) FROM items").fetchone()[0]
     c.execute("DETACH new")
     old.close()
 
     upgraded = SQLiteDB(str(tmp_path / "old.sqlite3"))
-    assert upgraded.migrate() == 16
+    assert upgraded.migrate() == version
     c = upgraded.conn
     indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"items_sender", "items_recipient"} & indexes
+    assert {"items_conv", "items_events"} <= indexes
+    triggers = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert triggers == {"items_fts_erase", "items_fts_delete"}
     # the rows the migration derives are those the writer made item by item
     assert set(c.execute("SELECT * FROM user_convs").fetchall()) == made
+    # one integer per conversation, in every item; the consumed position stays consumed
+    assert c.execute("SELECT count(*) FROM convs").fetchone()[0] == keys
+    assert c.execute("SELECT count(*) FROM items WHERE typeof(conv) <> 'integer'").fetchone() == (
+        0,
+    )
+    assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone() == (top,)
     upgraded.close()
     again = SQLiteStore(str(tmp_path / "old.sqlite3"), reactor, synchronous="NORMAL")
     yield again.open()
     try:
         got = yield _reads(again)
+        got["conv reads"] = yield _conv_reads(again)
+        # the next item takes the position after the consumed one, in a conversation
+        # of its own (a new integer) or of the items before
+        fresh = [_env(random.Random(10), LOCAL[5], LOCAL[6]), _env(random.Random(11), "n@x", "m@x")]
+        stored = yield again.append(fresh)
+        assert [e.pos for e in stored] == [top + 1, top + 2]
+        for env in fresh:
+            page = yield again.history(env.conversation, None, None, 1000)
+            assert page[-1].id == env.id
     finally:
         yield again.close()
     assert got == expected
+
+
+@pytest_twisted.inlineCallbacks
+def _conv_reads(store: Any) -> Any:
+    """The reads by one conversation, of every conversation: history (pages from both
+    ends), read markers, read positions, search in the conversation."""
+    out: dict[Any, Any] = {}
+    convs = sorted(
+        {conversation_key(a, b) for a in LOCAL + REMOTE for b in LOCAL + REMOTE} | set(GROUPS)
+    )
+    for conv in [*convs, "nobody@x nothing@x"]:
+        out[conv, "history"] = _shown((yield store.history(conv, None, None, 1000)))
+        out[conv, "before"] = _shown((yield store.history(conv, 60, None, 5)))
+        out[conv, "after"] = _shown((yield store.history(conv, None, 20, 5, 10)))
+        out[conv, "markers"] = yield store.read_markers(conv)
+        out[conv, "position"] = yield store.read_position(conv, 1700000000.5, 0)
+        found = yield store.search([WORDS[0]], [("conv", conv, 0)], None, 1000)
+        out[conv, "search"] = _shown(found)
+    return out
 
 
 def test_the_feed_reads_through_the_conversation_index(tmp_path: Any) -> None:
@@ -239,6 +313,34 @@ def test_the_feed_reads_through_the_conversation_index(tmp_path: Any) -> None:
             plan
         )
         assert not any(p.startswith("SCAN items") and "VIRTUAL" not in p for p in plan), plan
+    db.close()
+
+
+def test_conversation_integers_made_by_a_rolled_back_commit_are_not_used(
+    tmp_path: Any,
+) -> None:
+    """The writer remembers each conversation's integer (schema 18); one it made in a
+    transaction that rolled back (a failing batch: the commit is redone batch by
+    batch) is gone, and an item must not be stored under it."""
+    db = SQLiteDB(str(tmp_path / "c.sqlite3"))
+    db.migrate()
+    rng = random.Random(12)
+    [[first]] = db.append_batch([[_env(rng, LOCAL[0], LOCAL[1])]], {})
+    a, b, c = (_env(rng, LOCAL[k], LOCAL[k + 1]) for k in (2, 4, 6))
+    dup = _env(rng, LOCAL[8], LOCAL[9])
+    dup.id = db.conn.execute("SELECT id FROM items WHERE pos = ?", (first,)).fetchone()[0]
+    # the first try makes three conversations' rows, and rolls back (dup's id); the
+    # second, batch by batch, rolls dup's batch back to its savepoint
+    out = db.append_batch([[a], [b, dup], [c]], {})
+    assert isinstance(out[1], sqlite3.IntegrityError)
+    again = _env(rng, LOCAL[5], LOCAL[4])  # b's conversation, which has no row now
+    db.append_batch([[again], [_env(rng, LOCAL[9], LOCAL[8])]], {})
+    keys = dict(db.conn.execute("SELECT cid, key FROM convs").fetchall())
+    for env in (a, c, again):
+        [(cid,)] = db.conn.execute("SELECT conv FROM items WHERE id = ?", (env.id,))
+        assert keys[cid] == env.conversation
+        assert [e.id for e in db.history(env.conversation, None, None, 10)] == [env.id]
+    assert len(set(keys.values())) == len(keys) == 5
     db.close()
 
 

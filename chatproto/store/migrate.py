@@ -68,8 +68,8 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
         lambda r: (r[0], r[1], _real(r[2]), int(r[3])),
     ),
     "items": (
-        "SELECT pos, id, kind, sender, recipient, conv, ts, body, meta, sig FROM items "
-        "ORDER BY pos",
+        "SELECT i.pos, i.id, i.kind, i.sender, i.recipient, c.key, i.ts, i.body, i.meta, "
+        "i.sig FROM items i JOIN convs c ON c.cid = i.conv ORDER BY i.pos",
         "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN",
         lambda r: (
             int(r[0]),
@@ -182,13 +182,16 @@ COPIED: dict[str, tuple[str, str, Callable[[Sequence[Any]], tuple[Any, ...]]]] =
 }
 
 #: SQLite tables not copied row by row: settings (merged, below), the schema version
-#: (each store has its own), SQLite's own bookkeeping (its sequences, below) and the
+#: (each store has its own), the conversation keys (``convs``: copied as the items'
+#: ``conv``, which PostgreSQL keeps as text), SQLite's own bookkeeping (its sequences,
+#: below) and the
 #: search index (FTS5's tables and its setting search_upto): the PostgreSQL store
 #: indexes the items copied after its commits, as it does its own (the newest
 #: SEARCH_TAIL are found until then by reading them).
 NOT_COPIED = {
     "settings",
     "schema_version",
+    "convs",
     "sqlite_sequence",
     "items_fts",
     "items_fts_config",

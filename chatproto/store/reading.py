@@ -54,10 +54,6 @@ SEARCH_TAIL = 50_000
 
 _WORD = re.compile(r"[^\W_]+")
 
-#: The private conversations of the user given as its one parameter (see
-#: chatproto/store/userconvs.py): the items to or from a user are the items of these.
-_USER_CONVS = "SELECT conv FROM user_convs WHERE user_addr = ?"
-
 
 #: The most rows one statement of :meth:`ReadingSQL.conversations` names (its
 #: parameters stay far below both backends' limits).
@@ -135,6 +131,20 @@ class ReadingSQL:
 
     COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
 
+    @staticmethod
+    def conv_sql(key: str) -> str:
+        """The ``items.conv`` of the conversation whose key is the SQL expression
+        ``key``: the key itself on PostgreSQL; SQLite's items hold a short integer
+        instead (:meth:`chatproto.store.sqlite.SQLiteDB.conv_sql`).  Every read
+        compares ``items.conv`` only with what this makes of a key."""
+        return key
+
+    def _user_convs_sql(self) -> str:
+        """The ``items.conv`` of the private conversations of the user given as its
+        one parameter (see chatproto/store/userconvs.py): the items to or from a
+        user are the items of these."""
+        return f"SELECT {self.conv_sql('conv')} FROM user_convs WHERE user_addr = ?"
+
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return list(self._run(sql, params).fetchall())
 
@@ -172,7 +182,8 @@ class ReadingSQL:
             return env
         stem = item_id[:40] + "~"
         rows = self._rows(
-            f"SELECT {self.COLS} FROM items WHERE id >= ? AND id <= ? AND conv = ? ORDER BY pos",
+            f"SELECT {self.COLS} FROM items WHERE id >= ? AND id <= ? AND conv = "
+            f"{self.conv_sql('?')} ORDER BY pos",
             (self._text_in(stem + "0" * 16), self._text_in(stem + "f" * 16), conversation),
         )
         return alternate_of(item_id, [self._item(r) for r in rows], self._id_key())
@@ -190,12 +201,16 @@ class ReadingSQL:
         oldest first."""
         bound = "" if upto is None else " AND pos <= ?"
         # The user's private conversations (user_convs), each read through items_conv.
-        parts = [f"SELECT {self.COLS} FROM items WHERE conv IN ({_USER_CONVS}) AND pos > ?{bound}"]
+        parts = [
+            f"SELECT {self.COLS} FROM items WHERE conv IN ({self._user_convs_sql()}) "
+            f"AND pos > ?{bound}"
+        ]
+        conv = self.conv_sql("?")
         params: list[Any] = [user, after] if upto is None else [user, after, upto]
         for group, lo, hi in groups:
             if hi is not None and hi <= after:
                 continue
-            part = f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos > ?"
+            part = f"SELECT {self.COLS} FROM items WHERE conv = {conv} AND pos > ?"
             params += [group, max(after, lo)]
             if hi is not None:
                 part += " AND pos <= ?"
@@ -226,7 +241,8 @@ class ReadingSQL:
         """The users ``user`` has a private conversation with (after ``after``)."""
         rows = self._rows(
             "SELECT peer FROM user_convs u WHERE user_addr = ? AND peer <> ? AND EXISTS "
-            "(SELECT 1 FROM items WHERE items.conv = u.conv AND items.pos > ?) ORDER BY peer",
+            f"(SELECT 1 FROM items WHERE items.conv = {self.conv_sql('u.conv')} "
+            "AND items.pos > ?) ORDER BY peer",
             (user, user, after),
         )
         return [r[0] for r in rows]
@@ -242,17 +258,18 @@ class ReadingSQL:
     ) -> list[Envelope]:
         """A page of ``conversation`` (see ``IStore.history``); with ``upto``, none
         above it."""
+        conv = self.conv_sql("?")
         if after is not None:
             bound = "" if upto is None else " AND pos <= ?"
             params: tuple[Any, ...] = (conversation, max(after, floor))
             rows = self._rows(
-                f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos > ?{bound} "
+                f"SELECT {self.COLS} FROM items WHERE conv = {conv} AND pos > ?{bound} "
                 f"AND NOT {REF_KINDS_SQL} ORDER BY pos LIMIT ?",
                 (*params, limit) if upto is None else (*params, upto, limit),
             )
         else:
             rows = self._rows(
-                f"SELECT {self.COLS} FROM items WHERE conv = ? AND pos < ? AND pos > ? "
+                f"SELECT {self.COLS} FROM items WHERE conv = {conv} AND pos < ? AND pos > ? "
                 f"AND NOT {REF_KINDS_SQL} ORDER BY pos DESC LIMIT ?",
                 (conversation, before if before is not None else 2**62, floor, limit),
             )
@@ -280,7 +297,7 @@ class ReadingSQL:
         than ``before_ts``; 0 when none.  Walks the conversation's index from its end:
         cheap for the recent items a client marks read."""
         rows = self._rows(
-            "SELECT pos FROM items WHERE conv = ? AND pos > ? AND ts < ? "
+            f"SELECT pos FROM items WHERE conv = {self.conv_sql('?')} AND pos > ? AND ts < ? "
             "AND kind NOT IN ('edit', 'delete', 'reaction') ORDER BY pos DESC LIMIT 1",
             (conv, floor, before_ts),
         )
@@ -324,8 +341,9 @@ class ReadingSQL:
         last = {
             conv: int(pos)
             for conv, pos in self._rows(
-                "SELECT conv, (SELECT max(pos) FROM items WHERE items.conv = u.conv "
-                "AND items.pos > ?) FROM user_convs u WHERE user_addr = ?",
+                "SELECT conv, (SELECT max(pos) FROM items WHERE items.conv = "
+                f"{self.conv_sql('u.conv')} AND items.pos > ?) FROM user_convs u "
+                "WHERE user_addr = ?",
                 (floor, user),
             )
             if pos is not None
@@ -336,7 +354,8 @@ class ReadingSQL:
             values, params = _values(chunk)
             for conv, pos in self._rows(
                 f"WITH g (conv, lo) AS ({values}) SELECT g.conv, (SELECT max(pos) "
-                "FROM items WHERE items.conv = g.conv AND items.pos > g.lo) FROM g",
+                f"FROM items WHERE items.conv = {self.conv_sql('g.conv')} "
+                "AND items.pos > g.lo) FROM g",
                 params,
             ):
                 if pos is not None:
@@ -365,7 +384,8 @@ class ReadingSQL:
         # hash all of items).
         cond, param = self._mention_sql()
         unread = (
-            "SELECT count(*) FROM items WHERE items.conv = a.conv AND items.pos > a.since "
+            f"SELECT count(*) FROM items WHERE items.conv = {self.conv_sql('a.conv')} "
+            "AND items.pos > a.since "
             f"AND items.sender <> ? AND items.{_KINDS_SQL}"
         )
         counts: dict[str, tuple[int, int]] = {}
@@ -430,10 +450,10 @@ class ReadingSQL:
         where: list[Any] = []
         for kind, what, lo in scopes:
             if kind == "user":
-                parts.append(f"(items.conv IN ({_USER_CONVS}) AND items.pos > ?)")
+                parts.append(f"(items.conv IN ({self._user_convs_sql()}) AND items.pos > ?)")
                 where += [what, lo]
             else:
-                parts.append("(items.conv = ? AND items.pos > ?)")
+                parts.append(f"(items.conv = {self.conv_sql('?')} AND items.pos > ?)")
                 where += [what, lo]
         scope = f"items.{_KINDS_SQL} AND ({' OR '.join(parts)})"
         cols = ", ".join("items." + c for c in self.COLS.split(", "))

@@ -42,7 +42,7 @@ from chatproto.store.groupcommit import (
 )
 from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
-from chatproto.store.userconvs import UserConvs
+from chatproto.store.userconvs import MAX_REMEMBERED, UserConvs
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -50,7 +50,7 @@ __all__ = [
     "SQLiteStore",
 ]
 
-SCHEMA_VERSION = 17
+SCHEMA_VERSION = 18
 
 #: Migrations: MIGRATIONS[n] takes a database at version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -309,6 +309,53 @@ MIGRATIONS: list[str] = [
     DROP INDEX IF EXISTS items_sender;
     DROP INDEX IF EXISTS items_recipient;
     """,
+    # v18 (issue 20): items name their conversation by a short integer (``convs``: one
+    # row per conversation key, never deleted) instead of the key's text (both
+    # addresses), in every row and in every entry of items_conv: the writer spends
+    # less per item on both, the more so the more conversations a realm has
+    # (bench/README.md).  Reads turn a key into its integer in SQL (SQLiteDB.conv_sql).
+    # The items table is rebuilt (SQLite cannot change a column's type): its sequence
+    # row is kept (positions an account deletion consumed stay consumed), and the
+    # search index (by position) and its triggers with it.
+    """
+    CREATE TABLE convs (
+        cid INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE
+    );
+    INSERT INTO convs (key) SELECT DISTINCT conv FROM items ORDER BY conv;
+    CREATE TABLE items_new (
+        pos INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        conv INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        body TEXT NOT NULL,
+        meta TEXT,
+        sig TEXT
+    );
+    INSERT INTO items_new (pos, id, kind, sender, recipient, conv, ts, body, meta, sig)
+        SELECT i.pos, i.id, i.kind, i.sender, i.recipient, c.cid, i.ts, i.body, i.meta, i.sig
+        FROM items i JOIN convs c ON c.key = i.conv ORDER BY i.pos;
+    DELETE FROM sqlite_sequence WHERE name = 'items_new';
+    UPDATE sqlite_sequence SET name = 'items_new' WHERE name = 'items';
+    DROP TABLE items;
+    ALTER TABLE items_new RENAME TO items;
+    CREATE INDEX items_conv ON items (conv, pos);
+    CREATE INDEX items_events ON items (pos) WHERE kind = 'event';
+    CREATE TRIGGER items_fts_erase AFTER UPDATE OF body ON items
+        WHEN new.body = '' AND old.body <> '' AND old.kind IN ('text', 'file')
+        BEGIN
+            DELETE FROM items_fts WHERE rowid = old.pos;
+            INSERT INTO items_fts (items_fts) VALUES ('optimize');
+        END;
+    CREATE TRIGGER items_fts_delete AFTER DELETE ON items
+        WHEN old.kind IN ('text', 'file')
+        BEGIN
+            DELETE FROM items_fts WHERE rowid = old.pos;
+        END;
+    """,
 ]
 
 #: The items indexed already (``pos <= ?1``) that an edit in ``(?1, ?2]`` changed, with
@@ -414,6 +461,12 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         #: The key of alternate ids (settings.id_key), read at its first use: the
         #: schema (and the key) may not exist before migrate().
         self._key: bytes | None = None
+        #: Conversation key -> its integer in ``convs`` (schema 18), as this writer
+        #: knows them: committed, or made by the transaction in progress (their keys
+        #: in ``_cids_made``, forgotten if it rolls back: SQLite may give the
+        #: integer to another key afterwards).
+        self._cids: dict[str, int] = {}
+        self._cids_made: list[str] = []
 
     def close(self) -> None:
         self.conn.close()
@@ -491,15 +544,15 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
 
-    @staticmethod
-    def _params(batch: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+    def _params(self, batch: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+        """Inside a write transaction: the insert's parameters of each item."""
         return [
             (
                 e.id,
                 e.kind,
                 e.sender,
                 e.recipient,
-                e.conversation,
+                self._cid(e.conversation),
                 e.ts,
                 e.body,
                 json.dumps(e.meta) if e.meta is not None else None,
@@ -509,6 +562,43 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         ]
 
     _INSERT_REMOTE = _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING pos"
+
+    # conversations (schema 18: items.conv is the integer of the key's convs row) ----
+
+    @staticmethod
+    def conv_sql(key: str) -> str:
+        """The ``items.conv`` of the conversation whose key is the SQL expression
+        ``key`` (NULL, matching no item, for a key never stored)."""
+        return f"(SELECT cid FROM convs WHERE key = {key})"
+
+    def _cid(self, key: str) -> int:
+        """Inside a write transaction: the integer of conversation ``key``, its
+        ``convs`` row inserted if it has none."""
+        cid = self._cids.get(key)
+        if cid is None:
+            c = self.conn
+            row = c.execute("SELECT cid FROM convs WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                row = c.execute(
+                    "INSERT INTO convs (key) VALUES (?) RETURNING cid", (key,)
+                ).fetchone()
+            cid = self._cids[key] = int(row[0])
+            self._cids_made.append(key)
+        return cid
+
+    def _cids_committed(self) -> None:
+        """The transaction committed: the integers it found or made are known."""
+        self._cids_made.clear()
+        if len(self._cids) > MAX_REMEMBERED:  # (a bound on the writer's memory)
+            self._cids.clear()
+
+    def _cids_rolled_back(self) -> None:
+        """The transaction (or a savepoint of it) rolled back: forget the integers
+        found or made since the last commit (rows made are gone with it; the others
+        are looked up again)."""
+        for key in self._cids_made:
+            self._cids.pop(key, None)
+        self._cids_made.clear()
 
     def append_batch(
         self,
@@ -580,6 +670,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 out = self._append_all(batches, flags)
             except Exception:
                 c.execute("ROLLBACK")
+                self._cids_rolled_back()
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
             delete_accounts(out, missing, deletions, self._delete_account)
@@ -612,8 +703,10 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             c.execute("COMMIT")
             self.sync_seconds = time.perf_counter() - synced
             self._user_convs.committed(convs)
+            self._cids_committed()
         except BaseException:
             self._wiped = False
+            self._cids_rolled_back()
             c.execute("ROLLBACK")
             raise
         if self._wiped:
@@ -702,7 +795,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             return
         c = self.conn
         row = c.execute(
-            "SELECT kind, meta FROM items WHERE id = ? AND conv = ?", (ref, env.conversation)
+            f"SELECT kind, meta FROM items WHERE id = ? AND conv = {self.conv_sql('?')}",
+            (ref, env.conversation),
         ).fetchone()
         if row is None or row[0] not in TARGET_KINDS:
             return
@@ -792,7 +886,9 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         step = self._rows_per_insert
         dumps = json.dumps
         last: int | None = None
-        sender = recipient = conv = ""  # (the items of a pair share its key)
+        cid = self._cid
+        sender = recipient = ""  # (the items of a pair share their conversation)
+        conv = 0
         k, n = 0, len(items)
         while k < n:
             size = step if n - k >= step else 1 << ((n - k).bit_length() - 1)
@@ -800,7 +896,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             add = flat.extend
             for e in items[k : k + size]:
                 if e.sender != sender or e.recipient != recipient:
-                    sender, recipient, conv = e.sender, e.recipient, e.conversation
+                    sender, recipient, conv = e.sender, e.recipient, cid(e.conversation)
                 meta, sig = e.meta, e.sig
                 add(
                     (
@@ -881,6 +977,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 out.append(positions)
             except Exception as err:  # one bad batch must not fail the others
                 c.execute("ROLLBACK TO b")
+                self._cids_rolled_back()
                 c.execute("RELEASE b")
                 out.append(err)
         return out
