@@ -716,3 +716,32 @@ def test_a_word_with_a_dotted_capital_i_is_found_before_and_after_it_is_indexed(
         while db.index_search(2000):
             pass
     db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_word_with_a_final_sigma_is_found_before_and_after_it_is_indexed(
+    tmp_path: Any, backend: str
+) -> None:
+    """Python lower-cases "ΣΟΦΟΣ" to σοφος (final ς), PostgreSQL's index holds
+    σοφοσ: the word was found while not indexed and no longer once indexed (on
+    PostgreSQL).  Now the same items either way, on both SQL stores."""
+    from chatproto.store.reading import search_words
+
+    if backend == "sqlite":
+        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    else:
+        from chatproto.store.postgresql import PostgresDB
+
+        db = PostgresDB(postgresql_or_skip(), pg_schema())
+    db.migrate()
+    mine = [("user", ALICE, 0)]
+    for body in ("\u03a3\u039f\u03a6\u039f\u03a3 upper", "\u03c3\u03bf\u03c6\u03bf\u03c2 lower"):
+        db.commit_batch([[item(BOB, ALICE, body)]], {})
+    both = ["\u03c3\u03bf\u03c6\u03bf\u03c2 lower", "\u03a3\u039f\u03a6\u039f\u03a3 upper"]
+    for _ in range(2):  # read directly (not indexed yet), then from the index
+        for query in ("\u03a3\u039f\u03a6\u039f\u03a3", "\u03c3\u03bf\u03c6\u03bf\u03c2"):
+            got = [e.body for e in db.search(search_words(query), mine, None, 10)]
+            assert got == both, (query, db.search_upto())
+        while db.index_search(2000):
+            pass
+    db.close()

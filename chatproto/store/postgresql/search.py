@@ -70,6 +70,20 @@ _DELETED_IN_RANGE = (
 )
 
 
+def _tsquery_term(word: str) -> str:
+    """``word`` (lower-cased by Python) as a term of the index's query.  Python
+    lower-cases a word-final capital sigma to U+03C2 (final sigma), PostgreSQL's
+    ``lower`` to U+03C3: the index held an upper-case word ending in a sigma with
+    U+03C3, the query asked for U+03C2, and the word was found only while it was not
+    indexed yet.  A word with a U+03C2 asks for both spellings (the candidates are
+    then matched by :func:`chatproto.store.reading.words_match`)."""
+    term = f"'{word}'" if len(word) == 1 else f"'{word}':*"
+    if "\u03c2" not in word:
+        return term
+    other = _tsquery_term(word.replace("\u03c2", "\u03c3"))
+    return f"({term} | {other})"
+
+
 class SearchIndex:
     """Search over ``search_text`` and its filling, over the connection ``conn``
     (set by the class using it, with :meth:`safe_position`)."""
@@ -90,7 +104,7 @@ class SearchIndex:
 
     def _search_sql(self, words: Sequence[str]) -> tuple[str, str, Any]:
         # words are letters and digits; one of one character is a whole word
-        query = " & ".join(f"'{w}'" if len(w) == 1 else f"'{w}':*" for w in words)
+        query = " & ".join(_tsquery_term(w) for w in words)
         cond = "to_tsvector('simple', s.body) @@ to_tsquery('simple', ?)"
         return "JOIN search_text s ON s.pos = items.pos", cond, query
 
