@@ -11,6 +11,10 @@ followed by the user's name (the local part of their address), in any case, wher
   of those (so ``@alice.`` at the end of a sentence mentions ``alice``, but
   ``@alice.b`` does not: that is another name).
 
+Letters and digits are Unicode's (``\\w``), not only ASCII's: names are ASCII, so
+``@anaïs`` is another word than ``@ana`` and mentions nobody named ``ana`` (it did,
+when the rule knew only ``A-Z``), and ``café@ana`` is no mention either.
+
 ``@alice@example.org`` mentions ``alice`` (of any realm: the realm part is not looked
 at).
 """
@@ -25,8 +29,9 @@ __all__ = ["mention_pattern", "mentions"]
 
 def mention_pattern(name: str) -> str:
     """The regular expression (Python and PostgreSQL syntax alike: lookarounds, no
-    flags) that finds a mention of ``name`` in a body, to be matched case-insensitively."""
-    return rf"(?<![A-Za-z0-9._@-])@{re.escape(name)}(?![A-Za-z0-9_-])(?!\.[A-Za-z0-9_-])"
+    flags; ``\\w`` is a letter, a digit or ``_`` in both) that finds a mention of
+    ``name`` in a body, to be matched case-insensitively."""
+    return rf"(?<![\w.@-])@{re.escape(name)}(?![\w-])(?!\.[\w-])"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -588,6 +588,23 @@ def test_mark_read_and_read_receipts(bb: Realm) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_mention_is_no_part_of_a_longer_word_in_any_script(bb: Realm) -> Any:
+    """PROTOCOL.md: the name of a mention is not followed by a letter, and the @
+    follows none.  Letters are any script's: "@anaïs" and "café@ana" do not mention
+    ana (the rule knew only A-Z, and counted both); "@ana\u2019s" (a right quotation mark) does."""
+    ana = yield bb.user("ana")
+    carol = yield bb.user("carol")
+    yield carol.req("create_group", group="#fr")
+    yield ana.req("join", group="#fr")
+    for body in ("salut @ana\u00efs", "caf\u00e9@ana", "@ana.\u00e9t\u00e9", "@ana\u2019s turn"):
+        r = yield carol.req("send", to="#fr", body=body)
+        assert r["type"] == "result", r
+    r = yield ana.req("conversations")
+    fr = r["conversations"][0]
+    assert (fr["with"], fr["unread"], fr["mentions"]) == ("#fr@localhost", 4, 1)
+
+
+@pytest_twisted.inlineCallbacks
 def test_conversations(bb: Realm) -> Any:
     alice = yield bb.user("alice")
     bob = yield bb.user("bob")

@@ -39,6 +39,11 @@ def test_mention_rule() -> None:
     assert not mentions("hi @alice-b", "alice")
     assert not mentions("hi alice", "alice")
     assert mentions("@a.b rocks", "a.b") and not mentions("@aXb", "a.b")
+    # letters and digits of any script: not part of the name, nor before the @
+    assert not mentions("hi @alice\u00e9", "alice") and not mentions("@alice\u0663", "alice")
+    assert not mentions("caf\u00e9@alice", "alice")
+    assert not mentions("@alice.\u00e9t\u00e9", "alice")
+    assert mentions("@alice\u2019s turn", "alice") and mentions("\u00ab@alice\u00bb", "alice")
 
 
 def test_conversation_list_unread_and_markers(realm: Any, clock: Clock) -> None:

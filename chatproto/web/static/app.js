@@ -396,8 +396,11 @@ function userTyping() {
 // @name of this user in a group message (the realm's rule: chatproto/mentions.py)
 function mentionsMe(env) {
   if (env.kind !== "text" || env.from === state.me || !env.to.startsWith("#") || !state.me) return false;
-  const name = state.me.slice(0, state.me.lastIndexOf("@")).replace(/[.*+?^${}()|[\]\\-]/g, "\\$&");
-  const re = new RegExp(`(?<![A-Za-z0-9._@-])@${name}(?![A-Za-z0-9_-])(?!\\.[A-Za-z0-9_-])`, "i");
+  // (a name is a-z 0-9 . _ -: only its dots need escaping; letters and digits are
+  // Unicode's, as Python's \w)
+  const name = state.me.slice(0, state.me.lastIndexOf("@")).replace(/\./g, "\\.");
+  const w = "\\p{L}\\p{N}_";
+  const re = new RegExp(`(?<![${w}.@-])@${name}(?![${w}-])(?!\\.[${w}-])`, "iu");
   return re.test(env.body || "");
 }
 
