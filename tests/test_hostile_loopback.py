@@ -534,16 +534,16 @@ def test_hostile_binary_frames_are_bad_frame(server_tcp: Any, log_watch: LogWatc
 
 
 @pytest_twisted.inlineCallbacks
-def test_pipelined_requests_are_read_at_most_max_in_flight_at_a_time(server_tcp: Any) -> Any:
+def test_pipelined_requests_are_read_at_most_max_in_flight_at_a_time(listener: Any) -> Any:
     """A client pipelining hundreds of ``history`` requests in one write made the realm
     start them all at once: each page is built before the slow-reader bound sees it
     (200 bodies of 16 KiB: over 3 MB), so a few writes of 64 KiB cost the realm GBs,
     read or not.  Now at most MAX_IN_FLIGHT are in progress; the connection reads on
-    as they are answered, and every one is answered."""
-    realm, factory, addr = server_tcp
+    as they are answered, and every one is answered (over TCP and TLS)."""
+    realm, factory, addr, ca = listener
     yield realm.create_user("alice", PW)
     yield realm.create_user("bob", PW)
-    alice = yield raw_client(addr, ("alice", PW))
+    alice = yield raw_client(addr, ("alice", PW), ca)
     for i in range(3):
         alice.send({"type": "send", "id": f"s{i}", "to": "bob", "body": f"m{i}"})
         yield alice.reply(f"s{i}")
