@@ -154,3 +154,36 @@ def test_a_remote_members_presence_is_told_once_per_change(tmp_path: Any) -> Any
             yield conn.close()
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_settings_and_voice_reach_a_member_realm(tmp_path: Any) -> Any:
+    """Over real mutual TLS: the owner on h.example makes #dev moderated with a key
+    and gives bob of b.example a voice; b.example's mirror takes both events (it
+    refused them), so bob's group_info says so, bob may speak in the moderated
+    group, and the owner gets no bounce."""
+    from tests.fedharness import drained
+
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    got: list[dict[str, Any]] = []
+    owner = yield connect(_reactor, h.addr, "owner", PW, register=True, on_message=got.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    try:
+        yield owner.create_group("#dev")
+        yield bob.join(GROUP)
+        yield members_when(bob, 2)
+        yield owner.protocol.request("set_group", group="#dev", moderated=True, key="k3y")
+        yield owner.protocol.request("set_voice", group="#dev", user="bob@b.example", voice=True)
+        yield drained(h)
+        info = yield bob.group_info(GROUP)
+        assert (info["moderated"], info["has_key"]) == (True, True)
+        assert b.realm.groups.get(GROUP).members["bob@b.example"].voice
+        yield bob.send(GROUP, "I have a voice")
+        yield drained(b)
+        assert [m["kind"] for m in got if m["kind"] == "bounce"] == []
+    finally:
+        yield owner.close()
+        yield bob.close()
+        for n in nodes:
+            yield n.stop()

@@ -316,3 +316,46 @@ def test_reactions_edits_and_deletes_from_the_home_realm_follow_the_local_rules(
     assert [mid for mid, env in stored.items() if env is not None] == ["r7", "r8"]
     wiped = fired(realm.store.stored_item(mine.id))
     assert (wiped.body, wiped.meta) == ("", {"deleted": True})
+
+
+def test_settings_and_voice_from_the_home_realm_reach_the_mirror(home: Any) -> None:
+    """The home realm's ``settings`` events (booleans, a limit, a key) and ``voice``
+    events keep the mirror in step, like its other events: they were refused
+    (``bad_request``: only string values were taken), so a member realm never knew
+    a group was moderated or keyed, nor who had a voice.  Values that ``set_group``
+    or ``set_voice`` would refuse are refused; a voice for one of our users who is no
+    member is ``not_member``, as a role is."""
+    realm, clock, link = home
+    dave = User(realm, clock, "dave")
+    joined_dave(realm, link)
+    owner = "owner@a.example"
+    assert (
+        link.txn(
+            event("s1", owner, event="settings", moderated=True, limit=5, key="k3y", external=True),
+            event("v1", owner, event="voice", user="dave@b.example", voice=True),
+        )
+        == {}
+    )
+    group = realm.groups.get(GROUP)
+    assert (group.moderated, group.limit, group.key, group.external) == (True, 5, "k3y", True)
+    assert group.members["dave@b.example"].voice
+    info = dave.ok("group_info", group=GROUP)
+    assert (info["moderated"], info["limit"], info["has_key"]) == (True, 5, True)
+    assert link.txn(
+        event("b1", owner, event="settings", moderated="yes"),
+        event("b2", owner, event="settings", limit=-1),
+        event("b3", owner, event="settings", key="two words"),
+        event("b4", owner, event="voice", user="dave@b.example", voice="yes"),
+        event("b5", owner, event="voice", user="dave@b.example"),
+        event("b6", owner, event="topic", topic="x", moderated=False),
+        event("b7", owner, event="voice", user="carol@b.example", voice=True),
+    ) == {
+        "b1": "bad_request",
+        "b2": "bad_request",
+        "b3": "bad_request",
+        "b4": "bad_request",
+        "b5": "bad_request",
+        "b6": "bad_request",
+        "b7": "not_member",
+    }
+    assert realm.groups.get(GROUP).moderated

@@ -33,7 +33,9 @@ from chatproto.groups import (
     HISTORY_RULES,
     MAX_TOPIC,
     ROLES,
+    SETTINGS,
     VISIBILITIES,
+    check_settings,
     check_snapshot,
 )
 from chatproto.realm.messaging import text_meta
@@ -67,7 +69,7 @@ _REQUEST_OF = {
 #: The kinds of items a peer may send (a request is not an item).
 _KINDS = frozenset({"text", "event", "file"}) | REF_KINDS
 #: Group events that name another user than their actor (``meta.user``).
-_TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role"})
+_TARGETED = frozenset({"invited", "kicked", "banned", "unbanned", "role", "voice"})
 #: Realms whose keys one transaction may make us ask for (see _check_signatures).
 MAX_KEY_FETCHES = 4
 #: Refusals of a peer's item logged as warnings (a forgery): the others are info.
@@ -263,7 +265,9 @@ class RemoteIntake:
         if user.endswith(self._suffix):
             # The home realm removes our users, sets their roles, invites and bans
             # them; it can say nothing they did.
-            if event in ("kicked", "role") and (mirror is None or user not in mirror.members):
+            if event in ("kicked", "role", "voice") and (
+                mirror is None or user not in mirror.members
+            ):
                 return meta, ChatError("not_member", f"{user} is not a member of {group}")
             return meta, None
         if mirror is None:
@@ -800,8 +804,19 @@ def _event_meta(meta: Any) -> dict[str, Any]:
     gateway rendering the event)."""
     if not isinstance(meta, dict) or meta.get("event") not in EVENTS:
         raise ChatError("bad_request", "an event item needs meta.event")
+    # The values that are not strings: a settings event's settings (as set_group
+    # checks them), a voice event's voice.
+    typed: dict[str, Any] = {}
+    if meta["event"] == "settings":
+        typed = {k: v for k, v in meta.items() if k in SETTINGS}
+        if typed:
+            check_settings(typed)
+    elif meta["event"] == "voice":
+        if not isinstance(meta.get("voice"), bool):
+            raise ChatError("bad_request", "a voice event's meta.voice is true or false")
+        typed = {"voice": meta["voice"]}
     for key, value in meta.items():
-        if key == "snapshot":
+        if key == "snapshot" or key in typed:
             continue
         longest = _EVENT_META.get(key)
         if longest is None:
