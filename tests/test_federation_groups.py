@@ -722,3 +722,23 @@ def test_a_request_sent_again_is_acknowledged_not_applied_again(net: Any) -> Non
     assert result(h.receive_remote("a.example", sent)) == []  # an old request replayed
     assert set(h.groups.get(GROUP).members) == {"owner@h.example"}
     assert result(h.store.outbox_counts()) == {}  # nothing new to tell anyone
+
+
+def test_a_user_of_another_realm_joins_a_group_with_a_key(net: Any) -> None:
+    """``join`` with ``key`` from a member realm: the request carries the key to the
+    home realm, which checks it as for its own users (it was dropped on the way, so
+    only an invitation let a user of another realm into a keyed group).  The key is
+    in no event."""
+    links, clock, h, a, b = net
+    (owner,) = dev_group(net)
+    owner.ok("set_group", group="#dev", key="k3y")
+    alice, bob = User(a, clock, "alice"), User(b, clock, "bob")
+    alice.ok("join", group=GROUP, key="k3y")
+    bob.ok("join", group=GROUP, key="wrong")
+    links.pump()
+    assert [(r["code"]) for r in links.rejected] == ["bad_key"]
+    assert set(h.groups.get(GROUP).members) == {"owner@h.example", "alice@a.example"}
+    assert "alice@a.example" in a.groups.get(GROUP).members
+    for realm in (h, a):
+        for item in realm.store.items:
+            assert "k3y" not in str(item.meta) or item.meta.get("event") == "settings"

@@ -187,3 +187,24 @@ def test_settings_and_voice_reach_a_member_realm(tmp_path: Any) -> Any:
         yield bob.close()
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_user_of_another_realm_joins_a_keyed_group_with_its_key(tmp_path: Any) -> Any:
+    """Over real mutual TLS: bob of b.example joins #dev@h.example, which has a key,
+    giving it; he is a member on both realms (the key went with his request)."""
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    try:
+        yield owner.create_group("#dev")
+        yield owner.protocol.request("set_group", group="#dev", key="k3y")
+        yield bob.protocol.request("join", group=GROUP, key="k3y")
+        members = yield members_when(bob, 2)
+        assert sorted(m["user"] for m in members) == ["bob@b.example", "owner@h.example"]
+    finally:
+        yield owner.close()
+        yield bob.close()
+        for n in nodes:
+            yield n.stop()

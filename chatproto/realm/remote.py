@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_ITEM_ID", "MAX_KEY_FETCHES", "RemoteIntake", "check_item_id"]
 
-#: Arguments a group change may carry (forwarded with a request to a group's realm).
-_EVENT_ARGS = frozenset({"user", "reason", "topic", "role"})
+#: Arguments a group change may carry (forwarded with a request to a group's realm;
+#: ``key``: a join's, for a group with a key).
+_EVENT_ARGS = frozenset({"user", "reason", "topic", "role", "key"})
 #: The client request that asks for each group event (for bounce texts).
 _REQUEST_OF = {
     "joined": "join",
@@ -338,7 +339,7 @@ class RemoteIntake:
         if event not in EVENTS or event == "created":
             raise ChatError("bad_request", f"event {str(event)[:20]!r} cannot be requested")
         if not isinstance(args, dict) or not set(args) <= _EVENT_ARGS:
-            raise ChatError("bad_request", "request args: user, reason, topic or role")
+            raise ChatError("bad_request", "request args: user, reason, topic, role or key")
         if not all(isinstance(v, str) for v in args.values()):
             raise ChatError("bad_request", "request args must be strings")
         if event == "left" and args.get("reason") == ACCOUNT_DELETED:
