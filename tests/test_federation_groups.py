@@ -742,3 +742,30 @@ def test_a_user_of_another_realm_joins_a_group_with_a_key(net: Any) -> None:
     for realm in (h, a):
         for item in realm.store.items:
             assert "k3y" not in str(item.meta) or item.meta.get("event") == "settings"
+
+
+def test_an_admin_on_another_realm_sets_the_groups_settings_and_voices(net: Any) -> None:
+    """``set_group`` and ``set_voice`` by an admin whose account is on a member realm:
+    the request carries the settings and the voice to the home realm, which applies
+    them (they were dropped on the way: ``settings changes nothing``, ``voice must be
+    true or false``, a bounce for a change that was allowed).  The events answer the
+    requests on the admin's realm and keep every mirror in step."""
+    links, _, h, a, b = net
+    owner, alice, _ = dev_group(net, (a, "alice"), (b, "bob"))
+    owner.ok("set_role", group="#dev", user="alice@a.example", role="admin")
+    links.pump()
+    assert alice.ok("set_group", group=GROUP, moderated=True, limit=3, key="k3y")["pos"] == 0
+    assert alice.ok("set_voice", group=GROUP, user="bob@b.example", voice=True)["pos"] == 0
+    links.pump()
+    assert links.rejected == []
+    for realm in (h, a, b):
+        group = realm.groups.get(GROUP)
+        assert (group.moderated, group.limit, group.key) == (True, 3, "k3y"), realm.realm
+        assert group.members["bob@b.example"].voice, realm.realm
+    assert result(a.store.pending_requests("alice@a.example", GROUP)) == []
+    events = [m["meta"]["event"] for m in alice.msgs() if m["kind"] == "event"]
+    assert events[-2:] == ["settings", "voice"]
+    # values the home realm refuses are refused there, as for its own admins
+    alice.ok("set_group", group=GROUP, limit=-1)
+    links.pump()
+    assert [r["code"] for r in links.rejected] == ["bad_request"]

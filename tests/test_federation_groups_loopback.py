@@ -208,3 +208,35 @@ def test_a_user_of_another_realm_joins_a_keyed_group_with_its_key(tmp_path: Any)
         yield bob.close()
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_admin_on_another_realm_sets_the_groups_settings(tmp_path: Any) -> Any:
+    """Over real mutual TLS: bob of b.example, an admin of #dev@h.example, makes it
+    moderated and gives himself a voice; h.example applies both (the request carried
+    them) and b.example's mirror follows."""
+    from tests.fedharness import drained
+
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    try:
+        yield owner.create_group("#dev")
+        yield bob.join(GROUP)
+        yield members_when(bob, 2)
+        yield owner.protocol.request("set_role", group="#dev", user="bob@b.example", role="admin")
+        yield drained(h)
+        yield bob.protocol.request("set_group", group=GROUP, moderated=True)
+        yield bob.protocol.request("set_voice", group=GROUP, user="bob@b.example", voice=True)
+        yield drained(b)
+        yield drained(h)
+        home = h.realm.groups.get(GROUP)
+        assert home.moderated and home.members["bob@b.example"].voice
+        info = yield bob.group_info(GROUP)
+        assert info["moderated"] is True
+    finally:
+        yield owner.close()
+        yield bob.close()
+        for n in nodes:
+            yield n.stop()

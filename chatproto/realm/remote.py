@@ -52,9 +52,18 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_ITEM_ID", "MAX_KEY_FETCHES", "RemoteIntake", "check_item_id"]
 
-#: Arguments a group change may carry (forwarded with a request to a group's realm;
-#: ``key``: a join's, for a group with a key).
-_EVENT_ARGS = frozenset({"user", "reason", "topic", "role", "key"})
+#: Arguments a group change may carry (forwarded with a request to a group's realm),
+#: with the type of their value: a join's ``key``, a ``set_voice``'s ``voice``, a
+#: ``set_group``'s settings (the home realm checks the values as for its own users).
+_EVENT_ARGS: dict[str, type] = {
+    "user": str,
+    "reason": str,
+    "topic": str,
+    "role": str,
+    "visibility": str,
+    "voice": bool,
+    **SETTINGS,
+}
 #: The client request that asks for each group event (for bounce texts).
 _REQUEST_OF = {
     "joined": "join",
@@ -338,10 +347,12 @@ class RemoteIntake:
         event, args = raw.get("event"), raw.get("args") or {}
         if event not in EVENTS or event == "created":
             raise ChatError("bad_request", f"event {str(event)[:20]!r} cannot be requested")
-        if not isinstance(args, dict) or not set(args) <= _EVENT_ARGS:
-            raise ChatError("bad_request", "request args: user, reason, topic, role or key")
-        if not all(isinstance(v, str) for v in args.values()):
-            raise ChatError("bad_request", "request args must be strings")
+        if not isinstance(args, dict) or not set(args) <= set(_EVENT_ARGS):
+            raise ChatError("bad_request", f"request args: {', '.join(_EVENT_ARGS)}")
+        for name, value in args.items():
+            kind = _EVENT_ARGS[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ChatError("bad_request", f"request arg {name}: a {kind.__name__}")
         if event == "left" and args.get("reason") == ACCOUNT_DELETED:
             # The requester's realm deleted the account: it is the authority on its
             # own accounts, so the standing ends whatever the rules of leave say.
