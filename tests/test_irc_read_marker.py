@@ -242,3 +242,79 @@ def test_read_markers_between_irc_and_native_over_tcp(gateway: Any) -> None:
     assert alice.take() == [("MARKREAD", ["bob", "timestamp=" + server_time(last["ts"])])]
     yield bob.close()
     yield phone.close()
+
+
+class HeldMarkers:
+    """The store's read_markers answers wait until :meth:`release` (a slow read)."""
+
+    def __init__(self, realm: RealmService) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.held: list[tuple[Deferred[Any], Any]] = []
+        self.read = realm.store.read_markers
+
+        def held(conv: str) -> Any:
+            d: Deferred[Any] = Deferred()
+            self.held.append((d, self.read(conv)))
+            return d
+
+        realm.store.read_markers = held  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, answer in held:
+            answer.chainDeferred(d)
+
+
+def test_a_slow_marker_read_keeps_the_joins_replies_before_the_next_commands(
+    factory: IRCFactory, clock: Clock
+) -> None:
+    """JOIN then PING in one read, the channel's marker read slow: the JOIN's MARKREAD
+    and 366 are its replies, so the PONG comes after them (it overtook them when the
+    JOIN ended with its group event, before the marker was read)."""
+    alice = login(factory, "alice", CAPS)
+    markers = HeldMarkers(factory.realm)
+    alice.send("JOIN #t", "PING :x")
+    assert markers.held
+    assert "PONG" not in [cmd for _, cmd, _ in parsed(alice)]
+    markers.release()
+    cmds = [cmd for _, cmd, _ in parsed(alice)]
+    assert cmds[-3:] == ["MARKREAD", "366", "PONG"], cmds
+
+
+def test_a_slow_marker_read_at_registration_holds_the_next_commands(
+    factory: IRCFactory, clock: Clock
+) -> None:
+    """At registration each channel of the user gets its burst; with its marker read
+    slow, a PING after registration is answered after that channel's 366."""
+    alice = login(factory, "alice", CAPS)
+    alice.send("JOIN #t")
+    parsed(alice)
+    markers = HeldMarkers(factory.realm)
+    again = Conn(factory)
+    again.send("CAP LS 302", f"CAP REQ :{CAPS}", f"PASS {PW}", "NICK alice", "USER u 0 * :A")
+    again.send("CAP END", "PING :y")
+    clock.advance(0)
+    assert markers.held
+    assert "PONG" not in [cmd for _, cmd, _ in parsed(again)]
+    markers.release()
+    cmds = [cmd for _, cmd, _ in parsed(again)]
+    assert cmds[-3:] == ["MARKREAD", "366", "PONG"], cmds
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_slow_marker_read_keeps_the_joins_replies_first_over_tcp(gateway: Any) -> None:
+    """Over loopback TCP (SQLite store): JOIN then PING in one write while the
+    channel's marker read is held; the PONG comes after the JOIN's MARKREAD and 366."""
+    realm, port, _native = gateway
+    alice = yield raw_connect(port, "alice", CAPS, PW)
+    alice.take()
+    markers = HeldMarkers(realm)
+    alice.send("JOIN #slow", "PING :z")
+    yield until(lambda: markers.held)
+    yield until(lambda: alice.has("353"))
+    assert not alice.has("PONG")
+    markers.release()
+    yield until(lambda: alice.has("PONG"))
+    cmds = [cmd for cmd, _ in alice.take()]
+    assert cmds.index("MARKREAD") < cmds.index("366") < cmds.index("PONG"), cmds

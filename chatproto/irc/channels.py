@@ -72,16 +72,19 @@ def group_change(
     def done(env: Envelope) -> Any:
         wait = p.realm.until_routed(env.pos) if isinstance(env, Envelope) and env.pos else None
         if wait is None:
-            p.awaiting.pop((event, group), None)
-            return env
-
+            return routed(env)
         # A worker of a cluster routes the event (and so this command's JOIN,
         # PART...) a round trip after its commit: the command ends once it is here.
-        def routed(_: object) -> Envelope:
-            p.awaiting.pop((event, group), None)
-            return env
+        return wait.addBoth(lambda _: routed(env))
 
-        return wait.addBoth(routed)
+    def routed(env: Any) -> Any:
+        p.awaiting.pop((event, group), None)
+        # A JOIN's channel burst may still be reading the read marker: its MARKREAD
+        # and 366 are this command's replies, so the command ends once they are out.
+        burst = p.bursts.pop((event, group), None)
+        if burst is None:
+            return env
+        return burst.addBoth(lambda _: env)
 
     return d.addCallbacks(done, failed)
 

@@ -37,7 +37,7 @@ from chatproto.irc import reading as _reading
 from chatproto.irc import registration as _registration
 from chatproto.irc import relations as _relations
 from chatproto.irc import users as _users  # noqa: F401
-from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, command
+from chatproto.irc.commands import COMMANDS, MIN_PARAMS, PRE_REGISTRATION, all_of, command
 from chatproto.irc.identity import Identity
 from chatproto.irc.lines import (
     MAX_CLIENT_TAGS,
@@ -136,6 +136,12 @@ class IRCProtocol(LineOnlyReceiver):
         self.pending_sends: deque[PendingSend] = deque()  # sends awaiting their echo
         self._targets: dict[str, str] = {}  # IRC target -> canonical address
         self.awaiting: dict[tuple[str, str], Reply] = {}  # (event, group) -> labeled reply
+        #: (event, group) -> the read marker read of the channel burst a command's own
+        #: group event started (the command ends once it is written: channels.group_change)
+        self.bursts: dict[tuple[str, str], Deferred[None]] = {}
+        #: the channel bursts of registration still reading their markers (the
+        #: backlog barrier lifts once they are written: synced)
+        self.welcome_bursts: list[Deferred[None]] = []
         self.markers = MarkerState()  # MARKREAD (chatproto.irc.reading)
         #: Output, with the slow-reader bound (replaced at connectionMade).
         self._out = OutputQueue(None, 0)
@@ -464,6 +470,11 @@ class IRCProtocol(LineOnlyReceiver):
         self.written()
         if self._backlog:
             self._backlog = False
+            bursts, self.welcome_bursts = self.welcome_bursts, []
+            bursts = [d for d in bursts if not d.called]
+            if bursts:  # a channel's 366 still waits for its marker: lines after it too
+                all_of(bursts).addBoth(self._barrier_done)
+                return
             self._barrier_done(None)
 
     def await_backlog(self) -> None:
@@ -511,7 +522,9 @@ class IRCProtocol(LineOnlyReceiver):
                 if group not in self.joined:
                     self.joined.add(group)
                     out(actor, "JOIN", chan)
-                    self.channel_burst(ctx, group, chan)
+                    burst = self.channel_burst(ctx, group, chan)
+                    if burst is not None and not burst.called and ctx is not self.direct:
+                        self.bursts[(event, group)] = burst  # the command waits for it
             else:
                 out(self.mask(who), "JOIN", chan)
         elif event == "left":

@@ -376,7 +376,9 @@ def welcome(p: IRCProtocol) -> None:
         chan = channel_of(group, realm.realm)
         p.joined.add(group)
         p.write(f":{p.mask(p.user_id)} JOIN {chan}\r\n".encode())
-        p.channel_burst(ctx, group, chan)
+        burst = p.channel_burst(ctx, group, chan)
+        if burst is not None:
+            p.welcome_bursts.append(burst)
     session = p.session
 
     def failed(f: Failure) -> None:
