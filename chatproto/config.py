@@ -7,6 +7,7 @@ file (``--config``) overrides the defaults and command-line options override the
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -752,6 +753,9 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
                 value, ok = float(value), True
             if not ok:
                 raise ConfigError(f"{section}.{key} must be {getattr(want, '__name__', want)}")
+            if want is float and not math.isfinite(value):
+                # TOML has nan and inf: nan passes every "must be positive" check
+                raise ConfigError(f"{section}.{key} must be a finite number, not {value}")
             setattr(target, key, value)
     return config
 
@@ -766,6 +770,10 @@ def load(path: str | None) -> Config:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} not found") from None
+        except OSError as e:  # a directory, no permission, an I/O error
+            raise ConfigError(f"config file {path!r} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"{path}: invalid TOML: not UTF-8 (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         from_dict(data, config)

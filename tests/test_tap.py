@@ -101,6 +101,10 @@ def test_command_line_overrides_the_config_file(tmp_path: Any) -> None:
         ("[tls]\ncertificate = '/nonexistent/cert.pem'\n", "/nonexistent/cert.pem"),
         ("[realm]\nlisten = []\n", "nothing to listen on"),
         ("not toml at all = = =\n", "invalid TOML"),
+        ("[limits]\nsend_rate = nan\n", "limits.send_rate"),
+        ("[limits]\nlogin_timeout = inf\n", "limits.login_timeout"),
+        ("[auth]\nfailure_delay = -nan\n", "auth.failure_delay"),
+        ("[federation]\ngive_up_after = inf\n", "federation.give_up_after"),
     ],
 )
 def test_bad_config_is_a_usage_error_naming_the_key(tmp_path: Any, text: str, named: str) -> None:
@@ -109,6 +113,17 @@ def test_bad_config_is_a_usage_error_naming_the_key(tmp_path: Any, text: str, na
         options("--config", path)
     assert named in str(info.value)
     assert str(info.value).startswith("configuration: ")
+
+
+def test_unreadable_config_is_a_usage_error_not_a_traceback(tmp_path: Any) -> None:
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[limits]\n")
+    not_utf8 = r"^configuration: .*binary\.toml: invalid TOML: not UTF-8"
+    with pytest.raises(usage.UsageError, match=not_utf8):
+        options("--config", str(binary))
+    directory = r"^configuration: config file .* cannot be read: Is a directory"
+    with pytest.raises(usage.UsageError, match=directory):
+        options("--config", str(tmp_path))
 
 
 def test_bad_command_line_values_are_usage_errors(tmp_path: Any) -> None:
