@@ -80,11 +80,18 @@ BARRIERS = frozenset({"JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 
 #: Commands whose sends are batched per read (see IRCProtocol.queue_send).
 _BATCHED = frozenset({"PRIVMSG", "NOTICE"})
+#: States in which no more lines are handled: "closing" writes the replies of the
+#: lines read before the one that ends the connection (QUIT, a line too long), then
+#: the ERROR (IRCProtocol.close_after).
+_CLOSED = frozenset({"closed", "closing"})
+#: Stands in the line queues for a line too long to keep (no line holds a newline).
+_TOO_LONG = b"\n"
 
 
 @implementer(ISessionMind, IPushProducer)
 class IRCProtocol(LineOnlyReceiver):
-    """One IRC client connection.  States: ``registering`` -> ``ready`` -> ``closed``."""
+    """One IRC client connection.  States: ``registering`` -> ``ready`` ->
+    ``closed``, through ``closing`` when the client ends it (see :meth:`close_after`)."""
 
     log = Logger()
     factory: IRCFactory
@@ -151,6 +158,12 @@ class IRCProtocol(LineOnlyReceiver):
         self._bucket: TokenBucket | None = None
         self._queue: deque[bytes] = deque()
         self._drain_call: Any = None
+        #: a line too long was read: nothing more is (see dataReceived)
+        self._stopped = False
+        #: the ERROR text of a connection closing (see close_after), and whether
+        #: it is a QUIT (which acknowledges what was written)
+        self._closing_message = ""
+        self._closing_quit = False
 
     # connection lifecycle ---------------------------------------------------------
 
@@ -308,6 +321,45 @@ class IRCProtocol(LineOnlyReceiver):
         # A TLS transport shuts down only once no producer is registered.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def close_after(self, ctx: Reply, message: str, quit: bool = False) -> None:
+        """End the connection for a line it sent (QUIT; a line too long; Excess
+        Flood): the replies of the lines read before it -- the echoes and labeled
+        replies of PRIVMSGs still being stored among them -- then ``ERROR
+        :message``, then the close.  ``ctx`` is that line's Reply, in line behind
+        theirs.
+
+        Meanwhile the state is ``closing``: no more lines are handled.  The wait is
+        bounded: the keepalive sweep (:meth:`chatproto.protocol.ClientFactory.sweep`)
+        calls :meth:`finish_closing` once it has lasted ``keepalive_interval``.  A
+        ``quit`` acknowledges what was written to the client when it closes."""
+        if self.state in _CLOSED:
+            return
+        if self._sends:
+            self.flush_sends()  # the sends read before it go to the realm now
+        self.state = "closing"
+        self.closed_at = self.factory.clock.seconds()
+        self._closing_message = message
+        self._closing_quit = quit
+        self._queue.clear()  # lines read after it are not handled
+        self._after_barrier.clear()
+        d = ctx.turn()
+        if d.called:
+            self.finish_closing()
+        else:
+            d.addCallback(lambda _: self.finish_closing())
+
+    def finish_closing(self) -> None:
+        """Close a connection in state ``closing`` (see :meth:`close_after`): once
+        the replies before its last line are written, or when the keepalive sweep
+        finds it has waited ``keepalive_interval``."""
+        if self.state != "closing":
+            return
+        if self._closing_quit and self.session is not None:
+            if self._ack_call is not None and self._ack_call.active():
+                self._ack_call.cancel()
+            self._ack()
+        self.close_with(self._closing_message)
 
     # ISessionMind -------------------------------------------------------------------
 
@@ -616,7 +668,14 @@ class IRCProtocol(LineOnlyReceiver):
     # input --------------------------------------------------------------------------
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.close_with("Input line was too long")
+        """A line longer than MAX_LENGTH: nothing more is read; it ends the
+        connection in its turn (after the lines read before it: see _handle)."""
+        self._stopped = True
+        self._buffer = b""
+        if self._bucket is None:
+            self._handle(_TOO_LONG)
+        else:
+            self.lineReceived(_TOO_LONG)
 
     def dataReceived(self, data: bytes) -> None:
         """``LineOnlyReceiver.dataReceived``, with each line handed to
@@ -624,6 +683,8 @@ class IRCProtocol(LineOnlyReceiver):
         per line than through :meth:`lineReceived`).  The PRIVMSG/NOTICE lines of
         one read are one batch for the realm (one append, one delivery burst: see
         Messaging.send_batch); the read is the client's activity (keepalive)."""
+        if self._stopped or self.state in _CLOSED:
+            return  # nothing more is read (or buffered)
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
         own = self._open_batch()
@@ -634,7 +695,7 @@ class IRCProtocol(LineOnlyReceiver):
             handle = self._handle if self._bucket is None else self.lineReceived
             for line in lines:
                 # a line may have closed the connection: what follows it is dropped
-                if transport.disconnecting or self.state == "closed":
+                if transport.disconnecting or self.state in _CLOSED:
                     return
                 if len(line) > self.MAX_LENGTH:
                     self.lineLengthExceeded(line)
@@ -800,7 +861,7 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.finish()
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state == "closed":
+        if self.state in _CLOSED:
             return
         if self._bucket is not None:
             if self._queue or self._bucket.take(self.factory.clock.seconds()):
@@ -812,7 +873,7 @@ class IRCProtocol(LineOnlyReceiver):
         """Flood control: past the burst, lines wait (reading pauses) at flood_rate."""
         if len(self._queue) >= MAX_QUEUED:
             self.realm.stats.rate_limited("irc_flood")
-            self.close_with("Excess Flood")
+            self._fatal("Excess Flood")
             return
         self._queue.append(line)
         if self._drain_call is None:
@@ -829,7 +890,7 @@ class IRCProtocol(LineOnlyReceiver):
         assert self._bucket is not None
         own = self._open_batch()
         try:
-            while self._queue and self.state != "closed":
+            while self._queue and self.state not in _CLOSED:
                 if self._bucket.take(self.factory.clock.seconds()):
                     self._schedule_drain()
                     return
@@ -837,18 +898,21 @@ class IRCProtocol(LineOnlyReceiver):
         finally:
             if own:
                 self._end_batch()
-        if self.state != "closed" and not self._after_barrier:
+        if self.state not in _CLOSED and not self._after_barrier:
             self.transport.resumeProducing()
 
     def _handle(self, raw: bytes) -> None:
         if self._barrier:  # a group change is pending: what follows may depend on it
             if len(self._after_barrier) >= MAX_QUEUED:
                 self.realm.stats.rate_limited("irc_flood")
-                self.close_with("Excess Flood")
+                self._fatal("Excess Flood")
                 return
             if not self._after_barrier:
                 self.transport.pauseProducing()
             self._after_barrier.append(raw)
+            return
+        if raw is _TOO_LONG:
+            self._fatal("Input line was too long")
             return
         if raw.endswith(b"\r"):
             raw = raw[:-1]
@@ -949,14 +1013,20 @@ class IRCProtocol(LineOnlyReceiver):
         waiting = self._after_barrier
         own = self._open_batch()
         try:
-            while waiting and not self._barrier and self.state != "closed":
+            while waiting and not self._barrier and self.state not in _CLOSED:
                 self._handle(waiting.popleft())
         finally:
             if own:
                 self._end_batch()
-        if not waiting and self.state != "closed" and not self._queue:
+        if not waiting and self.state not in _CLOSED and not self._queue:
             self.transport.resumeProducing()
         return result
+
+    def _fatal(self, message: str) -> None:
+        """A line that ends the connection, in its turn (see :meth:`close_after`)."""
+        ctx = self._reply(None)
+        self.close_after(ctx, message)
+        ctx.finish()
 
     def _reply(self, label: str | None) -> Reply:
         """The Reply for a new command: held behind the pending ones, if any.  (The
@@ -1042,22 +1112,12 @@ class IRCProtocol(LineOnlyReceiver):
         return None
 
     @command("QUIT", early=True)
-    def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
-        """Close once the replies to the commands before it are written."""
+    def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
+        """Close once the replies to the commands before it are written (nothing
+        after it is handled)."""
         reason = params[0] if params else ""
-        d = ctx.turn()
-        if d.called:
-            self._quit(reason)
-            return None
-        return d.addCallback(lambda _: self._quit(reason))
-
-    def _quit(self, reason: str) -> None:
-        if self.session is not None:
-            if self._ack_call is not None and self._ack_call.active():
-                self._ack_call.cancel()
-            self._ack()
         self.quit_reason = f"Quit: {reason}"
-        self.close_with(f"Closing link: {self.nick} (Quit: {reason})")
+        self.close_after(ctx, f"Closing link: {self.nick} (Quit: {reason})", quit=True)
 
     @command("MOTD")
     def irc_MOTD(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:

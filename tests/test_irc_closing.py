@@ -1,0 +1,195 @@
+"""An IRC connection that ends itself in the read that carried its last PRIVMSGs
+(``QUIT``, a line too long): the echoes and labeled replies of those PRIVMSGs are
+written first, then ``ERROR``, then the close; nothing after the closing line is
+handled, and a commit that never answers keeps the connection at most
+``keepalive_interval`` (docs/irc.md, "Order").
+
+Over StringTransport (MemoryStore, Clock, commits held back), then over loopback TCP
+(SQLite, where commits take a real round trip)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.protocols.basic import LineOnlyReceiver
+
+from chatproto.irc import IRCFactory
+from chatproto.realm import RealmService
+from tests.conftest import until
+from tests.test_fatal_after_sends import _held_commits
+from tests.test_irc import Conn, clock_fixture, factory_fixture, login, realm_fixture  # noqa: F401
+from tests.test_irc_loopback import PW, gateway  # noqa: F401
+
+CAPS = "echo-message labeled-response batch"
+#: Longer than any line the gateway keeps (8191 bytes of tags + 512).
+TOO_LONG = "x" * 9000
+
+
+def _check_closed_after_echoes(a: Conn, b: Conn, realm: RealmService, error: str) -> None:
+    lines = a.lines()
+    assert lines == [
+        ":alice!u@localhost PRIVMSG bob :one",
+        "@label=x :alice!u@localhost PRIVMSG bob :two",
+        f"ERROR :{error}",
+    ]
+    assert a.transport.disconnecting
+    assert b.lines() == [
+        ":alice!u@localhost PRIVMSG bob :one",
+        ":alice!u@localhost PRIVMSG bob :two",
+    ]
+    assert [e.body for e in realm.store.items] == ["one", "two"]
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one_read", "bytewise"])
+def test_quit_after_privmsgs_writes_their_echoes_then_error(
+    factory: IRCFactory, realm: RealmService, bytewise: bool
+) -> None:
+    a = login(factory, "alice", caps=CAPS)
+    b = login(factory, "bob")
+    commit = _held_commits(realm)
+    lines = ["PRIVMSG bob :one", "@label=x PRIVMSG bob :two", "QUIT :bye"]
+    # read with the QUIT, never handled: no message, no group, no reply
+    after = ["PRIVMSG bob :after", "JOIN #late", "PING x"]
+    a.send(*lines, *after, bytewise=bytewise)
+    assert a.lines() == [] and not a.transport.disconnecting  # waiting for the commits
+    assert a.proto.state == "closing"
+    a.send("PRIVMSG bob :later")  # a later read: not read at all
+    commit()
+    _check_closed_after_echoes(a, b, realm, "Closing link: alice (Quit: bye)")
+    assert "#late@localhost" not in realm.groups.groups
+    # QUIT acknowledges what it wrote: the next login has no backlog
+    assert realm.store.acks[("alice@localhost", "irc")] == realm.store.items[-1].pos
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one_read", "bytewise"])
+def test_a_line_too_long_after_privmsgs_writes_their_echoes_then_error(
+    factory: IRCFactory, realm: RealmService, bytewise: bool
+) -> None:
+    a = login(factory, "alice", caps=CAPS)
+    b = login(factory, "bob")
+    commit = _held_commits(realm)
+    lines = ["PRIVMSG bob :one", "@label=x PRIVMSG bob :two", TOO_LONG, "PRIVMSG bob :after"]
+    if bytewise:  # (the line too long is found before its end: no need to feed it all)
+        data = "".join(line + "\r\n" for line in lines).encode()
+        for i in range(len(data)):
+            a.proto.dataReceived(data[i : i + 1])
+    else:
+        a.send(*lines)
+    assert a.lines() == [] and not a.transport.disconnecting
+    commit()
+    _check_closed_after_echoes(a, b, realm, "Input line was too long")
+
+
+def test_lines_held_behind_a_join_run_before_the_line_too_long(
+    factory: IRCFactory, realm: RealmService
+) -> None:
+    """A JOIN holds the lines after it until it is stored; the line too long waits
+    in its turn behind them, so the PRIVMSG read before it is still sent."""
+    a = login(factory, "alice", caps=CAPS)
+    commit = _held_commits(realm)
+    a.send("JOIN #dev", "PRIVMSG #dev :hi", TOO_LONG)
+    commit()  # the JOIN: then the PRIVMSG is handled, its commit held in turn
+    commit()
+    cmds = a.commands()
+    assert [c for c, _ in cmds] == ["JOIN", "353", "366", "PRIVMSG", "ERROR"]
+    assert cmds[3] == ("PRIVMSG", ["#dev", "hi"])
+    assert a.transport.disconnecting
+
+
+def test_a_commit_that_never_answers_closes_after_keepalive_interval(
+    factory: IRCFactory, realm: RealmService, clock: Clock
+) -> None:
+    factory.startFactory()
+    a = login(factory, "alice", caps=CAPS)
+    login(factory, "bob")
+    _held_commits(realm)  # never committed
+    a.send("PRIVMSG bob :one", "QUIT :bye")
+    interval = realm.config.limits.keepalive_interval
+    for _ in range(3):  # the client still talking does not keep it open
+        clock.advance(interval / 4)
+        a.send("PONG :localhost")
+    assert not a.transport.disconnecting
+    clock.advance(interval / 4)
+    assert a.lines() == ["ERROR :Closing link: alice (Quit: bye)"]
+    assert a.transport.disconnecting
+    a.proto.connectionLost(None)
+    factory.stopFactory()
+    mine = [
+        c
+        for c in clock.getDelayedCalls()
+        if getattr(c.func, "__self__", None) in (a.proto, factory)
+    ]
+    assert mine == []
+
+
+def test_quit_with_nothing_pending_closes_at_once(factory: IRCFactory) -> None:
+    a = login(factory, "alice", caps=CAPS)
+    a.send("QUIT :bye", "PRIVMSG bob :after")
+    assert a.lines() == ["ERROR :Closing link: alice (Quit: bye)"]
+    assert a.transport.disconnecting and a.proto.state == "closed"
+
+
+# over loopback TCP ------------------------------------------------------------------
+
+
+class RawClient(LineOnlyReceiver):
+    """Writes what it is told, records every line until the server closes."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line.decode("utf-8", "replace"))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+@defer.inlineCallbacks
+def _registered(port: int, nick: str, caps: str = "") -> Any:
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    c = yield endpoint.connect(protocol.Factory.forProtocol(RawClient))
+    start = f"CAP LS 302\r\nCAP REQ :{caps}\r\n" if caps else ""
+    end = "CAP END\r\n" if caps else ""
+    c.transport.write(f"{start}PASS {PW}\r\nNICK {nick}\r\nUSER u 0 * :U\r\n{end}".encode())
+    yield until(lambda: any(f" 422 {nick} " in line for line in c.lines))
+    return c
+
+
+@pytest.mark.parametrize("closing", ["QUIT :bye", TOO_LONG], ids=["quit", "too_long"])
+@pytest_twisted.inlineCallbacks
+def test_echoes_then_error_over_tcp(gateway: Any, closing: str) -> Any:  # noqa: F811
+    realm, port, _ = gateway
+    a = yield _registered(port, "alice", CAPS)
+    b = yield _registered(port, "bob")
+    a.lines.clear()
+    a.transport.write(
+        f"PRIVMSG bob :one\r\n@label=x PRIVMSG bob :two\r\n{closing}\r\n"
+        "PRIVMSG bob :after\r\n".encode()
+    )
+    yield a.lost
+    error = (
+        "Closing link: alice (Quit: bye)"
+        if closing.startswith("QUIT")
+        else "Input line was too long"
+    )
+    assert a.lines == [
+        ":alice!u@localhost PRIVMSG bob :one",
+        "@label=x :alice!u@localhost PRIVMSG bob :two",
+        f"ERROR :{error}",
+    ]
+    yield until(lambda: len([line for line in b.lines if "PRIVMSG" in line]) >= 2)
+    page = yield realm.store.read_feed("bob@localhost", 0, 100)
+    assert [e.body for e in page if e.kind == "text"] == ["one", "two"]  # not "after"
+    b.transport.loseConnection()
+    yield b.lost
