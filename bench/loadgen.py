@@ -324,16 +324,29 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     t_setup = time.perf_counter() - t0
 
     pad = "x" * max(0, args.body - 20)
-    st = {"measuring": False, "running": True, "delivered": 0, "acks": 0, "errors": 0, "echo": 0}
+    st = {
+        "measuring": False,
+        "running": True,
+        "delivered": 0,
+        "acks": 0,
+        "errors": 0,
+        "echo": 0,
+        "behind": 0,
+    }
     lat: list[int] = []
     inflight = [0]
     perf_ns = time.perf_counter_ns
 
-    def make_sender(c: Conn, to: str) -> None:
+    paced = args.rate > 0
+    senders_send: list[Callable[[], None]] = []
+    s_inflight = [0] * n
+
+    def make_sender(c: Conn, to: str, i: int) -> None:
         msg_to = to
 
         def on_result(r: dict[str, Any]) -> None:
             inflight[0] -= 1
+            s_inflight[i] -= 1
             if r["type"] == "error":
                 st["errors"] += 1
                 if st["errors"] <= 5:
@@ -342,19 +355,41 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
                     return
             elif st["measuring"]:
                 st["acks"] += 1
-            if st["running"]:
+            if st["running"] and not paced:
                 send()
 
         def send() -> None:
             inflight[0] += 1
+            s_inflight[i] += 1
             c.call({"type": "send", "to": msg_to, "body": f"{perf_ns()} {pad}"}, on_result)
 
         def on_echo(m: dict[str, Any]) -> None:
             st["echo"] += 1
 
         c.on_msg = on_echo
-        for _ in range(args.window):
-            send()
+        senders_send.append(send)
+        if not paced:
+            for _ in range(args.window):
+                send()
+
+    async def pace() -> None:
+        """Open loop: ``args.rate`` sends per second in all, round robin over the
+        senders, whatever the answers (a sender with ``window`` unanswered skips its
+        turn: counted as ``behind``), checked every millisecond."""
+        start = time.perf_counter()
+        due_sent = 0
+        k = 0
+        while st["running"]:
+            due = int((time.perf_counter() - start) * args.rate)
+            while due_sent < due:
+                j = k % n
+                k += 1
+                due_sent += 1
+                if s_inflight[j] < args.window:
+                    senders_send[j]()
+                elif st["measuring"]:
+                    st["behind"] += 1
+            await asyncio.sleep(0.001)
 
     def make_receiver(c: Conn, frm_prefix: str) -> None:
         def on_msg(m: dict[str, Any]) -> None:
@@ -368,9 +403,12 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(n):
         make_receiver(r_conns[i], senders[i] + "@")
     for i in range(n):
-        make_sender(s_conns[i], receivers[i])
+        make_sender(s_conns[i], receivers[i], i)
+    pacer = asyncio.ensure_future(pace()) if paced else None
 
     elapsed, cpu = await measured_window(args, st)
+    if pacer is not None:
+        await pacer
     deadline = time.perf_counter() + 15
     while inflight[0] > 0 and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
@@ -382,6 +420,8 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pairs": n,
         "window": args.window,
+        "rate": args.rate,
+        "behind": st["behind"],
         "body_bytes": len(f"{perf_ns()} {pad}"),
         **window_stats(st, lat, elapsed, cpu),
         "drained": drained,
@@ -589,6 +629,13 @@ def main() -> None:
     d = sub.add_parser("dm", parents=[measured])
     d.add_argument("--pairs", type=int, default=10)
     d.add_argument("--window", type=int, default=64)
+    d.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="open loop: this many sends per second in all (window: the most in flight "
+        "per sender); default 0: closed loop, each answer sends the next",
+    )
     d.add_argument("--no-register", action="store_true")
     f = sub.add_parser("fanout", parents=[measured])
     f.add_argument("--members", type=int, default=10)

@@ -285,7 +285,12 @@ def add_us_per_msg(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def dm(
-    server: Server, pairs: int, duration: float, window: int = 64, warmup: float = 1.0
+    server: Server,
+    pairs: int,
+    duration: float,
+    window: int = 64,
+    warmup: float = 1.0,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     r = loadgen(
         "dm",
@@ -301,18 +306,33 @@ def dm(
         duration,
         "--warmup",
         warmup,
+        "--rate",
+        rate,
         *(["--profile-signals"] if server.profile else []),
         timeout=duration + warmup + 180,
     )
     add_us_per_msg(r)
+    paced = f" paced at {rate:.0f}/s (behind {r['behind']})" if rate else ""
     log(
-        f"  pairs={pairs} window={window}: {r['delivered_per_s']:.0f} DMs/s, "
+        f"  pairs={pairs} window={window}{paced}: {r['delivered_per_s']:.0f} DMs/s, "
         f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, realm CPU {r['realm_cpu_pct']}% "
         f"(reactor thread {r['realm_main_thread_cpu_pct']}%), {r['realm_us_per_msg']} us/msg "
         f"(reactor {r['reactor_us_per_msg']}), "
         f"loadgen CPU {r['loadgen_cpu_pct']}%, other CPU {r['other_cpu_pct']}%, errors {r['send_errors']}"
     )
     return r
+
+
+def paced_rates(spec: str, top: float) -> list[float]:
+    """The rates of ``--rates``: numbers, or ``half`` (of ``top``, the closed-loop
+    DMs/s)."""
+    rates = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        rates.append(top / 2 if item == "half" else float(item))
+    return [r for r in rates if r > 0]
 
 
 def fanout(
@@ -520,6 +540,14 @@ def main() -> None:
         action="store_true",
         help="the realms with [performance] gc_freeze = false",
     )
+    ap.add_argument(
+        "--rates",
+        default="half",
+        help="open-loop DM runs at pairs=max after the closed-loop ones: comma-separated "
+        "sends per second in all, or 'half' (half the DMs/s of the closed-loop run at "
+        "pairs=max: issue 20's latency target); '' skips them (default: half)",
+    )
+    ap.add_argument("--json", help="write the figures to this file (default bench/results/latest.json)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
@@ -581,6 +609,11 @@ def main() -> None:
         )
         for n in pairs:
             results["dm"][f"dm pairs={n}"] = dm(realm, n, duration, args.window, warmup)
+        top = results["dm"][f"dm pairs={max(pairs)}"]["delivered_per_s"]
+        for rate in paced_rates(args.rates, top):
+            results["dm"][f"dm pairs={max(pairs)} paced {rate:.0f}/s"] = dm(
+                realm, max(pairs), duration, args.window, warmup, rate
+            )
         results["dm"]["latency 1 pair, 1 in flight"] = dm(realm, 1, min(duration, 3.0), 1, warmup)
         realm.stop()
 
@@ -699,8 +732,11 @@ def main() -> None:
         else:
             log(f"kept {work}")
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "latest.json"
+    if args.json:
+        out = Path(args.json)
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / "latest.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))

@@ -142,3 +142,44 @@ def test_irc_bench_end_to_end(tmp_path: Path) -> None:
         assert r["complete"], r
         assert r["deliveries"] == (3 * 30 if r["workload"] == "dm" else 6 * 20), r
         assert r["server_us_per_delivery"] >= 0, r  # clock ticks may round to 0
+
+
+def test_run_py_paced_rates() -> None:
+    run = _load("run")
+    assert run.paced_rates("half", 30_000.0) == [15_000.0]
+    assert run.paced_rates("1000, half,", 8_000.0) == [1000.0, 4000.0]
+    assert run.paced_rates("", 8_000.0) == []
+
+
+def test_run_py_paced_dm_end_to_end(tmp_path: Path) -> None:
+    """bench/run.py's open-loop DM run (issue 20's latency at half load) over loopback:
+    a tiny closed-loop run, then one paced at 'half' and one at 100 sends/s; each
+    delivers about its rate and reports its latency."""
+    out = tmp_path / "latest.json"
+    cmd = [
+        sys.executable,
+        str(BENCH / "run.py"),
+        "--pairs",
+        "2",
+        "--window",
+        "4",
+        "--duration",
+        "1",
+        "--fanout",
+        "",
+        "--skip-memory",
+        "--skip-tls",
+        "--skip-ref",
+        "--rates",
+        "half,100",
+        "--json",
+        str(out),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    dm = json.loads(out.read_text())["dm"]
+    paced = {k: v for k, v in dm.items() if " paced " in k}
+    assert len(paced) == 2, list(dm)
+    slow = dm["dm pairs=2 paced 100/s"]
+    assert slow["rate"] == 100 and 50 <= slow["delivered_per_s"] <= 150, slow
+    assert slow["send_errors"] == 0 and slow["latency_ms_p99"] > 0
