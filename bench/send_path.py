@@ -13,8 +13,9 @@ each recipient then acks what it got.  Printed: the reactor thread's CPU time an
 process's (reactor + SQLite threads) per delivered DM, from ``time.thread_time`` and
 ``time.process_time``, and on Linux the SQLite writer thread's alone (its CPU clock):
 figures that hold still on a busy machine, unlike rates (``DMs/s`` is printed too, for
-what it is worth), and the bytes the process had written to storage per DM (Linux).  No load generator, no kernel: this is
-the Python of the realm's send path alone (``bench/run.py`` measures it over loopback).
+what it is worth), and the bytes the process had written to storage per DM (Linux).
+No load generator, no kernel: this is the Python of the realm's send path alone
+(``bench/run.py`` measures it over loopback).
 
 With ``--irc`` the sessions are IRC connections of the realm's IRC gateway (``PASS``
 login), each read holding ``window`` ``PRIVMSG <partner> :<body>`` lines, and a round
