@@ -547,7 +547,9 @@ def main() -> None:
         "sends per second in all, or 'half' (half the DMs/s of the closed-loop run at "
         "pairs=max: issue 20's latency target); '' skips them (default: half)",
     )
-    ap.add_argument("--json", help="write the figures to this file (default bench/results/latest.json)")
+    ap.add_argument(
+        "--json", help="write the figures to this file (default bench/results/latest.json)"
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
