@@ -222,6 +222,12 @@ def test_ctl_grants_admins_and_lists_reports_running_or_not(
         out, _ = capsys.readouterr()
         assert out == "alice@localhost is no longer a realm admin by the running realm\n"
         assert not r.realm.moderation.is_admin("alice@localhost")
+        # a deleted admin (alice: created at position 0) is no admin any more
+        status = yield r.ctl("grant-admin", "alice")
+        status = yield r.ctl("deluser", "alice")
+        capsys.readouterr()
+        status = yield r.ctl("admins")
+        assert (status, capsys.readouterr().out) == (0, "no realm admins\n")
     finally:
         yield r.stop()
     for argv, expected in (
@@ -244,6 +250,29 @@ def test_ctl_grants_admins_and_lists_reports_running_or_not(
         yield until(lambda: r.realm.moderation.is_admin("bob@localhost"))
     finally:
         yield r.stop()
+
+
+@pytest.mark.parametrize("how", ["realm", "another process"])
+def test_a_deleted_account_is_no_admin_and_not_suspended(how: str) -> None:
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", PASS)  # the first account: created at position 0
+    realm.create_user("bob", PASS)
+    realm.moderation.grant("alice")
+    realm.admin.suspend("bob")
+    clock.advance(0)
+    assert realm.moderation.list_admins() == ["alice@localhost"]
+    assert realm.accounts.floor_of("alice") == 0
+    for name in ("alice", "bob"):
+        if how == "realm":
+            realm.delete_user(name)
+        else:  # chatrealmctl on the store, or another worker: the realm re-reads it
+            realm.store.delete_user(name, f"{name}@localhost")
+            realm.accounts.refresh(name)
+    clock.advance(0)
+    assert realm.moderation.list_admins() == []
+    assert not realm.moderation.is_admin("alice@localhost")
+    assert "bob" not in realm.admin.suspended
 
 
 def test_a_realm_admin_deletes_any_message_of_a_local_user(moderated: Any) -> None:

@@ -279,6 +279,7 @@ class Accounts:
         self.known.discard(addr.name)
         self._floors.pop(addr.name, None)
         self._end_sessions(addr.name, None)
+        self._forget_roles(addr.name)
         groups = set(self._r.groups.standing(user)) | remote_groups_of(
             self._r.groups, user, self.realm
         )
@@ -288,6 +289,13 @@ class Accounts:
         if existed:
             self.log.info("account {user} deleted", user=user)
         return bool(existed)
+
+    def _forget_roles(self, name: str) -> None:
+        """A deleted account's realm admin role and suspension go with it: held here
+        under its name and floor, they matched "no floor known" (0) and so still
+        named a deleted account created at position 0 in ``chatrealmctl admins``."""
+        self._r.moderation.admins.pop(name, None)
+        self._r.admin.suspended.pop(name, None)
 
     def _end_sessions(self, name: str, floor: int | None) -> None:
         """Close the sessions and drop the tokens and send nonces of account ``name``,
@@ -312,6 +320,7 @@ class Accounts:
             self.known.discard(name)
             self._floors.pop(name, None)
             self._end_sessions(name, None)
+            self._forget_roles(name)
         else:
             self.known.add(name)
             yield self._adopt(name, floor)
