@@ -11,6 +11,7 @@ checks the same of PostgreSQL.
 from __future__ import annotations
 
 import itertools
+import random
 import sqlite3
 import threading
 import time
@@ -608,6 +609,55 @@ def test_sqlite_commit_positions_follow_the_items_across_multi_row_inserts(
     assert isinstance(out[1], sqlite3.IntegrityError)
     assert [db.stored_item(e.id).pos for e in ok] == [*out[0], *out[2]]  # type: ignore[union-attr,misc]
     assert db.stored_item(dup[0].id) is None
+    db.close()
+
+
+@pytest.mark.parametrize("rows_per_insert", [None, 4, 5])
+def test_sqlite_plain_items_and_items_with_meta_or_sig_keep_their_order_and_columns(
+    tmp_path: Any, rows_per_insert: int | None
+) -> None:
+    """A commit's plain items (no meta, no sig) go in with statements that write those
+    NULLs themselves, the others with every column bound: runs of either shape, of
+    any length (statements of ROWS_PER_INSERT rows, a power of two or not, and the
+    powers of two below), keep their order, positions and columns."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    if rows_per_insert is not None:
+        db._rows_per_insert = rows_per_insert
+    rng = random.Random(7)
+    items = []
+    for k in range(400):
+        e = env(ALICE if k % 3 else CAROL, BOB if k % 5 else "x@b.example", f"m{k}")
+        if k > 200 or rng.random() < 0.5:  # (runs of every length, and one long run)
+            shape = rng.choice(["plain", "plain", "meta", "sig", "both"]) if k < 300 else "plain"
+            if shape in ("meta", "both"):
+                e.meta = {"x": k, "n": None}
+            if shape in ("sig", "both"):
+                e.sig = {"realm": "b.example", "sig": str(k)}
+        items.append(e)
+    cuts = sorted(rng.sample(range(1, 400), 30))
+    batches = [items[a:b] for a, b in zip([0, *cuts], [*cuts, 400], strict=True)]
+
+    def redone(*args: Any) -> Any:
+        raise AssertionError("the multi-row inserts failed: redone batch by batch")
+
+    db._append_each = redone  # type: ignore[method-assign]
+    out = db.append_batch(batches, {})
+    positions = [p for r in out for p in r]  # type: ignore[union-attr]
+    assert positions == list(range(positions[0], positions[0] + 400))
+    for e, p in zip(items, positions, strict=True):
+        got = db.stored_item(e.id)
+        assert got is not None
+        assert (got.pos, got.body, got.sender, got.recipient, got.meta, got.sig) == (
+            p,
+            e.body,
+            e.sender,
+            e.recipient,
+            e.meta,
+            e.sig,
+        )
+    nulls = db.conn.execute("SELECT meta IS NULL, sig IS NULL FROM items ORDER BY pos").fetchall()
+    assert nulls == [(e.meta is None, e.sig is None) for e in items]
     db.close()
 
 
