@@ -209,6 +209,11 @@ def test_kick_and_sessions_over_the_socket(tmp_path: Path, short_dir: Path, caps
         status = yield r.ctl("kick", "nobody@elsewhere.example")
         _, err = capsys.readouterr()
         assert status == 1 and err.startswith("chatrealmctl: invalid name")
+        # a name with no account is an error, not "0 sessions ended" (an operator's typo)
+        for command in (("kick", "ghost"), ("sessions", "revoke", "ghost")):
+            status = yield r.ctl(*command)
+            out, err = capsys.readouterr()
+            assert (status, out, err) == (1, "", "chatrealmctl: no user ghost@localhost\n")
         status = yield r.ctl("deluser", "ghost")
         _, err = capsys.readouterr()
         assert (status, err) == (1, "chatrealmctl: no user ghost@localhost\n")

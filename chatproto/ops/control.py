@@ -30,7 +30,7 @@ import struct
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.ops import commands as c
 
@@ -160,11 +161,11 @@ class ControlProtocol(amp.AMP):
     @c.RevokeLogins.responder
     def revoke_logins(self, user: str, logins: list[str]) -> Deferred[dict[str, Any]]:
         self._check()
-        d = maybeDeferred(
-            self._realm.admin.revoke_logins,
-            user,
-            logins or None,
-            "an operator ended this browser login",
+        d = self._account(user)
+        d.addCallback(
+            lambda _: self._realm.admin.revoke_logins(
+                user, logins or None, "an operator ended this browser login"
+            )
         )
         d.addCallback(lambda r: {"user": r[0], "ended": r[1], "closed": r[2]})
         return _translated(d)
@@ -195,14 +196,27 @@ class ControlProtocol(amp.AMP):
         d = maybeDeferred(self._realm.moderation.reports, None, before or None, limit)
         return _translated(d.addCallback(lambda rows: {"reports": rows}))
 
+    def _account(self, user: str) -> Deferred[Any]:
+        """Fails with ``no_such_user`` unless local account ``user`` exists: an
+        operator's typo is an error, not "0 sessions ended"."""
+
+        @inlineCallbacks
+        def check() -> Any:
+            addr = address.user(user, self._realm.realm)
+            if addr.realm == self._realm.realm and not (
+                yield self._realm.accounts.exists(addr.name)
+            ):
+                raise ChatError("no_such_user", f"no user {addr}")
+
+        return maybeDeferred(check)
+
     @c.Kick.responder
-    def kick(self, user: str, reason: str) -> dict[str, Any]:
+    def kick(self, user: str, reason: str) -> Deferred[dict[str, Any]]:
         self._check()
-        try:
-            canonical, closed = self._realm.admin.kick(user, reason)
-        except ChatError as e:
-            raise _refusal(e) from None
-        return {"user": canonical, "closed": closed}
+        d = self._account(user)
+        d.addCallback(lambda _: self._realm.admin.kick(user, reason))
+        d.addCallback(lambda r: {"user": r[0], "closed": r[1]})
+        return _translated(d)
 
     @c.Suspend.responder
     def suspend(self, user: str, reason: str) -> Deferred[dict[str, Any]]:
