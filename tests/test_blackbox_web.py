@@ -169,3 +169,29 @@ def test_answers_are_compact_json_like_control_frames(site: Any) -> Any:
     proto = yield http(port, post(port, "/api/login", creds, {"Content-Type": "text/plain"}))
     yield proto.lost
     assert proto.data.partition(b"\r\n\r\n")[2].startswith(b'{"type":"error","code":')
+
+
+@pytest_twisted.inlineCallbacks
+def test_api_login_is_throttled_like_login(site: Any) -> Any:
+    """``POST /api/login`` is "checked and throttled exactly like login": after the
+    free failures of an account, the next attempt within the delay is 429
+    ``rate_limited`` with ``retry_after`` and a ``Retry-After`` header -- the right
+    password too -- on a status line with its reason phrase (twisted.web knows none
+    for 429 and wrote "Unknown Status")."""
+    _, port = site
+    headers = {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"}
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    bad = json.dumps({"user": "alice", "password": "wrong-pass"}).encode()
+    proto = yield http(port, post(port, "/api/register", creds, headers))
+    yield proto.lost
+    for _ in range(4):  # 3 free failures, then one that starts the delay
+        proto = yield http(port, post(port, "/api/login", bad, headers))
+        yield proto.lost
+        assert proto.status == 401, proto.data[:200]
+    proto = yield http(port, post(port, "/api/login", creds, headers))
+    yield proto.lost
+    head = proto.data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0].split(b" ", 1)[1] == b"429 Too Many Requests"
+    assert b"Retry-After: 1" in head
+    assert proto.body["code"] == "rate_limited" and 0 < proto.body["retry_after"] <= 1
+    assert not any(h.lower().startswith(b"set-cookie") for h in head)

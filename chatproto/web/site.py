@@ -103,6 +103,10 @@ _STATUS = {
 MAX_API_BODY = 16384
 
 
+#: Reason phrases twisted.web does not know (it would send "Unknown Status").
+_PHRASES = {422: b"Unprocessable Content", 429: b"Too Many Requests"}
+
+
 def http_status(code: str) -> int:
     return _STATUS.get(code, 400)
 
@@ -220,14 +224,14 @@ class _Api(Resource):
             )
 
     def _error(self, request: Any, status: int, code: str, message: str) -> bytes:
-        request.setResponseCode(status)
+        request.setResponseCode(status, _PHRASES.get(status))
         request.setHeader(b"content-type", b"application/json")
         return wire.encode({"type": "error", "code": code, "message": message})
 
     def _finish(self, request: Any, status: int, obj: dict[str, Any]) -> None:
         if request._disconnected or request.finished:
             return
-        request.setResponseCode(status)
+        request.setResponseCode(status, _PHRASES.get(status))
         request.setHeader(b"content-type", b"application/json")
         request.write(wire.encode(obj))
         request.finish()
