@@ -613,6 +613,12 @@ def _toml_string(text: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: configmod.Config) -> int:
+    from chatproto.tap import check_startable  # (the realm's start-up checks)
+
+    try:
+        check_startable(cfg)  # endpoint descriptions, extensions, federation keys
+    except configmod.ConfigError as e:
+        raise CtlError(f"configuration: {e}", EXIT_USAGE) from None
     print(f"configuration OK: {args.config or '(defaults)'}")
     print(f"realm:     {cfg.realm}")
     print(f"data dir:  {os.path.abspath(cfg.data_dir)}")

@@ -35,8 +35,36 @@ __all__ = [
     "Options",
     "ReloadableTLS",
     "build",
+    "check_startable",
     "makeService",
 ]
+
+
+def check_startable(cfg: configmod.Config) -> list[Any]:
+    """What start-up checks of a configuration beyond :meth:`Config.check`, raising
+    :class:`ConfigError` (``chatrealmctl check-config`` asks it too, so that a file it
+    passes starts): the federation certificate and key fit, the extensions import, and
+    every endpoint description parses (nothing listens).  Returns the extensions'
+    set-up callables."""
+    if cfg.federation.enabled:  # a key that does not fit is reported here
+        from chatproto.federation import FederationTLS
+
+        FederationTLS(cfg.federation)
+    plugins = extensions.load_all(cfg.plugins)
+    from twisted.internet import reactor
+
+    described = (
+        cfg.listen_descriptions() + cfg.web_descriptions() + cfg.irc_descriptions()
+    ) + cfg.metrics.listen
+    for description in described:
+        try:
+            serverFromString(reactor, description)  # parses; does not listen
+        except (ValueError, TypeError, KeyError) as e:
+            raise configmod.ConfigError(
+                f"bad endpoint description {description!r}: {e} "
+                "(escape ':' in values as '\\:', e.g. interface=\\:\\:1)"
+            ) from None
+    return plugins
 
 
 class Options(usage.Options):
@@ -99,29 +127,9 @@ class Options(usage.Options):
             if self["worker"] is not None:
                 cfg.worker = self["worker"]
             cfg.check()
-            if cfg.federation.enabled:  # a key that does not fit is reported here
-                from chatproto.federation import FederationTLS
-
-                FederationTLS(cfg.federation)
-            self.plugins = extensions.load_all(cfg.plugins)
+            self.plugins = check_startable(cfg)
         except configmod.ConfigError as e:
             self._fail(f"configuration: {e}")
-        from twisted.internet import reactor
-
-        described = (
-            cfg.listen_descriptions()
-            + cfg.web_descriptions()
-            + cfg.irc_descriptions()
-            + cfg.metrics.listen
-        )
-        for description in described:
-            try:
-                serverFromString(reactor, description)  # parses; does not listen
-            except (ValueError, TypeError, KeyError) as e:
-                self._fail(
-                    f"bad endpoint description {description!r}: {e} "
-                    "(escape ':' in values as '\\:', e.g. interface=\\:\\:1)"
-                )
         self.realm_config = cfg
 
     def _fail(self, message: str) -> NoReturn:

@@ -355,6 +355,30 @@ def test_check_config_errors(capsys: Any, tmp_path: Path) -> None:
     assert (status, err) == (2, f"chatrealmctl: configuration: config file {missing!r} not found\n")
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[realm]\nlisten = ["bogus:1"]\n', "bad endpoint description 'bogus:1'"),
+        ('[realm]\nlisten = ["tcp:notaport"]\n', "bad endpoint description 'tcp:notaport'"),
+        ('[web]\nlisten = ["tcp:x"]\n', "bad endpoint description 'tcp:x'"),
+        ('[irc]\nenabled = true\nlisten = ["nope:1"]\n', "bad endpoint description 'nope:1'"),
+        ('[metrics]\nlisten = ["tcp"]\n', "bad endpoint description 'tcp'"),
+        ('[realm]\nplugins = ["no_such_module_x:setup"]\n', "realm.plugins: cannot import"),
+    ],
+)
+def test_check_config_refuses_what_start_up_refuses(
+    capsys: Any, tmp_path: Path, text: str, named: str
+) -> None:
+    """check-config loads a file "the way twistd chatrealm does": a file it passes
+    must not stop the realm at start-up (it passed bad endpoint descriptions)."""
+    path = tmp_path / "realm.toml"
+    path.write_text(text)
+    status, out, err = run(capsys, "check-config", str(path))
+    assert (status, out) == (2, ""), out
+    assert err.startswith(f"chatrealmctl: configuration: {named}"), err
+    assert len(err.splitlines()) == 1
+
+
 def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.chdir(tmp_path)  # the default data dir is relative to it
     status, _, err = run(capsys)

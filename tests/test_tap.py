@@ -210,7 +210,10 @@ def test_twistd_plugin_is_discoverable() -> None:
     ("args", "message"),
     [
         (["--config", "config/realm.toml"], "configuration: config file 'config/realm.toml'"),
-        (["--listen", "nosuchtype:1"], "bad endpoint description 'nosuchtype:1'"),
+        (
+            ["--listen", "nosuchtype:1"],
+            "configuration: bad endpoint description 'nosuchtype:1'",
+        ),
     ],
 )
 def test_twistd_reports_a_bad_config_in_one_line(
