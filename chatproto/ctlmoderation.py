@@ -23,6 +23,7 @@ from chatproto.ctlaccess import (
     open_db,
     running_realm,
 )
+from chatproto.display import terminal_label
 from chatproto.ops import commands
 from chatproto.tokens import LOGIN_ID_LENGTH
 
@@ -220,10 +221,14 @@ def cmd_reports(args: argparse.Namespace, cfg: configmod.Config) -> int:
         excerpt = r["excerpt"].replace("\n", " ")
         if len(excerpt) > 120:
             excerpt = excerpt[:119] + "…"
+        # A user's words on the operator's terminal: a message body may hold CR,
+        # BS, BEL, NUL or a bidi override (only ESC and the C1 controls are refused),
+        # which would rewrite or reorder the lines printed; shown as pictures instead.
         print(
-            f"#{r['id']} {_when(r['ts'])} {r['reporter']} reports {r['msg_id']} "
-            f"({r['sender']} to {r['recipient']}, position {r['pos']}): {r['reason']}\n"
-            f"    {excerpt}"
+            f"#{r['id']} {_when(r['ts'])} {r['reporter']} reports "
+            f"{terminal_label(r['msg_id'])} ({r['sender']} to {r['recipient']}, "
+            f"position {r['pos']}): {terminal_label(r['reason'])}\n"
+            f"    {terminal_label(excerpt)}"
         )
     return 0
 

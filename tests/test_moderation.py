@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 from chatproto import client, ctl, ctlmoderation
 from chatproto.client import RemoteError
 from chatproto.envelope import Envelope
+from chatproto.ratelimit import UserBuckets
 from chatproto.realm.moderation import REPORT_BURST, REPORT_RATE
 from chatproto.testing import frame, frames, make_test_realm
 from tests.conftest import until
@@ -218,6 +219,18 @@ def test_ctl_grants_admins_and_lists_reports_running_or_not(
         assert status == 0 and len(lines) == 6, err
         assert lines[0].startswith("#5 ") and lines[0].endswith(": reason 4")
         assert lines[1] == "    spam 4 line two"
+        # a body's CR, BS, BEL, NUL and bidi override do not reach the terminal raw
+        carol = yield client.connect(_reactor, f"tcp:127.0.0.1:{port}", "carol", PW)
+        bob = yield client.connect(_reactor, f"tcp:127.0.0.1:{port}", "bob", PW)
+        sent = yield carol.send("bob", "ok\rFAKE\x08\x07\x00\u202egnp.exe")
+        r.realm.moderation.report_limit = UserBuckets(1000, 1000)  # bob used his burst
+        yield bob.report(sent["msg_id"], "spoof")
+        yield bob.close()
+        yield carol.close()
+        status = yield r.ctl("reports", "--limit", "1")
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        assert out.splitlines()[1] == "    ok\u240dFAKE\u2408\u2407\u2400\ufffdgnp.exe"
         status = yield r.ctl("revoke-admin", "alice")
         out, _ = capsys.readouterr()
         assert out == "alice@localhost is no longer a realm admin by the running realm\n"
@@ -243,7 +256,7 @@ def test_ctl_grants_admins_and_lists_reports_running_or_not(
             assert (status, err) == (1, "chatrealmctl: carol@localhost is not a realm admin\n")
     status = yield deferToThread(ctl.main, ["--config", str(conf), "reports", "--limit", "100"])
     out, _ = capsys.readouterr()
-    assert status == 0 and len(out.splitlines()) == 2 * REPORT_BURST
+    assert status == 0 and len(out.splitlines()) == 2 * (REPORT_BURST + 1)
     # the next start reads the admins from the store
     r = Running(conf)
     try:
