@@ -45,6 +45,7 @@ from chatproto.ctlaccess import by_realm as _by_realm
 from chatproto.ctlaccess import first_line as _first_line
 from chatproto.ctlaccess import name_arg as _name
 from chatproto.ctlaccess import running_or_fail as _running_or_fail
+from chatproto.display import terminal_label
 from chatproto.errors import ChatError
 from chatproto.groups import Groups
 from chatproto.ops import commands
@@ -467,7 +468,8 @@ def cmd_peers(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 str(link.get("rejected_items", 0)),
                 str(link.get("given_up", 0)),
                 retry or "-",
-                (link.get("last_error") or "-")[:80],
+                # (a peer's error frame: its words, never terminal codes)
+                terminal_label((link.get("last_error") or "-")[:80]),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -1156,7 +1156,8 @@ realm = "c.example"
                         "rejected_items": 2,
                         "given_up": 7,
                         "retry_at": 1004.0,
-                        "last_error": "Connection refused",
+                        # what a peer's error frame said: its words, not terminal codes
+                        "last_error": "Connection refused\rFAKE\x1b[2J\u202e",
                     }
                 ],
             },
@@ -1168,7 +1169,7 @@ realm = "c.example"
     b_line = next(line for line in lines if line.startswith("b.example"))
     assert b_line.split()[:8] == ["b.example", "1", "backoff", "-", "3", "120", "2", "7"]
     assert lines[1].split()[:5] == ["REALM", "QUEUED", "LINK", "IN", "FAILURES"]
-    assert "in 4.0s" in b_line and "Connection refused" in b_line
+    assert "in 4.0s" in b_line and "Connection refused\u240dFAKE\u241b[2J\ufffd" in b_line
     c_line = next(line for line in lines if line.startswith("c.example"))
     assert c_line.split()[:4] == ["c.example", "0", "-", "up"]
 
