@@ -11,6 +11,7 @@ collector's settings).  The realm starts before the listeners and stops after th
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -283,6 +284,9 @@ def build(
     an embedding application does only if it asks (:mod:`chatproto.collector`).
     """
     top = MultiService()
+    # Created owner only (the store, files, keys and control token are kept there),
+    # whatever the umask; an existing directory keeps its mode.
+    os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
     store = make_store(cfg, reactor)
     realm = RealmService(cfg, store, reactor)
     worker = None

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from chatproto.collector import CollectorService
 from chatproto.config import DEFAULT_LISTEN
 from chatproto.ops.service import Operations
 from chatproto.realm import RealmService
+from chatproto.store.sqlite import SQLiteDB
 
 FAST_AUTH = """
 [auth]
@@ -157,6 +160,25 @@ def test_make_service_realm_first_then_one_listener_per_description(tmp_path: An
         "unix:" + str(tmp_path / "realm.sock"),
     ]
     assert not top.running  # nothing bound or opened until the service starts
+
+
+def test_the_data_dir_is_made_owner_only_whatever_the_umask(tmp_path: Any) -> None:
+    """It holds the password hashes and every message: not for the other users of a
+    shared host, even under twistd -n with a umask of 022 (an existing directory
+    keeps the mode its operator gave it)."""
+    old = os.umask(0o022)
+    try:
+        for data in (tmp_path / "realm-data", tmp_path / "sub" / "store"):
+            tap.makeService(options("--data-dir", str(data)))
+            assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+        SQLiteDB(str(tmp_path / "ctl-data" / "realm.sqlite3")).close()  # chatrealmctl's
+        assert stat.S_IMODE(os.stat(tmp_path / "ctl-data").st_mode) == 0o700
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o750)
+        tap.makeService(options("--data-dir", str(kept)))
+        assert stat.S_IMODE(os.stat(kept).st_mode) == 0o750
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("description", ["tcp:0:interface=::1", "nosuchtype:1"])
