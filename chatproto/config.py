@@ -432,10 +432,17 @@ class Config:
         if not 0 <= self.tls.port <= 65535:
             raise ConfigError("tls.port must be between 0 and 65535")
         a = self.auth
-        if a.argon2_time_cost < 1 or a.argon2_parallelism < 1:
-            raise ConfigError("auth.argon2_time_cost and argon2_parallelism must be >= 1")
-        if a.argon2_memory_cost < 8 * a.argon2_parallelism:
-            raise ConfigError("auth.argon2_memory_cost must be >= 8 * argon2_parallelism (KiB)")
+        # (argon2 takes 32-bit values; past these a hash hangs a thread or fails at
+        # every login, and parallelism is the size of the hashing thread pool)
+        if not 1 <= a.argon2_time_cost <= 1000:
+            raise ConfigError("auth.argon2_time_cost must be between 1 and 1000")
+        if not 1 <= a.argon2_parallelism <= 64:
+            raise ConfigError("auth.argon2_parallelism must be between 1 and 64")
+        if not 8 * a.argon2_parallelism <= a.argon2_memory_cost <= 4 * 1024 * 1024:
+            raise ConfigError(
+                "auth.argon2_memory_cost must be between 8 * argon2_parallelism and "
+                "4194304 (KiB: 4 GiB)"
+            )
         for key in ("failure_delay", "max_failure_delay", "failure_window"):
             if getattr(a, key) <= 0:
                 raise ConfigError(f"auth.{key} must be positive")
