@@ -53,6 +53,8 @@ DEFAULT_TLS_PORT = 7421
 DEFAULT_FEDERATION_PORT = 7422
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
+#: The largest integer a key takes (the protocol's: a JSON number clients read exactly).
+MAX_INT = 2**53 - 1
 #: The longest UNIX socket path (sun_path holds 108 bytes with the final NUL on Linux).
 MAX_SOCKET_PATH = 107
 #: A PostgreSQL schema name the store accepts (created if missing; quoted anyway).
@@ -760,6 +762,10 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
                 value, ok = float(value), True
             if not ok:
                 raise ConfigError(f"{section}.{key} must be {getattr(want, '__name__', want)}")
+            if want is int and not -MAX_INT <= value <= MAX_INT:
+                # TOML integers have no bound here; past 2**53 - 1 they are no JSON
+                # number for hello's clients, and past 2**63 no SQL one (a LIMIT)
+                raise ConfigError(f"{section}.{key} must be within ±{MAX_INT} (2**53 - 1)")
             if want is float and not math.isfinite(value):
                 # TOML has nan and inf: nan passes every "must be positive" check
                 raise ConfigError(f"{section}.{key} must be a finite number, not {value}")

@@ -108,6 +108,8 @@ def test_command_line_overrides_the_config_file(tmp_path: Any) -> None:
         ("[auth]\nargon2_time_cost = 4294967296\n", "auth.argon2_time_cost"),
         ("[auth]\nargon2_parallelism = 100000\n", "auth.argon2_parallelism"),
         ("[auth]\nargon2_parallelism = 0\n", "auth.argon2_parallelism"),
+        ("[limits]\nhistory_page = 100000000000000000000000\n", "limits.history_page"),
+        ("[files]\nmax_file_size = 9007199254740992\n", "files.max_file_size"),
         ("[limits]\nsend_rate = nan\n", "limits.send_rate"),
         ("[limits]\nlogin_timeout = inf\n", "limits.login_timeout"),
         ("[auth]\nfailure_delay = -nan\n", "auth.failure_delay"),
