@@ -6,15 +6,26 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chatproto.accounts import removal_request
+from chatproto.config import Config
 from chatproto.envelope import Envelope
 from chatproto.errors import ChatError
 from chatproto.groups import ACCOUNT_DELETED, Groups
+from chatproto.realm import RealmService
 from chatproto.store import backend as store_backend
+from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteDB
-from chatproto.testing import NullMind, connect_string_transport, frame, frames, make_test_realm
+from chatproto.testing import (
+    InlineHasher,
+    NullMind,
+    connect_string_transport,
+    frame,
+    frames,
+    make_test_realm,
+)
 from tests.conftest import fast_config, fired, make_realm
 
 
@@ -314,3 +325,63 @@ def test_a_deleted_member_of_another_realms_group_leaves_it_there(tmp_path: Any)
     refused = removal_request("alice@a.example", "#dev@h.example", 0.0)
     fired(a.bounce("h.example", [(refused, "forbidden", "no")]))
     assert new.msgs() == []
+
+
+class HeldHasher(InlineHasher):
+    """Password checks that wait until the test lets them answer (argon2 in its
+    thread takes that long: a change to the account may come meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[bool], bool]] = []
+
+    def verify(self, pwhash: str | None, password: str) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.held.append((d, self._verify(pwhash, password)))
+        return d
+
+    def answer(self) -> None:
+        held, self.held = self.held, []
+        for d, ok in held:
+            d.callback(ok)
+
+
+@pytest.mark.parametrize("change", ["deleted", "password changed", "deleted and registered"])
+@pytest.mark.parametrize("how", ["login", "browser login"])
+def test_a_password_checked_before_the_account_changed_opens_nothing(change: str, how: str) -> None:
+    """A login whose (right) password was being checked when the operator deleted the
+    account or changed its password failed open: a session of a deleted account,
+    sending in its name, or one made with the old password outliving passwd."""
+    clock = Clock()
+    hasher = HeldHasher()
+    realm = RealmService(Config(), MemoryStore(), clock, clock=clock, hasher=hasher)
+    realm.startService()
+    fired(realm.create_user("vic", "old password"))
+    if how == "login":
+        d = realm.login("vic", "old password", NullMind(), "phone", "127.0.0.1")
+    else:
+        d = realm.accounts.issue_token("vic", "old password", "web", "127.0.0.1")
+    assert len(hasher.held) == 1  # being checked
+    if change == "password changed":
+        realm.admin.set_password("vic", "new password")
+    else:
+        realm.admin.delete_user("vic")
+        if change == "deleted and registered":
+            realm.create_user("vic", "another password")
+    clock.advance(0)
+    hasher.answer()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(ChatError) and failure.value.code == "auth_failed"
+    assert list(realm.sessions.of("vic@localhost")) == []
+    assert realm.accounts.tokens.logins("vic") == []
+    # the next login (with the password of now) is not refused
+    password = "old password" if change == "deleted" else "another password"
+    if change == "password changed":
+        password = "new password"
+    if change != "deleted":
+        d = realm.login("vic", password, NullMind(), "phone", "127.0.0.1")
+        hasher.answer()
+        session = fired(d)
+        assert list(realm.sessions.of("vic@localhost")) == [session]

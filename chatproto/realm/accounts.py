@@ -181,6 +181,25 @@ class Accounts:
         #: name -> floor of the account this realm last knew under that name (see
         #: chatproto.accounts): another floor means another account.
         self._floors: dict[str, int] = {}
+        #: name -> how many times the account's credentials were taken back (a
+        #: password change, a suspension, a deletion): a password checked before one
+        #: of them (argon2 takes a while, in a thread) opens no session after it.
+        self._revoked: dict[str, int] = {}
+
+    def revoked(self, name: str) -> None:
+        """Local account ``name``'s credentials were taken back (its password changed,
+        it was suspended or deleted): a login or browser login whose password was
+        being checked meanwhile fails (``auth_failed``) instead of opening a session
+        the change already ended."""
+        self._revoked[name] = self._revoked.get(name, 0) + 1
+
+    def _still_valid(self, name: str, before: int, session: Any = None) -> None:
+        """Raise ``auth_failed`` (logging ``session`` out) if ``name``'s credentials
+        were taken back since they were ``before``."""
+        if self._revoked.get(name, 0) != before:
+            if session is not None:
+                session.logout()
+            raise ChatError("auth_failed", "the account changed while logging in; try again")
 
     def start(self) -> None:
         if self._hash_pool is not None:
@@ -301,6 +320,7 @@ class Accounts:
         """Close the sessions and drop the tokens and send nonces of account ``name``,
         except those of the account created at ``floor`` (None: all of them)."""
         user = f"{name}@{self.realm}"
+        self.revoked(name)
         self.tokens.revoke_user(name, keep_floor=floor)
         self._r.messages.forget_nonces(user)
         self._r.reading.forget(user)
@@ -425,11 +445,13 @@ class Accounts:
         check_device(device)
         yield self._r.when_started()  # (suspensions, admins... are loaded)
         creds, key = self._throttled_credentials(username, password, peer)
+        before = self._revoked.get(key, 0)
         try:
             _iface, session, _logout = yield self.portal.login(creds, mind, ISession)
         except UnauthorizedLogin:
             self._login_failed(key, peer)
         self._account_throttle.succeeded(key)
+        self._still_valid(session.user.name, before, session)
         yield self._session_opened(session, device, quiet, peer)
         return session
 
@@ -485,7 +507,9 @@ class Accounts:
         the token is presented later (:meth:`login_token`, :meth:`token_user`)."""
         check_device(device)
         yield self._r.when_started()
+        before = self._revoked.get(self._login_name(username)[:64], 0)
         name = yield self.verify_password(username, password, peer)
+        self._still_valid(name, before)
         floor = (yield self.store.user_floor(name)) or 0
         if self._r.admin.is_suspended(name, floor):
             raise ChatError("account_suspended", "this account is suspended")

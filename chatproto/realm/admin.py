@@ -173,6 +173,7 @@ class Admin:
             closed += self._close_logins(self._r.sessions.of(user), lambda login: login not in live)
         if end is not None:
             code, why = end
+            self._r.accounts.revoked(name)
             closed += self._close(self._r.sessions.of(user), code, why)
         return closed
 
@@ -227,6 +228,7 @@ class Admin:
         pwhash = yield self._r.hasher.hash(password)
         if not (yield self._r.store.set_password(name, pwhash)):
             raise ChatError("no_such_user", f"no user {canonical}")
+        self._r.accounts.revoked(name)
         closed = self.end_sessions(canonical, "session_ended", "the password was changed")
         self.log.info("password of {user} changed: {n} sessions closed", user=canonical, n=closed)
         return canonical, closed
