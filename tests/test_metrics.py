@@ -300,3 +300,20 @@ def test_readiness_of_a_worker_says_when_its_bus_or_database_is_away() -> Any:
     report = yield ops.readiness()
     assert report["ready"] is False
     assert report["checks"]["cluster"].startswith("the realm's message bus")
+
+
+def test_every_rate_limit_label_the_realm_counts_is_documented() -> None:
+    """The operator guide's row of chatproto_rate_limited_total names every value its
+    ``limit`` label takes (it left out group_change, set_status, federation_reading
+    and remote_typing)."""
+    root = Path(__file__).resolve().parent.parent
+    counted = set()
+    for path in (root / "chatproto").rglob("*.py"):
+        text = path.read_text()
+        counted |= set(re.findall(r'rate_limited\("([a-z_]+)"\)', text))
+        counted |= set(re.findall(r'self\._take\(session, "([a-z_]+)"', text))
+    assert {"send", "login", "group_change", "mark_read"} <= counted  # the scan works
+    guide = (root / "docs" / "operator-guide.md").read_text()
+    [row] = [line for line in guide.splitlines() if line.startswith("| `chatproto_rate_limited")]
+    documented = set(re.findall(r"`([a-z_]+)`", row.split("|")[4]))
+    assert counted <= documented, counted - documented

@@ -54,6 +54,7 @@ class RealmStats:
 
     def rate_limited(self, limit: str) -> None:
         """A request was refused by ``limit`` (``send``, ``login``, ``irc_flood``,
-        ``federation_txn``, ``federation_presence``, ``report``, ``register``, ``mark_read``,
+        ``federation_txn``, ``federation_presence``, ``federation_reading``, ``remote_typing``,
+        ``report``, ``register``, ``mark_read``,
         ``typing``, ``search``, ``conversations``, ``set_status``, ``group_change``)."""
         self.refused[limit] = self.refused.get(limit, 0) + 1
