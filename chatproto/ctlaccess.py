@@ -140,6 +140,11 @@ def running_realm(cfg: configmod.Config) -> ControlClient | None:
 
 def running_or_fail(cfg: configmod.Config) -> ControlClient:
     client = running_realm(cfg)
+    if client is None and not cfg.control.enabled:  # it may well run: unreachable
+        raise CtlError(
+            "this needs the running realm, reached over its control channel, which this "
+            "configuration turns off ([control] enabled = false)"
+        )
     if client is None:
         raise CtlError(f"the realm is not running (no control socket at {cfg.control_socket})")
     return client

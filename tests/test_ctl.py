@@ -379,6 +379,22 @@ def test_check_config_refuses_what_start_up_refuses(
     assert len(err.splitlines()) == 1
 
 
+def test_commands_of_the_running_realm_say_when_the_control_channel_is_off(
+    capsys: Any, tmp_path: Path
+) -> None:
+    """With [control] enabled = false the realm may well run: "the realm is not
+    running (no control socket at ...)" sent the operator looking for a dead process."""
+    path = tmp_path / "realm.toml"
+    path.write_text(f"[realm]\ndata_dir = {str(tmp_path / 'data')!r}\n[control]\nenabled = false\n")
+    for command in (["kick", "alice"], ["sessions"], ["reload-tls"], ["drain"]):
+        status, out, err = run(capsys, "--config", str(path), *command)
+        assert (status, out) == (1, ""), command
+        assert err == (
+            "chatrealmctl: this needs the running realm, reached over its control channel, "
+            "which this configuration turns off ([control] enabled = false)\n"
+        ), command
+
+
 def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.chdir(tmp_path)  # the default data dir is relative to it
     status, _, err = run(capsys)
