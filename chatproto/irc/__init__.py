@@ -6,7 +6,8 @@ calls the realm service or the logged-in :class:`chatproto.realm.Session`, and t
 (who may send, join, kick, set a topic, the channel modes) lives in the realm.
 
 It is also the session's *mind*.  A gateway connection is an ordinary realm session of
-the device ``irc``: it acknowledges what it has written, so an IRC user who comes back
+the device ``irc`` (``irc/name`` when it logs in as ``account/name``: one position per
+IRC client): it acknowledges what it has written, so an IRC user who comes back
 gets everything said while they were away (offline backlog after login, with
 ``server-time`` tags) -- the always-on bouncer behaviour -- and ``CHATHISTORY`` pages
 older history.  Messages sent from IRC are stored before they are delivered, with the

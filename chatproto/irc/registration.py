@@ -31,14 +31,25 @@ from chatproto.irc.lines import (
 )
 from chatproto.irc.replies import Reply
 from chatproto.realm import Session
+from chatproto.realm.sessions import MAX_DEVICE, check_device
 
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
 
-__all__ = ["CAPABILITIES", "DEVICE", "SASL_CHUNK", "lusers", "motd", "renamed", "try_register"]
+__all__ = [
+    "CAPABILITIES",
+    "DEVICE",
+    "SASL_CHUNK",
+    "device_of",
+    "lusers",
+    "motd",
+    "renamed",
+    "try_register",
+]
 
-#: The realm device every IRC connection of an account logs in as (its ack position is
-#: where the next IRC login resumes).
+#: The realm device of an IRC connection that names none (its ack position is where
+#: the next such IRC login resumes); one that logs in as ``account/name`` is the
+#: device ``irc/name`` (see :func:`device_of`).
 DEVICE = "irc"
 #: IRCv3 capabilities offered in CAP LS (``sasl`` gets its mechanism list with 302).
 CAPABILITIES = (
@@ -164,6 +175,23 @@ def irc_USER(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]
     try_register(p)
 
 
+def device_of(login: str) -> tuple[str, str]:
+    """``(account, device)`` of a login name: ``account/name`` is the device
+    ``irc/name`` -- its own ack position, so two IRC clients of one account (a
+    laptop's, a phone's) each resume where they left off -- and a name without ``/``
+    the shared device ``irc``.  ``name`` is 1 to ``MAX_DEVICE - 4`` characters and a
+    label, as the native ``device`` (else ``bad_request``)."""
+    account, slash, name = login.partition("/")
+    if not slash:
+        return login, DEVICE
+    longest = MAX_DEVICE - len(DEVICE) - 1
+    if not 0 < len(name) <= longest:
+        raise ChatError("bad_request", f"a device name (after /) must be 1-{longest} characters")
+    device = f"{DEVICE}/{name}"
+    check_device(device)  # (a label: no control or bidirectional formatting characters)
+    return account, device
+
+
 @command("AUTHENTICATE", params=1, early=True)
 def irc_AUTHENTICATE(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
     arg = params[0]
@@ -203,7 +231,12 @@ def irc_AUTHENTICATE(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[s
     except (binascii.Error, UnicodeDecodeError, ValueError):
         ctx.num("904", "SASL authentication failed: malformed PLAIN message")
         return None
-    if authzid and authzid != authcid:
+    try:
+        account, device = device_of(authcid)
+    except ChatError as e:
+        ctx.num("904", f"SASL authentication failed: {e.message}")
+        return None
+    if authzid and authzid not in (authcid, account):
         ctx.num("904", "SASL authentication failed: authzid must be empty or the account")
         return None
 
@@ -230,7 +263,7 @@ def irc_AUTHENTICATE(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[s
         else:  # too_many_sessions, a bad device...: say what the realm said
             ctx.num("904", f"SASL authentication failed: {err.message}")
 
-    return login(p, authcid, password, ok, failed)
+    return login(p, account, password, ok, failed, device)
 
 
 def login(
@@ -239,9 +272,11 @@ def login(
     password: str,
     ok: Callable[[Session], None],
     failed: Callable[[ChatError], None],
+    device: str = DEVICE,
 ) -> Deferred[None]:
-    """Log in through the realm (its portal, its failure throttle)."""
-    return attach(p, lambda: p.realm.login(account, password, p, DEVICE, p.peer()), ok, failed)
+    """Log in through the realm (its portal, its failure throttle) as ``device``
+    (see :func:`device_of`)."""
+    return attach(p, lambda: p.realm.login(account, password, p, device, p.peer()), ok, failed)
 
 
 def attach(
@@ -294,13 +329,20 @@ def try_register(p: IRCProtocol) -> None:
         p.direct.num("464", "Password required: log in with SASL PLAIN or PASS")
         p.close_with("Access denied: no password")
         return
-    account = p.nick
+    account, device = p.nick, DEVICE
     name, sep, rest = password.partition(":")
-    if sep:
+    if sep:  # account:password, or account/device:password
+        name, slash, named = name.partition("/")
         try:
-            account, password = address.normalise_name(user_of(name)), rest
+            account, password = address.normalise_name(name), rest
         except ChatError:
-            pass
+            pass  # not an account: the whole is the password of the nick's
+        else:
+            try:
+                device = device_of(f"{account}/{named}")[1] if slash else DEVICE
+            except ChatError as e:
+                p.close_with(f"Access denied: {e.message}")
+                return
 
     def failed(err: ChatError) -> None:
         if err.code == "rate_limited":
@@ -316,7 +358,7 @@ def try_register(p: IRCProtocol) -> None:
             return
         p.close_with("Access denied: bad password")
 
-    login(p, account, password, lambda s: welcome(p), failed)
+    login(p, account, password, lambda s: welcome(p), failed, device)
 
 
 def guest_login(p: IRCProtocol) -> None:
