@@ -35,6 +35,7 @@ from chatproto.ctlaccess import (  # noqa: F401  (EXIT_FAILED: part of ctl's API
     EXIT_USAGE,
     IN_STORE,
     CtlError,
+    in_store,
     on_realm_or_store,
     open_db,
     running_realm,
@@ -210,7 +211,7 @@ def cmd_passwd(args: argparse.Namespace, cfg: configmod.Config) -> int:
         if not db.set_password(name, argon2_hasher(cfg.auth).hash(password)):
             raise CtlError(f"no user {user}")
         db.delete_user_session_tokens(name)  # browser logins end with the old password
-    print(f"password changed for {user} {IN_STORE}")
+    print(f"password changed for {user} {in_store(cfg)}")
     return 0
 
 
@@ -247,7 +248,7 @@ def cmd_deluser(args: argparse.Namespace, cfg: configmod.Config) -> int:
         if not db.delete_user(name, user, plan.items, plan.outbox):
             raise CtlError(f"no user {user}")
     out_of = f" (out of {len(addrs)} groups)" if addrs else ""
-    print(f"deleted {user}{out_of} {IN_STORE}")
+    print(f"deleted {user}{out_of} {in_store(cfg)}")
     return 0
 
 
@@ -277,7 +278,7 @@ def cmd_suspend(args: argparse.Namespace, cfg: configmod.Config) -> int:
         if not db.suspend_user(name, reason, time.time()):
             raise CtlError(f"no user {user}")
         db.delete_user_session_tokens(name)
-    print(f"suspended {user} {IN_STORE}")
+    print(f"suspended {user} {in_store(cfg)}")
     return 0
 
 

@@ -27,10 +27,12 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "IN_STORE",
+    "IN_STORE_UNREACHABLE",
     "CtlError",
     "ask",
     "by_realm",
     "first_line",
+    "in_store",
     "name_arg",
     "open_db",
     "running_or_fail",
@@ -123,6 +125,16 @@ def name_arg(text: str) -> str:
 
 #: How a change made in the store, not by the realm, is reported.
 IN_STORE = "in the store (the realm is not running)"
+#: ... when the configuration turns the control channel off: the realm may run.
+IN_STORE_UNREACHABLE = (
+    "in the store (the control channel is off: a running realm does not know until "
+    "the name is used again or it restarts)"
+)
+
+
+def in_store(cfg: configmod.Config) -> str:
+    """The words saying a change was made in the store, not by a running realm."""
+    return IN_STORE if cfg.control.enabled else IN_STORE_UNREACHABLE
 
 
 def running_realm(cfg: configmod.Config) -> ControlClient | None:
@@ -175,7 +187,7 @@ def on_realm_or_store(
         with client:
             return live(client), "by the running realm"
     with open_db(cfg) as db:
-        return offline(db), IN_STORE
+        return offline(db), in_store(cfg)
 
 
 def by_realm(closed: int) -> str:

@@ -15,9 +15,9 @@ from typing import Any
 from chatproto import config as configmod
 from chatproto.ctlaccess import (
     EXIT_USAGE,
-    IN_STORE,
     CtlError,
     ask,
+    in_store,
     name_arg,
     on_realm_or_store,
     open_db,
@@ -79,7 +79,7 @@ def cmd_web_logins(args: argparse.Namespace, cfg: configmod.Config) -> int:
                     )
         rows.sort(key=lambda r: (r["user"], r["last_used"]))
     if not rows:
-        print("no browser logins" + ("" if client is not None else f" {IN_STORE}"))
+        print("no browser logins" + ("" if client is not None else f" {in_store(cfg)}"))
         return 0
     print(f"{'USER':<32} {'LOGIN':<12} {'DEVICE':<16} {'SINCE':<16} LAST USED")
     for r in rows:
@@ -118,7 +118,7 @@ def cmd_revoke_logins(args: argparse.Namespace, cfg: configmod.Config) -> int:
                 ended = db.delete_session_tokens(digests)
             else:
                 ended = db.delete_user_session_tokens(name)
-        where = IN_STORE
+        where = in_store(cfg)
     if wanted and ended < len(set(wanted)):
         missing = len(set(wanted)) - ended
         print(f"{_plural(missing, 'login')} of {user} not found (expired or ended already)")

@@ -23,6 +23,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor as _reactor
 
 from chatproto import ctl
+from chatproto.ctlaccess import IN_STORE_UNREACHABLE
 from chatproto.realm import RealmService, StoreChecker
 from chatproto.store.backend import make_store
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
@@ -393,6 +394,13 @@ def test_commands_of_the_running_realm_say_when_the_control_channel_is_off(
             "chatrealmctl: this needs the running realm, reached over its control channel, "
             "which this configuration turns off ([control] enabled = false)\n"
         ), command
+    # what changes the store says it did not reach a realm that may run
+    SQLiteDB(str(tmp_path / "data" / "realm.sqlite3")).close()
+    status, out, err = run(capsys, "--config", str(path), "suspend", "ghost")
+    assert (status, err) == (1, "chatrealmctl: no user ghost@localhost\n")
+    status, out, err = run(capsys, "--config", str(path), "sessions", "web")
+    assert (status, out) == (0, f"no browser logins {IN_STORE_UNREACHABLE}\n"), err
+    assert "a running realm does not know" in IN_STORE_UNREACHABLE
 
 
 def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
