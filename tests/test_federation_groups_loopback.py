@@ -240,3 +240,33 @@ def test_an_admin_on_another_realm_sets_the_groups_settings(tmp_path: Any) -> An
         yield bob.close()
         for n in nodes:
             yield n.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_external_groups_message_from_outside_reaches_a_member_realm(tmp_path: Any) -> Any:
+    """Over real mutual TLS: #dev@h.example is external; stranger of h.example, no
+    member, writes to it; bob of b.example, a member, gets the message (b.example
+    refused it, not_member, while h.example's members had it)."""
+    from tests.fedharness import drained
+
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    got: list[dict[str, Any]] = []
+    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+    stranger = yield connect(_reactor, h.addr, "stranger", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    try:
+        yield owner.create_group("#dev")
+        yield bob.join(GROUP)
+        yield members_when(bob, 2)
+        yield owner.protocol.request("set_group", group="#dev", external=True)
+        yield drained(h)
+        yield stranger.send(GROUP, "from outside")
+        yield until(lambda: any(m.get("body") == "from outside" for m in got))
+        assert [m["from"] for m in got if m.get("body") == "from outside"] == ["stranger@h.example"]
+    finally:
+        yield owner.close()
+        yield stranger.close()
+        yield bob.close()
+        for n in nodes:
+            yield n.stop()

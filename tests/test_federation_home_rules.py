@@ -359,3 +359,28 @@ def test_settings_and_voice_from_the_home_realm_reach_the_mirror(home: Any) -> N
         "b7": "not_member",
     }
     assert realm.groups.get(GROUP).moderated
+
+
+def test_an_external_groups_messages_from_outside_are_relayed_to_member_realms(
+    home: Any,
+) -> None:
+    """A group open to messages from outside (``external``, not moderated) takes a
+    non-member's message at its home realm, which relays it: the member realm stores
+    it too (it refused it, ``not_member``, so its users never saw what the home
+    realm's did).  Not when the mirror says the group is moderated, nor a reaction
+    from outside, nor with no mirror."""
+    realm, clock, link = home
+    User(realm, clock, "dave")
+    joined_dave(realm, link)
+    owner = "owner@a.example"
+    assert link.txn(text("o1", "stranger@a.example", body="before")) == {"o1": "not_member"}
+    assert link.txn(event("s1", owner, event="settings", external=True)) == {}
+    assert link.txn(text("o2", "stranger@a.example", body="from outside")) == {}
+    history = fired(realm.store.history(GROUP, None, None, 10))
+    assert ("stranger@a.example", "from outside") in [(e.sender, e.body) for e in history]
+    assert link.txn(ref("o3", "reaction", "stranger@a.example", "o2", emoji="x")) == {
+        "o3": "not_member"
+    }
+    assert link.txn(event("s2", owner, event="settings", moderated=True)) == {}
+    assert link.txn(text("o4", "stranger@a.example", body="moderated")) == {"o4": "not_member"}
+    assert link.txn(text("o5", "stranger@a.example", "#other@a.example")) == {"o5": "not_member"}

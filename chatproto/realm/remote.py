@@ -245,7 +245,11 @@ class RemoteIntake:
                 meta = _message_meta(kind, meta, body)
             if local:
                 return meta, "echo"
-            if mirror is None or str(sender) not in mirror.members:
+            if mirror is None:
+                return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
+            if str(sender) not in mirror.members and not (
+                kind in ("text", "file") and mirror.external and not mirror.moderated
+            ):  # (an external group takes messages from outside: Groups.check_speaker)
                 return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
             return meta, None
         meta = _event_meta(meta)
