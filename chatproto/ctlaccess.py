@@ -126,10 +126,7 @@ def name_arg(text: str) -> str:
 #: How a change made in the store, not by the realm, is reported.
 IN_STORE = "in the store (the realm is not running)"
 #: ... when the configuration turns the control channel off: the realm may run.
-IN_STORE_UNREACHABLE = (
-    "in the store (the control channel is off: a running realm does not know until "
-    "the name is used again or it restarts)"
-)
+IN_STORE_UNREACHABLE = "in the store (the control channel is off: a running realm is not told)"
 
 
 def in_store(cfg: configmod.Config) -> str:

@@ -400,7 +400,7 @@ def test_commands_of_the_running_realm_say_when_the_control_channel_is_off(
     assert (status, err) == (1, "chatrealmctl: no user ghost@localhost\n")
     status, out, err = run(capsys, "--config", str(path), "sessions", "web")
     assert (status, out) == (0, f"no browser logins {IN_STORE_UNREACHABLE}\n"), err
-    assert "a running realm does not know" in IN_STORE_UNREACHABLE
+    assert "a running realm is not told" in IN_STORE_UNREACHABLE
 
 
 def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
