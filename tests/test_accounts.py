@@ -385,3 +385,40 @@ def test_a_password_checked_before_the_account_changed_opens_nothing(change: str
         hasher.answer()
         session = fired(d)
         assert list(realm.sessions.of("vic@localhost")) == [session]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_login_checked_while_the_account_was_deleted_fails_over_loopback(
+    tmp_path: Any,
+) -> Any:
+    """The same over TCP: the right password of an account deleted while it was being
+    checked gets auth_failed, and the connection may log in as nobody."""
+    from twisted.internet import reactor
+
+    from chatproto.protocol import ClientFactory
+    from chatproto.store.backend import make_store
+    from tests.conftest import raw_client, until
+
+    cfg = fast_config(tmp_path)
+    hasher = HeldHasher()
+    realm = RealmService(cfg, make_store(cfg, reactor), reactor, hasher=hasher)
+    yield realm.startService()
+    port = reactor.listenTCP(0, ClientFactory(realm), interface="127.0.0.1")
+    try:
+        yield realm.create_user("vic", "old password")
+        client = yield raw_client(f"tcp:127.0.0.1:{port.getHost().port}")
+        client.send({"type": "login", "user": "vic", "password": "old password", "id": 1})
+        yield until(lambda: hasher.held)
+        yield realm.delete_user("vic")
+        hasher.answer()
+        reply = yield client.reply(1)
+        assert (reply["type"], reply["code"]) == ("error", "auth_failed")
+        assert list(realm.sessions.of("vic@localhost")) == []
+        client.send({"type": "send", "to": "vic", "body": "x", "id": 2})
+        reply = yield client.reply(2)
+        assert reply["code"] == "not_authenticated"
+        client.transport.loseConnection()
+        yield client.lost
+    finally:
+        yield port.stopListening()
+        yield realm.stopService()
