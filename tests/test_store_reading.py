@@ -288,6 +288,38 @@ def test_sqlite_index_holds_each_items_latest_own_edit(tmp_path: Any) -> None:
     db.close()
 
 
+def test_sqlite_index_step_without_edits_takes_the_items_text(tmp_path: Any) -> None:
+    """A step whose range holds no edit indexes its items' own text without probing
+    for edits (SQLiteDB.index_search); an edit after the range (committed already)
+    is taken by the next step, which re-indexes the item with its latest text."""
+    import attrs
+
+    from chatproto.relations import ref_meta
+
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    a, b = item(BOB, ALICE, "alpha one"), item(BOB, ALICE, "beta one")
+    db.commit_batch([[a, b]], {})
+    edits = [
+        attrs.evolve(item(BOB, ALICE, body, "edit"), meta=ref_meta("edit", a.id))
+        for body in ("alpha two", "alpha three")
+    ]
+    db.commit_batch([edits], {})
+    pa, pb = (db.stored_item(e.id).pos for e in (a, b))  # type: ignore[union-attr]
+
+    def indexed() -> dict[int, str]:
+        return dict(db.conn.execute("SELECT rowid, body FROM items_fts").fetchall())
+
+    assert db.index_search(2) == 2
+    assert indexed() == {pa: "alpha one", pb: "beta one"}  # (no edit in this range)
+    assert db.index_search(2000) == 2 and db.index_search(2000) == 0
+    assert indexed() == {pa: "alpha three", pb: "beta one"}
+    mine = [("user", ALICE, 0)]
+    assert [e.body for e in db.search(["alpha"], mine, None, 10)] == ["alpha three"]
+    assert [e.body for e in db.search(["one"], mine, None, 10)] == ["beta one"]
+    db.close()
+
+
 @pytest.fixture
 def sqlite_store(open_store: Any) -> Any:  # noqa: F811
     return open_store(_sqlite)

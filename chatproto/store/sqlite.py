@@ -383,6 +383,16 @@ _CURRENT_TEXTS = (
 )
 
 
+#: What _CURRENT_TEXTS gives when no edit is in the step's range: the items' own text.
+#: (An edit after the step's last item is taken by a later step's _EDITED_SINCE.)
+_PLAIN_TEXTS = (
+    "SELECT pos, body FROM items WHERE pos > ?1 AND pos <= ?2 AND kind IN ('text', 'file') "
+    "AND body <> ''"
+)
+#: Whether an edit is in a step's range (the rows the step reads anyway).
+_EDIT_IN_RANGE = "SELECT 1 FROM items WHERE pos > ?1 AND pos <= ?2 AND kind = 'edit' LIMIT 1"
+
+
 def _statements(script: str) -> list[str]:
     """The SQL statements of a migration, in order (a trigger's body holds ';')."""
     out: list[str] = []
@@ -1100,7 +1110,11 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 (upto, limit),
             ).fetchone()
             if n:
-                c.execute(f"INSERT INTO items_fts (rowid, body) {_CURRENT_TEXTS}", (upto, top))
+                # each item's latest own edit, probed per item only when the range
+                # holds an edit (~0.2 us per item; most steps hold none)
+                edited = c.execute(_EDIT_IN_RANGE, (upto, top)).fetchone()
+                texts = _CURRENT_TEXTS if edited else _PLAIN_TEXTS
+                c.execute(f"INSERT INTO items_fts (rowid, body) {texts}", (upto, top))
                 # items indexed before and edited since: their latest text (two
                 # statements for all of them, not two per item)
                 latest = dict(c.execute(_EDITED_SINCE, (upto, top)).fetchall())
