@@ -34,6 +34,15 @@ def members_when(conn: Any, n: int, timeout: float = 30.0) -> Any:
     raise AssertionError(f"{GROUP} never had {n} members")
 
 
+@defer.inlineCallbacks
+def stop_all(conns: list[Any], nodes: list[Any]) -> Any:
+    """A test's end: its client connections closed, then its realms stopped."""
+    for conn in conns:
+        yield conn.close()
+    for n in nodes:
+        yield n.stop()
+
+
 @pytest_twisted.inlineCallbacks
 def test_member_realms_see_the_whole_group_and_each_others_presence(tmp_path: Any) -> Any:
     nodes = yield federation(tmp_path, ["h.example", "b.example", "c.example"])
@@ -105,10 +114,7 @@ def test_member_realms_see_the_whole_group_and_each_others_presence(tmp_path: An
         members = yield bob.members(GROUP)
         assert {m["user"]: m["online"] for m in members}["cathy@c.example"] is False
     finally:
-        for conn in conns:
-            yield conn.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all(conns, nodes)
 
 
 @pytest_twisted.inlineCallbacks
@@ -150,10 +156,7 @@ def test_a_remote_members_presence_is_told_once_per_change(tmp_path: Any) -> Any
         yield task.deferLater(_reactor, 0.3, lambda: None)  # anything late would be here
         assert [p for p in heard if p["user"] == "owner@h.example"] == [online]
     finally:
-        for conn in conns:
-            yield conn.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all(conns, nodes)
 
 
 @pytest_twisted.inlineCallbacks
@@ -183,10 +186,7 @@ def test_settings_and_voice_reach_a_member_realm(tmp_path: Any) -> Any:
         yield drained(b)
         assert [m["kind"] for m in got if m["kind"] == "bounce"] == []
     finally:
-        yield owner.close()
-        yield bob.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all([owner, bob], nodes)
 
 
 @pytest_twisted.inlineCallbacks
@@ -204,10 +204,7 @@ def test_a_user_of_another_realm_joins_a_keyed_group_with_its_key(tmp_path: Any)
         members = yield members_when(bob, 2)
         assert sorted(m["user"] for m in members) == ["bob@b.example", "owner@h.example"]
     finally:
-        yield owner.close()
-        yield bob.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all([owner, bob], nodes)
 
 
 @pytest_twisted.inlineCallbacks
@@ -236,10 +233,7 @@ def test_an_admin_on_another_realm_sets_the_groups_settings(tmp_path: Any) -> An
         info = yield bob.group_info(GROUP)
         assert info["moderated"] is True
     finally:
-        yield owner.close()
-        yield bob.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all([owner, bob], nodes)
 
 
 @pytest_twisted.inlineCallbacks
@@ -265,8 +259,4 @@ def test_an_external_groups_message_from_outside_reaches_a_member_realm(tmp_path
         yield until(lambda: any(m.get("body") == "from outside" for m in got))
         assert [m["from"] for m in got if m.get("body") == "from outside"] == ["stranger@h.example"]
     finally:
-        yield owner.close()
-        yield stranger.close()
-        yield bob.close()
-        for n in nodes:
-            yield n.stop()
+        yield stop_all([owner, stranger, bob], nodes)
