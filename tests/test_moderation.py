@@ -316,3 +316,23 @@ def test_a_realm_admin_deletes_any_message_of_a_local_user(moderated: Any) -> No
     realm.store.append([remote])
     err = _ask(*c["alice"], clock, type="delete", msg_id="r-1")
     assert err["code"] == "forbidden"
+
+
+def test_moderation_requests_check_fields_then_the_role(moderated: Any) -> None:
+    """PROTOCOL.md, "Moderation requests": bad_request first, then forbidden."""
+    _realm, clock, c = moderated
+    for conn, req, code in (
+        (c["bob"], {"type": "reports", "limit": 0}, "bad_request"),
+        (c["bob"], {"type": "reports", "before": 0}, "bad_request"),
+        (c["bob"], {"type": "reports"}, "forbidden"),
+        (c["bob"], {"type": "unsuspend"}, "bad_request"),
+        (c["bob"], {"type": "unsuspend", "user": "carol"}, "forbidden"),
+        (c["bob"], {"type": "suspend", "user": "carol", "reason": 5}, "bad_request"),
+        (c["bob"], {"type": "suspend", "user": "carol"}, "forbidden"),
+        (c["alice"], {"type": "reports", "before": 0}, "bad_request"),
+        (c["alice"], {"type": "unsuspend", "user": "x@elsewhere.example"}, "bad_address"),
+    ):
+        reply = _ask(*conn, clock, **req)
+        assert (reply["type"], reply["code"]) == ("error", code), req
+    reply = _ask(*c["alice"], clock, type="unsuspend", user="ghost")
+    assert (reply["type"], reply["was_suspended"]) == ("result", False)
