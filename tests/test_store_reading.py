@@ -716,6 +716,19 @@ def test_the_conversation_list_takes_a_few_statements_whatever_its_length(
     assert statements[0] == statements[1] <= 5
 
 
+def _search_db(tmp_path: Any, backend: str) -> Any:
+    """A migrated SQLiteDB, or PostgresDB in a schema of its own (skipped without a
+    server, outside CI), for the search tests run on both SQL stores."""
+    if backend == "sqlite":
+        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    else:
+        from chatproto.store.postgresql import PostgresDB
+
+        db = PostgresDB(postgresql_or_skip(), pg_schema())
+    db.migrate()
+    return db
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_word_with_a_dotted_capital_i_is_found_before_and_after_it_is_indexed(
     tmp_path: Any, backend: str
@@ -726,13 +739,7 @@ def test_a_word_with_a_dotted_capital_i_is_found_before_and_after_it_is_indexed(
     index's other candidates are matched as before (not "istanbul")."""
     from chatproto.store.reading import search_words
 
-    if backend == "sqlite":
-        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
-    else:
-        from chatproto.store.postgresql import PostgresDB
-
-        db = PostgresDB(postgresql_or_skip(), pg_schema())
-    db.migrate()
+    db = _search_db(tmp_path, backend)
     mine = [("user", ALICE, 0)]
     for body in ("\u0130stanbul trip", "istanbul plain"):
         db.commit_batch([[item(BOB, ALICE, body)]], {})
@@ -759,13 +766,7 @@ def test_a_word_with_a_final_sigma_is_found_before_and_after_it_is_indexed(
     PostgreSQL).  Now the same items either way, on both SQL stores."""
     from chatproto.store.reading import search_words
 
-    if backend == "sqlite":
-        db: Any = SQLiteDB(str(tmp_path / "s.sqlite3"))
-    else:
-        from chatproto.store.postgresql import PostgresDB
-
-        db = PostgresDB(postgresql_or_skip(), pg_schema())
-    db.migrate()
+    db = _search_db(tmp_path, backend)
     mine = [("user", ALICE, 0)]
     for body in ("\u03a3\u039f\u03a6\u039f\u03a3 upper", "\u03c3\u03bf\u03c6\u03bf\u03c2 lower"):
         db.commit_batch([[item(BOB, ALICE, body)]], {})
