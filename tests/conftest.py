@@ -373,3 +373,18 @@ def log_watch() -> Any:
     watch = LogWatch()
     yield watch
     watch.close()
+
+
+def old_sqlite(path: str, version: int) -> Any:
+    """A SQLite database at schema ``version``, as a chatproto of that schema made it
+    (the migrations up to it), for upgrade tests."""
+    import chatproto.store.sqlite as sqlite_module
+
+    db = sqlite_module.SQLiteDB(path)
+    current = sqlite_module.SCHEMA_VERSION
+    sqlite_module.SCHEMA_VERSION = version
+    try:
+        db.migrate()
+    finally:
+        sqlite_module.SCHEMA_VERSION = current
+    return db

@@ -13,11 +13,10 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
-import chatproto.store.sqlite as sqlite_module
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.mentions import mentions
 from chatproto.store.sqlite import SQLiteDB
-from tests.conftest import pg_schema, postgresql_or_skip
+from tests.conftest import old_sqlite, pg_schema, postgresql_or_skip
 from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
@@ -125,21 +124,9 @@ def test_deleting_an_account_deletes_its_markers_and_preferences(store: Any) -> 
     assert (yield store.prefs("read_receipts")) == {}
 
 
-def _old_sqlite(path: str, version: int) -> SQLiteDB:
-    """A database at schema ``version``, as a chatproto of that schema made it."""
-    db = SQLiteDB(path)
-    current = sqlite_module.SCHEMA_VERSION
-    sqlite_module.SCHEMA_VERSION = version
-    try:
-        db.migrate()
-    finally:
-        sqlite_module.SCHEMA_VERSION = current
-    return db
-
-
 def test_sqlite_migration_adds_the_tables(tmp_path: Any) -> None:
     path = str(tmp_path / "old.sqlite3")
-    db = _old_sqlite(path, 12)
+    db = old_sqlite(path, 12)
     assert {"read_markers", "prefs"}.isdisjoint(
         r[0] for r in db.conn.execute("SELECT name FROM sqlite_master")
     )
@@ -192,7 +179,7 @@ def test_search_finds_file_names_and_words_in_any_case(store: Any) -> Any:
 
 def test_sqlite_search_index_is_filled_for_older_items_and_purged(tmp_path: Any) -> None:
     path = str(tmp_path / "old.sqlite3")
-    db = _old_sqlite(path, 13)
+    db = old_sqlite(path, 13)
     db.conn.executemany(  # (the rows of that schema: the conversation's key in each)
         "INSERT INTO items (id, kind, sender, recipient, conv, ts, body) "
         "VALUES (?, 'text', ?, ?, ?, 1700000000.0, ?)",

@@ -21,11 +21,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-import chatproto.store.sqlite as sqlite_module
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store.sqlite import SQLiteDB, SQLiteStore
 from chatproto.store.userconvs import UserConvs, user_conv_rows
-from tests.conftest import pg_schema, postgresql_or_skip
+from tests.conftest import old_sqlite, pg_schema, postgresql_or_skip
 from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
 
 LOCAL = [f"u{k}@localhost" for k in range(14)]
@@ -168,18 +167,6 @@ def test_reads_by_user_are_those_of_the_memory_store(sql_store: Any) -> Any:
         assert got[key] == expected[key], key
 
 
-def _old_schema(path: str, version: int) -> SQLiteDB:
-    """A database at an older schema, as an older chatproto made it."""
-    db = SQLiteDB(path)
-    current = sqlite_module.SCHEMA_VERSION
-    sqlite_module.SCHEMA_VERSION = version
-    try:
-        db.migrate()
-    finally:
-        sqlite_module.SCHEMA_VERSION = current
-    return db
-
-
 @pytest.mark.parametrize("version", [16, 17])
 @pytest_twisted.inlineCallbacks
 def test_an_older_database_upgrades_and_reads_the_same(tmp_path: Any, version: int) -> Any:
@@ -203,7 +190,7 @@ def test_an_older_database_upgrades_and_reads_the_same(tmp_path: Any, version: i
     top = new.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()[0]
     assert top > new.max_pos()
     new.close()
-    old = _old_schema(str(tmp_path / "old.sqlite3"), version)
+    old = old_sqlite(str(tmp_path / "old.sqlite3"), version)
     c = old.conn
     indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     if version == 16:
