@@ -408,6 +408,15 @@ class Config:
         for key in ("max_unauthenticated", "max_unauthenticated_per_address"):
             if getattr(lim, key) < 0:
                 raise ConfigError(f"limits.{key} must be >= 0 (0: no bound)")
+        # A timer this short turns into a busy loop (a ping per connection, a clean-up
+        # pass, a poll of the store... every few microseconds) rather than a setting.
+        for name, value in (
+            ("limits.login_timeout", lim.login_timeout),
+            ("limits.keepalive_interval", lim.keepalive_interval),
+            ("files.cleanup_interval", self.files.cleanup_interval),
+        ):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1 (second), not {value}")
         if lim.max_groups_per_user > 400:
             # one sub-query per group in the backlog query; SQLite caps compound selects
             raise ConfigError("limits.max_groups_per_user must be at most 400")
@@ -553,6 +562,9 @@ class Config:
         for key in ("poll_interval", "heartbeat", "connect_timeout"):
             if not getattr(c, key) > 0:
                 raise ConfigError(f"cluster.{key} must be > 0")
+        for key in ("poll_interval", "heartbeat"):  # (shorter: a busy loop)
+            if getattr(c, key) < 0.1:
+                raise ConfigError(f"cluster.{key} must be at least 0.1 (second)")
         if self.worker is None:
             return
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", self.worker):
@@ -583,8 +595,8 @@ class Config:
             raise ConfigError("federation.port must be between 0 and 65535")
         if f.retry_initial <= 0 or f.retry_max < f.retry_initial:
             raise ConfigError("federation: need 0 < retry_initial <= retry_max")
-        if f.keepalive < 0:
-            raise ConfigError("federation.keepalive must be >= 0 (0: off)")
+        if f.keepalive < 0 or 0 < f.keepalive < 0.1:
+            raise ConfigError("federation.keepalive must be 0 (off) or at least 0.1 (second)")
         if f.idle_after < 0:
             raise ConfigError("federation.idle_after must be >= 0 (0: links never idle)")
         if f.give_up_after < 0:
