@@ -336,3 +336,19 @@ def test_moderation_requests_check_fields_then_the_role(moderated: Any) -> None:
         assert (reply["type"], reply["code"]) == ("error", code), req
     reply = _ask(*c["alice"], clock, type="unsuspend", user="ghost")
     assert (reply["type"], reply["was_suspended"]) == ("result", False)
+
+
+def test_an_admins_unsuspend_logs_a_checked_address_only(moderated: Any, log_watch: Any) -> None:
+    """The user field of unsuspend went into the log before it was checked: a line
+    break in it made a log line of the admin's choosing."""
+    _realm, clock, c = moderated
+    forged = "x\n2026-01-01T00:00:00+0000 [-] login root device x from 10.0.0.1"
+    reply = _ask(*c["alice"], clock, type="unsuspend", user=forged)
+    assert (reply["type"], reply["code"]) == ("error", "bad_address")
+    assert not any("login root" in line for line in log_watch.lines)
+    reply = _ask(*c["alice"], clock, type="unsuspend", user="CAROL")
+    assert reply["type"] == "result"
+    assert any(
+        "realm admin alice@localhost lifts the suspension of carol@localhost" in line
+        for line in log_watch.lines
+    )

@@ -142,14 +142,19 @@ class Moderation:
     def suspend(self, actor: str, user: str, reason: str) -> Any:
         """Admin ``actor`` suspends ``user`` (see :meth:`Admin.suspend`)."""
         self.require_admin(actor)
-        if self._local(user)[1] == actor:
+        canonical = self._local(user)[1]
+        if canonical == actor:
             raise ChatError("bad_request", "an admin cannot suspend themselves")
-        self.log.info("realm admin {actor} suspends {user}", actor=actor, user=user)
+        self.log.info("realm admin {actor} suspends {user}", actor=actor, user=canonical)
         return self._r.admin.suspend(user, reason)
 
     def unsuspend(self, actor: str, user: str) -> Any:
         self.require_admin(actor)
-        self.log.info("realm admin {actor} lifts the suspension of {user}", actor=actor, user=user)
+        # the address checked before it is logged: a client's text never makes a line
+        canonical = self._local(user)[1]
+        self.log.info(
+            "realm admin {actor} lifts the suspension of {user}", actor=actor, user=canonical
+        )
         return self._r.admin.unsuspend(user)
 
     # reports ----------------------------------------------------------------------------
