@@ -422,3 +422,46 @@ def test_a_login_checked_while_the_account_was_deleted_fails_over_loopback(
     finally:
         yield port.stopListening()
         yield realm.stopService()
+
+
+def test_a_failed_login_logs_the_name_it_was_given_without_line_breaks(log_watch: Any) -> None:
+    """A name that is no address went into the log as the client wrote it: a line
+    break (or a bidi override) in it wrote a line of the client's choosing, before
+    any login."""
+    clock = Clock()
+    realm = make_test_realm(clock)
+    proto, transport = connect_string_transport(realm)
+    proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+    forged = "zz\n2026-01-01T00:00:00+0000 [-] login root device x\u202e"
+    for i in range(6):  # failed, then throttled
+        proto.dataReceived(frame({"type": "login", "user": forged, "password": "x" * 8, "id": i}))
+        clock.advance(0)
+    codes = [f.get("code") for f in frames(transport) if f.get("type") == "error"]
+    assert "auth_failed" in codes and "rate_limited" in codes
+    lines = [line for line in log_watch.lines if "login failed" in line or "throttled" in line]
+    assert lines and all("\n" not in line.rstrip("\n") and "\u202e" not in line for line in lines)
+    assert any("'zz\\n2026" in line for line in lines), lines
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failed_login_over_loopback_logs_no_line_break(tmp_path: Any, log_watch: Any) -> Any:
+    from twisted.internet import reactor
+
+    from chatproto.protocol import ClientFactory
+    from tests.conftest import raw_client
+
+    realm = make_realm(fast_config(tmp_path))
+    yield realm.startService()
+    port = reactor.listenTCP(0, ClientFactory(realm), interface="127.0.0.1")
+    try:
+        client = yield raw_client(f"tcp:127.0.0.1:{port.getHost().port}")
+        client.send({"type": "login", "user": "a\r\nFORGED", "password": "x" * 8, "id": 1})
+        reply = yield client.reply(1)
+        assert reply["code"] == "auth_failed"
+        [line] = [line for line in log_watch.lines if "login failed" in line]
+        assert "login failed for 'a\\r\\nforged' from 127.0.0.1" in line
+        client.transport.loseConnection()
+        yield client.lost
+    finally:
+        yield port.stopListening()
+        yield realm.stopService()

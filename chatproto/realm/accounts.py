@@ -33,6 +33,7 @@ from chatproto.errors import ChatError
 from chatproto.ratelimit import FailureThrottle, UserBuckets
 from chatproto.realm.sessions import ISession, Session, check_device
 from chatproto.store import IStore
+from chatproto.text import log_shown
 from chatproto.tokens import SessionToken, TokenChecker, Tokens
 from chatproto.tokens import digest as token_digest
 
@@ -561,7 +562,7 @@ class Accounts:
         wait = max(self._account_throttle.wait(key, now), self._address_throttle.wait(peer, now))
         if wait > 0:
             self.stats.rate_limited("login")
-            self.log.info("login throttled for {user} from {peer}", user=key, peer=peer)
+            self.log.info("login throttled for {user} from {peer}", user=log_shown(key), peer=peer)
             raise ChatError("rate_limited", "too many failed logins", retry_after=round(wait, 3))
         return UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), key
 
@@ -570,7 +571,8 @@ class Accounts:
         self._account_throttle.failed(key, now)
         self._address_throttle.failed(peer, now)
         self.stats.login_failures += 1
-        self.log.info("login failed for {user} from {peer}", user=key, peer=peer)
+        # (the name as the client gave it: not an address when it failed to be one)
+        self.log.info("login failed for {user} from {peer}", user=log_shown(key), peer=peer)
         raise ChatError("auth_failed") from None
 
     @inlineCallbacks
