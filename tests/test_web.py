@@ -515,10 +515,19 @@ def test_websocket_limits_and_bad_frames(web: Web) -> Any:
     yield ws.call("hello", version=1)
     yield ws.call("login")
     yield ws.until(lambda f: f["type"] == "synced")
+    # (a session of the same browser that logged in with a password stays open)
+    by_password = yield web.websocket(cookie)
+    yield by_password.call("hello", version=1)
+    yield by_password.call("login", user="alice", password=PASSWORD)
+    yield by_password.until(lambda f: f["type"] == "synced")
     yield web.request("POST", "/api/logout", {}, cookie=cookie)
     err = yield ws.until(lambda f: f["type"] == "error")
     assert err["code"] == "auth_failed"
     yield ws.closed
+    pong = yield by_password.call("ping")
+    assert pong["type"] == "result"
+    by_password.sendClose()
+    yield by_password.closed
 
 
 @pytest_twisted.inlineCallbacks

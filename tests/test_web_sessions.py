@@ -253,3 +253,33 @@ def test_ctl_lists_and_revokes_browser_logins_running_or_not(
         assert str(r.realm.token_user(cookies[2])) == "hank@localhost"
     finally:
         yield r.stop()
+
+
+def test_logging_a_cookie_out_closes_only_the_sessions_that_logged_in_with_it() -> None:
+    """``close_token`` (the logout of a cookie) closes the WebSocket sessions that
+    logged in with that cookie's token, not one of the same browser (the cookie sent
+    with its handshake) that logged in with a password."""
+    from chatproto.web.gateway import ChatWebSocketFactory
+
+    clock, store = Clock(), MemoryStore()
+    realm = _realm(store, clock)
+    realm.create_user("alice", PASSWORD)
+    token = _issue(realm, "alice", "laptop")
+    ws = ChatWebSocketFactory(realm, lambda *_: True, clock)
+    by_token, t1 = _session(realm, token)
+    by_password, t2 = _session(realm, token)
+    for proto, login in (
+        (by_token, {"type": "login", "id": 2}),
+        (by_password, {"type": "login", "id": 2, "user": "alice", "password": PASSWORD}),
+    ):
+        proto.dataReceived(frame({"type": "hello", "version": 1, "id": 1}))
+        proto.dataReceived(frame(login))
+    clock.advance(0)
+    assert [f.get("user") for f in frames(t1)][1] == "alice@localhost"
+    assert [f.get("user") for f in frames(t2)][1] == "alice@localhost"
+    ws.sessions.connections.update({by_token, by_password})
+    ws.close_token(token)
+    assert t1.disconnecting and frames(t1)[-1]["code"] == "auth_failed"
+    assert not t2.disconnecting
+    by_password.connectionLost(None)
+    by_token.connectionLost(None)

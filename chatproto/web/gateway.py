@@ -79,7 +79,10 @@ class WebSessionProtocol(ClientProtocol):
 
     def handle_login(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if req.get("user") is not None or req.get("password") is not None:
-            return super().handle_login(req)  # a password login, exactly as native
+            # a password login, exactly as native: the browser's cookie has no part
+            # in it, so logging that cookie out does not close it (close_token)
+            self.token = None
+            return super().handle_login(req)
         if self.state != "auth":
             raise ChatError("already_authenticated")
         device = wire.field(req, "device", str, required=False)
@@ -294,7 +297,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         )
 
     def close_token(self, token: str) -> None:
-        """Close the open sessions that logged in with ``token`` (logout)."""
+        """Close the open sessions that logged in with ``token`` (logout); not a
+        session of the same browser that logged in with a password."""
         for proto in list(self.sessions.connections):
             if getattr(proto, "token", None) == token:
                 proto.close_with("auth_failed", "logged out")
