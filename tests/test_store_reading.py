@@ -765,3 +765,18 @@ def test_a_word_with_a_final_sigma_is_found_before_and_after_it_is_indexed(
         while db.index_search(2000):
             pass
     db.close()
+
+
+def test_sqlite_reads_an_ids_alternates_through_the_id_index(tmp_path: Any) -> None:
+    """stored_item_in's alternates are read by the unique id index's range, never by
+    walking the conversation (items_conv): the conversation named is compared after.
+    With ``conv = ?`` in the statement SQLite chose items_conv, so every reference
+    to a missing id a peer named scanned all of a group's items."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    plan = " ".join(
+        str(row[-1])
+        for row in db.conn.execute("EXPLAIN QUERY PLAN " + db.ALTERNATES_SQL, ("a", "b"))
+    )
+    assert "(id>? AND id<?)" in plan and "items_conv" not in plan, plan
+    db.close()

@@ -130,6 +130,9 @@ class ReadingSQL:
     mentions the name given as its one parameter"."""
 
     COLS = "pos, id, kind, sender, recipient, ts, body, meta, sig"
+    #: The items whose id is in a range (the alternates of an id: stored_item_in),
+    #: read through the unique id index.
+    ALTERNATES_SQL = f"SELECT {COLS} FROM items WHERE id >= ? AND id <= ? ORDER BY pos"
 
     @staticmethod
     def conv_sql(key: str) -> str:
@@ -181,12 +184,16 @@ class ReadingSQL:
         if env is not None and env.conversation == conversation:
             return env
         stem = item_id[:40] + "~"
+        # By the id range alone, the conversation compared here: with ``conv = ?`` in
+        # the statement SQLite walks the conversation's items_conv entries instead
+        # (every item of a large group, for each reference a peer names that is not
+        # stored: a peer's cheap way to make this realm scan).
         rows = self._rows(
-            f"SELECT {self.COLS} FROM items WHERE id >= ? AND id <= ? AND conv = "
-            f"{self.conv_sql('?')} ORDER BY pos",
-            (self._text_in(stem + "0" * 16), self._text_in(stem + "f" * 16), conversation),
+            self.ALTERNATES_SQL,
+            (self._text_in(stem + "0" * 16), self._text_in(stem + "f" * 16)),
         )
-        return alternate_of(item_id, [self._item(r) for r in rows], self._id_key())
+        found = [e for e in (self._item(r) for r in rows) if e.conversation == conversation]
+        return alternate_of(item_id, found, self._id_key())
 
     def read_feed(
         self,
