@@ -112,6 +112,33 @@ def test_set_and_get_a_private_marker_by_time(factory: IRCFactory, clock: Clock)
     assert marker(realm, "alice@localhost", conv) == second.pos
 
 
+def test_a_marker_by_time_walks_only_the_items_above_the_marker(
+    factory: IRCFactory, clock: Clock
+) -> None:
+    """The walk back for the newest item before a time (Store.read_position) starts
+    above the user's marker: what lies below cannot move it (markers never go back),
+    and an old time walked every item of the conversation (the whole group, for a
+    large one).  The answers are the same."""
+    realm = factory.realm
+    alice = login(factory, "alice", CAPS)
+    first = post(factory, clock, "bob", "alice", "one", 10.25)
+    post(factory, clock, "bob", "alice", "two", 10.5)
+    alice.lines()
+    floors: list[int] = []
+    read_position = realm.store.read_position
+
+    def spy(conv: str, before_ts: float, floor: int) -> Any:
+        floors.append(floor)
+        return read_position(conv, before_ts, floor)
+
+    realm.store.read_position = spy  # type: ignore[method-assign]
+    alice.send(f"MARKREAD bob {stamp(first)}")
+    assert markreads(alice) == [["bob", stamp(first)]]
+    alice.send("MARKREAD bob timestamp=2025-01-01T00:00:00.000Z")
+    assert markreads(alice) == [["bob", stamp(first)]]
+    assert floors == [0, first.pos]
+
+
 def test_markread_fed_one_byte_at_a_time(factory: IRCFactory, clock: Clock) -> None:
     alice = login(factory, "alice", CAPS)
     env = post(factory, clock, "bob", "alice", "one", 1.5)

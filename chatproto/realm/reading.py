@@ -180,7 +180,11 @@ class Reading:
 
     @inlineCallbacks
     def _mark_until(self, conv: tuple[str, str, Any], session: Session, before_ts: float) -> Any:
-        floor = self._floor(session, conv)
+        # Only items above the user's marker can move it (markers never go back):
+        # the walk back from the newest item stops there, so an old time does not
+        # walk a whole large conversation.
+        markers = yield self._store.read_markers(conv[0])
+        floor = max(self._floor(session, conv), markers.get(session.user_id, 0))
         pos = yield self._store.read_position(conv[0], before_ts, floor)
         result = yield self._mark(session.user_id, conv, pos, session.floor)
         return result
