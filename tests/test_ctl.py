@@ -403,6 +403,15 @@ def test_commands_of_the_running_realm_say_when_the_control_channel_is_off(
     assert "a running realm is not told" in IN_STORE_UNREACHABLE
 
 
+def test_an_empty_data_dir_is_an_error_not_the_default(capsys: Any) -> None:
+    status, out, err = run(capsys, "--data-dir", "", "list-users")
+    assert (status, out, err) == (
+        2,
+        "",
+        "chatrealmctl: configuration: --data-dir: an empty directory name\n",
+    )
+
+
 def test_usage_errors(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.chdir(tmp_path)  # the default data dir is relative to it
     status, _, err = run(capsys)

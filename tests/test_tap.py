@@ -141,6 +141,14 @@ def test_unreadable_config_is_a_usage_error_not_a_traceback(tmp_path: Any) -> No
         options("--config", str(tmp_path))
 
 
+def test_empty_command_line_values_are_errors_not_defaults() -> None:
+    """--realm "$REALM" with REALM unset ran a realm named localhost."""
+    with pytest.raises(usage.UsageError, match=r"^configuration: realm\.name"):
+        options("--realm", "")
+    with pytest.raises(usage.UsageError, match=r"^configuration: --data-dir: an empty"):
+        options("--data-dir", "")
+
+
 def test_bad_command_line_values_are_usage_errors(tmp_path: Any) -> None:
     with pytest.raises(usage.UsageError, match=r"realm\.name"):
         options("--realm", "not a realm")
