@@ -230,6 +230,10 @@ def test_typing_in_the_tui_reaches_an_irc_user(gateway: Any) -> Any:
     alice = ChatController(_reactor, ChatModel())
     yield alice.login(addr, "alice", IRC_PW)
     irc = yield raw_connect(port, "bob", "message-tags", IRC_PW)
+    # Typing goes to synced sessions only, and bob's reads its backlog after 376:
+    # its PONG, held until then, says it is synced (else "active" may be dropped).
+    irc.send("PING synced")
+    yield until(lambda: irc.has("PONG", "localhost", "synced"))
     try:
         alice.open("bob@localhost")
 
