@@ -32,7 +32,7 @@ from chatproto.ops.control import ControlFactory
 from chatproto.ops.service import Operations
 from chatproto.testing import make_test_realm
 from tests.conftest import until
-from tests.test_irc_loopback import irc_client
+from tests.test_irc_loopback import SignOnFailed, irc_client
 from tests.test_web import Web
 
 PW = "password-one"
@@ -314,8 +314,10 @@ def test_a_suspended_user_is_out_everywhere_until_unsuspended(
             yield connect(_reactor, chat, "alice", PW)
         assert e.value.code == "account_suspended"
         irc2 = yield irc_client(r.port("IRCFactory"), "alice", PW)
+        with pytest.raises(SignOnFailed, match="closed before the welcome"):
+            yield irc2.signed_on
         yield irc2.lost
-        assert not irc2.signed_on.called and any("suspended" in line for line in irc2.raw)
+        assert any("suspended" in line for line in irc2.raw)
         response, body = yield web.request("POST", "/api/login", {"user": "alice", "password": PW})
         assert response.code >= 400 and json.loads(body)["code"] == "account_suspended"
         # messages to her are refused

@@ -170,7 +170,8 @@ def test_two_irc_clients_of_one_account_each_get_what_they_missed_over_tcp(
     laptop = yield irc_client(port, "alice", f"alice/laptop:{TCP_PW}")
     phone = yield irc_client(port, "alice", f"alice/phone:{TCP_PW}")
     bob = yield irc_client(port, "bob")
-    yield until(lambda: all(c.signed_on.called for c in (laptop, phone, bob)))
+    for c in (laptop, phone, bob):
+        yield c.signed_on
     bob.msg("alice", "m1")
     bob.msg("alice", "m2")
     yield until(lambda: _got(phone) == ["m1", "m2"] and _got(laptop) == ["m1", "m2"])

@@ -22,8 +22,20 @@ from tests.conftest import fast_config, make_realm, until
 PW = "password-irc"
 
 
+class SignOnFailed(AssertionError):
+    """A :class:`Client` was not signed on: its connection closed first (a refused
+    login), or it waited :attr:`Client.sign_on_timeout` seconds."""
+
+
 class Client(twirc.IRCClient):
-    """An IRCClient that records what it is told."""
+    """An IRCClient that records what it is told.
+
+    ``signed_on`` fires at the welcome (001), or fails with :class:`SignOnFailed`
+    (with the last lines read) when the connection closes first or after
+    ``sign_on_timeout`` seconds: a refused login fails its test, never hangs it."""
+
+    #: Bounded, and long enough for a heavily loaded machine.
+    sign_on_timeout = 30.0
 
     def __init__(self, nick: str, password: str | None) -> None:
         self.nickname = nick
@@ -32,12 +44,33 @@ class Client(twirc.IRCClient):
         self.signed_on: defer.Deferred[None] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.raw: list[str] = []
+        self._sign_on_timer: Any = None
+
+    def connectionMade(self) -> None:
+        self._sign_on_timer = _reactor.callLater(self.sign_on_timeout, self._sign_on_timed_out)
+        super().connectionMade()
+
+    def _sign_on_timed_out(self) -> None:
+        self._sign_on_timer = None
+        self._not_signed_on(f"not signed on within {self.sign_on_timeout:g} s")
+        self.transport.abortConnection()
+
+    def _not_signed_on(self, why: str) -> None:
+        if self._sign_on_timer is not None:
+            self._sign_on_timer.cancel()
+            self._sign_on_timer = None
+        if not self.signed_on.called:
+            last = self.raw[-5:]
+            self.signed_on.errback(SignOnFailed(f"IRC {self.nickname}: {why}; last lines {last}"))
 
     def lineReceived(self, line: bytes) -> None:
         self.raw.append(line.decode("utf-8", "replace"))
         super().lineReceived(line)
 
     def signedOn(self) -> None:
+        if self._sign_on_timer is not None:
+            self._sign_on_timer.cancel()
+            self._sign_on_timer = None
         self.signed_on.callback(None)
 
     def privmsg(self, user: str, channel: str, message: str) -> None:
@@ -60,6 +93,7 @@ class Client(twirc.IRCClient):
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
+        self._not_signed_on("the connection closed before the welcome")
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -226,11 +260,40 @@ def test_irc_clients_dm_and_channel(gateway: Any) -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_wrong_password_over_tcp(gateway: Any) -> None:
+    """A refused login: 464, ERROR, closed; waiting for the sign-on fails at once,
+    saying so, instead of hanging the test."""
     _realm, port, _ = gateway
     client = yield irc_client(port, "alice", "not-the-password")
+    with pytest.raises(SignOnFailed, match=r"closed before the welcome.*ERROR "):
+        yield client.signed_on
     yield client.lost
     assert ("464",) in client.events
     assert any(line.startswith("ERROR ") for line in client.raw)
+
+
+@pytest_twisted.inlineCallbacks
+def test_waiting_for_a_sign_on_that_never_comes_is_bounded() -> None:
+    """A server that accepts and never answers: the sign-on wait fails after
+    ``sign_on_timeout`` seconds and the client hangs up."""
+    silent = _reactor.listenTCP(
+        0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+    )
+    try:
+
+        def client() -> Client:
+            c = Client("alice", PW)
+            c.sign_on_timeout = 0.2
+            return c
+
+        endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", silent.getHost().port)
+        c = yield endpoint.connect(protocol.Factory.forProtocol(client))
+        with pytest.raises(
+            SignOnFailed, match=r"IRC alice: not signed on within 0.2 s; last lines \[\]"
+        ):
+            yield c.signed_on
+        yield c.lost
+    finally:
+        yield silent.stopListening()
 
 
 @pytest_twisted.inlineCallbacks
