@@ -339,13 +339,20 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                             continue
             self.stringReceived(buf[start:offset])
             sends = self._sends  # (a new list once the sends so far were handed on)
-            if self._in_flight >= MAX_IN_FLIGHT and self.state not in _CLOSED:
-                # Enough requests in progress: read no more until answers go out.
-                self._requests_paused = True
-                if not self._reading_paused:
-                    self.transport.pauseProducing()
+            if self._bound_requests():
                 break
         self._unprocessed = buf[offset:]
+
+    def _bound_requests(self) -> bool:
+        """After a frame is handled: with :data:`MAX_IN_FLIGHT` requests in progress,
+        stop reading the connection until answers go out (see :meth:`_request_done`),
+        and say so: the frames read after it wait, unhandled."""
+        if self._in_flight < MAX_IN_FLIGHT or self.state in _CLOSED:
+            return False
+        self._requests_paused = True
+        if not self._reading_paused:
+            self.transport.pauseProducing()
+        return True
 
     def begin_read(self) -> None:
         """Frames until :meth:`end_read` come from one read of the connection: their

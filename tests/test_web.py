@@ -32,6 +32,7 @@ from chatproto.testing import frame, frames, make_test_realm
 from chatproto.web import SESSION_COOKIE, WebSite
 from chatproto.web.gateway import FrameTransport, WebSessionFactory, cookie_value
 from chatproto.web.site import CSP, origin_allowed
+from tests.conftest import until
 
 PASSWORD = "correct horse battery"
 
@@ -1007,3 +1008,118 @@ def test_sends_before_a_binary_message_are_answered_before_it_over_websockets(we
     assert got == ["one", "two"]
     feed = yield web.realm.store.read_feed("bob@localhost", 0, 10)
     assert [e.body for e in feed if e.kind == "text"] == ["one", "two"]
+
+
+def _open_gateway(realm: Any, token: str) -> tuple[Any, Any]:
+    """A ChatWebSocket of ``realm`` on a StringTransport, past the handshake."""
+    from twisted.internet.testing import StringTransport
+
+    from chatproto.web.gateway import ChatWebSocketFactory
+
+    factory = ChatWebSocketFactory(realm, lambda o, h, s: True)
+    ws: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    ws.makeConnection(transport)
+    ws.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Origin: http://chat.test\r\n" + f"Cookie: {SESSION_COOKIE}={token}\r\n\r\n".encode()
+    )
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    transport.clear()
+    return ws, transport
+
+
+@pytest_twisted.inlineCallbacks
+def test_gateway_has_at_most_max_in_flight_requests_over_string_transport(realm: Any) -> Any:
+    """The native bound on requests in progress (MAX_IN_FLIGHT) over the WebSocket
+    gateway: a browser pipelining history requests made the realm start them all at
+    once (every page built before the slow-reader bound sees it).  At the bound the
+    connection is paused, the messages of the read after it wait, in order, and are
+    handled as answers go out (one byte at a time, the same); a binary message among
+    them is refused in its turn, once the requests before it are read."""
+    from chatproto import protocol
+
+    yield realm.create_user("carol", PASSWORD)
+    token, _ = yield realm.issue_token("carol", PASSWORD, "web-c")
+    ws, transport = _open_gateway(realm, token)
+    session = ws.session
+    ws.dataReceived(_ws_frame(b'{"type":"hello","version":1,"id":"h"}'))
+    ws.dataReceived(_ws_frame(b'{"type":"login","id":"l"}'))
+    yield until(lambda: b'"synced"' in transport.value())
+    transport.clear()
+    n = 3 * protocol.MAX_IN_FLIGHT
+    data = b"".join(_ws_frame(b'{"type":"history","id":%d,"with":"carol"}' % i) for i in range(n))
+    for one_byte_at_a_time in (False, True):
+        if one_byte_at_a_time:
+            for k in range(len(data)):
+                ws.dataReceived(data[k : k + 1])
+        else:
+            ws.dataReceived(data)
+        assert session._in_flight == protocol.MAX_IN_FLIGHT
+        assert len(session._waiting) == n - protocol.MAX_IN_FLIGHT
+        assert transport.producerState == "paused"
+        yield until(lambda: len(_ws_messages(transport.value())) == n)
+        assert sorted(f["id"] for f in _ws_messages(transport.value())) == list(range(n))
+        assert transport.producerState == "producing"
+        assert session._in_flight == 0 and not session._waiting
+        transport.clear()
+    # what follows the bound is handled in its turn: here a fatal binary message
+    binary = b"\x82\x80\0\0\0\0"
+    ws.dataReceived(data + binary + _ws_frame(b'{"type":"ping","id":"never"}'))
+    assert session.state == "ready" and len(session._waiting) == n + 2 - protocol.MAX_IN_FLIGHT
+    yield until(lambda: session.state == "closed" or session.state == "closing")
+    got = _ws_messages(transport.value()[: transport.value().rindex(b"\x88")])
+    # (the requests still in progress then go unanswered, as PROTOCOL.md says)
+    answered = {f["id"] for f in got[:-1]}
+    assert answered <= set(range(n)) and len(answered) > n - protocol.MAX_IN_FLIGHT
+    assert got[-1]["type"] == "error" and got[-1]["code"] == "bad_frame"
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    ws.connectionLost(Failure(ConnectionDone()))
+    assert session.state == "closed" and not session._waiting
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_history_over_a_websocket_is_read_max_in_flight_at_a_time(web: Web) -> Any:
+    """A real WebSocket connection pipelining hundreds of history requests in one
+    write, reading nothing meanwhile: the realm works on at most MAX_IN_FLIGHT of them
+    at once and stops reading the socket (the messages of the read it was parsing
+    wait); it reads on as answers go out, and every request is answered."""
+    from chatproto import protocol
+
+    yield web.realm.create_user("bob", PASSWORD)
+    alice = yield _logged_in_websocket(web, "alice")
+    for i in range(3):
+        yield alice.call("send", to="bob", body=f"m{i}")
+    (server,) = [
+        p
+        for p in web.site.ws.sessions.connections
+        if p.session is not None and p.session.user_id == "alice@localhost"
+    ]
+    tcp = server.transport._ws.transport  # the socket under the WebSocket
+    n = 20 * protocol.MAX_IN_FLIGHT
+    ids = set(range(1000, 1000 + n))
+    for i in sorted(ids):  # in one write: autobahn writes as it is asked to
+        alice.send_json({"type": "history", "id": i, "with": "bob", "limit": 2})
+
+    def answered() -> list[Any]:
+        return [f["id"] for f in alice.inbox.pending if f["type"] == "result" and f["id"] in ids]
+
+    peak = paused = 0
+    for _ in range(100_000):
+        if len(answered()) == n:
+            break
+        peak = max(peak, server._in_flight)
+        assert peak <= protocol.MAX_IN_FLIGHT, peak
+        if server._requests_paused:
+            paused += 1
+            assert tcp not in _reactor.getReaders()  # the realm does not read it
+        yield task.deferLater(_reactor, 0, lambda: None)
+    assert sorted(answered()) == sorted(ids)
+    assert peak == protocol.MAX_IN_FLIGHT and paused
+    assert server._in_flight == 0 and not server._requests_paused and not server._waiting
+    alice.inbox.pending.clear()
+    r = yield alice.call("ping")
+    assert r["type"] == "result"

@@ -4,7 +4,8 @@ A browser cannot open a raw TCP connection, so the web listener carries the nati
 protocol over WebSocket (autobahn's Twisted integration) instead of over
 length-prefixed frames.  Nothing else changes: each WebSocket connection gets a
 :class:`WebSessionProtocol`, which *is* the native :class:`ClientProtocol` (same
-handlers, same states, same keepalive sweep, same slow-reader rule), connected to a
+handlers, same states, same keepalive sweep, same slow-reader rule, same bound on
+the requests in progress), connected to a
 :class:`FrameTransport` that turns each length-prefixed frame the protocol writes into
 one WebSocket text message, and each text message received into one frame.  So the
 gateway is a translator, not a second rule set; PROTOCOL.md ("WebSocket transport")
@@ -21,6 +22,7 @@ lists the only differences:
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -36,7 +38,7 @@ from twisted.python.failure import Failure
 from chatproto import wire
 from chatproto.admission import LOGIN_MAX_FRAME
 from chatproto.errors import ChatError, FatalProtocolError
-from chatproto.protocol import ClientFactory, ClientProtocol
+from chatproto.protocol import _CLOSED, ClientFactory, ClientProtocol
 from chatproto.realm import RealmService
 
 __all__ = [
@@ -76,6 +78,47 @@ class WebSessionProtocol(ClientProtocol):
 
     token: str | None = None
     protocol_name = "web"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Messages received after the session stopped reading (MAX_IN_FLIGHT
+        #: requests in progress), in order: the rest of the read that was being
+        #: parsed when it paused the connection, no more.
+        self._waiting: deque[tuple[bytes, bool]] = deque()
+
+    def message_received(self, payload: bytes, is_binary: bool) -> None:
+        """One WebSocket message: a frame, handled as a native session's, or left
+        waiting (in order) while :data:`chatproto.protocol.MAX_IN_FLIGHT` requests
+        are in progress: autobahn parses every message of a read at once, so they
+        cannot be left unread as a native connection leaves its bytes."""
+        if self._requests_paused or self._waiting:
+            self._waiting.append((payload, is_binary))
+            return
+        self._message(payload, is_binary)
+        self._bound_requests()
+
+    def _message(self, payload: bytes, is_binary: bool) -> None:
+        if is_binary:
+            self.refuse(FatalProtocolError("bad_frame", "binary WebSocket messages are not used"))
+            return
+        if len(payload) > self.MAX_LENGTH:
+            self.lengthLimitExceeded(len(payload))
+            return
+        self.stringReceived(payload)
+
+    def _frames(self, data: bytes) -> None:
+        # Answers went out (_request_done reads on with b""): first the messages that
+        # waited, then (for sessions driven with length-prefixed frames, as tests do)
+        # the native way.
+        waiting = self._waiting
+        while waiting and not self._requests_paused and self.state not in _CLOSED:
+            self._message(*waiting.popleft())
+            self._bound_requests()
+        super()._frames(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._waiting.clear()
+        super().connectionLost(reason)
 
     def handle_login(self, req: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if req.get("user") is not None or req.get("password") is not None:
@@ -136,6 +179,18 @@ class FrameTransport:
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
+
+    def pauseProducing(self) -> None:
+        """Stop reading the connection (the session has enough requests in progress,
+        or upload bytes to write)."""
+        t: Any = self._ws.transport
+        if t is not None:
+            t.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        t: Any = self._ws.transport
+        if t is not None:
+            t.resumeProducing()
 
     def writable(self) -> None:
         """The peer reads again (the session's output is no longer held)."""
@@ -233,17 +288,8 @@ class ChatWebSocket(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
-        if session is None:
-            return
-        if isBinary:
-            session.refuse(
-                FatalProtocolError("bad_frame", "binary WebSocket messages are not used")
-            )
-            return
-        if len(payload) > session.MAX_LENGTH:
-            session.lengthLimitExceeded(len(payload))
-            return
-        session.stringReceived(payload)
+        if session is not None:
+            session.message_received(payload, isBinary)
 
     def onPing(self, payload: bytes) -> None:
         # autobahn writes a pong for every ping, past the session's output bound: a
