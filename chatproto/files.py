@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -339,6 +340,9 @@ class FileService:
         self._blob_lock = DeferredLock()
         self._cleanup = LoopingCall(self.cleanup)
         self._cleanup.clock = realm.clock
+        #: file id -> what stops each client download of it in progress (see
+        #: :meth:`reading` and :meth:`withdraw`)
+        self._reading: dict[str, set[Callable[[], None]]] = {}
 
     # lifecycle ----------------------------------------------------------------------
 
@@ -749,6 +753,27 @@ class FileService:
             self.log.error("file {file}: blob {sha} is missing", file=file_id, sha=info.sha256)
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
         return Download(self.store, info, offset, length, self.realm.stats)
+
+    def reading(self, file_id: str, stop: Callable[[], None]) -> Callable[[], None]:
+        """Note a download of ``file_id`` in progress: ``stop`` is called if the file
+        is deleted before it ends (see :meth:`withdraw`).  Returns what to call once
+        the download ends (finished, cancelled or stopped)."""
+        self._reading.setdefault(file_id, set()).add(stop)
+
+        def ended() -> None:
+            stops = self._reading.get(file_id)
+            if stops is not None:
+                stops.discard(stop)
+                if not stops:
+                    del self._reading[file_id]
+
+        return ended
+
+    def withdraw(self, file_id: str) -> None:
+        """The file ``file_id`` was deleted: its downloads in progress stop (a deleted
+        file's bytes are not sent any more, even to a download begun before)."""
+        for stop in list(self._reading.pop(file_id, ())):
+            stop()
 
     # federation ---------------------------------------------------------------------
 

@@ -1157,23 +1157,30 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             sink = DataSink(self._write, wire.OP_DOWNLOAD, stream, dl.offset, chunk)
             sink.paused = self._out.blocked
             self._download_sinks[stream] = sink
+            ended = self.factory.realm.files.reading(
+                dl.info.file_id, lambda: self._download_withdrawn(sink, dl.info.file_id)
+            )
             # The result goes out first, then the data frames.
-            self.factory.clock.callLater(0, self._start_download, dl, sink)
+            self.factory.clock.callLater(0, self._start_download, dl, sink, ended)
             return {**dl.info.to_wire(), "offset": dl.offset, "length": dl.length, "stream": stream}
 
         return d.addCallback(opened)
 
-    def _start_download(self, dl: Download, sink: DataSink) -> None:
-        """Stream the download's data frames, unless it was cancelled or the
-        connection is closed or closing (waiting for its sends' answers before a
-        fatal error: nothing but those answers and the error goes out any more)."""
+    def _start_download(self, dl: Download, sink: DataSink, ended: Any) -> None:
+        """Stream the download's data frames, unless it was cancelled (or its file
+        deleted) or the connection is closed or closing (waiting for its sends'
+        answers before a fatal error: nothing but those answers and the error goes out
+        any more).  ``ended`` tells the realm's files once it is over."""
         if self._download_sinks.get(sink.stream) is not sink:
+            ended()
             return
         if self.state in _CLOSED:
             del self._download_sinks[sink.stream]  # (nothing was opened for it yet)
+            ended()
             return
 
         def done(result: Any) -> None:
+            ended()
             self._download_sinks.pop(sink.stream, None)
             if isinstance(result, Failure) and self.state != "closed":
                 if not result.check(ConnectionDone):  # not a download_cancel
@@ -1185,6 +1192,20 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                     )
 
         dl.start(sink).addBoth(done)
+
+    def _download_withdrawn(self, sink: DataSink, file_id: str) -> None:
+        """The file of a download in progress was deleted: no more of its bytes go
+        out; the download ends with ``no_such_file`` (with its ``stream``)."""
+        if self._download_sinks.get(sink.stream) is not sink:
+            return
+        del self._download_sinks[sink.stream]
+        sink.stop()
+        if self.state not in _CLOSED:
+            self.send_frame(
+                wire.error_frame(
+                    "no_such_file", f"file {file_id} was deleted", None, stream=sink.stream
+                )
+            )
 
     def handle_download_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
         stream = wire.integer(req, "stream", 1, 2**32 - 1)

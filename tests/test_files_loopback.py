@@ -387,3 +387,41 @@ def test_client_service_resumes_transfers_across_reconnects(server: Any, tmp_pat
     finally:
         yield alice.stopService()
         yield bob.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
+    server: Any, tmp_path: Path
+) -> Any:
+    """Bob downloads a large file and reads slowly (stops reading); meanwhile alice
+    deletes it.  The realm kept sending its bytes to the end; now it stops: the
+    download fails with no_such_file (for its stream) once bob reads again, having
+    received a part of the file only, and the connection stays open."""
+    _realm, factory, addr = server
+    alice, bob = yield _users(addr, "alice", "bob")
+    size = 16 * MiB
+    src = _file(tmp_path, "large", size)
+    r = yield alice.send_file("bob", str(src))
+    server_side = next(p for p in factory.connections if p.session.user_id == "bob@localhost")
+    for sock, opt in (
+        (bob.protocol.transport.getHandle(), socket.SO_RCVBUF),
+        (server_side.transport.getHandle(), socket.SO_SNDBUF),
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
+    d = bob.download(r["file"], str(tmp_path / "large.down"))
+    yield until(lambda: bob.protocol._receivers)
+    bob.protocol.transport.pauseProducing()  # bob stops reading, mid-file
+    yield until(lambda: server_side._out.blocked)
+    (sink,) = server_side._download_sinks.values()
+    yield alice.delete(r["msg_id"])
+    assert not server_side._download_sinks  # stopped at once
+    sent = sink.offset
+    bob.protocol.transport.resumeProducing()
+    with pytest.raises(RemoteError) as e:
+        yield d
+    assert e.value.code == "no_such_file"
+    assert sent < size and sink.offset == sent
+    pong = yield bob.protocol.request("ping")
+    assert pong["type"] == "result"
+    yield alice.close()
+    yield bob.close()

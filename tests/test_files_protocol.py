@@ -239,3 +239,72 @@ def test_decode_data_never_crashes(payload: bytes) -> None:
         assert e.code == "bad_frame"
     else:
         assert wire.encode_data(op, stream, offset, data) == payload
+
+
+def test_a_download_streaming_when_its_file_is_deleted_stops_with_no_such_file(
+    realm: Any, clock: Clock
+) -> None:
+    """A file deleted (``delete`` of its message by its sender) while a download of
+    it streams: the download kept sending the deleted file's bytes to the end.  Now no
+    more of them go out; the download ends with an error frame ``no_such_file``
+    naming its stream, and the connection stays open."""
+    from twisted.internet.defer import Deferred
+
+    from chatproto.transfer import BLOCK
+
+    alice = Conn(realm, clock, "alice")
+    bob = Conn(realm, clock, "bob")
+    chunk = realm.config.files.chunk_size
+    data = os.urandom(4 * BLOCK)
+    sha = hashlib.sha256(data).hexdigest()
+    r = alice.req("file_offer", to="bob", name="x.bin", size=len(data), sha256=sha)
+    alice.feed(
+        b"".join(
+            data_frame(wire.OP_UPLOAD, r["stream"], i, data[i : i + chunk])
+            for i in range(0, len(data), chunk)
+        )
+    )
+    done = alice.req("file_finish", upload=r["upload"])
+    bob.read()
+    # disk reads of downloads now wait to be run here: one block at a time
+    reads: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run(fn: Any, *args: Any) -> Deferred[Any]:
+        reads.append((Deferred(), fn, args))
+        return reads[-1][0]
+
+    def step() -> None:
+        d, fn, args = reads.pop(0)
+        d.callback(fn(*args))
+
+    realm.files.store.run = run
+    bob.proto.dataReceived(frame({"type": "download", "id": "dl", "file": done["file"]}))
+    step()  # (is the blob there)
+    clock.advance(0)  # the result went out: the data frames follow
+    step()  # the first block
+    control, got = bob.read()
+    [d] = [f for f in control if f.get("id") == "dl"]
+    assert 0 < len(got) * chunk < len(data)  # streaming, not finished
+    alice.proto.dataReceived(frame({"type": "delete", "id": "del", "msg_id": done["msg_id"]}))
+    clock.advance(0)
+    [deleted] = [f for f in alice.read()[0] if f.get("id") == "del"]
+    assert deleted["type"] == "result"
+    for _ in range(10):
+        if reads:
+            step()
+    assert not reads
+    control, more = bob.read()
+    errors = [f for f in control if f["type"] == "error"]
+    assert errors == [
+        {
+            "type": "error",
+            "code": "no_such_file",
+            "message": f"file {done['file']} was deleted",
+            "stream": d["stream"],
+        }
+    ]
+    assert not more  # not one byte more
+    assert len(got + more) * chunk < len(data)
+    assert not bob.proto._download_sinks and not realm.files._reading
+    assert bob.req("ping")["type"] == "result"  # the connection stays open
+    assert bob.req("download", file=done["file"])["code"] == "no_such_file"

@@ -227,8 +227,9 @@ class Relations:
                     "forbidden", "only its sender, or an admin of its group, may delete it"
                 )
             self.deleting(t.id)
+            meta = dict(t.meta or {})  # (as it is before the commit wipes it)
             d = self._commit(user, t, "delete", "", ref_meta("delete", t.id))
-            return d.addCallback(self.deleted, t)
+            return d.addCallback(self.deleted, t, meta)
 
         return self.target(session, msg_id).addCallback(check)
 
@@ -264,8 +265,9 @@ class Relations:
                 sender=t.sender,
                 to=t.recipient,
             )
+        meta = dict(t.meta or {})  # (as it is before the commit wipes it)
         d = self._commit(author, t, "delete", "", ref_meta("delete", t.id))
-        return d.addCallback(self.deleted, t)
+        return d.addCallback(self.deleted, t, meta)
 
     def _may_delete(self, t: Envelope, user: str) -> bool:
         """:func:`may_delete` with ``user``'s role in ``t``'s group as this realm
@@ -329,11 +331,17 @@ class Relations:
             raise ChatError("limit_reached", f"{env.sender} made {MAX_CHANGES} changes to {ref}")
         return t
 
-    def deleted(self, env: Any, target: Envelope) -> Any:
-        """The delete of ``target`` is committed: a file's bytes go if no file refers
-        to them any more (quota is counted from the file records, freed already)."""
-        if target.kind == "file" and target.meta is not None:
-            sha = target.meta.get("sha256")
+    def deleted(self, env: Any, target: Envelope, meta: dict[str, Any] | None = None) -> Any:
+        """The delete of ``target`` is committed: a file's downloads in progress stop,
+        and its bytes go if no file refers to them any more (quota is counted from the
+        file records, freed already).  ``meta``: the target's as it was before the
+        delete (a store may have wiped the very object it holds); default its own."""
+        meta = meta if meta is not None else target.meta
+        if target.kind == "file" and meta is not None:
+            file_id = meta.get("file_id")
+            if isinstance(file_id, str):
+                self._realm.files.withdraw(file_id)
+            sha = meta.get("sha256")
             if isinstance(sha, str):
                 d = self._realm.files.drop_blob(sha)
                 d.addErrback(
