@@ -45,6 +45,7 @@ from chatproto.realm.messaging import SendRequest
 from chatproto.transfer import ConnectionDone, DataSink
 
 __all__ = [
+    "CLOSED_STATES",
     "ClientFactory",
     "ClientProtocol",
     "delivery_frame",
@@ -78,8 +79,9 @@ MAX_IN_FLIGHT = 16
 #: Requests that are never answered, except by an error.
 _SILENT = frozenset({"ack", "pong"})
 #: States in which nothing more is read: "closing" waits for the answers of sends
-#: read before a fatal frame (ClientProtocol.refuse), then closes.
-_CLOSED = frozenset({"closed", "closing"})
+#: read before a fatal frame (ClientProtocol.refuse), then closes.  (Public: the
+#: WebSocket gateway's session, a ClientProtocol, reads by the same rule.)
+CLOSED_STATES = frozenset({"closed", "closing"})
 
 
 def delivery_frame(env: Envelope) -> bytes:
@@ -274,7 +276,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         self.factory.authenticated(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return  # closing: nothing more is read (or buffered)
         self.begin_read()
         try:
@@ -347,7 +349,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         """After a frame is handled: with :data:`MAX_IN_FLIGHT` requests in progress,
         stop reading the connection until answers go out (see :meth:`_request_done`),
         and say so: the frames read after it wait, unhandled."""
-        if self._in_flight < MAX_IN_FLIGHT or self.state in _CLOSED:
+        if self._in_flight < MAX_IN_FLIGHT or self.state in CLOSED_STATES:
             return False
         self._requests_paused = True
         if not self._reading_paused:
@@ -627,7 +629,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         )
 
     def stringReceived(self, payload: bytes) -> None:
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
@@ -712,7 +714,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if not self._requests_paused or self._in_flight >= MAX_IN_FLIGHT:
             return
         self._requests_paused = False
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return
         if not self._reading_paused:
             self.transport.resumeProducing()
@@ -738,7 +740,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if not isinstance(err, FatalProtocolError):
             self.send_error(err, rid)
             return
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return
         self.log.info(
             "closing {peer}: {code} {message}",
@@ -1174,7 +1176,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         if self._download_sinks.get(sink.stream) is not sink:
             ended()
             return
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             del self._download_sinks[sink.stream]  # (nothing was opened for it yet)
             ended()
             return
@@ -1200,7 +1202,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             return
         del self._download_sinks[sink.stream]
         sink.stop()
-        if self.state not in _CLOSED:
+        if self.state not in CLOSED_STATES:
             self.send_frame(
                 wire.error_frame(
                     "no_such_file", f"file {file_id} was deleted", None, stream=sink.stream

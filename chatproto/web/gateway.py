@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from chatproto import wire
 from chatproto.admission import LOGIN_MAX_FRAME
 from chatproto.errors import ChatError, FatalProtocolError
-from chatproto.protocol import _CLOSED, ClientFactory, ClientProtocol
+from chatproto.protocol import CLOSED_STATES, ClientFactory, ClientProtocol
 from chatproto.realm import RealmService
 
 __all__ = [
@@ -111,7 +111,7 @@ class WebSessionProtocol(ClientProtocol):
         # waited, then (for sessions driven with length-prefixed frames, as tests do)
         # the native way.
         waiting = self._waiting
-        while waiting and not self._requests_paused and self.state not in _CLOSED:
+        while waiting and not self._requests_paused and self.state not in CLOSED_STATES:
             self._message(*waiting.popleft())
             self._bound_requests()
         super()._frames(data)
