@@ -33,7 +33,6 @@ from chatproto.address import GUEST_PREFIX, normalise_realm, reserved_name
 from chatproto.ctlaccess import (  # noqa: F401  (EXIT_FAILED: part of ctl's API)
     EXIT_FAILED,
     EXIT_USAGE,
-    IN_STORE,
     CtlError,
     in_store,
     on_realm_or_store,
