@@ -762,6 +762,7 @@ def test_uploads_are_checked_like_native_ones(web: Web) -> Any:
     # wrong digest: nothing stored
     response, res = yield _upload(web, ca, "bob", b"hello", sha256="0" * 64)
     assert response.code == 422 and res["code"] == "checksum_mismatch"
+    assert response.phrase == b"Unprocessable Content"  # (not twisted.web's Unknown Status)
     assert not files.uploads
     # not logged in, foreign origin, unknown recipient, a group one is not in
     response, res = yield _upload(web, "bogus", "bob", b"hello")
