@@ -230,6 +230,7 @@ class CertTransport(StringTransport):
             with open(cert_path, "rb") as f:
                 self._cert = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
         self.chain_error = chain_error
+        self.chain_checked = True  # (a handshake that checked the chain: _record_verify)
 
     def getPeerCertificate(self) -> Any:
         return self._cert

@@ -43,7 +43,7 @@ def _record_verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: 
     if transport is None:
         return True
     transport.chain_checked = True
-    if not ok and getattr(transport, "chain_error", None) is None:
+    if not ok and transport.chain_error is None:
         transport.chain_error = _VERIFY_ERRORS.get(errno, f"verify error {errno}")
     return True
 
@@ -122,6 +122,8 @@ class FederationTLS:
 
 def peer_refusal(transport: Any, realm: str, cfg: Federation) -> str | None:
     """Why the TLS peer on ``transport`` may not speak for ``realm``, or None.
+    ``transport`` is a TLS connection made by this module's connection creator
+    (which sets its ``chain_checked`` and ``chain_error``), or None.
 
     Checks, in order: a certificate was presented, and checked in this very handshake
     (not one of a resumed TLS session, whose chain no one checked here); it names
@@ -132,7 +134,7 @@ def peer_refusal(transport: Any, realm: str, cfg: Federation) -> str | None:
     peer_cert = transport.getPeerCertificate() if transport is not None else None
     if peer_cert is None:
         return "presented no certificate"
-    if getattr(transport, "chain_checked", True) is False:
+    if not transport.chain_checked:
         return "resumed a TLS session (its certificate was not checked in this handshake)"
     cert: x509.Certificate = peer_cert.to_cryptography()
     try:
@@ -154,7 +156,7 @@ def peer_refusal(transport: Any, realm: str, cfg: Federation) -> str | None:
         return None
     if not cfg.ca:
         return "no trust for this realm (no CA bundle and no pinned fingerprint)"
-    error = getattr(transport, "chain_error", None)
+    error = transport.chain_error
     if error:
         return f"certificate not trusted: {error}"
     return None
