@@ -80,7 +80,9 @@ MAX_IN_FLIGHT = 16
 _SILENT = frozenset({"ack", "pong"})
 #: States in which nothing more is read: "closing" waits for the answers of sends
 #: read before a fatal frame (ClientProtocol.refuse), then closes.  (Public: the
-#: WebSocket gateway's session, a ClientProtocol, reads by the same rule.)
+#: WebSocket gateway's session, a ClientProtocol, reads by the same rule, and the IRC
+#: gateway's connection, whose "closing" writes the replies of the lines read before
+#: the one that ends it: IRCProtocol.close_after.  ClientFactory.sweep ends both.)
 CLOSED_STATES = frozenset({"closed", "closing"})
 
 

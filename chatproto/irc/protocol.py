@@ -58,6 +58,7 @@ from chatproto.irc.modes import settings_modes
 from chatproto.irc.reading import READ_MARKER, MarkerState
 from chatproto.irc.registration import CAPABILITIES, DEVICE
 from chatproto.irc.replies import ERROR_NUMERICS, Direct, PendingSend, Reply
+from chatproto.protocol import CLOSED_STATES
 from chatproto.ratelimit import TokenBucket
 from chatproto.realm import MAX_STATUS_TEXT, ISessionMind, Notice, RealmService, Session
 from chatproto.realm.messaging import SendRequest
@@ -80,10 +81,6 @@ BARRIERS = frozenset({"JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 
 #: Commands whose sends are batched per read (see IRCProtocol.queue_send).
 _BATCHED = frozenset({"PRIVMSG", "NOTICE"})
-#: States in which no more lines are handled: "closing" writes the replies of the
-#: lines read before the one that ends the connection (QUIT, a line too long), then
-#: the ERROR (IRCProtocol.close_after).
-_CLOSED = frozenset({"closed", "closing"})
 #: Stands in the line queues for a line too long to keep (no line holds a newline).
 _TOO_LONG = b"\n"
 
@@ -333,7 +330,7 @@ class IRCProtocol(LineOnlyReceiver):
         bounded: the keepalive sweep (:meth:`chatproto.protocol.ClientFactory.sweep`)
         calls :meth:`finish_closing` once it has lasted ``keepalive_interval``.  A
         ``quit`` acknowledges what was written to the client when it closes."""
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return
         if self._sends:
             self.flush_sends()  # the sends read before it go to the realm now
@@ -683,7 +680,7 @@ class IRCProtocol(LineOnlyReceiver):
         per line than through :meth:`lineReceived`).  The PRIVMSG/NOTICE lines of
         one read are one batch for the realm (one append, one delivery burst: see
         Messaging.send_batch); the read is the client's activity (keepalive)."""
-        if self._stopped or self.state in _CLOSED:
+        if self._stopped or self.state in CLOSED_STATES:
             return  # nothing more is read (or buffered)
         self.last_rx = self.factory.clock.seconds()
         self.pinged = False
@@ -695,7 +692,7 @@ class IRCProtocol(LineOnlyReceiver):
             handle = self._handle if self._bucket is None else self.lineReceived
             for line in lines:
                 # a line may have closed the connection: what follows it is dropped
-                if transport.disconnecting or self.state in _CLOSED:
+                if transport.disconnecting or self.state in CLOSED_STATES:
                     return
                 if len(line) > self.MAX_LENGTH:
                     self.lineLengthExceeded(line)
@@ -861,7 +858,7 @@ class IRCProtocol(LineOnlyReceiver):
             ctx.finish()
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state in _CLOSED:
+        if self.state in CLOSED_STATES:
             return
         if self._bucket is not None:
             if self._queue or self._bucket.take(self.factory.clock.seconds()):
@@ -890,7 +887,7 @@ class IRCProtocol(LineOnlyReceiver):
         assert self._bucket is not None
         own = self._open_batch()
         try:
-            while self._queue and self.state not in _CLOSED:
+            while self._queue and self.state not in CLOSED_STATES:
                 if self._bucket.take(self.factory.clock.seconds()):
                     self._schedule_drain()
                     return
@@ -898,7 +895,7 @@ class IRCProtocol(LineOnlyReceiver):
         finally:
             if own:
                 self._end_batch()
-        if self.state not in _CLOSED and not self._after_barrier:
+        if self.state not in CLOSED_STATES and not self._after_barrier:
             self.transport.resumeProducing()
 
     def _handle(self, raw: bytes) -> None:
@@ -1013,12 +1010,12 @@ class IRCProtocol(LineOnlyReceiver):
         waiting = self._after_barrier
         own = self._open_batch()
         try:
-            while waiting and not self._barrier and self.state not in _CLOSED:
+            while waiting and not self._barrier and self.state not in CLOSED_STATES:
                 self._handle(waiting.popleft())
         finally:
             if own:
                 self._end_batch()
-        if not waiting and self.state not in _CLOSED and not self._queue:
+        if not waiting and self.state not in CLOSED_STATES and not self._queue:
             self.transport.resumeProducing()
         return result
 
