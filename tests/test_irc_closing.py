@@ -177,7 +177,7 @@ def test_echoes_then_error_over_tcp(gateway: Any, closing: str) -> Any:  # noqa:
         f"PRIVMSG bob :one\r\n@label=x PRIVMSG bob :two\r\n{closing}\r\n"
         "PRIVMSG bob :after\r\n".encode()
     )
-    yield a.lost
+    yield until(lambda: a.lost.called)  # the server closes it (bounded: until's 10 s)
     error = (
         "Closing link: alice (Quit: bye)"
         if closing.startswith("QUIT")
@@ -188,8 +188,16 @@ def test_echoes_then_error_over_tcp(gateway: Any, closing: str) -> Any:  # noqa:
         "@label=x :alice!u@localhost PRIVMSG bob :two",
         f"ERROR :{error}",
     ]
-    yield until(lambda: len([line for line in b.lines if "PRIVMSG" in line]) >= 2)
+
+    def dms() -> list[str]:  # (not the 005 line, which names PRIVMSG too)
+        return [line for line in b.lines if " PRIVMSG bob :" in line]
+
+    yield until(lambda: len(dms()) >= 2)
     page = yield realm.store.read_feed("bob@localhost", 0, 100)
     assert [e.body for e in page if e.kind == "text"] == ["one", "two"]  # not "after"
+    assert dms() == [
+        ":alice!u@localhost PRIVMSG bob :one",
+        ":alice!u@localhost PRIVMSG bob :two",
+    ]
     b.transport.loseConnection()
     yield b.lost
