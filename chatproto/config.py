@@ -17,6 +17,7 @@ import attrs
 
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
+from chatproto.wire import MAX_INT  # (the largest integer a key takes: hello sends limits)
 
 __all__ = [
     "DEFAULT_FEDERATION_PORT",
@@ -53,8 +54,6 @@ DEFAULT_TLS_PORT = 7421
 DEFAULT_FEDERATION_PORT = 7422
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_IRC_LISTEN = "tcp:6667:interface=127.0.0.1"
-#: The largest integer a key takes (the protocol's: a JSON number clients read exactly).
-MAX_INT = 2**53 - 1
 #: The longest UNIX socket path (sun_path holds 108 bytes with the final NUL on Linux).
 MAX_SOCKET_PATH = 107
 #: A PostgreSQL schema name the store accepts (created if missing; quoted anyway).
