@@ -26,6 +26,7 @@ __all__ = [
     "MIN_TS",
     "Envelope",
     "alternate_id",
+    "alternate_range",
     "conversation_key",
     "new_message_id",
     "new_message_ids",
@@ -103,9 +104,25 @@ def alternate_id(env: Envelope, key: bytes) -> str:
     digest = hashlib.blake2b(
         f"{env.id} {env.sender} {env.recipient}".encode("utf-8", "surrogatepass"),
         key=key,
-        digest_size=8,
+        digest_size=_ALT_DIGEST,
     ).hexdigest()
-    return f"{env.id[:40]}~{digest}"
+    return _alternate_stem(env.id) + digest
+
+
+#: Bytes of an alternate id's digest (twice as many hex digits).
+_ALT_DIGEST = 8
+
+
+def _alternate_stem(item_id: str) -> str:
+    return f"{item_id[:40]}~"
+
+
+def alternate_range(item_id: str) -> tuple[str, str]:
+    """The lowest and the highest id :func:`alternate_id` can give an item sent as
+    ``item_id`` (whatever its conversation and key): a store looks for its
+    alternates between the two."""
+    stem = _alternate_stem(item_id)
+    return stem + "0" * (2 * _ALT_DIGEST), stem + "f" * (2 * _ALT_DIGEST)
 
 
 def remote_ts(value: Any, now: float) -> float:

@@ -20,11 +20,20 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from zope.interface.verify import verifyObject
 
-from chatproto.envelope import Envelope, conversation_key, new_message_id, new_message_ids
+from chatproto.envelope import (
+    Envelope,
+    alternate_id,
+    alternate_range,
+    conversation_key,
+    new_message_id,
+    new_message_ids,
+)
 from chatproto.store import IStore, UserExists
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
@@ -124,6 +133,21 @@ def test_remote_items_cannot_take_each_others_ids(store: Any) -> Any:
     twin = Envelope("shared-id", "text", "alice@c.example", CAROL, 2.0, "the real one")
     other.append_remote([twin])
     assert twin.id.startswith("shared-id~") and twin.id != real.id
+
+
+@given(st.text(min_size=1, max_size=80), st.text(max_size=10), st.binary(max_size=32))
+def test_an_alternate_id_is_in_the_range_its_stores_read(
+    item_id: str, who: str, key: bytes
+) -> None:
+    """Every alternate of an id lies in alternate_range(id), the range stored_item_in
+    reads (an alternate outside it would never be found), and not the range of an
+    id that differs from it in its first character."""
+    env = Envelope(item_id, "text", who, who + "x", 1.0, "")
+    alt = alternate_id(env, key)
+    lo, hi = alternate_range(item_id)
+    assert lo <= alt <= hi and len(lo) == len(alt) == len(hi)
+    olo, ohi = alternate_range(chr(ord(item_id[0]) ^ 1) + item_id[1:])
+    assert not olo <= alt <= ohi
 
 
 @pytest_twisted.inlineCallbacks

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from chatproto.envelope import Envelope, alternate_id
+from chatproto.envelope import Envelope, alternate_id, alternate_range
 from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
 from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
@@ -336,10 +336,8 @@ class MemoryStore:
     def stored_item_in(self, item_id: str, conversation: str) -> Deferred[Envelope | None]:
         env = self._by_id(item_id)
         if env is None or env.conversation != conversation:
-            stem = item_id[:40] + "~"
-            alts = [
-                e for e in self.items if e.id.startswith(stem) and e.conversation == conversation
-            ]
+            lo, hi = alternate_range(item_id)
+            alts = [e for e in self.items if lo <= e.id <= hi and e.conversation == conversation]
             env = alternate_of(item_id, alts, self._id_key)
         return succeed(env)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from chatproto.envelope import Envelope, alternate_id
+from chatproto.envelope import Envelope, alternate_id, alternate_range
 from chatproto.relations import DELETED_META, current_view
 
 __all__ = [
@@ -178,19 +178,20 @@ class ReadingSQL:
 
     def stored_item_in(self, item_id: str, conversation: str) -> Envelope | None:
         """See :meth:`chatproto.store.IStore.stored_item_in`: the alternates of
-        ``item_id`` are read by a range of the unique id index (the id's first 40
-        characters, ``~``, 16 hex digits), then checked with the store's key."""
+        ``item_id`` are read by a range of the unique id index
+        (:func:`chatproto.envelope.alternate_range`), then checked with the store's
+        key."""
         env = self.stored_item(item_id)
         if env is not None and env.conversation == conversation:
             return env
-        stem = item_id[:40] + "~"
+        lo, hi = alternate_range(item_id)
         # By the id range alone, the conversation compared here: with ``conv = ?`` in
         # the statement SQLite walks the conversation's items_conv entries instead
         # (every item of a large group, for each reference a peer names that is not
         # stored: a peer's cheap way to make this realm scan).
         rows = self._rows(
             self.ALTERNATES_SQL,
-            (self._text_in(stem + "0" * 16), self._text_in(stem + "f" * 16)),
+            (self._text_in(lo), self._text_in(hi)),
         )
         found = [e for e in (self._item(r) for r in rows) if e.conversation == conversation]
         return alternate_of(item_id, found, self._id_key())
