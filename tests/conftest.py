@@ -388,3 +388,19 @@ def old_sqlite(path: str, version: int) -> Any:
     finally:
         sqlite_module.SCHEMA_VERSION = current
     return db
+
+
+def old_postgres(dsn: str, schema: str, version: int) -> Any:
+    """A PostgreSQL database (``schema``) at schema ``version``, as a chatproto of
+    that schema made it (the migrations up to it), for upgrade tests: what
+    :func:`old_sqlite` is for SQLite."""
+    import chatproto.store.postgresql.db as pg_db
+
+    current = pg_db.SCHEMA_VERSION
+    pg_db.SCHEMA_VERSION = version
+    try:
+        db = pg_db.PostgresDB(dsn, schema, writer="realm")
+        db.migrate()
+    finally:
+        pg_db.SCHEMA_VERSION = current
+    return db

@@ -21,6 +21,7 @@ import chatproto.store.postgresql.db as pg_db
 from chatproto.envelope import Envelope, new_message_id
 from chatproto.store.postgresql import PostgresDB, PostgresStore
 from chatproto.store.postgresql.writers import index_lock_key
+from tests.conftest import old_postgres
 from tests.test_store_postgresql import _hold_back, _wait_until
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
@@ -61,13 +62,7 @@ def test_schema_11_upgrades_in_place_and_keeps_its_index(dsn: str, schema: str) 
     """A schema 11 database (search kept by a trigger per row) with items, an edit and
     a delete upgrades to 12: the trigger goes, the rows it wrote stay, everything up
     to the newest item counts as indexed, and the same searches find the same."""
-    version = pg_db.SCHEMA_VERSION
-    pg_db.SCHEMA_VERSION = 11
-    try:
-        old = PostgresDB(dsn, schema, writer="realm")
-        old.migrate()
-    finally:
-        pg_db.SCHEMA_VERSION = version
+    old = old_postgres(dsn, schema, 11)
     try:
         a, b, c = env("zqx alpha one"), env("zqx bravo two"), env("zqx charlie three")
         commit(old, a, b, c)

@@ -25,7 +25,7 @@ from chatproto.store.postgresql import (
     PostgresStore,
     describe_dsn,
 )
-from tests.conftest import pg_schema
+from tests.conftest import old_postgres, pg_schema
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 
@@ -750,15 +750,7 @@ def test_schema_13_outbox_upgrades_and_keeps_its_order(dsn: str, schema: str) ->
     first, the rows queued from then on are numbered from their items' positions,
     above every old one (the positions move past the old numbers), and the
     sequence and each writer's mark of it go."""
-    import chatproto.store.postgresql.db as pg_db
-
-    version = pg_db.SCHEMA_VERSION
-    pg_db.SCHEMA_VERSION = 13
-    try:
-        old = PostgresDB(dsn, schema, writer="realm")
-        old.migrate()
-    finally:
-        pg_db.SCHEMA_VERSION = version
+    old = old_postgres(dsn, schema, 13)
     queued = [env(ALICE, CAROL, "one"), env(ALICE, CAROL, "two")]
     try:
         old.append_batch([queued], {})  # (the outbox rows as schema 13 wrote them:)
