@@ -938,23 +938,9 @@ def test_pings_of_a_peer_that_does_not_read_get_one_pong() -> None:
     read made the realm hold all the pongs (8 MB for 10 MB of pings, before login).
     While the connection is paused only the latest ping is kept, and answered once
     the peer reads again (RFC 6455 5.5.3 allows answering the latest only)."""
-    from twisted.internet.testing import StringTransport
-
-    from chatproto.web.gateway import ChatWebSocketFactory
-
     clock = Clock()
     realm = make_test_realm(clock)
-    factory = ChatWebSocketFactory(realm, lambda o, h, s: True, clock)
-    ws: Any = factory.buildProtocol(None)
-    transport = StringTransport()
-    ws.makeConnection(transport)
-    ws.dataReceived(
-        b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Origin: http://chat.test\r\n\r\n"
-    )
-    assert transport.value().startswith(b"HTTP/1.1 101")
-    transport.clear()
+    ws, transport = _open_gateway(realm, None, clock)
 
     def ping(payload: bytes) -> bytes:  # masked with a zero key
         return bytes([0x89, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
@@ -1011,20 +997,22 @@ def test_sends_before_a_binary_message_are_answered_before_it_over_websockets(we
     assert [e.body for e in feed if e.kind == "text"] == ["one", "two"]
 
 
-def _open_gateway(realm: Any, token: str) -> tuple[Any, Any]:
-    """A ChatWebSocket of ``realm`` on a StringTransport, past the handshake."""
+def _open_gateway(realm: Any, token: str | None, clock: Any = None) -> tuple[Any, Any]:
+    """A ChatWebSocket of ``realm`` on a StringTransport, past the handshake (with
+    the browser login cookie ``token``, if any)."""
     from twisted.internet.testing import StringTransport
 
     from chatproto.web.gateway import ChatWebSocketFactory
 
-    factory = ChatWebSocketFactory(realm, lambda o, h, s: True)
+    factory = ChatWebSocketFactory(realm, lambda o, h, s: True, clock)
     ws: Any = factory.buildProtocol(None)
     transport = StringTransport()
     ws.makeConnection(transport)
+    cookie = f"Cookie: {SESSION_COOKIE}={token}\r\n".encode() if token is not None else b""
     ws.dataReceived(
         b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Origin: http://chat.test\r\n" + f"Cookie: {SESSION_COOKIE}={token}\r\n\r\n".encode()
+        b"Origin: http://chat.test\r\n" + cookie + b"\r\n"
     )
     assert transport.value().startswith(b"HTTP/1.1 101")
     transport.clear()
