@@ -384,6 +384,8 @@ class Config:
             self.realm = normalise_realm(self.realm)
         except ChatError as e:
             raise ConfigError(f"realm.name: {e.message}") from None
+        if not self.data_dir:  # (not the working directory: an unset variable, say)
+            raise ConfigError("realm.data_dir: an empty directory name")
         lim = self.limits
         if not 1024 <= lim.max_frame <= 64 * 1024 * 1024:
             raise ConfigError("limits.max_frame must be between 1024 and 67108864")

@@ -161,9 +161,7 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     need not exist yet."""
     try:
         cfg = configmod.load(args.config)
-        if args.data_dir is not None:
-            if not args.data_dir:  # (an unset variable: not the default directory)
-                raise configmod.ConfigError("--data-dir: an empty directory name")
+        if args.data_dir is not None:  # (empty: refused by check, not the default)
             cfg.data_dir = args.data_dir
         cfg.check(files=args.func is not cmd_gen_certs)
     except configmod.ConfigError as e:

@@ -115,13 +115,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             cfg = configmod.load(self["config"])
-            # (given but empty -- an unset variable, --realm "$REALM" -- is an error, not
-            # the default: a realm named localhost would take the accounts)
+            # (given but empty -- an unset variable, --realm "$REALM" -- is an error of
+            # Config.check, not the default: a realm named localhost would take the
+            # accounts, the working directory the data)
             if self["realm"] is not None:
                 cfg.realm = self["realm"]
             if self["data-dir"] is not None:
-                if not self["data-dir"]:
-                    raise configmod.ConfigError("--data-dir: an empty directory name")
                 cfg.data_dir = self["data-dir"]
             if self["listen"]:
                 cfg.listen = list(self["listen"])

@@ -408,7 +408,7 @@ def test_an_empty_data_dir_is_an_error_not_the_default(capsys: Any) -> None:
     assert (status, out, err) == (
         2,
         "",
-        "chatrealmctl: configuration: --data-dir: an empty directory name\n",
+        "chatrealmctl: configuration: realm.data_dir: an empty directory name\n",
     )
 
 

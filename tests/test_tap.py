@@ -93,6 +93,7 @@ def test_command_line_overrides_the_config_file(tmp_path: Any) -> None:
         ("[realm]\nname = 42\n", "realm.name"),
         ("[realm]\nlisten = [1, 2]\n", "realm.listen"),
         ("[realm]\nname = '-bad.example'\n", "realm.name"),
+        ("[realm]\ndata_dir = ''\n", "realm.data_dir: an empty directory name"),
         ("[realm]\nname = 'caf\u00e9.example'\n", "realm.name"),
         ("[limits]\nmax_frame = 2048\nmax_body = 4096\n", "limits.max_body"),
         ("[limits]\nmax_frame = 2048\nmax_body = 2048\n", "limits.max_body"),
@@ -145,7 +146,7 @@ def test_empty_command_line_values_are_errors_not_defaults() -> None:
     """--realm "$REALM" with REALM unset ran a realm named localhost."""
     with pytest.raises(usage.UsageError, match=r"^configuration: realm\.name"):
         options("--realm", "")
-    with pytest.raises(usage.UsageError, match=r"^configuration: --data-dir: an empty"):
+    with pytest.raises(usage.UsageError, match=r"^configuration: realm\.data_dir: an empty"):
         options("--data-dir", "")
 
 
