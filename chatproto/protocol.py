@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import isfinite
 from typing import Any
 
@@ -1170,7 +1170,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
 
         return d.addCallback(opened)
 
-    def _start_download(self, dl: Download, sink: DataSink, ended: Any) -> None:
+    def _start_download(self, dl: Download, sink: DataSink, ended: Callable[[], None]) -> None:
         """Stream the download's data frames, unless it was cancelled (or its file
         deleted) or the connection is closed or closing (waiting for its sends'
         answers before a fatal error: nothing but those answers and the error goes out
