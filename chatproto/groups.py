@@ -126,6 +126,11 @@ class Group:
         m = self.members.get(user)
         return m.role if m else None
 
+    def takes_outsiders(self) -> bool:
+        """Whether non-members may send messages to it (IRC's ``-n`` off): an
+        ``external`` group that is not ``moderated``."""
+        return self.external and not self.moderated
+
     def summary(self) -> dict[str, Any]:
         return {
             "group": self.address,
@@ -199,8 +204,8 @@ class Groups:
         group = self.get(group_addr)
         m = group.members.get(sender)
         if m is None:
-            if group.external and not group.moderated:
-                return  # a group open to messages from outside (IRC's -n)
+            if group.takes_outsiders():
+                return
             raise ChatError("not_member", f"you are not a member of {group_addr}")
         if group.moderated and m.role == "member" and not m.voice:
             raise ChatError("moderated", f"{group_addr} is moderated: only voiced members speak")

@@ -248,8 +248,8 @@ class RemoteIntake:
             if mirror is None:
                 return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
             if str(sender) not in mirror.members and not (
-                kind in ("text", "file") and mirror.external and not mirror.moderated
-            ):  # (an external group takes messages from outside: Groups.check_speaker)
+                kind in ("text", "file") and mirror.takes_outsiders()
+            ):  # (as Groups.check_speaker lets a non-member send to such a group)
                 return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
             return meta, None
         meta = _event_meta(meta)
