@@ -724,6 +724,27 @@ def test_a_request_sent_again_is_acknowledged_not_applied_again(net: Any) -> Non
     assert result(h.store.outbox_counts()) == {}  # nothing new to tell anyone
 
 
+def test_a_request_whose_id_another_item_holds_is_applied_under_an_id_of_its_own(
+    net: Any,
+) -> None:
+    """A request's event is stored under the request's id, unless an item that is
+    not that event holds the id already (here the group's created event): the
+    request is not taken for one applied already, and its event gets an id of its
+    own (under the taken id it could not be stored at all)."""
+    _, clock, h, a, _ = net
+    dev_group(net)
+    taken = next(e for e in h.store.items if e.meta and e.meta.get("event") == "created")
+    alice = User(a, clock, "alice")
+    alice.ok("join", group=GROUP)
+    [request] = over_the_wire(result(a.store.outbox_read("h.example", 0, 1000)))
+    request["id"] = taken.id
+    assert result(h.receive_remote("a.example", [request])) == []
+    assert set(h.groups.get(GROUP).members) == {"owner@h.example", "alice@a.example"}
+    [joined] = [e for e in h.store.items if e.meta and e.meta.get("event") == "joined"]
+    assert joined.sender == "alice@a.example" and joined.id != taken.id
+    assert result(h.store.stored_item(taken.id)) == taken
+
+
 def test_a_user_of_another_realm_joins_a_group_with_a_key(net: Any) -> None:
     """``join`` with ``key`` from a member realm: the request carries the key to the
     home realm, which checks it as for its own users (it was dropped on the way, so
