@@ -2,7 +2,7 @@
 (``QUIT``, a line too long): the echoes and labeled replies of those PRIVMSGs are
 written first, then ``ERROR``, then the close; nothing after the closing line is
 handled, and a commit that never answers keeps the connection at most
-``keepalive_interval`` (docs/irc.md, "Order").
+``keepalive_interval`` (docs/irc.md, "Closing").
 
 Over StringTransport (MemoryStore, Clock, commits held back), then over loopback TCP
 (SQLite, where commits take a real round trip)."""
