@@ -393,7 +393,7 @@ class IRCProtocol(LineOnlyReceiver):
         data = f._cache[self.tag_mode] if envelope is f._cache_env else None
         if data is None:
             data = f.lines(envelope, self.tag_mode)
-        held = self._held
+        held = self._held  # (deliver_run writes a run's lines the same way)
         if held is not None:
             held.append(data)
         elif self._out.blocked or self.state == "closed":
@@ -418,6 +418,7 @@ class IRCProtocol(LineOnlyReceiver):
             for envelope in envelopes:
                 self.deliver(envelope)
             return
+        # (deliver's write, inline as there: the two hold, write and acknowledge alike)
         held = self._held
         if held is not None:
             held.append(data)
