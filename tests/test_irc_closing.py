@@ -13,17 +13,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol
-from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
-from twisted.protocols.basic import LineOnlyReceiver
 
 from chatproto.irc import IRCFactory
 from chatproto.realm import RealmService
 from tests.conftest import until
 from tests.test_fatal_after_sends import _held_commits
 from tests.test_irc import Conn, clock_fixture, factory_fixture, login, realm_fixture  # noqa: F401
+from tests.test_irc_conformance_loopback import connect as raw_connect
 from tests.test_irc_loopback import PW, gateway  # noqa: F401
 
 CAPS = "echo-message labeled-response batch"
@@ -138,41 +135,12 @@ def test_quit_with_nothing_pending_closes_at_once(factory: IRCFactory) -> None:
 # over loopback TCP ------------------------------------------------------------------
 
 
-class RawClient(LineOnlyReceiver):
-    """Writes what it is told, records every line until the server closes."""
-
-    delimiter = b"\r\n"
-    MAX_LENGTH = 64 * 1024
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def lineReceived(self, line: bytes) -> None:
-        self.lines.append(line.decode("utf-8", "replace"))
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
-@defer.inlineCallbacks
-def _registered(port: int, nick: str, caps: str = "") -> Any:
-    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
-    c = yield endpoint.connect(protocol.Factory.forProtocol(RawClient))
-    start = f"CAP LS 302\r\nCAP REQ :{caps}\r\n" if caps else ""
-    end = "CAP END\r\n" if caps else ""
-    c.transport.write(f"{start}PASS {PW}\r\nNICK {nick}\r\nUSER u 0 * :U\r\n{end}".encode())
-    yield until(lambda: any(f" 422 {nick} " in line for line in c.lines))
-    return c
-
-
 @pytest.mark.parametrize("closing", ["QUIT :bye", TOO_LONG], ids=["quit", "too_long"])
 @pytest_twisted.inlineCallbacks
 def test_echoes_then_error_over_tcp(gateway: Any, closing: str) -> Any:  # noqa: F811
     realm, port, _ = gateway
-    a = yield _registered(port, "alice", CAPS)
-    b = yield _registered(port, "bob")
-    a.lines.clear()
+    a = yield raw_connect(port, "alice", CAPS)
+    b = yield raw_connect(port, "bob")
     a.transport.write(
         f"PRIVMSG bob :one\r\n@label=x PRIVMSG bob :two\r\n{closing}\r\n"
         "PRIVMSG bob :after\r\n".encode()
@@ -183,14 +151,14 @@ def test_echoes_then_error_over_tcp(gateway: Any, closing: str) -> Any:  # noqa:
         if closing.startswith("QUIT")
         else "Input line was too long"
     )
-    assert a.lines == [
+    assert a.got == [
         ":alice!u@localhost PRIVMSG bob :one",
         "@label=x :alice!u@localhost PRIVMSG bob :two",
         f"ERROR :{error}",
     ]
 
     def dms() -> list[str]:  # (not the 005 line, which names PRIVMSG too)
-        return [line for line in b.lines if " PRIVMSG bob :" in line]
+        return [line for line in b.got if " PRIVMSG bob :" in line]
 
     yield until(lambda: len(dms()) >= 2)
     page = yield realm.store.read_feed("bob@localhost", 0, 100)
