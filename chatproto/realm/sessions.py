@@ -433,22 +433,13 @@ class Sessions:
                 if quiet:  # counted as delivered, not handed over
                     reached += len(quiet) * count
                     for s in quiet:
-                        if s._syncing or s.closed or first <= s._last:
-                            for e in run:  # (a text: its mind shows it nowhere)
-                                if e.kind != "text" or s._syncing or s.closed or e.pos <= s._last:
-                                    s._deliver(e)
-                                else:
-                                    s._last = e.pos
-                                    if s not in passed:
-                                        passed.append(s)
-                            continue
-                        for e in run:
-                            if e.kind == "text":  # its mind shows it nowhere
+                        for e in run:  # (a text: its mind shows it nowhere)
+                            if e.kind != "text" or s._syncing or s.closed or e.pos <= s._last:
+                                s._deliver(e)
+                            else:
                                 s._last = e.pos
                                 if s not in passed:
                                     passed.append(s)
-                            else:
-                                s._deliver(e)
                 self._burst_bytes += size
                 if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
                     self._flush_held()
