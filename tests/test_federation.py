@@ -696,6 +696,35 @@ def test_presence_of_users_no_one_hears_is_kept_within_a_bound(
     assert not transport.disconnecting
 
 
+def test_presence_past_the_unheard_bound_is_kept_for_a_user_heard_since(
+    node: Any, certs: Any, monkeypatch: Any
+) -> None:
+    """The oldest unheard user past MAX_UNHEARD_PER_REALM is forgotten only if still
+    no one here hears them: alice@a.example, told while her partner bob was offline,
+    is heard once bob logs in, and her presence stays when newer users push her out
+    of the unheard ones."""
+    from chatproto.realm import presence
+
+    monkeypatch.setattr(presence, "MAX_UNHEARD_PER_REALM", 50)
+    realm, fed, _ = node
+    proto, transport = connect(fed, certs["a.example"]["cert"])
+    proto.dataReceived(hello() + frame({"type": "txn", "id": "1", "items": [item(1)]}))
+    proto.dataReceived(frame({"type": "presence", "user": "alice@a.example", "status": "away"}))
+    session = realm.login("bob", "password-1", NullMind()).result
+    session.start().result  # noqa: B018  (alice@a.example is bob's partner now)
+    data = b"".join(
+        frame({"type": "presence", "user": f"u{n}@a.example", "status": "online"})
+        for n in range(50)
+    )
+    proto.dataReceived(data)
+    known = realm.presence.remote
+    assert known["alice@a.example"] == ("away", "")
+    assert len(known) == 51
+    proto.dataReceived(frame({"type": "presence", "user": "u50@a.example", "status": "online"}))
+    assert "u0@a.example" not in known and len(known) == 51  # (unheard: forgotten)
+    assert not transport.disconnecting
+
+
 def test_keepalive_pings_an_idle_peer_and_drops_a_silent_one(node: Any, certs: Any) -> None:
     _, fed, clock = node
     fed.cfg.keepalive = 30.0
