@@ -663,10 +663,12 @@ def test_a_peer_gets_one_conversation_in_position_order_from_two_workers(tmp_pat
                 (first["msg_id"],),
             )
             deleted = x1.conn.delete(first["msg_id"])  # w1: waits for the row
-            for _ in range(1000):
+            for _ in range(1000):  # bounded: 20 s
                 if (yield deferToThread(top)) > first["pos"]:
                     break
                 yield task.deferLater(_reactor, 0.02, lambda: None)
+            else:
+                raise AssertionError("w1's delete drew no position in 20 s")
             after = yield x2.conn.send("y@b.test", "after")  # w2: the next position
             assert after["pos"] == first["pos"] + 2
         finally:
