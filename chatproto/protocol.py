@@ -581,7 +581,8 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
 
     def deliver_run(self, envelopes: Sequence[Envelope]) -> None:
         """Several committed items in order (Sessions.route_private): what
-        :meth:`deliver` does with each, as one piece of bytes."""
+        :meth:`deliver` does with each, as one piece of bytes.  (Its code, inline
+        here and there: both are the delivery hot path.)"""
         data = b"".join([env.frame or delivery_frame(env) for env in envelopes])
         if self._held is not None:
             self._held.append(data)
