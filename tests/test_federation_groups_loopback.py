@@ -43,6 +43,17 @@ def stop_all(conns: list[Any], nodes: list[Any]) -> Any:
         yield n.stop()
 
 
+@defer.inlineCallbacks
+def owner_and_bob(tmp_path: Any, **bob_kw: Any) -> Any:
+    """Realms h.example and b.example, owner registered on h and bob (``bob_kw`` to his
+    connect, e.g. on_message) on b: ``(nodes, h, b, owner, bob)``."""
+    nodes = yield federation(tmp_path, ["h.example", "b.example"])
+    h, b = nodes
+    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, **bob_kw)
+    return nodes, h, b, owner, bob
+
+
 @pytest_twisted.inlineCallbacks
 def test_member_realms_see_the_whole_group_and_each_others_presence(tmp_path: Any) -> Any:
     nodes = yield federation(tmp_path, ["h.example", "b.example", "c.example"])
@@ -193,10 +204,7 @@ def test_settings_and_voice_reach_a_member_realm(tmp_path: Any) -> Any:
 def test_a_user_of_another_realm_joins_a_keyed_group_with_its_key(tmp_path: Any) -> Any:
     """Over real mutual TLS: bob of b.example joins #dev@h.example, which has a key,
     giving it; he is a member on both realms (the key went with his request)."""
-    nodes = yield federation(tmp_path, ["h.example", "b.example"])
-    h, b = nodes
-    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    nodes, _h, _b, owner, bob = yield owner_and_bob(tmp_path)
     try:
         yield owner.create_group("#dev")
         yield owner.protocol.request("set_group", group="#dev", key="k3y")
@@ -214,10 +222,7 @@ def test_an_admin_on_another_realm_sets_the_groups_settings(tmp_path: Any) -> An
     them) and b.example's mirror follows."""
     from tests.fedharness import drained
 
-    nodes = yield federation(tmp_path, ["h.example", "b.example"])
-    h, b = nodes
-    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    nodes, h, b, owner, bob = yield owner_and_bob(tmp_path)
     try:
         yield owner.create_group("#dev")
         yield bob.join(GROUP)
@@ -243,12 +248,9 @@ def test_an_external_groups_message_from_outside_reaches_a_member_realm(tmp_path
     refused it, not_member, while h.example's members had it)."""
     from tests.fedharness import drained
 
-    nodes = yield federation(tmp_path, ["h.example", "b.example"])
-    h, b = nodes
     got: list[dict[str, Any]] = []
-    owner = yield connect(_reactor, h.addr, "owner", PW, register=True)
+    nodes, h, _b, owner, bob = yield owner_and_bob(tmp_path, on_message=got.append)
     stranger = yield connect(_reactor, h.addr, "stranger", PW, register=True)
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
     try:
         yield owner.create_group("#dev")
         yield bob.join(GROUP)
