@@ -132,11 +132,21 @@ def test_a_marker_by_time_walks_only_the_items_above_the_marker(
         return read_position(conv, before_ts, floor)
 
     realm.store.read_position = spy  # type: ignore[method-assign]
+    reads: list[str] = []
+    read_markers = realm.store.read_markers
+
+    def count(conv: str) -> Any:
+        reads.append(conv)
+        return read_markers(conv)
+
+    realm.store.read_markers = count  # type: ignore[method-assign]
     alice.send(f"MARKREAD bob {stamp(first)}")
     assert markreads(alice) == [["bob", stamp(first)]]
+    del reads[:]
     alice.send("MARKREAD bob timestamp=2025-01-01T00:00:00.000Z")
     assert markreads(alice) == [["bob", stamp(first)]]
     assert floors == [0, first.pos]
+    assert len(reads) == 1  # nothing above the marker: the markers are read once
 
 
 def test_markread_fed_one_byte_at_a_time(factory: IRCFactory, clock: Clock) -> None:

@@ -184,8 +184,12 @@ class Reading:
         # the walk back from the newest item stops there, so an old time does not
         # walk a whole large conversation.
         markers = yield self._store.read_markers(conv[0])
-        floor = max(self._floor(session, conv), markers.get(session.user_id, 0))
-        pos = yield self._store.read_position(conv[0], before_ts, floor)
+        old = markers.get(session.user_id, 0)
+        pos = yield self._store.read_position(
+            conv[0], before_ts, max(self._floor(session, conv), old)
+        )
+        if not pos:  # nothing above the marker: it stays (what _mark answers, without
+            return {"with": conv[1], "pos": old}  # reading the markers a second time)
         result = yield self._mark(session.user_id, conv, pos, session.floor)
         return result
 
