@@ -160,6 +160,13 @@ def _listen_tls(realm: Any, certs: dict[str, str]) -> Any:
     return factory, port
 
 
+def _login(server: str, user: str, certs: dict[str, str], **kw: Any) -> Any:
+    """A client registering ``user`` over TLS, trusting the dev CA for the name localhost."""
+    return client.connect(
+        _reactor, server, user, PASSWORD, register=True, realm="localhost", ca=certs["ca"], **kw
+    )
+
+
 @pytest_twisted.inlineCallbacks
 def test_direct_messages_both_ways_over_tls(realm: Any, certs: dict[str, str]) -> Any:
     factory, port = yield _listen_tls(realm, certs)
@@ -167,27 +174,9 @@ def test_direct_messages_both_ways_over_tls(realm: Any, certs: dict[str, str]) -
     conns = []
     try:
         inbox_a, inbox_b = Inbox(), Inbox()
-        alice = yield client.connect(
-            _reactor,
-            server,
-            "alice",
-            PASSWORD,
-            register=True,
-            realm="localhost",
-            ca=certs["ca"],
-            on_message=inbox_a,
-        )
+        alice = yield _login(server, "alice", certs, on_message=inbox_a)
         conns.append(alice)
-        bob = yield client.connect(
-            _reactor,
-            server,
-            "bob",
-            PASSWORD,
-            register=True,
-            realm="localhost",
-            ca=certs["ca"],
-            on_message=inbox_b,
-        )
+        bob = yield _login(server, "bob", certs, on_message=inbox_b)
         conns.append(bob)
         assert alice.protocol.transport.getPeerCertificate() is not None
 
@@ -272,16 +261,7 @@ def test_tap_serves_tls_from_config(tmp_path: Path, certs: dict[str, str]) -> An
         assert listener.port is not None
         server = f"tls:127.0.0.1:{listener.port.getHost().port}"
         inbox = Inbox()
-        conn = yield client.connect(
-            _reactor,
-            server,
-            "carol",
-            PASSWORD,
-            register=True,
-            realm="localhost",
-            ca=certs["ca"],
-            on_message=inbox,
-        )
+        conn = yield _login(server, "carol", certs, on_message=inbox)
         try:
             yield conn.send("carol", "note to self")
             yield inbox.wait(_from("carol@localhost", "note to self"))
@@ -303,15 +283,7 @@ def test_server_close_over_tls_completes_without_waiting_for_the_sweep(
     factory, port = yield _listen_tls(realm, certs)
     server = f"tls:127.0.0.1:{port.getHost().port}"
     try:
-        alice = yield client.connect(
-            _reactor,
-            server,
-            "alice",
-            PASSWORD,
-            register=True,
-            realm="localhost",
-            ca=certs["ca"],
-        )
+        alice = yield _login(server, "alice", certs)
         assert realm.config.limits.keepalive_interval >= 10
         (proto,) = factory.connections
         proto.close_with("shutdown", "closing for the test")
