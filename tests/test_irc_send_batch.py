@@ -333,3 +333,152 @@ def test_a_run_reaches_an_irc_recipient_in_one_call() -> None:
     assert [line.rsplit(" :", 1)[1] for line in lines if " PRIVMSG " in line] == bodies
     assert all(line.startswith("@time=") for line in lines if " PRIVMSG " in line)
     realm.stopService()
+
+
+def test_quick_lines_share_a_reply_until_another_line() -> None:
+    """The fast lane (IRCProtocol._take_lines): the quick lines of a read between two
+    other lines wait behind one Reply, with one PendingSend per target, not one each;
+    the batch is one append as before and every line is delivered."""
+    _clock, realm, alice, bob = two_users()
+    held = HeldAppends(realm)
+    alice.send("PRIVMSG bob :1", "PRIVMSG bob :2", "NOTICE bob :3", "PING x", "PRIVMSG bob :4")
+    assert held.sizes == [3, 1]  # (the PING hands over the sends read before it)
+    replies = list(alice.proto.replies)
+    assert len(replies) == 3  # the three lines', the PING's (held), the last line's
+    assert [r.sends for r in replies] == [3, 0, 1]
+    assert alice.lines() == []
+    held.release()
+    assert alice.commands() == [("PONG", ["localhost", "x"])]
+    assert [p[-1] for c, p in bob.commands()] == ["1", "2", "3", "4"]
+    assert not alice.proto.replies and not alice.proto._shared
+    realm.stopService()
+
+
+def test_a_quick_line_refused_at_the_flush_answers_after_an_earlier_lines_commit() -> None:
+    """A quick line refused when the batch is handed over (263: the rate limit) while
+    the line before it is still being stored: its 263 comes after that line's 400
+    when the commit fails, as each line's own Reply would have it (flush_sends gives
+    the lines that shared one a Reply each: IRCProtocol._unshare)."""
+    clock = Clock()
+    realm = make_realm(clock)
+    realm.config.limits.send_burst = 1  # (before the logins: a session's bucket is made then)
+    factory = IRCFactory(realm, clock)
+    alice = login(factory, "alice")
+    login(factory, "bob")
+    held = HeldAppends(realm)
+    alice.send("PRIVMSG bob :1", "PRIVMSG bob :2", "NOTICE bob :3", "PING x")
+    assert held.sizes == [1]
+    assert alice.lines() == []
+    held.release(RuntimeError("disk full"))
+    assert alice.numerics() == ["400", "263", "PONG"]  # (a NOTICE: no 263)
+    assert not alice.proto.replies
+    realm.stopService()
+
+
+def test_a_line_between_quick_lines_is_seen_by_the_next() -> None:
+    """What the fast lane found of a target holds only up to the next other line:
+    alice's AWAY between two messages to herself makes the second one's 301."""
+    _clock, realm, alice, _bob = two_users()
+    alice.send("PRIVMSG alice :1", "AWAY :gone", "PRIVMSG alice :2", "PRIVMSG alice :3")
+    # (the messages to herself are deliveries, written at the commit, before the
+    # second 301, held behind the line before it)
+    assert alice.numerics() == ["PRIVMSG", "306", "301", "PRIVMSG", "PRIVMSG", "301"]
+    realm.stopService()
+
+
+#: Lines around the fast lane's quick lines (``{}``: a number making each text its
+#: own): quick ones, and every kind that cuts them off or that the realm refuses.
+LANE_LINES = st.sampled_from(
+    [
+        "PRIVMSG bob :{}",
+        "PRIVMSG bob :{}",
+        "NOTICE bob :{}",
+        "PRIVMSG  bob  :{}",
+        "PRIVMSG carol :{}",
+        "NOTICE carol :{}",
+        "PRIVMSG nobody :{}",
+        "NOTICE nobody :{}",
+        "PRIVMSG alice :{}",
+        "PRIVMSG b@d :{}",
+        "PRIVMSG bob :{}" + "x" * 440,
+        "PRIVMSG bob :{}" + "x" * 480,
+        "PRIVMSG bob :{}\x1b[0m",
+        "PRIVMSG bob,carol :{}",
+        "PRIVMSG #room :{}",
+        "JOIN #room",
+        "PING {}",
+        "AWAY :{}",
+        "AWAY",
+        "NICK alicia",
+        "NICK alice",
+    ]
+)
+
+
+def _lane_transcript(
+    lines: list[str],
+    upper: bool,
+    caps: str,
+    carol_away: bool,
+    burst: int,
+    cuts: list[int],
+    fail: int | None,
+) -> tuple[list[str], ...]:
+    """What alice, bob and carol get, and what is stored, for ``lines`` sent by alice
+    (upper-case commands: the fast and lean lanes; lower-case: the general path) in
+    the reads ``cuts`` makes of them, each commit held until the reads are in, then
+    released in turn (the ``fail``-th with an error)."""
+    clock = Clock()
+    realm = make_realm(clock)
+    realm.config.limits.send_burst = burst
+    factory = IRCFactory(realm, clock)
+    alice = login(factory, "alice", caps=caps)
+    bob = login(factory, "bob")
+    carol = login(factory, "carol")
+    if carol_away:
+        carol.send("AWAY :lunch")
+        carol.lines()
+    held = HeldAppends(realm)
+    if not upper:
+        lines = [c.lower() + s + rest for c, s, rest in (line.partition(" ") for line in lines)]
+    data = "".join(line + "\r\n" for line in lines).encode()
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        if cut > start:
+            alice.proto.dataReceived(data[start:cut])
+            start = cut
+    for k in range(50):  # (each release may start more appends: lines held behind a JOIN)
+        if not held.waiting:
+            break
+        held.release(RuntimeError("disk full") if k == fail else None)
+    stored = [f"{e.kind} {e.recipient} {e.body}" for e in realm.store.items]
+    out = (alice.lines(), bob.lines(), carol.lines(), stored)
+    assert not alice.proto.replies and not alice.proto._shared
+    realm.stopService()
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(LANE_LINES, min_size=1, max_size=12),
+    st.sampled_from(["", "echo-message", "away-notify"]),
+    st.booleans(),
+    st.sampled_from([1000, 3]),
+    st.lists(st.integers(0, 600), max_size=3),
+    st.none() | st.integers(0, 2),
+)
+def test_the_fast_lane_answers_as_the_general_path(
+    lines: list[str],
+    caps: str,
+    carol_away: bool,
+    burst: int,
+    cuts: list[int],
+    fail: int | None,
+) -> None:
+    """The fast lane (IRCProtocol._take_lines) and the lean lane against the general
+    path (the same lines in lower case), byte for byte: every connection's lines and
+    the store, with held commits released in turn (one may fail), a rate limit that
+    refuses some, reads cut anywhere."""
+    lines = [line.format(k) for k, line in enumerate(lines)]
+    args = (caps, carol_away, burst, cuts, fail)
+    assert _lane_transcript(lines, True, *args) == _lane_transcript(lines, False, *args)
