@@ -277,6 +277,15 @@ class Download:
     a ``twisted.web`` request, a :class:`chatproto.transfer.DataSink`) as a streaming
     producer reading one block at a time in a thread, so memory stays bounded however
     slowly the consumer reads.  It fires with the byte count once all are written.
+
+    From the moment the realm's files hand it out (:meth:`FileService.open_download`,
+    :meth:`FileService.serve_remote`) until it ends (all written, stopped by its
+    consumer, or given up unstarted with :meth:`close`) it is one of its file's
+    downloads in progress: if the file is deleted meanwhile
+    (:meth:`FileService.withdraw`), no more of its bytes are read or written and
+    :meth:`start`'s Deferred fails with ``ChatError("no_such_file")`` ("file F was
+    deleted"), at once or when it is started.  Whoever gets a Download calls
+    :meth:`start` or :meth:`close`.
     """
 
     def __init__(
@@ -286,26 +295,58 @@ class Download:
         offset: int,
         length: int,
         stats: RealmStats | None = None,
+        ended: Callable[[], None] | None = None,
     ) -> None:
         self.info = info
         self.offset = offset
         self.length = length
         self._store = store
         self._stats = stats
+        self._ended = ended
+        self._producer: RangeProducer | None = None
+        self._withdrawn: ChatError | None = None
 
     def start(self, consumer: IConsumer) -> Deferred[int]:
+        if self._withdrawn is not None:
+            self.close()
+            return fail(self._withdrawn)
+        if self._producer is not None:
+            raise RuntimeError("a Download is started once")
         path = self._store.blob_path(self.info.sha256)
-        producer = RangeProducer(self._store.run, path, self.offset, self.length)
+        producer = self._producer = RangeProducer(self._store.run, path, self.offset, self.length)
         d = producer.start(consumer)
         stats = self._stats
-        if stats is not None:
 
-            def counted(result: Any) -> Any:
+        def ended(result: Any) -> Any:
+            if stats is not None:
                 stats.file_bytes_out += producer.sent  # what was sent, finished or not
-                return result
+            self.close()
+            return result
 
-            d.addBoth(counted)
-        return d
+        return d.addBoth(ended)
+
+    def close(self) -> None:
+        """This download is over (or will not be started): it stops counting among its
+        file's downloads in progress.  Idempotent; it does not stop a started one (its
+        consumer does, with ``stopProducing``)."""
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended()
+
+    def withdraw(self) -> None:
+        """Its file was deleted (see :meth:`FileService.withdraw`): stop, or never
+        start, with ``no_such_file``."""
+        if self._withdrawn is not None:
+            return
+        self._withdrawn = ChatError("no_such_file", f"file {self.info.file_id} was deleted")
+        if self._producer is not None:
+            self._producer.stop(self._withdrawn)
+
+
+class _Opening:
+    """A download being opened (its file's record read, not yet handed out)."""
+
+    withdrawn = False
 
 
 class FileService:
@@ -340,9 +381,13 @@ class FileService:
         self._blob_lock = DeferredLock()
         self._cleanup = LoopingCall(self.cleanup)
         self._cleanup.clock = realm.clock
-        #: file id -> what stops each client download of it in progress (see
-        #: :meth:`reading` and :meth:`withdraw`)
-        self._reading: dict[str, set[Callable[[], None]]] = {}
+        #: file id -> its downloads in progress (every :class:`Download` handed out,
+        #: to clients and peers, until it ends; see :meth:`withdraw`)
+        self.downloads: dict[str, set[Download]] = {}
+        #: file id -> its downloads being opened (see :meth:`_open`)
+        self._opening: dict[str, set[_Opening]] = {}
+        #: Files recorded before this are expired (see :meth:`cleanup`).
+        self._expired_before = float("-inf")
 
     # lifecycle ----------------------------------------------------------------------
 
@@ -735,13 +780,16 @@ class FileService:
             raise ChatError("no_such_file", f"no file {file_id}")
         return info
 
-    @inlineCallbacks
     def open_download(
         self, user: str, file_id: str, offset: int = 0, length: int | None = None
-    ) -> Any:
+    ) -> Deferred[Download]:
         """A :class:`Download` of ``length`` bytes (default: to the end) from
         ``offset`` of a file ``user`` may read (see :meth:`info`); a range outside the
         file is ``bad_request``.  Nothing is read until ``Download.start(consumer)``."""
+        return self._open(file_id, self._check_download, user, file_id, offset, length)
+
+    @inlineCallbacks
+    def _check_download(self, user: str, file_id: str, offset: Any, length: Any) -> Any:
         info = yield self.info(user, file_id)
         if not isinstance(offset, int) or not 0 <= offset <= info.size:
             raise ChatError("bad_request", f"offset must be between 0 and {info.size}")
@@ -752,33 +800,66 @@ class FileService:
         if not (yield self.store.has_blob(info.sha256)):
             self.log.error("file {file}: blob {sha} is missing", file=file_id, sha=info.sha256)
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
-        return Download(self.store, info, offset, length, self.realm.stats)
+        return info, offset, length
 
-    def reading(self, file_id: str, stop: Callable[[], None]) -> Callable[[], None]:
-        """Note a download of ``file_id`` in progress: ``stop`` is called if the file
-        is deleted before it ends (see :meth:`withdraw`).  Returns what to call once
-        the download ends (finished, cancelled or stopped)."""
-        self._reading.setdefault(file_id, set()).add(stop)
+    @inlineCallbacks
+    def _open(self, file_id: Any, check: Callable[..., Deferred[Any]], *args: Any) -> Any:
+        """The :class:`Download` of what ``check(*args)`` fires with, ``(info, offset,
+        length)``, once it has read the file's record and checked the request.  A
+        :meth:`withdraw` of ``file_id`` meanwhile (its delete committed after the
+        record was read) makes it ``no_such_file``, as if the delete came first."""
+        opening = _Opening()
+        key = file_id if isinstance(file_id, str) else ""
+        self._opening.setdefault(key, set()).add(opening)
+        try:
+            info, offset, length = yield check(*args)
+        finally:
+            held = self._opening[key]
+            held.discard(opening)
+            if not held:
+                del self._opening[key]
+        if opening.withdrawn or info.ts < self._expired_before:
+            raise ChatError("no_such_file", f"file {file_id} was deleted")
+        return self._download(info, offset, length)
+
+    def _download(self, info: FileInfo, offset: int, length: int) -> Download:
+        """A :class:`Download`, counted among ``info``'s downloads in progress until
+        it ends."""
+        file_id = info.file_id
+        in_progress = self.downloads.setdefault(file_id, set())
 
         def ended() -> None:
-            stops = self._reading.get(file_id)
-            if stops is not None:
-                stops.discard(stop)
-                if not stops:
-                    del self._reading[file_id]
+            held = self.downloads.get(file_id)
+            if held is not None:
+                held.discard(dl)
+                if not held:
+                    del self.downloads[file_id]
 
-        return ended
+        dl = Download(self.store, info, offset, length, self.realm.stats, ended)
+        in_progress.add(dl)
+        return dl
 
     def withdraw(self, file_id: str) -> None:
-        """The file ``file_id`` was deleted: its downloads in progress stop (a deleted
-        file's bytes are not sent any more, even to a download begun before)."""
-        for stop in list(self._reading.pop(file_id, ())):
-            stop()
+        """The file ``file_id`` is deleted (its record is gone: the delete is
+        committed, or retention expired it): its downloads in progress stop, to
+        clients and to peer realms alike, and those opened and not started yet never
+        start (see :class:`Download`): a deleted file's bytes are not sent any more,
+        even to a download begun before."""
+        for opening in self._opening.get(file_id, ()):
+            opening.withdrawn = True
+        for dl in list(self.downloads.pop(file_id, ())):
+            dl.withdraw()
+
+    def _withdraw_where(self, gone: Callable[[FileInfo], bool]) -> None:
+        """:meth:`withdraw` every file with downloads in progress for which ``gone``
+        holds."""
+        for file_id, held in list(self.downloads.items()):
+            if any(gone(dl.info) for dl in held):
+                self.withdraw(file_id)
 
     # federation ---------------------------------------------------------------------
 
-    @inlineCallbacks
-    def serve_remote(self, realm: str, file_id: Any) -> Any:
+    def serve_remote(self, realm: str, file_id: Any) -> Deferred[Download]:
         """A :class:`Download` of a whole file for peer ``realm``, which is storing a
         ``file`` item this realm sent it and fetches the item's bytes.
 
@@ -789,6 +870,10 @@ class FileService:
         ``realm`` (whoever sent it: this realm may have fetched it from a member's
         realm); to a group whose home is ``realm``, from a user of this realm.  Any
         other file, or one whose item was acknowledged, is ``no_such_file``."""
+        return self._open(file_id, self._check_remote, realm, file_id)
+
+    @inlineCallbacks
+    def _check_remote(self, realm: str, file_id: Any) -> Any:
         if not isinstance(file_id, str) or not _ID.fullmatch(file_id):
             raise ChatError("no_such_file", "no such file")
         rec = yield self.realm.store.file_info(file_id)
@@ -799,7 +884,7 @@ class FileService:
             raise ChatError("no_such_file", f"no file {file_id} for {realm}")
         if not (yield self.store.has_blob(info.sha256)):
             raise ChatError("no_such_file", f"the bytes of {file_id} are gone")
-        return Download(self.store, info, 0, info.size, self.realm.stats)
+        return info, 0, info.size
 
     def receive_blob(self, sha256: str, size: int) -> RemoteBlob:
         """Somewhere to write the bytes of a file another realm sends (federation);
@@ -830,8 +915,9 @@ class FileService:
     @inlineCallbacks
     def cleanup(self) -> Any:
         """Discard uploads idle for ``upload_expiry`` seconds, forget files older than
-        ``retention_days`` and delete blobs no file refers to any more (including
-        blobs orphaned by a crash between storing the bytes and the message).
+        ``retention_days`` (their downloads in progress stop, see :meth:`withdraw`)
+        and delete blobs no file refers to any more (including blobs orphaned by a
+        crash between storing the bytes and the message).
         Fires with counts: ``{"uploads", "blobs"}``."""
         now = self.realm.clock.seconds()
         while self.finished:  # oldest first: forget what finished an expiry ago
@@ -849,14 +935,19 @@ class FileService:
             yield self._drop(up)
         yield self._blob_lock.acquire()
         try:
-            digests = yield self.realm.store.expire_files(
-                now - self.config.retention_days * 86400.0
-            )
+            before = now - self.config.retention_days * 86400.0
+            digests = yield self.realm.store.expire_files(before)
+            self._expired_before = max(self._expired_before, before)
+            # Expired files are deleted: their downloads in progress stop now.
+            self._withdraw_where(lambda info: info.ts < before)
             orphans = []
             for sha in (yield self.store.list_blobs()):
                 if sha not in digests and not (yield self.realm.store.blob_referenced(sha)):
                     orphans.append(sha)
-            removed = yield self.store.remove_blobs(sorted(set(digests) | set(orphans)))
+            going = set(digests) | set(orphans)
+            # (bytes no record refers to: a file deleted by another process of the realm)
+            self._withdraw_where(lambda info: info.sha256 in going)
+            removed = yield self.store.remove_blobs(sorted(going))
         finally:
             self._blob_lock.release()
         if idle or removed:

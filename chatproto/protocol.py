@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from math import isfinite
 from typing import Any
 
@@ -1162,55 +1162,43 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             sink = DataSink(self._write, wire.OP_DOWNLOAD, stream, dl.offset, chunk)
             sink.paused = self._out.blocked
             self._download_sinks[stream] = sink
-            ended = self.factory.realm.files.reading(
-                dl.info.file_id, lambda: self._download_withdrawn(sink, dl.info.file_id)
-            )
             # The result goes out first, then the data frames.
-            self.factory.clock.callLater(0, self._start_download, dl, sink, ended)
+            self.factory.clock.callLater(0, self._start_download, dl, sink)
             return {**dl.info.to_wire(), "offset": dl.offset, "length": dl.length, "stream": stream}
 
         return d.addCallback(opened)
 
-    def _start_download(self, dl: Download, sink: DataSink, ended: Callable[[], None]) -> None:
-        """Stream the download's data frames, unless it was cancelled (or its file
-        deleted) or the connection is closed or closing (waiting for its sends'
-        answers before a fatal error: nothing but those answers and the error goes out
-        any more).  ``ended`` tells the realm's files once it is over."""
+    def _start_download(self, dl: Download, sink: DataSink) -> None:
+        """Stream the download's data frames, unless it was cancelled or the
+        connection is closed or closing (waiting for its sends' answers before a
+        fatal error: nothing but those answers and the error goes out any more).  A
+        download whose file is deleted (before or while it streams) ends with the
+        ``no_such_file`` the realm's files fail it with (see ``Download``)."""
         if self._download_sinks.get(sink.stream) is not sink:
-            ended()
+            dl.close()
             return
         if self.state in CLOSED_STATES:
             del self._download_sinks[sink.stream]  # (nothing was opened for it yet)
-            ended()
+            dl.close()
             return
 
         def done(result: Any) -> None:
-            ended()
             self._download_sinks.pop(sink.stream, None)
-            if isinstance(result, Failure) and self.state != "closed":
-                if not result.check(ConnectionDone):  # not a download_cancel
-                    self.log.failure("download of {file} failed", result, file=dl.info.file_id)
-                    self.send_frame(
-                        wire.error_frame(
-                            "internal_error", "the download failed", None, stream=sink.stream
-                        )
-                    )
+            if not isinstance(result, Failure) or self.state == "closed":
+                return
+            if result.check(ConnectionDone):  # a download_cancel
+                return
+            if result.check(ChatError):  # its file was deleted
+                err = result.value
+                assert isinstance(err, ChatError)
+                self.send_frame(wire.error_frame(err.code, err.message, None, stream=sink.stream))
+                return
+            self.log.failure("download of {file} failed", result, file=dl.info.file_id)
+            self.send_frame(
+                wire.error_frame("internal_error", "the download failed", None, stream=sink.stream)
+            )
 
         dl.start(sink).addBoth(done)
-
-    def _download_withdrawn(self, sink: DataSink, file_id: str) -> None:
-        """The file of a download in progress was deleted: no more of its bytes go
-        out; the download ends with ``no_such_file`` (with its ``stream``)."""
-        if self._download_sinks.get(sink.stream) is not sink:
-            return
-        del self._download_sinks[sink.stream]
-        sink.stop()
-        if self.state not in CLOSED_STATES:
-            self.send_frame(
-                wire.error_frame(
-                    "no_such_file", f"file {file_id} was deleted", None, stream=sink.stream
-                )
-            )
 
     def handle_download_cancel(self, req: dict[str, Any]) -> dict[str, Any]:
         stream = wire.integer(req, "stream", 1, 2**32 - 1)

@@ -103,8 +103,9 @@ class RangeProducer:
 
     :meth:`start` registers itself as a streaming producer on the consumer and fires
     with the number of bytes written once all are (the consumer is unregistered
-    then); it fails if the file cannot be read or is shorter than promised, and with
-    ``ConnectionDone`` if the consumer stops it.  Cancelling that Deferred stops it.
+    then); it fails if the file cannot be read or is shorter than promised, with
+    ``ConnectionDone`` if the consumer stops it, and with the reason given to
+    :meth:`stop`.  Cancelling that Deferred stops it.
     """
 
     def __init__(
@@ -144,6 +145,13 @@ class RangeProducer:
     def stopProducing(self) -> None:
         if not self._stopped:
             self._end(Failure(ConnectionDone("the consumer stopped the transfer")))
+
+    def stop(self, reason: BaseException) -> None:
+        """Stop from the source's side (the bytes may not be sent any more: their file
+        was deleted): nothing more is read or written, and :attr:`done` fails with
+        ``reason``.  A block being read in a thread meanwhile is dropped."""
+        if not self._stopped:
+            self._end(Failure(reason))
 
     # internals ----------------------------------------------------------------------
 

@@ -1641,3 +1641,67 @@ def test_a_notice_crosses_realms_as_a_notice(spanning: Realms) -> None:
         got = [(e.body, e.meta) for e in realm.store.items if e.kind == "text"]
         assert ("to all", {"notice": True}) in got
     assert ("to bob", {"notice": True}) in [(e.body, e.meta) for e in b.store.items]
+
+
+class _SlowSink:
+    """A consumer that takes one write, then stops reading (pauses its producer)."""
+
+    def __init__(self, write: Any) -> None:
+        self._write = write
+        self.producer: Any = None
+        self.written = 0
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self._write(data)
+        self.producer.pauseProducing()
+
+
+def _delete(realm: Any, user: str, msg_id: str) -> None:
+    """``user`` (a user of ``realm``, on a MemoryStore) deletes their item ``msg_id``."""
+    from chatproto.testing import logged_in
+
+    proto, _ = logged_in(realm, realm.clock, user.partition("@")[0], "password-1")
+    fired(realm.relations.delete(proto.session, msg_id))
+
+
+def test_a_peers_fetch_of_a_file_deleted_meanwhile_ends_with_no_such_file(
+    tmp_path: Path,
+) -> None:
+    """b.example fetches the bytes of alice's file from a.example, reading slowly;
+    alice deletes the file meanwhile.  a.example kept serving the deleted file's
+    bytes to the end, and b.example stored the file.  Now the fetch stops with
+    no_such_file (what a.example answers in ``fetch_error``): b.example rejects the
+    file item and keeps nothing of it."""
+    from chatproto.federation import envelope_to_wire
+    from chatproto.transfer import BLOCK
+
+    r = Realms(tmp_path)
+    a, b = r["a.example"], r["b.example"]
+    fired(b.create_user("bob", "password-1"))
+    fired(a.create_user("alice", "password-1"))
+    data = os.urandom(3 * BLOCK)
+    info, env = _upload(a, "alice@a.example", "bob@b.example", data)
+    rows = fired(a.store.outbox_read("b.example", 0, 10))
+    sinks: list[_SlowSink] = []
+
+    def fetch(file_id: str, blob: Any) -> Any:
+        sinks.append(_SlowSink(blob.write))
+        d = a.files.serve_remote("b.example", file_id)
+        return d.addCallback(lambda download: download.start(sinks[-1]))
+
+    storing = b.receive_remote("a.example", [envelope_to_wire(e) for _, e in rows], fetch=fetch)
+    assert not storing.called and sinks[0].written == BLOCK  # one block sent, paused
+    _delete(a, "alice@a.example", env.id)
+    [rejected] = fired(storing)
+    assert (rejected["id"], rejected["code"]) == (env.id, "no_such_file")
+    assert sinks[0].producer is None and sinks[0].written == BLOCK
+    assert not a.files.downloads
+    assert fired(b.store.file_info(info.file_id)) is None
+    assert not os.path.exists(b.files.store.blob_path(info.sha256))

@@ -737,6 +737,62 @@ def test_a_file_across_realms_is_downloaded_from_the_recipients_realm(two: Any) 
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_file_deleted_while_a_peer_fetches_it_is_not_served_further(two: Any) -> Any:
+    """b.example fetches the bytes of alice's 16 MiB file to bob from a.example and
+    stops reading the link after the first bytes; alice deletes the file meanwhile.
+    a.example kept serving the deleted file's bytes to the end (and b.example stored
+    the file, bob received it).  Now a.example stops reading it at once and answers
+    the fetch with ``fetch_error`` ``no_such_file``: b.example rejects the item (alice
+    gets a bounce) and bob never sees the file."""
+    import os
+
+    a, b = two
+    got_alice: list[dict[str, Any]] = []
+    got_bob: list[dict[str, Any]] = []
+    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
+    yield defer.gatherResults([alice.synced, bob.synced])
+    held: list[Any] = []
+    receive_blob = b.realm.files.receive_blob
+
+    def slow_blob(sha256: str, size: int) -> Any:
+        blob = receive_blob(sha256, size)
+        write = blob.write
+
+        def first_write(data: bytes) -> Any:
+            if not held:  # b.example reads no more of the link from a.example
+                held.extend(p for p in b.fed.inbound if p.peer_realm == "a.example")
+                for proto in held:
+                    proto.hold_reading("test")
+            return write(data)
+
+        blob.write = first_write
+        return blob
+
+    b.realm.files.receive_blob = slow_blob
+    size = 16 * 1024 * 1024
+    data = os.urandom(size)
+    info, env = yield upload(a, "alice@a.example", "bob@b.example", data)
+    yield until(lambda: held, timeout=30)
+    yield alice.delete(env.id)
+    sent = a.realm.stats.file_bytes_out  # (counted when a download ends)
+    for proto in held:
+        proto.release_reading("test")
+    yield until(lambda: any(m["kind"] == "bounce" for m in got_alice), timeout=30)
+    assert 0 < sent < size  # a.example served the file no more once it was deleted
+    assert not a.realm.files.downloads
+    bounce = next(m for m in got_alice if m["kind"] == "bounce")
+    assert (bounce["meta"]["id"], bounce["meta"]["code"]) == (env.id, "no_such_file")
+    yield drained(a)  # the delete too: b.example refuses it (it has no such item)
+    assert a.realm.stats.file_bytes_out == sent
+    assert not [m for m in got_bob if m["kind"] == "file"]
+    assert (yield b.realm.store.file_info(info.file_id)) is None
+    assert not os.path.exists(b.realm.files.store.blob_path(info.sha256))
+    yield alice.close()
+    yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_files_in_a_group_spanning_three_realms(realms: Any, tmp_path: Any) -> Any:
     """#dev lives on h.example, with members on a.example and b.example.  A file sent
     by alice through a.example is fetched by h.example from a.example, then by

@@ -291,3 +291,43 @@ def test_new_ids_are_hex_and_never_look_like_a_command_line_option() -> None:
     ids = {_new_id() for _ in range(500)}
     assert len(ids) == 500
     assert all(len(i) == 32 and int(i, 16) >= 0 and _ID.fullmatch(i) for i in ids)
+
+
+class _Slow(StringTransport):
+    """A consumer that takes one write, then stops reading (pauses its producer)."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.producer.pauseProducing()
+
+
+def test_downloads_of_files_that_expire_stop_with_no_such_file(realm: Any, clock: Clock) -> None:
+    """Retention's clean-up forgot expired files and removed their bytes while their
+    downloads in progress kept streaming them (from the open file) to the end, and a
+    download opened before and started after streamed them too.  Now both end with
+    no_such_file and no more of the bytes are read; a download of a file that did not
+    expire goes on."""
+    from chatproto.transfer import BLOCK
+
+    data = os.urandom(3 * BLOCK)
+    old, _ = upload(realm, ALICE, "bob", data)
+    clock.advance(29 * 86400)
+    new, _ = upload(realm, ALICE, "bob", data[::-1])
+    streaming = ok(realm.files.open_download(BOB, old.file_id))
+    opened = ok(realm.files.open_download(ALICE, old.file_id))
+    going_on = ok(realm.files.open_download(BOB, new.file_id))
+    t, t_new = _Slow(), _Slow()
+    d = streaming.start(t)
+    d_new = going_on.start(t_new)
+    assert t.value() == data[:BLOCK] and not d.called  # one block sent, paused
+    clock.advance(2 * 86400)  # old is 31 days old: expired
+    ok(realm.files.cleanup())
+    assert code(d) == "no_such_file"
+    assert t.producer is None  # stopped: nothing more is read or written
+    assert t.value() == data[:BLOCK]
+    assert code(opened.start(StringTransport())) == "no_such_file"
+    assert set(realm.files.downloads) == {new.file_id}
+    for _ in range(2):  # the two blocks left (each write pauses it again)
+        t_new.producer.resumeProducing()
+    assert ok(d_new) == len(data) and t_new.value() == data[::-1]
+    assert not realm.files.downloads

@@ -425,3 +425,40 @@ def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     assert pong["type"] == "result"
     yield alice.close()
     yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
+    server: Any, tmp_path: Path
+) -> Any:
+    """Bob downloads a large file and stops reading; meanwhile the retention clean-up
+    forgets the file (it is older than ``retention_days``) and removes its bytes.  The
+    realm kept sending them (from the open file) to the end; now the download fails
+    with no_such_file once bob reads again, having received a part of the file only."""
+    realm, factory, addr = server
+    alice, bob = yield _users(addr, "alice", "bob")
+    size = 16 * MiB
+    src = _file(tmp_path, "large", size)
+    r = yield alice.send_file("bob", str(src))
+    server_side = next(p for p in factory.connections if p.session.user_id == "bob@localhost")
+    for sock, opt in (
+        (bob.protocol.transport.getHandle(), socket.SO_RCVBUF),
+        (server_side.transport.getHandle(), socket.SO_SNDBUF),
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
+    d = bob.download(r["file"], str(tmp_path / "large.down"))
+    yield until(lambda: bob.protocol._receivers)
+    bob.protocol.transport.pauseProducing()  # bob stops reading, mid-file
+    yield until(lambda: server_side._out.blocked)
+    (sink,) = server_side._download_sinks.values()
+    realm.files.config.retention_days = 0  # every file is expired now
+    counts = yield realm.files.cleanup()
+    assert counts["blobs"] == 1
+    sent = sink.offset
+    bob.protocol.transport.resumeProducing()
+    with pytest.raises(RemoteError) as e:
+        yield d
+    assert e.value.code == "no_such_file"
+    assert sent < size and sink.offset == sent
+    yield alice.close()
+    yield bob.close()

@@ -305,6 +305,48 @@ def test_a_download_streaming_when_its_file_is_deleted_stops_with_no_such_file(
     ]
     assert not more  # not one byte more
     assert len(got + more) * chunk < len(data)
-    assert not bob.proto._download_sinks and not realm.files._reading
+    assert not bob.proto._download_sinks and not realm.files.downloads
     assert bob.req("ping")["type"] == "result"  # the connection stays open
     assert bob.req("download", file=done["file"])["code"] == "no_such_file"
+
+
+def test_a_download_whose_file_is_deleted_while_it_opens_is_no_such_file(
+    realm: Any, clock: Clock
+) -> None:
+    """A delete committed while a download is being opened (the file's record read,
+    its bytes being looked for on disk): the download was answered and streamed the
+    deleted file's bytes.  Now it is answered no_such_file and sends none."""
+    from twisted.internet.defer import Deferred
+
+    from chatproto.transfer import inline
+
+    alice = Conn(realm, clock, "alice")
+    bob = Conn(realm, clock, "bob")
+    data = os.urandom(1000)
+    sha = hashlib.sha256(data).hexdigest()
+    r = alice.req("file_offer", to="bob", name="x.bin", size=len(data), sha256=sha)
+    alice.feed(data_frame(wire.OP_UPLOAD, r["stream"], 0, data))
+    done = alice.req("file_finish", upload=r["upload"])
+    bob.read()
+    held: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run(fn: Any, *args: Any) -> Deferred[Any]:
+        held.append((Deferred(), fn, args))
+        return held[-1][0]
+
+    realm.files.store.run = run
+    bob.proto.dataReceived(frame({"type": "download", "id": "dl", "file": done["file"]}))
+    assert len(held) == 1  # is the blob there: asked, not answered yet
+    realm.files.store.run = inline
+    alice.proto.dataReceived(frame({"type": "delete", "id": "del", "msg_id": done["msg_id"]}))
+    clock.advance(0)
+    [deleted] = [f for f in alice.read()[0] if f.get("id") == "del"]
+    assert deleted["type"] == "result"
+    d, fn, _ = held.pop()
+    assert fn is os.path.exists
+    d.callback(True)  # the blob was there when asked (before the delete removed it)
+    clock.advance(0)
+    control, got = bob.read()
+    [answer] = [f for f in control if f.get("id") == "dl"]
+    assert (answer["type"], answer["code"]) == ("error", "no_such_file")
+    assert not got and not bob.proto._download_sinks and not realm.files.downloads

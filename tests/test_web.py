@@ -22,6 +22,7 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -1112,3 +1113,68 @@ def test_pipelined_history_over_a_websocket_is_read_max_in_flight_at_a_time(web:
     alice.inbox.pending.clear()
     r = yield alice.call("ping")
     assert r["type"] == "result"
+
+
+class _RawHTTP(Protocol):
+    """One HTTP request over a plain TCP connection, reading the answer raw; it stops
+    reading (pauses the transport) after the first bytes arrive."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        sock = self.transport.getHandle()  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.data:
+            self.transport.pauseProducing()
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_browser_download_of_a_file_deleted_meanwhile_is_cut_short(web: Web) -> Any:
+    """bob's browser downloads a large file (GET /files/<id>) and reads slowly;
+    meanwhile alice deletes the file's message.  The realm kept streaming the deleted
+    file's bytes to the end; now it stops: the connection closes short of the
+    announced Content-Length (which tells the browser the download failed), having
+    sent a part of the file only."""
+    import hashlib
+    import os
+
+    realm = web.realm
+    ca = yield web.login("alice")
+    cb = yield web.login("bob")
+    files = realm.files
+    size = 16 * 2**20
+    data = os.urandom(size)
+    up = yield files.offer(
+        "alice@localhost", "bob", "big.bin", size, hashlib.sha256(data).hexdigest()
+    )
+    for i in range(0, size, 2**20):
+        yield files.write("alice@localhost", up.upload_id, i, data[i : i + 2**20])
+    info, env = yield files.finish("alice@localhost", up.upload_id)
+    factory = Factory.forProtocol(_RawHTTP)
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", web.port.getHost().port)
+    client = yield endpoint.connect(factory)
+    client.transport.write(
+        f"GET /files/{info.file_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Cookie: {SESSION_COOKIE}={cb}\r\n\r\n".encode()
+    )
+    yield until(lambda: client.data)  # the answer began; bob reads no more for now
+    ws = yield web.websocket(ca)
+    yield ws.call("hello", version=1)
+    yield ws.call("login")
+    deleted = yield ws.call("delete", msg_id=env.id)
+    assert deleted["type"] == "result"
+    client.transport.resumeProducing()
+    yield until(lambda: client.lost)  # the realm closed the connection
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"content-length: {size}".encode() in head.lower()
+    assert 0 < len(body) < size and data.startswith(body)
+    assert not realm.files.downloads

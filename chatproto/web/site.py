@@ -523,10 +523,22 @@ class _Files(_Api):
             end = offset + length - 1
             request.setHeader(b"content-range", f"bytes {offset}-{end}/{info.size}".encode())
         if request.method == b"HEAD" or length == 0:
+            download.close()
             request.finish()
             return
         try:
             yield download.start(request)
+        except ChatError:
+            # Its file was deleted (see Download): before the first byte, the error
+            # is the answer (404 no_such_file); past it, the status line is sent:
+            # the connection closes short of the Content-Length, which tells the
+            # browser the download failed, and no more of the bytes go out.
+            if not request.startedWriting:
+                for name in (b"content-length", b"content-range", b"content-disposition"):
+                    request.responseHeaders.removeHeader(name)
+                raise
+            request.loseConnection()
+            return
         except Exception:
             return  # the client went away: nothing to answer
         if not request._disconnected and not request.finished:
