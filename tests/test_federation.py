@@ -1671,6 +1671,39 @@ def _delete(realm: Any, user: str, msg_id: str) -> None:
     fired(realm.relations.delete(proto.session, msg_id))
 
 
+def test_a_peers_delete_of_a_file_stops_its_downloads_and_frees_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """alice@a.example sends bob@b.example a file, then deletes it while bob
+    downloads it from b.example.  On b's MemoryStore the delete wiped the item (its
+    meta) before the intake looked at it for the file: bob's download went on to the
+    end and the bytes stayed on b's disk.  Now the download stops with no_such_file
+    and the bytes go."""
+    from chatproto.errors import ChatError
+    from chatproto.transfer import BLOCK
+
+    r = Realms(tmp_path)
+    a, b = r["a.example"], r["b.example"]
+    fired(b.create_user("bob", "password-1"))
+    fired(a.create_user("alice", "password-1"))
+    data = os.urandom(3 * BLOCK)
+    info, env = _upload(a, "alice@a.example", "bob@b.example", data)
+    assert r.relay("a.example", "b.example") == []
+    download = fired(b.files.open_download("bob@b.example", info.file_id))
+    got = bytearray()
+    sink = _SlowSink(got.extend)
+    streaming = download.start(sink)
+    assert got == data[:BLOCK] and not streaming.called
+    _delete(a, "alice@a.example", env.id)
+    assert r.relay("a.example", "b.example") == []  # the delete
+    with pytest.raises(ChatError) as e:
+        fired(streaming)
+    assert e.value.code == "no_such_file"
+    assert sink.producer is None and got == data[:BLOCK]  # not one byte more
+    assert not b.files.downloads
+    assert not os.path.exists(b.files.store.blob_path(info.sha256))
+
+
 def test_a_peers_fetch_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     tmp_path: Path,
 ) -> None:
@@ -1705,3 +1738,35 @@ def test_a_peers_fetch_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     assert not a.files.downloads
     assert fired(b.store.file_info(info.file_id)) is None
     assert not os.path.exists(b.files.store.blob_path(info.sha256))
+
+
+def test_a_delete_refused_for_its_signature_stops_no_download(spanning: Realms) -> None:
+    """A delete of alice's group file relayed by the home realm, its signature
+    altered: b.example refuses it (``bad_signature``), after having checked what it
+    deletes.  The intake treated every delete it had checked as committed: bob's
+    download of the file, which is not deleted, stopped with no_such_file.  Now it
+    goes on."""
+    from chatproto.federation import envelope_to_wire
+    from chatproto.transfer import BLOCK
+
+    r = spanning
+    h, a, b = r["h.example"], r["a.example"], r["b.example"]
+    data = os.urandom(3 * BLOCK)
+    info, env = _upload(a, "alice@a.example", "#dev@h.example", data)
+    r.settle()
+    download = fired(b.files.open_download("bob@b.example", info.file_id))
+    got = bytearray()
+    sink = _SlowSink(got.extend)
+    streaming = download.start(sink)
+    _delete(a, "alice@a.example", env.id)
+    assert r.relay("a.example", "h.example") == []
+    [(_, delete)] = fired(h.store.outbox_read("b.example", 0, 10))
+    raw = envelope_to_wire(delete)
+    sig = raw["sig"]["ed25519"]
+    raw["sig"] = {**raw["sig"], "ed25519": ("B" if sig[0] == "A" else "A") + sig[1:]}
+    [rejected] = fired(b.receive_remote("h.example", [raw]))
+    assert (rejected["id"], rejected["code"]) == (delete.id, "bad_signature")
+    assert not streaming.called and b.files.downloads
+    for _ in range(2):  # the two blocks left
+        sink.producer.resumeProducing()
+    assert fired(streaming) == len(data) and bytes(got) == data

@@ -427,7 +427,9 @@ class RemoteIntake:
         are committed after these (the link starts on its next transaction then).
         """
         rejected: list[dict[str, Any]] = []
-        deleted: list[Envelope] = []  # items deleted by delete items of the transaction
+        # items deleted by delete items of the transaction: (the delete's id, the
+        # item, its meta as it was: the store may wipe the very object it holds)
+        deleted: list[tuple[str, Envelope, dict[str, Any]]] = []
         batch: list[Envelope] = []
         relayed: list[Envelope] = []  # items of batch to relay to member realms
         signed: list[tuple[Envelope, str]] = []  # items of batch to verify, and by whom
@@ -497,7 +499,7 @@ class RemoteIntake:
                     yield flush()
                     target = yield self._r.relations.check_remote(env)
                     if env.kind == "delete" and target is not None:
-                        deleted.append(target)
+                        deleted.append((env.id, target, dict(target.meta or {})))
                     if target is not None and target.id != named_ref(env):
                         pointed.append((env, target.id))
                 if env.kind == "file":
@@ -527,8 +529,10 @@ class RemoteIntake:
             if queued is not None:
                 queued()
             yield last
-        for target in deleted:  # committed (or refused): a file's bytes may go
-            self._r.relations.deleted(None, target)
+        refused = {r["id"] for r in rejected}
+        for delete_id, target, meta in deleted:
+            if delete_id not in refused:  # committed: a file's downloads stop, its bytes go
+                self._r.relations.deleted(None, target, meta)
         return rejected
 
     @inlineCallbacks
