@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 
 from chatproto.config import Config
+from chatproto.envelope import Envelope
 from chatproto.testing import frame, frames, make_test_realm
 from tests.conftest import count_appends
 from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
@@ -361,3 +364,67 @@ def test_a_mind_without_deliver_run_gets_a_run_item_by_item(realm: Any, clock: C
     a.dataReceived(sends(*({"to": "bob", "body": f"m{i}", "id": i} for i in range(5))))
     assert [b for _, b in mind.got] == [f"m{i}" for i in range(5)]
     assert [p for p, _ in mind.got] == sorted(p for p, _ in mind.got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["text", "text", "text", "reaction"]), min_size=1, max_size=6),
+    st.integers(0, 8),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_session_shown_no_copy_moves_past_a_run_as_item_by_item(
+    kinds: list[str], last: int, syncing: bool, closed: bool
+) -> None:
+    """Sessions.route_private and a session of the sender whose mind shows its user's
+    own texts nowhere (``own_copies`` false): a run of texts moves its position to the
+    run's last at once (and ``written()`` once), what the per-item rule gives (a text
+    past its position moves it, anything else is delivered as ``_deliver`` does),
+    whatever the run's kinds and the session's position, syncing or closed."""
+    from chatproto.testing import NullMind
+
+    class Quiet(NullMind):
+        own_copies = False
+
+        def __init__(self) -> None:
+            self.got: list[int] = []
+            self.written_calls = 0
+
+        def deliver(self, envelope: Any) -> None:
+            self.got.append(envelope.pos)
+
+        def written(self) -> None:
+            self.written_calls += 1
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", "password1")
+    realm.create_user("bob", "password1")
+    mind = Quiet()
+    sessions: list[Any] = []
+    realm.login("alice", "password1", mind, "app").addCallback(sessions.append)
+    s = sessions[0]
+    s._syncing, s.closed, s._last = syncing, closed, last
+    if syncing:
+        s._buffer = []
+    items = [
+        Envelope(f"m{i}", kind, "alice@localhost", "bob@localhost", 1.0, f"b{i}", None, 3 + i)
+        for i, kind in enumerate(kinds)
+    ]
+    # the per-item rule (what the loop of route_private did for each item)
+    want_last, want_got, want_buffer, moved = last, [], [], False
+    for e in items:
+        if e.kind != "text" or syncing or closed or e.pos <= want_last:
+            if closed:
+                continue
+            if syncing:
+                want_buffer.append(e.pos)
+            elif e.pos > want_last:
+                want_last = e.pos
+                want_got.append(e.pos)
+        else:
+            want_last, moved = e.pos, True
+    realm.sessions.route_private(items)
+    assert (s._last, mind.got, mind.written_calls) == (want_last, want_got, int(moved))
+    if syncing:
+        assert [e.pos for e in s._buffer] == want_buffer

@@ -140,18 +140,17 @@ class IRCFactory(ClientFactory):
         head = f":{directory.mask(first.sender)} PRIVMSG {directory.nick(recipient)} :"
         room = (MAX_LINE - 2 - len(head.encode())) // 4  # (a character: at most 4 bytes)
         for env in envs:
-            body = env.body
-            if (
-                env.kind != "text"
-                or env.meta is not None
-                or len(body) > room
-                or "\n" in body
-                or "\r" in body
-                or "\0" in body
-            ):
+            if env.kind != "text" or env.meta is not None:
                 return None
+        # each body within room, without CR, LF or NUL (checked on them all at once)
+        bodies = [env.body for env in envs]
+        if max(map(len, bodies)) > room:
+            return None
+        text = "".join(bodies)
+        if "\n" in text or "\r" in text or "\0" in text:
+            return None
         end = "\r\n" + head
-        return (head + end.join([env.body for env in envs]) + "\r\n").encode("utf-8", "replace")
+        return (head + end.join(bodies) + "\r\n").encode("utf-8", "replace")
 
     def tag_line(self, data: dict[str, Any], mode: int) -> bytes:
         """The ``TAGMSG`` line of a ``tags`` notice (chatproto.realm.tags) for a

@@ -432,7 +432,20 @@ class Sessions:
                                 mind.deliver(e)
                 if quiet:  # counted as delivered, not handed over
                     reached += len(quiet) * count
+                    texts: bool | None = None  # (every item of the run a text)
                     for s in quiet:
+                        if not (s._syncing or s.closed or first <= s._last):
+                            if texts is None:
+                                texts = True
+                                for e in run:
+                                    if e.kind != "text":
+                                        texts = False
+                                        break
+                            if texts:  # what the loop below does for such a run
+                                s._last = last  # (positions increase along it)
+                                if s not in passed:
+                                    passed.append(s)
+                                continue
                         for e in run:  # (a text: its mind shows it nowhere)
                             if e.kind != "text" or s._syncing or s.closed or e.pos <= s._last:
                                 s._deliver(e)
