@@ -1178,3 +1178,47 @@ def test_a_browser_download_of_a_file_deleted_meanwhile_is_cut_short(web: Web) -
     assert f"content-length: {size}".encode() in head.lower()
     assert 0 < len(body) < size and data.startswith(body)
     assert not realm.files.downloads
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_browser_download_of_a_file_deleted_before_its_first_byte_is_404(web: Web) -> Any:
+    """The file of a GET /files/<id> is deleted after the realm opened it and before
+    its first block was read from disk: the answer is 404 no_such_file (a JSON error,
+    none of the file's headers), not the deleted file's bytes."""
+    import hashlib
+
+    realm = web.realm
+    ca = yield web.login("alice")
+    cb = yield web.login("bob")
+    files = realm.files
+    data = b"secret bytes " * 1000
+    up = yield files.offer(
+        "alice@localhost", "bob", "s.bin", len(data), hashlib.sha256(data).hexdigest()
+    )
+    yield files.write("alice@localhost", up.upload_id, 0, data)
+    info, env = yield files.finish("alice@localhost", up.upload_id)
+    run = files.store.run
+    held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def holding(fn: Any, *args: Any) -> Any:
+        if getattr(fn, "__name__", "") != "_read":
+            return run(fn, *args)
+        held.append((defer.Deferred(), fn, args))  # a block of a download
+        return held[-1][0]
+
+    files.store.run = holding
+    answer = web.request("GET", f"/files/{info.file_id}", cookie=cb)
+    yield until(lambda: held)
+    ws = yield web.websocket(ca)
+    yield ws.call("hello", version=1)
+    yield ws.call("login")
+    deleted = yield ws.call("delete", msg_id=env.id)
+    assert deleted["type"] == "result"
+    files.store.run = run
+    d, _, args = held.pop()
+    d.callback(data[: args[1]])  # the block (read before the delete removed the bytes)
+    yield until(lambda: answer.called)
+    response, body = yield answer
+    assert response.code == 404 and json.loads(body)["code"] == "no_such_file"
+    assert not response.headers.hasHeader("content-disposition")
+    assert not realm.files.downloads
