@@ -17,6 +17,7 @@ import attrs
 
 from chatproto.address import normalise_name, normalise_realm
 from chatproto.errors import ChatError
+from chatproto.store import MAX_DEVICES
 from chatproto.wire import MAX_INT  # (the largest integer a key takes: hello sends limits)
 
 __all__ = [
@@ -77,6 +78,9 @@ class Limits:
     max_output_buffer: int = 4 * 1024 * 1024
     history_page: int = 200
     max_sessions_per_user: int = 32
+    #: Devices (the ``device`` of a login) per user whose acks the store keeps; the ack
+    #: of a new device past it forgets those with the lowest acks (IStore.set_ack).
+    max_devices_per_user: int = MAX_DEVICES
     max_members_per_group: int = 10000
     max_groups_per_user: int = 200
     #: Client connections (native, TLS, WebSocket, IRC) not logged in yet, overall and
@@ -401,6 +405,7 @@ class Config:
             "max_output_buffer",
             "history_page",
             "max_sessions_per_user",
+            "max_devices_per_user",
             "max_members_per_group",
             "max_groups_per_user",
         ):

@@ -223,7 +223,12 @@ def test_roles_settings_and_presence_states_are_the_codes() -> None:
 def test_group_limits_in_doc_match_config() -> None:
     limits = _section(_doc(), "Limits and flow control")
     defaults = config.Config().limits
-    for key in ("max_members_per_group", "max_groups_per_user", "max_sessions_per_user"):
+    for key in (
+        "max_members_per_group",
+        "max_groups_per_user",
+        "max_sessions_per_user",
+        "max_devices_per_user",
+    ):
         m = re.search(rf"^\| `{key}` \| (\d+) \|", limits, re.M)
         assert m and int(m.group(1)) == getattr(defaults, key), key
 

@@ -12,7 +12,8 @@ from twisted.internet import reactor as _reactor
 
 from chatproto import wire
 from chatproto.client import RemoteError, connect
-from tests.conftest import drop_sessions, resuming_service, until
+from chatproto.protocol import ClientFactory
+from tests.conftest import drop_sessions, fast_config, make_realm, resuming_service, until
 
 #: The tests that run on every store in the default run (the others on the test store:
 #: CHATPROTO_TEST_STORE, SQLite by default).
@@ -96,6 +97,63 @@ def test_resume_after_dropped_connections_no_loss_no_duplicates(server: Any) -> 
     finally:
         yield svc.stopService()
         yield a.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_of_at_most_max_devices_per_user_are_kept(tmp_path: Any, store_backend: str) -> Any:
+    """A user logging in under ever new device names (the web page makes up one per
+    browser) leaves the acks of at most ``max_devices_per_user`` devices: the one with
+    the lowest ack is forgotten, and logging in with it again starts after the user's
+    highest ack (a device never seen), not where it had left off."""
+    cfg = fast_config(tmp_path, max_devices_per_user=4)
+    realm = make_realm(cfg)
+    yield realm.startService()
+    port = _reactor.listenTCP(0, ClientFactory(realm), interface="127.0.0.1")
+    addr = f"tcp:127.0.0.1:{port.getHost().port}"
+    try:
+        bob = yield connect(_reactor, addr, "bob", "password-b", register=True)
+        yield connect(
+            _reactor, addr, "alice", "password-a", register=True, device="d0"
+        ).addCallback(lambda c: c.close())
+        for k in range(10):
+            yield bob.send("alice", f"m{k}")
+            got: list[dict[str, Any]] = []
+            alice = yield connect(
+                _reactor, addr, "alice", "password-a", device=f"d{k}", on_message=got.append
+            )
+            yield alice.synced
+            # each device is new: it starts after the previous one's ack
+            assert [m["body"] for m in got] == [f"m{k}"]
+            yield alice.close()  # acknowledges m{k}
+        yield bob.send("alice", "barrier")  # committed after every ack before it
+        if store_backend == "sqlite":
+            query = "SELECT device FROM acks WHERE user = ?"
+        else:
+            query = "SELECT device FROM acks WHERE addr = %s"
+        stored = yield realm.store._read(
+            lambda db: sorted(r[0] for r in db.conn.execute(query, ("alice@localhost",)))
+        )
+        assert stored == ["d6", "d7", "d8", "d9"]
+        # A kept device resumes after its own ack; a forgotten one after the highest.
+        for device, expected in (("d7", ["m8", "m9", "barrier"]), ("d2", ["barrier"])):
+            got = []
+            alice = yield connect(
+                _reactor,
+                addr,
+                "alice",
+                "password-a",
+                device=device,
+                on_message=got.append,
+                ack=False,
+            )
+            synced = yield alice.synced
+            assert [m["body"] for m in got] == expected, device
+            assert synced == got[-1]["pos"]
+            yield alice.close()
+        yield bob.close()
+    finally:
+        yield port.stopListening()
+        yield realm.stopService()
 
 
 @pytest_twisted.inlineCallbacks

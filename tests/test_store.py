@@ -34,7 +34,7 @@ from chatproto.envelope import (
     new_message_id,
     new_message_ids,
 )
-from chatproto.store import IStore, UserExists
+from chatproto.store import MAX_DEVICES, IStore, UserExists
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
 from tests.conftest import pg_schema, postgresql_or_skip
@@ -511,6 +511,71 @@ def test_acks_are_monotonic_and_default_to_the_users_highest(store: Any) -> Any:
     assert (yield store.get_ack(ALICE, "phone")) == 5
 
 
+def stored_devices(store: Any, user: str) -> defer.Deferred[dict[str, int]]:
+    """``{device: ack}``: the acks ``store`` holds for ``user``, as stored (a forgotten
+    device is not there; :meth:`IStore.get_ack` would answer the user's highest)."""
+    if isinstance(store, MemoryStore):
+        return defer.succeed({d: p for (u, d), p in store.acks.items() if u == user})
+    if isinstance(store, SQLiteStore):
+        sql = "SELECT device, pos FROM acks WHERE user = ?"
+    else:
+        sql = "SELECT device, pos FROM acks WHERE addr = %s"
+    return store._read(lambda db: dict(db.conn.execute(sql, (user,)).fetchall()))
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_are_kept_for_at_most_max_devices_per_user(store: Any) -> Any:
+    """A user cannot make the store keep an ack per device name it makes up: past
+    ``max_devices`` devices, those with the lowest acks are forgotten in the commit
+    that stores the ack, and a forgotten device resumes as a device never seen does
+    (after the user's highest ack).  Other users' acks are not touched."""
+    store.max_devices = 3
+    for k, device in enumerate("abcde"):
+        store.set_ack(ALICE, device, k + 1)
+        store.set_ack(BOB, device, 10 - k)
+        yield settle(store)
+    assert (yield stored_devices(store, ALICE)) == {"c": 3, "d": 4, "e": 5}
+    assert (yield stored_devices(store, BOB)) == {"a": 10, "b": 9, "c": 8}
+    assert (yield store.get_ack(ALICE, "a")) == 5  # forgotten: the user's highest
+    assert (yield store.get_ack(ALICE, "c")) == 3
+    # A forgotten device acknowledging less than every kept one is forgotten again at
+    # once; more than the lowest kept, it takes that one's place.
+    store.set_ack(ALICE, "a", 2)
+    yield settle(store)
+    assert (yield stored_devices(store, ALICE)) == {"c": 3, "d": 4, "e": 5}
+    store.set_ack(ALICE, "a", 6)
+    yield settle(store)
+    assert (yield stored_devices(store, ALICE)) == {"a": 6, "d": 4, "e": 5}
+    assert (yield store.get_ack(ALICE, "c")) == 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_of_one_commit_past_max_devices_keep_the_highest(store: Any) -> Any:
+    """Many new devices in one commit: the highest acks stay, and among equal acks the
+    first device names in code point order."""
+    store.max_devices = 2
+    for device, pos in (("b", 7), ("é", 7), ("a", 7), ("Z", 3), ("c", 1)):
+        store.set_ack(ALICE, device, pos)
+    yield settle(store)
+    assert (yield stored_devices(store, ALICE)) == {"a": 7, "b": 7}
+    store.max_devices = 1  # a lower bound: the user's next new device trims to it
+    store.set_ack(ALICE, "c", 8)
+    yield settle(store)
+    assert (yield stored_devices(store, ALICE)) == {"c": 8}
+    assert (yield store.get_ack(ALICE, "a")) == 8
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_are_kept_for_64_devices_per_user_by_default(store: Any) -> Any:
+    assert store.max_devices == MAX_DEVICES == 64
+    for k in range(MAX_DEVICES + 10):
+        store.set_ack(ALICE, f"web-{k:03}", k + 1)
+    yield settle(store)
+    kept = yield stored_devices(store, ALICE)
+    assert kept == {f"web-{k:03}": k + 1 for k in range(10, MAX_DEVICES + 10)}
+    assert (yield store.get_ack(ALICE, "web-000")) == MAX_DEVICES + 10
+
+
 # SQLite specifics ---------------------------------------------------------------------
 
 
@@ -699,6 +764,35 @@ def test_sqlite_commit_writes_acks_and_read_markers_forward_only(tmp_path: Any) 
     db.commit_batch([], {(ALICE, devices[1]): 5, (BOB, "phone"): 4}, reads={(ALICE, conv): 1})
     assert db.get_ack(ALICE, devices[1]) == 11 and db.get_ack(BOB, "phone") == 4
     assert db.read_markers(conv) == {ALICE: 8, BOB: 2}
+    db.close()
+
+
+def test_sqlite_acks_past_max_devices_go_at_the_users_first_ack(tmp_path: Any) -> None:
+    """Acks past the bound (rows an older chatproto kept, or a bound since lowered) go
+    in the commit of the user's first ack after the store is opened, whatever device
+    it names; users with no ack in the commit keep theirs until they acknowledge
+    something.  Later acks of devices stored already rank no rows."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    rows = [(ALICE, f"d{k}", k) for k in range(1, 7)] + [(BOB, "x", 1), (BOB, "y", 2)]
+    db.conn.executemany("INSERT INTO acks VALUES (?, ?, ?)", rows)
+
+    def devices(user: str) -> dict[str, int]:
+        return dict(db.conn.execute("SELECT device, pos FROM acks WHERE user = ?", (user,)))
+
+    db.commit_batch([], {(ALICE, "d2"): 3}, devices=2)
+    assert devices(ALICE) == {"d5": 5, "d6": 6}
+    assert devices(BOB) == {"x": 1, "y": 2}
+    assert db.get_ack(ALICE, "d2") == 6
+    db.commit_batch([], {(ALICE, "d6"): 7}, devices=2)  # known stored from now on
+    statements: list[str] = []
+    db.conn.set_trace_callback(statements.append)
+    db.commit_batch([], {(ALICE, "d6"): 8}, devices=2)
+    assert not [s for s in statements if "DELETE FROM acks" in s]
+    assert devices(ALICE) == {"d5": 5, "d6": 8}
+    db.commit_batch([], {(ALICE, "d7"): 9}, devices=2)
+    assert [s for s in statements if "DELETE FROM acks" in s]
+    assert devices(ALICE) == {"d6": 8, "d7": 9}
     db.close()
 
 

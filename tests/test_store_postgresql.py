@@ -818,3 +818,45 @@ def test_outbox_rows_with_no_item_go_after_the_rows_queued_before_them() -> None
     seqs = outbox_seqs([5] + [0] * m, draw)
     assert seqs[-1] == 101 * m and seqs[-2] == 5 * m + m - 1 and len(set(seqs)) == len(seqs)
     assert outbox_upto(5) == 6 * m - 1 and outbox_upto(5) < seqs[-1]
+
+
+def test_acks_past_max_devices_go_without_waiting_for_other_writers(dsn: str, schema: str) -> None:
+    """The acks past the bound (here rows an older chatproto kept) go in the user's
+    next commit of an ack; a row another transaction holds (another worker's commit
+    of the same user) is left rather than waited for -- two trims waiting for each
+    other's rows would deadlock, and PostgreSQL would fail one whole group commit --
+    and goes at the user's next trim.  A row this writer stored and another forgot,
+    stored again, counts as new (the upsert says it inserted it)."""
+    db = PostgresDB(dsn, schema)
+    db.migrate()
+    db.conn.execute("SET lock_timeout = '10s'")  # a trim that waits fails, not hangs
+    other = psycopg.connect(dsn)
+    try:
+        db.conn.execute(
+            "INSERT INTO acks SELECT %s, 'd' || k, k FROM generate_series(1, 6) k", (ALICE,)
+        )
+        db.conn.execute("INSERT INTO acks VALUES (%s, 'x', 1), (%s, 'y', 2)", (BOB, BOB))
+        other.execute(f'SET search_path TO "{schema}"')
+        other.execute("SELECT 1 FROM acks WHERE addr = %s AND device = 'd1' FOR UPDATE", (ALICE,))
+        db.commit_batch([], {(ALICE, "d4"): 9}, devices=2)  # does not wait for d1's lock
+
+        def devices(user: str) -> dict[str, int]:
+            rows = db.conn.execute("SELECT device, pos FROM acks WHERE addr = %s", (user,))
+            return dict(rows.fetchall())
+
+        assert devices(ALICE) == {"d1": 1, "d4": 9, "d6": 6}
+        assert devices(BOB) == {"x": 1, "y": 2}  # a user with no ack in the commit
+        other.rollback()
+        db.commit_batch([], {(ALICE, "d6"): 7}, devices=2)
+        assert devices(ALICE) == {"d4": 9, "d6": 7}
+        assert db.get_ack(ALICE, "d1") == 9
+        # another writer forgets d6 (and stores two more); d6 stored again is new
+        other.execute(f'SET search_path TO "{schema}"')  # (rolled back with the lock)
+        other.execute("DELETE FROM acks WHERE addr = %s AND device = 'd6'", (ALICE,))
+        other.execute("INSERT INTO acks VALUES (%s, 'e1', 10), (%s, 'e2', 11)", (ALICE, ALICE))
+        other.commit()
+        db.commit_batch([], {(ALICE, "d6"): 12}, devices=2)
+        assert devices(ALICE) == {"d6": 12, "e2": 11}
+    finally:
+        other.close()
+        db.close()

@@ -80,6 +80,8 @@ class RealmService(Service):
         self._starting: Deferred[None] | None = None
         self._suffix = "@" + config.realm
         self.store = store
+        #: The rule is the realm's; the store keeps it in the transaction of each ack.
+        store.max_devices = config.limits.max_devices_per_user
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         #: Running counters (logins, deliveries...): what the metrics report.

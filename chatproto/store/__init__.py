@@ -35,6 +35,11 @@ Contract shared by every backend:
   never makes a backlog or a history page fail.
 - an item's ``sig`` (a signature of its author's realm, chatproto/signing.py) is
   stored with it and read back with it, so a relay forwards it unchanged.
+- acks are kept for at most :attr:`IStore.max_devices` devices per user: the
+  transaction that stores the ack of a device new to the store forgets the devices
+  of that user with the lowest acks beyond the bound (see :meth:`IStore.set_ack`), so
+  what a user can make the store keep does not grow with the device names it makes
+  up.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ import json
 import math
 from typing import Any
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from chatproto.errors import ChatError
 
 __all__ = [
+    "MAX_DEVICES",
     "REPORT_FIELDS",
     "IStore",
     "NoSuchAccount",
@@ -58,6 +64,9 @@ __all__ = [
     "stored_number",
     "stored_sig",
 ]
+
+#: The default of :attr:`IStore.max_devices` (``[limits] max_devices_per_user``).
+MAX_DEVICES = 64
 
 # NaN and the infinities (which json.dumps writes by default) read as null: the wire
 # encoder refuses them.
@@ -115,6 +124,12 @@ class UserExists(ChatError):
 
 
 class IStore(Interface):
+    max_devices = Attribute(
+        """The most devices per user whose acks are kept (:meth:`set_ack`); at least
+        1.  The realm sets it from ``[limits] max_devices_per_user``; a store made
+        without a realm keeps :data:`MAX_DEVICES`."""
+    )
+
     def open():  # type: ignore[misc]
         """Open (creating or migrating the schema).  Returns a Deferred."""
 
@@ -332,6 +347,18 @@ class IStore(Interface):
         Monotonic (a lower ``pos`` is ignored).  Acks may be written lazily with the
         next batch: losing one only means a client sees an item again and drops it by
         its position.
+
+        Bounded: the transaction that stores the ack of a device that has none
+        stored leaves the acks of at most :attr:`max_devices` devices of the user --
+        those with the highest acks, and among equal acks those whose names come
+        first in code point order; the others are forgotten (the device just
+        acknowledged too, if it is among the lowest).  The user's highest ack is
+        never forgotten, so a forgotten device resumes where :meth:`get_ack` says a
+        device never seen does: after the user's highest ack.  (The SQL stores also
+        trim a user's rows kept past the bound before -- a lower bound, an older
+        version -- at its first ack after they open, and with several writers
+        (PostgreSQL), new devices of one user committed at the same moment may leave
+        a few more until the user's next new device: chatproto/store/acks.py.)
         """
 
     def get_ack(user, device):  # type: ignore[misc]

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from chatproto.envelope import Envelope, alternate_id
-from chatproto.store import NoSuchAccount
+from chatproto.store import MAX_DEVICES, NoSuchAccount
 
 __all__ = [
     "OUTBOX_CACHE",
@@ -221,6 +221,7 @@ class StoreDB(Protocol):
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
         reads: dict[tuple[str, str], int] | None = None,
+        devices: int = ...,
     ) -> CommitResult: ...
     def read_markers(self, conv: str) -> dict[str, int]: ...
     def read_position(self, conv: str, before_ts: float, floor: int) -> int: ...
@@ -336,6 +337,8 @@ class GroupCommitStore:
     log = Logger()
     #: Shown in logs (``realm started ... store <path>``): a file, or a server and schema.
     path = "?"
+    #: The most devices per user whose acks are kept (see IStore.set_ack).
+    max_devices = MAX_DEVICES
 
     def __init__(self, reactor: IReactorThreads, readers: int, name: str) -> None:
         self._reactor = reactor
@@ -431,9 +434,12 @@ class GroupCommitStore:
         outbox_acks: dict[str, int],
         deletions: Sequence[tuple[str, str] | None] | None = None,
         reads: dict[tuple[str, str], int] | None = None,
+        devices: int = MAX_DEVICES,
     ) -> CommitResult:
         """One group commit, on the writer thread."""
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
+        return self._db().commit_batch(
+            batches, acks, outbox, remote, outbox_acks, deletions, reads, devices
+        )
 
     def _retry_read(self, db: StoreDB, error: Exception) -> bool:
         """Whether a read that failed with ``error`` is worth one more try on a fresh
@@ -798,7 +804,15 @@ class GroupCommitStore:
         deleting = [b[4] for b in batch]
         started = self.timer()
         d = self._write(
-            self._commit, items, acks, queues, remote, outbox_acks, deleting, reads or None
+            self._commit,
+            items,
+            acks,
+            queues,
+            remote,
+            outbox_acks,
+            deleting,
+            reads or None,
+            self.max_devices,
         )
 
         def done(result: CommitResult) -> None:

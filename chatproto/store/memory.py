@@ -18,7 +18,7 @@ from zope.interface import implementer
 from chatproto.envelope import Envelope, alternate_id, alternate_range
 from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
-from chatproto.store import REPORT_FIELDS, IStore, UserExists, file_record
+from chatproto.store import MAX_DEVICES, REPORT_FIELDS, IStore, UserExists, file_record
 from chatproto.store.reading import (
     SEARCH_KINDS,
     UNREAD_KINDS,
@@ -35,6 +35,8 @@ __all__ = [
 @implementer(IStore)
 class MemoryStore:
     path = ":memory:"
+    #: The most devices per user whose acks are kept (see IStore.set_ack).
+    max_devices = MAX_DEVICES
 
     def __init__(self) -> None:
         self.users: dict[str, str] = {}
@@ -42,7 +44,8 @@ class MemoryStore:
         #: name -> (floor of the suspended account, reason, ts)
         self.suspended: dict[str, tuple[int, str, float]] = {}
         self.items: list[Envelope] = []
-        self.acks: dict[tuple[str, str], int] = {}
+        #: Acks: user -> device -> position (see :attr:`acks`).
+        self._acks: dict[str, dict[str, int]] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
         self._pos = 0
@@ -208,8 +211,7 @@ class MemoryStore:
                 return fail(failures[0])
         elif outbox:
             self._queue(outbox)
-        for key in [k for k in self.acks if k[0] == address]:
-            del self.acks[key]
+        self._acks.pop(address, None)
         for upload_id in [k for k, r in self.uploads.items() if r.get("user") == address]:
             del self.uploads[upload_id]
         for rkey in [k for k in self.reads if k[0] == address]:
@@ -444,16 +446,31 @@ class MemoryStore:
             page = page[-limit:] if limit else []
         return succeed(current_view(page, self._refs(page)))
 
+    @property
+    def acks(self) -> dict[tuple[str, str], int]:
+        """Every stored ack, ``(user, device) -> position`` (a copy, for tests)."""
+        return {(u, d): p for u, devices in self._acks.items() for d, p in devices.items()}
+
     def set_ack(self, user: str, device: str, pos: int) -> None:
-        key = (user, device)
-        if pos > self.acks.get(key, 0):
-            self.acks[key] = pos
+        devices = self._acks.get(user)
+        if devices is None:
+            if pos <= 0:
+                return
+            devices = self._acks[user] = {}
+        if pos > devices.get(device, 0):
+            devices[device] = pos
+        if len(devices) > self.max_devices:
+            # the highest acks, then the first names (the SQL stores' ORDER BY)
+            kept = sorted(devices.items(), key=lambda dp: (-dp[1], dp[0]))
+            self._acks[user] = dict(kept[: max(1, self.max_devices)])
 
     def get_ack(self, user: str, device: str) -> Deferred[int]:
-        if (user, device) in self.acks:
-            return succeed(self.acks[(user, device)])
-        mine = [p for (u, _), p in self.acks.items() if u == user]
-        return succeed(max(mine, default=0))
+        devices = self._acks.get(user)
+        if not devices:
+            return succeed(0)
+        if device in devices:
+            return succeed(devices[device])
+        return succeed(max(devices.values()))
 
     def max_pos(self) -> Deferred[int]:
         return succeed(self.items[-1].pos if self.items else 0)  # not a consumed one

@@ -26,12 +26,14 @@ from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, TARGET_KINDS
 from chatproto.store import (
     FILE_META,
+    MAX_DEVICES,
     IStore,
     stored_meta,
     stored_number,
     stored_sig,
 )
 from chatproto.store.accounts import AccountsSQL
+from chatproto.store.acks import KnownAcks
 from chatproto.store.filerows import FilesSQL
 from chatproto.store.groupcommit import (
     GroupCommitStore,
@@ -463,6 +465,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         self._wiped = False
         #: The user_convs rows this connection knows are committed.
         self._user_convs = UserConvs()
+        #: The acks rows this connection knows are committed (chatproto/store/acks.py).
+        self._known_acks = KnownAcks()
         #: Rows per multi-row INSERT of items (nine parameters each): at most
         #: ROWS_PER_INSERT, fewer where the library allows fewer parameters per
         #: statement (999 before SQLite 3.32; Python 3.10 cannot ask: assumed).
@@ -538,6 +542,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         c = self.conn
         c.execute("DELETE FROM users WHERE name = ?", (name,))
         c.execute("DELETE FROM acks WHERE user = ?", (address,))
+        self._known_acks.forget_all()
         c.execute("DELETE FROM uploads WHERE user = ?", (address,))
         # Its pending group requests: an answer to one must not land on a later account
         # of the name.  (The batch's own requests are inserted after this.)
@@ -635,6 +640,17 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         "ON CONFLICT (user, device) DO UPDATE SET pos = max(pos, excluded.pos)"
     )
 
+    #: After _UPSERT_ACKS: the acks of the users ``?1`` (a JSON list) past the ``?2``
+    #: highest of each user (the first device names among equal acks) go (see
+    #: IStore.set_ack and chatproto/store/acks.py); returns the rows forgotten.  The
+    #: users' rows are found by the primary key.
+    _TRIM_ACKS = (
+        "DELETE FROM acks WHERE (user, device) IN (SELECT user, device FROM ("
+        "SELECT user, device, row_number() OVER (PARTITION BY user ORDER BY pos DESC, device) "
+        "AS n FROM acks WHERE user IN (SELECT value FROM json_each(?1))"
+        ") WHERE n > ?2) RETURNING user, device"
+    )
+
     def commit_batch(
         self,
         batches: Sequence[Sequence[Envelope]],
@@ -644,10 +660,13 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
         reads: dict[tuple[str, str], int] | None = None,
+        devices: int = MAX_DEVICES,
     ) -> tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order.
 
+        ``acks`` maps ``(user, device)`` to positions to move forward; each user named
+        there keeps the acks of at most ``devices`` devices (IStore.set_ack).
         ``reads`` maps ``(user, conversation)`` to read markers to move forward.
         ``deletions[i]``, if given, is the ``(name, address)`` of an account that batch
         ``i`` deletes (``IStore.delete_user``): if the account is not there, the batch
@@ -703,11 +722,16 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 c.executemany(
                     "DELETE FROM outbox WHERE realm = ? AND seq <= ?", list(outbox_acks.items())
                 )
+            forgotten: list[tuple[str, str]] = []
             if acks:  # one statement (see the outbox above)
                 c.execute(
                     self._UPSERT_ACKS,
                     (json.dumps([(*k, p) for k, p in acks.items()], ensure_ascii=False),),
                 )
+                users = self._known_acks.new_users(acks)
+                if users:  # (the bound: only users who may have a new row)
+                    trim = (json.dumps(users, ensure_ascii=False), max(1, devices))
+                    forgotten = c.execute(self._TRIM_ACKS, trim).fetchall()
             if reads:
                 self._set_reads(reads)
             synced = time.perf_counter()
@@ -715,6 +739,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
             self.sync_seconds = time.perf_counter() - synced
             self._user_convs.committed(convs)
             self._cids_committed()
+            if acks:
+                self._known_acks.committed(acks, forgotten)
         except BaseException:
             self._wiped = False
             self._cids_rolled_back()

@@ -53,7 +53,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from chatproto.envelope import Envelope
-from chatproto.store import IStore
+from chatproto.store import MAX_DEVICES, IStore
 from chatproto.store.groupcommit import CommitResult, GroupCommitStore
 from chatproto.store.postgresql.db import CONNECT_TIMEOUT, PostgresDB, describe_dsn
 from chatproto.store.postgresql.rows import escape_text, unescape_text
@@ -155,18 +155,20 @@ class PostgresStore(GroupCommitStore):
         outbox_acks: dict[str, int],
         deletions: Sequence[tuple[str, str] | None] | None = None,
         reads: dict[tuple[str, str], int] | None = None,
+        devices: int = MAX_DEVICES,
     ) -> CommitResult:
         """A commit whose connection turns out lost before COMMIT was sent committed
         nothing: it is done again, once, on a new connection.  Lost later, whether it
         committed is unknown, so it fails (no sender is told "stored")."""
+        args = (batches, acks, outbox, remote, outbox_acks, deletions, reads, devices)
         db = self._db()
         try:
-            return db.commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
+            return db.commit_batch(*args)
         except psycopg.OperationalError:
             if not db.broken or db.commit_sent:
                 raise
             self.log.info("{store}: connection lost; reconnecting", store=self.path)
-        return self._db().commit_batch(batches, acks, outbox, remote, outbox_acks, deletions, reads)
+        return self._db().commit_batch(*args)
 
     def _retry_read(self, db: Any, error: Exception) -> bool:
         return isinstance(error, psycopg.OperationalError) and bool(db.broken)

@@ -20,8 +20,10 @@ from psycopg import sql
 from chatproto.envelope import Envelope, alternate_id
 from chatproto.relations import DELETED_META, TARGET_KINDS
 from chatproto.store import (
+    MAX_DEVICES,
     stored_meta,
 )
+from chatproto.store.acks import KnownAcks
 from chatproto.store.groupcommit import (
     CommitResult,
     delete_accounts,
@@ -55,10 +57,36 @@ class CommitSQL(WriterPositions):
     _key: bytes | None
     #: The user_convs rows this connection knows are committed.
     _user_convs: UserConvs
+    #: The acks rows this connection knows are committed.
+    _known_acks: KnownAcks
     #: Seconds the last group commit's COMMIT took (for the metrics).
     sync_seconds: float
     #: Whether the last :meth:`commit_batch` got as far as sending COMMIT.
     commit_sent: bool
+
+    #: A commit's acks, one statement: the users of the rows it inserted (``xmax =
+    #: 0``: not an update of a row there already -- which may be one another writer
+    #: forgot) come back.
+    _UPSERT_ACKS = (
+        "WITH up AS (INSERT INTO acks SELECT * FROM unnest(%s::text[], %s::text[], "
+        "%s::bigint[]) ON CONFLICT (addr, device) DO UPDATE "
+        "SET pos = greatest(acks.pos, excluded.pos) RETURNING addr, xmax = 0 AS new) "
+        "SELECT DISTINCT addr FROM up WHERE new"
+    )
+
+    #: After the acks' upsert: the acks of the users ``%s`` past the ``%s`` highest of
+    #: each user (the first device names among equal acks: the columns are COLLATE
+    #: "C", code point order) go (see IStore.set_ack, chatproto/store/acks.py); the
+    #: rows forgotten come back.  A row another writer's transaction holds is left
+    #: (SKIP LOCKED: the trim never waits, so it never deadlocks with that
+    #: transaction); the user's next new device trims it.
+    _TRIM_ACKS = (
+        "DELETE FROM acks WHERE (addr, device) IN (SELECT addr, device FROM acks "
+        "WHERE (addr, device) IN (SELECT addr, device FROM (SELECT addr, device, "
+        "row_number() OVER (PARTITION BY addr ORDER BY pos DESC, device) AS n "
+        "FROM acks WHERE addr = ANY(%s)) r WHERE n > %s) FOR UPDATE SKIP LOCKED) "
+        "RETURNING addr, device"
+    )
 
     _COPY_ITEMS = (
         "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN"
@@ -101,6 +129,7 @@ class CommitSQL(WriterPositions):
         outbox_acks: dict[str, int] | None = None,
         deletions: Sequence[tuple[str, str] | None] | None = None,
         reads: dict[tuple[str, str], int] | None = None,
+        devices: int = MAX_DEVICES,
     ) -> CommitResult:
         """Commit every batch in one transaction: positions per batch, and the outbox
         rows queued as ``(realm, seq, envelope or request)`` in sequence order (the
@@ -114,7 +143,7 @@ class CommitSQL(WriterPositions):
         :meth:`chatproto.store.sqlite.SQLiteDB.commit_batch`).
         """
         flags = list(remote) if remote is not None else [False] * len(batches)
-        args = (batches, flags, acks, outbox, outbox_acks, deletions, reads)
+        args = (batches, flags, acks, outbox, outbox_acks, deletions, reads, devices)
         try:
             return self._commit(*args, each=False)
         except psycopg.OperationalError:
@@ -131,6 +160,7 @@ class CommitSQL(WriterPositions):
         outbox_acks: dict[str, int] | None,
         deletions: Sequence[tuple[str, str] | None] | None,
         reads: dict[tuple[str, str], int] | None,
+        devices: int,
         each: bool,
     ) -> CommitResult:
         c = self.conn
@@ -184,13 +214,21 @@ class CommitSQL(WriterPositions):
                         "DELETE FROM outbox WHERE realm = %s AND seq <= %s",
                         list(outbox_acks.items()),
                     )
+            forgotten: list[tuple[str, str]] = []
             if acks:
-                with c.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO acks VALUES (%s, %s, %s) ON CONFLICT (addr, device) "
-                        "DO UPDATE SET pos = greatest(acks.pos, excluded.pos)",
-                        [(u, escape_text(d), p) for (u, d), p in acks.items()],
-                    )
+                keys = sorted(acks)  # (row locks taken in one order by every writer)
+                inserted = c.execute(
+                    self._UPSERT_ACKS,
+                    (
+                        [u for u, _ in keys],
+                        [escape_text(d) for _, d in keys],
+                        [acks[k] for k in keys],
+                    ),
+                ).fetchall()
+                users = sorted({r[0] for r in inserted}.union(self._known_acks.new_users(keys)))
+                if users:  # (the bound: only users who may have a new row)
+                    trimmed = c.execute(self._TRIM_ACKS, (users, max(1, devices))).fetchall()
+                    forgotten = [(u, unescape_text(d)) for u, d in trimmed]
             if reads:
                 self._set_reads(reads)
             self._end_commit()
@@ -198,6 +236,8 @@ class CommitSQL(WriterPositions):
             synced = time.perf_counter()
         self.sync_seconds = time.perf_counter() - synced
         self._user_convs.committed(convs)
+        if acks:
+            self._known_acks.committed(acks, forgotten)
         return out, queued_rows
 
     # the realms of groups' items (chatproto/store/grouprealms.py) ---------------------

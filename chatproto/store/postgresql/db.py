@@ -26,6 +26,7 @@ from chatproto.store import (
     stored_number,
 )
 from chatproto.store.accounts import AccountsSQL
+from chatproto.store.acks import KnownAcks
 from chatproto.store.filerows import FilesSQL
 from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.postgresql.commit import CommitSQL
@@ -109,6 +110,8 @@ class PostgresDB(CommitSQL, SearchIndex, AccountsSQL, ReadingSQL, PeerKeysSQL, O
             raise
         self._key: bytes | None = None
         self._user_convs = UserConvs()
+        #: The acks rows this connection knows are committed (chatproto/store/acks.py).
+        self._known_acks = KnownAcks()
         self._locked = False
         #: Seconds the last group commit's COMMIT took (the server's WAL flush and the
         #: round trip; for the metrics).
@@ -197,6 +200,7 @@ class PostgresDB(CommitSQL, SearchIndex, AccountsSQL, ReadingSQL, PeerKeysSQL, O
         c = self.conn
         c.execute("DELETE FROM users WHERE name = %s", (name,))
         c.execute("DELETE FROM acks WHERE addr = %s", (address,))
+        self._known_acks.forget_all()
         c.execute("DELETE FROM uploads WHERE user_name = %s", (escape_text(address),))
         c.execute("DELETE FROM requests WHERE actor = %s", (address,))
         c.execute("DELETE FROM read_markers WHERE user_addr = %s", (address,))
