@@ -12,12 +12,12 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from chatproto.config import Config
 from chatproto.envelope import Envelope
-from chatproto.testing import frame, frames, make_test_realm
+from chatproto.testing import NullMind, frame, frames, make_test_realm
 from tests.conftest import count_appends
 from tests.test_protocol import clock_fixture, realm_fixture  # noqa: F401
 from tests.test_reading import logged_in_clear
@@ -381,7 +381,6 @@ def test_a_session_shown_no_copy_moves_past_a_run_as_item_by_item(
     run's last at once (and ``written()`` once), what the per-item rule gives (a text
     past its position moves it, anything else is delivered as ``_deliver`` does),
     whatever the run's kinds and the session's position, syncing or closed."""
-    from chatproto.testing import NullMind
 
     class Quiet(NullMind):
         own_copies = False
@@ -428,3 +427,70 @@ def test_a_session_shown_no_copy_moves_past_a_run_as_item_by_item(
     assert (s._last, mind.got, mind.written_calls) == (want_last, want_got, int(moved))
     if syncing:
         assert [e.pos for e in s._buffer] == want_buffer
+
+
+#: send requests (to, body, nonce, notice, reply_to, tags) of every kind send_batch
+#: tells apart: plain ones to a few recipients, refused bodies, groups, unknown users,
+#: other realms, repeated nonces, replies and client tags (the general path).
+BATCH_REQUESTS = st.tuples(
+    st.sampled_from(["bob", "bob", "bob@localhost", "carol", "#g", "#nope", "nobody", "b@d@x"]),
+    st.sampled_from(["hi", "hi", "x" * 300, "\u00e9t\u00e9", "bad \x1b[2J", "\u0085", "", 7]),
+    st.none() | st.sampled_from(["n1", "n2"]),
+    st.booleans(),
+    st.none() | st.just("0" * 35),
+    st.none() | st.just({"+draft/react": "x"}),
+)
+
+
+def _outcomes(batch: bool, requests: list[Any], burst: int) -> tuple[Any, ...]:
+    """What send_batch (or send, one request after another) answers each request
+    with, what is stored, and the tokens left."""
+    cfg = Config()
+    cfg.limits.send_rate = 2.0
+    cfg.limits.send_burst = burst
+    cfg.limits.max_body = 1000
+    clock = Clock()
+    realm = make_test_realm(clock, cfg)
+    for name in ("alice", "bob", "carol"):
+        realm.create_user(name, "password1")
+    sessions: list[Any] = []
+    realm.login("alice", "password1", NullMind(), "app").addCallback(sessions.append)
+    session = sessions[0]
+    session.group_event("created", "#g")
+    clock.advance(10)  # (a full bucket)
+    answers: list[Any] = []
+
+    def answer(out: Any) -> None:
+        if isinstance(out, Deferred):
+            out.addCallbacks(
+                lambda env: answers.append(("env", env.recipient, env.body, env.meta)),
+                lambda f: answers.append(("error", f.value.code)),
+            )
+        elif isinstance(out, Envelope):
+            answers.append(("env", out.recipient, out.body, out.meta))
+        else:
+            answers.append(("error", out.code))
+
+    if batch:
+        outcomes, commits = realm.messages.send_batch(session, requests)
+        assert len(outcomes) == len(requests)
+        made = [o for o in outcomes if isinstance(o, Envelope)]
+        assert [e for _, run in commits for e in run] == made  # the runs, in order
+        for out in outcomes:
+            answer(out)
+    else:
+        for req in requests:
+            answer(realm.messages.send(session, *req))
+    clock.advance(1)
+    stored = [(e.kind, e.recipient, e.body, e.meta) for e in realm.store.items]
+    return answers, stored, session.bucket.tokens
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(BATCH_REQUESTS, min_size=1, max_size=10), st.sampled_from([3, 100]))
+def test_a_batch_answers_as_its_sends_one_by_one(requests: list[Any], burst: int) -> None:
+    """Messaging.send_batch (the run of plain private messages checked inline, its
+    outcomes' list made only once one is not an envelope) and Messaging.send for each
+    request in turn: the same answer to each request, the same items stored in the
+    same order, the same tokens left."""
+    assert _outcomes(True, requests, burst) == _outcomes(False, requests, burst)

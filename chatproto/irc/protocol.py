@@ -960,6 +960,15 @@ class IRCProtocol(LineOnlyReceiver):
         is once per message: the two calls are ~1,240 of ~75,000 instructions per IRC
         DM (callgrind, bench/send_path.py --irc --store memory).  A change to those
         changes this too."""
+        first = run[0]
+        if first.matched and run.count(first) == len(run):
+            # one PendingSend for the whole run (quick lines to one target: see
+            # _take_lines): what the loop below does, at once
+            ctx = first.ctx
+            ctx.sends -= len(run)
+            if not ctx.sends:
+                ctx.finish()
+            return
         pending = self.pending_sends
         for entry in run:
             if not entry.matched:

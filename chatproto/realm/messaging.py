@@ -63,6 +63,18 @@ SendRequest = tuple[str, Any, "str | None", bool, "str | None", "dict[str, str] 
 NONCES_PER_USER = 1024
 
 
+def _made(
+    commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]], items: list[Envelope]
+) -> list[Envelope | Deferred[Envelope] | ChatError]:
+    """The outcomes of send_batch's requests so far when each made an envelope: the
+    items of the runs appended (``commits``), then those of the run being made."""
+    made: list[Envelope | Deferred[Envelope] | ChatError] = []
+    for _, run in commits:
+        made.extend(run)
+    made.extend(items)
+    return made
+
+
 class Messaging:
     """Sends (from sessions and from extensions), commits and history."""
 
@@ -284,7 +296,9 @@ class Messaging:
         send, so items are appended in request order (their positions follow it).
         """
         user = session.user_id
-        outcomes: list[Envelope | Deferred[Envelope] | ChatError] = []
+        # While every request so far made an envelope, the outcomes are the runs' items:
+        # their list is made at the first other outcome (see _made), or at the end.
+        outcomes: list[Envelope | Deferred[Envelope] | ChatError] | None = None
         items: list[Envelope] = []
         outbox: list[tuple[str, Envelope]] = []
         remember: list[tuple[str, list[Deferred[Envelope]], Envelope]] = []
@@ -304,36 +318,48 @@ class Messaging:
         local = self._name
         suspensions = self._realm.admin.suspended  # (no account suspended: no check)
         check = self.check_body
-        max_body = self._limits.max_body
+        max_chars = self._limits.max_body // 4  # (a character: at most 4 bytes of UTF-8)
         nonces, behind = self._nonces, self._behind_reply
+        late = session in behind  # (a reply of the session is being looked up)
         # The rate limit, taken item by item as spend() takes it, without its calls:
         # the bucket refills (to ``now``) before the first item that reaches it, and
         # again after a send of the general path (which spends at its own time).
         bucket = session.bucket
         filled = False
-        # The recipient of the last item, resolved (a batch mostly writes to one peer).
+        # The recipient of the last item, resolved (a batch mostly writes to one peer):
+        # a request to it (``to`` spelt the same) is a private message, not a group's.
         last_to: str | None = None
         last_addr = Address("", "")
         last_text = ""
         remote: str | None = None  # its realm, when not this one
         for k, (to, body, nonce, notice, reply_to, tags) in enumerate(requests):
             if (
-                to[:1] == "#"
+                to != last_to
+                or nonce is not None
                 or reply_to is not None
                 or tags is not None
-                or (nonce is not None and nonce in nonces.get(user, ()))
-                or session in behind
+                or late
             ):
-                cut()
-                outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
-                filled = False
-                continue
+                if (
+                    to[:1] == "#"
+                    or reply_to is not None
+                    or tags is not None
+                    or (nonce is not None and nonce in nonces.get(user, ()))
+                    or late
+                ):
+                    cut()
+                    if outcomes is None:
+                        outcomes = _made(commits, [])
+                    outcomes.append(self.send(session, to, body, nonce, notice, reply_to, tags))
+                    late = session in behind
+                    filled = False
+                    continue
             try:
                 # check_body's checks (bad_request, too_large), its common case inline:
                 # ASCII text within the limit at 4 bytes a character, no ESC
                 if (
                     type(body) is not str
-                    or len(body) * 4 > max_body
+                    or len(body) > max_chars
                     or not body.isascii()
                     or "\x1b" in body
                 ):
@@ -357,13 +383,18 @@ class Messaging:
                         )
                         if nonce is not None:
                             self._remember_nonce(user, nonce, d)
+                        if outcomes is None:
+                            outcomes = _made(commits, [])
                         outcomes.append(d)
+                        late = session in behind
                         continue
                     last_to, last_addr, last_text = to, recipient, str(recipient)
                     remote = None if recipient.realm == local else recipient.realm
                 if suspensions:
                     self._check_recipient(last_addr)
             except ChatError as e:
+                if outcomes is None:
+                    outcomes = _made(commits, items)
                 outcomes.append(e)
                 continue
             # (what new_envelope makes, without its call)
@@ -373,9 +404,12 @@ class Messaging:
             if remote is not None:
                 outbox.append((remote, env))
             items.append(env)
-            outcomes.append(env)
+            if outcomes is not None:
+                outcomes.append(env)
             if nonce is not None:
                 remember.append((nonce, self._nonce_slot(user, nonce), env))
+        if outcomes is None:  # every request made an envelope
+            outcomes = _made(commits, items)
         cut()
         return outcomes, commits
 
