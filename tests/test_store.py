@@ -11,8 +11,10 @@ checks the same of PostgreSQL.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
@@ -747,6 +749,91 @@ def test_sqlite_plain_items_and_items_with_meta_or_sig_keep_their_order_and_colu
         )
     nulls = db.conn.execute("SELECT meta IS NULL, sig IS NULL FROM items ORDER BY pos").fetchall()
     assert nulls == [(e.meta is None, e.sig is None) for e in items]
+    db.close()
+
+
+_PAIRS = [(ALICE, BOB), (BOB, ALICE), (CAROL, BOB), (ALICE, "x@b.example")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, len(_PAIRS) - 1),  # the pair
+            st.integers(1, 40),  # a run of that many items of it
+            st.sampled_from(["plain", "plain", "plain", "event", "meta", "sig"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(1, 300),  # where the commit's batches are cut
+    st.sampled_from([None, 3, 4, 16]),  # rows per statement
+)
+def test_sqlite_pair_runs_and_mixed_items_keep_their_order_and_columns(
+    runs: list[tuple[int, int, str]], cut: int, rows: int | None
+) -> None:
+    """Runs of PAIR_RUN or more plain text items of one (sender, recipient) go in with
+    statements that bind the pair once (SQLiteDB._insert_pair_run), the items around
+    them with every column bound (_insert_mixed): whatever the runs and the shapes
+    around them, and however the statements are cut, every item keeps its place in
+    the commit's order and every column."""
+    with tempfile.TemporaryDirectory() as d:
+        db = SQLiteDB(os.path.join(d, "s.sqlite3"))
+        db.migrate()
+        if rows is not None:
+            db._rows_per_insert = db._pair_rows = rows
+        items = []
+        for pair, n, shape in runs:
+            for k in range(n):
+                e = env(*_PAIRS[pair], f"{pair} {shape} {k}")
+                e.ts = 1700000000.0 + len(items)
+                if shape == "event":
+                    e.kind = "event"
+                elif shape == "meta":
+                    e.meta = {"x": k}
+                elif shape == "sig":
+                    e.sig = {"realm": "b.example", "sig": str(k)}
+                items.append(e)
+        batches = [items[i : i + cut] for i in range(0, len(items), cut)]
+
+        def redone(*args: Any) -> Any:
+            raise AssertionError("the inserts failed: redone batch by batch")
+
+        db._append_each = redone  # type: ignore[method-assign]
+        out = db.append_batch(batches, {})
+        positions = [p for r in out for p in r]  # type: ignore[union-attr]
+        assert positions == list(range(positions[0], positions[0] + len(items)))
+        for e, p in zip(items, positions, strict=True):
+            got = db.stored_item(e.id)
+            assert got is not None
+            assert (got.pos, got.kind, got.sender, got.recipient, got.ts, got.body) == (
+                p,
+                e.kind,
+                e.sender,
+                e.recipient,
+                e.ts,
+                e.body,
+            )
+            assert (got.meta, got.sig, got.conversation) == (e.meta, e.sig, e.conversation)
+        db.close()
+
+
+def test_sqlite_a_bad_batch_inside_a_pair_run_fails_alone(tmp_path: Any) -> None:
+    """A duplicate id in a batch that a pair run spans: the commit is redone batch by
+    batch and that batch alone fails; the run's other items are stored in order."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"))
+    db.migrate()
+    [[first]] = db.append_batch([[env(ALICE, BOB, "first")]], {})
+    known = db.stored_item_in  # (keeps the line short below)
+    before = [env(ALICE, BOB, f"a{k}") for k in range(10)]
+    bad = [env(ALICE, BOB, "b0"), env(ALICE, BOB, "b1", id_=before[3].id)]
+    after = [env(ALICE, BOB, f"c{k}") for k in range(10)]
+    out = db.append_batch([before, bad, after], {})
+    assert isinstance(out[1], sqlite3.IntegrityError)
+    assert out[0] == list(range(first + 1, first + 11))
+    assert out[2] == list(range(first + 11, first + 21))
+    assert db.stored_item(bad[0].id) is None
+    assert [known(e.id, e.conversation).pos for e in after] == out[2]  # type: ignore[union-attr]
     db.close()
 
 
