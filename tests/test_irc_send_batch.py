@@ -403,6 +403,9 @@ LANE_LINES = st.sampled_from(
         "PRIVMSG bob :{}" + "x" * 440,
         "PRIVMSG bob :{}" + "x" * 480,
         "PRIVMSG bob :{}\x1b[0m",
+        "PRIVMSG bob :{}\r",
+        "PRIVMSG bob :\r",
+        "PRIVMSG bob :",
         "PRIVMSG bob,carol :{}",
         "PRIVMSG #room :{}",
         "JOIN #room",
@@ -423,11 +426,13 @@ def _lane_transcript(
     burst: int,
     cuts: list[int],
     fail: int | None,
+    bare: list[bool],
 ) -> tuple[list[str], ...]:
     """What alice, bob and carol get, and what is stored, for ``lines`` sent by alice
     (upper-case commands: the fast and lean lanes; lower-case: the general path) in
     the reads ``cuts`` makes of them, each commit held until the reads are in, then
-    released in turn (the ``fail``-th with an error)."""
+    released in turn (the ``fail``-th with an error).  A line ends with LF alone where
+    ``bare`` says so, else with CR LF."""
     clock = Clock()
     realm = make_realm(clock)
     realm.config.limits.send_burst = burst
@@ -441,7 +446,10 @@ def _lane_transcript(
     held = HeldAppends(realm)
     if not upper:
         lines = [c.lower() + s + rest for c, s, rest in (line.partition(" ") for line in lines)]
-    data = "".join(line + "\r\n" for line in lines).encode()
+    ends = [*bare, *([False] * len(lines))][: len(lines)]
+    data = "".join(
+        line + ("\n" if end else "\r\n") for line, end in zip(lines, ends, strict=True)
+    ).encode()
     start = 0
     for cut in [*sorted(cuts), len(data)]:
         if cut > start:
@@ -466,6 +474,7 @@ def _lane_transcript(
     st.sampled_from([1000, 3]),
     st.lists(st.integers(0, 600), max_size=3),
     st.none() | st.integers(0, 2),
+    st.lists(st.booleans(), max_size=12),
 )
 def test_the_fast_lane_answers_as_the_general_path(
     lines: list[str],
@@ -474,11 +483,12 @@ def test_the_fast_lane_answers_as_the_general_path(
     burst: int,
     cuts: list[int],
     fail: int | None,
+    bare: list[bool],
 ) -> None:
     """The fast lane (IRCProtocol._take_lines) and the lean lane against the general
     path (the same lines in lower case), byte for byte: every connection's lines and
     the store, with held commits released in turn (one may fail), a rate limit that
     refuses some, reads cut anywhere."""
     lines = [line.format(k) for k, line in enumerate(lines)]
-    args = (caps, carol_away, burst, cuts, fail)
+    args = (caps, carol_away, burst, cuts, fail, bare)
     assert _lane_transcript(lines, True, *args) == _lane_transcript(lines, False, *args)

@@ -738,27 +738,31 @@ class IRCProtocol(LineOnlyReceiver):
         directory = self.factory.directory
         presence_of = self.factory.realm.presence_of
         replies = self.replies
-        quick = "echo-message" not in self.caps
+        match = quick_match
+        longest = MAX_LINE - 2  # (a line without its CR LF)
         shared: Reply | None = None  # the quick lines' Reply since the last other line
         entry: PendingSend | None = None
-        sends: list[SendRequest] = []
-        entries: list[PendingSend] = []
+        add_send: Any = None  # (the batch's lists' append, once a line is quick)
+        add_entry: Any = None
         # the checks of (k_command, k_target) hold for a text up to ``limit`` characters
         k_command = k_target = to = ""
         limit = -1
         notice = False
+        # Whether a line may be quick: what _handle's lean lane and the checks below
+        # need of the connection (read again after each other line: a quick line
+        # changes none of it), and what the loop's first tests ask of every line.
+        fast = (
+            "echo-message" not in self.caps
+            and not self._barrier
+            and self.state == "ready"
+            and not transport.disconnecting
+        )
         for line in lines:
-            # a line may have closed the connection: what follows it is dropped
-            if transport.disconnecting or self.state in CLOSED_STATES:
-                return False
-            if len(line) > max_length:
-                self.lineLengthExceeded(line)
-                return False
-            if quick and not self._barrier and self.state == "ready":
-                raw = line[:-1] if line.endswith(b"\r") else line
-                if len(raw) <= MAX_LINE - 2:
+            if fast:
+                raw = line.removesuffix(b"\r")  # (what _handle strips)
+                if len(raw) <= longest:
                     try:
-                        m = quick_match(raw.decode("utf-8"))
+                        m = match(raw.decode("utf-8"))
                     except UnicodeDecodeError:
                         m = None
                     if m is not None:
@@ -793,21 +797,32 @@ class IRCProtocol(LineOnlyReceiver):
                                 replies.append(shared)
                                 self._shared.append(shared)
                                 assert self._sends is not None  # (in a batch)
-                                sends = self._sends
-                                entries = self._entries
+                                add_send = self._sends.append
+                                add_entry = self._entries.append
                                 entry = None
                             if entry is None:
                                 entry = PendingSend(to, text, shared, command, target, notice)
                                 entry.matched = True  # (no echo-message)
                             shared.sends += 1
-                            sends.append((to, text, None, notice, None, None))
-                            entries.append(entry)
+                            add_send((to, text, None, notice, None, None))
+                            add_entry(entry)
                             continue
             # another line: what it does may change what the checks above found
+            # (a line may have closed the connection: what follows it is dropped)
+            if transport.disconnecting or self.state in CLOSED_STATES:
+                return False
+            if len(line) > max_length:
+                self.lineLengthExceeded(line)
+                return False
             shared = None
             k_target = ""
             handle(line)
-            quick = "echo-message" not in self.caps
+            fast = (
+                "echo-message" not in self.caps
+                and not self._barrier
+                and self.state == "ready"
+                and not transport.disconnecting
+            )
         return True
 
     def _open_batch(self) -> bool:
