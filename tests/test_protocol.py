@@ -790,6 +790,56 @@ def test_delivery_frames_of_a_run_share_their_fields_and_stay_exact() -> None:
         assert send_result(env, n) == struct.pack("!I", len(result)) + result
 
 
+_bob_again = "".join(["bob", "@x"])  # equal to "bob@x", another object
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["alice@x", "carol@x"]),
+            st.sampled_from(["bob@x", _bob_again, "carol@x"]),
+            st.sampled_from([1764924000.5, 1764924001.25, 0.0, -0.0]),
+            st.sampled_from(["text", "text", "file"]),
+            st.none() | st.just({"notice": True}),
+            _text,
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_the_frames_of_a_run_are_each_items_generic_encoding(items: list[Any], twice: bool) -> None:
+    """protocol.delivery_frames (a run's frames, its items formatted without a call
+    each where their fields are the objects last formatted) gives each item's generic
+    encoding, joined, caches each item's frame and result tail as delivery_frame does,
+    and gives the same bytes for the same run again; items already encoded keep their
+    frame."""
+    from chatproto.envelope import Envelope
+    from chatproto.protocol import delivery_frame, delivery_frames, send_result
+
+    envs = []
+    for n, (sender, recipient, ts, kind, meta, body, encoded) in enumerate(items):
+        env = Envelope(f"id{n}", kind, sender, recipient, ts, body, meta, 10 + n)
+        if encoded:
+            delivery_frame(env)
+        envs.append(env)
+    want = []
+    for env in envs:
+        payload = wire.encode({"type": "msg", **env.to_wire()})
+        want.append(struct.pack("!I", len(payload)) + payload)
+    data = delivery_frames(envs)
+    assert data == b"".join(want)
+    assert [env.frame for env in envs] == want
+    for n, env in enumerate(envs):
+        result = wire.result_frame(n, pos=env.pos, msg_id=env.id, ts=env.ts)
+        assert send_result(env, n) == struct.pack("!I", len(result)) + result
+    if twice:
+        assert delivery_frames(envs) == data
+    assert delivery_frames(list(envs)) == data  # (another list: formatted again)
+
+
 def test_delivery_frames_of_a_batch_share_the_time_and_stay_exact() -> None:
     """The time's text is cached by the float object a batch shares: equal floats
     that print differently (0.0, -0.0), and one object after another, each give the
