@@ -46,6 +46,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LOADGEN = HERE / "loadgen.py"
+#: ``--lean-loadgen``: the DM runs' load generator reads and writes bytes (loadgen.py --lean)
+LEAN_LOADGEN = False
 REFSERVER = HERE / "refserver.py"
 PY = sys.executable
 
@@ -309,6 +311,7 @@ def dm(
         "--rate",
         rate,
         *(["--profile-signals"] if server.profile else []),
+        *(["--lean"] if LEAN_LOADGEN else []),
         timeout=duration + warmup + 180,
     )
     add_us_per_msg(r)
@@ -550,11 +553,19 @@ def main() -> None:
     ap.add_argument(
         "--json", help="write the figures to this file (default bench/results/latest.json)"
     )
+    ap.add_argument(
+        "--lean-loadgen",
+        action="store_true",
+        help="DM runs: the load generator reads and writes frames as bytes, no JSON "
+        "(loadgen.py dm --lean): it reaches rates the default one cannot",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-ref", action="store_true", help="skip the reference relay")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, db)")
     args = ap.parse_args()
+    global LEAN_LOADGEN
+    LEAN_LOADGEN = args.lean_loadgen
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = 0.5 if args.quick else 1.0
     pairs = [int(x) for x in args.pairs.split(",") if x]
