@@ -707,6 +707,35 @@ def test_ack_spellings_are_equivalent(realm: Any, clock: Clock, payload: bytes) 
     assert realm.store.acks[("bob@localhost", "default")] == positions[1]
 
 
+def test_acks_of_at_most_max_devices_per_user_devices_are_kept(clock: Clock) -> None:
+    """Full stack on the memory store: ``[limits] max_devices_per_user`` reaches the
+    store, logins under ever new device names leave that many acks, and a forgotten
+    device's login starts after the user's highest ack, a kept one's after its own."""
+    cfg = Config()
+    cfg.limits.max_devices_per_user = 3
+    realm = make_test_realm(clock, cfg)
+    assert realm.store.max_devices == 3
+    realm.create_user("alice", "password1")
+    bob, _tb = logged_in(realm, clock, "bob")
+    sent = []
+    for k in range(6):
+        bob.dataReceived(frame({"type": "send", "to": "alice", "body": f"m{k}", "id": k}))
+        sent.append(realm.store.items[-1].pos)
+        a, ta = logged_in(realm, clock, "alice", device=f"d{k}")
+        got = [f for f in frames(ta) if f["type"] == "msg"]
+        assert [f["body"] for f in got] == [f"m{k}"]  # a new device: after the highest
+        a.dataReceived(frame({"type": "ack", "pos": got[-1]["pos"]}))
+        a.connectionLost(None)
+    acks = {d: p for (u, d), p in realm.store.acks.items() if u == "alice@localhost"}
+    assert acks == {"d3": sent[3], "d4": sent[4], "d5": sent[5]}
+    bob.dataReceived(frame({"type": "send", "to": "alice", "body": "last", "id": 9}))
+    for device, expected in (("d4", ["m5", "last"]), ("d1", ["last"])):
+        a, ta = logged_in(realm, clock, "alice", device=device)
+        assert [f["body"] for f in frames(ta) if f["type"] == "msg"] == expected, device
+        a.connectionLost(None)
+    realm.stopService()
+
+
 def test_malformed_fast_path_ack_falls_back(realm: Any, clock: Clock) -> None:
     b, tb = logged_in(realm, clock, "bob")
     frames(tb)
