@@ -287,3 +287,28 @@ def test_a_step_skipped_for_another_writers_is_taken_again_later(
         assert clock.getDelayedCalls() == []  # caught up: no more steps
     finally:
         yield store.close()
+
+
+def test_a_step_commits_without_waiting_for_its_wal_flush(db: PostgresDB) -> None:
+    """As on SQLite: a step's transaction sets ``synchronous_commit`` off for itself
+    (the index is rebuilt from the position it records); the connection's commits
+    of items keep the server's setting."""
+    commit(db, *(env(f"zqxflush number{n}") for n in range(3)))
+    before = db.conn.execute("SHOW synchronous_commit").fetchone()[0]
+    statements: list[str] = []
+    execute = db.conn.execute
+
+    def recording(query: Any, *args: Any, **kw: Any) -> Any:
+        statements.append(str(query))
+        if str(query).startswith("SELECT max(pos) FROM items WHERE pos >"):  # in the step
+            statements.append(execute("SHOW synchronous_commit").fetchone()[0])
+        return execute(query, *args, **kw)
+
+    db.conn.execute = recording  # type: ignore[method-assign]
+    try:
+        assert db.index_search(2000) == 3
+    finally:
+        del db.conn.execute
+    assert "off" in statements
+    assert db.conn.execute("SHOW synchronous_commit").fetchone()[0] == before == "on"
+    assert found(db, "zqxflush") == [f"zqxflush number{n}" for n in (2, 1, 0)]

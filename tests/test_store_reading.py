@@ -780,3 +780,33 @@ def test_sqlite_reads_an_ids_alternates_through_the_id_index(tmp_path: Any) -> N
     )
     assert "(id>? AND id<?)" in plan and "items_conv" not in plan, plan
     db.close()
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_a_search_index_step_commits_without_an_fsync(tmp_path: Any, synchronous: str) -> None:
+    """The index is rebuilt from items from the position a step records in its own
+    transaction, so a step commits with ``synchronous = NORMAL`` (no fsync of its
+    own; the next durable commit's covers its WAL frames); the connection's item
+    commits keep the durability it was opened with."""
+    db = SQLiteDB(str(tmp_path / "s.sqlite3"), synchronous)
+    db.migrate()
+    db.append_batch([[item(ALICE, BOB, f"zqx{n}")] for n in range(5)], {})
+    seen: list[tuple[str, int]] = []
+
+    def trace(sql: str) -> None:  # (the level each statement runs at)
+        if not sql.startswith("PRAGMA synchronous"):
+            level = db.conn.execute("PRAGMA synchronous").fetchone()[0]
+            seen.append((sql.split()[0].upper(), level))
+
+    db.conn.set_trace_callback(trace)
+    try:
+        assert db.index_search(2000) == 5
+    finally:
+        db.conn.set_trace_callback(None)
+    levels = {sql: level for sql, level in seen if sql in ("BEGIN", "INSERT", "COMMIT")}
+    assert levels == {"BEGIN": 1, "INSERT": 1, "COMMIT": 1}  # NORMAL
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == {"FULL": 2, "NORMAL": 1}[
+        synchronous
+    ]
+    assert [e.body for e in db.search(["zqx3"], [("user", ALICE, 0)], None, 10)] == ["zqx3"]
+    db.close()

@@ -115,13 +115,19 @@ class SearchIndex:
         """Index (for search) up to ``limit`` items after
         :meth:`chatproto.store.reading.ReadingSQL.search_upto`, never
         past the safe position, in one transaction; returns how many items it went
-        past (fewer than ``limit``: caught up, or stopped short: :attr:`index_later`)."""
+        past (fewer than ``limit``: caught up, or stopped short: :attr:`index_later`).
+
+        Its commit waits for no WAL flush (``synchronous_commit = off`` for the
+        step): the index is rebuilt from ``items`` from the position the step
+        records in the same transaction, so a crash that loses a step loses nothing
+        else (as SQLiteDB.index_search)."""
         # (outside the transaction: its locks of other writers' in-flight marks must
         # end with its statement, not hold their next commit back)
         safe = self.safe_position()
         c = self.conn
         self.index_later = False
         with c.transaction():
+            c.execute("SET LOCAL synchronous_commit TO off")
             row = c.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (index_lock_key(self.schema),)
             ).fetchone()
