@@ -391,8 +391,6 @@ _PLAIN_TEXTS = (
     "SELECT pos, body FROM items WHERE pos > ?1 AND pos <= ?2 AND kind IN ('text', 'file') "
     "AND body <> ''"
 )
-#: Whether an edit is in a step's range (the rows the step reads anyway).
-_EDIT_IN_RANGE = "SELECT 1 FROM items WHERE pos > ?1 AND pos <= ?2 AND kind = 'edit' LIMIT 1"
 
 
 def _statements(script: str) -> list[str]:
@@ -1225,21 +1223,21 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         c.execute("BEGIN IMMEDIATE")
         try:
             upto = self.search_upto()
-            # how many items the step goes past, and the last (one row, not ``limit``)
-            n, top = c.execute(
-                "SELECT count(*), max(pos) FROM (SELECT pos FROM items WHERE pos > ? "
-                "ORDER BY pos LIMIT ?)",
+            # how many items the step goes past, the last, and whether an edit is
+            # among them (one scan of the range, one row out, not ``limit``)
+            n, top, edited = c.execute(
+                "SELECT count(*), max(pos), max(kind = 'edit') FROM (SELECT pos, kind "
+                "FROM items WHERE pos > ? ORDER BY pos LIMIT ?)",
                 (upto, limit),
             ).fetchone()
             if n:
                 # each item's latest own edit, probed per item only when the range
                 # holds an edit (~0.2 us per item; most steps hold none)
-                edited = c.execute(_EDIT_IN_RANGE, (upto, top)).fetchone()
                 texts = _CURRENT_TEXTS if edited else _PLAIN_TEXTS
                 c.execute(f"INSERT INTO items_fts (rowid, body) {texts}", (upto, top))
-                # items indexed before and edited since: their latest text (two
-                # statements for all of them, not two per item)
-                latest = dict(c.execute(_EDITED_SINCE, (upto, top)).fetchall())
+                # items indexed before and edited since (edits in the range): their
+                # latest text (two statements for all of them, not two per item)
+                latest = dict(c.execute(_EDITED_SINCE, (upto, top)).fetchall()) if edited else {}
                 if latest:
                     c.execute(
                         "DELETE FROM items_fts WHERE rowid IN (SELECT value FROM json_each(?))",
