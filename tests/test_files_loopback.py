@@ -448,14 +448,14 @@ def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
         sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
     d = bob.download(r["file"], str(tmp_path / "large.down"))
     yield until(lambda: bob.protocol._receivers)
-    bob.protocol.transport.pauseProducing()  # bob stops reading, mid-file
+    bob.protocol.pause()  # bob stops reading, mid-file
     yield until(lambda: server_side._out.blocked)
     (sink,) = server_side._download_sinks.values()
     realm.files.config.retention_days = 0  # every file is expired now
     counts = yield realm.files.cleanup()
     assert counts["blobs"] == 1
     sent = sink.offset
-    bob.protocol.transport.resumeProducing()
+    bob.protocol.resume()
     with pytest.raises(RemoteError) as e:
         yield d
     assert e.value.code == "no_such_file"
