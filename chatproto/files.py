@@ -850,6 +850,15 @@ class FileService:
         for dl in list(self.downloads.pop(file_id, ())):
             dl.withdraw()
 
+    @inlineCallbacks
+    def recheck(self) -> Any:
+        """Another process serving the realm (a worker of a cluster) committed a
+        delete: :meth:`withdraw` the files with downloads in progress here whose
+        record is gone.  Fires once done."""
+        for file_id in list(self.downloads):
+            if (yield self.realm.store.file_info(file_id)) is None:
+                self.withdraw(file_id)
+
     def _withdraw_where(self, gone: Callable[[FileInfo], bool]) -> None:
         """:meth:`withdraw` every file with downloads in progress for which ``gone``
         holds."""

@@ -983,3 +983,45 @@ def test_the_register_limit_is_counted_by_every_worker(cluster: Cluster) -> Any:
     yield conn.close()
     for proc in cluster.procs.values():
         assert "Traceback" not in proc.output, proc.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_file_deleted_on_one_worker_stops_its_download_on_another(
+    cluster: Cluster, tmp_path: Any
+) -> Any:
+    """alice (on w1) deletes her file while bob downloads it from w2, reading slowly.
+    w1 stopped only its own downloads of the file: w2 sent bob the deleted file to
+    the end.  Now w2, routing w1's delete, stops bob's download with no_such_file."""
+    import os
+    import socket
+
+    w1 = yield cluster.start("w1")
+    w2 = yield cluster.start("w2")
+    alice = yield Client("alice").connect(w1, register=True)
+    bob = yield Client("bob").connect(w2, register=True)
+    bob2 = yield Client("bob").connect(w2)  # another device of bob's, reading
+    size = 32 * 1024 * 1024
+    src = tmp_path / "large.bin"
+    src.write_bytes(os.urandom(size))
+    sent = yield alice.conn.send_file("bob", str(src))
+    yield until(lambda: any(m["kind"] == "file" for m in bob.received), "bob has the file")
+    proto = bob.conn.protocol
+    proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 512 * 1024)
+    progress: list[int] = []
+
+    def stop_reading(done: int, total: int) -> None:
+        if not progress:  # bob stops reading at the first bytes, mid-file
+            proto.pause()
+        progress.append(done)
+
+    d = bob.conn.download(sent["file"], str(tmp_path / "large.down"), progress=stop_reading)
+    yield until(lambda: progress, "the download started")
+    yield alice.conn.delete(sent["msg_id"])
+    yield until(lambda: any(m["kind"] == "delete" for m in bob2.received), "w2 routed the delete")
+    yield bob2.conn.protocol.request("ping")
+    proto.resume()
+    with pytest.raises(RemoteError) as e:
+        yield d
+    assert e.value.code == "no_such_file"
+    for proc in cluster.procs.values():
+        assert "Traceback" not in proc.output, proc.output

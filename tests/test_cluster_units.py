@@ -663,3 +663,38 @@ def test_a_sender_woken_while_a_commit_held_the_outbox_back_looks_again(tmp_path
     clock.advance(SendingFederation.RECHECK)
     assert woken == ["b.test"] * 4
     assert clock.getDelayedCalls() == []  # no longer held: no more
+
+
+def test_a_delete_of_another_worker_rechecks_the_downloads_here() -> None:
+    """A worker stopped its own downloads of a file it deleted, but the downloads of
+    that file on other workers went on to the end.  Now a worker that routes another
+    worker's delete has the realm's files check their downloads in progress (once per
+    page of items); its own deletes and other items do not."""
+
+    class Files:
+        def __init__(self) -> None:
+            self.rechecks = 0
+
+        def recheck(self) -> Deferred[None]:
+            self.rechecks += 1
+            return succeed(None)
+
+    store, realm, clock = Store(), Realm(), Clock()
+    realm.files = files = Files()  # type: ignore[attr-defined]
+    r = reader(store, realm, clock)
+    ref = {"ref": "id1"}
+    own = Envelope("d3", "delete", "a@x", "b@x", 1.0, "", ref, pos=3)
+    store.items.update({1: item(1), 2: item(2)})
+    store.safe = 2
+    r.wake()
+    assert files.rechecks == 0
+    r.committed(own, ["a@x", "b@x"])
+    store.items[3] = own
+    store.safe = 3
+    r.wake()
+    assert files.rechecks == 0  # (this worker withdrew them when it committed it)
+    for pos in (4, 5):
+        store.items[pos] = Envelope(f"d{pos}", "delete", "a@x", "b@x", 1.0, "", ref, pos=pos)
+    store.safe = 5
+    r.wake()
+    assert files.rechecks == 1 and r.delivered == 5

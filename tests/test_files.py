@@ -331,3 +331,20 @@ def test_downloads_of_files_that_expire_stop_with_no_such_file(realm: Any, clock
         t_new.producer.resumeProducing()
     assert ok(d_new) == len(data) and t_new.value() == data[::-1]
     assert not realm.files.downloads
+
+
+def test_recheck_stops_the_downloads_of_files_deleted_elsewhere(realm: Any) -> None:
+    """Another worker of the realm deleted a file (its record is gone from the shared
+    store): ``recheck`` stops the downloads of it in progress here, with
+    no_such_file, and leaves the others alone."""
+    from chatproto.transfer import BLOCK
+
+    gone, _ = upload(realm, ALICE, "bob", os.urandom(2 * BLOCK))
+    kept, _ = upload(realm, ALICE, "bob", os.urandom(2 * BLOCK))
+    t, t_kept = _Slow(), _Slow()
+    d = ok(realm.files.open_download(BOB, gone.file_id)).start(t)
+    d_kept = ok(realm.files.open_download(BOB, kept.file_id)).start(t_kept)
+    del realm.store.files[gone.file_id]  # (what the other worker's delete did)
+    ok(realm.files.recheck())
+    assert code(d) == "no_such_file" and len(t.value()) == BLOCK
+    assert not d_kept.called and set(realm.files.downloads) == {kept.file_id}

@@ -16,7 +16,8 @@ every ``poll_interval`` seconds, from the position it had reached.
 Items this worker committed are routed with the audience computed at commit (the group
 state before and after an event, as in one process); items of other workers have their
 audience computed here, after applying group events to the local group state, as the
-realm does when it replays events at start-up.
+realm does when it replays events at start-up.  A ``delete`` of another worker's also
+stops the downloads here of a file it deleted (``FileService.recheck``).
 """
 
 from __future__ import annotations
@@ -190,10 +191,12 @@ class StreamReader:
         """Route one page (oldest first); ``upto``: the page ends the range (else
         the next page starts after its last item)."""
         realm = self._realm
+        deletes = False
         realm.begin_burst()
         try:
             for env in page:
                 mine = self._mine.pop(env.pos, None)
+                deletes = deletes or (mine is None and env.kind == "delete")
                 try:
                     if mine is not None and env.kind == "event":
                         users = mine[1]  # the group before and after, as at commit
@@ -208,6 +211,10 @@ class StreamReader:
                 self.routed += 1
         finally:
             realm.end_burst()
+        if deletes:  # another worker deleted items: a file's downloads here stop too
+            realm.files.recheck().addErrback(
+                lambda f: self.log.failure("cluster: stopping downloads of deleted files", f)
+            )
         if upto is not None:
             self.delivered = max(self.delivered, upto)
         for pos in [p for p in self._mine if p <= self.delivered]:
