@@ -37,6 +37,25 @@ PASSWORD = "bench-password-123"
 TIMEOUT = 30.0  # any single request / login step
 
 
+def split_frames(buf: bytearray, data: bytes) -> list[bytes]:
+    """Add ``data`` to a connection's ``buf`` and take the whole frames out of it (their
+    payloads, in order)."""
+    buf += data
+    n = len(buf)
+    off = 0
+    frames = []
+    while n - off >= 4:
+        (ln,) = _unpack_from(buf, off)
+        end = off + 4 + ln
+        if end > n:
+            break
+        frames.append(bytes(buf[off + 4 : end]))
+        off = end
+    if off:
+        del buf[:off]
+    return frames
+
+
 def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -111,20 +130,7 @@ class Conn(asyncio.Protocol):
             self.synced.exception()  # mark retrieved: nobody may be waiting (register)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        n = len(buf)
-        off = 0
-        frames = []
-        while n - off >= 4:
-            (ln,) = _unpack_from(buf, off)
-            end = off + 4 + ln
-            if end > n:
-                break
-            frames.append(bytes(buf[off + 4 : end]))
-            off = end
-        if off:
-            del buf[:off]
+        frames = split_frames(self.buf, data)
         cache = self.cache
         if cache is None:
             for payload in frames:
@@ -396,23 +402,6 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
                     st["behind"] += 1
             await asyncio.sleep(0.001)
 
-    def lean_frames(c: Conn, data: bytes) -> list[bytes]:
-        buf = c.buf
-        buf += data
-        n = len(buf)
-        off = 0
-        frames = []
-        while n - off >= 4:
-            (ln,) = _unpack_from(buf, off)
-            end = off + 4 + ln
-            if end > n:
-                break
-            frames.append(bytes(buf[off + 4 : end]))
-            off = end
-        if off:
-            del buf[:off]
-        return frames
-
     def lean_ack(c: Conn, frames: list[bytes], out: list[bytes]) -> None:
         """Ack the last ``msg`` of a read, as Conn does, read off its bytes."""
         for payload in reversed(frames):
@@ -452,7 +441,7 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
         def data_received(data: bytes) -> None:
             out: list[bytes] = []
             done = 0
-            frames = lean_frames(c, data)
+            frames = split_frames(c.buf, data)
             for payload in frames:
                 if payload.startswith(b'{"type":"result"'):
                     done += 1
@@ -487,7 +476,7 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
 
         def data_received(data: bytes) -> None:
             out: list[bytes] = []
-            frames = lean_frames(c, data)
+            frames = split_frames(c.buf, data)
             measuring = st["measuring"]
             now = perf_ns()
             for payload in frames:

@@ -703,6 +703,32 @@ def test_sqlite_commit_positions_follow_the_items_across_multi_row_inserts(
     db.close()
 
 
+def stored_in_order(db: SQLiteDB, batches: list[list[Envelope]], items: list[Envelope]) -> None:
+    """Commit ``batches`` (``items``, in order) with the multi-row inserts, never redone
+    batch by batch: each item is stored, every column as it was, at consecutive
+    positions in the commit's order."""
+
+    def redone(*args: Any) -> Any:
+        raise AssertionError("the multi-row inserts failed: redone batch by batch")
+
+    db._append_each = redone  # type: ignore[method-assign]
+    out = db.append_batch(batches, {})
+    positions = [p for r in out for p in r]  # type: ignore[union-attr]
+    assert positions == list(range(positions[0], positions[0] + len(items)))
+    for e, p in zip(items, positions, strict=True):
+        got = db.stored_item(e.id)
+        assert got is not None
+        assert (got.pos, got.kind, got.sender, got.recipient, got.ts, got.body) == (
+            p,
+            e.kind,
+            e.sender,
+            e.recipient,
+            e.ts,
+            e.body,
+        )
+        assert (got.meta, got.sig, got.conversation) == (e.meta, e.sig, e.conversation)
+
+
 @pytest.mark.parametrize("rows_per_insert", [None, 4, 5])
 def test_sqlite_plain_items_and_items_with_meta_or_sig_keep_their_order_and_columns(
     tmp_path: Any, rows_per_insert: int | None
@@ -729,24 +755,7 @@ def test_sqlite_plain_items_and_items_with_meta_or_sig_keep_their_order_and_colu
     cuts = sorted(rng.sample(range(1, 400), 30))
     batches = [items[a:b] for a, b in zip([0, *cuts], [*cuts, 400], strict=True)]
 
-    def redone(*args: Any) -> Any:
-        raise AssertionError("the multi-row inserts failed: redone batch by batch")
-
-    db._append_each = redone  # type: ignore[method-assign]
-    out = db.append_batch(batches, {})
-    positions = [p for r in out for p in r]  # type: ignore[union-attr]
-    assert positions == list(range(positions[0], positions[0] + 400))
-    for e, p in zip(items, positions, strict=True):
-        got = db.stored_item(e.id)
-        assert got is not None
-        assert (got.pos, got.body, got.sender, got.recipient, got.meta, got.sig) == (
-            p,
-            e.body,
-            e.sender,
-            e.recipient,
-            e.meta,
-            e.sig,
-        )
+    stored_in_order(db, batches, items)
     nulls = db.conn.execute("SELECT meta IS NULL, sig IS NULL FROM items ORDER BY pos").fetchall()
     assert nulls == [(e.meta is None, e.sig is None) for e in items]
     db.close()
@@ -796,25 +805,7 @@ def test_sqlite_pair_runs_and_mixed_items_keep_their_order_and_columns(
                 items.append(e)
         batches = [items[i : i + cut] for i in range(0, len(items), cut)]
 
-        def redone(*args: Any) -> Any:
-            raise AssertionError("the inserts failed: redone batch by batch")
-
-        db._append_each = redone  # type: ignore[method-assign]
-        out = db.append_batch(batches, {})
-        positions = [p for r in out for p in r]  # type: ignore[union-attr]
-        assert positions == list(range(positions[0], positions[0] + len(items)))
-        for e, p in zip(items, positions, strict=True):
-            got = db.stored_item(e.id)
-            assert got is not None
-            assert (got.pos, got.kind, got.sender, got.recipient, got.ts, got.body) == (
-                p,
-                e.kind,
-                e.sender,
-                e.recipient,
-                e.ts,
-                e.body,
-            )
-            assert (got.meta, got.sig, got.conversation) == (e.meta, e.sig, e.conversation)
+        stored_in_order(db, batches, items)
         db.close()
 
 
