@@ -853,10 +853,10 @@ class FileService:
     @inlineCallbacks
     def recheck(self) -> Any:
         """Another process serving the realm (a worker of a cluster) committed a
-        delete: :meth:`withdraw` the files with downloads in progress here whose
-        record is gone.  Fires once done."""
-        for file_id in list(self.downloads):
-            if (yield self.realm.store.file_info(file_id)) is None:
+        delete: :meth:`withdraw` the files with downloads in progress, or being
+        opened, here whose record is gone.  Fires once done."""
+        for file_id in sorted(set(self.downloads) | set(self._opening)):
+            if _ID.fullmatch(file_id) and (yield self.realm.store.file_info(file_id)) is None:
                 self.withdraw(file_id)
 
     def _withdraw_where(self, gone: Callable[[FileInfo], bool]) -> None:

@@ -348,3 +348,26 @@ def test_recheck_stops_the_downloads_of_files_deleted_elsewhere(realm: Any) -> N
     ok(realm.files.recheck())
     assert code(d) == "no_such_file" and len(t.value()) == BLOCK
     assert not d_kept.called and set(realm.files.downloads) == {kept.file_id}
+
+
+def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
+    """A download being opened on this worker (its record read, its bytes looked
+    for on disk) when another worker's delete is routed here: the recheck looked at
+    the downloads already open only, so this one was handed out after it and
+    streamed the deleted file.  Now it is no_such_file."""
+    info, _ = upload(realm, ALICE, "bob", b"some bytes")
+    run = realm.files.store.run
+    held: list[Deferred[Any]] = []
+
+    def holding(fn: Any, *args: Any) -> Any:
+        held.append(Deferred())
+        return held[-1]
+
+    realm.files.store.run = holding
+    opening = realm.files.open_download(BOB, info.file_id)
+    assert len(held) == 1 and not opening.called  # (is the blob there)
+    realm.files.store.run = run
+    del realm.store.files[info.file_id]  # (what the other worker's delete did)
+    ok(realm.files.recheck())
+    held[0].callback(True)  # it was, when asked
+    assert code(opening) == "no_such_file" and not realm.files.downloads
