@@ -494,3 +494,28 @@ def test_a_batch_answers_as_its_sends_one_by_one(requests: list[Any], burst: int
     request in turn: the same answer to each request, the same items stored in the
     same order, the same tokens left."""
     assert _outcomes(True, requests, burst) == _outcomes(False, requests, burst)
+
+
+@given(
+    st.text(max_size=5),
+    st.text(max_size=5),
+    st.text(max_size=5),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.none() | st.just({"notice": True}),
+)
+def test_the_send_paths_envelope_is_the_classs(
+    msg_id: str, sender: str, recipient: str, ts: float, body: str, meta: Any
+) -> None:
+    """envelope.new_text (send_batch's items, made without the class call) sets every
+    field of Envelope as its __init__ does: a field added to Envelope and not there
+    fails here."""
+    import attrs
+
+    from chatproto.envelope import new_text
+
+    made = new_text(msg_id, sender, recipient, ts, body, meta)
+    want = Envelope(msg_id, "text", sender, recipient, ts, body, meta)
+    assert type(made) is Envelope
+    for field in attrs.fields(Envelope):
+        assert getattr(made, field.name) is getattr(want, field.name), field.name

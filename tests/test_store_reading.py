@@ -805,8 +805,8 @@ def test_a_search_index_step_commits_without_an_fsync(tmp_path: Any, synchronous
         db.conn.set_trace_callback(None)
     levels = {sql: level for sql, level in seen if sql in ("BEGIN", "INSERT", "COMMIT")}
     assert levels == {"BEGIN": 1, "INSERT": 1, "COMMIT": 1}  # NORMAL
-    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == {"FULL": 2, "NORMAL": 1}[
-        synchronous
-    ]
+    assert (
+        db.conn.execute("PRAGMA synchronous").fetchone()[0] == {"FULL": 2, "NORMAL": 1}[synchronous]
+    )
     assert [e.body for e in db.search(["zqx3"], [("user", ALICE, 0)], None, 10)] == ["zqx3"]
     db.close()

@@ -21,7 +21,13 @@ from twisted.python.failure import Failure
 
 from chatproto import address
 from chatproto.address import Address
-from chatproto.envelope import Envelope, conversation_key, new_message_id, new_message_ids
+from chatproto.envelope import (
+    Envelope,
+    conversation_key,
+    new_message_id,
+    new_message_ids,
+    new_text,
+)
 from chatproto.errors import ChatError
 from chatproto.realm.sessions import Session
 from chatproto.realm.tags import check_tags
@@ -397,10 +403,8 @@ class Messaging:
                     outcomes = _made(commits, items)
                 outcomes.append(e)
                 continue
-            # (what new_envelope makes, without its call)
-            env = Envelope(
-                ids[k], "text", user, last_text, now, body, NOTICE_META if notice else None
-            )
+            # (what new_envelope makes, without its call and the class call)
+            env = new_text(ids[k], user, last_text, now, body, NOTICE_META if notice else None)
             if remote is not None:
                 outbox.append((remote, env))
             items.append(env)
