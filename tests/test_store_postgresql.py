@@ -211,25 +211,39 @@ def _backend_pids(store: PostgresStore) -> list[int]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_lost_connections_are_replaced(open_store: Any, admin: Any, dsn: str, schema: str) -> Any:
+def test_lost_connections_are_replaced(admin: Any, dsn: str, schema: str) -> Any:
     """The server ends every connection of the store (a restart, a failover): the next
     read is retried on a new connection, the next commit -- lost before COMMIT was
-    sent -- is done again on a new writing connection, which is the writer again."""
-    store = open_store
-    [a] = yield store.append([env(ALICE, BOB, "before")])
-    assert (yield store.max_pos()) == a.pos  # a reader connection exists now
-    pids = _backend_pids(store)
-    assert len(pids) >= 2
-    for pid in pids:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert (yield store.max_pos()) == a.pos
-    [b] = yield store.append([env(ALICE, BOB, "after")])
-    assert b.pos > a.pos
-    assert not set(_backend_pids(store)) & set(pids)
-    feed = yield store.read_feed(BOB, 0, 10)
-    assert [e.body for e in feed] == ["before", "after"]
-    with pytest.raises(RuntimeError, match="another realm process"):
-        yield PostgresStore(dsn, schema, _reactor).open()
+    sent -- is done again on a new writing connection, which is the writer again.
+
+    One reader thread, so the read after the kill is the killed connection's own (with
+    two, a thread of the pool not yet idle again when the read is queued makes the pool
+    start a second one, with a fresh connection: the killed one stays until its thread
+    next reads).  And each kill waits until the server process is gone
+    (``pg_terminate_backend`` only signals it by default: a read made before it has
+    acted succeeds on the old connection)."""
+    store = PostgresStore(dsn, schema, _reactor, readers=1)
+    yield store.open()
+    try:
+        [a] = yield store.append([env(ALICE, BOB, "before")])
+        assert (yield store.max_pos()) == a.pos  # the reader connection exists now
+        pids = _backend_pids(store)
+        assert len(pids) == 2
+        for pid in pids:
+            row = admin.execute("SELECT pg_terminate_backend(%s, 20000)", (pid,)).fetchone()
+            assert row == (True,), f"backend {pid} still there after 20 s"
+        assert (yield store.max_pos()) == a.pos
+        [reader] = store._readers
+        assert isinstance(reader, PostgresDB) and reader.conn.info.backend_pid not in pids
+        [b] = yield store.append([env(ALICE, BOB, "after")])
+        assert b.pos > a.pos
+        assert not set(_backend_pids(store)) & set(pids)
+        feed = yield store.read_feed(BOB, 0, 10)
+        assert [e.body for e in feed] == ["before", "after"]
+        with pytest.raises(RuntimeError, match="another realm process"):
+            yield PostgresStore(dsn, schema, _reactor).open()
+    finally:
+        yield store.close()
 
 
 @pytest_twisted.inlineCallbacks
