@@ -874,3 +874,68 @@ def test_acks_past_max_devices_go_without_waiting_for_other_writers(dsn: str, sc
     finally:
         other.close()
         db.close()
+
+
+def test_read_markers_of_two_writers_in_opposite_orders_do_not_deadlock(
+    dsn: str, schema: str, admin: Any
+) -> None:
+    """Two writers (workers of one realm) commit read markers of the same two rows,
+    given in opposite orders.  Each commit writes its markers in the rows' key order,
+    so the second waits for the first instead of deadlocking (PostgreSQL would end one
+    of them, failing its whole group commit).  A third connection holds the second row
+    so that each writer is seen waiting before either goes on: B (markers given second
+    row first) waits, then A, then the row is let go."""
+    import threading
+
+    conv = f"{ALICE} {BOB}"
+    first, second = (ALICE, conv), (BOB, conv)  # the rows' key order: (conv, user)
+    a = PostgresDB(dsn, schema, writer="a")
+    a.migrate()
+    b = PostgresDB(dsn, schema, create=False, writer="b")
+    hold = psycopg.connect(dsn)
+    try:
+        for db in (a, b):  # a commit that waits longer fails, not hangs
+            db.conn.execute("SET lock_timeout = '20s'")
+        a.commit_batch([], {}, reads={first: 1, second: 1})
+        hold.execute(
+            f'SELECT 1 FROM "{schema}".read_markers WHERE conv = %s AND user_addr = %s FOR UPDATE',
+            (conv, BOB),
+        )
+        failed: list[BaseException] = []
+
+        def commit(db: PostgresDB, reads: dict[tuple[str, str], int]) -> threading.Thread:
+            def run() -> None:
+                try:
+                    db.commit_batch([], {}, reads=reads)
+                except BaseException as e:
+                    failed.append(e)
+
+            t = threading.Thread(target=run)
+            t.start()
+            pid = db.conn.info.backend_pid
+            _wait_until(
+                lambda: (
+                    not t.is_alive()
+                    or admin.execute(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                        (pid,),
+                    ).fetchone()
+                    == (True,)
+                ),
+                f"writer {db.writer} waits for a row lock",
+            )
+            return t
+
+        tb = commit(b, {second: 7, first: 4})
+        ta = commit(a, {first: 5, second: 6})
+        assert tb.is_alive() and ta.is_alive()  # both wait
+        hold.rollback()
+        for t in (tb, ta):
+            t.join(30)
+            assert not t.is_alive()
+        assert failed == []
+        assert a.read_markers(conv) == {ALICE: 5, BOB: 7}
+    finally:
+        hold.close()
+        b.close()
+        a.close()

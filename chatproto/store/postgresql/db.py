@@ -249,13 +249,30 @@ class PostgresDB(CommitSQL, SearchIndex, AccountsSQL, ReadingSQL, PeerKeysSQL, O
     def _mention_sql(self) -> tuple[str, Any]:
         return "body ~* ?", mention_pattern
 
+    #: A commit's read markers, one statement over rows in their key's order
+    #: (see :meth:`_set_reads`).
+    _UPSERT_READS = (
+        "INSERT INTO read_markers SELECT * FROM unnest(%s::text[], %s::text[], "
+        "%s::bigint[]) ON CONFLICT (conv, user_addr) "
+        "DO UPDATE SET pos = greatest(read_markers.pos, excluded.pos)"
+    )
+
     def _set_reads(self, reads: dict[tuple[str, str], int]) -> None:
-        with self.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO read_markers VALUES (%s, %s, %s) ON CONFLICT (conv, user_addr) "
-                "DO UPDATE SET pos = greatest(read_markers.pos, excluded.pos)",
-                [(conv, u, p) for (u, conv), p in reads.items()],
-            )
+        """Store ``(user, conv) -> position`` markers (a marker only moves forward).
+        One statement whose rows are sorted by the table's key: every writer (the
+        workers of a realm share the table) locks the rows it updates in one order, so
+        two commits setting markers of the same rows wait for each other instead of
+        deadlocking (the server would end one of them, failing its whole group commit),
+        as the acks' upsert (commit.py, _UPSERT_ACKS)."""
+        keys = sorted((conv, user) for user, conv in reads)
+        self.conn.execute(
+            self._UPSERT_READS,
+            (
+                [conv for conv, _ in keys],
+                [user for _, user in keys],
+                [reads[u, c] for c, u in keys],
+            ),
+        )
 
     # files (the reads: FilesSQL, chatproto/store/filerows.py) -------------------------
 
