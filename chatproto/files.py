@@ -314,7 +314,11 @@ class Download:
             raise RuntimeError("a Download is started once")
         path = self._store.blob_path(self.info.sha256)
         producer = self._producer = RangeProducer(self._store.run, path, self.offset, self.length)
-        d = producer.start(consumer)
+        try:
+            d = producer.start(consumer)
+        except BaseException:  # the consumer refused the producer (a request gone)
+            self.close()
+            raise
         stats = self._stats
 
         def ended(result: Any) -> Any:

@@ -371,3 +371,19 @@ def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
     ok(realm.files.recheck())
     held[0].callback(True)  # it was, when asked
     assert code(opening) == "no_such_file" and not realm.files.downloads
+
+
+def test_a_download_its_consumer_refuses_is_not_left_in_progress(realm: Any) -> None:
+    """``start`` on a consumer that refuses the producer (a twisted.web request whose
+    connection is gone has no channel any more) raised and left the download among
+    its file's downloads in progress for good."""
+    info, _ = upload(realm, ALICE, "bob", b"some bytes")
+
+    class Gone(StringTransport):
+        def registerProducer(self, producer: Any, streaming: bool) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'registerProducer'")
+
+    dl = ok(realm.files.open_download(BOB, info.file_id))
+    with pytest.raises(AttributeError):
+        dl.start(Gone())
+    assert not realm.files.downloads

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 from typing import Any
 
@@ -1222,3 +1223,42 @@ def test_a_browser_download_of_a_file_deleted_before_its_first_byte_is_404(web: 
     assert response.code == 404 and json.loads(body)["code"] == "no_such_file"
     assert not response.headers.hasHeader("content-disposition")
     assert not realm.files.downloads
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_browser_gone_while_its_download_opens_leaves_no_download_behind(web: Web) -> Any:
+    """A GET /files/<id> whose client disconnects while the realm opens the download
+    (looks for the bytes on disk): starting it on the request gone failed, and the
+    download stayed among its file's downloads in progress for good (one more per
+    such request).  Now it is closed."""
+    import hashlib
+
+    realm = web.realm
+    cb = yield web.login("bob")
+    files = realm.files
+    data = b"x" * 1000
+    up = yield files.offer("bob@localhost", "bob", "x", len(data), hashlib.sha256(data).hexdigest())
+    yield files.write("bob@localhost", up.upload_id, 0, data)
+    info, _ = yield files.finish("bob@localhost", up.upload_id)
+    run = files.store.run
+    held: list[defer.Deferred[Any]] = []
+
+    def holding(fn: Any, *args: Any) -> Any:
+        if fn is not os.path.exists:
+            return run(fn, *args)
+        held.append(defer.Deferred())  # is the blob there: answered below
+        return held[-1]
+
+    files.store.run = holding
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", web.port.getHost().port)
+    client = yield endpoint.connect(Factory.forProtocol(_RawHTTP))
+    client.transport.write(
+        f"GET /files/{info.file_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Cookie: {SESSION_COOKIE}={cb}\r\n\r\n".encode()
+    )
+    yield until(lambda: held)
+    client.transport.abortConnection()
+    yield until(lambda: realm.unauthenticated.waiting == 0)  # the realm saw it close
+    files.store.run = run
+    held[0].callback(True)
+    assert not files.downloads

@@ -508,6 +508,9 @@ class _Files(_Api):
             raise
         offset, length = wanted if wanted is not None else (0, info.size)
         download = yield files.open_download(user, file_id, offset, length)
+        if request._disconnected:  # the client went away meanwhile
+            download.close()
+            return
         media = info.media_type
         if not _SAFE_MEDIA.fullmatch(media):
             media = "application/octet-stream"
