@@ -16,6 +16,7 @@ Without node, npm or chromium the test is skipped, except under CI=true.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -52,11 +53,18 @@ def playwright_core() -> Path:
     """The playwright-core package directory, installed with npm if missing."""
     prefix = Path(os.environ.get("CHATPROTO_E2E_NODE", ROOT / ".cache" / "e2e-node"))
     package = prefix / "node_modules" / "playwright-core"
-    if not (package / "package.json").exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            _missing("npm")
-        prefix.mkdir(parents=True, exist_ok=True)
+    if (package / "package.json").exists():
+        return package
+    npm = shutil.which("npm")
+    if npm is None:
+        _missing("npm")
+    prefix.mkdir(parents=True, exist_ok=True)
+    # one install at a time: pytest -n's workers each come here on a fresh checkout,
+    # and two npm installs into one prefix break each other (MODULE_NOT_FOUND)
+    with open(prefix / ".install-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (package / "package.json").exists():  # another worker installed it
+            return package
         proc = subprocess.run(
             [
                 npm,
@@ -72,8 +80,8 @@ def playwright_core() -> Path:
             text=True,
             timeout=300,
         )
-        if proc.returncode != 0:
-            _missing(f"playwright-core (npm install failed: {proc.stderr.strip()[-500:]})")
+    if proc.returncode != 0:
+        _missing(f"playwright-core (npm install failed: {proc.stderr.strip()[-500:]})")
     return package
 
 
