@@ -90,10 +90,12 @@ def new_message_id() -> str:
 def new_message_ids(n: int) -> list[str]:
     """``n`` ids as :func:`new_message_id` makes them, for a batch of items made at
     once (one lock, one clock reading and one hex conversion for all)."""
+    if n <= 0:
+        return []
     stamp = f"{time.time_ns() // 1_000_000:011x}"
-    rand = _random(n).hex()
-    step = 2 * _ID_BYTES
-    return [stamp + rand[i : i + step] for i in range(0, n * step, step)]
+    # each id's random part as hex, a space between two, the stamp put before each:
+    # loops in C (hex, replace, split), not a Python one per id
+    return (stamp + _random(n).hex(" ", _ID_BYTES).replace(" ", " " + stamp)).split(" ")
 
 
 def alternate_id(env: Envelope, key: bytes) -> str:

@@ -1243,3 +1243,19 @@ def test_admins_belong_to_the_account_and_reports_page_newest_first(store: Any) 
     }
     page = yield store.reports(page[-1]["id"], 10)
     assert [r["msg_id"] for r in page] == ["m2", "m1", "m0"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 4096, 4097])
+def test_a_batchs_ids_are_its_random_bytes_in_hex_behind_the_time(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """new_message_ids: the time in milliseconds (11 hex digits), then each id's 12
+    random bytes in hex, as new_message_id makes one (what a slice per id gave)."""
+    import chatproto.envelope as envelope
+
+    pool = bytes(range(256)) * (n // 20 + 1)
+    monkeypatch.setattr(envelope, "_random", lambda k: pool[: 12 * k])
+    monkeypatch.setattr(envelope.time, "time_ns", lambda: 1_764_924_000_123_456_789)
+    ids = new_message_ids(n)
+    rand = pool[: 12 * n].hex()
+    assert ids == [f"{1_764_924_000_123:011x}" + rand[24 * i : 24 * i + 24] for i in range(n)]
