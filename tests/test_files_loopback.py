@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
 
 from chatproto import tls
 from chatproto.client import RemoteError, TransferInterrupted, connect
@@ -48,6 +48,41 @@ def _users(addr: str, *names: str, register: bool = True, **kw: Any) -> Any:
         yield conn.synced
         conns.append(conn)
     return conns
+
+
+def _stop_reading_at_start(bob: Any) -> Any:
+    """A ``progress`` callback for ``bob.download`` that makes bob stop reading his
+    socket when the download is answered (its first call): bob reads nothing past the
+    read that brought the answer (the realm sends the data frames from the next reactor
+    turn), however fast the machine, and the realm fills the kernel's buffers and is
+    paused.  With ``pause()``, not the transport's ``pauseProducing``: the client's
+    own flow control (a download's bytes waiting for the disk: ``_reading_backlog``)
+    resumes the socket it paused unless the client is paused."""
+    stopped: list[bool] = []
+
+    def progress(done: int, total: int) -> None:
+        if not stopped:
+            stopped.append(True)
+            bob.protocol.pause()
+
+    return progress
+
+
+def _stalled(conn: Any, sink: Any) -> bool:
+    """The realm has stopped sending ``sink``'s download to ``conn`` because its peer
+    does not read: the transport paused it (output blocked), the socket takes no more
+    (the kernel's buffers are full: nothing drains the transport until the peer
+    reads), and the file's producer is paused with the next block read and kept."""
+    producer = sink.producer
+    _, writable, _ = select.select([], [conn.transport.getHandle()], [], 0)
+    return bool(
+        conn._out.blocked
+        and not writable
+        and producer is not None
+        and producer._paused
+        and producer._ready is not None
+        and not producer._reading
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -244,26 +279,14 @@ def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
     ):
         sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
         kernel += sock.getsockopt(socket.SOL_SOCKET, opt)  # the kernel doubles it
-    bob.protocol.transport.pauseProducing()  # bob stops reading his socket
     dst = tmp_path / "large.down"
-    d = bob.download(r["file"], str(dst))
-    # the result frame was read before the pause? not necessarily: read it first
-    bob.protocol.transport.resumeProducing()
-    yield until(lambda: bob.protocol._receivers)
-    bob.protocol.transport.pauseProducing()
-    sink = next(iter(server_side._download_sinks.values()))
-    # wait for the steady state: the kernel's socket buffers are full, the transport
-    # has paused the realm, and it has stopped sending (bounded: 10 s; a disk read
-    # that is merely slow on a busy machine also stands still for a while, unpaused)
-    last, still = -1, 0
-    for _ in range(100):
-        yield deferLater(_reactor, 0.1, lambda: None)
-        still = still + 1 if sink.offset == last else 0
-        last = sink.offset
-        if still >= 3 and server_side._out.blocked:
-            break
-    assert still >= 3, "the realm kept sending to a reader that stopped"
-    assert server_side._out.blocked  # the transport told the realm to stop
+    d = bob.download(r["file"], str(dst), progress=_stop_reading_at_start(bob))
+    yield until(lambda: bob.protocol.paused)  # bob stops reading his socket
+    (sink,) = server_side._download_sinks.values()
+    # the steady state: the kernel's socket buffers are full, the transport has paused
+    # the realm, and the realm has stopped reading the file (a realm that kept sending
+    # to a reader that stopped never gets there)
+    yield until(lambda: _stalled(server_side, sink), timeout=30)
     # what left the realm and bob has not read is what the kernel buffers hold (and a
     # frame or two in flight), not the file
     (receiver,) = bob.protocol._receivers.values()
@@ -271,7 +294,7 @@ def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
     assert in_flight < kernel + MiB < size // 8
     buffered = len(server_side.transport.dataBuffer) + server_side.transport._tempDataLen
     assert buffered + server_side._out.held <= 512 * 1024  # about one block, held or not
-    bob.protocol.transport.resumeProducing()
+    bob.protocol.resume()
     yield d
     assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     yield alice.close()
@@ -408,15 +431,14 @@ def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
         (server_side.transport.getHandle(), socket.SO_SNDBUF),
     ):
         sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
-    d = bob.download(r["file"], str(tmp_path / "large.down"))
-    yield until(lambda: bob.protocol._receivers)
-    bob.protocol.transport.pauseProducing()  # bob stops reading, mid-file
-    yield until(lambda: server_side._out.blocked)
+    d = bob.download(r["file"], str(tmp_path / "large.down"), progress=_stop_reading_at_start(bob))
+    yield until(lambda: bob.protocol.paused)  # bob stops reading, before the file's bytes
     (sink,) = server_side._download_sinks.values()
+    yield until(lambda: _stalled(server_side, sink), timeout=30)  # mid-file
     yield alice.delete(r["msg_id"])
     assert not server_side._download_sinks  # stopped at once
     sent = sink.offset
-    bob.protocol.transport.resumeProducing()
+    bob.protocol.resume()
     with pytest.raises(RemoteError) as e:
         yield d
     assert e.value.code == "no_such_file"
@@ -446,11 +468,10 @@ def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
         (server_side.transport.getHandle(), socket.SO_SNDBUF),
     ):
         sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
-    d = bob.download(r["file"], str(tmp_path / "large.down"))
-    yield until(lambda: bob.protocol._receivers)
-    bob.protocol.pause()  # bob stops reading, mid-file
-    yield until(lambda: server_side._out.blocked)
+    d = bob.download(r["file"], str(tmp_path / "large.down"), progress=_stop_reading_at_start(bob))
+    yield until(lambda: bob.protocol.paused)  # bob stops reading, before the file's bytes
     (sink,) = server_side._download_sinks.values()
+    yield until(lambda: _stalled(server_side, sink), timeout=30)  # mid-file
     realm.files.config.retention_days = 0  # every file is expired now
     counts = yield realm.files.cleanup()
     assert counts["blobs"] == 1
