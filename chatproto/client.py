@@ -484,11 +484,14 @@ class ClientProtocol(Int32StringReceiver):
             self.transport.pauseProducing()
 
     def resume(self) -> None:
+        """Deliver again (what was held first) and read the socket again -- unless the
+        bytes of downloads waiting for the disk still hold it (see
+        :meth:`_reading_backlog`, which resumes it once they are written)."""
         self.paused = False
         held, self._held = self._held, []
         for frame in held:
             self._message(frame)
-        if self.transport is not None and not self.paused:
+        if self.transport is not None and not self.paused and not self._backlog_paused:
             self.transport.resumeProducing()
 
     def _message(self, frame: dict[str, Any]) -> None:
