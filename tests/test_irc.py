@@ -978,3 +978,23 @@ def test_the_source_of_messages_follows_nick_and_connections(factory: IRCFactory
         ":alice!second@localhost PRIVMSG bob :3",  # the newest connection's identity
         ":Alice!u@localhost PRIVMSG bob :4",
     ]
+
+
+@given(
+    st.text(min_size=1, max_size=120),
+    st.sampled_from(["PRIVMSG", "NOTICE"]),
+    st.text(min_size=1, max_size=60),
+    st.text(max_size=520),
+)
+def test_a_text_no_longer_than_text_room_surely_fits_a_line(
+    mask: str, command: str, shown: str, text: str
+) -> None:
+    """The 417 check of PRIVMSG and NOTICE (send_text and the fast lane of a read's
+    quick lines) measures in bytes only a text longer than text_room: any text that
+    long or shorter fits one line at the recipient, whatever its characters."""
+    from chatproto.irc.lines import MAX_LINE, text_room
+
+    room = text_room(mask, command, shown)
+    line = f":{mask} {command} {shown} :{text}".encode("utf-8", "surrogatepass")
+    if len(text) <= room:
+        assert len(line) <= MAX_LINE - 2

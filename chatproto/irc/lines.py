@@ -44,6 +44,17 @@ __all__ = [
 
 #: Longest line (without tags, with CR LF) a client may send and the server sends.
 MAX_LINE = 512
+
+
+def text_room(mask: str, command: str, shown: str) -> int:
+    """The most characters of text that surely fit one line ``:mask command shown
+    :text`` at the recipient (its ``MAX_LINE`` bytes less CR LF; a character is at most
+    4 bytes once UTF-8 encoded, and the line has 5 characters more than its three
+    names): a longer text may not fit, and is measured in bytes (the 417 check of
+    PRIVMSG and NOTICE)."""
+    return (MAX_LINE - 2) // 4 - (len(mask) + len(command) + len(shown) + 5)
+
+
 #: Longest tag section of a line (with the ``@`` and the space), per the message-tags spec.
 MAX_TAGS = 8191
 #: Longest tag section a client may send (with the ``@`` and the space): 4094 bytes of

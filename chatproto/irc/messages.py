@@ -18,6 +18,7 @@ from chatproto.irc.lines import (
     format_line,
     in_batch,
     param,
+    text_room,
 )
 from chatproto.irc.relations import react_from_tags, reply_from_tags
 from chatproto.irc.replies import PendingSend, Reply, next_batch_id
@@ -72,15 +73,13 @@ def send_text(
         return
     # One IRC line at the recipient, with our source in front: longer is refused
     # (417) rather than split in two messages or cut.  (Encoded only when it could
-    # be too long: a character is at most 4 bytes.)  The line starts with
-    # ":mask command shown :", 5 characters more than its three names.
-    room = MAX_LINE - 2
+    # be too long: see text_room.)
     realm = p.factory.realm
     group = to[0] == "#"
     shown = channel_of(to, realm.realm) if group else p.factory.directory.nick(to)
-    if (len(mask) + len(command) + len(shown) + 5 + len(text)) * 4 > room:
+    if len(text) > text_room(mask, command, shown):
         head = f":{mask} {command} {shown} :"
-        if len(head.encode()) + len(text.encode()) > room:
+        if len(head.encode()) + len(text.encode()) > MAX_LINE - 2:
             if not notice:
                 ctx.num("417", "Message too long for one IRC line with its source")
             return

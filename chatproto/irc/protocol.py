@@ -52,6 +52,7 @@ from chatproto.irc.lines import (
     prefix,
     quick_match,
     server_time,
+    text_room,
     user_of,
 )
 from chatproto.irc.modes import settings_modes
@@ -779,10 +780,7 @@ class IRCProtocol(LineOnlyReceiver):
                             if to[0] != "#":
                                 shown = directory.nick(to)
                                 mask = directory.mask(self.user_id)
-                                # send_text's 417 check: (its names + 5 + text) * 4 <= room
-                                limit = (MAX_LINE - 2) // 4 - (
-                                    len(mask) + len(command) + len(shown) + 5
-                                )
+                                limit = text_room(mask, command, shown)  # (send_text's 417)
                                 if not notice:
                                     presence = presence_of(to)
                                     if presence and presence[0] in ("away", "busy"):
