@@ -519,3 +519,53 @@ def test_the_send_paths_envelope_is_the_classs(
     assert type(made) is Envelope
     for field in attrs.fields(Envelope):
         assert getattr(made, field.name) is getattr(want, field.name), field.name
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["shown", "quiet", "plain"]), min_size=1, max_size=4))
+def test_the_senders_sessions_shown_and_not_shown_a_run(kinds: list[str]) -> None:
+    """Sessions.route_private and the sender's sessions, each with a mind that shows
+    its user's own texts (``own_copies`` true, or no such attribute: the default) or
+    not: every session shown them gets the whole run, in order (once), and every other
+    one moves past it, whichever the order of the sessions (the common case, all of
+    them shown, is told apart without a list: the same result as the general one)."""
+
+    class Mind(NullMind):
+        def __init__(self) -> None:
+            self.got: list[int] = []
+            self.written_calls = 0
+
+        def deliver(self, envelope: Any) -> None:
+            self.got.append(envelope.pos)
+
+        def written(self) -> None:
+            self.written_calls += 1
+
+    class Shown(Mind):
+        own_copies = True
+
+    class Quiet(Mind):
+        own_copies = False
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", "password1")
+    realm.create_user("bob", "password1")
+    made = {"shown": Shown, "quiet": Quiet, "plain": Mind}
+    minds = [made[k]() for k in kinds]
+    sessions: list[Any] = []
+    for mind in minds:
+        realm.login("alice", "password1", mind, "app").addCallback(sessions.append)
+    for s in sessions:
+        s._syncing, s._last = False, 0
+    items = [
+        Envelope(f"m{i}", "text", "alice@localhost", "bob@localhost", 1.0, f"b{i}", None, 3 + i)
+        for i in range(3)
+    ]
+    realm.sessions.route_private(items)
+    for kind, mind, s in zip(kinds, minds, sessions, strict=True):
+        if kind == "quiet":
+            assert (mind.got, mind.written_calls) == ([], 1)
+        else:
+            assert (mind.got, mind.written_calls) == ([3, 4, 5], 0)
+        assert s._last == 5

@@ -408,13 +408,16 @@ class Sessions:
                 if sender != recipient:
                     sessions = online.get(sender)
                     if sessions:
-                        shown = [s for s in sessions if getattr(s.mind, "own_copies", True)]
-                        if len(shown) == len(sessions):
-                            targets.append(sessions)
+                        # (every session shown a copy, the common case: no list made)
+                        for s in sessions:
+                            if not getattr(s.mind, "own_copies", True):
+                                shown = [s for s in sessions if getattr(s.mind, "own_copies", True)]
+                                quiet = [s for s in sessions if s not in shown]
+                                if shown:
+                                    targets.append(shown)
+                                break
                         else:
-                            quiet = [s for s in sessions if s not in shown]
-                            if shown:
-                                targets.append(shown)
+                            targets.append(sessions)
                 for sessions in targets:  # what _reach does, inline, for a run
                     reached += len(sessions) * count
                     for s in sessions:
