@@ -739,15 +739,17 @@ def test_worker_killed_mid_commit_loses_and_repeats_nothing_in_the_outbox(
             assert after.pos == 3
             yield b.safe_position()
             assert [e.body for _, e in (yield b.outbox_read("peer", 0, 10))] == ["first"]
-            admin.execute("SELECT pg_terminate_backend(%s)", (a.conn.info.backend_pid,))
+            # (waits until the server has ended A's session: its locks are gone)
+            row = admin.execute(
+                "SELECT pg_terminate_backend(%s, 20000)", (a.conn.info.backend_pid,)
+            ).fetchone()
+            assert row == (True,)
             yield deferToThread_wait(lambda: not t.is_alive())
             assert isinstance(failed[0], psycopg.OperationalError)
         finally:
             hold.rollback()
             hold.close()
-        for _ in range(2000):  # until the server has ended A's session
-            if (yield b.safe_position()) >= 3:
-                break
+        assert (yield b.safe_position()) >= 3
         rows = yield b.outbox_read("peer", 0, 10)
         assert [(e.body, e.pos) for _, e in rows] == [("first", 1), ("after", 3)]
     finally:
