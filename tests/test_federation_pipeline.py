@@ -123,8 +123,10 @@ def test_transactions_received_together_share_a_commit_on_sqlite(
         got: list[str] = []
         yield until(lambda: got.extend(acks(transport)) or len(got) == 3)
         assert got == ["t0", "t1", "t2"]
-        # the one under way, then all three transactions together
-        assert store.commits - commits == 2
+        # all three transactions together: with the one under way if it had not
+        # started on the writer thread yet (a commit takes what waits when it
+        # starts), else in the next
+        assert store.commits - commits in (1, 2)
         feed = yield store.read_feed("bob@b.example", 0, 20)
         assert [e.body for e in feed if e.sender == "alice@a.example"] == [
             f"m{n}" for n in range(6)

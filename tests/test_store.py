@@ -658,7 +658,9 @@ def test_bad_batch_fails_alone_within_one_commit(sqlite_store: SQLiteStore) -> A
     with pytest.raises(sqlite3.IntegrityError):
         yield d2
     r3 = yield d3
-    assert store.commits - before == 2
+    # (one commit for all four if the first had not started on the writer thread
+    # yet: a commit takes what waits when it starts)
+    assert store.commits - before in (1, 2)
     assert r1[0].pos < r3[0].pos
     feed = yield store.read_feed(BOB, 0, 10)
     assert [e.body for e in feed] == ["in flight", "ok1", "ok2"]

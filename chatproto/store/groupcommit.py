@@ -10,7 +10,10 @@ Threads: one writer thread owns the only writing connection; reads run on a smal
 reader pool, each thread with its own connection.  Group commit: appends arriving while
 a write is in flight are queued on the reactor thread and committed together in the
 next transaction -- no timer, so a lone message is committed at once and a busy realm
-pays one durable commit per batch, not per message.  Positions are assigned inside that
+pays one durable commit per batch, not per message.  That next transaction is queued
+on the writer thread behind the one in flight and takes what waits when it starts, so
+the writer goes from one commit to the next while the reactor hands out the first's
+results (GroupCommitStore._flush).  Positions are assigned inside that
 transaction by the one writer, so they are committed in the order they are handed out
 (see docs/operator-guide.md for what several writers will need).  Federation rides on
 it: outbox rows are committed with their items, outbox acknowledgements (deletes) with
@@ -69,6 +72,28 @@ INDEX_DELAY = 1.0
 INDEX_FORCE = 20_000
 
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
+
+
+class _Taken:
+    """What one group commit took when it started (GroupCommitStore._pull_and_commit)."""
+
+    __slots__ = ("ack_waiters", "acks", "batch", "inflight", "outbox_acks", "reads")
+
+    def __init__(
+        self,
+        batch: list[Any],
+        acks: dict[tuple[str, str], int],
+        outbox_acks: dict[str, int],
+        ack_waiters: list[Deferred[None]],
+        reads: dict[tuple[str, str], int],
+    ) -> None:
+        self.batch = batch
+        self.acks = acks
+        self.outbox_acks = outbox_acks
+        self.ack_waiters = ack_waiters
+        self.reads = reads
+        #: (acks, reads) as GroupCommitStore._inflight lists them
+        self.inflight = (acks, reads)
 
 
 def plan_inserts(
@@ -377,11 +402,12 @@ class GroupCommitStore:
         #: once would let the peer act on it first (then items the realm queues
         #: according to its stale state go astray).  Set at open: rows of earlier runs.
         self._published_seq = 0
-        self._inflight_acks: dict[tuple[str, str], int] = {}
+        #: The acks and read markers of each commit submitted and not yet done,
+        #: oldest first (``(acks, reads)``; two at most, see :meth:`_flush`).
+        self._inflight: list[tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]] = []
         #: Read markers waiting for the next group commit, and those in the commit
         #: being written: (user, conversation) -> position (see :meth:`set_read`).
         self._pending_reads: dict[tuple[str, str], int] = {}
-        self._inflight_reads: dict[tuple[str, str], int] = {}
         self._threads_started = False
         #: Search indexing (see SQLiteDB.index_search, PostgresDB.index_search): on the
         #: writer thread in steps of INDEX_STEP items when there is no commit to make, so it
@@ -396,9 +422,15 @@ class GroupCommitStore:
         #: Told when a group commit's results start and finish being handed out, so
         #: the realm can write each connection's frames of the whole batch at once.
         self.burst_listener: Any = None
-        self._writing = False
-        #: the batch list of the commit in progress (see :meth:`_flush`)
-        self._writing_batch: Any = None
+        #: Group commits submitted to the writer thread and not yet done (two at most:
+        #: see :meth:`_flush`), how many were submitted, and how many of those the
+        #: writer thread has started (it counts them; the reactor only reads it).
+        self._jobs = 0
+        self._submitted = 0
+        self._started = 0
+        #: Held by whoever adds to or takes ``_pending``: the reactor appends, and a
+        #: commit takes what waits when it starts, on the writer thread.
+        self._pending_lock = threading.Lock()
         self._idle: list[Deferred[None]] = []
         #: Statistics for benchmarks, logs and metrics: transactions and items
         #: committed (``committed_remote``: those of them received from other realms).
@@ -513,7 +545,7 @@ class GroupCommitStore:
         return d
 
     def _when_idle(self) -> Deferred[None]:
-        if not self._writing and not self._has_pending():
+        if not self._jobs and not self._has_pending():
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
@@ -585,7 +617,8 @@ class GroupCommitStore:
         """One batch of the group commit (so its outbox rows reach the links like any
         append's, in order)."""
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, False, (name, address)))
+        with self._pending_lock:
+            self._pending.append((items, d, outbox, False, (name, address)))
         self._flush()
 
         def missing(f: Failure) -> bool:
@@ -667,8 +700,9 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, False, None))
-        if not self._writing:  # else the commit in progress flushes it when done
+        with self._pending_lock:
+            self._pending.append((items, d, outbox, False, None))
+        if self._jobs < 2:  # else the commits in flight flush it when done
             self._flush()
         return d
 
@@ -676,7 +710,8 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append((items, d, outbox, True, None))
+        with self._pending_lock:
+            self._pending.append((items, d, outbox, True, None))
         self._flush()
         return d
 
@@ -705,10 +740,11 @@ class GroupCommitStore:
         q = self._outq.get(realm)
         while q and q[0][0] <= seq:  # the link never reads acknowledged rows again
             q.popleft()
-        if seq > self._pending_outbox_acks.get(realm, 0):
-            self._pending_outbox_acks[realm] = seq
         d: Deferred[None] = Deferred()
-        self._outbox_ack_waiters.append(d)
+        with self._pending_lock:
+            if seq > self._pending_outbox_acks.get(realm, 0):
+                self._pending_outbox_acks[realm] = seq
+            self._outbox_ack_waiters.append(d)
         self._flush()
         return d
 
@@ -724,7 +760,8 @@ class GroupCommitStore:
     def outbox_enqueue(self, realm: str, payloads: Sequence[dict[str, Any]]) -> Deferred[None]:
         """Queued with the appends, in call order (one group commit)."""
         d: Deferred[list[Envelope]] = Deferred()
-        self._pending.append(([], d, [(realm, p) for p in payloads], False, None))
+        with self._pending_lock:
+            self._pending.append(([], d, [(realm, p) for p in payloads], False, None))
         self._flush()
         return d.addCallback(lambda _: None)
 
@@ -771,51 +808,57 @@ class GroupCommitStore:
 
     def set_ack(self, user: str, device: str, pos: int) -> None:
         key = (user, device)
-        if pos > self._pending_acks.get(key, 0):
+        with self._pending_lock:
+            if pos <= self._pending_acks.get(key, 0):
+                return
             self._pending_acks[key] = pos
-            self._flush()
-
-    def _written(self) -> None:
-        """The commit in progress is over (its results may still be handed out)."""
-        self._writing = False
-        self._inflight_acks = {}
-        self._inflight_reads = {}
+        self._flush()
 
     def _flush(self) -> None:
-        if self._writing or not self._has_pending():
-            if not self._writing:
+        """Submit a group commit of what waits, if the writer thread can take one.
+
+        Pipelined: while a commit is in flight and has started on the writer thread,
+        a second one can be submitted behind it when items wait; it takes the items
+        appended until it starts (:meth:`_pull_and_commit`), so the writer goes from
+        one commit to the next without waiting for the reactor to hand out the
+        first's results (a busy reactor takes a while to get to them), and the
+        reactor hands out one commit's results while the next is written.  Results
+        come back in the order the commits were written (one writer thread), so
+        items are handed out in position order.  Acks, outbox acknowledgements and
+        read markers go with the commit submitted next."""
+        if not self._has_pending():
+            if not self._jobs:
                 idle, self._idle = self._idle, []
                 for d in idle:
                     d.callback(None)
                 self._index_when_idle()
             return
-        batch, self._pending = self._pending, []
-        acks, self._pending_acks = self._pending_acks, {}
-        outbox_acks, self._pending_outbox_acks = self._pending_outbox_acks, {}
-        ack_waiters, self._outbox_ack_waiters = self._outbox_ack_waiters, []
-        reads, self._pending_reads = self._pending_reads, {}
-        self._inflight_acks = acks
-        self._inflight_reads = reads
-        self._writing = True
-        self._writing_batch = batch
-        items = [b[0] for b in batch]
-        queues = [b[2] for b in batch]
-        remote = [b[3] for b in batch]
-        deleting = [b[4] for b in batch]
+        if self._jobs and (self._jobs > 1 or not self._pending or self._started != self._submitted):
+            return  # the commits in flight flush it when done
+        self._jobs += 1
+        self._submitted += 1
         started = self.timer()
-        d = self._write(
-            self._commit,
-            items,
-            acks,
-            queues,
-            remote,
-            outbox_acks,
-            deleting,
-            reads or None,
-            self.max_devices,
-        )
+        taken: list[_Taken] = []  # what the commit took (set on the writer thread)
+        d = self._write(self._pull_and_commit, taken)
+        over = False
 
-        def done(result: CommitResult) -> None:
+        def finish() -> None:
+            """The commit is no longer in flight (once, whatever happens after)."""
+            nonlocal over
+            if not over:
+                over = True
+                self._jobs -= 1
+                if taken:
+                    with self._pending_lock:
+                        self._inflight.remove(taken[0].inflight)
+
+        def done(out: tuple[CommitResult | None, Failure | None]) -> None:
+            result, failure = out
+            finish()
+            batch, ack_waiters = taken[0].batch, taken[0].ack_waiters
+            if failure is not None or result is None:
+                failed(failure or Failure(RuntimeError("no commit result")))
+                return
             results, queued = result
             self.commits += 1
             before = self.committed_items
@@ -859,11 +902,8 @@ class GroupCommitStore:
                 self._published_seq = max(self._published_seq, queued[-1][1])
             for w in ack_waiters:
                 w.callback(None)
-            # Pipelining: the next transaction (what arrived while this one ran) starts
-            # now, on the writer thread, while this one's results are handed out here.
-            # Its results come back in a later reactor turn, so items are still handed
-            # out in position order.
-            self._written()
+            # the next commit (what arrived while this one ran) starts now, on the
+            # writer thread, if it has not already (see above)
             if self._pending:
                 self._flush()
             listener = self.burst_listener
@@ -880,8 +920,9 @@ class GroupCommitStore:
                     listener.end_burst()
 
         def failed(f: Failure) -> None:
+            finish()
+            batch, ack_waiters = (taken[0].batch, taken[0].ack_waiters) if taken else ([], [])
             self.log.failure("group commit of {n} batches failed", f, n=len(batch))
-            self._written()
             for b in batch:
                 b[1].errback(f)
             for w in ack_waiters:
@@ -890,12 +931,53 @@ class GroupCommitStore:
         def next_(result: object) -> None:
             if isinstance(result, Failure):  # done() itself failed: never wedge the store
                 self.log.failure("handing out a group commit's results failed", result)
-            if self._writing and self._writing_batch is batch:
-                self._written()
-            if not self._writing:  # else the commit started by done() flushes when done
+            finish()
+            if self._jobs < 2:  # else the commit in flight flushes when done
                 self._flush()
 
         d.addCallbacks(done, failed).addBoth(next_)
+
+    def _pull_and_commit(self, taken: list[_Taken]) -> tuple[CommitResult | None, Failure | None]:
+        """On the writer thread: take what waits now (appends, acks, outbox
+        acknowledgements, read markers; put in ``taken`` for the reactor) and commit
+        it; returns the commit's result, or its failure (what was taken must be
+        failed with it).  Everything queued before a call of it is in its commit or
+        in an earlier one, so an append is committed after everything queued before
+        it, as with one commit at a time."""
+        self._started += 1
+        with self._pending_lock:
+            t = _Taken(
+                self._pending,
+                self._pending_acks,
+                self._pending_outbox_acks,
+                self._outbox_ack_waiters,
+                self._pending_reads,
+            )
+            self._pending, self._pending_acks, self._pending_outbox_acks = [], {}, {}
+            self._outbox_ack_waiters, self._pending_reads = [], {}
+            self._inflight.append(t.inflight)
+        taken.append(t)
+        try:
+            if not (t.batch or t.acks or t.outbox_acks or t.reads):
+                return ([], []), None
+            batch = t.batch
+            items = [b[0] for b in batch]
+            queues = [b[2] for b in batch]
+            remote = [b[3] for b in batch]
+            deleting = [b[4] for b in batch]
+            result = self._commit(
+                items,
+                t.acks,
+                queues,
+                remote,
+                t.outbox_acks,
+                deleting,
+                t.reads or None,
+                self.max_devices,
+            )
+            return result, None
+        except BaseException:  # (what was taken must be failed, whatever it was)
+            return None, Failure()
 
     def read_feed(
         self,
@@ -925,7 +1007,10 @@ class GroupCommitStore:
 
     def get_ack(self, user: str, device: str) -> Deferred[int]:
         key = (user, device)
-        pending = max(self._pending_acks.get(key, 0), self._inflight_acks.get(key, 0))
+        with self._pending_lock:
+            pending = self._pending_acks.get(key, 0)
+            for acks, _ in self._inflight:
+                pending = max(pending, acks.get(key, 0))
         return self._read(lambda db: db.get_ack(user, device)).addCallback(
             lambda stored: max(stored, pending)
         )
@@ -938,7 +1023,7 @@ class GroupCommitStore:
     def _index_when_idle(self) -> None:
         """One step of search indexing, if there is something to index and no commit
         to make (a commit arriving meanwhile waits for the step: a few ms)."""
-        if self._indexing or self._writing or self._has_pending() or self._closing:
+        if self._indexing or self._jobs or self._has_pending() or self._closing:
             return
         if not self._index_wanted or self._writer is None:
             return
@@ -993,15 +1078,19 @@ class GroupCommitStore:
         """Move ``user``'s read marker in ``conv`` forward to ``pos``, with the next
         group commit (like an ack: no commit of its own under load)."""
         key = (user, conv)
-        if pos > self._pending_reads.get(key, 0):
+        with self._pending_lock:
+            if pos <= self._pending_reads.get(key, 0):
+                return
             self._pending_reads[key] = pos
-            self._flush()
+        self._flush()
 
     def _unwritten_reads(self) -> dict[tuple[str, str], int]:
-        merged = dict(self._inflight_reads)
-        for key, pos in self._pending_reads.items():
-            if pos > merged.get(key, 0):
-                merged[key] = pos
+        merged: dict[tuple[str, str], int] = {}
+        with self._pending_lock:
+            for _, reads in [*self._inflight, ({}, self._pending_reads)]:
+                for key, pos in reads.items():
+                    if pos > merged.get(key, 0):
+                        merged[key] = pos
         return merged
 
     def read_markers(self, conv: str) -> Deferred[dict[str, int]]:
