@@ -259,19 +259,20 @@ def test_cancel_over_the_wire(server: Any, tmp_path: Path) -> Any:
     yield _bob.close()
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
-    server: Any, tmp_path: Path
-) -> Any:
-    _realm, factory, addr = server
+@defer.inlineCallbacks
+def _stalled_download(factory: Any, addr: Any, tmp_path: Path, size: int) -> Any:
+    """Alice sends bob a file of ``size`` bytes; bob downloads it and stops reading his
+    socket when the download is answered, with both kernel buffers of his connection
+    pinned (left to autotuning, loopback buffers grow to tcp_rmem/tcp_wmem's maximum,
+    32 MiB + 4 MiB on some machines, and a bound would measure the machine's sysctls
+    rather than the realm).  Fires, once the realm has stalled mid-file (the kernel's
+    buffers full, the transport pausing the realm, the file's reading stopped), with
+    ``(alice, bob, send result, bob's connection in the realm, its download sink, the
+    download's Deferred, the kernel buffers' bytes, the file, the destination)``."""
     alice, bob = yield _users(addr, "alice", "bob")
-    size = 48 * MiB
     src = _file(tmp_path, "large", size)
     r = yield alice.send_file("bob", str(src))
     server_side = next(p for p in factory.connections if p.session.user_id == "bob@localhost")
-    # Pin both kernel buffers of bob's connection: left to autotuning, loopback buffers
-    # grow to tcp_rmem/tcp_wmem's maximum (32 MiB + 4 MiB on some machines), and the
-    # bound below would measure the machine's sysctls rather than the realm.
     kernel = 0
     for sock, opt in (
         (bob.protocol.transport.getHandle(), socket.SO_RCVBUF),
@@ -281,12 +282,22 @@ def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
         kernel += sock.getsockopt(socket.SOL_SOCKET, opt)  # the kernel doubles it
     dst = tmp_path / "large.down"
     d = bob.download(r["file"], str(dst), progress=_stop_reading_at_start(bob))
-    yield until(lambda: bob.protocol.paused)  # bob stops reading his socket
+    yield until(lambda: bob.protocol.paused)  # bob stops reading, before the file's bytes
     (sink,) = server_side._download_sinks.values()
-    # the steady state: the kernel's socket buffers are full, the transport has paused
-    # the realm, and the realm has stopped reading the file (a realm that kept sending
-    # to a reader that stopped never gets there)
+    # (a realm that kept sending to a reader that stopped never gets there)
     yield until(lambda: _stalled(server_side, sink), timeout=30)
+    return alice, bob, r, server_side, sink, d, kernel, src, dst
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reader_that_stops_does_not_make_the_realm_buffer_the_file(
+    server: Any, tmp_path: Path
+) -> Any:
+    _realm, factory, addr = server
+    size = 48 * MiB
+    alice, bob, _r, server_side, sink, d, kernel, src, dst = yield _stalled_download(
+        factory, addr, tmp_path, size
+    )
     # what left the realm and bob has not read is what the kernel buffers hold (and a
     # frame or two in flight), not the file
     (receiver,) = bob.protocol._receivers.values()
@@ -421,20 +432,10 @@ def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     download fails with no_such_file (for its stream) once bob reads again, having
     received a part of the file only, and the connection stays open."""
     _realm, factory, addr = server
-    alice, bob = yield _users(addr, "alice", "bob")
     size = 16 * MiB
-    src = _file(tmp_path, "large", size)
-    r = yield alice.send_file("bob", str(src))
-    server_side = next(p for p in factory.connections if p.session.user_id == "bob@localhost")
-    for sock, opt in (
-        (bob.protocol.transport.getHandle(), socket.SO_RCVBUF),
-        (server_side.transport.getHandle(), socket.SO_SNDBUF),
-    ):
-        sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
-    d = bob.download(r["file"], str(tmp_path / "large.down"), progress=_stop_reading_at_start(bob))
-    yield until(lambda: bob.protocol.paused)  # bob stops reading, before the file's bytes
-    (sink,) = server_side._download_sinks.values()
-    yield until(lambda: _stalled(server_side, sink), timeout=30)  # mid-file
+    alice, bob, r, server_side, sink, d, _kernel, _src, _dst = yield _stalled_download(
+        factory, addr, tmp_path, size
+    )
     yield alice.delete(r["msg_id"])
     assert not server_side._download_sinks  # stopped at once
     sent = sink.offset
@@ -458,20 +459,10 @@ def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
     realm kept sending them (from the open file) to the end; now the download fails
     with no_such_file once bob reads again, having received a part of the file only."""
     realm, factory, addr = server
-    alice, bob = yield _users(addr, "alice", "bob")
     size = 16 * MiB
-    src = _file(tmp_path, "large", size)
-    r = yield alice.send_file("bob", str(src))
-    server_side = next(p for p in factory.connections if p.session.user_id == "bob@localhost")
-    for sock, opt in (
-        (bob.protocol.transport.getHandle(), socket.SO_RCVBUF),
-        (server_side.transport.getHandle(), socket.SO_SNDBUF),
-    ):
-        sock.setsockopt(socket.SOL_SOCKET, opt, KERNEL_BUFFER)
-    d = bob.download(r["file"], str(tmp_path / "large.down"), progress=_stop_reading_at_start(bob))
-    yield until(lambda: bob.protocol.paused)  # bob stops reading, before the file's bytes
-    (sink,) = server_side._download_sinks.values()
-    yield until(lambda: _stalled(server_side, sink), timeout=30)  # mid-file
+    alice, bob, _r, _conn, sink, d, _kernel, _src, _dst = yield _stalled_download(
+        factory, addr, tmp_path, size
+    )
     realm.files.config.retention_days = 0  # every file is expired now
     counts = yield realm.files.cleanup()
     assert counts["blobs"] == 1
