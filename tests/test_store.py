@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
 from chatproto.envelope import (
@@ -640,6 +641,48 @@ def test_group_commit(sqlite_store: SQLiteStore) -> Any:
     commits = sqlite_store.commits - before
     assert 1 <= commits < 500
     assert sqlite_store.committed_items == 500
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_commit_queued_behind_one_in_flight_takes_what_waits_when_it_starts(
+    sqlite_store: SQLiteStore,
+) -> Any:
+    """The pipelined group commit: while a commit runs on the writer thread, the next
+    is queued behind it and takes the appends, acks and read markers that wait when
+    it starts -- those queued after it was submitted too -- so the writer goes from
+    one commit to the next; results come back in position order, two commits."""
+    store = sqlite_store
+    yield store.append([env(ALICE, BOB, "warm")])
+    gate, entered = threading.Event(), threading.Event()
+    commit = store._commit
+    calls: list[int] = []
+
+    def held(batches: Any, *args: Any) -> Any:
+        calls.append(sum(len(b) for b in batches))
+        if len(calls) == 1:
+            entered.set()
+            assert gate.wait(30)
+        return commit(batches, *args)
+
+    store._commit = held  # type: ignore[method-assign]
+    before = store.commits
+    first = store.append([env(ALICE, BOB, "first")])
+    assert (yield deferToThread(entered.wait, 30))  # the first commit runs, held
+    second = store.append([env(ALICE, BOB, "second")])  # submitted behind it
+    third = store.append([env(BOB, ALICE, "third"), env(BOB, ALICE, "fourth")])
+    store.set_ack(BOB, "phone", 1)  # queued after the second was submitted
+    assert store._jobs == 2  # the second is on the writer thread's queue already
+    order: list[str] = []
+    for d, name in ((first, "first"), (second, "second"), (third, "third")):
+        d.addCallback(lambda items, name=name: order.append(name) or items)
+    gate.set()
+    [a], [b], [c, e] = yield defer.gatherResults([first, second, third])
+    assert calls == [1, 3]  # the second took the third's items and the ack too
+    assert store.commits - before == 2
+    assert a.pos < b.pos < c.pos < e.pos and order == ["first", "second", "third"]
+    assert (yield store.get_ack(BOB, "phone")) == 1
+    feed = yield store.read_feed(BOB, a.pos - 1, 10)
+    assert [x.body for x in feed] == ["first", "second", "third", "fourth"]
 
 
 @pytest_twisted.inlineCallbacks

@@ -423,8 +423,8 @@ class GroupCommitStore:
         #: the realm can write each connection's frames of the whole batch at once.
         self.burst_listener: Any = None
         #: Group commits submitted to the writer thread and not yet done (two at most:
-        #: see :meth:`_flush`), how many were submitted, and how many of those the
-        #: writer thread has started (it counts them; the reactor only reads it).
+        #: see :meth:`_flush`), how many were submitted, and how many of those have
+        #: taken what waited (the writer thread counts them; the reactor only reads it).
         self._jobs = 0
         self._submitted = 0
         self._started = 0
@@ -825,7 +825,7 @@ class GroupCommitStore:
         reactor hands out one commit's results while the next is written.  Results
         come back in the order the commits were written (one writer thread), so
         items are handed out in position order.  Acks, outbox acknowledgements and
-        read markers go with the commit submitted next."""
+        read markers go with the next commit to start."""
         if not self._has_pending():
             if not self._jobs:
                 idle, self._idle = self._idle, []
@@ -944,7 +944,6 @@ class GroupCommitStore:
         failed with it).  Everything queued before a call of it is in its commit or
         in an earlier one, so an append is committed after everything queued before
         it, as with one commit at a time."""
-        self._started += 1
         with self._pending_lock:
             t = _Taken(
                 self._pending,
@@ -956,6 +955,9 @@ class GroupCommitStore:
             self._pending, self._pending_acks, self._pending_outbox_acks = [], {}, {}
             self._outbox_ack_waiters, self._pending_reads = [], {}
             self._inflight.append(t.inflight)
+            # (counted once it has taken them: a commit submitted behind this one
+            # always finds the items that made _flush submit it)
+            self._started += 1
         taken.append(t)
         try:
             if not (t.batch or t.acks or t.outbox_acks or t.reads):
