@@ -366,6 +366,21 @@ def test_a_mind_without_deliver_run_gets_a_run_item_by_item(realm: Any, clock: C
     assert [p for p, _ in mind.got] == sorted(p for p, _ in mind.got)
 
 
+class RecordingMind(NullMind):
+    """A session's mind that records the positions delivered to it and its
+    ``written()`` calls (the route_private tests below)."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.written_calls = 0
+
+    def deliver(self, envelope: Any) -> None:
+        self.got.append(envelope.pos)
+
+    def written(self) -> None:
+        self.written_calls += 1
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.sampled_from(["text", "text", "text", "reaction"]), min_size=1, max_size=6),
@@ -382,18 +397,8 @@ def test_a_session_shown_no_copy_moves_past_a_run_as_item_by_item(
     past its position moves it, anything else is delivered as ``_deliver`` does),
     whatever the run's kinds and the session's position, syncing or closed."""
 
-    class Quiet(NullMind):
+    class Quiet(RecordingMind):
         own_copies = False
-
-        def __init__(self) -> None:
-            self.got: list[int] = []
-            self.written_calls = 0
-
-        def deliver(self, envelope: Any) -> None:
-            self.got.append(envelope.pos)
-
-        def written(self) -> None:
-            self.written_calls += 1
 
     clock = Clock()
     realm = make_test_realm(clock)
@@ -530,16 +535,7 @@ def test_the_senders_sessions_shown_and_not_shown_a_run(kinds: list[str]) -> Non
     one moves past it, whichever the order of the sessions (the common case, all of
     them shown, is told apart without a list: the same result as the general one)."""
 
-    class Mind(NullMind):
-        def __init__(self) -> None:
-            self.got: list[int] = []
-            self.written_calls = 0
-
-        def deliver(self, envelope: Any) -> None:
-            self.got.append(envelope.pos)
-
-        def written(self) -> None:
-            self.written_calls += 1
+    Mind = RecordingMind
 
     class Shown(Mind):
         own_copies = True
