@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
@@ -74,26 +75,15 @@ INDEX_FORCE = 20_000
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
 
 
+@attrs.define(eq=False)  # (identity: a commit in flight is removed as itself)
 class _Taken:
     """What one group commit took when it started (GroupCommitStore._pull_and_commit)."""
 
-    __slots__ = ("ack_waiters", "acks", "batch", "inflight", "outbox_acks", "reads")
-
-    def __init__(
-        self,
-        batch: list[Any],
-        acks: dict[tuple[str, str], int],
-        outbox_acks: dict[str, int],
-        ack_waiters: list[Deferred[None]],
-        reads: dict[tuple[str, str], int],
-    ) -> None:
-        self.batch = batch
-        self.acks = acks
-        self.outbox_acks = outbox_acks
-        self.ack_waiters = ack_waiters
-        self.reads = reads
-        #: (acks, reads) as GroupCommitStore._inflight lists them
-        self.inflight = (acks, reads)
+    batch: list[Any]
+    acks: dict[tuple[str, str], int]
+    outbox_acks: dict[str, int]
+    ack_waiters: list[Deferred[None]]
+    reads: dict[tuple[str, str], int]
 
 
 def plan_inserts(
@@ -402,9 +392,9 @@ class GroupCommitStore:
         #: once would let the peer act on it first (then items the realm queues
         #: according to its stale state go astray).  Set at open: rows of earlier runs.
         self._published_seq = 0
-        #: The acks and read markers of each commit submitted and not yet done,
-        #: oldest first (``(acks, reads)``; two at most, see :meth:`_flush`).
-        self._inflight: list[tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]] = []
+        #: What each commit in flight took (for its acks and read markers), oldest
+        #: first (two at most, see :meth:`_flush`).
+        self._inflight: list[_Taken] = []
         #: Read markers waiting for the next group commit, and those in the commit
         #: being written: (user, conversation) -> position (see :meth:`set_read`).
         self._pending_reads: dict[tuple[str, str], int] = {}
@@ -850,7 +840,7 @@ class GroupCommitStore:
                 self._jobs -= 1
                 if taken:
                     with self._pending_lock:
-                        self._inflight.remove(taken[0].inflight)
+                        self._inflight.remove(taken[0])
 
         def done(out: tuple[CommitResult | None, Failure | None]) -> None:
             result, failure = out
@@ -954,7 +944,7 @@ class GroupCommitStore:
             )
             self._pending, self._pending_acks, self._pending_outbox_acks = [], {}, {}
             self._outbox_ack_waiters, self._pending_reads = [], {}
-            self._inflight.append(t.inflight)
+            self._inflight.append(t)
             # (counted once it has taken them: a commit submitted behind this one
             # always finds the items that made _flush submit it)
             self._started += 1
@@ -1011,8 +1001,8 @@ class GroupCommitStore:
         key = (user, device)
         with self._pending_lock:
             pending = self._pending_acks.get(key, 0)
-            for acks, _ in self._inflight:
-                pending = max(pending, acks.get(key, 0))
+            for t in self._inflight:
+                pending = max(pending, t.acks.get(key, 0))
         return self._read(lambda db: db.get_ack(user, device)).addCallback(
             lambda stored: max(stored, pending)
         )
@@ -1089,7 +1079,7 @@ class GroupCommitStore:
     def _unwritten_reads(self) -> dict[tuple[str, str], int]:
         merged: dict[tuple[str, str], int] = {}
         with self._pending_lock:
-            for _, reads in [*self._inflight, ({}, self._pending_reads)]:
+            for reads in [*(t.reads for t in self._inflight), self._pending_reads]:
                 for key, pos in reads.items():
                     if pos > merged.get(key, 0):
                         merged[key] = pos
