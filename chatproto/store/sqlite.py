@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorThreads
@@ -974,18 +974,7 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         add = flat.extend
         for e in run:
             add((e.id, e.ts, e.body))
-        c = self.conn
-        step = self._pair_rows
-        rows = len(run)
-        k = 0
-        last = 0
-        while rows:
-            size = step if rows >= step else 1 << (rows.bit_length() - 1)
-            params = head + flat if k == 0 and size == rows else head + flat[3 * k : 3 * (k + size)]
-            last = c.execute(_pair_insert(size), params).lastrowid or 0
-            k += size
-            rows -= size
-        return last
+        return self._cut_inserts(_pair_insert, flat, 3, len(run), self._pair_rows, head)
 
     def _insert_mixed(self, items: Sequence[Envelope]) -> int:
         """Insert ``items`` in order with ``INSERT ... VALUES (...), (...), ...``
@@ -1050,16 +1039,30 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
         statement of :attr:`ROWS_PER_INSERT` rows, or with statements of the powers of
         two they add up to (a handful of statements, each compiled once and kept in
         the connection's statement cache); returns the last row's position."""
+        statement = functools.partial(_multi_insert, plain=plain)
+        return self._cut_inserts(statement, flat, len(flat) // rows, rows, self._rows_per_insert)
+
+    def _cut_inserts(
+        self,
+        statement: Callable[[int], str],
+        flat: list[Any],
+        width: int,
+        rows: int,
+        step: int,
+        head: list[Any] | None = None,
+    ) -> int:
+        """Run the statements ``statement(size)`` inserting ``rows`` rows of ``width``
+        parameters each (``flat``, each statement's parameters after ``head``):
+        statements of ``step`` rows, then of the powers of two the rest adds up to (a
+        handful of statements, each compiled once and kept in the connection's
+        statement cache); returns the last row's position."""
         c = self.conn
-        width = len(flat) // rows
-        if rows == self._rows_per_insert:
-            return c.execute(_multi_insert(rows, plain), flat).lastrowid or 0
         k = 0
         last = 0
         while rows:
-            size = 1 << (rows.bit_length() - 1)
-            params = flat if size * width == len(flat) else flat[k * width : (k + size) * width]
-            last = c.execute(_multi_insert(size, plain), params).lastrowid or 0
+            size = step if rows >= step else 1 << (rows.bit_length() - 1)
+            chunk = flat if k == 0 and size == rows else flat[k * width : (k + size) * width]
+            last = c.execute(statement(size), head + chunk if head else chunk).lastrowid or 0
             k += size
             rows -= size
         return last
