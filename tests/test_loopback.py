@@ -246,3 +246,40 @@ def test_service_send_survives_a_lost_result_without_duplicates(server: Any) -> 
     finally:
         realm.observers.remove(drop_alice)
         yield svc.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_sends_of_one_pair_are_stored_in_order_over_tcp(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """A client that sends without waiting for each answer: its sends reach the realm
+    in few reads and the SQLite store takes them as pair runs (the pair bound once
+    per statement: SQLiteDB._insert_pair_run); every message is stored, in the order
+    sent, with its own body, and bob gets them so, live and in history."""
+    from chatproto.store.sqlite import SQLiteDB, SQLiteStore
+
+    runs: list[int] = []
+    insert = SQLiteDB._insert_pair_run
+
+    def counted(self: SQLiteDB, run: Any) -> int:
+        runs.append(len(run))
+        return insert(self, run)
+
+    monkeypatch.setattr(SQLiteDB, "_insert_pair_run", counted)
+    realm, _, addr = server
+    got: list[dict[str, Any]] = []
+    a = yield connect(_reactor, addr, "alice", "password-a", register=True)
+    b = yield connect(_reactor, addr, "bob", "password-b", register=True, on_message=got.append)
+    yield defer.gatherResults([a.synced, b.synced])
+    bodies = [f"pipelined {i} ✓" for i in range(300)]
+    results = yield defer.gatherResults([a.send("bob", body) for body in bodies])
+    yield until(lambda: len(got) == len(bodies))
+    if isinstance(realm.store, SQLiteStore):  # (some went in as pair runs)
+        assert runs and sum(runs) <= len(bodies)
+    assert [m["body"] for m in got] == bodies
+    assert [m["pos"] for m in got] == [r["pos"] for r in results]
+    assert [m["pos"] for m in got] == sorted(m["pos"] for m in got)
+    history = yield b.history("alice", limit=200)
+    assert [m["body"] for m in history] == bodies[-200:]
+    yield a.close()
+    yield b.close()
