@@ -44,14 +44,22 @@ def realms(tmp_path: Any) -> Any:
     stop_all(made)
 
 
-@pytest_twisted.inlineCallbacks
-def test_dms_both_ways(two: Any) -> Any:
-    a, b = two
+@defer.inlineCallbacks
+def alice_and_bob(a: Any, b: Any) -> Any:
+    """alice registered and logged in on realm ``a``, bob on ``b``, both synced; fires
+    with ``(alice, bob, alice's messages, bob's messages)`` (the lists fill up)."""
     got_alice: list[dict[str, Any]] = []
     got_bob: list[dict[str, Any]] = []
     alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
     yield defer.gatherResults([alice.synced, bob.synced])
+    return alice, bob, got_alice, got_bob
+
+
+@pytest_twisted.inlineCallbacks
+def test_dms_both_ways(two: Any) -> Any:
+    a, b = two
+    alice, bob, got_alice, got_bob = yield alice_and_bob(a, b)
     r1 = yield alice.send("bob@b.example", "hi bob")
     assert r1["pos"] > 0
     yield until(lambda: len(got_bob) == 1, timeout=30)
@@ -747,11 +755,7 @@ def test_a_file_deleted_while_a_peer_fetches_it_is_not_served_further(two: Any) 
     import os
 
     a, b = two
-    got_alice: list[dict[str, Any]] = []
-    got_bob: list[dict[str, Any]] = []
-    alice = yield connect(_reactor, a.addr, "alice", PW, register=True, on_message=got_alice.append)
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got_bob.append)
-    yield defer.gatherResults([alice.synced, bob.synced])
+    alice, bob, got_alice, got_bob = yield alice_and_bob(a, b)
     held: list[Any] = []
     receive_blob = b.realm.files.receive_blob
 
