@@ -726,7 +726,8 @@ class IRCProtocol(LineOnlyReceiver):
         What this saves is per line: the calls of the lean lane and its target's
         checks, and the line's own Reply: the quick lines between two other lines
         share one (``ctx.sends`` of them, finishing with the last settled), and one
-        PendingSend per target.  Their replies come later, at the batch's flush or
+        PendingSend per run of them to one target (not per target: lines to A, B, A
+        make three).  Their replies come later, at the batch's flush or
         commit (263, 401, 400...), and in line order only while each line has a
         Reply of its own: :meth:`flush_sends` gives them one each (``_unshare``)
         whenever a send of the batch was not appended as it was.
