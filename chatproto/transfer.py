@@ -143,8 +143,7 @@ class RangeProducer:
         self._pump()
 
     def stopProducing(self) -> None:
-        if not self._stopped:
-            self._end(Failure(ConnectionDone("the consumer stopped the transfer")))
+        self.stop(ConnectionDone("the consumer stopped the transfer"))
 
     def stop(self, reason: BaseException) -> None:
         """Stop from the source's side (the bytes may not be sent any more: their file
