@@ -245,11 +245,10 @@ class RemoteIntake:
                 meta = _message_meta(kind, meta, body)
             if local:
                 return meta, "echo"
-            if mirror is None:
-                return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
-            if str(sender) not in mirror.members and not (
-                kind in ("text", "file") and mirror.takes_outsiders()
-            ):  # (as Groups.check_speaker lets a non-member send to such a group)
+            if mirror is None or (
+                str(sender) not in mirror.members
+                and not (kind in ("text", "file") and mirror.takes_outsiders())
+            ):  # (as Groups.check_speaker lets a non-member send to a group that takes outsiders)
                 return meta, ChatError("not_member", f"{sender} is not a member of {group} here")
             return meta, None
         meta = _event_meta(meta)
