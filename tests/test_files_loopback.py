@@ -423,6 +423,19 @@ def test_client_service_resumes_transfers_across_reconnects(server: Any, tmp_pat
         yield bob.stopService()
 
 
+@defer.inlineCallbacks
+def _fails_when_read_again(bob: Any, sink: Any, d: Any, size: int) -> Any:
+    """Bob's stalled download ``d`` (of ``size`` bytes, into ``sink``), whose file is
+    gone meanwhile, fails with no_such_file once bob reads again, having received
+    no more than the part of the file it had before."""
+    sent = sink.offset
+    bob.protocol.resume()
+    with pytest.raises(RemoteError) as e:
+        yield d
+    assert e.value.code == "no_such_file"
+    assert sent < size and sink.offset == sent
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     server: Any, tmp_path: Path
@@ -438,12 +451,7 @@ def test_a_download_of_a_file_deleted_meanwhile_ends_with_no_such_file(
     )
     yield alice.delete(r["msg_id"])
     assert not server_side._download_sinks  # stopped at once
-    sent = sink.offset
-    bob.protocol.resume()
-    with pytest.raises(RemoteError) as e:
-        yield d
-    assert e.value.code == "no_such_file"
-    assert sent < size and sink.offset == sent
+    yield _fails_when_read_again(bob, sink, d, size)
     pong = yield bob.protocol.request("ping")
     assert pong["type"] == "result"
     yield alice.close()
@@ -466,11 +474,6 @@ def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
     realm.files.config.retention_days = 0  # every file is expired now
     counts = yield realm.files.cleanup()
     assert counts["blobs"] == 1
-    sent = sink.offset
-    bob.protocol.resume()
-    with pytest.raises(RemoteError) as e:
-        yield d
-    assert e.value.code == "no_such_file"
-    assert sent < size and sink.offset == sent
+    yield _fails_when_read_again(bob, sink, d, size)
     yield alice.close()
     yield bob.close()
