@@ -550,17 +550,17 @@ class RealmService(Service):
     def bursting(self) -> bool:
         """True while committed items are being handed out (see :meth:`begin_burst`)."""
         # (Sessions.bursting's test, without its property call: every delivery asks)
-        return self.sessions._burst_depth > 0
+        return self.sessions.burst_depth > 0
 
     def begin_burst(self) -> None:
         """Items delivered until the matching :meth:`end_burst` may be held by each
         connection and written at once (one write per connection per group commit
         instead of one per item).  Nests."""
-        self.sessions._burst_depth += 1  # (Sessions.begin_burst, without its call)
+        self.sessions.burst_depth += 1  # (Sessions.begin_burst, without its call)
 
     def hold(self, mind: Any) -> None:
         """``mind`` holds frames until the burst ends (it calls this once per burst)."""
-        self.sessions._held.append(mind)  # (Sessions.hold, without its call)
+        self.sessions.held.append(mind)  # (Sessions.hold, without its call)
 
     def end_burst(self) -> None:
         self.sessions.end_burst()

@@ -274,8 +274,12 @@ class Sessions:
         #: canonical user address -> that user's open sessions
         self.online: dict[str, list[Session]] = {}
         self._on_idle = on_idle
-        self._burst_depth = 0
-        self._held: list[Any] = []
+        #: Delivery bursts open (nested), and the minds holding frames until the
+        #: outermost ends (:meth:`begin_burst`, :meth:`hold`).  Public: the realm
+        #: service's own begin_burst/hold/bursting, which every delivery and read
+        #: calls, change and read them without a second call.
+        self.burst_depth = 0
+        self.held: list[Any] = []
         #: At most what one connection holds of this burst's items (an estimate).
         self._burst_bytes = 0
         #: Told of every notice (``(users, notice)``): a worker of a cluster passes
@@ -313,21 +317,21 @@ class Sessions:
     @property
     def bursting(self) -> bool:
         """True while committed items are being handed out (see :meth:`begin_burst`)."""
-        return self._burst_depth > 0
+        return self.burst_depth > 0
 
     def begin_burst(self) -> None:
         """Items delivered until the matching :meth:`end_burst` may be held by each
         connection and written at once (one write per connection per group commit
         instead of one per item).  Nests."""
-        self._burst_depth += 1
+        self.burst_depth += 1
 
     def hold(self, mind: Any) -> None:
         """``mind`` holds frames until the burst ends (it calls this once per burst)."""
-        self._held.append(mind)
+        self.held.append(mind)
 
     def end_burst(self) -> None:
-        self._burst_depth -= 1
-        if self._burst_depth:
+        self.burst_depth -= 1
+        if self.burst_depth:
             return
         if self._on_idle is not None:
             self._on_idle()  # must not raise: the frames held below must still go out
@@ -335,8 +339,8 @@ class Sessions:
 
     def _flush_held(self) -> None:
         self._burst_bytes = 0
-        if self._held:
-            held, self._held = self._held, []
+        if self.held:
+            held, self.held = self.held, []
             for mind in held:
                 try:
                     mind.flush()
@@ -348,7 +352,7 @@ class Sessions:
 
         The frame is encoded once (``Envelope.frame``) and no storage is touched here.
         """
-        self._burst_depth += 1
+        self.burst_depth += 1
         try:
             self.stats.deliveries_live += self._reach(env, users)
             self._count_burst(env)
@@ -371,7 +375,7 @@ class Sessions:
         handed them: its position still moves past them (so nothing is re-sent on
         resume), and its mind's ``written()`` is called once per run instead (the
         IRC gateway's ack timer, as its deliver would have armed it)."""
-        self._burst_depth += 1
+        self.burst_depth += 1
         reached = 0
         online = self.online
         passed: list[Session] = []  # sessions moved past a run they show nowhere
@@ -457,7 +461,7 @@ class Sessions:
                                 if s not in passed:
                                     passed.append(s)
                 self._burst_bytes += size
-                if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
+                if self._burst_bytes > BURST_WRITE and self.burst_depth > 1:
                     self._flush_held()
             for s in passed:
                 s.mind.written()
@@ -493,7 +497,7 @@ class Sessions:
         envelope).  route_private repeats this inline: a change here is made there too."""
         frame = env.frame
         self._burst_bytes += len(frame) if frame is not None else 512 + 4 * len(env.body)
-        if self._burst_bytes > BURST_WRITE and self._burst_depth > 1:
+        if self._burst_bytes > BURST_WRITE and self.burst_depth > 1:
             self._flush_held()
 
     def notify(self, users: Iterable[str], notice: Notice, exclude: Session | None = None) -> None:
