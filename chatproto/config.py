@@ -273,6 +273,10 @@ class Cluster:
 #: generation.
 GC_THRESHOLD_BOUNDS = ((1, 1_000_000), (1, 1_000), (1, 1_000))
 
+#: The ``[performance] switch_interval`` values allowed besides 0: from 50 us (below, the
+#: threads would spend their time handing the GIL over) to 100 ms.
+SWITCH_INTERVAL_BOUNDS = (0.00005, 0.1)
+
 
 @attrs.define
 class Performance:
@@ -283,6 +287,8 @@ class Performance:
     gc_thresholds: list[int] = attrs.field(factory=lambda: [20000, 10, 10])
     #: Once the realm has loaded its state: ``gc.collect()`` then ``gc.freeze()``.
     gc_freeze: bool = True
+    #: ``sys.setswitchinterval`` at start-up, in seconds; 0 = leave Python's own (5 ms).
+    switch_interval: float = 0.0005
 
 
 @attrs.define
@@ -543,6 +549,13 @@ class Config:
             raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
 
     def _check_performance(self) -> None:
+        interval = self.performance.switch_interval
+        low, high = SWITCH_INTERVAL_BOUNDS
+        if interval != 0 and not low <= interval <= high:
+            raise ConfigError(
+                f"performance.switch_interval must be 0 (Python's own) or between {low:g} "
+                f"and {high:g} seconds, not {interval:g}"
+            )
         thresholds = self.performance.gc_thresholds
         if not thresholds:
             return

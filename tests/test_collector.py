@@ -1,9 +1,11 @@
-"""``[performance]``: the garbage collector settings ``twistd chatrealm`` applies
-(chatproto.collector), their checks, and that nothing else applies them."""
+"""``[performance]``: the garbage collector and thread switch interval settings
+``twistd chatrealm`` applies (chatproto.collector), their checks, and that nothing else
+applies them."""
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,10 +26,12 @@ def collector_state() -> Iterator[tuple[int, ...]]:
     whatever it did (other tests share this process)."""
     thresholds = gc.get_threshold()
     frozen = gc.get_freeze_count()
+    interval = sys.getswitchinterval()
     yield thresholds
     if gc.get_freeze_count() and not frozen:
         gc.unfreeze()
     gc.set_threshold(*thresholds)
+    sys.setswitchinterval(interval)
 
 
 class FakeRealm:
@@ -57,10 +61,19 @@ def checked(text: str) -> Config:
 
 
 def test_defaults_and_file_values() -> None:
-    assert Performance() == Performance(gc_thresholds=[20000, 10, 10], gc_freeze=True)
-    cfg = checked("[performance]\ngc_thresholds = [5000, 20, 30]\ngc_freeze = false\n")
-    assert cfg.performance == Performance(gc_thresholds=[5000, 20, 30], gc_freeze=False)
+    assert Performance() == Performance(
+        gc_thresholds=[20000, 10, 10], gc_freeze=True, switch_interval=0.0005
+    )
+    cfg = checked(
+        "[performance]\ngc_thresholds = [5000, 20, 30]\ngc_freeze = false\n"
+        "switch_interval = 0.002\n"
+    )
+    assert cfg.performance == Performance(
+        gc_thresholds=[5000, 20, 30], gc_freeze=False, switch_interval=0.002
+    )
     assert checked("[performance]\ngc_thresholds = []\n").performance.gc_thresholds == []
+    assert checked("[performance]\nswitch_interval = 0\n").performance.switch_interval == 0
+    assert checked("[performance]\nswitch_interval = 0.1\n").performance.switch_interval == 0.1
 
 
 @pytest.mark.parametrize(
@@ -79,6 +92,16 @@ def test_defaults_and_file_values() -> None:
         ("gc_thresholds = [700, 0, 10]", "gc_thresholds[1] must be between 1 and 1000, not 0"),
         ("gc_thresholds = [700, 10, 1001]", "gc_thresholds[2] must be between 1 and 1000"),
         ("gc_freeze = 1", "performance.gc_freeze must be bool"),
+        ("switch_interval = '1ms'", "performance.switch_interval must be float"),
+        ("switch_interval = true", "performance.switch_interval must be float"),
+        (
+            "switch_interval = 0.00001",
+            "switch_interval must be 0 (Python's own) or between 5e-05 and 0.1 seconds, not 1e-05",
+        ),
+        ("switch_interval = -0.001", "switch_interval must be 0 (Python's own) or between"),
+        ("switch_interval = 5", "between 5e-05 and 0.1 seconds, not 5"),
+        ("switch_interval = nan", "switch_interval must be a finite number, not nan"),
+        ("switch_interval = inf", "switch_interval must be a finite number"),
         ("gc_frozen = true", "unknown key performance.gc_frozen"),
     ],
 )
@@ -106,6 +129,34 @@ def test_sets_the_thresholds_and_puts_them_back(collector_state: tuple[int, ...]
     assert service.replaced == collector_state
     service.stopService()
     assert gc.get_threshold() == collector_state
+
+
+def test_sets_the_switch_interval_and_puts_it_back() -> None:
+    sys.setswitchinterval(0.004)  # what the process had
+    service = CollectorService(Performance(gc_freeze=False, switch_interval=0.0007))
+    service.startService()
+    assert sys.getswitchinterval() == pytest.approx(0.0007)
+    assert service.replaced_interval == pytest.approx(0.004)
+    service.stopService()
+    assert sys.getswitchinterval() == pytest.approx(0.004)
+    assert service.replaced_interval is None
+
+
+def test_python_own_switch_interval_is_left_alone() -> None:
+    sys.setswitchinterval(0.003)
+    service = CollectorService(Performance(gc_freeze=False, switch_interval=0))
+    service.startService()
+    assert sys.getswitchinterval() == pytest.approx(0.003)
+    service.stopService()
+    assert sys.getswitchinterval() == pytest.approx(0.003)
+
+
+def test_switch_interval_changed_by_someone_else_is_not_undone() -> None:
+    service = CollectorService(Performance(gc_freeze=False, switch_interval=0.0007))
+    service.startService()
+    sys.setswitchinterval(0.009)
+    service.stopService()
+    assert sys.getswitchinterval() == pytest.approx(0.009)
 
 
 def test_python_own_thresholds_are_left_alone() -> None:
@@ -192,9 +243,11 @@ def test_build_leaves_the_collector_alone_unless_asked(
     """An embedding application's ``tap.build`` changes nothing process-wide;
     ``twistd chatrealm`` (makeService) adds the service, last."""
     opts = options("--data-dir", str(tmp_path / "data"), "--listen", "tcp:0:interface=127.0.0.1")
+    interval = sys.getswitchinterval()
     top, _realm = tap.build(opts.realm_config, _reactor)
     assert not [s for s in top if isinstance(s, CollectorService)]
     assert gc.get_threshold() == collector_state
+    assert sys.getswitchinterval() == interval
     services = list(tap.makeService(opts))
     assert isinstance(services[-1], CollectorService)
     assert services[-1].settings is opts.realm_config.performance
@@ -209,7 +262,9 @@ def test_twistd_realm_starts_with_the_configured_collector(tmp_path: Any) -> Any
 
     path = config_file(
         tmp_path,
-        FAST_AUTH + "[performance]\ngc_thresholds = [15000, 11, 12]\ngc_freeze = true\n",
+        FAST_AUTH
+        + "[performance]\ngc_thresholds = [15000, 11, 12]\ngc_freeze = true\n"
+        + "switch_interval = 0.0008\n",
     )
     spawn = Spawner(str(tmp_path))
     try:
@@ -228,6 +283,7 @@ def test_twistd_realm_starts_with_the_configured_collector(tmp_path: Any) -> Any
             ]
         )
         yield proc.wait_for(r"garbage collector: thresholds \(15000, 11, 12\)")
+        yield proc.wait_for(r"thread switch interval: 0\.0008 s\n")
         m = yield proc.wait_for(r"garbage collector: (\d+) objects of the started realm frozen")
         assert int(m.group(1)) > 10000
         yield proc.wait_for(r"realm localhost started")
