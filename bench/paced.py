@@ -1,0 +1,181 @@
+"""Paced private messages, A/B: latency and where a message's time goes.
+
+    python bench/paced.py --rate 30000                       # one realm config, 3 runs
+    python bench/paced.py --rate 30000 --b performance.switch_interval=0
+    python bench/paced.py --rate 10000,30000 --runs 2 --set storage.synchronous='"NORMAL"'
+
+Each run starts a fresh realm (bench/run.py's config and ``Server``) with a ``[metrics]``
+listener, and the byte-level load generator (``loadgen.py dm --lean``) at ``--pairs``
+(50) paced at RATE sends per second in all (open loop: each sender's frames come one per
+read, as from many clients).  With ``--b``, a second config (the first plus those
+settings) runs alternately with the first, run by run, so both see the same minutes of a
+noisy machine.  Per run it prints delivered DMs/s, p50/p99 latency (send to delivery, the
+load generator's clock), realm CPU per DM (all threads / reactor thread), and from the
+realm's own metrics the mean group commit (its submission to its results, the writer's
+queue included), the mean COMMIT (SQLite: the fsync) and items per commit.
+
+``--set``/``--b`` take ``section.key=VALUE`` with VALUE in TOML (strings quoted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # (bench/run.py: the realm config, Server, loadgen)
+
+#: The realm's metrics read around each run (sums and counts of histograms).
+METRICS = (
+    "chatproto_store_commit_items_count",
+    "chatproto_store_commit_items_sum",
+    "chatproto_store_commit_seconds_sum",
+    "chatproto_store_sync_seconds_sum",
+)
+
+
+def sections(settings: list[str]) -> str:
+    """TOML for ``section.key=VALUE`` settings, grouped by section."""
+    by: dict[str, list[str]] = {}
+    for s in settings:
+        key, eq, value = s.partition("=")
+        section, dot, name = key.partition(".")
+        if not (eq and dot and section and name and value):
+            raise SystemExit(f"paced: a setting is section.key=VALUE, not {s!r}")
+        by.setdefault(section, []).append(f"{name} = {value}")
+    return "".join(f"\n[{sec}]\n" + "\n".join(lines) + "\n" for sec, lines in by.items())
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in METRICS:
+            out[name] = float(value)
+    return out
+
+
+def one_run(
+    work: Path, label: str, extra: str, rate: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    metrics_port = _free_port()
+    server = run.Server(
+        work,
+        f"{label}-{int(rate)}-{time.monotonic_ns()}",
+        performance=f'\n[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n' + extra,
+    )
+    server.start()
+    try:
+        port = server.ports["tcp"]
+        if port == metrics_port:  # (the pattern matched the metrics listener's line)
+            text = server.logfile.read_text(errors="replace")
+            port = next(
+                int(p)
+                for p in re.findall(r"listening on [\d.]+:(\d+) \(tcp:", text)
+                if int(p) != metrics_port
+            )
+        # the counters over the whole run: warm-up and set-up are a small part of them
+        before = metrics(metrics_port)
+        r = run.loadgen(
+            "dm",
+            "--port",
+            port,
+            "--pid",
+            server.pid,
+            "--pairs",
+            args.pairs,
+            "--duration",
+            args.duration,
+            "--rate",
+            rate,
+            "--lean",
+            timeout=args.duration + 180,
+        )
+        after = metrics(metrics_port)
+    finally:
+        server.stop()
+    run.add_us_per_msg(r)
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in METRICS}
+    n = d["chatproto_store_commit_items_count"] or 1
+    r["commit_ms"] = 1000 * d["chatproto_store_commit_seconds_sum"] / n
+    r["sync_ms"] = 1000 * d["chatproto_store_sync_seconds_sum"] / n
+    r["items_per_commit"] = d["chatproto_store_commit_items_sum"] / n
+    return r
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rate", default="30000", help="sends per second, comma-separated (default 30000)"
+    )
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per config and rate (default 3)")
+    ap.add_argument("--set", action="append", default=[], help="section.key=VALUE for both configs")
+    ap.add_argument("--b", action="append", default=[], help="section.key=VALUE for config B")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (realm logs)")
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rate.split(",") if x]
+    base = sections(args.set)
+    configs = [("A", base)] + ([("B", base + sections(args.b))] if args.b else [])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    work = Path(tempfile.mkdtemp(prefix="chatbench-paced-"))
+    rows = []
+    try:
+        for rate in rates:
+            for i in range(args.runs):
+                for label, extra in configs:
+                    r = one_run(work, label, extra, rate, args)
+                    rows.append((label, rate, r))
+                    run.log(
+                        f"{label} {rate:.0f}/s run {i + 1}: {r['delivered_per_s']:.0f} DMs/s, "
+                        f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, "
+                        f"{r['realm_us_per_msg']} us/DM (reactor {r['reactor_us_per_msg']}), "
+                        f"commit {r['commit_ms']:.1f} ms (COMMIT {r['sync_ms']:.1f}), "
+                        f"{r['items_per_commit']:.0f} items/commit, behind {r['behind']}, "
+                        f"other CPU {r['other_cpu_pct']}%"
+                    )
+    finally:
+        run.kill_children()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            run.log(f"kept {work}")
+    for label, extra in configs:
+        print(f"{label}: {extra.strip() or '(the defaults)'}".replace("\n", " "))
+    print(
+        f"{'':3} {'rate':>7} {'DMs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'us/DM':>6} "
+        f"{'reactor':>7} {'commit ms':>9} {'COMMIT':>6} {'items':>6} {'other%':>6}"
+    )
+    for label, rate, r in rows:
+        print(
+            f"{label:3} {rate:7.0f} {r['delivered_per_s']:8.0f} {r['latency_ms_p50']:7.1f} "
+            f"{r['latency_ms_p99']:7.1f} {r['realm_us_per_msg']:6.1f} "
+            f"{r['reactor_us_per_msg']:7.1f} {r['commit_ms']:9.1f} {r['sync_ms']:6.1f} "
+            f"{r['items_per_commit']:6.0f} {r['other_cpu_pct']:6.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
