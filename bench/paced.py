@@ -3,6 +3,7 @@
     python bench/paced.py --rate 30000                       # one realm config, 3 runs
     python bench/paced.py --rate 30000 --b performance.switch_interval=0
     python bench/paced.py --rate 10000,30000 --runs 2 --set storage.synchronous='"NORMAL"'
+    python bench/paced.py --rate 30000 --b-tree ../other-checkout   # code A/B
 
 Each run starts a fresh realm (bench/run.py's config and ``Server``) with a ``[metrics]``
 listener, and the byte-level load generator (``loadgen.py dm --lean``) at ``--pairs``
@@ -15,11 +16,14 @@ realm's own metrics the mean group commit (its submission to its results, the wr
 queue included), the mean COMMIT (SQLite: the fsync) and items per commit.
 
 ``--set``/``--b`` take ``section.key=VALUE`` with VALUE in TOML (strings quoted).
+``--b-tree DIR`` runs config B's realm from another checkout (its ``chatproto`` first on
+``PYTHONPATH``; the same Python and dependencies), to compare two versions of the code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -70,6 +74,11 @@ def one_run(
     work: Path, label: str, extra: str, rate: float, args: argparse.Namespace
 ) -> dict[str, Any]:
     metrics_port = _free_port()
+    tree = args.b_tree if label == "B" and args.b_tree else None
+    if tree:
+        os.environ["PYTHONPATH"] = str(Path(tree).resolve())
+    else:
+        os.environ.pop("PYTHONPATH", None)
     server = run.Server(
         work,
         f"{label}-{int(rate)}-{time.monotonic_ns()}",
@@ -134,11 +143,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per config and rate (default 3)")
     ap.add_argument("--set", action="append", default=[], help="section.key=VALUE for both configs")
     ap.add_argument("--b", action="append", default=[], help="section.key=VALUE for config B")
+    ap.add_argument("--b-tree", help="a checkout whose code config B's realm runs")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (realm logs)")
     args = ap.parse_args()
     rates = [float(x) for x in args.rate.split(",") if x]
     base = sections(args.set)
-    configs = [("A", base)] + ([("B", base + sections(args.b))] if args.b else [])
+    configs = [("A", base)] + ([("B", base + sections(args.b))] if args.b or args.b_tree else [])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = Path(tempfile.mkdtemp(prefix="chatbench-paced-"))
     rows = []
@@ -163,7 +173,8 @@ def main() -> None:
         else:
             run.log(f"kept {work}")
     for label, extra in configs:
-        print(f"{label}: {extra.strip() or '(the defaults)'}".replace("\n", " "))
+        tree = f" (code: {args.b_tree})" if label == "B" and args.b_tree else ""
+        print(f"{label}: {extra.strip() or '(the defaults)'}{tree}".replace("\n", " "))
     print(
         f"{'':3} {'rate':>7} {'DMs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'us/DM':>6} "
         f"{'reactor':>7} {'commit ms':>9} {'COMMIT':>6} {'items':>6} {'other%':>6}"
