@@ -382,6 +382,60 @@ def test_the_sqlite_index_keeps_up_with_a_realm_that_is_never_quiet(
 
 
 @pytest_twisted.inlineCallbacks
+def test_steps_between_busy_commits_are_small(sqlite_store: Any, monkeypatch: Any) -> Any:
+    """A step holds the writer thread and the commits queued behind it wait for it:
+    while a commit runs or waits, a step is of INDEX_BUSY_STEP items (2000 items held
+    a realm at 30k messages/s for 9-33 ms); once the realm is quiet, of INDEX_STEP."""
+    import threading
+
+    from twisted.internet.threads import deferToThread
+
+    from chatproto.store import groupcommit
+
+    monkeypatch.setattr(groupcommit, "INDEX_FORCE", 100)
+    monkeypatch.setattr(groupcommit, "INDEX_BUSY_STEP", 40)
+    monkeypatch.setattr(groupcommit, "INDEX_STEP", 500)
+    monkeypatch.setattr(groupcommit, "INDEX_DELAY", 0.05)
+    limits: list[int] = []
+    index_search = SQLiteDB.index_search
+
+    def recording(db: SQLiteDB, limit: int) -> int:
+        limits.append(limit)
+        return index_search(db, limit)
+
+    monkeypatch.setattr(SQLiteDB, "index_search", recording)
+    store = sqlite_store
+    gate, entered = threading.Event(), threading.Event()
+    commit = store._commit
+
+    def held(batches: Any, *args: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return commit(batches, *args)
+
+    store._commit = held
+    first = store.append([item(BOB, ALICE, f"busy{n}") for n in range(150)])
+    assert (yield deferToThread(entered.wait, 30))  # it runs, held
+    second = store.append([item(BOB, ALICE, "behind")])  # a commit queued behind it
+    gate.set()
+    yield first
+    yield second
+    for _ in range(200):  # (the step was queued on the writer thread behind the second)
+        if limits:
+            break
+        yield task.deferLater(_reactor, 0.01, lambda: None)
+    # past INDEX_FORCE once the first was done, with the second in flight: a small step
+    assert limits[:1] == [40], limits
+    for _ in range(200):  # then quiet: the rest in a large step
+        if (yield _indexed_upto(store)) >= 151:
+            break
+        yield task.deferLater(_reactor, 0.02, lambda: None)
+    assert (yield _indexed_upto(store)) >= 151
+    assert 500 in limits[1:], limits
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_one_character_word_matches_whole_words_only(store: Any) -> Any:
     """A one-character word as a prefix is the query the full-text indexes answer
     slowest (every word of the index beginning with that letter, merged): sixteen of

@@ -67,8 +67,12 @@ OUTBOX_CACHE = 50_000
 #: stored items (the realm is quiet), in steps of INDEX_STEP items, or as soon as
 #: INDEX_FORCE items wait (a realm busy for long: then step after step, between its
 #: commits, until fewer wait; search reads the items not indexed yet directly, so
-#: these bound what it reads).
+#: these bound what it reads).  A step taken while commits run or wait is of
+#: INDEX_BUSY_STEP items: a step holds the writer thread, and the commits queued behind
+#: it wait for it (2000 items took 9-33 ms on a realm at 30k messages/s, a latency bump
+#: for every message in those commits; bench/README.md, issue 20).
 INDEX_STEP = 2000
+INDEX_BUSY_STEP = 400
 INDEX_DELAY = 1.0
 INDEX_FORCE = 20_000
 
@@ -1039,16 +1043,17 @@ class GroupCommitStore:
         self._indexing = True
         self._index_quiet = False
         gen = self._index_gen
-        d = self._write(lambda: self._db().index_search(INDEX_STEP))
+        step = INDEX_BUSY_STEP if self._jobs or self._has_pending() else INDEX_STEP
+        d = self._write(lambda: self._db().index_search(step))
 
         def done(n: int) -> None:
             self._indexing = False
             # (a step queued behind commits of the writer thread: n counts them too)
-            self._unindexed = max(0, self._unindexed - n) if n >= INDEX_STEP else 0
-            self._index_wanted = n >= INDEX_STEP or gen != self._index_gen
-            if n >= INDEX_STEP and gen == self._index_gen:  # still quiet: go on
+            self._unindexed = max(0, self._unindexed - n) if n >= step else 0
+            self._index_wanted = n >= step or gen != self._index_gen
+            if n >= step and gen == self._index_gen:  # still quiet: go on
                 self._index_quiet = True
-            if n < INDEX_STEP and self._writer is not None and self._writer.index_later:
+            if n < step and self._writer is not None and self._writer.index_later:
                 # Stopped short (PostgreSQL with several writers: another's step held
                 # the lock, or commits in flight held the safe position below items):
                 # again INDEX_DELAY seconds later (the timer of _index_when_idle), not
