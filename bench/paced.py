@@ -73,7 +73,6 @@ def metrics(port: int) -> dict[str, float]:
 def one_run(
     work: Path, label: str, extra: str, rate: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    metrics_port = _free_port()
     tree = args.b_tree if label == "B" and args.b_tree else None
     if tree:
         os.environ["PYTHONPATH"] = str(Path(tree).resolve())
@@ -82,18 +81,23 @@ def one_run(
     server = run.Server(
         work,
         f"{label}-{int(rate)}-{time.monotonic_ns()}",
-        performance=f'\n[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n' + extra,
+        performance='\n[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n' + extra,
     )
     server.start()
     try:
-        port = server.ports["tcp"]
-        if port == metrics_port:  # (the pattern matched the metrics listener's line)
+        # (both listeners log "listening on ... (tcp:0:...)": told apart by factory)
+        port = metrics_port = 0
+        deadline = time.monotonic() + 30
+        while not (port and metrics_port):
             text = server.logfile.read_text(errors="replace")
-            port = next(
-                int(p)
-                for p in re.findall(r"listening on [\d.]+:(\d+) \(tcp:", text)
-                if int(p) != metrics_port
-            )
+            client = re.search(r"ClientFactory starting on (\d+)", text)
+            ops = re.search(r"OpsSite starting on (\d+)", text)
+            if client and ops:
+                port, metrics_port = int(client.group(1)), int(ops.group(1))
+            elif time.monotonic() > deadline:
+                server.fail("did not start its client and metrics listeners within 30 s")
+            else:
+                time.sleep(0.05)
         # the counters over the whole run: warm-up and set-up are a small part of them
         before = metrics(metrics_port)
         r = run.loadgen(
@@ -121,14 +125,6 @@ def one_run(
     r["sync_ms"] = 1000 * d["chatproto_store_sync_seconds_sum"] / n
     r["items_per_commit"] = d["chatproto_store_commit_items_sum"] / n
     return r
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
