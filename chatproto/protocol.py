@@ -319,13 +319,15 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
     def connectionMade(self) -> None:
         f = self.factory
         self.connected_at = self.last_rx = f.clock.seconds()
-        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
+        self._out = OutputQueue(
+            self.transport, f.realm.config.limits.max_output_buffer, self, f.clock
+        )
         if not f.opened(self):
             self.state = "closed"  # refused: too many connections wait to log in
             return
         # Small frames until login (see chatproto.admission).
         self.MAX_LENGTH = min(LOGIN_MAX_FRAME, f.realm.config.limits.max_frame)
-        self.transport.registerProducer(self, True)
+        self._out.register()
 
     def authenticated(self) -> None:
         """The connection has logged in: it takes frames up to ``max_frame`` and no
@@ -524,7 +526,9 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             sink.stop()
 
     # IPushProducer: the transport tells us when the peer stops reading --------------
-    # (and we tell the producers of downloads on this connection)
+    # (and we tell the producers of downloads on this connection).  Writing directly
+    # (chatproto.flow), the connection is a pull producer whose output queue pauses it,
+    # and Twisted calls resumeProducing each time its buffer drains.
 
     def pauseProducing(self) -> None:
         # Twisted calls this on every write while the transport's buffer is full.
@@ -541,7 +545,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         for d in waiters:
             d.callback(None)
         for sink in list(self._download_sinks.values()):
-            if not self._out.blocked:
+            if sink.paused and not self._out.blocked:
                 sink.resume()
 
     @property
@@ -638,7 +642,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             self._held = [frame]
             self.factory.realm.hold(self)
         else:
-            self.transport.write(frame)
+            self._out.put(frame)
 
     def deliver_run(self, envelopes: Sequence[Envelope]) -> None:
         """Several committed items in order (Sessions.route_private): what
@@ -653,7 +657,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
             self._held = [data]
             self.factory.realm.hold(self)
         else:
-            self.transport.write(data)
+            self._out.put(data)
 
     def flush(self) -> None:
         """Write the frames held during a delivery burst."""

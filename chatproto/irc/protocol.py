@@ -178,14 +178,16 @@ class IRCProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         f = self.factory
         self.connected_at = self.last_rx = f.clock.seconds()
-        self._out = OutputQueue(self.transport, f.realm.config.limits.max_output_buffer)
+        self._out = OutputQueue(
+            self.transport, f.realm.config.limits.max_output_buffer, self, f.clock
+        )
         if not f.opened(self):
             self.state = "closed"  # refused: too many connections wait to log in
             return
         cfg = f.realm.config.irc
         if cfg.flood_rate > 0:
             self._bucket = TokenBucket(cfg.flood_rate, cfg.flood_burst, self.connected_at)
-        self.transport.registerProducer(self, True)
+        self._out.register()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state = "closed"
@@ -254,7 +256,7 @@ class IRCProtocol(LineOnlyReceiver):
         """``nick!username@host`` for a canonical user address."""
         return self.factory.directory.mask(user)
 
-    # IPushProducer ------------------------------------------------------------------
+    # IPushProducer (a pull producer writing directly: see chatproto.flow) -----------
 
     def pauseProducing(self) -> None:
         self._out.pause()  # Twisted calls this on every write while the buffer is full
@@ -405,7 +407,7 @@ class IRCProtocol(LineOnlyReceiver):
             self._held = [data]
             f.realm.hold(self)
         else:
-            self.transport.write(data)
+            self._out.put(data)
         if self._ack_call is None:
             self.written()
 
@@ -431,7 +433,7 @@ class IRCProtocol(LineOnlyReceiver):
             self._held = [data]
             self.factory.realm.hold(self)
         else:
-            self.transport.write(data)
+            self._out.put(data)
         if self._ack_call is None:
             self.written()
 
