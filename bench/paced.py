@@ -4,6 +4,7 @@
     python bench/paced.py --rate 30000 --b performance.switch_interval=0
     python bench/paced.py --rate 10000,30000 --runs 2 --set storage.synchronous='"NORMAL"'
     python bench/paced.py --rate 30000 --b-tree ../other-checkout   # code A/B
+    python bench/paced.py --rate 0 --pairs 1 --window 1   # closed loop: one in flight
 
 Each run starts a fresh realm (bench/run.py's config and ``Server``) with a ``[metrics]``
 listener, and the byte-level load generator (``loadgen.py dm --lean``) at ``--pairs``
@@ -108,6 +109,8 @@ def one_run(
             server.pid,
             "--pairs",
             args.pairs,
+            "--window",
+            args.window,
             "--duration",
             args.duration,
             "--rate",
@@ -135,6 +138,9 @@ def main() -> None:
         "--rate", default="30000", help="sends per second, comma-separated (default 30000)"
     )
     ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument(
+        "--window", type=int, default=64, help="most sends in flight per sender (default 64)"
+    )
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
     ap.add_argument("--runs", type=int, default=3, help="runs per config and rate (default 3)")
     ap.add_argument("--set", action="append", default=[], help="section.key=VALUE for both configs")
