@@ -160,6 +160,13 @@ def server(tmp_path: Any, request: Any) -> Any:
     """
     store = getattr(request, "param", None)
     cfg = fast_config(tmp_path, store=store, send_burst=10_000, send_rate=10_000.0)
+    yield from listening(cfg)
+
+
+def listening(cfg: Any) -> Any:
+    """For a fixture to ``yield from``: a realm of ``cfg`` listening on 127.0.0.1 port
+    0, as ``(realm, factory, "tcp:...")``; afterwards its connections are aborted and
+    it stops."""
     realm = make_realm(cfg)
     pytest_twisted.blockon(realm.startService())
     factory = ClientFactory(realm)

@@ -13,8 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 
-from chatproto.protocol import ClientFactory
-from tests.conftest import fast_config, make_realm, raw_client, tcp_of, until
+from tests.conftest import fast_config, listening, raw_client, tcp_of, until
 from tests.test_irc_loopback import irc_client
 
 PW = "password-d"
@@ -25,15 +24,7 @@ def listener(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, send_burst=10**6, send_rate=10.0**6)
     cfg.irc.enabled = True
     cfg.irc.flood_rate = 0.0
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from listening(cfg)
 
 
 def _spy_start_writing(transport: Any) -> list[int]:

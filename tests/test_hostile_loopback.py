@@ -20,7 +20,16 @@ from chatproto import protocol, tls, wire
 from chatproto.protocol import ClientFactory, ClientProtocol
 from chatproto.testing import connect_string_transport, parse_frames
 from chatproto.testing import frame as protocol_frame
-from tests.conftest import LogWatch, fast_config, make_realm, raw_client, tcp_of, unsent, until
+from tests.conftest import (
+    LogWatch,
+    fast_config,
+    listening,
+    make_realm,
+    raw_client,
+    tcp_of,
+    unsent,
+    until,
+)
 
 PW = "password-h"
 #: What both kernel socket buffers of a stalled connection are pinned to (the kernel
@@ -135,15 +144,7 @@ NON_STANDARD = {
 def server_tcp(tmp_path: Any) -> Any:
     cfg = fast_config(tmp_path, send_burst=10**6, send_rate=10.0**6)
     cfg.limits.group_change_burst = 10**6  # hundreds of accepted hostile changes
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    yield realm, factory, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    yield from listening(cfg)
 
 
 @pytest_twisted.inlineCallbacks
