@@ -316,6 +316,49 @@ def test_accounts(store: Any) -> Any:
     assert (yield store.get_ack(ALICE, "phone")) == 0  # read markers went with the account
 
 
+@pytest.fixture(params=[_sqlite, _postgresql], ids=["sqlite", "postgresql"])
+def sql_store(request: Any, open_store: Any) -> Any:
+    return open_store(request.param)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_ack_waiting_when_its_account_is_deleted_goes_with_it(sql_store: Any) -> Any:
+    """An ack and a read marker still waiting for a commit when their account is
+    deleted go with the deletion's commit: they were written after the account's rows
+    were deleted, so they outlived it (and a later account of the name found them)."""
+    store = sql_store
+    yield store.create_user("alice", "hash-a", 1.0)
+    yield store.create_user("bob", "hash-b", 1.0)
+    [first] = yield store.append([env(ALICE, BOB, "first")])
+    gate, entered = threading.Event(), threading.Event()
+    commit = store._commit
+
+    def held(batches: Any, *args: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return commit(batches, *args)
+
+    store._commit = held
+    busy = store.append([env(BOB, ALICE, "busy")])
+    assert (yield deferToThread(entered.wait, 30))  # a commit runs, held
+    conv = first.conversation
+    store.set_ack(ALICE, "phone", first.pos)  # both wait for the next commit...
+    store.set_read(ALICE, conv, first.pos)
+    store.set_ack(BOB, "laptop", first.pos)
+    deleted = store.delete_user("alice", ALICE)  # ... and so does the deletion
+    gate.set()
+    yield busy
+    assert (yield deleted) is True
+    assert (yield store.get_ack(ALICE, "phone")) == 0
+    assert ALICE not in (yield store.read_markers(conv))
+    assert (yield store.get_ack(BOB, "laptop")) == first.pos  # others' are written
+    # a later alice finds nothing of the first
+    yield store.create_user("alice", "hash-a2", 3.0)
+    assert (yield store.get_ack(ALICE, "phone")) == 0
+    assert ALICE not in (yield store.read_markers(conv))
+
+
 @pytest_twisted.inlineCallbacks
 def test_delete_user_commits_the_end_of_its_standing_with_it(store: Any) -> Any:
     """A deletion is one transaction: the account, its acks and unfinished uploads go,

@@ -166,15 +166,31 @@ def delete_accounts(
     missing: dict[int, Exception],
     deletions: Sequence[tuple[str, str] | None] | None,
     delete_account: Callable[[str, str], None],
-) -> None:
+) -> set[str]:
     """Inside a commit, once its items are inserted (``positions`` per batch): the
     batches of ``missing`` (:func:`skip_missing_accounts`) get their failure, and
-    each other batch that did not fail deletes its account (``delete_account``)."""
+    each other batch that did not fail deletes its account (``delete_account``).
+    Returns the addresses of the accounts deleted."""
     for i, err in missing.items():
         positions[i] = err
+    gone: set[str] = set()
     for i, account in enumerate(deletions or ()):
         if account is not None and not isinstance(positions[i], Exception):
             delete_account(*account)
+            gone.add(account[1])
+    return gone
+
+
+def without_users(
+    marks: dict[tuple[str, str], int] | None, gone: set[str]
+) -> dict[tuple[str, str], int] | None:
+    """``marks`` (acks by ``(user, device)``, read markers by ``(user, conversation)``)
+    less those of the users ``gone``: an ack or read marker still waiting when its
+    account is deleted goes with the deletion's commit, and written after it, it would
+    outlive the account (a later account of the name would find it)."""
+    if not gone or not marks:
+        return marks
+    return {k: p for k, p in marks.items() if k[0] not in gone}
 
 
 def outbox_rows(

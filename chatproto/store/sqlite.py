@@ -41,6 +41,7 @@ from chatproto.store.groupcommit import (
     outbox_rows,
     plan_inserts,
     skip_missing_accounts,
+    without_users,
 )
 from chatproto.store.peers import OutboxSQL, PeerKeysSQL
 from chatproto.store.reading import REF_KINDS_SQL, ReadingSQL
@@ -706,7 +707,10 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 self._cids_rolled_back()
                 c.execute("BEGIN IMMEDIATE")
                 out = self._append_each(batches, flags)
-            delete_accounts(out, missing, deletions, self._delete_account)
+            gone = delete_accounts(out, missing, deletions, self._delete_account)
+            if gone:
+                acks = without_users(acks, gone) or {}
+                reads = without_users(reads, gone)
             convs = self._user_convs.new_rows(batches, out)
             if convs:
                 c.executemany("INSERT OR IGNORE INTO user_convs VALUES (?, ?, ?)", convs)

@@ -30,6 +30,7 @@ from chatproto.store.groupcommit import (
     outbox_rows,
     plan_inserts,
     skip_missing_accounts,
+    without_users,
 )
 from chatproto.store.grouprealms import GroupFanout, GroupRealms, group_notes
 from chatproto.store.postgresql.rows import (
@@ -179,7 +180,10 @@ class CommitSQL(WriterPositions):
                 out = self._append_each(batches, flags)
             else:
                 out = self._append_all(batches, flags)
-            delete_accounts(out, missing, deletions, self._delete_account)
+            gone = delete_accounts(out, missing, deletions, self._delete_account)
+            if gone:
+                acks = without_users(acks, gone) or {}
+                reads = without_users(reads, gone)
             convs = self._user_convs.new_rows(batches, out)
             if convs:
                 with c.cursor() as cur:
