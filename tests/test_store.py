@@ -316,6 +316,25 @@ def test_accounts(store: Any) -> Any:
     assert (yield store.get_ack(ALICE, "phone")) == 0  # read markers went with the account
 
 
+def hold_next_commit(store: Any) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Hold ``store``'s next group commit on the writer thread until ``gate`` is set;
+    ``entered`` is set once that commit runs, held.  ``sizes``: the items of each
+    commit from then on."""
+    gate, entered = threading.Event(), threading.Event()
+    sizes: list[int] = []
+    commit = store._commit
+
+    def held(batches: Any, *args: Any) -> Any:
+        sizes.append(sum(len(b) for b in batches))
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return commit(batches, *args)
+
+    store._commit = held
+    return gate, entered, sizes
+
+
 @pytest.fixture(params=[_sqlite, _postgresql], ids=["sqlite", "postgresql"])
 def sql_store(request: Any, open_store: Any) -> Any:
     return open_store(request.param)
@@ -330,16 +349,7 @@ def test_an_ack_waiting_when_its_account_is_deleted_goes_with_it(sql_store: Any)
     yield store.create_user("alice", "hash-a", 1.0)
     yield store.create_user("bob", "hash-b", 1.0)
     [first] = yield store.append([env(ALICE, BOB, "first")])
-    gate, entered = threading.Event(), threading.Event()
-    commit = store._commit
-
-    def held(batches: Any, *args: Any) -> Any:
-        if not entered.is_set():
-            entered.set()
-            assert gate.wait(30)
-        return commit(batches, *args)
-
-    store._commit = held
+    gate, entered, _ = hold_next_commit(store)
     busy = store.append([env(BOB, ALICE, "busy")])
     assert (yield deferToThread(entered.wait, 30))  # a commit runs, held
     conv = first.conversation
@@ -696,18 +706,7 @@ def test_a_commit_queued_behind_one_in_flight_takes_what_waits_when_it_starts(
     one commit to the next; results come back in position order, two commits."""
     store = sqlite_store
     yield store.append([env(ALICE, BOB, "warm")])
-    gate, entered = threading.Event(), threading.Event()
-    commit = store._commit
-    calls: list[int] = []
-
-    def held(batches: Any, *args: Any) -> Any:
-        calls.append(sum(len(b) for b in batches))
-        if len(calls) == 1:
-            entered.set()
-            assert gate.wait(30)
-        return commit(batches, *args)
-
-    store._commit = held  # type: ignore[method-assign]
+    gate, entered, calls = hold_next_commit(store)
     before = store.commits
     first = store.append([env(ALICE, BOB, "first")])
     assert (yield deferToThread(entered.wait, 30))  # the first commit runs, held

@@ -17,7 +17,13 @@ from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.mentions import mentions
 from chatproto.store.sqlite import SQLiteDB
 from tests.conftest import old_sqlite, pg_schema, postgresql_or_skip
-from tests.test_store import _memory, _postgresql, _sqlite, open_store  # noqa: F401
+from tests.test_store import (  # noqa: F401
+    _memory,
+    _postgresql,
+    _sqlite,
+    hold_next_commit,
+    open_store,
+)
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
 
@@ -386,7 +392,6 @@ def test_steps_between_busy_commits_are_small(sqlite_store: Any, monkeypatch: An
     """A step holds the writer thread and the commits queued behind it wait for it:
     while a commit runs or waits, a step is of INDEX_BUSY_STEP items (2000 items held
     a realm at 30k messages/s for 9-33 ms); once the realm is quiet, of INDEX_STEP."""
-    import threading
 
     from twisted.internet.threads import deferToThread
 
@@ -405,16 +410,7 @@ def test_steps_between_busy_commits_are_small(sqlite_store: Any, monkeypatch: An
 
     monkeypatch.setattr(SQLiteDB, "index_search", recording)
     store = sqlite_store
-    gate, entered = threading.Event(), threading.Event()
-    commit = store._commit
-
-    def held(batches: Any, *args: Any) -> Any:
-        if not entered.is_set():
-            entered.set()
-            assert gate.wait(30)
-        return commit(batches, *args)
-
-    store._commit = held
+    gate, entered, _ = hold_next_commit(store)
     first = store.append([item(BOB, ALICE, f"busy{n}") for n in range(150)])
     assert (yield deferToThread(entered.wait, 30))  # it runs, held
     second = store.append([item(BOB, ALICE, "behind")])  # a commit queued behind it
