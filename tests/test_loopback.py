@@ -9,11 +9,20 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.threads import deferToThread
 
 from chatproto import wire
 from chatproto.client import RemoteError, connect
 from chatproto.protocol import ClientFactory
-from tests.conftest import drop_sessions, fast_config, make_realm, resuming_service, until
+from tests.conftest import (
+    drop_sessions,
+    fast_config,
+    make_realm,
+    raw_client,
+    resuming_service,
+    until,
+)
+from tests.test_store import hold_next_commit
 
 #: The tests that run on every store in the default run (the others on the test store:
 #: CHATPROTO_TEST_STORE, SQLite by default).
@@ -283,3 +292,41 @@ def test_pipelined_sends_of_one_pair_are_stored_in_order_over_tcp(
     assert [m["body"] for m in history] == bodies[-200:]
     yield a.close()
     yield b.close()
+
+
+@every_store
+@pytest_twisted.inlineCallbacks
+def test_an_ack_read_as_the_account_is_deleted_goes_with_the_account(server: Any) -> Any:
+    """Over TCP: bob's ack waits for a group commit (one runs, held on the writer
+    thread) when the admin deletes bob, so both go in the next commit.  The ack was
+    written after the account's rows were deleted and outlived the account."""
+    realm, _, addr = server
+    alice = yield connect(_reactor, addr, "alice", "password-a", register=True)
+    reg = yield raw_client(addr)
+    reg.send({"type": "register", "id": "reg", "user": "bob", "password": "password-b"})
+    assert (yield reg.reply("reg"))["type"] == "result"
+    bob = yield raw_client(addr, ("bob", "password-b"), device="phone")
+    sent = yield alice.send("bob", "first")
+    yield until(lambda: any(isinstance(f, dict) and f.get("type") == "msg" for f in bob.frames))
+    gate, entered, _ = hold_next_commit(realm.store)
+    busy = alice.send("bob", "busy")
+    assert (yield deferToThread(entered.wait, 30))  # a commit runs, held
+    bob.send({"type": "ack", "pos": sent["pos"]})  # waits for the next commit...
+    acked: list[int] = []
+
+    @defer.inlineCallbacks
+    def read_ack() -> Any:
+        acked.append((yield realm.store.get_ack("bob@localhost", "phone")))
+
+    for _ in range(200):  # (the realm has read it: a waiting ack counts)
+        yield read_ack()
+        if acked[-1] == sent["pos"]:
+            break
+    assert acked[-1] == sent["pos"]
+    deleted = realm.admin.delete_user("bob")  # ... and so does the deletion
+    gate.set()
+    yield busy
+    _, existed, _ = yield deleted
+    assert existed
+    assert (yield realm.store.get_ack("bob@localhost", "phone")) == 0
+    yield alice.close()
