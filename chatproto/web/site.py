@@ -229,12 +229,18 @@ class _Api(Resource):
         return wire.encode({"type": "error", "code": code, "message": message})
 
     def _finish(self, request: Any, status: int, obj: dict[str, Any]) -> None:
-        if request._disconnected or request.finished:
+        if _gone(request) or request.finished:
             return
         request.setResponseCode(status, _PHRASES.get(status))
         request.setHeader(b"content-type", b"application/json")
         request.write(wire.encode(obj))
         request.finish()
+
+
+def _gone(request: Any) -> bool:
+    """The client of ``request`` went away: nothing may be written to it any more
+    (Twisted's ``Request.connectionLost`` drops the request's ``channel``)."""
+    return request.channel is None
 
 
 def _text(body: dict[str, Any] | None, name: str, required: bool = True) -> Any:
@@ -508,7 +514,7 @@ class _Files(_Api):
             raise
         offset, length = wanted if wanted is not None else (0, info.size)
         download = yield files.open_download(user, file_id, offset, length)
-        if request._disconnected:  # the client went away meanwhile
+        if _gone(request):  # the client went away meanwhile
             download.close()
             return
         media = info.media_type
@@ -544,7 +550,7 @@ class _Files(_Api):
             return
         except Exception:
             return  # the client went away: nothing to answer
-        if not request._disconnected and not request.finished:
+        if not _gone(request) and not request.finished:
             request.finish()
 
     def _failed(self, failure: Failure, request: Any) -> None:
