@@ -181,15 +181,11 @@ def delete_accounts(
     return gone
 
 
-def without_users(
-    marks: dict[tuple[str, str], int] | None, gone: set[str]
-) -> dict[tuple[str, str], int] | None:
+def without_users(marks: dict[tuple[str, str], int], gone: set[str]) -> dict[tuple[str, str], int]:
     """``marks`` (acks by ``(user, device)``, read markers by ``(user, conversation)``)
     less those of the users ``gone``: an ack or read marker still waiting when its
     account is deleted goes with the deletion's commit, and written after it, it would
     outlive the account (a later account of the name would find it)."""
-    if not gone or not marks:
-        return marks
     return {k: p for k, p in marks.items() if k[0] not in gone}
 
 

@@ -709,8 +709,8 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
                 out = self._append_each(batches, flags)
             gone = delete_accounts(out, missing, deletions, self._delete_account)
             if gone:
-                acks = without_users(acks, gone) or {}
-                reads = without_users(reads, gone)
+                acks = without_users(acks, gone)
+                reads = without_users(reads, gone) if reads else reads
             convs = self._user_convs.new_rows(batches, out)
             if convs:
                 c.executemany("INSERT OR IGNORE INTO user_convs VALUES (?, ?, ?)", convs)

@@ -182,8 +182,8 @@ class CommitSQL(WriterPositions):
                 out = self._append_all(batches, flags)
             gone = delete_accounts(out, missing, deletions, self._delete_account)
             if gone:
-                acks = without_users(acks, gone) or {}
-                reads = without_users(reads, gone)
+                acks = without_users(acks, gone)
+                reads = without_users(reads, gone) if reads else reads
             convs = self._user_convs.new_rows(batches, out)
             if convs:
                 with c.cursor() as cur:
