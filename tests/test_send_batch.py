@@ -275,6 +275,15 @@ def test_a_large_burst_is_written_as_it_grows(realm: Any, clock: Clock) -> None:
     assert [f["body"] for f in got if f["type"] == "msg"] == [f"{i} {body}" for i in range(40)]
 
 
+def _realm_of_alice_and_bob() -> Any:
+    """A realm on a Clock with the accounts alice and bob (for the tests hypothesis
+    runs many times: a fixture's realm would be shared by their examples)."""
+    realm = make_test_realm(Clock())
+    realm.create_user("alice", "password1")
+    realm.create_user("bob", "password1")
+    return realm
+
+
 def _mixed_run(realm: Any, clock: Clock) -> dict[str, list[tuple[str, str, str]]]:
     """One read of alice's: messages to bob, carol, herself and bob again; bob has two
     sessions, alice a second one.  What each connection receives, (type, from/to, body)."""
@@ -400,10 +409,7 @@ def test_a_session_shown_no_copy_moves_past_a_run_as_item_by_item(
     class Quiet(RecordingMind):
         own_copies = False
 
-    clock = Clock()
-    realm = make_test_realm(clock)
-    realm.create_user("alice", "password1")
-    realm.create_user("bob", "password1")
+    realm = _realm_of_alice_and_bob()
     mind = Quiet()
     sessions: list[Any] = []
     realm.login("alice", "password1", mind, "app").addCallback(sessions.append)
@@ -543,10 +549,7 @@ def test_the_senders_sessions_shown_and_not_shown_a_run(kinds: list[str]) -> Non
     class Quiet(Mind):
         own_copies = False
 
-    clock = Clock()
-    realm = make_test_realm(clock)
-    realm.create_user("alice", "password1")
-    realm.create_user("bob", "password1")
+    realm = _realm_of_alice_and_bob()
     made = {"shown": Shown, "quiet": Quiet, "plain": Mind}
     minds = [made[k]() for k in kinds]
     sessions: list[Any] = []
