@@ -27,7 +27,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from chatproto import wire
 from chatproto.client import endpoint_for
 from chatproto.protocol import ClientFactory
-from tests.conftest import RawClient, fast_config, make_realm, raw_client, until
+from tests.conftest import RawClient, fast_config, listening, make_realm, raw_client, until
 
 PW = "password-bb"
 
@@ -36,17 +36,10 @@ def serve(cfg: Any, users: Iterable[str] = ()) -> Iterator[tuple[Any, str]]:
     """The body of a fixture (``yield from serve(cfg)``): a realm on ``cfg`` listening
     on 127.0.0.1 port 0, with ``users`` registered (password :data:`PW`); yields
     ``(realm service, "tcp:..." address)``, then drops the connections and stops it."""
-    realm = make_realm(cfg)
-    pytest_twisted.blockon(realm.startService())
-    factory = ClientFactory(realm)
-    port = _reactor.listenTCP(0, factory, interface="127.0.0.1")
-    for name in users:
-        pytest_twisted.blockon(realm.create_user(name, PW))
-    yield realm, f"tcp:127.0.0.1:{port.getHost().port}"
-    for proto in list(factory.connections):
-        proto.transport.abortConnection()
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(realm.stopService())
+    for realm, _factory, addr in listening(cfg):  # (once: then its teardown)
+        for name in users:
+            pytest_twisted.blockon(realm.create_user(name, PW))
+        yield realm, addr
 
 
 class Realm:
