@@ -231,6 +231,11 @@ class Federation:
     #: address; past either, a new connection is aborted at once.  0: no bound.
     max_unauthenticated: int = 64
     max_unauthenticated_per_address: int = 8
+    #: Peer realms this realm keeps state for at once (a link: its outbox cursor,
+    #: retries, DNS look-ups, metrics): a user's send, invite, read marker... that
+    #: would add one more is refused (``peer_denied``).  Open federation (empty
+    #: ``allow``) would otherwise let one client make a link per made-up realm.
+    max_peers: int = 1000
 
     def peer(self, realm: str) -> Peer | None:
         for p in self.peers:
@@ -627,6 +632,12 @@ class Config:
         for key in ("max_unauthenticated", "max_unauthenticated_per_address"):
             if getattr(f, key) < 0:
                 raise ConfigError(f"federation.{key} must be >= 0 (0: no bound)")
+        if not 1 <= f.max_peers <= 1_000_000:
+            raise ConfigError("federation.max_peers must be between 1 and 1000000")
+        if len(f.peers) > f.max_peers:
+            raise ConfigError(
+                f"federation.peers lists {len(f.peers)} realms; max_peers is {f.max_peers}"
+            )
         seen = set()
         for peer in f.peers:
             if peer.realm in seen:

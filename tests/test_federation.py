@@ -111,6 +111,11 @@ fingerprint = "{pin.upper().replace("SHA256", "sha256")}"
         ({"peers": [config.Peer("a.example")]}, "not its own peer"),
         ({"peers": [config.Peer("b.example"), config.Peer("B.example")]}, "twice"),
         ({"deny": ["bad_realm!"]}, "invalid realm"),
+        ({"max_peers": 0}, "max_peers must be between"),
+        (
+            {"max_peers": 1, "peers": [config.Peer("b.example"), config.Peer("c.example")]},
+            "2 realms",
+        ),
     ],
 )
 def test_federation_config_errors(certs: Any, tmp_path: Path, change: Any, message: str) -> None:
@@ -1060,6 +1065,107 @@ def test_items_for_a_peer_down_too_long_or_no_longer_allowed_bounce(node: Any) -
     clock.advance(10**7)
     fed.give_up().result  # noqa: B018
     assert realm.store.outbox_counts().result == {"a.example": 1}
+
+
+class SilentResolver:
+    """DNS that never answers: a link to any realm stays ``connecting``."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def lookupService(self, name: str) -> Deferred[Any]:
+        self.asked.append(name)
+        return Deferred()
+
+
+def _code(d: Deferred[Any]) -> str:
+    failure = d.result  # type: ignore[attr-defined]
+    d.addErrback(lambda f: None)
+    return str(failure.value.code)
+
+
+def test_open_federation_keeps_state_for_at_most_max_peers_realms(node: Any) -> None:
+    """With an empty allow list every made-up realm a user names would get a link
+    (outbox cursor, retries, DNS look-ups, metrics labels).  Past max_peers the send,
+    the invite, the group request are refused (peer_denied) and nothing is stored; a
+    realm with a link takes more.  Once the made-up realms' items are given up on,
+    their links idle and are forgotten, and a new realm fits again.  (Before the
+    bound, all seven realms got a link.)"""
+    realm, fed, clock = node
+    fed.cfg.max_peers = 3
+    fed.cfg.give_up_after = 100.0
+    fed.cfg.idle_after = 10.0
+    fed.resolver = SilentResolver()
+    fed.running = True  # as if started (the links connect for ever: DNS never answers)
+    made_up = [f"made-up-{i}.example" for i in range(7)]
+    for r in made_up[:3]:
+        realm.post("bob", f"x@{r}", "hi").result  # noqa: B018
+    assert _code(realm.post("bob", f"x@{made_up[3]}", "hi")) == "peer_denied"
+    realm.group_event_as("bob", "created", "#dev").result  # noqa: B018
+    assert _code(realm.group_event_as("bob", "invited", "#dev", user=f"x@{made_up[4]}")) == (
+        "peer_denied"
+    )
+    assert _code(realm.group_event_as("bob", "joined", f"#g@{made_up[5]}")) == "peer_denied"
+    realm.post("bob", f"y@{made_up[0]}", "a realm with a link takes more").result  # noqa: B018
+    assert sorted(fed.links) == made_up[:3]
+    assert realm.store.outbox_counts().result == {
+        made_up[0]: 2,
+        made_up[1]: 1,
+        made_up[2]: 1,
+    }
+    feed = realm.store.read_feed("bob@b.example", 0, 20).result
+    assert {e.recipient for e in feed if e.kind == "text"} == {f"x@{r}" for r in made_up[:3]} | {
+        f"y@{made_up[0]}"
+    }
+    # An item queued by a path that did not ask first (a file item's commit): it
+    # bounces to its sender instead of making a fourth link.
+    env = realm.messages.new_envelope("bob@b.example", f"z@{made_up[6]}", "text", "late")
+    realm.commit_item(env).result  # noqa: B018
+    assert made_up[6] not in fed.links
+    assert made_up[6] not in realm.store.outbox_counts().result
+    last = realm.store.read_feed("bob@b.example", 0, 20).result[-1]
+    assert (last.kind, last.meta["id"], last.meta["code"]) == ("bounce", env.id, "peer_denied")
+    assert "max_peers" in last.body
+    # The made-up realms never answer: their items are given up on, their links idle
+    # (idle_after) and are forgotten; a new realm has a place again.
+    clock.advance(101)
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {}
+    clock.advance(fed.cfg.idle_after)
+    assert fed.links == {}
+    realm.post("bob", f"x@{made_up[3]}", "now").result  # noqa: B018
+    assert sorted(fed.links) == [made_up[3]]
+    fed.running = False
+    for link in fed.links.values():
+        link.stop()
+
+
+def test_idle_links_are_forgotten_at_the_bound_but_not_static_peers(node: Any) -> None:
+    """A link made for a realm that ends up with nothing (a history request for a
+    group there, a presence frame) is kept RESERVED seconds, then forgotten when a
+    new realm finds the bound reached; a static peer's link is never forgotten."""
+    from chatproto.federation.peer import RESERVED
+
+    realm, fed, clock = node
+    fed.cfg.max_peers = 2
+    fed.cfg.peers = [config.Peer("a.example")]
+    fed.running = True
+    fed.link("a.example")  # listed from start
+    assert fed.admit("c.example")
+    assert not fed.admit("d.example")  # c's link is new: its item may be committing
+    clock.advance(RESERVED)
+    assert fed.admit("d.example")
+    assert sorted(fed.links) == ["a.example", "d.example"]
+    assert _code(realm.post("bob", "x@e.example", "hi")) == "peer_denied"  # d: too new
+    # queued with no link and no place for one (a wake-up lost): the sweep bounces it
+    env = realm.messages.new_envelope("bob@b.example", "z@f.example", "text", "behind")
+    realm.store.append([env], [("f.example", env)]).result  # noqa: B018
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {}
+    assert sorted(fed.links) == ["a.example", "d.example"]
+    last = realm.store.read_feed("bob@b.example", 0, 20).result[-1]
+    assert (last.kind, last.meta["id"], last.meta["code"]) == ("bounce", env.id, "peer_denied")
+    fed.running = False
 
 
 class FakeResolver:

@@ -166,6 +166,46 @@ def test_a_link_idles_when_nothing_is_queued_and_no_one_there_needs_our_presence
     no_tracebacks(logs)
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_client_cannot_make_links_to_more_realms_than_max_peers(
+    realms: Any,  # noqa: F811
+    logs: Any,
+) -> Any:
+    """Open federation (no allow list), max_peers 2: bob's messages to two made-up
+    realms are queued (their links look them up); a third realm is refused
+    (peer_denied) for a message, a read marker and an invitation alike, and nothing
+    is queued for it.  (Before the bound, every made-up realm got a link.)"""
+    from chatproto.client import RemoteError
+
+    (b,) = yield realms(["b.example"], max_peers=2)
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()  # nothing listens there: the made-up realms are "down"
+    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield bob.send("x@made-up-1.example", "one")
+    yield bob.send("x@made-up-2.example", "two")
+    yield bob.send("y@made-up-1.example", "a realm with a link takes more")
+    with pytest.raises(RemoteError) as e:
+        yield bob.send("x@made-up-3.example", "three")
+    assert e.value.code == "peer_denied" and "max_peers" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        yield bob.mark_read("x@made-up-4.example", 1)
+    assert e.value.code == "peer_denied"
+    yield bob.create_group("#dev")
+    with pytest.raises(RemoteError) as e:
+        yield bob.invite("#dev", "x@made-up-5.example")
+    assert e.value.code == "peer_denied"
+    with pytest.raises(RemoteError) as e:
+        yield bob.join("#g@made-up-6.example")
+    assert e.value.code == "peer_denied"
+    counts = yield b.realm.store.outbox_counts()
+    assert counts == {"made-up-1.example": 2, "made-up-2.example": 1}
+    assert sorted(b.fed.links) == ["made-up-1.example", "made-up-2.example"]
+    yield bob.close()
+    no_tracebacks(logs)
+
+
 class FakeService:
     """Stands in for a PeerLink's ClientService (no connection attempts)."""
 

@@ -882,6 +882,9 @@ def test_join_of_another_realms_group_asks_its_home_realm(
     class Federation:
         woken: list[str] = []
 
+        def admit(self, peer: str) -> bool:
+            return True
+
         def wake(self, peer: str) -> None:
             self.woken.append(peer)
 

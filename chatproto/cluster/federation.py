@@ -123,6 +123,11 @@ class ReceivingFederation(FederationService):
         self.listen()
         self.status_changed()
 
+    def admit(self, realm: str) -> bool:
+        """This worker keeps no link: ``[federation] max_peers`` is the sender's to
+        hold (past it, its ``wake`` bounces what was queued: ``peer_denied``)."""
+        return True
+
     def wake(self, realm: str, n: int = 1) -> None:
         self._publish(json.dumps({"wake": realm}))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -75,7 +75,9 @@ class PeerEndpoint:
             best = sorted(records, key=lambda r: (r.priority, -r.weight))[0]
             return (str(best.target).rstrip("."), int(best.port))
 
-        def none(f: Failure) -> tuple[str, int]:
+        def none(f: Failure) -> tuple[str, int] | Failure:
+            if f.check(CancelledError):  # the attempt was stopped: no connection
+                return f
             return default
 
         d = resolver.lookupService(f"{SRV_SERVICE}.{self.realm}")
@@ -96,7 +98,7 @@ class PeerEndpoint:
         def settle(outcome: Any) -> None:
             if not result.called:
                 if isinstance(outcome, Failure):
-                    if self.on_failure is not None:
+                    if self.on_failure is not None and not outcome.check(CancelledError):
                         self.on_failure(outcome)
                     result.errback(outcome)
                 else:

@@ -31,10 +31,13 @@ from chatproto.text import label_problem, log_shown
 if TYPE_CHECKING:
     from chatproto.federation.service import FederationService
 
-__all__ = ["READING_QUEUE", "PeerLink"]
+__all__ = ["READING_QUEUE", "RESERVED", "PeerLink"]
 
 #: Read markers a link keeps for a peer while it is not up (the latest per pair).
 READING_QUEUE = 1000
+#: Seconds a new link is kept although nothing is queued yet: the item it was made
+#: for is being committed (``FederationService.admit``).
+RESERVED = 10.0
 
 #: An error code as a peer may spell it (ours are in chatproto.errors.CODES; a newer
 #: peer may have more): anything else in an ack's ``rejected`` reads as internal_error.
@@ -248,9 +251,31 @@ class PeerLink:
 
         def stopped(_: object) -> None:
             self._idling = False
+            self.fed.idled(self)
 
         self.service.stopService().addBoth(stopped)
         self.fed.status_changed()
+
+    def removable(self) -> bool:
+        """Whether the service may forget this link (see ``FederationService.prune``):
+        idle and stopped, nothing queued or wanted, no outbox delete pending, and not
+        made in the last :data:`RESERVED` seconds (a link made for an item being
+        committed, not woken yet)."""
+        return (
+            self.state == "idle"
+            and not self.service.running
+            and not self._idling
+            and not self._kicking
+            and self._penalty is None
+            and self._settling is None
+            and self.proto is None
+            and self.fed.clock.seconds() - self._active_at >= RESERVED
+            and self.wanted() is None
+        )
+
+    def has_reading(self) -> bool:
+        """Whether read markers wait for the link to be up."""
+        return bool(self._reading_out)
 
     def stop(self) -> Deferred[None]:
         self._drop_presence()
@@ -541,6 +566,8 @@ class PeerLink:
             return 0
         cfg, store = self.fed.cfg, self.fed.realm.store
         dropped = 0
+        waiting = self._waiting  # wakes during the reads below stay counted
+        drained = False  # the queue was read to its end and all of it dropped
         self._reading = True
         try:
             while self.proto is None:
@@ -552,6 +579,7 @@ class PeerLink:
                         break
                     old.append((seq, item))
                 if not old:
+                    drained = not rows
                     break
                 yield self.fed.realm.bounce(self.realm, [(item, code, why) for _, item in old])
                 last = old[-1][0]
@@ -559,9 +587,14 @@ class PeerLink:
                 self.acked_seq = self.sent_seq = max(self.acked_seq, last)
                 dropped += len(old)
                 if len(old) < len(rows) or len(rows) < cfg.batch_size:
+                    drained = len(old) == len(rows)
                     break
         finally:
             self._reading = False
+        if drained and self.proto is None:
+            # Nothing is left queued: the link (down, retrying) may idle and be
+            # forgotten instead of retrying for ever for items it no longer has.
+            self._waiting = max(0, self._waiting - waiting)
         if dropped:
             self.given_up += dropped
             self.log.warn(

@@ -27,6 +27,7 @@ __all__ = [
     "CLOSE_GRACE",
     "KEY_WAIT",
     "PRESENCE_SILENCE",
+    "PRUNE_EVERY",
     "REQUEST_TTL",
     "STATUS_FILE",
     "FederationService",
@@ -46,6 +47,9 @@ KEY_WAIT = 30.0
 #: Seconds a group request sent to another realm is remembered for its answer (the
 #: event in which the user acts) at least; three times ``give_up_after`` if longer.
 REQUEST_TTL = 30 * 86400.0
+#: Seconds between two looks for idle links to forget when a new realm finds
+#: ``max_peers`` links (see :meth:`FederationService.admit`).
+PRUNE_EVERY = 1.0
 
 
 class FederationService(MultiService):
@@ -98,6 +102,10 @@ class FederationService(MultiService):
         )
         self._status_call: Any = None
         self._sweep: LoopingCall | None = None
+        #: when :meth:`admit` last looked for idle links to forget, at the bound
+        self._pruned_at = -PRUNE_EVERY
+        #: realms whose items are being bounced for want of a place (see :meth:`wake`)
+        self._refusing: set[str] = set()
         realm.federation = self
 
     # lifecycle ----------------------------------------------------------------------------
@@ -155,7 +163,8 @@ class FederationService(MultiService):
     @inlineCallbacks
     def give_up(self) -> Any:
         """Bounce what cannot be delivered: everything queued for a realm no longer
-        allowed (``peer_denied``), and items older than ``give_up_after`` for a realm
+        allowed, or with no link and none to be had (``max_peers``: ``peer_denied``),
+        and items older than ``give_up_after`` for a realm
         whose link has been down that long (``peer_unreachable``); forget group
         requests older than :data:`REQUEST_TTL`.  Runs periodically; a failure is
         logged and the next run tries again."""
@@ -172,7 +181,12 @@ class FederationService(MultiService):
                         None, "peer_denied", f"this realm no longer federates with {realm}"
                     )
                     continue
-                link = self.link(realm)
+                if realm not in self.links:  # queued with no link (see wake)
+                    if not self.admit(realm):
+                        yield PeerLink(self, realm).give_up(None, "peer_denied", self.refusal())
+                        continue
+                    self.link(realm).wake(counts[realm])
+                link = self.links[realm]
                 down = link.down_since
                 if not cfg.give_up_after or down is None or now - down < cfg.give_up_after:
                     continue
@@ -187,6 +201,7 @@ class FederationService(MultiService):
             # A request whose answer never came: a later answer is not accepted.
             ttl = max(REQUEST_TTL, 3 * (cfg.give_up_after or 0))
             yield self.realm.store.expire_requests(now - ttl)
+            self.prune(keep_reading=True)
         except Exception:
             self.log.failure("federation: giving up on old items")
 
@@ -220,16 +235,95 @@ class FederationService(MultiService):
 
     def link(self, realm: str) -> PeerLink:
         """The link to ``realm`` (made idle if there was none: it connects when it
-        has something to send)."""
+        has something to send).  Callers acting for a client or a peer ask
+        :meth:`admit` first: this one makes a link whatever their number."""
         link = self.links.get(realm)
         if link is None:
             link = self.links[realm] = PeerLink(self, realm)
         return link
 
+    def admit(self, realm: str) -> bool:
+        """Whether this realm may keep state for ``realm``: True when it has a link
+        to it, or makes one now (idle) because fewer than ``[federation] max_peers``
+        realms have one; False past the bound.
+
+        The bound is what keeps open federation (an empty ``allow`` list) finite: each
+        realm named by a client or a peer (a recipient, an invitee, a group's home, a
+        read marker, an item's author) costs a link (outbox cursor, retries, DNS and
+        TLS work, metrics labels).  The link is made here, before the item that wants
+        it is committed, so that sends racing for the last places cannot all pass.
+        Idle links with nothing to send are forgotten (:meth:`prune`), so the count
+        goes down again; at the bound they are looked for at once (at most once per
+        :data:`PRUNE_EVERY` seconds)."""
+        if realm in self.links:
+            return True
+        if len(self.links) >= self.cfg.max_peers:
+            now = self.clock.seconds()
+            if now - self._pruned_at >= PRUNE_EVERY:
+                self._pruned_at = now
+                self.prune()
+            if len(self.links) >= self.cfg.max_peers:
+                return False
+        self.link(realm)
+        return True
+
+    def refusal(self) -> str:
+        """Why :meth:`admit` said no (a ``peer_denied`` message)."""
+        return (
+            f"this realm federates with at most {self.cfg.max_peers} other realms at a "
+            "time (federation.max_peers)"
+        )
+
+    def prune(self, keep_reading: bool = False) -> int:
+        """Forget the links that have nothing to do: idle (no connection, no attempt),
+        nothing queued or wanted, no outbox delete pending; never a static peer's
+        (``[[federation.peers]]``, listed from start).  A read marker waiting for the
+        peer to be reachable goes with its link (``keep_reading``: keep such a link).
+        A realm forgotten gets a new link when something is for it again (its outbox
+        is read from its start).  Returns the number of links forgotten."""
+        static = {p.realm for p in self.cfg.peers}
+        gone = [
+            realm
+            for realm, link in self.links.items()
+            if realm not in static
+            and link.removable()
+            and not (keep_reading and link.has_reading())
+        ]
+        for realm in gone:
+            del self.links[realm]
+        if gone:
+            self.log.info("federation: dropped {n} idle links", n=len(gone))
+            self.status_changed()
+        return len(gone)
+
+    def idled(self, link: PeerLink) -> None:
+        """``link`` went idle (its connection closed): forget it unless it is wanted
+        again or holds read markers (see :meth:`prune`)."""
+        if (
+            self.links.get(link.realm) is link
+            and self.cfg.peer(link.realm) is None
+            and link.removable()
+            and not link.has_reading()
+        ):
+            del self.links[link.realm]
+            self.status_changed()
+
     def wake(self, realm: str, n: int = 1) -> None:
-        """``n`` items for ``realm`` were committed to the outbox."""
-        if self.running:
+        """``n`` items for ``realm`` were committed to the outbox.  Past
+        ``max_peers`` (an item queued by a path that did not ask :meth:`admit`, or
+        by another worker of a cluster) they bounce to their senders
+        (``peer_denied``) instead of making a link."""
+        if not self.running:
+            return
+        if self.admit(realm):
             self.link(realm).wake(n)
+        elif realm not in self._refusing:
+            self._refusing.add(realm)
+            d = PeerLink(self, realm).give_up(None, "peer_denied", self.refusal())
+            d.addErrback(
+                lambda f: self.log.failure("federation: bouncing items for {realm}", f, realm=realm)
+            )
+            d.addBoth(lambda _: self._refusing.discard(realm))
 
     def announce(self) -> list[dict[str, str]]:
         """The ``keys`` our ``hello`` and ``welcome`` carry: this realm's signing keys."""
@@ -243,7 +337,7 @@ class FederationService(MultiService):
         if no link with it is up within :data:`KEY_WAIT` seconds."""
         if any(p.peer_realm == realm and p.is_up() for p in self.inbound):
             return succeed(True)
-        if not self.running:
+        if not self.running or not self.admit(realm):
             return succeed(False)
         link = self.link(realm)
         if link.state == "ready":
@@ -258,7 +352,7 @@ class FederationService(MultiService):
         """A ``reading`` frame (a read marker or typing notice of a private
         conversation, or typing in a group; chatproto.realm.reading) for ``realm``
         (an allowed peer)."""
-        if self.running:
+        if self.running and self.admit(realm):
             self.link(realm).reading(frame)
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
@@ -268,7 +362,8 @@ class FederationService(MultiService):
         if not self.running:
             return
         for realm in realms:
-            self.link(realm).presence(frame)
+            if self.admit(realm):
+                self.link(realm).presence(frame)
 
     # inbound policy ---------------------------------------------------------------------------
 

@@ -486,12 +486,16 @@ class RealmService(Service):
     # federation -----------------------------------------------------------------------
 
     def check_remote(self, realm: str) -> None:
-        """Raise unless items may go to ``realm`` (federation on, realm allowed)."""
+        """Raise unless items may go to ``realm`` (federation on, realm allowed, and
+        a link to it kept or one more within ``[federation] max_peers``: see
+        ``FederationService.admit``)."""
         fed = self.config.federation
         if not fed.enabled or self.federation is None:
             raise ChatError("remote_realm", f"{realm} is another realm; federation is off")
         if not fed.allows(realm):
             raise ChatError("peer_denied", f"this realm does not federate with {realm}")
+        if not self.federation.admit(realm):
+            raise ChatError("peer_denied", self.federation.refusal())
 
     def realms_of(self, users: Any) -> set[str]:
         """The other realms among ``users`` that this realm federates with."""
