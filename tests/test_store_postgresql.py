@@ -9,6 +9,7 @@ connections lost and replaced, and ``synchronous_commit`` forced on.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -16,6 +17,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from chatproto.envelope import Envelope, conversation_key, new_message_id
 from chatproto.store.postgresql import (
@@ -943,3 +946,122 @@ def test_read_markers_of_two_writers_in_opposite_orders_do_not_deadlock(
         hold.close()
         b.close()
         a.close()
+
+
+# an account deleted by one worker while another's commit writes its ack -----------------
+
+
+@pytest.fixture
+def two_workers(dsn: str, schema: str) -> Any:
+    """Two PostgresStores on one schema, writing as workers w1 and w2 of a cluster,
+    with alice and bob and one item committed; closed at teardown."""
+    stores = [
+        PostgresStore(dsn, schema, _reactor, worker=w, realm="localhost") for w in ("w1", "w2")
+    ]
+    for store in stores:
+        pytest_twisted.blockon(store.open())
+    w1 = stores[0]
+    pytest_twisted.blockon(w1.create_user("alice", "hash-a", 1.0))
+    pytest_twisted.blockon(w1.create_user("bob", "hash-b", 1.0))
+    [first] = pytest_twisted.blockon(w1.append([env(ALICE, BOB, "first")]))
+    yield stores[0], stores[1], first
+    for store in stores:
+        pytest_twisted.blockon(store.close())
+
+
+def _hold(db: Any, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make the next call of ``db``'s method ``name`` (on its writer thread) wait for
+    the first Event; the second is set when it has started waiting."""
+    gate, entered = threading.Event(), threading.Event()
+    method = getattr(db, name)
+
+    def held(*args: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return method(*args)
+
+    setattr(db, name, held)
+    return gate, entered
+
+
+@pytest_twisted.inlineCallbacks
+def _gone_for_good(w1: Any, w2: Any, first: Any, devices: list[str]) -> Any:
+    """bob's acks of ``devices`` and his read marker are in neither worker's store, and
+    a later bob finds none of them."""
+    conv = first.conversation
+    for store in (w1, w2):
+        for device in devices:
+            assert (yield store.get_ack(BOB, device)) == 0
+        assert BOB not in (yield store.read_markers(conv))
+    yield w1.create_user("bob", "hash-b2", 5.0)
+    for device in devices:
+        assert (yield w2.get_ack(BOB, device)) == 0
+    assert BOB not in (yield w2.read_markers(conv))
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_ack_committed_by_another_worker_after_the_account_deletion_is_not_written(
+    two_workers: Any,
+) -> Any:
+    """w2's group commit holds bob's ack and read marker while w1 deletes bob and
+    commits: w2's commit, after it, writes neither (it upserted them: a later bob
+    found the first one's ack, pos != 0, before the fix)."""
+    w1, w2, first = two_workers
+    gate, entered = _hold(w2, "_commit")
+    busy = w2.append([env(ALICE, ALICE, "busy")])
+    assert (yield deferToThread(entered.wait, 30))  # a commit of w2 runs, held
+    w2.set_ack(BOB, "phone", first.pos)  # they wait for w2's next commit
+    w2.set_read(BOB, first.conversation, first.pos)
+    w2.set_ack(ALICE, "laptop", first.pos)
+    after = w2.append([env(ALICE, ALICE, "after")])  # in that commit or a later one
+    assert (yield w1.delete_user("bob", BOB)) is True  # committed meanwhile
+    gate.set()
+    yield busy
+    yield after
+    assert (yield w2.get_ack(ALICE, "laptop")) == first.pos  # others' are written
+    yield _gone_for_good(w1, w2, first, ["phone"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_ack_upserted_while_the_deletion_is_uncommitted_waits_for_it(
+    two_workers: Any,
+) -> Any:
+    """w1's deletion of bob has run and not committed when w2's commit upserts bob's
+    ack: w2's statement saw bob's row (w1's delete not committed) and wrote the ack
+    before the fix; now it waits for bob's row lock and, the row deleted, writes
+    nothing."""
+    w1, w2, first = two_workers
+    gate, entered = _hold(w1._writer, "_end_commit")  # after the deletion, before COMMIT
+    deleted = w1.delete_user("bob", BOB)
+    assert (yield deferToThread(entered.wait, 30))
+    w2.set_ack(BOB, "phone", first.pos)
+    w2.set_read(BOB, first.conversation, first.pos)
+    after = w2.append([env(ALICE, ALICE, "after")])
+    yield deferLater(_reactor, 0.3, lambda: None)  # w2's commit runs (and waits, now)
+    gate.set()
+    assert (yield deleted) is True
+    yield after
+    yield _gone_for_good(w1, w2, first, ["phone"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_deletion_waits_for_a_commit_that_has_upserted_the_accounts_ack(
+    two_workers: Any,
+) -> Any:
+    """w2's commit has upserted bob's ack and not committed when w1 deletes bob:
+    w1's delete of bob's acks did not see the uncommitted row, which stayed before
+    the fix; now w1's delete of bob's account waits for w2's commit (its lock on
+    bob's row), and its delete of bob's acks, a statement later, sees the ack."""
+    w1, w2, first = two_workers
+    gate, entered = _hold(w2._writer, "_end_commit")  # after the upserts, before COMMIT
+    w2.set_ack(BOB, "phone", first.pos)
+    w2.set_read(BOB, first.conversation, first.pos)
+    after = w2.append([env(ALICE, ALICE, "after")])
+    assert (yield deferToThread(entered.wait, 30))
+    deleted = w1.delete_user("bob", BOB)
+    yield deferLater(_reactor, 0.3, lambda: None)  # w1's commit runs (and waits, now)
+    gate.set()
+    yield after
+    assert (yield deleted) is True
+    yield _gone_for_good(w1, w2, first, ["phone"])

@@ -38,7 +38,9 @@ def make_store(cfg: Config, reactor: Any, **kw: Any) -> IStore:
     if cfg.storage.backend == "postgresql":
         from chatproto.store.postgresql import PostgresStore
 
-        return PostgresStore(cfg.storage.dsn, cfg.storage.schema, reactor, worker=cfg.worker)
+        return PostgresStore(
+            cfg.storage.dsn, cfg.storage.schema, reactor, worker=cfg.worker, realm=cfg.realm
+        )
     kw.setdefault("synchronous", cfg.storage.synchronous)
     return SQLiteStore(cfg.database_path, reactor, **kw)
 

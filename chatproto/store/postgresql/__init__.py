@@ -90,6 +90,7 @@ class PostgresStore(GroupCommitStore):
         reactor: IReactorThreads,
         readers: int = 2,
         worker: str | None = None,
+        realm: str | None = None,
     ) -> None:
         super().__init__(reactor, readers, "postgresql")
         self.dsn = dsn
@@ -97,6 +98,9 @@ class PostgresStore(GroupCommitStore):
         self.path = describe_dsn(dsn, schema)
         #: The cluster worker this store writes as (None: the realm's only writer).
         self.worker = worker
+        #: The realm's name: acks and read markers of its users are written only while
+        #: their account exists (see CommitSQL._of_accounts).  None: not checked.
+        self.realm = realm
         #: With several writers: reads return no item above this position, the last
         #: :meth:`safe_position` seen (a reader never sees an item while one below it
         #: may still commit).  None: no bound (one writer commits in position order).
@@ -107,7 +111,9 @@ class PostgresStore(GroupCommitStore):
         self.outbox_held = False
 
     def _new_writer(self, create: bool = False) -> PostgresDB:
-        return PostgresDB(self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER)
+        db = PostgresDB(self.dsn, self.schema, create=create, writer=self.worker or SOLE_WRITER)
+        db.local_suffix = "@" + self.realm if self.realm else None
+        return db
 
     def _open_writer(self) -> PostgresDB:
         writer = self._new_writer(create=True)

@@ -60,6 +60,10 @@ class CommitSQL(WriterPositions):
     _user_convs: UserConvs
     #: The acks rows this connection knows are committed.
     _known_acks: KnownAcks
+    #: ``@`` and the realm's name: the acks and read markers of addresses ending so
+    #: are written only while their account exists (:meth:`_of_accounts`); None: not
+    #: checked (a store not told its realm).
+    local_suffix: str | None = None
     #: Seconds the last group commit's COMMIT took (for the metrics).
     sync_seconds: float
     #: Whether the last :meth:`commit_batch` got as far as sending COMMIT.
@@ -88,6 +92,14 @@ class CommitSQL(WriterPositions):
         "FROM acks WHERE addr = ANY(%s)) r WHERE n > %s) FOR UPDATE SKIP LOCKED) "
         "RETURNING addr, device"
     )
+
+    #: The accounts of a commit's acks and read markers that exist, their rows locked
+    #: (FOR KEY SHARE) in name order until the commit ends: see :meth:`_of_accounts`.
+    _LOCK_ACCOUNTS = "SELECT name FROM users WHERE name = ANY(%s) ORDER BY name FOR KEY SHARE"
+
+    #: The accounts a commit deletes, their rows locked in name order before the first
+    #: is deleted (with two or more: see :meth:`_of_accounts`).
+    _LOCK_DELETIONS = "SELECT name FROM users WHERE name = ANY(%s) ORDER BY name FOR UPDATE"
 
     _COPY_ITEMS = (
         "COPY items (pos, id, kind, sender, recipient, conv, ts, body, meta, sig) FROM STDIN"
@@ -180,10 +192,15 @@ class CommitSQL(WriterPositions):
                 out = self._append_each(batches, flags)
             else:
                 out = self._append_all(batches, flags)
+            names = sorted({d[0] for d in deletions or () if d is not None})
+            if len(names) > 1:
+                c.execute(self._LOCK_DELETIONS, (names,))
             gone = delete_accounts(out, missing, deletions, self._delete_account)
             if gone:
                 acks = without_users(acks, gone)
                 reads = without_users(reads, gone) if reads else reads
+            if (acks or reads) and self.local_suffix is not None:
+                acks, reads = self._of_accounts(acks, reads, self.local_suffix)
             convs = self._user_convs.new_rows(batches, out)
             if convs:
                 with c.cursor() as cur:
@@ -243,6 +260,55 @@ class CommitSQL(WriterPositions):
         if acks:
             self._known_acks.committed(acks, forgotten)
         return out, queued_rows
+
+    def _of_accounts(
+        self,
+        acks: dict[tuple[str, str], int],
+        reads: dict[tuple[str, str], int] | None,
+        suffix: str,
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int] | None]:
+        """``acks`` and ``reads`` (by ``(user address, ...)``) less those of local
+        users (addresses ending with ``suffix``; a read marker of another realm's user
+        is kept) whose account does not exist: an ack or read marker waiting in this
+        writer's group commit while another worker deletes its account must not be
+        written after the deletion (a later account of the name would find it; one
+        writer's own deletions are left out by ``without_users``).
+
+        Race-free under READ COMMITTED because the accounts' ``users`` rows are locked
+        FOR KEY SHARE (until this commit ends) before the upserts:
+
+        - a deletion committed before: the row is not found, the marks are dropped;
+        - a deletion that has run and not committed: the lock waits for it, then skips
+          the deleted row (a plain ``EXISTS`` would still see the row in its snapshot
+          and write the marks after the delete);
+        - a deletion that starts after the lock: its ``DELETE FROM users`` waits for
+          this commit, and its ``DELETE FROM acks`` / ``read_markers`` (later
+          statements, fresh snapshots) see and delete what this commit wrote.
+
+        KEY SHARE conflicts only with a deletion (or a change of the name), never with
+        another writer's KEY SHARE or an update of other columns (password, floor).
+        Deadlocks: the locks are taken in one statement in name order, and a commit
+        deleting two or more accounts locks their rows in name order first
+        (``_LOCK_DELETIONS``), so a deleting commit and a commit with marks never wait
+        for each other's account rows in opposite orders.  Only two commits that both
+        delete an account, each with marks of the other's, can still deadlock (the
+        server ends one; its group commit fails, its callers get an error and may
+        retry).  One more round trip per group commit that has marks."""
+        users = {u for u, _ in acks}
+        if reads:
+            users.update(u for u, _ in reads)
+        names = sorted({u[: -len(suffix)] for u in users if u.endswith(suffix)})
+        if not names:
+            return acks, reads
+        found = {r[0] for r in self.conn.execute(self._LOCK_ACCOUNTS, (names,)).fetchall()}
+        if len(found) == len(names):
+            return acks, reads
+        gone = {n + suffix for n in names if n not in found}
+
+        def kept(marks: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+            return {k: p for k, p in marks.items() if k[0] not in gone}
+
+        return kept(acks), kept(reads) if reads else reads
 
     # the realms of groups' items (chatproto/store/grouprealms.py) ---------------------
 
