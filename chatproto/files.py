@@ -232,6 +232,12 @@ class FileStore:
     def has_blob(self, sha256: str) -> Deferred[bool]:
         return self.run(os.path.exists, self.blob_path(sha256))
 
+    def open_blob(self, sha256: str) -> Deferred[int]:
+        """A file descriptor of the blob, open for reading: its bytes stay readable
+        through it when the blob is removed (fails with FileNotFoundError if it is
+        gone already)."""
+        return self.run(os.open, self.blob_path(sha256), os.O_RDONLY)
+
     def remove_blobs(self, digests: list[str]) -> Deferred[int]:
         def remove() -> int:
             n = 0
@@ -296,7 +302,11 @@ class Download:
         length: int,
         stats: RealmStats | None = None,
         ended: Callable[[], None] | None = None,
+        fd: int | None = None,
     ) -> None:
+        """``fd``: the blob opened for reading (see :meth:`FileStore.open_blob`),
+        which the Download then owns (its producer, or :meth:`close`, closes it); else
+        the blob is opened when the first block is read."""
         self.info = info
         self.offset = offset
         self.length = length
@@ -305,6 +315,7 @@ class Download:
         self._ended = ended
         self._producer: RangeProducer | None = None
         self._withdrawn: ChatError | None = None
+        self._fd = fd
 
     def start(self, consumer: IConsumer) -> Deferred[int]:
         if self._withdrawn is not None:
@@ -313,10 +324,14 @@ class Download:
         if self._producer is not None:
             raise RuntimeError("a Download is started once")
         path = self._store.blob_path(self.info.sha256)
-        producer = self._producer = RangeProducer(self._store.run, path, self.offset, self.length)
+        fd, self._fd = self._fd, None  # the producer's from now on
+        producer = self._producer = RangeProducer(
+            self._store.run, path, self.offset, self.length, fd=fd
+        )
         try:
             d = producer.start(consumer)
         except BaseException:  # the consumer refused the producer (a request gone)
+            producer.refused()
             self.close()
             raise
         stats = self._stats
@@ -333,6 +348,9 @@ class Download:
         """This download is over (or will not be started): it stops counting among its
         file's downloads in progress.  Idempotent; it does not stop a started one (its
         consumer does, with ``stopProducing``)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:  # never started: its producer did not take the blob's fd
+            os.close(fd)
         ended, self._ended = self._ended, None
         if ended is not None:
             ended()
@@ -811,22 +829,37 @@ class FileService:
         """The :class:`Download` of what ``check(*args)`` fires with, ``(info, offset,
         length)``, once it has read the file's record and checked the request.  A
         :meth:`withdraw` of ``file_id`` meanwhile (its delete committed after the
-        record was read) makes it ``no_such_file``, as if the delete came first."""
+        record was read) makes it ``no_such_file``, as if the delete came first.
+
+        The blob is opened here, before the Download is handed out (and its request
+        answered): the clean-up may remove it at any time after ``check`` found it (a
+        blob whose file another worker deleted), and it is then ``no_such_file`` now
+        rather than a failure on the missing file once the answer is out.  Opened, its
+        bytes stay readable to the end (a withdraw still stops the download)."""
         opening = _Opening()
         key = file_id if isinstance(file_id, str) else ""
         self._opening.setdefault(key, set()).add(opening)
+        fd: int | None = None
         try:
             info, offset, length = yield check(*args)
+            try:
+                fd = yield self.store.open_blob(info.sha256)
+            except FileNotFoundError:
+                raise ChatError("no_such_file", f"the bytes of {file_id} are gone") from None
         finally:
             held = self._opening[key]
             held.discard(opening)
             if not held:
                 del self._opening[key]
         if opening.withdrawn or info.ts < self._expired_before:
+            if fd is not None:
+                os.close(fd)
             raise ChatError("no_such_file", f"file {file_id} was deleted")
-        return self._download(info, offset, length)
+        return self._download(info, offset, length, fd)
 
-    def _download(self, info: FileInfo, offset: int, length: int) -> Download:
+    def _download(
+        self, info: FileInfo, offset: int, length: int, fd: int | None = None
+    ) -> Download:
         """A :class:`Download`, counted among ``info``'s downloads in progress until
         it ends."""
         file_id = info.file_id
@@ -839,7 +872,7 @@ class FileService:
                 if not held:
                     del self.downloads[file_id]
 
-        dl = Download(self.store, info, offset, length, self.realm.stats, ended)
+        dl = Download(self.store, info, offset, length, self.realm.stats, ended, fd)
         in_progress.add(dl)
         return dl
 

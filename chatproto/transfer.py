@@ -109,8 +109,16 @@ class RangeProducer:
     """
 
     def __init__(
-        self, run: Runner, path: str, offset: int, length: int, block: int = BLOCK
+        self,
+        run: Runner,
+        path: str,
+        offset: int,
+        length: int,
+        block: int = BLOCK,
+        fd: int | None = None,
     ) -> None:
+        """``fd``: ``path`` opened already (for reading); the producer closes it when
+        it ends.  Else ``path`` is opened at the first read."""
         self._run = run
         self.path = path
         self.offset = offset
@@ -123,7 +131,7 @@ class RangeProducer:
         self._paused = False
         self._stopped = False
         self._pumping = False
-        self._fd: int | None = None
+        self._fd: int | None = fd
         self._consumer: Any = None
         self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
 
@@ -151,6 +159,13 @@ class RangeProducer:
         ``reason``.  A block being read in a thread meanwhile is dropped."""
         if not self._stopped:
             self._end(Failure(reason))
+
+    def refused(self) -> None:
+        """:meth:`start` raised (the consumer refused to register it): nothing was
+        read; close the file if it was handed in open."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     # internals ----------------------------------------------------------------------
 

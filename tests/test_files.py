@@ -373,6 +373,46 @@ def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
     assert code(opening) == "no_such_file" and not realm.files.downloads
 
 
+def test_a_blob_removed_while_its_download_is_opened_is_no_such_file(realm: Any) -> None:
+    """The clean-up removed an orphaned blob (its file deleted by another worker)
+    while a download of it was being opened here, after its bytes were found on
+    disk: the download was handed out and its start failed on the missing file
+    (FileNotFoundError) instead of no_such_file.  Now the bytes are opened before it
+    is handed out: gone, it is no_such_file."""
+    info, _ = upload(realm, ALICE, "bob", b"some bytes")
+    run = realm.files.store.run
+    held: list[Deferred[Any]] = []
+
+    def holding(fn: Any, *args: Any) -> Any:
+        held.append(Deferred())
+        return held[-1]
+
+    realm.files.store.run = holding
+    opening = realm.files.open_download(BOB, info.file_id)
+    assert len(held) == 1 and not opening.called  # (is the blob there)
+    realm.files.store.run = run
+    os.unlink(realm.files.store.blob_path(info.sha256))  # (the clean-up, meanwhile)
+    held[0].callback(True)  # it was, when asked
+    assert code(opening) == "no_such_file" and not realm.files.downloads
+
+
+def test_a_download_handed_out_reads_the_bytes_it_was_opened_on(realm: Any) -> None:
+    """A download handed out holds its file's bytes open: removed from the directory
+    before it starts (nothing withdrew the download), it still sends them all, where
+    it failed on the missing file before."""
+    data = os.urandom(10_000)
+    info, _ = upload(realm, ALICE, "bob", data)
+    fds = len(os.listdir("/proc/self/fd"))
+    ok(realm.files.open_download(BOB, info.file_id)).close()  # given up unstarted
+    assert len(os.listdir("/proc/self/fd")) == fds  # the blob's fd with it
+    dl = ok(realm.files.open_download(BOB, info.file_id))
+    os.unlink(realm.files.store.blob_path(info.sha256))
+    t = StringTransport()
+    assert ok(dl.start(t)) == len(data) and t.value() == data
+    assert not realm.files.downloads
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_download_its_consumer_refuses_is_not_left_in_progress(realm: Any) -> None:
     """``start`` on a consumer that refuses the producer (a twisted.web request whose
     connection is gone has no channel any more) raised and left the download among
@@ -383,7 +423,9 @@ def test_a_download_its_consumer_refuses_is_not_left_in_progress(realm: Any) -> 
         def registerProducer(self, producer: Any, streaming: bool) -> None:
             raise AttributeError("'NoneType' object has no attribute 'registerProducer'")
 
+    fds = len(os.listdir("/proc/self/fd"))
     dl = ok(realm.files.open_download(BOB, info.file_id))
     with pytest.raises(AttributeError):
         dl.start(Gone())
     assert not realm.files.downloads
+    assert len(os.listdir("/proc/self/fd")) == fds  # the blob's, opened for it, is closed

@@ -477,3 +477,36 @@ def test_a_download_of_a_file_that_expires_meanwhile_ends_with_no_such_file(
     yield _fails_when_read_again(bob, sink, d, size)
     yield alice.close()
     yield bob.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_blob_removed_while_its_download_is_opened_answers_no_such_file(
+    server: Any, tmp_path: Path
+) -> Any:
+    """The clean-up removed a file's bytes (orphaned: its record deleted by another
+    worker of the realm) just after bob's download request found them on disk: the
+    realm answered the request and the download then failed on the missing file
+    (not the documented no_such_file).  Now the bytes are opened before the answer:
+    bob gets no_such_file, and the connection goes on."""
+    realm, _, addr = server
+    alice, bob = yield _users(addr, "alice", "bob")
+    r = yield alice.send_file("bob", str(_file(tmp_path, "a.bin", 1000)))
+    store = realm.files.store
+    has_blob = store.has_blob
+
+    def racing(sha256: str) -> Any:
+        def removed(there: bool) -> bool:
+            os.unlink(store.blob_path(sha256))  # (what the clean-up did meanwhile)
+            return there
+
+        return has_blob(sha256).addCallback(removed)
+
+    store.has_blob = racing
+    with pytest.raises(RemoteError) as e:
+        yield bob.download(r["file"], str(tmp_path / "a.down"))
+    assert e.value.code == "no_such_file"
+    assert not realm.files.downloads
+    pong = yield bob.protocol.request("ping")
+    assert pong["type"] == "result"
+    yield alice.close()
+    yield bob.close()

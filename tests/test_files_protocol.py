@@ -280,6 +280,7 @@ def test_a_download_streaming_when_its_file_is_deleted_stops_with_no_such_file(
     realm.files.store.run = run
     bob.proto.dataReceived(frame({"type": "download", "id": "dl", "file": done["file"]}))
     step()  # (is the blob there)
+    step()  # (the blob opened for the download)
     clock.advance(0)  # the result went out: the data frames follow
     step()  # the first block
     control, got = bob.read()
