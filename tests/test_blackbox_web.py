@@ -195,3 +195,58 @@ def test_api_login_is_throttled_like_login(site: Any) -> Any:
     assert b"Retry-After: 1" in head
     assert proto.body["code"] == "rate_limited" and 0 < proto.body["retry_after"] <= 1
     assert not any(h.lower().startswith(b"set-cookie") for h in head)
+
+
+def ws_frame(opcode: int, payload: bytes, length: int | None = None) -> bytes:
+    """A client's masked WebSocket frame (a zero mask: the payload as it is); its
+    header announces ``length`` (default: the payload's) bytes."""
+    n = len(payload) if length is None else length
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def ws_close_code(data: bytes) -> int | None:
+    """The status code of the first close frame among the server's (unmasked)
+    frames in ``data``, or None if it sent none."""
+    while len(data) >= 2:
+        op, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        if op == 8:
+            return int.from_bytes(data[at : at + 2], "big") if n >= 2 else None
+        data = data[at + n :]
+    return None
+
+
+@pytest.mark.parametrize("logged_in", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_message_over_twice_the_limit_is_closed_with_1009(site: Any, logged_in: bool) -> Any:
+    """PROTOCOL.md: a message "over twice that limit is refused by the WebSocket
+    layer itself, close code 1009" (before login: over 32768 bytes).  A close frame
+    with that code, not a dropped connection (which a client reports as 1006,
+    abnormal closure)."""
+    bb, port = site
+    proto = yield http(port, handshake(port, f"http://127.0.0.1:{port}"))
+    assert proto.status == 101, proto.data[:200]
+    proto.data = proto.data.partition(b"\r\n\r\n")[2]
+    proto.transport.write(ws_frame(1, b'{"type":"hello","version":1,"id":1}'))
+    limit = 2 * 16384
+    if logged_in:
+        yield bb.realm.create_user("carol", "password-1")
+        proto.transport.write(
+            ws_frame(1, b'{"type":"login","id":2,"user":"carol","password":"password-1"}')
+        )
+        yield until(lambda: b'"synced"' in proto.data)
+        limit = 2 * bb.realm.config.limits.max_frame
+    # the header of one byte too many, and the start of its payload
+    proto.transport.write(ws_frame(1, b'{"type":"ping"', length=limit + 1))
+    yield until(lambda: ws_close_code(proto.data) is not None or proto.lost.called)
+    assert ws_close_code(proto.data) == 1009, proto.data[-200:]
+    proto.transport.loseConnection()

@@ -962,6 +962,26 @@ def test_pings_of_a_peer_that_does_not_read_get_one_pong() -> None:
     assert transport.value() == b"\x8a\x01b"
 
 
+def test_a_message_over_twice_the_limit_gets_close_1009_not_a_drop() -> None:
+    """StringTransport: a text frame announcing more than twice the limit before
+    login (32768 bytes) gets a close frame with code 1009 (PROTOCOL.md, "WebSocket
+    transport"), not an aborted connection; the bytes that follow are discarded, and
+    the connection goes once the close handshake times out."""
+    clock = Clock()
+    realm = make_test_realm(clock)
+    ws, transport = _open_gateway(realm, None, clock)
+    head = bytes([0x81, 0x80 | 126]) + (2 * 16384 + 1).to_bytes(2, "big") + b"\0\0\0\0"
+    ws.dataReceived(head + b'{"type":"ping"')
+    close = transport.value()
+    assert close[0] == 0x88 and close[2:4] == (1009).to_bytes(2, "big"), close
+    assert not transport.disconnecting
+    transport.clear()
+    ws.dataReceived(b"x" * 40000)  # the rest of it: read and dropped
+    assert transport.value() == b""
+    clock.advance(10)  # no close frame back: the close handshake times out
+    assert transport.disconnecting
+
+
 @defer.inlineCallbacks
 def _logged_in_websocket(web: Web, user: str) -> Any:
     cookie = yield web.login(user)

@@ -340,6 +340,12 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             # the "null" origin goes to onConnect too, to be refused as any other
             # (403), not by autobahn's own check (400)
             allowNullOrigin=True,
+            # A message over the bound, or a protocol violation, gets a close frame
+            # with its code (1009 too big, 1002...; RFC 6455 7.1.7), what PROTOCOL.md
+            # promises, rather than a dropped connection, which a client reports as
+            # 1006 (abnormal closure).  What the peer sends after it is discarded
+            # unread, and closeHandshakeTimeout bounds the wait for its answer.
+            failByDrop=False,
         )
 
     def close_token(self, token: str) -> None:
