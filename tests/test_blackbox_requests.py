@@ -825,6 +825,32 @@ def test_report_reports_suspend(bb: Realm) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_admin_request_with_a_bad_field_is_bad_request_from_anyone(bb: Realm) -> Any:
+    """PROTOCOL.md, moderation requests: "An admin's request from anyone else fails
+    with forbidden, once its fields passed their checks (bad_request first, as for
+    every request)".  A ``reports`` limit outside 1 to 100 and a ``suspend`` reason
+    that is too long or not a label are field checks: a non-admin got forbidden for
+    them, an admin bad_request."""
+    bob = yield bb.user("bob")
+    admin = yield bb.user("admin")
+    yield bb.realm.moderation.grant("admin")
+    for type_, fields in [
+        ("reports", {"limit": 101}),
+        ("reports", {"limit": 2**53 - 1}),
+        ("suspend", {"user": "admin", "reason": "r" * 401}),
+        ("suspend", {"user": "admin", "reason": "a\nb"}),
+        ("suspend", {"user": "admin", "reason": "a\u202eb"}),
+    ]:
+        for peer in (bob, admin):
+            r = yield peer.req(type_, **fields)
+            assert errcode(r) == "bad_request", (peer.name, type_, fields, r)
+    r = yield bob.req("reports", limit=100)
+    assert r["code"] == "forbidden"
+    r = yield bob.req("suspend", user="admin", reason="r" * 400)
+    assert r["code"] == "forbidden"
+
+
+@pytest_twisted.inlineCallbacks
 def test_reports_are_five_at_once(bb: Realm) -> Any:
     alice = yield bb.user("alice")
     bob = yield bb.user("bob")

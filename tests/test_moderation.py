@@ -324,7 +324,10 @@ def test_moderation_requests_check_fields_then_the_role(moderated: Any) -> None:
     for conn, req, code in (
         (c["bob"], {"type": "reports", "limit": 0}, "bad_request"),
         (c["bob"], {"type": "reports", "before": 0}, "bad_request"),
+        (c["bob"], {"type": "reports", "limit": 101}, "bad_request"),
         (c["bob"], {"type": "reports"}, "forbidden"),
+        (c["bob"], {"type": "suspend", "user": "carol", "reason": "r" * 401}, "bad_request"),
+        (c["bob"], {"type": "suspend", "user": "carol", "reason": "a\x1bb"}, "bad_request"),
         (c["bob"], {"type": "unsuspend"}, "bad_request"),
         (c["bob"], {"type": "unsuspend", "user": "carol"}, "forbidden"),
         (c["bob"], {"type": "suspend", "user": "carol", "reason": 5}, "bad_request"),

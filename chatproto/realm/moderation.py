@@ -140,7 +140,9 @@ class Moderation:
         return closed
 
     def suspend(self, actor: str, user: str, reason: str) -> Any:
-        """Admin ``actor`` suspends ``user`` (see :meth:`Admin.suspend`)."""
+        """Admin ``actor`` suspends ``user`` (see :meth:`Admin.suspend`).  The
+        reason is a field: checked (``bad_request``) before who asks."""
+        reason = check_reason(reason)
         self.require_admin(actor)
         canonical = self._local(user)[1]
         if canonical == actor:
@@ -210,12 +212,13 @@ class Moderation:
 
     def reports(self, actor: str | None, before: int | None, limit: int | None) -> Any:
         """A page of reports, newest first (``before``: a report id); ``actor`` must be
-        a realm admin (None: an operator, through the control channel)."""
-        if actor is not None:
-            self.require_admin(actor)
+        a realm admin (None: an operator, through the control channel), once the
+        fields are checked (``bad_request`` first, as for every request)."""
         limit = REPORTS_PAGE if limit is None else limit
         if not 1 <= limit <= REPORTS_PAGE:
             raise ChatError("bad_request", f"limit must be between 1 and {REPORTS_PAGE}")
+        if actor is not None:
+            self.require_admin(actor)
         return self._r.store.reports(before, limit)
 
     def prune(self) -> None:
