@@ -445,7 +445,7 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
         # The envelopes of the runs in ``commits`` are the Envelope outcomes, in
         # request order: their request ids are taken run by run, in slices.
         appended: list[Any]
-        if len(commits) == 1 and len(commits[0][1]) == len(sends):  # one run: all of them
+        if len(commits) == 1 and len(commits[0].items) == len(sends):  # one run: all of them
             appended = list(map(_second, sends))
         else:
             appended = []
@@ -461,14 +461,12 @@ class ClientProtocol(ReadingRequests, ModerationRequests, Int32StringReceiver):
                     self.refuse(out, rid)
         k = 0
         self._committing += len(commits)
-        for d, items in commits:
-            rids = appended[k : k + len(items)]
-            k += len(items)
-            d.addCallbacks(
-                self._sent_run, self._failed_run, callbackArgs=(items, rids), errbackArgs=(rids,)
-            )
+        for run in commits:
+            n = len(run.items)
+            run.listen(self._sent_run, self._failed_run, appended[k : k + n])
+            k += n
 
-    def _sent_run(self, _: object, items: list[Envelope], rids: list[Any]) -> None:
+    def _sent_run(self, items: list[Envelope], rids: list[Any]) -> None:
         """The results of a committed run, in one write.  An integer request id and
         an item whose result tail its delivery frame made (the common case): that
         frame formatted here, as send_result formats it; else send_result."""

@@ -178,8 +178,18 @@ def listening(cfg: Any) -> Any:
     pytest_twisted.blockon(realm.stopService())
 
 
+def route_appends(store: Any, append: Any) -> None:
+    """Make every append of ``store`` go through ``append(items, outbox)`` (which
+    returns a Deferred): its :meth:`append` and the send path's ``append_to``, whose
+    waiter then hears of that Deferred's outcome (a test holding or failing commits)."""
+    store.append = append
+    store.append_to = lambda waiter, items, outbox=(): append(items, outbox).addCallbacks(
+        waiter.callback, waiter.errback
+    )
+
+
 def count_appends(realm: Any) -> list[int]:
-    """Record the number of items of each ``append`` of the realm's store."""
+    """Record the number of items of each append of the realm's store."""
     sizes: list[int] = []
     append = realm.store.append
 
@@ -187,7 +197,7 @@ def count_appends(realm: Any) -> list[int]:
         sizes.append(len(items))
         return append(items, outbox)
 
-    realm.store.append = counting
+    route_appends(realm.store, counting)
     return sizes
 
 

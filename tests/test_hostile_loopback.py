@@ -26,6 +26,7 @@ from tests.conftest import (
     listening,
     make_realm,
     raw_client,
+    route_appends,
     tcp_of,
     unsent,
     until,
@@ -196,7 +197,9 @@ def test_a_download_before_a_bad_frame_sends_no_data_over_tcp(server_tcp: Any) -
     alice = yield raw_client(addr, ("alice", PW))
     alice.frames.clear()
     append, held = realm.store.append, defer.Deferred()
-    realm.store.append = lambda items, outbox=(): held.addCallback(lambda _: append(items, outbox))
+    route_appends(
+        realm.store, lambda items, outbox=(): held.addCallback(lambda _: append(items, outbox))
+    )
     alice.transport.write(
         b"".join(
             struct.pack("!I", len(p)) + p

@@ -81,12 +81,16 @@ class HeldAppends:
         self.waiting: list[tuple[Any, Any, Deferred[Any]]] = []
         self._append = realm.store.append
         realm.store.append = self.append
+        realm.store.append_to = self.append_to
 
     def append(self, items: Any, outbox: Any = ()) -> Deferred[Any]:
         self.sizes.append(len(items))
         d: Deferred[Any] = Deferred()
         self.waiting.append((items, outbox, d))
         return d
+
+    def append_to(self, waiter: Any, items: Any, outbox: Any = ()) -> None:
+        self.append(items, outbox).addCallbacks(waiter.callback, waiter.errback)
 
     def release(self, error: Exception | None = None) -> None:
         waiting, self.waiting = self.waiting, []

@@ -486,7 +486,7 @@ def _outcomes(batch: bool, requests: list[Any], burst: int) -> tuple[Any, ...]:
         outcomes, commits = realm.messages.send_batch(session, requests)
         assert len(outcomes) == len(requests)
         made = [o for o in outcomes if isinstance(o, Envelope)]
-        assert [e for _, run in commits for e in run] == made  # the runs, in order
+        assert [e for run in commits for e in run.items] == made  # the runs, in order
         for out in outcomes:
             answer(out)
     else:
@@ -568,3 +568,98 @@ def test_the_senders_sessions_shown_and_not_shown_a_run(kinds: list[str]) -> Non
         else:
             assert (mind.got, mind.written_calls) == ([3, 4, 5], 0)
         assert s._last == 5
+
+
+# The send run (Messaging's waiter of a run's append: no Deferred per batch) ----------
+
+
+class _Routing:
+    """What a SendRun asks of Messaging: route a committed run, settle a failed one."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.routed: list[list[Envelope]] = []
+        self.failed: list[Any] = []
+
+    def run_committed(self, items: list[Envelope], outbox: Any, remember: Any) -> list[Envelope]:
+        if self.error is not None:
+            raise self.error
+        self.routed.append(items)
+        return items
+
+    def run_failed(self, f: Any, remember: Any) -> Any:
+        self.failed.append(f)
+        return f
+
+
+def _run(routing: _Routing) -> Any:
+    from chatproto.realm.messaging import SendRun
+
+    items = [Envelope(id="m1", kind="text", sender="a@x", recipient="b@x", ts=1.0, body="hi")]
+    return SendRun(routing, items, [], [])  # type: ignore[arg-type]
+
+
+def test_a_send_run_hands_its_outcome_to_its_listener_before_or_after_the_commit() -> None:
+    heard: list[Any] = []
+    routing = _Routing()
+    early = _run(routing)  # listened to, then committed
+    early.listen(lambda items, *a: heard.append(("ok", items, a)), heard.append, 1, 2)
+    assert heard == []
+    early.callback(None)
+    assert heard == [("ok", early.items, (1, 2))]
+    late = _run(routing)  # committed (a MemoryStore answers at once), then listened to
+    late.callback(None)
+    late.listen(lambda items, *a: heard.append(("late", items, a)), heard.append, 3)
+    assert heard[1:] == [("late", late.items, (3,))]
+    assert routing.routed == [early.items, late.items]  # routed once each, at the commit
+
+
+def test_a_send_run_that_failed_or_failed_to_route_tells_its_listener() -> None:
+    from twisted.python.failure import Failure
+
+    heard: list[Any] = []
+    routing = _Routing()
+    run = _run(routing)
+    run.listen(heard.append, lambda f, *a: heard.append((f.value, a)), "rid")
+    boom = OSError("disk full")
+    run.errback(Failure(boom))
+    assert heard == [(boom, ("rid",))] and routing.failed[0].value is boom
+    # a committed run whose routing raises: the listener hears that failure
+    bad = _Routing(error=KeyError("bug"))
+    run = _run(bad)
+    run.listen(heard.append, lambda f, *a: heard.append(f.type), "rid")
+    run.callback(None)
+    assert heard[-1] is KeyError
+
+
+def test_a_send_run_has_one_listener() -> None:
+    import pytest
+
+    run = _run(_Routing())
+    run.listen(print, print)
+    with pytest.raises(RuntimeError):
+        run.listen(print, print)
+
+
+def test_a_listener_that_raises_is_logged_and_costs_the_other_connections_nothing(
+    realm: Any, clock: Clock
+) -> None:
+    from tests.conftest import LogWatch
+
+    a, _ta = logged_in_clear(realm, clock, "alice")
+    c, tc = logged_in_clear(realm, clock, "carol")
+    logged_in_clear(realm, clock, "bob")
+    watch = LogWatch()
+    try:
+
+        def broken(items: Any, rids: Any) -> None:
+            raise ValueError("a bug writing the answers")
+
+        a._sent_run = broken  # type: ignore[method-assign]
+        a.dataReceived(sends({"to": "bob", "body": "from alice", "id": 1}))
+        c.dataReceived(sends({"to": "bob", "body": "from carol", "id": 2}))
+    finally:
+        watch.close()
+    assert [f["id"] for f in frames(tc) if f["type"] == "result"] == [2]
+    assert any("the listener of a send run failed" in line for line in watch.failures)
+    assert [e.body for e in realm.store.items] == ["from alice", "from carol"]

@@ -117,10 +117,15 @@ class ClusterMessaging(Messaging):
             return [err] * len(requests), []
         if any(req[2] is not None for req in requests):
             return [self.send(session, to, *rest) for to, *rest in requests], []
-        outcomes, commits = super().send_batch(session, requests)
-        for d, _ in commits:
-            d.addErrback(self._unavailable)
-        return outcomes, commits
+        return super().send_batch(session, requests)
+
+    def run_failed(self, f: Failure, remember: Any) -> Failure:
+        """A run's commit that meets a lost database says ``unavailable``."""
+        f = super().run_failed(f, remember)
+        try:
+            return self._unavailable(f)  # type: ignore[no-any-return]
+        except ChatError:
+            return Failure()
 
     def _send(
         self, session: Session, to: str, body: str, nonce: str | None, more: tuple[Any, ...]

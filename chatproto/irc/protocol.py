@@ -890,7 +890,7 @@ class IRCProtocol(LineOnlyReceiver):
         # The runs hold one envelope per appended send: as many as the sends, and every
         # send was appended (the usual; no loop over the outcomes).
         appended = entries  # the entries of the appended runs, in order
-        if sum(len(items) for _, items in commits) != len(entries):
+        if sum(len(run.items) for run in commits) != len(entries):
             if shared:
                 entries = self._unshare(sends, entries, shared)
             appended = []
@@ -910,15 +910,16 @@ class IRCProtocol(LineOnlyReceiver):
                     self._send_failed(Failure(out), entry)
         # Each run holds the next of the appended envelopes, in request order.
         start = 0
-        for committed, items in commits:
-            end = start + len(items)
+        for committed in commits:
+            end = start + len(committed.items)
             run = appended[start:end]
             start = end
             if clustered:
-                committed.addCallback(self.when_routed)
-            committed.addCallbacks(
-                self._run_sent, self._run_failed, callbackArgs=(run,), errbackArgs=(run,)
-            )
+                committed.deferred().addCallback(self.when_routed).addCallbacks(
+                    self._run_sent, self._run_failed, callbackArgs=(run,), errbackArgs=(run,)
+                )
+            else:
+                committed.listen(self._run_sent, self._run_failed, run)
 
     def _unshare(
         self, sends: list[SendRequest], entries: list[PendingSend], shared: list[Reply]

@@ -13,10 +13,11 @@ message.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproto import address
@@ -37,7 +38,16 @@ from chatproto.text import check_body
 if TYPE_CHECKING:
     from chatproto.realm.service import RealmService
 
-__all__ = ["NONCES_PER_USER", "NOTICE_META", "Messaging", "SendRequest", "text_meta"]
+__all__ = [
+    "NONCES_PER_USER",
+    "NOTICE_META",
+    "Messaging",
+    "SendRequest",
+    "SendRun",
+    "text_meta",
+]
+
+_log = Logger()
 
 #: The ``meta`` of a text item sent as a notice (IRC's NOTICE): clients show it as a
 #: notice and never answer it automatically.
@@ -75,15 +85,112 @@ _NOWHERE = Address("", "")
 
 
 def _made(
-    commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]], items: list[Envelope]
+    commits: list[SendRun], items: list[Envelope]
 ) -> list[Envelope | Deferred[Envelope] | ChatError]:
     """The outcomes of send_batch's requests so far when each made an envelope: the
     items of the runs appended (``commits``), then those of the run being made."""
     made: list[Envelope | Deferred[Envelope] | ChatError] = []
-    for _, run in commits:
-        made.extend(run)
+    for run in commits:
+        made.extend(run.items)
     made.extend(items)
     return made
+
+
+#: What a run's listener gets (see SendRun.listen): its items, or the failure.
+RunListener = Callable[..., object]
+
+#: The nonces of a run's sends: ``(nonce, its repeats' waiters, envelope)``.
+Remembered = list[tuple[str, list[Deferred[Envelope]], Envelope]]
+
+
+class SendRun:
+    """A run of private messages of one send batch, appended together
+    (:meth:`Messaging.send_batch`).
+
+    It is its append's waiter (:class:`chatproto.store.Waiter`): committed, its items are
+    routed and its nonces settled, then the outcome goes to the one listener its
+    caller gave (:meth:`listen`), without a Deferred or a callback chain per batch
+    (the hot path: a paced realm appends one run per message).  :meth:`deferred`
+    gives a Deferred to a caller that chains.  A listener's exception is logged,
+    never passed on to the store's other waiters."""
+
+    __slots__ = ("_args", "_err", "_messaging", "_ok", "_outbox", "_remember", "_result", "items")
+
+    def __init__(
+        self,
+        messaging: Messaging,
+        items: list[Envelope],
+        outbox: list[tuple[str, Envelope]],
+        remember: Remembered,
+    ) -> None:
+        self.items = items
+        self._messaging = messaging
+        self._outbox = outbox
+        self._remember = remember
+        #: the outcome, once the store gave it and until a listener takes it
+        self._result: list[Envelope] | Failure | None = None
+        self._ok: RunListener | None = None
+        self._err: RunListener | None = None
+        self._args: tuple[Any, ...] = ()
+
+    def listen(self, ok: RunListener, err: RunListener, *args: Any) -> None:
+        """Once the run is committed and routed, ``ok(items, *args)``; if it was not
+        stored, ``err(failure, *args)``.  One listener per run (the caller of
+        send_batch): called at once if the outcome is already here."""
+        if self._ok is not None:
+            raise RuntimeError("a send run has one listener")
+        result = self._result
+        if result is not None:
+            self._result = None
+            self._hand(result, ok, err, args)
+        else:
+            self._ok, self._err, self._args = ok, err, args
+
+    def deferred(self) -> Deferred[list[Envelope]]:
+        """The outcome as a Deferred (for a caller that chains more steps)."""
+        d: Deferred[list[Envelope]] = Deferred()
+        self.listen(d.callback, d.errback)
+        return d
+
+    def callback(self, result: object) -> None:
+        """The store: committed."""
+        try:
+            outcome: list[Envelope] | Failure = self._messaging.run_committed(
+                self.items, self._outbox, self._remember
+            )
+        except Exception:
+            outcome = Failure()
+        self._settle(outcome)
+
+    def errback(self, fail: Failure | None = None) -> None:
+        """The store: nothing of the run was stored."""
+        f = fail if fail is not None else Failure()
+        self._settle(self._messaging.run_failed(f, self._remember))
+
+    def _settle(self, outcome: list[Envelope] | Failure) -> None:
+        ok = self._ok
+        if ok is None:
+            self._result = outcome
+            return
+        err = self._err
+        self._ok = self._err = None
+        self._hand(outcome, ok, err, self._args)
+
+    @staticmethod
+    def _hand(
+        outcome: list[Envelope] | Failure,
+        ok: RunListener,
+        err: RunListener | None,
+        args: tuple[Any, ...],
+    ) -> None:
+        try:
+            if isinstance(outcome, Failure):
+                if err is not None:
+                    err(outcome, *args)
+            else:
+                ok(outcome, *args)
+        except Exception:
+            _log.failure("the listener of a send run failed")
 
 
 class Messaging:
@@ -290,10 +397,7 @@ class Messaging:
 
     def send_batch(
         self, session: Session, requests: Sequence[SendRequest]
-    ) -> tuple[
-        list[Envelope | Deferred[Envelope] | ChatError],
-        list[tuple[Deferred[list[Envelope]], list[Envelope]]],
-    ]:
+    ) -> tuple[list[Envelope | Deferred[Envelope] | ChatError], list[SendRun]]:
         """Several sends of one session at once (what one read from its connection
         held), with the rules of :meth:`send` applied to each, in order.
 
@@ -301,10 +405,11 @@ class Messaging:
         a :class:`ChatError` (refused now), a Deferred (a send taking the general path:
         a group, a reply, client tags, a repeated nonce, a recipient to look up), or an
         Envelope: one of the
-        private messages appended together, with one Deferred in ``commits`` per run of
-        them, with that run's envelopes (it fires with them once they are committed and
-        delivered, or fails if none was stored).  Runs are cut at each general-path
-        send, so items are appended in request order (their positions follow it).
+        private messages appended together, with one :class:`SendRun` in ``commits``
+        per run of them, holding that run's envelopes (its listener hears of them once
+        they are committed and delivered, or of the failure if none was stored).  Runs
+        are cut at each general-path send, so items are appended in request order
+        (their positions follow it).
         """
         user = session.user_id
         # While every request so far made an envelope, the outcomes are the runs' items:
@@ -312,16 +417,18 @@ class Messaging:
         outcomes: list[Envelope | Deferred[Envelope] | ChatError] | None = None
         items: list[Envelope] = []
         outbox: list[tuple[str, Envelope]] = []
-        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]] = []
+        remember: Remembered = []
         now = self._clock.seconds()
-        commits: list[tuple[Deferred[list[Envelope]], list[Envelope]]] = []
+        commits: list[SendRun] = []
         ids = new_message_ids(len(requests))  # (those of refused sends go unused)
 
         def cut() -> None:
             """Append the run so far: what follows takes its position after it."""
             nonlocal items, outbox, remember
             if items:
-                commits.append((self._append_run(items, outbox, user, remember), items))
+                run = SendRun(self, items, outbox, remember)
+                self._store.append_to(run, items, outbox)
+                commits.append(run)
                 items, outbox, remember = [], [], []
 
         # (Tests against Address, not Deferred: Deferred is an ABC's subclass, and isinstance
@@ -422,36 +529,18 @@ class Messaging:
         cut()
         return outcomes, commits
 
-    def _append_run(
-        self,
-        items: list[Envelope],
-        outbox: list[tuple[str, Envelope]],
-        user: str,
-        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
-    ) -> Deferred[list[Envelope]]:
-        d = self._store.append(items, outbox)
-        d.addCallbacks(
-            self._batch_committed,
-            self._batch_failed,
-            callbackArgs=(items, outbox, user, remember),
-            errbackArgs=(user, remember),
-        )
-        return d
-
-    def _batch_committed(
-        self,
-        _: object,
-        items: list[Envelope],
-        outbox: list[tuple[str, Envelope]],
-        user: str,
-        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
+    def run_committed(
+        self, items: list[Envelope], outbox: list[tuple[str, Envelope]], remember: Remembered
     ) -> list[Envelope]:
+        """A :class:`SendRun` was committed: its items (all from one user) are
+        routed, woken for their realms, and its nonces settled."""
         realm_ = self._realm
         new_conversation = realm_.presence.new_conversation
+        user = items[0].sender
         last = None
         realm_.begin_burst()  # (a group commit is one already; a MemoryStore's is not)
         try:
-            for env in items:  # (all of them from ``user``)
+            for env in items:
                 if env.recipient != last:  # the same pair: nothing new
                     last = env.recipient
                     new_conversation(user, last)
@@ -464,14 +553,12 @@ class Messaging:
             self._nonce_stored(env, user, nonce, waiters)
         return items
 
-    def _batch_failed(
-        self,
-        f: Failure,
-        user: str,
-        remember: list[tuple[str, list[Deferred[Envelope]], Envelope]],
-    ) -> Failure:
-        for nonce, waiters, _ in remember:
-            self._nonce_failed(f, user, nonce, waiters)
+    def run_failed(self, f: Failure, remember: Remembered) -> Failure:
+        """Nothing of a :class:`SendRun` was stored: its nonces may be tried again;
+        returns the failure its listener hears (a cluster's worker says
+        ``unavailable`` for a lost database)."""
+        for nonce, waiters, env in remember:
+            self._nonce_failed(f, env.sender, nonce, waiters)
         return f
 
     def _nonce_slot(self, user: str, nonce: str) -> list[Deferred[Envelope]]:

@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Protocol
 
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from chatproto.errors import ChatError
@@ -58,12 +59,23 @@ __all__ = [
     "IStore",
     "NoSuchAccount",
     "UserExists",
+    "Waiter",
     "file_record",
     "report_row",
     "stored_meta",
     "stored_number",
     "stored_sig",
 ]
+
+
+class Waiter(Protocol):
+    """What waits for an append's commit (:meth:`IStore.append_to`): a Deferred is
+    one; so is :class:`chatproto.realm.messaging.SendRun`, which hands the outcome
+    on without a callback chain."""
+
+    def callback(self, result: Any) -> Any: ...
+    def errback(self, fail: Failure | None = None) -> Any: ...
+
 
 #: The default of :attr:`IStore.max_devices` (``[limits] max_devices_per_user``).
 MAX_DEVICES = 64
@@ -241,6 +253,12 @@ class IStore(Interface):
         :meth:`outbox_read` like a request.
         Fires with the same envelopes, ``pos`` set, after the commit.
         """
+
+    def append_to(waiter, items, outbox=()):  # type: ignore[misc]
+        """:meth:`append`, its outcome handed to ``waiter`` (a :class:`Waiter`: its
+        ``callback`` with the envelopes, or its ``errback`` with the failure) instead
+        of a new Deferred: the send path's runs (one per send batch) cost no Deferred
+        and no callback chain.  A store may call the waiter before returning."""
 
     def append_remote(items, outbox=()):  # type: ignore[misc]
         """Commit items received from another realm, skipping any whose ``id`` is

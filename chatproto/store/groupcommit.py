@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from chatproto.envelope import Envelope, alternate_id
-from chatproto.store import MAX_DEVICES, NoSuchAccount
+from chatproto.store import MAX_DEVICES, NoSuchAccount, Waiter
 
 __all__ = [
     "OUTBOX_CACHE",
@@ -379,13 +379,14 @@ class GroupCommitStore:
         self._local = threading.local()
         self._readers: list[StoreDB] = []
         self._readers_lock = threading.Lock()
-        #: Queued appends: (items, waiter, outbox pairs, received from another realm,
-        #: account deleted with them).  An outbox request (:meth:`outbox_enqueue`) is an
-        #: append with no items; an account deletion, one with an account.
+        #: Queued appends: (items, waiter (a Deferred, or :meth:`append_to`'s), outbox
+        #: pairs, received from another realm, account deleted with them).  An outbox
+        #: request (:meth:`outbox_enqueue`) is an append with no items; an account
+        #: deletion, one with an account.
         self._pending: list[
             tuple[
                 Sequence[Envelope],
-                Deferred[list[Envelope]],
+                Waiter,
                 Sequence[tuple[str, Envelope | dict[str, Any]]],
                 bool,
                 tuple[str, str] | None,
@@ -711,6 +712,17 @@ class GroupCommitStore:
         if self._jobs < 2:  # else the commits in flight flush it when done
             self._flush()
         return d
+
+    def append_to(
+        self,
+        waiter: Waiter,
+        items: Sequence[Envelope],
+        outbox: Sequence[tuple[str, Envelope]] = (),
+    ) -> None:
+        with self._pending_lock:
+            self._pending.append((items, waiter, outbox, False, None))
+        if self._jobs < 2:  # else the commits in flight flush it when done
+            self._flush()
 
     def append_remote(
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()

@@ -18,7 +18,14 @@ from zope.interface import implementer
 from chatproto.envelope import Envelope, alternate_id, alternate_range
 from chatproto.mentions import mentions
 from chatproto.relations import DELETED_META, REF_KINDS, TARGET_KINDS, current_view, ref_of
-from chatproto.store import MAX_DEVICES, REPORT_FIELDS, IStore, UserExists, file_record
+from chatproto.store import (
+    MAX_DEVICES,
+    REPORT_FIELDS,
+    IStore,
+    UserExists,
+    Waiter,
+    file_record,
+)
 from chatproto.store.reading import (
     SEARCH_KINDS,
     UNREAD_KINDS,
@@ -241,6 +248,14 @@ class MemoryStore:
                 self.files[env.meta["file_id"]] = file_record(env)
         self._queue(outbox)
         return succeed(list(items))
+
+    def append_to(
+        self,
+        waiter: Waiter,
+        items: Sequence[Envelope],
+        outbox: Sequence[tuple[str, Envelope | dict[str, Any]]] = (),
+    ) -> None:
+        self.append(items, outbox).addCallbacks(waiter.callback, waiter.errback)
 
     def _store(self, env: Envelope) -> None:
         self._pos += 1
