@@ -1154,7 +1154,10 @@ def test_idle_links_are_forgotten_at_the_bound_but_not_static_peers(node: Any) -
     assert fed.admit("c.example")
     assert not fed.admit("d.example")  # c's link is new: its item may be committing
     clock.advance(RESERVED)
+    asked: list[str] = []  # (a scan of every group, for each link: not at the bound)
+    realm.presence_wanted = lambda r: asked.append(r) or False  # type: ignore[method-assign]
     assert fed.admit("d.example")
+    assert asked == []
     assert sorted(fed.links) == ["a.example", "d.example"]
     assert _code(realm.post("bob", "x@e.example", "hi")) == "peer_denied"  # d: too new
     # queued with no link and no place for one (a wake-up lost): the sweep bounces it

@@ -258,9 +258,13 @@ class PeerLink:
 
     def removable(self) -> bool:
         """Whether the service may forget this link (see ``FederationService.prune``):
-        idle and stopped, nothing queued or wanted, no outbox delete pending, and not
+        idle and stopped, nothing queued or awaited, no outbox delete pending, and not
         made in the last :data:`RESERVED` seconds (a link made for an item being
-        committed, not woken yet)."""
+        committed, not woken yet).
+
+        Unlike :meth:`wanted` it does not ask whether a user's presence wants the
+        link (a scan of the realm's groups, too dear for every link at the bound): a
+        link forgotten is made again by the next presence frame for its realm."""
         return (
             self.state == "idle"
             and not self.service.running
@@ -269,8 +273,11 @@ class PeerLink:
             and self._penalty is None
             and self._settling is None
             and self.proto is None
-            and self.fed.clock.seconds() - self._active_at >= RESERVED
-            and self.wanted() is None
+            and not self.inflight
+            and self._waiting <= 0
+            and not self._reading
+            and not self._presence_out
+            and self.fed.clock.seconds() >= max(self._wanted_until, self._active_at + RESERVED)
         )
 
     def has_reading(self) -> bool:
