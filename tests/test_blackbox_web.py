@@ -250,3 +250,60 @@ def test_a_message_over_twice_the_limit_is_closed_with_1009(site: Any, logged_in
     yield until(lambda: ws_close_code(proto.data) is not None or proto.lost.called)
     assert ws_close_code(proto.data) == 1009, proto.data[-200:]
     proto.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    "headers,status,code",
+    [
+        # over files.max_file_size (256 MiB by default)
+        ({"Content-Length": str(256 * 2**20 + 1)}, 413, "too_large"),
+        # no length: a chunked body
+        ({"Transfer-Encoding": "chunked"}, 411, "bad_request"),
+        # a client that asks before it sends (curl does for large bodies) is not
+        # told to go on
+        ({"Content-Length": str(2**40), "Expect": "100-continue"}, 413, "too_large"),
+        ({"Content-Length": "10", "Cookie": None}, 401, "auth_failed"),
+        ({"Content-Length": "10", "Origin": "http://evil.example"}, 403, "forbidden"),
+        # the body in the same write as the headers: one answer all the same
+        ({"Content-Length": "10", "Cookie": None, "body": "0123456789"}, 401, "auth_failed"),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_an_upload_refused_from_its_headers_is_answered_before_its_body(
+    site: Any, headers: dict[str, Any], status: int, code: str
+) -> Any:
+    """PROTOCOL.md, ``POST /files``: "Content-Length against max_file_size (413
+    too_large, before the body is read; 411 without it)".  The answer comes as soon
+    as the headers are in, with the connection closing after it: the realm used to
+    read (and discard) the whole announced body first, so a client that waited for
+    an answer before sending, or a program that sent 256 MiB, waited for nothing."""
+    _, port = site
+    same = f"http://127.0.0.1:{port}"
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json", "Origin": same}
+    proto = yield http(port, post(port, "/api/register", creds, json_))
+    yield proto.lost
+    proto = yield http(port, post(port, "/api/login", creds, json_))
+    yield proto.lost
+    cookie = next(
+        line.split(b":", 1)[1].split(b";")[0].strip().decode()
+        for line in proto.data.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    )
+    fields = {
+        "Host": f"127.0.0.1:{port}",
+        "Origin": same,
+        "Cookie": cookie,
+        "Content-Type": "application/octet-stream",
+        **headers,
+    }
+    head = [f"POST /files?to=alice&name=x.bin&sha256={'0' * 64} HTTP/1.1"]
+    body = fields.pop("body", "")  # (none by default)
+    head += [f"{k}: {v}" for k, v in fields.items() if v is not None]
+    proto = yield http(port, ("\r\n".join(head) + "\r\n\r\n" + body).encode())
+    assert proto.status == status, proto.data[:300]
+    yield until(lambda: proto.lost.called or len(proto.data.partition(b"\r\n\r\n")[2]) > 10)
+    assert proto.body["code"] == code
+    assert b"100 Continue" not in proto.data
+    yield proto.lost  # closed: the body announced is not read
+    assert proto.data.count(b"HTTP/1.1") == 1, proto.data

@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -980,6 +981,72 @@ def test_a_message_over_twice_the_limit_gets_close_1009_not_a_drop() -> None:
     assert transport.value() == b""
     clock.advance(10)  # no close frame back: the close handshake times out
     assert transport.disconnecting
+
+
+class _HalfClosing:
+    """A StringTransport that records a half-close (``loseWriteConnection``), as TCP
+    transports can."""
+
+    def __new__(cls) -> Any:
+        from twisted.internet.testing import StringTransport
+
+        class T(StringTransport):
+            write_closed = False
+
+            def loseWriteConnection(self) -> None:
+                self.write_closed = True
+
+        return T(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_an_upload_over_the_size_limit_is_answered_from_its_headers(expect: bool) -> None:
+    """StringTransport: ``POST /files`` whose Content-Length is over max_file_size
+    gets its 413 as soon as its headers are in (fed one byte at a time), with no
+    ``100 Continue`` first; the write side is closed after it, what the client still
+    sends is dropped, and the connection is aborted LINGER seconds later unless the
+    client closes it first."""
+    from chatproto.web.site import LINGER
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", PASSWORD)
+    token: list[str] = []
+    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
+    site = WebSite(realm, clock=clock)
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = clock.callLater
+    transport = _HalfClosing()
+    channel.makeConnection(transport)
+    head = (
+        "POST /files?to=alice&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
+        "Host: chat.test\r\nOrigin: http://chat.test\r\n"
+        f"Cookie: {SESSION_COOKIE}={token[0]}\r\n"
+        + ("Expect: 100-continue\r\n" if expect else "")
+        + f"Content-Length: {realm.config.files.max_file_size + 1}\r\n\r\n"
+    ).encode()
+    for i in range(len(head)):
+        channel.dataReceived(head[i : i + 1])
+    data = transport.value()
+    assert data.startswith(b"HTTP/1.1 413 "), data
+    assert b"100 Continue" not in data and b"connection: close" in data.lower()
+    answer = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert answer["type"] == "error" and answer["code"] == "too_large"
+    assert transport.write_closed and not transport.disconnecting
+    transport.clear()
+    channel.dataReceived(b"x" * 100000)  # the body, dropped
+    assert transport.value() == b""
+
+    def lingering() -> list[Any]:
+        return [c for c in clock.getDelayedCalls() if "abortConnection" in repr(c)]
+
+    assert lingering()
+    if expect:  # the client closes first: nothing is left scheduled
+        channel.connectionLost(None)
+    else:
+        clock.advance(LINGER)
+        assert transport.disconnecting
+    assert not lingering()
 
 
 @defer.inlineCallbacks

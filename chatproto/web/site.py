@@ -38,7 +38,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -101,6 +101,11 @@ _STATUS = {
 
 #: Largest JSON body of an API request (a name and a password fit easily).
 MAX_API_BODY = 16384
+
+#: Seconds a refused upload's connection stays open after its answer, its write side
+#: closed, so that the client reads the answer before the rest of the body it sends
+#: is refused by a reset (a "lingering close").
+LINGER = 5.0
 
 
 #: Reason phrases twisted.web does not know (it would send "Unknown Status").
@@ -576,6 +581,8 @@ class _Channel(HTTPChannel):
 
     site: WebSite
     _ticket: Ticket | None = None
+    #: The abort of a refused upload's connection, LINGER seconds after its answer.
+    _linger: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -588,6 +595,9 @@ class _Channel(HTTPChannel):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.release_admission()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         super().connectionLost(reason)
 
     def release_admission(self) -> None:
@@ -595,6 +605,54 @@ class _Channel(HTTPChannel):
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
             ticket.release()
+
+    def _refused(self) -> tuple[int, str, str] | None:
+        request = self.requests[-1] if self.requests else None
+        return getattr(request, "refused", None)
+
+    def _send100Continue(self) -> None:
+        # (HTTPChannel asks every client that expects it to go on: not for an
+        # upload already refused, which is answered at once instead)
+        if self._refused() is None:
+            super()._send100Continue()  # type: ignore[misc]
+
+    def allHeadersReceived(self) -> None:
+        """An upload refused from its headers (:meth:`WebSite.upload_refusal`) is
+        answered now, not once its body is in: PROTOCOL.md promises the answer
+        "before the body is read", and a client may wait for it before sending
+        (``Expect: 100-continue``) or stop after it.  The connection then closes
+        (the body announced is not read): its write side at once, after the answer,
+        and the rest once the client stops sending, or after ``LINGER`` seconds."""
+        super().allHeadersReceived()
+        refused = self._refused()
+        if refused is None or self.length == 0:  # (no body: answered as usual)
+            return
+        status, code, message = refused
+        body = wire.encode({"type": "error", "code": code, "message": message})
+        phrase = _PHRASES.get(status) or RESPONSES.get(status, b"Error")
+        head = [b"HTTP/1.1 %d %s" % (status, phrase)]
+        head += [b"%s: %s" % item for item in _HEADERS.items()]
+        head += [
+            b"cache-control: no-store",
+            b"content-type: application/json",
+            b"content-length: %d" % len(body),
+            b"connection: close",
+        ]
+        transport: Any = self.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        # What the client still sends is dropped unread; closing with it unread would
+        # reset the connection, which can destroy the answer before the client reads
+        # it: the write side closes now, the rest when the client closes (or later).
+        drop = lambda data: None  # noqa: E731
+        self.dataReceived = self.rawDataReceived = self.lineReceived = drop  # type: ignore[method-assign]
+        self.setTimeout(None)
+        self.persistent = False
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        half_close()
+        self._linger = self.callLater(LINGER, transport.abortConnection)
 
 
 class WebSite(Site):
