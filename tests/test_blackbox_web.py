@@ -307,3 +307,42 @@ def test_an_upload_refused_from_its_headers_is_answered_before_its_body(
     assert b"100 Continue" not in proto.data
     yield proto.lost  # closed: the body announced is not read
     assert proto.data.count(b"HTTP/1.1") == 1, proto.data
+
+
+@pytest_twisted.inlineCallbacks
+def test_upload_parameters_are_read_strictly(site: Any) -> Any:
+    """``POST /files?to=T&name=N&sha256=H``: a parameter whose percent-encoded
+    bytes are not UTF-8, or one given twice, is 400 ``bad_request``, as a control
+    frame that is not UTF-8 or names a field twice is refused (PROTOCOL.md, "Control
+    frames": the server refuses to guess).  The realm used to store the name with
+    U+FFFD for the bad bytes, and to take the first of two recipients."""
+    bb, port = site
+    same = f"http://127.0.0.1:{port}"
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json", "Origin": same}
+    yield bb.realm.create_user("bob", "password-1")
+    proto = yield http(port, post(port, "/api/register", creds, json_))
+    yield proto.lost
+    proto = yield http(port, post(port, "/api/login", creds, json_))
+    yield proto.lost
+    cookie = next(
+        line.split(b":", 1)[1].split(b";")[0].strip().decode()
+        for line in proto.data.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    )
+    sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # "test"
+    headers = {"Origin": same, "Cookie": cookie, "Content-Type": "text/plain"}
+    for query, status in [
+        (f"to=bob&name=a%FFb.txt&sha256={sha}", 400),
+        (f"to=bob&name=%C3.txt&sha256={sha}", 400),
+        (f"to=bob&to=carol&name=a.txt&sha256={sha}", 400),
+        (f"to=bob&name=a.txt&name=b.txt&sha256={sha}", 400),
+        (f"to=bob&name=caf%C3%A9.txt&sha256={sha}", 200),
+    ]:
+        proto = yield http(port, post(port, "/files?" + query, b"test", headers))
+        yield proto.lost
+        assert proto.status == status, (query, proto.data[:300])
+        if status == 400:
+            assert proto.body["code"] == "bad_request", proto.body
+    assert proto.body["file"]["name"] == "caf\u00e9.txt"
+    assert bb.realm.files.uploads == {}

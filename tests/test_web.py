@@ -779,6 +779,12 @@ def test_uploads_are_checked_like_native_ones(web: Web) -> Any:
     assert response.code == 403 and res["code"] == "not_member"
     response, res = yield _upload(web, ca, "bob", b"hello", name="../etc/passwd")
     assert response.code == 400 and res["code"] == "bad_request"
+    # a parameter that is not UTF-8, or given twice: refused, not repaired or guessed
+    for query in ("to=bob&name=a%FF&sha256=", "to=bob&to=carol&name=a&sha256="):
+        response, body = yield web.request(
+            "POST", "/files?" + query + "0" * 64, b"hello", cookie=ca, ctype="text/plain"
+        )
+        assert response.code == 400 and json.loads(body)["code"] == "bad_request", query
     # quota: stored files count
     files.config.quota_per_user = 8
     response, res = yield _upload(web, ca, "bob", b"123456")

@@ -465,8 +465,18 @@ class _Files(_Api):
         files = self.site.realm.files
 
         def arg(name: str) -> Any:
+            # Read as strictly as a JSON text is (wire.parse_json): a value given
+            # twice, or that is not UTF-8, is refused, not guessed at or repaired
+            # (a name with U+FFFD for its bad bytes would be stored as the name).
             values = request.args.get(name.encode())
-            return values[0].decode("utf-8", "replace") if values else None
+            if not values:
+                return None
+            if len(values) > 1:
+                raise ChatError("bad_request", f"{name!r} is given twice")
+            try:
+                return values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ChatError("bad_request", f"{name!r} is not UTF-8") from None
 
         media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
         size = _content_length(request)
