@@ -206,6 +206,45 @@ def test_a_client_cannot_make_links_to_more_realms_than_max_peers(
     no_tracebacks(logs)
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_realm_given_up_on_frees_its_place_under_max_peers(
+    realms: Any,  # noqa: F811
+    logs: Any,
+    monkeypatch: Any,
+) -> Any:
+    """max_peers 1: bob's message to a made-up realm takes the only place; a second
+    realm is refused.  The made-up realm never answers: its item is given up on
+    (bob gets the bounce), and once bob is offline (his contact there no longer
+    wants our presence) its link idles and is dropped; carol's message to the second
+    realm then goes.  (Before, the link stayed, retrying, for ever.)  Bob online
+    again would want the first realm's link back for his presence."""
+    from chatproto.client import RemoteError
+    from chatproto.federation import peer
+
+    monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
+    (b,) = yield realms(["b.example"], max_peers=1, give_up_after=1.0, idle_after=0.2)
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()
+    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield bob.send("x@made-up-1.example", "one")
+    with pytest.raises(RemoteError) as e:
+        yield bob.send("x@made-up-2.example", "two")
+    assert e.value.code == "peer_denied"
+    yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
+    [bounce] = [m for m in got if m["kind"] == "bounce"]
+    assert bounce["meta"]["code"] == "peer_unreachable"
+    yield bob.close()
+    yield until(lambda: "made-up-1.example" not in b.fed.links, timeout=30)
+    carol = yield connect(_reactor, b.addr, "carol", PW, register=True)
+    yield carol.send("x@made-up-2.example", "two")
+    assert sorted(b.fed.links) == ["made-up-2.example"]
+    yield carol.close()
+    no_tracebacks(logs)
+
+
 class FakeService:
     """Stands in for a PeerLink's ClientService (no connection attempts)."""
 
