@@ -346,3 +346,78 @@ def test_upload_parameters_are_read_strictly(site: Any) -> Any:
             assert proto.body["code"] == "bad_request", proto.body
     assert proto.body["file"]["name"] == "caf\u00e9.txt"
     assert bb.realm.files.uploads == {}
+
+
+def ws_messages(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's (unmasked) frames in ``data``: ``(opcode, payload)``."""
+    out = []
+    while len(data) >= 2:
+        op, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + n:
+            break
+        out.append((op, data[at : at + n]))
+        data = data[at + n :]
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_file_bytes_over_a_websocket(site: Any) -> Any:
+    """Over WebSocket a text message is "the UTF-8 JSON object that would be the
+    frame's payload" (PROTOCOL.md): one that is a binary data frame (first byte
+    0x00) is bad_frame, as a binary message is.  The realm took it as upload data.
+    And the data frames of a ``download`` asked over WebSocket come as binary
+    messages: the realm sent the file's bytes as text messages, which a browser must
+    refuse (not UTF-8: close 1007)."""
+    import hashlib
+
+    from tests.blackbox import PW, data_frame
+
+    bb, port = site
+    alice = yield bb.user("alice")
+    yield bb.realm.create_user("bob", PW)
+    content = bytes(range(256))
+    offer = yield alice.req(
+        "file_offer", to="bob", name="b.bin", size=256, sha256=hashlib.sha256(content).hexdigest()
+    )
+    alice.send_raw(data_frame(offer["stream"], 0, content))
+    done = yield alice.req("file_finish", upload=offer["upload"])
+    assert done["type"] == "result", done
+
+    @defer.inlineCallbacks
+    def logged_in_ws(user: str) -> Any:
+        proto = yield http(port, handshake(port, f"http://127.0.0.1:{port}"))
+        assert proto.status == 101
+        proto.data = proto.data.partition(b"\r\n\r\n")[2]
+        proto.transport.write(ws_frame(1, b'{"type":"hello","version":1,"id":1}'))
+        login = {"type": "login", "id": 2, "user": user, "password": PW}
+        proto.transport.write(ws_frame(1, json.dumps(login).encode()))
+        yield until(lambda: b'"synced"' in proto.data)
+        return proto
+
+    bob = yield logged_in_ws("bob")
+    bob.data = b""
+    bob.transport.write(
+        ws_frame(1, json.dumps({"type": "download", "id": 3, "file": done["file"]}).encode())
+    )
+    data = b"\x00\x02" + (1).to_bytes(4, "big") + bytes(8) + content  # stream 1, offset 0
+    yield until(lambda: data in bob.data)
+    bob.transport.write(ws_frame(1, b'{"type":"ping","id":4}'))  # still open
+    yield until(lambda: b'"id":4' in bob.data)
+    got = ws_messages(bob.data)
+    assert (2, data) in got, got
+    assert all(op == 1 for op, payload in got if payload != data), got
+    bob.transport.loseConnection()
+
+    alice_ws = yield logged_in_ws("alice")
+    offer = yield alice.req(
+        "file_offer", to="bob", name="c.txt", size=5, sha256=hashlib.sha256(b"hello").hexdigest()
+    )
+    alice_ws.data = b""
+    alice_ws.transport.write(ws_frame(1, data_frame(1, 0, b"hello")))
+    yield until(lambda: ws_close_code(alice_ws.data) is not None)
+    (op, payload), (close, _) = ws_messages(alice_ws.data)
+    assert (op, json.loads(payload)["code"], close) == (1, "bad_frame", 8), alice_ws.data

@@ -133,19 +133,50 @@ def test_frame_transport_sends_one_message_per_frame() -> None:
             self.sent: list[bytes] = []
 
         def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
-            assert not isBinary
+            assert isBinary == (payload[:1] == b"\x00")  # text but for data frames
             self.sent.append(payload)
 
     ws: Any = FakeWS()
     t = FrameTransport(ws)
     a, b = wire.encode({"type": "ping"}), wire.encode({"type": "msg", "body": "é" * 300})
+    c = wire.encode_data(wire.OP_DOWNLOAD, 1, 0, bytes(range(256)))
     data = frame({"type": "ping"}) + frame({"type": "msg", "body": "é" * 300})
+    data += len(c).to_bytes(4, "big") + c
     t.write(data)
-    assert ws.sent == [a, b]
+    assert ws.sent == [a, b, c]
     ws.sent.clear()
     for i in range(len(data)):
         t.write(data[i : i + 1])
-    assert ws.sent == [a, b]
+    assert ws.sent == [a, b, c]
+
+
+def test_a_data_frame_in_a_websocket_text_message_is_bad_frame() -> None:
+    """StringTransport: a text message is a JSON object; one that is a data frame
+    (kind 0x00) is bad_frame and closes, as a binary message does: it was taken as
+    upload data."""
+    import hashlib
+
+    clock = Clock()
+    realm = make_test_realm(clock)
+    realm.create_user("alice", PASSWORD)
+    realm.create_user("bob", PASSWORD)
+    ws, transport = _open_gateway(realm, None, clock)
+    ws.dataReceived(_ws_frame(b'{"type":"hello","version":1,"id":1}'))
+    login = {"type": "login", "id": 2, "user": "alice", "password": PASSWORD}
+    ws.dataReceived(_ws_frame(json.dumps(login).encode()))
+    clock.advance(0)
+    sha = hashlib.sha256(b"hello").hexdigest()
+    offer = {"type": "file_offer", "id": 3, "to": "bob", "name": "a", "size": 5, "sha256": sha}
+    ws.dataReceived(_ws_frame(json.dumps(offer).encode()))
+    clock.advance(0)
+    assert [f.get("id") for f in _ws_messages(transport.value())][-1] == 3
+    transport.clear()
+    ws.dataReceived(_ws_frame(wire.encode_data(wire.OP_UPLOAD, 1, 0, b"hello")))
+    data = transport.value()
+    close = data.rindex(b"\x88")
+    (error,) = _ws_messages(data[:close])
+    assert error["code"] == "bad_frame" and "id" not in error
+    assert data[close:] == b"\x88\x02\x03\xe8"
 
 
 def test_origin_rules_and_cookie_parsing() -> None:

@@ -16,7 +16,9 @@ lists the only differences:
   :mod:`chatproto.web.site`), and ``device`` defaults to the token's device;
 - the handshake is refused (HTTP 403) unless ``Origin`` is allowed (see
   :func:`chatproto.web.site.origin_allowed`);
-- binary messages are reserved (``bad_frame``, as a native ``0x00`` frame).
+- binary messages are reserved (``bad_frame``), and so are data frames in text
+  messages: a browser moves file bytes over HTTP (:mod:`chatproto.web.site`); the
+  data frames of a ``download`` asked over WebSocket go out as binary messages.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ class WebSessionProtocol(ClientProtocol):
         if is_binary:
             self.refuse(FatalProtocolError("bad_frame", "binary WebSocket messages are not used"))
             return
+        if payload[:1] == b"\x00":  # a data frame: over WebSocket, files go over HTTP
+            self.refuse(FatalProtocolError("bad_frame", "a WebSocket message is a JSON object"))
+            return
         if len(payload) > self.MAX_LENGTH:
             self.lengthLimitExceeded(len(payload))
             return
@@ -173,7 +178,11 @@ class FrameTransport:
             (n,) = _unpack(buf, offset)
             if len(buf) - offset - 4 < n:
                 break
-            self._ws.sendMessage(buf[offset + 4 : offset + 4 + n], isBinary=False)
+            payload = buf[offset + 4 : offset + 4 + n]
+            # A control frame is a text message; a download's data frame (kind 0x00,
+            # a file's bytes, not UTF-8) a binary one: as text, a browser would
+            # have to fail the connection (RFC 6455 8.1).
+            self._ws.sendMessage(payload, isBinary=payload[:1] != b"{")
             offset += 4 + n
         self._buffer = buf[offset:]
 
