@@ -421,3 +421,38 @@ def test_file_bytes_over_a_websocket(site: Any) -> Any:
     yield until(lambda: ws_close_code(alice_ws.data) is not None)
     (op, payload), (close, _) = ws_messages(alice_ws.data)
     assert (op, json.loads(payload)["code"], close) == (1, "bad_frame", 8), alice_ws.data
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_upload_answers_the_stored_file_as_documented(site: Any) -> Any:
+    """``POST /files`` answers ``{"file":{...},"pos","msg_id"}``, the file with the
+    fields of a ``download`` result but the range and stream, ``file`` being the
+    ``file_id`` of the ``file`` message's ``meta`` (PROTOCOL.md said only "as in a
+    file message", whose ``meta`` names it ``file_id``)."""
+    bb, port = site
+    bob = yield bb.user("bob")
+    same = f"http://127.0.0.1:{port}"
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json", "Origin": same}
+    for path in ("/api/register", "/api/login"):
+        proto = yield http(port, post(port, path, creds, json_))
+        yield proto.lost
+    cookie = next(
+        line.split(b":", 1)[1].split(b";")[0].strip().decode()
+        for line in proto.data.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    )
+    sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # "test"
+    headers = {"Origin": same, "Cookie": cookie, "Content-Type": "text/plain"}
+    proto = yield http(port, post(port, f"/files?to=bob&name=t.txt&sha256={sha}", b"test", headers))
+    yield proto.lost
+    res = proto.body
+    assert list(res) == ["type", "file", "pos", "msg_id"], res
+    info = res["file"]
+    assert list(info) == [
+        "file", "name", "size", "media_type", "sha256", "from", "to", "ts", "pos",
+    ], info  # fmt: skip
+    msg = yield bob.wait_for(lambda f: f.get("type") == "msg" and f.get("kind") == "file")
+    assert info["file"] == msg["meta"]["file_id"] and info["pos"] == res["pos"] == msg["pos"]
+    got = yield bob.req("download", file=info["file"])
+    assert {k: got[k] for k in info} == info
