@@ -456,3 +456,24 @@ def test_an_upload_answers_the_stored_file_as_documented(site: Any) -> Any:
     assert info["file"] == msg["meta"]["file_id"] and info["pos"] == res["pos"] == msg["pos"]
     got = yield bob.req("download", file=info["file"])
     assert {k: got[k] for k in info} == info
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_session_cookie_has_the_documented_attributes(site: Any) -> Any:
+    """PROTOCOL.md, ``POST /api/login``: the cookie comes with "``HttpOnly;
+    SameSite=Strict; Path=/``" (plus ``Secure`` over HTTPS, not here).  twisted.web
+    wrote ``SameSite=strict``."""
+    _, port = site
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json"}
+    for path in ("/api/register", "/api/login"):
+        proto = yield http(port, post(port, path, creds, json_))
+        yield proto.lost
+    (cookie,) = [
+        line.split(b":", 1)[1].strip().decode()
+        for line in proto.data.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    ]
+    assert cookie.startswith("chatproto_session=") and "Secure" not in cookie
+    assert "HttpOnly; SameSite=Strict; Path=/" in cookie, cookie
+    assert "Max-Age=1209600" in cookie  # web.session_ttl

@@ -723,15 +723,15 @@ class WebSite(Site):
         return value.decode("latin-1") if value else None
 
     def set_cookie(self, request: Any, token: str, max_age: int | None = None) -> None:
-        request.addCookie(
-            SESSION_COOKIE,
-            token,
-            path="/",
-            max_age=str(round(self.web.session_ttl) if max_age is None else max_age),
-            secure=request.isSecure(),
-            httpOnly=True,
-            sameSite="strict",
-        )
+        """The session cookie, with the attributes spelled as PROTOCOL.md shows
+        them (``HttpOnly; SameSite=Strict; Path=/``, ``Secure`` over HTTPS):
+        twisted.web's ``addCookie`` writes ``SameSite=strict``, which browsers read
+        alike but a client comparing with the documentation does not."""
+        age = round(self.web.session_ttl) if max_age is None else max_age
+        cookie = f"{SESSION_COOKIE}={token}; Max-Age={age}; HttpOnly; SameSite=Strict; Path=/"
+        if request.isSecure():
+            cookie += "; Secure"
+        request.cookies.append(cookie.encode("ascii"))
 
     def getResourceFor(self, request: Any) -> Any:
         for name, value in _HEADERS.items():
