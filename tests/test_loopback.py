@@ -330,3 +330,29 @@ def test_an_ack_read_as_the_account_is_deleted_goes_with_the_account(server: Any
     assert existed
     assert (yield realm.store.get_ack("bob@localhost", "phone")) == 0
     yield alice.close()
+
+
+@every_store
+@pytest_twisted.inlineCallbacks
+def test_one_message_in_flight_costs_about_one_commit_each(server: Any) -> Any:
+    """A conversation one message at a time, the recipient acking each delivery: the
+    acks ride the next message's group commit (MARK_DELAY) instead of a commit and
+    an fsync of their own per message (two commits per message before)."""
+    realm, _, addr = server
+    got: list[dict[str, Any]] = []
+    a = yield connect(_reactor, addr, "alice", "password-a", register=True)
+    b = yield connect(_reactor, addr, "bob", "password-b", register=True, on_message=got.append)
+    yield defer.gatherResults([a.synced, b.synced])
+    yield until(lambda: not realm.store._has_pending() and not realm.store._jobs)
+    commits = realm.store.commits
+    n = 20
+    for k in range(n):
+        yield a.send("bob", f"m{k}")
+        yield until(lambda k=k: len(got) == k + 1)
+    spent = realm.store.commits - commits
+    assert spent <= n * 1.5, spent
+    yield a.close()
+    yield b.close()
+    # the last ack was committed (the connections closed: nothing else to ride)
+    yield until(lambda: not realm.store._has_pending() and not realm.store._jobs)
+    assert (yield realm.store.get_ack("bob@localhost", "default")) == got[-1]["pos"]

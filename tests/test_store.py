@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
@@ -1000,6 +1001,49 @@ def test_close_flushes_pending_acks(tmp_path: Any) -> Any:
         assert (yield reopened.max_pos()) == 1
     finally:
         yield reopened.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_acks_and_read_markers_alone_wait_for_a_commit_of_items(sql_store: Any) -> Any:
+    """An ack or read marker with nothing else to commit waits MARK_DELAY for a commit
+    of items to ride (no commit and fsync of its own per delivery on a quiet realm);
+    one comes: they go with it; none comes: they get their own after MARK_DELAY."""
+    from chatproto.store.groupcommit import MARK_DELAY
+
+    store = sql_store
+    yield settle(store)
+    commits = store.commits
+    store.set_ack(BOB, "phone", 1)
+    store.set_read(BOB, "alice@localhost", 1)
+    yield deferLater(_reactor, MARK_DELAY / 5, lambda: None)
+    assert store.commits == commits  # waiting
+    assert (yield stored_devices(store, BOB)) == {}
+    assert (yield store.get_ack(BOB, "phone")) == 1  # (read-your-writes all the same)
+    [item] = yield store.append([env(ALICE, BOB)])
+    assert store.commits == commits + 1  # rode the item's commit
+    assert (yield stored_devices(store, BOB)) == {"phone": 1}
+    # alone, past MARK_DELAY: a commit of their own
+    store.set_ack(BOB, "phone", item.pos)
+    yield deferLater(_reactor, MARK_DELAY * 4, lambda: None)
+    assert store.commits == commits + 2
+    assert (yield stored_devices(store, BOB)) == {"phone": item.pos}
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_commits_an_ack_waiting_alone_at_once(tmp_path: Any) -> Any:
+    store = _sqlite(tmp_path)
+    yield store.open()
+    yield store.append([env(ALICE, BOB)])
+    yield deferLater(_reactor, 0, lambda: None)  # (that commit's hand-out is over)
+    store.set_ack(BOB, "phone", 1)  # nothing in flight: it waits MARK_DELAY...
+    started = _reactor.seconds()
+    yield store.close()  # ...not when the store closes
+    assert _reactor.seconds() - started < 0.04
+    db = SQLiteDB(store.path)
+    try:
+        assert db.get_ack(BOB, "phone") == 1
+    finally:
+        db.close()
 
 
 @pytest_twisted.inlineCallbacks
