@@ -477,3 +477,68 @@ def test_the_session_cookie_has_the_documented_attributes(site: Any) -> Any:
     assert cookie.startswith("chatproto_session=") and "Secure" not in cookie
     assert "HttpOnly; SameSite=Strict; Path=/" in cookie, cookie
     assert "Max-Age=1209600" in cookie  # web.session_ttl
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_upload_is_checked_before_its_body_is_read(site: Any) -> Any:
+    """``POST /files``: "the same checks as a native upload, all before any byte
+    is kept" (PROTOCOL.md, as a native ``file_offer``'s "before any byte is sent"):
+    the recipient, the fields and the quota are answered as soon as the headers are
+    in, the body unread; an accepted upload gets its ``100 Continue`` (when asked)
+    only then; one whose connection goes before its body is whole leaves no
+    unfinished upload behind.  The realm read the whole body first."""
+    bb, port = site
+    same = f"http://127.0.0.1:{port}"
+    yield bb.realm.create_user("bob", "password-1")
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json", "Origin": same}
+    for path in ("/api/register", "/api/login"):
+        proto = yield http(port, post(port, path, creds, json_))
+        yield proto.lost
+    cookie = next(
+        line.split(b":", 1)[1].split(b";")[0].strip().decode()
+        for line in proto.data.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    )
+    sha = "0" * 64
+
+    def head(query: str, length: int, expect: bool = False) -> bytes:
+        lines = [
+            f"POST /files?{query} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            f"Origin: {same}",
+            f"Cookie: {cookie}",
+            "Content-Type: text/plain",
+            f"Content-Length: {length}",
+        ] + (["Expect: 100-continue"] if expect else [])
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    bb.realm.files.config.quota_per_user = 1000
+    for query, length, status, code in [
+        (f"to=nobody&name=a.txt&sha256={sha}", 10, 404, "no_such_user"),
+        (f"to=%23nowhere&name=a.txt&sha256={sha}", 10, 404, "no_such_group"),
+        (f"to=bob&name=a/b&sha256={sha}", 10, 400, "bad_request"),
+        ("to=bob&name=a.txt&sha256=xyz", 10, 400, "bad_request"),
+        (f"to=bob&name=a.txt&sha256={sha}", 1001, 413, "quota_exceeded"),
+    ]:
+        proto = yield http(port, head(query, length))  # and no body
+        assert proto.status == status, (query, proto.data[:300])
+        yield proto.lost
+        assert proto.body["code"] == code, (query, proto.body)
+    assert proto.body["quota"] == 1000 and proto.body["used"] == 0
+    # accepted: told to go on, then the body
+    body = b"test"
+    sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    proto = yield http(port, head(f"to=bob&name=t.txt&sha256={sha}", 4, expect=True))
+    assert proto.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), proto.data
+    proto.transport.write(body)
+    yield until(lambda: b'"msg_id"' in proto.data)
+    assert proto.data.split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200 ")
+    proto.transport.loseConnection()
+    # accepted, then the connection goes with half of the body: no upload is left
+    proto = yield http(port, head(f"to=bob&name=u.txt&sha256={sha}", 4, expect=True))
+    yield until(lambda: len(bb.realm.files.uploads) == 1)
+    proto.transport.write(b"te")
+    proto.transport.loseConnection()
+    yield proto.lost
+    yield until(lambda: not bb.realm.files.uploads)

@@ -1086,6 +1086,45 @@ def test_an_upload_over_the_size_limit_is_answered_from_its_headers(expect: bool
     assert not lingering()
 
 
+@pytest.mark.parametrize("to,status", [("nobody", b"404"), ("bob", b"100")])
+def test_an_upload_is_offered_to_the_realm_before_its_body(to: str, status: bytes) -> None:
+    """StringTransport: headers (one byte at a time) of an upload to an unknown
+    user get 404 at once, the write side closed; to a user, the realm's upload is
+    made, ``100 Continue`` written, and the upload goes with the connection when
+    its body never came."""
+    clock = Clock()
+    realm = make_test_realm(clock)
+    for name in ("alice", "bob"):
+        realm.create_user(name, PASSWORD)
+    token: list[str] = []
+    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
+    site = WebSite(realm, clock=clock)
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = clock.callLater
+    transport = _HalfClosing()
+    channel.makeConnection(transport)
+    head = (
+        f"POST /files?to={to}&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
+        "Host: chat.test\r\nOrigin: http://chat.test\r\n"
+        f"Cookie: {SESSION_COOKIE}={token[0]}\r\nExpect: 100-continue\r\n"
+        "Content-Length: 10\r\n\r\n"
+    ).encode()
+    for i in range(len(head)):
+        channel.dataReceived(head[i : i + 1])
+    clock.advance(0)
+    data = transport.value()
+    assert data.startswith(b"HTTP/1.1 " + status), data
+    if to == "nobody":
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["code"] == "no_such_user"
+        assert transport.write_closed and not realm.files.uploads
+    else:
+        assert data == b"HTTP/1.1 100 Continue\r\n\r\n" and len(realm.files.uploads) == 1
+        channel.dataReceived(b"01234")  # half of it, then the connection goes
+        channel.connectionLost(None)
+        clock.advance(0)
+        assert not realm.files.uploads
+
+
 @defer.inlineCallbacks
 def _logged_in_websocket(web: Web, user: str) -> Any:
     cookie = yield web.login(user)

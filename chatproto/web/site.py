@@ -38,7 +38,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import static
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, parse_qs
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -421,6 +421,12 @@ class WebRequest(Request):
     no stated length, whole in a temporary file, whoever sends it."""
 
     refused: tuple[int, str, str] | None = None
+    #: An upload not refused from its headers (see _Channel.allHeadersReceived).
+    is_upload = False
+    #: Its offer to the realm, made before its body is read: fires with the Upload.
+    offered: Any = None
+    #: Its body is in and it is being handled (the channel no longer answers early).
+    rendering = False
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
@@ -432,12 +438,43 @@ class WebRequest(Request):
             if self.refused is not None:
                 self.content = _Discard()
                 return
+            self.is_upload = True
             super().gotLength(length)
             return
         if length is None or length > MAX_API_BODY:
             self.content = _Capped(MAX_API_BODY + 1)
             return
         super().gotLength(length)
+
+
+def _offer_upload(site: WebSite, request: Any, user: str, path: bytes, size: int) -> Any:
+    """The realm's offer of the upload ``request`` announces (``files.offer``: its
+    fields, the size, the recipient, the number of unfinished uploads and the
+    quota), from the request line's query and the headers alone, so it is made
+    before the body is read."""
+    query = parse_qs(path.partition(b"?")[2], 1)  # (bytes, as twisted.web's args)
+
+    def arg(name: str) -> Any:
+        # Read as strictly as a JSON text is (wire.parse_json): a value given
+        # twice, or that is not UTF-8, is refused, not guessed at or repaired
+        # (a name with U+FFFD for its bad bytes would be stored as the name).
+        values = query.get(name.encode())
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ChatError("bad_request", f"{name!r} is given twice")
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ChatError("bad_request", f"{name!r} is not UTF-8") from None
+
+    def offer() -> Any:
+        media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        to, name, sha256 = arg("to"), arg("name"), arg("sha256")
+        media_type = media.decode("latin-1").lower() or None
+        return site.realm.files.offer(user, to, name, size, sha256, media_type)
+
+    return maybeDeferred(offer)
 
 
 class _Files(_Api):
@@ -463,33 +500,14 @@ class _Files(_Api):
     @inlineCallbacks
     def _upload(self, request: Any, user: str) -> Any:
         files = self.site.realm.files
-
-        def arg(name: str) -> Any:
-            # Read as strictly as a JSON text is (wire.parse_json): a value given
-            # twice, or that is not UTF-8, is refused, not guessed at or repaired
-            # (a name with U+FFFD for its bad bytes would be stored as the name).
-            values = request.args.get(name.encode())
-            if not values:
-                return None
-            if len(values) > 1:
-                raise ChatError("bad_request", f"{name!r} is given twice")
-            try:
-                return values[0].decode("utf-8")
-            except UnicodeDecodeError:
-                raise ChatError("bad_request", f"{name!r} is not UTF-8") from None
-
-        media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
-        size = _content_length(request)
-        if size is None:
-            raise ChatError("bad_request", "send Content-Length")
-        up = yield files.offer(
-            user,
-            arg("to"),
-            arg("name"),
-            size,
-            arg("sha256"),
-            media.decode("latin-1").lower() or None,
-        )
+        request.rendering = True  # (the channel no longer answers it early)
+        offered = getattr(request, "offered", None)
+        if offered is None:  # (not made before the body: another request class)
+            size = _content_length(request)
+            if size is None:
+                raise ChatError("bad_request", "send Content-Length")
+            offered = _offer_upload(self.site, request, user, request.uri, size)
+        up = yield offered
         try:
             offset = 0
             content = request.content
@@ -593,6 +611,8 @@ class _Channel(HTTPChannel):
     _ticket: Ticket | None = None
     #: The abort of a refused upload's connection, LINGER seconds after its answer.
     _linger: Any = None
+    #: The client of the upload being offered asked to be told to go on.
+    _continue = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -608,6 +628,14 @@ class _Channel(HTTPChannel):
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
             linger.cancel()
+        for request in self.requests:
+            # an upload offered before its body, which never came in whole: the
+            # realm's unfinished upload goes (it counted against the quota)
+            up = getattr(request, "upload", None)
+            if up is not None and not request.rendering:
+                files = self.site.realm.files
+                if up.upload_id in files.uploads:
+                    files.cancel(up.user, up.upload_id).addErrback(lambda _: None)
         super().connectionLost(reason)
 
     def release_admission(self) -> None:
@@ -622,23 +650,69 @@ class _Channel(HTTPChannel):
 
     def _send100Continue(self) -> None:
         # (HTTPChannel asks every client that expects it to go on: not for an
-        # upload already refused, which is answered at once instead)
-        if self._refused() is None:
+        # upload refused, which is answered at once instead, nor before the
+        # realm has accepted the offer of one: see allHeadersReceived)
+        request = self.requests[-1] if self.requests else None
+        if getattr(request, "is_upload", False):
+            self._continue = True
+        elif self._refused() is None:
             super()._send100Continue()  # type: ignore[misc]
 
     def allHeadersReceived(self) -> None:
-        """An upload refused from its headers (:meth:`WebSite.upload_refusal`) is
-        answered now, not once its body is in: PROTOCOL.md promises the answer
-        "before the body is read", and a client may wait for it before sending
-        (``Expect: 100-continue``) or stop after it.  The connection then closes
-        (the body announced is not read): its write side at once, after the answer,
-        and the rest once the client stops sending, or after ``LINGER`` seconds."""
+        """An upload is checked before its body is read, as PROTOCOL.md says, and a
+        refused one answered now, not once its body is in (a client may wait for
+        the answer before sending, ``Expect: 100-continue``, or stop after it).
+        Refused from its headers (:meth:`WebSite.upload_refusal`): at once.  Else
+        the connection is not read while the realm checks the offer (fields, size,
+        recipient, quota); refused, it is answered then; accepted, the body is read
+        (after ``100 Continue``, if asked).  A refused upload's connection then
+        closes, the body announced unread: its write side at once, after the
+        answer, and the rest once the client stops sending, or after ``LINGER``
+        seconds."""
+        self._continue = False
         super().allHeadersReceived()
-        refused = self._refused()
-        if refused is None or self.length == 0:  # (no body: answered as usual)
+        request: Any = self.requests[-1]
+        if self.length == 0:  # (no body: answered as usual)
             return
-        status, code, message = refused
-        body = wire.encode({"type": "error", "code": code, "message": message})
+        refused = self._refused()
+        if refused is not None:
+            self._answer_early(*refused)
+        elif request.is_upload:
+            self._offer_first(request)
+
+    def _offer_first(self, request: Any) -> None:
+        transport: Any = self.transport
+        size = self.length
+        if size is None:  # (refused by upload_refusal: 411)
+            return
+        user = self.site.user_of(request)
+        transport.pauseProducing()
+        d = _offer_upload(self.site, request, user or "", self._path, size)
+        request.offered = d
+
+        def accepted(up: Any) -> Any:
+            request.upload = up
+            if self.transport is not None:
+                if self._continue:
+                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                transport.resumeProducing()
+            return up
+
+        def refused(f: Failure) -> Any:
+            if request.rendering or self.transport is None or not f.check(ChatError):
+                return f  # (the request's own answer says it)
+            err: Any = f.value
+            self._answer_early(http_status(err.code), err.code, err.message, err.extra)
+            return None
+
+        d.addCallbacks(accepted, refused)
+
+    def _answer_early(
+        self, status: int, code: str, message: str, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Answer the request whose body is being (or about to be) read with an
+        error, and close without reading that body (see allHeadersReceived)."""
+        body = wire.encode({"type": "error", "code": code, "message": message, **(extra or {})})
         phrase = _PHRASES.get(status) or RESPONSES.get(status, b"Error")
         head = [b"HTTP/1.1 %d %s" % (status, phrase)]
         head += [b"%s: %s" % item for item in _HEADERS.items()]
@@ -663,6 +737,7 @@ class _Channel(HTTPChannel):
             return
         half_close()
         self._linger = self.callLater(LINGER, transport.abortConnection)
+        transport.resumeProducing()  # (read, to drop, what the client still sends)
 
 
 class WebSite(Site):
