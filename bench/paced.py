@@ -170,7 +170,7 @@ def main() -> None:
                         f"{r['realm_us_per_msg']} us/DM (reactor {r['reactor_us_per_msg']}, "
                         f"generator {r['gen_us_per_msg']}), "
                         f"commit {r['commit_ms']:.1f} ms (COMMIT {r['sync_ms']:.1f}), "
-                        f"{r['items_per_commit']:.0f} items/commit, behind {r['behind']}, "
+                        f"{r['items_per_commit']:.1f} items/commit, behind {r['behind']}, "
                         f"other CPU {r['other_cpu_pct']}%"
                     )
     finally:
@@ -191,7 +191,7 @@ def main() -> None:
             f"{label:3} {rate:7.0f} {r['delivered_per_s']:8.0f} {r['latency_ms_p50']:7.1f} "
             f"{r['latency_ms_p99']:7.1f} {r['realm_us_per_msg']:6.1f} "
             f"{r['reactor_us_per_msg']:7.1f} {r['gen_us_per_msg']:5.1f} {r['commit_ms']:9.1f} {r['sync_ms']:6.1f} "
-            f"{r['items_per_commit']:6.0f} {r['other_cpu_pct']:6.1f}"
+            f"{r['items_per_commit']:6.1f} {r['other_cpu_pct']:6.1f}"
         )
 
 
