@@ -1125,6 +1125,48 @@ def test_an_upload_is_offered_to_the_realm_before_its_body(to: str, status: byte
         assert not realm.files.uploads
 
 
+@pytest.mark.parametrize("outcome", ["lost", "failed"])
+def test_an_upload_offer_that_ends_after_its_connection_or_fails_is_cleaned_up(
+    outcome: str, log_watch: Any
+) -> None:
+    """StringTransport, an offer the realm answers later: made while the connection
+    went (no body will come), the upload is cancelled at once; failing with
+    something else than a ChatError, the request gets 500 internal_error at once."""
+    clock = Clock()
+    realm = make_test_realm(clock)
+    for name in ("alice", "bob"):
+        realm.create_user(name, PASSWORD)
+    token: list[str] = []
+    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
+    later: defer.Deferred[Any] = defer.Deferred()
+    real_offer = realm.files.offer
+    realm.files.offer = lambda *a: later.addCallback(lambda _: real_offer(*a))
+    site = WebSite(realm, clock=clock)
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = clock.callLater
+    transport = _HalfClosing()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        (
+            "POST /files?to=bob&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
+            "Host: chat.test\r\nOrigin: http://chat.test\r\n"
+            f"Cookie: {SESSION_COOKIE}={token[0]}\r\nContent-Length: 10\r\n\r\n"
+        ).encode()
+    )
+    assert transport.producerState == "paused"  # not read while the realm checks
+    if outcome == "lost":
+        channel.connectionLost(None)
+        later.callback(None)
+        clock.advance(0)
+        assert not realm.files.uploads
+    else:
+        later.errback(RuntimeError("disk on fire"))
+        data = transport.value()
+        assert data.startswith(b"HTTP/1.1 500 ")
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["code"] == "internal_error"
+        assert any("disk on fire" in text for text in log_watch.failures)
+
+
 @defer.inlineCallbacks
 def _logged_in_websocket(web: Web, user: str) -> Any:
     cookie = yield web.login(user)

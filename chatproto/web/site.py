@@ -613,6 +613,8 @@ class _Channel(HTTPChannel):
     _linger: Any = None
     #: The client of the upload being offered asked to be told to go on.
     _continue = False
+    #: The connection is gone (an offer that completes then has no body coming).
+    _lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -624,6 +626,7 @@ class _Channel(HTTPChannel):
         self._ticket = ticket
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True
         self.release_admission()
         linger, self._linger = self._linger, None
         if linger is not None and linger.active():
@@ -692,17 +695,25 @@ class _Channel(HTTPChannel):
 
         def accepted(up: Any) -> Any:
             request.upload = up
-            if self.transport is not None:
-                if self._continue:
-                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                transport.resumeProducing()
+            if self._lost:  # gone while the realm checked: no body will come
+                if not request.rendering:
+                    self.site.realm.files.cancel(up.user, up.upload_id).addErrback(lambda _: None)
+                return up
+            if self._continue:
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            transport.resumeProducing()
             return up
 
         def refused(f: Failure) -> Any:
-            if request.rendering or self.transport is None or not f.check(ChatError):
+            if request.rendering:
                 return f  # (the request's own answer says it)
-            err: Any = f.value
-            self._answer_early(http_status(err.code), err.code, err.message, err.extra)
+            if not self._lost:
+                if f.check(ChatError):
+                    err: Any = f.value
+                    self._answer_early(http_status(err.code), err.code, err.message, err.extra)
+                else:
+                    _Api.log.failure("web request {uri} failed", f, uri=self._path)
+                    self._answer_early(500, "internal_error", "failed")
             return None
 
         d.addCallbacks(accepted, refused)
