@@ -236,6 +236,15 @@ class Federation:
     #: would add one more is refused (``peer_denied``).  Open federation (empty
     #: ``allow``) would otherwise let one client make a link per made-up realm.
     max_peers: int = 1000
+    #: Of those, the links to realms never reached (no handshake ever: a made-up
+    #: name, say) one local user may hold at once (a peer realm, for the links its
+    #: requests make); past it that user's request naming one more is refused
+    #: (``peer_denied``), others are not.  A realm that answered once is no one's.
+    max_peers_per_user: int = 20
+    #: Seconds a realm never reached may stay so before the items queued for it are
+    #: given up on and bounced (``peer_unreachable``), so its place frees up; a
+    #: realm reached once keeps ``give_up_after``.  0: ``give_up_after`` for all.
+    give_up_unreached: float = 3600.0
 
     def peer(self, realm: str) -> Peer | None:
         for p in self.peers:
@@ -634,6 +643,10 @@ class Config:
                 raise ConfigError(f"federation.{key} must be >= 0 (0: no bound)")
         if not 1 <= f.max_peers <= 1_000_000:
             raise ConfigError("federation.max_peers must be between 1 and 1000000")
+        if not 1 <= f.max_peers_per_user <= 1_000_000:
+            raise ConfigError("federation.max_peers_per_user must be between 1 and 1000000")
+        if f.give_up_unreached < 0:
+            raise ConfigError("federation.give_up_unreached must be >= 0 (0: as give_up_after)")
         if len(f.peers) > f.max_peers:
             raise ConfigError(
                 f"federation.peers lists {len(f.peers)} realms; max_peers is {f.max_peers}"

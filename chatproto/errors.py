@@ -32,7 +32,7 @@ CODES: dict[str, str] = {
     "remote_realm": "the address belongs to another realm and federation is not enabled",
     "peer_denied": "this realm does not federate with that realm (allow/deny lists)",
     "peer_unreachable": "the peer realm could not be reached for federation.give_up_after "
-    "seconds (only in bounce items)",
+    "seconds, or give_up_unreached for one never reached (only in bounce items)",
     "untrusted_peer": "federation: the peer's certificate does not prove the realm it claims",
     "forged_sender": "federation: a realm carried an item it may not speak for (a user of "
     "another realm's, or a local user's that they did not send or ask for)",

@@ -564,11 +564,11 @@ class FileService:
             raise ChatError("bad_request", "field 'to' must be a string")
         realm = self.realm
         if to.startswith("#"):
-            addr = realm.group_handler.address(to, remote_ok=True)
+            addr = realm.group_handler.address(to, True, user)
             realm.group_handler.item_realms(user, addr)  # not_member
             return addr
         # A user on another realm (federation): that realm fetches the bytes from here.
-        resolved = realm.messages.resolve_user(to, remote_ok=True)
+        resolved = realm.messages.resolve_user(to, True, user)
         if isinstance(resolved, Deferred):
             return resolved.addCallback(str)
         return str(resolved)

@@ -343,6 +343,10 @@ class KeyRing:
 
         return self._store.peer_keys().addCallback(loaded)  # type: ignore[no-any-return]
 
+    def known(self, realm: str) -> bool:
+        """Whether ``realm`` ever announced its keys to us (it was reached once)."""
+        return realm in self._keys
+
     def lookup(self, realm: str, kid: str) -> bytes | None:
         """The raw public key ``kid`` of ``realm``, if ``realm`` announced it."""
         return self._keys.get(realm, {}).get(kid)

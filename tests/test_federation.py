@@ -112,6 +112,8 @@ fingerprint = "{pin.upper().replace("SHA256", "sha256")}"
         ({"peers": [config.Peer("b.example"), config.Peer("B.example")]}, "twice"),
         ({"deny": ["bad_realm!"]}, "invalid realm"),
         ({"max_peers": 0}, "max_peers must be between"),
+        ({"max_peers_per_user": 0}, "max_peers_per_user must be between"),
+        ({"give_up_unreached": -1.0}, "give_up_unreached must be >= 0"),
         (
             {"max_peers": 1, "peers": [config.Peer("b.example"), config.Peer("c.example")]},
             "2 realms",
@@ -1057,7 +1059,9 @@ def test_items_for_a_peer_down_too_long_or_no_longer_allowed_bounce(node: Any) -
     assert realm.store.outbox_counts().result == {}
     last = realm.store.read_feed("bob@b.example", 0, 10).result[-1]
     assert (last.kind, last.meta["id"], last.meta["code"]) == ("bounce", young.id, "peer_denied")
-    # 0: never give up
+    # 0: never give up (a realm that answered once: one never reached would still
+    # be given up on after give_up_unreached)
+    fed.reached_realm("a.example")
     fed.cfg.deny = []
     fed.cfg.give_up_after = 0.0
     link.down_since = 0.0
@@ -1169,6 +1173,113 @@ def test_idle_links_are_forgotten_at_the_bound_but_not_static_peers(node: Any) -
     last = realm.store.read_feed("bob@b.example", 0, 20).result[-1]
     assert (last.kind, last.meta["id"], last.meta["code"]) == ("bounce", env.id, "peer_denied")
     fed.running = False
+
+
+def _message(d: Deferred[Any]) -> str:
+    failure = d.result  # type: ignore[attr-defined]
+    d.addErrback(lambda f: None)
+    return f"{failure.value.code}: {failure.value.message}"
+
+
+def test_one_user_cannot_take_every_place_with_realms_never_reached(node: Any) -> None:
+    """max_peers 10, max_peers_per_user 3: bob's sends to three made-up realms take
+    his three places; a fourth realm is refused to him (peer_denied naming
+    max_peers_per_user) for a message, an invitation and a group request alike, while
+    alice still reaches a new realm and a realm with a link still takes bob's items.
+    A realm that answers (a handshake either way) is proven: its place is no longer
+    bob's, so he has one again.  A peer's key requests are charged to that peer.
+    (Before, the bound was global only: bob could take all ten.)"""
+    realm, fed, _ = node
+    realm.create_user("alice", "password-1")
+    fed.cfg.max_peers = 10
+    fed.cfg.max_peers_per_user = 3
+    fed.resolver = SilentResolver()
+    fed.running = True
+    made_up = [f"made-up-{i}.example" for i in range(8)]
+    for r in made_up[:3]:
+        realm.post("bob", f"x@{r}", "hi").result  # noqa: B018
+    refused = _message(realm.post("bob", f"x@{made_up[3]}", "hi"))
+    assert refused.startswith("peer_denied: ") and "max_peers_per_user" in refused
+    realm.group_event_as("bob", "created", "#dev").result  # noqa: B018
+    assert _code(realm.group_event_as("bob", "invited", "#dev", user=f"x@{made_up[3]}")) == (
+        "peer_denied"
+    )
+    assert _code(realm.group_event_as("bob", "joined", f"#g@{made_up[3]}")) == "peer_denied"
+    realm.post("bob", f"y@{made_up[0]}", "a realm with a link takes more").result  # noqa: B018
+    realm.post("alice", f"x@{made_up[3]}", "someone else is not refused").result  # noqa: B018
+    assert fed.held == {
+        "bob@b.example": set(made_up[:3]),
+        "alice@b.example": {made_up[3]},
+    }
+    assert made_up[4] not in fed.links
+    # made-up-1 answers after all (our link's welcome, or its hello): it is proven and
+    # no one's; bob has a place again, and bob's next send there costs nothing.
+    fed.peer_connected(made_up[1])
+    assert fed.held["bob@b.example"] == {made_up[0], made_up[2]}
+    realm.post("bob", f"x@{made_up[4]}", "a place again").result  # noqa: B018
+    realm.post("bob", f"z@{made_up[1]}", "proven").result  # noqa: B018
+    assert _code(realm.post("bob", f"x@{made_up[5]}", "hi")) == "peer_denied"
+    # A peer's transactions asking for the keys of realms never reached: charged to
+    # that peer, at most max_peers_per_user of them.
+    for r in made_up[5:8]:
+        fed.want_keys(r, "evil.example")
+    assert fed.held["evil.example"] == set(made_up[5:8])
+    assert fed.want_keys("made-up-9.example", "evil.example").result is False
+    assert "made-up-9.example" not in fed.links
+    # Presence alone makes no link to a realm never reached (a user's contacts on
+    # made-up realms would get links each time they come online), but does to one
+    # that was reached.
+    fed.presence({"made-up-10.example"}, {"type": "presence", "user": "bob@b.example"})
+    assert "made-up-10.example" not in fed.links
+    fed.reached.add("real.example")
+    fed.presence({"real.example"}, {"type": "presence", "user": "bob@b.example"})
+    assert "real.example" in fed.links and fed.links["real.example"].holder is None
+    fed.running = False
+    for link in fed.links.values():
+        link.stop()
+
+
+def test_items_for_a_realm_never_reached_are_given_up_after_give_up_unreached(node: Any) -> None:
+    """give_up_unreached 100 s (give_up_after a week): bob's items for a made-up realm
+    bounce (peer_unreachable, "never answered") after 100 s, when those for a realm
+    that was reached once wait on; the made-up realm's link then idles and is
+    forgotten.  Bob's place is his again as soon as they are given up on (until he
+    writes there again).  (Before, they waited give_up_after, and the place stayed
+    taken for a week.)"""
+    realm, fed, clock = node
+    fed.cfg.max_peers_per_user = 1
+    fed.cfg.give_up_unreached = 100.0
+    fed.cfg.idle_after = 10.0
+    fed.resolver = SilentResolver()
+    fed.running = True
+    fed.reached.add("real.example")  # it answered once (it is down now)
+    realm.post("bob", "x@made-up.example", "lost").result  # noqa: B018
+    realm.post("bob", "x@real.example", "later").result  # noqa: B018
+    assert fed.held == {"bob@b.example": {"made-up.example"}}
+    assert _code(realm.post("bob", "x@other.example", "hi")) == "peer_denied"
+    clock.advance(99)
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {"made-up.example": 1, "real.example": 1}
+    clock.advance(2)
+    fed.give_up().result  # noqa: B018
+    assert realm.store.outbox_counts().result == {"real.example": 1}
+    last = realm.store.read_feed("bob@b.example", 0, 20).result[-1]
+    assert (last.kind, last.meta["code"]) == ("bounce", "peer_unreachable")
+    assert "never answered" in last.body
+    assert fed.held == {}  # at once: nothing of bob's waits there any more
+    # Writing there again (its link is still there, retrying) takes the place again.
+    realm.post("bob", "x@made-up.example", "again").result  # noqa: B018
+    assert fed.held == {"bob@b.example": {"made-up.example"}}
+    assert _code(realm.post("bob", "x@other.example", "hi")) == "peer_denied"
+    clock.advance(101)
+    fed.give_up().result  # noqa: B018
+    assert fed.held == {}
+    clock.advance(fed.cfg.idle_after)
+    assert sorted(fed.links) == ["real.example"]
+    realm.post("bob", "x@other.example", "a place again").result  # noqa: B018
+    fed.running = False
+    for link in fed.links.values():
+        link.stop()
 
 
 class FakeResolver:

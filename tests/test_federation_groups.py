@@ -91,7 +91,7 @@ class _Fed:
         self.links = links
         self.name = name
 
-    def admit(self, realm: str) -> bool:
+    def admit(self, realm: str, user: str | None = None) -> bool:
         return True  # no bound on peers here (see FederationService.admit)
 
     def wake(self, realm: str, n: int = 1) -> None:

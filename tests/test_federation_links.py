@@ -245,6 +245,61 @@ def test_a_realm_given_up_on_frees_its_place_under_max_peers(
     no_tracebacks(logs)
 
 
+@pytest_twisted.inlineCallbacks
+def test_one_client_cannot_take_every_place_and_unreached_realms_bounce_soon(
+    realms: Any,  # noqa: F811
+    logs: Any,
+    monkeypatch: Any,
+) -> Any:
+    """max_peers 10, max_peers_per_user 2, give_up_unreached 1 s (give_up_after a
+    week): bob's messages to two made-up realms take his places and a third realm is
+    refused to him (peer_denied, max_peers_per_user), while carol still reaches a new
+    realm.  The made-up realms never answer: within seconds, not a week, bob gets his
+    bounces (peer_unreachable), their links idle and are dropped although bob stays
+    online, and bob reaches a new realm again.  (Before, one client could take all
+    max_peers places, for give_up_after.)"""
+    from chatproto.client import RemoteError
+    from chatproto.federation import peer
+
+    monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
+    (b,) = yield realms(
+        ["b.example"],
+        max_peers=10,
+        max_peers_per_user=2,
+        give_up_unreached=1.0,
+        idle_after=0.2,
+    )
+    assert b.cfg.federation.give_up_after == 7 * 86400.0
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()  # nothing listens there: the made-up realms are "down"
+    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    yield bob.send("x@made-up-1.example", "one")
+    yield bob.send("x@made-up-2.example", "two")
+    yield bob.send("y@made-up-1.example", "a realm with a link takes more")
+    with pytest.raises(RemoteError) as e:
+        yield bob.send("x@made-up-3.example", "three")
+    assert e.value.code == "peer_denied" and "max_peers_per_user" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        yield bob.mark_read("x@made-up-3.example", 1)
+    assert e.value.code == "peer_denied"
+    carol = yield connect(_reactor, b.addr, "carol", PW, register=True)
+    yield carol.send("x@made-up-3.example", "someone else is not refused")
+    assert b.fed.held["bob@b.example"] == {"made-up-1.example", "made-up-2.example"}
+    yield until(lambda: len([m for m in got if m["kind"] == "bounce"]) == 3, timeout=30)
+    bounces = [m for m in got if m["kind"] == "bounce"]
+    assert {m["meta"]["code"] for m in bounces} == {"peer_unreachable"}
+    assert all("never answered" in m["body"] for m in bounces)
+    yield until(lambda: "bob@b.example" not in b.fed.held, timeout=30)
+    yield until(lambda: "made-up-1.example" not in b.fed.links, timeout=30)
+    yield bob.send("x@made-up-4.example", "a place again")
+    yield bob.close()
+    yield carol.close()
+    no_tracebacks(logs)
+
+
 class FakeService:
     """Stands in for a PeerLink's ClientService (no connection attempts)."""
 
@@ -294,7 +349,9 @@ def test_when_a_link_is_wanted_and_when_it_idles(node: Any) -> None:  # noqa: F8
     assert link.service.running
     clock.advance(20)
     assert link.state == "idle"
-    # an online user with a contact there keeps it up
+    # an online user with a contact there keeps it up (once the realm answered:
+    # presence alone keeps no link to a realm never reached)
+    link.reached = True
     realm.presence_wanted = lambda r: r == "a.example"  # type: ignore[method-assign]
     link.wake(1)
     link._waiting = 0

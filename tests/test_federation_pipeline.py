@@ -143,7 +143,7 @@ def test_items_for_a_realm_committed_together_wake_its_link_once() -> None:
     wakes: list[tuple[str, int]] = []
 
     class Fed:
-        def admit(self, peer: str) -> bool:
+        def admit(self, peer: str, user: str | None = None) -> bool:
             return True
 
         def wake(self, peer: str, n: int = 1) -> None:

@@ -882,7 +882,7 @@ def test_join_of_another_realms_group_asks_its_home_realm(
     class Federation:
         woken: list[str] = []
 
-        def admit(self, peer: str) -> bool:
+        def admit(self, peer: str, user: str | None = None) -> bool:
             return True
 
         def wake(self, peer: str) -> None:

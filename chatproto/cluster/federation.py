@@ -123,9 +123,11 @@ class ReceivingFederation(FederationService):
         self.listen()
         self.status_changed()
 
-    def admit(self, realm: str) -> bool:
+    def admit(self, realm: str, user: str | None = None) -> bool:
         """This worker keeps no link: ``[federation] max_peers`` is the sender's to
-        hold (past it, its ``wake`` bounces what was queued: ``peer_denied``)."""
+        hold (past it, its ``wake`` bounces what was queued: ``peer_denied``), and
+        ``max_peers_per_user`` is not held here (the sender does not know whose
+        items it wakes for; ``give_up_unreached`` still frees their places)."""
         return True
 
     def wake(self, realm: str, n: int = 1) -> None:
@@ -138,7 +140,7 @@ class ReceivingFederation(FederationService):
         """A read marker or typing notice for ``realm``: the sender's links carry it."""
         self._publish(json.dumps({"reading": realm, "data": frame}))
 
-    def want_keys(self, realm: str) -> Deferred[bool]:
+    def want_keys(self, realm: str, by: str | None = None) -> Deferred[bool]:
         """Keys come in a link's hello: known when a link from ``realm`` is up here
         (this worker makes no link of its own)."""
         return succeed(any(p.peer_realm == realm and p.is_up() for p in self.inbound))

@@ -139,7 +139,7 @@ class ClusterMessaging(Messaging):
             # Resolve first, so that the send below reaches new_envelope at once and
             # the id is this send's (a Deferred here means an unknown recipient).
             try:
-                resolved = self.resolve_user(to, remote_ok=True)
+                resolved = self.resolve_user(to, True, session.user_id)
             except ChatError:
                 resolved = None  # the send below reports it
             if isinstance(resolved, Deferred):
@@ -217,7 +217,7 @@ class ClusterGroupHandler(GroupHandler):
         problem = self._worker.problem()
         if problem is not None:
             raise ChatError("unavailable", problem, retry_after=RETRY_AFTER)
-        addr = self.address(group, remote_ok=True)
+        addr = self.address(group, True, actor)
         bus = self._worker.bus
         # This worker's changes of one group queue here first, so only one of them at
         # a time asks Redis for the cluster's lock (100 joins at once poll it once).

@@ -63,6 +63,11 @@ class PeerLink:
     def __init__(self, fed: FederationService, realm: str) -> None:
         self.fed = fed
         self.realm = realm
+        #: whether the realm was ever reached (``FederationService.proven``)
+        self.reached = fed.proven(realm)
+        #: who holds this link's place while the realm was never reached (a local
+        #: user, or a peer realm), or None (``FederationService.admit``)
+        self.holder: str | None = None
         cfg = fed.cfg
         peer = cfg.peer(realm)
         self.endpoint = PeerEndpoint(
@@ -173,6 +178,7 @@ class PeerLink:
             self.sent_seq = self.acked_seq
             self.inflight.clear()
             self._waiting = max(self._waiting, self.fed.cfg.batch_size)  # read what is queued
+            self.fed.reached_realm(self.realm)
             self.log.info("federation: link to {realm} ready", realm=self.realm)
             self.fed.status_changed()
             self.pump()
@@ -222,7 +228,10 @@ class PeerLink:
             return "presence is waiting"
         if self.fed.clock.seconds() < self._wanted_until:
             return "its signing keys are needed"
-        if self.fed.realm.presence_wanted(self.realm):
+        # (not for a realm never reached: presence alone makes no link to it, see
+        # FederationService.presence -- a made-up realm's link idles once its items
+        # are given up on, though its user stays online)
+        if self.reached and self.fed.realm.presence_wanted(self.realm):
             return "a user with a contact there is online"
         return None
 
@@ -600,8 +609,10 @@ class PeerLink:
             self._reading = False
         if drained and self.proto is None:
             # Nothing is left queued: the link (down, retrying) may idle and be
-            # forgotten instead of retrying for ever for items it no longer has.
+            # forgotten instead of retrying for ever for items it no longer has, and
+            # the place it held for a user (a realm never reached) is theirs again.
             self._waiting = max(0, self._waiting - waiting)
+            self.fed.release(self)
         if dropped:
             self.given_up += dropped
             self.log.warn(

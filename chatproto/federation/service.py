@@ -106,6 +106,11 @@ class FederationService(MultiService):
         self._pruned_at = -PRUNE_EVERY
         #: realms whose items are being bounced for want of a place (see :meth:`wake`)
         self._refusing: set[str] = set()
+        #: realms a handshake was made with since start (see :meth:`proven`)
+        self.reached: set[str] = set()
+        #: who holds the places of links to realms never reached: a local user, or
+        #: a peer realm for its requests' (see :meth:`admit`) -> those realms
+        self.held: dict[str, set[str]] = {}
         realm.federation = self
 
     # lifecycle ----------------------------------------------------------------------------
@@ -153,7 +158,10 @@ class FederationService(MultiService):
         if self._sweep is None:
             # every hour (more often for short give_up_after), never at start: links
             # get their first attempts before anything is given up on
-            every = min(3600.0, max(1.0, (self.cfg.give_up_after or 3600.0) / 4))
+            # (a quarter of give_up_unreached if shorter: a realm never reached
+            # frees its place within 1.25 times that)
+            spans = [t for t in (self.cfg.give_up_after, self.cfg.give_up_unreached) if t]
+            every = min(3600.0, max(1.0, min(spans or [3600.0]) / 4))
             self._sweep = LoopingCall(self.give_up)
             self._sweep.clock = self.clock
             self._sweep.start(every, now=False).addErrback(
@@ -165,7 +173,9 @@ class FederationService(MultiService):
         """Bounce what cannot be delivered: everything queued for a realm no longer
         allowed, or with no link and none to be had (``max_peers``: ``peer_denied``),
         and items older than ``give_up_after`` for a realm
-        whose link has been down that long (``peer_unreachable``); forget group
+        whose link has been down that long (``peer_unreachable``) -- or older than
+        ``give_up_unreached`` for a realm never reached, so that the place of a
+        made-up realm comes back within the hour, not the week; forget group
         requests older than :data:`REQUEST_TTL`.  Runs periodically; a failure is
         logged and the next run tries again."""
         cfg = self.cfg
@@ -188,15 +198,19 @@ class FederationService(MultiService):
                     self.link(realm).wake(counts[realm])
                 link = self.links[realm]
                 down = link.down_since
-                if not cfg.give_up_after or down is None or now - down < cfg.give_up_after:
+                limit, never = cfg.give_up_after, ""
+                if not link.reached and cfg.give_up_unreached:
+                    if not limit or cfg.give_up_unreached < limit:
+                        limit, never = cfg.give_up_unreached, " (it never answered)"
+                if not limit or down is None or now - down < limit:
                     continue
-                days = cfg.give_up_after / 86400
-                span = f"{days:g} days" if days >= 1 else f"{cfg.give_up_after:g} seconds"
+                days = limit / 86400
+                span = f"{days:g} days" if days >= 1 else f"{limit:g} seconds"
                 last = f" (last error: {link.last_error})" if link.last_error else ""
                 yield link.give_up(
-                    now - cfg.give_up_after,
+                    now - limit,
                     "peer_unreachable",
-                    f"{realm} could not be reached for {span}{last}",
+                    f"{realm} could not be reached for {span}{never}{last}",
                 )
             # A request whose answer never came: a later answer is not accepted.
             ttl = max(REQUEST_TTL, 3 * (cfg.give_up_after or 0))
@@ -242,7 +256,72 @@ class FederationService(MultiService):
             link = self.links[realm] = PeerLink(self, realm)
         return link
 
-    def admit(self, realm: str) -> bool:
+    def proven(self, realm: str) -> bool:
+        """Whether ``realm`` was ever reached: a handshake with it (either way) since
+        start, its signing keys known (announced in a handshake, kept in the store
+        across restarts), or a static peer (the operator vouches for it).  A realm
+        never reached may be made up: the links to such realms are charged to whoever
+        named them (see :meth:`admit`) and their items given up on sooner
+        (``give_up_unreached``)."""
+        return (
+            realm in self.reached
+            or self.realm.peer_keys.known(realm)
+            or self.cfg.peer(realm) is not None
+        )
+
+    def reached_realm(self, realm: str) -> None:
+        """A handshake with ``realm`` was made (our link welcomed, or its hello
+        accepted): it is proven, and its link's place is no one's any more."""
+        if realm in self.reached:
+            return
+        self.reached.add(realm)
+        link = self.links.get(realm)
+        if link is not None:
+            link.reached = True
+            self.release(link)
+
+    def holder(self, user: str) -> str:
+        """Who is charged for the links ``user`` makes to realms never reached: a
+        local user themself; for a user of another realm (a peer's request), their
+        realm -- one peer cannot make more such links than one user can.  A bare
+        realm name (``want_keys``) stands for that peer realm."""
+        where = user.rpartition("@")[2]
+        return user if where == self.realm.realm else where
+
+    def _charge(self, link: PeerLink, holder: str) -> None:
+        link.holder = holder
+        self.held.setdefault(holder, set()).add(link.realm)
+
+    def release(self, link: PeerLink) -> None:
+        """``link`` no longer holds a place of its holder: its realm was proven, its
+        link forgotten, or everything queued for it given up on (a request naming
+        it again charges it again: see :meth:`admit`)."""
+        holder, link.holder = link.holder, None
+        if holder is not None:
+            held = self.held.get(holder)
+            if held is not None:
+                held.discard(link.realm)
+                if not held:
+                    del self.held[holder]
+
+    def _forget(self, realm: str) -> None:
+        self.release(self.links.pop(realm))
+
+    def _room(self, holder: str) -> bool:
+        """Whether ``holder`` may take one more place for a realm never reached:
+        fewer than ``max_peers_per_user``, after forgetting its links that have
+        nothing to do (at most that many to look at)."""
+        held = self.held.get(holder)
+        bound = self.cfg.max_peers_per_user
+        if held is None or len(held) < bound:
+            return True
+        for realm in sorted(held):
+            link = self.links.get(realm)
+            if link is not None and link.removable() and not link.has_reading():
+                self._forget(realm)
+        return len(self.held.get(holder, ())) < bound
+
+    def admit(self, realm: str, user: str | None = None) -> bool:
         """Whether this realm may keep state for ``realm``: True when it has a link
         to it, or makes one now (idle) because fewer than ``[federation] max_peers``
         realms have one; False past the bound.
@@ -254,9 +333,30 @@ class FederationService(MultiService):
         it is committed, so that sends racing for the last places cannot all pass.
         Idle links with nothing to send are forgotten (:meth:`prune`), so the count
         goes down again; at the bound they are looked for at once (at most once per
-        :data:`PRUNE_EVERY` seconds)."""
-        if realm in self.links:
+        :data:`PRUNE_EVERY` seconds).
+
+        ``user`` (a local user's request, or a remote user's through its realm: see
+        :meth:`holder`) is charged for a link to a realm never reached (see
+        :meth:`proven`), at most ``[federation] max_peers_per_user`` of them, so one
+        user cannot take every place with made-up realms: the place is theirs until
+        the realm answers, or the link is forgotten (its items delivered or given up
+        on, ``give_up_unreached``).  A realm with a link costs nothing more (one
+        lookup, the send path's case), unless its link is to a realm never reached
+        and no one holds it yet."""
+        link = self.links.get(realm)
+        if link is not None:
+            if user is None or link.reached or link.holder is not None:
+                return True
+            who = self.holder(user)
+            if not self._room(who):
+                return False
+            self._charge(link, who)
             return True
+        holder: str | None = None
+        if user is not None and not self.proven(realm):
+            holder = self.holder(user)
+            if not self._room(holder):
+                return False
         if len(self.links) >= self.cfg.max_peers:
             now = self.clock.seconds()
             if now - self._pruned_at >= PRUNE_EVERY:
@@ -264,11 +364,22 @@ class FederationService(MultiService):
                 self.prune()
             if len(self.links) >= self.cfg.max_peers:
                 return False
-        self.link(realm)
+        link = self.link(realm)
+        if holder is not None:
+            self._charge(link, holder)
         return True
 
-    def refusal(self) -> str:
-        """Why :meth:`admit` said no (a ``peer_denied`` message)."""
+    def refusal(self, realm: str | None = None, user: str | None = None) -> str:
+        """Why :meth:`admit` said no to ``user`` for ``realm`` (a ``peer_denied``
+        message)."""
+        if user is not None and realm is not None and not self.proven(realm):
+            held = len(self.held.get(self.holder(user), ()))
+            if held >= self.cfg.max_peers_per_user:
+                return (
+                    f"{realm} has never been reached from here, and {held} other such "
+                    "realms wait for your messages already (federation.max_peers_per_user):"
+                    " try again once they are delivered or bounced"
+                )
         return (
             f"this realm federates with at most {self.cfg.max_peers} other realms at a "
             "time (federation.max_peers)"
@@ -290,7 +401,7 @@ class FederationService(MultiService):
             and not (keep_reading and link.has_reading())
         ]
         for realm in gone:
-            del self.links[realm]
+            self._forget(realm)
         if gone:
             self.log.info("federation: dropped {n} idle links", n=len(gone))
             self.status_changed()
@@ -305,7 +416,7 @@ class FederationService(MultiService):
             and link.removable()
             and not link.has_reading()
         ):
-            del self.links[link.realm]
+            self._forget(link.realm)
             self.status_changed()
 
     def wake(self, realm: str, n: int = 1) -> None:
@@ -330,14 +441,16 @@ class FederationService(MultiService):
         signing = self.realm.signing
         return signing.announce() if signing is not None else []
 
-    def want_keys(self, realm: str) -> Deferred[bool]:
+    def want_keys(self, realm: str, by: str | None = None) -> Deferred[bool]:
         """Learn ``realm``'s signing keys over a link of our own with it: fires with
         True once we hold its keys as it announces them now (at once when a link
         with it is up: it announced them in its hello or welcome), or with False
-        if no link with it is up within :data:`KEY_WAIT` seconds."""
+        if no link with it is up within :data:`KEY_WAIT` seconds.  ``by``: the peer
+        realm whose transaction wants them (a link to a realm never reached is
+        charged to it: see :meth:`admit`)."""
         if any(p.peer_realm == realm and p.is_up() for p in self.inbound):
             return succeed(True)
-        if not self.running or not self.admit(realm):
+        if not self.running or not self.admit(realm, by):
             return succeed(False)
         link = self.link(realm)
         if link.state == "ready":
@@ -351,18 +464,25 @@ class FederationService(MultiService):
     def reading(self, realm: str, frame: dict[str, Any]) -> None:
         """A ``reading`` frame (a read marker or typing notice of a private
         conversation, or typing in a group; chatproto.realm.reading) for ``realm``
-        (an allowed peer)."""
-        if self.running and self.admit(realm):
+        (an allowed peer), for the local user it is ``from`` (see :meth:`admit`)."""
+        sender = frame.get("from")
+        if self.running and self.admit(realm, sender if isinstance(sender, str) else None):
             self.link(realm).reading(frame)
 
     def presence(self, realms: set[str], frame: dict[str, Any]) -> None:
         """A presence frame for ``realms`` (allowed peers).  An idle link connects
         (unless the frame says offline): the frame is lost if it is not up yet, but a
-        link that becomes ready sends who is online (``RealmService.presence_for``)."""
+        link that becomes ready sends who is online (``RealmService.presence_for``).
+
+        Presence alone makes no link to a realm never reached (:meth:`proven`): a
+        user with contacts on made-up realms would otherwise have their links made
+        again each time they come online.  Once such a realm is reached (a message
+        for it is delivered, or it connects to us), its link sends who is online."""
         if not self.running:
             return
+        links = self.links
         for realm in realms:
-            if self.admit(realm):
+            if (realm in links or self.proven(realm)) and self.admit(realm):
                 self.link(realm).presence(frame)
 
     # inbound policy ---------------------------------------------------------------------------
@@ -403,6 +523,7 @@ class FederationService(MultiService):
     def peer_connected(self, realm: str) -> None:
         """A link from ``realm`` is up: our link to it, if waiting out a backoff,
         retries at once.  An idle one stays idle (it has nothing to send)."""
+        self.reached_realm(realm)
         link = self.links.get(realm)
         if link is not None:
             link.kick()

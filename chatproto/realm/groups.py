@@ -54,16 +54,17 @@ class GroupHandler:
 
     # addresses and reading ----------------------------------------------------------
 
-    def address(self, text: Any, remote_ok: bool = False) -> str:
+    def address(self, text: Any, remote_ok: bool = False, by: str | None = None) -> str:
         """The canonical address of a group; one on another realm only with
-        ``remote_ok`` (sending, changes, history) and federation with that realm."""
+        ``remote_ok`` (sending, changes, history) and federation with that realm
+        (``by``, the user naming it: ``RealmService.check_remote``)."""
         if not isinstance(text, str):
             raise ChatError("bad_request", "field 'group' must be a string")
         addr = address.parse(text if text.startswith("#") else "#" + text, self._name, group=True)
         if not addr.is_local(self._name):
             if not remote_ok:
                 raise ChatError("remote_realm", f"{addr} is on another realm")
-            self._realm.check_remote(addr.realm)
+            self._realm.check_remote(addr.realm, by)
         return str(addr)
 
     def list_public(self) -> list[dict[str, Any]]:
@@ -80,7 +81,7 @@ class GroupHandler:
         realm, from its mirror, for its local members only.  This realm knows the
         groups of other realms that its own users are in, nothing else, so anyone
         else gets ``remote_realm`` (the home realm could answer; we do not ask it)."""
-        addr = self.address(text, remote_ok=True)
+        addr = self.address(text, True, user)
         if addr.endswith(self._suffix):
             g = self._rules.get(addr)
             if not (public and g.visibility == "public" and not g.secret):
@@ -141,7 +142,7 @@ class GroupHandler:
         the request sent again is known: see ``RemoteIntake``), else a new one."""
         realm = self._realm
         try:
-            addr = self.address(group, remote_ok=True)
+            addr = self.address(group, True, actor)
             if addr.endswith(self._suffix):
 
                 def commit(actor: str, event: str, addr: str, args: dict[str, Any]) -> Any:
@@ -151,7 +152,7 @@ class GroupHandler:
                 commit = realm.forward_group_change
             target = args.get("user")
             if target is not None:
-                resolved = realm.messages.resolve_user(target, remote_ok=True)
+                resolved = realm.messages.resolve_user(target, True, actor)
                 if isinstance(resolved, Deferred):
                     return resolved.addCallback(
                         lambda a: commit(actor, event, addr, {**args, "user": str(a)})
@@ -369,7 +370,7 @@ class GroupHandler:
     ) -> Deferred[Envelope]:
         """A text message (``meta``: a notice, or None) from local user ``sender`` to
         group ``to``."""
-        addr = self.address(to, remote_ok=True)
+        addr = self.address(to, True, sender)
         realms = self.item_realms(sender, addr)
         env = self._realm.messages.new_envelope(sender, addr, "text", body, meta)
         return self.append(env, realms)

@@ -234,11 +234,15 @@ class Messaging:
             meta=meta,
         )
 
-    def resolve_user(self, text: str, remote_ok: bool = False) -> Address | Deferred[Address]:
+    def resolve_user(
+        self, text: str, remote_ok: bool = False, by: str | None = None
+    ) -> Address | Deferred[Address]:
         """The local user ``text`` names: an Address when known, else a Deferred.
 
         With ``remote_ok`` (a message's recipient), a user of another realm is returned
-        as it is when federation with that realm is allowed (its realm checks it).
+        as it is when federation with that realm is allowed (its realm checks it);
+        ``by``, the user naming it, is charged for a link to a realm never reached
+        (``RealmService.check_remote``).
         Parsed addresses are cached by their spelling (bounded), so the hot path does
         not normalise the same recipient for every message.
         """
@@ -251,7 +255,7 @@ class Messaging:
         if addr.realm != self._name:
             if not remote_ok:
                 raise ChatError("remote_realm", f"{addr} is on another realm")
-            self._realm.check_remote(addr.realm)
+            self._realm.check_remote(addr.realm, by)
             return addr
         if addr.name in self._known:
             return addr
@@ -382,9 +386,9 @@ class Messaging:
     ) -> Any:
         try:
             if to.startswith("#"):
-                canonical = self._realm.group_handler.address(to, remote_ok=True)
+                canonical = self._realm.group_handler.address(to, True, session.user_id)
             else:
-                addr = self.resolve_user(to, remote_ok=True)
+                addr = self.resolve_user(to, True, session.user_id)
                 if isinstance(addr, Deferred):
                     addr = yield addr
                 canonical = str(addr)
@@ -492,7 +496,7 @@ class Messaging:
                 else:
                     self.spend(session, now)  # refused: rate_limited, with its wait
                 if to != last_to:
-                    recipient = self.resolve_user(to, remote_ok=True)
+                    recipient = self.resolve_user(to, True, user)
                     if not isinstance(recipient, Address):  # to be looked up
                         cut()  # (the general path)
                         meta = NOTICE_META if notice else None
@@ -625,7 +629,7 @@ class Messaging:
         try:
             if to.startswith("#"):
                 return self._realm.group_handler.send(sender, to, body, meta)
-            recipient = self.resolve_user(to, remote_ok=True)
+            recipient = self.resolve_user(to, True, sender)
         except ChatError as e:
             return fail(e)
         if isinstance(recipient, Deferred):
@@ -698,7 +702,7 @@ class Messaging:
         if not 1 <= limit <= page:
             raise ChatError("bad_request", f"limit must be between 1 and {page}")
         if peer.startswith("#"):
-            conversation = self._realm.group_handler.address(peer, remote_ok=True)
+            conversation = self._realm.group_handler.address(peer, True, session.user_id)
             # The group's rule decides (not the account's age): under "all" a member
             # reads what was said before they, or their account, existed.
             floor = self._realm.groups.readable_from(conversation, session.user_id)

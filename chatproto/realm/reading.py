@@ -122,7 +122,7 @@ class Reading:
         if peer.startswith("#"):
             group = self._realm.group_handler.readable(user, peer)
             return succeed((group.address, group.address, group))
-        resolved = self._realm.messages.resolve_user(peer, remote_ok=True)
+        resolved = self._realm.messages.resolve_user(peer, True, user)
 
         def key(addr: Any) -> tuple[str, str, Any]:
             other = str(addr)
@@ -325,7 +325,7 @@ class Reading:
             for addr in sorted(rules.of_user.get(user, ())):
                 scopes.append(("conv", addr, rules.readable_from(addr, user)))
         elif peer.startswith("#"):  # as history: members only, under the group's rule
-            group = self._realm.group_handler.address(peer, remote_ok=True)
+            group = self._realm.group_handler.address(peer, True, user)
             scopes = [("conv", group, self._realm.groups.readable_from(group, user))]
         else:
             other = address.user(peer, self._realm.realm)

@@ -454,7 +454,7 @@ class RemoteIntake:
             items that fail from it before it is stored."""
             nonlocal batch, relayed, signed
             if signed:
-                bad = yield self._check_signatures(signed)
+                bad = yield self._check_signatures(signed, origin)
                 signed = []
                 for env in batch:
                     if id(env) in bad:
@@ -504,7 +504,7 @@ class RemoteIntake:
                 if env.kind == "file":
                     yield flush()
                     if signer is not None:
-                        bad = yield self._check_signatures([(env, signer)])
+                        bad = yield self._check_signatures([(env, signer)], origin)
                         if bad:
                             raise bad[id(env)]
                     yield self._store_remote_file(origin, env, fetch, relay)
@@ -535,15 +535,16 @@ class RemoteIntake:
         return rejected
 
     @inlineCallbacks
-    def _check_signatures(self, signed: Sequence[tuple[Envelope, str]]) -> Any:
+    def _check_signatures(self, signed: Sequence[tuple[Envelope, str]], origin: str) -> Any:
         """Verify that each ``(item, realm)`` carries a signature of ``realm``'s
         (:mod:`chatproto.signing`); fires with ``{id(item): ChatError}`` for the items
         that do not (``bad_signature``; ``unknown_key`` when the realm's keys could
         not be had; ``peer_denied`` when we do not federate with it).
 
         A key we do not know is asked of its realm over a link of our own
-        (:meth:`FederationService.want_keys`): the transaction waits for it, up to
-        ``KEY_WAIT`` seconds.  The signatures are checked in a thread, in one go."""
+        (:meth:`FederationService.want_keys`, charged to ``origin``, the peer whose
+        transaction it is, if that realm was never reached): the transaction waits
+        for it, up to ``KEY_WAIT`` seconds.  The signatures are checked in a thread, in one go."""
         ring = self._r.peer_keys
         bad: dict[int, ChatError] = {}
         unknown = sorted(
@@ -552,7 +553,7 @@ class RemoteIntake:
         # Each realm asked for its keys costs a connection (and a DNS look-up): a few
         # per transaction, together; the items of any more are refused at once.
         asked = unknown[:MAX_KEY_FETCHES]
-        found = yield gatherResults([self._fetch_keys(a) for a in asked])
+        found = yield gatherResults([self._fetch_keys(a, origin) for a in asked])
         unreachable: dict[str, ChatError | None] = dict(zip(asked, found, strict=True))
         for author in unknown[MAX_KEY_FETCHES:]:
             unreachable[author] = ChatError(
@@ -586,7 +587,7 @@ class RemoteIntake:
         return bad
 
     @inlineCallbacks
-    def _fetch_keys(self, author: str) -> Any:
+    def _fetch_keys(self, author: str, origin: str) -> Any:
         """Get ``author``'s keys over a link with it: fires with None once they are as
         current as they can be, else with the ChatError to reject its items with."""
         if not self.config.federation.allows(author):
@@ -594,7 +595,7 @@ class RemoteIntake:
         fed = self._r.federation
         learned = False
         if fed is not None:
-            learned = yield fed.want_keys(author)
+            learned = yield fed.want_keys(author, origin)
         if learned:
             return None
         return ChatError(

@@ -394,7 +394,8 @@ class RealmService(Service):
         if user is not None:
             if group is not None:
                 raise ChatError("bad_request", "give 'group' or 'user', not both")
-            resolved = self.messages.resolve_user(user, remote_ok=True)
+            by = session.user_id if session is not None else None
+            resolved = self.messages.resolve_user(user, remote_ok=True, by=by)
             d = resolved if isinstance(resolved, Deferred) else succeed(resolved)
             return d.addCallback(lambda addr: self.presence.who([str(addr)]))
         if group is None:
@@ -485,17 +486,18 @@ class RealmService(Service):
 
     # federation -----------------------------------------------------------------------
 
-    def check_remote(self, realm: str) -> None:
+    def check_remote(self, realm: str, by: str | None = None) -> None:
         """Raise unless items may go to ``realm`` (federation on, realm allowed, and
-        a link to it kept or one more within ``[federation] max_peers``: see
-        ``FederationService.admit``)."""
+        a link to it kept or one more within ``[federation] max_peers`` -- and, for a
+        realm never reached, within ``max_peers_per_user`` of those for ``by``, the
+        user whose request names it: see ``FederationService.admit``)."""
         fed = self.config.federation
         if not fed.enabled or self.federation is None:
             raise ChatError("remote_realm", f"{realm} is another realm; federation is off")
         if not fed.allows(realm):
             raise ChatError("peer_denied", f"this realm does not federate with {realm}")
-        if not self.federation.admit(realm):
-            raise ChatError("peer_denied", self.federation.refusal())
+        if not self.federation.admit(realm, by):
+            raise ChatError("peer_denied", self.federation.refusal(realm, by))
 
     def realms_of(self, users: Any) -> set[str]:
         """The other realms among ``users`` that this realm federates with."""

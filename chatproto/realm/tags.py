@@ -153,11 +153,11 @@ class ClientTags:
         realm = self._realm
         try:
             if to.startswith("#"):
-                group = realm.group_handler.address(to, remote_ok=True)
+                group = realm.group_handler.address(to, True, sender)
                 realm.groups.check_speaker(group, sender)
                 members = realm.groups.groups[group].members
                 return succeed(self._push(sender, group, members, tags, origin))
-            user = realm.messages.resolve_user(to, remote_ok=True)
+            user = realm.messages.resolve_user(to, True, sender)
         except ChatError as e:
             return fail(e)
         if isinstance(user, Deferred):
