@@ -514,3 +514,25 @@ def test_registrations_per_address(tmp_path: Any) -> Any:
         assert codes == ["ok"] * 4 + ["rate_limited"] and r["retry_after"] > 0
     finally:
         yield bb.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_lone_surrogate_deep_down_is_bad_request_or_bad_frame(bb: Realm) -> Any:
+    """A lone surrogate is ``bad_request``, and nesting deeper than the server reads
+    (past 500 levels) may be refused (``bad_frame``): a frame with both is one or
+    the other, not ``internal_error``.  The realm read such a frame (the JSON
+    decoder goes deeper than 900 levels) and then failed looking for the surrogate,
+    recursively, past Python's recursion limit, logging a 1000-line traceback each
+    time."""
+    for depth in (600, 800, 900, 950, 970):
+        peer = yield bb.connect()
+        payload = PING + b',"x":' + b"[" * depth + b'"\\ud800"' + b"]" * depth + b"}"
+        peer.send_raw(payload)
+        yield until(lambda p=peer: len(p.frames) > 1)
+        answer = peer.frames[1]
+        assert errcode(answer) in ("bad_request", "bad_frame"), (depth, answer)
+        assert "id" not in answer
+        if errcode(answer) == "bad_request":
+            r = yield peer.req("ping")
+            assert r["type"] == "result"
+        peer.transport.loseConnection()

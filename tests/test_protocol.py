@@ -663,6 +663,23 @@ def test_wire_decode_rejects_deep_nesting() -> None:
     assert e.value.code == "bad_frame"
 
 
+@pytest.mark.parametrize("depth", [100, 500, 800, 900, 950, 990, 1100])
+@pytest.mark.parametrize("stack", [0, 200])
+def test_a_lone_surrogate_at_any_depth_is_a_clean_error(depth: int, stack: int) -> None:
+    """A lone surrogate nested as deep as the decoder reads, with the decoder
+    called from deep in a stack (``stack`` frames): ``bad_request`` (or
+    ``bad_frame`` for nesting too deep to read), never a RecursionError (the
+    surrogate walk was recursive and failed past the decoder's own depth)."""
+    payload = b'{"type":"ping","x":' + b"[" * depth + b'"\\ud800"' + b"]" * depth + b"}"
+
+    def call(n: int) -> Any:
+        return wire.decode(payload) if n == 0 else call(n - 1)
+
+    with pytest.raises(ChatError) as e:
+        call(stack)
+    assert e.value.code in ("bad_request", "bad_frame")
+
+
 def test_send_with_nonce_is_idempotent(realm: Any, clock: Clock) -> None:
     realm.create_user("bob", "password1")
     a, ta = logged_in(realm, clock, "alice")
