@@ -396,6 +396,8 @@ def test_who_and_set_status(bb: Realm) -> Any:
         ({"user": "x@example.org"}, "remote_realm"),
         ({"user": "zoe", "group": "#dev"}, "bad_request"),
         ({"group": "#nogroup"}, "no_such_group"),
+        ({"group": "nogroup"}, "no_such_group"),  # read as #nogroup, like a group request's
+        ({"group": "#-x"}, "bad_address"),
         ({"group": 5}, "bad_request"),
     ]:
         r = yield alice.req("who", **fields)
