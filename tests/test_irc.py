@@ -618,12 +618,41 @@ def test_long_and_bad_lines(factory: IRCFactory) -> None:
     a.send("PRIVMSG bob :" + "x" * 600)
     assert a.numerics() == ["417"]
     a.proto.dataReceived(b"PRIVMSG bob :\xff\xfe\r\n")
-    assert a.commands() == [("FAIL", ["*", "INVALID_UTF8", "Lines must be UTF-8"])]
+    assert a.commands() == [("FAIL", ["PRIVMSG", "INVALID_UTF8", "Lines must be UTF-8"])]
     a.send("", ":onlyprefix", "   ")
     assert a.lines() == []
     a.proto.dataReceived(b"x" * (irc.MAX_TAGS + irc.MAX_LINE + 10))
     assert a.lines() == ["ERROR :Input line was too long"]
     assert a.transport.disconnecting
+
+
+def test_invalid_utf8_fail_names_the_command_and_keeps_the_label(factory: IRCFactory) -> None:
+    """UTF8ONLY: a line that is not UTF-8 is refused with ``FAIL <command>
+    INVALID_UTF8`` (the IRCv3 utf8-only spec; irctest's utf8 tests check the
+    command), labeled when the line was, and is not sent; ``*`` when the command
+    itself is not UTF-8.  (It was ``FAIL *`` with no label.)"""
+    a = login(factory, "alice", caps="labeled-response batch echo-message")
+    b = login(factory, "bob")
+    for bytewise in (False, True):
+        data = b"@label=xyz PRIVMSG bob :hi\xaa\r\nNICK \xff\r\nPR\xffIVMSG bob :x\r\nPING end\r\n"
+        if bytewise:
+            for i in range(len(data)):
+                a.proto.dataReceived(data[i : i + 1])
+        else:
+            a.proto.dataReceived(data)
+        got = parsed(a)
+        assert got[0] == (
+            {"label": "xyz"},
+            "FAIL",
+            ["PRIVMSG", "INVALID_UTF8", "Lines must be UTF-8"],
+        )
+        assert got[1][1:] == ("FAIL", ["NICK", "INVALID_UTF8", "Lines must be UTF-8"])
+        assert got[2][1:] == ("FAIL", ["*", "INVALID_UTF8", "Lines must be UTF-8"])
+        assert got[3][1:] == ("PONG", [factory.server_name, "end"])
+        assert b.lines() == []  # nothing was sent
+    c = Conn(factory)  # before registration too
+    c.proto.dataReceived(b"USER u 0 * :R\xe9al\r\n")
+    assert c.commands() == [("FAIL", ["USER", "INVALID_UTF8", "Lines must be UTF-8"])]
 
 
 @settings(max_examples=200, deadline=None)

@@ -1103,9 +1103,7 @@ class IRCProtocol(LineOnlyReceiver):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            ctx = self._reply(None)
-            ctx.send(format_line(self.server, "FAIL", "*", "INVALID_UTF8", "Lines must be UTF-8"))
-            ctx.finish()
+            self._invalid_utf8(raw)
             return
         # The lean lane: a PRIVMSG or NOTICE with no tags and one target, from a
         # registered client (most lines), skips the general parse and checks.
@@ -1179,6 +1177,26 @@ class IRCProtocol(LineOnlyReceiver):
             result.addBoth(lambda _: ctx.finish())
         else:
             ctx.finish()
+
+    def _invalid_utf8(self, raw: bytes) -> None:
+        """A line that is not UTF-8 (``UTF8ONLY``): not handled, answered ``FAIL
+        <command> INVALID_UTF8`` (the IRCv3 utf8-only spec's example, what
+        conformance tests expect), with the line's ``label`` (labeled-response);
+        ``*`` when the command itself cannot be read."""
+        try:
+            tags, command, _params = parse_line(raw.decode("utf-8", "replace"))
+        except IRCBadLine:
+            tags, command = {}, "*"
+        if "\ufffd" in command:  # (parse_line takes no such command: belt and braces)
+            command = "*"
+        label = tags.get("label") if "labeled-response" in self.caps else None
+        if label is not None and "\ufffd" in label:  # a label we cannot echo as sent
+            label = None
+        ctx = self._reply(label)
+        ctx.send(
+            format_line(self.server, "FAIL", command[:32], "INVALID_UTF8", "Lines must be UTF-8")
+        )
+        ctx.finish()
 
     def _barrier_done(self, result: Any) -> Any:
         """A group change completed: run the lines that came after it, up to the
