@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from chatproto import irc
 from chatproto.config import Config
 from chatproto.irc import IRCFactory, IRCProtocol
+from chatproto.irc.lines import format_line
 from chatproto.realm import RealmService
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 from tests.conftest import FlowTransport
@@ -653,6 +654,26 @@ def test_invalid_utf8_fail_names_the_command_and_keeps_the_label(factory: IRCFac
     c = Conn(factory)  # before registration too
     c.proto.dataReceived(b"USER u 0 * :R\xe9al\r\n")
     assert c.commands() == [("FAIL", ["USER", "INVALID_UTF8", "Lines must be UTF-8"])]
+
+
+def test_empty_or_colon_targets_are_never_empty_middle_parameters(factory: IRCFactory) -> None:
+    """A client's empty target (``PRIVMSG bob, :hi``, ``INVITE bob :``) or one
+    starting with ``:`` echoed in a numeric made a malformed line (``401 alice
+    :No such nick``: an empty middle parameter, or one read as the trailing): the
+    numeric now names it as a middle parameter can (``*``, without the ``:``)."""
+    a = login(factory, "alice")
+    a.send("PRIVMSG bob, :hi", "PRIVMSG bob,:evil :x", "INVITE bob :", "KICK #x :")
+    lines = a.lines()
+    assert "  " not in "".join(lines), lines
+    got = [irc.parse_line(line)[1:] for line in lines]
+    assert got == [
+        ("401", ["alice", "*", "No such nick/channel"]),
+        ("401", ["alice", "evil", "No such nick/channel"]),
+        ("403", ["alice", "*", "No such channel"]),
+        ("401", ["alice", "*", "No such nick"]),
+    ], got
+    assert format_line("s", "401", "me", "", "text") == b":s 401 me * :text\r\n"
+    assert format_line("s", "X", ":a", "b c", "d") == b":s X a b_c d\r\n"
 
 
 @settings(max_examples=200, deadline=None)

@@ -400,5 +400,5 @@ def test_format_line_writes_one_line_whatever_its_parameters_hold() -> None:
     from chatproto.irc.lines import format_line
 
     line = format_line("a!a@h", "KICK", "#dev", "x\r\nQUIT :forged", "bye\x00\nnow")
-    assert line == b":a!a@h KICK #dev x  QUIT :forged :bye now\r\n"
+    assert line == b":a!a@h KICK #dev x__QUIT_:forged :bye now\r\n"  # (one parameter)
     assert format_line("s", "PING", "x") == b":s PING x\r\n"

@@ -224,12 +224,20 @@ TEXT_COMMANDS = frozenset(
 
 def format_line(source: str | None, command: str, *params: str) -> bytes:
     """One line; the last parameter is sent as trailing (``:text``) for numerics and
-    text commands, or when it needs to be (empty, spaces, leading ``:``).  CR and LF
+    text commands, or when it needs to be (empty, spaces, leading ``:``); the others
+    go through :func:`param` when they are not middle parameters as they are (empty,
+    a space, a leading ``:``: a client's empty target echoed in a numeric, as
+    ``PRIVMSG bob, :hi`` gives, would shift the parameters after it).  CR and LF
     in a parameter read as spaces, NUL is dropped: whatever a stored item or another
     realm managed to put in one, it is never a line of its own."""
     parts = [f":{source} {command}" if source else command]
     if params:
-        parts.extend(params[:-1])
+        middle = params[:-1]
+        for p in middle:  # a middle parameter that is not one (a client's empty target)
+            if not p or p[0] == ":" or " " in p or "\r" in p or "\n" in p:
+                middle = tuple(param(p.replace("\r", " ").replace("\n", " ")) for p in middle)
+                break
+        parts.extend(middle)
         last = params[-1]
         if (
             command in TEXT_COMMANDS
