@@ -676,6 +676,26 @@ def test_empty_or_colon_targets_are_never_empty_middle_parameters(factory: IRCFa
     assert format_line("s", "X", ":a", "b c", "d") == b":s X a b_c d\r\n"
 
 
+def test_mode_changes_at_most_modes_parameter_modes(factory: IRCFactory) -> None:
+    """``MODES=4``: one MODE changes at most 4 modes with a parameter; the rest of the
+    line is ignored (it was all done: ``+v-v+v-v...`` of a hundred was a hundred
+    stored events, ``+bbbb...`` a hundred 401s).  Flag modes still apply."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #m")
+    b.send("JOIN #m")
+    a.lines()
+    b.lines()
+    a.send("MODE #m +v-v+v-v+v-v bob bob bob bob bob bob")
+    modes = [p for c, p in a.commands() if c == "MODE"]
+    assert modes == [["#m", "+v", "bob"], ["#m", "-v", "bob"]] * 2, modes
+    a.send("MODE #m +bbbbbb x0 x1 x2 x3 x4 x5")
+    assert [p[1] for c, p in a.commands()] == ["x0", "x1", "x2", "x3"]
+    a.send("MODE #m +vvvvvm bob bob bob bob bob")  # the flag after them applies
+    assert ("MODE", ["#m", "+m"]) in a.commands()
+    assert "MODES=4" in " ".join(" ".join(chunk) for chunk in factory.isupport_lines())
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
 def test_any_input_never_crashes(data: bytes) -> None:

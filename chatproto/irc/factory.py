@@ -23,7 +23,7 @@ from chatproto.irc.lines import (
     channel_of,
     server_time,
 )
-from chatproto.irc.modes import CHANMODES, PREFIX
+from chatproto.irc.modes import CHANMODES, MAX_MODES, PREFIX
 from chatproto.irc.protocol import IRCProtocol
 from chatproto.irc.relations import MsgIds
 from chatproto.protocol import ClientFactory
@@ -75,7 +75,7 @@ class IRCFactory(ClientFactory):
                 "CHANTYPES=#",
                 f"CHATHISTORY={lim.history_page}",
                 f"KICKLEN={MAX_TOPIC}",
-                "MODES=4",
+                f"MODES={MAX_MODES}",
                 "MSGREFTYPES=msgid",
                 f"NETWORK={realm.realm}",
                 f"NICKLEN={address.MAX_NAME}",

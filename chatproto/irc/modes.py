@@ -34,12 +34,16 @@ from chatproto.irc.replies import Reply
 if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
 
-__all__ = ["CHANMODES", "PREFIX", "channel_modes", "settings_modes"]
+__all__ = ["CHANMODES", "MAX_MODES", "PREFIX", "channel_modes", "settings_modes"]
 
 #: RPL_ISUPPORT: list modes, always-parameter, set-parameter, flags.
 CHANMODES = "b,k,l,imnst"
 #: RPL_ISUPPORT PREFIX: operators (admins and owners) and voiced members.
 PREFIX = "(ov)@+"
+#: RPL_ISUPPORT MODES: the most modes with a parameter one MODE command changes;
+#: those past it are ignored (as IRC servers do), so a line of ``+vvvv...`` is not
+#: a hundred stored events.
+MAX_MODES = 4
 #: Flag modes and the group setting each one is.
 _FLAGS = {"m": "moderated", "s": "secret", "t": "topic_lock"}
 
@@ -108,7 +112,13 @@ def mode(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) ->
     list_bans = False
     args = list(params[2:])
     sign = "+"
+    variable = 0  # modes with a parameter so far (at most MAX_MODES are changed)
     for c in params[1]:
+        if c in "bqovk" or (c == "l" and sign == "+"):
+            if c != "b" or args:  # (b without one lists the bans)
+                variable += 1
+                if variable > MAX_MODES:
+                    continue  # ignored, with its parameter
         if c in "+-":
             sign = c
         elif c == "b" and not args:
