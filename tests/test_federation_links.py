@@ -300,6 +300,43 @@ def test_one_client_cannot_take_every_place_and_unreached_realms_bounce_soon(
     no_tracebacks(logs)
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_realm_that_said_hello_is_charged_to_no_one(
+    realms: Any,  # noqa: F811
+    tmp_path: Any,
+    logs: Any,
+) -> Any:
+    """max_peers_per_user 1: bob's message to a made-up realm holds his place, so
+    c.example (never reached: no static entry, found by DNS) is refused to him.
+    c.example then connects to b and says hello: it is proven, charged to no one, and
+    bob's message to it goes although his place is still taken.  (Before, every realm
+    counted the same: there was no such accounting.)"""
+    from chatproto import tls
+    from chatproto.client import RemoteError
+
+    (b,) = yield realms(["b.example"], max_peers_per_user=1)
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()
+    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    yield bob.send("x@made-up-1.example", "one")
+    with pytest.raises(RemoteError) as e:
+        yield bob.send("carol@c.example", "too soon")
+    assert e.value.code == "peer_denied" and "max_peers_per_user" in str(e.value)
+    c = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
+    peer = yield raw_peer(b, "c.example", c, c["ca"])
+    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
+    yield until(lambda: len(peer.frames) == 1, timeout=30)
+    assert peer.frames[0]["type"] == "welcome"
+    yield bob.send("carol@c.example", "hello carol")
+    assert b.fed.held == {"bob@b.example": {"made-up-1.example"}}
+    assert b.fed.links["c.example"].holder is None
+    peer.transport.loseConnection()
+    yield bob.close()
+    no_tracebacks(logs)
+
+
 class FakeService:
     """Stands in for a PeerLink's ClientService (no connection attempts)."""
 
