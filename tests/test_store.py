@@ -41,7 +41,7 @@ from chatproto.envelope import (
 from chatproto.store import MAX_DEVICES, IStore, UserExists
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SCHEMA_VERSION, SQLiteDB, SQLiteStore
-from tests.conftest import pg_schema, postgresql_or_skip
+from tests.conftest import pg_schema, postgresql_or_skip, until
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
 
@@ -1008,24 +1008,23 @@ def test_acks_and_read_markers_alone_wait_for_a_commit_of_items(sql_store: Any) 
     """An ack or read marker with nothing else to commit waits MARK_DELAY for a commit
     of items to ride (no commit and fsync of its own per delivery on a quiet realm);
     one comes: they go with it; none comes: they get their own after MARK_DELAY."""
-    from chatproto.store.groupcommit import MARK_DELAY
-
     store = sql_store
+    store.mark_delay = 30.0  # (longer than anything below takes on a loaded machine)
     yield settle(store)
     commits = store.commits
     store.set_ack(BOB, "phone", 1)
     store.set_read(BOB, "alice@localhost", 1)
-    yield deferLater(_reactor, MARK_DELAY / 5, lambda: None)
+    yield deferLater(_reactor, 0.01, lambda: None)
     assert store.commits == commits  # waiting
     assert (yield stored_devices(store, BOB)) == {}
     assert (yield store.get_ack(BOB, "phone")) == 1  # (read-your-writes all the same)
     [item] = yield store.append([env(ALICE, BOB)])
     assert store.commits == commits + 1  # rode the item's commit
     assert (yield stored_devices(store, BOB)) == {"phone": 1}
-    # alone, past MARK_DELAY: a commit of their own
+    # alone, past the delay: a commit of their own
+    store.mark_delay = 0.05
     store.set_ack(BOB, "phone", item.pos)
-    yield deferLater(_reactor, MARK_DELAY * 4, lambda: None)
-    assert store.commits == commits + 2
+    yield until(lambda: store.commits == commits + 2)
     assert (yield stored_devices(store, BOB)) == {"phone": item.pos}
 
 

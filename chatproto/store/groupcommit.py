@@ -434,8 +434,10 @@ class GroupCommitStore:
         self._index_call: Any = None
         self._index_quiet = False
         self._closing = False
-        #: The timer after which acks and read markers waiting alone get a commit of
-        #: their own (MARK_DELAY), and whether it ran out (see :meth:`_flush`).
+        #: Seconds acks and read markers waiting alone wait for a commit of items
+        #: (MARK_DELAY), the timer after which they get one of their own, and whether
+        #: it ran out (see :meth:`_flush`).
+        self.mark_delay = MARK_DELAY
         self._mark_call: Any = None
         self._marks_due = False
         #: Told when a group commit's results start and finish being handed out, so
@@ -871,7 +873,7 @@ class GroupCommitStore:
             # get one of their own MARK_DELAY seconds from now.
             if self._mark_call is None:
                 self._mark_call = self._reactor.callLater(  # type: ignore[attr-defined]
-                    MARK_DELAY, self._marks_ripe
+                    self.mark_delay, self._marks_ripe
                 )
             return
         if self._mark_call is not None:  # (this commit takes the marks that wait)
