@@ -696,6 +696,28 @@ def test_mode_changes_at_most_modes_parameter_modes(factory: IRCFactory) -> None
     assert "MODES=4" in " ".join(" ".join(chunk) for chunk in factory.isupport_lines())
 
 
+def test_who_masks_are_irc_masks_and_cached_boundedly(factory: IRCFactory) -> None:
+    """WHO's mask: ``*`` and ``?`` are its only wildcards (``[a]*`` is not fnmatch's
+    class ``[a]``), and a new mask per WHO does not grow fnmatch's cache of 32768
+    compiled patterns (some 240 MB pinned by one client's WHOs)."""
+    import fnmatch
+
+    a = login(factory, "alice")
+    a.send("WHO [a]*", "WHO al?c*", "WHO *A*L*I*C*E*")
+    got = [p[1:3] for c, p in a.commands() if c in ("352", "315")]
+    assert got == [
+        ["[a]*", "End of WHO list"],
+        ["*", "u"],
+        ["al?c*", "End of WHO list"],
+        ["*", "u"],
+        ["*A*L*I*C*E*", "End of WHO list"],
+    ], got
+    cached = fnmatch._compile_pattern.cache_info().currsize  # type: ignore[attr-defined]
+    a.send(*[f"WHO *{n}?*" for n in range(100)])
+    assert fnmatch._compile_pattern.cache_info().currsize == cached  # type: ignore[attr-defined]
+    assert a.numerics() == ["315"] * 100
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
 def test_any_input_never_crashes(data: bytes) -> None:
