@@ -323,7 +323,16 @@ def test_privmsg_errors(factory: IRCFactory) -> None:
     a.send(
         "PRIVMSG nobody :x", "PRIVMSG #nochan :x", "PRIVMSG bob", "PRIVMSG", "PRIVMSG a,b,c,d,e :x"
     )
-    assert a.numerics() == ["401", "403", "412", "461", "407"]
+    assert a.numerics() == ["401", "403", "412", "411", "407"]  # 411: not 461 (RFC 2812)
+    a.send("PRIVMSG :", "NOTICE", "NOTICE :", "NICK", "NICK :")
+    assert a.commands() == [
+        ("411", ["alice", "No recipient given (PRIVMSG)"]),  # (a NOTICE: no reply)
+        ("431", ["alice", "No nickname given"]),
+        ("431", ["alice", "No nickname given"]),
+    ]
+    c = Conn(factory)  # before registration too
+    c.send("NICK", "NICK :")
+    assert c.numerics() == ["431", "431"]
     a.send("PRIVMSG bob/other.example :x")
     assert a.numerics() == ["401"]
     a.send("NOTICE nobody :x")  # NOTICE never gets automatic replies

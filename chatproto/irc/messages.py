@@ -28,12 +28,16 @@ if TYPE_CHECKING:
     from chatproto.irc.protocol import IRCProtocol
 
 
-@command("PRIVMSG", params=1)
+@command("PRIVMSG")
 def privmsg(
     p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str], notice: bool = False
 ) -> Any:
     assert p.session is not None
     command = "NOTICE" if notice else "PRIVMSG"
+    if not params or not params[0]:  # (RFC 1459/2812, Modern: 411, not 461)
+        if not notice:
+            ctx.num("411", f"No recipient given ({command})")
+        return None
     if len(params) < 2 or not params[1]:
         if not notice:
             ctx.num("412", "No text to send")
@@ -149,7 +153,7 @@ def _tags_failed(f: Failure, p: IRCProtocol, ctx: Reply, target: str) -> None:
     p.error(ctx, "TAGMSG", f.value, target)  # type: ignore[arg-type]
 
 
-@command("NOTICE", params=1)
+@command("NOTICE")
 def notice(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
     return privmsg(p, ctx, params, tags, notice=True)
 

@@ -112,8 +112,11 @@ def irc_PASS(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]
     p.password = params[0]
 
 
-@command("NICK", params=1, early=True)
+@command("NICK", early=True)
 def irc_NICK(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]) -> Any:
+    if not params or not params[0]:  # (RFC 1459/2812, Modern: 431, not 461)
+        ctx.num("431", "No nickname given")
+        return None
     wanted = params[0]
     try:
         name = address.normalise_name(user_of(wanted))
