@@ -1102,3 +1102,16 @@ def test_a_text_no_longer_than_text_room_surely_fits_a_line(
     line = f":{mask} {command} {shown} :{text}".encode("utf-8", "surrogatepass")
     if len(text) <= room:
         assert len(line) <= MAX_LINE - 2
+
+
+def test_lists_past_targmax(factory: IRCFactory) -> None:
+    """TARGMAX (docs/irc.md): JOIN of a thousand channels in one line joins the first
+    4; TAGMSG is announced with its limit of 4 too."""
+    a = login(factory, "alice")
+    a.send("JOIN " + ",".join(f"#c{n}" for n in range(1000))[: irc.MAX_LINE - 8])
+    assert [p for c, p in a.commands() if c == "JOIN"] == [[f"#c{n}"] for n in range(4)]
+    assert sorted(factory.realm.groups.of_user["alice@localhost"]) == [
+        f"#c{n}@localhost" for n in range(4)
+    ]
+    tokens = " ".join(" ".join(chunk) for chunk in factory.isupport_lines())
+    assert ",TAGMSG:4," in tokens

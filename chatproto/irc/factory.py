@@ -81,7 +81,8 @@ class IRCFactory(ClientFactory):
                 f"NICKLEN={address.MAX_NAME}",
                 f"PREFIX={PREFIX}",
                 f"TARGMAX=PRIVMSG:{MAX_TARGETS},NOTICE:{MAX_TARGETS},JOIN:{MAX_TARGETS},"
-                f"PART:{MAX_TARGETS},KICK:{MAX_TARGETS},NAMES:{MAX_TARGETS},WHOIS:1",
+                f"PART:{MAX_TARGETS},KICK:{MAX_TARGETS},NAMES:{MAX_TARGETS},TAGMSG:{MAX_TARGETS},"
+                "WHOIS:1",
                 f"TOPICLEN={MAX_TOPIC}",
                 "USERLEN=32",
                 "UTF8ONLY",
