@@ -28,3 +28,39 @@ def test_invalid_utf8_fail_names_the_command_over_tcp(gateway: Any) -> None:
     alice.send("PRIVMSG bob :ok")
     yield until(lambda: bob.has("PRIVMSG"))
     assert bob.take() == [("PRIVMSG", ["bob", "ok"])]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_line_that_never_ends_closes_the_connection_over_tcp(gateway: Any) -> None:
+    """No CR LF, ever: the gateway keeps at most one longest line (8191 + 512 bytes)
+    of it, then ``ERROR :Input line was too long`` and the close."""
+    _, port = gateway
+    alice = yield connect(port, "alice")
+    for _ in range(20):
+        alice.transport.write(b"A" * 1000)
+    yield alice.lost
+    assert alice.got[-1] == "ERROR :Input line was too long"
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_targets_modes_and_missing_parameters_over_tcp(gateway: Any) -> None:
+    """One line each: an empty target is ``*`` in its numeric; a MODE of six
+    parameter modes applies four (MODES=4); NICK and PRIVMSG with nothing get
+    431 and 411."""
+    _, port = gateway
+    alice = yield connect(port, "alice")
+    bob = yield connect(port, "bob")
+    alice.send("JOIN #h")
+    yield until(lambda: alice.has("366"))
+    bob.send("JOIN #h")
+    yield until(lambda: bob.has("366") and alice.has("JOIN", "#h") and len(alice.got) > 3)
+    alice.take()
+    alice.send("PRIVMSG bob, :x", "NICK", "PRIVMSG", "MODE #h +v-v+v-v+v-v bob bob bob bob bob bob")
+    alice.send("PING done")
+    yield until(lambda: alice.has("PONG"))
+    got = alice.take()
+    assert ("401", ["alice", "*", "No such nick/channel"]) in got
+    assert ("431", ["alice", "No nickname given"]) in got
+    assert ("411", ["alice", "No recipient given (PRIVMSG)"]) in got
+    modes = [p for c, p in got if c == "MODE"]
+    assert modes == [["#h", "+v", "bob"], ["#h", "-v", "bob"]] * 2, modes
