@@ -1115,3 +1115,19 @@ def test_lists_past_targmax(factory: IRCFactory) -> None:
     ]
     tokens = " ".join(" ".join(chunk) for chunk in factory.isupport_lines())
     assert ",TAGMSG:4," in tokens
+
+
+def test_realname_and_username_are_shown_as_plain_text(factory: IRCFactory) -> None:
+    """A realname is text shown to others (WHO, WHOIS, WHOWAS): an ESC (terminal
+    escape sequences), a C1 control or a bidirectional override in it reached other
+    users' IRC clients as sent.  Like a topic or an away text it is now plain text:
+    IRC formatting and what a label may not hold (chatproto.text) are dropped."""
+    c = Conn(factory)
+    c.send(f"PASS alice:{PW}", "NICK x", "USER u\x1b[2J!@ 0 * :\x1b[31mEvil\u202eName\x02b\x9b")
+    lines = c.lines()
+    assert lines[0] == ":x!u[2J@localhost NICK alice", lines  # (the username as shown)
+    assert all("\x1b" not in line for line in lines), lines
+    b = login(factory, "bob")
+    b.send("WHOIS alice")
+    whois = [p for cmd, p in b.commands() if cmd == "311"]
+    assert whois == [["bob", "alice", "u[2J", "localhost", "*", "[31mEvilNameb"]], whois

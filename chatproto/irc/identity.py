@@ -15,9 +15,10 @@ from typing import Any
 
 import attrs
 
-from chatproto.irc.lines import nick_of
+from chatproto.irc.lines import nick_of, plain_text
+from chatproto.text import label_problem
 
-__all__ = ["WHOWAS_KEPT", "Directory", "Identity", "clean_username"]
+__all__ = ["WHOWAS_KEPT", "Directory", "Identity", "clean_realname", "clean_username"]
 
 #: Entries the WHOWAS history keeps (oldest dropped first).
 WHOWAS_KEPT = 1000
@@ -46,6 +47,18 @@ def clean_username(text: str) -> str:
     """A username as a mask can hold it: no spaces, ``!``, ``@`` or control characters."""
     kept = "".join(c for c in text if c.isprintable() and c not in " !@:*?,")
     return kept[:MAX_USERNAME]
+
+
+def clean_realname(text: str) -> str:
+    """A realname as others see it (WHO, WHOIS, WHOWAS): plain text like a topic or
+    an away text (no IRC formatting), without the characters a label may not hold
+    (chatproto.text: C0 and C1 controls such as ESC, bidirectional overrides), at
+    most ``MAX_REALNAME`` characters.  Dropped rather than refused: a client's
+    ``USER`` line is not worth a failed registration."""
+    text = plain_text(text)
+    if label_problem(text) is not None:
+        text = "".join(c for c in text if label_problem(c) is None)
+    return text[:MAX_REALNAME]
 
 
 class Directory:

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from chatproto import address
 from chatproto.errors import ChatError
 from chatproto.irc.commands import command
-from chatproto.irc.identity import Identity, clean_username
+from chatproto.irc.identity import Identity, clean_realname, clean_username
 from chatproto.irc.lines import (
     channel_of,
     decimal,
@@ -174,7 +174,7 @@ def irc_USER(p: IRCProtocol, ctx: Reply, params: list[str], tags: dict[str, str]
         ctx.num("461", "USER", "Not enough parameters (an empty realname)")
         return
     p.username = params[0][:32]
-    p.realname = params[3][:128]
+    p.realname = clean_realname(params[3])
     try_register(p)
 
 
@@ -398,10 +398,11 @@ def welcome(p: IRCProtocol) -> None:
     p.state = "ready"
     f.authenticated(p)
     ctx = p.direct
-    if old != p.nick and old != "*":
-        p.write(f":{old}!{p.username}@{realm.realm} NICK {p.nick}\r\n".encode())
     name, _, host = p.user_id.partition("@")
-    p.identity = Identity(p.nick, clean_username(p.username) or name, p.realname or name, host)
+    username = clean_username(p.username) or name
+    if old != p.nick and old != "*":
+        p.write(f":{old}!{username}@{realm.realm} NICK {p.nick}\r\n".encode())
+    p.identity = Identity(p.nick, username, p.realname or name, host)
     back = not f.directory.on_irc(p.user_id)  # its first IRC connection: show it again
     f.directory.arrived(p.user_id, p, p.identity)
     if back:
