@@ -1131,3 +1131,16 @@ def test_realname_and_username_are_shown_as_plain_text(factory: IRCFactory) -> N
     b.send("WHOIS alice")
     whois = [p for cmd, p in b.commands() if cmd == "311"]
     assert whois == [["bob", "alice", "u[2J", "localhost", "*", "[31mEvilNameb"]], whois
+
+
+def test_channellen_is_what_a_local_channel_name_may_be(factory: IRCFactory) -> None:
+    """CHANNELLEN (Modern; irctest's testChannellen): a channel name of that length
+    joins, one longer is 403.  It said 287 (a remote ``#name/realm``), and a local
+    channel of 287 characters was 403."""
+    tokens = dict(t.partition("=")[::2] for chunk in factory.isupport_lines() for t in chunk)
+    n = int(tokens["CHANNELLEN"])
+    a = login(factory, "alice")
+    a.send("JOIN #" + "a" * (n - 1))
+    assert a.commands()[0] == ("JOIN", ["#" + "a" * (n - 1)])
+    a.send("JOIN #" + "b" * n)
+    assert a.commands() == [("403", ["alice", "#" + "b" * n, "No such channel"])]

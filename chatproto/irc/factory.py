@@ -71,7 +71,9 @@ class IRCFactory(ClientFactory):
                 "CASEMAPPING=ascii",
                 f"CHANLIMIT=#:{lim.max_groups_per_user}",
                 f"CHANMODES={CHANMODES}",
-                f"CHANNELLEN={1 + address.MAX_NAME + 1 + address.MAX_REALM}",
+                # a local channel's (#name): what any name of that length joins, as
+                # CHANNELLEN says; another realm's, #name/realm, may be longer
+                f"CHANNELLEN={1 + address.MAX_NAME}",
                 "CHANTYPES=#",
                 f"CHATHISTORY={lim.history_page}",
                 f"KICKLEN={MAX_TOPIC}",
