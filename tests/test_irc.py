@@ -1144,3 +1144,18 @@ def test_channellen_is_what_a_local_channel_name_may_be(factory: IRCFactory) -> 
     assert a.commands()[0] == ("JOIN", ["#" + "a" * (n - 1)])
     a.send("JOIN #" + "b" * n)
     assert a.commands() == [("403", ["alice", "#" + "b" * n, "No such channel"])]
+
+
+def test_quit_reason_is_shown_to_others_as_plain_text(factory: IRCFactory) -> None:
+    """A QUIT reason goes to the IRC users sharing a channel: an ESC, C1 control or
+    bidirectional override in it reached them raw (the realm never sees it to refuse
+    it); it is now plain text like a kick reason."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send("JOIN #q")
+    b.send("JOIN #q")
+    a.lines()
+    b.send("QUIT :\x1b[2Jbye\u202e\x02x\x9b")
+    b.proto.connectionLost(None)
+    assert a.lines() == [":bob!u@localhost QUIT :Quit: [2Jbyex"]
+    assert b.lines()[-1] == "ERROR :Closing link: bob (Quit: [2Jbyex)"

@@ -15,8 +15,7 @@ from typing import Any
 
 import attrs
 
-from chatproto.irc.lines import nick_of, plain_text
-from chatproto.text import label_problem
+from chatproto.irc.lines import nick_of, shown_label
 
 __all__ = ["WHOWAS_KEPT", "Directory", "Identity", "clean_realname", "clean_username"]
 
@@ -55,10 +54,7 @@ def clean_realname(text: str) -> str:
     (chatproto.text: C0 and C1 controls such as ESC, bidirectional overrides), at
     most ``MAX_REALNAME`` characters.  Dropped rather than refused: a client's
     ``USER`` line is not worth a failed registration."""
-    text = plain_text(text)
-    if label_problem(text) is not None:
-        text = "".join(c for c in text if label_problem(c) is None)
-    return text[:MAX_REALNAME]
+    return shown_label(text)[:MAX_REALNAME]
 
 
 class Directory:

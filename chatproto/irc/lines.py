@@ -13,6 +13,7 @@ from typing import Any
 from twisted.words.protocols import irc as twirc
 
 from chatproto.realm.tags import escape_value
+from chatproto.text import label_problem
 
 __all__ = [
     "CRLF",
@@ -35,6 +36,7 @@ __all__ = [
     "prefix",
     "quick_message",
     "server_time",
+    "shown_label",
     "split_lines",
     "split_utf8",
     "unescape_tag",
@@ -86,6 +88,18 @@ def decimal(text: str) -> int | None:
     digits, so within +-(2**53 - 1)), or None.  ``str.isdigit`` is not enough: it
     accepts ``²`` and other digits ``int()`` refuses, and any number of them."""
     return int(text) if _DECIMAL.fullmatch(text) else None
+
+
+def shown_label(text: str) -> str:
+    """``text`` as a one-line label others see, for the texts the gateway keeps
+    itself (a realname, a QUIT reason; the realm checks topics, reasons and away
+    texts): :func:`plain_text`, without the characters a label may not hold
+    (:mod:`chatproto.text`: C0 and C1 controls such as ESC, bidirectional
+    overrides), which are dropped."""
+    text = plain_text(text)
+    if label_problem(text) is None:
+        return text
+    return "".join(c for c in text if label_problem(c) is None)
 
 
 def plain_text(text: str) -> str:

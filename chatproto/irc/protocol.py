@@ -52,6 +52,7 @@ from chatproto.irc.lines import (
     prefix,
     quick_match,
     server_time,
+    shown_label,
     text_room,
     user_of,
 )
@@ -1307,7 +1308,7 @@ class IRCProtocol(LineOnlyReceiver):
     def irc_QUIT(self, ctx: Reply, params: list[str], tags: dict[str, str]) -> None:
         """Close once the replies to the commands before it are written (nothing
         after it is handled)."""
-        reason = params[0] if params else ""
+        reason = shown_label(params[0]) if params else ""  # (shown to others as sent)
         self.quit_reason = f"Quit: {reason}"
         self.close_after(ctx, f"Closing link: {self.nick} (Quit: {reason})", quit=True)
 
