@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory
 
@@ -94,6 +95,55 @@ class CountingResolver:
         return succeed(([SimpleNamespace(payload=record)], [], []))
 
 
+@defer.inlineCallbacks
+def resolve_to_nowhere(b: Any) -> Any:
+    """Sets b's resolver to a CountingResolver whose every answer is a port nothing
+    listens on (it was listened on, then closed): the realms it finds are "down".
+    Deferred: the resolver."""
+    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = closed.getHost().port
+    yield closed.stopListening()
+    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    return b.fed.resolver
+
+
+@defer.inlineCallbacks
+def peer_denied(d: Any) -> Any:
+    """Waits for ``d`` (a client call) to fail with the RemoteError ``peer_denied``.
+    Deferred: the error's text."""
+    from chatproto.client import RemoteError
+
+    with pytest.raises(RemoteError) as e:
+        yield d
+    assert e.value.code == "peer_denied"
+    return str(e.value)
+
+
+@defer.inlineCallbacks
+def take_two_places(bob: Any, bound: str) -> Any:
+    """bob's messages to made-up-1 and made-up-2 are taken (and a second one to
+    made-up-1: a realm with a link takes more); to made-up-3 he is refused, the
+    error naming ``bound``."""
+    yield bob.send("x@made-up-1.example", "one")
+    yield bob.send("x@made-up-2.example", "two")
+    yield bob.send("y@made-up-1.example", "a realm with a link takes more")
+    assert bound in (yield peer_denied(bob.send("x@made-up-3.example", "three")))
+
+
+@defer.inlineCallbacks
+def c_says_hello(b: Any, tmp_path: Any) -> Any:
+    """A raw c.example (certificates of its own CA in ``tmp_path``) connects to b and
+    says hello.  Deferred: the raw peer, past its welcome."""
+    from chatproto import tls
+
+    c = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
+    peer = yield raw_peer(b, "c.example", c, c["ca"])
+    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
+    yield until(lambda: len(peer.frames) == 1, timeout=30)
+    assert peer.frames[0]["type"] == "welcome"
+    return peer
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_realm_that_said_hello_is_not_called_back_with_nothing_to_send(
     realms: Any,  # noqa: F811
@@ -105,19 +155,9 @@ def test_a_realm_that_said_hello_is_not_called_back_with_nothing_to_send(
     to carol@c.example, b's link looks c up and connects."""
     from twisted.internet import task
 
-    from chatproto import tls
-
     (b,) = yield realms(["b.example"], idle_after=0.5)
-    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    port = closed.getHost().port
-    yield closed.stopListening()  # nothing listens there: c's listener is "down"
-    resolver = CountingResolver("127.0.0.1", port)
-    b.fed.resolver = resolver
-    c = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
-    peer = yield raw_peer(b, "c.example", c, c["ca"])
-    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
-    yield until(lambda: len(peer.frames) == 1, timeout=30)
-    assert peer.frames[0]["type"] == "welcome"
+    resolver = yield resolve_to_nowhere(b)  # c's listener is "down"
+    peer = yield c_says_hello(b, tmp_path)
     peer.transport.loseConnection()
     yield task.deferLater(_reactor, 1.5, lambda: None)  # three idle_after periods
     assert resolver.lookups == []
@@ -175,30 +215,14 @@ def test_a_client_cannot_make_links_to_more_realms_than_max_peers(
     realms are queued (their links look them up); a third realm is refused
     (peer_denied) for a message, a read marker and an invitation alike, and nothing
     is queued for it.  (Before the bound, every made-up realm got a link.)"""
-    from chatproto.client import RemoteError
-
     (b,) = yield realms(["b.example"], max_peers=2)
-    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    port = closed.getHost().port
-    yield closed.stopListening()  # nothing listens there: the made-up realms are "down"
-    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    yield resolve_to_nowhere(b)  # the made-up realms are "down"
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
-    yield bob.send("x@made-up-1.example", "one")
-    yield bob.send("x@made-up-2.example", "two")
-    yield bob.send("y@made-up-1.example", "a realm with a link takes more")
-    with pytest.raises(RemoteError) as e:
-        yield bob.send("x@made-up-3.example", "three")
-    assert e.value.code == "peer_denied" and "max_peers" in str(e.value)
-    with pytest.raises(RemoteError) as e:
-        yield bob.mark_read("x@made-up-4.example", 1)
-    assert e.value.code == "peer_denied"
+    yield take_two_places(bob, "max_peers")
+    yield peer_denied(bob.mark_read("x@made-up-4.example", 1))
     yield bob.create_group("#dev")
-    with pytest.raises(RemoteError) as e:
-        yield bob.invite("#dev", "x@made-up-5.example")
-    assert e.value.code == "peer_denied"
-    with pytest.raises(RemoteError) as e:
-        yield bob.join("#g@made-up-6.example")
-    assert e.value.code == "peer_denied"
+    yield peer_denied(bob.invite("#dev", "x@made-up-5.example"))
+    yield peer_denied(bob.join("#g@made-up-6.example"))
     counts = yield b.realm.store.outbox_counts()
     assert counts == {"made-up-1.example": 2, "made-up-2.example": 1}
     assert sorted(b.fed.links) == ["made-up-1.example", "made-up-2.example"]
@@ -218,21 +242,15 @@ def test_a_realm_given_up_on_frees_its_place_under_max_peers(
     wants our presence) its link idles and is dropped; carol's message to the second
     realm then goes.  (Before, the link stayed, retrying, for ever.)  Bob online
     again would want the first realm's link back for his presence."""
-    from chatproto.client import RemoteError
     from chatproto.federation import peer
 
     monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
     (b,) = yield realms(["b.example"], max_peers=1, give_up_after=1.0, idle_after=0.2)
-    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    port = closed.getHost().port
-    yield closed.stopListening()
-    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    yield resolve_to_nowhere(b)
     got: list[dict[str, Any]] = []
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
     yield bob.send("x@made-up-1.example", "one")
-    with pytest.raises(RemoteError) as e:
-        yield bob.send("x@made-up-2.example", "two")
-    assert e.value.code == "peer_denied"
+    yield peer_denied(bob.send("x@made-up-2.example", "two"))
     yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
     [bounce] = [m for m in got if m["kind"] == "bounce"]
     assert bounce["meta"]["code"] == "peer_unreachable"
@@ -258,7 +276,6 @@ def test_one_client_cannot_take_every_place_and_unreached_realms_bounce_soon(
     bounces (peer_unreachable), their links idle and are dropped although bob stays
     online, and bob reaches a new realm again.  (Before, one client could take all
     max_peers places, for give_up_after.)"""
-    from chatproto.client import RemoteError
     from chatproto.federation import peer
 
     monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
@@ -270,21 +287,11 @@ def test_one_client_cannot_take_every_place_and_unreached_realms_bounce_soon(
         idle_after=0.2,
     )
     assert b.cfg.federation.give_up_after == 7 * 86400.0
-    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    port = closed.getHost().port
-    yield closed.stopListening()  # nothing listens there: the made-up realms are "down"
-    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    yield resolve_to_nowhere(b)  # the made-up realms are "down"
     got: list[dict[str, Any]] = []
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
-    yield bob.send("x@made-up-1.example", "one")
-    yield bob.send("x@made-up-2.example", "two")
-    yield bob.send("y@made-up-1.example", "a realm with a link takes more")
-    with pytest.raises(RemoteError) as e:
-        yield bob.send("x@made-up-3.example", "three")
-    assert e.value.code == "peer_denied" and "max_peers_per_user" in str(e.value)
-    with pytest.raises(RemoteError) as e:
-        yield bob.mark_read("x@made-up-3.example", 1)
-    assert e.value.code == "peer_denied"
+    yield take_two_places(bob, "max_peers_per_user")
+    yield peer_denied(bob.mark_read("x@made-up-3.example", 1))
     carol = yield connect(_reactor, b.addr, "carol", PW, register=True)
     yield carol.send("x@made-up-3.example", "someone else is not refused")
     assert b.fed.held["bob@b.example"] == {"made-up-1.example", "made-up-2.example"}
@@ -311,24 +318,12 @@ def test_a_realm_that_said_hello_is_charged_to_no_one(
     c.example then connects to b and says hello: it is proven, charged to no one, and
     bob's message to it goes although his place is still taken.  (Before, every realm
     counted the same: there was no such accounting.)"""
-    from chatproto import tls
-    from chatproto.client import RemoteError
-
     (b,) = yield realms(["b.example"], max_peers_per_user=1)
-    closed = _reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    port = closed.getHost().port
-    yield closed.stopListening()
-    b.fed.resolver = CountingResolver("127.0.0.1", port)
+    yield resolve_to_nowhere(b)
     bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
     yield bob.send("x@made-up-1.example", "one")
-    with pytest.raises(RemoteError) as e:
-        yield bob.send("carol@c.example", "too soon")
-    assert e.value.code == "peer_denied" and "max_peers_per_user" in str(e.value)
-    c = tls.write_dev_certs(str(tmp_path / "certs"), "c.example")
-    peer = yield raw_peer(b, "c.example", c, c["ca"])
-    peer.send({"type": "hello", "version": 1, "realm": "c.example"})
-    yield until(lambda: len(peer.frames) == 1, timeout=30)
-    assert peer.frames[0]["type"] == "welcome"
+    assert "max_peers_per_user" in (yield peer_denied(bob.send("carol@c.example", "too soon")))
+    peer = yield c_says_hello(b, tmp_path)
     yield bob.send("carol@c.example", "hello carol")
     assert b.fed.held == {"bob@b.example": {"made-up-1.example"}}
     assert b.fed.links["c.example"].holder is None
