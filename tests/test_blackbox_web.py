@@ -108,6 +108,38 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def set_cookies(answer: bytes) -> list[str]:
+    """The values of the ``Set-Cookie`` headers of an HTTP answer."""
+    return [
+        line.split(b":", 1)[1].strip().decode()
+        for line in answer.split(b"\r\n")
+        if line.lower().startswith(b"set-cookie:")
+    ]
+
+
+@defer.inlineCallbacks
+def log_in_alice(port: int, origin: str | None) -> Any:
+    """alice (password-1) registers over ``POST /api/register``, then logs in over
+    ``POST /api/login``, with ``Origin: origin`` (none if None).  Deferred: the
+    ``Set-Cookie`` values of the login's answer."""
+    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
+    json_ = {"Content-Type": "application/json"}
+    if origin is not None:
+        json_["Origin"] = origin
+    for path in ("/api/register", "/api/login"):
+        proto = yield http(port, post(port, path, creds, json_))
+        yield proto.lost
+    return set_cookies(proto.data)
+
+
+@defer.inlineCallbacks
+def alice_session(port: int) -> Any:
+    """alice registered and logged in from the site's own origin.  Deferred: her
+    session cookie, ``name=value`` (the first one set, without its attributes)."""
+    cookies = yield log_in_alice(port, f"http://127.0.0.1:{port}")
+    return cookies[0].split(";")[0].strip()
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_json_requests(site: Any) -> Any:
     _, port = site
@@ -279,17 +311,7 @@ def test_an_upload_refused_from_its_headers_is_answered_before_its_body(
     an answer before sending, or a program that sent 256 MiB, waited for nothing."""
     _, port = site
     same = f"http://127.0.0.1:{port}"
-    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
-    json_ = {"Content-Type": "application/json", "Origin": same}
-    proto = yield http(port, post(port, "/api/register", creds, json_))
-    yield proto.lost
-    proto = yield http(port, post(port, "/api/login", creds, json_))
-    yield proto.lost
-    cookie = next(
-        line.split(b":", 1)[1].split(b";")[0].strip().decode()
-        for line in proto.data.split(b"\r\n")
-        if line.lower().startswith(b"set-cookie:")
-    )
+    cookie = yield alice_session(port)
     fields = {
         "Host": f"127.0.0.1:{port}",
         "Origin": same,
@@ -318,18 +340,8 @@ def test_upload_parameters_are_read_strictly(site: Any) -> Any:
     U+FFFD for the bad bytes, and to take the first of two recipients."""
     bb, port = site
     same = f"http://127.0.0.1:{port}"
-    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
-    json_ = {"Content-Type": "application/json", "Origin": same}
     yield bb.realm.create_user("bob", "password-1")
-    proto = yield http(port, post(port, "/api/register", creds, json_))
-    yield proto.lost
-    proto = yield http(port, post(port, "/api/login", creds, json_))
-    yield proto.lost
-    cookie = next(
-        line.split(b":", 1)[1].split(b";")[0].strip().decode()
-        for line in proto.data.split(b"\r\n")
-        if line.lower().startswith(b"set-cookie:")
-    )
+    cookie = yield alice_session(port)
     sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # "test"
     headers = {"Origin": same, "Cookie": cookie, "Content-Type": "text/plain"}
     for query, status in [
@@ -432,16 +444,7 @@ def test_an_upload_answers_the_stored_file_as_documented(site: Any) -> Any:
     bb, port = site
     bob = yield bb.user("bob")
     same = f"http://127.0.0.1:{port}"
-    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
-    json_ = {"Content-Type": "application/json", "Origin": same}
-    for path in ("/api/register", "/api/login"):
-        proto = yield http(port, post(port, path, creds, json_))
-        yield proto.lost
-    cookie = next(
-        line.split(b":", 1)[1].split(b";")[0].strip().decode()
-        for line in proto.data.split(b"\r\n")
-        if line.lower().startswith(b"set-cookie:")
-    )
+    cookie = yield alice_session(port)
     sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # "test"
     headers = {"Origin": same, "Cookie": cookie, "Content-Type": "text/plain"}
     proto = yield http(port, post(port, f"/files?to=bob&name=t.txt&sha256={sha}", b"test", headers))
@@ -464,16 +467,7 @@ def test_the_session_cookie_has_the_documented_attributes(site: Any) -> Any:
     SameSite=Strict; Path=/``" (plus ``Secure`` over HTTPS, not here).  twisted.web
     wrote ``SameSite=strict``."""
     _, port = site
-    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
-    json_ = {"Content-Type": "application/json"}
-    for path in ("/api/register", "/api/login"):
-        proto = yield http(port, post(port, path, creds, json_))
-        yield proto.lost
-    (cookie,) = [
-        line.split(b":", 1)[1].strip().decode()
-        for line in proto.data.split(b"\r\n")
-        if line.lower().startswith(b"set-cookie:")
-    ]
+    (cookie,) = yield log_in_alice(port, None)
     assert cookie.startswith("chatproto_session=") and "Secure" not in cookie
     assert "HttpOnly; SameSite=Strict; Path=/" in cookie, cookie
     assert "Max-Age=1209600" in cookie  # web.session_ttl
@@ -490,16 +484,7 @@ def test_an_upload_is_checked_before_its_body_is_read(site: Any) -> Any:
     bb, port = site
     same = f"http://127.0.0.1:{port}"
     yield bb.realm.create_user("bob", "password-1")
-    creds = json.dumps({"user": "alice", "password": "password-1"}).encode()
-    json_ = {"Content-Type": "application/json", "Origin": same}
-    for path in ("/api/register", "/api/login"):
-        proto = yield http(port, post(port, path, creds, json_))
-        yield proto.lost
-    cookie = next(
-        line.split(b":", 1)[1].split(b";")[0].strip().decode()
-        for line in proto.data.split(b"\r\n")
-        if line.lower().startswith(b"set-cookie:")
-    )
+    cookie = yield alice_session(port)
     sha = "0" * 64
 
     def head(query: str, length: int, expect: bool = False) -> bytes:
