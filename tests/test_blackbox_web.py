@@ -242,18 +242,28 @@ def ws_frame(opcode: int, payload: bytes, length: int | None = None) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-def ws_close_code(data: bytes) -> int | None:
-    """The status code of the first close frame among the server's (unmasked)
-    frames in ``data``, or None if it sent none."""
+def ws_messages(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's (unmasked) frames in ``data``: ``(opcode, payload)``."""
+    out = []
     while len(data) >= 2:
         op, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
         if n == 126:
             n, at = int.from_bytes(data[2:4], "big"), 4
         elif n == 127:
             n, at = int.from_bytes(data[2:10], "big"), 10
-        if op == 8:
-            return int.from_bytes(data[at : at + 2], "big") if n >= 2 else None
+        if len(data) < at + n:
+            break
+        out.append((op, data[at : at + n]))
         data = data[at + n :]
+    return out
+
+
+def ws_close_code(data: bytes) -> int | None:
+    """The status code of the first close frame among the server's (unmasked)
+    frames in ``data``, or None if it sent none (or not all of it yet)."""
+    for op, payload in ws_messages(data):
+        if op == 8:
+            return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
     return None
 
 
@@ -358,22 +368,6 @@ def test_upload_parameters_are_read_strictly(site: Any) -> Any:
             assert proto.body["code"] == "bad_request", proto.body
     assert proto.body["file"]["name"] == "caf\u00e9.txt"
     assert bb.realm.files.uploads == {}
-
-
-def ws_messages(data: bytes) -> list[tuple[int, bytes]]:
-    """The server's (unmasked) frames in ``data``: ``(opcode, payload)``."""
-    out = []
-    while len(data) >= 2:
-        op, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
-        if n == 126:
-            n, at = int.from_bytes(data[2:4], "big"), 4
-        elif n == 127:
-            n, at = int.from_bytes(data[2:10], "big"), 10
-        if len(data) < at + n:
-            break
-        out.append((op, data[at : at + n]))
-        data = data[at + n :]
-    return out
 
 
 @pytest_twisted.inlineCallbacks
