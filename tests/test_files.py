@@ -350,12 +350,10 @@ def test_recheck_stops_the_downloads_of_files_deleted_elsewhere(realm: Any) -> N
     assert not d_kept.called and set(realm.files.downloads) == {kept.file_id}
 
 
-def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
-    """A download being opened on this worker (its record read, its bytes looked
-    for on disk) when another worker's delete is routed here: the recheck looked at
-    the downloads already open only, so this one was handed out after it and
-    streamed the deleted file.  Now it is no_such_file."""
-    info, _ = upload(realm, ALICE, "bob", b"some bytes")
+def open_download_held(realm: Any, info: Any) -> tuple[Deferred[Any], Deferred[Any]]:
+    """bob opens a download of ``info`` while the store's look for its blob on disk
+    is held.  Returns the opening and the held look (fire it with True: the blob was
+    there when asked)."""
     run = realm.files.store.run
     held: list[Deferred[Any]] = []
 
@@ -367,9 +365,19 @@ def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
     opening = realm.files.open_download(BOB, info.file_id)
     assert len(held) == 1 and not opening.called  # (is the blob there)
     realm.files.store.run = run
+    return opening, held[0]
+
+
+def test_recheck_also_stops_a_download_being_opened(realm: Any) -> None:
+    """A download being opened on this worker (its record read, its bytes looked
+    for on disk) when another worker's delete is routed here: the recheck looked at
+    the downloads already open only, so this one was handed out after it and
+    streamed the deleted file.  Now it is no_such_file."""
+    info, _ = upload(realm, ALICE, "bob", b"some bytes")
+    opening, held = open_download_held(realm, info)
     del realm.store.files[info.file_id]  # (what the other worker's delete did)
     ok(realm.files.recheck())
-    held[0].callback(True)  # it was, when asked
+    held.callback(True)  # it was, when asked
     assert code(opening) == "no_such_file" and not realm.files.downloads
 
 
@@ -380,19 +388,9 @@ def test_a_blob_removed_while_its_download_is_opened_is_no_such_file(realm: Any)
     (FileNotFoundError) instead of no_such_file.  Now the bytes are opened before it
     is handed out: gone, it is no_such_file."""
     info, _ = upload(realm, ALICE, "bob", b"some bytes")
-    run = realm.files.store.run
-    held: list[Deferred[Any]] = []
-
-    def holding(fn: Any, *args: Any) -> Any:
-        held.append(Deferred())
-        return held[-1]
-
-    realm.files.store.run = holding
-    opening = realm.files.open_download(BOB, info.file_id)
-    assert len(held) == 1 and not opening.called  # (is the blob there)
-    realm.files.store.run = run
+    opening, held = open_download_held(realm, info)
     os.unlink(realm.files.store.blob_path(info.sha256))  # (the clean-up, meanwhile)
-    held[0].callback(True)  # it was, when asked
+    held.callback(True)  # it was, when asked
     assert code(opening) == "no_such_file" and not realm.files.downloads
 
 
