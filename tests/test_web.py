@@ -1036,6 +1036,19 @@ class _HalfClosing:
         return T(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
 
 
+def _alice_upload_channel(realm: Any, clock: Clock) -> tuple[Any, Any, str]:
+    """A web channel on ``realm`` over a _HalfClosing transport, its delayed calls on
+    ``clock``, and alice's web session token: ``(channel, transport, token)``."""
+    token: list[str] = []
+    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
+    site = WebSite(realm, clock=clock)
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = clock.callLater
+    transport = _HalfClosing()
+    channel.makeConnection(transport)
+    return channel, transport, token[0]
+
+
 @pytest.mark.parametrize("expect", [False, True])
 def test_an_upload_over_the_size_limit_is_answered_from_its_headers(expect: bool) -> None:
     """StringTransport: ``POST /files`` whose Content-Length is over max_file_size
@@ -1048,17 +1061,11 @@ def test_an_upload_over_the_size_limit_is_answered_from_its_headers(expect: bool
     clock = Clock()
     realm = make_test_realm(clock)
     realm.create_user("alice", PASSWORD)
-    token: list[str] = []
-    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
-    site = WebSite(realm, clock=clock)
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.callLater = clock.callLater
-    transport = _HalfClosing()
-    channel.makeConnection(transport)
+    channel, transport, token = _alice_upload_channel(realm, clock)
     head = (
         "POST /files?to=alice&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
         "Host: chat.test\r\nOrigin: http://chat.test\r\n"
-        f"Cookie: {SESSION_COOKIE}={token[0]}\r\n"
+        f"Cookie: {SESSION_COOKIE}={token}\r\n"
         + ("Expect: 100-continue\r\n" if expect else "")
         + f"Content-Length: {realm.config.files.max_file_size + 1}\r\n\r\n"
     ).encode()
@@ -1096,17 +1103,11 @@ def test_an_upload_is_offered_to_the_realm_before_its_body(to: str, status: byte
     realm = make_test_realm(clock)
     for name in ("alice", "bob"):
         realm.create_user(name, PASSWORD)
-    token: list[str] = []
-    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
-    site = WebSite(realm, clock=clock)
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.callLater = clock.callLater
-    transport = _HalfClosing()
-    channel.makeConnection(transport)
+    channel, transport, token = _alice_upload_channel(realm, clock)
     head = (
         f"POST /files?to={to}&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
         "Host: chat.test\r\nOrigin: http://chat.test\r\n"
-        f"Cookie: {SESSION_COOKIE}={token[0]}\r\nExpect: 100-continue\r\n"
+        f"Cookie: {SESSION_COOKIE}={token}\r\nExpect: 100-continue\r\n"
         "Content-Length: 10\r\n\r\n"
     ).encode()
     for i in range(len(head)):
@@ -1136,21 +1137,15 @@ def test_an_upload_offer_that_ends_after_its_connection_or_fails_is_cleaned_up(
     realm = make_test_realm(clock)
     for name in ("alice", "bob"):
         realm.create_user(name, PASSWORD)
-    token: list[str] = []
-    realm.issue_token("alice", PASSWORD, "web").addCallback(lambda r: token.append(r[0]))
     later: defer.Deferred[Any] = defer.Deferred()
     real_offer = realm.files.offer
     realm.files.offer = lambda *a: later.addCallback(lambda _: real_offer(*a))
-    site = WebSite(realm, clock=clock)
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.callLater = clock.callLater
-    transport = _HalfClosing()
-    channel.makeConnection(transport)
+    channel, transport, token = _alice_upload_channel(realm, clock)
     channel.dataReceived(
         (
             "POST /files?to=bob&name=a&sha256=" + "0" * 64 + " HTTP/1.1\r\n"
             "Host: chat.test\r\nOrigin: http://chat.test\r\n"
-            f"Cookie: {SESSION_COOKIE}={token[0]}\r\nContent-Length: 10\r\n\r\n"
+            f"Cookie: {SESSION_COOKIE}={token}\r\nContent-Length: 10\r\n\r\n"
         ).encode()
     )
     assert transport.producerState == "paused"  # not read while the realm checks
