@@ -722,10 +722,7 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        with self._pending_lock:
-            self._pending.append((items, d, outbox, False, None))
-        if self._jobs < 2:  # else the commits in flight flush it when done
-            self._flush()
+        self.append_to(d, items, outbox)
         return d
 
     def append_to(
