@@ -6,8 +6,9 @@ to online sessions: an acknowledged send is a committed one.  Sends carrying a c
 ``nonce`` are idempotent.  History pages are read with the same permissions as
 delivery: a group's rule, or the account's floor for private conversations.
 
-This is the hot path of the realm: no generators on the send path, one Deferred per
-message.
+This is the hot path of the realm: no generators on the send path; a send batch's
+private messages are appended as runs (:class:`SendRun`), each its commit's waiter,
+with no Deferred; the general path (groups, replies, tags, lookups) has one per message.
 """
 
 from __future__ import annotations
