@@ -1159,3 +1159,28 @@ def test_quit_reason_is_shown_to_others_as_plain_text(factory: IRCFactory) -> No
     b.proto.connectionLost(None)
     assert a.lines() == [":bob!u@localhost QUIT :Quit: [2Jbyex"]
     assert b.lines()[-1] == "ERROR :Closing link: bob (Quit: [2Jbyex)"
+
+
+def test_a_nick_change_is_told_without_a_pass_over_every_connection(
+    factory: IRCFactory,
+) -> None:
+    """A change of case is told to the IRC users sharing a channel, found through
+    their own connections: it was a pass over every connection of the gateway per
+    NICK (a flood of NICKs cost the gateway's size each)."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    c = login(factory, "carol")
+    a.send("JOIN #n")
+    b.send("JOIN #n")
+    a.lines()
+    b.lines()
+
+    class NoPass(set):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            raise AssertionError("a pass over every connection")
+
+    factory.connections = NoPass(factory.connections)
+    a.send("NICK Alice")
+    assert a.lines() == [":alice!u@localhost NICK Alice"]
+    assert b.lines() == [":alice!u@localhost NICK Alice"]
+    assert c.lines() == []  # shares no channel

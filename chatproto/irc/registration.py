@@ -160,9 +160,13 @@ def renamed(p: IRCProtocol, ctx: Reply, nick: str) -> None:
     seen: set[str] = set()
     for addr in groups.of_user.get(p.user_id, ()):
         seen.update(groups.groups[addr].members)
-    for conn in p.factory.connections:
-        if conn is not p and conn.state == "ready" and conn.user_id in seen:
-            conn.write(line)
+    # the IRC connections of those users (not a pass over every connection of the
+    # gateway for each NICK: that was the gateway's size times the NICK rate)
+    connections = p.factory.directory.connections
+    for user in seen:
+        for conn in connections(user):
+            if conn is not p and conn.state == "ready":
+                conn.write(line)
 
 
 @command("USER", params=4, early=True)
