@@ -1184,3 +1184,26 @@ def test_a_nick_change_is_told_without_a_pass_over_every_connection(
     assert a.lines() == [":alice!u@localhost NICK Alice"]
     assert b.lines() == [":alice!u@localhost NICK Alice"]
     assert c.lines() == []  # shares no channel
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_format_line_keeps_its_parameters_whatever_they_hold(params: list[str]) -> None:
+    """Any parameters: one line of at most 512 bytes, without NUL, with (when not cut
+    at 512) exactly as many parameters as given, as an IRC parser splits it (single
+    spaces; the trailing after `` :``), none of the middle ones empty.  A middle
+    parameter that was only NUL came out empty (``X  last``)."""
+    line = format_line("s", "X", *params)
+    assert line.endswith(b"\r\n") and line.count(b"\r") == 1 and line.count(b"\n") == 1
+    assert b"\0" not in line and len(line) <= 512
+    if len(line) < 510:
+        head, sep, _trailing = line[:-2].decode().partition(" :")
+        parts = head.split(" ")
+        assert "" not in parts, line
+        assert len(parts[2:]) + (1 if sep else 0) == len(params), line

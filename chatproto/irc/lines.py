@@ -236,6 +236,12 @@ TEXT_COMMANDS = frozenset(
 )
 
 
+def _middle(text: str) -> str:
+    """``text`` as one middle parameter: :func:`param` of it without NUL, CR or LF
+    (which :func:`format_line` would drop or turn into spaces afterwards)."""
+    return param(text.replace("\0", "").replace("\r", " ").replace("\n", " "))
+
+
 def format_line(source: str | None, command: str, *params: str) -> bytes:
     """One line; the last parameter is sent as trailing (``:text``) for numerics and
     text commands, or when it needs to be (empty, spaces, leading ``:``); the others
@@ -248,11 +254,13 @@ def format_line(source: str | None, command: str, *params: str) -> bytes:
     if params:
         middle = params[:-1]
         for p in middle:  # a middle parameter that is not one (a client's empty target)
-            if not p or p[0] == ":" or " " in p or "\r" in p or "\n" in p:
-                middle = tuple(param(p.replace("\r", " ").replace("\n", " ")) for p in middle)
+            if not p or p[0] == ":" or " " in p or "\r" in p or "\n" in p or "\0" in p:
+                middle = tuple(_middle(p) for p in middle)
                 break
         parts.extend(middle)
         last = params[-1]
+        if "\0" in last or "\r" in last or "\n" in last:  # (before it is measured)
+            last = last.replace("\0", "").replace("\r", " ").replace("\n", " ")
         if (
             command in TEXT_COMMANDS
             or command[0].isdigit()
