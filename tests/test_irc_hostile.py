@@ -7,9 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.conftest import until
-from tests.test_irc_conformance_loopback import connect, gateway
+from tests.test_irc_conformance_loopback import Raw, connect, gateway
+from tests.test_irc_loopback import PW
 
 __all__ = ["gateway"]  # (the fixture, imported for the tests of this module)
 
@@ -64,3 +68,39 @@ def test_empty_targets_modes_and_missing_parameters_over_tcp(gateway: Any) -> No
     assert ("411", ["alice", "No recipient given (PRIVMSG)"]) in got
     modes = [p for c, p in got if c == "MODE"]
     assert modes == [["#h", "+v", "bob"], ["#h", "-v", "bob"]] * 2, modes
+
+
+@pytest_twisted.inlineCallbacks
+def test_realname_and_quit_reason_reach_others_as_plain_text_over_tcp(gateway: Any) -> None:
+    """What the gateway shows others itself -- a realname, a QUIT reason -- holds no
+    ESC, C1 control or bidirectional override, whatever the client sent."""
+    _, port = gateway
+    alice = yield connect(port, "alice")
+    user_line = "USER u 0 * :\x1b[31mRed\u202eName\x9b"
+    bob = yield connect(port, "bob")
+    bob.send("JOIN #p")
+    yield until(lambda: bob.has("366"))
+    alice.send("JOIN #p")
+    yield until(lambda: alice.has("366") and bob.has("JOIN", "#p"))
+    carol = yield connect_raw_user(port, "carol", user_line)
+    carol.send("JOIN #p")
+    yield until(lambda: carol.has("366") and bob.has("JOIN", "#p") and len(bob.got) > 4)
+    bob.take()
+    bob.send("WHOIS carol")
+    yield until(lambda: bob.has("318"))
+    assert ("311", ["bob", "carol", "u", "localhost", "*", "[31mRedName"]) in bob.take()
+    carol.send("QUIT :\x1b[2Jbye\u202e")
+    yield carol.lost
+    yield until(lambda: bob.has("QUIT"))
+    assert bob.got[-1] == ":carol!u@localhost QUIT :Quit: [2Jbye"
+
+
+@defer.inlineCallbacks
+def connect_raw_user(port: int, nick: str, user_line: str) -> Any:
+    """A client logged in with ``user_line`` as its USER line."""
+    endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
+    client: Raw = yield endpoint.connect(protocol.Factory.forProtocol(Raw))
+    client.send(f"PASS {PW}", f"NICK {nick}", user_line)
+    yield until(lambda: client.has("376") or client.has("422"))
+    client.got = []
+    return client
