@@ -722,7 +722,7 @@ class GroupCommitStore:
         self, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]] = ()
     ) -> Deferred[list[Envelope]]:
         d: Deferred[list[Envelope]] = Deferred()
-        self.append_to(d, items, outbox)
+        self._queue(d, items, outbox)
         return d
 
     def append_to(
@@ -731,6 +731,12 @@ class GroupCommitStore:
         items: Sequence[Envelope],
         outbox: Sequence[tuple[str, Envelope]] = (),
     ) -> None:
+        self._queue(waiter, items, outbox)
+
+    def _queue(
+        self, waiter: Waiter, items: Sequence[Envelope], outbox: Sequence[tuple[str, Envelope]]
+    ) -> None:
+        """Queue an append (:meth:`append`, :meth:`append_to`) for the next commit."""
         with self._pending_lock:
             self._pending.append((items, waiter, outbox, False, None))
         if self._jobs < 2:  # else the commits in flight flush it when done
