@@ -1299,7 +1299,9 @@ def test_pipelined_history_over_a_websocket_is_read_max_in_flight_at_a_time(web:
         return [f["id"] for f in alice.inbox.pending if f["type"] == "result" and f["id"] in ids]
 
     peak = paused = 0
-    for _ in range(100_000):
+    # (bounded, 30 s, looking every millisecond: zero-delay turns would keep the
+    # reactor holding the GIL and starve the reader threads that build the pages)
+    for _ in range(30_000):
         if len(answered()) == n:
             break
         peak = max(peak, server._in_flight)
@@ -1307,7 +1309,7 @@ def test_pipelined_history_over_a_websocket_is_read_max_in_flight_at_a_time(web:
         if server._requests_paused:
             paused += 1
             assert tcp not in _reactor.getReaders()  # the realm does not read it
-        yield task.deferLater(_reactor, 0, lambda: None)
+        yield task.deferLater(_reactor, 0.001, lambda: None)
     assert sorted(answered()) == sorted(ids)
     assert peak == protocol.MAX_IN_FLIGHT and paused
     assert server._in_flight == 0 and not server._requests_paused and not server._waiting
