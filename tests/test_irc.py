@@ -109,6 +109,17 @@ def login(factory: IRCFactory, nick: str, caps: str = "", bytewise: bool = False
     return c
 
 
+def joined_pair(factory: IRCFactory, channel: str) -> tuple[Conn, Conn]:
+    """alice and bob logged in, both in ``channel``, what they were sent read."""
+    a = login(factory, "alice")
+    b = login(factory, "bob")
+    a.send(f"JOIN {channel}")
+    b.send(f"JOIN {channel}")
+    a.lines()
+    b.lines()
+    return a, b
+
+
 # registration ------------------------------------------------------------------------
 
 
@@ -689,12 +700,7 @@ def test_mode_changes_at_most_modes_parameter_modes(factory: IRCFactory) -> None
     """``MODES=4``: one MODE changes at most 4 modes with a parameter; the rest of the
     line is ignored (it was all done: ``+v-v+v-v...`` of a hundred was a hundred
     stored events, ``+bbbb...`` a hundred 401s).  Flag modes still apply."""
-    a = login(factory, "alice")
-    b = login(factory, "bob")
-    a.send("JOIN #m")
-    b.send("JOIN #m")
-    a.lines()
-    b.lines()
+    a, _b = joined_pair(factory, "#m")
     a.send("MODE #m +v-v+v-v+v-v bob bob bob bob bob bob")
     modes = [p for c, p in a.commands() if c == "MODE"]
     assert modes == [["#m", "+v", "bob"], ["#m", "-v", "bob"]] * 2, modes
@@ -1007,12 +1013,7 @@ def test_topics_reasons_and_away_are_plain_text(factory: IRCFactory) -> None:
     """Issue 14, item 4: IRC formatting is dropped from topics, kick reasons and away
     texts (the realm keeps them as plain text); other control characters are refused
     with a numeric, and a body with ESC is refused, never an internal error."""
-    a = login(factory, "alice")
-    b = login(factory, "bob")
-    a.send("JOIN #dev")
-    b.send("JOIN #dev")
-    a.lines()
-    b.lines()
+    a, b = joined_pair(factory, "#dev")
     a.send("TOPIC #dev :\x02big\x02 \x0304news\x03")
     assert factory.realm.groups.get("#dev@localhost").topic == "big news"
     a.lines()

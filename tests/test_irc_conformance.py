@@ -18,6 +18,7 @@ from tests.test_irc import (  # noqa: F401
     Conn,
     clock_fixture,
     factory_fixture,
+    joined_pair,
     login,
     make_realm,
     realm_fixture,
@@ -265,12 +266,7 @@ def test_whowas_after_the_last_connection(factory: IRCFactory, clock: Clock) -> 
 
 
 def test_nick_case_change_is_acknowledged(factory: IRCFactory) -> None:
-    a = login(factory, "alice")
-    b = login(factory, "bob")
-    a.send("JOIN #n")
-    b.send("JOIN #n")
-    a.lines()
-    b.lines()
+    a, b = joined_pair(factory, "#n")
     a.send("NICK Alice", "NICK Alice")
     assert a.lines() == [":alice!u@localhost NICK Alice"]  # once: the second changes nothing
     assert b.lines() == [":alice!u@localhost NICK Alice"]
