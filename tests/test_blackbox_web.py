@@ -521,3 +521,28 @@ def test_an_upload_is_checked_before_its_body_is_read(site: Any) -> Any:
     proto.transport.loseConnection()
     yield proto.lost
     yield until(lambda: not bb.realm.files.uploads)
+
+
+@pytest_twisted.inlineCallbacks
+def test_other_methods_and_paths_of_the_api_are_json_errors(site: Any) -> Any:
+    """PROTOCOL.md: the API answers with control frames and an HTTP status, whatever
+    the request: another method than an endpoint's, or a name under ``/api/`` that is
+    no request, is a JSON ``bad_request`` (400), not twisted.web's HTML 501 or 404."""
+    _, port = site
+    cases = [
+        b"PUT /api/login HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        b"DELETE /api/session HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"PATCH /files HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"GET /api/nothing HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET /api/ HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET /api HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"POST /api/nothing HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+    ]
+    for request in cases:
+        proto = yield http(port, request)  # (HTTP/1.0: the answer ends with the connection)
+        yield proto.lost
+        head = proto.data.partition(b"\r\n\r\n")[0].lower()
+        assert proto.status == 400, (request, proto.data[:200])
+        assert b"content-type: application/json" in head, (request, head)
+        assert proto.body["type"] == "error" and proto.body["code"] == "bad_request"

@@ -1464,3 +1464,22 @@ def test_a_browser_gone_while_its_download_opens_leaves_no_download_behind(web: 
     files.store.run = run
     held[0].callback(True)
     assert not files.downloads
+
+
+def test_another_method_or_name_under_the_api_is_a_json_bad_request(web: Web) -> None:
+    """The resources themselves (no socket): PUT on a request, or a name under
+    ``/api/`` that is none, renders the JSON error frame with 400."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    api = web.site.root.children[b"api"]
+    for resource, method in (
+        (api.children[b"login"], b"PUT"),
+        (web.site.root.children[b"files"], b"DELETE"),
+        (api.getChildWithDefault(b"nothing", DummyRequest([])), b"POST_IT"),
+    ):
+        request = DummyRequest([])
+        request.method = method
+        out = resource.render(request)
+        assert request.responseCode == 400, (resource, method)
+        assert json.loads(out)["code"] == "bad_request"
+        assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]

@@ -179,6 +179,15 @@ class _Api(Resource):
         super().__init__()
         self.site = site
 
+    def render(self, request: Any) -> Any:
+        """Another method than this API's (GET, HEAD, POST) is a JSON ``bad_request``
+        (400), like every answer of the API, not Twisted's HTML 501 page."""
+        if request.method not in (b"GET", b"HEAD", b"POST"):
+            request.setHeader(b"cache-control", b"no-store")
+            method = request.method.decode("ascii", "replace")[:16]
+            return self._error(request, 400, "bad_request", f"{method} is not a request here")
+        return super().render(request)
+
     def render_POST(self, request: Any) -> Any:
         request.setHeader(b"cache-control", b"no-store")
         origin = request.getHeader(b"origin")
@@ -240,6 +249,27 @@ class _Api(Resource):
         request.setHeader(b"content-type", b"application/json")
         request.write(wire.encode(obj))
         request.finish()
+
+
+class _NoSuchRequest(_Api):
+    """A path under ``/api/`` that names no request: a JSON ``bad_request`` (400)."""
+
+    def handle(self, request: Any, body: dict[str, Any] | None) -> Any:
+        raise ChatError("bad_request", "no such request")
+
+
+class _ApiRoot(Resource):
+    """``/api/``: the JSON requests by name; any other name is :class:`_NoSuchRequest`."""
+
+    def __init__(self, site: WebSite) -> None:
+        super().__init__()
+        self._missing = _NoSuchRequest(site)
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        return self._missing
+
+    def render(self, request: Any) -> Any:
+        return self._missing.render(request)
 
 
 def _gone(request: Any) -> bool:
@@ -766,7 +796,7 @@ class WebSite(Site):
         self.ws = ChatWebSocketFactory(realm, self.origin_ok, clock)
         root = _Root(_Assets(str(static_dir / "index.html")))
         root.putChild(b"static", _Assets(str(static_dir)))
-        api = Resource()
+        api = _ApiRoot(self)
         api.putChild(b"login", _Login(self))
         api.putChild(b"register", _Register(self))
         api.putChild(b"logout", _Logout(self))
