@@ -304,11 +304,7 @@ class CommitSQL(WriterPositions):
         if len(found) == len(names):
             return acks, reads
         gone = {n + suffix for n in names if n not in found}
-
-        def kept(marks: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
-            return {k: p for k, p in marks.items() if k[0] not in gone}
-
-        return kept(acks), kept(reads) if reads else reads
+        return without_users(acks, gone), without_users(reads, gone) if reads else reads
 
     # the realms of groups' items (chatproto/store/grouprealms.py) ---------------------
 
