@@ -193,7 +193,7 @@ class FederationService(MultiService):
                     continue
                 if realm not in self.links:  # queued with no link (see wake)
                     if not self.admit(realm):
-                        yield PeerLink(self, realm).give_up(None, "peer_denied", self.refusal())
+                        yield self._bounce(realm)
                         continue
                     self.link(realm).wake(counts[realm])
                 link = self.links[realm]
@@ -317,7 +317,7 @@ class FederationService(MultiService):
             return True
         for realm in sorted(held):
             link = self.links.get(realm)
-            if link is not None and link.removable() and not link.has_reading():
+            if link is not None and self._idle(link):
                 self._forget(realm)
         return len(self.held.get(holder, ())) < bound
 
@@ -392,14 +392,7 @@ class FederationService(MultiService):
         peer to be reachable goes with its link (``keep_reading``: keep such a link).
         A realm forgotten gets a new link when something is for it again (its outbox
         is read from its start).  Returns the number of links forgotten."""
-        static = {p.realm for p in self.cfg.peers}
-        gone = [
-            realm
-            for realm, link in self.links.items()
-            if realm not in static
-            and link.removable()
-            and not (keep_reading and link.has_reading())
-        ]
+        gone = [realm for realm, link in self.links.items() if self._idle(link, keep_reading)]
         for realm in gone:
             self._forget(realm)
         if gone:
@@ -410,14 +403,24 @@ class FederationService(MultiService):
     def idled(self, link: PeerLink) -> None:
         """``link`` went idle (its connection closed): forget it unless it is wanted
         again or holds read markers (see :meth:`prune`)."""
-        if (
-            self.links.get(link.realm) is link
-            and self.cfg.peer(link.realm) is None
-            and link.removable()
-            and not link.has_reading()
-        ):
+        if self.links.get(link.realm) is link and self._idle(link):
             self._forget(link.realm)
             self.status_changed()
+
+    def _idle(self, link: PeerLink, keep_reading: bool = True) -> bool:
+        """Whether ``link`` may be forgotten: not a static peer's, nothing to do
+        (:meth:`PeerLink.removable`), and (with ``keep_reading``) no read marker
+        waiting for it."""
+        return (
+            self.cfg.peer(link.realm) is None
+            and link.removable()
+            and not (keep_reading and link.has_reading())
+        )
+
+    def _bounce(self, realm: str) -> Deferred[Any]:
+        """Give up on what is queued for ``realm``, which has no link and gets none
+        (``max_peers``): its senders get ``peer_denied``."""
+        return PeerLink(self, realm).give_up(None, "peer_denied", self.refusal())
 
     def wake(self, realm: str, n: int = 1) -> None:
         """``n`` items for ``realm`` were committed to the outbox.  Past
@@ -430,7 +433,7 @@ class FederationService(MultiService):
             self.link(realm).wake(n)
         elif realm not in self._refusing:
             self._refusing.add(realm)
-            d = PeerLink(self, realm).give_up(None, "peer_denied", self.refusal())
+            d = self._bounce(realm)
             d.addErrback(
                 lambda f: self.log.failure("federation: bouncing items for {realm}", f, realm=realm)
             )
