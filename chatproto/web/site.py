@@ -662,14 +662,18 @@ class _Channel(HTTPChannel):
         if linger is not None and linger.active():
             linger.cancel()
         for request in self.requests:
-            # an upload offered before its body, which never came in whole: the
-            # realm's unfinished upload goes (it counted against the quota)
-            up = getattr(request, "upload", None)
-            if up is not None and not request.rendering:
-                files = self.site.realm.files
-                if up.upload_id in files.uploads:
-                    files.cancel(up.user, up.upload_id).addErrback(lambda _: None)
+            self._drop_offer(request)
         super().connectionLost(reason)
+
+    def _drop_offer(self, request: Any) -> None:
+        """An upload offered before its body, which will never come in whole (the
+        connection went): the realm's unfinished upload goes (it counted against the
+        quota)."""
+        up = getattr(request, "upload", None)
+        if up is not None and not request.rendering:
+            files = self.site.realm.files
+            if up.upload_id in files.uploads:
+                files.cancel(up.user, up.upload_id).addErrback(lambda _: None)
 
     def release_admission(self) -> None:
         """Stop counting this connection (it closed, or is now a WebSocket)."""
@@ -678,15 +682,16 @@ class _Channel(HTTPChannel):
             ticket.release()
 
     def _refused(self) -> tuple[int, str, str] | None:
-        request = self.requests[-1] if self.requests else None
-        return getattr(request, "refused", None)
+        return getattr(self._last_request(), "refused", None)
+
+    def _last_request(self) -> Any:
+        return self.requests[-1] if self.requests else None
 
     def _send100Continue(self) -> None:
         # (HTTPChannel asks every client that expects it to go on: not for an
         # upload refused, which is answered at once instead, nor before the
         # realm has accepted the offer of one: see allHeadersReceived)
-        request = self.requests[-1] if self.requests else None
-        if getattr(request, "is_upload", False):
+        if getattr(self._last_request(), "is_upload", False):
             self._continue = True
         elif self._refused() is None:
             super()._send100Continue()  # type: ignore[misc]
@@ -726,8 +731,7 @@ class _Channel(HTTPChannel):
         def accepted(up: Any) -> Any:
             request.upload = up
             if self._lost:  # gone while the realm checked: no body will come
-                if not request.rendering:
-                    self.site.realm.files.cancel(up.user, up.upload_id).addErrback(lambda _: None)
+                self._drop_offer(request)
                 return up
             if self._continue:
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
