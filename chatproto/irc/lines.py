@@ -236,10 +236,15 @@ TEXT_COMMANDS = frozenset(
 )
 
 
+def _one_line(text: str) -> str:
+    """``text`` without NUL, with CR and LF read as spaces (what :func:`format_line`
+    does to a parameter, before it is measured or quoted)."""
+    return text.replace("\0", "").replace("\r", " ").replace("\n", " ")
+
+
 def _middle(text: str) -> str:
-    """``text`` as one middle parameter: :func:`param` of it without NUL, CR or LF
-    (which :func:`format_line` would drop or turn into spaces afterwards)."""
-    return param(text.replace("\0", "").replace("\r", " ").replace("\n", " "))
+    """``text`` as one middle parameter: :func:`param` of it on one line."""
+    return param(_one_line(text))
 
 
 def format_line(source: str | None, command: str, *params: str) -> bytes:
@@ -260,7 +265,7 @@ def format_line(source: str | None, command: str, *params: str) -> bytes:
         parts.extend(middle)
         last = params[-1]
         if "\0" in last or "\r" in last or "\n" in last:  # (before it is measured)
-            last = last.replace("\0", "").replace("\r", " ").replace("\n", " ")
+            last = _one_line(last)
         if (
             command in TEXT_COMMANDS
             or command[0].isdigit()
