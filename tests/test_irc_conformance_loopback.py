@@ -76,6 +76,20 @@ def connect(port: int, nick: str, caps: str = "", password: str | None = PW) -> 
     return client
 
 
+@defer.inlineCallbacks
+def both_joined(port: int, channel: str) -> Any:
+    """alice, then bob, connected and joined to ``channel``; alice has seen bob's
+    JOIN, and what she was sent so far is taken."""
+    alice = yield connect(port, "alice")
+    bob = yield connect(port, "bob")
+    alice.send(f"JOIN {channel}")
+    yield until(lambda: alice.has("366"))
+    bob.send(f"JOIN {channel}")
+    yield until(lambda: bob.has("366") and alice.has("JOIN", channel) and len(alice.got) > 3)
+    alice.take()
+    return alice, bob
+
+
 @pytest_twisted.inlineCallbacks
 def test_replies_keep_command_order_over_tcp(gateway: Any) -> None:
     """(1) JOIN, PRIVMSG and TOPIC wait for SQLite; the PINGs after them do not
@@ -93,13 +107,7 @@ def test_quit_relayed_and_lusers_max_over_tcp(gateway: Any) -> None:
     """(14) QUIT reaches the members of a shared channel; LUSERS counts the most
     users online at once; (3) INFO."""
     _, port = gateway
-    bar = yield connect(port, "alice")
-    qux = yield connect(port, "bob")
-    bar.send("JOIN #chan")
-    yield until(lambda: bar.has("366"))
-    qux.send("JOIN #chan")
-    yield until(lambda: qux.has("366") and bar.has("JOIN", "#chan") and len(bar.got) > 3)
-    bar.take()
+    bar, qux = yield both_joined(port, "#chan")
     qux.send("QUIT :qux out")
     yield qux.lost
     yield until(lambda: bar.has("QUIT"))

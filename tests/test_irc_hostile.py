@@ -12,7 +12,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests.conftest import until
-from tests.test_irc_conformance_loopback import Raw, connect, gateway
+from tests.test_irc_conformance_loopback import Raw, both_joined, connect, gateway
 from tests.test_irc_loopback import PW
 
 __all__ = ["gateway"]  # (the fixture, imported for the tests of this module)
@@ -52,13 +52,7 @@ def test_empty_targets_modes_and_missing_parameters_over_tcp(gateway: Any) -> No
     parameter modes applies four (MODES=4); NICK and PRIVMSG with nothing get
     431 and 411."""
     _, port = gateway
-    alice = yield connect(port, "alice")
-    bob = yield connect(port, "bob")
-    alice.send("JOIN #h")
-    yield until(lambda: alice.has("366"))
-    bob.send("JOIN #h")
-    yield until(lambda: bob.has("366") and alice.has("JOIN", "#h") and len(alice.got) > 3)
-    alice.take()
+    alice, _bob = yield both_joined(port, "#h")
     alice.send("PRIVMSG bob, :x", "NICK", "PRIVMSG", "MODE #h +v-v+v-v+v-v bob bob bob bob bob bob")
     alice.send("PING done")
     yield until(lambda: alice.has("PONG"))
