@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import ssl
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _hdr = struct.Struct("!I")
@@ -330,6 +335,10 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
     t_setup = time.perf_counter() - t0
 
     pad = "x" * max(0, args.body - 20)
+    if args.cgen:
+        out = await run_dm_c(args, s_conns, r_conns, receivers, pad)
+        out.update(setup_s=round(t_setup, 2), register_s=round(t_reg, 2))
+        return out
     st = {
         "measuring": False,
         "running": True,
@@ -533,6 +542,95 @@ async def run_dm(args: argparse.Namespace) -> dict[str, Any]:
         "drained": drained,
         "setup_s": round(t_setup, 2),
         "register_s": round(t_reg, 2),
+    }
+
+
+def build_dmgen() -> str:
+    """bench/dmgen.c compiled once per version of its source (cached in the temp dir)."""
+    src = Path(__file__).resolve().parent / "dmgen.c"
+    text = src.read_bytes()
+    out = Path(tempfile.gettempdir()) / f"chatproto-dmgen-{hashlib.sha256(text).hexdigest()[:16]}"
+    if not out.exists():
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise SystemExit("loadgen: --cgen needs a C compiler (cc or gcc on PATH)")
+        tmp = out.with_suffix(f".{os.getpid()}")
+        subprocess.run([cc, "-O2", "-o", str(tmp), str(src)], check=True)
+        os.replace(tmp, out)
+    return str(out)
+
+
+async def run_dm_c(
+    args: argparse.Namespace, s_conns: list[Conn], r_conns: list[Conn], to: list[str], pad: str
+) -> dict[str, Any]:
+    """``dm --cgen``: the connections logged in here are handed to bench/dmgen.c, which
+    paces the sends and reads the answers as the lean generator does, for a fraction of
+    its CPU (the realm under test shares the machine's cores with it)."""
+    binary = build_dmgen()
+    await asyncio.sleep(0.3)  # presence and the like, sent after the logins, read here
+    conns = [c for pair in zip(s_conns, r_conns, strict=True) for c in pair]
+    for c in conns:
+        c.transport.pause_reading()
+    if any(c.buf for c in conns):
+        raise SystemExit("loadgen: a connection holds part of a frame at the hand-over")
+    fds = [os.dup(c.transport.get_extra_info("socket").fileno()) for c in conns]
+    argv = [binary, str(args.rate), str(args.warmup), str(args.duration)]
+    argv += [str(args.window), pad, str(len(s_conns))]
+    for i in range(len(s_conns)):
+        argv += [str(fds[2 * i]), str(fds[2 * i + 1]), to[i]]
+    proc = subprocess.Popen(argv, pass_fds=fds, stdout=subprocess.PIPE, text=True)
+    for fd in fds:
+        os.close(fd)
+    loop = asyncio.get_running_loop()
+
+    def sample() -> dict[str, float]:
+        return {
+            "realm": cpu_seconds(args.pid) if args.pid else 0.0,
+            "main": cpu_seconds(args.pid, args.pid) if args.pid else 0.0,
+            "mine": time.process_time() + cpu_seconds(proc.pid),
+            "system": system_busy_seconds(),
+        }
+
+    assert proc.stdout is not None
+    lines = []
+    marks: dict[str, Any] = {}
+    while True:
+        line = (await loop.run_in_executor(None, proc.stdout.readline)).strip()
+        if not line:
+            break
+        if line in ("W0", "W1"):
+            marks[line] = (time.perf_counter(), sample())
+            if args.profile_signals and args.pid:
+                os.kill(args.pid, signal.SIGUSR1 if line == "W0" else signal.SIGUSR2)
+        else:
+            lines.append(line)
+    if proc.wait() != 0 or not lines or len(marks) != 2:
+        raise SystemExit(f"loadgen: dmgen failed (exit status {proc.returncode})")
+    delivered, acks, errors, behind, _echo, left, *ns = (int(x) for x in lines[-1].split())
+    (t0, before), (t1, after) = marks["W0"], marks["W1"]
+    elapsed = t1 - t0
+    used = {k: after[k] - before[k] for k in before}
+    st = {"delivered": delivered, "acks": acks, "errors": errors}
+    stats = window_stats(st, [], elapsed, {**used, "pid": bool(args.pid)})
+    p50, p90, p99, top = (x / 1e6 for x in ns)
+    stats.update(
+        latency_ms_p50=round(p50, 2),
+        latency_ms_p90=round(p90, 2),
+        latency_ms_p99=round(p99, 2),
+        latency_ms_max=round(top, 2),
+    )
+    for c in conns:
+        c.close()
+    await asyncio.sleep(0.2)
+    return {
+        "pairs": len(s_conns),
+        "window": args.window,
+        "rate": args.rate,
+        "behind": behind,
+        "body_bytes": len(f"{time.perf_counter_ns()} {pad}"),
+        **stats,
+        "drained": left <= 0,
+        "generator": "dmgen.c",
     }
 
 
@@ -749,6 +847,12 @@ def main() -> None:
         help="once logged in, read and write frames as bytes (no JSON decoding) and "
         "write the sends a read's results call for at once: a cheaper generator, for "
         "rates the JSON one cannot reach",
+    )
+    d.add_argument(
+        "--cgen",
+        action="store_true",
+        help="once logged in, hand the connections to bench/dmgen.c (compiled with cc on "
+        "first use): the lean generator's work for a fraction of its CPU",
     )
     f = sub.add_parser("fanout", parents=[measured])
     f.add_argument("--members", type=int, default=10)

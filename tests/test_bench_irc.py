@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -183,3 +187,26 @@ def test_run_py_paced_dm_end_to_end(tmp_path: Path) -> None:
     slow = dm["dm pairs=2 paced 100/s"]
     assert slow["rate"] == 100 and 50 <= slow["delivered_per_s"] <= 150, slow
     assert slow["send_errors"] == 0 and slow["latency_ms_p99"] > 0
+
+
+@pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")) and not os.environ.get("CI"),
+    reason="no C compiler (under CI=true this runs)",
+)
+def test_paced_with_the_c_generator_end_to_end(tmp_path: Path) -> None:
+    """bench/paced.py --cgen (bench/dmgen.c drives the connections loadgen.py logged
+    in) over loopback: paced at 200 sends/s it delivers about that, every send
+    answered, and reports latency and the generator's CPU; closed loop (rate 0) it
+    delivers too."""
+    cmd = [sys.executable, str(BENCH / "paced.py"), "--cgen", "--rate", "200,0"]
+    cmd += ["--runs", "1", "--pairs", "2", "--window", "4", "--duration", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("A ")]
+    assert [row[1] for row in rows] == ["200", "0"], p.stdout
+    (_, _, paced, p50, p99, *_), (_, _, closed, *_) = rows
+    assert 150 <= float(paced) <= 250, p.stdout
+    assert 0 < float(p50) <= float(p99), p.stdout
+    assert float(closed) > 0, p.stdout
+    out = p.stdout + p.stderr
+    assert "behind 0," in out and "dmgen: error" not in out, out[-3000:]
