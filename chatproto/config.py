@@ -291,6 +291,10 @@ GC_THRESHOLD_BOUNDS = ((1, 1_000_000), (1, 1_000), (1, 1_000))
 #: threads would spend their time handing the GIL over) to 100 ms.
 SWITCH_INTERVAL_BOUNDS = (0.00005, 0.1)
 
+#: The ``[performance] coalesce_wait`` values allowed besides 0: from 0.5 ms (below,
+#: a wait gathers next to nothing) to 50 ms (above, it is a latency of its own).
+COALESCE_WAIT_BOUNDS = (0.0005, 0.05)
+
 
 @attrs.define
 class Performance:
@@ -303,6 +307,9 @@ class Performance:
     gc_freeze: bool = True
     #: ``sys.setswitchinterval`` at start-up, in seconds; 0 = leave Python's own (5 ms).
     switch_interval: float = 0.0005
+    #: The most seconds the reactor waits before polling again after a busy iteration
+    #: (chatproto.pacing); 0 = poll again at once.
+    coalesce_wait: float = 0.004
 
 
 @attrs.define
@@ -563,6 +570,13 @@ class Config:
             raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
 
     def _check_performance(self) -> None:
+        wait = self.performance.coalesce_wait
+        low, high = COALESCE_WAIT_BOUNDS
+        if wait != 0 and not low <= wait <= high:
+            raise ConfigError(
+                f"performance.coalesce_wait must be 0 (poll again at once) or between "
+                f"{low:g} and {high:g} seconds, not {wait:g}"
+            )
         interval = self.performance.switch_interval
         low, high = SWITCH_INTERVAL_BOUNDS
         if interval != 0 and not low <= interval <= high:

@@ -5,8 +5,10 @@
 repeatable; ``ssl:...`` descriptions give TLS), when ``[web]`` asks for it
 (``--web``), the web listener (:mod:`chatproto.web`), with ``[federation]
 enabled`` the :class:`chatproto.federation.FederationService`, and last the
-:class:`chatproto.collector.CollectorService` (``[performance]``: the garbage
-collector's settings).  The realm starts before the listeners and stops after them.
+:class:`chatproto.collector.CollectorService` and
+:class:`chatproto.pacing.LoopPacerService` (``[performance]``: the garbage collector's
+settings, the event loop's coalescing wait).  The realm starts before the listeners
+and stops after them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from chatproto import config as configmod
 from chatproto import extensions
 from chatproto.collector import CollectorService
 from chatproto.ops.service import Operations
+from chatproto.pacing import LoopPacerService
 from chatproto.protocol import ClientFactory
 from chatproto.realm import RealmService
 from chatproto.store.backend import make_store
@@ -282,9 +285,10 @@ def build(
     Extensions named in ``realm.plugins`` are called with the realm before any
     listener starts (see :mod:`chatproto.extensions`); ``plugins`` passes them already
     loaded (``Options`` loads them to report a bad name as a usage error).
-    ``collector``: also apply ``[performance]`` (the garbage collector's settings, a
-    change to the whole process) while the services run; ``twistd chatrealm`` does,
-    an embedding application does only if it asks (:mod:`chatproto.collector`).
+    ``collector``: also apply ``[performance]`` (the garbage collector's settings and
+    the event loop's coalescing wait, changes to the whole process) while the services
+    run; ``twistd chatrealm`` does, an embedding application does only if it asks
+    (:mod:`chatproto.collector`, :mod:`chatproto.pacing`).
     """
     top = MultiService()
     # Created owner only (the store, files, keys and control token are kept there),
@@ -337,6 +341,7 @@ def build(
         for description in cfg.metrics.listen:
             ListenerService(reactor, description, ops_site).setServiceParent(top)
     if collector:
+        LoopPacerService(cfg.performance, reactor).setServiceParent(top)
         CollectorService(cfg.performance, realm).setServiceParent(top)
     return top, realm
 

@@ -264,7 +264,7 @@ def test_twistd_realm_starts_with_the_configured_collector(tmp_path: Any) -> Any
         tmp_path,
         FAST_AUTH
         + "[performance]\ngc_thresholds = [15000, 11, 12]\ngc_freeze = true\n"
-        + "switch_interval = 0.0008\n",
+        + "switch_interval = 0.0008\ncoalesce_wait = 0.006\n",
     )
     spawn = Spawner(str(tmp_path))
     try:
@@ -284,6 +284,7 @@ def test_twistd_realm_starts_with_the_configured_collector(tmp_path: Any) -> Any
         )
         yield proc.wait_for(r"garbage collector: thresholds \(15000, 11, 12\)")
         yield proc.wait_for(r"thread switch interval: 0\.0008 s\n")
+        yield proc.wait_for(r"event loop: waits up to 0\.006 s after busy iterations")
         m = yield proc.wait_for(r"garbage collector: (\d+) objects of the started realm frozen")
         assert int(m.group(1)) > 10000
         yield proc.wait_for(r"realm localhost started")

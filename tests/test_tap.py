@@ -18,6 +18,7 @@ from chatproto import client, tap
 from chatproto.collector import CollectorService
 from chatproto.config import DEFAULT_LISTEN
 from chatproto.ops.service import Operations
+from chatproto.pacing import LoopPacerService
 from chatproto.realm import RealmService
 from chatproto.store.sqlite import SQLiteDB
 
@@ -173,8 +174,9 @@ def test_make_service_realm_first_then_one_listener_per_description(tmp_path: An
     services = list(top)
     assert isinstance(services[0], RealmService)
     assert isinstance(services[1], Operations)  # readiness and metrics (chatproto.ops)
-    assert isinstance(services[-1], CollectorService)  # [performance], last
-    listeners = services[2:-1]
+    assert isinstance(services[-2], LoopPacerService)  # [performance], last
+    assert isinstance(services[-1], CollectorService)
+    listeners = services[2:-2]
     assert all(isinstance(s, tap.ListenerService) for s in listeners)
     assert [s.description for s in listeners] == [
         "tcp:0:interface=127.0.0.1",
