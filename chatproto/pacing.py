@@ -67,6 +67,9 @@ class LoopPacer:
         self._cpu = cpu
         self._sleep = sleep
         self._iterate: Callable[[float | None], None] | None = None
+        #: The reactor's own instance attribute ``doIteration`` we replaced (another
+        #: wrapper), put back at uninstall; None: the class's method.
+        self._replaced: Callable[[float | None], None] | None = None
         self._mark = 0.0
         #: Waits so far, and their seconds in all.
         self.waits = 0
@@ -78,24 +81,33 @@ class LoopPacer:
         iterate = getattr(self.reactor, "doIteration", None)
         if self._iterate is not None or not callable(iterate) or self.max_wait <= 0:
             return False
-        self._iterate = iterate
+        replaced = getattr(self.reactor, "__dict__", {}).get("doIteration")
+        try:
+            self.reactor.doIteration = self.do_iteration
+        except AttributeError:  # (a reactor whose attributes are fixed)
+            return False
+        self._iterate, self._replaced = iterate, replaced
         self._mark = self._cpu()
-        self.reactor.doIteration = self.do_iteration
         return True
 
     def uninstall(self) -> None:
-        """Put the reactor's own ``doIteration`` back (unless someone replaced ours)."""
+        """Put back what the reactor had (unless someone replaced ours since)."""
         if self._iterate is None:
             return
-        if self.reactor.__dict__.get("doIteration") == self.do_iteration:
-            del self.reactor.doIteration  # (the class's own again)
-        self._iterate = None
+        if getattr(self.reactor, "__dict__", {}).get("doIteration") == self.do_iteration:
+            if self._replaced is not None:
+                self.reactor.doIteration = self._replaced
+            else:
+                del self.reactor.doIteration  # (the class's own again)
+        self._iterate = self._replaced = None
 
     def do_iteration(self, timeout: float | None) -> None:
         """The reactor's ``doIteration(timeout)``: wait as the module says, then poll
         with what is left of ``timeout`` (None: no timed call pending)."""
         iterate = self._iterate
-        assert iterate is not None
+        if iterate is None:  # uninstalled, but called by a wrapper installed after us
+            type(self.reactor).doIteration(self.reactor, timeout)
+            return
         now = self._cpu()
         wait = min(now - self._mark, self.max_wait)
         if timeout is not None:

@@ -145,6 +145,28 @@ def test_off_and_uninstalled_leave_the_reactor_as_it_was() -> None:
     assert not LoopPacer(object(), 0.004).install()  # a reactor with no doIteration
 
 
+def test_a_wrapper_installed_before_ours_is_put_back() -> None:
+    reactor = FakeReactor()
+    theirs = reactor.doIteration = lambda timeout: reactor.polls.append(-1)  # type: ignore[method-assign]
+    p = LoopPacer(reactor, 0.004)
+    assert p.install()
+    p.do_iteration(0.5)
+    assert reactor.polls == [-1]  # ours called theirs
+    p.uninstall()
+    assert reactor.doIteration is theirs
+
+
+def test_uninstalled_but_still_called_it_polls_as_the_reactor_does() -> None:
+    """A wrapper installed after ours keeps calling ours once we are uninstalled:
+    then ours is the reactor's own poll, with no wait."""
+    reactor = FakeReactor()
+    p = LoopPacer(reactor, 0.004)
+    p.install()
+    p.uninstall()
+    p.do_iteration(0.25)
+    assert reactor.polls == [0.25] and p.waits == 0
+
+
 def test_a_replacement_installed_after_ours_is_kept() -> None:
     reactor = FakeReactor()
     p = LoopPacer(reactor, 0.004)
