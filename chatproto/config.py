@@ -570,20 +570,16 @@ class Config:
             raise ConfigError(f"storage.dsn is not a valid PostgreSQL DSN: {e}") from None
 
     def _check_performance(self) -> None:
-        wait = self.performance.coalesce_wait
-        low, high = COALESCE_WAIT_BOUNDS
-        if wait != 0 and not low <= wait <= high:
-            raise ConfigError(
-                f"performance.coalesce_wait must be 0 (poll again at once) or between "
-                f"{low:g} and {high:g} seconds, not {wait:g}"
-            )
-        interval = self.performance.switch_interval
-        low, high = SWITCH_INTERVAL_BOUNDS
-        if interval != 0 and not low <= interval <= high:
-            raise ConfigError(
-                f"performance.switch_interval must be 0 (Python's own) or between {low:g} "
-                f"and {high:g} seconds, not {interval:g}"
-            )
+        for key, zero, (low, high) in (
+            ("coalesce_wait", "poll again at once", COALESCE_WAIT_BOUNDS),
+            ("switch_interval", "Python's own", SWITCH_INTERVAL_BOUNDS),
+        ):
+            seconds = getattr(self.performance, key)
+            if seconds != 0 and not low <= seconds <= high:
+                raise ConfigError(
+                    f"performance.{key} must be 0 ({zero}) or between {low:g} and {high:g} "
+                    f"seconds, not {seconds:g}"
+                )
         thresholds = self.performance.gc_thresholds
         if not thresholds:
             return

@@ -102,6 +102,15 @@ def test_defaults_and_file_values() -> None:
         ("switch_interval = 5", "between 5e-05 and 0.1 seconds, not 5"),
         ("switch_interval = nan", "switch_interval must be a finite number, not nan"),
         ("switch_interval = inf", "switch_interval must be a finite number"),
+        (
+            "coalesce_wait = 0.0001",
+            "performance.coalesce_wait must be 0 (poll again at once) or between 0.0005 "
+            "and 0.05 seconds, not 0.0001",
+        ),
+        ("coalesce_wait = -0.004", "coalesce_wait must be 0 (poll again at once) or between"),
+        ("coalesce_wait = 1", "between 0.0005 and 0.05 seconds, not 1"),
+        ("coalesce_wait = '4ms'", "performance.coalesce_wait must be float"),
+        ("coalesce_wait = nan", "coalesce_wait must be a finite number, not nan"),
         ("gc_frozen = true", "unknown key performance.gc_frozen"),
     ],
 )

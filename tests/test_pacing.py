@@ -14,16 +14,11 @@ import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.internet import reactor as _reactor
 
-from chatproto import config, tap
-from chatproto.config import ConfigError, Performance
+from chatproto import tap
+from chatproto.config import Performance
 from chatproto.pacing import FLOOR, LoopPacer, LoopPacerService
+from tests.test_collector import checked
 from tests.test_tap import options
-
-
-def checked(text: str) -> config.Config:
-    cfg = config.from_dict(config.tomllib.loads(text))
-    cfg.check()
-    return cfg
 
 
 class FakeReactor:
@@ -61,29 +56,11 @@ def pacer(max_wait: float = 0.004) -> tuple[LoopPacer, FakeReactor, Clocks]:
 
 
 def test_default_and_file_values() -> None:
+    """(Its bad values are checked with the other [performance] settings':
+    tests/test_collector.py.)"""
     assert Performance().coalesce_wait == 0.004
     assert checked("[performance]\ncoalesce_wait = 0.01\n").performance.coalesce_wait == 0.01
     assert checked("[performance]\ncoalesce_wait = 0\n").performance.coalesce_wait == 0
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "coalesce_wait = 0.0001",
-            "performance.coalesce_wait must be 0 (poll again at once) or between 0.0005 "
-            "and 0.05 seconds, not 0.0001",
-        ),
-        ("coalesce_wait = -0.004", "coalesce_wait must be 0 (poll again at once) or between"),
-        ("coalesce_wait = 1", "between 0.0005 and 0.05 seconds, not 1"),
-        ("coalesce_wait = '4ms'", "performance.coalesce_wait must be float"),
-        ("coalesce_wait = nan", "coalesce_wait must be a finite number, not nan"),
-    ],
-)
-def test_bad_values_name_the_key(text: str, message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        checked(f"[performance]\n{text}\n")
-    assert message in str(info.value)
 
 
 # the wait --------------------------------------------------------------------------
