@@ -639,6 +639,19 @@ def test_a_send_run_has_one_listener() -> None:
     run.listen(print, print)
     with pytest.raises(RuntimeError):
         run.listen(print, print)
+    # once the outcome is handed out, too (a second listener would wait for ever)
+    heard: list[Any] = []
+    for listened_first in (True, False):
+        run = _run(_Routing())
+        if listened_first:
+            run.listen(heard.append, heard.append)
+            run.callback(None)
+        else:
+            run.callback(None)
+            run.listen(heard.append, heard.append)
+        with pytest.raises(RuntimeError):
+            run.listen(heard.append, heard.append)
+    assert [[env.id for env in items] for items in heard] == [["m1"], ["m1"]]  # once each
 
 
 def test_a_listener_that_raises_is_logged_and_costs_the_other_connections_nothing(

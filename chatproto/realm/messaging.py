@@ -115,7 +115,17 @@ class SendRun:
     gives a Deferred to a caller that chains.  A listener's exception is logged,
     never passed on to the store's other waiters."""
 
-    __slots__ = ("_args", "_err", "_messaging", "_ok", "_outbox", "_remember", "_result", "items")
+    __slots__ = (
+        "_args",
+        "_err",
+        "_listened",
+        "_messaging",
+        "_ok",
+        "_outbox",
+        "_remember",
+        "_result",
+        "items",
+    )
 
     def __init__(
         self,
@@ -133,13 +143,15 @@ class SendRun:
         self._ok: RunListener | None = None
         self._err: RunListener | None = None
         self._args: tuple[Any, ...] = ()
+        self._listened = False
 
     def listen(self, ok: RunListener, err: RunListener, *args: Any) -> None:
         """Once the run is committed and routed, ``ok(items, *args)``; if it was not
         stored, ``err(failure, *args)``.  One listener per run (the caller of
         send_batch): called at once if the outcome is already here."""
-        if self._ok is not None:
+        if self._listened:  # (before or after the outcome came: it is handed once)
             raise RuntimeError("a send run has one listener")
+        self._listened = True
         result = self._result
         if result is not None:
             self._result = None
