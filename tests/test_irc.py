@@ -1151,11 +1151,7 @@ def test_quit_reason_is_shown_to_others_as_plain_text(factory: IRCFactory) -> No
     """A QUIT reason goes to the IRC users sharing a channel: an ESC, C1 control or
     bidirectional override in it reached them raw (the realm never sees it to refuse
     it); it is now plain text like a kick reason."""
-    a = login(factory, "alice")
-    b = login(factory, "bob")
-    a.send("JOIN #q")
-    b.send("JOIN #q")
-    a.lines()
+    a, b = joined_pair(factory, "#q")
     b.send("QUIT :\x1b[2Jbye\u202e\x02x\x9b")
     b.proto.connectionLost(None)
     assert a.lines() == [":bob!u@localhost QUIT :Quit: [2Jbyex"]
@@ -1168,13 +1164,8 @@ def test_a_nick_change_is_told_without_a_pass_over_every_connection(
     """A change of case is told to the IRC users sharing a channel, found through
     their own connections: it was a pass over every connection of the gateway per
     NICK (a flood of NICKs cost the gateway's size each)."""
-    a = login(factory, "alice")
-    b = login(factory, "bob")
+    a, b = joined_pair(factory, "#n")
     c = login(factory, "carol")
-    a.send("JOIN #n")
-    b.send("JOIN #n")
-    a.lines()
-    b.lines()
 
     class NoPass(set):  # type: ignore[type-arg]
         def __iter__(self) -> Any:
