@@ -108,6 +108,19 @@ def resolve_to_nowhere(b: Any) -> Any:
 
 
 @defer.inlineCallbacks
+def bob_alone_on_b(make_realms: Any, **federation: Any) -> Any:
+    """b.example alone (made by ``make_realms``, the ``realms`` fixture, with
+    ``federation`` for its [federation] settings), whose look-ups find nothing
+    (:func:`resolve_to_nowhere`: the realms it is sent to are "down"), and bob
+    registered and logged in there.  Deferred: ``(b, bob, what bob was sent)``."""
+    (b,) = yield make_realms(["b.example"], **federation)
+    yield resolve_to_nowhere(b)
+    got: list[dict[str, Any]] = []
+    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    return b, bob, got
+
+
+@defer.inlineCallbacks
 def peer_denied(d: Any) -> Any:
     """Waits for ``d`` (a client call) to fail with the RemoteError ``peer_denied``.
     Deferred: the error's text."""
@@ -215,9 +228,7 @@ def test_a_client_cannot_make_links_to_more_realms_than_max_peers(
     realms are queued (their links look them up); a third realm is refused
     (peer_denied) for a message, a read marker and an invitation alike, and nothing
     is queued for it.  (Before the bound, every made-up realm got a link.)"""
-    (b,) = yield realms(["b.example"], max_peers=2)
-    yield resolve_to_nowhere(b)  # the made-up realms are "down"
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    b, bob, _ = yield bob_alone_on_b(realms, max_peers=2)  # made-up realms are "down"
     yield take_two_places(bob, "max_peers")
     yield peer_denied(bob.mark_read("x@made-up-4.example", 1))
     yield bob.create_group("#dev")
@@ -245,10 +256,7 @@ def test_a_realm_given_up_on_frees_its_place_under_max_peers(
     from chatproto.federation import peer
 
     monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
-    (b,) = yield realms(["b.example"], max_peers=1, give_up_after=1.0, idle_after=0.2)
-    yield resolve_to_nowhere(b)
-    got: list[dict[str, Any]] = []
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
+    b, bob, got = yield bob_alone_on_b(realms, max_peers=1, give_up_after=1.0, idle_after=0.2)
     yield bob.send("x@made-up-1.example", "one")
     yield peer_denied(bob.send("x@made-up-2.example", "two"))
     yield until(lambda: any(m["kind"] == "bounce" for m in got), timeout=30)
@@ -279,17 +287,10 @@ def test_one_client_cannot_take_every_place_and_unreached_realms_bounce_soon(
     from chatproto.federation import peer
 
     monkeypatch.setattr(peer, "RESERVED", 0.5)  # (a link is kept that long after activity)
-    (b,) = yield realms(
-        ["b.example"],
-        max_peers=10,
-        max_peers_per_user=2,
-        give_up_unreached=1.0,
-        idle_after=0.2,
+    b, bob, got = yield bob_alone_on_b(
+        realms, max_peers=10, max_peers_per_user=2, give_up_unreached=1.0, idle_after=0.2
     )
     assert b.cfg.federation.give_up_after == 7 * 86400.0
-    yield resolve_to_nowhere(b)  # the made-up realms are "down"
-    got: list[dict[str, Any]] = []
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True, on_message=got.append)
     yield take_two_places(bob, "max_peers_per_user")
     yield peer_denied(bob.mark_read("x@made-up-3.example", 1))
     carol = yield connect(_reactor, b.addr, "carol", PW, register=True)
@@ -318,9 +319,7 @@ def test_a_realm_that_said_hello_is_charged_to_no_one(
     c.example then connects to b and says hello: it is proven, charged to no one, and
     bob's message to it goes although his place is still taken.  (Before, every realm
     counted the same: there was no such accounting.)"""
-    (b,) = yield realms(["b.example"], max_peers_per_user=1)
-    yield resolve_to_nowhere(b)
-    bob = yield connect(_reactor, b.addr, "bob", PW, register=True)
+    b, bob, _ = yield bob_alone_on_b(realms, max_peers_per_user=1)
     yield bob.send("x@made-up-1.example", "one")
     assert "max_peers_per_user" in (yield peer_denied(bob.send("carol@c.example", "too soon")))
     peer = yield c_says_hello(b, tmp_path)
