@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -261,6 +262,18 @@ def percentile(sorted_vals: list[float], q: float) -> float | None:
 # DM throughput
 
 
+def cpu_sample(pid: int, child: int | None = None) -> dict[str, float]:
+    """CPU seconds used so far by the realm (``pid``: all threads, and its main
+    thread), by the load generator (this process, and ``child``, a process of its
+    own that generates: see ``--cgen``) and by the whole machine."""
+    return {
+        "realm": cpu_seconds(pid) if pid else 0.0,
+        "main": cpu_seconds(pid, pid) if pid else 0.0,
+        "mine": time.process_time() + (cpu_seconds(child) if child else 0.0),
+        "system": system_busy_seconds(),
+    }
+
+
 async def measured_window(args: argparse.Namespace, st: dict[str, Any]) -> tuple[float, dict]:
     """Warm up, then measure for ``args.duration`` (``st["measuring"]`` is True meanwhile).
 
@@ -268,15 +281,7 @@ async def measured_window(args: argparse.Namespace, st: dict[str, Any]) -> tuple
     threads and its main thread), by this process and by the whole machine.
     """
     await asyncio.sleep(args.warmup)
-
-    def sample() -> dict[str, float]:
-        return {
-            "realm": cpu_seconds(args.pid) if args.pid else 0.0,
-            "main": cpu_seconds(args.pid, args.pid) if args.pid else 0.0,
-            "mine": time.process_time(),
-            "system": system_busy_seconds(),
-        }
-
+    sample = functools.partial(cpu_sample, args.pid)
     before = sample()
     w0 = time.perf_counter()
     if args.profile_signals:
@@ -295,21 +300,34 @@ async def measured_window(args: argparse.Namespace, st: dict[str, Any]) -> tuple
 
 
 def window_stats(
-    st: dict[str, Any], lat: list[int], elapsed: float, cpu: dict[str, Any]
+    st: dict[str, Any],
+    lat: list[int],
+    elapsed: float,
+    cpu: dict[str, Any],
+    latency_ms: tuple[float, float, float, float] | None = None,
 ) -> dict[str, Any]:
-    """The figures every measurement reports: rates, latency percentiles, CPU shares."""
-    lat.sort()
-    ms = [x / 1e6 for x in lat]
+    """The figures every measurement reports: rates, latency percentiles (of
+    ``lat``, in ns; or ``latency_ms``, p50/p90/p99/max taken elsewhere), CPU shares."""
+    if latency_ms is None:
+        lat.sort()
+        ms = [x / 1e6 for x in lat]
+        latency_ms = (
+            percentile(ms, 50) or 0,
+            percentile(ms, 90) or 0,
+            percentile(ms, 99) or 0,
+            ms[-1] if ms else 0,
+        )
+    p50, p90, p99, top = latency_ms
     pid = cpu["pid"]
     return {
         "duration_s": round(elapsed, 3),
         "delivered": st["delivered"],
         "delivered_per_s": round(st["delivered"] / elapsed, 1),
         "send_acks_per_s": round(st["acks"] / elapsed, 1),
-        "latency_ms_p50": round(percentile(ms, 50) or 0, 2),
-        "latency_ms_p90": round(percentile(ms, 90) or 0, 2),
-        "latency_ms_p99": round(percentile(ms, 99) or 0, 2),
-        "latency_ms_max": round(ms[-1], 2) if ms else 0,
+        "latency_ms_p50": round(p50, 2),
+        "latency_ms_p90": round(p90, 2),
+        "latency_ms_p99": round(p99, 2),
+        "latency_ms_max": round(top, 2),
         "send_errors": st["errors"],
         "realm_cpu_pct": round(100 * cpu["realm"] / elapsed, 1) if pid else None,
         "realm_main_thread_cpu_pct": round(100 * cpu["main"] / elapsed, 1) if pid else None,
@@ -582,15 +600,6 @@ async def run_dm_c(
     for fd in fds:
         os.close(fd)
     loop = asyncio.get_running_loop()
-
-    def sample() -> dict[str, float]:
-        return {
-            "realm": cpu_seconds(args.pid) if args.pid else 0.0,
-            "main": cpu_seconds(args.pid, args.pid) if args.pid else 0.0,
-            "mine": time.process_time() + cpu_seconds(proc.pid),
-            "system": system_busy_seconds(),
-        }
-
     assert proc.stdout is not None
     lines = []
     marks: dict[str, Any] = {}
@@ -599,7 +608,7 @@ async def run_dm_c(
         if not line:
             break
         if line in ("W0", "W1"):
-            marks[line] = (time.perf_counter(), sample())
+            marks[line] = (time.perf_counter(), cpu_sample(args.pid, proc.pid))
             if args.profile_signals and args.pid:
                 os.kill(args.pid, signal.SIGUSR1 if line == "W0" else signal.SIGUSR2)
         else:
@@ -611,14 +620,8 @@ async def run_dm_c(
     elapsed = t1 - t0
     used = {k: after[k] - before[k] for k in before}
     st = {"delivered": delivered, "acks": acks, "errors": errors}
-    stats = window_stats(st, [], elapsed, {**used, "pid": bool(args.pid)})
     p50, p90, p99, top = (x / 1e6 for x in ns)
-    stats.update(
-        latency_ms_p50=round(p50, 2),
-        latency_ms_p90=round(p90, 2),
-        latency_ms_p99=round(p99, 2),
-        latency_ms_max=round(top, 2),
-    )
+    stats = window_stats(st, [], elapsed, {**used, "pid": bool(args.pid)}, (p50, p90, p99, top))
     for c in conns:
         c.close()
     await asyncio.sleep(0.2)
