@@ -754,6 +754,20 @@ def test_upload_and_ranged_download_over_http(web: Web) -> Any:
     assert msg["kind"] == "file" and msg["meta"]["file_id"] == info["file"]
 
 
+@pytest_twisted.inlineCallbacks
+def test_an_empty_upload_over_http(web: Web) -> Any:
+    """An upload with no body (``Content-Length: 0``) is not offered before its body
+    (there is none): it takes the request's own path, and is stored and read back
+    as any other file, 0 bytes."""
+    ca = yield web.login("alice")
+    cb = yield web.login("bob")
+    response, res = yield _upload(web, ca, "bob", b"", name="empty.txt")
+    assert response.code == 200, res
+    assert (res["file"]["size"], res["file"]["name"]) == (0, "empty.txt")
+    response, body = yield web.request("GET", f"/files/{res['file']['file']}", cookie=cb)
+    assert response.code == 200 and body == b""
+
+
 @defer.inlineCallbacks
 def _get_range(web: Web, path: str, cookie: str, rng: str) -> Any:
     headers = Headers({"cookie": [f"{SESSION_COOKIE}={cookie}"], "range": [rng]})

@@ -532,7 +532,7 @@ class _Files(_Api):
         files = self.site.realm.files
         request.rendering = True  # (the channel no longer answers it early)
         offered = getattr(request, "offered", None)
-        if offered is None:  # (not made before the body: another request class)
+        if offered is None:  # (not made before the body: an empty one, see allHeadersReceived)
             size = _content_length(request)
             if size is None:
                 raise ChatError("bad_request", "send Content-Length")
