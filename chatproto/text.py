@@ -40,6 +40,7 @@ __all__ = [
     "check_reason",
     "label_problem",
     "log_shown",
+    "without_forbidden",
 ]
 
 _LABEL_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -60,6 +61,13 @@ def label_problem(value: str) -> str | None:
     if m is None:
         return None
     return f"control or bidirectional formatting character {_name(m.group())}"
+
+
+def without_forbidden(value: str) -> str:
+    """``value`` with the characters a label may not hold dropped (what
+    :func:`label_problem` finds): for a text shown to others that is cleaned rather
+    than refused (an IRC realname or QUIT reason)."""
+    return _LABEL_FORBIDDEN.sub("", value)
 
 
 def log_shown(value: object, longest: int = 64) -> str:

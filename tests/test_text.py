@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from chatproto.errors import ChatError
 from chatproto.irc.lines import plain_text
-from chatproto.text import check_body, check_label, label_problem, log_shown
+from chatproto.text import check_body, check_label, label_problem, log_shown, without_forbidden
 
 #: Every character a label refuses (PROTOCOL.md, "Text shown to others").
 FORBIDDEN = (
@@ -30,6 +30,13 @@ def test_a_label_is_refused_exactly_when_it_holds_a_forbidden_character(text: st
         assert e.value.code == "bad_request" and e.value.message.startswith("the thing ")
     else:
         assert check_label(text, "the thing") == text
+
+
+@given(st.text(max_size=30))
+def test_without_forbidden_drops_exactly_what_a_label_refuses(text: str) -> None:
+    cleaned = without_forbidden(text)
+    assert cleaned == "".join(c for c in text if c not in FORBIDDEN)
+    assert label_problem(cleaned) is None
 
 
 @pytest.mark.parametrize("char", sorted(FORBIDDEN))

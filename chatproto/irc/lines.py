@@ -13,7 +13,7 @@ from typing import Any
 from twisted.words.protocols import irc as twirc
 
 from chatproto.realm.tags import escape_value
-from chatproto.text import label_problem
+from chatproto.text import without_forbidden
 
 __all__ = [
     "CRLF",
@@ -96,10 +96,7 @@ def shown_label(text: str) -> str:
     texts): :func:`plain_text`, without the characters a label may not hold
     (:mod:`chatproto.text`: C0 and C1 controls such as ESC, bidirectional
     overrides), which are dropped."""
-    text = plain_text(text)
-    if label_problem(text) is None:
-        return text
-    return "".join(c for c in text if label_problem(c) is None)
+    return without_forbidden(plain_text(text))
 
 
 def plain_text(text: str) -> str:
