@@ -1102,15 +1102,8 @@ def test_open_federation_keeps_state_for_at_most_max_peers_realms(node: Any) -> 
     fed.resolver = SilentResolver()
     fed.running = True  # as if started (the links connect for ever: DNS never answers)
     made_up = [f"made-up-{i}.example" for i in range(7)]
-    for r in made_up[:3]:
-        realm.post("bob", f"x@{r}", "hi").result  # noqa: B018
-    assert _code(realm.post("bob", f"x@{made_up[3]}", "hi")) == "peer_denied"
-    realm.group_event_as("bob", "created", "#dev").result  # noqa: B018
-    assert _code(realm.group_event_as("bob", "invited", "#dev", user=f"x@{made_up[4]}")) == (
-        "peer_denied"
-    )
-    assert _code(realm.group_event_as("bob", "joined", f"#g@{made_up[5]}")) == "peer_denied"
-    realm.post("bob", f"y@{made_up[0]}", "a realm with a link takes more").result  # noqa: B018
+    refusal = bob_takes_places_then_is_refused(realm, made_up[:3], made_up[3:6])
+    assert "(federation.max_peers)" in refusal
     assert sorted(fed.links) == made_up[:3]
     assert realm.store.outbox_counts().result == {
         made_up[0]: 2,
@@ -1181,6 +1174,25 @@ def _message(d: Deferred[Any]) -> str:
     return f"{failure.value.code}: {failure.value.message}"
 
 
+def bob_takes_places_then_is_refused(realm: Any, taken: list[str], refused: list[str]) -> str:
+    """bob sends to a user of each realm of ``taken`` (each send takes a place),
+    then is refused (peer_denied) a message to ``refused[0]``, the invitation of a
+    user of ``refused[1]`` into his new group #dev and a request for a group of
+    ``refused[2]``; a realm with a link (``taken[0]``) still takes his items.
+    Returns the message's refusal, ``peer_denied: <why>``."""
+    for r in taken:
+        realm.post("bob", f"x@{r}", "hi").result  # noqa: B018
+    refusal = _message(realm.post("bob", f"x@{refused[0]}", "hi"))
+    assert refusal.startswith("peer_denied: "), refusal
+    realm.group_event_as("bob", "created", "#dev").result  # noqa: B018
+    assert _code(realm.group_event_as("bob", "invited", "#dev", user=f"x@{refused[1]}")) == (
+        "peer_denied"
+    )
+    assert _code(realm.group_event_as("bob", "joined", f"#g@{refused[2]}")) == "peer_denied"
+    realm.post("bob", f"y@{taken[0]}", "a realm with a link takes more").result  # noqa: B018
+    return refusal
+
+
 def test_one_user_cannot_take_every_place_with_realms_never_reached(node: Any) -> None:
     """max_peers 10, max_peers_per_user 3: bob's sends to three made-up realms take
     his three places; a fourth realm is refused to him (peer_denied naming
@@ -1196,16 +1208,8 @@ def test_one_user_cannot_take_every_place_with_realms_never_reached(node: Any) -
     fed.resolver = SilentResolver()
     fed.running = True
     made_up = [f"made-up-{i}.example" for i in range(8)]
-    for r in made_up[:3]:
-        realm.post("bob", f"x@{r}", "hi").result  # noqa: B018
-    refused = _message(realm.post("bob", f"x@{made_up[3]}", "hi"))
-    assert refused.startswith("peer_denied: ") and "max_peers_per_user" in refused
-    realm.group_event_as("bob", "created", "#dev").result  # noqa: B018
-    assert _code(realm.group_event_as("bob", "invited", "#dev", user=f"x@{made_up[3]}")) == (
-        "peer_denied"
-    )
-    assert _code(realm.group_event_as("bob", "joined", f"#g@{made_up[3]}")) == "peer_denied"
-    realm.post("bob", f"y@{made_up[0]}", "a realm with a link takes more").result  # noqa: B018
+    refusal = bob_takes_places_then_is_refused(realm, made_up[:3], [made_up[3]] * 3)
+    assert "max_peers_per_user" in refusal
     realm.post("alice", f"x@{made_up[3]}", "someone else is not refused").result  # noqa: B018
     assert fed.held == {
         "bob@b.example": set(made_up[:3]),
