@@ -857,7 +857,7 @@ _PAIRS = [(ALICE, BOB), (BOB, ALICE), (CAROL, BOB), (ALICE, "x@b.example")]
     st.lists(
         st.tuples(
             st.integers(0, len(_PAIRS) - 1),  # the pair
-            st.integers(1, 40),  # a run of that many items of it
+            st.integers(1, 48),  # a run of that many items of it
             st.sampled_from(["plain", "plain", "plain", "event", "meta", "sig"]),
         ),
         min_size=1,
@@ -865,9 +865,10 @@ _PAIRS = [(ALICE, BOB), (BOB, ALICE), (CAROL, BOB), (ALICE, "x@b.example")]
     ),
     st.integers(1, 300),  # where the commit's batches are cut
     st.sampled_from([None, 3, 4, 16]),  # rows per statement
+    st.sampled_from([None, 2, 8]),  # the shortest pair run (None: PAIR_RUN's own)
 )
 def test_sqlite_pair_runs_and_mixed_items_keep_their_order_and_columns(
-    runs: list[tuple[int, int, str]], cut: int, rows: int | None
+    runs: list[tuple[int, int, str]], cut: int, rows: int | None, pair_run: int | None
 ) -> None:
     """Runs of PAIR_RUN or more plain text items of one (sender, recipient) go in with
     statements that bind the pair once (SQLiteDB._insert_pair_run), the items around
@@ -879,6 +880,8 @@ def test_sqlite_pair_runs_and_mixed_items_keep_their_order_and_columns(
         db.migrate()
         if rows is not None:
             db._rows_per_insert = db._pair_rows = rows
+        if pair_run is not None:
+            db.PAIR_RUN = pair_run
         items = []
         for pair, n, shape in runs:
             for k in range(n):
@@ -904,13 +907,14 @@ def test_sqlite_a_bad_batch_inside_a_pair_run_fails_alone(tmp_path: Any) -> None
     db.migrate()
     [[first]] = db.append_batch([[env(ALICE, BOB, "first")]], {})
     known = db.stored_item_in  # (keeps the line short below)
-    before = [env(ALICE, BOB, f"a{k}") for k in range(10)]
+    n = SQLiteDB.PAIR_RUN // 2  # (the three batches' items make one run)
+    before = [env(ALICE, BOB, f"a{k}") for k in range(n)]
     bad = [env(ALICE, BOB, "b0"), env(ALICE, BOB, "b1", id_=before[3].id)]
-    after = [env(ALICE, BOB, f"c{k}") for k in range(10)]
+    after = [env(ALICE, BOB, f"c{k}") for k in range(n)]
     out = db.append_batch([before, bad, after], {})
     assert isinstance(out[1], sqlite3.IntegrityError)
-    assert out[0] == list(range(first + 1, first + 11))
-    assert out[2] == list(range(first + 11, first + 21))
+    assert out[0] == list(range(first + 1, first + n + 1))
+    assert out[2] == list(range(first + n + 1, first + 2 * n + 1))
     assert db.stored_item(bad[0].id) is None
     assert [known(e.id, e.conversation).pos for e in after] == out[2]  # type: ignore[union-attr]
     db.close()

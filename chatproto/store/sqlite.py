@@ -918,8 +918,13 @@ class SQLiteDB(AccountsSQL, ReadingSQL, PeerKeysSQL, OutboxSQL, FilesSQL):
 
     #: A run of at least this many consecutive plain text items (kind ``text``,
     #: neither ``meta`` nor ``sig``) of one sender to one recipient goes in with
-    #: statements that bind the pair once (:meth:`_insert_pair_run`).
-    PAIR_RUN = 8
+    #: statements that bind the pair once (:meth:`_insert_pair_run`).  Not fewer: a
+    #: run's statements are its own (one to three, cut as :meth:`_cut_inserts` says),
+    #: and each statement hands the GIL to the reactor thread and waits to get it
+    #: back (on a realm paced at 50k DMs/s, a fifth of the writer's time; runs of ~10
+    #: made ~140 statements a commit instead of ~7).  Below ~32 rows the binding a run
+    #: saves does not pay for that (bench/README.md, issue 20, eleventh session).
+    PAIR_RUN = 32
 
     def _insert_rows(self, items: Sequence[Envelope]) -> int:
         """Insert ``items`` in order; returns the position of the last.
