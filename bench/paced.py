@@ -14,7 +14,9 @@ settings) runs alternately with the first, run by run, so both see the same minu
 noisy machine.  Per run it prints delivered DMs/s, p50/p99 latency (send to delivery, the
 load generator's clock), realm CPU per DM (all threads / reactor thread), and from the
 realm's own metrics the mean group commit (its submission to its results, the writer's
-queue included), the mean COMMIT (SQLite: the fsync) and items per commit.
+queue included) and its phases (``q/w/h``: queued for the writer thread, writing,
+handed back to the event loop), the mean COMMIT (SQLite: the fsync) and items per
+commit.
 
 ``--set``/``--b`` take ``section.key=VALUE`` with VALUE in TOML (strings quoted).
 ``--cgen`` hands the logged-in connections to bench/dmgen.c (``loadgen.py dm --cgen``,
@@ -46,11 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # (bench/run.py: the realm config, Server, loadgen)
 
 #: The realm's metrics read around each run (sums and counts of histograms).
+#: A group commit's phases, as the realm's metrics tell them (docs/operator-guide.md).
+PHASES = ("queued", "writing", "handoff")
+
 METRICS = (
     "chatproto_store_commit_items_count",
     "chatproto_store_commit_items_sum",
     "chatproto_store_commit_seconds_sum",
     "chatproto_store_sync_seconds_sum",
+    *(f'chatproto_store_commit_phase_seconds_sum{{phase="{p}"}}' for p in PHASES),
 )
 
 
@@ -133,6 +139,8 @@ def one_run(
     r["commit_ms"] = 1000 * d["chatproto_store_commit_seconds_sum"] / n
     r["sync_ms"] = 1000 * d["chatproto_store_sync_seconds_sum"] / n
     r["items_per_commit"] = d["chatproto_store_commit_items_sum"] / n
+    for p in PHASES:  # (0 from a realm whose metrics do not tell them: an older tree)
+        r[f"{p}_ms"] = 1000 * d[f'chatproto_store_commit_phase_seconds_sum{{phase="{p}"}}'] / n
     # the load generator's own CPU per delivered DM: it shares the machine's cores
     r["gen_us_per_msg"] = round(1e4 * r["loadgen_cpu_pct"] / max(r["delivered_per_s"], 1.0), 1)
     return r
@@ -178,7 +186,9 @@ def main() -> None:
                         f"p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms, "
                         f"{r['realm_us_per_msg']} us/DM (reactor {r['reactor_us_per_msg']}, "
                         f"generator {r['gen_us_per_msg']}), "
-                        f"commit {r['commit_ms']:.1f} ms (COMMIT {r['sync_ms']:.1f}), "
+                        f"commit {r['commit_ms']:.1f} ms (queued {r['queued_ms']:.1f}, writing "
+                        f"{r['writing_ms']:.1f}, handoff {r['handoff_ms']:.1f}; COMMIT "
+                        f"{r['sync_ms']:.1f}), "
                         f"{r['items_per_commit']:.1f} items/commit, behind {r['behind']}, "
                         f"other CPU {r['other_cpu_pct']}%"
                     )
@@ -193,14 +203,17 @@ def main() -> None:
         print(f"{label}: {extra.strip() or '(the defaults)'}{tree}".replace("\n", " "))
     print(
         f"{'':3} {'rate':>7} {'DMs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'us/DM':>6} "
-        f"{'reactor':>7} {'gen':>5} {'commit ms':>9} {'COMMIT':>6} {'items':>6} {'other%':>6}"
+        f"{'reactor':>7} {'gen':>5} {'commit ms':>9} {'q/w/h ms':>14} {'COMMIT':>6} "
+        f"{'items':>6} {'other%':>6}"
     )
     for label, rate, r in rows:
         print(
             f"{label:3} {rate:7.0f} {r['delivered_per_s']:8.0f} {r['latency_ms_p50']:7.1f} "
             f"{r['latency_ms_p99']:7.1f} {r['realm_us_per_msg']:6.1f} "
             f"{r['reactor_us_per_msg']:7.1f} {r['gen_us_per_msg']:5.1f} "
-            f"{r['commit_ms']:9.1f} {r['sync_ms']:6.1f} "
+            f"{r['commit_ms']:9.1f} "
+            f"{'/'.join(format(r[f'{p}_ms'], '.1f') for p in PHASES):>14} "
+            f"{r['sync_ms']:6.1f} "
             f"{r['items_per_commit']:6.1f} {r['other_cpu_pct']:6.1f}"
         )
 

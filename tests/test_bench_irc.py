@@ -204,9 +204,11 @@ def test_paced_with_the_c_generator_end_to_end(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("A ")]
     assert [row[1] for row in rows] == ["200", "0"], p.stdout
-    (_, _, paced, p50, p99, *_), (_, _, closed, *_) = rows
+    (_, _, paced, p50, p99, *_, phases, _sync, _items, _other), (_, _, closed, *_) = rows
     assert 100 <= float(paced) <= 250, p.stdout  # (a loaded machine may lag a little)
     assert 0 < float(p50) <= float(p99), p.stdout
+    queued, writing, handoff = map(float, phases.split("/"))  # (the realm's metrics)
+    assert writing > 0 and queued >= 0 and handoff >= 0, p.stdout
     assert float(closed) > 0, p.stdout
     out = p.stdout + p.stderr
     assert "dmgen: error" not in out, out[-3000:]

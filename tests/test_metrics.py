@@ -148,6 +148,14 @@ def test_a_scrape_while_traffic_flows_sees_the_counters_move(tmp_path: Any) -> A
     assert _value(after, "chatproto_store_commit_items_sum") == total
     assert _value(after, "chatproto_store_sync_seconds_count") >= commits
     assert _value(after, "chatproto_store_commit_seconds_sum") > 0
+    # each commit's phases (queued, writing, handoff) add up to its seconds; a commit
+    # of acks told between the two histograms' reads is at most a few ms apart
+    phase = "chatproto_store_commit_phase_seconds"
+    for p in ("queued", "writing", "handoff"):
+        assert _value(after, phase + "_count", phase=p) >= commits
+    parts = sum(_value(after, phase + "_sum", phase=p) for p in ("queued", "writing", "handoff"))
+    assert _value(after, phase + "_sum", phase="writing") > 0
+    assert parts == pytest.approx(_value(after, "chatproto_store_commit_seconds_sum"), abs=0.1)
     assert _value(after, "chatproto_store_up") == 1
     assert _value(after, "process_open_fds") > 0
     # Every metric served is documented, with its type, and every documented one served.

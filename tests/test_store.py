@@ -454,6 +454,46 @@ def test_partners_and_file_usage_after_a_floor(store: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_commit_is_told_with_where_its_time_went(sql_store: Any) -> Any:
+    """The commit observer gets the items, the seconds from submission to results,
+    the COMMIT's seconds and the phases: queued for the writer, writing, handed
+    back, which add up to the seconds (store.timer read at each of those points)."""
+    told: list[tuple[Any, ...]] = []
+    ticks = iter([100.0, 100.5, 102.0, 105.0])
+    lock = threading.Lock()
+
+    def timer() -> float:
+        with lock:  # (read on the reactor and on the writer thread)
+            return next(ticks)
+
+    sql_store.timer = timer
+    sql_store.commit_observer = lambda *args: told.append(args)
+    yield sql_store.append([env(ALICE, BOB, "one"), env(ALICE, BOB, "two")])
+    [(items, seconds, sync, phases)] = told
+    assert (items, seconds) == (2, 5.0) and sync is not None and sync >= 0
+    assert (phases.queued, phases.writing, phases.handoff) == (0.5, 1.5, 3.0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_commit_behind_a_held_one_is_told_it_was_queued(sql_store: Any) -> Any:
+    """On the real clock: the first commit held 0.2 s on the writer thread is told
+    as writing that long; the commit submitted behind it, as queued that long."""
+    told: list[Any] = []
+    sql_store.commit_observer = lambda *args: told.append(args[3])
+    gate, entered, _sizes = hold_next_commit(sql_store)
+    first = sql_store.append([env(ALICE, BOB, "first")])
+    yield deferToThread(entered.wait, 30)
+    second = sql_store.append([env(ALICE, BOB, "second")])
+    yield deferLater(_reactor, 0.2, lambda: None)
+    gate.set()
+    yield defer.gatherResults([first, second])
+    yield until(lambda: len(told) >= 2)
+    assert told[0].writing >= 0.19 and told[0].queued < 0.19
+    assert told[1].queued >= 0.15 and told[1].writing < 0.19
+    assert all(p.handoff >= 0 for p in told)
+
+
+@pytest_twisted.inlineCallbacks
 def test_positions_strictly_increase(store: Any) -> Any:
     assert (yield store.max_pos()) == 0
     seen: list[int] = []

@@ -11,7 +11,8 @@ the library's global one: tests run several realms in one process).  It holds:
   :meth:`RealmMetrics.refresh` (which the ``/metrics`` resource calls before each
   scrape) and the collector only hands out that snapshot;
 - histograms (thread-safe ``prometheus_client`` objects): each group commit's size,
-  duration and COMMIT (fsync) time, told by the store's ``commit_observer``, and the
+  duration, COMMIT (fsync) time and where its time went (queued for the writer
+  thread, written, handed back), told by the store's ``commit_observer``, and the
   event loop's lag, measured by a timer that notes how late it runs.
 
 Every metric is documented in docs/operator-guide.md ("Metrics and health"); a test
@@ -32,6 +33,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from chatproto.store.groupcommit import CommitPhases
 
 __all__ = [
     "COMMIT_ITEMS_BUCKETS",
@@ -122,6 +125,18 @@ class RealmMetrics:
             buckets=_COMMIT_SECONDS,
             registry=reg,
         )
+        self.commit_phase_seconds = Histogram(
+            "chatproto_store_commit_phase_seconds",
+            "Seconds of a group commit by phase: queued (waiting for the writer "
+            "thread), writing (the transaction), handoff (the writer done to the "
+            "event loop taking the results).",
+            labelnames=["phase"],
+            buckets=_COMMIT_SECONDS,
+            registry=reg,
+        )
+        self._phases = tuple(
+            self.commit_phase_seconds.labels(phase=p) for p in ("queued", "writing", "handoff")
+        )
         self.loop_lag = Histogram(
             "chatproto_event_loop_lag_seconds",
             "How late the reactor ran a timer due every "
@@ -165,12 +180,18 @@ class RealmMetrics:
 
     # observations ---------------------------------------------------------------------
 
-    def committed(self, items: int, seconds: float, sync: float | None) -> None:
+    def committed(
+        self, items: int, seconds: float, sync: float | None, phases: CommitPhases
+    ) -> None:
         """The store's ``commit_observer``: one group commit is done."""
         self.commit_items.observe(items)
         self.commit_seconds.observe(seconds)
         if sync is not None:
             self.sync_seconds.observe(sync)
+        queued, writing, handoff = self._phases
+        queued.observe(max(0.0, phases.queued))
+        writing.observe(max(0.0, phases.writing))
+        handoff.observe(max(0.0, phases.handoff))
 
     def _lag(self) -> None:
         now = self.clock.seconds()

@@ -44,6 +44,7 @@ from chatproto.store import MAX_DEVICES, NoSuchAccount, Waiter
 
 __all__ = [
     "OUTBOX_CACHE",
+    "CommitPhases",
     "CommitResult",
     "GroupCommitStore",
     "StoreDB",
@@ -87,6 +88,20 @@ MARK_DELAY = 0.05
 CommitResult = tuple[list[list[int | None] | Exception], list[tuple[str, int, Any]]]
 
 
+@attrs.frozen
+class CommitPhases:
+    """Where one group commit's time went, in seconds (``commit_observer``)."""
+
+    #: From its submission to the writer thread starting it: the commit before it,
+    #: or a search indexing step, still held the writer.
+    queued: float
+    #: The writer thread's work on it: the transaction, its COMMIT included.
+    writing: float
+    #: From the writer's end to the reactor thread taking the results: how long the
+    #: event loop took to come back to them.
+    handoff: float
+
+
 @attrs.define(eq=False)  # (identity: a commit in flight is removed as itself)
 class _Taken:
     """What one group commit took when it started (GroupCommitStore._pull_and_commit)."""
@@ -96,6 +111,9 @@ class _Taken:
     outbox_acks: dict[str, int]
     ack_waiters: list[Deferred[None]]
     reads: dict[tuple[str, str], int]
+    #: When the writer thread began and ended the commit (``GroupCommitStore.timer``).
+    began: float = 0.0
+    ended: float = 0.0
 
 
 def plan_inserts(
@@ -459,11 +477,12 @@ class GroupCommitStore:
         self.committed_items = 0
         self.committed_remote = 0
         #: Told of each group commit once it is done (for the metrics, see
-        #: :mod:`chatproto.ops.metrics`): ``(items, seconds, sync_seconds)`` -- the
-        #: items stored, the seconds from the start of the commit to its results (the
-        #: transaction and the wait for the writer thread), and the seconds its COMMIT
-        #: took (the fsync; None when the backend does not say).  On the reactor thread.
-        self.commit_observer: Callable[[int, float, float | None], None] | None = None
+        #: :mod:`chatproto.ops.metrics`): ``(items, seconds, sync_seconds, phases)``
+        #: -- the items stored, the seconds from the start of the commit to its
+        #: results (the transaction and the wait for the writer thread), the seconds
+        #: its COMMIT took (the fsync; None when the backend does not say), and
+        #: :class:`CommitPhases`.  On the reactor thread.
+        self.commit_observer: Callable[[int, float, float | None, CommitPhases], None] | None = None
         #: The clock commit durations are measured with (a monotonic one).
         self.timer: Callable[[], float] = time.perf_counter
 
@@ -943,7 +962,9 @@ class GroupCommitStore:
             if observer is not None:
                 try:
                     sync = getattr(self._writer, "sync_seconds", None)
-                    observer(self.committed_items - before, self.timer() - started, sync)
+                    t, now = taken[0], self.timer()
+                    phases = CommitPhases(t.began - started, t.ended - t.began, now - t.ended)
+                    observer(self.committed_items - before, now - started, sync, phases)
                 except Exception:  # the metrics must never cost a commit its results
                     self.log.failure("commit observer failed")
             if queued:  # before the waiters run: they wake the links, which read these
@@ -993,6 +1014,7 @@ class GroupCommitStore:
         failed with it).  Everything queued before a call of it is in its commit or
         in an earlier one, so an append is committed after everything queued before
         it, as with one commit at a time."""
+        began = self.timer()
         with self._pending_lock:
             t = _Taken(
                 self._pending,
@@ -1000,6 +1022,7 @@ class GroupCommitStore:
                 self._pending_outbox_acks,
                 self._outbox_ack_waiters,
                 self._pending_reads,
+                began,
             )
             self._pending, self._pending_acks, self._pending_outbox_acks = [], {}, {}
             self._outbox_ack_waiters, self._pending_reads = [], {}
@@ -1010,6 +1033,7 @@ class GroupCommitStore:
         taken.append(t)
         try:
             if not (t.batch or t.acks or t.outbox_acks or t.reads):
+                t.ended = self.timer()
                 return ([], []), None
             batch = t.batch
             items = [b[0] for b in batch]
@@ -1026,6 +1050,7 @@ class GroupCommitStore:
                 t.reads or None,
                 self.max_devices,
             )
+            t.ended = self.timer()
             return result, None
         except BaseException:  # (what was taken must be failed, whatever it was)
             return None, Failure()
