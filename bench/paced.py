@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # (bench/run.py: the realm config, Server, loadgen)
 
-#: The realm's metrics read around each run (sums and counts of histograms).
 #: A group commit's phases, as the realm's metrics tell them (docs/operator-guide.md).
 PHASES = ("queued", "writing", "handoff")
 
+#: The realm's metrics read around each run (sums and counts of histograms).
 METRICS = (
     "chatproto_store_commit_items_count",
     "chatproto_store_commit_items_sum",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import attrs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
@@ -134,9 +135,11 @@ class RealmMetrics:
             buckets=_COMMIT_SECONDS,
             registry=reg,
         )
-        self._phases = tuple(
-            self.commit_phase_seconds.labels(phase=p) for p in ("queued", "writing", "handoff")
-        )
+        #: (phase name, its histogram), one per field of CommitPhases
+        self._phases = [
+            (f.name, self.commit_phase_seconds.labels(phase=f.name))
+            for f in attrs.fields(CommitPhases)
+        ]
         self.loop_lag = Histogram(
             "chatproto_event_loop_lag_seconds",
             "How late the reactor ran a timer due every "
@@ -188,10 +191,8 @@ class RealmMetrics:
         self.commit_seconds.observe(seconds)
         if sync is not None:
             self.sync_seconds.observe(sync)
-        queued, writing, handoff = self._phases
-        queued.observe(max(0.0, phases.queued))
-        writing.observe(max(0.0, phases.writing))
-        handoff.observe(max(0.0, phases.handoff))
+        for name, histogram in self._phases:
+            histogram.observe(max(0.0, getattr(phases, name)))
 
     def _lag(self) -> None:
         now = self.clock.seconds()
