@@ -16,7 +16,8 @@ load generator's clock), realm CPU per DM (all threads / reactor thread), and fr
 realm's own metrics the mean group commit (its submission to its results, the writer's
 queue included) and its phases (``q/w/h``: queued for the writer thread, writing,
 handed back to the event loop), the mean COMMIT (SQLite: the fsync) and items per
-commit.
+commit; then, per config and rate, the medians of its runs (compare those: one run of a
+shared machine swings by half).
 
 ``--set``/``--b`` take ``section.key=VALUE`` with VALUE in TOML (strings quoted).
 ``--cgen`` hands the logged-in connections to bench/dmgen.c (``loadgen.py dm --cgen``,
@@ -36,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -216,6 +218,30 @@ def main() -> None:
             f"{r['sync_ms']:6.1f} "
             f"{r['items_per_commit']:6.1f} {r['other_cpu_pct']:6.1f}"
         )
+    print(summary(rows))
+
+
+def summary(rows: list[tuple[str, float, dict[str, Any]]]) -> str:
+    """Medians per config and rate (the runs of one config swing 1.5x on a shared
+    machine: compare medians of alternated runs, not single runs): DMs/s, p50, p99,
+    realm us/DM and the commit's phases."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for label, rate, r in rows:
+        groups.setdefault((label, rate), []).append(r)
+    lines = ["medians:"]
+    for (label, rate), rs in groups.items():
+
+        def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            return float(statistics.median(float(r[key]) for r in rs))
+
+        phases = "/".join(f"{med(f'{p}_ms'):.1f}" for p in PHASES)
+        lines.append(
+            f"  {label} {rate:.0f}/s: {len(rs)} runs, {med('delivered_per_s'):.0f} DMs/s, "
+            f"p50 {med('latency_ms_p50'):.1f} ms, p99 {med('latency_ms_p99'):.1f} ms, "
+            f"{med('realm_us_per_msg'):.1f} us/DM (reactor {med('reactor_us_per_msg'):.1f}), "
+            f"commit {med('commit_ms'):.1f} ms (q/w/h {phases})"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

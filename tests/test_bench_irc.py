@@ -193,6 +193,31 @@ def test_run_py_paced_dm_end_to_end(tmp_path: Path) -> None:
     not (shutil.which("cc") or shutil.which("gcc")) and not os.environ.get("CI"),
     reason="no C compiler (under CI=true this runs)",
 )
+def test_paced_summary_gives_medians_per_config_and_rate() -> None:
+    """bench/paced.py's last lines: per config and rate, the medians of its runs (a
+    single run of a shared machine swings too much to compare)."""
+    paced = _load("paced")
+
+    def r(p99: float, commit: float) -> dict[str, Any]:
+        keys = ("delivered_per_s", "latency_ms_p50", "realm_us_per_msg", "reactor_us_per_msg")
+        return dict.fromkeys(keys, 1.0) | {
+            "latency_ms_p99": p99,
+            "commit_ms": commit,
+            "queued_ms": 1.0,
+            "writing_ms": commit / 2,
+            "handoff_ms": 2.0,
+        }
+
+    rows = [("A", 500.0, r(p, c)) for p, c in ((40.0, 9.0), (90.0, 30.0), (50.0, 10.0))]
+    rows += [("B", 500.0, r(44.0, 8.0)), ("A", 0.0, r(1.0, 2.0))]
+    lines = paced.summary(rows).splitlines()
+    assert lines[0] == "medians:"
+    assert lines[1].startswith("  A 500/s: 3 runs,") and "p99 50.0 ms" in lines[1]
+    assert "commit 10.0 ms (q/w/h 1.0/5.0/2.0)" in lines[1]
+    assert lines[2].startswith("  B 500/s: 1 runs,") and "p99 44.0 ms" in lines[2]
+    assert lines[3].startswith("  A 0/s: 1 runs,") and len(lines) == 4
+
+
 def test_paced_with_the_c_generator_end_to_end(tmp_path: Path) -> None:
     """bench/paced.py --cgen (bench/dmgen.c drives the connections loadgen.py logged
     in) over loopback: paced at 200 sends/s it delivers about that, every send
@@ -209,6 +234,8 @@ def test_paced_with_the_c_generator_end_to_end(tmp_path: Path) -> None:
     assert 0 < float(p50) <= float(p99), p.stdout
     queued, writing, handoff = map(float, phases.split("/"))  # (the realm's metrics)
     assert writing > 0 and queued >= 0 and handoff >= 0, p.stdout
+    medians = p.stdout.split("medians:\n", 1)[1].splitlines()
+    assert [m.split(":")[0] for m in medians] == ["  A 200/s", "  A 0/s"], p.stdout
     assert float(closed) > 0, p.stdout
     out = p.stdout + p.stderr
     assert "dmgen: error" not in out, out[-3000:]
