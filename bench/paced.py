@@ -49,8 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # (bench/run.py: the realm config, Server, loadgen)
 
-#: A group commit's phases, as the realm's metrics tell them (docs/operator-guide.md).
+#: A group commit's phases, as the realm's metrics tell them (docs/operator-guide.md),
+#: and the name of each one's sum of seconds there.
 PHASES = ("queued", "writing", "handoff")
+PHASE_SUMS = {p: f'chatproto_store_commit_phase_seconds_sum{{phase="{p}"}}' for p in PHASES}
 
 #: The realm's metrics read around each run (sums and counts of histograms).
 METRICS = (
@@ -58,7 +60,7 @@ METRICS = (
     "chatproto_store_commit_items_sum",
     "chatproto_store_commit_seconds_sum",
     "chatproto_store_sync_seconds_sum",
-    *(f'chatproto_store_commit_phase_seconds_sum{{phase="{p}"}}' for p in PHASES),
+    *PHASE_SUMS.values(),
 )
 
 
@@ -141,8 +143,8 @@ def one_run(
     r["commit_ms"] = 1000 * d["chatproto_store_commit_seconds_sum"] / n
     r["sync_ms"] = 1000 * d["chatproto_store_sync_seconds_sum"] / n
     r["items_per_commit"] = d["chatproto_store_commit_items_sum"] / n
-    for p in PHASES:  # (0 from a realm whose metrics do not tell them: an older tree)
-        r[f"{p}_ms"] = 1000 * d[f'chatproto_store_commit_phase_seconds_sum{{phase="{p}"}}'] / n
+    for p, key in PHASE_SUMS.items():  # (0 from a realm that does not tell them: an older tree)
+        r[f"{p}_ms"] = 1000 * d[key] / n
     # the load generator's own CPU per delivered DM: it shares the machine's cores
     r["gen_us_per_msg"] = round(1e4 * r["loadgen_cpu_pct"] / max(r["delivered_per_s"], 1.0), 1)
     return r
