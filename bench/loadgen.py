@@ -615,7 +615,7 @@ async def run_dm_c(
             lines.append(line)
     if proc.wait() != 0 or not lines or len(marks) != 2:
         raise SystemExit(f"loadgen: dmgen failed (exit status {proc.returncode})")
-    delivered, acks, errors, behind, _echo, left, *ns = (int(x) for x in lines[-1].split())
+    delivered, acks, errors, behind, left, *ns = (int(x) for x in lines[-1].split())
     (t0, before), (t1, after) = marks["W0"], marks["W1"]
     elapsed = t1 - t0
     used = {k: after[k] - before[k] for k in before}
