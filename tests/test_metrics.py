@@ -23,6 +23,7 @@ from chatproto.config import Config
 from chatproto.envelope import Envelope
 from chatproto.ops.metrics import RealmMetrics
 from chatproto.ops.service import READY_TIMEOUT, Operations
+from chatproto.store.groupcommit import CommitPhases
 from chatproto.testing import connect_string_transport, frame, frames, make_test_realm
 from tests.conftest import until
 
@@ -205,6 +206,26 @@ def test_the_lag_probe_measures_how_late_the_reactor_runs_it() -> None:
     assert reg.get_sample_value("chatproto_event_loop_lag_seconds_sum") == pytest.approx(0.75)
     metrics.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_each_commit_phase_is_observed_under_its_own_label() -> None:
+    """What the store tells of a commit lands in the histograms: its phases each under
+    their own label (the loopback scrape above sees them add up only roughly, a commit
+    of acks may fall between two histograms' reads)."""
+    metrics = RealmMetrics(make_test_realm(), task.Clock())
+    metrics.committed(3, 0.75, 0.125, CommitPhases(queued=0.25, writing=0.125, handoff=0.375))
+    metrics.committed(0, 0.5, None, CommitPhases(queued=0.0, writing=0.5, handoff=0.0))
+    value = metrics.registry.get_sample_value
+    phase = "chatproto_store_commit_phase_seconds"
+    assert [value(phase + "_sum", {"phase": p}) for p in ("queued", "writing", "handoff")] == [
+        0.25,
+        0.625,
+        0.375,
+    ]
+    assert all(value(phase + "_count", {"phase": p}) == 2 for p in ("queued", "writing"))
+    assert value("chatproto_store_commit_seconds_sum") == 1.25
+    assert value("chatproto_store_sync_seconds_count") == 1
+    assert value("chatproto_store_commit_items_sum") == 3
 
 
 def test_outbox_depth_and_age_per_peer_come_from_the_store() -> None:
