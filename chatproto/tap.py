@@ -5,9 +5,9 @@
 repeatable; ``ssl:...`` descriptions give TLS), when ``[web]`` asks for it
 (``--web``), the web listener (:mod:`chatproto.web`), with ``[federation]
 enabled`` the :class:`chatproto.federation.FederationService`, and last the
-:class:`chatproto.collector.CollectorService` and
-:class:`chatproto.pacing.LoopPacerService` (``[performance]``: the garbage collector's
-settings, the event loop's coalescing wait).  The realm starts before the listeners
+:class:`chatproto.pacing.LoopPacerService` and
+:class:`chatproto.collector.CollectorService` (``[performance]``: the event loop's
+coalescing wait, the garbage collector's settings).  The realm starts before the listeners
 and stops after them.
 """
 
